@@ -1,0 +1,166 @@
+"""One client connection to the daemon: request/reply with timeouts over a DEALER socket.
+
+Not thread-safe: each thread that talks to the daemon owns its own Connection. A socket
+monitor tracks whether the daemon is reachable, so a request to a daemon that is down fails
+at once instead of waiting out its timeout; after a timeout the socket is rebuilt (queued
+messages to a dead daemon are dropped, never delivered to its successor).
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import time
+from typing import Callable
+
+import psutil
+import zmq
+from zmq.utils.monitor import recv_monitor_message
+
+from stager.endpoint import host_id, resolve
+from stager.protocol import (
+    ErrorCode, ErrorReply, Hello, HelloReply, Message, ProtocolError, StagerError, decode,
+)
+
+log = logging.getLogger("stager.client")
+_CONNECTED = zmq.EVENT_HANDSHAKE_SUCCEEDED  # only then does an IMMEDIATE socket accept sends
+_DISCONNECTED = zmq.EVENT_DISCONNECTED | zmq.EVENT_CLOSED
+
+
+class Connection:
+    """A DEALER connection with hello, request(), and reachability tracking."""
+
+    def __init__(self, endpoint: str | None, *, role: str, rank: int = 0, local_world_size: int = 1,
+                 world_size: int = 1, curve: dict | None = None):
+        self.endpoint = resolve(endpoint)
+        self.role, self.rank = role, rank
+        self.local_world_size, self.world_size = local_world_size, world_size
+        self.curve = curve or {}
+        self._ids = itertools.count(1)
+        self._ctx = zmq.Context.instance()
+        self.sock: zmq.Socket | None = None
+        self._monitor: zmq.Socket | None = None
+        self.connected = False
+        self.session: str | None = None  # daemon session after hello; None: hello needed
+        self.daemon_host: str | None = None
+        self.host_id = host_id()
+        self._start_time = psutil.Process().create_time()
+        self.on_unsolicited: Callable[[Message], None] = lambda msg: log.debug("stray reply %r", msg)
+        self._open()
+
+    # ------------------------------------------------------------------ socket lifecycle
+
+    def _open(self) -> None:
+        sock = self._ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.IMMEDIATE, 1)  # queue nothing for a peer that is not connected
+        sock.setsockopt(zmq.RECONNECT_IVL, 50)
+        sock.setsockopt(zmq.RECONNECT_IVL_MAX, 1000)
+        for key in ("curve_serverkey", "curve_publickey", "curve_secretkey"):
+            if key in self.curve:
+                setattr(sock, key, self.curve[key])
+        self._monitor = sock.get_monitor_socket(_CONNECTED | _DISCONNECTED)
+        sock.connect(self.endpoint)
+        self.sock, self.connected, self.session = sock, False, None
+
+    def reset(self) -> None:
+        """Drop the socket and everything queued on it; the next request says hello again."""
+        self.close()
+        self._open()
+
+    def close(self) -> None:
+        if self.sock is not None:
+            try:
+                self.sock.disable_monitor()
+            except zmq.ZMQError:
+                pass
+            self._monitor.close(linger=0)
+            self.sock.close(linger=0)
+            self.sock = self._monitor = None
+
+    def poll_monitor(self, timeout_ms: int = 0) -> bool:
+        """Update :attr:`connected` from monitor events; returns it."""
+        while self._monitor.poll(timeout_ms):
+            event = recv_monitor_message(self._monitor)["event"]
+            if event & _CONNECTED:
+                self.connected = True
+            elif event & _DISCONNECTED:
+                self.connected, self.session = False, None
+            timeout_ms = 0
+        return self.connected
+
+    def wait_connected(self, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        while not self.poll_monitor(0):
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            self.poll_monitor(int(min(left, 0.05) * 1000) + 1)
+        return True
+
+    # ------------------------------------------------------------------ messages
+
+    def send(self, msg: Message) -> int:
+        msg.id = next(self._ids)
+        try:
+            self.sock.send_multipart(msg.encode(), flags=zmq.NOBLOCK, copy=False)
+        except zmq.Again:
+            self.connected = False
+            raise StagerError(ErrorCode.UNAVAILABLE, self._unreachable()) from None
+        return msg.id
+
+    def _unreachable(self) -> str:
+        return (f"the stager daemon at {self.endpoint} is not reachable; start it with `stager serve` "
+                "(or set STAGER_ENDPOINT to where it runs)")
+
+    def recv(self, timeout: float) -> Message | None:
+        if not self.sock.poll(int(max(timeout, 0) * 1000)):
+            return None
+        frames = self.sock.recv_multipart(copy=False)
+        try:
+            return decode(frames)
+        except ProtocolError as exc:
+            log.warning("undecodable reply from the daemon: %s", exc)
+            return None
+
+    def request(self, msg: Message, timeout: float) -> Message:
+        """Send ``msg`` and return its reply; raise RemoteError for an error reply, TIMEOUT after ``timeout``."""
+        if self.session is None and not isinstance(msg, Hello):
+            self.hello(timeout)
+        rid = self.send(msg)
+        deadline = time.monotonic() + timeout
+        while True:
+            reply = self.recv(deadline - time.monotonic())
+            if reply is None:
+                if time.monotonic() >= deadline:
+                    self.reset()
+                    raise StagerError(
+                        ErrorCode.TIMEOUT,
+                        f"no reply to {msg.TYPE} from {self.endpoint} within {timeout:.1f}s; the daemon is "
+                        "overloaded or hung (see `stager status`)",
+                    )
+                continue
+            if reply.id != rid:
+                self.on_unsolicited(reply)
+                continue
+            if isinstance(reply, ErrorReply):
+                if reply.code == ErrorCode.NOT_REGISTERED.value:
+                    self.session = None
+                raise reply.to_exception()
+            return reply
+
+    def hello(self, timeout: float) -> HelloReply:
+        if not self.wait_connected(min(timeout, 0.5)):
+            raise StagerError(ErrorCode.UNAVAILABLE, self._unreachable())
+        reply = self.request(Hello(role=self.role, rank=self.rank, local_world_size=self.local_world_size,
+                                   world_size=self.world_size, pid=os.getpid(), start_time=self._start_time,
+                                   host_id=self.host_id), timeout)
+        if not isinstance(reply, HelloReply):
+            raise StagerError(ErrorCode.BAD_MESSAGE, f"unexpected {reply.TYPE} reply to hello")
+        self.session, self.daemon_host = reply.session, reply.host_id
+        return reply
+
+    @property
+    def same_host(self) -> bool:
+        return self.daemon_host == self.host_id

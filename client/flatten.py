@@ -1,0 +1,150 @@
+"""Turn a training state dict into flat tensor entries and non-tensor leaves (pure functions).
+
+Nested dicts are flattened with dotted keys (``{"optim": {"state": ...}}`` -> ``"optim.state..."``),
+the flat FQN dicts of ``get_model_state_dict`` / ``get_optimizer_state_dict(flatten_optimizer_state_dict=True)``
+pass through unchanged. Non-tensor leaves must be int, float, str, bool, None, bytes, or lists
+and small dicts of those: they travel as msgpack, never pickle.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Mapping
+
+import torch
+
+from stager.protocol import ErrorCode, StagerError, dtype_name
+
+_MAX_OBJECT_DEPTH = 8
+_INT64 = (-(1 << 63), (1 << 64) - 1)
+
+
+def _bad(key: str, why: str) -> StagerError:
+    return StagerError(ErrorCode.BAD_VALUE, f"{key}: {why}")
+
+
+def _check_object(key: str, value: Any, depth: int = 0) -> Any:
+    if depth > _MAX_OBJECT_DEPTH:
+        raise _bad(key, "non-tensor value nested too deep; flatten it or stage it as a tensor")
+    if value is None or isinstance(value, (bool, str, bytes, float)):
+        return value
+    if isinstance(value, int):
+        if not _INT64[0] <= value <= _INT64[1]:
+            raise _bad(key, f"integer {value} does not fit 64 bits; store it as a string")
+        return value
+    if isinstance(value, (list, tuple)):
+        return [_check_object(key, v, depth + 1) for v in value]
+    if isinstance(value, dict):
+        if not all(isinstance(k, (str, int)) for k in value):
+            raise _bad(key, "dict keys inside a non-tensor value must be str or int")
+        return {k: _check_object(key, v, depth + 1) for k, v in value.items()}
+    if isinstance(value, torch.Tensor):
+        raise _bad(key, "tensors inside lists cannot be staged; put each tensor under its own key")
+    raise _bad(
+        key, f"values of type {type(value).__name__} cannot be staged; use int, float, str, bool, None, "
+        "bytes, or lists and dicts of those (no pickle crosses the wire)",
+    )
+
+
+def flatten_state_dict(state_dict: Mapping) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Split ``state_dict`` into ``{fqn: tensor}`` and ``{fqn: non-tensor value}``.
+
+    >>> t, o = flatten_state_dict({"model": {"w": torch.zeros(2)}, "step": 3})
+    >>> list(t), o
+    (['model.w'], {'step': 3})
+    """
+    if not isinstance(state_dict, Mapping):
+        raise StagerError(ErrorCode.BAD_VALUE, f"a state dict must be a mapping, not {type(state_dict).__name__}")
+    tensors: dict[str, torch.Tensor] = {}
+    objects: dict[str, Any] = {}
+    stack: list[tuple[str, Mapping]] = [("", state_dict)]
+    while stack:
+        prefix, mapping = stack.pop()
+        for key, value in mapping.items():
+            if not isinstance(key, (str, int)) or isinstance(key, bool):
+                raise _bad(f"{prefix}{key!r}", "state-dict keys must be str (or int)")
+            fqn = f"{prefix}{key}"
+            if isinstance(value, Mapping) and not isinstance(value, torch.Tensor):
+                if value:
+                    stack.append((fqn + ".", value))
+                else:
+                    _store(objects, tensors, fqn, {})
+                continue
+            if isinstance(value, torch.Tensor):
+                _store(tensors, objects, fqn, value)
+            else:
+                _store(objects, tensors, fqn, _check_object(fqn, value))
+    return tensors, objects
+
+
+def _store(into: dict, other: dict, fqn: str, value: Any) -> None:
+    if fqn in into or fqn in other:
+        raise _bad(fqn, "two entries flatten to the same dotted name; rename one of them")
+    into[fqn] = value
+
+
+def local_box(tensor: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
+    """``(local tensor, global shape, global offset, local shape)`` of a plain tensor or DTensor."""
+    from torch.distributed.tensor import DTensor
+
+    if isinstance(tensor, DTensor):
+        from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+        local = tensor._local_tensor
+        gshape = tuple(tensor.shape)
+        lshape, offset = compute_local_shape_and_global_offset(gshape, tensor.device_mesh, tensor.placements)
+        lshape, offset = tuple(lshape), tuple(offset)
+        if tuple(local.shape) != lshape:
+            raise StagerError(
+                ErrorCode.BAD_VALUE,
+                f"local shard has shape {tuple(local.shape)} but placements {tensor.placements} imply {lshape}; "
+                "padded shards are not supported: stage the unpadded state dict (model.state_dict())",
+            )
+        return local, gshape, offset, lshape
+    if type(tensor) is not torch.Tensor and not isinstance(tensor, torch.nn.Parameter):
+        raise StagerError(
+            ErrorCode.BAD_VALUE,
+            f"tensor subclass {type(tensor).__module__}.{type(tensor).__qualname__} is not supported; "
+            "stage plain tensors or DTensors",
+        )
+    shape = tuple(tensor.shape)
+    return tensor, shape, (0,) * len(shape), shape
+
+
+class LayoutCache:
+    """Describes a flattened state dict as plan entries, caching DTensor placement math.
+
+    ``describe`` returns the plan (``[fqn, dtype, global_shape, global_offset, local_shape]`` per
+    tensor) and the local tensors in the same order. Placement math for a DTensor is redone
+    only when its name, shape, placements or mesh change, so a steady training loop pays a
+    dictionary lookup per tensor.
+    """
+
+    def __init__(self) -> None:
+        self._boxes: dict[tuple, tuple] = {}
+
+    def describe(self, tensors: Mapping[str, torch.Tensor]) -> tuple[list[tuple], list[torch.Tensor]]:
+        from torch.distributed.tensor import DTensor
+
+        plan: list[tuple] = []
+        locals_: list[torch.Tensor] = []
+        for fqn, tensor in tensors.items():
+            if isinstance(tensor, DTensor):
+                key = (fqn, tensor.shape, tuple(tensor.placements), id(tensor.device_mesh), tensor.dtype)
+                cached = self._boxes.get(key)
+                if cached is None:
+                    _, gshape, offset, lshape = local_box(tensor)
+                    cached = self._boxes[key] = (dtype_name(tensor.dtype), gshape, offset, lshape)
+                local = tensor._local_tensor
+                if tuple(local.shape) != cached[3]:
+                    raise StagerError(ErrorCode.BAD_VALUE, f"{fqn}: local shard shape changed under the same placements")
+            else:
+                local, gshape, offset, lshape = local_box(tensor)
+                cached = (dtype_name(tensor.dtype), gshape, offset, lshape)
+            if math.prod(cached[3]) == 0 and math.prod(cached[1]) != 0:
+                continue  # this rank holds nothing of the tensor (uneven sharding): others write it
+            plan.append((fqn, *cached))
+            locals_.append(local.detach())
+        if len(self._boxes) > 4 * max(len(plan), 64):
+            self._boxes.clear()  # layouts changed many times: drop stale keys
+        return plan, locals_

@@ -1,0 +1,447 @@
+"""The train-loop hook: ``StagingClient.stage(state_dict, step=...)``.
+
+``stage()`` only records a CUDA event (when CUDA is in use) and queues the state dict; a
+background thread plans the layout, asks the daemon where this step goes, and copies every
+local shard straight into its final place in the daemon's snapshot segment. The train loop
+waits only in ``handle.wait_copied()``, before it mutates the tensors.
+
+    client = StagingClient()
+    for step in range(steps):
+        loss = model(batch).sum(); loss.backward()
+        handle = client.stage(model.state_dict(), step=step)
+        handle.wait_copied()          # the copy out of the live tensors is done
+        optimizer.step()
+    client.close()
+"""
+
+from __future__ import annotations
+
+import collections
+import ctypes
+import hashlib
+import logging
+import math
+import os
+import threading
+import time
+import weakref
+from typing import Any, Mapping
+
+import msgpack
+import torch
+import zmq
+
+from stager.protocol import (
+    Abort, Begin, BeginReply, Commit, ErrorCode, ErrorReply, Ok, Ping, Pong, Put, RemoteError, Sealed,
+    StagerError,
+)
+from stager.protocol.dtypes import DTYPES
+from stager.shm import map_segment
+
+from .connection import Connection
+from .copier import CopyEngine, cuda_active
+from .flatten import LayoutCache, flatten_state_dict
+
+log = logging.getLogger("stager.client")
+PUT_BATCH_BYTES = 64 << 20  # bytes per Put message from a rank on another host: bounds memory on both sides
+
+
+class StageHandle:
+    """The progress of one ``stage()`` call."""
+
+    def __init__(self, step: int, strict: bool):
+        self.step = step
+        self.error: StagerError | None = None
+        self.result: dict | None = None  # {"step", "nbytes", "tensors", "partial"} once sealed
+        self._strict = strict
+        self._copied = threading.Event()
+        self._done = threading.Event()
+        self._cuda_event = None
+        self._copied_ok = False
+
+    def wait_copied(self, timeout: float | None = None) -> bool:
+        """Block until the data has left the live tensors; True if it did, False if staging failed
+        (strict clients raise instead). On CUDA this makes the current stream wait for the copy,
+        so the host returns as soon as the copies are queued."""
+        if not self._copied.wait(timeout):
+            raise StagerError(ErrorCode.TIMEOUT, f"step {self.step}: not copied within {timeout}s")
+        if self._cuda_event is not None:
+            torch.cuda.current_stream().wait_event(self._cuda_event)
+        if self._copied_ok:
+            return True  # a seal that fails later does not matter to the live tensors
+        if self._strict:
+            raise self.error
+        return False
+
+    def wait(self, timeout: float | None = None) -> dict:
+        """Block until the daemon sealed this step; returns its summary, raises StagerError if it failed."""
+        if not self._done.wait(timeout):
+            raise StagerError(ErrorCode.TIMEOUT, f"step {self.step}: not sealed within {timeout}s")
+        if self.error is not None:
+            raise self.error
+        return self.result  # type: ignore[return-value]
+
+    def done(self) -> bool:
+        return self._done.is_set()
+
+    def _set_copied(self) -> None:
+        self._copied_ok = True
+        self._copied.set()
+
+    def _fail(self, error: StagerError) -> None:
+        self.error = error
+        self._copied.set()
+        self._done.set()
+
+    def _seal(self, result: dict) -> None:
+        self.result = result
+        self._done.set()
+
+    def __repr__(self) -> str:
+        state = "sealed" if self.result else ("failed" if self.error else "pending")
+        return f"StageHandle(step={self.step}, {state})"
+
+
+class _Job:
+    __slots__ = ("state_dict", "step", "model_info", "handle", "start_event")
+
+    def __init__(self, state_dict, step, model_info, handle, start_event):
+        self.state_dict, self.step, self.model_info = state_dict, step, model_info
+        self.handle, self.start_event = handle, start_event
+
+
+def _rank_info(rank, local_world_size, world_size) -> tuple[int, int, int]:
+    import torch.distributed as dist
+
+    g_rank, g_world = (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
+    world_size = world_size or int(os.environ.get("WORLD_SIZE", g_world))
+    local_world_size = local_world_size or int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
+    if rank is None:
+        rank = int(os.environ.get("LOCAL_RANK", g_rank % local_world_size))
+    return rank, local_world_size, world_size
+
+
+class StagingClient:
+    """Stages state dicts to the node's stager daemon without blocking the training loop.
+
+    Args:
+        endpoint: the daemon's endpoint; default ``$STAGER_ENDPOINT`` or the per-user ipc socket.
+        rank, local_world_size, world_size: this rank on its node; default from torch.distributed
+            and ``LOCAL_RANK`` / ``LOCAL_WORLD_SIZE`` (as torchrun sets them).
+        strict: raise staging errors from ``wait_copied()`` instead of logging them.
+        timeout: seconds to wait for the daemon's answer to a step's begin.
+        seal_timeout: seconds after which an unsealed step's handle fails.
+        backpressure_timeout: seconds the daemon may hold a step waiting for memory (default: refuse at once).
+        transport: ``"auto"`` (shared memory on the daemon's host, frames otherwise), ``"shm"`` or ``"frames"``.
+
+    >>> client = StagingClient()  # doctest: +SKIP
+    >>> client.stage({"w": torch.ones(4)}, step=1).wait()  # doctest: +SKIP
+    {'step': 1, 'nbytes': 16, 'tensors': 1, 'partial': False}
+    """
+
+    def __init__(self, endpoint: str | None = None, *, rank: int | None = None, local_world_size: int | None = None,
+                 world_size: int | None = None, strict: bool = False, timeout: float = 10.0,
+                 seal_timeout: float = 300.0, backpressure_timeout: float = 0.0, transport: str = "auto",
+                 curve: dict | None = None):
+        if transport not in ("auto", "shm", "frames"):
+            raise ValueError(f"transport must be auto, shm or frames, not {transport!r}")
+        rank, local_world_size, world_size = _rank_info(rank, local_world_size, world_size)
+        self.rank, self.strict = rank, strict
+        self._worker = _Worker(
+            Connection(endpoint, role="trainer", rank=rank, local_world_size=local_world_size,
+                       world_size=world_size, curve=curve),
+            full_world=world_size == local_world_size, timeout=timeout, seal_timeout=seal_timeout,
+            wait_ms=int(backpressure_timeout * 1000), transport=transport)
+        self.endpoint = self._worker.conn.endpoint
+        self._lock = threading.Lock()
+        self._thread = threading.Thread(target=self._worker.run, name=f"stager-client-{rank}", daemon=True)
+        self._thread.start()
+        self._finalizer = weakref.finalize(self, _Worker.shutdown, self._worker, self._thread, 0.0)
+
+    def stage(self, state_dict: Mapping[str, Any], *, step: int, model_info: dict | None = None) -> StageHandle:
+        """Queue ``state_dict`` as version ``step`` and return at once.
+
+        Do not mutate the tensors until ``handle.wait_copied()`` returned (the same contract as
+        DCP's async_save). ``model_info`` is a small msgpack-able dict carried with the version.
+        """
+        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+            raise ValueError(f"step must be a non-negative int, not {step!r}")
+        handle = StageHandle(step, self.strict)
+        if self._finalizer.alive is False:
+            handle._fail(StagerError(ErrorCode.UNAVAILABLE, "the client is closed"))
+            return handle
+        start_event = None
+        if cuda_active():
+            start_event = torch.cuda.Event()
+            start_event.record()
+        with self._lock:
+            self._worker.submit(_Job(state_dict, step, model_info, handle, start_event))
+        return handle
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Finish queued stages (up to ``timeout`` seconds), then release the socket and mappings."""
+        if self._finalizer.alive:
+            self._finalizer.detach()
+            _Worker.shutdown(self._worker, self._thread, timeout)
+
+    def __enter__(self) -> "StagingClient":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class _Worker:
+    """Runs on the client's background thread and owns everything that thread touches."""
+
+    def __init__(self, conn: Connection, *, full_world: bool, timeout: float, seal_timeout: float, wait_ms: int,
+                 transport: str):
+        self.conn, self.full_world, self.timeout = conn, full_world, timeout
+        self.seal_timeout, self.wait_ms, self.transport = seal_timeout, wait_ms, transport
+        self.jobs: collections.deque = collections.deque()
+        self._wake_addr = f"inproc://stager-wake-{id(self)}"
+        self._wake_rx = zmq.Context.instance().socket(zmq.PULL)
+        self._wake_rx.bind(self._wake_addr)
+        self._wake_tx = zmq.Context.instance().socket(zmq.PUSH)
+        self._wake_tx.connect(self._wake_addr)
+        self.closing = threading.Event()
+        self.layouts = LayoutCache()
+        self.copier = CopyEngine()
+        self.last_plan: list | None = None
+        self.digest = ""
+        self.plans_sent: set[tuple[str, str]] = set()
+        self.assignments: dict[tuple[str, str], list] = {}
+        self.segments: dict[str, torch.Tensor] = {}
+        self.dst_cache: dict[tuple[str, str], list] = {}
+        self.pending: dict[int, tuple[StageHandle, float]] = {}  # commit request id -> handle, deadline
+        self.ping_id: int | None = None
+        self.last_ping = 0.0
+        self.conn.on_unsolicited = self._on_reply
+
+    # ------------------------------------------------------------------ thread entry
+
+    def submit(self, job: _Job) -> None:  # called on the train thread, under the client's lock
+        self.jobs.append(job)
+        self._wake_tx.send(b"", flags=zmq.NOBLOCK)
+
+    @staticmethod
+    def shutdown(worker: "_Worker", thread: threading.Thread, timeout: float) -> None:
+        worker.closing.set()
+        worker.drain_timeout = timeout
+        try:
+            worker._wake_tx.send(b"", flags=zmq.NOBLOCK)
+        except zmq.ZMQError:
+            pass
+        thread.join(timeout + 5.0)
+
+    drain_timeout = 0.0
+
+    def run(self) -> None:
+        close_deadline = None
+        while True:
+            try:
+                if self.closing.is_set():
+                    close_deadline = close_deadline or time.monotonic() + self.drain_timeout
+                    if (not self.jobs and not self.pending) or time.monotonic() >= close_deadline:
+                        break
+                self._tick()
+            except Exception:  # the staging thread must outlive any single failure
+                log.exception("stager client thread: unexpected error")
+                time.sleep(0.05)
+        self._close()
+
+    def _tick(self) -> None:
+        poller = zmq.Poller()
+        poller.register(self._wake_rx, zmq.POLLIN)
+        poller.register(self.conn.sock, zmq.POLLIN)
+        events = dict(poller.poll(0 if self.jobs else 100))
+        if self._wake_rx in events:
+            while self._wake_rx.poll(0):
+                self._wake_rx.recv()
+        was_connected = self.conn.connected
+        if not self.conn.poll_monitor(0) and was_connected and self.pending:
+            self._fail_pending(ErrorCode.UNAVAILABLE, "lost the connection to the daemon before the step was sealed")
+        if self.conn.sock in events:
+            while True:
+                reply = self.conn.recv(0)
+                if reply is None:
+                    break
+                self._on_reply(reply)
+        if self.jobs:
+            self._process(self.jobs.popleft())
+        self._maintain()
+
+    def _close(self) -> None:
+        while self.jobs:
+            self.jobs.popleft().handle._fail(StagerError(ErrorCode.UNAVAILABLE, "the client was closed"))
+        self._fail_pending(ErrorCode.UNAVAILABLE, "the client was closed before the step was sealed")
+        self.copier.close()
+        self.segments.clear()
+        self.dst_cache.clear()
+        self.conn.close()
+        self._wake_rx.close(linger=0)
+        self._wake_tx.close(linger=0)
+
+    # ------------------------------------------------------------------ replies & liveness
+
+    def _on_reply(self, reply) -> None:
+        entry = self.pending.pop(reply.id, None)
+        if entry is not None:
+            handle = entry[0]
+            if isinstance(reply, Sealed):
+                handle._seal({"step": reply.step, "nbytes": reply.nbytes, "tensors": reply.tensors,
+                              "partial": reply.partial})
+            elif isinstance(reply, ErrorReply):
+                self._report(handle, reply.to_exception())
+            return
+        if isinstance(reply, Pong) and reply.id == self.ping_id:
+            self.ping_id = None
+            if self.conn.session is not None and reply.session != self.conn.session:
+                self.conn.session = None
+                self._fail_pending(ErrorCode.UNAVAILABLE, "the daemon restarted; the step was lost")
+
+    def _fail_pending(self, code: ErrorCode, message: str) -> None:
+        pending, self.pending = self.pending, {}
+        for handle, _ in pending.values():
+            self._report(handle, StagerError(code, f"step {handle.step}: {message}"))
+
+    def _maintain(self) -> None:
+        now = time.monotonic()
+        for rid, (handle, deadline) in list(self.pending.items()):
+            if now >= deadline:
+                del self.pending[rid]
+                self._report(handle, StagerError(ErrorCode.TIMEOUT, f"step {handle.step} not sealed within "
+                                                 f"{self.seal_timeout:.0f}s"))
+        if self.pending and now - self.last_ping > 1.0 and self.conn.connected:
+            if self.ping_id is not None:  # the last ping went unanswered for a second
+                self.conn.reset()
+                self._fail_pending(ErrorCode.UNAVAILABLE, "the daemon stopped answering")
+                self.ping_id = None
+                return
+            try:
+                self.ping_id = self.conn.send(Ping())
+            except StagerError:
+                self.ping_id = None
+            self.last_ping = now
+
+    @staticmethod
+    def _report(handle: StageHandle, error: StagerError) -> None:
+        log.warning("staging step %d failed: %s", handle.step, error)
+        handle._fail(error)
+
+    # ------------------------------------------------------------------ one step
+
+    def _process(self, job: _Job) -> None:
+        handle, began = job.handle, False
+        try:
+            tensors, objects = flatten_state_dict(job.state_dict)
+            plan, locals_ = self.layouts.describe(tensors)
+            if plan != self.last_plan:
+                self.last_plan = plan
+                self.digest = hashlib.blake2b(msgpack.packb(plan), digest_size=16).hexdigest()
+            if self.conn.session is None:
+                self.conn.hello(self.timeout)
+            shm = self.transport == "shm" or (self.transport == "auto" and self.conn.same_host)
+            reply = self._begin(job.step, plan, shm)
+            began = True
+            key = (self.conn.session, reply.layout)
+            if reply.assignment is not None:
+                self.assignments[key] = reply.assignment
+            assignment = self.assignments.get(key)
+            if assignment is None or len(assignment) != len(plan):
+                raise StagerError(ErrorCode.INTERNAL, f"no assignment for layout {reply.layout}")
+            if shm:
+                dsts = self._destinations(reply, plan, assignment)
+                done = self.copier.copy([(d, s) for d, s in zip(dsts, locals_) if d is not None], job.start_event)
+                handle._cuda_event = done
+                handle._set_copied()
+                if done is not None:
+                    done.synchronize()  # bytes must be in the segment before the commit
+            else:
+                self._put(job.step, plan, assignment, locals_)
+                handle._set_copied()
+            rid = self.conn.send(Commit(step=job.step, objects=objects, model_info=job.model_info))
+            self.pending[rid] = (handle, time.monotonic() + self.seal_timeout)
+        except Exception as exc:
+            error = exc if isinstance(exc, StagerError) else StagerError(
+                ErrorCode.INTERNAL, f"staging step {job.step} failed: {exc.__class__.__name__}: {exc}")
+            if not isinstance(exc, StagerError):
+                log.exception("staging step %d failed", job.step)
+            if began and not isinstance(exc, RemoteError):
+                try:
+                    self.conn.send(Abort(step=job.step, reason=str(error)[:500]))
+                except StagerError:
+                    pass
+            self._report(handle, error)
+
+    def _begin(self, step: int, plan: list, shm: bool) -> BeginReply:
+        for attempt in range(2):
+            sent_key = (self.conn.session, self.digest)
+            with_plan = sent_key not in self.plans_sent or attempt > 0
+            msg = Begin(step=step, digest=self.digest, plan=[list(p) for p in plan] if with_plan else None,
+                        full_world=self.full_world, shm=shm, wait_ms=self.wait_ms)
+            try:
+                reply = self.conn.request(msg, self.timeout + self.wait_ms / 1000)
+            except RemoteError as exc:
+                if exc.code == ErrorCode.PLAN_REQUIRED and attempt == 0:
+                    continue
+                raise
+            self.plans_sent.add((self.conn.session, self.digest))
+            if not isinstance(reply, BeginReply):
+                raise StagerError(ErrorCode.BAD_MESSAGE, f"unexpected {reply.TYPE} reply to begin")
+            return reply
+        raise StagerError(ErrorCode.INTERNAL, "unreachable")
+
+    def _destinations(self, reply: BeginReply, plan: list, assignment: list) -> list:
+        """Views of the segment where each local shard goes (None: a replica another rank writes)."""
+        key = (reply.segment, reply.layout)
+        cached = self.dst_cache.get(key)
+        if cached is not None:
+            return cached
+        live = set(reply.live_segments)
+        for name in [n for n in self.segments if n not in live]:  # retired by the daemon
+            self.copier.unregister(self.segments.pop(name))
+        for k in [k for k in self.dst_cache if k[0] not in live or k[1] != reply.layout]:
+            del self.dst_cache[k]
+        seg = self.segments.get(reply.segment)
+        if seg is None:
+            seg = self.segments[reply.segment] = map_segment(reply.segment, reply.size, writable=True)
+            self.copier.register(seg)
+        dsts = []
+        for entry, where in zip(plan, assignment):
+            if where is None:
+                dsts.append(None)
+                continue
+            block_offset, block_shape, inner = where
+            dtype = DTYPES[entry[1]]
+            view = seg[block_offset:block_offset + math.prod(block_shape) * dtype.itemsize].view(dtype).view(block_shape)
+            for dim, (start, length) in enumerate(zip(inner, entry[4])):
+                view = view.narrow(dim, start, length)
+            dsts.append(view)
+        self.dst_cache[key] = dsts
+        return dsts
+
+    def _put(self, step: int, plan: list, assignment: list, locals_: list) -> None:
+        """Send this rank's regions as frames (a daemon on another host), in bounded batches."""
+        batch_idx, batch_frames, batch_bytes = [], [], 0
+        keep_alive = []
+        for index, (where, local) in enumerate(zip(assignment, locals_)):
+            if where is None:
+                continue
+            host = local.detach().contiguous().cpu() if local.is_cuda or not local.is_contiguous() else local
+            keep_alive.append(host)
+            nbytes = host.numel() * host.element_size()
+            frame = (ctypes.c_char * nbytes).from_address(host.data_ptr()) if nbytes else b""
+            batch_idx.append(index)
+            batch_frames.append(frame)
+            batch_bytes += nbytes
+            if batch_bytes >= PUT_BATCH_BYTES:
+                self._send_put(step, batch_idx, batch_frames)
+                batch_idx, batch_frames, batch_bytes, keep_alive = [], [], 0, []
+        if batch_idx:
+            self._send_put(step, batch_idx, batch_frames)
+
+    def _send_put(self, step: int, regions: list, frames: list) -> None:
+        reply = self.conn.request(Put(step=step, regions=regions, frames=frames), self.timeout)
+        if not isinstance(reply, Ok):
+            raise StagerError(ErrorCode.BAD_MESSAGE, f"unexpected {reply.TYPE} reply to put")

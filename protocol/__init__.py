@@ -1,0 +1,38 @@
+"""stager's wire format: versioned msgpack headers plus out-of-band byte frames, no pickle.
+
+>>> from stager.protocol import Ping, decode
+>>> decode(Ping(id=1).encode()).id
+1
+"""
+
+from .dtypes import DTYPES, dtype_from_name, dtype_name
+from .errors import ErrorCode, ProtocolError, RemoteError, StagerError
+from .messages import (
+    PROTOCOL_VERSION,
+    Abort,
+    Acquire,
+    AcquireReply,
+    Begin,
+    BeginReply,
+    Commit,
+    ErrorReply,
+    Hello,
+    HelloReply,
+    Message,
+    Ok,
+    Ping,
+    Pong,
+    Put,
+    Release,
+    Sealed,
+    Status,
+    StatusReply,
+    decode,
+)
+
+__all__ = [
+    "PROTOCOL_VERSION", "DTYPES", "dtype_name", "dtype_from_name", "decode", "Message",
+    "ErrorCode", "StagerError", "ProtocolError", "RemoteError",
+    "Hello", "HelloReply", "Begin", "BeginReply", "Put", "Commit", "Sealed", "Abort",
+    "Acquire", "AcquireReply", "Release", "Status", "StatusReply", "Ping", "Pong", "Ok", "ErrorReply",
+]

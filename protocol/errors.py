@@ -1,0 +1,46 @@
+"""Typed errors: every failure that crosses the wire has a code and a message saying how to fix it."""
+
+from __future__ import annotations
+
+import enum
+
+
+class ErrorCode(str, enum.Enum):
+    """Error codes carried by :class:`~stager.protocol.messages.ErrorReply`. Append only."""
+
+    BAD_MESSAGE = "bad_message"  # undecodable frames or fields of the wrong type
+    UNSUPPORTED_VERSION = "unsupported_version"  # peer speaks another protocol version
+    UNKNOWN_TYPE = "unknown_type"  # message type this peer does not handle
+    BAD_DTYPE = "bad_dtype"  # dtype outside the closed table
+    NOT_REGISTERED = "not_registered"  # request before hello (or after a daemon restart)
+    RANK_CONFLICT = "rank_conflict"  # two live processes claim the same local rank
+    BAD_PLAN = "bad_plan"  # inconsistent shard metadata: overlaps, gaps, shapes, dtypes
+    PLAN_REQUIRED = "plan_required"  # the daemon does not know this layout digest: resend the plan
+    STALE_STEP = "stale_step"  # step not newer than one already sealed
+    UNKNOWN_STEP = "unknown_step"  # commit/put for a step the daemon is not staging
+    STEP_FAILED = "step_failed"  # the step could not be sealed (rank died, timeout, ...)
+    MEMORY_LIMIT = "memory_limit"  # staging would pass the daemon's memory limit
+    NO_VERSION = "no_version"  # nothing sealed (yet) to read
+    UNKNOWN_LEASE = "unknown_lease"
+    PARTIAL = "partial"  # the version holds only part of some tensors (multi-node sharding)
+    BAD_VALUE = "bad_value"  # a state-dict leaf that cannot be staged
+    TIMEOUT = "timeout"  # no answer in time (raised client side)
+    UNAVAILABLE = "unavailable"  # daemon not reachable (raised client side)
+    INTERNAL = "internal"  # a bug in the daemon; the request failed, the daemon lives on
+
+
+class StagerError(Exception):
+    """Base class of every error stager raises; ``code`` says which kind it is."""
+
+    def __init__(self, code: ErrorCode | str, message: str):
+        self.code = ErrorCode(code) if code in ErrorCode._value2member_map_ else code
+        self.message = message
+        super().__init__(f"[{getattr(self.code, 'value', self.code)}] {message}")
+
+
+class ProtocolError(StagerError):
+    """A message or value that violates the protocol (raised while encoding or decoding)."""
+
+
+class RemoteError(StagerError):
+    """The daemon answered a request with an error reply."""

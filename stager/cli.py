@@ -1,0 +1,107 @@
+"""The ``stager`` command: serve, status, demo."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+from stager.protocol import StagerError
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from stager.config import DaemonConfig, parse_size
+    from stager.daemon import Daemon
+
+    try:
+        config = DaemonConfig(endpoint=args.endpoint,
+                              memory_limit=parse_size(args.memory_limit) if args.memory_limit else None,
+                              keep=args.keep, step_timeout=args.step_timeout, auth_dir=args.auth_dir)
+        daemon = Daemon(config)
+    except (ValueError, StagerError) as exc:
+        print(f"stager serve: {exc}", file=sys.stderr)
+        return 2
+
+    def ready(d: Daemon) -> None:
+        info = {"endpoint": d.endpoint, "pid": __import__("os").getpid(), "memory_limit": config.memory_limit,
+                "keep": config.keep}
+        line = json.dumps(info) if args.json else (
+            f"stager ready: {d.endpoint} (pid {info['pid']}, memory limit {config.memory_limit / 2**30:.2f} GiB, "
+            f"keep {config.keep})")
+        print(line, flush=True)
+
+    daemon.serve(ready=ready)
+    return 0
+
+
+def _status(args: argparse.Namespace) -> int:
+    from stager.client.connection import Connection
+    from stager.protocol import Status
+
+    try:
+        conn = Connection(args.endpoint, role="admin")
+        try:
+            status = conn.request(Status(), args.timeout).status
+        finally:
+            conn.close()
+    except StagerError as exc:
+        print(f"stager status: {exc.message}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(status, indent=None))
+        return 0
+    mem = status["memory"]
+    print(f"daemon pid {status['pid']}  memory {mem['used'] / 2**20:.1f} / {mem['limit'] / 2**20:.1f} MiB  "
+          f"keep {status['keep']}  ranks {len(status['ranks'])}/{status['local_world_size'] or 0}  "
+          f"readers {status['readers']}  leases {status['leases']}")
+    for v in status["versions"]:
+        extra = f"  {v['reason']}" if v.get("reason") else ""
+        if v["state"] == "failed":
+            print(f"  step {v['step']:>8}  failed{extra}")
+            continue
+        flags = " partial" if v.get("partial") else ""
+        print(f"  step {v['step']:>8}  {v['state']:<8} {v['bytes'] / 2**20:10.1f} MiB  {v['tensors']:>6} tensors  "
+              f"{v['leases']} leases{flags}{extra}")
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from stager.demo import run_demo
+
+    return run_demo(steps=args.steps, stage_every=args.every, json_out=args.json)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="stager", description="Per-node staging daemon for PyTorch training state.")
+    parser.add_argument("--log-level", default="WARNING", help="logging level (default WARNING)")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("serve", help="run the node's staging daemon")
+    p.add_argument("--endpoint", help="ipc:///path or tcp://host:port (default $STAGER_ENDPOINT or a per-user ipc socket)")
+    p.add_argument("--memory-limit", help="shared memory for snapshots, e.g. 16GiB or 40%% (default 50%% of available)")
+    p.add_argument("--keep", type=int, default=2, help="sealed versions to retain (default 2)")
+    p.add_argument("--step-timeout", type=float, default=120.0, help="seconds for all ranks to commit a step")
+    p.add_argument("--auth-dir", help="CURVE keys directory, required for a non-loopback tcp bind")
+    p.add_argument("--json", action="store_true", help="print the ready line as JSON")
+    p.set_defaults(func=_serve)
+
+    p = sub.add_parser("status", help="show the daemon's versions, ranks and memory")
+    p.add_argument("--endpoint")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--timeout", type=float, default=2.0, help="seconds to wait for the daemon (default 2)")
+    p.set_defaults(func=_status)
+
+    p = sub.add_parser("demo", help="start a daemon, train a 2-rank FSDP2 model on CPU, stage and verify")
+    p.add_argument("--steps", type=int, default=6)
+    p.add_argument("--every", type=int, default=2, help="stage every N steps")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_demo)
+
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

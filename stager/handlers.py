@@ -1,0 +1,529 @@
+"""The daemon's state machine: what each request does to peers, steps and versions.
+
+Handlers return the reply to send now, or None when the reply is deferred (a begin waits for
+the other ranks' plans or for memory; a commit waits for the seal). Every deferred reply is
+eventually sent: on success, on failure of the step, or when the step times out.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import logging
+import math
+import os
+import time
+from collections import OrderedDict
+from typing import Callable
+
+import psutil
+import torch
+
+from stager.planning import NodeLayout, PlanEntry, assignment_to_wire, build_layout, parse_plan
+from stager.protocol import (
+    Abort, Acquire, AcquireReply, Begin, BeginReply, Commit, ErrorCode, ErrorReply, Hello,
+    HelloReply, Message, Ok, Ping, Pong, ProtocolError, Put, Release, Sealed, StagerError, Status,
+    StatusReply,
+)
+from stager.protocol.dtypes import dtype_from_name
+from stager.versions import Pending, SegmentBudget, Version, evictable, reclaim_candidates
+
+log = logging.getLogger("stager.daemon")
+
+Send = Callable[[bytes, Message], None]
+_PLANS_PER_RANK = 4  # layout digests remembered per rank (a changed layout keeps the old for a while)
+
+
+@dataclasses.dataclass(eq=False)
+class Peer:
+    identity: bytes
+    role: str
+    rank: int
+    pid: int
+    start_time: float
+    local: bool
+    last_seen: float
+    leases: set[int] = dataclasses.field(default_factory=set)
+    layouts_sent: set[str] = dataclasses.field(default_factory=set)
+
+
+@dataclasses.dataclass(eq=False)
+class LayoutRecord:
+    id: str
+    layout: NodeLayout
+    digests: dict[int, str]  # rank -> plan digest this layout was built from
+    wire_tensors: list  # the tensor table readers receive, encoded once
+
+
+class StagingState:
+    """All of the daemon's state; the socket loop feeds it requests and housekeeping ticks."""
+
+    def __init__(self, *, budget: SegmentBudget, send: Send, keep: int, step_timeout: float,
+                 peer_timeout: float, host_id: str, session: str):
+        self.budget, self.send, self.keep = budget, send, keep
+        self.step_timeout, self.peer_timeout = step_timeout, peer_timeout
+        self.host_id, self.session = host_id, session
+        self.peers: dict[bytes, Peer] = {}
+        self.ranks: dict[int, bytes] = {}  # local rank -> trainer identity
+        self.local_world_size: int | None = None
+        self.epoch = 0
+        self.plans: dict[tuple[int, str], list[PlanEntry]] = {}
+        self.layouts: dict[tuple, LayoutRecord] = {}
+        self.current: LayoutRecord | None = None
+        self.staging: dict[int, Version] = {}
+        self.sealed: OrderedDict[int, Version] = OrderedDict()
+        self.orphans: dict[int, Version] = {}  # leased versions of an abandoned timeline (job rolled back)
+        self.failed: OrderedDict[int, str] = OrderedDict()  # step -> reason, the last 32
+        self.leases: dict[int, tuple[bytes, Version]] = {}
+        self._lease_ids = itertools.count(1)
+        self._layout_ids = itertools.count(1)
+        self.counters = {"sealed": 0, "failed": 0, "ingested_bytes": 0, "requests": 0, "errors": 0}
+        self.handlers: dict[type, Callable] = {
+            Hello: self.on_hello, Begin: self.on_begin, Put: self.on_put, Commit: self.on_commit,
+            Abort: self.on_abort, Acquire: self.on_acquire, Release: self.on_release,
+            Status: self.on_status, Ping: self.on_ping,
+        }
+
+    # ------------------------------------------------------------------ dispatch
+
+    def handle(self, identity: bytes, msg: Message) -> Message | None:
+        self.counters["requests"] += 1
+        peer = self.peers.get(identity)
+        if peer is not None:
+            peer.last_seen = time.monotonic()
+        handler = self.handlers.get(type(msg))
+        if handler is None:
+            raise ProtocolError(ErrorCode.UNKNOWN_TYPE, f"{msg.TYPE} is a reply, not a request")
+        return handler(identity, msg)
+
+    def _peer(self, identity: bytes, role: str | None = None) -> Peer:
+        peer = self.peers.get(identity)
+        if peer is None:
+            raise StagerError(
+                ErrorCode.NOT_REGISTERED,
+                "this connection has not said hello (or the daemon restarted); send Hello first",
+            )
+        if role and peer.role != role:
+            raise StagerError(ErrorCode.BAD_MESSAGE, f"only {role} connections may send this; this one is a {peer.role}")
+        return peer
+
+    # ------------------------------------------------------------------ peers
+
+    def _alive(self, peer: Peer) -> bool:
+        if not peer.local:
+            return time.monotonic() - peer.last_seen < self.peer_timeout
+        try:
+            return abs(psutil.Process(peer.pid).create_time() - peer.start_time) < 0.5
+        except psutil.Error:
+            return False
+
+    def on_hello(self, identity: bytes, msg: Hello) -> Message:
+        local = msg.host_id == self.host_id
+        if msg.role == "trainer":
+            holder = self.ranks.get(msg.rank)
+            if holder is not None and holder != identity:
+                old = self.peers[holder]
+                if self._alive(old) and (old.pid != msg.pid or not local):
+                    raise StagerError(
+                        ErrorCode.RANK_CONFLICT,
+                        f"local rank {msg.rank} is already staged by live pid {old.pid}; give each rank of a "
+                        "node its own LOCAL_RANK, or run one daemon per job (--endpoint)",
+                    )
+                self.drop_peer(old, f"rank {msg.rank} reconnected")
+            live = [r for r, i in self.ranks.items() if i != identity]
+            if live and msg.local_world_size != self.local_world_size:
+                raise StagerError(
+                    ErrorCode.RANK_CONFLICT,
+                    f"rank {msg.rank} says the node has {msg.local_world_size} ranks but connected ranks said "
+                    f"{self.local_world_size}; all ranks of a node must agree (LOCAL_WORLD_SIZE)",
+                )
+            if not live:
+                self.epoch += 1  # a new job (or the same job restarted): a new timeline of steps
+                self.local_world_size = msg.local_world_size
+            self.ranks[msg.rank] = identity
+        old_peer = self.peers.get(identity)
+        self.peers[identity] = Peer(identity, msg.role, msg.rank, msg.pid, float(msg.start_time), local,
+                                    time.monotonic(), leases=old_peer.leases if old_peer else set())
+        log.info("%s %d connected (pid %d, %s)", msg.role, msg.rank, msg.pid, "local" if local else "remote")
+        return HelloReply(session=self.session, host_id=self.host_id, daemon_pid=os.getpid())
+
+    def drop_peer(self, peer: Peer, reason: str) -> None:
+        self.peers.pop(peer.identity, None)
+        for lease in list(peer.leases):
+            self._end_lease(lease)
+        if peer.role == "trainer" and self.ranks.get(peer.rank) == peer.identity:
+            del self.ranks[peer.rank]
+            for v in list(self.staging.values()):
+                self.fail(v, f"rank {peer.rank} (pid {peer.pid}) left during step {v.step}: {reason}")
+        log.info("%s %d (pid %d) dropped: %s", peer.role, peer.rank, peer.pid, reason)
+
+    # ------------------------------------------------------------------ staging
+
+    def _staging_version(self, step: int) -> Version:
+        v = self.staging.get(step)
+        if v is None:
+            if step in self.failed:
+                raise StagerError(ErrorCode.STEP_FAILED, f"step {step} failed: {self.failed[step]}")
+            raise StagerError(ErrorCode.UNKNOWN_STEP, f"step {step} is not being staged; send Begin first")
+        return v
+
+    def on_begin(self, identity: bytes, msg: Begin) -> Message | None:
+        peer = self._peer(identity, "trainer")
+        rank, step = peer.rank, msg.step
+        if msg.plan is not None:
+            self._remember_plan(rank, msg.digest, parse_plan(rank, msg.plan))
+        elif (rank, msg.digest) not in self.plans:
+            raise StagerError(
+                ErrorCode.PLAN_REQUIRED,
+                f"the daemon does not know layout {msg.digest[:12]} of rank {rank}; resend Begin with the plan",
+            )
+        if step in self.failed:
+            raise StagerError(ErrorCode.STEP_FAILED, f"step {step} failed: {self.failed[step]}")
+        newest = max((s for s, v in self.sealed.items() if v.epoch == self.epoch), default=-1)
+        if step <= newest and step not in self.staging:
+            raise StagerError(
+                ErrorCode.STALE_STEP,
+                f"step {step} is not newer than sealed step {newest}; stage increasing step numbers",
+            )
+        self._retire_abandoned(step)
+        v = self.staging.get(step)
+        if v is None:
+            v = self.staging[step] = Version(step, self.epoch)
+        if rank in v.digests:
+            raise StagerError(ErrorCode.BAD_MESSAGE, f"rank {rank} already began step {step}")
+        v.digests[rank] = msg.digest
+        if msg.shm:
+            v.shm_ranks.add(rank)
+        v.full_world = v.full_world and msg.full_world
+        v.wait_ms = max(v.wait_ms, msg.wait_ms)
+        v.waiting_begin[rank] = Pending(identity, msg.id)
+        self._advance(v)
+        return None
+
+    def _remember_plan(self, rank: int, digest: str, entries: list[PlanEntry]) -> None:
+        self.plans.pop((rank, digest), None)
+        self.plans[(rank, digest)] = entries
+        mine = [k for k in self.plans if k[0] == rank]
+        for key in mine[:-_PLANS_PER_RANK]:
+            del self.plans[key]
+
+    def _retire_abandoned(self, step: int) -> None:
+        """A restarted job staging step S abandons older epochs' versions at steps >= S."""
+        for s, v in list(self.sealed.items()):
+            if v.epoch != self.epoch and s >= step:
+                del self.sealed[s]
+                if v.leases:
+                    self.orphans[s] = v
+                else:
+                    self._free(v, reuse=True)
+
+    def _advance(self, v: Version) -> None:
+        """Fix the step's layout once possible, then its segment, then answer waiting begins."""
+        if v.state != "staging":
+            return
+        if v.layout is None:
+            record = self.current
+            if record is None or any(record.digests.get(r) != d for r, d in v.digests.items()):
+                if len(v.digests) < (self.local_world_size or 0):
+                    return  # a new layout needs every rank's plan
+                try:
+                    record = self._layout_for(v)
+                except ProtocolError as exc:
+                    self.fail(v, exc.message, ErrorCode.BAD_PLAN)
+                    return
+            v.layout_id, v.layout = record.id, record.layout
+            self.current = record
+        else:
+            record = self._record(v.layout_id)
+            for r, d in v.digests.items():
+                if record.digests.get(r) != d:
+                    self.fail(v, f"rank {r} changed its state-dict layout at step {v.step} while other ranks did "
+                                 "not; every rank must stage the same keys and shapes", ErrorCode.BAD_PLAN)
+                    return
+        if v.segment is None:
+            try:
+                v.segment = self._take_segment(v.layout_id, v.layout.size)
+            except StagerError as exc:
+                self.fail(v, exc.message, exc.code)
+                return
+            if v.segment is None:
+                now = time.monotonic()
+                if v.wait_deadline is None:
+                    v.wait_deadline = now + v.wait_ms / 1000
+                if now >= v.wait_deadline:
+                    self.fail(v, self._memory_message(v.layout.size), ErrorCode.MEMORY_LIMIT)
+                return
+        live = self.budget.live(v.layout_id)
+        for rank, pending in v.waiting_begin.items():
+            peer = self.peers.get(pending.peer)
+            send_assignment = peer is not None and v.layout_id not in peer.layouts_sent
+            if send_assignment:
+                peer.layouts_sent.add(v.layout_id)
+            self.send(pending.peer, BeginReply(
+                id=pending.rid, step=v.step, segment=v.segment.name, size=v.segment.size, layout=v.layout_id,
+                assignment=assignment_to_wire(record.layout.assignments[rank]) if send_assignment else None,
+                live_segments=live))
+        v.waiting_begin.clear()
+
+    def _record(self, layout_id: str) -> LayoutRecord:
+        return next(r for r in self.layouts.values() if r.id == layout_id)
+
+    def _layout_for(self, v: Version) -> LayoutRecord:
+        key = (tuple(sorted(v.digests.items())), v.full_world)
+        record = self.layouts.get(key)
+        if record is None:
+            plans = {r: self.plans[(r, d)] for r, d in v.digests.items()}
+            layout = build_layout(plans, full_world=v.full_world)
+            record = LayoutRecord(f"L{next(self._layout_ids)}", layout, dict(v.digests),
+                                  [t.to_wire() for t in layout.tensors])
+            while len(self.layouts) >= 8:  # old layouts: forget their records (their versions keep refs)
+                self.layouts.pop(next(iter(self.layouts)))
+            self.layouts[key] = record
+            log.info("layout %s: %d tensors, %.1f MiB%s", record.id, len(layout.tensors), layout.size / 2**20,
+                     " (partial)" if layout.partial else "")
+        return record
+
+    def _take_segment(self, layout_id: str, size: int):
+        seg = self.budget.take(layout_id, size)
+        while seg is None:
+            candidates = reclaim_candidates(self.sealed)
+            if not candidates:
+                return None
+            self._evict(candidates[0])
+            seg = self.budget.take(layout_id, size)
+        return seg
+
+    def _memory_message(self, size: int) -> str:
+        leased = sorted({v.step for _, v in self.leases.values()})
+        return (
+            f"staging needs {size / 2**20:.1f} MiB but {self.budget.used / 2**20:.1f} of "
+            f"{self.budget.limit / 2**20:.1f} MiB are in use (steps in flight: {sorted(self.staging)}, "
+            f"leased versions: {leased}); release leases, lower --keep, raise --memory-limit, or pass a "
+            "larger wait to StagingClient(backpressure_timeout=...)"
+        )
+
+    def on_put(self, identity: bytes, msg: Put) -> Message:
+        peer = self._peer(identity, "trainer")
+        v = self._staging_version(msg.step)
+        if peer.rank not in v.digests or v.segment is None:
+            raise StagerError(ErrorCode.BAD_MESSAGE, f"put for step {msg.step} before its begin was answered")
+        entries = self.plans[(peer.rank, v.digests[peer.rank])]
+        assignment = v.layout.assignments[peer.rank]
+        seg_bytes = v.segment.as_bytes()
+        received = v.put.setdefault(peer.rank, set())
+        checked = []
+        for index, frame in zip(msg.regions, msg.frames):
+            if not 0 <= index < len(entries) or assignment[index] is None:
+                raise StagerError(ErrorCode.BAD_MESSAGE, f"rank {peer.rank} is not assigned region {index}")
+            entry = entries[index]
+            data = frame.buffer if hasattr(frame, "buffer") else memoryview(frame)
+            dtype = dtype_from_name(entry.dtype)
+            if data.nbytes != entry.box.numel * dtype.itemsize:
+                raise StagerError(
+                    ErrorCode.BAD_MESSAGE,
+                    f"{entry.fqn}: got {data.nbytes} bytes, the shard holds {entry.box.numel * dtype.itemsize}",
+                )
+            checked.append((index, entry, dtype, data))
+        for index, entry, dtype, data in checked:  # validate every frame before writing any
+            block_offset, block_shape, inner = assignment[index]
+            count = math.prod(block_shape)
+            dst = seg_bytes[block_offset:block_offset + count * dtype.itemsize].view(dtype).view(block_shape)
+            for dim, (start, length) in enumerate(zip(inner, entry.box.shape)):
+                dst = dst.narrow(dim, start, length)
+            if data.nbytes:
+                dst.copy_(torch.frombuffer(data, dtype=dtype).view(entry.box.shape))
+            received.add(index)
+            self.counters["ingested_bytes"] += data.nbytes
+        return Ok()
+
+    def on_commit(self, identity: bytes, msg: Commit) -> Message | None:
+        peer = self._peer(identity, "trainer")
+        v = self._staging_version(msg.step)
+        rank = peer.rank
+        if rank not in v.digests or v.segment is None or rank in v.waiting_begin:
+            raise StagerError(ErrorCode.BAD_MESSAGE, f"commit for step {msg.step} before its begin was answered")
+        if rank in v.committed:
+            raise StagerError(ErrorCode.BAD_MESSAGE, f"rank {rank} already committed step {msg.step}")
+        assignment = v.layout.assignments[rank]
+        if rank not in v.shm_ranks:
+            missing = [i for i, a in enumerate(assignment) if a is not None and i not in v.put.get(rank, ())]
+            if missing:
+                self.fail(v, f"rank {rank} committed without sending {len(missing)} of its regions")
+                raise StagerError(ErrorCode.STEP_FAILED, v.reason)
+        else:
+            entries = self.plans[(rank, v.digests[rank])]
+            self.counters["ingested_bytes"] += sum(
+                e.box.numel * dtype_from_name(e.dtype).itemsize for e, a in zip(entries, assignment) if a is not None)
+        v.committed.add(rank)
+        if v.objects_rank is None or rank < v.objects_rank:  # the lowest rank's non-tensor state wins
+            v.objects, v.objects_rank = msg.objects, rank
+            if msg.model_info is not None:
+                v.model_info = msg.model_info
+        elif v.model_info is None and msg.model_info is not None:
+            v.model_info = msg.model_info
+        v.waiting_commit[rank] = Pending(identity, msg.id)
+        if v.committed >= set(self._record(v.layout_id).digests):
+            self._seal(v)
+        return None
+
+    def on_abort(self, identity: bytes, msg: Abort) -> Message:
+        peer = self._peer(identity, "trainer")
+        v = self._staging_version(msg.step)
+        self.fail(v, f"rank {peer.rank} aborted step {msg.step}: {msg.reason}")
+        return Ok()
+
+    def _seal(self, v: Version) -> None:
+        v.state, v.sealed_at = "sealed", time.monotonic()
+        del self.staging[v.step]
+        self.sealed[v.step] = v
+        if any(s > v.step for s in self.sealed):  # steps sealed out of order: keep step order
+            self.sealed = OrderedDict(sorted(self.sealed.items()))
+        self.counters["sealed"] += 1
+        reply = Sealed(step=v.step, nbytes=v.layout.nbytes, tensors=len(v.layout.tensors), partial=v.layout.partial)
+        for pending in v.waiting_commit.values():
+            reply.id = pending.rid
+            self.send(pending.peer, reply)
+        v.waiting_commit.clear()
+        log.info("sealed step %d (%.1f MiB, %d tensors)", v.step, v.layout.nbytes / 2**20, len(v.layout.tensors))
+        self.enforce_retention()
+
+    def fail(self, v: Version, reason: str, code: ErrorCode = ErrorCode.STEP_FAILED) -> None:
+        if v.state != "staging":
+            return
+        v.state, v.reason = "failed", reason
+        self.staging.pop(v.step, None)
+        self.failed[v.step] = reason
+        while len(self.failed) > 32:
+            self.failed.popitem(last=False)
+        self.counters["failed"] += 1
+        err = ErrorReply(code=code.value, message=reason)
+        for pending in [*v.waiting_begin.values(), *v.waiting_commit.values()]:
+            err.id = pending.rid
+            self.send(pending.peer, err)
+        v.waiting_begin.clear()
+        v.waiting_commit.clear()
+        if v.segment is not None:  # never pooled: a slow rank may still be writing into it
+            self.budget.destroy(v.segment)
+            v.segment = None
+        log.warning("step %d failed: %s", v.step, reason)
+        self.retry_waiting()
+
+    # ------------------------------------------------------------------ retention
+
+    def _free(self, v: Version, *, reuse: bool) -> None:
+        if v.segment is not None:
+            self.budget.give_back(v.segment, reuse=reuse, current_layout=self.current.id if self.current else None)
+            v.segment = None
+
+    def _evict(self, v: Version) -> None:
+        self.sealed.pop(v.step, None)
+        self._free(v, reuse=True)
+        log.debug("evicted step %d", v.step)
+
+    def enforce_retention(self) -> None:
+        for v in evictable(self.sealed, self.keep):
+            self._evict(v)
+        self.retry_waiting()
+
+    def retry_waiting(self) -> None:
+        for v in list(self.staging.values()):
+            if v.wait_deadline is not None and v.segment is None and v.layout is not None:
+                self._advance(v)
+
+    # ------------------------------------------------------------------ reading
+
+    def latest(self) -> Version | None:
+        return self.sealed[next(reversed(self.sealed))] if self.sealed else None
+
+    def on_acquire(self, identity: bytes, msg: Acquire) -> Message:
+        peer = self._peer(identity)
+        if msg.step is None:
+            v = self.latest()
+            if v is None:
+                raise StagerError(ErrorCode.NO_VERSION, "no version is sealed yet; stage one, or wait for it")
+        else:
+            v = self.sealed.get(msg.step)
+            if v is None:
+                raise StagerError(
+                    ErrorCode.NO_VERSION, f"step {msg.step} is not held; sealed steps: {list(self.sealed)}")
+        lease = next(self._lease_ids)
+        self.leases[lease] = (identity, v)
+        v.leases.add(lease)
+        peer.leases.add(lease)
+        return AcquireReply(
+            lease=lease, step=v.step, segment=v.segment.name, size=v.segment.size,
+            tensors=self._record(v.layout_id).wire_tensors if self._has_record(v.layout_id)
+            else [t.to_wire() for t in v.layout.tensors],
+            objects=v.objects, model_info=v.model_info, partial=v.layout.partial)
+
+    def _has_record(self, layout_id: str | None) -> bool:
+        return any(r.id == layout_id for r in self.layouts.values())
+
+    def on_release(self, identity: bytes, msg: Release) -> Message:
+        peer = self._peer(identity)
+        if msg.lease not in peer.leases:
+            raise StagerError(ErrorCode.UNKNOWN_LEASE, f"lease {msg.lease} is not held by this connection")
+        self._end_lease(msg.lease)
+        return Ok()
+
+    def _end_lease(self, lease: int) -> None:
+        identity, v = self.leases.pop(lease, (None, None))
+        if v is None:
+            return
+        v.leases.discard(lease)
+        peer = self.peers.get(identity)
+        if peer is not None:
+            peer.leases.discard(lease)
+        if not v.leases and self.orphans.get(v.step) is v:
+            del self.orphans[v.step]
+            self._free(v, reuse=True)
+        self.enforce_retention()
+
+    # ------------------------------------------------------------------ status & housekeeping
+
+    def on_ping(self, identity: bytes, msg: Ping) -> Message:
+        return Pong(session=self.session)
+
+    def on_status(self, identity: bytes, msg: Status) -> Message:
+        return StatusReply(status=self.status())
+
+    def status(self) -> dict:
+        proc = psutil.Process()
+        cpu = proc.cpu_times()
+        return {
+            "session": self.session,
+            "pid": proc.pid,
+            "epoch": self.epoch,
+            "versions": [v.summary() for v in self.sealed.values()]
+            + [v.summary() for v in self.staging.values()]
+            + [{"step": s, "state": "failed", "reason": r} for s, r in self.failed.items()],
+            "ranks": {str(p.rank): {"pid": p.pid, "local": p.local}
+                      for p in self.peers.values() if p.role == "trainer"},
+            "local_world_size": self.local_world_size,
+            "readers": sum(1 for p in self.peers.values() if p.role == "reader"),
+            "leases": len(self.leases),
+            "memory": {"used": self.budget.used, "limit": self.budget.limit,
+                       "pooled": sum(s.size for segs in self.budget.pool.values() for s in segs)},
+            "keep": self.keep,
+            "counters": dict(self.counters),
+            "cpu_seconds": cpu.user + cpu.system,
+        }
+
+    def housekeep(self) -> None:
+        for peer in list(self.peers.values()):
+            if not self._alive(peer):
+                self.drop_peer(peer, "process exited" if peer.local else f"silent for {self.peer_timeout:.0f}s")
+        now = time.monotonic()
+        for v in list(self.staging.values()):
+            if now - v.started > self.step_timeout:
+                expected = set(range(self.local_world_size or 0))
+                self.fail(v, f"step {v.step} timed out after {self.step_timeout:.0f}s: ranks "
+                             f"{sorted(expected - v.committed)} did not commit (began: {sorted(v.digests)}); "
+                             "a rank is stuck or gone, or --step-timeout is too short")
+            elif v.wait_deadline is not None and v.segment is None:
+                self._advance(v)
+
+    def close(self) -> None:
+        for v in list(self.staging.values()):
+            self.fail(v, "the daemon is shutting down")
+        self.budget.close()

@@ -1,0 +1,147 @@
+"""Versions, segments and the memory budget: the daemon's bookkeeping, free of sockets.
+
+Lifecycle of a version: ``staging`` (ranks are writing into its segment) -> ``sealed``
+(immutable, served) or ``failed``. Only sealed versions are ever visible to readers.
+
+Memory policy (the budget is ``--memory-limit``; every segment that exists counts, pooled ones too):
+1. reuse a pooled segment of the same layout;
+2. else create one if it fits;
+3. else free pooled segments of other layouts, then evict the oldest unleased sealed versions,
+   but never the newest sealed one;
+4. else the begin waits up to the client's ``wait_ms`` for a lease to end or a step to finish
+   (back-pressure), and is refused with ``MEMORY_LIMIT`` after that.
+A failed step's segment is unlinked, never pooled: a slow rank may still be writing into it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections import OrderedDict
+from typing import Callable
+
+from stager.planning import NodeLayout
+from stager.protocol import ErrorCode, StagerError
+from stager.shm import Segment
+
+
+@dataclasses.dataclass(eq=False)
+class Pending:
+    """A request whose reply is deferred: who asked, and the request id to answer."""
+
+    peer: bytes
+    rid: int
+
+
+@dataclasses.dataclass(eq=False)
+class Version:
+    step: int
+    epoch: int
+    started: float = dataclasses.field(default_factory=time.monotonic)
+    state: str = "staging"  # staging | sealed | failed
+    layout_id: str | None = None
+    layout: NodeLayout | None = None
+    segment: Segment | None = None
+    digests: dict[int, str] = dataclasses.field(default_factory=dict)  # rank -> layout digest at begin
+    shm_ranks: set[int] = dataclasses.field(default_factory=set)
+    committed: set[int] = dataclasses.field(default_factory=set)
+    put: dict[int, set[int]] = dataclasses.field(default_factory=dict)  # rank -> plan indices received
+    waiting_begin: dict[int, Pending] = dataclasses.field(default_factory=dict)
+    waiting_commit: dict[int, Pending] = dataclasses.field(default_factory=dict)
+    full_world: bool = True  # False once a rank says the job spans nodes: gaps become "partial"
+    wait_ms: int = 0  # the longest back-pressure wait any rank allows
+    wait_deadline: float | None = None  # set while the begin waits for memory
+    objects: dict = dataclasses.field(default_factory=dict)
+    objects_rank: int | None = None
+    model_info: dict | None = None
+    leases: set[int] = dataclasses.field(default_factory=set)
+    sealed_at: float | None = None
+    reason: str = ""
+
+    def summary(self) -> dict:
+        layout = self.layout
+        out = {
+            "step": self.step,
+            "state": self.state,
+            "bytes": layout.nbytes if layout else 0,
+            "tensors": len(layout.tensors) if layout else 0,
+            "objects": len(self.objects),
+            "partial": bool(layout and layout.partial),
+            "leases": len(self.leases),
+        }
+        if layout and layout.partial:
+            out["held_regions"] = layout.held_regions()
+        if self.reason:
+            out["reason"] = self.reason
+        return out
+
+
+class SegmentBudget:
+    """Creates, pools and unlinks segments within ``limit`` bytes."""
+
+    def __init__(self, limit: int, make: Callable[[int], Segment]):
+        self.limit = limit
+        self._make = make
+        self.used = 0
+        self.pool: dict[str, list[Segment]] = {}  # layout id -> free segments of that layout
+        self.owner: dict[str, tuple[str, Segment]] = {}  # segment name -> (layout id, segment)
+
+    def take(self, layout_id: str, size: int) -> Segment | None:
+        """A segment for ``layout_id``: pooled, or new if it fits; None when over budget."""
+        free = self.pool.get(layout_id)
+        if free:
+            return free.pop()
+        if size > self.limit:
+            raise StagerError(
+                ErrorCode.MEMORY_LIMIT,
+                f"one snapshot needs {size / 2**20:.1f} MiB but the daemon's memory limit is "
+                f"{self.limit / 2**20:.1f} MiB; restart the daemon with a larger --memory-limit",
+            )
+        if self.used + size > self.limit:
+            self.drop_pool(except_layout=layout_id)
+        if self.used + size > self.limit:
+            return None
+        seg = self._make(size)
+        self.used += size
+        self.owner[seg.name] = (layout_id, seg)
+        return seg
+
+    def give_back(self, seg: Segment, *, reuse: bool, current_layout: str | None) -> None:
+        layout_id = self.owner.get(seg.name, (None,))[0]
+        if reuse and layout_id is not None and layout_id == current_layout:
+            self.pool.setdefault(layout_id, []).append(seg)
+        else:
+            self.destroy(seg)
+
+    def destroy(self, seg: Segment) -> None:
+        if self.owner.pop(seg.name, None) is not None:
+            self.used -= seg.size
+        seg.unlink()
+
+    def drop_pool(self, except_layout: str | None = None) -> None:
+        for layout_id in list(self.pool):
+            if layout_id != except_layout:
+                for seg in self.pool.pop(layout_id):
+                    self.destroy(seg)
+
+    def live(self, layout_id: str) -> list[str]:
+        return [name for name, (owner, _) in self.owner.items() if owner == layout_id]
+
+    def close(self) -> None:
+        """Unlink every segment (daemon shutdown)."""
+        for _, seg in list(self.owner.values()):
+            self.destroy(seg)
+        self.pool.clear()
+
+
+def evictable(sealed: "OrderedDict[int, Version]", keep: int) -> list[Version]:
+    """Sealed versions retention would drop now: beyond the newest ``keep``, unleased, oldest first."""
+    steps = list(sealed)
+    extra = steps[:-keep] if len(steps) > keep else []
+    return [sealed[s] for s in extra if not sealed[s].leases]
+
+
+def reclaim_candidates(sealed: "OrderedDict[int, Version]") -> list[Version]:
+    """Unleased sealed versions that may go to make room, oldest first, never the newest."""
+    steps = list(sealed)[:-1]
+    return [sealed[s] for s in steps if not sealed[s].leases]
