@@ -1,0 +1,134 @@
+"""Run a daemon and a multi-process gloo job from Python: shared by the demo, tests and benchmarks."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from typing import Any, Callable
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class DaemonProcess:
+    """``stager serve`` in a subprocess on a private ipc endpoint; ``with DaemonProcess() as d: d.endpoint``."""
+
+    def __init__(self, endpoint: str | None = None, *, args: tuple[str, ...] = (), startup_timeout: float = 60.0):
+        self._tmp = None
+        if endpoint is None:
+            self._tmp = tempfile.mkdtemp(prefix="stager-")
+            endpoint = f"ipc://{self._tmp}/stager.sock"
+        self.endpoint = endpoint
+        self.args = args
+        self.startup_timeout = startup_timeout
+        self.proc: subprocess.Popen | None = None
+        self.info: dict = {}
+
+    def start(self) -> "DaemonProcess":
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "stager.cli", "serve", "--json", "--endpoint", self.endpoint, *self.args],
+            stdout=subprocess.PIPE, stderr=None, text=True)
+        deadline = time.monotonic() + self.startup_timeout
+        line = self.proc.stdout.readline()
+        if not line or time.monotonic() > deadline:
+            code = self.proc.wait(5)
+            raise RuntimeError(f"stager serve exited ({code}) before it was ready")
+        self.info = json.loads(line)
+        return self
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int | None:
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            return self.proc.wait()
+        finally:
+            if self.proc.stdout:
+                self.proc.stdout.close()
+
+    def __enter__(self) -> "DaemonProcess":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def _rank_main(target, rank, world_size, port, args, queue, env) -> None:
+    os.environ.update(env)
+    os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(rank),
+                       "WORLD_SIZE": str(world_size), "LOCAL_RANK": str(rank),
+                       "LOCAL_WORLD_SIZE": str(env.get("LOCAL_WORLD_SIZE", world_size))})
+    import torch.distributed as dist
+
+    try:
+        dist.init_process_group("gloo", rank=rank, world_size=world_size)
+        result = target(rank, world_size, *args)
+        queue.put((rank, "ok", result))
+    except BaseException:
+        queue.put((rank, "error", traceback.format_exc()))
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def run_ranks(target: Callable[..., Any], world_size: int, *args: Any, timeout: float = 240.0,
+              env: dict | None = None) -> list[Any]:
+    """Run ``target(rank, world_size, *args)`` in ``world_size`` spawned gloo processes; return the results by rank.
+
+    ``target`` must be importable (a module-level function). A rank that raises fails the whole call.
+    """
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    port = free_port()
+    env = {k: str(v) for k, v in (env or {}).items()}
+    procs = [ctx.Process(target=_rank_main, args=(target, r, world_size, port, args, queue, env), daemon=True)
+             for r in range(world_size)]
+    for p in procs:
+        p.start()
+    results: dict[int, Any] = {}
+    errors = []
+    deadline = time.monotonic() + timeout
+    try:
+        while len(results) + len(errors) < world_size:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError(f"ranks {sorted(set(range(world_size)) - set(results))} did not finish in {timeout}s")
+            try:
+                rank, state, value = queue.get(timeout=min(left, 1.0))
+            except Exception:
+                dead = [p for p in procs if p.exitcode not in (None, 0)]
+                if dead and len(results) + len(errors) < world_size:
+                    raise RuntimeError(f"a rank exited with code {dead[0].exitcode} without reporting")
+                continue
+            if state == "ok":
+                results[rank] = value
+            else:
+                errors.append(f"rank {rank}:\n{value}")
+    finally:
+        for p in procs:
+            p.join(5)
+            if p.is_alive():
+                p.kill()
+    if errors:
+        raise RuntimeError("\n".join(errors))
+    return [results[r] for r in range(world_size)]
