@@ -43,6 +43,7 @@ class Connection:
         self._monitor: zmq.Socket | None = None
         self.connected = False
         self.session: str | None = None  # daemon session after hello; None: hello needed
+        self._first_connect = True  # only the first hello waits for the socket to connect
         self.daemon_host: str | None = None
         self.host_id = host_id()
         self._start_time = psutil.Process().create_time()
@@ -151,7 +152,11 @@ class Connection:
             return reply
 
     def hello(self, timeout: float) -> HelloReply:
-        if not self.wait_connected(min(timeout, 0.5)):
+        # Later hellos trust the monitor: a daemon known to be down fails the request at once
+        # instead of stalling the train loop on every step until it is back.
+        wait = min(timeout, 0.5) if self._first_connect else 0.0
+        self._first_connect = False
+        if not self.wait_connected(wait):
             raise StagerError(ErrorCode.UNAVAILABLE, self._unreachable())
         reply = self.request(Hello(role=self.role, rank=self.rank, local_world_size=self.local_world_size,
                                    world_size=self.world_size, pid=os.getpid(), start_time=self._start_time,

@@ -41,6 +41,8 @@ class StagerError(Exception):
 class ProtocolError(StagerError):
     """A message or value that violates the protocol (raised while encoding or decoding)."""
 
+    request_id: int = 0  # id of the offending request, when its header could be read
+
 
 class RemoteError(StagerError):
     """The daemon answered a request with an error reply."""

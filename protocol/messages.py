@@ -102,6 +102,14 @@ def decode(frames: Sequence) -> Message:
     rid, body = header.get("id"), header.get("b")
     if not isinstance(rid, int) or isinstance(rid, bool) or not isinstance(body, dict):
         raise ProtocolError(ErrorCode.BAD_MESSAGE, f"{cls.TYPE}: header needs an int 'id' and a map 'b'")
+    try:
+        return _build(cls, rid, body, frames)
+    except ProtocolError as exc:
+        exc.request_id = rid  # so the error reply still reaches the request's waiter
+        raise
+
+
+def _build(cls: type[Message], rid: int, body: dict, frames: Sequence) -> Message:
     kwargs: dict[str, Any] = {}
     for name, types in cls.SCHEMA.items():
         if name not in body:

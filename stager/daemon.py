@@ -155,6 +155,7 @@ class Daemon:
             rid = msg.id
             reply = self.state.handle(identity, msg)
         except StagerError as exc:
+            rid = rid or getattr(exc, "request_id", 0)
             self.state.counters["errors"] += 1
             reply = ErrorReply(code=getattr(exc.code, "value", str(exc.code)), message=exc.message)
             log.debug("request failed: %s", exc)

@@ -1,0 +1,112 @@
+import os
+import shutil
+import tempfile
+import threading
+
+import pytest
+import torch
+import zmq
+
+from stager.config import DaemonConfig
+from stager.daemon import Daemon
+from stager.endpoint import host_id
+from stager.protocol import ErrorReply, Hello, Message, decode
+
+
+@pytest.fixture
+def short_dir():
+    d = tempfile.mkdtemp(prefix="stg", dir="/tmp")  # ipc paths must stay short
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
+
+
+class InProcessDaemon:
+    def __init__(self, endpoint, **config):
+        self.daemon = Daemon(DaemonConfig(endpoint=endpoint, **config))
+        self.endpoint = endpoint
+        self.thread = threading.Thread(target=self.daemon.serve, daemon=True)
+        self.thread.start()
+
+    @property
+    def state(self):
+        return self.daemon.state
+
+    def stop(self):
+        self.daemon.stop()
+        self.thread.join(10)
+
+
+@pytest.fixture
+def make_daemon(short_dir):
+    made = []
+
+    def make(**config):
+        config.setdefault("memory_limit", 64 << 20)
+        config.setdefault("step_timeout", 10.0)
+        d = InProcessDaemon(f"ipc://{short_dir}/d{len(made)}.sock", **config)
+        made.append(d)
+        return d
+
+    yield make
+    for d in made:
+        d.stop()
+
+
+class RawPeer:
+    """A hand-driven protocol peer: sends exactly the frames a test asks for."""
+
+    def __init__(self, endpoint):
+        self.sock = zmq.Context.instance().socket(zmq.DEALER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.connect(endpoint)
+        self._id = 0
+
+    def send_frames(self, frames):
+        self.sock.send_multipart(frames)
+
+    def recv(self, timeout=5.0) -> Message:
+        assert self.sock.poll(int(timeout * 1000)), "no reply from the daemon"
+        return decode(self.sock.recv_multipart())
+
+    def request(self, msg, timeout=5.0) -> Message:
+        self._id += 1
+        msg.id = self._id
+        self.sock.send_multipart(msg.encode())
+        reply = self.recv(timeout)
+        assert reply.id == msg.id
+        return reply
+
+    def hello(self, rank=0, local_world_size=1, role="trainer", pid=None):
+        import psutil
+
+        pid = pid or os.getpid()
+        return self.request(Hello(role=role, rank=rank, local_world_size=local_world_size,
+                                  world_size=local_world_size, pid=pid,
+                                  start_time=psutil.Process(pid).create_time(), host_id=host_id()))
+
+    def close(self):
+        self.sock.close(0)
+
+
+@pytest.fixture
+def raw_peer():
+    peers = []
+
+    def make(endpoint):
+        p = RawPeer(endpoint)
+        peers.append(p)
+        return p
+
+    yield make
+    for p in peers:
+        p.close()
+
+
+def error_code(reply):
+    assert isinstance(reply, ErrorReply), f"expected an error, got {reply!r}"
+    return reply.code
+
+
+@pytest.fixture(autouse=True)
+def _few_threads():
+    torch.set_num_threads(1)

@@ -1,0 +1,45 @@
+import pytest
+import torch
+
+from stager.client.flatten import LayoutCache, flatten_state_dict
+from stager.protocol import ErrorCode, StagerError
+
+
+def test_nested_and_flat_keys():
+    sd = {"model": {"a.w": torch.ones(2), "b": {"w": torch.zeros(1)}}, "step": 5, "lrs": [0.1, 0.2],
+          "extra": {"name": "x", "blob": b"\x00", "none": None, "ok": True}, "empty": {}}
+    tensors, objects = flatten_state_dict(sd)
+    assert sorted(tensors) == ["model.a.w", "model.b.w"]
+    assert objects == {"step": 5, "lrs": [0.1, 0.2], "extra.name": "x", "extra.blob": b"\x00",
+                       "extra.none": None, "extra.ok": True, "empty": {}}
+
+
+def test_optimizer_int_keys():
+    tensors, _ = flatten_state_dict({"state": {0: {"exp_avg": torch.ones(1)}}})
+    assert list(tensors) == ["state.0.exp_avg"]
+
+
+@pytest.mark.parametrize("sd,text", [
+    ({"a": {"b": torch.ones(1)}, "a.b": torch.ones(1)}, "same dotted name"),
+    ({"x": [torch.ones(1)]}, "tensors inside lists"),
+    ({"x": object()}, "type object cannot be staged"),
+    ({"x": 1 << 70}, "does not fit 64 bits"),
+    ({("t",): torch.ones(1)}, "keys must be str"),
+    ([1, 2], "must be a mapping"),
+])
+def test_bad_leaves_name_the_key(sd, text):
+    with pytest.raises(StagerError) as info:
+        flatten_state_dict(sd)
+    assert info.value.code == ErrorCode.BAD_VALUE and text in info.value.message
+
+
+def test_plain_tensor_plan_and_unsupported_subclass():
+    plan, locals_ = LayoutCache().describe({"w": torch.ones(2, 3, dtype=torch.bfloat16)})
+    assert plan == [("w", "bf16", (2, 3), (0, 0), (2, 3))]
+
+    class Sub(torch.Tensor):
+        pass
+
+    with pytest.raises(StagerError) as info:
+        LayoutCache().describe({"w": torch.ones(2).as_subclass(Sub)})
+    assert "Sub" in info.value.message

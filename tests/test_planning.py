@@ -1,0 +1,94 @@
+"""Shard planning: coverage, dedup of replicas and offsets, table-driven."""
+
+import pytest
+
+from stager.planning import ALIGN, Box, PlanEntry, build_layout, parse_plan
+from stager.protocol import ErrorCode, ProtocolError
+
+
+def E(fqn, shape, offset, local, dtype="f32"):
+    return PlanEntry(fqn, dtype, tuple(shape), Box(tuple(offset), tuple(local)))
+
+
+# name, plans {rank: [entries]}, full_world, expected {rank: [writes? per entry]}, partial
+GOOD = [
+    ("fsdp uneven 5 rows", {0: [E("w", (5, 3), (0, 0), (3, 3))], 1: [E("w", (5, 3), (3, 0), (2, 3))]},
+     True, {0: [True], 1: [True]}, False),
+    ("tp shard dim 1", {0: [E("w", (4, 6), (0, 0), (4, 3))], 1: [E("w", (4, 6), (0, 3), (4, 3))]},
+     True, {0: [True], 1: [True]}, False),
+    ("replicated: lowest rank writes", {0: [E("b", (4,), (0,), (4,))], 1: [E("b", (4,), (0,), (4,))]},
+     True, {0: [True], 1: [False]}, False),
+    ("hsdp replicate x shard", {r: [E("w", (4, 2), ((r % 2) * 2, 0), (2, 2))] for r in range(4)},
+     True, {0: [True], 1: [True], 2: [False], 3: [False]}, False),
+    ("pipeline: tensors on different ranks", {0: [E("a", (2,), (0,), (2,))], 1: [E("b", (3,), (0,), (3,))]},
+     True, {0: [True], 1: [True]}, False),
+    ("scalar", {0: [E("s", (), (), ())], 1: [E("s", (), (), ())]}, True, {0: [True], 1: [False]}, False),
+    ("empty tensor", {0: [E("e", (0, 4), (0, 0), (0, 4))]}, True, {0: [False]}, False),
+    ("multi-node: half held", {0: [E("w", (8, 2), (0, 0), (2, 2))], 1: [E("w", (8, 2), (2, 0), (2, 2))]},
+     False, {0: [True], 1: [True]}, True),
+]
+
+
+@pytest.mark.parametrize("name,plans,full,writes,partial", GOOD, ids=[g[0] for g in GOOD])
+def test_layouts(name, plans, full, writes, partial):
+    layout = build_layout(plans, full_world=full)
+    assert layout.partial == partial
+    for rank, expected in writes.items():
+        assert [a is not None for a in layout.assignments[rank]] == expected
+    for t in layout.tensors:
+        for b in t.blocks:
+            assert b.byte_offset % ALIGN == 0
+    assert layout.size >= layout.nbytes
+
+
+def test_offsets_place_shards_in_the_full_tensor():
+    plans = {0: [E("a", (3,), (0,), (3,)), E("w", (4, 6), (0, 0), (4, 3))],
+             1: [E("a", (3,), (0,), (3,)), E("w", (4, 6), (0, 3), (4, 3))]}
+    layout = build_layout(plans)
+    a, w = layout.tensors
+    assert a.complete and w.complete
+    assert w.blocks[0].byte_offset == ALIGN  # 12 bytes of "a", aligned up
+    assert layout.assignments[1][1] == (ALIGN, (4, 6), (0, 3))
+    assert layout.nbytes == 3 * 4 + 24 * 4
+
+
+def test_partial_layout_reports_held_regions():
+    plans = {0: [E("w", (8, 2), (4, 0), (2, 2))], 1: [E("w", (8, 2), (0, 0), (2, 2))]}
+    layout = build_layout(plans, full_world=False)
+    assert layout.held_regions() == {"w": [[[0, 0], [2, 2]], [[4, 0], [2, 2]]]}
+    assert layout.assignments[0][0] == (layout.tensors[0].blocks[1].byte_offset, (2, 2), (0, 0))
+
+
+BAD = [
+    ("overlap", {0: [E("w", (4,), (0,), (3,))], 1: [E("w", (4,), (2,), (2,))]}, "overlap"),
+    ("gap", {0: [E("w", (5,), (0,), (2,))], 1: [E("w", (5,), (3,), (2,))]}, "cover 4 of 5"),
+    ("dtype mismatch", {0: [E("w", (4,), (0,), (2,))], 1: [E("w", (4,), (2,), (2,), "bf16")]}, "agree on dtype"),
+    ("shape mismatch", {0: [E("w", (4,), (0,), (2,))], 1: [E("w", (6,), (2,), (2,))]}, "agree on dtype and global shape"),
+]
+
+
+@pytest.mark.parametrize("name,plans,text", BAD, ids=[b[0] for b in BAD])
+def test_inconsistent_plans_are_refused(name, plans, text):
+    with pytest.raises(ProtocolError) as info:
+        build_layout(plans)
+    assert info.value.code == ErrorCode.BAD_PLAN and text in info.value.message
+
+
+BAD_WIRE = [
+    ("not a list", {"w": 1}, "must be a list"),
+    ("short entry", [["w", "f32", [4]]], "must be [fqn"),
+    ("no name", [["", "f32", [4], [0], [4]]], "no tensor name"),
+    ("duplicate", [["w", "f32", [4], [0], [4]], ["w", "f32", [4], [0], [4]]], "appears twice"),
+    ("bad dtype", [["w", "float128", [4], [0], [4]]], "unknown dtype"),
+    ("shape not ints", [["w", "f32", ["4"], [0], [4]]], "list of ints"),
+    ("out of bounds", [["w", "f32", [4], [2], [3]]], "outside the global shape"),
+    ("rank mismatch", [["w", "f32", [4, 4], [0], [4]]], "outside the global shape"),
+    ("negative", [["w", "f32", [4], [-1], [1]]], "outside the global shape"),
+]
+
+
+@pytest.mark.parametrize("name,plan,text", BAD_WIRE, ids=[b[0] for b in BAD_WIRE])
+def test_malformed_plans_are_refused(name, plan, text):
+    with pytest.raises(ProtocolError) as info:
+        parse_plan(0, plan)
+    assert info.value.code == ErrorCode.BAD_PLAN and text in info.value.message
