@@ -113,7 +113,9 @@ class StagingState:
         if not peer.local:
             return time.monotonic() - peer.last_seen < self.peer_timeout
         try:
-            return abs(psutil.Process(peer.pid).create_time() - peer.start_time) < 0.5
+            proc = psutil.Process(peer.pid)
+            # a killed rank its launcher has not reaped yet is a zombie: dead all the same
+            return abs(proc.create_time() - peer.start_time) < 0.5 and proc.status() != psutil.STATUS_ZOMBIE
         except psutil.Error:
             return False
 

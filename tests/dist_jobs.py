@@ -101,7 +101,7 @@ def die_mid_step(endpoint, rank, width):
 
     w = torch.full((width,), float(rank))
     client = StagingClient(endpoint, rank=rank, local_world_size=2, world_size=2, strict=True)
-    client.stage({"w": w}, step=1).wait(30)
+    client.stage({f"w{rank}": w}, step=1).wait(30)
     original = staging._Worker._destinations
 
     def scribble_and_die(self, *args, **kwargs):
@@ -111,5 +111,5 @@ def die_mid_step(endpoint, rank, width):
         os.kill(os.getpid(), signal.SIGKILL)
 
     staging._Worker._destinations = scribble_and_die
-    client.stage({"w": w}, step=2)
+    client.stage({f"w{rank}": w}, step=2)
     time.sleep(60)
