@@ -28,15 +28,34 @@ _CONNECTED = zmq.EVENT_HANDSHAKE_SUCCEEDED  # only then does an IMMEDIATE socket
 _DISCONNECTED = zmq.EVENT_DISCONNECTED | zmq.EVENT_CLOSED
 
 
+AUTH_ENV = "STAGER_AUTH_DIR"
+
+
+def curve_keys_from_env() -> dict:
+    """CURVE client keys from ``$STAGER_AUTH_DIR`` (made by ``stager keygen``), or {} when unset."""
+    auth_dir = os.environ.get(AUTH_ENV)
+    if not auth_dir:
+        return {}
+    from zmq.auth import load_certificate
+
+    try:
+        server_public, _ = load_certificate(os.path.join(auth_dir, "server.key"))
+        public, secret = load_certificate(os.path.join(auth_dir, "client.key_secret"))
+    except (OSError, ValueError) as exc:
+        raise StagerError(ErrorCode.UNAVAILABLE, f"cannot read CURVE keys from {AUTH_ENV}={auth_dir}: {exc}; "
+                                                 "create them with `stager keygen DIR`") from None
+    return {"curve_serverkey": server_public, "curve_publickey": public, "curve_secretkey": secret}
+
+
 class Connection:
     """A DEALER connection with hello, request(), and reachability tracking."""
 
     def __init__(self, endpoint: str | None, *, role: str, rank: int = 0, local_world_size: int = 1,
-                 world_size: int = 1, curve: dict | None = None):
+                 world_size: int = 1):
         self.endpoint = resolve(endpoint)
         self.role, self.rank = role, rank
         self.local_world_size, self.world_size = local_world_size, world_size
-        self.curve = curve or {}
+        self.curve = curve_keys_from_env() if self.endpoint.startswith("tcp://") else {}
         self._ids = itertools.count(1)
         self._ctx = zmq.Context.instance()
         self.sock: zmq.Socket | None = None

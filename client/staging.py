@@ -141,15 +141,14 @@ class StagingClient:
 
     def __init__(self, endpoint: str | None = None, *, rank: int | None = None, local_world_size: int | None = None,
                  world_size: int | None = None, strict: bool = False, timeout: float = 10.0,
-                 seal_timeout: float = 300.0, backpressure_timeout: float = 0.0, transport: str = "auto",
-                 curve: dict | None = None):
+                 seal_timeout: float = 300.0, backpressure_timeout: float = 0.0, transport: str = "auto"):
         if transport not in ("auto", "shm", "frames"):
             raise ValueError(f"transport must be auto, shm or frames, not {transport!r}")
         rank, local_world_size, world_size = _rank_info(rank, local_world_size, world_size)
         self.rank, self.strict = rank, strict
         self._worker = _Worker(
             Connection(endpoint, role="trainer", rank=rank, local_world_size=local_world_size,
-                       world_size=world_size, curve=curve),
+                       world_size=world_size),
             full_world=world_size == local_world_size, timeout=timeout, seal_timeout=seal_timeout,
             wait_ms=int(backpressure_timeout * 1000), transport=transport)
         self.endpoint = self._worker.conn.endpoint

@@ -66,6 +66,21 @@ def _status(args: argparse.Namespace) -> int:
     return 0
 
 
+def _keygen(args: argparse.Namespace) -> int:
+    import os
+    import shutil
+
+    from zmq.auth import create_certificates
+
+    os.makedirs(os.path.join(args.dir, "authorized"), mode=0o700, exist_ok=True)
+    os.chmod(args.dir, 0o700)
+    create_certificates(args.dir, "server")
+    public, _secret = create_certificates(args.dir, "client")
+    shutil.copy(public, os.path.join(args.dir, "authorized", "client.key"))
+    print(f"wrote CURVE keys to {args.dir}: serve with --auth-dir {args.dir}; clients set STAGER_AUTH_DIR={args.dir}")
+    return 0
+
+
 def _demo(args: argparse.Namespace) -> int:
     from stager.demo import run_demo
 
@@ -91,6 +106,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", action="store_true")
     p.add_argument("--timeout", type=float, default=2.0, help="seconds to wait for the daemon (default 2)")
     p.set_defaults(func=_status)
+
+    p = sub.add_parser("keygen", help="create CURVE keys for a tcp daemon that accepts other hosts")
+    p.add_argument("dir")
+    p.set_defaults(func=_keygen)
 
     p = sub.add_parser("demo", help="start a daemon, train a 2-rank FSDP2 model on CPU, stage and verify")
     p.add_argument("--steps", type=int, default=6)
