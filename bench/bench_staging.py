@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import gc
 import json
 import os
 import platform
@@ -97,14 +96,25 @@ def _locals(state: dict) -> list[torch.Tensor]:
 # --------------------------------------------------------------------------- the three measurements
 
 
-def _bare_copy(state: dict, warmup: int, iters: int) -> dict:
+def _busy(ms: float) -> None:
+    """Keep the train thread computing for ``ms`` (small matmuls, as a forward/backward would) before a timed
+    iteration; with 0 (default) the thread comes out of the previous iteration's wait and the barrier."""
+    if ms <= 0:
+        return
+    a = torch.ones(256, 256)
+    end = time.perf_counter() + ms / 1e3
+    while time.perf_counter() < end:
+        torch.mm(a, a)
+
+
+def _bare_copy(state: dict, warmup: int, iters: int, busy_ms: float) -> dict:
     srcs = _locals(state)
     dsts = [torch.empty_like(s) for s in srcs]
     for d in dsts:
         d.fill_(0)  # allocated and touched before timing
     out = []
     for i in range(warmup + iters):
-        gc.collect()  # untimed: no collector pause left over from the last iteration
+        _busy(busy_ms)
         dist.barrier()
         t0 = time.perf_counter_ns()
         for d, s in zip(dsts, srcs):
@@ -152,7 +162,8 @@ class _DaemonStatus:
         self.conn.close()
 
 
-def _ours(client, state: dict, steps: list[int], warmup: int, iters: int, status: _DaemonStatus | None) -> dict:
+def _ours(client, state: dict, steps: list[int], warmup: int, iters: int, status: _DaemonStatus | None,
+          busy_ms: float) -> dict:
     """stage() / wait_copied() / wait() per step; ``steps`` is a shared step counter (one-element list)."""
     res = {"stage_ms": [], "copied_ms": [], "sealed_ms": [], "warmup_sealed_ms": []}
     before = None
@@ -162,7 +173,7 @@ def _ours(client, state: dict, steps: list[int], warmup: int, iters: int, status
             if status is not None:
                 before = status.get()
         steps[0] += 1
-        gc.collect()  # untimed: no collector pause left over from the last iteration
+        _busy(busy_ms)
         dist.barrier()
         t0 = time.perf_counter_ns()
         handle = client.stage(state, step=steps[0])
@@ -198,7 +209,7 @@ def _ours(client, state: dict, steps: list[int], warmup: int, iters: int, status
     return res
 
 
-def _dcp(state: dict, base: str, label: str, warmup: int, iters: int) -> dict:
+def _dcp(state: dict, base: str, label: str, warmup: int, iters: int, busy_ms: float) -> dict:
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
     from torch.distributed.checkpoint.state_dict_saver import AsyncSaveResponse
@@ -209,7 +220,7 @@ def _dcp(state: dict, base: str, label: str, warmup: int, iters: int) -> dict:
     try:
         for i in range(warmup + iters):
             path = os.path.join(base, f"dcp-{label}-{i}")
-            gc.collect()
+            _busy(busy_ms)
             dist.barrier()
             t0 = time.perf_counter_ns()
             resp = dcp.async_save(state, checkpoint_id=path, async_stager=stager)
@@ -248,7 +259,7 @@ def _bench_rank(rank: int, world_size: int, endpoint: str, cfg: dict) -> dict:
     status = _DaemonStatus(endpoint) if rank == 0 else None
     client = StagingClient(endpoint, strict=True)
     steps = [0]
-    warm, iters, ours_warm = cfg["warmup"], cfg["iters"], cfg["ours_warmup"]
+    warm, iters, ours_warm, busy = cfg["warmup"], cfg["iters"], cfg["ours_warmup"], cfg["busy_ms"]
     out: dict = {"rank": rank, "cases": {}}
 
     def case(label: str, state: dict, describe: str, with_dcp: bool) -> None:
@@ -256,10 +267,10 @@ def _bench_rank(rank: int, world_size: int, endpoint: str, cfg: dict) -> dict:
         rec = {"describe": describe, "tensors": len(state),
                "local_bytes": sum(t.numel() * t.element_size() for t in locs)}
         t = time.perf_counter()
-        rec["bare"] = _bare_copy(state, warm, iters)
-        rec["ours"] = _ours(client, state, steps, ours_warm, iters, status)
+        rec["bare"] = _bare_copy(state, warm, iters, busy)
+        rec["ours"] = _ours(client, state, steps, ours_warm, iters, status, busy)
         if with_dcp:
-            rec["dcp"] = _dcp(state, cfg["tmp"], label, warm, iters)
+            rec["dcp"] = _dcp(state, cfg["tmp"], label, warm, iters, busy)
         rec["wall_s"] = time.perf_counter() - t
         out["cases"][label] = rec
 
@@ -347,7 +358,8 @@ def _print_report(report: dict) -> None:
     m = report["meta"]
     print(f"stager staging benchmark  {m['date']}  host {m['hostname']}  {m['cpu_count']} cpus  torch {m['torch']}")
     print(f"{m['world_size']} gloo ranks on CPU, {m['threads_per_rank']} intra-op thread(s) per rank, "
-          f"{m['iters']} timed iterations (warm-up: {m['warmup']}, ours {m['ours_warmup']}); "
+          f"{m['iters']} timed iterations (warm-up: {m['warmup']}, ours {m['ours_warmup']}), "
+          f"{m['busy_ms']:g} ms busy before each; "
           "max over ranks per iteration, then median / min over iterations")
     rows = [("(a) bare copy_ of local shards", "bare_copy_ms"),
             ("(b) DCP async_save returns", "dcp_return_ms"),
@@ -407,6 +419,9 @@ def main(argv: list[str] | None = None) -> int:
                         "~0.6 s to stage and ~2 s to write 1000 small tensors here, ~10x that for 10000)")
     p.add_argument("--threads", type=int, default=1,
                    help="torch intra-op threads per rank (default 1, as torchrun sets OMP_NUM_THREADS)")
+    p.add_argument("--busy-ms", type=float, default=0.0,
+                   help="ms of compute on the train thread before every timed iteration (default 0); with a "
+                        "busy train thread the client's staging thread tends to win the GIL right after stage()")
     p.add_argument("--memory-limit", default="8GiB", help="daemon --memory-limit (default 8GiB)")
     p.add_argument("--json", metavar="PATH", help="write every figure as JSON to PATH")
     args = p.parse_args(argv)
@@ -424,7 +439,7 @@ def main(argv: list[str] | None = None) -> int:
             ours_warmup = max(2, keep + 1)
             cfg = {"size_gib": args.size_gib, "iters": args.iters, "warmup": args.warmup, "ours_warmup": ours_warmup,
                    "small": small, "skip_dcp": args.skip_dcp, "dcp_small_max": args.dcp_small_max,
-                   "threads": args.threads, "tmp": tmp}
+                   "threads": args.threads, "tmp": tmp, "busy_ms": args.busy_ms}
             results = run_ranks(_bench_rank, WORLD, daemon.endpoint, cfg, timeout=900.0)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -433,7 +448,8 @@ def main(argv: list[str] | None = None) -> int:
                  "hostname": socket.gethostname(), "cpu_count": os.cpu_count(), "torch": torch.__version__,
                  "python": platform.python_version(), "world_size": WORLD, "threads_per_rank": args.threads,
                  "size_gib": args.size_gib, "iters": args.iters, "warmup": args.warmup,
-                 "ours_warmup": ours_warmup, "daemon_keep": keep, "memory_limit": args.memory_limit,
+                 "ours_warmup": ours_warmup, "busy_ms": args.busy_ms, "daemon_keep": keep,
+                 "memory_limit": args.memory_limit,
                  "small": small, "skip_dcp": args.skip_dcp, "argv": sys.argv[1:],
                  "runtime_s": time.perf_counter() - t_start},
         "targets_definition": {"stage_ms_max": STAGE_LIMIT_MS, "wait_copied_over_bare_max": COPIED_VS_BARE,

@@ -43,14 +43,21 @@ class CopyEngine:
 
     def copy(self, pairs: list[tuple[torch.Tensor, torch.Tensor]], start_event) -> object | None:
         """Copy every ``(dst, src)``; returns a CUDA event that completes with the device copies (or None)."""
-        device_pairs = []
+        host_dst, host_src, device_pairs = [], [], []
         for dst, src in pairs:
             if src.is_cuda:
                 device_pairs.append((dst, src))
             else:
-                dst.copy_(src)
-        if not device_pairs:
-            return None
+                host_dst.append(dst)
+                host_src.append(src)
+        with torch.no_grad():  # parameters require grad; the copies must not enter autograd
+            if host_dst:
+                torch._foreach_copy_(host_dst, host_src)  # one call: no per-tensor Python overhead
+            if device_pairs:
+                return self._copy_device(device_pairs, start_event)
+        return None
+
+    def _copy_device(self, device_pairs: list, start_event) -> object:
         if self._stream is None:
             self._stream = torch.cuda.Stream()
         stream = self._stream

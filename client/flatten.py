@@ -126,25 +126,35 @@ class LayoutCache:
     def describe(self, tensors: Mapping[str, torch.Tensor]) -> tuple[list[tuple], list[torch.Tensor]]:
         from torch.distributed.tensor import DTensor
 
+        boxes = self._boxes
         plan: list[tuple] = []
         locals_: list[torch.Tensor] = []
         for fqn, tensor in tensors.items():
-            if isinstance(tensor, DTensor):
+            cls = type(tensor)
+            if cls is torch.Tensor or cls is torch.nn.Parameter:
+                # the same entry tuple every step: comparing plans is then mostly identity checks
+                key = (fqn, tensor.shape, tensor.dtype)
+                entry = boxes.get(key)
+                if entry is None:
+                    shape = tuple(tensor.shape)
+                    entry = boxes[key] = (fqn, dtype_name(tensor.dtype), shape, (0,) * len(shape), shape)
+                local = tensor
+            elif isinstance(tensor, DTensor):
                 key = (fqn, tensor.shape, tuple(tensor.placements), id(tensor.device_mesh), tensor.dtype)
-                cached = self._boxes.get(key)
-                if cached is None:
+                entry = boxes.get(key)
+                if entry is None:
                     _, gshape, offset, lshape = local_box(tensor)
-                    cached = self._boxes[key] = (dtype_name(tensor.dtype), gshape, offset, lshape)
+                    entry = boxes[key] = (fqn, dtype_name(tensor.dtype), gshape, offset, lshape)
                 local = tensor._local_tensor
-                if tuple(local.shape) != cached[3]:
+                if local.shape != entry[4]:
                     raise StagerError(ErrorCode.BAD_VALUE, f"{fqn}: local shard shape changed under the same placements")
             else:
-                local, gshape, offset, lshape = local_box(tensor)
-                cached = (dtype_name(tensor.dtype), gshape, offset, lshape)
-            if math.prod(cached[3]) == 0 and math.prod(cached[1]) != 0:
+                local_box(tensor)  # raises the unsupported-subclass error
+                continue
+            if not local.numel() and math.prod(entry[2]):
                 continue  # this rank holds nothing of the tensor (uneven sharding): others write it
-            plan.append((fqn, *cached))
-            locals_.append(local.detach())
-        if len(self._boxes) > 4 * max(len(plan), 64):
-            self._boxes.clear()  # layouts changed many times: drop stale keys
+            plan.append(entry)
+            locals_.append(local)
+        if len(boxes) > 4 * max(len(plan), 64):
+            boxes.clear()  # layouts changed many times: drop stale keys
         return plan, locals_

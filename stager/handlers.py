@@ -353,9 +353,7 @@ class StagingState:
                 self.fail(v, f"rank {rank} committed without sending {len(missing)} of its regions")
                 raise StagerError(ErrorCode.STEP_FAILED, v.reason)
         else:
-            entries = self.plans[(rank, v.digests[rank])]
-            self.counters["ingested_bytes"] += sum(
-                e.box.numel * dtype_from_name(e.dtype).itemsize for e, a in zip(entries, assignment) if a is not None)
+            self.counters["ingested_bytes"] += v.layout.written_bytes[rank]
         v.committed.add(rank)
         if v.objects_rank is None or rank < v.objects_rank:  # the lowest rank's non-tensor state wins
             v.objects, v.objects_rank = msg.objects, rank

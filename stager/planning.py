@@ -90,6 +90,7 @@ class NodeLayout:
     # (block byte offset, block shape, offset of the rank's box inside the block)
     assignments: dict[int, tuple]
     partial: bool
+    written_bytes: dict[int, int] = dataclasses.field(default_factory=dict)  # rank -> bytes it writes
 
     def held_regions(self) -> dict[str, list]:
         """For partial layouts: ``{fqn: [[offset, shape], ...]}`` of the tensors held only in part."""
@@ -169,6 +170,7 @@ def build_layout(plans: dict[int, list[PlanEntry]], *, full_world: bool = True) 
 
     tensors: list[TensorLayout] = []
     assignments: dict[int, list] = {rank: [None] * len(plans[rank]) for rank in plans}
+    written = dict.fromkeys(plans, 0)
     offset = nbytes = 0
     partial = False
     for fqn, holders in by_fqn.items():
@@ -221,12 +223,14 @@ def build_layout(plans: dict[int, list[PlanEntry]], *, full_world: bool = True) 
             block = next(b for b in blocks if _contains(b.box, entry.box))
             inner = tuple(o - bo for o, bo in zip(entry.box.offset, block.box.offset))
             assignments[rank][index] = (block.byte_offset, block.box.shape, inner)
+            written[rank] += entry.box.numel * itemsize
     return NodeLayout(
         tensors=tuple(tensors),
         size=max(offset, ALIGN),
         nbytes=nbytes,
         assignments={r: tuple(a) for r, a in assignments.items()},
         partial=partial,
+        written_bytes=written,
     )
 
 
