@@ -19,9 +19,10 @@ from typing import Callable
 import psutil
 import torch
 
+from stager.reading import ReadingHandlers
 from stager.planning import NodeLayout, PlanEntry, assignment_to_wire, build_layout, parse_plan
 from stager.protocol import (
-    Abort, Acquire, AcquireReply, Begin, BeginReply, Commit, ErrorCode, ErrorReply, Hello,
+    Abort, Acquire, Begin, BeginReply, Commit, ErrorCode, ErrorReply, Hello,
     HelloReply, Message, Ok, Ping, Pong, ProtocolError, Put, Release, Sealed, StagerError, Status,
     StatusReply,
 )
@@ -55,7 +56,7 @@ class LayoutRecord:
     wire_tensors: list  # the tensor table readers receive, encoded once
 
 
-class StagingState:
+class StagingState(ReadingHandlers):
     """All of the daemon's state; the socket loop feeds it requests and housekeeping ticks."""
 
     def __init__(self, *, budget: SegmentBudget, send: Send, keep: int, step_timeout: float,
@@ -429,55 +430,6 @@ class StagingState:
         for v in list(self.staging.values()):
             if v.wait_deadline is not None and v.segment is None and v.layout is not None:
                 self._advance(v)
-
-    # ------------------------------------------------------------------ reading
-
-    def latest(self) -> Version | None:
-        return self.sealed[next(reversed(self.sealed))] if self.sealed else None
-
-    def on_acquire(self, identity: bytes, msg: Acquire) -> Message:
-        peer = self._peer(identity)
-        if msg.step is None:
-            v = self.latest()
-            if v is None:
-                raise StagerError(ErrorCode.NO_VERSION, "no version is sealed yet; stage one, or wait for it")
-        else:
-            v = self.sealed.get(msg.step)
-            if v is None:
-                raise StagerError(
-                    ErrorCode.NO_VERSION, f"step {msg.step} is not held; sealed steps: {list(self.sealed)}")
-        lease = next(self._lease_ids)
-        self.leases[lease] = (identity, v)
-        v.leases.add(lease)
-        peer.leases.add(lease)
-        return AcquireReply(
-            lease=lease, step=v.step, segment=v.segment.name, size=v.segment.size,
-            tensors=self._record(v.layout_id).wire_tensors if self._has_record(v.layout_id)
-            else [t.to_wire() for t in v.layout.tensors],
-            objects=v.objects, model_info=v.model_info, partial=v.layout.partial)
-
-    def _has_record(self, layout_id: str | None) -> bool:
-        return any(r.id == layout_id for r in self.layouts.values())
-
-    def on_release(self, identity: bytes, msg: Release) -> Message:
-        peer = self._peer(identity)
-        if msg.lease not in peer.leases:
-            raise StagerError(ErrorCode.UNKNOWN_LEASE, f"lease {msg.lease} is not held by this connection")
-        self._end_lease(msg.lease)
-        return Ok()
-
-    def _end_lease(self, lease: int) -> None:
-        identity, v = self.leases.pop(lease, (None, None))
-        if v is None:
-            return
-        v.leases.discard(lease)
-        peer = self.peers.get(identity)
-        if peer is not None:
-            peer.leases.discard(lease)
-        if not v.leases and self.orphans.get(v.step) is v:
-            del self.orphans[v.step]
-            self._free(v, reuse=True)
-        self.enforce_retention()
 
     # ------------------------------------------------------------------ status & housekeeping
 
