@@ -14,8 +14,11 @@ Every rank runs, on the same state dict (FSDP2 ``fully_shard`` of a few large ``
     warm-up steps that the daemon's snapshot segments are pooled and reused; plus the daemon's CPU seconds per
     GiB ingested over the timed steps (``Status``: ``cpu_seconds`` and ``counters.ingested_bytes``).
 
-Then (a), (c) and (b) again on N small DTensors (256 fp32 elements per rank each) for every N of ``--small``;
-per-tensor overhead = (median sealed - median bare copy) / N.
+(a) and (c) run in alternating rounds (one bare copy, one staged step) so that their ratio sees the same
+background load; (b) runs after them, as its own block (each save writes the checkpoint to /tmp, which takes
+seconds). Then (a), (c) and (b) again on N small DTensors (256 fp32 elements per rank each) for every N of
+``--small``; per-tensor overhead = (median sealed - median bare copy) / N. DCP is skipped on small sets larger
+than ``--dcp-small-max`` (it needs ~10 s per save of 10000 small tensors here).
 
 Ranks synchronize with ``dist.barrier()`` before every timed iteration. Each iteration is reduced by the max
 over ranks (the slowest rank decides when staging is done), then summarized by the median and min over
@@ -47,7 +50,7 @@ IN_FEATURES = 4096
 LAYERS = 8
 SMALL_NUMEL = 256  # fp32 elements per rank of each small tensor
 
-# Targets: (key, description, limit); checked against medians.
+# Targets, checked against medians (max over ranks per iteration, median over iterations).
 STAGE_LIMIT_MS = 2.0
 COPIED_VS_BARE = 1.2
 SEALED_VS_DCP = 0.6
@@ -107,24 +110,23 @@ def _busy(ms: float) -> None:
         torch.mm(a, a)
 
 
-def _bare_copy(state: dict, warmup: int, iters: int, busy_ms: float) -> dict:
-    srcs = _locals(state)
-    dsts = [torch.empty_like(s) for s in srcs]
-    for d in dsts:
-        d.fill_(0)  # allocated and touched before timing
-    out = []
-    for i in range(warmup + iters):
-        _busy(busy_ms)
-        dist.barrier()
+class _BareCopy:
+    """(a): ``copy_`` of every local shard into CPU memory allocated and touched once, before any timing."""
+
+    def __init__(self, state: dict):
+        self.srcs = _locals(state)
+        self.dsts = [torch.empty_like(s) for s in self.srcs]
+        for d in self.dsts:
+            d.fill_(0)
+
+    def run(self) -> float:
         t0 = time.perf_counter_ns()
-        for d, s in zip(dsts, srcs):
+        for d, s in zip(self.dsts, self.srcs):
             d.copy_(s)
-        t1 = time.perf_counter_ns()
-        if i >= warmup:
-            out.append(_ms(t1 - t0))
-    ok = all(torch.equal(d, s) for d, s in zip(dsts[:4], srcs[:4]))
-    del dsts
-    return {"copy_ms": out, "verified": ok}
+        return _ms(time.perf_counter_ns() - t0)
+
+    def verified(self) -> bool:
+        return all(torch.equal(d, s) for d, s in zip(self.dsts[:4], self.srcs[:4]))
 
 
 def _schedstat_seconds(pid: int) -> float | None:
@@ -162,19 +164,19 @@ class _DaemonStatus:
         self.conn.close()
 
 
-def _ours(client, state: dict, steps: list[int], warmup: int, iters: int, status: _DaemonStatus | None,
-          busy_ms: float) -> dict:
-    """stage() / wait_copied() / wait() per step; ``steps`` is a shared step counter (one-element list)."""
-    res = {"stage_ms": [], "copied_ms": [], "sealed_ms": [], "warmup_sealed_ms": []}
-    before = None
-    for i in range(warmup + iters):
-        if i == warmup:
-            dist.barrier()
-            if status is not None:
-                before = status.get()
+def _anchor_and_ours(client, state: dict, steps: list[int], cfg: dict, status: _DaemonStatus | None) -> dict:
+    """(a) and (c) in alternating rounds (a bare copy, then one staged step), so that both see the same
+    background load; warm-ups first: ``warmup`` bare copies, ``ours_warmup`` staged steps.
+
+    Each staged step: stage() return, wait_copied() and wait() (sealed), all from just before stage().
+    ``steps`` is a step counter shared by all cases (one-element list): step numbers must keep increasing.
+    """
+    bare = _BareCopy(state)
+    busy, iters = cfg["busy_ms"], cfg["iters"]
+    res = {"copy_ms": [], "stage_ms": [], "copied_ms": [], "sealed_ms": [], "warmup_sealed_ms": []}
+
+    def staged_step() -> tuple[float, float, float, dict]:
         steps[0] += 1
-        _busy(busy_ms)
-        dist.barrier()
         t0 = time.perf_counter_ns()
         handle = client.stage(state, step=steps[0])
         t1 = time.perf_counter_ns()
@@ -182,25 +184,49 @@ def _ours(client, state: dict, steps: list[int], warmup: int, iters: int, status
         t2 = time.perf_counter_ns()
         result = handle.wait(120)
         t3 = time.perf_counter_ns()
-        if i < warmup:
-            res["warmup_sealed_ms"].append(_ms(t3 - t0))
-            continue
-        res["stage_ms"].append(_ms(t1 - t0))
-        res["copied_ms"].append(_ms(t2 - t0))
-        res["sealed_ms"].append(_ms(t3 - t0))
+        return _ms(t1 - t0), _ms(t2 - t0), _ms(t3 - t0), result
+
+    for _ in range(cfg["warmup"]):
+        _busy(busy)
+        dist.barrier()
+        bare.run()
+    for _ in range(cfg["ours_warmup"]):
+        _busy(busy)
+        dist.barrier()
+        res["warmup_sealed_ms"].append(staged_step()[2])
+    dist.barrier()
+    before = status.get() if status is not None else None
+    sched_steps = 0.0  # daemon on-CPU time during the staged steps only (rank 0 reads /proc)
+    for _ in range(iters):
+        _busy(busy)
+        dist.barrier()
+        res["copy_ms"].append(bare.run())
+        _busy(busy)
+        dist.barrier()
+        s0 = _schedstat_seconds(before["pid"]) if before is not None else None
+        stage_ms, copied_ms, sealed_ms, result = staged_step()
+        if s0 is not None:
+            s1 = _schedstat_seconds(before["pid"])
+            sched_steps = sched_steps + (s1 - s0) if s1 is not None else sched_steps
+        res["stage_ms"].append(stage_ms)
+        res["copied_ms"].append(copied_ms)
+        res["sealed_ms"].append(sealed_ms)
         res["sealed_nbytes"], res["sealed_tensors"] = result["nbytes"], result["tensors"]
     dist.barrier()
+    res["verified"] = bare.verified()
+    del bare
     if status is not None:
         after = status.get()
         cpu = after["cpu_seconds"] - before["cpu_seconds"]
         ingested = after["counters"]["ingested_bytes"] - before["counters"]["ingested_bytes"]
+        gib = ingested / 2**30
         sched = (after["schedstat_seconds"] - before["schedstat_seconds"]
                  if after["schedstat_seconds"] is not None and before["schedstat_seconds"] is not None else None)
         res["daemon"] = {
-            "cpu_seconds": cpu, "ingested_bytes": ingested,
-            "cpu_seconds_per_gib": cpu / (ingested / 2**30) if ingested else None,
-            "schedstat_seconds": sched,
-            "schedstat_seconds_per_gib": sched / (ingested / 2**30) if ingested and sched is not None else None,
+            "cpu_seconds": cpu, "ingested_bytes": ingested, "cpu_seconds_per_gib": cpu / gib if gib else None,
+            "schedstat_seconds": sched, "schedstat_seconds_per_gib": sched / gib if gib and sched is not None else None,
+            "schedstat_steps_seconds": sched_steps,
+            "schedstat_steps_seconds_per_gib": sched_steps / gib if gib else None,
             "memory_used_before": before["memory"]["used"], "memory_used_after": after["memory"]["used"],
             "pooled_after": after["memory"]["pooled"], "keep": after["keep"],
             "sealed_delta": after["counters"]["sealed"] - before["counters"]["sealed"],
@@ -259,7 +285,7 @@ def _bench_rank(rank: int, world_size: int, endpoint: str, cfg: dict) -> dict:
     status = _DaemonStatus(endpoint) if rank == 0 else None
     client = StagingClient(endpoint, strict=True)
     steps = [0]
-    warm, iters, ours_warm, busy = cfg["warmup"], cfg["iters"], cfg["ours_warmup"], cfg["busy_ms"]
+    warm, iters, busy = cfg["warmup"], cfg["iters"], cfg["busy_ms"]
     out: dict = {"rank": rank, "cases": {}}
 
     def case(label: str, state: dict, describe: str, with_dcp: bool) -> None:
@@ -267,8 +293,7 @@ def _bench_rank(rank: int, world_size: int, endpoint: str, cfg: dict) -> dict:
         rec = {"describe": describe, "tensors": len(state),
                "local_bytes": sum(t.numel() * t.element_size() for t in locs)}
         t = time.perf_counter()
-        rec["bare"] = _bare_copy(state, warm, iters, busy)
-        rec["ours"] = _ours(client, state, steps, ours_warm, iters, status, busy)
+        rec["ours"] = _anchor_and_ours(client, state, steps, cfg, status)
         if with_dcp:
             rec["dcp"] = _dcp(state, cfg["tmp"], label, warm, iters, busy)
         rec["wall_s"] = time.perf_counter() - t
@@ -304,8 +329,8 @@ def _summarize(results: list[dict]) -> dict:
         recs = [r["cases"][label] for r in results]
         c = {"describe": r0["describe"], "tensors": r0["tensors"],
              "total_bytes": sum(r["local_bytes"] for r in recs), "wall_s": max(r["wall_s"] for r in recs),
-             "bare_copy_verified": all(r["bare"]["verified"] for r in recs),
-             "bare_copy_ms": _reduce([r["bare"]["copy_ms"] for r in recs]),
+             "bare_copy_verified": all(r["ours"]["verified"] for r in recs),
+             "bare_copy_ms": _reduce([r["ours"]["copy_ms"] for r in recs]),
              "stage_ms": _reduce([r["ours"]["stage_ms"] for r in recs]),
              "wait_copied_ms": _reduce([r["ours"]["copied_ms"] for r in recs]),
              "sealed_ms": _reduce([r["ours"]["sealed_ms"] for r in recs]),
@@ -389,7 +414,9 @@ def _print_report(report: dict) -> None:
                   f"{'n/a' if per is None else f'{per:.4f}'} s/GiB (Status, 10 ms ticks)")
             if d.get("schedstat_seconds_per_gib") is not None:
                 print(f"  daemon CPU (all threads, /proc schedstat): {d['schedstat_seconds'] * 1e3:.2f} ms = "
-                      f"{d['schedstat_seconds_per_gib'] * 1e3:.3f} ms/GiB")
+                      f"{d['schedstat_seconds_per_gib'] * 1e3:.3f} ms/GiB over the rounds; during the staged "
+                      f"steps only {d['schedstat_steps_seconds'] * 1e3:.2f} ms = "
+                      f"{d['schedstat_steps_seconds_per_gib'] * 1e3:.3f} ms/GiB")
             print(f"  daemon shm used "
                   f"{d['memory_used_before'] / 2**20:.0f} -> {d['memory_used_after'] / 2**20:.0f} MiB, "
                   f"sealed {d['sealed_delta']}, failed {d['failed_delta']}")

@@ -29,7 +29,6 @@ from typing import Any, Mapping
 
 import msgpack
 import torch
-import zmq
 
 from stager.protocol import (
     Abort, Begin, BeginReply, Commit, ErrorCode, ErrorReply, Ok, Ping, Pong, Put, RemoteError, Sealed,
@@ -198,11 +197,9 @@ class _Worker:
         self.conn, self.full_world, self.timeout = conn, full_world, timeout
         self.seal_timeout, self.wait_ms, self.transport = seal_timeout, wait_ms, transport
         self.jobs: collections.deque = collections.deque()
-        self._wake_addr = f"inproc://stager-wake-{id(self)}"
-        self._wake_rx = zmq.Context.instance().socket(zmq.PULL)
-        self._wake_rx.bind(self._wake_addr)
-        self._wake_tx = zmq.Context.instance().socket(zmq.PUSH)
-        self._wake_tx.connect(self._wake_addr)
+        # Waking the worker with an Event keeps the GIL in stage(): a socket send would release
+        # it inside stage(), and the woken worker would hold it for a whole switch interval.
+        self._wake = threading.Event()
         self.closing = threading.Event()
         self.layouts = LayoutCache()
         self.copier = CopyEngine()
@@ -221,16 +218,13 @@ class _Worker:
 
     def submit(self, job: _Job) -> None:  # called on the train thread, under the client's lock
         self.jobs.append(job)
-        self._wake_tx.send(b"", flags=zmq.NOBLOCK)
+        self._wake.set()
 
     @staticmethod
     def shutdown(worker: "_Worker", thread: threading.Thread, timeout: float) -> None:
-        worker.closing.set()
         worker.drain_timeout = timeout
-        try:
-            worker._wake_tx.send(b"", flags=zmq.NOBLOCK)
-        except zmq.ZMQError:
-            pass
+        worker.closing.set()
+        worker._wake.set()
         thread.join(timeout + 5.0)
 
     drain_timeout = 0.0
@@ -250,22 +244,20 @@ class _Worker:
         self._close()
 
     def _tick(self) -> None:
-        poller = zmq.Poller()
-        poller.register(self._wake_rx, zmq.POLLIN)
-        poller.register(self.conn.sock, zmq.POLLIN)
-        events = dict(poller.poll(0 if self.jobs else 100))
-        if self._wake_rx in events:
-            while self._wake_rx.poll(0):
-                self._wake_rx.recv()
+        if not self.jobs:
+            if self.pending or self.ping_id is not None:
+                self.conn.sock.poll(2)  # replies due: watch the socket, and the job queue every 2 ms
+            else:
+                self._wake.wait(0.1)
+        self._wake.clear()
         was_connected = self.conn.connected
         if not self.conn.poll_monitor(0) and was_connected and self.pending:
             self._fail_pending(ErrorCode.UNAVAILABLE, "lost the connection to the daemon before the step was sealed")
-        if self.conn.sock in events:
-            while True:
-                reply = self.conn.recv(0)
-                if reply is None:
-                    break
-                self._on_reply(reply)
+        while True:
+            reply = self.conn.recv(0)
+            if reply is None:
+                break
+            self._on_reply(reply)
         if self.jobs:
             self._process(self.jobs.popleft())
         self._maintain()
@@ -278,8 +270,6 @@ class _Worker:
         self.segments.clear()
         self.dst_cache.clear()
         self.conn.close()
-        self._wake_rx.close(linger=0)
-        self._wake_tx.close(linger=0)
 
     # ------------------------------------------------------------------ replies & liveness
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import select
+import shutil
 import signal
 import socket
 import subprocess
@@ -38,11 +40,11 @@ class DaemonProcess:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "stager.cli", "serve", "--json", "--endpoint", self.endpoint, *self.args],
             stdout=subprocess.PIPE, stderr=None, text=True)
-        deadline = time.monotonic() + self.startup_timeout
-        line = self.proc.stdout.readline()
-        if not line or time.monotonic() > deadline:
-            code = self.proc.wait(5)
-            raise RuntimeError(f"stager serve exited ({code}) before it was ready")
+        ready, _, _ = select.select([self.proc.stdout], [], [], self.startup_timeout)
+        line = self.proc.stdout.readline() if ready else ""
+        if not line:
+            self.stop(signal.SIGKILL)
+            raise RuntimeError(f"stager serve was not ready within {self.startup_timeout:.0f}s")
         self.info = json.loads(line)
         return self
 
@@ -63,6 +65,8 @@ class DaemonProcess:
         finally:
             if self.proc.stdout:
                 self.proc.stdout.close()
+            if self._tmp:
+                shutil.rmtree(self._tmp, ignore_errors=True)
 
     def __enter__(self) -> "DaemonProcess":
         return self.start()
