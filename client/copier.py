@@ -9,11 +9,40 @@ no intermediate pinned buffer (and no second host copy) is needed.
 
 from __future__ import annotations
 
+import ctypes
 import logging
 
 import torch
 
 log = logging.getLogger("stager.client")
+
+# glibc's memcpy switches to non-temporal stores for large sizes: measured here 1.6x faster
+# than a one-thread Tensor.copy_ for 512 MiB (39 vs 64 ms). ctypes drops the GIL during the call.
+_memcpy = ctypes.CDLL(None).memcpy
+_memcpy.restype = ctypes.c_void_p
+_memcpy.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t]
+BULK_BYTES = 1 << 20  # below this, one foreach call for all tensors beats a ctypes call each
+
+
+def _raw_copyable(dst: torch.Tensor, src: torch.Tensor) -> bool:
+    """True when src's bytes are exactly dst's bytes: plain, dense, same dtype, no lazy conj/neg."""
+    return (dst.dtype == src.dtype and dst.is_contiguous() and src.is_contiguous()
+            and not src.is_conj() and not src.is_neg() and src.device.type == "cpu")
+
+
+def host_copy(dsts: list[torch.Tensor], srcs: list[torch.Tensor]) -> None:
+    """Copy CPU ``srcs`` into ``dsts``: memcpy for large dense tensors, one foreach call for the rest."""
+    rest_d, rest_s = [], []
+    for dst, src in zip(dsts, srcs):
+        nbytes = dst.numel() * dst.element_size()
+        if nbytes >= BULK_BYTES and _raw_copyable(dst, src):
+            _memcpy(dst.data_ptr(), src.data_ptr(), nbytes)
+        else:
+            rest_d.append(dst)
+            rest_s.append(src)
+    if rest_d:
+        with torch.no_grad():  # parameters require grad; the copies must not enter autograd
+            torch._foreach_copy_(rest_d, rest_s)
 
 
 def cuda_active() -> bool:
@@ -50,10 +79,10 @@ class CopyEngine:
             else:
                 host_dst.append(dst)
                 host_src.append(src)
-        with torch.no_grad():  # parameters require grad; the copies must not enter autograd
-            if host_dst:
-                torch._foreach_copy_(host_dst, host_src)  # one call: no per-tensor Python overhead
-            if device_pairs:
+        if host_dst:
+            host_copy(host_dst, host_src)
+        if device_pairs:
+            with torch.no_grad():
                 return self._copy_device(device_pairs, start_event)
         return None
 

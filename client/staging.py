@@ -210,6 +210,7 @@ class _Worker:
         self.segments: dict[str, torch.Tensor] = {}
         self.dst_cache: dict[tuple[str, str], list] = {}
         self.pending: dict[int, tuple[StageHandle, float]] = {}  # commit request id -> handle, deadline
+        self.upcoming: dict[str, tuple] = {}  # live segments not mapped yet -> (size, give-up time)
         self.ping_id: int | None = None
         self.last_ping = 0.0
         self.conn.on_unsolicited = self._on_reply
@@ -230,6 +231,9 @@ class _Worker:
     drain_timeout = 0.0
 
     def run(self) -> None:
+        # torch.distributed.tensor takes ~1 s to import: do it here, not in the first stage()
+        import torch.distributed.tensor  # noqa: F401  pyflakes: ignore
+
         close_deadline = None
         while True:
             try:
@@ -247,6 +251,8 @@ class _Worker:
         if not self.jobs:
             if self.pending or self.ping_id is not None:
                 self.conn.sock.poll(2)  # replies due: watch the socket, and the job queue every 2 ms
+            elif self.upcoming:
+                self._premap_one()
             else:
                 self._wake.wait(0.1)
         self._wake.clear()
@@ -381,13 +387,34 @@ class _Worker:
             return reply
         raise StagerError(ErrorCode.INTERNAL, "unreachable")
 
+    def _premap_one(self) -> None:
+        """While idle, map and pre-fault one segment the daemon will hand out in a later step, so
+        that step's copy runs at full speed instead of faulting in page tables."""
+        name, (size, deadline) = next(iter(self.upcoming.items()))
+        try:
+            seg = map_segment(name, size, writable=True, populate=True)
+        except (OSError, StagerError):
+            # the daemon is still creating it (the size is set when it is complete): retry soon,
+            # unless it never appears (retired): then the step that needs it maps it
+            if time.monotonic() > deadline:
+                del self.upcoming[name]
+            else:
+                self._wake.wait(0.02)
+            return
+        del self.upcoming[name]
+        self.segments[name] = seg
+        self.copier.register(seg)
+
     def _destinations(self, reply: BeginReply, plan: list, assignment: list) -> list:
         """Views of the segment where each local shard goes (None: a replica another rank writes)."""
+        live = set(reply.live_segments)
+        deadline = time.monotonic() + 30.0
+        self.upcoming = {n: (reply.size, deadline) for n in reply.live_segments if n not in self.segments}
+        self.upcoming.pop(reply.segment, None)
         key = (reply.segment, reply.layout)
         cached = self.dst_cache.get(key)
         if cached is not None:
             return cached
-        live = set(reply.live_segments)
         for name in [n for n in self.segments if n not in live]:  # retired by the daemon
             self.copier.unregister(self.segments.pop(name))
         for k in [k for k in self.dst_cache if k[0] not in live or k[1] != reply.layout]:

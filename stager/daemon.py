@@ -71,7 +71,7 @@ class Daemon:
         self._stop = False
         self._lock_fd = self._take_lock()
         reclaim_stale()
-        self.budget = SegmentBudget(config.memory_limit, self._make_segment)
+        self.budget = SegmentBudget(config.memory_limit, Segment, self._segment_name)
         self.ctx = zmq.Context()
         self.sock = self.ctx.socket(zmq.ROUTER)
         self.sock.setsockopt(zmq.LINGER, 0)
@@ -132,8 +132,8 @@ class Daemon:
         self.sock.curve_secretkey, self.sock.curve_publickey, self.sock.curve_server = secret, public, True
         return auth
 
-    def _make_segment(self, size: int) -> Segment:
-        return Segment(segment_name(os.getpid(), next(self._serial)), size)
+    def _segment_name(self) -> str:
+        return segment_name(os.getpid(), next(self._serial))
 
     # ------------------------------------------------------------------ loop
 

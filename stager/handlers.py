@@ -236,6 +236,7 @@ class StagingState(ReadingHandlers):
                     return
             v.layout_id, v.layout = record.id, record.layout
             self.current = record
+            self.budget.current_layout = record.id
         else:
             record = self._record(v.layout_id)
             for r, d in v.digests.items():
@@ -256,6 +257,8 @@ class StagingState(ReadingHandlers):
                 if now >= v.wait_deadline:
                     self.fail(v, self._memory_message(v.layout.size), ErrorCode.MEMORY_LIMIT)
                 return
+        # steady state rotates keep + 1 segments: create the rest now, off the critical path
+        self.budget.prefill(v.layout_id, v.layout.size, self.keep + 1)
         live = self.budget.live(v.layout_id)
         for rank, pending in v.waiting_begin.items():
             peer = self.peers.get(pending.peer)
@@ -413,7 +416,7 @@ class StagingState(ReadingHandlers):
 
     def _free(self, v: Version, *, reuse: bool) -> None:
         if v.segment is not None:
-            self.budget.give_back(v.segment, reuse=reuse, current_layout=self.current.id if self.current else None)
+            self.budget.give_back(v.segment, reuse=reuse)
             v.segment = None
 
     def _evict(self, v: Version) -> None:
@@ -460,6 +463,7 @@ class StagingState(ReadingHandlers):
         }
 
     def housekeep(self) -> None:
+        self.budget.collect()
         for peer in list(self.peers.values()):
             if not self._alive(peer):
                 self.drop_peer(peer, "process exited" if peer.local else f"silent for {self.peer_timeout:.0f}s")

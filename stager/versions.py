@@ -16,6 +16,9 @@ A failed step's segment is unlinked, never pooled: a slow rank may still be writ
 from __future__ import annotations
 
 import dataclasses
+import logging
+import queue
+import threading
 import time
 from collections import OrderedDict
 from typing import Callable
@@ -23,6 +26,8 @@ from typing import Callable
 from stager.planning import NodeLayout
 from stager.protocol import ErrorCode, StagerError
 from stager.shm import Segment
+
+log = logging.getLogger("stager.daemon")
 
 
 @dataclasses.dataclass(eq=False)
@@ -77,17 +82,81 @@ class Version:
 
 
 class SegmentBudget:
-    """Creates, pools and unlinks segments within ``limit`` bytes."""
+    """Creates, pools and unlinks segments within ``limit`` bytes.
 
-    def __init__(self, limit: int, make: Callable[[int], Segment]):
+    ``prefill`` creates a layout's remaining pool segments on a background thread
+    (``posix_fallocate`` releases the GIL), so steady-state steps never wait for allocation
+    and ranks can map and pre-fault them before they are needed. Pending segments count
+    against the limit from the moment they are requested.
+    """
+
+    def __init__(self, limit: int, make: Callable[[str, int], Segment], new_name: Callable[[], str]):
         self.limit = limit
-        self._make = make
+        self._make, self._new_name = make, new_name
         self.used = 0
+        self.current_layout: str | None = None  # pooled segments of other layouts are dropped
         self.pool: dict[str, list[Segment]] = {}  # layout id -> free segments of that layout
         self.owner: dict[str, tuple[str, Segment]] = {}  # segment name -> (layout id, segment)
+        self.pending: dict[str, tuple[str, int]] = {}  # name -> (layout id, size), being created
+        self._requests: queue.SimpleQueue = queue.SimpleQueue()
+        self._done: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+
+    # -------------------------------------------------------------- background creation
+
+    def _factory(self) -> None:
+        while True:
+            item = self._requests.get()
+            if item is None:
+                return
+            name, size = item
+            try:
+                self._done.put((name, self._make(name, size)))
+            except Exception as exc:  # reported by collect(); the budget is given back there
+                self._done.put((name, exc))
+
+    def prefill(self, layout_id: str, size: int, target: int) -> None:
+        """Have ``target`` segments of ``layout_id`` (pooled, in use or pending), as far as the limit allows."""
+        have = sum(1 for lid, _ in self.owner.values() if lid == layout_id)
+        have += sum(1 for lid, _ in self.pending.values() if lid == layout_id)
+        while have < target and self.used + size <= self.limit:
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._factory, name="stager-segments", daemon=True)
+                self._thread.start()
+            name = self._new_name()
+            self.used += size
+            self.pending[name] = (layout_id, size)
+            self._requests.put((name, size))
+            have += 1
+
+    def collect(self, block_for: str | None = None, timeout: float = 120.0) -> None:
+        """Move finished background segments into the pool; with ``block_for``, wait until none of
+        that layout (or any layout, for ``"*"``) is pending."""
+        while self.pending:
+            waiting = block_for is not None and any(
+                block_for in ("*", lid) for lid, _ in self.pending.values())
+            try:
+                name, result = self._done.get(timeout=timeout) if waiting else self._done.get_nowait()
+            except queue.Empty:
+                return
+            layout_id, size = self.pending.pop(name)
+            if isinstance(result, Exception):
+                self.used -= size
+                log.warning("could not pre-create segment %s: %s", name, result)
+            elif layout_id != self.current_layout:
+                self.owner[name] = (layout_id, result)
+                self.destroy(result)
+            else:
+                self.owner[name] = (layout_id, result)
+                self.pool.setdefault(layout_id, []).append(result)
+
+    # -------------------------------------------------------------- taking and giving back
 
     def take(self, layout_id: str, size: int) -> Segment | None:
         """A segment for ``layout_id``: pooled, or new if it fits; None when over budget."""
+        self.collect()
+        if not self.pool.get(layout_id) and any(lid == layout_id for lid, _ in self.pending.values()):
+            self.collect(block_for=layout_id)  # one is on its way: waiting beats a second allocation
         free = self.pool.get(layout_id)
         if free:
             return free.pop()
@@ -98,17 +167,19 @@ class SegmentBudget:
                 f"{self.limit / 2**20:.1f} MiB; restart the daemon with a larger --memory-limit",
             )
         if self.used + size > self.limit:
+            self.collect(block_for="*")  # pending segments of an old layout free their budget
             self.drop_pool(except_layout=layout_id)
         if self.used + size > self.limit:
             return None
-        seg = self._make(size)
+        name = self._new_name()
+        seg = self._make(name, size)
         self.used += size
         self.owner[seg.name] = (layout_id, seg)
         return seg
 
-    def give_back(self, seg: Segment, *, reuse: bool, current_layout: str | None) -> None:
+    def give_back(self, seg: Segment, *, reuse: bool) -> None:
         layout_id = self.owner.get(seg.name, (None,))[0]
-        if reuse and layout_id is not None and layout_id == current_layout:
+        if reuse and layout_id is not None and layout_id == self.current_layout:
             self.pool.setdefault(layout_id, []).append(seg)
         else:
             self.destroy(seg)
@@ -125,10 +196,17 @@ class SegmentBudget:
                     self.destroy(seg)
 
     def live(self, layout_id: str) -> list[str]:
-        return [name for name, (owner, _) in self.owner.items() if owner == layout_id]
+        """Names of the layout's segments: pooled, in use, and still being created."""
+        return [name for name, (owner, _) in self.owner.items() if owner == layout_id] + [
+            name for name, (owner, _) in self.pending.items() if owner == layout_id]
 
     def close(self) -> None:
-        """Unlink every segment (daemon shutdown)."""
+        """Unlink every segment (daemon shutdown), waiting for those being created."""
+        if self._thread is not None:
+            self._requests.put(None)
+            self.current_layout = None
+            self.collect(block_for="*", timeout=60.0)
+            self._thread.join(60.0)
         for _, seg in list(self.owner.values()):
             self.destroy(seg)
         self.pool.clear()

@@ -55,7 +55,8 @@ def test_rank_killed_mid_step_fails_only_that_step():
         # the failed step's segment was unlinked: what is on /dev/shm is what the daemon accounts for
         files = list_segments(daemon.pid)
         assert sum(os.path.getsize(os.path.join(SHM_DIR, f)) for f in files) == status["memory"]["used"]
-        assert len(files) == 1  # step 1's segment only
+        # keep=2 rotates 3 segments (step 1's, step 2's, one pooled); step 2's was unlinked, not pooled
+        assert len(files) == 2
 
 
 def test_reader_killed_holding_a_lease_releases_it(make_daemon):

@@ -43,3 +43,16 @@ def test_plain_tensor_plan_and_unsupported_subclass():
     with pytest.raises(StagerError) as info:
         LayoutCache().describe({"w": torch.ones(2).as_subclass(Sub)})
     assert "Sub" in info.value.message
+
+
+def test_host_copy_handles_every_kind_of_source():
+    from stager.client.copier import BULK_BYTES, host_copy
+
+    big = torch.randn(BULK_BYTES // 4 + 3)
+    cplx = torch.randn(BULK_BYTES // 8, dtype=torch.complex64)
+    srcs = [big, cplx.conj(), torch.randn(64, 32).t(), torch.nn.Parameter(torch.randn(5)), -torch.ones(3)]
+    dsts = [torch.empty(s.shape, dtype=s.dtype) for s in srcs]
+    host_copy(dsts, srcs)
+    for d, s in zip(dsts, srcs):
+        assert torch.equal(d, s.detach().resolve_conj())
+    assert not dsts[3].requires_grad
