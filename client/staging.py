@@ -38,11 +38,35 @@ from stager.protocol.dtypes import DTYPES
 from stager.shm import map_segment
 
 from .connection import Connection
-from .copier import CopyEngine, cuda_active
+from .copier import CopyEngine, cuda_active, prefault
 from .flatten import LayoutCache, flatten_state_dict
 
 log = logging.getLogger("stager.client")
 PUT_BATCH_BYTES = 64 << 20  # bytes per Put message from a rank on another host: bounds memory on both sides
+PREFAULT_CHUNK = 64 << 20  # bytes of page tables faulted in per idle tick (~20-40 ms here)
+
+
+def write_spans(plan: list, assignment: list) -> list[tuple[int, int]]:
+    """Merged byte ranges of the segment that this rank's assigned shards cover."""
+    spans = []
+    for entry, where in zip(plan, assignment):
+        if where is None or not math.prod(entry[4]):
+            continue
+        block_offset, block_shape, inner = where
+        itemsize = DTYPES[entry[1]].itemsize
+        first = last = 0
+        for dim, extent in enumerate(block_shape):  # row-major linear index of the box's corners
+            first = first * extent + inner[dim]
+            last = last * extent + inner[dim] + entry[4][dim] - 1
+        spans.append((block_offset + first * itemsize, block_offset + (last + 1) * itemsize))
+    spans.sort()
+    merged: list[tuple[int, int]] = []
+    for start, end in spans:
+        if merged and start <= merged[-1][1] + 4096:
+            merged[-1] = (merged[-1][0], max(end, merged[-1][1]))
+        else:
+            merged.append((start, end))
+    return merged
 
 
 class StageHandle:
@@ -210,7 +234,9 @@ class _Worker:
         self.segments: dict[str, torch.Tensor] = {}
         self.dst_cache: dict[tuple[str, str], list] = {}
         self.pending: dict[int, tuple[StageHandle, float]] = {}  # commit request id -> handle, deadline
-        self.upcoming: dict[str, tuple] = {}  # live segments not mapped yet -> (size, give-up time)
+        self.upcoming: dict[str, tuple] = {}  # segments to pre-fault -> (size, give-up time, spans left)
+        self.spans_layout: str | None = None
+        self.spans: list[tuple[int, int]] = []  # byte ranges of a segment this rank writes
         self.ping_id: int | None = None
         self.last_ping = 0.0
         self.conn.on_unsolicited = self._on_reply
@@ -388,29 +414,48 @@ class _Worker:
         raise StagerError(ErrorCode.INTERNAL, "unreachable")
 
     def _premap_one(self) -> None:
-        """While idle, map and pre-fault one segment the daemon will hand out in a later step, so
-        that step's copy runs at full speed instead of faulting in page tables."""
-        name, (size, deadline) = next(iter(self.upcoming.items()))
-        try:
-            seg = map_segment(name, size, writable=True, populate=True)
-        except (OSError, StagerError):
-            # the daemon is still creating it (the size is set when it is complete): retry soon,
-            # unless it never appears (retired): then the step that needs it maps it
-            if time.monotonic() > deadline:
-                del self.upcoming[name]
+        """While idle, map a segment the daemon will hand out in a later step and fault in the page
+        tables of this rank's part of it, so that step's copy runs at full speed. Works in chunks
+        of PREFAULT_CHUNK bytes: a stage() arriving meanwhile waits for one chunk at most."""
+        name, (size, deadline, spans) = next(iter(self.upcoming.items()))
+        seg = self.segments.get(name)
+        if seg is None:
+            try:
+                seg = map_segment(name, size, writable=True)
+            except (OSError, StagerError):
+                # the daemon is still creating it (the size is set when it is complete): retry soon,
+                # unless it never appears (retired): then the step that needs it maps it
+                if time.monotonic() > deadline:
+                    del self.upcoming[name]
+                else:
+                    self._wake.wait(0.02)
+                return
+            self.segments[name] = seg
+            self.copier.register(seg)
+        budget = PREFAULT_CHUNK
+        while spans and budget > 0:
+            start, end = spans[0]
+            stop = min(end, start + budget)
+            if not prefault(seg, start, stop):
+                spans.clear()  # kernel without MADV_POPULATE_WRITE: the copy faults pages in itself
+                break
+            budget -= stop - start
+            if stop == end:
+                spans.pop(0)
             else:
-                self._wake.wait(0.02)
-            return
-        del self.upcoming[name]
-        self.segments[name] = seg
-        self.copier.register(seg)
+                spans[0] = (stop, end)
+        if not spans:
+            del self.upcoming[name]
+            log.debug("segment %s mapped and pre-faulted", name)
 
     def _destinations(self, reply: BeginReply, plan: list, assignment: list) -> list:
         """Views of the segment where each local shard goes (None: a replica another rank writes)."""
         live = set(reply.live_segments)
+        if reply.layout != self.spans_layout:
+            self.spans_layout, self.spans = reply.layout, write_spans(plan, assignment)
         deadline = time.monotonic() + 30.0
-        self.upcoming = {n: (reply.size, deadline) for n in reply.live_segments if n not in self.segments}
-        self.upcoming.pop(reply.segment, None)
+        self.upcoming = {n: (reply.size, deadline, list(self.spans))
+                         for n in reply.live_segments if n not in self.segments and n != reply.segment}
         key = (reply.segment, reply.layout)
         cached = self.dst_cache.get(key)
         if cached is not None:

@@ -111,7 +111,10 @@ class SegmentBudget:
                 return
             name, size = item
             try:
-                self._done.put((name, self._make(name, size)))
+                started = time.monotonic()
+                seg = self._make(name, size)
+                log.debug("created %s (%.0f MiB) in %.0f ms", name, size / 2**20, (time.monotonic() - started) * 1e3)
+                self._done.put((name, seg))
             except Exception as exc:  # reported by collect(); the budget is given back there
                 self._done.put((name, exc))
 

@@ -56,3 +56,11 @@ def test_host_copy_handles_every_kind_of_source():
     for d, s in zip(dsts, srcs):
         assert torch.equal(d, s.detach().resolve_conj())
     assert not dsts[3].requires_grad
+
+
+def test_write_spans_cover_exactly_the_rank_rows():
+    from stager.client.staging import write_spans
+
+    plan = [("w", "f32", (8, 4), (4, 0), (4, 4)), ("b", "f32", (8,), (0,), (8,)), ("t", "f32", (4, 6), (0, 3), (4, 3))]
+    assignment = [[0, [8, 4], [4, 0]], None, [8192, [4, 6], [0, 3]]]
+    assert write_spans(plan, assignment) == [(64, 128), (8192 + 12, 8192 + 96)]
