@@ -32,6 +32,7 @@ from stager.versions import Pending, SegmentBudget, Version, evictable, reclaim_
 log = logging.getLogger("stager.daemon")
 
 Send = Callable[[bytes, Message], None]
+LIVENESS_INTERVAL_S = 1.0
 _PLANS_PER_RANK = 4  # layout digests remembered per rank (a changed layout keeps the old for a while)
 
 
@@ -78,6 +79,7 @@ class StagingState(ReadingHandlers):
         self.leases: dict[int, tuple[bytes, Version]] = {}
         self._lease_ids = itertools.count(1)
         self._layout_ids = itertools.count(1)
+        self._next_liveness = 0.0
         self.counters = {"sealed": 0, "failed": 0, "ingested_bytes": 0, "requests": 0, "errors": 0}
         self.handlers: dict[type, Callable] = {
             Hello: self.on_hello, Begin: self.on_begin, Put: self.on_put, Commit: self.on_commit,
@@ -464,10 +466,12 @@ class StagingState(ReadingHandlers):
 
     def housekeep(self) -> None:
         self.budget.collect()
-        for peer in list(self.peers.values()):
-            if not self._alive(peer):
-                self.drop_peer(peer, "process exited" if peer.local else f"silent for {self.peer_timeout:.0f}s")
         now = time.monotonic()
+        if now >= self._next_liveness:  # reading /proc for every peer: once a second is plenty
+            self._next_liveness = now + LIVENESS_INTERVAL_S
+            for peer in list(self.peers.values()):
+                if not self._alive(peer):
+                    self.drop_peer(peer, "process exited" if peer.local else f"silent for {self.peer_timeout:.0f}s")
         for v in list(self.staging.values()):
             if now - v.started > self.step_timeout:
                 expected = set(range(self.local_world_size or 0))
