@@ -20,7 +20,7 @@ from zmq.utils.monitor import recv_monitor_message
 
 from stager.endpoint import host_id, resolve
 from stager.protocol import (
-    ErrorCode, ErrorReply, Hello, HelloReply, Message, ProtocolError, StagerError, decode,
+    Bye, ErrorCode, ErrorReply, Hello, HelloReply, Message, ProtocolError, StagerError, decode,
 )
 
 log = logging.getLogger("stager.client")
@@ -63,6 +63,7 @@ class Connection:
         self.connected = False
         self.session: str | None = None  # daemon session after hello; None: hello needed
         self._first_connect = True  # only the first hello waits for the socket to connect
+        self.generation = 0
         self.daemon_host: str | None = None
         self.host_id = host_id()
         self._start_time = psutil.Process().create_time()
@@ -83,6 +84,7 @@ class Connection:
         self._monitor = sock.get_monitor_socket(_CONNECTED | _DISCONNECTED)
         sock.connect(self.endpoint)
         self.sock, self.connected, self.session = sock, False, None
+        self.generation += 1  # requests sent on an earlier socket can never be answered
 
     def reset(self) -> None:
         """Drop the socket and everything queued on it; the next request says hello again."""
@@ -90,6 +92,16 @@ class Connection:
         self._open()
 
     def close(self) -> None:
+        """Say bye (so the daemon ends this peer's leases at once) and close the socket."""
+        if self.sock is not None and self.session is not None and self.connected:
+            try:
+                self.sock.send_multipart(Bye(id=0).encode(), flags=zmq.NOBLOCK)
+                self.sock.close(linger=200)  # let the bye leave; never longer
+                self._monitor.close(linger=0)
+                self.sock = self._monitor = None
+                return
+            except zmq.ZMQError:
+                pass
         if self.sock is not None:
             try:
                 self.sock.disable_monitor()

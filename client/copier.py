@@ -65,17 +65,24 @@ def cuda_active() -> bool:
 
 
 class CopyEngine:
-    """Issues the copies of one rank; owns the side stream and the host registrations."""
+    """Issues the copies of one rank; owns the side streams and the host registrations.
+
+    Runs on the client's worker thread, whose current CUDA device is not the trainer's: every
+    CUDA call here names its device explicitly (one side stream per source device).
+    """
 
     def __init__(self) -> None:
-        self._stream = None
+        self._streams: dict[int, object] = {}  # device index -> side stream
         self._registered: dict[int, int] = {}  # data_ptr -> nbytes registered with CUDA
+        self.device: int | None = None  # the trainer's device (set by the client at stage())
 
     def register(self, host: torch.Tensor) -> None:
         """Page-lock a segment mapping once so D2H copies into it run asynchronously."""
-        if not cuda_active() or host.data_ptr() in self._registered:
+        if self.device is None or not cuda_active() or host.data_ptr() in self._registered:
             return
-        rc = torch.cuda.cudart().cudaHostRegister(host.data_ptr(), host.numel(), 0)
+        with torch.cuda.device(self.device):
+            # cudaHostRegisterPortable (1): pinned for every device, not only the current one
+            rc = torch.cuda.cudart().cudaHostRegister(host.data_ptr(), host.numel(), 1)
         if int(rc) != 0:
             log.warning("cudaHostRegister failed (%s); device copies into this segment will be synchronous", rc)
             return
@@ -83,39 +90,45 @@ class CopyEngine:
 
     def unregister(self, host: torch.Tensor) -> None:
         if self._registered.pop(host.data_ptr(), None) is not None:
-            torch.cuda.cudart().cudaHostUnregister(host.data_ptr())
+            with torch.cuda.device(self.device):
+                torch.cuda.cudart().cudaHostUnregister(host.data_ptr())
 
-    def copy(self, pairs: list[tuple[torch.Tensor, torch.Tensor]], start_event) -> object | None:
-        """Copy every ``(dst, src)``; returns a CUDA event that completes with the device copies (or None)."""
-        host_dst, host_src, device_pairs = [], [], []
+    def copy(self, pairs: list[tuple[torch.Tensor, torch.Tensor]], start_event) -> list:
+        """Copy every ``(dst, src)``; returns the CUDA events that complete with the device copies."""
+        host_dst, host_src, by_device = [], [], {}
         for dst, src in pairs:
             if src.is_cuda:
-                device_pairs.append((dst, src))
+                by_device.setdefault(src.device.index, []).append((dst, src))
             else:
                 host_dst.append(dst)
                 host_src.append(src)
         if host_dst:
             host_copy(host_dst, host_src)
-        if device_pairs:
-            with torch.no_grad():
-                return self._copy_device(device_pairs, start_event)
-        return None
+        events = []
+        with torch.no_grad():
+            for index, device_pairs in by_device.items():
+                events.append(self._copy_device(index, device_pairs, start_event))
+        return events
 
-    def _copy_device(self, device_pairs: list, start_event) -> object:
-        if self._stream is None:
-            self._stream = torch.cuda.Stream()
-        stream = self._stream
-        with torch.cuda.stream(stream):
-            if start_event is not None:
-                stream.wait_event(start_event)  # the values as of stage(), not earlier
-            for dst, src in device_pairs:
-                dst.copy_(src, non_blocking=True)
-                src.record_stream(stream)  # the allocator must not reuse src before the copy ran
-            done = torch.cuda.Event()
-            done.record(stream)
+    def _copy_device(self, index: int, device_pairs: list, start_event) -> object:
+        with torch.cuda.device(index):
+            stream = self._streams.get(index)
+            if stream is None:
+                stream = self._streams[index] = torch.cuda.Stream(device=index)
+            with torch.cuda.stream(stream):
+                if start_event is not None and start_event.device.index == index:
+                    stream.wait_event(start_event)  # the values as of stage(), not earlier
+                else:  # tensors on another device than the trainer's: order after its current work
+                    stream.wait_stream(torch.cuda.current_stream(index))
+                for dst, src in device_pairs:
+                    dst.copy_(src, non_blocking=True)
+                    src.record_stream(stream)  # the allocator must not reuse src before the copy ran
+                done = torch.cuda.Event()
+                done.record(stream)
         return done
 
     def close(self) -> None:
         for ptr in list(self._registered):
-            torch.cuda.cudart().cudaHostUnregister(ptr)
+            with torch.cuda.device(self.device):
+                torch.cuda.cudart().cudaHostUnregister(ptr)
         self._registered.clear()

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import collections
 import ctypes
-import hashlib
+import importlib
 import logging
 import math
 import os
@@ -27,7 +27,6 @@ import time
 import weakref
 from typing import Any, Mapping
 
-import msgpack
 import torch
 
 from stager.protocol import (
@@ -35,6 +34,7 @@ from stager.protocol import (
     StagerError,
 )
 from stager.protocol.dtypes import DTYPES
+from stager.planning import plan_digest
 from stager.shm import map_segment
 
 from .connection import Connection
@@ -44,6 +44,8 @@ from .flatten import LayoutCache, flatten_state_dict
 log = logging.getLogger("stager.client")
 PUT_BATCH_BYTES = 64 << 20  # bytes per Put message from a rank on another host: bounds memory on both sides
 PREFAULT_CHUNK = 64 << 20  # bytes of page tables faulted in per idle tick (~20-40 ms here)
+KEEPALIVE_S = 5.0  # idle ping interval; the daemon drops remote peers silent for --peer-timeout (30 s)
+PING_TIMEOUT_S = 5.0  # a ping unanswered this long: the daemon is gone or hung
 
 
 def write_spans(plan: list, assignment: list) -> list[tuple[int, int]]:
@@ -79,7 +81,7 @@ class StageHandle:
         self._strict = strict
         self._copied = threading.Event()
         self._done = threading.Event()
-        self._cuda_event = None
+        self._cuda_events: list = []
         self._copied_ok = False
 
     def wait_copied(self, timeout: float | None = None) -> bool:
@@ -88,8 +90,8 @@ class StageHandle:
         so the host returns as soon as the copies are queued."""
         if not self._copied.wait(timeout):
             raise StagerError(ErrorCode.TIMEOUT, f"step {self.step}: not copied within {timeout}s")
-        if self._cuda_event is not None:
-            torch.cuda.current_stream().wait_event(self._cuda_event)
+        for event in self._cuda_events:  # the trainer's stream waits for the copies, the host does not
+            torch.cuda.current_stream(event.device).wait_event(event)
         if self._copied_ok:
             return True  # a seal that fails later does not matter to the live tensors
         if self._strict:
@@ -194,6 +196,7 @@ class StagingClient:
             return handle
         start_event = None
         if cuda_active():
+            self._worker.copier.device = torch.cuda.current_device()
             start_event = torch.cuda.Event()
             start_event.record()
         with self._lock:
@@ -233,7 +236,9 @@ class _Worker:
         self.assignments: dict[tuple[str, str], list] = {}
         self.segments: dict[str, torch.Tensor] = {}
         self.dst_cache: dict[tuple[str, str], list] = {}
-        self.pending: dict[int, tuple[StageHandle, float]] = {}  # commit request id -> handle, deadline
+        self.pending: dict[int, tuple] = {}  # commit request id -> (handle, deadline, connection generation)
+        self.generation = self.conn.generation
+        self.put_buffers: list = []  # host copies behind the latest Put frames (see _send_put)
         self.upcoming: dict[str, tuple] = {}  # segments to pre-fault -> (size, give-up time, spans left)
         self.spans_layout: str | None = None
         self.spans: list[tuple[int, int]] = []  # byte ranges of a segment this rank writes
@@ -257,9 +262,10 @@ class _Worker:
     drain_timeout = 0.0
 
     def run(self) -> None:
-        # torch.distributed.tensor takes ~1 s to import: do it here, not in the first stage()
-        import torch.distributed.tensor  # noqa: F401  pyflakes: ignore
-
+        try:  # torch.distributed.tensor takes ~1 s to import: here, not in the first stage()
+            importlib.import_module("torch.distributed.tensor")
+        except Exception:  # a torch without distributed: plain tensors still work
+            pass
         close_deadline = None
         while True:
             try:
@@ -314,6 +320,8 @@ class _Worker:
                               "partial": reply.partial})
             elif isinstance(reply, ErrorReply):
                 self._report(handle, reply.to_exception())
+            else:
+                self._report(handle, StagerError(ErrorCode.BAD_MESSAGE, f"unexpected {reply.TYPE} reply to commit"))
             return
         if isinstance(reply, Pong) and reply.id == self.ping_id:
             self.ping_id = None
@@ -323,22 +331,35 @@ class _Worker:
 
     def _fail_pending(self, code: ErrorCode, message: str) -> None:
         pending, self.pending = self.pending, {}
-        for handle, _ in pending.values():
+        for handle, _, _ in pending.values():
             self._report(handle, StagerError(code, f"step {handle.step}: {message}"))
 
     def _maintain(self) -> None:
         now = time.monotonic()
-        for rid, (handle, deadline) in list(self.pending.items()):
+        if self.conn.generation != self.generation:  # the socket was reset: its requests are lost
+            self.generation = self.conn.generation
+            self.ping_id = None
+            for rid, (handle, _, gen) in list(self.pending.items()):
+                if gen != self.generation:
+                    del self.pending[rid]
+                    self._report(handle, StagerError(ErrorCode.UNAVAILABLE, f"step {handle.step}: the connection "
+                                                     "to the daemon was reset before the step was sealed"))
+        for rid, (handle, deadline, _) in list(self.pending.items()):
             if now >= deadline:
                 del self.pending[rid]
                 self._report(handle, StagerError(ErrorCode.TIMEOUT, f"step {handle.step} not sealed within "
                                                  f"{self.seal_timeout:.0f}s"))
-        if self.pending and now - self.last_ping > 1.0 and self.conn.connected:
-            if self.ping_id is not None:  # the last ping went unanswered for a second
+        # ping every second while a seal is due (a restarted daemon shows a new session), and every
+        # KEEPALIVE_S when idle so a daemon on another host does not take this rank for dead
+        interval = 1.0 if self.pending else KEEPALIVE_S
+        if self.conn.session is not None and self.conn.connected and now - self.last_ping > interval:
+            if self.ping_id is not None and now - self.last_ping > PING_TIMEOUT_S:
                 self.conn.reset()
                 self._fail_pending(ErrorCode.UNAVAILABLE, "the daemon stopped answering")
                 self.ping_id = None
                 return
+            if self.ping_id is not None:
+                return  # still waiting for the last one
             try:
                 self.ping_id = self.conn.send(Ping())
             except StagerError:
@@ -359,7 +380,7 @@ class _Worker:
             plan, locals_ = self.layouts.describe(tensors)
             if plan != self.last_plan:
                 self.last_plan = plan
-                self.digest = hashlib.blake2b(msgpack.packb(plan), digest_size=16).hexdigest()
+                self.digest = plan_digest(plan)
             if self.conn.session is None:
                 self.conn.hello(self.timeout)
             shm = self.transport == "shm" or (self.transport == "auto" and self.conn.same_host)
@@ -373,16 +394,16 @@ class _Worker:
                 raise StagerError(ErrorCode.INTERNAL, f"no assignment for layout {reply.layout}")
             if shm:
                 dsts = self._destinations(reply, plan, assignment)
-                done = self.copier.copy([(d, s) for d, s in zip(dsts, locals_) if d is not None], job.start_event)
-                handle._cuda_event = done
+                events = self.copier.copy([(d, s) for d, s in zip(dsts, locals_) if d is not None], job.start_event)
+                handle._cuda_events = events
                 handle._set_copied()
-                if done is not None:
-                    done.synchronize()  # bytes must be in the segment before the commit
+                for event in events:
+                    event.synchronize()  # bytes must be in the segment before the commit
             else:
                 self._put(job.step, plan, assignment, locals_)
                 handle._set_copied()
             rid = self.conn.send(Commit(step=job.step, objects=objects, model_info=job.model_info))
-            self.pending[rid] = (handle, time.monotonic() + self.seal_timeout)
+            self.pending[rid] = (handle, time.monotonic() + self.seal_timeout, self.conn.generation)
         except Exception as exc:
             error = exc if isinstance(exc, StagerError) else StagerError(
                 ErrorCode.INTERNAL, f"staging step {job.step} failed: {exc.__class__.__name__}: {exc}")
@@ -405,6 +426,9 @@ class _Worker:
                 reply = self.conn.request(msg, self.timeout + self.wait_ms / 1000)
             except RemoteError as exc:
                 if exc.code == ErrorCode.PLAN_REQUIRED and attempt == 0:
+                    continue
+                if exc.code == ErrorCode.NOT_REGISTERED and attempt == 0:
+                    self.conn.hello(self.timeout)  # the daemon dropped us (restart, silence): register again
                     continue
                 raise
             self.plans_sent.add((self.conn.session, self.digest))
@@ -485,7 +509,7 @@ class _Worker:
     def _put(self, step: int, plan: list, assignment: list, locals_: list) -> None:
         """Send this rank's regions as frames (a daemon on another host), in bounded batches."""
         batch_idx, batch_frames, batch_bytes = [], [], 0
-        keep_alive = []
+        keep_alive: list = []
         for index, (where, local) in enumerate(zip(assignment, locals_)):
             if where is None:
                 continue
@@ -497,12 +521,16 @@ class _Worker:
             batch_frames.append(frame)
             batch_bytes += nbytes
             if batch_bytes >= PUT_BATCH_BYTES:
-                self._send_put(step, batch_idx, batch_frames)
+                self._send_put(step, batch_idx, batch_frames, keep_alive)
                 batch_idx, batch_frames, batch_bytes, keep_alive = [], [], 0, []
         if batch_idx:
-            self._send_put(step, batch_idx, batch_frames)
+            self._send_put(step, batch_idx, batch_frames, keep_alive)
 
-    def _send_put(self, step: int, regions: list, frames: list) -> None:
+    def _send_put(self, step: int, regions: list, frames: list, buffers: list) -> None:
+        # frames point into ``buffers`` without owning them; a socket reset closes asynchronously,
+        # so the last batch's buffers stay referenced until the next batch was acknowledged
+        self.put_buffers.append(buffers)
         reply = self.conn.request(Put(step=step, regions=regions, frames=frames), self.timeout)
+        del self.put_buffers[:-1]
         if not isinstance(reply, Ok):
             raise StagerError(ErrorCode.BAD_MESSAGE, f"unexpected {reply.TYPE} reply to put")

@@ -104,6 +104,7 @@ class Subscriber:
         self.timeout = timeout
         self._conn = Connection(endpoint, role="reader")
         self._segments: dict[str, torch.Tensor] = {}
+        self._leases: set[int] = set()
         self._finalizer = weakref.finalize(self, Connection.close, self._conn)
 
     def latest(self, view: str = "native", *, allow_partial: bool = False) -> Snapshot:
@@ -133,15 +134,20 @@ class Subscriber:
         if len(self._segments) > 8:  # old versions' segments: keep the mapping count bounded
             for name in list(self._segments)[:-8]:
                 del self._segments[name]
+        self._leases.add(reply.lease)
         return Snapshot(self, reply, seg)
 
     def _release(self, lease: int) -> None:
+        self._leases.discard(lease)
         try:
             self._conn.request(Release(lease=lease), self.timeout)
         except StagerError as exc:
             log.warning("release of lease %d failed: %s", lease, exc)
 
     def close(self) -> None:
+        """Release the leases still held, then disconnect (the daemon also ends them on bye)."""
+        for lease in list(self._leases):
+            self._release(lease)
         self._segments.clear()
         self._finalizer()
 

@@ -14,6 +14,7 @@ from .messages import (
     AcquireReply,
     Begin,
     BeginReply,
+    Bye,
     Commit,
     ErrorReply,
     Hello,
@@ -33,6 +34,6 @@ from .messages import (
 __all__ = [
     "PROTOCOL_VERSION", "DTYPES", "dtype_name", "dtype_from_name", "decode", "Message",
     "ErrorCode", "StagerError", "ProtocolError", "RemoteError",
-    "Hello", "HelloReply", "Begin", "BeginReply", "Put", "Commit", "Sealed", "Abort",
+    "Hello", "HelloReply", "Bye", "Begin", "BeginReply", "Put", "Commit", "Sealed", "Abort",
     "Acquire", "AcquireReply", "Release", "Status", "StatusReply", "Ping", "Pong", "Ok", "ErrorReply",
 ]

@@ -28,6 +28,8 @@ import msgpack
 from .errors import ErrorCode, ProtocolError, RemoteError
 
 PROTOCOL_VERSION = 1
+MAX_LOCAL_WORLD = 4096  # ranks staging to one daemon
+MAX_WORLD = 1 << 24
 
 _REGISTRY: dict[str, type["Message"]] = {}
 _NONE = type(None)
@@ -87,6 +89,16 @@ def decode(frames: Sequence) -> Message:
         ) from None
     if not isinstance(header, dict):
         raise ProtocolError(ErrorCode.BAD_MESSAGE, "header frame must be a msgpack map")
+    rid = header.get("id")
+    try:
+        return _parse(header, frames)
+    except ProtocolError as exc:
+        if isinstance(rid, int) and not isinstance(rid, bool):
+            exc.request_id = rid  # so the error reply still reaches the request's waiter
+        raise
+
+
+def _parse(header: dict, frames: Sequence) -> Message:
     version = header.get("v")
     if version != PROTOCOL_VERSION:
         raise ProtocolError(
@@ -102,11 +114,7 @@ def decode(frames: Sequence) -> Message:
     rid, body = header.get("id"), header.get("b")
     if not isinstance(rid, int) or isinstance(rid, bool) or not isinstance(body, dict):
         raise ProtocolError(ErrorCode.BAD_MESSAGE, f"{cls.TYPE}: header needs an int 'id' and a map 'b'")
-    try:
-        return _build(cls, rid, body, frames)
-    except ProtocolError as exc:
-        exc.request_id = rid  # so the error reply still reaches the request's waiter
-        raise
+    return _build(cls, rid, body, frames)
 
 
 def _build(cls: type[Message], rid: int, body: dict, frames: Sequence) -> Message:
@@ -164,6 +172,9 @@ class Hello(Message):
         if self.role not in ("trainer", "reader", "admin"):
             raise ProtocolError(ErrorCode.BAD_MESSAGE, f"hello: role must be trainer, reader or admin, not {self.role!r}")
         _nonneg(self, "rank", "pid")
+        if self.local_world_size > MAX_LOCAL_WORLD or self.world_size > MAX_WORLD:
+            raise ProtocolError(
+                ErrorCode.BAD_MESSAGE, f"hello: at most {MAX_LOCAL_WORLD} ranks per node and {MAX_WORLD} in a job")
         if self.local_world_size < 1 or self.world_size < self.local_world_size:
             raise ProtocolError(
                 ErrorCode.BAD_MESSAGE, "hello: need 1 <= local_world_size <= world_size"
@@ -257,6 +268,14 @@ class Release(Message):
     TYPE: ClassVar[str] = "release"
     SCHEMA: ClassVar = {"lease": (int,)}
     lease: int = 0
+
+
+@_register
+@dataclasses.dataclass(kw_only=True, repr=False)
+class Bye(Message):
+    """The peer is leaving: the daemon ends its leases (a trainer's steps in flight fail)."""
+
+    TYPE: ClassVar[str] = "bye"
 
 
 @_register

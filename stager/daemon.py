@@ -133,7 +133,7 @@ class Daemon:
         return auth
 
     def _segment_name(self) -> str:
-        return segment_name(os.getpid(), next(self._serial))
+        return segment_name(os.getpid(), self.session, next(self._serial))
 
     # ------------------------------------------------------------------ loop
 
@@ -187,6 +187,8 @@ class Daemon:
         try:
             while not self._stop:
                 timeout_ms = max(0, int((next_housekeeping - time.monotonic()) * 1000))
+                if self.budget.pending:  # a step may be waiting for a segment being created
+                    timeout_ms = min(timeout_ms, 5)
                 try:
                     events = dict(poller.poll(timeout_ms))
                 except zmq.ZMQError as exc:  # EINTR from a signal: loop and check _stop
@@ -200,6 +202,8 @@ class Daemon:
                         except zmq.Again:
                             break
                         self._on_frames(frames)
+                if self.budget.pending:
+                    self.state.collect_segments()
                 if time.monotonic() >= next_housekeeping:
                     try:
                         self.state.housekeep()

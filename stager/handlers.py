@@ -20,19 +20,20 @@ import psutil
 import torch
 
 from stager.reading import ReadingHandlers
-from stager.planning import NodeLayout, PlanEntry, assignment_to_wire, build_layout, parse_plan
+from stager.planning import NodeLayout, PlanEntry, assignment_to_wire, build_layout, parse_plan, plan_digest
 from stager.protocol import (
-    Abort, Acquire, Begin, BeginReply, Commit, ErrorCode, ErrorReply, Hello,
+    Abort, Acquire, Begin, BeginReply, Bye, Commit, ErrorCode, ErrorReply, Hello,
     HelloReply, Message, Ok, Ping, Pong, ProtocolError, Put, Release, Sealed, StagerError, Status,
     StatusReply,
 )
 from stager.protocol.dtypes import dtype_from_name
-from stager.versions import Pending, SegmentBudget, Version, evictable, reclaim_candidates
+from stager.versions import PENDING, Pending, SegmentBudget, Version, evictable, reclaim_candidates
 
 log = logging.getLogger("stager.daemon")
 
 Send = Callable[[bytes, Message], None]
 LIVENESS_INTERVAL_S = 1.0
+MAX_IN_FLIGHT = 8  # steps staging at once: more means the ranks never finish what they begin
 _PLANS_PER_RANK = 4  # layout digests remembered per rank (a changed layout keeps the old for a while)
 
 
@@ -43,6 +44,7 @@ class Peer:
     rank: int
     pid: int
     start_time: float
+    host_id: str
     local: bool
     last_seen: float
     leases: set[int] = dataclasses.field(default_factory=set)
@@ -55,6 +57,7 @@ class LayoutRecord:
     layout: NodeLayout
     digests: dict[int, str]  # rank -> plan digest this layout was built from
     wire_tensors: list  # the tensor table readers receive, encoded once
+    full_world: bool
 
 
 class StagingState(ReadingHandlers):
@@ -74,7 +77,7 @@ class StagingState(ReadingHandlers):
         self.current: LayoutRecord | None = None
         self.staging: dict[int, Version] = {}
         self.sealed: OrderedDict[int, Version] = OrderedDict()
-        self.orphans: dict[int, Version] = {}  # leased versions of an abandoned timeline (job rolled back)
+        self.orphans: set[Version] = set()  # leased versions of an abandoned timeline (job rolled back)
         self.failed: OrderedDict[int, str] = OrderedDict()  # step -> reason, the last 32
         self.leases: dict[int, tuple[bytes, Version]] = {}
         self._lease_ids = itertools.count(1)
@@ -84,7 +87,7 @@ class StagingState(ReadingHandlers):
         self.handlers: dict[type, Callable] = {
             Hello: self.on_hello, Begin: self.on_begin, Put: self.on_put, Commit: self.on_commit,
             Abort: self.on_abort, Acquire: self.on_acquire, Release: self.on_release,
-            Status: self.on_status, Ping: self.on_ping,
+            Status: self.on_status, Ping: self.on_ping, Bye: self.on_bye,
         }
 
     # ------------------------------------------------------------------ dispatch
@@ -124,33 +127,49 @@ class StagingState(ReadingHandlers):
 
     def on_hello(self, identity: bytes, msg: Hello) -> Message:
         local = msg.host_id == self.host_id
+        existing = self.peers.get(identity)
+        if existing is not None and (existing.role, existing.rank) != (msg.role, msg.rank):
+            self.drop_peer(existing, "registered again under another role or rank")
+            existing = None
         if msg.role == "trainer":
             holder = self.ranks.get(msg.rank)
-            if holder is not None and holder != identity:
-                old = self.peers[holder]
-                if self._alive(old) and (old.pid != msg.pid or not local):
+            old = self.peers.get(holder) if holder not in (None, identity) else None
+            if holder is not None and holder != identity and old is None:
+                del self.ranks[msg.rank]  # defensive: a slot whose peer is gone is free
+            if old is not None:
+                same_process = (old.host_id, old.pid) == (msg.host_id, msg.pid) and abs(
+                    old.start_time - msg.start_time) < 0.5
+                if self._alive(old) and not same_process:
                     raise StagerError(
                         ErrorCode.RANK_CONFLICT,
                         f"local rank {msg.rank} is already staged by live pid {old.pid}; give each rank of a "
                         "node its own LOCAL_RANK, or run one daemon per job (--endpoint)",
                     )
-                self.drop_peer(old, f"rank {msg.rank} reconnected")
-            live = [r for r, i in self.ranks.items() if i != identity]
+            live = [r for r, i in self.ranks.items() if i not in (identity, holder)]
             if live and msg.local_world_size != self.local_world_size:
                 raise StagerError(
                     ErrorCode.RANK_CONFLICT,
                     f"rank {msg.rank} says the node has {msg.local_world_size} ranks but connected ranks said "
                     f"{self.local_world_size}; all ranks of a node must agree (LOCAL_WORLD_SIZE)",
                 )
+            if old is not None:
+                self.drop_peer(old, f"rank {msg.rank} reconnected")
             if not live:
-                self.epoch += 1  # a new job (or the same job restarted): a new timeline of steps
+                # a new job (or the same job restarted): a new timeline of steps, layouts planned anew
+                self.epoch += 1
                 self.local_world_size = msg.local_world_size
+                self.current = None
             self.ranks[msg.rank] = identity
-        old_peer = self.peers.get(identity)
-        self.peers[identity] = Peer(identity, msg.role, msg.rank, msg.pid, float(msg.start_time), local,
-                                    time.monotonic(), leases=old_peer.leases if old_peer else set())
+        self.peers[identity] = Peer(identity, msg.role, msg.rank, msg.pid, float(msg.start_time), msg.host_id,
+                                    local, time.monotonic(), leases=existing.leases if existing else set())
         log.info("%s %d connected (pid %d, %s)", msg.role, msg.rank, msg.pid, "local" if local else "remote")
         return HelloReply(session=self.session, host_id=self.host_id, daemon_pid=os.getpid())
+
+    def on_bye(self, identity: bytes, msg: Bye) -> Message:
+        peer = self.peers.get(identity)
+        if peer is not None:
+            self.drop_peer(peer, "said bye")
+        return Ok()
 
     def drop_peer(self, peer: Peer, reason: str) -> None:
         self.peers.pop(peer.identity, None)
@@ -159,7 +178,8 @@ class StagingState(ReadingHandlers):
         if peer.role == "trainer" and self.ranks.get(peer.rank) == peer.identity:
             del self.ranks[peer.rank]
             for v in list(self.staging.values()):
-                self.fail(v, f"rank {peer.rank} (pid {peer.pid}) left during step {v.step}: {reason}")
+                if peer.rank not in v.committed:  # what it committed is complete; the rest never will be
+                    self.fail(v, f"rank {peer.rank} (pid {peer.pid}) left during step {v.step}: {reason}")
         log.info("%s %d (pid %d) dropped: %s", peer.role, peer.rank, peer.pid, reason)
 
     # ------------------------------------------------------------------ staging
@@ -176,6 +196,9 @@ class StagingState(ReadingHandlers):
         peer = self._peer(identity, "trainer")
         rank, step = peer.rank, msg.step
         if msg.plan is not None:
+            if plan_digest(msg.plan) != msg.digest:
+                raise StagerError(ErrorCode.BAD_PLAN, f"rank {rank}: the plan does not match its digest "
+                                                      f"{msg.digest[:12]}; digest = blake2b-128 of the msgpack plan")
             self._remember_plan(rank, msg.digest, parse_plan(rank, msg.plan))
         elif (rank, msg.digest) not in self.plans:
             raise StagerError(
@@ -190,17 +213,23 @@ class StagingState(ReadingHandlers):
                 ErrorCode.STALE_STEP,
                 f"step {step} is not newer than sealed step {newest}; stage increasing step numbers",
             )
-        self._retire_abandoned(step)
         v = self.staging.get(step)
+        if v is None and len(self.staging) >= MAX_IN_FLIGHT:
+            raise StagerError(
+                ErrorCode.MEMORY_LIMIT,
+                f"{len(self.staging)} steps are still staging ({sorted(self.staging)}); wait for earlier stages "
+                "(handle.wait()) before staging more, or find the rank that does not commit")
+        self._retire_abandoned(step)
         if v is None:
-            v = self.staging[step] = Version(step, self.epoch)
+            v = self.staging[step] = Version(step, self.epoch, full_world=msg.full_world)
         if rank in v.digests:
             raise StagerError(ErrorCode.BAD_MESSAGE, f"rank {rank} already began step {step}")
         v.digests[rank] = msg.digest
+        v.entries[rank] = self.plans[(rank, msg.digest)]
         if msg.shm:
             v.shm_ranks.add(rank)
         v.full_world = v.full_world and msg.full_world
-        v.wait_ms = max(v.wait_ms, msg.wait_ms)
+        v.wait_ms = max(v.wait_ms, min(msg.wait_ms, int(self.step_timeout * 1000)))
         v.waiting_begin[rank] = Pending(identity, msg.id)
         self._advance(v)
         return None
@@ -218,7 +247,7 @@ class StagingState(ReadingHandlers):
             if v.epoch != self.epoch and s >= step:
                 del self.sealed[s]
                 if v.leases:
-                    self.orphans[s] = v
+                    self.orphans.add(v)
                 else:
                     self._free(v, reuse=True)
 
@@ -226,39 +255,53 @@ class StagingState(ReadingHandlers):
         """Fix the step's layout once possible, then its segment, then answer waiting begins."""
         if v.state != "staging":
             return
-        if v.layout is None:
+        try:
+            self._advance_unsafe(v)
+        except Exception as exc:  # never leave a step half-registered with begins unanswered
+            log.exception("step %d: internal error", v.step)
+            self.fail(v, f"internal error ({exc.__class__.__name__}: {exc}); please report it",
+                      ErrorCode.INTERNAL)
+
+    def _advance_unsafe(self, v: Version) -> None:
+        if v.record is None:
             record = self.current
-            if record is None or any(record.digests.get(r) != d for r, d in v.digests.items()):
-                if len(v.digests) < (self.local_world_size or 0):
+            expected = set(range(self.local_world_size or 0))
+            reusable = (record is not None and set(record.digests) == expected
+                        and record.full_world == v.full_world
+                        and all(record.digests.get(r) == d for r, d in v.digests.items()))
+            if not reusable:
+                if len(v.digests) < len(expected):
                     return  # a new layout needs every rank's plan
                 try:
                     record = self._layout_for(v)
                 except ProtocolError as exc:
                     self.fail(v, exc.message, ErrorCode.BAD_PLAN)
                     return
-            v.layout_id, v.layout = record.id, record.layout
+            v.record, v.layout_id, v.layout = record, record.id, record.layout
             self.current = record
             self.budget.current_layout = record.id
-        else:
-            record = self._record(v.layout_id)
-            for r, d in v.digests.items():
-                if record.digests.get(r) != d:
-                    self.fail(v, f"rank {r} changed its state-dict layout at step {v.step} while other ranks did "
-                                 "not; every rank must stage the same keys and shapes", ErrorCode.BAD_PLAN)
-                    return
+        record = v.record
+        for r, d in v.digests.items():
+            if record.digests.get(r) != d:
+                self.fail(v, f"rank {r} changed its state-dict layout at step {v.step} while other ranks did "
+                             "not; every rank must stage the same keys and shapes", ErrorCode.BAD_PLAN)
+                return
         if v.segment is None:
             try:
-                v.segment = self._take_segment(v.layout_id, v.layout.size)
+                segment = self._take_segment(v.layout_id, v.layout.size)
             except StagerError as exc:
                 self.fail(v, exc.message, exc.code)
                 return
-            if v.segment is None:
+            if segment is PENDING:
+                return  # being created in the background: retried when it is ready
+            if segment is None:
                 now = time.monotonic()
                 if v.wait_deadline is None:
                     v.wait_deadline = now + v.wait_ms / 1000
                 if now >= v.wait_deadline:
                     self.fail(v, self._memory_message(v.layout.size), ErrorCode.MEMORY_LIMIT)
                 return
+            v.segment = segment
         # steady state rotates keep + 1 segments: create the rest now, off the critical path
         self.budget.prefill(v.layout_id, v.layout.size, self.keep + 1)
         live = self.budget.live(v.layout_id)
@@ -273,9 +316,6 @@ class StagingState(ReadingHandlers):
                 live_segments=live))
         v.waiting_begin.clear()
 
-    def _record(self, layout_id: str) -> LayoutRecord:
-        return next(r for r in self.layouts.values() if r.id == layout_id)
-
     def _layout_for(self, v: Version) -> LayoutRecord:
         key = (tuple(sorted(v.digests.items())), v.full_world)
         record = self.layouts.get(key)
@@ -283,7 +323,7 @@ class StagingState(ReadingHandlers):
             plans = {r: self.plans[(r, d)] for r, d in v.digests.items()}
             layout = build_layout(plans, full_world=v.full_world)
             record = LayoutRecord(f"L{next(self._layout_ids)}", layout, dict(v.digests),
-                                  [t.to_wire() for t in layout.tensors])
+                                  [t.to_wire() for t in layout.tensors], v.full_world)
             while len(self.layouts) >= 8:  # old layouts: forget their records (their versions keep refs)
                 self.layouts.pop(next(iter(self.layouts)))
             self.layouts[key] = record
@@ -293,7 +333,7 @@ class StagingState(ReadingHandlers):
 
     def _take_segment(self, layout_id: str, size: int):
         seg = self.budget.take(layout_id, size)
-        while seg is None:
+        while seg is None:  # over budget: make room from unleased older versions
             candidates = reclaim_candidates(self.sealed)
             if not candidates:
                 return None
@@ -315,7 +355,7 @@ class StagingState(ReadingHandlers):
         v = self._staging_version(msg.step)
         if peer.rank not in v.digests or v.segment is None:
             raise StagerError(ErrorCode.BAD_MESSAGE, f"put for step {msg.step} before its begin was answered")
-        entries = self.plans[(peer.rank, v.digests[peer.rank])]
+        entries = v.entries[peer.rank]
         assignment = v.layout.assignments[peer.rank]
         seg_bytes = v.segment.as_bytes()
         received = v.put.setdefault(peer.rank, set())
@@ -368,7 +408,7 @@ class StagingState(ReadingHandlers):
         elif v.model_info is None and msg.model_info is not None:
             v.model_info = msg.model_info
         v.waiting_commit[rank] = Pending(identity, msg.id)
-        if v.committed >= set(self._record(v.layout_id).digests):
+        if v.committed >= set(v.record.digests):
             self._seal(v)
         return None
 
@@ -432,9 +472,15 @@ class StagingState(ReadingHandlers):
         self.retry_waiting()
 
     def retry_waiting(self) -> None:
+        """Advance steps waiting for memory or for a segment being created."""
         for v in list(self.staging.values()):
-            if v.wait_deadline is not None and v.segment is None and v.layout is not None:
+            if v.segment is None and v.layout is not None:
                 self._advance(v)
+
+    def collect_segments(self) -> None:
+        """Called by the loop while segments are being created: hand finished ones to waiting steps."""
+        if self.budget.collect():
+            self.retry_waiting()
 
     # ------------------------------------------------------------------ status & housekeeping
 
@@ -465,7 +511,7 @@ class StagingState(ReadingHandlers):
         }
 
     def housekeep(self) -> None:
-        self.budget.collect()
+        self.collect_segments()
         now = time.monotonic()
         if now >= self._next_liveness:  # reading /proc for every peer: once a second is plenty
             self._next_liveness = now + LIVENESS_INTERVAL_S
@@ -474,11 +520,11 @@ class StagingState(ReadingHandlers):
                     self.drop_peer(peer, "process exited" if peer.local else f"silent for {self.peer_timeout:.0f}s")
         for v in list(self.staging.values()):
             if now - v.started > self.step_timeout:
-                expected = set(range(self.local_world_size or 0))
+                expected = set(v.record.digests) if v.record else set(self.ranks) | set(v.digests)
                 self.fail(v, f"step {v.step} timed out after {self.step_timeout:.0f}s: ranks "
-                             f"{sorted(expected - v.committed)} did not commit (began: {sorted(v.digests)}); "
+                             f"{sorted(expected - v.committed)[:32]} did not commit (began: {sorted(v.digests)[:32]}); "
                              "a rank is stuck or gone, or --step-timeout is too short")
-            elif v.wait_deadline is not None and v.segment is None:
+            elif v.segment is None and v.layout is not None:
                 self._advance(v)
 
     def close(self) -> None:

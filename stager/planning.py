@@ -13,8 +13,11 @@ rank writes them, so every region crosses into the snapshot once per node.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import math
 from typing import Iterable, Sequence
+
+import msgpack
 
 from stager.protocol import ErrorCode, ProtocolError
 from stager.protocol.dtypes import dtype_from_name
@@ -134,6 +137,9 @@ def parse_plan(rank: int, plan: object) -> list[PlanEntry]:
         gshape = _int_tuple(gshape, f"rank {rank}: {fqn}: global_shape")
         box = Box(_int_tuple(offset, f"rank {rank}: {fqn}: global_offset"),
                   _int_tuple(lshape, f"rank {rank}: {fqn}: local_shape"))
+        if not len(gshape) == len(box.offset) == len(box.shape):
+            raise _bad(f"rank {rank}: {fqn}: global_shape, global_offset and local_shape must have one entry "
+                       f"per dimension, got {len(gshape)}, {len(box.offset)} and {len(box.shape)}")
         if any(s < 0 for s in gshape):
             raise _bad(f"rank {rank}: {fqn}: negative global shape {list(gshape)}")
         if not box.within(gshape):
@@ -143,6 +149,11 @@ def parse_plan(rank: int, plan: object) -> list[PlanEntry]:
             )
         entries.append(PlanEntry(fqn, dtype, gshape, box))
     return entries
+
+
+def plan_digest(plan: list) -> str:
+    """The digest that names a rank's plan: blake2b-128 of its msgpack encoding (clients and daemon agree)."""
+    return hashlib.blake2b(msgpack.packb(plan), digest_size=16).hexdigest()
 
 
 def _align(n: int) -> int:

@@ -10,6 +10,9 @@ from stager.protocol import Acquire, AcquireReply, ErrorCode, Message, Ok, Relea
 from stager.versions import Version
 
 
+MAX_LEASES_PER_PEER = 64
+
+
 class ReadingHandlers:
     """Mixed into :class:`stager.handlers.StagingState`, whose state these methods use."""
 
@@ -27,18 +30,17 @@ class ReadingHandlers:
             if v is None:
                 raise StagerError(
                     ErrorCode.NO_VERSION, f"step {msg.step} is not held; sealed steps: {list(self.sealed)}")
+        if len(peer.leases) >= MAX_LEASES_PER_PEER:
+            raise StagerError(ErrorCode.MEMORY_LIMIT, f"this connection holds {len(peer.leases)} leases; release "
+                                                      "snapshots (Snapshot.release()) before acquiring more")
         lease = next(self._lease_ids)
         self.leases[lease] = (identity, v)
         v.leases.add(lease)
         peer.leases.add(lease)
         return AcquireReply(
             lease=lease, step=v.step, segment=v.segment.name, size=v.segment.size,
-            tensors=self._record(v.layout_id).wire_tensors if self._has_record(v.layout_id)
-            else [t.to_wire() for t in v.layout.tensors],
+            tensors=v.record.wire_tensors,
             objects=v.objects, model_info=v.model_info, partial=v.layout.partial)
-
-    def _has_record(self, layout_id: str | None) -> bool:
-        return any(r.id == layout_id for r in self.layouts.values())
 
     def on_release(self, identity: bytes, msg: Release) -> Message:
         peer = self._peer(identity)
@@ -55,7 +57,7 @@ class ReadingHandlers:
         peer = self.peers.get(identity)
         if peer is not None:
             peer.leases.discard(lease)
-        if not v.leases and self.orphans.get(v.step) is v:
-            del self.orphans[v.step]
+        if not v.leases and v in self.orphans:
+            self.orphans.discard(v)
             self._free(v, reuse=True)
         self.enforce_retention()

@@ -27,8 +27,9 @@ _PREFIX = "stager"
 _NAME_RE = re.compile(rf"^{_PREFIX}-(\d+)-(\d+)-[0-9a-z]+$")
 
 
-def segment_name(pid: int, serial: int) -> str:
-    return f"{_PREFIX}-{os.getuid()}-{pid}-{serial:x}"
+def segment_name(pid: int, session: str, serial: int) -> str:
+    # the daemon's session in the name: a later daemon that gets the same pid never reuses a name
+    return f"{_PREFIX}-{os.getuid()}-{pid}-{session[:8]}{serial:x}"
 
 
 def _path(name: str) -> str:

@@ -21,7 +21,7 @@ import queue
 import threading
 import time
 from collections import OrderedDict
-from typing import Callable
+from typing import Any, Callable
 
 from stager.planning import NodeLayout
 from stager.protocol import ErrorCode, StagerError
@@ -44,8 +44,10 @@ class Version:
     epoch: int
     started: float = dataclasses.field(default_factory=time.monotonic)
     state: str = "staging"  # staging | sealed | failed
+    record: Any = None  # the LayoutRecord this version was built with (kept even if the daemon forgets it)
     layout_id: str | None = None
     layout: NodeLayout | None = None
+    entries: dict[int, list] = dataclasses.field(default_factory=dict)  # rank -> its plan entries at begin
     segment: Segment | None = None
     digests: dict[int, str] = dataclasses.field(default_factory=dict)  # rank -> layout digest at begin
     shm_ranks: set[int] = dataclasses.field(default_factory=set)
@@ -79,6 +81,9 @@ class Version:
         if self.reason:
             out["reason"] = self.reason
         return out
+
+
+PENDING = object()  # take(): a segment is being created; try again when collect() finished one
 
 
 class SegmentBudget:
@@ -132,16 +137,18 @@ class SegmentBudget:
             self._requests.put((name, size))
             have += 1
 
-    def collect(self, block_for: str | None = None, timeout: float = 120.0) -> None:
-        """Move finished background segments into the pool; with ``block_for``, wait until none of
-        that layout (or any layout, for ``"*"``) is pending."""
+    def collect(self, block_for: str | None = None, timeout: float = 120.0) -> int:
+        """Move finished background segments into the pool and return how many finished; with
+        ``block_for`` (only at shutdown), wait until none of that layout (or any, for ``"*"``) is pending."""
+        finished = 0
         while self.pending:
             waiting = block_for is not None and any(
                 block_for in ("*", lid) for lid, _ in self.pending.values())
             try:
                 name, result = self._done.get(timeout=timeout) if waiting else self._done.get_nowait()
             except queue.Empty:
-                return
+                break
+            finished += 1
             layout_id, size = self.pending.pop(name)
             if isinstance(result, Exception):
                 self.used -= size
@@ -152,14 +159,14 @@ class SegmentBudget:
             else:
                 self.owner[name] = (layout_id, result)
                 self.pool.setdefault(layout_id, []).append(result)
+        return finished
 
     # -------------------------------------------------------------- taking and giving back
 
-    def take(self, layout_id: str, size: int) -> Segment | None:
-        """A segment for ``layout_id``: pooled, or new if it fits; None when over budget."""
+    def take(self, layout_id: str, size: int) -> "Segment | None | object":
+        """A pooled segment of ``layout_id``; else :data:`PENDING` after asking the background thread
+        for one (the caller waits, the daemon keeps serving); None when over budget."""
         self.collect()
-        if not self.pool.get(layout_id) and any(lid == layout_id for lid, _ in self.pending.values()):
-            self.collect(block_for=layout_id)  # one is on its way: waiting beats a second allocation
         free = self.pool.get(layout_id)
         if free:
             return free.pop()
@@ -169,16 +176,15 @@ class SegmentBudget:
                 f"one snapshot needs {size / 2**20:.1f} MiB but the daemon's memory limit is "
                 f"{self.limit / 2**20:.1f} MiB; restart the daemon with a larger --memory-limit",
             )
+        if any(lid == layout_id for lid, _ in self.pending.values()):
+            return PENDING
         if self.used + size > self.limit:
-            self.collect(block_for="*")  # pending segments of an old layout free their budget
             self.drop_pool(except_layout=layout_id)
         if self.used + size > self.limit:
-            return None
-        name = self._new_name()
-        seg = self._make(name, size)
-        self.used += size
-        self.owner[seg.name] = (layout_id, seg)
-        return seg
+            # segments still being created for an old layout give their budget back when done
+            return PENDING if self.pending else None
+        self.prefill(layout_id, size, len(self.live(layout_id)) + 1)
+        return PENDING
 
     def give_back(self, seg: Segment, *, reuse: bool) -> None:
         layout_id = self.owner.get(seg.name, (None,))[0]

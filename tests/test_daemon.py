@@ -9,11 +9,21 @@ import torch
 
 from conftest import error_code
 from stager.client import StagingClient, Subscriber
+from stager.planning import plan_digest
 from stager.protocol import (
-    PROTOCOL_VERSION, Acquire, Begin, BeginReply, Commit, ErrorCode, ErrorReply, HelloReply, Ping, Pong, Put,
+    PROTOCOL_VERSION, Acquire, Begin, Bye, BeginReply, Commit, ErrorCode, ErrorReply, HelloReply, Ping, Pong, Put,
     Release, Sealed, Status, StagerError,
 )
 from stager.shm import list_segments
+
+
+def begin(step, plan, **kw):
+    """A Begin carrying ``plan`` under its true digest."""
+    return Begin(step=step, digest=plan_digest(plan), plan=plan, **kw)
+
+
+W4 = [["w", "f32", [4], [0], [4]]]
+W4_DIGEST = plan_digest(W4)
 
 
 def plan_of(sd):
@@ -59,14 +69,14 @@ def test_inconsistent_plans_fail_the_step_for_every_rank(make_daemon, raw_peer):
     r0, r1 = raw_peer(d.endpoint), raw_peer(d.endpoint)
     assert isinstance(r0.hello(rank=0, local_world_size=2), HelloReply)
     assert isinstance(r1.hello(rank=1, local_world_size=2), HelloReply)
-    r0.sock.send_multipart(Begin(id=1, step=1, digest="a", plan=[["w", "f32", [4], [0], [3]]]).encode())
-    r1.sock.send_multipart(Begin(id=1, step=1, digest="b", plan=[["w", "f32", [4], [2], [2]]]).encode())
+    r0.sock.send_multipart(begin(1, [["w", "f32", [4], [0], [3]]], id=1).encode())
+    r1.sock.send_multipart(begin(1, [["w", "f32", [4], [2], [2]]], id=1).encode())
     for peer in (r0, r1):
         reply = peer.recv()
         assert error_code(reply) == ErrorCode.BAD_PLAN.value and "overlap" in reply.message
     # the daemon still stages a good step afterwards from the same ranks
-    r0.sock.send_multipart(Begin(id=2, step=2, digest="c", plan=[["w", "f32", [4], [0], [2]]]).encode())
-    r1.sock.send_multipart(Begin(id=2, step=2, digest="d", plan=[["w", "f32", [4], [2], [2]]]).encode())
+    r0.sock.send_multipart(begin(2, [["w", "f32", [4], [0], [2]]], id=2).encode())
+    r1.sock.send_multipart(begin(2, [["w", "f32", [4], [2], [2]]], id=2).encode())
     assert isinstance(r0.recv(), BeginReply) and isinstance(r1.recv(), BeginReply)
     status = d.state.status()
     assert any(v["state"] == "failed" and v["step"] == 1 for v in status["versions"])
@@ -82,7 +92,8 @@ def test_bad_plan_from_single_rank(make_daemon, raw_peer, plan, code, text):
     d = make_daemon()
     p = raw_peer(d.endpoint)
     p.hello()
-    reply = p.request(Begin(step=1, digest="x", plan=plan))
+    digest = plan_digest(plan) if isinstance(plan, list) else "x"
+    reply = p.request(Begin(step=1, digest=digest, plan=plan))
     assert error_code(reply) == code.value and text in reply.message
 
 
@@ -92,24 +103,26 @@ def test_protocol_misuse(make_daemon, raw_peer):
     p.hello()
     assert error_code(p.request(Begin(step=1, digest="unknown", plan=None))) == ErrorCode.PLAN_REQUIRED.value
     assert error_code(p.request(Commit(step=9))) == ErrorCode.UNKNOWN_STEP.value
-    reply = p.request(Begin(step=1, digest="x", plan=[["w", "f32", [4], [0], [4]]]))
+    reply = p.request(Begin(step=1, digest="forged", plan=W4))
+    assert error_code(reply) == ErrorCode.BAD_PLAN.value and "does not match its digest" in reply.message
+    reply = p.request(begin(1, W4))
     assert isinstance(reply, BeginReply) and reply.assignment == [[0, [4], [0]]]
-    assert error_code(p.request(Begin(step=1, digest="x", plan=None))) == ErrorCode.BAD_MESSAGE.value
+    assert error_code(p.request(Begin(step=1, digest=W4_DIGEST, plan=None))) == ErrorCode.BAD_MESSAGE.value
     # puts: wrong region, wrong byte count
     assert "not assigned" in p.request(Put(step=1, regions=[5], frames=[b"\0" * 16])).message
     assert "got 3 bytes" in p.request(Put(step=1, regions=[0], frames=[b"\0" * 3])).message
     assert error_code(p.request(Release(lease=77))) == ErrorCode.UNKNOWN_LEASE.value
     assert error_code(p.request(Acquire(step=None))) == ErrorCode.NO_VERSION.value
     # a rank that sends frames must send all of them before committing
-    begin = p.request(Begin(step=2, digest="x", plan=None, shm=False))
-    assert isinstance(begin, BeginReply)
+    began = p.request(Begin(step=2, digest=W4_DIGEST, plan=None, shm=False))
+    assert isinstance(began, BeginReply)
     reply = p.request(Commit(step=2))
     assert error_code(reply) == ErrorCode.STEP_FAILED.value and "without sending" in reply.message
     # stale steps
-    p.request(Begin(step=5, digest="x", plan=None, shm=False))
+    p.request(Begin(step=5, digest=W4_DIGEST, plan=None, shm=False))
     p.request(Put(step=5, regions=[0], frames=[bytes(range(16))]))
     assert isinstance(p.request(Commit(step=5)), Sealed)
-    reply = p.request(Begin(step=4, digest="x", plan=None))
+    reply = p.request(Begin(step=4, digest=W4_DIGEST, plan=None))
     assert error_code(reply) == ErrorCode.STALE_STEP.value
 
 
@@ -219,3 +232,65 @@ def test_status_request(make_daemon, raw_peer):
     p = raw_peer(d.endpoint)
     status = p.request(Status()).status
     assert status["memory"]["limit"] == 64 << 20 and status["versions"] == []
+
+
+def test_restarted_job_with_fewer_ranks_replans(make_daemon, raw_peer):
+    """A 2-rank job of replicated tensors, then a 1-rank job with the same plan: no stale layout."""
+    d = make_daemon()
+    r0, r1 = raw_peer(d.endpoint), raw_peer(d.endpoint)
+    r0.hello(rank=0, local_world_size=2)
+    r1.hello(rank=1, local_world_size=2)
+    for p in (r0, r1):
+        p.sock.send_multipart(begin(1, W4, id=1, shm=False).encode())
+    assert isinstance(r0.recv(), BeginReply) and isinstance(r1.recv(), BeginReply)
+    assert r0.request(Put(step=1, regions=[0], frames=[bytes(16)])).TYPE == "ok"
+    r0.sock.send_multipart(Commit(id=7, step=1).encode())
+    r1.sock.send_multipart(Commit(id=7, step=1).encode())
+    assert isinstance(r0.recv(), Sealed) and isinstance(r1.recv(), Sealed)
+    for p in (r0, r1):
+        assert p.request(Bye()).TYPE == "ok"
+    solo = raw_peer(d.endpoint)
+    solo.hello(rank=0, local_world_size=1)
+    assert isinstance(solo.request(Begin(step=2, digest=W4_DIGEST, plan=None, shm=False)), BeginReply)
+    solo.request(Put(step=2, regions=[0], frames=[bytes(range(16))]))
+    assert isinstance(solo.request(Commit(step=2)), Sealed)
+
+
+def test_bye_and_close_end_leases(make_daemon):
+    d = make_daemon()
+    with StagingClient(d.endpoint, rank=0, local_world_size=1, world_size=1) as c:
+        c.stage({"w": torch.ones(4)}, step=1).wait(10)
+    sub = Subscriber(d.endpoint)
+    sub.latest()
+    sub.latest()
+    assert d.state.status()["leases"] == 2
+    sub.close()
+    deadline = time.monotonic() + 5
+    while (d.state.status()["leases"] or d.state.status()["readers"]) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert d.state.status()["leases"] == 0 and d.state.status()["readers"] == 0
+
+
+def test_rehello_under_another_rank_frees_the_first(make_daemon, raw_peer):
+    d = make_daemon()
+    a = raw_peer(d.endpoint)
+    a.hello(rank=0, local_world_size=2)
+    a.hello(rank=1, local_world_size=2)
+    b = raw_peer(d.endpoint)
+    assert isinstance(b.hello(rank=0, local_world_size=2), HelloReply)
+
+
+def test_caps_on_steps_in_flight_and_leases(make_daemon, raw_peer):
+    d = make_daemon()
+    p = raw_peer(d.endpoint)
+    p.hello()
+    for step in range(1, 9):
+        assert isinstance(p.request(begin(step, W4, shm=False) if step == 1 else
+                                    Begin(step=step, digest=W4_DIGEST, plan=None, shm=False)), BeginReply)
+    reply = p.request(Begin(step=9, digest=W4_DIGEST, plan=None, shm=False))
+    assert error_code(reply) == ErrorCode.MEMORY_LIMIT.value and "still staging" in reply.message
+    p.request(Put(step=8, regions=[0], frames=[bytes(16)]))
+    assert isinstance(p.request(Commit(step=8)), Sealed)
+    leases = [p.request(Acquire(step=None)) for _ in range(64)]
+    assert all(r.TYPE == "acquire_reply" for r in leases)
+    assert "release" in p.request(Acquire(step=None)).message

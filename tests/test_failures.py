@@ -14,6 +14,7 @@ from conftest import error_code
 from stager.client import StagingClient, Subscriber
 from stager.client.connection import Connection
 from stager.launch import DaemonProcess
+from stager.planning import plan_digest
 from stager.protocol import Begin, BeginReply, Commit, ErrorCode, StagerError, Status
 from stager.shm import SHM_DIR, list_segments
 
@@ -79,8 +80,8 @@ def test_step_times_out_when_a_rank_never_commits(make_daemon, raw_peer):
     r0.hello(rank=0, local_world_size=2)
     r1.hello(rank=1, local_world_size=2)
     plan0, plan1 = [["w", "f32", [4], [0], [2]]], [["w", "f32", [4], [2], [2]]]
-    r0.sock.send_multipart(Begin(id=1, step=1, digest="a", plan=plan0).encode())
-    r1.sock.send_multipart(Begin(id=1, step=1, digest="b", plan=plan1).encode())
+    r0.sock.send_multipart(Begin(id=1, step=1, digest=plan_digest(plan0), plan=plan0).encode())
+    r1.sock.send_multipart(Begin(id=1, step=1, digest=plan_digest(plan1), plan=plan1).encode())
     assert isinstance(r0.recv(), BeginReply) and isinstance(r1.recv(), BeginReply)
     r0.sock.send_multipart(Commit(id=2, step=1).encode())
     reply = r0.recv(timeout=5)

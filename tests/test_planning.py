@@ -82,7 +82,8 @@ BAD_WIRE = [
     ("bad dtype", [["w", "float128", [4], [0], [4]]], "unknown dtype"),
     ("shape not ints", [["w", "f32", ["4"], [0], [4]]], "list of ints"),
     ("out of bounds", [["w", "f32", [4], [2], [3]]], "outside the global shape"),
-    ("rank mismatch", [["w", "f32", [4, 4], [0], [4]]], "outside the global shape"),
+    ("rank mismatch", [["w", "f32", [4, 4], [0], [4]]], "one entry per dimension"),
+    ("local rank mismatch", [["w", "f32", [4, 1], [0, 0], [4]]], "one entry per dimension"),
     ("negative", [["w", "f32", [4], [-1], [1]]], "outside the global shape"),
 ]
 

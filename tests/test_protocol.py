@@ -66,6 +66,8 @@ BAD = [
     (_header(t="hello", b={"role": "trainer", "rank": 3, "local_world_size": 2, "world_size": 2, "pid": 1,
                            "start_time": 0.0, "host_id": ""}), ErrorCode.BAD_MESSAGE, "out of range"),
     (_header(t="put", b={"step": 1, "regions": [0, 1]}), ErrorCode.BAD_MESSAGE, "one int region index per data frame"),
+    (_header(t="hello", b={"role": "trainer", "rank": 0, "local_world_size": 10**9, "world_size": 10**9, "pid": 1,
+                           "start_time": 0.0, "host_id": ""}), ErrorCode.BAD_MESSAGE, "ranks per node"),
 ]
 
 
@@ -75,6 +77,10 @@ def test_malformed_is_typed_error(frames, code, text):
         decode(frames)
     assert info.value.code == code
     assert text in info.value.message
+    if len(frames) == 1 and frames[0][:1] != b"\xc1":  # any readable int id travels with the error
+        header = msgpack.unpackb(frames[0]) if isinstance(msgpack.unpackb(frames[0]), dict) else {}
+        if isinstance(header.get("id"), int):
+            assert info.value.request_id == header["id"]
 
 
 def test_dtype_table_is_closed_and_covers_training_dtypes():
