@@ -35,7 +35,7 @@ from stager.protocol import (
 )
 from stager.protocol.dtypes import DTYPES
 from stager.planning import plan_digest
-from stager.shm import map_segment
+from stager.shm import block_view, map_segment
 
 from .connection import Connection
 from .copier import CopyEngine, cuda_active, prefault
@@ -498,8 +498,7 @@ class _Worker:
                 dsts.append(None)
                 continue
             block_offset, block_shape, inner = where
-            dtype = DTYPES[entry[1]]
-            view = seg[block_offset:block_offset + math.prod(block_shape) * dtype.itemsize].view(dtype).view(block_shape)
+            view = block_view(seg, DTYPES[entry[1]], block_offset, block_shape)
             for dim, (start, length) in enumerate(zip(inner, entry[4])):
                 view = view.narrow(dim, start, length)
             dsts.append(view)

@@ -11,19 +11,11 @@ import torch
 
 from stager.protocol import Acquire, AcquireReply, ErrorCode, Release, StagerError
 from stager.protocol.dtypes import DTYPES
-from stager.shm import map_segment
+from stager.shm import block_view, map_segment
 
 from .connection import Connection
 
 log = logging.getLogger("stager.client")
-
-
-def _tensor_at(seg: torch.Tensor, dtype_name: str, byte_offset: int, shape: list) -> torch.Tensor:
-    dtype = DTYPES[dtype_name]
-    count = 1
-    for n in shape:
-        count *= n
-    return seg[byte_offset:byte_offset + count * dtype.itemsize].view(dtype).view(shape)
 
 
 class Snapshot(Mapping):
@@ -44,7 +36,7 @@ class Snapshot(Mapping):
         self._tensors: dict[str, torch.Tensor] = {}
         self._regions: dict[str, list[tuple[tuple[int, ...], torch.Tensor]]] = {}
         for fqn, dtype, shape, blocks in reply.tensors:
-            regions = [(tuple(off), _tensor_at(seg, dtype, byte_offset, block_shape))
+            regions = [(tuple(off), block_view(seg, DTYPES[dtype], byte_offset, block_shape))
                        for byte_offset, off, block_shape in blocks]
             self._regions[fqn] = regions
             if len(regions) == 1 and list(regions[0][1].shape) == list(shape):

@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import logging
-import math
 import os
 import time
 from collections import OrderedDict
@@ -27,6 +26,7 @@ from stager.protocol import (
     StatusReply,
 )
 from stager.protocol.dtypes import dtype_from_name
+from stager.shm import block_view
 from stager.versions import PENDING, Pending, SegmentBudget, Version, evictable, reclaim_candidates
 
 log = logging.getLogger("stager.daemon")
@@ -374,8 +374,7 @@ class StagingState(ReadingHandlers):
             checked.append((index, entry, dtype, data))
         for index, entry, dtype, data in checked:  # validate every frame before writing any
             block_offset, block_shape, inner = assignment[index]
-            count = math.prod(block_shape)
-            dst = seg_bytes[block_offset:block_offset + count * dtype.itemsize].view(dtype).view(block_shape)
+            dst = block_view(seg_bytes, dtype, block_offset, block_shape)
             for dim, (start, length) in enumerate(zip(inner, entry.box.shape)):
                 dst = dst.narrow(dim, start, length)
             if data.nbytes:

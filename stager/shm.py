@@ -99,6 +99,14 @@ def map_segment(name: str, size: int, *, writable: bool, populate: bool = False)
         return torch.frombuffer(mapping, dtype=torch.uint8)
 
 
+def block_view(seg: torch.Tensor, dtype: torch.dtype, byte_offset: int, shape) -> torch.Tensor:
+    """The dense row-major block of ``dtype`` and ``shape`` at ``byte_offset`` of a mapped segment."""
+    count = 1
+    for n in shape:
+        count *= n
+    return seg[byte_offset:byte_offset + count * dtype.itemsize].view(dtype).view(list(shape))
+
+
 def shm_free_bytes() -> int:
     st = os.statvfs(SHM_DIR)
     return st.f_bavail * st.f_frsize
