@@ -40,6 +40,7 @@ from stager.shm import block_view, map_segment
 from .connection import Connection
 from .copier import CopyEngine, cuda_active, prefault
 from .flatten import LayoutCache, flatten_state_dict
+from .handle import StageHandle
 
 log = logging.getLogger("stager.client")
 PUT_BATCH_BYTES = 64 << 20  # bytes per Put message from a rank on another host: bounds memory on both sides
@@ -69,62 +70,6 @@ def write_spans(plan: list, assignment: list) -> list[tuple[int, int]]:
         else:
             merged.append((start, end))
     return merged
-
-
-class StageHandle:
-    """The progress of one ``stage()`` call."""
-
-    def __init__(self, step: int, strict: bool):
-        self.step = step
-        self.error: StagerError | None = None
-        self.result: dict | None = None  # {"step", "nbytes", "tensors", "partial"} once sealed
-        self._strict = strict
-        self._copied = threading.Event()
-        self._done = threading.Event()
-        self._cuda_events: list = []
-        self._copied_ok = False
-
-    def wait_copied(self, timeout: float | None = None) -> bool:
-        """Block until the data has left the live tensors; True if it did, False if staging failed
-        (strict clients raise instead). On CUDA this makes the current stream wait for the copy,
-        so the host returns as soon as the copies are queued."""
-        if not self._copied.wait(timeout):
-            raise StagerError(ErrorCode.TIMEOUT, f"step {self.step}: not copied within {timeout}s")
-        for event in self._cuda_events:  # the trainer's stream waits for the copies, the host does not
-            torch.cuda.current_stream(event.device).wait_event(event)
-        if self._copied_ok:
-            return True  # a seal that fails later does not matter to the live tensors
-        if self._strict:
-            raise self.error
-        return False
-
-    def wait(self, timeout: float | None = None) -> dict:
-        """Block until the daemon sealed this step; returns its summary, raises StagerError if it failed."""
-        if not self._done.wait(timeout):
-            raise StagerError(ErrorCode.TIMEOUT, f"step {self.step}: not sealed within {timeout}s")
-        if self.error is not None:
-            raise self.error
-        return self.result  # type: ignore[return-value]
-
-    def done(self) -> bool:
-        return self._done.is_set()
-
-    def _set_copied(self) -> None:
-        self._copied_ok = True
-        self._copied.set()
-
-    def _fail(self, error: StagerError) -> None:
-        self.error = error
-        self._copied.set()
-        self._done.set()
-
-    def _seal(self, result: dict) -> None:
-        self.result = result
-        self._done.set()
-
-    def __repr__(self) -> str:
-        state = "sealed" if self.result else ("failed" if self.error else "pending")
-        return f"StageHandle(step={self.step}, {state})"
 
 
 class _Job:
