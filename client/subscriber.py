@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import weakref
 from collections.abc import Mapping
 from typing import Iterator
@@ -11,7 +12,7 @@ import torch
 
 from stager.protocol import Acquire, AcquireReply, ErrorCode, Release, StagerError
 from stager.protocol.dtypes import DTYPES
-from stager.shm import block_view, map_segment
+from stager.shm import SHM_DIR, block_view, map_segment
 
 from .connection import Connection
 
@@ -120,12 +121,12 @@ class Subscriber:
                 f"step {reply.step} holds only part of some tensors (the job spans nodes); pass "
                 "allow_partial=True and read them with Snapshot.regions()",
             )
+        # mappings of segments the daemon unlinked would keep their memory alive: drop them
+        for name in [n for n in self._segments if not os.path.exists(os.path.join(SHM_DIR, n))]:
+            del self._segments[name]
         seg = self._segments.get(reply.segment)
         if seg is None or seg.numel() != reply.size:
             seg = self._segments[reply.segment] = map_segment(reply.segment, reply.size, writable=False)
-        if len(self._segments) > 8:  # old versions' segments: keep the mapping count bounded
-            for name in list(self._segments)[:-8]:
-                del self._segments[name]
         self._leases.add(reply.lease)
         return Snapshot(self, reply, seg)
 

@@ -75,6 +75,8 @@ class Daemon:
         self.ctx = zmq.Context()
         self.sock = self.ctx.socket(zmq.ROUTER)
         self.sock.setsockopt(zmq.LINGER, 0)
+        # a peer sending a frame larger than the whole budget is disconnected before it is buffered
+        self.sock.setsockopt(zmq.MAXMSGSIZE, config.memory_limit)
         self._auth = self._setup_auth() if config.auth_dir else None
         self._sock_path = ipc_path(self.endpoint)
         self._bind()
