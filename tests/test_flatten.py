@@ -64,3 +64,14 @@ def test_write_spans_cover_exactly_the_rank_rows():
     plan = [("w", "f32", (8, 4), (4, 0), (4, 4)), ("b", "f32", (8,), (0,), (8,)), ("t", "f32", (4, 6), (0, 3), (4, 3))]
     assignment = [[0, [8, 4], [4, 0]], None, [8192, [4, 6], [0, 3]]]
     assert write_spans(plan, assignment) == [(64, 128), (8192 + 12, 8192 + 96)]
+
+
+@pytest.mark.parametrize("dst_off,src_off,n", [(0, 0, 1 << 20), (3, 5, (1 << 20) + 7), (61, 0, 300), (0, 1, 255), (7, 9, 0)])
+def test_bulk_copy_any_alignment(dst_off, src_off, n):
+    from stager.client.copier import _bulk_copy
+
+    src = torch.randint(0, 255, (n + 64,), dtype=torch.uint8)
+    dst = torch.zeros(n + 64, dtype=torch.uint8)
+    _bulk_copy(dst.data_ptr() + dst_off, src.data_ptr() + src_off, n)
+    assert torch.equal(dst[dst_off:dst_off + n], src[src_off:src_off + n])
+    assert not dst[:dst_off].any() and not dst[dst_off + n:].any()  # nothing written outside
