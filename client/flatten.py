@@ -83,6 +83,31 @@ def _store(into: dict, other: dict, fqn: str, value: Any) -> None:
     into[fqn] = value
 
 
+def unwrap(fqn: str, tensor: torch.Tensor) -> torch.Tensor:
+    """The plain tensor to stage for ``tensor``, stripping training wrapper subclasses.
+
+    A subclass whose only inner tensor (``__tensor_flatten__``) is ``_tensor`` of the same shape and
+    dtype is a cast-on-use wrapper around the real weight, e.g. torchao float8 training's
+    ``WeightWithDynamicFloat8CastTensor`` (FSDP2 with ``enable_fsdp_float8_all_gather``): the
+    high-precision ``_tensor`` is staged. Any other subclass is refused with its type named.
+    """
+    cls = type(tensor)
+    if cls is torch.Tensor or cls is torch.nn.Parameter:
+        return tensor
+    flatten = getattr(tensor, "__tensor_flatten__", None)
+    names = flatten()[0] if flatten is not None else None
+    if names == ["_tensor"]:
+        inner = tensor._tensor
+        if isinstance(inner, torch.Tensor) and inner.shape == tensor.shape and inner.dtype == tensor.dtype:
+            return unwrap(fqn, inner)
+    raise StagerError(
+        ErrorCode.BAD_VALUE,
+        f"{fqn}: tensor subclass {cls.__module__}.{cls.__qualname__}"
+        + (f" (inner tensors {names})" if names else "")
+        + " is not supported; stage plain tensors, DTensors, or float8 training weights",
+    )
+
+
 def local_box(tensor: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
     """``(local tensor, global shape, global offset, local shape)`` of a plain tensor or DTensor."""
     from torch.distributed.tensor import DTensor
@@ -101,12 +126,6 @@ def local_box(tensor: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...], tupl
                 "padded shards are not supported: stage the unpadded state dict (model.state_dict())",
             )
         return local, gshape, offset, lshape
-    if type(tensor) is not torch.Tensor and not isinstance(tensor, torch.nn.Parameter):
-        raise StagerError(
-            ErrorCode.BAD_VALUE,
-            f"tensor subclass {type(tensor).__module__}.{type(tensor).__qualname__} is not supported; "
-            "stage plain tensors or DTensors",
-        )
     shape = tuple(tensor.shape)
     return tensor, shape, (0,) * len(shape), shape
 
@@ -145,12 +164,13 @@ class LayoutCache:
                 if entry is None:
                     _, gshape, offset, lshape = local_box(tensor)
                     entry = boxes[key] = (fqn, dtype_name(tensor.dtype), gshape, offset, lshape)
-                local = tensor._local_tensor
+                local = unwrap(fqn, tensor._local_tensor)
                 if local.shape != entry[4]:
                     raise StagerError(ErrorCode.BAD_VALUE, f"{fqn}: local shard shape changed under the same placements")
             else:
-                local_box(tensor)  # raises the unsupported-subclass error
-                continue
+                local = unwrap(fqn, tensor)
+                shape = tuple(local.shape)
+                entry = (fqn, dtype_name(local.dtype), shape, (0,) * len(shape), shape)
             if not local.numel() and math.prod(entry[2]):
                 continue  # this rank holds nothing of the tensor (uneven sharding): others write it
             plan.append(entry)
