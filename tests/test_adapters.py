@@ -1,0 +1,86 @@
+"""HF adapters: exact round trips, errors naming keys, and the same logits in transformers."""
+
+import pytest
+import torch
+
+from native_llama import NativeLlama
+from stager.adapters import Llama3Adapter, load_adapter, permute_for_hf_rotary, to_hf_items, unpermute_from_hf_rotary
+from stager.protocol import StagerError
+
+CONFIG = {"vocab_size": 96, "hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": 2,
+          "num_attention_heads": 4, "num_key_value_heads": 2, "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
+          "max_position_embeddings": 64, "tie_word_embeddings": False}
+
+
+@pytest.mark.parametrize("heads,rows,cols", [(4, 32, 8), (2, 16, 5), (1, 4, 3)])
+def test_rotary_permutation_inverts(heads, rows, cols):
+    w = torch.randn(rows, cols)
+    assert torch.equal(unpermute_from_hf_rotary(permute_for_hf_rotary(w, heads), heads), w)
+    # HF order per head: first all even (real) parts, then all odd ones
+    ordered = permute_for_hf_rotary(torch.arange(rows).float().unsqueeze(1), heads).squeeze(1)
+    head = rows // heads
+    assert ordered[:head].tolist() == list(range(0, head, 2)) + list(range(1, head, 2))
+
+
+@pytest.mark.parametrize("qkv_linear", [False, True], ids=["legacy names", "qkv_linear names"])
+def test_llama3_export_gives_the_same_logits_in_transformers(qkv_linear):
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    native = NativeLlama(CONFIG, qkv_linear=qkv_linear).eval()
+    adapter = load_adapter("llama3", CONFIG) if not qkv_linear else Llama3Adapter(CONFIG, native_form="qkv_linear")
+    sd = native.state_dict()
+    hf_sd = dict(to_hf_items(adapter, sd.items()))
+    cfg = {k: v for k, v in CONFIG.items() if k != "rope_theta"}
+    hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(**cfg, rope_theta=CONFIG["rope_theta"])).eval()
+    missing, unexpected = hf.load_state_dict(hf_sd, strict=False)
+    assert not unexpected and not [m for m in missing if "rotary" not in m]
+    tokens = torch.randint(0, CONFIG["vocab_size"], (2, 17))
+    with torch.no_grad():
+        torch.testing.assert_close(hf(tokens).logits, native(tokens), rtol=1e-5, atol=1e-5)
+    back = adapter.from_hf(hf_sd)
+    assert back.keys() == sd.keys() and all(torch.equal(back[k], sd[k]) for k in sd)
+
+
+def test_tied_embeddings_drop_and_restore_lm_head():
+    cfg = dict(CONFIG, tie_word_embeddings=True)
+    emb = torch.randn(96, 32)
+    sd = {"tok_embeddings.weight": emb, "output.weight": emb, "norm.weight": torch.ones(32)}
+    adapter = load_adapter("llama3", cfg)
+    hf = adapter.to_hf(sd)
+    assert "lm_head.weight" not in hf
+    back = adapter.from_hf(hf)
+    assert torch.equal(back["output.weight"], emb)
+
+
+@pytest.mark.parametrize("sd,text", [
+    ({"layers.0.attention.wq.weight": torch.zeros(30, 32)}, "contradicts the config"),
+    ({"layers.0.mystery.weight": torch.zeros(2)}, "layers.0.mystery.weight: the llama3 adapter does not know"),
+    ({"frobnicator": torch.zeros(2)}, "frobnicator"),
+])
+def test_unknown_keys_and_bad_shapes_name_the_key(sd, text):
+    with pytest.raises(StagerError) as info:
+        load_adapter("llama3", CONFIG).to_hf(sd)
+    assert text in info.value.message
+
+
+class EagerPlugin:  # torchtitan's StateDictAdapter shape, loaded by module:attr
+    def __init__(self, hf_config):
+        self.prefix = hf_config.get("prefix", "hf.")
+
+    def to_hf(self, state_dict):
+        return {self.prefix + k: v for k, v in state_dict.items()}
+
+    def from_hf(self, hf_state_dict):
+        return {k[len(self.prefix):]: v for k, v in hf_state_dict.items()}
+
+
+def test_plugins_and_identity():
+    plugin = load_adapter("test_adapters:EagerPlugin", {"prefix": "x."})
+    assert dict(to_hf_items(plugin, [("a", 1)])) == {"x.a": 1}
+    assert load_adapter("identity").to_hf({"a": 1}) == {"a": 1}
+    with pytest.raises(StagerError, match="cannot load adapter"):
+        load_adapter("no_such_module:Thing")
+    with pytest.raises(StagerError, match="unknown adapter"):
+        load_adapter("gpt9")
+    with pytest.raises(StagerError, match="needs hf_config"):
+        load_adapter("llama3", {})
