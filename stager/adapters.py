@@ -170,7 +170,45 @@ class Llama3Adapter:
         return out
 
 
-BUILT_IN = {"identity": IdentityAdapter, "llama3": Llama3Adapter}
+class Qwen3Adapter(Llama3Adapter):
+    """torchtitan Qwen3 (dense) <-> HF ``Qwen3ForCausalLM``: Llama 3 plus per-head q/k RMSNorms, whose
+    weights follow the same rotary permutation (pairs -> halves), and MLP named ``mlp.w1/w2/w3``
+    (``feed_forward.*`` is accepted too). ``head_dim`` comes from the config (Qwen3 sets it)."""
+
+    LAYER_KEYS = {
+        **Llama3Adapter.LAYER_KEYS,
+        "attention.q_norm.weight": "self_attn.q_norm.weight",
+        "attention.k_norm.weight": "self_attn.k_norm.weight",
+        "mlp.w1.weight": "mlp.gate_proj.weight",
+        "mlp.w2.weight": "mlp.down_proj.weight",
+        "mlp.w3.weight": "mlp.up_proj.weight",
+    }
+
+    def __init__(self, hf_config: dict, *, native_form: str = "legacy"):
+        super().__init__(hf_config, native_form=native_form)
+        for native in ("feed_forward.w1.weight", "feed_forward.w2.weight", "feed_forward.w3.weight"):
+            self._from_hf_layer.pop(self.LAYER_KEYS[native], None)
+        self._from_hf_layer.update({hf: native for native, hf in self.LAYER_KEYS.items() if native.startswith("mlp.")})
+
+    def to_hf_items(self, name: str, tensor: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
+        if name.endswith(("attention.q_norm.weight", "attention.k_norm.weight")):
+            self._check_norm(name, tensor)
+            tensor = tensor.view(-1, 2).t().reshape(-1)  # (head_dim/2, 2) pairs -> (2, head_dim/2) halves
+        return super().to_hf_items(name, tensor)
+
+    def from_hf(self, hf_state_dict: dict) -> dict:
+        out = super().from_hf(hf_state_dict)
+        for name in [n for n in out if n.endswith(("attention.q_norm.weight", "attention.k_norm.weight"))]:
+            self._check_norm(name, out[name])
+            out[name] = out[name].view(2, -1).t().reshape(-1)
+        return out
+
+    def _check_norm(self, name: str, tensor: torch.Tensor) -> None:
+        if tuple(tensor.shape) != (self.head_dim,):
+            raise _error(f"{name}: shape {list(tensor.shape)} contradicts the config (head_dim {self.head_dim})")
+
+
+BUILT_IN = {"identity": IdentityAdapter, "llama3": Llama3Adapter, "qwen3": Qwen3Adapter}
 
 
 def load_adapter(spec: str, hf_config: dict | None = None) -> Any:

@@ -41,6 +41,32 @@ def test_llama3_export_gives_the_same_logits_in_transformers(qkv_linear):
     assert back.keys() == sd.keys() and all(torch.equal(back[k], sd[k]) for k in sd)
 
 
+def test_qwen3_export_gives_the_same_logits_in_transformers():
+    transformers = pytest.importorskip("transformers")
+    cfg = dict(CONFIG, head_dim=12, tie_word_embeddings=True)  # head_dim != hidden / heads, as in Qwen3
+    torch.manual_seed(0)
+    native = NativeLlama(cfg, qwen=True).eval()
+    with torch.no_grad():  # tied: the output head is the embedding; non-trivial norm weights
+        native.output.weight = native.tok_embeddings.weight
+        for layer in native.layers:
+            layer.attention.q_norm.weight.uniform_(0.5, 1.5)
+            layer.attention.k_norm.weight.uniform_(0.5, 1.5)
+    adapter = load_adapter("qwen3", cfg)
+    sd = native.state_dict()
+    hf_sd = adapter.to_hf(sd)
+    assert "model.layers.0.self_attn.q_norm.weight" in hf_sd and "lm_head.weight" not in hf_sd
+    hf_cfg = {k: v for k, v in cfg.items() if k != "rope_theta"}
+    hf = transformers.Qwen3ForCausalLM(transformers.Qwen3Config(**hf_cfg, rope_theta=cfg["rope_theta"])).eval()
+    missing, unexpected = hf.load_state_dict(hf_sd, strict=False)
+    assert not unexpected and not [m for m in missing if "rotary" not in m and m != "lm_head.weight"]
+    hf.tie_weights()
+    tokens = torch.randint(0, cfg["vocab_size"], (2, 17))
+    with torch.no_grad():
+        torch.testing.assert_close(hf(tokens).logits, native(tokens), rtol=1e-5, atol=1e-5)
+    back = adapter.from_hf(hf_sd)
+    assert back.keys() == sd.keys() and all(torch.equal(back[k], sd[k]) for k in sd)
+
+
 def test_tied_embeddings_drop_and_restore_lm_head():
     cfg = dict(CONFIG, tie_word_embeddings=True)
     emb = torch.randn(96, 32)
