@@ -87,6 +87,7 @@ class Llama3Adapter:
     }
     TOP_KEYS = {"tok_embeddings.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight",
                 "output.weight": "lm_head.weight", "lm_head.weight": "lm_head.weight"}
+    NAME = "llama3"
     _LAYER = re.compile(r"^layers\.(\d+)\.(.+)$")
     _HF_LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
 
@@ -109,6 +110,12 @@ class Llama3Adapter:
         self._from_hf_top = {"model.embed_tokens.weight": "tok_embeddings.weight", "model.norm.weight": "norm.weight",
                              "lm_head.weight": "output.weight" if legacy else "lm_head.weight"}
 
+    def _lookup(self, table: dict, key: str, name: str) -> str:
+        try:
+            return table[key]
+        except KeyError:
+            raise _error(f"{name}: the {self.NAME} adapter does not know this key") from None
+
     def _rotary_heads(self, native_suffix: str) -> int | None:
         if native_suffix.endswith("wq.weight"):
             return self.n_heads
@@ -125,17 +132,13 @@ class Llama3Adapter:
         match = self._LAYER.match(name)
         if match:
             layer, suffix = match.groups()
-            hf = self.LAYER_KEYS.get(suffix)
-            if hf is None:
-                raise _error(f"{name}: the llama3 adapter does not know this key")
+            hf = self._lookup(self.LAYER_KEYS, suffix, name)
             heads = self._rotary_heads(suffix)
             if heads is not None:
                 self._check_rows(name, tensor, heads)
                 tensor = permute_for_hf_rotary(tensor, heads)
             return [(f"model.layers.{layer}.{hf}", tensor)]
-        hf = self.TOP_KEYS.get(name)
-        if hf is None:
-            raise _error(f"{name}: the llama3 adapter does not know this key")
+        hf = self._lookup(self.TOP_KEYS, name, name)
         if hf == "lm_head.weight" and self.tied:
             return []  # tied: transformers takes lm_head from the embedding
         return [(hf, tensor)]
@@ -151,19 +154,14 @@ class Llama3Adapter:
                 layer, suffix = match.groups()
                 if suffix.endswith("rotary_emb.inv_freq"):
                     continue
-                native = self._from_hf_layer.get(suffix)
-                if native is None:
-                    raise _error(f"{name}: the llama3 adapter does not know this key")
+                native = self._lookup(self._from_hf_layer, suffix, name)
                 heads = self._rotary_heads(native)
                 if heads is not None:
                     self._check_rows(name, tensor, heads)
                     tensor = unpermute_from_hf_rotary(tensor, heads)
                 out[f"layers.{layer}.{native}"] = tensor
                 continue
-            native = self._from_hf_top.get(name)
-            if native is None:
-                raise _error(f"{name}: the llama3 adapter does not know this key")
-            out[native] = tensor
+            out[self._lookup(self._from_hf_top, name, name)] = tensor
         output = self._from_hf_top["lm_head.weight"]
         if self.tied and output not in out and "tok_embeddings.weight" in out:
             out[output] = out["tok_embeddings.weight"]
@@ -175,6 +173,7 @@ class Qwen3Adapter(Llama3Adapter):
     weights follow the same rotary permutation (pairs -> halves), and MLP named ``mlp.w1/w2/w3``
     (``feed_forward.*`` is accepted too). ``head_dim`` comes from the config (Qwen3 sets it)."""
 
+    NAME = "qwen3"
     LAYER_KEYS = {
         **Llama3Adapter.LAYER_KEYS,
         "attention.q_norm.weight": "self_attn.q_norm.weight",

@@ -110,3 +110,11 @@ def test_plugins_and_identity():
         load_adapter("gpt9")
     with pytest.raises(StagerError, match="needs hf_config"):
         load_adapter("llama3", {})
+
+
+def test_errors_name_the_adapter():
+    cfg = dict(CONFIG, head_dim=8)
+    with pytest.raises(StagerError, match="the qwen3 adapter does not know"):
+        load_adapter("qwen3", cfg).to_hf({"layers.0.moe.router.gate.weight": torch.zeros(2, 2)})
+    with pytest.raises(StagerError, match="contradicts the config"):
+        load_adapter("qwen3", cfg).to_hf({"layers.0.attention.q_norm.weight": torch.zeros(6)})
