@@ -66,6 +66,23 @@ def _status(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export_hf(args: argparse.Namespace) -> int:
+    from stager.export_hf import export_hf
+
+    try:
+        written = export_hf(args.out, endpoint=args.endpoint, step=args.step, follow=args.follow, every=args.every,
+                            keep=args.keep, adapter=args.adapter, hf_config=args.hf_config,
+                            hf_assets=args.hf_assets, dtype=args.dtype, max_shard_size=args.max_shard_size)
+    except KeyboardInterrupt:
+        return 130
+    except (StagerError, ValueError, OSError) as exc:
+        print(f"stager export-hf: {exc}", file=sys.stderr)
+        return 1
+    for path in written:
+        print(json.dumps({"exported": path}) if args.json else path)
+    return 0
+
+
 def _keygen(args: argparse.Namespace) -> int:
     import os
     import shutil
@@ -106,6 +123,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", action="store_true")
     p.add_argument("--timeout", type=float, default=2.0, help="seconds to wait for the daemon (default 2)")
     p.set_defaults(func=_status)
+
+    p = sub.add_parser("export-hf", help="write sealed versions as Hugging Face safetensors checkpoints")
+    p.add_argument("--endpoint")
+    p.add_argument("--out", required=True, help="directory; each export goes to OUT/step-NNNNNNNN, OUT/latest links it")
+    when = p.add_mutually_exclusive_group()
+    when.add_argument("--step", type=int, help="export this sealed step (default: the newest)")
+    when.add_argument("--follow", action="store_true", help="export new versions as they are sealed, until ^C")
+    p.add_argument("--every", type=int, default=1, help="with --follow: at least this many steps between exports")
+    p.add_argument("--adapter", help="llama3, qwen3, identity or module:attr (default: from the staged model_info)")
+    p.add_argument("--hf-config", help="HF config.json (default: from the staged model_info)")
+    p.add_argument("--hf-assets", help="directory whose tokenizer/generation files are copied along")
+    p.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], help="cast floating tensors (default: as staged)")
+    p.add_argument("--max-shard-size", default="5GB", help="per safetensors file (default 5GB)")
+    p.add_argument("--keep", type=int, help="keep the newest K exports")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_export_hf)
 
     p = sub.add_parser("keygen", help="create CURVE keys for a tcp daemon that accepts other hosts")
     p.add_argument("dir")
