@@ -83,6 +83,22 @@ def _export_hf(args: argparse.Namespace) -> int:
     return 0
 
 
+def _write_dcp(args: argparse.Namespace) -> int:
+    from stager.write_dcp import write_dcp
+
+    try:
+        written = write_dcp(args.out, endpoint=args.endpoint, step=args.step, follow=args.follow, every=args.every,
+                            keep=args.keep)
+    except KeyboardInterrupt:
+        return 130
+    except (StagerError, ValueError, OSError) as exc:
+        print(f"stager write-dcp: {exc}", file=sys.stderr)
+        return 1
+    for path in written:
+        print(json.dumps({"written": path}) if args.json else path)
+    return 0
+
+
 def _keygen(args: argparse.Namespace) -> int:
     import os
     import shutil
@@ -139,6 +155,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--keep", type=int, help="keep the newest K exports")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_export_hf)
+
+    p = sub.add_parser("write-dcp", help="write sealed versions as resumable DCP checkpoints")
+    p.add_argument("--endpoint")
+    p.add_argument("--out", required=True, help="directory; each checkpoint goes to OUT/step-NNNNNNNN")
+    when = p.add_mutually_exclusive_group()
+    when.add_argument("--step", type=int, help="write this sealed step (default: the newest)")
+    when.add_argument("--follow", action="store_true", help="write new versions as they are sealed, until ^C")
+    p.add_argument("--every", type=int, default=1, help="with --follow: at least this many steps between checkpoints")
+    p.add_argument("--keep", type=int, help="keep the newest K checkpoints")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_write_dcp)
 
     p = sub.add_parser("keygen", help="create CURVE keys for a tcp daemon that accepts other hosts")
     p.add_argument("dir")

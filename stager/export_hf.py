@@ -26,6 +26,7 @@ import torch
 
 from stager.adapters import load_adapter, to_hf_items
 from stager.protocol import ErrorCode, StagerError
+from stager.persist import for_each_version, step_directory
 from stager.safetensors_io import write_safetensors
 
 log = logging.getLogger("stager.export")
@@ -129,13 +130,8 @@ def export_snapshot(snapshot: Any, out_dir: str, *, adapter: str | Any | None = 
     sizes = [torch.Size(shape).numel() * dt.itemsize for _, shape, dt, _ in plan]
     shards = plan_shards(sizes, max_bytes)
 
-    final = os.path.join(out_dir, f"step-{snapshot.step:08d}")
-    tmp = os.path.join(out_dir, f".step-{snapshot.step:08d}.partial-{os.getpid()}")
-    os.makedirs(out_dir, exist_ok=True)
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
     progress = _Progress(f"export step {snapshot.step}", sum(sizes))
-    try:
+    with step_directory(out_dir, snapshot.step) as tmp:
         weight_map = {}
         for number, indices in enumerate(shards, 1):
             filename = "model.safetensors" if len(shards) == 1 else f"model-{number:05d}-of-{len(shards):05d}.safetensors"
@@ -163,20 +159,7 @@ def export_snapshot(snapshot: Any, out_dir: str, *, adapter: str | Any | None = 
                 src = os.path.join(hf_assets, entry)
                 if os.path.isfile(src) and not _SKIP_ASSETS.search(entry):
                     shutil.copyfile(src, os.path.join(tmp, entry))
-                    _fsync_path(os.path.join(tmp, entry))
-        _fsync_path(tmp)
-        if os.path.exists(final):  # re-export of a step: swap, then drop the old copy
-            old = final + f".old-{os.getpid()}"
-            os.rename(final, old)
-            os.rename(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, final)
-        _fsync_path(out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    _point_latest(out_dir, os.path.basename(final))
+    final = os.path.join(out_dir, f"step-{snapshot.step:08d}")
     log.info("exported step %d to %s (%d files, %.2f GiB)", snapshot.step, final, len(shards), sum(sizes) / 2**30)
     return final
 
@@ -184,31 +167,6 @@ def export_snapshot(snapshot: Any, out_dir: str, *, adapter: str | Any | None = 
 def _write_json(path: str, obj: dict) -> None:
     with open(path, "w") as f:
         json.dump(obj, f, indent=2, sort_keys=True)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def _fsync_path(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _point_latest(out_dir: str, target: str) -> None:
-    link, tmp = os.path.join(out_dir, "latest"), os.path.join(out_dir, f".latest-{os.getpid()}")
-    try:
-        os.symlink(target, tmp)
-        os.replace(tmp, link)  # atomic switch
-    except OSError as exc:
-        log.warning("could not update %s: %s", link, exc)
-
-
-def _prune(out_dir: str, keep: int) -> None:
-    steps = sorted(d for d in os.listdir(out_dir) if re.fullmatch(r"step-\d{8}", d))
-    for old in steps[:-keep]:
-        shutil.rmtree(os.path.join(out_dir, old), ignore_errors=True)
 
 
 def export_hf(out_dir: str, *, endpoint: str | None = None, step: int | None = None, follow: bool = False,
@@ -216,27 +174,7 @@ def export_hf(out_dir: str, *, endpoint: str | None = None, step: int | None = N
               **options: Any) -> list[str]:
     """Export the version ``step`` (default: the newest) or, with ``follow``, each new version at
     least ``every`` steps after the last export, until interrupted (or ``max_exports``); the ``keep``
-    newest exports are kept. ``options``:
-    adapter, hf_config, hf_assets, dtype, max_shard_size (see :func:`export_snapshot`)."""
-    from stager.client import Subscriber
-
-    written: list[str] = []
-    last = -1
-    with Subscriber(endpoint) as sub:
-        while True:
-            try:
-                snap = sub.at(step) if step is not None else sub.latest()
-            except StagerError as exc:
-                if not follow or exc.code not in (ErrorCode.NO_VERSION,):
-                    raise
-                time.sleep(poll)
-                continue
-            with snap:
-                if snap.step > last and (last < 0 or snap.step - last >= every):
-                    written.append(export_snapshot(snap, out_dir, **options))
-                    last = snap.step
-                    if keep:
-                        _prune(out_dir, keep)
-            if not follow or (max_exports is not None and len(written) >= max_exports):
-                return written
-            time.sleep(poll)
+    newest exports are kept. ``options``: adapter, hf_config, hf_assets, dtype, max_shard_size
+    (see :func:`export_snapshot`)."""
+    return for_each_version(lambda snap: export_snapshot(snap, out_dir, **options), out_dir, endpoint=endpoint,
+                            step=step, follow=follow, every=every, keep=keep, max_writes=max_exports, poll=poll)

@@ -1,0 +1,88 @@
+"""DCP checkpoints written by the daemon's side load with plain DCP into other layouts, bit for bit."""
+
+import json
+import os
+import subprocess
+import sys
+
+import torch
+
+from stager.launch import DaemonProcess, run_ranks
+
+
+def fsdp_stage_then_load_as_tp(rank, world, endpoint, out_dir):
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import Shard, distribute_tensor
+    import torch.distributed.checkpoint as dcp
+
+    from stager.client import StagingClient
+    from stager.demo import TinyModel
+    from stager.write_dcp import write_dcp
+
+    torch.manual_seed(0)
+    mesh = init_device_mesh("cpu", (world,))
+    model = TinyModel()
+    for layer in (model.embed, model.up, model.down):
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    optim = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    model(torch.randint(0, 64, (4, 6))).square().mean().backward()
+    optim.step()
+    flat = StateDictOptions(flatten_optimizer_state_dict=True)
+    state = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, optim, options=flat),
+             "train": {"step": 3, "data_seed": 11}}
+    with StagingClient(endpoint, strict=True) as client:
+        client.stage(state, step=3).wait(60)
+    full_opts = StateDictOptions(full_state_dict=True, flatten_optimizer_state_dict=True)
+    expected = {"model": get_model_state_dict(model, options=full_opts),
+                "optim": get_optimizer_state_dict(model, optim, options=full_opts)}
+    if rank == 0:
+        (path,) = write_dcp(out_dir, endpoint=endpoint)
+    torch.distributed.barrier()
+    path = os.path.join(out_dir, "step-00000003")
+    # another parallelism: 2-D tensors column-sharded (TP Shard(1)), vectors row-sharded
+    template = {part: {k: distribute_tensor(torch.zeros_like(v), mesh, [Shard(1) if v.dim() == 2 else Shard(0)])
+                       if v.dim() else torch.zeros_like(v) for k, v in sd.items() if isinstance(v, torch.Tensor)}
+                for part, sd in expected.items()}
+    template["train"] = {"step": 0, "data_seed": 0}
+    dcp.load(template, checkpoint_id=path)
+    for part, sd in expected.items():
+        for k, v in sd.items():
+            if isinstance(v, torch.Tensor):
+                got = template[part][k]
+                got = got.full_tensor() if hasattr(got, "full_tensor") else got
+                assert torch.equal(got, v), f"{part}.{k}"
+    assert template["train"] == {"step": 3, "data_seed": 11}
+    if rank == 0:  # tensors cannot be returned through the result queue (shared by fd, gone at exit)
+        torch.save({f"{part}.{k}": v for part, sd in expected.items() for k, v in sd.items()
+                    if isinstance(v, torch.Tensor)}, os.path.join(out_dir, "..", "expected.pt"))
+    return True
+
+
+def test_dcp_from_2_rank_fsdp2_loads_into_tp_and_into_one_process(tmp_path):
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    out = str(tmp_path / "dcp")
+    with DaemonProcess(args=("--memory-limit", "64MiB")) as daemon:
+        assert run_ranks(fsdp_stage_then_load_as_tp, 2, daemon.endpoint, out) == [True, True]
+        expected = torch.load(str(tmp_path / "expected.pt"), weights_only=True)
+        listing = subprocess.run([sys.executable, "-m", "stager.cli", "write-dcp", "--endpoint", daemon.endpoint,
+                                  "--out", str(tmp_path / "cli"), "--step", "3", "--json"],
+                                 capture_output=True, text=True, timeout=120)
+        assert listing.returncode == 0, listing.stderr
+        assert json.loads(listing.stdout)["written"].endswith("step-00000003")
+    path = os.path.join(out, "step-00000003")
+    assert os.path.realpath(os.path.join(out, "latest")) == path
+    assert not [d for d in os.listdir(out) if d.startswith(".")]  # no partial directory left
+    # one process, no process group: plain tensors
+    template = {k: torch.zeros_like(v) for k, v in expected.items()}
+    template["train.step"] = 0
+    dcp.load(template, checkpoint_id=path, no_dist=True)
+    assert all(torch.equal(template[k], v) for k, v in expected.items()) and template["train.step"] == 3
+    converted = str(tmp_path / "full.pt")
+    dcp_to_torch_save(path, converted)
+    full = torch.load(converted, weights_only=True)
+    assert all(torch.equal(full[k], v) for k, v in expected.items()) and full["train.data_seed"] == 11
