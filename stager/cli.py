@@ -99,6 +99,66 @@ def _write_dcp(args: argparse.Namespace) -> int:
     return 0
 
 
+def _verify(args: argparse.Namespace) -> int:
+    from stager.integrity import verify
+
+    try:
+        report = verify(args.dir)
+    except StagerError as exc:
+        print(f"stager verify: {exc.message}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(report))
+    else:
+        print(f"{args.dir}: {'ok' if report['ok'] else 'CORRUPT'} ({report['checked']} tensors checked)")
+        for key in ("mismatched", "missing", "unexpected"):
+            for name in report[key]:
+                print(f"  {key}: {name}")
+        if report.get("error"):
+            print(f"  unreadable: {report['error']}")
+    return 0 if report["ok"] else 1
+
+
+def _tensors_of(source: str, endpoint: str | None):
+    """An export directory, or ``step:N`` / ``latest`` for a sealed version (a leased snapshot)."""
+    from stager.integrity import read_tensors
+
+    if source == "latest" or source.startswith("step:"):
+        from stager.client import Subscriber
+
+        sub = Subscriber(endpoint)
+        snap = sub.latest() if source == "latest" else sub.at(int(source[5:]))
+        return {k: v.clone() for k, v in snap.items()}, lambda: (snap.release(), sub.close())
+    return dict(read_tensors(source)), lambda: None
+
+
+def _diff(args: argparse.Namespace) -> int:
+    from stager.integrity import diff
+
+    try:
+        a, close_a = _tensors_of(args.a, args.endpoint)
+        b, close_b = _tensors_of(args.b, args.endpoint)
+    except StagerError as exc:
+        print(f"stager diff: {exc.message}", file=sys.stderr)
+        return 2
+    report = diff(a, b)
+    close_a()
+    close_b()
+    if args.json:
+        print(json.dumps(report))
+    else:
+        print(f"{report['equal']} equal, {len(report['different'])} different, {len(report['shape_mismatch'])} "
+              f"shape mismatches, {len(report['only_a'])} only in A, {len(report['only_b'])} only in B")
+        for name, delta in report["different"].items():
+            print(f"  different: {name} (max abs diff {delta:.3g})")
+        for name, sa, sb in report["shape_mismatch"]:
+            print(f"  shape: {name} {sa} vs {sb}")
+        for side in ("only_a", "only_b"):
+            for name in report[side]:
+                print(f"  {side}: {name}")
+    return 0 if report["identical"] else 1
+
+
 def _keygen(args: argparse.Namespace) -> int:
     import os
     import shutil
@@ -166,6 +226,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--keep", type=int, help="keep the newest K checkpoints")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_write_dcp)
+
+    p = sub.add_parser("verify", help="check an HF or DCP export against its checksum manifest")
+    p.add_argument("dir")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_verify)
+
+    p = sub.add_parser("diff", help="compare two exports, or an export and a sealed version (step:N, latest)")
+    p.add_argument("a")
+    p.add_argument("b")
+    p.add_argument("--endpoint")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_diff)
 
     p = sub.add_parser("keygen", help="create CURVE keys for a tcp daemon that accepts other hosts")
     p.add_argument("dir")

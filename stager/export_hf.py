@@ -26,6 +26,7 @@ import torch
 
 from stager.adapters import load_adapter, to_hf_items
 from stager.protocol import ErrorCode, StagerError
+from stager.integrity import MANIFEST, entry, write_manifest
 from stager.persist import for_each_version, step_directory
 from stager.safetensors_io import write_safetensors
 
@@ -131,6 +132,7 @@ def export_snapshot(snapshot: Any, out_dir: str, *, adapter: str | Any | None = 
     shards = plan_shards(sizes, max_bytes)
 
     progress = _Progress(f"export step {snapshot.step}", sum(sizes))
+    manifest: dict[str, dict] = {}
     with step_directory(out_dir, snapshot.step) as tmp:
         weight_map = {}
         for number, indices in enumerate(shards, 1):
@@ -143,7 +145,9 @@ def export_snapshot(snapshot: Any, out_dir: str, *, adapter: str | Any | None = 
                     hf_name, _, want, source = plan[i]
                     if source != cache_name:  # convert each native tensor once per shard
                         cache_name, cache = source, dict(to_hf_items(adapter_obj, [(source, snapshot[source])]))
-                    yield hf_name, cache.pop(hf_name).to(want)
+                    tensor = cache.pop(hf_name).to(want).contiguous()
+                    manifest[hf_name] = entry(tensor)  # of the bytes as written
+                    yield hf_name, tensor
 
             write_safetensors(os.path.join(tmp, filename), specs, produce, {"format": "pt"}, on_bytes=progress)
             weight_map.update({spec[0]: filename for spec in specs})
@@ -155,10 +159,11 @@ def export_snapshot(snapshot: Any, out_dir: str, *, adapter: str | Any | None = 
             config["torch_dtype"] = str(cast).removeprefix("torch.")
         _write_json(os.path.join(tmp, "config.json"), config)
         if hf_assets:
-            for entry in sorted(os.listdir(hf_assets)):
-                src = os.path.join(hf_assets, entry)
-                if os.path.isfile(src) and not _SKIP_ASSETS.search(entry):
-                    shutil.copyfile(src, os.path.join(tmp, entry))
+            for asset in sorted(os.listdir(hf_assets)):
+                src = os.path.join(hf_assets, asset)
+                if os.path.isfile(src) and not _SKIP_ASSETS.search(asset) and asset != MANIFEST:
+                    shutil.copyfile(src, os.path.join(tmp, asset))
+        write_manifest(tmp, snapshot.step, "hf", manifest)
     final = os.path.join(out_dir, f"step-{snapshot.step:08d}")
     log.info("exported step %d to %s (%d files, %.2f GiB)", snapshot.step, final, len(shards), sum(sizes) / 2**30)
     return final

@@ -15,6 +15,7 @@ import logging
 import os
 from typing import Any
 
+from stager.integrity import entry, write_manifest
 from stager.persist import for_each_version, step_directory
 from stager.protocol import ErrorCode, StagerError
 
@@ -35,6 +36,7 @@ def write_snapshot_dcp(snapshot: Any, out_dir: str) -> str:
         state[name] = value
     with step_directory(out_dir, snapshot.step) as tmp:
         dcp.save(state, checkpoint_id=tmp, no_dist=True)
+        write_manifest(tmp, snapshot.step, "dcp", {name: entry(t) for name, t in snapshot.items()})
     final = os.path.join(out_dir, f"step-{snapshot.step:08d}")
     log.info("wrote DCP checkpoint of step %d to %s", snapshot.step, final)
     return final

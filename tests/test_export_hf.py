@@ -39,7 +39,7 @@ def test_export_loads_in_transformers_with_the_same_logits(staged_llama, tmp_pat
     assert os.path.basename(path) == "step-00000007" and os.path.realpath(tmp_path / "latest") == path
     files = sorted(os.listdir(path))
     if shard == "5GB":
-        assert files == ["config.json", "model.safetensors"]
+        assert files == ["config.json", "model.safetensors", "stager-manifest.json"]
     else:
         index = json.load(open(os.path.join(path, "model.safetensors.index.json")))
         shards = sorted(set(index["weight_map"].values()))
