@@ -35,7 +35,9 @@ def write_snapshot_dcp(snapshot: Any, out_dir: str) -> str:
             raise StagerError(ErrorCode.BAD_VALUE, f"{name} is both a tensor and a non-tensor value")
         state[name] = value
     with step_directory(out_dir, snapshot.step) as tmp:
-        dcp.save(state, checkpoint_id=tmp, no_dist=True)
+        # one writer process does what every trainer rank did in parallel: give DCP the cores
+        writer = dcp.FileSystemWriter(tmp, thread_count=max(1, min(8, os.cpu_count() or 1)))
+        dcp.save(state, storage_writer=writer, no_dist=True)
         write_manifest(tmp, snapshot.step, "dcp", {name: entry(t) for name, t in snapshot.items()})
     final = os.path.join(out_dir, f"step-{snapshot.step:08d}")
     log.info("wrote DCP checkpoint of step %d to %s", snapshot.step, final)
