@@ -66,37 +66,32 @@ def _status(args: argparse.Namespace) -> int:
     return 0
 
 
-def _export_hf(args: argparse.Namespace) -> int:
-    from stager.export_hf import export_hf
-
+def _run_writer(args: argparse.Namespace, command: str, key: str, write, **options) -> int:
+    """Shared by export-hf and write-dcp: one version (--step / newest) or --follow until ^C."""
     try:
-        written = export_hf(args.out, endpoint=args.endpoint, step=args.step, follow=args.follow, every=args.every,
-                            keep=args.keep, adapter=args.adapter, hf_config=args.hf_config,
-                            hf_assets=args.hf_assets, dtype=args.dtype, max_shard_size=args.max_shard_size)
+        written = write(args.out, endpoint=args.endpoint, step=args.step, follow=args.follow, every=args.every,
+                        keep=args.keep, **options)
     except KeyboardInterrupt:
         return 130
     except (StagerError, ValueError, OSError) as exc:
-        print(f"stager export-hf: {exc}", file=sys.stderr)
+        print(f"stager {command}: {exc}", file=sys.stderr)
         return 1
     for path in written:
-        print(json.dumps({"exported": path}) if args.json else path)
+        print(json.dumps({key: path}) if args.json else path)
     return 0
+
+
+def _export_hf(args: argparse.Namespace) -> int:
+    from stager.export_hf import export_hf
+
+    return _run_writer(args, "export-hf", "exported", export_hf, adapter=args.adapter, hf_config=args.hf_config,
+                       hf_assets=args.hf_assets, dtype=args.dtype, max_shard_size=args.max_shard_size)
 
 
 def _write_dcp(args: argparse.Namespace) -> int:
     from stager.write_dcp import write_dcp
 
-    try:
-        written = write_dcp(args.out, endpoint=args.endpoint, step=args.step, follow=args.follow, every=args.every,
-                            keep=args.keep)
-    except KeyboardInterrupt:
-        return 130
-    except (StagerError, ValueError, OSError) as exc:
-        print(f"stager write-dcp: {exc}", file=sys.stderr)
-        return 1
-    for path in written:
-        print(json.dumps({"written": path}) if args.json else path)
-    return 0
+    return _run_writer(args, "write-dcp", "written", write_dcp)
 
 
 def _verify(args: argparse.Namespace) -> int:
