@@ -175,6 +175,17 @@ def _demo(args: argparse.Namespace) -> int:
     return run_demo(steps=args.steps, stage_every=args.every, json_out=args.json)
 
 
+def _writer_arguments(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--endpoint")
+    p.add_argument("--out", required=True, help=f"directory; each {what} goes to OUT/step-NNNNNNNN, OUT/latest links it")
+    when = p.add_mutually_exclusive_group()
+    when.add_argument("--step", type=int, help=f"{what} this sealed step (default: the newest)")
+    when.add_argument("--follow", action="store_true", help=f"{what} new versions as they are sealed, until ^C")
+    p.add_argument("--every", type=int, default=1, help=f"with --follow: at least this many steps between each {what}")
+    p.add_argument("--keep", type=int, help=f"keep the newest K ({what}s)")
+    p.add_argument("--json", action="store_true")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="stager", description="Per-node staging daemon for PyTorch training state.")
     parser.add_argument("--log-level", default="WARNING", help="logging level (default WARNING)")
@@ -196,30 +207,16 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(func=_status)
 
     p = sub.add_parser("export-hf", help="write sealed versions as Hugging Face safetensors checkpoints")
-    p.add_argument("--endpoint")
-    p.add_argument("--out", required=True, help="directory; each export goes to OUT/step-NNNNNNNN, OUT/latest links it")
-    when = p.add_mutually_exclusive_group()
-    when.add_argument("--step", type=int, help="export this sealed step (default: the newest)")
-    when.add_argument("--follow", action="store_true", help="export new versions as they are sealed, until ^C")
-    p.add_argument("--every", type=int, default=1, help="with --follow: at least this many steps between exports")
+    _writer_arguments(p, "export")
     p.add_argument("--adapter", help="llama3, qwen3, identity or module:attr (default: from the staged model_info)")
     p.add_argument("--hf-config", help="HF config.json (default: from the staged model_info)")
     p.add_argument("--hf-assets", help="directory whose tokenizer/generation files are copied along")
     p.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], help="cast floating tensors (default: as staged)")
     p.add_argument("--max-shard-size", default="5GB", help="per safetensors file (default 5GB)")
-    p.add_argument("--keep", type=int, help="keep the newest K exports")
-    p.add_argument("--json", action="store_true")
     p.set_defaults(func=_export_hf)
 
     p = sub.add_parser("write-dcp", help="write sealed versions as resumable DCP checkpoints")
-    p.add_argument("--endpoint")
-    p.add_argument("--out", required=True, help="directory; each checkpoint goes to OUT/step-NNNNNNNN")
-    when = p.add_mutually_exclusive_group()
-    when.add_argument("--step", type=int, help="write this sealed step (default: the newest)")
-    when.add_argument("--follow", action="store_true", help="write new versions as they are sealed, until ^C")
-    p.add_argument("--every", type=int, default=1, help="with --follow: at least this many steps between checkpoints")
-    p.add_argument("--keep", type=int, help="keep the newest K checkpoints")
-    p.add_argument("--json", action="store_true")
+    _writer_arguments(p, "checkpoint")
     p.set_defaults(func=_write_dcp)
 
     p = sub.add_parser("verify", help="check an HF or DCP export against its checksum manifest")
