@@ -25,14 +25,10 @@ class TinyModel(nn.Module):
         return self.down(torch.relu(self.up(self.embed(x).mean(1))))
 
 
-def _train_rank(rank: int, world_size: int, endpoint: str, steps: int, every: int) -> dict:
-    from torch.distributed.checkpoint.state_dict import (
-        StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
-    )
+def sharded_model(world_size: int) -> tuple[TinyModel, torch.optim.Optimizer]:
+    """TinyModel under FSDP2 (every layer and the root) over a 1-D CPU mesh, with AdamW."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
-
-    from stager.client import StagingClient, Subscriber
 
     torch.manual_seed(0)
     mesh = init_device_mesh("cpu", (world_size,))
@@ -40,7 +36,16 @@ def _train_rank(rank: int, world_size: int, endpoint: str, steps: int, every: in
     for layer in (model.embed, model.up, model.down):
         fully_shard(layer, mesh=mesh)
     fully_shard(model, mesh=mesh)
-    optim = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    return model, torch.optim.AdamW(model.parameters(), lr=1e-2)
+
+
+def _train_rank(rank: int, world_size: int, endpoint: str, steps: int, every: int) -> dict:
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
+    )
+    from stager.client import StagingClient, Subscriber
+
+    model, optim = sharded_model(world_size)
     client = StagingClient(endpoint, strict=True)
     flat = StateDictOptions(flatten_optimizer_state_dict=True)
     stage_ms, copied_ms, sealed_ms, handle = [], [], [], None

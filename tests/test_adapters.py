@@ -12,6 +12,14 @@ CONFIG = {"vocab_size": 96, "hidden_size": 32, "intermediate_size": 48, "num_hid
           "max_position_embeddings": 64, "tie_word_embeddings": False}
 
 
+def assert_same_logits_and_round_trip(hf, native, adapter, sd, hf_sd):
+    tokens = torch.randint(0, CONFIG["vocab_size"], (2, 17))
+    with torch.no_grad():
+        torch.testing.assert_close(hf(tokens).logits, native(tokens), rtol=1e-5, atol=1e-5)
+    back = adapter.from_hf(hf_sd)
+    assert back.keys() == sd.keys() and all(torch.equal(back[k], sd[k]) for k in sd)
+
+
 @pytest.mark.parametrize("heads,rows,cols", [(4, 32, 8), (2, 16, 5), (1, 4, 3)])
 def test_rotary_permutation_inverts(heads, rows, cols):
     w = torch.randn(rows, cols)
@@ -34,11 +42,7 @@ def test_llama3_export_gives_the_same_logits_in_transformers(qkv_linear):
     hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(**cfg, rope_theta=CONFIG["rope_theta"])).eval()
     missing, unexpected = hf.load_state_dict(hf_sd, strict=False)
     assert not unexpected and not [m for m in missing if "rotary" not in m]
-    tokens = torch.randint(0, CONFIG["vocab_size"], (2, 17))
-    with torch.no_grad():
-        torch.testing.assert_close(hf(tokens).logits, native(tokens), rtol=1e-5, atol=1e-5)
-    back = adapter.from_hf(hf_sd)
-    assert back.keys() == sd.keys() and all(torch.equal(back[k], sd[k]) for k in sd)
+    assert_same_logits_and_round_trip(hf, native, adapter, sd, hf_sd)
 
 
 def test_qwen3_export_gives_the_same_logits_in_transformers():
@@ -60,11 +64,7 @@ def test_qwen3_export_gives_the_same_logits_in_transformers():
     missing, unexpected = hf.load_state_dict(hf_sd, strict=False)
     assert not unexpected and not [m for m in missing if "rotary" not in m and m != "lm_head.weight"]
     hf.tie_weights()
-    tokens = torch.randint(0, cfg["vocab_size"], (2, 17))
-    with torch.no_grad():
-        torch.testing.assert_close(hf(tokens).logits, native(tokens), rtol=1e-5, atol=1e-5)
-    back = adapter.from_hf(hf_sd)
-    assert back.keys() == sd.keys() and all(torch.equal(back[k], sd[k]) for k in sd)
+    assert_same_logits_and_round_trip(hf, native, adapter, sd, hf_sd)
 
 
 def test_tied_embeddings_drop_and_restore_lm_head():

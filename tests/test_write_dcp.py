@@ -13,21 +13,15 @@ from stager.launch import DaemonProcess, run_ranks
 def fsdp_stage_then_load_as_tp(rank, world, endpoint, out_dir):
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor import Shard, distribute_tensor
     import torch.distributed.checkpoint as dcp
 
     from stager.client import StagingClient
-    from stager.demo import TinyModel
+    from stager.demo import sharded_model
     from stager.write_dcp import write_dcp
 
-    torch.manual_seed(0)
+    model, optim = sharded_model(world)
     mesh = init_device_mesh("cpu", (world,))
-    model = TinyModel()
-    for layer in (model.embed, model.up, model.down):
-        fully_shard(layer, mesh=mesh)
-    fully_shard(model, mesh=mesh)
-    optim = torch.optim.AdamW(model.parameters(), lr=1e-2)
     model(torch.randint(0, 64, (4, 6))).square().mean().backward()
     optim.step()
     flat = StateDictOptions(flatten_optimizer_state_dict=True)
