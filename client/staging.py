@@ -333,6 +333,8 @@ class _Worker:
             began = True
             key = (self.conn.session, reply.layout)
             if reply.assignment is not None:
+                # assignments of an earlier daemon session can never be used again
+                self.assignments = {k: v for k, v in self.assignments.items() if k[0] == self.conn.session}
                 self.assignments[key] = reply.assignment
             assignment = self.assignments.get(key)
             if assignment is None or len(assignment) != len(plan):

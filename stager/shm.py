@@ -42,7 +42,7 @@ class Segment:
     """A shared-memory file the daemon owns. The daemon itself maps it only when it must write
     (bytes from another host); same-host ranks write through their own mappings."""
 
-    def __init__(self, name: str, size: int):  # noqa: D107 (creates and reserves; may take a while)
+    def __init__(self, name: str, size: int):  # creates the file and reserves its memory: may take a while
         self.name, self.size = name, size
         self._map: mmap.mmap | None = None
         self._tensor: torch.Tensor | None = None
