@@ -10,8 +10,6 @@ from .errors import ErrorCode, ProtocolError, RemoteError, StagerError
 from .messages import (
     PROTOCOL_VERSION,
     Abort,
-    Acquire,
-    AcquireReply,
     Begin,
     BeginReply,
     Bye,
@@ -24,16 +22,16 @@ from .messages import (
     Ping,
     Pong,
     Put,
-    Release,
     Sealed,
     Status,
     StatusReply,
     decode,
 )
+from .reads import Acquire, AcquireReply, Announce, Read, ReadReply, Release, Subscribe, SubscribeReply
 
 __all__ = [
     "PROTOCOL_VERSION", "DTYPES", "dtype_name", "dtype_from_name", "decode", "Message",
     "ErrorCode", "StagerError", "ProtocolError", "RemoteError",
     "Hello", "HelloReply", "Bye", "Begin", "BeginReply", "Put", "Commit", "Sealed", "Abort",
-    "Acquire", "AcquireReply", "Release", "Status", "StatusReply", "Ping", "Pong", "Ok", "ErrorReply",
+    "Acquire", "AcquireReply", "Release", "Subscribe", "SubscribeReply", "Announce", "Read", "ReadReply", "Status", "StatusReply", "Ping", "Pong", "Ok", "ErrorReply",
 ]

@@ -15,7 +15,10 @@ and tensor bytes never pass through msgpack: no pickle anywhere.
 
 Same-host tensor bytes do not travel in messages at all: they go through shared-memory
 segments named in :class:`BeginReply` / :class:`AcquireReply`. Only peers on another host
-send bytes as frames (:class:`Put`).
+send bytes as frames (:class:`Put`) and read them as frames (:class:`ReadReply`).
+
+One message is not a reply: :class:`Announce` (id 0), which the daemon pushes to readers that
+sent :class:`Subscribe`, once per sealed version. Read-side messages live in ``reads.py``.
 """
 
 from __future__ import annotations
@@ -33,11 +36,6 @@ MAX_WORLD = 1 << 24
 
 _REGISTRY: dict[str, type["Message"]] = {}
 _NONE = type(None)
-
-
-def _register(cls: type["Message"]) -> type["Message"]:
-    _REGISTRY[cls.TYPE] = cls
-    return cls
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -145,7 +143,20 @@ def _nonneg(msg: Message, *names: str) -> None:
 # ----------------------------------------------------------------------------- requests
 
 
-@_register
+def _repr(self: Message) -> str:
+    fields = ", ".join(f"{k}={getattr(self, k)!r}" for k in ("id", *self.SCHEMA))
+    return f"{type(self).__name__}({fields})"
+
+
+def register(cls: type[Message]) -> type[Message]:
+    """Make ``cls`` decodable (and give it the short repr); protocol modules decorate each message."""
+    _REGISTRY[cls.TYPE] = cls
+    if "__repr__" not in cls.__dict__:
+        cls.__repr__ = _repr  # type: ignore[method-assign]
+    return cls
+
+
+@register
 @dataclasses.dataclass(kw_only=True, repr=False)
 class Hello(Message):
     """First request of every connection: who the peer is. ``role``: trainer, reader or admin."""
@@ -186,7 +197,7 @@ class Hello(Message):
             )
 
 
-@_register
+@register
 @dataclasses.dataclass(kw_only=True, repr=False)
 class Begin(Message):
     """A trainer rank starts staging ``step``. ``plan`` is sent when the daemon may not know
@@ -212,7 +223,7 @@ class Begin(Message):
         _nonneg(self, "step", "wait_ms")
 
 
-@_register
+@register
 @dataclasses.dataclass(kw_only=True, repr=False)
 class Put(Message):
     """Bytes of some of this rank's assigned regions, one frame each (peers on another host)."""
@@ -229,19 +240,20 @@ class Put(Message):
             raise ProtocolError(ErrorCode.BAD_MESSAGE, "put: need one int region index per data frame")
 
 
-@_register
+@register
 @dataclasses.dataclass(kw_only=True, repr=False)
 class Commit(Message):
     """This rank has written all its regions of ``step``; the reply comes once the step is sealed."""
 
     TYPE: ClassVar[str] = "commit"
-    SCHEMA: ClassVar = {"step": (int,), "objects": (dict,), "model_info": (dict, _NONE)}
+    SCHEMA: ClassVar = {"step": (int,), "objects": (dict,), "model_info": (dict, _NONE), "quant": (dict,)}
     step: int = 0
     objects: dict = dataclasses.field(default_factory=dict)  # non-tensor leaves by FQN
     model_info: dict | None = None
+    quant: dict = dataclasses.field(default_factory=dict)  # float8 data fqn -> scale spec (protocol.quant)
 
 
-@_register
+@register
 @dataclasses.dataclass(kw_only=True, repr=False)
 class Abort(Message):
     """This rank cannot finish ``step`` (e.g. a copy failed); the daemon fails the step."""
@@ -252,25 +264,7 @@ class Abort(Message):
     reason: str = ""
 
 
-@_register
-@dataclasses.dataclass(kw_only=True, repr=False)
-class Acquire(Message):
-    """Lease a sealed version (the newest when ``step`` is None) for reading."""
-
-    TYPE: ClassVar[str] = "acquire"
-    SCHEMA: ClassVar = {"step": (int, _NONE)}
-    step: int | None = None
-
-
-@_register
-@dataclasses.dataclass(kw_only=True, repr=False)
-class Release(Message):
-    TYPE: ClassVar[str] = "release"
-    SCHEMA: ClassVar = {"lease": (int,)}
-    lease: int = 0
-
-
-@_register
+@register
 @dataclasses.dataclass(kw_only=True, repr=False)
 class Bye(Message):
     """The peer is leaving: the daemon ends its leases (a trainer's steps in flight fail)."""
@@ -278,13 +272,13 @@ class Bye(Message):
     TYPE: ClassVar[str] = "bye"
 
 
-@_register
+@register
 @dataclasses.dataclass(kw_only=True, repr=False)
 class Status(Message):
     TYPE: ClassVar[str] = "status"
 
 
-@_register
+@register
 @dataclasses.dataclass(kw_only=True, repr=False)
 class Ping(Message):
     TYPE: ClassVar[str] = "ping"
@@ -296,7 +290,7 @@ class Ping(Message):
 # ------------------------------------------------------------------------------ replies
 
 
-@_register
+@register
 @dataclasses.dataclass(kw_only=True, repr=False)
 class HelloReply(Message):
     TYPE: ClassVar[str] = "hello_reply"
@@ -306,7 +300,7 @@ class HelloReply(Message):
     daemon_pid: int = 0
 
 
-@_register
+@register
 @dataclasses.dataclass(kw_only=True, repr=False)
 class BeginReply(Message):
     """Where to write ``step``: a shared-memory segment, and (when new) this rank's assignment:
@@ -330,7 +324,7 @@ class BeginReply(Message):
     live_segments: list = dataclasses.field(default_factory=list)
 
 
-@_register
+@register
 @dataclasses.dataclass(kw_only=True, repr=False)
 class Sealed(Message):
     """Reply to :class:`Commit` once every rank of the node committed and the version is served."""
@@ -343,41 +337,13 @@ class Sealed(Message):
     partial: bool = False
 
 
-@_register
-@dataclasses.dataclass(kw_only=True, repr=False)
-class AcquireReply(Message):
-    """A leased version. ``tensors``: ``[fqn, dtype, shape, blocks]`` where ``blocks`` is a list
-    of ``[byte_offset, global_offset, block_shape]`` (one block covering the whole tensor unless
-    the version is partial)."""
-
-    TYPE: ClassVar[str] = "acquire_reply"
-    SCHEMA: ClassVar = {
-        "lease": (int,),
-        "step": (int,),
-        "segment": (str,),
-        "size": (int,),
-        "tensors": (list,),
-        "objects": (dict,),
-        "model_info": (dict, _NONE),
-        "partial": (bool,),
-    }
-    lease: int = 0
-    step: int = 0
-    segment: str = ""
-    size: int = 0
-    tensors: list = dataclasses.field(default_factory=list)
-    objects: dict = dataclasses.field(default_factory=dict)
-    model_info: dict | None = None
-    partial: bool = False
-
-
-@_register
+@register
 @dataclasses.dataclass(kw_only=True, repr=False)
 class Ok(Message):
     TYPE: ClassVar[str] = "ok"
 
 
-@_register
+@register
 @dataclasses.dataclass(kw_only=True, repr=False)
 class StatusReply(Message):
     TYPE: ClassVar[str] = "status_reply"
@@ -385,7 +351,7 @@ class StatusReply(Message):
     status: dict = dataclasses.field(default_factory=dict)
 
 
-@_register
+@register
 @dataclasses.dataclass(kw_only=True, repr=False)
 class Pong(Message):
     TYPE: ClassVar[str] = "pong"
@@ -393,7 +359,7 @@ class Pong(Message):
     session: str = ""
 
 
-@_register
+@register
 @dataclasses.dataclass(kw_only=True, repr=False)
 class ErrorReply(Message):
     """A request failed: ``code`` is an :class:`ErrorCode` value, ``message`` says how to fix it."""
@@ -405,13 +371,3 @@ class ErrorReply(Message):
 
     def to_exception(self) -> RemoteError:
         return RemoteError(self.code, self.message)
-
-
-def _repr(self: Message) -> str:
-    fields = ", ".join(f"{k}={getattr(self, k)!r}" for k in ("id", *self.SCHEMA))
-    return f"{type(self).__name__}({fields})"
-
-
-for _cls in _REGISTRY.values():
-    if "__repr__" not in _cls.__dict__:
-        _cls.__repr__ = _repr  # type: ignore[method-assign]

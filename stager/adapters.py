@@ -207,12 +207,18 @@ class Qwen3Adapter(Llama3Adapter):
             raise _error(f"{name}: shape {list(tensor.shape)} contradicts the config (head_dim {self.head_dim})")
 
 
-BUILT_IN = {"identity": IdentityAdapter, "llama3": Llama3Adapter, "qwen3": Qwen3Adapter}
+def _deepseek_v3(hf_config: dict) -> Any:
+    from stager.adapter_deepseek import DeepSeekV3Adapter  # imported when used: that module imports this one
+
+    return DeepSeekV3Adapter(hf_config)
+
+
+BUILT_IN = {"identity": IdentityAdapter, "llama3": Llama3Adapter, "qwen3": Qwen3Adapter, "deepseek_v3": _deepseek_v3}
 
 
 def load_adapter(spec: str, hf_config: dict | None = None) -> Any:
-    """A built-in adapter by name (``llama3``, ``identity``) or ``module:attr`` naming a class or
-    factory called with the HF config (torchtitan's adapters take model args: wrap them)."""
+    """A built-in adapter by name (``llama3``, ``qwen3``, ``deepseek_v3``, ``identity``) or ``module:attr``
+    naming a class or factory called with the HF config (torchtitan's adapters take model args: wrap them)."""
     if spec in BUILT_IN:
         return BUILT_IN[spec](hf_config or {})
     if ":" not in spec:

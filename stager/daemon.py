@@ -75,6 +75,8 @@ class Daemon:
         self.ctx = zmq.Context()
         self.sock = self.ctx.socket(zmq.ROUTER)
         self.sock.setsockopt(zmq.LINGER, 0)
+        # report (rather than silently drop) sends to a peer that left or stopped reading
+        self.sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
         # a peer sending a frame larger than the whole budget is disconnected before it is buffered
         self.sock.setsockopt(zmq.MAXMSGSIZE, config.memory_limit)
         self._auth = self._setup_auth() if config.auth_dir else None
@@ -139,13 +141,20 @@ class Daemon:
 
     # ------------------------------------------------------------------ loop
 
-    def _send(self, identity: bytes, msg: Message) -> None:
+    def _send(self, identity: bytes, msg: Message) -> bool:
+        """Send without ever blocking the loop; False when ZeroMQ dropped it (peer gone or not reading)."""
         try:
-            self.sock.send_multipart([identity, *msg.encode()], flags=zmq.NOBLOCK)
-        except zmq.Again:
-            log.warning("dropped a %s reply: the peer is not reading", msg.TYPE)
+            # copy=False: read replies go out straight from the segment (small frames are copied anyway)
+            self.sock.send_multipart([identity, *msg.encode()], flags=zmq.NOBLOCK, copy=False)
+            return True
+        except zmq.Again:  # announcements to a reader that lags are expected to drop: not worth a warning
+            log.log(logging.DEBUG if msg.id == 0 else logging.WARNING, "dropped a %s message: the peer is not reading",
+                    msg.TYPE)
+        except zmq.ZMQError as exc:  # EHOSTUNREACH: the peer left
+            log.debug("dropped a %s message: %s", msg.TYPE, exc)
         except ProtocolError as exc:  # a reply that cannot be encoded (e.g. odd model_info): say so
             self.sock.send_multipart([identity, *ErrorReply(id=msg.id, code=exc.code.value, message=exc.message).encode()])
+        return False
 
     def _on_frames(self, frames: list) -> None:
         identity = frames[0].bytes

@@ -20,21 +20,28 @@ import torch
 from stager.peers import Peer, PeerHandlers
 from stager.planning import NodeLayout, PlanEntry, assignment_to_wire, build_layout, parse_plan, plan_digest
 from stager.protocol import (
-    Abort, Acquire, Begin, BeginReply, Bye, Commit, ErrorCode, ErrorReply, Hello,
+    Abort, Acquire, Begin, Read, Subscribe, BeginReply, Bye, Commit, ErrorCode, ErrorReply, Hello,
     Message, Ok, Ping, Pong, ProtocolError, Put, Release, Sealed, StagerError, Status,
     StatusReply,
 )
 from stager.protocol.dtypes import dtype_from_name
+from stager.protocol.quant import check_quant
 from stager.reading import ReadingHandlers
 from stager.shm import block_view
 from stager.versions import PENDING, Pending, SegmentBudget, Version, evictable, reclaim_candidates
 
 log = logging.getLogger("stager.daemon")
 
-Send = Callable[[bytes, Message], None]
+Send = Callable[[bytes, Message], bool]  # False: dropped (peer gone or not reading)
 LIVENESS_INTERVAL_S = 1.0
 MAX_IN_FLIGHT = 8  # steps staging at once: more means the ranks never finish what they begin
 _PLANS_PER_RANK = 4  # layout digests remembered per rank (a changed layout keeps the old for a while)
+
+
+RETENTION_POLICY = (
+    "keep the newest --keep sealed versions; a leased version is never freed while leased; when a new "
+    "step needs memory, drop unleased versions oldest first (never the newest), then make the step wait "
+    "up to the trainer's backpressure_timeout, then refuse it with MEMORY_LIMIT")
 
 
 @dataclasses.dataclass(eq=False)
@@ -44,6 +51,7 @@ class LayoutRecord:
     digests: dict[int, str]  # rank -> plan digest this layout was built from
     wire_tensors: list  # the tensor table readers receive, encoded once
     full_world: bool
+    by_name: dict = dataclasses.field(default_factory=dict)  # fqn -> TensorLayout, filled on first remote read
 
 
 class StagingState(PeerHandlers, ReadingHandlers):
@@ -69,10 +77,14 @@ class StagingState(PeerHandlers, ReadingHandlers):
         self._lease_ids = itertools.count(1)
         self._layout_ids = itertools.count(1)
         self._next_liveness = 0.0
-        self.counters = {"sealed": 0, "failed": 0, "ingested_bytes": 0, "requests": 0, "errors": 0}
+        self.seq = 0  # versions sealed by this daemon: announcements carry it, gaps show skips
+        self.subscribers: set[bytes] = set()
+        self.counters = {"sealed": 0, "failed": 0, "ingested_bytes": 0, "requests": 0, "errors": 0,
+                         "read_bytes": 0, "announcements_dropped": 0, "memory_refusals": 0}
         self.handlers: dict[type, Callable] = {
             Hello: self.on_hello, Begin: self.on_begin, Put: self.on_put, Commit: self.on_commit,
             Abort: self.on_abort, Acquire: self.on_acquire, Release: self.on_release,
+            Subscribe: self.on_subscribe, Read: self.on_read,
             Status: self.on_status, Ping: self.on_ping, Bye: self.on_bye,
         }
 
@@ -216,6 +228,7 @@ class StagingState(PeerHandlers, ReadingHandlers):
                 if v.wait_deadline is None:
                     v.wait_deadline = now + v.wait_ms / 1000
                 if now >= v.wait_deadline:
+                    self.counters["memory_refusals"] += 1
                     self.fail(v, self._memory_message(v.layout.size), ErrorCode.MEMORY_LIMIT)
                 return
             v.segment = segment
@@ -316,6 +329,13 @@ class StagingState(PeerHandlers, ReadingHandlers):
                 raise StagerError(ErrorCode.STEP_FAILED, v.reason)
         else:
             self.counters["ingested_bytes"] += v.layout.written_bytes[rank]
+        if msg.quant and (v.objects_rank is None or rank < v.objects_rank):
+            try:
+                quant = check_quant(msg.quant, {t.fqn: (t.dtype, t.shape) for t in v.layout.tensors})
+            except StagerError as exc:
+                self.fail(v, f"rank {rank}: {exc.message}", exc.code)
+                raise
+            v.quant = {fqn: spec.wire() for fqn, spec in quant.items()}
         v.committed.add(rank)
         if v.objects_rank is None or rank < v.objects_rank:  # the lowest rank's non-tensor state wins
             v.objects, v.objects_rank = msg.objects, rank
@@ -341,11 +361,14 @@ class StagingState(PeerHandlers, ReadingHandlers):
         if any(s > v.step for s in self.sealed):  # steps sealed out of order: keep step order
             self.sealed = OrderedDict(sorted(self.sealed.items()))
         self.counters["sealed"] += 1
+        self.seq += 1
+        v.seq = self.seq
         reply = Sealed(step=v.step, nbytes=v.layout.nbytes, tensors=len(v.layout.tensors), partial=v.layout.partial)
         for pending in v.waiting_commit.values():
             reply.id = pending.rid
             self.send(pending.peer, reply)
         v.waiting_commit.clear()
+        self.announce(v)
         log.info("sealed step %d (%.1f MiB, %d tensors)", v.step, v.layout.nbytes / 2**20, len(v.layout.tensors))
         self.enforce_retention()
 
@@ -422,6 +445,13 @@ class StagingState(PeerHandlers, ReadingHandlers):
             "memory": {"used": self.budget.used, "limit": self.budget.limit,
                        "pooled": sum(s.size for segs in self.budget.pool.values() for s in segs)},
             "keep": self.keep,
+            "retention": {
+                "policy": RETENTION_POLICY,
+                "leased_steps": sorted({v.step for _, v in self.leases.values()}),
+                "waiting_for_memory": sorted(s for s, v in self.staging.items() if v.wait_deadline is not None),
+            },
+            "subscribers": len(self.subscribers),
+            "seq": self.seq,
             "counters": dict(self.counters),
             "cpu_seconds": time.process_time(),  # ns resolution; psutil's ticks are 10 ms
         }

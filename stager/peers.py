@@ -94,6 +94,7 @@ class PeerHandlers:
 
     def drop_peer(self, peer: Peer, reason: str) -> None:
         self.peers.pop(peer.identity, None)
+        self.subscribers.discard(peer.identity)
         for lease in list(peer.leases):
             self._end_lease(lease)
         if peer.role == "trainer" and self.ranks.get(peer.rank) == peer.identity:

@@ -253,3 +253,58 @@ def _contains(outer: Box, inner: Box) -> bool:
 
 def assignment_to_wire(assignment: tuple) -> list:
     return [None if a is None else [a[0], list(a[1]), list(a[2])] for a in assignment]
+
+
+# ----------------------------------------------------------------------------- read boxes
+
+
+def check_box(fqn: str, shape: tuple[int, ...], offsets, sizes) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """``(offsets, sizes)`` of a box read from a tensor of ``shape`` (None, None: all of it),
+    raising BAD_VALUE when the box does not fit."""
+    if offsets is None:
+        return (0,) * len(shape), tuple(shape)
+    offsets, sizes = tuple(offsets), tuple(sizes)
+    if len(offsets) != len(shape) or len(sizes) != len(shape) or any(
+            o < 0 or s < 0 or o + s > n for o, s, n in zip(offsets, sizes, shape)):
+        raise ProtocolError(ErrorCode.BAD_VALUE, f"{fqn}: box at {list(offsets)} of size {list(sizes)} does not fit "
+                                                 f"shape {list(shape)}; give one offset and size per dimension")
+    return offsets, sizes
+
+
+def shard_box(shape: tuple[int, ...], dim: int, rank: int, world: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """The box of ``rank``'s shard when ``shape`` is split ``world`` ways along ``dim``, in
+    ``torch.chunk`` order (as DTensor ``Shard(dim)``): chunks of ceil(n / world), the last smaller.
+
+    >>> shard_box((10, 4), 0, 3, 4)
+    ((9, 0), (1, 4))
+    """
+    if not 0 <= dim < len(shape) or not 0 <= rank < world:
+        raise ProtocolError(ErrorCode.BAD_VALUE, f"shard=(dim={dim}, rank={rank}, world={world}) does not fit a "
+                                                 f"tensor of shape {list(shape)}; need 0 <= dim < ndim, 0 <= rank < world")
+    chunk = -(-shape[dim] // world)
+    start = min(rank * chunk, shape[dim])
+    length = min(chunk, shape[dim] - start)
+    offsets = tuple(start if d == dim else 0 for d in range(len(shape)))
+    sizes = tuple(length if d == dim else n for d, n in enumerate(shape))
+    return offsets, sizes
+
+
+def contiguous_span(shape: tuple[int, ...], offsets: tuple[int, ...], sizes: tuple[int, ...]) -> tuple[int, int] | None:
+    """``(first element, element count)`` when the box is one contiguous run of the row-major
+    tensor (a slice of leading rows, or of one row, ...), else None.
+
+    >>> contiguous_span((4, 3), (1, 0), (2, 3)), contiguous_span((4, 3), (0, 1), (2, 2))
+    ((3, 6), None)
+    """
+    count = math.prod(sizes)
+    if count == 0:
+        return 0, 0
+    # the box is contiguous iff, past its first dimension of size > 1, every dimension is whole
+    dims = [d for d, s in enumerate(sizes) if s != 1]
+    if dims and any(sizes[d] != shape[d] for d in range(dims[0] + 1, len(shape))):
+        return None
+    start, stride = 0, 1
+    for d in reversed(range(len(shape))):
+        start += offsets[d] * stride
+        stride *= shape[d]
+    return start, count

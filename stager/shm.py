@@ -71,8 +71,19 @@ class Segment:
             self._tensor = map_segment(self.name, self.size, writable=True)
         return self._tensor
 
+    def buffer(self) -> memoryview:
+        """A read-only buffer of the whole segment (for frames sent without copying), mapped once.
+        Frames still queued keep the mapping alive after the segment is unlinked."""
+        if self._map is None:
+            fd = os.open(_path(self.name), os.O_RDONLY)
+            try:
+                self._map = mmap.mmap(fd, self.size, mmap.MAP_SHARED, mmap.PROT_READ)
+            finally:
+                os.close(fd)
+        return memoryview(self._map)
+
     def unlink(self) -> None:
-        self._tensor = None
+        self._tensor = self._map = None
         try:
             os.unlink(_path(self.name))
         except FileNotFoundError:

@@ -61,6 +61,8 @@ class Version:
     objects: dict = dataclasses.field(default_factory=dict)
     objects_rank: int | None = None
     model_info: dict | None = None
+    quant: dict = dataclasses.field(default_factory=dict)  # float8 fqn -> scale spec (wire form)
+    seq: int = 0  # the daemon's count of sealed versions when this one sealed
     leases: set[int] = dataclasses.field(default_factory=set)
     sealed_at: float | None = None
     reason: str = ""

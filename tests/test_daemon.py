@@ -149,8 +149,8 @@ def test_retention_keeps_newest_and_pools_segments(make_daemon):
     assert len(list_segments(os.getpid())) <= 3
     with Subscriber(d.endpoint) as sub, sub.latest() as snap:
         assert snap.step == 6 and torch.equal(snap["w"], sd["w"])
-        with pytest.raises(ValueError):
-            sub.latest(view="hf")
+        with pytest.raises(ValueError, match="view must be"):
+            Subscriber(d.endpoint, view="onnx")
 
 
 def test_lease_survives_retention_and_memory_limit_refuses(make_daemon):
