@@ -14,6 +14,7 @@ from typing import Any, Mapping
 import torch
 
 from stager.protocol import ErrorCode, StagerError, dtype_name
+from stager.protocol.quant import FLOAT8, SCALE_SUFFIX, float8_parts
 
 _MAX_OBJECT_DEPTH = 8
 _INT64 = (-(1 << 63), (1 << 64) - 1)
@@ -81,6 +82,52 @@ def _store(into: dict, other: dict, fqn: str, value: Any) -> None:
     if fqn in into or fqn in other:
         raise _bad(fqn, "two entries flatten to the same dotted name; rename one of them")
     into[fqn] = value
+
+
+_FLOAT8 = {t for t in (getattr(torch, n, None) for n in ("float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz",
+                                                          "float8_e5m2fnuz")) if t is not None}
+COMPANION_SCALES = ("_scale_inv", "_scale")  # HF fp8 checkpoints: `w` + `w_scale_inv` / `w_scale`, multiplied
+
+
+def split_float8(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, dict]]:
+    """Stage float8 data with its scale as two plain tensors plus typed metadata.
+
+    A torchao float8 tensor (``_data`` + ``_scale`` through ``__tensor_flatten__``; also as a
+    DTensor's local) becomes ``fqn`` (its float8 data) and ``fqn + ":scale"``, dequantized by
+    division. A plain float8 tensor next to ``fqn + "_scale_inv"`` or ``fqn + "_scale"`` is paired
+    with it, dequantized by multiplication. Per-tensor scales of a sharded tensor must be the same
+    on every rank (torchao's FSDP float8 computes them globally); the lowest rank's is kept.
+
+    >>> split_float8({"w": torch.zeros(2, dtype=torch.float8_e4m3fn), "w_scale_inv": torch.ones(1)})[1]
+    {'w': {'scale': 'w_scale_inv', 'mode': 'mul', 'dtype': 'bf16'}}
+    """
+    from torch.distributed.tensor import DTensor
+
+    out: dict[str, torch.Tensor] | None = None
+    quant: dict[str, dict] = {}
+    for fqn, t in tensors.items():
+        local = t._local_tensor if isinstance(t, DTensor) else t
+        parts = float8_parts(local) if type(local) not in (torch.Tensor, torch.nn.Parameter) else None
+        if parts is None:
+            if t.dtype in _FLOAT8:
+                for suffix in COMPANION_SCALES:
+                    scale = tensors.get(fqn + suffix)
+                    if isinstance(scale, torch.Tensor) and scale.is_floating_point() and scale.dtype not in _FLOAT8:
+                        quant[fqn] = {"scale": fqn + suffix, "mode": "mul", "dtype": "bf16"}
+                        break
+            continue
+        if out is None:
+            out = dict(tensors)
+        data, scale, orig = parts
+        if isinstance(t, DTensor):
+            data = DTensor.from_local(data, t.device_mesh, t.placements, run_check=False, shape=t.shape,
+                                      stride=t.stride())
+        name = fqn + SCALE_SUFFIX
+        if name in tensors:
+            raise _bad(fqn, f"cannot stage its scale as {name!r}: that name is taken")
+        out[fqn], out[name] = data, scale
+        quant[fqn] = {"scale": name, "mode": "div", "dtype": orig}
+    return (out if out is not None else tensors), quant
 
 
 def unwrap(fqn: str, tensor: torch.Tensor) -> torch.Tensor:

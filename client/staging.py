@@ -39,7 +39,7 @@ from stager.shm import block_view, map_segment
 
 from .connection import Connection
 from .copier import CopyEngine, cuda_active, prefault
-from .flatten import LayoutCache, flatten_state_dict
+from .flatten import LayoutCache, flatten_state_dict, split_float8
 from .handle import StageHandle
 
 log = logging.getLogger("stager.client")
@@ -322,6 +322,7 @@ class _Worker:
         handle, began = job.handle, False
         try:
             tensors, objects = flatten_state_dict(job.state_dict)
+            tensors, quant = split_float8(tensors)
             plan, locals_ = self.layouts.describe(tensors)
             if plan != self.last_plan:
                 self.last_plan = plan
@@ -349,7 +350,7 @@ class _Worker:
             else:
                 self._put(job.step, plan, assignment, locals_)
                 handle._set_copied()
-            rid = self.conn.send(Commit(step=job.step, objects=objects, model_info=job.model_info))
+            rid = self.conn.send(Commit(step=job.step, objects=objects, model_info=job.model_info, quant=quant))
             self.pending[rid] = (handle, time.monotonic() + self.seal_timeout, self.conn.generation)
         except Exception as exc:
             error = exc if isinstance(exc, StagerError) else StagerError(

@@ -1,6 +1,9 @@
 """Shard planning: coverage, dedup of replicas and offsets, table-driven."""
 
+import math
+
 import pytest
+import torch
 
 from stager.planning import ALIGN, Box, PlanEntry, build_layout, parse_plan
 from stager.protocol import ErrorCode, ProtocolError
@@ -93,3 +96,65 @@ def test_malformed_plans_are_refused(name, plan, text):
     with pytest.raises(ProtocolError) as info:
         parse_plan(0, plan)
     assert info.value.code == ErrorCode.BAD_PLAN and text in info.value.message
+
+
+@pytest.mark.parametrize("shape,dim,world", [((10, 4), 0, 4), ((10, 4), 1, 3), ((3,), 0, 4), ((0, 2), 0, 2)])
+def test_shard_boxes_are_torch_chunks(shape, dim, world):
+    from stager.planning import shard_box
+
+    full = torch.arange(math.prod(shape)).view(shape)
+    chunks = torch.chunk(full, world, dim) if full.numel() else ()
+    for rank in range(world):
+        offsets, sizes = shard_box(shape, dim, rank, world)
+        box = full.narrow(dim, offsets[dim], sizes[dim])
+        expected = chunks[rank] if rank < len(chunks) else full.narrow(dim, 0, 0)
+        assert torch.equal(box, expected)
+
+
+@pytest.mark.parametrize("shape,offsets,sizes,contiguous", [
+    ((4, 3), (1, 0), (2, 3), True),
+    ((4, 3), (2, 1), (1, 2), True),    # part of one row
+    ((4, 3), (0, 1), (2, 2), False),
+    ((2, 4, 3), (1, 1, 0), (1, 2, 3), True),
+    ((2, 4, 3), (0, 1, 0), (2, 1, 3), False),
+    ((5,), (2,), (0,), True),
+])
+def test_contiguous_spans(shape, offsets, sizes, contiguous):
+    from stager.planning import contiguous_span
+
+    full = torch.arange(math.prod(shape)).view(shape)
+    box = full
+    for d, (o, s) in enumerate(zip(offsets, sizes)):
+        box = box.narrow(d, o, s)
+    span = contiguous_span(shape, offsets, sizes)
+    assert (span is not None) == contiguous
+    if span is not None and box.numel():
+        assert torch.equal(full.view(-1)[span[0]:span[0] + span[1]], box.reshape(-1))
+
+
+@pytest.mark.parametrize("view", [
+    lambda t: t,
+    lambda t: t.transpose(0, 2),
+    lambda t: t[2],                   # one expert of a grouped [E, out, in] tensor
+    lambda t: t[1].t(),
+    lambda t: t.permute(2, 0, 1),
+    lambda t: t[:, 1:3],
+])
+def test_boxes_of_strided_views_map_to_native_boxes(view):
+    from stager.client.views import arrange, native_box
+
+    native = torch.arange(4 * 5 * 6).view(4, 5, 6)
+    v = view(native)
+    meta = view(torch.empty(native.shape, device="meta"))
+    strided = (tuple(meta.shape), tuple(meta.stride()), meta.storage_offset())
+    offsets = tuple(min(1, n - 1) for n in v.shape)
+    sizes = tuple(max(1, n - 2) for n in v.shape)
+    expected = v
+    for d, (o, s) in enumerate(zip(offsets, sizes)):
+        expected = expected.narrow(d, o, s)
+    mapped = native_box(tuple(native.shape), strided, offsets, sizes)
+    assert mapped is not None
+    block = native
+    for d, (o, s) in enumerate(zip(*mapped[:2])):
+        block = block.narrow(d, o, s)
+    assert torch.equal(arrange(block.contiguous(), mapped[2], sizes), expected)
