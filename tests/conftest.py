@@ -1,5 +1,6 @@
 import os
 import shutil
+import sys
 import tempfile
 import threading
 
@@ -11,6 +12,9 @@ from stager.config import DaemonConfig
 from stager.daemon import Daemon
 from stager.endpoint import host_id
 from stager.protocol import ErrorReply, Hello, Message, decode
+
+# the tiny torchtitan-style reference models live with the examples that use them
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples"))
 
 
 @pytest.fixture

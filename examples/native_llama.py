@@ -1,4 +1,5 @@
-"""Tiny torchtitan-style Llama and Qwen3 (Meta-style interleaved rotary): native references for adapter tests."""
+"""Tiny torchtitan-style Llama and Qwen3 (Meta-style interleaved rotary): the trainer model of the RL
+example and the native reference of the adapter tests."""
 
 import torch
 import torch.nn as nn
