@@ -19,6 +19,7 @@ import torch
 from stager.protocol import (
     Acquire, AcquireReply, Announce, ErrorCode, Release, StagerError, Subscribe, SubscribeReply,
 )
+from stager.adapters import IdentityAdapter
 from stager.protocol.dtypes import DTYPES
 from stager.shm import SHM_DIR, map_segment
 
@@ -187,6 +188,9 @@ class Subscriber:
                     f"step {reply.step} holds only part of some tensors (the job spans nodes); pass "
                     "allow_partial=True and read them with Snapshot.regions()")
             adapter = self._adapter(reply.model_info)
+            if self.keep_fp8 and reply.quant and adapter is not None and not isinstance(adapter, IdentityAdapter):
+                raise StagerError(ErrorCode.BAD_VALUE, "keep_fp8=True with view='hf' cannot rename or permute float8 "
+                                                       "scales; read view='native', or let the subscriber dequantize")
             entries = view_entries(reply.tensors, reply.quant, adapter, self.keep_fp8, self._index_cache)
             snap = Snapshot(self, reply, self._source(reply), entries, adapter, self.names)
         except BaseException:

@@ -17,7 +17,8 @@ def _serve(args: argparse.Namespace) -> int:
     try:
         config = DaemonConfig(endpoint=args.endpoint,
                               memory_limit=parse_size(args.memory_limit) if args.memory_limit else None,
-                              keep=args.keep, step_timeout=args.step_timeout, auth_dir=args.auth_dir)
+                              keep=args.keep, step_timeout=args.step_timeout,
+                              peer_timeout=args.peer_timeout, auth_dir=args.auth_dir)
         daemon = Daemon(config)
     except (ValueError, StagerError) as exc:
         print(f"stager serve: {exc}", file=sys.stderr)
@@ -54,7 +55,11 @@ def _status(args: argparse.Namespace) -> int:
     mem = status["memory"]
     print(f"daemon pid {status['pid']}  memory {mem['used'] / 2**20:.1f} / {mem['limit'] / 2**20:.1f} MiB  "
           f"keep {status['keep']}  ranks {len(status['ranks'])}/{status['local_world_size'] or 0}  "
-          f"readers {status['readers']}  leases {status['leases']}")
+          f"readers {status['readers']} ({status['subscribers']} subscribed)  leases {status['leases']}")
+    retention = status["retention"]
+    if retention["leased_steps"] or retention["waiting_for_memory"] or status["counters"]["memory_refusals"]:
+        print(f"  leased steps {retention['leased_steps']}  waiting for memory {retention['waiting_for_memory']}  "
+              f"refused for memory {status['counters']['memory_refusals']}")
     for v in status["versions"]:
         extra = f"  {v['reason']}" if v.get("reason") else ""
         if v["state"] == "failed":
@@ -196,6 +201,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--memory-limit", help="shared memory for snapshots, e.g. 16GiB or 40%% (default 50%% of available)")
     p.add_argument("--keep", type=int, default=2, help="sealed versions to retain (default 2)")
     p.add_argument("--step-timeout", type=float, default=120.0, help="seconds for all ranks to commit a step")
+    p.add_argument("--peer-timeout", type=float, default=30.0,
+                   help="seconds of silence after which a peer on another host counts as gone (default 30)")
     p.add_argument("--auth-dir", help="CURVE keys directory, required for a non-loopback tcp bind")
     p.add_argument("--json", action="store_true", help="print the ready line as JSON")
     p.set_defaults(func=_serve)
