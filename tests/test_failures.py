@@ -162,3 +162,25 @@ def test_daemon_killed_and_restarted_while_training_runs(short_dir):
         if second:
             second.stop()
     assert all(r["dt"] < 5.0 for r in records), max(r["dt"] for r in records)
+
+
+def test_subscriber_keeps_waiting_across_a_daemon_restart(short_dir):
+    endpoint = f"ipc://{short_dir}/d.sock"
+    first = DaemonProcess(endpoint, args=("--memory-limit", "16MiB")).start()
+    second = None
+    try:
+        with StagingClient(endpoint, strict=True) as c:
+            c.stage({"w": torch.ones(8)}, step=1).wait(10)
+        with Subscriber(endpoint) as sub:
+            with sub.wait_for_newer(None, timeout=10) as snap:
+                assert snap.step == 1
+            first.stop(signal.SIGKILL)
+            second = DaemonProcess(endpoint, args=("--memory-limit", "16MiB")).start()
+            with StagingClient(endpoint, strict=True) as c:  # the new daemon's first version
+                c.stage({"w": torch.full((8,), 2.0)}, step=2).wait(10)
+            with sub.wait_for_newer(1, timeout=20) as snap:  # re-subscribes to the new daemon by itself
+                assert snap.step == 2 and float(snap["w"][0]) == 2.0
+    finally:
+        first.stop(signal.SIGKILL)
+        if second is not None:
+            second.stop()
