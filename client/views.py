@@ -13,8 +13,6 @@ from typing import Any
 
 import torch
 
-from stager.adapters import to_hf_items
-
 
 @dataclasses.dataclass(frozen=True)
 class ViewEntry:
@@ -28,15 +26,14 @@ class ViewEntry:
 def hf_index(adapter: Any, tensors: list[tuple[str, torch.dtype, tuple[int, ...]]]) -> dict[str, ViewEntry]:
     """``{hf name: ViewEntry}`` for native ``(name, dtype, shape)`` triples, in native order."""
     index: dict[str, ViewEntry] = {}
-    eager = not hasattr(adapter, "to_hf_items")
-    for name, dtype, shape in tensors:
-        meta = torch.empty(shape, dtype=dtype, device="meta")
-        for hf_name, out in to_hf_items(adapter, [(name, meta)]) if not eager else ():
-            index[hf_name] = ViewEntry(hf_name, name, tuple(out.shape), out.dtype, _strided(meta, out))
-    if eager:  # a plug-in adapter converts whole dicts: keep names, learn nothing about views
-        metas = {n: torch.empty(s, dtype=d, device="meta") for n, d, s in tensors}
+    metas = {name: torch.empty(shape, dtype=dtype, device="meta") for name, dtype, shape in tensors}
+    if not hasattr(adapter, "to_hf_items"):  # a plug-in converts whole dicts: names only, no view facts
         for hf_name, out in adapter.to_hf(metas).items():
             index[hf_name] = ViewEntry(hf_name, "", tuple(out.shape), out.dtype, None)
+        return index
+    for name, meta in metas.items():
+        for hf_name, out in adapter.to_hf_items(name, meta):
+            index[hf_name] = ViewEntry(hf_name, name, tuple(out.shape), out.dtype, _strided(meta, out))
     return index
 
 

@@ -204,3 +204,16 @@ def test_bad_reads_get_typed_errors(make_daemon, raw_peer, items, code):
     lease = peer.request(Acquire()).lease
     assert error_code(peer.request(Read(lease=lease, items=items))) == code
     assert peer.request(Read(lease=lease, items=[["w", [1, 0], [2, 4]]])).frames[0].__len__() == 32
+
+
+def test_hf_view_through_a_plug_in_adapter(make_daemon):
+    from test_adapters import EagerPlugin  # torchtitan's StateDictAdapter shape: whole-dict to_hf
+
+    d = make_daemon()
+    stage(d.endpoint, [1])
+    sd = llama_sd(1)
+    with Subscriber(d.endpoint, view="hf", adapter=EagerPlugin({"prefix": "x."})) as sub, sub.latest() as snap:
+        assert list(snap) == ["x." + k for k in sd]
+        assert all(torch.equal(snap["x." + k], v) for k, v in sd.items())
+        assert all(torch.equal(t, sd[n[2:]]) for n, t in snap.items())
+        assert torch.equal(snap.get("x.norm.weight", shard=(0, 1, 2)), sd["norm.weight"][16:])
