@@ -8,6 +8,7 @@ messages to a dead daemon are dropped, never delivered to its successor).
 
 from __future__ import annotations
 
+import errno
 import itertools
 import logging
 import os
@@ -147,9 +148,14 @@ class Connection:
                 "(or set STAGER_ENDPOINT to where it runs)")
 
     def recv(self, timeout: float) -> Message | None:
-        if not self.sock.poll(int(max(timeout, 0) * 1000)):
+        try:
+            if not self.sock.poll(int(max(timeout, 0) * 1000)):
+                return None
+            frames = self.sock.recv_multipart(copy=False)
+        except zmq.ZMQError as exc:
+            if exc.errno != errno.EINTR:  # a signal (e.g. SIGCHLD) interrupted the wait: callers loop
+                raise
             return None
-        frames = self.sock.recv_multipart(copy=False)
         try:
             return decode(frames)
         except ProtocolError as exc:
