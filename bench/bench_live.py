@@ -5,8 +5,10 @@
 (a) a same-host subscriber loads each new version's HF view (llama3 adapter) into its own
     tensors (``dst.copy_(t)`` per item, as ``load_weights`` does), woken by announcements;
     anchor: the same copies from private memory (a bare memcpy of the same bytes);
-(b) a reader over tcp://127.0.0.1 (``remote=True``) receives the whole native view tensor by
-    tensor; anchor: raw ZeroMQ PUSH/PULL of the same bytes in 64 MiB zero-copy frames;
+(b) a reader over tcp://127.0.0.1 (``remote=True``, CURVE-authenticated with keys from
+    ``stager keygen`` as every tcp daemon requires) receives the whole native view tensor by
+    tensor; anchor: raw ZeroMQ PUSH/PULL of the same bytes in 64 MiB zero-copy frames, CURVE-encrypted
+    with the same keys;
 (c) the trainer's ``stage()`` call and its copy (``wait_copied``) with no subscriber, with 4
     subscriber processes loading every whole version, and with 4 loading one tensor-parallel
     shard each (an inference engine's 4 TP ranks);
@@ -18,13 +20,13 @@ Targets: (a) >= 0.7x memcpy throughput; (b) >= 0.8x raw ZeroMQ; (c) stage() at m
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import multiprocessing as mp
 import os
-import platform
+import shutil
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 
 import torch
@@ -32,7 +34,8 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_persist import HF_CONFIG, native_state  # noqa: E402
 
-from stager.launch import DaemonProcess, free_port  # noqa: E402
+from common import machine, write_report  # noqa: E402
+from stager.dev.launch import DaemonProcess, free_port  # noqa: E402
 
 INFO = {"adapter": "llama3", "hf_config": HF_CONFIG}
 GB = 1e9
@@ -90,11 +93,14 @@ def _remote_reader(endpoint: str, queue, shard: bool) -> None:
     queue.put(runs)
 
 
-def _zmq_sender(endpoint: str, total: int) -> None:
+def _zmq_sender(endpoint: str, total: int, keys: str) -> None:
     import zmq
+    from zmq.auth import load_certificate
 
     ctx = zmq.Context()
     sock = ctx.socket(zmq.PUSH)
+    sock.curve_serverkey = load_certificate(os.path.join(keys, "server.key"))[0]
+    sock.curve_publickey, sock.curve_secretkey = load_certificate(os.path.join(keys, "client.key_secret"))
     sock.connect(endpoint)
     frame = bytearray(64 << 20)
     for _ in range(3):
@@ -107,14 +113,18 @@ def _zmq_sender(endpoint: str, total: int) -> None:
     ctx.term()  # waits until every zero-copy frame is sent: only then may `frame` be freed
 
 
-def _raw_zmq(total: int) -> float:
-    """Bytes per second received, timed from the first frame (connection setup excluded)."""
+def _raw_zmq(total: int, keys: str) -> float:
+    """Bytes per second received over CURVE (as the daemon's tcp socket), timed from the first frame
+    (connection setup excluded)."""
     import zmq
+    from zmq.auth import load_certificate
 
     ctx = mp.get_context("spawn")
     pull = zmq.Context.instance().socket(zmq.PULL)
+    pull.curve_publickey, pull.curve_secretkey = load_certificate(os.path.join(keys, "server.key_secret"))
+    pull.curve_server = True
     port = pull.bind_to_random_port("tcp://127.0.0.1")
-    sender = ctx.Process(target=_zmq_sender, args=(f"tcp://127.0.0.1:{port}", total))
+    sender = ctx.Process(target=_zmq_sender, args=(f"tcp://127.0.0.1:{port}", total, keys))
     sender.start()
     first = len(pull.recv(copy=False).buffer)
     t0, got = time.perf_counter(), first
@@ -155,8 +165,7 @@ def main() -> int:
     args = parser.parse_args()
     torch.set_num_threads(1)
     ctx = mp.get_context("spawn")
-    report: dict = {"date": datetime.datetime.now().isoformat(timespec="seconds"), "host": platform.node(),
-                    "cpus": os.cpu_count(), "torch": torch.__version__}
+    report: dict = machine()
     sd = native_state(args.size_gib)
     total = sum(t.numel() * 4 for t in sd.values())
     report.update(snapshot_bytes=total, tensors=len(sd))
@@ -181,24 +190,34 @@ def main() -> int:
     report["a_skipped"] = sum(s for _, _, s in local["times"])
 
     _phase("(b, d) remote readers")
-    # (b) tcp reader vs raw ZeroMQ; (d) sliced remote reads
-    port = free_port()
-    with DaemonProcess(f"tcp://127.0.0.1:{port}", args=limit) as daemon:
-        from stager.client import StagingClient, Subscriber
-        from stager.protocol import Status
+    # (b) tcp reader vs raw ZeroMQ; (d) sliced remote reads. A tcp daemon requires CURVE keys: made by
+    # `stager keygen` in a temporary directory; this process and the spawned readers read them from
+    # STAGER_AUTH_DIR, as clients on other hosts do.
+    keys_tmp = tempfile.mkdtemp(prefix="stager-keys-")
+    keys = os.path.join(keys_tmp, "keys")
+    subprocess.run([sys.executable, "-m", "stager.cli", "keygen", keys], check=True, capture_output=True)
+    os.environ["STAGER_AUTH_DIR"] = keys
+    try:
+        port = free_port()
+        with DaemonProcess(f"tcp://127.0.0.1:{port}", args=limit + ("--auth-dir", keys)) as daemon:
+            from stager.client import StagingClient
+            from stager.client.admin import daemon_status
 
-        with StagingClient(daemon.endpoint, strict=True) as c:
-            c.stage(sd, step=1, model_info=INFO).wait(300)
-        for key, shard in (("b_tcp", False), ("d_sliced", True)):
-            q = ctx.Queue()
-            p = ctx.Process(target=_remote_reader, args=(daemon.endpoint, q, shard))
-            p.start()
-            report[key] = q.get(timeout=900)
-            p.join()
-        with Subscriber(daemon.endpoint) as sub:  # what the daemon sent for (b) and (d), all runs
-            report["daemon_read_bytes"] = sub._conn.request(Status(), 10).status["counters"]["read_bytes"]
-    _phase("(b) raw ZeroMQ anchor")
-    report["b_raw_zmq_bytes_per_s"] = _raw_zmq(total)
+            with StagingClient(daemon.endpoint, strict=True) as c:
+                c.stage(sd, step=1, model_info=INFO).wait(300)
+            for key, shard in (("b_tcp", False), ("d_sliced", True)):
+                q = ctx.Queue()
+                p = ctx.Process(target=_remote_reader, args=(daemon.endpoint, q, shard))
+                p.start()
+                report[key] = q.get(timeout=900)
+                p.join()
+            # what the daemon sent for (b) and (d), all runs
+            report["daemon_read_bytes"] = daemon_status(daemon.endpoint, 10)["counters"]["read_bytes"]
+        _phase("(b) raw ZeroMQ anchor")
+        report["b_raw_zmq_bytes_per_s"] = _raw_zmq(total, keys)
+    finally:
+        del os.environ["STAGER_AUTH_DIR"]
+        shutil.rmtree(keys_tmp, ignore_errors=True)
 
     # (c) stage() with no subscriber, 4 loading every whole version, 4 tensor-parallel ranks loading their shard
     for n, case in ((0, "c_0_subscribers"), (4, "c_4_subscribers"), (4, "c_4_tp_subscribers")):
@@ -255,9 +274,7 @@ def main() -> int:
           f"({staged_ms(ctp) / staged_ms(c0):.2f}x)")
     print(f"  (d) 1-of-4 TP shards    {d_bytes / 2**20:.0f} MiB received, {d_moved / 2**20:.0f} MiB sent by the daemon "
           f"({d_moved / b_bytes:.1%} of the view; permuted q/k are fetched whole) in {d_time:.2f} s vs {b_ours:.2f} s for all")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(report, f, indent=1)
+    write_report(args.json, report)
     return 0
 
 

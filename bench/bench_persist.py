@@ -7,19 +7,20 @@
     anonymous memory is sampled every 5 ms (peak extra memory; shared snapshot pages excluded);
 (b) anchor: ``safetensors.torch.save_file`` of the same dict already converted (names, permutation,
     cast) in memory, plus fsync: the same bytes on disk, none of the conversion;
+(b') the same ``save_file`` in a fresh process (an exporter is one: this VM's memory behaviour
+    slows the in-process anchor, which ran after the staging);
 (c) ``write_snapshot_dcp`` from the daemon vs. (d) ``dcp.save`` from the 2 trainer ranks holding the
-    same tensors as FSDP-style ``Shard(0)`` DTensors.
-Targets: (a) <= 1.25 x (b); peak extra memory <= largest tensor + 10% of the snapshot.
+    same tensors as FSDP-style ``Shard(0)`` DTensors;
+(e) DCP's own HF path: ``dcp.save`` from the 2 ranks with ``HuggingFaceStorageWriter`` (bf16,
+    the same 500MB file split, ``save_distributed=True``, ``enable_consolidation=True``).
+Targets: (a) <= 1.25 x (b) and (b'); (a) <= 0.5 x (e); peak extra memory <= largest tensor + 10%.
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import multiprocessing as mp
 import os
-import platform
 import shutil
 import tempfile
 import threading
@@ -27,7 +28,8 @@ import time
 
 import torch
 
-from stager.launch import DaemonProcess, run_ranks
+from common import machine, write_report  # noqa: E402
+from stager.dev.launch import DaemonProcess, run_ranks
 
 HIDDEN, FFN, VOCAB, HEADS, KV_HEADS = 2048, 5632, 8192, 16, 4
 
@@ -67,7 +69,7 @@ def _rss_anon() -> int:
 
 def _export_child(endpoint: str, out: str, queue) -> None:
     from stager.client import Subscriber
-    from stager.export_hf import export_snapshot
+    from stager.consumers.export_hf import export_snapshot
 
     with Subscriber(endpoint) as sub, sub.latest() as snap:
         base, peak, stop = _rss_anon(), [0], threading.Event()
@@ -90,7 +92,7 @@ def _export_child(endpoint: str, out: str, queue) -> None:
 def _save_file_anchor(sd: dict, out: str) -> float:
     from safetensors.torch import save_file
 
-    from stager.adapters import load_adapter
+    from stager.client.adapters import load_adapter
 
     converted = {k: v.to(torch.bfloat16).contiguous() for k, v in load_adapter("llama3", HF_CONFIG).to_hf(sd).items()}
     os.makedirs(out, exist_ok=True)
@@ -101,6 +103,58 @@ def _save_file_anchor(sd: dict, out: str) -> float:
     os.fsync(fd)
     os.close(fd)
     return time.perf_counter() - t0
+
+
+def _in_child(target, *args):
+    """Run ``target(*args, queue)`` in a fresh spawned process and return what it put on the queue."""
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=target, args=(*args, queue))
+    proc.start()
+    try:
+        return queue.get(timeout=600)
+    finally:
+        proc.join()
+
+
+def _save_file_child(size_gib: float, out: str, queue) -> None:
+    queue.put(_save_file_anchor(native_state(size_gib), out))
+
+
+def _file_index(sd: dict, max_bytes: int = 500 * 10**6) -> dict[str, int]:
+    """The same greedy split export-hf uses, as DCP's fqn_to_index_mapping (files numbered from 1)."""
+    from stager.consumers.export_hf import plan_shards
+
+    names = list(sd)
+    shards = plan_shards([sd[n].numel() * 2 for n in names], max_bytes)
+    return {names[i]: number for number, indices in enumerate(shards, 1) for i in indices}
+
+
+def _hf_writer_ranks(rank, world, size_gib, out):
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import HuggingFaceStorageWriter
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    mesh = init_device_mesh("cpu", (world,))
+    full = native_state(size_gib)
+    mapping = _file_index(full)
+    sharded = {k: distribute_tensor(v.to(torch.bfloat16), mesh, [Shard(0)]) for k, v in full.items()}
+    del full
+    times = []
+    for i in range(2):
+        path = os.path.join(out, f"hf-writer-{i}")
+        writer = HuggingFaceStorageWriter(path, fqn_to_index_mapping=mapping, save_distributed=True,
+                                          enable_consolidation=True, thread_count_consolidation=2)
+        dist.barrier()
+        t0 = time.perf_counter()
+        dcp.save(sharded, storage_writer=writer)
+        dist.barrier()
+        times.append(time.perf_counter() - t0)
+        if rank == 0:
+            shutil.rmtree(path, ignore_errors=True)
+    return times
 
 
 def _dcp_ranks(rank, world, endpoint, size_gib, out):
@@ -134,8 +188,7 @@ def main() -> int:
     parser.add_argument("--json")
     args = parser.parse_args()
     work = tempfile.mkdtemp(prefix="bench-persist-", dir=os.environ.get("BENCH_DIR", "/tmp"))
-    report: dict = {"date": datetime.datetime.now().isoformat(timespec="seconds"), "host": platform.node(),
-                    "cpus": os.cpu_count(), "torch": torch.__version__}
+    report: dict = machine()
     try:
         sd = native_state(args.size_gib)
         total = sum(t.numel() * 4 for t in sd.values())
@@ -146,14 +199,9 @@ def main() -> int:
 
             with StagingClient(daemon.endpoint, rank=0, local_world_size=1, world_size=1, strict=True) as c:
                 c.stage(sd, step=1).wait(300)
-            ctx = mp.get_context("spawn")
             ours, anchor = [], []
             for i in range(3):
-                q = ctx.Queue()
-                p = ctx.Process(target=_export_child, args=(daemon.endpoint, os.path.join(work, f"hf-{i}"), q))
-                p.start()
-                ours.append(q.get(timeout=600))
-                p.join()
+                ours.append(_in_child(_export_child, daemon.endpoint, os.path.join(work, f"hf-{i}")))
                 anchor.append(_save_file_anchor(sd, os.path.join(work, f"st-{i}")))
                 shutil.rmtree(os.path.join(work, f"hf-{i}"), ignore_errors=True)
                 shutil.rmtree(os.path.join(work, f"st-{i}"), ignore_errors=True)
@@ -161,10 +209,17 @@ def main() -> int:
         report["hf_export_s"] = [o["seconds"] for o in ours]
         report["hf_peak_extra_bytes"] = max(o["peak_extra_bytes"] for o in ours)
         report["save_file_s"] = anchor
+        fresh = []
+        for i in range(3):
+            fresh.append(_in_child(_save_file_child, args.size_gib, os.path.join(work, f"fresh-{i}")))
+            shutil.rmtree(os.path.join(work, f"fresh-{i}"), ignore_errors=True)
+        report["save_file_fresh_s"] = fresh
+        hf_writer = run_ranks(_hf_writer_ranks, 2, args.size_gib, work, timeout=900)
+        report["dcp_hf_writer_s"] = [max(r[i] for r in hf_writer) for i in range(2)]
         with DaemonProcess(args=("--memory-limit", f"{int(3 * total)}")) as daemon:
             trainer = run_ranks(_dcp_ranks, 2, daemon.endpoint, args.size_gib, work, timeout=900)
             from stager.client import Subscriber
-            from stager.write_dcp import write_snapshot_dcp
+            from stager.consumers.write_dcp import write_snapshot_dcp
 
             daemon_times = []
             with Subscriber(daemon.endpoint) as sub, sub.latest() as snap:
@@ -179,8 +234,12 @@ def main() -> int:
     med = lambda xs: sorted(xs)[len(xs) // 2]  # noqa: E731
     ratio = med(report["hf_export_s"]) / med(report["save_file_s"])
     mem_limit = report["largest_tensor_bytes"] + 0.1 * report["snapshot_bytes"]
+    fresh_ratio = med(report["hf_export_s"]) / med(report["save_file_fresh_s"])
+    hf_ratio = med(report["hf_export_s"]) / med(report["dcp_hf_writer_s"])
     report["targets"] = {
         "hf_export_vs_save_file": {"ratio": ratio, "limit": 1.25, "met": ratio <= 1.25},
+        "hf_export_vs_fresh_save_file": {"ratio": fresh_ratio, "limit": 1.25, "met": fresh_ratio <= 1.25},
+        "hf_export_vs_dcp_hf_writer": {"ratio": hf_ratio, "limit": 0.5, "met": hf_ratio <= 0.5},
         "hf_peak_extra_memory": {"bytes": report["hf_peak_extra_bytes"], "limit": mem_limit,
                                  "met": report["hf_peak_extra_bytes"] <= mem_limit},
         "dcp_daemon_vs_trainers": {"ratio": med(report["dcp_daemon_s"]) / med(report["dcp_trainers_s"])},
@@ -192,14 +251,17 @@ def main() -> int:
     print(f"  (b) safetensors save_file   {', '.join(f'{t:.2f}' for t in report['save_file_s'])} s  "
           f"(pre-converted, same bytes)")
     print(f"      ratio (a)/(b) medians   {ratio:.2f}x (target <= 1.25x)")
+    print(f"  (b') save_file, fresh proc  {', '.join(f'{t:.2f}' for t in report['save_file_fresh_s'])} s  "
+          f"-> ratio (a)/(b') {fresh_ratio:.2f}x (target <= 1.25x)")
+    print(f"  (e) DCP HuggingFaceStorageWriter, 2 ranks + consolidation  "
+          f"{', '.join(f'{t:.2f}' for t in report['dcp_hf_writer_s'])} s -> ratio (a)/(e) {hf_ratio:.2f}x "
+          "(target <= 0.5x)")
     print(f"      exporter peak extra mem {report['hf_peak_extra_bytes'] / 2**20:.0f} MiB (target <= "
           f"{mem_limit / 2**20:.0f} MiB = largest tensor + 10%)")
     print(f"  (c) DCP write from daemon   {', '.join(f'{t:.2f}' for t in report['dcp_daemon_s'])} s")
     print(f"  (d) dcp.save from 2 ranks   {', '.join(f'{t:.2f}' for t in report['dcp_trainers_s'])} s  "
           f"(ratio (c)/(d) {report['targets']['dcp_daemon_vs_trainers']['ratio']:.2f}x)")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(report, f, indent=1)
+    write_report(args.json, report)
     return 0
 
 

@@ -28,12 +28,8 @@ iterations. Times are in milliseconds unless marked otherwise.
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import os
-import platform
 import shutil
-import socket
 import statistics
 import sys
 import tempfile
@@ -43,7 +39,8 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from stager.launch import DaemonProcess, run_ranks
+from common import machine, write_report  # noqa: E402
+from stager.dev.launch import DaemonProcess, run_ranks
 
 WORLD = 2
 IN_FEATURES = 4096
@@ -149,19 +146,17 @@ class _DaemonStatus:
     """Rank 0's admin connection to the daemon: cpu_seconds and ingested bytes."""
 
     def __init__(self, endpoint: str):
-        from stager.client.connection import Connection
-
-        self.conn = Connection(endpoint, role="admin")
+        self.endpoint = endpoint
 
     def get(self) -> dict:
-        from stager.protocol import Status
+        from stager.client.admin import daemon_status
 
-        status = self.conn.request(Status(), 10.0).status
+        status = daemon_status(self.endpoint, 10.0)
         status["schedstat_seconds"] = _schedstat_seconds(status["pid"])
         return status
 
     def close(self) -> None:
-        self.conn.close()
+        pass
 
 
 def _anchor_and_ours(client, state: dict, steps: list[int], cfg: dict, status: _DaemonStatus | None) -> dict:
@@ -471,9 +466,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     report = {
-        "meta": {"date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-                 "hostname": socket.gethostname(), "cpu_count": os.cpu_count(), "torch": torch.__version__,
-                 "python": platform.python_version(), "world_size": WORLD, "threads_per_rank": args.threads,
+        "meta": {**machine(), "world_size": WORLD, "threads_per_rank": args.threads,
                  "size_gib": args.size_gib, "iters": args.iters, "warmup": args.warmup,
                  "ours_warmup": ours_warmup, "busy_ms": args.busy_ms, "daemon_keep": keep,
                  "memory_limit": args.memory_limit,
@@ -486,10 +479,7 @@ def main(argv: list[str] | None = None) -> int:
     report["cases"] = _summarize(results)
     report["targets"] = _targets(report["cases"])
     _print_report(report)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(report, f, indent=1)
-        print(f"wrote {args.json}")
+    write_report(args.json, report)
     return 0
 
 

@@ -1,35 +1,52 @@
 """One client connection to the daemon: request/reply with timeouts over a DEALER socket.
 
 Not thread-safe: each thread that talks to the daemon owns its own Connection. A socket
-monitor tracks whether the daemon is reachable, so a request to a daemon that is down fails
-at once instead of waiting out its timeout; after a timeout the socket is rebuilt (queued
-messages to a dead daemon are dropped, never delivered to its successor).
+monitor tracks whether the daemon is reachable: a request to a daemon that is down fails at
+once instead of waiting out its timeout, and a request whose connection drops while it waits
+for its reply fails (UNAVAILABLE) as soon as the monitor reports the disconnect. After a
+timeout the socket is rebuilt (queued messages to a dead daemon are dropped, never delivered
+to its successor). A request may wait longer than its timeout while the daemon keeps
+answering pings (:attr:`Connection.patience`): a daemon that defers a reply is not a hung one.
 """
 
 from __future__ import annotations
 
 import errno
+import ipaddress
 import itertools
 import logging
+import math
 import os
 import time
 from typing import Callable
+from urllib.parse import urlsplit
 
 import psutil
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
-from stager.endpoint import host_id, resolve
+from stager.protocol.endpoint import AUTH_ENV, host_id, resolve
 from stager.protocol import (
-    Bye, ErrorCode, ErrorReply, Hello, HelloReply, Message, ProtocolError, StagerError, decode,
+    Bye, ErrorCode, ErrorReply, Hello, HelloReply, Message, Ping, Pong, ProtocolError, StagerError, decode,
 )
 
 log = logging.getLogger("stager.client")
 _CONNECTED = zmq.EVENT_HANDSHAKE_SUCCEEDED  # only then does an IMMEDIATE socket accept sends
-_DISCONNECTED = zmq.EVENT_DISCONNECTED | zmq.EVENT_CLOSED
+_DISCONNECTED = zmq.EVENT_DISCONNECTED | zmq.EVENT_CLOSED  # CLOSED also follows each failed connect attempt
+RECONNECT_IVL_MS, RECONNECT_IVL_MAX_MS = 50, 250  # a restarted daemon is found within a quarter second
+HELLO_WAIT_S = 0.5  # a fresh or just-lost connection: how long a hello waits for the socket to connect
+PING_INTERVAL_S = 1.0  # while a patient request waits: ping this often (at most a quarter of its timeout)
 
 
-AUTH_ENV = "STAGER_AUTH_DIR"
+def is_ipv6_endpoint(endpoint: str) -> bool:
+    """True for ``tcp://[v6 literal]:port``: such sockets need ``zmq.IPV6`` or they never connect."""
+    if not endpoint.startswith("tcp://"):
+        return False
+    try:
+        host = urlsplit(endpoint).hostname or ""
+        return ipaddress.ip_address(host.split("%", 1)[0]).version == 6
+    except ValueError:
+        return False
 
 
 def curve_keys_from_env() -> dict:
@@ -63,8 +80,15 @@ class Connection:
         self._monitor: zmq.Socket | None = None
         self.connected = False
         self.session: str | None = None  # daemon session after hello; None: hello needed
-        self._first_connect = True  # only the first hello waits for the socket to connect
+        # a hello waits (HELLO_WAIT_S) for the socket to connect once per fresh socket or lost
+        # connection, then trusts the monitor: a daemon that stays down never stalls every step
+        self._may_wait = True
         self.generation = 0
+        self._last_id = 0  # the newest request id sent
+        self.lost_upto = 0  # requests with ids up to this one went out on a connection since lost
+        # seconds a request may wait for its reply while the daemon answers pings (0: its timeout only)
+        self.patience = 0.0
+        self.on_lost: Callable[[int], None] = lambda upto: None  # a connection dropped: requests <= upto are lost
         self.daemon_host: str | None = None
         self.host_id = host_id()
         self._start_time = psutil.Process().create_time()
@@ -77,14 +101,19 @@ class Connection:
         sock = self._ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.IMMEDIATE, 1)  # queue nothing for a peer that is not connected
-        sock.setsockopt(zmq.RECONNECT_IVL, 50)
-        sock.setsockopt(zmq.RECONNECT_IVL_MAX, 1000)
+        sock.setsockopt(zmq.RECONNECT_IVL, RECONNECT_IVL_MS)
+        sock.setsockopt(zmq.RECONNECT_IVL_MAX, RECONNECT_IVL_MAX_MS)
+        if is_ipv6_endpoint(self.endpoint):
+            sock.setsockopt(zmq.IPV6, 1)
         for key in ("curve_serverkey", "curve_publickey", "curve_secretkey"):
             if key in self.curve:
                 setattr(sock, key, self.curve[key])
         self._monitor = sock.get_monitor_socket(_CONNECTED | _DISCONNECTED)
         sock.connect(self.endpoint)
-        self.sock, self.connected, self.session = sock, False, None
+        self.sock, self.connected, self.session, self._may_wait = sock, False, None, True
+        self._poller = zmq.Poller()
+        self._poller.register(sock, zmq.POLLIN)
+        self._poller.register(self._monitor, zmq.POLLIN)
         self.generation += 1  # requests sent on an earlier socket can never be answered
 
     def reset(self) -> None:
@@ -113,13 +142,18 @@ class Connection:
             self.sock = self._monitor = None
 
     def poll_monitor(self, timeout_ms: int = 0) -> bool:
-        """Update :attr:`connected` from monitor events; returns it."""
+        """Update :attr:`connected` from monitor events; returns it. A connection that drops loses
+        every request sent on it: :attr:`lost_upto` and :attr:`on_lost` say which."""
         while self._monitor.poll(timeout_ms):
             event = recv_monitor_message(self._monitor)["event"]
             if event & _CONNECTED:
                 self.connected = True
             elif event & _DISCONNECTED:
+                was_connected = self.connected  # else a failed connect attempt: nothing was sent
                 self.connected, self.session = False, None
+                if was_connected:
+                    self.lost_upto, self._may_wait = self._last_id, True
+                    self.on_lost(self.lost_upto)
             timeout_ms = 0
         return self.connected
 
@@ -135,12 +169,15 @@ class Connection:
     # ------------------------------------------------------------------ messages
 
     def send(self, msg: Message) -> int:
+        # read the monitor first: a disconnect reported from here on concerns this request
+        self.poll_monitor(0)
         msg.id = next(self._ids)
         try:
             self.sock.send_multipart(msg.encode(), flags=zmq.NOBLOCK, copy=False)
         except zmq.Again:
             self.connected = False
             raise StagerError(ErrorCode.UNAVAILABLE, self._unreachable()) from None
+        self._last_id = msg.id
         return msg.id
 
     def _unreachable(self) -> str:
@@ -163,21 +200,79 @@ class Connection:
             return None
 
     def request(self, msg: Message, timeout: float) -> Message:
-        """Send ``msg`` and return its reply; raise RemoteError for an error reply, TIMEOUT after ``timeout``."""
+        """Send ``msg`` and return its reply; raise RemoteError for an error reply, UNAVAILABLE when
+        the connection drops, TIMEOUT after ``timeout`` (see :meth:`wait_reply` for :attr:`patience`)."""
         if self.session is None and not isinstance(msg, Hello):
             self.hello(timeout)
-        rid = self.send(msg)
-        deadline = time.monotonic() + timeout
+        step = getattr(msg, "step", None)
+        return self.wait_reply(self.send(msg), timeout, msg.TYPE if step is None else f"{msg.TYPE} of step {step}")
+
+    def _recv_ready(self) -> Message | None:
+        """One message from the socket, which poll said is readable (None: undecodable, or EINTR)."""
+        try:
+            frames = self.sock.recv_multipart(flags=zmq.NOBLOCK, copy=False)
+        except zmq.ZMQError as exc:
+            if exc.errno not in (errno.EINTR, errno.EAGAIN):
+                raise
+            return None
+        try:
+            return decode(frames)
+        except ProtocolError as exc:
+            log.warning("undecodable reply from the daemon: %s", exc)
+            return None
+
+    def wait_reply(self, rid: int, timeout: float, what: str, expect: type[Message] | None = None) -> Message:
+        """The reply to request ``rid``: other messages go to :attr:`on_unsolicited`, an error reply
+        raises RemoteError, a reply not of type ``expect`` raises BAD_MESSAGE.
+
+        The socket monitor is watched while waiting: once the connection the request went out on
+        is known lost, this raises UNAVAILABLE at once (the reply can never come). Silence past
+        ``timeout`` resets the socket and raises TIMEOUT. With :attr:`patience` above ``timeout``,
+        the daemon is pinged meanwhile and every answer restarts the ``timeout`` (a daemon that
+        answers pings is alive, only holding this reply: e.g. a Begin waiting for the other ranks
+        of the node), up to ``patience`` seconds in all."""
+        start = time.monotonic()
+        deadline = start + timeout  # silence: no reply, and no answer to pings
+        cap = start + max(timeout, self.patience)
+        interval = min(PING_INTERVAL_S, timeout / 4) if cap > deadline else math.inf
+        ping_id, next_ping = None, start + interval
         while True:
-            reply = self.recv(deadline - time.monotonic())
+            if rid <= self.lost_upto:
+                raise StagerError(ErrorCode.UNAVAILABLE,
+                                  f"lost the connection to the daemon at {self.endpoint} while waiting for the "
+                                  f"reply to {what}; the daemon stopped or restarted (the next request reconnects)")
+            now = time.monotonic()
+            if now >= deadline or now >= cap:
+                self.reset()
+                raise StagerError(ErrorCode.TIMEOUT,
+                                  self._timeout_message(what, timeout, now - start, silent=now >= deadline))
+            if ping_id is None and now >= next_ping:
+                try:
+                    ping_id = self.send(Ping())
+                except StagerError:  # no connection to send on: the monitor says why, next round
+                    next_ping = now + interval
+                continue
+            wake = min(deadline, cap, next_ping if ping_id is None else math.inf)
+            try:
+                events = dict(self._poller.poll(max(0, int((wake - now) * 1000)) + 1))
+            except zmq.ZMQError as exc:
+                if exc.errno != errno.EINTR:  # a signal (e.g. SIGCHLD) interrupted the wait: loop
+                    raise
+                continue
+            if self._monitor in events:
+                self.poll_monitor(0)
+            if self.sock not in events:
+                continue
+            reply = self._recv_ready()
             if reply is None:
-                if time.monotonic() >= deadline:
-                    self.reset()
-                    raise StagerError(
-                        ErrorCode.TIMEOUT,
-                        f"no reply to {msg.TYPE} from {self.endpoint} within {timeout:.1f}s; the daemon is "
-                        "overloaded or hung (see `stager status`)",
-                    )
+                continue
+            if ping_id is not None and reply.id == ping_id and isinstance(reply, Pong):
+                if self.session is not None and reply.session != self.session:
+                    self.session = None
+                    raise StagerError(ErrorCode.UNAVAILABLE, f"the daemon at {self.endpoint} restarted while "
+                                                             f"waiting for the reply to {what}")
+                now = time.monotonic()
+                ping_id, next_ping, deadline = None, now + interval, now + timeout
                 continue
             if reply.id != rid:
                 self.on_unsolicited(reply)
@@ -186,13 +281,27 @@ class Connection:
                 if reply.code == ErrorCode.NOT_REGISTERED.value:
                     self.session = None
                 raise reply.to_exception()
+            if expect is not None and not isinstance(reply, expect):
+                raise StagerError(ErrorCode.BAD_MESSAGE, f"unexpected {reply.TYPE} reply to {what}")
             return reply
 
+    def _timeout_message(self, what: str, timeout: float, waited: float, *, silent: bool) -> str:
+        if not silent:  # alive all along, yet it held the reply past patience
+            return (f"{what}: the daemon at {self.endpoint} kept answering pings but did not answer within "
+                    f"{waited:.0f}s; it is waiting for something else (for a stage: the other ranks of this node "
+                    "to begin the step, or memory; see `stager status`)")
+        if self.patience > timeout:  # pinged meanwhile: not even pings were answered
+            return (f"no reply to {what} from {self.endpoint}, and no answer to pings, for {timeout:.1f}s (after "
+                    f"{waited:.1f}s of waiting); the daemon is overloaded, hung or gone (see `stager status`)")
+        return (f"no reply to {what} from {self.endpoint} within {timeout:.1f}s; the daemon is "
+                "overloaded, hung or gone (see `stager status`)")
+
     def hello(self, timeout: float) -> HelloReply:
-        # Later hellos trust the monitor: a daemon known to be down fails the request at once
-        # instead of stalling the train loop on every step until it is back.
-        wait = min(timeout, 0.5) if self._first_connect else 0.0
-        self._first_connect = False
+        # The first hello on a fresh socket, or the first after the connection was lost, waits
+        # briefly for the socket to (re)connect; later ones trust the monitor: a daemon known to
+        # be down fails the request at once instead of stalling the train loop on every step.
+        wait = min(timeout, HELLO_WAIT_S) if self._may_wait else 0.0
+        self._may_wait = False
         if not self.wait_connected(wait):
             raise StagerError(ErrorCode.UNAVAILABLE, self._unreachable())
         reply = self.request(Hello(role=self.role, rank=self.rank, local_world_size=self.local_world_size,

@@ -79,7 +79,7 @@ def rollout(endpoint: str, steps: int, out_dir: str, ready) -> None:
 
 def run(steps: int = 6) -> list[dict]:
     """Run daemon, trainer and rollout; returns per loaded version the max logit difference."""
-    from stager.launch import DaemonProcess
+    from stager.dev.launch import DaemonProcess
 
     ctx = mp.get_context("spawn")
     with DaemonProcess() as daemon, tempfile.TemporaryDirectory() as out_dir:

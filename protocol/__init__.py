@@ -1,4 +1,13 @@
-"""stager's wire format: versioned msgpack headers plus out-of-band byte frames, no pickle.
+"""stager's wire format and every contract the daemon and its clients share.
+
+What lives here: the frame layout and message classes (``frames``, ``messages``, ``reads``),
+typed errors (``errors``), the closed dtype table (``dtypes``), quantization metadata
+(``quant``), the layout types that plans, assignments and reads are made of (``layout``), the
+shared-memory naming and mapping contract (``shm``) and endpoint resolution (``endpoint``).
+
+What it may import: the standard library, torch, msgpack, and itself. Never the daemon
+(``stager.daemon``), the client (``stager.client``) or anything built on them: both sides
+import this package, so it sits at the bottom (checked by import-linter in CI).
 
 >>> from stager.protocol import Ping, decode
 >>> decode(Ping(id=1).encode()).id
@@ -7,31 +16,19 @@
 
 from .dtypes import DTYPES, dtype_from_name, dtype_name
 from .errors import ErrorCode, ProtocolError, RemoteError, StagerError
+from .frames import PROTOCOL_VERSION, Message, decode
+from .layout import Block, Box, PlanEntry, Placement, ReadItem, TensorLayout
 from .messages import (
-    PROTOCOL_VERSION,
-    Abort,
-    Begin,
-    BeginReply,
-    Bye,
-    Commit,
-    ErrorReply,
-    Hello,
-    HelloReply,
-    Message,
-    Ok,
-    Ping,
-    Pong,
-    Put,
-    Sealed,
-    Status,
+    Abort, Begin, BeginReply, Bye, Commit, ErrorReply, Hello, HelloReply, Ok, Ping, Pong, Put, Sealed, Status,
     StatusReply,
-    decode,
 )
 from .reads import Acquire, AcquireReply, Announce, Read, ReadReply, Release, Subscribe, SubscribeReply
 
 __all__ = [
     "PROTOCOL_VERSION", "DTYPES", "dtype_name", "dtype_from_name", "decode", "Message",
     "ErrorCode", "StagerError", "ProtocolError", "RemoteError",
+    "Box", "PlanEntry", "Placement", "Block", "TensorLayout", "ReadItem",
     "Hello", "HelloReply", "Bye", "Begin", "BeginReply", "Put", "Commit", "Sealed", "Abort",
-    "Acquire", "AcquireReply", "Release", "Subscribe", "SubscribeReply", "Announce", "Read", "ReadReply", "Status", "StatusReply", "Ping", "Pong", "Ok", "ErrorReply",
+    "Acquire", "AcquireReply", "Release", "Subscribe", "SubscribeReply", "Announce", "Read", "ReadReply",
+    "Status", "StatusReply", "Ping", "Pong", "Ok", "ErrorReply",
 ]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import reprlib
 
 
 class ErrorCode(str, enum.Enum):
@@ -46,3 +47,13 @@ class ProtocolError(StagerError):
 
 class RemoteError(StagerError):
     """The daemon answered a request with an error reply."""
+
+
+_REPR = reprlib.Repr()
+_REPR.maxlevel, _REPR.maxlist, _REPR.maxdict, _REPR.maxstring, _REPR.maxother = 2, 6, 4, 40, 40
+
+
+def short_repr(value: object) -> str:
+    """A bounded repr of a value a peer sent, for error messages: never the whole of a huge or
+    deeply nested value (formatting one in full can exhaust the stack or the memory)."""
+    return _REPR.repr(value)

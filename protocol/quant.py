@@ -27,10 +27,9 @@ from typing import Any
 
 import torch
 
-from .dtypes import DTYPES, dtype_name
-from .errors import ErrorCode, StagerError
+from .dtypes import DTYPES, FLOAT8, dtype_name
+from .errors import ErrorCode, StagerError, short_repr
 
-FLOAT8 = ("f8e4m3", "f8e5m2", "f8e4m3fnuz", "f8e5m2fnuz")
 MODES = ("mul", "div")
 SCALE_SUFFIX = ":scale"  # the scale of a torchao float8 tensor `w` is staged as `w:scale`
 
@@ -52,10 +51,10 @@ class QuantSpec:
         scale, mode, dtype = raw["scale"], raw["mode"], raw["dtype"]
         if not isinstance(scale, str) or scale == fqn:
             raise _bad(fqn, "'scale' must name another tensor")
-        if mode not in MODES:
-            raise _bad(fqn, f"mode must be one of {MODES}, not {mode!r}")
-        if dtype not in DTYPES or dtype in FLOAT8:
-            raise _bad(fqn, f"dtype must name a high-precision dtype of the table, not {dtype!r}")
+        if not isinstance(mode, str) or mode not in MODES:
+            raise _bad(fqn, f"mode must be one of {MODES}, not {short_repr(mode)}")
+        if not isinstance(dtype, str) or dtype not in DTYPES or dtype in FLOAT8:
+            raise _bad(fqn, f"dtype must name a high-precision dtype of the table, not {short_repr(dtype)}")
         return cls(scale, mode, dtype)
 
     def wire(self) -> dict:

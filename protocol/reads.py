@@ -12,121 +12,82 @@ import dataclasses
 from typing import ClassVar
 
 from .errors import ErrorCode, ProtocolError
-from .messages import Message, register
-
-_NONE = type(None)
+from .frames import Codec, Message, message
+from .layout import ReadItem, TensorLayout, layouts_from_wire, layouts_to_wire
+from .messages import MODEL_INFO, QUANT
+from .quant import QuantSpec
 MAX_READ_ITEMS = 1024  # boxes in one Read
 
 
-@register
-@dataclasses.dataclass(kw_only=True, repr=False)
+@message("acquire")
 class Acquire(Message):
     """Lease a sealed version (the newest when ``step`` is None) for reading."""
 
-    TYPE: ClassVar[str] = "acquire"
-    SCHEMA: ClassVar = {"step": (int, _NONE)}
     step: int | None = None
 
 
-@register
-@dataclasses.dataclass(kw_only=True, repr=False)
+@message("release")
 class Release(Message):
-    TYPE: ClassVar[str] = "release"
-    SCHEMA: ClassVar = {"lease": (int,)}
     lease: int = 0
 
 
-@register
-@dataclasses.dataclass(kw_only=True, repr=False)
+@message("subscribe")
 class Subscribe(Message):
     """Push an :class:`Announce` to this connection for every version sealed from now on."""
 
-    TYPE: ClassVar[str] = "subscribe"
 
-
-@register
-@dataclasses.dataclass(kw_only=True, repr=False)
+@message("read")
 class Read(Message):
-    """Bytes of a leased version, one reply frame per item. An item is ``[fqn, offsets, sizes]``:
-    the box of the tensor starting at ``offsets`` with extent ``sizes`` (both None: all of it),
-    sent row-major. Readers on another host use it; same-host readers map the segment instead."""
+    """Bytes of a leased version, one reply frame per :class:`ReadItem` (a box of a tensor, sent
+    row-major). Readers on another host use it; same-host readers map the segment instead."""
 
-    TYPE: ClassVar[str] = "read"
-    SCHEMA: ClassVar = {"lease": (int,), "items": (list,)}
+    CODECS: ClassVar = {"items": Codec(list, lambda items: [i.to_wire() for i in items],
+                                       lambda raw: tuple(ReadItem.from_wire(i) for i in raw[:MAX_READ_ITEMS + 1]))}
     lease: int = 0
-    items: list = dataclasses.field(default_factory=list)
+    items: tuple[ReadItem, ...] = ()
 
     def check(self) -> None:
         if not 0 < len(self.items) <= MAX_READ_ITEMS:
             raise ProtocolError(ErrorCode.BAD_MESSAGE, f"read: send 1 to {MAX_READ_ITEMS} items per request")
-        for item in self.items:
-            ok = isinstance(item, list) and len(item) == 3 and isinstance(item[0], str)
-            if ok and (item[1] is None) != (item[2] is None):
-                ok = False
-            if ok and item[1] is not None:
-                ok = isinstance(item[1], list) and isinstance(item[2], list) and len(item[1]) == len(item[2]) and all(
-                    isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in item[1] + item[2])
-            if not ok:
-                raise ProtocolError(ErrorCode.BAD_MESSAGE, f"read: item {item!r} must be [fqn, offsets, sizes] "
-                                                           "with equal-length lists of ints >= 0, or [fqn, None, None]")
 
 
 # ------------------------------------------------------------------------------ replies
 
 
-@register
-@dataclasses.dataclass(kw_only=True, repr=False)
+@message("acquire_reply")
 class AcquireReply(Message):
-    """A leased version. ``tensors``: ``[fqn, dtype, shape, blocks]`` where ``blocks`` is a list
-    of ``[byte_offset, global_offset, block_shape]`` (one block covering the whole tensor unless
-    the version is partial). ``seq`` counts the versions the daemon sealed (gaps: skipped ones);
-    ``quant``: float8 tensors and their scales (``stager.protocol.quant``)."""
+    """A leased version: a :class:`TensorLayout` per tensor (one block covering the whole tensor
+    unless the version is partial). ``seq`` counts the versions the daemon sealed (gaps: skipped
+    ones); ``quant``: float8 tensors and their scales (``stager.protocol.quant``)."""
 
-    TYPE: ClassVar[str] = "acquire_reply"
-    SCHEMA: ClassVar = {
-        "lease": (int,),
-        "step": (int,),
-        "seq": (int,),
-        "segment": (str,),
-        "size": (int,),
-        "tensors": (list,),
-        "objects": (dict,),
-        "model_info": (dict, _NONE),
-        "quant": (dict,),
-        "partial": (bool,),
-    }
+    CODECS: ClassVar = {"tensors": Codec(list, layouts_to_wire, layouts_from_wire), "quant": QUANT,
+                        "model_info": MODEL_INFO}
     lease: int = 0
     step: int = 0
     seq: int = 0
     segment: str = ""
     size: int = 0
-    tensors: list = dataclasses.field(default_factory=list)
+    tensors: tuple[TensorLayout, ...] = ()
     objects: dict = dataclasses.field(default_factory=dict)
     model_info: dict | None = None
-    quant: dict = dataclasses.field(default_factory=dict)
+    quant: dict[str, QuantSpec] = dataclasses.field(default_factory=dict)
     partial: bool = False
 
 
-@register
-@dataclasses.dataclass(kw_only=True, repr=False)
+@message("subscribe_reply")
 class SubscribeReply(Message):
     """Subscribed; the newest sealed version now (``step`` None: none yet) and its ``seq``."""
 
-    TYPE: ClassVar[str] = "subscribe_reply"
-    SCHEMA: ClassVar = {"step": (int, _NONE), "seq": (int,)}
     step: int | None = None
     seq: int = 0
 
 
-@register
-@dataclasses.dataclass(kw_only=True, repr=False)
+@message("announce")
 class Announce(Message):
     """Pushed (id 0) to subscribers when a version is sealed. Sent without blocking: a reader
     that does not keep up loses announcements, never delays anyone, and sees the gap in ``seq``."""
 
-    TYPE: ClassVar[str] = "announce"
-    SCHEMA: ClassVar = {"step": (int,), "seq": (int,), "tensors": (int,), "nbytes": (int,),
-                        "model_info": (dict, _NONE), "partial": (bool,)}
+    CODECS: ClassVar = {"model_info": MODEL_INFO}
     step: int = 0
     seq: int = 0
     tensors: int = 0
@@ -135,13 +96,10 @@ class Announce(Message):
     partial: bool = False
 
 
-@register
-@dataclasses.dataclass(kw_only=True, repr=False)
+@message("read_reply")
 class ReadReply(Message):
     """The bytes of each :class:`Read` item, one frame per item in request order."""
 
-    TYPE: ClassVar[str] = "read_reply"
-    SCHEMA: ClassVar = {"count": (int,)}
     count: int = 0
 
     def check(self) -> None:

@@ -11,14 +11,15 @@ from stager.protocol import StagerError
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from stager.config import DaemonConfig, parse_size
+    from stager.daemon.config import DaemonConfig, parse_size
     from stager.daemon import Daemon
 
     try:
         config = DaemonConfig(endpoint=args.endpoint,
                               memory_limit=parse_size(args.memory_limit) if args.memory_limit else None,
                               keep=args.keep, step_timeout=args.step_timeout,
-                              peer_timeout=args.peer_timeout, auth_dir=args.auth_dir)
+                              peer_timeout=args.peer_timeout, auth_dir=args.auth_dir,
+                              insecure_no_auth=args.insecure_no_auth)
         daemon = Daemon(config)
     except (ValueError, StagerError) as exc:
         print(f"stager serve: {exc}", file=sys.stderr)
@@ -27,9 +28,11 @@ def _serve(args: argparse.Namespace) -> int:
     def ready(d: Daemon) -> None:
         info = {"endpoint": d.endpoint, "pid": __import__("os").getpid(), "memory_limit": config.memory_limit,
                 "keep": config.keep}
+        if config.insecure:
+            info["insecure"] = True
         line = json.dumps(info) if args.json else (
             f"stager ready: {d.endpoint} (pid {info['pid']}, memory limit {config.memory_limit / 2**30:.2f} GiB, "
-            f"keep {config.keep})")
+            f"keep {config.keep}){'  INSECURE: no authentication' if config.insecure else ''}")
         print(line, flush=True)
 
     daemon.serve(ready=ready)
@@ -37,15 +40,10 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _status(args: argparse.Namespace) -> int:
-    from stager.client.connection import Connection
-    from stager.protocol import Status
+    from stager.client.admin import daemon_status
 
     try:
-        conn = Connection(args.endpoint, role="admin")
-        try:
-            status = conn.request(Status(), args.timeout).status
-        finally:
-            conn.close()
+        status = daemon_status(args.endpoint, args.timeout)
     except StagerError as exc:
         print(f"stager status: {exc.message}", file=sys.stderr)
         return 1
@@ -56,6 +54,8 @@ def _status(args: argparse.Namespace) -> int:
     print(f"daemon pid {status['pid']}  memory {mem['used'] / 2**20:.1f} / {mem['limit'] / 2**20:.1f} MiB  "
           f"keep {status['keep']}  ranks {len(status['ranks'])}/{status['local_world_size'] or 0}  "
           f"readers {status['readers']} ({status['subscribers']} subscribed)  leases {status['leases']}")
+    if status.get("insecure"):
+        print("  INSECURE: this daemon serves tcp without authentication (--insecure-no-auth)")
     retention = status["retention"]
     if retention["leased_steps"] or retention["waiting_for_memory"] or status["counters"]["memory_refusals"]:
         print(f"  leased steps {retention['leased_steps']}  waiting for memory {retention['waiting_for_memory']}  "
@@ -71,36 +71,43 @@ def _status(args: argparse.Namespace) -> int:
     return 0
 
 
-def _run_writer(args: argparse.Namespace, command: str, key: str, write, **options) -> int:
-    """Shared by export-hf and write-dcp: one version (--step / newest) or --follow until ^C."""
+def _run_writer(args: argparse.Namespace, command: str, key: str, write, fields=None, **options) -> int:
+    """Shared by export-hf and write-dcp: one version (--step / newest) or --follow until ^C.
+    ``fields(path)``: more keys for each --json line (beside ``key``)."""
+    def printed(path: str) -> None:  # as each is done: a follower runs until ^C
+        print(json.dumps({key: path, **(fields(path) if fields else {})}) if args.json else path, flush=True)
+
     try:
-        written = write(args.out, endpoint=args.endpoint, step=args.step, follow=args.follow, every=args.every,
-                        keep=args.keep, **options)
+        write(args.out, endpoint=args.endpoint, step=args.step, follow=args.follow, every=args.every,
+              keep=args.keep, on_written=printed, **options)
     except KeyboardInterrupt:
         return 130
     except (StagerError, ValueError, OSError) as exc:
         print(f"stager {command}: {exc}", file=sys.stderr)
         return 1
-    for path in written:
-        print(json.dumps({key: path}) if args.json else path)
     return 0
 
 
 def _export_hf(args: argparse.Namespace) -> int:
-    from stager.export_hf import export_hf
+    """--json: one line per export, ``{"exported": path, "step", "seconds", "bytes", "files"}``;
+    a progress bar on stderr when it is a terminal (--no-progress: never)."""
+    from stager.consumers.export_hf import export_hf
 
-    return _run_writer(args, "export-hf", "exported", export_hf, adapter=args.adapter, hf_config=args.hf_config,
-                       hf_assets=args.hf_assets, dtype=args.dtype, max_shard_size=args.max_shard_size)
+    reports: dict[str, dict] = {}
+    return _run_writer(args, "export-hf", "exported", export_hf, fields=lambda path: reports.get(path, {}),
+                       on_export=lambda r: reports.__setitem__(r["exported"], r), adapter=args.adapter,
+                       hf_config=args.hf_config, prefix=args.prefix, hf_assets=args.hf_assets, dtype=args.dtype,
+                       max_shard_size=args.max_shard_size, progress=False if args.no_progress else None)
 
 
 def _write_dcp(args: argparse.Namespace) -> int:
-    from stager.write_dcp import write_dcp
+    from stager.consumers.write_dcp import write_dcp
 
     return _run_writer(args, "write-dcp", "written", write_dcp)
 
 
 def _verify(args: argparse.Namespace) -> int:
-    from stager.integrity import verify
+    from stager.consumers.integrity import verify
 
     try:
         report = verify(args.dir)
@@ -121,7 +128,7 @@ def _verify(args: argparse.Namespace) -> int:
 
 def _tensors_of(source: str, endpoint: str | None):
     """An export directory, or ``step:N`` / ``latest`` for a sealed version (a leased snapshot)."""
-    from stager.integrity import read_tensors
+    from stager.consumers.integrity import read_tensors
 
     if source == "latest" or source.startswith("step:"):
         from stager.client import Subscriber
@@ -133,12 +140,15 @@ def _tensors_of(source: str, endpoint: str | None):
 
 
 def _diff(args: argparse.Namespace) -> int:
-    from stager.integrity import diff
+    from stager.consumers.integrity import diff
 
-    try:
+    close_a = None
+    try:  # a damaged export is one line naming what is wrong with which file, never a traceback
         a, close_a = _tensors_of(args.a, args.endpoint)
         b, close_b = _tensors_of(args.b, args.endpoint)
     except StagerError as exc:
+        if close_a is not None:
+            close_a()
         print(f"stager diff: {exc.message}", file=sys.stderr)
         return 2
     report = diff(a, b)
@@ -160,22 +170,42 @@ def _diff(args: argparse.Namespace) -> int:
 
 
 def _keygen(args: argparse.Namespace) -> int:
+    """Secret keys 0600, the directory and authorized/ 0700; public keys 0644."""
     import os
     import shutil
 
     from zmq.auth import create_certificates
 
-    os.makedirs(os.path.join(args.dir, "authorized"), mode=0o700, exist_ok=True)
-    os.chmod(args.dir, 0o700)
-    create_certificates(args.dir, "server")
-    public, _secret = create_certificates(args.dir, "client")
-    shutil.copy(public, os.path.join(args.dir, "authorized", "client.key"))
+    authorized = os.path.join(args.dir, "authorized")
+    old_umask = os.umask(0o077)  # every file is created owner-only: a secret is never readable, not even briefly
+    try:
+        os.makedirs(authorized, mode=0o700, exist_ok=True)
+        for path in (args.dir, authorized):
+            os.chmod(path, 0o700)
+        for name in ("server", "client"):
+            for path in (os.path.join(args.dir, f"{name}.key_secret"), os.path.join(args.dir, f"{name}.key")):
+                try:
+                    os.unlink(path)  # open() would keep the mode of an older, wider file
+                except FileNotFoundError:
+                    pass
+        server_public, server_secret = create_certificates(args.dir, "server")
+        public, secret = create_certificates(args.dir, "client")
+        shutil.copy(public, os.path.join(authorized, "client.key"))
+    except OSError as exc:
+        print(f"stager keygen: cannot write keys to {args.dir}: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        os.umask(old_umask)
+    for path in (server_secret, secret):
+        os.chmod(path, 0o600)
+    for path in (server_public, public, os.path.join(authorized, "client.key")):
+        os.chmod(path, 0o644)  # public keys: safe to copy around
     print(f"wrote CURVE keys to {args.dir}: serve with --auth-dir {args.dir}; clients set STAGER_AUTH_DIR={args.dir}")
     return 0
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from stager.demo import run_demo
+    from stager.dev.demo import run_demo
 
     return run_demo(steps=args.steps, stage_every=args.every, json_out=args.json)
 
@@ -203,7 +233,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--step-timeout", type=float, default=120.0, help="seconds for all ranks to commit a step")
     p.add_argument("--peer-timeout", type=float, default=30.0,
                    help="seconds of silence after which a peer on another host counts as gone (default 30)")
-    p.add_argument("--auth-dir", help="CURVE keys directory, required for a non-loopback tcp bind")
+    p.add_argument("--auth-dir", help="CURVE keys directory (`stager keygen`), required for every tcp bind")
+    p.add_argument("--insecure-no-auth", action="store_true",
+                   help="serve a loopback tcp endpoint WITHOUT authentication: any local user can read snapshots "
+                        "and stage (throwaway setups only; the daemon warns and reports \"insecure\": true)")
     p.add_argument("--json", action="store_true", help="print the ready line as JSON")
     p.set_defaults(func=_serve)
 
@@ -213,13 +246,28 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--timeout", type=float, default=2.0, help="seconds to wait for the daemon (default 2)")
     p.set_defaults(func=_status)
 
-    p = sub.add_parser("export-hf", help="write sealed versions as Hugging Face safetensors checkpoints")
+    from stager.client.adapters import BUILT_IN
+    from stager.protocol.dtypes import torch_names
+
+    p = sub.add_parser("export-hf", help="write sealed versions as Hugging Face safetensors checkpoints",
+                       epilog='--json prints one line per export: {"exported": DIR, "step": N, "seconds": S, '
+                              '"bytes": B, "files": F} (seconds: the exporter\'s own time for that export)')
     _writer_arguments(p, "export")
-    p.add_argument("--adapter", help="llama3, qwen3, identity or module:attr (default: from the staged model_info)")
-    p.add_argument("--hf-config", help="HF config.json (default: from the staged model_info)")
+    p.add_argument("--adapter", metavar="NAME|module:attr",
+                   help=f"built in: {', '.join(sorted(BUILT_IN))}; or module:attr naming a plug-in (torchtitan's "
+                        "StateDictAdapter shape) to import here (default: the built-in name in the staged "
+                        "model_info, else identity; a staged module:attr is refused)")
+    p.add_argument("--hf-config", metavar="PATH",
+                   help="HF config.json (default: the dict in the staged model_info; a staged path is never read)")
+    p.add_argument("--prefix", metavar="PREFIX",
+                   help="only the tensors under PREFIX are the model, e.g. 'model.' for stage({'model': ..., "
+                        "'optim': ...}) (default: the staged model_info's 'prefix', else all)")
     p.add_argument("--hf-assets", help="directory whose tokenizer/generation files are copied along")
-    p.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], help="cast floating tensors (default: as staged)")
-    p.add_argument("--max-shard-size", default="5GB", help="per safetensors file (default 5GB)")
+    p.add_argument("--dtype", choices=torch_names(floating=True),
+                   help="cast floating tensors to this dtype (default: as staged)")
+    p.add_argument("--max-shard-size", default="5GB", help="per safetensors file, e.g. 5GB, 500MB, 2GiB (default 5GB)")
+    p.add_argument("--no-progress", action="store_true",
+                   help="no progress bar (default: one on stderr when it is a terminal)")
     p.set_defaults(func=_export_hf)
 
     p = sub.add_parser("write-dcp", help="write sealed versions as resumable DCP checkpoints")
@@ -238,7 +286,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_diff)
 
-    p = sub.add_parser("keygen", help="create CURVE keys for a tcp daemon that accepts other hosts")
+    p = sub.add_parser("keygen", help="create CURVE keys for a tcp daemon (server, one client, authorized/)")
     p.add_argument("dir")
     p.set_defaults(func=_keygen)
 

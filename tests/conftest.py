@@ -4,14 +4,14 @@ import sys
 import tempfile
 import threading
 
+import msgpack
 import pytest
 import torch
 import zmq
 
-from stager.config import DaemonConfig
-from stager.daemon import Daemon
-from stager.endpoint import host_id
-from stager.protocol import ErrorReply, Hello, Message, decode
+from stager.daemon import Daemon, DaemonConfig
+from stager.protocol.endpoint import host_id
+from stager.protocol import PROTOCOL_VERSION, ErrorReply, Hello, Message, decode
 
 # the tiny torchtitan-style reference models live with the examples that use them
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples"))
@@ -31,9 +31,11 @@ class InProcessDaemon:
         self.thread = threading.Thread(target=self.daemon.serve, daemon=True)
         self.thread.start()
 
-    @property
-    def state(self):
-        return self.daemon.state
+    def status(self) -> dict:
+        """The daemon's status, asked over the protocol as any client would."""
+        from stager.client.admin import daemon_status
+
+        return daemon_status(self.endpoint)
 
     def stop(self):
         self.daemon.stop()
@@ -80,6 +82,15 @@ class RawPeer:
         assert reply.id == msg.id
         return reply
 
+    def request_raw(self, kind: str, body: dict, timeout=5.0) -> Message:
+        """Send a ``kind`` message whose body is given in wire form, exactly as written (for
+        malformed or hand-made bodies that the typed classes would refuse to build)."""
+        self._id += 1
+        self.sock.send_multipart([msgpack.packb({"v": PROTOCOL_VERSION, "t": kind, "id": self._id, "b": body})])
+        reply = self.recv(timeout)
+        assert reply.id == self._id
+        return reply
+
     def hello(self, rank=0, local_world_size=1, role="trainer", pid=None):
         import psutil
 
@@ -114,3 +125,10 @@ def error_code(reply):
 @pytest.fixture(autouse=True)
 def _few_threads():
     torch.set_num_threads(1)
+
+
+def wire_plan(*entries):
+    """A typed plan from wire-form entries ``[fqn, dtype, global_shape, global_offset, local_shape]``."""
+    from stager.protocol.layout import plan_from_wire
+
+    return plan_from_wire([list(e) for e in entries])

@@ -29,8 +29,7 @@ def mixed_layouts(rank, world, endpoint):
     from torch.distributed.tensor import Replicate, Shard, distribute_tensor
 
     from stager.client import StagingClient, Subscriber
-    from stager.client.connection import Connection
-    from stager.protocol import Status
+    from stager.client.admin import daemon_status
 
     mesh1 = init_device_mesh("cpu", (world,))
     mesh2 = init_device_mesh("cpu", (2, world // 2))
@@ -59,9 +58,7 @@ def mixed_layouts(rank, world, endpoint):
     dist.barrier()
     out = {"first": first, "second": second}
     if rank == 0:
-        conn = Connection(endpoint, role="admin")
-        out["status"] = conn.request(Status(), 5).status
-        conn.close()
+        out["status"] = daemon_status(endpoint)
         with Subscriber(endpoint) as sub:
             for step, expected, objects in ((1, full, {"train.step": 1, "train.names": ["a", "b"], "train.lr": 0.5}),
                                             (2, full2, {"train.step": 2})):
@@ -97,7 +94,7 @@ def fsdp_partial_node(rank, world, endpoint):
 def die_mid_step(endpoint, rank, width):
     """Stage step 1 normally, then begin step 2, scribble over our region and SIGKILL ourselves."""
     from stager.client import StagingClient
-    from stager.client import staging
+    from stager.client.hook import client as staging
 
     w = torch.full((width,), float(rank))
     client = StagingClient(endpoint, rank=rank, local_world_size=2, world_size=2, strict=True)

@@ -4,12 +4,12 @@ import pytest
 import torch
 
 from native_llama import NativeLlama
-from stager.adapters import Llama3Adapter, load_adapter, permute_for_hf_rotary, to_hf_items, unpermute_from_hf_rotary
+from stager.client.adapters import (
+    Llama3Adapter, Qwen3Adapter, load_adapter, permute_for_hf_rotary, to_hf_items, unpermute_from_hf_rotary,
+)
 from stager.protocol import StagerError
 
-CONFIG = {"vocab_size": 96, "hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": 2,
-          "num_attention_heads": 4, "num_key_value_heads": 2, "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
-          "max_position_embeddings": 64, "tie_word_embeddings": False}
+from helpers import CONFIG
 
 
 def assert_same_logits_and_round_trip(hf, native, adapter, sd, hf_sd):
@@ -45,7 +45,10 @@ def test_llama3_export_gives_the_same_logits_in_transformers(qkv_linear):
     assert_same_logits_and_round_trip(hf, native, adapter, sd, hf_sd)
 
 
-def test_qwen3_export_gives_the_same_logits_in_transformers():
+def test_qwen3_interleaved_rope_export_gives_the_same_logits_in_transformers():
+    """A Qwen3 port with Meta-style interleaved rotary (NativeLlama's qwen mode, MLP named mlp.*):
+    rope_layout="interleaved" permutes q/k rows and norms. torchtitan's own Qwen3 rotates halves:
+    tests/test_upstream_models.py checks the default against it."""
     transformers = pytest.importorskip("transformers")
     cfg = dict(CONFIG, head_dim=12, tie_word_embeddings=True)  # head_dim != hidden / heads, as in Qwen3
     torch.manual_seed(0)
@@ -55,7 +58,7 @@ def test_qwen3_export_gives_the_same_logits_in_transformers():
         for layer in native.layers:
             layer.attention.q_norm.weight.uniform_(0.5, 1.5)
             layer.attention.k_norm.weight.uniform_(0.5, 1.5)
-    adapter = load_adapter("qwen3", cfg)
+    adapter = Qwen3Adapter(cfg, rope_layout="interleaved")
     sd = native.state_dict()
     hf_sd = adapter.to_hf(sd)
     assert "model.layers.0.self_attn.q_norm.weight" in hf_sd and "lm_head.weight" not in hf_sd
@@ -89,19 +92,8 @@ def test_unknown_keys_and_bad_shapes_name_the_key(sd, text):
     assert text in info.value.message
 
 
-class EagerPlugin:  # torchtitan's StateDictAdapter shape, loaded by module:attr
-    def __init__(self, hf_config):
-        self.prefix = hf_config.get("prefix", "hf.")
-
-    def to_hf(self, state_dict):
-        return {self.prefix + k: v for k, v in state_dict.items()}
-
-    def from_hf(self, hf_state_dict):
-        return {k[len(self.prefix):]: v for k, v in hf_state_dict.items()}
-
-
 def test_plugins_and_identity():
-    plugin = load_adapter("test_adapters:EagerPlugin", {"prefix": "x."})
+    plugin = load_adapter("helpers:EagerPlugin", {"prefix": "x."})
     assert dict(to_hf_items(plugin, [("a", 1)])) == {"x.a": 1}
     assert load_adapter("identity").to_hf({"a": 1}) == {"a": 1}
     with pytest.raises(StagerError, match="cannot load adapter"):

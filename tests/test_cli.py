@@ -9,9 +9,9 @@ import sys
 
 import pytest
 
-from stager.config import DaemonConfig, parse_size
-from stager.launch import DaemonProcess
-from stager.shm import list_segments
+from stager.daemon.config import DaemonConfig, parse_size
+from stager.dev.launch import DaemonProcess
+from stager.daemon.segments import list_segments
 
 
 def stager(*args, env=None, timeout=60):
@@ -57,21 +57,88 @@ def test_serve_status_and_clean_shutdown(short_dir):
     assert list_segments(daemon.pid) == []
 
 
-def test_tcp_binds_loopback_only_without_auth():
+@pytest.fixture
+def curve_keys(tmp_path):
+    """CURVE keys made by `stager keygen` (in-process: no interpreter start)."""
+    from stager.cli import main
+
+    keys = str(tmp_path / "keys")
+    assert main(["keygen", keys]) == 0
+    return keys
+
+
+def test_every_tcp_bind_needs_auth_or_the_explicit_opt_out(tmp_path):
+    from stager.dev.launch import free_port
+
     with pytest.raises(ValueError, match="not a loopback address"):
         DaemonConfig(endpoint="tcp://0.0.0.0:5555", memory_limit=1 << 20)
+    with pytest.raises(ValueError, match="not a loopback address"):  # the opt-out is for loopback only
+        DaemonConfig(endpoint="tcp://0.0.0.0:5555", memory_limit=1 << 20, insecure_no_auth=True)
+    for loopback in ("tcp://127.0.0.1:5555", "tcp://localhost:5555", "tcp://[::1]:5555"):
+        with pytest.raises(ValueError, match=r"--auth-dir.*--insecure-no-auth"):
+            DaemonConfig(endpoint=loopback, memory_limit=1 << 20)
+    with pytest.raises(ValueError, match="contradict"):
+        DaemonConfig(endpoint="tcp://127.0.0.1:5555", memory_limit=1 << 20, auth_dir=str(tmp_path),
+                     insecure_no_auth=True)
+    with pytest.raises(ValueError, match="stager keygen"):  # a directory without keys is named at once
+        DaemonConfig(endpoint="tcp://127.0.0.1:5555", memory_limit=1 << 20, auth_dir=str(tmp_path))
+    assert not DaemonConfig(memory_limit=1 << 20, insecure_no_auth=True).insecure  # ipc stays owner-only
+    out = stager("serve", "--endpoint", f"tcp://127.0.0.1:{free_port()}", "--memory-limit", "8MiB")
+    assert out.returncode == 2 and "--auth-dir" in out.stderr and "--insecure-no-auth" in out.stderr
+    assert "Traceback" not in out.stderr and len(out.stderr.strip().splitlines()) == 1
     out = stager("serve", "--endpoint", "tcp://0.0.0.0:5555")
     assert out.returncode == 2 and "--auth-dir" in out.stderr
 
 
-def test_tcp_loopback_daemon_serves_remote_style_clients():
+def test_insecure_opt_out_warns_and_says_so(short_dir):
+    from stager.dev.launch import free_port
+
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
+    proc = subprocess.Popen([sys.executable, "-m", "stager.cli", "serve", "--json", "--endpoint", endpoint,
+                             "--memory-limit", "8MiB", "--insecure-no-auth"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={k: v for k, v in os.environ.items() if k != "STAGER_AUTH_DIR"})
+    try:
+        ready = json.loads(proc.stdout.readline())
+        assert ready["insecure"] is True and ready["endpoint"] == endpoint
+        out = stager("status", "--json", "--endpoint", endpoint)  # no keys needed: that is the point
+        assert out.returncode == 0, out.stderr
+        assert json.loads(out.stdout)["insecure"] is True
+        assert "INSECURE" in stager("status", "--endpoint", endpoint).stdout
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0
+    assert "WARNING" in err and "WITHOUT AUTHENTICATION" in err
+
+
+def test_keygen_writes_owner_only_secrets(tmp_path):
+    keys = tmp_path / "keys"
+    keys.mkdir(mode=0o755)  # an existing, wider directory is narrowed
+    (keys / "server.key_secret").write_text("old")
+    os.chmod(keys / "server.key_secret", 0o644)  # an older key file's mode is not inherited
+    out = stager("keygen", str(keys))
+    assert out.returncode == 0, out.stderr
+
+    def mode(p):
+        return stat.S_IMODE(os.stat(p).st_mode)
+
+    assert mode(keys) == 0o700 and mode(keys / "authorized") == 0o700
+    assert mode(keys / "server.key_secret") == 0o600 and mode(keys / "client.key_secret") == 0o600
+    assert mode(keys / "server.key") == 0o644 and mode(keys / "authorized" / "client.key") == 0o644
+    assert "secret-key" in (keys / "server.key_secret").read_text()
+
+
+def test_tcp_loopback_daemon_serves_remote_style_clients(curve_keys, monkeypatch):
     import torch
 
     from stager.client import StagingClient, Subscriber
-    from stager.launch import free_port
+    from stager.dev.launch import free_port
 
+    monkeypatch.setenv("STAGER_AUTH_DIR", curve_keys)
     endpoint = f"tcp://127.0.0.1:{free_port()}"
-    with DaemonProcess(endpoint, args=("--memory-limit", "16MiB")):
+    with DaemonProcess(endpoint, args=("--memory-limit", "16MiB", "--auth-dir", curve_keys)) as d:
+        assert "insecure" not in d.info
         sd = {"w": torch.randn(300, 7), "i": torch.arange(9)}
         with StagingClient(endpoint, rank=0, local_world_size=1, world_size=1, transport="frames") as c:
             c.stage(sd, step=1).wait(10)
@@ -91,27 +158,23 @@ def test_config_checks():
         parse_size("lots")
 
 
-def test_curve_authenticated_tcp(tmp_path):
+def test_curve_authenticated_tcp(curve_keys, monkeypatch):
     import torch
 
     from stager.client import StagingClient, Subscriber
-    from stager.launch import free_port
+    from stager.dev.launch import free_port
     from stager.protocol import ErrorCode, StagerError
 
-    keys = str(tmp_path / "keys")
-    assert stager("keygen", keys).returncode == 0
+    keys = curve_keys
     endpoint = f"tcp://127.0.0.1:{free_port()}"
     with DaemonProcess(endpoint, args=("--memory-limit", "16MiB", "--auth-dir", keys)):
-        os.environ.pop("STAGER_AUTH_DIR", None)
+        monkeypatch.delenv("STAGER_AUTH_DIR", raising=False)
         with Subscriber(endpoint, timeout=2) as sub:  # no keys: the handshake never completes
             with pytest.raises(StagerError) as info:
                 sub.latest()
             assert info.value.code == ErrorCode.UNAVAILABLE
-        os.environ["STAGER_AUTH_DIR"] = keys
-        try:
-            with StagingClient(endpoint, rank=0, local_world_size=1, world_size=1, transport="frames") as c:
-                c.stage({"w": torch.ones(5)}, step=1).wait(10)
-            with Subscriber(endpoint) as sub, sub.latest() as snap:
-                assert torch.equal(snap["w"], torch.ones(5))
-        finally:
-            del os.environ["STAGER_AUTH_DIR"]
+        monkeypatch.setenv("STAGER_AUTH_DIR", keys)
+        with StagingClient(endpoint, rank=0, local_world_size=1, world_size=1, transport="frames") as c:
+            c.stage({"w": torch.ones(5)}, step=1).wait(10)
+        with Subscriber(endpoint) as sub, sub.latest() as snap:
+            assert torch.equal(snap["w"], torch.ones(5))

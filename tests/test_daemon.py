@@ -1,37 +1,40 @@
 """The daemon against hand-made requests: typed errors, isolation between clients, memory policy."""
 
+import hashlib
 import os
-import time
 
 import msgpack
 import pytest
 import torch
 
-from conftest import error_code
+from conftest import error_code, wire_plan
+from helpers import wait_until
 from stager.client import StagingClient, Subscriber
-from stager.planning import plan_digest
+from stager.protocol.layout import plan_digest
 from stager.protocol import (
-    PROTOCOL_VERSION, Acquire, Begin, Bye, BeginReply, Commit, ErrorCode, ErrorReply, HelloReply, Ping, Pong, Put,
+    PROTOCOL_VERSION, Abort, Acquire, Begin, Bye, BeginReply, Commit, ErrorCode, ErrorReply, HelloReply, Ping, Pong, Put,
     Release, Sealed, Status, StagerError,
 )
-from stager.shm import list_segments
+from stager.daemon.segments import list_segments
 
 
 def begin(step, plan, **kw):
-    """A Begin carrying ``plan`` under its true digest."""
+    """A Begin carrying ``plan`` (typed, or wire-form entries) under its true digest."""
+    if plan and isinstance(plan[0], list):
+        plan = wire_plan(*plan)
     return Begin(step=step, digest=plan_digest(plan), plan=plan, **kw)
 
 
-W4 = [["w", "f32", [4], [0], [4]]]
+W4 = wire_plan(["w", "f32", [4], [0], [4]])
 W4_DIGEST = plan_digest(W4)
 
 
 def plan_of(sd):
-    return [[k, "f32", list(v.shape), [0] * v.dim(), list(v.shape)] for k, v in sd.items()]
+    return wire_plan(*[[k, "f32", list(v.shape), [0] * v.dim(), list(v.shape)] for k, v in sd.items()])
 
 
 def sealed_steps(d):
-    return [v["step"] for v in d.state.status()["versions"] if v["state"] == "sealed"]
+    return [v["step"] for v in d.status()["versions"] if v["state"] == "sealed"]
 
 
 def stage_and_check(endpoint, step, sd):
@@ -78,7 +81,7 @@ def test_inconsistent_plans_fail_the_step_for_every_rank(make_daemon, raw_peer):
     r0.sock.send_multipart(begin(2, [["w", "f32", [4], [0], [2]]], id=2).encode())
     r1.sock.send_multipart(begin(2, [["w", "f32", [4], [2], [2]]], id=2).encode())
     assert isinstance(r0.recv(), BeginReply) and isinstance(r1.recv(), BeginReply)
-    status = d.state.status()
+    status = d.status()
     assert any(v["state"] == "failed" and v["step"] == 1 for v in status["versions"])
 
 
@@ -92,8 +95,9 @@ def test_bad_plan_from_single_rank(make_daemon, raw_peer, plan, code, text):
     d = make_daemon()
     p = raw_peer(d.endpoint)
     p.hello()
-    digest = plan_digest(plan) if isinstance(plan, list) else "x"
-    reply = p.request(Begin(step=1, digest=digest, plan=plan))
+    digest = hashlib.blake2b(msgpack.packb(plan), digest_size=16).hexdigest()  # what plan_digest computes
+    reply = p.request_raw("begin", {"step": 1, "digest": digest, "plan": plan, "full_world": True, "shm": True,
+                                    "wait_ms": 0})
     assert error_code(reply) == code.value and text in reply.message
 
 
@@ -106,7 +110,7 @@ def test_protocol_misuse(make_daemon, raw_peer):
     reply = p.request(Begin(step=1, digest="forged", plan=W4))
     assert error_code(reply) == ErrorCode.BAD_PLAN.value and "does not match its digest" in reply.message
     reply = p.request(begin(1, W4))
-    assert isinstance(reply, BeginReply) and reply.assignment == [[0, [4], [0]]]
+    assert isinstance(reply, BeginReply) and [p.to_wire() for p in reply.assignment] == [[0, [4], [0]]]
     assert error_code(p.request(Begin(step=1, digest=W4_DIGEST, plan=None))) == ErrorCode.BAD_MESSAGE.value
     # puts: wrong region, wrong byte count
     assert "not assigned" in p.request(Put(step=1, regions=[5], frames=[b"\0" * 16])).message
@@ -189,7 +193,7 @@ def test_backpressure_waits_for_a_lease(make_daemon):
         c.stage(sd, step=2).wait(10)
         b = sub.latest()
         h = c.stage(sd, step=3)
-        time.sleep(0.3)
+        wait_until(lambda: d.status()["retention"]["waiting_for_memory"] == [3])
         assert not h.done()  # held for memory, not refused
         a.release()
         assert h.wait(10)["step"] == 3
@@ -263,12 +267,9 @@ def test_bye_and_close_end_leases(make_daemon):
     sub = Subscriber(d.endpoint)
     sub.latest()
     sub.latest()
-    assert d.state.status()["leases"] == 2
+    assert d.status()["leases"] == 2
     sub.close()
-    deadline = time.monotonic() + 5
-    while (d.state.status()["leases"] or d.state.status()["readers"]) and time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert d.state.status()["leases"] == 0 and d.state.status()["readers"] == 0
+    wait_until(lambda: not (d.status()["leases"] or d.status()["readers"]))
 
 
 def test_rehello_under_another_rank_frees_the_first(make_daemon, raw_peer):
@@ -294,3 +295,16 @@ def test_caps_on_steps_in_flight_and_leases(make_daemon, raw_peer):
     leases = [p.request(Acquire(step=None)) for _ in range(64)]
     assert all(r.TYPE == "acquire_reply" for r in leases)
     assert "release" in p.request(Acquire(step=None)).message
+
+
+def test_a_restarted_job_may_stage_a_step_that_failed_in_the_old_one(make_daemon, raw_peer):
+    d = make_daemon()
+    old = raw_peer(d.endpoint)
+    old.hello()
+    assert isinstance(old.request(begin(1, W4)), BeginReply)
+    assert old.request(Abort(step=1, reason="killed")).TYPE == "ok"
+    assert error_code(old.request(begin(1, W4))) == ErrorCode.STEP_FAILED.value  # same job: step 1 is gone
+    assert old.request(Bye()).TYPE == "ok"
+    new = raw_peer(d.endpoint)  # the job restarted: a new timeline of steps
+    new.hello()
+    assert isinstance(new.request(begin(1, W4, shm=False)), BeginReply)

@@ -3,8 +3,8 @@
 import torch
 
 from dist_jobs import fsdp_partial_node, mixed_layouts
-from stager.demo import run_demo
-from stager.launch import DaemonProcess, run_ranks
+from stager.dev.demo import run_demo
+from stager.dev.launch import DaemonProcess, run_ranks
 
 
 def test_fsdp2_training_loop_matches_unsharded_model(capsys):
@@ -29,12 +29,10 @@ def test_multi_node_job_seals_partial_snapshot():
         results = run_ranks(fsdp_partial_node, 4, daemon.endpoint)
         assert results[0]["partial"] is True
         from stager.client import Subscriber
-        from stager.client.connection import Connection
-        from stager.protocol import ErrorCode, StagerError, Status
+        from stager.client.admin import daemon_status
+        from stager.protocol import ErrorCode, StagerError
 
-        conn = Connection(daemon.endpoint, role="admin")
-        version = conn.request(Status(), 5).status["versions"][0]
-        conn.close()
+        version = daemon_status(daemon.endpoint)["versions"][0]
         assert version["partial"] and version["held_regions"] == {"w": [[[0, 0], [2, 5]], [[2, 0], [2, 5]]]}
         with Subscriber(daemon.endpoint) as sub:
             try:

@@ -10,8 +10,8 @@ import torch
 
 from native_llama import NativeLlama
 from stager.client import StagingClient
-from stager.export_hf import export_hf
-from test_adapters import CONFIG
+from stager.consumers.export_hf import export_hf
+from helpers import CONFIG
 
 transformers = pytest.importorskip("transformers")
 
@@ -72,7 +72,7 @@ def test_dtype_assets_keep_and_cli(staged_llama, tmp_path):
 
 def test_interrupted_export_leaves_nothing_that_looks_complete(staged_llama, tmp_path, monkeypatch):
     d, _ = staged_llama
-    import stager.export_hf as mod
+    import stager.consumers.export_hf as mod
 
     calls = []
     real = mod.write_safetensors
@@ -87,3 +87,30 @@ def test_interrupted_export_leaves_nothing_that_looks_complete(staged_llama, tmp
     with pytest.raises(OSError, match="disk full"):
         export_hf(str(tmp_path), endpoint=d.endpoint, max_shard_size="40KB")
     assert os.listdir(tmp_path) == []
+
+
+def test_nested_training_state_exports_its_model_part(make_daemon, tmp_path):
+    """stage({"model": ..., "optim": ..., "train": ...}) as the README's loop does: with the prefix
+    "model." in model_info, the HF view and the export hold the model only, under HF names."""
+    from stager.client import Subscriber
+
+    d = make_daemon()
+    torch.manual_seed(0)
+    native = NativeLlama(CONFIG).eval()
+    model = native.state_dict()
+    optim = {f"state.{k}.exp_avg": torch.randn_like(v) for k, v in list(model.items())[:3]}
+    info = {"adapter": "llama3", "hf_config": hf_config_dict(), "prefix": "model."}
+    with StagingClient(d.endpoint, rank=0, local_world_size=1, world_size=1, strict=True) as client:
+        client.stage({"model": model, "optim": optim, "train": {"step": 3}}, step=3, model_info=info).wait(30)
+    with Subscriber(d.endpoint, view="hf") as sub, sub.latest() as snap:
+        names = list(snap)
+        assert names and all(n.startswith(("model.", "lm_head.")) for n in names)
+        assert not any("exp_avg" in n for n in names) and snap.objects == {"train.step": 3}
+    (path,) = export_hf(str(tmp_path), endpoint=d.endpoint)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(path).eval()
+    tokens = torch.randint(0, CONFIG["vocab_size"], (2, 11))
+    with torch.no_grad():
+        torch.testing.assert_close(hf(tokens).logits, native(tokens), rtol=1e-5, atol=1e-5)
+    # the consumer may name the prefix itself (a version staged without it)
+    with Subscriber(d.endpoint, view="hf", prefix="model.") as sub, sub.latest() as snap:
+        assert sorted(snap) == sorted(names)

@@ -10,23 +10,21 @@ import time
 import pytest
 import torch
 
-from conftest import error_code
+from conftest import error_code, wire_plan
+from helpers import wait_until
 from stager.client import StagingClient, Subscriber
-from stager.client.connection import Connection
-from stager.launch import DaemonProcess
-from stager.planning import plan_digest
-from stager.protocol import Begin, BeginReply, Commit, ErrorCode, StagerError, Status
-from stager.shm import SHM_DIR, list_segments
+from stager.client.admin import daemon_status
+from stager.dev.launch import DaemonProcess
+from stager.protocol.layout import plan_digest
+from stager.protocol import Begin, BeginReply, Commit, ErrorCode, StagerError
+from stager.protocol.shm import SHM_DIR
+from stager.daemon.segments import list_segments
 
 HERE = os.path.dirname(__file__)
 
 
 def status_of(endpoint):
-    conn = Connection(endpoint, role="admin")
-    try:
-        return conn.request(Status(), 5).status
-    finally:
-        conn.close()
+    return daemon_status(endpoint)
 
 
 def test_rank_killed_mid_step_fails_only_that_step():
@@ -68,10 +66,7 @@ def test_reader_killed_holding_a_lease_releases_it(make_daemon):
             "snap = s.latest(); print(snap.step, flush=True); os.kill(os.getpid(), signal.SIGKILL)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.stdout.strip() == "1"
-    deadline = time.monotonic() + 5
-    while d.state.status()["leases"] and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert d.state.status()["leases"] == 0
+    wait_until(lambda: d.status()["leases"] == 0)
 
 
 def test_step_times_out_when_a_rank_never_commits(make_daemon, raw_peer):
@@ -79,7 +74,7 @@ def test_step_times_out_when_a_rank_never_commits(make_daemon, raw_peer):
     r0, r1 = raw_peer(d.endpoint), raw_peer(d.endpoint)
     r0.hello(rank=0, local_world_size=2)
     r1.hello(rank=1, local_world_size=2)
-    plan0, plan1 = [["w", "f32", [4], [0], [2]]], [["w", "f32", [4], [2], [2]]]
+    plan0, plan1 = wire_plan(["w", "f32", [4], [0], [2]]), wire_plan(["w", "f32", [4], [2], [2]])
     r0.sock.send_multipart(Begin(id=1, step=1, digest=plan_digest(plan0), plan=plan0).encode())
     r1.sock.send_multipart(Begin(id=1, step=1, digest=plan_digest(plan1), plan=plan1).encode())
     assert isinstance(r0.recv(), BeginReply) and isinstance(r1.recv(), BeginReply)

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from stager.client.flatten import LayoutCache, flatten_state_dict
+from stager.client.hook.flatten import LayoutCache, flatten_state_dict
 from stager.protocol import ErrorCode, StagerError
 
 
@@ -35,7 +35,7 @@ def test_bad_leaves_name_the_key(sd, text):
 
 def test_plain_tensor_plan_and_unsupported_subclass():
     plan, locals_ = LayoutCache().describe({"w": torch.ones(2, 3, dtype=torch.bfloat16)})
-    assert plan == [("w", "bf16", (2, 3), (0, 0), (2, 3))]
+    assert [e.to_wire() for e in plan] == [["w", "bf16", [2, 3], [0, 0], [2, 3]]]
 
     class Sub(torch.Tensor):
         pass
@@ -46,7 +46,7 @@ def test_plain_tensor_plan_and_unsupported_subclass():
 
 
 def test_host_copy_handles_every_kind_of_source():
-    from stager.client.copier import BULK_BYTES, host_copy
+    from stager.client.hook.copier import BULK_BYTES, host_copy
 
     big = torch.randn(BULK_BYTES // 4 + 3)
     cplx = torch.randn(BULK_BYTES // 8, dtype=torch.complex64)
@@ -59,16 +59,19 @@ def test_host_copy_handles_every_kind_of_source():
 
 
 def test_write_spans_cover_exactly_the_rank_rows():
-    from stager.client.staging import write_spans
+    from stager.client.hook.client import write_spans
 
-    plan = [("w", "f32", (8, 4), (4, 0), (4, 4)), ("b", "f32", (8,), (0,), (8,)), ("t", "f32", (4, 6), (0, 3), (4, 3))]
-    assignment = [[0, [8, 4], [4, 0]], None, [8192, [4, 6], [0, 3]]]
+    from stager.protocol.layout import assignment_from_wire, plan_from_wire
+
+    plan = plan_from_wire([["w", "f32", [8, 4], [4, 0], [4, 4]], ["b", "f32", [8], [0], [8]],
+                           ["t", "f32", [4, 6], [0, 3], [4, 3]]])
+    assignment = assignment_from_wire([[0, [8, 4], [4, 0]], None, [8192, [4, 6], [0, 3]]])
     assert write_spans(plan, assignment) == [(64, 128), (8192 + 12, 8192 + 96)]
 
 
 @pytest.mark.parametrize("dst_off,src_off,n", [(0, 0, 1 << 20), (3, 5, (1 << 20) + 7), (61, 0, 300), (0, 1, 255), (7, 9, 0)])
 def test_bulk_copy_any_alignment(dst_off, src_off, n):
-    from stager.client.copier import _bulk_copy
+    from stager.client.hook.copier import _bulk_copy
 
     src = torch.randint(0, 255, (n + 64,), dtype=torch.uint8)
     dst = torch.zeros(n + 64, dtype=torch.uint8)

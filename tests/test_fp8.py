@@ -6,7 +6,7 @@ import torch
 pytest.importorskip("torchao.float8")
 
 from stager.client import StagingClient, Subscriber  # noqa: E402
-from stager.launch import DaemonProcess, run_ranks  # noqa: E402
+from stager.dev.launch import DaemonProcess, run_ranks  # noqa: E402
 from stager.protocol import ErrorCode, StagerError  # noqa: E402
 from stager.protocol.quant import QuantSpec, check_quant, dequantize, scale_blocks  # noqa: E402
 
@@ -128,7 +128,7 @@ def test_torchao_float8_tensors_dequantize_or_stay_fp8_on_request(make_daemon):
 def test_unknown_tensor_subclasses_are_refused_by_name():
     from torch.testing._internal.two_tensor import TwoTensor
 
-    from stager.client.flatten import unwrap
+    from stager.client.hook.flatten import unwrap
 
     with pytest.raises(StagerError) as info:
         unwrap("layers.0.w", TwoTensor(torch.zeros(2), torch.zeros(2)))

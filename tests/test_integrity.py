@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from stager.client import StagingClient
-from stager.integrity import diff, read_tensors, verify
-from stager.write_dcp import write_dcp
+from stager.consumers.integrity import diff, read_tensors, verify
+from stager.consumers.write_dcp import write_dcp
 
 
 def stager(*args):
@@ -35,7 +35,7 @@ def staged(make_daemon):
 
 
 def test_verify_hf_and_dcp_exports_and_find_a_flipped_byte(staged, tmp_path):
-    from stager.export_hf import export_hf
+    from stager.consumers.export_hf import export_hf
 
     d, sd = staged
     (hf,) = export_hf(str(tmp_path / "hf"), endpoint=d.endpoint)
@@ -63,3 +63,104 @@ def test_diff_snapshot_against_exports(staged, tmp_path):
     report = diff(dict(read_tensors(dc)), other)
     assert report["different"] == {"w": pytest.approx(0.5)}
     assert report["shape_mismatch"] == [["b", [16], [8]]] and report["only_b"] == ["extra"]
+
+
+class _RunsCode:
+    """Unpickling this runs a shell command: what a hostile ``.metadata`` would do."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def _plain_dcp(path, state=None):
+    import torch.distributed.checkpoint as dcp
+
+    from stager.consumers.integrity import entry, write_manifest
+
+    state = state if state is not None else {"w": torch.arange(12.0).view(3, 4), "b": torch.ones(5, dtype=torch.bfloat16)}
+    dcp.save(state, storage_writer=dcp.FileSystemWriter(str(path)), no_dist=True)
+    write_manifest(str(path), 1, "dcp", {k: entry(v) for k, v in state.items() if isinstance(v, torch.Tensor)})
+    return str(path)
+
+
+def test_hostile_dcp_metadata_never_runs(tmp_path, capsys):
+    import pickle
+
+    from stager.cli import main
+    from stager.consumers.integrity import UnsafeCheckpoint
+
+    good = _plain_dcp(tmp_path / "good")
+    assert verify(good)["ok"]  # the restricted reader still reads an ordinary checkpoint
+    marker = tmp_path / "pwned"
+    bad = _plain_dcp(tmp_path / "bad")
+    with open(os.path.join(bad, ".metadata"), "rb") as f:
+        metadata = pickle.load(f)
+    metadata.planner_data["w"] = _RunsCode(marker)  # hidden deep inside genuine metadata
+    with open(os.path.join(bad, ".metadata"), "wb") as f:
+        pickle.dump(metadata, f)
+    for read in (verify, lambda p: dict(read_tensors(p))):
+        with pytest.raises(UnsafeCheckpoint) as info:
+            read(bad)
+        assert os.path.join(bad, ".metadata") in info.value.message and "system" in info.value.global_name
+        assert info.value.global_name in info.value.message
+    assert main(["verify", bad]) == 2 and main(["diff", good, bad]) == 2
+    err = capsys.readouterr().err
+    assert "system" in err and "Traceback" not in err
+    assert not marker.exists()
+
+
+def test_non_tensor_dcp_items_are_never_unpickled(tmp_path):
+    marker = tmp_path / "pwned"
+    path = _plain_dcp(tmp_path / "ckpt", {"w": torch.ones(3), "train.state": _RunsCode(marker)})
+    assert not marker.exists()  # saving only pickled it
+    assert list(dict(read_tensors(path))) == ["w"] and verify(path)["ok"]
+    assert not marker.exists()  # DCP's own loader would torch.load(weights_only=False) it
+
+
+def _truncate(path, keep):
+    with open(path, "r+b") as f:
+        f.truncate(keep)
+
+
+def _garbage(path):
+    size = os.path.getsize(path)
+    with open(path, "wb") as f:
+        f.write(b"\x80\x04not a pickle at all" + b"x" * size)
+
+
+def _data_file(d):
+    return os.path.join(d, next(f for f in os.listdir(d) if f.endswith(".distcp")))
+
+
+@pytest.mark.parametrize("damage,culprit,words", [
+    (lambda d: _truncate(os.path.join(d, ".metadata"), 40), ".metadata", "not readable DCP metadata"),
+    (lambda d: _garbage(os.path.join(d, ".metadata")), ".metadata", "not readable DCP metadata"),
+    (lambda d: os.unlink(_data_file(d)), ".distcp", "is missing"),
+    (lambda d: _truncate(_data_file(d), 100), ".distcp", "is truncated"),
+    (lambda d: _garbage(_data_file(d)), ".distcp", "cannot be read"),
+], ids=["metadata-truncated", "metadata-garbage", "distcp-missing", "distcp-truncated", "distcp-garbage"])
+def test_damaged_dcp_is_one_line_naming_the_file(tmp_path, capsys, damage, culprit, words):
+    from stager.cli import main
+
+    good = _plain_dcp(tmp_path / "good")
+    bad = _plain_dcp(tmp_path / "bad")
+    damage(bad)
+    assert main(["diff", good, bad]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err and words in err, err
+    assert err.startswith("stager diff: ") and bad in err and culprit in err
+    assert main(["verify", bad, "--json"]) == 1  # verify: corrupt, with the reason
+    report = json.loads(capsys.readouterr().out)
+    assert not report["ok"] and culprit in report["error"] and words in report["error"]
+
+
+def test_damaged_dcp_diff_from_the_command_line(tmp_path):
+    good = _plain_dcp(tmp_path / "good")
+    bad = _plain_dcp(tmp_path / "bad")
+    _truncate(os.path.join(bad, ".metadata"), 40)
+    out = stager("diff", good, bad)
+    assert out.returncode == 2 and out.stderr.count("\n") == 1 and "Traceback" not in out.stderr
+    assert os.path.join(bad, ".metadata") in out.stderr

@@ -6,12 +6,13 @@ import time
 import pytest
 import torch
 from conftest import error_code
+from helpers import EagerPlugin
 
-from stager.adapters import load_adapter
+from stager.client.adapters import load_adapter
 from stager.client import StagingClient, Subscriber
-from stager.client import sources
-from stager.client.subscriber import _shares_segment
-from stager.protocol import Acquire, ErrorCode, Read, StagerError, Subscribe, SubscribeReply
+from stager.client.readers import sources
+from stager.client.readers.subscriber import _shares_segment
+from stager.protocol import Acquire, ErrorCode, Read, ReadItem, StagerError, Subscribe, SubscribeReply
 
 CONFIG = {"vocab_size": 96, "hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": 1,
           "num_attention_heads": 4, "num_key_value_heads": 2}
@@ -82,13 +83,13 @@ def test_remote_slices_move_only_their_bytes(make_daemon, monkeypatch):
     stage(d.endpoint, [1])
     sd = llama_sd(1)
     with Subscriber(d.endpoint, view="hf", remote=True) as sub, sub.latest() as snap:
-        before = d.state.counters["read_bytes"]
+        before = d.status()["counters"]["read_bytes"]
         part = snap.get("model.layers.0.mlp.down_proj.weight", shard=(0, 1, 4))  # 8 of 32 rows
-        assert d.state.counters["read_bytes"] - before == part.numel() * 4
+        assert d.status()["counters"]["read_bytes"] - before == part.numel() * 4
         assert torch.equal(part, sd["layers.0.feed_forward.w2.weight"][8:16])
-        before = d.state.counters["read_bytes"]
+        before = d.status()["counters"]["read_bytes"]
         assert torch.equal(snap["lm_head.weight"], sd["output.weight"])  # 12 KiB in 1 KiB requests
-        assert d.state.counters["read_bytes"] - before == sd["output.weight"].numel() * 4
+        assert d.status()["counters"]["read_bytes"] - before == sd["output.weight"].numel() * 4
 
 
 def test_announcements_wake_readers_and_iteration_skips_to_the_newest(make_daemon):
@@ -110,7 +111,7 @@ def test_announcements_wake_readers_and_iteration_skips_to_the_newest(make_daemo
         with pytest.raises(StagerError):
             first["norm.weight"]  # the iterator released the previous version
         newest.release()
-        assert d.state.status()["subscribers"] == 1
+        assert d.status()["subscribers"] == 1
 
 
 def test_readers_that_do_not_read_or_die_never_delay_staging(make_daemon, raw_peer):
@@ -127,7 +128,7 @@ def test_readers_that_do_not_read_or_die_never_delay_staging(make_daemon, raw_pe
         for step in range(1, 1201):  # more announcements than ZeroMQ queues for the laggard
             sd["w"].fill_(step)
             c.stage(sd, step=step).wait(10)
-    status = d.state.status()
+    status = d.status()
     assert status["seq"] == 1200 and status["counters"]["announcements_dropped"] > 0
 
 
@@ -180,14 +181,14 @@ def test_leased_versions_are_never_freed_and_a_full_budget_refuses(make_daemon):
         with pytest.raises(StagerError) as info:  # all memory leased: refused, not freed
             c.stage(sd, step=4).wait(10)
         assert info.value.code == ErrorCode.MEMORY_LIMIT
-        status = d.state.status()
+        status = d.status()
         assert status["retention"]["leased_steps"] == [1, 2, 3] and "never freed" in status["retention"]["policy"]
         assert status["counters"]["memory_refusals"] == 1
         assert [float(s["w"][0, 0]) for s in held] == [1.0, 2.0, 3.0]  # intact under their readers
         for snap in held:
             snap.release()
         c.stage(sd, step=5).wait(10)
-    assert [v["step"] for v in d.state.status()["versions"] if v["state"] == "sealed"] == [5]
+    assert [v["step"] for v in d.status()["versions"] if v["state"] == "sealed"] == [5]
 
 
 @pytest.mark.parametrize("items,code", [
@@ -200,14 +201,13 @@ def test_bad_reads_get_typed_errors(make_daemon, raw_peer, items, code):
     stage(d.endpoint, [1], lambda s: {"w": torch.zeros(4, 4)}, None)
     peer = raw_peer(d.endpoint)
     peer.hello(role="reader")
-    assert error_code(peer.request(Read(lease=99, items=[["w", None, None]]))) == "unknown_lease"
+    assert error_code(peer.request(Read(lease=99, items=(ReadItem("w"),)))) == "unknown_lease"
     lease = peer.request(Acquire()).lease
-    assert error_code(peer.request(Read(lease=lease, items=items))) == code
-    assert peer.request(Read(lease=lease, items=[["w", [1, 0], [2, 4]]])).frames[0].__len__() == 32
+    assert error_code(peer.request_raw("read", {"lease": lease, "items": items})) == code
+    assert peer.request(Read(lease=lease, items=(ReadItem("w", (1, 0), (2, 4)),))).frames[0].__len__() == 32
 
 
 def test_hf_view_through_a_plug_in_adapter(make_daemon):
-    from test_adapters import EagerPlugin  # torchtitan's StateDictAdapter shape: whole-dict to_hf
 
     d = make_daemon()
     stage(d.endpoint, [1])

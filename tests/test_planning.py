@@ -5,7 +5,8 @@ import math
 import pytest
 import torch
 
-from stager.planning import ALIGN, Box, PlanEntry, build_layout, parse_plan
+from stager.daemon.planning import ALIGN, build_layout
+from stager.protocol.layout import Box, Placement, PlanEntry, plan_from_wire
 from stager.protocol import ErrorCode, ProtocolError
 
 
@@ -51,7 +52,7 @@ def test_offsets_place_shards_in_the_full_tensor():
     a, w = layout.tensors
     assert a.complete and w.complete
     assert w.blocks[0].byte_offset == ALIGN  # 12 bytes of "a", aligned up
-    assert layout.assignments[1][1] == (ALIGN, (4, 6), (0, 3))
+    assert layout.assignments[1][1] == Placement(ALIGN, (4, 6), (0, 3))
     assert layout.nbytes == 3 * 4 + 24 * 4
 
 
@@ -59,7 +60,7 @@ def test_partial_layout_reports_held_regions():
     plans = {0: [E("w", (8, 2), (4, 0), (2, 2))], 1: [E("w", (8, 2), (0, 0), (2, 2))]}
     layout = build_layout(plans, full_world=False)
     assert layout.held_regions() == {"w": [[[0, 0], [2, 2]], [[4, 0], [2, 2]]]}
-    assert layout.assignments[0][0] == (layout.tensors[0].blocks[1].byte_offset, (2, 2), (0, 0))
+    assert layout.assignments[0][0] == Placement(layout.tensors[0].blocks[1].byte_offset, (2, 2), (0, 0))
 
 
 BAD = [
@@ -94,13 +95,13 @@ BAD_WIRE = [
 @pytest.mark.parametrize("name,plan,text", BAD_WIRE, ids=[b[0] for b in BAD_WIRE])
 def test_malformed_plans_are_refused(name, plan, text):
     with pytest.raises(ProtocolError) as info:
-        parse_plan(0, plan)
+        plan_from_wire(plan)
     assert info.value.code == ErrorCode.BAD_PLAN and text in info.value.message
 
 
 @pytest.mark.parametrize("shape,dim,world", [((10, 4), 0, 4), ((10, 4), 1, 3), ((3,), 0, 4), ((0, 2), 0, 2)])
 def test_shard_boxes_are_torch_chunks(shape, dim, world):
-    from stager.planning import shard_box
+    from stager.protocol.layout import shard_box
 
     full = torch.arange(math.prod(shape)).view(shape)
     chunks = torch.chunk(full, world, dim) if full.numel() else ()
@@ -120,7 +121,7 @@ def test_shard_boxes_are_torch_chunks(shape, dim, world):
     ((5,), (2,), (0,), True),
 ])
 def test_contiguous_spans(shape, offsets, sizes, contiguous):
-    from stager.planning import contiguous_span
+    from stager.protocol.layout import contiguous_span
 
     full = torch.arange(math.prod(shape)).view(shape)
     box = full
@@ -141,7 +142,7 @@ def test_contiguous_spans(shape, offsets, sizes, contiguous):
     lambda t: t[:, 1:3],
 ])
 def test_boxes_of_strided_views_map_to_native_boxes(view):
-    from stager.client.views import arrange, native_box
+    from stager.client.readers.views import arrange, native_box
 
     native = torch.arange(4 * 5 * 6).view(4, 5, 6)
     v = view(native)

@@ -7,7 +7,7 @@ import sys
 
 import torch
 
-from stager.launch import DaemonProcess, run_ranks
+from stager.dev.launch import DaemonProcess, run_ranks
 
 
 def fsdp_stage_then_load_as_tp(rank, world, endpoint, out_dir):
@@ -17,8 +17,8 @@ def fsdp_stage_then_load_as_tp(rank, world, endpoint, out_dir):
     import torch.distributed.checkpoint as dcp
 
     from stager.client import StagingClient
-    from stager.demo import sharded_model
-    from stager.write_dcp import write_dcp
+    from stager.dev.demo import sharded_model
+    from stager.consumers.write_dcp import write_dcp
 
     model, optim = sharded_model(world)
     mesh = init_device_mesh("cpu", (world,))

@@ -1,0 +1,206 @@
+"""The adapter contract, the one set of functions that apply it, and what adapters share.
+
+Two kinds of adapter plug in:
+
+* :class:`Adapter`: ``to_hf(state_dict)`` and ``from_hf(hf_state_dict)`` on whole dicts
+  (torchtitan's StateDictAdapter shape, so theirs plug in as they are; they run eagerly, once
+  per version, on the whole state dict).
+* :class:`PerTensorAdapter`: an Adapter that also converts one tensor at a time with
+  ``to_hf_items(name, tensor)`` (every built-in one). An exporter then never holds a second
+  copy of the model, and a reader can tell from meta tensors which HF tensors are views of
+  staged ones.
+
+Readers and exporters never call an adapter's methods themselves: they go through
+:func:`hf_names` (the HF names, shapes and dtypes of a layout, from meta tensors, no bytes),
+:func:`hf_items` (one native tensor, per-tensor adapters) and :func:`to_hf_items` (any adapter:
+per tensor when it can, else the whole dict once).
+
+>>> a = IdentityAdapter()
+>>> isinstance(a, PerTensorAdapter), [(t.name, t.shape) for t in hf_names(a, [("w", torch.float32, (2, 3))])]
+(True, [('w', (2, 3))])
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Iterable, Iterator, Protocol, runtime_checkable
+
+import torch
+
+from stager.protocol import ErrorCode, StagerError
+
+__all__ = ["Adapter", "HFTensor", "IdentityAdapter", "PerTensorAdapter", "adapter_error", "check_adapter",
+           "hf_items", "hf_names", "is_per_tensor", "permute_for_hf_rotary", "to_hf_items",
+           "unpermute_from_hf_rotary"]
+
+
+@runtime_checkable
+class Adapter(Protocol):
+    """Whole-dict conversion, native (training) names and layouts <-> HF ones."""
+
+    def to_hf(self, state_dict: dict[str, Any]) -> dict[str, Any]: ...
+
+    def from_hf(self, hf_state_dict: dict[str, Any]) -> dict[str, Any]: ...
+
+
+@runtime_checkable
+class PerTensorAdapter(Adapter, Protocol):
+    """An adapter that converts one native tensor at a time: ``to_hf_items(name, tensor)`` gives
+    its ``[(hf name, tensor)]`` (none: not exported; several: e.g. experts split out)."""
+
+    def to_hf_items(self, name: str, tensor: torch.Tensor) -> list[tuple[str, torch.Tensor]]: ...
+
+
+def adapter_error(message: str) -> StagerError:
+    return StagerError(ErrorCode.BAD_VALUE, message)
+
+
+def check_adapter(adapter: Any, what: str) -> Adapter:
+    """``adapter`` if it satisfies :class:`Adapter`, else BAD_VALUE naming ``what`` it came from."""
+    if not isinstance(adapter, Adapter):
+        raise adapter_error(f"{what} ({type(adapter).__name__}) has no to_hf/from_hf: an adapter must offer both "
+                            "(torchtitan's StateDictAdapter shape); to_hf_items(name, tensor) is optional")
+    return adapter
+
+
+def is_per_tensor(adapter: Any) -> bool:
+    """Whether ``adapter`` converts tensor by tensor (else: whole dicts, eagerly)."""
+    return isinstance(adapter, PerTensorAdapter)
+
+
+@dataclasses.dataclass(frozen=True)
+class HFTensor:
+    """One HF tensor of a layout, as :func:`hf_names` tells it without touching bytes."""
+
+    name: str  # HF name
+    source: str  # the native tensor it comes from; "" for whole-dict adapters (no per-tensor facts)
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    strided: tuple | None  # (shape, stride, storage offset) when a strided view of the whole source
+
+
+def hf_items(adapter: PerTensorAdapter, name: str, tensor: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
+    """``[(hf name, tensor)]`` for one native tensor. Only per-tensor adapters convert one tensor
+    on its own; a whole-dict adapter goes through :func:`to_hf_items` with the whole dict."""
+    if not is_per_tensor(adapter):
+        raise adapter_error(f"{type(adapter).__name__} converts whole state dicts only (no to_hf_items): "
+                            f"convert {name!r} with the others through to_hf_items(adapter, items)")
+    return list(adapter.to_hf_items(name, tensor))
+
+
+def to_hf_items(adapter: Any, items: Iterable[tuple[str, Any]]) -> Iterator[tuple[str, Any]]:
+    """Convert ``(name, tensor)`` pairs: one at a time with per-tensor adapters, lazily; a
+    whole-dict adapter gets them all in one dict, once (eager).
+
+    >>> dict(to_hf_items(IdentityAdapter(), [("a", 1)]))
+    {'a': 1}
+    """
+    if is_per_tensor(adapter):
+        for name, tensor in items:
+            yield from adapter.to_hf_items(name, tensor)
+    else:
+        yield from check_adapter(adapter, "the adapter").to_hf(dict(items)).items()
+
+
+def hf_names(adapter: Any, tensors: Iterable[tuple[str, torch.dtype, tuple[int, ...]]]) -> list[HFTensor]:
+    """The HF tensors of a layout given as native ``(name, dtype, shape)``, in native order, from
+    meta tensors: names, shapes, dtypes (and, per tensor, which native tensor each comes from and
+    whether it is a strided view of it), without touching any bytes. What a reader's HF view
+    index and an exporter's shard plan are both built from.
+
+    >>> [(t.name, t.source, t.shape) for t in hf_names(IdentityAdapter(), [("norm.weight", torch.float32, (4,))])]
+    [('norm.weight', 'norm.weight', (4,))]
+    """
+    metas = {name: torch.empty(tuple(shape), dtype=dtype, device="meta") for name, dtype, shape in tensors}
+    out: list[HFTensor] = []
+    if is_per_tensor(adapter):
+        for name, meta in metas.items():
+            for hf_name, t in adapter.to_hf_items(name, meta):
+                out.append(HFTensor(hf_name, name, tuple(t.shape), t.dtype, _strided(meta, t)))
+    else:  # a whole-dict adapter: names, shapes and dtypes only
+        for hf_name, t in check_adapter(adapter, "the adapter").to_hf(metas).items():
+            out.append(HFTensor(hf_name, "", tuple(t.shape), t.dtype, None))
+    seen: dict[str, str] = {}
+    for t in out:
+        if t.name in seen:
+            raise adapter_error(f"the adapter maps {seen[t.name] or 'a tensor'} and {t.source or 'another'} to the "
+                                f"same HF name {t.name!r}: check the adapter (or its hf_config)")
+        seen[t.name] = t.source
+    return out
+
+
+def _strided(base: torch.Tensor, out: torch.Tensor) -> tuple | None:
+    if out is base:
+        return tuple(base.shape), tuple(base.stride()), 0
+    if out._base is base and out.dtype == base.dtype:
+        return tuple(out.shape), tuple(out.stride()), out.storage_offset()
+    return None
+
+
+class IdentityAdapter:
+    """The trained model already is a transformers model (common in RL frameworks): names pass through."""
+
+    NAME = "identity"
+
+    def __init__(self, hf_config: dict | None = None):
+        self.hf_config = hf_config or {}
+
+    def to_hf_items(self, name: str, tensor: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
+        return [(name, tensor)]
+
+    def to_hf(self, state_dict: dict) -> dict:
+        return dict(state_dict)
+
+    def from_hf(self, hf_state_dict: dict) -> dict:
+        return dict(hf_state_dict)
+
+
+class Prefixed:
+    """The model part of a nested state dict through ``adapter``: names under ``prefix`` (``"model."``
+    after ``stage({"model": ..., "optim": ...})``) lose the prefix and are converted; the rest
+    (optimizer state, ...) is not part of the HF view. ``from_hf`` puts the prefix back.
+
+    >>> a = with_prefix(IdentityAdapter(), "model.")
+    >>> [n for n, _ in a.to_hf_items("model.w", 1)], a.to_hf_items("optim.state.w.exp_avg", 1)
+    (['w'], [])
+    """
+
+    def __init__(self, adapter: Any, prefix: str):
+        self.adapter, self.prefix = check_adapter(adapter, "the adapter"), prefix
+
+    def _model_part(self, state_dict: dict) -> dict:
+        n = len(self.prefix)
+        return {k[n:]: v for k, v in state_dict.items() if k.startswith(self.prefix)}
+
+    def to_hf(self, state_dict: dict) -> dict:
+        return dict(to_hf_items(self.adapter, self._model_part(state_dict).items()))
+
+    def from_hf(self, hf_state_dict: dict) -> dict:
+        return {self.prefix + k: v for k, v in self.adapter.from_hf(hf_state_dict).items()}
+
+
+class _PrefixedPerTensor(Prefixed):
+    def to_hf_items(self, name: str, tensor: Any) -> list[tuple[str, Any]]:
+        if not name.startswith(self.prefix):
+            return []
+        return list(self.adapter.to_hf_items(name[len(self.prefix):], tensor))
+
+
+def with_prefix(adapter: Any, prefix: str | None) -> Any:
+    """``adapter`` applied to the names under ``prefix`` only (see :class:`Prefixed`); as is when
+    ``prefix`` is empty. Per-tensor adapters stay per-tensor."""
+    if not prefix:
+        return adapter
+    return (_PrefixedPerTensor if is_per_tensor(adapter) else Prefixed)(adapter, prefix)
+
+
+def permute_for_hf_rotary(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """Meta-style (interleaved pairs) rotary rows -> HF's rotate_half order, per head."""
+    rows, cols = w.shape
+    return w.view(n_heads, rows // n_heads // 2, 2, cols).transpose(1, 2).reshape(rows, cols)
+
+
+def unpermute_from_hf_rotary(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """The inverse of :func:`permute_for_hf_rotary`."""
+    rows, cols = w.shape
+    return w.view(n_heads, 2, rows // n_heads // 2, cols).transpose(1, 2).reshape(rows, cols)

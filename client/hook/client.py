@@ -1,0 +1,302 @@
+"""The train-loop hook: ``StagingClient.stage(state_dict, step=...)``.
+
+``stage()`` only records a CUDA event (when CUDA is in use) and queues the state dict; a
+background thread plans the layout, asks the daemon where this step goes, and copies every
+local shard straight into its final place in the daemon's snapshot segment. The train loop
+waits only in ``handle.wait_copied()``, before it mutates the tensors.
+
+    client = StagingClient()
+    for step in range(steps):
+        loss = model(batch).sum(); loss.backward()
+        handle = client.stage(model.state_dict(), step=step)
+        handle.wait_copied()          # the copy out of the live tensors is done
+        optimizer.step()
+    client.close()
+"""
+
+from __future__ import annotations
+
+import collections
+import importlib
+import logging
+import os
+import threading
+import time
+import weakref
+from typing import Any, Mapping
+
+import torch
+
+from stager.protocol import Abort, BeginReply, ErrorCode, RemoteError, StagerError
+from stager.protocol.layout import PlanEntry
+from stager.protocol.messages import check_model_info
+
+from ..connection import Connection
+from .copier import CopyEngine, cuda_active
+from .handle import StageHandle
+from .planner import Planner
+from .replies import SealTracker, report
+from .sender import Sender
+from .writer import SegmentWriter, write_spans
+
+__all__ = ["StagingClient", "write_spans"]  # write_spans: re-exported, tests import it from here
+
+log = logging.getLogger("stager.client")
+# Tunables, read by the worker at each use (not copied into the parts at construction), so
+# tests can patch them here on the module (``staging.KEEPALIVE_S = ...``) at any time.
+PUT_BATCH_BYTES = 64 << 20  # bytes per Put message from a rank on another host: bounds memory on both sides
+PREFAULT_CHUNK = 64 << 20  # bytes of page tables faulted in per idle tick (~20-40 ms here)
+KEEPALIVE_S = 5.0  # idle ping interval; the daemon drops remote peers silent for --peer-timeout (30 s)
+PING_TIMEOUT_S = 5.0  # a ping unanswered this long: the daemon is gone or hung
+# begin refusals after which the daemon needs no Abort: the step failed already, or was sealed before
+_DAEMON_KNOWS = (ErrorCode.STEP_FAILED, ErrorCode.STALE_STEP)
+
+
+class _Job:
+    __slots__ = ("state_dict", "step", "model_info", "handle", "start_event")
+
+    def __init__(self, state_dict, step, model_info, handle, start_event):
+        self.state_dict, self.step, self.model_info = state_dict, step, model_info
+        self.handle, self.start_event = handle, start_event
+
+
+def _rank_info(rank, local_world_size, world_size) -> tuple[int, int, int]:
+    import torch.distributed as dist
+
+    g_rank, g_world = (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
+    world_size = world_size or int(os.environ.get("WORLD_SIZE", g_world))
+    local_world_size = local_world_size or int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
+    if rank is None:
+        rank = int(os.environ.get("LOCAL_RANK", g_rank % local_world_size))
+    return rank, local_world_size, world_size
+
+
+class StagingClient:
+    """Stages state dicts to the node's stager daemon without blocking the training loop.
+
+    Args:
+        endpoint: the daemon's endpoint; default ``$STAGER_ENDPOINT`` or the per-user ipc socket.
+        rank, local_world_size, world_size: this rank on its node; default from torch.distributed
+            and ``LOCAL_RANK`` / ``LOCAL_WORLD_SIZE`` (as torchrun sets them).
+        strict: raise staging errors from ``wait_copied()`` instead of logging them.
+        timeout: seconds of silence from the daemon (no answer to a request, nor to the pings sent
+            while it waits) after which a stage fails with TIMEOUT. A begin the daemon holds for the
+            other ranks of the node waits on while the daemon answers pings, up to ``seal_timeout``
+            (the daemon's ``--step-timeout`` fails the step first, naming the ranks that never began).
+        seal_timeout: seconds after which an unsealed step's handle fails.
+        backpressure_timeout: seconds the daemon may hold a step waiting for memory (default: refuse at once).
+        transport: ``"auto"`` (shared memory on the daemon's host, frames otherwise), ``"shm"`` or ``"frames"``.
+
+    >>> client = StagingClient()  # doctest: +SKIP
+    >>> client.stage({"w": torch.ones(4)}, step=1).wait()  # doctest: +SKIP
+    {'step': 1, 'nbytes': 16, 'tensors': 1, 'partial': False}
+    """
+
+    def __init__(self, endpoint: str | None = None, *, rank: int | None = None, local_world_size: int | None = None,
+                 world_size: int | None = None, strict: bool = False, timeout: float = 10.0,
+                 seal_timeout: float = 300.0, backpressure_timeout: float = 0.0, transport: str = "auto"):
+        if transport not in ("auto", "shm", "frames"):
+            raise ValueError(f"transport must be auto, shm or frames, not {transport!r}")
+        rank, local_world_size, world_size = _rank_info(rank, local_world_size, world_size)
+        self.rank, self.strict = rank, strict
+        self._worker = _Worker(
+            Connection(endpoint, role="trainer", rank=rank, local_world_size=local_world_size,
+                       world_size=world_size),
+            full_world=world_size == local_world_size, timeout=timeout, seal_timeout=seal_timeout,
+            wait_ms=int(backpressure_timeout * 1000), transport=transport)
+        self.endpoint = self._worker.conn.endpoint
+        self._lock = threading.Lock()
+        self._thread = threading.Thread(target=self._worker.run, name=f"stager-client-{rank}", daemon=True)
+        self._thread.start()
+        self._finalizer = weakref.finalize(self, _Worker.shutdown, self._worker, self._thread, 0.0)
+
+    def stage(self, state_dict: Mapping[str, Any], *, step: int, model_info: dict | None = None) -> StageHandle:
+        """Queue ``state_dict`` as version ``step`` and return at once.
+
+        Do not mutate the tensors until ``handle.wait_copied()`` returned (the same contract as
+        DCP's async_save). ``model_info`` is a small msgpack-able dict carried with the version,
+        checked here (BAD_VALUE when too large or deep, or when ``hf_config`` is not a dict).
+        """
+        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+            raise ValueError(f"step must be a non-negative int, not {step!r}")
+        if model_info is not None:
+            check_model_info(model_info)  # a bad one is the caller's bug: say so here, not as a failed step
+        handle = StageHandle(step, self.strict)
+        if self._finalizer.alive is False:
+            handle._fail(StagerError(ErrorCode.UNAVAILABLE, "the client is closed"))
+            return handle
+        start_event = None
+        if cuda_active():
+            self._worker.copier.device = torch.cuda.current_device()
+            start_event = torch.cuda.Event()
+            start_event.record()
+        with self._lock:
+            self._worker.submit(_Job(state_dict, step, model_info, handle, start_event))
+        return handle
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Finish queued stages (up to ``timeout`` seconds), then release the socket and mappings."""
+        if self._finalizer.alive:
+            self._finalizer.detach()
+            _Worker.shutdown(self._worker, self._thread, timeout)
+
+    def __enter__(self) -> "StagingClient":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class _Worker:
+    """Runs on the client's background thread and orchestrates one step at a time.
+
+    It owns the job queue, the wake-up event and the run loop; the work itself is done by the
+    parts, each owning its own state: :class:`Planner` (state dict -> typed plan + digest),
+    :class:`Sender` (Begin / Put / Commit / Abort), :class:`SegmentWriter` (mappings,
+    destination views, pre-faulting, copies) and :class:`SealTracker` (pending seals, pings).
+    Nothing here is touched by the train thread except :meth:`submit` and ``copier.device``.
+    """
+
+    def __init__(self, conn: Connection, *, full_world: bool, timeout: float, seal_timeout: float, wait_ms: int,
+                 transport: str):
+        self.conn = conn
+        self.jobs: collections.deque = collections.deque()
+        # Waking the worker with an Event keeps the GIL in stage(): a socket send would release
+        # it inside stage(), and the woken worker would hold it for a whole switch interval.
+        self._wake = threading.Event()
+        self.closing = threading.Event()
+        self.copier = CopyEngine()  # also reached from stage() (the trainer's device) and tests
+        self.planner = Planner()
+        self.sender = Sender(conn, full_world=full_world, timeout=timeout, wait_ms=wait_ms, transport=transport)
+        self.writer = SegmentWriter(self.copier)
+        self.replies = SealTracker(conn, seal_timeout)
+        # replies that arrive while a blocking request (Begin, Put) waits for its own answer
+        self.conn.on_unsolicited = self.replies.on_reply
+        self.conn.on_lost = self.replies.on_lost  # a dropped connection fails its seals, wherever it is seen
+        # a Begin waits for every rank of the node; while the daemon answers pings it is alive and
+        # the rank keeps waiting (the daemon's step timeout fails the step naming the missing ranks)
+        self.conn.patience = seal_timeout
+        # (step, reason): the newest step this rank gave up on before the daemon heard of it. The
+        # daemon is told (Abort) once it can be, so the other ranks' begins of that step fail at once
+        # instead of waiting for this rank: e.g. a rank whose reconnect after a daemon restart came a
+        # step later than another's, now blocked in a collective waiting for that other rank.
+        self.owed_abort: tuple[int, str] | None = None
+
+    # ------------------------------------------------------------------ thread entry
+
+    def submit(self, job: _Job) -> None:  # called on the train thread, under the client's lock
+        self.jobs.append(job)
+        self._wake.set()
+
+    @staticmethod
+    def shutdown(worker: "_Worker", thread: threading.Thread, timeout: float) -> None:
+        worker.drain_timeout = timeout
+        worker.closing.set()
+        worker._wake.set()
+        thread.join(timeout + 5.0)
+
+    drain_timeout = 0.0
+
+    def run(self) -> None:
+        try:  # torch.distributed.tensor takes ~1 s to import: here, not in the first stage()
+            importlib.import_module("torch.distributed.tensor")
+        except Exception:  # a torch without distributed: plain tensors still work
+            pass
+        close_deadline = None
+        while True:
+            try:
+                if self.closing.is_set():
+                    close_deadline = close_deadline or time.monotonic() + self.drain_timeout
+                    if (not self.jobs and not self.replies.pending) or time.monotonic() >= close_deadline:
+                        break
+                self._tick()
+            except Exception:  # the staging thread must outlive any single failure
+                log.exception("stager client thread: unexpected error")
+                time.sleep(0.05)
+        self._close()
+
+    def _tick(self) -> None:
+        if not self.jobs:
+            if self.replies.awaiting:
+                self.conn.sock.poll(2)  # replies due: watch the socket, and the job queue every 2 ms
+            elif self.writer.upcoming:
+                if not self.writer.premap_one(PREFAULT_CHUNK, time.monotonic()):
+                    self._wake.wait(0.02)  # the segment is not there yet; a stage() cuts the wait short
+            else:
+                self._wake.wait(0.1)
+        self._wake.clear()
+        self.replies.check_connection()
+        while True:
+            reply = self.conn.recv(0)
+            if reply is None:
+                break
+            self.replies.on_reply(reply)
+        if self.jobs:
+            self._process(self.jobs.popleft())
+        elif self.owed_abort is not None and self.conn.connected:
+            self._settle_abort()
+        self.replies.maintain(time.monotonic(), keepalive_s=KEEPALIVE_S, ping_timeout_s=PING_TIMEOUT_S)
+
+    def _close(self) -> None:
+        while self.jobs:
+            self.jobs.popleft().handle._fail(StagerError(ErrorCode.UNAVAILABLE, "the client was closed"))
+        self.replies.fail_all(ErrorCode.UNAVAILABLE, "the client was closed before the step was sealed")
+        self.writer.close()
+        self.conn.close()
+
+    # ------------------------------------------------------------------ one step
+
+    def _process(self, job: _Job) -> None:
+        handle, began = job.handle, False
+        try:
+            plan = self.planner.plan(job.state_dict)
+            shm = self.sender.connect()
+            if self.owed_abort is not None:
+                self._settle_abort()
+            reply = self.sender.begin(job.step, plan.entries, plan.digest, shm)
+            began = True
+            assignment = self.sender.assignment(reply, len(plan.entries))
+            if shm:
+                dsts = self._destinations(reply, plan.entries, assignment)
+                events = self.writer.copy(dsts, plan.locals, job.start_event)
+                handle._cuda_events = events
+                handle._set_copied()
+                for event in events:
+                    event.synchronize()  # bytes must be in the segment before the commit
+            else:
+                self.sender.put(job.step, assignment, plan.locals, PUT_BATCH_BYTES)
+                handle._set_copied()
+            rid = self.sender.commit(job.step, plan.objects, job.model_info, plan.quant)
+            self.replies.add(rid, handle, time.monotonic())
+        except Exception as exc:
+            error = exc if isinstance(exc, StagerError) else StagerError(
+                ErrorCode.INTERNAL, f"staging step {job.step} failed: {exc.__class__.__name__}: {exc}")
+            if not isinstance(exc, StagerError):
+                log.exception("staging step %d failed", job.step)
+            if began and not isinstance(exc, RemoteError):  # a remote error: the daemon dropped the step itself
+                self.sender.abort(job.step, str(error))
+            elif not began and not (isinstance(exc, RemoteError) and exc.code in _DAEMON_KNOWS):
+                # the daemon may not know this rank gave up: the other ranks' begins would wait for ours
+                self.owed_abort = (job.step, f"its stage of the step failed before its begin was answered: {error}")
+                if self.conn.session is not None and self.conn.connected:
+                    self._settle_abort()
+            report(handle, error)
+
+    def _settle_abort(self) -> None:
+        """Tell the daemon about the step this rank gave up on (see ``owed_abort``); says hello
+        first when needed. Kept for later when the daemon cannot be reached now."""
+        step, reason = self.owed_abort
+        try:
+            self.sender.connect()
+            self.conn.send(Abort(step=step, reason=reason[:500]))
+        except RemoteError:
+            self.owed_abort = None  # the daemon refused this rank (e.g. rank conflict): nothing to settle
+        except StagerError:
+            return  # not reachable now: on reconnect, or before the next begin
+        else:
+            self.owed_abort = None
+
+    def _destinations(self, reply: BeginReply, plan: list[PlanEntry], assignment: list) -> list:
+        """Views of the segment where each local shard goes (None: a replica another rank writes).
+        A method of its own so tests can wrap it (tests/dist_jobs.py scribbles into the views)."""
+        return self.writer.destinations(reply, plan, assignment, time.monotonic())

@@ -1,0 +1,117 @@
+"""Sending: the requests of one step, in order Begin -> (Put ...) -> Commit, or Abort.
+
+The :class:`Sender` owns the request side of the connection for staging: saying hello when the
+daemon does not know this rank, choosing shared memory or frames, which plans the daemon has
+already seen (so Begin carries only the digest), the assignments the daemon handed out per
+layout, and the host buffers behind in-flight Put frames. Replies to Commit arrive later and
+belong to :class:`~.replies.SealTracker`; the sender only returns the Commit's request id.
+"""
+
+from __future__ import annotations
+
+import ctypes
+
+from stager.protocol import (
+    Abort, Begin, BeginReply, Commit, ErrorCode, Ok, Put, RemoteError, StagerError,
+)
+from stager.protocol.layout import PlanEntry
+
+from ..connection import Connection
+
+
+class Sender:
+    """Talks the staging requests of one rank over ``conn`` (the worker thread's connection)."""
+
+    def __init__(self, conn: Connection, *, full_world: bool, timeout: float, wait_ms: int, transport: str):
+        self.conn, self.full_world, self.timeout = conn, full_world, timeout
+        self.wait_ms, self.transport = wait_ms, transport
+        self.plans_sent: set[tuple[str, str]] = set()  # (daemon session, digest) the daemon knows
+        self.assignments: dict[tuple[str, str], list] = {}  # (session, layout) -> placements per entry
+        self.put_buffers: list = []  # host copies behind the latest Put frames (see _send_put)
+
+    def connect(self) -> bool:
+        """Say hello if the daemon does not know this rank; True: write through shared memory."""
+        if self.conn.session is None:
+            self.conn.hello(self.timeout)
+        return self.transport == "shm" or (self.transport == "auto" and self.conn.same_host)
+
+    def begin(self, step: int, plan: list[PlanEntry], digest: str, shm: bool) -> BeginReply:
+        """Ask where ``step`` goes. The plan travels only when this daemon session has not seen its
+        digest; a PLAN_REQUIRED answer (the daemon forgot it) resends with the plan, NOT_REGISTERED
+        (a restarted daemon, or one that dropped a silent peer) says hello again first."""
+        for attempt in range(2):
+            sent_key = (self.conn.session, digest)
+            with_plan = sent_key not in self.plans_sent or attempt > 0
+            msg = Begin(step=step, digest=digest, plan=tuple(plan) if with_plan else None,
+                        full_world=self.full_world, shm=shm, wait_ms=self.wait_ms)
+            try:
+                # back-pressure: the daemon may hold the answer up to wait_ms on top of the timeout
+                reply = self.conn.request(msg, self.timeout + self.wait_ms / 1000)
+            except RemoteError as exc:
+                if exc.code == ErrorCode.PLAN_REQUIRED and attempt == 0:
+                    continue
+                if exc.code == ErrorCode.NOT_REGISTERED and attempt == 0:
+                    self.conn.hello(self.timeout)  # the daemon dropped us (restart, silence): register again
+                    continue
+                raise
+            self.plans_sent.add((self.conn.session, digest))
+            if not isinstance(reply, BeginReply):
+                raise StagerError(ErrorCode.BAD_MESSAGE, f"unexpected {reply.TYPE} reply to begin")
+            return reply
+        raise StagerError(ErrorCode.INTERNAL, "unreachable")
+
+    def assignment(self, reply: BeginReply, entries: int) -> list:
+        """This rank's placements for ``reply``'s layout: the reply's own when it carries one (a new
+        layout), else the one remembered for that layout in this daemon session."""
+        key = (self.conn.session, reply.layout)
+        if reply.assignment is not None:
+            # assignments of an earlier daemon session can never be used again
+            self.assignments = {k: v for k, v in self.assignments.items() if k[0] == self.conn.session}
+            self.assignments[key] = reply.assignment
+        assignment = self.assignments.get(key)
+        if assignment is None or len(assignment) != entries:
+            raise StagerError(ErrorCode.INTERNAL, f"no assignment for layout {reply.layout}")
+        return assignment
+
+    def put(self, step: int, assignment: list, locals_: list, batch_bytes: int) -> None:
+        """Send this rank's regions as frames (a daemon on another host), in batches of about
+        ``batch_bytes``: that bounds the memory held on both sides."""
+        batch_idx, batch_frames, size = [], [], 0
+        keep_alive: list = []
+        for index, (where, local) in enumerate(zip(assignment, locals_)):
+            if where is None:
+                continue
+            host = local.detach().contiguous().cpu() if local.is_cuda or not local.is_contiguous() else local
+            keep_alive.append(host)
+            nbytes = host.numel() * host.element_size()
+            # a zero-copy frame over the tensor's bytes: zmq sends from it without a Python copy
+            frame = (ctypes.c_char * nbytes).from_address(host.data_ptr()) if nbytes else b""
+            batch_idx.append(index)
+            batch_frames.append(frame)
+            size += nbytes
+            if size >= batch_bytes:
+                self._send_put(step, batch_idx, batch_frames, keep_alive)
+                batch_idx, batch_frames, size, keep_alive = [], [], 0, []
+        if batch_idx:
+            self._send_put(step, batch_idx, batch_frames, keep_alive)
+
+    def _send_put(self, step: int, regions: list, frames: list, buffers: list) -> None:
+        # frames point into ``buffers`` without owning them; a socket reset closes asynchronously,
+        # so the last batch's buffers stay referenced until the next batch was acknowledged
+        self.put_buffers.append(buffers)
+        reply = self.conn.request(Put(step=step, regions=regions, frames=frames), self.timeout)
+        del self.put_buffers[:-1]
+        if not isinstance(reply, Ok):
+            raise StagerError(ErrorCode.BAD_MESSAGE, f"unexpected {reply.TYPE} reply to put")
+
+    def commit(self, step: int, objects: dict, model_info: dict | None, quant: dict) -> int:
+        """Send the Commit without waiting: the Sealed reply comes when every rank of the node
+        committed. Returns its request id for the seal tracker."""
+        return self.conn.send(Commit(step=step, objects=objects, model_info=model_info, quant=quant))
+
+    def abort(self, step: int, reason: str) -> None:
+        """Tell the daemon ``step`` will not be committed (best effort: it may be unreachable)."""
+        try:
+            self.conn.send(Abort(step=step, reason=reason[:500]))
+        except StagerError:
+            pass

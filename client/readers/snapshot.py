@@ -1,0 +1,219 @@
+"""A leased, sealed version as seen by one reader: native or HF names, optional cast, fp8 handling.
+
+Reads are lazy: a tensor is produced when asked for. Same-host tensors that need no transform
+are zero-copy views of the daemon's shared memory; a cast, a dequantization or an adapter's
+permutation makes a new tensor. Remote readers fetch only what they ask for.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, Iterable, Iterator
+
+import torch
+
+from stager.protocol import AcquireReply, ErrorCode, StagerError, TensorLayout
+from stager.protocol.dtypes import DTYPES
+from stager.protocol.layout import check_box, narrow_box, shard_box
+from stager.protocol.quant import QuantSpec, dequantize
+
+from ..adapters import hf_items, to_hf_items
+from .views import ViewEntry, arrange, native_box
+
+
+class Snapshot(Mapping):
+    """A leased version: ``{name: tensor}`` in the subscriber's view.
+
+    ``step``, ``seq`` (the daemon's count of sealed versions), ``skipped`` (versions sealed since
+    the one this subscriber's iteration gave before), ``objects`` (non-tensor leaves),
+    ``model_info``, ``quant`` and ``partial`` describe it. The lease, and the shared memory behind
+    zero-copy tensors, is held until :meth:`release`, the end of a ``with`` block, or the reader's
+    exit: copy what must outlive it.
+
+    >>> with Subscriber(view="hf").latest() as snap:  # doctest: +SKIP
+    ...     model.load_weights(snap.items())                          # vLLM style
+    ...     w = snap.get("model.layers.0.mlp.down_proj.weight", shard=(1, tp_rank, tp_size))
+    """
+
+    # ``subscriber`` is the Subscriber that leased it (not imported here: it imports this module)
+    def __init__(self, subscriber: Any, reply: AcquireReply, source, entries: dict[str, ViewEntry],
+                 adapter: Any, wanted: set[str] | None):
+        self._subscriber, self._source, self._adapter = subscriber, source, adapter
+        self.lease, self.step, self.seq, self.skipped = reply.lease, reply.step, reply.seq, 0
+        self.objects, self.model_info, self.partial = reply.objects, reply.model_info, reply.partial
+        self.quant: dict[str, QuantSpec] = dict(reply.quant)
+        self.view, self._dtype, self._keep_fp8 = subscriber.view, subscriber.dtype, subscriber.keep_fp8
+        self._entries = {n: e for n, e in entries.items() if wanted is None or n in wanted}
+        self._eager: dict[str, torch.Tensor] | None = None
+        self._released = False
+
+    # ------------------------------------------------------------------ mapping
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        entry = self._entry(name)
+        if self._adapter is not None and not entry.source:
+            return self._eager_hf()[name]
+        return dict(self._convert(entry.source, only=name))[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._entries)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def items(self, names: Iterable[str] | None = None  # type: ignore[override]
+              ) -> Iterator[tuple[str, torch.Tensor]]:
+        """``(name, tensor)`` pairs in staging order, each native tensor read and converted once:
+        what an inference engine's ``load_weights(iterable)`` takes. ``names``: only these (names
+        of the view; the others' bytes are not fetched), still in staging order."""
+        self._check()
+        entries = self._entries if names is None else {n: self._entry(n) for n in names}
+        if self._adapter is not None and any(not e.source for e in entries.values()):
+            yield from ((n, t) for n, t in self._eager_hf().items() if n in entries)
+            return
+        order = {n: i for i, n in enumerate(self._entries)}
+        wanted = sorted(entries, key=order.__getitem__)
+        sources = list(dict.fromkeys(entries[n].source for n in wanted))
+        # scales first (they are small): each float8 tensor is then dequantized as it arrives
+        scale_names = list(dict.fromkeys(self.quant[s].scale for s in sources if s in self.quant and not self._keep_fp8))
+        scales: dict[str, torch.Tensor] = {}
+        for i, (fqn, raw) in enumerate(self._source.stream(scale_names + sources)):
+            if i < len(scale_names):
+                scales[fqn] = raw
+            else:
+                yield from self._convert(fqn, raw, scales, wanted=entries)
+
+    def get(self, name: str, *, shard: tuple[int, int, int] | None = None, offsets=None, sizes=None) -> torch.Tensor:
+        """``name``, or only the part a reader needs: ``shard=(dim, rank, world)`` (an inference
+        tensor-parallel rank's slice, split as ``torch.chunk`` does) or ``offsets`` and ``sizes``.
+        Slices are taken after the view's transform; remote readers receive only the slice's bytes
+        when the view is a strided view of the staged tensor (renames, transposes, picked experts)."""
+        entry = self._entry(name)
+        if shard is not None:
+            offsets, sizes = shard_box(entry.shape, *shard)
+        else:
+            offsets, sizes = check_box(name, entry.shape, offsets, sizes)
+        if self._source.remote and entry.source and entry.strided is not None and entry.source not in self.quant:
+            mapped = native_box(self._source.meta[entry.source].shape, entry.strided, offsets, sizes)
+            if mapped is not None:
+                block = self._source.box(entry.source, mapped[0], mapped[1])
+                return self._cast(arrange(block, mapped[2], sizes))
+        return narrow_box(self[name], offsets, sizes)
+
+    def meta(self, name: str) -> tuple[tuple[int, ...], torch.dtype]:
+        """``(shape, dtype)`` of ``name`` in this view (before the subscriber's cast), from the
+        layout: no bytes are read. ``snap.meta("norm.weight")`` -> ``((4096,), torch.bfloat16)``."""
+        entry = self._entry(name)
+        return entry.shape, entry.dtype
+
+    def specs(self) -> list[tuple[str, torch.dtype, tuple[int, ...]]]:
+        """``[(name, dtype, shape)]`` of the view in staging order, from the layout (no bytes read):
+        what :func:`~stager.client.adapters.hf_names` plans from."""
+        self._check()
+        return [(n, e.dtype, e.shape) for n, e in self._entries.items()]
+
+    def regions(self, fqn: str) -> list[tuple[tuple[int, ...], torch.Tensor]]:
+        """``[(global_offset, tensor)]`` of the parts of native tensor ``fqn`` this version holds
+        (same-host readers of a partial version: the job spans nodes)."""
+        self._check()
+        return list(self._source.regions[fqn])
+
+    # ------------------------------------------------------------------ conversion
+
+    def _entry(self, name: str) -> ViewEntry:
+        self._check()
+        try:
+            return self._entries[name]
+        except KeyError:
+            raise KeyError(f"{name!r} is not in step {self.step}'s {self.view} view"
+                           + (" (or not among the subscriber's names)" if self._subscriber.names else "")) from None
+
+    def _native(self, fqn: str, raw: torch.Tensor | None = None, scales: dict | None = None) -> torch.Tensor:
+        t = raw if raw is not None else self._source.full(fqn)
+        spec = self.quant.get(fqn)
+        if spec is not None and not self._keep_fp8:
+            scale = (scales or {}).get(spec.scale)
+            scale = scale if scale is not None else self._source.full(spec.scale)
+            t = dequantize(t, scale, spec, self._dtype)
+        return t
+
+    def _convert(self, fqn: str, raw: torch.Tensor | None = None, scales: dict | None = None,
+                 only: str | None = None, wanted: Any = None) -> Iterator[tuple[str, torch.Tensor]]:
+        t = self._native(fqn, raw, scales)
+        items = [(fqn, t)] if self._adapter is None else hf_items(self._adapter, fqn, t)
+        wanted = self._entries if wanted is None else wanted
+        for name, out in items:
+            if name in wanted and (only is None or name == only):
+                yield name, self._cast(out)
+
+    def _cast(self, t: torch.Tensor) -> torch.Tensor:
+        dtype = self._dtype
+        if dtype is None or t.dtype == dtype or not t.is_floating_point():
+            return t
+        if self._keep_fp8 and t.dtype.itemsize == 1:
+            return t  # fp8 data stays fp8 on request
+        return t.to(dtype)
+
+    def _eager_hf(self) -> dict[str, torch.Tensor]:
+        if self._eager is None:  # plug-in adapters convert whole dicts
+            native = {f: self._native(f) for f in self._source.meta if f not in self._scales()}
+            self._eager = {n: self._cast(t) for n, t in to_hf_items(self._adapter, native.items())}
+        return self._eager
+
+    def _scales(self) -> set[str]:
+        return set() if self._keep_fp8 else {s.scale for s in self.quant.values()}
+
+    # ------------------------------------------------------------------ lease
+
+    def _check(self) -> None:
+        if self._released:
+            raise StagerError(ErrorCode.UNKNOWN_LEASE, f"snapshot of step {self.step} was released")
+
+    def release(self) -> None:
+        """End the lease: the daemon may reuse the memory, so drop the tensors first."""
+        if not self._released:
+            self._released = True
+            self._eager = None
+            self._source.close()
+            self._subscriber._release(self.lease)
+
+    def __enter__(self) -> "Snapshot":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+    def __repr__(self) -> str:
+        return f"Snapshot(step={self.step}, view={self.view!r}, tensors={len(self._entries)}, partial={self.partial})"
+
+
+def view_entries(tensors: tuple[TensorLayout, ...], quant: dict[str, QuantSpec], adapter: Any, keep_fp8: bool,
+                 index_cache: dict) -> dict[str, ViewEntry]:
+    """The names a reader sees: whole native tensors minus the scales dequantization consumes, or
+    their HF names (cached per layout: the adapter runs on meta tensors once per layout)."""
+    hidden = set() if keep_fp8 else {spec.scale for spec in quant.values()}
+    native = []
+    for t in tensors:
+        if t.fqn in hidden or not t.complete:
+            continue  # partial tensors (the job spans nodes) are read with Snapshot.regions()
+        shown = DTYPES[quant[t.fqn].dtype] if t.fqn in quant and not keep_fp8 else t.torch_dtype
+        native.append((t.fqn, shown, t.shape))
+    if adapter is None:
+        return {fqn: ViewEntry(fqn, fqn, shape, dt, (shape, _contiguous_strides(shape), 0)) for fqn, dt, shape in native}
+    key = (id(adapter), tuple(native))
+    entries = index_cache.get(key)
+    if entries is None:
+        from .views import hf_index
+
+        if len(index_cache) > 8:
+            index_cache.clear()
+        entries = index_cache[key] = hf_index(adapter, native)
+    return entries
+
+
+def _contiguous_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
+    strides, acc = [], 1
+    for n in reversed(shape):
+        strides.insert(0, acc)
+        acc *= n
+    return tuple(strides)

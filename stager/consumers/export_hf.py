@@ -1,0 +1,200 @@
+"""`stager export-hf`: write sealed versions as Hugging Face checkpoints, beside the trainer.
+
+Each export goes to ``OUT/step-00000042`` (and ``OUT/latest`` points at the newest): sharded
+``model-0000i-of-0000N.safetensors`` + ``model.safetensors.index.json``, or one
+``model.safetensors`` when it fits a shard, plus ``config.json`` and any HF asset files. The
+directory is written under a temporary name, fsynced and renamed: an interrupted export never
+leaves a directory that looks complete. Tensors are converted one at a time (the snapshot is
+read zero-copy from the daemon), so the extra memory is about one tensor.
+
+>>> export_hf("/ckpt/hf", adapter="llama3", hf_config="config.json", dtype="bfloat16")  # doctest: +SKIP
+'/ckpt/hf/step-00001000'
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+import sys
+import time
+from typing import Any, Callable, Iterator
+
+import torch
+from tqdm import tqdm
+
+from stager.client.adapters import HFTensor, hf_items, hf_names, is_per_tensor, resolve_adapter, to_hf_items
+from stager.client.readers.snapshot import Snapshot
+from stager.protocol import ErrorCode, StagerError
+from stager.protocol.dtypes import parse_dtype
+from stager.consumers.integrity import MANIFEST, entry, write_manifest
+from stager.consumers.persist import for_each_version, step_directory, step_path
+from stager.consumers.safetensors_io import write_safetensors
+
+log = logging.getLogger("stager.export")
+_SKIP_ASSETS = re.compile(r"(\.safetensors|\.bin|\.pt|\.index\.json)$|^config\.json$")
+
+
+def parse_shard_size(text: str | int) -> int:
+    """HF's size convention: ``"5GB"`` = 5 * 10**9 bytes, ``"5GiB"`` = 5 * 2**30.
+
+    >>> parse_shard_size("5GB"), parse_shard_size("2MiB")
+    (5000000000, 2097152)
+    """
+    if isinstance(text, int):
+        return text
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([KMGT]?)(I?)B?\s*", text.upper())
+    if not match:
+        raise ValueError(f"cannot read shard size {text!r}; write e.g. 5GB, 500MB or 2GiB")
+    number, unit, binary = match.groups()
+    power = " KMGT".index(unit or " ")
+    return int(float(number) * ((1 << 10 * power) if binary else 10 ** (3 * power)))
+
+
+def plan_shards(sizes: list[int], max_bytes: int) -> list[list[int]]:
+    """Greedy, in order: indices of the tensors per shard; a tensor larger than a shard goes alone.
+
+    >>> plan_shards([4, 4, 4, 9, 1], 8)
+    [[0, 1], [2], [3], [4]]
+    """
+    shards: list[list[int]] = []
+    current, used = [], 0
+    for i, size in enumerate(sizes):
+        if current and used + size > max_bytes:
+            shards.append(current)
+            current, used = [], 0
+        current.append(i)
+        used += size
+    if current:
+        shards.append(current)
+    return shards
+
+
+def _layout(snapshot: Any) -> list[tuple[str, torch.dtype, tuple[int, ...]]]:
+    """``[(name, dtype, shape)]``: a Snapshot's from its layout (no bytes read); a plain mapping's
+    from its (in-memory) tensors."""
+    if isinstance(snapshot, Snapshot):
+        return snapshot.specs()
+    return [(name, t.dtype, tuple(t.shape)) for name, t in snapshot.items()]
+
+
+def _hf_tensors(snapshot: Any, adapter: Any, plan: list[HFTensor]) -> Iterator[tuple[str, torch.Tensor]]:
+    """The planned HF tensors in plan order, reading each needed native tensor once, in staging
+    order (a remote snapshot streams them with requests in flight); about one native tensor's
+    conversions are held at a time. A whole-dict adapter converts the whole snapshot once."""
+    if is_per_tensor(adapter):
+        sources = list(dict.fromkeys(p.source for p in plan))
+        native = snapshot.items(sources) if isinstance(snapshot, Snapshot) else ((n, snapshot[n]) for n in sources)
+        converted = (item for name, t in native for item in hf_items(adapter, name, t))
+    else:
+        converted = iter(to_hf_items(adapter, snapshot.items()))
+    pending: dict[str, torch.Tensor] = {}
+    for p in plan:
+        while p.name not in pending:
+            item = next(converted, None)
+            if item is None:
+                raise StagerError(ErrorCode.BAD_VALUE, f"{p.name}: planned (from meta tensors) but the adapter did not "
+                                                       "produce it from the data; the adapter must give the same names "
+                                                       "for meta and real tensors")
+            pending[item[0]] = item[1]
+        yield p.name, pending.pop(p.name)
+
+
+def export_snapshot(snapshot: Any, out_dir: str, *, adapter: str | Any | None = None,
+                    hf_config: dict | str | None = None, hf_assets: str | None = None,
+                    dtype: str | torch.dtype | None = None, max_shard_size: str | int = "5GB",
+                    progress: bool | None = None, on_export: Callable[[dict], None] | None = None,
+                    prefix: str | None = None) -> str:
+    """Write one snapshot to ``out_dir/step-N``: a leased :class:`~stager.client.Snapshot` (native
+    view) or any mapping name -> tensor with ``step`` and ``model_info``.
+
+    The adapter and HF config are this call's (``adapter``: built-in name, ``module:attr`` or an
+    object; ``hf_config``: dict or config.json path), else the staged model_info's (see
+    :func:`~stager.client.adapters.resolve_adapter`; ``prefix``: only the tensors under it are the
+    model, e.g. ``"model."``). Shapes come from the layout and each
+    native tensor's bytes are read once. ``progress``: a progress bar on stderr (default: when
+    stderr is a terminal). Returns the directory. The export's own time (plan, read, convert,
+    write, fsync, rename) and size are logged at INFO and given to ``on_export`` as
+    ``{"exported": dir, "step": N, "seconds": s, "bytes": tensor bytes, "files": safetensors files}``.
+
+    >>> export_snapshot(snap, "/ckpt/hf", dtype="bfloat16", on_export=print)  # doctest: +SKIP
+    {'exported': '/ckpt/hf/step-00000007', 'step': 7, 'seconds': 4.2, 'bytes': 2471559168, 'files': 1}
+    '/ckpt/hf/step-00000007'
+    """
+    started = time.monotonic()
+    model_info = getattr(snapshot, "model_info", None) or {}
+    adapter_obj, config, _ = resolve_adapter(adapter, hf_config, model_info, require_config=True, prefix=prefix)
+    try:
+        cast = parse_dtype(dtype) if dtype is not None else None
+    except ValueError as exc:
+        raise StagerError(ErrorCode.BAD_VALUE, str(exc)) from None
+    max_bytes = parse_shard_size(max_shard_size)
+
+    # Plan from the layout on meta tensors: HF names, shapes and dtypes without touching data.
+    plan = hf_names(adapter_obj, _layout(snapshot))
+    want = [cast if cast is not None and p.dtype.is_floating_point else p.dtype for p in plan]
+    sizes = [torch.Size(p.shape).numel() * dt.itemsize for p, dt in zip(plan, want)]
+    shards = plan_shards(sizes, max_bytes)
+    tensors = _hf_tensors(snapshot, adapter_obj, plan)
+
+    manifest: dict[str, dict] = {}
+    crcs: dict[str, str] = {}  # of the bytes as written, computed while writing them
+    show = sys.stderr.isatty() if progress is None else progress
+    with tqdm(total=sum(sizes), desc=f"export step {snapshot.step}", unit="B", unit_scale=True, unit_divisor=1024,
+              disable=not show, file=sys.stderr, leave=False) as bar, step_directory(out_dir, snapshot.step) as tmp:
+        weight_map = {}
+        for number, indices in enumerate(shards, 1):
+            filename = ("model.safetensors" if len(shards) == 1
+                        else f"model-{number:05d}-of-{len(shards):05d}.safetensors")
+            specs = [(plan[i].name, plan[i].shape, want[i]) for i in indices]
+
+            def produce(indices=indices) -> Iterator[tuple[str, torch.Tensor]]:
+                for i in indices:
+                    hf_name, tensor = next(tensors)
+                    tensor = tensor.to(want[i]).contiguous()
+                    yield hf_name, tensor
+                    manifest[hf_name] = entry(tensor, crcs.pop(hf_name))  # resumed once it is written
+
+            write_safetensors(os.path.join(tmp, filename), specs, produce, {"format": "pt"}, on_bytes=bar.update,
+                              checksums=crcs)
+            weight_map.update({spec[0]: filename for spec in specs})
+        if len(shards) > 1:
+            _write_json(os.path.join(tmp, "model.safetensors.index.json"),
+                        {"metadata": {"total_size": sum(sizes)}, "weight_map": weight_map})
+        config = dict(config)
+        if cast is not None:
+            config["torch_dtype"] = str(cast).removeprefix("torch.")
+        _write_json(os.path.join(tmp, "config.json"), config)
+        if hf_assets:
+            for asset in sorted(os.listdir(hf_assets)):
+                src = os.path.join(hf_assets, asset)
+                if os.path.isfile(src) and not _SKIP_ASSETS.search(asset) and asset != MANIFEST:
+                    shutil.copyfile(src, os.path.join(tmp, asset))
+        write_manifest(tmp, snapshot.step, "hf", manifest)
+    final = step_path(out_dir, snapshot.step)
+    seconds = time.monotonic() - started
+    log.info("exported step %d to %s in %.2fs (%d files, %.2f GiB, %.2f GB/s)", snapshot.step, final, seconds,
+             len(shards), sum(sizes) / 2**30, sum(sizes) / 1e9 / max(seconds, 1e-9))
+    if on_export is not None:
+        on_export({"exported": final, "step": snapshot.step, "seconds": round(seconds, 3), "bytes": sum(sizes),
+                   "files": len(shards)})
+    return final
+
+
+def _write_json(path: str, obj: dict) -> None:
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=2, sort_keys=True)
+
+
+def export_hf(out_dir: str, *, endpoint: str | None = None, step: int | None = None, follow: bool = False,
+              every: int = 1, keep: int | None = None, max_exports: int | None = None,
+              on_written: Callable[[str], None] | None = None, **options: Any) -> list[str]:
+    """Export the version ``step`` (default: the newest) or, with ``follow``, each new version at
+    least ``every`` steps after the last export (woken by the daemon's announcements), until
+    interrupted (or ``max_exports``); the ``keep`` newest exports are kept. ``options``: adapter,
+    hf_config, hf_assets, dtype, max_shard_size, progress, on_export (see :func:`export_snapshot`)."""
+    return for_each_version(lambda snap: export_snapshot(snap, out_dir, **options), out_dir, endpoint=endpoint,
+                            step=step, follow=follow, every=every, keep=keep, max_writes=max_exports,
+                            on_written=on_written)

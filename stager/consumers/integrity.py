@@ -1,0 +1,120 @@
+"""Per-tensor checksums, export verification and diffs (the checkpointing wish list's mismatch tools).
+
+Every export carries ``stager-manifest.json``: per tensor its dtype, shape and crc32 of the bytes
+as written, computed by the writer process (off the trainer's path). ``verify`` re-reads an HF or
+DCP export and names every tensor whose bytes changed; ``diff`` compares two exports, or an
+export and a sealed version, tensor by tensor.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import zlib
+from typing import Any, Iterator, Mapping
+
+import torch
+
+from stager.consumers.persist import quiet_single_process_dcp
+from stager.consumers.safetensors_io import tensor_bytes
+from stager.consumers.safe_dcp import (  # noqa: F401  (UnsafeCheckpoint: raised through read_tensors)
+    METADATA, DamagedCheckpoint, UnsafeCheckpoint, read_dcp_tensors,
+)
+from stager.protocol import ErrorCode, StagerError
+
+quiet_single_process_dcp()
+
+MANIFEST = "stager-manifest.json"
+
+
+def checksum(tensor: torch.Tensor) -> str:
+    """crc32 (hex) of a tensor's bytes, row-major."""
+    return f"{zlib.crc32(tensor_bytes(tensor.detach().contiguous().cpu())) & 0xFFFFFFFF:08x}"
+
+
+def entry(tensor: torch.Tensor, crc32: str | None = None) -> dict:
+    """The manifest entry of ``tensor``; ``crc32`` when the writer already computed it while writing."""
+    return {"dtype": str(tensor.dtype).removeprefix("torch."), "shape": list(tensor.shape),
+            "crc32": crc32 if crc32 is not None else checksum(tensor)}
+
+
+def write_manifest(directory: str, step: int, kind: str, entries: Mapping[str, dict]) -> None:
+    with open(os.path.join(directory, MANIFEST), "w") as f:
+        json.dump({"step": step, "format": kind, "tensors": dict(entries)}, f, indent=1, sort_keys=True)
+
+
+def read_tensors(path: str) -> Iterator[tuple[str, torch.Tensor]]:
+    """``(name, tensor)`` of an HF (safetensors) or DCP export directory, one tensor at a time for HF.
+
+    A directory from elsewhere never runs code: DCP metadata is unpickled with only DCP's own
+    classes allowed (:mod:`stager.consumers.safe_dcp`, else :class:`UnsafeCheckpoint`) and only
+    tensors are read. A damaged file raises :class:`DamagedCheckpoint` naming it."""
+    files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
+    if files:
+        from safetensors import safe_open
+
+        for file in files:
+            try:
+                with safe_open(file, framework="pt") as f:
+                    for name in f.keys():
+                        tensor = f.get_tensor(name)
+                        yield name, tensor
+            except Exception as exc:  # SafetensorError, OSError: a truncated or garbage file
+                raise DamagedCheckpoint(file, f"cannot be read ({exc.__class__.__name__}: {exc})"[:400]) from None
+        return
+    if os.path.exists(os.path.join(path, METADATA)):
+        yield from read_dcp_tensors(path).items()
+        return
+    raise StagerError(ErrorCode.BAD_VALUE, f"{path} holds neither safetensors files nor a DCP checkpoint")
+
+
+def verify(path: str) -> dict:
+    """Check an export against its manifest: ``{"ok", "checked", "mismatched", "missing", "unexpected"}``."""
+    try:
+        with open(os.path.join(path, MANIFEST)) as f:
+            manifest = json.load(f)["tensors"]
+    except (OSError, ValueError, KeyError) as exc:
+        raise StagerError(ErrorCode.BAD_VALUE, f"{path}: no readable {MANIFEST} ({exc}); export it with stager") from None
+    seen, mismatched, unexpected, error = set(), [], [], None
+    try:
+        for name, tensor in read_tensors(path):
+            want = manifest.get(name)
+            if want is None:
+                unexpected.append(name)
+                continue
+            seen.add(name)
+            if entry(tensor) != want:
+                mismatched.append(name)
+    except DamagedCheckpoint as exc:  # corrupt: reported, exit 1 (an UnsafeCheckpoint is refused: raised)
+        error = exc.message[:300]
+    except (StagerError, KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as exc:  # a damaged file is corrupt, not a crash (DCP's CheckpointException is a BaseException)
+        lines = [line for line in str(exc).splitlines() if line.strip()]
+        error = (lines[-1] if lines else exc.__class__.__name__)[:300]  # DCP wraps the cause's traceback
+    missing = sorted(set(manifest) - seen)
+    report = {"ok": not (mismatched or missing or unexpected or error), "checked": len(seen),
+              "mismatched": sorted(mismatched), "missing": missing, "unexpected": sorted(unexpected)}
+    if error:
+        report["error"] = error
+    return report
+
+
+def diff(a: Mapping[str, torch.Tensor] | Iterator, b: Mapping[str, torch.Tensor] | Iterator) -> dict:
+    """Per-tensor comparison: names only in one side, shape/dtype mismatches, max abs difference."""
+    a = dict(a.items() if hasattr(a, "items") else a)
+    b = dict(b.items() if hasattr(b, "items") else b)
+    report: dict[str, Any] = {"only_a": sorted(set(a) - set(b)), "only_b": sorted(set(b) - set(a)),
+                              "shape_mismatch": [], "different": {}, "equal": 0}
+    for name in sorted(set(a) & set(b)):
+        x, y = a[name], b[name]
+        if x.shape != y.shape:
+            report["shape_mismatch"].append([name, list(x.shape), list(y.shape)])
+        elif x.dtype == y.dtype and torch.equal(x, y):
+            report["equal"] += 1
+        else:
+            delta = (x.double() - y.double()).abs().max().item() if x.numel() else 0.0
+            report["different"][name] = delta
+    report["identical"] = not (report["only_a"] or report["only_b"] or report["shape_mismatch"] or report["different"])
+    return report

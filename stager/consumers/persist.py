@@ -1,0 +1,181 @@
+"""What every writer of sealed versions shares: following new versions, atomic step directories.
+
+A writer turns one leased snapshot into files under ``OUT/step-NNNNNNNN``. It writes into a
+temporary directory, fsyncs, and renames, so an interrupted write never leaves a directory that
+looks complete; ``OUT/latest`` then points at the newest.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import re
+import shutil
+import warnings
+from typing import Any, Callable, Iterator
+
+from stager.protocol import StagerError
+
+log = logging.getLogger("stager.consumers.persist")
+_STEP_DIR = re.compile(r"step-(\d{8,})")  # zero-padded to 8 digits, wider past 10**8
+
+
+def quiet_single_process_dcp() -> None:
+    """torch warns on every single-process DCP save/load, even with ``no_dist=True``; stager's writer
+    and verifier are one process on purpose. Filter exactly that message (process-wide, idempotent)."""
+    warnings.filterwarnings("ignore", category=UserWarning,
+                            message=r"torch\.distributed is (disabled, )?unavailable or uninitialized, assuming the "
+                                    r"intent is to (save|load) in a single process")
+
+
+def step_dirname(step: int) -> str:
+    """The directory name of ``step``'s export: ``step-00000042`` (sorts by name up to 10**8).
+
+    >>> step_dirname(42), step_of_dirname("step-123456789"), step_of_dirname("latest")
+    ('step-00000042', 123456789, None)
+    """
+    return f"step-{step:08d}"
+
+
+def step_of_dirname(name: str) -> int | None:
+    """The step a directory name stands for, None when it is not a step directory."""
+    match = _STEP_DIR.fullmatch(name)
+    return int(match.group(1)) if match else None
+
+
+def step_path(out_dir: str, step: int) -> str:
+    return os.path.join(out_dir, step_dirname(step))
+
+
+def fsync_path(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(path: str) -> None:
+    for root, _, files in os.walk(path):
+        for name in files:
+            fsync_path(os.path.join(root, name))
+        fsync_path(root)
+
+
+@contextlib.contextmanager
+def step_directory(out_dir: str, step: int) -> Iterator[str]:
+    """Yield a temporary directory; on success fsync it and rename it to ``out_dir/step-N``
+    (replacing an earlier export of that step) and point ``out_dir/latest`` at it."""
+    final = step_path(out_dir, step)
+    tmp = os.path.join(out_dir, f".{step_dirname(step)}.partial-{os.getpid()}")
+    os.makedirs(out_dir, exist_ok=True)
+    remove_stale_temporaries(out_dir)
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    try:
+        yield tmp
+        fsync_tree(tmp)
+        if os.path.exists(final):  # re-export of a step: swap, then drop the old copy
+            old = final + f".old-{os.getpid()}"
+            os.rename(final, old)
+            os.rename(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, final)
+        fsync_path(out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    link, tmp_link = os.path.join(out_dir, "latest"), os.path.join(out_dir, f".latest-{os.getpid()}")
+    try:
+        os.symlink(os.path.basename(final), tmp_link)
+        os.replace(tmp_link, link)  # atomic switch
+    except OSError as exc:
+        log.warning("could not update %s: %s", link, exc)
+
+
+_TEMPORARY = re.compile(r"\.step-\d{8,}\.partial-(\d+)|\.latest-(\d+)")  # what step_directory leaves if killed
+
+
+def remove_stale_temporaries(out_dir: str) -> list[str]:
+    """Remove the temporaries (``.step-N.partial-<pid>``, ``.latest-<pid>``) of writers that were
+    killed mid-write: only those whose pid is dead on this host, never a live writer's. Returns
+    the names removed. (Writers on other hosts sharing ``out_dir`` have pids this host cannot see:
+    give each host its own output directory.)"""
+    import psutil
+
+    removed = []
+    try:
+        names = os.listdir(out_dir)
+    except FileNotFoundError:
+        return removed
+    for name in names:
+        match = _TEMPORARY.fullmatch(name)
+        if not match:
+            continue
+        pid = int(match.group(1) or match.group(2))
+        if pid == os.getpid() or psutil.pid_exists(pid):
+            continue
+        path = os.path.join(out_dir, name)
+        try:
+            if os.path.isdir(path) and not os.path.islink(path):
+                shutil.rmtree(path)
+            else:
+                os.unlink(path)
+        except FileNotFoundError:  # another writer removed it first
+            continue
+        except OSError as exc:
+            log.warning("could not remove %s, left by a killed writer (pid %d): %s", path, pid, exc)
+            continue
+        removed.append(name)
+    if removed:
+        log.info("removed %d temporaries of killed writers in %s: %s", len(removed), out_dir, ", ".join(removed))
+    return removed
+
+
+def prune(out_dir: str, keep: int) -> None:
+    """Remove all but the ``keep`` newest step directories (by step number, not by name)."""
+    steps = sorted((step, d) for d in os.listdir(out_dir) if (step := step_of_dirname(d)) is not None)
+    for _, old in steps[:-keep]:
+        shutil.rmtree(os.path.join(out_dir, old), ignore_errors=True)
+
+
+def for_each_version(write: Callable[[Any], str], out_dir: str, *, endpoint: str | None = None,
+                     step: int | None = None, follow: bool = False, every: int = 1, keep: int | None = None,
+                     max_writes: int | None = None, on_written: Callable[[str], None] | None = None) -> list[str]:
+    """Lease the version ``step`` (default: the newest) and ``write`` it; or, with ``follow``, each
+    new version at least ``every`` steps after the last one written, woken by the daemon's
+    announcements (no polling), until interrupted or ``max_writes`` were written. The ``keep``
+    newest step directories stay. A follower that cannot write one version (bad metadata, a
+    full disk) logs why and goes on with the next one. ``on_written(path)`` is called after each
+    write (a follower's CLI prints each path as it is done)."""
+    from stager.client import Subscriber
+
+    if every < 1:
+        raise ValueError(f"every must be >= 1, not {every}")
+    written: list[str] = []
+    with Subscriber(endpoint) as sub:
+        if not follow:
+            with sub.at(step) if step is not None else sub.latest() as snap:
+                written.append(write(snap))
+            if on_written is not None:
+                on_written(written[-1])
+            if keep:
+                prune(out_dir, keep)
+            return written
+        last: int | None = None
+        while max_writes is None or len(written) < max_writes:
+            floor = -1 if last is None else last + every - 1
+            with sub.wait_for_newer(floor) as snap:
+                last = snap.step  # also when it fails: a bad version is not retried forever
+                try:
+                    written.append(write(snap))
+                except (StagerError, ValueError, OSError) as exc:
+                    log.error("step %d was not written: %s; waiting for the next version", snap.step, exc)
+                    continue
+            if keep:
+                prune(out_dir, keep)
+            if on_written is not None:
+                on_written(written[-1])
+    return written

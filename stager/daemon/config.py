@@ -1,0 +1,118 @@
+"""Daemon configuration."""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import os
+import re
+from urllib.parse import urlsplit
+
+import psutil
+
+from stager.protocol.endpoint import is_loopback, resolve
+
+DEFAULT_MEMORY_FRACTION = 0.5
+_UNITS = {"": 1, "b": 1, "k": 1 << 10, "kb": 1 << 10, "kib": 1 << 10, "m": 1 << 20, "mb": 1 << 20,
+          "mib": 1 << 20, "g": 1 << 30, "gb": 1 << 30, "gib": 1 << 30, "t": 1 << 40, "tb": 1 << 40, "tib": 1 << 40}
+
+
+def parse_size(text: str | int) -> int:
+    """``"4GiB"``, ``"512M"``, ``"30%"`` (of available memory) or a plain byte count -> bytes.
+
+    >>> parse_size("1.5GiB")
+    1610612736
+    """
+    if isinstance(text, int):
+        return text
+    s = text.strip().lower()
+    if s.endswith("%"):
+        return int(psutil.virtual_memory().available * float(s[:-1]) / 100)
+    match = re.fullmatch(r"([0-9]*\.?[0-9]+)\s*([a-z]*)", s)
+    if not match or match.group(2) not in _UNITS:
+        raise ValueError(f"cannot read size {text!r}; write e.g. 8GiB, 512MiB, 30% or a byte count")
+    return int(float(match.group(1)) * _UNITS[match.group(2)])
+
+
+@dataclasses.dataclass(kw_only=True)
+class DaemonConfig:
+    """Settings of one `stager serve` process.
+
+    >>> DaemonConfig(memory_limit=1 << 30, keep=3).keep
+    3
+    """
+
+    endpoint: str | None = None
+    """ZeroMQ endpoint to bind; None: ``$STAGER_ENDPOINT``, else the ipc socket in the runtime dir."""
+
+    memory_limit: int | None = None
+    """Bytes of shared memory for snapshots (sealed, in flight and pooled); None: half of available RAM."""
+
+    keep: int = 2
+    """Sealed versions retained (leased versions outlive this until released)."""
+
+    step_timeout: float = 120.0
+    """Seconds from a step's first begin until every rank must have committed, else it fails."""
+
+    peer_timeout: float = 30.0
+    """Seconds of silence after which a peer on another host is considered dead."""
+
+    auth_dir: str | None = None
+    """CURVE keys, required for every tcp bind (loopback included): ``server.key_secret`` and
+    ``authorized/*.key``, made by ``stager keygen`` (deploy/README.md)."""
+
+    insecure_no_auth: bool = False
+    """Serve a loopback tcp endpoint without authentication: every local user can then read status and
+    snapshots and stage. For throwaway setups only; the daemon warns, and says ``"insecure": true``."""
+
+    def __post_init__(self) -> None:
+        self.endpoint = resolve(self.endpoint)
+        if self.memory_limit is None:
+            self.memory_limit = int(psutil.virtual_memory().available * DEFAULT_MEMORY_FRACTION)
+        if self.memory_limit <= 0:
+            raise ValueError("memory_limit must be positive")
+        if self.keep < 1:
+            raise ValueError("keep must be >= 1: the newest sealed version is always kept")
+        if self.step_timeout <= 0 or self.peer_timeout <= 0:
+            raise ValueError("step_timeout and peer_timeout must be positive")
+        if self.auth_dir and self.insecure_no_auth:
+            raise ValueError("--auth-dir and --insecure-no-auth contradict each other: pass one of them")
+        if self.endpoint.startswith("tcp://") and not self.auth_dir:
+            if not is_loopback(self.endpoint):
+                raise ValueError(
+                    f"{self.endpoint} is not a loopback address: binding it without authentication would let "
+                    "anyone on the network read the model. Pass --auth-dir with CURVE keys made by "
+                    "`stager keygen DIR` (deploy/README.md)")
+            if not self.insecure_no_auth:
+                raise ValueError(
+                    f"{self.endpoint} is a tcp endpoint: without authentication every user of this host could read "
+                    "the model's snapshots and stage steps. Pass --auth-dir with CURVE keys made by "
+                    "`stager keygen DIR` (clients set STAGER_AUTH_DIR), use the default ipc endpoint (owner-only), "
+                    "or, for a throwaway setup, --insecure-no-auth")
+        if self.auth_dir:
+            self.auth_dir = os.path.abspath(self.auth_dir)
+            missing = [name for name in ("server.key_secret", "authorized")
+                       if not os.path.exists(os.path.join(self.auth_dir, name))]
+            if missing:
+                raise ValueError(f"--auth-dir {self.auth_dir} lacks {' and '.join(missing)}; create the keys with "
+                                 f"`stager keygen {self.auth_dir}`")
+
+    @property
+    def insecure(self) -> bool:
+        """True when the daemon serves tcp without authentication (only with ``insecure_no_auth``)."""
+        return self.endpoint.startswith("tcp://") and not self.auth_dir
+
+
+def is_ipv6_endpoint(endpoint: str) -> bool:
+    """True for a tcp endpoint whose host is an IPv6 literal (``tcp://[::1]:7555``): ZeroMQ needs
+    ``zmq.IPV6`` set on the socket before it binds or connects there.
+
+    >>> is_ipv6_endpoint("tcp://[::1]:0"), is_ipv6_endpoint("tcp://127.0.0.1:0"), is_ipv6_endpoint("ipc:///x")
+    (True, False, False)
+    """
+    if not endpoint.startswith("tcp://"):
+        return False
+    try:
+        return ipaddress.ip_address(urlsplit(endpoint).hostname or "").version == 6
+    except ValueError:
+        return False

@@ -1,0 +1,276 @@
+"""Memory: the segment budget and the retention policy, within ``--memory-limit``.
+
+Every segment that exists counts against the limit, pooled ones too:
+1. reuse a pooled segment of the same layout;
+2. else create one if it fits;
+3. else free pooled segments of other layouts, then evict the oldest unleased sealed versions,
+   but never the newest sealed one;
+4. else the step waits up to the client's ``wait_ms`` for a lease to end or a step to finish
+   (back-pressure), and is refused with ``MEMORY_LIMIT`` after that.
+A failed step's segment is unlinked, never pooled: a slow rank may still be writing into it.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections import OrderedDict
+from typing import Callable
+
+from stager.protocol import ErrorCode, StagerError
+
+from .segments import Segment
+from .versions import Version
+
+log = logging.getLogger("stager.daemon")
+
+RETENTION_POLICY = (
+    "keep the newest --keep sealed versions; a leased version is never freed while leased; when a new "
+    "step needs memory, drop unleased versions oldest first (never the newest), then make the step wait "
+    "up to the trainer's backpressure_timeout, then refuse it with MEMORY_LIMIT")
+
+
+PENDING = object()  # take(): a segment is being created; try again when collect() finished one
+
+
+class SegmentBudget:
+    """Creates, pools and unlinks segments within ``limit`` bytes.
+
+    ``prefill`` creates a layout's remaining pool segments on a background thread
+    (``posix_fallocate`` releases the GIL), so steady-state steps never wait for allocation
+    and ranks can map and pre-fault them before they are needed. Pending segments count
+    against the limit from the moment they are requested.
+    """
+
+    def __init__(self, limit: int, make: Callable[[str, int], Segment], new_name: Callable[[], str]):
+        self.limit = limit
+        self._make, self._new_name = make, new_name
+        self.used = 0
+        self.current_layout: str | None = None  # pooled segments of other layouts are dropped
+        self.pool: dict[str, list[Segment]] = {}  # layout id -> free segments of that layout
+        self.owner: dict[str, tuple[str, Segment]] = {}  # segment name -> (layout id, segment)
+        self.pending: dict[str, tuple[str, int]] = {}  # name -> (layout id, size), being created
+        self.failures: dict[str, StagerError] = {}  # layout id -> why its last segment could not be created
+        self.draining: list[Segment] = []  # given back while remote readers' frames still point into them
+        self.rotation = 1  # segments a layout keeps (keep + 1): more are unlinked when given back
+        self._requests: queue.SimpleQueue = queue.SimpleQueue()
+        self._done: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+
+    # -------------------------------------------------------------- background creation
+
+    def _factory(self) -> None:
+        while True:
+            item = self._requests.get()
+            if item is None:
+                return
+            name, size = item
+            try:
+                started = time.monotonic()
+                seg = self._make(name, size)
+                log.debug("created %s (%.0f MiB) in %.0f ms", name, size / 2**20, (time.monotonic() - started) * 1e3)
+                self._done.put((name, seg))
+            except Exception as exc:  # reported by collect(); the budget is given back there
+                self._done.put((name, exc))
+
+    def prefill(self, layout_id: str, size: int, target: int) -> None:
+        """Have ``target`` segments of ``layout_id`` (pooled, in use or pending), as far as the limit allows."""
+        self.rotation = target
+        have = sum(1 for lid, _ in self.owner.values() if lid == layout_id)
+        have += sum(1 for lid, _ in self.pending.values() if lid == layout_id)
+        while have < target and self.used + size <= self.limit:
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._factory, name="stager-segments", daemon=True)
+                self._thread.start()
+            name = self._new_name()
+            self.used += size
+            self.pending[name] = (layout_id, size)
+            self._requests.put((name, size))
+            have += 1
+
+    def collect(self, block_for: str | None = None, timeout: float = 120.0) -> int:
+        """Move finished background segments into the pool and return how many finished; with
+        ``block_for`` (only at shutdown), wait until none of that layout (or any, for ``"*"``) is pending."""
+        finished = 0
+        while self.pending:
+            waiting = block_for is not None and any(
+                block_for in ("*", lid) for lid, _ in self.pending.values())
+            try:
+                name, result = self._done.get(timeout=timeout) if waiting else self._done.get_nowait()
+            except queue.Empty:
+                break
+            finished += 1
+            layout_id, size = self.pending.pop(name)
+            if isinstance(result, Exception):
+                self.used -= size
+                if not isinstance(result, StagerError):
+                    result = StagerError(ErrorCode.MEMORY_LIMIT, f"could not create a shared-memory segment of "
+                                                                 f"{size >> 20} MiB: {result}")
+                if layout_id not in self.failures:  # said once per layout, not once per retry
+                    log.warning("could not create segment %s: %s", name, result.message)
+                self.failures[layout_id] = result
+            elif layout_id != self.current_layout:
+                self.owner[name] = (layout_id, result)
+                self.destroy(result)
+            else:
+                self.owner[name] = (layout_id, result)
+                self.failures.pop(layout_id, None)
+                self.pool.setdefault(layout_id, []).append(result)
+        for seg in [s for s in self.draining if not s.busy()]:  # remote readers got their frames
+            self.draining.remove(seg)
+            self.give_back(seg, reuse=True)
+            finished += 1
+        return finished
+
+    # -------------------------------------------------------------- taking and giving back
+
+    def take(self, layout_id: str, size: int) -> "Segment | None | object":
+        """A pooled segment of ``layout_id``; else :data:`PENDING` after asking the background thread
+        for one (the caller waits, the daemon keeps serving); None when over budget."""
+        self.collect()
+        free = self.pool.get(layout_id)
+        if free:
+            return free.pop()
+        if size > self.limit:
+            raise StagerError(
+                ErrorCode.MEMORY_LIMIT,
+                f"one snapshot needs {size / 2**20:.1f} MiB but the daemon's memory limit is "
+                f"{self.limit / 2**20:.1f} MiB; restart the daemon with a larger --memory-limit",
+            )
+        if any(lid == layout_id for lid, _ in self.pending.values()):
+            return PENDING
+        failure = self.failures.pop(layout_id, None)
+        if failure is not None:  # creating one failed (e.g. /dev/shm is full): refuse now, do not retry
+            raise failure
+        if self.used + size > self.limit:
+            self.drop_pool(except_layout=layout_id)
+        if self.used + size > self.limit:
+            # segments still being created for an old layout give their budget back when done
+            return PENDING if self.pending else None
+        self.prefill(layout_id, size, len(self.live(layout_id)) + 1)
+        return PENDING
+
+    def give_back(self, seg: Segment, *, reuse: bool) -> None:
+        """A segment no version uses any more: pooled for the next step of its layout, or unlinked
+        (another layout's, or more than the rotation needs). One that queued frames still point
+        into waits in ``draining`` first: reusing it would change bytes a reader has not received."""
+        if seg.busy():
+            self.draining.append(seg)
+            return
+        layout_id = self.owner.get(seg.name, (None,))[0]
+        owned = sum(1 for lid, _ in self.owner.values() if lid == layout_id)
+        if reuse and layout_id is not None and layout_id == self.current_layout and owned <= self.rotation:
+            self.pool.setdefault(layout_id, []).append(seg)
+        else:
+            self.destroy(seg)
+
+    def destroy(self, seg: Segment) -> None:
+        if self.owner.pop(seg.name, None) is not None:
+            self.used -= seg.size
+        seg.unlink()
+
+    def drop_pool(self, except_layout: str | None = None, keep_layouts: set[str] = frozenset()) -> None:
+        """Unlink pooled segments of every layout but ``except_layout`` and ``keep_layouts``."""
+        for layout_id in list(self.pool):
+            if layout_id != except_layout and layout_id not in keep_layouts:
+                for seg in self.pool.pop(layout_id):
+                    self.destroy(seg)
+
+    def live(self, layout_id: str) -> list[str]:
+        """Names of the layout's segments: pooled, in use, and still being created."""
+        return [name for name, (owner, _) in self.owner.items() if owner == layout_id] + [
+            name for name, (owner, _) in self.pending.items() if owner == layout_id]
+
+    def close(self) -> None:
+        """Unlink every segment (daemon shutdown), waiting for those being created."""
+        if self._thread is not None:
+            self._requests.put(None)
+            self.current_layout = None
+            self.collect(block_for="*", timeout=60.0)
+            self._thread.join(60.0)
+        for _, seg in list(self.owner.values()):
+            self.destroy(seg)
+        self.pool.clear()
+        self.draining.clear()
+
+
+def evictable(sealed: "OrderedDict[int, Version]", keep: int) -> list[Version]:
+    """Sealed versions retention would drop now: beyond the newest ``keep``, unleased, oldest first."""
+    steps = list(sealed)
+    extra = steps[:-keep] if len(steps) > keep else []
+    return [sealed[s] for s in extra if not sealed[s].leases]
+
+
+def reclaim_candidates(sealed: "OrderedDict[int, Version]") -> list[Version]:
+    """Unleased sealed versions that may go to make room, oldest first, never the newest."""
+    steps = list(sealed)[:-1]
+    return [sealed[s] for s in steps if not sealed[s].leases]
+
+
+class Retention:
+    """Owns the budget and decides which sealed versions stay: retention, eviction, reclaim.
+
+    ``on_freed`` is called whenever memory may have become available (a version evicted, a lease
+    ended, a segment finished creating), so steps waiting for memory are retried.
+    """
+
+    def __init__(self, state, budget: SegmentBudget):
+        self.state, self.budget = state, budget
+        self.on_freed: Callable[[], None] = lambda: None
+
+    def take_segment(self, layout_id: str, size: int):
+        """A segment for a new step (see :meth:`SegmentBudget.take`), evicting old versions if needed."""
+        seg = self.budget.take(layout_id, size)
+        while seg is None:  # over budget: make room from unleased older versions
+            candidates = reclaim_candidates(self.state.sealed)
+            if not candidates:
+                return None
+            self.evict(candidates[0])
+            seg = self.budget.take(layout_id, size)
+        return seg
+
+    def free(self, v: Version, *, reuse: bool) -> None:
+        if v.segment is not None:
+            self.budget.give_back(v.segment, reuse=reuse)
+            v.segment = None
+
+    def evict(self, v: Version) -> None:
+        self.state.sealed.pop(v.step, None)
+        self.free(v, reuse=True)
+        log.debug("evicted step %d", v.step)
+
+    def enforce(self) -> None:
+        """Drop sealed versions beyond ``--keep`` (unleased only) and the pools of layouts no version
+        uses any more (after a layout change), then retry steps waiting for memory."""
+        state = self.state
+        for v in evictable(state.sealed, state.keep):
+            self.evict(v)
+        in_use = {v.record.id for v in (*state.sealed.values(), *state.staging.values(), *state.orphans)
+                  if v.record is not None}
+        self.budget.drop_pool(except_layout=self.budget.current_layout, keep_layouts=in_use)
+        self.on_freed()
+
+    def collect(self) -> None:
+        """Called while segments are being created: hand finished ones to waiting steps."""
+        if self.budget.collect():
+            self.on_freed()
+
+    def memory_message(self, size: int) -> str:
+        state = self.state
+        leased = sorted({v.step for _, v in state.leases.values()})
+        return (
+            f"staging needs {size / 2**20:.1f} MiB but {self.budget.used / 2**20:.1f} of "
+            f"{self.budget.limit / 2**20:.1f} MiB are in use (steps in flight: {sorted(state.staging)}, "
+            f"leased versions: {leased}); release leases, lower --keep, raise --memory-limit, or pass a "
+            "larger wait to StagingClient(backpressure_timeout=...)"
+        )
+
+    def status(self) -> dict:
+        state = self.state
+        return {
+            "policy": RETENTION_POLICY,
+            "leased_steps": sorted({v.step for _, v in state.leases.values()}),
+            "waiting_for_memory": sorted(s for s, v in state.staging.items() if v.wait_deadline is not None),
+        }

@@ -1,0 +1,133 @@
+"""Who is connected: trainer ranks and readers, their registration, liveness and departure.
+
+Same-host peers are alive while their process is (checked by pid and start time, zombies
+count as dead); peers on another host while they keep talking (clients ping every few seconds).
+A peer that leaves ends its leases, and a trainer that leaves fails the steps it had not committed.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from typing import Callable
+
+import psutil
+
+from stager.protocol import Bye, ErrorCode, Hello, HelloReply, Message, Ok, StagerError
+
+from .state import DaemonState
+from .versions import Peer, Version
+
+log = logging.getLogger("stager.daemon")
+LIVENESS_INTERVAL_S = 1.0  # reading /proc for every peer: once a second is plenty
+
+
+class Peers:
+    """Registers peers (Hello), drops them (Bye, death, silence) and checks liveness."""
+
+    def __init__(self, state: DaemonState, *, end_lease: Callable[[int], None],
+                 fail_step: Callable[[Version, str], None]):
+        self.state, self._end_lease, self._fail_step = state, end_lease, fail_step
+        self._next_liveness = 0.0
+
+    def get(self, identity: bytes, role: str | None = None) -> Peer:
+        """The registered peer behind ``identity`` (of ``role`` when given), else a typed error."""
+        peer = self.state.peers.get(identity)
+        if peer is None:
+            raise StagerError(
+                ErrorCode.NOT_REGISTERED,
+                "this connection has not said hello (or the daemon restarted); send Hello first",
+            )
+        if role and peer.role != role:
+            raise StagerError(ErrorCode.BAD_MESSAGE, f"only {role} connections may send this; this one is a {peer.role}")
+        return peer
+
+    def seen(self, identity: bytes) -> None:
+        peer = self.state.peers.get(identity)
+        if peer is not None:
+            peer.last_seen = time.monotonic()
+
+    def alive(self, peer: Peer) -> bool:
+        if not peer.local:
+            return time.monotonic() - peer.last_seen < self.state.peer_timeout
+        try:
+            proc = psutil.Process(peer.pid)
+            # a killed rank its launcher has not reaped yet is a zombie: dead all the same
+            return abs(proc.create_time() - peer.start_time) < 0.5 and proc.status() != psutil.STATUS_ZOMBIE
+        except psutil.Error:
+            return False
+
+    def on_hello(self, identity: bytes, msg: Hello) -> Message:
+        state = self.state
+        local = msg.host_id == state.host_id
+        existing = state.peers.get(identity)
+        if existing is not None and (existing.role, existing.rank) != (msg.role, msg.rank):
+            self.drop(existing, "registered again under another role or rank")
+            existing = None
+        if msg.role == "trainer":
+            self._claim_rank(identity, msg)
+        state.peers[identity] = Peer(identity, msg.role, msg.rank, msg.pid, float(msg.start_time), msg.host_id,
+                                     local, time.monotonic(), leases=existing.leases if existing else set())
+        log.info("%s %d connected (pid %d, %s)", msg.role, msg.rank, msg.pid, "local" if local else "remote")
+        return HelloReply(session=state.session, host_id=state.host_id, daemon_pid=os.getpid())
+
+    def _claim_rank(self, identity: bytes, msg: Hello) -> None:
+        state = self.state
+        holder = state.ranks.get(msg.rank)
+        old = state.peers.get(holder) if holder not in (None, identity) else None
+        if holder is not None and holder != identity and old is None:
+            del state.ranks[msg.rank]  # defensive: a slot whose peer is gone is free
+        if old is not None:
+            same_process = (old.host_id, old.pid) == (msg.host_id, msg.pid) and abs(
+                old.start_time - msg.start_time) < 0.5
+            if self.alive(old) and not same_process:
+                raise StagerError(
+                    ErrorCode.RANK_CONFLICT,
+                    f"local rank {msg.rank} is already staged by live pid {old.pid}; give each rank of a "
+                    "node its own LOCAL_RANK, or run one daemon per job (--endpoint)",
+                )
+        live = [r for r, i in state.ranks.items() if i not in (identity, holder)]
+        if live and msg.local_world_size != state.local_world_size:
+            raise StagerError(
+                ErrorCode.RANK_CONFLICT,
+                f"rank {msg.rank} says the node has {msg.local_world_size} ranks but connected ranks said "
+                f"{state.local_world_size}; all ranks of a node must agree (LOCAL_WORLD_SIZE)",
+            )
+        if old is not None:
+            self.drop(old, f"rank {msg.rank} reconnected")
+        if not live:
+            # a new job (or the same job restarted): a new timeline of steps, layouts planned anew
+            state.epoch += 1
+            state.failed.clear()  # step numbers that failed in the old timeline may be staged again
+            state.local_world_size = msg.local_world_size
+            state.current = None
+        state.ranks[msg.rank] = identity
+
+    def on_bye(self, identity: bytes, msg: Bye) -> Message:
+        peer = self.state.peers.get(identity)
+        if peer is not None:
+            self.drop(peer, "said bye")
+        return Ok()
+
+    def drop(self, peer: Peer, reason: str) -> None:
+        state = self.state
+        state.peers.pop(peer.identity, None)
+        state.subscribers.discard(peer.identity)
+        for lease in list(peer.leases):
+            self._end_lease(lease)
+        if peer.role == "trainer" and state.ranks.get(peer.rank) == peer.identity:
+            del state.ranks[peer.rank]
+            for v in list(state.staging.values()):
+                if peer.rank not in v.committed:  # what it committed is complete; the rest never will be
+                    self._fail_step(v, f"rank {peer.rank} (pid {peer.pid}) left during step {v.step}: {reason}")
+        log.info("%s %d (pid %d) dropped: %s", peer.role, peer.rank, peer.pid, reason)
+
+    def check_liveness(self) -> None:
+        now = time.monotonic()
+        if now < self._next_liveness:
+            return
+        self._next_liveness = now + LIVENESS_INTERVAL_S
+        for peer in list(self.state.peers.values()):
+            if not self.alive(peer):
+                self.drop(peer, "process exited" if peer.local else f"silent for {self.state.peer_timeout:.0f}s")

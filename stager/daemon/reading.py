@@ -1,0 +1,179 @@
+"""Read side: leases, subscriptions, announcements, and bytes for remote readers.
+
+A lease pins a version: retention and memory reclaim skip leased versions, and a lease ends
+on Release, or when the reader's process dies (the daemon drops its peer). Subscribers are
+pushed an Announce per sealed version without blocking: a reader that does not drain its
+socket loses announcements (ZeroMQ drops at the high-water mark), never delays the loop.
+Remote readers get bytes as frames that point into the segment (no copy) when the box is
+contiguous, else gathered into one buffer per item.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from stager.protocol import (
+    Acquire, AcquireReply, Announce, ErrorCode, ErrorReply, Message, Ok, Read, ReadReply, Release, StagerError,
+    Subscribe, SubscribeReply,
+)
+from stager.protocol.layout import check_box, contiguous_span, narrow_box
+from stager.protocol.shm import block_view
+
+from .memory import Retention
+from .peers import Peers
+from .state import DaemonState
+from .versions import Version
+
+MAX_LEASES_PER_PEER = 64
+MAX_READ_BYTES = 256 << 20  # per Read reply: readers split larger tensors into row ranges
+MAX_READ_IN_FLIGHT = 512 << 20  # reply bytes queued for one reader before its next reads wait
+MAX_DEFERRED_READS = 64  # reads one reader may have waiting; more are refused
+
+
+class Reading:
+    """Owns leases and subscriptions, and answers remote readers' byte requests."""
+
+    def __init__(self, state: DaemonState, peers: Peers | None, memory: Retention):
+        self.state, self.peers, self.memory = state, peers, memory
+
+    def on_acquire(self, identity: bytes, msg: Acquire) -> Message:
+        state = self.state
+        peer = self.peers.get(identity)
+        if msg.step is None:
+            v = state.latest()
+            if v is None:
+                raise StagerError(ErrorCode.NO_VERSION, "no version is sealed yet; stage one, or wait for it")
+        else:
+            v = state.sealed.get(msg.step)
+            if v is None:
+                raise StagerError(
+                    ErrorCode.NO_VERSION, f"step {msg.step} is not held; sealed steps: {list(state.sealed)[-32:]}")
+        if len(peer.leases) >= MAX_LEASES_PER_PEER:
+            raise StagerError(ErrorCode.MEMORY_LIMIT, f"this connection holds {len(peer.leases)} leases; release "
+                                                      "snapshots (Snapshot.release()) before acquiring more")
+        lease = next(state.lease_ids)
+        state.leases[lease] = (identity, v)
+        v.leases.add(lease)
+        peer.leases.add(lease)
+        return AcquireReply(
+            lease=lease, step=v.step, seq=v.seq, segment=v.segment.name, size=v.segment.size,
+            tensors=v.layout.tensors, objects=v.objects, model_info=v.model_info, quant=v.quant,
+            partial=v.layout.partial)
+
+    def on_subscribe(self, identity: bytes, msg: Subscribe) -> Message:
+        self.peers.get(identity)
+        self.state.subscribers.add(identity)
+        v = self.state.latest()
+        return SubscribeReply(step=v.step if v else None, seq=self.state.seq)
+
+    def announce(self, v: Version) -> None:
+        state = self.state
+        if not state.subscribers:
+            return
+        msg = Announce(step=v.step, seq=v.seq, tensors=len(v.layout.tensors), nbytes=v.layout.nbytes,
+                       model_info=v.model_info, partial=v.layout.partial)
+        for identity in list(state.subscribers):
+            if not state.send(identity, msg):
+                state.counters["announcements_dropped"] += 1
+
+    def on_read(self, identity: bytes, msg: Read) -> Message | None:
+        """Reply with one frame per item. Contiguous boxes are frames pointing into the segment
+        (tracked: the segment is not reused until ZeroMQ sent them). A reader with more than
+        MAX_READ_IN_FLIGHT bytes of replies still queued (it does not read them) waits: its
+        requests are answered in order once they drained, so one slow reader never grows the daemon."""
+        peer = self.peers.get(identity)
+        resumed = bool(peer.deferred_reads) and peer.deferred_reads[0] is msg
+        if peer.deferred_reads and not resumed:
+            return self._defer(peer, msg)  # behind earlier held-back reads: keep the order
+        if msg.lease not in peer.leases:
+            raise StagerError(ErrorCode.UNKNOWN_LEASE, f"lease {msg.lease} is not held by this connection; "
+                                                       "acquire the version first")
+        v = self.state.leases[msg.lease][1]
+        by_name = v.record.by_name
+        if not by_name:
+            by_name.update((t.fqn, t) for t in v.layout.tensors)
+        total, boxes = 0, []
+        for item in msg.items:
+            t = by_name.get(item.fqn)
+            if t is None:
+                raise StagerError(ErrorCode.BAD_VALUE, f"{item.fqn[:200]}: no such tensor in step {v.step}")
+            if not t.complete:
+                raise StagerError(ErrorCode.PARTIAL, f"{t.fqn}: this node holds only part of it")
+            offsets, sizes = check_box(t.fqn, t.shape, item.offsets, item.sizes)
+            total += math.prod(sizes) * t.torch_dtype.itemsize
+            if total > MAX_READ_BYTES:
+                raise StagerError(ErrorCode.BAD_VALUE, f"read of {total >> 20} MiB is over the {MAX_READ_BYTES >> 20} "
+                                                       "MiB a reply may carry; read fewer or smaller boxes")
+            boxes.append((t, offsets, sizes))
+        queued = peer.read_bytes_in_flight()
+        if queued and queued + total > MAX_READ_IN_FLIGHT:
+            return None if resumed else self._defer(peer, msg)
+        if resumed:
+            peer.deferred_reads.pop(0)
+        reply = ReadReply(id=msg.id, count=len(boxes))
+        reply.frames = [self._box_bytes(v, t, offsets, sizes) for t, offsets, sizes in boxes]
+        trackers = self.state.send_tracked(identity, reply)
+        if trackers is not None:
+            v.segment.inflight.extend(trackers)
+            peer.reads_in_flight.append((trackers, total))
+            self.state.counters["read_bytes"] += total
+        return None
+
+    @staticmethod
+    def _defer(peer, msg: Read) -> None:
+        if len(peer.deferred_reads) >= MAX_DEFERRED_READS:
+            raise StagerError(ErrorCode.MEMORY_LIMIT, f"{len(peer.deferred_reads)} reads are waiting while "
+                                                      f"{peer.read_bytes_in_flight() >> 20} MiB of replies are unread; "
+                                                      "receive replies before sending more reads")
+        peer.deferred_reads.append(msg)
+        return None
+
+    def resume_deferred(self) -> None:
+        """Answer held-back reads of readers whose queued replies drained (called every tick)."""
+        for identity, peer in list(self.state.peers.items()):
+            while peer.deferred_reads:
+                head = peer.deferred_reads[0]
+                try:
+                    self.on_read(identity, head)
+                except StagerError as exc:
+                    if peer.deferred_reads and peer.deferred_reads[0] is head:
+                        peer.deferred_reads.pop(0)
+                    self.state.send(identity, ErrorReply(id=head.id, code=exc.code.value, message=exc.message))
+                    continue
+                if peer.deferred_reads and peer.deferred_reads[0] is head:
+                    break  # still over the cap: wait for the next tick
+
+    @staticmethod
+    def _box_bytes(v: Version, t, offsets, sizes):
+        itemsize = t.torch_dtype.itemsize
+        base = t.blocks[0].byte_offset
+        span = contiguous_span(t.shape, offsets, sizes)
+        if span is not None:  # zero-copy: the frame points into the segment
+            return v.segment.buffer()[base + span[0] * itemsize:base + (span[0] + span[1]) * itemsize]
+        src = narrow_box(block_view(v.segment.as_bytes(), t.torch_dtype, base, t.shape), offsets, sizes)
+        gathered = bytearray(math.prod(sizes) * itemsize)
+        torch.frombuffer(gathered, dtype=torch.uint8).view(t.torch_dtype).view(sizes).copy_(src)
+        return gathered
+
+    def on_release(self, identity: bytes, msg: Release) -> Message:
+        peer = self.peers.get(identity)
+        if msg.lease not in peer.leases:
+            raise StagerError(ErrorCode.UNKNOWN_LEASE, f"lease {msg.lease} is not held by this connection")
+        self.end_lease(msg.lease)
+        return Ok()
+
+    def end_lease(self, lease: int) -> None:
+        state = self.state
+        identity, v = state.leases.pop(lease, (None, None))
+        if v is None:
+            return
+        v.leases.discard(lease)
+        peer = state.peers.get(identity)
+        if peer is not None:
+            peer.leases.discard(lease)
+        if not v.leases and v in state.orphans:
+            state.orphans.discard(v)
+            self.memory.free(v, reuse=True)
+        self.memory.enforce()

@@ -1,0 +1,118 @@
+"""Shared-memory segments the daemon owns: created with their memory reserved, unlinked, reclaimed.
+
+Memory is reserved with ``posix_fallocate`` at creation, so a full /dev/shm is a clear refusal
+up front, never a SIGBUS in a client mid-copy. Names and mapping are the shared contract in
+:mod:`stager.protocol.shm`.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import mmap
+import os
+
+import psutil
+import torch
+
+from stager.protocol import ErrorCode, StagerError
+from stager.protocol.shm import SHM_DIR, map_segment, segment_owner, segment_path
+
+log = logging.getLogger("stager.daemon")
+
+
+class Segment:
+    """A shared-memory file the daemon owns. The daemon itself maps it only when it must write
+    (bytes from another host) or send (remote readers); same-host ranks write through their own mappings."""
+
+    def __init__(self, name: str, size: int):  # creates the file and reserves its memory: may take a while
+        self.name, self.size = name, size
+        self._map: mmap.mmap | None = None
+        self._tensor: torch.Tensor | None = None
+        self.inflight: list = []  # zmq MessageTrackers of frames sent from this segment, not yet sent
+        path = segment_path(name)
+        free = shm_free_bytes()
+        if size > free:
+            raise StagerError(
+                ErrorCode.MEMORY_LIMIT,
+                f"{SHM_DIR} has {free >> 20} MiB free but the snapshot needs {size >> 20} MiB; "
+                f"enlarge {SHM_DIR} (e.g. docker --shm-size) or lower --memory-limit",
+            )
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
+        try:
+            os.posix_fallocate(fd, 0, size)
+        except OSError as exc:
+            os.close(fd)
+            os.unlink(path)
+            raise StagerError(
+                ErrorCode.MEMORY_LIMIT, f"could not reserve {size >> 20} MiB in {SHM_DIR}: {exc.strerror}"
+            ) from None
+        os.close(fd)
+
+    def as_bytes(self) -> torch.Tensor:
+        """A writable uint8 view of the whole segment, mapped on first use."""
+        if self._tensor is None:
+            self._tensor = map_segment(self.name, self.size, writable=True)
+        return self._tensor
+
+    def buffer(self) -> memoryview:
+        """A read-only buffer of the whole segment (for frames sent without copying), mapped once.
+        Frames still queued keep the mapping alive after the segment is unlinked."""
+        if self._map is None:
+            fd = os.open(segment_path(self.name), os.O_RDONLY)
+            try:
+                self._map = mmap.mmap(fd, self.size, mmap.MAP_SHARED, mmap.PROT_READ)
+            finally:
+                os.close(fd)
+        return memoryview(self._map)
+
+    def busy(self) -> bool:
+        """True while frames queued in ZeroMQ still point into this segment."""
+        self.inflight = [t for t in self.inflight if not t.done]
+        return bool(self.inflight)
+
+    def unlink(self) -> None:
+        self._tensor = self._map = None
+        try:
+            os.unlink(segment_path(self.name))
+        except FileNotFoundError:
+            pass
+
+
+def shm_free_bytes() -> int:
+    st = os.statvfs(SHM_DIR)
+    return st.f_bavail * st.f_frsize
+
+
+def shm_total_bytes() -> int:
+    st = os.statvfs(SHM_DIR)
+    return st.f_blocks * st.f_frsize
+
+
+def list_segments(pid: int | None = None) -> list[str]:
+    """This user's stager segments (of daemon ``pid`` when given); used by status and tests."""
+    uid = os.getuid()
+    owners = ((name, segment_owner(name)) for name in os.listdir(SHM_DIR))
+    return sorted(name for name, owner in owners
+                  if owner is not None and owner[0] == uid and (pid is None or owner[1] == pid))
+
+
+def reclaim_stale() -> int:
+    """Unlink segments of this user whose creating daemon is dead; returns how many."""
+    count = 0
+    try:
+        names = list_segments()
+    except OSError:
+        return 0
+    for name in names:
+        if psutil.pid_exists(segment_owner(name)[1]):
+            continue
+        try:
+            os.unlink(os.path.join(SHM_DIR, name))
+            count += 1
+        except OSError as exc:
+            if exc.errno != errno.ENOENT:
+                log.warning("could not reclaim stale segment %s: %s", name, exc)
+    if count:
+        log.info("reclaimed %d shared-memory segments left by a dead daemon", count)
+    return count

@@ -1,0 +1,71 @@
+"""Followers: write-dcp and export-hf with --follow, --every and --keep, and retention past step 10**8."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+
+import torch
+from helpers import wait_until
+
+from stager.client import StagingClient
+from stager.consumers.persist import prune, step_dirname, step_of_dirname
+from stager.consumers.write_dcp import write_dcp
+
+
+def _steps_in(out_dir):
+    names = os.listdir(out_dir) if os.path.isdir(out_dir) else []
+    return sorted(s for d in names if (s := step_of_dirname(d)) is not None)
+
+
+def test_step_directory_names_and_retention_past_1e8(tmp_path):
+    assert step_dirname(7) == "step-00000007" and step_dirname(123456789) == "step-123456789"
+    for step in (5, 99999999, 100000000, 100000001):
+        (tmp_path / step_dirname(step)).mkdir()
+    (tmp_path / "latest").mkdir()
+    prune(str(tmp_path), keep=2)
+    assert _steps_in(str(tmp_path)) == [100000000, 100000001]  # by number: step-100000000 sorts before step-99...
+    assert (tmp_path / "latest").exists()
+
+
+def test_write_dcp_follows_every_and_keeps(make_daemon, tmp_path):
+    d = make_daemon()
+    out = str(tmp_path / "dcp")
+    result = {}
+    follower = threading.Thread(target=lambda: result.update(
+        paths=write_dcp(out, endpoint=d.endpoint, follow=True, every=2, keep=2, max_writes=3)), daemon=True)
+    follower.start()
+    with StagingClient(d.endpoint, rank=0, local_world_size=1, world_size=1, strict=True) as client:
+        for step, written_after in ((1, 1), (2, None), (3, 3), (4, None), (5, 5)):
+            client.stage({"w": torch.full((8,), float(step))}, step=step).wait(30)
+            if written_after is not None:  # the follower writes it (or a newer one) before we stage on
+                wait_until(lambda s=written_after: os.path.exists(os.path.join(out, step_dirname(s))))
+    follower.join(60)
+    assert not follower.is_alive()
+    assert [os.path.basename(p) for p in result["paths"]] == [step_dirname(1), step_dirname(3), step_dirname(5)]
+    assert _steps_in(out) == [3, 5]  # --keep 2
+    assert os.readlink(os.path.join(out, "latest")) == step_dirname(5)
+
+
+def test_export_hf_cli_follows_until_interrupted(make_daemon, tmp_path):
+    d = make_daemon()
+    out = str(tmp_path / "hf")
+    cmd = [sys.executable, "-m", "stager.cli", "export-hf", "--endpoint", d.endpoint, "--out", out, "--follow",
+           "--every", "1", "--keep", "1", "--adapter", "identity", "--json"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        with StagingClient(d.endpoint, rank=0, local_world_size=1, world_size=1, strict=True) as client:
+            for step in (10, 11):
+                client.stage({"w": torch.full((4,), float(step))}, step=step,
+                             model_info={"hf_config": {"model_type": "test"}}).wait(30)
+                wait_until(lambda s=step: s in _steps_in(out), timeout=60)
+        wait_until(lambda: _steps_in(out) == [11], timeout=60)  # --keep 1
+    finally:
+        proc.send_signal(signal.SIGINT)
+        stdout, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130, stderr
+    lines = [json.loads(line) for line in stdout.splitlines() if line.strip()]  # one per export, as it is done
+    assert [os.path.basename(r["exported"]) for r in lines] == [step_dirname(10), step_dirname(11)]
+    assert [r["step"] for r in lines] == [10, 11] and all(r["bytes"] == 16 for r in lines)
