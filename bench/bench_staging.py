@@ -376,7 +376,7 @@ def _fmt(stat: dict | None) -> str:
 
 def _print_report(report: dict) -> None:
     m = report["meta"]
-    print(f"stager staging benchmark  {m['date']}  host {m['hostname']}  {m['cpu_count']} cpus  torch {m['torch']}")
+    print(f"stager staging benchmark  {m['date']}  host {m['host']}  {m['cpus']} cpus  torch {m['torch']}")
     print(f"{m['world_size']} gloo ranks on CPU, {m['threads_per_rank']} intra-op thread(s) per rank, "
           f"{m['iters']} timed iterations (warm-up: {m['warmup']}, ours {m['ours_warmup']}), "
           f"{m['busy_ms']:g} ms busy before each; "

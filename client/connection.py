@@ -21,11 +21,10 @@ import time
 from typing import Callable
 from urllib.parse import urlsplit
 
-import psutil
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
-from stager.protocol.endpoint import AUTH_ENV, host_id, resolve
+from stager.protocol.endpoint import AUTH_ENV, host_id, process_start_time, resolve
 from stager.protocol import (
     Bye, ErrorCode, ErrorReply, Hello, HelloReply, Message, Ping, Pong, ProtocolError, StagerError, decode,
 )
@@ -91,7 +90,7 @@ class Connection:
         self.on_lost: Callable[[int], None] = lambda upto: None  # a connection dropped: requests <= upto are lost
         self.daemon_host: str | None = None
         self.host_id = host_id()
-        self._start_time = psutil.Process().create_time()
+        self._start_time = process_start_time(os.getpid())
         self.on_unsolicited: Callable[[Message], None] = lambda msg: log.debug("stray reply %r", msg)
         self._open()
 

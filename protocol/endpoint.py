@@ -76,3 +76,20 @@ def host_id() -> str:
     except OSError:
         boot = ""
     return f"{socket.gethostname()}:{boot}"
+
+
+_CLK_TCK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
+def process_start_time(pid: int) -> float:
+    """When process ``pid`` started, in seconds since boot: with the pid, what identifies a process
+    (a reused pid has another start). Read from /proc/<pid>/stat, so a wall-clock jump (NTP, a VM
+    snapshot restored) never makes a live process look like another one; raises OSError when the
+    process does not exist."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except FileNotFoundError:
+        raise ProcessLookupError(pid) from None
+    fields = stat[stat.rindex(b")") + 2:].split()  # the command name may hold spaces and parentheses
+    return int(fields[19]) / _CLK_TCK  # field 22 of stat(5): starttime, in clock ticks

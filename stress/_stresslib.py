@@ -17,7 +17,6 @@ Nothing here talks to anything but local ipc endpoints and loopback.
 from __future__ import annotations
 
 import json
-import math
 import os
 import select
 import shutil
@@ -231,6 +230,10 @@ class Campaign:
 
     def __enter__(self) -> "Campaign":
         self._old_term = signal.signal(signal.SIGTERM, _raise_exit)
+        if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+            # started in the background by a shell (`cmd &`): SIGINT is ignored, and children would
+            # inherit that, so the followers this campaign stops with SIGINT (^C) would never stop
+            signal.signal(signal.SIGINT, signal.default_int_handler)
         return self
 
     def __exit__(self, *exc) -> None:

@@ -366,7 +366,7 @@ class TrainerMoves:
 
         me = psutil.Process()
         body = {"role": "trainer", "rank": self.rank, "local_world_size": self.lws, "world_size": self.lws,
-                "pid": me.pid if self.local else self.rng.randint(1, 1 << 30), "start_time": me.create_time(),
+                "pid": me.pid if self.local else self.rng.randint(1, 1 << 30), "start_time": _create_time(),
                 "host_id": self.host}
         return [self.msgs.pack(self.msgs.header("hello", rid, body))]
 
@@ -649,9 +649,9 @@ class Peer(threading.Thread):
 
 
 def _create_time() -> float:
-    import psutil
+    from stager.protocol.endpoint import process_start_time
 
-    return psutil.Process().create_time()
+    return process_start_time(os.getpid())
 
 
 # ---------------------------------------------------------------------------------------------- controller

@@ -10,7 +10,7 @@ import torch
 import zmq
 
 from stager.daemon import Daemon, DaemonConfig
-from stager.protocol.endpoint import host_id
+from stager.protocol.endpoint import host_id, process_start_time
 from stager.protocol import PROTOCOL_VERSION, ErrorReply, Hello, Message, decode
 
 # the tiny torchtitan-style reference models live with the examples that use them
@@ -92,12 +92,10 @@ class RawPeer:
         return reply
 
     def hello(self, rank=0, local_world_size=1, role="trainer", pid=None):
-        import psutil
-
         pid = pid or os.getpid()
         return self.request(Hello(role=role, rank=rank, local_world_size=local_world_size,
                                   world_size=local_world_size, pid=pid,
-                                  start_time=psutil.Process(pid).create_time(), host_id=host_id()))
+                                  start_time=process_start_time(pid), host_id=host_id()))
 
     def close(self):
         self.sock.close(0)

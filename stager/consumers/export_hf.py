@@ -99,6 +99,7 @@ def _hf_tensors(snapshot: Any, adapter: Any, plan: list[HFTensor]) -> Iterator[t
                                                        "produce it from the data; the adapter must give the same names "
                                                        "for meta and real tensors")
             pending[item[0]] = item[1]
+            item = None  # held only in pending: a tensor is freed as soon as it is written
         yield p.name, pending.pop(p.name)
 
 

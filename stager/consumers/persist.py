@@ -77,7 +77,7 @@ def step_directory(out_dir: str, step: int) -> Iterator[str]:
         yield tmp
         fsync_tree(tmp)
         if os.path.exists(final):  # re-export of a step: swap, then drop the old copy
-            old = final + f".old-{os.getpid()}"
+            old = os.path.join(out_dir, f".{step_dirname(step)}.old-{os.getpid()}")
             os.rename(final, old)
             os.rename(tmp, final)
             shutil.rmtree(old, ignore_errors=True)
@@ -95,12 +95,13 @@ def step_directory(out_dir: str, step: int) -> Iterator[str]:
         log.warning("could not update %s: %s", link, exc)
 
 
-_TEMPORARY = re.compile(r"\.step-\d{8,}\.partial-(\d+)|\.latest-(\d+)")  # what step_directory leaves if killed
+# what a writer leaves when killed mid-write (partial), mid-swap (old) or mid-prune (pruned)
+_TEMPORARY = re.compile(r"\.step-\d{8,}\.(?:partial|old|pruned)-(\d+)|\.latest-(\d+)")
 
 
 def remove_stale_temporaries(out_dir: str) -> list[str]:
-    """Remove the temporaries (``.step-N.partial-<pid>``, ``.latest-<pid>``) of writers that were
-    killed mid-write: only those whose pid is dead on this host, never a live writer's. Returns
+    """Remove the temporaries (``.step-N.partial-<pid>``, ``.step-N.old-<pid>``, ``.step-N.pruned-<pid>``,
+    ``.latest-<pid>``) of writers that were killed mid-write: only those whose pid is dead on this host, never a live writer's. Returns
     the names removed. (Writers on other hosts sharing ``out_dir`` have pids this host cannot see:
     give each host its own output directory.)"""
     import psutil
@@ -138,7 +139,13 @@ def prune(out_dir: str, keep: int) -> None:
     """Remove all but the ``keep`` newest step directories (by step number, not by name)."""
     steps = sorted((step, d) for d in os.listdir(out_dir) if (step := step_of_dirname(d)) is not None)
     for _, old in steps[:-keep]:
-        shutil.rmtree(os.path.join(out_dir, old), ignore_errors=True)
+        # renamed first: a directory named step-N is complete or absent, never half deleted
+        doomed = os.path.join(out_dir, f".{old}.pruned-{os.getpid()}")
+        try:
+            os.rename(os.path.join(out_dir, old), doomed)
+        except FileNotFoundError:
+            continue
+        shutil.rmtree(doomed, ignore_errors=True)
 
 
 def for_each_version(write: Callable[[Any], str], out_dir: str, *, endpoint: str | None = None,

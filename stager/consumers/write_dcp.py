@@ -26,6 +26,7 @@ quiet_single_process_dcp()
 def write_snapshot_dcp(snapshot: Any, out_dir: str) -> str:
     """Write one leased snapshot as a DCP checkpoint in ``out_dir/step-N``; returns that path."""
     import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
 
     if getattr(snapshot, "partial", False):
         raise StagerError(ErrorCode.PARTIAL, f"step {snapshot.step} holds only this node's part of some tensors; "
@@ -38,7 +39,15 @@ def write_snapshot_dcp(snapshot: Any, out_dir: str) -> str:
     with step_directory(out_dir, snapshot.step) as tmp:
         # one writer process does what every trainer rank did in parallel: give DCP the cores
         writer = dcp.FileSystemWriter(tmp, thread_count=max(1, min(8, os.cpu_count() or 1)))
-        dcp.save(state, storage_writer=writer, no_dist=True)
+        try:
+            dcp.save(state, storage_writer=writer, no_dist=True)
+        except CheckpointException as exc:
+            # DCP wraps what went wrong, a ^C included: a ^C stays a ^C (exit 130), the rest is typed
+            causes = [cause for cause, _ in exc.failures.values()]
+            if any(isinstance(c, KeyboardInterrupt) for c in causes):
+                raise KeyboardInterrupt from None
+            raise StagerError(ErrorCode.INTERNAL if not causes else ErrorCode.BAD_VALUE,
+                              f"DCP could not save step {snapshot.step}: {causes[0] if causes else exc}") from None
         write_manifest(tmp, snapshot.step, "dcp", {name: entry(t) for name, t in snapshot.items()})
     final = step_path(out_dir, snapshot.step)
     log.info("wrote DCP checkpoint of step %d to %s", snapshot.step, final)

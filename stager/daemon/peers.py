@@ -15,6 +15,7 @@ from typing import Callable
 import psutil
 
 from stager.protocol import Bye, ErrorCode, Hello, HelloReply, Message, Ok, StagerError
+from stager.protocol.endpoint import process_start_time
 
 from .state import DaemonState
 from .versions import Peer, Version
@@ -52,10 +53,11 @@ class Peers:
         if not peer.local:
             return time.monotonic() - peer.last_seen < self.state.peer_timeout
         try:
-            proc = psutil.Process(peer.pid)
+            if abs(process_start_time(peer.pid) - peer.start_time) > 0.05:  # the pid was reused
+                return False
             # a killed rank its launcher has not reaped yet is a zombie: dead all the same
-            return abs(proc.create_time() - peer.start_time) < 0.5 and proc.status() != psutil.STATUS_ZOMBIE
-        except psutil.Error:
+            return psutil.Process(peer.pid).status() != psutil.STATUS_ZOMBIE
+        except (OSError, psutil.Error):
             return False
 
     def on_hello(self, identity: bytes, msg: Hello) -> Message:
@@ -80,7 +82,7 @@ class Peers:
             del state.ranks[msg.rank]  # defensive: a slot whose peer is gone is free
         if old is not None:
             same_process = (old.host_id, old.pid) == (msg.host_id, msg.pid) and abs(
-                old.start_time - msg.start_time) < 0.5
+                old.start_time - msg.start_time) < 0.05
             if self.alive(old) and not same_process:
                 raise StagerError(
                     ErrorCode.RANK_CONFLICT,
