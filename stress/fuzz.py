@@ -823,15 +823,19 @@ def trainer_window(camp, ctrl: Control, trainers: list[Peer], length: int, pause
     ctrl.window_no += 1
     ctrl.window_lws = 1 + (ctrl.window_no % 2 == 0 and len(trainers) > 1)
     for t in trainers:
-        t.closed.clear()
+        if t.is_alive():  # a peer that already finished its share stays closed (its exit set it)
+            t.closed.clear()
     start = ctrl.sent
     ctrl.window.set()
     while ctrl.sent < start + length and any(t.is_alive() for t in trainers) and time.monotonic() < deadline:
         time.sleep(0.01)
     ctrl.closing.set()
     for t in trainers:
-        if not t.closed.wait(reply_timeout * 3):
-            camp.fail(f"trainer peer {t.index} did not close its window")
+        give_up = time.monotonic() + reply_timeout * 3
+        while not t.closed.wait(0.2) and t.is_alive():  # a peer that exited is closed however it ended
+            if time.monotonic() > give_up:
+                camp.fail(f"trainer peer {t.index} did not close its window")
+                break
     ctrl.window.clear()
     # every rank registration of the window must be gone before the job comes back
     end = time.monotonic() + 15

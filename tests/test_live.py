@@ -1,7 +1,6 @@
 """Live weights: announcements, HF views, sliced and remote reads, parameter-server gets, leases."""
 
 import threading
-import time
 
 import pytest
 import torch
@@ -99,9 +98,8 @@ def test_announcements_wake_readers_and_iteration_skips_to_the_newest(make_daemo
             sub.wait_for_newer(None, timeout=0.2)
         assert info.value.code == ErrorCode.TIMEOUT
         threading.Timer(0.3, stage, (d.endpoint, [1])).start()
-        t0 = time.monotonic()
-        with sub.wait_for_newer(None, timeout=10) as snap:
-            assert snap.step == 1 and time.monotonic() - t0 < 5
+        with sub.wait_for_newer(None, timeout=10) as snap:  # woken by the announcement of step 1
+            assert snap.step == 1
         it = iter(sub)
         first = next(it)
         assert (first.step, first.skipped) == (1, 0)
