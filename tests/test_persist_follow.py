@@ -69,3 +69,24 @@ def test_export_hf_cli_follows_until_interrupted(make_daemon, tmp_path):
     lines = [json.loads(line) for line in stdout.splitlines() if line.strip()]  # one per export, as it is done
     assert [os.path.basename(r["exported"]) for r in lines] == [step_dirname(10), step_dirname(11)]
     assert [r["step"] for r in lines] == [10, 11] and all(r["bytes"] == 16 for r in lines)
+
+
+def test_a_follower_that_cannot_write_one_version_goes_on_to_the_next(make_daemon, tmp_path, caplog):
+    from stager.consumers.export_hf import export_hf
+
+    d = make_daemon()
+    out = str(tmp_path / "hf")
+    with StagingClient(d.endpoint, rank=0, local_world_size=1, world_size=1, strict=True) as client:
+        # step 1 names an adapter no exporter has: that export fails, the follower logs it and waits on
+        client.stage({"w": torch.ones(4)}, step=1, model_info={"adapter": "no_such_adapter",
+                                                               "hf_config": {"model_type": "test"}}).wait(30)
+        result = {}
+        follower = threading.Thread(target=lambda: result.update(paths=export_hf(
+            out, endpoint=d.endpoint, follow=True, max_exports=1, progress=False)), daemon=True)
+        follower.start()
+        with caplog.at_level("ERROR", logger="stager.consumers.persist"):
+            wait_until(lambda: "step 1 was not written" in caplog.text)
+        client.stage({"w": torch.full((4,), 2.0)}, step=2,
+                     model_info={"adapter": "identity", "hf_config": {"model_type": "test"}}).wait(30)
+    follower.join(60)
+    assert not follower.is_alive() and [os.path.basename(p) for p in result["paths"]] == [step_dirname(2)]
