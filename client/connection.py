@@ -187,16 +187,11 @@ class Connection:
         try:
             if not self.sock.poll(int(max(timeout, 0) * 1000)):
                 return None
-            frames = self.sock.recv_multipart(copy=False)
         except zmq.ZMQError as exc:
             if exc.errno != errno.EINTR:  # a signal (e.g. SIGCHLD) interrupted the wait: callers loop
                 raise
             return None
-        try:
-            return decode(frames)
-        except ProtocolError as exc:
-            log.warning("undecodable reply from the daemon: %s", exc)
-            return None
+        return self._recv_ready()
 
     def request(self, msg: Message, timeout: float) -> Message:
         """Send ``msg`` and return its reply; raise RemoteError for an error reply, UNAVAILABLE when
