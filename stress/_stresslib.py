@@ -257,6 +257,18 @@ class Campaign:
     def daemon_log_problems(self) -> list[str]:
         return log_problems(os.path.join(self.tmp, "daemon.log"))
 
+    def stop_daemon_and_check(self, daemon) -> None:
+        """SIGTERM ``daemon``: it must exit 0, leave no segment in /dev/shm and no problem in its log."""
+        pid = daemon.pid
+        rc = daemon.stop()
+        if rc != 0:
+            self.fail(f"the daemon exited with code {rc} on SIGTERM")
+        left = daemon_segments(pid)
+        if left:
+            self.fail(f"{len(left)} segments of the stopped daemon left in /dev/shm: {left[:3]}")
+        for problem in self.daemon_log_problems():
+            self.fail(problem)
+
     def leaked_segments(self) -> list[str]:
         """Segments of this campaign's daemons that are no longer running (they must have none)."""
         import psutil

@@ -799,13 +799,8 @@ def run(camp: lib.Campaign, args, deadline: float) -> dict:
     if not stats["alive"]:
         camp.fail("the daemon is not alive at the end of the run")
     else:
-        pid = daemon.pid
-        rc = daemon.stop()
-        if rc != 0:
-            camp.fail(f"the daemon exited with code {rc} on SIGTERM")
-        left = lib.daemon_segments(pid)
-        if left:
-            camp.fail(f"{len(left)} segments of the stopped daemon left in /dev/shm: {left[:3]}")
+        camp.stop_daemon_and_check(daemon)
+        return stats
     for problem in camp.daemon_log_problems():
         camp.fail(problem)
     return stats

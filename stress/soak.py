@@ -434,15 +434,7 @@ def run(camp: lib.Campaign, args) -> dict:
         camp.fail(f"only {len(samples)} RSS samples")
     if stats["shm_max"] > limit:
         camp.fail(f"/dev/shm usage {lib.mib(stats['shm_max'])} passed the memory limit {lib.mib(limit)}")
-    pid = daemon.pid
-    rc = daemon.stop()
-    if rc != 0:
-        camp.fail(f"the daemon exited with code {rc} on SIGTERM")
-    left = lib.daemon_segments(pid)
-    if left:
-        camp.fail(f"{len(left)} segments left in /dev/shm after the daemon stopped: {left[:3]}")
-    for problem in camp.daemon_log_problems():
-        camp.fail(problem)
+    camp.stop_daemon_and_check(daemon)
     return stats
 
 

@@ -1,5 +1,6 @@
 """Helpers shared by several test modules (test modules never import each other)."""
 
+import socket
 import time
 
 # a tiny Llama-family HF config used by the adapter and export tests
@@ -30,3 +31,15 @@ def wait_until(predicate, timeout: float = 10.0, interval: float = 0.02):
         if time.monotonic() >= deadline:
             raise AssertionError(f"condition not met within {timeout}s")
         time.sleep(interval)
+
+
+def has_ipv6_loopback() -> bool:
+    """Whether this host can bind ::1 (IPv6 tests skip cleanly where it cannot)."""
+    if not socket.has_ipv6:
+        return False
+    try:
+        with socket.socket(socket.AF_INET6) as s:
+            s.bind(("::1", 0))
+        return True
+    except OSError:
+        return False

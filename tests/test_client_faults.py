@@ -9,7 +9,6 @@ timeout out fails TIMEOUT. Measured figures are printed (run with -s to see them
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -19,7 +18,7 @@ import pytest
 import torch
 import zmq
 
-from helpers import wait_until
+from helpers import has_ipv6_loopback, wait_until
 from stager.client import StagingClient
 from stager.client.admin import daemon_status
 from stager.client.connection import Connection, is_ipv6_endpoint
@@ -288,16 +287,9 @@ def test_ipv6_literals_are_recognised(endpoint, v6):
     assert is_ipv6_endpoint(endpoint) is v6
 
 
-def _has_ipv6_loopback() -> bool:
-    try:
-        with socket.socket(socket.AF_INET6) as s:
-            s.bind(("::1", 0))
-        return True
-    except OSError:
-        return False
 
 
-@pytest.mark.skipif(not _has_ipv6_loopback(), reason="no IPv6 loopback")
+@pytest.mark.skipif(not has_ipv6_loopback(), reason="no IPv6 loopback")
 def test_an_ipv6_endpoint_is_reachable():
     router = zmq.Context.instance().socket(zmq.ROUTER)
     router.setsockopt(zmq.LINGER, 0)

@@ -1,13 +1,13 @@
 """tcp daemons authenticate every client (loopback too); IPv6 literals bind and serve."""
 
 import os
-import socket
 
 import pytest
 import zmq
 from zmq.auth import create_certificates, load_certificate
 
 from conftest import InProcessDaemon, RawPeer
+from helpers import has_ipv6_loopback
 from stager.protocol import Status, StatusReply
 
 
@@ -98,18 +98,9 @@ def test_secure_daemon_status_has_no_insecure_flag(tcp_daemon, keys, monkeypatch
     assert "insecure" not in daemon_status(d.endpoint)
 
 
-def _has_ipv6_loopback() -> bool:
-    if not socket.has_ipv6:
-        return False
-    try:
-        with socket.socket(socket.AF_INET6) as s:
-            s.bind(("::1", 0))
-        return True
-    except OSError:
-        return False
 
 
-needs_ipv6 = pytest.mark.skipif(not _has_ipv6_loopback(), reason="this host has no IPv6 loopback (::1)")
+needs_ipv6 = pytest.mark.skipif(not has_ipv6_loopback(), reason="this host has no IPv6 loopback (::1)")
 
 
 @needs_ipv6
