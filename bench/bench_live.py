@@ -52,6 +52,8 @@ def _load_loop(endpoint: str, versions: int, queue, view: str = "hf", tp_rank: i
     with Subscriber(endpoint, view=view) as sub:
         queue.put("ready")
         for snap in sub:
+            if not dst and tp_rank is None:  # an engine's parameters exist before it loads weights
+                dst = {name: torch.empty(shape, dtype=dtype).fill_(0) for name, dtype, shape in snap.specs()}
             t0 = time.perf_counter()
             items = snap.items() if tp_rank is None else ((n, snap.get(n, shard=(0, tp_rank, 4))) for n in snap)
             for name, t in items:
@@ -185,6 +187,7 @@ def main() -> int:
     warm = [t for step, t, _ in local["times"] if step > 4]
     report["a_hf_view_load_s"] = warm
     report["a_first_load_s"] = local["times"][0][1]
+    report["a_first_versions_s"] = [t for _, t, _ in local["times"][:3]]  # each maps a new pool segment
     report["a_memcpy_s"] = local["anchor"]
     report["a_bytes"] = local["bytes"]
     report["a_skipped"] = sum(s for _, _, s in local["times"])
@@ -239,6 +242,7 @@ def main() -> int:
 
     med = statistics.median
     a_ratio = med(report["a_memcpy_s"]) / med(warm)
+    first_ratio = max(report["a_first_versions_s"]) / med(warm)
     b_ours = med(t for t, _ in report["b_tcp"])
     b_bytes = report["b_tcp"][0][1]
     b_ratio = (b_bytes / b_ours) / report["b_raw_zmq_bytes_per_s"]
@@ -252,6 +256,7 @@ def main() -> int:
     d_moved = (report["daemon_read_bytes"] - 3 * b_bytes) / 3  # per sliced run, as the daemon counted
     report["targets"] = {
         "a_subscriber_vs_memcpy": {"ratio": a_ratio, "limit": 0.7, "met": a_ratio >= 0.7},
+        "a_first_version_vs_later": {"ratio": first_ratio, "limit": 2.0, "met": first_ratio <= 2.0},
         "b_tcp_vs_raw_zmq": {"ratio": b_ratio, "limit": 0.8, "met": b_ratio >= 0.8},
         "c_stage_call_4_subscribers_vs_none": {"ratio": c_ratio, "limit": 1.1, "met": c_ratio <= 1.1},
         "c_stage_call_4_tp_subscribers_vs_none": {"ratio": tp_ratio, "limit": 1.1, "met": tp_ratio <= 1.1},
@@ -261,7 +266,8 @@ def main() -> int:
     }
     print(f"snapshot {total / 2**30:.2f} GiB fp32, {len(sd)} tensors; HF view via llama3 adapter")
     print(f"  (a) same-host HF load   {', '.join(f'{t:.3f}' for t in warm)} s = {report['a_bytes'] / med(warm) / GB:.1f} GB/s"
-          f" (first version, cold mappings: {report['a_first_load_s']:.2f} s)")
+          f" (first three versions, new mappings: {', '.join(f'{t:.3f}' for t in report['a_first_versions_s'])} s"
+          f" -> {first_ratio:.2f}x a later one, target <= 2x)")
     print(f"      memcpy anchor       {', '.join(f'{t:.3f}' for t in report['a_memcpy_s'])} s -> ratio {a_ratio:.2f}x "
           f"(target >= 0.7x)")
     print(f"  (b) tcp reader          {', '.join(f'{t:.2f}' for t, _ in report['b_tcp'])} s = {b_bytes / b_ours / GB:.2f} GB/s")

@@ -20,6 +20,9 @@ seconds). Then (a), (c) and (b) again on N small DTensors (256 fp32 elements per
 ``--small``; per-tensor overhead = (median sealed - median bare copy) / N. DCP is skipped on small sets larger
 than ``--dcp-small-max`` (it needs ~10 s per save of 10000 small tensors here).
 
+First (``--first-rounds``): the first checkpoints of a job, in fresh processes: DCP's first ``async_save``
+against stager's first three versions (see bench/first_versions.py).
+
 Ranks synchronize with ``dist.barrier()`` before every timed iteration. Each iteration is reduced by the max
 over ranks (the slowest rank decides when staging is done), then summarized by the median and min over
 iterations. Times are in milliseconds unless marked otherwise.
@@ -39,6 +42,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+import first_versions  # noqa: E402
 from common import machine, write_report  # noqa: E402
 from stager.dev.launch import DaemonProcess, run_ranks
 
@@ -51,6 +55,7 @@ SMALL_NUMEL = 256  # fp32 elements per rank of each small tensor
 STAGE_LIMIT_MS = 2.0
 COPIED_VS_BARE = 1.2
 SEALED_VS_DCP = 0.6
+FIRST_VS_DCP_FIRST = 1.5  # each of the first three versions against DCP's first save
 PER_TENSOR_LIMIT_US = 50.0
 
 
@@ -345,7 +350,7 @@ def _summarize(results: list[dict]) -> dict:
     return cases
 
 
-def _targets(cases: dict) -> list[dict]:
+def _targets(cases: dict, first: dict | None) -> list[dict]:
     out = []
 
     def add(name, measured, limit, unit):
@@ -367,6 +372,8 @@ def _targets(cases: dict) -> list[dict]:
     for label, c in cases.items():
         if label != "large":
             add(f"per-tensor overhead [{label}]", c["per_tensor_overhead_us"], PER_TENSOR_LIMIT_US, "us")
+    for i, ratio in enumerate(first["ours_over_dcp_first"] if first else []):
+        add(f"version {i + 1} sealed / DCP first save", ratio, FIRST_VS_DCP_FIRST, "x")
     return out
 
 
@@ -418,6 +425,9 @@ def _print_report(report: dict) -> None:
         if "per_tensor_overhead_us" in c:
             print(f"  per-tensor overhead: (sealed - bare) / N = {c['per_tensor_overhead_us']:.2f} us; "
                   f"(wait_copied - bare) / N = {c['per_tensor_overhead_copied_us']:.2f} us")
+    if report.get("first_versions"):
+        print()
+        print("\n".join(first_versions.report_lines(report["first_versions"])))
     print()
     print(f"  {'target':45s} {'measured':>12s} {'limit':>9s} {'meas/limit':>10s}  result")
     for t in report["targets"]:
@@ -445,6 +455,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="ms of compute on the train thread before every timed iteration (default 0); with a "
                         "busy train thread the client's staging thread tends to win the GIL right after stage()")
     p.add_argument("--memory-limit", default="8GiB", help="daemon --memory-limit (default 8GiB)")
+    p.add_argument("--first-rounds", type=int, default=2,
+                   help="rounds of first-checkpoint measurements in fresh processes: DCP's first save against "
+                        "stager's first three versions (default 2; 0 to skip)")
     p.add_argument("--json", metavar="PATH", help="write every figure as JSON to PATH")
     args = p.parse_args(argv)
     if args.iters < 1 or args.warmup < 0:
@@ -453,7 +466,11 @@ def main(argv: list[str] | None = None) -> int:
 
     t_start = time.perf_counter()
     tmp = tempfile.mkdtemp(prefix="bench-staging-", dir="/tmp")
+    first = None
     try:
+        if args.first_rounds > 0 and not args.skip_dcp:
+            first = first_versions.measure(args.size_gib, WORLD, args.first_rounds, args.busy_ms,
+                                           args.memory_limit, tmp)
         with DaemonProcess(args=("--memory-limit", args.memory_limit)) as daemon:
             keep = int(daemon.info.get("keep", 2))
             # keep + 1 steps create keep + 1 segments (the newest `keep` sealed ones are retained while the
@@ -477,7 +494,8 @@ def main(argv: list[str] | None = None) -> int:
                                "per_tensor_overhead_us_max": PER_TENSOR_LIMIT_US},
     }
     report["cases"] = _summarize(results)
-    report["targets"] = _targets(report["cases"])
+    report["first_versions"] = first
+    report["targets"] = _targets(report["cases"], first)
     _print_report(report)
     write_report(args.json, report)
     return 0

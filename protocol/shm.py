@@ -8,6 +8,9 @@ killed one left behind, and a later daemon with the same pid never reuses a name
 
 from __future__ import annotations
 
+import ctypes
+import errno
+import functools
 import mmap
 import os
 import re
@@ -20,6 +23,12 @@ from .errors import ErrorCode, StagerError, short_repr
 from .layout import Placement, narrow_box
 
 SHM_DIR = "/dev/shm"
+PAGE = 4096
+_MADV_POPULATE_READ, _MADV_POPULATE_WRITE = 22, 23  # Linux >= 5.14
+_libc = ctypes.CDLL(None, use_errno=True)
+_madvise = _libc.madvise  # ctypes drops the GIL during the call
+_madvise.restype = ctypes.c_int
+_madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
 _PREFIX = "stager"
 _NAME_RE = re.compile(rf"^{_PREFIX}-(\d+)-(\d+)-[0-9a-z]+$")
 
@@ -74,3 +83,51 @@ def placement_view(seg: torch.Tensor, dtype: torch.dtype, placement: Placement, 
     """The (strided) view of a mapped segment where a shard of ``shape`` placed at ``placement`` goes."""
     block = block_view(seg, dtype, placement.block_offset, placement.block_shape)
     return narrow_box(block, placement.inner, shape)
+
+
+def prefault(seg: torch.Tensor, start: int, end: int) -> bool:
+    """Fault in, writable and in one call, the pages of ``seg[start:end]``, leaving the bytes as
+    they are (the segment may hold a sealed version). Pages of /dev/shm not allocated yet are
+    allocated here, so this is also where a full /dev/shm shows: as an error, where the copy
+    itself would die of SIGBUS.
+
+    Returns False where the kernel cannot (before 5.14; the daemon then reserves segments with
+    ``posix_fallocate`` at creation, see :func:`populate_supported`).
+    Raises ``StagerError(MEMORY_LIMIT)`` when /dev/shm has no room for the pages."""
+    if end <= start:
+        return True
+    addr = seg.data_ptr() + start
+    aligned = addr - addr % PAGE
+    while _madvise(aligned, end - start + (addr - aligned), _MADV_POPULATE_WRITE) != 0:
+        err = ctypes.get_errno()
+        if err in (errno.EINTR, errno.EAGAIN):
+            continue
+        if err == errno.EINVAL:
+            return False
+        if err in (errno.EFAULT, errno.ENOMEM, errno.ENOSPC):
+            raise StagerError(ErrorCode.MEMORY_LIMIT,
+                              f"{SHM_DIR} has no room for {(end - start) / 2**20:.1f} MiB of a snapshot segment; "
+                              f"enlarge {SHM_DIR} (e.g. docker --shm-size) or lower the daemon's --memory-limit")
+        raise StagerError(ErrorCode.INTERNAL, f"could not fault in snapshot pages: {os.strerror(err)}")
+    return True
+
+
+def view_bounds(seg: torch.Tensor, view: torch.Tensor) -> tuple[int, int]:
+    """``(start, end)`` byte offsets of ``seg`` that a (strided) view into it spans; ``(0, 0)``
+    for an empty view (which has no address)."""
+    if view.numel() == 0:
+        return 0, 0
+    start = view.data_ptr() - seg.data_ptr()
+    last = sum((n - 1) * stride for n, stride in zip(view.shape, view.stride()))
+    return start, start + (last + 1) * view.element_size()
+
+
+@functools.lru_cache(maxsize=None)
+def populate_supported() -> bool:
+    """Whether this kernel faults pages in on request (``MADV_POPULATE_WRITE``, Linux >= 5.14).
+    Same-host writers share the daemon's kernel, so the daemon can decide for them."""
+    probe = torch.frombuffer(mmap.mmap(-1, PAGE), dtype=torch.uint8)
+    try:
+        return prefault(probe, 0, PAGE)
+    except StagerError:
+        return False

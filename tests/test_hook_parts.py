@@ -197,6 +197,8 @@ def test_premap_faults_in_spans_in_budget_sized_chunks(segment_names, monkeypatc
     writer = SegmentWriter(CopyEngine())
     writer.destinations(_reply(current, 1 << 16, live=[upcoming]), plan, assignment, now=0.0)
     assert writer.spans == [(0, 10000), (30000, 30100)]
+    assert calls == [(0, 10000), (30000, 30100)]  # the step's own segment: all of it, before the copy
+    calls.clear()
     steps = []
     while writer.upcoming:
         assert writer.premap_one(4096, now=0.0) is True
@@ -204,6 +206,24 @@ def test_premap_faults_in_spans_in_budget_sized_chunks(segment_names, monkeypatc
         calls.clear()
     assert steps == [[(0, 4096)], [(4096, 8192)], [(8192, 10000), (30000, 30100)]]
     assert upcoming in writer.segments  # mapped for the step that will use it
+    writer.destinations(_reply(upcoming, 1 << 16, live=[current]), plan, assignment, now=1.0)
+    assert calls == [] and writer.upcoming == {}  # both faulted in already: nothing to do again
+    writer.close()
+
+
+def test_a_partly_prefaulted_segment_is_finished_when_its_step_comes(segment_names, monkeypatch):
+    current, upcoming = segment_names(1 << 16), segment_names(1 << 16)
+    calls = []
+    monkeypatch.setattr(writer_mod, "prefault", lambda seg, start, stop: calls.append((start, stop)) or True)
+    plan, assignment = [entry("a", "u8", (10000,), (0,), (10000,))], [Placement(0, (10000,), (0,))]
+    writer = SegmentWriter(CopyEngine())
+    writer.destinations(_reply(current, 1 << 16, live=[upcoming]), plan, assignment, now=0.0)
+    assert writer.premap_one(4096, now=0.0) is True  # one chunk, then a stage() came
+    calls.clear()
+    writer.destinations(_reply(current, 1 << 16, live=[upcoming]), plan, assignment, now=1.0)
+    assert set(writer.upcoming) == {upcoming}  # still upcoming, its progress kept
+    writer.destinations(_reply(upcoming, 1 << 16, live=[current]), plan, assignment, now=2.0)
+    assert calls == [(4096, 10000)]  # the rest, in bulk, before its step's copy
     writer.close()
 
 

@@ -26,21 +26,6 @@ except ImportError:  # built without a C compiler: glibc's memcpy (ctypes drops 
     _bulk_copy.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t]
 BULK_BYTES = 1 << 20  # below this, one foreach call for all tensors beats a call per tensor
 
-_madvise = _libc.madvise
-_madvise.restype = ctypes.c_int
-_madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-_MADV_POPULATE_WRITE = 23  # Linux >= 5.14: fault pages in writable without touching their contents
-_PAGE = 4096
-
-
-def prefault(host: torch.Tensor, start: int, end: int) -> bool:
-    """Fault in the page tables of ``host[start:end]`` for writing, leaving the bytes as they are
-    (the segment may hold a sealed version). False where the kernel cannot (older than 5.14)."""
-    addr = host.data_ptr() + start
-    aligned = addr - addr % _PAGE
-    return _madvise(aligned, end - start + (addr - aligned), _MADV_POPULATE_WRITE) == 0
-
-
 def _raw_copyable(dst: torch.Tensor, src: torch.Tensor) -> bool:
     """True when src's bytes are exactly dst's bytes: plain, dense, same dtype, no lazy conj/neg."""
     return (dst.dtype == src.dtype and dst.is_contiguous() and src.is_contiguous()

@@ -132,7 +132,9 @@ class SegmentBudget:
         self.collect()
         free = self.pool.get(layout_id)
         if free:
-            return free.pop()
+            # oldest first: the order segments were created in, which is the order ranks pre-fault
+            # them in (BeginReply.live_segments), so a new step gets the one they prepared first
+            return free.pop(0)
         if size > self.limit:
             raise StagerError(
                 ErrorCode.MEMORY_LIMIT,

@@ -22,7 +22,7 @@ from stager.protocol import (
 from stager.protocol.dtypes import dtype_from_name
 from stager.protocol.layout import PlanEntry, plan_digest
 from stager.protocol.quant import check_quant
-from stager.protocol.shm import placement_view
+from stager.protocol.shm import placement_view, prefault, view_bounds
 
 from .memory import PENDING, Retention
 from .peers import Peers
@@ -118,14 +118,22 @@ class Steps:
                 raise StagerError(ErrorCode.BAD_MESSAGE, f"{entry.fqn}: got {data.nbytes} bytes, the shard holds {want}")
             checked.append((index, entry, data))
         seg_bytes = v.segment.as_bytes()
-        received = v.put.setdefault(peer.rank, set())
-        for index, entry, data in checked:
-            dtype = dtype_from_name(entry.dtype)
-            if data.nbytes:
+        writes = []
+        try:
+            for index, entry, data in checked:
+                dtype = dtype_from_name(entry.dtype)
                 dst = placement_view(seg_bytes, dtype, assignment[index], entry.box.shape)
-                dst.copy_(torch.frombuffer(data, dtype=dtype).view(entry.box.shape))
+                prefault(seg_bytes, *view_bounds(seg_bytes, dst))  # /dev/shm full: an error, not a SIGBUS
+                writes.append((index, dst, torch.frombuffer(data, dtype=dtype) if data.nbytes else None))
+        except StagerError as exc:
+            self.fail(v, f"rank {peer.rank}'s bytes do not fit: {exc.message}")
+            raise StagerError(ErrorCode.STEP_FAILED, v.reason) from None
+        received = v.put.setdefault(peer.rank, set())
+        for index, dst, src in writes:
+            if src is not None:
+                dst.copy_(src.view(dst.shape))
+                self.state.counters["ingested_bytes"] += src.numel() * src.element_size()
             received.add(index)
-            self.state.counters["ingested_bytes"] += data.nbytes
         return Ok()
 
     def on_commit(self, identity: bytes, msg: Commit) -> Message | None:
