@@ -24,7 +24,7 @@ from .layout import Placement, narrow_box
 
 SHM_DIR = "/dev/shm"
 PAGE = 4096
-_MADV_POPULATE_READ, _MADV_POPULATE_WRITE = 22, 23  # Linux >= 5.14
+_MADV_POPULATE_WRITE = 23  # Linux >= 5.14
 _libc = ctypes.CDLL(None, use_errno=True)
 _madvise = _libc.madvise  # ctypes drops the GIL during the call
 _madvise.restype = ctypes.c_int
