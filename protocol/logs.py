@@ -1,4 +1,6 @@
-"""Log hygiene both sides share: repeated lines are rate-limited, never repeated thousands of times.
+"""Log hygiene both sides share: repeated lines are rate-limited, never repeated thousands of times;
+the ``stager`` commands log as text or as JSON lines (``--log-format json``), to stderr or a file
+that SIGHUP reopens.
 
 A daemon with a full /dev/shm, or a trainer whose daemon is down, would otherwise log the same
 warning at every step or retry. :class:`RateLimit` lets the first ``burst`` records of each
@@ -14,7 +16,9 @@ the records created on it, wherever they are handled).
 
 from __future__ import annotations
 
+import json
 import logging
+import re
 import time
 
 
@@ -46,3 +50,80 @@ class RateLimit(logging.Filter):
         entry[2] += 1
         return False
 
+
+
+# ---------------------------------------------------------------------- output: text or JSON lines
+
+TEXT_FORMAT = "%(asctime)s %(name)s %(levelname)s %(message)s"
+FIELDS = ("step", "rank", "peer", "code", "endpoint")  # structured fields, where a record has them
+_FROM_MESSAGE = {  # read from the message when the call site did not pass them (extra={...})
+    "step": re.compile(r"\bstep (\d+)\b"),
+    "rank": re.compile(r"\brank (\d+)\b"),
+    "code": re.compile(r"\[([a-z_]+)\] "),  # a StagerError's text: "[memory_limit] ..."
+}
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line, for log shippers: ``ts`` (UTC, ISO 8601), ``level``, ``logger``,
+    ``msg``, ``pid``, then ``step`` / ``rank`` / ``peer`` / ``code`` / ``endpoint`` where they apply
+    (given as ``extra=`` by the call site, else read from the message), ``exc`` for a traceback.
+
+    >>> rec = logging.makeLogRecord({"name": "stager.daemon", "levelname": "WARNING", "levelno": 30,
+    ...                              "msg": "step %d failed: %s", "args": (4, "rank 1 left"), "created": 0})
+    >>> JsonFormatter().format(rec)
+    '{"ts": "1970-01-01T00:00:00.000Z", "level": "WARNING", "logger": "stager.daemon", "msg": "step 4 failed: rank 1 left", "pid": ..., "step": 4, "rank": 1}'
+    """
+
+    def format(self, record: logging.LogRecord) -> str:
+        msg = record.getMessage()
+        out = {"ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.created % 1 * 1000):03d}Z",
+               "level": record.levelname, "logger": record.name, "msg": msg, "pid": record.process}
+        for field in FIELDS:
+            value = getattr(record, field, None)
+            if value is None and field in _FROM_MESSAGE:
+                match = _FROM_MESSAGE[field].search(msg)
+                value = (int(match.group(1)) if field != "code" else match.group(1)) if match else None
+            if value is not None:
+                out[field] = value
+        if record.exc_info:
+            out["exc"] = self.formatException(record.exc_info)
+        return json.dumps(out, default=str)
+
+
+class ReopeningFileHandler(logging.FileHandler):
+    """A log file that :func:`reopen` closes and opens again (after logrotate moved it: SIGHUP)."""
+
+    def reopen(self) -> None:
+        self.acquire()
+        try:
+            if self.stream is not None:
+                self.stream.close()
+            self.stream = self._open()
+        finally:
+            self.release()
+
+
+def configure(level: str = "WARNING", fmt: str = "text", file: str | None = None) -> logging.Handler:
+    """Set up the root logger for a ``stager`` command: ``fmt`` is ``text`` or ``json``; to stderr,
+    or appended to ``file`` (reopened by :func:`reopen`). Returns the handler."""
+    if fmt not in ("text", "json"):
+        raise ValueError(f"--log-format {fmt!r}: choose text or json")
+    handler: logging.Handler = ReopeningFileHandler(file, delay=False) if file else logging.StreamHandler()
+    handler.setFormatter(JsonFormatter() if fmt == "json" else logging.Formatter(TEXT_FORMAT))
+    root = logging.getLogger()
+    for old in list(root.handlers):
+        root.removeHandler(old)
+    root.addHandler(handler)
+    root.setLevel(level.upper())
+    return handler
+
+
+def reopen() -> int:
+    """Reopen every log file the root logger writes to (SIGHUP); returns how many. Logs to
+    stderr (systemd's journal, a container's log) need no reopening."""
+    count = 0
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, ReopeningFileHandler):
+            handler.reopen()
+            count += 1
+    return count

@@ -19,7 +19,8 @@ def _serve(args: argparse.Namespace) -> int:
                               memory_limit=parse_size(args.memory_limit) if args.memory_limit else None,
                               keep=args.keep, step_timeout=args.step_timeout,
                               peer_timeout=args.peer_timeout, auth_dir=args.auth_dir,
-                              insecure_no_auth=args.insecure_no_auth)
+                              insecure_no_auth=args.insecure_no_auth, metrics=args.metrics,
+                              drain_timeout=args.drain_timeout)
         daemon = Daemon(config)
     except (ValueError, StagerError) as exc:
         print(f"stager serve: {exc}", file=sys.stderr)
@@ -30,6 +31,8 @@ def _serve(args: argparse.Namespace) -> int:
                 "keep": config.keep}
         if config.insecure:
             info["insecure"] = True
+        if d.metrics_url:
+            info["metrics"] = d.metrics_url
         line = json.dumps(info) if args.json else (
             f"stager ready: {d.endpoint} (pid {info['pid']}, memory limit {config.memory_limit / 2**30:.2f} GiB, "
             f"keep {config.keep}){'  INSECURE: no authentication' if config.insecure else ''}")
@@ -40,35 +43,9 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _status(args: argparse.Namespace) -> int:
-    from stager.client.admin import daemon_status
+    from stager.status_view import run
 
-    try:
-        status = daemon_status(args.endpoint, args.timeout)
-    except StagerError as exc:
-        print(f"stager status: {exc.message}", file=sys.stderr)
-        return 1
-    if args.json:
-        print(json.dumps(status, indent=None))
-        return 0
-    mem = status["memory"]
-    print(f"daemon pid {status['pid']}  memory {mem['used'] / 2**20:.1f} / {mem['limit'] / 2**20:.1f} MiB  "
-          f"keep {status['keep']}  ranks {len(status['ranks'])}/{status['local_world_size'] or 0}  "
-          f"readers {status['readers']} ({status['subscribers']} subscribed)  leases {status['leases']}")
-    if status.get("insecure"):
-        print("  INSECURE: this daemon serves tcp without authentication (--insecure-no-auth)")
-    retention = status["retention"]
-    if retention["leased_steps"] or retention["waiting_for_memory"] or status["counters"]["memory_refusals"]:
-        print(f"  leased steps {retention['leased_steps']}  waiting for memory {retention['waiting_for_memory']}  "
-              f"refused for memory {status['counters']['memory_refusals']}")
-    for v in status["versions"]:
-        extra = f"  {v['reason']}" if v.get("reason") else ""
-        if v["state"] == "failed":
-            print(f"  step {v['step']:>8}  failed{extra}")
-            continue
-        flags = " partial" if v.get("partial") else ""
-        print(f"  step {v['step']:>8}  {v['state']:<8} {v['bytes'] / 2**20:10.1f} MiB  {v['tensors']:>6} tensors  "
-              f"{v['leases']} leases{flags}{extra}")
-    return 0
+    return run(args)
 
 
 def _run_writer(args: argparse.Namespace, command: str, key: str, write, fields=None, **options) -> int:
@@ -77,14 +54,23 @@ def _run_writer(args: argparse.Namespace, command: str, key: str, write, fields=
     def printed(path: str) -> None:  # as each is done: a follower runs until ^C
         print(json.dumps({key: path, **(fields(path) if fields else {})}) if args.json else path, flush=True)
 
+    from stager.metrics import consumer_metrics
+
+    try:
+        metrics = consumer_metrics(command, args.metrics)  # records nothing without --metrics
+    except ValueError as exc:
+        print(f"stager {command}: {exc}", file=sys.stderr)
+        return 2
     try:
         write(args.out, endpoint=args.endpoint, step=args.step, follow=args.follow, every=args.every,
-              keep=args.keep, on_written=printed, **options)
+              keep=args.keep, on_written=printed, on_report=metrics.observe, **options)
     except KeyboardInterrupt:
         return 130
     except (StagerError, ValueError, OSError) as exc:
         print(f"stager {command}: {exc}", file=sys.stderr)
         return 1
+    finally:
+        metrics.close()
     return 0
 
 
@@ -219,11 +205,15 @@ def _writer_arguments(p: argparse.ArgumentParser, what: str) -> None:
     p.add_argument("--every", type=int, default=1, help=f"with --follow: at least this many steps between each {what}")
     p.add_argument("--keep", type=int, help=f"keep the newest K ({what}s)")
     p.add_argument("--json", action="store_true")
+    p.add_argument("--metrics", metavar="[HOST:]PORT", help="serve Prometheus metrics (HOST default 127.0.0.1)")
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="stager", description="Per-node staging daemon for PyTorch training state.")
     parser.add_argument("--log-level", default="WARNING", help="logging level (default WARNING)")
+    parser.add_argument("--log-format", choices=("text", "json"), default="text",
+                        help="json: one object per line (ts, level, logger, msg, step, rank, peer, code)")
+    parser.add_argument("--log-file", help="append logs to this file (reopened on SIGHUP) instead of stderr")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("serve", help="run the node's staging daemon")
@@ -238,12 +228,18 @@ def main(argv: list[str] | None = None) -> int:
                    help="serve a loopback tcp endpoint WITHOUT authentication: any local user can read snapshots "
                         "and stage (throwaway setups only; the daemon warns and reports \"insecure\": true)")
     p.add_argument("--json", action="store_true", help="print the ready line as JSON")
+    p.add_argument("--metrics", metavar="[HOST:]PORT",
+                   help="serve Prometheus metrics over HTTP (HOST default 127.0.0.1; off by default)")
+    p.add_argument("--drain-timeout", type=float, default=30.0,
+                   help="on SIGTERM, seconds to let steps in flight seal before exiting (default 30)")
     p.set_defaults(func=_serve)
 
     p = sub.add_parser("status", help="show the daemon's versions, ranks and memory")
     p.add_argument("--endpoint")
     p.add_argument("--json", action="store_true")
     p.add_argument("--timeout", type=float, default=2.0, help="seconds to wait for the daemon (default 2)")
+    p.add_argument("--watch", type=float, nargs="?", const=2.0, metavar="SECONDS",
+                   help="refresh every SECONDS (default 2) until ^C")
     p.set_defaults(func=_status)
 
     from stager.client.adapters import BUILT_IN
@@ -297,7 +293,9 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(func=_demo)
 
     args = parser.parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    from stager.protocol.logs import configure
+
+    configure(args.log_level, args.log_format, args.log_file)
     return args.func(args)
 
 

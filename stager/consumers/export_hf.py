@@ -191,11 +191,12 @@ def _write_json(path: str, obj: dict) -> None:
 
 def export_hf(out_dir: str, *, endpoint: str | None = None, step: int | None = None, follow: bool = False,
               every: int = 1, keep: int | None = None, max_exports: int | None = None,
-              on_written: Callable[[str], None] | None = None, **options: Any) -> list[str]:
+              on_written: Callable[[str], None] | None = None, on_report: Callable[[dict], None] | None = None,
+              **options: Any) -> list[str]:
     """Export the version ``step`` (default: the newest) or, with ``follow``, each new version at
     least ``every`` steps after the last export (woken by the daemon's announcements), until
     interrupted (or ``max_exports``); the ``keep`` newest exports are kept. ``options``: adapter,
     hf_config, hf_assets, dtype, max_shard_size, progress, on_export (see :func:`export_snapshot`)."""
     return for_each_version(lambda snap: export_snapshot(snap, out_dir, **options), out_dir, endpoint=endpoint,
                             step=step, follow=follow, every=every, keep=keep, max_writes=max_exports,
-                            on_written=on_written)
+                            on_written=on_written, on_report=on_report)

@@ -12,6 +12,7 @@ import logging
 import os
 import re
 import shutil
+import time
 import warnings
 from typing import Any, Callable, Iterator
 
@@ -150,13 +151,16 @@ def prune(out_dir: str, keep: int) -> None:
 
 def for_each_version(write: Callable[[Any], str], out_dir: str, *, endpoint: str | None = None,
                      step: int | None = None, follow: bool = False, every: int = 1, keep: int | None = None,
-                     max_writes: int | None = None, on_written: Callable[[str], None] | None = None) -> list[str]:
+                     max_writes: int | None = None, on_written: Callable[[str], None] | None = None,
+                     on_report: Callable[[dict], None] | None = None) -> list[str]:
     """Lease the version ``step`` (default: the newest) and ``write`` it; or, with ``follow``, each
     new version at least ``every`` steps after the last one written, woken by the daemon's
     announcements (no polling), until interrupted or ``max_writes`` were written. The ``keep``
     newest step directories stay. A follower that cannot write one version (bad metadata, a
     full disk) logs why and goes on with the next one. ``on_written(path)`` is called after each
-    write (a follower's CLI prints each path as it is done)."""
+    write (a follower's CLI prints each path as it is done). ``on_report`` gets ``{"step", "path",
+    "seconds"}`` per version written and ``{"step", "error", "seconds"}`` per one that was not (metrics)."""
+    report = on_report or (lambda r: None)
     from stager.client import Subscriber
 
     if every < 1:
@@ -165,7 +169,9 @@ def for_each_version(write: Callable[[Any], str], out_dir: str, *, endpoint: str
     with Subscriber(endpoint) as sub:
         if not follow:
             with sub.at(step) if step is not None else sub.latest() as snap:
+                started = time.monotonic()
                 written.append(write(snap))
+                report({"step": snap.step, "path": written[-1], "seconds": time.monotonic() - started})
             if on_written is not None:
                 on_written(written[-1])
             if keep:
@@ -176,11 +182,14 @@ def for_each_version(write: Callable[[Any], str], out_dir: str, *, endpoint: str
             floor = -1 if last is None else last + every - 1
             with sub.wait_for_newer(floor) as snap:
                 last = snap.step  # also when it fails: a bad version is not retried forever
+                started = time.monotonic()
                 try:
                     written.append(write(snap))
                 except (StagerError, ValueError, OSError) as exc:
                     log.error("step %d was not written: %s; waiting for the next version", snap.step, exc)
+                    report({"step": snap.step, "error": str(exc), "seconds": time.monotonic() - started})
                     continue
+                report({"step": snap.step, "path": written[-1], "seconds": time.monotonic() - started})
             if keep:
                 prune(out_dir, keep)
             if on_written is not None:

@@ -56,8 +56,10 @@ def write_snapshot_dcp(snapshot: Any, out_dir: str) -> str:
 
 def write_dcp(out_dir: str, *, endpoint: str | None = None, step: int | None = None, follow: bool = False,
               every: int = 1, keep: int | None = None, max_writes: int | None = None,
-              on_written: Callable[[str], None] | None = None) -> list[str]:
+              on_written: Callable[[str], None] | None = None, on_report: Callable[[dict], None] | None = None
+              ) -> list[str]:
     """Write the version ``step`` (default: the newest), or with ``follow`` each new version at
     least ``every`` steps apart; the ``keep`` newest checkpoints stay."""
     return for_each_version(lambda snap: write_snapshot_dcp(snap, out_dir), out_dir, endpoint=endpoint, step=step,
-                            follow=follow, every=every, keep=keep, max_writes=max_writes, on_written=on_written)
+                            follow=follow, every=every, keep=keep, max_writes=max_writes, on_written=on_written,
+                            on_report=on_report)

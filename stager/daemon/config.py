@@ -10,6 +10,7 @@ from urllib.parse import urlsplit
 
 import psutil
 
+from stager.metrics import parse_listen
 from stager.protocol.endpoint import is_loopback, resolve
 
 DEFAULT_MEMORY_FRACTION = 0.5
@@ -65,8 +66,18 @@ class DaemonConfig:
     """Serve a loopback tcp endpoint without authentication: every local user can then read status and
     snapshots and stage. For throwaway setups only; the daemon warns, and says ``"insecure": true``."""
 
+    metrics: str | None = None
+    """``[HOST:]PORT`` to serve Prometheus metrics on (HOST defaults to 127.0.0.1); None: no metrics."""
+
+    drain_timeout: float = 30.0
+    """Seconds a SIGTERM waits for the steps in flight to seal before the daemon exits anyway."""
+
     def __post_init__(self) -> None:
         self.endpoint = resolve(self.endpoint)
+        if self.metrics is not None:
+            parse_listen(self.metrics)  # a ValueError naming the flag, before anything is bound
+        if self.drain_timeout < 0:
+            raise ValueError("drain_timeout must be >= 0")
         if self.memory_limit is None:
             self.memory_limit = int(psutil.virtual_memory().available * DEFAULT_MEMORY_FRACTION)
         if self.memory_limit <= 0:

@@ -241,6 +241,7 @@ class Retention:
     def evict(self, v: Version) -> None:
         self.state.sealed.pop(v.step, None)
         self.free(v, reuse=True)
+        self.state.counters["evictions"] += 1
         log.debug("evicted step %d", v.step)
 
     def enforce(self) -> None:

@@ -1,9 +1,12 @@
 """`stager serve`: the per-node staging daemon's socket loop and resources.
 
 One thread, one ROUTER socket, no locks: requests are handled in arrival order by
-:class:`~stager.daemon.steps.StagingState`; a poll timeout drives housekeeping (dead ranks,
+:class:`~stager.daemon.handlers.Handlers`; a poll timeout drives housekeeping (dead ranks,
 step timeouts, back-pressure deadlines). Tensor bytes from same-host ranks never pass through
 this process: ranks write them straight into the snapshot's shared-memory segment.
+
+SIGTERM drains, SIGHUP reopens the logs (:mod:`~stager.daemon.lifecycle`); with ``--metrics``
+the loop publishes a metrics snapshot every tick for the HTTP thread (:mod:`~stager.daemon.metrics`).
 """
 
 from __future__ import annotations
@@ -13,18 +16,19 @@ import itertools
 import logging
 import os
 import secrets
-import signal
 import time
 import weakref
 
 import zmq
 
 from stager.protocol import ErrorCode, ErrorReply, Message, ProtocolError, StagerError, decode
+from stager.protocol import logs
 from stager.protocol.endpoint import host_id, ipc_path, lock_path
 from stager.protocol.shm import SHM_DIR, segment_name
 
 from .config import DaemonConfig, is_ipv6_endpoint
 from .handlers import Handlers
+from .lifecycle import DRAINING, Lifecycle, refusal
 from .memory import SegmentBudget
 from .segments import Segment, reclaim_stale, shm_total_bytes
 
@@ -37,11 +41,13 @@ class DaemonBusy(StagerError):
     """Another daemon already serves the endpoint."""
 
 
-def _close_resources(sock, ctx, lock_fd, sock_path, budget, auth) -> None:
+def _close_resources(sock, ctx, lock_fd, sock_path, budget, auth, metrics=None) -> None:
     # Runs on close() or at interpreter exit: no segment or socket file may outlive the daemon.
     try:
         budget.close()
     finally:
+        if metrics is not None:
+            metrics.close()
         if sock is not None:
             sock.close(linger=0)
         if auth is not None:
@@ -70,7 +76,9 @@ class Daemon:
         self.endpoint = config.endpoint
         self.session = secrets.token_hex(8)
         self._serial = itertools.count(1)
-        self._stop = False
+        self.started = time.monotonic()
+        self.lifecycle = Lifecycle(config.drain_timeout)
+        self.metrics = None  # the metrics HTTP server (--metrics)
         self._lock_fd = self._take_lock()
         reclaim_stale()
         shm_total = shm_total_bytes()
@@ -102,11 +110,43 @@ class Daemon:
             budget=self.budget, send=self._send, send_tracked=self._send_tracked, keep=config.keep,
             step_timeout=config.step_timeout,
             peer_timeout=config.peer_timeout, host_id=host_id(), session=self.session)
-        if config.insecure:  # `stager status --json` says so too
-            status = self.handlers.status
-            self.handlers.status = lambda: {**status(), "insecure": True}
+        from .metrics import Recorder
+
+        self.recorder = Recorder(self.handlers.state)
+        base_status = self.handlers.status
+        self.handlers.status = lambda: self._status(base_status())
+        if config.metrics:
+            try:
+                from .metrics import serve_metrics
+
+                self.metrics = serve_metrics(self.recorder, config.metrics)
+            except BaseException:
+                _close_resources(self.sock, self.ctx, self._lock_fd, self._sock_path, self.budget, self._auth)
+                raise
+            self.recorder.publish(self.handlers.status())
         self._finalizer = weakref.finalize(
-            self, _close_resources, self.sock, self.ctx, self._lock_fd, self._sock_path, self.budget, self._auth)
+            self, _close_resources, self.sock, self.ctx, self._lock_fd, self._sock_path, self.budget, self._auth,
+            self.metrics)
+
+    @property
+    def metrics_url(self) -> str | None:
+        return self.metrics.url if self.metrics is not None else None
+
+    def _status(self, status: dict) -> dict:
+        """The handlers' status plus what the loop knows: phase, uptime, ages, subscriber lag."""
+        state, now = self.handlers.state, time.monotonic()
+        for v in status["versions"]:
+            held = state.sealed.get(v["step"]) if v["state"] == "sealed" else state.staging.get(v["step"])
+            since = (held.sealed_at if v["state"] == "sealed" else held.started) if held is not None else None
+            if since is not None:
+                v["age_s"] = round(now - since, 3)
+        status.update(state=self.lifecycle.phase, endpoint=self.endpoint, uptime_s=round(now - self.started, 3),
+                      subscriber_lag=self.recorder.subscriber_lag())
+        if self.metrics is not None:
+            status["metrics"] = self.metrics.url
+        if self.config.insecure:  # `stager status --json` says so too
+            status["insecure"] = True
+        return status
 
     # ------------------------------------------------------------------ setup
 
@@ -187,7 +227,10 @@ class Daemon:
 
     def _send(self, identity: bytes, msg: Message) -> bool:
         """Send without ever blocking the loop; False when ZeroMQ dropped it (peer gone or not reading)."""
-        return self._send_frames(identity, msg, track=False) is not None
+        sent = self._send_frames(identity, msg, track=False) is not None
+        if sent:
+            self.recorder.on_sent(identity, msg)
+        return sent
 
     def _send_tracked(self, identity: bytes, msg: Message) -> list | None:
         """Send a message whose frames point into shared memory, without copying them; returns a
@@ -225,12 +268,17 @@ class Daemon:
                 raise ProtocolError(ErrorCode.BAD_MESSAGE, f"too many frames ({len(frames)}); split the message")
             msg = decode(frames[1:])
             rid = msg.id
+            refused = refusal(self.lifecycle.phase, msg, set(self.handlers.state.staging))
+            if refused is not None:
+                self.recorder.refused_draining += 1
+                raise refused
             reply = self.handlers.handle(identity, msg)
+            self.recorder.on_request(identity, msg, reply)
         except StagerError as exc:
             rid = rid or getattr(exc, "request_id", 0)
             self.handlers.state.counters["errors"] += 1
             reply = ErrorReply(code=getattr(exc.code, "value", str(exc.code)), message=exc.message)
-            log.debug("request failed: %s", exc)
+            log.debug("request failed: %s", exc, extra={"code": reply.code, "peer": self._peer_name(identity)})
         except Exception as exc:  # a bug must cost one request, never the daemon
             self.handlers.state.counters["errors"] += 1
             log.exception("internal error while handling a request")
@@ -241,23 +289,47 @@ class Daemon:
             reply.id = rid
             self._send(identity, reply)
 
+    def _peer_name(self, identity: bytes) -> str | None:
+        peer = self.handlers.state.peers.get(identity)
+        return f"{peer.role} {peer.rank} pid {peer.pid}" if peer is not None else None
+
     def stop(self, *_args) -> None:
-        self._stop = True
+        """Stop at once: steps in flight fail (``close``)."""
+        self.lifecycle.request_stop("now")
+
+    def drain(self, reason: str = "drain") -> None:
+        """Stop once the steps in flight sealed (or ``drain_timeout`` passed); new stages are refused."""
+        self.lifecycle.request_stop(reason)
+
+    def _on_tick(self) -> None:
+        """Once per housekeeping tick, and right after a signal: act on the lifecycle's flags."""
+        life = self.lifecycle
+        if life.reopen_requested:
+            life.reopen_requested = False
+            log.info("SIGHUP: reopened %d log files", logs.reopen())
+        if life.phase == DRAINING and not life.announced:
+            life.announced = True
+            state = self.handlers.state
+            log.warning("draining (%s): %d steps in flight %s, new stages are refused; exiting within %.0fs",
+                        life.reason, len(state.staging), sorted(state.staging), life.drain_timeout)
+            notice = ErrorReply(id=0, code=ErrorCode.UNAVAILABLE.value, message=life.drain_message(self.endpoint))
+            for identity, peer in list(state.peers.items()):
+                if peer.role == "reader" or identity in state.subscribers:
+                    self._send(identity, notice)
+        if self.metrics is not None:
+            self.recorder.publish(self.handlers.status())
 
     def serve(self, *, ready=None) -> None:
-        """Serve until :meth:`stop` (or SIGTERM/SIGINT when called from the main thread)."""
-        import threading
-
-        if threading.current_thread() is threading.main_thread():
-            signal.signal(signal.SIGTERM, self.stop)
-            signal.signal(signal.SIGINT, self.stop)
+        """Serve until :meth:`stop`, or a drain (:meth:`drain`; SIGTERM/SIGINT when called from the
+        main thread, where SIGHUP reopens the log files) ends."""
+        self.lifecycle.install_signals()
         if ready is not None:
             ready(self)
         poller = zmq.Poller()
         poller.register(self.sock, zmq.POLLIN)
         next_housekeeping = time.monotonic() + HOUSEKEEPING_S
         try:
-            while not self._stop:
+            while not self.lifecycle.should_exit(len(self.handlers.state.staging)):
                 timeout_ms = max(0, int((next_housekeeping - time.monotonic()) * 1000))
                 if self.budget.pending:  # a step may be waiting for a segment being created
                     timeout_ms = min(timeout_ms, 5)
@@ -276,12 +348,17 @@ class Daemon:
                         self._on_frames(frames)
                 if self.budget.pending:
                     self.handlers.collect_segments()
-                if time.monotonic() >= next_housekeeping:
+                if time.monotonic() >= next_housekeeping or self.lifecycle.reopen_requested or (
+                        self.lifecycle.phase == DRAINING and not self.lifecycle.announced):
                     try:
                         self.handlers.housekeep()
+                        self._on_tick()
                     except Exception:
                         log.exception("housekeeping failed; continuing")
                     next_housekeeping = time.monotonic() + HOUSEKEEPING_S
+            if self.lifecycle.phase == DRAINING:
+                log.warning("drained: %s", "nothing in flight, exiting" if not self.handlers.state.staging else
+                            f"drain timeout, failing steps {sorted(self.handlers.state.staging)}")
         finally:
             self.close()
 

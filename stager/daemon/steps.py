@@ -293,6 +293,7 @@ class Steps:
             now = time.monotonic()
             if v.wait_deadline is None:
                 v.wait_deadline = now + v.wait_ms / 1000
+                self.state.counters["backpressure_waits"] += 1
             if now >= v.wait_deadline:
                 self.state.counters["memory_refusals"] += 1
                 self.fail(v, self.memory.memory_message(record.layout.size), ErrorCode.MEMORY_LIMIT)
