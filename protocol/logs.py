@@ -56,11 +56,29 @@ class RateLimit(logging.Filter):
 
 TEXT_FORMAT = "%(asctime)s %(name)s %(levelname)s %(message)s"
 FIELDS = ("step", "rank", "peer", "code", "endpoint")  # structured fields, where a record has them
-_FROM_MESSAGE = {  # read from the message when the call site did not pass them (extra={...})
-    "step": re.compile(r"\bstep (\d+)\b"),
-    "rank": re.compile(r"\brank (\d+)\b"),
-    "code": re.compile(r"\[([a-z_]+)\] "),  # a StagerError's text: "[memory_limit] ..."
-}
+_STEP = re.compile(r"\bstep (\d+)\b")
+_RANK = re.compile(r"\b(?:rank|trainer) (\d+)\b")
+_PEER = re.compile(r"\b(trainer|reader|admin) (\d+)\W+pid (\d+)")  # "trainer 1 (pid 4242" / "reader 0 pid 7"
+_CODE = re.compile(r"\[([a-z_]+)\] ")  # a StagerError's text: "[memory_limit] ..."
+
+
+def fields_from_message(msg: str) -> dict:
+    """The structured fields a daemon or client message names, for records whose call site did not
+    pass them as ``extra``.
+
+    >>> fields_from_message("trainer 1 (pid 4242) dropped: rank 1 left during step 7")
+    {'step': 7, 'rank': 1, 'peer': 'trainer 1 pid 4242'}
+    """
+    out: dict = {}
+    if match := _STEP.search(msg):
+        out["step"] = int(match.group(1))
+    if match := _RANK.search(msg):
+        out["rank"] = int(match.group(1))
+    if match := _PEER.search(msg):
+        out["peer"] = f"{match.group(1)} {match.group(2)} pid {match.group(3)}"
+    if match := _CODE.search(msg):
+        out["code"] = match.group(1)
+    return out
 
 
 class JsonFormatter(logging.Formatter):
@@ -78,11 +96,10 @@ class JsonFormatter(logging.Formatter):
         msg = record.getMessage()
         out = {"ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.created % 1 * 1000):03d}Z",
                "level": record.levelname, "logger": record.name, "msg": msg, "pid": record.process}
+        named = fields_from_message(msg)
         for field in FIELDS:
             value = getattr(record, field, None)
-            if value is None and field in _FROM_MESSAGE:
-                match = _FROM_MESSAGE[field].search(msg)
-                value = (int(match.group(1)) if field != "code" else match.group(1)) if match else None
+            value = named.get(field) if value is None else value
             if value is not None:
                 out[field] = value
         if record.exc_info:
