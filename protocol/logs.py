@@ -58,7 +58,7 @@ TEXT_FORMAT = "%(asctime)s %(name)s %(levelname)s %(message)s"
 FIELDS = ("step", "rank", "peer", "code", "endpoint")  # structured fields, where a record has them
 _STEP = re.compile(r"\bstep (\d+)\b")
 _RANK = re.compile(r"\b(?:rank|trainer) (\d+)\b")
-_PEER = re.compile(r"\b(trainer|reader|admin) (\d+)\W+pid (\d+)")  # "trainer 1 (pid 4242" / "reader 0 pid 7"
+_PEER = re.compile(r"\b(trainer|reader|admin) (\d+)(?: connected)?\W+pid (\d+)")  # "trainer 1 (pid 4242" / "reader 0 pid 7"
 _CODE = re.compile(r"\[([a-z_]+)\] ")  # a StagerError's text: "[memory_limit] ..."
 
 
