@@ -155,6 +155,15 @@ def _diff(args: argparse.Namespace) -> int:
     return 0 if report["identical"] else 1
 
 
+def _reclaim(args: argparse.Namespace) -> int:
+    """Unlink this user's segments whose daemon is dead (a daemon killed with SIGKILL leaves them)."""
+    from stager.daemon.segments import reclaim_stale
+
+    count = reclaim_stale()
+    print(json.dumps({"reclaimed": count}) if args.json else f"reclaimed {count} segments of dead daemons")
+    return 0
+
+
 def _keygen(args: argparse.Namespace) -> int:
     """Secret keys 0600, the directory and authorized/ 0700; public keys 0644."""
     import os
@@ -285,6 +294,10 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("keygen", help="create CURVE keys for a tcp daemon (server, one client, authorized/)")
     p.add_argument("dir")
     p.set_defaults(func=_keygen)
+
+    p = sub.add_parser("reclaim", help="unlink shared memory that killed daemons of this user left behind")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_reclaim)
 
     p = sub.add_parser("demo", help="start a daemon, train a 2-rank FSDP2 model on CPU, stage and verify")
     p.add_argument("--steps", type=int, default=6)

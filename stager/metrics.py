@@ -36,7 +36,8 @@ def parse_listen(text: str) -> tuple[str, int]:
     return host, port
 
 
-def _prometheus():
+def prometheus():
+    """The prometheus_client module; ValueError telling how to install it when it is missing."""
     try:
         import prometheus_client
     except ImportError:
@@ -48,7 +49,7 @@ class MetricsServer:
     """Serves ``registry`` at ``http://HOST:PORT/metrics`` until :meth:`close`."""
 
     def __init__(self, registry: Any, listen: str):
-        prometheus_client = _prometheus()
+        prometheus_client = prometheus()
         host, port = parse_listen(listen)
         try:
             self._httpd, self._thread = prometheus_client.start_http_server(port, addr=host, registry=registry)
@@ -85,7 +86,7 @@ class ConsumerMetrics:
     that could not be written. prometheus-client's metrics are thread-safe: the HTTP thread reads them."""
 
     def __init__(self, consumer: str, listen: str):
-        pc = _prometheus()
+        pc = prometheus()
         self.registry = pc.CollectorRegistry(auto_describe=True)
         labels = {"consumer": consumer}
         kw = {"labelnames": ["consumer"], "registry": self.registry}

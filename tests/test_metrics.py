@@ -14,12 +14,11 @@ import torch
 
 from helpers import wait_until
 
-prometheus_client = pytest.importorskip("prometheus_client")
-from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
+from prometheus_client.parser import text_string_to_metric_families  # the test extra has stager[metrics]
 
-from stager.client import StagingClient, Subscriber  # noqa: E402
-from stager.daemon.metrics import LatencyHistogram, Recorder, build_snapshot, families  # noqa: E402
-from stager.metrics import ConsumerMetrics, parse_listen  # noqa: E402
+from stager.client import StagingClient, Subscriber
+from stager.daemon.metrics import LatencyHistogram, Recorder, build_snapshot, families
+from stager.metrics import ConsumerMetrics, parse_listen
 
 
 def scrape(url: str) -> dict:
@@ -298,3 +297,22 @@ def test_serve_and_follower_metrics_from_the_cli(short_dir, tmp_path):
         daemon.stop()
     lines = [json.loads(line) for line in follower.stdout.read().splitlines() if line.strip()]
     assert lines and lines[-1]["step"] == 2
+
+
+# prometheus-client is the optional extra stager[metrics]: without it, --metrics says how to get it
+WITHOUT_PROMETHEUS = ("import sys; sys.modules['prometheus_client'] = None; from stager.cli import main; "
+                      "sys.exit(main(sys.argv[1:]))")
+
+
+@pytest.mark.parametrize("command", [["serve", "--memory-limit", "8MiB", "--metrics", "0"],
+                                     ["write-dcp", "--out", "OUT", "--follow", "--metrics", "0"]])
+def test_metrics_without_prometheus_client_names_the_extra(command, short_dir, tmp_path):
+    argv = [w.replace("OUT", str(tmp_path)) for w in command]
+    if command[0] == "serve":
+        argv += ["--endpoint", f"ipc://{short_dir}/nometrics.sock"]
+    out = subprocess.run([sys.executable, "-c", WITHOUT_PROMETHEUS, *argv], capture_output=True, text=True,
+                         timeout=60)
+    assert out.returncode == 2, out.stdout + out.stderr
+    assert "--metrics needs the prometheus-client package: pip install 'stager[metrics]'" in out.stderr
+    assert "Traceback" not in out.stderr
+    assert not os.path.exists(f"{short_dir}/nometrics.sock")  # the daemon that could not start holds nothing

@@ -20,13 +20,14 @@ import os
 import signal
 import threading
 import time
+from collections.abc import Container
 
 from stager.protocol import Begin, ErrorCode, Message, StagerError
 
 SERVING, DRAINING, STOPPING = "serving", "draining", "stopping"
 
 
-def refusal(phase: str, msg: Message, in_flight: set[int]) -> StagerError | None:
+def refusal(phase: str, msg: Message, in_flight: Container[int]) -> StagerError | None:
     """The error a request gets in ``phase``, None when it is served: while draining, a Begin of a
     step that is not in flight (a new stage) is refused; everything else is served.
 

@@ -190,10 +190,8 @@ class SnapshotCollector:
 
 def serve_metrics(recorder: Recorder, listen: str):
     """Start the HTTP server for ``recorder``'s snapshots; returns the :class:`~stager.metrics.MetricsServer`."""
-    from prometheus_client import CollectorRegistry
+    from stager.metrics import MetricsServer, prometheus
 
-    from stager.metrics import MetricsServer
-
-    registry = CollectorRegistry(auto_describe=False)
+    registry = prometheus().CollectorRegistry(auto_describe=False)  # ValueError naming the extra when missing
     registry.register(SnapshotCollector(lambda: recorder.snapshot))
     return MetricsServer(registry, listen)

@@ -268,7 +268,7 @@ class Daemon:
                 raise ProtocolError(ErrorCode.BAD_MESSAGE, f"too many frames ({len(frames)}); split the message")
             msg = decode(frames[1:])
             rid = msg.id
-            refused = refusal(self.lifecycle.phase, msg, set(self.handlers.state.staging))
+            refused = refusal(self.lifecycle.phase, msg, self.handlers.state.staging)  # no copy: per request
             if refused is not None:
                 self.recorder.refused_draining += 1
                 raise refused
@@ -310,7 +310,8 @@ class Daemon:
         if life.phase == DRAINING and not life.announced:
             life.announced = True
             state = self.handlers.state
-            log.warning("draining (%s): %d steps in flight %s, new stages are refused; exiting within %.0fs",
+            # a drain is the normal way out (systemd, Kubernetes, Slurm all stop with SIGTERM): info, not a warning
+            log.info("draining (%s): %d steps in flight %s, new stages are refused; exiting within %.0fs",
                         life.reason, len(state.staging), sorted(state.staging), life.drain_timeout)
             notice = ErrorReply(id=0, code=ErrorCode.UNAVAILABLE.value, message=life.drain_message(self.endpoint))
             for identity, peer in list(state.peers.items()):
@@ -357,8 +358,11 @@ class Daemon:
                         log.exception("housekeeping failed; continuing")
                     next_housekeeping = time.monotonic() + HOUSEKEEPING_S
             if self.lifecycle.phase == DRAINING:
-                log.warning("drained: %s", "nothing in flight, exiting" if not self.handlers.state.staging else
-                            f"drain timeout, failing steps {sorted(self.handlers.state.staging)}")
+                left = sorted(self.handlers.state.staging)
+                if left:
+                    log.warning("drain timeout: failing steps %s", left)
+                else:
+                    log.info("drained: nothing in flight, exiting")
         finally:
             self.close()
 
