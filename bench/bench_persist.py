@@ -28,7 +28,7 @@ import time
 
 import torch
 
-from common import machine, write_report  # noqa: E402
+from common import machine, settle_memory, write_report  # noqa: E402
 from stager.dev.launch import DaemonProcess, run_ranks
 
 HIDDEN, FFN, VOCAB, HEADS, KV_HEADS = 2048, 5632, 8192, 16, 4
@@ -199,21 +199,24 @@ def main() -> int:
 
             with StagingClient(daemon.endpoint, rank=0, local_world_size=1, world_size=1, strict=True) as c:
                 c.stage(sd, step=1).wait(300)
-            ours, anchor = [], []
+            # interleaved, each from settled memory (see common.settle_memory): the export (a fresh
+            # process, as the exporter is), save_file in this process and save_file in a fresh process
+            ours, anchor, fresh = [], [], []
             for i in range(3):
+                settle_memory()
                 ours.append(_in_child(_export_child, daemon.endpoint, os.path.join(work, f"hf-{i}")))
+                settle_memory()
                 anchor.append(_save_file_anchor(sd, os.path.join(work, f"st-{i}")))
-                shutil.rmtree(os.path.join(work, f"hf-{i}"), ignore_errors=True)
-                shutil.rmtree(os.path.join(work, f"st-{i}"), ignore_errors=True)
+                settle_memory()
+                fresh.append(_in_child(_save_file_child, args.size_gib, os.path.join(work, f"fresh-{i}")))
+                for d in (f"hf-{i}", f"st-{i}", f"fresh-{i}"):
+                    shutil.rmtree(os.path.join(work, d), ignore_errors=True)
         del sd
         report["hf_export_s"] = [o["seconds"] for o in ours]
         report["hf_peak_extra_bytes"] = max(o["peak_extra_bytes"] for o in ours)
         report["save_file_s"] = anchor
-        fresh = []
-        for i in range(3):
-            fresh.append(_in_child(_save_file_child, args.size_gib, os.path.join(work, f"fresh-{i}")))
-            shutil.rmtree(os.path.join(work, f"fresh-{i}"), ignore_errors=True)
         report["save_file_fresh_s"] = fresh
+        settle_memory()
         hf_writer = run_ranks(_hf_writer_ranks, 2, args.size_gib, work, timeout=900)
         report["dcp_hf_writer_s"] = [max(r[i] for r in hf_writer) for i in range(2)]
         with DaemonProcess(args=("--memory-limit", f"{int(3 * total)}")) as daemon:

@@ -22,3 +22,62 @@ def write_report(path: str | None, report: dict) -> None:
         with open(path, "w") as f:
             json.dump(report, f, indent=1)
         print(f"wrote {path}")
+
+
+PAGE_REPORTING = "/sys/module/page_reporting/parameters/reported_kib"
+
+
+def settle_memory(quiet_s: float = 5.0, limit_s: float = 30.0) -> float:
+    """Wait until a VM guest's free page reporting has handed the memory freed by the previous
+    measurement back to the host (its counter unchanged for ``quiet_s``, at most ``limit_s``);
+    returns the seconds waited (0 where the kernel does not report free pages).
+
+    Why: on such a guest, touching memory the host took back costs a host fault per page (measured
+    here: ~2.5 s per GiB, against ~0.35 s for memory freed a moment ago). Without this wait, a
+    measurement that runs right after another reuses the memory the other just freed, and the
+    order of the two decides the comparison rather than the code.
+    """
+    if not os.path.exists(PAGE_REPORTING):
+        return 0.0
+    import time
+
+    def reported() -> int:
+        with open(PAGE_REPORTING) as f:
+            return int(f.read())
+
+    start = quiet_since = time.monotonic()
+    last = reported()
+    while time.monotonic() - start < limit_s and time.monotonic() - quiet_since < quiet_s:
+        time.sleep(0.25)
+        now = reported()
+        if now != last:
+            last, quiet_since = now, time.monotonic()
+    return time.monotonic() - start
+
+
+def _touch_fresh(size: int, count: int, queue) -> None:
+    import time
+
+    held, times = [], []
+    for _ in range(count):
+        t0 = time.perf_counter()
+        held.append(torch.ones(size // 4, dtype=torch.float32))  # allocates and writes every page
+        times.append(time.perf_counter() - t0)
+    queue.put(times)
+
+
+def fresh_memory_seconds(size: int, count: int = 4) -> list[float]:
+    """Seconds a fresh process takes to allocate and write each of ``count`` blocks of ``size`` bytes
+    of new memory, held together: the floor under any first checkpoint, which fills memory it
+    never had. On a guest that reports free pages to its host the first block or so comes from
+    memory freed recently and is cheap; the later ones show what new memory really costs."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=_touch_fresh, args=(size, count, queue))
+    proc.start()
+    try:
+        return queue.get(timeout=300)
+    finally:
+        proc.join()

@@ -16,6 +16,7 @@ import time
 import torch
 import torch.distributed as dist
 
+from common import fresh_memory_seconds, settle_memory
 from stager.dev.launch import DaemonProcess, run_ranks
 
 VERSIONS = 3
@@ -57,12 +58,15 @@ def _ours_rank(rank: int, world_size: int, endpoint: str, cfg: dict) -> list[flo
 
 def measure(size_gib: float, world_size: int, rounds: int, busy_ms: float, memory_limit: str, tmp: str) -> dict:
     """``rounds`` x (DCP's first saves, stager's first versions), alternating which goes first."""
-    dcp_first, ours = [], []
+    dcp_first, ours, fresh, settled = [], [], [], []
     for r in range(rounds):
         cfg = {"size_gib": size_gib, "busy_ms": busy_ms, "tmp": tmp, "round": r}
-        order = ("dcp", "ours") if r % 2 == 0 else ("ours", "dcp")
+        order = ("dcp", "ours", "fresh") if r % 2 == 0 else ("ours", "dcp", "fresh")
         for which in order:
-            if which == "dcp":
+            settled.append(settle_memory())
+            if which == "fresh":
+                fresh.append([t * 1e3 for t in fresh_memory_seconds(int(size_gib * 2**30))])
+            elif which == "dcp":
                 per_rank = run_ranks(_dcp_rank, world_size, cfg, timeout=600.0)
                 dcp_first.append(max(times[0] for times in per_rank))
             else:
@@ -72,6 +76,8 @@ def measure(size_gib: float, world_size: int, rounds: int, busy_ms: float, memor
     first = statistics.median(dcp_first)
     ours_median = [statistics.median(r[i] for r in ours) for i in range(VERSIONS)]
     return {"rounds": rounds, "busy_ms": busy_ms, "dcp_first_save_ms": dcp_first, "ours_first_versions_ms": ours,
+            "fresh_memory_ms": fresh, "fresh_memory_later_median_ms": statistics.median(t for r in fresh for t in r[1:]),
+            "settle_s": settled,
             "dcp_first_save_median_ms": first, "ours_first_versions_median_ms": ours_median,
             "ours_over_dcp_first": [t / first for t in ours_median]}
 
@@ -79,6 +85,9 @@ def measure(size_gib: float, world_size: int, rounds: int, busy_ms: float, memor
 def report_lines(first: dict) -> list[str]:
     lines = [f"[first versions] fresh processes, {first['rounds']} rounds alternating the order, "
              f"{first['busy_ms']:g} ms busy before each step; max over ranks, median over rounds",
+             f"  anchor: a fresh process writes 4 x as many new bytes: after the first, each {first['fresh_memory_later_median_ms']:6.1f} ms "
+             f"(rounds: {'; '.join(', '.join(f'{t:.0f}' for t in r) for r in first['fresh_memory_ms'])}; "
+             f"memory settled {statistics.median(first['settle_s']):.0f} s (median) before each)",
              f"  DCP first async_save staging_completion   {first['dcp_first_save_median_ms']:10.1f} ms "
              f"(rounds: {', '.join(f'{t:.0f}' for t in first['dcp_first_save_ms'])})"]
     for i, (t, ratio) in enumerate(zip(first["ours_first_versions_median_ms"], first["ours_over_dcp_first"])):
