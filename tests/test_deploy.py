@@ -151,15 +151,16 @@ def strict_check(data, type_name: str, path: str = "$") -> None:
     value of the field's type: a misspelled or misplaced field raises ValueError naming its path."""
     import kubernetes.client
 
-    if type_name.startswith("list["):
+    # the client's type names: "list[X]" / "dict(str, X)" in older releases, "List[X]" / "Dict[str, X]" since
+    if re.fullmatch(r"[Ll]ist\[.+\]", type_name):
         if not isinstance(data, list):
             raise ValueError(f"{path}: expected a list")
         for i, item in enumerate(data):
             strict_check(item, type_name[5:-1], f"{path}[{i}]")
-    elif type_name.startswith("dict("):
+    elif re.fullmatch(r"dict\(.+\)|Dict\[.+\]", type_name):
         if not isinstance(data, dict):
             raise ValueError(f"{path}: expected a mapping")
-        inner = re.fullmatch(r"dict\(([^,]+), (.+)\)", type_name).group(2)
+        inner = re.fullmatch(r"[Dd]ict[(\[]([^,]+), (.+)[)\]]", type_name).group(2)
         for key, value in data.items():
             strict_check(value, inner, f"{path}.{key}")
     elif type_name in _PRIMITIVE:
@@ -325,7 +326,13 @@ def test_sbatch_is_shellcheck_clean():
 def test_sbatch_stager_commands_parse():
     text = SBATCH.read_text()
     assert "--ntasks-per-node=1" in text and "torchrun" in text and "trap teardown EXIT" in text
-    for line in re.findall(r'"\$STAGER" ([^\n&]+?)(?: [&>]|\\?\n)', text.replace("\\\n    ", " ")):
+    lines = re.findall(r'"\$STAGER" ([^\n&]+?)(?: [&>]|\\?\n)', text.replace("\\\n    ", " "))
+    # the daemons start through `bash -c '... exec "$2" serve ...' _ "$RUN_DIR" "$STAGER" ...`: the inner command
+    # is checked itself, the outer one only hands $STAGER over as an argument
+    lines = [line for line in lines if not line.startswith('"$')]
+    lines += re.findall(r'exec "\$2" ([^\']+)\'', text)
+    assert len(lines) >= 4  # serve, status, write-dcp, export-hf
+    for line in lines:
         argv = [re.sub(r'\$\{?(\w+)(:-([^}]*))?\}?', lambda m: m.group(3) or "1", w) for w in shlex.split(line)]
         parse_cli([a for a in argv if a != ">/dev/null"])
 
