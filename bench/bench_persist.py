@@ -19,7 +19,6 @@ Targets: (a) <= 1.25 x (b) and (b'); (a) <= 0.5 x (e); peak extra memory <= larg
 from __future__ import annotations
 
 import argparse
-import multiprocessing as mp
 import os
 import shutil
 import tempfile
@@ -28,7 +27,7 @@ import time
 
 import torch
 
-from common import machine, settle_memory, write_report  # noqa: E402
+from common import in_child, machine, settle_memory, write_report  # noqa: E402
 from stager.dev.launch import DaemonProcess, run_ranks
 
 HIDDEN, FFN, VOCAB, HEADS, KV_HEADS = 2048, 5632, 8192, 16, 4
@@ -103,18 +102,6 @@ def _save_file_anchor(sd: dict, out: str) -> float:
     os.fsync(fd)
     os.close(fd)
     return time.perf_counter() - t0
-
-
-def _in_child(target, *args):
-    """Run ``target(*args, queue)`` in a fresh spawned process and return what it put on the queue."""
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    proc = ctx.Process(target=target, args=(*args, queue))
-    proc.start()
-    try:
-        return queue.get(timeout=600)
-    finally:
-        proc.join()
 
 
 def _save_file_child(size_gib: float, out: str, queue) -> None:
@@ -204,11 +191,11 @@ def main() -> int:
             ours, anchor, fresh = [], [], []
             for i in range(3):
                 settle_memory()
-                ours.append(_in_child(_export_child, daemon.endpoint, os.path.join(work, f"hf-{i}")))
+                ours.append(in_child(_export_child, daemon.endpoint, os.path.join(work, f"hf-{i}")))
                 settle_memory()
                 anchor.append(_save_file_anchor(sd, os.path.join(work, f"st-{i}")))
                 settle_memory()
-                fresh.append(_in_child(_save_file_child, args.size_gib, os.path.join(work, f"fresh-{i}")))
+                fresh.append(in_child(_save_file_child, args.size_gib, os.path.join(work, f"fresh-{i}")))
                 for d in (f"hf-{i}", f"st-{i}", f"fresh-{i}"):
                     shutil.rmtree(os.path.join(work, d), ignore_errors=True)
         del sd

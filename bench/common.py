@@ -66,18 +66,36 @@ def _touch_fresh(size: int, count: int, queue) -> None:
     queue.put(times)
 
 
+def in_child(target, *args, timeout: float = 600.0):
+    """Run ``target(*args, queue)`` in a fresh spawned process and return what it put on the queue;
+    a child that dies without answering raises at once, naming its exit code."""
+    import multiprocessing as mp
+    import queue as queue_mod
+    import time
+
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    proc = ctx.Process(target=target, args=(*args, results))
+    proc.start()
+    deadline = time.monotonic() + timeout
+    try:
+        while True:
+            try:
+                return results.get(timeout=1.0)
+            except queue_mod.Empty:
+                if proc.exitcode is not None:
+                    raise RuntimeError(f"{target.__name__} exited with code {proc.exitcode} without answering")
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"{target.__name__} did not answer within {timeout:.0f}s") from None
+    finally:
+        proc.join(5)
+        if proc.is_alive():
+            proc.kill()
+
+
 def fresh_memory_seconds(size: int, count: int = 4) -> list[float]:
     """Seconds a fresh process takes to allocate and write each of ``count`` blocks of ``size`` bytes
     of new memory, held together: the floor under any first checkpoint, which fills memory it
     never had. On a guest that reports free pages to its host the first block or so comes from
     memory freed recently and is cheap; the later ones show what new memory really costs."""
-    import multiprocessing as mp
-
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    proc = ctx.Process(target=_touch_fresh, args=(size, count, queue))
-    proc.start()
-    try:
-        return queue.get(timeout=300)
-    finally:
-        proc.join()
+    return in_child(_touch_fresh, size, count, timeout=300.0)

@@ -108,7 +108,17 @@ class JsonFormatter(logging.Formatter):
 
 
 class ReopeningFileHandler(logging.FileHandler):
-    """A log file that :func:`reopen` closes and opens again (after logrotate moved it: SIGHUP)."""
+    """A log file that :func:`reopen` closes and opens again (after logrotate moved it: SIGHUP).
+    A signal handler only calls :func:`request_reopen`; the next record written reopens the file
+    (never from inside the handler, which may have interrupted a write holding the lock)."""
+
+    reopen_requested = False  # class-wide: set by request_reopen(), e.g. from a SIGHUP handler
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if ReopeningFileHandler.reopen_requested:
+            ReopeningFileHandler.reopen_requested = False
+            self.reopen()
+        super().emit(record)
 
     def reopen(self) -> None:
         self.acquire()
@@ -118,6 +128,11 @@ class ReopeningFileHandler(logging.FileHandler):
             self.stream = self._open()
         finally:
             self.release()
+
+
+def request_reopen() -> None:
+    """Have every log file reopened before its next record (safe in a signal handler)."""
+    ReopeningFileHandler.reopen_requested = True
 
 
 def configure(level: str = "WARNING", fmt: str = "text", file: str | None = None) -> logging.Handler:

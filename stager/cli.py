@@ -306,9 +306,13 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(func=_demo)
 
     args = parser.parse_args(argv)
-    from stager.protocol.logs import configure
+    from stager.protocol.logs import configure, request_reopen
 
     configure(args.log_level, args.log_format, args.log_file)
+    if args.log_file and args.func is not _serve:  # serve's own lifecycle handles SIGHUP
+        import signal
+
+        signal.signal(signal.SIGHUP, lambda *_: request_reopen())  # logrotate must not kill a follower
     return args.func(args)
 
 

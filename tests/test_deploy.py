@@ -227,7 +227,8 @@ def test_kubernetes_manifests_are_valid_api_objects():
         for doc in docs:
             obj = validate(doc)
             kinds.append((name, type(obj).__name__))
-    assert ("daemonset.yaml", "V1DaemonSet") in kinds and ("daemonset.yaml", "V1Secret") in kinds
+    assert ("daemonset.yaml", "V1DaemonSet") in kinds and ("secret.example.yaml", "V1Secret") in kinds
+    assert ("daemonset.yaml", "V1Secret") not in kinds  # re-applying the DaemonSet never replaces real keys
     assert {"training-pod.yaml", "reader-pod.yaml", "single-pod.yaml"} <= {n for n, _ in kinds}
 
 
@@ -273,8 +274,15 @@ def test_kubernetes_pods_share_the_daemons_memory_pids_and_identity():
     assert "emptyDir" in runtime
     for c in containers(single):
         assert {"name": "dshm", "mountPath": "/dev/shm"} in c["volumeMounts"]
-        assert {"name": "runtime", "mountPath": "/run/stager"} in c["volumeMounts"]
-        assert {"name": "STAGER_ENDPOINT", "value": "ipc:///run/stager/stager.sock"} in c["env"]
+        assert {"name": "runtime", "mountPath": "/run/shared"} in c["volumeMounts"]
+        assert {"name": "STAGER_ENDPOINT", "value": "ipc:///run/shared/stager/stager.sock"} in c["env"]
+    # the daemon's runtime directory is one it creates (0700, its own) inside a volume: a mount point belongs
+    # to root, and the daemon refuses a runtime directory its user does not own
+    for spec in (single, ds):
+        daemon = daemon_container(spec)
+        env = {e["name"]: e.get("value") for e in daemon["env"]}
+        mounts = {m["mountPath"] for m in daemon["volumeMounts"]}
+        assert env["XDG_RUNTIME_DIR"] in mounts and not env["XDG_RUNTIME_DIR"].endswith("/stager")
     serve = parse_cli(daemon_container(single)["args"])
     assert parse_size(dshm["emptyDir"]["sizeLimit"].replace("Gi", "GiB")) >= parse_size(serve.memory_limit)
     assert ds["volumes"][-1]["secret"]["secretName"] == "stager-curve-keys"

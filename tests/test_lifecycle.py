@@ -204,3 +204,31 @@ def test_json_formatter_prefers_extra_and_keeps_tracebacks():
     out = json.loads(JsonFormatter().format(record))
     assert (out["step"], out["peer"], out["code"], out["level"]) == (6, "trainer 0 pid 1", "internal", "ERROR")
     assert out["msg"] == "step 5: bad" and "RuntimeError: boom" in out["exc"] and "\n" not in JsonFormatter().format(record)
+
+
+def test_sighup_reopens_a_followers_log_file_and_does_not_kill_it(short_dir, tmp_path):
+    """logrotate sends SIGHUP to export-hf / write-dcp --follow too: the file is reopened, the follower lives."""
+    import torch
+
+    from stager.client import StagingClient
+
+    log_file = tmp_path / "writer.log"
+    with DaemonProcess(f"ipc://{short_dir}/hupw.sock", args=("--memory-limit", "16MiB")) as d:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "stager.cli", "--log-level", "DEBUG", "--log-file", str(log_file), "write-dcp",
+             "--endpoint", d.endpoint, "--out", str(tmp_path / "dcp"), "--follow", "--json"],
+            stdout=subprocess.PIPE, text=True)
+        try:
+            with StagingClient(d.endpoint, rank=0, local_world_size=1, world_size=1) as c:
+                c.stage({"w": torch.ones(8)}, step=1).wait(10)
+                assert json.loads(proc.stdout.readline())["step"] == 1
+                wait_until(lambda: log_file.exists() and log_file.stat().st_size > 0)
+                os.rename(log_file, tmp_path / "writer.log.1")
+                proc.send_signal(signal.SIGHUP)
+                c.stage({"w": torch.ones(8)}, step=2).wait(10)
+                assert json.loads(proc.stdout.readline())["step"] == 2  # still following after the SIGHUP
+            wait_until(lambda: log_file.exists() and log_file.stat().st_size > 0)  # the next records: a new file
+        finally:
+            proc.send_signal(signal.SIGINT)
+            proc.wait(30)
+            proc.stdout.close()

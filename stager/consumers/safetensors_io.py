@@ -20,7 +20,7 @@ import json
 import os
 import struct
 import zlib
-from concurrent.futures import Future, ThreadPoolExecutor, wait
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Callable, Iterable
 
 import torch
@@ -73,26 +73,23 @@ def write_safetensors(path: str, specs: list[tuple[str, tuple, torch.dtype]],
         f.write(raw)
         writer = _FileWriter(f, 8 + len(raw))
         in_flight: Future | None = None
-        try:
-            for name, tensor in produce():
-                want_name, want_shape, want_dtype = next(expected)
-                if name != want_name or tuple(tensor.shape) != tuple(want_shape) or tensor.dtype != want_dtype:
-                    raise ValueError(f"{name}: produced {tuple(tensor.shape)} {tensor.dtype}, planned "
-                                     f"{want_name} {tuple(want_shape)} {want_dtype}")
-                tensor = tensor.contiguous()
-                data = tensor_bytes(tensor)
-                if in_flight is not None:
-                    in_flight.result()  # the previous tensor is on its way to disk (or its error raises here)
-                in_flight = pool.submit(writer.write, data, tensor)  # ``tensor`` keeps ``data`` alive
-                if checksums is not None:
-                    checksums[name] = f"{zlib.crc32(data) & 0xFFFFFFFF:08x}"
-                if on_bytes is not None:
-                    on_bytes(len(data))
+        # on an error the pool's exit (before the file's: the with order) waits for a write in flight
+        for name, tensor in produce():
+            want_name, want_shape, want_dtype = next(expected)
+            if name != want_name or tuple(tensor.shape) != tuple(want_shape) or tensor.dtype != want_dtype:
+                raise ValueError(f"{name}: produced {tuple(tensor.shape)} {tensor.dtype}, planned "
+                                 f"{want_name} {tuple(want_shape)} {want_dtype}")
+            tensor = tensor.contiguous()
+            data = tensor_bytes(tensor)
             if in_flight is not None:
-                in_flight.result()
-        finally:
-            if in_flight is not None:
-                wait([in_flight])  # never leave the helper writing into a file being closed
+                in_flight.result()  # the previous tensor is on its way to disk (or its error raises here)
+            in_flight = pool.submit(writer.write, data, tensor)  # ``tensor`` keeps ``data`` alive
+            if checksums is not None:
+                checksums[name] = f"{zlib.crc32(data) & 0xFFFFFFFF:08x}"
+            if on_bytes is not None:
+                on_bytes(len(data))
+        if in_flight is not None:
+            in_flight.result()
         if next(expected, None) is not None:
             raise ValueError(f"{path}: fewer tensors produced than planned")
         f.flush()

@@ -47,7 +47,6 @@ class Handlers:
         }
 
     def handle(self, identity: bytes, msg: Message) -> Message | None:
-        self.state.counters["requests"] += 1
         self.peers.seen(identity)
         handler = self.routes.get(type(msg))
         if handler is None:

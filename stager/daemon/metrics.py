@@ -154,7 +154,7 @@ def build_snapshot(status: dict, rec: Recorder) -> tuple:
         ("gauge", "stager_draining", "1 while the daemon drains before exiting (SIGTERM)", (),
          (((), 1 if status.get("state") == "draining" else 0),)),
         ("counter", "stager_request_errors", "Requests answered with an error", (), (((), c.get("errors", 0)),)),
-        ("counter", "stager_requests", "Requests handled", (), (((), c.get("requests", 0)),)),
+        ("counter", "stager_requests", "Requests received", (), (((), c.get("requests", 0)),)),
         ("gauge", "stager_uptime_seconds", "Seconds since the daemon started", (),
          (((), status.get("uptime_s", 0.0)),)),
     )

@@ -34,6 +34,7 @@ from .segments import Segment, reclaim_stale, shm_total_bytes
 
 log = logging.getLogger("stager.daemon")
 HOUSEKEEPING_S = 0.2
+DRAIN_LINGER_MS = 2000  # after a drain: how long queued replies may still take to leave
 _MAX_FRAMES = 1 << 16
 
 
@@ -49,7 +50,7 @@ def _close_resources(sock, ctx, lock_fd, sock_path, budget, auth, metrics=None) 
         if metrics is not None:
             metrics.close()
         if sock is not None:
-            sock.close(linger=0)
+            sock.close()  # LINGER: 0, or DRAIN_LINGER_MS after a drain
         if auth is not None:
             auth.stop()
         if ctx is not None:
@@ -120,10 +121,11 @@ class Daemon:
                 from .metrics import serve_metrics
 
                 self.metrics = serve_metrics(self.recorder, config.metrics)
+                self.recorder.publish(self.handlers.status())
             except BaseException:
-                _close_resources(self.sock, self.ctx, self._lock_fd, self._sock_path, self.budget, self._auth)
+                _close_resources(self.sock, self.ctx, self._lock_fd, self._sock_path, self.budget, self._auth,
+                                 self.metrics)
                 raise
-            self.recorder.publish(self.handlers.status())
         self._finalizer = weakref.finalize(
             self, _close_resources, self.sock, self.ctx, self._lock_fd, self._sock_path, self.budget, self._auth,
             self.metrics)
@@ -263,6 +265,7 @@ class Daemon:
     def _on_frames(self, frames: list) -> None:
         identity = frames[0].bytes
         rid = 0
+        self.handlers.state.counters["requests"] += 1  # every request, also those refused before a handler
         try:
             if len(frames) > _MAX_FRAMES:
                 raise ProtocolError(ErrorCode.BAD_MESSAGE, f"too many frames ({len(frames)}); split the message")
@@ -353,9 +356,12 @@ class Daemon:
                         self.lifecycle.phase == DRAINING and not self.lifecycle.announced):
                     try:
                         self.handlers.housekeep()
-                        self._on_tick()
                     except Exception:
                         log.exception("housekeeping failed; continuing")
+                    try:  # apart from housekeeping: a drain is announced (once) even if housekeeping fails
+                        self._on_tick()
+                    except Exception:
+                        log.exception("lifecycle tick failed; continuing")
                     next_housekeeping = time.monotonic() + HOUSEKEEPING_S
             if self.lifecycle.phase == DRAINING:
                 left = sorted(self.handlers.state.staging)
@@ -363,6 +369,8 @@ class Daemon:
                     log.warning("drain timeout: failing steps %s", left)
                 else:
                     log.info("drained: nothing in flight, exiting")
+                # replies still queued (the last seals, the readers' notice, remote reads) go out, for a while
+                self.sock.setsockopt(zmq.LINGER, DRAIN_LINGER_MS)
         finally:
             self.close()
 

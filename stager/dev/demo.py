@@ -45,6 +45,7 @@ from safetensors.torch import load_file, save_file
 
 from stager.client.hook.flatten import flatten_state_dict
 from stager.dev.launch import DaemonProcess, run_ranks
+from stager.metrics import tree_bytes
 
 
 class TinyModel(nn.Module):
@@ -200,7 +201,7 @@ class _Follower(threading.Thread):
                 self.error = f"step {snap.step}: {type(exc).__name__}: {exc}"
                 raise _Finished from exc
             self.records.append({"step": snap.step, "ms": (time.perf_counter() - t0) * 1e3, "path": path,
-                                 "bytes": _tree_bytes(path)})
+                                 "bytes": tree_bytes(path)})
             if snap.step >= self.final_step:
                 raise _Finished
             return path
@@ -211,10 +212,6 @@ class _Follower(threading.Thread):
             pass
         except BaseException as exc:  # reported as a failed check
             self.error = f"{type(exc).__name__}: {exc}"
-
-
-def _tree_bytes(path: str) -> int:
-    return sum(os.path.getsize(os.path.join(root, f)) for root, _, files in os.walk(path) for f in files)
 
 
 # ---------------------------------------------------------------------------------------------- checks
