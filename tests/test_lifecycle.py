@@ -100,14 +100,24 @@ def test_sigterm_drains_the_step_in_flight_and_refuses_new_ones(short_dir, raw_p
     assert list_segments(daemon.pid) == [] and not os.path.exists(endpoint[len("ipc://"):])
 
 
-def test_drain_timeout_fails_what_is_left_and_exits(short_dir, raw_peer):
-    endpoint = f"ipc://{short_dir}/stuck.sock"
-    daemon = DaemonProcess(endpoint, args=("--memory-limit", "16MiB", "--drain-timeout", "0.5")).start()
+def _daemon_with_a_stuck_step(endpoint: str, raw_peer, drain_timeout: str) -> DaemonProcess:
+    """A daemon with step 1 in flight that never seals: rank 0 began it, rank 1 never comes."""
+    daemon = DaemonProcess(endpoint, args=("--memory-limit", "16MiB", "--drain-timeout", drain_timeout)).start()
     try:
         r0 = raw_peer(endpoint)
         r0.hello(rank=0, local_world_size=2)
-        r0.sock.send_multipart(_begin(0, 1).encode())  # rank 1 never comes
+        r0.sock.send_multipart(_begin(0, 1).encode())
         wait_until(lambda: daemon_status(endpoint)["versions"])
+    except BaseException:
+        daemon.stop(signal.SIGKILL)
+        raise
+    return daemon
+
+
+def test_drain_timeout_fails_what_is_left_and_exits(short_dir, raw_peer):
+    endpoint = f"ipc://{short_dir}/stuck.sock"
+    daemon = _daemon_with_a_stuck_step(endpoint, raw_peer, "0.5")
+    try:
         daemon.proc.send_signal(signal.SIGTERM)
         assert daemon.proc.wait(60) == 0
     finally:
@@ -117,12 +127,8 @@ def test_drain_timeout_fails_what_is_left_and_exits(short_dir, raw_peer):
 
 def test_second_sigterm_stops_at_once(short_dir, raw_peer):
     endpoint = f"ipc://{short_dir}/twice.sock"
-    daemon = DaemonProcess(endpoint, args=("--memory-limit", "16MiB", "--drain-timeout", "600")).start()
+    daemon = _daemon_with_a_stuck_step(endpoint, raw_peer, "600")
     try:
-        r0 = raw_peer(endpoint)
-        r0.hello(rank=0, local_world_size=2)
-        r0.sock.send_multipart(_begin(0, 1).encode())
-        wait_until(lambda: daemon_status(endpoint)["versions"])
         daemon.proc.send_signal(signal.SIGTERM)
         wait_until(lambda: daemon_status(endpoint)["state"] == "draining")
         daemon.proc.send_signal(signal.SIGTERM)
