@@ -3,7 +3,8 @@
     python bench/bench_live.py [--size-gib 1.0] [--json PATH]
 
 (a) a same-host subscriber loads each new version's HF view (llama3 adapter) into its own
-    tensors (``dst.copy_(t)`` per item, as ``load_weights`` does), woken by announcements;
+    tensors (``snap.load_into(params)``: renames copied, rotary rows permuted straight into the
+    destination), woken by announcements;
     anchor: the same copies from private memory (a bare memcpy of the same bytes);
 (b) a reader over tcp://127.0.0.1 (``remote=True``, CURVE-authenticated with keys from
     ``stager keygen`` as every tcp daemon requires) receives the whole native view tensor by
@@ -55,12 +56,15 @@ def _load_loop(endpoint: str, versions: int, queue, view: str = "hf", tp_rank: i
             if not dst and tp_rank is None:  # an engine's parameters exist before it loads weights
                 dst = {name: torch.empty(shape, dtype=dtype).fill_(0) for name, dtype, shape in snap.specs()}
             t0 = time.perf_counter()
-            items = snap.items() if tp_rank is None else ((n, snap.get(n, shard=(0, tp_rank, 4))) for n in snap)
-            for name, t in items:
-                out = dst.get(name)
-                if out is None:
-                    out = dst[name] = torch.empty_like(t).fill_(0)  # pre-faulted, like model parameters
-                out.copy_(t)
+            if tp_rank is None:  # into the engine's own tensors: no intermediate per tensor
+                snap.load_into(dst)
+            else:
+                for name in snap:
+                    t = snap.get(name, shard=(0, tp_rank, 4))
+                    out = dst.get(name)
+                    if out is None:
+                        out = dst[name] = torch.empty_like(t).fill_(0)  # pre-faulted, like model parameters
+                    out.copy_(t)
             times.append((snap.step, time.perf_counter() - t0, snap.skipped))
             if snap.step >= versions:
                 break

@@ -89,6 +89,7 @@ class Connection:
         self.patience = 0.0
         self.on_lost: Callable[[int], None] = lambda upto: None  # a connection dropped: requests <= upto are lost
         self.daemon_host: str | None = None
+        self.rejoin: Message | None = None  # a multi-node job's Join, said again after every hello
         self.host_id = host_id()
         self._start_time = process_start_time(os.getpid())
         self.on_unsolicited: Callable[[Message], None] = lambda msg: log.debug("stray reply %r", msg)
@@ -192,6 +193,27 @@ class Connection:
                 raise
             return None
         return self._recv_ready()
+
+    @staticmethod
+    def recv_any(conns: "list[Connection]", timeout: float) -> "list[tuple[Connection, Message]]":
+        """Wait up to ``timeout`` seconds until any of ``conns`` has a message; return what is
+        ready now (a subscriber of a multi-node job waits on every node's announcements at once)."""
+        poller = zmq.Poller()
+        for conn in conns:
+            poller.register(conn.sock, zmq.POLLIN)
+        try:
+            ready = dict(poller.poll(int(max(timeout, 0) * 1000)))
+        except zmq.ZMQError as exc:
+            if exc.errno != errno.EINTR:
+                raise
+            return []
+        out = []
+        for conn in conns:
+            if conn.sock in ready:
+                msg = conn._recv_ready()
+                if msg is not None:
+                    out.append((conn, msg))
+        return out
 
     def request(self, msg: Message, timeout: float) -> Message:
         """Send ``msg`` and return its reply; raise RemoteError for an error reply, UNAVAILABLE when
@@ -304,6 +326,11 @@ class Connection:
         if not isinstance(reply, HelloReply):
             raise StagerError(ErrorCode.BAD_MESSAGE, f"unexpected {reply.TYPE} reply to hello")
         self.session, self.daemon_host = reply.session, reply.host_id
+        if self.rejoin is not None:  # a restarted daemon forgot the job: tell it again before anything else
+            try:
+                self.request(self.rejoin, timeout)
+            except StagerError as exc:
+                log.warning("could not rejoin the job at %s: %s", self.endpoint, exc)
         return reply
 
     @property

@@ -1,6 +1,6 @@
 """stager's wire format and every contract the daemon and its clients share.
 
-What lives here: the frame layout and message classes (``frames``, ``messages``, ``reads``),
+What lives here: the frame layout and message classes (``frames``, ``messages``, ``reads``, ``job``),
 typed errors (``errors``), the closed dtype table (``dtypes``), quantization metadata
 (``quant``), the layout types that plans, assignments and reads are made of (``layout``), the
 shared-memory naming and mapping contract (``shm``) and endpoint resolution (``endpoint``).
@@ -15,20 +15,21 @@ import this package, so it sits at the bottom (checked by import-linter in CI).
 """
 
 from .dtypes import DTYPES, dtype_from_name, dtype_name
-from .errors import ErrorCode, ProtocolError, RemoteError, StagerError
+from .errors import ErrorCode, NodeDown, ProtocolError, RemoteError, StagerError
 from .frames import PROTOCOL_VERSION, Message, decode
 from .layout import Block, Box, PlanEntry, Placement, ReadItem, TensorLayout
 from .messages import (
     Abort, Begin, BeginReply, Bye, Commit, ErrorReply, Hello, HelloReply, Ok, Ping, Pong, Put, Sealed, Status,
     StatusReply,
 )
+from .job import JobInfo, JobInfoReply, Join
 from .reads import Acquire, AcquireReply, Announce, Read, ReadReply, Release, Subscribe, SubscribeReply
 
 __all__ = [
     "PROTOCOL_VERSION", "DTYPES", "dtype_name", "dtype_from_name", "decode", "Message",
-    "ErrorCode", "StagerError", "ProtocolError", "RemoteError",
+    "ErrorCode", "StagerError", "ProtocolError", "RemoteError", "NodeDown",
     "Box", "PlanEntry", "Placement", "Block", "TensorLayout", "ReadItem",
     "Hello", "HelloReply", "Bye", "Begin", "BeginReply", "Put", "Commit", "Sealed", "Abort",
     "Acquire", "AcquireReply", "Release", "Subscribe", "SubscribeReply", "Announce", "Read", "ReadReply",
-    "Status", "StatusReply", "Ping", "Pong", "Ok", "ErrorReply",
+    "Status", "StatusReply", "Ping", "Pong", "Ok", "ErrorReply", "Join", "JobInfo", "JobInfoReply",
 ]

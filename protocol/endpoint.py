@@ -17,6 +17,7 @@ from urllib.parse import urlsplit
 from .errors import ErrorCode, StagerError
 
 ENV_VAR = "STAGER_ENDPOINT"
+HOST_ID_ENV = "STAGER_HOST_ID"  # a node identity other than the machine's: several simulated nodes on one host
 AUTH_ENV = "STAGER_AUTH_DIR"  # clients: CURVE keys for tcp endpoints (made by `stager keygen`)
 
 
@@ -69,7 +70,12 @@ def lock_path(endpoint: str) -> str:
 
 
 def host_id() -> str:
-    """Identifies this machine (and boot): peers with equal host ids share /dev/shm."""
+    """Identifies this node: peers with equal host ids share /dev/shm. ``$STAGER_HOST_ID`` when
+    set (several daemons on one machine acting as separate nodes, each with its ranks), else
+    this machine and boot."""
+    override = os.environ.get(HOST_ID_ENV)
+    if override:
+        return override
     try:
         with open("/proc/sys/kernel/random/boot_id") as f:
             boot = f.read().strip()

@@ -28,6 +28,7 @@ class ErrorCode(str, enum.Enum):
     TIMEOUT = "timeout"  # no answer in time (raised client side)
     UNAVAILABLE = "unavailable"  # daemon not reachable (raised client side)
     INTERNAL = "internal"  # a bug in the daemon; the request failed, the daemon lives on
+    NODE_DOWN = "node_down"  # a node of a multi-node job does not answer (raised client side)
 
 
 class StagerError(Exception):
@@ -37,6 +38,15 @@ class StagerError(Exception):
         self.code = ErrorCode(code) if code in ErrorCode._value2member_map_ else code
         self.message = message
         super().__init__(f"[{getattr(self.code, 'value', self.code)}] {message}")
+
+
+class NodeDown(StagerError):
+    """A node of a multi-node job did not answer (its daemon died, hangs or is unreachable);
+    ``node`` names it."""
+
+    def __init__(self, node: str, message: str):
+        self.node = node
+        super().__init__(ErrorCode.NODE_DOWN, message)
 
 
 class ProtocolError(StagerError):

@@ -191,6 +191,19 @@ class TensorLayout:
     def torch_dtype(self) -> torch.dtype:
         return dtype_from_name(self.dtype)
 
+    def block_holding(self, box: Box) -> tuple[Block, tuple[int, ...]] | None:
+        """The block that holds all of ``box`` (global coordinates) and the box's offset inside
+        it; None when no single block does (the box spans nodes, or this node lacks it).
+
+        >>> t = TensorLayout("w", "f32", (4, 2), (Block(0, Box((0, 0), (2, 2))), Block(64, Box((2, 0), (2, 2)))))
+        >>> t.block_holding(Box((3, 1), (1, 1)))
+        (Block(byte_offset=64, box=Box(offset=(2, 0), shape=(2, 2))), (1, 1))
+        """
+        for b in self.blocks:
+            if b.box.contains(box):
+                return b, tuple(o - bo for o, bo in zip(box.offset, b.box.offset))
+        return None
+
     @functools.cached_property
     def wire(self) -> list:  # encoded once: a layout is served to every reader of every version
         return [self.fqn, self.dtype, list(self.shape),

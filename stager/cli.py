@@ -20,7 +20,7 @@ def _serve(args: argparse.Namespace) -> int:
                               keep=args.keep, step_timeout=args.step_timeout,
                               peer_timeout=args.peer_timeout, auth_dir=args.auth_dir,
                               insecure_no_auth=args.insecure_no_auth, metrics=args.metrics,
-                              drain_timeout=args.drain_timeout)
+                              drain_timeout=args.drain_timeout, host_id=args.host_id, advertise=args.advertise)
         daemon = Daemon(config)
     except (ValueError, StagerError) as exc:
         print(f"stager serve: {exc}", file=sys.stderr)
@@ -89,7 +89,27 @@ def _export_hf(args: argparse.Namespace) -> int:
 def _write_dcp(args: argparse.Namespace) -> int:
     from stager.consumers.write_dcp import write_dcp
 
+    if args.distributed:
+        return _write_dcp_distributed(args)
     return _run_writer(args, "write-dcp", "written", write_dcp)
+
+
+def _write_dcp_distributed(args: argparse.Namespace) -> int:
+    from stager.consumers.write_dcp_dist import write_dcp_distributed
+
+    if args.follow or args.keep:
+        print("stager write-dcp: --distributed writes one step (--step, default the newest complete one); "
+              "run it again for the next", file=sys.stderr)
+        return 2
+    try:
+        path = write_dcp_distributed(args.out, endpoint=args.endpoint, step=args.step)
+    except KeyboardInterrupt:
+        return 130
+    except (StagerError, ValueError, OSError) as exc:
+        print(f"stager write-dcp: {exc}", file=sys.stderr)
+        return 1
+    print(json.dumps({"written": path}) if args.json else path, flush=True)
+    return 0
 
 
 def _verify(args: argparse.Namespace) -> int:
@@ -239,6 +259,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", action="store_true", help="print the ready line as JSON")
     p.add_argument("--metrics", metavar="[HOST:]PORT",
                    help="serve Prometheus metrics over HTTP (HOST default 127.0.0.1; off by default)")
+    p.add_argument("--host-id", help="this node's identity (default $STAGER_HOST_ID, else the machine's); give each "
+                                     "simulated node on one host its own, and set STAGER_HOST_ID for its ranks")
+    p.add_argument("--advertise", metavar="ENDPOINT",
+                   help="endpoint other nodes of a job reach this daemon at (default: --endpoint)")
     p.add_argument("--drain-timeout", type=float, default=30.0,
                    help="on SIGTERM, seconds to let steps in flight seal before exiting (default 30)")
     p.set_defaults(func=_serve)
@@ -277,6 +301,9 @@ def main(argv: list[str] | None = None) -> int:
 
     p = sub.add_parser("write-dcp", help="write sealed versions as resumable DCP checkpoints")
     _writer_arguments(p, "checkpoint")
+    p.add_argument("--distributed", action="store_true",
+                   help="one writer per node of a multi-node job, started by torchrun (--nproc-per-node=1 "
+                        "--no-python): each writes its node's regions, together one checkpoint")
     p.set_defaults(func=_write_dcp)
 
     p = sub.add_parser("verify", help="check an HF or DCP export against its checksum manifest")

@@ -43,8 +43,14 @@ STATUS_SCHEMA: dict[str, tuple[type | tuple[type, ...], str]] = {
     "counters": (dict, "totals since start: sealed, failed, ingested_bytes, read_bytes, requests, errors, "
                        "announcements_dropped, memory_refusals, evictions, backpressure_waits"),
     "cpu_seconds": ((int, float), "CPU time the daemon used"),
+    "node": (str, "this node's id (--host-id / $STAGER_HOST_ID, else the machine's)"),
+    "job": ((dict, type(None)), "the multi-node job this node joined: job, node, advertise, nodes (id -> endpoint), "
+                                "ranks (id -> global ranks), world_size; null: none"),
 }
-OPTIONAL = {"insecure": "true when tcp is served without authentication", "metrics": "the metrics URL (--metrics)"}
+OPTIONAL = {"insecure": "true when tcp is served without authentication", "metrics": "the metrics URL (--metrics)",
+            "job_nodes": "`stager status` only, in a multi-node job: every node's steps, asked of each at once: "
+                         "complete (steps every node sealed), nodes (id -> endpoint, sealed, staging, failed, "
+                         "or down)"}
 
 
 def lookup(status: dict, dotted: str):
@@ -129,16 +135,30 @@ def render(status: dict) -> str:
         lines.append(f"  {'READER PID':>10} {'RANK':>5} {'LAG':>4}")
         lines.extend(f"  {r['pid']:>10} {r['rank']:>5} {r['lag']:>4}{'' if r.get('local', True) else '  remote'}"
                      for r in lag)
+    job = status.get("job_nodes")
+    if job:
+        lines.append(f"job {job['job']}  node {job['node']}  complete steps {_steps(job['complete'])}")
+        lines.append(f"  {'NODE':<16} {'SEALED':<18} {'STAGING':<10} {'FAILED':<10} ENDPOINT")
+        for node, n in job["nodes"].items():
+            if "down" in n:
+                lines.append(f"  {node:<16} DOWN: {n['down'][:60]}  {n['endpoint']}")
+            else:
+                lines.append(f"  {node:<16} {_steps(n['sealed']):<18} {_steps(n['staging']):<10} "
+                             f"{_steps(n['failed']):<10} {n['endpoint']}")
     lines.append(f"sealed {c.get('sealed', 0)}  failed {c.get('failed', 0)}  refused {c.get('memory_refusals', 0)}  "
                  f"evicted {c.get('evictions', 0)}  waited {c.get('backpressure_waits', 0)}  "
                  f"ingested {human_bytes(c.get('ingested_bytes', 0))}")
     return "\n".join(lines)
 
 
+def _steps(steps: list[int]) -> str:
+    return ",".join(map(str, steps[-4:])) + (" ..." if len(steps) > 4 else "") if steps else "-"
+
+
 def run(args) -> int:
     """``stager status [--json] [--watch [SECONDS]]``: exit 1 when the daemon does not answer (once);
     ``--watch`` refreshes until ^C and keeps trying while the daemon is away."""
-    from stager.client.admin import daemon_status
+    from stager.client.admin import daemon_status, job_status
     from stager.protocol import StagerError
 
     watch = getattr(args, "watch", None)
@@ -147,6 +167,8 @@ def run(args) -> int:
         while True:
             try:
                 status = daemon_status(args.endpoint, args.timeout)
+                if status.get("job"):
+                    status["job_nodes"] = job_status(args.endpoint, args.timeout)
             except StagerError as exc:
                 print(f"stager status: {exc.message}", file=sys.stderr, flush=True)
                 if watch is None:

@@ -73,7 +73,8 @@ def mixed_layouts(rank, world, endpoint):
 
 
 def fsdp_partial_node(rank, world, endpoint):
-    """A job of 4 ranks where this 'node' runs 2 of them: the snapshot is partial."""
+    """A job of 4 ranks where this 'node' runs 2 of them and the job is not joined (``job=False``):
+    the node's snapshot is partial."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import Shard, distribute_tensor
 
@@ -84,7 +85,7 @@ def fsdp_partial_node(rank, world, endpoint):
     if rank >= 2:  # the other node's ranks have their own daemon; not simulated here
         dist.barrier()
         return None
-    client = StagingClient(endpoint, rank=rank, local_world_size=2, world_size=world, strict=True)
+    client = StagingClient(endpoint, rank=rank, local_world_size=2, world_size=world, strict=True, job=False)
     result = client.stage({"w": w, "b": torch.ones(3)}, step=1).wait(60)
     client.close()
     dist.barrier()
@@ -110,3 +111,144 @@ def die_mid_step(endpoint, rank, width):
     staging._Worker._destinations = scribble_and_die
     client.stage({f"w{rank}": w}, step=2)
     time.sleep(60)
+
+
+def multi_node_placements(world):
+    """The mixed layouts of :func:`mixed_layouts` for ranks split over 2 nodes (torchrun order): the
+    2-D mesh's dimension 0 runs across nodes, so "hsdp" replicates across nodes and shards inside
+    one, "tp_col" is tensor-parallel inside a node, "fsdp_uneven" shards over every rank."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Replicate, Shard
+
+    mesh1 = init_device_mesh("cpu", (world,))
+    mesh2 = init_device_mesh("cpu", (2, world // 2))
+    return {
+        "fsdp_uneven": (mesh1, [Shard(0)]), "tiny": (mesh1, [Shard(0)]),
+        "tp_col": (mesh2, [Replicate(), Shard(1)]), "hsdp": (mesh2, [Replicate(), Shard(0)]),
+        "two_d": (mesh2, [Shard(0), Shard(1)]), "strided": (mesh2, [Shard(0), Shard(0)]),
+        "bf16_rows": (mesh1, [Shard(1)]), "repl": (mesh1, [Replicate()]),
+    }
+
+
+def scaled(full, step):
+    return {k: v * step if v.is_floating_point() else v + step for k, v in full.items()}
+
+
+def multi_node_stage(rank, world, steps):
+    """Stage ``steps`` of the mixed layouts from a job spanning nodes (each rank's daemon from
+    STAGER_ENDPOINT); rank 0 then reads the newest through its own node's daemon."""
+    from torch.distributed.tensor import distribute_tensor
+
+    from stager.client import StagingClient, Subscriber
+
+    placements = multi_node_placements(world)
+    client = StagingClient(strict=True)
+    results = []
+    for step in steps:
+        full = scaled(full_tensors(), step)
+        sd = {"model": {k: distribute_tensor(v, *placements[k]) if k in placements else v for k, v in full.items()},
+              "train": {"step": step}}
+        results.append(client.stage(sd, step=step).wait(60))
+    client.close()
+    dist.barrier()
+    out = {"sealed": results, "job": client.job.job if client.job else None}
+    if rank == 0:
+        with Subscriber() as sub, sub.latest() as snap:
+            expected = scaled(full_tensors(), steps[-1])
+            assert snap.step == steps[-1] and sorted(snap) == sorted(f"model.{k}" for k in expected)
+            for k, v in expected.items():
+                assert torch.equal(snap[f"model.{k}"], v), k
+            assert snap.objects == {"train.step": steps[-1]}
+            out["job_seen"] = sub.job
+    dist.barrier()
+    return out
+
+
+LLAMA_CONFIG = {"vocab_size": 96, "hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": 2,
+                "num_attention_heads": 4, "num_key_value_heads": 2}
+LLAMA_INFO = {"adapter": "llama3", "hf_config": LLAMA_CONFIG}
+
+
+def llama_full(step):
+    """A torchtitan-style Llama state (odd row counts: FSDP shards are uneven over 3 ranks)."""
+    g = torch.Generator().manual_seed(step)
+    shapes = {"tok_embeddings.weight": (96, 32), "norm.weight": (32,), "output.weight": (96, 32)}
+    for i in range(2):
+        shapes.update({f"layers.{i}.attention.wq.weight": (32, 32), f"layers.{i}.attention.wk.weight": (16, 32),
+                       f"layers.{i}.attention.wv.weight": (16, 32), f"layers.{i}.attention.wo.weight": (32, 32),
+                       f"layers.{i}.attention_norm.weight": (32,), f"layers.{i}.ffn_norm.weight": (32,),
+                       f"layers.{i}.feed_forward.w1.weight": (48, 32), f"layers.{i}.feed_forward.w2.weight": (32, 48),
+                       f"layers.{i}.feed_forward.w3.weight": (48, 32)})
+    return {k: torch.randn(s, generator=g) for k, s in shapes.items()}
+
+
+def stage_fsdp_llama(rank, world, steps, signal_dir=None):
+    """FSDP (Shard(0) over every rank of every node) of :func:`llama_full`, one version per step.
+    With ``signal_dir``: after the first step, wait for the file ``go`` there before the next ones
+    (the test restarts a node's daemon in between)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    from stager.client import StagingClient
+
+    mesh = init_device_mesh("cpu", (world,))
+    client = StagingClient(strict=True, timeout=30)
+    sealed = []
+    for i, step in enumerate(steps):
+        if i == 1 and signal_dir:
+            open(os.path.join(signal_dir, f"staged-{rank}"), "w").close()
+            while not os.path.exists(os.path.join(signal_dir, "go")):
+                time.sleep(0.05)  # waiting for the test's signal, not a proof of anything
+        sd = {k: distribute_tensor(v, mesh, [Shard(0)]) for k, v in llama_full(step).items()}
+        sealed.append(client.stage(sd, step=step, model_info=LLAMA_INFO).wait(60))
+    client.close()
+    dist.barrier()
+    return sealed
+
+
+def stage_replicated(rank, world, steps):
+    """HSDP with whole replicas on every node (Replicate across nodes, Shard(0) inside), plus
+    ``fsdp.w`` sharded across every rank when ``steps`` says so (``"fsdp"``)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+
+    from stager.client import StagingClient
+
+    mesh2 = init_device_mesh("cpu", (2, world // 2))
+    mesh1 = init_device_mesh("cpu", (world,))
+    client = StagingClient(strict=True)
+    for step, fsdp in steps:
+        full = scaled(full_tensors(), step)
+        sd = {"hsdp": distribute_tensor(full["hsdp"], mesh2, [Replicate(), Shard(0)]),
+              "two": distribute_tensor(full["tp_col"], mesh2, [Replicate(), Shard(1)])}
+        if fsdp:
+            sd["fsdp"] = distribute_tensor(full["fsdp_uneven"], mesh1, [Shard(0)])
+        client.stage(sd, step=step).wait(60)
+    client.close()
+    dist.barrier()
+
+
+def dcp_node_writer(rank, world, out):
+    """One `write-dcp --distributed` writer per node (its node's daemon from STAGER_ENDPOINT)."""
+    from stager.consumers.write_dcp_dist import write_dcp_distributed
+
+    return write_dcp_distributed(out)
+
+
+def load_dcp_sharded(rank, world, path, expected_step):
+    """Load a DCP checkpoint of :func:`multi_node_stage`'s step into DTensors sharded over ``world``
+    ranks (another world size than the job's) and compare with the unsharded state."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    mesh = init_device_mesh("cpu", (world,))
+    expected = {f"model.{k}": v for k, v in scaled(full_tensors(), expected_step).items()}
+    template = {k: distribute_tensor(torch.zeros_like(v), mesh, [Shard(0)]) if v.dim() else torch.zeros_like(v)
+                for k, v in expected.items()}
+    template["train.step"] = -1
+    dcp.load(template, checkpoint_id=path)
+    for k, v in expected.items():
+        got = template[k].full_tensor() if hasattr(template[k], "full_tensor") else template[k]
+        assert torch.equal(got, v), k
+    return template["train.step"]

@@ -5,7 +5,8 @@ import torch
 
 from native_llama import NativeLlama
 from stager.client.adapters import (
-    Llama3Adapter, Qwen3Adapter, load_adapter, permute_for_hf_rotary, to_hf_items, unpermute_from_hf_rotary,
+    Llama3Adapter, Qwen3Adapter, fill_hf, load_adapter, permute_for_hf_rotary, to_hf_items, unpermute_from_hf_rotary,
+    with_prefix,
 )
 from stager.protocol import StagerError
 
@@ -28,6 +29,33 @@ def test_rotary_permutation_inverts(heads, rows, cols):
     ordered = permute_for_hf_rotary(torch.arange(rows).float().unsqueeze(1), heads).squeeze(1)
     head = rows // heads
     assert ordered[:head].tolist() == list(range(0, head, 2)) + list(range(1, head, 2))
+
+
+@pytest.mark.parametrize("make,native", [
+    (lambda: Llama3Adapter(CONFIG), dict(qkv_linear=False)),
+    (lambda: Llama3Adapter(CONFIG), dict(qkv_linear=True)),
+    (lambda: Llama3Adapter(CONFIG, rope_layout="halves"), dict(qkv_linear=False)),
+    (lambda: Qwen3Adapter(CONFIG, rope_layout="interleaved"), dict(qkv_linear=False, qwen=True)),
+    (lambda: with_prefix(Llama3Adapter(CONFIG), "model."), dict(qkv_linear=False, prefix="model.")),
+], ids=["llama3", "llama3 qkv_linear", "llama3 halves", "qwen3 interleaved", "prefixed"])
+def test_filling_existing_tensors_equals_converting(make, native):
+    """fill_hf writes what to_hf_items gives, into the caller's tensors (any dtype), and skips the
+    names it is not given."""
+    prefix = native.pop("prefix", "")
+    torch.manual_seed(0)
+    sd = {prefix + k: v for k, v in NativeLlama(CONFIG, **native).state_dict().items()}
+    if prefix:
+        sd["optim.state.x"] = torch.zeros(1)  # not part of the prefixed model: nothing written
+    expected = dict(to_hf_items(make(), sd.items()))
+    out = {n: torch.empty(t.shape, dtype=torch.float64) for n, t in expected.items()}
+    skipped = out.pop(next(iter(out)))
+    adapter, written = make(), []
+    for name, t in sd.items():
+        written += fill_hf(adapter, name, t, out)
+    assert sorted(written) == sorted(out) and skipped.shape
+    assert all(torch.equal(out[n], expected[n].double()) for n in out)
+    with pytest.raises(StagerError, match=r"contiguous \[32, 32\] tensor, not a \[16, 64\] one"):
+        permute_for_hf_rotary(torch.zeros(32, 32), 4, out=torch.zeros(16, 64))
 
 
 @pytest.mark.parametrize("qkv_linear", [False, True], ids=["legacy names", "qkv_linear names"])

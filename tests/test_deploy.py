@@ -338,8 +338,8 @@ def test_sbatch_stager_commands_parse():
     # the daemons start through `bash -c '... exec "$2" serve ...' _ "$RUN_DIR" "$STAGER" ...`: the inner command
     # is checked itself, the outer one only hands $STAGER over as an argument
     lines = [line for line in lines if not line.startswith('"$')]
-    lines += re.findall(r'exec "\$2" ([^\']+)\'', text)
-    assert len(lines) >= 4  # serve, status, write-dcp, export-hf
+    lines += re.findall(r'exec "\$2" ([^\'\n]+)', text)
+    assert len(lines) >= 5  # serve (ipc; tcp with keys), status, write-dcp, export-hf
     for line in lines:
         argv = [re.sub(r'\$\{?(\w+)(:-([^}]*))?\}?', lambda m: m.group(3) or "1", w) for w in shlex.split(line)]
         parse_cli([a for a in argv if a != ">/dev/null"])

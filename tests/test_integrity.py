@@ -164,3 +164,11 @@ def test_damaged_dcp_diff_from_the_command_line(tmp_path):
     out = stager("diff", good, bad)
     assert out.returncode == 2 and out.stderr.count("\n") == 1 and "Traceback" not in out.stderr
     assert os.path.join(bad, ".metadata") in out.stderr
+
+
+def test_checksum_of_a_strided_view_is_that_of_its_values():
+    from stager.consumers.integrity import checksum
+
+    base = torch.randn(64, 48).bfloat16()
+    for view in (base[:, 3:4], base.t(), base[::2, 5:9]):
+        assert not view.is_contiguous() and checksum(view) == checksum(view.clone())

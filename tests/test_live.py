@@ -215,3 +215,42 @@ def test_hf_view_through_a_plug_in_adapter(make_daemon):
         assert all(torch.equal(snap["x." + k], v) for k, v in sd.items())
         assert all(torch.equal(t, sd[n[2:]]) for n, t in snap.items())
         assert torch.equal(snap.get("x.norm.weight", shard=(0, 1, 2)), sd["norm.weight"][16:])
+
+
+@pytest.mark.parametrize("view,remote", [("hf", False), ("hf", True), ("native", False)],
+                         ids=["hf shared memory", "hf frames", "native"])
+def test_load_into_fills_existing_tensors_in_place(make_daemon, view, remote):
+    d = make_daemon()
+    stage(d.endpoint, [1])
+    sd = llama_sd(1)
+    expected = load_adapter("llama3", CONFIG).to_hf(sd) if view == "hf" else sd
+    dst = {n: torch.full(t.shape, -1.0, dtype=torch.bfloat16) for n, t in expected.items()}
+    dst.pop(next(iter(dst)))  # a name left out is not read
+    before = {n: t.data_ptr() for n, t in dst.items()}
+    with Subscriber(d.endpoint, view=view, remote=remote) as sub, sub.latest() as snap:
+        assert snap.load_into(dst) == list(dst)
+    assert {n: t.data_ptr() for n, t in dst.items()} == before  # the same tensors, written in place
+    assert all(torch.equal(t, expected[n].bfloat16()) for n, t in dst.items())
+
+
+def test_load_into_checks_every_shape_before_reading(make_daemon):
+    d = make_daemon()
+    stage(d.endpoint, [1])
+    q = "model.layers.0.self_attn.q_proj.weight"
+    dst = {"model.norm.weight": torch.zeros(32), q: torch.zeros(16, 32)}
+    with Subscriber(d.endpoint, view="hf") as sub, sub.latest() as snap:
+        with pytest.raises(StagerError, match=r"q_proj.weight: step 1 holds shape \[32, 32\].* is \[16, 32\]"):
+            snap.load_into(dst)
+        with pytest.raises(KeyError, match="not in step 1's hf view"):
+            snap.load_into({"model.nope": torch.zeros(1)})
+    assert not dst["model.norm.weight"].any()  # nothing was written
+
+
+def test_load_into_through_a_whole_dict_plug_in(make_daemon):
+    d = make_daemon()
+    stage(d.endpoint, [1])
+    sd = llama_sd(1)
+    dst = {"x.norm.weight": torch.zeros(32), "x.output.weight": torch.zeros(96, 32)}
+    with Subscriber(d.endpoint, view="hf", adapter=EagerPlugin({"prefix": "x."})) as sub, sub.latest() as snap:
+        assert snap.load_into(dst) == ["x.norm.weight", "x.output.weight"]
+    assert torch.equal(dst["x.norm.weight"], sd["norm.weight"]) and torch.equal(dst["x.output.weight"], sd["output.weight"])

@@ -4,6 +4,7 @@ from stager.protocol import (
     Abort, Acquire, AcquireReply, Announce, Begin, BeginReply, Bye, Commit, ErrorReply, Hello, HelloReply, Ok,
     Ping, Pong, Put, Read, ReadItem, ReadReply, Release, Sealed, Status, StatusReply, Subscribe, SubscribeReply,
 )
+from stager.protocol.job import JobInfo, JobInfoReply, Join
 from stager.protocol.layout import Placement, layouts_from_wire, plan_from_wire
 from stager.protocol.quant import QuantSpec
 
@@ -38,4 +39,9 @@ EXAMPLES = [
     SubscribeReply(step=None, seq=0),
     Announce(step=5, seq=6, tensors=2, nbytes=36, model_info={"adapter": "identity"}, partial=False),
     ReadReply(count=1, frames=[b"\x02" * 8]),
+    Join(job="j1", node="a", nodes={"a": "ipc:///a.sock", "b": "tcp://b:7555"}, ranks={"a": [0, 1], "b": [2, 3]},
+         world_size=4),
+    JobInfo(),
+    JobInfoReply(job="j1", node="a", endpoint="ipc:///a.sock", nodes={"a": "ipc:///a.sock", "b": "tcp://b:7555"},
+                 sealed=[3, 4], staging=[5], failed=[2]),
 ]

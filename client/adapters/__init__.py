@@ -24,8 +24,8 @@ from typing import Any, Literal, NamedTuple
 import torch  # noqa: F401  (the doctest above)
 
 from .base import (
-    Adapter, HFTensor, IdentityAdapter, PerTensorAdapter, adapter_error, check_adapter, hf_items, hf_names,
-    is_per_tensor, permute_for_hf_rotary, to_hf_items, unpermute_from_hf_rotary, with_prefix,
+    Adapter, HFTensor, IdentityAdapter, PerTensorAdapter, adapter_error, check_adapter, fill_hf, hf_items,
+    hf_names, is_per_tensor, permute_for_hf_rotary, to_hf_items, unpermute_from_hf_rotary, with_prefix,
 )
 from .deepseek import DeepSeekV3Adapter
 from .llama import Llama3Adapter, Qwen3Adapter
@@ -38,7 +38,7 @@ CONSUMER: Origin = "consumer"  # given by the reader/exporter itself (argument, 
 STAGED: Origin = "staged"  # read from the staged version's model_info (written by the trainer)
 
 __all__ = ["Adapter", "BUILT_IN", "CONSUMER", "DeepSeekV3Adapter", "HFTensor", "IdentityAdapter", "Llama3Adapter",
-           "PerTensorAdapter", "Qwen3Adapter", "Resolved", "STAGED", "check_adapter", "hf_items", "hf_names",
+           "PerTensorAdapter", "Qwen3Adapter", "Resolved", "STAGED", "check_adapter", "fill_hf", "hf_items", "hf_names",
            "is_per_tensor", "load_adapter", "permute_for_hf_rotary", "resolve_adapter", "to_hf_items",
            "unpermute_from_hf_rotary", "with_prefix"]
 

@@ -30,7 +30,7 @@ import torch
 from stager.protocol import ErrorCode, StagerError
 
 __all__ = ["Adapter", "HFTensor", "IdentityAdapter", "PerTensorAdapter", "adapter_error", "check_adapter",
-           "hf_items", "hf_names", "is_per_tensor", "permute_for_hf_rotary", "to_hf_items",
+           "fill_hf", "hf_items", "hf_names", "is_per_tensor", "permute_for_hf_rotary", "to_hf_items",
            "unpermute_from_hf_rotary"]
 
 
@@ -86,6 +86,27 @@ def hf_items(adapter: PerTensorAdapter, name: str, tensor: torch.Tensor) -> list
         raise adapter_error(f"{type(adapter).__name__} converts whole state dicts only (no to_hf_items): "
                             f"convert {name!r} with the others through to_hf_items(adapter, items)")
     return list(adapter.to_hf_items(name, tensor))
+
+
+def fill_hf(adapter: Any, name: str, tensor: torch.Tensor, out: dict[str, torch.Tensor]) -> list[str]:
+    """Write the HF tensors of native ``name`` into the tensors of ``out`` (by HF name; those
+    absent are skipped, any dtype: ``copy_`` casts) and return the names written. Adapters with a
+    ``to_hf_into(name, tensor, out)`` write there directly (no intermediate tensor, e.g. for the
+    rotary permutation); the others go through :func:`hf_items` and ``copy_``.
+
+    >>> out = {"w": torch.zeros(2)}
+    >>> fill_hf(IdentityAdapter(), "w", torch.ones(2), out), out["w"].tolist()
+    (['w'], [1.0, 1.0])
+    """
+    into = getattr(adapter, "to_hf_into", None)
+    if into is not None:
+        return list(into(name, tensor, out))
+    written = []
+    for hf_name, t in hf_items(adapter, name, tensor):
+        if hf_name in out:
+            out[hf_name].copy_(t)
+            written.append(hf_name)
+    return written
 
 
 def to_hf_items(adapter: Any, items: Iterable[tuple[str, Any]]) -> Iterator[tuple[str, Any]]:
@@ -185,6 +206,11 @@ class _PrefixedPerTensor(Prefixed):
             return []
         return list(self.adapter.to_hf_items(name[len(self.prefix):], tensor))
 
+    def to_hf_into(self, name: str, tensor: torch.Tensor, out: dict[str, torch.Tensor]) -> list[str]:
+        if not name.startswith(self.prefix):
+            return []
+        return fill_hf(self.adapter, name[len(self.prefix):], tensor, out)
+
 
 def with_prefix(adapter: Any, prefix: str | None) -> Any:
     """``adapter`` applied to the names under ``prefix`` only (see :class:`Prefixed`); as is when
@@ -194,10 +220,18 @@ def with_prefix(adapter: Any, prefix: str | None) -> Any:
     return (_PrefixedPerTensor if is_per_tensor(adapter) else Prefixed)(adapter, prefix)
 
 
-def permute_for_hf_rotary(w: torch.Tensor, n_heads: int) -> torch.Tensor:
-    """Meta-style (interleaved pairs) rotary rows -> HF's rotate_half order, per head."""
+def permute_for_hf_rotary(w: torch.Tensor, n_heads: int, *, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Meta-style (interleaved pairs) rotary rows -> HF's rotate_half order, per head. ``out``: write
+    into this tensor (of w's shape; any dtype) with no intermediate copy, and return it."""
     rows, cols = w.shape
-    return w.view(n_heads, rows // n_heads // 2, 2, cols).transpose(1, 2).reshape(rows, cols)
+    pairs = w.view(n_heads, rows // n_heads // 2, 2, cols).transpose(1, 2)
+    if out is None:
+        return pairs.reshape(rows, cols)
+    if tuple(out.shape) != (rows, cols) or not out.is_contiguous():
+        raise adapter_error(f"the rotary permutation writes a contiguous {[rows, cols]} tensor, not a "
+                            f"{'non-contiguous ' if not out.is_contiguous() else ''}{list(out.shape)} one")
+    out.view(pairs.shape).copy_(pairs)
+    return out
 
 
 def unpermute_from_hf_rotary(w: torch.Tensor, n_heads: int) -> torch.Tensor:

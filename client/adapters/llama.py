@@ -119,17 +119,18 @@ class Llama3Adapter:
         parts = {"wq": grouped[:, :per_kv], "wk": grouped[:, per_kv], "wv": grouped[:, per_kv + 1]}
         return [(f"attention.qkv_linear.{k}.weight", p.reshape(-1, w.shape[1])) for k, p in parts.items()]
 
-    def _layer_item(self, layer: str, suffix: str, tensor: torch.Tensor, name: str) -> tuple[str, torch.Tensor]:
+    def _layer_item(self, layer: str, suffix: str, tensor: torch.Tensor, name: str
+                    ) -> tuple[str, torch.Tensor, int | None]:
         hf = self._lookup(self.LAYER_KEYS, suffix, name)
         heads = self._rotary_heads(suffix)
         if heads is not None:
             self._check_rows(name, tensor, heads)
-            if self.permute:
-                tensor = permute_for_hf_rotary(tensor, heads)
         self._seen_layer[hf] = suffix
-        return f"model.layers.{layer}.{hf}", tensor
+        return f"model.layers.{layer}.{hf}", tensor, heads if self.permute else None
 
-    def to_hf_items(self, name: str, tensor: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
+    def _items(self, name: str, tensor: torch.Tensor) -> list[tuple[str, torch.Tensor, int | None]]:
+        """``[(hf name, tensor, heads)]``: the HF tensor is ``tensor`` with its rotary rows still to
+        be permuted over ``heads`` heads (None: as is)."""
         match = self._LAYER.match(name)
         if match:
             layer, suffix = match.groups()
@@ -140,7 +141,26 @@ class Llama3Adapter:
         self._seen_top[hf] = name
         if hf == "lm_head.weight" and self.tied:
             return []  # tied: transformers takes lm_head from the embedding
-        return [(hf, tensor)]
+        return [(hf, tensor, None)]
+
+    def to_hf_items(self, name: str, tensor: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
+        return [(hf, t if heads is None else permute_for_hf_rotary(t, heads))
+                for hf, t, heads in self._items(name, tensor)]
+
+    def to_hf_into(self, name: str, tensor: torch.Tensor, out: dict[str, torch.Tensor]) -> list[str]:
+        """:func:`~stager.client.adapters.fill_hf` for this adapter: permuted rows are written
+        straight into ``out``'s tensors (an engine's own parameters), with no intermediate."""
+        written = []
+        for hf, t, heads in self._items(name, tensor):
+            dst = out.get(hf)
+            if dst is None:
+                continue
+            if heads is None:
+                dst.copy_(t)
+            else:
+                permute_for_hf_rotary(t, heads, out=dst)
+            written.append(hf)
+        return written
 
     def to_hf(self, state_dict: dict) -> dict:
         return dict(item for name, t in state_dict.items() for item in self.to_hf_items(name, t))
@@ -196,12 +216,12 @@ class Qwen3Adapter(Llama3Adapter):
     NOT_WRITTEN = ("mlp.w1.weight", "mlp.w2.weight", "mlp.w3.weight")
     _NORMS = ("attention.q_norm.weight", "attention.k_norm.weight")
 
-    def to_hf_items(self, name: str, tensor: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
+    def _items(self, name: str, tensor: torch.Tensor) -> list[tuple[str, torch.Tensor, int | None]]:
         if name.endswith(self._NORMS):
             self._check_norm(name, tensor)
             if self.permute:
                 tensor = tensor.view(-1, 2).t().reshape(-1)  # (head_dim/2, 2) pairs -> (2, head_dim/2) halves
-        return super().to_hf_items(name, tensor)
+        return super()._items(name, tensor)
 
     def from_hf(self, hf_state_dict: dict) -> dict:
         out = super().from_hf(hf_state_dict)

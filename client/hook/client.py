@@ -27,7 +27,7 @@ from typing import Any, Mapping
 
 import torch
 
-from stager.protocol import Abort, BeginReply, ErrorCode, RemoteError, StagerError
+from stager.protocol import Abort, BeginReply, ErrorCode, Join, RemoteError, StagerError
 from stager.protocol.layout import PlanEntry
 from stager.protocol.messages import check_model_info
 
@@ -86,6 +86,10 @@ class StagingClient:
         seal_timeout: seconds after which an unsealed step's handle fails.
         backpressure_timeout: seconds the daemon may hold a step waiting for memory (default: refuse at once).
         transport: ``"auto"`` (shared memory on the daemon's host, frames otherwise), ``"shm"`` or ``"frames"``.
+        job: a job spanning nodes (``world_size > local_world_size`` under torch.distributed) joins its
+            daemons into one store at construction (a collective: one all_gather over gloo, see
+            ``hook/job.py``); this names the job (default ``$STAGER_JOB_ID``, else a token drawn
+            for this run); ``False``: do not join (each node's versions stay partial).
 
     >>> client = StagingClient()  # doctest: +SKIP
     >>> client.stage({"w": torch.ones(4)}, step=1).wait()  # doctest: +SKIP
@@ -94,14 +98,17 @@ class StagingClient:
 
     def __init__(self, endpoint: str | None = None, *, rank: int | None = None, local_world_size: int | None = None,
                  world_size: int | None = None, strict: bool = False, timeout: float = 10.0,
-                 seal_timeout: float = 300.0, backpressure_timeout: float = 0.0, transport: str = "auto"):
+                 seal_timeout: float = 300.0, backpressure_timeout: float = 0.0, transport: str = "auto",
+                 job: str | bool | None = None):
         if transport not in ("auto", "shm", "frames"):
             raise ValueError(f"transport must be auto, shm or frames, not {transport!r}")
         rank, local_world_size, world_size = _rank_info(rank, local_world_size, world_size)
         self.rank, self.strict = rank, strict
+        conn = Connection(endpoint, role="trainer", rank=rank, local_world_size=local_world_size,
+                          world_size=world_size)
+        self.job = self._join(conn, job, world_size > local_world_size, timeout)  # before the worker owns conn
         self._worker = _Worker(
-            Connection(endpoint, role="trainer", rank=rank, local_world_size=local_world_size,
-                       world_size=world_size),
+            conn,
             full_world=world_size == local_world_size, timeout=timeout, seal_timeout=seal_timeout,
             wait_ms=int(backpressure_timeout * 1000), transport=transport)
         self.endpoint = self._worker.conn.endpoint
@@ -109,6 +116,24 @@ class StagingClient:
         self._thread = threading.Thread(target=self._worker.run, name=f"stager-client-{rank}", daemon=True)
         self._thread.start()
         self._finalizer = weakref.finalize(self, _Worker.shutdown, self._worker, self._thread, 0.0)
+
+    def _join(self, conn: Connection, job: str | bool | None, spans_nodes: bool, timeout: float) -> Join | None:
+        import torch.distributed as dist
+
+        if job is False or not spans_nodes or not (dist.is_available() and dist.is_initialized()):
+            return None
+        from .job import join_job
+
+        try:
+            msg = join_job(conn, job=job if isinstance(job, str) else None, timeout=timeout)
+        except StagerError as exc:
+            if self.strict:
+                conn.close()
+                raise
+            log.warning("could not join the multi-node job: %s", exc)
+            return None
+        conn.rejoin = msg  # said again to a restarted daemon, right after hello
+        return msg
 
     def stage(self, state_dict: Mapping[str, Any], *, step: int, model_info: dict | None = None) -> StageHandle:
         """Queue ``state_dict`` as version ``step`` and return at once.

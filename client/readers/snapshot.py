@@ -17,7 +17,7 @@ from stager.protocol.dtypes import DTYPES
 from stager.protocol.layout import check_box, narrow_box, shard_box
 from stager.protocol.quant import QuantSpec, dequantize
 
-from ..adapters import hf_items, to_hf_items
+from ..adapters import fill_hf, hf_items, to_hf_items
 from .views import ViewEntry, arrange, native_box
 
 
@@ -53,7 +53,7 @@ class Snapshot(Mapping):
         entry = self._entry(name)
         if self._adapter is not None and not entry.source:
             return self._eager_hf()[name]
-        return dict(self._convert(entry.source, only=name))[name]
+        return dict(self._convert(entry.source, self._native(entry.source), only=name))[name]
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._entries)
@@ -71,6 +71,48 @@ class Snapshot(Mapping):
         if self._adapter is not None and any(not e.source for e in entries.values()):
             yield from ((n, t) for n, t in self._eager_hf().items() if n in entries)
             return
+        for fqn, t in self._natives(entries):
+            yield from self._convert(fqn, t, wanted=entries)
+
+    def load_into(self, out: Mapping[str, torch.Tensor]) -> list[str]:
+        """Copy tensors of this version into existing ones, ``out = {name in this view: tensor}``
+        (an inference engine's parameters, a model's ``state_dict()``), casting to each one's dtype;
+        returns the names written, in staging order. Shapes are checked before any byte is read.
+        Unlike :meth:`items` nothing is allocated per tensor: the adapter's transforms (the rotary
+        permutation) write straight into ``out``, so a new reader's first version costs what a
+        later one does.
+
+        >>> params = dict(model.named_parameters())                  # doctest: +SKIP
+        >>> with Subscriber(view="hf").latest() as snap, torch.no_grad():
+        ...     snap.load_into(params)
+        """
+        self._check()
+        entries = {}
+        for name, dst in out.items():
+            entry = entries[name] = self._entry(name)
+            if not isinstance(dst, torch.Tensor) or tuple(dst.shape) != tuple(entry.shape):
+                what = list(dst.shape) if isinstance(dst, torch.Tensor) else type(dst).__name__
+                raise StagerError(ErrorCode.BAD_VALUE, f"{name}: step {self.step} holds shape {list(entry.shape)}, "
+                                                       f"the tensor to load it into is {what}: pass a tensor of "
+                                                       "the staged shape (or read it with get())")
+        if self._adapter is not None and any(not e.source for e in entries.values()):
+            for name, t in self._eager_hf().items():  # a whole-dict adapter: converted once, then copied
+                if name in entries:
+                    out[name].copy_(t)
+            return [n for n in self._entries if n in entries]
+        targets = {name: out[name] for name in entries}
+        written: set[str] = set()
+        for fqn, t in self._natives(entries):
+            if self._adapter is None:
+                targets[fqn].copy_(t)
+                written.add(fqn)
+            else:
+                written.update(fill_hf(self._adapter, fqn, t, targets))
+        return [n for n in self._entries if n in written]
+
+    def _natives(self, entries: Mapping[str, ViewEntry]) -> Iterator[tuple[str, torch.Tensor]]:
+        """``(fqn, tensor)`` of each native tensor behind ``entries``, in staging order, read once
+        (dequantized unless keep_fp8)."""
         order = {n: i for i, n in enumerate(self._entries)}
         wanted = sorted(entries, key=order.__getitem__)
         sources = list(dict.fromkeys(entries[n].source for n in wanted))
@@ -81,7 +123,7 @@ class Snapshot(Mapping):
             if i < len(scale_names):
                 scales[fqn] = raw
             else:
-                yield from self._convert(fqn, raw, scales, wanted=entries)
+                yield fqn, self._native(fqn, raw, scales)
 
     def get(self, name: str, *, shard: tuple[int, int, int] | None = None, offsets=None, sizes=None) -> torch.Tensor:
         """``name``, or only the part a reader needs: ``shard=(dim, rank, world)`` (an inference
@@ -112,6 +154,16 @@ class Snapshot(Mapping):
         self._check()
         return [(n, e.dtype, e.shape) for n, e in self._entries.items()]
 
+    def placement(self) -> dict[str, list[tuple[tuple[int, ...], tuple[int, ...], list[str]]]] | None:
+        """A multi-node job's version: per native tensor its regions ``(offset, shape, [nodes
+        holding it])`` (what a per-node writer plans from); None for a single node's version."""
+        self._check()
+        merged = getattr(self._source, "merged", None)
+        if merged is None:
+            return None
+        return {fqn: [(r.box.offset, r.box.shape, sorted(n for n, _ in r.holders)) for r in m.regions]
+                for fqn, m in merged.items()}
+
     def regions(self, fqn: str) -> list[tuple[tuple[int, ...], torch.Tensor]]:
         """``[(global_offset, tensor)]`` of the parts of native tensor ``fqn`` this version holds
         (same-host readers of a partial version: the job spans nodes)."""
@@ -137,9 +189,9 @@ class Snapshot(Mapping):
             t = dequantize(t, scale, spec, self._dtype)
         return t
 
-    def _convert(self, fqn: str, raw: torch.Tensor | None = None, scales: dict | None = None,
-                 only: str | None = None, wanted: Any = None) -> Iterator[tuple[str, torch.Tensor]]:
-        t = self._native(fqn, raw, scales)
+    def _convert(self, fqn: str, t: torch.Tensor, only: str | None = None,
+                 wanted: Any = None) -> Iterator[tuple[str, torch.Tensor]]:
+        """The view's tensors of native tensor ``fqn`` (``t``: as :meth:`_native` gives it)."""
         items = [(fqn, t)] if self._adapter is None else hf_items(self._adapter, fqn, t)
         wanted = self._entries if wanted is None else wanted
         for name, out in items:

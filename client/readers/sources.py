@@ -39,6 +39,15 @@ class LocalSource:
             raise StagerError(ErrorCode.PARTIAL, f"{fqn}: this node holds only part of it; use regions({fqn!r})")
         return self.regions[fqn][0][1]
 
+    def part(self, fqn: str, box) -> torch.Tensor:
+        """A view of ``box`` (global coordinates), which must lie in one block this segment holds."""
+        for offset, view in self.regions[fqn]:
+            inner = tuple(o - bo for o, bo in zip(box.offset, offset))
+            if all(i >= 0 and i + n <= m for i, n, m in zip(inner, box.shape, view.shape)):
+                return narrow_box(view, inner, box.shape)
+        raise StagerError(ErrorCode.PARTIAL, f"{fqn}: this node does not hold box offset {list(box.offset)} "
+                                             f"shape {list(box.shape)}")
+
     def box(self, fqn: str, offsets, sizes) -> torch.Tensor:
         t = self.full(fqn)
         return narrow_box(t, *check_box(fqn, tuple(t.shape), offsets, sizes))
@@ -60,13 +69,13 @@ class RemoteSource:
         self.meta: dict[str, TensorLayout] = {t.fqn: t for t in tensors}
         self.regions: dict = {}
 
-    def _requests(self, fqn: str, offsets, sizes) -> tuple[torch.dtype, tuple, list[tuple]]:
-        """The dtype, box sizes and the Read items (one box each) that make up this box."""
+    def read_requests(self, fqn: str, offsets, sizes) -> tuple[torch.dtype, tuple, list[tuple]]:
+        """The dtype, box sizes and the Read items (one box each, split along dimension 0 into
+        CHUNK_BYTES parts) that make up box ``(offsets, sizes)`` (global coordinates; on a node of
+        a multi-node job, the box must lie in one region that node holds)."""
         if fqn not in self.meta:
             raise KeyError(fqn)
         t = self.meta[fqn]
-        if not t.complete:
-            raise StagerError(ErrorCode.PARTIAL, f"{fqn}: this node holds only part of it")
         dtype, shape = t.torch_dtype, t.shape
         offsets, sizes = check_box(fqn, shape, offsets, sizes)
         nbytes = math.prod(sizes) * dtype.itemsize
@@ -79,22 +88,24 @@ class RemoteSource:
             parts.append(([offsets[0] + start, *offsets[1:]], [n, *sizes[1:]]))
         return dtype, sizes, parts
 
-    def _send(self, fqn: str, box: tuple) -> int:
+    def send_read(self, fqn: str, box: tuple) -> int:
+        """Ask for one box of :meth:`read_requests`; returns the request id for :meth:`recv_read`."""
         return self.conn.send(Read(lease=self.lease, items=(ReadItem(fqn, tuple(box[0]), tuple(box[1])),)))
 
-    def _recv(self, rid: int) -> memoryview:
+    def recv_read(self, rid: int, dtype: torch.dtype, shape) -> torch.Tensor:
+        """The box asked for by request ``rid``, as a tensor over the received frame (no copy)."""
         frame = self.conn.wait_reply(rid, self.timeout, "read", ReadReply).frames[0]
-        return frame.buffer if hasattr(frame, "buffer") else memoryview(frame)
+        return _tensor(frame.buffer if hasattr(frame, "buffer") else memoryview(frame), dtype, shape)
 
     def box(self, fqn: str, offsets=None, sizes=None) -> torch.Tensor:
-        return next(self._pipeline(iter([(fqn, *self._requests(fqn, offsets, sizes))])))[1]
+        return next(self._pipeline(iter([(fqn, *self.read_requests(fqn, offsets, sizes))])))[1]
 
     def full(self, fqn: str) -> torch.Tensor:
         return self.box(fqn)
 
     def stream(self, fqns: Iterable[str]) -> Iterator[tuple[str, torch.Tensor]]:
         """Whole tensors in order, with the next ones' requests already in flight."""
-        return self._pipeline((f, *self._requests(f, None, None)) for f in fqns)
+        return self._pipeline((f, *self.read_requests(f, None, None)) for f in fqns)
 
     def _pipeline(self, jobs: Iterator[tuple]) -> Iterator[tuple[str, torch.Tensor]]:
         # The daemon answers one connection's requests in order, so a tensor is complete when
@@ -112,12 +123,12 @@ class RemoteSource:
                     current[fqn] = (dtype, shape, len(parts), None, 0)
                     todo = [(fqn, part) for part in parts]
                 fqn, part = todo.pop(0)
-                inflight.append((self._send(fqn, part), fqn, part))
+                inflight.append((self.send_read(fqn, part), fqn, part))
             if not inflight:
                 return
             rid, fqn, part = inflight.pop(0)
             dtype, shape, left, out, row = current[fqn]
-            block = _tensor(self._recv(rid), dtype, part[1])
+            block = self.recv_read(rid, dtype, part[1])
             if left == 1 and out is None:  # one part: the frame is the tensor
                 del current[fqn]
                 yield fqn, block

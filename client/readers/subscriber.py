@@ -3,7 +3,8 @@
 The daemon pushes an announcement per sealed version to subscribers (no polling); a reader
 that falls behind skips to the newest version and sees how many it skipped. Same-host readers
 map the daemon's shared memory (zero-copy); readers on another host get the bytes as ZeroMQ
-frames, tensor by tensor. Both get the same API.
+frames, tensor by tensor. Both get the same API. When the daemon belongs to a job spanning
+nodes, the reader sees only versions every node sealed, each tensor whole (``.job``).
 """
 
 from __future__ import annotations
@@ -20,10 +21,12 @@ from stager.protocol import (
     Acquire, AcquireReply, Announce, ErrorCode, Release, StagerError, Subscribe, SubscribeReply,
 )
 from stager.protocol.dtypes import parse_dtype
+from stager.protocol.job import JobInfo, JobInfoReply
 from stager.protocol.shm import SHM_DIR, map_segment
 
 from ..adapters import IdentityAdapter
 from ..connection import Connection
+from .job import JobReader
 from .snapshot import Snapshot, view_entries
 from .sources import LocalSource, RemoteSource
 
@@ -67,7 +70,10 @@ class Subscriber:
         self._leases: set[int] = set()
         self._subscribed_session: str | None = None
         self._known: tuple[int, int] | None = None  # newest sealed (seq, step) this subscriber heard of
-        self._finalizer = weakref.finalize(self, Connection.close, self._conn)
+        self._links: dict[str, JobReader] = {}  # "job": the daemon's multi-node job, once asked in a session
+        self._job_session: str | None = None
+        self._job_tried: int | None = None  # job step hint an acquire last gave nothing newer for
+        self._finalizer = weakref.finalize(self, _close, self._conn, self._links)
 
     # ------------------------------------------------------------------ versions
 
@@ -84,6 +90,8 @@ class Subscriber:
         the daemon's announcement, raising TIMEOUT after ``timeout`` seconds (None: forever)."""
         deadline = None if timeout is None else time.monotonic() + timeout
         floor = -1 if step is None else step
+        if self._job_reader() is not None:
+            return self._wait_for_newer_in_job(floor, deadline, timeout, allow_partial)
         self._subscribe()
         while True:
             if self._known is not None and self._known[1] > floor:
@@ -107,6 +115,42 @@ class Subscriber:
                 self._on_unsolicited(msg)
             elif not self._conn.poll_monitor(0) or self._conn.session != self._subscribed_session:
                 self._subscribe()  # the daemon restarted: subscribe again (a no-op while it is down)
+
+    def _wait_for_newer_in_job(self, floor: int, deadline: float | None, timeout: float | None,
+                               allow_partial: bool) -> Snapshot:
+        """wait_for_newer for a multi-node job: woken by every node's announcements, leasing once
+        each node announced a step newer than ``floor`` (the job's complete step may still be older:
+        then wait for the next announcement)."""
+        while True:
+            job = self._job_reader()
+            if job is None:  # the daemon left the job (restarted): the single-node wait
+                return self.wait_for_newer(floor if floor >= 0 else None,
+                                           None if deadline is None else max(0.0, deadline - time.monotonic()),
+                                           allow_partial=allow_partial)
+            job.subscribe()
+            hint = job.newest_complete_hint()
+            if hint is not None and hint > floor and hint != self._job_tried:
+                try:
+                    snap = self._acquire(None, allow_partial)
+                except StagerError as exc:
+                    if exc.code not in (ErrorCode.NO_VERSION, ErrorCode.NODE_DOWN):
+                        raise
+                else:
+                    if snap.step > floor:
+                        return snap
+                    snap.release()
+                self._job_tried = hint  # nothing newer is complete yet: wait for the next announcement
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                raise StagerError(ErrorCode.TIMEOUT, f"no version newer than step {floor} was completed by every "
+                                                     f"node of job {job.job} within {timeout:.1f}s")
+            job.wait(1.0 if left is None else min(left, 1.0))
+
+    @property
+    def job(self) -> dict | None:
+        """The multi-node job the daemon belongs to (``{"job", "node", "nodes"}``), None if none."""
+        job = self._job_reader()
+        return None if job is None else {"job": job.job, "node": job.node, "nodes": dict(job.nodes)}
 
     def __iter__(self) -> Iterator[Snapshot]:
         """Each new version as it is sealed; the previous one is released when the next is asked
@@ -178,10 +222,36 @@ class Subscriber:
             self._adapters[key] = adapter
         return self._adapters[key]
 
+    def _job_reader(self) -> JobReader | None:
+        """The daemon's multi-node job (asked once per daemon session), None when it is in none."""
+        job = self._links.get("job")
+        if self._conn.session is not None and self._job_session == self._conn.session:
+            return job
+        info = self._conn.request(JobInfo(), self.timeout)
+        if not isinstance(info, JobInfoReply):
+            raise StagerError(ErrorCode.BAD_MESSAGE, f"unexpected {info.TYPE} reply to job_info")
+        self._job_session = self._conn.session
+        if job is not None and not (info.job and job.same_membership(info)):
+            self._links.pop("job").close()
+            job = None
+        if info.job and len(info.nodes) > 1 and job is None:
+            job = self._links["job"] = JobReader(self._conn, info, self.timeout, self._source)
+        return job
+
     def _acquire(self, step: int | None, allow_partial: bool) -> Snapshot:
-        reply = self._conn.request(Acquire(step=step), self.timeout)
-        if not isinstance(reply, AcquireReply):
-            raise StagerError(ErrorCode.BAD_MESSAGE, f"unexpected {reply.TYPE} reply to acquire")
+        job = self._job_reader()
+        if job is not None:
+            reply, source = job.acquire(step)
+        else:
+            reply = self._conn.request(Acquire(step=step), self.timeout)
+            if not isinstance(reply, AcquireReply):
+                raise StagerError(ErrorCode.BAD_MESSAGE, f"unexpected {reply.TYPE} reply to acquire")
+            source = None
+            if reply.partial and self._job_session is not None:  # the job may have been joined since we asked
+                self._job_session = None
+                if self._job_reader() is not None:
+                    self._release(reply.lease)
+                    return self._acquire(step, allow_partial)
         self._leases.add(reply.lease)
         try:
             if reply.partial and not allow_partial:
@@ -194,19 +264,24 @@ class Subscriber:
                 raise StagerError(ErrorCode.BAD_VALUE, "keep_fp8=True with view='hf' cannot rename or permute float8 "
                                                        "scales; read view='native', or let the subscriber dequantize")
             entries = view_entries(reply.tensors, reply.quant, adapter, self.keep_fp8, self._index_cache)
-            snap = Snapshot(self, reply, self._source(reply), entries, adapter, self.names)
+            snap = Snapshot(self, reply, source or self._source(reply), entries, adapter, self.names)
         except BaseException:
+            if source is not None:
+                source.close()
             self._release(reply.lease)
             raise
-        if self._known is None or reply.seq > self._known[0]:
+        if job is None and (self._known is None or reply.seq > self._known[0]):
             self._known = (reply.seq, reply.step)
         return snap
 
-    def _source(self, reply: AcquireReply):
+    def _source(self, reply: AcquireReply, conn: Connection | None = None):
+        """Where ``reply``'s bytes come from: the segment mapped (same host) or frames over ``conn``
+        (default: this subscriber's daemon; a multi-node job's reader passes each node's)."""
+        conn = conn or self._conn
         path = os.path.join(SHM_DIR, reply.segment)
-        remote = self._remote if self._remote is not None else not (self._conn.same_host and os.path.exists(path))
+        remote = self._remote if self._remote is not None else not (conn.same_host and os.path.exists(path))
         if remote:
-            return RemoteSource(self._conn, reply.lease, reply.tensors, self.timeout)
+            return RemoteSource(conn, reply.lease, reply.tensors, self.timeout)
         # mappings of segments the daemon unlinked would keep their memory alive: drop them
         for name in [n for n in self._segments if not os.path.exists(os.path.join(SHM_DIR, n))]:
             del self._segments[name]
@@ -234,6 +309,13 @@ class Subscriber:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _close(conn: Connection, links: dict) -> None:
+    for link in links.values():
+        link.close()
+    links.clear()
+    conn.close()
 
 
 def _shares_segment(t: torch.Tensor, segments: dict[str, torch.Tensor]) -> bool:

@@ -45,6 +45,8 @@ def native_box(native_shape: tuple[int, ...], strided: tuple, offsets: tuple[int
 
     >>> native_box((4, 6), ((6, 4), (1, 6), 0), (2, 0), (3, 4))  # the transpose: rows 2..4 = columns 2..4
     ((0, 2), (4, 3), [1, 0])
+    >>> native_box((5, 4), ((5, 4), (4, 1), 0), (0, 2), (5, 1))  # one column: a size-1 box keeps its offset
+    ((0, 2), (5, 1), [0, 1])
     """
     shape, stride, storage_offset = strided
     native_strides = []
@@ -61,10 +63,12 @@ def native_box(native_shape: tuple[int, ...], strided: tuple, offsets: tuple[int
     dims: list[int] = []
     used: set[int] = set()
     for k, (n, st) in enumerate(zip(shape, stride)):
-        if n == 1:
+        candidates = [p for p, s in enumerate(native_strides) if s == st and native_shape[p] > 1 and p not in used]
+        if n == 1 and not candidates:  # a size-1 dimension of its own (an unsqueeze): nothing to pick
+            if offsets[k]:
+                return None
             dims.append(-1)
             continue
-        candidates = [p for p, s in enumerate(native_strides) if s == st and native_shape[p] > 1 and p not in used]
         if not candidates:
             return None
         p = candidates[0]

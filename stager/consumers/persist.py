@@ -66,9 +66,7 @@ def fsync_tree(path: str) -> None:
 
 @contextlib.contextmanager
 def step_directory(out_dir: str, step: int) -> Iterator[str]:
-    """Yield a temporary directory; on success fsync it and rename it to ``out_dir/step-N``
-    (replacing an earlier export of that step) and point ``out_dir/latest`` at it."""
-    final = step_path(out_dir, step)
+    """Yield a temporary directory; on success fsync it and :func:`publish_step` it."""
     tmp = os.path.join(out_dir, f".{step_dirname(step)}.partial-{os.getpid()}")
     os.makedirs(out_dir, exist_ok=True)
     remove_stale_temporaries(out_dir)
@@ -77,6 +75,17 @@ def step_directory(out_dir: str, step: int) -> Iterator[str]:
     try:
         yield tmp
         fsync_tree(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    publish_step(tmp, out_dir, step)
+
+
+def publish_step(tmp: str, out_dir: str, step: int) -> str:
+    """Rename the complete, fsynced directory ``tmp`` to ``out_dir/step-N`` (replacing an earlier
+    write of that step: swapped, then dropped) and point ``out_dir/latest`` at it."""
+    final = step_path(out_dir, step)
+    try:
         if os.path.exists(final):  # re-export of a step: swap, then drop the old copy
             old = os.path.join(out_dir, f".{step_dirname(step)}.old-{os.getpid()}")
             os.rename(final, old)
@@ -94,6 +103,7 @@ def step_directory(out_dir: str, step: int) -> Iterator[str]:
         os.replace(tmp_link, link)  # atomic switch
     except OSError as exc:
         log.warning("could not update %s: %s", link, exc)
+    return final
 
 
 # what a writer leaves when killed mid-write (partial), mid-swap (old) or mid-prune (pruned)

@@ -72,8 +72,20 @@ class DaemonConfig:
     drain_timeout: float = 30.0
     """Seconds a SIGTERM waits for the steps in flight to seal before the daemon exits anyway."""
 
+    host_id: str | None = None
+    """This node's identity; None: ``$STAGER_HOST_ID``, else the machine's. Daemons (and their
+    clients) with different ids never share memory: give each simulated node on one host its own."""
+
+    advertise: str | None = None
+    """The endpoint the other nodes of a job (and their readers) reach this daemon at; None: the
+    bound endpoint. Set it when binding a wildcard (``tcp://0.0.0.0:7555`` -> ``tcp://node3:7555``)."""
+
     def __post_init__(self) -> None:
         self.endpoint = resolve(self.endpoint)
+        if self.host_id is not None and not 0 < len(self.host_id) <= 200:
+            raise ValueError("host_id must be 1 to 200 characters")
+        if self.advertise is not None:
+            resolve(self.advertise)  # the same form as an endpoint, checked before anything is bound
         if self.metrics is not None:
             parse_listen(self.metrics)  # a ValueError naming the flag, before anything is bound
         if self.drain_timeout < 0:

@@ -16,7 +16,9 @@ from stager.protocol import (
     Abort, Acquire, Begin, Bye, Commit, ErrorCode, Hello, Message, Ping, Pong, ProtocolError, Put, Read, Release,
     Status, StatusReply, Subscribe,
 )
+from stager.protocol.job import JobInfo, Join
 
+from .job import JobMembership
 from .memory import Retention, SegmentBudget
 from .peers import Peers
 from .reading import Reading
@@ -28,7 +30,7 @@ class Handlers:
     """Everything the socket loop calls: :meth:`handle` per request, :meth:`housekeep` per tick."""
 
     def __init__(self, *, budget: SegmentBudget, send: Send, send_tracked: SendTracked, keep: int,
-                 step_timeout: float, peer_timeout: float, host_id: str, session: str):
+                 step_timeout: float, peer_timeout: float, host_id: str, session: str, advertise: str):
         self.state = state = DaemonState(send=send, send_tracked=send_tracked, keep=keep, step_timeout=step_timeout,
                                          peer_timeout=peer_timeout, host_id=host_id, session=session)
         self.memory = Retention(state, budget)
@@ -37,6 +39,7 @@ class Handlers:
         self.reading = Reading(state, self.peers, self.memory)
         self.steps = Steps(state, self.peers, self.memory, announce=self.reading.announce)
         self.memory.on_freed = self.steps.retry_waiting
+        self.job = JobMembership(state, advertise)
         self.routes: dict[type, Callable[[bytes, Message], Message | None]] = {
             Hello: self.peers.on_hello, Bye: self.peers.on_bye,
             Begin: self.steps.on_begin, Put: self.steps.on_put, Commit: self.steps.on_commit,
@@ -44,6 +47,7 @@ class Handlers:
             Acquire: self.reading.on_acquire, Release: self.reading.on_release,
             Subscribe: self.reading.on_subscribe, Read: self.reading.on_read,
             Status: self.on_status, Ping: self.on_ping,
+            Join: self.job.on_join, JobInfo: self.job.on_job_info,
         }
 
     def handle(self, identity: bytes, msg: Message) -> Message | None:
@@ -88,6 +92,8 @@ class Handlers:
                        "pooled": sum(s.size for segs in budget.pool.values() for s in segs),
                        "draining": sum(s.size for s in budget.draining)},
             "keep": state.keep,
+            "node": state.host_id,
+            "job": self.job.status(),
             "retention": self.memory.status(),
             "subscribers": len(state.subscribers),
             "seq": state.seq,

@@ -18,7 +18,7 @@ from stager.protocol import (
     Acquire, AcquireReply, Announce, ErrorCode, ErrorReply, Message, Ok, Read, ReadReply, Release, StagerError,
     Subscribe, SubscribeReply,
 )
-from stager.protocol.layout import check_box, contiguous_span, narrow_box
+from stager.protocol.layout import Box, check_box, contiguous_span, narrow_box
 from stager.protocol.shm import block_view
 
 from .memory import Retention
@@ -99,21 +99,24 @@ class Reading:
             t = by_name.get(item.fqn)
             if t is None:
                 raise StagerError(ErrorCode.BAD_VALUE, f"{item.fqn[:200]}: no such tensor in step {v.step}")
-            if not t.complete:
-                raise StagerError(ErrorCode.PARTIAL, f"{t.fqn}: this node holds only part of it")
             offsets, sizes = check_box(t.fqn, t.shape, item.offsets, item.sizes)
+            held = t.block_holding(Box(offsets, sizes))
+            if held is None:
+                raise StagerError(ErrorCode.PARTIAL, f"{t.fqn}: this node holds only part of it, not all of box "
+                                                     f"offset {list(offsets)} sizes {list(sizes)}; read each part "
+                                                     "from the node holding it (JobInfo names them)")
             total += math.prod(sizes) * t.torch_dtype.itemsize
             if total > MAX_READ_BYTES:
                 raise StagerError(ErrorCode.BAD_VALUE, f"read of {total >> 20} MiB is over the {MAX_READ_BYTES >> 20} "
                                                        "MiB a reply may carry; read fewer or smaller boxes")
-            boxes.append((t, offsets, sizes))
+            boxes.append((t, held[0], held[1], sizes))
         queued = peer.read_bytes_in_flight()
         if queued and queued + total > MAX_READ_IN_FLIGHT:
             return None if resumed else self._defer(peer, msg)
         if resumed:
             peer.deferred_reads.pop(0)
         reply = ReadReply(id=msg.id, count=len(boxes))
-        reply.frames = [self._box_bytes(v, t, offsets, sizes) for t, offsets, sizes in boxes]
+        reply.frames = [self._box_bytes(v, t, block, offsets, sizes) for t, block, offsets, sizes in boxes]
         trackers = self.state.send_tracked(identity, reply)
         if trackers is not None:
             v.segment.inflight.extend(trackers)
@@ -146,13 +149,14 @@ class Reading:
                     break  # still over the cap: wait for the next tick
 
     @staticmethod
-    def _box_bytes(v: Version, t, offsets, sizes):
+    def _box_bytes(v: Version, t, block, offsets, sizes):
+        """The bytes of box ``(offsets, sizes)`` of ``block`` (offsets inside the block)."""
         itemsize = t.torch_dtype.itemsize
-        base = t.blocks[0].byte_offset
-        span = contiguous_span(t.shape, offsets, sizes)
+        base, shape = block.byte_offset, block.box.shape
+        span = contiguous_span(shape, offsets, sizes)
         if span is not None:  # zero-copy: the frame points into the segment
             return v.segment.buffer()[base + span[0] * itemsize:base + (span[0] + span[1]) * itemsize]
-        src = narrow_box(block_view(v.segment.as_bytes(), t.torch_dtype, base, t.shape), offsets, sizes)
+        src = narrow_box(block_view(v.segment.as_bytes(), t.torch_dtype, base, shape), offsets, sizes)
         gathered = bytearray(math.prod(sizes) * itemsize)
         torch.frombuffer(gathered, dtype=torch.uint8).view(t.torch_dtype).view(sizes).copy_(src)
         return gathered

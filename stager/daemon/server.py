@@ -110,7 +110,8 @@ class Daemon:
         self.handlers = Handlers(
             budget=self.budget, send=self._send, send_tracked=self._send_tracked, keep=config.keep,
             step_timeout=config.step_timeout,
-            peer_timeout=config.peer_timeout, host_id=host_id(), session=self.session)
+            peer_timeout=config.peer_timeout, host_id=config.host_id or host_id(), session=self.session,
+            advertise=config.advertise or self.endpoint)
         from .metrics import Recorder
 
         self.recorder = Recorder(self.handlers.state)

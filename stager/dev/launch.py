@@ -25,8 +25,10 @@ def free_port() -> int:
 class DaemonProcess:
     """``stager serve`` in a subprocess on a private ipc endpoint; ``with DaemonProcess() as d: d.endpoint``."""
 
-    def __init__(self, endpoint: str | None = None, *, args: tuple[str, ...] = (), startup_timeout: float = 60.0):
+    def __init__(self, endpoint: str | None = None, *, args: tuple[str, ...] = (), startup_timeout: float = 60.0,
+                 env: dict | None = None):
         self._tmp = None
+        self.env = env
         if endpoint is None:
             self._tmp = tempfile.mkdtemp(prefix="stager-")
             endpoint = f"ipc://{self._tmp}/stager.sock"
@@ -39,7 +41,7 @@ class DaemonProcess:
     def start(self) -> "DaemonProcess":
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "stager.cli", "serve", "--json", "--endpoint", self.endpoint, *self.args],
-            stdout=subprocess.PIPE, stderr=None, text=True)
+            stdout=subprocess.PIPE, stderr=None, text=True, env={**os.environ, **self.env} if self.env else None)
         ready, _, _ = select.select([self.proc.stdout], [], [], self.startup_timeout)
         line = self.proc.stdout.readline() if ready else ""
         if not line:
@@ -75,11 +77,59 @@ class DaemonProcess:
         self.stop()
 
 
+class SimulatedCluster:
+    """Several daemons on this host, each its own node (``STAGER_HOST_ID=node-<i>``, its own ipc
+    endpoint and shared memory), as a multi-node job sees them; ``run_ranks(..., nodes=c.nodes)``
+    starts ranks as torchrun does on each node.
+
+    >>> with SimulatedCluster(2) as c:  # doctest: +SKIP
+    ...     run_ranks(train, 4, nodes=c.nodes)
+    """
+
+    def __init__(self, n: int, *, args: tuple[str, ...] = ()):
+        self.daemons = [DaemonProcess(args=args, env={"STAGER_HOST_ID": f"node-{i}"}) for i in range(n)]
+
+    @property
+    def nodes(self) -> list[dict]:
+        """Per node, the environment its ranks get: its host id and its daemon's endpoint."""
+        return [{"STAGER_HOST_ID": d.env["STAGER_HOST_ID"], "STAGER_ENDPOINT": d.endpoint} for d in self.daemons]
+
+    @property
+    def endpoints(self) -> list[str]:
+        return [d.endpoint for d in self.daemons]
+
+    def __enter__(self) -> "SimulatedCluster":
+        try:
+            for d in self.daemons:
+                d.start()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def stop(self) -> None:
+        for d in self.daemons:
+            d.stop()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def _rank_env(rank: int, world_size: int, env: dict, nodes: list[dict] | None) -> dict:
+    """torchrun's variables for ``rank``; with ``nodes``, the ranks are split evenly over them in order."""
+    if not nodes:
+        return {**env, "LOCAL_RANK": str(rank), "LOCAL_WORLD_SIZE": str(env.get("LOCAL_WORLD_SIZE", world_size))}
+    per_node = world_size // len(nodes)
+    if per_node * len(nodes) != world_size:
+        raise ValueError(f"{world_size} ranks do not split evenly over {len(nodes)} nodes")
+    return {**env, **{k: str(v) for k, v in nodes[rank // per_node].items()}, "LOCAL_RANK": str(rank % per_node),
+            "LOCAL_WORLD_SIZE": str(per_node), "GROUP_RANK": str(rank // per_node)}
+
+
 def _rank_main(target, rank, world_size, port, args, queue, env) -> None:
     os.environ.update(env)
     os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(rank),
-                       "WORLD_SIZE": str(world_size), "LOCAL_RANK": str(rank),
-                       "LOCAL_WORLD_SIZE": str(env.get("LOCAL_WORLD_SIZE", world_size))})
+                       "WORLD_SIZE": str(world_size)})
     import torch.distributed as dist
 
     try:
@@ -94,10 +144,12 @@ def _rank_main(target, rank, world_size, port, args, queue, env) -> None:
 
 
 def run_ranks(target: Callable[..., Any], world_size: int, *args: Any, timeout: float = 240.0,
-              env: dict | None = None) -> list[Any]:
+              env: dict | None = None, nodes: list[dict] | None = None) -> list[Any]:
     """Run ``target(rank, world_size, *args)`` in ``world_size`` spawned gloo processes; return the results by rank.
 
     ``target`` must be importable (a module-level function). A rank that raises fails the whole call.
+    ``nodes``: per simulated node, the environment of its ranks (:attr:`SimulatedCluster.nodes`);
+    ranks are split evenly over them, with LOCAL_RANK / LOCAL_WORLD_SIZE as torchrun sets them.
     """
     import multiprocessing as mp
 
@@ -105,7 +157,8 @@ def run_ranks(target: Callable[..., Any], world_size: int, *args: Any, timeout: 
     queue = ctx.Queue()
     port = free_port()
     env = {k: str(v) for k, v in (env or {}).items()}
-    procs = [ctx.Process(target=_rank_main, args=(target, r, world_size, port, args, queue, env), daemon=True)
+    procs = [ctx.Process(target=_rank_main, args=(target, r, world_size, port, args, queue,
+                                                  _rank_env(r, world_size, env, nodes)), daemon=True)
              for r in range(world_size)]
     for p in procs:
         p.start()

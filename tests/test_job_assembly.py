@@ -1,0 +1,64 @@
+"""Pure multi-node assembly: merging the nodes' layouts of one step, complete steps, reasons."""
+
+import pytest
+
+from stager.client.readers.assembly import complete_steps, incomplete_reason, intersect, merge_layouts
+from stager.protocol import Block, Box, ErrorCode, StagerError, TensorLayout
+
+
+def layout(fqn, shape, *boxes, dtype="f32"):
+    return TensorLayout(fqn, dtype, shape, tuple(Block(64 * i, Box(o, s)) for i, (o, s) in enumerate(boxes)))
+
+
+FULL = ((0, 0), (4, 2))
+TOP, BOTTOM = ((0, 0), (3, 2)), ((3, 0), (1, 2))
+
+
+@pytest.mark.parametrize("parts,prefer,expected", [
+    # FSDP across nodes, uneven: each node one part
+    ({"a": [layout("w", (4, 2), TOP)], "b": [layout("w", (4, 2), BOTTOM)]}, ["a", "b"],
+     [((0, 0), ["a"]), ((3, 0), ["b"])]),
+    # HSDP, replicas across nodes: one region, both holders, the preferred one first
+    ({"a": [layout("w", (4, 2), TOP, BOTTOM)], "b": [layout("w", (4, 2), TOP, BOTTOM)]}, ["b", "a"],
+     [((0, 0), ["b", "a"]), ((3, 0), ["b", "a"])]),
+    # one node holds the whole tensor, the other a part of it: the whole is enough
+    ({"a": [layout("w", (4, 2), BOTTOM)], "b": [layout("w", (4, 2), FULL)]}, ["a", "b"], [((0, 0), ["b"])]),
+    # a node that holds nothing of it (empty shard) is no holder
+    ({"a": [layout("w", (4, 2), FULL)], "b": [layout("w", (4, 2), ((4, 0), (0, 2)))]}, ["b", "a"],
+     [((0, 0), ["a"])]),
+], ids=["fsdp across nodes", "hsdp replicas", "whole beats part", "empty shard"])
+def test_regions_and_their_holders(parts, prefer, expected):
+    merged = merge_layouts(parts, prefer, 1)["w"]
+    assert [(r.box.offset, [n for n, _ in r.holders]) for r in merged.regions] == expected
+    assert merged.layout().complete
+
+
+@pytest.mark.parametrize("parts,code,text", [
+    ({"a": [layout("w", (4, 2), TOP)]}, ErrorCode.PARTIAL, r"hold 6 of 8 elements of w \[4, 2\]"),
+    ({"a": [layout("w", (4, 2), TOP)], "b": [layout("w", (4, 2), ((2, 0), (2, 2)))]}, ErrorCode.BAD_PLAN,
+     "partly overlaps"),
+    ({"a": [layout("w", (4, 2), TOP)], "b": [layout("w", (4, 2), BOTTOM, dtype="bf16")]}, ErrorCode.BAD_PLAN,
+     r"w is f32\[4, 2\] on node a but bf16\[4, 2\] on node b"),
+], ids=["hole", "partial overlap", "dtype disagrees"])
+def test_contradictions_and_holes_are_refused(parts, code, text):
+    with pytest.raises(StagerError, match=text) as info:
+        merge_layouts(parts, list(parts), 7)
+    assert info.value.code == code and "step 7" in info.value.message
+
+
+@pytest.mark.parametrize("a,b,expected", [
+    (Box((0, 0), (4, 4)), Box((2, 3), (4, 4)), Box((2, 3), (2, 1))),
+    (Box((0,), (3,)), Box((3,), (1,)), None),
+    (Box((), ()), Box((), ()), Box((), ())),
+])
+def test_intersect(a, b, expected):
+    assert intersect(a, b) == expected
+
+
+def test_complete_steps_and_reasons():
+    assert complete_steps({"a": [1, 2, 3], "b": [2, 3], "c": [3, 2]}, {}) == [2, 3]
+    assert complete_steps({"a": [1, 2], "b": [1, 2]}, {"c": [2]}) == [1]  # a node that failed 2: never complete
+    assert complete_steps({}, {}) == []
+    kinds = {"a": {"sealed": [4]}, "b": {"failed": [4]}, "c": {"staging": [4]}, "d": {"sealed": [3]}}
+    assert incomplete_reason(4, kinds, {"e": "gone"}) == (
+        "node b failed it; node c is still staging it; node d does not hold it; node e does not answer (gone)")
