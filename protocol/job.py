@@ -75,7 +75,11 @@ class Join(Message):
 
 @message("job_info")
 class JobInfo(Message):
-    """Ask a daemon which job it belongs to, where the other nodes are and which steps it holds."""
+    """Ask a daemon which job it belongs to, where the other nodes are and which steps it holds.
+    ``members`` False: the steps only (the reply's ``nodes`` names the answering node alone), what
+    a reader asks every node for on each acquire once it knows the membership."""
+
+    members: bool = True
 
 
 @message("job_info_reply")

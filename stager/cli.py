@@ -79,36 +79,42 @@ def _export_hf(args: argparse.Namespace) -> int:
     a progress bar on stderr when it is a terminal (--no-progress: never)."""
     from stager.consumers.export_hf import export_hf
 
+    options = dict(adapter=args.adapter, hf_config=args.hf_config, prefix=args.prefix, dtype=args.dtype,
+                   max_shard_size=args.max_shard_size)
+    if args.distributed:
+        from stager.consumers.export_hf_dist import export_hf_distributed
+
+        return _distributed(args, "export-hf", "exported", export_hf_distributed, hf_assets=args.hf_assets, **options)
     reports: dict[str, dict] = {}
     return _run_writer(args, "export-hf", "exported", export_hf, fields=lambda path: reports.get(path, {}),
-                       on_export=lambda r: reports.__setitem__(r["exported"], r), adapter=args.adapter,
-                       hf_config=args.hf_config, prefix=args.prefix, hf_assets=args.hf_assets, dtype=args.dtype,
-                       max_shard_size=args.max_shard_size, progress=False if args.no_progress else None)
+                       on_export=lambda r: reports.__setitem__(r["exported"], r), hf_assets=args.hf_assets,
+                       progress=False if args.no_progress else None, **options)
 
 
 def _write_dcp(args: argparse.Namespace) -> int:
     from stager.consumers.write_dcp import write_dcp
 
     if args.distributed:
-        return _write_dcp_distributed(args)
+        from stager.consumers.write_dcp_dist import write_dcp_distributed
+
+        return _distributed(args, "write-dcp", "written", write_dcp_distributed)
     return _run_writer(args, "write-dcp", "written", write_dcp)
 
 
-def _write_dcp_distributed(args: argparse.Namespace) -> int:
-    from stager.consumers.write_dcp_dist import write_dcp_distributed
-
+def _distributed(args: argparse.Namespace, command: str, key: str, write, **options) -> int:
+    """One writer per node (``--distributed``): one step, written together."""
     if args.follow or args.keep:
-        print("stager write-dcp: --distributed writes one step (--step, default the newest complete one); "
+        print(f"stager {command}: --distributed writes one step (--step, default the newest complete one); "
               "run it again for the next", file=sys.stderr)
         return 2
     try:
-        path = write_dcp_distributed(args.out, endpoint=args.endpoint, step=args.step)
+        path = write(args.out, endpoint=args.endpoint, step=args.step, **options)
     except KeyboardInterrupt:
         return 130
     except (StagerError, ValueError, OSError) as exc:
-        print(f"stager write-dcp: {exc}", file=sys.stderr)
+        print(f"stager {command}: {exc}", file=sys.stderr)
         return 1
-    print(json.dumps({"written": path}) if args.json else path, flush=True)
+    print(json.dumps({key: path}) if args.json else path, flush=True)
     return 0
 
 
@@ -225,6 +231,12 @@ def _demo(args: argparse.Namespace) -> int:
     return run_demo(steps=args.steps, stage_every=args.every, json_out=args.json)
 
 
+def _distributed_argument(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--distributed", action="store_true",
+                   help="one writer per node of a multi-node job, started by torchrun (--nnodes=N --nproc-per-node=1 "
+                        f"--no-python stager ...): {what}")
+
+
 def _writer_arguments(p: argparse.ArgumentParser, what: str) -> None:
     p.add_argument("--endpoint")
     p.add_argument("--out", required=True, help=f"directory; each {what} goes to OUT/step-NNNNNNNN, OUT/latest links it")
@@ -297,13 +309,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-shard-size", default="5GB", help="per safetensors file, e.g. 5GB, 500MB, 2GiB (default 5GB)")
     p.add_argument("--no-progress", action="store_true",
                    help="no progress bar (default: one on stderr when it is a terminal)")
+    _distributed_argument(p, "each writes the files its node holds most of, together one export")
     p.set_defaults(func=_export_hf)
 
     p = sub.add_parser("write-dcp", help="write sealed versions as resumable DCP checkpoints")
     _writer_arguments(p, "checkpoint")
-    p.add_argument("--distributed", action="store_true",
-                   help="one writer per node of a multi-node job, started by torchrun (--nproc-per-node=1 "
-                        "--no-python): each writes its node's regions, together one checkpoint")
+    _distributed_argument(p, "each writes its node's regions, together one checkpoint")
     p.set_defaults(func=_write_dcp)
 
     p = sub.add_parser("verify", help="check an HF or DCP export against its checksum manifest")

@@ -252,3 +252,10 @@ def load_dcp_sharded(rank, world, path, expected_step):
         got = template[k].full_tensor() if hasattr(template[k], "full_tensor") else template[k]
         assert torch.equal(got, v), k
     return template["train.step"]
+
+
+def hf_node_exporter(rank, world, out, max_shard_size):
+    """One `export-hf --distributed` exporter per node."""
+    from stager.consumers.export_hf_dist import export_hf_distributed
+
+    return export_hf_distributed(out, max_shard_size=max_shard_size)

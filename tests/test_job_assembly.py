@@ -62,3 +62,32 @@ def test_complete_steps_and_reasons():
     kinds = {"a": {"sealed": [4]}, "b": {"failed": [4]}, "c": {"staging": [4]}, "d": {"sealed": [3]}}
     assert incomplete_reason(4, kinds, {"e": "gone"}) == (
         "node b failed it; node c is still staging it; node d does not hold it; node e does not answer (gone)")
+
+
+def test_each_region_is_written_once_by_a_node_holding_it():
+    from stager.consumers.write_dcp_dist import assign_regions
+
+    placement = {"w": [((0,), (2,), ["a"]), ((2,), (2,), ["b"])],
+                 "r": [((i,), (1,), ["a", "b"]) for i in range(16)]}  # replicas on both nodes
+    out = assign_regions(placement, ["a", "b"])
+    assert ("w", (0,), (2,)) in out["a"] and ("w", (2,), (2,)) in out["b"]
+    replicas = [r for node in out.values() for r in node if r[0] == "r"]
+    assert sorted(r[1] for r in replicas) == [(i,) for i in range(16)]  # each once
+    assert all(len([r for r in out[n] if r[0] == "r"]) > 2 for n in "ab")  # spread over the holders
+    assert assign_regions(placement, ["a", "b"]) == out  # every writer computes the same
+    with pytest.raises(StagerError, match="none of them runs a writer"):
+        assign_regions(placement, ["a"])
+
+
+def test_each_file_goes_to_the_node_holding_most_of_it():
+    from types import SimpleNamespace as NS
+
+    from stager.consumers.export_hf_dist import assign_files
+
+    tensors = [NS(source="x"), NS(source="y"), NS(source="z"), NS(source="")]
+    ep = NS(tensors=tensors, sizes=[40, 10, 10, 4], files=[[0, 1], [2], [3]])
+    placement = {"x": [((0,), (3,), ["a"]), ((3,), (1,), ["b"])], "y": [((0,), (4,), ["b"])],
+                 "z": [((0,), (4,), ["a", "b"])]}
+    # file 0: a holds 30 of x's 40 bytes, b 10 + 10; file 1: both hold z (tie: the first writer);
+    # file 2: a whole-dict adapter's tensor (no source): the first writer
+    assert assign_files(ep, placement, ["b", "a"]) == ["a", "b", "b"]

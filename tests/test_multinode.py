@@ -154,3 +154,26 @@ def test_one_dcp_writer_per_node_writes_one_checkpoint_dcp_loads_at_any_world_si
     dcp.load(template, checkpoint_id=paths[0], no_dist=True)
     assert all(torch.equal(template[k], v) for k, v in expected.items())
     assert run_ranks(load_dcp_sharded, 3, paths[0], 2) == [2, 2, 2]
+
+
+def test_one_hf_exporter_per_node_writes_the_single_exporters_bytes(tmp_path):
+    from dist_jobs import hf_node_exporter
+
+    from stager.consumers.export_hf import export_hf
+
+    with SimulatedCluster(2, args=LIMIT) as cluster:
+        run_ranks(stage_fsdp_llama, 4, [5], nodes=cluster.nodes)
+        single = export_hf(str(tmp_path / "one"), endpoint=cluster.endpoints[0], max_shard_size="20KB",
+                           progress=False)[0]
+        before = [daemon_status(e)["counters"]["read_bytes"] for e in cluster.endpoints]
+        paths = run_ranks(hf_node_exporter, 2, str(tmp_path / "two"), "20KB", nodes=cluster.nodes)
+        sent = [daemon_status(e)["counters"]["read_bytes"] - b for e, b in zip(cluster.endpoints, before)]
+    assert paths[0] == paths[1] and os.path.basename(paths[0]) == "step-00000005"
+    names = sorted(os.listdir(single))
+    assert names == sorted(os.listdir(paths[0])) and len([n for n in names if n.endswith(".safetensors")]) > 2
+    for name in names:  # every file, the index, config and manifest: the single exporter's bytes
+        with open(os.path.join(single, name), "rb") as a, open(os.path.join(paths[0], name), "rb") as b:
+            assert a.read() == b.read(), name
+    # every tensor is split evenly over the nodes (FSDP rows): each exporter holds half of each of its
+    # files' bytes and fetched exactly the other half, nothing twice
+    assert sum(sent) == sum(t.numel() * t.element_size() for t in llama_full(5).values()) // 2

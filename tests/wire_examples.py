@@ -41,7 +41,7 @@ EXAMPLES = [
     ReadReply(count=1, frames=[b"\x02" * 8]),
     Join(job="j1", node="a", nodes={"a": "ipc:///a.sock", "b": "tcp://b:7555"}, ranks={"a": [0, 1], "b": [2, 3]},
          world_size=4),
-    JobInfo(),
+    JobInfo(members=False),
     JobInfoReply(job="j1", node="a", endpoint="ipc:///a.sock", nodes={"a": "ipc:///a.sock", "b": "tcp://b:7555"},
                  sealed=[3, 4], staging=[5], failed=[2]),
 ]

@@ -82,7 +82,7 @@ class JobReader:
 
     def states(self) -> tuple[dict[str, JobInfoReply], dict[str, str]]:
         """Every node's JobInfoReply, asked in parallel, and the nodes that did not answer (why)."""
-        replies, errors = self._ask_all(lambda n: JobInfo(), "job_info", self.nodes, JobInfoReply)
+        replies, errors = self._ask_all(lambda n: JobInfo(members=False), "job_info", self.nodes, JobInfoReply)
         for node, reply in list(replies.items()):
             if reply.node != node:  # e.g. an ipc path that names another daemon on this host
                 del replies[node]

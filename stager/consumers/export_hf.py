@@ -13,6 +13,7 @@ read zero-copy from the daemon), so the extra memory is about one tensor.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -91,6 +92,7 @@ def _hf_tensors(snapshot: Any, adapter: Any, plan: list[HFTensor]) -> Iterator[t
     else:
         converted = iter(to_hf_items(adapter, snapshot.items()))
     pending: dict[str, torch.Tensor] = {}
+    planned = {p.name for p in plan}
     for p in plan:
         while p.name not in pending:
             item = next(converted, None)
@@ -98,9 +100,87 @@ def _hf_tensors(snapshot: Any, adapter: Any, plan: list[HFTensor]) -> Iterator[t
                 raise StagerError(ErrorCode.BAD_VALUE, f"{p.name}: planned (from meta tensors) but the adapter did not "
                                                        "produce it from the data; the adapter must give the same names "
                                                        "for meta and real tensors")
-            pending[item[0]] = item[1]
+            if item[0] in planned:  # an exporter of some files only: the others' tensors are dropped
+                pending[item[0]] = item[1]
             item = None  # held only in pending: a tensor is freed as soon as it is written
         yield p.name, pending.pop(p.name)
+
+
+@dataclasses.dataclass
+class ExportPlan:
+    """What an export writes, from the layout alone: HF tensors, their dtypes and sizes, and the
+    files (indices into ``tensors`` per file, and each file's name)."""
+
+    adapter: Any
+    config: dict
+    cast: torch.dtype | None
+    tensors: list[HFTensor]
+    dtypes: list[torch.dtype]
+    sizes: list[int]
+    files: list[list[int]]
+    names: list[str]
+
+
+def plan_export(snapshot: Any, *, adapter: str | Any | None = None, hf_config: dict | str | None = None,
+                dtype: str | torch.dtype | None = None, max_shard_size: str | int = "5GB",
+                prefix: str | None = None) -> ExportPlan:
+    """The export of ``snapshot`` planned from its layout on meta tensors: no data touched."""
+    model_info = getattr(snapshot, "model_info", None) or {}
+    adapter_obj, config, _ = resolve_adapter(adapter, hf_config, model_info, require_config=True, prefix=prefix)
+    try:
+        cast = parse_dtype(dtype) if dtype is not None else None
+    except ValueError as exc:
+        raise StagerError(ErrorCode.BAD_VALUE, str(exc)) from None
+    max_bytes = parse_shard_size(max_shard_size)
+    plan = hf_names(adapter_obj, _layout(snapshot))
+    want = [cast if cast is not None and p.dtype.is_floating_point else p.dtype for p in plan]
+    sizes = [torch.Size(p.shape).numel() * dt.itemsize for p, dt in zip(plan, want)]
+    files = plan_shards(sizes, max_bytes)
+    names = ["model.safetensors"] if len(files) == 1 else \
+        [f"model-{n:05d}-of-{len(files):05d}.safetensors" for n in range(1, len(files) + 1)]
+    return ExportPlan(adapter_obj, dict(config), cast, plan, want, sizes, files, names)
+
+
+def write_files(snapshot: Any, ep: ExportPlan, which: list[int], tmp: str, manifest: dict,
+                on_bytes: Callable[[int], None] = lambda n: None) -> dict[str, str]:
+    """Write the planned files ``which`` (indices into ``ep.files``) into ``tmp``, each native
+    tensor read once; their manifest entries go to ``manifest``. Returns their weight map."""
+    tensors = _hf_tensors(snapshot, ep.adapter, [ep.tensors[i] for f in which for i in ep.files[f]])
+    crcs: dict[str, str] = {}  # of the bytes as written, computed while writing them
+    weight_map = {}
+    for f in which:
+        indices = ep.files[f]
+        specs = [(ep.tensors[i].name, ep.tensors[i].shape, ep.dtypes[i]) for i in indices]
+
+        def produce(indices=indices) -> Iterator[tuple[str, torch.Tensor]]:
+            for i in indices:
+                hf_name, tensor = next(tensors)
+                tensor = tensor.to(ep.dtypes[i]).contiguous()
+                yield hf_name, tensor
+                manifest[hf_name] = entry(tensor, crcs.pop(hf_name))  # resumed once it is written
+
+        write_safetensors(os.path.join(tmp, ep.names[f]), specs, produce, {"format": "pt"}, on_bytes=on_bytes,
+                          checksums=crcs)
+        weight_map.update({spec[0]: ep.names[f] for spec in specs})
+    return weight_map
+
+
+def finish_export(tmp: str, ep: ExportPlan, step: int, weight_map: dict, manifest: dict,
+                  hf_assets: str | None) -> None:
+    """What is written once every file is: the index (sharded), config.json, assets, manifest."""
+    if len(ep.files) > 1:
+        _write_json(os.path.join(tmp, "model.safetensors.index.json"),
+                    {"metadata": {"total_size": sum(ep.sizes)}, "weight_map": weight_map})
+    config = dict(ep.config)
+    if ep.cast is not None:
+        config["torch_dtype"] = str(ep.cast).removeprefix("torch.")
+    _write_json(os.path.join(tmp, "config.json"), config)
+    if hf_assets:
+        for asset in sorted(os.listdir(hf_assets)):
+            src = os.path.join(hf_assets, asset)
+            if os.path.isfile(src) and not _SKIP_ASSETS.search(asset) and asset != MANIFEST:
+                shutil.copyfile(src, os.path.join(tmp, asset))
+    write_manifest(tmp, step, "hf", manifest)
 
 
 def export_snapshot(snapshot: Any, out_dir: str, *, adapter: str | Any | None = None,
@@ -125,62 +205,23 @@ def export_snapshot(snapshot: Any, out_dir: str, *, adapter: str | Any | None = 
     '/ckpt/hf/step-00000007'
     """
     started = time.monotonic()
-    model_info = getattr(snapshot, "model_info", None) or {}
-    adapter_obj, config, _ = resolve_adapter(adapter, hf_config, model_info, require_config=True, prefix=prefix)
-    try:
-        cast = parse_dtype(dtype) if dtype is not None else None
-    except ValueError as exc:
-        raise StagerError(ErrorCode.BAD_VALUE, str(exc)) from None
-    max_bytes = parse_shard_size(max_shard_size)
-
-    # Plan from the layout on meta tensors: HF names, shapes and dtypes without touching data.
-    plan = hf_names(adapter_obj, _layout(snapshot))
-    want = [cast if cast is not None and p.dtype.is_floating_point else p.dtype for p in plan]
-    sizes = [torch.Size(p.shape).numel() * dt.itemsize for p, dt in zip(plan, want)]
-    shards = plan_shards(sizes, max_bytes)
-    tensors = _hf_tensors(snapshot, adapter_obj, plan)
-
+    ep = plan_export(snapshot, adapter=adapter, hf_config=hf_config, dtype=dtype, max_shard_size=max_shard_size,
+                     prefix=prefix)
     manifest: dict[str, dict] = {}
-    crcs: dict[str, str] = {}  # of the bytes as written, computed while writing them
     show = sys.stderr.isatty() if progress is None else progress
-    with tqdm(total=sum(sizes), desc=f"export step {snapshot.step}", unit="B", unit_scale=True, unit_divisor=1024,
-              disable=not show, file=sys.stderr, leave=False) as bar, step_directory(out_dir, snapshot.step) as tmp:
-        weight_map = {}
-        for number, indices in enumerate(shards, 1):
-            filename = ("model.safetensors" if len(shards) == 1
-                        else f"model-{number:05d}-of-{len(shards):05d}.safetensors")
-            specs = [(plan[i].name, plan[i].shape, want[i]) for i in indices]
-
-            def produce(indices=indices) -> Iterator[tuple[str, torch.Tensor]]:
-                for i in indices:
-                    hf_name, tensor = next(tensors)
-                    tensor = tensor.to(want[i]).contiguous()
-                    yield hf_name, tensor
-                    manifest[hf_name] = entry(tensor, crcs.pop(hf_name))  # resumed once it is written
-
-            write_safetensors(os.path.join(tmp, filename), specs, produce, {"format": "pt"}, on_bytes=bar.update,
-                              checksums=crcs)
-            weight_map.update({spec[0]: filename for spec in specs})
-        if len(shards) > 1:
-            _write_json(os.path.join(tmp, "model.safetensors.index.json"),
-                        {"metadata": {"total_size": sum(sizes)}, "weight_map": weight_map})
-        config = dict(config)
-        if cast is not None:
-            config["torch_dtype"] = str(cast).removeprefix("torch.")
-        _write_json(os.path.join(tmp, "config.json"), config)
-        if hf_assets:
-            for asset in sorted(os.listdir(hf_assets)):
-                src = os.path.join(hf_assets, asset)
-                if os.path.isfile(src) and not _SKIP_ASSETS.search(asset) and asset != MANIFEST:
-                    shutil.copyfile(src, os.path.join(tmp, asset))
-        write_manifest(tmp, snapshot.step, "hf", manifest)
+    with tqdm(total=sum(ep.sizes), desc=f"export step {snapshot.step}", unit="B", unit_scale=True,
+              unit_divisor=1024, disable=not show, file=sys.stderr, leave=False) as bar, \
+            step_directory(out_dir, snapshot.step) as tmp:
+        weight_map = write_files(snapshot, ep, list(range(len(ep.files))), tmp, manifest, bar.update)
+        finish_export(tmp, ep, snapshot.step, weight_map, manifest, hf_assets)
     final = step_path(out_dir, snapshot.step)
     seconds = time.monotonic() - started
+    total = sum(ep.sizes)
     log.info("exported step %d to %s in %.2fs (%d files, %.2f GiB, %.2f GB/s)", snapshot.step, final, seconds,
-             len(shards), sum(sizes) / 2**30, sum(sizes) / 1e9 / max(seconds, 1e-9))
+             len(ep.files), total / 2**30, total / 1e9 / max(seconds, 1e-9))
     if on_export is not None:
-        on_export({"exported": final, "step": snapshot.step, "seconds": round(seconds, 3), "bytes": sum(sizes),
-                   "files": len(shards)})
+        on_export({"exported": final, "step": snapshot.step, "seconds": round(seconds, 3), "bytes": total,
+                   "files": len(ep.files)})
     return final
 
 

@@ -8,6 +8,7 @@ looks complete; ``OUT/latest`` then points at the newest.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import logging
 import os
 import re
@@ -15,6 +16,8 @@ import shutil
 import time
 import warnings
 from typing import Any, Callable, Iterator
+
+import torch
 
 from stager.protocol import StagerError
 
@@ -28,6 +31,18 @@ def quiet_single_process_dcp() -> None:
     warnings.filterwarnings("ignore", category=UserWarning,
                             message=r"torch\.distributed is (disabled, )?unavailable or uninitialized, assuming the "
                                     r"intent is to (save|load) in a single process")
+
+
+def exact_storage(t: torch.Tensor) -> torch.Tensor:
+    """``t`` over a storage of exactly its bytes (same memory, no copy). A view of a snapshot
+    segment has the whole segment as its storage, and DCP's writer clones any tensor whose storage
+    is larger than the tensor (so torch.save writes it alone): this spares DCP that copy."""
+    nbytes = t.numel() * t.element_size()
+    if not t.is_contiguous() or t.untyped_storage().nbytes() == nbytes or nbytes == 0 or t.device.type != "cpu":
+        return t
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # a read-only mapping: DCP only reads it
+        return torch.frombuffer((ctypes.c_char * nbytes).from_address(t.data_ptr()), dtype=t.dtype).view(t.shape)
 
 
 def step_dirname(step: int) -> str:

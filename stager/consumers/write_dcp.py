@@ -16,7 +16,9 @@ import os
 from typing import Any, Callable
 
 from stager.consumers.integrity import entry, write_manifest
-from stager.consumers.persist import for_each_version, quiet_single_process_dcp, step_directory, step_path
+from stager.consumers.persist import (
+    exact_storage, for_each_version, quiet_single_process_dcp, step_directory, step_path,
+)
 from stager.protocol import ErrorCode, StagerError
 
 log = logging.getLogger("stager.consumers.persist")
@@ -31,7 +33,8 @@ def write_snapshot_dcp(snapshot: Any, out_dir: str) -> str:
     if getattr(snapshot, "partial", False):
         raise StagerError(ErrorCode.PARTIAL, f"step {snapshot.step} holds only this node's part of some tensors; "
                                              "a DCP checkpoint of a multi-node job needs every node's part")
-    state: dict[str, Any] = dict(snapshot.items())  # zero-copy views of the daemon's memory
+    # zero-copy views of the daemon's memory, each over exactly its own bytes (DCP would clone it)
+    state: dict[str, Any] = {name: exact_storage(t) for name, t in snapshot.items()}
     for name, value in snapshot.objects.items():
         if name in state:
             raise StagerError(ErrorCode.BAD_VALUE, f"{name} is both a tensor and a non-tensor value")

@@ -6,26 +6,21 @@ writers agree on a step, lease it from their own node's daemon, and each writes 
 its node holds (a region several nodes hold, e.g. HSDP replicas, by one of them, spread by a
 hash): no tensor byte crosses the network. DCP's own planner then merges the writers' plans into
 one ``.metadata`` (validating that the chunks tile every tensor), so plain ``dcp.load`` reads the
-checkpoint at any world size. The directory is written under a temporary name on the shared
-filesystem, fsynced by every writer, and renamed by the first once all are done.
+checkpoint at any world size.
 """
 
 from __future__ import annotations
 
 import io
 import logging
-import os
-import shutil
 import zlib
 from typing import Any
 
-import msgpack
 import torch
 
-from stager.consumers.integrity import MANIFEST, checksum, write_manifest
-from stager.consumers.persist import (
-    fsync_path, fsync_tree, publish_step, remove_stale_temporaries, step_dirname, step_path,
-)
+from stager.consumers.integrity import checksum, write_manifest
+from stager.consumers.node_writers import NodeWriters, gather
+from stager.consumers.persist import exact_storage
 from stager.protocol import ErrorCode, StagerError
 
 log = logging.getLogger("stager.consumers.persist")
@@ -83,79 +78,29 @@ def _planner(regions: dict[tuple[str, tuple], torch.Tensor], shapes: dict[str, t
     return RegionSavePlanner(flatten_state_dict=False, flatten_sharded_tensors=False)
 
 
-def _gather(value: Any) -> list[Any]:
-    from stager.client.hook.job import all_gather_bytes
-
-    return [msgpack.unpackb(b) for b in all_gather_bytes(msgpack.packb(value))]
-
-
-def init_writers() -> None:
-    """Join the writers' gloo process group from torchrun's environment (once)."""
-    import torch.distributed as dist
-
-    if not dist.is_initialized():
-        if "MASTER_ADDR" not in os.environ or "WORLD_SIZE" not in os.environ:
-            raise StagerError(ErrorCode.BAD_VALUE, "write-dcp --distributed runs one writer per node as ranks of a "
-                                                   "process group: start it with torchrun (--nproc-per-node=1 "
-                                                   "--no-python stager write-dcp --distributed ...)")
-        dist.init_process_group("gloo")
-
-
 def write_dcp_distributed(out_dir: str, *, endpoint: str | None = None, step: int | None = None) -> str:
     """Write version ``step`` (default: the newest complete one) of the job as one DCP checkpoint,
     this process writing its node's regions; a collective over the writers. Returns the path."""
-    import torch.distributed as dist
     import torch.distributed.checkpoint as dcp
 
-    from stager.client import Subscriber
-
-    init_writers()
-    rank = dist.get_rank()
-    with Subscriber(endpoint) as sub:
-        job = sub.job
-        node = job["node"] if job else ""
-        nodes = _gather(node)
-        if not all(nodes) or len(set(nodes)) != len(nodes) or len({j for j in _gather(job and job["job"])}) != 1:
-            raise StagerError(ErrorCode.BAD_VALUE, f"the writers' daemons are nodes {nodes}: run one writer per node "
-                                                   "of one multi-node job, each pointed at its node's daemon")
-        chosen = None
-        if rank == 0:  # the first writer picks the step; the others lease the same one
-            with sub.at(step) if step is not None else sub.latest() as snap:
-                chosen = snap.step
-        chosen = _gather(chosen)[0]
-        with sub.at(chosen) as snap:
-            placement = snap.placement()
-            mine = assign_regions(placement, nodes)[node]
-            shapes = {fqn: torch.Size(snap.meta(fqn)[0]) for fqn in placement}
-            regions = {(fqn, offset): snap.get(fqn, offsets=offset, sizes=shape) for fqn, offset, shape in mine}
-            tmp_name = _gather(f".{step_dirname(chosen)}.partial-{os.getpid()}")[0]
-            tmp, final = os.path.join(out_dir, tmp_name), step_path(out_dir, chosen)
-            if rank == 0:
-                os.makedirs(out_dir, exist_ok=True)
-                remove_stale_temporaries(out_dir)
-                shutil.rmtree(tmp, ignore_errors=True)
-                os.makedirs(tmp)
-            dist.barrier()
-            try:
-                planner = _planner(regions, shapes, dict(snap.objects) if rank == 0 else {})
-                dcp.save({}, storage_writer=dcp.FileSystemWriter(tmp), planner=planner)
-                chunks = [[fqn, list(offset), list(t.shape), checksum(t)] for (fqn, offset), t in regions.items()]
-                all_chunks = [c for part in _gather(chunks) for c in part]
-                fsync_tree(tmp)
-            except BaseException:
-                if rank == 0:
-                    shutil.rmtree(tmp, ignore_errors=True)
-                raise
-            dist.barrier()  # every writer's files are durable
-            if rank == 0:
-                _publish(tmp, out_dir, chosen, all_chunks, {f: snap.meta(f) for f in placement})
-            dist.barrier()
-    log.info("wrote DCP checkpoint of step %d to %s (writer %d of %d)", chosen, final, rank, len(nodes))
-    return final
+    with NodeWriters("write-dcp", out_dir, endpoint, step) as w:
+        snap = w.snap
+        placement = snap.placement()
+        mine = assign_regions(placement, w.nodes)[w.node]
+        shapes = {fqn: torch.Size(snap.meta(fqn)[0]) for fqn in placement}
+        regions = {(fqn, offset): exact_storage(snap.get(fqn, offsets=offset, sizes=shape))
+                   for fqn, offset, shape in mine}
+        planner = _planner(regions, shapes, dict(snap.objects) if w.rank == 0 else {})
+        dcp.save({}, storage_writer=dcp.FileSystemWriter(w.tmp), planner=planner)
+        chunks = gather([[fqn, list(offset), list(t.shape), checksum(t)] for (fqn, offset), t in regions.items()])
+        meta = {f: snap.meta(f) for f in placement}
+        path = w.publish(lambda: _manifest(w.tmp, w.step, [c for part in chunks for c in part], meta))
+    log.info("wrote DCP checkpoint of step %d to %s (writer %d of %d)", w.step, path, w.rank, len(w.nodes))
+    return path
 
 
-def _publish(tmp: str, out_dir: str, step: int, chunks: list, meta: dict) -> None:
-    """The manifest (per tensor: dtype, shape and each chunk's crc32), then the atomic rename."""
+def _manifest(tmp: str, step: int, chunks: list, meta: dict) -> None:
+    """The manifest: per tensor its dtype, shape and each chunk's crc32 (no writer saw it whole)."""
     entries: dict[str, dict] = {}
     for fqn, offset, shape, crc in sorted(chunks):
         full_shape, dtype = meta[fqn]
@@ -163,5 +108,3 @@ def _publish(tmp: str, out_dir: str, step: int, chunks: list, meta: dict) -> Non
                                      "chunks": []})
         e["chunks"].append({"offset": offset, "shape": shape, "crc32": crc})
     write_manifest(tmp, step, "dcp", entries)
-    fsync_path(os.path.join(tmp, MANIFEST))
-    publish_step(tmp, out_dir, step)

@@ -60,7 +60,7 @@ class JobMembership:
         state, m = self.state, self.current
         return JobInfoReply(
             job=m.job if m else "", node=state.host_id, endpoint=self.advertise,
-            nodes=dict(m.nodes) if m else {state.host_id: self.advertise},
+            nodes=dict(m.nodes) if m and msg.members else {state.host_id: self.advertise},
             sealed=list(state.sealed)[-MAX_STEPS:], staging=sorted(state.staging)[-MAX_STEPS:],
             failed=list(state.failed)[-MAX_STEPS:])
 

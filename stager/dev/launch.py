@@ -86,13 +86,18 @@ class SimulatedCluster:
     ...     run_ranks(train, 4, nodes=c.nodes)
     """
 
-    def __init__(self, n: int, *, args: tuple[str, ...] = ()):
-        self.daemons = [DaemonProcess(args=args, env={"STAGER_HOST_ID": f"node-{i}"}) for i in range(n)]
+    def __init__(self, n: int, *, args: tuple[str, ...] = (), auth_dir: str | None = None):
+        # with auth_dir (`stager keygen` keys): tcp endpoints with CURVE, as across real nodes
+        self.auth_dir = auth_dir
+        extra = ("--auth-dir", auth_dir) if auth_dir else ()
+        self.daemons = [DaemonProcess(f"tcp://127.0.0.1:{free_port()}" if auth_dir else None, args=args + extra,
+                                      env={"STAGER_HOST_ID": f"node-{i}"}) for i in range(n)]
 
     @property
     def nodes(self) -> list[dict]:
         """Per node, the environment its ranks get: its host id and its daemon's endpoint."""
-        return [{"STAGER_HOST_ID": d.env["STAGER_HOST_ID"], "STAGER_ENDPOINT": d.endpoint} for d in self.daemons]
+        keys = {"STAGER_AUTH_DIR": self.auth_dir} if self.auth_dir else {}
+        return [{"STAGER_HOST_ID": d.env["STAGER_HOST_ID"], "STAGER_ENDPOINT": d.endpoint, **keys} for d in self.daemons]
 
     @property
     def endpoints(self) -> list[str]:
