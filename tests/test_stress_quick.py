@@ -20,6 +20,7 @@ CAMPAIGNS = {
     "kill": ["kill.py", "--quick", "--target", "daemon,export-hf,write-dcp"],
     "kill-rank": ["kill.py", "--quick", "--target", "rank"],
     "soak": ["soak.py", "--quick"],
+    "kill-node": ["kill_node.py", "--quick"],
 }
 LIMIT_S = 420  # a campaign still running after this is a failure (each bounds its own waits far below)
 
@@ -73,7 +74,7 @@ def finished(campaigns, name):
     return proc.returncode, lines, out
 
 
-@pytest.mark.parametrize("name", ["fuzz", "kill", "soak"])
+@pytest.mark.parametrize("name", ["fuzz", "kill", "soak", "kill-node"])
 def test_campaign_passes(campaigns, name):
     rc, lines, out = finished(campaigns, name)
     assert rc == 0 and lines and "PASS" in lines[-1], f"{name} exited {rc}:\n{out[-4000:]}"

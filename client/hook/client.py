@@ -120,7 +120,12 @@ class StagingClient:
     def _join(self, conn: Connection, job: str | bool | None, spans_nodes: bool, timeout: float) -> Join | None:
         import torch.distributed as dist
 
-        if job is False or not spans_nodes or not (dist.is_available() and dist.is_initialized()):
+        if job is False or not spans_nodes:
+            return None
+        if not (dist.is_available() and dist.is_initialized()):
+            log.warning("this job spans nodes (WORLD_SIZE > LOCAL_WORLD_SIZE) but torch.distributed is not "
+                        "initialized: not joining the nodes' daemons into one job (each node's versions stay "
+                        "partial); construct StagingClient after init_process_group, or pass job=False")
             return None
         from .job import join_job
 

@@ -17,6 +17,7 @@ thing that moves bytes between hosts; :class:`JobSource` never looks inside it.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 from typing import Any, Callable, Iterable, Iterator
 
@@ -48,7 +49,23 @@ class JobReader:
         self.timeout, self._make_source = timeout, make_source
         self.conns = {n: primary if n == info.node else Connection(e, role="reader") for n, e in self.nodes.items()}
         self.newest: dict[str, int] = {}  # node -> newest step it announced (or held when subscribing)
+        self.last: dict[str, JobInfoReply] = {}  # node -> its last answer: a node that went silent counts with it
+        self.up: set[str] = set()  # nodes subscribed to in their daemon's current session
         self._subscribed: dict[str, str | None] = {}  # node -> session subscribed in
+        # announcements may arrive while any request waits for its reply: every connection notes them
+        for node, conn in self.conns.items():
+            if conn is not primary:
+                conn.on_unsolicited = functools.partial(self._note, node)
+        self._primary_handler = primary.on_unsolicited
+        primary.on_unsolicited = self._on_primary
+
+    def _note(self, node: str, msg: Any) -> None:
+        if isinstance(msg, Announce):
+            self.newest[node] = max(self.newest.get(node, -1), msg.step)
+
+    def _on_primary(self, msg: Any) -> None:
+        self._note(self.node, msg)
+        self._primary_handler(msg)
 
     def same_membership(self, info: JobInfoReply) -> bool:
         return (info.job, info.node, info.nodes) == (self.job, self.node, self.nodes)
@@ -89,11 +106,17 @@ class JobReader:
                 errors[node] = StagerError(ErrorCode.UNAVAILABLE, f"{self.nodes[node]} answered as node "
                                                                   f"{reply.node!r}, not {node!r}: ipc endpoints are "
                                                                   "per host; serve tcp and --advertise it")
+        moved = {n: r.job for n, r in replies.items() if r.job != self.job}
+        if moved:
+            raise MembershipChanged(ErrorCode.NO_VERSION, f"nodes {sorted(moved)} now belong to job "
+                                                          f"{next(iter(moved.values()))!r}, not {self.job!r}: "
+                                                          "the job changed; ask again")
         down = {}
         for node, exc in errors.items():
-            if exc.code not in DOWN:
+            if exc.code not in DOWN and node == self.node:
                 raise exc
-            down[node] = exc.message
+            down[node] = exc.message  # another node that answers with an error is as good as down
+        self.last.update(replies)
         return replies, down
 
     def acquire(self, step: int | None) -> tuple[AcquireReply, "JobSource"]:
@@ -102,10 +125,13 @@ class JobReader:
         states, down = self.states()
         if self.node in down:
             raise self._down(self.node, StagerError(ErrorCode.UNAVAILABLE, down[self.node]), "asked for its steps")
-        sealed = {n: r.sealed for n, r in states.items()}
-        failed = {n: r.failed for n, r in states.items()}
+        # a node that does not answer counts with what it said last (nothing, if it never answered):
+        # a step it did not say it sealed, or said it failed, is never complete
+        known = {n: states.get(n) or self.last.get(n) for n in self.nodes}
+        sealed = {n: r.sealed if r else [] for n, r in known.items()}
+        failed = {n: r.failed for n, r in known.items() if r}
         complete = complete_steps(sealed, failed)
-        kinds = {n: {"sealed": r.sealed, "staging": r.staging, "failed": r.failed} for n, r in states.items()}
+        kinds = {n: {"sealed": r.sealed, "staging": r.staging, "failed": r.failed} for n, r in known.items() if r}
         if step is not None:
             if step not in complete:
                 raise StagerError(ErrorCode.NO_VERSION, f"step {step} of job {self.job} is not complete: "
@@ -121,7 +147,7 @@ class JobReader:
         first: StagerError | None = None
         for s in candidates:
             try:
-                return self._lease(s, list(states), down)
+                return self._lease(s, [n for n in states if n not in down], down)
             except StagerError as exc:
                 # retention dropped it meanwhile, or it needs a node that is down: the next older
                 # complete step (with replicas of the down node's regions elsewhere, one may be)
@@ -149,8 +175,9 @@ class JobReader:
             except StagerError as exc:
                 if exc.code == ErrorCode.PARTIAL and down:
                     node = next(iter(down))
-                    raise NodeDown(node, f"step {step} of job {self.job} needs node {node}, which does not answer "
-                                         f"({down[node]}); {exc.message}") from None
+                    raise NodeDown(node, f"step {step} of job {self.job} needs a node that does not answer ("
+                                         f"{', '.join(f'node {n}: {why}' for n, why in down.items())}); "
+                                         f"{exc.message}") from None
                 raise
             sources = {n: self._make_source(r, self.conns[n]) for n, r in replies.items()}
         except BaseException:
@@ -158,9 +185,11 @@ class JobReader:
             raise
         primary = replies[self.node]
         objects, quant = {}, {}
-        for r in replies.values():
-            objects.update(r.objects)
-            quant.update(r.quant)
+        for node in self.nodes:  # the first node's (global rank 0's) train state wins, as on one node
+            if node in replies:
+                for k, v in replies[node].objects.items():
+                    objects.setdefault(k, v)
+                quant.update(replies[node].quant)
         reply = dataclasses.replace(primary, tensors=tuple(m.layout() for m in merged.values()), objects=objects,
                                     quant=quant, partial=False)
         reply.id = primary.id
@@ -170,44 +199,54 @@ class JobReader:
     # ------------------------------------------------------------------ announcements
 
     def subscribe(self) -> None:
-        """Subscribe on every node not yet subscribed in its daemon's current session."""
+        """Subscribe on every node not subscribed in its daemon's current session (a restarted
+        daemon starts a new one: its announcements so far are forgotten); :attr:`up` says which
+        nodes are subscribed now."""
+        for conn in self.conns.values():
+            conn.poll_monitor(0)  # a lost connection ends its session: subscribe again below
         todo = [n for n, c in self.conns.items() if c.session is None or self._subscribed.get(n) != c.session]
         replies, errors = self._ask_all(lambda n: Subscribe(), "subscribe", todo, SubscribeReply)
         for node, reply in replies.items():
             self._subscribed[node] = self.conns[node].session
+            self.up.add(node)
+            self.newest.pop(node, None)
             if reply.step is not None:
-                self.newest[node] = max(self.newest.get(node, -1), reply.step)
+                self.newest[node] = reply.step
         for node, exc in errors.items():
             if exc.code not in DOWN:
                 raise exc
+            self.up.discard(node)
             log.debug("subscribe to node %s failed: %s", node, exc)
 
     def newest_complete_hint(self) -> int | None:
-        """The newest step every node announced (None: some node announced nothing yet): no
-        version newer than it can be complete."""
-        if set(self.newest) != set(self.nodes):
+        """The newest step every answering node announced (None: one of them announced nothing
+        yet, or none answers): no newer version can be complete (a silent node counts with its
+        last answer, see :meth:`acquire`)."""
+        if not self.up or not self.up <= set(self.newest):
             return None
-        return min(self.newest.values())
+        return min(self.newest[n] for n in self.up)
 
     def wait(self, timeout: float) -> None:
         """Wait up to ``timeout`` seconds for announcements from any node."""
-        by_sock = {id(c): n for n, c in self.conns.items()}
-        for conn, msg in Connection.recv_any(list(self.conns.values()), timeout):
-            if isinstance(msg, Announce):
-                node = by_sock[id(conn)]
-                self.newest[node] = max(self.newest.get(node, -1), msg.step)
+        for conn, msg in Connection.recv_any([c for c in self.conns.values() if c.sock is not None], timeout):
+            conn.on_unsolicited(msg)
 
     def close(self) -> None:
+        self.primary.on_unsolicited = self._primary_handler
         for node, conn in self.conns.items():
             if conn is not self.primary:
                 conn.close()
+
+
+class MembershipChanged(StagerError):
+    """A node of the job a reader knew now belongs to another job: ask for the membership again."""
 
 
 def _release(leases: dict[str, tuple[Connection, int]]) -> None:
     for conn, lease in leases.values():
         try:
             conn.request(Release(lease=lease), 2.0)
-        except StagerError as exc:
+        except Exception as exc:  # a closed or dead connection: the daemon ends its leases itself
             log.debug("release of lease %d failed: %s", lease, exc)
     leases.clear()
 

@@ -90,11 +90,11 @@ class Snapshot(Mapping):
         entries = {}
         for name, dst in out.items():
             entry = entries[name] = self._entry(name)
-            if not isinstance(dst, torch.Tensor) or tuple(dst.shape) != tuple(entry.shape):
+            if not isinstance(dst, torch.Tensor) or tuple(dst.shape) != tuple(entry.shape) or not dst.is_contiguous():
                 what = list(dst.shape) if isinstance(dst, torch.Tensor) else type(dst).__name__
                 raise StagerError(ErrorCode.BAD_VALUE, f"{name}: step {self.step} holds shape {list(entry.shape)}, "
-                                                       f"the tensor to load it into is {what}: pass a tensor of "
-                                                       "the staged shape (or read it with get())")
+                                                       f"the tensor to load it into is {what}: pass a contiguous "
+                                                       "tensor of the staged shape (or read it with get())")
         if self._adapter is not None and any(not e.source for e in entries.values()):
             for name, t in self._eager_hf().items():  # a whole-dict adapter: converted once, then copied
                 if name in entries:
@@ -226,8 +226,10 @@ class Snapshot(Mapping):
         if not self._released:
             self._released = True
             self._eager = None
-            self._source.close()
-            self._subscriber._release(self.lease)
+            try:
+                self._source.close()
+            finally:
+                self._subscriber._release(self.lease)
 
     def __enter__(self) -> "Snapshot":
         return self

@@ -26,7 +26,7 @@ from stager.protocol.shm import SHM_DIR, map_segment
 
 from ..adapters import IdentityAdapter
 from ..connection import Connection
-from .job import JobReader
+from .job import JobReader, MembershipChanged
 from .snapshot import Snapshot, view_entries
 from .sources import LocalSource, RemoteSource
 
@@ -90,7 +90,7 @@ class Subscriber:
         the daemon's announcement, raising TIMEOUT after ``timeout`` seconds (None: forever)."""
         deadline = None if timeout is None else time.monotonic() + timeout
         floor = -1 if step is None else step
-        if self._job_reader() is not None:
+        if self._job_or_none() is not None:
             return self._wait_for_newer_in_job(floor, deadline, timeout, allow_partial)
         self._subscribe()
         while True:
@@ -115,6 +115,8 @@ class Subscriber:
                 self._on_unsolicited(msg)
             elif not self._conn.poll_monitor(0) or self._conn.session != self._subscribed_session:
                 self._subscribe()  # the daemon restarted: subscribe again (a no-op while it is down)
+                if self._conn.session is not None and self._job_or_none() is not None:
+                    return self._wait_for_newer_in_job(floor, deadline, timeout, allow_partial)
 
     def _wait_for_newer_in_job(self, floor: int, deadline: float | None, timeout: float | None,
                                allow_partial: bool) -> Snapshot:
@@ -122,7 +124,7 @@ class Subscriber:
         each node announced a step newer than ``floor`` (the job's complete step may still be older:
         then wait for the next announcement)."""
         while True:
-            job = self._job_reader()
+            job = self._job_or_none()
             if job is None:  # the daemon left the job (restarted): the single-node wait
                 return self.wait_for_newer(floor if floor >= 0 else None,
                                            None if deadline is None else max(0.0, deadline - time.monotonic()),
@@ -238,10 +240,25 @@ class Subscriber:
             job = self._links["job"] = JobReader(self._conn, info, self.timeout, self._source)
         return job
 
-    def _acquire(self, step: int | None, allow_partial: bool) -> Snapshot:
+    def _job_or_none(self) -> JobReader | None:
+        """:meth:`_job_reader`, or while the daemon does not answer, the job known before (None)."""
+        try:
+            return self._job_reader()
+        except StagerError as exc:
+            if exc.code not in (ErrorCode.UNAVAILABLE, ErrorCode.TIMEOUT):
+                raise
+            return self._links.get("job")
+
+    def _acquire(self, step: int | None, allow_partial: bool, retried: bool = False) -> Snapshot:
         job = self._job_reader()
         if job is not None:
-            reply, source = job.acquire(step)
+            try:
+                reply, source = job.acquire(step)
+            except MembershipChanged:
+                if retried:
+                    raise
+                self._job_session = None  # ask the daemon for the job again
+                return self._acquire(step, allow_partial, True)
         else:
             reply = self._conn.request(Acquire(step=step), self.timeout)
             if not isinstance(reply, AcquireReply):
@@ -251,7 +268,7 @@ class Subscriber:
                 self._job_session = None
                 if self._job_reader() is not None:
                     self._release(reply.lease)
-                    return self._acquire(step, allow_partial)
+                    return self._acquire(step, allow_partial, True)
         self._leases.add(reply.lease)
         try:
             if reply.partial and not allow_partial:

@@ -55,10 +55,11 @@ def export_hf_distributed(out_dir: str, *, endpoint: str | None = None, step: in
     the files its node holds most of; a collective over the exporters. ``options``: adapter,
     hf_config, dtype, max_shard_size, prefix (see :func:`~stager.consumers.export_hf.plan_export`)."""
     with NodeWriters("export-hf", out_dir, endpoint, step) as w:
-        ep = plan_export(w.snap, **options)
+        ep = w.together("planning the export", lambda: plan_export(w.snap, **options))
         owners = assign_files(ep, w.snap.placement(), w.nodes)
         manifest: dict[str, dict] = {}
-        weight_map = write_files(w.snap, ep, [f for f, node in enumerate(owners) if node == w.node], w.tmp, manifest)
+        weight_map = w.together("writing its files", lambda: write_files(
+            w.snap, ep, [f for f, node in enumerate(owners) if node == w.node], w.tmp, manifest))
         parts = gather([weight_map, manifest])
         merged_map = {k: v for part in parts for k, v in part[0].items()}
         merged_manifest = {k: v for part in parts for k, v in part[1].items()}

@@ -11,14 +11,18 @@ writer: the directory is complete or absent). Messages between writers are msgpa
 
 from __future__ import annotations
 
+import datetime
 import os
 import shutil
-from typing import Any, Callable
+from typing import Any, Callable, TypeVar
 
 import msgpack
 
 from stager.consumers.persist import fsync_tree, publish_step, remove_stale_temporaries, step_dirname
 from stager.protocol import ErrorCode, StagerError
+
+T = TypeVar("T")
+WRITERS_TIMEOUT = datetime.timedelta(minutes=10)  # a writer that vanished fails the others' collectives
 
 
 def init_writers(command: str) -> None:
@@ -30,7 +34,7 @@ def init_writers(command: str) -> None:
             raise StagerError(ErrorCode.BAD_VALUE, f"{command} --distributed runs one writer per node as ranks of a "
                                                    f"process group: start it with torchrun (--nproc-per-node=1 "
                                                    f"--no-python stager {command} --distributed ...)")
-        dist.init_process_group("gloo")
+        dist.init_process_group("gloo", timeout=WRITERS_TIMEOUT)
 
 
 def gather(value: Any) -> list[Any]:
@@ -43,11 +47,33 @@ def gather(value: Any) -> list[Any]:
 class NodeWriters:
     """``with NodeWriters(command, out_dir, endpoint, step) as w:`` -> ``w.snap`` (the leased step,
     native view), ``w.node`` / ``w.nodes`` (this writer's node, every writer's by rank), ``w.tmp``
-    (the shared temporary directory); then ``w.publish(finish)``: fsync, wait for every writer,
-    ``finish()`` on the first (index, manifest) and the atomic rename."""
+    (the shared temporary directory); ``w.together(what, fn)`` for each phase of local work; then
+    ``w.publish(finish)``: fsync, wait for every writer, ``finish()`` on the first (index,
+    manifest) and the atomic rename. A phase that fails on any writer fails on all of them, so
+    none is left waiting in a collective."""
 
     def __init__(self, command: str, out_dir: str, endpoint: str | None, step: int | None):
         self.command, self.out_dir, self.endpoint, self.requested = command, out_dir, endpoint, step
+        self.nodes: list[str] = []
+        self.snap = None
+
+    def together(self, what: str, fn: Callable[[], T]) -> T:
+        """``fn()`` here; if it raised on any writer, raise on every writer, naming the first."""
+        result, error = None, ""
+        try:
+            result = fn()
+        except Exception as exc:  # noqa: BLE001  (reported to every writer, then raised here)
+            error = f"{exc}"[:2000] or type(exc).__name__
+            mine = exc
+        errors = gather(error)
+        failed = [(rank, e) for rank, e in enumerate(errors) if e]
+        if failed:
+            if error:
+                raise mine
+            rank, message = failed[0]
+            where = f"writer {rank}" + (f" (node {self.nodes[rank]})" if rank < len(self.nodes) else "")
+            raise StagerError(ErrorCode.UNAVAILABLE, f"{where} failed {what}: {message}")
+        return result  # type: ignore[return-value]
 
     def __enter__(self) -> "NodeWriters":
         import torch.distributed as dist
@@ -58,7 +84,7 @@ class NodeWriters:
         self.rank = dist.get_rank()
         self.sub = Subscriber(self.endpoint)
         try:
-            job = self.sub.job
+            job = self.together("asking its daemon for the job", lambda: self.sub.job)
             self.node = job["node"] if job else ""
             self.nodes = gather(self.node)
             jobs = gather(job["job"] if job else "")
@@ -66,38 +92,49 @@ class NodeWriters:
                 raise StagerError(ErrorCode.BAD_VALUE, f"the writers' daemons are nodes {self.nodes} of jobs {jobs}: "
                                                        "run one writer per node of one multi-node job, each pointed "
                                                        "at its node's daemon")
-            chosen = None
-            if self.rank == 0:  # the first writer picks the step; the others lease the same one
-                with self.sub.at(self.requested) if self.requested is not None else self.sub.latest() as snap:
-                    chosen = snap.step
-            self.step = gather(chosen)[0]
-            self.snap = self.sub.at(self.step)
-            self.tmp = os.path.join(self.out_dir, gather(f".{step_dirname(self.step)}.partial-{os.getpid()}")[0])
-            if self.rank == 0:
-                os.makedirs(self.out_dir, exist_ok=True)
-                remove_stale_temporaries(self.out_dir)
-                shutil.rmtree(self.tmp, ignore_errors=True)
-                os.makedirs(self.tmp)
-            dist.barrier()
+            # the first writer picks the step and keeps its lease until every writer holds one
+            first = self.together("leasing the step", self._lease_first)
+            step = gather(first.step if first is not None else None)[0]
+            self.snap = self.together(f"leasing step {step}", lambda: first or self.sub.at(step))
+            self.step = step
+            self.tmp = os.path.join(self.out_dir, gather(f".{step_dirname(step)}.partial-{os.getpid()}")[0])
+            self.together("making the temporary directory", self._make_tmp)
         except BaseException:
-            self.sub.close()
+            self._close()
             raise
         return self
 
-    def publish(self, finish: Callable[[], None]) -> str:
-        import torch.distributed as dist
+    def _lease_first(self):
+        if self.rank != 0:
+            return None
+        return self.sub.at(self.requested) if self.requested is not None else self.sub.latest()
 
-        fsync_tree(self.tmp)
-        dist.barrier()  # every writer's files are durable
-        path = None
+    def _make_tmp(self) -> None:
         if self.rank == 0:
+            os.makedirs(self.out_dir, exist_ok=True)
+            remove_stale_temporaries(self.out_dir)
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            os.makedirs(self.tmp)
+
+    def publish(self, finish: Callable[[], None]) -> str:
+        """fsync this writer's files; once every writer's are durable, the first finishes and renames."""
+        self.together("syncing its files", lambda: fsync_tree(self.tmp))
+
+        def last() -> str | None:
+            if self.rank != 0:
+                return None
             finish()
             fsync_tree(self.tmp)
-            path = publish_step(self.tmp, self.out_dir, self.step)
-        return gather(path)[0]
+            return publish_step(self.tmp, self.out_dir, self.step)
+
+        return gather(self.together("publishing", last))[0]
+
+    def _close(self) -> None:
+        if self.snap is not None:
+            self.snap.release()
+        self.sub.close()
 
     def __exit__(self, exc_type, *exc) -> None:
-        if exc_type is not None and self.rank == 0:
+        if exc_type is not None and self.rank == 0 and getattr(self, "tmp", None):
             shutil.rmtree(self.tmp, ignore_errors=True)
-        self.snap.release()
-        self.sub.close()
+        self._close()

@@ -42,7 +42,9 @@ def exact_storage(t: torch.Tensor) -> torch.Tensor:
         return t
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # a read-only mapping: DCP only reads it
-        return torch.frombuffer((ctypes.c_char * nbytes).from_address(t.data_ptr()), dtype=t.dtype).view(t.shape)
+        out = torch.frombuffer((ctypes.c_char * nbytes).from_address(t.data_ptr()), dtype=t.dtype).view(t.shape)
+    out._stager_source = t  # the memory is t's: keep t (its mapping or frame) alive as long as out
+    return out
 
 
 def step_dirname(step: int) -> str:

@@ -85,11 +85,15 @@ def write_dcp_distributed(out_dir: str, *, endpoint: str | None = None, step: in
 
     with NodeWriters("write-dcp", out_dir, endpoint, step) as w:
         snap = w.snap
-        placement = snap.placement()
-        mine = assign_regions(placement, w.nodes)[w.node]
+        placement = _view_placement(snap)
         shapes = {fqn: torch.Size(snap.meta(fqn)[0]) for fqn in placement}
-        regions = {(fqn, offset): exact_storage(snap.get(fqn, offsets=offset, sizes=shape))
-                   for fqn, offset, shape in mine}
+
+        def read_regions() -> dict:
+            mine = assign_regions(placement, w.nodes)[w.node]
+            return {(fqn, offset): exact_storage(snap.get(fqn, offsets=offset, sizes=shape))
+                    for fqn, offset, shape in mine}
+
+        regions = w.together("reading its regions", read_regions)
         planner = _planner(regions, shapes, dict(snap.objects) if w.rank == 0 else {})
         dcp.save({}, storage_writer=dcp.FileSystemWriter(w.tmp), planner=planner)
         chunks = gather([[fqn, list(offset), list(t.shape), checksum(t)] for (fqn, offset), t in regions.items()])
@@ -97,6 +101,21 @@ def write_dcp_distributed(out_dir: str, *, endpoint: str | None = None, step: in
         path = w.publish(lambda: _manifest(w.tmp, w.step, [c for part in chunks for c in part], meta))
     log.info("wrote DCP checkpoint of step %d to %s (writer %d of %d)", w.step, path, w.rank, len(w.nodes))
     return path
+
+
+def _view_placement(snap: Any) -> dict[str, list[tuple[tuple, tuple, list[str]]]]:
+    """The regions of the tensors a DCP checkpoint holds (the native view: float8 scales are
+    consumed by dequantization). A float8 tensor is dequantized whole, by one writer: it is one
+    region held by every node holding part of it."""
+    placement = snap.placement()
+    out = {}
+    for fqn in snap:
+        regions = placement[fqn]
+        if fqn in snap.quant:
+            shape, _ = snap.meta(fqn)
+            regions = [((0,) * len(shape), tuple(shape), sorted({h for _, _, hs in regions for h in hs}))]
+        out[fqn] = regions
+    return out
 
 
 def _manifest(tmp: str, step: int, chunks: list, meta: dict) -> None:

@@ -61,7 +61,9 @@ class JobMembership:
         return JobInfoReply(
             job=m.job if m else "", node=state.host_id, endpoint=self.advertise,
             nodes=dict(m.nodes) if m and msg.members else {state.host_id: self.advertise},
-            sealed=list(state.sealed)[-MAX_STEPS:], staging=sorted(state.staging)[-MAX_STEPS:],
+            # the current job's steps only: versions of an earlier job (or run) on this node are no part of it
+            sealed=[s for s, v in state.sealed.items() if v.epoch == state.epoch][-MAX_STEPS:],
+            staging=sorted(s for s, v in state.staging.items() if v.epoch == state.epoch)[-MAX_STEPS:],
             failed=list(state.failed)[-MAX_STEPS:])
 
     def status(self) -> dict | None:
