@@ -20,8 +20,13 @@ def _serve(args: argparse.Namespace) -> int:
                               keep=args.keep, step_timeout=args.step_timeout,
                               peer_timeout=args.peer_timeout, auth_dir=args.auth_dir,
                               insecure_no_auth=args.insecure_no_auth, metrics=args.metrics,
-                              drain_timeout=args.drain_timeout, host_id=args.host_id, advertise=args.advertise)
+                              drain_timeout=args.drain_timeout, host_id=args.host_id, advertise=args.advertise,
+                              assemble_full=args.assemble_full)
         daemon = Daemon(config)
+        if config.assemble_full:
+            from stager.consumers.assemble_full import Assembler
+
+            daemon.attach(Assembler(daemon.endpoint, daemon.call, daemon.assembly))
     except (ValueError, StagerError) as exc:
         print(f"stager serve: {exc}", file=sys.stderr)
         return 2
@@ -275,6 +280,9 @@ def main(argv: list[str] | None = None) -> int:
                                      "simulated node on one host its own, and set STAGER_HOST_ID for its ranks")
     p.add_argument("--advertise", metavar="ENDPOINT",
                    help="endpoint other nodes of a job reach this daemon at (default: --endpoint)")
+    p.add_argument("--assemble-full", action="store_true",
+                   help="multi-node jobs: pull each complete version whole onto this node in the background (free "
+                        "memory only), so readers here read all of it zero-copy")
     p.add_argument("--drain-timeout", type=float, default=30.0,
                    help="on SIGTERM, seconds to let steps in flight seal before exiting (default 30)")
     p.set_defaults(func=_serve)

@@ -268,3 +268,145 @@ def hf_node_exporter(rank, world, out, max_shard_size):
     from stager.consumers.export_hf_dist import export_hf_distributed
 
     return export_hf_distributed(out, max_shard_size=max_shard_size)
+
+
+def _fsdp_mlp(seed, world):
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 33), torch.nn.ReLU(), torch.nn.Linear(33, 7))
+    fully_shard(model, mesh=init_device_mesh("cpu", (world,)))  # 33 and 7 rows: uneven shards
+    opt = torch.optim.AdamW(model.parameters(), lr=0.01)
+    model(torch.randn(4, 16)).sum().backward()  # one step: the optimizer state exists
+    opt.step()
+    opt.zero_grad()
+    return model, opt
+
+
+def _train_state(model, opt, train):
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
+    )
+
+    flat = StateDictOptions(flatten_optimizer_state_dict=True)
+    return {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt, options=flat),
+            "train": train}
+
+
+def _full(sd):
+    """The unsharded tensors, as numpy arrays: a tensor returned through run_ranks' queue would be
+    shared by file descriptor with a rank that exits right after (the parent then waits forever)."""
+    out = {}
+    for group in ("model", "optim"):
+        for k, v in sd[group].items():
+            if isinstance(v, torch.Tensor):
+                out[f"{group}.{k}"] = (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().clone().numpy()
+    return out
+
+
+def stage_fsdp_train_state(rank, world):
+    """FSDP2 model and AdamW state after one step, staged as step 7 with the train state."""
+    from stager.client import StagingClient
+
+    model, opt = _fsdp_mlp(0, world)
+    sd = _train_state(model, opt, {"step": 7, "data": {"epoch": 1, "position": 1234}})
+    with StagingClient(strict=True) as client:
+        client.stage(sd, step=7).wait(60)
+    return _full(sd)
+
+
+def restore_fsdp_train_state(rank, world):
+    """Another model (other seed, other world size) restored from the newest version in place."""
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions, set_model_state_dict, set_optimizer_state_dict,
+    )
+
+    from stager.client import StagingClient
+
+    model, opt = _fsdp_mlp(rank + 100, world)
+    sd = _train_state(model, opt, {"step": 0, "data": {"epoch": 0, "position": 0}})
+    with StagingClient(strict=True) as client:
+        step = client.restore(sd)
+    set_model_state_dict(model, sd["model"])
+    set_optimizer_state_dict(model, opt, sd["optim"], options=StateDictOptions(flatten_optimizer_state_dict=True))
+    after = _full(_train_state(model, opt, sd["train"]))  # read back from the live model and optimizer
+    return step, sd["train"], after
+
+
+def _batch(step, world, rank):
+    """Step ``step``'s global batch (the same for any world size), this rank's rows of it."""
+    g = torch.Generator().manual_seed(1000 + step)
+    x, y = torch.randn(12, 16, generator=g), torch.randn(12, 7, generator=g)
+    rows = 12 // world
+    return x[rank * rows:(rank + 1) * rows], y[rank * rows:(rank + 1) * rows]
+
+
+def train_with_staging(rank, world, phase, steps, crash_after=None):
+    """FSDP2 training staging every step; ``phase``: "fresh" starts from seed 0, "resume" restores
+    the newest version first (another init: only the restore makes it equal). With ``crash_after``
+    every rank is killed with SIGKILL in the middle of the step after it (its forward done)."""
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions, set_model_state_dict, set_optimizer_state_dict,
+    )
+
+    from stager.client import StagingClient
+
+    model, opt = _fsdp_mlp(0 if phase == "fresh" else 55, world)  # (one throwaway step inside)
+    client = StagingClient(strict=True)
+    start = 0
+    if phase == "resume":
+        sd = _train_state(model, opt, {"step": -1})
+        start = client.restore(sd)
+        set_model_state_dict(model, sd["model"])
+        set_optimizer_state_dict(model, opt, sd["optim"], options=StateDictOptions(flatten_optimizer_state_dict=True))
+        assert sd["train"]["step"] == start
+    losses = {}
+    for step in range(start + 1, start + 1 + steps):
+        x, y = _batch(step, world, rank)
+        loss = torch.nn.functional.mse_loss(model(x), y)
+        if crash_after is not None and step == crash_after + 1:
+            dist.barrier()  # every rank's forward done: all of them die mid-step
+            os.kill(os.getpid(), signal.SIGKILL)  # mid-step: forward done, nothing staged
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        total = loss.detach().clone()
+        dist.all_reduce(total)
+        losses[step] = (total / world).item()
+        client.stage(_train_state(model, opt, {"step": step}), step=step).wait(60)
+    client.close()
+    return losses
+
+
+def restore_model_as_tp(rank, world):
+    """The staged FSDP2 model restored into another parallelism: 2D weights column-sharded
+    (``Shard(1)``, uneven), 1D ones replicated, on ``world`` ranks."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+
+    from stager.client import StagingClient
+
+    mesh = init_device_mesh("cpu", (world,))
+    torch.manual_seed(77)
+    plain = torch.nn.Sequential(torch.nn.Linear(16, 33), torch.nn.ReLU(), torch.nn.Linear(33, 7)).state_dict()
+    sd = {"model": {k: distribute_tensor(v, mesh, [Shard(1) if v.dim() == 2 else Replicate()])
+                    for k, v in plain.items()}}
+    with StagingClient(strict=True) as client:
+        step = client.restore(sd)
+    return step, {f"model.{k}": v.full_tensor().numpy() for k, v in sd["model"].items()}
+
+
+def restore_with_one_bad_rank(rank, world):
+    """Rank 1's state dict does not match the version: every rank must fail, none restore."""
+    from stager.client import StagingClient
+    from stager.protocol import StagerError
+
+    with StagingClient(strict=True) as client:
+        client.stage({"w": torch.ones(4, 4)}, step=1).wait(60)
+        sd = {"w": torch.zeros(4, 4) if rank != 1 else torch.zeros(4, 5)}
+        try:
+            client.restore(sd)
+        except StagerError as exc:
+            return exc.code.value, exc.message, bool(sd["w"].any())
+    return None

@@ -30,3 +30,17 @@ def test_cuda_tensors_stage_bit_exact_and_train_stream_orders_after_copy(make_da
         registered = client._worker.copier._registered
         assert registered, "segments must be page-locked once with cudaHostRegister"
         assert len(registered) <= 3  # keep=2 + 1 in flight, registered once each
+
+
+def test_restore_fills_device_tensors_through_the_pinned_path(make_daemon, monkeypatch):
+    from stager.client.hook import restore as restore_mod
+    from stager.client import StagingClient
+
+    d = make_daemon(memory_limit=1 << 30)
+    staged = {"w": torch.randn(3000, 1024), "b": torch.randn(1024).bfloat16(), "odd": torch.randn(5, 7).t()}
+    with StagingClient(d.endpoint, rank=0, local_world_size=1, world_size=1, strict=True) as client:
+        client.stage(staged, step=1).wait(30)
+        sd = {k: torch.zeros(v.shape, dtype=v.dtype, device="cuda") for k, v in staged.items()}
+        monkeypatch.setattr(restore_mod, "PINNED_CHUNK", 1 << 20)  # many chunks: the two buffers alternate
+        assert client.restore(sd) == 1
+    assert all(torch.equal(sd[k].cpu(), v) for k, v in staged.items())

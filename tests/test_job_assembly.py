@@ -2,7 +2,9 @@
 
 import pytest
 
-from stager.client.readers.assembly import complete_steps, incomplete_reason, intersect, merge_layouts
+from stager.client.readers.assembly import (
+    complete_steps, incomplete_reason, intersect, merge_layouts, subtract,
+)
 from stager.protocol import Block, Box, ErrorCode, StagerError, TensorLayout
 
 
@@ -21,16 +23,41 @@ TOP, BOTTOM = ((0, 0), (3, 2)), ((3, 0), (1, 2))
     # HSDP, replicas across nodes: one region, both holders, the preferred one first
     ({"a": [layout("w", (4, 2), TOP, BOTTOM)], "b": [layout("w", (4, 2), TOP, BOTTOM)]}, ["b", "a"],
      [((0, 0), ["b", "a"]), ((3, 0), ["b", "a"])]),
-    # one node holds the whole tensor, the other a part of it: the whole is enough
-    ({"a": [layout("w", (4, 2), BOTTOM)], "b": [layout("w", (4, 2), FULL)]}, ["a", "b"], [((0, 0), ["b"])]),
+    # one node holds the whole tensor (assembled), the other a part of it: the part is held by both,
+    # the rest by the whole one alone; the same regions whatever the preference (writers plan from them)
+    ({"a": [layout("w", (4, 2), BOTTOM)], "b": [layout("w", (4, 2), FULL)]}, ["a", "b"],
+     [((0, 0), ["b"]), ((3, 0), ["a", "b"])]),
+    ({"a": [layout("w", (4, 2), BOTTOM)], "b": [layout("w", (4, 2), FULL)]}, ["b", "a"],
+     [((0, 0), ["b"]), ((3, 0), ["b", "a"])]),
+    # two assembled nodes and a partial one
+    ({"a": [layout("w", (4, 2), FULL)], "b": [layout("w", (4, 2), TOP)], "c": [layout("w", (4, 2), FULL)]},
+     ["b", "c", "a"], [((0, 0), ["b", "c", "a"]), ((3, 0), ["c", "a"])]),
     # a node that holds nothing of it (empty shard) is no holder
     ({"a": [layout("w", (4, 2), FULL)], "b": [layout("w", (4, 2), ((4, 0), (0, 2)))]}, ["b", "a"],
      [((0, 0), ["a"])]),
-], ids=["fsdp across nodes", "hsdp replicas", "whole beats part", "empty shard"])
+], ids=["fsdp across nodes", "hsdp replicas", "whole and part", "whole and part, whole preferred",
+        "two whole, one part", "empty shard"])
 def test_regions_and_their_holders(parts, prefer, expected):
     merged = merge_layouts(parts, prefer, 1)["w"]
     assert [(r.box.offset, [n for n, _ in r.holders]) for r in merged.regions] == expected
     assert merged.layout().complete
+    holds_whole = [n for n, ts in parts.items() if any(b.box == Box((0, 0), (4, 2)) for b in ts[0].blocks)]
+    assert merged.nearest_whole == (prefer[0] if prefer[0] in holds_whole else None)
+
+
+@pytest.mark.parametrize("box,holes,expected", [
+    (Box((0, 0), (6, 4)), [Box((2, 0), (2, 4))], [((0, 0), (2, 4)), ((4, 0), (2, 4))]),
+    (Box((0, 0), (6, 4)), [Box((0, 0), (2, 4)), Box((4, 0), (2, 4))], [((2, 0), (2, 4))]),
+    (Box((0, 0), (3, 3)), [Box((1, 1), (1, 1))],
+     [((0, 0), (1, 3)), ((2, 0), (1, 3)), ((1, 0), (1, 1)), ((1, 2), (1, 1))]),
+    (Box((0, 0), (2, 2)), [Box((0, 0), (2, 2))], []),
+    (Box((4,), (4,)), [], [((4,), (4,))]),
+], ids=["middle rows", "two row holes", "a hole in the middle of 2D", "all of it", "no hole"])
+def test_subtract_leaves_disjoint_boxes_covering_the_rest(box, holes, expected):
+    pieces = subtract(box, holes)
+    assert [(p.offset, p.shape) for p in pieces] == expected
+    assert sum(p.numel for p in pieces) + sum(h.numel for h in holes) == box.numel
+    assert not any(p.intersects(q) for i, p in enumerate(pieces) for q in pieces[i + 1:] + holes)
 
 
 @pytest.mark.parametrize("parts,code,text", [

@@ -63,6 +63,32 @@ def test_two_nodes_fsdp_hsdp_tp_every_reader_sees_whole_versions(tmp_path):
         assert all(torch.equal(template[k], v) for k, v in expected.items())
 
 
+def test_full_assembly_puts_whole_versions_on_each_node_for_zero_copy_readers(monkeypatch):
+    from stager.client.readers.subscriber import _shares_segment
+
+    with SimulatedCluster(2, args=LIMIT + ("--assemble-full",)) as cluster:
+        run_ranks(multi_node_stage, 4, [1, 2, 3], nodes=cluster.nodes)  # the trainer stages on while nodes assemble
+        expected = {f"model.{k}": v for k, v in scaled(full_tensors(), 3).items()}
+        for endpoint in cluster.endpoints:  # each node pulls the other's half of the newest complete version
+            wait_until(lambda: 3 in daemon_status(endpoint).get("assembly", {}).get("assembled", []), timeout=60)
+        status = daemon_status(cluster.endpoints[0])
+        newest = next(v for v in status["versions"] if v["step"] == 3)
+        assert newest["assembled"] and not newest["partial"] and newest["tensors"] == len(expected)
+        assert status["memory"]["used"] <= status["memory"]["limit"] and status["counters"]["assembled"] >= 1
+        served = daemon_status(cluster.endpoints[1])["counters"]["read_bytes"]
+        monkeypatch.setenv("STAGER_HOST_ID", "node-0")  # a reader on node-0, beside its trainer ranks
+        with Subscriber(cluster.endpoints[0]) as sub, sub.latest() as snap:
+            assert snap.step == 3 and sorted(snap) == sorted(expected) and snap.objects == {"train.step": 3}
+            for k, v in expected.items():
+                t = snap[k]
+                assert torch.equal(t, v) and _shares_segment(t, sub._segments), k  # node-0's memory, no copy
+            assert all("node-0" in nodes for regions in snap.placement().values() for *_, nodes in regions)
+        assert daemon_status(cluster.endpoints[1])["counters"]["read_bytes"] == served  # no byte from node-1
+        monkeypatch.delenv("STAGER_HOST_ID")  # a reader on neither node: reads from both, the same values
+        with Subscriber(cluster.endpoints[1]) as sub, sub.latest() as snap:
+            assert all(torch.equal(snap[k], v) for k, v in expected.items())
+
+
 def test_three_nodes_uneven_fsdp_hf_view_and_export_from_any_daemon(tmp_path):
     from safetensors.torch import load_file
 

@@ -103,7 +103,7 @@ class StagingClient:
         if transport not in ("auto", "shm", "frames"):
             raise ValueError(f"transport must be auto, shm or frames, not {transport!r}")
         rank, local_world_size, world_size = _rank_info(rank, local_world_size, world_size)
-        self.rank, self.strict = rank, strict
+        self.rank, self.strict, self._timeout = rank, strict, timeout
         conn = Connection(endpoint, role="trainer", rank=rank, local_world_size=local_world_size,
                           world_size=world_size)
         self.job = self._join(conn, job, world_size > local_world_size, timeout)  # before the worker owns conn
@@ -163,6 +163,28 @@ class StagingClient:
         with self._lock:
             self._worker.submit(_Job(state_dict, step, model_info, handle, start_event))
         return handle
+
+    def restore(self, state_dict: Mapping[str, Any], *, step: int | None = None) -> int:
+        """Fill ``state_dict`` in place from the sealed version ``step`` (default: the newest; with
+        torch.distributed, rank 0's newest on every rank) and return the step restored.
+
+        Each rank writes its own tensors: DTensor local shards of any placement and plain tensors,
+        nested as staged (``{"model": get_model_state_dict(...), "optim": get_optimizer_state_dict(...,
+        flatten_optimizer_state_dict=True)}``), reading only the box it holds, from whichever node
+        holds it. The job may have another world size or parallelism than the one that staged.
+        Non-tensor leaves come back as staged. Every name, shape and dtype is checked first: a
+        mismatch raises BAD_VALUE naming the tensor and nothing is written. Optimizer state must
+        exist (take one step, as with DCP). Then ``set_model_state_dict`` / ``set_optimizer_state_dict``
+        as after ``dcp.load``.
+
+        >>> sd = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt, options=o)}
+        >>> step = client.restore(sd)  # doctest: +SKIP
+        """
+        from ..readers import Subscriber
+        from .restore import restore_state_dict
+
+        with Subscriber(self.endpoint, timeout=self._timeout) as sub:
+            return restore_state_dict(state_dict, sub, step=step)
 
     def close(self, timeout: float = 10.0) -> None:
         """Finish queued stages (up to ``timeout`` seconds), then release the socket and mappings."""

@@ -30,6 +30,9 @@ class MergedTensor:
     dtype: str
     shape: tuple[int, ...]
     regions: tuple[Region, ...]  # disjoint, covering the tensor
+    # the reader's most preferred node, when it holds the tensor in one block (an assembled copy):
+    # whole reads then come from there in one piece (zero-copy on its host)
+    nearest_whole: str | None = None
 
     def layout(self) -> TensorLayout:
         """A whole-tensor layout (what a reader's view is planned from; no segment behind it)."""
@@ -60,36 +63,70 @@ def merge_layouts(parts: dict[str, tuple[TensorLayout, ...]], prefer: list[str],
             candidates.setdefault(t.fqn, []).extend((b.box, node, b) for b in t.blocks if b.box.numel)
     out = {}
     for fqn, (_, t) in seen.items():
-        out[fqn] = MergedTensor(fqn, t.dtype, t.shape, _cover(fqn, t.shape, candidates.get(fqn, []), rank, step))
+        boxes = candidates.get(fqn, [])
+        whole = Box((0,) * len(t.shape), t.shape)
+        nearest = prefer[0] if prefer and any(n == prefer[0] and b == whole for b, n, _ in boxes) else None
+        out[fqn] = MergedTensor(fqn, t.dtype, t.shape, _cover(fqn, t.shape, boxes, rank, step), nearest)
     return out
 
 
 def _cover(fqn: str, shape: tuple[int, ...], boxes: list[tuple[Box, str, Block]], rank: dict[str, int],
            step: int) -> tuple[Region, ...]:
-    """Disjoint regions covering ``shape``: the largest boxes first; a box inside a kept one is
-    another holder of it when equal, else not needed; one that partly overlaps a kept one
-    contradicts it."""
+    """Disjoint regions covering ``shape``, the same whatever the reader's preference (per-node
+    writers plan from them): the smallest boxes first; a box equal to a kept one is another holder
+    of it; one that contains kept ones (a node holding the tensor whole, ``serve --assemble-full``)
+    holds them too, and the rest of it becomes new regions; one that partly overlaps a kept one
+    without covering it contradicts it. Holders are sorted by preference."""
     kept: list[tuple[Box, list[tuple[str, Block]]]] = []
-    for box, node, block in sorted(boxes, key=lambda c: (-c[0].numel, c[0].offset, rank.get(c[1], len(rank)))):
-        for kbox, holders in kept:
-            if not kbox.intersects(box):
-                continue
-            if kbox == box:
-                holders.append((node, block))
-            elif not kbox.contains(box):
+    for box, node, block in sorted(boxes, key=lambda c: (c[0].numel, c[0].offset, rank.get(c[1], len(rank)))):
+        hits = [(kbox, holders) for kbox, holders in kept if kbox.intersects(box)]
+        same = next((holders for kbox, holders in hits if kbox == box), None)
+        if same is not None:
+            same.append((node, block))
+            continue
+        for kbox, _ in hits:
+            if not box.contains(kbox):
                 raise StagerError(ErrorCode.BAD_PLAN, f"step {step}: {fqn}: a region at {list(box.offset)} of shape "
                                                       f"{list(box.shape)} on node {node} partly overlaps one at "
                                                       f"{list(kbox.offset)} of shape {list(kbox.shape)}; the nodes' "
                                                       "shards do not tile the tensor")
-            break
-        else:
-            kept.append((box, [(node, block)]))
+        for _, holders in hits:
+            holders.append((node, block))
+        kept += [(piece, [(node, block)]) for piece in subtract(box, [kbox for kbox, _ in hits])]
     total, covered = math.prod(shape), sum(b.numel for b, _ in kept)
     if covered != total:
         raise StagerError(ErrorCode.PARTIAL, f"step {step}: the nodes that answered hold {covered} of {total} "
                                              f"elements of {fqn} {list(shape)}; a node holding the rest is missing")
     regions = [Region(box, tuple(sorted(h, key=lambda nb: rank.get(nb[0], len(rank))))) for box, h in kept]
     return tuple(sorted(regions, key=lambda r: r.box.offset))
+
+
+def subtract(box: Box, holes: list[Box]) -> list[Box]:
+    """``box`` minus disjoint ``holes`` inside it, as disjoint boxes (slabs: at most two per
+    dimension per hole).
+
+    >>> subtract(Box((0, 0), (6, 4)), [Box((2, 0), (2, 4))])
+    [Box(offset=(0, 0), shape=(2, 4)), Box(offset=(4, 0), shape=(2, 4))]
+    """
+    pieces = [box]
+    for hole in holes:
+        out = []
+        for piece in pieces:
+            cut = intersect(piece, hole)
+            if cut is None:
+                out.append(piece)
+                continue
+            offset, size = list(piece.offset), list(piece.shape)
+            for d in range(len(size)):
+                lo, hi = cut.offset[d], cut.offset[d] + cut.shape[d]
+                if lo > offset[d]:  # the slab below the hole in dimension d
+                    out.append(Box(tuple(offset), tuple(size[:d] + [lo - offset[d]] + size[d + 1:])))
+                if hi < offset[d] + size[d]:  # and above it
+                    out.append(Box(tuple(offset[:d] + [hi] + offset[d + 1:]),
+                                   tuple(size[:d] + [offset[d] + size[d] - hi] + size[d + 1:])))
+                offset[d], size[d] = lo, hi - lo  # narrow to the hole and go on with the next dimension
+        pieces = out
+    return pieces
 
 
 def intersect(a: Box, b: Box) -> Box | None:

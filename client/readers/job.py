@@ -274,9 +274,11 @@ class JobSource:
         self.meta = {fqn: m.layout() for fqn, m in merged.items()}
         self.regions = _WholeRegions(self)
 
-    def full(self, fqn: str) -> torch.Tensor:
+    reads_into = True  # full(fqn, out=...): parts land in the caller's tensor, no temporary
+
+    def full(self, fqn: str, out: torch.Tensor | None = None) -> torch.Tensor:
         m = self.merged[fqn]
-        return self._read(m, Box((0,) * len(m.shape), m.shape))
+        return self._read(m, Box((0,) * len(m.shape), m.shape), out)
 
     def box(self, fqn: str, offsets=None, sizes=None) -> torch.Tensor:
         m = self.merged[fqn]
@@ -286,11 +288,14 @@ class JobSource:
     def stream(self, fqns: Iterable[str]) -> Iterator[tuple[str, torch.Tensor]]:
         return ((f, self.full(f)) for f in fqns)
 
-    def _read(self, m: MergedTensor, want: Box) -> torch.Tensor:
-        for r in m.regions:
-            if r.box.contains(want):  # one node holds all of it: a view of its segment, or its frames
-                return self._part(r.holders[0][0], m.fqn, want)
-        out = torch.empty(want.shape, dtype=m.layout().torch_dtype)
+    def _read(self, m: MergedTensor, want: Box, out: torch.Tensor | None = None) -> torch.Tensor:
+        whole = m.nearest_whole
+        holder = whole or next((r.holders[0][0] for r in m.regions if r.box.contains(want)), None)
+        if holder is not None:  # one node holds all of it: a view of its segment, or its frames
+            part = self._part(holder, m.fqn, want)
+            return part if out is None else out.copy_(part)
+        if out is None:
+            out = torch.empty(want.shape, dtype=m.layout().torch_dtype)
         remote: dict[str, list] = {}  # node -> [(destination, dtype, read boxes)]
         for r in m.regions:
             part = intersect(r.box, want)

@@ -102,6 +102,14 @@ class Snapshot(Mapping):
             return [n for n in self._entries if n in entries]
         targets = {name: out[name] for name in entries}
         written: set[str] = set()
+        if self._adapter is None and getattr(self._source, "reads_into", False):
+            # the bytes land in the destination itself (a multi-node job's parts): no temporary
+            for name, entry in list(entries.items()):
+                raw = self._source.meta[name].torch_dtype
+                if (name not in self.quant or self._keep_fp8) and targets[name].dtype == raw:
+                    self._source.full(name, out=targets[name])
+                    written.add(name)
+                    del entries[name]
         for fqn, t in self._natives(entries):
             if self._adapter is None:
                 targets[fqn].copy_(t)

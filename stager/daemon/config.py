@@ -80,6 +80,12 @@ class DaemonConfig:
     """The endpoint the other nodes of a job (and their readers) reach this daemon at; None: the
     bound endpoint. Set it when binding a wildcard (``tcp://0.0.0.0:7555`` -> ``tcp://node3:7555``)."""
 
+    assemble_full: bool = False
+    """Multi-node jobs: after each version is complete on every node, pull the other nodes' regions
+    into this node in the background, so readers here read the whole version zero-copy. Uses only
+    memory free under ``memory_limit`` (a version is left partial otherwise); the trainer never waits
+    for it. Other nodes are reached with ``$STAGER_AUTH_DIR`` (default: ``auth_dir``) keys."""
+
     def __post_init__(self) -> None:
         self.endpoint = resolve(self.endpoint)
         if self.host_id is not None and not 0 < len(self.host_id) <= 200:

@@ -49,6 +49,10 @@ class SegmentBudget:
         self._make, self._new_name = make, new_name
         self.used = 0
         self.current_layout: str | None = None  # pooled segments of other layouts are dropped
+        # full assembly (serve --assemble-full) pools its own layout's segments too, never at the
+        # trainer's expense: take() drops them first when a step needs the memory
+        self.spare_layout: str | None = None
+        self.spare_rotation = 0
         self.pool: dict[str, list[Segment]] = {}  # layout id -> free segments of that layout
         self.owner: dict[str, tuple[str, Segment]] = {}  # segment name -> (layout id, segment)
         self.pending: dict[str, tuple[str, int]] = {}  # name -> (layout id, size), being created
@@ -163,10 +167,31 @@ class SegmentBudget:
             return
         layout_id = self.owner.get(seg.name, (None,))[0]
         owned = sum(1 for lid, _ in self.owner.values() if lid == layout_id)
-        if reuse and layout_id is not None and layout_id == self.current_layout and owned <= self.rotation:
+        rotation = {self.current_layout: self.rotation, self.spare_layout: self.spare_rotation}.get(layout_id, 0)
+        if reuse and layout_id is not None and owned <= rotation:
             self.pool.setdefault(layout_id, []).append(seg)
         else:
             self.destroy(seg)
+
+    def reserve_spare(self, layout_id: str, size: int) -> "Segment | bool":
+        """For background work (full assembly): a pooled segment of ``layout_id``; else True after
+        counting ``size`` bytes as used (the caller creates the segment off the loop and hands it
+        to :meth:`adopt`, or gives the bytes back with :meth:`unreserve`); False when only
+        dropping another layout's pool or evicting a version would make room."""
+        free = self.pool.get(layout_id)
+        if free:
+            return free.pop(0)
+        if self.used + size > self.limit:
+            return False
+        self.used += size
+        return True
+
+    def adopt(self, layout_id: str, seg: Segment) -> None:
+        """A segment created for a :meth:`reserve_spare` reservation (its bytes are counted already)."""
+        self.owner[seg.name] = (layout_id, seg)
+
+    def unreserve(self, size: int) -> None:
+        self.used -= size
 
     def destroy(self, seg: Segment) -> None:
         if self.owner.pop(seg.name, None) is not None:
@@ -252,7 +277,7 @@ class Retention:
             self.evict(v)
         in_use = {v.record.id for v in (*state.sealed.values(), *state.staging.values(), *state.orphans)
                   if v.record is not None}
-        self.budget.drop_pool(except_layout=self.budget.current_layout, keep_layouts=in_use)
+        self.budget.drop_pool(except_layout=self.budget.current_layout, keep_layouts=in_use | {self.budget.spare_layout})
         self.on_freed()
 
     def collect(self) -> None:

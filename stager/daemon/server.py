@@ -11,13 +11,16 @@ the loop publishes a metrics snapshot every tick for the HTTP thread (:mod:`~sta
 
 from __future__ import annotations
 
+import concurrent.futures
 import fcntl
 import itertools
 import logging
 import os
+import queue
 import secrets
 import time
 import weakref
+from typing import Any, Callable
 
 import zmq
 
@@ -42,11 +45,13 @@ class DaemonBusy(StagerError):
     """Another daemon already serves the endpoint."""
 
 
-def _close_resources(sock, ctx, lock_fd, sock_path, budget, auth, metrics=None) -> None:
+def _close_resources(sock, ctx, lock_fd, sock_path, budget, auth, metrics=None, pipe=()) -> None:
     # Runs on close() or at interpreter exit: no segment or socket file may outlive the daemon.
     try:
         budget.close()
     finally:
+        for fd in pipe:
+            os.close(fd)
         if metrics is not None:
             metrics.close()
         if sock is not None:
@@ -127,9 +132,69 @@ class Daemon:
                 _close_resources(self.sock, self.ctx, self._lock_fd, self._sock_path, self.budget, self._auth,
                                  self.metrics)
                 raise
+        # other threads (the full assembler) run work on this loop through call(): a queue, and a pipe
+        # whose byte wakes the poll
+        self._calls: queue.SimpleQueue = queue.SimpleQueue()
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
+        os.set_blocking(self._wake_w, False)
+        self._closing = False
+        self._workers: list = []
+        self.assembly = None
+        if config.assemble_full:
+            self._prepare_assembly()
         self._finalizer = weakref.finalize(
             self, _close_resources, self.sock, self.ctx, self._lock_fd, self._sock_path, self.budget, self._auth,
-            self.metrics)
+            self.metrics, (self._wake_r, self._wake_w))
+
+    def _prepare_assembly(self) -> None:
+        from .assembly import FullAssembly
+
+        h = self.handlers
+        # the assembler (attached by `stager serve`) reads the job inside this process: same node, same keys
+        if self.config.host_id:
+            os.environ["STAGER_HOST_ID"] = self.config.host_id
+        if self.config.auth_dir:
+            os.environ.setdefault("STAGER_AUTH_DIR", self.config.auth_dir)
+        self.assembly = FullAssembly(h.state, h.memory, h.reading.announce, self._segment_name)
+
+    def attach(self, worker) -> None:
+        """Start a background ``worker`` (``start()``/``close()``; e.g. the full assembler), closed
+        with the daemon; it reaches the loop through :meth:`call`."""
+        self._workers.append(worker)
+        worker.start()
+
+    def call(self, fn: Callable[[], Any], timeout: float = 60.0) -> Any:
+        """Run ``fn`` on the socket loop (the daemon's state is not locked) and return its result;
+        for the daemon's own background threads."""
+        if self._closing:
+            raise StagerError(ErrorCode.UNAVAILABLE, "the daemon is shutting down")
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        self._calls.put((fn, future))
+        try:
+            os.write(self._wake_w, b"x")
+        except BlockingIOError:
+            pass  # the pipe is full of wake-ups already: the loop is on its way
+        return future.result(timeout)
+
+    def _run_calls(self) -> None:
+        try:
+            while os.read(self._wake_r, 4096):
+                pass
+        except BlockingIOError:
+            pass
+        while True:
+            try:
+                fn, future = self._calls.get_nowait()
+            except queue.Empty:
+                return
+            if self._closing:
+                future.set_exception(StagerError(ErrorCode.UNAVAILABLE, "the daemon is shutting down"))
+                continue
+            try:
+                future.set_result(fn())
+            except BaseException as exc:  # the caller's failure, never the loop's
+                future.set_exception(exc)
 
     @property
     def metrics_url(self) -> str | None:
@@ -149,6 +214,8 @@ class Daemon:
             status["metrics"] = self.metrics.url
         if self.config.insecure:  # `stager status --json` says so too
             status["insecure"] = True
+        if self.assembly is not None:
+            status["assembly"] = self.assembly.status()
         return status
 
     # ------------------------------------------------------------------ setup
@@ -332,6 +399,7 @@ class Daemon:
             ready(self)
         poller = zmq.Poller()
         poller.register(self.sock, zmq.POLLIN)
+        poller.register(self._wake_r, zmq.POLLIN)
         next_housekeeping = time.monotonic() + HOUSEKEEPING_S
         try:
             while not self.lifecycle.should_exit(len(self.handlers.state.staging)):
@@ -351,6 +419,8 @@ class Daemon:
                         except zmq.Again:
                             break
                         self._on_frames(frames)
+                if self._wake_r in events:
+                    self._run_calls()
                 if self.budget.pending:
                     self.handlers.collect_segments()
                 if time.monotonic() >= next_housekeeping or self.lifecycle.reopen_requested or (
@@ -378,7 +448,11 @@ class Daemon:
     def close(self) -> None:
         """Fail steps in flight, unlink every segment, close the socket and remove its file."""
         if self._finalizer.alive:
+            self._closing = True
             try:
+                self._run_calls()  # fail what the assembler still waits for
+                for worker in self._workers:
+                    worker.close()
                 self.handlers.close()
             finally:
                 self._finalizer()

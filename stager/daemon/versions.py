@@ -105,6 +105,7 @@ class Version:
     leases: set[int] = dataclasses.field(default_factory=set)
     sealed_at: float | None = None
     reason: str = ""
+    assembled: bool = False  # the whole job's tensors, pulled from the other nodes (serve --assemble-full)
 
     @property
     def layout(self) -> NodeLayout | None:
@@ -124,6 +125,8 @@ class Version:
         }
         if layout and layout.partial:
             out["held_regions"] = layout.held_regions()
+        if self.assembled:
+            out["assembled"] = True
         if self.reason:
             out["reason"] = self.reason
         return out
