@@ -61,19 +61,34 @@ class QuantSpec:
         return {"scale": self.scale, "mode": self.mode, "dtype": self.dtype}
 
 
-def scale_blocks(fqn: str, data_shape, scale_shape) -> tuple[int, ...] | None:
-    """Block size per dimension of ``data_shape`` that one scale value covers (None: one scale)."""
+BLOCK = 128  # the block width of FP8 block-quantized checkpoints (DeepSeek-V3, torchao's blockwise float8)
+
+
+def scale_blocks(fqn: str, data_shape, scale_shape, block: tuple[int, ...] | None = None) -> tuple[int, ...] | None:
+    """Block size per dimension of ``data_shape`` that one scale value covers (None: one scale).
+    ``block``: as the checkpoint says (``quantization_config.weight_block_size``); else 128 where
+    128-wide blocks (the last one short) give the scale's size, else equal blocks.
+
+    >>> scale_blocks("w", (300, 200), (3, 2)), scale_blocks("w", (6, 4), (3, 1))
+    ((128, 128), (2, 4))
+    """
     if math.prod(scale_shape) == 1:
         return None
     if len(scale_shape) != len(data_shape):
         raise _bad(fqn, f"scale shape {list(scale_shape)} does not fit data shape {list(data_shape)}: give one "
                         "scale, or one per block with the data's rank")
     blocks = []
-    for d, s in zip(data_shape, scale_shape):
-        block = -(-d // s) if s else 0
-        if s < 1 or -(-d // block) != s:
-            raise _bad(fqn, f"scale shape {list(scale_shape)} does not tile data shape {list(data_shape)}")
-        blocks.append(block)
+    for i, (d, s) in enumerate(zip(data_shape, scale_shape)):
+        if block is not None and i < len(block):
+            size = block[i]
+        elif s > 1 and -(-d // BLOCK) == s:
+            size = BLOCK
+        else:
+            size = -(-d // s) if s else 0
+        if s < 1 or size < 1 or -(-d // size) != s:
+            raise _bad(fqn, f"scale shape {list(scale_shape)} does not tile data shape {list(data_shape)}"
+                            + (f" in blocks of {list(block)}" if block is not None else ""))
+        blocks.append(size)
     return tuple(blocks)
 
 
@@ -99,10 +114,11 @@ def check_quant(raw: Any, tensors: dict[str, tuple[str, tuple]]) -> dict[str, Qu
 
 
 def dequantize(data: torch.Tensor, scale: torch.Tensor, spec: QuantSpec,
-               dtype: torch.dtype | None = None) -> torch.Tensor:
-    """High-precision values of ``data`` (a new tensor of ``dtype``, default ``spec.dtype``)."""
+               dtype: torch.dtype | None = None, block: tuple[int, ...] | None = None) -> torch.Tensor:
+    """High-precision values of ``data`` (a new tensor of ``dtype``, default ``spec.dtype``);
+    ``block``: the block size one scale value covers, when the checkpoint says it."""
     out_dtype = dtype or DTYPES[spec.dtype]
-    blocks = scale_blocks("tensor", tuple(data.shape), tuple(scale.shape))
+    blocks = scale_blocks("tensor", tuple(data.shape), tuple(scale.shape), block)
     scale = scale.to(torch.float32)
     if blocks is None:
         scale = scale.reshape(())

@@ -123,6 +123,57 @@ def _distributed(args: argparse.Namespace, command: str, key: str, write, **opti
     return 0
 
 
+def _load(args: argparse.Namespace) -> int:
+    """load-hf / load-dcp / convert: one JSON line with --json (the load's report, or ``{"written": path}``)."""
+    try:
+        if args.command == "load-hf":
+            from stager.consumers.load_hf import load_hf
+
+            report = load_hf(args.dir, endpoint=args.endpoint, adapter=args.adapter, step=args.step or 0,
+                             dtype=args.dtype, prefix=args.prefix)
+        elif args.command == "load-dcp":
+            from stager.consumers.load_dcp import load_dcp
+
+            report = load_dcp(args.dir, endpoint=args.endpoint, step=args.step, model_only=args.model_only)
+        else:
+            from stager.consumers.convert import convert
+
+            report = {"written": convert(args.src, args.out, to=args.to, adapter=args.adapter, dtype=args.dtype,
+                                         model_only=args.model_only, prefix=args.prefix, hf_config=args.hf_config,
+                                         max_shard_size=args.max_shard_size)}
+    except KeyboardInterrupt:
+        return 130
+    except (StagerError, ValueError, OSError) as exc:
+        print(f"stager {args.command}: {exc}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(report))
+    elif "written" in report:
+        print(report["written"])
+    else:
+        print(f"step {report['step']}: {report['tensors']} tensors, {report['nbytes'] / 2**20:.1f} MiB in "
+              f"{report['seconds']:.2f}s")
+    return 0
+
+
+def _load_arguments(p: argparse.ArgumentParser, *, hf: bool, dcp: bool) -> None:
+    from stager.client.adapters import BUILT_IN
+    from stager.protocol.dtypes import torch_names
+
+    if hf:
+        p.add_argument("--adapter", metavar="NAME|module:attr",
+                       help=f"maps HF names to the training ones: {', '.join(sorted(BUILT_IN))}, or module:attr "
+                            "(default identity: HF names kept)")
+        p.add_argument("--prefix", metavar="PREFIX", help="put before every training name, e.g. 'model.' for a "
+                                                          "job that stages {'model': ..., 'optim': ...}")
+        p.add_argument("--dtype", choices=torch_names(floating=True),
+                       help="cast floating tensors (and FP8 dequantization) to this dtype")
+    if dcp:
+        p.add_argument("--model-only", action="store_true", help="leave out the optimizer (optim.*) and train state")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_load)
+
+
 def _verify(args: argparse.Namespace) -> int:
     from stager.consumers.integrity import verify
 
@@ -324,6 +375,27 @@ def main(argv: list[str] | None = None) -> int:
     _writer_arguments(p, "checkpoint")
     _distributed_argument(p, "each writes its node's regions, together one checkpoint")
     p.set_defaults(func=_write_dcp)
+
+    p = sub.add_parser("load-hf", help="load a Hugging Face checkpoint into the daemon as a sealed version")
+    p.add_argument("dir", help="sharded safetensors + model.safetensors.index.json, or one model.safetensors")
+    p.add_argument("--endpoint")
+    p.add_argument("--step", type=int, help="the version's step (default 0)")
+    _load_arguments(p, hf=True, dcp=False)
+
+    p = sub.add_parser("load-dcp", help="load a DCP checkpoint into the daemon as a sealed version")
+    p.add_argument("dir", help="a DCP checkpoint directory (holding .metadata)")
+    p.add_argument("--endpoint")
+    p.add_argument("--step", type=int, help="the version's step (default: the manifest's, else 0)")
+    _load_arguments(p, hf=False, dcp=True)
+
+    p = sub.add_parser("convert", help="convert a checkpoint: HF -> DCP, DCP -> HF, either -> one torch.save file")
+    p.add_argument("src", help="an HF model directory or a DCP checkpoint directory")
+    p.add_argument("out", help="dcp/hf: a directory (the result goes to OUT/step-N); torch: the file to write")
+    p.add_argument("--to", required=True, choices=("dcp", "hf", "torch"))
+    p.add_argument("--max-shard-size", default="5GB", help="--to hf: per safetensors file (default 5GB)")
+    p.add_argument("--hf-config", metavar="PATH", help="--to hf: config.json (default: the one a stager DCP "
+                                                       "checkpoint recorded, from the HF checkpoint it was loaded from)")
+    _load_arguments(p, hf=True, dcp=True)
 
     p = sub.add_parser("verify", help="check an HF or DCP export against its checksum manifest")
     p.add_argument("dir")

@@ -353,3 +353,36 @@ def test_fsdp2_deepseek_v3_staged_exports_and_loads_with_from_pretrained(tmp_pat
     assert type(hf).__name__ == "DeepseekV3ForCausalLM"
     assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
     assert_same_logits(hf.eval(), build(cfg), cfg.vocab_size)
+
+
+# ---- the way back in: a transformers checkpoint -> load-hf -> restore into torchtitan ---------------
+
+@pytest.mark.parametrize("case", ["llama3 gqa", "deepseek_v3"])
+def test_a_transformers_checkpoint_loads_and_restores_into_torchtitan_with_its_logits(case, tmp_path):
+    """save_pretrained (sharded safetensors; DeepSeek-V3's experts fused in memory, per expert on disk)
+    -> ``load_hf`` through the adapter's from_hf (experts merged back into grouped tensors) -> a
+    torchtitan model of another init restored in place from the daemon: the same logits."""
+    import transformers
+
+    from stager.client import StagingClient
+    from stager.consumers.load_hf import load_hf
+    from stager.dev.launch import DaemonProcess
+
+    name, make_config = {"llama3 gqa": CASES["llama3 gqa"], "deepseek_v3": ("deepseek_v3", dsv3_sigmoid_config)}[case]
+    cfg = make_config()
+    hf_cfg = HF_CONFIG[name](cfg)
+    cls = getattr(transformers, HF_MODEL[name])
+    torch.manual_seed(3)
+    hf = hf_model(name, hf_cfg, load_adapter(name, hf_cfg).to_hf(build(cfg, seed=3).state_dict()))
+    hf.save_pretrained(tmp_path / "hf", max_shard_size="2MB")
+    assert len(list((tmp_path / "hf").glob("*.safetensors"))) > 1
+    titan = build(cfg, seed=11)  # other weights: only the restore makes the logits equal
+    sd = titan.state_dict()
+    with DaemonProcess(args=("--memory-limit", "256MiB")) as daemon:
+        report = load_hf(str(tmp_path / "hf"), endpoint=daemon.endpoint, adapter=name)
+        assert report["files"] > 1
+        with StagingClient(daemon.endpoint, rank=0, local_world_size=1, world_size=1, strict=True) as client:
+            assert client.restore(sd) == 0
+    titan.load_state_dict(sd)  # torchtitan's fused qkv: its state dict is a split copy, loaded back through its hook
+    assert type(cls.from_pretrained(tmp_path / "hf")).__name__ == HF_MODEL[name]
+    assert_same_logits(hf, titan, cfg.vocab_size)

@@ -56,9 +56,34 @@ def matches(tensor: torch.Tensor, want: dict) -> bool:
     return True
 
 
-def write_manifest(directory: str, step: int, kind: str, entries: Mapping[str, dict]) -> None:
+def json_objects(objects: Mapping[str, Any]) -> dict[str, Any]:
+    """The non-tensor train state values JSON can hold (a manifest's ``objects``: what ``load-dcp``
+    restores without unpickling DCP's copies); bytes and the like are left to DCP's own items.
+
+    >>> json_objects({"train.step": 7, "blob": b"x"})
+    {'train.step': 7}
+    """
+    out = {}
+    for name, value in objects.items():
+        try:
+            json.dumps(value)
+        except (TypeError, ValueError):
+            continue
+        out[name] = value
+    return out
+
+
+def write_manifest(directory: str, step: int, kind: str, entries: Mapping[str, dict],
+                   objects: Mapping[str, Any] | None = None, model_info: Mapping[str, Any] | None = None) -> None:
+    """``objects`` and ``model_info`` (the train state, the adapter and HF config) go along as far as
+    JSON holds them: ``load-dcp`` brings them back without unpickling anything."""
+    manifest = {"step": step, "format": kind, "tensors": dict(entries)}
+    if objects:
+        manifest["objects"] = json_objects(objects)
+    if model_info:
+        manifest["model_info"] = json_objects(model_info)
     with open(os.path.join(directory, MANIFEST), "w") as f:
-        json.dump({"step": step, "format": kind, "tensors": dict(entries)}, f, indent=1, sort_keys=True)
+        json.dump(manifest, f, indent=1, sort_keys=True)
 
 
 def read_tensors(path: str) -> Iterator[tuple[str, torch.Tensor]]:

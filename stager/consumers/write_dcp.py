@@ -51,7 +51,8 @@ def write_snapshot_dcp(snapshot: Any, out_dir: str) -> str:
                 raise KeyboardInterrupt from None
             raise StagerError(ErrorCode.INTERNAL if not causes else ErrorCode.BAD_VALUE,
                               f"DCP could not save step {snapshot.step}: {causes[0] if causes else exc}") from None
-        write_manifest(tmp, snapshot.step, "dcp", {name: entry(t) for name, t in snapshot.items()})
+        write_manifest(tmp, snapshot.step, "dcp", {name: entry(t) for name, t in snapshot.items()},
+                       snapshot.objects, snapshot.model_info)
     final = step_path(out_dir, snapshot.step)
     log.info("wrote DCP checkpoint of step %d to %s", snapshot.step, final)
     return final

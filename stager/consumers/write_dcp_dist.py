@@ -98,7 +98,7 @@ def write_dcp_distributed(out_dir: str, *, endpoint: str | None = None, step: in
         dcp.save({}, storage_writer=dcp.FileSystemWriter(w.tmp), planner=planner)
         chunks = gather([[fqn, list(offset), list(t.shape), checksum(t)] for (fqn, offset), t in regions.items()])
         meta = {f: snap.meta(f) for f in placement}
-        path = w.publish(lambda: _manifest(w.tmp, w.step, [c for part in chunks for c in part], meta))
+        path = w.publish(lambda: _manifest(w.tmp, w.step, [c for part in chunks for c in part], meta, snap))
     log.info("wrote DCP checkpoint of step %d to %s (writer %d of %d)", w.step, path, w.rank, len(w.nodes))
     return path
 
@@ -118,7 +118,7 @@ def _view_placement(snap: Any) -> dict[str, list[tuple[tuple, tuple, list[str]]]
     return out
 
 
-def _manifest(tmp: str, step: int, chunks: list, meta: dict) -> None:
+def _manifest(tmp: str, step: int, chunks: list, meta: dict, snap) -> None:
     """The manifest: per tensor its dtype, shape and each chunk's crc32 (no writer saw it whole)."""
     entries: dict[str, dict] = {}
     for fqn, offset, shape, crc in sorted(chunks):
@@ -126,4 +126,4 @@ def _manifest(tmp: str, step: int, chunks: list, meta: dict) -> None:
         e = entries.setdefault(fqn, {"dtype": str(dtype).removeprefix("torch."), "shape": list(full_shape),
                                      "chunks": []})
         e["chunks"].append({"offset": offset, "shape": shape, "crc32": crc})
-    write_manifest(tmp, step, "dcp", entries)
+    write_manifest(tmp, step, "dcp", entries, snap.objects, snap.model_info)

@@ -1,0 +1,204 @@
+"""Checkpoints into the daemon (load-hf, load-dcp) and the conversions built on them: bit-exact
+versions, FP8 block dequantization, typed errors naming the file and tensor, nothing half-loaded."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from stager.client import StagingClient, Subscriber
+from stager.client.adapters import load_adapter
+from stager.client.admin import daemon_status
+from stager.consumers.hf_checkpoint import CheckpointError
+from stager.consumers.load_dcp import load_dcp
+from stager.consumers.load_hf import load_hf
+from stager.protocol import ErrorCode
+
+CONFIG = {"vocab_size": 96, "hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": 2,
+          "num_attention_heads": 4, "num_key_value_heads": 2, "torch_dtype": "float32"}
+
+
+def hf_llama(seed=0):
+    """A Llama-family state dict in HF names (what transformers saves), deterministic."""
+    g = torch.Generator().manual_seed(seed)
+    h, i, kv = 32, 48, 16
+    sd = {"model.embed_tokens.weight": torch.randn(96, h, generator=g), "model.norm.weight": torch.rand(h, generator=g),
+          "lm_head.weight": torch.randn(96, h, generator=g)}
+    for n in range(2):
+        p = f"model.layers.{n}."
+        sd.update({p + "self_attn.q_proj.weight": torch.randn(h, h, generator=g),
+                   p + "self_attn.k_proj.weight": torch.randn(kv, h, generator=g),
+                   p + "self_attn.v_proj.weight": torch.randn(kv, h, generator=g),
+                   p + "self_attn.o_proj.weight": torch.randn(h, h, generator=g),
+                   p + "mlp.gate_proj.weight": torch.randn(i, h, generator=g),
+                   p + "mlp.up_proj.weight": torch.randn(i, h, generator=g),
+                   p + "mlp.down_proj.weight": torch.randn(h, i, generator=g),
+                   p + "input_layernorm.weight": torch.rand(h, generator=g),
+                   p + "post_attention_layernorm.weight": torch.rand(h, generator=g)})
+    return sd
+
+
+def save_sharded(sd, directory, files=3):
+    """Sharded safetensors + index + config.json, as save_pretrained writes them."""
+    os.makedirs(directory, exist_ok=True)
+    names = list(sd)
+    weight_map = {}
+    for f in range(files):
+        part = names[f::files]
+        fname = f"model-{f + 1:05d}-of-{files:05d}.safetensors"
+        save_file({n: sd[n] for n in part}, os.path.join(directory, fname))
+        weight_map.update({n: fname for n in part})
+    with open(os.path.join(directory, "model.safetensors.index.json"), "w") as fh:
+        json.dump({"metadata": {}, "weight_map": weight_map}, fh)
+    with open(os.path.join(directory, "config.json"), "w") as fh:
+        json.dump(CONFIG, fh)
+    return directory
+
+
+def sealed_steps(endpoint):
+    return [v["step"] for v in daemon_status(endpoint)["versions"] if v["state"] == "sealed"]
+
+
+def test_load_hf_through_the_adapter_then_ranks_restore_from_it(make_daemon, tmp_path):
+    d = make_daemon()
+    hf = hf_llama()
+    src = save_sharded(hf, str(tmp_path / "hf"))
+    out = subprocess.run([sys.executable, "-m", "stager.cli", "load-hf", src, "--adapter", "llama3", "--step", "5",
+                          "--endpoint", d.endpoint, "--json"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    report = json.loads(out.stdout)
+    assert report["step"] == 5 and report["tensors"] == len(hf) and report["files"] == 3
+    native = load_adapter("llama3", CONFIG).from_hf(dict(hf))
+    with Subscriber(d.endpoint) as sub, sub.latest() as snap:
+        assert snap.model_info["source"]["format"] == "hf" and snap.model_info["adapter"] == "llama3"
+        assert sorted(snap) == sorted(native) and all(torch.equal(snap[k], v) for k, v in native.items())
+    with Subscriber(d.endpoint, view="hf") as sub, sub.latest() as snap:  # and back to HF names, bit for bit
+        assert all(torch.equal(snap[k], v) for k, v in hf.items())
+    target = {k: torch.zeros_like(v) for k, v in native.items()}
+    with StagingClient(d.endpoint, rank=0, local_world_size=1, world_size=1) as client:
+        assert client.restore(target) == 5
+    assert all(torch.equal(target[k], v) for k, v in native.items())
+
+
+def block_quantize(w, block=128):
+    """A reference FP8 block quantizer (DeepSeek-V3's checkpoints): per 128x128 block, scale_inv =
+    amax / 448, data = w / scale_inv in float8_e4m3fn."""
+    rows, cols = -(-w.shape[0] // block), -(-w.shape[1] // block)
+    scale = torch.empty(rows, cols)
+    q = torch.empty(w.shape, dtype=torch.float8_e4m3fn)
+    for r in range(rows):
+        for c in range(cols):
+            tile = w[r * block:(r + 1) * block, c * block:(c + 1) * block]
+            scale[r, c] = tile.abs().max().clamp(min=1e-12) / 448.0
+            q[r * block:(r + 1) * block, c * block:(c + 1) * block] = (tile / scale[r, c]).to(torch.float8_e4m3fn)
+    return q, scale
+
+
+def test_fp8_block_quantized_checkpoint_dequantizes_to_the_training_dtype(make_daemon, tmp_path):
+    d = make_daemon()
+    w = torch.randn(300, 200)  # blocks that do not divide the shape
+    q, scale = block_quantize(w)
+    src = tmp_path / "fp8"
+    src.mkdir()
+    save_file({"proj.weight": q, "proj.weight_scale_inv": scale, "norm.weight": torch.ones(7)},
+              str(src / "model.safetensors"))
+    report = load_hf(str(src), endpoint=d.endpoint, dtype="float32")
+    assert report["quantized"] == 1
+    reference = q.float() * scale.repeat_interleave(128, 0)[:300].repeat_interleave(128, 1)[:, :200]
+    with Subscriber(d.endpoint) as sub, sub.latest() as snap:
+        assert sorted(snap) == ["norm.weight", "proj.weight"]  # the scale is consumed, not a tensor of the model
+        got = snap["proj.weight"]
+        assert got.dtype == torch.float32 and torch.equal(got, reference)
+        step = scale.repeat_interleave(128, 0)[:300].repeat_interleave(128, 1)[:, :200]
+        assert ((got - w).abs() <= step * 32).all()  # within e4m3's rounding (3 mantissa bits) of each block
+
+
+@pytest.mark.parametrize("damage,text", [
+    ("truncate", r"model-00002-of-00003.safetensors: tensor '.*': ends at byte \d+ but the file holds \d+"),
+    ("missing file", r"model-00003-of-00003.safetensors: tensor '.*': is missing"),
+    ("garbage header", r"model-00001-of-00003.safetensors: has a header that is not JSON"),
+    ("unknown name", r"tensor 'model.layers.0.mlp.frobnicator.weight': the llama3 adapter cannot map it"),
+], ids=["truncated file", "index names a missing file", "corrupt header", "name the adapter does not know"])
+def test_a_damaged_checkpoint_is_a_typed_error_naming_file_and_tensor_and_leaves_no_version(make_daemon, tmp_path,
+                                                                                            damage, text):
+    d = make_daemon()
+    hf = hf_llama()
+    if damage == "unknown name":
+        hf["model.layers.0.mlp.frobnicator.weight"] = torch.zeros(3)
+    src = save_sharded(hf, str(tmp_path / "hf"))
+    shard = [os.path.join(src, f"model-0000{i}-of-00003.safetensors") for i in (1, 2, 3)]
+    if damage == "truncate":
+        os.truncate(shard[1], os.path.getsize(shard[1]) - 100)
+    elif damage == "missing file":
+        os.unlink(shard[2])
+    elif damage == "garbage header":
+        with open(shard[0], "r+b") as f:
+            f.seek(8)
+            f.write(b"\x00not json")
+    with pytest.raises(CheckpointError, match=text) as info:
+        load_hf(src, endpoint=d.endpoint, adapter="llama3")
+    assert info.value.code == ErrorCode.BAD_VALUE
+    assert sealed_steps(d.endpoint) == []  # nothing half-loaded is visible
+
+
+def test_load_dcp_of_write_dcp_and_of_plain_dcp_save_with_the_train_state(make_daemon, tmp_path):
+    import torch.distributed.checkpoint as dcp
+
+    from stager.consumers.write_dcp import write_dcp
+
+    d = make_daemon()
+    state = {"model": {"w": torch.randn(6, 4), "b": torch.randn(3).bfloat16()},
+             "optim": {"w.exp_avg": torch.randn(6, 4)}, "train": {"step": 12, "data": {"position": 999}}}
+    with StagingClient(d.endpoint, rank=0, local_world_size=1, world_size=1, strict=True) as client:
+        client.stage(state, step=12).wait(10)
+    path = write_dcp(str(tmp_path / "dcp"), endpoint=d.endpoint)[0]
+    d2 = make_daemon()
+    report = load_dcp(path, endpoint=d2.endpoint)
+    assert report["step"] == 12 and report["tensors"] == 3 and report["objects"] == 2 and report["skipped"] == 0
+    with Subscriber(d2.endpoint) as sub, sub.latest() as snap:
+        assert snap.objects == {"train.step": 12, "train.data.position": 999}
+        assert torch.equal(snap["model.w"], state["model"]["w"]) and torch.equal(snap["model.b"], state["model"]["b"])
+        assert torch.equal(snap["optim.w.exp_avg"], state["optim"]["w.exp_avg"])
+    plain = str(tmp_path / "plain")  # DCP's own save: no manifest, its non-tensor item is a pickle: skipped
+    dcp.save({"w": torch.arange(10.0), "note": {"a": 1}}, checkpoint_id=plain, no_dist=True)
+    report = load_dcp(plain, endpoint=d2.endpoint, step=13)
+    assert report["skipped"] == 1 and report["objects"] == 0
+    with Subscriber(d2.endpoint) as sub, sub.latest() as snap:
+        assert snap.step == 13 and torch.equal(snap["w"], torch.arange(10.0)) and snap.objects == {}
+    os.truncate(os.path.join(path, "__0_0.distcp"), 10)
+    d3 = make_daemon()
+    with pytest.raises(Exception, match="__0_0.distcp"):
+        load_dcp(path, endpoint=d3.endpoint)
+    assert sealed_steps(d3.endpoint) == []
+
+
+def test_convert_hf_to_dcp_to_hf_and_to_one_torch_save_file(tmp_path):
+    import torch.distributed.checkpoint as dcp
+
+    hf = hf_llama(3)
+    src = save_sharded(hf, str(tmp_path / "hf"))
+    native = load_adapter("llama3", CONFIG).from_hf(dict(hf))
+
+    def cli(*args):
+        out = subprocess.run([sys.executable, "-m", "stager.cli", "convert", *args, "--json"], capture_output=True,
+                             text=True, timeout=300)
+        assert out.returncode == 0, out.stderr
+        return json.loads(out.stdout)["written"]
+
+    ckpt = cli(src, str(tmp_path / "dcp"), "--to", "dcp", "--adapter", "llama3", "--prefix", "model.")
+    template = {f"model.{k}": torch.zeros_like(v) for k, v in native.items()}
+    dcp.load(template, checkpoint_id=ckpt, no_dist=True)
+    assert all(torch.equal(template[f"model.{k}"], v) for k, v in native.items())
+    back = cli(ckpt, str(tmp_path / "hf2"), "--to", "hf")  # the adapter, HF config and prefix came along
+    exported = {}
+    for name in os.listdir(back):
+        if name.endswith(".safetensors"):
+            exported.update(load_file(os.path.join(back, name)))
+    assert sorted(exported) == sorted(hf) and all(torch.equal(exported[k], v) for k, v in hf.items())
+    single = cli(ckpt, str(tmp_path / "model.pt"), "--to", "torch", "--model-only")
+    loaded = torch.load(single, weights_only=True)
+    assert sorted(loaded) == sorted(template) and all(torch.equal(loaded[f"model.{k}"], v) for k, v in native.items())
