@@ -86,6 +86,15 @@ def _export_hf(args: argparse.Namespace) -> int:
 
     options = dict(adapter=args.adapter, hf_config=args.hf_config, prefix=args.prefix, dtype=args.dtype,
                    max_shard_size=args.max_shard_size)
+    if args.distributed and (args.recipe_state or args.peft or args.adapter_only):
+        print("stager export-hf: --recipe-state and --peft are written by a single exporter (not --distributed)",
+              file=sys.stderr)
+        return 2
+    if args.recipe_state:
+        options["recipe_state"] = True
+    if args.peft or args.adapter_only:
+        options.update(peft=True, adapter_only=bool(args.adapter_only), base_model=args.adapter_only,
+                       lora_alpha=args.lora_alpha)
     if args.distributed:
         from stager.consumers.export_hf_dist import export_hf_distributed
 
@@ -129,7 +138,7 @@ def _load(args: argparse.Namespace) -> int:
         if args.command == "load-hf":
             from stager.consumers.load_hf import load_hf
 
-            report = load_hf(args.dir, endpoint=args.endpoint, adapter=args.adapter, step=args.step or 0,
+            report = load_hf(args.dir, endpoint=args.endpoint, adapter=args.adapter, step=args.step,
                              dtype=args.dtype, prefix=args.prefix)
         elif args.command == "load-dcp":
             from stager.consumers.load_dcp import load_dcp
@@ -363,6 +372,16 @@ def main(argv: list[str] | None = None) -> int:
                    help="only the tensors under PREFIX are the model, e.g. 'model.' for stage({'model': ..., "
                         "'optim': ...}) (default: the staged model_info's 'prefix', else all)")
     p.add_argument("--hf-assets", help="directory whose tokenizer/generation files are copied along")
+    p.add_argument("--recipe-state", action="store_true",
+                   help="also write the optimizer and train state (recipe_state.safetensors + .json) so a run "
+                        "resumes from the export (load-hf brings them back)")
+    p.add_argument("--peft", action="store_true",
+                   help="also write the version's LoRA weights (<module>.lora_a/lora_b.weight) in PEFT format, "
+                        "in the export's adapter/ directory")
+    p.add_argument("--adapter-only", metavar="BASE_MODEL",
+                   help="write only the PEFT adapter (adapter_model.safetensors + adapter_config.json naming "
+                        "BASE_MODEL, a path or hub id)")
+    p.add_argument("--lora-alpha", type=float, help="LoRA alpha (default: the staged model_info['lora']['alpha'])")
     p.add_argument("--dtype", choices=torch_names(floating=True),
                    help="cast floating tensors to this dtype (default: as staged)")
     p.add_argument("--max-shard-size", default="5GB", help="per safetensors file, e.g. 5GB, 500MB, 2GiB (default 5GB)")
@@ -379,7 +398,7 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("load-hf", help="load a Hugging Face checkpoint into the daemon as a sealed version")
     p.add_argument("dir", help="sharded safetensors + model.safetensors.index.json, or one model.safetensors")
     p.add_argument("--endpoint")
-    p.add_argument("--step", type=int, help="the version's step (default 0)")
+    p.add_argument("--step", type=int, help="the version's step (default: the recipe state's, else 0)")
     _load_arguments(p, hf=True, dcp=False)
 
     p = sub.add_parser("load-dcp", help="load a DCP checkpoint into the daemon as a sealed version")

@@ -202,3 +202,29 @@ def test_convert_hf_to_dcp_to_hf_and_to_one_torch_save_file(tmp_path):
     single = cli(ckpt, str(tmp_path / "model.pt"), "--to", "torch", "--model-only")
     loaded = torch.load(single, weights_only=True)
     assert sorted(loaded) == sorted(template) and all(torch.equal(loaded[f"model.{k}"], v) for k, v in native.items())
+
+
+def test_an_hf_export_with_recipe_state_resumes_model_optimizer_and_train_state(make_daemon, tmp_path):
+    from stager.consumers.export_hf import export_hf
+
+    native = load_adapter("llama3", CONFIG).from_hf(hf_llama(5))
+    optim = {f"state.{k}.exp_avg": torch.randn(v.shape) for k, v in list(native.items())[:4]}
+    state = {"model": native, "optim": optim, "train": {"step": 40, "data": {"epoch": 2, "position": 77}}}
+    d = make_daemon()
+    with StagingClient(d.endpoint, rank=0, local_world_size=1, world_size=1, strict=True) as client:
+        client.stage(state, step=40, model_info={"adapter": "llama3", "hf_config": CONFIG, "prefix": "model."}).wait(10)
+    path = export_hf(str(tmp_path / "hf"), endpoint=d.endpoint, recipe_state=True, max_shard_size="40KB",
+                     progress=False)[0]
+    files = sorted(os.listdir(path))
+    assert "recipe_state.safetensors" in files and "recipe_state.json" in files and "model.safetensors.index.json" in files
+    assert sorted(load_file(os.path.join(path, "recipe_state.safetensors"))) == sorted(f"optim.{k}" for k in optim)
+    d2 = make_daemon()
+    report = load_hf(path, endpoint=d2.endpoint, adapter="llama3", prefix="model.")
+    assert report["step"] == 40
+    target = {"model": {k: torch.zeros_like(v) for k, v in native.items()},
+              "optim": {k: torch.zeros_like(v) for k, v in optim.items()}, "train": {"step": 0, "data": {}}}
+    with StagingClient(d2.endpoint, rank=0, local_world_size=1, world_size=1) as client:
+        assert client.restore(target) == 40
+    assert all(torch.equal(target["model"][k], v) for k, v in native.items())
+    assert all(torch.equal(target["optim"][k], v) for k, v in optim.items())
+    assert target["train"] == {"step": 40, "data": {"epoch": 2, "position": 77}}

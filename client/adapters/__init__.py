@@ -25,7 +25,7 @@ import torch  # noqa: F401  (the doctest above)
 
 from .base import (
     Adapter, HFTensor, IdentityAdapter, PerTensorAdapter, adapter_error, check_adapter, fill_hf, hf_items,
-    hf_names, is_per_tensor, permute_for_hf_rotary, to_hf_items, unpermute_from_hf_rotary, with_prefix,
+    hf_names, is_lora, is_per_tensor, permute_for_hf_rotary, to_hf_items, unpermute_from_hf_rotary, with_prefix,
 )
 from .deepseek import DeepSeekV3Adapter
 from .llama import Llama3Adapter, Qwen3Adapter
@@ -39,7 +39,7 @@ STAGED: Origin = "staged"  # read from the staged version's model_info (written 
 
 __all__ = ["Adapter", "BUILT_IN", "CONSUMER", "DeepSeekV3Adapter", "HFTensor", "IdentityAdapter", "Llama3Adapter",
            "PerTensorAdapter", "Qwen3Adapter", "Resolved", "STAGED", "check_adapter", "fill_hf", "hf_items", "hf_names",
-           "is_per_tensor", "load_adapter", "permute_for_hf_rotary", "resolve_adapter", "to_hf_items",
+           "is_lora", "is_per_tensor", "load_adapter", "permute_for_hf_rotary", "resolve_adapter", "to_hf_items",
            "unpermute_from_hf_rotary", "with_prefix"]
 
 

@@ -23,6 +23,7 @@ per tensor when it can, else the whole dict once).
 from __future__ import annotations
 
 import dataclasses
+import re
 from typing import Any, Iterable, Iterator, Protocol, runtime_checkable
 
 import torch
@@ -30,8 +31,21 @@ import torch
 from stager.protocol import ErrorCode, StagerError
 
 __all__ = ["Adapter", "HFTensor", "IdentityAdapter", "PerTensorAdapter", "adapter_error", "check_adapter",
-           "fill_hf", "hf_items", "hf_names", "is_per_tensor", "permute_for_hf_rotary", "to_hf_items",
+           "fill_hf", "hf_items", "hf_names", "is_lora", "is_per_tensor", "permute_for_hf_rotary", "to_hf_items",
            "unpermute_from_hf_rotary"]
+
+# LoRA weights beside a linear layer's weight, as torchtune names them: no base model tensor of any
+# adapter, so HF views and exports leave them out (PEFT export: stager/consumers/export_peft.py)
+LORA_NAME = re.compile(r"^(?P<module>.+)\.lora_(?P<which>[ab])\.weight$")
+
+
+def is_lora(name: str) -> bool:
+    """``<module>.lora_a.weight`` / ``<module>.lora_b.weight``.
+
+    >>> is_lora("layers.0.attention.wq.lora_a.weight"), is_lora("layers.0.attention.wq.weight")
+    (True, False)
+    """
+    return LORA_NAME.match(name) is not None
 
 
 @runtime_checkable

@@ -55,14 +55,34 @@ def restore_plan(snapshot: Any, tensors: Mapping[str, torch.Tensor]) -> list[tup
     return plan
 
 
-def _set_objects(state_dict: MutableMapping, objects: Mapping[str, Any], prefix: str = "") -> None:
-    """Put the staged non-tensor leaves back where the state dict has them (same dotted names)."""
-    for key, value in state_dict.items():
-        fqn = f"{prefix}{key}"
-        if isinstance(value, MutableMapping) and not isinstance(value, torch.Tensor) and value:
-            _set_objects(value, objects, fqn + ".")
-        elif not isinstance(value, torch.Tensor) and fqn in objects:
-            state_dict[key] = objects[fqn]
+def _set_objects(state_dict: MutableMapping, objects: Mapping[str, Any]) -> None:
+    """Put the staged non-tensor leaves back (dotted names, as staging flattened them): into the
+    keys the state dict has, and under a mapping it gives (``"train": {}``) whatever was staged
+    there. A top-level name the state dict does not have is not added; a tensor is never replaced.
+
+    >>> sd = {"train": {"step": 0}, "model": {}}
+    >>> _set_objects(sd, {"train.step": 7, "train.data.pos": 3, "other": 1}); sd
+    {'train': {'step': 7, 'data': {'pos': 3}}, 'model': {}}
+    """
+    for fqn, value in objects.items():
+        node, parts, i = state_dict, fqn.split("."), 0
+        while i < len(parts):
+            j = next((j for j in range(len(parts), i, -1) if ".".join(parts[i:j]) in node), None)
+            if j is None:  # not in the state dict: created only inside a mapping the caller gave
+                if node is not state_dict:
+                    for part in parts[i:-1]:
+                        node = node.setdefault(part, {})
+                    node[parts[-1]] = value
+                break
+            key = ".".join(parts[i:j])
+            if isinstance(node[key], torch.Tensor):
+                break
+            if j == len(parts):
+                node[key] = value
+                break
+            if not isinstance(node[key], MutableMapping):
+                break
+            node, i = node[key], j
 
 
 def _as_error(exc: Exception) -> StagerError:
@@ -155,27 +175,26 @@ def restore_state_dict(state_dict: MutableMapping, subscriber: Any, *, step: int
     torch.distributed every rank restores rank 0's newest) read through ``subscriber``; returns
     the step restored. See :meth:`stager.client.StagingClient.restore`."""
     tensors, _ = flatten_state_dict(state_dict)
-    error, newest = None, step
-    if step is None:
-        try:
-            with subscriber.latest() as snap:
-                newest = snap.step
-        except Exception as exc:  # every rank must reach the agreement, whatever failed here
-            error = _as_error(exc)
-    step = _agree(error, "finding the newest version", newest)[0]  # rank 0's: every rank restores one step
     snap, plan, error = None, None, None
     try:
-        snap = subscriber.at(step)
-        plan = restore_plan(snap, tensors)
-    except Exception as exc:
-        error = _as_error(exc)
-    try:
-        _agree(error, f"checking step {step} against its state dict")
+        try:
+            snap = subscriber.latest() if step is None else subscriber.at(step)
+        except Exception as exc:  # every rank must reach the agreement, whatever failed here
+            error = _as_error(exc)
+        chosen = _agree(error, "finding the version to restore", None if snap is None else snap.step)[0]
+        try:
+            if snap.step != chosen:  # another rank saw an older newest (one sealed in between): rank 0's
+                snap.release()
+                snap = subscriber.at(chosen)
+            plan = restore_plan(snap, tensors)
+        except Exception as exc:
+            error = _as_error(exc)
+        _agree(error, f"checking step {chosen} against its state dict")
         try:
             _fill(plan, snap)
         except Exception as exc:
             error = _as_error(exc)
-        _agree(error, f"reading step {step}")
+        _agree(error, f"reading step {chosen}")
         _set_objects(state_dict, snap.objects)
         return snap.step
     finally:

@@ -17,7 +17,7 @@ from stager.protocol.dtypes import DTYPES
 from stager.protocol.layout import check_box, narrow_box, shard_box
 from stager.protocol.quant import QuantSpec, dequantize
 
-from ..adapters import fill_hf, hf_items, to_hf_items
+from ..adapters import fill_hf, hf_items, is_lora, to_hf_items
 from .views import ViewEntry, arrange, native_box
 
 
@@ -256,8 +256,8 @@ def view_entries(tensors: tuple[TensorLayout, ...], quant: dict[str, QuantSpec],
     hidden = set() if keep_fp8 else {spec.scale for spec in quant.values()}
     native = []
     for t in tensors:
-        if t.fqn in hidden or not t.complete:
-            continue  # partial tensors (the job spans nodes) are read with Snapshot.regions()
+        if t.fqn in hidden or not t.complete or (adapter is not None and is_lora(t.fqn)):
+            continue  # partial tensors (the job spans nodes) are read with Snapshot.regions(); LoRA is no HF tensor
         shown = DTYPES[quant[t.fqn].dtype] if t.fqn in quant and not keep_fp8 else t.torch_dtype
         native.append((t.fqn, shown, t.shape))
     if adapter is None:

@@ -86,7 +86,7 @@ def convert(src: str, out: str, *, to: str, adapter: str | None = None, dtype: s
             from .load_hf import load_hf
 
             loaded = load_hf(src, endpoint=daemon.endpoint, adapter=adapter, dtype=dtype, prefix=prefix,
-                             step=step or 0)
+                             step=step)
         else:
             from .load_dcp import load_dcp
 

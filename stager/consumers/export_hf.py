@@ -26,16 +26,19 @@ from typing import Any, Callable, Iterator
 import torch
 from tqdm import tqdm
 
-from stager.client.adapters import HFTensor, hf_items, hf_names, is_per_tensor, resolve_adapter, to_hf_items
+from stager.client.adapters import HFTensor, hf_items, hf_names, is_lora, is_per_tensor, resolve_adapter, to_hf_items
 from stager.client.readers.snapshot import Snapshot
 from stager.protocol import ErrorCode, StagerError
 from stager.protocol.dtypes import parse_dtype
+from stager.consumers.export_peft import write_peft
 from stager.consumers.integrity import MANIFEST, entry, write_manifest
 from stager.consumers.persist import for_each_version, step_directory, step_path
 from stager.consumers.safetensors_io import write_safetensors
 
 log = logging.getLogger("stager.export")
-_SKIP_ASSETS = re.compile(r"(\.safetensors|\.bin|\.pt|\.index\.json)$|^config\.json$")
+RECIPE_TENSORS, RECIPE_JSON = "recipe_state.safetensors", "recipe_state.json"
+PEFT_DIR = "adapter"  # a full export's LoRA in PEFT format: PeftModel.from_pretrained(base, "<export>/adapter")
+_SKIP_ASSETS = re.compile(r"(\.safetensors|\.bin|\.pt|\.index\.json)$|^(config|recipe_state)\.json$")
 
 
 def parse_shard_size(text: str | int) -> int:
@@ -132,7 +135,7 @@ def plan_export(snapshot: Any, *, adapter: str | Any | None = None, hf_config: d
     except ValueError as exc:
         raise StagerError(ErrorCode.BAD_VALUE, str(exc)) from None
     max_bytes = parse_shard_size(max_shard_size)
-    plan = hf_names(adapter_obj, _layout(snapshot))
+    plan = hf_names(adapter_obj, [x for x in _layout(snapshot) if not is_lora(x[0])])  # LoRA: export_peft
     want = [cast if cast is not None and p.dtype.is_floating_point else p.dtype for p in plan]
     sizes = [torch.Size(p.shape).numel() * dt.itemsize for p, dt in zip(plan, want)]
     files = plan_shards(sizes, max_bytes)
@@ -165,6 +168,29 @@ def write_files(snapshot: Any, ep: ExportPlan, which: list[int], tmp: str, manif
     return weight_map
 
 
+def write_recipe_state(snapshot: Any, ep: ExportPlan, tmp: str, prefix: str | None, skip_lora: bool = False) -> int:
+    """The training state beside the weights, so a run resumes from this HF checkpoint (torchtune's
+    recipe state, without pickle): every staged tensor the export does not carry (the optimizer's),
+    under its native name, in ``recipe_state.safetensors``, and the step and non-tensor state in
+    ``recipe_state.json``. ``load-hf`` brings both back. Returns the tensors written."""
+    from stager.consumers.integrity import json_objects
+
+    exported = {p.source for p in ep.tensors}
+    if "" in exported:  # a whole-dict adapter says nothing per tensor: the model is what is under the prefix
+        prefix = prefix if prefix is not None else (getattr(snapshot, "model_info", None) or {}).get("prefix")
+        exported = {n for n, _, _ in _layout(snapshot) if prefix is None or n.startswith(prefix)}
+    rest = [(n, tuple(shape), dt) for n, dt, shape in _layout(snapshot)
+            if n not in exported and not (skip_lora and is_lora(n))]
+    if rest:
+        names = [n for n, _, _ in rest]
+        items = snapshot.items(names) if isinstance(snapshot, Snapshot) else ((n, snapshot[n]) for n in names)
+        write_safetensors(os.path.join(tmp, RECIPE_TENSORS), rest,
+                          lambda: ((n, t.contiguous()) for n, t in items), {"format": "pt"})
+    _write_json(os.path.join(tmp, RECIPE_JSON), {"step": snapshot.step,
+                                                 "objects": json_objects(getattr(snapshot, "objects", {}) or {})})
+    return len(rest)
+
+
 def finish_export(tmp: str, ep: ExportPlan, step: int, weight_map: dict, manifest: dict,
                   hf_assets: str | None) -> None:
     """What is written once every file is: the index (sharded), config.json, assets, manifest."""
@@ -187,14 +213,19 @@ def export_snapshot(snapshot: Any, out_dir: str, *, adapter: str | Any | None = 
                     hf_config: dict | str | None = None, hf_assets: str | None = None,
                     dtype: str | torch.dtype | None = None, max_shard_size: str | int = "5GB",
                     progress: bool | None = None, on_export: Callable[[dict], None] | None = None,
-                    prefix: str | None = None) -> str:
+                    prefix: str | None = None, recipe_state: bool = False, peft: bool = False,
+                    adapter_only: bool = False, lora_alpha: float | None = None, base_model: str | None = None) -> str:
     """Write one snapshot to ``out_dir/step-N``: a leased :class:`~stager.client.Snapshot` (native
     view) or any mapping name -> tensor with ``step`` and ``model_info``.
 
     The adapter and HF config are this call's (``adapter``: built-in name, ``module:attr`` or an
     object; ``hf_config``: dict or config.json path), else the staged model_info's (see
     :func:`~stager.client.adapters.resolve_adapter`; ``prefix``: only the tensors under it are the
-    model, e.g. ``"model."``). Shapes come from the layout and each
+    model, e.g. ``"model."``). ``recipe_state``: the optimizer and train state go along
+    (:func:`write_recipe_state`), so a run resumes from the export. ``peft``: the version's LoRA
+    weights also go out in PEFT's format (:mod:`.export_peft`; ``lora_alpha`` unless staged in
+    ``model_info["lora"]``), in the export's ``adapter/``; ``adapter_only``: only them, at the top,
+    for the base model ``base_model`` (a path or hub id that adapter_config.json names). Shapes come from the layout and each
     native tensor's bytes are read once. ``progress``: a progress bar on stderr (default: when
     stderr is a terminal). Returns the directory. The export's own time (plan, read, convert,
     write, fsync, rename) and size are logged at INFO and given to ``on_export`` as
@@ -212,8 +243,21 @@ def export_snapshot(snapshot: Any, out_dir: str, *, adapter: str | Any | None = 
     with tqdm(total=sum(ep.sizes), desc=f"export step {snapshot.step}", unit="B", unit_scale=True,
               unit_divisor=1024, disable=not show, file=sys.stderr, leave=False) as bar, \
             step_directory(out_dir, snapshot.step) as tmp:
-        weight_map = write_files(snapshot, ep, list(range(len(ep.files))), tmp, manifest, bar.update)
-        finish_export(tmp, ep, snapshot.step, weight_map, manifest, hf_assets)
+        if peft or adapter_only:
+            names = [n for n, _, _ in _layout(snapshot)]
+            if adapter_only:
+                write_peft(snapshot, names, ep.adapter, tmp, alpha=lora_alpha, base=base_model)
+            else:  # a subdirectory: from_pretrained of the export itself gives the base model, not base + LoRA
+                os.makedirs(os.path.join(tmp, PEFT_DIR))
+                write_peft(snapshot, names, ep.adapter, os.path.join(tmp, PEFT_DIR), alpha=lora_alpha,
+                           base=step_path(os.path.abspath(out_dir), snapshot.step))
+        if adapter_only:
+            write_manifest(tmp, snapshot.step, "peft", {})
+        else:
+            weight_map = write_files(snapshot, ep, list(range(len(ep.files))), tmp, manifest, bar.update)
+            if recipe_state:
+                write_recipe_state(snapshot, ep, tmp, prefix, skip_lora=peft)
+            finish_export(tmp, ep, snapshot.step, weight_map, manifest, hf_assets)
     final = step_path(out_dir, snapshot.step)
     seconds = time.monotonic() - started
     total = sum(ep.sizes)

@@ -31,6 +31,7 @@ from stager.protocol.dtypes import safetensors_code
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
+RECIPE = "recipe_state.safetensors"  # the training state beside the weights (export-hf --recipe-state): not the model
 MAX_HEADER_BYTES = 100 << 20  # safetensors' own limit
 READ_CHUNK = 64 << 20  # bytes per preadv: a truncated file is noticed within one chunk
 
@@ -170,7 +171,7 @@ def open_checkpoint(directory: str) -> HFCheckpoint:
     elif os.path.isfile(os.path.join(directory, SINGLE)):
         files = [SINGLE]
     else:
-        files = sorted(n for n in os.listdir(directory) if n.endswith(".safetensors"))
+        files = sorted(n for n in os.listdir(directory) if n.endswith(".safetensors") and n != RECIPE)
         if not files:
             raise CheckpointError(directory, f"holds no {INDEX}, no {SINGLE} and no *.safetensors file")
     tensors: dict[str, StoredTensor] = {}

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import json
 import logging
 import os
 import re
@@ -39,7 +40,9 @@ from stager.protocol import ErrorCode, StagerError, dtype_name
 from stager.protocol.dtypes import FLOAT8_DTYPES, parse_dtype
 from stager.protocol.quant import QuantSpec, dequantize, scale_blocks
 
-from .hf_checkpoint import CheckpointError, HFCheckpoint, StoredTensor, open_checkpoint, read_into, read_tensor
+from .hf_checkpoint import (
+    RECIPE, CheckpointError, HFCheckpoint, StoredTensor, open_checkpoint, read_header, read_into, read_tensor,
+)
 from .ingest import IngestSession, no_trainer_hint
 
 log = logging.getLogger("stager.consumers.load")
@@ -302,6 +305,30 @@ def fill(plan: LoadPlan, adapter: Any, dsts: dict[str, torch.Tensor], *, threads
             os.close(fd)
 
 
+def add_recipe_state(ckpt: HFCheckpoint, plan: LoadPlan) -> dict:
+    """The training state an export carried beside the weights (``export-hf --recipe-state``):
+    its tensors join the plan under their native names, read straight into place; returns the
+    step and non-tensor state of ``recipe_state.json`` (``{}`` when there is none)."""
+    path = os.path.join(ckpt.directory, RECIPE)
+    meta_path = os.path.join(ckpt.directory, "recipe_state.json")
+    if not os.path.exists(meta_path):
+        return {}
+    try:
+        with open(meta_path) as f:
+            meta = json.load(f)
+    except (OSError, ValueError, UnicodeDecodeError) as exc:
+        raise CheckpointError(meta_path, f"cannot be read as JSON ({exc})") from None
+    if not isinstance(meta, dict) or not isinstance(meta.get("objects", {}), dict):
+        raise CheckpointError(meta_path, "is not a recipe state ({\"step\": N, \"objects\": {...}})")
+    if os.path.exists(path):
+        for name, t in read_header(path).items():
+            if name in plan.natives:
+                raise CheckpointError(path, "is also a tensor of the model", name)
+            plan.natives[name] = (t.dtype, t.shape)
+            plan.groups.append(Group({name: Source(t, t.dtype)}, {name: name}, []))
+    return meta
+
+
 def resolve(adapter: str | Any | None, config: dict | None, prefix: str | None) -> tuple[Any, str | None]:
     """The adapter object (``prefix`` put before every native name) and the built-in name that the
     version's model_info records (None for a plug-in: staged data names only built-in adapters)."""
@@ -311,9 +338,10 @@ def resolve(adapter: str | Any | None, config: dict | None, prefix: str | None) 
     return with_prefix(obj, prefix), name
 
 
-def load_hf(directory: str, *, endpoint: str | None = None, adapter: str | Any | None = None, step: int = 0,
+def load_hf(directory: str, *, endpoint: str | None = None, adapter: str | Any | None = None, step: int | None = None,
             dtype: str | torch.dtype | None = None, prefix: str | None = None, threads: int | None = None,
-            memory_budget: int = MEMORY_BUDGET, timeout: float = 30.0, backpressure_timeout: float = 0.0) -> dict:
+            memory_budget: int = MEMORY_BUDGET, timeout: float = 30.0, backpressure_timeout: float = 0.0,
+            recipe_state: bool = True) -> dict:
     """Load the HF checkpoint in ``directory`` into the daemon as sealed version ``step``.
 
     ``adapter``: built-in name (``llama3``, ``qwen3``, ``deepseek_v3``, default ``identity``: HF
@@ -321,7 +349,8 @@ def load_hf(directory: str, *, endpoint: str | None = None, adapter: str | Any |
     config.json. ``dtype``: cast floating tensors (and FP8 dequantization's target; default the
     config's torch_dtype, else bfloat16). ``prefix``: put before every native name (``"model."``
     for a job that stages ``{"model": ..., "optim": ...}``). Returns ``{"step", "nbytes",
-    "tensors", "seconds", "files", "quantized"}``. Raises :class:`CheckpointError` (naming the file
+    "tensors", "seconds", "files", "quantized"}``. ``recipe_state``: the optimizer and train state an
+    ``export-hf --recipe-state`` put beside the weights come along (the step too, unless given). Raises :class:`CheckpointError` (naming the file
     and tensor) for a damaged checkpoint or a name the adapter does not know; nothing is sealed then.
     """
     started = time.monotonic()
@@ -332,6 +361,9 @@ def load_hf(directory: str, *, endpoint: str | None = None, adapter: str | Any |
     ckpt = open_checkpoint(directory)
     adapter_obj, adapter_name = resolve(adapter, ckpt.config, prefix)
     plan = plan_load(ckpt, adapter_obj, cast=cast)
+    recipe = add_recipe_state(ckpt, plan) if recipe_state else {}
+    if step is None:
+        step = recipe["step"] if type(recipe.get("step")) is int else 0
     model_info: dict[str, Any] = {"source": {"format": "hf", "path": ckpt.directory, "files": len(ckpt.files),
                                              "quantized": plan.quantized}}
     if adapter_name is not None:
@@ -345,7 +377,7 @@ def load_hf(directory: str, *, endpoint: str | None = None, adapter: str | Any |
         with IngestSession(endpoint, step=step, timeout=timeout, backpressure_timeout=backpressure_timeout) as s:
             dsts = s.begin(plan.natives)
             fill(plan, adapter_obj, dsts, threads=threads, memory_budget=memory_budget)
-            sealed = s.commit(model_info=model_info)
+            sealed = s.commit(objects=recipe.get("objects") or {}, model_info=model_info)
     except StagerError as exc:
         raise no_trainer_hint(exc) from None
     seconds = time.monotonic() - started
