@@ -64,7 +64,8 @@ def restore_once(rank, world, size_mib, ckpt, how):
     process, as after a crash, into preallocated shards; checks the bytes."""
     import torch.distributed as dist
     import torch.distributed.checkpoint as dcp  # imported before timing (~1.7 s here)
-
+    import torch.distributed.tensor._utils  # noqa: F401  (what restore imports lazily, also before timing:
+    import stager.client.hook.restore  # noqa: F401        after a dropped page cache an import reads the disk)
     from stager.client import StagingClient
 
     torch.set_num_threads(1)

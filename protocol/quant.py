@@ -61,15 +61,11 @@ class QuantSpec:
         return {"scale": self.scale, "mode": self.mode, "dtype": self.dtype}
 
 
-BLOCK = 128  # the block width of FP8 block-quantized checkpoints (DeepSeek-V3, torchao's blockwise float8)
-
-
 def scale_blocks(fqn: str, data_shape, scale_shape, block: tuple[int, ...] | None = None) -> tuple[int, ...] | None:
-    """Block size per dimension of ``data_shape`` that one scale value covers (None: one scale).
-    ``block``: as the checkpoint says (``quantization_config.weight_block_size``); else 128 where
-    128-wide blocks (the last one short) give the scale's size, else equal blocks.
+    """Block size per dimension of ``data_shape`` that one scale value covers (None: one scale):
+    ``block`` when given (an HF checkpoint's ``weight_block_size``), else equal blocks.
 
-    >>> scale_blocks("w", (300, 200), (3, 2)), scale_blocks("w", (6, 4), (3, 1))
+    >>> scale_blocks("w", (300, 200), (3, 2), (128, 128)), scale_blocks("w", (6, 4), (3, 1))
     ((128, 128), (2, 4))
     """
     if math.prod(scale_shape) == 1:
@@ -79,12 +75,7 @@ def scale_blocks(fqn: str, data_shape, scale_shape, block: tuple[int, ...] | Non
                         "scale, or one per block with the data's rank")
     blocks = []
     for i, (d, s) in enumerate(zip(data_shape, scale_shape)):
-        if block is not None and i < len(block):
-            size = block[i]
-        elif s > 1 and -(-d // BLOCK) == s:
-            size = BLOCK
-        else:
-            size = -(-d // s) if s else 0
+        size = block[i] if block is not None and i < len(block) else (-(-d // s) if s else 0)
         if s < 1 or size < 1 or -(-d // size) != s:
             raise _bad(fqn, f"scale shape {list(scale_shape)} does not tile data shape {list(data_shape)}"
                             + (f" in blocks of {list(block)}" if block is not None else ""))

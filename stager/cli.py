@@ -10,6 +10,21 @@ import sys
 from stager.protocol import StagerError
 
 
+def _assembler_environment(config) -> None:
+    """The full assembler reads the job from inside this process: as this node (its host id) and,
+    across nodes, with client keys ($STAGER_AUTH_DIR, default --auth-dir), checked here at start."""
+    import os
+
+    if config.host_id:
+        os.environ["STAGER_HOST_ID"] = config.host_id
+    if config.auth_dir:
+        os.environ.setdefault("STAGER_AUTH_DIR", config.auth_dir)
+    keys = os.environ.get("STAGER_AUTH_DIR")
+    if keys and not os.path.isfile(os.path.join(keys, "client.key_secret")):
+        raise ValueError(f"--assemble-full reads the other nodes as a client, but {keys} holds no client.key_secret; "
+                         "make the keys with `stager keygen DIR` (or point STAGER_AUTH_DIR at the client keys)")
+
+
 def _serve(args: argparse.Namespace) -> int:
     from stager.daemon.config import DaemonConfig, parse_size
     from stager.daemon import Daemon
@@ -22,6 +37,8 @@ def _serve(args: argparse.Namespace) -> int:
                               insecure_no_auth=args.insecure_no_auth, metrics=args.metrics,
                               drain_timeout=args.drain_timeout, host_id=args.host_id, advertise=args.advertise,
                               assemble_full=args.assemble_full)
+        if config.assemble_full:
+            _assembler_environment(config)
         daemon = Daemon(config)
         if config.assemble_full:
             from stager.consumers.assemble_full import Assembler
@@ -145,7 +162,7 @@ def _load(args: argparse.Namespace) -> int:
 
             report = load_dcp(args.dir, endpoint=args.endpoint, step=args.step, model_only=args.model_only)
         else:
-            from stager.consumers.convert import convert
+            from stager.convert import convert
 
             report = {"written": convert(args.src, args.out, to=args.to, adapter=args.adapter, dtype=args.dtype,
                                          model_only=args.model_only, prefix=args.prefix, hf_config=args.hf_config,

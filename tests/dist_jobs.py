@@ -410,3 +410,20 @@ def restore_with_one_bad_rank(rank, world):
         except StagerError as exc:
             return exc.code.value, exc.message, bool(sd["w"].any())
     return None
+
+
+def restore_multi_node(rank, world):
+    """A restarted multi-node job (other world size: Shard(0) over every rank) restoring the newest
+    complete version of the job it continues (the same STAGER_JOB_ID)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    from stager.client import StagingClient
+
+    mesh = init_device_mesh("cpu", (world,))
+    sd = {"model": {k: distribute_tensor(torch.zeros_like(v), mesh, [Shard(0)]) if v.dim() else torch.zeros_like(v)
+                    for k, v in full_tensors().items()}, "train": {"step": -1}}
+    with StagingClient(strict=True) as client:
+        step = client.restore(sd)
+    full = {k: (v.full_tensor() if hasattr(v, "full_tensor") else v).float().numpy() for k, v in sd["model"].items()}
+    return step, sd["train"], full

@@ -14,6 +14,7 @@ from stager.client import StagingClient, Subscriber
 from stager.client.adapters import load_adapter
 from stager.client.admin import daemon_status
 from stager.consumers.hf_checkpoint import CheckpointError
+from stager.consumers.integrity import verify
 from stager.consumers.load_dcp import load_dcp
 from stager.consumers.load_hf import load_hf
 from stager.protocol import ErrorCode
@@ -218,6 +219,7 @@ def test_an_hf_export_with_recipe_state_resumes_model_optimizer_and_train_state(
     files = sorted(os.listdir(path))
     assert "recipe_state.safetensors" in files and "recipe_state.json" in files and "model.safetensors.index.json" in files
     assert sorted(load_file(os.path.join(path, "recipe_state.safetensors"))) == sorted(f"optim.{k}" for k in optim)
+    assert verify(path)["ok"]  # the recipe state is in the manifest too
     d2 = make_daemon()
     report = load_hf(path, endpoint=d2.endpoint, adapter="llama3", prefix="model.")
     assert report["step"] == 40
@@ -228,3 +230,24 @@ def test_an_hf_export_with_recipe_state_resumes_model_optimizer_and_train_state(
     assert all(torch.equal(target["model"][k], v) for k, v in native.items())
     assert all(torch.equal(target["optim"][k], v) for k, v in optim.items())
     assert target["train"] == {"step": 40, "data": {"epoch": 2, "position": 77}}
+
+
+def test_a_load_that_fails_while_reading_aborts_its_step_and_leaves_no_version(make_daemon, tmp_path, monkeypatch):
+    import stager.consumers.load_hf as loader
+
+    d = make_daemon()
+    src = save_sharded(hf_llama(), str(tmp_path / "hf"))
+    real, calls = loader.read_into, []
+
+    def failing(t, dst, fd):  # the third tensor's file is truncated while the load runs
+        calls.append(t.name)
+        if len(calls) == 3:
+            raise CheckpointError(t.path, "ends 100 bytes short of the tensor's end", t.name)
+        real(t, dst, fd)
+
+    monkeypatch.setattr(loader, "read_into", failing)
+    with pytest.raises(CheckpointError, match="ends 100 bytes short"):
+        load_hf(src, endpoint=d.endpoint, threads=1)
+    status = daemon_status(d.endpoint)
+    assert sealed_steps(d.endpoint) == [] and [v["state"] for v in status["versions"]] == ["failed"]
+    assert "aborted" in status["versions"][0]["reason"] and "ends 100 bytes short" in status["versions"][0]["reason"]

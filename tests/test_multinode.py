@@ -12,7 +12,8 @@ import threading
 import pytest
 import torch
 from dist_jobs import (
-    LLAMA_CONFIG, full_tensors, llama_full, multi_node_stage, scaled, stage_fsdp_llama, stage_replicated,
+    LLAMA_CONFIG, full_tensors, llama_full, multi_node_stage, restore_multi_node, scaled, stage_fsdp_llama,
+    stage_replicated,
 )
 from helpers import wait_until
 
@@ -87,6 +88,17 @@ def test_full_assembly_puts_whole_versions_on_each_node_for_zero_copy_readers(mo
         monkeypatch.delenv("STAGER_HOST_ID")  # a reader on neither node: reads from both, the same values
         with Subscriber(cluster.endpoints[1]) as sub, sub.latest() as snap:
             assert all(torch.equal(snap[k], v) for k, v in expected.items())
+
+
+def test_a_restarted_multi_node_job_restores_from_every_node_at_another_world_size():
+    with SimulatedCluster(2, args=LIMIT) as cluster:
+        job = {"STAGER_JOB_ID": "train-42"}  # a launcher's id, the same after the restart (e.g. $SLURM_JOB_ID)
+        run_ranks(multi_node_stage, 4, [1, 2], env=job, nodes=cluster.nodes)
+        results = run_ranks(restore_multi_node, 2, env=job, nodes=cluster.nodes)  # 1 rank per node now
+    expected = scaled(full_tensors(), 2)
+    for step, train, full in results:
+        assert step == 2 and train == {"step": 2}
+        assert [k for k, v in expected.items() if not (torch.from_numpy(full[k]) == v.float()).all()] == []
 
 
 def test_three_nodes_uneven_fsdp_hf_view_and_export_from_any_daemon(tmp_path):

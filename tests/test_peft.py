@@ -13,6 +13,7 @@ from stager.client import StagingClient, Subscriber  # noqa: E402
 from stager.client.adapters import load_adapter  # noqa: E402
 from stager.consumers.export_hf import export_hf  # noqa: E402
 from stager.consumers.export_peft import lora_modules  # noqa: E402
+from stager.consumers.integrity import verify  # noqa: E402
 from stager.protocol import StagerError  # noqa: E402
 
 CONFIG = {"vocab_size": 96, "hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": 2,
@@ -75,6 +76,7 @@ def test_lora_exports_in_peft_format_that_peft_loads_onto_the_base_model(make_da
     assert sorted(f for f in os.listdir(only) if not f.startswith("stager")) == ["adapter_config.json",
                                                                                  "adapter_model.safetensors"]
     assert json.load(open(os.path.join(only, "adapter_config.json")))["base_model_name_or_path"] == "my-org/base"
+    assert verify(only)["ok"] and verify(full)["ok"]
     model = peft.PeftModel.from_pretrained(llama(0), only).eval()  # onto the base model as the user has it
     torch.testing.assert_close(logits(model), logits(reference), rtol=1e-5, atol=1e-5)
 

@@ -31,15 +31,21 @@ def test_steps_get_pooled_segments_in_the_order_they_were_created():
 def test_spare_segments_use_free_memory_only_and_go_first_when_a_step_needs_it():
     names = iter(f"s{i}" for i in range(10))
     budget = SegmentBudget(100, FakeSegment, lambda: next(names))
-    budget.current_layout, budget.spare_layout, budget.spare_rotation = "T", "W", 2
-    budget.used = 60  # the trainer's rotation
-    assert budget.reserve_spare("W", 50) is False  # would need the trainer's memory: not taken
-    assert budget.used == 60
-    assert budget.reserve_spare("W", 40) is True and budget.used == 100
+    budget.current_layout, budget.rotation, budget.spare_layout, budget.spare_rotation = "T", 3, "W", 2
+    for name in ("t0", "t1"):  # the trainer has 2 of its 3 segments of 20 bytes: 20 more are its own
+        budget.used += 20
+        budget.adopt("T", FakeSegment(name, 20))
+    assert budget.trainer_headroom() == 20
+    assert budget.reserve_spare("W", 50) is False and budget.used == 40  # would eat the trainer's third segment
+    assert budget.reserve_spare("W", 40) is True and budget.used == 80  # reserved: counted before it exists
+    budget.unreserve(40)  # creating it failed
+    assert budget.used == 40
+    assert budget.reserve_spare("W", 40) is True
     budget.adopt("W", FakeSegment("w0", 40))
     budget.give_back(budget.owner["w0"][1], reuse=True)  # pooled for the next whole version
-    assert budget.reserve_spare("W", 40).name == "w0"
+    assert budget.used == 80 and budget.reserve_spare("W", 40).name == "w0"
     budget.give_back(budget.owner["w0"][1], reuse=True)
-    budget.used -= 60  # the trainer's segments went; a new trainer layout needs all 100: the spare pool goes
-    assert budget.take("T2", 100) is not None and "w0" not in budget.owner
+    for name in ("t0", "t1"):  # a new trainer layout needs 70: the spare pool is dropped for it
+        budget.destroy(budget.owner[name][1])
+    assert budget.take("T2", 70) is PENDING and "w0" not in budget.owner and budget.used == 70
     budget.close()

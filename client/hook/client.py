@@ -166,7 +166,8 @@ class StagingClient:
 
     def restore(self, state_dict: Mapping[str, Any], *, step: int | None = None) -> int:
         """Fill ``state_dict`` in place from the sealed version ``step`` (default: the newest; with
-        torch.distributed, rank 0's newest on every rank) and return the step restored.
+        torch.distributed, rank 0's newest on every rank) and return the step restored. A collective:
+        every rank calls it.
 
         Each rank writes its own tensors: DTensor local shards of any placement and plain tensors,
         nested as staged (``{"model": get_model_state_dict(...), "optim": get_optimizer_state_dict(...,
@@ -183,8 +184,7 @@ class StagingClient:
         from ..readers import Subscriber
         from .restore import restore_state_dict
 
-        with Subscriber(self.endpoint, timeout=self._timeout) as sub:
-            return restore_state_dict(state_dict, sub, step=step)
+        return restore_state_dict(state_dict, lambda: Subscriber(self.endpoint, timeout=self._timeout), step=step)
 
     def close(self, timeout: float = 10.0) -> None:
         """Finish queued stages (up to ``timeout`` seconds), then release the socket and mappings."""

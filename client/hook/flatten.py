@@ -49,8 +49,9 @@ def _check_object(key: str, value: Any, depth: int = 0) -> Any:
     )
 
 
-def flatten_state_dict(state_dict: Mapping) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Split ``state_dict`` into ``{fqn: tensor}`` and ``{fqn: non-tensor value}``.
+def flatten_state_dict(state_dict: Mapping, *, objects: bool = True) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Split ``state_dict`` into ``{fqn: tensor}`` and ``{fqn: non-tensor value}`` (``objects=False``:
+    the tensors only, other leaves neither checked nor kept: what a restore fills).
 
     >>> t, o = flatten_state_dict({"model": {"w": torch.zeros(2)}, "step": 3})
     >>> list(t), o
@@ -59,7 +60,7 @@ def flatten_state_dict(state_dict: Mapping) -> tuple[dict[str, torch.Tensor], di
     if not isinstance(state_dict, Mapping):
         raise StagerError(ErrorCode.BAD_VALUE, f"a state dict must be a mapping, not {type(state_dict).__name__}")
     tensors: dict[str, torch.Tensor] = {}
-    objects: dict[str, Any] = {}
+    others: dict[str, Any] = {}
     stack: list[tuple[str, Mapping]] = [("", state_dict)]
     while stack:
         prefix, mapping = stack.pop()
@@ -70,14 +71,14 @@ def flatten_state_dict(state_dict: Mapping) -> tuple[dict[str, torch.Tensor], di
             if isinstance(value, Mapping) and not isinstance(value, torch.Tensor):
                 if value:
                     stack.append((fqn + ".", value))
-                else:
-                    _store(objects, tensors, fqn, {})
+                elif objects:
+                    _store(others, tensors, fqn, {})
                 continue
             if isinstance(value, torch.Tensor):
-                _store(tensors, objects, fqn, value)
-            else:
-                _store(objects, tensors, fqn, _check_object(fqn, value))
-    return tensors, objects
+                _store(tensors, others, fqn, value)
+            elif objects:
+                _store(others, tensors, fqn, _check_object(fqn, value))
+    return tensors, others
 
 
 def _store(into: dict, other: dict, fqn: str, value: Any) -> None:

@@ -48,11 +48,24 @@ def merge_members(records: list[dict]) -> tuple[dict[str, str], dict[str, list[i
     return nodes, ranks
 
 
+_GLOO: dict = {}  # the default group -> a gloo group over the same ranks, made once (a collective)
+
+
+def _gloo_group():
+    import torch.distributed as dist
+
+    key = id(dist.group.WORLD)
+    if key not in _GLOO:
+        _GLOO.clear()  # a new default group (re-initialized): the old one's gloo group is stale
+        _GLOO[key] = dist.new_group(backend="gloo")
+    return _GLOO[key]
+
+
 def all_gather_bytes(data: bytes) -> list[bytes]:
     """Every rank's ``data``, over a gloo group (the default one when it is gloo)."""
     import torch.distributed as dist
 
-    group = None if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")
+    group = None if dist.get_backend() == "gloo" else _gloo_group()
     world = dist.get_world_size(group)
     size = torch.tensor([len(data)], dtype=torch.int64)
     sizes = [torch.zeros(1, dtype=torch.int64) for _ in range(world)]

@@ -18,7 +18,7 @@ overlapping.
 
 from __future__ import annotations
 
-from typing import Any, Mapping, MutableMapping
+from typing import Any, Callable, Mapping, MutableMapping
 
 import msgpack
 import torch
@@ -170,22 +170,24 @@ def _fill(plan: list[tuple[str, torch.Tensor, tuple, tuple]], snap: Any) -> None
             upload.finish()
 
 
-def restore_state_dict(state_dict: MutableMapping, subscriber: Any, *, step: int | None = None) -> int:
+def restore_state_dict(state_dict: MutableMapping, subscriber: Callable[[], Any], *, step: int | None = None) -> int:
     """Fill ``state_dict`` in place from version ``step`` (default: the newest; under
-    torch.distributed every rank restores rank 0's newest) read through ``subscriber``; returns
-    the step restored. See :meth:`stager.client.StagingClient.restore`."""
-    tensors, _ = flatten_state_dict(state_dict)
-    snap, plan, error = None, None, None
+    torch.distributed every rank restores rank 0's newest) read through the reader
+    ``subscriber()`` opens (closed here); returns the step restored. A collective: every rank
+    calls it. See :meth:`stager.client.StagingClient.restore`."""
+    snap, plan, error, sub = None, None, None, None
     try:
         try:
-            snap = subscriber.latest() if step is None else subscriber.at(step)
+            tensors = flatten_state_dict(state_dict, objects=False)[0]
+            sub = subscriber()
+            snap = sub.latest() if step is None else sub.at(step)
         except Exception as exc:  # every rank must reach the agreement, whatever failed here
             error = _as_error(exc)
         chosen = _agree(error, "finding the version to restore", None if snap is None else snap.step)[0]
         try:
             if snap.step != chosen:  # another rank saw an older newest (one sealed in between): rank 0's
                 snap.release()
-                snap = subscriber.at(chosen)
+                snap = sub.at(chosen)
             plan = restore_plan(snap, tensors)
         except Exception as exc:
             error = _as_error(exc)
@@ -200,3 +202,5 @@ def restore_state_dict(state_dict: MutableMapping, subscriber: Any, *, step: int
     finally:
         if snap is not None:
             snap.release()
+        if sub is not None:
+            sub.close()

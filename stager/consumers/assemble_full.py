@@ -58,7 +58,12 @@ class Assembler:
                     if snap.placement() is not None:  # a multi-node job's version (else nothing to pull)
                         self._assemble(snap)
             except StagerError as exc:
-                if exc.code != ErrorCode.TIMEOUT:
+                if exc.code == ErrorCode.TIMEOUT:
+                    # a job that restarted (or a new one) stages steps again from a lower number
+                    pending = self.call(self.assembly.pending)
+                    if pending and done is not None and pending[-1] <= done:
+                        done = pending[0] - 1
+                else:
                     log.info("full assembly: %s", exc)
                     self._stop.wait(1.0)
             except Exception:  # never the daemon's end: log it and try the next version
@@ -72,11 +77,11 @@ class Assembler:
 
     def _assemble(self, snap) -> None:
         specs = [(name, dtype_name(dt), tuple(shape)) for name, dt, shape in snap.specs()]
-        plan = self.call(lambda: self.assembly.begin(snap.step, specs))
+        plan = self.call(lambda: self.assembly.begin(snap.step, snap.lease, specs))
         if isinstance(plan, str):
             log.debug("full assembly skipped: %s", plan)
             return
-        record, seg, name = plan
+        version, record, seg, name = plan
         if seg is None:
             try:
                 seg = self.assembly.create_segment(name, record.layout.size)  # off the loop: a while
@@ -96,5 +101,4 @@ class Assembler:
             snap.load_into(targets)
             ok = True
         finally:
-            self.call(lambda: self.assembly.finish(snap.step, record, seg, ok))
-
+            self.call(lambda: self.assembly.finish(version, record, seg, ok))

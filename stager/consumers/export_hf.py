@@ -31,7 +31,7 @@ from stager.client.readers.snapshot import Snapshot
 from stager.protocol import ErrorCode, StagerError
 from stager.protocol.dtypes import parse_dtype
 from stager.consumers.export_peft import write_peft
-from stager.consumers.integrity import MANIFEST, entry, write_manifest
+from stager.consumers.integrity import MANIFEST, entry, spec_entry, write_manifest
 from stager.consumers.persist import for_each_version, step_directory, step_path
 from stager.consumers.safetensors_io import write_safetensors
 
@@ -168,11 +168,13 @@ def write_files(snapshot: Any, ep: ExportPlan, which: list[int], tmp: str, manif
     return weight_map
 
 
-def write_recipe_state(snapshot: Any, ep: ExportPlan, tmp: str, prefix: str | None, skip_lora: bool = False) -> int:
+def write_recipe_state(snapshot: Any, ep: ExportPlan, tmp: str, prefix: str | None, manifest: dict,
+                       skip_lora: bool = False) -> int:
     """The training state beside the weights, so a run resumes from this HF checkpoint (torchtune's
     recipe state, without pickle): every staged tensor the export does not carry (the optimizer's),
     under its native name, in ``recipe_state.safetensors``, and the step and non-tensor state in
-    ``recipe_state.json``. ``load-hf`` brings both back. Returns the tensors written."""
+    ``recipe_state.json``. ``load-hf`` brings both back. Their manifest entries go to ``manifest``
+    (``stager verify`` checks them). Returns the tensors written."""
     from stager.consumers.integrity import json_objects
 
     exported = {p.source for p in ep.tensors}
@@ -184,8 +186,10 @@ def write_recipe_state(snapshot: Any, ep: ExportPlan, tmp: str, prefix: str | No
     if rest:
         names = [n for n, _, _ in rest]
         items = snapshot.items(names) if isinstance(snapshot, Snapshot) else ((n, snapshot[n]) for n in names)
+        crcs: dict[str, str] = {}
         write_safetensors(os.path.join(tmp, RECIPE_TENSORS), rest,
-                          lambda: ((n, t.contiguous()) for n, t in items), {"format": "pt"})
+                          lambda: ((n, t.contiguous()) for n, t in items), {"format": "pt"}, checksums=crcs)
+        manifest.update({n: spec_entry(dt, shape, crcs[n]) for n, shape, dt in rest})
     _write_json(os.path.join(tmp, RECIPE_JSON), {"step": snapshot.step,
                                                  "objects": json_objects(getattr(snapshot, "objects", {}) or {})})
     return len(rest)
@@ -194,6 +198,10 @@ def write_recipe_state(snapshot: Any, ep: ExportPlan, tmp: str, prefix: str | No
 def finish_export(tmp: str, ep: ExportPlan, step: int, weight_map: dict, manifest: dict,
                   hf_assets: str | None) -> None:
     """What is written once every file is: the index (sharded), config.json, assets, manifest."""
+    missing = [t.name for t in ep.tensors if t.name not in weight_map]
+    if missing:  # never publish an export with a hole (e.g. writers that planned apart)
+        raise StagerError(ErrorCode.INTERNAL, f"{len(missing)} planned tensors were not written (e.g. {missing[0]}); "
+                                              "nothing was published, please report this")
     if len(ep.files) > 1:
         _write_json(os.path.join(tmp, "model.safetensors.index.json"),
                     {"metadata": {"total_size": sum(ep.sizes)}, "weight_map": weight_map})
@@ -236,6 +244,9 @@ def export_snapshot(snapshot: Any, out_dir: str, *, adapter: str | Any | None = 
     '/ckpt/hf/step-00000007'
     """
     started = time.monotonic()
+    if adapter_only and os.path.exists(os.path.join(step_path(out_dir, snapshot.step), "config.json")):
+        raise StagerError(ErrorCode.BAD_VALUE, f"{step_path(out_dir, snapshot.step)} is a full export: an adapter-only "
+                                               "export would replace it; give the adapter its own --out")
     ep = plan_export(snapshot, adapter=adapter, hf_config=hf_config, dtype=dtype, max_shard_size=max_shard_size,
                      prefix=prefix)
     manifest: dict[str, dict] = {}
@@ -246,17 +257,17 @@ def export_snapshot(snapshot: Any, out_dir: str, *, adapter: str | Any | None = 
         if peft or adapter_only:
             names = [n for n, _, _ in _layout(snapshot)]
             if adapter_only:
-                write_peft(snapshot, names, ep.adapter, tmp, alpha=lora_alpha, base=base_model)
+                write_peft(snapshot, names, ep.adapter, tmp, alpha=lora_alpha, base=base_model, manifest=manifest)
             else:  # a subdirectory: from_pretrained of the export itself gives the base model, not base + LoRA
                 os.makedirs(os.path.join(tmp, PEFT_DIR))
                 write_peft(snapshot, names, ep.adapter, os.path.join(tmp, PEFT_DIR), alpha=lora_alpha,
                            base=step_path(os.path.abspath(out_dir), snapshot.step))
         if adapter_only:
-            write_manifest(tmp, snapshot.step, "peft", {})
+            write_manifest(tmp, snapshot.step, "peft", manifest)
         else:
             weight_map = write_files(snapshot, ep, list(range(len(ep.files))), tmp, manifest, bar.update)
             if recipe_state:
-                write_recipe_state(snapshot, ep, tmp, prefix, skip_lora=peft)
+                write_recipe_state(snapshot, ep, tmp, prefix, manifest, skip_lora=peft)
             finish_export(tmp, ep, snapshot.step, weight_map, manifest, hf_assets)
     final = step_path(out_dir, snapshot.step)
     seconds = time.monotonic() - started

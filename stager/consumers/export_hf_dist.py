@@ -56,7 +56,7 @@ def export_hf_distributed(out_dir: str, *, endpoint: str | None = None, step: in
     hf_config, dtype, max_shard_size, prefix (see :func:`~stager.consumers.export_hf.plan_export`)."""
     with NodeWriters("export-hf", out_dir, endpoint, step) as w:
         ep = w.together("planning the export", lambda: plan_export(w.snap, **options))
-        owners = assign_files(ep, w.snap.placement(), w.nodes)
+        owners = assign_files(ep, w.shared(w.snap.placement), w.nodes)
         manifest: dict[str, dict] = {}
         weight_map = w.together("writing its files", lambda: write_files(
             w.snap, ep, [f for f, node in enumerate(owners) if node == w.node], w.tmp, manifest))

@@ -25,6 +25,7 @@ from stager.client.adapters import hf_items
 from stager.client.adapters.base import LORA_NAME as LORA
 from stager.protocol import ErrorCode, StagerError
 
+from .integrity import spec_entry
 from .safetensors_io import write_safetensors
 
 ADAPTER_WEIGHTS, ADAPTER_CONFIG = "adapter_model.safetensors", "adapter_config.json"
@@ -76,10 +77,11 @@ def peft_config(pairs: dict, ranks: set[int], alpha: float, modules: list[str], 
 
 
 def write_peft(snapshot: Any, names: list[str], adapter: Any, tmp: str, *, alpha: float | None,
-               base: str | None) -> list[str]:
+               base: str | None, manifest: dict | None = None) -> list[str]:
     """Write the version's LoRA pairs in PEFT format into ``tmp``; returns the PEFT tensor names.
     ``alpha``: LoRA's scaling numerator (default: the version's ``model_info["lora"]["alpha"]``);
-    ``base``: what ``base_model_name_or_path`` names (the export itself, or the base checkpoint)."""
+    ``base``: what ``base_model_name_or_path`` names (the export itself, or the base checkpoint);
+    ``manifest``: gets the checksum entries of the tensors written (``stager verify``)."""
     pairs = lora_modules(names)
     if not pairs:
         raise StagerError(ErrorCode.BAD_VALUE, f"step {snapshot.step} holds no LoRA weights (<module>.lora_a.weight "
@@ -96,7 +98,11 @@ def write_peft(snapshot: Any, names: list[str], adapter: Any, tmp: str, *, alpha
         raise StagerError(ErrorCode.BAD_VALUE, f"LoRA ranks differ between modules ({sorted(ranks)}); PEFT's config "
                                                "holds one r")
     specs = [(n, tuple(t.shape), t.dtype) for n, t in tensors.items()]
-    write_safetensors(os.path.join(tmp, ADAPTER_WEIGHTS), specs, lambda: iter(tensors.items()), {"format": "pt"})
+    crcs: dict[str, str] = {}
+    write_safetensors(os.path.join(tmp, ADAPTER_WEIGHTS), specs, lambda: iter(tensors.items()), {"format": "pt"},
+                      checksums=crcs)
+    if manifest is not None:
+        manifest.update({n: spec_entry(dt, shape, crcs[n]) for n, shape, dt in specs})
     modules = [n.split(".")[-3] for n in tensors]
     with open(os.path.join(tmp, ADAPTER_CONFIG), "w") as f:
         json.dump(peft_config(pairs, ranks, alpha, modules, base), f, indent=2, sort_keys=True)

@@ -36,8 +36,12 @@ def checksum(tensor: torch.Tensor) -> str:
 
 def entry(tensor: torch.Tensor, crc32: str | None = None) -> dict:
     """The manifest entry of ``tensor``; ``crc32`` when the writer already computed it while writing."""
-    return {"dtype": str(tensor.dtype).removeprefix("torch."), "shape": list(tensor.shape),
-            "crc32": crc32 if crc32 is not None else checksum(tensor)}
+    return spec_entry(tensor.dtype, tensor.shape, crc32 if crc32 is not None else checksum(tensor))
+
+
+def spec_entry(dtype: torch.dtype, shape, crc32: str) -> dict:
+    """The manifest entry of a tensor written with this dtype and shape, whose bytes had ``crc32``."""
+    return {"dtype": str(dtype).removeprefix("torch."), "shape": list(shape), "crc32": crc32}
 
 
 def matches(tensor: torch.Tensor, want: dict) -> bool:

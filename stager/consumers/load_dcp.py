@@ -24,7 +24,7 @@ from stager.protocol import ErrorCode, StagerError
 
 from .ingest import IngestSession, no_trainer_hint
 from .integrity import MANIFEST
-from .safe_dcp import METADATA, DamagedCheckpoint, _last_line, _reader_class
+from .safe_dcp import METADATA, DamagedCheckpoint, load_into, safe_reader
 
 log = logging.getLogger("stager.consumers.load")
 
@@ -58,7 +58,6 @@ def load_dcp(directory: str, *, endpoint: str | None = None, step: int | None = 
     "partial", "seconds", "objects", "skipped"}`` (``skipped``: non-tensor items not loaded).
     Raises :class:`~.safe_dcp.DamagedCheckpoint` / :class:`~.safe_dcp.UnsafeCheckpoint` naming the
     file; nothing is sealed then."""
-    import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
     started = time.monotonic()
@@ -66,7 +65,7 @@ def load_dcp(directory: str, *, endpoint: str | None = None, step: int | None = 
     if not os.path.isfile(os.path.join(directory, METADATA)):
         raise DamagedCheckpoint(directory, f"holds no {METADATA}: not a DCP checkpoint (a step directory of "
                                            "write-dcp, e.g. /ckpt/dcp/step-00001000)")
-    reader = _reader_class()(directory)
+    reader = safe_reader(directory)
     items = reader.metadata.state_dict_metadata
     tensors = {name: (md.properties.dtype, tuple(md.size)) for name, md in items.items()
                if isinstance(md, TensorStorageMetadata) and keep_tensor(name, model_only)}
@@ -84,16 +83,7 @@ def load_dcp(directory: str, *, endpoint: str | None = None, step: int | None = 
     model_info["source"] = {"format": "dcp", "path": directory}
     try:
         with IngestSession(endpoint, step=step, timeout=timeout, backpressure_timeout=backpressure_timeout) as s:
-            dsts = s.begin(tensors)
-            try:
-                dcp.load(dict(dsts), storage_reader=reader, no_dist=True)
-            except (KeyboardInterrupt, SystemExit):
-                raise
-            except BaseException as exc:  # DCP wraps failures in CheckpointException, a BaseException
-                if reader.failure is not None:
-                    raise reader.failure from None
-                raise DamagedCheckpoint(directory, f"DCP could not load it ({exc.__class__.__name__}: "
-                                                   f"{_last_line(exc)})"[:400]) from None
+            load_into(reader, dict(s.begin(tensors)))  # straight into the daemon's shared memory
             sealed = s.commit(objects=objects, model_info=model_info)
     except StagerError as exc:
         if exc.code == ErrorCode.RANK_CONFLICT:

@@ -61,15 +61,25 @@ class Source:
     block: tuple[int, ...] | None = None  # the block one scale value covers, as the config says
 
 
-def weight_block_size(config: dict | None) -> tuple[int, ...] | None:
-    """``quantization_config.weight_block_size`` of an FP8 checkpoint's config (None: not given).
+HF_FP8_BLOCK = 128  # DeepSeek-V3's (and HF's fine-grained FP8) blocks, when the config does not say
+
+
+def weight_block_size(config: dict | None, data_shape=(), scale_shape=()) -> tuple[int, ...] | None:
+    """The block one scale value covers in an FP8 checkpoint: the config's
+    ``quantization_config.weight_block_size``; else 128 along each dimension where 128-wide blocks
+    (the last one short) give the scale's size; else None (equal blocks).
 
     >>> weight_block_size({"quantization_config": {"quant_method": "fp8", "weight_block_size": [128, 128]}})
     (128, 128)
+    >>> weight_block_size(None, (300, 200), (3, 2)), weight_block_size(None, (6, 4), (3, 1))
+    ((128, 128), None)
     """
     block = ((config or {}).get("quantization_config") or {}).get("weight_block_size")
     if isinstance(block, list) and block and all(type(b) is int and b > 0 for b in block):
         return tuple(block)
+    if scale_shape and len(scale_shape) == len(data_shape) and \
+            all(-(-d // HF_FP8_BLOCK) == s for d, s in zip(data_shape, scale_shape)):
+        return (HF_FP8_BLOCK,) * len(data_shape)
     return None
 
 
@@ -134,15 +144,16 @@ def sources_of(ckpt: HFCheckpoint, cast: torch.dtype | None, fp8_dtype: torch.dt
     """The HF tensors the adapter sees: FP8 data paired with its ``_scale_inv`` / ``_scale``
     (the scale itself is not a tensor of the model), each given in its target dtype."""
     tensors = ckpt.tensors
-    block = weight_block_size(ckpt.config)
     scales: dict[str, str] = {}
+    blocks: dict[str, tuple[int, ...] | None] = {}
     for name, t in tensors.items():
         if t.dtype in FLOAT8_DTYPES:
             for suffix in COMPANION_SCALES:
                 scale = tensors.get(name + suffix)
                 if scale is not None and scale.dtype.is_floating_point and scale.dtype not in FLOAT8_DTYPES:
+                    blocks[name] = weight_block_size(ckpt.config, t.shape, scale.shape)
                     try:
-                        scale_blocks(name, t.shape, scale.shape, block)
+                        scale_blocks(name, t.shape, scale.shape, blocks[name])
                     except StagerError as exc:
                         raise CheckpointError(scale.path, exc.message, scale.name) from None
                     scales[name] = name + suffix
@@ -153,7 +164,7 @@ def sources_of(ckpt: HFCheckpoint, cast: torch.dtype | None, fp8_dtype: torch.dt
         if name in consumed:
             continue
         if name in scales:
-            out[name] = Source(t, cast or fp8_dtype, tensors[scales[name]], block)
+            out[name] = Source(t, cast or fp8_dtype, tensors[scales[name]], blocks[name])
         elif cast is not None and t.dtype.is_floating_point and t.dtype not in FLOAT8_DTYPES:
             out[name] = Source(t, cast)
         else:

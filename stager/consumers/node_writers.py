@@ -104,6 +104,14 @@ class NodeWriters:
             raise
         return self
 
+    def shared(self, placement: Callable[[], dict]) -> dict[str, list[tuple[tuple, tuple, list[str]]]]:
+        """The first writer's ``placement()`` (``{fqn: [(offset, shape, nodes)]}``), on every writer:
+        a node may swap its part of the step for the whole one meanwhile (``serve --assemble-full``),
+        and writers that planned from different placements would leave holes or overlap."""
+        mine = self.together("reading the placement", lambda: placement() if self.rank == 0 else None)
+        first = gather(mine)[0]
+        return {fqn: [(tuple(o), tuple(s), list(n)) for o, s, n in regions] for fqn, regions in first.items()}
+
     def _lease_first(self):
         if self.rank != 0:
             return None

@@ -174,10 +174,9 @@ def _last_line(exc: BaseException) -> str:
 def read_dcp_tensors(directory: str) -> dict[str, torch.Tensor]:
     """Every tensor of the DCP checkpoint in ``directory``, by flat FQN (non-tensor items are
     skipped, never unpickled). Raises :class:`UnsafeCheckpoint` or :class:`DamagedCheckpoint`."""
-    import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-    reader = _reader_class()(directory)
+    reader = safe_reader(directory)
     try:
         state = {name: torch.empty(md.size, dtype=md.properties.dtype)
                  for name, md in reader.metadata.state_dict_metadata.items()
@@ -187,6 +186,21 @@ def read_dcp_tensors(directory: str) -> dict[str, torch.Tensor]:
                                 [:400]) from None
     if not state:
         return {}
+    load_into(reader, state)
+    return state
+
+
+def safe_reader(directory: str):
+    """A DCP storage reader for ``directory`` whose metadata was read safely (:func:`load_metadata`);
+    its ``metadata`` lists the checkpoint's items."""
+    return _reader_class()(directory)
+
+
+def load_into(reader, state: dict[str, torch.Tensor]) -> None:
+    """``dcp.load`` of ``state`` (tensors only, filled in place) through a :func:`safe_reader`; a
+    failure is a :class:`DamagedCheckpoint` naming the file at fault."""
+    import torch.distributed.checkpoint as dcp
+
     try:
         dcp.load(state, storage_reader=reader, no_dist=True)
     except (KeyboardInterrupt, SystemExit):
@@ -194,6 +208,5 @@ def read_dcp_tensors(directory: str) -> dict[str, torch.Tensor]:
     except BaseException as exc:  # DCP wraps failures in CheckpointException, a BaseException
         if reader.failure is not None:
             raise reader.failure from None
-        raise DamagedCheckpoint(directory, f"DCP could not load it ({exc.__class__.__name__}: {_last_line(exc)})"
-                                [:400]) from None
-    return state
+        raise DamagedCheckpoint(reader.directory, f"DCP could not load it ({exc.__class__.__name__}: "
+                                                  f"{_last_line(exc)})"[:400]) from None

@@ -85,7 +85,7 @@ def write_dcp_distributed(out_dir: str, *, endpoint: str | None = None, step: in
 
     with NodeWriters("write-dcp", out_dir, endpoint, step) as w:
         snap = w.snap
-        placement = _view_placement(snap)
+        placement = w.shared(lambda: _view_placement(snap))
         shapes = {fqn: torch.Size(snap.meta(fqn)[0]) for fqn in placement}
 
         def read_regions() -> dict:

@@ -25,6 +25,7 @@ import logging
 from typing import Callable
 
 from stager.protocol.layout import Box, PlanEntry
+from stager.protocol.shm import prefault
 
 from .memory import Retention
 from .planning import build_layout
@@ -74,16 +75,22 @@ class FullAssembly:
         for key in ("assembled", "assembly_skipped", "assembly_failed"):
             state.counters.setdefault(key, 0)
 
-    def _sealed_partial(self, step: int) -> Version | None:
+    def _sealed_partial(self, step: int, lease: int) -> Version | None:
+        """The partial version of ``step`` sealed now, if it is the one the assembler leased (after a
+        restart of the job the same step number may be another version)."""
         v = self.state.sealed.get(step)
-        if v is None or v.epoch != self.state.epoch or v.assembled or not v.layout.partial:
+        held = self.state.leases.get(lease)
+        if v is None or held is None or held[1] is not v or v.epoch != self.state.epoch or v.assembled \
+                or not v.layout.partial:
             return None
         return v
 
-    def begin(self, step: int, specs: list[Spec]) -> tuple[LayoutRecord, Segment | None, str | None] | str:
-        """Plan the whole version of ``step``: ``(record, pooled segment or None, name of the
-        segment to create or None)``, or why not (a string: nothing to do, or no free memory)."""
-        v = self._sealed_partial(step)
+    def begin(self, step: int, lease: int, specs: list[Spec]
+              ) -> tuple[Version, LayoutRecord, Segment | None, str | None] | str:
+        """Plan the whole version of ``step`` (the assembler's ``lease`` of it on this node):
+        ``(version, record, pooled segment or None, name of the segment to create or None)``, or
+        why not (a string: nothing to do, or no free memory)."""
+        v = self._sealed_partial(step, lease)
         if v is None:
             return f"step {step} is not a partial version sealed on this node (evicted, or assembled already)"
         why = mismatch({t.fqn: (t.dtype, t.shape) for t in v.layout.tensors}, specs)
@@ -101,14 +108,27 @@ class FullAssembly:
         if got is False:
             self.state.counters["assembly_skipped"] += 1
             return (f"step {step}: no free memory for the whole version ({record.layout.size >> 20} MiB; "
-                    f"{self.memory.budget.used >> 20} of {self.memory.budget.limit >> 20} MiB in use)")
+                    f"{self.memory.budget.used >> 20} of {self.memory.budget.limit >> 20} MiB in use, the "
+                    "trainer's next segments kept free)")
         if got is True:
-            return record, None, self._new_name()
-        return record, got, None
+            return v, record, None, self._new_name()
+        return v, record, got, None
+
+    def pending(self) -> list[int]:
+        """Steps sealed partial on this node in the current timeline, not assembled (newest last)."""
+        return [s for s, v in self.state.sealed.items()
+                if v.epoch == self.state.epoch and not v.assembled and v.layout.partial]
 
     def create_segment(self, name: str, size: int) -> Segment:
-        """Create a segment for a reservation (on the assembler's thread: it takes a while)."""
-        return Segment(name, size)
+        """Create a segment for a reservation and fault its pages in (on the assembler's thread: it
+        takes a while). A full /dev/shm is a MEMORY_LIMIT error here, never a SIGBUS mid-copy."""
+        seg = Segment(name, size)
+        try:
+            prefault(seg.as_bytes(), 0, size)
+        except BaseException:
+            seg.unlink()
+            raise
+        return seg
 
     def adopt(self, record: LayoutRecord, seg: Segment) -> None:
         self.memory.budget.adopt(record.id, seg)
@@ -116,11 +136,12 @@ class FullAssembly:
     def unreserve(self, record: LayoutRecord) -> None:
         self.memory.budget.unreserve(record.layout.size)
 
-    def finish(self, step: int, record: LayoutRecord, seg: Segment, ok: bool) -> bool:
-        """Swap the partial version of ``step`` for the whole one in ``seg`` (``ok``: its bytes are
-        all in), or give the segment back; True when swapped."""
-        v = self._sealed_partial(step) if ok else None
-        if v is None:
+    def finish(self, v: Version, record: LayoutRecord, seg: Segment, ok: bool) -> bool:
+        """Swap ``v``, the partial version the assembly began from, for the whole one in ``seg``
+        (``ok``: its bytes are all in) if ``v`` is still the step's sealed version, else give the
+        segment back; True when swapped."""
+        step = v.step
+        if not ok or self.state.sealed.get(step) is not v or v.epoch != self.state.epoch:
             self.memory.budget.give_back(seg, reuse=True)  # its bytes are overwritten before any use
             if not ok:
                 self.state.counters["assembly_failed"] += 1

@@ -38,6 +38,9 @@ class JobMembership:
     def __init__(self, state: DaemonState, advertise: str):
         self.state, self.advertise = state, advertise
         self.current: Membership | None = None
+        # epoch -> the job its trainers joined: a job restarted under the same id (STAGER_JOB_ID, after a
+        # crash) starts a new epoch on every node, and its earlier versions are still its own (restore)
+        self.jobs: dict[int, str] = {}
 
     def on_join(self, identity: bytes, msg: Join) -> Message:
         state = self.state
@@ -49,6 +52,7 @@ class JobMembership:
             raise StagerError(ErrorCode.BAD_VALUE, f"join: this daemon is node {state.host_id!r}, not {msg.node!r}; "
                                                    "ask the daemon for its node id (JobInfo) before joining")
         new = Membership(msg.job, dict(msg.nodes), {n: list(r) for n, r in msg.ranks.items()}, msg.world_size)
+        self.jobs[state.epoch] = msg.job
         if new != self.current:
             if self.current is not None and self.current.job != new.job:
                 log.info("job %s replaced by job %s", self.current.job, new.job)
@@ -58,11 +62,13 @@ class JobMembership:
 
     def on_job_info(self, identity: bytes, msg: JobInfo) -> Message:
         state, m = self.state, self.current
+        # the current job's steps only: versions of another job on this node are no part of it; those
+        # of the same job before it restarted (same job id, an earlier epoch) are
+        epochs = {e for e, job in self.jobs.items() if m is not None and job == m.job} | {state.epoch}
         return JobInfoReply(
             job=m.job if m else "", node=state.host_id, endpoint=self.advertise,
             nodes=dict(m.nodes) if m and msg.members else {state.host_id: self.advertise},
-            # the current job's steps only: versions of an earlier job (or run) on this node are no part of it
-            sealed=[s for s, v in state.sealed.items() if v.epoch == state.epoch][-MAX_STEPS:],
+            sealed=[s for s, v in state.sealed.items() if v.epoch in epochs][-MAX_STEPS:],
             staging=sorted(s for s, v in state.staging.items() if v.epoch == state.epoch)[-MAX_STEPS:],
             failed=list(state.failed)[-MAX_STEPS:])
 

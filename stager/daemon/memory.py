@@ -181,10 +181,19 @@ class SegmentBudget:
         free = self.pool.get(layout_id)
         if free:
             return free.pop(0)
-        if self.used + size > self.limit:
+        if self.used + size + self.trainer_headroom() > self.limit:
             return False
         self.used += size
         return True
+
+    def trainer_headroom(self) -> int:
+        """Bytes the trainer's rotation (``rotation`` segments of the current layout) still has to
+        create: background work leaves them free, so the next step never waits for it."""
+        sizes = [seg.size for lid, seg in self.owner.values() if lid == self.current_layout]
+        if not sizes:
+            return 0
+        have = len(sizes) + sum(1 for lid, _ in self.pending.values() if lid == self.current_layout)
+        return max(0, self.rotation - have) * sizes[0]
 
     def adopt(self, layout_id: str, seg: Segment) -> None:
         """A segment created for a :meth:`reserve_spare` reservation (its bytes are counted already)."""

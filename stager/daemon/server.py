@@ -18,6 +18,7 @@ import logging
 import os
 import queue
 import secrets
+import threading
 import time
 import weakref
 from typing import Any, Callable
@@ -139,6 +140,7 @@ class Daemon:
         os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)
         self._closing = False
+        self._calls_lock = threading.Lock()
         self._workers: list = []
         self.assembly = None
         if config.assemble_full:
@@ -151,11 +153,6 @@ class Daemon:
         from .assembly import FullAssembly
 
         h = self.handlers
-        # the assembler (attached by `stager serve`) reads the job inside this process: same node, same keys
-        if self.config.host_id:
-            os.environ["STAGER_HOST_ID"] = self.config.host_id
-        if self.config.auth_dir:
-            os.environ.setdefault("STAGER_AUTH_DIR", self.config.auth_dir)
         self.assembly = FullAssembly(h.state, h.memory, h.reading.announce, self._segment_name)
 
     def attach(self, worker) -> None:
@@ -166,16 +163,23 @@ class Daemon:
 
     def call(self, fn: Callable[[], Any], timeout: float = 60.0) -> Any:
         """Run ``fn`` on the socket loop (the daemon's state is not locked) and return its result;
-        for the daemon's own background threads."""
-        if self._closing:
-            raise StagerError(ErrorCode.UNAVAILABLE, "the daemon is shutting down")
+        for the daemon's own background threads. A call the loop did not start within ``timeout``
+        never runs (TimeoutError)."""
         future: concurrent.futures.Future = concurrent.futures.Future()
-        self._calls.put((fn, future))
+        with self._calls_lock:  # never queued after close() failed the queue, never written to a closed pipe
+            if self._closing:
+                raise StagerError(ErrorCode.UNAVAILABLE, "the daemon is shutting down")
+            self._calls.put((fn, future))
+            try:
+                os.write(self._wake_w, b"x")
+            except BlockingIOError:
+                pass  # the pipe is full of wake-ups already: the loop is on its way
         try:
-            os.write(self._wake_w, b"x")
-        except BlockingIOError:
-            pass  # the pipe is full of wake-ups already: the loop is on its way
-        return future.result(timeout)
+            return future.result(timeout)
+        except concurrent.futures.TimeoutError:
+            if future.cancel():
+                raise TimeoutError(f"the daemon's loop did not run a call within {timeout:.0f}s") from None
+            return future.result()  # it started meanwhile: its result is the caller's
 
     def _run_calls(self) -> None:
         try:
@@ -188,6 +192,8 @@ class Daemon:
                 fn, future = self._calls.get_nowait()
             except queue.Empty:
                 return
+            if not future.set_running_or_notify_cancel():
+                continue  # its caller gave up: it must not run without one
             if self._closing:
                 future.set_exception(StagerError(ErrorCode.UNAVAILABLE, "the daemon is shutting down"))
                 continue
@@ -448,7 +454,8 @@ class Daemon:
     def close(self) -> None:
         """Fail steps in flight, unlink every segment, close the socket and remove its file."""
         if self._finalizer.alive:
-            self._closing = True
+            with self._calls_lock:
+                self._closing = True
             try:
                 self._run_calls()  # fail what the assembler still waits for
                 for worker in self._workers:

@@ -1,5 +1,6 @@
 """`stager convert SRC OUT --to {dcp,hf,torch}`: one command per conversion, built on the loaders
-and writers (HF -> DCP, DCP -> HF, DCP or HF -> one ``torch.save`` file).
+and writers (HF -> DCP, DCP -> HF, DCP or HF -> one ``torch.save`` file). Not a consumer: it runs
+a daemon of its own (``stager.dev.launch``) and the consumers against it.
 
 A private daemon is started for the conversion (an owner-only ipc socket in a temporary
 directory), the checkpoint is loaded into it (``load-hf`` / ``load-dcp``: each file byte read once,
@@ -19,10 +20,10 @@ from typing import Any
 
 import torch
 
+from stager.consumers.persist import exact_storage, fsync_path
+from stager.consumers.safe_dcp import METADATA
 from stager.protocol import ErrorCode, StagerError
-
-from .persist import exact_storage, fsync_path
-from .safe_dcp import METADATA
+from stager.protocol.shm import SHM_DIR
 
 FORMATS = ("dcp", "hf", "torch")
 
@@ -80,23 +81,26 @@ def convert(src: str, out: str, *, to: str, adapter: str | None = None, dtype: s
     from stager.client import Subscriber
     from stager.dev.launch import DaemonProcess
 
-    limit = max(64 << 20, int(_size(src) * (2 if dtype else 1.25)) + (64 << 20))
+    # the private daemon's limit: an upper bound (it allocates what the version needs), with room for
+    # FP8 weights dequantized or cast wider (up to 4x their bytes on disk), within /dev/shm
+    shm = os.statvfs(SHM_DIR)
+    limit = min(4 * _size(src) + (64 << 20), shm.f_blocks * shm.f_frsize)
     with DaemonProcess(args=("--memory-limit", str(limit), "--keep", "1")) as daemon:
         if kind == "hf":
-            from .load_hf import load_hf
+            from stager.consumers.load_hf import load_hf
 
             loaded = load_hf(src, endpoint=daemon.endpoint, adapter=adapter, dtype=dtype, prefix=prefix,
-                             step=step)
+                             step=step, recipe_state=not model_only)
         else:
-            from .load_dcp import load_dcp
+            from stager.consumers.load_dcp import load_dcp
 
             loaded = load_dcp(src, endpoint=daemon.endpoint, step=step, model_only=model_only)
         if to == "dcp":
-            from .write_dcp import write_dcp
+            from stager.consumers.write_dcp import write_dcp
 
             return write_dcp(out, endpoint=daemon.endpoint, step=loaded["step"])[0]
         if to == "hf":
-            from .export_hf import export_hf
+            from stager.consumers.export_hf import export_hf
 
             return export_hf(out, endpoint=daemon.endpoint, step=loaded["step"], adapter=adapter, dtype=dtype,
                              prefix=prefix, hf_config=hf_config, max_shard_size=max_shard_size, progress=False)[0]
