@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """kill -9 of a node's daemon in a multi-node job, --rounds times, while a reader reads whole versions.
 
-    python stress/kill_node.py [--rounds 20] [--seed 0] [--quick]
+    python stress/kill_node.py [--rounds 20] [--seed 0] [--quick] [--assemble-full]
 
 Two simulated nodes on this host (one daemon each, own host id and shared memory), a 4-rank gloo job
 (2 ranks per node, not strict) staging back to back: ``rep`` is replicated across the nodes (HSDP:
@@ -79,6 +79,8 @@ def main(argv=None) -> int:
     p.add_argument("--rounds", type=int, default=20)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quick", action="store_true", help="3 rounds (CI)")
+    p.add_argument("--assemble-full", action="store_true",
+                   help="both daemons pull every complete version whole (serve --assemble-full) while node-1 is killed")
     args = p.parse_args(argv)
     rounds = 3 if args.quick else args.rounds
     rng = random.Random(args.seed)
@@ -99,7 +101,8 @@ def main(argv=None) -> int:
     stop_reading = threading.Event()
     started = time.monotonic()
     try:
-        with SimulatedCluster(2, args=("--memory-limit", "64MiB", "--keep", "3")) as cluster:
+        serve = ("--memory-limit", "64MiB", "--keep", "3") + (("--assemble-full",) if args.assemble_full else ())
+        with SimulatedCluster(2, args=serve) as cluster:
             job: dict = {}
 
             def train():
@@ -176,7 +179,8 @@ def main(argv=None) -> int:
     for line in failures[:5]:
         print(line, file=sys.stderr)
     errors = ", ".join(f"{k} {v}" for k, v in sorted(counts.items())) or "none"
-    print(f"kill-node: {rounds} kills of node-1's daemon, {recovered} recovered, {verified} versions read and "
+    mode = " (assemble-full)" if args.assemble_full else ""
+    print(f"kill-node{mode}: {rounds} kills of node-1's daemon, {recovered} recovered, {verified} versions read and "
           f"verified, typed read errors: {errors}, slowest failing read {slowest_error:.2f}s, "
           f"{time.monotonic() - started:.0f}s: {'FAIL' if failures else 'PASS'}")
     return 1 if failures else 0

@@ -38,9 +38,15 @@ def test_restore_fills_device_tensors_through_the_pinned_path(make_daemon, monke
 
     d = make_daemon(memory_limit=1 << 30)
     staged = {"w": torch.randn(3000, 1024), "b": torch.randn(1024).bfloat16(), "odd": torch.randn(5, 7).t()}
+    copies = []
+    real = restore_mod.PinnedUpload.copy
+    monkeypatch.setattr(restore_mod.PinnedUpload, "copy", lambda self, dst, src: copies.append(dst.shape) or
+                        real(self, dst, src))
     with StagingClient(d.endpoint, rank=0, local_world_size=1, world_size=1, strict=True) as client:
         client.stage(staged, step=1).wait(30)
         sd = {k: torch.zeros(v.shape, dtype=v.dtype, device="cuda") for k, v in staged.items()}
+        sd["odd"] = torch.zeros(5, 7, device="cuda").t()  # a non-contiguous destination: the plain copy
         monkeypatch.setattr(restore_mod, "PINNED_CHUNK", 1 << 20)  # many chunks: the two buffers alternate
         assert client.restore(sd) == 1
     assert all(torch.equal(sd[k].cpu(), v) for k, v in staged.items())
+    assert len(copies) == 3  # every device tensor went through the pinned path

@@ -76,6 +76,9 @@ def test_full_assembly_puts_whole_versions_on_each_node_for_zero_copy_readers(mo
         newest = next(v for v in status["versions"] if v["step"] == 3)
         assert newest["assembled"] and not newest["partial"] and newest["tensors"] == len(expected)
         assert status["memory"]["used"] <= status["memory"]["limit"] and status["counters"]["assembled"] >= 1
+        for endpoint in cluster.endpoints:  # the trainer was never refused or failed while the nodes assembled
+            counters = daemon_status(endpoint)["counters"]
+            assert counters["memory_refusals"] == counters["failed"] == 0 and counters["sealed"] == 3
         served = daemon_status(cluster.endpoints[1])["counters"]["read_bytes"]
         monkeypatch.setenv("STAGER_HOST_ID", "node-0")  # a reader on node-0, beside its trainer ranks
         with Subscriber(cluster.endpoints[0]) as sub, sub.latest() as snap:
