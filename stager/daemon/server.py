@@ -118,6 +118,7 @@ class Daemon:
             step_timeout=config.step_timeout,
             peer_timeout=config.peer_timeout, host_id=config.host_id or host_id(), session=self.session,
             advertise=config.advertise or self.endpoint)
+        self.assembly = None  # serve --assemble-full: the loop's half (_prepare_assembly)
         from .metrics import Recorder
 
         self.recorder = Recorder(self.handlers.state)
@@ -142,7 +143,6 @@ class Daemon:
         self._closing = False
         self._calls_lock = threading.Lock()
         self._workers: list = []
-        self.assembly = None
         if config.assemble_full:
             self._prepare_assembly()
         self._finalizer = weakref.finalize(
