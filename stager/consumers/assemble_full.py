@@ -59,10 +59,7 @@ class Assembler:
                         self._assemble(snap)
             except StagerError as exc:
                 if exc.code == ErrorCode.TIMEOUT:
-                    # a job that restarted (or a new one) stages steps again from a lower number
-                    pending = self.call(self.assembly.pending)
-                    if pending and done is not None and pending[-1] <= done:
-                        done = pending[0] - 1
+                    done = self._restarted_below(done)
                 else:
                     log.info("full assembly: %s", exc)
                     self._stop.wait(1.0)
@@ -74,6 +71,17 @@ class Assembler:
                 self._stop.wait(1.0)
         if sub is not None:
             sub.close()
+
+    def _restarted_below(self, done: int | None) -> int | None:
+        """``done``, or lower when the job restarted (or a new one began) and stages steps from a
+        lower number again: its partial versions are all at or below the newest step tried."""
+        try:
+            pending = self.call(self.assembly.pending)
+        except (StagerError, TimeoutError):  # the daemon is shutting down (or its loop is stuck)
+            return done
+        if pending and done is not None and pending[-1] <= done:
+            return pending[0] - 1
+        return done
 
     def _assemble(self, snap) -> None:
         specs = [(name, dtype_name(dt), tuple(shape)) for name, dt, shape in snap.specs()]
