@@ -17,7 +17,6 @@ import multiprocessing as mp
 import os
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -27,7 +26,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_multinode import full_state  # noqa: E402
 
-from common import machine, write_report  # noqa: E402
+from common import curve_keys, machine, write_report  # noqa: E402
 from stager.client.admin import daemon_status  # noqa: E402
 from stager.dev.launch import SimulatedCluster, run_ranks  # noqa: E402
 
@@ -102,9 +101,7 @@ def main() -> int:
     ctx = mp.get_context("spawn")
     report: dict = machine()
     tmp = tempfile.mkdtemp(prefix="stager-bench-asm-")
-    keys = os.path.join(tmp, "keys")
-    subprocess.run([sys.executable, "-m", "stager.cli", "keygen", keys], check=True, capture_output=True)
-    os.environ["STAGER_AUTH_DIR"] = keys
+    keys = curve_keys(tmp)
     total = sum(t.numel() * 4 for t in full_state(args.size_mib, 1).values())
     report["bytes"] = total
     try:

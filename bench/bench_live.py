@@ -25,7 +25,6 @@ import multiprocessing as mp
 import os
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -35,7 +34,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_persist import HF_CONFIG, native_state  # noqa: E402
 
-from common import machine, write_report  # noqa: E402
+from common import curve_keys, machine, write_report  # noqa: E402
 from stager.dev.launch import DaemonProcess, free_port  # noqa: E402
 
 INFO = {"adapter": "llama3", "hf_config": HF_CONFIG}
@@ -201,9 +200,7 @@ def main() -> int:
     # `stager keygen` in a temporary directory; this process and the spawned readers read them from
     # STAGER_AUTH_DIR, as clients on other hosts do.
     keys_tmp = tempfile.mkdtemp(prefix="stager-keys-")
-    keys = os.path.join(keys_tmp, "keys")
-    subprocess.run([sys.executable, "-m", "stager.cli", "keygen", keys], check=True, capture_output=True)
-    os.environ["STAGER_AUTH_DIR"] = keys
+    keys = curve_keys(keys_tmp)
     try:
         port = free_port()
         with DaemonProcess(f"tcp://127.0.0.1:{port}", args=limit + ("--auth-dir", keys)) as daemon:

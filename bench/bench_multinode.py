@@ -19,7 +19,6 @@ import multiprocessing as mp
 import os
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -29,7 +28,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_live import _raw_zmq  # noqa: E402
 
-from common import machine, write_report  # noqa: E402
+from common import curve_keys, machine, write_report  # noqa: E402
 from stager.dev.launch import SimulatedCluster, run_ranks  # noqa: E402
 
 MIB = 1 << 20
@@ -129,9 +128,7 @@ def main() -> int:
     report: dict = machine()
     limit = ("--memory-limit", f"{4 * args.size_mib}MiB", "--keep", "2")
     tmp = tempfile.mkdtemp(prefix="stager-bench-mn-")
-    keys = os.path.join(tmp, "keys")
-    subprocess.run([sys.executable, "-m", "stager.cli", "keygen", keys], check=True, capture_output=True)
-    os.environ["STAGER_AUTH_DIR"] = keys
+    keys = curve_keys(tmp)
     total = sum(t.numel() * 4 for t in full_state(args.size_mib, 1).values())
     report["bytes"] = total
     try:

@@ -24,6 +24,18 @@ def write_report(path: str | None, report: dict) -> None:
         print(f"wrote {path}")
 
 
+def curve_keys(tmp: str) -> str:
+    """``stager keygen`` into ``tmp/keys`` (every tcp daemon requires CURVE keys), exported as
+    ``STAGER_AUTH_DIR`` for this process and the ones it spawns; returns the directory."""
+    import subprocess
+    import sys
+
+    keys = os.path.join(tmp, "keys")
+    subprocess.run([sys.executable, "-m", "stager.cli", "keygen", keys], check=True, capture_output=True)
+    os.environ["STAGER_AUTH_DIR"] = keys
+    return keys
+
+
 PAGE_REPORTING = "/sys/module/page_reporting/parameters/reported_kib"
 
 

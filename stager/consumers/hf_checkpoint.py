@@ -140,7 +140,8 @@ def _stored(path: str, name: str, info, base: int, size: int) -> StoredTensor:
     return StoredTensor(name, path, dtype, tuple(shape), start, end)
 
 
-def _read_json(path: str) -> object:
+def read_json(path: str) -> object:
+    """A JSON file of a checkpoint; unreadable, a :class:`CheckpointError` naming it."""
     try:
         with open(path) as f:
             return json.load(f)
@@ -157,7 +158,7 @@ def open_checkpoint(directory: str) -> HFCheckpoint:
     index = os.path.join(directory, INDEX)
     mapped: dict[str, str] | None = None
     if os.path.exists(index):
-        raw = _read_json(index)
+        raw = read_json(index)
         weight_map = raw.get("weight_map") if isinstance(raw, dict) else None
         if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
             raise CheckpointError(index, "has no weight_map of tensor name -> file name")
@@ -190,7 +191,7 @@ def open_checkpoint(directory: str) -> HFCheckpoint:
             raise CheckpointError(os.path.join(directory, mapped[absent[0]]), f"is not in this file, although "
                                                                              f"{INDEX} maps it here", absent[0])
     config_path = os.path.join(directory, "config.json")
-    config = _read_json(config_path) if os.path.exists(config_path) else None
+    config = read_json(config_path) if os.path.exists(config_path) else None
     if config is not None and not isinstance(config, dict):
         raise CheckpointError(config_path, "is not a JSON object")
     return HFCheckpoint(directory, tensors, config, [os.path.join(directory, rel) for rel in files])

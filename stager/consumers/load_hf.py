@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
-import json
 import logging
 import os
 import re
@@ -41,7 +40,8 @@ from stager.protocol.dtypes import FLOAT8_DTYPES, parse_dtype
 from stager.protocol.quant import QuantSpec, dequantize, scale_blocks
 
 from .hf_checkpoint import (
-    RECIPE, CheckpointError, HFCheckpoint, StoredTensor, open_checkpoint, read_header, read_into, read_tensor,
+    RECIPE, CheckpointError, HFCheckpoint, StoredTensor, open_checkpoint, read_header, read_into, read_json,
+    read_tensor,
 )
 from .ingest import IngestSession, no_trainer_hint
 
@@ -324,11 +324,7 @@ def add_recipe_state(ckpt: HFCheckpoint, plan: LoadPlan) -> dict:
     meta_path = os.path.join(ckpt.directory, "recipe_state.json")
     if not os.path.exists(meta_path):
         return {}
-    try:
-        with open(meta_path) as f:
-            meta = json.load(f)
-    except (OSError, ValueError, UnicodeDecodeError) as exc:
-        raise CheckpointError(meta_path, f"cannot be read as JSON ({exc})") from None
+    meta = read_json(meta_path)
     if not isinstance(meta, dict) or not isinstance(meta.get("objects", {}), dict):
         raise CheckpointError(meta_path, "is not a recipe state ({\"step\": N, \"objects\": {...}})")
     if os.path.exists(path):
