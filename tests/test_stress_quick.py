@@ -20,8 +20,9 @@ CAMPAIGNS = {
     "kill": ["kill.py", "--quick", "--target", "daemon,export-hf,write-dcp"],
     "kill-rank": ["kill.py", "--quick", "--target", "rank"],
     "soak": ["soak.py", "--quick"],
-    "kill-node": ["kill_node.py", "--quick"],
-    "kill-node-assembled": ["kill_node.py", "--quick", "--assemble-full"],
+    # with --assemble-full: the same kills and reads, plus both daemons assembling (a fifth campaign
+    # beside the four starved the fuzz's daemon on 2 cores; the plain run's 20 rounds are in RELIABILITY.md)
+    "kill-node": ["kill_node.py", "--quick", "--assemble-full"],
 }
 LIMIT_S = 420  # a campaign still running after this is a failure (each bounds its own waits far below)
 
@@ -75,11 +76,11 @@ def finished(campaigns, name):
     return proc.returncode, lines, out
 
 
-@pytest.mark.parametrize("name", ["fuzz", "kill", "soak", "kill-node", "kill-node-assembled"])
+@pytest.mark.parametrize("name", ["fuzz", "kill", "soak", "kill-node"])
 def test_campaign_passes(campaigns, name):
     rc, lines, out = finished(campaigns, name)
     assert rc == 0 and lines and "PASS" in lines[-1], f"{name} exited {rc}:\n{out[-4000:]}"
-    if name.startswith("kill-node"):  # its daemons' stderr: a thread that died (the assembler's) shows here
+    if name == "kill-node":  # its daemons' stderr: a thread that died (the assembler's) shows here
         assert "Traceback" not in out, out[-4000:]
 
 
