@@ -85,6 +85,20 @@ def test_load_hf_through_the_adapter_then_ranks_restore_from_it(make_daemon, tmp
     assert all(torch.equal(target[k], v) for k, v in native.items())
 
 
+@pytest.mark.parametrize("adapter", ["identity", "llama3"])
+def test_load_hf_into_a_daemon_on_another_host_sends_frames(make_daemon, tmp_path, monkeypatch, adapter):
+    d = make_daemon()
+    hf = hf_llama(seed=1)
+    src = save_sharded(hf, str(tmp_path / "hf"))
+    monkeypatch.setenv("STAGER_HOST_ID", "another-node")  # the loader is not on the daemon's host: no shared memory
+    report = load_hf(src, endpoint=d.endpoint, adapter=adapter)
+    monkeypatch.delenv("STAGER_HOST_ID")
+    assert report["tensors"] == len(hf)
+    expected = load_adapter(adapter, CONFIG).from_hf(dict(hf))
+    with Subscriber(d.endpoint) as sub, sub.latest() as snap:
+        assert sorted(snap) == sorted(expected) and all(torch.equal(snap[k], v) for k, v in expected.items())
+
+
 def block_quantize(w, block=128):
     """A reference FP8 block quantizer (DeepSeek-V3's checkpoints): per 128x128 block, scale_inv =
     amax / 448, data = w / scale_inv in float8_e4m3fn."""
@@ -237,15 +251,15 @@ def test_a_load_that_fails_while_reading_aborts_its_step_and_leaves_no_version(m
 
     d = make_daemon()
     src = save_sharded(hf_llama(), str(tmp_path / "hf"))
-    real, calls = loader.read_into, []
+    real, calls = loader.SegmentFile.copy_from, []
 
-    def failing(t, dst, fd):  # the third tensor's file is truncated while the load runs
-        calls.append(t.name)
+    def truncating(self, src_fd, src_offset, dst):  # the third tensor's file is truncated while the load runs
+        calls.append(src_offset)
         if len(calls) == 3:
-            raise CheckpointError(t.path, "ends 100 bytes short of the tensor's end", t.name)
-        real(t, dst, fd)
+            os.truncate(os.readlink(f"/proc/self/fd/{src_fd}"), src_offset + dst.nbytes - 100)
+        return real(self, src_fd, src_offset, dst)
 
-    monkeypatch.setattr(loader, "read_into", failing)
+    monkeypatch.setattr(loader.SegmentFile, "copy_from", truncating)
     with pytest.raises(CheckpointError, match="ends 100 bytes short"):
         load_hf(src, endpoint=d.endpoint, threads=1)
     status = daemon_status(d.endpoint)

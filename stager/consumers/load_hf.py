@@ -7,10 +7,12 @@ of one projection of one layer, which DeepSeek-V3's adapter merges into one grou
 block-quantized weights (``w`` beside ``w_scale_inv``) become their dequantized tensor in the
 training dtype, and whatever ``from_hf`` passes through unchanged is marked *direct*. Only then
 is the step begun (:class:`~.ingest.IngestSession`, a one-rank staging client): a direct tensor's
-bytes are read from the file straight into the daemon's shared memory (one ``preadv``, no other
-copy); the others (permuted q/k rows, merged experts, dequantized weights) are read into memory,
-converted, and copied in, at most ``memory_budget`` bytes of them at a time. Files are read in
-parallel by ``threads`` threads. Any failure aborts the step: no version is left behind.
+bytes go from the file straight into the daemon's shared memory file (``sendfile``: the kernel
+copies page cache to shared memory, this process never maps the segment; ``preadv`` into the
+frames' buffers when the daemon is on another host); the others (permuted q/k rows, merged
+experts, dequantized weights) are read into memory, converted, and written in, at most
+``memory_budget`` bytes of them at a time. Tensors are copied in parallel by ``threads``
+threads, files interleaved. Any failure aborts the step: no version is left behind.
 
 The version's ``model_info`` records where it came from: ``adapter`` (a built-in name),
 ``hf_config`` (the checkpoint's own config.json, read here) and ``source``
@@ -43,7 +45,7 @@ from .hf_checkpoint import (
     RECIPE, CheckpointError, HFCheckpoint, StoredTensor, open_checkpoint, read_header, read_into, read_json,
     read_tensor,
 )
-from .ingest import IngestSession, no_trainer_hint
+from .ingest import IngestSession, SegmentFile, SegmentRange, no_trainer_hint
 
 log = logging.getLogger("stager.consumers.load")
 _EXPERT = re.compile(r"\.experts\.\d+\.")
@@ -243,10 +245,24 @@ def _materialize(src: Source, fds: dict[str, int]) -> torch.Tensor:
     return data if data.dtype == src.dtype else data.to(src.dtype)
 
 
-def _fill_group(group: Group, adapter: Any, plan: LoadPlan, dsts: dict, fds: dict, budget: _Budget) -> None:
+def _copy_direct(src: StoredTensor, dst: torch.Tensor | SegmentRange, fds: dict, seg: SegmentFile | None) -> None:
+    """A tensor stored as it is staged: its file bytes go into place with no copy in this process."""
+    if not isinstance(dst, SegmentRange):
+        read_into(src, dst, fds[src.path])
+        return
+    if src.dtype != dst.dtype or src.nbytes != dst.nbytes:
+        raise CheckpointError(src.path, f"cannot be read into a {dst.dtype} tensor of shape {list(dst.shape)}",
+                              src.name)
+    got = seg.copy_from(fds[src.path], src.start, dst)
+    if got < dst.nbytes:
+        raise CheckpointError(src.path, f"ends {dst.nbytes - got} bytes short of the tensor's end: the file was "
+                                        "truncated while loading", src.name)
+
+
+def _fill_group(group: Group, adapter: Any, plan: LoadPlan, dsts: dict, fds: dict, budget: _Budget,
+                seg: SegmentFile | None = None) -> None:
     for native, hf in group.direct.items():
-        src = group.sources[hf].stored
-        read_into(src, dsts[native], fds[src.path])
+        _copy_direct(group.sources[hf].stored, dsts[native], fds, seg)
     if not group.computed:
         return
     need = group.compute_bytes(plan.natives)
@@ -265,8 +281,11 @@ def _fill_group(group: Group, adapter: Any, plan: LoadPlan, dsts: dict, fds: dic
                 first = next(iter(group.sources.values())).stored
                 raise CheckpointError(first.path, f"the adapter gave {native!r} other names, shapes or dtypes for "
                                                   "real tensors than for meta tensors", first.name)
-            with torch.no_grad():
-                dsts[native].copy_(t)
+            if isinstance(dsts[native], SegmentRange):
+                seg.write(t, dsts[native])
+            else:
+                with torch.no_grad():
+                    dsts[native].copy_(t)
     finally:
         budget.release(need)
 
@@ -284,9 +303,10 @@ def _interleave_by_file(groups: list[Group]) -> list[Group]:
     return out
 
 
-def fill(plan: LoadPlan, adapter: Any, dsts: dict[str, torch.Tensor], *, threads: int,
-         memory_budget: int = MEMORY_BUDGET) -> None:
-    """Write every native tensor of ``plan`` into ``dsts`` (e.g. the daemon's segment views)."""
+def fill(plan: LoadPlan, adapter: Any, dsts: dict[str, torch.Tensor | SegmentRange], *, threads: int,
+         memory_budget: int = MEMORY_BUDGET, segment_file: SegmentFile | None = None) -> None:
+    """Write every native tensor of ``plan`` into ``dsts``: tensors (e.g. the daemon's segment
+    views, or buffers) or ranges of ``segment_file``."""
     paths = sorted({s.stored.path for g in plan.groups for s in g.sources.values()}
                    | {s.scale.path for g in plan.groups for s in g.sources.values() if s.scale is not None})
     fds: dict[str, int] = {}
@@ -300,10 +320,10 @@ def fill(plan: LoadPlan, adapter: Any, dsts: dict[str, torch.Tensor], *, threads
         ordered = _interleave_by_file(plan.groups)
         if threads <= 1:
             for g in ordered:
-                _fill_group(g, adapter, plan, dsts, fds, budget)
+                _fill_group(g, adapter, plan, dsts, fds, budget, segment_file)
             return
         with concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix="stager-load") as pool:
-            futures = [pool.submit(_fill_group, g, adapter, plan, dsts, fds, budget) for g in ordered]
+            futures = [pool.submit(_fill_group, g, adapter, plan, dsts, fds, budget, segment_file) for g in ordered]
             try:
                 for f in concurrent.futures.as_completed(futures):
                     f.result()
@@ -379,11 +399,12 @@ def load_hf(directory: str, *, endpoint: str | None = None, adapter: str | Any |
         model_info["hf_config"] = ckpt.config
     if prefix:
         model_info["prefix"] = prefix
-    threads = threads or max(1, min(len(ckpt.files), os.cpu_count() or 1, 8))
+    # tensors of one file too are copied in parallel: the kernel's copies into shared memory overlap
+    threads = threads or max(1, min(len(plan.groups), os.cpu_count() or 1, 8))
     try:
         with IngestSession(endpoint, step=step, timeout=timeout, backpressure_timeout=backpressure_timeout) as s:
-            dsts = s.begin(plan.natives)
-            fill(plan, adapter_obj, dsts, threads=threads, memory_budget=memory_budget)
+            dsts = s.begin(plan.natives, mapped=False)
+            fill(plan, adapter_obj, dsts, threads=threads, memory_budget=memory_budget, segment_file=s.segment_file)
             sealed = s.commit(objects=recipe.get("objects") or {}, model_info=model_info)
     except StagerError as exc:
         raise no_trainer_hint(exc) from None
