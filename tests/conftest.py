@@ -1,5 +1,6 @@
 import os
 import shutil
+import signal
 import sys
 import tempfile
 import threading
@@ -12,6 +13,14 @@ import zmq
 from stager.daemon import Daemon, DaemonConfig
 from stager.protocol.endpoint import host_id, process_start_time
 from stager.protocol import PROTOCOL_VERSION, ErrorReply, Hello, Message, decode
+
+# A suite started in the background by a non-interactive shell (`bash .ci/run &`) inherits SIGINT
+# and SIGQUIT ignored, and so would every process it starts: the followers that tests stop with
+# SIGINT, as a user's ^C would, would never stop, and each such test would hang until its timeout.
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+if signal.getsignal(signal.SIGQUIT) == signal.SIG_IGN:
+    signal.signal(signal.SIGQUIT, signal.SIG_DFL)
 
 # the tiny torchtitan-style reference models live with the examples that use them
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples"))
