@@ -56,7 +56,7 @@ def map_segment(name: str, size: int, *, writable: bool, populate: bool = False)
     reader can never corrupt a snapshot. The mapping lives as long as the tensor (and its views).
     ``populate`` pre-faults the page tables (MAP_POPULATE): slower to map, no faults on first use."""
     path = segment_path(name)
-    fd = os.open(path, os.O_RDWR if writable else os.O_RDONLY)
+    fd = os.open(path, (os.O_RDWR if writable else os.O_RDONLY) | os.O_NOFOLLOW)  # never a planted link
     try:
         actual = os.fstat(fd).st_size
         if actual < size:

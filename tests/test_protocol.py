@@ -1,5 +1,6 @@
 """Wire format: malformed input is a typed error, never a crash (round trips: test_wire_golden.py)."""
 
+import os
 import pathlib
 import re
 
@@ -147,3 +148,22 @@ def test_repeated_log_lines_are_rate_limited():
     now[0] = 11.0
     summary = record()
     assert limit.filter(summary) and "48 more like it" in summary.getMessage()
+
+
+def test_a_link_planted_at_a_segment_name_is_never_followed(tmp_path):
+    from stager.consumers.ingest import SegmentFile
+    from stager.protocol.shm import map_segment, segment_name, segment_path
+
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"\0" * 4096)
+    name = segment_name(os.getpid(), "linktest", 1)
+    os.symlink(victim, segment_path(name))
+    try:
+        for writable in (False, True):
+            with pytest.raises(OSError):
+                map_segment(name, 4096, writable=writable)
+        with pytest.raises(OSError):
+            SegmentFile(name, 4096)._fd()
+    finally:
+        os.unlink(segment_path(name))
+    assert victim.read_bytes() == b"\0" * 4096

@@ -73,7 +73,7 @@ class SegmentFile:
     def _fd(self) -> int:
         fd = getattr(self._local, "fd", None)
         if fd is None:
-            fd = os.open(self.path, os.O_WRONLY)
+            fd = os.open(self.path, os.O_WRONLY | os.O_NOFOLLOW)
             with self._lock:
                 self._fds.append(fd)
             self._local.fd = fd

@@ -376,9 +376,10 @@ def load_hf(directory: str, *, endpoint: str | None = None, adapter: str | Any |
     config.json. ``dtype``: cast floating tensors (and FP8 dequantization's target; default the
     config's torch_dtype, else bfloat16). ``prefix``: put before every native name (``"model."``
     for a job that stages ``{"model": ..., "optim": ...}``). Returns ``{"step", "nbytes",
-    "tensors", "seconds", "files", "quantized"}``. ``recipe_state``: the optimizer and train state an
-    ``export-hf --recipe-state`` put beside the weights come along (the step too, unless given). Raises :class:`CheckpointError` (naming the file
-    and tensor) for a damaged checkpoint or a name the adapter does not know; nothing is sealed then.
+    "tensors", "seconds", "files", "quantized"}``. ``recipe_state``: the optimizer and train state
+    an ``export-hf --recipe-state`` put beside the weights come along (the step too, unless given).
+    Raises :class:`CheckpointError` (naming the file and tensor) for a damaged checkpoint or a name
+    the adapter does not know; nothing is sealed then.
     """
     started = time.monotonic()
     try:

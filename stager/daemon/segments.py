@@ -67,7 +67,7 @@ class Segment:
         """A read-only buffer of the whole segment (for frames sent without copying), mapped once.
         Frames still queued keep the mapping alive after the segment is unlinked."""
         if self._map is None:
-            fd = os.open(segment_path(self.name), os.O_RDONLY)
+            fd = os.open(segment_path(self.name), os.O_RDONLY | os.O_NOFOLLOW)
             try:
                 self._map = mmap.mmap(fd, self.size, mmap.MAP_SHARED, mmap.PROT_READ)
             finally:
