@@ -265,3 +265,45 @@ def test_a_load_that_fails_while_reading_aborts_its_step_and_leaves_no_version(m
     status = daemon_status(d.endpoint)
     assert sealed_steps(d.endpoint) == [] and [v["state"] for v in status["versions"]] == ["failed"]
     assert "aborted" in status["versions"][0]["reason"] and "ends 100 bytes short" in status["versions"][0]["reason"]
+
+
+_STALLING_LOADER = """
+import os, sys, threading
+import stager.consumers.load_hf as loader
+real, calls = loader.SegmentFile.copy_from, []
+
+def stalling(self, src_fd, src_offset, dst):  # half-way through: say so, then wait to be killed
+    calls.append(1)
+    if len(calls) == 3:
+        open(sys.argv[3], "w").close()
+        threading.Event().wait()
+    return real(self, src_fd, src_offset, dst)
+
+loader.SegmentFile.copy_from = stalling
+loader.load_hf(sys.argv[1], endpoint=sys.argv[2], threads=1)
+"""
+
+
+def test_a_loader_killed_mid_load_leaves_no_version_and_the_next_load_succeeds(make_daemon, tmp_path):
+    import signal
+
+    from helpers import wait_until
+
+    d = make_daemon()
+    hf = hf_llama(seed=2)
+    src = save_sharded(hf, str(tmp_path / "hf"))
+    marker = tmp_path / "half-way"
+    proc = subprocess.Popen([sys.executable, "-c", _STALLING_LOADER, src, d.endpoint, str(marker)])
+    try:
+        wait_until(lambda: marker.exists() or proc.poll() is not None, timeout=60)
+        assert proc.poll() is None, "the loader ended before it was half-way"
+        assert [v["state"] for v in daemon_status(d.endpoint)["versions"]] == ["staging"]
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    failed = wait_until(lambda: [v for v in daemon_status(d.endpoint)["versions"] if v["state"] == "failed"], 30)
+    assert sealed_steps(d.endpoint) == [] and len(failed) == 1 and "left during step 0" in failed[0]["reason"]
+    report = load_hf(src, endpoint=d.endpoint, step=1)  # the daemon takes the next loader at once
+    assert report["step"] == 1 and sealed_steps(d.endpoint) == [1]
+    with Subscriber(d.endpoint) as sub, sub.latest() as snap:
+        assert all(torch.equal(snap[k], v) for k, v in hf.items())
