@@ -1,6 +1,6 @@
 """The way back in, against its anchors in the same run.
 
-    python bench/bench_restore.py [--size-mib 512] [--json PATH]
+    python bench/bench_restore.py [--size-mib 512] [--json PATH] [--parts ab]
 
 (a) restore: 2 gloo ranks, each in a fresh process as after a crash, fill their FSDP shards
     (``Shard(0)`` DTensors, preallocated and faulted in) of a sealed version with
@@ -8,16 +8,19 @@
     same ranks saved (``dcp.save``), with its files in the page cache (warm) and after dropping the
     page cache (read from the disk; needs root). Alternated, 3 each. Goal: restore >= 5x faster than
     dcp.load from local disk.
-(b) load-hf: a 4-file sharded safetensors checkpoint into a daemon (``load_hf``: headers checked,
-    each byte read once into shared memory, files in parallel); anchors, each in a fresh process:
+(b) load-hf: a 4-file sharded safetensors checkpoint into a new daemon (``load_hf``: headers checked,
+    each byte copied once into shared memory), then twice more into the same daemon, the last of
+    which reuses the first load's segment (checked); anchors, each in a fresh process:
     ``safetensors.torch.load`` of each file's bytes, ``load_file`` (lazy mmap) with every tensor
-    copied out, and DCP's ``HuggingFaceStorageReader`` into preallocated tensors. Page cache warm for
-    all; memory settled before each. Goal: load-hf >= 0.8x safetensors' own read speed.
+    copied out and kept, and DCP's ``HuggingFaceStorageReader`` into preallocated tensors. Page cache
+    warm for all; memory settled before each. Goal: load-hf >= 0.8x safetensors' own read speed.
+    Runs before (a), whose page cache drops slow this VM's memory for the rest of the run.
 """
 
 from __future__ import annotations
 
 import argparse
+import glob
 import json
 import os
 import shutil
@@ -217,10 +220,14 @@ def load_hf_part(args, report: dict, tmp: str, state: dict) -> None:
             ours.append(time.perf_counter() - t0)
             for step in (1, 2):  # the same daemon again: step 2 reuses step 0's segment, evicted
                 settle_memory()
+                before = set(glob.glob(f"/dev/shm/stager-{os.getuid()}-{daemon.pid}-*"))
                 t0 = time.perf_counter()
                 load_hf(hf, endpoint=daemon.endpoint, step=step)
                 if step == 2:
                     again.append(time.perf_counter() - t0)
+                    after = set(glob.glob(f"/dev/shm/stager-{os.getuid()}-{daemon.pid}-*"))
+                    if not after <= before:
+                        raise SystemExit(f"step 2 got a new segment ({sorted(after - before)}), not a reused one")
         settle_memory()
         load_file_s.append(in_child(_load_files, files)[0])
         settle_memory()

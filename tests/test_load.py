@@ -307,3 +307,70 @@ def test_a_loader_killed_mid_load_leaves_no_version_and_the_next_load_succeeds(m
     assert report["step"] == 1 and sealed_steps(d.endpoint) == [1]
     with Subscriber(d.endpoint) as sub, sub.latest() as snap:
         assert all(torch.equal(snap[k], v) for k, v in hf.items())
+
+
+@pytest.fixture
+def segment_file():
+    """A segment file of this user, as a daemon would create it, with a SegmentFile onto it."""
+    from stager.consumers.ingest import SegmentFile
+    from stager.protocol.shm import segment_name, segment_path
+
+    name = segment_name(os.getpid(), "segfile", 7)
+    with open(segment_path(name), "wb") as f:
+        f.truncate(1 << 20)
+    seg = SegmentFile(name, 1 << 20)
+    yield seg
+    seg.close()
+    os.unlink(segment_path(name))
+
+
+def test_segment_file_copies_and_falls_back_to_a_buffer_where_the_source_cannot_splice(segment_file, tmp_path,
+                                                                                     monkeypatch):
+    import errno
+
+    from stager.consumers.ingest import SegmentRange
+
+    data = torch.arange(1000, dtype=torch.float32)
+    src = tmp_path / "src.bin"
+    src.write_bytes(b"x" * 100 + data.numpy().tobytes())
+    fd = os.open(src, os.O_RDONLY)
+    try:
+        first, second = SegmentRange(64, 4000, torch.float32, (1000,)), SegmentRange(8192, 4000, torch.float32, (1000,))
+        assert segment_file.copy_from(fd, 100, first) == 4000
+
+        def no_splice(*args):
+            raise OSError(errno.EINVAL, "Invalid argument")
+
+        monkeypatch.setattr(os, "sendfile", no_splice)
+        assert segment_file.copy_from(fd, 100, second) == 4000
+        assert segment_file.copy_from(fd, 100 + 2000, second) == 2000  # the source ends first: short
+    finally:
+        os.close(fd)
+    with open(segment_file.path, "rb") as f:
+        raw = f.read()
+    assert raw[64:4064] == data.numpy().tobytes() and raw[8192:10192] == data.numpy().tobytes()[2000:]
+
+
+def test_segment_file_never_writes_a_file_put_under_the_segments_name_since(segment_file):
+    import threading
+
+    from stager.consumers.ingest import SegmentRange
+    from stager.protocol import StagerError
+
+    os.unlink(segment_file.path)  # the daemon failed the step; then someone creates a file of that name
+    with open(segment_file.path, "wb") as f:
+        f.truncate(1 << 20)
+    errors = []
+
+    def another_writer():  # a thread of its own opens its own descriptor
+        try:
+            segment_file.write(torch.ones(4), SegmentRange(0, 16, torch.float32, (4,)))
+        except StagerError as exc:
+            errors.append(exc)
+
+    t = threading.Thread(target=another_writer)
+    t.start()
+    t.join()
+    assert len(errors) == 1 and "another file than the step's segment" in errors[0].message
+    with open(segment_file.path, "rb") as f:
+        assert f.read(16) == bytes(16)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from stager.protocol import (
-    DTYPES, PROTOCOL_VERSION, Commit, ErrorCode, ProtocolError, decode, dtype_from_name, dtype_name,
+    DTYPES, PROTOCOL_VERSION, Commit, ErrorCode, ProtocolError, StagerError, decode, dtype_from_name, dtype_name,
 )
 
 def _header(**over):
@@ -162,8 +162,8 @@ def test_a_link_planted_at_a_segment_name_is_never_followed(tmp_path):
         for writable in (False, True):
             with pytest.raises(OSError):
                 map_segment(name, 4096, writable=writable)
-        with pytest.raises(OSError):
-            SegmentFile(name, 4096)._fd()
+        with pytest.raises(StagerError, match="cannot be opened"):
+            SegmentFile(name, 4096)
     finally:
         os.unlink(segment_path(name))
     assert victim.read_bytes() == b"\0" * 4096

@@ -28,6 +28,7 @@ import dataclasses
 import errno
 import logging
 import os
+import stat
 import threading
 import time
 from typing import Any
@@ -46,6 +47,9 @@ from stager.protocol.shm import SHM_DIR, segment_path
 log = logging.getLogger("stager.consumers.ingest")
 PUT_BATCH_BYTES = 64 << 20  # frames to a daemon on another host: bounds memory on both sides
 SENDFILE_CHUNK = 1 << 30  # Linux moves at most ~2 GiB per sendfile call
+COPY_BUFFER = 64 << 20  # the buffer of a copy from a file system that cannot splice
+_NO_SPLICE = {errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP}  # sendfile refused for this pair of files
+_WRITE_ERRNOS = {errno.ENOSPC, errno.ENOMEM, errno.EFBIG, errno.EDQUOT}  # the segment's pages cannot be had
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,28 +64,57 @@ class SegmentRange:
 
 
 class SegmentFile:
-    """Writes into one segment file by file offset, from any number of threads: each thread has
-    its own descriptor, because ``sendfile`` writes at the descriptor's position."""
+    """Writes into one segment file by file offset, from any number of threads.
+
+    The file is opened when the step begins (``O_NOFOLLOW``; a regular file of this user, as large
+    as the daemon said). Each thread then writes through a descriptor of its own, because
+    ``sendfile`` writes at the descriptor's position; such a descriptor must reach the very same
+    file (device and inode), so a name the daemon has unlinked since (it failed the step) or a file
+    another user planted under that name is refused, never written."""
 
     def __init__(self, name: str, size: int):
         self.path = segment_path(name)  # validates the daemon-given name: no path tricks
         self.size = size
         self._local = threading.local()
-        self._fds: list[int] = []
         self._lock = threading.Lock()
+        self._left_open = False
+        first = self._open()
+        st = os.fstat(first)
+        if not stat.S_ISREG(st.st_mode) or st.st_uid != os.getuid() or st.st_size < size:
+            os.close(first)
+            raise StagerError(ErrorCode.BAD_MESSAGE, f"{self.path} is not a segment of this user of {size} bytes: "
+                                                     "the daemon named a file it does not own; restart it")
+        self._identity = (st.st_dev, st.st_ino)
+        self._fds = [first]
+        self._local.fd = first
+
+    def _open(self) -> int:
+        try:
+            return os.open(self.path, os.O_WRONLY | os.O_NOFOLLOW)
+        except OSError as exc:
+            raise StagerError(ErrorCode.STEP_FAILED, f"the daemon's segment {self.path} cannot be opened "
+                                                     f"({exc.strerror}): the daemon has failed the step (see "
+                                                     "`stager status`); load again") from None
 
     def _fd(self) -> int:
         fd = getattr(self._local, "fd", None)
         if fd is None:
-            fd = os.open(self.path, os.O_WRONLY | os.O_NOFOLLOW)
+            fd = self._open()
+            st = os.fstat(fd)
+            if (st.st_dev, st.st_ino) != self._identity:
+                os.close(fd)
+                raise StagerError(ErrorCode.STEP_FAILED, f"{self.path} is another file than the step's segment: "
+                                                         "the daemon has failed the step; load again")
             with self._lock:
                 self._fds.append(fd)
             self._local.fd = fd
         return fd
 
     def copy_from(self, src_fd: int, src_offset: int, dst: SegmentRange) -> int:
-        """Copy ``dst.nbytes`` from ``src_fd`` at ``src_offset`` into ``dst``, in the kernel.
-        Returns the bytes copied: fewer when the source ends first (the caller says which file)."""
+        """Copy ``dst.nbytes`` from ``src_fd`` at ``src_offset`` into ``dst``: in the kernel
+        (``sendfile``), or through a buffer where the source's file system cannot splice. Returns
+        the bytes copied: fewer when the source ends first. A failure to read the source raises
+        ``OSError`` (the caller names the file); one to write the segment, a StagerError."""
         fd = self._fd()
         os.lseek(fd, dst.offset, os.SEEK_SET)
         done = 0
@@ -89,10 +122,26 @@ class SegmentFile:
             try:
                 n = os.sendfile(fd, src_fd, src_offset + done, min(SENDFILE_CHUNK, dst.nbytes - done))
             except OSError as exc:
-                raise self._write_failure(exc) from None
+                if exc.errno in _NO_SPLICE and done == 0:
+                    return self._copy_buffered(src_fd, src_offset, dst)
+                if exc.errno in _WRITE_ERRNOS:
+                    raise self._write_failure(exc) from None
+                raise
             if n <= 0:
                 break
             done += n
+        return done
+
+    def _copy_buffered(self, src_fd: int, src_offset: int, dst: SegmentRange) -> int:
+        buf = bytearray(min(COPY_BUFFER, dst.nbytes))
+        view = memoryview(buf)
+        done = 0
+        while done < dst.nbytes:
+            got = os.preadv(src_fd, [view[:min(len(buf), dst.nbytes - done)]], src_offset + done)
+            if got <= 0:
+                break
+            self._pwrite_all(view[:got], dst.offset + done)
+            done += got
         return done
 
     def write(self, t: torch.Tensor, dst: SegmentRange) -> None:
@@ -100,13 +149,18 @@ class SegmentFile:
         if t.dtype != dst.dtype or tuple(t.shape) != dst.shape:
             raise StagerError(ErrorCode.INTERNAL, f"a {t.dtype} tensor of shape {list(t.shape)} written where a "
                                                   f"{dst.dtype} tensor of shape {list(dst.shape)} goes")
-        t = t.contiguous()
-        fd, done, base = self._fd(), 0, t.data_ptr()
+        t = t.resolve_conj().resolve_neg().contiguous()  # the bytes of the values, as copy_ would write them
+        done, base = 0, t.data_ptr()
         while done < dst.nbytes:
             n = min(SENDFILE_CHUNK, dst.nbytes - done)
-            view = memoryview((ctypes.c_char * n).from_address(base + done)).cast("B")
+            self._pwrite_all(memoryview((ctypes.c_char * n).from_address(base + done)).cast("B"), dst.offset + done)
+            done += n
+
+    def _pwrite_all(self, view: memoryview, offset: int) -> None:
+        fd, done = self._fd(), 0
+        while done < len(view):
             try:
-                n = os.pwrite(fd, view, dst.offset + done)
+                n = os.pwrite(fd, view[done:], offset + done)
             except OSError as exc:
                 raise self._write_failure(exc) from None
             if n <= 0:
@@ -114,16 +168,23 @@ class SegmentFile:
             done += n
 
     def _write_failure(self, exc: OSError) -> StagerError:
-        if exc.errno == errno.ENOSPC:
-            return StagerError(ErrorCode.MEMORY_LIMIT, f"{SHM_DIR} is full: enlarge it (e.g. docker --shm-size) "
-                                                       "or free memory, then load again")
+        if exc.errno in _WRITE_ERRNOS:
+            return StagerError(ErrorCode.MEMORY_LIMIT, f"{SHM_DIR} has no room for the segment's pages "
+                                                       f"({exc.strerror}): enlarge it (e.g. docker --shm-size) or "
+                                                       "free memory, then load again")
         return StagerError(ErrorCode.INTERNAL, f"writing the daemon's segment {self.path} failed: {exc}")
+
+    def leave_open(self) -> None:
+        """Writers may still be running (interrupted twice): :meth:`close` must not close their
+        descriptors under them, where a reused number could then point at another file."""
+        self._left_open = True
 
     def close(self) -> None:
         with self._lock:
             fds, self._fds = self._fds, []
-        for fd in fds:
-            os.close(fd)
+        if not self._left_open:
+            for fd in fds:
+                os.close(fd)
 
 
 class IngestSession:

@@ -253,7 +253,10 @@ def _copy_direct(src: StoredTensor, dst: torch.Tensor | SegmentRange, fds: dict,
     if src.dtype != dst.dtype or src.nbytes != dst.nbytes:
         raise CheckpointError(src.path, f"cannot be read into a {dst.dtype} tensor of shape {list(dst.shape)}",
                               src.name)
-    got = seg.copy_from(fds[src.path], src.start, dst)
+    try:
+        got = seg.copy_from(fds[src.path], src.start, dst)
+    except OSError as exc:
+        raise CheckpointError(src.path, f"cannot be read ({exc.strerror or exc})", src.name) from None
     if got < dst.nbytes:
         raise CheckpointError(src.path, f"ends {dst.nbytes - got} bytes short of the tensor's end: the file was "
                                         "truncated while loading", src.name)
@@ -311,6 +314,7 @@ def fill(plan: LoadPlan, adapter: Any, dsts: dict[str, torch.Tensor | SegmentRan
                    | {s.scale.path for g in plan.groups for s in g.sources.values() if s.scale is not None})
     fds: dict[str, int] = {}
     budget = _Budget(memory_budget)
+    futures: list[concurrent.futures.Future] = []
     try:
         for path in paths:
             try:
@@ -332,8 +336,14 @@ def fill(plan: LoadPlan, adapter: Any, dsts: dict[str, torch.Tensor | SegmentRan
                     f.cancel()
                 raise
     finally:
-        for fd in fds.values():
-            os.close(fd)
+        if any(not f.done() for f in futures):
+            # interrupted again while the pool drained: writers still run, and a descriptor closed
+            # under them could be reused by another file they would then write into
+            if segment_file is not None:
+                segment_file.leave_open()
+        else:
+            for fd in fds.values():
+                os.close(fd)
 
 
 def add_recipe_state(ckpt: HFCheckpoint, plan: LoadPlan) -> dict:
@@ -400,7 +410,9 @@ def load_hf(directory: str, *, endpoint: str | None = None, adapter: str | Any |
         model_info["hf_config"] = ckpt.config
     if prefix:
         model_info["prefix"] = prefix
-    # tensors of one file too are copied in parallel: the kernel's copies into shared memory overlap
+    # tensors of one file too are copied in parallel: the kernel's copies overlap in part (here 2
+    # threads copy 10-20% faster than 1, bench/bench_shm_copy.py; allocating new pages takes the
+    # segment file's lock)
     threads = threads or max(1, min(len(plan.groups), os.cpu_count() or 1, 8))
     try:
         with IngestSession(endpoint, step=step, timeout=timeout, backpressure_timeout=backpressure_timeout) as s:
