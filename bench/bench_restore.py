@@ -34,7 +34,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_multinode import full_state  # noqa: E402
 
-from common import in_child, machine, settle_memory, write_report  # noqa: E402
+from common import in_child, load_file_kept, machine, settle_memory, write_report  # noqa: E402
 from stager.dev.launch import DaemonProcess, run_ranks  # noqa: E402
 
 MIB = 1 << 20
@@ -111,17 +111,6 @@ def _load_files(files, queue):
         with open(f, "rb") as fh:
             n += sum(t.numel() * t.element_size() for t in load(fh.read()).values())
     queue.put((time.perf_counter() - t0, n))
-
-
-def _load_files_touched(files, queue):
-    """``load_file`` (mmap), then every tensor copied into process memory and kept: the state dict a
-    loader holds. (Summing clones as they are made would free each at once, and the allocator would
-    hand the next clone the same warm pages: a copy loop, not a load.)"""
-    from safetensors.torch import load_file
-
-    t0 = time.perf_counter()
-    held = [t.clone() for f in files for t in load_file(f).values()]
-    queue.put((time.perf_counter() - t0, sum(t.numel() * t.element_size() for t in held)))
 
 
 def _load_hf_reader(path, queue):
@@ -231,7 +220,7 @@ def load_hf_part(args, report: dict, tmp: str, state: dict) -> None:
         settle_memory()
         load_file_s.append(in_child(_load_files, files)[0])
         settle_memory()
-        mapped_s.append(in_child(_load_files_touched, files)[0])
+        mapped_s.append(in_child(load_file_kept, files)[0])
         settle_memory()
         reader_s.append(in_child(_load_hf_reader, hf)[0])
     report["b_load_hf_s"], report["b_load_hf_reused_s"], report["b_safetensors_load_s"] = ours, again, load_file_s

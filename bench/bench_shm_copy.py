@@ -27,7 +27,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import in_child, machine, settle_memory, write_report  # noqa: E402
+from common import in_child, load_file_kept, machine, settle_memory, write_report  # noqa: E402
 
 ROUNDS = 3
 FILES = 4
@@ -108,14 +108,6 @@ def fallocate_only(directory: str, size: int) -> float:
     return elapsed
 
 
-def _load_file_kept(paths, queue):
-    from safetensors.torch import load_file
-
-    t0 = time.perf_counter()
-    held = [t.clone() for p in paths for t in load_file(p).values()]
-    queue.put((time.perf_counter() - t0, len(held)))
-
-
 def measure(directory: str, paths: list[str]) -> dict:
     size = _stride(paths) * FILES
     out: dict[str, list[float]] = {k: [] for k in ("fallocate_new", "sendfile1_new", "sendfile2_new",
@@ -157,7 +149,7 @@ def main() -> int:
         report["load_file_kept"] = []
         for _ in range(ROUNDS):
             settle_memory()
-            report["load_file_kept"].append(in_child(_load_file_kept, paths)[0])
+            report["load_file_kept"].append(in_child(load_file_kept, paths)[0])
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     with open("/sys/kernel/mm/transparent_hugepage/shmem_enabled") as f:

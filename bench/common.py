@@ -111,3 +111,18 @@ def fresh_memory_seconds(size: int, count: int = 4) -> list[float]:
     never had. On a guest that reports free pages to its host the first block or so comes from
     memory freed recently and is cheap; the later ones show what new memory really costs."""
     return in_child(_touch_fresh, size, count, timeout=300.0)
+
+
+def load_file_kept(paths, queue) -> None:
+    """The anchor of a checkpoint load: ``safetensors.torch.load_file`` (lazy mmap), then every
+    tensor copied into process memory and kept, as a loader holds them. (Summing clones as they
+    are made would free each at once, and the allocator would hand the next clone the same warm
+    pages: a copy loop, not a load.) Puts ``(seconds, bytes)`` on ``queue``; run it with
+    :func:`in_child`."""
+    import time
+
+    from safetensors.torch import load_file
+
+    t0 = time.perf_counter()
+    held = [t.clone() for p in paths for t in load_file(p).values()]
+    queue.put((time.perf_counter() - t0, sum(t.numel() * t.element_size() for t in held)))
