@@ -64,6 +64,30 @@ def curve_keys_from_env() -> dict:
     return {"curve_serverkey": server_public, "curve_publickey": public, "curve_secretkey": secret}
 
 
+_monitor_ids = itertools.count()
+
+
+def _monitor_socket(ctx: zmq.Context, sock: zmq.Socket, events: int) -> zmq.Socket:
+    """The PAIR socket that receives ``sock``'s monitor events, on a queue without a limit.
+
+    libzmq's I/O thread sends monitor events with a blocking send while it holds the socket's
+    monitor lock. With pyzmq's ``get_monitor_socket`` the queue holds 2000 messages: a connection
+    nobody reads for a while (an idle subscriber whose daemon is down: a CLOSED event each
+    reconnect attempt, 4 a second) fills it in about eight minutes, and then the I/O thread, and
+    every socket of the process with it, stops for good, and closing the socket deadlocks. A
+    receive high-water mark of 0 makes the inproc queue unbounded; what it holds is drained by
+    the next :meth:`Connection.poll_monitor` (about 130 bytes an event, measured: 45 MB a day for
+    a subscriber left idle that long beside a dead daemon, instead of a process that hangs).
+    """
+    address = f"inproc://stager-monitor-{os.getpid()}-{next(_monitor_ids)}"
+    sock.monitor(address, events)
+    monitor = ctx.socket(zmq.PAIR)
+    monitor.setsockopt(zmq.RCVHWM, 0)  # before connect: the inproc pipe's limit is fixed then
+    monitor.setsockopt(zmq.LINGER, 0)
+    monitor.connect(address)
+    return monitor
+
+
 class Connection:
     """A DEALER connection with hello, request(), and reachability tracking."""
 
@@ -108,7 +132,7 @@ class Connection:
         for key in ("curve_serverkey", "curve_publickey", "curve_secretkey"):
             if key in self.curve:
                 setattr(sock, key, self.curve[key])
-        self._monitor = sock.get_monitor_socket(_CONNECTED | _DISCONNECTED)
+        self._monitor = _monitor_socket(self._ctx, sock, _CONNECTED | _DISCONNECTED)
         sock.connect(self.endpoint)
         self.sock, self.connected, self.session, self._may_wait = sock, False, None, True
         self._poller = zmq.Poller()

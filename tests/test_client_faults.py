@@ -306,3 +306,49 @@ def test_an_ipv6_endpoint_is_reachable():
     finally:
         conn.close()
         router.close()
+
+
+def test_a_connection_nobody_reads_never_stops_the_processs_zmq_io_thread(make_daemon, short_dir, monkeypatch):
+    """An idle connection to a peer that keeps dropping it queues a monitor event per attempt.
+    Past libzmq's 2000-message monitor queue the I/O thread used to block for good, holding the
+    socket's monitor lock: every other socket of the process stopped and closing it hung."""
+    import socket
+
+    from stager.client import connection
+
+    monkeypatch.setattr(connection, "RECONNECT_IVL_MS", 1)  # an attempt a millisecond instead of 4 a second
+    monkeypatch.setattr(connection, "RECONNECT_IVL_MAX_MS", 1)
+    path = os.path.join(short_dir, "drops.sock")
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(path)
+    listener.listen(64)
+    accepted = [0]
+
+    def drop_every_connection():  # a peer that accepts each connection and closes it at once
+        while accepted[0] >= 0:
+            try:
+                peer, _ = listener.accept()
+            except OSError:
+                return
+            peer.close()
+            accepted[0] += 1
+
+    dropper = threading.Thread(target=drop_every_connection, daemon=True)
+    dropper.start()
+    idle = Connection(f"ipc://{path}", role="reader")
+    try:
+        wait_until(lambda: accepted[0] >= 3000, timeout=120)  # past the old queue's 2000 messages
+        d = make_daemon()
+        assert daemon_status(d.endpoint)["versions"] == []  # another socket of this process still works
+        queued = 0
+        while idle._monitor.poll(0):
+            idle._monitor.recv_multipart()
+            queued += 1
+        assert queued >= 2000  # every event was kept: none lost, none blocking
+    finally:
+        closer = threading.Thread(target=idle.close, daemon=True)
+        closer.start()
+        closer.join(30)
+        accepted[0] = -(1 << 30)
+        listener.close()
+    assert not closer.is_alive(), "closing an unread connection hung"

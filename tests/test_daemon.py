@@ -161,8 +161,7 @@ def test_lease_survives_retention_and_memory_limit_refuses(make_daemon):
     size = 4 << 20
     d = make_daemon(keep=1, memory_limit=2 * size + 4096)
     sd = {"w": torch.zeros(size // 4)}
-    sub = Subscriber(d.endpoint)
-    with StagingClient(d.endpoint, rank=0, local_world_size=1, world_size=1) as c:
+    with Subscriber(d.endpoint) as sub, StagingClient(d.endpoint, rank=0, local_world_size=1, world_size=1) as c:
         c.stage(sd, step=1).wait(10)
         held = sub.latest()
         sd["w"].fill_(2)
@@ -186,8 +185,8 @@ def test_backpressure_waits_for_a_lease(make_daemon):
     size = 1 << 20
     d = make_daemon(keep=1, memory_limit=2 * size + 4096)
     sd = {"w": torch.zeros(size // 4)}
-    sub = Subscriber(d.endpoint)
-    with StagingClient(d.endpoint, rank=0, local_world_size=1, world_size=1, backpressure_timeout=5.0) as c:
+    with Subscriber(d.endpoint) as sub, \
+            StagingClient(d.endpoint, rank=0, local_world_size=1, world_size=1, backpressure_timeout=5.0) as c:
         c.stage(sd, step=1).wait(10)
         a = sub.latest()
         c.stage(sd, step=2).wait(10)
@@ -269,6 +268,22 @@ def test_bye_and_close_end_leases(make_daemon):
     sub.latest()
     assert d.status()["leases"] == 2
     sub.close()
+    wait_until(lambda: not (d.status()["leases"] or d.status()["readers"]))
+
+
+def test_a_subscriber_dropped_without_close_is_finalized_and_its_leases_end(make_daemon):
+    import gc
+
+    d = make_daemon()
+    with StagingClient(d.endpoint, rank=0, local_world_size=1, world_size=1) as c:
+        c.stage({"w": torch.ones(4)}, step=1).wait(10)
+    sub = Subscriber(d.endpoint)
+    held = sub.latest()
+    conn = sub._conn
+    assert d.status()["leases"] == 1
+    del sub, held  # never closed: its finalizer says bye
+    gc.collect()
+    assert conn.sock is None
     wait_until(lambda: not (d.status()["leases"] or d.status()["readers"]))
 
 

@@ -13,7 +13,7 @@ import logging
 import os
 import time
 import weakref
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 
@@ -65,7 +65,9 @@ class Subscriber:
         self._adapters: dict = {}
         self._index_cache: dict = {}
         self._conn = Connection(endpoint, role="reader")
-        self._conn.on_unsolicited = self._on_unsolicited
+        # weakly: the finalizer holds the connection, and a connection that held this subscriber
+        # would keep an unclosed one alive, never finalized, its socket open, until the process ends
+        self._conn.on_unsolicited = _weakly(self._on_unsolicited)
         self._segments: dict[str, torch.Tensor] = {}
         self._leases: set[int] = set()
         self._subscribed_session: str | None = None
@@ -326,6 +328,18 @@ class Subscriber:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _weakly(method: Callable[[Any], None]) -> Callable[[Any], None]:
+    """``method``, called only while its object lives."""
+    ref = weakref.WeakMethod(method)
+
+    def call(msg: Any) -> None:
+        bound = ref()
+        if bound is not None:
+            bound(msg)
+
+    return call
 
 
 def _close(conn: Connection, links: dict) -> None:
