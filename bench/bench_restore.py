@@ -10,7 +10,8 @@
     dcp.load from local disk.
 (b) load-hf: a 4-file sharded safetensors checkpoint into a new daemon (``load_hf``: headers checked,
     each byte copied once into shared memory), then twice more into the same daemon, the last of
-    which reuses the first load's segment (checked); anchors, each in a fresh process:
+    which reuses the first load's segment (checked); then into a new daemon started with
+    ``--preallocate``, timed once its memory is allocated (its load must take it: checked); anchors, each in a fresh process:
     ``safetensors.torch.load`` of each file's bytes, ``load_file`` (lazy mmap) with every tensor
     copied out and kept, and DCP's ``HuggingFaceStorageReader`` into preallocated tensors. Page cache
     warm for all; memory settled before each. Goal: load-hf >= 0.8x safetensors' own read speed.
@@ -36,6 +37,7 @@ from bench_multinode import full_state  # noqa: E402
 
 from common import in_child, load_file_kept, machine, settle_memory, write_report  # noqa: E402
 from stager.dev.launch import DaemonProcess, run_ranks  # noqa: E402
+from stager.client.admin import daemon_status  # noqa: E402
 
 MIB = 1 << 20
 ROUNDS = 3
@@ -200,7 +202,7 @@ def load_hf_part(args, report: dict, tmp: str, state: dict) -> None:
         json.dump({"metadata": {}, "weight_map": weight_map}, f)
     del state
     in_child(_load_files, files)  # the page cache now holds every file
-    ours, again, load_file_s, mapped_s, reader_s = [], [], [], [], []
+    ours, again, load_file_s, mapped_s, reader_s, prealloc, prealloc_wait = [], [], [], [], [], [], []
     for i in range(ROUNDS):
         settle_memory()
         with DaemonProcess(args=("--memory-limit", f"{2 * args.size_mib}MiB")) as daemon:
@@ -218,6 +220,19 @@ def load_hf_part(args, report: dict, tmp: str, state: dict) -> None:
                     if not after <= before:
                         raise SystemExit(f"step 2 got a new segment ({sorted(after - before)}), not a reused one")
         settle_memory()
+        # a new daemon started with --preallocate: the load is timed once the memory is there
+        started = time.perf_counter()
+        with DaemonProcess(args=("--memory-limit", f"{2 * args.size_mib}MiB",
+                                 "--preallocate", f"{args.size_mib + 64}MiB")) as daemon:
+            while not daemon_status(daemon.endpoint)["memory"]["preallocated"]:
+                time.sleep(0.005)
+            prealloc_wait.append(time.perf_counter() - started)
+            t0 = time.perf_counter()
+            load_hf(hf, endpoint=daemon.endpoint)
+            prealloc.append(time.perf_counter() - t0)
+            if daemon_status(daemon.endpoint)["memory"]["preallocated"]:
+                raise SystemExit("the load did not take the preallocated memory")
+        settle_memory()
         load_file_s.append(in_child(_load_files, files)[0])
         settle_memory()
         mapped_s.append(in_child(load_file_kept, files)[0])
@@ -225,6 +240,7 @@ def load_hf_part(args, report: dict, tmp: str, state: dict) -> None:
         reader_s.append(in_child(_load_hf_reader, hf)[0])
     report["b_load_hf_s"], report["b_load_hf_reused_s"], report["b_safetensors_load_s"] = ours, again, load_file_s
     report["b_load_file_cloned_s"], report["b_hf_storage_reader_s"] = mapped_s, reader_s
+    report["b_load_hf_preallocated_s"], report["b_daemon_start_to_preallocated_s"] = prealloc, prealloc_wait
 
 
 def print_report(report: dict, total: int) -> None:
@@ -245,6 +261,11 @@ def print_report(report: dict, total: int) -> None:
     mapped, again = report["b_load_file_cloned_s"], report["b_load_hf_reused_s"]
     print(f"  (b) load-hf, new daemon       {fmt(ours)} s = {total / med(ours) / 1e9:.2f} GB/s")
     print(f"      load-hf, segment reused   {fmt(again)} s = {total / med(again) / 1e9:.2f} GB/s")
+    if report.get("b_load_hf_preallocated_s"):
+        pre = report["b_load_hf_preallocated_s"]
+        print(f"      load-hf, new daemon started with --preallocate {fmt(pre)} s = "
+              f"{total / med(pre) / 1e9:.2f} GB/s -> {med(mapped) / med(pre):.2f}x load_file + clones kept "
+              f"(daemon start to memory ready: {fmt(report['b_daemon_start_to_preallocated_s'])} s)")
     print(f"      safetensors load(bytes)   {fmt(anchor)} s = {total / med(anchor) / 1e9:.2f} GB/s -> load-hf "
           f"{med(anchor) / med(ours):.2f}x / {med(anchor) / med(again):.2f}x its speed")
     print(f"      load_file + clones kept   {fmt(mapped)} s = {total / med(mapped) / 1e9:.2f} GB/s -> load-hf "

@@ -32,6 +32,7 @@ def _serve(args: argparse.Namespace) -> int:
     try:
         config = DaemonConfig(endpoint=args.endpoint,
                               memory_limit=parse_size(args.memory_limit) if args.memory_limit else None,
+                              preallocate=parse_size(args.preallocate) if args.preallocate else 0,
                               keep=args.keep, step_timeout=args.step_timeout,
                               peer_timeout=args.peer_timeout, auth_dir=args.auth_dir,
                               insecure_no_auth=args.insecure_no_auth, metrics=args.metrics,
@@ -342,6 +343,8 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("serve", help="run the node's staging daemon")
     p.add_argument("--endpoint", help="ipc:///path or tcp://host:port (default $STAGER_ENDPOINT or a per-user ipc socket)")
     p.add_argument("--memory-limit", help="shared memory for snapshots, e.g. 16GiB or 40%% (default 50%% of available)")
+    p.add_argument("--preallocate", help="shared memory to allocate at start, within --memory-limit, e.g. 8GiB: "
+                                         "the first snapshot is written into pages already there (default none)")
     p.add_argument("--keep", type=int, default=2, help="sealed versions to retain (default 2)")
     p.add_argument("--step-timeout", type=float, default=120.0, help="seconds for all ranks to commit a step")
     p.add_argument("--peer-timeout", type=float, default=30.0,

@@ -88,6 +88,8 @@ def test_every_tcp_bind_needs_auth_or_the_explicit_opt_out(tmp_path):
     assert "Traceback" not in out.stderr and len(out.stderr.strip().splitlines()) == 1
     out = stager("serve", "--endpoint", "tcp://0.0.0.0:5555")
     assert out.returncode == 2 and "--auth-dir" in out.stderr
+    out = stager("serve", "--memory-limit", "8MiB", "--preallocate", "16MiB")
+    assert out.returncode == 2 and "preallocate must be between 0 and memory_limit" in out.stderr
 
 
 def test_insecure_opt_out_warns_and_says_so(short_dir):

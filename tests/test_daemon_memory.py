@@ -1,12 +1,14 @@
 """Memory the daemon holds for others: /dev/shm smaller than the limit, unread read replies, and
 segments that queued zero-copy frames still point into."""
 
+import os
+
 import torch
 import zmq
 from conftest import error_code
 from helpers import wait_until
 
-from stager.client import StagingClient
+from stager.client import StagingClient, Subscriber
 from stager.daemon import reading, segments
 from stager.protocol import Acquire, ErrorCode, Read, ReadItem, ReadReply, Release, StagerError
 
@@ -94,3 +96,32 @@ def test_a_limit_larger_than_dev_shm_is_warned_about_at_start(make_daemon, caplo
     with caplog.at_level("WARNING", logger="stager.daemon"):
         make_daemon(memory_limit=1 << 50)  # 1 PiB: more than any /dev/shm
     assert any("/dev/shm holds only" in r.getMessage() for r in caplog.records)
+
+
+def test_the_first_step_is_written_into_memory_preallocated_at_start(make_daemon):
+    d = make_daemon(memory_limit=64 * MIB, preallocate=16 * MIB)
+    status = wait_until(lambda: (s := d.status())["memory"]["preallocated"] and s)
+    assert status["memory"] == {**status["memory"], "used": 16 * MIB, "preallocated": 16 * MIB}
+    (reserve,) = segments.list_segments(os.getpid())
+    allocated = os.stat(segments.segment_path(reserve))
+    assert allocated.st_blocks * 512 >= 16 * MIB  # allocated, not a sparse file
+    with _client(d) as c:
+        c.stage({"w": torch.full((MIB,), 3.0)}, step=1).wait(30)  # 4 MiB: takes the preallocated pages
+        wait_until(lambda: not d.daemon.budget.pending)  # the rotation's other segments, made after it
+        status = d.status()
+        stats = [os.stat(segments.segment_path(n)) for n in segments.list_segments(os.getpid())]
+        assert reserve not in segments.list_segments(os.getpid()) and status["memory"]["preallocated"] == 0
+        assert allocated.st_ino in [st.st_ino for st in stats]  # the same file, under a segment's name
+        assert all(st.st_size == 4 * MIB for st in stats) and status["memory"]["used"] == 4 * MIB * len(stats)
+        with Subscriber(d.endpoint) as sub, sub.latest() as snap:
+            assert torch.equal(snap["w"], torch.full((MIB,), 3.0))
+
+
+def test_preallocated_memory_a_step_cannot_use_is_given_back_to_it(make_daemon):
+    d = make_daemon(memory_limit=40 * MIB, preallocate=16 * MIB, keep=1)
+    wait_until(lambda: d.status()["memory"]["preallocated"])
+    with _client(d) as c:  # 32 MiB: more than was preallocated, and both together exceed the limit
+        c.stage({"w": torch.full((8 * MIB,), 1.0)}, step=1).wait(30)
+    status = d.status()
+    assert status["memory"]["preallocated"] == 0 and status["memory"]["used"] == 32 * MIB
+    assert len(segments.list_segments(os.getpid())) == 1

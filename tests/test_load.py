@@ -85,6 +85,19 @@ def test_load_hf_through_the_adapter_then_ranks_restore_from_it(make_daemon, tmp
     assert all(torch.equal(target[k], v) for k, v in native.items())
 
 
+def test_load_hf_into_a_new_daemon_takes_the_memory_it_preallocated(make_daemon, tmp_path):
+    from helpers import wait_until
+
+    d = make_daemon(preallocate=8 << 20)
+    hf = hf_llama(seed=3)
+    src = save_sharded(hf, str(tmp_path / "hf"))
+    wait_until(lambda: daemon_status(d.endpoint)["memory"]["preallocated"])
+    assert load_hf(src, endpoint=d.endpoint)["tensors"] == len(hf)
+    assert daemon_status(d.endpoint)["memory"]["preallocated"] == 0
+    with Subscriber(d.endpoint) as sub, sub.latest() as snap:
+        assert all(torch.equal(snap[k], v) for k, v in hf.items())
+
+
 @pytest.mark.parametrize("adapter", ["identity", "llama3"])
 def test_load_hf_into_a_daemon_on_another_host_sends_frames(make_daemon, tmp_path, monkeypatch, adapter):
     d = make_daemon()

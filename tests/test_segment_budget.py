@@ -49,3 +49,84 @@ def test_spare_segments_use_free_memory_only_and_go_first_when_a_step_needs_it()
         budget.destroy(budget.owner[name][1])
     assert budget.take("T2", 70) is PENDING and "w0" not in budget.owner and budget.used == 70
     budget.close()
+
+
+class FakePreallocatable(FakeSegment):
+    """A fake segment that says whose pages it took over."""
+
+    def __init__(self, name, size, pages_from=None):
+        super().__init__(name, size)
+        self.pages_from = pages_from.name if pages_from is not None else None
+        self.unlinked = False
+
+    @classmethod
+    def preallocated(cls, name, size):
+        return cls(name, size)
+
+    def unlink(self):
+        self.unlinked = True
+
+
+def _ready(budget):
+    wait_until(lambda: budget.collect() >= 0 and not budget.pending and budget._reserve_pending is None)
+
+
+def test_preallocated_memory_counts_and_the_first_segment_that_fits_takes_its_pages():
+    names = iter(f"s{i}" for i in range(10))
+    budget = SegmentBudget(100, FakePreallocatable, lambda: next(names))
+    budget.current_layout = "L"
+    budget.preallocate(60)
+    assert budget.used == 60  # counted from the moment it is asked for
+    _ready(budget)
+    assert budget.reserve.name == "s0" and budget.used == 60
+    assert budget.take("L", 50) is PENDING
+    assert budget.reserve is None and budget.used == 50  # the segment's 50, not the 60 preallocated
+    _ready(budget)
+    seg = budget.take("L", 50)
+    assert seg.name == "s1" and seg.pages_from == "s0"
+    budget.close()
+
+
+def test_preallocated_memory_too_small_for_a_step_is_given_back_to_it():
+    names = iter(f"s{i}" for i in range(10))
+    budget = SegmentBudget(100, FakePreallocatable, lambda: next(names))
+    budget.current_layout = "L"
+    budget.preallocate(40)
+    _ready(budget)
+    reserve = budget.reserve
+    assert budget.take("L", 30) is PENDING and budget.reserve is None  # fits: taken over
+    budget.close()
+    budget = SegmentBudget(100, FakePreallocatable, lambda: next(names))
+    budget.current_layout = "L"
+    budget.preallocate(40)
+    _ready(budget)
+    reserve = budget.reserve
+    assert budget.take("L", 70) is PENDING  # 40 + 70 > 100, and 40 cannot hold 70: given back
+    assert reserve.unlinked and budget.reserve is None and budget.used == 70
+    _ready(budget)
+    assert budget.take("L", 70).pages_from is None
+    budget.close()
+
+
+def test_a_step_waits_for_memory_being_preallocated_instead_of_being_refused():
+    names = iter(f"s{i}" for i in range(10))
+    budget = SegmentBudget(100, FakePreallocatable, lambda: next(names))
+    budget.current_layout = "L"
+    budget._start_factory = lambda: None  # the background thread has not run yet
+    budget.preallocate(80)
+    assert budget.take("L", 50) is PENDING  # not None (which refuses or evicts): the 80 come back
+    del budget._start_factory
+    budget._start_factory()
+    _ready(budget)
+    assert budget.take("L", 50) is PENDING and budget.reserve is None and budget.used == 50
+    budget.close()
+
+
+def test_close_gives_preallocated_memory_back():
+    names = iter(f"s{i}" for i in range(10))
+    budget = SegmentBudget(100, FakePreallocatable, lambda: next(names))
+    budget.preallocate(60)
+    _ready(budget)
+    reserve = budget.reserve
+    budget.close()
+    assert reserve.unlinked and budget.used == 0

@@ -49,6 +49,12 @@ class DaemonConfig:
     memory_limit: int | None = None
     """Bytes of shared memory for snapshots (sealed, in flight and pooled); None: half of available RAM."""
 
+    preallocate: int = 0
+    """Bytes of shared memory to allocate when the daemon starts, in the background, counted
+    against ``memory_limit``: the first new segment that fits takes these pages instead of
+    allocating its own, so the first snapshot (a ``load-hf``, a trainer's first step) is written
+    into memory that is already there. Given back whenever a step needs the memory. 0: none."""
+
     keep: int = 2
     """Sealed versions retained (leased versions outlive this until released)."""
 
@@ -100,6 +106,9 @@ class DaemonConfig:
             self.memory_limit = int(psutil.virtual_memory().available * DEFAULT_MEMORY_FRACTION)
         if self.memory_limit <= 0:
             raise ValueError("memory_limit must be positive")
+        if not 0 <= self.preallocate <= self.memory_limit:
+            raise ValueError(f"preallocate must be between 0 and memory_limit ({self.memory_limit} bytes), "
+                             f"not {self.preallocate}")
         if self.keep < 1:
             raise ValueError("keep must be >= 1: the newest sealed version is always kept")
         if self.step_timeout <= 0 or self.peer_timeout <= 0:

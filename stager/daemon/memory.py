@@ -42,9 +42,13 @@ class SegmentBudget:
     (``posix_fallocate`` releases the GIL), so steady-state steps never wait for allocation
     and ranks can map and pre-fault them before they are needed. Pending segments count
     against the limit from the moment they are requested.
+
+    ``preallocate`` allocates memory ahead on the same thread (``--preallocate``): the first new
+    segment that fits takes over its pages, the rest of it is given back then. It counts against
+    the limit, and is given back first when a step needs the memory.
     """
 
-    def __init__(self, limit: int, make: Callable[[str, int], Segment], new_name: Callable[[], str]):
+    def __init__(self, limit: int, make: type[Segment], new_name: Callable[[], str]):
         self.limit = limit
         self._make, self._new_name = make, new_name
         self.used = 0
@@ -62,50 +66,103 @@ class SegmentBudget:
         self._requests: queue.SimpleQueue = queue.SimpleQueue()
         self._done: queue.SimpleQueue = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
+        self.reserve: Segment | None = None  # preallocated pages the next new segment that fits takes
+        self._reserve_pending: tuple[str, int] | None = None  # (name, size) being preallocated
 
     # -------------------------------------------------------------- background creation
+
+    @property
+    def creating(self) -> bool:
+        """True while the background thread creates segments or preallocates memory."""
+        return bool(self.pending) or self._reserve_pending is not None
+
+    def _start_factory(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._factory, name="stager-segments", daemon=True)
+            self._thread.start()
 
     def _factory(self) -> None:
         while True:
             item = self._requests.get()
             if item is None:
                 return
-            name, size = item
+            name, size, pages_from = item
             try:
                 started = time.monotonic()
-                seg = self._make(name, size)
+                if pages_from == "preallocate":
+                    seg = self._make.preallocated(name, size)
+                elif pages_from is not None:
+                    seg = self._make(name, size, pages_from=pages_from)
+                else:
+                    seg = self._make(name, size)
                 log.debug("created %s (%.0f MiB) in %.0f ms", name, size / 2**20, (time.monotonic() - started) * 1e3)
                 self._done.put((name, seg))
             except Exception as exc:  # reported by collect(); the budget is given back there
                 self._done.put((name, exc))
+
+    def preallocate(self, size: int) -> None:
+        """Allocate ``size`` bytes ahead, in the background, for the next new segment that fits."""
+        if size <= 0 or self.reserve is not None or self._reserve_pending is not None:
+            return
+        self._start_factory()
+        name = self._new_name()
+        self.used += size
+        self._reserve_pending = (name, size)
+        self._requests.put((name, size, "preallocate"))
+
+    def drop_reserve(self) -> None:
+        """Give the preallocated memory back (a step needs it, or it can serve no segment)."""
+        if self.reserve is not None:
+            seg, self.reserve = self.reserve, None
+            self.used -= seg.size
+            seg.unlink()
+
+    def _take_reserve(self, size: int) -> Segment | None:
+        """The preallocated segment, for a new segment of ``size`` bytes, if it is ready and large enough."""
+        seg = self.reserve
+        if seg is None or seg.size < size:
+            return None
+        self.reserve = None
+        self.used -= seg.size  # the new segment's own size was counted when it was asked for
+        return seg
+
+    def _room_for(self, size: int) -> int:
+        """Bytes a new segment of ``size`` bytes has: the free budget, plus the preallocated
+        memory when it is large enough to become that segment."""
+        reserved = self.reserve.size if self.reserve is not None and self.reserve.size >= size else 0
+        return self.limit - self.used + reserved
 
     def prefill(self, layout_id: str, size: int, target: int) -> None:
         """Have ``target`` segments of ``layout_id`` (pooled, in use or pending), as far as the limit allows."""
         self.rotation = target
         have = sum(1 for lid, _ in self.owner.values() if lid == layout_id)
         have += sum(1 for lid, _ in self.pending.values() if lid == layout_id)
-        while have < target and self.used + size <= self.limit:
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._factory, name="stager-segments", daemon=True)
-                self._thread.start()
+        while have < target:
+            pages_from = self._take_reserve(size)
+            if pages_from is None and self.used + size > self.limit:
+                break
+            self._start_factory()
             name = self._new_name()
             self.used += size
             self.pending[name] = (layout_id, size)
-            self._requests.put((name, size))
+            self._requests.put((name, size, pages_from))
             have += 1
 
     def collect(self, block_for: str | None = None, timeout: float = 120.0) -> int:
         """Move finished background segments into the pool and return how many finished; with
         ``block_for`` (only at shutdown), wait until none of that layout (or any, for ``"*"``) is pending."""
         finished = 0
-        while self.pending:
-            waiting = block_for is not None and any(
-                block_for in ("*", lid) for lid, _ in self.pending.values())
+        while self.pending or self._reserve_pending is not None:
+            waiting = block_for is not None and (any(block_for in ("*", lid) for lid, _ in self.pending.values())
+                                                 or (block_for == "*" and self._reserve_pending is not None))
             try:
                 name, result = self._done.get(timeout=timeout) if waiting else self._done.get_nowait()
             except queue.Empty:
                 break
             finished += 1
+            if self._reserve_pending is not None and name == self._reserve_pending[0]:
+                self._preallocated(result)
+                continue
             layout_id, size = self.pending.pop(name)
             if isinstance(result, Exception):
                 self.used -= size
@@ -127,6 +184,16 @@ class SegmentBudget:
             self.give_back(seg, reuse=True)
             finished += 1
         return finished
+
+    def _preallocated(self, result: "Segment | Exception") -> None:
+        name, size = self._reserve_pending
+        self._reserve_pending = None
+        if isinstance(result, Exception):
+            self.used -= size
+            log.warning("could not preallocate %d MiB: %s", size >> 20, getattr(result, "message", result))
+            return
+        self.reserve = result
+        log.debug("preallocated %s (%.0f MiB)", name, size / 2**20)
 
     # -------------------------------------------------------------- taking and giving back
 
@@ -150,11 +217,13 @@ class SegmentBudget:
         failure = self.failures.pop(layout_id, None)
         if failure is not None:  # creating one failed (e.g. /dev/shm is full): refuse now, do not retry
             raise failure
-        if self.used + size > self.limit:
+        if self._room_for(size) < size:
+            self.drop_reserve()  # too small to serve this segment: its memory can
+        if self._room_for(size) < size:
             self.drop_pool(except_layout=layout_id)
-        if self.used + size > self.limit:
-            # segments still being created for an old layout give their budget back when done
-            return PENDING if self.pending else None
+        if self._room_for(size) < size:
+            # segments (or preallocated memory) still being created give their budget back when done
+            return PENDING if self.pending or self._reserve_pending else None
         self.prefill(layout_id, size, len(self.live(layout_id)) + 1)
         return PENDING
 
@@ -226,6 +295,7 @@ class SegmentBudget:
             self.current_layout = None
             self.collect(block_for="*", timeout=60.0)
             self._thread.join(60.0)
+        self.drop_reserve()
         for _, seg in list(self.owner.values()):
             self.destroy(seg)
         self.pool.clear()

@@ -30,12 +30,17 @@ class Segment:
     """A shared-memory file the daemon owns. The daemon itself maps it only when it must write
     (bytes from another host) or send (remote readers); same-host ranks write through their own mappings."""
 
-    def __init__(self, name: str, size: int):  # creates the file (and may reserve its memory: a while)
+    def __init__(self, name: str, size: int, *, pages_from: "Segment | None" = None):
+        """Creates the file (and may reserve its memory: a while); with ``pages_from`` (a
+        preallocated segment at least ``size`` large) takes over that file and its pages instead."""
         self.name, self.size = name, size
         self._map: mmap.mmap | None = None
         self._tensor: torch.Tensor | None = None
         self.inflight: list = []  # zmq MessageTrackers of frames sent from this segment, not yet sent
         path = segment_path(name)
+        if pages_from is not None:
+            self._take_over(pages_from)
+            return
         free = shm_free_bytes()
         if size > free:
             raise StagerError(
@@ -45,7 +50,7 @@ class Segment:
             )
         fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
         try:
-            if populate_supported():
+            if populate_supported() or size == 0:  # (0: a file to be preallocated)
                 os.ftruncate(fd, size)  # writers allocate their pages when they fault them in
             else:
                 os.posix_fallocate(fd, 0, size)
@@ -56,6 +61,35 @@ class Segment:
                 ErrorCode.MEMORY_LIMIT, f"could not reserve {size >> 20} MiB in {SHM_DIR}: {exc.strerror}"
             ) from None
         os.close(fd)
+
+    @classmethod
+    def preallocated(cls, name: str, size: int) -> "Segment":
+        """A segment whose ``size`` bytes of memory are allocated now (``posix_fallocate``): a
+        later segment takes its pages over (``pages_from``) instead of allocating its own."""
+        seg = cls(name, 0)
+        fd = os.open(segment_path(name), os.O_RDWR | os.O_NOFOLLOW)
+        try:
+            os.posix_fallocate(fd, 0, size)
+        except OSError as exc:
+            seg.unlink()
+            raise StagerError(ErrorCode.MEMORY_LIMIT,
+                              f"could not preallocate {size >> 20} MiB in {SHM_DIR}: {exc.strerror}") from None
+        finally:
+            os.close(fd)
+        seg.size = size
+        return seg
+
+    def _take_over(self, old: "Segment") -> None:
+        if old.size < self.size:
+            raise ValueError(f"segment {old.name} has {old.size} bytes, fewer than the {self.size} needed")
+        path = segment_path(self.name)
+        os.link(segment_path(old.name), path)  # never replaces a file: the new name must be free
+        old.unlink()
+        fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW)
+        try:
+            os.ftruncate(fd, self.size)  # the pages past the new size go back to the system
+        finally:
+            os.close(fd)
 
     def as_bytes(self) -> torch.Tensor:
         """A writable uint8 view of the whole segment, mapped on first use."""

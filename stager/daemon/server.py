@@ -106,6 +106,7 @@ class Daemon:
         try:
             self._auth = self._setup_auth() if config.auth_dir else None
             self._bind()
+            self.budget.preallocate(config.preallocate)  # in the background: serving starts now
         except BaseException:  # a daemon that could not start holds nothing: no lock, thread or segment
             _close_resources(self.sock, self.ctx, self._lock_fd, None, self.budget, self._auth)
             raise
@@ -410,7 +411,7 @@ class Daemon:
         try:
             while not self.lifecycle.should_exit(len(self.handlers.state.staging)):
                 timeout_ms = max(0, int((next_housekeeping - time.monotonic()) * 1000))
-                if self.budget.pending:  # a step may be waiting for a segment being created
+                if self.budget.creating:  # a step may be waiting for a segment being created
                     timeout_ms = min(timeout_ms, 5)
                 try:
                     events = dict(poller.poll(timeout_ms))
@@ -427,7 +428,7 @@ class Daemon:
                         self._on_frames(frames)
                 if self._wake_r in events:
                     self._run_calls()
-                if self.budget.pending:
+                if self.budget.creating:
                     self.handlers.collect_segments()
                 if time.monotonic() >= next_housekeeping or self.lifecycle.reopen_requested or (
                         self.lifecycle.phase == DRAINING and not self.lifecycle.announced):
