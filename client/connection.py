@@ -150,8 +150,11 @@ class Connection:
         if self.sock is not None and self.session is not None and self.connected:
             try:
                 self.sock.send_multipart(Bye(id=0).encode(), flags=zmq.NOBLOCK)
-                self.sock.close(linger=200)  # let the bye leave; never longer
+                # stop the monitor before its reader goes: events of the lingering socket would be
+                # sent to a PAIR without a peer, a send that blocks libzmq's I/O thread
+                self.sock.disable_monitor()
                 self._monitor.close(linger=0)
+                self.sock.close(linger=200)  # let the bye leave; never longer
                 self.sock = self._monitor = None
                 return
             except zmq.ZMQError:

@@ -60,7 +60,7 @@ class FakePreallocatable(FakeSegment):
         self.unlinked = False
 
     @classmethod
-    def preallocated(cls, name, size):
+    def preallocated(cls, name, size, stop=None):
         return cls(name, size)
 
     def unlink(self):
@@ -94,17 +94,40 @@ def test_preallocated_memory_too_small_for_a_step_is_given_back_to_it():
     budget.preallocate(40)
     _ready(budget)
     reserve = budget.reserve
-    assert budget.take("L", 30) is PENDING and budget.reserve is None  # fits: taken over
-    budget.close()
-    budget = SegmentBudget(100, FakePreallocatable, lambda: next(names))
-    budget.current_layout = "L"
-    budget.preallocate(40)
-    _ready(budget)
-    reserve = budget.reserve
     assert budget.take("L", 70) is PENDING  # 40 + 70 > 100, and 40 cannot hold 70: given back
     assert reserve.unlinked and budget.reserve is None and budget.used == 70
     _ready(budget)
     assert budget.take("L", 70).pages_from is None
+    budget.close()
+
+
+def test_a_reserve_too_small_for_the_layout_makes_way_for_its_rotation():
+    names = iter(f"s{i}" for i in range(10))
+    budget = SegmentBudget(100, FakePreallocatable, lambda: next(names))
+    budget.current_layout = "L"
+    budget.preallocate(20)
+    _ready(budget)
+    reserve = budget.reserve
+    assert budget.take("L", 30) is PENDING  # fits beside the reserve: 50 used
+    budget.prefill("L", 30, 3)  # the rotation's two more need 60: the reserve (20) goes
+    assert reserve.unlinked and budget.reserve is None and budget.used == 90
+    assert len(budget.live("L")) == 3
+    budget.close()
+
+
+def test_a_step_that_fits_the_memory_being_preallocated_waits_for_it():
+    names = iter(f"s{i}" for i in range(10))
+    budget = SegmentBudget(200, FakePreallocatable, lambda: next(names))
+    budget.current_layout = "L"
+    budget._start_factory = lambda: None  # the preallocation has not run yet
+    budget.preallocate(60)
+    assert budget.take("L", 50) is PENDING and not budget.pending  # nothing new asked for: it waits
+    del budget._start_factory
+    budget._start_factory()
+    _ready(budget)
+    assert budget.take("L", 50) is PENDING and budget.reserve is None and budget.used == 50
+    _ready(budget)
+    assert budget.take("L", 50).pages_from == "s0"
     budget.close()
 
 
@@ -130,3 +153,29 @@ def test_close_gives_preallocated_memory_back():
     reserve = budget.reserve
     budget.close()
     assert reserve.unlinked and budget.used == 0
+
+
+def test_real_preallocated_segments_stop_when_asked_and_a_failed_takeover_creates_anew():
+    import os
+    import threading
+
+    import pytest
+
+    from stager.daemon.segments import Segment
+    from stager.protocol import ErrorCode, StagerError
+    from stager.protocol.shm import segment_name, segment_path
+
+    names = iter(segment_name(os.getpid(), "budgettest", i) for i in range(10))
+    stop = threading.Event()
+    stop.set()
+    with pytest.raises(StagerError) as info:  # a daemon stopping: nothing left behind
+        Segment.preallocated(next(names), 1 << 20, stop)
+    assert info.value.code == ErrorCode.MEMORY_LIMIT and "stopping" in info.value.message
+    reserve = Segment.preallocated(next(names), 1 << 20)
+    os.unlink(segment_path(reserve.name))  # gone from under the daemon (an operator's rm)
+    seg = Segment(next(names), 1 << 19, pages_from=reserve)  # taking it over fails: created anew
+    try:
+        assert os.stat(segment_path(seg.name)).st_size == 1 << 19
+        assert [n for n in os.listdir("/dev/shm") if f"-{os.getpid()}-budgette" in n] == [seg.name]  # no leftovers
+    finally:
+        seg.unlink()

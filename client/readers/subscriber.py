@@ -239,7 +239,7 @@ class Subscriber:
             self._links.pop("job").close()
             job = None
         if info.job and len(info.nodes) > 1 and job is None:
-            job = self._links["job"] = JobReader(self._conn, info, self.timeout, self._source)
+            job = self._links["job"] = JobReader(self._conn, info, self.timeout, _weakly(self._source))
         return job
 
     def _job_or_none(self) -> JobReader | None:
@@ -330,14 +330,13 @@ class Subscriber:
         self.close()
 
 
-def _weakly(method: Callable[[Any], None]) -> Callable[[Any], None]:
-    """``method``, called only while its object lives."""
+def _weakly(method: Callable[..., Any]) -> Callable[..., Any]:
+    """``method``, called only while its object lives (None after)."""
     ref = weakref.WeakMethod(method)
 
-    def call(msg: Any) -> None:
+    def call(*args: Any) -> Any:
         bound = ref()
-        if bound is not None:
-            bound(msg)
+        return None if bound is None else bound(*args)
 
     return call
 

@@ -68,6 +68,7 @@ class SegmentBudget:
         self._thread: threading.Thread | None = None
         self.reserve: Segment | None = None  # preallocated pages the next new segment that fits takes
         self._reserve_pending: tuple[str, int] | None = None  # (name, size) being preallocated
+        self._stopping = threading.Event()  # close(): a preallocation in progress stops early
 
     # -------------------------------------------------------------- background creation
 
@@ -90,7 +91,7 @@ class SegmentBudget:
             try:
                 started = time.monotonic()
                 if pages_from == "preallocate":
-                    seg = self._make.preallocated(name, size)
+                    seg = self._make.preallocated(name, size, self._stopping)
                 elif pages_from is not None:
                     seg = self._make(name, size, pages_from=pages_from)
                 else:
@@ -111,7 +112,7 @@ class SegmentBudget:
         self._requests.put((name, size, "preallocate"))
 
     def drop_reserve(self) -> None:
-        """Give the preallocated memory back (a step needs it, or it can serve no segment)."""
+        """Give the preallocated memory back (a step needs memory it cannot serve, or shutdown)."""
         if self.reserve is not None:
             seg, self.reserve = self.reserve, None
             self.used -= seg.size
@@ -139,6 +140,8 @@ class SegmentBudget:
         have += sum(1 for lid, _ in self.pending.values() if lid == layout_id)
         while have < target:
             pages_from = self._take_reserve(size)
+            if pages_from is None and self.used + size > self.limit and self.reserve is not None:
+                self.drop_reserve()  # too small for this layout, and in the way of its rotation
             if pages_from is None and self.used + size > self.limit:
                 break
             self._start_factory()
@@ -217,6 +220,8 @@ class SegmentBudget:
         failure = self.failures.pop(layout_id, None)
         if failure is not None:  # creating one failed (e.g. /dev/shm is full): refuse now, do not retry
             raise failure
+        if self._reserve_pending is not None and self._reserve_pending[1] >= size:
+            return PENDING  # the memory being preallocated will do: a new segment would queue behind it
         if self._room_for(size) < size:
             self.drop_reserve()  # too small to serve this segment: its memory can
         if self._room_for(size) < size:
@@ -290,6 +295,7 @@ class SegmentBudget:
 
     def close(self) -> None:
         """Unlink every segment (daemon shutdown), waiting for those being created."""
+        self._stopping.set()
         if self._thread is not None:
             self._requests.put(None)
             self.current_layout = None

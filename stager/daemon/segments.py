@@ -16,6 +16,7 @@ import errno
 import logging
 import mmap
 import os
+import threading
 
 import psutil
 import torch
@@ -24,6 +25,7 @@ from stager.protocol import ErrorCode, StagerError
 from stager.protocol.shm import SHM_DIR, map_segment, populate_supported, segment_owner, segment_path
 
 log = logging.getLogger("stager.daemon")
+PREALLOCATE_CHUNK = 1 << 30  # --preallocate checks between chunks whether the daemon is stopping
 
 
 class Segment:
@@ -39,8 +41,12 @@ class Segment:
         self.inflight: list = []  # zmq MessageTrackers of frames sent from this segment, not yet sent
         path = segment_path(name)
         if pages_from is not None:
-            self._take_over(pages_from)
-            return
+            try:
+                self._take_over(pages_from)
+                return
+            except OSError as exc:  # both names are gone: create the segment as if there were none
+                log.warning("could not take over preallocated segment %s (%s); creating %s anew",
+                            pages_from.name, exc, name)
         free = shm_free_bytes()
         if size > free:
             raise StagerError(
@@ -63,13 +69,16 @@ class Segment:
         os.close(fd)
 
     @classmethod
-    def preallocated(cls, name: str, size: int) -> "Segment":
-        """A segment whose ``size`` bytes of memory are allocated now (``posix_fallocate``): a
-        later segment takes its pages over (``pages_from``) instead of allocating its own."""
+    def preallocated(cls, name: str, size: int, stop: threading.Event | None = None) -> "Segment":
+        """A segment whose ``size`` bytes of memory are allocated now (``posix_fallocate``, a GiB at
+        a time, until ``stop`` is set): a later segment takes its pages over (``pages_from``)."""
         seg = cls(name, 0)
         fd = os.open(segment_path(name), os.O_RDWR | os.O_NOFOLLOW)
         try:
-            os.posix_fallocate(fd, 0, size)
+            for offset in range(0, size, PREALLOCATE_CHUNK):
+                if stop is not None and stop.is_set():
+                    raise InterruptedError(errno.EINTR, "the daemon is stopping")
+                os.posix_fallocate(fd, offset, min(PREALLOCATE_CHUNK, size - offset))
         except OSError as exc:
             seg.unlink()
             raise StagerError(ErrorCode.MEMORY_LIMIT,
@@ -83,13 +92,19 @@ class Segment:
         if old.size < self.size:
             raise ValueError(f"segment {old.name} has {old.size} bytes, fewer than the {self.size} needed")
         path = segment_path(self.name)
-        os.link(segment_path(old.name), path)  # never replaces a file: the new name must be free
-        old.unlink()
-        fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW)
         try:
-            os.ftruncate(fd, self.size)  # the pages past the new size go back to the system
+            # never replaces a file (the new name must be free), never follows a link
+            os.link(segment_path(old.name), path, follow_symlinks=False)
+            fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW)
+            try:
+                os.ftruncate(fd, self.size)  # the pages past the new size go back to the system
+            finally:
+                os.close(fd)
+        except OSError:
+            self.unlink()
+            raise
         finally:
-            os.close(fd)
+            old.unlink()
 
     def as_bytes(self) -> torch.Tensor:
         """A writable uint8 view of the whole segment, mapped on first use."""
