@@ -11,8 +11,8 @@
 (b) load-hf: a 4-file sharded safetensors checkpoint into a new daemon (``load_hf``: headers checked,
     each byte copied once into shared memory), then twice more into the same daemon, the last of
     which reuses the first load's segment (checked); then into a new daemon started with
-    ``--preallocate``, timed once its memory is allocated (its load must take it: checked); anchors, each in a fresh process:
-    ``safetensors.torch.load`` of each file's bytes, ``load_file`` (lazy mmap) with every tensor
+    ``--preallocate``, timed once its memory is allocated (its load must take it: checked);
+    anchors, each in a fresh process: ``safetensors.torch.load`` of each file's bytes, ``load_file`` (lazy mmap) with every tensor
     copied out and kept, and DCP's ``HuggingFaceStorageReader`` into preallocated tensors. Page cache
     warm for all; memory settled before each. Goal: load-hf >= 0.8x safetensors' own read speed.
     Runs before (a), whose page cache drops slow this VM's memory for the rest of the run.

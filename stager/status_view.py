@@ -35,7 +35,8 @@ STATUS_SCHEMA: dict[str, tuple[type | tuple[type, ...], str]] = {
     "memory.limit": (int, "--memory-limit in bytes"),
     "memory.pooled": (int, "bytes of free segments kept for the next steps"),
     "memory.draining": (int, "bytes of segments waiting for remote readers' frames to go out"),
-    "memory.preallocated": (int, "bytes allocated ahead (--preallocate) that no segment has taken yet (0 while still being allocated)"),
+    "memory.preallocated": (int, "bytes allocated ahead (--preallocate) that no segment has taken yet "
+                                 "(0 while still being allocated)"),
     "retention.policy": (str, "the retention policy, in words"),
     "retention.leased_steps": (list, "steps held by a lease"),
     "retention.waiting_for_memory": (list, "steps waiting for memory (back-pressure)"),
