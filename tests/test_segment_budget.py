@@ -71,6 +71,19 @@ def _ready(budget):
     wait_until(lambda: budget.collect() >= 0 and not budget.pending and budget._reserve_pending is None)
 
 
+def _with_reserve(limit, size, *, started=True):
+    """A budget of ``limit`` for layout "L" that preallocates ``size`` (done, unless not ``started``)."""
+    names = iter(f"s{i}" for i in range(10))
+    budget = SegmentBudget(limit, FakePreallocatable, lambda: next(names))
+    budget.current_layout = "L"
+    if not started:
+        budget._start_factory = lambda: None  # the background thread has not run yet
+    budget.preallocate(size)
+    if started:
+        _ready(budget)
+    return budget
+
+
 def test_preallocated_memory_counts_and_the_first_segment_that_fits_takes_its_pages():
     names = iter(f"s{i}" for i in range(10))
     budget = SegmentBudget(100, FakePreallocatable, lambda: next(names))
@@ -88,11 +101,7 @@ def test_preallocated_memory_counts_and_the_first_segment_that_fits_takes_its_pa
 
 
 def test_preallocated_memory_too_small_for_a_step_is_given_back_to_it():
-    names = iter(f"s{i}" for i in range(10))
-    budget = SegmentBudget(100, FakePreallocatable, lambda: next(names))
-    budget.current_layout = "L"
-    budget.preallocate(40)
-    _ready(budget)
+    budget = _with_reserve(100, 40)
     reserve = budget.reserve
     assert budget.take("L", 70) is PENDING  # 40 + 70 > 100, and 40 cannot hold 70: given back
     assert reserve.unlinked and budget.reserve is None and budget.used == 70
@@ -102,11 +111,7 @@ def test_preallocated_memory_too_small_for_a_step_is_given_back_to_it():
 
 
 def test_a_reserve_too_small_for_the_layout_makes_way_for_its_rotation():
-    names = iter(f"s{i}" for i in range(10))
-    budget = SegmentBudget(100, FakePreallocatable, lambda: next(names))
-    budget.current_layout = "L"
-    budget.preallocate(20)
-    _ready(budget)
+    budget = _with_reserve(100, 20)
     reserve = budget.reserve
     assert budget.take("L", 30) is PENDING  # fits beside the reserve: 50 used
     budget.prefill("L", 30, 3)  # the rotation's two more need 60: the reserve (20) goes
@@ -116,11 +121,7 @@ def test_a_reserve_too_small_for_the_layout_makes_way_for_its_rotation():
 
 
 def test_a_step_that_fits_the_memory_being_preallocated_waits_for_it():
-    names = iter(f"s{i}" for i in range(10))
-    budget = SegmentBudget(200, FakePreallocatable, lambda: next(names))
-    budget.current_layout = "L"
-    budget._start_factory = lambda: None  # the preallocation has not run yet
-    budget.preallocate(60)
+    budget = _with_reserve(200, 60, started=False)
     assert budget.take("L", 50) is PENDING and not budget.pending  # nothing new asked for: it waits
     del budget._start_factory
     budget._start_factory()
@@ -132,11 +133,7 @@ def test_a_step_that_fits_the_memory_being_preallocated_waits_for_it():
 
 
 def test_a_step_waits_for_memory_being_preallocated_instead_of_being_refused():
-    names = iter(f"s{i}" for i in range(10))
-    budget = SegmentBudget(100, FakePreallocatable, lambda: next(names))
-    budget.current_layout = "L"
-    budget._start_factory = lambda: None  # the background thread has not run yet
-    budget.preallocate(80)
+    budget = _with_reserve(100, 80, started=False)
     assert budget.take("L", 50) is PENDING  # not None (which refuses or evicts): the 80 come back
     del budget._start_factory
     budget._start_factory()
