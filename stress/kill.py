@@ -231,9 +231,11 @@ def campaign_rank(camp: lib.Campaign, rounds: int, rng: random.Random) -> str:
 # ---------------------------------------------------------------------------------------------- daemon
 
 
-def campaign_daemon(camp: lib.Campaign, rounds: int, rng: random.Random) -> str:
+def campaign_daemon(camp: lib.Campaign, rounds: int, rng: random.Random, preallocate: str | None = None) -> str:
     endpoint = f"ipc://{camp.tmp}/d.sock"
     args = ("--memory-limit", "128MiB", "--keep", "2", "--step-timeout", "20")
+    if preallocate:  # each daemon allocates this at start: a kill may land during it; the next reclaims it
+        args += ("--preallocate", preallocate)
     daemon = camp.daemon(endpoint, args)
     lws, spec = 2, lib.job_spec("per-rank", 2)
     port = free_port()
@@ -283,7 +285,8 @@ def campaign_daemon(camp: lib.Campaign, rounds: int, rng: random.Random) -> str:
         camp.fail(f"a stage call blocked the training loop for {max_dt:.1f}s")
     wait_for(lambda: not status(endpoint)["ranks"], 15)
     stop_daemon(camp, daemon)
-    return (f"kill daemon: {rounds} rounds, segments reclaimed {counts['reclaimed']}/{rounds}, staging resumed "
+    name = f"kill daemon (preallocating {preallocate})" if preallocate else "kill daemon"
+    return (f"{name}: {rounds} rounds, segments reclaimed {counts['reclaimed']}/{rounds}, staging resumed "
             f"{counts['resumed']}/{rounds}, newest version intact {counts['intact']}/{rounds}, longest stage "
             f"call {max_dt:.2f}s, {len(camp.daemon_pids)} daemons")
 
@@ -409,6 +412,7 @@ def main(argv=None) -> int:
     p.add_argument("--rounds", type=int, default=20)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quick", action="store_true", help="2 rounds per target, for CI")
+    p.add_argument("--preallocate", help="daemon target: start each daemon with serve --preallocate SIZE")
     args = p.parse_args(argv)
     if args.quick:
         args.rounds = min(args.rounds, 2)
@@ -423,7 +427,7 @@ def main(argv=None) -> int:
                 if target == "rank":
                     line = campaign_rank(camp, args.rounds, rng)
                 elif target == "daemon":
-                    line = campaign_daemon(camp, args.rounds, rng)
+                    line = campaign_daemon(camp, args.rounds, rng, args.preallocate)
                 else:
                     line = campaign_follower(camp, args.rounds, rng, target)
             except Exception as exc:
