@@ -29,7 +29,7 @@ README_CALLS = ('"model": model.state_dict()', '"optim": get_optimizer_state_dic
 
 
 def test_the_readme_shows_the_calls_the_torchtitan_jobs_make():
-    code = "\n".join(re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), re.S))
+    code = "\n".join(re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), re.DOTALL))
     assert [call for call in README_CALLS if call not in code] == []
 
 

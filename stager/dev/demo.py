@@ -1,8 +1,9 @@
 """`stager demo`: the product on one machine, in one command.
 
 A daemon; a 2-rank FSDP2 training loop on CPU (gloo) of a tiny torchtitan-style Llama that stages
-model, optimizer and train state every few steps (README pattern: ``stage()`` returns at once,
-the copy overlaps the next forward/backward); and, while it trains, the readers of a real job:
+model, optimizer and train state every few steps with the README's calls (``model.state_dict()``,
+``get_optimizer_state_dict``; ``stage()`` returns at once, the copy overlaps the next
+forward/backward); and, while it trains, the readers of a real job:
 
 - an RL-style rollout process, ``Subscriber(view="hf")``, loading each new version by HF names;
 - ``export-hf`` following the versions (HF safetensors + config.json);
@@ -81,9 +82,8 @@ def sharded_model(world_size: int) -> tuple[TinyModel, torch.optim.Optimizer]:
 def _train_rank(rank: int, world_size: int, endpoint: str, steps: int, every: int, out_dir: str,
                 rollout_ready: Any) -> dict:
     import torch.nn.functional as F
-    from torch.distributed.checkpoint.state_dict import (
-        StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
-    )
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+    from torch.distributed.tensor import DTensor
 
     from stager.client import StagingClient
     from stager.dev.tiny_llama import HF_CONFIG, sharded_llama
@@ -122,7 +122,9 @@ def _train_rank(rank: int, world_size: int, endpoint: str, steps: int, every: in
             if step % every and step != steps:
                 continue
             train = {"step": step, "loss": loss.item()}
-            state = {"model": get_model_state_dict(model),
+            # the README's calls: model.state_dict() (FSDP2's DTensor shards; what torchtitan's checkpointer
+            # takes, and what works on its fused-QKV models where get_model_state_dict raises)
+            state = {"model": model.state_dict(),
                      "optim": get_optimizer_state_dict(model, optim, options=flat), "train": train}
             t0 = time.perf_counter()
             handle = client.stage(state, step=step, model_info=info)
@@ -131,7 +133,8 @@ def _train_rank(rank: int, world_size: int, endpoint: str, steps: int, every: in
             waiters.append(threading.Thread(target=until_sealed, args=(handle, t0), daemon=True))
             waiters[-1].start()
             # the reference the readers are checked against: the unsharded state at this step (a collective)
-            expected = {"model": get_model_state_dict(model, options=full),
+            expected = {"model": {k: v.full_tensor() if isinstance(v, DTensor) else v
+                                  for k, v in state["model"].items()},
                         "optim": get_optimizer_state_dict(model, optim, options=full), "train": train}
             if rank == 0:
                 tensors, objects = flatten_state_dict(expected)
