@@ -170,15 +170,16 @@ class StagingClient:
         every rank calls it.
 
         Each rank writes its own tensors: DTensor local shards of any placement and plain tensors,
-        nested as staged (``{"model": get_model_state_dict(...), "optim": get_optimizer_state_dict(...,
-        flatten_optimizer_state_dict=True)}``), reading only the box it holds, from whichever node
-        holds it. The job may have another world size or parallelism than the one that staged.
-        Non-tensor leaves come back as staged. Every name, shape and dtype is checked first: a
-        mismatch raises BAD_VALUE naming the tensor and nothing is written. Optimizer state must
-        exist (take one step, as with DCP). Then ``set_model_state_dict`` / ``set_optimizer_state_dict``
-        as after ``dcp.load``.
+        nested as staged (``{"model": model.state_dict(), "optim": get_optimizer_state_dict(...,
+        flatten_optimizer_state_dict=True)}``, or ``get_model_state_dict(model)``'s), reading only the box
+        it holds, from whichever node holds it. The job may have another world size or parallelism than
+        the one that staged. Non-tensor leaves come back as staged. Every name, shape and dtype is checked
+        first: a mismatch raises BAD_VALUE naming the tensor and nothing is written. Optimizer state must
+        exist (take one step, as with DCP). Then ``model.load_state_dict`` (it puts back what state-dict
+        hooks made, e.g. torchtitan's split fused QKV) or ``set_model_state_dict``, and
+        ``set_optimizer_state_dict``, as after ``dcp.load``.
 
-        >>> sd = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt, options=o)}
+        >>> sd = {"model": model.state_dict(), "optim": get_optimizer_state_dict(model, opt, options=o)}
         >>> step = client.restore(sd)  # doctest: +SKIP
         """
         from ..readers import Subscriber
