@@ -26,18 +26,11 @@ def _assembler_environment(config) -> None:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from stager.daemon.config import DaemonConfig, parse_size
-    from stager.daemon import Daemon
+    from stager.daemon import Daemon, DaemonConfig
+    from stager.flags import from_flags
 
     try:
-        config = DaemonConfig(endpoint=args.endpoint,
-                              memory_limit=parse_size(args.memory_limit) if args.memory_limit else None,
-                              preallocate=parse_size(args.preallocate) if args.preallocate else 0,
-                              keep=args.keep, step_timeout=args.step_timeout,
-                              peer_timeout=args.peer_timeout, auth_dir=args.auth_dir,
-                              insecure_no_auth=args.insecure_no_auth, metrics=args.metrics,
-                              drain_timeout=args.drain_timeout, host_id=args.host_id, advertise=args.advertise,
-                              assemble_full=args.assemble_full)
+        config = from_flags(DaemonConfig, args)
         if config.assemble_full:
             _assembler_environment(config)
         daemon = Daemon(config)
@@ -332,7 +325,8 @@ def _writer_arguments(p: argparse.ArgumentParser, what: str) -> None:
     p.add_argument("--metrics", metavar="[HOST:]PORT", help="serve Prometheus metrics (HOST default 127.0.0.1)")
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The ``stager`` command's parser, every subcommand's flags (the tests read ``serve``'s from it)."""
     parser = argparse.ArgumentParser(prog="stager", description="Per-node staging daemon for PyTorch training state.")
     parser.add_argument("--log-level", default="WARNING", help="logging level (default WARNING)")
     parser.add_argument("--log-format", choices=("text", "json"), default="text",
@@ -340,31 +334,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--log-file", help="append logs to this file (reopened on SIGHUP) instead of stderr")
     sub = parser.add_subparsers(dest="command", required=True)
 
+    from stager.daemon.config import DaemonConfig
+    from stager.flags import add_flags
+
     p = sub.add_parser("serve", help="run the node's staging daemon")
-    p.add_argument("--endpoint", help="ipc:///path or tcp://host:port (default $STAGER_ENDPOINT or a per-user ipc socket)")
-    p.add_argument("--memory-limit", help="shared memory for snapshots, e.g. 16GiB or 40%% (default 50%% of available)")
-    p.add_argument("--preallocate", help="shared memory to allocate at start, within --memory-limit, e.g. 8GiB: "
-                                         "the first snapshot is written into pages already there (default none)")
-    p.add_argument("--keep", type=int, default=2, help="sealed versions to retain (default 2)")
-    p.add_argument("--step-timeout", type=float, default=120.0, help="seconds for all ranks to commit a step")
-    p.add_argument("--peer-timeout", type=float, default=30.0,
-                   help="seconds of silence after which a peer on another host counts as gone (default 30)")
-    p.add_argument("--auth-dir", help="CURVE keys directory (`stager keygen`), required for every tcp bind")
-    p.add_argument("--insecure-no-auth", action="store_true",
-                   help="serve a loopback tcp endpoint WITHOUT authentication: any local user can read snapshots "
-                        "and stage (throwaway setups only; the daemon warns and reports \"insecure\": true)")
+    add_flags(p, DaemonConfig)  # every setting's flag, default and help come from DaemonConfig's fields
     p.add_argument("--json", action="store_true", help="print the ready line as JSON")
-    p.add_argument("--metrics", metavar="[HOST:]PORT",
-                   help="serve Prometheus metrics over HTTP (HOST default 127.0.0.1; off by default)")
-    p.add_argument("--host-id", help="this node's identity (default $STAGER_HOST_ID, else the machine's); give each "
-                                     "simulated node on one host its own, and set STAGER_HOST_ID for its ranks")
-    p.add_argument("--advertise", metavar="ENDPOINT",
-                   help="endpoint other nodes of a job reach this daemon at (default: --endpoint)")
-    p.add_argument("--assemble-full", action="store_true",
-                   help="multi-node jobs: pull each complete version whole onto this node in the background (free "
-                        "memory only), so readers here read all of it zero-copy")
-    p.add_argument("--drain-timeout", type=float, default=30.0,
-                   help="on SIGTERM, seconds to let steps in flight seal before exiting (default 30)")
     p.set_defaults(func=_serve)
 
     p = sub.add_parser("status", help="show the daemon's versions, ranks and memory")
@@ -461,8 +436,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--every", type=int, default=2, help="stage every N steps")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_demo)
+    return parser
 
-    args = parser.parse_args(argv)
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     from stager.protocol.logs import configure, request_reopen
 
     configure(args.log_level, args.log_format, args.log_file)

@@ -1,7 +1,11 @@
 """Helpers shared by several test modules (test modules never import each other)."""
 
+import importlib
+import importlib.util
 import socket
 import time
+
+import pytest
 
 # a tiny Llama-family HF config used by the adapter and export tests
 CONFIG = {"vocab_size": 96, "hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": 2,
@@ -43,3 +47,42 @@ def has_ipv6_loopback() -> bool:
         return True
     except OSError:
         return False
+
+
+class _Lazy:
+    """A module, or one of its attributes, imported at its first use (see :func:`lazy_importorskip`)."""
+
+    def __init__(self, module: str, attr: str | None = None):
+        self._module, self._attr = module, attr
+
+    def _resolve(self):
+        module = importlib.import_module(self._module)
+        return module if self._attr is None else getattr(module, self._attr)
+
+    def __getattr__(self, attr: str):
+        if attr.startswith("__") and attr.endswith("__"):  # pytest's collection probes __test__, __bases__ ...
+            raise AttributeError(attr)  # of every name in a module: answered here, without the import
+        return getattr(self._resolve(), attr)
+
+    def __call__(self, *args, **kwargs):
+        return self._resolve()(*args, **kwargs)
+
+    def __repr__(self) -> str:
+        return f"<{self._module}{'.' + self._attr if self._attr else ''}, imported at first use>"
+
+
+def lazy_import(module: str, attr: str | None = None):
+    """``module`` (or ``module.attr``), imported when a test first uses it: for a name a test module binds at
+    its top, as ``from module import attr`` would, without the import while pytest collects it."""
+    return _Lazy(module, attr)
+
+
+def lazy_importorskip(name: str):
+    """``pytest.importorskip(name)`` at the top of a test module, without importing ``name`` there: the module
+    is skipped when ``name``'s package is not installed, and ``name`` is imported at its first use, in a test.
+    pytest imports every test module to collect it (``-m fast`` too), and transformers, torchtitan, peft and
+    torchao take seconds each to import."""
+    package = name.partition(".")[0]
+    if importlib.util.find_spec(package) is None:
+        pytest.skip(f"{package} is not installed", allow_module_level=True)
+    return _Lazy(name)

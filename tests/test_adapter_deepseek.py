@@ -13,8 +13,11 @@ from stager.client.adapters.deepseek import DeepSeekV3Adapter
 from stager.client.adapters import load_adapter, to_hf_items
 from stager.consumers.export_hf import export_snapshot
 from stager.protocol import StagerError
+from helpers import lazy_importorskip
 
-transformers = pytest.importorskip("transformers")
+transformers = lazy_importorskip("transformers")
+
+pytestmark = pytest.mark.fast  # the fast tier: no daemon process, no torch.distributed job
 
 # HF config names; 8 experts in 2 groups, 1 group kept, top-2: group-limited routing does mask experts
 CONFIG = {"vocab_size": 64, "hidden_size": 32, "intermediate_size": 48, "moe_intermediate_size": 16,

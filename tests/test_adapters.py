@@ -12,6 +12,8 @@ from stager.protocol import StagerError
 
 from helpers import CONFIG
 
+pytestmark = pytest.mark.fast  # the fast tier: no daemon process, no torch.distributed job
+
 
 def assert_same_logits_and_round_trip(hf, native, adapter, sd, hf_sd):
     tokens = torch.randint(0, CONFIG["vocab_size"], (2, 17))

@@ -5,6 +5,7 @@ import-linter reads a package from one directory tree, while stager maps ``clien
 temporary directory and runs ``lint-imports`` there.
 """
 
+import ast
 import os
 import pathlib
 import shutil
@@ -12,6 +13,8 @@ import subprocess
 import sys
 
 import pytest
+
+pytestmark = pytest.mark.fast  # the fast tier: no daemon process, no torch.distributed job
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -41,3 +44,31 @@ def test_every_package_says_what_it_holds_and_may_import():
                     "client/readers", "client/adapters", "protocol"):
         doc = (ROOT / package / "__init__.py").read_text()
         assert doc.lstrip().startswith('"""'), f"{package}/__init__.py has no docstring"
+
+
+HEAVY = ("transformers", "torchtitan", "peft", "torchao")  # seconds each to import
+
+
+def _top_level(node):
+    """The statements of a module run at import: not inside a function or class body."""
+    for child in ast.iter_child_nodes(node):
+        if not isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef, ast.Lambda)):
+            yield child
+            yield from _top_level(child)
+
+
+def test_test_modules_import_no_heavy_package_at_the_top():
+    """pytest imports every test module to collect it, `-m fast` too: transformers, torchtitan, peft and
+    torchao are imported inside the tests that use them (helpers.lazy_importorskip), never at the top."""
+    found = []
+    for path in sorted((ROOT / "tests").glob("*.py")):
+        for node in _top_level(ast.parse(path.read_text())):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                names = [node.module]
+            elif isinstance(node, ast.Call) and ast.unparse(node.func) == "pytest.importorskip" and node.args:
+                names = [ast.literal_eval(node.args[0])]
+            found += [f"{path.name}:{node.lineno} {n}" for n in names if n.partition(".")[0] in HEAVY]
+    assert not found, f"imported at the top of a test module (use helpers.lazy_importorskip): {found}"

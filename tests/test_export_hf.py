@@ -11,9 +11,9 @@ import torch
 from native_llama import NativeLlama
 from stager.client import StagingClient
 from stager.consumers.export_hf import export_hf
-from helpers import CONFIG
+from helpers import CONFIG, lazy_importorskip
 
-transformers = pytest.importorskip("transformers")
+transformers = lazy_importorskip("transformers")
 
 
 def hf_config_dict():

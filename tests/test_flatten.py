@@ -4,6 +4,8 @@ import torch
 from stager.client.hook.flatten import LayoutCache, flatten_state_dict
 from stager.protocol import ErrorCode, StagerError
 
+pytestmark = pytest.mark.fast  # the fast tier: no daemon process, no torch.distributed job
+
 
 def test_nested_and_flat_keys():
     sd = {"model": {"a.w": torch.ones(2), "b": {"w": torch.zeros(1)}}, "step": 5, "lrs": [0.1, 0.2],

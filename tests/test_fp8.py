@@ -3,7 +3,9 @@
 import pytest
 import torch
 
-pytest.importorskip("torchao.float8")
+from helpers import lazy_importorskip
+
+lazy_importorskip("torchao.float8")
 
 from stager.client import StagingClient, Subscriber  # noqa: E402
 from stager.dev.launch import DaemonProcess, run_ranks  # noqa: E402

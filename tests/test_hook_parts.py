@@ -26,6 +26,8 @@ from stager.protocol.layout import Box, PlanEntry, Placement
 from stager.protocol.quant import QuantSpec
 from stager.protocol.shm import SHM_DIR, placement_view
 
+pytestmark = pytest.mark.fast  # the fast tier: no daemon process, no torch.distributed job
+
 
 def entry(fqn, dtype, gshape, offset, lshape) -> PlanEntry:
     return PlanEntry(fqn, dtype, tuple(gshape), Box(tuple(offset), tuple(lshape)))

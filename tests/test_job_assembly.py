@@ -7,6 +7,8 @@ from stager.client.readers.assembly import (
 )
 from stager.protocol import Block, Box, ErrorCode, StagerError, TensorLayout
 
+pytestmark = pytest.mark.fast  # the fast tier: no daemon process, no torch.distributed job
+
 
 def layout(fqn, shape, *boxes, dtype="f32"):
     return TensorLayout(fqn, dtype, shape, tuple(Block(64 * i, Box(o, s)) for i, (o, s) in enumerate(boxes)))

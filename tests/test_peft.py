@@ -6,8 +6,10 @@ import os
 import pytest
 import torch
 
-peft = pytest.importorskip("peft")
-transformers = pytest.importorskip("transformers")
+from helpers import lazy_importorskip
+
+peft = lazy_importorskip("peft")
+transformers = lazy_importorskip("transformers")
 
 from stager.client import StagingClient, Subscriber  # noqa: E402
 from stager.client.adapters import load_adapter  # noqa: E402

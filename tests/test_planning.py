@@ -9,6 +9,8 @@ from stager.daemon.planning import ALIGN, build_layout
 from stager.protocol.layout import Box, Placement, PlanEntry, plan_from_wire
 from stager.protocol import ErrorCode, ProtocolError
 
+pytestmark = pytest.mark.fast  # the fast tier: no daemon process, no torch.distributed job
+
 
 def E(fqn, shape, offset, local, dtype="f32"):
     return PlanEntry(fqn, dtype, tuple(shape), Box(tuple(offset), tuple(local)))

@@ -12,6 +12,9 @@ from stager.protocol import (
     DTYPES, PROTOCOL_VERSION, Commit, ErrorCode, ProtocolError, StagerError, decode, dtype_from_name, dtype_name,
 )
 
+pytestmark = pytest.mark.fast  # the fast tier: no daemon process, no torch.distributed job
+
+
 def _header(**over):
     h = {"v": PROTOCOL_VERSION, "t": "acquire", "id": 1, "b": {"step": None}}
     h.update(over)

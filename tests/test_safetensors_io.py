@@ -9,6 +9,8 @@ from safetensors.torch import load_file
 from stager.consumers import safetensors_io
 from stager.consumers.safetensors_io import tensor_bytes, write_safetensors
 
+pytestmark = pytest.mark.fast  # the fast tier: no daemon process, no torch.distributed job
+
 
 def tensors():
     return [("a", torch.arange(12, dtype=torch.float32).reshape(3, 4)), ("b", torch.ones(0, 5, dtype=torch.bfloat16)),

@@ -1,8 +1,11 @@
 """SegmentBudget alone: which pooled segment a step gets."""
 
+import pytest
 from helpers import wait_until
 
 from stager.daemon.memory import PENDING, SegmentBudget
+
+pytestmark = pytest.mark.fast  # the fast tier: no daemon process, no torch.distributed job
 
 
 class FakeSegment:

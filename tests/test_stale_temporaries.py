@@ -4,9 +4,12 @@ import os
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from stager.consumers.persist import remove_stale_temporaries, step_directory
+
+pytestmark = pytest.mark.fast  # the fast tier: no daemon process, no torch.distributed job
 
 
 def _dead_pid() -> int:

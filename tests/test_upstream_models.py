@@ -24,13 +24,16 @@ import re
 import pytest
 import torch
 
-torchtitan = pytest.importorskip("torchtitan")
+from helpers import lazy_import, lazy_importorskip
+
+torchtitan = lazy_importorskip("torchtitan")
 if importlib.util.find_spec("transformers") is None:  # imported where used: the spawned ranks never need it
     pytest.skip("transformers is not installed", allow_module_level=True)
 
-from torchtitan.models import deepseek_v3, llama3, qwen3  # noqa: E402  (installed, so its imports must work)
-from torchtitan.models.common.attention import ScaledDotProductAttention  # noqa: E402
-from torchtitan.models.common.config_utils import make_gqa_config  # noqa: E402
+# imported at first use, in a test (seconds: not while pytest collects); installed, so their imports must work
+deepseek_v3, llama3, qwen3 = (lazy_import(f"torchtitan.models.{m}") for m in ("deepseek_v3", "llama3", "qwen3"))
+ScaledDotProductAttention = lazy_import("torchtitan.models.common.attention", "ScaledDotProductAttention")
+make_gqa_config = lazy_import("torchtitan.models.common.config_utils", "make_gqa_config")
 
 from stager.client.adapters import load_adapter, to_hf_items  # noqa: E402
 
@@ -174,8 +177,9 @@ def deepseek_v3_hf_config(cfg, **extra) -> dict:
 
 
 HF_CONFIG = {"llama3": llama3_hf_config, "qwen3": qwen3_hf_config, "deepseek_v3": deepseek_v3_hf_config}
-TITAN_ADAPTER = {"llama3": llama3.Llama3StateDictAdapter, "qwen3": qwen3.Qwen3StateDictAdapter,
-                 "deepseek_v3": deepseek_v3.DeepSeekV3StateDictAdapter}
+TITAN_ADAPTER = {"llama3": lazy_import("torchtitan.models.llama3", "Llama3StateDictAdapter"),
+                 "qwen3": lazy_import("torchtitan.models.qwen3", "Qwen3StateDictAdapter"),
+                 "deepseek_v3": lazy_import("torchtitan.models.deepseek_v3", "DeepSeekV3StateDictAdapter")}
 HF_MODEL = {"llama3": "LlamaForCausalLM", "qwen3": "Qwen3ForCausalLM", "deepseek_v3": "DeepseekV3ForCausalLM"}
 
 

@@ -12,6 +12,8 @@ from wire_examples import EXAMPLES
 from stager.protocol import PROTOCOL_VERSION, decode
 from stager.protocol.frames import message_types
 
+pytestmark = pytest.mark.fast  # the fast tier: no daemon process, no torch.distributed job
+
 # header frame (frame 0) of each example with id 42, protocol version 1
 GOLDEN = {
     "hello": "84a17601a174a568656c6c6fa269642aa16287a4726f6c65a7747261696e6572a472616e6b01b06c6f63616c5f776f726c645f73697a6502aa776f726c645f73697a6504a37069640aaa73746172745f74696d65cb3ff8000000000000a7686f73745f6964a6683a626f6f74",

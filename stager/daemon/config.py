@@ -10,6 +10,7 @@ from urllib.parse import urlsplit
 
 import psutil
 
+from stager.flags import setting
 from stager.metrics import parse_listen
 from stager.protocol.endpoint import is_loopback, resolve
 
@@ -39,54 +40,72 @@ def parse_size(text: str | int) -> int:
 class DaemonConfig:
     """Settings of one `stager serve` process.
 
+    Each field is also a `stager serve` flag (``memory_limit``: ``--memory-limit``), made from it by
+    stager/flags.py: the default and the flag's help are declared here only, in ``setting()``; the
+    docstring under each field says what the daemon does with it.
+
     >>> DaemonConfig(memory_limit=1 << 30, keep=3).keep
     3
     """
 
-    endpoint: str | None = None
+    endpoint: str | None = setting(
+        None, "ipc:///path or tcp://host:port (default $STAGER_ENDPOINT or a per-user ipc socket)")
     """ZeroMQ endpoint to bind; None: ``$STAGER_ENDPOINT``, else the ipc socket in the runtime dir."""
 
-    memory_limit: int | None = None
+    memory_limit: int | None = setting(
+        None, f"shared memory for snapshots, e.g. 16GiB or 40%% (default {DEFAULT_MEMORY_FRACTION * 100:g}%% of "
+              "available)", parse=parse_size)
     """Bytes of shared memory for snapshots (sealed, in flight and pooled); None: half of available RAM."""
 
-    preallocate: int = 0
+    preallocate: int = setting(0, "shared memory to allocate at start, within --memory-limit, e.g. 8GiB: the first "
+                                  "snapshot is written into pages already there (default none)", parse=parse_size)
     """Bytes of shared memory to allocate when the daemon starts, in the background, counted
     against ``memory_limit``: the first new segment that fits takes these pages instead of
     allocating its own, so the first snapshot (a ``load-hf``, a trainer's first step) is written
     into memory that is already there. Given back whenever a step needs the memory. 0: none."""
 
-    keep: int = 2
+    keep: int = setting(2, "sealed versions to retain (default %(default)s)")
     """Sealed versions retained (leased versions outlive this until released)."""
 
-    step_timeout: float = 120.0
+    step_timeout: float = setting(120.0, "seconds for all ranks to commit a step")
     """Seconds from a step's first begin until every rank must have committed, else it fails."""
 
-    peer_timeout: float = 30.0
+    peer_timeout: float = setting(
+        30.0, "seconds of silence after which a peer on another host counts as gone (default %(default)g)")
     """Seconds of silence after which a peer on another host is considered dead."""
 
-    auth_dir: str | None = None
+    auth_dir: str | None = setting(None, "CURVE keys directory (`stager keygen`), required for every tcp bind")
     """CURVE keys, required for every tcp bind (loopback included): ``server.key_secret`` and
     ``authorized/*.key``, made by ``stager keygen`` (deploy/README.md)."""
 
-    insecure_no_auth: bool = False
+    insecure_no_auth: bool = setting(
+        False, "serve a loopback tcp endpoint WITHOUT authentication: any local user can read snapshots and stage "
+               "(throwaway setups only; the daemon warns and reports \"insecure\": true)")
     """Serve a loopback tcp endpoint without authentication: every local user can then read status and
     snapshots and stage. For throwaway setups only; the daemon warns, and says ``"insecure": true``."""
 
-    metrics: str | None = None
+    metrics: str | None = setting(
+        None, "serve Prometheus metrics over HTTP (HOST default 127.0.0.1; off by default)", metavar="[HOST:]PORT")
     """``[HOST:]PORT`` to serve Prometheus metrics on (HOST defaults to 127.0.0.1); None: no metrics."""
 
-    drain_timeout: float = 30.0
+    drain_timeout: float = setting(
+        30.0, "on SIGTERM, seconds to let steps in flight seal before exiting (default %(default)g)")
     """Seconds a SIGTERM waits for the steps in flight to seal before the daemon exits anyway."""
 
-    host_id: str | None = None
+    host_id: str | None = setting(
+        None, "this node's identity (default $STAGER_HOST_ID, else the machine's); give each simulated node on "
+              "one host its own, and set STAGER_HOST_ID for its ranks")
     """This node's identity; None: ``$STAGER_HOST_ID``, else the machine's. Daemons (and their
     clients) with different ids never share memory: give each simulated node on one host its own."""
 
-    advertise: str | None = None
+    advertise: str | None = setting(
+        None, "endpoint other nodes of a job reach this daemon at (default: --endpoint)", metavar="ENDPOINT")
     """The endpoint the other nodes of a job (and their readers) reach this daemon at; None: the
     bound endpoint. Set it when binding a wildcard (``tcp://0.0.0.0:7555`` -> ``tcp://node3:7555``)."""
 
-    assemble_full: bool = False
+    assemble_full: bool = setting(
+        False, "multi-node jobs: pull each complete version whole onto this node in the background (free memory "
+               "only), so readers here read all of it zero-copy")
     """Multi-node jobs: after each version is complete on every node, pull the other nodes' regions
     into this node in the background, so readers here read the whole version zero-copy. Uses only
     memory free under ``memory_limit`` (a version is left partial otherwise); the trainer never waits
