@@ -10,9 +10,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from stager.client.adapters import (
-    BUILT_IN, DeepSeekV3Adapter, IdentityAdapter, Llama3Adapter, Qwen3Adapter, hf_names,
-)
+from stager.client.adapters import BUILT_IN, DeepSeekV3Adapter, IdentityAdapter, Llama3Adapter, Qwen3Adapter, hf_names
 from stager.client.adapters.config import MAX_INT
 from stager.protocol import ErrorCode, HFConfigError, StagerError
 

@@ -19,7 +19,8 @@ num_attention_heads
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from stager.protocol import HFConfigError
 from stager.protocol.errors import short_repr
