@@ -15,7 +15,7 @@ import this package, so it sits at the bottom (checked by import-linter in CI).
 """
 
 from .dtypes import DTYPES, dtype_from_name, dtype_name
-from .errors import ErrorCode, NodeDown, ProtocolError, RemoteError, StagerError
+from .errors import ErrorCode, HFConfigError, NodeDown, ProtocolError, RemoteError, StagerError
 from .frames import PROTOCOL_VERSION, Message, decode
 from .layout import Block, Box, PlanEntry, Placement, ReadItem, TensorLayout
 from .messages import (
@@ -27,7 +27,7 @@ from .reads import Acquire, AcquireReply, Announce, Read, ReadReply, Release, Su
 
 __all__ = [
     "PROTOCOL_VERSION", "DTYPES", "dtype_name", "dtype_from_name", "decode", "Message",
-    "ErrorCode", "StagerError", "ProtocolError", "RemoteError", "NodeDown",
+    "ErrorCode", "StagerError", "ProtocolError", "RemoteError", "NodeDown", "HFConfigError",
     "Box", "PlanEntry", "Placement", "Block", "TensorLayout", "ReadItem",
     "Hello", "HelloReply", "Bye", "Begin", "BeginReply", "Put", "Commit", "Sealed", "Abort",
     "Acquire", "AcquireReply", "Release", "Subscribe", "SubscribeReply", "Announce", "Read", "ReadReply",

@@ -59,6 +59,16 @@ class RemoteError(StagerError):
     """The daemon answered a request with an error reply."""
 
 
+class HFConfigError(StagerError):
+    """A field of an HF config that a consumer reads (a built-in adapter's, load-hf's) is missing, of the
+    wrong type or out of range; ``field`` names it (dotted when nested, e.g.
+    ``quantization_config.weight_block_size``). Raised before any tensor is read (BAD_VALUE)."""
+
+    def __init__(self, field: str, message: str):
+        self.field = field
+        super().__init__(ErrorCode.BAD_VALUE, message)
+
+
 _REPR = reprlib.Repr()
 _REPR.maxlevel, _REPR.maxlist, _REPR.maxdict, _REPR.maxstring, _REPR.maxother = 2, 6, 4, 40, 40
 

@@ -85,6 +85,13 @@ def _run_writer(args: argparse.Namespace, command: str, key: str, write, fields=
     except (StagerError, ValueError, OSError) as exc:
         print(f"stager {command}: {exc}", file=sys.stderr)
         return 1
+    except Exception as exc:  # a bug, or a library's error: one line (the traceback at --log-level DEBUG)
+        from stager.consumers.persist import failure_cause
+
+        logging.getLogger("stager.cli").debug("stager %s failed", command, exc_info=exc)
+        print(f"stager {command}: {failure_cause(exc)} (unexpected: --log-level DEBUG shows where; please "
+              "report it)", file=sys.stderr)
+        return 1
     finally:
         metrics.close()
     return 0

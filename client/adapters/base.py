@@ -30,6 +30,8 @@ import torch
 
 from stager.protocol import ErrorCode, StagerError
 
+from .config import Schema, check_config
+
 __all__ = ["Adapter", "HFTensor", "IdentityAdapter", "PerTensorAdapter", "adapter_error", "check_adapter",
            "fill_hf", "hf_items", "hf_names", "is_lora", "is_per_tensor", "permute_for_hf_rotary", "to_hf_items",
            "unpermute_from_hf_rotary"]
@@ -176,8 +178,10 @@ class IdentityAdapter:
     """The trained model already is a transformers model (common in RL frameworks): names pass through."""
 
     NAME = "identity"
+    CONFIG = Schema(fields={})  # reads no field of hf_config
 
     def __init__(self, hf_config: dict | None = None):
+        check_config(f"the {self.NAME} adapter", self.CONFIG, hf_config)
         self.hf_config = hf_config or {}
 
     def to_hf_items(self, name: str, tensor: torch.Tensor) -> list[tuple[str, torch.Tensor]]:

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from .base import adapter_error, permute_for_hf_rotary, unpermute_from_hf_rotary
+from .config import DEEPSEEK_V3, check_config
 
 CURRENT, LEGACY = "current", "legacy"  # expert naming: torchtitan 0.3.0's, or the earlier moe.experts.w*
 
@@ -33,7 +34,8 @@ class DeepSeekV3Adapter:
     ``hf_config`` needs hidden_size, num_attention_heads, n_routed_experts, moe_intermediate_size,
     kv_lora_rank, qk_nope_head_dim, qk_rope_head_dim, v_head_dim and first_k_dense_replace;
     q_lora_rank (0/None: a plain ``wq``), rope_interleave (default True), tie_word_embeddings and
-    num_hidden_layers (needed only for MTP layers) are read when present.
+    num_hidden_layers (needed only for MTP layers) are read when present. All are checked (types,
+    ranges, an even qk_rope_head_dim) when the adapter is made: :data:`~.config.DEEPSEEK_V3`.
 
     Native names: torchtitan 0.3.0's (``lm_head``, ``moe.expert_bias_E``,
     ``moe.routed_experts.inner_experts.w1_EFD/w2_EDF/w3_EFD``, ``mtp_layers.N.*``) and the earlier
@@ -58,8 +60,7 @@ class DeepSeekV3Adapter:
     """
 
     NAME = "deepseek_v3"
-    NEEDS = ("hidden_size", "num_attention_heads", "n_routed_experts", "moe_intermediate_size", "kv_lora_rank",
-             "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim", "first_k_dense_replace")
+    CONFIG = DEEPSEEK_V3  # the hf_config fields read, and what they accept
     # native suffix -> HF suffix; where several natives share an HF name, the first is torchtitan 0.3.0's
     LAYER_KEYS = {
         "attention_norm.weight": "input_layernorm.weight",
@@ -102,20 +103,17 @@ class DeepSeekV3Adapter:
     _HF_EXPERT = re.compile(r"^model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.(gate_proj|down_proj|up_proj)\.weight$")
 
     def __init__(self, hf_config: dict, *, expert_layout: str | None = None):
-        missing = [k for k in self.NEEDS if not isinstance((hf_config or {}).get(k), int)]
-        if missing:
-            raise adapter_error(f"the deepseek_v3 adapter needs hf_config with {', '.join(missing)} (integers)")
         if expert_layout not in (None, "out_in", "in_out"):
             raise ValueError("expert_layout must be None (from the shapes), 'out_in' or 'in_out'")
-        c = hf_config
+        c = check_config(f"the {self.NAME} adapter", self.CONFIG, hf_config)  # before any tensor is read
         self.dim, self.heads, self.n_experts = c["hidden_size"], c["num_attention_heads"], c["n_routed_experts"]
         self.moe_dim, self.kv_rank = c["moe_intermediate_size"], c["kv_lora_rank"]
         self.first_moe = c["first_k_dense_replace"]  # layers before it are dense (feed_forward), the rest MoE
         self.nope, self.rope, self.v_dim = c["qk_nope_head_dim"], c["qk_rope_head_dim"], c["v_head_dim"]
-        self.q_rank = int(c.get("q_lora_rank") or 0)
-        self.n_layers = c.get("num_hidden_layers") if isinstance(c.get("num_hidden_layers"), int) else None
-        self.permute_rope = not c.get("rope_interleave", True)
-        self.tied = bool(c.get("tie_word_embeddings", False))
+        self.q_rank = c["q_lora_rank"]
+        self.n_layers = c["num_hidden_layers"]
+        self.permute_rope = not c["rope_interleave"]
+        self.tied = c["tie_word_embeddings"]
         self.expert_layout = expert_layout
         q_rows, h = self.heads * (self.nope + self.rope), self.dim
         # expected shapes: a contradiction fails here, naming the key, not later inside transformers

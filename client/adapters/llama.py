@@ -8,6 +8,7 @@ from typing import Any
 import torch
 
 from .base import adapter_error, permute_for_hf_rotary, unpermute_from_hf_rotary
+from .config import LLAMA3, check_config
 
 _FORMS = ("legacy", "qkv_linear")
 _ROPE_LAYOUTS = ("interleaved", "halves")
@@ -31,7 +32,8 @@ class Llama3Adapter:
     n_kv_heads for k) or ``"halves"`` (already HF's order: nothing is permuted).
 
     ``hf_config`` needs ``hidden_size`` and ``num_attention_heads``; ``num_key_value_heads``,
-    ``head_dim`` and ``tie_word_embeddings`` are read when present.
+    ``head_dim`` and ``tie_word_embeddings`` are read when present. All are checked (types, ranges,
+    heads divisible, an even head dim) when the adapter is made: :data:`~.config.LLAMA3`.
     """
 
     # native pattern (N = layer) -> HF pattern; where several natives share an HF name, the first is torchtitan 0.3.0's
@@ -54,6 +56,7 @@ class Llama3Adapter:
                 "lm_head.weight": "lm_head.weight", "output.weight": "lm_head.weight"}
     NOT_WRITTEN: tuple[str, ...] = ()  # accepted by to_hf, written by from_hf only when to_hf saw them
     NAME = "llama3"
+    CONFIG = LLAMA3  # the hf_config fields read, and what they accept
     ROPE_LAYOUT = "interleaved"
     _LAYER = re.compile(r"^layers\.(\d+)\.(.+)$")
     _HF_LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
@@ -65,14 +68,11 @@ class Llama3Adapter:
         rope_layout = rope_layout or self.ROPE_LAYOUT
         if rope_layout not in _ROPE_LAYOUTS:
             raise ValueError("rope_layout must be 'interleaved' (Meta-style pairs, permuted for HF) or 'halves'")
-        try:
-            hidden, self.n_heads = int(hf_config["hidden_size"]), int(hf_config["num_attention_heads"])
-        except (KeyError, TypeError, ValueError):
-            raise adapter_error(f"the {self.NAME} adapter needs hf_config with hidden_size and "
-                                "num_attention_heads") from None
-        self.n_kv_heads = int(hf_config.get("num_key_value_heads") or self.n_heads)
-        self.head_dim = int(hf_config.get("head_dim") or hidden // self.n_heads)
-        self.tied = bool(hf_config.get("tie_word_embeddings", False))
+        c = check_config(f"the {self.NAME} adapter", self.CONFIG, hf_config)  # before any tensor is read
+        self.n_heads = c["num_attention_heads"]
+        self.n_kv_heads = c["num_key_value_heads"] or self.n_heads
+        self.head_dim = c["head_dim"] or c["hidden_size"] // self.n_heads
+        self.tied = c["tie_word_embeddings"]
         self.native_form = native_form
         self.permute = rope_layout == "interleaved"
         legacy = native_form == "legacy"

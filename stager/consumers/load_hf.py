@@ -36,6 +36,7 @@ from typing import Any
 import torch
 
 from stager.client.adapters import BUILT_IN, load_adapter, with_prefix
+from stager.client.adapters.config import LOAD_HF, check_config
 from stager.client.hook.flatten import COMPANION_SCALES
 from stager.protocol import ErrorCode, StagerError, dtype_name
 from stager.protocol.dtypes import FLOAT8_DTYPES, parse_dtype
@@ -76,8 +77,9 @@ def weight_block_size(config: dict | None, data_shape=(), scale_shape=()) -> tup
     >>> weight_block_size(None, (300, 200), (3, 2)), weight_block_size(None, (6, 4), (3, 1))
     ((128, 128), None)
     """
-    block = ((config or {}).get("quantization_config") or {}).get("weight_block_size")
-    if isinstance(block, list) and block and all(type(b) is int and b > 0 for b in block):
+    block = check_config("load-hf", LOAD_HF, config, fix="fix the checkpoint's config.json")[
+        "quantization_config.weight_block_size"]
+    if block is not None:
         return tuple(block)
     if scale_shape and len(scale_shape) == len(data_shape) and \
             all(-(-d // HF_FP8_BLOCK) == s for d, s in zip(data_shape, scale_shape)):

@@ -176,6 +176,17 @@ def prune(out_dir: str, keep: int) -> None:
         shutil.rmtree(doomed, ignore_errors=True)
 
 
+def failure_cause(exc: BaseException) -> str:
+    """One line saying why a version was not written: a typed error's own text; any other exception
+    (a bug, or a library's error) with its type, since its text alone may not say what it is.
+
+    >>> failure_cause(KeyError("head_dim"))
+    "KeyError: 'head_dim'"
+    """
+    text = str(exc) if isinstance(exc, StagerError) else f"{type(exc).__name__}: {exc}"
+    return " ".join(text.split()) or type(exc).__name__
+
+
 def for_each_version(write: Callable[[Any], str], out_dir: str, *, endpoint: str | None = None,
                      step: int | None = None, follow: bool = False, every: int = 1, keep: int | None = None,
                      max_writes: int | None = None, on_written: Callable[[str], None] | None = None,
@@ -183,8 +194,9 @@ def for_each_version(write: Callable[[Any], str], out_dir: str, *, endpoint: str
     """Lease the version ``step`` (default: the newest) and ``write`` it; or, with ``follow``, each
     new version at least ``every`` steps after the last one written, woken by the daemon's
     announcements (no polling), until interrupted or ``max_writes`` were written. The ``keep``
-    newest step directories stay. A follower that cannot write one version (bad metadata, a
-    full disk) logs why and goes on with the next one. ``on_written(path)`` is called after each
+    newest step directories stay. A follower that cannot write one version, whatever the failure
+    (bad metadata, a full disk, a bug), logs one line naming the step and why (the traceback at
+    DEBUG) and goes on with the next one. ``on_written(path)`` is called after each
     write (a follower's CLI prints each path as it is done). ``on_report`` gets ``{"step", "path",
     "seconds"}`` per version written and ``{"step", "error", "seconds"}`` per one that was not (metrics)."""
     report = on_report or (lambda r: None)
@@ -212,9 +224,12 @@ def for_each_version(write: Callable[[Any], str], out_dir: str, *, endpoint: str
                 started = time.monotonic()
                 try:
                     written.append(write(snap))
-                except (StagerError, ValueError, OSError) as exc:
-                    log.error("step %d was not written: %s; waiting for the next version", snap.step, exc)
-                    report({"step": snap.step, "error": str(exc), "seconds": time.monotonic() - started})
+                except Exception as exc:  # whatever one version did (^C and exit still stop the follower)
+                    cause = failure_cause(exc)
+                    # one line at the default level; the traceback only when debugging
+                    log.error("step %d was not written: %s; waiting for the next version", snap.step, cause,
+                              exc_info=exc if log.isEnabledFor(logging.DEBUG) else None)
+                    report({"step": snap.step, "error": cause, "seconds": time.monotonic() - started})
                     continue
                 report({"step": snap.step, "path": written[-1], "seconds": time.monotonic() - started})
             if keep:
