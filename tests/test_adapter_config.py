@@ -14,6 +14,8 @@ from stager.client.adapters import BUILT_IN, DeepSeekV3Adapter, IdentityAdapter,
 from stager.client.adapters.config import MAX_INT
 from stager.protocol import ErrorCode, HFConfigError, StagerError
 
+pytestmark = pytest.mark.fast  # the fast tier: no daemon process, no torch.distributed job
+
 # what each adapter reads of hf_config, listed here independently of the adapters' schemas: a field read but
 # left out of its schema fails test_each_adapter_reads_exactly_the_fields_it_checks
 LLAMA_FIELDS = ("hidden_size", "num_attention_heads", "num_key_value_heads", "head_dim", "tie_word_embeddings")
