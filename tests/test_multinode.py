@@ -186,9 +186,12 @@ def test_one_dcp_writer_per_node_writes_one_checkpoint_dcp_loads_at_any_world_si
     with SimulatedCluster(2, args=LIMIT) as cluster:
         run_ranks(multi_node_stage, 4, [1, 2], nodes=cluster.nodes)
         before = [daemon_status(e)["counters"]["read_bytes"] for e in cluster.endpoints]
-        paths = run_ranks(dcp_node_writer, 2, str(tmp_path / "dcp"), nodes=cluster.nodes)
+        reports = run_ranks(dcp_node_writer, 2, str(tmp_path / "dcp"), nodes=cluster.nodes)
         after = [daemon_status(e)["counters"]["read_bytes"] for e in cluster.endpoints]
+    paths = [r["written"] for r in reports]
     assert paths[0] == paths[1] == str(tmp_path / "dcp" / "step-00000002")
+    check_writer_reports(reports, 2, sum(t.numel() * t.element_size() for t in full_tensors().values()),
+                         len([f for f in os.listdir(paths[0]) if f.endswith(".distcp")]))
     assert after == before  # each writer read its own node's memory only: no tensor byte crossed nodes
     assert verify(paths[0])["ok"]
     expected = {f"model.{k}": v for k, v in scaled(full_tensors(), 2).items()}
@@ -208,10 +211,13 @@ def test_one_hf_exporter_per_node_writes_the_single_exporters_bytes(tmp_path):
         single = export_hf(str(tmp_path / "one"), endpoint=cluster.endpoints[0], max_shard_size="20KB",
                            progress=False)[0]
         before = [daemon_status(e)["counters"]["read_bytes"] for e in cluster.endpoints]
-        paths = run_ranks(hf_node_exporter, 2, str(tmp_path / "two"), "20KB", nodes=cluster.nodes)
+        reports = run_ranks(hf_node_exporter, 2, str(tmp_path / "two"), "20KB", nodes=cluster.nodes)
         sent = [daemon_status(e)["counters"]["read_bytes"] - b for e, b in zip(cluster.endpoints, before)]
+    paths = [r["exported"] for r in reports]
     assert paths[0] == paths[1] and os.path.basename(paths[0]) == "step-00000005"
     names = sorted(os.listdir(single))
+    check_writer_reports(reports, 5, sum(t.numel() * t.element_size() for t in llama_full(5).values()),
+                         len([n for n in names if n.endswith(".safetensors")]))
     assert names == sorted(os.listdir(paths[0])) and len([n for n in names if n.endswith(".safetensors")]) > 2
     for name in names:  # every file, the index, config and manifest: the single exporter's bytes
         with open(os.path.join(single, name), "rb") as a, open(os.path.join(paths[0], name), "rb") as b:
@@ -219,3 +225,12 @@ def test_one_hf_exporter_per_node_writes_the_single_exporters_bytes(tmp_path):
     # every tensor is split evenly over the nodes (FSDP rows): each exporter holds half of each of its
     # files' bytes and fetched exactly the other half, nothing twice
     assert sum(sent) == sum(t.numel() * t.element_size() for t in llama_full(5).values()) // 2
+
+
+def check_writer_reports(reports, step, tensor_bytes, files):
+    """--distributed --json: each writer prints a single writer's keys, its own share of the bytes
+    and files (together: the whole checkpoint, each byte once), and says which one published."""
+    assert [(r["writer"], r["writers"], r["node"]) for r in reports] == [(0, 2, "node-0"), (1, 2, "node-1")]
+    assert [r["published"] for r in reports] == [True, False] and all(r["step"] == step for r in reports)
+    assert all(r["seconds"] >= 0 and r["files"] >= 0 for r in reports), reports  # (a writer may have none)
+    assert sum(r["bytes"] for r in reports) == tensor_bytes and sum(r["files"] for r in reports) == files

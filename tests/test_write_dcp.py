@@ -67,7 +67,10 @@ def test_dcp_from_2_rank_fsdp2_loads_into_tp_and_into_one_process(tmp_path):
                                   "--out", str(tmp_path / "cli"), "--step", "3", "--json"],
                                  capture_output=True, text=True, timeout=120)
         assert listing.returncode == 0, listing.stderr
-        assert json.loads(listing.stdout)["written"].endswith("step-00000003")
+        report = json.loads(listing.stdout)  # the keys README and --help promise
+        assert report["written"].endswith("step-00000003") and report["step"] == 3 and report["seconds"] >= 0
+        assert report["bytes"] == sum(t.numel() * t.element_size() for t in expected.values())
+        assert report["files"] == len([f for f in os.listdir(report["written"]) if f.endswith(".distcp")]) >= 1
     path = os.path.join(out, "step-00000003")
     assert os.path.realpath(os.path.join(out, "latest")) == path
     assert not [d for d in os.listdir(out) if d.startswith(".")]  # no partial directory left
