@@ -6,6 +6,8 @@
 
 from __future__ import annotations
 
+import time
+
 from stager.protocol import ErrorCode, StagerError, Status, StatusReply
 
 from .connection import Connection
@@ -26,11 +28,15 @@ def daemon_status(endpoint: str | None = None, timeout: float = 5.0) -> dict:
 
 def job_status(endpoint: str | None = None, timeout: float = 5.0) -> dict | None:
     """The multi-node job of the daemon at ``endpoint``, asked of every node at once: ``{"job",
-    "node" (the one asked), "complete" (steps every node sealed), "nodes": {id: {"endpoint",
-    "sealed", "staging", "failed"} or {"endpoint", "down": why}}}``; None when it is in no job."""
+    "node" (the one asked), "complete", "readable", "nodes": {id: {"endpoint", "sealed", "staging",
+    "failed"} or {"endpoint", "down": why, and what it said last: "sealed", "failed", "last_seen_s"}}}``;
+    None when it is in no job. ``complete``: the steps every node sealed and none failed, a node
+    that does not answer counting with what it last answered a status on this host (see
+    :mod:`stager.client.last_answers`), as a reader's ``latest()`` counts it; ``readable``: those of them a
+    reader can lease now (every region held by a node that answers: replicas)."""
     from stager.protocol.job import JobInfo, JobInfoReply
 
-    from .readers.assembly import complete_steps
+    from . import last_answers
     from .readers.job import JobReader
 
     conn = Connection(endpoint, role="admin")
@@ -41,13 +47,25 @@ def job_status(endpoint: str | None = None, timeout: float = 5.0) -> dict | None
             raise StagerError(ErrorCode.BAD_MESSAGE, f"unexpected {info.TYPE} reply to job_info")
         if not info.job:
             return None
-        reader = JobReader(conn, info, timeout, make_source=None)
+        reader = JobReader(conn, info, timeout, make_source=None, role="admin")  # admin: its leases read nothing
+        remembered = last_answers.load(info.job, info.nodes)
+        reader.last.update({n: r for n, (r, _) in remembered.items()})
         states, down = reader.states()
-        nodes = {n: ({"endpoint": e, "down": down[n]} if n in down else
-                     {"endpoint": e, "sealed": states[n].sealed, "staging": states[n].staging,
-                      "failed": states[n].failed}) for n, e in info.nodes.items()}
-        complete = complete_steps({n: r.sealed for n, r in states.items()}, {n: r.failed for n, r in states.items()})
-        return {"job": info.job, "node": info.node, "complete": [] if down else complete, "nodes": nodes}
+        now = time.time()
+        last_answers.save(info.job, {**remembered, **{n: (r, now) for n, r in states.items()}})
+        complete, _ = reader.known_complete(states)
+        nodes: dict[str, dict] = {}
+        for n, e in info.nodes.items():
+            if n not in down:
+                nodes[n] = {"endpoint": e, "sealed": states[n].sealed, "staging": states[n].staging,
+                            "failed": states[n].failed}
+                continue
+            nodes[n] = {"endpoint": e, "down": down[n]}
+            if n in remembered:  # not "staging": what it had in flight then is no part of any answer now
+                said, at = remembered[n]
+                nodes[n].update(sealed=said.sealed, failed=said.failed, last_seen_s=round(max(0.0, now - at), 1))
+        readable = reader.readable(complete, states, down) if down else complete
+        return {"job": info.job, "node": info.node, "complete": complete, "readable": readable, "nodes": nodes}
     finally:
         if reader is not None:
             reader.close()

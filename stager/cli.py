@@ -116,7 +116,8 @@ def _export_hf(args: argparse.Namespace) -> int:
     if args.distributed:
         from stager.consumers.export_hf_dist import export_hf_distributed
 
-        return _distributed(args, "export-hf", "exported", export_hf_distributed, hf_assets=args.hf_assets, **options)
+        return _distributed(args, "export-hf", "on_export", export_hf_distributed, hf_assets=args.hf_assets,
+                            **options)
     reports: dict[str, dict] = {}
     return _run_writer(args, "export-hf", "exported", export_hf, fields=lambda path: reports.get(path, {}),
                        on_export=lambda r: reports.__setitem__(r["exported"], r), hf_assets=args.hf_assets,
@@ -124,29 +125,35 @@ def _export_hf(args: argparse.Namespace) -> int:
 
 
 def _write_dcp(args: argparse.Namespace) -> int:
+    """--json: one line per checkpoint, ``{"written": path, "step", "seconds", "bytes", "files"}``."""
     from stager.consumers.write_dcp import write_dcp
 
     if args.distributed:
         from stager.consumers.write_dcp_dist import write_dcp_distributed
 
-        return _distributed(args, "write-dcp", "written", write_dcp_distributed)
-    return _run_writer(args, "write-dcp", "written", write_dcp)
+        return _distributed(args, "write-dcp", "on_write", write_dcp_distributed)
+    reports: dict[str, dict] = {}
+    return _run_writer(args, "write-dcp", "written", write_dcp, fields=lambda path: reports.get(path, {}),
+                       on_write=lambda r: reports.__setitem__(r["written"], r))
 
 
-def _distributed(args: argparse.Namespace, command: str, key: str, write, **options) -> int:
-    """One writer per node (``--distributed``): one step, written together."""
+def _distributed(args: argparse.Namespace, command: str, callback: str, write, **options) -> int:
+    """One writer per node (``--distributed``): one step, written together. --json prints this
+    writer's report (``write(..., callback=...)`` gives it): a single writer's keys, its own share
+    of bytes and files, and writer, writers, node, published."""
     if args.follow or args.keep:
         print(f"stager {command}: --distributed writes one step (--step, default the newest complete one); "
               "run it again for the next", file=sys.stderr)
         return 2
+    reports: list[dict] = []
     try:
-        path = write(args.out, endpoint=args.endpoint, step=args.step, **options)
+        path = write(args.out, endpoint=args.endpoint, step=args.step, **{callback: reports.append}, **options)
     except KeyboardInterrupt:
         return 130
     except (StagerError, ValueError, OSError) as exc:
         print(f"stager {command}: {exc}", file=sys.stderr)
         return 1
-    print(json.dumps({key: path}) if args.json else path, flush=True)
+    print(json.dumps(reports[-1]) if args.json else path, flush=True)
     return 0
 
 
@@ -314,6 +321,11 @@ def _demo(args: argparse.Namespace) -> int:
     return run_demo(steps=args.steps, stage_every=args.every, json_out=args.json)
 
 
+DISTRIBUTED_JSON = ("With --distributed each writer prints one line, with bytes and files of its own share, plus "
+                    '"writer": its rank, "writers", "node", and "published": true on the one writer that published '
+                    "the directory.")
+
+
 def _distributed_argument(p: argparse.ArgumentParser, what: str) -> None:
     p.add_argument("--distributed", action="store_true",
                    help="one writer per node of a multi-node job, started by torchrun (--nnodes=N --nproc-per-node=1 "
@@ -362,7 +374,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("export-hf", help="write sealed versions as Hugging Face safetensors checkpoints",
                        epilog='--json prints one line per export: {"exported": DIR, "step": N, "seconds": S, '
-                              '"bytes": B, "files": F} (seconds: the exporter\'s own time for that export)')
+                              '"bytes": B, "files": F} (seconds: the exporter\'s own time for that export). '
+                              + DISTRIBUTED_JSON)
     _writer_arguments(p, "export")
     p.add_argument("--adapter", metavar="NAME|module:attr",
                    help=f"built in: {', '.join(sorted(BUILT_IN))}; or module:attr naming a plug-in (torchtitan's "
@@ -392,7 +405,10 @@ def build_parser() -> argparse.ArgumentParser:
     _distributed_argument(p, "each writes the files its node holds most of, together one export")
     p.set_defaults(func=_export_hf)
 
-    p = sub.add_parser("write-dcp", help="write sealed versions as resumable DCP checkpoints")
+    p = sub.add_parser("write-dcp", help="write sealed versions as resumable DCP checkpoints",
+                       epilog='--json prints one line per checkpoint: {"written": DIR, "step": N, "seconds": S, '
+                              '"bytes": B, "files": F} (bytes: tensor bytes; files: .distcp data files). '
+                              + DISTRIBUTED_JSON)
     _writer_arguments(p, "checkpoint")
     _distributed_argument(p, "each writes its node's regions, together one checkpoint")
     p.set_defaults(func=_write_dcp)

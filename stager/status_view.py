@@ -51,8 +51,10 @@ STATUS_SCHEMA: dict[str, tuple[type | tuple[type, ...], str]] = {
 }
 OPTIONAL = {"insecure": "true when tcp is served without authentication", "metrics": "the metrics URL (--metrics)",
             "job_nodes": "`stager status` only, in a multi-node job: every node's steps, asked of each at once: "
-                         "complete (steps every node sealed), nodes (id -> endpoint, sealed, staging, failed, "
-                         "or down)"}
+                         "complete (steps every node sealed; a node that does not answer counts with what it last "
+                         "answered a status on this host), readable (those of them a reader can lease now: every "
+                         "region held by a node that answers), nodes (id -> endpoint, sealed, staging, failed; or "
+                         "down: why, with sealed, failed and last_seen_s as it last answered, when known)"}
 
 
 def lookup(status: dict, dotted: str):
@@ -139,10 +141,14 @@ def render(status: dict) -> str:
                      for r in lag)
     job = status.get("job_nodes")
     if job:
-        lines.append(f"job {job['job']}  node {job['node']}  complete steps {_steps(job['complete'])}")
+        lines.append(f"job {job['job']}  node {job['node']}  complete steps {_steps(job['complete'])}"
+                     + (f"  readable now {_steps(job['readable'])}" if job.get("readable") != job["complete"] else ""))
         lines.append(f"  {'NODE':<16} {'SEALED':<18} {'STAGING':<10} {'FAILED':<10} ENDPOINT")
         for node, n in job["nodes"].items():
-            if "down" in n:
+            if "down" in n and "last_seen_s" in n:  # what it said last, before it went silent
+                lines.append(f"  {node:<16} {_steps(n['sealed']):<18} {'DOWN':<10} {_steps(n['failed']):<10} "
+                             f"{n['endpoint']}  (last seen {human_age(n['last_seen_s'])} ago: {n['down'][:60]})")
+            elif "down" in n:
                 lines.append(f"  {node:<16} DOWN: {n['down'][:60]}  {n['endpoint']}")
             else:
                 lines.append(f"  {node:<16} {_steps(n['sealed']):<18} {_steps(n['staging']):<10} "

@@ -237,11 +237,24 @@ def stage_replicated(rank, world, steps):
     dist.barrier()
 
 
-def dcp_node_writer(rank, world, out):
-    """One `write-dcp --distributed` writer per node (its node's daemon from STAGER_ENDPOINT)."""
-    from stager.consumers.write_dcp_dist import write_dcp_distributed
+def _cli_json(*argv):
+    """``stager ARGV --json`` in this rank's process (its process group is the writers'): the line it printed."""
+    import contextlib
+    import io
+    import json
 
-    return write_dcp_distributed(out)
+    from stager.cli import main
+
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        assert main([*argv, "--json"]) == 0
+    (line,) = printed.getvalue().splitlines()
+    return json.loads(line)
+
+
+def dcp_node_writer(rank, world, out):
+    """One `write-dcp --distributed` writer per node (its node's daemon from STAGER_ENDPOINT): its --json line."""
+    return _cli_json("write-dcp", "--distributed", "--out", out)
 
 
 def load_dcp_sharded(rank, world, path, expected_step):
@@ -264,10 +277,8 @@ def load_dcp_sharded(rank, world, path, expected_step):
 
 
 def hf_node_exporter(rank, world, out, max_shard_size):
-    """One `export-hf --distributed` exporter per node."""
-    from stager.consumers.export_hf_dist import export_hf_distributed
-
-    return export_hf_distributed(out, max_shard_size=max_shard_size)
+    """One `export-hf --distributed` exporter per node: its --json line."""
+    return _cli_json("export-hf", "--distributed", "--out", out, "--max-shard-size", max_shard_size)
 
 
 def _fsdp_mlp(seed, world):

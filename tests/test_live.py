@@ -254,3 +254,24 @@ def test_load_into_through_a_whole_dict_plug_in(make_daemon):
     with Subscriber(d.endpoint, view="hf", adapter=EagerPlugin({"prefix": "x."})) as sub, sub.latest() as snap:
         assert snap.load_into(dst) == ["x.norm.weight", "x.output.weight"]
     assert torch.equal(dst["x.norm.weight"], sd["norm.weight"]) and torch.equal(dst["x.output.weight"], sd["output.weight"])
+
+
+@pytest.mark.parametrize("remote", [False, True], ids=["shared memory", "frames"])
+def test_tensors_handed_to_callers_carry_nothing_of_stager(make_daemon, remote):
+    # a tensor attribute is pickled by torch.save and keeps what it holds alive: nothing of stager rides along
+    d = make_daemon()
+    stage(d.endpoint, [1])
+    sd = llama_sd(1)
+    for view in ("native", "hf"):
+        with Subscriber(d.endpoint, view=view, remote=remote) as sub:
+            with sub.latest() as snap:
+                name, names = next(iter(snap)), list(snap)[:3]
+                leased = [t for _, t in snap.items()] + [snap[name], snap.get(name, shard=(0, 1, 2))]
+                assert all(t.__dict__ == {} for t in leased)
+            copied = [sub.get(name), *sub.get_many(names).values()]
+            assert all(t.__dict__ == {} for t in copied)
+    target = {k: torch.zeros_like(v) for k, v in sd.items()}
+    with StagingClient(d.endpoint, rank=0, local_world_size=1, world_size=1) as client:
+        assert client.restore(target) == 1
+    assert all(t.__dict__ == {} for t in target.values())
+    assert all(torch.equal(target[k], v) for k, v in sd.items())

@@ -387,3 +387,30 @@ def test_segment_file_never_writes_a_file_put_under_the_segments_name_since(segm
     assert len(errors) == 1 and "another file than the step's segment" in errors[0].message
     with open(segment_file.path, "rb") as f:
         assert f.read(16) == bytes(16)
+
+
+def test_convert_to_torch_writes_each_byte_once_and_loaded_tensors_carry_nothing_of_stager(make_daemon, tmp_path):
+    from stager.consumers.write_dcp import write_dcp
+
+    g = torch.Generator().manual_seed(3)
+    model = {f"layers.{i}.w": torch.randn(64, 64, generator=g) for i in range(8)}
+    optim = {f"layers.{i}.w.exp_avg": torch.randn(64, 64, generator=g) for i in range(8)}
+    d = make_daemon()
+    with StagingClient(d.endpoint, rank=0, local_world_size=1, world_size=1, strict=True) as client:
+        client.stage({"model": model, "optim": optim, "train": {"step": 5}}, step=5).wait(10)
+    ckpt = write_dcp(str(tmp_path / "dcp"), endpoint=d.endpoint)[0]
+    out = subprocess.run([sys.executable, "-m", "stager.cli", "convert", ckpt, str(tmp_path / "all.pt"), "--to",
+                          "torch", "--json"], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    path = json.loads(out.stdout)["written"]
+    tensor_bytes = sum(t.numel() * t.element_size() for t in [*model.values(), *optim.values()])
+    # torch.save's zip entries and pickle: well under 1 KiB per tensor
+    assert os.path.getsize(path) <= 1.05 * tensor_bytes + 1024 * (len(model) + len(optim)), (
+        f"{os.path.getsize(path)} bytes for {tensor_bytes} bytes of tensors")
+    loaded = torch.load(path, weights_only=True)
+    assert loaded["train.step"] == 5
+    expected = {**{f"model.{k}": v for k, v in model.items()}, **{f"optim.{k}": v for k, v in optim.items()}}
+    assert sorted(n for n in loaded if n != "train.step") == sorted(expected)
+    for name, t in expected.items():
+        assert torch.equal(loaded[name], t) and loaded[name].__dict__ == {}, name
+        assert loaded[name].untyped_storage().nbytes() == t.numel() * t.element_size(), name

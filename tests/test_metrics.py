@@ -17,8 +17,10 @@ from helpers import wait_until
 from prometheus_client.parser import text_string_to_metric_families  # the test extra has stager[metrics]
 
 from stager.client import StagingClient, Subscriber
+from stager.client.connection import Connection
 from stager.daemon.metrics import LatencyHistogram, Recorder, build_snapshot, families
 from stager.metrics import ConsumerMetrics, parse_listen
+from stager.protocol import Acquire, Release
 
 
 def scrape(url: str) -> dict:
@@ -147,6 +149,9 @@ def test_daemon_metrics_scraped(make_daemon):
             assert value(samples, "stager_subscriber_lag_versions", pid=os.getpid(), rank=0) == 0
         with far.latest() as snap:
             assert torch.equal(snap["w"], w)  # remote=True: bytes as frames
+        admin = Connection(d.endpoint, role="admin")  # stager status asking whether step 1 is readable: not served
+        admin.request(Release(lease=admin.request(Acquire(step=1), 5.0).lease), 5.0)
+        admin.close()
         c.stage({"w": w + 1}, step=2).wait(10)
         c.stage({"w": w + 2}, step=3).wait(10)
     with StagingClient(d.endpoint, rank=0, local_world_size=1, world_size=1, transport="frames") as c:

@@ -19,7 +19,7 @@ from helpers import wait_until
 
 from stager.client import Subscriber
 from stager.client.adapters import load_adapter
-from stager.client.admin import daemon_status, job_status
+from stager.client.admin import daemon_status
 from stager.dev.launch import DaemonProcess, SimulatedCluster, run_ranks
 from stager.protocol import ErrorCode, NodeDown, StagerError
 
@@ -36,9 +36,10 @@ def test_two_nodes_fsdp_hsdp_tp_every_reader_sees_whole_versions(tmp_path):
             status = daemon_status(endpoint)
             assert status["job"]["job"] == results[0]["job"] and sorted(status["job"]["nodes"]) == ["node-0", "node-1"]
         out = subprocess.run([sys.executable, "-m", "stager.cli", "status", "--json", "--endpoint",
-                              cluster.endpoints[1]], capture_output=True, text=True, check=True).stdout
+                              cluster.endpoints[1]], capture_output=True, text=True, check=True,
+                             env={**os.environ, "XDG_RUNTIME_DIR": str(tmp_path)}).stdout
         nodes = json.loads(out)["job_nodes"]
-        assert nodes["complete"] == [1, 2] and nodes["node"] == "node-1"
+        assert nodes["complete"] == nodes["readable"] == [1, 2] and nodes["node"] == "node-1"
         assert {n: v["sealed"] for n, v in nodes["nodes"].items()} == {"node-0": [1, 2], "node-1": [1, 2]}
         expected = {f"model.{k}": v for k, v in scaled(full_tensors(), 2).items()}
         for endpoint in cluster.endpoints:  # this process is on neither node: every byte comes as frames
@@ -128,10 +129,20 @@ def test_three_nodes_uneven_fsdp_hf_view_and_export_from_any_daemon(tmp_path):
     assert sorted(loaded) == sorted(hf) and all(torch.equal(loaded[k], v) for k, v in hf.items())
 
 
-def test_a_dead_node_gives_a_typed_error_and_replicas_stay_readable():
+def test_a_dead_node_gives_a_typed_error_and_replicas_stay_readable(tmp_path):
+    def status(runtime):  # `stager status --json`, remembering the nodes' answers in its own runtime directory
+        out = subprocess.run([sys.executable, "-m", "stager.cli", "status", "--json", "--endpoint",
+                              cluster.endpoints[0]], capture_output=True, text=True, check=True, timeout=120,
+                             env={**os.environ, "XDG_RUNTIME_DIR": str(runtime)}).stdout
+        return json.loads(out)["job_nodes"]
+
+    (tmp_path / "seen").mkdir()
+    (tmp_path / "never").mkdir()
     with SimulatedCluster(2, args=LIMIT) as cluster:
         # step 1: every tensor replicated on both nodes; step 2 also shards one tensor across them
         run_ranks(stage_replicated, 4, [(1, False), (2, True)], nodes=cluster.nodes)
+        before = status(tmp_path / "seen")
+        assert before["complete"] == [1, 2]
         sub = Subscriber(cluster.endpoints[0], timeout=5)
         snap = sub.latest()
         assert snap.step == 2 and torch.equal(snap["fsdp"], scaled(full_tensors(), 2)["fsdp_uneven"])
@@ -146,8 +157,15 @@ def test_a_dead_node_gives_a_typed_error_and_replicas_stay_readable():
         with pytest.raises(NodeDown, match=r"step 2 of job .* needs a node that does not answer \(node node-1"):
             sub.at(2)
         sub.close()
-        job = job_status(cluster.endpoints[0])
-        assert "down" in job["nodes"]["node-1"] and job["nodes"]["node-0"]["sealed"] == [1, 2]
+        # both steps were complete when node-1 last answered; only step 1 is readable from node-0 alone
+        job = status(tmp_path / "seen")
+        assert job["complete"] == [1, 2] and job["readable"] == [1] and before["readable"] == [1, 2]
+        down = job["nodes"]["node-1"]
+        assert "down" in down and down["sealed"] == [1, 2] and down["failed"] == [] and down["last_seen_s"] >= 0
+        assert job["nodes"]["node-0"]["sealed"] == [1, 2]
+        blind = status(tmp_path / "never")  # a host that never saw node-1 answer knows nothing it sealed
+        assert blind["complete"] == blind["readable"] == [] and "sealed" not in blind["nodes"]["node-1"]
+        assert daemon_status(cluster.endpoints[0])["leases"] == 0  # the readability probe let go of its leases
 
 
 def test_a_restarted_node_daemon_rejoins_and_the_next_step_completes(tmp_path):
@@ -186,9 +204,12 @@ def test_one_dcp_writer_per_node_writes_one_checkpoint_dcp_loads_at_any_world_si
     with SimulatedCluster(2, args=LIMIT) as cluster:
         run_ranks(multi_node_stage, 4, [1, 2], nodes=cluster.nodes)
         before = [daemon_status(e)["counters"]["read_bytes"] for e in cluster.endpoints]
-        paths = run_ranks(dcp_node_writer, 2, str(tmp_path / "dcp"), nodes=cluster.nodes)
+        reports = run_ranks(dcp_node_writer, 2, str(tmp_path / "dcp"), nodes=cluster.nodes)
         after = [daemon_status(e)["counters"]["read_bytes"] for e in cluster.endpoints]
+    paths = [r["written"] for r in reports]
     assert paths[0] == paths[1] == str(tmp_path / "dcp" / "step-00000002")
+    check_writer_reports(reports, 2, sum(t.numel() * t.element_size() for t in full_tensors().values()),
+                         len([f for f in os.listdir(paths[0]) if f.endswith(".distcp")]))
     assert after == before  # each writer read its own node's memory only: no tensor byte crossed nodes
     assert verify(paths[0])["ok"]
     expected = {f"model.{k}": v for k, v in scaled(full_tensors(), 2).items()}
@@ -208,10 +229,13 @@ def test_one_hf_exporter_per_node_writes_the_single_exporters_bytes(tmp_path):
         single = export_hf(str(tmp_path / "one"), endpoint=cluster.endpoints[0], max_shard_size="20KB",
                            progress=False)[0]
         before = [daemon_status(e)["counters"]["read_bytes"] for e in cluster.endpoints]
-        paths = run_ranks(hf_node_exporter, 2, str(tmp_path / "two"), "20KB", nodes=cluster.nodes)
+        reports = run_ranks(hf_node_exporter, 2, str(tmp_path / "two"), "20KB", nodes=cluster.nodes)
         sent = [daemon_status(e)["counters"]["read_bytes"] - b for e, b in zip(cluster.endpoints, before)]
+    paths = [r["exported"] for r in reports]
     assert paths[0] == paths[1] and os.path.basename(paths[0]) == "step-00000005"
     names = sorted(os.listdir(single))
+    check_writer_reports(reports, 5, sum(t.numel() * t.element_size() for t in llama_full(5).values()),
+                         len([n for n in names if n.endswith(".safetensors")]))
     assert names == sorted(os.listdir(paths[0])) and len([n for n in names if n.endswith(".safetensors")]) > 2
     for name in names:  # every file, the index, config and manifest: the single exporter's bytes
         with open(os.path.join(single, name), "rb") as a, open(os.path.join(paths[0], name), "rb") as b:
@@ -219,3 +243,12 @@ def test_one_hf_exporter_per_node_writes_the_single_exporters_bytes(tmp_path):
     # every tensor is split evenly over the nodes (FSDP rows): each exporter holds half of each of its
     # files' bytes and fetched exactly the other half, nothing twice
     assert sum(sent) == sum(t.numel() * t.element_size() for t in llama_full(5).values()) // 2
+
+
+def check_writer_reports(reports, step, tensor_bytes, files):
+    """--distributed --json: each writer prints a single writer's keys, its own share of the bytes
+    and files (together: the whole checkpoint, each byte once), and says which one published."""
+    assert [(r["writer"], r["writers"], r["node"]) for r in reports] == [(0, 2, "node-0"), (1, 2, "node-1")]
+    assert [r["published"] for r in reports] == [True, False] and all(r["step"] == step for r in reports)
+    assert all(r["seconds"] >= 0 and r["files"] >= 0 for r in reports), reports  # (a writer may have none)
+    assert sum(r["bytes"] for r in reports) == tensor_bytes and sum(r["files"] for r in reports) == files

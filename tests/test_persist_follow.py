@@ -90,3 +90,39 @@ def test_a_follower_that_cannot_write_one_version_goes_on_to_the_next(make_daemo
                      model_info={"adapter": "identity", "hf_config": {"model_type": "test"}}).wait(30)
     follower.join(60)
     assert not follower.is_alive() and [os.path.basename(p) for p in result["paths"]] == [step_dirname(2)]
+
+
+def test_exact_storage_is_the_same_memory_keeps_it_mapped_and_carries_nothing_of_stager():
+    import gc
+    import io
+    import mmap
+    import weakref
+
+    from stager.consumers.persist import exact_storage
+
+    mapping = mmap.mmap(-1, 1 << 20)  # as a segment is mapped: the tensor owns the mapping
+    alive = weakref.ref(mapping)
+    segment = torch.frombuffer(mapping, dtype=torch.uint8)
+    del mapping
+    view = segment[4096:4096 + 64 * 4].view(torch.float32).view(8, 8)
+    view.copy_(torch.arange(64.0).view(8, 8))
+    out = exact_storage(view)
+    assert out.data_ptr() == view.data_ptr() and out.untyped_storage().nbytes() == 64 * 4  # no copy, no more
+    assert out.__dict__ == {} and torch.equal(out, torch.arange(64.0).view(8, 8))
+    blob = io.BytesIO()
+    torch.save({"w": out}, blob)
+    assert len(blob.getvalue()) < 64 * 4 + 2048  # its bytes once, never the segment's
+    loaded = torch.load(io.BytesIO(blob.getvalue()), weights_only=True)["w"]
+    assert loaded.__dict__ == {} and torch.equal(loaded, out)
+    del segment, view
+    gc.collect()
+    assert alive() is not None  # the mapping lives as long as the exact view
+    assert torch.equal(out, torch.arange(64.0).view(8, 8))
+    del out
+    gc.collect()
+    assert alive() is None
+    big = torch.zeros(1 << 18)
+    for odd in (big[5:5].view(0, 4), big[:64].view(8, 8).t()):  # no bytes, strided: torch.save writes storages
+        blob = io.BytesIO()
+        torch.save(exact_storage(odd), blob)
+        assert len(blob.getvalue()) < 64 * 4 + 2048 and torch.equal(exact_storage(odd), odd)

@@ -107,3 +107,37 @@ def test_status_once_exits_1_without_a_daemon(short_dir):
     out = subprocess.run([sys.executable, "-m", "stager.cli", "status", "--endpoint", f"ipc://{short_dir}/no.sock",
                           "--timeout", "0.3"], capture_output=True, text=True, timeout=60)
     assert out.returncode == 1 and out.stdout == "" and out.stderr.startswith("stager status: ")
+
+
+def test_render_a_job_with_a_node_down():
+    status = {"pid": 1, "memory": {"used": 0, "limit": 1 << 30}, "keep": 2, "ranks": {}, "local_world_size": 2,
+              "readers": 0, "subscribers": 0, "leases": 0, "retention": {"waiting_for_memory": []}, "versions": [],
+              "counters": {},
+              "job_nodes": {"job": "j", "node": "a", "complete": [3, 4], "readable": [3], "nodes": {
+                  "a": {"endpoint": "tcp://a:1", "sealed": [3, 4], "staging": [5], "failed": []},
+                  "b": {"endpoint": "tcp://b:1", "down": "did not answer", "sealed": [3, 4], "failed": [],
+                        "last_seen_s": 75},
+                  "c": {"endpoint": "tcp://c:1", "down": "did not answer"}}}}
+    lines = render(status).splitlines()
+    assert "job j  node a  complete steps 3,4  readable now 3" in lines
+    assert any(line.split()[:3] == ["b", "3,4", "DOWN"] and "last seen 1m15s ago: did not answer" in line
+               for line in lines)
+    assert any(line.split()[:2] == ["c", "DOWN:"] for line in lines)
+
+
+def test_remembered_answers_round_trip_and_a_bad_file_is_ignored(tmp_path, monkeypatch):
+    from stager.client import last_answers
+    from stager.protocol.job import JobInfoReply
+
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path))
+    nodes = {"a": "tcp://a:1", "b": "tcp://b:1"}
+    said = JobInfoReply(job="j", node="b", endpoint="tcp://b:1", nodes={"b": "tcp://b:1"}, sealed=[3, 4], failed=[2])
+    last_answers.save("j", {"b": (said, 100.0)})
+    (reply, at), = last_answers.load("j", nodes).values()
+    assert (reply.node, reply.sealed, reply.staging, reply.failed, at) == ("b", [3, 4], [], [2], 100.0)
+    assert last_answers.load("another job", nodes) == {} and last_answers.load("j", {"a": "tcp://a:1"}) == {}
+    (path,) = (tmp_path / "stager").glob("job-*.json")
+    for junk in ("{", "[]", json.dumps({"job": "j", "nodes": {"b": {"sealed": ["x"], "staging": [], "failed": [],
+                                                                      "at": 1}}})):
+        path.write_text(junk)
+        assert last_answers.load("j", nodes) == {}

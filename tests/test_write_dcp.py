@@ -67,7 +67,10 @@ def test_dcp_from_2_rank_fsdp2_loads_into_tp_and_into_one_process(tmp_path):
                                   "--out", str(tmp_path / "cli"), "--step", "3", "--json"],
                                  capture_output=True, text=True, timeout=120)
         assert listing.returncode == 0, listing.stderr
-        assert json.loads(listing.stdout)["written"].endswith("step-00000003")
+        report = json.loads(listing.stdout)  # the keys README and --help promise
+        assert report["written"].endswith("step-00000003") and report["step"] == 3 and report["seconds"] >= 0
+        assert report["bytes"] == sum(t.numel() * t.element_size() for t in expected.values())
+        assert report["files"] == len([f for f in os.listdir(report["written"]) if f.endswith(".distcp")]) >= 1
     path = os.path.join(out, "step-00000003")
     assert os.path.realpath(os.path.join(out, "latest")) == path
     assert not [d for d in os.listdir(out) if d.startswith(".")]  # no partial directory left
@@ -80,3 +83,23 @@ def test_dcp_from_2_rank_fsdp2_loads_into_tp_and_into_one_process(tmp_path):
     dcp_to_torch_save(path, converted)
     full = torch.load(converted, weights_only=True)
     assert all(torch.equal(full[k], v) for k, v in expected.items()) and full["train.data_seed"] == 11
+
+
+def test_dcp_files_hold_each_tensor_byte_once(make_daemon, tmp_path):
+    import torch.distributed.checkpoint as dcp
+
+    from stager.client import StagingClient
+    from stager.consumers.write_dcp import write_dcp
+
+    g = torch.Generator().manual_seed(5)
+    model = {f"layers.{i}.w": torch.randn(64, 64, generator=g) for i in range(8)}
+    d = make_daemon()
+    with StagingClient(d.endpoint, rank=0, local_world_size=1, world_size=1, strict=True) as client:
+        client.stage({"model": model, "train": {"step": 2}}, step=2).wait(10)
+    path = write_dcp(str(tmp_path / "dcp"), endpoint=d.endpoint)[0]
+    data = sum(os.path.getsize(os.path.join(path, f)) for f in os.listdir(path) if f.endswith(".distcp"))
+    tensor_bytes = sum(t.numel() * t.element_size() for t in model.values())
+    assert data <= 1.05 * tensor_bytes + 1024 * len(model), f"{data} bytes for {tensor_bytes} bytes of tensors"
+    template = {f"model.{k}": torch.zeros_like(v) for k, v in model.items()}
+    dcp.load(template, checkpoint_id=path, no_dist=True)
+    assert all(torch.equal(template[f"model.{k}"], v) for k, v in model.items())

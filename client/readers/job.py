@@ -43,11 +43,11 @@ class JobReader:
     """One reader's connections to every daemon of a job (its own daemon's included)."""
 
     def __init__(self, primary: Connection, info: JobInfoReply, timeout: float,
-                 make_source: Callable[[AcquireReply, Connection], Any]):
+                 make_source: Callable[[AcquireReply, Connection], Any] | None, role: str = "reader"):
         self.primary, self.node, self.job = primary, info.node, info.job
         self.nodes = dict(info.nodes)  # node id -> endpoint
-        self.timeout, self._make_source = timeout, make_source
-        self.conns = {n: primary if n == info.node else Connection(e, role="reader") for n, e in self.nodes.items()}
+        self.timeout, self._make_source = timeout, make_source  # make_source None: leases only (readable())
+        self.conns = {n: primary if n == info.node else Connection(e, role=role) for n, e in self.nodes.items()}
         self.newest: dict[str, int] = {}  # node -> newest step it announced (or held when subscribing)
         self.last: dict[str, JobInfoReply] = {}  # node -> its last answer: a node that went silent counts with it
         self.up: set[str] = set()  # nodes subscribed to in their daemon's current session
@@ -125,13 +125,7 @@ class JobReader:
         states, down = self.states()
         if self.node in down:
             raise self._down(self.node, StagerError(ErrorCode.UNAVAILABLE, down[self.node]), "asked for its steps")
-        # a node that does not answer counts with what it said last (nothing, if it never answered):
-        # a step it did not say it sealed, or said it failed, is never complete
-        known = {n: states.get(n) or self.last.get(n) for n in self.nodes}
-        sealed = {n: r.sealed if r else [] for n, r in known.items()}
-        failed = {n: r.failed for n, r in known.items() if r}
-        complete = complete_steps(sealed, failed)
-        kinds = {n: {"sealed": r.sealed, "staging": r.staging, "failed": r.failed} for n, r in known.items() if r}
+        complete, kinds = self.known_complete(states)
         if step is not None:
             if step not in complete:
                 raise StagerError(ErrorCode.NO_VERSION, f"step {step} of job {self.job} is not complete: "
@@ -156,6 +150,33 @@ class JobReader:
                 first = first or exc
         raise first  # type: ignore[misc]
 
+    def known_complete(self, states: dict[str, JobInfoReply]) -> tuple[list[int], dict[str, dict[str, list[int]]]]:
+        """The steps known complete, oldest first, and what each node is known to hold: ``states``
+        (the nodes that answered now), a node that does not answer counting with what it said last
+        (:attr:`last`; nothing, if it never answered). A step it did not say it sealed, or said it
+        failed, is never complete."""
+        known = {n: states.get(n) or self.last.get(n) for n in self.nodes}
+        sealed = {n: r.sealed if r else [] for n, r in known.items()}
+        failed = {n: r.failed for n, r in known.items() if r}
+        kinds = {n: {"sealed": r.sealed, "staging": r.staging, "failed": r.failed} for n, r in known.items() if r}
+        return complete_steps(sealed, failed), kinds
+
+    def readable(self, steps: Iterable[int], states: dict[str, JobInfoReply], down: dict[str, str]) -> list[int]:
+        """Of ``steps``, those a reader can lease now: every region held by a node that answers (the
+        lease :meth:`acquire` tries before it falls back to an older step; released at once)."""
+        out = []
+        for step in steps:
+            try:
+                reply, source = self._lease(step, [n for n in states if n not in down], dict(down))
+            except StagerError as exc:
+                if exc.code not in (ErrorCode.NO_VERSION, ErrorCode.NODE_DOWN, ErrorCode.PARTIAL):
+                    raise
+                continue  # gone meanwhile, or a region only a silent node holds
+            source.close()
+            _release({self.node: (self.primary, reply.lease)})
+            out.append(step)
+        return out
+
     def _order(self, nodes: list[str]) -> list[str]:
         """Nodes to read from, nearest first: on the reader's own host, then its daemon, then the rest."""
         return sorted(nodes, key=lambda n: (not self.conns[n].same_host, n != self.node, list(self.nodes).index(n)))
@@ -179,7 +200,8 @@ class JobReader:
                                          f"{', '.join(f'node {n}: {why}' for n, why in down.items())}); "
                                          f"{exc.message}") from None
                 raise
-            sources = {n: self._make_source(r, self.conns[n]) for n, r in replies.items()}
+            make = self._make_source
+            sources = {n: make(r, self.conns[n]) for n, r in replies.items()} if make is not None else {}
         except BaseException:
             _release(leases)
             raise

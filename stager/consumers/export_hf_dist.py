@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Any
+import time
+from typing import Any, Callable
 
 from stager.consumers.export_hf import ExportPlan, finish_export, plan_export, write_files
 from stager.consumers.node_writers import NodeWriters, gather
@@ -50,20 +51,29 @@ def assign_files(ep: ExportPlan, placement: dict[str, list[tuple[tuple, tuple, l
 
 
 def export_hf_distributed(out_dir: str, *, endpoint: str | None = None, step: int | None = None,
-                          hf_assets: str | None = None, **options: Any) -> str:
+                          hf_assets: str | None = None, on_export: Callable[[dict], None] | None = None,
+                          **options: Any) -> str:
     """Export version ``step`` (default: the newest complete one) of the job, this process writing
     the files its node holds most of; a collective over the exporters. ``options``: adapter,
-    hf_config, dtype, max_shard_size, prefix (see :func:`~stager.consumers.export_hf.plan_export`)."""
+    hf_config, dtype, max_shard_size, prefix (see :func:`~stager.consumers.export_hf.plan_export`).
+    ``on_export`` gets what a single exporter reports (``exported``, ``step``, ``seconds``, and
+    ``bytes`` and ``files``: this exporter's share) plus ``writer`` (its rank), ``writers``, ``node``
+    and ``published`` (true on the one exporter that wrote the index and renamed the directory)."""
+    started = time.monotonic()
     with NodeWriters("export-hf", out_dir, endpoint, step) as w:
         ep = w.together("planning the export", lambda: plan_export(w.snap, **options))
         owners = assign_files(ep, w.shared(w.snap.placement), w.nodes)
+        mine = [f for f, node in enumerate(owners) if node == w.node]
         manifest: dict[str, dict] = {}
-        weight_map = w.together("writing its files", lambda: write_files(
-            w.snap, ep, [f for f, node in enumerate(owners) if node == w.node], w.tmp, manifest))
+        weight_map = w.together("writing its files", lambda: write_files(w.snap, ep, mine, w.tmp, manifest))
         parts = gather([weight_map, manifest])
         merged_map = {k: v for part in parts for k, v in part[0].items()}
         merged_manifest = {k: v for part in parts for k, v in part[1].items()}
         path = w.publish(lambda: finish_export(w.tmp, ep, w.step, merged_map, merged_manifest, hf_assets))
     log.info("exported step %d to %s (exporter %d of %d: %d of %d files)", w.step, path, w.rank, len(w.nodes),
-             owners.count(w.node), len(owners))
+             len(mine), len(owners))
+    if on_export is not None:
+        on_export({"exported": path, "step": w.step, "seconds": round(time.monotonic() - started, 3),
+                   "bytes": sum(ep.sizes[i] for f in mine for i in ep.files[f]), "files": len(mine),
+                   **w.identity()})
     return path

@@ -137,6 +137,11 @@ class NodeWriters:
 
         return gather(self.together("publishing", last))[0]
 
+    def identity(self) -> dict:
+        """What each writer's report says of it: ``writer`` (its rank), ``writers``, ``node``, and
+        ``published`` (true on the first: it renames the directory, see :meth:`publish`)."""
+        return {"writer": self.rank, "writers": len(self.nodes), "node": self.node, "published": self.rank == 0}
+
     def _close(self) -> None:
         if self.snap is not None:
             self.snap.release()

@@ -36,15 +36,26 @@ def quiet_single_process_dcp() -> None:
 def exact_storage(t: torch.Tensor) -> torch.Tensor:
     """``t`` over a storage of exactly its bytes (same memory, no copy). A view of a snapshot
     segment has the whole segment as its storage, and DCP's writer clones any tensor whose storage
-    is larger than the tensor (so torch.save writes it alone): this spares DCP that copy."""
+    is larger than the tensor (so torch.save writes it alone): this spares DCP that copy.
+
+    The result carries nothing of stager: ``t`` (its mapping or frame) is kept alive by the buffer
+    the new storage is made from, never by an attribute of the tensor, because torch.save pickles a
+    tensor's ``__dict__``: an attribute holding ``t`` wrote the whole segment into the file again and
+    kept it alive in every tensor loaded from it."""
     nbytes = t.numel() * t.element_size()
-    if not t.is_contiguous() or t.untyped_storage().nbytes() == nbytes or nbytes == 0 or t.device.type != "cpu":
+    if t.device.type != "cpu" or t.untyped_storage().nbytes() == nbytes:
         return t
+    # torch.save writes a view's whole storage, even a view of no bytes or a strided one: those
+    # become tensors of their own (nothing, or a copy of just their bytes: never a segment's view)
+    if nbytes == 0:
+        return torch.empty(t.shape, dtype=t.dtype)
+    if not t.is_contiguous():
+        return t.contiguous()
+    buffer = (ctypes.c_char * nbytes).from_address(t.data_ptr())
+    buffer.owner = t  # the memory is t's; torch.frombuffer keeps the buffer (so t) alive as long as the storage
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # a read-only mapping: DCP only reads it
-        out = torch.frombuffer((ctypes.c_char * nbytes).from_address(t.data_ptr()), dtype=t.dtype).view(t.shape)
-    out._stager_source = t  # the memory is t's: keep t (its mapping or frame) alive as long as out
-    return out
+        return torch.frombuffer(buffer, dtype=t.dtype).view(t.shape)
 
 
 def step_dirname(step: int) -> str:

@@ -13,7 +13,10 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from typing import Any, Callable
+
+import torch
 
 from stager.consumers.integrity import entry, write_manifest
 from stager.consumers.persist import (
@@ -25,14 +28,17 @@ log = logging.getLogger("stager.consumers.persist")
 quiet_single_process_dcp()
 
 
-def write_snapshot_dcp(snapshot: Any, out_dir: str) -> str:
-    """Write one leased snapshot as a DCP checkpoint in ``out_dir/step-N``; returns that path."""
+def write_snapshot_dcp(snapshot: Any, out_dir: str, on_write: Callable[[dict], None] | None = None) -> str:
+    """Write one leased snapshot as a DCP checkpoint in ``out_dir/step-N``; returns that path.
+    ``on_write`` gets ``{"written": dir, "step": N, "seconds": s, "bytes": tensor bytes, "files":
+    data files}`` (seconds: this write's own time, lease excluded)."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.api import CheckpointException
 
     if getattr(snapshot, "partial", False):
         raise StagerError(ErrorCode.PARTIAL, f"step {snapshot.step} holds only this node's part of some tensors; "
                                              "a DCP checkpoint of a multi-node job needs every node's part")
+    started = time.monotonic()
     # zero-copy views of the daemon's memory, each over exactly its own bytes (DCP would clone it)
     state: dict[str, Any] = {name: exact_storage(t) for name, t in snapshot.items()}
     for name, value in snapshot.objects.items():
@@ -43,7 +49,7 @@ def write_snapshot_dcp(snapshot: Any, out_dir: str) -> str:
         # one writer process does what every trainer rank did in parallel: give DCP the cores
         writer = dcp.FileSystemWriter(tmp, thread_count=max(1, min(8, os.cpu_count() or 1)))
         try:
-            dcp.save(state, storage_writer=writer, no_dist=True)
+            metadata = dcp.save(state, storage_writer=writer, no_dist=True)
         except CheckpointException as exc:
             # DCP wraps what went wrong, a ^C included: a ^C stays a ^C (exit 130), the rest is typed
             causes = [cause for cause, _ in exc.failures.values()]
@@ -55,15 +61,26 @@ def write_snapshot_dcp(snapshot: Any, out_dir: str) -> str:
                        snapshot.objects, snapshot.model_info)
     final = step_path(out_dir, snapshot.step)
     log.info("wrote DCP checkpoint of step %d to %s", snapshot.step, final)
+    if on_write is not None:
+        on_write({"written": final, "step": snapshot.step, "seconds": round(time.monotonic() - started, 3),
+                  "bytes": sum(t.numel() * t.element_size() for t in state.values() if isinstance(t, torch.Tensor)),
+                  "files": data_files(metadata)})
     return final
+
+
+def data_files(metadata: Any, items: Any = None) -> int:
+    """How many data files DCP wrote (of ``items``, its metadata indices: default all of them)."""
+    storage = metadata.storage_data or {}
+    return len({storage[i].relative_path for i in (storage if items is None else items)})
 
 
 def write_dcp(out_dir: str, *, endpoint: str | None = None, step: int | None = None, follow: bool = False,
               every: int = 1, keep: int | None = None, max_writes: int | None = None,
-              on_written: Callable[[str], None] | None = None, on_report: Callable[[dict], None] | None = None
-              ) -> list[str]:
+              on_written: Callable[[str], None] | None = None, on_report: Callable[[dict], None] | None = None,
+              on_write: Callable[[dict], None] | None = None) -> list[str]:
     """Write the version ``step`` (default: the newest), or with ``follow`` each new version at
-    least ``every`` steps apart; the ``keep`` newest checkpoints stay."""
-    return for_each_version(lambda snap: write_snapshot_dcp(snap, out_dir), out_dir, endpoint=endpoint, step=step,
-                            follow=follow, every=every, keep=keep, max_writes=max_writes, on_written=on_written,
-                            on_report=on_report)
+    least ``every`` steps apart; the ``keep`` newest checkpoints stay. ``on_write``: see
+    :func:`write_snapshot_dcp`."""
+    return for_each_version(lambda snap: write_snapshot_dcp(snap, out_dir, on_write), out_dir, endpoint=endpoint,
+                            step=step, follow=follow, every=every, keep=keep, max_writes=max_writes,
+                            on_written=on_written, on_report=on_report)

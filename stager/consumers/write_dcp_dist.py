@@ -13,14 +13,16 @@ from __future__ import annotations
 
 import io
 import logging
+import time
 import zlib
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
 from stager.consumers.integrity import checksum, write_manifest
 from stager.consumers.node_writers import NodeWriters, gather
 from stager.consumers.persist import exact_storage
+from stager.consumers.write_dcp import data_files
 from stager.protocol import ErrorCode, StagerError
 
 log = logging.getLogger("stager.consumers.persist")
@@ -78,11 +80,17 @@ def _planner(regions: dict[tuple[str, tuple], torch.Tensor], shapes: dict[str, t
     return RegionSavePlanner(flatten_state_dict=False, flatten_sharded_tensors=False)
 
 
-def write_dcp_distributed(out_dir: str, *, endpoint: str | None = None, step: int | None = None) -> str:
+def write_dcp_distributed(out_dir: str, *, endpoint: str | None = None, step: int | None = None,
+                          on_write: Callable[[dict], None] | None = None) -> str:
     """Write version ``step`` (default: the newest complete one) of the job as one DCP checkpoint,
-    this process writing its node's regions; a collective over the writers. Returns the path."""
+    this process writing its node's regions; a collective over the writers. Returns the path.
+    ``on_write`` gets what a single writer reports (``written``, ``step``, ``seconds``, and ``bytes``
+    and ``files``: this writer's share) plus ``writer`` (its rank), ``writers``, ``node`` and
+    ``published`` (true on the one writer that renamed the directory)."""
     import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.metadata import MetadataIndex
 
+    started = time.monotonic()
     with NodeWriters("write-dcp", out_dir, endpoint, step) as w:
         snap = w.snap
         placement = w.shared(lambda: _view_placement(snap))
@@ -95,11 +103,17 @@ def write_dcp_distributed(out_dir: str, *, endpoint: str | None = None, step: in
 
         regions = w.together("reading its regions", read_regions)
         planner = _planner(regions, shapes, dict(snap.objects) if w.rank == 0 else {})
-        dcp.save({}, storage_writer=dcp.FileSystemWriter(w.tmp), planner=planner)
+        metadata = dcp.save({}, storage_writer=dcp.FileSystemWriter(w.tmp), planner=planner)
         chunks = gather([[fqn, list(offset), list(t.shape), checksum(t)] for (fqn, offset), t in regions.items()])
         meta = {f: snap.meta(f) for f in placement}
         path = w.publish(lambda: _manifest(w.tmp, w.step, [c for part in chunks for c in part], meta, snap))
     log.info("wrote DCP checkpoint of step %d to %s (writer %d of %d)", w.step, path, w.rank, len(w.nodes))
+    if on_write is not None:
+        written = [MetadataIndex(fqn, offset) for fqn, offset in regions]
+        written += [MetadataIndex(name) for name in (snap.objects if w.rank == 0 else ())]
+        on_write({"written": path, "step": w.step, "seconds": round(time.monotonic() - started, 3),
+                  "bytes": sum(t.numel() * t.element_size() for t in regions.values()),
+                  "files": data_files(metadata, written), **w.identity()})
     return path
 
 

@@ -67,7 +67,8 @@ class Recorder:
             self.last_seq[identity] = reply.seq
             peer = self.state.peers.get(identity)
             held = self.state.leases.get(reply.lease)
-            if peer is not None and peer.local and held is not None:
+            # an admin's lease reads nothing (stager status asks whether a step is readable)
+            if peer is not None and peer.local and peer.role != "admin" and held is not None:
                 self._shm_leases[reply.lease] = held[1].layout.nbytes
         elif isinstance(msg, Read):  # this lease's bytes travel as frames (counted as read_bytes)
             self._shm_leases.pop(msg.lease, None)
