@@ -66,7 +66,10 @@ class Handlers:
     def collect_segments(self) -> None:
         self.memory.collect()
 
-    def on_ping(self, identity: bytes, msg: Ping) -> Message:
+    def on_ping(self, identity: bytes, msg: Ping) -> Message | None:
+        if msg.id == 0:  # a heartbeat (handle() noted it): no answer, unless this connection has no session
+            self.peers.get(identity)
+            return None
         return Pong(session=self.state.session)
 
     def on_status(self, identity: bytes, msg: Status) -> Message:
@@ -93,6 +96,7 @@ class Handlers:
                        "draining": sum(s.size for s in budget.draining),
                        "preallocated": budget.reserve.size if budget.reserve is not None else 0},
             "keep": state.keep,
+            "peer_timeout": state.peer_timeout,
             "node": state.host_id,
             "job": self.job.status(),
             "retention": self.memory.status(),
