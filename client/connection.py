@@ -49,7 +49,7 @@ HEARTBEATS_PER_TIMEOUT = 4  # heartbeats per --peer-timeout of the daemon: a lat
 MIN_HEARTBEAT_S = 0.05
 DEFAULT_PEER_TIMEOUT_S = 4.0  # a daemon whose status does not say: heartbeats every second
 NO_SESSION = (ErrorCode.NOT_REGISTERED.value, ErrorCode.SESSION_EXPIRED.value)  # the next request says hello
-_HEARTBEAT = Ping(id=0).encode()  # id 0: noted, never answered
+_HEARTBEAT = Ping(id=0).encode()  # id 0: no request waits for its Pong, which is dropped unseen
 
 
 def _ms(seconds: float) -> int:
@@ -290,7 +290,9 @@ class Connection:
             now = time.monotonic()
             try:
                 if self.sock.poll(_ms(min(end, self.heartbeat_due()) - now)):
-                    return self._recv_ready()
+                    msg = self._recv_ready()
+                    if msg is not None:
+                        return msg
             except zmq.ZMQError as exc:
                 if exc.errno != errno.EINTR:  # a signal (e.g. SIGCHLD) interrupted the wait: callers loop
                     raise
@@ -340,7 +342,8 @@ class Connection:
 
     @_owned
     def _recv_ready(self) -> Message | None:
-        """One message from the socket, which poll said is readable (None: undecodable, or EINTR)."""
+        """One message from the socket, which poll said is readable (None: undecodable, EINTR, or
+        the answer to a heartbeat)."""
         try:
             frames = self.sock.recv_multipart(flags=zmq.NOBLOCK, copy=False)
         except zmq.ZMQError as exc:
@@ -351,6 +354,8 @@ class Connection:
             msg = decode(frames)
         except ProtocolError as exc:
             log.warning("undecodable reply from the daemon: %s", exc)
+            return None
+        if msg.id == 0 and isinstance(msg, Pong):  # the answer to a heartbeat: nothing for the owner
             return None
         if msg.id == 0 and isinstance(msg, ErrorReply) and msg.code in NO_SESSION:
             # the answer to a heartbeat: the daemon ended this session (silence) or never knew it

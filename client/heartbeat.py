@@ -4,9 +4,12 @@ The daemon cannot see a process on another host: it ends the session (leases, su
 such a peer once it heard nothing from it for ``--peer-timeout``. A rollout worker generating for
 minutes inside ``with sub.latest() as snap:`` must keep its lease; one whose process died, or
 whose host went away, must lose it within the peer timeout. So each such connection sends a
-heartbeat (a Ping with id 0, which the daemon notes and never answers) whenever it sent nothing
-for a quarter of the daemon's peer timeout: from its owner's thread while the owner waits inside
-the connection, and from the one thread of this module while the owner is elsewhere.
+heartbeat (a Ping with id 0) whenever it sent nothing for a quarter of the daemon's peer timeout:
+from its owner's thread while the owner waits inside the connection, and from the one thread of
+this module while the owner is elsewhere. The daemon answers each, as every request: the Pongs
+wait in the socket (ZeroMQ's high-water mark bounds them; past it the daemon drops them) and the
+connection discards them unseen when its owner reads next. A connection whose session ended is
+answered with the error saying why, and says hello at its next request.
 
 Why not ZeroMQ's own heartbeats (ZMQ_HEARTBEAT_IVL): they live below the daemon's ROUTER, which
 cannot tell which peer a ZMTP connection carries without libzmq's draft API; and a reader that

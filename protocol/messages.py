@@ -166,8 +166,8 @@ class Status(Message):
 @message("ping")
 class Ping(Message):
     """Liveness check; the reply carries the daemon's session, so a restart shows. A ping with id 0
-    is a heartbeat: it only tells the daemon the connection is alive and is never answered (unless
-    the connection has no session: then the error says why, with id 0)."""
+    is a reader's heartbeat: a connection without a session (ended for silence) is answered with
+    the error saying why, also with id 0."""
 
 
 # ------------------------------------------------------------------------------ replies

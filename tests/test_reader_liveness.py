@@ -24,7 +24,7 @@ from stager.client import StagingClient, Subscriber
 from stager.client.admin import daemon_status
 from stager.client.connection import Connection
 from stager.dev.launch import SimulatedCluster, run_ranks
-from stager.protocol import Acquire, ErrorCode, ErrorReply, Hello, HelloReply, Ping, StagerError
+from stager.protocol import Acquire, ErrorCode, ErrorReply, Hello, HelloReply, Ping, Pong, StagerError
 from stager.protocol.endpoint import process_start_time
 
 PEER_TIMEOUT = 2.0
@@ -138,9 +138,11 @@ def test_the_daemon_tells_a_connection_it_ended_for_silence_why(make_daemon, raw
     peer = raw_peer(d.endpoint)
     hello = Hello(role="reader", pid=os.getpid(), start_time=process_start_time(os.getpid()), host_id="another-host")
     assert isinstance(peer.request(hello), HelloReply)
-    for _ in range(15):  # heartbeats for 3 peer timeouts and more: it stays, and none is answered
+    for _ in range(15):  # heartbeats for 3 peer timeouts and more: it stays, and each is answered
         peer.send_frames(Ping(id=0).encode())
-        assert not peer.sock.poll(100), "a heartbeat (a ping with id 0) was answered"
+        pong = peer.recv()
+        assert isinstance(pong, Pong) and pong.id == 0
+        assert not peer.sock.poll(100)  # nothing else comes (and the heartbeats are paced)
         assert d.status()["readers"] == 1
     wait_until(lambda: d.status()["readers"] == 0)  # silent past the peer timeout: its session ends
     reply = peer.request(Acquire())

@@ -66,10 +66,9 @@ class Handlers:
     def collect_segments(self) -> None:
         self.memory.collect()
 
-    def on_ping(self, identity: bytes, msg: Ping) -> Message | None:
-        if msg.id == 0:  # a heartbeat (handle() noted it): no answer, unless this connection has no session
+    def on_ping(self, identity: bytes, msg: Ping) -> Message:
+        if msg.id == 0:  # a heartbeat: a connection without a session (ended for silence) is told why
             self.peers.get(identity)
-            return None
         return Pong(session=self.state.session)
 
     def on_status(self, identity: bytes, msg: Status) -> Message:

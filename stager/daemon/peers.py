@@ -2,7 +2,7 @@
 
 Same-host peers are alive while their process is (checked by pid and start time, zombies
 count as dead); peers on another host while they keep talking: trainer ranks ping every few
-seconds, readers send heartbeats (id-0 pings) at a quarter of ``--peer-timeout``, from a
+seconds, readers send heartbeats (pings with id 0) at a quarter of ``--peer-timeout``, from a
 background thread while their owner is busy. A peer that leaves ends its leases, and a trainer
 that leaves fails the steps it had not committed. A connection whose session ended for silence
 is told so (SESSION_EXPIRED) when it speaks again, not merely that it is unknown.
@@ -136,11 +136,13 @@ class Peers:
 
     def check_liveness(self) -> None:
         now = time.monotonic()
-        if now < self._next_liveness:
-            return
-        self._next_liveness = now + LIVENESS_INTERVAL_S
+        # /proc is read for same-host peers once a second; a peer on another host costs a clock
+        # comparison, so it is checked every tick: gone within --peer-timeout plus a tick
+        local = now >= self._next_liveness
+        if local:
+            self._next_liveness = now + LIVENESS_INTERVAL_S
         for peer in list(self.state.peers.values()):
-            if self.alive(peer):
+            if (peer.local and not local) or self.alive(peer):
                 continue
             if peer.local:
                 self.drop(peer, "process exited")
