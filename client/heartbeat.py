@@ -23,11 +23,14 @@ while it waits), and it never receives, so nothing the owner waits for is taken 
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import threading
 import time
 import weakref
+
+log = logging.getLogger("stager.client")
 
 
 class Heartbeats:
@@ -53,13 +56,13 @@ class Heartbeats:
         with self._lock:
             self._conns.discard(conn)
 
-    def __contains__(self, conn) -> bool:
-        with self._lock:
-            return conn in self._conns
-
     def _run(self) -> None:
         while True:
-            wake = self._beat_all()  # holds no connection once it returns: their owners may drop them
+            try:
+                wake = self._beat_all()  # holds no connection once it returns: their owners may drop them
+            except Exception:  # a bug here must not silently end every reader's heartbeats
+                log.exception("sending heartbeats failed; trying again in a second")
+                wake = time.monotonic() + 1.0
             self._wake.wait(None if wake == math.inf else max(0.0, wake - time.monotonic()))
             self._wake.clear()
 

@@ -184,6 +184,9 @@ def test_a_reader_whose_session_ended_is_told_why_and_subscribes_again(make_daem
         wait_until(lambda: d.status()["subscribers"] == 0)
         beating.set()
         wait_until(lambda: d.status()["subscribers"] == 1)
+        end = time.monotonic() + 3 * 0.5
+        while time.monotonic() < end:  # it waits inside the connection for 3 peer timeouts: beating itself
+            assert d.status()["subscribers"] == 1
         with StagingClient(d.endpoint, rank=0, local_world_size=1, world_size=1, strict=True) as c:
             c.stage({"w": torch.arange(6.0) * 2}, step=2).wait(10)
         waiter.join(60)
