@@ -7,16 +7,23 @@ for its reply fails (UNAVAILABLE) as soon as the monitor reports the disconnect.
 timeout the socket is rebuilt (queued messages to a dead daemon are dropped, never delivered
 to its successor). A request may wait longer than its timeout while the daemon keeps
 answering pings (:attr:`Connection.patience`): a daemon that defers a reply is not a hung one.
+
+A reader's connection to a daemon on another host sends heartbeats (:mod:`.heartbeat`), also
+while its owner is busy elsewhere: the only use of the socket from another thread, under the
+connection's lock, which every method that touches the socket holds.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import functools
 import ipaddress
 import itertools
 import logging
 import math
 import os
+import threading
 import time
 from typing import Callable
 from urllib.parse import urlsplit
@@ -26,8 +33,11 @@ from zmq.utils.monitor import recv_monitor_message
 
 from stager.protocol.endpoint import AUTH_ENV, host_id, process_start_time, resolve
 from stager.protocol import (
-    Bye, ErrorCode, ErrorReply, Hello, HelloReply, Message, Ping, Pong, ProtocolError, StagerError, decode,
+    Bye, ErrorCode, ErrorReply, Hello, HelloReply, Message, Ping, Pong, ProtocolError, StagerError, Status,
+    StatusReply, decode,
 )
+
+from . import heartbeat
 
 log = logging.getLogger("stager.client")
 _CONNECTED = zmq.EVENT_HANDSHAKE_SUCCEEDED  # only then does an IMMEDIATE socket accept sends
@@ -35,6 +45,25 @@ _DISCONNECTED = zmq.EVENT_DISCONNECTED | zmq.EVENT_CLOSED  # CLOSED also follows
 RECONNECT_IVL_MS, RECONNECT_IVL_MAX_MS = 50, 250  # a restarted daemon is found within a quarter second
 HELLO_WAIT_S = 0.5  # a fresh or just-lost connection: how long a hello waits for the socket to connect
 PING_INTERVAL_S = 1.0  # while a patient request waits: ping this often (at most a quarter of its timeout)
+HEARTBEATS_PER_TIMEOUT = 4  # heartbeats per --peer-timeout of the daemon: a late one or two never ends a session
+MIN_HEARTBEAT_S = 0.05
+DEFAULT_PEER_TIMEOUT_S = 4.0  # a daemon whose status does not say: heartbeats every second
+NO_SESSION = (ErrorCode.NOT_REGISTERED.value, ErrorCode.SESSION_EXPIRED.value)  # the next request says hello
+_HEARTBEAT = Ping(id=0).encode()  # id 0: no request waits for its Pong, which is dropped unseen
+
+
+def _ms(seconds: float) -> int:
+    """A poll timeout in whole milliseconds, rounded up (a wait never ends just before its deadline)."""
+    return max(0, math.ceil(seconds * 1000)) if seconds != math.inf else -1
+
+
+def _owned(method):
+    """Run ``method`` holding the connection's lock: the heartbeat thread never sends meanwhile."""
+    @functools.wraps(method)
+    def locked(self, *args, **kwargs):
+        with self._lock:
+            return method(self, *args, **kwargs)
+    return locked
 
 
 def is_ipv6_endpoint(endpoint: str) -> bool:
@@ -98,6 +127,10 @@ class Connection:
         self.local_world_size, self.world_size = local_world_size, world_size
         self.curve = curve_keys_from_env() if self.endpoint.startswith("tcp://") else {}
         self._ids = itertools.count(1)
+        self._lock = threading.RLock()
+        self.keepalive_s: float | None = None  # heartbeat interval (a reader of a daemon on another host)
+        self._last_sent = time.monotonic()
+        self.hellos = 0  # successful hellos: a new registration (also in the same daemon session) shows
         self._ctx = zmq.Context.instance()
         self.sock: zmq.Socket | None = None
         self._monitor: zmq.Socket | None = None
@@ -140,13 +173,16 @@ class Connection:
         self._poller.register(self._monitor, zmq.POLLIN)
         self.generation += 1  # requests sent on an earlier socket can never be answered
 
+    @_owned
     def reset(self) -> None:
         """Drop the socket and everything queued on it; the next request says hello again."""
         self.close()
         self._open()
 
+    @_owned
     def close(self) -> None:
         """Say bye (so the daemon ends this peer's leases at once) and close the socket."""
+        heartbeat.HEARTBEATS.discard(self)
         if self.sock is not None and self.session is not None and self.connected:
             try:
                 self.sock.send_multipart(Bye(id=0).encode(), flags=zmq.NOBLOCK)
@@ -168,6 +204,7 @@ class Connection:
             self.sock.close(linger=0)
             self.sock = self._monitor = None
 
+    @_owned
     def poll_monitor(self, timeout_ms: int = 0) -> bool:
         """Update :attr:`connected` from monitor events; returns it. A connection that drops loses
         every request sent on it: :attr:`lost_upto` and :attr:`on_lost` say which."""
@@ -184,6 +221,7 @@ class Connection:
             timeout_ms = 0
         return self.connected
 
+    @_owned
     def wait_connected(self, timeout: float) -> bool:
         deadline = time.monotonic() + timeout
         while not self.poll_monitor(0):
@@ -195,6 +233,7 @@ class Connection:
 
     # ------------------------------------------------------------------ messages
 
+    @_owned
     def send(self, msg: Message) -> int:
         # read the monitor first: a disconnect reported from here on concerns this request
         self.poll_monitor(0)
@@ -205,43 +244,94 @@ class Connection:
             self.connected = False
             raise StagerError(ErrorCode.UNAVAILABLE, self._unreachable()) from None
         self._last_id = msg.id
+        self._last_sent = time.monotonic()  # any request tells the daemon this connection is alive
         return msg.id
+
+    # ------------------------------------------------------------------ heartbeats
+
+    def heartbeat_due(self) -> float:
+        """When this connection's next heartbeat is due (monotonic time; inf: it sends none)."""
+        if self.keepalive_s is None or self.session is None or self.sock is None:
+            return math.inf
+        return self._last_sent + self.keepalive_s
+
+    def _beat(self) -> None:
+        """Send a heartbeat if one is due; the caller holds the lock. A heartbeat that cannot go out
+        (no connection) is not retried before a tenth of the interval: the monitor tells the owner why."""
+        now = time.monotonic()
+        if now < self.heartbeat_due():
+            return
+        try:
+            self.sock.send_multipart(_HEARTBEAT, flags=zmq.NOBLOCK)
+            self._last_sent = now
+        except zmq.ZMQError:
+            self._last_sent = now - self.keepalive_s * 0.9
+
+    def beat_if_free(self) -> float:
+        """From the heartbeat thread: beat unless the owner holds the connection (it beats itself
+        while it waits inside); returns when the next heartbeat is due, or worth another try."""
+        if not self._lock.acquire(blocking=False):  # a quarter interval late at worst: 4 fit in a timeout
+            return time.monotonic() + max(MIN_HEARTBEAT_S, (self.keepalive_s or 0) / 4)
+        try:
+            self._beat()
+            return self.heartbeat_due()
+        finally:
+            self._lock.release()
 
     def _unreachable(self) -> str:
         return (f"the stager daemon at {self.endpoint} is not reachable; start it with `stager serve` "
                 "(or set STAGER_ENDPOINT to where it runs)")
 
+    @_owned
     def recv(self, timeout: float) -> Message | None:
-        try:
-            if not self.sock.poll(int(max(timeout, 0) * 1000)):
+        end = time.monotonic() + max(timeout, 0)
+        while True:
+            self._beat()  # the heartbeat thread cannot while this waits: it holds the lock
+            now = time.monotonic()
+            try:
+                if self.sock.poll(_ms(min(end, self.heartbeat_due()) - now)):
+                    msg = self._recv_ready()
+                    if msg is not None:
+                        return msg
+            except zmq.ZMQError as exc:
+                if exc.errno != errno.EINTR:  # a signal (e.g. SIGCHLD) interrupted the wait: callers loop
+                    raise
                 return None
-        except zmq.ZMQError as exc:
-            if exc.errno != errno.EINTR:  # a signal (e.g. SIGCHLD) interrupted the wait: callers loop
-                raise
-            return None
-        return self._recv_ready()
+            if time.monotonic() >= end:
+                return None
 
     @staticmethod
     def recv_any(conns: "list[Connection]", timeout: float) -> "list[tuple[Connection, Message]]":
         """Wait up to ``timeout`` seconds until any of ``conns`` has a message; return what is
         ready now (a subscriber of a multi-node job waits on every node's announcements at once)."""
-        poller = zmq.Poller()
-        for conn in conns:
-            poller.register(conn.sock, zmq.POLLIN)
-        try:
-            ready = dict(poller.poll(int(max(timeout, 0) * 1000)))
-        except zmq.ZMQError as exc:
-            if exc.errno != errno.EINTR:
-                raise
-            return []
-        out = []
-        for conn in conns:
-            if conn.sock in ready:
-                msg = conn._recv_ready()
-                if msg is not None:
-                    out.append((conn, msg))
-        return out
+        with contextlib.ExitStack() as held:
+            for conn in conns:
+                held.enter_context(conn._lock)
+            poller = zmq.Poller()
+            for conn in conns:
+                poller.register(conn.sock, zmq.POLLIN)
+            end = time.monotonic() + max(timeout, 0)
+            while True:
+                for conn in conns:
+                    conn._beat()
+                now = time.monotonic()
+                try:
+                    ready = dict(poller.poll(_ms(min([end, *(c.heartbeat_due() for c in conns)]) - now)))
+                except zmq.ZMQError as exc:
+                    if exc.errno != errno.EINTR:
+                        raise
+                    return []
+                if ready or time.monotonic() >= end:
+                    break
+            out = []
+            for conn in conns:
+                if conn.sock in ready:
+                    msg = conn._recv_ready()
+                    if msg is not None:
+                        out.append((conn, msg))
+            return out
 
+    @_owned
     def request(self, msg: Message, timeout: float) -> Message:
         """Send ``msg`` and return its reply; raise RemoteError for an error reply, UNAVAILABLE when
         the connection drops, TIMEOUT after ``timeout`` (see :meth:`wait_reply` for :attr:`patience`)."""
@@ -250,8 +340,10 @@ class Connection:
         step = getattr(msg, "step", None)
         return self.wait_reply(self.send(msg), timeout, msg.TYPE if step is None else f"{msg.TYPE} of step {step}")
 
+    @_owned
     def _recv_ready(self) -> Message | None:
-        """One message from the socket, which poll said is readable (None: undecodable, or EINTR)."""
+        """One message from the socket, which poll said is readable (None: undecodable, EINTR, or
+        the answer to a heartbeat)."""
         try:
             frames = self.sock.recv_multipart(flags=zmq.NOBLOCK, copy=False)
         except zmq.ZMQError as exc:
@@ -259,11 +351,21 @@ class Connection:
                 raise
             return None
         try:
-            return decode(frames)
+            msg = decode(frames)
         except ProtocolError as exc:
             log.warning("undecodable reply from the daemon: %s", exc)
             return None
+        if msg.id == 0 and isinstance(msg, Pong):  # the answer to a heartbeat: nothing for the owner
+            return None
+        if msg.id == 0 and isinstance(msg, ErrorReply) and msg.code in NO_SESSION:
+            # the answer to a heartbeat: the daemon ended this session (silence) or never knew it
+            # (restarted); the next request says hello, and a subscriber subscribes again
+            first = self.session is not None and msg.code == ErrorCode.SESSION_EXPIRED.value
+            log.log(logging.WARNING if first else logging.DEBUG, "%s", msg.to_exception())
+            self.session = None
+        return msg
 
+    @_owned
     def wait_reply(self, rid: int, timeout: float, what: str, expect: type[Message] | None = None) -> Message:
         """The reply to request ``rid``: other messages go to :attr:`on_unsolicited`, an error reply
         raises RemoteError, a reply not of type ``expect`` raises BAD_MESSAGE.
@@ -295,7 +397,8 @@ class Connection:
                 except StagerError:  # no connection to send on: the monitor says why, next round
                     next_ping = now + interval
                 continue
-            wake = min(deadline, cap, next_ping if ping_id is None else math.inf)
+            self._beat()  # a reply the daemon holds (deferred reads, back-pressure) may take longer than it
+            wake = min(deadline, cap, next_ping if ping_id is None else math.inf, self.heartbeat_due())
             try:
                 events = dict(self._poller.poll(max(0, int((wake - now) * 1000)) + 1))
             except zmq.ZMQError as exc:
@@ -321,7 +424,7 @@ class Connection:
                 self.on_unsolicited(reply)
                 continue
             if isinstance(reply, ErrorReply):
-                if reply.code == ErrorCode.NOT_REGISTERED.value:
+                if reply.code in NO_SESSION:
                     self.session = None
                 raise reply.to_exception()
             if expect is not None and not isinstance(reply, expect):
@@ -339,6 +442,7 @@ class Connection:
         return (f"no reply to {what} from {self.endpoint} within {timeout:.1f}s; the daemon is "
                 "overloaded, hung or gone (see `stager status`)")
 
+    @_owned
     def hello(self, timeout: float) -> HelloReply:
         # The first hello on a fresh socket, or the first after the connection was lost, waits
         # briefly for the socket to (re)connect; later ones trust the monitor: a daemon known to
@@ -353,12 +457,36 @@ class Connection:
         if not isinstance(reply, HelloReply):
             raise StagerError(ErrorCode.BAD_MESSAGE, f"unexpected {reply.TYPE} reply to hello")
         self.session, self.daemon_host = reply.session, reply.host_id
+        self.hellos += 1
+        if self.role == "reader" and not self.same_host:
+            self._keep_alive(timeout)
         if self.rejoin is not None:  # a restarted daemon forgot the job: tell it again before anything else
             try:
                 self.request(self.rejoin, timeout)
             except StagerError as exc:
                 log.warning("could not rejoin the job at %s: %s", self.endpoint, exc)
         return reply
+
+    def _keep_alive(self, timeout: float) -> None:
+        """Send heartbeats from now on, at a fraction of the daemon's --peer-timeout (its status
+        says it), so that a reader silent for longer keeps its session (:mod:`.heartbeat`)."""
+        try:
+            status = self.request(Status(), timeout)
+            peer_timeout = status.status.get("peer_timeout") if isinstance(status, StatusReply) else None
+        except StagerError as exc:
+            log.debug("no status from %s: %s", self.endpoint, exc)
+            peer_timeout = None
+        if not isinstance(peer_timeout, (int, float)) or isinstance(peer_timeout, bool) or peer_timeout <= 0:
+            peer_timeout = DEFAULT_PEER_TIMEOUT_S  # an older daemon does not say: assume the shortest sensible
+        self.keepalive_s = max(MIN_HEARTBEAT_S, peer_timeout / HEARTBEATS_PER_TIMEOUT)
+        heartbeat.HEARTBEATS.add(self)
+
+    @property
+    def registration(self) -> tuple[str, int] | None:
+        """This connection's registration with the daemon (None: none now). It changes at every hello,
+        also within one daemon session (after the daemon ended this one's session for silence): what
+        was registered under the old one (a subscription, leases) is gone."""
+        return None if self.session is None else (self.session, self.hellos)
 
     @property
     def same_host(self) -> bool:

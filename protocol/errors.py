@@ -29,6 +29,7 @@ class ErrorCode(str, enum.Enum):
     UNAVAILABLE = "unavailable"  # daemon not reachable (raised client side)
     INTERNAL = "internal"  # a bug in the daemon; the request failed, the daemon lives on
     NODE_DOWN = "node_down"  # a node of a multi-node job does not answer (raised client side)
+    SESSION_EXPIRED = "session_expired"  # the daemon ended a peer's session after --peer-timeout of silence
 
 
 class StagerError(Exception):

@@ -165,7 +165,9 @@ class Status(Message):
 
 @message("ping")
 class Ping(Message):
-    """Liveness check; the reply carries the daemon's session, so a restart shows."""
+    """Liveness check; the reply carries the daemon's session, so a restart shows. A ping with id 0
+    is a reader's heartbeat: a connection without a session (ended for silence) is answered with
+    the error saying why, also with id 0."""
 
 
 # ------------------------------------------------------------------------------ replies

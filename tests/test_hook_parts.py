@@ -302,6 +302,7 @@ def test_begin_sends_the_plan_once_per_session():
 @pytest.mark.parametrize("first,hellos", [
     (RemoteError(ErrorCode.PLAN_REQUIRED, "resend"), 0),
     (RemoteError(ErrorCode.NOT_REGISTERED, "who?"), 1),
+    (RemoteError(ErrorCode.SESSION_EXPIRED, "silent too long"), 1),  # the daemon dropped a stopped rank
 ])
 def test_begin_retries_once_with_the_plan(first, hellos):
     conn = FakeConn([BeginReply(layout="L"), first, BeginReply(layout="L")])

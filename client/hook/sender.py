@@ -50,7 +50,7 @@ class Sender:
             except RemoteError as exc:
                 if exc.code == ErrorCode.PLAN_REQUIRED and attempt == 0:
                     continue
-                if exc.code == ErrorCode.NOT_REGISTERED and attempt == 0:
+                if exc.code in (ErrorCode.NOT_REGISTERED, ErrorCode.SESSION_EXPIRED) and attempt == 0:
                     self.conn.hello(self.timeout)  # the daemon dropped us (restart, silence): register again
                     continue
                 raise

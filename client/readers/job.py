@@ -51,7 +51,7 @@ class JobReader:
         self.newest: dict[str, int] = {}  # node -> newest step it announced (or held when subscribing)
         self.last: dict[str, JobInfoReply] = {}  # node -> its last answer: a node that went silent counts with it
         self.up: set[str] = set()  # nodes subscribed to in their daemon's current session
-        self._subscribed: dict[str, str | None] = {}  # node -> session subscribed in
+        self._subscribed: dict[str, tuple | None] = {}  # node -> the connection's registration subscribed in
         # announcements may arrive while any request waits for its reply: every connection notes them
         for node, conn in self.conns.items():
             if conn is not primary:
@@ -226,10 +226,10 @@ class JobReader:
         nodes are subscribed now."""
         for conn in self.conns.values():
             conn.poll_monitor(0)  # a lost connection ends its session: subscribe again below
-        todo = [n for n, c in self.conns.items() if c.session is None or self._subscribed.get(n) != c.session]
+        todo = [n for n, c in self.conns.items() if c.session is None or self._subscribed.get(n) != c.registration]
         replies, errors = self._ask_all(lambda n: Subscribe(), "subscribe", todo, SubscribeReply)
         for node, reply in replies.items():
-            self._subscribed[node] = self.conns[node].session
+            self._subscribed[node] = self.conns[node].registration
             self.up.add(node)
             self.newest.pop(node, None)
             if reply.step is not None:

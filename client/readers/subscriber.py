@@ -70,7 +70,7 @@ class Subscriber:
         self._conn.on_unsolicited = _weakly(self._on_unsolicited)
         self._segments: dict[str, torch.Tensor] = {}
         self._leases: set[int] = set()
-        self._subscribed_session: str | None = None
+        self._subscribed: tuple | None = None  # the connection's registration the subscription was made in
         self._known: tuple[int, int] | None = None  # newest sealed (seq, step) this subscriber heard of
         self._links: dict[str, JobReader] = {}  # "job": the daemon's multi-node job, once asked in a session
         self._job_session: str | None = None
@@ -115,8 +115,8 @@ class Subscriber:
             msg = self._conn.recv(wait)
             if msg is not None:
                 self._on_unsolicited(msg)
-            elif not self._conn.poll_monitor(0) or self._conn.session != self._subscribed_session:
-                self._subscribe()  # the daemon restarted: subscribe again (a no-op while it is down)
+            elif not self._conn.poll_monitor(0) or self._conn.registration != self._subscribed:
+                self._subscribe()  # the daemon restarted or ended the session: subscribe again (a no-op while down)
                 if self._conn.session is not None and self._job_or_none() is not None:
                     return self._wait_for_newer_in_job(floor, deadline, timeout, allow_partial)
 
@@ -187,7 +187,7 @@ class Subscriber:
     # ------------------------------------------------------------------ internals
 
     def _subscribe(self) -> None:
-        if self._subscribed_session is not None and self._subscribed_session == self._conn.session:
+        if self._subscribed is not None and self._subscribed == self._conn.registration:
             return
         try:
             reply = self._conn.request(Subscribe(), self.timeout)
@@ -197,7 +197,7 @@ class Subscriber:
             raise
         if not isinstance(reply, SubscribeReply):
             raise StagerError(ErrorCode.BAD_MESSAGE, f"unexpected {reply.TYPE} reply to subscribe")
-        self._subscribed_session = self._conn.session
+        self._subscribed = self._conn.registration
         self._known = (reply.seq, reply.step) if reply.step is not None else None
 
     def _on_unsolicited(self, msg) -> None:

@@ -67,6 +67,8 @@ class Handlers:
         self.memory.collect()
 
     def on_ping(self, identity: bytes, msg: Ping) -> Message:
+        if msg.id == 0:  # a heartbeat: a connection without a session (ended for silence) is told why
+            self.peers.get(identity)
         return Pong(session=self.state.session)
 
     def on_status(self, identity: bytes, msg: Status) -> Message:
@@ -93,6 +95,7 @@ class Handlers:
                        "draining": sum(s.size for s in budget.draining),
                        "preallocated": budget.reserve.size if budget.reserve is not None else 0},
             "keep": state.keep,
+            "peer_timeout": state.peer_timeout,
             "node": state.host_id,
             "job": self.job.status(),
             "retention": self.memory.status(),

@@ -1,8 +1,11 @@
 """Who is connected: trainer ranks and readers, their registration, liveness and departure.
 
 Same-host peers are alive while their process is (checked by pid and start time, zombies
-count as dead); peers on another host while they keep talking (clients ping every few seconds).
-A peer that leaves ends its leases, and a trainer that leaves fails the steps it had not committed.
+count as dead); peers on another host while they keep talking: trainer ranks ping every few
+seconds, readers send heartbeats (pings with id 0) at a quarter of ``--peer-timeout``, from a
+background thread while their owner is busy. A peer that leaves ends its leases, and a trainer
+that leaves fails the steps it had not committed. A connection whose session ended for silence
+is told so (SESSION_EXPIRED) when it speaks again, not merely that it is unknown.
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections import OrderedDict
 from typing import Callable
 
 import psutil
@@ -22,6 +26,7 @@ from .versions import Peer, Version
 
 log = logging.getLogger("stager.daemon")
 LIVENESS_INTERVAL_S = 1.0  # reading /proc for every peer: once a second is plenty
+EXPIRED_KEPT = 1024  # connections dropped for silence, remembered to tell them why (ROUTER ids never repeat)
 
 
 class Peers:
@@ -31,11 +36,14 @@ class Peers:
                  fail_step: Callable[[Version, str], None]):
         self.state, self._end_lease, self._fail_step = state, end_lease, fail_step
         self._next_liveness = 0.0
+        self._expired: OrderedDict[bytes, str] = OrderedDict()  # identity -> why its session ended
 
     def get(self, identity: bytes, role: str | None = None) -> Peer:
         """The registered peer behind ``identity`` (of ``role`` when given), else a typed error."""
         peer = self.state.peers.get(identity)
         if peer is None:
+            if identity in self._expired:
+                raise StagerError(ErrorCode.SESSION_EXPIRED, self._expired[identity])
             raise StagerError(
                 ErrorCode.NOT_REGISTERED,
                 "this connection has not said hello (or the daemon restarted); send Hello first",
@@ -69,6 +77,7 @@ class Peers:
             existing = None
         if msg.role == "trainer":
             self._claim_rank(identity, msg)
+        self._expired.pop(identity, None)
         state.peers[identity] = Peer(identity, msg.role, msg.rank, msg.pid, float(msg.start_time), msg.host_id,
                                      local, time.monotonic(), leases=existing.leases if existing else set())
         log.info("%s %d connected (pid %d, %s)", msg.role, msg.rank, msg.pid, "local" if local else "remote")
@@ -127,9 +136,29 @@ class Peers:
 
     def check_liveness(self) -> None:
         now = time.monotonic()
-        if now < self._next_liveness:
-            return
-        self._next_liveness = now + LIVENESS_INTERVAL_S
+        # /proc is read for same-host peers once a second; a peer on another host costs a clock
+        # comparison, so it is checked every tick: gone within --peer-timeout plus a tick
+        local = now >= self._next_liveness
+        if local:
+            self._next_liveness = now + LIVENESS_INTERVAL_S
         for peer in list(self.state.peers.values()):
-            if not self.alive(peer):
-                self.drop(peer, "process exited" if peer.local else f"silent for {self.state.peer_timeout:.0f}s")
+            if (peer.local and not local) or self.alive(peer):
+                continue
+            if peer.local:
+                self.drop(peer, "process exited")
+                continue
+            self._remember_expired(peer, now - peer.last_seen)
+            self.drop(peer, f"silent for {now - peer.last_seen:.1f}s (--peer-timeout {self.state.peer_timeout:g}s)")
+
+    def _remember_expired(self, peer: Peer, silent: float) -> None:
+        """Why ``peer``'s session ends, for its next request (a bounded memory: the oldest go first)."""
+        what = f"{len(peer.leases)} lease(s)" + (" and its subscription" if peer.identity in self.state.subscribers
+                                                 else "")
+        self._expired[peer.identity] = (
+            f"the daemon ended this connection's session after {silent:.1f}s without a message from it "
+            f"(--peer-timeout {self.state.peer_timeout:g}s), and with it {what}. Clients on another host send "
+            "heartbeats in the background, so the process was stopped or cut off from the daemon (SIGSTOP, a "
+            "debugger, the network) for that long; raise the daemon's --peer-timeout if such pauses are expected. "
+            "The next request registers anew: acquire the version again (and subscribe)")
+        while len(self._expired) > EXPIRED_KEPT:
+            self._expired.popitem(last=False)

@@ -1,0 +1,91 @@
+"""Heartbeats for readers of a daemon on another host, sent while the reader is busy elsewhere.
+
+The daemon cannot see a process on another host: it ends the session (leases, subscription) of
+such a peer once it heard nothing from it for ``--peer-timeout``. A rollout worker generating for
+minutes inside ``with sub.latest() as snap:`` must keep its lease; one whose process died, or
+whose host went away, must lose it within the peer timeout. So each such connection sends a
+heartbeat (a Ping with id 0) whenever it sent nothing for a quarter of the daemon's peer timeout:
+from its owner's thread while the owner waits inside the connection, and from the one thread of
+this module while the owner is elsewhere. The daemon answers each, as every request: the Pongs
+wait in the socket (ZeroMQ's high-water mark bounds them; past it the daemon drops them) and the
+connection discards them unseen when its owner reads next. A connection whose session ended is
+answered with the error saying why, and says hello at its next request.
+
+Why not ZeroMQ's own heartbeats (ZMQ_HEARTBEAT_IVL): they live below the daemon's ROUTER, which
+cannot tell which peer a ZMTP connection carries without libzmq's draft API; and a reader that
+stops reading (announcements fill its queue while it generates) stops answering them, because
+libzmq stops reading the TCP stream at the high-water mark, so the daemon would cut a live reader.
+
+ZeroMQ sockets must not be used by two threads at once: the thread sends only when it takes the
+connection's lock at once (the owner is not inside the connection; when it is, it beats itself
+while it waits), and it never receives, so nothing the owner waits for is taken from it.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import threading
+import time
+import weakref
+
+log = logging.getLogger("stager.client")
+
+
+class Heartbeats:
+    """The process's heartbeat thread and the connections it keeps alive (held weakly)."""
+
+    def __init__(self) -> None:
+        self._conns: weakref.WeakSet = weakref.WeakSet()
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def add(self, conn) -> None:
+        """Keep ``conn`` alive: ``conn.heartbeat_due()`` says when (monotonic time, inf: never), and
+        ``conn.beat_if_free()`` sends one unless its owner holds it, and says when the next is due."""
+        with self._lock:
+            self._conns.add(conn)
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._run, name="stager-heartbeats", daemon=True)
+                self._thread.start()
+        self._wake.set()
+
+    def discard(self, conn) -> None:
+        with self._lock:
+            self._conns.discard(conn)
+
+    def _run(self) -> None:
+        while True:
+            try:
+                wake = self._beat_all()  # holds no connection once it returns: their owners may drop them
+            except Exception:  # a bug here must not silently end every reader's heartbeats
+                log.exception("sending heartbeats failed; trying again in a second")
+                wake = time.monotonic() + 1.0
+            self._wake.wait(None if wake == math.inf else max(0.0, wake - time.monotonic()))
+            self._wake.clear()
+
+    def _beat_all(self) -> float:
+        """Beat every connection that is due; returns when the next one is due (inf: none kept)."""
+        with self._lock:
+            conns = list(self._conns)
+        wake = math.inf
+        for conn in conns:
+            due = conn.heartbeat_due()
+            if due <= time.monotonic():
+                due = conn.beat_if_free()  # when the next one is due (or worth another try)
+            wake = min(wake, due)
+        return wake
+
+
+HEARTBEATS = Heartbeats()
+
+
+def _after_fork() -> None:
+    # a forked child has none of the parent's threads, and its connections are the parent's: start over
+    global HEARTBEATS
+    HEARTBEATS = Heartbeats()
+
+
+os.register_at_fork(after_in_child=_after_fork)
