@@ -18,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import functools
-import ipaddress
 import itertools
 import logging
 import math
@@ -26,12 +25,11 @@ import os
 import threading
 import time
 from typing import Callable
-from urllib.parse import urlsplit
 
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
-from stager.protocol.endpoint import AUTH_ENV, host_id, process_start_time, resolve
+from stager.protocol.endpoint import AUTH_ENV, host_id, is_ipv6_endpoint, process_start_time, resolve
 from stager.protocol import (
     Bye, ErrorCode, ErrorReply, Hello, HelloReply, Message, Ping, Pong, ProtocolError, StagerError, Status,
     StatusReply, decode,
@@ -64,17 +62,6 @@ def _owned(method):
         with self._lock:
             return method(self, *args, **kwargs)
     return locked
-
-
-def is_ipv6_endpoint(endpoint: str) -> bool:
-    """True for ``tcp://[v6 literal]:port``: such sockets need ``zmq.IPV6`` or they never connect."""
-    if not endpoint.startswith("tcp://"):
-        return False
-    try:
-        host = urlsplit(endpoint).hostname or ""
-        return ipaddress.ip_address(host.split("%", 1)[0]).version == 6
-    except ValueError:
-        return False
 
 
 def curve_keys_from_env() -> dict:

@@ -64,6 +64,25 @@ def is_loopback(endpoint: str) -> bool:
         return False
 
 
+def is_ipv6_endpoint(endpoint: str) -> bool:
+    """True for a tcp endpoint whose host is an IPv6 literal (``tcp://[::1]:7555``, a zone id too:
+    ``tcp://[fe80::1%eth0]:7555``): ZeroMQ needs ``zmq.IPV6`` set on the socket before it binds or
+    connects there, or it never does.
+
+    >>> is_ipv6_endpoint("tcp://[::1]:0"), is_ipv6_endpoint("tcp://[fe80::1%eth0]:0"), is_ipv6_endpoint("ipc:///x")
+    (True, True, False)
+    >>> is_ipv6_endpoint("tcp://127.0.0.1:0"), is_ipv6_endpoint("tcp://node-a:7555")
+    (False, False)
+    """
+    if not endpoint.startswith("tcp://"):
+        return False
+    try:
+        host = urlsplit(endpoint).hostname or ""
+        return ipaddress.ip_address(host.split("%", 1)[0]).version == 6
+    except ValueError:
+        return False
+
+
 def lock_path(endpoint: str) -> str:
     digest = hashlib.sha1(endpoint.encode()).hexdigest()[:16]
     return os.path.join(runtime_dir(), f"daemon-{digest}.lock")

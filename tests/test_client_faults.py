@@ -21,7 +21,8 @@ import zmq
 from helpers import has_ipv6_loopback, wait_until
 from stager.client import StagingClient
 from stager.client.admin import daemon_status
-from stager.client.connection import Connection, is_ipv6_endpoint
+from stager.client.connection import Connection
+from stager.protocol.endpoint import is_ipv6_endpoint
 from stager.client.hook.handle import StageHandle
 from stager.client.hook.replies import SealTracker
 from stager.dev.launch import DaemonProcess, free_port

@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
-import ipaddress
 import os
 import re
-from urllib.parse import urlsplit
 
 import psutil
 
@@ -158,18 +156,3 @@ class DaemonConfig:
     def insecure(self) -> bool:
         """True when the daemon serves tcp without authentication (only with ``insecure_no_auth``)."""
         return self.endpoint.startswith("tcp://") and not self.auth_dir
-
-
-def is_ipv6_endpoint(endpoint: str) -> bool:
-    """True for a tcp endpoint whose host is an IPv6 literal (``tcp://[::1]:7555``): ZeroMQ needs
-    ``zmq.IPV6`` set on the socket before it binds or connects there.
-
-    >>> is_ipv6_endpoint("tcp://[::1]:0"), is_ipv6_endpoint("tcp://127.0.0.1:0"), is_ipv6_endpoint("ipc:///x")
-    (True, False, False)
-    """
-    if not endpoint.startswith("tcp://"):
-        return False
-    try:
-        return ipaddress.ip_address(urlsplit(endpoint).hostname or "").version == 6
-    except ValueError:
-        return False

@@ -27,10 +27,10 @@ import zmq
 
 from stager.protocol import ErrorCode, ErrorReply, Message, ProtocolError, StagerError, decode
 from stager.protocol import logs
-from stager.protocol.endpoint import host_id, ipc_path, lock_path
+from stager.protocol.endpoint import host_id, ipc_path, is_ipv6_endpoint, lock_path
 from stager.protocol.shm import SHM_DIR, segment_name
 
-from .config import DaemonConfig, is_ipv6_endpoint
+from .config import DaemonConfig
 from .handlers import Handlers
 from .lifecycle import DRAINING, Lifecycle, refusal
 from .memory import SegmentBudget
