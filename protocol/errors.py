@@ -29,6 +29,7 @@ class ErrorCode(str, enum.Enum):
     UNAVAILABLE = "unavailable"  # daemon not reachable (raised client side)
     INTERNAL = "internal"  # a bug in the daemon; the request failed, the daemon lives on
     NODE_DOWN = "node_down"  # a node of a multi-node job does not answer (raised client side)
+    NO_SIGN_OF_LIFE = "no_sign_of_life"  # the daemon did not acknowledge a stage in time: skipped (client side)
 
 
 class StagerError(Exception):
