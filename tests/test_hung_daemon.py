@@ -18,13 +18,15 @@ import time
 
 import pytest
 import torch
+import zmq
 from dist_jobs import stage_through_a_hung_daemon
 from helpers import wait_until
 
 from stager.client import StagingClient, Subscriber
 from stager.client.admin import daemon_status
+from stager.client.connection import Connection
 from stager.dev.launch import DaemonProcess, run_ranks
-from stager.protocol import ErrorCode
+from stager.protocol import ErrorCode, Ok, Ping, Pong, StagerError, Status, decode
 
 TIMEOUT = 30.0  # the clients' timeout: a stopped daemon used to hold wait_copied() this long
 RETURNED = 10.0  # a wait_copied() not back within this (far above the 1 s ack timeout) failed the test
@@ -55,6 +57,64 @@ def daemons():
 def _client(endpoint, rank=0, local_world_size=1, **kw):
     return StagingClient(endpoint, rank=rank, local_world_size=local_world_size, world_size=local_world_size,
                          timeout=TIMEOUT, **kw)
+
+
+class Router:
+    """A hand-driven daemon: answers pings when told to, and a request once told to."""
+
+    def __init__(self, endpoint):
+        self.sock = zmq.Context.instance().socket(zmq.ROUTER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.bind(endpoint)
+        self.pongs, self.answer_pings, self.answer_after_pongs = 0, True, None
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self):
+        held = None
+        while not self.stop.is_set():
+            if not self.sock.poll(20):
+                continue
+            identity, *frames = self.sock.recv_multipart()
+            msg = decode(frames)
+            if isinstance(msg, Ping):
+                if self.answer_pings:
+                    self.sock.send_multipart([identity, *Pong(id=msg.id, session="s").encode()])
+                    self.pongs += 1
+            else:
+                held = (identity, msg.id)
+            if held and self.answer_after_pongs is not None and self.pongs >= self.answer_after_pongs:
+                self.sock.send_multipart([held[0], *Ok(id=held[1]).encode()])
+                held = None
+
+    def close(self):
+        self.stop.set()
+        self.thread.join(10)
+        self.sock.close()
+
+
+def test_the_answer_to_a_ping_sent_after_a_request_acknowledges_it(short_dir):
+    router = Router(f"ipc://{short_dir}/r.sock")
+    conn = Connection(f"ipc://{short_dir}/r.sock", role="trainer")
+    conn.ack_timeout, conn.patience = 0.2, 60.0
+    try:
+        assert conn.wait_connected(10)
+        # acknowledged (pings answered), the reply held well past the ack timeout: the wait goes on
+        router.answer_after_pongs = 3  # pings after the first answer come every second: 2 s and more
+        assert isinstance(conn.wait_reply(conn.send(Status()), 30.0, "status"), Ok)
+        assert router.pongs >= 3 and conn.silent_since is None
+        # nothing answered: NO_SIGN_OF_LIFE after the ack timeout (not the 30 s timeout), and silent since
+        router.answer_pings, router.answer_after_pongs = False, None
+        with pytest.raises(StagerError) as info:
+            conn.wait_reply(conn.send(Status()), 30.0, "status")
+        assert info.value.code == ErrorCode.NO_SIGN_OF_LIFE and "within 0.2s of status" in info.value.message
+        assert conn.silent_since is not None and not conn.await_life(0.3)
+        router.answer_pings = True  # the daemon answers again: the silence ends at the first answer
+        assert conn.await_life(30) and conn.silent_since is None
+    finally:
+        conn.close()
+        router.close()
 
 
 def _sealed(endpoint) -> list[int]:
