@@ -128,22 +128,24 @@ def test_a_stopped_daemon_costs_one_ack_timeout_then_stages_are_skipped_until_it
         assert client.stage(sd, step=1).wait(60)["step"] == 1
         os.kill(d.pid, signal.SIGSTOP)  # hung: the connection stays up and nothing answers
         try:
-            skipped = []
-            for step in (2, 3, 4):  # the first waits for its ack, the next ones find the daemon silent
-                sd["w"].fill_(step)
-                t0 = time.monotonic()
-                handle = client.stage(sd, step=step)
+            # step 2 waits for its ack; step 3, staged at once, is queued behind it; 4 and 5 find the daemon silent
+            t0 = time.monotonic()
+            handles = {step: client.stage(sd, step=step) for step in (2, 3)}
+            for step in (2, 3, 4, 5):
+                if step not in handles:
+                    t0 = time.monotonic()
+                    handles[step] = client.stage(sd, step=step)
+                handle = handles[step]
                 assert handle.wait_copied(RETURNED) is False  # returned (else TIMEOUT), and nothing was copied
                 print(f"\nstep {step}: stage()+wait_copied() {1000 * (time.monotonic() - t0):.0f} ms, daemon stopped")
                 assert handle.skipped and handle.error.code == ErrorCode.NO_SIGN_OF_LIFE, handle.error
                 assert "no sign of life" in handle.error.message and f"step {step} skipped" in handle.error.message
-                skipped.append(handle)
-            assert "within 1.0s of begin of step 2" in skipped[0].error.message, skipped[0].error
-            assert client.stats == {"stages": 4, "skipped": 3}
+            assert "within 1.0s of begin of step 2" in handles[2].error.message, handles[2].error
+            assert client.stats == {"stages": 5, "skipped": 4}
         finally:
             os.kill(d.pid, signal.SIGCONT)
         t0 = time.monotonic()
-        step, sealed = 5, None
+        step, sealed = 6, None
         while sealed is None:  # the first stages after SIGCONT may still find it silent: the next ones go ahead
             assert time.monotonic() - t0 < 30, "staging did not resume within 30 s of SIGCONT"
             sd["w"].fill_(step)
@@ -154,7 +156,7 @@ def test_a_stopped_daemon_costs_one_ack_timeout_then_stages_are_skipped_until_it
                 assert handle.skipped, handle.error  # still silent to this client: skipped, not failed
                 step += 1
         print(f"staging resumed {1000 * (time.monotonic() - t0):.0f} ms after SIGCONT, at step {step}")
-        assert sealed["step"] == step and client.stats["skipped"] == 3 + step - 5
+        assert sealed["step"] == step and client.stats["skipped"] == 4 + step - 6
     assert _sealed(endpoint) == [1, step]  # nothing of the skipped steps is visible
     with Subscriber(endpoint) as sub, sub.latest() as snap:
         assert snap.step == step and torch.equal(snap["w"], torch.full((1 << 12,), float(step)))

@@ -57,11 +57,12 @@ _DAEMON_KNOWS = (ErrorCode.STEP_FAILED, ErrorCode.STALE_STEP)
 
 
 class _Job:
-    __slots__ = ("state_dict", "step", "model_info", "handle", "start_event")
+    __slots__ = ("state_dict", "step", "model_info", "handle", "start_event", "submitted")
 
     def __init__(self, state_dict, step, model_info, handle, start_event):
         self.state_dict, self.step, self.model_info = state_dict, step, model_info
         self.handle, self.start_event = handle, start_event
+        self.submitted = time.monotonic()
 
 
 def _ack_timeout(value: float | None) -> float:
@@ -347,7 +348,7 @@ class _Worker:
         handle, began = job.handle, False
         try:
             plan = self.planner.plan(job.state_dict)
-            self._check_alive()
+            self._check_alive(job.submitted)
             shm = self.sender.connect()
             if self.owed_abort is not None:
                 self._settle_abort()
@@ -384,13 +385,16 @@ class _Worker:
             else:
                 report(handle, error)
 
-    def _check_alive(self) -> None:
+    def _check_alive(self, submitted: float) -> None:
         """Raise NO_SIGN_OF_LIFE while the daemon is silent (a request went unanswered, and nothing
         came from it since): the stage is skipped without waiting. The first stage of a silence
-        may wait a moment (as a hello on a fresh socket does) for the daemon to answer a ping."""
+        may wait a moment (as a hello on a fresh socket does) for the daemon to answer a ping, but
+        never past ``ack_timeout`` after its stage() (a stage queued behind the one that found the
+        silence has waited already)."""
         conn = self.conn
         if conn.silent_since is not None:
-            grace = min(HELLO_WAIT_S, self.ack_timeout) if self._grace else 0.0
+            left = self.ack_timeout - (time.monotonic() - submitted)
+            grace = max(0.0, min(HELLO_WAIT_S, left)) if self._grace else 0.0
             self._grace = False
             if not conn.await_life(grace):
                 raise StagerError(ErrorCode.NO_SIGN_OF_LIFE, (
