@@ -37,7 +37,7 @@ _DISCONNECTED = zmq.EVENT_DISCONNECTED | zmq.EVENT_CLOSED  # CLOSED also follows
 RECONNECT_IVL_MS, RECONNECT_IVL_MAX_MS = 50, 250  # a restarted daemon is found within a quarter second
 HELLO_WAIT_S = 0.5  # a fresh or just-lost connection: how long a hello waits for the socket to connect
 PING_INTERVAL_S = 1.0  # while a patient request waits: ping this often (at most a quarter of its timeout)
-PROBE_INTERVAL_S = 0.25  # while the daemon is silent: ping it this often, to notice at once when it answers again
+REPROBE_S = 5.0  # a silent daemon's unanswered ping is sent again after this long (few pile up in a hung one)
 
 
 def is_ipv6_endpoint(endpoint: str) -> bool:
@@ -119,7 +119,7 @@ class Connection:
         self.ack_timeout: float | None = None
         # when the daemon went silent (a wait ended in silence); None once anything arrives from it
         self.silent_since: float | None = None
-        self._probe_at = 0.0
+        self._probed: float | None = None  # when a ping went out on this connection while the daemon is silent
         self.on_lost: Callable[[int], None] = lambda upto: None  # a connection dropped: requests <= upto are lost
         self.daemon_host: str | None = None
         self.rejoin: Message | None = None  # a multi-node job's Join, said again after every hello
@@ -154,19 +154,24 @@ class Connection:
         ``silent_since``: because the daemon has not answered since then (see :attr:`silent_since`)."""
         if silent_since is not None and self.silent_since is None:
             self.silent_since = silent_since
-        self._probe_at = 0.0  # pings queued on the old socket are gone: the next probe goes at once
+        self._probed = None  # pings queued on the old socket are gone
         self.close()
         self._open()
 
-    def probe(self, now: float) -> None:
-        """While the daemon is silent, ping it now and then (without waiting): whatever it sends
-        back ends the silence (:meth:`_recv_ready`). Nothing to do until the socket has connected;
-        a connection alone is no sign of life (a hung daemon's I/O thread still completes it)."""
-        if self.silent_since is None or now < self._probe_at or not self.poll_monitor(0):
+    def probe(self) -> None:
+        """While the daemon is silent, ping it (without waiting): whatever it sends back ends the
+        silence (:meth:`_recv_ready`). A ping waits in the daemon's queue until the daemon answers,
+        so one per connection does, sent again only every REPROBE_S: pings do not pile up in a hung
+        daemon. Nothing to do until the socket has connected; a connection alone is no sign of life
+        (a hung daemon's I/O thread still completes it)."""
+        now = time.monotonic()
+        if self.silent_since is None or (self._probed is not None and now - self._probed < REPROBE_S):
             return
-        self._probe_at = now + PROBE_INTERVAL_S
+        if not self.poll_monitor(0):
+            return
         try:
             self.send(Ping())
+            self._probed = now
         except StagerError:
             pass
 
@@ -182,9 +187,9 @@ class Connection:
             if not self.poll_monitor(0):
                 self.wait_connected(deadline - now)
                 continue
-            self.probe(now)
+            self.probe()
             try:
-                if self.sock.poll(max(1, int(min(deadline - now, PROBE_INTERVAL_S) * 1000))):
+                if self.sock.poll(max(1, int(min(deadline - now, 0.05) * 1000))):
                     msg = self._recv_ready()
                     if msg is not None:
                         self.on_unsolicited(msg)
@@ -222,7 +227,7 @@ class Connection:
         while self._monitor.poll(timeout_ms):
             event = recv_monitor_message(self._monitor)["event"]
             if event & _CONNECTED:
-                self.connected = True
+                self.connected, self._probed = True, None  # a new connection: earlier pings are gone
             elif event & _DISCONNECTED:
                 was_connected = self.connected  # else a failed connect attempt: nothing was sent
                 self.connected, self.session = False, None
@@ -308,7 +313,7 @@ class Connection:
             if exc.errno not in (errno.EINTR, errno.EAGAIN):
                 raise
             return None
-        self.silent_since = None  # whatever it is, the daemon sent it: it is not stopped or hung
+        self.silent_since, self._probed = None, None  # whatever it is, the daemon sent it: not stopped or hung
         try:
             return decode(frames)
         except ProtocolError as exc:

@@ -60,7 +60,8 @@ def _client(endpoint, rank=0, local_world_size=1, **kw):
 
 
 class Router:
-    """A hand-driven daemon: answers pings when told to, and a request once told to."""
+    """A hand-driven daemon: answers pings when told to (holding them meanwhile, as a hung daemon's
+    queue does), and a request once it answered enough pings."""
 
     def __init__(self, endpoint):
         self.sock = zmq.Context.instance().socket(zmq.ROUTER)
@@ -72,18 +73,19 @@ class Router:
         self.thread.start()
 
     def _serve(self):
-        held = None
+        held, pings = None, []
         while not self.stop.is_set():
-            if not self.sock.poll(20):
-                continue
-            identity, *frames = self.sock.recv_multipart()
-            msg = decode(frames)
-            if isinstance(msg, Ping):
-                if self.answer_pings:
-                    self.sock.send_multipart([identity, *Pong(id=msg.id, session="s").encode()])
-                    self.pongs += 1
-            else:
-                held = (identity, msg.id)
+            if self.sock.poll(20):
+                identity, *frames = self.sock.recv_multipart()
+                msg = decode(frames)
+                if isinstance(msg, Ping):
+                    pings.append((identity, msg.id))
+                else:
+                    held = (identity, msg.id)
+            while self.answer_pings and pings:
+                identity, rid = pings.pop(0)
+                self.sock.send_multipart([identity, *Pong(id=rid, session="s").encode()])
+                self.pongs += 1
             if held and self.answer_after_pongs is not None and self.pongs >= self.answer_after_pongs:
                 self.sock.send_multipart([held[0], *Ok(id=held[1]).encode()])
                 held = None

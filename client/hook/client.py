@@ -333,7 +333,7 @@ class _Worker:
             self._settle_abort()
         now = time.monotonic()
         self.replies.maintain(now, keepalive_s=KEEPALIVE_S, ping_timeout_s=PING_TIMEOUT_S)
-        self.conn.probe(now)  # a silent daemon is pinged: its answer ends the silence
+        self.conn.probe()  # a silent daemon is pinged: its answer ends the silence
 
     def _close(self) -> None:
         while self.jobs:
