@@ -11,6 +11,8 @@ answering pings (:attr:`Connection.patience`): a daemon that defers a reply is n
 A reader's connection to a daemon on another host sends heartbeats (:mod:`.heartbeat`), also
 while its owner is busy elsewhere: the only use of the socket from another thread, under the
 connection's lock, which every method that touches the socket holds.
+A request may also be given less time for its first sign of life than for its reply
+(:attr:`Connection.ack_timeout`): a stopped or hung daemon is then told from a slow one quickly.
 """
 
 from __future__ import annotations
@@ -48,6 +50,7 @@ MIN_HEARTBEAT_S = 0.05
 DEFAULT_PEER_TIMEOUT_S = 4.0  # a daemon whose status does not say: heartbeats every second
 NO_SESSION = (ErrorCode.NOT_REGISTERED.value, ErrorCode.SESSION_EXPIRED.value)  # the next request says hello
 _HEARTBEAT = Ping(id=0).encode()  # id 0: no request waits for its Pong, which is dropped unseen
+REPROBE_S = 5.0  # a silent daemon's unanswered ping is sent again after this long (few pile up in a hung one)
 
 
 def _ms(seconds: float) -> int:
@@ -131,6 +134,12 @@ class Connection:
         self.lost_upto = 0  # requests with ids up to this one went out on a connection since lost
         # seconds a request may wait for its reply while the daemon answers pings (0: its timeout only)
         self.patience = 0.0
+        # seconds a request may wait for its first sign of life: its reply, or the answer to a ping
+        # sent after it (None: its timeout); see wait_reply
+        self.ack_timeout: float | None = None
+        # when the daemon went silent (a wait ended in silence); None once anything arrives from it
+        self.silent_since: float | None = None
+        self._probed: float | None = None  # when a ping went out on this connection while the daemon is silent
         self.on_lost: Callable[[int], None] = lambda upto: None  # a connection dropped: requests <= upto are lost
         self.daemon_host: str | None = None
         self.rejoin: Message | None = None  # a multi-node job's Join, said again after every hello
@@ -161,10 +170,56 @@ class Connection:
         self.generation += 1  # requests sent on an earlier socket can never be answered
 
     @_owned
-    def reset(self) -> None:
-        """Drop the socket and everything queued on it; the next request says hello again."""
+    def reset(self, *, silent_since: float | None = None) -> None:
+        """Drop the socket and everything queued on it; the next request says hello again.
+        ``silent_since``: because the daemon has not answered since then (see :attr:`silent_since`)."""
+        if silent_since is not None and self.silent_since is None:
+            self.silent_since = silent_since
+        self._probed = None  # pings queued on the old socket are gone
         self.close()
         self._open()
+
+    @_owned
+    def probe(self) -> None:
+        """While the daemon is silent, ping it (without waiting): whatever it sends back ends the
+        silence (:meth:`_recv_ready`). A ping waits in the daemon's queue until the daemon answers,
+        so one per connection does, sent again only every REPROBE_S: pings do not pile up in a hung
+        daemon. Nothing to do until the socket has connected; a connection alone is no sign of life
+        (a hung daemon's I/O thread still completes it)."""
+        now = time.monotonic()
+        if self.silent_since is None or (self._probed is not None and now - self._probed < REPROBE_S):
+            return
+        if not self.poll_monitor(0):
+            return
+        try:
+            self.send(Ping())
+            self._probed = now
+        except StagerError:
+            pass
+
+    @_owned
+    def await_life(self, timeout: float) -> bool:
+        """True once the daemon, silent since :attr:`silent_since`, has sent anything; waits up to
+        ``timeout`` seconds: for the socket to connect, then for the answer to a ping. What arrives
+        meanwhile goes to :attr:`on_unsolicited`."""
+        deadline = time.monotonic() + timeout
+        while self.silent_since is not None:
+            now = time.monotonic()
+            if now >= deadline:
+                return False
+            if not self.poll_monitor(0):
+                self.wait_connected(deadline - now)
+                continue
+            self.probe()
+            try:
+                if self.sock.poll(max(1, int(min(deadline - now, 0.05) * 1000))):
+                    msg = self._recv_ready()
+                    if msg is not None:
+                        self.on_unsolicited(msg)
+            except zmq.ZMQError as exc:
+                if exc.errno != errno.EINTR:
+                    raise
+        return True
 
     @_owned
     def close(self) -> None:
@@ -198,7 +253,7 @@ class Connection:
         while self._monitor.poll(timeout_ms):
             event = recv_monitor_message(self._monitor)["event"]
             if event & _CONNECTED:
-                self.connected = True
+                self.connected, self._probed = True, None  # a new connection: earlier pings are gone
             elif event & _DISCONNECTED:
                 was_connected = self.connected  # else a failed connect attempt: nothing was sent
                 self.connected, self.session = False, None
@@ -319,13 +374,15 @@ class Connection:
             return out
 
     @_owned
-    def request(self, msg: Message, timeout: float) -> Message:
+    def request(self, msg: Message, timeout: float, *, ack_timeout: float | None = None) -> Message:
         """Send ``msg`` and return its reply; raise RemoteError for an error reply, UNAVAILABLE when
-        the connection drops, TIMEOUT after ``timeout`` (see :meth:`wait_reply` for :attr:`patience`)."""
+        the connection drops, TIMEOUT after ``timeout`` (see :meth:`wait_reply` for :attr:`patience`
+        and ``ack_timeout``, by default :attr:`ack_timeout`)."""
         if self.session is None and not isinstance(msg, Hello):
             self.hello(timeout)
         step = getattr(msg, "step", None)
-        return self.wait_reply(self.send(msg), timeout, msg.TYPE if step is None else f"{msg.TYPE} of step {step}")
+        return self.wait_reply(self.send(msg), timeout, msg.TYPE if step is None else f"{msg.TYPE} of step {step}",
+                               ack_timeout=ack_timeout)
 
     @_owned
     def _recv_ready(self) -> Message | None:
@@ -337,6 +394,7 @@ class Connection:
             if exc.errno not in (errno.EINTR, errno.EAGAIN):
                 raise
             return None
+        self.silent_since, self._probed = None, None  # whatever it is, the daemon sent it: not stopped or hung
         try:
             msg = decode(frames)
         except ProtocolError as exc:
@@ -353,7 +411,8 @@ class Connection:
         return msg
 
     @_owned
-    def wait_reply(self, rid: int, timeout: float, what: str, expect: type[Message] | None = None) -> Message:
+    def wait_reply(self, rid: int, timeout: float, what: str, expect: type[Message] | None = None, *,
+                   ack_timeout: float | None = None) -> Message:
         """The reply to request ``rid``: other messages go to :attr:`on_unsolicited`, an error reply
         raises RemoteError, a reply not of type ``expect`` raises BAD_MESSAGE.
 
@@ -362,11 +421,21 @@ class Connection:
         ``timeout`` resets the socket and raises TIMEOUT. With :attr:`patience` above ``timeout``,
         the daemon is pinged meanwhile and every answer restarts the ``timeout`` (a daemon that
         answers pings is alive, only holding this reply: e.g. a Begin waiting for the other ranks
-        of the node), up to ``patience`` seconds in all."""
+        of the node), up to ``patience`` seconds in all.
+
+        ``ack_timeout`` (default :attr:`ack_timeout`; below ``timeout`` to matter): the first sign of
+        life must come sooner. The daemon handles a connection's requests in order on one thread,
+        so the answer to a ping sent after the request says the request was received and handled:
+        the daemon acknowledged it and is only holding the reply. Until then it is pinged every
+        quarter of ``ack_timeout``; silence past ``ack_timeout`` resets the socket and raises
+        NO_SIGN_OF_LIFE (the daemon is stopped, hung or gone), and the rest of the wait is as above."""
         start = time.monotonic()
-        deadline = start + timeout  # silence: no reply, and no answer to pings
+        ack = self.ack_timeout if ack_timeout is None else ack_timeout
+        acked = ack is None or ack >= timeout  # no separate wait for a first sign of life
+        deadline = start + (timeout if acked else ack)  # silence: no reply, and no answer to pings
         cap = start + max(timeout, self.patience)
-        interval = min(PING_INTERVAL_S, timeout / 4) if cap > deadline else math.inf
+        patient = min(PING_INTERVAL_S, timeout / 4) if cap > start + timeout else math.inf
+        interval = patient if acked else min(PING_INTERVAL_S, ack / 4)
         ping_id, next_ping = None, start + interval
         while True:
             if rid <= self.lost_upto:
@@ -375,7 +444,9 @@ class Connection:
                                   f"reply to {what}; the daemon stopped or restarted (the next request reconnects)")
             now = time.monotonic()
             if now >= deadline or now >= cap:
-                self.reset()
+                self.reset(silent_since=deadline - (timeout if acked else ack) if now >= deadline else None)
+                if not acked:
+                    raise StagerError(ErrorCode.NO_SIGN_OF_LIFE, self._silence_message(what, ack))
                 raise StagerError(ErrorCode.TIMEOUT,
                                   self._timeout_message(what, timeout, now - start, silent=now >= deadline))
             if ping_id is None and now >= next_ping:
@@ -405,6 +476,7 @@ class Connection:
                     raise StagerError(ErrorCode.UNAVAILABLE, f"the daemon at {self.endpoint} restarted while "
                                                              f"waiting for the reply to {what}")
                 now = time.monotonic()
+                acked, interval = True, patient  # alive, and past this request: wait as patiently as ever
                 ping_id, next_ping, deadline = None, now + interval, now + timeout
                 continue
             if reply.id != rid:
@@ -417,6 +489,10 @@ class Connection:
             if expect is not None and not isinstance(reply, expect):
                 raise StagerError(ErrorCode.BAD_MESSAGE, f"unexpected {reply.TYPE} reply to {what}")
             return reply
+
+    def _silence_message(self, what: str, ack: float) -> str:
+        return (f"no sign of life from the daemon at {self.endpoint} within {ack:.1f}s of {what}: no reply, and no "
+                "answer to a ping sent after it; the daemon is stopped (SIGSTOP), hung or gone (see `stager status`)")
 
     def _timeout_message(self, what: str, timeout: float, waited: float, *, silent: bool) -> str:
         if not silent:  # alive all along, yet it held the reply past patience
@@ -434,7 +510,7 @@ class Connection:
         # The first hello on a fresh socket, or the first after the connection was lost, waits
         # briefly for the socket to (re)connect; later ones trust the monitor: a daemon known to
         # be down fails the request at once instead of stalling the train loop on every step.
-        wait = min(timeout, HELLO_WAIT_S) if self._may_wait else 0.0
+        wait = min(timeout, HELLO_WAIT_S, self.ack_timeout or math.inf) if self._may_wait else 0.0
         self._may_wait = False
         if not self.wait_connected(wait):
             raise StagerError(ErrorCode.UNAVAILABLE, self._unreachable())

@@ -30,6 +30,7 @@ class ErrorCode(str, enum.Enum):
     INTERNAL = "internal"  # a bug in the daemon; the request failed, the daemon lives on
     NODE_DOWN = "node_down"  # a node of a multi-node job does not answer (raised client side)
     SESSION_EXPIRED = "session_expired"  # the daemon ended a peer's session after --peer-timeout of silence
+    NO_SIGN_OF_LIFE = "no_sign_of_life"  # the daemon did not acknowledge a stage in time: skipped (client side)
 
 
 class StagerError(Exception):

@@ -70,8 +70,10 @@ def job_main(endpoint: str, token: str, conn) -> None:
             if cmd[0] == "stage":
                 step = cmd[1]
                 if client is None:
+                    # the fuzzers keep the daemon busy on purpose (and CI starves it of CPU): an answer
+                    # later than the default 1 s ack_timeout is no hung daemon here, and every stage must seal
                     client = StagingClient(endpoint, rank=0, local_world_size=1, world_size=1, strict=True,
-                                           timeout=30.0, seal_timeout=60.0)
+                                           timeout=30.0, seal_timeout=60.0, ack_timeout=30.0)
                 sd = lib.expected_state(step)
                 sd["meta"] = {"token": token, "step": step}
                 t0 = time.monotonic()

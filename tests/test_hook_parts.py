@@ -247,7 +247,7 @@ class FakeConn:
         self.session = f"s{self.hellos + 1}"
         return HelloReply(session=self.session)
 
-    def request(self, msg, timeout):
+    def request(self, msg, timeout, ack_timeout=None):
         self.requests.append(msg)
         msg.sent_bytes = [bytes(f) for f in msg.frames]  # frames as the socket would read them now
         answer = self.replies.pop(0)
@@ -267,7 +267,7 @@ class FakeConn:
         self.connected = self.link_up
         return self.connected
 
-    def reset(self):
+    def reset(self, silent_since=None):
         self.resets += 1
         self.generation += 1
         self.connected, self.session = False, None

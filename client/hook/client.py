@@ -3,7 +3,8 @@
 ``stage()`` only records a CUDA event (when CUDA is in use) and queues the state dict; a
 background thread plans the layout, asks the daemon where this step goes, and copies every
 local shard straight into its final place in the daemon's snapshot segment. The train loop
-waits only in ``handle.wait_copied()``, before it mutates the tensors.
+waits only in ``handle.wait_copied()``, before it mutates the tensors. A daemon that shows no
+sign of life for ``ack_timeout`` (stopped, hung) holds it no longer: the step is skipped.
 
     client = StagingClient()
     for step in range(steps):
@@ -19,6 +20,7 @@ from __future__ import annotations
 import collections
 import importlib
 import logging
+import math
 import os
 import threading
 import time
@@ -31,7 +33,7 @@ from stager.protocol import Abort, BeginReply, ErrorCode, Join, RemoteError, Sta
 from stager.protocol.layout import PlanEntry
 from stager.protocol.messages import check_model_info
 
-from ..connection import Connection
+from ..connection import HELLO_WAIT_S, Connection
 from .copier import CopyEngine, cuda_active
 from .handle import StageHandle
 from .planner import Planner
@@ -48,16 +50,37 @@ PUT_BATCH_BYTES = 64 << 20  # bytes per Put message from a rank on another host:
 PREFAULT_CHUNK = 64 << 20  # bytes of page tables faulted in per idle tick (~20-40 ms here)
 KEEPALIVE_S = 5.0  # idle ping interval; the daemon drops remote peers silent for --peer-timeout (30 s)
 PING_TIMEOUT_S = 5.0  # a ping unanswered this long: the daemon is gone or hung
+ACK_TIMEOUT_S = 1.0  # default StagingClient(ack_timeout=...): the longest a stage waits for a sign of life
+ACK_TIMEOUT_ENV = "STAGER_ACK_TIMEOUT"
 # begin refusals after which the daemon needs no Abort: the step failed already, or was sealed before
 _DAEMON_KNOWS = (ErrorCode.STEP_FAILED, ErrorCode.STALE_STEP)
 
 
 class _Job:
-    __slots__ = ("state_dict", "step", "model_info", "handle", "start_event")
+    __slots__ = ("state_dict", "step", "model_info", "handle", "start_event", "submitted")
 
     def __init__(self, state_dict, step, model_info, handle, start_event):
         self.state_dict, self.step, self.model_info = state_dict, step, model_info
         self.handle, self.start_event = handle, start_event
+        self.submitted = time.monotonic()
+
+
+def _ack_timeout(value: float | None) -> float:
+    """``StagingClient(ack_timeout=...)``, else ``$STAGER_ACK_TIMEOUT``, else ACK_TIMEOUT_S."""
+    source = "ack_timeout"
+    if value is None:
+        raw = os.environ.get(ACK_TIMEOUT_ENV)
+        if not raw:
+            return ACK_TIMEOUT_S
+        source = f"{ACK_TIMEOUT_ENV}={raw!r}"
+        try:
+            value = float(raw)
+        except ValueError:
+            value = math.nan
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0 or math.isinf(value):
+        raise ValueError(f"{source}: the seconds a stage may wait for a sign of life from the daemon must be a "
+                         f"positive number (default {ACK_TIMEOUT_S}), not {value!r}")
+    return float(value)
 
 
 def _rank_info(rank, local_world_size, world_size) -> tuple[int, int, int]:
@@ -85,6 +108,13 @@ class StagingClient:
             (the daemon's ``--step-timeout`` fails the step first, naming the ranks that never began).
         seal_timeout: seconds after which an unsealed step's handle fails.
         backpressure_timeout: seconds the daemon may hold a step waiting for memory (default: refuse at once).
+        ack_timeout: seconds a stage waits for a sign of life from the daemon (default ``$STAGER_ACK_TIMEOUT``,
+            else 1): the answer to its begin, or to a ping sent after it (the daemon handles requests in
+            order, so that answer says it has the begin and is preparing the step: allocating memory,
+            waiting for the other ranks or for memory to free up; the wait then goes on as ``timeout``
+            says). Past it the daemon is taken for stopped, hung or gone: the step is skipped
+            (``handle.skipped``, ``stats["skipped"]``, one warning), and while the daemon stays silent
+            the next stages are skipped at once; the first stage after it answers again goes ahead.
         transport: ``"auto"`` (shared memory on the daemon's host, frames otherwise), ``"shm"`` or ``"frames"``.
         job: a job spanning nodes (``world_size > local_world_size`` under torch.distributed) joins its
             daemons into one store at construction (a collective: one all_gather over gloo, see
@@ -99,9 +129,10 @@ class StagingClient:
     def __init__(self, endpoint: str | None = None, *, rank: int | None = None, local_world_size: int | None = None,
                  world_size: int | None = None, strict: bool = False, timeout: float = 10.0,
                  seal_timeout: float = 300.0, backpressure_timeout: float = 0.0, transport: str = "auto",
-                 job: str | bool | None = None):
+                 job: str | bool | None = None, ack_timeout: float | None = None):
         if transport not in ("auto", "shm", "frames"):
             raise ValueError(f"transport must be auto, shm or frames, not {transport!r}")
+        ack_timeout = _ack_timeout(ack_timeout)
         rank, local_world_size, world_size = _rank_info(rank, local_world_size, world_size)
         self.rank, self.strict, self._timeout = rank, strict, timeout
         conn = Connection(endpoint, role="trainer", rank=rank, local_world_size=local_world_size,
@@ -110,7 +141,7 @@ class StagingClient:
         self._worker = _Worker(
             conn,
             full_world=world_size == local_world_size, timeout=timeout, seal_timeout=seal_timeout,
-            wait_ms=int(backpressure_timeout * 1000), transport=transport)
+            wait_ms=int(backpressure_timeout * 1000), transport=transport, ack_timeout=ack_timeout)
         self.endpoint = self._worker.conn.endpoint
         self._lock = threading.Lock()
         self._thread = threading.Thread(target=self._worker.run, name=f"stager-client-{rank}", daemon=True)
@@ -164,6 +195,12 @@ class StagingClient:
             self._worker.submit(_Job(state_dict, step, model_info, handle, start_event))
         return handle
 
+    @property
+    def stats(self) -> dict:
+        """Counters since construction: ``stages`` (``stage()`` calls) and ``skipped`` (steps not
+        staged because the daemon showed no sign of life within ``ack_timeout``)."""
+        return dict(self._worker.stats)
+
     def restore(self, state_dict: Mapping[str, Any], *, step: int | None = None) -> int:
         """Fill ``state_dict`` in place from the sealed version ``step`` (default: the newest; with
         torch.distributed, rank 0's newest on every rank) and return the step restored. A collective:
@@ -211,7 +248,7 @@ class _Worker:
     """
 
     def __init__(self, conn: Connection, *, full_world: bool, timeout: float, seal_timeout: float, wait_ms: int,
-                 transport: str):
+                 transport: str, ack_timeout: float = ACK_TIMEOUT_S):
         self.conn = conn
         self.jobs: collections.deque = collections.deque()
         # Waking the worker with an Event keeps the GIL in stage(): a socket send would release
@@ -229,6 +266,12 @@ class _Worker:
         # a Begin waits for every rank of the node; while the daemon answers pings it is alive and
         # the rank keeps waiting (the daemon's step timeout fails the step naming the missing ranks)
         self.conn.patience = seal_timeout
+        # ...but a begin (or hello) that the daemon does not acknowledge within ack_timeout is given
+        # up on: the daemon is stopped or hung, and the trainer must not wait on it (see _check_alive)
+        self.conn.ack_timeout = self.ack_timeout = ack_timeout
+        self.stats = {"stages": 0, "skipped": 0}  # read by the train thread (StagingClient.stats)
+        self.skipping = 0  # steps skipped since the daemon last answered a begin
+        self._grace = True  # the first stage after the daemon went silent may wait briefly for it
         # (step, reason): the newest step this rank gave up on before the daemon heard of it. The
         # daemon is told (Abort) once it can be, so the other ranks' begins of that step fail at once
         # instead of waiting for this rank: e.g. a rank whose reconnect after a daemon restart came a
@@ -239,6 +282,7 @@ class _Worker:
 
     def submit(self, job: _Job) -> None:  # called on the train thread, under the client's lock
         self.jobs.append(job)
+        self.stats["stages"] += 1
         self._wake.set()
 
     @staticmethod
@@ -286,9 +330,11 @@ class _Worker:
             self.replies.on_reply(reply)
         if self.jobs:
             self._process(self.jobs.popleft())
-        elif self.owed_abort is not None and self.conn.connected:
+        elif self.owed_abort is not None and self.conn.connected and self.conn.silent_since is None:
             self._settle_abort()
-        self.replies.maintain(time.monotonic(), keepalive_s=KEEPALIVE_S, ping_timeout_s=PING_TIMEOUT_S)
+        now = time.monotonic()
+        self.replies.maintain(now, keepalive_s=KEEPALIVE_S, ping_timeout_s=PING_TIMEOUT_S)
+        self.conn.probe()  # a silent daemon is pinged: its answer ends the silence
 
     def _close(self) -> None:
         while self.jobs:
@@ -303,11 +349,13 @@ class _Worker:
         handle, began = job.handle, False
         try:
             plan = self.planner.plan(job.state_dict)
+            self._check_alive(job.submitted)
             shm = self.sender.connect()
             if self.owed_abort is not None:
                 self._settle_abort()
             reply = self.sender.begin(job.step, plan.entries, plan.digest, shm)
             began = True
+            self._resumed(job.step)
             assignment = self.sender.assignment(reply, len(plan.entries))
             if shm:
                 dsts = self._destinations(reply, plan.entries, assignment)
@@ -331,9 +379,49 @@ class _Worker:
             elif not began and not (isinstance(exc, RemoteError) and exc.code in _DAEMON_KNOWS):
                 # the daemon may not know this rank gave up: the other ranks' begins would wait for ours
                 self.owed_abort = (job.step, f"its stage of the step failed before its begin was answered: {error}")
-                if self.conn.session is not None and self.conn.connected:
+                if self.conn.session is not None and self.conn.connected and self.conn.silent_since is None:
                     self._settle_abort()
-            report(handle, error)
+            if error.code == ErrorCode.NO_SIGN_OF_LIFE:
+                self._skip(handle, error)
+            else:
+                report(handle, error)
+
+    def _check_alive(self, submitted: float) -> None:
+        """Raise NO_SIGN_OF_LIFE while the daemon is silent (a request went unanswered, and nothing
+        came from it since): the stage is skipped without waiting. The first stage of a silence
+        may wait a moment (as a hello on a fresh socket does) for the daemon to answer a ping, but
+        never past ``ack_timeout`` after its stage() (a stage queued behind the one that found the
+        silence has waited already)."""
+        conn = self.conn
+        if conn.silent_since is not None:
+            left = self.ack_timeout - (time.monotonic() - submitted)
+            grace = max(0.0, min(HELLO_WAIT_S, left)) if self._grace else 0.0
+            self._grace = False
+            if not conn.await_life(grace):
+                raise StagerError(ErrorCode.NO_SIGN_OF_LIFE, (
+                    f"no sign of life from the daemon at {conn.endpoint} for "
+                    f"{time.monotonic() - conn.silent_since:.1f}s: it is stopped (SIGSTOP), hung or gone "
+                    "(see `stager status`)"))
+        self._grace = True
+
+    def _skip(self, handle: StageHandle, error: StagerError) -> None:
+        """The step is not staged: the daemon showed no sign of life. Said once per silence."""
+        self.stats["skipped"] += 1
+        self.skipping += 1
+        error = StagerError(ErrorCode.NO_SIGN_OF_LIFE, (
+            f"step {handle.step} skipped for staging: {error.message}; training goes on and the next stage() tries "
+            f"again (a daemon only slower than this: StagingClient(ack_timeout=...) or {ACK_TIMEOUT_ENV})"))
+        if self.skipping == 1:
+            log.warning("%s [said once until the daemon answers again]", error.message)
+        else:  # the same silence: the first warning said it
+            log.debug("%s", error.message)
+        handle._fail(error)
+
+    def _resumed(self, step: int) -> None:
+        if self.skipping:
+            log.warning("the daemon at %s answers again: staging resumed at step %d, after %d steps skipped",
+                        self.conn.endpoint, step, self.skipping)
+            self.skipping = 0
 
     def _settle_abort(self) -> None:
         """Tell the daemon about the step this rank gave up on (see ``owed_abort``); says hello

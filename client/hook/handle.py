@@ -48,6 +48,12 @@ class StageHandle:
     def done(self) -> bool:
         return self._done.is_set()
 
+    @property
+    def skipped(self) -> bool:
+        """True when this step was not staged because the daemon showed no sign of life in time
+        (``error.code`` is NO_SIGN_OF_LIFE); training goes on, the next ``stage()`` tries again."""
+        return self.error is not None and self.error.code == ErrorCode.NO_SIGN_OF_LIFE
+
     def _set_copied(self) -> None:
         self._copied_ok = True
         self._copied.set()
@@ -62,5 +68,5 @@ class StageHandle:
         self._done.set()
 
     def __repr__(self) -> str:
-        state = "sealed" if self.result else ("failed" if self.error else "pending")
+        state = "sealed" if self.result else ("skipped" if self.skipped else "failed" if self.error else "pending")
         return f"StageHandle(step={self.step}, {state})"

@@ -108,7 +108,7 @@ class SealTracker:
         interval = SEAL_PING_S if self.pending else keepalive_s
         if self.conn.session is not None and self.conn.connected and now - self.last_ping > interval:
             if self.ping_id is not None and now - self.last_ping > ping_timeout_s:
-                self.conn.reset()
+                self.conn.reset(silent_since=self.last_ping)
                 self.fail_all(ErrorCode.UNAVAILABLE, "the daemon stopped answering")
                 self.ping_id = None
                 return

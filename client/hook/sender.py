@@ -10,6 +10,7 @@ belong to :class:`~.replies.SealTracker`; the sender only returns the Commit's r
 from __future__ import annotations
 
 import ctypes
+import math
 
 from stager.protocol import (
     Abort, Begin, BeginReply, Commit, ErrorCode, Ok, Put, RemoteError, StagerError,
@@ -99,7 +100,9 @@ class Sender:
         # frames point into ``buffers`` without owning them; a socket reset closes asynchronously,
         # so the last batch's buffers stay referenced until the next batch was acknowledged
         self.put_buffers.append(buffers)
-        reply = self.conn.request(Put(step=step, regions=regions, frames=frames), self.timeout)
+        # no quick acknowledgement here: a ping sent behind a batch of frames is answered only once
+        # they all arrived, and the live tensors' bytes are not out yet (wait_copied waits for them)
+        reply = self.conn.request(Put(step=step, regions=regions, frames=frames), self.timeout, ack_timeout=math.inf)
         del self.put_buffers[:-1]
         if not isinstance(reply, Ok):
             raise StagerError(ErrorCode.BAD_MESSAGE, f"unexpected {reply.TYPE} reply to put")
