@@ -18,7 +18,7 @@ from stager.protocol import (
 )
 from stager.protocol.job import JobInfo, Join
 
-from .job import JobMembership
+from .membership import JobMembership
 from .memory import Retention, SegmentBudget
 from .peers import Peers
 from .reading import Reading

@@ -6,7 +6,7 @@ step timeouts, back-pressure deadlines). Tensor bytes from same-host ranks never
 this process: ranks write them straight into the snapshot's shared-memory segment.
 
 SIGTERM drains, SIGHUP reopens the logs (:mod:`~stager.daemon.lifecycle`); with ``--metrics``
-the loop publishes a metrics snapshot every tick for the HTTP thread (:mod:`~stager.daemon.metrics`).
+the loop publishes a metrics snapshot every tick for the HTTP thread (:mod:`~stager.daemon.recorder`).
 """
 
 from __future__ import annotations
@@ -120,14 +120,14 @@ class Daemon:
             peer_timeout=config.peer_timeout, host_id=config.host_id or host_id(), session=self.session,
             advertise=config.advertise or self.endpoint)
         self.assembly = None  # serve --assemble-full: the loop's half (_prepare_assembly)
-        from .metrics import Recorder
+        from .recorder import Recorder
 
         self.recorder = Recorder(self.handlers.state)
         base_status = self.handlers.status
         self.handlers.status = lambda: self._status(base_status())
         if config.metrics:
             try:
-                from .metrics import serve_metrics
+                from .recorder import serve_metrics
 
                 self.metrics = serve_metrics(self.recorder, config.metrics)
                 self.recorder.publish(self.handlers.status())
@@ -151,7 +151,7 @@ class Daemon:
             self.metrics, (self._wake_r, self._wake_w))
 
     def _prepare_assembly(self) -> None:
-        from .assembly import FullAssembly
+        from .whole_versions import FullAssembly
 
         h = self.handlers
         self.assembly = FullAssembly(h.state, h.memory, h.reading.announce, self._segment_name)
