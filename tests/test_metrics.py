@@ -18,7 +18,7 @@ from prometheus_client.parser import text_string_to_metric_families  # the test 
 
 from stager.client import StagingClient, Subscriber
 from stager.client.connection import Connection
-from stager.daemon.metrics import LatencyHistogram, Recorder, build_snapshot, families
+from stager.daemon.recorder import LatencyHistogram, Recorder, build_snapshot, families
 from stager.metrics import ConsumerMetrics, parse_listen
 from stager.protocol import Acquire, Release
 

@@ -1,5 +1,7 @@
 """SegmentBudget alone: which pooled segment a step gets."""
 
+import threading
+
 import pytest
 from helpers import wait_until
 
@@ -55,7 +57,10 @@ def test_spare_segments_use_free_memory_only_and_go_first_when_a_step_needs_it()
 
 
 class FakePreallocatable(FakeSegment):
-    """A fake segment that says whose pages it took over."""
+    """A fake segment that says whose pages it took over; preallocating one waits for ``allocating``
+    to be set (as a real one takes a while), so a test sees the budget while it is in progress."""
+
+    allocating = threading.Event()
 
     def __init__(self, name, size, pages_from=None):
         super().__init__(name, size)
@@ -64,23 +69,32 @@ class FakePreallocatable(FakeSegment):
 
     @classmethod
     def preallocated(cls, name, size, stop=None):
+        assert cls.allocating.wait(30), "the test never let the preallocation finish"
         return cls(name, size)
 
     def unlink(self):
         self.unlinked = True
 
 
+@pytest.fixture(autouse=True)
+def _preallocation_runs():
+    FakePreallocatable.allocating.set()  # unless a test holds it back
+    yield
+    FakePreallocatable.allocating.set()
+
+
 def _ready(budget):
-    wait_until(lambda: budget.collect() >= 0 and not budget.pending and budget._reserve_pending is None)
+    wait_until(lambda: budget.collect() >= 0 and not budget.creating)
 
 
 def _with_reserve(limit, size, *, started=True):
-    """A budget of ``limit`` for layout "L" that preallocates ``size`` (done, unless not ``started``)."""
+    """A budget of ``limit`` for layout "L" that preallocates ``size`` (done, unless not ``started``:
+    then still in progress until the test sets ``FakePreallocatable.allocating``)."""
     names = iter(f"s{i}" for i in range(10))
     budget = SegmentBudget(limit, FakePreallocatable, lambda: next(names))
     budget.current_layout = "L"
     if not started:
-        budget._start_factory = lambda: None  # the background thread has not run yet
+        FakePreallocatable.allocating.clear()
     budget.preallocate(size)
     if started:
         _ready(budget)
@@ -126,8 +140,7 @@ def test_a_reserve_too_small_for_the_layout_makes_way_for_its_rotation():
 def test_a_step_that_fits_the_memory_being_preallocated_waits_for_it():
     budget = _with_reserve(200, 60, started=False)
     assert budget.take("L", 50) is PENDING and not budget.pending  # nothing new asked for: it waits
-    del budget._start_factory
-    budget._start_factory()
+    FakePreallocatable.allocating.set()
     _ready(budget)
     assert budget.take("L", 50) is PENDING and budget.reserve is None and budget.used == 50
     _ready(budget)
@@ -138,8 +151,7 @@ def test_a_step_that_fits_the_memory_being_preallocated_waits_for_it():
 def test_a_step_waits_for_memory_being_preallocated_instead_of_being_refused():
     budget = _with_reserve(100, 80, started=False)
     assert budget.take("L", 50) is PENDING  # not None (which refuses or evicts): the 80 come back
-    del budget._start_factory
-    budget._start_factory()
+    FakePreallocatable.allocating.set()
     _ready(budget)
     assert budget.take("L", 50) is PENDING and budget.reserve is None and budget.used == 50
     budget.close()

@@ -2,7 +2,7 @@
 that copies each newly complete version, whole, into a segment the daemon provides.
 
 The daemon's half (memory, the swap of the partial version for the whole one) is
-:class:`stager.daemon.assembly.FullAssembly`; this half reads like any consumer (its own node's
+:class:`stager.daemon.whole_versions.FullAssembly`; this half reads like any consumer (its own node's
 regions through shared memory, the others' as frames) and reaches the daemon's loop only through
 ``call``, so neither the loop nor the trainer ever waits for another node.
 """
@@ -23,7 +23,7 @@ log = logging.getLogger("stager.daemon")
 
 class Assembler:
     """Copies each newly complete version of the job into a segment ``assembly`` (the daemon's
-    :class:`~stager.daemon.assembly.FullAssembly`) provides. ``call(fn)`` runs ``fn`` on the
+    :class:`~stager.daemon.whole_versions.FullAssembly`) provides. ``call(fn)`` runs ``fn`` on the
     daemon's socket loop and returns its result (``Daemon.call``).
 
     >>> daemon.attach(Assembler(daemon.endpoint, daemon.call, daemon.assembly))  # doctest: +SKIP

@@ -1,14 +1,24 @@
 """The daemon's request handlers, composed: one object per concern over one shared state.
 
-``Handlers`` wires :class:`~.peers.Peers` (registration, liveness), :class:`~.steps.Steps`
-(staging and sealing), :class:`~.reading.Reading` (leases, subscriptions, remote reads) and
-:class:`~.memory.Retention` (budget and retention) together, routes each request type to the
-method that owns it, and answers the small admin requests (status, ping) itself.
+``Handlers`` builds the parts in dependency order, each given what it needs when it is made:
+
+    PeerDirectory   who is registered (every part looks peers up here)
+    Retention       budget and retention (never calls back: see below)
+    Subscriptions   who is told about each sealed version
+    Steps           staging and sealing             <- announce
+    Reading         leases and remote reads         <- steps' retry when a lease end freed memory
+    Peers           registration and liveness       <- reading's end_lease, steps' fail for departures
+    JobMembership   the multi-node job
+    FullAssembly    whole versions (--assemble-full) <- announce
+
+Events that flow back against that order (memory freed, a peer gone) are callables handed to the
+later part at construction; nothing is wired afterwards. ``Handlers`` routes each request type to
+the method that owns it, runs housekeeping, and composes status from the piece each part reports
+(:func:`~.status.compose`).
 """
 
 from __future__ import annotations
 
-import os
 import time
 from typing import Callable
 
@@ -18,93 +28,77 @@ from stager.protocol import (
 )
 from stager.protocol.job import JobInfo, Join
 
-from .job import JobMembership
+from .membership import JobMembership
 from .memory import Retention, SegmentBudget
-from .peers import Peers
-from .reading import Reading
-from .state import DaemonState, Send, SendTracked
+from .peers import PeerDirectory, Peers
+from .reading import Reading, Subscriptions
+from .state import DaemonState, Outbox
+from .status import LoopStatus, compose
 from .steps import Steps
+from .whole_versions import FullAssembly
 
 
 class Handlers:
     """Everything the socket loop calls: :meth:`handle` per request, :meth:`housekeep` per tick."""
 
-    def __init__(self, *, budget: SegmentBudget, send: Send, send_tracked: SendTracked, keep: int,
-                 step_timeout: float, peer_timeout: float, host_id: str, session: str, advertise: str):
-        self.state = state = DaemonState(send=send, send_tracked=send_tracked, keep=keep, step_timeout=step_timeout,
-                                         peer_timeout=peer_timeout, host_id=host_id, session=session)
+    def __init__(self, state: DaemonState, budget: SegmentBudget, outbox: Outbox, *, advertise: str,
+                 loop_status: Callable[[], LoopStatus], new_segment_name: Callable[[], str],
+                 assemble_full: bool = False):
+        self.state, self._loop_status = state, loop_status
+        self.directory = PeerDirectory(state)
         self.memory = Retention(state, budget)
-        self.peers = Peers(state, end_lease=lambda lease: self.reading.end_lease(lease),
-                           fail_step=lambda v, reason: self.steps.fail(v, reason))
-        self.reading = Reading(state, self.peers, self.memory)
-        self.steps = Steps(state, self.peers, self.memory, announce=self.reading.announce)
-        self.memory.on_freed = self.steps.retry_waiting
+        self.subscriptions = Subscriptions(state, self.directory, outbox)
+        self.steps = Steps(state, self.directory, self.memory, outbox, announce=self.subscriptions.announce)
+        self.reading = Reading(state, self.directory, self.memory, outbox, memory_freed=self.steps.retry_waiting)
+        self.peers = Peers(state, self.directory, end_lease=self.reading.end_lease, fail_step=self.steps.fail)
         self.job = JobMembership(state, advertise)
+        # serve --assemble-full: the loop's half (its thread, a client, is attached by `stager serve`)
+        self.assembly = (FullAssembly(state, self.memory, self.subscriptions.announce, new_segment_name)
+                         if assemble_full else None)
         self.routes: dict[type, Callable[[bytes, Message], Message | None]] = {
             Hello: self.peers.on_hello, Bye: self.peers.on_bye,
             Begin: self.steps.on_begin, Put: self.steps.on_put, Commit: self.steps.on_commit,
             Abort: self.steps.on_abort,
             Acquire: self.reading.on_acquire, Release: self.reading.on_release,
-            Subscribe: self.reading.on_subscribe, Read: self.reading.on_read,
+            Subscribe: self.subscriptions.on_subscribe, Read: self.reading.on_read,
             Status: self.on_status, Ping: self.on_ping,
             Join: self.job.on_join, JobInfo: self.job.on_job_info,
         }
 
     def handle(self, identity: bytes, msg: Message) -> Message | None:
-        self.peers.seen(identity)
+        self.directory.seen(identity)
         handler = self.routes.get(type(msg))
         if handler is None:
             raise ProtocolError(ErrorCode.UNKNOWN_TYPE, f"{msg.TYPE} is a reply, not a request")
         return handler(identity, msg)
 
     def housekeep(self) -> None:
-        self.memory.collect()
+        self.collect_segments()
         self.peers.check_liveness()
         self.steps.check_timeouts()
         self.reading.resume_deferred()
 
     def collect_segments(self) -> None:
-        self.memory.collect()
+        """Segments created in the background go to the steps waiting for them."""
+        if self.memory.collect():
+            self.steps.retry_waiting()
 
     def on_ping(self, identity: bytes, msg: Ping) -> Message:
         if msg.id == 0:  # a heartbeat: a connection without a session (ended for silence) is told why
-            self.peers.get(identity)
+            self.directory.get(identity)
         return Pong(session=self.state.session)
 
     def on_status(self, identity: bytes, msg: Status) -> Message:
         return StatusReply(status=self.status())
 
     def status(self) -> dict:
-        state, budget = self.state, self.memory.budget
-        return {
-            "session": state.session,
-            "pid": os.getpid(),
-            "epoch": state.epoch,
-            "versions": [v.summary() for v in state.sealed.values()]
-            + [v.summary() for v in state.staging.values()]
-            + [{"step": s, "state": "failed", "reason": r} for s, r in state.failed.items()],
-            "ranks": {str(p.rank): {"pid": p.pid, "local": p.local}
-                      for p in state.peers.values() if p.role == "trainer"},
-            "local_world_size": state.local_world_size,
-            "readers": sum(1 for p in state.peers.values() if p.role == "reader"),
-            "reads": {"bytes_in_flight": sum(p.read_bytes_in_flight() for p in state.peers.values()),
-                      "deferred": sum(len(p.deferred_reads) for p in state.peers.values())},
-            "leases": len(state.leases),
-            "memory": {"used": budget.used, "limit": budget.limit,
-                       "pooled": sum(s.size for segs in budget.pool.values() for s in segs),
-                       "draining": sum(s.size for s in budget.draining),
-                       "preallocated": budget.reserve.size if budget.reserve is not None else 0},
-            "keep": state.keep,
-            "peer_timeout": state.peer_timeout,
-            "node": state.host_id,
-            "job": self.job.status(),
-            "retention": self.memory.status(),
-            "subscribers": len(state.subscribers),
-            "seq": state.seq,
-            "counters": dict(state.counters),
-            "cpu_seconds": time.process_time(),  # ns resolution; psutil's ticks are 10 ms
-        }
+        """`stager status`: each part's piece, composed in one place."""
+        return compose(
+            loop=self._loop_status(), shared=self.state.status(), versions=self.steps.versions(time.monotonic()),
+            peers=self.peers.status(), reading=self.reading.status(), memory=self.memory.budget.status(),
+            retention=self.memory.status(), subscribers=self.subscriptions.status(), job=self.job.status(),
+            assembly=self.assembly.status() if self.assembly is not None else None)
 
     def close(self) -> None:
+        """Fail the steps in flight (the segments go with the daemon's resources)."""
         self.steps.close()
-        self.memory.budget.close()

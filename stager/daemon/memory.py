@@ -22,6 +22,7 @@ from typing import Callable
 from stager.protocol import ErrorCode, StagerError
 
 from .segments import Segment
+from .status import MemoryStatus, RetentionStatus
 from .versions import Version
 
 log = logging.getLogger("stager.daemon")
@@ -293,6 +294,12 @@ class SegmentBudget:
         return [name for name, (owner, _) in self.owner.items() if owner == layout_id] + [
             name for name, (owner, _) in self.pending.items() if owner == layout_id]
 
+    def status(self) -> MemoryStatus:
+        return {"used": self.used, "limit": self.limit,
+                "pooled": sum(s.size for segs in self.pool.values() for s in segs),
+                "draining": sum(s.size for s in self.draining),
+                "preallocated": self.reserve.size if self.reserve is not None else 0}
+
     def close(self) -> None:
         """Unlink every segment (daemon shutdown), waiting for those being created."""
         self._stopping.set()
@@ -324,13 +331,13 @@ def reclaim_candidates(sealed: "OrderedDict[int, Version]") -> list[Version]:
 class Retention:
     """Owns the budget and decides which sealed versions stay: retention, eviction, reclaim.
 
-    ``on_freed`` is called whenever memory may have become available (a version evicted, a lease
-    ended, a segment finished creating), so steps waiting for memory are retried.
+    It is built before the steps that wait for memory, so it never calls them: what may free
+    memory (:meth:`enforce`, :meth:`collect`) is called by the part that caused it, which then
+    lets waiting steps retry (``Steps.retry_waiting``, handed to the read side at construction).
     """
 
     def __init__(self, state, budget: SegmentBudget):
         self.state, self.budget = state, budget
-        self.on_freed: Callable[[], None] = lambda: None
 
     def take_segment(self, layout_id: str, size: int):
         """A segment for a new step (see :meth:`SegmentBudget.take`), evicting old versions if needed."""
@@ -356,19 +363,17 @@ class Retention:
 
     def enforce(self) -> None:
         """Drop sealed versions beyond ``--keep`` (unleased only) and the pools of layouts no version
-        uses any more (after a layout change), then retry steps waiting for memory."""
+        uses any more (after a layout change); the caller then retries steps waiting for memory."""
         state = self.state
         for v in evictable(state.sealed, state.keep):
             self.evict(v)
         in_use = {v.record.id for v in (*state.sealed.values(), *state.staging.values(), *state.orphans)
                   if v.record is not None}
         self.budget.drop_pool(except_layout=self.budget.current_layout, keep_layouts=in_use | {self.budget.spare_layout})
-        self.on_freed()
 
-    def collect(self) -> None:
-        """Called while segments are being created: hand finished ones to waiting steps."""
-        if self.budget.collect():
-            self.on_freed()
+    def collect(self) -> bool:
+        """Called while segments are being created: True when some finished (waiting steps may take them)."""
+        return self.budget.collect() > 0
 
     def memory_message(self, size: int) -> str:
         state = self.state
@@ -380,7 +385,7 @@ class Retention:
             "larger wait to StagingClient(backpressure_timeout=...)"
         )
 
-    def status(self) -> dict:
+    def status(self) -> RetentionStatus:
         state = self.state
         return {
             "policy": RETENTION_POLICY,

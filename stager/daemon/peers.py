@@ -22,6 +22,7 @@ from stager.protocol import Bye, ErrorCode, Hello, HelloReply, Message, Ok, Stag
 from stager.protocol.endpoint import process_start_time
 
 from .state import DaemonState
+from .status import PeersStatus
 from .versions import Peer, Version
 
 log = logging.getLogger("stager.daemon")
@@ -29,21 +30,20 @@ LIVENESS_INTERVAL_S = 1.0  # reading /proc for every peer: once a second is plen
 EXPIRED_KEPT = 1024  # connections dropped for silence, remembered to tell them why (ROUTER ids never repeat)
 
 
-class Peers:
-    """Registers peers (Hello), drops them (Bye, death, silence) and checks liveness."""
+class PeerDirectory:
+    """Who is registered: the peer behind a connection, or a typed error saying why there is none.
+    Every handler looks peers up here; :class:`Peers` registers and drops them."""
 
-    def __init__(self, state: DaemonState, *, end_lease: Callable[[int], None],
-                 fail_step: Callable[[Version, str], None]):
-        self.state, self._end_lease, self._fail_step = state, end_lease, fail_step
-        self._next_liveness = 0.0
-        self._expired: OrderedDict[bytes, str] = OrderedDict()  # identity -> why its session ended
+    def __init__(self, state: DaemonState):
+        self.state = state
+        self.expired: OrderedDict[bytes, str] = OrderedDict()  # identity -> why its session ended
 
     def get(self, identity: bytes, role: str | None = None) -> Peer:
         """The registered peer behind ``identity`` (of ``role`` when given), else a typed error."""
         peer = self.state.peers.get(identity)
         if peer is None:
-            if identity in self._expired:
-                raise StagerError(ErrorCode.SESSION_EXPIRED, self._expired[identity])
+            if identity in self.expired:
+                raise StagerError(ErrorCode.SESSION_EXPIRED, self.expired[identity])
             raise StagerError(
                 ErrorCode.NOT_REGISTERED,
                 "this connection has not said hello (or the daemon restarted); send Hello first",
@@ -56,6 +56,28 @@ class Peers:
         peer = self.state.peers.get(identity)
         if peer is not None:
             peer.last_seen = time.monotonic()
+
+    def renewed(self, identity: bytes) -> None:
+        """``identity`` registered again: its earlier session's end is no longer news."""
+        self.expired.pop(identity, None)
+
+    def expire(self, identity: bytes, why: str) -> None:
+        """Remember why ``identity``'s session ended, for its next request (a bounded memory: the oldest go first)."""
+        self.expired[identity] = why
+        while len(self.expired) > EXPIRED_KEPT:
+            self.expired.popitem(last=False)
+
+
+class Peers:
+    """Registers peers (Hello), drops them (Bye, death, silence) and checks liveness.
+
+    Built after the parts that hold what a peer leaves behind: ``end_lease`` ends one of its leases
+    (reading), ``fail_step`` fails a step a departed rank had not committed (steps)."""
+
+    def __init__(self, state: DaemonState, directory: PeerDirectory, *, end_lease: Callable[[int], None],
+                 fail_step: Callable[[Version, str], None]):
+        self.state, self.directory, self._end_lease, self._fail_step = state, directory, end_lease, fail_step
+        self._next_liveness = 0.0
 
     def alive(self, peer: Peer) -> bool:
         if not peer.local:
@@ -77,7 +99,7 @@ class Peers:
             existing = None
         if msg.role == "trainer":
             self._claim_rank(identity, msg)
-        self._expired.pop(identity, None)
+        self.directory.renewed(identity)
         state.peers[identity] = Peer(identity, msg.role, msg.rank, msg.pid, float(msg.start_time), msg.host_id,
                                      local, time.monotonic(), leases=existing.leases if existing else set())
         log.info("%s %d connected (pid %d, %s)", msg.role, msg.rank, msg.pid, "local" if local else "remote")
@@ -151,14 +173,19 @@ class Peers:
             self.drop(peer, f"silent for {now - peer.last_seen:.1f}s (--peer-timeout {self.state.peer_timeout:g}s)")
 
     def _remember_expired(self, peer: Peer, silent: float) -> None:
-        """Why ``peer``'s session ends, for its next request (a bounded memory: the oldest go first)."""
+        """Why ``peer``'s session ends, for its next request."""
         what = f"{len(peer.leases)} lease(s)" + (" and its subscription" if peer.identity in self.state.subscribers
                                                  else "")
-        self._expired[peer.identity] = (
+        self.directory.expire(peer.identity, (
             f"the daemon ended this connection's session after {silent:.1f}s without a message from it "
             f"(--peer-timeout {self.state.peer_timeout:g}s), and with it {what}. Clients on another host send "
             "heartbeats in the background, so the process was stopped or cut off from the daemon (SIGSTOP, a "
             "debugger, the network) for that long; raise the daemon's --peer-timeout if such pauses are expected. "
-            "The next request registers anew: acquire the version again (and subscribe)")
-        while len(self._expired) > EXPIRED_KEPT:
-            self._expired.popitem(last=False)
+            "The next request registers anew: acquire the version again (and subscribe)"))
+
+    def status(self) -> PeersStatus:
+        state = self.state
+        return {"ranks": {str(p.rank): {"pid": p.pid, "local": p.local}
+                          for p in state.peers.values() if p.role == "trainer"},
+                "local_world_size": state.local_world_size,
+                "readers": sum(1 for p in state.peers.values() if p.role == "reader")}

@@ -11,6 +11,7 @@ contiguous, else gathered into one buffer per item.
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import torch
 
@@ -22,8 +23,9 @@ from stager.protocol.layout import Box, check_box, contiguous_span, narrow_box
 from stager.protocol.shm import block_view
 
 from .memory import Retention
-from .peers import Peers
-from .state import DaemonState
+from .peers import PeerDirectory
+from .state import DaemonState, Outbox
+from .status import ReadingStatus
 from .versions import Version
 
 MAX_LEASES_PER_PEER = 64
@@ -32,15 +34,44 @@ MAX_READ_IN_FLIGHT = 512 << 20  # reply bytes queued for one reader before its n
 MAX_DEFERRED_READS = 64  # reads one reader may have waiting; more are refused
 
 
-class Reading:
-    """Owns leases and subscriptions, and answers remote readers' byte requests."""
+class Subscriptions:
+    """Owns subscriptions: who is pushed an Announce per sealed version."""
 
-    def __init__(self, state: DaemonState, peers: Peers | None, memory: Retention):
-        self.state, self.peers, self.memory = state, peers, memory
+    def __init__(self, state: DaemonState, directory: PeerDirectory, outbox: Outbox):
+        self.state, self.directory, self.outbox = state, directory, outbox
+
+    def on_subscribe(self, identity: bytes, msg: Subscribe) -> Message:
+        self.directory.get(identity)
+        self.state.subscribers.add(identity)
+        v = self.state.latest()
+        return SubscribeReply(step=v.step if v else None, seq=self.state.seq)
+
+    def announce(self, v: Version) -> None:
+        state = self.state
+        if not state.subscribers:
+            return
+        msg = Announce(step=v.step, seq=v.seq, tensors=len(v.layout.tensors), nbytes=v.layout.nbytes,
+                       model_info=v.model_info, partial=v.layout.partial)
+        for identity in list(state.subscribers):
+            if not self.outbox.send(identity, msg):
+                state.counters["announcements_dropped"] += 1
+
+    def status(self) -> int:
+        return len(self.state.subscribers)
+
+
+class Reading:
+    """Owns leases, and answers remote readers' byte requests. ``memory_freed`` is called when a
+    lease ends and retention ran (steps waiting for memory may go on)."""
+
+    def __init__(self, state: DaemonState, directory: PeerDirectory, memory: Retention, outbox: Outbox, *,
+                 memory_freed: Callable[[], None]):
+        self.state, self.directory, self.memory, self.outbox = state, directory, memory, outbox
+        self._memory_freed = memory_freed
 
     def on_acquire(self, identity: bytes, msg: Acquire) -> Message:
         state = self.state
-        peer = self.peers.get(identity)
+        peer = self.directory.get(identity)
         if msg.step is None:
             v = state.latest()
             if v is None:
@@ -62,28 +93,12 @@ class Reading:
             tensors=v.layout.tensors, objects=v.objects, model_info=v.model_info, quant=v.quant,
             partial=v.layout.partial)
 
-    def on_subscribe(self, identity: bytes, msg: Subscribe) -> Message:
-        self.peers.get(identity)
-        self.state.subscribers.add(identity)
-        v = self.state.latest()
-        return SubscribeReply(step=v.step if v else None, seq=self.state.seq)
-
-    def announce(self, v: Version) -> None:
-        state = self.state
-        if not state.subscribers:
-            return
-        msg = Announce(step=v.step, seq=v.seq, tensors=len(v.layout.tensors), nbytes=v.layout.nbytes,
-                       model_info=v.model_info, partial=v.layout.partial)
-        for identity in list(state.subscribers):
-            if not state.send(identity, msg):
-                state.counters["announcements_dropped"] += 1
-
     def on_read(self, identity: bytes, msg: Read) -> Message | None:
         """Reply with one frame per item. Contiguous boxes are frames pointing into the segment
         (tracked: the segment is not reused until ZeroMQ sent them). A reader with more than
         MAX_READ_IN_FLIGHT bytes of replies still queued (it does not read them) waits: its
         requests are answered in order once they drained, so one slow reader never grows the daemon."""
-        peer = self.peers.get(identity)
+        peer = self.directory.get(identity)
         resumed = bool(peer.deferred_reads) and peer.deferred_reads[0] is msg
         if peer.deferred_reads and not resumed:
             return self._defer(peer, msg)  # behind earlier held-back reads: keep the order
@@ -117,7 +132,7 @@ class Reading:
             peer.deferred_reads.pop(0)
         reply = ReadReply(id=msg.id, count=len(boxes))
         reply.frames = [self._box_bytes(v, t, block, offsets, sizes) for t, block, offsets, sizes in boxes]
-        trackers = self.state.send_tracked(identity, reply)
+        trackers = self.outbox.send_tracked(identity, reply)
         if trackers is not None:
             v.segment.inflight.extend(trackers)
             peer.reads_in_flight.append((trackers, total))
@@ -143,7 +158,7 @@ class Reading:
                 except StagerError as exc:
                     if peer.deferred_reads and peer.deferred_reads[0] is head:
                         peer.deferred_reads.pop(0)
-                    self.state.send(identity, ErrorReply(id=head.id, code=exc.code.value, message=exc.message))
+                    self.outbox.send(identity, ErrorReply(id=head.id, code=exc.code.value, message=exc.message))
                     continue
                 if peer.deferred_reads and peer.deferred_reads[0] is head:
                     break  # still over the cap: wait for the next tick
@@ -162,7 +177,7 @@ class Reading:
         return gathered
 
     def on_release(self, identity: bytes, msg: Release) -> Message:
-        peer = self.peers.get(identity)
+        peer = self.directory.get(identity)
         if msg.lease not in peer.leases:
             raise StagerError(ErrorCode.UNKNOWN_LEASE, f"lease {msg.lease} is not held by this connection")
         self.end_lease(msg.lease)
@@ -181,3 +196,10 @@ class Reading:
             state.orphans.discard(v)
             self.memory.free(v, reuse=True)
         self.memory.enforce()
+        self._memory_freed()
+
+    def status(self) -> ReadingStatus:
+        peers = self.state.peers.values()
+        return {"reads": {"bytes_in_flight": sum(p.read_bytes_in_flight() for p in peers),
+                          "deferred": sum(len(p.deferred_reads) for p in peers)},
+                "leases": len(self.state.leases)}

@@ -1,8 +1,9 @@
 """The daemon's shared state: one object every handler reads and writes, declared in one place.
 
 Handlers (peers, steps, reading, memory) each own one concern and reach each other only through
-the methods they are given at construction; the data they share is the fields below. The socket
-loop runs everything on one thread, so nothing here is locked.
+the methods they are given at construction; the data they share is the fields below, and what
+they send goes through the :class:`Outbox` they are given. The socket loop runs everything on one
+thread, so nothing here is locked.
 """
 
 from __future__ import annotations
@@ -10,22 +11,30 @@ from __future__ import annotations
 import dataclasses
 import itertools
 from collections import OrderedDict
-from typing import Callable, Iterator
+from typing import Iterator, Protocol
 
 from stager.protocol import Message
 
+from .status import SharedStatus
 from .versions import LayoutRecord, Peer, Version
 
-Send = Callable[[bytes, Message], bool]  # False: dropped (peer gone or not reading)
-# sends a message whose frames point into shared memory; returns one tracker per frame (None: dropped)
-SendTracked = Callable[[bytes, Message], "list | None"]
 FAILED_KEPT = 32  # failed steps remembered (with their reason) for status and late requests
+
+
+class Outbox(Protocol):
+    """How handlers send messages nobody asked for now (deferred replies, announcements, read replies):
+    never blocking the loop (the socket's :class:`~stager.daemon.outbox.SocketOutbox`)."""
+
+    def send(self, identity: bytes, msg: Message) -> bool:
+        """False when it was dropped (the peer is gone or not reading)."""
+
+    def send_tracked(self, identity: bytes, msg: Message) -> list | None:
+        """Send a message whose frames point into shared memory, without copying them: one tracker
+        per frame (done once ZeroMQ no longer needs the bytes); None when dropped."""
 
 
 @dataclasses.dataclass(eq=False)
 class DaemonState:
-    send: Send
-    send_tracked: SendTracked
     keep: int  # sealed versions retained (--keep)
     step_timeout: float
     peer_timeout: float
@@ -54,6 +63,10 @@ class DaemonState:
 
     def latest(self) -> Version | None:
         return self.sealed[next(reversed(self.sealed))] if self.sealed else None
+
+    def status(self) -> SharedStatus:
+        return {"session": self.session, "epoch": self.epoch, "keep": self.keep, "peer_timeout": self.peer_timeout,
+                "node": self.host_id, "seq": self.seq, "counters": dict(self.counters)}
 
     def remember_failure(self, step: int, reason: str) -> None:
         self.failed[step] = reason

@@ -25,9 +25,10 @@ from stager.protocol.quant import check_quant
 from stager.protocol.shm import placement_view, prefault, view_bounds
 
 from .memory import PENDING, Retention
-from .peers import Peers
+from .peers import PeerDirectory
 from .planning import build_layout
-from .state import DaemonState
+from .state import DaemonState, Outbox
+from .status import FailedStep, VersionDetails
 from .versions import LayoutRecord, Pending, Phase, Version
 
 log = logging.getLogger("stager.daemon")
@@ -38,11 +39,13 @@ LAYOUTS_KEPT = 8  # planned layouts remembered (versions keep references to thei
 
 
 class Steps:
-    """Owns the steps in flight: begins, puts, commits, aborts, sealing, failure and timeouts."""
+    """Owns the steps in flight: begins, puts, commits, aborts, sealing, failure and timeouts.
+    ``announce`` tells subscribers about each version it seals."""
 
-    def __init__(self, state: DaemonState, peers: Peers, memory: Retention, *,
+    def __init__(self, state: DaemonState, directory: PeerDirectory, memory: Retention, outbox: Outbox, *,
                  announce: Callable[[Version], None]):
-        self.state, self.peers, self.memory, self._announce = state, peers, memory, announce
+        self.state, self.directory, self.memory, self.outbox = state, directory, memory, outbox
+        self._announce = announce
         # rank -> (epoch, step) of its latest begin or abort: a rank stages steps in increasing order
         self.positions: dict[int, tuple[int, int]] = {}
 
@@ -50,7 +53,7 @@ class Steps:
 
     def on_begin(self, identity: bytes, msg: Begin) -> Message | None:
         state = self.state
-        peer = self.peers.get(identity, "trainer")
+        peer = self.directory.get(identity, "trainer")
         rank, step = peer.rank, msg.step
         if msg.plan is not None:
             if plan_digest(msg.plan) != msg.digest:
@@ -101,7 +104,7 @@ class Steps:
         return None
 
     def on_put(self, identity: bytes, msg: Put) -> Message:
-        peer = self.peers.get(identity, "trainer")
+        peer = self.directory.get(identity, "trainer")
         v = self._in_flight(msg.step)
         if peer.rank not in v.digests or v.phase is not Phase.WRITING or peer.rank in v.waiting_begin:
             raise StagerError(ErrorCode.BAD_MESSAGE, f"put for step {msg.step} before its begin was answered")
@@ -138,7 +141,7 @@ class Steps:
 
     def on_commit(self, identity: bytes, msg: Commit) -> Message | None:
         state = self.state
-        peer = self.peers.get(identity, "trainer")
+        peer = self.directory.get(identity, "trainer")
         v = self._in_flight(msg.step)
         rank = peer.rank
         if rank not in v.digests or v.phase is not Phase.WRITING or rank in v.waiting_begin:
@@ -179,7 +182,7 @@ class Steps:
         failed before its begin reached the daemon) is remembered as failed, so the other ranks'
         begins of it fail at once instead of waiting for this rank."""
         state = self.state
-        peer = self.peers.get(identity, "trainer")
+        peer = self.directory.get(identity, "trainer")
         reason = f"rank {peer.rank} aborted step {msg.step}: {msg.reason[:500]}"
         self._moved_to(peer.rank, msg.step, "aborted")
         v = state.staging.get(msg.step)
@@ -315,7 +318,7 @@ class Steps:
             send_assignment = peer is not None and record.id not in peer.layouts_sent
             if send_assignment:
                 peer.layouts_sent.add(record.id)
-            self.state.send(pending.peer, BeginReply(
+            self.outbox.send(pending.peer, BeginReply(
                 id=pending.rid, step=v.step, segment=v.segment.name, size=v.segment.size, layout=record.id,
                 assignment=record.layout.assignments[rank] if send_assignment else None, live_segments=live))
         v.waiting_begin.clear()
@@ -348,11 +351,12 @@ class Steps:
         reply = Sealed(step=v.step, nbytes=v.layout.nbytes, tensors=len(v.layout.tensors), partial=v.layout.partial)
         for pending in v.waiting_commit.values():
             reply.id = pending.rid
-            state.send(pending.peer, reply)
+            self.outbox.send(pending.peer, reply)
         v.waiting_commit.clear()
         self._announce(v)
         log.info("sealed step %d (%.1f MiB, %d tensors)", v.step, v.layout.nbytes / 2**20, len(v.layout.tensors))
         self.memory.enforce()
+        self.retry_waiting()
 
     def fail(self, v: Version, reason: str, code: ErrorCode = ErrorCode.STEP_FAILED) -> None:
         """FAILED: answer every waiting request with the reason, unlink the segment."""
@@ -366,7 +370,7 @@ class Steps:
         err = ErrorReply(code=code.value, message=reason)
         for pending in [*v.waiting_begin.values(), *v.waiting_commit.values()]:
             err.id = pending.rid
-            state.send(pending.peer, err)
+            self.outbox.send(pending.peer, err)
         v.waiting_begin.clear()
         v.waiting_commit.clear()
         if v.segment is not None:  # never pooled: a slow rank may still be writing into it
@@ -396,6 +400,12 @@ class Steps:
                              "--step-timeout")
             elif v.phase is Phase.ALLOCATING:
                 self.advance(v)
+
+    def versions(self, now: float) -> list[VersionDetails | FailedStep]:
+        """Status: the sealed versions, the steps in flight and the steps that failed."""
+        state = self.state
+        return ([v.summary(now) for v in state.sealed.values()] + [v.summary(now) for v in state.staging.values()]
+                + [{"step": s, "state": "failed", "reason": r} for s, r in state.failed.items()])
 
     def close(self) -> None:
         for v in list(self.state.staging.values()):

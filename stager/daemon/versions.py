@@ -23,6 +23,7 @@ from stager.protocol.quant import QuantSpec
 
 from .planning import NodeLayout
 from .segments import Segment
+from .status import VersionDetails
 
 
 class Phase(str, enum.Enum):
@@ -111,9 +112,10 @@ class Version:
     def layout(self) -> NodeLayout | None:
         return self.record.layout if self.record is not None else None
 
-    def summary(self) -> dict:
+    def summary(self, now: float) -> VersionDetails:
+        """This version's entry in status; ``now``: the monotonic clock, for its age."""
         layout = self.layout
-        out = {
+        out: VersionDetails = {
             "step": self.step,
             "state": "staging" if self.phase.in_flight else self.phase.value,
             "phase": self.phase.value,
@@ -129,4 +131,7 @@ class Version:
             out["assembled"] = True
         if self.reason:
             out["reason"] = self.reason
+        since = self.sealed_at if self.phase is Phase.SEALED else self.started if self.phase.in_flight else None
+        if since is not None:
+            out["age_s"] = round(now - since, 3)
         return out

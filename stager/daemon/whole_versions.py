@@ -31,6 +31,7 @@ from .memory import Retention
 from .planning import build_layout
 from .segments import Segment
 from .state import DaemonState
+from .status import AssemblyStatus
 from .versions import LayoutRecord, Phase, Version
 
 log = logging.getLogger("stager.daemon")
@@ -159,5 +160,5 @@ class FullAssembly:
         log.info("step %d assembled whole on this node (%.1f MiB)", step, record.layout.nbytes / 2**20)
         return True
 
-    def status(self) -> dict:
+    def status(self) -> AssemblyStatus:
         return {"enabled": True, "assembled": [s for s, v in self.state.sealed.items() if v.assembled]}

@@ -18,6 +18,7 @@ from stager.protocol import ErrorCode, Message, Ok, StagerError
 from stager.protocol.job import MAX_STEPS, JobInfo, JobInfoReply, Join
 
 from .state import DaemonState
+from .status import JobStatus
 
 log = logging.getLogger("stager.daemon")
 
@@ -72,7 +73,7 @@ class JobMembership:
             staging=sorted(s for s, v in state.staging.items() if v.epoch == state.epoch)[-MAX_STEPS:],
             failed=list(state.failed)[-MAX_STEPS:])
 
-    def status(self) -> dict | None:
+    def status(self) -> JobStatus | None:
         m = self.current
         if m is None:
             return None

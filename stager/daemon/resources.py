@@ -1,0 +1,186 @@
+"""What the daemon holds from the operating system, and gives back however it ends.
+
+:class:`Resources` takes them in order (the endpoint's lock, the segment budget, the ZeroMQ
+context and socket, the CURVE authenticator, the bound endpoint, the loop's wake-up pipe; the
+metrics server once the daemon starts it) and :meth:`Resources.close` gives back whatever was
+taken: after a failed start, on :meth:`~stager.daemon.server.Daemon.close`, or at interpreter exit.
+No segment, socket file or lock outlives the daemon.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+from collections.abc import Callable
+
+import zmq
+
+from stager.protocol import ErrorCode, StagerError
+from stager.protocol.endpoint import ipc_path, is_ipv6_endpoint, lock_path
+from stager.protocol.shm import SHM_DIR
+
+from .config import DaemonConfig
+from .memory import SegmentBudget
+from .segments import Segment, reclaim_stale, shm_total_bytes
+
+log = logging.getLogger("stager.daemon")
+
+
+class DaemonBusy(StagerError):
+    """Another daemon already serves the endpoint."""
+
+
+class Resources:
+    """The lock, budget, socket, authenticator, wake-up pipe and metrics server of one daemon.
+    :meth:`open` takes them; each field is None until taken."""
+
+    def __init__(self, endpoint: str):
+        self.endpoint = endpoint  # the bound one after open() (a tcp port 0 or '*' resolved)
+        self.lock_fd: int | None = None
+        self.budget: SegmentBudget | None = None
+        self.ctx: zmq.Context | None = None
+        self.sock: zmq.Socket | None = None
+        self.auth = None  # zmq's ThreadAuthenticator, for --auth-dir
+        self.sock_path: str | None = None  # the ipc socket file, once bound
+        self.wake: tuple[int, int] | None = None  # (read fd, write fd): other threads wake the loop's poll
+        self.metrics = None  # the metrics HTTP server (--metrics), started by the daemon
+
+    @classmethod
+    def open(cls, config: DaemonConfig, new_segment_name: Callable[[], str]) -> Resources:
+        """Take every resource a daemon serving ``config`` needs; on failure give back those taken and raise."""
+        res = cls(config.endpoint)
+        try:
+            res.lock_fd = take_lock(config.endpoint)
+            reclaim_stale()
+            shm_total = shm_total_bytes()
+            if config.memory_limit > shm_total:
+                log.warning("--memory-limit is %.1f GiB but %s holds only %.1f GiB: steps past that are refused with "
+                            "memory_limit; enlarge %s (docker --shm-size, a larger tmpfs) or lower --memory-limit",
+                            config.memory_limit / 2**30, SHM_DIR, shm_total / 2**30, SHM_DIR)
+            res.budget = SegmentBudget(config.memory_limit, Segment, new_segment_name)
+            res.ctx = zmq.Context()
+            res.sock = res.ctx.socket(zmq.ROUTER)
+            res.sock.setsockopt(zmq.LINGER, 0)
+            # report (rather than silently drop) sends to a peer that left or stopped reading
+            res.sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+            # a peer sending a frame larger than the whole budget is disconnected before it is buffered
+            res.sock.setsockopt(zmq.MAXMSGSIZE, config.memory_limit)
+            if config.auth_dir:
+                res.auth = start_authenticator(res.ctx, res.sock, config.auth_dir)
+            res._bind()
+            res.budget.preallocate(config.preallocate)  # in the background: serving starts now
+            wake_r, wake_w = os.pipe()
+            res.wake = (wake_r, wake_w)
+            os.set_blocking(wake_r, False)
+            os.set_blocking(wake_w, False)
+        except BaseException:  # a daemon that could not start holds nothing: no lock, thread or segment
+            res.close()
+            raise
+        return res
+
+    def _bind(self) -> None:
+        path = ipc_path(self.endpoint)
+        if path:
+            os.makedirs(os.path.dirname(path) or ".", mode=0o700, exist_ok=True)
+            try:
+                os.unlink(path)  # left by a killed daemon; we hold the lock, so it is stale
+            except FileNotFoundError:
+                pass
+            old_umask = os.umask(0o077)  # socket file readable by the owning user only
+            try:
+                self.sock.bind(self.endpoint)
+            finally:
+                os.umask(old_umask)
+            self.sock_path = path
+            os.chmod(path, 0o600)
+        else:
+            if is_ipv6_endpoint(self.endpoint):
+                self.sock.setsockopt(zmq.IPV6, 1)  # else ZeroMQ refuses an IPv6 literal ("No such device")
+            try:
+                self.sock.bind(self.endpoint)
+            except zmq.ZMQError as exc:
+                raise StagerError(ErrorCode.UNAVAILABLE,
+                                  f"cannot bind {self.endpoint}: {exc.strerror}; pass a free port on an address of "
+                                  "this host (IPv6 in brackets: tcp://[::1]:PORT)") from None
+            self.endpoint = self.sock.getsockopt_string(zmq.LAST_ENDPOINT)  # resolves port 0 / '*'
+
+    def close(self) -> None:
+        """Give back everything taken, segments first; a second call does nothing."""
+        budget, self.budget = self.budget, None
+        try:
+            if budget is not None:
+                budget.close()
+        finally:
+            wake, self.wake = self.wake, None
+            for fd in wake or ():
+                os.close(fd)
+            metrics, self.metrics = self.metrics, None
+            if metrics is not None:
+                metrics.close()
+            sock, self.sock = self.sock, None
+            if sock is not None:
+                sock.close()  # LINGER: 0, or DRAIN_LINGER_MS after a drain
+            auth, self.auth = self.auth, None
+            if auth is not None:
+                auth.stop()
+            ctx, self.ctx = self.ctx, None
+            if ctx is not None:
+                ctx.term()
+            sock_path, self.sock_path = self.sock_path, None
+            if sock_path:
+                try:
+                    os.unlink(sock_path)
+                except FileNotFoundError:
+                    pass
+            lock_fd, self.lock_fd = self.lock_fd, None
+            if lock_fd is not None:
+                os.close(lock_fd)
+
+
+def take_lock(endpoint: str) -> int | None:
+    """An exclusive lock on ``endpoint`` (its fd, holding this pid), or :class:`DaemonBusy`."""
+    if endpoint.startswith("tcp://") and endpoint.endswith(":0"):
+        return None  # an ephemeral port is never shared: nothing to guard
+    fd = os.open(lock_path(endpoint), os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        other = os.pread(fd, 32, 0).decode(errors="replace").strip()
+        os.close(fd)
+        raise DaemonBusy(
+            ErrorCode.UNAVAILABLE,
+            f"another stager daemon (pid {other or '?'}) already serves {endpoint}; "
+            "stop it first or pass a different --endpoint",
+        ) from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, str(os.getpid()).encode(), 0)
+    return fd
+
+
+def start_authenticator(ctx: zmq.Context, sock: zmq.Socket, auth_dir: str):
+    """CURVE on ``sock``: the server key from ``auth_dir``, clients whose keys are in ``authorized/``."""
+    from zmq.auth import load_certificate
+    from zmq.auth.thread import ThreadAuthenticator
+
+    key_file = os.path.join(auth_dir, "server.key_secret")
+    try:
+        public, secret = load_certificate(key_file)
+        if secret is None:
+            raise ValueError("it holds no secret key")
+        mode = os.stat(key_file).st_mode & 0o777
+    except (OSError, ValueError) as exc:
+        raise StagerError(ErrorCode.UNAVAILABLE, f"cannot read the server's CURVE key {key_file} ({exc}); "
+                                                 f"create the keys with `stager keygen {auth_dir}`") from None
+    if mode & 0o077:
+        log.warning("%s is readable by other users (mode %o): anyone who reads it can impersonate this daemon; "
+                    "chmod 600 it (or recreate the keys with `stager keygen`)", key_file, mode)
+    auth = ThreadAuthenticator(ctx)
+    auth.start()
+    try:
+        auth.configure_curve(domain="*", location=os.path.join(auth_dir, "authorized"))
+    except BaseException:
+        auth.stop()
+        raise
+    sock.curve_secretkey, sock.curve_publickey, sock.curve_server = secret, public, True
+    return auth
