@@ -122,7 +122,8 @@ def disagreement() -> dict:
             first_values += (fd.view(torch.uint8) != data.view(torch.uint8)).sum().item()
             first_scales += (fs != scale_inv).sum().item()
             elements, blocks = elements + w.numel(), blocks + scale_inv.numel()
-        out[name] = {"transformers_values_pct": 100 * values / elements, "transformers_scales_pct": 100 * scales / blocks,
+        out[name] = {"transformers_values_pct": 100 * values / elements,
+                     "transformers_scales_pct": 100 * scales / blocks,
                      "deepgemm_first_values_pct": 100 * first_values / elements,
                      "deepgemm_first_scales_pct": 100 * first_scales / blocks}
     return out

@@ -208,3 +208,44 @@ def test_an_architecture_without_a_known_fp8_layout_is_refused_by_name():
         fp8_scope(load_adapter("identity"), {"model_type": "gpt2"})
     assert info.value.code == ErrorCode.BAD_VALUE
     assert "'gpt2'" in info.value.message and "deepseek_v3" in info.value.message
+
+
+def test_deepseek_v3_adapters_hf_names_quantize_as_the_hub_checkpoint():
+    """torchtitan's DeepSeek-V3 names through the deepseek_v3 adapter (experts split, an MTP layer): the
+    reader's FP8 view quantizes every projection and expert, and nothing else."""
+    from stager.client.adapters import hf_names
+    from stager.client.readers.fp8_view import fp8_entries
+    from stager.client.readers.views import ViewEntry
+
+    cfg = {**DEEPSEEK_CONFIG, "hidden_size": 32, "n_routed_experts": 2, "moe_intermediate_size": 16,
+           "q_lora_rank": 24, "kv_lora_rank": 16, "qk_nope_head_dim": 8, "qk_rope_head_dim": 8, "v_head_dim": 12,
+           "num_attention_heads": 4, "num_hidden_layers": 2}
+    attention = {"attention_norm.weight": (32,), "ffn_norm.weight": (32,), "attention.wq_a.weight": (24, 32),
+                 "attention.q_norm.weight": (24,), "attention.wq_b.weight": (64, 24),
+                 "attention.wkv_a.weight": (24, 32), "attention.kv_norm.weight": (16,),
+                 "attention.wkv_b.weight": (80, 16), "attention.wo.weight": (32, 48)}
+    experts = "moe.routed_experts.inner_experts"
+    moe = {"moe.router.gate.weight": (2, 32), "moe.expert_bias_E": (2,), f"{experts}.w1_EFD": (2, 16, 32),
+           f"{experts}.w2_EDF": (2, 32, 16), f"{experts}.w3_EFD": (2, 16, 32), "moe.shared_experts.w1.weight": (16, 32),
+           "moe.shared_experts.w2.weight": (32, 16), "moe.shared_experts.w3.weight": (16, 32)}
+    dense = {f"feed_forward.{w}.weight": s for w, s in (("w1", (48, 32)), ("w2", (32, 48)), ("w3", (48, 32)))}
+    mtp = {"enorm.weight": (32,), "hnorm.weight": (32,), "eh_proj.weight": (32, 64), "mtp_norm.weight": (32,)}
+    layout = {"tok_embeddings.weight": (64, 32), "norm.weight": (32,), "lm_head.weight": (64, 32),
+              **{f"layers.0.{k}": s for k, s in {**attention, **dense}.items()},
+              **{f"layers.1.{k}": s for k, s in {**attention, **moe}.items()},
+              **{f"mtp_layers.0.{k}": s for k, s in {**attention, **moe, **mtp}.items()}}
+    adapter = load_adapter("deepseek_v3", cfg)
+    plan = hf_names(adapter, [(n, torch.float32, s) for n, s in layout.items()])
+    entries = {t.name: ViewEntry(t.name, t.source, t.shape, t.dtype, t.strided) for t in plan}
+    view, quantized = fp8_entries(entries, fp8_scope(adapter, cfg))
+    projections = ["self_attn.q_a_proj", "self_attn.q_b_proj", "self_attn.kv_a_proj_with_mqa",
+                   "self_attn.kv_b_proj", "self_attn.o_proj"]
+    ffn = [f"mlp.{e}{p}_proj" for e in ("experts.0.", "experts.1.", "shared_experts.") for p in ("gate", "up", "down")]
+    expected = [f"model.layers.0.{m}.weight" for m in projections + ["mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]]
+    expected += [f"model.layers.{i}.{m}.weight" for i in (1, 2) for m in projections + ffn]
+    assert sorted(quantized) == sorted(expected)
+    assert "model.layers.2.eh_proj.weight" in view and view["model.layers.2.eh_proj.weight"].dtype == torch.float32
+    names = list(view)
+    assert all(names[names.index(w) + 1] == s == scale_name(w) and view[s].shape == (1, 1)
+               for w, s in quantized.items())
+    assert view["model.layers.1.self_attn.kv_a_proj_with_mqa.weight"].dtype == E4M3
