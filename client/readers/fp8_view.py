@@ -6,9 +6,9 @@ with ``quantization="fp8"`` and block scales.
 The quantizer is :func:`stager.protocol.fp8_block.quantize_block_fp8` (vLLM's ``per_block_cast_to_fp8``,
 bit for bit), applied by the reader to the HF tensor as the adapter gives it, before the subscriber's
 ``dtype`` cast: fp32 master weights are rounded once, to e4m3, not to bf16 first. ``export-hf --quantize
-fp8-block`` writes the same bytes. Each reader quantizes what it reads (about 0.2-0.3 s per 100 MiB of bf16
-on one core here, bench/bench_fp8.py); a version quantized once in the daemon and shared by its readers is the
-per-dtype cache of issue 25's item 5.
+fp8-block`` writes the same bytes. Each reader quantizes what it reads (0.12-0.27 s per 100 MiB of bf16 on
+one core here, against 11-17 ms for a bf16 ``load_into``: bench/bench_fp8.py); a version quantized once in
+the daemon and shared by its readers would be the daemon's per-dtype cache (issue 25, item 5).
 """
 
 from __future__ import annotations
