@@ -209,3 +209,22 @@ def test_an_export_that_is_not_quantized_drops_a_staged_fp8_quantization_config(
     assert all(t.dtype == torch.bfloat16 for t in load_file(os.path.join(path, "model.safetensors")).values())
     (path,) = export_hf(str(tmp_path / "fp8"), endpoint=d.endpoint, quantize="fp8-block")
     assert json.load(open(os.path.join(path, "config.json")))["quantization_config"]["weight_block_size"] == [128, 128]
+
+
+def test_a_whole_dict_plugin_adapter_is_quantized_by_the_configs_model_type(make_daemon):
+    """A plug-in adapter (torchtitan's StateDictAdapter shape) converts whole dicts: its HF names are quantized
+    by the rule of the HF config's model_type."""
+    d = make_daemon()
+    torch.manual_seed(3)
+    sd = {"model.layers.0.mlp.up_proj.weight": torch.randn(200, 160), "model.norm.weight": torch.randn(160)}
+    with StagingClient(d.endpoint, strict=True) as client:
+        client.stage(sd, step=1).wait(30)
+    config = {"prefix": "", "model_type": "llama"}  # EagerPlugin prefixes names with hf_config["prefix"]
+    with Subscriber(d.endpoint, view="hf", adapter="helpers:EagerPlugin", hf_config=config,
+                    quantize="fp8-block") as sub, sub.latest() as snap:
+        assert list(snap) == ["model.layers.0.mlp.up_proj.weight", "model.layers.0.mlp.up_proj.weight_scale_inv",
+                              "model.norm.weight"]
+        data, scale_inv = vllm_per_block_cast_to_fp8(sd["model.layers.0.mlp.up_proj.weight"])
+        assert same(snap["model.layers.0.mlp.up_proj.weight"], data)
+        assert same(snap["model.layers.0.mlp.up_proj.weight_scale_inv"], scale_inv)
+        assert same(snap["model.norm.weight"], sd["model.norm.weight"])

@@ -56,8 +56,10 @@ def fp8_entries(entries: dict[str, ViewEntry], scope: Fp8Scope) -> tuple[dict[st
         if len(e.shape) == 2 and e.dtype.is_floating_point and e.dtype.itemsize > 1 and scope.quantizes(name):
             scale = scale_name(name)
             if scale in entries:
-                raise StagerError(ErrorCode.BAD_VALUE, f"{name}: the version already holds {scale}; read it with "
-                                                       "keep_fp8=True instead of quantizing it again")
+                raise StagerError(ErrorCode.BAD_VALUE, f"{name}: the version already holds a tensor named {scale}, "
+                                                       "which its FP8 scales would replace; rename that tensor, or "
+                                                       "keep the module in high precision (quantization_config."
+                                                       "modules_to_not_convert)")
             out[name] = ViewEntry(name, e.source, e.shape, E4M3, None)
             out[scale] = ViewEntry(scale, e.source, scale_shape(e.shape, scope.block), torch.float32, None)
             quantized[name] = scale
