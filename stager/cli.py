@@ -103,7 +103,7 @@ def _export_hf(args: argparse.Namespace) -> int:
     from stager.consumers.export_hf import export_hf
 
     options = dict(adapter=args.adapter, hf_config=args.hf_config, prefix=args.prefix, dtype=args.dtype,
-                   max_shard_size=args.max_shard_size)
+                   max_shard_size=args.max_shard_size, quantize=args.quantize)
     if args.distributed and (args.recipe_state or args.peft or args.adapter_only):
         print("stager export-hf: --recipe-state and --peft are written by a single exporter (not --distributed)",
               file=sys.stderr)
@@ -370,6 +370,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_status)
 
     from stager.client.adapters import BUILT_IN
+    from stager.client.adapters.fp8_scope import QUANTIZE_CHOICES
     from stager.protocol.dtypes import torch_names
 
     p = sub.add_parser("export-hf", help="write sealed versions as Hugging Face safetensors checkpoints",
@@ -400,6 +401,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=torch_names(floating=True),
                    help="cast floating tensors to this dtype (default: as staged)")
     p.add_argument("--max-shard-size", default="5GB", help="per safetensors file, e.g. 5GB, 500MB, 2GiB (default 5GB)")
+    p.add_argument("--quantize", choices=QUANTIZE_CHOICES,
+                   help="fp8-block: the weights an FP8 checkpoint of the architecture quantizes as e4m3 plus fp32 "
+                        "weight_scale_inv per block (128x128, or the config's quantization_config), with "
+                        "quantization_config in config.json; --dtype is then that of the other tensors")
     p.add_argument("--no-progress", action="store_true",
                    help="no progress bar (default: one on stderr when it is a terminal)")
     _distributed_argument(p, "each writes the files its node holds most of, together one export")

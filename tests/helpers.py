@@ -86,3 +86,25 @@ def lazy_importorskip(name: str):
     if importlib.util.find_spec(package) is None:
         pytest.skip(f"{package} is not installed", allow_module_level=True)
     return _Lazy(name)
+
+
+def vllm_per_block_cast_to_fp8(x, block_size=(128, 128)):
+    """The reference FP8 block quantizer, independent of stager's: a literal transcription, operation for
+    operation, of ``per_block_cast_to_fp8(x, block_size, use_ue8m0=False)`` in vLLM's
+    ``vllm/utils/deep_gemm.py`` (https://github.com/vllm-project/vllm, commit
+    00620f91ea186ca295a1eb69f4acba9d0efaaaaa, Apache-2.0), which vLLM took from DeepGEMM's
+    ``deep_gemm/utils/math.py`` (https://github.com/deepseek-ai/DeepGEMM/blob/dd6ed14acbc7445dcef224248a77ab4d22b5f240/
+    deep_gemm/utils/math.py#L38, MIT; unchanged at DeepGEMM commit 38939a4c494ce6e904b54da94a1183955a5e9497).
+    Returns ``(e4m3 data, fp32 scale_inv)``."""
+    import torch
+
+    assert x.dim() == 2
+    m, n = x.shape
+    block_m, block_n = block_size
+    x_padded = torch.zeros((-(-m // block_m) * block_m, -(-n // block_n) * block_n), dtype=x.dtype, device=x.device)
+    x_padded[:m, :n] = x
+    x_view = x_padded.view(-1, block_m, x_padded.size(1) // block_n, block_n)
+    x_amax = x_view.abs().float().amax(dim=(1, 3), keepdim=True).clamp(1e-4)
+    sf = x_amax / 448.0
+    x_scaled = (x_view * (1.0 / sf)).to(torch.float8_e4m3fn)
+    return x_scaled.view_as(x_padded)[:m, :n].contiguous(), sf.view(x_view.size(0), x_view.size(2))

@@ -26,6 +26,7 @@ from stager.protocol.shm import SHM_DIR, map_segment
 
 from ..adapters import IdentityAdapter
 from ..connection import Connection
+from .fp8_view import Fp8Snapshot, check_quantize
 from .job import JobReader, MembershipChanged
 from .snapshot import Snapshot, view_entries
 from .sources import LocalSource, RemoteSource
@@ -42,7 +43,9 @@ class Subscriber:
     staged ``model_info``, or ``adapter`` / ``hf_config`` given here; ``prefix``, else the staged
     ``model_info["prefix"]``: only the tensors under it, e.g. ``"model."``, are the model). ``dtype``: cast floating
     tensors (and dequantize float8 ones) to it. ``names``: only these tensors (names of the view).
-    ``keep_fp8``: serve float8 data and its scale as staged instead of dequantizing.
+    ``keep_fp8``: serve float8 data and its scale as staged instead of dequantizing. ``quantize="fp8-block"``
+    (HF view): the weights an FP8 checkpoint of the architecture quantizes come as e4m3 ``<module>.weight``
+    plus fp32 ``<module>.weight_scale_inv`` (:mod:`.fp8_view`).
     ``remote``: fetch bytes over the socket even on the daemon's host (default: only when the
     daemon is on another host).
 
@@ -54,15 +57,18 @@ class Subscriber:
     def __init__(self, endpoint: str | None = None, *, view: str = "native", dtype: torch.dtype | str | None = None,
                  names: Iterable[str] | None = None, adapter: str | Any | None = None,
                  hf_config: dict | None = None, prefix: str | None = None, keep_fp8: bool = False,
-                 remote: bool | None = None, timeout: float = 10.0):
+                 remote: bool | None = None, timeout: float = 10.0, quantize: str | None = None):
         if view not in ("native", "hf"):
             raise ValueError(f"view must be 'native' or 'hf', not {view!r}")
         if dtype is not None:
             dtype = parse_dtype(dtype)
+        check_quantize(quantize, view, dtype, keep_fp8)
+        self.quantize = quantize
         self.view, self.dtype, self.keep_fp8, self.timeout = view, dtype, keep_fp8, timeout
         self.names = set(names) if names is not None else None
         self._adapter_spec, self._hf_config, self._prefix, self._remote = adapter, hf_config, prefix, remote
         self._adapters: dict = {}
+        self._view_config: dict | None = None
         self._index_cache: dict = {}
         self._conn = Connection(endpoint, role="reader")
         # weakly: the finalizer holds the connection, and a connection that held this subscriber
@@ -221,9 +227,10 @@ class Subscriber:
         key = repr((spec, self._hf_config, self._prefix, info.get("adapter"), info.get("hf_config"),
                     info.get("prefix")))
         if key not in self._adapters:
-            adapter = resolve_adapter(self._adapter_spec, self._hf_config, info, prefix=self._prefix).adapter
+            resolved = resolve_adapter(self._adapter_spec, self._hf_config, info, prefix=self._prefix)
             self._adapters.clear()
-            self._adapters[key] = adapter
+            self._adapters[key] = resolved.adapter
+            self._view_config = resolved.hf_config  # of the one adapter cached: its FP8 block and skips
         return self._adapters[key]
 
     def _job_reader(self) -> JobReader | None:
@@ -283,7 +290,11 @@ class Subscriber:
                 raise StagerError(ErrorCode.BAD_VALUE, "keep_fp8=True with view='hf' cannot rename or permute float8 "
                                                        "scales; read view='native', or let the subscriber dequantize")
             entries = view_entries(reply.tensors, reply.quant, adapter, self.keep_fp8, self._index_cache)
-            snap = Snapshot(self, reply, source or self._source(reply), entries, adapter, self.names)
+            if self.quantize is None:
+                snap = Snapshot(self, reply, source or self._source(reply), entries, adapter, self.names)
+            else:
+                snap = Fp8Snapshot(self, reply, source or self._source(reply), entries, adapter, self.names,
+                                   self._view_config, self._index_cache)
         except BaseException:
             if source is not None:
                 source.close()

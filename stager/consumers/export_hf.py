@@ -27,9 +27,11 @@ import torch
 from tqdm import tqdm
 
 from stager.client.adapters import HFTensor, hf_items, hf_names, is_lora, is_per_tensor, resolve_adapter, to_hf_items
+from stager.client.adapters.fp8_scope import QUANTIZE_CHOICES, fp8_scope, scale_name
 from stager.client.readers.snapshot import Snapshot
 from stager.protocol import ErrorCode, StagerError
 from stager.protocol.dtypes import parse_dtype
+from stager.protocol.fp8_block import E4M3, quantize_block_fp8, scale_shape
 from stager.consumers.export_peft import write_peft
 from stager.consumers.integrity import MANIFEST, entry, spec_entry, write_manifest
 from stager.consumers.persist import for_each_version, step_directory, step_path
@@ -109,6 +111,28 @@ def _hf_tensors(snapshot: Any, adapter: Any, plan: list[HFTensor]) -> Iterator[t
         yield p.name, pending.pop(p.name)
 
 
+def _export_tensors(snapshot: Any, ep: ExportPlan, indices: list[int]) -> Iterator[tuple[str, torch.Tensor]]:
+    """The planned tensors ``indices`` in order: :func:`_hf_tensors`, with each FP8 weight quantized as it
+    comes (from its precision as staged: one rounding) into its e4m3 data and scales."""
+    weight_of = {s: w for w, s in ep.quant.items()}
+    by_name = {t.name: t for t in ep.tensors}
+    wanted = [ep.tensors[i].name for i in indices]
+    sources = list(dict.fromkeys(weight_of.get(n, n) for n in wanted))
+    converted = _hf_tensors(snapshot, ep.adapter, [by_name[n] for n in sources])
+    keep = set(wanted)
+    held: dict[str, torch.Tensor] = {}
+    for name in wanted:
+        if name not in held:
+            hf_name, tensor = next(converted)
+            if hf_name in ep.quant:
+                data, scale_inv = quantize_block_fp8(tensor, ep.block)
+                held.update((n, t) for n, t in ((hf_name, data), (ep.quant[hf_name], scale_inv)) if n in keep)
+            else:
+                held[hf_name] = tensor
+            tensor = None  # held only in held: freed once written
+        yield name, held.pop(name)
+
+
 @dataclasses.dataclass
 class ExportPlan:
     """What an export writes, from the layout alone: HF tensors, their dtypes and sizes, and the
@@ -122,33 +146,71 @@ class ExportPlan:
     sizes: list[int]
     files: list[list[int]]
     names: list[str]
+    quant: dict[str, str] = dataclasses.field(default_factory=dict)  # FP8: weight name -> its scales' name
+    block: tuple[int, int] | None = None  # FP8: the rows and columns one scale covers (None: not quantized)
 
 
 def plan_export(snapshot: Any, *, adapter: str | Any | None = None, hf_config: dict | str | None = None,
                 dtype: str | torch.dtype | None = None, max_shard_size: str | int = "5GB",
-                prefix: str | None = None) -> ExportPlan:
-    """The export of ``snapshot`` planned from its layout on meta tensors: no data touched."""
+                prefix: str | None = None, quantize: str | None = None) -> ExportPlan:
+    """The export of ``snapshot`` planned from its layout on meta tensors: no data touched. ``quantize``:
+    ``"fp8-block"`` plans the weights an FP8 checkpoint of the architecture quantizes as e4m3 plus their
+    ``weight_scale_inv`` right after them (:mod:`stager.client.adapters.fp8_scope`)."""
     model_info = getattr(snapshot, "model_info", None) or {}
     adapter_obj, config, _ = resolve_adapter(adapter, hf_config, model_info, require_config=True, prefix=prefix)
     try:
         cast = parse_dtype(dtype) if dtype is not None else None
     except ValueError as exc:
         raise StagerError(ErrorCode.BAD_VALUE, str(exc)) from None
+    if quantize not in (None, *QUANTIZE_CHOICES):
+        raise StagerError(ErrorCode.BAD_VALUE, f"quantize must be one of {QUANTIZE_CHOICES}, not {quantize!r}")
     max_bytes = parse_shard_size(max_shard_size)
     plan = hf_names(adapter_obj, [x for x in _layout(snapshot) if not is_lora(x[0])])  # LoRA: export_peft
     want = [cast if cast is not None and p.dtype.is_floating_point else p.dtype for p in plan]
+    config = dict(config)
+    # a version loaded from an FP8 checkpoint carries its quantization_config: true only of an FP8 export
+    quantization = config.pop("quantization_config", None)
+    quant: dict[str, str] = {}
+    block = None
+    if quantize is not None:
+        scope = fp8_scope(adapter_obj, {**config, "quantization_config": quantization})
+        block = scope.block
+        config["quantization_config"] = scope.quantization_config()
+        plan, want = _plan_fp8(plan, want, scope, quant)
     sizes = [torch.Size(p.shape).numel() * dt.itemsize for p, dt in zip(plan, want)]
     files = plan_shards(sizes, max_bytes)
     names = ["model.safetensors"] if len(files) == 1 else \
         [f"model-{n:05d}-of-{len(files):05d}.safetensors" for n in range(1, len(files) + 1)]
-    return ExportPlan(adapter_obj, dict(config), cast, plan, want, sizes, files, names)
+    return ExportPlan(adapter_obj, config, cast, plan, want, sizes, files, names, quant, block)
+
+
+def _plan_fp8(plan: list[HFTensor], want: list[torch.dtype], scope, quant: dict[str, str]
+              ) -> tuple[list[HFTensor], list[torch.dtype]]:
+    """``plan`` with each weight ``scope`` quantizes as e4m3 and its fp32 scales right after it (so a file
+    holds both, and the exporter keeps one tensor's quantization at a time); ``quant`` gets their names."""
+    out, dtypes, partial = [], [], []  # partial: (name, shape) of weights with edge blocks
+    for p, dt in zip(plan, want):
+        if not (len(p.shape) == 2 and p.dtype.is_floating_point and p.dtype.itemsize > 1 and scope.quantizes(p.name)):
+            out.append(p)
+            dtypes.append(dt)
+            continue
+        scale = HFTensor(scale_name(p.name), p.source, scale_shape(p.shape, scope.block), torch.float32, None)
+        out += [p, scale]
+        dtypes += [E4M3, torch.float32]
+        quant[p.name] = scale.name
+        if p.shape[0] % scope.block[0] or p.shape[1] % scope.block[1]:
+            partial.append((p.name, list(p.shape)))
+    if partial:  # vLLM and DeepSeek's loaders read them; transformers tells the block from the scale grid
+        log.warning("%d FP8 weights (e.g. %s %s) have partial %s blocks: vLLM and stager load-hf read them, "
+                    "transformers (5.23) refuses or misreads them", len(partial), *partial[0], list(scope.block))
+    return out, dtypes
 
 
 def write_files(snapshot: Any, ep: ExportPlan, which: list[int], tmp: str, manifest: dict,
                 on_bytes: Callable[[int], None] = lambda n: None) -> dict[str, str]:
     """Write the planned files ``which`` (indices into ``ep.files``) into ``tmp``, each native
     tensor read once; their manifest entries go to ``manifest``. Returns their weight map."""
-    tensors = _hf_tensors(snapshot, ep.adapter, [ep.tensors[i] for f in which for i in ep.files[f]])
+    tensors = _export_tensors(snapshot, ep, [i for f in which for i in ep.files[f]])
     crcs: dict[str, str] = {}  # of the bytes as written, computed while writing them
     weight_map = {}
     for f in which:
@@ -222,7 +284,8 @@ def export_snapshot(snapshot: Any, out_dir: str, *, adapter: str | Any | None = 
                     dtype: str | torch.dtype | None = None, max_shard_size: str | int = "5GB",
                     progress: bool | None = None, on_export: Callable[[dict], None] | None = None,
                     prefix: str | None = None, recipe_state: bool = False, peft: bool = False,
-                    adapter_only: bool = False, lora_alpha: float | None = None, base_model: str | None = None) -> str:
+                    adapter_only: bool = False, lora_alpha: float | None = None, base_model: str | None = None,
+                    quantize: str | None = None) -> str:
     """Write one snapshot to ``out_dir/step-N``: a leased :class:`~stager.client.Snapshot` (native
     view) or any mapping name -> tensor with ``step`` and ``model_info``.
 
@@ -233,7 +296,11 @@ def export_snapshot(snapshot: Any, out_dir: str, *, adapter: str | Any | None = 
     (:func:`write_recipe_state`), so a run resumes from the export. ``peft``: the version's LoRA
     weights also go out in PEFT's format (:mod:`.export_peft`; ``lora_alpha`` unless staged in
     ``model_info["lora"]``), in the export's ``adapter/``; ``adapter_only``: only them, at the top,
-    for the base model ``base_model`` (a path or hub id that adapter_config.json names). Shapes come from the layout and each
+    for the base model ``base_model`` (a path or hub id that adapter_config.json names). ``quantize="fp8-block"``:
+    the weights an FP8 checkpoint of the architecture quantizes are written as e4m3 plus fp32
+    ``weight_scale_inv`` (vLLM's quantizer, :mod:`stager.protocol.fp8_block`), with config.json's
+    ``quantization_config``; without it, a staged config's ``quantization_config`` is left out (the
+    tensors are not quantized). Shapes come from the layout and each
     native tensor's bytes are read once. ``progress``: a progress bar on stderr (default: when
     stderr is a terminal). Returns the directory. The export's own time (plan, read, convert,
     write, fsync, rename) and size are logged at INFO and given to ``on_export`` as
@@ -248,7 +315,7 @@ def export_snapshot(snapshot: Any, out_dir: str, *, adapter: str | Any | None = 
         raise StagerError(ErrorCode.BAD_VALUE, f"{step_path(out_dir, snapshot.step)} is a full export: an adapter-only "
                                                "export would replace it; give the adapter its own --out")
     ep = plan_export(snapshot, adapter=adapter, hf_config=hf_config, dtype=dtype, max_shard_size=max_shard_size,
-                     prefix=prefix)
+                     prefix=prefix, quantize=quantize)
     manifest: dict[str, dict] = {}
     show = sys.stderr.isatty() if progress is None else progress
     with tqdm(total=sum(ep.sizes), desc=f"export step {snapshot.step}", unit="B", unit_scale=True,

@@ -1,0 +1,133 @@
+"""FP8 on read: ``Subscriber(view="hf", quantize="fp8-block")`` gives each weight an FP8 checkpoint of the
+architecture quantizes (:mod:`stager.client.adapters.fp8_scope`) as e4m3 ``<module>.weight`` plus fp32
+``<module>.weight_scale_inv``, HF's checkpoint names, what vLLM's ``load_weights`` takes for a model served
+with ``quantization="fp8"`` and block scales.
+
+The quantizer is :func:`stager.protocol.fp8_block.quantize_block_fp8` (vLLM's ``per_block_cast_to_fp8``,
+bit for bit), applied by the reader to the HF tensor as the adapter gives it, before the subscriber's
+``dtype`` cast: fp32 master weights are rounded once, to e4m3, not to bf16 first. ``export-hf --quantize
+fp8-block`` writes the same bytes. Each reader quantizes what it reads (0.12-0.27 s per 100 MiB of bf16 on
+one core here, against 11-17 ms for a bf16 ``load_into``: bench/bench_fp8.py); a version quantized once in
+the daemon and shared by its readers would be the daemon's per-dtype cache (issue 25, item 5).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import torch
+
+from stager.protocol import ErrorCode, StagerError
+from stager.protocol.dtypes import FLOAT8_DTYPES
+from stager.protocol.fp8_block import E4M3, quantize_block_fp8, scale_shape
+
+from ..adapters import hf_items, to_hf_items
+from ..adapters.fp8_scope import QUANTIZE_CHOICES, Fp8Scope, fp8_scope, scale_name
+from .snapshot import Snapshot
+from .views import ViewEntry
+
+
+def check_quantize(quantize: str | None, view: str, dtype: torch.dtype | None, keep_fp8: bool) -> None:
+    """A Subscriber's ``quantize`` against its other options (ValueError, as for a wrong ``view``)."""
+    if quantize is None:
+        if dtype in FLOAT8_DTYPES:  # a plain cast has no scale: values past 448 would be NaN, small ones zero
+            raise ValueError(f"dtype {dtype} would cast without scales: ask for quantize='fp8-block' (e4m3 weights "
+                             "plus weight_scale_inv, view='hf'), or keep_fp8=True for float8 data as staged")
+        return
+    if quantize not in QUANTIZE_CHOICES:
+        raise ValueError(f"quantize must be one of {QUANTIZE_CHOICES} or None, not {quantize!r}")
+    if view != "hf":
+        raise ValueError("quantize='fp8-block' picks weights by their HF names: pass view='hf'")
+    if keep_fp8:
+        raise ValueError("quantize='fp8-block' and keep_fp8=True both choose how float8 data is served: pass one")
+    if dtype in FLOAT8_DTYPES:
+        raise ValueError(f"dtype {dtype} with quantize='fp8-block': dtype is that of the tensors left in high "
+                         "precision (norms, embeddings), e.g. torch.bfloat16")
+
+
+def fp8_entries(entries: dict[str, ViewEntry], scope: Fp8Scope) -> tuple[dict[str, ViewEntry], dict[str, str]]:
+    """The view's entries with each quantized weight as e4m3 and its scales right after it, and
+    ``{weight: scale name}``. Neither is a strided view of a staged tensor (a remote slice reads the whole
+    weight: the scales need whole blocks)."""
+    out: dict[str, ViewEntry] = {}
+    quantized: dict[str, str] = {}
+    for name, e in entries.items():
+        if len(e.shape) == 2 and e.dtype.is_floating_point and e.dtype.itemsize > 1 and scope.quantizes(name):
+            scale = scale_name(name)
+            if scale in entries:
+                raise StagerError(ErrorCode.BAD_VALUE, f"{name}: the version already holds a tensor named {scale}, "
+                                                       "which its FP8 scales would replace; rename that tensor, or "
+                                                       "keep the module in high precision (quantization_config."
+                                                       "modules_to_not_convert)")
+            out[name] = ViewEntry(name, e.source, e.shape, E4M3, None)
+            out[scale] = ViewEntry(scale, e.source, scale_shape(e.shape, scope.block), torch.float32, None)
+            quantized[name] = scale
+        else:
+            out[name] = e
+    return out, quantized
+
+
+class Fp8Snapshot(Snapshot):
+    """A :class:`Snapshot` whose in-scope weights are read FP8 block-quantized. ``fp8``: ``{weight name:
+    scale name}``; ``fp8_block``: the rows and columns one scale covers."""
+
+    def __init__(self, subscriber: Any, reply, source, entries: dict[str, ViewEntry], adapter: Any,
+                 wanted: set[str] | None, hf_config: dict | None, cache: dict):
+        if adapter is None:
+            raise StagerError(ErrorCode.BAD_VALUE, "quantize='fp8-block' reads HF names: pass view='hf'")
+        scope = fp8_scope(adapter, hf_config)
+        key = ("fp8", id(entries), scope)
+        cached = cache.get(key)
+        if cached is None or cached[0] is not entries:  # the view's entries are cached per layout: so are these
+            cached = cache[key] = (entries, *fp8_entries(entries, scope))
+        super().__init__(subscriber, reply, source, cached[1], adapter, wanted)
+        self.fp8_block = scope.block
+        self.fp8 = {w: s for w, s in cached[2].items() if w in self._entries or s in self._entries}
+
+    def _convert(self, fqn: str, t: torch.Tensor, only: str | None = None,
+                 wanted: Any = None) -> Iterator[tuple[str, torch.Tensor]]:
+        wanted = self._entries if wanted is None else wanted
+        for name, out in hf_items(self._adapter, fqn, t):
+            yield from self._quantized(name, out, lambda n: n in wanted and (only is None or n == only))
+
+    def _quantized(self, name: str, t: torch.Tensor, keep) -> Iterator[tuple[str, torch.Tensor]]:
+        """``name``'s tensors in this view that ``keep`` accepts: e4m3 data and scales, or the cast tensor."""
+        scale = self.fp8.get(name)
+        if scale is None:
+            if keep(name):
+                yield name, self._cast(t)
+            return
+        if not (keep(name) or keep(scale)):
+            return
+        data, scale_inv = quantize_block_fp8(t, self.fp8_block)
+        for n, x in ((name, data), (scale, scale_inv)):
+            if keep(n):
+                yield n, x
+
+    def load_into(self, out: Mapping[str, torch.Tensor]) -> list[str]:
+        """:meth:`Snapshot.load_into`; quantized weights and their scales are quantized, then copied (an
+        engine's e4m3 parameters and fp32 scales). Every shape is checked before any byte is written."""
+        mine = {w for w in self.fp8} | set(self.fp8.values())
+        quantized = [n for n in out if n in mine]
+        if not quantized:
+            return super().load_into(out)
+        for name in quantized:
+            entry, dst = self._entry(name), out[name]
+            if not isinstance(dst, torch.Tensor) or tuple(dst.shape) != tuple(entry.shape):
+                what = list(dst.shape) if isinstance(dst, torch.Tensor) else type(dst).__name__
+                raise StagerError(ErrorCode.BAD_VALUE, f"{name}: step {self.step} holds shape {list(entry.shape)} "
+                                                       f"(FP8 block-quantized), the tensor to load it into is {what}")
+        plain = {n: t for n, t in out.items() if n not in mine}
+        written = set(super().load_into(plain)) if plain else set()
+        for name, t in self.items(quantized):
+            out[name].copy_(t)
+            written.add(name)
+        return [n for n in self._entries if n in written]
+
+    def _eager_hf(self) -> dict[str, torch.Tensor]:
+        if self._eager is None:  # a whole-dict adapter: converted once, quantized as it comes
+            native = {f: self._native(f) for f in self._source.meta if f not in self._scales()}
+            self._eager = {n: x for name, t in to_hf_items(self._adapter, native.items())
+                           for n, x in self._quantized(name, t, lambda n: True)}
+        return self._eager
