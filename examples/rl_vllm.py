@@ -33,13 +33,14 @@ import torch  # noqa: E402
 # head_dim 32: the smallest head size vLLM's CPU attention supports
 CONFIG = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 160, "hidden_size": 128,
           "intermediate_size": 192, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
-          "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "max_position_embeddings": 128, "tie_word_embeddings": False,
+          "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "max_position_embeddings": 512, "tie_word_embeddings": False,
           "hidden_act": "silu", "torch_dtype": "float32"}
 MODEL_INFO = {"adapter": "llama3", "hf_config": CONFIG}
+# max_model_len 320: room for a prompt of two whole 128-token KV blocks (what vLLM's CPU prefix cache keeps)
 ENGINE_ARGS = {"gpu_memory_utilization": 0.1, "enforce_eager": True, "skip_tokenizer_init": True,
-               "max_model_len": 128, "dtype": "float32"}
+               "max_model_len": 320, "dtype": "float32"}
 PROMPTS = [[3, 14, 15, 92, 65, 35, 89, 79], [2, 71, 82, 81, 82, 84, 59, 4]]
-GROUP, NEW_TOKENS, TARGET = 4, 8, 7  # completions per prompt; the reward counts TARGET tokens
+GROUP, NEW_TOKENS, LOW = 4, 8, 32  # completions per prompt; the reward: the share of tokens below LOW
 
 
 def export_step(endpoint: str, out_dir: str, step: int) -> str:
@@ -156,7 +157,7 @@ def rollout_batch(llm, seed: int) -> list[dict]:
             if len(versions) != 1:
                 raise RuntimeError(f"a completion spans weight versions {sorted(versions)}")
             out.append({"prompt": list(request.prompt_token_ids), "completion": tokens,
-                        "reward": tokens.count(TARGET) / len(tokens), "version": versions.pop()})
+                        "reward": sum(t < LOW for t in tokens) / len(tokens), "version": versions.pop()})
     return out
 
 

@@ -34,7 +34,8 @@ from stager.integrations.vllm import (  # noqa: E402
 from stager.protocol import ErrorCode  # noqa: E402
 
 EXAMPLES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples")
-LONG = [(i * 37 + 5) % rl_vllm.CONFIG["vocab_size"] for i in range(100)]  # a prompt long enough to be cached
+# two whole 128-token KV blocks: what vLLM's prefix cache keeps on CPU (a shorter prompt is never cached)
+LONG = [(i * 37 + 5) % rl_vllm.CONFIG["vocab_size"] for i in range(300)]
 PROMPTS = rl_vllm.PROMPTS + [LONG]
 
 
@@ -259,3 +260,15 @@ def test_follower_keeps_the_engine_within_k_steps(world, short_dir):
             assert follower.sync(min_step=4).step == 4  # the next batch needs step 4 at least
     update(world.llm, 3, endpoint=world.endpoint, init_info={"endpoint": world.endpoint})
     assert_at_reference(world.llm, world.ref3, "3")
+
+
+def test_the_rl_example_keeps_every_rollout_within_k_steps():
+    k, steps = 1, 3
+    done = subprocess.run([sys.executable, os.path.join(EXAMPLES, "rl_vllm.py"), "--steps", str(steps), "--k", str(k)],
+                          capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+    assert [line["batch"] for line in lines] == list(range(1, steps + 1))
+    for line in lines:  # batch b trains step b: its rollouts came from step b-1-k or newer
+        assert line["weight_version"] >= line["batch"] - 1 - k, lines
+    assert lines[-1]["weight_version"] > 0  # the engine followed the trainer
