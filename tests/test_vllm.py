@@ -166,7 +166,14 @@ def test_refused_updates_leave_the_engine_serving_its_version(world, short_dir):
             world.llm.update_weights({"update_info": {"step": 99}})
         assert info.value.code == ErrorCode.NO_VERSION and info.value.previous == 3
         assert_at_reference(world.llm, world.ref3, "3")
-    update(world.llm, 3, endpoint=world.endpoint, init_info={"endpoint": world.endpoint})
+    update(world.llm, 0, endpoint=world.endpoint, init_info={"endpoint": world.endpoint})
+    # a second version in one update is refused, and the first is finished whole, not left half done
+    world.llm.start_weight_update()
+    world.llm.update_weights({"update_info": {"step": 3}})
+    with pytest.raises(UpdateRefused, match="one version per update: this update had loaded step 3"):
+        world.llm.update_weights({"update_info": {"step": 0}})
+    world.llm.update_weight_version("3")
+    assert_at_reference(world.llm, world.ref3, "3")
 
 
 def test_a_partial_update_is_caught_by_verification_and_the_engine_refuses(world):

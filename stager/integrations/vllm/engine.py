@@ -130,8 +130,13 @@ class StagerWeightTransferEngine(WeightTransferEngine[StagerInitInfo, StagerUpda
             raise UpdateRefused(ErrorCode.BAD_VALUE, update_info.step, self.step,
                                 "no update was started: call start_weight_update first")
         if session["snap"] is not None:  # one version per update: a second would mix two
+            first = session["step"]
+            self._session = None  # vLLM ends the update when this raises: complete the first version now
+            self._complete(session)
             raise UpdateRefused(ErrorCode.BAD_VALUE, update_info.step, self.step,
-                                f"this update already loaded step {session['step']}; finish it, then start another")
+                                f"one version per update: this update had loaded step {first}, which is now "
+                                "finished (set the weight version with LLM.update_weight_version); start another "
+                                f"update for step {update_info.step}")
         step: int | str = update_info.step
         try:
             snap = self._lease(step)
@@ -148,11 +153,16 @@ class StagerWeightTransferEngine(WeightTransferEngine[StagerInitInfo, StagerUpda
         except BaseException as exc:
             self._fail(exc, step)
             raise self._typed(exc, step) from exc
+        session["loaded"] = True  # every tensor was taken: only finishing ends this update
 
     def finish_weight_update(self) -> None:
         session, self._session = self._session, None
         if session is None or session["snap"] is None:
             return  # nothing was loaded: the weights are as they were
+        self._complete(session)
+
+    def _complete(self, session: dict) -> None:
+        """Finish the layerwise reload of a fully loaded update: the engine is at its step."""
         step = session["step"]
         try:
             reload.finish(self.model, self.model_config)
@@ -239,8 +249,14 @@ class StagerWeightTransferEngine(WeightTransferEngine[StagerInitInfo, StagerUpda
         return exc if isinstance(exc, UpdateRefused) else UpdateRefused(code, step, self.step, problem)
 
     def _end_session(self) -> None:
+        """End an update vLLM left open: a fully loaded one is finished (any other end would keep
+        old weights beside new ones), one not yet loaded gives the layers their weights back."""
         session, self._session = self._session, None
-        if session is not None and session.get("snap") is not None:
-            if session.get("layers") is not None:
-                reload.restore(self.model)
-            session["snap"].release()
+        if session is None or session.get("snap") is None:
+            return
+        if session.get("loaded"):
+            self._complete(session)
+            return
+        if session.get("layers") is not None:
+            reload.restore(self.model)
+        session["snap"].release()

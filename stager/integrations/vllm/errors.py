@@ -8,6 +8,9 @@ The engine never serves a mix of two versions. An update fails in one of two way
   remote daemon died mid-read, the model's loader refused a tensor). The engine refuses to serve
   (:class:`EngineIncomplete`; a server stays paused) until an update to a complete version.
 
+:class:`WeightMismatch` (verification against a reference engine failed) also makes the driver
+refuse to serve from that engine.
+
 Over HTTP or from a worker process these arrive as text; :func:`classify` types them again from
 the phrases the messages carry.
 """
