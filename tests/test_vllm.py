@@ -33,7 +33,7 @@ from stager.dev.launch import DaemonProcess  # noqa: E402
 from stager.integrations.vllm import (  # noqa: E402
     EngineIncomplete, Follower, UpdateIncomplete, UpdateRefused, WeightMismatch, update,
 )
-from stager.protocol import ErrorCode  # noqa: E402
+from stager.protocol import ErrorCode, StagerError  # noqa: E402
 
 EXAMPLES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples")
 # two whole 128-token KV blocks: what vLLM's prefix cache keeps on CPU (a shorter prompt is never cached)
@@ -165,6 +165,13 @@ def test_refused_updates_leave_the_engine_serving_its_version(world, short_dir):
         with pytest.raises(UpdateRefused) as info:
             world.llm.update_weights({"update_info": {"step": 99}})
         assert info.value.code == ErrorCode.NO_VERSION and info.value.previous == 3
+        world.llm.start_weight_update()
+        with pytest.raises(UpdateRefused, match="give {'step': N}"):
+            world.llm.update_weights({"update_info": {"step": "newest"}})
+        with pytest.raises(StagerError, match="stager init_info: .*unexpected keyword argument 'endpiont'"):
+            world.llm.init_weight_transfer_engine({"init_info": {"endpiont": other.endpoint}})
+        with pytest.raises(StagerError, match="adapter must be a built-in adapter"):  # nothing imported on request
+            world.llm.init_weight_transfer_engine({"init_info": {"adapter": "os:system"}})
         assert_at_reference(world.llm, world.ref3, "3")
     update(world.llm, 0, endpoint=world.endpoint, init_info={"endpoint": world.endpoint})
     # a second version in one update is refused, and the first is finished whole, not left half done

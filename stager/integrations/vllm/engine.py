@@ -119,6 +119,20 @@ class StagerWeightTransferEngine(WeightTransferEngine[StagerInitInfo, StagerUpda
         # the model is left alone until an update's checks pass (update_weights)
         self._session = {"step": None, "snap": None, "layers": None, "tensors": 0, "bytes": 0, "t0": time.monotonic()}
 
+    def parse_init_info(self, init_dict: dict[str, Any]) -> StagerInitInfo:
+        try:
+            return StagerInitInfo(**init_dict)
+        except (TypeError, ValueError) as exc:  # a typed error saying which field, not a bare ValueError
+            raise StagerError(ErrorCode.BAD_VALUE, f"stager init_info: {exc}; fields: "
+                                                   f"{', '.join(f.name for f in dataclasses.fields(StagerInitInfo))}")
+
+    def parse_update_info(self, update_dict: dict[str, Any]) -> StagerUpdateInfo:
+        try:
+            return StagerUpdateInfo(**update_dict)
+        except (TypeError, ValueError) as exc:
+            raise UpdateRefused(ErrorCode.BAD_VALUE, update_dict.get("step") if isinstance(update_dict, dict) else None,
+                                self.step, f"update_info: {exc}; give {{'step': N}} or {{'step': 'latest'}}")
+
     def update_weights(self, update_info: dict[str, Any]) -> None:
         self.receive_weights(self.parse_update_info(update_info))
         if torch.accelerator.is_available():
