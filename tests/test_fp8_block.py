@@ -19,6 +19,7 @@ pytestmark = pytest.mark.fast  # the fast tier: no daemon process, no torch.dist
 
 Fp8Quantize = lazy_import("transformers.integrations.finegrained_fp8", "Fp8Quantize")
 FineGrainedFP8Config = lazy_import("transformers.utils.quantization_config", "FineGrainedFP8Config")
+should_convert_module = lazy_import("transformers.quantizers.quantizers_utils", "should_convert_module")
 
 
 def same(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -174,7 +175,7 @@ def test_the_scope_follows_the_adapter_or_for_hf_named_models_the_model_type(ada
 
 def test_an_existing_fp8_quantization_config_gives_block_and_skips():
     quant = {"quant_method": "fp8", "weight_block_size": [64, 32],
-             "modules_to_not_convert": ["model.layers.1", r"model\.layers\.\d+\.mlp\.down_proj", "v_proj"]}
+             "modules_to_not_convert": ["model.layers.1", "mlp.down_proj", "v_proj"]}
     scope = fp8_scope(None, {"model_type": "llama", "quantization_config": quant})
     assert scope.block == (64, 32)
     assert [n for n, _ in LLAMA_NAMES if scope.quantizes(n)] == [
@@ -195,12 +196,46 @@ def test_an_existing_fp8_quantization_config_gives_block_and_skips():
     ({"weight_block_size": [128]}, "quantization_config.weight_block_size", "two integers"),
     ({"weight_block_size": [128, 0]}, "quantization_config.weight_block_size", "integers from 1"),
     ({"modules_to_not_convert": "lm_head"}, "quantization_config.modules_to_not_convert", "a list of module names"),
-    ({"modules_to_not_convert": ["model.layers.(0"]}, "quantization_config.modules_to_not_convert", "not a valid"),
+    ({"modules_to_not_convert": ["model.layers.(0"]}, "quantization_config.modules_to_not_convert", "not as regexes"),
+    # a catastrophic-backtracking regex: compiled and matched, it ran for minutes on one module name
+    ({"modules_to_not_convert": ["(.*.*)*x"]}, "quantization_config.modules_to_not_convert", "not as regexes"),
+    ({"modules_to_not_convert": [r"model\.layers\.\d+\.mlp"]}, "quantization_config.modules_to_not_convert",
+     "literal module names"),
+    ({"modules_to_not_convert": ["model.layers.2."]}, "quantization_config.modules_to_not_convert",
+     "no dot at either end"),
+    ({"modules_to_not_convert": ["lm_head"] * 4097}, "quantization_config.modules_to_not_convert", "at most 4096,"),
+    ({"modules_to_not_convert": ["m" * 257]}, "quantization_config.modules_to_not_convert", "1 to 256 characters"),
+    ({"modules_to_not_convert": [""]}, "quantization_config.modules_to_not_convert", "1 to 256 characters"),
 ])
 def test_a_wrong_quantization_config_field_is_named(quant, field, text):
     with pytest.raises(HFConfigError) as info:
         fp8_scope(None, {"model_type": "llama", "quantization_config": {"quant_method": "fp8", **quant}})
     assert info.value.field == field and text in info.value.message and info.value.code == ErrorCode.BAD_VALUE
+
+
+SKIP_MODULES = ["model.layers.1", "model.layers.2", "lm_head", "v_proj", "proj", "mlp.gate", "up_proj",
+                "model.layers.3.self_attn.q_proj", "layers.4", "model", "model.layers.5.mlp.gate_proj", "s.6.mlp"]
+MODULES = [f"model.layers.{i}.{m}" for i in (1, 2, 3, 4, 5, 6, 11, 21, 40)
+           for m in ("self_attn.q_proj", "self_attn.v_proj", "mlp.gate", "mlp.gate_proj", "mlp.up_proj", "mlp")]
+MODULES += ["lm_head", "model.embed_tokens", "model.layers.1", "model.layers.11", "model", "x.model"]
+
+
+@pytest.mark.parametrize("skip", [[s] for s in SKIP_MODULES] + [SKIP_MODULES[:3], SKIP_MODULES[4:9]])
+def test_skipped_modules_are_matched_as_transformers_matches_plain_names(skip):
+    """Literal prefixes up to a module boundary, and suffixes: as transformers' should_convert_module (which
+    compiles each entry as a regex; for names without regex characters but '.', the same sets)."""
+    scope = Fp8Scope("llama3", skip=tuple(skip))
+    assert [m for m in MODULES if scope.skipped(m)] == [m for m in MODULES if not should_convert_module(m, skip)]
+
+
+def test_a_long_skip_list_is_matched_in_time_linear_in_the_name():
+    """A bounded list of 4096 names: set look-ups of the name's prefixes and suffixes, not a scan of the list
+    (the check is that it completes; no wall-clock assertion)."""
+    skip = [f"model.layers.{i}.mlp.experts.{j}" for i in range(64) for j in range(64)]
+    scope = fp8_scope(None, {"model_type": "deepseek_v3", "quantization_config": {
+        "quant_method": "fp8", "modules_to_not_convert": skip}})
+    names = [f"model.layers.{i}.mlp.experts.{j}.up_proj.weight" for i in range(70) for j in range(70)]
+    assert sum(scope.quantizes(n) for n in names) == 70 * 70 - 64 * 64
 
 
 def test_an_architecture_without_a_known_fp8_layout_is_refused_by_name():

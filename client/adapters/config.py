@@ -24,8 +24,10 @@ from typing import Any
 
 from stager.protocol import HFConfigError
 from stager.protocol.errors import short_repr
+from stager.protocol.fp8_block import DEFAULT_BLOCK
 
-__all__ = ["DEEPSEEK_V3", "FIX", "Field", "LLAMA3", "LOAD_HF", "MAX_INT", "Rule", "Schema", "check_config"]
+__all__ = ["DEEPSEEK_V3", "FIX", "FP8_QUANTIZATION", "Field", "LLAMA3", "LOAD_HF", "MAX_INT", "Rule", "Schema",
+           "check_config"]
 
 # far above any real model's sizes (hidden 16384, experts 384, layers 128), and low enough that no
 # loop over a size (experts in from_hf) or product of sizes (a tensor's numel) can run away
@@ -168,9 +170,14 @@ DEEPSEEK_V3 = Schema(  # client/adapters/deepseek.py
     ),
 )
 
-LOAD_HF = Schema(  # what load-hf reads of a checkpoint's config.json besides its adapter's fields
+# an FP8 quantization_config's block size: what load-hf reads of a checkpoint's config.json besides its adapter's
+# fields, and what FP8 readers and export-hf read of a staged one (client/adapters/fp8_scope.py). One schema
+FP8_QUANTIZATION = Schema(
     fields={
         "quantization_config": Field(dict, absent="not quantized"),
-        "quantization_config.weight_block_size": Field(list, absent="told from the scales' shapes"),
+        "quantization_config.weight_block_size": Field(
+            list, absent=f"load-hf tells it from the scales' shapes; a new FP8 quantization uses "
+                         f"{list(DEFAULT_BLOCK)}"),
     },
 )
+LOAD_HF = FP8_QUANTIZATION

@@ -16,15 +16,19 @@ config, with the block size and the skip list. Readers (``Subscriber(quantize="f
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
 from collections.abc import Callable
 from typing import Any
 
+import torch
+
 from stager.protocol import HFConfigError
 from stager.protocol.errors import short_repr
+from stager.protocol.fp8_block import DEFAULT_BLOCK
 
 from .base import Prefixed, adapter_error
-from .config import Field, Schema, check_config
+from .config import FP8_QUANTIZATION, check_config
 
 FP8_BLOCK = "fp8-block"  # the quantization a reader or exporter may ask for
 QUANTIZE_CHOICES = (FP8_BLOCK,)
@@ -54,30 +58,47 @@ ARCHITECTURES: dict[str, Callable[[str], bool]] = {
     "llama3": llama_fp8_weight, "qwen3": llama_fp8_weight, "deepseek_v3": deepseek_v3_fp8_weight}
 MODEL_TYPES = {"llama": "llama3", "mistral": "llama3", "qwen2": "qwen3", "qwen3": "qwen3", "deepseek_v3": "deepseek_v3"}
 
-FP8_CONFIG = Schema(fields={  # what is read of an HF config's existing quantization_config (quant_method fp8)
-    "quantization_config": Field(dict, absent="not quantized: 128 x 128 blocks, nothing skipped"),
-    "quantization_config.weight_block_size": Field(list, absent="[128, 128]"),
-})
-_BOUNDARY = r"(?:(?<=\.)|(?=\.|$))"  # transformers' should_convert_module: a pattern ends at a module boundary
-MAX_PATTERN = 256
+# modules_to_not_convert is peer-sent data (the staged hf_config): bounded, and matched as literal names, never
+# compiled as regexes (a pattern such as "(.*.*)*x" backtracks for minutes on a module name)
+MAX_SKIP = 4096  # entries: hub configs name a few modules, or whole layers by prefix
+MAX_SKIP_CHARS = 256
+# a dotted module path, whole components: for such a name, transformers' regex match (where '.' matches any
+# character) and a literal match agree on real module names ("model.layers.2." would also skip layer 21 there)
+_MODULE_NAME = re.compile(r"\w+(\.\w+)*", re.ASCII)
 
 
 @dataclasses.dataclass(frozen=True)
 class Fp8Scope:
     """The FP8 plan of one architecture: ``architecture`` (a built-in adapter name), ``block`` (rows, cols
-    one scale covers) and ``skip`` (modules_to_not_convert: transformers' patterns, kept in high precision)."""
+    one scale covers) and ``skip`` (modules_to_not_convert: module names kept in high precision)."""
 
     architecture: str
-    block: tuple[int, int] = (128, 128)
+    block: tuple[int, int] = DEFAULT_BLOCK
     skip: tuple[str, ...] = ()
 
-    def quantizes(self, name: str) -> bool:
-        """Whether HF weight ``name`` is stored as e4m3 + ``weight_scale_inv``."""
-        if not ARCHITECTURES[self.architecture](name):
+    @functools.cached_property
+    def _skip(self) -> frozenset[str]:
+        return frozenset(self.skip)
+
+    def skipped(self, module: str) -> bool:
+        """Whether ``module`` is one ``skip`` keeps in high precision, as transformers' ``should_convert_module``
+        (5.23) matches a plain name: a prefix ending at a module boundary ("model.layers.1" is
+        "model.layers.1.mlp", not "model.layers.11.mlp"), or a suffix ("v_proj", and "proj" too). Set look-ups of
+        the module's own prefixes and suffixes: linear in the name, whatever the list's size."""
+        if not self._skip:
             return False
-        module = name.removesuffix(".weight")
-        # as transformers matches them: a regex from the start, up to a module boundary, or a suffix
-        return not any(re.match(rf"(?:{key}){_BOUNDARY}", module) or module.endswith(key) for key in self.skip)
+        prefixes = (module[:i] for i, c in enumerate(module) if c == ".")
+        return any(p in self._skip for p in prefixes) or any(module[i:] in self._skip for i in range(len(module)))
+
+    def quantizes(self, name: str) -> bool:
+        """Whether HF weight ``name`` is stored as e4m3 + ``weight_scale_inv`` (the architecture's rule, less
+        what ``skip`` names)."""
+        return ARCHITECTURES[self.architecture](name) and not self.skipped(name.removesuffix(".weight"))
+
+    def eligible(self, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> bool:
+        """Whether the tensor ``name`` of ``shape`` and ``dtype`` is quantized: a 2-D high-precision float weight
+        that :meth:`quantizes` names. The one test readers and export-hf apply, so both give the same bytes."""
+        return len(shape) == 2 and dtype.is_floating_point and dtype.itemsize > 1 and self.quantizes(name)
 
     def quantization_config(self) -> dict:
         """The ``quantization_config`` of config.json: what transformers' FineGrainedFP8Config and vLLM read."""
@@ -108,20 +129,22 @@ def _architecture(adapter: Any, config: dict) -> str:
                         f"an HF config whose model_type is one of {', '.join(sorted(MODEL_TYPES))}")
 
 
-def _skip_patterns(quant: dict) -> tuple[str, ...]:
+def _skip_modules(quant: dict) -> tuple[str, ...]:
     field = "quantization_config.modules_to_not_convert"
     value = quant.get("modules_to_not_convert")
     if value is None:
         return ()
-    if not isinstance(value, list) or not all(isinstance(p, str) and 0 < len(p) <= MAX_PATTERN for p in value):
+    if not isinstance(value, list) or len(value) > MAX_SKIP or \
+            not all(isinstance(p, str) and 0 < len(p) <= MAX_SKIP_CHARS for p in value):
         raise HFConfigError(field, f"hf_config.{field} = {short_repr(value)}: FP8 quantization expects a list of "
-                                   f"module names or patterns (strings of 1 to {MAX_PATTERN} characters), or null")
-    for pattern in value:
-        try:
-            re.compile(pattern)
-        except re.error as exc:
-            raise HFConfigError(field, f"hf_config.{field} holds {pattern!r}, not a valid pattern ({exc}); "
-                                       "escape regex characters, or name the module") from None
+                                   f"module names (at most {MAX_SKIP}, strings of 1 to {MAX_SKIP_CHARS} "
+                                   "characters), or null")
+    for entry in value:
+        if not _MODULE_NAME.fullmatch(entry):
+            raise HFConfigError(field, f"hf_config.{field} holds {short_repr(entry)}: stager matches these entries as "
+                                       "literal module names (a prefix up to a '.', or a suffix), not as regexes; "
+                                       "list the modules by their dotted names (letters, digits and '_' between "
+                                       "single dots, no dot at either end), e.g. 'model.layers.0.mlp' or 'lm_head'")
     return tuple(dict.fromkeys(value))
 
 
@@ -129,16 +152,17 @@ def fp8_scope(adapter: Any, hf_config: dict | None) -> Fp8Scope:
     """The FP8 plan for a version read or exported through ``adapter`` with ``hf_config``: the architecture's
     rule, and, when the config already says ``quant_method: fp8`` (a checkpoint loaded with load-hf), its
     ``weight_block_size`` and ``modules_to_not_convert``; else 128 x 128 blocks and nothing skipped beyond the
-    rule. A wrong field is an :class:`~stager.protocol.HFConfigError` naming it, before any tensor is read."""
+    rule (:data:`~stager.protocol.fp8_block.DEFAULT_BLOCK`). A wrong field is an
+    :class:`~stager.protocol.HFConfigError` naming it, before any tensor is read."""
     config = hf_config if isinstance(hf_config, dict) else {}
     architecture = _architecture(adapter, config)
     quant = config.get("quantization_config")
     if not isinstance(quant, dict) or quant.get("quant_method") != "fp8":
         return Fp8Scope(architecture)  # another method's fields mean something else: FP8 replaces it
-    values = check_config("FP8 block quantization", FP8_CONFIG, config)
-    block = values["quantization_config.weight_block_size"] or [128, 128]
+    values = check_config("FP8 block quantization", FP8_QUANTIZATION, config)
+    block = values["quantization_config.weight_block_size"] or list(DEFAULT_BLOCK)
     if len(block) != 2:
         raise HFConfigError("quantization_config.weight_block_size",
                             f"hf_config.quantization_config.weight_block_size = {short_repr(block)}: FP8 block "
-                            "quantization expects two integers (rows, columns), e.g. [128, 128]")
-    return Fp8Scope(architecture, (block[0], block[1]), _skip_patterns(quant))
+                            f"quantization expects two integers (rows, columns), e.g. {list(DEFAULT_BLOCK)}")
+    return Fp8Scope(architecture, (block[0], block[1]), _skip_modules(quant))

@@ -190,7 +190,7 @@ def _plan_fp8(plan: list[HFTensor], want: list[torch.dtype], scope, quant: dict[
     holds both, and the exporter keeps one tensor's quantization at a time); ``quant`` gets their names."""
     out, dtypes, partial = [], [], []  # partial: (name, shape) of weights with edge blocks
     for p, dt in zip(plan, want):
-        if not (len(p.shape) == 2 and p.dtype.is_floating_point and p.dtype.itemsize > 1 and scope.quantizes(p.name)):
+        if not scope.eligible(p.name, p.shape, p.dtype):
             out.append(p)
             dtypes.append(dt)
             continue
