@@ -88,6 +88,28 @@ def test_a_reader_gets_vllms_block_quantization_of_the_weights_fp8_checkpoints_q
         assert list(snap) == [k + "_scale_inv"] and same(snap[k + "_scale_inv"], got[k + "_scale_inv"])
 
 
+def test_load_into_refuses_a_destination_of_another_dtype_than_e4m3_weights_and_fp32_scales(make_daemon):
+    """copy_ would cast: e4m3 values stored unscaled in a bf16 parameter, scales rounded to bf16. Every quantized
+    name's dtype is checked with the shapes, before any tensor (a plain one included) is written."""
+    d = make_daemon()
+    stage(d.endpoint, PARTIAL)
+    k = "model.layers.1.self_attn.k_proj.weight"
+    with Subscriber(d.endpoint, view="hf", quantize="fp8-block", dtype=torch.bfloat16) as sub, sub.latest() as snap:
+        norm = torch.full(snap.meta("model.norm.weight")[0], 7.0, dtype=torch.bfloat16)
+        for name, dtype, wrong in ((k, E4M3, torch.bfloat16), (k + "_scale_inv", torch.float32, torch.bfloat16),
+                                   (k + "_scale_inv", torch.float32, E4M3)):
+            dst = torch.full(snap.meta(name)[0], 7.0, dtype=wrong)
+            with pytest.raises(StagerError) as info:
+                snap.load_into({"model.norm.weight": norm, name: dst})
+            assert info.value.code == ErrorCode.BAD_VALUE
+            assert name in info.value.message and f"as {dtype}" in info.value.message
+            assert f"load it into is {wrong}" in info.value.message
+            assert (dst.float() == 7).all() and (norm == 7).all()  # nothing written
+        good = {k: torch.empty((80, 160), dtype=E4M3), k + "_scale_inv": torch.empty((1, 2))}
+        assert snap.load_into(good) == [k, k + "_scale_inv"]
+        assert same(good[k], snap[k]) and same(good[k + "_scale_inv"], snap[k + "_scale_inv"])
+
+
 def test_fp8_read_options_are_checked_and_a_version_without_a_known_layout_is_a_typed_error(make_daemon):
     d = make_daemon()
     with pytest.raises(ValueError, match="view='hf'"):

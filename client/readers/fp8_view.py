@@ -53,7 +53,7 @@ def fp8_entries(entries: dict[str, ViewEntry], scope: Fp8Scope) -> tuple[dict[st
     out: dict[str, ViewEntry] = {}
     quantized: dict[str, str] = {}
     for name, e in entries.items():
-        if len(e.shape) == 2 and e.dtype.is_floating_point and e.dtype.itemsize > 1 and scope.quantizes(name):
+        if scope.eligible(name, e.shape, e.dtype):
             scale = scale_name(name)
             if scale in entries:
                 raise StagerError(ErrorCode.BAD_VALUE, f"{name}: the version already holds a tensor named {scale}, "
@@ -107,9 +107,11 @@ class Fp8Snapshot(Snapshot):
 
     def load_into(self, out: Mapping[str, torch.Tensor]) -> list[str]:
         """:meth:`Snapshot.load_into`; quantized weights and their scales are quantized, then copied (an
-        engine's e4m3 parameters and fp32 scales). Every shape is checked before any byte is written."""
-        mine = {w for w in self.fp8} | set(self.fp8.values())
-        quantized = [n for n in out if n in mine]
+        engine's e4m3 parameters and fp32 scales). Every shape, and the dtype of every quantized weight and
+        scale, is checked before any byte is written: ``copy_`` would cast e4m3 values into a bf16 parameter
+        without their scales."""
+        scales = set(self.fp8.values())
+        quantized = [n for n in out if n in self.fp8 or n in scales]
         if not quantized:
             return super().load_into(out)
         for name in quantized:
@@ -118,7 +120,13 @@ class Fp8Snapshot(Snapshot):
                 what = list(dst.shape) if isinstance(dst, torch.Tensor) else type(dst).__name__
                 raise StagerError(ErrorCode.BAD_VALUE, f"{name}: step {self.step} holds shape {list(entry.shape)} "
                                                        f"(FP8 block-quantized), the tensor to load it into is {what}")
-        plain = {n: t for n, t in out.items() if n not in mine}
+            if dst.dtype != entry.dtype:
+                what = "its FP8 block scales" if name in scales else "an FP8 block-quantized weight"
+                raise StagerError(ErrorCode.BAD_VALUE, f"{name}: step {self.step} holds {what} as {entry.dtype}, the "
+                                                       f"tensor to load it into is {dst.dtype}; load it into a "
+                                                       f"{entry.dtype} tensor (an engine's FP8 parameter), or read "
+                                                       "without quantize='fp8-block' for high-precision weights")
+        plain = {n: t for n, t in out.items() if n not in self.fp8 and n not in scales}
         written = set(super().load_into(plain)) if plain else set()
         for name, t in self.items(quantized):
             out[name].copy_(t)
