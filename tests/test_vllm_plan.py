@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import tomllib
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -15,6 +16,7 @@ from safetensors.torch import save_file
 from stager.integrations.vllm import plan
 from stager.integrations.vllm.errors import UpdateIncomplete, UpdateRefused, classify
 from stager.integrations.vllm.handles import handle
+from stager.integrations.vllm.init_info import MAX_NAMES, check_init_info
 from stager.protocol import ErrorCode, StagerError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -101,3 +103,32 @@ def test_the_plugin_is_declared_and_inert_without_vllm():
             "print(sorted(m for m in sys.modules if m.startswith('vllm.')))")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and done.stdout.strip() == "[]", done.stderr
+
+
+INIT_INFO = {"endpoint": None, "auth_dir": None, "adapter": None, "hf_config": None, "prefix": None, "names": None,
+             "remote": None, "timeout": 30.0}  # StagerInitInfo's defaults (engine.py imports vLLM)
+
+
+@pytest.mark.parametrize("fields, said", [
+    ({"names": ["model.norm.weight", 1]}, "init_info names[1] = 1 (int): names must be a list of HF tensor names"),
+    ({"names": [["model.norm.weight"]]}, "init_info names[0] = ['model.norm.weight'] (list)"),  # set(names) raised a bare TypeError
+    ({"names": [""]}, "init_info names[0] = '' (0 characters)"),
+    ({"names": ["x" * 1025]}, "(1025 characters)"),
+    ({"names": ["x"] * (MAX_NAMES + 1)}, f"more than {MAX_NAMES}"),
+    ({"names": "model.norm.weight"}, "init_info names must be a list, not str"),
+    ({"adapter": "os:system"}, "adapter must be a built-in adapter"),
+    ({"timeout": True}, "timeout must be a positive number"), ({"timeout": float("nan")}, "timeout must be"),
+    ({"timeout": float("inf")}, "timeout must be"), ({"timeout": 0}, "timeout must be"),
+])
+def test_a_wrong_init_info_field_is_named(fields, said):
+    """ValueError naming the field: the engine's parse_init_info makes it a typed bad_value error
+    (tests/test_vllm.py checks that through a real engine)."""
+    with pytest.raises(ValueError) as info:
+        check_init_info(SimpleNamespace(**{**INIT_INFO, **fields}))
+    assert said in str(info.value), str(info.value)
+
+
+def test_a_right_init_info_passes():
+    check_init_info(SimpleNamespace(**INIT_INFO))
+    check_init_info(SimpleNamespace(**{**INIT_INFO, "names": ["model.norm.weight"], "adapter": "llama3",
+                                       "timeout": 5, "remote": True, "hf_config": {}}))

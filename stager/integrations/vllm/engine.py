@@ -26,15 +26,14 @@ from vllm.distributed.weight_transfer.base import (
 )
 
 from stager.client import Subscriber
-from stager.client.adapters import BUILT_IN
 from stager.protocol import ErrorCode, StagerError
+from stager.protocol.endpoint import AUTH_ENV
 
 from . import plan, reload
 from .errors import UpdateIncomplete, UpdateRefused
+from .init_info import check_init_info
 
 log = logging.getLogger("stager.integrations.vllm")
-
-AUTH_ENV = "STAGER_AUTH_DIR"
 
 
 @dataclasses.dataclass
@@ -58,17 +57,7 @@ class StagerInitInfo(WeightTransferInitInfo):
     timeout: float = 30.0
 
     def __post_init__(self) -> None:
-        # init_info may come over HTTP: only data, never a module to import or a path to read
-        if self.adapter is not None and self.adapter not in BUILT_IN:
-            raise ValueError(f"init_info adapter must be a built-in adapter ({', '.join(sorted(BUILT_IN))}), "
-                             f"not {self.adapter!r}; plug-in adapters are not loaded from a request")
-        for key, kind in (("endpoint", str), ("auth_dir", str), ("prefix", str), ("hf_config", dict),
-                          ("names", list), ("remote", bool)):
-            value = getattr(self, key)
-            if value is not None and not isinstance(value, kind):
-                raise ValueError(f"init_info {key} must be a {kind.__name__}, not {type(value).__name__}")
-        if not isinstance(self.timeout, (int, float)) or self.timeout <= 0:
-            raise ValueError(f"init_info timeout must be a positive number of seconds, not {self.timeout!r}")
+        check_init_info(self)  # init_info may come over HTTP: only data, each field checked (.init_info)
 
 
 @dataclasses.dataclass
