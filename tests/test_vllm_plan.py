@@ -111,7 +111,8 @@ INIT_INFO = {"endpoint": None, "auth_dir": None, "adapter": None, "hf_config": N
 
 @pytest.mark.parametrize("fields, said", [
     ({"names": ["model.norm.weight", 1]}, "init_info names[1] = 1 (int): names must be a list of HF tensor names"),
-    ({"names": [["model.norm.weight"]]}, "init_info names[0] = ['model.norm.weight'] (list)"),  # set(names) raised a bare TypeError
+    # before: set(names) raised a bare TypeError in init_transfer_engine
+    ({"names": [["model.norm.weight"]]}, "init_info names[0] = ['model.norm.weight'] (list)"),
     ({"names": [""]}, "init_info names[0] = '' (0 characters)"),
     ({"names": ["x" * 1025]}, "(1025 characters)"),
     ({"names": ["x"] * (MAX_NAMES + 1)}, f"more than {MAX_NAMES}"),
