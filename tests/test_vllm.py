@@ -172,8 +172,8 @@ def test_refused_updates_leave_the_engine_serving_its_version(world, short_dir):
             world.llm.init_weight_transfer_engine({"init_info": {"endpiont": other.endpoint}})
         with pytest.raises(StagerError, match="adapter must be a built-in adapter"):  # nothing imported on request
             world.llm.init_weight_transfer_engine({"init_info": {"adapter": "os:system"}})
-        with pytest.raises(StagerError, match=r"stager init_info: init_info names\[1\] = 1 \(int\)"):
-            world.llm.init_weight_transfer_engine({"init_info": {"names": ["model.norm.weight", 1]}})
+        with pytest.raises(StagerError, match=r"stager init_info: init_info names\[1\] = \['x'\] \(list\)"):
+            world.llm.init_weight_transfer_engine({"init_info": {"names": ["model.norm.weight", ["x"]]}})
         assert_at_reference(world.llm, world.ref3, "3")
     update(world.llm, 0, endpoint=world.endpoint, init_info={"endpoint": world.endpoint})
     # a second version in one update is refused, and the first is finished whole, not left half done
