@@ -177,8 +177,8 @@ def _rollout(endpoint: str, out_dir: str, final_step: int, ready: Any) -> None:
         json.dump(records, f)
 
 
-class _Finished(Exception):
-    pass
+class _Finished(BaseException):
+    """Ends a demo writer's follow loop: a stop, not a failure (for_each_version goes on after any Exception)."""
 
 
 class _Follower(threading.Thread):
