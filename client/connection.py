@@ -325,6 +325,16 @@ class Connection:
                 "(or set STAGER_ENDPOINT to where it runs)")
 
     @_owned
+    def poll(self, timeout_ms: int) -> bool:
+        """Wait up to ``timeout_ms`` for something to read (True), under the lock as every use of the socket."""
+        try:
+            return bool(self.sock.poll(timeout_ms))
+        except zmq.ZMQError as exc:
+            if exc.errno != errno.EINTR:  # a signal interrupted the wait: the caller looks again
+                raise
+            return False
+
+    @_owned
     def recv(self, timeout: float) -> Message | None:
         end = time.monotonic() + max(timeout, 0)
         while True:

@@ -37,24 +37,31 @@ class Heartbeats:
     """The process's heartbeat thread and the connections it keeps alive (held weakly)."""
 
     def __init__(self) -> None:
-        self._conns: weakref.WeakSet = weakref.WeakSet()
-        self._lock = threading.Lock()
+        # id -> weak reference; a plain dict (not a WeakSet): copied and changed in single C-level
+        # steps, so a connection closed by a garbage-collection finalizer while another is added or
+        # the set is copied (even in the same thread) neither deadlocks nor breaks that iteration
+        self._conns: dict[int, weakref.ref] = {}
+        self._lock = threading.Lock()  # only add(): one thread started
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
 
     def add(self, conn) -> None:
         """Keep ``conn`` alive: ``conn.heartbeat_due()`` says when (monotonic time, inf: never), and
         ``conn.beat_if_free()`` sends one unless its owner holds it, and says when the next is due."""
+        key = id(conn)  # not reused before the weak reference's callback ran
+        ref = weakref.ref(conn, lambda _ref: self._conns.get(key) is _ref and self._conns.pop(key, None))
         with self._lock:
-            self._conns.add(conn)
+            self._conns[key] = ref
             if self._thread is None or not self._thread.is_alive():
                 self._thread = threading.Thread(target=self._run, name="stager-heartbeats", daemon=True)
                 self._thread.start()
         self._wake.set()
 
     def discard(self, conn) -> None:
-        with self._lock:
-            self._conns.discard(conn)
+        # no lock: Connection.close() runs from weakref.finalize, which garbage collection may fire
+        # inside add() or _beat_all() in this very thread, with any lock of theirs held (a plain
+        # Lock taken here again would deadlock); one dict operation is atomic under the GIL
+        self._conns.pop(id(conn), None)
 
     def _run(self) -> None:
         while True:
@@ -68,10 +75,12 @@ class Heartbeats:
 
     def _beat_all(self) -> float:
         """Beat every connection that is due; returns when the next one is due (inf: none kept)."""
-        with self._lock:
-            conns = list(self._conns)
+        refs = list(self._conns.values())  # one C-level copy: nothing runs in between
         wake = math.inf
-        for conn in conns:
+        for ref in refs:
+            conn = ref()
+            if conn is None:
+                continue
             due = conn.heartbeat_due()
             if due <= time.monotonic():
                 due = conn.beat_if_free()  # when the next one is due (or worth another try)

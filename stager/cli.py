@@ -78,8 +78,18 @@ def _run_writer(args: argparse.Namespace, command: str, key: str, write, fields=
         print(f"stager {command}: {exc}", file=sys.stderr)
         return 2
     try:
-        write(args.out, endpoint=args.endpoint, step=args.step, follow=args.follow, every=args.every,
-              keep=args.keep, on_written=printed, on_report=metrics.observe, **options)
+        return _one_line_failures(command, lambda: write(
+            args.out, endpoint=args.endpoint, step=args.step, follow=args.follow, every=args.every, keep=args.keep,
+            on_written=printed, on_report=metrics.observe, **options)) or 0
+    finally:
+        metrics.close()
+
+
+def _one_line_failures(command: str, run) -> int | None:
+    """Run a writer's ``run()``; a failure of any kind is one line on stderr and its exit status
+    (None: it succeeded). Shared by the single and the --distributed writers."""
+    try:
+        run()
     except KeyboardInterrupt:
         return 130
     except (StagerError, ValueError, OSError) as exc:
@@ -92,9 +102,7 @@ def _run_writer(args: argparse.Namespace, command: str, key: str, write, fields=
         print(f"stager {command}: {failure_cause(exc)} (unexpected: --log-level DEBUG shows where; please "
               "report it)", file=sys.stderr)
         return 1
-    finally:
-        metrics.close()
-    return 0
+    return None
 
 
 def _export_hf(args: argparse.Namespace) -> int:
@@ -116,8 +124,8 @@ def _export_hf(args: argparse.Namespace) -> int:
     if args.distributed:
         from stager.consumers.export_hf_dist import export_hf_distributed
 
-        return _distributed(args, "export-hf", "on_export", export_hf_distributed, hf_assets=args.hf_assets,
-                            **options)
+        return _distributed(args, "export-hf", "exported", "on_export", export_hf_distributed,
+                            hf_assets=args.hf_assets, **options)
     reports: dict[str, dict] = {}
     return _run_writer(args, "export-hf", "exported", export_hf, fields=lambda path: reports.get(path, {}),
                        on_export=lambda r: reports.__setitem__(r["exported"], r), hf_assets=args.hf_assets,
@@ -131,13 +139,13 @@ def _write_dcp(args: argparse.Namespace) -> int:
     if args.distributed:
         from stager.consumers.write_dcp_dist import write_dcp_distributed
 
-        return _distributed(args, "write-dcp", "on_write", write_dcp_distributed)
+        return _distributed(args, "write-dcp", "written", "on_write", write_dcp_distributed)
     reports: dict[str, dict] = {}
     return _run_writer(args, "write-dcp", "written", write_dcp, fields=lambda path: reports.get(path, {}),
                        on_write=lambda r: reports.__setitem__(r["written"], r))
 
 
-def _distributed(args: argparse.Namespace, command: str, callback: str, write, **options) -> int:
+def _distributed(args: argparse.Namespace, command: str, key: str, callback: str, write, **options) -> int:
     """One writer per node (``--distributed``): one step, written together. --json prints this
     writer's report (``write(..., callback=...)`` gives it): a single writer's keys, its own share
     of bytes and files, and writer, writers, node, published."""
@@ -146,14 +154,13 @@ def _distributed(args: argparse.Namespace, command: str, callback: str, write, *
               "run it again for the next", file=sys.stderr)
         return 2
     reports: list[dict] = []
-    try:
-        path = write(args.out, endpoint=args.endpoint, step=args.step, **{callback: reports.append}, **options)
-    except KeyboardInterrupt:
-        return 130
-    except (StagerError, ValueError, OSError) as exc:
-        print(f"stager {command}: {exc}", file=sys.stderr)
-        return 1
-    print(json.dumps(reports[-1]) if args.json else path, flush=True)
+    paths: list[str] = []
+    failed = _one_line_failures(command, lambda: paths.append(
+        write(args.out, endpoint=args.endpoint, step=args.step, **{callback: reports.append}, **options)))
+    if failed is not None:
+        return failed
+    report = reports[-1] if reports else {key: paths[-1]}  # a writer that returned without reporting
+    print(json.dumps(report) if args.json else paths[-1], flush=True)
     return 0
 
 

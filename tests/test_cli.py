@@ -180,3 +180,31 @@ def test_curve_authenticated_tcp(curve_keys, monkeypatch):
             c.stage({"w": torch.ones(5)}, step=1).wait(10)
         with Subscriber(endpoint) as sub, sub.latest() as snap:
             assert torch.equal(snap["w"], torch.ones(5))
+
+
+@pytest.mark.parametrize("command,module,name", [
+    ("write-dcp", "stager.consumers.write_dcp_dist", "write_dcp_distributed"),
+    ("export-hf", "stager.consumers.export_hf_dist", "export_hf_distributed"),
+])
+def test_a_distributed_writer_fails_in_one_line_and_prints_its_path_without_a_report(command, module, name,
+                                                                                   tmp_path, monkeypatch, capsys):
+    """--distributed shares the single writer's failure path: a bug is one line and exit 1, never a
+    traceback; a writer that returned without reporting still prints its path (a stand-in writer:
+    what is tested is the command's handling of what the writer did)."""
+    import importlib
+
+    from stager.cli import main
+
+    def buggy(out_dir, **kw):
+        raise KeyError("head_dim")
+
+    monkeypatch.setattr(importlib.import_module(module), name, buggy)
+    assert main([command, "--distributed", "--out", str(tmp_path), "--json"]) == 1
+    err = capsys.readouterr().err
+    assert f"stager {command}: KeyError: 'head_dim' (unexpected" in err and "Traceback" not in err, err
+    assert len(err.strip().splitlines()) == 1, err
+
+    monkeypatch.setattr(importlib.import_module(module), name, lambda out_dir, **kw: str(tmp_path / "step_5"))
+    assert main([command, "--distributed", "--out", str(tmp_path), "--json"]) == 0
+    key = "written" if command == "write-dcp" else "exported"
+    assert json.loads(capsys.readouterr().out) == {key: str(tmp_path / "step_5")}

@@ -15,7 +15,7 @@ from stager.client.hook.copier import CopyEngine
 from stager.client.hook.handle import StageHandle
 from stager.client.hook.planner import Plan, Planner
 from stager.client.hook.replies import SEAL_PING_S, SealTracker
-from stager.client.hook.sender import Sender
+from stager.client.hook.sender import PLAN_ACK_S_PER_ENTRY, Sender
 from stager.client.hook.writer import SegmentWriter
 from stager.protocol import (
     Begin, BeginReply, Commit, ErrorCode, ErrorReply, HelloReply, Ok, Ping, Pong, Put, RemoteError, Sealed,
@@ -241,6 +241,7 @@ class FakeConn:
         self.requests, self.sent, self.hellos, self.resets = [], [], 0, 0
         self.send_error: StagerError | None = None
         self._id = 0
+        self.ack_timeout, self.acks = 1.0, []  # the connection's ack timeout; each request's own
 
     def hello(self, timeout):
         self.hellos += 1
@@ -249,6 +250,7 @@ class FakeConn:
 
     def request(self, msg, timeout, ack_timeout=None):
         self.requests.append(msg)
+        self.acks.append(ack_timeout)
         msg.sent_bytes = [bytes(f) for f in msg.frames]  # frames as the socket would read them now
         answer = self.replies.pop(0)
         if isinstance(answer, Exception):
@@ -297,6 +299,8 @@ def test_begin_sends_the_plan_once_per_session():
     sender.begin(2, PLAN, "d1", True)
     assert [m.plan for m in conn.requests] == [tuple(PLAN), None]
     assert all(isinstance(m, Begin) and m.digest == "d1" for m in conn.requests)
+    # the daemon decodes and lays out a plan before it can acknowledge anything: more time per entry
+    assert conn.acks == [1.0 + len(PLAN) * PLAN_ACK_S_PER_ENTRY, 1.0]
 
 
 @pytest.mark.parametrize("first,hellos", [

@@ -183,6 +183,29 @@ def test_the_ack_timeout_comes_from_the_environment(endpoint, daemons, monkeypat
         assert handle.skipped and "within 0.3s of begin of step 2" in handle.error.message, handle.error
 
 
+def test_a_begin_carrying_a_large_plan_is_given_time_to_be_acknowledged(endpoint, daemons):
+    """The begin of a new layout carries the whole plan, which the daemon decodes and lays out before
+    it can answer anything (0.75 s per 1e4 entries measured on a loaded 2-core host): a daemon
+    only busy with that is not hung, and the step seals instead of being skipped."""
+    daemons(endpoint, "--memory-limit", "64MiB")
+    with _client(endpoint, ack_timeout=0.05) as client:
+        step, warm = 1, None
+        while warm is None:  # the connection and its hello, on a loaded host: once one small step sealed
+            assert step < 100, "no small step sealed with ack_timeout 0.05 s"
+            handle = client.stage({"warm": torch.zeros(4)}, step=step)
+            if handle.wait_copied(RETURNED):
+                warm = handle.wait(60)
+            step += 1
+        skipped = client.stats["skipped"]
+        # a new layout: 20000 entries, its begin takes the daemon far longer than 0.05 s (about 1.5 s here)
+        sd = {f"layers.{i}.w": torch.full((2,), float(i)) for i in range(20000)}
+        handle = client.stage(sd, step=step)
+        assert handle.wait_copied(120) and not handle.skipped, handle.error
+        assert handle.wait(120)["step"] == step and client.stats["skipped"] == skipped
+    with Subscriber(endpoint) as sub, sub.latest() as snap:
+        assert snap.step == step and torch.equal(snap["layers.19999.w"], torch.full((2,), 19999.0))
+
+
 def test_a_daemon_waiting_for_memory_is_alive_and_the_step_is_not_lost(endpoint, daemons):
     """The daemon acknowledges the begin at once but holds the reply for memory (back-pressure), far
     longer than the ack timeout: the client keeps waiting and the step seals once memory is free."""

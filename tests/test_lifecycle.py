@@ -182,6 +182,31 @@ def test_second_daemon_names_the_running_one(short_dir):
         assert daemon_status(endpoint)["pid"] == first.pid  # the first keeps serving
 
 
+
+def test_a_resource_that_fails_to_close_does_not_keep_the_others(short_dir, caplog):
+    """Resources.close gives back each resource whatever the others do: a metrics server whose
+    close fails (logged) still leaves the socket, its file, the context and the lock given back."""
+    from stager.daemon.config import DaemonConfig
+    from stager.daemon.resources import Resources
+
+    class BrokenMetrics:
+        url = None
+
+        def close(self):
+            raise RuntimeError("the metrics server would not stop")
+
+    endpoint = f"ipc://{short_dir}/res.sock"
+    names = iter(range(1 << 20))
+    config = DaemonConfig(endpoint=endpoint, memory_limit=1 << 20)
+    res = Resources.open(config, lambda: f"stager-test-res-{os.getpid()}-{next(names)}")
+    sock, ctx = res.sock, res.ctx
+    res.metrics = BrokenMetrics()
+    res.close()  # logged, not raised: a daemon's close goes on
+    assert "closing the metrics server failed" in caplog.text
+    assert sock.closed and ctx.closed and not os.path.exists(f"{short_dir}/res.sock")
+    Resources.open(config, lambda: f"stager-test-res-{os.getpid()}-{next(names)}").close()  # the lock is free
+
+
 @pytest.mark.parametrize("msg, fields", [
     ("sealed step 12 (1.0 MiB, 3 tensors)", {"step": 12}),
     ("trainer 1 (pid 4242) dropped: process exited", {"rank": 1, "peer": "trainer 1 pid 4242"}),

@@ -10,6 +10,7 @@ import hashlib
 import json
 import os
 import select
+import signal
 import subprocess
 import sys
 import threading
@@ -195,3 +196,59 @@ def test_a_reader_whose_session_ended_is_told_why_and_subscribes_again(make_daem
     finally:
         beating.set()
         sub.close()
+
+
+def test_a_daemon_stopped_longer_than_the_peer_timeout_keeps_its_remote_readers(keys, monkeypatch):
+    """The daemon's own stall (SIGSTOP: the hung-daemon case) is not its readers' silence. What a
+    reader sent meanwhile may still sit in kernel buffers when the daemon resumes (ZeroMQ's I/O
+    thread was stopped too), and whether the daemon reads it before its first housekeeping is a
+    race; here the reader's heartbeats of the stall are held back until the daemon has run
+    several housekeeping ticks after resuming, which makes that race's losing side certain."""
+    peer_timeout, stopped = 1.5, 4.5
+    monkeypatch.setenv("STAGER_AUTH_DIR", keys)  # CURVE over tcp, as across real hosts
+    args = ("--memory-limit", "64MiB", "--peer-timeout", str(peer_timeout))
+    with SimulatedCluster(1, args=args, auth_dir=keys) as cluster:
+        daemon, endpoint = cluster.daemons[0], cluster.endpoints[0]
+        monkeypatch.setenv("STAGER_HOST_ID", "node-0")  # the trainer beside its daemon
+        with StagingClient(endpoint, rank=0, local_world_size=1, world_size=1, strict=True) as c:
+            c.stage({"model": scaled(full_tensors(), 3)}, step=3).wait(60)
+        beating = threading.Event()
+        beating.set()
+        beat = Connection._beat
+
+        def held_beat(self):  # while held: not sent, and tried again a tenth of the interval later
+            if beating.is_set():
+                beat(self)
+            elif self.keepalive_s is not None:
+                self._last_sent = time.monotonic() - self.keepalive_s * 0.9
+
+        monkeypatch.setattr(Connection, "_beat", held_beat)
+        monkeypatch.setenv("STAGER_HOST_ID", "reader-host")  # on no daemon's host
+        sub = Subscriber(endpoint, timeout=30)
+        monkeypatch.delenv("STAGER_HOST_ID")
+        try:
+            snap = sub.wait_for_newer(None, timeout=60)  # leased and subscribed
+            status = daemon_status(endpoint)
+            asked = time.monotonic()
+            assert (status["leases"], status["subscribers"]) == (1, 1)
+            beating.clear()
+            os.kill(daemon.pid, signal.SIGSTOP)
+            try:
+                time.sleep(stopped)  # creates the stopped condition; the proof is the lease below
+            finally:
+                os.kill(daemon.pid, signal.SIGCONT)
+            # the daemon's uptime when it resumed (one host, one monotonic clock), then 3 ticks of its own
+            resumed = status["uptime_s"] + time.monotonic() - asked
+            status = wait_until(lambda: (s := daemon_status(endpoint))["uptime_s"] > resumed + 0.6 and s, timeout=60)
+            beating.set()
+            assert (status["leases"], status["subscribers"]) == (1, 1), "the daemon's stall ended a live reader"
+            end = time.monotonic() + 2 * peer_timeout
+            while time.monotonic() < end:  # heard again in time: the session goes on
+                status = daemon_status(endpoint)
+                assert (status["leases"], status["subscribers"]) == (1, 1)
+            expected = {f"model.{k}": _digest(v) for k, v in scaled(full_tensors(), 3).items()}
+            assert {name: _digest(snap[name]) for name in snap} == expected  # bit for bit, on the same lease
+            snap.release()
+        finally:
+            beating.set()
+            sub.close()

@@ -315,7 +315,7 @@ class _Worker:
     def _tick(self) -> None:
         if not self.jobs:
             if self.replies.awaiting:
-                self.conn.sock.poll(2)  # replies due: watch the socket, and the job queue every 2 ms
+                self.conn.poll(2)  # replies due: watch the socket, and the job queue every 2 ms
             elif self.writer.upcoming:
                 if not self.writer.premap_one(PREFAULT_CHUNK, time.monotonic()):
                     self._wake.wait(0.02)  # the segment is not there yet; a stage() cuts the wait short

@@ -6,6 +6,11 @@ seconds, readers send heartbeats (pings with id 0) at a quarter of ``--peer-time
 background thread while their owner is busy. A peer that leaves ends its leases, and a trainer
 that leaves fails the steps it had not committed. A connection whose session ended for silence
 is told so (SESSION_EXPIRED) when it speaks again, not merely that it is unknown.
+
+Silence is measured on the daemon's clock, so time the daemon itself did not run (SIGSTOP, a
+debugger, a throttled container, a long request) is not held against its peers: after such a
+stall each remote peer gets a full peer timeout from the resume. What they sent meanwhile may
+still sit in kernel buffers, unread by ZeroMQ's I/O thread, which was stopped too.
 """
 
 from __future__ import annotations
@@ -28,6 +33,8 @@ from .versions import Peer, Version
 log = logging.getLogger("stager.daemon")
 LIVENESS_INTERVAL_S = 1.0  # reading /proc for every peer: once a second is plenty
 EXPIRED_KEPT = 1024  # connections dropped for silence, remembered to tell them why (ROUTER ids never repeat)
+# a gap this long between liveness checks (ticks come every 0.2 s) means the daemon itself stalled
+STALL_S = 1.0
 
 
 class PeerDirectory:
@@ -78,6 +85,9 @@ class Peers:
                  fail_step: Callable[[Version, str], None]):
         self.state, self.directory, self._end_lease, self._fail_step = state, directory, end_lease, fail_step
         self._next_liveness = 0.0
+        # when check_liveness last ran: a long gap is a stall (also before the first tick: a daemon
+        # stopped within its first 0.2 s)
+        self._last_check = time.monotonic()
 
     def alive(self, peer: Peer) -> bool:
         if not peer.local:
@@ -158,6 +168,9 @@ class Peers:
 
     def check_liveness(self) -> None:
         now = time.monotonic()
+        last, self._last_check = self._last_check, now
+        if now - last > STALL_S:
+            self._forgive_stall(now, now - last)
         # /proc is read for same-host peers once a second; a peer on another host costs a clock
         # comparison, so it is checked every tick: gone within --peer-timeout plus a tick
         local = now >= self._next_liveness
@@ -171,6 +184,18 @@ class Peers:
                 continue
             self._remember_expired(peer, now - peer.last_seen)
             self.drop(peer, f"silent for {now - peer.last_seen:.1f}s (--peer-timeout {self.state.peer_timeout:g}s)")
+
+    def _forgive_stall(self, now: float, gap: float) -> None:
+        """The loop did not check for ``gap`` seconds: it (or the whole process) was stalled. A remote
+        peer's heartbeats of that time may not have been read yet, so its silence restarts now."""
+        remote = [p for p in self.state.peers.values() if not p.local]
+        for peer in remote:
+            peer.last_seen = max(peer.last_seen, now)
+        if remote:  # a warning where it mattered: without this, they would have been dropped
+            log.log(logging.WARNING if gap > self.state.peer_timeout else logging.DEBUG,
+                    "the daemon did not run for %.1fs (stopped, or starved of CPU); the %d peer(s) on other "
+                    "hosts get a full --peer-timeout (%gs) from now to be heard", gap, len(remote),
+                    self.state.peer_timeout)
 
     def _remember_expired(self, peer: Peer, silent: float) -> None:
         """Why ``peer``'s session ends, for its next request."""

@@ -10,6 +10,7 @@ No segment, socket file or lock outlives the daemon.
 from __future__ import annotations
 
 import fcntl
+import functools
 import logging
 import os
 from collections.abc import Callable
@@ -106,37 +107,43 @@ class Resources:
             self.endpoint = self.sock.getsockopt_string(zmq.LAST_ENDPOINT)  # resolves port 0 / '*'
 
     def close(self) -> None:
-        """Give back everything taken, segments first; a second call does nothing."""
+        """Give back everything taken, segments first; a second call does nothing. Each one is given
+        back whatever happened to the others (a failure is logged): a metrics server that fails to
+        stop must not leave the socket bound, the lock taken or the segments mapped."""
         budget, self.budget = self.budget, None
-        try:
-            if budget is not None:
-                budget.close()
-        finally:
-            wake, self.wake = self.wake, None
-            for fd in wake or ():
-                os.close(fd)
-            metrics, self.metrics = self.metrics, None
-            if metrics is not None:
-                metrics.close()
-            sock, self.sock = self.sock, None
-            if sock is not None:
-                sock.close()  # LINGER: 0, or DRAIN_LINGER_MS after a drain
-            auth, self.auth = self.auth, None
-            if auth is not None:
-                auth.stop()
-            ctx, self.ctx = self.ctx, None
-            if ctx is not None:
-                ctx.term()
-            sock_path, self.sock_path = self.sock_path, None
-            if sock_path:
-                try:
-                    os.unlink(sock_path)
-                except FileNotFoundError:
-                    pass
-            lock_fd, self.lock_fd = self.lock_fd, None
-            if lock_fd is not None:
-                os.close(lock_fd)
+        wake, self.wake = self.wake, None
+        metrics, self.metrics = self.metrics, None
+        sock, self.sock = self.sock, None
+        auth, self.auth = self.auth, None
+        ctx, self.ctx = self.ctx, None
+        sock_path, self.sock_path = self.sock_path, None
+        lock_fd, self.lock_fd = self.lock_fd, None
+        _release("the segments", budget and budget.close)
+        for fd in wake or ():
+            _release("the wake-up pipe", functools.partial(os.close, fd))
+        _release("the metrics server", metrics and metrics.close)
+        _release("the socket", sock and sock.close)  # LINGER: 0, or DRAIN_LINGER_MS after a drain
+        _release("the CURVE authenticator", auth and auth.stop)
+        _release("the ZeroMQ context", ctx and ctx.term)
+        _release("the socket file", sock_path and functools.partial(_unlink, sock_path))
+        _release("the endpoint's lock", lock_fd is not None and functools.partial(os.close, lock_fd))
 
+
+def _release(what: str, close) -> None:
+    """``close()`` (nothing when falsy); a failure is logged and the caller goes on with the rest."""
+    if not close:
+        return
+    try:
+        close()
+    except Exception:
+        log.exception("closing %s failed; giving back the rest", what)
+
+
+def _unlink(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
 
 def take_lock(endpoint: str) -> int | None:
     """An exclusive lock on ``endpoint`` (its fd, holding this pid), or :class:`DaemonBusy`."""
