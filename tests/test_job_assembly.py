@@ -2,7 +2,7 @@
 
 import pytest
 
-from stager.client.readers.assembly import (
+from stager.client.readers.planner import (
     complete_steps, incomplete_reason, intersect, merge_layouts, subtract,
 )
 from stager.protocol import Block, Box, ErrorCode, StagerError, TensorLayout

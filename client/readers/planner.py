@@ -1,11 +1,13 @@
-"""Pure assembly of a multi-node version: which node serves which region of each tensor.
+"""The region planner: which node serves which bytes of a version (pure functions, no sockets).
 
-Each node of a job seals the regions its ranks hold (blocks of its layout). :func:`merge_layouts`
-puts the nodes' layouts of one step together: it checks that the nodes agree on each tensor's
-dtype and shape, keeps one copy of each region (a region several nodes hold, e.g. HSDP
-replicas across nodes, is read once, from the first holder in the caller's order of
-preference: the reader's own node first), and refuses a step whose regions leave a hole.
-No sockets, no bytes: table-tested in ``tests/test_job_assembly.py``.
+A version is a set of regions held by N >= 1 nodes (a single daemon is a one-member job). Each
+node's lease answers with the blocks it holds of each tensor; :func:`merge_layouts` puts them
+together: the nodes must agree on each tensor's dtype and shape, a region several nodes hold (HSDP
+replicas across nodes, an assembled copy) is one region with several holders, the reader's
+preferred node first, and a tensor whose regions leave a hole is refused (or, for a reader that
+asked for a partial version, marked incomplete). :func:`plan_box` then maps a wanted box (a whole
+tensor, a slice, a rank's shard) to reads of (node, box), and :func:`split_rows` cuts a read into
+the sizes a byte source moves at once. Table-tested in ``tests/test_job_assembly.py``.
 """
 
 from __future__ import annotations
@@ -26,23 +28,39 @@ class Region:
 
 @dataclasses.dataclass(frozen=True)
 class MergedTensor:
+    """A tensor of a version as the nodes hold it together."""
+
     fqn: str
     dtype: str
     shape: tuple[int, ...]
-    regions: tuple[Region, ...]  # disjoint, covering the tensor
-    # the reader's most preferred node, when it holds the tensor in one block (an assembled copy):
-    # whole reads then come from there in one piece (zero-copy on its host)
+    regions: tuple[Region, ...]  # disjoint; they cover the tensor unless ``complete`` is False
+    # the reader's most preferred node, when it holds the tensor in one block (one node's version,
+    # an assembled copy): whole reads then come from there in one piece (zero-copy on its host)
     nearest_whole: str | None = None
+    complete: bool = True
 
     def layout(self) -> TensorLayout:
-        """A whole-tensor layout (what a reader's view is planned from; no segment behind it)."""
-        return TensorLayout(self.fqn, self.dtype, self.shape, (Block(0, Box((0,) * len(self.shape), self.shape)),))
+        """What a reader's view is planned from: one whole block for a complete tensor, else its
+        regions (then ``layout().complete`` is False and the view leaves it out)."""
+        boxes = [Box((0,) * len(self.shape), self.shape)] if self.complete else [r.box for r in self.regions]
+        return TensorLayout(self.fqn, self.dtype, self.shape, tuple(Block(0, b) for b in boxes))
 
 
-def merge_layouts(parts: dict[str, tuple[TensorLayout, ...]], prefer: list[str], step: int) -> dict[str, MergedTensor]:
+@dataclasses.dataclass(frozen=True)
+class Read:
+    """Read ``box`` (global coordinates) of a tensor from ``node``; it lands at ``at`` in the wanted box."""
+
+    node: str
+    box: Box
+    at: tuple[int, ...]
+
+
+def merge_layouts(parts: dict[str, tuple[TensorLayout, ...]], prefer: list[str], step: int, *,
+                  holes: bool = False) -> dict[str, MergedTensor]:
     """``{fqn: MergedTensor}`` from each node's layout of ``step`` (``parts``: node -> tensors,
     in node order), regions read from nodes in ``prefer`` order. Raises PARTIAL naming the tensor
-    when the nodes' regions do not cover it, BAD_PLAN when they contradict each other.
+    when the nodes' regions do not cover it (``holes``: mark it incomplete instead), BAD_PLAN when
+    they contradict each other.
 
     >>> a = (TensorLayout("w", "f32", (4,), (Block(0, Box((0,), (3,))),)),)
     >>> b = (TensorLayout("w", "f32", (4,), (Block(0, Box((3,), (1,))),)),)
@@ -66,17 +84,19 @@ def merge_layouts(parts: dict[str, tuple[TensorLayout, ...]], prefer: list[str],
         boxes = candidates.get(fqn, [])
         whole = Box((0,) * len(t.shape), t.shape)
         nearest = prefer[0] if prefer and any(n == prefer[0] and b == whole for b, n, _ in boxes) else None
-        out[fqn] = MergedTensor(fqn, t.dtype, t.shape, _cover(fqn, t.shape, boxes, rank, step), nearest)
+        regions, covered = _cover(fqn, t.shape, boxes, rank, step, holes)
+        out[fqn] = MergedTensor(fqn, t.dtype, t.shape, regions, nearest, covered)
     return out
 
 
 def _cover(fqn: str, shape: tuple[int, ...], boxes: list[tuple[Box, str, Block]], rank: dict[str, int],
-           step: int) -> tuple[Region, ...]:
+           step: int, holes: bool) -> tuple[tuple[Region, ...], bool]:
     """Disjoint regions covering ``shape``, the same whatever the reader's preference (per-node
     writers plan from them): the smallest boxes first; a box equal to a kept one is another holder
     of it; one that contains kept ones (a node holding the tensor whole, ``serve --assemble-full``)
     holds them too, and the rest of it becomes new regions; one that partly overlaps a kept one
-    without covering it contradicts it. Holders are sorted by preference."""
+    without covering it contradicts it. Holders are sorted by preference. Also says whether the
+    regions cover the tensor."""
     kept: list[tuple[Box, list[tuple[str, Block]]]] = []
     for box, node, block in sorted(boxes, key=lambda c: (c[0].numel, c[0].offset, rank.get(c[1], len(rank)))):
         hits = [(kbox, holders) for kbox, holders in kept if kbox.intersects(box)]
@@ -94,11 +114,54 @@ def _cover(fqn: str, shape: tuple[int, ...], boxes: list[tuple[Box, str, Block]]
             holders.append((node, block))
         kept += [(piece, [(node, block)]) for piece in subtract(box, [kbox for kbox, _ in hits])]
     total, covered = math.prod(shape), sum(b.numel for b, _ in kept)
-    if covered != total:
+    if covered != total and not holes:
         raise StagerError(ErrorCode.PARTIAL, f"step {step}: the nodes that answered hold {covered} of {total} "
                                              f"elements of {fqn} {list(shape)}; a node holding the rest is missing")
     regions = [Region(box, tuple(sorted(h, key=lambda nb: rank.get(nb[0], len(rank))))) for box, h in kept]
-    return tuple(sorted(regions, key=lambda r: r.box.offset))
+    return tuple(sorted(regions, key=lambda r: r.box.offset)), covered == total
+
+
+def plan_box(m: MergedTensor, want: Box) -> list[Read]:
+    """The reads that fill box ``want`` of ``m``: one, from the nearest node holding the tensor
+    whole or the first holder of a region containing the box; else one per region it crosses,
+    each from the region's first holder (replicas are read once). An empty box needs no read.
+
+    >>> w = merge_layouts({"a": (TensorLayout("w", "f32", (4,), (Block(0, Box((0,), (2,))),)),),
+    ...                    "b": (TensorLayout("w", "f32", (4,), (Block(0, Box((2,), (2,))),)),)}, ["a", "b"], 1)["w"]
+    >>> [(r.node, r.box.offset, r.at) for r in plan_box(w, Box((1,), (2,)))]
+    [('a', (1,), (0,)), ('b', (2,), (1,))]
+    """
+    if not want.numel:
+        return []
+    holder = m.nearest_whole or next((r.holders[0][0] for r in m.regions if r.box.contains(want)), None)
+    if holder is not None:
+        return [Read(holder, want, (0,) * len(want.shape))]
+    reads = []
+    for r in m.regions:
+        part = intersect(r.box, want)
+        if part is not None and part.numel:
+            reads.append(Read(r.holders[0][0], part, tuple(p - w for p, w in zip(part.offset, want.offset))))
+    return reads
+
+
+def split_rows(box: Box, itemsize: int, limit: int) -> list[Box]:
+    """``box`` as row ranges (dimension 0) of at most ``limit`` bytes each, a row at least.
+
+    >>> [b.shape for b in split_rows(Box((0, 0), (5, 4)), 4, 32)]
+    [(2, 4), (2, 4), (1, 4)]
+    """
+    nbytes = box.numel * itemsize
+    if nbytes <= limit or not box.shape or box.shape[0] <= 1:
+        return [box]
+    rows = max(1, limit // (nbytes // box.shape[0]))
+    return [Box((box.offset[0] + start, *box.offset[1:]), (min(rows, box.shape[0] - start), *box.shape[1:]))
+            for start in range(0, box.shape[0], rows)]
+
+
+def placement(merged: dict[str, MergedTensor]) -> dict[str, list[tuple[tuple[int, ...], tuple[int, ...], list[str]]]]:
+    """Per tensor its regions ``(offset, shape, [nodes holding it])``: what per-node writers plan from."""
+    return {fqn: [(r.box.offset, r.box.shape, sorted(n for n, _ in r.holders)) for r in m.regions]
+            for fqn, m in merged.items()}
 
 
 def subtract(box: Box, holes: list[Box]) -> list[Box]:

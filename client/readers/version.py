@@ -1,0 +1,92 @@
+"""A leased version: the regions of one step, the byte source of each node holding part of it, its leases.
+
+What a :class:`~.snapshot.Snapshot` reads through, whether one daemon holds the version or several
+nodes of a job each hold a part: reads are planned (:mod:`.planner`) and moved (:mod:`.mover`)
+the same way for both. Built by :class:`~.job_reader.JobReader`, the only thing that takes leases.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterable, Iterator, Mapping
+
+import torch
+
+from stager.protocol import Box, StagerError, TensorLayout
+from stager.protocol.dtypes import dtype_from_name
+from stager.protocol.quant import QuantSpec
+
+from .mover import Want, move
+from .planner import MergedTensor, placement, plan_box
+from .sources import ByteSource
+
+
+class LeasedVersion:
+    """Step ``step`` leased on every node holding part of it (``leases``: node -> lease id).
+    ``lease``, ``seq``, ``model_info``: the reader's own daemon's; ``objects``: the first node's."""
+
+    def __init__(self, reader: Any, step: int, seq: int, lease: int, objects: dict, model_info: dict | None,
+                 quant: dict[str, QuantSpec], merged: dict[str, MergedTensor], sources: dict[str, ByteSource],
+                 leases: dict[str, int]):
+        self._reader = reader  # the JobReader: releases the leases, names a node that does not answer
+        self.step, self.seq, self.lease, self.objects, self.model_info = step, seq, lease, objects, model_info
+        self.quant, self.merged, self.sources, self.leases = quant, merged, sources, leases
+        self.partial = not all(m.complete for m in merged.values())
+        self.members = len(reader.nodes)
+
+    def layouts(self) -> tuple[TensorLayout, ...]:
+        """Each tensor's layout as the reader's view sees it (whole, or the regions of a partial one)."""
+        return tuple(m.layout() for m in self.merged.values())
+
+    def read(self, fqn: str, box: Box | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Box ``box`` (None: all) of ``fqn``: a view of mapped memory when one mapped block holds it
+        (and no ``out`` is given), else the bytes fetched (into ``out`` when given)."""
+        m = self.merged[fqn]
+        want = Box((0,) * len(m.shape), m.shape) if box is None else box
+        return next(move([self._want(m, want, out)], self.sources, self._failed))[1]
+
+    def stream(self, fqns: Iterable[str], outs: Mapping[str, torch.Tensor] | None = None
+               ) -> Iterator[tuple[str, torch.Tensor]]:
+        """Whole tensors in order (into ``outs[fqn]`` where given), the next ones' requests in flight."""
+        outs = outs or {}
+        wants = (self._want(self.merged[f], Box((0,) * len(self.merged[f].shape), self.merged[f].shape), outs.get(f))
+                 for f in fqns)
+        return ((w.fqn, t) for w, t in move(wants, self.sources, self._failed))
+
+    def mapped(self, fqn: str) -> torch.Tensor | None:
+        """The whole of ``fqn`` as a view of mapped memory (one node near the reader holds it whole), else None."""
+        m = self.merged[fqn]
+        if m.nearest_whole is None:
+            return None
+        try:
+            return self.sources[m.nearest_whole].map(fqn, Box((0,) * len(m.shape), m.shape))
+        except StagerError as exc:
+            raise self._failed(m.nearest_whole, exc, fqn) from None
+
+    def regions(self, fqn: str) -> list[tuple[tuple[int, ...], torch.Tensor]]:
+        """``[(global offset, tensor)]``: the whole tensor, or each region a partial version holds of it."""
+        m = self.merged[fqn]
+        if m.complete:
+            return [((0,) * len(m.shape), self.read(fqn))]
+        wants = [self._want(m, r.box, None) for r in m.regions]
+        return [(w.box.offset, t) for w, t in move(wants, self.sources, self._failed)]
+
+    def placement(self) -> dict[str, list[tuple[tuple[int, ...], tuple[int, ...], list[str]]]] | None:
+        """Per tensor its regions and the nodes holding each; None when the job has one node."""
+        return placement(self.merged) if self.members > 1 else None
+
+    def shares(self, t: torch.Tensor) -> bool:
+        """Whether ``t`` is a view of mapped memory of this version (valid only while it is leased)."""
+        return any(src.shares(t) for src in self.sources.values())
+
+    def _want(self, m: MergedTensor, box: Box, out: torch.Tensor | None) -> Want:
+        return Want(m.fqn, box, dtype_from_name(m.dtype), plan_box(m, box), out)
+
+    def _failed(self, node: str, exc: StagerError, fqn: str) -> StagerError:
+        return self._reader.node_failed(node, exc, f"reading {fqn} of step {self.step}")
+
+    def close(self) -> None:
+        """Drop the sources and release every lease (once)."""
+        for src in self.sources.values():
+            src.close()
+        self.sources = {}
+        self._reader.release(self)
