@@ -107,6 +107,19 @@ def move(wants: Iterable[Want], sources: Mapping[str, ByteSource], failed: Faile
         lnd.left -= 1
 
 
+def read_one(want: Want, sources: Mapping[str, ByteSource], failed: Failed) -> torch.Tensor:
+    """One wanted box: :func:`move` for one, without its bookkeeping when one mapped block holds it."""
+    if len(want.reads) == 1:
+        read = want.reads[0]
+        try:
+            view = sources[read.node].map(want.fqn, read.box)
+        except StagerError as exc:
+            raise failed(read.node, exc, want.fqn) from None
+        if view is not None:
+            return view if want.out is None else want.out.copy_(view)
+    return next(move([want], sources, failed))[1]
+
+
 def _start(want: Want, sources: Mapping[str, ByteSource], queue: deque, failed: Failed) -> _Landing:
     """Land what the sources map at once; queue the rest, split as each source moves it."""
     lnd = _Landing(want)

@@ -38,10 +38,13 @@ class MergedTensor:
     # an assembled copy): whole reads then come from there in one piece (zero-copy on its host)
     nearest_whole: str | None = None
     complete: bool = True
+    whole: TensorLayout | None = None  # a node's layout holding it in one block (a one-node version's own)
 
     def layout(self) -> TensorLayout:
         """What a reader's view is planned from: one whole block for a complete tensor, else its
         regions (then ``layout().complete`` is False and the view leaves it out)."""
+        if self.complete and self.whole is not None:
+            return self.whole  # its byte offset is of no concern to a view
         boxes = [Box((0,) * len(self.shape), self.shape)] if self.complete else [r.box for r in self.regions]
         return TensorLayout(self.fqn, self.dtype, self.shape, tuple(Block(0, b) for b in boxes))
 
@@ -70,9 +73,12 @@ def merge_layouts(parts: dict[str, tuple[TensorLayout, ...]], prefer: list[str],
     rank = {node: i for i, node in enumerate(prefer)}
     seen: dict[str, tuple[str, TensorLayout]] = {}
     candidates: dict[str, list[tuple[Box, str, Block]]] = {}
+    wholes: dict[str, TensorLayout] = {}
     for node, tensors in parts.items():
         for t in tensors:
             first = seen.setdefault(t.fqn, (node, t))
+            if t.complete:
+                wholes.setdefault(t.fqn, t)
             if (first[1].dtype, first[1].shape) != (t.dtype, t.shape):
                 raise StagerError(ErrorCode.BAD_PLAN, f"step {step}: {t.fqn} is {first[1].dtype}"
                                                       f"{list(first[1].shape)} on node {first[0]} but {t.dtype}"
@@ -84,8 +90,11 @@ def merge_layouts(parts: dict[str, tuple[TensorLayout, ...]], prefer: list[str],
         boxes = candidates.get(fqn, [])
         whole = Box((0,) * len(t.shape), t.shape)
         nearest = prefer[0] if prefer and any(n == prefer[0] and b == whole for b, n, _ in boxes) else None
-        regions, covered = _cover(fqn, t.shape, boxes, rank, step, holes)
-        out[fqn] = MergedTensor(fqn, t.dtype, t.shape, regions, nearest, covered)
+        if len(boxes) == 1 and boxes[0][0] == whole:  # one node holds it, whole (a single daemon's version)
+            regions, covered = (Region(whole, ((boxes[0][1], boxes[0][2]),)),), True
+        else:
+            regions, covered = _cover(fqn, t.shape, boxes, rank, step, holes)
+        out[fqn] = MergedTensor(fqn, t.dtype, t.shape, regions, nearest, covered, wholes.get(fqn))
     return out
 
 

@@ -108,11 +108,15 @@ class SharedMemorySource:
     def __init__(self, seg: torch.Tensor, tensors: tuple[TensorLayout, ...]):
         self._seg: torch.Tensor | None = seg
         self._blocks = _Blocks(tensors)
+        self._views: dict[tuple[str, int], torch.Tensor] = {}  # (fqn, byte offset) -> its block, once made
 
     def map(self, fqn: str, box: Box) -> torch.Tensor:
         t, block, inner = self._blocks.find(fqn, box)
-        view = block_view(self._seg, t.torch_dtype, block.byte_offset, block.box.shape)
-        return narrow_box(view, inner, box.shape)
+        view = self._views.get((fqn, block.byte_offset))
+        if view is None:
+            view = self._views[fqn, block.byte_offset] = block_view(self._seg, t.torch_dtype, block.byte_offset,
+                                                                     block.box.shape)
+        return view if block.box == box else narrow_box(view, inner, box.shape)
 
     def fetch(self, fqn: str, box: Box, out: torch.Tensor | None = None) -> Fetch:
         view = self.map(fqn, box)
@@ -123,6 +127,7 @@ class SharedMemorySource:
 
     def close(self) -> None:
         self._seg, self._blocks.meta = None, None
+        self._views.clear()
 
 
 class FramesSource:

@@ -15,7 +15,7 @@ from stager.protocol import Box, StagerError, TensorLayout
 from stager.protocol.dtypes import dtype_from_name
 from stager.protocol.quant import QuantSpec
 
-from .mover import Want, move
+from .mover import Want, move, read_one
 from .planner import MergedTensor, placement, plan_box
 from .sources import ByteSource
 
@@ -42,7 +42,7 @@ class LeasedVersion:
         (and no ``out`` is given), else the bytes fetched (into ``out`` when given)."""
         m = self.merged[fqn]
         want = Box((0,) * len(m.shape), m.shape) if box is None else box
-        return next(move([self._want(m, want, out)], self.sources, self._failed))[1]
+        return read_one(self._want(m, want, out), self.sources, self._failed)
 
     def stream(self, fqns: Iterable[str], outs: Mapping[str, torch.Tensor] | None = None
                ) -> Iterator[tuple[str, torch.Tensor]]:
