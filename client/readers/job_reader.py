@@ -251,7 +251,7 @@ class JobReader:
         their layouts (``holes``: a tensor they do not cover is incomplete, not an error)."""
         what = "acquire" if step is None else f"acquire of step {step}"
         replies, errors = self._ask_all(lambda n: Acquire(step=step), what, nodes, AcquireReply)
-        leases = {n: r.lease for n, r in replies.items()}
+        leases = {n: (self.conns[n], r.lease) for n, r in replies.items()}
         try:
             for node, exc in errors.items():
                 if exc.code not in DOWN or not self.multi:
@@ -292,11 +292,10 @@ class JobReader:
         if self.open.pop(id(version), None) is not None:
             self._release(version.leases)
 
-    def _release(self, leases: dict[str, int]) -> None:
-        for node, lease in leases.items():
-            conn = self.conns.get(node)
-            if conn is None:
-                continue  # no longer a member: its daemon ends the lease with the connection
+    def _release(self, leases: dict[str, tuple[Connection, int]]) -> None:
+        for conn, lease in leases.values():
+            if conn.sock is None:
+                continue  # closed (no longer a member): its daemon ended the lease on bye
             # the reader's own daemon gets the reader's patience; another node that died must not hold it up
             mine = conn is self.primary
             try:

@@ -27,9 +27,6 @@ from .snapshot import Snapshot, view_entries
 
 log = logging.getLogger("stager.client")
 
-__all__ = ["Subscriber", "Snapshot"]
-
-
 class Subscriber:
     """Reads sealed versions from the node's daemon.
 
@@ -60,7 +57,6 @@ class Subscriber:
         self._adapters: dict = {}
         self._index_cache: dict = {}
         self._reader = JobReader(endpoint, timeout, remote=remote)
-        self._conn = self._reader.primary  # the reader's own daemon
         # the finalizer holds the job reader, never this subscriber: an unclosed one is collected, then disconnected
         self._finalizer = weakref.finalize(self, self._reader.close)
 

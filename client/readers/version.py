@@ -21,12 +21,12 @@ from .sources import ByteSource
 
 
 class LeasedVersion:
-    """Step ``step`` leased on every node holding part of it (``leases``: node -> lease id).
+    """Step ``step`` leased on every node holding part of it (``leases``: node -> (connection, lease id)).
     ``lease``, ``seq``, ``model_info``: the reader's own daemon's; ``objects``: the first node's."""
 
     def __init__(self, reader: Any, step: int, seq: int, lease: int, objects: dict, model_info: dict | None,
                  quant: dict[str, QuantSpec], merged: dict[str, MergedTensor], sources: dict[str, ByteSource],
-                 leases: dict[str, int]):
+                 leases: dict[str, tuple[Any, int]]):
         self._reader = reader  # the JobReader: releases the leases, names a node that does not answer
         self.step, self.seq, self.lease, self.objects, self.model_info = step, seq, lease, objects, model_info
         self.quant, self.merged, self.sources, self.leases = quant, merged, sources, leases
