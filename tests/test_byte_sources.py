@@ -5,8 +5,8 @@ import os
 
 import pytest
 import torch
-from conftest import wire_plan
 
+from conftest import wire_plan
 from stager.client import Subscriber
 from stager.client.connection import Connection
 from stager.client.readers.mover import Want, move

@@ -3,7 +3,13 @@
 import pytest
 
 from stager.client.readers.planner import (
-    complete_steps, incomplete_reason, intersect, merge_layouts, plan_box, split_rows, subtract,
+    complete_steps,
+    incomplete_reason,
+    intersect,
+    merge_layouts,
+    plan_box,
+    split_rows,
+    subtract,
 )
 from stager.protocol import Block, Box, ErrorCode, StagerError, TensorLayout
 

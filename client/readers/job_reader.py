@@ -23,11 +23,10 @@ from __future__ import annotations
 
 import functools
 import logging
-from typing import Any, Callable, Iterable
+from collections.abc import Callable, Iterable
+from typing import Any
 
-from stager.protocol import (
-    Acquire, AcquireReply, ErrorCode, NodeDown, Release, StagerError, Subscribe, SubscribeReply,
-)
+from stager.protocol import Acquire, AcquireReply, ErrorCode, NodeDown, Release, StagerError, Subscribe, SubscribeReply
 from stager.protocol.job import JobInfo, JobInfoReply
 from stager.protocol.reads import Announce
 

@@ -7,8 +7,8 @@ permutation makes a new tensor. Remote readers fetch only what they ask for.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any, Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
+from typing import Any
 
 import torch
 
@@ -128,7 +128,8 @@ class Snapshot(Mapping):
         wanted = sorted(entries, key=order.__getitem__)
         sources = list(dict.fromkeys(entries[n].source for n in wanted))
         # scales first (they are small): each float8 tensor is then dequantized as it arrives
-        scale_names = list(dict.fromkeys(self.quant[s].scale for s in sources if s in self.quant and not self._keep_fp8))
+        scale_names = list(dict.fromkeys(self.quant[s].scale for s in sources
+                                         if s in self.quant and not self._keep_fp8))
         scales: dict[str, torch.Tensor] = {}
         for i, (fqn, raw) in enumerate(self._version.stream(scale_names + sources)):
             if i < len(scale_names):
@@ -244,7 +245,7 @@ class Snapshot(Mapping):
             self._eager = None
             self._version.close()
 
-    def __enter__(self) -> "Snapshot":
+    def __enter__(self) -> Snapshot:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -266,7 +267,8 @@ def view_entries(tensors: tuple[TensorLayout, ...], quant: dict[str, QuantSpec],
         shown = DTYPES[quant[t.fqn].dtype] if t.fqn in quant and not keep_fp8 else t.torch_dtype
         native.append((t.fqn, shown, t.shape))
     if adapter is None:
-        return {fqn: ViewEntry(fqn, fqn, shape, dt, (shape, _contiguous_strides(shape), 0)) for fqn, dt, shape in native}
+        return {fqn: ViewEntry(fqn, fqn, shape, dt, (shape, _contiguous_strides(shape), 0))
+                for fqn, dt, shape in native}
     key = (id(adapter), tuple(native))
     entries = index_cache.get(key)
     if entries is None:

@@ -14,7 +14,8 @@ from __future__ import annotations
 import logging
 import time
 import weakref
-from typing import Any, Iterable, Iterator
+from collections.abc import Iterable, Iterator
+from typing import Any
 
 import torch
 
@@ -26,6 +27,7 @@ from .job_reader import JobReader
 from .snapshot import Snapshot, view_entries
 
 log = logging.getLogger("stager.client")
+
 
 class Subscriber:
     """Reads sealed versions from the node's daemon.
@@ -70,7 +72,8 @@ class Subscriber:
         """Lease the sealed version of ``step``."""
         return self._acquire(step, allow_partial)
 
-    def wait_for_newer(self, step: int | None, timeout: float | None = None, *, allow_partial: bool = False) -> Snapshot:
+    def wait_for_newer(self, step: int | None, timeout: float | None = None, *,
+                       allow_partial: bool = False) -> Snapshot:
         """Lease the newest version once one newer than ``step`` (None: any) is sealed; waits for
         the daemon's announcement, raising TIMEOUT after ``timeout`` seconds (None: forever). In a
         multi-node job: once every node announced a newer step, and one is complete."""
@@ -175,7 +178,7 @@ class Subscriber:
         self._reader.release_all()
         self._finalizer()
 
-    def __enter__(self) -> "Subscriber":
+    def __enter__(self) -> Subscriber:
         return self
 
     def __exit__(self, *exc) -> None:

@@ -7,7 +7,8 @@ the same way for both. Built by :class:`~.job_reader.JobReader`, the only thing 
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
+from typing import Any
 
 import torch
 
