@@ -90,9 +90,14 @@ def test_boxes_a_node_does_not_hold_get_typed_errors(source, fqn, box, code):
 
 
 def test_unknown_tensors_and_closed_sources_are_refused(source):
-    _, src = source
+    kind, src = source
     with pytest.raises(KeyError):
         src.fetch("nope", Box((0,), (1,)))
+    if kind == "frames":  # its connection closed (the node left the job): a typed error, not a crash
+        src.conn.close()
+        with pytest.raises(StagerError) as info:
+            src.fetch("b", Box((0,), (3,)))
+        assert info.value.code == ErrorCode.UNAVAILABLE and "lease the version again" in info.value.message
     src.close()
     with pytest.raises(StagerError) as info:
         src.fetch("b", Box((0,), (3,)))

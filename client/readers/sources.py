@@ -148,6 +148,9 @@ class FramesSource:
 
     def fetch(self, fqn: str, box: Box, out: torch.Tensor | None = None) -> Fetch:
         t = self._blocks.layout(fqn, box)  # the daemon checks that this node holds it (PARTIAL otherwise)
+        if self.conn.sock is None:  # the reader closed it: disconnected, or the node left the job
+            raise StagerError(ErrorCode.UNAVAILABLE, f"{fqn}: the connection to {self.conn.endpoint} is closed; "
+                                                     "lease the version again")
         rid = self.conn.send(Read(lease=self.lease, items=(ReadItem(fqn, box.offset, box.shape),)))
         return _FrameFetch(self, rid, t.torch_dtype, box.shape, out)
 
