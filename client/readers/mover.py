@@ -131,8 +131,8 @@ def _start(want: Want, sources: Mapping[str, ByteSource], queue: deque, failed: 
         except StagerError as exc:
             raise failed(read.node, exc, want.fqn) from None
         if view is not None:
-            if len(want.reads) == 1 and want.out is None:
-                lnd.result = view  # the mapped memory itself: zero-copy
+            if len(want.reads) == 1:  # the mapped memory itself (zero-copy), or copied once where asked
+                lnd.result = view if want.out is None else want.out.copy_(view)
             else:
                 lnd.dest(read.box, read.at).copy_(view)
             continue

@@ -111,7 +111,11 @@ class SharedMemorySource:
         self._views: dict[tuple[str, int], torch.Tensor] = {}  # (fqn, byte offset) -> its block, once made
 
     def map(self, fqn: str, box: Box) -> torch.Tensor:
-        t, block, inner = self._blocks.find(fqn, box)
+        t = self._blocks.meta[fqn] if self._blocks.meta is not None else None
+        if t is not None and len(t.blocks) == 1 and t.blocks[0].box == box:  # a whole block: nothing to check
+            block, inner = t.blocks[0], ()
+        else:
+            t, block, inner = self._blocks.find(fqn, box)
         view = self._views.get((fqn, block.byte_offset))
         if view is None:
             view = self._views[fqn, block.byte_offset] = block_view(self._seg, t.torch_dtype, block.byte_offset,
