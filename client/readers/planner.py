@@ -13,6 +13,7 @@ the sizes a byte source moves at once. Table-tested in ``tests/test_job_assembly
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 
 from stager.protocol import Block, Box, ErrorCode, StagerError, TensorLayout
@@ -39,6 +40,11 @@ class MergedTensor:
     nearest_whole: str | None = None
     complete: bool = True
     whole: TensorLayout | None = None  # a node's layout holding it in one block (a one-node version's own)
+
+    @functools.cached_property
+    def box(self) -> Box:
+        """The whole tensor's box."""
+        return Box((0,) * len(self.shape), self.shape)
 
     def layout(self) -> TensorLayout:
         """What a reader's view is planned from: one whole block for a complete tensor, else its

@@ -8,6 +8,7 @@ the same way for both. Built by :class:`~.job_reader.JobReader`, the only thing 
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Mapping
+from itertools import chain
 from typing import Any
 
 import torch
@@ -33,6 +34,7 @@ class LeasedVersion:
         self.quant, self.merged, self.sources, self.leases = quant, merged, sources, leases
         self.partial = not all(m.complete for m in merged.values())
         self.members = len(reader.nodes)
+        self._mapped: dict[str, torch.Tensor | None] = {}  # fqn -> the whole tensor mapped (None: it is not)
 
     def layouts(self) -> tuple[TensorLayout, ...]:
         """Each tensor's layout as the reader's view sees it (whole, or the regions of a partial one)."""
@@ -41,27 +43,40 @@ class LeasedVersion:
     def read(self, fqn: str, box: Box | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
         """Box ``box`` (None: all) of ``fqn``: a view of mapped memory when one mapped block holds it
         (and no ``out`` is given), else the bytes fetched (into ``out`` when given)."""
+        if box is None:
+            view = self.mapped(fqn)
+            if view is not None:
+                return view if out is None else out.copy_(view)
         m = self.merged[fqn]
-        want = Box((0,) * len(m.shape), m.shape) if box is None else box
-        return read_one(self._want(m, want, out), self.sources, self._failed)
+        return read_one(self._want(m, m.box if box is None else box, out), self.sources, self._failed)
 
     def stream(self, fqns: Iterable[str], outs: Mapping[str, torch.Tensor] | None = None
                ) -> Iterator[tuple[str, torch.Tensor]]:
         """Whole tensors in order (into ``outs[fqn]`` where given), the next ones' requests in flight."""
         outs = outs or {}
-        wants = (self._want(self.merged[f], Box((0,) * len(self.merged[f].shape), self.merged[f].shape), outs.get(f))
-                 for f in fqns)
-        return ((w.fqn, t) for w, t in move(wants, self.sources, self._failed))
+        fqns = iter(fqns)
+        for fqn in fqns:  # mapped tensors at once; from the first that is not on, all through the mover
+            view = self.mapped(fqn)
+            if view is None:
+                wants = (self._want(self.merged[f], self.merged[f].box, outs.get(f)) for f in chain([fqn], fqns))
+                yield from ((w.fqn, t) for w, t in move(wants, self.sources, self._failed))
+                return
+            out = outs.get(fqn)
+            yield fqn, view if out is None else out.copy_(view)
 
     def mapped(self, fqn: str) -> torch.Tensor | None:
         """The whole of ``fqn`` as a view of mapped memory (one node near the reader holds it whole), else None."""
+        if fqn in self._mapped:
+            return self._mapped[fqn]
         m = self.merged[fqn]
-        if m.nearest_whole is None:
-            return None
-        try:
-            return self.sources[m.nearest_whole].map(fqn, Box((0,) * len(m.shape), m.shape))
-        except StagerError as exc:
-            raise self._failed(m.nearest_whole, exc, fqn) from None
+        view = None
+        if m.nearest_whole is not None:
+            try:
+                view = self.sources[m.nearest_whole].map(fqn, m.box)
+            except StagerError as exc:
+                raise self._failed(m.nearest_whole, exc, fqn) from None
+        self._mapped[fqn] = view
+        return view
 
     def regions(self, fqn: str) -> list[tuple[tuple[int, ...], torch.Tensor]]:
         """``[(global offset, tensor)]``: the whole tensor, or each region a partial version holds of it."""
@@ -88,6 +103,6 @@ class LeasedVersion:
     def close(self) -> None:
         """Drop the sources and release every lease (once)."""
         for src in self.sources.values():
-            src.close()
-        self.sources = {}
+            src.close()  # a read after this is refused by the source (UNKNOWN_LEASE)
+        self._mapped = {}
         self._reader.release(self)
