@@ -13,7 +13,6 @@ the sizes a byte source moves at once. Table-tested in ``tests/test_job_assembly
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 
 from stager.protocol import Block, Box, ErrorCode, StagerError, TensorLayout
@@ -40,18 +39,18 @@ class MergedTensor:
     nearest_whole: str | None = None
     complete: bool = True
     whole: TensorLayout | None = None  # a node's layout holding it in one block (a one-node version's own)
+    box: Box = None  # type: ignore[assignment]  # the whole tensor's box (made here when not given)
 
-    @functools.cached_property
-    def box(self) -> Box:
-        """The whole tensor's box."""
-        return Box((0,) * len(self.shape), self.shape)
+    def __post_init__(self) -> None:
+        if self.box is None:
+            object.__setattr__(self, "box", Box((0,) * len(self.shape), self.shape))
 
     def layout(self) -> TensorLayout:
         """What a reader's view is planned from: one whole block for a complete tensor, else its
         regions (then ``layout().complete`` is False and the view leaves it out)."""
         if self.complete and self.whole is not None:
             return self.whole  # its byte offset is of no concern to a view
-        boxes = [Box((0,) * len(self.shape), self.shape)] if self.complete else [r.box for r in self.regions]
+        boxes = [self.box] if self.complete else [r.box for r in self.regions]
         return TensorLayout(self.fqn, self.dtype, self.shape, tuple(Block(0, b) for b in boxes))
 
 
@@ -77,31 +76,41 @@ def merge_layouts(parts: dict[str, tuple[TensorLayout, ...]], prefer: list[str],
     [((0,), 'a'), ((3,), 'b')]
     """
     rank = {node: i for i, node in enumerate(prefer)}
-    seen: dict[str, tuple[str, TensorLayout]] = {}
-    candidates: dict[str, list[tuple[Box, str, Block]]] = {}
-    wholes: dict[str, TensorLayout] = {}
+    held: dict[str, list[tuple[str, TensorLayout]]] = {}
     for node, tensors in parts.items():
         for t in tensors:
-            first = seen.setdefault(t.fqn, (node, t))
-            if t.complete:
-                wholes.setdefault(t.fqn, t)
-            if (first[1].dtype, first[1].shape) != (t.dtype, t.shape):
-                raise StagerError(ErrorCode.BAD_PLAN, f"step {step}: {t.fqn} is {first[1].dtype}"
-                                                      f"{list(first[1].shape)} on node {first[0]} but {t.dtype}"
-                                                      f"{list(t.shape)} on node {node}; the nodes staged different "
-                                                      "models under one step")
-            candidates.setdefault(t.fqn, []).extend((b.box, node, b) for b in t.blocks if b.box.numel)
+            held.setdefault(t.fqn, []).append((node, t))
     out = {}
-    for fqn, (_, t) in seen.items():
-        boxes = candidates.get(fqn, [])
-        whole = Box((0,) * len(t.shape), t.shape)
-        nearest = prefer[0] if prefer and any(n == prefer[0] and b == whole for b, n, _ in boxes) else None
-        if len(boxes) == 1 and boxes[0][0] == whole:  # one node holds it, whole (a single daemon's version)
-            regions, covered = (Region(whole, ((boxes[0][1], boxes[0][2]),)),), True
+    for fqn, holders in held.items():
+        node, t = holders[0]
+        block = t.blocks[0]
+        if len(holders) == 1 and t.complete and block.box.numel:  # one node holds it whole: nothing to merge
+            nearest = node if prefer and prefer[0] == node else None
+            out[fqn] = MergedTensor(fqn, t.dtype, t.shape, (Region(block.box, ((node, block),)),), nearest, True, t,
+                                    block.box)
         else:
-            regions, covered = _cover(fqn, t.shape, boxes, rank, step, holes)
-        out[fqn] = MergedTensor(fqn, t.dtype, t.shape, regions, nearest, covered, wholes.get(fqn))
+            out[fqn] = _merge(fqn, holders, prefer, rank, step, holes)
     return out
+
+
+def _merge(fqn: str, holders: list[tuple[str, TensorLayout]], prefer: list[str], rank: dict[str, int], step: int,
+           holes: bool) -> MergedTensor:
+    """One tensor as several nodes (or one node's several blocks) hold it."""
+    first_node, first = holders[0]
+    boxes: list[tuple[Box, str, Block]] = []
+    whole_layout = None
+    for node, t in holders:
+        if (first.dtype, first.shape) != (t.dtype, t.shape):
+            raise StagerError(ErrorCode.BAD_PLAN, f"step {step}: {fqn} is {first.dtype}{list(first.shape)} on node "
+                                                  f"{first_node} but {t.dtype}{list(t.shape)} on node {node}; the "
+                                                  "nodes staged different models under one step")
+        if whole_layout is None and t.complete:
+            whole_layout = t
+        boxes.extend((b.box, node, b) for b in t.blocks if b.box.numel)
+    whole = Box((0,) * len(first.shape), first.shape)
+    nearest = prefer[0] if prefer and any(n == prefer[0] and b == whole for b, n, _ in boxes) else None
+    regions, covered = _cover(fqn, first.shape, boxes, rank, step, holes)
+    return MergedTensor(fqn, first.dtype, first.shape, regions, nearest, covered, whole_layout, whole)
 
 
 def _cover(fqn: str, shape: tuple[int, ...], boxes: list[tuple[Box, str, Block]], rank: dict[str, int],
