@@ -108,19 +108,15 @@ class SharedMemorySource:
     def __init__(self, seg: torch.Tensor, tensors: tuple[TensorLayout, ...]):
         self._seg: torch.Tensor | None = seg
         self._blocks = _Blocks(tensors)
-        self._views: dict[tuple[str, int], torch.Tensor] = {}  # (fqn, byte offset) -> its block, once made
 
     def map(self, fqn: str, box: Box) -> torch.Tensor:
-        t = self._blocks.meta[fqn] if self._blocks.meta is not None else None
-        if t is not None and len(t.blocks) == 1 and t.blocks[0].box == box:  # a whole block: nothing to check
-            block, inner = t.blocks[0], ()
+        t = self._blocks.meta.get(fqn) if self._blocks.meta is not None else None
+        if t is not None and len(t.blocks) == 1 and (t.blocks[0].box is box or t.blocks[0].box == box):
+            block, inner = t.blocks[0], None  # the whole block (a one-node version's tensor): nothing to check
         else:
             t, block, inner = self._blocks.find(fqn, box)
-        view = self._views.get((fqn, block.byte_offset))
-        if view is None:
-            view = self._views[fqn, block.byte_offset] = block_view(self._seg, t.torch_dtype, block.byte_offset,
-                                                                     block.box.shape)
-        return view if block.box == box else narrow_box(view, inner, box.shape)
+        view = block_view(self._seg, t.torch_dtype, block.byte_offset, block.box.shape)
+        return view if inner is None or block.box == box else narrow_box(view, inner, box.shape)
 
     def fetch(self, fqn: str, box: Box, out: torch.Tensor | None = None) -> Fetch:
         view = self.map(fqn, box)
@@ -131,7 +127,6 @@ class SharedMemorySource:
 
     def close(self) -> None:
         self._seg, self._blocks.meta = None, None
-        self._views.clear()
 
 
 class FramesSource:
