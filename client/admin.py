@@ -34,28 +34,22 @@ def job_status(endpoint: str | None = None, timeout: float = 5.0) -> dict | None
     that does not answer counting with what it last answered a status on this host (see
     :mod:`stager.client.last_answers`), as a reader's ``latest()`` counts it; ``readable``: those of them a
     reader can lease now (every region held by a node that answers: replicas)."""
-    from stager.protocol.job import JobInfo, JobInfoReply
-
     from . import last_answers
-    from .readers.job import JobReader
+    from .readers.job_reader import JobReader
 
-    conn = Connection(endpoint, role="admin")
-    reader = None
+    reader = JobReader(endpoint, timeout, role="admin")  # admin: its leases read nothing
     try:
-        info = conn.request(JobInfo(), timeout)
-        if not isinstance(info, JobInfoReply):
-            raise StagerError(ErrorCode.BAD_MESSAGE, f"unexpected {info.TYPE} reply to job_info")
-        if not info.job:
+        reader.members()
+        if not reader.job:
             return None
-        reader = JobReader(conn, info, timeout, make_source=None, role="admin")  # admin: its leases read nothing
-        remembered = last_answers.load(info.job, info.nodes)
+        remembered = last_answers.load(reader.job, reader.nodes)
         reader.last.update({n: r for n, (r, _) in remembered.items()})
         states, down = reader.states()
         now = time.time()
-        last_answers.save(info.job, {**remembered, **{n: (r, now) for n, r in states.items()}})
+        last_answers.save(reader.job, {**remembered, **{n: (r, now) for n, r in states.items()}})
         complete, _ = reader.known_complete(states)
         nodes: dict[str, dict] = {}
-        for n, e in info.nodes.items():
+        for n, e in reader.nodes.items():
             if n not in down:
                 nodes[n] = {"endpoint": e, "sealed": states[n].sealed, "staging": states[n].staging,
                             "failed": states[n].failed}
@@ -65,8 +59,6 @@ def job_status(endpoint: str | None = None, timeout: float = 5.0) -> dict | None
                 said, at = remembered[n]
                 nodes[n].update(sealed=said.sealed, failed=said.failed, last_seen_s=round(max(0.0, now - at), 1))
         readable = reader.readable(complete, states, down) if down else complete
-        return {"job": info.job, "node": info.node, "complete": complete, "readable": readable, "nodes": nodes}
+        return {"job": reader.job, "node": reader.node, "complete": complete, "readable": readable, "nodes": nodes}
     finally:
-        if reader is not None:
-            reader.close()
-        conn.close()
+        reader.close()

@@ -1,9 +1,15 @@
-"""Pure multi-node assembly: merging the nodes' layouts of one step, complete steps, reasons."""
+"""The region planner (pure): merging the nodes' layouts of one step, planning reads of boxes, complete steps."""
 
 import pytest
 
-from stager.client.readers.assembly import (
-    complete_steps, incomplete_reason, intersect, merge_layouts, subtract,
+from stager.client.readers.planner import (
+    complete_steps,
+    incomplete_reason,
+    intersect,
+    merge_layouts,
+    plan_box,
+    split_rows,
+    subtract,
 )
 from stager.protocol import Block, Box, ErrorCode, StagerError, TensorLayout
 
@@ -45,6 +51,49 @@ def test_regions_and_their_holders(parts, prefer, expected):
     assert merged.layout().complete
     holds_whole = [n for n, ts in parts.items() if any(b.box == Box((0, 0), (4, 2)) for b in ts[0].blocks)]
     assert merged.nearest_whole == (prefer[0] if prefer[0] in holds_whole else None)
+
+
+HALVES = {"a": [layout("w", (4, 2), TOP)], "b": [layout("w", (4, 2), BOTTOM)]}
+
+
+@pytest.mark.parametrize("parts,prefer,want,expected", [
+    # one node holding it whole (one daemon, or an assembled copy): one read from there
+    ({"a": [layout("w", (4, 2), FULL)]}, ["a"], ((1, 0), (2, 2)), [("a", (1, 0), (2, 2), (0, 0))]),
+    ({"a": [layout("w", (4, 2), TOP)], "b": [layout("w", (4, 2), FULL)]}, ["b", "a"], FULL,
+     [("b", (0, 0), (4, 2), (0, 0))]),
+    # a box inside one region: one read from its preferred holder
+    (HALVES, ["a", "b"], ((0, 1), (2, 1)), [("a", (0, 1), (2, 1), (0, 0))]),
+    # a box across regions: a read per region crossed, each landing where it belongs
+    (HALVES, ["b", "a"], ((2, 0), (2, 2)), [("a", (2, 0), (1, 2), (0, 0)), ("b", (3, 0), (1, 2), (1, 0))]),
+    # replicas on both nodes: each region read once, from the preferred node
+    ({"a": [layout("w", (4, 2), TOP, BOTTOM)], "b": [layout("w", (4, 2), TOP, BOTTOM)]}, ["b", "a"], FULL,
+     [("b", (0, 0), (3, 2), (0, 0)), ("b", (3, 0), (1, 2), (3, 0))]),
+    (HALVES, ["a", "b"], ((1, 0), (0, 2)), []),  # an empty box needs no read
+], ids=["one node whole", "whole copy preferred", "inside a region", "across regions", "replicas once", "empty"])
+def test_plan_box_reads_each_part_once_from_the_preferred_holder(parts, prefer, want, expected):
+    merged = merge_layouts(parts, prefer, 1)["w"]
+    reads = plan_box(merged, Box(*want))
+    assert [(r.node, r.box.offset, r.box.shape, r.at) for r in reads] == expected
+
+
+@pytest.mark.parametrize("box,itemsize,limit,expected", [
+    (((0, 0), (6, 4)), 4, 1 << 20, [((0, 0), (6, 4))]),  # fits: one read
+    (((2, 0), (6, 4)), 4, 32, [((2, 0), (2, 4)), ((4, 0), (2, 4)), ((6, 0), (2, 4))]),  # two rows each
+    (((0, 0), (3, 4)), 4, 8, [((0, 0), (1, 4)), ((1, 0), (1, 4)), ((2, 0), (1, 4))]),  # a row at least
+    (((0, 0), (1, 64)), 4, 8, [((0, 0), (1, 64))]),  # one row is never split
+    (((), ()), 4, 1, [((), ())]),  # a scalar
+], ids=["fits", "row ranges", "a row at least", "one row", "scalar"])
+def test_split_rows(box, itemsize, limit, expected):
+    pieces = split_rows(Box(*box), itemsize, limit)
+    assert [(p.offset, p.shape) for p in pieces] == expected
+
+
+def test_a_partial_version_keeps_its_regions_and_leaves_the_tensor_out_of_the_view():
+    merged = merge_layouts({"a": [layout("w", (4, 2), TOP), layout("b", (3,), ((0,), (3,)))]}, ["a"], 1, holes=True)
+    assert not merged["w"].complete and merged["b"].complete
+    assert not merged["w"].layout().complete and merged["b"].layout().complete  # the view shows b only
+    assert [r.box for r in merged["w"].regions] == [Box(*TOP)]
+    assert [(r.node, r.box.offset) for r in plan_box(merged["w"], Box((0, 0), (2, 2)))] == [("a", (0, 0))]
 
 
 @pytest.mark.parametrize("box,holes,expected", [

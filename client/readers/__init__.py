@@ -1,8 +1,11 @@
 """Readers of sealed versions: :class:`Subscriber`, the leased :class:`Snapshot`, its views and byte sources.
 
-Same-host readers map the daemon's shared memory (``sources.LocalSource``); readers on another
-host get frames (``sources.RemoteSource``). ``views`` maps the HF view onto the staged tensors.
-May import :mod:`stager.protocol`, the connection and the adapters; never the daemon.
+One reading path: a version is a set of regions held by N >= 1 nodes (one daemon: a one-member job).
+In the order data flows: ``job_reader`` (the only thing that talks to daemons for reading: members,
+leases, announcements) leases a ``version``; ``planner`` (pure) says which node serves which box;
+``mover`` moves the bytes through each node's ``sources.ByteSource`` (shared memory on the daemon's
+host, frames otherwise: the plug-in point for an RDMA engine); ``snapshot`` and ``views`` give the
+native or HF view. May import :mod:`stager.protocol`, the connection and the adapters; never the daemon.
 """
 
 from .snapshot import Snapshot

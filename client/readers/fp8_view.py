@@ -25,6 +25,7 @@ from stager.protocol.fp8_block import E4M3, quantize_block_fp8, scale_shape
 from ..adapters import hf_items, to_hf_items
 from ..adapters.fp8_scope import QUANTIZE_CHOICES, Fp8Scope, fp8_scope, scale_name
 from .snapshot import Snapshot
+from .version import LeasedVersion
 from .views import ViewEntry
 
 
@@ -72,7 +73,7 @@ class Fp8Snapshot(Snapshot):
     """A :class:`Snapshot` whose in-scope weights are read FP8 block-quantized. ``fp8``: ``{weight name:
     scale name}``; ``fp8_block``: the rows and columns one scale covers."""
 
-    def __init__(self, subscriber: Any, reply, source, entries: dict[str, ViewEntry], adapter: Any,
+    def __init__(self, subscriber: Any, version: LeasedVersion, entries: dict[str, ViewEntry], adapter: Any,
                  wanted: set[str] | None, hf_config: dict | None, cache: dict):
         if adapter is None:
             raise StagerError(ErrorCode.BAD_VALUE, "quantize='fp8-block' reads HF names: pass view='hf'")
@@ -81,7 +82,7 @@ class Fp8Snapshot(Snapshot):
         cached = cache.get(key)
         if cached is None or cached[0] is not entries:  # the view's entries are cached per layout: so are these
             cached = cache[key] = (entries, *fp8_entries(entries, scope))
-        super().__init__(subscriber, reply, source, cached[1], adapter, wanted)
+        super().__init__(subscriber, version, cached[1], adapter, wanted)
         self.fp8_block = scope.block
         self.fp8 = {w: s for w, s in cached[2].items() if w in self._entries or s in self._entries}
 
@@ -135,7 +136,7 @@ class Fp8Snapshot(Snapshot):
 
     def _eager_hf(self) -> dict[str, torch.Tensor]:
         if self._eager is None:  # a whole-dict adapter: converted once, quantized as it comes
-            native = {f: self._native(f) for f in self._source.meta if f not in self._scales()}
+            native = {f: self._native(f) for f in self._version.merged if f not in self._scales()}
             self._eager = {n: x for name, t in to_hf_items(self._adapter, native.items())
                            for n, x in self._quantized(name, t, lambda n: True)}
         return self._eager

@@ -7,17 +7,18 @@ permutation makes a new tensor. Remote readers fetch only what they ask for.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any, Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
+from typing import Any
 
 import torch
 
-from stager.protocol import AcquireReply, ErrorCode, StagerError, TensorLayout
+from stager.protocol import Box, ErrorCode, StagerError, TensorLayout
 from stager.protocol.dtypes import DTYPES
 from stager.protocol.layout import check_box, narrow_box, shard_box
 from stager.protocol.quant import QuantSpec, dequantize
 
 from ..adapters import fill_hf, hf_items, is_lora, to_hf_items
+from .version import LeasedVersion
 from .views import ViewEntry, arrange, native_box
 
 
@@ -36,12 +37,12 @@ class Snapshot(Mapping):
     """
 
     # ``subscriber`` is the Subscriber that leased it (not imported here: it imports this module)
-    def __init__(self, subscriber: Any, reply: AcquireReply, source, entries: dict[str, ViewEntry],
+    def __init__(self, subscriber: Any, version: LeasedVersion, entries: dict[str, ViewEntry],
                  adapter: Any, wanted: set[str] | None):
-        self._subscriber, self._source, self._adapter = subscriber, source, adapter
-        self.lease, self.step, self.seq, self.skipped = reply.lease, reply.step, reply.seq, 0
-        self.objects, self.model_info, self.partial = reply.objects, reply.model_info, reply.partial
-        self.quant: dict[str, QuantSpec] = dict(reply.quant)
+        self._subscriber, self._version, self._adapter = subscriber, version, adapter
+        self.lease, self.step, self.seq, self.skipped = version.lease, version.step, version.seq, 0
+        self.objects, self.model_info, self.partial = version.objects, version.model_info, version.partial
+        self.quant: dict[str, QuantSpec] = dict(version.quant)
         self.view, self._dtype, self._keep_fp8 = subscriber.view, subscriber.dtype, subscriber.keep_fp8
         self._entries = {n: e for n, e in entries.items() if wanted is None or n in wanted}
         self._eager: dict[str, torch.Tensor] | None = None
@@ -102,14 +103,16 @@ class Snapshot(Mapping):
             return [n for n in self._entries if n in entries]
         targets = {name: out[name] for name in entries}
         written: set[str] = set()
-        if self._adapter is None and getattr(self._source, "reads_into", False):
-            # the bytes land in the destination itself (a multi-node job's parts): no temporary
-            for name, entry in list(entries.items()):
-                raw = self._source.meta[name].torch_dtype
-                if (name not in self.quant or self._keep_fp8) and targets[name].dtype == raw:
-                    self._source.full(name, out=targets[name])
-                    written.add(name)
-                    del entries[name]
+        if self._adapter is None:
+            # the bytes land in the destination itself (copied from shared memory, or a frame's, or
+            # each node's parts): no temporary
+            version = self._version
+            into = {n: targets[n] for n, e in entries.items() if (n not in self.quant or self._keep_fp8)
+                    and targets[n].dtype == DTYPES[version.merged[n].dtype]}
+            order = {n: i for i, n in enumerate(self._entries)}
+            for name, _ in version.stream(sorted(into, key=order.__getitem__), into):
+                written.add(name)
+                del entries[name]
         for fqn, t in self._natives(entries):
             if self._adapter is None:
                 targets[fqn].copy_(t)
@@ -125,9 +128,10 @@ class Snapshot(Mapping):
         wanted = sorted(entries, key=order.__getitem__)
         sources = list(dict.fromkeys(entries[n].source for n in wanted))
         # scales first (they are small): each float8 tensor is then dequantized as it arrives
-        scale_names = list(dict.fromkeys(self.quant[s].scale for s in sources if s in self.quant and not self._keep_fp8))
+        scale_names = list(dict.fromkeys(self.quant[s].scale for s in sources
+                                         if s in self.quant and not self._keep_fp8))
         scales: dict[str, torch.Tensor] = {}
-        for i, (fqn, raw) in enumerate(self._source.stream(scale_names + sources)):
+        for i, (fqn, raw) in enumerate(self._version.stream(scale_names + sources)):
             if i < len(scale_names):
                 scales[fqn] = raw
             else:
@@ -143,10 +147,12 @@ class Snapshot(Mapping):
             offsets, sizes = shard_box(entry.shape, *shard)
         else:
             offsets, sizes = check_box(name, entry.shape, offsets, sizes)
-        if self._source.remote and entry.source and entry.strided is not None and entry.source not in self.quant:
-            mapped = native_box(self._source.meta[entry.source].shape, entry.strided, offsets, sizes)
+        version = self._version
+        if entry.source and entry.strided is not None and entry.source not in self.quant \
+                and version.mapped(entry.source) is None:  # fetched: only the box's bytes
+            mapped = native_box(version.merged[entry.source].shape, entry.strided, offsets, sizes)
             if mapped is not None:
-                block = self._source.box(entry.source, mapped[0], mapped[1])
+                block = version.read(entry.source, Box(mapped[0], mapped[1]))
                 return self._cast(arrange(block, mapped[2], sizes))
         return narrow_box(self[name], offsets, sizes)
 
@@ -166,17 +172,20 @@ class Snapshot(Mapping):
         """A multi-node job's version: per native tensor its regions ``(offset, shape, [nodes
         holding it])`` (what a per-node writer plans from); None for a single node's version."""
         self._check()
-        merged = getattr(self._source, "merged", None)
-        if merged is None:
-            return None
-        return {fqn: [(r.box.offset, r.box.shape, sorted(n for n, _ in r.holders)) for r in m.regions]
-                for fqn, m in merged.items()}
+        return self._version.placement()
 
     def regions(self, fqn: str) -> list[tuple[tuple[int, ...], torch.Tensor]]:
-        """``[(global_offset, tensor)]`` of the parts of native tensor ``fqn`` this version holds
-        (same-host readers of a partial version: the job spans nodes)."""
+        """``[(global_offset, tensor)]`` of the parts of native tensor ``fqn`` this version holds:
+        the whole tensor, or each part a partial version holds (the job spans nodes)."""
         self._check()
-        return list(self._source.regions[fqn])
+        return self._version.regions(fqn)
+
+    def is_zero_copy(self, t: torch.Tensor) -> bool:
+        """Whether ``t`` is a view of the daemon's shared memory (no copy was made): valid only
+        while this version is leased, so copy it to keep it. Same-host reads of tensors that need
+        no transform are; casts, permutations and frames from another host are the reader's own."""
+        self._check()
+        return self._version.shares(t)
 
     # ------------------------------------------------------------------ conversion
 
@@ -189,11 +198,11 @@ class Snapshot(Mapping):
                            + (" (or not among the subscriber's names)" if self._subscriber.names else "")) from None
 
     def _native(self, fqn: str, raw: torch.Tensor | None = None, scales: dict | None = None) -> torch.Tensor:
-        t = raw if raw is not None else self._source.full(fqn)
+        t = raw if raw is not None else self._version.read(fqn)
         spec = self.quant.get(fqn)
         if spec is not None and not self._keep_fp8:
             scale = (scales or {}).get(spec.scale)
-            scale = scale if scale is not None else self._source.full(spec.scale)
+            scale = scale if scale is not None else self._version.read(spec.scale)
             t = dequantize(t, scale, spec, self._dtype)
         return t
 
@@ -216,7 +225,7 @@ class Snapshot(Mapping):
 
     def _eager_hf(self) -> dict[str, torch.Tensor]:
         if self._eager is None:  # plug-in adapters convert whole dicts
-            native = {f: self._native(f) for f in self._source.meta if f not in self._scales()}
+            native = {f: self._native(f) for f in self._version.merged if f not in self._scales()}
             self._eager = {n: self._cast(t) for n, t in to_hf_items(self._adapter, native.items())}
         return self._eager
 
@@ -234,12 +243,9 @@ class Snapshot(Mapping):
         if not self._released:
             self._released = True
             self._eager = None
-            try:
-                self._source.close()
-            finally:
-                self._subscriber._release(self.lease)
+            self._version.close()
 
-    def __enter__(self) -> "Snapshot":
+    def __enter__(self) -> Snapshot:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -261,7 +267,8 @@ def view_entries(tensors: tuple[TensorLayout, ...], quant: dict[str, QuantSpec],
         shown = DTYPES[quant[t.fqn].dtype] if t.fqn in quant and not keep_fp8 else t.torch_dtype
         native.append((t.fqn, shown, t.shape))
     if adapter is None:
-        return {fqn: ViewEntry(fqn, fqn, shape, dt, (shape, _contiguous_strides(shape), 0)) for fqn, dt, shape in native}
+        return {fqn: ViewEntry(fqn, fqn, shape, dt, (shape, _contiguous_strides(shape), 0))
+                for fqn, dt, shape in native}
     key = (id(adapter), tuple(native))
     entries = index_cache.get(key)
     if entries is None:

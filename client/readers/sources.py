@@ -1,149 +1,205 @@
-"""Where a leased version's bytes come from: the daemon's shared memory, or frames over the socket.
+"""Byte sources: the one seam through which a node's bytes of a leased version reach a reader.
 
-Both sources give ``full(fqn)`` and ``box(fqn, offsets, sizes)`` as tensors of the staged dtype.
-Same-host reads are views of the segment (no copy). Remote reads ask the daemon for exactly the
-box's bytes, large ones in row ranges, and ``stream`` keeps a few requests in flight so the
-socket never idles while the reader converts what arrived: memory stays bounded by one tensor
-plus the requests in flight.
+The job reader opens one :class:`ByteSource` per node of a leased version; the mover
+(:mod:`.mover`) asks it for regions; nothing else looks inside. Two ship:
+
+- :class:`SharedMemorySource`: the node's segment mapped (a reader on the daemon's host): a
+  region is a view of it, no byte copied;
+- :class:`FramesSource`: Read requests over the node's connection (a reader on another host, or
+  ``remote=True``): a region comes back as a ZeroMQ frame, a few requests in flight.
+
+An RDMA engine (NIXL, Mooncake's transfer engine) would be a third: ``map`` gives None, ``fetch``
+reads one-sidedly into the destination, the same lease keeping the segment alive.
 """
 
 from __future__ import annotations
 
-import math
+import os
 import warnings
-from typing import Iterable, Iterator
+from typing import Protocol, runtime_checkable
 
 import torch
 
-from stager.protocol import ErrorCode, Read, ReadItem, ReadReply, StagerError, TensorLayout
-from stager.protocol.layout import check_box, narrow_box
-from stager.protocol.shm import block_view
+from stager.protocol import Block, Box, ErrorCode, Read, ReadItem, ReadReply, StagerError, TensorLayout
+from stager.protocol.layout import narrow_box
+from stager.protocol.shm import SHM_DIR, block_view, map_segment
 
 CHUNK_BYTES = 64 << 20  # per Read request: big enough to stream at socket speed, small enough to bound memory
-WINDOW = 4  # Read requests in flight
+WINDOW = 4  # Read requests in flight per node
 
 
-class LocalSource:
-    """Zero-copy views of a mapped segment."""
+class Fetch(Protocol):
+    """A region on its way: :meth:`wait` gives it (``out`` when one was given)."""
 
-    remote = False
+    def wait(self) -> torch.Tensor: ...
 
-    def __init__(self, seg: torch.Tensor, tensors: tuple[TensorLayout, ...]):
-        self.meta: dict[str, TensorLayout] = {t.fqn: t for t in tensors}
-        self.regions: dict[str, list[tuple[tuple[int, ...], torch.Tensor]]] = {
-            t.fqn: [(b.box.offset, block_view(seg, t.torch_dtype, b.byte_offset, b.box.shape)) for b in t.blocks]
-            for t in tensors}
 
-    def full(self, fqn: str) -> torch.Tensor:
-        if not self.meta[fqn].complete:
-            raise StagerError(ErrorCode.PARTIAL, f"{fqn}: this node holds only part of it; use regions({fqn!r})")
-        return self.regions[fqn][0][1]
+@runtime_checkable
+class ByteSource(Protocol):
+    """Moves one node's bytes of one leased version. Boxes are in the tensor's global coordinates
+    and lie in one block the node holds; the tensor's dtype and the box's shape are the result's.
 
-    def part(self, fqn: str, box) -> torch.Tensor:
-        """A view of ``box`` (global coordinates), which must lie in one block this segment holds."""
-        for offset, view in self.regions[fqn]:
-            inner = tuple(o - bo for o, bo in zip(box.offset, offset))
-            if all(i >= 0 and i + n <= m for i, n, m in zip(inner, box.shape, view.shape)):
-                return narrow_box(view, inner, box.shape)
-        raise StagerError(ErrorCode.PARTIAL, f"{fqn}: this node does not hold box offset {list(box.offset)} "
-                                             f"shape {list(box.shape)}")
+    ``max_in_flight``: fetches the mover keeps started at once (they complete in the order they
+    were started: wait for them in that order). ``max_read_bytes``: the largest box one fetch
+    moves (the planner splits larger ones into row ranges)."""
 
-    def box(self, fqn: str, offsets, sizes) -> torch.Tensor:
-        t = self.full(fqn)
-        return narrow_box(t, *check_box(fqn, tuple(t.shape), offsets, sizes))
+    max_in_flight: int
+    max_read_bytes: int
 
-    def stream(self, fqns: Iterable[str]) -> Iterator[tuple[str, torch.Tensor]]:
-        return ((f, self.full(f)) for f in fqns)
+    def map(self, fqn: str, box: Box) -> torch.Tensor | None:
+        """A view of the box in memory this source maps (no copy), or None: fetch it instead."""
+        ...
+
+    def fetch(self, fqn: str, box: Box, out: torch.Tensor | None = None) -> Fetch:
+        """Start moving the box into ``out`` (a tensor of the box's shape and the tensor's dtype;
+        None: into a tensor of the source's choosing). Raises StagerError: PARTIAL when the node
+        does not hold the box, BAD_VALUE when it does not fit the tensor, UNKNOWN_LEASE once closed."""
+        ...
+
+    def shares(self, t: torch.Tensor) -> bool:
+        """Whether ``t`` is a view of memory this source maps (valid only while the lease is held)."""
+        ...
 
     def close(self) -> None:
-        self.regions.clear()
+        """Drop what the source holds of the version (mappings, requests); the lease is the reader's."""
+        ...
 
 
-class RemoteSource:
-    """Bytes as ZeroMQ frames from the daemon (readers on another host, or ``remote=True``)."""
+class _Done:
+    def __init__(self, t: torch.Tensor):
+        self.t = t
 
-    remote = True
+    def wait(self) -> torch.Tensor:
+        return self.t
+
+
+class _Blocks:
+    """The tensors of one node's layout, and which block holds a box."""
+
+    def __init__(self, tensors: tuple[TensorLayout, ...]):
+        self.meta: dict[str, TensorLayout] | None = {t.fqn: t for t in tensors}
+
+    def layout(self, fqn: str, box: Box) -> TensorLayout:
+        """``fqn``'s layout, once the box is known to fit it (KeyError: no such tensor)."""
+        if self.meta is None:
+            raise StagerError(ErrorCode.UNKNOWN_LEASE, f"{fqn}: the version was released; read before releasing")
+        t = self.meta[fqn]
+        if not box.within(t.shape):
+            raise StagerError(ErrorCode.BAD_VALUE, f"{fqn}: box at {list(box.offset)} of size {list(box.shape)} does "
+                                                   f"not fit shape {list(t.shape)}")
+        return t
+
+    def find(self, fqn: str, box: Box) -> tuple[TensorLayout, Block, tuple[int, ...]]:
+        """The layout, the block holding the box and the box's offset inside it."""
+        t = self.layout(fqn, box)
+        held = t.block_holding(box)
+        if held is None:
+            raise StagerError(ErrorCode.PARTIAL, f"{fqn}: this node does not hold box offset {list(box.offset)} "
+                                                 f"shape {list(box.shape)}")
+        return t, held[0], held[1]
+
+
+class SharedMemorySource:
+    """Views of the node's segment, mapped (readers on the daemon's host)."""
+
+    max_in_flight = 1  # a fetch is a copy, done when it returns
+    max_read_bytes = 1 << 62
+
+    def __init__(self, seg: torch.Tensor, tensors: tuple[TensorLayout, ...]):
+        self._seg: torch.Tensor | None = seg
+        self._blocks = _Blocks(tensors)
+
+    def map(self, fqn: str, box: Box) -> torch.Tensor:
+        t = self._blocks.meta.get(fqn) if self._blocks.meta is not None else None
+        if t is not None and len(t.blocks) == 1 and (t.blocks[0].box is box or t.blocks[0].box == box):
+            block, inner = t.blocks[0], None  # the whole block (a one-node version's tensor): nothing to check
+        else:
+            t, block, inner = self._blocks.find(fqn, box)
+        view = block_view(self._seg, t.torch_dtype, block.byte_offset, block.box.shape)
+        return view if inner is None or block.box == box else narrow_box(view, inner, box.shape)
+
+    def fetch(self, fqn: str, box: Box, out: torch.Tensor | None = None) -> Fetch:
+        view = self.map(fqn, box)
+        return _Done(view if out is None else out.copy_(view))
+
+    def shares(self, t: torch.Tensor) -> bool:
+        return self._seg is not None and t.untyped_storage().data_ptr() == self._seg.untyped_storage().data_ptr()
+
+    def close(self) -> None:
+        self._seg, self._blocks.meta = None, None
+
+
+class FramesSource:
+    """Read requests over the node's connection; each region arrives as one frame (no copy)."""
+
+    max_in_flight = WINDOW
 
     def __init__(self, conn, lease: int, tensors: tuple[TensorLayout, ...], timeout: float):
         self.conn, self.lease, self.timeout = conn, lease, timeout
-        self.meta: dict[str, TensorLayout] = {t.fqn: t for t in tensors}
-        self.regions: dict = {}
+        self._blocks = _Blocks(tensors)
 
-    def read_requests(self, fqn: str, offsets, sizes) -> tuple[torch.dtype, tuple, list[tuple]]:
-        """The dtype, box sizes and the Read items (one box each, split along dimension 0 into
-        CHUNK_BYTES parts) that make up box ``(offsets, sizes)`` (global coordinates; on a node of
-        a multi-node job, the box must lie in one region that node holds)."""
-        if fqn not in self.meta:
-            raise KeyError(fqn)
-        t = self.meta[fqn]
-        dtype, shape = t.torch_dtype, t.shape
-        offsets, sizes = check_box(fqn, shape, offsets, sizes)
-        nbytes = math.prod(sizes) * dtype.itemsize
-        if nbytes <= CHUNK_BYTES or not sizes or sizes[0] <= 1:
-            return dtype, sizes, [(list(offsets), list(sizes))]
-        rows = max(1, CHUNK_BYTES // (nbytes // sizes[0]))
-        parts = []
-        for start in range(0, sizes[0], rows):
-            n = min(rows, sizes[0] - start)
-            parts.append(([offsets[0] + start, *offsets[1:]], [n, *sizes[1:]]))
-        return dtype, sizes, parts
+    @property
+    def max_read_bytes(self) -> int:
+        return CHUNK_BYTES  # read at each use: tests lower it to make many requests
 
-    def send_read(self, fqn: str, box: tuple) -> int:
-        """Ask for one box of :meth:`read_requests`; returns the request id for :meth:`recv_read`."""
-        return self.conn.send(Read(lease=self.lease, items=(ReadItem(fqn, tuple(box[0]), tuple(box[1])),)))
+    def map(self, fqn: str, box: Box) -> None:
+        return None
 
-    def recv_read(self, rid: int, dtype: torch.dtype, shape) -> torch.Tensor:
-        """The box asked for by request ``rid``, as a tensor over the received frame (no copy)."""
-        frame = self.conn.wait_reply(rid, self.timeout, "read", ReadReply).frames[0]
-        return _tensor(frame.buffer if hasattr(frame, "buffer") else memoryview(frame), dtype, shape)
+    def fetch(self, fqn: str, box: Box, out: torch.Tensor | None = None) -> Fetch:
+        t = self._blocks.layout(fqn, box)  # the daemon checks that this node holds it (PARTIAL otherwise)
+        if self.conn.sock is None:  # the reader closed it: disconnected, or the node left the job
+            raise StagerError(ErrorCode.UNAVAILABLE, f"{fqn}: the connection to {self.conn.endpoint} is closed; "
+                                                     "lease the version again")
+        rid = self.conn.send(Read(lease=self.lease, items=(ReadItem(fqn, box.offset, box.shape),)))
+        return _FrameFetch(self, rid, t.torch_dtype, box.shape, out)
 
-    def box(self, fqn: str, offsets=None, sizes=None) -> torch.Tensor:
-        return next(self._pipeline(iter([(fqn, *self.read_requests(fqn, offsets, sizes))])))[1]
-
-    def full(self, fqn: str) -> torch.Tensor:
-        return self.box(fqn)
-
-    def stream(self, fqns: Iterable[str]) -> Iterator[tuple[str, torch.Tensor]]:
-        """Whole tensors in order, with the next ones' requests already in flight."""
-        return self._pipeline((f, *self.read_requests(f, None, None)) for f in fqns)
-
-    def _pipeline(self, jobs: Iterator[tuple]) -> Iterator[tuple[str, torch.Tensor]]:
-        # The daemon answers one connection's requests in order, so a tensor is complete when
-        # its last part arrives, and tensors complete in the order they were asked for.
-        inflight: list[tuple[int, str, tuple]] = []  # (request id, fqn, box)
-        todo: list[tuple[str, tuple]] = []
-        current: dict[str, tuple] = {}  # fqn -> (dtype, shape, parts left, destination, next row)
-        while True:
-            while len(inflight) < WINDOW:
-                if not todo:
-                    job = next(jobs, None)
-                    if job is None:
-                        break
-                    fqn, dtype, shape, parts = job
-                    current[fqn] = (dtype, shape, len(parts), None, 0)
-                    todo = [(fqn, part) for part in parts]
-                fqn, part = todo.pop(0)
-                inflight.append((self.send_read(fqn, part), fqn, part))
-            if not inflight:
-                return
-            rid, fqn, part = inflight.pop(0)
-            dtype, shape, left, out, row = current[fqn]
-            block = self.recv_read(rid, dtype, part[1])
-            if left == 1 and out is None:  # one part: the frame is the tensor
-                del current[fqn]
-                yield fqn, block
-                continue
-            if out is None:
-                out = torch.empty(shape, dtype=dtype)
-            out[row:row + part[1][0]].copy_(block)
-            if left == 1:
-                del current[fqn]
-                yield fqn, out
-            else:
-                current[fqn] = (dtype, shape, left - 1, out, row + part[1][0])
+    def shares(self, t: torch.Tensor) -> bool:
+        return False
 
     def close(self) -> None:
-        pass
+        self._blocks.meta = None
+
+
+class _FrameFetch:
+    def __init__(self, source: FramesSource, rid: int, dtype: torch.dtype, shape: tuple[int, ...],
+                 out: torch.Tensor | None):
+        self.source, self.rid, self.dtype, self.shape, self.out = source, rid, dtype, shape, out
+
+    def wait(self) -> torch.Tensor:
+        src = self.source
+        frame = src.conn.wait_reply(self.rid, src.timeout, "read", ReadReply).frames[0]
+        t = _tensor(frame.buffer if hasattr(frame, "buffer") else memoryview(frame), self.dtype, self.shape)
+        return t if self.out is None else self.out.copy_(t)
+
+
+class SegmentMaps:
+    """A reader's mappings of segments, one per segment (reused by every lease of it)."""
+
+    def __init__(self) -> None:
+        self._maps: dict[str, torch.Tensor] = {}
+
+    def get(self, name: str, size: int) -> torch.Tensor:
+        # mappings of segments the daemon unlinked would keep their memory alive: drop them
+        for gone in [n for n in self._maps if not os.path.exists(os.path.join(SHM_DIR, n))]:
+            del self._maps[gone]
+        seg = self._maps.get(name)
+        if seg is None or seg.numel() != size:
+            seg = self._maps[name] = map_segment(name, size, writable=False)
+        return seg
+
+    def clear(self) -> None:
+        self._maps.clear()
+
+
+def open_source(conn, lease: int, segment: str, size: int, tensors: tuple[TensorLayout, ...], *,
+                remote: bool | None, maps: SegmentMaps, timeout: float) -> ByteSource:
+    """The source of one node's lease: its segment mapped when the reader runs on the daemon's host
+    and sees the segment (unless ``remote``), else frames over ``conn``."""
+    if remote is None:
+        remote = not (conn.same_host and os.path.exists(os.path.join(SHM_DIR, segment)))
+    if remote:
+        return FramesSource(conn, lease, tensors, timeout)
+    return SharedMemorySource(maps.get(segment, size), tensors)
 
 
 def _tensor(buffer: memoryview, dtype: torch.dtype, shape) -> torch.Tensor:

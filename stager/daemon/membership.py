@@ -5,7 +5,7 @@ and again after this daemon restarts) records the job's membership: the job id, 
 id and the endpoint its daemon serves other nodes on. Daemons never talk to each other: a
 reader asks any of them for the membership and each node's steps
 (:class:`~stager.protocol.job.JobInfo`) and assembles complete versions itself
-(``client/readers/job.py``), so a node's daemon stays a single-threaded loop with no outbound
+(``client/readers/job_reader.py``), so a node's daemon stays a single-threaded loop with no outbound
 connections, and nothing here can be slowed by another node.
 """
 

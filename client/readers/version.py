@@ -1,0 +1,108 @@
+"""A leased version: the regions of one step, the byte source of each node holding part of it, its leases.
+
+What a :class:`~.snapshot.Snapshot` reads through, whether one daemon holds the version or several
+nodes of a job each hold a part: reads are planned (:mod:`.planner`) and moved (:mod:`.mover`)
+the same way for both. Built by :class:`~.job_reader.JobReader`, the only thing that takes leases.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Mapping
+from itertools import chain
+from typing import Any
+
+import torch
+
+from stager.protocol import Box, StagerError, TensorLayout
+from stager.protocol.dtypes import dtype_from_name
+from stager.protocol.quant import QuantSpec
+
+from .mover import Want, move, read_one
+from .planner import MergedTensor, placement, plan_box
+from .sources import ByteSource
+
+
+class LeasedVersion:
+    """Step ``step`` leased on every node holding part of it (``leases``: node -> (connection, lease id)).
+    ``lease``, ``seq``, ``model_info``: the reader's own daemon's; ``objects``: the first node's."""
+
+    def __init__(self, reader: Any, step: int, seq: int, lease: int, objects: dict, model_info: dict | None,
+                 quant: dict[str, QuantSpec], merged: dict[str, MergedTensor], sources: dict[str, ByteSource],
+                 leases: dict[str, tuple[Any, int]]):
+        self._reader = reader  # the JobReader: releases the leases, names a node that does not answer
+        self.step, self.seq, self.lease, self.objects, self.model_info = step, seq, lease, objects, model_info
+        self.quant, self.merged, self.sources, self.leases = quant, merged, sources, leases
+        self.partial = not all(m.complete for m in merged.values())
+        self.members = len(reader.nodes)
+        self._mapped: dict[str, torch.Tensor | None] = {}  # fqn -> the whole tensor mapped (None: it is not)
+
+    def layouts(self) -> tuple[TensorLayout, ...]:
+        """Each tensor's layout as the reader's view sees it (whole, or the regions of a partial one)."""
+        return tuple(m.layout() for m in self.merged.values())
+
+    def read(self, fqn: str, box: Box | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Box ``box`` (None: all) of ``fqn``: a view of mapped memory when one mapped block holds it
+        (and no ``out`` is given), else the bytes fetched (into ``out`` when given)."""
+        if box is None:
+            view = self.mapped(fqn)
+            if view is not None:
+                return view if out is None else out.copy_(view)
+        m = self.merged[fqn]
+        return read_one(self._want(m, m.box if box is None else box, out), self.sources, self._failed)
+
+    def stream(self, fqns: Iterable[str], outs: Mapping[str, torch.Tensor] | None = None
+               ) -> Iterator[tuple[str, torch.Tensor]]:
+        """Whole tensors in order (into ``outs[fqn]`` where given), the next ones' requests in flight."""
+        outs = outs or {}
+        fqns = iter(fqns)
+        for fqn in fqns:  # mapped tensors at once; from the first that is not on, all through the mover
+            view = self.mapped(fqn)
+            if view is None:
+                wants = (self._want(self.merged[f], self.merged[f].box, outs.get(f)) for f in chain([fqn], fqns))
+                yield from ((w.fqn, t) for w, t in move(wants, self.sources, self._failed))
+                return
+            out = outs.get(fqn)
+            yield fqn, view if out is None else out.copy_(view)
+
+    def mapped(self, fqn: str) -> torch.Tensor | None:
+        """The whole of ``fqn`` as a view of mapped memory (one node near the reader holds it whole), else None."""
+        if fqn in self._mapped:
+            return self._mapped[fqn]
+        m = self.merged[fqn]
+        view = None
+        if m.nearest_whole is not None:
+            try:
+                view = self.sources[m.nearest_whole].map(fqn, m.box)
+            except StagerError as exc:
+                raise self._failed(m.nearest_whole, exc, fqn) from None
+        self._mapped[fqn] = view
+        return view
+
+    def regions(self, fqn: str) -> list[tuple[tuple[int, ...], torch.Tensor]]:
+        """``[(global offset, tensor)]``: the whole tensor, or each region a partial version holds of it."""
+        m = self.merged[fqn]
+        if m.complete:
+            return [((0,) * len(m.shape), self.read(fqn))]
+        wants = [self._want(m, r.box, None) for r in m.regions]
+        return [(w.box.offset, t) for w, t in move(wants, self.sources, self._failed)]
+
+    def placement(self) -> dict[str, list[tuple[tuple[int, ...], tuple[int, ...], list[str]]]] | None:
+        """Per tensor its regions and the nodes holding each; None when the job has one node."""
+        return placement(self.merged) if self.members > 1 else None
+
+    def shares(self, t: torch.Tensor) -> bool:
+        """Whether ``t`` is a view of mapped memory of this version (valid only while it is leased)."""
+        return any(src.shares(t) for src in self.sources.values())
+
+    def _want(self, m: MergedTensor, box: Box, out: torch.Tensor | None) -> Want:
+        return Want(m.fqn, box, dtype_from_name(m.dtype), plan_box(m, box), out)
+
+    def _failed(self, node: str, exc: StagerError, fqn: str) -> StagerError:
+        return self._reader.node_failed(node, exc, f"reading {fqn} of step {self.step}")
+
+    def close(self) -> None:
+        """Drop the sources and release every lease (once)."""
+        for src in self.sources.values():
+            src.close()  # a read after this is refused by the source (UNKNOWN_LEASE)
+        self._mapped = {}
+        self._reader.release(self)
