@@ -96,7 +96,7 @@ def dcp_writer(rank, world, out):
     import torch.distributed as dist
     import torch.distributed.checkpoint  # noqa: F401  (imported before timing, as the anchor's is)
 
-    from stager.consumers.write_dcp_dist import write_dcp_distributed
+    from stager.writers.write_dcp_dist import write_dcp_distributed
 
     dist.barrier()
     t0 = time.perf_counter()

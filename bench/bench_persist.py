@@ -68,7 +68,7 @@ def _rss_anon() -> int:
 
 def _export_child(endpoint: str, out: str, queue) -> None:
     from stager.client import Subscriber
-    from stager.consumers.export_hf import export_snapshot
+    from stager.writers.export_hf import export_snapshot
 
     with Subscriber(endpoint) as sub, sub.latest() as snap:
         base, peak, stop = _rss_anon(), [0], threading.Event()
@@ -110,7 +110,7 @@ def _save_file_child(size_gib: float, out: str, queue) -> None:
 
 def _file_index(sd: dict, max_bytes: int = 500 * 10**6) -> dict[str, int]:
     """The same greedy split export-hf uses, as DCP's fqn_to_index_mapping (files numbered from 1)."""
-    from stager.consumers.export_hf import plan_shards
+    from stager.writers.export_hf import plan_shards
 
     names = list(sd)
     shards = plan_shards([sd[n].numel() * 2 for n in names], max_bytes)
@@ -209,7 +209,7 @@ def main() -> int:
         with DaemonProcess(args=("--memory-limit", f"{int(3 * total)}")) as daemon:
             trainer = run_ranks(_dcp_ranks, 2, daemon.endpoint, args.size_gib, work, timeout=900)
             from stager.client import Subscriber
-            from stager.consumers.write_dcp import write_snapshot_dcp
+            from stager.writers.write_dcp import write_snapshot_dcp
 
             daemon_times = []
             with Subscriber(daemon.endpoint) as sub, sub.latest() as snap:

@@ -187,7 +187,7 @@ def load_hf_part(args, report: dict, tmp: str, state: dict) -> None:
           file=sys.stderr, flush=True)
     from safetensors.torch import save_file
 
-    from stager.consumers.load_hf import load_hf
+    from stager.loaders.load_hf import load_hf
 
     hf = os.path.join(tmp, "hf")
     os.makedirs(hf)

@@ -11,7 +11,10 @@ The packages, in the order data flows through them:
 - :mod:`stager.client` (``client/``): the train-loop hook (``hook``), readers (``readers``) and
   HF adapters (``adapters``). Imports only the protocol.
 - :mod:`stager.daemon`: the per-node daemon. Imports only the protocol.
-- :mod:`stager.consumers`: HF export, DCP writer, integrity checks: clients of the daemon.
+- :mod:`stager.formats`: on-disk formats (HF safetensors, DCP, export manifests), read and written safely.
+- :mod:`stager.loaders`: producers of versions from files (load-hf, load-dcp) and full assembly.
+- :mod:`stager.writers`: consumers that write versions out (export-hf, write-dcp): clients of the daemon.
+- :mod:`stager.integrations`: inference engines (the vLLM weight-transfer backend).
 - :mod:`stager.cli` (the ``stager`` command) and :mod:`stager.dev` (demo, launch helpers).
 
 import-linter contracts in pyproject.toml keep these one-way (tests/test_architecture.py).

@@ -1,4 +1,6 @@
-"""The ``stager`` command: serve, status, demo."""
+"""The ``stager`` command: ``serve`` (the daemon), ``status``, the loaders (``load-hf``, ``load-dcp``),
+the writers (``export-hf``, ``write-dcp``), ``convert``, ``verify``, ``diff``, ``keygen``, ``reclaim``
+and ``demo``. ``serve``'s flags come from :class:`stager.daemon.DaemonConfig` (:mod:`stager.flags`)."""
 
 from __future__ import annotations
 
@@ -35,7 +37,7 @@ def _serve(args: argparse.Namespace) -> int:
             _assembler_environment(config)
         daemon = Daemon(config)
         if config.assemble_full:
-            from stager.consumers.assemble_full import Assembler
+            from stager.loaders.assemble_full import Assembler
 
             daemon.attach(Assembler(daemon.endpoint, daemon.call, daemon.assembly))
     except (ValueError, StagerError) as exc:
@@ -96,7 +98,7 @@ def _one_line_failures(command: str, run) -> int | None:
         print(f"stager {command}: {exc}", file=sys.stderr)
         return 1
     except Exception as exc:  # a bug, or a library's error: one line (the traceback at --log-level DEBUG)
-        from stager.consumers.persist import failure_cause
+        from stager.writers.persist import failure_cause
 
         logging.getLogger("stager.cli").debug("stager %s failed", command, exc_info=exc)
         print(f"stager {command}: {failure_cause(exc)} (unexpected: --log-level DEBUG shows where; please "
@@ -108,7 +110,7 @@ def _one_line_failures(command: str, run) -> int | None:
 def _export_hf(args: argparse.Namespace) -> int:
     """--json: one line per export, ``{"exported": path, "step", "seconds", "bytes", "files"}``;
     a progress bar on stderr when it is a terminal (--no-progress: never)."""
-    from stager.consumers.export_hf import export_hf
+    from stager.writers.export_hf import export_hf
 
     options = dict(adapter=args.adapter, hf_config=args.hf_config, prefix=args.prefix, dtype=args.dtype,
                    max_shard_size=args.max_shard_size, quantize=args.quantize)
@@ -122,7 +124,7 @@ def _export_hf(args: argparse.Namespace) -> int:
         options.update(peft=True, adapter_only=bool(args.adapter_only), base_model=args.adapter_only,
                        lora_alpha=args.lora_alpha)
     if args.distributed:
-        from stager.consumers.export_hf_dist import export_hf_distributed
+        from stager.writers.export_hf_dist import export_hf_distributed
 
         return _distributed(args, "export-hf", "exported", "on_export", export_hf_distributed,
                             hf_assets=args.hf_assets, **options)
@@ -134,10 +136,10 @@ def _export_hf(args: argparse.Namespace) -> int:
 
 def _write_dcp(args: argparse.Namespace) -> int:
     """--json: one line per checkpoint, ``{"written": path, "step", "seconds", "bytes", "files"}``."""
-    from stager.consumers.write_dcp import write_dcp
+    from stager.writers.write_dcp import write_dcp
 
     if args.distributed:
-        from stager.consumers.write_dcp_dist import write_dcp_distributed
+        from stager.writers.write_dcp_dist import write_dcp_distributed
 
         return _distributed(args, "write-dcp", "written", "on_write", write_dcp_distributed)
     reports: dict[str, dict] = {}
@@ -168,12 +170,12 @@ def _load(args: argparse.Namespace) -> int:
     """load-hf / load-dcp / convert: one JSON line with --json (the load's report, or ``{"written": path}``)."""
     try:
         if args.command == "load-hf":
-            from stager.consumers.load_hf import load_hf
+            from stager.loaders.load_hf import load_hf
 
             report = load_hf(args.dir, endpoint=args.endpoint, adapter=args.adapter, step=args.step,
                              dtype=args.dtype, prefix=args.prefix)
         elif args.command == "load-dcp":
-            from stager.consumers.load_dcp import load_dcp
+            from stager.loaders.load_dcp import load_dcp
 
             report = load_dcp(args.dir, endpoint=args.endpoint, step=args.step, model_only=args.model_only)
         else:
@@ -216,7 +218,7 @@ def _load_arguments(p: argparse.ArgumentParser, *, hf: bool, dcp: bool) -> None:
 
 
 def _verify(args: argparse.Namespace) -> int:
-    from stager.consumers.integrity import verify
+    from stager.formats.integrity import verify
 
     try:
         report = verify(args.dir)
@@ -237,7 +239,7 @@ def _verify(args: argparse.Namespace) -> int:
 
 def _tensors_of(source: str, endpoint: str | None):
     """An export directory, or ``step:N`` / ``latest`` for a sealed version (a leased snapshot)."""
-    from stager.consumers.integrity import read_tensors
+    from stager.formats.integrity import read_tensors
 
     if source == "latest" or source.startswith("step:"):
         from stager.client import Subscriber
@@ -249,7 +251,7 @@ def _tensors_of(source: str, endpoint: str | None):
 
 
 def _diff(args: argparse.Namespace) -> int:
-    from stager.consumers.integrity import diff
+    from stager.formats.integrity import diff
 
     close_a = None
     try:  # a damaged export is one line naming what is wrong with which file, never a traceback

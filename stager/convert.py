@@ -1,6 +1,6 @@
 """`stager convert SRC OUT --to {dcp,hf,torch}`: one command per conversion, built on the loaders
 and writers (HF -> DCP, DCP -> HF, DCP or HF -> one ``torch.save`` file). Not a consumer: it runs
-a daemon of its own (``stager.dev.launch``) and the consumers against it.
+a daemon of its own (``stager.dev.launch``) and a loader and a writer against it.
 
 A private daemon is started for the conversion (an owner-only ipc socket in a temporary
 directory), the checkpoint is loaded into it (``load-hf`` / ``load-dcp``: each file byte read once,
@@ -20,8 +20,8 @@ from typing import Any
 
 import torch
 
-from stager.consumers.persist import exact_storage, fsync_path
-from stager.consumers.safe_dcp import METADATA
+from stager.writers.persist import exact_storage, fsync_path
+from stager.formats.safe_dcp import METADATA
 from stager.protocol import ErrorCode, StagerError
 from stager.protocol.shm import SHM_DIR
 
@@ -87,20 +87,20 @@ def convert(src: str, out: str, *, to: str, adapter: str | None = None, dtype: s
     limit = min(4 * _size(src) + (64 << 20), shm.f_blocks * shm.f_frsize)
     with DaemonProcess(args=("--memory-limit", str(limit), "--keep", "1")) as daemon:
         if kind == "hf":
-            from stager.consumers.load_hf import load_hf
+            from stager.loaders.load_hf import load_hf
 
             loaded = load_hf(src, endpoint=daemon.endpoint, adapter=adapter, dtype=dtype, prefix=prefix,
                              step=step, recipe_state=not model_only)
         else:
-            from stager.consumers.load_dcp import load_dcp
+            from stager.loaders.load_dcp import load_dcp
 
             loaded = load_dcp(src, endpoint=daemon.endpoint, step=step, model_only=model_only)
         if to == "dcp":
-            from stager.consumers.write_dcp import write_dcp
+            from stager.writers.write_dcp import write_dcp
 
             return write_dcp(out, endpoint=daemon.endpoint, step=loaded["step"])[0]
         if to == "hf":
-            from stager.consumers.export_hf import export_hf
+            from stager.writers.export_hf import export_hf
 
             return export_hf(out, endpoint=daemon.endpoint, step=loaded["step"], adapter=adapter, dtype=dtype,
                              prefix=prefix, hf_config=hf_config, max_shard_size=max_shard_size, progress=False)[0]

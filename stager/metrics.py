@@ -81,7 +81,7 @@ def tree_bytes(path: str) -> int:
 
 class ConsumerMetrics:
     """A writer's metrics (``consumer`` = ``export-hf`` or ``write-dcp``), fed one report per version
-    by :func:`stager.consumers.persist.for_each_version`'s ``on_report``:
+    by :func:`stager.writers.persist.for_each_version`'s ``on_report``:
     ``{"step", "path", "seconds"}`` for a written version, ``{"step", "error", "seconds"}`` for one
     that could not be written. prometheus-client's metrics are thread-safe: the HTTP thread reads them."""
 

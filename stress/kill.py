@@ -296,7 +296,7 @@ def campaign_daemon(camp: lib.Campaign, rounds: int, rng: random.Random, preallo
 
 def check_out_dir(camp: lib.Campaign, out: str, spec: dict, killed: set[int], verified: set, where: str) -> int:
     """Check every entry of a follower's output directory; returns the number of step directories."""
-    from stager.consumers.integrity import read_tensors, verify
+    from stager.formats.integrity import read_tensors, verify
 
     steps = 0
     if not os.path.isdir(out):

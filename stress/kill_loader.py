@@ -34,7 +34,7 @@ FILES, PER_FILE = 4, 12
 # not the interpreter's start
 LOADER = """
 import sys
-from stager.consumers.load_hf import load_hf
+from stager.loaders.load_hf import load_hf
 print("ready", flush=True)
 sys.stdin.readline()
 load_hf(sys.argv[1], endpoint=sys.argv[2], step=int(sys.argv[3]))

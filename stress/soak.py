@@ -190,7 +190,7 @@ class Outputs:
     @staticmethod
     def inspect(path: str) -> tuple[dict, list[str]]:
         """``verify``'s report on a step directory and its tensors' problems against their step."""
-        from stager.consumers.integrity import read_tensors, verify
+        from stager.formats.integrity import read_tensors, verify
 
         try:
             report = verify(path)

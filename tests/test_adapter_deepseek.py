@@ -11,7 +11,7 @@ import torch
 
 from stager.client.adapters.deepseek import DeepSeekV3Adapter
 from stager.client.adapters import load_adapter, to_hf_items
-from stager.consumers.export_hf import export_snapshot
+from stager.writers.export_hf import export_snapshot
 from stager.protocol import StagerError
 from helpers import lazy_importorskip
 

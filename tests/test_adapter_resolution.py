@@ -19,7 +19,7 @@ from stager.client.adapters import (
     BUILT_IN, Adapter, DeepSeekV3Adapter, PerTensorAdapter, hf_items, hf_names, is_per_tensor, load_adapter,
     resolve_adapter, to_hf_items,
 )
-from stager.consumers.export_hf import export_hf, export_snapshot
+from stager.writers.export_hf import export_hf, export_snapshot
 from stager.protocol import ErrorCode, StagerError
 from stager.protocol.dtypes import torch_names
 

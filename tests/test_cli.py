@@ -183,8 +183,8 @@ def test_curve_authenticated_tcp(curve_keys, monkeypatch):
 
 
 @pytest.mark.parametrize("command,module,name", [
-    ("write-dcp", "stager.consumers.write_dcp_dist", "write_dcp_distributed"),
-    ("export-hf", "stager.consumers.export_hf_dist", "export_hf_distributed"),
+    ("write-dcp", "stager.writers.write_dcp_dist", "write_dcp_distributed"),
+    ("export-hf", "stager.writers.export_hf_dist", "export_hf_distributed"),
 ])
 def test_a_distributed_writer_fails_in_one_line_and_prints_its_path_without_a_report(command, module, name,
                                                                                    tmp_path, monkeypatch, capsys):

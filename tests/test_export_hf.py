@@ -10,7 +10,7 @@ import torch
 
 from native_llama import NativeLlama
 from stager.client import StagingClient
-from stager.consumers.export_hf import export_hf
+from stager.writers.export_hf import export_hf
 from helpers import CONFIG, lazy_importorskip
 
 transformers = lazy_importorskip("transformers")
@@ -72,7 +72,7 @@ def test_dtype_assets_keep_and_cli(staged_llama, tmp_path):
 
 def test_interrupted_export_leaves_nothing_that_looks_complete(staged_llama, tmp_path, monkeypatch):
     d, _ = staged_llama
-    import stager.consumers.export_hf as mod
+    import stager.writers.export_hf as mod
 
     calls = []
     real = mod.write_safetensors

@@ -14,7 +14,7 @@ from helpers import CONFIG
 from stager.client import StagingClient, Subscriber
 from stager.client.adapters import load_adapter
 from stager.client.admin import daemon_status
-from stager.consumers.export_hf import export_snapshot
+from stager.writers.export_hf import export_snapshot
 
 DEEPSEEK = {"vocab_size": 64, "hidden_size": 32, "moe_intermediate_size": 16, "intermediate_size": 48,
             "num_hidden_layers": 2, "first_k_dense_replace": 1, "num_attention_heads": 4, "n_routed_experts": 8,

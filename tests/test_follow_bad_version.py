@@ -15,7 +15,7 @@ from helpers import CONFIG, wait_until
 from native_llama import NativeLlama
 
 from stager.client import StagingClient, Subscriber
-from stager.consumers.persist import for_each_version, step_dirname, step_of_dirname
+from stager.writers.persist import for_each_version, step_dirname, step_of_dirname
 from stager.protocol import HFConfigError
 
 # the model_info: passes staging's validation, then every HF consumer tripped over it
@@ -118,7 +118,7 @@ def test_a_follower_survives_any_failure_of_one_version(make_daemon, tmp_path, c
     _stage(d.endpoint, 1, None, {"w": torch.ones(4)})
     follower = threading.Thread(target=lambda: result.update(paths=for_each_version(
         write, out, endpoint=d.endpoint, follow=True, max_writes=1, on_report=reports.append)), daemon=True)
-    with caplog.at_level(logging.INFO, logger="stager.consumers.persist"):
+    with caplog.at_level(logging.INFO, logger="stager.writers.persist"):
         follower.start()
         wait_until(lambda: reports or not follower.is_alive(), timeout=60)
         assert follower.is_alive(), "the follower stopped on step 1"
@@ -126,7 +126,7 @@ def test_a_follower_survives_any_failure_of_one_version(make_daemon, tmp_path, c
         follower.join(60)
     assert not follower.is_alive() and result["paths"] == [os.path.join(out, step_dirname(2))]
     assert [r["step"] for r in reports] == [1, 2] and reports[0]["error"] and "error" not in reports[1]
-    records = [r for r in caplog.records if r.name == "stager.consumers.persist"]
+    records = [r for r in caplog.records if r.name == "stager.writers.persist"]
     assert len(records) == 1 and records[0].levelno == logging.ERROR and records[0].exc_info is None
     line = records[0].getMessage()
     assert "step 1" in line and type(exc).__name__ in line and "\n" not in line

@@ -14,8 +14,8 @@ from helpers import lazy_importorskip, vllm_per_block_cast_to_fp8
 from native_llama import NativeLlama
 from stager.client import StagingClient, Subscriber
 from stager.client.adapters.fp8_scope import llama_fp8_weight
-from stager.consumers.export_hf import export_hf, plan_export, write_files
-from stager.consumers.hf_checkpoint import read_header
+from stager.writers.export_hf import export_hf, plan_export, write_files
+from stager.formats.hf_checkpoint import read_header
 from stager.protocol import ErrorCode, StagerError
 from stager.protocol.fp8_block import E4M3, dequantize_block_fp8
 

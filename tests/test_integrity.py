@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from stager.client import StagingClient
-from stager.consumers.integrity import diff, read_tensors, verify
-from stager.consumers.write_dcp import write_dcp
+from stager.formats.integrity import diff, read_tensors, verify
+from stager.writers.write_dcp import write_dcp
 
 
 def stager(*args):
@@ -35,7 +35,7 @@ def staged(make_daemon):
 
 
 def test_verify_hf_and_dcp_exports_and_find_a_flipped_byte(staged, tmp_path):
-    from stager.consumers.export_hf import export_hf
+    from stager.writers.export_hf import export_hf
 
     d, sd = staged
     (hf,) = export_hf(str(tmp_path / "hf"), endpoint=d.endpoint)
@@ -78,7 +78,7 @@ class _RunsCode:
 def _plain_dcp(path, state=None):
     import torch.distributed.checkpoint as dcp
 
-    from stager.consumers.integrity import entry, write_manifest
+    from stager.formats.integrity import entry, write_manifest
 
     state = state if state is not None else {"w": torch.arange(12.0).view(3, 4), "b": torch.ones(5, dtype=torch.bfloat16)}
     dcp.save(state, storage_writer=dcp.FileSystemWriter(str(path)), no_dist=True)
@@ -90,7 +90,7 @@ def test_hostile_dcp_metadata_never_runs(tmp_path, capsys):
     import pickle
 
     from stager.cli import main
-    from stager.consumers.integrity import UnsafeCheckpoint
+    from stager.formats.integrity import UnsafeCheckpoint
 
     good = _plain_dcp(tmp_path / "good")
     assert verify(good)["ok"]  # the restricted reader still reads an ordinary checkpoint
@@ -167,7 +167,7 @@ def test_damaged_dcp_diff_from_the_command_line(tmp_path):
 
 
 def test_checksum_of_a_strided_view_is_that_of_its_values():
-    from stager.consumers.integrity import checksum
+    from stager.formats.integrity import checksum
 
     base = torch.randn(64, 48).bfloat16()
     for view in (base[:, 3:4], base.t(), base[::2, 5:9]):

@@ -143,7 +143,7 @@ def test_complete_steps_and_reasons():
 
 
 def test_each_region_is_written_once_by_a_node_holding_it():
-    from stager.consumers.write_dcp_dist import assign_regions
+    from stager.writers.write_dcp_dist import assign_regions
 
     placement = {"w": [((0,), (2,), ["a"]), ((2,), (2,), ["b"])],
                  "r": [((i,), (1,), ["a", "b"]) for i in range(16)]}  # replicas on both nodes
@@ -160,7 +160,7 @@ def test_each_region_is_written_once_by_a_node_holding_it():
 def test_each_file_goes_to_the_node_holding_most_of_it():
     from types import SimpleNamespace as NS
 
-    from stager.consumers.export_hf_dist import assign_files
+    from stager.writers.export_hf_dist import assign_files
 
     tensors = [NS(source="x"), NS(source="y"), NS(source="z"), NS(source="")]
     ep = NS(tensors=tensors, sizes=[40, 10, 10, 4], files=[[0, 1], [2], [3]])

@@ -13,10 +13,10 @@ from safetensors.torch import load_file, save_file
 from stager.client import StagingClient, Subscriber
 from stager.client.adapters import load_adapter
 from stager.client.admin import daemon_status
-from stager.consumers.hf_checkpoint import CheckpointError
-from stager.consumers.integrity import verify
-from stager.consumers.load_dcp import load_dcp
-from stager.consumers.load_hf import load_hf
+from stager.formats.hf_checkpoint import CheckpointError
+from stager.formats.integrity import verify
+from stager.loaders.load_dcp import load_dcp
+from stager.loaders.load_hf import load_hf
 from stager.protocol import ErrorCode
 
 CONFIG = {"vocab_size": 96, "hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": 2,
@@ -176,7 +176,7 @@ def test_a_damaged_checkpoint_is_a_typed_error_naming_file_and_tensor_and_leaves
 def test_load_dcp_of_write_dcp_and_of_plain_dcp_save_with_the_train_state(make_daemon, tmp_path):
     import torch.distributed.checkpoint as dcp
 
-    from stager.consumers.write_dcp import write_dcp
+    from stager.writers.write_dcp import write_dcp
 
     d = make_daemon()
     state = {"model": {"w": torch.randn(6, 4), "b": torch.randn(3).bfloat16()},
@@ -233,7 +233,7 @@ def test_convert_hf_to_dcp_to_hf_and_to_one_torch_save_file(tmp_path):
 
 
 def test_an_hf_export_with_recipe_state_resumes_model_optimizer_and_train_state(make_daemon, tmp_path):
-    from stager.consumers.export_hf import export_hf
+    from stager.writers.export_hf import export_hf
 
     native = load_adapter("llama3", CONFIG).from_hf(hf_llama(5))
     optim = {f"state.{k}.exp_avg": torch.randn(v.shape) for k, v in list(native.items())[:4]}
@@ -260,7 +260,7 @@ def test_an_hf_export_with_recipe_state_resumes_model_optimizer_and_train_state(
 
 
 def test_a_load_that_fails_while_reading_aborts_its_step_and_leaves_no_version(make_daemon, tmp_path, monkeypatch):
-    import stager.consumers.load_hf as loader
+    import stager.loaders.load_hf as loader
 
     d = make_daemon()
     src = save_sharded(hf_llama(), str(tmp_path / "hf"))
@@ -282,7 +282,7 @@ def test_a_load_that_fails_while_reading_aborts_its_step_and_leaves_no_version(m
 
 _STALLING_LOADER = """
 import os, sys, threading
-import stager.consumers.load_hf as loader
+import stager.loaders.load_hf as loader
 real, calls = loader.SegmentFile.copy_from, []
 
 def stalling(self, src_fd, src_offset, dst):  # half-way through: say so, then wait to be killed
@@ -325,7 +325,7 @@ def test_a_loader_killed_mid_load_leaves_no_version_and_the_next_load_succeeds(m
 @pytest.fixture
 def segment_file():
     """A segment file of this user, as a daemon would create it, with a SegmentFile onto it."""
-    from stager.consumers.ingest import SegmentFile
+    from stager.loaders.ingest import SegmentFile
     from stager.protocol.shm import segment_name, segment_path
 
     name = segment_name(os.getpid(), "segfile", 7)
@@ -341,7 +341,7 @@ def test_segment_file_copies_and_falls_back_to_a_buffer_where_the_source_cannot_
                                                                                      monkeypatch):
     import errno
 
-    from stager.consumers.ingest import SegmentRange
+    from stager.loaders.ingest import SegmentRange
 
     data = torch.arange(1000, dtype=torch.float32)
     src = tmp_path / "src.bin"
@@ -367,7 +367,7 @@ def test_segment_file_copies_and_falls_back_to_a_buffer_where_the_source_cannot_
 def test_segment_file_never_writes_a_file_put_under_the_segments_name_since(segment_file):
     import threading
 
-    from stager.consumers.ingest import SegmentRange
+    from stager.loaders.ingest import SegmentRange
     from stager.protocol import StagerError
 
     os.unlink(segment_file.path)  # the daemon failed the step; then someone creates a file of that name
@@ -390,7 +390,7 @@ def test_segment_file_never_writes_a_file_put_under_the_segments_name_since(segm
 
 
 def test_convert_to_torch_writes_each_byte_once_and_loaded_tensors_carry_nothing_of_stager(make_daemon, tmp_path):
-    from stager.consumers.write_dcp import write_dcp
+    from stager.writers.write_dcp import write_dcp
 
     g = torch.Generator().manual_seed(3)
     model = {f"layers.{i}.w": torch.randn(64, 64, generator=g) for i in range(8)}

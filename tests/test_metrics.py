@@ -236,7 +236,7 @@ def _free_port() -> int:
 
 
 def test_consumer_metrics_in_process(make_daemon, tmp_path):
-    from stager.consumers.write_dcp import write_dcp
+    from stager.writers.write_dcp import write_dcp
 
     d = make_daemon(keep=4)
     metrics = ConsumerMetrics("write-dcp", "127.0.0.1:0")

@@ -57,7 +57,7 @@ def test_two_nodes_fsdp_hsdp_tp_every_reader_sees_whole_versions(tmp_path):
         # one DCP writer reading everything through node-1's daemon: plain dcp.load reads it
         import torch.distributed.checkpoint as dcp
 
-        from stager.consumers.write_dcp import write_dcp
+        from stager.writers.write_dcp import write_dcp
 
         path = write_dcp(str(tmp_path / "dcp"), endpoint=cluster.endpoints[1])[0]
         template = {k: torch.zeros_like(v) for k, v in expected.items()}
@@ -106,7 +106,7 @@ def test_a_restarted_multi_node_job_restores_from_every_node_at_another_world_si
 def test_three_nodes_uneven_fsdp_hf_view_and_export_from_any_daemon(tmp_path):
     from safetensors.torch import load_file
 
-    from stager.consumers.export_hf import export_hf
+    from stager.writers.export_hf import export_hf
 
     hf = load_adapter("llama3", LLAMA_CONFIG).to_hf(llama_full(3))
     with SimulatedCluster(3, args=LIMIT) as cluster:
@@ -197,7 +197,7 @@ def test_one_dcp_writer_per_node_writes_one_checkpoint_dcp_loads_at_any_world_si
     import torch.distributed.checkpoint as dcp
     from dist_jobs import dcp_node_writer, load_dcp_sharded
 
-    from stager.consumers.integrity import verify
+    from stager.formats.integrity import verify
 
     with SimulatedCluster(2, args=LIMIT) as cluster:
         run_ranks(multi_node_stage, 4, [1, 2], nodes=cluster.nodes)
@@ -220,7 +220,7 @@ def test_one_dcp_writer_per_node_writes_one_checkpoint_dcp_loads_at_any_world_si
 def test_one_hf_exporter_per_node_writes_the_single_exporters_bytes(tmp_path):
     from dist_jobs import hf_node_exporter
 
-    from stager.consumers.export_hf import export_hf
+    from stager.writers.export_hf import export_hf
 
     with SimulatedCluster(2, args=LIMIT) as cluster:
         run_ranks(stage_fsdp_llama, 4, [5], nodes=cluster.nodes)

@@ -13,9 +13,9 @@ transformers = lazy_importorskip("transformers")
 
 from stager.client import StagingClient, Subscriber  # noqa: E402
 from stager.client.adapters import load_adapter  # noqa: E402
-from stager.consumers.export_hf import export_hf  # noqa: E402
-from stager.consumers.export_peft import lora_modules  # noqa: E402
-from stager.consumers.integrity import verify  # noqa: E402
+from stager.writers.export_hf import export_hf  # noqa: E402
+from stager.writers.export_peft import lora_modules  # noqa: E402
+from stager.formats.integrity import verify  # noqa: E402
 from stager.protocol import StagerError  # noqa: E402
 
 CONFIG = {"vocab_size": 96, "hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": 2,

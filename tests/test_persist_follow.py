@@ -11,8 +11,8 @@ import torch
 from helpers import wait_until
 
 from stager.client import StagingClient
-from stager.consumers.persist import prune, step_dirname, step_of_dirname
-from stager.consumers.write_dcp import write_dcp
+from stager.writers.persist import prune, step_dirname, step_of_dirname
+from stager.writers.write_dcp import write_dcp
 
 
 def _steps_in(out_dir):
@@ -72,7 +72,7 @@ def test_export_hf_cli_follows_until_interrupted(make_daemon, tmp_path):
 
 
 def test_a_follower_that_cannot_write_one_version_goes_on_to_the_next(make_daemon, tmp_path, caplog):
-    from stager.consumers.export_hf import export_hf
+    from stager.writers.export_hf import export_hf
 
     d = make_daemon()
     out = str(tmp_path / "hf")
@@ -84,7 +84,7 @@ def test_a_follower_that_cannot_write_one_version_goes_on_to_the_next(make_daemo
         follower = threading.Thread(target=lambda: result.update(paths=export_hf(
             out, endpoint=d.endpoint, follow=True, max_exports=1, progress=False)), daemon=True)
         follower.start()
-        with caplog.at_level("ERROR", logger="stager.consumers.persist"):
+        with caplog.at_level("ERROR", logger="stager.writers.persist"):
             wait_until(lambda: "step 1 was not written" in caplog.text)
         client.stage({"w": torch.full((4,), 2.0)}, step=2,
                      model_info={"adapter": "identity", "hf_config": {"model_type": "test"}}).wait(30)
@@ -98,7 +98,7 @@ def test_exact_storage_is_the_same_memory_keeps_it_mapped_and_carries_nothing_of
     import mmap
     import weakref
 
-    from stager.consumers.persist import exact_storage
+    from stager.writers.persist import exact_storage
 
     mapping = mmap.mmap(-1, 1 << 20)  # as a segment is mapped: the tensor owns the mapping
     alive = weakref.ref(mapping)

@@ -81,7 +81,7 @@ def test_no_pickle_in_the_code():
     DCP's metadata classes (find_class), and it never touches a socket."""
     root = pathlib.Path(__file__).resolve().parents[1]
     pattern = re.compile(r"\bimport pickle\b|\bcloudpickle\b|send_pyobj|recv_pyobj|torch\.load\(")
-    restricted = root / "stager" / "consumers" / "safe_dcp.py"
+    restricted = root / "stager" / "formats" / "safe_dcp.py"
     offenders = [str(p) for d in ("stager", "client", "protocol") for p in (root / d).rglob("*.py")
                  if pattern.search(p.read_text()) and p != restricted]
     assert offenders == []
@@ -154,7 +154,7 @@ def test_repeated_log_lines_are_rate_limited():
 
 
 def test_a_link_planted_at_a_segment_name_is_never_followed(tmp_path):
-    from stager.consumers.ingest import SegmentFile
+    from stager.loaders.ingest import SegmentFile
     from stager.protocol.shm import map_segment, segment_name, segment_path
 
     victim = tmp_path / "victim"

@@ -6,8 +6,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from stager.consumers import safetensors_io
-from stager.consumers.safetensors_io import tensor_bytes, write_safetensors
+from stager.formats import safetensors_io
+from stager.formats.safetensors_io import tensor_bytes, write_safetensors
 
 pytestmark = pytest.mark.fast  # the fast tier: no daemon process, no torch.distributed job
 

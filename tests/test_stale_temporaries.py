@@ -7,7 +7,7 @@ import sys
 import pytest
 import torch
 
-from stager.consumers.persist import remove_stale_temporaries, step_directory
+from stager.writers.persist import remove_stale_temporaries, step_directory
 
 pytestmark = pytest.mark.fast  # the fast tier: no daemon process, no torch.distributed job
 

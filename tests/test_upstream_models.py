@@ -343,7 +343,7 @@ def stage_fsdp2_deepseek(rank, world, endpoint, hf_cfg):
 def test_fsdp2_deepseek_v3_staged_exports_and_loads_with_from_pretrained(tmp_path):
     import transformers
 
-    from stager.consumers.export_hf import export_hf
+    from stager.writers.export_hf import export_hf
     from stager.dev.launch import DaemonProcess, run_ranks
 
     cfg = dsv3_sigmoid_config()
@@ -369,7 +369,7 @@ def test_a_transformers_checkpoint_loads_and_restores_into_torchtitan_with_its_l
     import transformers
 
     from stager.client import StagingClient
-    from stager.consumers.load_hf import load_hf
+    from stager.loaders.load_hf import load_hf
     from stager.dev.launch import DaemonProcess
 
     name, make_config = {"llama3 gqa": CASES["llama3 gqa"], "deepseek_v3": ("deepseek_v3", dsv3_sigmoid_config)}[case]

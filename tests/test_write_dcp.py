@@ -18,7 +18,7 @@ def fsdp_stage_then_load_as_tp(rank, world, endpoint, out_dir):
 
     from stager.client import StagingClient
     from stager.dev.demo import sharded_model
-    from stager.consumers.write_dcp import write_dcp
+    from stager.writers.write_dcp import write_dcp
 
     model, optim = sharded_model(world)
     mesh = init_device_mesh("cpu", (world,))
@@ -89,7 +89,7 @@ def test_dcp_files_hold_each_tensor_byte_once(make_daemon, tmp_path):
     import torch.distributed.checkpoint as dcp
 
     from stager.client import StagingClient
-    from stager.consumers.write_dcp import write_dcp
+    from stager.writers.write_dcp import write_dcp
 
     g = torch.Generator().manual_seed(5)
     model = {f"layers.{i}.w": torch.randn(64, 64, generator=g) for i in range(8)}

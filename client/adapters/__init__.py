@@ -5,7 +5,7 @@ torchtitan's StateDictAdapter shape, so theirs plug in as ``adapter="pkg.module:
 objects); built-in ones are :class:`PerTensorAdapter` s that also convert one tensor at a time.
 Readers and exporters pick the adapter with :func:`resolve_adapter` and apply it with
 :func:`hf_names` / :func:`hf_items` / :func:`to_hf_items` (see :mod:`.base`). May import
-:mod:`stager.protocol` and torch only: readers and consumers import adapters, never the reverse.
+:mod:`stager.protocol` and torch only: readers, loaders and writers import adapters, never the reverse.
 
 >>> a = load_adapter("llama3", {"hidden_size": 8, "num_attention_heads": 2, "num_key_value_heads": 1})
 >>> [k for k, _ in hf_items(a, "layers.0.feed_forward.w1.weight", torch.zeros(16, 8))]

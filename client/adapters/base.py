@@ -37,7 +37,7 @@ __all__ = ["Adapter", "HFTensor", "IdentityAdapter", "PerTensorAdapter", "adapte
            "unpermute_from_hf_rotary"]
 
 # LoRA weights beside a linear layer's weight, as torchtune names them: no base model tensor of any
-# adapter, so HF views and exports leave them out (PEFT export: stager/consumers/export_peft.py)
+# adapter, so HF views and exports leave them out (PEFT export: stager/writers/export_peft.py)
 LORA_NAME = re.compile(r"^(?P<module>.+)\.lora_(?P<which>[ab])\.weight$")
 
 

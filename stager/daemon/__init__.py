@@ -8,7 +8,7 @@ dependency order over one shared state (``handlers``, ``state``, ``peers``, ``st
 segments it owns (``segments``).
 
 What it may import: :mod:`stager.protocol` and third-party libraries. Never :mod:`stager.client`
-or anything built on it (consumers, CLI, dev tools): the daemon speaks to clients only through
+or anything built on it (loaders, writers, CLI, dev tools): the daemon speaks to clients only through
 the protocol (checked by import-linter in CI).
 """
 

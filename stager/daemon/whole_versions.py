@@ -10,7 +10,7 @@ Two halves, one per thread:
   trainer's steps always come first and may evict assembled versions like any other), and, once
   the bytes are in, swaps the node's partial version of the step for the whole one. Readers that
   leased the partial version keep it until they release it (an orphan, as after a rollback).
-- :class:`~stager.consumers.assemble_full.Assembler` is a background thread that reads each
+- :class:`~stager.loaders.assemble_full.Assembler` is a background thread that reads each
   newly complete version of the job like any reader (``Subscriber``: its own node's regions
   through shared memory, the others' as frames over the authenticated transport) straight into
   the new segment. It is a client (the daemon never imports the client), attached by ``stager

@@ -1,5 +1,5 @@
 """Developer tools: the demo (``demo``) and launching a daemon plus a multi-process gloo job (``launch``).
 
-Used by ``stager demo``, the tests and the benchmarks. May import the client and the consumers;
+Used by ``stager demo``, the tests and the benchmarks. May import the client, the loaders and the writers;
 starts the daemon only as a subprocess (``python -m stager.cli serve``), never by importing it.
 """

@@ -14,7 +14,7 @@ The adapter, the HF config and the prefix of the model's tensors travel with eac
 and the exporter take them from there.
 
 The two writers run in threads of this process, in the loop ``--follow`` runs
-(:func:`stager.consumers.persist.for_each_version` around ``export_snapshot`` /
+(:func:`stager.writers.persist.for_each_version` around ``export_snapshot`` /
 ``write_snapshot_dcp``, exactly what ``export_hf`` / ``write_dcp`` compose), timed per version.
 
 At the end every output is checked against the trainer's unsharded state at that step, bit for
@@ -194,7 +194,7 @@ class _Follower(threading.Thread):
     def run(self) -> None:
         importlib.import_module("torch.distributed.checkpoint")  # once per writer process, not a version's time
 
-        from stager.consumers.persist import for_each_version
+        from stager.writers.persist import for_each_version
 
         def timed(snap) -> str:
             t0 = time.perf_counter()
@@ -242,7 +242,7 @@ def _check_rollout(records: list[dict], tmp: str, expected_hf: Callable[[int], d
 def _check_export(records: list[dict], out: str, expected_hf: Callable[[int], dict], hf_config: dict) -> dict:
     from safetensors.torch import load_file
 
-    from stager.consumers.integrity import verify
+    from stager.formats.integrity import verify
 
     bad = {}
     for r in records:
@@ -295,8 +295,8 @@ def _run(steps: int, every: int, tmp: str) -> dict:
     import multiprocessing as mp
 
     from stager.client.adapters import load_adapter
-    from stager.consumers.export_hf import export_snapshot
-    from stager.consumers.write_dcp import write_snapshot_dcp
+    from stager.writers.export_hf import export_snapshot
+    from stager.writers.write_dcp import write_snapshot_dcp
     from stager.dev.tiny_llama import HF_CONFIG
 
     ctx = mp.get_context("spawn")

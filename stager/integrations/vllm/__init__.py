@@ -6,7 +6,7 @@ by :mod:`.plugin` through the ``vllm.general_plugins`` entry point. Driver side 
 :class:`Follower` keeps them within ``k`` steps of the newest version. Errors: :mod:`.errors`.
 
 Nothing here imports vLLM until an engine is used: ``import stager.integrations.vllm`` works
-without it. May import :mod:`stager.protocol`, :mod:`stager.client` and :mod:`stager.consumers`.
+without it. May import :mod:`stager.protocol`, :mod:`stager.client` and :mod:`stager.formats`.
 """
 
 from .driver import EngineResult, Follower, UpdateResult, update, weight_checksums

@@ -32,7 +32,7 @@ def checkpoint_shapes(model_path: str | None) -> dict[str, tuple[int, ...]] | No
     or None when ``model_path`` is no local directory of safetensors (a hub name, a dummy load)."""
     if not model_path or not os.path.isdir(model_path):
         return None
-    from stager.consumers.hf_checkpoint import open_checkpoint
+    from stager.formats.hf_checkpoint import open_checkpoint
     from stager.protocol import StagerError
 
     try:

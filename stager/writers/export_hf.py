@@ -32,10 +32,10 @@ from stager.client.readers.snapshot import Snapshot
 from stager.protocol import ErrorCode, StagerError
 from stager.protocol.dtypes import parse_dtype
 from stager.protocol.fp8_block import E4M3, quantize_block_fp8, scale_shape
-from stager.consumers.export_peft import write_peft
-from stager.consumers.integrity import MANIFEST, entry, spec_entry, write_manifest
-from stager.consumers.persist import for_each_version, step_directory, step_path
-from stager.consumers.safetensors_io import write_safetensors
+from stager.writers.export_peft import write_peft
+from stager.formats.integrity import MANIFEST, entry, spec_entry, write_manifest
+from stager.writers.persist import for_each_version, step_directory, step_path
+from stager.formats.safetensors_io import write_safetensors
 
 log = logging.getLogger("stager.export")
 RECIPE_TENSORS, RECIPE_JSON = "recipe_state.safetensors", "recipe_state.json"
@@ -237,7 +237,7 @@ def write_recipe_state(snapshot: Any, ep: ExportPlan, tmp: str, prefix: str | No
     under its native name, in ``recipe_state.safetensors``, and the step and non-tensor state in
     ``recipe_state.json``. ``load-hf`` brings both back. Their manifest entries go to ``manifest``
     (``stager verify`` checks them). Returns the tensors written."""
-    from stager.consumers.integrity import json_objects
+    from stager.formats.integrity import json_objects
 
     exported = {p.source for p in ep.tensors}
     if "" in exported:  # a whole-dict adapter says nothing per tensor: the model is what is under the prefix

@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import os
+import warnings
 import pickle  # only through _MetadataUnpickler, which admits DCP's metadata classes and nothing else
 from typing import Any
 
@@ -37,6 +38,14 @@ _ALLOWED: dict[str, frozenset[str]] = {
     "collections": frozenset({"OrderedDict"}),
     "builtins": frozenset({"set", "frozenset", "slice"}),
 }
+
+
+def quiet_single_process_dcp() -> None:
+    """torch warns on every single-process DCP save/load, even with ``no_dist=True``; stager's writer
+    and verifier are one process on purpose. Filter exactly that message (process-wide, idempotent)."""
+    warnings.filterwarnings("ignore", category=UserWarning,
+                            message=r"torch\.distributed is (disabled, )?unavailable or uninitialized, assuming the "
+                                    r"intent is to (save|load) in a single process")
 
 
 class UnsafeCheckpoint(StagerError):

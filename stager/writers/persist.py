@@ -21,16 +21,8 @@ import torch
 
 from stager.protocol import StagerError
 
-log = logging.getLogger("stager.consumers.persist")
+log = logging.getLogger("stager.writers.persist")
 _STEP_DIR = re.compile(r"step-(\d{8,})")  # zero-padded to 8 digits, wider past 10**8
-
-
-def quiet_single_process_dcp() -> None:
-    """torch warns on every single-process DCP save/load, even with ``no_dist=True``; stager's writer
-    and verifier are one process on purpose. Filter exactly that message (process-wide, idempotent)."""
-    warnings.filterwarnings("ignore", category=UserWarning,
-                            message=r"torch\.distributed is (disabled, )?unavailable or uninitialized, assuming the "
-                                    r"intent is to (save|load) in a single process")
 
 
 def exact_storage(t: torch.Tensor) -> torch.Tensor:

@@ -42,13 +42,13 @@ from stager.protocol import ErrorCode, StagerError, dtype_name
 from stager.protocol.dtypes import FLOAT8_DTYPES, parse_dtype
 from stager.protocol.quant import QuantSpec, dequantize, scale_blocks
 
-from .hf_checkpoint import (
+from stager.formats.hf_checkpoint import (
     RECIPE, CheckpointError, HFCheckpoint, StoredTensor, open_checkpoint, read_header, read_into, read_json,
     read_tensor,
 )
 from .ingest import IngestSession, SegmentFile, SegmentRange, no_trainer_hint
 
-log = logging.getLogger("stager.consumers.load")
+log = logging.getLogger("stager.loaders")
 _EXPERT = re.compile(r"\.experts\.\d+\.")
 MEMORY_BUDGET = 1 << 30  # bytes of converted tensors held at once (a larger single group runs alone)
 

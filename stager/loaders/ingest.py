@@ -44,7 +44,7 @@ from stager.protocol.dtypes import dtype_from_name
 from stager.protocol.layout import Box, PlanEntry, plan_digest
 from stager.protocol.shm import SHM_DIR, segment_path
 
-log = logging.getLogger("stager.consumers.ingest")
+log = logging.getLogger("stager.loaders.ingest")
 PUT_BATCH_BYTES = 64 << 20  # frames to a daemon on another host: bounds memory on both sides
 SENDFILE_CHUNK = 1 << 30  # Linux moves at most ~2 GiB per sendfile call
 COPY_BUFFER = 64 << 20  # the buffer of a copy from a file system that cannot splice

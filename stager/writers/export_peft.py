@@ -25,8 +25,8 @@ from stager.client.adapters import hf_items
 from stager.client.adapters.base import LORA_NAME as LORA
 from stager.protocol import ErrorCode, StagerError
 
-from .integrity import spec_entry
-from .safetensors_io import write_safetensors
+from stager.formats.integrity import spec_entry
+from stager.formats.safetensors_io import write_safetensors
 
 ADAPTER_WEIGHTS, ADAPTER_CONFIG = "adapter_model.safetensors", "adapter_config.json"
 

@@ -16,11 +16,10 @@ from typing import Any, Iterator, Mapping
 
 import torch
 
-from stager.consumers.persist import quiet_single_process_dcp
-from stager.consumers.safetensors_io import tensor_bytes
-from stager.consumers.safe_dcp import (  # noqa: F401  (UnsafeCheckpoint: raised through read_tensors)
-    METADATA, DamagedCheckpoint, UnsafeCheckpoint, read_dcp_tensors,
+from stager.formats.safe_dcp import (  # noqa: F401  (UnsafeCheckpoint: raised through read_tensors)
+    METADATA, DamagedCheckpoint, UnsafeCheckpoint, quiet_single_process_dcp, read_dcp_tensors,
 )
+from stager.formats.safetensors_io import tensor_bytes
 from stager.protocol import ErrorCode, StagerError
 
 quiet_single_process_dcp()
@@ -94,7 +93,7 @@ def read_tensors(path: str) -> Iterator[tuple[str, torch.Tensor]]:
     """``(name, tensor)`` of an HF (safetensors) or DCP export directory, one tensor at a time for HF.
 
     A directory from elsewhere never runs code: DCP metadata is unpickled with only DCP's own
-    classes allowed (:mod:`stager.consumers.safe_dcp`, else :class:`UnsafeCheckpoint`) and only
+    classes allowed (:mod:`stager.formats.safe_dcp`, else :class:`UnsafeCheckpoint`) and only
     tensors are read. A damaged file raises :class:`DamagedCheckpoint` naming it."""
     files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
     if files:

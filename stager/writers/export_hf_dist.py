@@ -1,6 +1,6 @@
 """`stager export-hf --distributed`: one HF exporter per node of a multi-node job, one export.
 
-The exporters (:class:`~stager.consumers.node_writers.NodeWriters`: one per node, ranks of a gloo
+The exporters (:class:`~stager.writers.node_writers.NodeWriters`: one per node, ranks of a gloo
 group started by torchrun) plan the export exactly as a single exporter does (the same files,
 the same tensors in each), and each writes the files whose bytes its node holds most of, reading
 its node's regions through shared memory and fetching only the regions it lacks from the nodes
@@ -15,10 +15,10 @@ import math
 import time
 from typing import Any, Callable
 
-from stager.consumers.export_hf import ExportPlan, finish_export, plan_export, write_files
-from stager.consumers.node_writers import NodeWriters, gather
+from stager.writers.export_hf import ExportPlan, finish_export, plan_export, write_files
+from stager.writers.node_writers import NodeWriters, gather
 
-log = logging.getLogger("stager.consumers.persist")
+log = logging.getLogger("stager.writers.persist")
 
 
 def assign_files(ep: ExportPlan, placement: dict[str, list[tuple[tuple, tuple, list[str]]]],
@@ -55,7 +55,7 @@ def export_hf_distributed(out_dir: str, *, endpoint: str | None = None, step: in
                           **options: Any) -> str:
     """Export version ``step`` (default: the newest complete one) of the job, this process writing
     the files its node holds most of; a collective over the exporters. ``options``: adapter,
-    hf_config, dtype, max_shard_size, prefix (see :func:`~stager.consumers.export_hf.plan_export`).
+    hf_config, dtype, max_shard_size, prefix (see :func:`~stager.writers.export_hf.plan_export`).
     ``on_export`` gets what a single exporter reports (``exported``, ``step``, ``seconds``, and
     ``bytes`` and ``files``: this exporter's share) plus ``writer`` (its rank), ``writers``, ``node``
     and ``published`` (true on the one exporter that wrote the index and renamed the directory)."""

@@ -19,13 +19,13 @@ from typing import Any, Callable
 
 import torch
 
-from stager.consumers.integrity import checksum, write_manifest
-from stager.consumers.node_writers import NodeWriters, gather
-from stager.consumers.persist import exact_storage
-from stager.consumers.write_dcp import data_files
+from stager.formats.integrity import checksum, write_manifest
+from stager.writers.node_writers import NodeWriters, gather
+from stager.writers.persist import exact_storage
+from stager.writers.write_dcp import data_files
 from stager.protocol import ErrorCode, StagerError
 
-log = logging.getLogger("stager.consumers.persist")
+log = logging.getLogger("stager.writers.persist")
 
 
 def assign_regions(placement: dict[str, list[tuple[tuple, tuple, list[str]]]], writers: list[str]

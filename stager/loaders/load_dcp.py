@@ -23,10 +23,10 @@ from typing import Any
 from stager.protocol import ErrorCode, StagerError
 
 from .ingest import IngestSession, no_trainer_hint
-from .integrity import MANIFEST
-from .safe_dcp import METADATA, DamagedCheckpoint, load_into, safe_reader
+from stager.formats.integrity import MANIFEST
+from stager.formats.safe_dcp import METADATA, DamagedCheckpoint, load_into, safe_reader
 
-log = logging.getLogger("stager.consumers.load")
+log = logging.getLogger("stager.loaders")
 
 
 def _manifest(directory: str) -> dict:

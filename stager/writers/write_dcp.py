@@ -18,13 +18,12 @@ from typing import Any, Callable
 
 import torch
 
-from stager.consumers.integrity import entry, write_manifest
-from stager.consumers.persist import (
-    exact_storage, for_each_version, quiet_single_process_dcp, step_directory, step_path,
-)
+from stager.formats.integrity import entry, write_manifest
+from stager.formats.safe_dcp import quiet_single_process_dcp
 from stager.protocol import ErrorCode, StagerError
+from stager.writers.persist import exact_storage, for_each_version, step_directory, step_path
 
-log = logging.getLogger("stager.consumers.persist")
+log = logging.getLogger("stager.writers.persist")
 quiet_single_process_dcp()
 
 

@@ -18,7 +18,7 @@ from typing import Any, Callable, TypeVar
 
 import msgpack
 
-from stager.consumers.persist import fsync_tree, publish_step, remove_stale_temporaries, step_dirname
+from stager.writers.persist import fsync_tree, publish_step, remove_stale_temporaries, step_dirname
 from stager.protocol import ErrorCode, StagerError
 
 T = TypeVar("T")
