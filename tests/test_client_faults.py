@@ -203,8 +203,11 @@ for step in range(1, 100000):
         code, message = getattr(getattr(exc, "code", None), "value", "?"), str(exc)[:300]
     print(json.dumps({"step": step, "sealed": code is None, "code": code, "message": message,
                       "dt": time.monotonic() - t0, "t": time.monotonic()}), flush=True)
-    dist.all_reduce(tick)  # the ranks move in lockstep, as a training job's collectives make them
-    if os.path.exists(sys.argv[2]):
+    # the ranks move in lockstep, as a training job's collectives make them, and stop together: a rank that
+    # saw the stop file alone would leave the other's next step waiting for it until --step-timeout
+    tick.fill_(float(os.path.exists(sys.argv[2])))
+    dist.all_reduce(tick)
+    if tick.item() > 0:
         break
     time.sleep(0.1)
 """
