@@ -93,23 +93,32 @@ def fsdp_partial_node(rank, world, endpoint):
 
 
 def die_mid_step(endpoint, rank, width):
-    """Stage step 1 normally, then begin step 2, scribble over our region and SIGKILL ourselves."""
-    from stager.client import StagingClient
-    from stager.client.hook import client as staging
+    """A rank that stages step 1, then dies mid-copy of step 2. It speaks the protocol as the hook
+    does (hello, begin, copy into its region of the daemon's segment, commit), so the test can stop
+    it where no hook stops: after writing -7 over its region of step 2's segment, it SIGKILLs itself
+    before the commit."""
+    from stager.client.connection import Connection
+    from stager.protocol import Begin, BeginReply, Commit, Sealed
+    from stager.protocol.layout import plan_digest, plan_from_wire
+    from stager.protocol.shm import map_segment, placement_view
 
-    w = torch.full((width,), float(rank))
-    client = StagingClient(endpoint, rank=rank, local_world_size=2, world_size=2, strict=True)
-    client.stage({f"w{rank}": w}, step=1).wait(30)
-    original = staging._Worker._destinations
+    plan = plan_from_wire([[f"w{rank}", "f32", [width], [0], [width]]])
+    conn = Connection(endpoint, role="trainer", rank=rank, local_world_size=2, world_size=2)
+    conn.hello(30)
+    assignment = None
 
-    def scribble_and_die(self, *args, **kwargs):
-        for dst in original(self, *args, **kwargs):
-            if dst is not None:
-                dst.fill_(-7.0)
-        os.kill(os.getpid(), signal.SIGKILL)
+    def begin_and_write(step, value):
+        nonlocal assignment
+        begin = Begin(step=step, digest=plan_digest(plan), plan=plan, full_world=True, shm=True)
+        reply = conn.wait_reply(conn.send(begin), 60, f"begin of step {step}", BeginReply)
+        assignment = reply.assignment or assignment  # sent with a new layout only
+        segment = map_segment(reply.segment, reply.size, writable=True)
+        placement_view(segment, torch.float32, assignment[0], plan[0].box.shape).fill_(value)
 
-    staging._Worker._destinations = scribble_and_die
-    client.stage({f"w{rank}": w}, step=2)
+    begin_and_write(1, float(rank))
+    conn.wait_reply(conn.send(Commit(step=1)), 60, "commit of step 1", Sealed)
+    begin_and_write(2, -7.0)
+    os.kill(os.getpid(), signal.SIGKILL)
     time.sleep(60)
 
 

@@ -92,12 +92,6 @@ def test_planner_refuses_bad_leaves():
 
 # ------------------------------------------------------------------------------------ write_spans
 
-def test_write_spans_is_reexported_from_the_client_module():
-    from stager.client.hook.client import write_spans
-
-    assert write_spans is writer_mod.write_spans
-
-
 @pytest.mark.parametrize("plan,assignment,spans", [
     # rows 4..7 of an (8, 4) f32 block at 0: bytes 64..128
     ([entry("w", "f32", (8, 4), (4, 0), (4, 4))], [Placement(0, (8, 4), (4, 0))], [(64, 128)]),

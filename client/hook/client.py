@@ -29,8 +29,7 @@ from typing import Any, Mapping
 
 import torch
 
-from stager.protocol import Abort, BeginReply, ErrorCode, Join, RemoteError, StagerError
-from stager.protocol.layout import PlanEntry
+from stager.protocol import Abort, ErrorCode, Join, RemoteError, StagerError
 from stager.protocol.messages import check_model_info
 
 from ..connection import HELLO_WAIT_S, Connection
@@ -39,9 +38,9 @@ from .handle import StageHandle
 from .planner import Planner
 from .replies import SealTracker, report
 from .sender import Sender
-from .writer import SegmentWriter, write_spans
+from .writer import SegmentWriter
 
-__all__ = ["StagingClient", "write_spans"]  # write_spans: re-exported, tests import it from here
+__all__ = ["StagingClient"]
 
 log = logging.getLogger("stager.client")
 # Tunables, read by the worker at each use (not copied into the parts at construction), so
@@ -184,7 +183,7 @@ class StagingClient:
             check_model_info(model_info)  # a bad one is the caller's bug: say so here, not as a failed step
         handle = StageHandle(step, self.strict)
         if self._finalizer.alive is False:
-            handle._fail(StagerError(ErrorCode.UNAVAILABLE, "the client is closed"))
+            handle.fail(StagerError(ErrorCode.UNAVAILABLE, "the client is closed"))
             return handle
         start_event = None
         if cuda_active():
@@ -200,6 +199,12 @@ class StagingClient:
         """Counters since construction: ``stages`` (``stage()`` calls) and ``skipped`` (steps not
         staged because the daemon showed no sign of life within ``ack_timeout``)."""
         return dict(self._worker.stats)
+
+    @property
+    def pinned_segments(self) -> int:
+        """How many of the daemon's segments are page-locked now for this rank's device copies, each
+        once (0 while staging CUDA tensors: cudaHostRegister failed and their copies are synchronous)."""
+        return self._worker.copier.pinned
 
     def restore(self, state_dict: Mapping[str, Any], *, step: int | None = None) -> int:
         """Fill ``state_dict`` in place from the sealed version ``step`` (default: the newest; with
@@ -255,7 +260,7 @@ class _Worker:
         # it inside stage(), and the woken worker would hold it for a whole switch interval.
         self._wake = threading.Event()
         self.closing = threading.Event()
-        self.copier = CopyEngine()  # also reached from stage() (the trainer's device) and tests
+        self.copier = CopyEngine()  # also reached from stage() (the trainer's device) and stats
         self.planner = Planner()
         self.sender = Sender(conn, full_world=full_world, timeout=timeout, wait_ms=wait_ms, transport=transport)
         self.writer = SegmentWriter(self.copier)
@@ -338,7 +343,7 @@ class _Worker:
 
     def _close(self) -> None:
         while self.jobs:
-            self.jobs.popleft().handle._fail(StagerError(ErrorCode.UNAVAILABLE, "the client was closed"))
+            self.jobs.popleft().handle.fail(StagerError(ErrorCode.UNAVAILABLE, "the client was closed"))
         self.replies.fail_all(ErrorCode.UNAVAILABLE, "the client was closed before the step was sealed")
         self.writer.close()
         self.conn.close()
@@ -358,15 +363,14 @@ class _Worker:
             self._resumed(job.step)
             assignment = self.sender.assignment(reply, len(plan.entries))
             if shm:
-                dsts = self._destinations(reply, plan.entries, assignment)
+                dsts = self.writer.destinations(reply, plan.entries, assignment, time.monotonic())
                 events = self.writer.copy(dsts, plan.locals, job.start_event)
-                handle._cuda_events = events
-                handle._set_copied()
+                handle.copied(events)
                 for event in events:
                     event.synchronize()  # bytes must be in the segment before the commit
             else:
                 self.sender.put(job.step, assignment, plan.locals, PUT_BATCH_BYTES)
-                handle._set_copied()
+                handle.copied()
             rid = self.sender.commit(job.step, plan.objects, job.model_info, plan.quant)
             self.replies.add(rid, handle, time.monotonic())
         except Exception as exc:
@@ -415,7 +419,7 @@ class _Worker:
             log.warning("%s [said once until the daemon answers again]", error.message)
         else:  # the same silence: the first warning said it
             log.debug("%s", error.message)
-        handle._fail(error)
+        handle.fail(error)
 
     def _resumed(self, step: int) -> None:
         if self.skipping:
@@ -436,8 +440,3 @@ class _Worker:
             return  # not reachable now: on reconnect, or before the next begin
         else:
             self.owed_abort = None
-
-    def _destinations(self, reply: BeginReply, plan: list[PlanEntry], assignment: list) -> list:
-        """Views of the segment where each local shard goes (None: a replica another rank writes).
-        A method of its own so tests can wrap it (tests/dist_jobs.py scribbles into the views)."""
-        return self.writer.destinations(reply, plan, assignment, time.monotonic())
