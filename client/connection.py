@@ -384,15 +384,16 @@ class Connection:
             return out
 
     @_owned
-    def request(self, msg: Message, timeout: float, *, ack_timeout: float | None = None) -> Message:
-        """Send ``msg`` and return its reply; raise RemoteError for an error reply, UNAVAILABLE when
-        the connection drops, TIMEOUT after ``timeout`` (see :meth:`wait_reply` for :attr:`patience`
-        and ``ack_timeout``, by default :attr:`ack_timeout`)."""
+    def request(self, msg: Message, timeout: float, *, expect: type[Message] | None = None,
+                ack_timeout: float | None = None) -> Message:
+        """Send ``msg`` and return its reply; raise RemoteError for an error reply, BAD_MESSAGE for a
+        reply not of type ``expect``, UNAVAILABLE when the connection drops, TIMEOUT after ``timeout``
+        (see :meth:`wait_reply` for :attr:`patience` and ``ack_timeout``, by default :attr:`ack_timeout`)."""
         if self.session is None and not isinstance(msg, Hello):
             self.hello(timeout)
         step = getattr(msg, "step", None)
         return self.wait_reply(self.send(msg), timeout, msg.TYPE if step is None else f"{msg.TYPE} of step {step}",
-                               ack_timeout=ack_timeout)
+                               expect, ack_timeout=ack_timeout)
 
     @_owned
     def _recv_ready(self) -> Message | None:
@@ -526,9 +527,7 @@ class Connection:
             raise StagerError(ErrorCode.UNAVAILABLE, self._unreachable())
         reply = self.request(Hello(role=self.role, rank=self.rank, local_world_size=self.local_world_size,
                                    world_size=self.world_size, pid=os.getpid(), start_time=self._start_time,
-                                   host_id=self.host_id), timeout)
-        if not isinstance(reply, HelloReply):
-            raise StagerError(ErrorCode.BAD_MESSAGE, f"unexpected {reply.TYPE} reply to hello")
+                                   host_id=self.host_id), timeout, expect=HelloReply)
         self.session, self.daemon_host = reply.session, reply.host_id
         self.hellos += 1
         if self.role == "reader" and not self.same_host:
@@ -544,8 +543,7 @@ class Connection:
         """Send heartbeats from now on, at a fraction of the daemon's --peer-timeout (its status
         says it), so that a reader silent for longer keeps its session (:mod:`.heartbeat`)."""
         try:
-            status = self.request(Status(), timeout)
-            peer_timeout = status.status.get("peer_timeout") if isinstance(status, StatusReply) else None
+            peer_timeout = self.request(Status(), timeout, expect=StatusReply).status.get("peer_timeout")
         except StagerError as exc:
             log.debug("no status from %s: %s", self.endpoint, exc)
             peer_timeout = None

@@ -26,7 +26,7 @@ from stager.protocol.endpoint import is_ipv6_endpoint
 from stager.client.hook.handle import StageHandle
 from stager.client.hook.replies import SealTracker
 from stager.dev.launch import DaemonProcess, free_port
-from stager.protocol import ErrorCode, Ping, Pong, StagerError, decode
+from stager.protocol import ErrorCode, HelloReply, Ok, Ping, Pong, StagerError, Status, StatusReply, decode
 
 TIMEOUT = 30.0  # the client's configured timeout: a fast failure is any code but TIMEOUT
 ARGS = ("--memory-limit", "32MiB", "--step-timeout", "30")
@@ -288,6 +288,33 @@ def test_ipv6_literals_are_recognised(endpoint, v6):
     assert is_ipv6_endpoint(endpoint) is v6
 
 
+
+
+def test_a_reply_of_another_type_than_the_request_expects_is_a_typed_error(short_dir):
+    """``Connection.request(expect=...)``: a daemon that answers a request with a reply of the
+    wrong type is a BAD_MESSAGE naming both (one place, for every request that expects a type)."""
+    router = zmq.Context.instance().socket(zmq.ROUTER)
+    router.setsockopt(zmq.LINGER, 0)
+    endpoint = f"ipc://{short_dir}/wrong.sock"
+    router.bind(endpoint)
+    conn = Connection(endpoint, role="admin")
+
+    def answer(make):
+        assert router.poll(10_000)
+        identity, *frames = router.recv_multipart()
+        router.send_multipart([identity, *make(decode(frames).id).encode()])
+
+    try:
+        replier = threading.Thread(target=lambda: (answer(lambda rid: HelloReply(id=rid, session="s")),
+                                                   answer(lambda rid: Ok(id=rid))), daemon=True)
+        replier.start()
+        with pytest.raises(StagerError) as info:
+            conn.request(Status(), 10.0, expect=StatusReply)  # says hello first: answered as it should be
+        replier.join(10)
+        assert info.value.code == ErrorCode.BAD_MESSAGE and "unexpected ok reply to status" in info.value.message
+    finally:
+        conn.close()
+        router.close()
 
 
 @pytest.mark.skipif(not has_ipv6_loopback(), reason="no IPv6 loopback")
