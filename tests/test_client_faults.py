@@ -342,10 +342,10 @@ def test_a_connection_nobody_reads_never_stops_the_processs_zmq_io_thread(make_d
     socket's monitor lock: every other socket of the process stopped and closing it hung."""
     import socket
 
-    from stager.client import connection
+    from stager.client import dealer
 
-    monkeypatch.setattr(connection, "RECONNECT_IVL_MS", 1)  # an attempt a millisecond instead of 4 a second
-    monkeypatch.setattr(connection, "RECONNECT_IVL_MAX_MS", 1)
+    monkeypatch.setattr(dealer, "RECONNECT_IVL_MS", 1)  # an attempt a millisecond instead of 4 a second
+    monkeypatch.setattr(dealer, "RECONNECT_IVL_MAX_MS", 1)
     path = os.path.join(short_dir, "drops.sock")
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     listener.bind(path)
