@@ -118,6 +118,32 @@ class RawPeer:
 
 
 @pytest.fixture
+def endpoint(short_dir):
+    """An ipc endpoint for the daemon a test starts (see :func:`daemon_processes`)."""
+    return f"ipc://{short_dir}/d.sock"
+
+
+@pytest.fixture
+def daemon_processes():
+    """``start(endpoint, *args)``: a real `stager serve` process with ``args``, which the test may
+    kill, stop (SIGSTOP) or restart; whatever still runs at the end is continued and killed."""
+    from stager.dev.launch import DaemonProcess
+
+    started = []
+
+    def start(endpoint, *args):
+        d = DaemonProcess(endpoint, args=args).start()
+        started.append(d)
+        return d
+
+    yield start
+    for d in started:
+        if d.proc is not None and d.proc.poll() is None:
+            os.kill(d.pid, signal.SIGCONT)
+        d.stop(signal.SIGKILL)
+
+
+@pytest.fixture
 def raw_peer():
     peers = []
 

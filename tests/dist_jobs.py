@@ -450,40 +450,32 @@ def restore_multi_node(rank, world):
 
 
 def stage_through_a_hung_daemon(rank, world, endpoint, control_dir):
-    """A training loop in lockstep (one all_reduce a step, as a step's collectives make it) that
-    stages every step and waits for the copy at once, until the file ``done`` appears in
-    ``control_dir`` (the test stops and continues the daemon meanwhile). Each step is appended to
-    ``rank<r>.jsonl`` there as it ends: step, start time, seconds in stage()+wait_copied(), outcome."""
+    """A training loop in lockstep (:func:`stager.dev.lockstep.lockstep_stages`) until the file
+    ``done`` appears in ``control_dir`` (the test stops and continues the daemon meanwhile). Each
+    step is appended to ``rank<r>.jsonl`` there as it ends: step, start time, seconds in
+    stage()+wait_copied(), outcome."""
     import json
 
     from stager.client import StagingClient
+    from stager.dev.lockstep import lockstep_stages
     from stager.protocol import StagerError
 
     client = StagingClient(endpoint, timeout=30.0, seal_timeout=60.0)
     sd = {f"w{rank}": torch.zeros(1 << 12)}
-    flag = torch.zeros(1)
-    step = 0
+    steps = 0
     with open(os.path.join(control_dir, f"rank{rank}.jsonl"), "a") as out:
-        while True:
-            flag.fill_(float(os.path.exists(os.path.join(control_dir, "done"))))
-            dist.all_reduce(flag)  # the step's collective: every rank stops at the same step
-            if flag.item():
-                break
-            step += 1
-            sd[f"w{rank}"].fill_(step)
-            t0 = time.monotonic()
-            handle = client.stage(sd, step=step)
-            copied = handle.wait_copied(120)
-            stall = time.monotonic() - t0
+        for s in lockstep_stages(client, sd, sd[f"w{rank}"], control_dir):
+            steps = s.step
             try:
-                sealed = copied and handle.wait(90)["step"] == step
+                sealed = s.copied and s.handle.wait(90)["step"] == s.step
             except StagerError:
                 sealed = False
-            code = handle.error.code.value if handle.error is not None else None
-            out.write(json.dumps({"step": step, "t": t0, "stall": stall, "copied": copied, "sealed": sealed,
+            error = s.error or s.handle.error
+            code = error.code.value if error is not None else None
+            out.write(json.dumps({"step": s.step, "t": s.t, "stall": s.stall, "copied": s.copied, "sealed": sealed,
                                   "skipped": code == "no_sign_of_life", "code": code}) + "\n")
             out.flush()
             time.sleep(0.02)  # the rest of the training step (pacing, not a check)
     stats = client.stats
     client.close()
-    return {"stats": stats, "steps": step}
+    return {"stats": stats, "steps": steps}

@@ -25,7 +25,7 @@ from stager.client.connection import Connection
 from stager.protocol.endpoint import is_ipv6_endpoint
 from stager.client.hook.handle import StageHandle
 from stager.client.hook.replies import SealTracker
-from stager.dev.launch import DaemonProcess, free_port
+from stager.dev.launch import free_port
 from stager.protocol import ErrorCode, HelloReply, Ok, Ping, Pong, StagerError, Status, StatusReply, decode
 
 TIMEOUT = 30.0  # the client's configured timeout: a fast failure is any code but TIMEOUT
@@ -53,24 +53,8 @@ def _error(handle, timeout=120.0) -> StagerError:
 
 
 @pytest.fixture
-def endpoint(short_dir):
-    return f"ipc://{short_dir}/d.sock"
-
-
-@pytest.fixture
-def daemons():
-    started = []
-
-    def start(endpoint, args=ARGS):
-        d = DaemonProcess(endpoint, args=args).start()
-        started.append(d)
-        return d
-
-    yield start
-    for d in started:
-        if d.proc is not None and d.proc.poll() is None:
-            os.kill(d.pid, signal.SIGCONT)
-        d.stop(signal.SIGKILL)
+def daemons(daemon_processes):
+    return lambda endpoint, args=ARGS: daemon_processes(endpoint, *args)
 
 
 # ------------------------------------------------------------------ a daemon killed, hung or restarted mid-call
