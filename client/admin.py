@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 
-from stager.protocol import ErrorCode, StagerError, Status, StatusReply
+from stager.protocol import Status, StatusReply
 
 from .connection import Connection
 
@@ -18,10 +18,8 @@ def daemon_status(endpoint: str | None = None, timeout: float = 5.0) -> dict:
     socket); raises StagerError (UNAVAILABLE, TIMEOUT) when it does not answer."""
     conn = Connection(endpoint, role="admin")
     try:
-        reply = conn.request(Status(), timeout)  # says hello first: waits (briefly) for the connection
-        if not isinstance(reply, StatusReply):
-            raise StagerError(ErrorCode.BAD_MESSAGE, f"unexpected {reply.TYPE} reply to status")
-        return reply.status
+        # says hello first: waits (briefly) for the connection
+        return conn.request(Status(), timeout, expect=StatusReply).status
     finally:
         conn.close()
 

@@ -8,8 +8,9 @@ timeout the socket is rebuilt (queued messages to a dead daemon are dropped, nev
 to its successor). A request may wait longer than its timeout while the daemon keeps
 answering pings (:attr:`Connection.patience`): a daemon that defers a reply is not a hung one.
 
-A reader's connection to a daemon on another host sends heartbeats (:mod:`.heartbeat`), also
-while its owner is busy elsewhere: the only use of the socket from another thread, under the
+How the socket is made (reconnects, CURVE, its monitor) is :mod:`.dealer`'s. A reader's
+connection to a daemon on another host sends heartbeats (:mod:`.heartbeat`), also while its
+owner is busy elsewhere: the only use of the socket from another thread, under the
 connection's lock, which every method that touches the socket holds.
 A request may also be given less time for its first sign of life than for its reply
 (:attr:`Connection.ack_timeout`): a stopped or hung daemon is then told from a slow one quickly.
@@ -31,25 +32,19 @@ from typing import Callable
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
-from stager.protocol.endpoint import AUTH_ENV, host_id, is_ipv6_endpoint, process_start_time, resolve
+from stager.protocol.endpoint import host_id, process_start_time, resolve
 from stager.protocol import (
     Bye, ErrorCode, ErrorReply, Hello, HelloReply, Message, Ping, Pong, ProtocolError, StagerError, Status,
     StatusReply, decode,
 )
 
 from . import heartbeat
+from .dealer import CONNECTED, DISCONNECTED, curve_keys_from_env, open_dealer
 
 log = logging.getLogger("stager.client")
-_CONNECTED = zmq.EVENT_HANDSHAKE_SUCCEEDED  # only then does an IMMEDIATE socket accept sends
-_DISCONNECTED = zmq.EVENT_DISCONNECTED | zmq.EVENT_CLOSED  # CLOSED also follows each failed connect attempt
-RECONNECT_IVL_MS, RECONNECT_IVL_MAX_MS = 50, 250  # a restarted daemon is found within a quarter second
 HELLO_WAIT_S = 0.5  # a fresh or just-lost connection: how long a hello waits for the socket to connect
 PING_INTERVAL_S = 1.0  # while a patient request waits: ping this often (at most a quarter of its timeout)
-HEARTBEATS_PER_TIMEOUT = 4  # heartbeats per --peer-timeout of the daemon: a late one or two never ends a session
-MIN_HEARTBEAT_S = 0.05
-DEFAULT_PEER_TIMEOUT_S = 4.0  # a daemon whose status does not say: heartbeats every second
 NO_SESSION = (ErrorCode.NOT_REGISTERED.value, ErrorCode.SESSION_EXPIRED.value)  # the next request says hello
-_HEARTBEAT = Ping(id=0).encode()  # id 0: no request waits for its Pong, which is dropped unseen
 REPROBE_S = 5.0  # a silent daemon's unanswered ping is sent again after this long (few pile up in a hung one)
 
 
@@ -67,46 +62,6 @@ def _owned(method):
     return locked
 
 
-def curve_keys_from_env() -> dict:
-    """CURVE client keys from ``$STAGER_AUTH_DIR`` (made by ``stager keygen``), or {} when unset."""
-    auth_dir = os.environ.get(AUTH_ENV)
-    if not auth_dir:
-        return {}
-    from zmq.auth import load_certificate
-
-    try:
-        server_public, _ = load_certificate(os.path.join(auth_dir, "server.key"))
-        public, secret = load_certificate(os.path.join(auth_dir, "client.key_secret"))
-    except (OSError, ValueError) as exc:
-        raise StagerError(ErrorCode.UNAVAILABLE, f"cannot read CURVE keys from {AUTH_ENV}={auth_dir}: {exc}; "
-                                                 "create them with `stager keygen DIR`") from None
-    return {"curve_serverkey": server_public, "curve_publickey": public, "curve_secretkey": secret}
-
-
-_monitor_ids = itertools.count()
-
-
-def _monitor_socket(ctx: zmq.Context, sock: zmq.Socket, events: int) -> zmq.Socket:
-    """The PAIR socket that receives ``sock``'s monitor events, on a queue without a limit.
-
-    libzmq's I/O thread sends monitor events with a blocking send while it holds the socket's
-    monitor lock. With pyzmq's ``get_monitor_socket`` the queue holds 2000 messages: a connection
-    nobody reads for a while (an idle subscriber whose daemon is down: a CLOSED event each
-    reconnect attempt, 4 a second) fills it in about eight minutes, and then the I/O thread, and
-    every socket of the process with it, stops for good, and closing the socket deadlocks. A
-    receive high-water mark of 0 makes the inproc queue unbounded; what it holds is drained by
-    the next :meth:`Connection.poll_monitor` (about 130 bytes an event, measured: 45 MB a day for
-    a subscriber left idle that long beside a dead daemon, instead of a process that hangs).
-    """
-    address = f"inproc://stager-monitor-{os.getpid()}-{next(_monitor_ids)}"
-    sock.monitor(address, events)
-    monitor = ctx.socket(zmq.PAIR)
-    monitor.setsockopt(zmq.RCVHWM, 0)  # before connect: the inproc pipe's limit is fixed then
-    monitor.setsockopt(zmq.LINGER, 0)
-    monitor.connect(address)
-    return monitor
-
-
 class Connection:
     """A DEALER connection with hello, request(), and reachability tracking."""
 
@@ -118,8 +73,7 @@ class Connection:
         self.curve = curve_keys_from_env() if self.endpoint.startswith("tcp://") else {}
         self._ids = itertools.count(1)
         self._lock = threading.RLock()
-        self.keepalive_s: float | None = None  # heartbeat interval (a reader of a daemon on another host)
-        self._last_sent = time.monotonic()
+        self.keepalive = heartbeat.Keepalive()  # sends none until a reader of a daemon on another host starts it
         self.hellos = 0  # successful hellos: a new registration (also in the same daemon session) shows
         self._ctx = zmq.Context.instance()
         self.sock: zmq.Socket | None = None
@@ -151,18 +105,7 @@ class Connection:
     # ------------------------------------------------------------------ socket lifecycle
 
     def _open(self) -> None:
-        sock = self._ctx.socket(zmq.DEALER)
-        sock.setsockopt(zmq.LINGER, 0)
-        sock.setsockopt(zmq.IMMEDIATE, 1)  # queue nothing for a peer that is not connected
-        sock.setsockopt(zmq.RECONNECT_IVL, RECONNECT_IVL_MS)
-        sock.setsockopt(zmq.RECONNECT_IVL_MAX, RECONNECT_IVL_MAX_MS)
-        if is_ipv6_endpoint(self.endpoint):
-            sock.setsockopt(zmq.IPV6, 1)
-        for key in ("curve_serverkey", "curve_publickey", "curve_secretkey"):
-            if key in self.curve:
-                setattr(sock, key, self.curve[key])
-        self._monitor = _monitor_socket(self._ctx, sock, _CONNECTED | _DISCONNECTED)
-        sock.connect(self.endpoint)
+        sock, self._monitor = open_dealer(self._ctx, self.endpoint, self.curve)
         self.sock, self.connected, self.session, self._may_wait = sock, False, None, True
         self._poller = zmq.Poller()
         self._poller.register(sock, zmq.POLLIN)
@@ -252,9 +195,9 @@ class Connection:
         every request sent on it: :attr:`lost_upto` and :attr:`on_lost` say which."""
         while self._monitor.poll(timeout_ms):
             event = recv_monitor_message(self._monitor)["event"]
-            if event & _CONNECTED:
+            if event & CONNECTED:
                 self.connected, self._probed = True, None  # a new connection: earlier pings are gone
-            elif event & _DISCONNECTED:
+            elif event & DISCONNECTED:
                 was_connected = self.connected  # else a failed connect attempt: nothing was sent
                 self.connected, self.session = False, None
                 if was_connected:
@@ -286,34 +229,27 @@ class Connection:
             self.connected = False
             raise StagerError(ErrorCode.UNAVAILABLE, self._unreachable()) from None
         self._last_id = msg.id
-        self._last_sent = time.monotonic()  # any request tells the daemon this connection is alive
+        self.keepalive.sent()  # any request tells the daemon this connection is alive
         return msg.id
 
     # ------------------------------------------------------------------ heartbeats
 
     def heartbeat_due(self) -> float:
         """When this connection's next heartbeat is due (monotonic time; inf: it sends none)."""
-        if self.keepalive_s is None or self.session is None or self.sock is None:
+        if self.session is None or self.sock is None:
             return math.inf
-        return self._last_sent + self.keepalive_s
+        return self.keepalive.due()
 
     def _beat(self) -> None:
-        """Send a heartbeat if one is due; the caller holds the lock. A heartbeat that cannot go out
-        (no connection) is not retried before a tenth of the interval: the monitor tells the owner why."""
-        now = time.monotonic()
-        if now < self.heartbeat_due():
-            return
-        try:
-            self.sock.send_multipart(_HEARTBEAT, flags=zmq.NOBLOCK)
-            self._last_sent = now
-        except zmq.ZMQError:
-            self._last_sent = now - self.keepalive_s * 0.9
+        """Send a heartbeat if one is due; the caller holds the lock."""
+        if self.heartbeat_due() <= time.monotonic():
+            self.keepalive.beat(self.sock)
 
     def beat_if_free(self) -> float:
         """From the heartbeat thread: beat unless the owner holds the connection (it beats itself
         while it waits inside); returns when the next heartbeat is due, or worth another try."""
-        if not self._lock.acquire(blocking=False):  # a quarter interval late at worst: 4 fit in a timeout
-            return time.monotonic() + max(MIN_HEARTBEAT_S, (self.keepalive_s or 0) / 4)
+        if not self._lock.acquire(blocking=False):
+            return time.monotonic() + self.keepalive.retry_after()
         try:
             self._beat()
             return self.heartbeat_due()
@@ -384,15 +320,16 @@ class Connection:
             return out
 
     @_owned
-    def request(self, msg: Message, timeout: float, *, ack_timeout: float | None = None) -> Message:
-        """Send ``msg`` and return its reply; raise RemoteError for an error reply, UNAVAILABLE when
-        the connection drops, TIMEOUT after ``timeout`` (see :meth:`wait_reply` for :attr:`patience`
-        and ``ack_timeout``, by default :attr:`ack_timeout`)."""
+    def request(self, msg: Message, timeout: float, *, expect: type[Message] | None = None,
+                ack_timeout: float | None = None) -> Message:
+        """Send ``msg`` and return its reply; raise RemoteError for an error reply, BAD_MESSAGE for a
+        reply not of type ``expect``, UNAVAILABLE when the connection drops, TIMEOUT after ``timeout``
+        (see :meth:`wait_reply` for :attr:`patience` and ``ack_timeout``, by default :attr:`ack_timeout`)."""
         if self.session is None and not isinstance(msg, Hello):
             self.hello(timeout)
         step = getattr(msg, "step", None)
         return self.wait_reply(self.send(msg), timeout, msg.TYPE if step is None else f"{msg.TYPE} of step {step}",
-                               ack_timeout=ack_timeout)
+                               expect, ack_timeout=ack_timeout)
 
     @_owned
     def _recv_ready(self) -> Message | None:
@@ -526,9 +463,7 @@ class Connection:
             raise StagerError(ErrorCode.UNAVAILABLE, self._unreachable())
         reply = self.request(Hello(role=self.role, rank=self.rank, local_world_size=self.local_world_size,
                                    world_size=self.world_size, pid=os.getpid(), start_time=self._start_time,
-                                   host_id=self.host_id), timeout)
-        if not isinstance(reply, HelloReply):
-            raise StagerError(ErrorCode.BAD_MESSAGE, f"unexpected {reply.TYPE} reply to hello")
+                                   host_id=self.host_id), timeout, expect=HelloReply)
         self.session, self.daemon_host = reply.session, reply.host_id
         self.hellos += 1
         if self.role == "reader" and not self.same_host:
@@ -544,14 +479,11 @@ class Connection:
         """Send heartbeats from now on, at a fraction of the daemon's --peer-timeout (its status
         says it), so that a reader silent for longer keeps its session (:mod:`.heartbeat`)."""
         try:
-            status = self.request(Status(), timeout)
-            peer_timeout = status.status.get("peer_timeout") if isinstance(status, StatusReply) else None
+            peer_timeout = self.request(Status(), timeout, expect=StatusReply).status.get("peer_timeout")
         except StagerError as exc:
             log.debug("no status from %s: %s", self.endpoint, exc)
             peer_timeout = None
-        if not isinstance(peer_timeout, (int, float)) or isinstance(peer_timeout, bool) or peer_timeout <= 0:
-            peer_timeout = DEFAULT_PEER_TIMEOUT_S  # an older daemon does not say: assume the shortest sensible
-        self.keepalive_s = max(MIN_HEARTBEAT_S, peer_timeout / HEARTBEATS_PER_TIMEOUT)
+        self.keepalive.start(peer_timeout)
         heartbeat.HEARTBEATS.add(self)
 
     @property

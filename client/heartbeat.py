@@ -1,4 +1,6 @@
-"""Heartbeats for readers of a daemon on another host, sent while the reader is busy elsewhere.
+"""Heartbeats for readers of a daemon on another host, sent while the reader is busy elsewhere:
+each connection's :class:`Keepalive` (interval, when one is due, sending it) and the process's one
+heartbeat thread (:class:`Heartbeats`).
 
 The daemon cannot see a process on another host: it ends the session (leases, subscription) of
 such a peer once it heard nothing from it for ``--peer-timeout``. A rollout worker generating for
@@ -30,7 +32,53 @@ import threading
 import time
 import weakref
 
+import zmq
+
+from stager.protocol import Ping
+
 log = logging.getLogger("stager.client")
+HEARTBEATS_PER_TIMEOUT = 4  # heartbeats per --peer-timeout of the daemon: a late one or two never ends a session
+MIN_HEARTBEAT_S = 0.05
+DEFAULT_PEER_TIMEOUT_S = 4.0  # a daemon whose status does not say: heartbeats every second
+_HEARTBEAT = Ping(id=0).encode()  # id 0: no request waits for its Pong, which is dropped unseen
+
+
+class Keepalive:
+    """One connection's heartbeats: their interval (None: it sends none) and when it last sent
+    anything. The connection calls it under its lock, from its owner's thread or this module's."""
+
+    def __init__(self) -> None:
+        self.interval: float | None = None
+        self.last_sent = time.monotonic()
+
+    def start(self, peer_timeout: object) -> None:
+        """Beat at a fraction of the daemon's ``--peer-timeout`` (as its status says it)."""
+        if not isinstance(peer_timeout, (int, float)) or isinstance(peer_timeout, bool) or peer_timeout <= 0:
+            peer_timeout = DEFAULT_PEER_TIMEOUT_S  # an older daemon does not say: assume the shortest sensible
+        self.interval = max(MIN_HEARTBEAT_S, peer_timeout / HEARTBEATS_PER_TIMEOUT)
+
+    def sent(self) -> None:
+        """Anything sent on the connection tells the daemon it is alive: the next beat is due later."""
+        self.last_sent = time.monotonic()
+
+    def due(self) -> float:
+        """When the next heartbeat is due (monotonic time; inf: none is sent)."""
+        return math.inf if self.interval is None else self.last_sent + self.interval
+
+    def retry_after(self) -> float:
+        """Seconds before trying again while the owner holds the connection (it beats itself
+        meanwhile): a quarter interval late at worst, so 4 fit in a peer timeout."""
+        return max(MIN_HEARTBEAT_S, (self.interval or 0) / 4)
+
+    def beat(self, sock: zmq.Socket) -> None:
+        """Send a heartbeat on ``sock`` now. One that cannot go out (no connection) is not retried
+        before a tenth of the interval: the socket monitor tells the owner why."""
+        now = time.monotonic()
+        try:
+            sock.send_multipart(_HEARTBEAT, flags=zmq.NOBLOCK)
+            self.last_sent = now
+        except zmq.ZMQError:
+            self.last_sent = now - (self.interval or 0) * 0.9
 
 
 class Heartbeats:

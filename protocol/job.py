@@ -1,4 +1,6 @@
-"""Multi-node jobs: how the daemons of one job act as one store.
+"""The wire messages of multi-node jobs (Join, JobInfo, JobInfoReply): how the daemons of one
+job act as one store. (The client joins in ``client/hook/job_join.py``; the daemon keeps the
+membership in ``stager/daemon/membership.py``; readers read through ``client/readers/job_reader.py``.)
 
 A job spans nodes; each node runs its own daemon and seals the regions its ranks hold. Once, at
 construction, the training client tells its daemon who is in the job (:class:`Join`: the job

@@ -47,6 +47,7 @@ def rank_loop(control: str) -> int:
     import torch.distributed as dist
 
     from stager.client import StagingClient
+    from stager.dev.lockstep import lockstep_stages
     from stager.protocol import StagerError
 
     torch.set_num_threads(1)
@@ -54,8 +55,6 @@ def rank_loop(control: str) -> int:
     rank = dist.get_rank()
     client = StagingClient(timeout=30.0, seal_timeout=60.0)  # endpoint and ranks from the environment
     sd = {f"w{rank}": torch.zeros(ROWS)}
-    flag = torch.zeros(1)
-    step = 0
     pending: list = []  # (record, handle) copied, seal not known yet
 
     def settle(out, wait: float = 0.0) -> None:
@@ -75,20 +74,10 @@ def rank_loop(control: str) -> int:
         out.flush()
 
     with open(os.path.join(control, f"rank{rank}.jsonl"), "a") as out:
-        while True:
-            flag.fill_(float(os.path.exists(os.path.join(control, "done"))))
-            dist.all_reduce(flag)  # the step's collective: the ranks move together and stop together
-            if flag.item():
-                break
-            step += 1
-            sd[f"w{rank}"].fill_(step)
-            t0 = time.monotonic()
-            handle = client.stage(sd, step=step)
-            try:
-                copied = handle.wait_copied(120)
-            except StagerError as exc:  # not even skipped within 120 s: recorded, and a failure
-                copied, handle.error = False, exc
-            pending.append(({"step": step, "t": t0, "stall": time.monotonic() - t0, "copied": copied}, handle))
+        for s in lockstep_stages(client, sd, sd[f"w{rank}"], control):
+            if s.error is not None:  # not even skipped within 120 s: recorded, and a failure
+                s.handle.error = s.error
+            pending.append(({"step": s.step, "t": s.t, "stall": s.stall, "copied": s.copied}, s.handle))
             settle(out)
             time.sleep(0.02)  # the rest of the training step (pacing)
         settle(out, wait=90.0)

@@ -70,11 +70,19 @@ def make_daemon(short_dir):
 class RawPeer:
     """A hand-driven protocol peer: sends exactly the frames a test asks for."""
 
-    def __init__(self, endpoint):
-        self.sock = zmq.Context.instance().socket(zmq.DEALER)
-        self.sock.setsockopt(zmq.LINGER, 0)
-        self.sock.connect(endpoint)
-        self._id = 0
+    def __init__(self, endpoint, sock=None):
+        """A DEALER connected to ``endpoint``, or ``sock`` as given (set up and connected by the caller)."""
+        if sock is None:
+            sock = zmq.Context.instance().socket(zmq.DEALER)
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.connect(endpoint)
+        self.sock = sock
+        self.last_id = 0
+
+    def next_id(self) -> int:
+        """The id of the next request (ids count up from 1, as a client's do)."""
+        self.last_id += 1
+        return self.last_id
 
     def send_frames(self, frames):
         self.sock.send_multipart(frames)
@@ -84,8 +92,7 @@ class RawPeer:
         return decode(self.sock.recv_multipart())
 
     def request(self, msg, timeout=5.0) -> Message:
-        self._id += 1
-        msg.id = self._id
+        msg.id = self.next_id()
         self.sock.send_multipart(msg.encode())
         reply = self.recv(timeout)
         assert reply.id == msg.id
@@ -94,10 +101,10 @@ class RawPeer:
     def request_raw(self, kind: str, body: dict, timeout=5.0) -> Message:
         """Send a ``kind`` message whose body is given in wire form, exactly as written (for
         malformed or hand-made bodies that the typed classes would refuse to build)."""
-        self._id += 1
-        self.sock.send_multipart([msgpack.packb({"v": PROTOCOL_VERSION, "t": kind, "id": self._id, "b": body})])
+        rid = self.next_id()
+        self.sock.send_multipart([msgpack.packb({"v": PROTOCOL_VERSION, "t": kind, "id": rid, "b": body})])
         reply = self.recv(timeout)
-        assert reply.id == self._id
+        assert reply.id == rid
         return reply
 
     def hello(self, rank=0, local_world_size=1, role="trainer", pid=None):
@@ -108,6 +115,32 @@ class RawPeer:
 
     def close(self):
         self.sock.close(0)
+
+
+@pytest.fixture
+def endpoint(short_dir):
+    """An ipc endpoint for the daemon a test starts (see :func:`daemon_processes`)."""
+    return f"ipc://{short_dir}/d.sock"
+
+
+@pytest.fixture
+def daemon_processes():
+    """``start(endpoint, *args)``: a real `stager serve` process with ``args``, which the test may
+    kill, stop (SIGSTOP) or restart; whatever still runs at the end is continued and killed."""
+    from stager.dev.launch import DaemonProcess
+
+    started = []
+
+    def start(endpoint, *args):
+        d = DaemonProcess(endpoint, args=args).start()
+        started.append(d)
+        return d
+
+    yield start
+    for d in started:
+        if d.proc is not None and d.proc.poll() is None:
+            os.kill(d.pid, signal.SIGCONT)
+        d.stop(signal.SIGKILL)
 
 
 @pytest.fixture

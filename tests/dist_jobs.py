@@ -93,23 +93,32 @@ def fsdp_partial_node(rank, world, endpoint):
 
 
 def die_mid_step(endpoint, rank, width):
-    """Stage step 1 normally, then begin step 2, scribble over our region and SIGKILL ourselves."""
-    from stager.client import StagingClient
-    from stager.client.hook import client as staging
+    """A rank that stages step 1, then dies mid-copy of step 2. It speaks the protocol as the hook
+    does (hello, begin, copy into its region of the daemon's segment, commit), so the test can stop
+    it where no hook stops: after writing -7 over its region of step 2's segment, it SIGKILLs itself
+    before the commit."""
+    from stager.client.connection import Connection
+    from stager.protocol import Begin, BeginReply, Commit, Sealed
+    from stager.protocol.layout import plan_digest, plan_from_wire
+    from stager.protocol.shm import map_segment, placement_view
 
-    w = torch.full((width,), float(rank))
-    client = StagingClient(endpoint, rank=rank, local_world_size=2, world_size=2, strict=True)
-    client.stage({f"w{rank}": w}, step=1).wait(30)
-    original = staging._Worker._destinations
+    plan = plan_from_wire([[f"w{rank}", "f32", [width], [0], [width]]])
+    conn = Connection(endpoint, role="trainer", rank=rank, local_world_size=2, world_size=2)
+    conn.hello(30)
+    assignment = None
 
-    def scribble_and_die(self, *args, **kwargs):
-        for dst in original(self, *args, **kwargs):
-            if dst is not None:
-                dst.fill_(-7.0)
-        os.kill(os.getpid(), signal.SIGKILL)
+    def begin_and_write(step, value):
+        nonlocal assignment
+        begin = Begin(step=step, digest=plan_digest(plan), plan=plan, full_world=True, shm=True)
+        reply = conn.wait_reply(conn.send(begin), 60, f"begin of step {step}", BeginReply)
+        assignment = reply.assignment or assignment  # sent with a new layout only
+        segment = map_segment(reply.segment, reply.size, writable=True)
+        placement_view(segment, torch.float32, assignment[0], plan[0].box.shape).fill_(value)
 
-    staging._Worker._destinations = scribble_and_die
-    client.stage({f"w{rank}": w}, step=2)
+    begin_and_write(1, float(rank))
+    conn.wait_reply(conn.send(Commit(step=1)), 60, "commit of step 1", Sealed)
+    begin_and_write(2, -7.0)
+    os.kill(os.getpid(), signal.SIGKILL)
     time.sleep(60)
 
 
@@ -441,40 +450,32 @@ def restore_multi_node(rank, world):
 
 
 def stage_through_a_hung_daemon(rank, world, endpoint, control_dir):
-    """A training loop in lockstep (one all_reduce a step, as a step's collectives make it) that
-    stages every step and waits for the copy at once, until the file ``done`` appears in
-    ``control_dir`` (the test stops and continues the daemon meanwhile). Each step is appended to
-    ``rank<r>.jsonl`` there as it ends: step, start time, seconds in stage()+wait_copied(), outcome."""
+    """A training loop in lockstep (:func:`stager.dev.lockstep.lockstep_stages`) until the file
+    ``done`` appears in ``control_dir`` (the test stops and continues the daemon meanwhile). Each
+    step is appended to ``rank<r>.jsonl`` there as it ends: step, start time, seconds in
+    stage()+wait_copied(), outcome."""
     import json
 
     from stager.client import StagingClient
+    from stager.dev.lockstep import lockstep_stages
     from stager.protocol import StagerError
 
     client = StagingClient(endpoint, timeout=30.0, seal_timeout=60.0)
     sd = {f"w{rank}": torch.zeros(1 << 12)}
-    flag = torch.zeros(1)
-    step = 0
+    steps = 0
     with open(os.path.join(control_dir, f"rank{rank}.jsonl"), "a") as out:
-        while True:
-            flag.fill_(float(os.path.exists(os.path.join(control_dir, "done"))))
-            dist.all_reduce(flag)  # the step's collective: every rank stops at the same step
-            if flag.item():
-                break
-            step += 1
-            sd[f"w{rank}"].fill_(step)
-            t0 = time.monotonic()
-            handle = client.stage(sd, step=step)
-            copied = handle.wait_copied(120)
-            stall = time.monotonic() - t0
+        for s in lockstep_stages(client, sd, sd[f"w{rank}"], control_dir):
+            steps = s.step
             try:
-                sealed = copied and handle.wait(90)["step"] == step
+                sealed = s.copied and s.handle.wait(90)["step"] == s.step
             except StagerError:
                 sealed = False
-            code = handle.error.code.value if handle.error is not None else None
-            out.write(json.dumps({"step": step, "t": t0, "stall": stall, "copied": copied, "sealed": sealed,
+            error = s.error or s.handle.error
+            code = error.code.value if error is not None else None
+            out.write(json.dumps({"step": s.step, "t": s.t, "stall": s.stall, "copied": s.copied, "sealed": sealed,
                                   "skipped": code == "no_sign_of_life", "code": code}) + "\n")
             out.flush()
             time.sleep(0.02)  # the rest of the training step (pacing, not a check)
     stats = client.stats
     client.close()
-    return {"stats": stats, "steps": step}
+    return {"stats": stats, "steps": steps}

@@ -27,9 +27,9 @@ def test_cuda_tensors_stage_bit_exact_and_train_stream_orders_after_copy(make_da
                 assert snap.step == step
                 for k, v in expected.items():
                     assert torch.equal(snap[k], v), k
-        registered = client._worker.copier._registered
-        assert registered, "segments must be page-locked once with cudaHostRegister"
-        assert len(registered) <= 3  # keep=2 + 1 in flight, registered once each
+        pinned = client.pinned_segments
+        assert pinned, "segments must be page-locked once with cudaHostRegister"
+        assert pinned <= 3  # keep=2 + 1 in flight, registered once each
 
 
 def test_restore_fills_device_tensors_through_the_pinned_path(make_daemon, monkeypatch):

@@ -61,8 +61,7 @@ def test_host_copy_handles_every_kind_of_source():
 
 
 def test_write_spans_cover_exactly_the_rank_rows():
-    from stager.client.hook.client import write_spans
-
+    from stager.client.hook.writer import write_spans
     from stager.protocol.layout import assignment_from_wire, plan_from_wire
 
     plan = plan_from_wire([["w", "f32", [8, 4], [4, 0], [4, 4]], ["b", "f32", [8], [0], [8]],

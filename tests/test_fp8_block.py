@@ -87,7 +87,7 @@ def transformers_quantize(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] 
     from types import SimpleNamespace
 
     op = Fp8Quantize(SimpleNamespace(quantization_config=FineGrainedFP8Config()))
-    out = op._quantize_one("m.weight", w)
+    out = op.convert({"m.weight": w})  # ConversionOps' entry point, as save_pretrained's reverse mapping calls it
     return None if out["m.weight"] is w else (out["m.weight"], out["m.weight_scale_inv"])
 
 

@@ -92,12 +92,6 @@ def test_planner_refuses_bad_leaves():
 
 # ------------------------------------------------------------------------------------ write_spans
 
-def test_write_spans_is_reexported_from_the_client_module():
-    from stager.client.hook.client import write_spans
-
-    assert write_spans is writer_mod.write_spans
-
-
 @pytest.mark.parametrize("plan,assignment,spans", [
     # rows 4..7 of an (8, 4) f32 block at 0: bytes 64..128
     ([entry("w", "f32", (8, 4), (4, 0), (4, 4))], [Placement(0, (8, 4), (4, 0))], [(64, 128)]),
@@ -242,19 +236,23 @@ class FakeConn:
         self.send_error: StagerError | None = None
         self._id = 0
         self.ack_timeout, self.acks = 1.0, []  # the connection's ack timeout; each request's own
+        self.expects = []  # the reply type each request asked for
 
     def hello(self, timeout):
         self.hellos += 1
         self.session = f"s{self.hellos + 1}"
         return HelloReply(session=self.session)
 
-    def request(self, msg, timeout, ack_timeout=None):
+    def request(self, msg, timeout, *, expect=None, ack_timeout=None):
         self.requests.append(msg)
         self.acks.append(ack_timeout)
+        self.expects.append(expect)
         msg.sent_bytes = [bytes(f) for f in msg.frames]  # frames as the socket would read them now
         answer = self.replies.pop(0)
         if isinstance(answer, Exception):
             raise answer
+        if expect is not None and not isinstance(answer, expect):  # as Connection.request does
+            raise StagerError(ErrorCode.BAD_MESSAGE, f"unexpected {answer.TYPE} reply to {msg.TYPE}")
         return answer
 
     def send(self, msg):
@@ -326,6 +324,17 @@ def test_begin_failures(replies, code):
     with pytest.raises(StagerError) as info:
         _sender(FakeConn(replies)).begin(1, PLAN, "d1", True)
     assert info.value.code == code
+
+
+PLACED = Placement(0, (2,), (0,))
+
+
+def test_the_sender_names_the_reply_type_each_request_expects():
+    conn = FakeConn([BeginReply(layout="L", assignment=[]), Ok()])
+    sender = _sender(conn)
+    sender.begin(1, [], "d0", False)
+    sender.put(1, [PLACED], [torch.ones(2)], 1 << 20)
+    assert conn.expects == [BeginReply, Ok]
 
 
 def test_assignment_is_remembered_per_session_and_layout():

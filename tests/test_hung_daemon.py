@@ -25,7 +25,7 @@ from helpers import wait_until
 from stager.client import StagingClient, Subscriber
 from stager.client.admin import daemon_status
 from stager.client.connection import Connection
-from stager.dev.launch import DaemonProcess, run_ranks
+from stager.dev.launch import run_ranks
 from stager.protocol import ErrorCode, Ok, Ping, Pong, StagerError, Status, decode
 
 TIMEOUT = 30.0  # the clients' timeout: a stopped daemon used to hold wait_copied() this long
@@ -34,24 +34,8 @@ MiB = 1 << 20
 
 
 @pytest.fixture
-def endpoint(short_dir):
-    return f"ipc://{short_dir}/d.sock"
-
-
-@pytest.fixture
-def daemons():
-    started = []
-
-    def start(endpoint, *args):
-        d = DaemonProcess(endpoint, args=("--step-timeout", "60", *args)).start()
-        started.append(d)
-        return d
-
-    yield start
-    for d in started:
-        if d.proc is not None and d.proc.poll() is None:
-            os.kill(d.pid, signal.SIGCONT)
-        d.stop(signal.SIGKILL)
+def daemons(daemon_processes):
+    return lambda endpoint, *args: daemon_processes(endpoint, "--step-timeout", "60", *args)
 
 
 def _client(endpoint, rank=0, local_world_size=1, **kw):

@@ -13,7 +13,6 @@ import select
 import signal
 import subprocess
 import sys
-import threading
 import time
 
 import pytest
@@ -21,11 +20,10 @@ import torch
 from dist_jobs import full_tensors, multi_node_stage, scaled
 from helpers import wait_until
 
-from stager.client import StagingClient, Subscriber
+from stager.client import StagingClient
 from stager.client.admin import daemon_status
-from stager.client.connection import Connection
 from stager.dev.launch import SimulatedCluster, run_ranks
-from stager.protocol import Acquire, ErrorCode, ErrorReply, Hello, HelloReply, Ping, Pong, StagerError
+from stager.protocol import Acquire, ErrorCode, ErrorReply, Hello, HelloReply, Ping, Pong
 from stager.protocol.endpoint import process_start_time
 
 PEER_TIMEOUT = 2.0
@@ -158,52 +156,109 @@ def test_the_daemon_tells_a_connection_it_ended_for_silence_why(make_daemon, raw
     assert peer.request(Acquire()).code == ErrorCode.NO_VERSION.value
 
 
-def test_a_reader_whose_session_ended_is_told_why_and_subscribes_again(make_daemon, monkeypatch):
+# A reader on another host whose process the test stops (SIGSTOP) and continues (SIGCONT) at the points
+# it waits for a line on stdin; it prints what it saw as JSON lines.
+STOPPED_READER = """
+import json, sys
+from stager.client import Subscriber
+from stager.protocol import StagerError
+
+def say(**what):
+    print(json.dumps(what), flush=True)
+
+sub = Subscriber(sys.argv[1], timeout=10)
+snap = sub.latest()
+say(leased=snap.step)
+sys.stdin.readline()  # stopped meanwhile, until the daemon ended the session
+try:
+    snap["w"]
+    say(read="no error")
+except StagerError as exc:
+    say(code=exc.code.value, message=exc.message)
+snap.release()
+say(again=sub.get("w").tolist())  # the next request registers anew
+say(waiting=1)
+newer = sub.wait_for_newer(1, timeout=60)  # stopped meanwhile, while it waits inside the connection
+say(newer=newer.step, w=newer["w"].tolist())
+newer.release()
+sub.close()
+"""
+
+
+def _reader(script, *args):
+    return subprocess.Popen([sys.executable, "-c", script, *args], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            env={**os.environ, "STAGER_HOST_ID": "reader-host"})  # on no daemon's host
+
+
+def _finish(reader):
+    if reader.poll() is None:
+        os.kill(reader.pid, signal.SIGCONT)
+        reader.kill()
+    reader.wait()
+    reader.stdin.close()
+    reader.stdout.close()
+
+
+def test_a_reader_whose_session_ended_is_told_why_and_subscribes_again(make_daemon):
     d = make_daemon(peer_timeout=0.5)
     with StagingClient(d.endpoint, rank=0, local_world_size=1, world_size=1, strict=True) as c:
         c.stage({"w": torch.arange(6.0)}, step=1).wait(10)
-    beating = threading.Event()  # cleared: the reader's process is stopped (SIGSTOP, a debugger)
-    beat = Connection._beat
-    monkeypatch.setattr(Connection, "_beat", lambda self: beat(self) if beating.is_set() else None)
-    monkeypatch.setenv("STAGER_HOST_ID", "another-host")
-    sub = Subscriber(d.endpoint, timeout=10)  # a reader on another host
-    monkeypatch.delenv("STAGER_HOST_ID")
+    reader = _reader(STOPPED_READER, d.endpoint)
     try:
-        snap = sub.latest()
+        lines = _Lines(reader)
+        assert lines.next(60) == {"leased": 1}
+        os.kill(reader.pid, signal.SIGSTOP)  # the reader's process is stopped (SIGSTOP, a debugger)
         wait_until(lambda: d.status()["leases"] == 0)
-        with pytest.raises(StagerError) as info:
-            snap["w"]
-        assert info.value.code == ErrorCode.SESSION_EXPIRED and "--peer-timeout 0.5s" in info.value.message
-        snap.release()
-        assert torch.equal(sub.get("w"), torch.arange(6.0))  # the next request registered anew
+        os.kill(reader.pid, signal.SIGCONT)
+        reader.stdin.write(b"go\n")
+        reader.stdin.flush()
+        told = lines.next(60)
+        assert told["code"] == ErrorCode.SESSION_EXPIRED.value and "--peer-timeout 0.5s" in told["message"], told
+        assert lines.next(60) == {"again": torch.arange(6.0).tolist()}
+        assert lines.next(60) == {"waiting": 1}
         # stopped while it waits for announcements: once running again, the answer to its first
         # heartbeat says its session ended, and it subscribes again
-        got = {}
-        waiter = threading.Thread(target=lambda: got.update(snap=sub.wait_for_newer(1, timeout=60)))
-        waiter.start()
         wait_until(lambda: d.status()["subscribers"] == 1)
+        os.kill(reader.pid, signal.SIGSTOP)
         wait_until(lambda: d.status()["subscribers"] == 0)
-        beating.set()
+        os.kill(reader.pid, signal.SIGCONT)
         wait_until(lambda: d.status()["subscribers"] == 1)
         end = time.monotonic() + 3 * 0.5
         while time.monotonic() < end:  # it waits inside the connection for 3 peer timeouts: beating itself
             assert d.status()["subscribers"] == 1
         with StagingClient(d.endpoint, rank=0, local_world_size=1, world_size=1, strict=True) as c:
             c.stage({"w": torch.arange(6.0) * 2}, step=2).wait(10)
-        waiter.join(60)
-        assert got["snap"].step == 2 and torch.equal(got["snap"]["w"], torch.arange(6.0) * 2)
-        got["snap"].release()
+        assert lines.next(60) == {"newer": 2, "w": (torch.arange(6.0) * 2).tolist()}
+        assert reader.wait(60) == 0
     finally:
-        beating.set()
-        sub.close()
+        _finish(reader)
+
+
+# A reader on another host that leases the newest version, then waits for a line on stdin (the test
+# stops it meanwhile) and reads every tensor of that lease.
+LEASED_READER = """
+import hashlib, json, sys
+import torch
+from stager.client import Subscriber
+
+def digest(t):
+    return f"{t.dtype}{list(t.shape)}" + hashlib.sha256(t.reshape(-1).view(torch.uint8).numpy().tobytes()).hexdigest()
+
+with Subscriber(sys.argv[1], timeout=30) as sub:
+    snap = sub.wait_for_newer(None, timeout=60)
+    print(json.dumps({"leased": snap.step}), flush=True)
+    sys.stdin.readline()
+    print(json.dumps({"read": {name: digest(snap[name]) for name in snap}}), flush=True)
+    snap.release()
+"""
 
 
 def test_a_daemon_stopped_longer_than_the_peer_timeout_keeps_its_remote_readers(keys, monkeypatch):
     """The daemon's own stall (SIGSTOP: the hung-daemon case) is not its readers' silence. What a
     reader sent meanwhile may still sit in kernel buffers when the daemon resumes (ZeroMQ's I/O
     thread was stopped too), and whether the daemon reads it before its first housekeeping is a
-    race; here the reader's heartbeats of the stall are held back until the daemon has run
-    several housekeeping ticks after resuming, which makes that race's losing side certain."""
+    race; here the reader's process is stopped with the daemon and continued only once the daemon
+    has run several housekeeping ticks after resuming, which makes that race's losing side certain."""
     peer_timeout, stopped = 1.5, 4.5
     monkeypatch.setenv("STAGER_AUTH_DIR", keys)  # CURVE over tcp, as across real hosts
     args = ("--memory-limit", "64MiB", "--peer-timeout", str(peer_timeout))
@@ -212,26 +267,15 @@ def test_a_daemon_stopped_longer_than_the_peer_timeout_keeps_its_remote_readers(
         monkeypatch.setenv("STAGER_HOST_ID", "node-0")  # the trainer beside its daemon
         with StagingClient(endpoint, rank=0, local_world_size=1, world_size=1, strict=True) as c:
             c.stage({"model": scaled(full_tensors(), 3)}, step=3).wait(60)
-        beating = threading.Event()
-        beating.set()
-        beat = Connection._beat
-
-        def held_beat(self):  # while held: not sent, and tried again a tenth of the interval later
-            if beating.is_set():
-                beat(self)
-            elif self.keepalive_s is not None:
-                self._last_sent = time.monotonic() - self.keepalive_s * 0.9
-
-        monkeypatch.setattr(Connection, "_beat", held_beat)
-        monkeypatch.setenv("STAGER_HOST_ID", "reader-host")  # on no daemon's host
-        sub = Subscriber(endpoint, timeout=30)
         monkeypatch.delenv("STAGER_HOST_ID")
+        reader = _reader(LEASED_READER, endpoint)
         try:
-            snap = sub.wait_for_newer(None, timeout=60)  # leased and subscribed
+            lines = _Lines(reader)
+            assert lines.next(120) == {"leased": 3}  # leased and subscribed
             status = daemon_status(endpoint)
             asked = time.monotonic()
             assert (status["leases"], status["subscribers"]) == (1, 1)
-            beating.clear()
+            os.kill(reader.pid, signal.SIGSTOP)  # its heartbeats are held back until the daemon ran a while
             os.kill(daemon.pid, signal.SIGSTOP)
             try:
                 time.sleep(stopped)  # creates the stopped condition; the proof is the lease below
@@ -240,15 +284,16 @@ def test_a_daemon_stopped_longer_than_the_peer_timeout_keeps_its_remote_readers(
             # the daemon's uptime when it resumed (one host, one monotonic clock), then 3 ticks of its own
             resumed = status["uptime_s"] + time.monotonic() - asked
             status = wait_until(lambda: (s := daemon_status(endpoint))["uptime_s"] > resumed + 0.6 and s, timeout=60)
-            beating.set()
+            os.kill(reader.pid, signal.SIGCONT)
             assert (status["leases"], status["subscribers"]) == (1, 1), "the daemon's stall ended a live reader"
             end = time.monotonic() + 2 * peer_timeout
             while time.monotonic() < end:  # heard again in time: the session goes on
                 status = daemon_status(endpoint)
                 assert (status["leases"], status["subscribers"]) == (1, 1)
+            reader.stdin.write(b"go\n")
+            reader.stdin.flush()
             expected = {f"model.{k}": _digest(v) for k, v in scaled(full_tensors(), 3).items()}
-            assert {name: _digest(snap[name]) for name in snap} == expected  # bit for bit, on the same lease
-            snap.release()
+            assert lines.next(60) == {"read": expected}  # bit for bit, on the same lease
+            assert reader.wait(60) == 0
         finally:
-            beating.set()
-            sub.close()
+            _finish(reader)

@@ -38,7 +38,6 @@ def tcp_daemon(keys):
 def curve_peer(endpoint, keys, client_secret=None, ipv6=False, curve=True):
     """A RawPeer speaking CURVE to the daemon of ``keys`` with the key pair in ``client_secret``
     (default: the client key `stager keygen` made), or without CURVE at all (``curve=False``)."""
-    peer = RawPeer.__new__(RawPeer)
     sock = zmq.Context.instance().socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
     if ipv6:
@@ -48,13 +47,11 @@ def curve_peer(endpoint, keys, client_secret=None, ipv6=False, curve=True):
         sock.curve_publickey, sock.curve_secretkey = load_certificate(
             client_secret or os.path.join(keys, "client.key_secret"))
     sock.connect(endpoint)
-    peer.sock, peer._id = sock, 0
-    return peer
+    return RawPeer(endpoint, sock=sock)
 
 
 def answered(peer, timeout=1.5) -> bool:
-    peer._id += 1
-    msg = Status(id=peer._id)
+    msg = Status(id=peer.next_id())
     try:  # a refused peer has no pipe to the daemon: a blocking send would wait forever
         peer.sock.send_multipart(msg.encode(), flags=zmq.NOBLOCK)
     except zmq.Again:

@@ -29,8 +29,7 @@ from typing import Any, Mapping
 
 import torch
 
-from stager.protocol import Abort, BeginReply, ErrorCode, Join, RemoteError, StagerError
-from stager.protocol.layout import PlanEntry
+from stager.protocol import Abort, ErrorCode, Join, RemoteError, StagerError
 from stager.protocol.messages import check_model_info
 
 from ..connection import HELLO_WAIT_S, Connection
@@ -39,9 +38,9 @@ from .handle import StageHandle
 from .planner import Planner
 from .replies import SealTracker, report
 from .sender import Sender
-from .writer import SegmentWriter, write_spans
+from .writer import SegmentWriter
 
-__all__ = ["StagingClient", "write_spans"]  # write_spans: re-exported, tests import it from here
+__all__ = ["StagingClient"]
 
 log = logging.getLogger("stager.client")
 # Tunables, read by the worker at each use (not copied into the parts at construction), so
@@ -56,7 +55,9 @@ ACK_TIMEOUT_ENV = "STAGER_ACK_TIMEOUT"
 _DAEMON_KNOWS = (ErrorCode.STEP_FAILED, ErrorCode.STALE_STEP)
 
 
-class _Job:
+class _QueuedStage:
+    """One ``stage()`` call waiting in the worker's queue."""
+
     __slots__ = ("state_dict", "step", "model_info", "handle", "start_event", "submitted")
 
     def __init__(self, state_dict, step, model_info, handle, start_event):
@@ -118,7 +119,7 @@ class StagingClient:
         transport: ``"auto"`` (shared memory on the daemon's host, frames otherwise), ``"shm"`` or ``"frames"``.
         job: a job spanning nodes (``world_size > local_world_size`` under torch.distributed) joins its
             daemons into one store at construction (a collective: one all_gather over gloo, see
-            ``hook/job.py``); this names the job (default ``$STAGER_JOB_ID``, else a token drawn
+            ``hook/job_join.py``); this names the job (default ``$STAGER_JOB_ID``, else a token drawn
             for this run); ``False``: do not join (each node's versions stay partial).
 
     >>> client = StagingClient()  # doctest: +SKIP
@@ -158,7 +159,7 @@ class StagingClient:
                         "initialized: not joining the nodes' daemons into one job (each node's versions stay "
                         "partial); construct StagingClient after init_process_group, or pass job=False")
             return None
-        from .job import join_job
+        from .job_join import join_job
 
         try:
             msg = join_job(conn, job=job if isinstance(job, str) else None, timeout=timeout)
@@ -184,7 +185,7 @@ class StagingClient:
             check_model_info(model_info)  # a bad one is the caller's bug: say so here, not as a failed step
         handle = StageHandle(step, self.strict)
         if self._finalizer.alive is False:
-            handle._fail(StagerError(ErrorCode.UNAVAILABLE, "the client is closed"))
+            handle.fail(StagerError(ErrorCode.UNAVAILABLE, "the client is closed"))
             return handle
         start_event = None
         if cuda_active():
@@ -192,7 +193,7 @@ class StagingClient:
             start_event = torch.cuda.Event()
             start_event.record()
         with self._lock:
-            self._worker.submit(_Job(state_dict, step, model_info, handle, start_event))
+            self._worker.submit(_QueuedStage(state_dict, step, model_info, handle, start_event))
         return handle
 
     @property
@@ -200,6 +201,12 @@ class StagingClient:
         """Counters since construction: ``stages`` (``stage()`` calls) and ``skipped`` (steps not
         staged because the daemon showed no sign of life within ``ack_timeout``)."""
         return dict(self._worker.stats)
+
+    @property
+    def pinned_segments(self) -> int:
+        """How many of the daemon's segments are page-locked now for this rank's device copies, each
+        once (0 while staging CUDA tensors: cudaHostRegister failed and their copies are synchronous)."""
+        return self._worker.copier.pinned
 
     def restore(self, state_dict: Mapping[str, Any], *, step: int | None = None) -> int:
         """Fill ``state_dict`` in place from the sealed version ``step`` (default: the newest; with
@@ -240,7 +247,7 @@ class StagingClient:
 class _Worker:
     """Runs on the client's background thread and orchestrates one step at a time.
 
-    It owns the job queue, the wake-up event and the run loop; the work itself is done by the
+    It owns the queue of stages, the wake-up event and the run loop; the work itself is done by the
     parts, each owning its own state: :class:`Planner` (state dict -> typed plan + digest),
     :class:`Sender` (Begin / Put / Commit / Abort), :class:`SegmentWriter` (mappings,
     destination views, pre-faulting, copies) and :class:`SealTracker` (pending seals, pings).
@@ -250,12 +257,12 @@ class _Worker:
     def __init__(self, conn: Connection, *, full_world: bool, timeout: float, seal_timeout: float, wait_ms: int,
                  transport: str, ack_timeout: float = ACK_TIMEOUT_S):
         self.conn = conn
-        self.jobs: collections.deque = collections.deque()
+        self.queued: collections.deque = collections.deque()
         # Waking the worker with an Event keeps the GIL in stage(): a socket send would release
         # it inside stage(), and the woken worker would hold it for a whole switch interval.
         self._wake = threading.Event()
         self.closing = threading.Event()
-        self.copier = CopyEngine()  # also reached from stage() (the trainer's device) and tests
+        self.copier = CopyEngine()  # also reached from stage() (the trainer's device) and stats
         self.planner = Planner()
         self.sender = Sender(conn, full_world=full_world, timeout=timeout, wait_ms=wait_ms, transport=transport)
         self.writer = SegmentWriter(self.copier)
@@ -280,8 +287,8 @@ class _Worker:
 
     # ------------------------------------------------------------------ thread entry
 
-    def submit(self, job: _Job) -> None:  # called on the train thread, under the client's lock
-        self.jobs.append(job)
+    def submit(self, stage: _QueuedStage) -> None:  # called on the train thread, under the client's lock
+        self.queued.append(stage)
         self.stats["stages"] += 1
         self._wake.set()
 
@@ -304,7 +311,7 @@ class _Worker:
             try:
                 if self.closing.is_set():
                     close_deadline = close_deadline or time.monotonic() + self.drain_timeout
-                    if (not self.jobs and not self.replies.pending) or time.monotonic() >= close_deadline:
+                    if (not self.queued and not self.replies.pending) or time.monotonic() >= close_deadline:
                         break
                 self._tick()
             except Exception:  # the staging thread must outlive any single failure
@@ -313,9 +320,9 @@ class _Worker:
         self._close()
 
     def _tick(self) -> None:
-        if not self.jobs:
+        if not self.queued:
             if self.replies.awaiting:
-                self.conn.poll(2)  # replies due: watch the socket, and the job queue every 2 ms
+                self.conn.poll(2)  # replies due: watch the socket, and the queue every 2 ms
             elif self.writer.upcoming:
                 if not self.writer.premap_one(PREFAULT_CHUNK, time.monotonic()):
                     self._wake.wait(0.02)  # the segment is not there yet; a stage() cuts the wait short
@@ -328,8 +335,8 @@ class _Worker:
             if reply is None:
                 break
             self.replies.on_reply(reply)
-        if self.jobs:
-            self._process(self.jobs.popleft())
+        if self.queued:
+            self._process(self.queued.popleft())
         elif self.owed_abort is not None and self.conn.connected and self.conn.silent_since is None:
             self._settle_abort()
         now = time.monotonic()
@@ -337,48 +344,47 @@ class _Worker:
         self.conn.probe()  # a silent daemon is pinged: its answer ends the silence
 
     def _close(self) -> None:
-        while self.jobs:
-            self.jobs.popleft().handle._fail(StagerError(ErrorCode.UNAVAILABLE, "the client was closed"))
+        while self.queued:
+            self.queued.popleft().handle.fail(StagerError(ErrorCode.UNAVAILABLE, "the client was closed"))
         self.replies.fail_all(ErrorCode.UNAVAILABLE, "the client was closed before the step was sealed")
         self.writer.close()
         self.conn.close()
 
     # ------------------------------------------------------------------ one step
 
-    def _process(self, job: _Job) -> None:
-        handle, began = job.handle, False
+    def _process(self, stage: _QueuedStage) -> None:
+        handle, began = stage.handle, False
         try:
-            plan = self.planner.plan(job.state_dict)
-            self._check_alive(job.submitted)
+            plan = self.planner.plan(stage.state_dict)
+            self._check_alive(stage.submitted)
             shm = self.sender.connect()
             if self.owed_abort is not None:
                 self._settle_abort()
-            reply = self.sender.begin(job.step, plan.entries, plan.digest, shm)
+            reply = self.sender.begin(stage.step, plan.entries, plan.digest, shm)
             began = True
-            self._resumed(job.step)
+            self._resumed(stage.step)
             assignment = self.sender.assignment(reply, len(plan.entries))
             if shm:
-                dsts = self._destinations(reply, plan.entries, assignment)
-                events = self.writer.copy(dsts, plan.locals, job.start_event)
-                handle._cuda_events = events
-                handle._set_copied()
+                dsts = self.writer.destinations(reply, plan.entries, assignment, time.monotonic())
+                events = self.writer.copy(dsts, plan.locals, stage.start_event)
+                handle.copied(events)
                 for event in events:
                     event.synchronize()  # bytes must be in the segment before the commit
             else:
-                self.sender.put(job.step, assignment, plan.locals, PUT_BATCH_BYTES)
-                handle._set_copied()
-            rid = self.sender.commit(job.step, plan.objects, job.model_info, plan.quant)
+                self.sender.put(stage.step, assignment, plan.locals, PUT_BATCH_BYTES)
+                handle.copied()
+            rid = self.sender.commit(stage.step, plan.objects, stage.model_info, plan.quant)
             self.replies.add(rid, handle, time.monotonic())
         except Exception as exc:
             error = exc if isinstance(exc, StagerError) else StagerError(
-                ErrorCode.INTERNAL, f"staging step {job.step} failed: {exc.__class__.__name__}: {exc}")
+                ErrorCode.INTERNAL, f"staging step {stage.step} failed: {exc.__class__.__name__}: {exc}")
             if not isinstance(exc, StagerError):
-                log.exception("staging step %d failed", job.step)
+                log.exception("staging step %d failed", stage.step)
             if began and not isinstance(exc, RemoteError):  # a remote error: the daemon dropped the step itself
-                self.sender.abort(job.step, str(error))
+                self.sender.abort(stage.step, str(error))
             elif not began and not (isinstance(exc, RemoteError) and exc.code in _DAEMON_KNOWS):
                 # the daemon may not know this rank gave up: the other ranks' begins would wait for ours
-                self.owed_abort = (job.step, f"its stage of the step failed before its begin was answered: {error}")
+                self.owed_abort = (stage.step, f"its stage of the step failed before its begin was answered: {error}")
                 if self.conn.session is not None and self.conn.connected and self.conn.silent_since is None:
                     self._settle_abort()
             if error.code == ErrorCode.NO_SIGN_OF_LIFE:
@@ -415,7 +421,7 @@ class _Worker:
             log.warning("%s [said once until the daemon answers again]", error.message)
         else:  # the same silence: the first warning said it
             log.debug("%s", error.message)
-        handle._fail(error)
+        handle.fail(error)
 
     def _resumed(self, step: int) -> None:
         if self.skipping:
@@ -436,8 +442,3 @@ class _Worker:
             return  # not reachable now: on reconnect, or before the next begin
         else:
             self.owed_abort = None
-
-    def _destinations(self, reply: BeginReply, plan: list[PlanEntry], assignment: list) -> list:
-        """Views of the segment where each local shard goes (None: a replica another rank writes).
-        A method of its own so tests can wrap it (tests/dist_jobs.py scribbles into the views)."""
-        return self.writer.destinations(reply, plan, assignment, time.monotonic())

@@ -63,6 +63,11 @@ class CopyEngine:
         self._registered: dict[int, int] = {}  # data_ptr -> nbytes registered with CUDA
         self.device: int | None = None  # the trainer's device (set by the client at stage())
 
+    @property
+    def pinned(self) -> int:
+        """How many segment mappings are page-locked now (0: device copies are synchronous)."""
+        return len(self._registered)
+
     def register(self, host: torch.Tensor) -> None:
         """Page-lock a segment mapping once so D2H copies into it run asynchronously."""
         if self.device is None or not cuda_active() or host.data_ptr() in self._registered:

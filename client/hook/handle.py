@@ -54,16 +54,24 @@ class StageHandle:
         (``error.code`` is NO_SIGN_OF_LIFE); training goes on, the next ``stage()`` tries again."""
         return self.error is not None and self.error.code == ErrorCode.NO_SIGN_OF_LIFE
 
-    def _set_copied(self) -> None:
+    # The completion side, called by the client's worker thread (never by the train loop). Each
+    # sets what the waiting side reads before the event that releases it.
+
+    def copied(self, cuda_events: list | tuple = ()) -> None:
+        """The data has left the live tensors (or, on CUDA, its copies are queued behind
+        ``cuda_events``, which :meth:`wait_copied` makes the trainer's stream wait for)."""
+        self._cuda_events = list(cuda_events)
         self._copied_ok = True
         self._copied.set()
 
-    def _fail(self, error: StagerError) -> None:
+    def fail(self, error: StagerError) -> None:
+        """Staging this step failed (or was skipped): both waits end, with ``error``."""
         self.error = error
         self._copied.set()
         self._done.set()
 
-    def _seal(self, result: dict) -> None:
+    def seal(self, result: dict) -> None:
+        """The daemon sealed this step; ``result`` is what :meth:`wait` returns."""
         self.result = result
         self._done.set()
 

@@ -26,7 +26,7 @@ SEAL_PING_S = 1.0  # ping interval while a seal is due: a restart is noticed wit
 def report(handle: StageHandle, error: StagerError) -> None:
     """Fail ``handle`` with ``error`` and log it (non-strict clients see staging errors only here)."""
     log.warning("staging step %d failed: %s", handle.step, error)
-    handle._fail(error)
+    handle.fail(error)
 
 
 class SealTracker:
@@ -54,8 +54,8 @@ class SealTracker:
         if entry is not None:
             handle = entry[0]
             if isinstance(reply, Sealed):
-                handle._seal({"step": reply.step, "nbytes": reply.nbytes, "tensors": reply.tensors,
-                              "partial": reply.partial})
+                handle.seal({"step": reply.step, "nbytes": reply.nbytes, "tensors": reply.tensors,
+                             "partial": reply.partial})
             elif isinstance(reply, ErrorReply):
                 report(handle, reply.to_exception())
             else:

@@ -102,7 +102,7 @@ def _agree(error: StagerError | None, doing: str, value: Any = None) -> list[Any
         if error is not None:
             raise error
         return [value]
-    from .job import all_gather_bytes
+    from .job_join import all_gather_bytes
 
     mine = [value, None if error is None else [str(getattr(error.code, "value", error.code)), error.message]]
     answers = [msgpack.unpackb(b) for b in all_gather_bytes(msgpack.packb(mine))]

@@ -58,7 +58,7 @@ class Sender:
                 ack += len(plan) * PLAN_ACK_S_PER_ENTRY
             try:
                 # back-pressure: the daemon may hold the answer up to wait_ms on top of the timeout
-                reply = self.conn.request(msg, self.timeout + self.wait_ms / 1000, ack_timeout=ack)
+                reply = self.conn.request(msg, self.timeout + self.wait_ms / 1000, expect=BeginReply, ack_timeout=ack)
             except RemoteError as exc:
                 if exc.code == ErrorCode.PLAN_REQUIRED and attempt == 0:
                     continue
@@ -67,8 +67,6 @@ class Sender:
                     continue
                 raise
             self.plans_sent.add((self.conn.session, digest))
-            if not isinstance(reply, BeginReply):
-                raise StagerError(ErrorCode.BAD_MESSAGE, f"unexpected {reply.TYPE} reply to begin")
             return reply
         raise StagerError(ErrorCode.INTERNAL, "unreachable")
 
@@ -113,10 +111,9 @@ class Sender:
         self.put_buffers.append(buffers)
         # no quick acknowledgement here: a ping sent behind a batch of frames is answered only once
         # they all arrived, and the live tensors' bytes are not out yet (wait_copied waits for them)
-        reply = self.conn.request(Put(step=step, regions=regions, frames=frames), self.timeout, ack_timeout=math.inf)
+        put = Put(step=step, regions=regions, frames=frames)
+        self.conn.request(put, self.timeout, expect=Ok, ack_timeout=math.inf)
         del self.put_buffers[:-1]
-        if not isinstance(reply, Ok):
-            raise StagerError(ErrorCode.BAD_MESSAGE, f"unexpected {reply.TYPE} reply to put")
 
     def commit(self, step: int, objects: dict, model_info: dict | None, quant: dict) -> int:
         """Send the Commit without waiting: the Sealed reply comes when every rank of the node

@@ -71,9 +71,7 @@ class JobReader:
         conn = self.primary
         if not force and conn.session is not None and self._asked == conn.session:
             return
-        info = conn.request(JobInfo(), self.timeout)
-        if not isinstance(info, JobInfoReply):
-            raise StagerError(ErrorCode.BAD_MESSAGE, f"unexpected {info.TYPE} reply to job_info")
+        info = conn.request(JobInfo(), self.timeout, expect=JobInfoReply)
         self._asked = conn.session
         self._join(info)
 

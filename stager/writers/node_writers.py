@@ -39,7 +39,7 @@ def init_writers(command: str) -> None:
 
 def gather(value: Any) -> list[Any]:
     """Every writer's ``value`` (msgpack-able), in rank order."""
-    from stager.client.hook.job import all_gather_bytes
+    from stager.client.hook.job_join import all_gather_bytes
 
     return [msgpack.unpackb(b) for b in all_gather_bytes(msgpack.packb(value))]
 

@@ -19,7 +19,7 @@ import secrets
 import msgpack
 import torch
 
-from stager.protocol import ErrorCode, StagerError
+from stager.protocol import ErrorCode, Ok, StagerError
 from stager.protocol.job import JobInfo, JobInfoReply, Join
 
 from ..connection import Connection
@@ -86,9 +86,7 @@ def join_job(conn: Connection, *, job: str | None, timeout: float) -> Join:
 
     record, error = {}, None
     try:
-        info = conn.request(JobInfo(), timeout)
-        if not isinstance(info, JobInfoReply):
-            raise StagerError(ErrorCode.BAD_MESSAGE, f"unexpected {info.TYPE} reply to job_info")
+        info = conn.request(JobInfo(), timeout, expect=JobInfoReply)
         record = {"node": info.node, "endpoint": info.endpoint, "rank": dist.get_rank(),
                   "token": secrets.token_hex(8)}
     except StagerError as exc:
@@ -103,6 +101,6 @@ def join_job(conn: Connection, *, job: str | None, timeout: float) -> Join:
     nodes, ranks = merge_members(records)
     job_id = job or os.environ.get(JOB_ENV) or records[0]["token"]
     msg = Join(job=job_id, node=record["node"], nodes=nodes, ranks=ranks, world_size=dist.get_world_size())
-    conn.request(msg, timeout)
+    conn.request(msg, timeout, expect=Ok)
     log.info("joined job %s as node %s (%d nodes)", job_id, record["node"], len(nodes))
     return msg
