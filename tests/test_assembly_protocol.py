@@ -4,6 +4,7 @@ step it does not hold, and stays up whatever it is sent there. The whole flow ac
 test_multinode.py."""
 
 import os
+import random
 
 import msgpack
 import pytest
@@ -212,3 +213,53 @@ def test_the_daemon_stays_up_on_a_malformed_assembly_message(daemon, frames):
     peer.send_frames(Status(id=9).encode())  # the assembler socket still answers
     assert isinstance(peer.recv(10.0), StatusReply)
     assert daemon.status()["state"] == "serving"  # and the endpoint
+
+
+def test_random_assembly_messages_never_take_the_daemon_down(daemon):
+    from test_fuzz import junk
+
+    trainer = stage_partial(daemon.endpoint, 1)
+    rng = random.Random(23)
+    peer = RawPeer(daemon.daemon.assembly_endpoint)
+    try:
+        with Subscriber(daemon.endpoint) as sub, sub.latest(allow_partial=True) as snap:
+            valid = [AssembleBegin(step=1, lease=snap.lease, specs=SPECS).body(),
+                     AssembleDone(step=1, segment="stager-0-1-s1", ok=True).body()]
+            for i in range(400):
+                cls = rng.choice([AssembleBegin, AssembleDone, AssembleReply, Status])
+                body = dict(rng.choice(valid)) if rng.random() < 0.5 else {}
+                for name in cls.SCHEMA:  # past the decoder into the handler as often as not
+                    if name not in body or rng.random() < 0.3:
+                        body[name] = junk(rng) if rng.random() < 0.7 else getattr(cls(), name)
+                header = {"v": PROTOCOL_VERSION, "t": cls.TYPE, "id": i + 1, "b": body}
+                peer.send_frames([msgpack.packb(header, use_bin_type=True)])
+                reply = peer.recv(30.0)  # every request is answered (a begin that got a segment: at once or soon)
+                assert reply.id == i + 1 and getattr(reply, "code", "") != "internal", (body, reply)
+            # the real thing still works after all that
+            channel = AssemblerChannel(daemon.daemon.assembly_endpoint)
+            try:
+                reply = channel.request(AssembleBegin(step=1, lease=snap.lease, specs=SPECS), 60.0, AssembleReply)
+                segment_targets(reply, SPECS)["w"].fill_(3.0)
+                channel.request(AssembleDone(step=1, segment=reply.segment, ok=True), 10.0, Ok)
+            finally:
+                channel.close()
+        assert daemon.status()["assembly"]["assembled"] == [1]
+    finally:
+        trainer.close()
+
+
+def test_a_begin_waiting_for_its_segment_is_answered_when_another_begin_supersedes_it(daemon):
+    trainer = stage_partial(daemon.endpoint, 1)
+    peer = RawPeer(daemon.daemon.assembly_endpoint)
+    try:
+        with Subscriber(daemon.endpoint) as sub, sub.latest(allow_partial=True) as snap:
+            for rid in (1, 2):  # the first waits for its segment (created in the background); the second at once
+                peer.send_frames(AssembleBegin(id=rid, step=1, lease=snap.lease, specs=SPECS).encode())
+            replies = {r.id: r for r in (peer.recv(30.0), peer.recv(30.0))}
+            assert isinstance(replies[2], AssembleReply) and replies[2].segment
+            first = replies[1]  # superseded while it waited, or answered before the second arrived
+            assert isinstance(first, AssembleReply) or first.code == ErrorCode.STEP_FAILED.value
+            peer.send_frames(AssembleDone(id=3, step=1, segment=replies[2].segment, ok=False).encode())
+            assert isinstance(peer.recv(10.0), Ok)
+    finally:
+        trainer.close()

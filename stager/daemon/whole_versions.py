@@ -25,7 +25,7 @@ import dataclasses
 import logging
 from typing import Callable
 
-from stager.protocol import ErrorCode, Message, Ok, StagerError
+from stager.protocol import ErrorCode, ErrorReply, Message, Ok, StagerError
 from stager.protocol.assembly import AssembleBegin, AssembleDone, AssembleReply, Spec
 from stager.protocol.layout import Box, PlanEntry
 
@@ -163,8 +163,14 @@ class FullAssembly:
 
     def _abandon(self) -> None:
         cur, self.current = self.current, None
-        if cur is not None and cur.segment is not None:
+        if cur is None:
+            return
+        if cur.segment is not None:
             self.memory.budget.give_back(cur.segment, reuse=True)
+        else:  # its begin still waits for a segment: answered, never left hanging
+            self.outbox.send(cur.asker.peer, ErrorReply(
+                id=cur.asker.rid, code=ErrorCode.STEP_FAILED.value,
+                message=f"assemble_begin of step {cur.version.step} was superseded by another assemble_begin"))
 
     def finish(self, v: Version, record: LayoutRecord, seg: Segment, ok: bool) -> bool:
         """Swap ``v``, the partial version the assembly began from, for the whole one in ``seg``
