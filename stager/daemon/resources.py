@@ -11,16 +11,15 @@ from __future__ import annotations
 
 import fcntl
 import functools
+import hashlib
 import logging
 import os
-import shutil
-import tempfile
 from collections.abc import Callable
 
 import zmq
 
 from stager.protocol import ErrorCode, StagerError
-from stager.protocol.endpoint import ipc_path, is_ipv6_endpoint, lock_path
+from stager.protocol.endpoint import ipc_path, is_ipv6_endpoint, lock_path, runtime_dir
 from stager.protocol.shm import SHM_DIR
 
 from .config import DaemonConfig
@@ -49,7 +48,7 @@ class Resources:
         # --assemble-full: where the node's assembler (and only it) sends the assembly messages
         self.assembly_sock: zmq.Socket | None = None
         self.assembly_endpoint: str | None = None
-        self._assembly_dir: str | None = None
+        self._assembly_path: str | None = None
         self.metrics = None  # the metrics HTTP server (--metrics), started by the daemon
 
     @classmethod
@@ -110,14 +109,16 @@ class Resources:
             self.endpoint = self.sock.getsockopt_string(zmq.LAST_ENDPOINT)  # resolves port 0 / '*'
 
     def _bind_assembly(self) -> None:
-        """The assembler's socket: ipc in a fresh directory only this user may enter, so only a
+        """The assembler's socket: ipc in this user's runtime directory (owner-only), so only a
         process of the daemon's own user on its host can reach it (the daemon hands the path to its
-        assembler); never CURVE or tcp, whatever the endpoint is."""
-        self._assembly_dir = tempfile.mkdtemp(prefix="stager-a")  # mode 0700
-        path = os.path.join(self._assembly_dir, "a.sock")
+        assembler); never CURVE or tcp, whatever the endpoint is. Named after the bound endpoint,
+        which this daemon alone serves now: a file a killed daemon left there is stale."""
+        digest = hashlib.sha1(self.endpoint.encode()).hexdigest()[:16]
+        path = os.path.join(runtime_dir(), f"assembler-{digest}.sock")
         if len(path.encode()) > 100:  # sun_path: 108 bytes, with room to spare
             raise StagerError(ErrorCode.UNAVAILABLE, f"the assembler socket path {path} is too long for ipc; point "
-                                                     "TMPDIR at a short directory (e.g. /tmp)")
+                                                     "XDG_RUNTIME_DIR at a short directory")
+        _unlink(path)
         sock = self.assembly_sock = self.ctx.socket(zmq.ROUTER)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
@@ -127,6 +128,7 @@ class Resources:
             sock.bind(f"ipc://{path}")
         finally:
             os.umask(old_umask)
+        self._assembly_path = path
         self.assembly_endpoint = f"ipc://{path}"
 
     def close(self) -> None:
@@ -135,7 +137,7 @@ class Resources:
         stop must not leave the socket bound, the lock taken or the segments mapped."""
         budget, self.budget = self.budget, None
         assembly_sock, self.assembly_sock = self.assembly_sock, None
-        assembly_dir, self._assembly_dir = self._assembly_dir, None
+        assembly_path, self._assembly_path = self._assembly_path, None
         metrics, self.metrics = self.metrics, None
         sock, self.sock = self.sock, None
         auth, self.auth = self.auth, None
@@ -144,8 +146,7 @@ class Resources:
         lock_fd, self.lock_fd = self.lock_fd, None
         _release("the segments", budget and budget.close)
         _release("the assembler socket", assembly_sock and assembly_sock.close)
-        _release("the assembler socket's directory",
-                 assembly_dir and functools.partial(shutil.rmtree, assembly_dir, ignore_errors=True))
+        _release("the assembler socket's file", assembly_path and functools.partial(_unlink, assembly_path))
         _release("the metrics server", metrics and metrics.close)
         _release("the socket", sock and sock.close)  # LINGER: 0, or DRAIN_LINGER_MS after a drain
         _release("the CURVE authenticator", auth and auth.stop)
