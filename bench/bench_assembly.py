@@ -29,6 +29,7 @@ from bench_multinode import full_state  # noqa: E402
 from common import curve_keys, machine, write_report  # noqa: E402
 from stager.client.admin import daemon_status  # noqa: E402
 from stager.dev.launch import SimulatedCluster, run_ranks  # noqa: E402
+from stager.protocol import StagerError  # noqa: E402
 
 MIB = 1 << 20
 STEPS = [1, 2, 3, 4]
@@ -87,7 +88,12 @@ def _assembled_at(endpoint: str, steps, deadline: float) -> dict[int, float]:
     """Poll node-0's status: when each step became whole there (a benchmark's clock, not a test's proof)."""
     seen: dict[int, float] = {}
     while time.monotonic() < deadline and len(seen) < len(steps):
-        for s in daemon_status(endpoint).get("assembly", {}).get("assembled", []):
+        try:
+            status = daemon_status(endpoint)
+        except StagerError:  # not reachable yet (a CURVE handshake under load): ask again
+            time.sleep(0.05)
+            continue
+        for s in status.get("assembly", {}).get("assembled", []):
             seen.setdefault(s, time.time())
         time.sleep(0.005)
     return seen

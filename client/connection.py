@@ -63,14 +63,17 @@ def _owned(method):
 
 
 class Connection:
-    """A DEALER connection with hello, request(), and reachability tracking."""
+    """A DEALER connection with hello, request(), and reachability tracking. ``node`` (this process's
+    host id) and ``auth_dir`` (CURVE client keys) default to ``$STAGER_HOST_ID`` / the machine's and
+    ``$STAGER_AUTH_DIR``: a process that is another node's peer than its environment says (the full
+    assembler inside a daemon) passes them."""
 
     def __init__(self, endpoint: str | None, *, role: str, rank: int = 0, local_world_size: int = 1,
-                 world_size: int = 1):
+                 world_size: int = 1, node: str | None = None, auth_dir: str | None = None):
         self.endpoint = resolve(endpoint)
         self.role, self.rank = role, rank
         self.local_world_size, self.world_size = local_world_size, world_size
-        self.curve = curve_keys_from_env() if self.endpoint.startswith("tcp://") else {}
+        self.curve = curve_keys_from_env(auth_dir) if self.endpoint.startswith("tcp://") else {}
         self._ids = itertools.count(1)
         self._lock = threading.RLock()
         self.keepalive = heartbeat.Keepalive()  # sends none until a reader of a daemon on another host starts it
@@ -97,7 +100,7 @@ class Connection:
         self.on_lost: Callable[[int], None] = lambda upto: None  # a connection dropped: requests <= upto are lost
         self.daemon_host: str | None = None
         self.rejoin: Message | None = None  # a multi-node job's Join, said again after every hello
-        self.host_id = host_id()
+        self.host_id = node or host_id()
         self._start_time = process_start_time(os.getpid())
         self.on_unsolicited: Callable[[Message], None] = lambda msg: log.debug("stray reply %r", msg)
         self._open()

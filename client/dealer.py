@@ -23,9 +23,10 @@ RECONNECT_IVL_MS, RECONNECT_IVL_MAX_MS = 50, 250  # a restarted daemon is found 
 _CURVE_OPTIONS = ("curve_serverkey", "curve_publickey", "curve_secretkey")
 
 
-def curve_keys_from_env() -> dict:
-    """CURVE client keys from ``$STAGER_AUTH_DIR`` (made by ``stager keygen``), or {} when unset."""
-    auth_dir = os.environ.get(AUTH_ENV)
+def curve_keys_from_env(auth_dir: str | None = None) -> dict:
+    """CURVE client keys from ``auth_dir``, else ``$STAGER_AUTH_DIR`` (made by ``stager keygen``), or
+    {} when neither is set."""
+    auth_dir = auth_dir or os.environ.get(AUTH_ENV)
     if not auth_dir:
         return {}
     from zmq.auth import load_certificate

@@ -1,7 +1,7 @@
 """stager's wire format and every contract the daemon and its clients share.
 
-What lives here: the frame layout and message classes (``frames``, ``messages``, ``reads``, ``job``),
-typed errors (``errors``), the closed dtype table (``dtypes``), quantization metadata
+What lives here: the frame layout and message classes (``frames``, ``messages``, ``reads``, ``job``,
+``assembly``), typed errors (``errors``), the closed dtype table (``dtypes``), quantization metadata
 (``quant``), the layout types that plans, assignments and reads are made of (``layout``), the
 shared-memory naming and mapping contract (``shm``) and endpoint resolution (``endpoint``).
 
@@ -23,6 +23,7 @@ from .messages import (
     StatusReply,
 )
 from .job import JobInfo, JobInfoReply, Join
+from .assembly import AssembleBegin, AssembleDone, AssembleReply
 from .reads import Acquire, AcquireReply, Announce, Read, ReadReply, Release, Subscribe, SubscribeReply
 
 __all__ = [
@@ -32,4 +33,5 @@ __all__ = [
     "Hello", "HelloReply", "Bye", "Begin", "BeginReply", "Put", "Commit", "Sealed", "Abort",
     "Acquire", "AcquireReply", "Release", "Subscribe", "SubscribeReply", "Announce", "Read", "ReadReply",
     "Status", "StatusReply", "Ping", "Pong", "Ok", "ErrorReply", "Join", "JobInfo", "JobInfoReply",
+    "AssembleBegin", "AssembleReply", "AssembleDone",
 ]

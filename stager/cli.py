@@ -12,19 +12,18 @@ import sys
 from stager.protocol import StagerError
 
 
-def _assembler_environment(config) -> None:
-    """The full assembler reads the job from inside this process: as this node (its host id) and,
-    across nodes, with client keys ($STAGER_AUTH_DIR, default --auth-dir), checked here at start."""
+def _assembler_keys(config) -> str | None:
+    """The full assembler (``--assemble-full``) reads the other nodes as a client, with the keys of
+    ``$STAGER_AUTH_DIR`` (default ``--auth-dir``): checked here, before the daemon starts."""
     import os
 
-    if config.host_id:
-        os.environ["STAGER_HOST_ID"] = config.host_id
-    if config.auth_dir:
-        os.environ.setdefault("STAGER_AUTH_DIR", config.auth_dir)
-    keys = os.environ.get("STAGER_AUTH_DIR")
+    from stager.protocol.endpoint import AUTH_ENV
+
+    keys = os.environ.get(AUTH_ENV) or config.auth_dir
     if keys and not os.path.isfile(os.path.join(keys, "client.key_secret")):
         raise ValueError(f"--assemble-full reads the other nodes as a client, but {keys} holds no client.key_secret; "
-                         "make the keys with `stager keygen DIR` (or point STAGER_AUTH_DIR at the client keys)")
+                         f"make the keys with `stager keygen DIR` (or point {AUTH_ENV} at the client keys)")
+    return keys
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -33,16 +32,16 @@ def _serve(args: argparse.Namespace) -> int:
 
     try:
         config = from_flags(DaemonConfig, args)
-        if config.assemble_full:
-            _assembler_environment(config)
+        keys = _assembler_keys(config) if config.assemble_full else None
         daemon = Daemon(config)
-        if config.assemble_full:
-            from stager.loaders.assemble_full import Assembler
-
-            daemon.attach(Assembler(daemon.endpoint, daemon.call, daemon.assembly))
     except (ValueError, StagerError) as exc:
         print(f"stager serve: {exc}", file=sys.stderr)
         return 2
+    assembler = None
+    if config.assemble_full:  # a consumer in this process (why: stager/loaders/assemble_full.py)
+        from stager.loaders.assemble_full import Assembler
+
+        assembler = Assembler(daemon.endpoint, daemon.assembly_endpoint, node=daemon.state.host_id, auth_dir=keys)
 
     def ready(d: Daemon) -> None:
         info = {"endpoint": d.endpoint, "pid": __import__("os").getpid(), "memory_limit": config.memory_limit,
@@ -56,7 +55,13 @@ def _serve(args: argparse.Namespace) -> int:
             f"keep {config.keep}){'  INSECURE: no authentication' if config.insecure else ''}")
         print(line, flush=True)
 
-    daemon.serve(ready=ready)
+    if assembler is not None:
+        assembler.start()
+    try:
+        daemon.serve(ready=ready)
+    finally:
+        if assembler is not None:
+            assembler.close()
     return 0
 
 

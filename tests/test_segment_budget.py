@@ -6,6 +6,7 @@ import pytest
 from helpers import wait_until
 
 from stager.daemon.memory import PENDING, SegmentBudget
+from stager.protocol import ErrorCode, StagerError
 
 pytestmark = pytest.mark.fast  # the fast tier: no daemon process, no torch.distributed job
 
@@ -36,23 +37,39 @@ def test_steps_get_pooled_segments_in_the_order_they_were_created():
 def test_spare_segments_use_free_memory_only_and_go_first_when_a_step_needs_it():
     names = iter(f"s{i}" for i in range(10))
     budget = SegmentBudget(100, FakeSegment, lambda: next(names))
-    budget.current_layout, budget.rotation, budget.spare_layout, budget.spare_rotation = "T", 3, "W", 2
-    for name in ("t0", "t1"):  # the trainer has 2 of its 3 segments of 20 bytes: 20 more are its own
-        budget.used += 20
-        budget.adopt("T", FakeSegment(name, 20))
-    assert budget.trainer_headroom() == 20
-    assert budget.reserve_spare("W", 50) is False and budget.used == 40  # would eat the trainer's third segment
-    assert budget.reserve_spare("W", 40) is True and budget.used == 80  # reserved: counted before it exists
-    budget.unreserve(40)  # creating it failed
-    assert budget.used == 40
-    assert budget.reserve_spare("W", 40) is True
-    budget.adopt("W", FakeSegment("w0", 40))
-    budget.give_back(budget.owner["w0"][1], reuse=True)  # pooled for the next whole version
-    assert budget.used == 80 and budget.reserve_spare("W", 40).name == "w0"
-    budget.give_back(budget.owner["w0"][1], reuse=True)
-    for name in ("t0", "t1"):  # a new trainer layout needs 70: the spare pool is dropped for it
-        budget.destroy(budget.owner[name][1])
-    assert budget.take("T2", 70) is PENDING and "w0" not in budget.owner and budget.used == 70
+    budget.current_layout, budget.spare_layout, budget.spare_rotation = "T", "W", 2
+    budget.prefill("T", 20, 2)  # the trainer has 2 of its 3 segments of 20 bytes: 20 more are its own
+    budget.rotation = 3
+    wait_until(lambda: budget.collect() >= 0 and not budget.pending)
+    trainer = [budget.take("T", 20) for _ in range(2)]
+    assert budget.trainer_headroom() == 20 and budget.used == 40
+    assert budget.request_spare("W", 50) is False and budget.used == 40  # would eat the trainer's third segment
+    assert budget.request_spare("W", 40) is PENDING and budget.used == 80  # counted before it exists
+    assert budget.request_spare("W", 40) is PENDING and budget.used == 80  # the one being created, not another
+    wait_until(lambda: budget.collect() >= 0 and not budget.pending)
+    spare = budget.request_spare("W", 40)
+    assert spare.name == "s2" and budget.used == 80
+    budget.give_back(spare, reuse=True)  # pooled for the next whole version
+    assert budget.used == 80 and budget.request_spare("W", 40) is spare
+    budget.give_back(spare, reuse=True)
+    for seg in trainer:  # a new trainer layout needs 70: the spare pool is dropped for it
+        budget.destroy(seg)
+    assert budget.take("T2", 70) is PENDING and "s2" not in budget.owner and budget.used == 70
+    budget.close()
+
+
+def test_a_spare_segment_that_cannot_be_created_is_said_once_and_given_back():
+    class Failing(FakeSegment):
+        def __init__(self, name, size):
+            raise OSError("no room")
+
+    budget = SegmentBudget(100, Failing, lambda: "s0")
+    budget.spare_layout = "W"
+    assert budget.request_spare("W", 40) is PENDING
+    wait_until(lambda: budget.collect() >= 0 and not budget.pending)
+    with pytest.raises(StagerError, match="no room") as info:
+        budget.request_spare("W", 40)
+    assert info.value.code == ErrorCode.MEMORY_LIMIT and budget.used == 0
     budget.close()
 
 

@@ -4,6 +4,7 @@ from stager.protocol import (
     Abort, Acquire, AcquireReply, Announce, Begin, BeginReply, Bye, Commit, ErrorReply, Hello, HelloReply, Ok,
     Ping, Pong, Put, Read, ReadItem, ReadReply, Release, Sealed, Status, StatusReply, Subscribe, SubscribeReply,
 )
+from stager.protocol.assembly import AssembleBegin, AssembleDone, AssembleReply
 from stager.protocol.job import JobInfo, JobInfoReply, Join
 from stager.protocol.layout import Placement, layouts_from_wire, plan_from_wire
 from stager.protocol.quant import QuantSpec
@@ -44,4 +45,7 @@ EXAMPLES = [
     JobInfo(members=False),
     JobInfoReply(job="j1", node="a", endpoint="ipc:///a.sock", nodes={"a": "ipc:///a.sock", "b": "tcp://b:7555"},
                  sealed=[3, 4], staging=[5], failed=[2]),
+    AssembleBegin(step=4, lease=9, specs=(("w", "f32", (4, 2)), ("s", "f8e4m3", ()))),
+    AssembleReply(step=4, segment="stager-0-1-s1", size=128, offsets=(("w", 0), ("s", 64))),
+    AssembleDone(step=4, segment="stager-0-1-s1", ok=True, reason=""),
 ]

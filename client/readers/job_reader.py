@@ -46,10 +46,13 @@ class MembershipChanged(StagerError):
 
 class JobReader:
     """One reader's connections to every daemon of its job (its own daemon's, ``primary``, included).
-    ``remote``: read over the sockets even on a daemon's host (None: only from other hosts)."""
+    ``remote``: read over the sockets even on a daemon's host (None: only from other hosts).
+    ``node``, ``auth_dir``: this reader's host id and CURVE keys (see :class:`Connection`)."""
 
-    def __init__(self, endpoint: str | None, timeout: float, *, remote: bool | None = None, role: str = "reader"):
-        self.primary = Connection(endpoint, role=role)
+    def __init__(self, endpoint: str | None, timeout: float, *, remote: bool | None = None, role: str = "reader",
+                 node: str | None = None, auth_dir: str | None = None):
+        self._identity = {"node": node, "auth_dir": auth_dir}  # every connection's, the same
+        self.primary = Connection(endpoint, role=role, **self._identity)
         self.timeout, self.remote, self.role = timeout, remote, role
         self.job, self.node, self.nodes = "", "", {}  # the membership: unknown until the daemon is asked
         self.conns: dict[str, Connection] = {}
@@ -94,7 +97,7 @@ class JobReader:
             elif node in old and old[node] is not self.primary and self.nodes.get(node) == endpoint:
                 self.conns[node] = old[node]
             else:
-                self.conns[node] = Connection(endpoint, role=self.role)
+                self.conns[node] = Connection(endpoint, role=self.role, **self._identity)
                 self.conns[node].on_unsolicited = functools.partial(self._note, node)
         for node, conn in old.items():
             if conn is not self.primary and self.conns.get(node) is not conn:

@@ -9,12 +9,14 @@
     Reading         leases and remote reads         <- steps' retry when a lease end freed memory
     Peers           registration and liveness       <- reading's end_lease, steps' fail for departures
     JobMembership   the multi-node job
-    FullAssembly    whole versions (--assemble-full) <- announce
+    FullAssembly    whole versions (--assemble-full) <- announce; its own outbox (the assembler socket)
 
 Events that flow back against that order (memory freed, a peer gone) are callables handed to the
 later part at construction; nothing is wired afterwards. ``Handlers`` routes each request type to
 the method that owns it, runs housekeeping, and composes status from the piece each part reports
-(:func:`~.status.compose`).
+(:func:`~.status.compose`). Requests on the daemon's endpoint go to :meth:`Handlers.handle`; those on
+the private assembler socket (``--assemble-full``) to :meth:`Handlers.handle_assembly`, the only place
+assembly messages are served.
 """
 
 from __future__ import annotations
@@ -23,8 +25,8 @@ import time
 from typing import Callable
 
 from stager.protocol import (
-    Abort, Acquire, Begin, Bye, Commit, ErrorCode, Hello, Message, Ping, Pong, ProtocolError, Put, Read, Release,
-    Status, StatusReply, Subscribe,
+    Abort, Acquire, AssembleBegin, AssembleDone, Begin, Bye, Commit, ErrorCode, Hello, Message, Ping, Pong,
+    ProtocolError, Put, Read, Release, StagerError, Status, StatusReply, Subscribe,
 )
 from stager.protocol.job import JobInfo, Join
 
@@ -42,8 +44,7 @@ class Handlers:
     """Everything the socket loop calls: :meth:`handle` per request, :meth:`housekeep` per tick."""
 
     def __init__(self, state: DaemonState, budget: SegmentBudget, outbox: Outbox, *, advertise: str,
-                 loop_status: Callable[[], LoopStatus], new_segment_name: Callable[[], str],
-                 assemble_full: bool = False):
+                 loop_status: Callable[[], LoopStatus], assembly_outbox: Outbox | None = None):
         self.state, self._loop_status = state, loop_status
         self.directory = PeerDirectory(state)
         self.memory = Retention(state, budget)
@@ -52,9 +53,9 @@ class Handlers:
         self.reading = Reading(state, self.directory, self.memory, outbox, memory_freed=self.steps.retry_waiting)
         self.peers = Peers(state, self.directory, end_lease=self.reading.end_lease, fail_step=self.steps.fail)
         self.job = JobMembership(state, advertise)
-        # serve --assemble-full: the loop's half (its thread, a client, is attached by `stager serve`)
-        self.assembly = (FullAssembly(state, self.memory, self.subscriptions.announce, new_segment_name)
-                         if assemble_full else None)
+        # serve --assemble-full: the daemon's half; the assembler (a consumer) talks to it on its own socket
+        self.assembly = (FullAssembly(state, self.memory, self.subscriptions.announce, assembly_outbox)
+                         if assembly_outbox is not None else None)
         self.routes: dict[type, Callable[[bytes, Message], Message | None]] = {
             Hello: self.peers.on_hello, Bye: self.peers.on_bye,
             Begin: self.steps.on_begin, Put: self.steps.on_put, Commit: self.steps.on_commit,
@@ -63,7 +64,13 @@ class Handlers:
             Subscribe: self.subscriptions.on_subscribe, Read: self.reading.on_read,
             Status: self.on_status, Ping: self.on_ping,
             Join: self.job.on_join, JobInfo: self.job.on_job_info,
+            AssembleBegin: self.refuse_assembly, AssembleDone: self.refuse_assembly,
         }
+        self.assembly_routes: dict[type, Callable[[bytes, Message], Message | None]] = {
+            Status: self.on_status, Ping: self.on_ping,
+        }
+        if self.assembly is not None:
+            self.assembly_routes.update({AssembleBegin: self.assembly.on_begin, AssembleDone: self.assembly.on_done})
 
     def handle(self, identity: bytes, msg: Message) -> Message | None:
         self.directory.seen(identity)
@@ -71,6 +78,20 @@ class Handlers:
         if handler is None:
             raise ProtocolError(ErrorCode.UNKNOWN_TYPE, f"{msg.TYPE} is a reply, not a request")
         return handler(identity, msg)
+
+    def handle_assembly(self, identity: bytes, msg: Message) -> Message | None:
+        """A request on the private assembler socket: the assembly messages, status and ping only."""
+        handler = self.assembly_routes.get(type(msg))
+        if handler is None:
+            raise ProtocolError(ErrorCode.UNKNOWN_TYPE, f"{msg.TYPE} is not served on the assembler socket (only "
+                                                        f"{sorted(t.TYPE for t in self.assembly_routes)}); send it "
+                                                        "to the daemon's endpoint")
+        return handler(identity, msg)
+
+    def refuse_assembly(self, identity: bytes, msg: Message) -> Message:
+        raise StagerError(ErrorCode.FORBIDDEN, f"{msg.TYPE} is accepted only from this node's assembler, on the "
+                                               "daemon's private assembler socket, never on its endpoint; run "
+                                               "`stager serve --assemble-full`, which starts the assembler")
 
     def housekeep(self) -> None:
         self.collect_segments()
@@ -82,6 +103,8 @@ class Handlers:
         """Segments created in the background go to the steps waiting for them."""
         if self.memory.collect():
             self.steps.retry_waiting()
+            if self.assembly is not None:  # after the steps: the trainer's segments come first
+                self.assembly.retry()
 
     def on_ping(self, identity: bytes, msg: Ping) -> Message:
         if msg.id == 0:  # a heartbeat: a connection without a session (ended for silence) is told why

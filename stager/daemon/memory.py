@@ -176,7 +176,7 @@ class SegmentBudget:
                 if layout_id not in self.failures:  # said once per layout, not once per retry
                     log.warning("could not create segment %s: %s", name, result.message)
                 self.failures[layout_id] = result
-            elif layout_id != self.current_layout:
+            elif layout_id not in (self.current_layout, self.spare_layout):
                 self.owner[name] = (layout_id, result)
                 self.destroy(result)
             else:
@@ -248,18 +248,28 @@ class SegmentBudget:
         else:
             self.destroy(seg)
 
-    def reserve_spare(self, layout_id: str, size: int) -> "Segment | bool":
-        """For background work (full assembly): a pooled segment of ``layout_id``; else True after
-        counting ``size`` bytes as used (the caller creates the segment off the loop and hands it
-        to :meth:`adopt`, or gives the bytes back with :meth:`unreserve`); False when only
-        dropping another layout's pool or evicting a version would make room."""
+    def request_spare(self, layout_id: str, size: int) -> "Segment | object | bool":
+        """For background work (full assembly, at most one segment at a time): a pooled segment of
+        ``layout_id``; else :data:`PENDING` after asking the background thread for one (counted as
+        used from now on; :meth:`collect` pools it, the next call takes it); False when only
+        dropping another layout's pool or evicting a version would make room. A failed creation
+        is raised once (its StagerError)."""
         free = self.pool.get(layout_id)
         if free:
             return free.pop(0)
+        if any(lid == layout_id for lid, _ in self.pending.values()):
+            return PENDING
+        failure = self.failures.pop(layout_id, None)
+        if failure is not None:
+            raise failure
         if self.used + size + self.trainer_headroom() > self.limit:
             return False
+        self._start_factory()
+        name = self._new_name()
         self.used += size
-        return True
+        self.pending[name] = (layout_id, size)
+        self._requests.put((name, size, None))
+        return PENDING
 
     def trainer_headroom(self) -> int:
         """Bytes the trainer's rotation (``rotation`` segments of the current layout) still has to
@@ -269,13 +279,6 @@ class SegmentBudget:
             return 0
         have = len(sizes) + sum(1 for lid, _ in self.pending.values() if lid == self.current_layout)
         return max(0, self.rotation - have) * sizes[0]
-
-    def adopt(self, layout_id: str, seg: Segment) -> None:
-        """A segment created for a :meth:`reserve_spare` reservation (its bytes are counted already)."""
-        self.owner[seg.name] = (layout_id, seg)
-
-    def unreserve(self, size: int) -> None:
-        self.used -= size
 
     def destroy(self, seg: Segment) -> None:
         if self.owner.pop(seg.name, None) is not None:

@@ -1,8 +1,8 @@
 """What the daemon holds from the operating system, and gives back however it ends.
 
 :class:`Resources` takes them in order (the endpoint's lock, the segment budget, the ZeroMQ
-context and socket, the CURVE authenticator, the bound endpoint, the loop's wake-up pipe; the
-metrics server once the daemon starts it) and :meth:`Resources.close` gives back whatever was
+context and socket, the CURVE authenticator, the bound endpoint, the private assembler socket with
+``--assemble-full``; the metrics server once the daemon starts it) and :meth:`Resources.close` gives back whatever was
 taken: after a failed start, on :meth:`~stager.daemon.server.Daemon.close`, or at interpreter exit.
 No segment, socket file or lock outlives the daemon.
 """
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import fcntl
 import functools
+import hashlib
 import logging
 import os
 from collections.abc import Callable
@@ -18,7 +19,7 @@ from collections.abc import Callable
 import zmq
 
 from stager.protocol import ErrorCode, StagerError
-from stager.protocol.endpoint import ipc_path, is_ipv6_endpoint, lock_path
+from stager.protocol.endpoint import ipc_path, is_ipv6_endpoint, lock_path, runtime_dir
 from stager.protocol.shm import SHM_DIR
 
 from .config import DaemonConfig
@@ -33,7 +34,7 @@ class DaemonBusy(StagerError):
 
 
 class Resources:
-    """The lock, budget, socket, authenticator, wake-up pipe and metrics server of one daemon.
+    """The lock, budget, socket, authenticator, assembler socket and metrics server of one daemon.
     :meth:`open` takes them; each field is None until taken."""
 
     def __init__(self, endpoint: str):
@@ -44,7 +45,10 @@ class Resources:
         self.sock: zmq.Socket | None = None
         self.auth = None  # zmq's ThreadAuthenticator, for --auth-dir
         self.sock_path: str | None = None  # the ipc socket file, once bound
-        self.wake: tuple[int, int] | None = None  # (read fd, write fd): other threads wake the loop's poll
+        # --assemble-full: where the node's assembler (and only it) sends the assembly messages
+        self.assembly_sock: zmq.Socket | None = None
+        self.assembly_endpoint: str | None = None
+        self._assembly_path: str | None = None
         self.metrics = None  # the metrics HTTP server (--metrics), started by the daemon
 
     @classmethod
@@ -70,11 +74,9 @@ class Resources:
             if config.auth_dir:
                 res.auth = start_authenticator(res.ctx, res.sock, config.auth_dir)
             res._bind()
+            if config.assemble_full:
+                res._bind_assembly()
             res.budget.preallocate(config.preallocate)  # in the background: serving starts now
-            wake_r, wake_w = os.pipe()
-            res.wake = (wake_r, wake_w)
-            os.set_blocking(wake_r, False)
-            os.set_blocking(wake_w, False)
         except BaseException:  # a daemon that could not start holds nothing: no lock, thread or segment
             res.close()
             raise
@@ -106,12 +108,36 @@ class Resources:
                                   "this host (IPv6 in brackets: tcp://[::1]:PORT)") from None
             self.endpoint = self.sock.getsockopt_string(zmq.LAST_ENDPOINT)  # resolves port 0 / '*'
 
+    def _bind_assembly(self) -> None:
+        """The assembler's socket: ipc in this user's runtime directory (owner-only), so only a
+        process of the daemon's own user on its host can reach it (the daemon hands the path to its
+        assembler); never CURVE or tcp, whatever the endpoint is. Named after the bound endpoint,
+        which this daemon alone serves now: a file a killed daemon left there is stale."""
+        digest = hashlib.sha1(self.endpoint.encode()).hexdigest()[:16]
+        path = os.path.join(runtime_dir(), f"assembler-{digest}.sock")
+        if len(path.encode()) > 100:  # sun_path: 108 bytes, with room to spare
+            raise StagerError(ErrorCode.UNAVAILABLE, f"the assembler socket path {path} is too long for ipc; point "
+                                                     "XDG_RUNTIME_DIR at a short directory")
+        _unlink(path)
+        sock = self.assembly_sock = self.ctx.socket(zmq.ROUTER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        sock.setsockopt(zmq.MAXMSGSIZE, 64 << 20)  # specs of a version, never tensor bytes
+        old_umask = os.umask(0o077)
+        try:
+            sock.bind(f"ipc://{path}")
+        finally:
+            os.umask(old_umask)
+        self._assembly_path = path
+        self.assembly_endpoint = f"ipc://{path}"
+
     def close(self) -> None:
         """Give back everything taken, segments first; a second call does nothing. Each one is given
         back whatever happened to the others (a failure is logged): a metrics server that fails to
         stop must not leave the socket bound, the lock taken or the segments mapped."""
         budget, self.budget = self.budget, None
-        wake, self.wake = self.wake, None
+        assembly_sock, self.assembly_sock = self.assembly_sock, None
+        assembly_path, self._assembly_path = self._assembly_path, None
         metrics, self.metrics = self.metrics, None
         sock, self.sock = self.sock, None
         auth, self.auth = self.auth, None
@@ -119,8 +145,8 @@ class Resources:
         sock_path, self.sock_path = self.sock_path, None
         lock_fd, self.lock_fd = self.lock_fd, None
         _release("the segments", budget and budget.close)
-        for fd in wake or ():
-            _release("the wake-up pipe", functools.partial(os.close, fd))
+        _release("the assembler socket", assembly_sock and assembly_sock.close)
+        _release("the assembler socket's file", assembly_path and functools.partial(_unlink, assembly_path))
         _release("the metrics server", metrics and metrics.close)
         _release("the socket", sock and sock.close)  # LINGER: 0, or DRAIN_LINGER_MS after a drain
         _release("the CURVE authenticator", auth and auth.stop)

@@ -5,7 +5,8 @@ One thread, one ROUTER socket, no locks: requests are handled in arrival order b
 step timeouts, back-pressure deadlines). Tensor bytes from same-host ranks never pass through
 this process: ranks write them straight into the snapshot's shared-memory segment. What the
 daemon holds (lock, socket, segments) is :class:`~stager.daemon.resources.Resources`; replies
-leave through :class:`~stager.daemon.outbox.SocketOutbox`.
+leave through :class:`~stager.daemon.outbox.SocketOutbox`. With ``--assemble-full`` the loop also
+serves a second, private socket: the node's assembler's (:mod:`~stager.daemon.whole_versions`).
 
 SIGTERM drains, SIGHUP reopens the logs (:mod:`~stager.daemon.lifecycle`); with ``--metrics``
 the loop publishes a metrics snapshot every tick for the HTTP thread (:mod:`~stager.daemon.recorder`).
@@ -13,20 +14,17 @@ the loop publishes a metrics snapshot every tick for the HTTP thread (:mod:`~sta
 
 from __future__ import annotations
 
-import concurrent.futures
 import itertools
 import logging
 import os
-import queue
 import secrets
-import threading
 import time
 import weakref
-from typing import Any, Callable
+from typing import Callable
 
 import zmq
 
-from stager.protocol import ErrorCode, ErrorReply, ProtocolError, StagerError, decode
+from stager.protocol import ErrorCode, ErrorReply, Message, ProtocolError, StagerError, decode
 from stager.protocol import logs
 from stager.protocol.endpoint import host_id
 from stager.protocol.shm import segment_name
@@ -98,72 +96,20 @@ class Daemon:
                 res.metrics = serve_metrics(self.recorder, config.metrics)
             self.metrics = res.metrics  # the metrics HTTP server (--metrics), else None
             self.outbox = SocketOutbox(res.sock, on_sent=self.recorder.on_sent)
+            # --assemble-full: the assembler's own socket (its replies never mix with the endpoint's peers)
+            self.assembly_outbox = (SocketOutbox(res.assembly_sock, on_sent=lambda identity, msg: None)
+                                    if res.assembly_sock is not None else None)
+            self.assembly_endpoint = res.assembly_endpoint  # handed to the assembler (`stager serve` starts it)
             loop = LoopReport(self.lifecycle, self.recorder, endpoint=self.endpoint, started=self.started,
                               metrics_url=self.metrics_url, insecure=config.insecure)
             self.handlers = Handlers(self.state, self.budget, self.outbox, advertise=config.advertise or self.endpoint,
-                                     loop_status=loop.status, new_segment_name=self._segment_name,
-                                     assemble_full=config.assemble_full)
-            self.assembly = self.handlers.assembly  # serve --assemble-full: the loop's half
+                                     loop_status=loop.status, assembly_outbox=self.assembly_outbox)
             if self.metrics is not None:
                 self.recorder.publish(self.handlers.status())
         except BaseException:
             res.close()
             raise
-        # other threads (the full assembler) run work on this loop through call(): a queue, and a pipe
-        # whose byte wakes the poll
-        self._calls: queue.SimpleQueue = queue.SimpleQueue()
-        self._wake_r, self._wake_w = res.wake
-        self._closing = False
-        self._calls_lock = threading.Lock()
-        self._workers: list = []
         self._finalizer = weakref.finalize(self, res.close)  # at interpreter exit too
-
-    def attach(self, worker) -> None:
-        """Start a background ``worker`` (``start()``/``close()``; e.g. the full assembler), closed
-        with the daemon; it reaches the loop through :meth:`call`."""
-        self._workers.append(worker)
-        worker.start()
-
-    def call(self, fn: Callable[[], Any], timeout: float = 60.0) -> Any:
-        """Run ``fn`` on the socket loop (the daemon's state is not locked) and return its result;
-        for the daemon's own background threads. A call the loop did not start within ``timeout``
-        never runs (TimeoutError)."""
-        future: concurrent.futures.Future = concurrent.futures.Future()
-        with self._calls_lock:  # never queued after close() failed the queue, never written to a closed pipe
-            if self._closing:
-                raise StagerError(ErrorCode.UNAVAILABLE, "the daemon is shutting down")
-            self._calls.put((fn, future))
-            try:
-                os.write(self._wake_w, b"x")
-            except BlockingIOError:
-                pass  # the pipe is full of wake-ups already: the loop is on its way
-        try:
-            return future.result(timeout)
-        except concurrent.futures.TimeoutError:
-            if future.cancel():
-                raise TimeoutError(f"the daemon's loop did not run a call within {timeout:.0f}s") from None
-            return future.result()  # it started meanwhile: its result is the caller's
-
-    def _run_calls(self) -> None:
-        try:
-            while os.read(self._wake_r, 4096):
-                pass
-        except BlockingIOError:
-            pass
-        while True:
-            try:
-                fn, future = self._calls.get_nowait()
-            except queue.Empty:
-                return
-            if not future.set_running_or_notify_cancel():
-                continue  # its caller gave up: it must not run without one
-            if self._closing:
-                future.set_exception(StagerError(ErrorCode.UNAVAILABLE, "the daemon is shutting down"))
-                continue
-            try:
-                future.set_result(fn())
-            except BaseException as exc:  # the caller's failure, never the loop's
-                future.set_exception(exc)
 
     @property
     def metrics_url(self) -> str | None:
@@ -175,6 +121,17 @@ class Daemon:
     # ------------------------------------------------------------------ loop
 
     def _on_frames(self, frames: list) -> None:
+        """A request on the daemon's endpoint."""
+        self._serve_request(frames, self.handlers.handle, self.outbox, self._peer_name, refuse_draining=True)
+
+    def _on_assembly_frames(self, frames: list) -> None:
+        """A request on the private assembler socket (never refused while draining: an assembly under
+        way must still be able to give its segment back)."""
+        self._serve_request(frames, self.handlers.handle_assembly, self.assembly_outbox, lambda identity: "assembler",
+                            refuse_draining=False)
+
+    def _serve_request(self, frames: list, handle: Callable[[bytes, Message], Message | None], outbox: SocketOutbox,
+                       peer_name: Callable[[bytes], str | None], *, refuse_draining: bool) -> None:
         identity = frames[0].bytes
         rid = 0
         self.state.counters["requests"] += 1  # every request, also those refused before a handler
@@ -183,17 +140,17 @@ class Daemon:
                 raise ProtocolError(ErrorCode.BAD_MESSAGE, f"too many frames ({len(frames)}); split the message")
             msg = decode(frames[1:])
             rid = msg.id
-            refused = refusal(self.lifecycle.phase, msg, self.state.staging)  # no copy: per request
+            refused = refusal(self.lifecycle.phase, msg, self.state.staging) if refuse_draining else None
             if refused is not None:
                 self.recorder.refused_draining += 1
                 raise refused
-            reply = self.handlers.handle(identity, msg)
+            reply = handle(identity, msg)
             self.recorder.on_request(identity, msg, reply)
         except StagerError as exc:
             rid = rid or getattr(exc, "request_id", 0)
             self.state.counters["errors"] += 1
             reply = ErrorReply(code=getattr(exc.code, "value", str(exc.code)), message=exc.message)
-            log.debug("request failed: %s", exc, extra={"code": reply.code, "peer": self._peer_name(identity)})
+            log.debug("request failed: %s", exc, extra={"code": reply.code, "peer": peer_name(identity)})
         except Exception as exc:  # a bug must cost one request, never the daemon
             self.state.counters["errors"] += 1
             log.exception("internal error while handling a request")
@@ -202,7 +159,7 @@ class Daemon:
                                        "serving, please report this with the daemon log")
         if reply is not None:
             reply.id = rid
-            self.outbox.send(identity, reply)
+            outbox.send(identity, reply)
 
     def _peer_name(self, identity: bytes) -> str | None:
         peer = self.state.peers.get(identity)
@@ -243,7 +200,9 @@ class Daemon:
             ready(self)
         poller = zmq.Poller()
         poller.register(self.sock, zmq.POLLIN)
-        poller.register(self._wake_r, zmq.POLLIN)
+        assembly_sock = self.resources.assembly_sock
+        if assembly_sock is not None:
+            poller.register(assembly_sock, zmq.POLLIN)
         next_housekeeping = time.monotonic() + HOUSEKEEPING_S
         try:
             while not self.lifecycle.should_exit(len(self.state.staging)):
@@ -263,8 +222,13 @@ class Daemon:
                         except zmq.Again:
                             break
                         self._on_frames(frames)
-                if self._wake_r in events:
-                    self._run_calls()
+                if assembly_sock is not None and assembly_sock in events:
+                    for _ in range(16):  # one assembler: a few requests at most
+                        try:
+                            frames = assembly_sock.recv_multipart(flags=zmq.NOBLOCK, copy=False)
+                        except zmq.Again:
+                            break
+                        self._on_assembly_frames(frames)
                 if self.budget.creating:
                     self.handlers.collect_segments()
                 if time.monotonic() >= next_housekeeping or self.lifecycle.reopen_requested or (
@@ -292,12 +256,7 @@ class Daemon:
     def close(self) -> None:
         """Fail steps in flight, unlink every segment, close the socket and remove its file."""
         if self._finalizer.alive:
-            with self._calls_lock:
-                self._closing = True
             try:
-                self._run_calls()  # fail what the assembler still waits for
-                for worker in self._workers:
-                    worker.close()
                 self.handlers.close()
             finally:
                 self._finalizer()

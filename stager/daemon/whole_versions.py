@@ -2,41 +2,41 @@
 whole, on this node, so that readers placed here (RL rollout workers beside the trainer) read all
 of it zero-copy.
 
-Two halves, one per thread:
+Two halves, speaking the protocol of :mod:`stager.protocol.assembly`:
 
-- :class:`FullAssembly` runs on the socket loop (it touches the daemon's state, which is not
-  locked): it plans a whole-tensor layout, finds memory for it *only where it is free* (a pooled
-  segment of that layout, or bytes under ``--memory-limit`` without dropping anything: the
-  trainer's steps always come first and may evict assembled versions like any other), and, once
-  the bytes are in, swaps the node's partial version of the step for the whole one. Readers that
-  leased the partial version keep it until they release it (an orphan, as after a rollback).
-- :class:`~stager.loaders.assemble_full.Assembler` is a background thread that reads each
-  newly complete version of the job like any reader (``Subscriber``: its own node's regions
-  through shared memory, the others' as frames over the authenticated transport) straight into
-  the new segment. It is a client (the daemon never imports the client), attached by ``stager
-  serve``, and reaches the loop only through ``Daemon.call``, so the loop never waits for
-  another node, and the trainer never waits for the assembly: a step staged meanwhile is
-  planned, allocated and sealed as before.
+- :class:`FullAssembly` is the daemon's handler of those messages, on the socket loop (the
+  daemon's state is not locked). It plans a whole-tensor layout, finds memory for it *only where
+  it is free* (a pooled segment of that layout, or bytes under ``--memory-limit`` without dropping
+  anything: the trainer's steps always come first and may evict assembled versions like any
+  other), has the segment created on the budget's background thread (the reply waits for it, the
+  loop does not), and, once the assembler says the bytes are in, swaps the node's partial version
+  of the step for the whole one. Readers that leased the partial version keep it until they
+  release it (an orphan, as after a rollback).
+- :class:`~stager.loaders.assemble_full.Assembler` is a consumer: it reads each newly complete
+  version of the job like any reader (its own node's regions through shared memory, the others'
+  as frames) straight into the segment it was given, mapped by name. It reaches the daemon only
+  through those messages, on the daemon's private assembler socket; the daemon never imports it,
+  never waits for it, and never runs its code on the loop.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from typing import Callable
 
+from stager.protocol import ErrorCode, ErrorReply, Message, Ok, StagerError
+from stager.protocol.assembly import AssembleBegin, AssembleDone, AssembleReply, Spec
 from stager.protocol.layout import Box, PlanEntry
-from stager.protocol.shm import prefault
 
-from .memory import Retention
+from .memory import PENDING, Retention
 from .planning import build_layout
 from .segments import Segment
-from .state import DaemonState
+from .state import DaemonState, Outbox
 from .status import AssemblyStatus
-from .versions import LayoutRecord, Phase, Version
+from .versions import LayoutRecord, Pending, Phase, Version
 
 log = logging.getLogger("stager.daemon")
-
-Spec = tuple[str, str, tuple[int, ...]]  # (fqn, dtype name, global shape)
 
 
 def whole_layout_plan(specs: list[Spec]) -> dict[int, tuple[PlanEntry, ...]]:
@@ -64,78 +64,113 @@ def mismatch(held: dict[str, tuple[str, tuple[int, ...]]], specs: list[Spec]) ->
     return None
 
 
-class FullAssembly:
-    """The loop's half: plans, memory and the swap (see the module docstring). Every method runs
-    on the socket loop's thread."""
+@dataclasses.dataclass(eq=False)
+class InFlight:
+    """The one assembly under way: who to answer, the partial version it began from, its whole
+    layout, and its segment once there is one."""
 
-    def __init__(self, state: DaemonState, memory: Retention, announce: Callable[[Version], None],
-                 new_segment_name: Callable[[], str]):
-        self.state, self.memory, self._announce, self._new_name = state, memory, announce, new_segment_name
+    asker: Pending
+    version: Version
+    record: LayoutRecord
+    segment: Segment | None = None
+
+
+def skip(step: int, reason: str, message: str) -> AssembleReply:
+    return AssembleReply(step=step, reason=reason, message=message)
+
+
+class FullAssembly:
+    """The daemon's half: plans, memory and the swap (see the module docstring). Every method runs
+    on the socket loop's thread; one assembly is under way at a time (a node has one assembler)."""
+
+    def __init__(self, state: DaemonState, memory: Retention, announce: Callable[[Version], None], outbox: Outbox):
+        self.state, self.memory, self._announce, self.outbox = state, memory, announce, outbox
         self.records: dict[tuple, LayoutRecord] = {}  # specs -> whole layout (one per model: segments pool)
+        self.current: InFlight | None = None
         memory.budget.spare_rotation = state.keep + 1
         for key in ("assembled", "assembly_skipped", "assembly_failed"):
             state.counters.setdefault(key, 0)
 
-    def _sealed_partial(self, step: int, lease: int) -> Version | None:
-        """The partial version of ``step`` sealed now, if it is the one the assembler leased (after a
-        restart of the job the same step number may be another version)."""
-        v = self.state.sealed.get(step)
-        held = self.state.leases.get(lease)
-        if v is None or held is None or held[1] is not v or v.epoch != self.state.epoch or v.assembled \
-                or not v.layout.partial:
-            return None
-        return v
-
-    def begin(self, step: int, lease: int, specs: list[Spec]
-              ) -> tuple[Version, LayoutRecord, Segment | None, str | None] | str:
-        """Plan the whole version of ``step`` (the assembler's ``lease`` of it on this node):
-        ``(version, record, pooled segment or None, name of the segment to create or None)``, or
-        why not (a string: nothing to do, or no free memory)."""
-        v = self._sealed_partial(step, lease)
-        if v is None:
-            return f"step {step} is not a partial version sealed on this node (evicted, or assembled already)"
-        why = mismatch({t.fqn: (t.dtype, t.shape) for t in v.layout.tensors}, specs)
+    def on_begin(self, identity: bytes, msg: AssembleBegin) -> Message | None:
+        """Plan the whole version of ``msg.step``: the segment to write (now, or once created: the
+        reply is deferred), or why not."""
+        self._abandon()  # one at a time: an assembler that begins again is done with the last one
+        step, held = msg.step, self.state.leases.get(msg.lease)
+        if held is None or held[1].step != step:
+            raise StagerError(ErrorCode.UNKNOWN_LEASE,
+                              f"assemble_begin: lease {msg.lease} is not a lease on step {step} held on this node; "
+                              "lease the version on this node's daemon first and name the lease it gave")
+        v = held[1]
+        if self.state.sealed.get(step) is not v or v.epoch != self.state.epoch or v.assembled or not v.layout.partial:
+            return skip(step, "not_partial", f"step {step} is not a partial version sealed on this node in the "
+                                             "current timeline (evicted, rolled back, or assembled already)")
+        why = mismatch({t.fqn: (t.dtype, t.shape) for t in v.layout.tensors}, list(msg.specs))
         if why is not None:
             self.state.counters["assembly_failed"] += 1
-            return f"step {step}: {why}"
-        key = tuple(specs)
+            return skip(step, "mismatch", f"step {step}: {why}")
+        key = tuple(msg.specs)
         record = self.records.get(key)
         if record is None:
-            layout = build_layout(whole_layout_plan(specs), full_world=True)
+            layout = build_layout(whole_layout_plan(list(msg.specs)), full_world=True)
             record = LayoutRecord(f"L{next(self.state.layout_ids)}", layout, {}, True)
             self.records = {key: record}  # a changed model: the old layout's pool goes with enforce()
             self.memory.budget.spare_layout = record.id
-        got = self.memory.budget.reserve_spare(record.id, record.layout.size)
-        if got is False:
-            self.state.counters["assembly_skipped"] += 1
-            return (f"step {step}: no free memory for the whole version ({record.layout.size >> 20} MiB; "
-                    f"{self.memory.budget.used >> 20} of {self.memory.budget.limit >> 20} MiB in use, the "
-                    "trainer's next segments kept free)")
-        if got is True:
-            return v, record, None, self._new_name()
-        return v, record, got, None
+        self.current = InFlight(Pending(identity, msg.id), v, record)
+        return self._segment()
 
-    def pending(self) -> list[int]:
-        """Steps sealed partial on this node in the current timeline, not assembled (newest last)."""
-        return [s for s, v in self.state.sealed.items()
-                if v.epoch == self.state.epoch and not v.assembled and v.layout.partial]
-
-    def create_segment(self, name: str, size: int) -> Segment:
-        """Create a segment for a reservation and fault its pages in (on the assembler's thread: it
-        takes a while). A full /dev/shm is a MEMORY_LIMIT error here, never a SIGBUS mid-copy."""
-        seg = Segment(name, size)
+    def _segment(self) -> AssembleReply | None:
+        """The current assembly's segment, if the budget has one now (None: being created)."""
+        cur = self.current
+        record, step, budget = cur.record, cur.version.step, self.memory.budget
         try:
-            prefault(seg.as_bytes(), 0, size)
-        except BaseException:
-            seg.unlink()
-            raise
-        return seg
+            got = budget.request_spare(record.id, record.layout.size)
+        except StagerError as exc:  # creating it failed (/dev/shm full): this version stays partial
+            got = exc
+        if got is PENDING:
+            return None
+        if not isinstance(got, Segment):
+            self.current = None
+            self.state.counters["assembly_skipped"] += 1
+            why = got.message if isinstance(got, StagerError) else (
+                f"{budget.used >> 20} of {budget.limit >> 20} MiB in use, the trainer's next segments kept free")
+            return skip(step, "no_memory", f"step {step}: no free memory for the whole version "
+                                           f"({record.layout.size >> 20} MiB; {why})")
+        cur.segment = got
+        offsets = tuple((t.fqn, t.blocks[0].byte_offset) for t in record.layout.tensors)
+        return AssembleReply(step=step, segment=got.name, size=record.layout.size, offsets=offsets)
 
-    def adopt(self, record: LayoutRecord, seg: Segment) -> None:
-        self.memory.budget.adopt(record.id, seg)
+    def retry(self) -> None:
+        """Segments were created: answer an assembly that waited for one."""
+        cur = self.current
+        if cur is None or cur.segment is not None:
+            return
+        reply = self._segment()
+        if reply is not None:
+            reply.id = cur.asker.rid
+            self.outbox.send(cur.asker.peer, reply)
 
-    def unreserve(self, record: LayoutRecord) -> None:
-        self.memory.budget.unreserve(record.layout.size)
+    def on_done(self, identity: bytes, msg: AssembleDone) -> Message:
+        cur = self.current
+        if cur is None or cur.segment is None or cur.segment.name != msg.segment or cur.version.step != msg.step:
+            raise StagerError(ErrorCode.UNKNOWN_STEP, f"assemble_done: segment {msg.segment!r} of step {msg.step} is "
+                                                      "not the one this daemon gave for the assembly under way; send "
+                                                      "assemble_begin first and report the segment it answered")
+        self.current = None
+        if not msg.ok:
+            log.info("full assembly of step %d failed: %s", msg.step, msg.reason or "no reason given")
+        self.finish(cur.version, cur.record, cur.segment, msg.ok)
+        return Ok()
+
+    def _abandon(self) -> None:
+        cur, self.current = self.current, None
+        if cur is None:
+            return
+        if cur.segment is not None:
+            self.memory.budget.give_back(cur.segment, reuse=True)
+        else:  # its begin still waits for a segment: answered, never left hanging
+            self.outbox.send(cur.asker.peer, ErrorReply(
+                id=cur.asker.rid, code=ErrorCode.STEP_FAILED.value,
+                message=f"assemble_begin of step {cur.version.step} was superseded by another assemble_begin"))
 
     def finish(self, v: Version, record: LayoutRecord, seg: Segment, ok: bool) -> bool:
         """Swap ``v``, the partial version the assembly began from, for the whole one in ``seg``
