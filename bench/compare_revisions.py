@@ -31,7 +31,9 @@ import sys
 import tempfile
 import time
 
-# Small sizes: the five benches of issue 23, 3 rounds, both revisions, in about 15 minutes on a loaded 2-core VM.
+# Small sizes (bench_restore needs >= 64: its --preallocate daemon takes size + 64 MiB of a 2 x size limit). Each
+# run's cost is mostly fixed (processes spawned, daemons started, torch imported): at these sizes one round of the
+# five takes ~6 min per revision on an idle 2-core VM, and much longer under others' test load.
 SMALL_ARGS = {
     "bench_live": "--size-gib 0.03",
     "bench_multinode": "--size-mib 32",
@@ -226,6 +228,7 @@ def main(argv: list[str] | None = None) -> int:
         f.write(SITECUSTOMIZE)
     runs = {b: {"before": [], "after": []} for b in a.benches}
     log_runs = []
+    interrupted = False
     load = {"start": os.getloadavg()}
     t_start = time.monotonic()
     try:
@@ -247,6 +250,8 @@ def main(argv: list[str] | None = None) -> int:
                                      **(res or {"failed": True})})
                     if res:
                         runs[bench][side].append(res["figures"])
+    except KeyboardInterrupt:  # Ctrl-C: the table of the runs done so far is still worth having
+        interrupted = True
     finally:
         load["end"] = os.getloadavg()
         for path in paths.values():
@@ -260,7 +265,8 @@ def main(argv: list[str] | None = None) -> int:
     rows = compare(runs)
     failed = sum(1 for r in log_runs if r.get("failed"))
     header = (f"before {revs['before']['rev']} ({revs['before']['sha'][:10]})  after {revs['after']['rev']} "
-              f"({revs['after']['sha'][:10]})  {a.rounds} rounds, order {a.order}, {failed} failed runs, "
+              f"({revs['after']['sha'][:10]})  {a.rounds} rounds{' (INTERRUPTED)' if interrupted else ''}, "
+              f"order {a.order}, {failed} failed runs, "
               f"{time.monotonic() - t_start:.0f} s; load avg (1/5/15 min) start "
               f"{'/'.join(f'{x:.2f}' for x in load['start'])}, end {'/'.join(f'{x:.2f}' for x in load['end'])}\n"
               f"args: {json.dumps({b: shlex.join(bench_args.get(b, [])) for b in a.benches})}\n"
@@ -271,7 +277,7 @@ def main(argv: list[str] | None = None) -> int:
             json.dump({"revisions": revs, "rounds": a.rounds, "order": a.order, "load": load,
                        "args": {b: bench_args.get(b, []) for b in a.benches}, "runs": log_runs, "rows": rows}, f,
                       indent=1)
-    return 1 if failed or any(r["flag"] == "WORSE" for r in rows) else 0
+    return 1 if interrupted or failed or any(r["flag"] == "WORSE" for r in rows) else 0
 
 
 if __name__ == "__main__":
