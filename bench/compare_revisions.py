@@ -159,7 +159,7 @@ def compare(runs: dict) -> list[dict]:
             b, a = _stats(vals["before"]), _stats(vals["after"])
             higher = bool(RATE.search(n))
             flag = ""
-            if a and b:
+            if a and b and min(a["n"], b["n"]) >= 2:  # one run has no spread to judge by
                 if (a["max"] < b["min"]) if higher else (a["min"] > b["max"]):
                     flag = "WORSE"
                 elif (a["min"] > b["max"]) if higher else (a["max"] < b["min"]):
@@ -270,7 +270,8 @@ def main(argv: list[str] | None = None) -> int:
               f"{time.monotonic() - t_start:.0f} s; load avg (1/5/15 min) start "
               f"{'/'.join(f'{x:.2f}' for x in load['start'])}, end {'/'.join(f'{x:.2f}' for x in load['end'])}\n"
               f"args: {json.dumps({b: shlex.join(bench_args.get(b, [])) for b in a.benches})}\n"
-              "per figure over the rounds; (^) higher is better, else lower; WORSE/better: spreads do not overlap")
+              "per figure over the rounds; (^) higher is better, else lower; WORSE/better: spreads do not overlap "
+              "(judged with >= 2 runs a side)")
     print_table(rows, header)
     if a.json:
         with open(a.json, "w") as f:
