@@ -25,6 +25,7 @@ import os
 import re
 import shlex
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -124,15 +125,39 @@ def flatten(obj, name: str = "") -> dict[str, float]:
     return out  # deeper structures (per-reader traces) are left out
 
 
+def _end_group(proc: subprocess.Popen) -> None:
+    """SIGTERM to the bench's process group (daemons shut down cleanly), SIGKILL to what is left after 10 s."""
+    for sig, grace in ((signal.SIGTERM, 10.0), (signal.SIGKILL, 0.0)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        deadline = time.monotonic() + grace
+        while time.monotonic() < deadline:
+            try:
+                os.killpg(proc.pid, 0)
+            except ProcessLookupError:
+                return
+            proc.poll()  # reaps the bench itself; its children are reaped by init
+            time.sleep(0.1)
+    proc.wait()
+
+
 def _run_one(path: str, bench: str, args: list[str], out_json: str, log: str, timeout: float) -> dict | None:
     cmd = [sys.executable, os.path.join("bench", bench + ".py"), *args, "--json", out_json]
     t0 = time.monotonic()
     with open(log, "w") as f:
+        # its own process group: a bench that times out (or Ctrl-C here) is ended with its daemons and ranks,
+        # which would otherwise live on, orphaned, and load the runs after it
+        proc = subprocess.Popen(cmd, cwd=path, env=_env(path), stdout=f, stderr=subprocess.STDOUT,
+                                start_new_session=True)
         try:
-            rc = subprocess.run(cmd, cwd=path, env=_env(path), stdout=f, stderr=subprocess.STDOUT,
-                                timeout=timeout).returncode
+            rc = proc.wait(timeout)
         except subprocess.TimeoutExpired:
             rc = "timeout"
+        finally:
+            if proc.poll() is None or rc == "timeout":
+                _end_group(proc)
     wall = time.monotonic() - t0
     if rc != 0 or not os.path.exists(out_json):
         with open(log) as f:
