@@ -179,8 +179,8 @@ def compare(runs: dict) -> list[dict]:
         names = sorted({n for side in sides.values() for r in side for n in r})
         for n in names:
             vals = {s: [r[n] for r in sides[s] if n in r] for s in ("before", "after")}
-            if len({*vals["before"], *vals["after"]}) <= 1:
-                continue  # a size or setting, not a measurement
+            if vals["before"] and vals["after"] and len({*vals["before"], *vals["after"]}) <= 1:
+                continue  # a size or setting, not a measurement (a side with no run keeps the figure: shown "-")
             b, a = _stats(vals["before"]), _stats(vals["after"])
             higher = bool(RATE.search(n))
             flag = ""
