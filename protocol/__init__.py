@@ -23,6 +23,7 @@ from .messages import (
     StatusReply,
 )
 from .job import JobInfo, JobInfoReply, Join
+from .nixl import NixlInfo, NixlInfoReply
 from .reads import Acquire, AcquireReply, Announce, Read, ReadReply, Release, Subscribe, SubscribeReply
 
 __all__ = [
@@ -32,4 +33,5 @@ __all__ = [
     "Hello", "HelloReply", "Bye", "Begin", "BeginReply", "Put", "Commit", "Sealed", "Abort",
     "Acquire", "AcquireReply", "Release", "Subscribe", "SubscribeReply", "Announce", "Read", "ReadReply",
     "Status", "StatusReply", "Ping", "Pong", "Ok", "ErrorReply", "Join", "JobInfo", "JobInfoReply",
+    "NixlInfo", "NixlInfoReply",
 ]

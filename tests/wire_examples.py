@@ -5,6 +5,7 @@ from stager.protocol import (
     Ping, Pong, Put, Read, ReadItem, ReadReply, Release, Sealed, Status, StatusReply, Subscribe, SubscribeReply,
 )
 from stager.protocol.job import JobInfo, JobInfoReply, Join
+from stager.protocol.nixl import NixlInfo, NixlInfoReply
 from stager.protocol.layout import Placement, layouts_from_wire, plan_from_wire
 from stager.protocol.quant import QuantSpec
 
@@ -44,4 +45,6 @@ EXAMPLES = [
     JobInfo(members=False),
     JobInfoReply(job="j1", node="a", endpoint="ipc:///a.sock", nodes={"a": "ipc:///a.sock", "b": "tcp://b:7555"},
                  sealed=[3, 4], staging=[5], failed=[2]),
+    NixlInfo(lease=3),
+    NixlInfoReply(agent="a", metadata=b"xy", addr=4096, size=128, device=0),
 ]
