@@ -9,6 +9,7 @@
     Reading         leases and remote reads         <- steps' retry when a lease end freed memory
     Peers           registration and liveness       <- reading's end_lease, steps' fail for departures
     JobMembership   the multi-node job
+    NixlServing     NIXL grants of leased versions (--transport nixl)
     FullAssembly    whole versions (--assemble-full) <- announce
 
 Events that flow back against that order (memory freed, a peer gone) are callables handed to the
@@ -27,8 +28,10 @@ from stager.protocol import (
     Status, StatusReply, Subscribe,
 )
 from stager.protocol.job import JobInfo, Join
+from stager.protocol.nixl import NixlInfo
 
 from .membership import JobMembership
+from .nixl_agent import NixlServing, agent_name, refuse_nixl
 from .memory import Retention, SegmentBudget
 from .peers import PeerDirectory, Peers
 from .reading import Reading, Subscriptions
@@ -43,7 +46,7 @@ class Handlers:
 
     def __init__(self, state: DaemonState, budget: SegmentBudget, outbox: Outbox, *, advertise: str,
                  loop_status: Callable[[], LoopStatus], new_segment_name: Callable[[], str],
-                 assemble_full: bool = False):
+                 assemble_full: bool = False, transport: str = "frames"):
         self.state, self._loop_status = state, loop_status
         self.directory = PeerDirectory(state)
         self.memory = Retention(state, budget)
@@ -55,6 +58,8 @@ class Handlers:
         # serve --assemble-full: the loop's half (its thread, a client, is attached by `stager serve`)
         self.assembly = (FullAssembly(state, self.memory, self.subscriptions.announce, new_segment_name)
                          if assemble_full else None)
+        self.nixl = (NixlServing(state, self.directory, agent_name(state.host_id, state.session))
+                     if transport == "nixl" else None)
         self.routes: dict[type, Callable[[bytes, Message], Message | None]] = {
             Hello: self.peers.on_hello, Bye: self.peers.on_bye,
             Begin: self.steps.on_begin, Put: self.steps.on_put, Commit: self.steps.on_commit,
@@ -63,6 +68,7 @@ class Handlers:
             Subscribe: self.subscriptions.on_subscribe, Read: self.reading.on_read,
             Status: self.on_status, Ping: self.on_ping,
             Join: self.job.on_join, JobInfo: self.job.on_job_info,
+            NixlInfo: self.nixl.on_info if self.nixl is not None else refuse_nixl,
         }
 
     def handle(self, identity: bytes, msg: Message) -> Message | None:
@@ -97,8 +103,11 @@ class Handlers:
             loop=self._loop_status(), shared=self.state.status(), versions=self.steps.versions(time.monotonic()),
             peers=self.peers.status(), reading=self.reading.status(), memory=self.memory.budget.status(),
             retention=self.memory.status(), subscribers=self.subscriptions.status(), job=self.job.status(),
-            assembly=self.assembly.status() if self.assembly is not None else None)
+            assembly=self.assembly.status() if self.assembly is not None else None,
+            transport=self.nixl.status() if self.nixl is not None else {"mode": "frames"})
 
     def close(self) -> None:
         """Fail the steps in flight (the segments go with the daemon's resources)."""
         self.steps.close()
+        if self.nixl is not None:
+            self.nixl.close()
