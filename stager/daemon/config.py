@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import os
 import re
 
@@ -135,6 +136,10 @@ class DaemonConfig:
         if self.metrics is not None:
             parse_listen(self.metrics)  # a ValueError naming the flag, before anything is bound
         parse_transport(self.transport)
+        nixl = ("nixl_cu12", "nixl_cu13", "nixl")
+        if self.transport == "nixl" and not any(importlib.util.find_spec(m) for m in nixl):
+            raise ValueError("--transport nixl needs NIXL in the daemon's environment: pip install 'stager[nixl]' "
+                             "(nixl-cu12==1.5.1), or serve with --transport frames")
         if self.drain_timeout < 0:
             raise ValueError("drain_timeout must be >= 0")
         if self.memory_limit is None:
