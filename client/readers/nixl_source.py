@@ -72,6 +72,13 @@ class _Agent:
                 break
             except ImportError:
                 continue
+        # NIXL prints INFO to stdout through its own handler: through the application's logging, quiet by default
+        nixl_log = logging.getLogger("nixl")
+        for handler in list(nixl_log.handlers):
+            nixl_log.removeHandler(handler)
+        nixl_log.propagate = True
+        if not os.environ.get("NIXL_LOG_LEVEL"):
+            nixl_log.setLevel(logging.WARNING)
         if api is None:
             raise StagerError(ErrorCode.UNSUPPORTED, "NIXL is not installed in this reader's environment: pip install "
                                                      "'stager[nixl]', or read with transport='frames'")

@@ -37,11 +37,24 @@ def load_nixl():
     """NIXL's Python API (the CUDA 12 or 13 wheel), or ImportError saying what to install."""
     for module in ("nixl_cu12._api", "nixl_cu13._api", "nixl._api"):
         try:
-            return __import__(module, fromlist=["nixl_agent"])
+            api = __import__(module, fromlist=["nixl_agent"])
         except ImportError:
             continue
+        quiet_nixl_logging()
+        return api
     raise ImportError("NIXL is not installed: pip install 'stager[nixl]' (nixl-cu12==1.5.1), or serve with "
                       "--transport frames")
+
+
+def quiet_nixl_logging() -> None:
+    """NIXL configures its logger to print INFO to stdout (which carries `serve --json`'s line):
+    route it through the application's logging instead, quiet by default."""
+    nixl_log = logging.getLogger("nixl")
+    for handler in list(nixl_log.handlers):
+        nixl_log.removeHandler(handler)
+    nixl_log.propagate = True
+    if not os.environ.get("NIXL_LOG_LEVEL"):
+        nixl_log.setLevel(logging.WARNING)
 
 
 class NixlServing:
