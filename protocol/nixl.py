@@ -15,12 +15,61 @@ parses bytes a reader sent with NIXL's C++ parser.
 
 from __future__ import annotations
 
-from typing import ClassVar
+import importlib.util
+import logging
+import os
+from typing import Any, ClassVar
 
-from .errors import ErrorCode, ProtocolError
+from .errors import ErrorCode, ProtocolError, StagerError
 from .frames import Codec, Message, message
 
 MAX_METADATA = 1 << 20  # bytes of agent metadata in a reply: a few hundred for one segment
+MODULES = ("nixl_cu12", "nixl_cu13", "nixl")  # NIXL's CUDA 12 and 13 wheels, and a source build
+# microseconds the agent's progress thread sleeps between rounds: NIXL's Python API fixes 0 (a spinning thread,
+# ~0.4-1 core idle here), which would take a core from training; 100 us: ~2% idle, tcp reads no slower (measured)
+PROGRESS_DELAY_US = 100
+
+
+def nixl_installed() -> bool:
+    """Whether NIXL can be imported, without importing it (that takes seconds)."""
+    return any(importlib.util.find_spec(m) is not None for m in MODULES)
+
+
+def new_agent(name: str) -> Any:
+    """A NIXL agent with the UCX backend, as the daemon and readers make theirs: its progress thread
+    paced (:data:`PROGRESS_DELAY_US`), NIXL's logging routed through the application's (NIXL prints
+    INFO to stdout otherwise), quiet unless ``NIXL_LOG_LEVEL`` says. UNSUPPORTED when NIXL is missing."""
+    api = None
+    for module in MODULES:
+        try:
+            api = __import__(f"{module}._api", fromlist=["nixl_agent"])
+            break
+        except ImportError:
+            continue
+    if api is None:
+        raise StagerError(ErrorCode.UNSUPPORTED, "NIXL is not installed here: pip install 'stager[nixl]' "
+                                                 "(nixl-cu12==1.5.1), or use the frames transport")
+    nixl_log = logging.getLogger("nixl")
+    for handler in list(nixl_log.handlers):
+        nixl_log.removeHandler(handler)
+    nixl_log.propagate = True
+    if not os.environ.get("NIXL_LOG_LEVEL"):
+        nixl_log.setLevel(logging.WARNING)
+    base = api.nixlBind.nixlAgentConfig
+
+    class _Paced(base):  # the one setting nixl_agent_config does not expose
+        def __setattr__(self, key, value):
+            super().__setattr__(key, PROGRESS_DELAY_US if key == "pthrDelay" else value)
+
+    api.nixlBind.nixlAgentConfig = _Paced
+    try:
+        agent = api.nixl_agent(name, api.nixl_agent_config(backends=["UCX"]))
+    finally:
+        api.nixlBind.nixlAgentConfig = base
+    if "UCX" not in agent.backends:
+        raise StagerError(ErrorCode.UNSUPPORTED, "NIXL has no UCX backend here (its plugin did not load); use the "
+                                                 "frames transport")
+    return agent
 
 
 def _metadata(raw: object) -> bytes:

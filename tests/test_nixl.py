@@ -9,15 +9,14 @@ import sys
 
 import pytest
 import torch
+
 from dist_jobs import full_tensors, multi_node_stage, scaled
 from helpers import wait_until
-
 from stager.client import StagingClient, Subscriber
 from stager.client.admin import daemon_status
 from stager.client.connection import Connection
 from stager.client.readers import nixl_source
 from stager.client.readers.nixl_source import NixlSource, nixl_installed
-from stager.client.readers.sources import FramesSource
 from stager.daemon.segments import list_segments
 from stager.dev.launch import DaemonProcess, SimulatedCluster, run_ranks
 from stager.protocol import Acquire, Box, ErrorCode, NixlInfo, NixlInfoReply, NodeDown, Release, StagerError

@@ -24,7 +24,6 @@ fetch is garbage until rewritten.
 from __future__ import annotations
 
 import collections
-import importlib.util
 import itertools
 import logging
 import math
@@ -38,23 +37,18 @@ import torch
 
 from stager.protocol import Box, ErrorCode, NixlInfo, NixlInfoReply, StagerError, TensorLayout
 from stager.protocol.layout import contiguous_span
+from stager.protocol.nixl import new_agent, nixl_installed
 
-from .sources import WINDOW, FramesSource, _Blocks
+from .sources import REMOTE_OPENERS, WINDOW, FramesSource, _Blocks
 
 log = logging.getLogger("stager.client")
-MODULES = ("nixl_cu12", "nixl_cu13", "nixl")
 MAX_RUNS = 4096  # descriptors of one strided box; beyond, the box comes as frames
 MAX_REGISTERED = 256  # destination storages kept registered (least recently used dropped first)
 READ_BYTES = 64 << 20  # per READ: several in flight keep the link busy, each bounded
 IN_FLIGHT = 2 * WINDOW
 # bytes moved by transport in this process, and NIXL reads retried as frames (readers' metrics)
 STATS: collections.Counter = collections.Counter()
-_refused: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # conn -> session that refused NIXL
-
-
-def nixl_installed() -> bool:
-    """Whether NIXL can be imported, without importing it (that takes seconds)."""
-    return any(importlib.util.find_spec(m) is not None for m in MODULES)
+_refused: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # conn -> session that refused NIXL
 
 
 class _Agent:
@@ -62,34 +56,17 @@ class _Agent:
     daemons' agents it loaded, and its registered destinations."""
 
     _lock = threading.Lock()
-    _current: "_Agent | None" = None
+    _current: _Agent | None = None
 
     def __init__(self):
-        api = None
-        for module in MODULES:
-            try:
-                api = __import__(f"{module}._api", fromlist=["nixl_agent"])
-                break
-            except ImportError:
-                continue
-        # NIXL prints INFO to stdout through its own handler: through the application's logging, quiet by default
-        nixl_log = logging.getLogger("nixl")
-        for handler in list(nixl_log.handlers):
-            nixl_log.removeHandler(handler)
-        nixl_log.propagate = True
-        if not os.environ.get("NIXL_LOG_LEVEL"):
-            nixl_log.setLevel(logging.WARNING)
-        if api is None:
-            raise StagerError(ErrorCode.UNSUPPORTED, "NIXL is not installed in this reader's environment: pip install "
-                                                     "'stager[nixl]', or read with transport='frames'")
         self.pid = os.getpid()
         self.name = f"stager-reader-{os.uname().nodename[:60]}-{self.pid}-{uuid.uuid4().hex[:8]}"
-        self.agent = api.nixl_agent(self.name, api.nixl_agent_config(backends=["UCX"]))
+        self.agent = new_agent(self.name)
         self.lock = threading.Lock()
         self.registered: collections.OrderedDict = collections.OrderedDict()  # (ptr, nbytes) -> (descs, storage)
 
     @classmethod
-    def get(cls) -> "_Agent":
+    def get(cls) -> _Agent:
         with cls._lock:
             if cls._current is None or cls._current.pid != os.getpid():
                 cls._current = cls()
@@ -128,7 +105,7 @@ class _Agent:
 
 
 def open_nixl(conn, lease: int, tensors: tuple[TensorLayout, ...], timeout: float, *,
-              required: bool) -> "NixlSource | None":
+              required: bool) -> NixlSource | None:
     """A NixlSource for ``lease`` on ``conn``'s daemon, or None when NIXL is not installed here or
     the daemon does not serve it (``required``: a typed UNSUPPORTED error instead)."""
     if not nixl_installed():
@@ -153,6 +130,9 @@ def open_nixl(conn, lease: int, tensors: tuple[TensorLayout, ...], timeout: floa
         raise StagerError(ErrorCode.BAD_MESSAGE, f"unexpected {reply.TYPE} reply to nixl_info")
     agent = _Agent.get()
     return NixlSource(agent, agent.load(reply), reply, FramesSource(conn, lease, tensors, timeout), tensors, timeout)
+
+
+REMOTE_OPENERS["nixl"] = open_nixl
 
 
 class NixlSource:

@@ -193,6 +193,9 @@ class SegmentMaps:
 
 
 TRANSPORTS = ("auto", "nixl", "frames")
+# transport -> its opener ``(conn, lease, tensors, timeout, required=) -> source | None``; .nixl_source adds
+# "nixl" when the package is imported (it builds on this module: no import back from here)
+REMOTE_OPENERS: dict = {}
 
 
 def open_source(conn, lease: int, segment: str, size: int, tensors: tuple[TensorLayout, ...], *,
@@ -204,9 +207,7 @@ def open_source(conn, lease: int, segment: str, size: int, tensors: tuple[Tensor
         remote = not (conn.same_host and os.path.exists(os.path.join(SHM_DIR, segment)))
     if remote:
         if transport != "frames":
-            from .nixl_source import open_nixl  # NIXL is optional: imported only where it may be used
-
-            src = open_nixl(conn, lease, tensors, timeout, required=transport == "nixl")
+            src = REMOTE_OPENERS["nixl"](conn, lease, tensors, timeout, required=transport == "nixl")
             if src is not None:
                 return src
         return FramesSource(conn, lease, tensors, timeout)

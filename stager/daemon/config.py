@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import os
 import re
 
@@ -12,6 +11,7 @@ import psutil
 from stager.flags import setting
 from stager.metrics import parse_listen
 from stager.protocol.endpoint import is_loopback, resolve
+from stager.protocol.nixl import nixl_installed
 
 DEFAULT_MEMORY_FRACTION = 0.5
 _UNITS = {"": 1, "b": 1, "k": 1 << 10, "kb": 1 << 10, "kib": 1 << 10, "m": 1 << 20, "mb": 1 << 20,
@@ -136,8 +136,7 @@ class DaemonConfig:
         if self.metrics is not None:
             parse_listen(self.metrics)  # a ValueError naming the flag, before anything is bound
         parse_transport(self.transport)
-        nixl = ("nixl_cu12", "nixl_cu13", "nixl")
-        if self.transport == "nixl" and not any(importlib.util.find_spec(m) for m in nixl):
+        if self.transport == "nixl" and not nixl_installed():
             raise ValueError("--transport nixl needs NIXL in the daemon's environment: pip install 'stager[nixl]' "
                              "(nixl-cu12==1.5.1), or serve with --transport frames")
         if self.drain_timeout < 0:

@@ -31,8 +31,8 @@ from stager.protocol.job import JobInfo, Join
 from stager.protocol.nixl import NixlInfo
 
 from .membership import JobMembership
-from .nixl_agent import NixlServing, agent_name, refuse_nixl
 from .memory import Retention, SegmentBudget
+from .nixl_agent import NixlServing, agent_name, refuse_nixl
 from .peers import PeerDirectory, Peers
 from .reading import Reading, Subscriptions
 from .state import DaemonState, Outbox

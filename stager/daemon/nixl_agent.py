@@ -24,48 +24,21 @@ import os
 import threading
 
 from stager.protocol import ErrorCode, Message, NixlInfo, NixlInfoReply, StagerError
+from stager.protocol.nixl import new_agent
 
 from .peers import PeerDirectory
 from .segments import Segment
 from .state import DaemonState
 
 log = logging.getLogger("stager.daemon")
-TRANSPORTS = ("frames", "nixl")
-
-
-def load_nixl():
-    """NIXL's Python API (the CUDA 12 or 13 wheel), or ImportError saying what to install."""
-    for module in ("nixl_cu12._api", "nixl_cu13._api", "nixl._api"):
-        try:
-            api = __import__(module, fromlist=["nixl_agent"])
-        except ImportError:
-            continue
-        quiet_nixl_logging()
-        return api
-    raise ImportError("NIXL is not installed: pip install 'stager[nixl]' (nixl-cu12==1.5.1), or serve with "
-                      "--transport frames")
-
-
-def quiet_nixl_logging() -> None:
-    """NIXL configures its logger to print INFO to stdout (which carries `serve --json`'s line):
-    route it through the application's logging instead, quiet by default."""
-    nixl_log = logging.getLogger("nixl")
-    for handler in list(nixl_log.handlers):
-        nixl_log.removeHandler(handler)
-    nixl_log.propagate = True
-    if not os.environ.get("NIXL_LOG_LEVEL"):
-        nixl_log.setLevel(logging.WARNING)
 
 
 class NixlServing:
     """The daemon's NIXL agent and what it registered: segment name -> (registration, addr, size)."""
 
     def __init__(self, state: DaemonState, directory: PeerDirectory, name: str):
-        api = load_nixl()
         self.state, self.directory, self.name = state, directory, name
-        self.agent = api.nixl_agent(name, api.nixl_agent_config(backends=["UCX"]))
-        if "UCX" not in self.agent.backends:
-            raise RuntimeError("NIXL has no UCX backend here (its plugin did not load): serve with --transport frames")
+        self.agent = new_agent(name)
         # registrations end from whichever thread frees a segment (the loop, the segment factory)
         self._lock = threading.Lock()
         self._registered: dict[str, tuple[object, int, int]] = {}
