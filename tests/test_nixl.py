@@ -107,6 +107,27 @@ def test_remote_reads_on_one_daemon_are_bit_exact_and_registrations_end_with_the
     assert status["leases"] == 0
 
 
+def test_destination_registrations_stay_bounded_and_strided_boxes_read_exact(make_daemon, monkeypatch):
+    d = make_daemon(transport="nixl")
+    cube = torch.randn(6, 5, 4)
+    with StagingClient(d.endpoint, rank=0, local_world_size=1, world_size=1) as c:
+        c.stage({"cube": cube}, step=1).wait(10)
+    monkeypatch.setattr(nixl_source, "MAX_REGISTERED_BYTES", 2 * cube.numel() * 4)
+    with Subscriber(d.endpoint, remote=True, transport="nixl") as sub, sub.latest() as snap:
+        src = next(iter(snap._version.sources.values()))
+        for offset, shape in (((1, 1, 0), (2, 3, 4)), ((0, 2, 1), (6, 2, 2)), ((5, 0, 0), (1, 5, 4)),
+                              ((2, 4, 3), (1, 1, 1))):
+            want = cube[tuple(slice(o, o + n) for o, n in zip(offset, shape))]
+            assert torch.equal(src.fetch("cube", Box(offset, shape)).wait(), want), offset
+        outs = [torch.empty(6, 5, 4) for _ in range(5)]  # each a storage of its own, registered once
+        for out in outs:
+            snap.load_into({"cube": out})
+            assert torch.equal(out, cube)
+        agent = src.agent
+        assert agent.registered_bytes <= nixl_source.MAX_REGISTERED_BYTES and len(agent.registered) <= 2
+        assert all(held[2] == 0 for held in agent.registered.values())  # no READ left marked in flight
+
+
 def test_a_read_nixl_will_not_start_is_retried_as_frames_once_and_counted(make_daemon):
     d = make_daemon(transport="nixl")
     w = torch.randn(40, 8)

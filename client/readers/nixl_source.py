@@ -7,8 +7,9 @@ gets the daemon's agent metadata for that segment and its address range; every b
 by READ into the reader's memory, the daemon's CPU not involved (UCX's tcp transport excepted).
 
 - Destinations: a tensor the caller fills (``load_into``, restore, an assembler's buffer) is
-  registered once, by its storage (cached, bounded, the storage kept alive while registered so
-  its address is never reused under a registration); a fetch with no destination gets a new
+  registered once, by its storage (cached, bounded by count and bytes, the storage kept alive
+  while registered so its address is never reused under a registration: an RDMA registration
+  pins the pages it was made on); a fetch with no destination gets a new
   tensor registered for that read only; a strided destination is read into such a tensor, then copied.
 - Boxes: a box whose bytes are one span of the block is one descriptor; a strided box is one
   descriptor per contiguous run, up to :data:`MAX_RUNS` (more: that box comes as frames).
@@ -43,7 +44,8 @@ from .sources import REMOTE_OPENERS, WINDOW, FramesSource, _Blocks
 
 log = logging.getLogger("stager.client")
 MAX_RUNS = 4096  # descriptors of one strided box; beyond, the box comes as frames
-MAX_REGISTERED = 256  # destination storages kept registered (least recently used dropped first)
+MAX_REGISTERED = 256  # destination storages kept registered (least recently used dropped first) ...
+MAX_REGISTERED_BYTES = 1 << 30  # ... and their bytes: a registration keeps its storage alive (memory stays bounded)
 READ_BYTES = 64 << 20  # per READ: several in flight keep the link busy, each bounded
 IN_FLIGHT = 2 * WINDOW
 # bytes moved by transport in this process, and NIXL reads retried as frames (readers' metrics)
@@ -64,6 +66,7 @@ class _Agent:
         self.agent = new_agent(self.name)
         self.lock = threading.Lock()
         self.registered: collections.OrderedDict = collections.OrderedDict()  # (ptr, nbytes) -> (descs, storage)
+        self.registered_bytes = 0
 
     @classmethod
     def get(cls) -> _Agent:
@@ -80,19 +83,33 @@ class _Agent:
             raise StagerError(ErrorCode.BAD_MESSAGE, f"NIXL could not load the metadata of agent {reply.agent}: "
                                                      f"{exc}") from None
 
-    def register(self, t: torch.Tensor) -> None:
-        """Register ``t``'s storage (once; the least recently used beyond MAX_REGISTERED are dropped)."""
+    def register(self, t: torch.Tensor) -> tuple[int, int]:
+        """Register ``t``'s storage (once) and mark it busy until :meth:`done` with the key returned;
+        the least recently used idle ones beyond MAX_REGISTERED / MAX_REGISTERED_BYTES are dropped."""
         storage = t.untyped_storage()
         key = (storage.data_ptr(), storage.nbytes())
         with self.lock:
-            if key in self.registered:
+            held = self.registered.get(key)
+            if held is not None:
                 self.registered.move_to_end(key)
-                return
+                held[2] += 1
+                return key
             descs = self.agent.register_memory([(key[0], key[1], 0, "")], "DRAM")
-            self.registered[key] = (descs, storage)
-            while len(self.registered) > MAX_REGISTERED:
-                _, (old, _) = self.registered.popitem(last=False)
-                self.agent.deregister_memory(old)
+            self.registered[key] = [descs, storage, 1]
+            self.registered_bytes += key[1]
+            for old in list(self.registered):  # oldest first; never one a READ is landing in
+                if len(self.registered) <= MAX_REGISTERED and self.registered_bytes <= MAX_REGISTERED_BYTES:
+                    break
+                if self.registered[old][2] == 0:
+                    self.registered_bytes -= old[1]
+                    self.deregister(self.registered.pop(old)[0])
+        return key
+
+    def done(self, key: tuple[int, int]) -> None:
+        with self.lock:
+            held = self.registered.get(key)
+            if held is not None:
+                held[2] -= 1
 
     def register_once(self, t: torch.Tensor):
         return self.agent.register_memory([(t.data_ptr(), t.numel() * t.element_size(), 0, "")], "DRAM")
@@ -162,10 +179,10 @@ class NixlSource:
                                                      f"{self.grant.size} bytes the daemon granted")
         direct = out is not None and out.is_contiguous() and out.device.type == "cpu"
         dest = out if direct else torch.empty(box.shape, dtype=t.torch_dtype)
-        once = None
+        once = key = None
         try:
             if direct:
-                self.agent.register(dest)
+                key = self.agent.register(dest)
             else:
                 once = self.agent.register_once(dest)
             ptr = dest.data_ptr()
@@ -178,8 +195,10 @@ class NixlSource:
         except Exception as exc:  # NIXL refused to start it (its own error types): frames, once
             if once is not None:
                 self.agent.deregister(once)
+            if key is not None:
+                self.agent.done(key)
             return self._retry(fqn, box, out, f"could not start: {exc}")
-        return _NixlFetch(self, fqn, box, out, dest, once, handle, state, length * len(runs[0]))
+        return _NixlFetch(self, fqn, box, out, dest, once or key, handle, state, length * len(runs[0]))
 
     def _retry(self, fqn: str, box: Box, out: torch.Tensor | None, why: str):
         STATS["nixl_retried_as_frames"] += 1
@@ -207,6 +226,7 @@ class _Counted:
 class _NixlFetch:
     def __init__(self, src: NixlSource, fqn: str, box: Box, out, dest: torch.Tensor, once, handle, state: str,
                  nbytes: int):
+        # once: the registration of this read alone (deregistered when it ends), or a cached one's key
         self.src, self.fqn, self.box, self.out, self.dest = src, fqn, box, out, dest
         self.once, self.handle, self.state, self.nbytes = once, handle, state, nbytes
         self.started = time.monotonic()
@@ -219,7 +239,8 @@ class _NixlFetch:
             if self.state != "PROC":
                 break
             if time.monotonic() > deadline:
-                _abandon(agent, self.handle)  # its registration stays: the READ may still land there
+                # the READ may still land: its destination and registration stay until NIXL says it ended
+                _abandon(src.agent, self.handle, self.dest, self.once)
                 raise StagerError(ErrorCode.TIMEOUT, f"{self.fqn}: a NIXL read from {src.grant.agent} did not "
                                                      f"complete within {src.timeout:g}s (the node is down, or its "
                                                      "fabric unreachable)")
@@ -228,7 +249,9 @@ class _NixlFetch:
                 time.sleep(pause)
             self.state = agent.check_xfer_state(self.handle)
         _release(agent, self.handle)
-        if self.once is not None:
+        if isinstance(self.once, tuple):  # a cached destination: idle again
+            src.agent.done(self.once)
+        else:
             src.agent.deregister(self.once)
         if self.state != "DONE":
             return src._retry(self.fqn, self.box, self.out, "failed").wait()
@@ -245,18 +268,23 @@ def _release(agent, handle) -> None:
         log.debug("NIXL transfer handle release failed: %s", exc)
 
 
-_abandoned: list = []  # handles of READs that timed out: released once NIXL says they ended
+_abandoned: list = []  # (agent, handle, destination, registration) of READs that timed out
 
 
-def _abandon(agent, handle) -> None:
-    _abandoned.append((agent, handle))
+def _abandon(agent: _Agent, handle, dest: torch.Tensor, once) -> None:
+    _abandoned.append((agent, handle, dest, once))
     for held in list(_abandoned):
         try:
-            if held[0].check_xfer_state(held[1]) != "PROC":
-                _abandoned.remove(held)
-                _release(*held)
+            ended = held[0].agent.check_xfer_state(held[1]) != "PROC"
         except Exception:
+            ended = True
+        if ended:
             _abandoned.remove(held)
+            _release(held[0].agent, held[1])
+            if isinstance(held[3], tuple):
+                held[0].done(held[3])
+            else:
+                held[0].deregister(held[3])
 
 
 def _runs(shape: tuple[int, ...], at: tuple[int, ...], sizes: tuple[int, ...]
