@@ -6,8 +6,9 @@ One to three simulated nodes (own host ids), each a daemon on tcp with CURVE and
 hold a version FSDP-sharded over them; a reader process on no node's host reads the whole version
 (native view) three times per transport: ``frames`` (every byte a CURVE-encrypted ZeroMQ frame),
 ``nixl`` with ``UCX_TLS=tcp`` (the path hosts without RDMA take) and ``nixl`` with UCX's default (on one
-host: cma, a kernel copy between processes; on a fabric: RDMA). Reported: GB/s (best of 3) and CPU
-seconds per GiB in the reader and in the daemons (their ``cpu_seconds`` before and after).
+host: cma, a kernel copy between processes; on a fabric: RDMA). Anchor: raw ZeroMQ over CURVE, one
+sender. Reported: GB/s (best of 3) and CPU seconds per GiB in the reader and in the daemons (their
+``cpu_seconds`` before and after).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_live import _raw_zmq  # noqa: E402
 from bench_multinode import full_state, stage_sharded  # noqa: E402
 from common import curve_keys, machine, write_report  # noqa: E402
 from stager.client.admin import daemon_status  # noqa: E402
@@ -61,6 +63,8 @@ def main() -> int:
     keys = curve_keys(tmp)
     total = sum(t.numel() * 4 for t in full_state(args.size_mib, 1).values())
     report.update(bytes=total, nodes=args.nodes)
+    # anchor: raw ZeroMQ PUSH/PULL over CURVE, one sender (what one frames source can reach at best)
+    report["raw_zmq_curve_gb_per_s"] = round(_raw_zmq(total, keys) / 1e9, 3)
     flags = ("--memory-limit", f"{4 * args.size_mib}MiB", "--keep", "1", "--transport", "nixl")
     with SimulatedCluster(args.nodes, args=flags, auth_dir=keys) as cluster:
         run_ranks(stage_sharded, args.nodes, args.size_mib, [1], None, nodes=cluster.nodes, timeout=600)
