@@ -69,8 +69,10 @@ def test_a_lease_is_needed_for_descriptors_and_a_frames_daemon_refuses(make_daem
     for c in (conn, other, plain):
         c.close()
     # a frames daemon: "auto" reads frames, "nixl" says why it cannot
+    frames_before = nixl_source.STATS["frames"]
     with Subscriber(frames_only.endpoint, remote=True) as sub, sub.latest() as snap:
         assert torch.equal(snap["w"], w) and _kinds(snap) == {snap._version._reader.node: "FramesSource"}
+    assert nixl_source.STATS["frames"] == frames_before + w.numel() * 4  # bytes by transport, reader side
     with Subscriber(frames_only.endpoint, remote=True, transport="nixl") as sub:
         with pytest.raises(StagerError) as info:
             sub.latest()

@@ -15,7 +15,8 @@ by READ into the reader's memory, the daemon's CPU not involved (UCX's tcp trans
   descriptor per contiguous run, up to :data:`MAX_RUNS` (more: that box comes as frames).
 - Several READs are in flight (:attr:`NixlSource.max_in_flight`); :meth:`_NixlFetch.wait` polls
   the transfer until the reader's timeout, then raises TIMEOUT (never a hang). A transfer that
-  fails (ERR, or NIXL refusing to start it) is retried once as frames, logged and counted.
+  fails (ERR, or NIXL refusing to start it) is retried once as frames, logged and counted
+  (:data:`.sources.STATS`: bytes by transport in this process).
 
 The lease keeps the segment from being reused while it is read; a read that timed out may still
 land later in its destination (UCX cannot cancel a posted READ), so a destination of a failed
@@ -40,7 +41,7 @@ from stager.protocol import Box, ErrorCode, NixlInfo, NixlInfoReply, StagerError
 from stager.protocol.layout import contiguous_span
 from stager.protocol.nixl import new_agent, nixl_installed
 
-from .sources import REMOTE_OPENERS, WINDOW, FramesSource, _Blocks
+from .sources import REMOTE_OPENERS, STATS, WINDOW, FramesSource, _Blocks
 
 log = logging.getLogger("stager.client")
 MAX_RUNS = 4096  # descriptors of one strided box; beyond, the box comes as frames
@@ -48,8 +49,6 @@ MAX_REGISTERED = 256  # destination storages kept registered (least recently use
 MAX_REGISTERED_BYTES = 1 << 30  # ... and their bytes: a registration keeps its storage alive (memory stays bounded)
 READ_BYTES = 64 << 20  # per READ: several in flight keep the link busy, each bounded
 IN_FLIGHT = 2 * WINDOW
-# bytes moved by transport in this process, and NIXL reads retried as frames (readers' metrics)
-STATS: collections.Counter = collections.Counter()
 _refused: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # conn -> session that refused NIXL
 
 
@@ -198,12 +197,13 @@ class NixlSource:
             if key is not None:
                 self.agent.done(key)
             return self._retry(fqn, box, out, f"could not start: {exc}")
-        return _NixlFetch(self, fqn, box, out, dest, once or key, handle, state, length * len(runs[0]))
+        return _NixlFetch(self, fqn, box, out, dest, once if once is not None else key, handle, state,
+                          length * len(runs[0]))
 
     def _retry(self, fqn: str, box: Box, out: torch.Tensor | None, why: str):
         STATS["nixl_retried_as_frames"] += 1
         log.warning("NIXL read of %s from %s %s; reading it as frames", fqn, self.grant.agent, why)
-        return _Counted(self.frames.fetch(fqn, box, out), box.numel * self._blocks.meta[fqn].torch_dtype.itemsize)
+        return self.frames.fetch(fqn, box, out)  # counted as frames by the frames source
 
     def shares(self, t: torch.Tensor) -> bool:
         return False
@@ -211,16 +211,6 @@ class NixlSource:
     def close(self) -> None:
         self._blocks.meta = None
         self.frames.close()
-
-
-class _Counted:
-    def __init__(self, fetch, nbytes: int):
-        self.fetch, self.nbytes = fetch, nbytes
-
-    def wait(self) -> torch.Tensor:
-        t = self.fetch.wait()
-        STATS["frames"] += self.nbytes
-        return t
 
 
 class _NixlFetch:

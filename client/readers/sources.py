@@ -15,6 +15,7 @@ The job reader opens one :class:`ByteSource` per node of a leased version; the m
 
 from __future__ import annotations
 
+import collections
 import os
 import warnings
 from typing import Protocol, runtime_checkable
@@ -25,6 +26,9 @@ from stager.protocol import Block, Box, ErrorCode, Read, ReadItem, ReadReply, St
 from stager.protocol.layout import narrow_box
 from stager.protocol.shm import SHM_DIR, block_view, map_segment
 
+# bytes remote sources moved in this process, by transport ("frames", "nixl"), and NIXL reads retried as
+# frames ("nixl_retried_as_frames"): the reader's side of `stager status`'s bytes by transport
+STATS: collections.Counter = collections.Counter()
 CHUNK_BYTES = 64 << 20  # per Read request: big enough to stream at socket speed, small enough to bound memory
 WINDOW = 4  # Read requests in flight per node
 
@@ -170,6 +174,7 @@ class _FrameFetch:
         src = self.source
         frame = src.conn.wait_reply(self.rid, src.timeout, "read", ReadReply).frames[0]
         t = _tensor(frame.buffer if hasattr(frame, "buffer") else memoryview(frame), self.dtype, self.shape)
+        STATS["frames"] += t.numel() * t.element_size()
         return t if self.out is None else self.out.copy_(t)
 
 
