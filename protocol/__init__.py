@@ -24,6 +24,7 @@ from .messages import (
 )
 from .job import JobInfo, JobInfoReply, Join
 from .assembly import AssembleBegin, AssembleDone, AssembleReply
+from .nixl import NixlInfo, NixlInfoReply
 from .reads import Acquire, AcquireReply, Announce, Read, ReadReply, Release, Subscribe, SubscribeReply
 
 __all__ = [
@@ -34,4 +35,5 @@ __all__ = [
     "Acquire", "AcquireReply", "Release", "Subscribe", "SubscribeReply", "Announce", "Read", "ReadReply",
     "Status", "StatusReply", "Ping", "Pong", "Ok", "ErrorReply", "Join", "JobInfo", "JobInfoReply",
     "AssembleBegin", "AssembleReply", "AssembleDone",
+    "NixlInfo", "NixlInfoReply",
 ]

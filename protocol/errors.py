@@ -32,6 +32,7 @@ class ErrorCode(str, enum.Enum):
     SESSION_EXPIRED = "session_expired"  # the daemon ended a peer's session after --peer-timeout of silence
     NO_SIGN_OF_LIFE = "no_sign_of_life"  # the daemon did not acknowledge a stage in time: skipped (client side)
     FORBIDDEN = "forbidden"  # a request this peer may not send where it sent it (assembly off the assembler socket)
+    UNSUPPORTED = "unsupported"  # a feature this daemon or reader was not started with (e.g. --transport nixl)
 
 
 class StagerError(Exception):

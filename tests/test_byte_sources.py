@@ -1,4 +1,4 @@
-"""Byte sources: every source (shared memory, frames) through the same cases, on a real daemon's lease;
+"""Byte sources: every source (shared memory, frames, NIXL) through the same cases, on a real daemon's lease;
 the mover keeping each source within its window; a partial version's regions read through either."""
 
 import os
@@ -10,6 +10,7 @@ from conftest import wire_plan
 from stager.client import Subscriber
 from stager.client.connection import Connection
 from stager.client.readers.mover import Want, move
+from stager.client.readers.nixl_source import nixl_installed
 from stager.client.readers.planner import Read, merge_layouts, plan_box
 from stager.client.readers.sources import ByteSource, SegmentMaps, open_source
 from stager.protocol import Acquire, Begin, Box, Commit, ErrorCode, Hello, Put, Sealed, StagerError, TensorLayout
@@ -20,10 +21,7 @@ W = torch.arange(24, dtype=torch.float32).view(6, 4)  # this node holds rows 0-3
 B = torch.tensor([1.5, 2.5, 3.5])
 
 
-@pytest.fixture
-def partial_daemon(make_daemon, raw_peer):
-    """A daemon holding step 1: ``b`` whole and rows 0-3 of ``w`` (rank 0 of 2, the other on another node)."""
-    d = make_daemon()
+def _stage_partial(d, raw_peer):
     p = raw_peer(d.endpoint)
     pid = os.getpid()
     p.request(Hello(role="trainer", rank=0, local_world_size=1, world_size=2, pid=pid,
@@ -37,13 +35,31 @@ def partial_daemon(make_daemon, raw_peer):
     return d
 
 
-@pytest.fixture(params=["shared memory", "frames"])
-def source(request, partial_daemon):
-    conn = Connection(partial_daemon.endpoint, role="reader")
+@pytest.fixture
+def partial_daemon(make_daemon, raw_peer):
+    """A daemon holding step 1: ``b`` whole and rows 0-3 of ``w`` (rank 0 of 2, the other on another node)."""
+    return _stage_partial(make_daemon(), raw_peer)
+
+
+@pytest.fixture
+def nixl_partial_daemon(make_daemon, raw_peer):
+    """The same, served with ``--transport nixl`` (skipped where NIXL is not installed)."""
+    if not nixl_installed():
+        pytest.skip("NIXL is not installed (pip install nixl-cu12==1.5.1)")
+    return _stage_partial(make_daemon(transport="nixl"), raw_peer)
+
+
+@pytest.fixture(params=["shared memory", "frames", "nixl"])
+def source(request):
+    kind = request.param
+    daemon = request.getfixturevalue("nixl_partial_daemon" if kind == "nixl" else "partial_daemon")
+    conn = Connection(daemon.endpoint, role="reader")
     reply = conn.request(Acquire(), 10)
-    src = open_source(conn, reply.lease, reply.segment, reply.size, reply.tensors,
-                      remote=request.param == "frames", maps=SegmentMaps(), timeout=10)
-    yield request.param, src
+    src = open_source(conn, reply.lease, reply.segment, reply.size, reply.tensors, remote=kind != "shared memory",
+                      maps=SegmentMaps(), timeout=10, transport="nixl" if kind == "nixl" else "frames")
+    assert type(src).__name__ == {"shared memory": "SharedMemorySource", "frames": "FramesSource",
+                                  "nixl": "NixlSource"}[kind]
+    yield kind, src
     src.close()
     conn.close()
 
@@ -70,7 +86,7 @@ def test_fetch_gives_the_box_or_fills_the_destination(source, fqn, box, expected
 def test_map_is_a_view_of_shared_memory_or_nothing(source):
     kind, src = source
     view = src.map("w", Box((1, 0), (2, 4)))
-    if kind == "frames":  # fetched, never mapped
+    if kind != "shared memory":  # fetched, never mapped
         assert view is None and not src.shares(src.fetch("w", Box((1, 0), (2, 4))).wait())
         return
     assert torch.equal(view, W[1:3]) and src.shares(view) and not src.shares(view.clone())

@@ -14,7 +14,7 @@ pytestmark = pytest.mark.fast
 # every flag `stager serve` has had: README, deploy/ and operators' scripts use these names
 SERVE_FLAGS = {"--endpoint", "--memory-limit", "--preallocate", "--keep", "--step-timeout", "--peer-timeout",
                "--auth-dir", "--insecure-no-auth", "--json", "--metrics", "--host-id", "--advertise",
-               "--assemble-full", "--drain-timeout"}
+               "--assemble-full", "--drain-timeout", "--transport"}
 CLI_ONLY = {"help", "json"}  # how the command prints, not how the daemon runs
 
 

@@ -84,7 +84,8 @@ def test_latency_histogram_buckets_are_cumulative(observed, expected):
 
 def _status(**over):
     status = {"counters": {"sealed": 3, "failed": 1, "memory_refusals": 2, "ingested_bytes": 1000, "read_bytes": 7,
-                           "evictions": 4, "backpressure_waits": 5, "errors": 6, "requests": 9,
+                           "nixl_granted_bytes": 8, "evictions": 4, "backpressure_waits": 5, "errors": 6,
+                           "requests": 9,
                            "announcements_dropped": 0},
               "memory": {"used": 300, "limit": 1000}, "versions": [{"step": 4, "state": "sealed"},
                                                                   {"step": 6, "state": "sealed"},
@@ -110,6 +111,7 @@ class _Rec:  # what build_snapshot reads of a Recorder
     ("stager_ingested_bytes", {"transport": "frames"}, 400),
     ("stager_served_bytes", {"transport": "shm"}, 50),
     ("stager_served_bytes", {"transport": "frames"}, 7),
+    ("stager_served_bytes", {"transport": "nixl"}, 8),
     ("stager_memory_used_bytes", {}, 300),
     ("stager_memory_limit_bytes", {}, 1000),
     ("stager_evictions", {}, 4),

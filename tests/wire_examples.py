@@ -6,6 +6,7 @@ from stager.protocol import (
 )
 from stager.protocol.assembly import AssembleBegin, AssembleDone, AssembleReply
 from stager.protocol.job import JobInfo, JobInfoReply, Join
+from stager.protocol.nixl import NixlInfo, NixlInfoReply
 from stager.protocol.layout import Placement, layouts_from_wire, plan_from_wire
 from stager.protocol.quant import QuantSpec
 
@@ -48,4 +49,6 @@ EXAMPLES = [
     AssembleBegin(step=4, lease=9, specs=(("w", "f32", (4, 2)), ("s", "f8e4m3", ()))),
     AssembleReply(step=4, segment="stager-0-1-s1", size=128, offsets=(("w", 0), ("s", 64))),
     AssembleDone(step=4, segment="stager-0-1-s1", ok=True, reason=""),
+    NixlInfo(lease=3),
+    NixlInfoReply(agent="a", metadata=b"xy", addr=4096, size=128, device=0),
 ]

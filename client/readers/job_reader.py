@@ -32,7 +32,7 @@ from stager.protocol.reads import Announce
 
 from ..connection import Connection
 from .planner import complete_steps, incomplete_reason, merge_layouts
-from .sources import SegmentMaps, open_source
+from .sources import TRANSPORTS, SegmentMaps, open_source
 from .version import LeasedVersion
 
 log = logging.getLogger("stager.client")
@@ -47,13 +47,18 @@ class MembershipChanged(StagerError):
 class JobReader:
     """One reader's connections to every daemon of its job (its own daemon's, ``primary``, included).
     ``remote``: read over the sockets even on a daemon's host (None: only from other hosts).
-    ``node``, ``auth_dir``: this reader's host id and CURVE keys (see :class:`Connection`)."""
+    ``node``, ``auth_dir``: this reader's host id and CURVE keys (see :class:`Connection`).
+    ``transport``: how bytes from another host (or ``remote``) come: ``"auto"`` NIXL where this
+    reader has it and the node's daemon serves it, else frames; ``"nixl"`` NIXL or an error;
+    ``"frames"`` always frames (:func:`.sources.open_source`)."""
 
     def __init__(self, endpoint: str | None, timeout: float, *, remote: bool | None = None, role: str = "reader",
-                 node: str | None = None, auth_dir: str | None = None):
+                 node: str | None = None, auth_dir: str | None = None, transport: str = "auto"):
+        if transport not in TRANSPORTS:
+            raise ValueError(f"transport must be one of {', '.join(TRANSPORTS)}, not {transport!r}")
         self._identity = {"node": node, "auth_dir": auth_dir}  # every connection's, the same
         self.primary = Connection(endpoint, role=role, **self._identity)
-        self.timeout, self.remote, self.role = timeout, remote, role
+        self.timeout, self.remote, self.role, self.transport = timeout, remote, role, transport
         self.job, self.node, self.nodes = "", "", {}  # the membership: unknown until the daemon is asked
         self.conns: dict[str, Connection] = {}
         self.newest: dict[str, tuple[int, int]] = {}  # node -> (seq, step) of its newest announcement
@@ -270,8 +275,13 @@ class JobReader:
                                          f"{', '.join(f'node {n}: {why}' for n, why in down.items())}); "
                                          f"{exc.message}") from None
                 raise
-            sources = {n: open_source(self.conns[n], r.lease, r.segment, r.size, r.tensors, remote=self.remote,
-                                      maps=self.maps, timeout=self.timeout) for n, r in replies.items()} if read else {}
+            sources = {}
+            for n, r in replies.items() if read else ():
+                try:
+                    sources[n] = open_source(self.conns[n], r.lease, r.segment, r.size, r.tensors, remote=self.remote,
+                                             maps=self.maps, timeout=self.timeout, transport=self.transport)
+                except StagerError as exc:
+                    raise self.node_failed(n, exc, f"opening step {r.step}") from None
         except BaseException:
             self._release(leases)
             raise

@@ -1,19 +1,21 @@
 """Byte sources: the one seam through which a node's bytes of a leased version reach a reader.
 
 The job reader opens one :class:`ByteSource` per node of a leased version; the mover
-(:mod:`.mover`) asks it for regions; nothing else looks inside. Two ship:
+(:mod:`.mover`) asks it for regions; nothing else looks inside. Three ship:
 
 - :class:`SharedMemorySource`: the node's segment mapped (a reader on the daemon's host): a
   region is a view of it, no byte copied;
 - :class:`FramesSource`: Read requests over the node's connection (a reader on another host, or
   ``remote=True``): a region comes back as a ZeroMQ frame, a few requests in flight.
 
-An RDMA engine (NIXL, Mooncake's transfer engine) would be a third: ``map`` gives None, ``fetch``
-reads one-sidedly into the destination, the same lease keeping the segment alive.
+- :class:`~.nixl_source.NixlSource`: one-sided NIXL (UCX/RDMA) READs of the node's segment, for
+  a reader on another host when both sides have NIXL and the daemon serves it (``--transport nixl``):
+  ``map`` gives None, ``fetch`` reads into the destination, the same lease keeping the segment alive.
 """
 
 from __future__ import annotations
 
+import collections
 import os
 import warnings
 from typing import Protocol, runtime_checkable
@@ -24,6 +26,9 @@ from stager.protocol import Block, Box, ErrorCode, Read, ReadItem, ReadReply, St
 from stager.protocol.layout import narrow_box
 from stager.protocol.shm import SHM_DIR, block_view, map_segment
 
+# bytes remote sources moved in this process, by transport ("frames", "nixl"), and NIXL reads retried as
+# frames ("nixl_retried_as_frames"): the reader's side of `stager status`'s bytes by transport
+STATS: collections.Counter = collections.Counter()
 CHUNK_BYTES = 64 << 20  # per Read request: big enough to stream at socket speed, small enough to bound memory
 WINDOW = 4  # Read requests in flight per node
 
@@ -169,6 +174,7 @@ class _FrameFetch:
         src = self.source
         frame = src.conn.wait_reply(self.rid, src.timeout, "read", ReadReply).frames[0]
         t = _tensor(frame.buffer if hasattr(frame, "buffer") else memoryview(frame), self.dtype, self.shape)
+        STATS["frames"] += t.numel() * t.element_size()
         return t if self.out is None else self.out.copy_(t)
 
 
@@ -191,13 +197,24 @@ class SegmentMaps:
         self._maps.clear()
 
 
+TRANSPORTS = ("auto", "nixl", "frames")
+# transport -> its opener ``(conn, lease, tensors, timeout, required=) -> source | None``; .nixl_source adds
+# "nixl" when the package is imported (it builds on this module: no import back from here)
+REMOTE_OPENERS: dict = {}
+
+
 def open_source(conn, lease: int, segment: str, size: int, tensors: tuple[TensorLayout, ...], *,
-                remote: bool | None, maps: SegmentMaps, timeout: float) -> ByteSource:
+                remote: bool | None, maps: SegmentMaps, timeout: float, transport: str = "auto") -> ByteSource:
     """The source of one node's lease: its segment mapped when the reader runs on the daemon's host
-    and sees the segment (unless ``remote``), else frames over ``conn``."""
+    and sees the segment (unless ``remote``), else NIXL READs where ``transport`` allows them and
+    both sides have NIXL (``"nixl"``: required, UNSUPPORTED otherwise), else frames over ``conn``."""
     if remote is None:
         remote = not (conn.same_host and os.path.exists(os.path.join(SHM_DIR, segment)))
     if remote:
+        if transport != "frames":
+            src = REMOTE_OPENERS["nixl"](conn, lease, tensors, timeout, required=transport == "nixl")
+            if src is not None:
+                return src
         return FramesSource(conn, lease, tensors, timeout)
     return SharedMemorySource(maps.get(segment, size), tensors)
 

@@ -43,6 +43,9 @@ class Subscriber:
     ``remote``: fetch bytes over the socket even on the daemon's host (default: only when the
     daemon is on another host). ``node`` and ``auth_dir``: this reader's host id and CURVE client
     keys, where they are not ``$STAGER_HOST_ID`` / the machine's and ``$STAGER_AUTH_DIR``.
+    ``transport``: how bytes from another host come: ``"auto"`` over NIXL where this
+    process has it and the daemon serves it (``stager serve --transport nixl``), else as frames;
+    ``"nixl"``: NIXL or an UNSUPPORTED error; ``"frames"``: always frames.
 
     >>> sub = Subscriber(view="hf", dtype=torch.bfloat16)  # doctest: +SKIP
     >>> for snap in sub:                                    # every new version, skipping stale ones
@@ -53,7 +56,7 @@ class Subscriber:
                  names: Iterable[str] | None = None, adapter: str | Any | None = None,
                  hf_config: dict | None = None, prefix: str | None = None, keep_fp8: bool = False,
                  remote: bool | None = None, timeout: float = 10.0, quantize: str | None = None,
-                 node: str | None = None, auth_dir: str | None = None):
+                 node: str | None = None, auth_dir: str | None = None, transport: str = "auto"):
         if view not in ("native", "hf"):
             raise ValueError(f"view must be 'native' or 'hf', not {view!r}")
         if dtype is not None:
@@ -66,7 +69,8 @@ class Subscriber:
         self._adapters: dict = {}
         self._view_config: dict | None = None
         self._index_cache: dict = {}
-        self._reader = JobReader(endpoint, timeout, remote=remote, node=node, auth_dir=auth_dir)
+        self._reader = JobReader(endpoint, timeout, remote=remote, node=node, auth_dir=auth_dir,
+                                 transport=transport)
         # the finalizer holds the job reader, never this subscriber: an unclosed one is collected, then disconnected
         self._finalizer = weakref.finalize(self, self._reader.close)
 

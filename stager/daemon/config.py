@@ -11,6 +11,7 @@ import psutil
 from stager.flags import setting
 from stager.metrics import parse_listen
 from stager.protocol.endpoint import is_loopback, resolve
+from stager.protocol.nixl import nixl_installed
 
 DEFAULT_MEMORY_FRACTION = 0.5
 _UNITS = {"": 1, "b": 1, "k": 1 << 10, "kb": 1 << 10, "kib": 1 << 10, "m": 1 << 20, "mb": 1 << 20,
@@ -32,6 +33,13 @@ def parse_size(text: str | int) -> int:
     if not match or match.group(2) not in _UNITS:
         raise ValueError(f"cannot read size {text!r}; write e.g. 8GiB, 512MiB, 30% or a byte count")
     return int(float(match.group(1)) * _UNITS[match.group(2)])
+
+
+def parse_transport(text: str) -> str:
+    """``--transport``: ``frames`` or ``nixl``."""
+    if text not in ("frames", "nixl"):
+        raise ValueError(f"--transport must be frames or nixl, not {text!r}")
+    return text
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -109,6 +117,16 @@ class DaemonConfig:
     memory free under ``memory_limit`` (a version is left partial otherwise); the trainer never waits
     for it. Other nodes are reached with ``$STAGER_AUTH_DIR`` (default: ``auth_dir``) keys."""
 
+    transport: str = setting(
+        "frames", "how readers on other hosts get bytes: frames (ZeroMQ, CURVE-encrypted on tcp) or nixl (one-sided "
+                  "UCX/RDMA reads, NOT authenticated or encrypted: only on a fabric that is the trust boundary; "
+                  "needs stager[nixl]; default %(default)s)", metavar="{frames,nixl}", parse=parse_transport)
+    """How readers on other hosts get bytes. ``frames``: Read requests over the ZeroMQ connection
+    (encrypted with CURVE on tcp). ``nixl``: a reader holding a lease may also ask for the version's
+    NIXL descriptors and read the segment one-sidedly over UCX (RDMA where there is, else tcp);
+    those transfers are neither authenticated nor encrypted, so enable it only on a fabric that is
+    itself the trust boundary (README.md, "Multi-node jobs"). Control stays on ZeroMQ + CURVE."""
+
     def __post_init__(self) -> None:
         self.endpoint = resolve(self.endpoint)
         if self.host_id is not None and not 0 < len(self.host_id) <= 200:
@@ -117,6 +135,10 @@ class DaemonConfig:
             resolve(self.advertise)  # the same form as an endpoint, checked before anything is bound
         if self.metrics is not None:
             parse_listen(self.metrics)  # a ValueError naming the flag, before anything is bound
+        parse_transport(self.transport)
+        if self.transport == "nixl" and not nixl_installed():
+            raise ValueError("--transport nixl needs NIXL in the daemon's environment: pip install 'stager[nixl]' "
+                             "(nixl-cu12==1.5.1), or serve with --transport frames")
         if self.drain_timeout < 0:
             raise ValueError("drain_timeout must be >= 0")
         if self.memory_limit is None:

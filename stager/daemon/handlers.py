@@ -9,6 +9,7 @@
     Reading         leases and remote reads         <- steps' retry when a lease end freed memory
     Peers           registration and liveness       <- reading's end_lease, steps' fail for departures
     JobMembership   the multi-node job
+    NixlServing     NIXL grants of leased versions (--transport nixl)
     FullAssembly    whole versions (--assemble-full) <- announce; its own outbox (the assembler socket)
 
 Events that flow back against that order (memory freed, a peer gone) are callables handed to the
@@ -29,9 +30,11 @@ from stager.protocol import (
     ProtocolError, Put, Read, Release, StagerError, Status, StatusReply, Subscribe,
 )
 from stager.protocol.job import JobInfo, Join
+from stager.protocol.nixl import NixlInfo
 
 from .membership import JobMembership
 from .memory import Retention, SegmentBudget
+from .nixl_agent import NixlServing, agent_name, refuse_nixl
 from .peers import PeerDirectory, Peers
 from .reading import Reading, Subscriptions
 from .state import DaemonState, Outbox
@@ -44,7 +47,8 @@ class Handlers:
     """Everything the socket loop calls: :meth:`handle` per request, :meth:`housekeep` per tick."""
 
     def __init__(self, state: DaemonState, budget: SegmentBudget, outbox: Outbox, *, advertise: str,
-                 loop_status: Callable[[], LoopStatus], assembly_outbox: Outbox | None = None):
+                 loop_status: Callable[[], LoopStatus], assembly_outbox: Outbox | None = None,
+                 transport: str = "frames"):
         self.state, self._loop_status = state, loop_status
         self.directory = PeerDirectory(state)
         self.memory = Retention(state, budget)
@@ -56,6 +60,8 @@ class Handlers:
         # serve --assemble-full: the daemon's half; the assembler (a consumer) talks to it on its own socket
         self.assembly = (FullAssembly(state, self.memory, self.subscriptions.announce, assembly_outbox)
                          if assembly_outbox is not None else None)
+        self.nixl = (NixlServing(state, self.directory, agent_name(state.host_id, state.session))
+                     if transport == "nixl" else None)
         self.routes: dict[type, Callable[[bytes, Message], Message | None]] = {
             Hello: self.peers.on_hello, Bye: self.peers.on_bye,
             Begin: self.steps.on_begin, Put: self.steps.on_put, Commit: self.steps.on_commit,
@@ -65,6 +71,7 @@ class Handlers:
             Status: self.on_status, Ping: self.on_ping,
             Join: self.job.on_join, JobInfo: self.job.on_job_info,
             AssembleBegin: self.refuse_assembly, AssembleDone: self.refuse_assembly,
+            NixlInfo: self.nixl.on_info if self.nixl is not None else refuse_nixl,
         }
         self.assembly_routes: dict[type, Callable[[bytes, Message], Message | None]] = {
             Status: self.on_status, Ping: self.on_ping,
@@ -120,8 +127,11 @@ class Handlers:
             loop=self._loop_status(), shared=self.state.status(), versions=self.steps.versions(time.monotonic()),
             peers=self.peers.status(), reading=self.reading.status(), memory=self.memory.budget.status(),
             retention=self.memory.status(), subscribers=self.subscriptions.status(), job=self.job.status(),
-            assembly=self.assembly.status() if self.assembly is not None else None)
+            assembly=self.assembly.status() if self.assembly is not None else None,
+            transport=self.nixl.status() if self.nixl is not None else {"mode": "frames"})
 
     def close(self) -> None:
         """Fail the steps in flight (the segments go with the daemon's resources)."""
         self.steps.close()
+        if self.nixl is not None:
+            self.nixl.close()

@@ -15,7 +15,9 @@ from __future__ import annotations
 import bisect
 import math
 
-from stager.protocol import Acquire, AcquireReply, Message, Ok, Put, Read, Sealed, Subscribe, SubscribeReply
+from stager.protocol import (
+    Acquire, AcquireReply, Message, NixlInfo, Ok, Put, Read, Sealed, Subscribe, SubscribeReply,
+)
 
 # stage-to-sealed latency: the first Begin of a step to its seal
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, math.inf)
@@ -70,7 +72,7 @@ class Recorder:
             # an admin's lease reads nothing (stager status asks whether a step is readable)
             if peer is not None and peer.local and peer.role != "admin" and held is not None:
                 self._shm_leases[reply.lease] = held[1].layout.nbytes
-        elif isinstance(msg, Read):  # this lease's bytes travel as frames (counted as read_bytes)
+        elif isinstance(msg, (Read, NixlInfo)):  # this lease's bytes travel as frames or over NIXL
             self._shm_leases.pop(msg.lease, None)
         elif isinstance(msg, Subscribe) and isinstance(reply, SubscribeReply):
             self.last_seq.setdefault(identity, reply.seq)
@@ -130,8 +132,10 @@ def build_snapshot(status: dict, rec: Recorder) -> tuple:
          ("transport",), ((("shm",), max(0, ingested - rec.ingested_frames)), (("frames",), rec.ingested_frames))),
         ("counter", "stager_served_bytes", "Bytes served to readers, by transport (shm: size of each version "
          "leased and read zero-copy by a same-host reader, counted when the lease ends; frames: bytes sent to "
-         "remote readers)", ("transport",),
-         ((("shm",), rec.served_shm), (("frames",), c.get("read_bytes", 0)))),
+         "remote readers; nixl: this node's bytes of each version granted to a NIXL reader, counted at the grant: "
+         "its one-sided reads are invisible here)", ("transport",),
+         ((("shm",), rec.served_shm), (("frames",), c.get("read_bytes", 0)),
+          (("nixl",), c.get("nixl_granted_bytes", 0)))),
         ("gauge", "stager_memory_used_bytes", "Shared memory held by segments (sealed, in flight, pooled)", (),
          (((), mem["used"]),)),
         ("gauge", "stager_memory_limit_bytes", "--memory-limit", (), (((), mem["limit"]),)),

@@ -17,6 +17,7 @@ import logging
 import mmap
 import os
 import threading
+from typing import Callable
 
 import psutil
 import torch
@@ -39,6 +40,7 @@ class Segment:
         self._map: mmap.mmap | None = None
         self._tensor: torch.Tensor | None = None
         self.inflight: list = []  # zmq MessageTrackers of frames sent from this segment, not yet sent
+        self.on_unlink: list[Callable[[], None]] = []  # e.g. NIXL's deregistration: before the mapping goes
         path = segment_path(name)
         if pages_from is not None:
             try:
@@ -129,6 +131,9 @@ class Segment:
         return bool(self.inflight)
 
     def unlink(self) -> None:
+        hooks, self.on_unlink = self.on_unlink, []
+        for hook in hooks:
+            hook()
         self._tensor = self._map = None
         try:
             os.unlink(segment_path(self.name))

@@ -103,7 +103,8 @@ class Daemon:
             loop = LoopReport(self.lifecycle, self.recorder, endpoint=self.endpoint, started=self.started,
                               metrics_url=self.metrics_url, insecure=config.insecure)
             self.handlers = Handlers(self.state, self.budget, self.outbox, advertise=config.advertise or self.endpoint,
-                                     loop_status=loop.status, assembly_outbox=self.assembly_outbox)
+                                     loop_status=loop.status, assembly_outbox=self.assembly_outbox,
+                                     transport=config.transport)
             if self.metrics is not None:
                 self.recorder.publish(self.handlers.status())
         except BaseException:

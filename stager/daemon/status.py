@@ -113,7 +113,7 @@ class AssemblyStatus(TypedDict):
 
 def compose(*, loop: LoopStatus, shared: SharedStatus, versions: list, peers: PeersStatus, reading: ReadingStatus,
             memory: MemoryStatus, retention: RetentionStatus, subscribers: int, job: JobStatus | None,
-            assembly: AssemblyStatus | None) -> dict:
+            assembly: AssemblyStatus | None, transport: dict | None = None) -> dict:
     """The status object `stager status --json` prints, from each part's piece (pure: no part is
     asked anything here). ``versions``: :class:`VersionDetails` and :class:`FailedStep` entries."""
     status = {
@@ -146,4 +146,6 @@ def compose(*, loop: LoopStatus, shared: SharedStatus, versions: list, peers: Pe
             status[key] = loop[key]
     if assembly is not None:
         status["assembly"] = assembly
+    if transport is not None:  # how remote readers get bytes: {"mode": "frames"} or NIXL's registrations
+        status["transport"] = transport
     return status

@@ -1,0 +1,299 @@
+"""The NIXL byte source: one-sided UCX/RDMA READs of a leased version from its daemon's segment.
+
+Used for a node on another host (or ``remote=True``) when the reader's transport allows it and
+the daemon serves NIXL (``stager serve --transport nixl``). Control stays on the authenticated
+ZeroMQ connection: the reader sends :class:`~stager.protocol.nixl.NixlInfo` for its lease and
+gets the daemon's agent metadata for that segment and its address range; every byte then moves
+by READ into the reader's memory, the daemon's CPU not involved (UCX's tcp transport excepted).
+
+- Destinations: a tensor the caller fills (``load_into``, restore, an assembler's buffer) is
+  registered once, by its storage (cached, bounded by count and bytes, the storage kept alive
+  while registered so its address is never reused under a registration: an RDMA registration
+  pins the pages it was made on); a fetch with no destination gets a new
+  tensor registered for that read only; a strided destination is read into such a tensor, then copied.
+- Boxes: a box whose bytes are one span of the block is one descriptor; a strided box is one
+  descriptor per contiguous run, up to :data:`MAX_RUNS` (more: that box comes as frames).
+- Several READs are in flight (:attr:`NixlSource.max_in_flight`); :meth:`_NixlFetch.wait` polls
+  the transfer until the reader's timeout, then raises TIMEOUT (never a hang). A transfer that
+  fails (ERR, or NIXL refusing to start it) is retried once as frames, logged and counted
+  (:data:`.sources.STATS`: bytes by transport in this process).
+
+The lease keeps the segment from being reused while it is read; a read that timed out may still
+land later in its destination (UCX cannot cancel a posted READ), so a destination of a failed
+fetch is garbage until rewritten.
+"""
+
+from __future__ import annotations
+
+import collections
+import itertools
+import logging
+import math
+import os
+import threading
+import time
+import uuid
+import weakref
+
+import torch
+
+from stager.protocol import Box, ErrorCode, NixlInfo, NixlInfoReply, StagerError, TensorLayout
+from stager.protocol.layout import contiguous_span
+from stager.protocol.nixl import new_agent, nixl_installed
+
+from .sources import REMOTE_OPENERS, STATS, WINDOW, FramesSource, _Blocks
+
+log = logging.getLogger("stager.client")
+MAX_RUNS = 4096  # descriptors of one strided box; beyond, the box comes as frames
+MAX_REGISTERED = 256  # destination storages kept registered (least recently used dropped first) ...
+MAX_REGISTERED_BYTES = 1 << 30  # ... and their bytes: a registration keeps its storage alive (memory stays bounded)
+READ_BYTES = 64 << 20  # per READ: several in flight keep the link busy, each bounded
+IN_FLIGHT = 2 * WINDOW
+_refused: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # conn -> session that refused NIXL
+
+
+class _Agent:
+    """This process's NIXL agent (one per process: made on first use, again after a fork), the
+    daemons' agents it loaded, and its registered destinations."""
+
+    _lock = threading.Lock()
+    _current: _Agent | None = None
+
+    def __init__(self):
+        self.pid = os.getpid()
+        self.name = f"stager-reader-{os.uname().nodename[:60]}-{self.pid}-{uuid.uuid4().hex[:8]}"
+        self.agent = new_agent(self.name)
+        self.lock = threading.Lock()
+        self.registered: collections.OrderedDict = collections.OrderedDict()  # (ptr, nbytes) -> (descs, storage)
+        self.registered_bytes = 0
+
+    @classmethod
+    def get(cls) -> _Agent:
+        with cls._lock:
+            if cls._current is None or cls._current.pid != os.getpid():
+                cls._current = cls()
+            return cls._current
+
+    def load(self, reply: NixlInfoReply):
+        """Load the daemon's agent metadata (again for each grant: it carries the segment's keys)."""
+        try:
+            return self.agent.add_remote_agent(reply.metadata)
+        except Exception as exc:  # NIXL's own error types
+            raise StagerError(ErrorCode.BAD_MESSAGE, f"NIXL could not load the metadata of agent {reply.agent}: "
+                                                     f"{exc}") from None
+
+    def register(self, t: torch.Tensor) -> tuple[int, int]:
+        """Register ``t``'s storage (once) and mark it busy until :meth:`done` with the key returned;
+        the least recently used idle ones beyond MAX_REGISTERED / MAX_REGISTERED_BYTES are dropped."""
+        storage = t.untyped_storage()
+        key = (storage.data_ptr(), storage.nbytes())
+        with self.lock:
+            held = self.registered.get(key)
+            if held is not None:
+                self.registered.move_to_end(key)
+                held[2] += 1
+                return key
+            descs = self.agent.register_memory([(key[0], key[1], 0, "")], "DRAM")
+            self.registered[key] = [descs, storage, 1]
+            self.registered_bytes += key[1]
+            for old in list(self.registered):  # oldest first; never one a READ is landing in
+                if len(self.registered) <= MAX_REGISTERED and self.registered_bytes <= MAX_REGISTERED_BYTES:
+                    break
+                if self.registered[old][2] == 0:
+                    self.registered_bytes -= old[1]
+                    self.deregister(self.registered.pop(old)[0])
+        return key
+
+    def done(self, key: tuple[int, int]) -> None:
+        with self.lock:
+            held = self.registered.get(key)
+            if held is not None:
+                held[2] -= 1
+
+    def register_once(self, t: torch.Tensor):
+        return self.agent.register_memory([(t.data_ptr(), t.numel() * t.element_size(), 0, "")], "DRAM")
+
+    def deregister(self, descs) -> None:
+        try:
+            self.agent.deregister_memory(descs)
+        except Exception as exc:
+            log.debug("NIXL deregistration failed: %s", exc)
+
+
+def open_nixl(conn, lease: int, tensors: tuple[TensorLayout, ...], timeout: float, *,
+              required: bool) -> NixlSource | None:
+    """A NixlSource for ``lease`` on ``conn``'s daemon, or None when NIXL is not installed here or
+    the daemon does not serve it (``required``: a typed UNSUPPORTED error instead)."""
+    if not nixl_installed():
+        if required:
+            raise StagerError(ErrorCode.UNSUPPORTED, "transport='nixl' but NIXL is not installed in this reader's "
+                                                     "environment: pip install 'stager[nixl]'")
+        return None
+    if not required and conn.session is not None and _refused.get(conn) == conn.session:
+        return None  # this daemon session said no already: no request per lease
+    try:
+        reply = conn.request(NixlInfo(lease=lease), timeout)
+    except StagerError as exc:
+        if exc.code not in (ErrorCode.UNSUPPORTED, ErrorCode.UNKNOWN_TYPE, ErrorCode.BAD_VALUE):
+            raise
+        if required:
+            raise StagerError(ErrorCode.UNSUPPORTED, f"transport='nixl' but {conn.endpoint} does not serve NIXL: "
+                                                     f"{exc.message}") from None
+        if exc.code != ErrorCode.BAD_VALUE:  # (BAD_VALUE: this version only, e.g. no bytes on that node)
+            _refused[conn] = conn.session
+        return None
+    if not isinstance(reply, NixlInfoReply):
+        raise StagerError(ErrorCode.BAD_MESSAGE, f"unexpected {reply.TYPE} reply to nixl_info")
+    agent = _Agent.get()
+    return NixlSource(agent, agent.load(reply), reply, FramesSource(conn, lease, tensors, timeout), tensors, timeout)
+
+
+REMOTE_OPENERS["nixl"] = open_nixl
+
+
+class NixlSource:
+    """READs of one node's segment of a leased version (see the module docstring)."""
+
+    max_in_flight = IN_FLIGHT
+    max_read_bytes = READ_BYTES
+
+    def __init__(self, agent: _Agent, remote: str, grant: NixlInfoReply, frames: FramesSource,
+                 tensors: tuple[TensorLayout, ...], timeout: float):
+        self.agent, self.remote, self.grant, self.frames, self.timeout = agent, remote, grant, frames, timeout
+        self._blocks = _Blocks(tensors)
+
+    def map(self, fqn: str, box: Box) -> None:
+        return None
+
+    def fetch(self, fqn: str, box: Box, out: torch.Tensor | None = None):
+        t, block, inner = self._blocks.find(fqn, box)  # typed errors: PARTIAL, BAD_VALUE, UNKNOWN_LEASE
+        itemsize = t.torch_dtype.itemsize
+        runs = _runs(block.box.shape, inner, box.shape)
+        if runs is None or not box.numel:
+            return self.frames.fetch(fqn, box, out)
+        base = self.grant.addr + block.byte_offset
+        length = runs[1] * itemsize
+        if block.byte_offset + block.box.numel * itemsize > self.grant.size:
+            raise StagerError(ErrorCode.BAD_MESSAGE, f"{fqn}: block at byte {block.byte_offset} lies outside the "
+                                                     f"{self.grant.size} bytes the daemon granted")
+        direct = out is not None and out.is_contiguous() and out.device.type == "cpu"
+        dest = out if direct else torch.empty(box.shape, dtype=t.torch_dtype)
+        once = key = None
+        try:
+            if direct:
+                key = self.agent.register(dest)
+            else:
+                once = self.agent.register_once(dest)
+            ptr = dest.data_ptr()
+            local = [(ptr + i * length, length, 0) for i in range(len(runs[0]))]
+            remote = [(base + start * itemsize, length, self.grant.device) for start in runs[0]]
+            a = self.agent.agent
+            handle = a.initialize_xfer("READ", a.get_xfer_descs(local, "DRAM"), a.get_xfer_descs(remote, "DRAM"),
+                                       self.remote)
+            state = a.transfer(handle)
+        except Exception as exc:  # NIXL refused to start it (its own error types): frames, once
+            if once is not None:
+                self.agent.deregister(once)
+            if key is not None:
+                self.agent.done(key)
+            return self._retry(fqn, box, out, f"could not start: {exc}")
+        return _NixlFetch(self, fqn, box, out, dest, once if once is not None else key, handle, state,
+                          length * len(runs[0]))
+
+    def _retry(self, fqn: str, box: Box, out: torch.Tensor | None, why: str):
+        STATS["nixl_retried_as_frames"] += 1
+        log.warning("NIXL read of %s from %s %s; reading it as frames", fqn, self.grant.agent, why)
+        return self.frames.fetch(fqn, box, out)  # counted as frames by the frames source
+
+    def shares(self, t: torch.Tensor) -> bool:
+        return False
+
+    def close(self) -> None:
+        self._blocks.meta = None
+        self.frames.close()
+
+
+class _NixlFetch:
+    def __init__(self, src: NixlSource, fqn: str, box: Box, out, dest: torch.Tensor, once, handle, state: str,
+                 nbytes: int):
+        # once: the registration of this read alone (deregistered when it ends), or a cached one's key
+        self.src, self.fqn, self.box, self.out, self.dest = src, fqn, box, out, dest
+        self.once, self.handle, self.state, self.nbytes = once, handle, state, nbytes
+        self.started = time.monotonic()
+
+    def wait(self) -> torch.Tensor:
+        src, agent = self.src, self.src.agent.agent
+        deadline = self.started + src.timeout
+        pause = 0.0
+        for spins in itertools.count():
+            if self.state != "PROC":
+                break
+            if time.monotonic() > deadline:
+                # the READ may still land: its destination and registration stay until NIXL says it ended
+                _abandon(src.agent, self.handle, self.dest, self.once)
+                raise StagerError(ErrorCode.TIMEOUT, f"{self.fqn}: a NIXL read from {src.grant.agent} did not "
+                                                     f"complete within {src.timeout:g}s (the node is down, or its "
+                                                     "fabric unreachable)")
+            if spins > 100:  # spin briefly (small reads finish in microseconds), then back off to 1 ms
+                pause = min(1e-3, pause * 2 or 1e-5)
+                time.sleep(pause)
+            self.state = agent.check_xfer_state(self.handle)
+        _release(agent, self.handle)
+        if isinstance(self.once, tuple):  # a cached destination: idle again
+            src.agent.done(self.once)
+        else:
+            src.agent.deregister(self.once)
+        if self.state != "DONE":
+            return src._retry(self.fqn, self.box, self.out, "failed").wait()
+        STATS["nixl"] += self.nbytes
+        if self.out is None or self.dest is self.out:
+            return self.dest
+        return self.out.copy_(self.dest)
+
+
+def _release(agent, handle) -> None:
+    try:
+        agent.release_xfer_handle(handle)
+    except Exception as exc:
+        log.debug("NIXL transfer handle release failed: %s", exc)
+
+
+_abandoned: list = []  # (agent, handle, destination, registration) of READs that timed out
+
+
+def _abandon(agent: _Agent, handle, dest: torch.Tensor, once) -> None:
+    _abandoned.append((agent, handle, dest, once))
+    for held in list(_abandoned):
+        try:
+            ended = held[0].agent.check_xfer_state(held[1]) != "PROC"
+        except Exception:
+            ended = True
+        if ended:
+            _abandoned.remove(held)
+            _release(held[0].agent, held[1])
+            if isinstance(held[3], tuple):
+                held[0].done(held[3])
+            else:
+                held[0].deregister(held[3])
+
+
+def _runs(shape: tuple[int, ...], at: tuple[int, ...], sizes: tuple[int, ...]
+          ) -> tuple[list[int], int] | None:
+    """The contiguous runs of box ``(at, sizes)`` in a row-major block of ``shape``: their start
+    elements (in order) and common length, or None when there are more than MAX_RUNS."""
+    span = contiguous_span(shape, at, sizes)
+    if span is not None:
+        return [span[0]], span[1]
+    # the innermost dims the box covers whole, with the next one, make one run
+    k = len(shape) - 1
+    while k > 0 and sizes[k] == shape[k] and at[k] == 0:
+        k -= 1
+    count = math.prod(sizes[:k])
+    if count > MAX_RUNS:
+        return None
+    strides = [math.prod(shape[i + 1:]) for i in range(len(shape))]
+    starts = torch.zeros((), dtype=torch.int64)
+    for i in range(k):
+        starts = starts.unsqueeze(-1) + (torch.arange(sizes[i], dtype=torch.int64) + at[i]) * strides[i]
+    first = sum(at[i] * strides[i] for i in range(k, len(shape)))
+    return (starts.reshape(-1) + first).tolist(), math.prod(sizes[k:])

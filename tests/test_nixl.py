@@ -1,0 +1,230 @@
+"""Cross-node bytes over NIXL (UCX): real daemons served with ``--transport nixl``, simulated nodes
+on one host (own host ids), with UCX's default transports (same host: cma) and with
+``UCX_TLS=tcp`` (the path two hosts without RDMA take). Skipped where NIXL is not installed."""
+
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from dist_jobs import full_tensors, multi_node_stage, scaled
+from helpers import wait_until
+from stager.client import StagingClient, Subscriber
+from stager.client.admin import daemon_status
+from stager.client.connection import Connection
+from stager.client.readers import nixl_source
+from stager.client.readers.nixl_source import NixlSource, nixl_installed
+from stager.daemon.segments import list_segments
+from stager.dev.launch import DaemonProcess, SimulatedCluster, run_ranks
+from stager.protocol import Acquire, Box, ErrorCode, NixlInfo, NixlInfoReply, NodeDown, Release, StagerError
+
+pytestmark = pytest.mark.skipif(not nixl_installed(), reason="NIXL is not installed (pip install nixl-cu12==1.5.1)")
+LIMIT = ("--memory-limit", "256MiB")
+NIXL = ("--transport", "nixl")
+
+
+@pytest.fixture(params=["default", "tcp"])
+def ucx(request, monkeypatch):
+    """UCX's own choice (cma on one host), or tcp: the daemons started in the test inherit it."""
+    if request.param == "tcp":
+        monkeypatch.setenv("UCX_TLS", "tcp")
+    return request.param
+
+
+def _kinds(snap) -> dict:
+    return {node: type(src).__name__ for node, src in snap._version.sources.items()}
+
+
+def test_a_lease_is_needed_for_descriptors_and_a_frames_daemon_refuses(make_daemon):
+    d = make_daemon(transport="nixl", keep=1)
+    frames_only = make_daemon()
+    w = torch.randn(64, 32)
+    for daemon in (d, frames_only):
+        with StagingClient(daemon.endpoint, rank=0, local_world_size=1, world_size=1) as c:
+            c.stage({"w": w}, step=1).wait(10)
+    conn = Connection(d.endpoint, role="reader")
+    with pytest.raises(StagerError) as info:
+        conn.request(NixlInfo(lease=12345), 5)
+    assert info.value.code == ErrorCode.UNKNOWN_LEASE and "acquire the version first" in info.value.message
+    lease = conn.request(Acquire(), 5).lease
+    reply = conn.request(NixlInfo(lease=lease), 5)
+    assert isinstance(reply, NixlInfoReply) and reply.size >= w.numel() * 4 and reply.metadata
+    other = Connection(d.endpoint, role="reader")  # another connection does not hold that lease
+    with pytest.raises(StagerError) as info:
+        other.request(NixlInfo(lease=lease), 5)
+    assert info.value.code == ErrorCode.UNKNOWN_LEASE
+    status = d.status()
+    assert status["transport"]["mode"] == "nixl" and status["transport"]["registered_segments"] == 1
+    assert status["counters"]["nixl_granted_bytes"] == w.numel() * 4
+    conn.request(Release(lease=lease), 5)
+    plain = Connection(frames_only.endpoint, role="reader")
+    lease = plain.request(Acquire(), 5).lease
+    with pytest.raises(StagerError) as info:
+        plain.request(NixlInfo(lease=lease), 5)
+    assert info.value.code == ErrorCode.UNSUPPORTED and "--transport nixl" in info.value.message
+    assert frames_only.status()["transport"] == {"mode": "frames"}
+    for c in (conn, other, plain):
+        c.close()
+    # a frames daemon: "auto" reads frames, "nixl" says why it cannot
+    frames_before = nixl_source.STATS["frames"]
+    with Subscriber(frames_only.endpoint, remote=True) as sub, sub.latest() as snap:
+        assert torch.equal(snap["w"], w) and _kinds(snap) == {snap._version._reader.node: "FramesSource"}
+    assert nixl_source.STATS["frames"] == frames_before + w.numel() * 4  # bytes by transport, reader side
+    with Subscriber(frames_only.endpoint, remote=True, transport="nixl") as sub:
+        with pytest.raises(StagerError) as info:
+            sub.latest()
+        assert info.value.code == ErrorCode.UNSUPPORTED and "does not serve NIXL" in info.value.message
+    with pytest.raises(ValueError, match="transport must be one of"):
+        Subscriber(frames_only.endpoint, transport="rdma")
+
+
+def test_remote_reads_on_one_daemon_are_bit_exact_and_registrations_end_with_their_segments(make_daemon):
+    d = make_daemon(transport="nixl", keep=1)
+    tensors = {"w": torch.randn(300, 70), "h": torch.arange(1000, dtype=torch.int64),
+               "b": torch.randn(5, 3, 4).to(torch.bfloat16), "s": torch.tensor(2.5)}
+    with StagingClient(d.endpoint, rank=0, local_world_size=1, world_size=1) as c:
+        for step in (1, 2, 3):
+            c.stage({k: v + step for k, v in tensors.items()}, step=step).wait(10)
+            before = dict(nixl_source.STATS)
+            with Subscriber(d.endpoint, remote=True, transport="nixl") as sub, sub.latest() as snap:
+                assert set(_kinds(snap).values()) == {"NixlSource"}
+                for k, v in tensors.items():
+                    assert torch.equal(snap[k], v + step), k
+                # a destination given (registered once), strided boxes (one descriptor per row)
+                out = torch.empty(300, 70)
+                snap.load_into({"w": out})
+                assert torch.equal(out, tensors["w"] + step)
+                src = next(iter(snap._version.sources.values()))
+                inner = torch.full((2, 5), -1.0)
+                src.fetch("w", Box((7, 3), (2, 5)), inner).wait()
+                assert torch.equal(inner, (tensors["w"] + step)[7:9, 3:8])
+            assert nixl_source.STATS["nixl"] > before.get("nixl", 0)
+            assert nixl_source.STATS["nixl_retried_as_frames"] == before.get("nixl_retried_as_frames", 0)
+    status = d.status()
+    # keep=1: older versions' segments were reused or freed; only live segments stay registered
+    assert status["transport"]["registered_segments"] <= len(list_segments(os.getpid()))
+    assert status["leases"] == 0
+
+
+def test_destination_registrations_stay_bounded_and_strided_boxes_read_exact(make_daemon, monkeypatch):
+    d = make_daemon(transport="nixl")
+    cube = torch.randn(6, 5, 4)
+    with StagingClient(d.endpoint, rank=0, local_world_size=1, world_size=1) as c:
+        c.stage({"cube": cube}, step=1).wait(10)
+    monkeypatch.setattr(nixl_source, "MAX_REGISTERED_BYTES", 2 * cube.numel() * 4)
+    with Subscriber(d.endpoint, remote=True, transport="nixl") as sub, sub.latest() as snap:
+        src = next(iter(snap._version.sources.values()))
+        for offset, shape in (((1, 1, 0), (2, 3, 4)), ((0, 2, 1), (6, 2, 2)), ((5, 0, 0), (1, 5, 4)),
+                              ((2, 4, 3), (1, 1, 1))):
+            want = cube[tuple(slice(o, o + n) for o, n in zip(offset, shape))]
+            assert torch.equal(src.fetch("cube", Box(offset, shape)).wait(), want), offset
+        outs = [torch.empty(6, 5, 4) for _ in range(5)]  # each a storage of its own, registered once
+        for out in outs:
+            snap.load_into({"cube": out})
+            assert torch.equal(out, cube)
+        agent = src.agent
+        assert agent.registered_bytes <= nixl_source.MAX_REGISTERED_BYTES and len(agent.registered) <= 2
+        assert all(held[2] == 0 for held in agent.registered.values())  # no READ left marked in flight
+
+
+def test_a_read_nixl_will_not_start_is_retried_as_frames_once_and_counted(make_daemon):
+    d = make_daemon(transport="nixl")
+    w = torch.randn(40, 8)
+    with StagingClient(d.endpoint, rank=0, local_world_size=1, world_size=1) as c:
+        c.stage({"w": w}, step=1).wait(10)
+    with Subscriber(d.endpoint, remote=True, transport="nixl") as sub, sub.latest() as snap:
+        src = next(iter(snap._version.sources.values()))
+        assert isinstance(src, NixlSource)
+        src.remote = "no-such-agent"  # NIXL refuses to start a READ from an agent it never loaded
+        before = nixl_source.STATS["nixl_retried_as_frames"]
+        assert torch.equal(snap["w"], w)
+        assert nixl_source.STATS["nixl_retried_as_frames"] == before + 1
+
+
+def test_two_nodes_uneven_shards_read_bit_exact_over_nixl(ucx):
+    with SimulatedCluster(2, args=LIMIT + NIXL) as cluster:
+        # rank 0 also reads the newest through its own node: node-1's regions come over NIXL
+        run_ranks(multi_node_stage, 4, [1, 2], nodes=cluster.nodes)
+        expected = {f"model.{k}": v for k, v in scaled(full_tensors(), 2).items()}
+        for endpoint in cluster.endpoints:  # this process is on neither node
+            with Subscriber(endpoint, transport="nixl") as sub, sub.latest() as snap:
+                assert _kinds(snap) == {"node-0": "NixlSource", "node-1": "NixlSource"}
+                assert all(torch.equal(snap[k], v) for k, v in expected.items())
+                for name, dim in (("model.fsdp_uneven", 0), ("model.two_d", 1)):
+                    for rank in range(3):
+                        want = torch.chunk(expected[name], 3, dim)[rank]
+                        assert torch.equal(snap.get(name, shard=(dim, rank, 3)), want), (name, rank)
+        for endpoint in cluster.endpoints:
+            status = daemon_status(endpoint)
+            assert status["transport"]["mode"] == "nixl" and status["transport"]["grants"] >= 1
+            assert status["leases"] == 0
+
+
+def test_nixl_on_one_node_only_reads_the_other_as_frames():
+    nodes = [DaemonProcess(args=LIMIT + NIXL, env={"STAGER_HOST_ID": "node-0"}),
+             DaemonProcess(args=LIMIT, env={"STAGER_HOST_ID": "node-1"})]
+    cluster = SimulatedCluster(0)
+    cluster.daemons = nodes
+    with cluster:
+        run_ranks(multi_node_stage, 4, [1], nodes=cluster.nodes)
+        expected = {f"model.{k}": v for k, v in scaled(full_tensors(), 1).items()}
+        with Subscriber(cluster.endpoints[1]) as sub, sub.latest() as snap:
+            assert _kinds(snap) == {"node-0": "NixlSource", "node-1": "FramesSource"}
+            assert all(torch.equal(snap[k], v) for k, v in expected.items())
+
+
+READER = """
+import sys, torch
+from stager.client import Subscriber
+with Subscriber(sys.argv[1], remote=True, transport="nixl") as sub:
+    snap = sub.latest()
+    print("reading", flush=True)
+    while True:
+        snap["w"]
+"""
+
+
+def test_a_reader_killed_mid_transfer_loses_its_lease_and_no_segment_leaks(ucx, tmp_path):
+    with DaemonProcess(args=LIMIT + NIXL + ("--keep", "1")) as d:
+        w = torch.randn(8 << 20)  # 32 MiB: every read is several READs in flight
+        with StagingClient(d.endpoint, rank=0, local_world_size=1, world_size=1) as c:
+            c.stage({"w": w}, step=1).wait(30)
+            reader = subprocess.Popen([sys.executable, "-c", READER, d.endpoint], stdout=subprocess.PIPE, text=True)
+            try:
+                assert reader.stdout.readline().strip() == "reading"
+                wait_until(lambda: daemon_status(d.endpoint)["transport"]["grants"] >= 1, 30)
+                reader.send_signal(signal.SIGKILL)
+                reader.wait(30)
+            finally:
+                reader.kill()
+            wait_until(lambda: daemon_status(d.endpoint)["leases"] == 0, 60)
+            for step in (2, 3):  # the version it leased is freed or reused like any other
+                c.stage({"w": w + step}, step=step).wait(30)
+        status = daemon_status(d.endpoint)
+        live = list_segments(d.pid)
+        assert [v["step"] for v in status["versions"] if v["state"] == "sealed"] == [3]
+        assert status["transport"]["registered_segments"] <= len(live) <= 2  # the sealed one, and a pooled one
+        with Subscriber(d.endpoint, remote=True, transport="nixl") as sub, sub.latest() as snap:
+            assert torch.equal(snap["w"], w + 3)
+
+
+def test_a_node_that_stops_mid_read_gives_node_down_within_the_timeout(monkeypatch):
+    monkeypatch.setenv("UCX_TLS", "tcp")  # over cma a stopped process's memory stays readable: tcp needs its side
+    with SimulatedCluster(2, args=LIMIT + NIXL) as cluster:
+        run_ranks(multi_node_stage, 4, [1], nodes=cluster.nodes)
+        sub = Subscriber(cluster.endpoints[0], transport="nixl", timeout=5)
+        snap = sub.latest()
+        assert _kinds(snap) == {"node-0": "NixlSource", "node-1": "NixlSource"}
+        os.kill(cluster.daemons[1].pid, signal.SIGSTOP)  # node-1 hangs with the version leased
+        try:
+            with pytest.raises(NodeDown) as info:
+                for name in snap:
+                    snap[name]  # node-1's regions: its READs never complete
+            assert info.value.node == "node-1" and info.value.code == ErrorCode.NODE_DOWN
+        finally:
+            os.kill(cluster.daemons[1].pid, signal.SIGCONT)
+        snap.release()
+        sub.close()
