@@ -8,13 +8,16 @@ counter shows the bytes that crossed. Same-host readers still map the segment.
 
 import pytest
 import torch
+import zmq
 from conftest import RawPeer
-from dist_jobs import LLAMA_CONFIG, LLAMA_INFO, llama_full, stage_fsdp_llama
+from dist_jobs import LLAMA_CONFIG, llama_full, stage_fsdp_llama
+from helpers import wait_until
 
 from stager.client import StagingClient, Subscriber
 from stager.client.adapters import load_adapter
 from stager.client.admin import daemon_status
 from stager.client.readers import sources
+from stager.daemon import read_cast, reading
 from stager.dev.launch import SimulatedCluster, run_ranks
 from stager.protocol import (
     Acquire, AcquireReply, ErrorCode, ErrorReply, ProtocolError, Read, ReadItem, ReadReply, decode,
@@ -24,6 +27,7 @@ CONFIG = {"vocab_size": 96, "hidden_size": 32, "intermediate_size": 48, "num_hid
           "num_attention_heads": 4, "num_key_value_heads": 2}
 INFO = {"adapter": "llama3", "hf_config": CONFIG}
 NARROW = [torch.bfloat16, torch.float16]
+MIB = 1 << 20
 
 
 def awkward(shape, seed, dtype=torch.float32) -> torch.Tensor:
@@ -245,3 +249,31 @@ def test_a_reader_of_a_two_node_job_gets_each_nodes_bytes_in_its_dtype(monkeypat
             got = dict(snap.items())
             assert daemon_status(endpoints[0])["counters"]["read_bytes"] == before
             assert all(same(got[k], v.to(torch.bfloat16)) for k, v in hf.items())
+
+
+def test_cast_replies_count_as_bytes_in_flight_and_their_buffers_are_reused_then_freed(make_daemon, raw_peer,
+                                                                                         monkeypatch):
+    monkeypatch.setattr(reading, "MAX_READ_IN_FLIGHT", 32 * MIB)
+    monkeypatch.setattr(read_cast, "IDLE_S", 0.5)
+    d = make_daemon(memory_limit=128 * MIB)
+    n = 32 * MIB // 4
+    w = torch.arange(n, dtype=torch.float32)
+    stage(d.endpoint, {"w": w})
+    peer = raw_peer(d.endpoint)
+    peer.sock.setsockopt(zmq.RCVHWM, 1)  # its queue fills after one reply: the rest wait in the daemon
+    peer.sock.setsockopt(zmq.RCVBUF, 64 << 10)
+    peer.hello(role="reader")
+    lease = peer.request(Acquire()).lease
+    for i in range(8):  # 16 MiB of bf16 each, the reader reads none of them yet
+        peer.sock.send_multipart(Read(id=100 + i, lease=lease, items=(ReadItem("w", dtype="bf16"),)).encode())
+    status = wait_until(lambda: (s := d.status())["reads"]["deferred"] and s)
+    assert status["reads"]["bytes_in_flight"] <= 32 * MIB  # two replies queued, the other reads wait
+    assert status["reads"]["cast_buffers"] <= 32 * MIB  # a buffer per reply queued, none per read waiting
+    expected = w.to(torch.bfloat16)
+    for i in range(8):  # reading the replies lets the held-back reads through, in order, their buffers reused
+        reply = peer.recv(timeout=30)
+        assert reply.id == 100 + i and same(torch.frombuffer(bytearray(reply.frames[0]), dtype=torch.bfloat16),
+                                            expected)
+        assert d.status()["reads"]["cast_buffers"] <= 48 * MIB
+    assert d.status()["counters"]["read_cast_bytes"] == 8 * n * 2
+    wait_until(lambda: d.status()["reads"] == {"bytes_in_flight": 0, "deferred": 0, "cast_buffers": 0}, timeout=30)

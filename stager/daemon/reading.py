@@ -24,7 +24,7 @@ from stager.protocol.shm import block_view
 
 from .memory import Retention
 from .peers import PeerDirectory
-from .read_cast import cast_box
+from .read_cast import CastBuffers, cast_box
 from .state import DaemonState, Outbox
 from .status import ReadingStatus
 from .versions import Version
@@ -69,6 +69,7 @@ class Reading:
                  memory_freed: Callable[[], None]):
         self.state, self.directory, self.memory, self.outbox = state, directory, memory, outbox
         self._memory_freed = memory_freed
+        self.cast_buffers = CastBuffers()
 
     def on_acquire(self, identity: bytes, msg: Acquire) -> Message:
         state = self.state
@@ -137,10 +138,17 @@ class Reading:
         if resumed:
             peer.deferred_reads.pop(0)
         reply = ReadReply(id=msg.id, count=len(boxes))
-        reply.frames = [self._box_bytes(v, t, block, offsets, sizes) if to is None
-                        else cast_box(v.segment.as_bytes(), t, block, offsets, sizes, to)
-                        for t, block, offsets, sizes, to in boxes]
+        pooled = {}  # frame index -> the reusable buffer behind it
+        for t, block, offsets, sizes, to in boxes:
+            if to is None:
+                reply.frames.append(self._box_bytes(v, t, block, offsets, sizes))
+                continue
+            out, pooled[len(reply.frames)] = self.cast_buffers.take(math.prod(sizes) * to.itemsize)
+            reply.frames.append(cast_box(v.segment.as_bytes(), t, block, offsets, sizes, to, out))
         trackers = self.outbox.send_tracked(identity, reply)
+        for i, buf in pooled.items():
+            if buf is not None:
+                self.cast_buffers.sent(buf, None if trackers is None else trackers[i])
         if trackers is not None:
             v.segment.inflight.extend(trackers)
             peer.reads_in_flight.append((trackers, total))
@@ -159,6 +167,7 @@ class Reading:
 
     def resume_deferred(self) -> None:
         """Answer held-back reads of readers whose queued replies drained (called every tick)."""
+        self.cast_buffers.reclaim()
         for identity, peer in list(self.state.peers.items()):
             while peer.deferred_reads:
                 head = peer.deferred_reads[0]
@@ -210,5 +219,6 @@ class Reading:
     def status(self) -> ReadingStatus:
         peers = self.state.peers.values()
         return {"reads": {"bytes_in_flight": sum(p.read_bytes_in_flight() for p in peers),
-                          "deferred": sum(len(p.deferred_reads) for p in peers)},
+                          "deferred": sum(len(p.deferred_reads) for p in peers),
+                          "cast_buffers": self.cast_buffers.nbytes()},
                 "leases": len(self.state.leases)}
