@@ -6,8 +6,10 @@ A ``stager serve`` process holds one fp32 version of about PARAMS_M million para
 tensors plus a few vectors); a reader in this process reads it over the socket (``remote=True``, what a
 reader on another host does; ``tcp`` is CURVE-encrypted, as every tcp daemon is) into bf16:
 
-- ``reader_casts``: what readers did before the daemon could cast: the fp32 bytes over the wire,
-  cast by the reader (``Subscriber(remote=True)``, then ``.to(bf16)`` / ``load_into`` of bf16 buffers);
+- ``reader_casts``: ``Subscriber(remote=True)`` without a dtype, then ``.to(bf16)`` by the reader: the fp32
+  bytes over the wire (``load_into`` of bf16 buffers asks for their dtype since the daemon casts, so it
+  moves bf16 there too: for the figures before, run this script on the commit before the change, as
+  bench/results/read-dtype-2026-12-07-{before,after}.json were);
 - ``daemon_casts``: ``Subscriber(dtype=torch.bfloat16, remote=True)``: the reads ask for bf16, the daemon
   casts each 64 MiB request before the wire;
 - ``same_host``: the same reader mapping the segment (no wire), for reference.
