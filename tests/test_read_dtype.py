@@ -220,6 +220,34 @@ def test_float8_data_is_read_as_staged_and_dequantized_at_full_precision(make_da
     assert sorted(got) == sorted(local) and all(same(got[k], v) for k, v in local.items())
 
 
+class Thirds:
+    """A plug-in per-tensor adapter that computes (divides by 3): a cast before it would round twice."""
+
+    def to_hf_items(self, name, tensor):
+        return [("hf." + name, tensor / 3)]
+
+    def to_hf(self, state_dict):
+        return dict(kv for k, v in state_dict.items() for kv in self.to_hf_items(k, v))
+
+    def from_hf(self, hf_state_dict):
+        return {k[3:]: v * 3 for k, v in hf_state_dict.items()}
+
+
+def test_a_plug_in_adapter_gets_the_staged_bytes_its_arithmetic_needs(make_daemon):
+    d = make_daemon()
+    sd = {"a": awkward((64, 48), 3), "b": awkward((301,), 4)}
+    stage(d.endpoint, sd)
+    expected = {"hf." + k: (v / 3).to(torch.bfloat16) for k, v in sd.items()}
+    with Subscriber(d.endpoint, view="hf", adapter=Thirds(), dtype=torch.bfloat16, remote=True) as sub, \
+            sub.latest() as snap:
+        before = served([d.endpoint])
+        got = dict(snap.items())
+        assert served([d.endpoint]) - before == wire_bytes(sd.values(), torch.float32)  # fp32, as staged
+        engine = {k: torch.zeros_like(v) for k, v in expected.items()}
+        snap.load_into(engine)
+    assert all(same(got[k], v) and same(engine[k], v) for k, v in expected.items())
+
+
 # ------------------------------------------------------------------------------ two nodes
 
 
