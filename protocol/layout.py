@@ -240,19 +240,24 @@ def layouts_from_wire(raw: object) -> tuple[TensorLayout, ...]:
 
 @dataclasses.dataclass(frozen=True)
 class ReadItem:
-    """One box of a leased tensor a remote reader asks for; ``offsets``/``sizes`` None: all of it."""
+    """One box of a leased tensor a remote reader asks for; ``offsets``/``sizes`` None: all of it.
+    ``dtype`` (a wire name, None: the tensor's own): the bytes cast to it where they are, before the
+    wire (float tensors to a narrower float: :func:`check_read_cast`). Sent as a fourth element only
+    when given, so an item without one encodes as before."""
 
     fqn: str
     offsets: tuple[int, ...] | None = None
     sizes: tuple[int, ...] | None = None
+    dtype: str | None = None
 
     def to_wire(self) -> list:
-        return [self.fqn, None if self.offsets is None else list(self.offsets),
-                None if self.sizes is None else list(self.sizes)]
+        box = [self.fqn, None if self.offsets is None else list(self.offsets),
+               None if self.sizes is None else list(self.sizes)]
+        return box if self.dtype is None else [*box, self.dtype]
 
     @classmethod
     def from_wire(cls, item: object) -> "ReadItem":
-        ok = isinstance(item, list) and len(item) == 3 and isinstance(item[0], str)
+        ok = isinstance(item, list) and len(item) in (3, 4) and isinstance(item[0], str)
         if ok and (item[1] is None) != (item[2] is None):
             ok = False
         if ok and item[1] is not None:
@@ -260,10 +265,27 @@ class ReadItem:
                   <= MAX_DIMS and all(type(v) is int and v >= 0 for v in item[1] + item[2]))
         if not ok:
             raise ProtocolError(ErrorCode.BAD_MESSAGE, f"read: item {short_repr(item)} must be [fqn, offsets, sizes] "
-                                                       "with equal-length lists of ints >= 0, or [fqn, None, None]")
+                                                       "with equal-length lists of ints >= 0, or [fqn, None, None], "
+                                                       "optionally followed by a dtype name")
+        dtype = item[3] if len(item) == 4 else None
+        if dtype is not None:
+            dtype_from_name(dtype)  # the closed table: BAD_DTYPE naming the known ones
         if item[1] is None:
-            return cls(item[0])
-        return cls(item[0], tuple(item[1]), tuple(item[2]))
+            return cls(item[0], dtype=dtype)
+        return cls(item[0], tuple(item[1]), tuple(item[2]), dtype)
+
+
+def check_read_cast(fqn: str, have: torch.dtype, want: str) -> torch.dtype:
+    """The dtype a read of ``fqn`` (of dtype ``have``) asks its bytes in, by wire name: only a plain
+    floating tensor cast to a narrower plain floating dtype (what saves bytes and is exactly what the
+    reader's own ``.to()`` would give); float8 data needs its scale first. BAD_VALUE otherwise."""
+    to = dtype_from_name(want)
+    plain = {torch.float64, torch.float32, torch.float16, torch.bfloat16}
+    if have not in plain or to not in plain or to.itemsize >= have.itemsize:
+        raise ProtocolError(ErrorCode.BAD_VALUE, f"{fqn[:200]}: cannot read {have} as {to}: the daemon casts only "
+                                                 "float64/float32/float16/bfloat16 tensors to a narrower one of "
+                                                 "these; read it without a dtype and cast it yourself")
+    return to
 
 
 # ----------------------------------------------------------------------------- box arithmetic

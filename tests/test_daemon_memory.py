@@ -78,7 +78,7 @@ def test_a_reader_that_does_not_read_is_held_back_not_buffered(make_daemon, raw_
         reply = peer.recv(timeout=30)
         got = torch.frombuffer(bytearray(reply.frames[0]), dtype=torch.float32)
         assert reply.id == 100 + i and torch.equal(got, torch.arange(n, dtype=torch.float32))
-    wait_until(lambda: d.status()["reads"] == {"bytes_in_flight": 0, "deferred": 0})
+    wait_until(lambda: d.status()["reads"] == {"bytes_in_flight": 0, "deferred": 0, "cast_buffers": 0})
 
 
 def test_too_many_held_back_reads_are_refused(make_daemon, raw_peer, monkeypatch):

@@ -85,6 +85,11 @@ class Fp8Snapshot(Snapshot):
         super().__init__(subscriber, version, cached[1], adapter, wanted)
         self.fp8_block = scope.block
         self.fp8 = {w: s for w, s in cached[2].items() if w in self._entries or s in self._entries}
+        self._fp8_sources = {cached[1][w].source for w in cached[2]}
+
+    def _wire_cast(self, fqn: str, to: torch.dtype | None) -> torch.dtype | None:
+        # a weight quantized to e4m3 is rounded once, from the staged precision: never fetched cast
+        return None if fqn in self._fp8_sources else super()._wire_cast(fqn, to)
 
     def _convert(self, fqn: str, t: torch.Tensor, only: str | None = None,
                  wanted: Any = None) -> Iterator[tuple[str, torch.Tensor]]:

@@ -28,13 +28,16 @@ LOOKAHEAD = 64  # boxes started but not given back yet (views of mapped memory c
 
 @dataclasses.dataclass
 class Want:
-    """Box ``box`` of tensor ``fqn`` (of ``dtype``), read as ``reads``; into ``out`` when given."""
+    """Box ``box`` of tensor ``fqn`` (of ``dtype``), read as ``reads``; into ``out`` when given.
+    ``cast``: the dtype the reader turns it into, asked of sources that cast (``casts``) so fetched
+    bytes cross the wire in it; the box then comes in ``cast`` or, mapped, in ``dtype``."""
 
     fqn: str
     box: Box
     dtype: torch.dtype
     reads: list[Read]
     out: torch.Tensor | None = None
+    cast: torch.dtype | None = None
 
 
 class _Landing:
@@ -47,7 +50,7 @@ class _Landing:
 
     def dest(self, box: Box, at: tuple[int, ...]) -> torch.Tensor:
         if self.result is None:
-            self.result = torch.empty(self.want.box.shape, dtype=self.want.dtype)
+            self.result = torch.empty(self.want.box.shape, dtype=self.want.cast or self.want.dtype)
         return narrow_box(self.result, at, box.shape)
 
 
@@ -72,7 +75,7 @@ def move(wants: Iterable[Want], sources: Mapping[str, ByteSource], failed: Faile
                     break
                 queue.popleft()
                 try:
-                    fetch = src.fetch(lnd.want.fqn, box, None if lnd.whole else lnd.dest(box, at))
+                    fetch = _fetch(src, lnd, box, at)
                 except StagerError as exc:
                     raise failed(node, exc, lnd.want.fqn) from None
                 flight[node].append((fetch, lnd))
@@ -120,8 +123,18 @@ def read_one(want: Want, sources: Mapping[str, ByteSource], failed: Failed) -> t
     return next(move([want], sources, failed))[1]
 
 
+def _fetch(src: ByteSource, lnd: _Landing, box: Box, at: tuple[int, ...]) -> Fetch:
+    out = None if lnd.whole else lnd.dest(box, at)
+    if lnd.want.cast is None:
+        return src.fetch(lnd.want.fqn, box, out)
+    return src.fetch(lnd.want.fqn, box, out, dtype=lnd.want.cast)  # type: ignore[call-arg]
+
+
 def _start(want: Want, sources: Mapping[str, ByteSource], queue: deque, failed: Failed) -> _Landing:
-    """Land what the sources map at once; queue the rest, split as each source moves it."""
+    """Land what the sources map at once; queue the rest, split as each source moves it (by the
+    tensor's own bytes: what a daemon reads to cast a part is bounded as an uncast part is)."""
+    if want.cast is not None and not all(getattr(sources[r.node], "casts", False) for r in want.reads):
+        want.cast = None  # a source that moves only the tensor's dtype: the reader casts, as before
     lnd = _Landing(want)
     parts = []
     for read in want.reads:

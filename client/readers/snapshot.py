@@ -20,6 +20,7 @@ from stager.protocol.quant import QuantSpec, dequantize
 from ..adapters import fill_hf, hf_items, is_lora, to_hf_items
 from .version import LeasedVersion
 from .views import ViewEntry, arrange, native_box
+from .wire_cast import index_only, narrows
 
 
 class Snapshot(Mapping):
@@ -47,6 +48,7 @@ class Snapshot(Mapping):
         self._entries = {n: e for n, e in entries.items() if wanted is None or n in wanted}
         self._eager: dict[str, torch.Tensor] | None = None
         self._released = False
+        self._scale_names = {spec.scale for spec in self.quant.values()}
 
     # ------------------------------------------------------------------ mapping
 
@@ -54,7 +56,8 @@ class Snapshot(Mapping):
         entry = self._entry(name)
         if self._adapter is not None and not entry.source:
             return self._eager_hf()[name]
-        return dict(self._convert(entry.source, self._native(entry.source), only=name))[name]
+        native = self._native(entry.source, cast=self._wire_cast(entry.source, self._dtype))
+        return dict(self._convert(entry.source, native, only=name))[name]
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._entries)
@@ -72,7 +75,8 @@ class Snapshot(Mapping):
         if self._adapter is not None and any(not e.source for e in entries.values()):
             yield from ((n, t) for n, t in self._eager_hf().items() if n in entries)
             return
-        for fqn, t in self._natives(entries):
+        casts = {e.source: self._dtype for e in entries.values() if self._wire_cast(e.source, self._dtype)}
+        for fqn, t in self._natives(entries, casts):
             yield from self._convert(fqn, t, wanted=entries)
 
     def load_into(self, out: Mapping[str, torch.Tensor]) -> list[str]:
@@ -107,13 +111,14 @@ class Snapshot(Mapping):
             # the bytes land in the destination itself (copied from shared memory, or a frame's, or
             # each node's parts): no temporary
             version = self._version
+            casts = {n: targets[n].dtype for n in entries if self._wire_cast(n, targets[n].dtype)}
             into = {n: targets[n] for n, e in entries.items() if (n not in self.quant or self._keep_fp8)
-                    and targets[n].dtype == DTYPES[version.merged[n].dtype]}
+                    and (targets[n].dtype == DTYPES[version.merged[n].dtype] or n in casts)}
             order = {n: i for i, n in enumerate(self._entries)}
-            for name, _ in version.stream(sorted(into, key=order.__getitem__), into):
+            for name, _ in version.stream(sorted(into, key=order.__getitem__), into, casts):
                 written.add(name)
                 del entries[name]
-        for fqn, t in self._natives(entries):
+        for fqn, t in self._natives(entries, self._target_casts(entries, targets)):
             if self._adapter is None:
                 targets[fqn].copy_(t)
                 written.add(fqn)
@@ -121,9 +126,10 @@ class Snapshot(Mapping):
                 written.update(fill_hf(self._adapter, fqn, t, targets))
         return [n for n in self._entries if n in written]
 
-    def _natives(self, entries: Mapping[str, ViewEntry]) -> Iterator[tuple[str, torch.Tensor]]:
+    def _natives(self, entries: Mapping[str, ViewEntry], casts: Mapping[str, torch.dtype] | None = None
+                 ) -> Iterator[tuple[str, torch.Tensor]]:
         """``(fqn, tensor)`` of each native tensor behind ``entries``, in staging order, read once
-        (dequantized unless keep_fp8)."""
+        (dequantized unless keep_fp8); ``casts``: native tensors fetched in the dtype they are turned into."""
         order = {n: i for i, n in enumerate(self._entries)}
         wanted = sorted(entries, key=order.__getitem__)
         sources = list(dict.fromkeys(entries[n].source for n in wanted))
@@ -131,7 +137,7 @@ class Snapshot(Mapping):
         scale_names = list(dict.fromkeys(self.quant[s].scale for s in sources
                                          if s in self.quant and not self._keep_fp8))
         scales: dict[str, torch.Tensor] = {}
-        for i, (fqn, raw) in enumerate(self._version.stream(scale_names + sources)):
+        for i, (fqn, raw) in enumerate(self._version.stream(scale_names + sources, casts=casts)):
             if i < len(scale_names):
                 scales[fqn] = raw
             else:
@@ -152,7 +158,8 @@ class Snapshot(Mapping):
                 and version.mapped(entry.source) is None:  # fetched: only the box's bytes
             mapped = native_box(version.merged[entry.source].shape, entry.strided, offsets, sizes)
             if mapped is not None:
-                block = version.read(entry.source, Box(mapped[0], mapped[1]))
+                block = version.read(entry.source, Box(mapped[0], mapped[1]),
+                                     cast=self._wire_cast(entry.source, self._dtype))
                 return self._cast(arrange(block, mapped[2], sizes))
         return narrow_box(self[name], offsets, sizes)
 
@@ -197,8 +204,9 @@ class Snapshot(Mapping):
             raise KeyError(f"{name!r} is not in step {self.step}'s {self.view} view"
                            + (" (or not among the subscriber's names)" if self._subscriber.names else "")) from None
 
-    def _native(self, fqn: str, raw: torch.Tensor | None = None, scales: dict | None = None) -> torch.Tensor:
-        t = raw if raw is not None else self._version.read(fqn)
+    def _native(self, fqn: str, raw: torch.Tensor | None = None, scales: dict | None = None,
+                cast: torch.dtype | None = None) -> torch.Tensor:
+        t = raw if raw is not None else self._version.read(fqn, cast=cast)
         spec = self.quant.get(fqn)
         if spec is not None and not self._keep_fp8:
             scale = (scales or {}).get(spec.scale)
@@ -222,6 +230,22 @@ class Snapshot(Mapping):
         if self._keep_fp8 and t.dtype.itemsize == 1:
             return t  # fp8 data stays fp8 on request
         return t.to(dtype)
+
+    def _wire_cast(self, fqn: str, to: torch.dtype | None) -> torch.dtype | None:
+        """``to`` when native ``fqn`` may be fetched already cast to it (:mod:`.wire_cast`: the
+        reader's own cast would give the same bytes), else None."""
+        if fqn in self.quant or fqn in self._scale_names or not index_only(self._adapter):
+            return None
+        return to if narrows(self._version.merged[fqn].dtype, to) else None
+
+    def _target_casts(self, entries: Mapping[str, ViewEntry], targets: Mapping[str, torch.Tensor]
+                      ) -> dict[str, torch.dtype]:
+        """Per native tensor, the dtype to fetch it in for :meth:`load_into`: that of every
+        destination it fills, when they agree and :meth:`_wire_cast` allows it."""
+        wanted: dict[str, set[torch.dtype]] = {}
+        for name, e in entries.items():
+            wanted.setdefault(e.source, set()).add(targets[name].dtype)
+        return {fqn: next(iter(d)) for fqn, d in wanted.items() if len(d) == 1 and self._wire_cast(fqn, next(iter(d)))}
 
     def _eager_hf(self) -> dict[str, torch.Tensor]:
         if self._eager is None:  # plug-in adapters convert whole dicts

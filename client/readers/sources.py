@@ -23,6 +23,7 @@ from typing import Protocol, runtime_checkable
 import torch
 
 from stager.protocol import Block, Box, ErrorCode, Read, ReadItem, ReadReply, StagerError, TensorLayout
+from stager.protocol.dtypes import dtype_name
 from stager.protocol.layout import narrow_box
 from stager.protocol.shm import SHM_DIR, block_view, map_segment
 
@@ -46,7 +47,9 @@ class ByteSource(Protocol):
 
     ``max_in_flight``: fetches the mover keeps started at once (they complete in the order they
     were started: wait for them in that order). ``max_read_bytes``: the largest box one fetch
-    moves (the planner splits larger ones into row ranges)."""
+    moves (the planner splits larger ones into row ranges). A source with ``casts`` True also takes
+    ``fetch(..., dtype=)``: the box arrives cast (where its bytes are, for frames); the mover asks
+    the others for the tensor's own dtype."""
 
     max_in_flight: int
     max_read_bytes: int
@@ -109,6 +112,7 @@ class SharedMemorySource:
 
     max_in_flight = 1  # a fetch is a copy, done when it returns
     max_read_bytes = 1 << 62
+    casts = True  # a fetch copies anyway: into the dtype asked for
 
     def __init__(self, seg: torch.Tensor, tensors: tuple[TensorLayout, ...]):
         self._seg: torch.Tensor | None = seg
@@ -123,9 +127,11 @@ class SharedMemorySource:
         view = block_view(self._seg, t.torch_dtype, block.byte_offset, block.box.shape)
         return view if inner is None or block.box == box else narrow_box(view, inner, box.shape)
 
-    def fetch(self, fqn: str, box: Box, out: torch.Tensor | None = None) -> Fetch:
+    def fetch(self, fqn: str, box: Box, out: torch.Tensor | None = None, dtype: torch.dtype | None = None) -> Fetch:
         view = self.map(fqn, box)
-        return _Done(view if out is None else out.copy_(view))
+        if out is None:
+            return _Done(view if dtype is None or dtype == view.dtype else view.to(dtype))
+        return _Done(out.copy_(view))
 
     def shares(self, t: torch.Tensor) -> bool:
         return self._seg is not None and t.untyped_storage().data_ptr() == self._seg.untyped_storage().data_ptr()
@@ -135,9 +141,12 @@ class SharedMemorySource:
 
 
 class FramesSource:
-    """Read requests over the node's connection; each region arrives as one frame (no copy)."""
+    """Read requests over the node's connection; each region arrives as one frame (no copy). A
+    fetch with a ``dtype`` asks the daemon for the box cast to it: the wire carries the reader's
+    dtype's bytes (bf16 from an fp32 version: half), identical to a read-then-cast."""
 
     max_in_flight = WINDOW
+    casts = True
 
     def __init__(self, conn, lease: int, tensors: tuple[TensorLayout, ...], timeout: float):
         self.conn, self.lease, self.timeout = conn, lease, timeout
@@ -150,13 +159,15 @@ class FramesSource:
     def map(self, fqn: str, box: Box) -> None:
         return None
 
-    def fetch(self, fqn: str, box: Box, out: torch.Tensor | None = None) -> Fetch:
+    def fetch(self, fqn: str, box: Box, out: torch.Tensor | None = None, dtype: torch.dtype | None = None) -> Fetch:
         t = self._blocks.layout(fqn, box)  # the daemon checks that this node holds it (PARTIAL otherwise)
         if self.conn.sock is None:  # the reader closed it: disconnected, or the node left the job
             raise StagerError(ErrorCode.UNAVAILABLE, f"{fqn}: the connection to {self.conn.endpoint} is closed; "
                                                      "lease the version again")
-        rid = self.conn.send(Read(lease=self.lease, items=(ReadItem(fqn, box.offset, box.shape),)))
-        return _FrameFetch(self, rid, t.torch_dtype, box.shape, out)
+        wire = t.torch_dtype if dtype is None or dtype == t.torch_dtype else dtype
+        item = ReadItem(fqn, box.offset, box.shape, None if wire is t.torch_dtype else dtype_name(wire))
+        rid = self.conn.send(Read(lease=self.lease, items=(item,)))
+        return _FrameFetch(self, rid, wire, box.shape, out)
 
     def shares(self, t: torch.Tensor) -> bool:
         return False

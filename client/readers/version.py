@@ -40,25 +40,30 @@ class LeasedVersion:
         """Each tensor's layout as the reader's view sees it (whole, or the regions of a partial one)."""
         return tuple(m.layout() for m in self.merged.values())
 
-    def read(self, fqn: str, box: Box | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+    def read(self, fqn: str, box: Box | None = None, out: torch.Tensor | None = None,
+             cast: torch.dtype | None = None) -> torch.Tensor:
         """Box ``box`` (None: all) of ``fqn``: a view of mapped memory when one mapped block holds it
-        (and no ``out`` is given), else the bytes fetched (into ``out`` when given)."""
+        (and no ``out`` is given), else the bytes fetched (into ``out`` when given). ``cast``: the
+        dtype the caller turns it into; fetched bytes come in it (cast by their daemon), mapped ones
+        as they are: the caller's ``.to(cast)`` is then a no-op or the cast itself."""
         if box is None:
             view = self.mapped(fqn)
             if view is not None:
                 return view if out is None else out.copy_(view)
         m = self.merged[fqn]
-        return read_one(self._want(m, m.box if box is None else box, out), self.sources, self._failed)
+        return read_one(self._want(m, m.box if box is None else box, out, cast), self.sources, self._failed)
 
-    def stream(self, fqns: Iterable[str], outs: Mapping[str, torch.Tensor] | None = None
-               ) -> Iterator[tuple[str, torch.Tensor]]:
-        """Whole tensors in order (into ``outs[fqn]`` where given), the next ones' requests in flight."""
-        outs = outs or {}
+    def stream(self, fqns: Iterable[str], outs: Mapping[str, torch.Tensor] | None = None,
+               casts: Mapping[str, torch.dtype] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+        """Whole tensors in order (into ``outs[fqn]`` where given), the next ones' requests in flight;
+        ``casts[fqn]``: as :meth:`read`'s ``cast``."""
+        outs, casts = outs or {}, casts or {}
         fqns = iter(fqns)
         for fqn in fqns:  # mapped tensors at once; from the first that is not on, all through the mover
             view = self.mapped(fqn)
             if view is None:
-                wants = (self._want(self.merged[f], self.merged[f].box, outs.get(f)) for f in chain([fqn], fqns))
+                wants = (self._want(self.merged[f], self.merged[f].box, outs.get(f), casts.get(f))
+                         for f in chain([fqn], fqns))
                 yield from ((w.fqn, t) for w, t in move(wants, self.sources, self._failed))
                 return
             out = outs.get(fqn)
@@ -94,8 +99,8 @@ class LeasedVersion:
         """Whether ``t`` is a view of mapped memory of this version (valid only while it is leased)."""
         return any(src.shares(t) for src in self.sources.values())
 
-    def _want(self, m: MergedTensor, box: Box, out: torch.Tensor | None) -> Want:
-        return Want(m.fqn, box, dtype_from_name(m.dtype), plan_box(m, box), out)
+    def _want(self, m: MergedTensor, box: Box, out: torch.Tensor | None, cast: torch.dtype | None = None) -> Want:
+        return Want(m.fqn, box, dtype_from_name(m.dtype), plan_box(m, box), out, cast)
 
     def _failed(self, node: str, exc: StagerError, fqn: str) -> StagerError:
         return self._reader.node_failed(node, exc, f"reading {fqn} of step {self.step}")

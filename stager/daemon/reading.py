@@ -19,11 +19,12 @@ from stager.protocol import (
     Acquire, AcquireReply, Announce, ErrorCode, ErrorReply, Message, Ok, Read, ReadReply, Release, StagerError,
     Subscribe, SubscribeReply,
 )
-from stager.protocol.layout import Box, check_box, contiguous_span, narrow_box
+from stager.protocol.layout import Box, check_box, check_read_cast, contiguous_span, narrow_box
 from stager.protocol.shm import block_view
 
 from .memory import Retention
 from .peers import PeerDirectory
+from .read_cast import CastBuffers, cast_box
 from .state import DaemonState, Outbox
 from .status import ReadingStatus
 from .versions import Version
@@ -68,6 +69,7 @@ class Reading:
                  memory_freed: Callable[[], None]):
         self.state, self.directory, self.memory, self.outbox = state, directory, memory, outbox
         self._memory_freed = memory_freed
+        self.cast_buffers = CastBuffers()
 
     def on_acquire(self, identity: bytes, msg: Acquire) -> Message:
         state = self.state
@@ -109,7 +111,7 @@ class Reading:
         by_name = v.record.by_name
         if not by_name:
             by_name.update((t.fqn, t) for t in v.layout.tensors)
-        total, boxes = 0, []
+        total, cast, scanned, boxes = 0, 0, 0, []  # reply bytes, of them cast, segment bytes read
         for item in msg.items:
             t = by_name.get(item.fqn)
             if t is None:
@@ -120,23 +122,38 @@ class Reading:
                 raise StagerError(ErrorCode.PARTIAL, f"{t.fqn}: this node holds only part of it, not all of box "
                                                      f"offset {list(offsets)} sizes {list(sizes)}; read each part "
                                                      "from the node holding it (JobInfo names them)")
-            total += math.prod(sizes) * t.torch_dtype.itemsize
-            if total > MAX_READ_BYTES:
-                raise StagerError(ErrorCode.BAD_VALUE, f"read of {total >> 20} MiB is over the {MAX_READ_BYTES >> 20} "
-                                                       "MiB a reply may carry; read fewer or smaller boxes")
-            boxes.append((t, held[0], held[1], sizes))
+            to = None if item.dtype is None else check_read_cast(t.fqn, t.torch_dtype, item.dtype)
+            nbytes = math.prod(sizes) * (to or t.torch_dtype).itemsize
+            total, cast = total + nbytes, cast + (nbytes if to is not None else 0)
+            # casts only narrow: the bytes read from the segment bound both the reply and the loop's work
+            scanned += math.prod(sizes) * t.torch_dtype.itemsize
+            if scanned > MAX_READ_BYTES:
+                raise StagerError(ErrorCode.BAD_VALUE, f"read of {scanned >> 20} MiB is over the "
+                                                       f"{MAX_READ_BYTES >> 20} MiB a reply may carry; read fewer or "
+                                                       "smaller boxes")
+            boxes.append((t, held[0], held[1], sizes, to))
         queued = peer.read_bytes_in_flight()
         if queued and queued + total > MAX_READ_IN_FLIGHT:
             return None if resumed else self._defer(peer, msg)
         if resumed:
             peer.deferred_reads.pop(0)
         reply = ReadReply(id=msg.id, count=len(boxes))
-        reply.frames = [self._box_bytes(v, t, block, offsets, sizes) for t, block, offsets, sizes in boxes]
+        pooled = {}  # frame index -> the reusable buffer behind it
+        for t, block, offsets, sizes, to in boxes:
+            if to is None:
+                reply.frames.append(self._box_bytes(v, t, block, offsets, sizes))
+                continue
+            out, pooled[len(reply.frames)] = self.cast_buffers.take(math.prod(sizes) * to.itemsize)
+            reply.frames.append(cast_box(v.segment.as_bytes(), t, block, offsets, sizes, to, out))
         trackers = self.outbox.send_tracked(identity, reply)
+        for i, buf in pooled.items():
+            if buf is not None:
+                self.cast_buffers.sent(buf, None if trackers is None else trackers[i])
         if trackers is not None:
             v.segment.inflight.extend(trackers)
             peer.reads_in_flight.append((trackers, total))
             self.state.counters["read_bytes"] += total
+            self.state.counters["read_cast_bytes"] += cast
         return None
 
     @staticmethod
@@ -150,6 +167,7 @@ class Reading:
 
     def resume_deferred(self) -> None:
         """Answer held-back reads of readers whose queued replies drained (called every tick)."""
+        self.cast_buffers.reclaim()
         for identity, peer in list(self.state.peers.items()):
             while peer.deferred_reads:
                 head = peer.deferred_reads[0]
@@ -201,5 +219,6 @@ class Reading:
     def status(self) -> ReadingStatus:
         peers = self.state.peers.values()
         return {"reads": {"bytes_in_flight": sum(p.read_bytes_in_flight() for p in peers),
-                          "deferred": sum(len(p.deferred_reads) for p in peers)},
+                          "deferred": sum(len(p.deferred_reads) for p in peers),
+                          "cast_buffers": self.cast_buffers.nbytes()},
                 "leases": len(self.state.leases)}

@@ -57,7 +57,7 @@ class DaemonState:
     seq: int = 0  # versions sealed by this daemon: announcements carry it, gaps show skips
     counters: dict[str, int] = dataclasses.field(default_factory=lambda: dict.fromkeys(
         ("sealed", "failed", "ingested_bytes", "requests", "errors", "read_bytes", "announcements_dropped",
-         "memory_refusals", "evictions", "backpressure_waits"), 0))
+         "memory_refusals", "evictions", "backpressure_waits", "read_cast_bytes"), 0))
     lease_ids: Iterator[int] = dataclasses.field(default_factory=lambda: itertools.count(1))
     layout_ids: Iterator[int] = dataclasses.field(default_factory=lambda: itertools.count(1))
 

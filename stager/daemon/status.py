@@ -76,6 +76,7 @@ class PeersStatus(TypedDict):
 class ReadsStatus(TypedDict):
     bytes_in_flight: int
     deferred: int
+    cast_buffers: int  # reply buffers of reads cast by the daemon, in flight or kept for reuse
 
 
 class ReadingStatus(TypedDict):
