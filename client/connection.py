@@ -67,9 +67,11 @@ def _owned(method):
     return locked
 
 
-def curve_keys_from_env() -> dict:
-    """CURVE client keys from ``$STAGER_AUTH_DIR`` (made by ``stager keygen``), or {} when unset."""
-    auth_dir = os.environ.get(AUTH_ENV)
+def curve_keys_from_env(auth_dir: str | None = None) -> dict:
+    """CURVE client keys from ``auth_dir``, else ``$STAGER_AUTH_DIR`` (made by ``stager keygen``), or {}
+    when neither is set. A directory given here is used by this connection only: a value that came from
+    a peer (a vLLM engine's init_info) never changes the process's environment."""
+    auth_dir = auth_dir or os.environ.get(AUTH_ENV)
     if not auth_dir:
         return {}
     from zmq.auth import load_certificate
@@ -78,7 +80,7 @@ def curve_keys_from_env() -> dict:
         server_public, _ = load_certificate(os.path.join(auth_dir, "server.key"))
         public, secret = load_certificate(os.path.join(auth_dir, "client.key_secret"))
     except (OSError, ValueError) as exc:
-        raise StagerError(ErrorCode.UNAVAILABLE, f"cannot read CURVE keys from {AUTH_ENV}={auth_dir}: {exc}; "
+        raise StagerError(ErrorCode.UNAVAILABLE, f"cannot read CURVE keys from {auth_dir}: {exc}; "
                                                  "create them with `stager keygen DIR`") from None
     return {"curve_serverkey": server_public, "curve_publickey": public, "curve_secretkey": secret}
 
@@ -111,11 +113,12 @@ class Connection:
     """A DEALER connection with hello, request(), and reachability tracking."""
 
     def __init__(self, endpoint: str | None, *, role: str, rank: int = 0, local_world_size: int = 1,
-                 world_size: int = 1):
+                 world_size: int = 1, auth_dir: str | None = None):
         self.endpoint = resolve(endpoint)
         self.role, self.rank = role, rank
         self.local_world_size, self.world_size = local_world_size, world_size
-        self.curve = curve_keys_from_env() if self.endpoint.startswith("tcp://") else {}
+        self.auth_dir = auth_dir  # CURVE keys' directory (None: $STAGER_AUTH_DIR)
+        self.curve = curve_keys_from_env(auth_dir) if self.endpoint.startswith("tcp://") else {}
         self._ids = itertools.count(1)
         self._lock = threading.RLock()
         self.keepalive_s: float | None = None  # heartbeat interval (a reader of a daemon on another host)

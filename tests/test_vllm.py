@@ -120,6 +120,20 @@ def test_the_backend_is_registered_by_the_entry_point():
         ["stager.integrations.vllm.plugin:register"]
 
 
+def test_init_info_auth_dir_serves_the_engine_s_reader_only(world, tmp_path, monkeypatch):
+    from stager.cli import main
+
+    keys = str(tmp_path / "keys")
+    assert main(["keygen", keys]) == 0
+    monkeypatch.delenv("STAGER_AUTH_DIR", raising=False)
+    try:  # a peer-sent value: used by the engine's connection, never written to the process environment
+        world.llm.init_weight_transfer_engine({"init_info": {"endpoint": "tcp://127.0.0.1:9", "auth_dir": keys}})
+        assert "STAGER_AUTH_DIR" not in os.environ
+        assert world.engine()._sub._reader.primary.curve  # the CURVE keys of that directory
+    finally:
+        world.llm.init_weight_transfer_engine({"init_info": {"endpoint": world.endpoint}})
+
+
 def test_update_equals_a_fresh_engine_loaded_from_the_export_of_the_step(world):
     before = outputs(world.llm)
     result = update(world.llm, 3, endpoint=world.endpoint, init_info={}, verify=world.ref3["checksums"])

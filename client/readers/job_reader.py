@@ -46,11 +46,13 @@ class MembershipChanged(StagerError):
 
 class JobReader:
     """One reader's connections to every daemon of its job (its own daemon's, ``primary``, included).
-    ``remote``: read over the sockets even on a daemon's host (None: only from other hosts)."""
+    ``remote``: read over the sockets even on a daemon's host (None: only from other hosts). ``auth_dir``:
+    the CURVE keys of every connection (None: ``$STAGER_AUTH_DIR``)."""
 
-    def __init__(self, endpoint: str | None, timeout: float, *, remote: bool | None = None, role: str = "reader"):
-        self.primary = Connection(endpoint, role=role)
-        self.timeout, self.remote, self.role = timeout, remote, role
+    def __init__(self, endpoint: str | None, timeout: float, *, remote: bool | None = None, role: str = "reader",
+                 auth_dir: str | None = None):
+        self.primary = Connection(endpoint, role=role, auth_dir=auth_dir)
+        self.timeout, self.remote, self.role, self.auth_dir = timeout, remote, role, auth_dir
         self.job, self.node, self.nodes = "", "", {}  # the membership: unknown until the daemon is asked
         self.conns: dict[str, Connection] = {}
         self.newest: dict[str, tuple[int, int]] = {}  # node -> (seq, step) of its newest announcement
@@ -96,7 +98,7 @@ class JobReader:
             elif node in old and old[node] is not self.primary and self.nodes.get(node) == endpoint:
                 self.conns[node] = old[node]
             else:
-                self.conns[node] = Connection(endpoint, role=self.role)
+                self.conns[node] = Connection(endpoint, role=self.role, auth_dir=self.auth_dir)
                 self.conns[node].on_unsolicited = functools.partial(self._note, node)
         for node, conn in old.items():
             if conn is not self.primary and self.conns.get(node) is not conn:

@@ -41,7 +41,7 @@ class Subscriber:
     (HF view): the weights an FP8 checkpoint of the architecture quantizes come as e4m3 ``<module>.weight``
     plus fp32 ``<module>.weight_scale_inv`` (:mod:`.fp8_view`).
     ``remote``: fetch bytes over the socket even on the daemon's host (default: only when the
-    daemon is on another host).
+    daemon is on another host). ``auth_dir``: the CURVE keys for tcp endpoints (default ``$STAGER_AUTH_DIR``).
 
     >>> sub = Subscriber(view="hf", dtype=torch.bfloat16)  # doctest: +SKIP
     >>> for snap in sub:                                    # every new version, skipping stale ones
@@ -51,7 +51,8 @@ class Subscriber:
     def __init__(self, endpoint: str | None = None, *, view: str = "native", dtype: torch.dtype | str | None = None,
                  names: Iterable[str] | None = None, adapter: str | Any | None = None,
                  hf_config: dict | None = None, prefix: str | None = None, keep_fp8: bool = False,
-                 remote: bool | None = None, timeout: float = 10.0, quantize: str | None = None):
+                 remote: bool | None = None, timeout: float = 10.0, quantize: str | None = None,
+                 auth_dir: str | None = None):
         if view not in ("native", "hf"):
             raise ValueError(f"view must be 'native' or 'hf', not {view!r}")
         if dtype is not None:
@@ -64,7 +65,7 @@ class Subscriber:
         self._adapters: dict = {}
         self._view_config: dict | None = None
         self._index_cache: dict = {}
-        self._reader = JobReader(endpoint, timeout, remote=remote)
+        self._reader = JobReader(endpoint, timeout, remote=remote, auth_dir=auth_dir)
         # the finalizer holds the job reader, never this subscriber: an unclosed one is collected, then disconnected
         self._finalizer = weakref.finalize(self, self._reader.close)
 

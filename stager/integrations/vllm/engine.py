@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 import time
 from typing import Any, Callable, Iterator
 
@@ -27,7 +26,6 @@ from vllm.distributed.weight_transfer.base import (
 
 from stager.client import Subscriber
 from stager.protocol import ErrorCode, StagerError
-from stager.protocol.endpoint import AUTH_ENV
 
 from . import plan, reload
 from .errors import UpdateIncomplete, UpdateRefused
@@ -93,12 +91,11 @@ class StagerWeightTransferEngine(WeightTransferEngine[StagerInitInfo, StagerUpda
 
     def init_transfer_engine(self, init_info: StagerInitInfo) -> None:
         self.shutdown()
-        if init_info.auth_dir:
-            os.environ[AUTH_ENV] = init_info.auth_dir  # read by the connection (tcp + CURVE)
         self._only = set(init_info.names) if init_info.names else None
         self._sub = Subscriber(init_info.endpoint, view="hf", dtype=self.model_config.dtype,
                                adapter=init_info.adapter, hf_config=init_info.hf_config, prefix=init_info.prefix,
-                               names=init_info.names, remote=init_info.remote, timeout=float(init_info.timeout))
+                               names=init_info.names, remote=init_info.remote, timeout=float(init_info.timeout),
+                               auth_dir=init_info.auth_dir)  # this subscriber's keys: the process env stays as is
 
     def start_weight_update(self) -> None:
         if self._sub is None:
