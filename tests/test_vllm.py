@@ -134,6 +134,18 @@ def test_init_info_auth_dir_serves_the_engine_s_reader_only(world, tmp_path, mon
         world.llm.init_weight_transfer_engine({"init_info": {"endpoint": world.endpoint}})
 
 
+def test_init_info_quantize_makes_the_engine_read_fp8_blocks(world):
+    """What that subscriber delivers against an FP8 checkpoint's names: tests/test_vllm_plan.py (vLLM CPU runs
+    no FP8 block-scaled engine without AMX)."""
+    try:
+        world.llm.init_weight_transfer_engine({"init_info": {"endpoint": world.endpoint, "quantize": "fp8-block"}})
+        assert world.engine()._sub.quantize == "fp8-block"
+        with pytest.raises(StagerError, match="init_info quantize must be 'fp8-block'"):
+            world.llm.init_weight_transfer_engine({"init_info": {"quantize": "fp8"}})
+    finally:
+        world.llm.init_weight_transfer_engine({"init_info": {"endpoint": world.endpoint}})
+
+
 def test_update_equals_a_fresh_engine_loaded_from_the_export_of_the_step(world):
     before = outputs(world.llm)
     result = update(world.llm, 3, endpoint=world.endpoint, init_info={}, verify=world.ref3["checksums"])
@@ -153,6 +165,11 @@ def test_updates_after_the_first_write_the_serving_tensors_directly(world):
     update(world.llm, 3, endpoint=world.endpoint, verify=world.ref3["checksums"])
     assert engine.last_update["path"] == "direct"
     assert_at_reference(world.llm, world.ref3, "3")  # logprobs of a fresh engine: the packed GEMMs were rebuilt
+    import torch
+
+    embed = engine.model.model.embed_tokens  # its GEMM (served only as a tied LM head) is packed at first use
+    x = torch.randn(3, embed.weight.shape[1])
+    assert torch.allclose(embed.quant_method.apply(embed, x), torch.nn.functional.linear(x, embed.weight), atol=1e-4)
     # a subset that splits a packed layer (q/k/v) cannot rebuild it: vLLM's layerwise reload takes it
     names = [n for n in world.hf_weights() if n != "model.layers.1.self_attn.k_proj.weight"]
     update(world.llm, 0, endpoint=world.endpoint, init_info={"endpoint": world.endpoint, "names": names})

@@ -163,6 +163,18 @@ def _repack(module: torch.nn.Module, weight: torch.Tensor | None = None) -> None
         raise RuntimeError(f"{type(module).__name__} kept its weight after packing")  # it would alias the lease
 
 
+def _repack_on_first_use(module: torch.nn.Module) -> None:
+    """The packed copy of a module that keeps its weight (an input embedding: its forward is a lookup
+    in ``weight``; vLLM also packs it for a GEMM it serves only as a tied LM head), made from that
+    weight by vLLM's own function when the GEMM is first called: exact, and never paid when unused
+    (0.42 s for a 32000 x 1024 fp32 embedding here, ten times its copy)."""
+    def first_use(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        module.quant_method.process_weights_after_loading(module)  # sets module.cpu_linear from module.weight
+        return module.cpu_linear(x, weight, bias)
+
+    module.cpu_linear = first_use
+
+
 def _needs_repack(module: torch.nn.Module) -> bool:
     return current_platform.is_cpu() and type(getattr(module, "quant_method", None)) in REPACKED \
         and hasattr(module, "cpu_linear")
@@ -268,7 +280,10 @@ class Writer:
                     self.written = True
                     _repack(self.plan.targets[names[0]].module, _whole([group[n] for n in names]))
             for owner in repack.values():
-                _repack(owner)
+                if owner is getattr(self.model, "lm_head", None):
+                    _repack(owner)  # serves every token: packed now, within the update
+                else:
+                    _repack_on_first_use(owner)
 
     def _owners_of(self, tensor: torch.Tensor) -> list[torch.nn.Module]:
         if id(tensor) not in self._owners:
