@@ -43,6 +43,9 @@ class StagerInitInfo(WeightTransferInitInfo):
     (``$STAGER_AUTH_DIR``). ``adapter`` (a built-in name), ``hf_config``, ``prefix``: override the
     version's ``model_info``. ``names``: update only these HF names. ``remote``: read frames even on
     the daemon's host. ``timeout``: seconds a daemon may stay silent before a read fails.
+    ``quantize="fp8-block"``: for an engine serving an FP8 checkpoint (``quantization="fp8"``, block
+    scales): the weights such a checkpoint quantizes come as e4m3 plus ``weight_scale_inv``, quantized
+    on read (``Subscriber(view="hf", quantize="fp8-block")``), the rest in the engine's dtype.
     """
 
     endpoint: str | None = None
@@ -53,6 +56,7 @@ class StagerInitInfo(WeightTransferInitInfo):
     names: list[str] | None = None
     remote: bool | None = None
     timeout: float = 30.0
+    quantize: str | None = None
 
     def __post_init__(self) -> None:
         check_init_info(self)  # init_info may come over HTTP: only data, each field checked (.init_info)
@@ -104,6 +108,7 @@ class StagerWeightTransferEngine(WeightTransferEngine[StagerInitInfo, StagerUpda
         self._sub = Subscriber(init_info.endpoint, view="hf", dtype=self.model_config.dtype,
                                adapter=init_info.adapter, hf_config=init_info.hf_config, prefix=init_info.prefix,
                                names=init_info.names, remote=init_info.remote, timeout=float(init_info.timeout),
+                               quantize=init_info.quantize,
                                auth_dir=init_info.auth_dir)  # this subscriber's keys: the process env stays as is
 
     def start_weight_update(self) -> None:
