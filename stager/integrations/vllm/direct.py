@@ -209,7 +209,7 @@ def build(model: torch.nn.Module, items: Callable[[list[str]], Iterator[tuple[st
                     if not t.packed:
                         held = getattr(t.module, t.param).data.narrow(0, t.row, t.rows) if tensor.dim() \
                             else getattr(t.module, t.param).data
-                        if held.dtype != tensor.dtype or not torch.equal(held, tensor):
+                        if held.dtype != tensor.dtype or not torch.equal(held, tensor.to(held.device)):
                             raise NotProvable(f"{name}: the engine's tensor differs from the version it loaded")
                 for names in shards.values():
                     if names[0] in got:
@@ -305,7 +305,7 @@ def check(plan: Plan, items: Callable[[list[str]], Iterator[tuple[str, torch.Ten
                 if not t.packed:
                     held = getattr(t.module, t.param).data
                     held = held.narrow(0, t.row, t.rows) if tensor.dim() else held
-                    if held.dtype != tensor.dtype or not torch.equal(held, tensor):
+                    if held.dtype != tensor.dtype or not torch.equal(held, tensor.to(held.device)):
                         bad.append(name)
             for names in plan.shards.values():
                 if names[0] in got and not _same_outputs(plan.targets[names[0]].module, [got[n] for n in names]):

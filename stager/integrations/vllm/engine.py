@@ -157,7 +157,8 @@ class StagerWeightTransferEngine(WeightTransferEngine[StagerInitInfo, StagerUpda
             step = snap.step
             session.update(step=step, snap=snap, verify=update_info.verify)
             plan.check_names(step, snap.specs(), self._expected_shapes(), self.step, self._only)
-            why = "no plan proven yet" if self._direct is None or not self.direct else self._direct.covers(snap.specs())
+            why = (f"no direct plan: {self._unproven}" if self._direct is None else "direct updates are off"
+                   if not self.direct else self._direct.covers(snap.specs()))
             if why is None:
                 session["direct"] = direct.Writer(self.model, self._direct)
                 self._load_direct(snap, session)
