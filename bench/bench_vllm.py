@@ -10,7 +10,9 @@ median of ``--repeat`` runs:
 - ``memcpy``: ``copy_`` of every tensor the engine loads, from the daemon's shared memory into
   preallocated tensors (one thread, as vLLM's CPU worker serves with): the bytes alone.
 - ``stager``: ``update(llm, step)`` to a version the engine does not hold (two versions, in turn):
-  start + update + finish (the engine's pause: no request runs meanwhile) and the whole call.
+  start + update + finish (the engine's pause: no request runs meanwhile) and the whole call. Its
+  direct path (written into the serving tensors; linears repacked by vLLM's own function), and
+  ``stager_layerwise``: the same update through vLLM's layerwise reload (``engine.direct = False``).
 - ``disk``: vLLM's own in-place reload from the export directory (``reload_weights``), its files
   in the page cache (``warm``) and evicted from it first (``cold``, posix_fadvise DONTNEED).
 - ``vllm_floor``: the same reload from tensors already in this process's memory: what vLLM's
@@ -137,7 +139,9 @@ def main() -> None:
                   **dict(rl_vllm.ENGINE_ARGS, max_model_len=256))
         worker = llm.llm_engine.engine_core.engine_core.model_executor.driver_worker.worker
         torch.set_num_threads(1)
-        update(llm, 1, endpoint=daemon.endpoint, init_info={"endpoint": daemon.endpoint})  # connected, warm
+        # connected, warm; this first update goes through vLLM's layerwise reload and proves the direct plan
+        update(llm, 1, endpoint=daemon.endpoint, init_info={"endpoint": daemon.endpoint})
+        engine = worker.weight_transfer_engine
         with Subscriber(daemon.endpoint, view="hf") as sub, sub.at(2) as snap:
             src = dict(snap.items())
             nbytes = sum(t.numel() * t.element_size() for t in src.values())
@@ -166,6 +170,12 @@ def main() -> None:
                 rss = grew if rss is None else {k: max(rss[k], grew[k]) for k in grew}
                 run["stager_pause"] = seconds["start"] + seconds["update"] + seconds["finish"]
                 run["stager_total"] = seconds["total"]
+                assert engine.last_update["path"] == "direct", engine.last_update
+                engine.direct = False  # the same update through vLLM's layerwise reload, for comparison
+                seconds = update(llm, 1 if r % 2 == 0 else 2, endpoint=daemon.endpoint).engines[0].seconds
+                engine.direct = True
+                run["stager_layerwise_pause"] = seconds["start"] + seconds["update"] + seconds["finish"]
+                update(llm, 2 if r % 2 == 0 else 1, endpoint=daemon.endpoint)  # back: the next repetition changes it
                 t = time.perf_counter()
                 worker.model_runner.reload_weights(weights_iterator=iter(floor_src))
                 run["vllm_floor"] = time.perf_counter() - t
@@ -193,6 +203,8 @@ def main() -> None:
         "GB": round(gb, 3), "memcpy_GBps": round(gb / report["memcpy_s"], 2),
         "stager_GBps": round(gb / report["stager_pause_s"], 2),
         "stager_vs_memcpy": ratio("memcpy", "stager_pause"),
+        "stager_layerwise_vs_memcpy": ratio("memcpy", "stager_layerwise_pause"),
+        "direct_vs_layerwise": ratio("stager_layerwise_pause", "stager_pause"),
         "stager_vs_vllm_floor": ratio("vllm_floor", "stager_pause"),
         "stager_vs_disk_warm": ratio("disk_warm", "stager_pause"),
         "stager_vs_disk_cold": ratio("disk_cold", "stager_pause"),

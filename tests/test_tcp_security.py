@@ -96,6 +96,22 @@ def test_secure_daemon_status_has_no_insecure_flag(tcp_daemon, keys, monkeypatch
     assert "insecure" not in daemon_status(d.endpoint)
 
 
+def test_a_reader_given_an_auth_dir_uses_it_and_leaves_the_environment_alone(tcp_daemon, keys, monkeypatch):
+    """A vLLM engine's init_info brings an auth dir from a peer: it serves that reader only, never the process."""
+    import torch
+
+    from stager.client import StagingClient, Subscriber
+
+    d = tcp_daemon(auth_dir=keys)
+    monkeypatch.setenv("STAGER_AUTH_DIR", keys)
+    with StagingClient(d.endpoint, rank=0, local_world_size=1, world_size=1, transport="frames", strict=True) as c:
+        c.stage({"w": torch.arange(6.0)}, step=1).wait(10)
+    monkeypatch.delenv("STAGER_AUTH_DIR")
+    with Subscriber(d.endpoint, timeout=5, auth_dir=keys) as sub, sub.latest() as snap:
+        assert torch.equal(snap["w"], torch.arange(6.0))
+    assert "STAGER_AUTH_DIR" not in os.environ
+
+
 
 
 needs_ipv6 = pytest.mark.skipif(not has_ipv6_loopback(), reason="this host has no IPv6 loopback (::1)")

@@ -31,7 +31,7 @@ from safetensors.torch import load_file  # noqa: E402
 from stager.client import StagingClient  # noqa: E402
 from stager.dev.launch import DaemonProcess  # noqa: E402
 from stager.integrations.vllm import (  # noqa: E402
-    EngineIncomplete, Follower, UpdateIncomplete, UpdateRefused, WeightMismatch, update,
+    EngineIncomplete, Follower, UpdateIncomplete, UpdateRefused, VerifyFailed, WeightMismatch, update,
 )
 from stager.protocol import ErrorCode, StagerError  # noqa: E402
 
@@ -120,6 +120,32 @@ def test_the_backend_is_registered_by_the_entry_point():
         ["stager.integrations.vllm.plugin:register"]
 
 
+def test_init_info_auth_dir_serves_the_engine_s_reader_only(world, tmp_path, monkeypatch):
+    from stager.cli import main
+
+    keys = str(tmp_path / "keys")
+    assert main(["keygen", keys]) == 0
+    monkeypatch.delenv("STAGER_AUTH_DIR", raising=False)
+    try:  # a peer-sent value: used by the engine's connection, never written to the process environment
+        world.llm.init_weight_transfer_engine({"init_info": {"endpoint": "tcp://127.0.0.1:9", "auth_dir": keys}})
+        assert "STAGER_AUTH_DIR" not in os.environ
+        assert world.engine()._sub._reader.primary.curve  # the CURVE keys of that directory
+    finally:
+        world.llm.init_weight_transfer_engine({"init_info": {"endpoint": world.endpoint}})
+
+
+def test_init_info_quantize_makes_the_engine_read_fp8_blocks(world):
+    """What that subscriber delivers against an FP8 checkpoint's names: tests/test_vllm_plan.py (vLLM CPU runs
+    no FP8 block-scaled engine without AMX)."""
+    try:
+        world.llm.init_weight_transfer_engine({"init_info": {"endpoint": world.endpoint, "quantize": "fp8-block"}})
+        assert world.engine()._sub.quantize == "fp8-block"
+        with pytest.raises(StagerError, match="init_info quantize must be 'fp8-block'"):
+            world.llm.init_weight_transfer_engine({"init_info": {"quantize": "fp8"}})
+    finally:
+        world.llm.init_weight_transfer_engine({"init_info": {"endpoint": world.endpoint}})
+
+
 def test_update_equals_a_fresh_engine_loaded_from_the_export_of_the_step(world):
     before = outputs(world.llm)
     result = update(world.llm, 3, endpoint=world.endpoint, init_info={}, verify=world.ref3["checksums"])
@@ -130,6 +156,28 @@ def test_update_equals_a_fresh_engine_loaded_from_the_export_of_the_step(world):
     assert_at_reference(world.llm, world.ref3, "3")
     assert outputs(world.llm) != before
     assert world.engine().last_update["tensors"] == len(world.hf_weights())
+
+
+def test_updates_after_the_first_write_the_serving_tensors_directly(world):
+    engine = world.engine()
+    update(world.llm, 0, endpoint=world.endpoint, init_info={"endpoint": world.endpoint})
+    assert engine._direct is not None, "the direct plan was not proven after a complete layerwise update"
+    update(world.llm, 3, endpoint=world.endpoint, verify=world.ref3["checksums"])
+    assert engine.last_update["path"] == "direct"
+    assert_at_reference(world.llm, world.ref3, "3")  # logprobs of a fresh engine: the packed GEMMs were rebuilt
+    import torch
+
+    embed = engine.model.model.embed_tokens  # its GEMM (served only as a tied LM head) is packed at first use
+    x = torch.randn(3, embed.weight.shape[1])
+    assert torch.allclose(embed.quant_method.apply(embed, x), torch.nn.functional.linear(x, embed.weight), atol=1e-4)
+    # a subset that splits a packed layer (q/k/v) cannot rebuild it: vLLM's layerwise reload takes it
+    names = [n for n in world.hf_weights() if n != "model.layers.1.self_attn.k_proj.weight"]
+    update(world.llm, 0, endpoint=world.endpoint, init_info={"endpoint": world.endpoint, "names": names})
+    assert engine.last_update["path"] == "layerwise" and "come in part" in engine.last_update["why_layerwise"]
+    update(world.llm, 3, endpoint=world.endpoint, init_info={"endpoint": world.endpoint},
+           verify=world.ref3["checksums"])
+    assert engine.last_update["path"] == "direct"
+    assert_at_reference(world.llm, world.ref3, "3")
 
 
 def test_latest_resolves_once_and_the_prefix_cache_is_reset(world):
@@ -199,6 +247,34 @@ def test_a_partial_update_is_caught_by_verification_and_the_engine_refuses(world
     assert_at_reference(world.llm, world.ref3, "3")
 
 
+def test_verify_names_an_engine_tensor_that_differs_from_the_version(world):
+    engine = world.engine()
+    update(world.llm, 0, endpoint=world.endpoint, init_info={"endpoint": world.endpoint})
+    assert engine._direct is not None
+
+    def bump_norm(model):  # a parameter vLLM keeps as the checkpoint holds it
+        model.model.norm.weight.data[3] += 1.0
+
+    def skew_down_proj(model):  # a packed linear (oneDNN on CPU): its GEMM no longer computes the version
+        layer = model.model.layers[1].mlp.down_proj
+        layer.cpu_linear = lambda x, w, b, f=layer.cpu_linear: f(x, w, b) * 1.001
+
+    for corrupt, name in ((bump_norm, "model.norm.weight"), (skew_down_proj, "model.layers.1.mlp.down_proj.weight")):
+        engine.on_loaded = corrupt
+        try:
+            with pytest.raises(VerifyFailed) as info:
+                update(world.llm, 3, endpoint=world.endpoint, verify=True)
+        finally:
+            engine.on_loaded = None
+        assert info.value.tensors == [name] and name in str(info.value), str(info.value)
+        assert isinstance(info.value, UpdateIncomplete) and info.value.step == 3
+        with pytest.raises(EngineIncomplete):  # not one version: no output from it
+            outputs(world.llm)
+        assert update(world.llm, 3, endpoint=world.endpoint, verify=True).ok  # a complete, verified update
+        assert engine.last_update["verified"] and engine.last_update["path"] == "direct"
+        assert_at_reference(world.llm, world.ref3, "3")
+
+
 def test_daemon_killed_mid_update_on_its_host_the_update_completes(world, short_dir):
     update(world.llm, 0, endpoint=world.endpoint, init_info={"endpoint": world.endpoint})
     victim = DaemonProcess(f"ipc://{short_dir}/k.sock", args=("--memory-limit", "64MiB")).start()
@@ -242,6 +318,7 @@ def remote_update_killed_at(world, root: str, name: str, step: int):
 
 def test_remote_daemon_killed_mid_update_the_engine_refuses_until_a_complete_update(world, short_dir):
     update(world.llm, 0, endpoint=world.endpoint, init_info={"endpoint": world.endpoint})
+    assert world.engine()._direct is not None  # the updates below write the serving tensors directly
     at0 = outputs(world.llm)
     # killed before any layer took its weights (vLLM processes the padded embedding last): still at step 0
     with pytest.raises(UpdateRefused) as refused:
@@ -259,6 +336,7 @@ def test_remote_daemon_killed_mid_update_the_engine_refuses_until_a_complete_upd
         stage_hf(again.endpoint, [9], world.hf_weights())
         assert update(world.llm, 9, endpoint=again.endpoint,
                       init_info={"endpoint": again.endpoint, "remote": True}).ok
+        assert world.engine().last_update["path"] == "direct"
         assert_at_reference(world.llm, world.ref3, "9")
     update(world.llm, 3, endpoint=world.endpoint, init_info={"endpoint": world.endpoint})
 

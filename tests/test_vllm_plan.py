@@ -106,7 +106,7 @@ def test_the_plugin_is_declared_and_inert_without_vllm():
 
 
 INIT_INFO = {"endpoint": None, "auth_dir": None, "adapter": None, "hf_config": None, "prefix": None, "names": None,
-             "remote": None, "timeout": 30.0}  # StagerInitInfo's defaults (engine.py imports vLLM)
+             "remote": None, "timeout": 30.0, "quantize": None}  # StagerInitInfo's defaults (engine.py imports vLLM)
 
 
 @pytest.mark.parametrize("fields, said", [
@@ -118,6 +118,7 @@ INIT_INFO = {"endpoint": None, "auth_dir": None, "adapter": None, "hf_config": N
     ({"names": ["x"] * (MAX_NAMES + 1)}, f"more than {MAX_NAMES}"),
     ({"names": "model.norm.weight"}, "init_info names must be a list, not str"),
     ({"adapter": "os:system"}, "adapter must be a built-in adapter"),
+    ({"quantize": "fp8"}, "init_info quantize must be 'fp8-block'"), ({"quantize": 8}, "not 8"),
     ({"timeout": True}, "timeout must be a positive number"), ({"timeout": float("nan")}, "timeout must be"),
     ({"timeout": float("inf")}, "timeout must be"), ({"timeout": 0}, "timeout must be"),
 ])
@@ -132,4 +133,54 @@ def test_a_wrong_init_info_field_is_named(fields, said):
 def test_a_right_init_info_passes():
     check_init_info(SimpleNamespace(**INIT_INFO))
     check_init_info(SimpleNamespace(**{**INIT_INFO, "names": ["model.norm.weight"], "adapter": "llama3",
-                                       "timeout": 5, "remote": True, "hf_config": {}}))
+                                       "timeout": 5, "remote": True, "hf_config": {}, "quantize": "fp8-block"}))
+
+
+def test_an_fp8_engine_gets_the_names_and_bytes_of_its_fp8_checkpoint(make_daemon, tmp_path):
+    """init_info quantize='fp8-block': the engine's subscriber (view='hf', the engine's dtype, quantize) delivers
+    what an engine started from `export-hf --quantize fp8-block` loads: its names and shapes (the checks an
+    update passes before the model is touched) and its bytes, e4m3 weights and fp32 weight_scale_inv. vLLM CPU
+    cannot run such an engine here (its FP8 block-scaled kernels need AMX), so no engine test."""
+    import json
+
+    from safetensors.torch import load_file
+
+    from stager.client import StagingClient, Subscriber
+    from stager.integrations.vllm.plan import check_names, checkpoint_shapes
+
+    c = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 256, "hidden_size": 256,
+         "intermediate_size": 512, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+         "rms_norm_eps": 1e-5, "tie_word_embeddings": False, "torch_dtype": "bfloat16"}
+    g = torch.Generator().manual_seed(0)
+    shapes = {"model.embed_tokens.weight": (256, 256), "model.norm.weight": (256,), "lm_head.weight": (256, 256)}
+    for n in range(2):
+        p = f"model.layers.{n}."
+        shapes.update({p + "self_attn.q_proj.weight": (256, 256), p + "self_attn.k_proj.weight": (128, 256),
+                       p + "self_attn.v_proj.weight": (128, 256), p + "self_attn.o_proj.weight": (256, 256),
+                       p + "mlp.gate_proj.weight": (512, 256), p + "mlp.up_proj.weight": (512, 256),
+                       p + "mlp.down_proj.weight": (256, 512), p + "input_layernorm.weight": (256,),
+                       p + "post_attention_layernorm.weight": (256,)})
+    weights = {name: (torch.randn(*s, generator=g) * 0.05).to(torch.bfloat16) for name, s in shapes.items()}
+    d = make_daemon()
+    with StagingClient(d.endpoint, strict=True) as client:
+        client.stage(weights, step=1, model_info={"adapter": "identity", "hf_config": c}).wait(30)
+    done = subprocess.run([sys.executable, "-m", "stager.cli", "export-hf", "--endpoint", d.endpoint, "--out",
+                           str(tmp_path), "--step", "1", "--json", "--no-progress", "--quantize", "fp8-block"],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    ckpt = json.loads(done.stdout.strip().splitlines()[-1])["exported"]
+    assert json.load(open(f"{ckpt}/config.json"))["quantization_config"]["quant_method"] == "fp8"
+    expected = checkpoint_shapes(ckpt)  # what the engine checks an update against
+    assert "model.layers.0.self_attn.q_proj.weight_scale_inv" in expected
+    on_disk = load_file(f"{ckpt}/model.safetensors")
+    # the engine's subscriber, as init_transfer_engine makes it for init_info quantize='fp8-block'
+    with Subscriber(d.endpoint, view="hf", dtype=torch.bfloat16, quantize="fp8-block") as sub, sub.at(1) as snap:
+        check_names(1, snap.specs(), expected, None)  # same names and shapes: the update is not refused
+        got = dict(snap.items())
+    assert set(got) == set(on_disk)
+    for name, t in got.items():
+        assert t.dtype == on_disk[name].dtype, name
+        assert torch.equal(t.view(torch.uint8), on_disk[name].view(torch.uint8)), name
+    assert got["model.layers.1.mlp.down_proj.weight"].dtype == torch.float8_e4m3fn
+    assert got["model.layers.1.mlp.down_proj.weight_scale_inv"].dtype == torch.float32
+    assert got["model.norm.weight"].dtype == torch.bfloat16

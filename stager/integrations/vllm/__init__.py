@@ -10,7 +10,7 @@ without it. May import :mod:`stager.protocol`, :mod:`stager.client` and :mod:`st
 """
 
 from .driver import EngineResult, Follower, UpdateResult, update, weight_checksums
-from .errors import EngineIncomplete, UpdateIncomplete, UpdateRefused, WeightMismatch
+from .errors import EngineIncomplete, UpdateIncomplete, UpdateRefused, VerifyFailed, WeightMismatch
 
 __all__ = ["EngineIncomplete", "EngineResult", "Follower", "UpdateIncomplete", "UpdateRefused", "UpdateResult",
-           "WeightMismatch", "update", "weight_checksums"]
+           "VerifyFailed", "WeightMismatch", "update", "weight_checksums"]

@@ -53,22 +53,24 @@ class UpdateResult:
 
 
 def update(engines: Any, step: int | str = "latest", *, endpoint: str | None = None,
-           init_info: Mapping[str, Any] | None = None, verify: Mapping[str, str] | None = None,
+           init_info: Mapping[str, Any] | None = None, verify: Mapping[str, str] | bool | None = None,
            pause_mode: str = "keep", timeout: float = 300.0, raise_errors: bool = True) -> UpdateResult:
     """Move ``engines`` (an ``LLM``, a base URL, or a list of them) to ``step`` (or the newest).
 
     ``endpoint``: the daemon the driver pins the step on (default: ``$STAGER_ENDPOINT``).
     ``init_info``: the backend's init info (:class:`~.engine.StagerInitInfo` fields; its endpoint
     defaults to ``endpoint``), sent to each engine first (None: the engines were initialized
-    before). ``verify``: vLLM weight checksums of a reference engine at the same step
-    (:func:`weight_checksums`): a difference raises :class:`WeightMismatch` naming the tensors,
-    and the engine refuses to serve. ``pause_mode``: vLLM's ``/pause`` mode for servers
-    (``keep``: requests wait and go on after; ``abort``). Raises the first engine's typed error
-    (:mod:`.errors`) after every engine was tried, with ``.result`` set; ``raise_errors=False``
-    returns it in the result instead. A step the driver's daemon does not hold raises its error
-    (``no_version``) before any engine is touched.
+    before). ``verify``: True: each engine checks its tensors against the version it loaded
+    (:class:`~.errors.VerifyFailed` naming them, the engine refuses to serve); or vLLM weight
+    checksums of a reference engine at the same step (:func:`weight_checksums`): a difference
+    raises :class:`WeightMismatch` naming the tensors, and the engine refuses to serve.
+    ``pause_mode``: vLLM's ``/pause`` mode for servers (``keep``: requests wait and go on after;
+    ``abort``). Raises the first engine's typed error (:mod:`.errors`) after every engine was
+    tried, with ``.result`` set; ``raise_errors=False`` returns it in the result instead. A step
+    the driver's daemon does not hold raises its error (``no_version``) before any engine is touched.
     """
-    handles = [handle(e, timeout, pause_mode) for e in (engines if isinstance(engines, (list, tuple)) else [engines])]
+    handles = [handle(e, timeout, pause_mode)
+               for e in (engines if isinstance(engines, (list, tuple)) else [engines])]
     info = dict(init_info) if init_info is not None else {}
     if init_info is not None and endpoint is not None:
         info.setdefault("endpoint", endpoint)
@@ -110,10 +112,10 @@ def _one(h, step: int, info: dict, verify: Mapping[str, str] | None) -> EngineRe
         timed("pause", h.pause)
         paused = True
         timed("start", h.start)
-        timed("update", h.update, step)
+        timed("update", h.update, step, verify is True)
         timed("finish", h.finish, str(step))
         timed("reset", h.reset)  # the prefix cache holds KV of the old weights
-        if verify is not None:
+        if verify is not None and verify is not True and verify is not False:
             _verify(h, step, verify)
         timed("resume", h.resume)
         h.accept()

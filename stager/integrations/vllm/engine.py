@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 import time
 from typing import Any, Callable, Iterator
 
@@ -27,10 +26,9 @@ from vllm.distributed.weight_transfer.base import (
 
 from stager.client import Subscriber
 from stager.protocol import ErrorCode, StagerError
-from stager.protocol.endpoint import AUTH_ENV
 
-from . import plan, reload
-from .errors import UpdateIncomplete, UpdateRefused
+from . import direct, plan, reload
+from .errors import UpdateIncomplete, UpdateRefused, VerifyFailed
 from .init_info import check_init_info
 
 log = logging.getLogger("stager.integrations.vllm")
@@ -45,6 +43,9 @@ class StagerInitInfo(WeightTransferInitInfo):
     (``$STAGER_AUTH_DIR``). ``adapter`` (a built-in name), ``hf_config``, ``prefix``: override the
     version's ``model_info``. ``names``: update only these HF names. ``remote``: read frames even on
     the daemon's host. ``timeout``: seconds a daemon may stay silent before a read fails.
+    ``quantize="fp8-block"``: for an engine serving an FP8 checkpoint (``quantization="fp8"``, block
+    scales): the weights such a checkpoint quantizes come as e4m3 plus ``weight_scale_inv``, quantized
+    on read (``Subscriber(view="hf", quantize="fp8-block")``), the rest in the engine's dtype.
     """
 
     endpoint: str | None = None
@@ -55,6 +56,7 @@ class StagerInitInfo(WeightTransferInitInfo):
     names: list[str] | None = None
     remote: bool | None = None
     timeout: float = 30.0
+    quantize: str | None = None
 
     def __post_init__(self) -> None:
         check_init_info(self)  # init_info may come over HTTP: only data, each field checked (.init_info)
@@ -63,13 +65,17 @@ class StagerInitInfo(WeightTransferInitInfo):
 @dataclasses.dataclass
 class StagerUpdateInfo(WeightTransferUpdateInfo):
     """``update_info``: ``step``, a sealed step or ``"latest"`` (resolved and pinned here; a
-    driver updating several engines resolves it once and passes the number to each)."""
+    driver updating several engines resolves it once and passes the number to each). ``verify``:
+    check the engine's tensors against the version once loaded (a mismatch: :class:`.errors.VerifyFailed`)."""
 
     step: int | str = "latest"
+    verify: bool = False  # after the update, compare the engine's tensors with the version (.direct.check)
 
     def __post_init__(self) -> None:
         if isinstance(self.step, bool) or not (isinstance(self.step, int) or self.step == "latest"):
             raise ValueError(f"update_info step must be a step number or 'latest', not {self.step!r}")
+        if not isinstance(self.verify, bool):
+            raise ValueError(f"update_info verify must be true or false, not {self.verify!r}")
 
 
 class StagerWeightTransferEngine(WeightTransferEngine[StagerInitInfo, StagerUpdateInfo]):
@@ -87,18 +93,23 @@ class StagerWeightTransferEngine(WeightTransferEngine[StagerInitInfo, StagerUpda
         self._expected_from = None
         self._session: dict[str, Any] | None = None
         self.on_tensor: Callable[[str], None] | None = None  # called per tensor handed to the loader (tests)
+        self.on_loaded: Callable[[torch.nn.Module], None] | None = None  # called before verifying (tests)
+        self._unproven = "no complete update yet"  # why there is no direct plan
+        self._proof_tried = False
         self.last_update: dict[str, Any] = {}
+        self._direct: direct.Plan | None = None  # proven after the first complete layerwise update (.direct)
+        self.direct = True  # False: every update through vLLM's layerwise reload
 
     # ------------------------------------------------------------------ vLLM's lifecycle
 
     def init_transfer_engine(self, init_info: StagerInitInfo) -> None:
         self.shutdown()
-        if init_info.auth_dir:
-            os.environ[AUTH_ENV] = init_info.auth_dir  # read by the connection (tcp + CURVE)
         self._only = set(init_info.names) if init_info.names else None
         self._sub = Subscriber(init_info.endpoint, view="hf", dtype=self.model_config.dtype,
                                adapter=init_info.adapter, hf_config=init_info.hf_config, prefix=init_info.prefix,
-                               names=init_info.names, remote=init_info.remote, timeout=float(init_info.timeout))
+                               names=init_info.names, remote=init_info.remote, timeout=float(init_info.timeout),
+                               quantize=init_info.quantize,
+                               auth_dir=init_info.auth_dir)  # this subscriber's keys: the process env stays as is
 
     def start_weight_update(self) -> None:
         if self._sub is None:
@@ -144,19 +155,28 @@ class StagerWeightTransferEngine(WeightTransferEngine[StagerInitInfo, StagerUpda
         try:
             snap = self._lease(step)
             step = snap.step
-            session.update(step=step, snap=snap)
+            session.update(step=step, snap=snap, verify=update_info.verify)
             plan.check_names(step, snap.specs(), self._expected_shapes(), self.step, self._only)
-            session["layers"] = reload.start(self.model)
-            self._load(snap, session)
-            unloaded = [] if self._only is not None else reload.unloaded_layers(session["layers"])
-            if unloaded:  # finishing would keep these layers' old weights beside the new ones
-                raise StagerError(ErrorCode.BAD_VALUE,
-                                  f"{len(unloaded)} layers ({', '.join(sorted(set(unloaded)))}) received no weight "
-                                  "from the version: stage the whole model, or check the adapter and prefix")
+            why = (f"no direct plan: {self._unproven}" if self._direct is None else "direct updates are off"
+                   if not self.direct else self._direct.covers(snap.specs()))
+            if why is None:
+                session["direct"] = direct.Writer(self.model, self._direct)
+                self._load_direct(snap, session)
+            else:
+                session["why"] = why
+                session["layers"] = reload.start(self.model)
+                self._load(snap, session)
+                unloaded = [] if self._only is not None else reload.unloaded_layers(session["layers"])
+                if unloaded:  # finishing would keep these layers' old weights beside the new ones
+                    raise StagerError(ErrorCode.BAD_VALUE,
+                                      f"{len(unloaded)} layers ({', '.join(sorted(set(unloaded)))}) received no "
+                                      "weight from the version: stage the whole model, or check the adapter and prefix")
         except BaseException as exc:
             self._fail(exc, step)
             raise self._typed(exc, step) from exc
         session["loaded"] = True  # every tensor was taken: only finishing ends this update
+        if update_info.verify:  # here, not in finish: vLLM stays mid-update when finish_weight_update raises
+            self._finalize_and_verify(session)
 
     def finish_weight_update(self) -> None:
         session, self._session = self._session, None
@@ -167,12 +187,14 @@ class StagerWeightTransferEngine(WeightTransferEngine[StagerInitInfo, StagerUpda
     def _complete(self, session: dict) -> None:
         """Finish the layerwise reload of a fully loaded update: the engine is at its step."""
         step = session["step"]
-        try:
-            reload.finish(self.model, self.model_config)
-        except BaseException as exc:
-            self._session = session
-            self._fail(exc, step, processed=True)
-            raise self._typed(exc, step) from exc
+        if session.get("direct") is None and not session.get("finished"):
+            try:
+                reload.finish(self.model, self.model_config)
+            except BaseException as exc:
+                self._session = session
+                self._fail(exc, step, processed=True)
+                raise self._typed(exc, step) from exc
+            self._maybe_prove(session)
         specs = session["snap"].specs()
         session["snap"].release()  # the loader's buffers are gone: the lease may end
         self.step, self.incomplete = step, None
@@ -180,7 +202,8 @@ class StagerWeightTransferEngine(WeightTransferEngine[StagerInitInfo, StagerUpda
             self._expected = {name: tuple(shape) for name, _, shape in specs}
         seconds = time.monotonic() - session["t0"]
         self.last_update = {"step": step, "tensors": session["tensors"], "bytes": session["bytes"],
-                            "seconds": seconds}
+                            "seconds": seconds, "path": "layerwise" if session.get("direct") is None else "direct",
+                            "why_layerwise": session.get("why"), "verified": session.get("verified", False)}
         log.info("stager: weights at step %d (%d tensors, %.1f MB, %.3f s)", step, session["tensors"],
                  session["bytes"] / 1e6, seconds)
 
@@ -221,12 +244,67 @@ class StagerWeightTransferEngine(WeightTransferEngine[StagerInitInfo, StagerUpda
         with disable_mtp_completeness_check(), torch.no_grad():
             self.model.load_weights(weights())
 
+    def _load_direct(self, snap, session: dict) -> None:
+        """Write the version into the serving tensors (.direct), one decoder layer at a time."""
+        writer = session["direct"]
+        for group in plan.layer_groups(name for name, _, _ in snap.specs()):
+            got = {}
+            for name, tensor in snap.items(group):
+                session["tensors"] += 1
+                session["bytes"] += tensor.numel() * tensor.element_size()
+                if self.on_tensor is not None:
+                    self.on_tensor(name)
+                got[name] = tensor
+            writer.add(got)  # writes the group before: a failed read of this one leaves it unwritten
+        writer.flush()
+
+    def _prove(self, snap) -> None:
+        """After a complete layerwise update: the direct plan, proven against what vLLM loaded (.direct)."""
+        try:
+            specs = snap.specs()
+            groups = plan.layer_groups(name for name, _, _ in specs)
+            self._direct, self._unproven = direct.build(self.model, snap.items, groups, specs)
+        except Exception as exc:  # never fails an update that completed: its weights are in place
+            log.warning("stager: no direct updates (%s: %s); vLLM's layerwise reload goes on", type(exc).__name__, exc)
+            self._direct, self._unproven = None, f"{type(exc).__name__}: {exc}"
+
+    def _maybe_prove(self, session: dict) -> None:
+        if self._direct is None and self._only is None and self.direct and not self._proof_tried:
+            self._proof_tried = True  # once: an engine whose tensors cannot be proven stays layerwise
+            self._prove(session["snap"])
+
+    def _finalize_and_verify(self, session: dict) -> None:
+        """Finish the reload, then compare the engine's tensors with the version, read again under
+        the update's lease (:func:`.direct.check`): a mismatch, or tensors whose place in the engine
+        is not proven, leave the engine refusing to serve (:class:`VerifyFailed`)."""
+        step, snap = session["step"], session["snap"]
+        try:
+            if session.get("direct") is None:
+                reload.finish(self.model, self.model_config)
+                session["finished"] = True
+                self._maybe_prove(session)
+            if self.on_loaded is not None:
+                self.on_loaded(self.model)
+            if self._direct is None:
+                raise VerifyFailed(step, self.step, [], f"step {step} cannot be verified: where vLLM keeps each tensor "
+                                                        f"is not proven ({self._unproven}); verify against a reference "
+                                                        "engine instead (update(..., verify=weight_checksums(ref)))")
+            bad = direct.check(self._direct, snap.items, plan.layer_groups(name for name, _, _ in snap.specs()))
+            if bad:
+                raise VerifyFailed(step, self.step, bad)
+        except BaseException as exc:
+            self._fail(exc, step, processed=True)
+            raise self._typed(exc, step) from exc
+        session["verified"] = True
+
     def _fail(self, exc: BaseException, step: int, processed: bool = False) -> None:
         """After a failed update: the model back in a servable shape, the incomplete state recorded."""
         session = self._session or {}
         layers = session.get("layers")
         if layers is not None and not processed:
             processed = reload.processed_layers(layers) > 0
+        if session.get("direct") is not None:
+            processed = processed or session["direct"].written
         if layers is not None:
             reload.restore(self.model)
         if processed:

@@ -52,6 +52,18 @@ class UpdateIncomplete(StagerError):
                                f"version succeeds: {problem}")
 
 
+class VerifyFailed(UpdateIncomplete):
+    """Verification (``update_info`` ``verify=True``) found engine tensors that differ from the
+    version stager delivered: ``tensors`` names them (checkpoint names); the engine refuses to serve."""
+
+    def __init__(self, step: int, previous: int | None, tensors: list[str], problem: str | None = None):
+        self.tensors = list(tensors)
+        shown = ", ".join(self.tensors[:5]) + (f" (and {len(self.tensors) - 5} more)" if len(self.tensors) > 5 else "")
+        super().__init__(ErrorCode.BAD_VALUE, step, previous, problem or (
+            f"verification: the engine's {shown} differ from what stager delivered for step {step}; "
+            "update again (a loader or kernel changed them, or memory was overwritten)"))
+
+
 class EngineIncomplete(StagerError):
     """Generation asked of an engine whose weights are not one version (its last update was
     incomplete, or failed verification); ``cause`` is that update's error."""

@@ -49,8 +49,8 @@ class LLMHandle:
     def start(self) -> None:
         self.call("start_weight_update")
 
-    def update(self, step: int) -> None:
-        self.call("update_weights", {"update_info": {"step": step}})
+    def update(self, step: int, verify: bool = False) -> None:
+        self.call("update_weights", {"update_info": {"step": step, **({"verify": True} if verify else {})}})
 
     def finish(self, version: str) -> None:
         self.call("finish_weight_update", weight_version=version)
@@ -120,8 +120,8 @@ class HTTPHandle:
     def start(self) -> None:
         self.request("POST", "start_weight_update")
 
-    def update(self, step: int) -> None:
-        self.request("POST", "update_weights", {"update_info": {"step": step}})
+    def update(self, step: int, verify: bool = False) -> None:
+        self.request("POST", "update_weights", {"update_info": {"step": step, **({"verify": True} if verify else {})}})
 
     def finish(self, version: str) -> None:
         self.request("POST", "finish_weight_update", {"weight_version": version})

@@ -24,6 +24,9 @@ def check_init_info(info: Any) -> None:
     if info.adapter is not None and info.adapter not in BUILT_IN:
         raise ValueError(f"init_info adapter must be a built-in adapter ({', '.join(sorted(BUILT_IN))}), "
                          f"not {info.adapter!r}; plug-in adapters are not loaded from a request")
+    if info.quantize is not None and info.quantize != "fp8-block":
+        raise ValueError(f"init_info quantize must be 'fp8-block' (an engine serving an FP8 checkpoint with block "
+                         f"scales) or left out, not {short_repr(info.quantize)}")
     for key, kind in (("endpoint", str), ("auth_dir", str), ("prefix", str), ("hf_config", dict),
                       ("names", list), ("remote", bool)):
         value = getattr(info, key)
