@@ -23,7 +23,9 @@ from .messages import (
     StatusReply,
 )
 from .job import JobInfo, JobInfoReply, Join
-from .reads import Acquire, AcquireReply, Announce, Read, ReadReply, Release, Subscribe, SubscribeReply
+from .reads import (
+    Acquire, AcquireReply, Announce, Changes, ChangesReply, Read, ReadReply, Release, Subscribe, SubscribeReply,
+)
 
 __all__ = [
     "PROTOCOL_VERSION", "DTYPES", "dtype_name", "dtype_from_name", "decode", "Message",
@@ -31,5 +33,6 @@ __all__ = [
     "Box", "PlanEntry", "Placement", "Block", "TensorLayout", "ReadItem",
     "Hello", "HelloReply", "Bye", "Begin", "BeginReply", "Put", "Commit", "Sealed", "Abort",
     "Acquire", "AcquireReply", "Release", "Subscribe", "SubscribeReply", "Announce", "Read", "ReadReply",
+    "Changes", "ChangesReply",
     "Status", "StatusReply", "Ping", "Pong", "Ok", "ErrorReply", "Join", "JobInfo", "JobInfoReply",
 ]

@@ -31,6 +31,7 @@ class ErrorCode(str, enum.Enum):
     NODE_DOWN = "node_down"  # a node of a multi-node job does not answer (raised client side)
     SESSION_EXPIRED = "session_expired"  # the daemon ended a peer's session after --peer-timeout of silence
     NO_SIGN_OF_LIFE = "no_sign_of_life"  # the daemon did not acknowledge a stage in time: skipped (client side)
+    UNKNOWN_BASE = "unknown_base"  # no change map from the base version asked for: read the version in full
 
 
 class StagerError(Exception):
