@@ -336,8 +336,9 @@ class Retention:
     lets waiting steps retry (``Steps.retry_waiting``, handed to the read side at construction).
     """
 
-    def __init__(self, state, budget: SegmentBudget):
+    def __init__(self, state, budget: SegmentBudget, *, yield_pins: Callable[[Callable], bool] = lambda _: False):
         self.state, self.budget = state, budget
+        self._yield_pins = yield_pins  # drops background pins (change maps) when only they hold memory back
 
     def take_segment(self, layout_id: str, size: int):
         """A segment for a new step (see :meth:`SegmentBudget.take`), evicting old versions if needed."""
@@ -345,6 +346,8 @@ class Retention:
         while seg is None:  # over budget: make room from unleased older versions
             candidates = reclaim_candidates(self.state.sealed)
             if not candidates:
+                if self._yield_pins(self.unpinned):
+                    continue  # a staging step comes before a change map
                 return None
             self.evict(candidates[0])
             seg = self.budget.take(layout_id, size)
@@ -354,6 +357,13 @@ class Retention:
         if v.segment is not None:
             self.budget.give_back(v.segment, reuse=reuse)
             v.segment = None
+
+    def unpinned(self, v: Version) -> None:
+        """A background pin of ``v`` ended: an abandoned version nobody leases any more goes (the
+        caller then runs :meth:`enforce`)."""
+        if not v.leases and v in self.state.orphans:
+            self.state.orphans.discard(v)
+            self.free(v, reuse=True)
 
     def evict(self, v: Version) -> None:
         self.state.sealed.pop(v.step, None)

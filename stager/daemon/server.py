@@ -102,7 +102,8 @@ class Daemon:
                               metrics_url=self.metrics_url, insecure=config.insecure)
             self.handlers = Handlers(self.state, self.budget, self.outbox, advertise=config.advertise or self.endpoint,
                                      loop_status=loop.status, new_segment_name=self._segment_name,
-                                     assemble_full=config.assemble_full)
+                                     assemble_full=config.assemble_full, change_dtypes=config.change_map_dtypes(),
+                                     change_keep=config.change_maps_keep, change_bytes=config.change_maps_memory)
             self.assembly = self.handlers.assembly  # serve --assemble-full: the loop's half
             if self.metrics is not None:
                 self.recorder.publish(self.handlers.status())
