@@ -29,10 +29,14 @@ def chain(n: int, seed: int = 0) -> list[dict]:
     return out
 
 
-def stage_all(endpoint, sds, first_step=1):
-    with StagingClient(endpoint, strict=True) as c:
+def stage_all(d, sds, first_step=1, settle=False):
+    """Stage ``sds`` as consecutive steps; ``settle``: wait for each one's change map before the next
+    (a step that needs the memory a map in progress pins takes it, and that map is dropped)."""
+    with StagingClient(d.endpoint, strict=True) as c:
         for i, sd in enumerate(sds):
             c.stage(sd, step=first_step + i).wait(10)
+            if settle and i:
+                wait_until(lambda: changed(d, first_step + i))
 
 
 def changed(d, step):
@@ -45,7 +49,7 @@ def changed(d, step):
 def test_status_shows_what_changed_in_the_readers_dtype(make_daemon):
     d = make_daemon()
     sds = chain(3)
-    stage_all(d.endpoint, sds)
+    stage_all(d, sds)
     entry = wait_until(lambda: changed(d, 3))["bf16"]
     w = (sds[2]["w"].bfloat16() != sds[1]["w"].bfloat16()).sum().item()
     numel = 64 * 32 + 40 + 16 + 8
@@ -60,7 +64,7 @@ def test_status_shows_what_changed_in_the_readers_dtype(make_daemon):
 def test_changes_request_and_unknown_base(make_daemon, raw_peer):
     d = make_daemon(keep=1, change_maps_keep=2)
     sds = chain(5)
-    stage_all(d.endpoint, sds)
+    stage_all(d, sds, settle=True)
     wait_until(lambda: changed(d, 5))
     peer = raw_peer(d.endpoint)
     peer.hello(role="reader")
@@ -92,7 +96,7 @@ def test_changes_request_and_unknown_base(make_daemon, raw_peer):
 def test_layout_change_makes_the_changed_tensors_whole(make_daemon, raw_peer):
     d = make_daemon()
     sds = chain(2)
-    stage_all(d.endpoint, [sds[0], dict(sds[1], b=torch.randn(41))])
+    stage_all(d, [sds[0], dict(sds[1], b=torch.randn(41))])
     entry = wait_until(lambda: changed(d, 2))["bf16"]
     assert entry["whole"] == 1  # b's shape changed; w is compared as before
     peer = raw_peer(d.endpoint)
@@ -104,7 +108,7 @@ def test_layout_change_makes_the_changed_tensors_whole(make_daemon, raw_peer):
 
 def test_no_change_maps_when_turned_off(make_daemon, raw_peer):
     d = make_daemon(change_maps="none")
-    stage_all(d.endpoint, chain(2))
+    stage_all(d, chain(2))
     assert d.status()["changes"]["dtypes"] == []
     peer = raw_peer(d.endpoint)
     peer.hello(role="reader")

@@ -38,6 +38,7 @@ from .state import DaemonState
 from .versions import Version
 
 log = logging.getLogger("stager.daemon")
+MAX_QUEUED = 4  # maps waiting for the thread; older ones are dropped (their versions' pins with them)
 MAX_REPLY_BYTES = 256 << 20  # indices and values in one reply: readers ask for fewer tensors at a time
 
 Key = tuple[int, int]  # (step, seq): a step number may be staged again by a restarted job, a seq never
@@ -85,8 +86,9 @@ class ChangeMaps:
 
     # ------------------------------------------------------------------ loop side
 
-    def on_sealed(self, v: Version) -> None:
-        """Queue the map of ``v`` against the previous sealed version (called on the loop, at the seal)."""
+    def on_sealed(self, v: Version, unpinned: Callable[[Version], None]) -> None:
+        """Queue the map of ``v`` against the previous sealed version (called on the loop, at the seal,
+        before retention runs); ``unpinned``: as for :meth:`collect`."""
         if not self.dtypes or v.segment is None or v.layout is None:
             return
         steps = list(self.state.sealed)
@@ -110,13 +112,13 @@ class ChangeMaps:
             w.leases.add(pin)
             job.pins.append((w, pin))
         with self._lock:
-            for stale in self._queue:  # not begun: the newest version matters, not a backlog
-                stale.cancel.set()
-                self._done.append(stale)
-                self.skipped += 1
-            self._queue.clear()
             self._queue.append(job)
+            stale = [self._queue.popleft() for _ in range(len(self._queue) - MAX_QUEUED)]  # a backlog: newest first
             self._lock.notify()
+        for old in stale:
+            old.cancel.set()
+            self.skipped += 1
+            self._unpin(old, unpinned)
         if self._thread is None:
             self._thread = threading.Thread(target=self._work, name="stager-changes", daemon=True)
             self._thread.start()
@@ -132,11 +134,15 @@ class ChangeMaps:
                 self._record(job)
         return bool(done)
 
-    def yield_pins(self, unpinned: Callable[[Version], None]) -> bool:
-        """Memory is short: drop every pin now (the maps being computed are not recorded); True if any."""
+    def yield_pins(self, unpinned: Callable[[Version], None], versions: set | None = None) -> bool:
+        """A step needs memory: drop the pins of ``versions`` (None: all) now; the maps being computed
+        from them are not recorded. True if any pin was dropped."""
         with self._lock:
             jobs = [*self._queue, *([self._running] if self._running else []), *self._done]
-            self._queue.clear()
+            jobs = [j for j in jobs if versions is None or any(v in versions for v, _ in j.pins)]
+            for job in jobs:
+                if job in self._queue:
+                    self._queue.remove(job)
         dropped = False
         for job in jobs:
             if not job.cancel.is_set():
@@ -245,6 +251,7 @@ class ChangeMaps:
                 if total > MAX_REPLY_BYTES:
                     raise StagerError(ErrorCode.BAD_VALUE, f"the changes of {len(reply.tensors)} tensors are over "
                                                            f"{MAX_REPLY_BYTES >> 20} MiB; ask for fewer tensors")
+        self.state.counters["read_bytes"] += total  # bytes served to readers, as Read counts them
         if msg.want != "counts":
             reply.frames = [_bytes(indices, torch.int32)] + ([_bytes(values, torch.uint8)] if values or
                                                               msg.want == "values" else [])

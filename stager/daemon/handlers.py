@@ -77,7 +77,7 @@ class Handlers:
         return handler(identity, msg)
 
     def _sealed(self, v) -> None:
-        self.changes.on_sealed(v)  # pins v and its predecessor before retention runs
+        self.changes.on_sealed(v, self.memory.unpinned)  # pins v and its predecessor before retention runs
         self.subscriptions.announce(v)
 
     def housekeep(self) -> None:
