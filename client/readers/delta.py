@@ -79,27 +79,18 @@ def held(t: torch.Tensor, view: str, name: str) -> _Held | None:
     return rec
 
 
-def load_changes(snap: Any, entries: Mapping[str, ViewEntry], out: Mapping[str, torch.Tensor], since: int) -> set[str]:
+def load_changes(snap: Any, entries: Mapping[str, ViewEntry], out: Mapping[str, torch.Tensor],
+                 since: int | None) -> set[str]:
     """Bring what it can of ``out`` (``{name: tensor}``, shapes checked) from step ``since`` to the
-    snapshot's step by change maps; returns the names done (the caller reads the rest in full)."""
-    version = snap._version
-    session = _session(snap)
-    if session is None or version.members != 1:
-        return set()  # multi-node versions: each node's map would be needed (read in full for now)
-    groups: dict[tuple, list[tuple[str, str, torch.Tensor]]] = {}
-    for name, entry in entries.items():
-        dst = out[name]
-        fqn = _delta_source(snap, entry)
-        if fqn is None:
-            continue
-        rec = held(dst, snap.view, name)
-        if rec is None or rec.step != since or rec.session != session:
-            continue
-        mapped = version.mapped(fqn) is not None
-        groups.setdefault((dst.dtype, rec.seq, mapped), []).append((name, fqn, dst))
+    snapshot's step by change maps; returns the names done (the caller reads the rest in full).
+    Every tensor of ``out`` is forgotten by the ledger first: until the load succeeds, it proves nothing."""
+    groups = _provable(snap, entries, out, since) if since is not None else {}
+    forget(out[name] for name in entries)
     done: set[str] = set()
-    conn, lease = next(iter(version.leases.values()))
-    timeout = version._reader.timeout
+    if not groups:
+        return done
+    conn, lease = next(iter(snap._version.leases.values()))
+    timeout = snap._version._reader.timeout
     for (dtype, seq, mapped), members in groups.items():
         for batch in _batches(members, dtype, mapped):
             try:
@@ -113,8 +104,28 @@ def load_changes(snap: Any, entries: Mapping[str, ViewEntry], out: Mapping[str, 
                 break  # this group is read in full
             if not isinstance(reply, ChangesReply) or len(reply.tensors) != len(batch):
                 raise StagerError(ErrorCode.BAD_MESSAGE, f"unexpected {reply.TYPE} reply to changes")
-            done.update(_apply(version, batch, reply, dtype, mapped))
+            done.update(_apply(snap._version, batch, reply, dtype, mapped))
     return done
+
+
+def _provable(snap: Any, entries: Mapping[str, ViewEntry], out: Mapping[str, torch.Tensor], since: int) -> dict:
+    """The tensors of ``out`` proven to hold step ``since``, grouped by (dtype, seq of since, same host)."""
+    version = snap._version
+    session = _session(snap)
+    if session is None or version.members != 1:
+        return {}  # multi-node versions: each node's map would be needed (read in full for now)
+    groups: dict[tuple, list[tuple[str, str, torch.Tensor]]] = {}
+    for name, entry in entries.items():
+        dst = out[name]
+        fqn = _delta_source(snap, entry)
+        if fqn is None:
+            continue
+        rec = held(dst, snap.view, name)
+        if rec is None or rec.step != since or rec.session != session:
+            continue
+        mapped = version.mapped(fqn) is not None
+        groups.setdefault((dst.dtype, rec.seq, mapped), []).append((name, fqn, dst))
+    return groups
 
 
 def _delta_source(snap: Any, entry: ViewEntry) -> str | None:
@@ -128,7 +139,7 @@ def _delta_source(snap: Any, entry: ViewEntry) -> str | None:
     if not stored.is_floating_point or stored in FLOAT8_DTYPES or not m.complete:
         return None
     shape = tuple(m.shape)
-    if entry.shape != shape or (entry.strided is not None and entry.strided != (shape, _strides(shape), 0)):
+    if entry.shape != shape or entry.strided != (shape, _strides(shape), 0):
         return None
     return fqn
 

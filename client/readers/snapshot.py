@@ -105,8 +105,7 @@ class Snapshot(Mapping):
                 raise StagerError(ErrorCode.BAD_VALUE, f"{name}: step {self.step} holds shape {list(entry.shape)}, "
                                                        f"the tensor to load it into is {what}: pass a contiguous "
                                                        "tensor of the staged shape (or read it with get())")
-        delta.forget(out[name] for name in entries)  # until this load succeeds, they prove nothing
-        patched = delta.load_changes(self, entries, out, since) if since is not None else set()
+        patched = delta.load_changes(self, entries, out, since)  # the ledger forgets out's tensors until done
         for name in patched:
             del entries[name]
         written = self._load_whole(out, entries) | patched
