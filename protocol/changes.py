@@ -126,8 +126,10 @@ def union(changes: Iterable[Change], numel: int, dense: float = DENSE) -> Change
 
 
 def apply(dst: torch.Tensor, indices: torch.Tensor, values: torch.Tensor) -> None:
-    """Write ``values`` (any dtype: cast to ``dst``'s as a copy would) at flat ``indices`` of contiguous ``dst``."""
-    dst.view(-1).index_copy_(0, indices.to(torch.int64), values.to(dst.dtype))
+    """Write ``values`` (any dtype: cast to ``dst``'s as a copy would) at flat ``indices`` of contiguous
+    ``dst`` (on any device: indices and values go there first)."""
+    dst.view(-1).index_copy_(0, indices.to(device=dst.device, dtype=torch.int64),
+                             values.to(device=dst.device, dtype=dst.dtype))
 
 
 def gather(src: torch.Tensor, indices: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

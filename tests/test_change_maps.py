@@ -5,9 +5,9 @@ import threading
 
 import pytest
 import torch
+
 from conftest import error_code
 from helpers import wait_until
-
 from stager.client import StagingClient
 from stager.protocol import Acquire, Changes, ChangesReply
 from stager.protocol.changes import INDICES, UNCHANGED, WHOLE

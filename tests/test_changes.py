@@ -4,7 +4,17 @@ import pytest
 import torch
 
 from stager.protocol.changes import (
-    DENSE, INDICES, UNCHANGED, WHOLE, Change, apply, changed_indices, compare_dtype, diff, gather, union,
+    DENSE,
+    INDICES,
+    UNCHANGED,
+    WHOLE,
+    Change,
+    apply,
+    changed_indices,
+    compare_dtype,
+    diff,
+    gather,
+    union,
 )
 
 

@@ -8,11 +8,11 @@ import tempfile
 
 import pytest
 import torch
-from conftest import InProcessDaemon
-from helpers import wait_until
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from conftest import InProcessDaemon
+from helpers import wait_until
 from stager.client import StagingClient, Subscriber
 from stager.client.adapters import load_adapter
 

@@ -2,7 +2,8 @@
 
 from stager.protocol import (
     Abort, Acquire, AcquireReply, Announce, Begin, BeginReply, Bye, Changes, ChangesReply, Commit, ErrorReply, Hello,
-    HelloReply, Ok, Ping, Pong, Put, Read, ReadItem, ReadReply, Release, Sealed, Status, StatusReply, Subscribe, SubscribeReply,
+    HelloReply, Ok, Ping, Pong, Put, Read, ReadItem, ReadReply, Release, Sealed, Status, StatusReply, Subscribe,
+    SubscribeReply,
 )
 from stager.protocol.job import JobInfo, JobInfoReply, Join
 from stager.protocol.layout import Placement, layouts_from_wire, plan_from_wire

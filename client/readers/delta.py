@@ -64,11 +64,16 @@ def note_loaded(snap: Any, out: Mapping[str, torch.Tensor], names: list[str]) ->
         return
     for name in names:
         t = out[name]
-        _LEDGER[id(t)] = _Held(weakref.ref(t, lambda _, key=id(t): _LEDGER.pop(key, None)), t._version,
-                               snap.step, snap.seq, session, snap.view, name)
+        _LEDGER[id(t)] = _Held(weakref.ref(t, _dropper(id(t))), t._version, snap.step, snap.seq, session, snap.view,
+                               name)
     if len(_LEDGER) > 1 << 20:  # tensors dropped without their weakref firing (never expected): bound it
         for key in [k for k, h in _LEDGER.items() if h.ref() is None]:
             del _LEDGER[key]
+
+
+def _dropper(key: int):
+    """The weakref callback forgetting tensor ``key`` when it is freed (its id may then be reused)."""
+    return lambda _: _LEDGER.pop(key, None)
 
 
 def held(t: torch.Tensor, view: str, name: str) -> _Held | None:
@@ -168,7 +173,7 @@ def _apply(version: Any, batch: list, reply: ChangesReply, dtype: torch.dtype, m
         if got != fqn:
             raise StagerError(ErrorCode.BAD_MESSAGE, f"changes reply names {got!r} where {fqn!r} was asked")
         if kind == INDICES:
-            idx = indices[at:at + count]
+            idx = indices[at:at + count].to(torch.int64)  # once, for the gather and the write
             if idx.numel() != count or (not mapped and (values is None or values.numel() < at + count)):
                 raise StagerError(ErrorCode.BAD_MESSAGE, f"{fqn}: changes reply is short of its {count} elements")
             if count and (int(idx.min()) < 0 or int(idx.max()) >= dst.numel()):

@@ -23,7 +23,7 @@ import math
 import threading
 import time
 from collections import OrderedDict, deque
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 

@@ -24,8 +24,8 @@ import time
 from typing import Callable
 
 from stager.protocol import (
-    Abort, Acquire, Begin, Bye, Changes, Commit, ErrorCode, Hello, Message, Ping, Pong, ProtocolError, Put, Read, Release,
-    Status, StatusReply, Subscribe,
+    Abort, Acquire, Begin, Bye, Changes, Commit, ErrorCode, Hello, Message, Ping, Pong, ProtocolError, Put, Read,
+    Release, Status, StatusReply, Subscribe,
 )
 from stager.protocol.job import JobInfo, Join
 

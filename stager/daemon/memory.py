@@ -342,7 +342,8 @@ class Retention:
     lets waiting steps retry (``Steps.retry_waiting``, handed to the read side at construction).
     """
 
-    def __init__(self, state, budget: SegmentBudget, *, yield_pins: Callable[[Callable, set | None], bool] = lambda _, __: False):
+    def __init__(self, state, budget: SegmentBudget, *,
+                 yield_pins: Callable[[Callable, set | None], bool] = lambda _, __: False):
         self.state, self.budget = state, budget
         self._yield_pins = yield_pins  # drops background pins (change maps) when only they hold memory back
 
