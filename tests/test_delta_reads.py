@@ -149,7 +149,7 @@ def test_random_chains_are_bit_exact(data):
     d = InProcessDaemon(f"ipc://{tmp}/d.sock", memory_limit=64 << 20, step_timeout=10.0, keep=keep,
                         change_maps_keep=maps_keep)
     try:
-        sd = first(seed)
+        sd = dict(first(seed), h=torch.randn(24, 24, generator=g).bfloat16())  # staged in the reader's dtype
         readers = {False: ({}, None), True: ({}, None)}  # remote -> (dst, step it holds)
         with StagingClient(d.endpoint, strict=True) as c, Subscriber(d.endpoint) as local, \
                 Subscriber(d.endpoint, remote=True) as remote:
