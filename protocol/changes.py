@@ -128,10 +128,11 @@ def union(changes: Iterable[Change], numel: int, dense: float = DENSE) -> Change
 def apply(dst: torch.Tensor, indices: torch.Tensor, values: torch.Tensor) -> None:
     """Write ``values`` (any dtype: cast to ``dst``'s as a copy would) at flat ``indices`` of contiguous
     ``dst`` (on any device: indices and values go there first)."""
-    dst.view(-1).index_copy_(0, indices.to(device=dst.device, dtype=torch.int64),
-                             values.to(device=dst.device, dtype=dst.dtype))
+    values = values.to(device=dst.device, dtype=dst.dtype)
+    # index_put_ takes the int32 indices as they are (index_copy_ wants int64: a conversion pass more)
+    dst.view(-1).index_put_((indices.to(device=dst.device),), values)
 
 
 def gather(src: torch.Tensor, indices: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """The values of ``src`` at flat ``indices``, cast to ``dtype`` as a reader's copy would."""
-    return src.reshape(-1).index_select(0, indices.to(torch.int64)).to(dtype)
+    return src.reshape(-1).index_select(0, indices).to(dtype)  # int32 or int64 indices

@@ -173,13 +173,15 @@ def _apply(version: Any, batch: list, reply: ChangesReply, dtype: torch.dtype, m
         if got != fqn:
             raise StagerError(ErrorCode.BAD_MESSAGE, f"changes reply names {got!r} where {fqn!r} was asked")
         if kind == INDICES:
-            idx = indices[at:at + count].to(torch.int64)  # once, for the gather and the write
-            if idx.numel() != count or (not mapped and (values is None or values.numel() < at + count)):
+            idx = indices[at:at + count]
+            if idx.numel() != count or (count and int(idx[0]) < 0) or (  # ascending: the first is the least
+                    not mapped and (values is None or values.numel() < at + count)):
                 raise StagerError(ErrorCode.BAD_MESSAGE, f"{fqn}: changes reply is short of its {count} elements")
-            if count and (int(idx.min()) < 0 or int(idx.max()) >= dst.numel()):
-                raise StagerError(ErrorCode.BAD_MESSAGE, f"{fqn}: changes reply holds an index out of range")
-            vals = gather(version.mapped(fqn), idx, dst.dtype) if mapped else values[at:at + count]
-            apply(dst, idx, vals)
+            try:  # indices out of range are refused by the indexing itself (IndexError), before any write
+                vals = gather(version.mapped(fqn), idx, dst.dtype) if mapped else values[at:at + count]
+                apply(dst, idx, vals)
+            except (IndexError, RuntimeError) as exc:
+                raise StagerError(ErrorCode.BAD_MESSAGE, f"{fqn}: changes reply does not fit the tensor ({exc})") from None
             at += count
         elif kind != "unchanged":
             continue  # whole: read in full by the caller
