@@ -181,7 +181,8 @@ def _apply(version: Any, batch: list, reply: ChangesReply, dtype: torch.dtype, m
                 vals = gather(version.mapped(fqn), idx, dst.dtype) if mapped else values[at:at + count]
                 apply(dst, idx, vals)
             except (IndexError, RuntimeError) as exc:
-                raise StagerError(ErrorCode.BAD_MESSAGE, f"{fqn}: changes reply does not fit the tensor ({exc})") from None
+                raise StagerError(ErrorCode.BAD_MESSAGE,
+                                  f"{fqn}: changes reply does not fit the tensor ({exc})") from None
             at += count
         elif kind != "unchanged":
             continue  # whole: read in full by the caller
