@@ -182,3 +182,22 @@ def test_random_chains_are_bit_exact(data):
     finally:
         d.stop()
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+@pytest.mark.parametrize("tensors,frames,why", [
+    ([["w", "indices", 1]], [torch.tensor([9], dtype=torch.int32), torch.ones(1, dtype=torch.bfloat16)], "fit"),
+    ([["w", "indices", 1]], [torch.tensor([-1], dtype=torch.int32), torch.ones(1, dtype=torch.bfloat16)], "negative"),
+    ([["w", "indices", 2]], [torch.tensor([0, 1], dtype=torch.int32), torch.ones(1, dtype=torch.bfloat16)], "short"),
+    ([["v", "unchanged", 0]], [], "names 'v'"),
+], ids=["out of range", "negative", "values short", "another tensor"])
+def test_a_bad_changes_reply_is_a_typed_error_and_writes_nothing(tensors, frames, why):
+    from stager.client.readers.delta import _apply
+    from stager.protocol import ChangesReply, StagerError
+
+    dst = torch.zeros(4, dtype=torch.bfloat16)
+    reply = ChangesReply(step=2, since=1, tensors=tensors, frames=[f.numpy().tobytes() if f.dtype != torch.bfloat16
+                                                                   else f.view(torch.int16).numpy().tobytes()
+                                                                   for f in frames])
+    with pytest.raises(StagerError, match=why):
+        _apply(None, [("w", "w", dst)], reply, torch.bfloat16, False)
+    assert not dst.any()

@@ -174,9 +174,10 @@ def _apply(version: Any, batch: list, reply: ChangesReply, dtype: torch.dtype, m
             raise StagerError(ErrorCode.BAD_MESSAGE, f"changes reply names {got!r} where {fqn!r} was asked")
         if kind == INDICES:
             idx = indices[at:at + count]
-            if idx.numel() != count or (count and int(idx[0]) < 0) or (  # ascending: the first is the least
-                    not mapped and (values is None or values.numel() < at + count)):
+            if idx.numel() != count or (not mapped and (values is None or values.numel() < at + count)):
                 raise StagerError(ErrorCode.BAD_MESSAGE, f"{fqn}: changes reply is short of its {count} elements")
+            if count and int(idx[0]) < 0:  # ascending: the first is the least (indexing would wrap a negative)
+                raise StagerError(ErrorCode.BAD_MESSAGE, f"{fqn}: changes reply holds a negative index")
             try:  # indices out of range are refused by the indexing itself (IndexError), before any write
                 vals = gather(version.mapped(fqn), idx, dst.dtype) if mapped else values[at:at + count]
                 apply(dst, idx, vals)
