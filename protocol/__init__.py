@@ -3,7 +3,8 @@
 What lives here: the frame layout and message classes (``frames``, ``messages``, ``reads``, ``job``),
 typed errors (``errors``), the closed dtype table (``dtypes``), quantization metadata
 (``quant``), change maps (``changes``: what changed between versions, pure functions), the layout
-types that plans, assignments and reads are made of (``layout``), the shared-memory naming and mapping contract (``shm``) and endpoint resolution (``endpoint``).
+types that plans, assignments and reads are made of (``layout``), the shared-memory naming and
+mapping contract (``shm``) and endpoint resolution (``endpoint``).
 
 What it may import: the standard library, torch, msgpack, and itself. Never the daemon
 (``stager.daemon``), the client (``stager.client``) or anything built on them: both sides
