@@ -122,9 +122,12 @@ class DaemonConfig:
     """Versions whose change maps are kept (maps outlive the versions' data: a reader at an evicted step
     is still brought up to date from them)."""
 
-    change_maps_memory: int = setting(
-        64 << 20, "memory for change maps, apart from --memory-limit, e.g. 64MiB (default 64MiB)", parse=parse_size)
-    """Bytes the kept change maps (int32 indices) may hold; the oldest go first."""
+    change_maps_memory: int | None = setting(
+        None, "memory for change maps, apart from --memory-limit, e.g. 2GiB (default an eighth of --memory-limit)",
+        parse=parse_size)
+    """Bytes the kept change maps (int32 indices: 4 bytes per changed element) may hold, the oldest
+    going first; None: an eighth of ``memory_limit`` (a map of a step changing 2% of a bf16 model is 4%
+    of the model's bf16 bytes)."""
 
     def __post_init__(self) -> None:
         self.endpoint = resolve(self.endpoint)
@@ -146,6 +149,8 @@ class DaemonConfig:
         if self.keep < 1:
             raise ValueError("keep must be >= 1: the newest sealed version is always kept")
         self.change_map_dtypes()  # a ValueError naming the dtype, before anything is bound
+        if self.change_maps_memory is None:
+            self.change_maps_memory = self.memory_limit // 8
         if self.change_maps_keep < 1 or self.change_maps_memory < 0:
             raise ValueError("change_maps_keep must be >= 1 and change_maps_memory >= 0")
         if self.step_timeout <= 0 or self.peer_timeout <= 0:
