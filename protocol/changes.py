@@ -28,6 +28,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Iterable
 
+import numpy
 import torch
 
 UNCHANGED, INDICES, WHOLE = "unchanged", "indices", "whole"
@@ -126,13 +127,32 @@ def union(changes: Iterable[Change], numel: int, dense: float = DENSE) -> Change
 
 
 def apply(dst: torch.Tensor, indices: torch.Tensor, values: torch.Tensor) -> None:
-    """Write ``values`` (any dtype: cast to ``dst``'s as a copy would) at flat ``indices`` of contiguous
-    ``dst`` (on any device: indices and values go there first)."""
+    """Write ``values`` (any dtype: cast to ``dst``'s as a copy would) at flat ``indices`` (ascending,
+    non-negative) of contiguous ``dst``, on any device (indices and values go there first)."""
     values = values.to(device=dst.device, dtype=dst.dtype)
+    flat = dst.detach().view(-1)
+    if flat.device.type == "cpu" and _numpy_ok(flat.dtype):
+        # numpy's put moves the bits through int32 indices ~5x faster than torch's index_put_ on CPU
+        numpy.put(_ints(flat), indices.numpy(), _ints(values.reshape(-1)))
+        torch.autograd.graph.increment_version(dst)  # a write like any in-place op: readers' proofs see it
+        return
     # index_put_ takes the int32 indices as they are (index_copy_ wants int64: a conversion pass more)
-    dst.view(-1).index_put_((indices.to(device=dst.device),), values)
+    flat.index_put_((indices.to(device=dst.device),), values)
 
 
 def gather(src: torch.Tensor, indices: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """The values of ``src`` at flat ``indices``, cast to ``dtype`` as a reader's copy would."""
-    return src.reshape(-1).index_select(0, indices).to(dtype)  # int32 or int64 indices
+    """The values of ``src`` at flat ``indices`` (int32 or int64), cast to ``dtype`` as a reader's copy would."""
+    flat = src.detach().reshape(-1)
+    if flat.device.type == "cpu" and _numpy_ok(flat.dtype):
+        picked = torch.from_numpy(_ints(flat).take(indices.numpy())).view(flat.dtype)  # bits, then the cast
+        return picked.to(dtype)
+    return flat.index_select(0, indices).to(dtype)
+
+
+def _numpy_ok(dtype: torch.dtype) -> bool:
+    return not dtype.is_complex and dtype.itemsize in _INT_OF_SIZE
+
+
+def _ints(t: torch.Tensor) -> numpy.ndarray:
+    """A flat tensor's bits as a numpy array (no copy): numpy has no bfloat16 or float8, integers it has."""
+    return t.view(_INT_OF_SIZE[t.dtype.itemsize]).numpy()
