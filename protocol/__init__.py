@@ -1,9 +1,10 @@
 """stager's wire format and every contract the daemon and its clients share.
 
 What lives here: the frame layout and message classes (``frames``, ``messages``, ``reads``, ``job``,
-``assembly``), typed errors (``errors``), the closed dtype table (``dtypes``), quantization metadata
-(``quant``), the layout types that plans, assignments and reads are made of (``layout``), the
-shared-memory naming and mapping contract (``shm``) and endpoint resolution (``endpoint``).
+``assembly``, ``nixl``), typed errors (``errors``), the closed dtype table (``dtypes``), quantization metadata
+(``quant``), change maps (``changes``: what changed between versions, pure functions), the layout types that
+plans, assignments and reads are made of (``layout``), the shared-memory naming and mapping contract (``shm``)
+and endpoint resolution (``endpoint``).
 
 What it may import: the standard library, torch, msgpack, and itself. Never the daemon
 (``stager.daemon``), the client (``stager.client``) or anything built on them: both sides
@@ -25,7 +26,9 @@ from .messages import (
 from .job import JobInfo, JobInfoReply, Join
 from .assembly import AssembleBegin, AssembleDone, AssembleReply
 from .nixl import NixlInfo, NixlInfoReply
-from .reads import Acquire, AcquireReply, Announce, Read, ReadReply, Release, Subscribe, SubscribeReply
+from .reads import (
+    Acquire, AcquireReply, Announce, Changes, ChangesReply, Read, ReadReply, Release, Subscribe, SubscribeReply,
+)
 
 __all__ = [
     "PROTOCOL_VERSION", "DTYPES", "dtype_name", "dtype_from_name", "decode", "Message",
@@ -33,6 +36,7 @@ __all__ = [
     "Box", "PlanEntry", "Placement", "Block", "TensorLayout", "ReadItem",
     "Hello", "HelloReply", "Bye", "Begin", "BeginReply", "Put", "Commit", "Sealed", "Abort",
     "Acquire", "AcquireReply", "Release", "Subscribe", "SubscribeReply", "Announce", "Read", "ReadReply",
+    "Changes", "ChangesReply",
     "Status", "StatusReply", "Ping", "Pong", "Ok", "ErrorReply", "Join", "JobInfo", "JobInfoReply",
     "AssembleBegin", "AssembleReply", "AssembleDone",
     "NixlInfo", "NixlInfoReply",

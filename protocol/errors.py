@@ -33,6 +33,7 @@ class ErrorCode(str, enum.Enum):
     NO_SIGN_OF_LIFE = "no_sign_of_life"  # the daemon did not acknowledge a stage in time: skipped (client side)
     FORBIDDEN = "forbidden"  # a request this peer may not send where it sent it (assembly off the assembler socket)
     UNSUPPORTED = "unsupported"  # a feature this daemon or reader was not started with (e.g. --transport nixl)
+    UNKNOWN_BASE = "unknown_base"  # no change map from the base version asked for: read the version in full
 
 
 class StagerError(Exception):

@@ -11,12 +11,15 @@ from __future__ import annotations
 import dataclasses
 from typing import ClassVar
 
-from .errors import ErrorCode, ProtocolError
-from .frames import Codec, Message, message
+from .changes import KINDS
+from .errors import ErrorCode, ProtocolError, short_repr
+from .frames import Codec, Message, message, nonneg
 from .layout import ReadItem, TensorLayout, layouts_from_wire, layouts_to_wire
 from .messages import MODEL_INFO, QUANT
 from .quant import QuantSpec
 MAX_READ_ITEMS = 1024  # boxes in one Read
+MAX_CHANGE_TENSORS = 1 << 16  # tensors named in one Changes request
+CHANGES_WANT = ("counts", "indices", "values")
 
 
 @message("acquire")
@@ -49,6 +52,33 @@ class Read(Message):
     def check(self) -> None:
         if not 0 < len(self.items) <= MAX_READ_ITEMS:
             raise ProtocolError(ErrorCode.BAD_MESSAGE, f"read: send 1 to {MAX_READ_ITEMS} items per request")
+
+
+@message("changes")
+class Changes(Message):
+    """What changed in a leased version since the reader's version ``since`` (a step it holds, with
+    the ``since_seq`` its daemon gave that version, so a re-staged step number is not mistaken for
+    it), for a reader of ``dtype`` (a wire name): per tensor of ``fqns`` (empty: all whole tensors)
+    unchanged, changed element indices, or whole (``stager.protocol.changes``). ``want``: "counts"
+    (kinds and counts only), "indices" (plus one frame of int32 indices, a reader that maps the
+    segment gathers the values itself) or "values" (plus one frame of the changed values, gathered
+    by the daemon in ``dtype``: what crosses the wire to a reader on another host)."""
+
+    lease: int = 0
+    since: int = 0
+    since_seq: int = 0
+    dtype: str = "bf16"
+    want: str = "indices"
+    fqns: list = dataclasses.field(default_factory=list)
+
+    def check(self) -> None:
+        nonneg(self, "since", "since_seq")
+        if self.want not in CHANGES_WANT:
+            raise ProtocolError(ErrorCode.BAD_MESSAGE, f"changes: want must be one of {list(CHANGES_WANT)}, "
+                                                       f"not {short_repr(self.want)}")
+        if len(self.fqns) > MAX_CHANGE_TENSORS or not all(isinstance(f, str) for f in self.fqns):
+            raise ProtocolError(ErrorCode.BAD_MESSAGE, f"changes: fqns must be at most {MAX_CHANGE_TENSORS} "
+                                                       "tensor names (str); ask in batches")
 
 
 # ------------------------------------------------------------------------------ replies
@@ -105,3 +135,24 @@ class ReadReply(Message):
     def check(self) -> None:
         if self.count != len(self.frames):
             raise ProtocolError(ErrorCode.BAD_MESSAGE, "read_reply: one frame per item")
+
+
+@message("changes_reply")
+class ChangesReply(Message):
+    """Per tensor ``[fqn, kind, count]`` (kind: unchanged, indices or whole), in request order; for
+    ``want`` indices or values, frame 0 holds the int32 indices of the ``indices`` tensors, one after
+    the other, and for values frame 1 their values in ``dtype``, in the same order."""
+
+    step: int = 0
+    since: int = 0
+    dtype: str = "bf16"
+    tensors: list = dataclasses.field(default_factory=list)
+
+    def check(self) -> None:
+        for t in self.tensors:
+            if not (isinstance(t, list) and len(t) == 3 and isinstance(t[0], str) and t[1] in KINDS
+                    and type(t[2]) is int and t[2] >= 0):
+                raise ProtocolError(ErrorCode.BAD_MESSAGE, "changes_reply: each tensor is [fqn, kind, count], kind "
+                                                           f"one of {list(KINDS)}, not {short_repr(t)}")
+        if len(self.frames) > 2:
+            raise ProtocolError(ErrorCode.BAD_MESSAGE, "changes_reply: at most two frames (indices, values)")

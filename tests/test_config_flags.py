@@ -4,6 +4,7 @@ import argparse
 import dataclasses
 
 import pytest
+import torch
 
 from stager.cli import build_parser
 from stager.daemon.config import DaemonConfig, parse_size
@@ -14,7 +15,8 @@ pytestmark = pytest.mark.fast
 # every flag `stager serve` has had: README, deploy/ and operators' scripts use these names
 SERVE_FLAGS = {"--endpoint", "--memory-limit", "--preallocate", "--keep", "--step-timeout", "--peer-timeout",
                "--auth-dir", "--insecure-no-auth", "--json", "--metrics", "--host-id", "--advertise",
-               "--assemble-full", "--drain-timeout", "--transport"}
+               "--assemble-full", "--drain-timeout", "--transport", "--change-maps", "--change-maps-keep",
+               "--change-maps-memory"}
 CLI_ONLY = {"help", "json"}  # how the command prints, not how the daemon runs
 
 
@@ -53,7 +55,9 @@ def test_every_field_is_a_flag_with_its_default_and_help_and_every_flag_a_field(
      {"insecure_no_auth": True, "assemble_full": True, "host_id": "n1", "metrics": "9108"}),
     (["--endpoint", "ipc:///tmp/x.sock", "--advertise", "tcp://node3:7555"],
      {"endpoint": "ipc:///tmp/x.sock", "advertise": "tcp://node3:7555"}),
-], ids=["defaults", "numbers", "sizes", "switches and text", "endpoints"])
+    (["--change-maps", "bfloat16,float16", "--change-maps-keep", "8", "--change-maps-memory", "1MiB"],
+     {"change_maps": "bfloat16,float16", "change_maps_keep": 8, "change_maps_memory": 1 << 20}),
+], ids=["defaults", "numbers", "sizes", "switches and text", "endpoints", "change maps"])
 def test_flags_build_the_same_config_as_the_constructor(argv, expected):
     expected = {"memory_limit": 64 << 20, **expected}  # fixed: the default depends on the free memory now
     args = build_parser().parse_args(["serve", "--memory-limit", "64MiB", *argv])
@@ -68,6 +72,16 @@ def test_bad_values_are_refused_by_the_parser_with_how_to_write_them(capsys):
     with pytest.raises(SystemExit):
         build_parser().parse_args(["serve", "--keep", "two"])
     assert "--keep: invalid int value: 'two'" in capsys.readouterr().err
+
+
+def test_change_map_dtypes_are_checked():
+    assert DaemonConfig(memory_limit=1 << 20, change_maps="bfloat16, float16").change_map_dtypes() == (
+        torch.bfloat16, torch.float16)
+    assert DaemonConfig(memory_limit=1 << 20, change_maps="none").change_map_dtypes() == ()
+    with pytest.raises(ValueError, match="change_maps: dtype 'bf17'.*write e.g. bfloat16"):
+        DaemonConfig(memory_limit=1 << 20, change_maps="bf17")
+    with pytest.raises(ValueError, match="floating"):
+        DaemonConfig(memory_limit=1 << 20, change_maps="int32")
 
 
 @dataclasses.dataclass(kw_only=True)

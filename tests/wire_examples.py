@@ -1,8 +1,9 @@
 """One example of every message type, shared by the round-trip and golden-bytes tests."""
 
 from stager.protocol import (
-    Abort, Acquire, AcquireReply, Announce, Begin, BeginReply, Bye, Commit, ErrorReply, Hello, HelloReply, Ok,
-    Ping, Pong, Put, Read, ReadItem, ReadReply, Release, Sealed, Status, StatusReply, Subscribe, SubscribeReply,
+    Abort, Acquire, AcquireReply, Announce, Begin, BeginReply, Bye, Changes, ChangesReply, Commit, ErrorReply, Hello,
+    HelloReply, Ok, Ping, Pong, Put, Read, ReadItem, ReadReply, Release, Sealed, Status, StatusReply, Subscribe,
+    SubscribeReply,
 )
 from stager.protocol.assembly import AssembleBegin, AssembleDone, AssembleReply
 from stager.protocol.job import JobInfo, JobInfoReply, Join
@@ -41,6 +42,9 @@ EXAMPLES = [
     SubscribeReply(step=None, seq=0),
     Announce(step=5, seq=6, tensors=2, nbytes=36, model_info={"adapter": "identity"}, partial=False),
     ReadReply(count=1, frames=[b"\x02" * 8]),
+    Changes(lease=3, since=5, since_seq=6, dtype="bf16", want="values", fqns=["w"]),
+    ChangesReply(step=7, since=5, dtype="bf16", tensors=[["w", "indices", 2], ["b", "unchanged", 0]],
+                 frames=[b"\x01\x00\x00\x00\x03\x00\x00\x00", b"\x80\x3f\x00\x40"]),
     Join(job="j1", node="a", nodes={"a": "ipc:///a.sock", "b": "tcp://b:7555"}, ranks={"a": [0, 1], "b": [2, 3]},
          world_size=4),
     JobInfo(members=False),

@@ -18,6 +18,7 @@ from stager.protocol.layout import check_box, narrow_box, shard_box
 from stager.protocol.quant import QuantSpec, dequantize
 
 from ..adapters import fill_hf, hf_items, is_lora, to_hf_items
+from . import delta
 from .version import LeasedVersion
 from .views import ViewEntry, arrange, native_box
 from .wire_cast import index_only, narrows
@@ -79,7 +80,7 @@ class Snapshot(Mapping):
         for fqn, t in self._natives(entries, casts):
             yield from self._convert(fqn, t, wanted=entries)
 
-    def load_into(self, out: Mapping[str, torch.Tensor]) -> list[str]:
+    def load_into(self, out: Mapping[str, torch.Tensor], *, since: int | None = None) -> list[str]:
         """Copy tensors of this version into existing ones, ``out = {name in this view: tensor}``
         (an inference engine's parameters, a model's ``state_dict()``), casting to each one's dtype;
         returns the names written, in staging order. Shapes are checked before any byte is read.
@@ -87,9 +88,17 @@ class Snapshot(Mapping):
         permutation) write straight into ``out``, so a new reader's first version costs what a
         later one does.
 
+        ``since=N``: ``out`` holds step N, loaded by an earlier ``load_into`` of this process: only
+        the elements that changed since are moved (:mod:`.delta`: the daemon's change maps; on
+        its host they are gathered from shared memory, from elsewhere only they and their indices
+        cross the wire). Tensors it cannot prove hold N (written since, loaded otherwise), and those
+        the daemon has no map for, are read in full: the result is always that of a full read.
+
         >>> params = dict(model.named_parameters())                  # doctest: +SKIP
         >>> with Subscriber(view="hf").latest() as snap, torch.no_grad():
         ...     snap.load_into(params)
+        >>> with sub.latest() as snap, torch.no_grad():              # doctest: +SKIP
+        ...     snap.load_into(params, since=step)                     # the step params hold
         """
         self._check()
         entries = {}
@@ -100,11 +109,21 @@ class Snapshot(Mapping):
                 raise StagerError(ErrorCode.BAD_VALUE, f"{name}: step {self.step} holds shape {list(entry.shape)}, "
                                                        f"the tensor to load it into is {what}: pass a contiguous "
                                                        "tensor of the staged shape (or read it with get())")
+        patched = delta.load_changes(self, entries, out, since)  # the ledger forgets out's tensors until done
+        for name in patched:
+            del entries[name]
+        written = self._load_whole(out, entries) | patched
+        names = [n for n in self._entries if n in written]
+        delta.note_loaded(self, out, names)
+        return names
+
+    def _load_whole(self, out: Mapping[str, torch.Tensor], entries: dict[str, ViewEntry]) -> set[str]:
+        """Read ``entries`` (checked) whole into ``out``; the names written."""
         if self._adapter is not None and any(not e.source for e in entries.values()):
             for name, t in self._eager_hf().items():  # a whole-dict adapter: converted once, then copied
                 if name in entries:
                     out[name].copy_(t)
-            return [n for n in self._entries if n in entries]
+            return set(entries)
         targets = {name: out[name] for name in entries}
         written: set[str] = set()
         if self._adapter is None:
@@ -124,7 +143,7 @@ class Snapshot(Mapping):
                 written.add(fqn)
             else:
                 written.update(fill_hf(self._adapter, fqn, t, targets))
-        return [n for n in self._entries if n in written]
+        return written
 
     def _natives(self, entries: Mapping[str, ViewEntry], casts: Mapping[str, torch.dtype] | None = None
                  ) -> Iterator[tuple[str, torch.Tensor]]:

@@ -7,9 +7,11 @@ import os
 import re
 
 import psutil
+import torch
 
 from stager.flags import setting
 from stager.metrics import parse_listen
+from stager.protocol.dtypes import parse_dtype
 from stager.protocol.endpoint import is_loopback, resolve
 from stager.protocol.nixl import nixl_installed
 
@@ -127,6 +129,24 @@ class DaemonConfig:
     those transfers are neither authenticated nor encrypted, so enable it only on a fabric that is
     itself the trust boundary (README.md, "Multi-node jobs"). Control stays on ZeroMQ + CURVE."""
 
+    change_maps: str = setting(
+        "bfloat16", "reader dtypes to record what changed in after each seal, comma-separated (e.g. "
+                    "bfloat16,float16), or none (default %(default)s)", metavar="DTYPES")
+    """Reader dtypes in which the daemon records, after each seal and on its own thread, which elements
+    changed against the previous version (so readers move only those: ``load_into(since=N)``). A
+    reader of another dtype reads in full. ``none``: no change maps."""
+
+    change_maps_keep: int = setting(64, "versions whose change maps are kept, beyond --keep (default %(default)s)")
+    """Versions whose change maps are kept (maps outlive the versions' data: a reader at an evicted step
+    is still brought up to date from them)."""
+
+    change_maps_memory: int | None = setting(
+        None, "memory for change maps, apart from --memory-limit, e.g. 2GiB (default an eighth of --memory-limit)",
+        parse=parse_size)
+    """Bytes the kept change maps (int32 indices: 4 bytes per changed element) may hold, the oldest
+    going first; None: an eighth of ``memory_limit`` (a map of a step changing 2% of a bf16 model is 4%
+    of the model's bf16 bytes)."""
+
     def __post_init__(self) -> None:
         self.endpoint = resolve(self.endpoint)
         if self.host_id is not None and not 0 < len(self.host_id) <= 200:
@@ -150,6 +170,11 @@ class DaemonConfig:
                              f"not {self.preallocate}")
         if self.keep < 1:
             raise ValueError("keep must be >= 1: the newest sealed version is always kept")
+        self.change_map_dtypes()  # a ValueError naming the dtype, before anything is bound
+        if self.change_maps_memory is None:
+            self.change_maps_memory = self.memory_limit // 8
+        if self.change_maps_keep < 1 or self.change_maps_memory < 0:
+            raise ValueError("change_maps_keep must be >= 1 and change_maps_memory >= 0")
         if self.step_timeout <= 0 or self.peer_timeout <= 0:
             raise ValueError("step_timeout and peer_timeout must be positive")
         if self.auth_dir and self.insecure_no_auth:
@@ -173,6 +198,19 @@ class DaemonConfig:
             if missing:
                 raise ValueError(f"--auth-dir {self.auth_dir} lacks {' and '.join(missing)}; create the keys with "
                                  f"`stager keygen {self.auth_dir}`")
+
+    def change_map_dtypes(self) -> tuple[torch.dtype, ...]:
+        """The dtypes of ``change_maps`` (empty for none)."""
+        text = self.change_maps.strip().lower()
+        if text in ("", "none", "off"):
+            return ()
+        try:
+            dtypes = tuple(dict.fromkeys(parse_dtype(name.strip()) for name in text.split(",")))
+        except ValueError as exc:
+            raise ValueError(f"change_maps: {exc}; write e.g. bfloat16 or bfloat16,float16, or none") from None
+        if not all(d.is_floating_point for d in dtypes):
+            raise ValueError("change_maps: name floating dtypes (what readers cast to), e.g. bfloat16")
+        return dtypes
 
     @property
     def insecure(self) -> bool:

@@ -3,7 +3,8 @@
 ``Handlers`` builds the parts in dependency order, each given what it needs when it is made:
 
     PeerDirectory   who is registered (every part looks peers up here)
-    Retention       budget and retention (never calls back: see below)
+    ChangeMaps      what changed per sealed version, computed on its own thread
+    Retention       budget and retention (never calls back: see below) <- change maps' pins yield to staging
     Subscriptions   who is told about each sealed version
     Steps           staging and sealing             <- announce
     Reading         leases and remote reads         <- steps' retry when a lease end freed memory
@@ -26,12 +27,13 @@ import time
 from typing import Callable
 
 from stager.protocol import (
-    Abort, Acquire, AssembleBegin, AssembleDone, Begin, Bye, Commit, ErrorCode, Hello, Message, Ping, Pong,
-    ProtocolError, Put, Read, Release, StagerError, Status, StatusReply, Subscribe,
+    Abort, Acquire, AssembleBegin, AssembleDone, Begin, Bye, Changes, Commit, ErrorCode, Hello, Message, Ping,
+    Pong, ProtocolError, Put, Read, Release, StagerError, Status, StatusReply, Subscribe,
 )
 from stager.protocol.job import JobInfo, Join
 from stager.protocol.nixl import NixlInfo
 
+from .changes import ChangeMaps
 from .membership import JobMembership
 from .memory import Retention, SegmentBudget
 from .nixl_agent import NixlServing, agent_name, refuse_nixl
@@ -48,12 +50,14 @@ class Handlers:
 
     def __init__(self, state: DaemonState, budget: SegmentBudget, outbox: Outbox, *, advertise: str,
                  loop_status: Callable[[], LoopStatus], assembly_outbox: Outbox | None = None,
-                 transport: str = "frames"):
+                 transport: str = "frames", change_dtypes: tuple = (), change_keep: int = 64,
+                 change_bytes: int = 64 << 20):
         self.state, self._loop_status = state, loop_status
         self.directory = PeerDirectory(state)
-        self.memory = Retention(state, budget)
+        self.changes = ChangeMaps(state, self.directory, dtypes=change_dtypes, keep=change_keep, max_bytes=change_bytes)
+        self.memory = Retention(state, budget, yield_pins=self.changes.yield_pins)
         self.subscriptions = Subscriptions(state, self.directory, outbox)
-        self.steps = Steps(state, self.directory, self.memory, outbox, announce=self.subscriptions.announce)
+        self.steps = Steps(state, self.directory, self.memory, outbox, announce=self._sealed)
         self.reading = Reading(state, self.directory, self.memory, outbox, memory_freed=self.steps.retry_waiting)
         self.peers = Peers(state, self.directory, end_lease=self.reading.end_lease, fail_step=self.steps.fail)
         self.job = JobMembership(state, advertise)
@@ -67,7 +71,7 @@ class Handlers:
             Begin: self.steps.on_begin, Put: self.steps.on_put, Commit: self.steps.on_commit,
             Abort: self.steps.on_abort,
             Acquire: self.reading.on_acquire, Release: self.reading.on_release,
-            Subscribe: self.subscriptions.on_subscribe, Read: self.reading.on_read,
+            Subscribe: self.subscriptions.on_subscribe, Read: self.reading.on_read, Changes: self.changes.on_changes,
             Status: self.on_status, Ping: self.on_ping,
             Join: self.job.on_join, JobInfo: self.job.on_job_info,
             AssembleBegin: self.refuse_assembly, AssembleDone: self.refuse_assembly,
@@ -100,7 +104,12 @@ class Handlers:
                                                "daemon's private assembler socket, never on its endpoint; run "
                                                "`stager serve --assemble-full`, which starts the assembler")
 
+    def _sealed(self, v) -> None:
+        self.changes.on_sealed(v, self.memory.unpinned)  # pins v and its predecessor before retention runs
+        self.subscriptions.announce(v)
+
     def housekeep(self) -> None:
+        self.collect_changes()
         self.collect_segments()
         self.peers.check_liveness()
         self.steps.check_timeouts()
@@ -112,6 +121,12 @@ class Handlers:
             self.steps.retry_waiting()
             if self.assembly is not None:  # after the steps: the trainer's segments come first
                 self.assembly.retry()
+
+    def collect_changes(self) -> None:
+        """Change maps computed in the background are recorded; the versions they pinned may go."""
+        if self.changes.collect(self.memory.unpinned):
+            self.memory.enforce()
+            self.steps.retry_waiting()
 
     def on_ping(self, identity: bytes, msg: Ping) -> Message:
         if msg.id == 0:  # a heartbeat: a connection without a session (ended for silence) is told why
@@ -128,10 +143,12 @@ class Handlers:
             peers=self.peers.status(), reading=self.reading.status(), memory=self.memory.budget.status(),
             retention=self.memory.status(), subscribers=self.subscriptions.status(), job=self.job.status(),
             assembly=self.assembly.status() if self.assembly is not None else None,
-            transport=self.nixl.status() if self.nixl is not None else {"mode": "frames"})
+            transport=self.nixl.status() if self.nixl is not None else {"mode": "frames"},
+            changes=self.changes.status())
 
     def close(self) -> None:
         """Fail the steps in flight (the segments go with the daemon's resources)."""
+        self.changes.close()
         self.steps.close()
         if self.nixl is not None:
             self.nixl.close()

@@ -322,13 +322,19 @@ def evictable(sealed: "OrderedDict[int, Version]", keep: int) -> list[Version]:
     """Sealed versions retention would drop now: beyond the newest ``keep``, unleased, oldest first."""
     steps = list(sealed)
     extra = steps[:-keep] if len(steps) > keep else []
-    return [sealed[s] for s in extra if not sealed[s].leases]
+    return [sealed[s] for s in extra if not leased(sealed[s])]
 
 
 def reclaim_candidates(sealed: "OrderedDict[int, Version]") -> list[Version]:
     """Unleased sealed versions that may go to make room, oldest first, never the newest."""
     steps = list(sealed)[:-1]
-    return [sealed[s] for s in steps if not sealed[s].leases]
+    return [sealed[s] for s in steps if not leased(sealed[s])]
+
+
+def leased(v: Version) -> bool:
+    """Held by a reader's lease (negative ids are the change-map thread's pins: they never keep a
+    version visible, only its segment from reuse until the thread is done or yields)."""
+    return any(lease > 0 for lease in v.leases)
 
 
 class Retention:
@@ -339,15 +345,22 @@ class Retention:
     lets waiting steps retry (``Steps.retry_waiting``, handed to the read side at construction).
     """
 
-    def __init__(self, state, budget: SegmentBudget):
+    def __init__(self, state, budget: SegmentBudget, *,
+                 yield_pins: Callable[[Callable, set | None], bool] = lambda _, __: False):
         self.state, self.budget = state, budget
+        self._yield_pins = yield_pins  # drops background pins (change maps) when only they hold memory back
 
     def take_segment(self, layout_id: str, size: int):
         """A segment for a new step (see :meth:`SegmentBudget.take`), evicting old versions if needed."""
+        held = {v for v in self.state.orphans if v.leases and not leased(v)}
+        if held:  # evicted versions a change map still reads: a staging step comes first
+            self._yield_pins(self.unpinned, held)
         seg = self.budget.take(layout_id, size)
         while seg is None:  # over budget: make room from unleased older versions
             candidates = reclaim_candidates(self.state.sealed)
             if not candidates:
+                if self._yield_pins(self.unpinned, None):
+                    continue  # a staging step comes before a change map
                 return None
             self.evict(candidates[0])
             seg = self.budget.take(layout_id, size)
@@ -358,9 +371,19 @@ class Retention:
             self.budget.give_back(v.segment, reuse=reuse)
             v.segment = None
 
+    def unpinned(self, v: Version) -> None:
+        """A background pin of ``v`` ended: an abandoned version nobody leases any more goes (the
+        caller then runs :meth:`enforce`)."""
+        if not v.leases and v in self.state.orphans:
+            self.state.orphans.discard(v)
+            self.free(v, reuse=True)
+
     def evict(self, v: Version) -> None:
         self.state.sealed.pop(v.step, None)
-        self.free(v, reuse=True)
+        if v.leases:  # pinned by the change-map thread: its segment goes when the thread is done with it
+            self.state.orphans.add(v)
+        else:
+            self.free(v, reuse=True)
         self.state.counters["evictions"] += 1
         log.debug("evicted step %d", v.step)
 

@@ -57,6 +57,7 @@ class VersionDetails(VersionSummary, total=False):
     assembled: bool  # the whole job's tensors (serve --assemble-full)
     reason: str  # why it failed
     age_s: float  # seconds since sealed, or since the first begin
+    changed: dict[str, dict]  # reader dtype -> what changed since the previous version (change maps)
 
 
 class FailedStep(TypedDict):
@@ -114,7 +115,7 @@ class AssemblyStatus(TypedDict):
 
 def compose(*, loop: LoopStatus, shared: SharedStatus, versions: list, peers: PeersStatus, reading: ReadingStatus,
             memory: MemoryStatus, retention: RetentionStatus, subscribers: int, job: JobStatus | None,
-            assembly: AssemblyStatus | None, transport: dict | None = None) -> dict:
+            assembly: AssemblyStatus | None, transport: dict | None = None, changes: dict | None = None) -> dict:
     """The status object `stager status --json` prints, from each part's piece (pure: no part is
     asked anything here). ``versions``: :class:`VersionDetails` and :class:`FailedStep` entries."""
     status = {
@@ -149,4 +150,6 @@ def compose(*, loop: LoopStatus, shared: SharedStatus, versions: list, peers: Pe
         status["assembly"] = assembly
     if transport is not None:  # how remote readers get bytes: {"mode": "frames"} or NIXL's registrations
         status["transport"] = transport
+    if changes is not None:
+        status["changes"] = changes
     return status

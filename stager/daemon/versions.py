@@ -107,6 +107,7 @@ class Version:
     sealed_at: float | None = None
     reason: str = ""
     assembled: bool = False  # the whole job's tensors, pulled from the other nodes (serve --assemble-full)
+    changes: dict | None = None  # reader dtype -> what changed since the previous version (daemon/changes.py)
 
     @property
     def layout(self) -> NodeLayout | None:
@@ -123,7 +124,7 @@ class Version:
             "tensors": len(layout.tensors) if layout else 0,
             "objects": len(self.objects),
             "partial": bool(layout and layout.partial),
-            "leases": len(self.leases),
+            "leases": sum(lease > 0 for lease in self.leases),  # negative: the change-map thread's pins
         }
         if layout and layout.partial:
             out["held_regions"] = layout.held_regions()
@@ -131,6 +132,8 @@ class Version:
             out["assembled"] = True
         if self.reason:
             out["reason"] = self.reason
+        if self.changes is not None:
+            out["changed"] = self.changes
         since = self.sealed_at if self.phase is Phase.SEALED else self.started if self.phase.in_flight else None
         if since is not None:
             out["age_s"] = round(now - since, 3)

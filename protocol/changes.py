@@ -1,0 +1,158 @@
+"""Change maps: which elements of a tensor differ between two versions, in the dtype a reader takes.
+
+Pure functions, shared by the daemon (which computes maps after a seal) and readers (which apply
+them). What changed is decided bitwise after the reader's cast: an fp32 master weight that moved
+by less than half a bf16 ulp is unchanged for a bf16 reader (in an RL step ~70% of fp32 elements
+move, ~2% of their bf16 cast does), so maps are computed per reader dtype, at element granularity.
+
+Each tensor's map is one of:
+
+- ``unchanged``: the reader's copy is already right, nothing moves;
+- ``indices``: the flat element indices (int32, ascending) that changed; their values are read
+  from the new version (a reader on the daemon's host gathers them itself, a remote one gets them
+  gathered by the daemon, in its dtype);
+- ``whole``: too much changed (over ``DENSE`` of the elements: indices plus values would cost more
+  than the tensor), or the tensor is new, reshaped or too big to index with int32: read it whole.
+
+>>> prev, new = torch.ones(8), torch.ones(8)
+>>> new[3] = 2.0
+>>> c = diff(prev, new, torch.bfloat16)
+>>> c.kind, c.count, c.indices.tolist()
+('indices', 1, [3])
+>>> diff(prev, prev + 1e-4, torch.bfloat16).kind  # below bf16's precision: nothing moves
+'unchanged'
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterable
+
+import numpy
+import torch
+
+UNCHANGED, INDICES, WHOLE = "unchanged", "indices", "whole"
+KINDS = (UNCHANGED, INDICES, WHOLE)
+DENSE = 0.25  # above this fraction of changed elements a tensor is read whole (int32 indices + values cost more)
+MAX_INDEXED = 2**31 - 1  # int32 flat indices: larger tensors are read whole when changed
+CHUNK = 1 << 22  # elements cast and compared at a time: bounds the temporaries to a few tens of MiB
+_INT_OF_SIZE = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+@dataclasses.dataclass(frozen=True)
+class Change:
+    """One tensor's change map. ``count``: elements that changed (for ``whole`` as measured, or
+    ``numel`` when unknown); ``indices``: int32 flat indices for ``indices``, else None."""
+
+    kind: str
+    count: int
+    numel: int
+    indices: torch.Tensor | None = None
+
+    @property
+    def nbytes(self) -> int:
+        """Memory the map holds."""
+        return self.indices.numel() * 4 if self.indices is not None else 0
+
+
+def compare_dtype(stored: torch.dtype, reader: torch.dtype) -> torch.dtype:
+    """The dtype a reader asking for ``reader`` sees a tensor stored as ``stored`` in (what a map is
+    computed in): readers cast floating tensors only."""
+    return reader if stored.is_floating_point else stored
+
+
+def whole(numel: int) -> Change:
+    return Change(WHOLE, numel, numel)
+
+
+def encode(indices: torch.Tensor, numel: int, dense: float = DENSE) -> Change:
+    """The encoding of a tensor whose changed flat indices are ``indices`` (any int dtype, ascending)."""
+    count = int(indices.numel())
+    if count == 0:
+        return Change(UNCHANGED, 0, numel)
+    if count > dense * numel or numel > MAX_INDEXED:
+        return Change(WHOLE, count, numel)
+    return Change(INDICES, count, numel, indices.to(torch.int32))
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    """``t``'s elements as integers of the same size (so NaNs and signed zeros compare by their bits)."""
+    if t.dtype.is_complex:
+        return t.view(t.dtype.to_real()).view(_INT_OF_SIZE[t.dtype.itemsize // 2]).view(-1, 2)
+    if t.dtype == torch.bool:
+        return t.view(torch.uint8)
+    return t.view(_INT_OF_SIZE[t.dtype.itemsize])
+
+
+def changed_indices(prev: torch.Tensor, new: torch.Tensor, dtype: torch.dtype, chunk: int = CHUNK) -> torch.Tensor:
+    """Flat indices (int64, ascending) of the elements of ``new`` whose cast to ``dtype`` differs
+    bitwise from ``prev``'s. Both are contiguous tensors of the same shape and dtype."""
+    if prev.shape != new.shape or prev.dtype != new.dtype:
+        raise ValueError(f"cannot compare {prev.dtype} {list(prev.shape)} with {new.dtype} {list(new.shape)}")
+    a, b = prev.reshape(-1), new.reshape(-1)
+    found = []
+    for start in range(0, a.numel(), chunk):
+        x, y = a[start:start + chunk], b[start:start + chunk]
+        if x.dtype != dtype:
+            x, y = x.to(dtype), y.to(dtype)
+        ne = _bits(x) != _bits(y)
+        if ne.dim() > 1:  # complex: either half
+            ne = ne.any(dim=-1)
+        idx = ne.nonzero().view(-1)
+        if idx.numel():
+            found.append(idx + start)
+    return torch.cat(found) if found else torch.empty(0, dtype=torch.int64)
+
+
+def diff(prev: torch.Tensor, new: torch.Tensor, dtype: torch.dtype, dense: float = DENSE,
+         chunk: int = CHUNK) -> Change:
+    """The change map from ``prev`` to ``new`` (same shape and dtype) for a reader of ``dtype``."""
+    return encode(changed_indices(prev, new, compare_dtype(new.dtype, dtype), chunk), new.numel(), dense)
+
+
+def union(changes: Iterable[Change], numel: int, dense: float = DENSE) -> Change:
+    """One map for a chain of maps (N->N+1, ..., M-1->M): what changed in any of them. Values are
+    then read from M, so the union is exact whatever happened in between."""
+    parts = []
+    for c in changes:
+        if c.numel != numel or c.kind == WHOLE:
+            return whole(numel)
+        if c.kind == INDICES:
+            parts.append(c.indices)
+    if not parts:
+        return Change(UNCHANGED, 0, numel)
+    if len(parts) == 1:
+        return encode(parts[0], numel, dense)
+    return encode(torch.unique(torch.cat(parts)), numel, dense)  # unique sorts
+
+
+def apply(dst: torch.Tensor, indices: torch.Tensor, values: torch.Tensor) -> None:
+    """Write ``values`` (any dtype: cast to ``dst``'s as a copy would) at flat ``indices`` (ascending,
+    non-negative) of contiguous ``dst``, on any device (indices and values go there first)."""
+    values = values.to(device=dst.device, dtype=dst.dtype)
+    flat = dst.detach().view(-1)
+    if flat.device.type == "cpu" and _numpy_ok(flat.dtype):
+        # numpy's put moves the bits through int32 indices ~5x faster than torch's index_put_ on CPU
+        numpy.put(_ints(flat), indices.numpy(), _ints(values.reshape(-1)))
+        torch.autograd.graph.increment_version(dst)  # a write like any in-place op: readers' proofs see it
+        return
+    # index_put_ takes the int32 indices as they are (index_copy_ wants int64: a conversion pass more)
+    flat.index_put_((indices.to(device=dst.device),), values)
+
+
+def gather(src: torch.Tensor, indices: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The values of ``src`` at flat ``indices`` (int32 or int64), cast to ``dtype`` as a reader's copy would."""
+    flat = src.detach().reshape(-1)
+    if flat.device.type == "cpu" and _numpy_ok(flat.dtype):
+        picked = torch.from_numpy(_ints(flat).take(indices.numpy())).view(flat.dtype)  # bits, then the cast
+        return picked.to(dtype)
+    return flat.index_select(0, indices).to(dtype)
+
+
+def _numpy_ok(dtype: torch.dtype) -> bool:
+    return not dtype.is_complex and dtype.itemsize in _INT_OF_SIZE
+
+
+def _ints(t: torch.Tensor) -> numpy.ndarray:
+    """A flat tensor's bits as a numpy array (no copy): numpy has no bfloat16 or float8, integers it has."""
+    return t.view(_INT_OF_SIZE[t.dtype.itemsize]).numpy()

@@ -1,0 +1,310 @@
+"""Change maps: what changed in each sealed version against the one before, per reader dtype.
+
+After a version seals, the socket loop hands the pair (the new version, the previous sealed one of
+the same epoch) to one background thread, which casts both to each configured reader dtype and
+compares them bitwise (:mod:`stager.protocol.changes`); the trainer never waits for it and the
+loop never computes. While the thread reads them, both versions are pinned (a negative id in
+their lease set), so retention does not hand their segments to a new step; when a step needs
+memory that only a pin holds, the pin is dropped at once (:meth:`ChangeMaps.yield_pins`) and that
+map is never recorded: a reader then reads in full.
+
+Maps outlive the versions' data (they are small: int32 indices of what changed), bounded by a
+count and by bytes of their own, so a reader at step N is brought to M by the union of the maps
+N->...->M with values from M, even after N's segment is gone. A :class:`Changes` request answers
+from them (or ``unknown_base``: the chain is broken, the reader reads in full).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import logging
+import math
+import threading
+import time
+from collections import OrderedDict, deque
+from collections.abc import Callable
+
+import torch
+
+from stager.protocol import ErrorCode, StagerError
+from stager.protocol.changes import INDICES, UNCHANGED, WHOLE, Change, compare_dtype, diff, gather, union, whole
+from stager.protocol.dtypes import dtype_from_name, dtype_name
+from stager.protocol.reads import Changes, ChangesReply
+from stager.protocol.shm import block_view
+
+from .peers import PeerDirectory
+from .state import DaemonState
+from .versions import Version
+
+log = logging.getLogger("stager.daemon")
+MAX_QUEUED = 4  # maps waiting for the thread; older ones are dropped (their versions' pins with them)
+MAX_REPLY_BYTES = 256 << 20  # indices and values in one reply: readers ask for fewer tensors at a time
+
+Key = tuple[int, int]  # (step, seq): a step number may be staged again by a restarted job, a seq never
+
+
+@dataclasses.dataclass(eq=False)
+class _Job:
+    key: Key
+    base: Key
+    dtypes: tuple[torch.dtype, ...]
+    pairs: list  # (fqn, prev view or None, new view)
+    pins: list  # (version, pin id)
+    cancel: threading.Event = dataclasses.field(default_factory=threading.Event)
+    maps: dict = dataclasses.field(default_factory=dict)  # dtype wire name -> {fqn: Change}
+    stats: dict = dataclasses.field(default_factory=dict)  # dtype wire name -> status entry
+    cpu_s: float = 0.0
+
+
+@dataclasses.dataclass
+class _Record:
+    base: Key
+    maps: dict[str, dict[str, Change]]
+    nbytes: int
+
+
+class ChangeMaps:
+    """Owns change maps: computes them off the loop after each seal, keeps them bounded, answers
+    :class:`Changes`. ``dtypes``: the reader dtypes to compute in (empty: off)."""
+
+    def __init__(self, state: DaemonState, directory: PeerDirectory, *, dtypes: tuple[torch.dtype, ...],
+                 keep: int, max_bytes: int):
+        self.state, self.directory = state, directory
+        self.dtypes, self.keep, self.max_bytes = dtypes, keep, max_bytes
+        self.records: OrderedDict[Key, _Record] = OrderedDict()
+        self.nbytes = 0
+        self.cpu_s = 0.0  # the worker's CPU time, all versions together
+        self.skipped = 0  # versions whose map was dropped (memory needed, or superseded before it began)
+        self._pin_ids = itertools.count(-1, -1)
+        self._lock = threading.Condition()
+        self._queue: deque[_Job] = deque()
+        self._running: _Job | None = None
+        self._done: deque[_Job] = deque()
+        self._closed = False
+        self._thread: threading.Thread | None = None
+
+    # ------------------------------------------------------------------ loop side
+
+    def on_sealed(self, v: Version, unpinned: Callable[[Version], None]) -> None:
+        """Queue the map of ``v`` against the previous sealed version (called on the loop, at the seal,
+        before retention runs); ``unpinned``: as for :meth:`collect`."""
+        if not self.dtypes or v.segment is None or v.layout is None:
+            return
+        steps = list(self.state.sealed)
+        if steps[-1] != v.step or len(steps) < 2:
+            return  # the first version, or sealed out of order: no predecessor to compare with
+        prev = self.state.sealed[steps[-2]]
+        if prev.epoch != v.epoch or prev.segment is None:
+            return
+        old = {t.fqn: t for t in prev.layout.tensors}
+        pairs = []
+        for t in v.layout.tensors:
+            if not t.complete or len(t.blocks) != 1:
+                continue  # a part of a tensor held by several nodes: read whole (no map)
+            p = old.get(t.fqn)
+            same = (p is not None and p.complete and len(p.blocks) == 1 and p.shape == t.shape
+                    and p.dtype == t.dtype)
+            pairs.append((t.fqn, _view(prev, p) if same else None, _view(v, t)))
+        job = _Job((v.step, v.seq), (prev.step, prev.seq), self.dtypes, pairs, [])
+        for w in (prev, v):
+            pin = next(self._pin_ids)
+            w.leases.add(pin)
+            job.pins.append((w, pin))
+        with self._lock:
+            self._queue.append(job)
+            stale = [self._queue.popleft() for _ in range(len(self._queue) - MAX_QUEUED)]  # a backlog: newest first
+            self._lock.notify()
+        for old in stale:
+            old.cancel.set()
+            self.skipped += 1
+            self._unpin(old, unpinned)
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._work, name="stager-changes", daemon=True)
+            self._thread.start()
+
+    def collect(self, unpinned: Callable[[Version], None]) -> bool:
+        """Record finished maps and drop their pins (``unpinned`` per version no longer pinned);
+        True when a pin was dropped (steps waiting for memory may go on)."""
+        with self._lock:
+            done, self._done = list(self._done), deque()
+        for job in done:
+            self._unpin(job, unpinned)
+            if not job.cancel.is_set():
+                self._record(job)
+        return bool(done)
+
+    def yield_pins(self, unpinned: Callable[[Version], None], versions: set | None = None) -> bool:
+        """A step needs memory: drop the pins of ``versions`` (None: all) now; the maps being computed
+        from them are not recorded. True if any pin was dropped."""
+        with self._lock:
+            jobs = [*self._queue, *([self._running] if self._running else []), *self._done]
+            jobs = [j for j in jobs if versions is None or any(v in versions for v, _ in j.pins)]
+            for job in jobs:
+                if job in self._queue:
+                    self._queue.remove(job)
+        dropped = False
+        for job in jobs:
+            if not job.cancel.is_set():
+                job.cancel.set()
+                self.skipped += 1
+            dropped |= self._unpin(job, unpinned)
+        return dropped
+
+    @staticmethod
+    def _unpin(job: _Job, unpinned: Callable[[Version], None]) -> bool:
+        pins, job.pins = job.pins, []
+        for v, pin in pins:
+            v.leases.discard(pin)
+            unpinned(v)
+        return bool(pins)
+
+    def _record(self, job: _Job) -> None:
+        nbytes = sum(c.nbytes for m in job.maps.values() for c in m.values())
+        self.records[job.key] = _Record(job.base, job.maps, nbytes)
+        self.nbytes += nbytes
+        self.cpu_s += job.cpu_s
+        while self.records and (len(self.records) > self.keep or self.nbytes > self.max_bytes):
+            self.nbytes -= self.records.popitem(last=False)[1].nbytes
+        v = self.state.sealed.get(job.key[0])
+        if v is not None and v.seq == job.key[1]:
+            v.changes = job.stats
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            for job in self._queue:
+                job.cancel.set()
+            self._lock.notify()
+        if self._thread is not None:
+            self._thread.join(30.0)
+
+    # ------------------------------------------------------------------ worker
+
+    def _work(self) -> None:
+        while True:
+            with self._lock:
+                while not self._queue and not self._closed:
+                    self._lock.wait()
+                if self._closed:
+                    return
+                job = self._running = self._queue.popleft()
+            try:
+                self._compute(job)
+            except Exception:  # a bug costs one map (readers read in full), never the daemon
+                log.exception("change map of step %d failed", job.key[0])
+                job.cancel.set()
+            with self._lock:
+                self._running = None
+                self._done.append(job)
+
+    @staticmethod
+    def _compute(job: _Job) -> None:
+        start = time.thread_time()
+        for dtype in job.dtypes:
+            maps, seen, sizes = {}, {}, {}
+            for fqn, prev, new in job.pairs:
+                if job.cancel.is_set():
+                    return
+                cast = compare_dtype(new.dtype, dtype)  # integer tensors: one map for every reader dtype
+                sizes[fqn] = cast.itemsize
+                if prev is None:
+                    maps[fqn] = whole(new.numel())
+                    continue
+                if (fqn, cast) not in seen:
+                    seen[fqn, cast] = diff(prev, new, dtype)
+                maps[fqn] = seen[fqn, cast]
+            job.maps[dtype_name(dtype)] = maps
+            job.stats[dtype_name(dtype)] = _summary(job.base[0], maps, sizes)
+        job.cpu_s = time.thread_time() - start
+        for entry in job.stats.values():
+            entry["cpu_s"] = round(job.cpu_s, 4)
+
+    # ------------------------------------------------------------------ requests
+
+    def on_changes(self, identity: bytes, msg: Changes) -> ChangesReply:
+        peer = self.directory.get(identity)
+        if msg.lease not in peer.leases:
+            raise StagerError(ErrorCode.UNKNOWN_LEASE, f"lease {msg.lease} is not held by this connection; "
+                                                       "acquire the version first")
+        v = self.state.leases[msg.lease][1]
+        dtype = dtype_from_name(msg.dtype)
+        by_name = {t.fqn: t for t in v.layout.tensors}
+        fqns = msg.fqns or [t.fqn for t in v.layout.tensors if t.complete]
+        missing = [f for f in fqns if f not in by_name]
+        if missing:
+            raise StagerError(ErrorCode.BAD_VALUE, f"{missing[0][:200]}: no such tensor in step {v.step}")
+        chain = self._chain(v, (msg.since, msg.since_seq), msg.dtype)
+        reply = ChangesReply(step=v.step, since=msg.since, dtype=msg.dtype)
+        indices, values, total = [], [], 0
+        for fqn in fqns:
+            t = by_name[fqn]
+            numel = math.prod(t.shape)
+            c = union([m.get(fqn) or whole(numel) for m in chain], numel) if chain else Change(UNCHANGED, 0, numel)
+            reply.tensors.append([fqn, c.kind, c.count])
+            if c.kind == INDICES and msg.want != "counts":
+                indices.append(c.indices)
+                total += c.count * 4
+                if msg.want == "values":
+                    values.append(gather(_view(v, t), c.indices, compare_dtype(t.torch_dtype, dtype)))
+                    total += c.count * values[-1].dtype.itemsize
+                if total > MAX_REPLY_BYTES:
+                    raise StagerError(ErrorCode.BAD_VALUE, f"the changes of {len(reply.tensors)} tensors are over "
+                                                           f"{MAX_REPLY_BYTES >> 20} MiB; ask for fewer tensors")
+        self.state.counters["read_bytes"] += total  # bytes served to readers, as Read counts them
+        if msg.want != "counts":
+            reply.frames = [_bytes(indices, torch.int32)] + ([_bytes(values, torch.uint8)] if values or
+                                                              msg.want == "values" else [])
+        return reply
+
+    def _chain(self, v: Version, since: Key, dtype: str) -> list[dict[str, Change]]:
+        """The maps from ``since`` to ``v``, newest first (empty: ``v`` is ``since``)."""
+        at, chain = (v.step, v.seq), []
+        while at != since:
+            rec = self.records.get(at)
+            if rec is None or dtype not in rec.maps or at[1] <= since[1]:
+                why = ("is still being computed" if at == (v.step, v.seq) and rec is None and self.pending()
+                       else f"is not held (dtypes {[dtype_name(d) for d in self.dtypes]}, "
+                            f"{len(self.records)} maps kept)")
+                raise StagerError(ErrorCode.UNKNOWN_BASE, f"no change map from step {since[0]} (seq {since[1]}) to "
+                                                          f"step {v.step} in {dtype}: the map of step {at[0]} {why}; "
+                                                          "read the version in full")
+            chain.append(rec.maps[dtype])
+            at = rec.base
+        return chain
+
+    def pending(self) -> bool:
+        with self._lock:
+            return bool(self._queue or self._running or self._done)
+
+    def status(self) -> dict:
+        return {"dtypes": [dtype_name(d) for d in self.dtypes], "kept": len(self.records), "bytes": self.nbytes,
+                "max_bytes": self.max_bytes, "keep": self.keep, "cpu_s": round(self.cpu_s, 4),
+                "skipped": self.skipped, "pending": self.pending()}
+
+
+def _view(v: Version, t) -> torch.Tensor:
+    block = t.blocks[0]
+    return block_view(v.segment.as_bytes(), t.torch_dtype, block.byte_offset, block.box.shape)
+
+
+def _bytes(parts: list[torch.Tensor], dtype: torch.dtype) -> bytes:
+    if not parts:
+        return b""
+    flat = torch.cat([p.reshape(-1).view(torch.uint8) if dtype == torch.uint8 else p.reshape(-1) for p in parts])
+    return flat.numpy().tobytes()
+
+
+def _summary(base: int, maps: dict[str, Change], sizes: dict[str, int]) -> dict:
+    """A version's status entry for one reader dtype: what changed since step ``base``. ``bytes``:
+    the changed elements' share of the version's bytes in that dtype; ``delta_bytes``: what a delta
+    read moves (indices and values, plus the tensors read whole), against ``full_bytes``."""
+    numel = sum(c.numel for c in maps.values())
+    full = sum(c.numel * sizes[f] for f, c in maps.items())
+    changed = sum(c.count * sizes[f] for f, c in maps.items())
+    delta = sum(c.count * (4 + sizes[f]) if c.kind == INDICES else c.numel * sizes[f] if c.kind == WHOLE else 0
+                for f, c in maps.items())
+    return {"since": base, "elements": round(sum(c.count for c in maps.values()) / numel, 6) if numel else 0.0,
+            "bytes": round(changed / full, 6) if full else 0.0,
+            "tensors": [sum(c.kind != UNCHANGED for c in maps.values()), len(maps)],
+            "whole": sum(c.kind == WHOLE for c in maps.values()), "delta_bytes": delta, "full_bytes": full}

@@ -1,0 +1,146 @@
+"""Change maps in the daemon: computed after each seal on its own thread, shown in status, served
+to readers (Changes), kept beyond --keep, and yielding to staging when memory is short."""
+
+import threading
+
+import pytest
+import torch
+
+from conftest import error_code
+from helpers import wait_until
+from stager.client import StagingClient
+from stager.protocol import Acquire, Changes, ChangesReply
+from stager.protocol.changes import INDICES, UNCHANGED, WHOLE
+
+
+def chain(n: int, seed: int = 0) -> list[dict]:
+    """``n`` fp32 state dicts: each step moves every element a little (below bf16) and a few a lot."""
+    g = torch.Generator().manual_seed(seed)
+    sd = {"w": torch.randn(64, 32, generator=g).bfloat16().float(), "b": torch.randn(40, generator=g),
+          "n": torch.ones(16), "i": torch.arange(8)}
+    out = [sd]
+    for _ in range(n - 1):
+        nxt = {k: v.clone() for k, v in sd.items()}
+        nxt["w"] += 1e-6  # fp32 moves everywhere, bf16 nowhere
+        nxt["w"].view(-1)[torch.randint(0, 64 * 32, (20,), generator=g)] += 0.5
+        nxt["b"] = torch.randn(40, generator=g)  # dense: whole
+        out.append(nxt)
+        sd = nxt
+    return out
+
+
+def stage_all(d, sds, first_step=1, settle=False):
+    """Stage ``sds`` as consecutive steps; ``settle``: wait for each one's change map before the next
+    (a step that needs the memory a map in progress pins takes it, and that map is dropped)."""
+    with StagingClient(d.endpoint, strict=True) as c:
+        for i, sd in enumerate(sds):
+            c.stage(sd, step=first_step + i).wait(10)
+            if settle and i:
+                wait_until(lambda: changed(d, first_step + i))
+
+
+def changed(d, step):
+    for v in d.status()["versions"]:
+        if v["step"] == step and "changed" in v:
+            return v["changed"]
+    return None
+
+
+def test_status_shows_what_changed_in_the_readers_dtype(make_daemon):
+    d = make_daemon()
+    sds = chain(3)
+    stage_all(d, sds)
+    entry = wait_until(lambda: changed(d, 3))["bf16"]
+    w = (sds[2]["w"].bfloat16() != sds[1]["w"].bfloat16()).sum().item()
+    numel = 64 * 32 + 40 + 16 + 8
+    assert entry["since"] == 2 and entry["tensors"] == [2, 4] and entry["whole"] == 1
+    assert entry["elements"] == pytest.approx((w + 40) / numel, abs=1e-6)
+    assert 0 < entry["bytes"] < 0.1 and entry["delta_bytes"] == w * 6 + 40 * 2
+    status = d.status()
+    assert status["changes"]["dtypes"] == ["bf16"] and status["changes"]["kept"] == 2
+    assert all(v["leases"] == 0 for v in status["versions"])  # the thread's pins are not readers' leases
+
+
+def test_changes_request_and_unknown_base(make_daemon, raw_peer):
+    d = make_daemon(keep=1, change_maps_keep=2)
+    sds = chain(5)
+    stage_all(d, sds, settle=True)
+    wait_until(lambda: changed(d, 5))
+    peer = raw_peer(d.endpoint)
+    peer.hello(role="reader")
+    acq = peer.request(Acquire())
+    assert acq.step == 5 and acq.seq == 5
+    reply = peer.request(Changes(lease=acq.lease, since=3, since_seq=3, dtype="bf16", want="values"))
+    assert isinstance(reply, ChangesReply)
+    kinds = {f: (k, n) for f, k, n in reply.tensors}
+    assert kinds["b"][0] == WHOLE and kinds["n"] == (UNCHANGED, 0) and kinds["i"] == (UNCHANGED, 0)
+    assert kinds["w"][0] == INDICES  # step 3's data is gone (keep=1): the union of maps 3->4->5
+    idx = torch.frombuffer(bytearray(reply.frames[0]), dtype=torch.int32)
+    vals = torch.frombuffer(bytearray(reply.frames[1]), dtype=torch.bfloat16)
+    expect = (sds[4]["w"].bfloat16() != sds[2]["w"].bfloat16()).view(-1).nonzero().view(-1)
+    assert torch.equal(idx.long(), expect) and torch.equal(vals, sds[4]["w"].bfloat16().view(-1)[expect])
+    # the map 2->3 was dropped (change_maps_keep=2): from step 2 there is no chain; a wrong seq is not step 2
+    assert error_code(peer.request(Changes(lease=acq.lease, since=2, since_seq=2))) == "unknown_base"
+    assert error_code(peer.request(Changes(lease=acq.lease, since=4, since_seq=9))) == "unknown_base"
+    assert error_code(peer.request(Changes(lease=acq.lease, since=4, since_seq=4, dtype="f16"))) == "unknown_base"
+    same = peer.request(Changes(lease=acq.lease, since=5, since_seq=5, want="counts"))
+    assert all(k == UNCHANGED for _, k, _ in same.tensors) and not same.frames
+    assert error_code(peer.request(Changes(lease=acq.lease + 1, since=4, since_seq=4))) == "unknown_lease"
+    assert error_code(peer.request(Changes(lease=acq.lease, since=4, since_seq=4, fqns=["nope"]))) == "bad_value"
+    assert error_code(peer.request_raw("changes", {"lease": acq.lease, "since": 4, "since_seq": 4, "dtype": "zz",
+                                                    "want": "indices", "fqns": []})) == "bad_dtype"
+    assert error_code(peer.request_raw("changes", {"lease": acq.lease, "since": 4, "since_seq": 4, "dtype": "bf16",
+                                                    "want": "all", "fqns": []})) == "bad_message"
+
+
+def test_layout_change_makes_the_changed_tensors_whole(make_daemon, raw_peer):
+    d = make_daemon()
+    sds = chain(2)
+    stage_all(d, [sds[0], dict(sds[1], b=torch.randn(41))])
+    entry = wait_until(lambda: changed(d, 2))["bf16"]
+    assert entry["whole"] == 1  # b's shape changed; w is compared as before
+    peer = raw_peer(d.endpoint)
+    peer.hello(role="reader")
+    acq = peer.request(Acquire())
+    kinds = {f: k for f, k, _ in peer.request(Changes(lease=acq.lease, since=1, since_seq=1, want="counts")).tensors}
+    assert kinds == {"w": INDICES, "b": WHOLE, "n": UNCHANGED, "i": UNCHANGED}
+
+
+def test_no_change_maps_when_turned_off(make_daemon, raw_peer):
+    d = make_daemon(change_maps="none")
+    stage_all(d, chain(2))
+    assert d.status()["changes"]["dtypes"] == []
+    peer = raw_peer(d.endpoint)
+    peer.hello(role="reader")
+    acq = peer.request(Acquire())
+    assert error_code(peer.request(Changes(lease=acq.lease, since=1, since_seq=1))) == "unknown_base"
+
+
+def test_a_staging_step_takes_memory_a_change_map_pinned(make_daemon):
+    """Memory for two versions only, keep=1, and the change-map thread held inside its work (so
+    its pins stay): each next step needs the pinned previous version's segment, and gets it at
+    once (the map is dropped), with no back-pressure wait allowed."""
+    big = {"w": torch.zeros(1 << 20)}  # 4 MiB
+    d = make_daemon(keep=1, memory_limit=(8 << 20) + (1 << 16))
+    maps = d.daemon.handlers.changes
+    release, entered = threading.Event(), threading.Event()
+    compute = maps._compute
+
+    def held(job):
+        entered.set()
+        release.wait(30)
+        compute(job)
+
+    maps._compute = held
+    try:
+        with StagingClient(d.endpoint, strict=True, backpressure_timeout=0) as c:
+            for step in range(1, 6):
+                big["w"][step] = step
+                c.stage(big, step=step).wait(10)
+                if step == 2:
+                    assert entered.wait(10)
+    finally:
+        release.set()
+    status = d.status()
+    assert status["counters"]["memory_refusals"] == 0 and status["counters"]["sealed"] == 5
+    assert status["changes"]["skipped"] >= 1

@@ -1,0 +1,112 @@
+"""Change maps as pure functions: what changed, bitwise in the reader's dtype, and its encoding."""
+
+import pytest
+import torch
+
+from stager.protocol.changes import (
+    DENSE,
+    INDICES,
+    UNCHANGED,
+    WHOLE,
+    Change,
+    apply,
+    changed_indices,
+    compare_dtype,
+    diff,
+    gather,
+    union,
+)
+
+
+def _bf16_step(n: int, moved: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp32 values exactly on bf16, every element nudged below half a bf16 ulp, ``moved`` by a full one."""
+    prev = torch.linspace(1, 2, n).bfloat16().float()
+    new = prev + 2.0 ** -12  # bf16 ulp at [1, 2) is 2**-7: stays on the same bf16 value
+    new[moved] = (prev[moved].bfloat16() + 2.0 ** -6).float()
+    return prev, new
+
+
+@pytest.mark.parametrize("n,moved,dtype,kind,count", [
+    (100, [], torch.bfloat16, UNCHANGED, 0),                       # fp32 moved, bf16 did not
+    (100, [0, 7, 99], torch.bfloat16, INDICES, 3),
+    (100, list(range(25)), torch.bfloat16, INDICES, 25),          # exactly DENSE: still indices
+    (100, list(range(26)), torch.bfloat16, WHOLE, 26),            # over DENSE: whole
+    (100, [], torch.float32, WHOLE, 100),                          # an fp32 reader sees every element move
+    (100, [5], torch.float16, INDICES, 1),
+], ids=["bf16 unchanged", "bf16 sparse", "at threshold", "dense", "fp32 reader", "fp16 reader"])
+def test_diff_table(n, moved, dtype, kind, count):
+    prev, new = _bf16_step(n, moved)
+    c = diff(prev, new, dtype)
+    assert (c.kind, c.count, c.numel) == (kind, count, n)
+    if kind == INDICES:
+        assert c.indices.dtype == torch.int32 and c.indices.tolist() == sorted(moved)
+    else:
+        assert c.indices is None
+
+
+@pytest.mark.parametrize("a,b,changed", [
+    (0.0, -0.0, True),                          # signed zeros differ bitwise
+    (float("nan"), float("nan"), False),        # the same NaN bits: unchanged
+    (1.0, 1.0 + 2 ** -20, False),               # rounds to the same bf16
+    (float("inf"), 3.0e38, True),               # 3e38 rounds to a finite bf16, inf stays inf
+])
+def test_bitwise_in_the_cast_dtype(a, b, changed):
+    prev, new = torch.tensor([a, 1.0]), torch.tensor([b, 1.0])
+    assert changed_indices(prev, new, torch.bfloat16).tolist() == ([0] if changed else [])
+
+
+@pytest.mark.parametrize("stored,reader,expected", [
+    (torch.float32, torch.bfloat16, torch.bfloat16), (torch.int64, torch.bfloat16, torch.int64),
+    (torch.bfloat16, torch.bfloat16, torch.bfloat16), (torch.bool, torch.float16, torch.bool),
+])
+def test_compare_dtype(stored, reader, expected):
+    assert compare_dtype(stored, reader) == expected
+
+
+def test_integer_bool_and_complex_tensors_compare_in_their_own_dtype():
+    assert diff(torch.arange(10), torch.arange(10).flip(0), torch.bfloat16).count == 10
+    b = torch.zeros(16, dtype=torch.bool)
+    nb = b.clone()
+    nb[3] = True
+    assert diff(b, nb, torch.bfloat16).indices.tolist() == [3]
+    c = torch.zeros(8, dtype=torch.complex64)
+    nc = c.clone()
+    nc[2] = 1j
+    assert changed_indices(c, nc, torch.complex64).tolist() == [2]
+
+
+def test_chunks_give_the_same_indices():
+    g = torch.Generator().manual_seed(0)
+    prev = torch.randn(1000, generator=g)
+    new = prev + torch.randn(1000, generator=g) * 1e-3
+    assert torch.equal(changed_indices(prev, new, torch.bfloat16, chunk=7),
+                       changed_indices(prev, new, torch.bfloat16))
+
+
+def test_union_of_a_chain_is_exact():
+    chain = [torch.zeros(64)]
+    g = torch.Generator().manual_seed(1)
+    for _ in range(4):
+        nxt = chain[-1].clone()
+        nxt[torch.randint(0, 64, (3,), generator=g)] += 1.0
+        chain.append(nxt)
+    maps = [diff(a, b, torch.bfloat16) for a, b in zip(chain, chain[1:])]
+    u = union(maps, 64)
+    reader = chain[0].bfloat16()
+    apply(reader, u.indices, gather(chain[-1], u.indices, torch.bfloat16))
+    assert torch.equal(reader, chain[-1].bfloat16())
+    assert union([], 64).kind == UNCHANGED
+    assert union([maps[0], Change(WHOLE, 64, 64)], 64).kind == WHOLE
+    assert union([maps[0]], 65).kind == WHOLE  # a map of another shape cannot be combined
+
+
+def test_union_becomes_whole_when_dense():
+    numel = 100
+    parts = [Change(INDICES, 20, numel, torch.arange(i, i + 20, dtype=torch.int32)) for i in (0, 50)]
+    assert union(parts, numel).kind == WHOLE and union(parts, numel, dense=0.5).kind == INDICES
+    assert DENSE == 0.25
+
+
+def test_shapes_must_match():
+    with pytest.raises(ValueError, match="cannot compare"):
+        changed_indices(torch.zeros(3), torch.zeros(4), torch.bfloat16)

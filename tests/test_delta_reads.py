@@ -1,0 +1,203 @@
+"""Delta reads: ``Snapshot.load_into(out, since=N)`` moves only what changed and is always bit-exact
+to a full read of the leased step: over random chains of versions staged to a real daemon, readers
+that skip versions, bases whose data (or map) is gone, layout changes, tensors written since, and
+readers on the daemon's host (shared memory) and elsewhere (frames)."""
+
+import shutil
+import tempfile
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from conftest import InProcessDaemon
+from helpers import wait_until
+from stager.client import StagingClient, Subscriber
+from stager.client.adapters import load_adapter
+
+CONFIG = {"vocab_size": 96, "hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": 1,
+          "num_attention_heads": 4, "num_key_value_heads": 2}
+INFO = {"adapter": "llama3", "hf_config": CONFIG}
+SHAPES = {"tok_embeddings.weight": (96, 32), "layers.0.attention.wq.weight": (32, 32),
+          "layers.0.attention.wk.weight": (16, 32), "layers.0.attention.wv.weight": (16, 32),
+          "layers.0.attention.wo.weight": (32, 32), "layers.0.attention_norm.weight": (32,),
+          "layers.0.ffn_norm.weight": (32,), "layers.0.feed_forward.w1.weight": (48, 32),
+          "layers.0.feed_forward.w2.weight": (32, 48), "layers.0.feed_forward.w3.weight": (48, 32),
+          "norm.weight": (32,), "output.weight": (96, 32)}
+
+
+def first(seed=0) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    return {k: torch.randn(s, generator=g) for k, s in SHAPES.items()}
+
+
+def rl_step(sd: dict, g: torch.Generator, frac: float = 0.02) -> dict:
+    """Every fp32 element moves a little (mostly below bf16), ``frac`` of them past a bf16 ulp."""
+    out = {}
+    for k, v in sd.items():
+        n = v.clone()
+        if k.endswith("norm.weight"):
+            out[k] = n  # RL steps leave norms alone
+            continue
+        n += torch.randn(n.shape, generator=g) * 1e-6
+        hit = torch.rand(n.shape, generator=g) < frac
+        n[hit] += 0.05
+        out[k] = n
+    return out
+
+
+def full(sub, step, like: dict) -> dict:
+    """A fresh full read of ``step`` into new tensors like ``like``'s."""
+    fresh = {n: torch.empty_like(t) for n, t in like.items()}
+    with sub.at(step) as snap:
+        snap.load_into(fresh)
+    return fresh
+
+
+def read_bytes(d) -> int:
+    return d.status()["counters"]["read_bytes"]
+
+
+def changed(d, step):
+    return next((v.get("changed") for v in d.status()["versions"] if v["step"] == step), None)
+
+
+@pytest.mark.parametrize("remote", [False, True], ids=["shared memory", "frames"])
+def test_delta_moves_only_what_changed_and_equals_a_full_read(make_daemon, remote):
+    d = make_daemon()
+    g = torch.Generator().manual_seed(1)
+    sds = [first()]
+    sds.append(rl_step(sds[0], g))
+    dst = {k: torch.empty(s, dtype=torch.bfloat16) for k, s in SHAPES.items()}
+    with StagingClient(d.endpoint, strict=True) as c, Subscriber(d.endpoint, remote=remote) as sub:
+        c.stage(sds[0], step=1).wait(10)
+        with sub.latest() as snap:
+            snap.load_into(dst)
+        c.stage(sds[1], step=2).wait(10)
+        wait_until(lambda: changed(d, 2))
+        before = read_bytes(d)
+        with sub.latest() as snap:
+            assert snap.load_into(dst, since=1) == list(SHAPES)
+        moved = read_bytes(d) - before
+        expected = full(sub, 2, dst)
+    assert all(torch.equal(dst[k], expected[k]) for k in SHAPES)
+    n_changed = sum((sds[1][k].bfloat16() != sds[0][k].bfloat16()).sum().item() for k in SHAPES)
+    assert 0 < n_changed < 0.05 * sum(t.numel() for t in dst.values())
+    if remote:  # only indices and values crossed the wire
+        assert moved == n_changed * (4 + 2)
+    else:  # indices only: the values come from shared memory
+        assert moved == n_changed * 4
+
+
+def test_hf_view_renames_take_deltas_and_permuted_tensors_are_read_whole(make_daemon):
+    d = make_daemon()
+    g = torch.Generator().manual_seed(2)
+    sds = [first(), None]
+    sds[1] = rl_step(sds[0], g)
+    hf = load_adapter("llama3", CONFIG).to_hf(sds[0])
+    dst = {n: torch.empty(t.shape, dtype=torch.bfloat16) for n, t in hf.items()}
+    with StagingClient(d.endpoint, strict=True) as c, Subscriber(d.endpoint, view="hf", remote=True) as sub:
+        c.stage(sds[0], step=1, model_info=INFO).wait(10)
+        with sub.latest() as snap:
+            snap.load_into(dst)
+        c.stage(sds[1], step=2, model_info=INFO).wait(10)
+        wait_until(lambda: changed(d, 2))
+        with sub.latest() as snap:
+            snap.load_into(dst, since=1)
+        expected = full(sub, 2, dst)
+    assert all(torch.equal(dst[k], expected[k]) for k in dst)
+
+
+def test_unprovable_tensors_are_read_in_full(make_daemon):
+    """A tensor written since its load, one loaded under another name, and a base that is not what
+    the tensors hold: each is read in full, and the result is still the full read's."""
+    d = make_daemon()
+    g = torch.Generator().manual_seed(3)
+    sds = [first()]
+    for _ in range(2):
+        sds.append(rl_step(sds[-1], g))
+    dst = {k: torch.empty(s, dtype=torch.bfloat16) for k, s in SHAPES.items()}
+    with StagingClient(d.endpoint, strict=True) as c, Subscriber(d.endpoint) as sub:
+        c.stage(sds[0], step=1).wait(10)
+        with sub.latest() as snap:
+            snap.load_into(dst)
+        dst["output.weight"].view(-1)[0] = 7.0  # written since: not step 1 any more
+        c.stage(sds[1], step=2).wait(10)
+        wait_until(lambda: changed(d, 2))
+        with sub.latest() as snap:
+            snap.load_into(dst, since=1)
+        assert all(torch.equal(dst[k], full(sub, 2, dst)[k]) for k in SHAPES)
+        c.stage(sds[2], step=3).wait(10)
+        wait_until(lambda: changed(d, 3))
+        with sub.latest() as snap:
+            snap.load_into(dst, since=1)  # wrong: they hold 2; nothing proves 1, so all is read
+        assert all(torch.equal(dst[k], full(sub, 3, dst)[k]) for k in SHAPES)
+
+
+@settings(max_examples=6, deadline=None, suppress_health_check=list(HealthCheck))
+@given(st.data())
+def test_random_chains_are_bit_exact(data):
+    """Random chains: sparse and dense steps, a layout change, readers on both paths skipping versions
+    at random, small --keep (bases evicted) and few kept maps (chains broken)."""
+    keep = data.draw(st.integers(1, 3), label="keep")
+    maps_keep = data.draw(st.integers(1, 6), label="change_maps_keep")
+    steps = data.draw(st.integers(3, 7), label="steps")
+    seed = data.draw(st.integers(0, 2**16), label="seed")
+    g = torch.Generator().manual_seed(seed)
+    tmp = tempfile.mkdtemp(prefix="stg", dir="/tmp")
+    d = InProcessDaemon(f"ipc://{tmp}/d.sock", memory_limit=64 << 20, step_timeout=10.0, keep=keep,
+                        change_maps_keep=maps_keep)
+    try:
+        sd = dict(first(seed), h=torch.randn(24, 24, generator=g).bfloat16())  # staged in the reader's dtype
+        readers = {False: ({}, None), True: ({}, None)}  # remote -> (dst, step it holds)
+        with StagingClient(d.endpoint, strict=True) as c, Subscriber(d.endpoint) as local, \
+                Subscriber(d.endpoint, remote=True) as remote:
+            subs = {False: local, True: remote}
+            for step in range(1, steps + 1):
+                kind = data.draw(st.sampled_from(["sparse", "sparse", "dense", "same", "reshape"]), label="kind")
+                if step > 1:
+                    if kind == "sparse":
+                        sd = rl_step(sd, g)
+                    elif kind == "dense":
+                        sd = rl_step(sd, g, frac=0.5)
+                    elif kind == "reshape":
+                        sd = dict(sd, **{"norm.weight": torch.randn(32 + step, generator=g)})
+                c.stage(sd, step=step).wait(10)
+                if data.draw(st.booleans(), label="settle"):
+                    wait_until(lambda: changed(d, step) or step == 1)
+                for is_remote, sub in subs.items():
+                    if not data.draw(st.booleans(), label=f"read remote={is_remote}"):
+                        continue  # this reader skips the version
+                    dst, held = readers[is_remote]
+                    with sub.latest() as snap:
+                        for name, _, shape in snap.specs():
+                            if name not in dst or tuple(dst[name].shape) != tuple(shape):
+                                dst[name] = torch.empty(shape, dtype=torch.bfloat16)  # new: nothing to prove
+                        snap.load_into(dst, since=held)
+                        got_step = snap.step
+                    expected = full(sub, got_step, dst)
+                    assert all(torch.equal(dst[k], expected[k]) for k in dst), (step, is_remote)
+                    readers[is_remote] = (dst, got_step)
+    finally:
+        d.stop()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+@pytest.mark.parametrize("tensors,frames,why", [
+    ([["w", "indices", 1]], [torch.tensor([9], dtype=torch.int32), torch.ones(1, dtype=torch.bfloat16)], "fit"),
+    ([["w", "indices", 1]], [torch.tensor([-1], dtype=torch.int32), torch.ones(1, dtype=torch.bfloat16)], "negative"),
+    ([["w", "indices", 2]], [torch.tensor([0, 1], dtype=torch.int32), torch.ones(1, dtype=torch.bfloat16)], "short"),
+    ([["v", "unchanged", 0]], [], "names 'v'"),
+], ids=["out of range", "negative", "values short", "another tensor"])
+def test_a_bad_changes_reply_is_a_typed_error_and_writes_nothing(tensors, frames, why):
+    from stager.client.readers.delta import _apply
+    from stager.protocol import ChangesReply, StagerError
+
+    dst = torch.zeros(4, dtype=torch.bfloat16)
+    reply = ChangesReply(step=2, since=1, tensors=tensors, frames=[f.numpy().tobytes() if f.dtype != torch.bfloat16
+                                                                   else f.view(torch.int16).numpy().tobytes()
+                                                                   for f in frames])
+    with pytest.raises(StagerError, match=why):
+        _apply(None, [("w", "w", dst)], reply, torch.bfloat16, False)
+    assert not dst.any()
