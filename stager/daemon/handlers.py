@@ -107,11 +107,14 @@ class Handlers:
         self.reading.resume_deferred()
 
     def collect_segments(self) -> None:
-        """Segments created in the background go to the steps waiting for them."""
+        """Segments created in the background go to the steps waiting for them, then to an assembly
+        waiting for its segment. The assembly is asked on every call, not only when this collect
+        finished one: a trainer's Begin collects too (``SegmentBudget.take``) and may have pooled the
+        assembly's segment already, and nothing else would answer its assemble_begin."""
         if self.memory.collect():
             self.steps.retry_waiting()
-            if self.assembly is not None:  # after the steps: the trainer's segments come first
-                self.assembly.retry()
+        if self.assembly is not None and self.assembly.waiting:  # after the steps: the trainer's come first
+            self.assembly.retry()
 
     def on_ping(self, identity: bytes, msg: Ping) -> Message:
         if msg.id == 0:  # a heartbeat: a connection without a session (ended for silence) is told why
