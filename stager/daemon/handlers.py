@@ -48,13 +48,14 @@ class Handlers:
 
     def __init__(self, state: DaemonState, budget: SegmentBudget, outbox: Outbox, *, advertise: str,
                  loop_status: Callable[[], LoopStatus], assembly_outbox: Outbox | None = None,
-                 transport: str = "frames"):
+                 transport: str = "frames", read_cast_memory: int = 1 << 30):
         self.state, self._loop_status = state, loop_status
         self.directory = PeerDirectory(state)
         self.memory = Retention(state, budget)
         self.subscriptions = Subscriptions(state, self.directory, outbox)
         self.steps = Steps(state, self.directory, self.memory, outbox, announce=self.subscriptions.announce)
-        self.reading = Reading(state, self.directory, self.memory, outbox, memory_freed=self.steps.retry_waiting)
+        self.reading = Reading(state, self.directory, self.memory, outbox, memory_freed=self.steps.retry_waiting,
+                               cast_limit=read_cast_memory)
         self.peers = Peers(state, self.directory, end_lease=self.reading.end_lease, fail_step=self.steps.fail)
         self.job = JobMembership(state, advertise)
         # serve --assemble-full: the daemon's half; the assembler (a consumer) talks to it on its own socket

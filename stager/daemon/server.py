@@ -104,7 +104,7 @@ class Daemon:
                               metrics_url=self.metrics_url, insecure=config.insecure)
             self.handlers = Handlers(self.state, self.budget, self.outbox, advertise=config.advertise or self.endpoint,
                                      loop_status=loop.status, assembly_outbox=self.assembly_outbox,
-                                     transport=config.transport)
+                                     transport=config.transport, read_cast_memory=config.read_cast_memory)
             if self.metrics is not None:
                 self.recorder.publish(self.handlers.status())
         except BaseException:
