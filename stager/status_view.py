@@ -43,9 +43,10 @@ STATUS_SCHEMA: dict[str, tuple[type | tuple[type, ...], str]] = {
     "reads.bytes_in_flight": (int, "bytes of replies queued for remote readers"),
     "reads.deferred": (int, "remote reads held back (back-pressure)"),
     "reads.cast_buffers": (int, "bytes of reply buffers for remote reads the daemon casts to the reader's dtype "
-                                "(in flight, or kept up to 5 s for the next read)"),
+                                "(in flight, or kept up to 5 s for the next read), within --read-cast-memory"),
     "counters": (dict, "totals since start: sealed, failed, ingested_bytes, read_bytes, requests, errors, "
-                       "announcements_dropped, memory_refusals, evictions, backpressure_waits, read_cast_bytes"),
+                       "announcements_dropped, memory_refusals, evictions, backpressure_waits, read_cast_bytes, "
+                       "read_cast_waits"),
     "cpu_seconds": ((int, float), "CPU time the daemon used"),
     "node": (str, "this node's id (--host-id / $STAGER_HOST_ID, else the machine's)"),
     "job": ((dict, type(None)), "the multi-node job this node joined: job, node, advertise, nodes (id -> endpoint), "

@@ -3,25 +3,34 @@ on its private assembler socket only, refuses them on its endpoint (ipc or tcp),
 step it does not hold, and stays up whatever it is sent there. The whole flow across real nodes:
 test_multinode.py."""
 
+import itertools
 import os
 import random
+from types import SimpleNamespace
 
 import msgpack
 import pytest
 import torch
 from conftest import InProcessDaemon, RawPeer
+from helpers import wait_until
 
 from stager.client import Subscriber
 from stager.client.connection import Connection
 from stager.client.hook.sender import Sender
+from stager.daemon.handlers import Handlers
+from stager.daemon.memory import SegmentBudget
+from stager.daemon.segments import Segment
+from stager.daemon.state import DaemonState
 from stager.dev.launch import free_port
 from stager.loaders.assemble_full import AssemblerChannel, segment_targets
 from stager.loaders.ingest import IngestSession
 from stager.protocol import (
-    PROTOCOL_VERSION, AssembleBegin, AssembleDone, AssembleReply, ErrorCode, ErrorReply, Ok, ProtocolError, Sealed,
-    StagerError, Status, StatusReply, decode,
+    PROTOCOL_VERSION, Acquire, AssembleBegin, AssembleDone, AssembleReply, Begin, BeginReply, Commit, ErrorCode,
+    ErrorReply, Hello, Ok, ProtocolError, Sealed, StagerError, Status, StatusReply, decode,
 )
+from stager.protocol.endpoint import host_id, process_start_time
 from stager.protocol.layout import Box, PlanEntry, plan_digest
+from stager.protocol.shm import segment_name
 
 SPECS = (("w", "f32", (4, 2)),)
 
@@ -272,3 +281,103 @@ def test_a_begin_waiting_for_its_segment_is_answered_when_another_begin_supersed
             assert isinstance(peer.recv(10.0), Ok)
     finally:
         trainer.close()
+
+
+
+# ------------------------------------------------------------------ the handlers alone, driven by hand
+# A daemon's loop collects finished segments every few milliseconds, so which of its calls pools the
+# assembly's segment is a race a real daemon cannot be made to lose on purpose; here the test is the
+# loop: it decides what happens between the assemble_begin and the next housekeeping tick.
+
+
+class Recorded:
+    """An outbox that keeps what the handlers send (the socket's part: the daemon tests above)."""
+
+    def __init__(self):
+        self.sent = []
+
+    def send(self, identity, msg):
+        self.sent.append((identity, msg))
+        return True
+
+    def send_tracked(self, identity, msg):
+        self.sent.append((identity, msg))
+        return []
+
+
+TOP_HALF = [PlanEntry("w", "f32", (4, 2), Box((0, 0), (2, 2)))]
+LARGER = [*TOP_HALF, PlanEntry("v", "f32", (3 << 20,), Box((0,), (3 << 20,)))]  # 12 MiB of 16
+
+
+def trainer_begin(node, rid: int, step: int, plan) -> None:
+    """The trainer's Begin of ``step``, answered now or (its segment being created) at a later tick."""
+    h = node.handlers
+    reply = h.handle(b"trainer", Begin(id=rid, step=step, digest=plan_digest(plan), plan=tuple(plan),
+                                       full_world=False))
+    if reply is None:
+        wait_until(lambda: h.collect_segments() or any(m.id == rid for _, m in node.trainer.sent))
+        reply = next(m for _, m in node.trainer.sent if m.id == rid)
+    assert isinstance(reply, BeginReply), reply
+
+
+@pytest.fixture
+def by_hand():
+    """Handlers over a real budget (segments in /dev/shm, 16 MiB) holding a partial version of step 1,
+    leased by a reader on this node, every segment of the trainer's rotation created and pooled."""
+    serial = itertools.count(1)
+    state = DaemonState(keep=2, step_timeout=60.0, peer_timeout=60.0, host_id=host_id(), session="byhand00")
+    budget = SegmentBudget(16 << 20, Segment, lambda: segment_name(os.getpid(), state.session, next(serial)))
+    trainer, assembler = Recorded(), Recorded()
+    h = Handlers(state, budget, trainer, advertise="ipc:///tmp/byhand", loop_status=dict, assembly_outbox=assembler)
+    node = SimpleNamespace(handlers=h, budget=budget, trainer=trainer, assembler=assembler)
+    try:
+        me = {"pid": os.getpid(), "start_time": process_start_time(os.getpid()), "host_id": state.host_id}
+        h.handle(b"trainer", Hello(role="trainer", world_size=2, **me))
+        trainer_begin(node, 1, 1, TOP_HALF)
+        h.handle(b"trainer", Commit(id=2, step=1))
+        assert state.sealed[1].layout.partial
+        wait_until(lambda: h.collect_segments() or not budget.creating)  # the rotation: all pooled
+        h.handle(b"reader", Hello(role="reader", **me))
+        node.lease = h.handle(b"reader", Acquire(id=3, step=1)).lease
+        yield node
+    finally:
+        h.close()
+        budget.close()
+
+
+def nothing(node):
+    """The loop's own collect finds the segment."""
+
+
+def a_trainer_begins_a_step(node):
+    """Its Begin takes a pooled segment of the trainer's; take() collected first, pooling the assembly's."""
+    trainer_begin(node, 11, 2, TOP_HALF)
+
+
+def a_trainer_step_needs_the_memory(node):
+    """A larger layout: take() pools the assembly's segment, then drops it to make room."""
+    trainer_begin(node, 11, 2, LARGER)
+
+
+@pytest.mark.fast
+@pytest.mark.parametrize("between, answer", [
+    (nothing, "segment"),
+    (a_trainer_begins_a_step, "segment"),
+    (a_trainer_step_needs_the_memory, "no_memory"),
+], ids=["nothing", "a trainer's begin pooled it", "a trainer's step took its memory"])
+def test_a_begin_waiting_for_its_segment_is_answered_at_the_next_tick_whoever_collected_it(by_hand, between,
+                                                                                           answer):
+    node, h = by_hand, by_hand.handlers
+    specs = (("w", "f32", (4, 2)), ("big", "f32", (2 << 20,)))  # 8 MiB: created in the background
+    assert h.handle_assembly(b"assembler", AssembleBegin(id=21, step=1, lease=node.lease, specs=specs)) is None
+    wait_until(lambda: node.budget._done.qsize() > 0)  # created, and not collected by anyone yet
+    between(node)
+    # housekeeping ticks, as the loop runs them: before the fix, the second row's begin waited for
+    # BEGIN_TIMEOUT_S (300 s) here, its segment pooled and the partial version leased all along
+    wait_until(lambda: h.housekeep() or node.assembler.sent, timeout=10.0)
+    [(identity, reply)] = node.assembler.sent
+    assert identity == b"assembler" and isinstance(reply, AssembleReply) and reply.id == 21
+    if answer == "segment":
+        assert reply.segment and not reply.reason and reply.size >= 8 << 20
+    else:
+        assert reply.reason == "no_memory" and not reply.segment

@@ -16,7 +16,7 @@ pytestmark = pytest.mark.fast
 SERVE_FLAGS = {"--endpoint", "--memory-limit", "--preallocate", "--keep", "--step-timeout", "--peer-timeout",
                "--auth-dir", "--insecure-no-auth", "--json", "--metrics", "--host-id", "--advertise",
                "--assemble-full", "--drain-timeout", "--transport", "--change-maps", "--change-maps-keep",
-               "--change-maps-memory"}
+               "--change-maps-memory", "--read-cast-memory"}
 CLI_ONLY = {"help", "json"}  # how the command prints, not how the daemon runs
 
 
@@ -50,7 +50,8 @@ def test_every_field_is_a_flag_with_its_default_and_help_and_every_flag_a_field(
     ([], {}),
     (["--keep", "3", "--step-timeout", "5", "--peer-timeout", "7.5", "--drain-timeout", "0"],
      {"keep": 3, "step_timeout": 5.0, "peer_timeout": 7.5, "drain_timeout": 0.0}),
-    (["--preallocate", "1MiB", "--memory-limit", "0.5GiB"], {"preallocate": 1 << 20, "memory_limit": 1 << 29}),
+    (["--preallocate", "1MiB", "--memory-limit", "0.5GiB", "--read-cast-memory", "96MiB"],
+     {"preallocate": 1 << 20, "memory_limit": 1 << 29, "read_cast_memory": 96 << 20}),
     (["--insecure-no-auth", "--assemble-full", "--host-id", "n1", "--metrics", "9108"],
      {"insecure_no_auth": True, "assemble_full": True, "host_id": "n1", "metrics": "9108"}),
     (["--endpoint", "ipc:///tmp/x.sock", "--advertise", "tcp://node3:7555"],

@@ -305,3 +305,63 @@ def test_cast_replies_count_as_bytes_in_flight_and_their_buffers_are_reused_then
         assert d.status()["reads"]["cast_buffers"] <= 48 * MIB
     assert d.status()["counters"]["read_cast_bytes"] == 8 * n * 2
     wait_until(lambda: d.status()["reads"] == {"bytes_in_flight": 0, "deferred": 0, "cast_buffers": 0}, timeout=30)
+
+
+def test_remote_readers_casting_at_once_stay_within_read_cast_memory_in_turn(make_daemon, raw_peer):
+    d = make_daemon(memory_limit=128 * MIB)  # --read-cast-memory by default: 1/8 of it, at least 64 MiB
+    limit = 64 * MIB
+    n = 32 * MIB // 4
+    w = torch.arange(n, dtype=torch.float32) * 0.3
+    stage(d.endpoint, {"w": w})
+    readers, reads = [], 5
+    for _ in range(4):  # 16 MiB of bf16 per read, none received yet: 320 MiB of replies asked for at once
+        peer = raw_peer(d.endpoint)
+        peer.sock.setsockopt(zmq.RCVHWM, 1)  # its replies stay in the daemon (buffers in flight) until read
+        peer.sock.setsockopt(zmq.RCVBUF, 64 << 10)
+        peer.hello(role="reader")
+        lease = peer.request(Acquire()).lease
+        for i in range(reads):
+            peer.sock.send_multipart(Read(id=500 + i, lease=lease, items=(ReadItem("w", dtype="bf16"),)).encode())
+        readers.append(peer)
+    # every read answered or held back (each reader's own 80 MiB are far below its 512 MiB in flight)
+    status = wait_until(lambda: (s := d.status())["counters"]["read_cast_bytes"] // (n * 2) + s["reads"]["deferred"]
+                        == 4 * reads and s)
+    assert status["reads"]["cast_buffers"] <= limit, status["reads"]  # unbounded, nearly all 320 MiB were held
+    assert status["reads"]["deferred"] > 0 and status["counters"]["read_cast_waits"] > 0  # later ones queue behind
+    expected = w.to(torch.bfloat16)
+    for i in range(reads):  # receiving replies frees their buffers: the waiting reads go, in turn
+        for peer in readers:
+            reply = peer.recv(timeout=30)
+            assert reply.id == 500 + i and same(torch.frombuffer(bytearray(reply.frames[0]), dtype=torch.bfloat16),
+                                                expected)
+            assert d.status()["reads"]["cast_buffers"] <= limit
+    assert d.status()["counters"]["read_cast_bytes"] == 4 * reads * n * 2
+
+
+class Tracker:  # what CastBuffers reads of zmq's MessageTracker
+    done = False
+
+
+@pytest.mark.fast
+def test_cast_buffers_hold_at_most_their_limit_and_serve_one_larger_reply_alone():
+    buffers = read_cast.CastBuffers(limit=8 * MIB)
+    assert buffers.room_for(12 * MIB)  # none in flight: a reply larger than the limit goes alone, never refused
+    [(_, big)] = buffers.take([12 * MIB])
+    first = Tracker()
+    buffers.sent(big, first)
+    assert not buffers.room_for(1 * MIB)  # the next waits until it went out
+    first.done = True
+    assert buffers.room_for(8 * MIB) and buffers.nbytes() == 0  # gone out: past the limit, not kept idle
+    trackers = [Tracker(), Tracker()]
+    for (view, buf), tracker in zip(buffers.take([3 * MIB - 5, 3 * MIB]), trackers):
+        assert len(view) in (3 * MIB - 5, 3 * MIB) and len(buf) == 3 * MIB
+        buffers.sent(buf, tracker)
+    assert buffers.busy() == 6 * MIB and buffers.room_for(2 * MIB) and not buffers.room_for(3 * MIB)
+    trackers[0].done = True
+    buffers.reclaim()
+    assert buffers.busy() == 3 * MIB and buffers.nbytes() == 6 * MIB  # one idle, kept for the next reply
+    [(_, reused)] = buffers.take([2 * MIB])  # fits in the idle one: reused, not allocated
+    assert len(reused) == 3 * MIB and buffers.nbytes() == 3 * MIB
+    buffers.sent(reused, None)  # the reply was dropped: idle again at once
+    [(_, fresh)] = buffers.take([5 * MIB])  # 3 in flight + 5: the idle 3 MiB is freed to make room
+    assert len(fresh) == 5 * MIB and buffers.nbytes() == 3 * MIB

@@ -119,6 +119,16 @@ class DaemonConfig:
     memory free under ``memory_limit`` (a version is left partial otherwise); the trainer never waits
     for it. Other nodes are reached with ``$STAGER_AUTH_DIR`` (default: ``auth_dir``) keys."""
 
+    read_cast_memory: int | None = setting(
+        None, "heap memory, beyond --memory-limit, for remote reads the daemon casts to the reader's dtype, e.g. "
+              "512MiB: reads past it wait (default 1/8 of --memory-limit, 64MiB to 1GiB)", parse=parse_size)
+    """Bytes of reply buffers for remote reads cast to the reader's dtype (``ReadItem.dtype``), in
+    flight and kept for reuse, all readers together. They are the daemon's heap, not shared memory,
+    so they are not within ``memory_limit``: this bounds them. A cast read that would go past it
+    waits (is answered once earlier replies went out, readers in turn), as a reader's reads past its
+    own bytes in flight do; one reply larger than the limit is served alone. None: an eighth of
+    ``memory_limit``, at least 64 MiB and at most 1 GiB."""
+
     transport: str = setting(
         "frames", "how readers on other hosts get bytes: frames (ZeroMQ, CURVE-encrypted on tcp) or nixl (one-sided "
                   "UCX/RDMA reads, NOT authenticated or encrypted: only on a fabric that is the trust boundary; "
@@ -168,6 +178,10 @@ class DaemonConfig:
         if not 0 <= self.preallocate <= self.memory_limit:
             raise ValueError(f"preallocate must be between 0 and memory_limit ({self.memory_limit} bytes), "
                              f"not {self.preallocate}")
+        if self.read_cast_memory is None:
+            self.read_cast_memory = min(max(self.memory_limit // 8, 64 << 20), 1 << 30)
+        if self.read_cast_memory <= 0:
+            raise ValueError("read_cast_memory must be positive")
         if self.keep < 1:
             raise ValueError("keep must be >= 1: the newest sealed version is always kept")
         self.change_map_dtypes()  # a ValueError naming the dtype, before anything is bound

@@ -51,14 +51,15 @@ class Handlers:
     def __init__(self, state: DaemonState, budget: SegmentBudget, outbox: Outbox, *, advertise: str,
                  loop_status: Callable[[], LoopStatus], assembly_outbox: Outbox | None = None,
                  transport: str = "frames", change_dtypes: tuple = (), change_keep: int = 64,
-                 change_bytes: int = 64 << 20):
+                 change_bytes: int = 64 << 20, read_cast_memory: int = 1 << 30):
         self.state, self._loop_status = state, loop_status
         self.directory = PeerDirectory(state)
         self.changes = ChangeMaps(state, self.directory, dtypes=change_dtypes, keep=change_keep, max_bytes=change_bytes)
         self.memory = Retention(state, budget, yield_pins=self.changes.yield_pins)
         self.subscriptions = Subscriptions(state, self.directory, outbox)
         self.steps = Steps(state, self.directory, self.memory, outbox, announce=self._sealed)
-        self.reading = Reading(state, self.directory, self.memory, outbox, memory_freed=self.steps.retry_waiting)
+        self.reading = Reading(state, self.directory, self.memory, outbox, memory_freed=self.steps.retry_waiting,
+                               cast_limit=read_cast_memory)
         self.peers = Peers(state, self.directory, end_lease=self.reading.end_lease, fail_step=self.steps.fail)
         self.job = JobMembership(state, advertise)
         # serve --assemble-full: the daemon's half; the assembler (a consumer) talks to it on its own socket
@@ -116,11 +117,14 @@ class Handlers:
         self.reading.resume_deferred()
 
     def collect_segments(self) -> None:
-        """Segments created in the background go to the steps waiting for them."""
+        """Segments created in the background go to the steps waiting for them, then to an assembly
+        waiting for its segment. The assembly is asked on every call, not only when this collect
+        finished one: a trainer's Begin collects too (``SegmentBudget.take``) and may have pooled the
+        assembly's segment already, and nothing else would answer its assemble_begin."""
         if self.memory.collect():
             self.steps.retry_waiting()
-            if self.assembly is not None:  # after the steps: the trainer's segments come first
-                self.assembly.retry()
+        if self.assembly is not None and self.assembly.waiting:  # after the steps: the trainer's come first
+            self.assembly.retry()
 
     def collect_changes(self) -> None:
         """Change maps computed in the background are recorded; the versions they pinned may go."""

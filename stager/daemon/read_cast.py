@@ -15,8 +15,10 @@ reader; reply buffers reused from request to request (:class:`CastBuffers`) pay 
 what is in flight plus what was in the last seconds, and the loop's work per request stays bounded
 as a gathered box's is (the reader splits reads into 64 MiB requests; the daemon refuses a cast read
 of more than MAX_READ_BYTES of the segment). A buffer is the reply's frame: counted in the reader's
-bytes in flight (MAX_READ_IN_FLIGHT) until ZeroMQ sent it. torch's cast rounds to nearest even, as
-the reader's own ``.to()`` does: the bytes are identical to a read-then-cast.
+bytes in flight (MAX_READ_IN_FLIGHT) until ZeroMQ sent it, and with every reader's, in flight and
+idle, within ``--read-cast-memory`` (heap, beyond ``--memory-limit``: a cast read past it waits).
+torch's cast rounds to nearest even, as the reader's own ``.to()`` does: the bytes are identical to
+a read-then-cast.
 """
 
 from __future__ import annotations
@@ -40,49 +42,84 @@ PIECE = 32768
 
 
 class CastBuffers:
-    """Reply buffers for cast reads, reused once ZeroMQ sent them (their pages stay mapped)."""
+    """Reply buffers for cast reads, reused once ZeroMQ sent them (their pages stay mapped), all of them
+    (in flight and idle) within ``limit`` bytes (``--read-cast-memory``): the daemon's heap, beyond
+    ``--memory-limit``. Idle buffers are a cache and go first; a reply whose buffers would take those
+    in flight past the limit waits (:meth:`room_for`, the caller defers the read)."""
 
-    def __init__(self) -> None:
+    def __init__(self, limit: int = 1 << 30) -> None:
+        self.limit = limit
         self._idle: list[tuple[bytearray, float]] = []  # (buffer, when it became idle)
-        self._busy: list[tuple[bytearray, object]] = []  # (buffer, its frame's tracker, or None until sent)
+        self._busy: list[tuple[bytearray, object]] = []  # (buffer, its frame's tracker)
 
-    def take(self, nbytes: int) -> tuple[memoryview, bytearray | None]:
-        """A writable buffer of ``nbytes`` and the pooled buffer behind it (None: a small one, not pooled);
-        hand the latter to :meth:`sent` with its frame's tracker."""
-        if nbytes < SMALL:
-            return memoryview(bytearray(nbytes)), None
+    @staticmethod
+    def footprint(nbytes: int) -> int:
+        """Bytes a buffer for a cast of ``nbytes`` holds (small ones exactly, others in whole GRAINs)."""
+        return nbytes if nbytes < SMALL else -(-nbytes // GRAIN) * GRAIN
+
+    def busy(self) -> int:
+        """Bytes of buffers whose frames ZeroMQ still holds."""
+        return sum(len(b) for b, _ in self._busy)
+
+    def room_for(self, footprint: int) -> bool:
+        """Whether a reply needing ``footprint`` bytes of buffers may be cast now: with those in flight,
+        within the limit. One reply always may when none is in flight, whatever its size (a read is
+        never refused for it, only made to wait)."""
         self.reclaim()
-        fits = [i for i, (b, _) in enumerate(self._idle) if len(b) >= nbytes]
-        if fits:
-            buf = self._idle.pop(min(fits, key=lambda i: len(self._idle[i][0])))[0]
-        else:
-            buf = bytearray(-(-nbytes // GRAIN) * GRAIN)
-        return memoryview(buf)[:nbytes], buf
+        busy = self.busy()
+        return not busy or busy + footprint <= self.limit
+
+    def take(self, sizes: list[int]) -> list[tuple[memoryview, bytearray]]:
+        """A writable buffer per cast item of one reply (``sizes`` bytes each) and the buffer behind it;
+        hand each of the latter to :meth:`sent` with its frame's tracker. Reuses idle buffers that fit
+        (the smallest) as long as the reply stays within what :meth:`room_for` allowed."""
+        self.reclaim()
+        footprints = [self.footprint(n) for n in sizes]
+        busy, rest, taken = self.busy(), sum(footprints), 0
+        room = max(rest, self.limit - busy)  # what this reply's buffers may hold together
+        out = []
+        for nbytes, size in zip(sizes, footprints):
+            rest -= size  # what the items after this one need at least
+            fits = [i for i, (b, _) in enumerate(self._idle) if size <= len(b) <= room - taken - rest]
+            if size >= SMALL and fits:
+                buf = self._idle.pop(min(fits, key=lambda i: len(self._idle[i][0])))[0]
+            else:  # a new one: the idle cache makes its room first
+                self._trim_idle(self.limit - busy - taken - size - rest)
+                buf = bytearray(size)
+            taken += len(buf)
+            out.append((memoryview(buf)[:nbytes], buf))
+        return out
 
     def sent(self, buf: bytearray, tracker: object | None) -> None:
         """``buf`` is a frame ZeroMQ holds until ``tracker`` is done (None: the reply was dropped)."""
-        if tracker is None:
-            self._idle.append((buf, time.monotonic()))
-        else:
+        if tracker is not None:
             self._busy.append((buf, tracker))
+        elif len(buf) >= SMALL:
+            self._idle.append((buf, time.monotonic()))
 
     def reclaim(self) -> None:
-        """Buffers whose frames left become idle; idle ones unused for IDLE_S are freed (every tick)."""
+        """Buffers whose frames left become idle (small ones are dropped); idle ones unused for IDLE_S,
+        or past IDLE_MAX or the limit (newest kept), are freed (every tick)."""
         now = time.monotonic()
         done = [(b, t) for b, t in self._busy if t.done]  # type: ignore[attr-defined]
         if done:
             self._busy = [(b, t) for b, t in self._busy if not t.done]  # type: ignore[attr-defined]
-            self._idle += [(b, now) for b, _ in done]
+            self._idle += [(b, now) for b, _ in done if len(b) >= SMALL]
+        self._idle = [(b, at) for b, at in self._idle if now - at < IDLE_S]
+        self._trim_idle(min(IDLE_MAX, self.limit - self.busy()))
+
+    def _trim_idle(self, keep: int) -> None:
+        """Free idle buffers, oldest first, until at most ``keep`` bytes of them are left."""
         kept, total = [], 0
         for b, at in sorted(self._idle, key=lambda e: -e[1]):
-            if now - at < IDLE_S and total + len(b) <= IDLE_MAX:
+            if total + len(b) <= keep:
                 kept.append((b, at))
                 total += len(b)
         self._idle = kept
 
     def nbytes(self) -> int:
         """Bytes held: buffers in flight and idle ones."""
-        return sum(len(b) for b, _ in self._busy) + sum(len(b) for b, _ in self._idle)
+        return self.busy() + sum(len(b) for b, _ in self._idle)
 
 
 def cast_box(segment: torch.Tensor, t, block, offsets: tuple[int, ...], sizes: tuple[int, ...],

@@ -11,6 +11,7 @@ contiguous, else gathered into one buffer per item.
 from __future__ import annotations
 
 import math
+from collections import deque
 from typing import Callable
 
 import torch
@@ -66,10 +67,13 @@ class Reading:
     lease ends and retention ran (steps waiting for memory may go on)."""
 
     def __init__(self, state: DaemonState, directory: PeerDirectory, memory: Retention, outbox: Outbox, *,
-                 memory_freed: Callable[[], None]):
+                 memory_freed: Callable[[], None], cast_limit: int = 1 << 30):
         self.state, self.directory, self.memory, self.outbox = state, directory, memory, outbox
         self._memory_freed = memory_freed
-        self.cast_buffers = CastBuffers()
+        self.cast_buffers = CastBuffers(cast_limit)  # --read-cast-memory: all readers' cast replies together
+        self._cast_turns: deque[bytes] = deque()  # readers whose cast reads wait for buffer room, first first
+        self._cast_blocked = False  # in this resume pass, a reader's turn came and its reply did not fit
+        state.counters.setdefault("read_cast_waits", 0)
 
     def on_acquire(self, identity: bytes, msg: Acquire) -> Message:
         state = self.state
@@ -135,20 +139,27 @@ class Reading:
         queued = peer.read_bytes_in_flight()
         if queued and queued + total > MAX_READ_IN_FLIGHT:
             return None if resumed else self._defer(peer, msg)
+        cast_sizes = [math.prod(sizes) * to.itemsize for *_, sizes, to in boxes if to is not None]
+        if cast_sizes and not self._cast_turn(identity, cast_sizes, resumed):
+            if resumed:
+                return None
+            deferred = self._defer(peer, msg)
+            self.state.counters["read_cast_waits"] += 1
+            return deferred
         if resumed:
             peer.deferred_reads.pop(0)
         reply = ReadReply(id=msg.id, count=len(boxes))
-        pooled = {}  # frame index -> the reusable buffer behind it
+        buffers = iter(self.cast_buffers.take(cast_sizes) if cast_sizes else ())
+        pooled = {}  # frame index -> the buffer behind it
         for t, block, offsets, sizes, to in boxes:
             if to is None:
                 reply.frames.append(self._box_bytes(v, t, block, offsets, sizes))
                 continue
-            out, pooled[len(reply.frames)] = self.cast_buffers.take(math.prod(sizes) * to.itemsize)
+            out, pooled[len(reply.frames)] = next(buffers)
             reply.frames.append(cast_box(v.segment.as_bytes(), t, block, offsets, sizes, to, out))
         trackers = self.outbox.send_tracked(identity, reply)
         for i, buf in pooled.items():
-            if buf is not None:
-                self.cast_buffers.sent(buf, None if trackers is None else trackers[i])
+            self.cast_buffers.sent(buf, None if trackers is None else trackers[i])
         if trackers is not None:
             v.segment.inflight.extend(trackers)
             peer.reads_in_flight.append((trackers, total))
@@ -156,20 +167,44 @@ class Reading:
             self.state.counters["read_cast_bytes"] += cast
         return None
 
-    @staticmethod
-    def _defer(peer, msg: Read) -> None:
+    def _cast_turn(self, identity: bytes, sizes: list[int], resumed: bool) -> bool:
+        """Whether a cast reply of ``sizes`` may be made for this reader now: its buffers fit beside
+        those in flight within ``--read-cast-memory``, and it passes no reader that waited for that
+        room (waiting reads are resumed in turn, :meth:`resume_deferred`, and none after one that did
+        not fit: a large reply is not starved by smaller ones). Else the reader queues for its turn
+        and the caller defers the read."""
+        turns = self._cast_turns
+        while turns and not getattr(self.state.peers.get(turns[0]), "deferred_reads", None):
+            turns.popleft()  # gone, or nothing left waiting
+        in_turn = not turns or (resumed and not self._cast_blocked)
+        fits = in_turn and self.cast_buffers.room_for(sum(map(self.cast_buffers.footprint, sizes)))
+        if in_turn and not fits:
+            self._cast_blocked = True
+        if fits:
+            if identity in turns:
+                turns.remove(identity)
+        elif identity not in turns:
+            turns.append(identity)
+        return fits
+
+    def _defer(self, peer, msg: Read) -> None:
         if len(peer.deferred_reads) >= MAX_DEFERRED_READS:
             raise StagerError(ErrorCode.MEMORY_LIMIT, f"{len(peer.deferred_reads)} reads are waiting while "
-                                                      f"{peer.read_bytes_in_flight() >> 20} MiB of replies are unread; "
-                                                      "receive replies before sending more reads")
+                                                      f"{peer.read_bytes_in_flight() >> 20} MiB of replies are unread "
+                                                      f"(and {self.cast_buffers.busy() >> 20} MiB of cast replies to "
+                                                      "all readers are in flight, --read-cast-memory "
+                                                      f"{self.cast_buffers.limit >> 20} MiB); receive replies "
+                                                      "before sending more reads")
         peer.deferred_reads.append(msg)
         return None
 
     def resume_deferred(self) -> None:
         """Answer held-back reads of readers whose queued replies drained (called every tick)."""
         self.cast_buffers.reclaim()
-        for identity, peer in list(self.state.peers.items()):
-            while peer.deferred_reads:
+        self._cast_blocked = False
+        for identity in list(dict.fromkeys([*self._cast_turns, *self.state.peers])):  # waiting for room: in turn
+            peer = self.state.peers.get(identity)
+            while peer is not None and peer.deferred_reads:
                 head = peer.deferred_reads[0]
                 try:
                     self.on_read(identity, head)

@@ -105,7 +105,8 @@ class Daemon:
             self.handlers = Handlers(self.state, self.budget, self.outbox, advertise=config.advertise or self.endpoint,
                                      loop_status=loop.status, assembly_outbox=self.assembly_outbox,
                                      transport=config.transport, change_dtypes=config.change_map_dtypes(),
-                                     change_keep=config.change_maps_keep, change_bytes=config.change_maps_memory)
+                                     change_keep=config.change_maps_keep, change_bytes=config.change_maps_memory,
+                                     read_cast_memory=config.read_cast_memory)
             if self.metrics is not None:
                 self.recorder.publish(self.handlers.status())
         except BaseException:

@@ -139,10 +139,15 @@ class FullAssembly:
         offsets = tuple((t.fqn, t.blocks[0].byte_offset) for t in record.layout.tensors)
         return AssembleReply(step=step, segment=got.name, size=record.layout.size, offsets=offsets)
 
+    @property
+    def waiting(self) -> bool:
+        """An assemble_begin waits for its segment (being created, or pooled and not yet taken)."""
+        return self.current is not None and self.current.segment is None
+
     def retry(self) -> None:
-        """Segments were created: answer an assembly that waited for one."""
+        """Answer an assembly that waited for its segment, if the budget has it now (else it waits on)."""
         cur = self.current
-        if cur is None or cur.segment is not None:
+        if not self.waiting:
             return
         reply = self._segment()
         if reply is not None:
