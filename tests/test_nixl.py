@@ -228,3 +228,22 @@ def test_a_node_that_stops_mid_read_gives_node_down_within_the_timeout(monkeypat
             os.kill(cluster.daemons[1].pid, signal.SIGCONT)
         snap.release()
         sub.close()
+
+
+def test_load_into_destinations_of_another_dtype_is_cast_never_raw_bytes(make_daemon, monkeypatch):
+    d = make_daemon(transport="nixl")
+    w, v, big = torch.randn(64, 32), torch.randn(64, 32), torch.randn(512, 512)
+    with StagingClient(d.endpoint, rank=0, local_world_size=1, world_size=1) as c:
+        c.stage({"w": w, "v": v, "big": big}, step=1).wait(10)
+    flat = torch.zeros(3 * w.numel(), dtype=torch.bfloat16)  # parameters side by side in one buffer (vLLM, FSDP)
+    out_w, guard = flat[:w.numel()].view(64, 32), flat[w.numel():]
+    own = torch.zeros(512, 512, dtype=torch.bfloat16)  # a storage of its own, read in several parts
+    monkeypatch.setattr(NixlSource, "max_read_bytes", 256 << 10)
+    before = dict(nixl_source.STATS)
+    with Subscriber(d.endpoint, remote=True, transport="nixl") as sub, sub.latest() as snap:
+        snap.load_into({"w": out_w, "big": own})
+    assert torch.equal(out_w, w.to(torch.bfloat16)) and bool((guard == 0).all())
+    assert torch.equal(own, big.to(torch.bfloat16))
+    assert nixl_source.STATS["nixl"] > before.get("nixl", 0)
+    assert nixl_source.STATS["frames"] == before.get("frames", 0)  # all of it over NIXL, none retried
+    assert nixl_source.STATS["nixl_retried_as_frames"] == before.get("nixl_retried_as_frames", 0)

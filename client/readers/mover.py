@@ -135,6 +135,7 @@ def _start(want: Want, sources: Mapping[str, ByteSource], queue: deque, failed: 
     tensor's own bytes: what a daemon reads to cast a part is bounded as an uncast part is)."""
     if want.cast is not None and not all(getattr(sources[r.node], "casts", False) for r in want.reads):
         want.cast = None  # a source that moves only the tensor's dtype: the reader casts, as before
+        # (a destination given in the reader's dtype is still passed: every source casts into ``out``)
     lnd = _Landing(want)
     parts = []
     for read in want.reads:

@@ -10,7 +10,10 @@ by READ into the reader's memory, the daemon's CPU not involved (UCX's tcp trans
   registered once, by its storage (cached, bounded by count and bytes, the storage kept alive
   while registered so its address is never reused under a registration: an RDMA registration
   pins the pages it was made on); a fetch with no destination gets a new
-  tensor registered for that read only; a strided destination is read into such a tensor, then copied.
+  tensor registered for that read only; a destination the READ cannot land in as it is (strided,
+  of another dtype than the staged one, or another shape) is filled from such a tensor by ``copy_``
+  (cast there): a READ writes the staged dtype's raw bytes, so it only ever targets memory of that
+  dtype and size.
 - Boxes: a box whose bytes are one span of the block is one descriptor; a strided box is one
   descriptor per contiguous run, up to :data:`MAX_RUNS` (more: that box comes as frames).
 - Several READs are in flight (:attr:`NixlSource.max_in_flight`); :meth:`_NixlFetch.wait` polls
@@ -176,7 +179,9 @@ class NixlSource:
         if block.byte_offset + block.box.numel * itemsize > self.grant.size:
             raise StagerError(ErrorCode.BAD_MESSAGE, f"{fqn}: block at byte {block.byte_offset} lies outside the "
                                                      f"{self.grant.size} bytes the daemon granted")
-        direct = out is not None and out.is_contiguous() and out.device.type == "cpu"
+        # a READ writes the staged dtype's bytes: straight into ``out`` only when it is exactly that memory
+        direct = (out is not None and out.dtype == t.torch_dtype and tuple(out.shape) == tuple(box.shape)
+                  and out.is_contiguous() and out.device.type == "cpu")
         dest = out if direct else torch.empty(box.shape, dtype=t.torch_dtype)
         once = key = None
         try:
@@ -248,7 +253,7 @@ class _NixlFetch:
         STATS["nixl"] += self.nbytes
         if self.out is None or self.dest is self.out:
             return self.dest
-        return self.out.copy_(self.dest)
+        return self.out.copy_(self.dest)  # a temporary of the staged dtype: cast into the caller's
 
 
 def _release(agent, handle) -> None:
