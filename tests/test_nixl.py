@@ -247,3 +247,37 @@ def test_load_into_destinations_of_another_dtype_is_cast_never_raw_bytes(make_da
     assert nixl_source.STATS["nixl"] > before.get("nixl", 0)
     assert nixl_source.STATS["frames"] == before.get("frames", 0)  # all of it over NIXL, none retried
     assert nixl_source.STATS["nixl_retried_as_frames"] == before.get("nixl_retried_as_frames", 0)
+
+
+NO_AGENT_READER = """
+import sys, torch
+from stager.client import Subscriber
+from stager.client.readers.sources import STATS
+from stager.protocol import StagerError
+with Subscriber(sys.argv[1], remote=True) as sub:  # transport="auto"
+    for _ in range(2):
+        with sub.latest() as snap:
+            assert torch.equal(snap["w"], torch.arange(64.0).view(8, 8))
+print("auto", STATS["frames"], STATS["nixl"], flush=True)
+with Subscriber(sys.argv[1], remote=True, transport="nixl") as sub:
+    try:
+        sub.latest()
+    except StagerError as exc:
+        print("nixl", exc.code.name, exc.message, flush=True)
+"""
+
+
+def test_auto_reads_frames_when_this_process_cannot_make_its_nixl_agent(make_daemon, tmp_path):
+    d = make_daemon(transport="nixl")
+    with StagingClient(d.endpoint, rank=0, local_world_size=1, world_size=1) as c:
+        c.stage({"w": torch.arange(64.0).view(8, 8)}, step=1).wait(10)
+    # NIXL importable, but no plugin where it looks for them: its agent cannot be made in the reader
+    env = dict(os.environ, NIXL_PLUGIN_DIR=str(tmp_path))
+    done = subprocess.run([sys.executable, "-c", NO_AGENT_READER, d.endpoint], env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[0] == f"auto {2 * 64 * 4} 0"  # both leases read as frames
+    assert lines[1].startswith("nixl UNSUPPORTED transport='nixl' but this reader cannot use NIXL")
+    assert done.stderr.count("NIXL reads are off in this process") == 1  # said once per process
+    assert d.status()["transport"]["grants"] == 0  # nothing asked of the daemon for a reader that cannot READ

@@ -53,6 +53,7 @@ MAX_REGISTERED_BYTES = 1 << 30  # ... and their bytes: a registration keeps its 
 READ_BYTES = 64 << 20  # per READ: several in flight keep the link busy, each bounded
 IN_FLIGHT = 2 * WINDOW
 _refused: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # conn -> session that refused NIXL
+_unusable: dict[int, str] = {}  # pid -> why this process cannot make its NIXL agent (said once; frames after)
 
 
 class _Agent:
@@ -134,6 +135,9 @@ def open_nixl(conn, lease: int, tensors: tuple[TensorLayout, ...], timeout: floa
         return None
     if not required and conn.session is not None and _refused.get(conn) == conn.session:
         return None  # this daemon session said no already: no request per lease
+    agent = _agent(required)  # before asking: no grant for a reader that cannot READ
+    if agent is None:
+        return None
     try:
         reply = conn.request(NixlInfo(lease=lease), timeout)
     except StagerError as exc:
@@ -147,8 +151,31 @@ def open_nixl(conn, lease: int, tensors: tuple[TensorLayout, ...], timeout: floa
         return None
     if not isinstance(reply, NixlInfoReply):
         raise StagerError(ErrorCode.BAD_MESSAGE, f"unexpected {reply.TYPE} reply to nixl_info")
-    agent = _Agent.get()
-    return NixlSource(agent, agent.load(reply), reply, FramesSource(conn, lease, tensors, timeout), tensors, timeout)
+    try:
+        remote = agent.load(reply)
+    except StagerError as exc:
+        if required:
+            raise
+        log.warning("NIXL reads from %s are off (reading as frames): %s", conn.endpoint, exc.message)
+        _refused[conn] = conn.session
+        return None
+    return NixlSource(agent, remote, reply, FramesSource(conn, lease, tensors, timeout), tensors, timeout)
+
+
+def _agent(required: bool) -> _Agent | None:
+    """This process's agent; None (``required``: UNSUPPORTED) when it cannot be made here (no UCX
+    plugin, UCX failing to load): "auto" then reads frames, said once per process, not tried again."""
+    why = _unusable.get(os.getpid())
+    if why is None:
+        try:
+            return _Agent.get()
+        except StagerError as exc:
+            why = _unusable[os.getpid()] = exc.message
+            if not required:
+                log.warning("NIXL reads are off in this process (reading as frames): %s", why)
+    if required:
+        raise StagerError(ErrorCode.UNSUPPORTED, f"transport='nixl' but this reader cannot use NIXL: {why}")
+    return None
 
 
 REMOTE_OPENERS["nixl"] = open_nixl
