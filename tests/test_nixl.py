@@ -16,7 +16,8 @@ from stager.client import StagingClient, Subscriber
 from stager.client.admin import daemon_status
 from stager.client.connection import Connection
 from stager.client.readers import nixl_source
-from stager.client.readers.nixl_source import NixlSource, nixl_installed
+from stager.client.readers.job_reader import JobReader
+from stager.client.readers.nixl_source import NixlSource, nixl_installed, nixl_stats
 from stager.daemon.segments import list_segments
 from stager.dev.launch import DaemonProcess, SimulatedCluster, run_ranks
 from stager.protocol import Acquire, Box, ErrorCode, NixlInfo, NixlInfoReply, NodeDown, Release, StagerError
@@ -215,6 +216,7 @@ def test_a_node_that_stops_mid_read_gives_node_down_within_the_timeout(monkeypat
     monkeypatch.setenv("UCX_TLS", "tcp")  # over cma a stopped process's memory stays readable: tcp needs its side
     with SimulatedCluster(2, args=LIMIT + NIXL) as cluster:
         run_ranks(multi_node_stage, 4, [1], nodes=cluster.nodes)
+        before = nixl_stats()
         sub = Subscriber(cluster.endpoints[0], transport="nixl", timeout=5)
         snap = sub.latest()
         assert _kinds(snap) == {"node-0": "NixlSource", "node-1": "NixlSource"}
@@ -224,10 +226,47 @@ def test_a_node_that_stops_mid_read_gives_node_down_within_the_timeout(monkeypat
                 for name in snap:
                     snap[name]  # node-1's regions: its READs never complete
             assert info.value.node == "node-1" and info.value.code == ErrorCode.NODE_DOWN
+            # the READ that timed out may still land: its destination is kept (dropped, not freed)
+            assert nixl_stats()["dropped"] >= 1
         finally:
             os.kill(cluster.daemons[1].pid, signal.SIGCONT)
-        snap.release()
+        snap.release()  # waits for the READs still in flight (node-0's too) before the leases go
+        assert _settled(nixl_stats(), before)
         sub.close()
+
+
+def _settled(stats: dict, before: dict) -> bool:
+    """No READ in flight or dropped, no cached destination busy, one-read registrations as before."""
+    return stats["in_flight"] == stats["dropped"] == stats["busy"] == 0 and stats["once"] == before["once"]
+
+
+def test_reads_stopped_early_end_before_their_lease_is_released(make_daemon):
+    d = make_daemon(transport="nixl")
+    tensors = {f"t{i}": torch.randn(1 << 18) for i in range(12)}  # 1 MiB each: several READs in flight
+    with StagingClient(d.endpoint, rank=0, local_world_size=1, world_size=1) as c:
+        c.stage(tensors, step=1).wait(10)
+    before = nixl_stats()
+    with Subscriber(d.endpoint, remote=True, transport="nixl") as sub:
+        for _ in range(3):
+            with sub.latest() as snap:
+                for name, t in snap.items():
+                    assert torch.equal(t, tensors[name])
+                    break  # the next tensors' READs were started
+            assert _settled(nixl_stats(), before)
+    # a stream into destinations (cached registrations), closed after its first tensor
+    reader = JobReader(d.endpoint, 10, remote=True, transport="nixl")
+    try:
+        outs = {k: torch.empty_like(v) for k, v in tensors.items()}
+        version = reader.acquire(None)
+        stream = version.stream(list(outs), outs)
+        name, t = next(stream)
+        assert t is outs[name] and torch.equal(t, tensors[name])
+        stream.close()
+        version.close()
+        stats = nixl_stats()
+        assert _settled(stats, before) and stats["registered"] >= 1  # kept (cached), none busy: the cap holds
+    finally:
+        reader.close()
 
 
 def test_load_into_destinations_of_another_dtype_is_cast_never_raw_bytes(make_daemon, monkeypatch):

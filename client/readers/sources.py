@@ -35,7 +35,9 @@ WINDOW = 4  # Read requests in flight per node
 
 
 class Fetch(Protocol):
-    """A region on its way: :meth:`wait` gives it (``out`` when one was given)."""
+    """A region on its way: :meth:`wait` gives it (``out`` when one was given). A fetch that holds
+    memory a transfer may still write (NIXL) also has ``drop()``: the caller will not wait for it
+    (the mover stopped early), the fetch keeps its destination until the transfer ended."""
 
     def wait(self) -> torch.Tensor: ...
 
