@@ -320,3 +320,16 @@ def test_auto_reads_frames_when_this_process_cannot_make_its_nixl_agent(make_dae
     assert lines[1].startswith("nixl UNSUPPORTED transport='nixl' but this reader cannot use NIXL")
     assert done.stderr.count("NIXL reads are off in this process") == 1  # said once per process
     assert d.status()["transport"]["grants"] == 0  # nothing asked of the daemon for a reader that cannot READ
+
+
+def test_the_full_assembler_inside_a_nixl_daemon_reads_frames_and_registers_nothing():
+    # a second agent in the daemon would register (pin) each freshly mapped segment it assembles into,
+    # held after unlink by its registration cache, outside --memory-limit
+    with SimulatedCluster(2, args=LIMIT + NIXL + ("--assemble-full",)) as cluster:
+        run_ranks(multi_node_stage, 4, [1], nodes=cluster.nodes)
+        for endpoint in cluster.endpoints:
+            wait_until(lambda: 1 in daemon_status(endpoint).get("assembly", {}).get("assembled", []), timeout=60)
+        node0, node1 = (daemon_status(endpoint)["transport"] for endpoint in cluster.endpoints)
+        # node-0 is read by node-1's assembler alone; node-1 by node-0's, and by rank 0's reader (on node-0)
+        assert node0["mode"] == "nixl" and node0["grants"] == 0 == node0["registered_segments"]
+        assert node1["grants"] <= 1
