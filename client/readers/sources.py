@@ -63,8 +63,9 @@ class ByteSource(Protocol):
     def fetch(self, fqn: str, box: Box, out: torch.Tensor | None = None) -> Fetch:
         """Start moving the box into ``out`` (a tensor of the box's shape, of any dtype: the box is
         cast into it as ``out.copy_`` would, never its raw bytes written into memory of another
-        dtype; None: into a tensor of the source's choosing, in the tensor's dtype). Raises StagerError: PARTIAL when the node
-        does not hold the box, BAD_VALUE when it does not fit the tensor, UNKNOWN_LEASE once closed."""
+        dtype; None: into a tensor of the source's choosing, in the tensor's dtype). Raises
+        StagerError: PARTIAL when the node does not hold the box, BAD_VALUE when it does not fit
+        the tensor, UNKNOWN_LEASE once closed."""
         ...
 
     def shares(self, t: torch.Tensor) -> bool:
