@@ -18,6 +18,7 @@ from stager.client.connection import Connection
 from stager.client.readers import nixl_source
 from stager.client.readers.job_reader import JobReader
 from stager.client.readers.nixl_source import NixlSource, nixl_installed, nixl_stats
+from stager.client.readers.sources import SegmentMaps, open_source
 from stager.daemon.segments import list_segments
 from stager.dev.launch import DaemonProcess, SimulatedCluster, run_ranks
 from stager.protocol import Acquire, Box, ErrorCode, NixlInfo, NixlInfoReply, NodeDown, Release, StagerError
@@ -35,8 +36,19 @@ def ucx(request, monkeypatch):
     return request.param
 
 
-def _kinds(snap) -> dict:
-    return {node: type(src).__name__ for node, src in snap._version.sources.items()}
+def _moved(before: dict) -> dict:
+    """Bytes each transport moved into this process since ``before`` (a copy of ``STATS``)."""
+    return {k: nixl_source.STATS[k] - before.get(k, 0) for k in ("nixl", "frames", "nixl_retried_as_frames")}
+
+
+def _nixl_source(endpoint: str):
+    """A lease on the newest version and the NIXL source of it: (connection, source, lease reply)."""
+    conn = Connection(endpoint, role="reader")
+    reply = conn.request(Acquire(), 10)
+    src = open_source(conn, reply.lease, reply.segment, reply.size, reply.tensors, remote=True, maps=SegmentMaps(),
+                      timeout=10, transport="nixl")
+    assert isinstance(src, NixlSource)
+    return conn, src, reply
 
 
 def test_a_lease_is_needed_for_descriptors_and_a_frames_daemon_refuses(make_daemon):
@@ -70,10 +82,10 @@ def test_a_lease_is_needed_for_descriptors_and_a_frames_daemon_refuses(make_daem
     for c in (conn, other, plain):
         c.close()
     # a frames daemon: "auto" reads frames, "nixl" says why it cannot
-    frames_before = nixl_source.STATS["frames"]
+    before = dict(nixl_source.STATS)
     with Subscriber(frames_only.endpoint, remote=True) as sub, sub.latest() as snap:
-        assert torch.equal(snap["w"], w) and _kinds(snap) == {snap._version._reader.node: "FramesSource"}
-    assert nixl_source.STATS["frames"] == frames_before + w.numel() * 4  # bytes by transport, reader side
+        assert torch.equal(snap["w"], w)
+    assert _moved(before) == {"nixl": 0, "frames": w.numel() * 4, "nixl_retried_as_frames": 0}  # reader side
     with Subscriber(frames_only.endpoint, remote=True, transport="nixl") as sub:
         with pytest.raises(StagerError) as info:
             sub.latest()
@@ -91,22 +103,26 @@ def test_remote_reads_on_one_daemon_are_bit_exact_and_registrations_end_with_the
             c.stage({k: v + step for k, v in tensors.items()}, step=step).wait(10)
             before = dict(nixl_source.STATS)
             with Subscriber(d.endpoint, remote=True, transport="nixl") as sub, sub.latest() as snap:
-                assert set(_kinds(snap).values()) == {"NixlSource"}
                 for k, v in tensors.items():
                     assert torch.equal(snap[k], v + step), k
-                # a destination given (registered once), strided boxes (one descriptor per row)
+                # a destination given (registered once)
                 out = torch.empty(300, 70)
                 snap.load_into({"w": out})
                 assert torch.equal(out, tensors["w"] + step)
-                src = next(iter(snap._version.sources.values()))
-                inner = torch.full((2, 5), -1.0)
-                src.fetch("w", Box((7, 3), (2, 5)), inner).wait()
-                assert torch.equal(inner, (tensors["w"] + step)[7:9, 3:8])
-            assert nixl_source.STATS["nixl"] > before.get("nixl", 0)
-            assert nixl_source.STATS["nixl_retried_as_frames"] == before.get("nixl_retried_as_frames", 0)
+            moved = _moved(before)
+            assert moved["nixl"] > 0 and moved["frames"] == moved["nixl_retried_as_frames"] == 0
+            conn, src, _ = _nixl_source(d.endpoint)
+            inner = torch.full((2, 5), -1.0)  # a strided box: one descriptor per row
+            src.fetch("w", Box((7, 3), (2, 5)), inner).wait()
+            assert torch.equal(inner, (tensors["w"] + step)[7:9, 3:8])
+            src.close()
+            conn.close()
+        registered = d.status()["transport"]["registered_segments"]
+        assert registered >= 1
+        for step in (4, 5, 6):  # another layout: the pooled segments of the old one are unlinked
+            c.stage({"other": torch.randn(10, 10)}, step=step).wait(10)
     status = d.status()
-    # keep=1: older versions' segments were reused or freed; only live segments stay registered
-    assert status["transport"]["registered_segments"] <= len(list_segments(os.getpid()))
+    assert status["transport"]["registered_segments"] == 0 == status["transport"]["registered_bytes"]
     assert status["leases"] == 0
 
 
@@ -116,8 +132,8 @@ def test_destination_registrations_stay_bounded_and_strided_boxes_read_exact(mak
     with StagingClient(d.endpoint, rank=0, local_world_size=1, world_size=1) as c:
         c.stage({"cube": cube}, step=1).wait(10)
     monkeypatch.setattr(nixl_source, "MAX_REGISTERED_BYTES", 2 * cube.numel() * 4)
+    conn, src, _ = _nixl_source(d.endpoint)
     with Subscriber(d.endpoint, remote=True, transport="nixl") as sub, sub.latest() as snap:
-        src = next(iter(snap._version.sources.values()))
         for offset, shape in (((1, 1, 0), (2, 3, 4)), ((0, 2, 1), (6, 2, 2)), ((5, 0, 0), (1, 5, 4)),
                               ((2, 4, 3), (1, 1, 1))):
             want = cube[tuple(slice(o, o + n) for o, n in zip(offset, shape))]
@@ -126,9 +142,11 @@ def test_destination_registrations_stay_bounded_and_strided_boxes_read_exact(mak
         for out in outs:
             snap.load_into({"cube": out})
             assert torch.equal(out, cube)
-        agent = src.agent
-        assert agent.registered_bytes <= nixl_source.MAX_REGISTERED_BYTES and len(agent.registered) <= 2
-        assert all(held[2] == 0 for held in agent.registered.values())  # no READ left marked in flight
+        stats = nixl_stats()
+        assert stats["registered_bytes"] <= nixl_source.MAX_REGISTERED_BYTES and stats["registered"] <= 2
+        assert stats["busy"] == stats["in_flight"] == 0  # no READ left marked in flight
+    src.close()
+    conn.close()
 
 
 def test_a_read_nixl_will_not_start_is_retried_as_frames_once_and_counted(make_daemon):
@@ -136,13 +154,16 @@ def test_a_read_nixl_will_not_start_is_retried_as_frames_once_and_counted(make_d
     w = torch.randn(40, 8)
     with StagingClient(d.endpoint, rank=0, local_world_size=1, world_size=1) as c:
         c.stage({"w": w}, step=1).wait(10)
-    with Subscriber(d.endpoint, remote=True, transport="nixl") as sub, sub.latest() as snap:
-        src = next(iter(snap._version.sources.values()))
-        assert isinstance(src, NixlSource)
-        src.remote = "no-such-agent"  # NIXL refuses to start a READ from an agent it never loaded
-        before = nixl_source.STATS["nixl_retried_as_frames"]
-        assert torch.equal(snap["w"], w)
-        assert nixl_source.STATS["nixl_retried_as_frames"] == before + 1
+    conn, src, reply = _nixl_source(d.endpoint)
+    g = src.grant  # a grant for memory the daemon never registered: NIXL refuses to start the READ
+    off = NixlSource(src.agent, src.remote, NixlInfoReply(agent=g.agent, metadata=g.metadata, addr=g.addr + (1 << 40),
+                                                          size=g.size, device=g.device),
+                     src.frames, reply.tensors, 10)
+    before = dict(nixl_source.STATS)
+    assert torch.equal(off.fetch("w", Box((0, 0), (40, 8))).wait(), w)
+    assert _moved(before) == {"nixl": 0, "frames": w.numel() * 4, "nixl_retried_as_frames": 1}
+    src.close()
+    conn.close()
 
 
 def test_two_nodes_uneven_shards_read_bit_exact_over_nixl(ucx):
@@ -151,13 +172,15 @@ def test_two_nodes_uneven_shards_read_bit_exact_over_nixl(ucx):
         run_ranks(multi_node_stage, 4, [1, 2], nodes=cluster.nodes)
         expected = {f"model.{k}": v for k, v in scaled(full_tensors(), 2).items()}
         for endpoint in cluster.endpoints:  # this process is on neither node
+            before = dict(nixl_source.STATS)
             with Subscriber(endpoint, transport="nixl") as sub, sub.latest() as snap:
-                assert _kinds(snap) == {"node-0": "NixlSource", "node-1": "NixlSource"}
                 assert all(torch.equal(snap[k], v) for k, v in expected.items())
                 for name, dim in (("model.fsdp_uneven", 0), ("model.two_d", 1)):
                     for rank in range(3):
                         want = torch.chunk(expected[name], 3, dim)[rank]
                         assert torch.equal(snap.get(name, shard=(dim, rank, 3)), want), (name, rank)
+            moved = _moved(before)  # every byte over NIXL, from both nodes (this process is on neither)
+            assert moved["nixl"] > 0 and moved["frames"] == 0
         for endpoint in cluster.endpoints:
             status = daemon_status(endpoint)
             assert status["transport"]["mode"] == "nixl" and status["transport"]["grants"] >= 1
@@ -172,9 +195,14 @@ def test_nixl_on_one_node_only_reads_the_other_as_frames():
     with cluster:
         run_ranks(multi_node_stage, 4, [1], nodes=cluster.nodes)
         expected = {f"model.{k}": v for k, v in scaled(full_tensors(), 1).items()}
+        grants = daemon_status(cluster.endpoints[0])["transport"]["grants"]
+        before = dict(nixl_source.STATS)
         with Subscriber(cluster.endpoints[1]) as sub, sub.latest() as snap:
-            assert _kinds(snap) == {"node-0": "NixlSource", "node-1": "FramesSource"}
             assert all(torch.equal(snap[k], v) for k, v in expected.items())
+        moved = _moved(before)  # node-0's regions over NIXL (granted), node-1's as frames
+        assert moved["nixl"] > 0 and moved["frames"] > 0 and moved["nixl_retried_as_frames"] == 0
+        assert daemon_status(cluster.endpoints[0])["transport"]["grants"] == grants + 1
+        assert daemon_status(cluster.endpoints[1])["transport"] == {"mode": "frames"}
 
 
 READER = """
@@ -219,7 +247,6 @@ def test_a_node_that_stops_mid_read_gives_node_down_within_the_timeout(monkeypat
         before = nixl_stats()
         sub = Subscriber(cluster.endpoints[0], transport="nixl", timeout=5)
         snap = sub.latest()
-        assert _kinds(snap) == {"node-0": "NixlSource", "node-1": "NixlSource"}
         os.kill(cluster.daemons[1].pid, signal.SIGSTOP)  # node-1 hangs with the version leased
         try:
             with pytest.raises(NodeDown) as info:
