@@ -360,3 +360,35 @@ def test_the_full_assembler_inside_a_nixl_daemon_reads_frames_and_registers_noth
         # node-0 is read by node-1's assembler alone; node-1 by node-0's, and by rank 0's reader (on node-0)
         assert node0["mode"] == "nixl" and node0["grants"] == 0 == node0["registered_segments"]
         assert node1["grants"] <= 1
+
+
+def test_subscribers_in_threads_share_the_process_agent_and_read_bit_exact(make_daemon):
+    # one agent per process serves every Subscriber: its calls come from many threads at once
+    import threading
+
+    d = make_daemon(transport="nixl")
+    tensors = {f"t{i}": torch.randn(256, 64) for i in range(8)}
+    with StagingClient(d.endpoint, rank=0, local_world_size=1, world_size=1) as c:
+        c.stage(tensors, step=1).wait(10)
+    errors = []
+
+    def read():
+        try:
+            with Subscriber(d.endpoint, remote=True, transport="nixl") as sub:
+                for _ in range(10):
+                    outs = {k: torch.empty(256, 64, dtype=torch.bfloat16) for k in tensors}
+                    with sub.latest() as snap:
+                        snap.load_into(outs)
+                        assert all(torch.equal(snap[k], v) for k, v in tensors.items())
+                    assert all(torch.equal(outs[k], v.to(torch.bfloat16)) for k, v in tensors.items())
+        except BaseException as exc:  # noqa: BLE001 (reported by the test's thread)
+            errors.append(exc)
+
+    threads = [threading.Thread(target=read) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert not any(t.is_alive() for t in threads) and errors == []
+    stats = nixl_stats()
+    assert stats["busy"] == stats["in_flight"] == stats["dropped"] == 0
