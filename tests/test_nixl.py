@@ -346,7 +346,7 @@ def test_auto_reads_frames_when_this_process_cannot_make_its_nixl_agent(make_dae
     assert lines[0] == f"auto {2 * 64 * 4} 0"  # both leases read as frames
     assert lines[1].startswith("nixl UNSUPPORTED transport='nixl' but this reader cannot use NIXL")
     assert done.stderr.count("NIXL reads are off in this process") == 1  # said once per process
-    assert d.status()["transport"]["grants"] == 0  # nothing asked of the daemon for a reader that cannot READ
+    assert d.status()["transport"]["grants"] == 1  # asked once: the process remembers it cannot READ
 
 
 def test_the_full_assembler_inside_a_nixl_daemon_reads_frames_and_registers_nothing():

@@ -149,9 +149,8 @@ def open_nixl(conn, lease: int, tensors: tuple[TensorLayout, ...], timeout: floa
         return None
     if not required and conn.session is not None and _refused.get(conn) == conn.session:
         return None  # this daemon session said no already: no request per lease
-    agent = _agent(required)  # before asking: no grant for a reader that cannot READ
-    if agent is None:
-        return None
+    if os.getpid() in _unusable:
+        return _agent(required)  # this process cannot make its agent: None (or why not), no request
     try:
         reply = conn.request(NixlInfo(lease=lease), timeout)
     except StagerError as exc:
@@ -165,6 +164,9 @@ def open_nixl(conn, lease: int, tensors: tuple[TensorLayout, ...], timeout: floa
         return None
     if not isinstance(reply, NixlInfoReply):
         raise StagerError(ErrorCode.BAD_MESSAGE, f"unexpected {reply.TYPE} reply to nixl_info")
+    agent = _agent(required)  # made once a daemon serves NIXL (importing NIXL takes seconds, its agent a thread)
+    if agent is None:
+        return None
     try:
         remote = agent.load(reply)
     except StagerError as exc:
