@@ -18,6 +18,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
+import threading
 from typing import Any, ClassVar
 
 from .errors import ErrorCode, ProtocolError, StagerError
@@ -28,6 +29,8 @@ MODULES = ("nixl_cu12", "nixl_cu13", "nixl")  # NIXL's CUDA 12 and 13 wheels, an
 # microseconds the agent's progress thread sleeps between rounds: NIXL's Python API fixes 0 (a spinning thread,
 # ~0.4-1 core idle here), which would take a core from training; 100 us: ~2% idle, tcp reads no slower (measured)
 PROGRESS_DELAY_US = 100
+# new_agent() swaps nixlBind.nixlAgentConfig process-wide while it makes an agent: one at a time
+_NEW_AGENT_LOCK = threading.Lock()
 
 
 def nixl_installed() -> bool:
@@ -38,7 +41,10 @@ def nixl_installed() -> bool:
 def new_agent(name: str) -> Any:
     """A NIXL agent with the UCX backend, as the daemon and readers make theirs: its progress thread
     paced (:data:`PROGRESS_DELAY_US`), NIXL's logging routed through the application's (NIXL prints
-    INFO to stdout otherwise), quiet unless ``NIXL_LOG_LEVEL`` says. UNSUPPORTED when NIXL is missing."""
+    INFO to stdout otherwise), quiet unless ``NIXL_LOG_LEVEL`` says, thread-safe (a reader's agent
+    serves every Subscriber of its process: NIXL's STRICT sync mode, where the default, NONE, leaves
+    concurrent calls unguarded). UNSUPPORTED when NIXL is missing or its agent cannot be made here
+    (no UCX plugin, UCX failing to load)."""
     api = None
     for module in MODULES:
         try:
@@ -61,11 +67,17 @@ def new_agent(name: str) -> Any:
         def __setattr__(self, key, value):
             super().__setattr__(key, PROGRESS_DELAY_US if key == "pthrDelay" else value)
 
-    api.nixlBind.nixlAgentConfig = _Paced
-    try:
-        agent = api.nixl_agent(name, api.nixl_agent_config(backends=["UCX"]))
-    finally:
-        api.nixlBind.nixlAgentConfig = base
+    config = api.nixl_agent_config(backends=["UCX"], sync_mode=api.nixl_thread_sync_t.NIXL_THREAD_SYNC_STRICT)
+    with _NEW_AGENT_LOCK:
+        api.nixlBind.nixlAgentConfig = _Paced
+        try:
+            agent = api.nixl_agent(name, config)
+        except Exception as exc:  # NIXL's own error types (RuntimeError: no plugins, nixlBackendError, ...)
+            raise StagerError(ErrorCode.UNSUPPORTED, f"NIXL could not make an agent here ({exc}): check "
+                                                     "NIXL_PLUGIN_DIR and UCX_* settings, or use the frames "
+                                                     "transport") from None
+        finally:
+            api.nixlBind.nixlAgentConfig = base
     if "UCX" not in agent.backends:
         raise StagerError(ErrorCode.UNSUPPORTED, "NIXL has no UCX backend here (its plugin did not load); use the "
                                                  "frames transport")

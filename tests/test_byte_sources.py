@@ -83,6 +83,25 @@ def test_fetch_gives_the_box_or_fills_the_destination(source, fqn, box, expected
     assert src.fetch(fqn, box, out).wait() is out and torch.equal(out, expected)
 
 
+@pytest.mark.parametrize("fqn,box,expected", [
+    ("w", Box((0, 0), (4, 4)), W[:4]),
+    ("w", Box((1, 1), (2, 3)), W[1:3, 1:4]),
+    ("b", Box((0,), (3,)), B),
+], ids=["held block", "inner box", "whole tensor"])
+def test_a_destination_of_another_dtype_is_cast_into_and_its_neighbours_are_untouched(source, fqn, box, expected):
+    # load_into's destinations come in the reader's dtype, often side by side in one flat buffer
+    # (vLLM, FSDP): the staged dtype's raw bytes must never be written into them
+    _, src = source
+    n = box.numel
+    flat = torch.zeros(3 * n, dtype=torch.bfloat16)
+    out = flat[n:2 * n].view(box.shape)
+    assert src.fetch(fqn, box, out).wait() is out
+    assert torch.equal(out, expected.to(torch.bfloat16))
+    assert bool((flat[:n] == 0).all()) and bool((flat[2 * n:] == 0).all())  # the neighbours
+    strided = torch.zeros(box.shape[:-1] + (2 * box.shape[-1],), dtype=torch.float64)[..., ::2]
+    assert torch.equal(src.fetch(fqn, box, strided).wait(), expected.to(torch.float64))
+
+
 def test_map_is_a_view_of_shared_memory_or_nothing(source):
     kind, src = source
     view = src.map("w", Box((1, 0), (2, 4)))

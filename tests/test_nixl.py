@@ -16,7 +16,9 @@ from stager.client import StagingClient, Subscriber
 from stager.client.admin import daemon_status
 from stager.client.connection import Connection
 from stager.client.readers import nixl_source
-from stager.client.readers.nixl_source import NixlSource, nixl_installed
+from stager.client.readers.job_reader import JobReader
+from stager.client.readers.nixl_source import NixlSource, nixl_installed, nixl_stats
+from stager.client.readers.sources import SegmentMaps, open_source
 from stager.daemon.segments import list_segments
 from stager.dev.launch import DaemonProcess, SimulatedCluster, run_ranks
 from stager.protocol import Acquire, Box, ErrorCode, NixlInfo, NixlInfoReply, NodeDown, Release, StagerError
@@ -34,8 +36,19 @@ def ucx(request, monkeypatch):
     return request.param
 
 
-def _kinds(snap) -> dict:
-    return {node: type(src).__name__ for node, src in snap._version.sources.items()}
+def _moved(before: dict) -> dict:
+    """Bytes each transport moved into this process since ``before`` (a copy of ``STATS``)."""
+    return {k: nixl_source.STATS[k] - before.get(k, 0) for k in ("nixl", "frames", "nixl_retried_as_frames")}
+
+
+def _nixl_source(endpoint: str):
+    """A lease on the newest version and the NIXL source of it: (connection, source, lease reply)."""
+    conn = Connection(endpoint, role="reader")
+    reply = conn.request(Acquire(), 10)
+    src = open_source(conn, reply.lease, reply.segment, reply.size, reply.tensors, remote=True, maps=SegmentMaps(),
+                      timeout=10, transport="nixl")
+    assert isinstance(src, NixlSource)
+    return conn, src, reply
 
 
 def test_a_lease_is_needed_for_descriptors_and_a_frames_daemon_refuses(make_daemon):
@@ -69,10 +82,10 @@ def test_a_lease_is_needed_for_descriptors_and_a_frames_daemon_refuses(make_daem
     for c in (conn, other, plain):
         c.close()
     # a frames daemon: "auto" reads frames, "nixl" says why it cannot
-    frames_before = nixl_source.STATS["frames"]
+    before = dict(nixl_source.STATS)
     with Subscriber(frames_only.endpoint, remote=True) as sub, sub.latest() as snap:
-        assert torch.equal(snap["w"], w) and _kinds(snap) == {snap._version._reader.node: "FramesSource"}
-    assert nixl_source.STATS["frames"] == frames_before + w.numel() * 4  # bytes by transport, reader side
+        assert torch.equal(snap["w"], w)
+    assert _moved(before) == {"nixl": 0, "frames": w.numel() * 4, "nixl_retried_as_frames": 0}  # reader side
     with Subscriber(frames_only.endpoint, remote=True, transport="nixl") as sub:
         with pytest.raises(StagerError) as info:
             sub.latest()
@@ -90,22 +103,26 @@ def test_remote_reads_on_one_daemon_are_bit_exact_and_registrations_end_with_the
             c.stage({k: v + step for k, v in tensors.items()}, step=step).wait(10)
             before = dict(nixl_source.STATS)
             with Subscriber(d.endpoint, remote=True, transport="nixl") as sub, sub.latest() as snap:
-                assert set(_kinds(snap).values()) == {"NixlSource"}
                 for k, v in tensors.items():
                     assert torch.equal(snap[k], v + step), k
-                # a destination given (registered once), strided boxes (one descriptor per row)
+                # a destination given (registered once)
                 out = torch.empty(300, 70)
                 snap.load_into({"w": out})
                 assert torch.equal(out, tensors["w"] + step)
-                src = next(iter(snap._version.sources.values()))
-                inner = torch.full((2, 5), -1.0)
-                src.fetch("w", Box((7, 3), (2, 5)), inner).wait()
-                assert torch.equal(inner, (tensors["w"] + step)[7:9, 3:8])
-            assert nixl_source.STATS["nixl"] > before.get("nixl", 0)
-            assert nixl_source.STATS["nixl_retried_as_frames"] == before.get("nixl_retried_as_frames", 0)
+            moved = _moved(before)
+            assert moved["nixl"] > 0 and moved["frames"] == moved["nixl_retried_as_frames"] == 0
+            conn, src, _ = _nixl_source(d.endpoint)
+            inner = torch.full((2, 5), -1.0)  # a strided box: one descriptor per row
+            src.fetch("w", Box((7, 3), (2, 5)), inner).wait()
+            assert torch.equal(inner, (tensors["w"] + step)[7:9, 3:8])
+            src.close()
+            conn.close()
+        registered = d.status()["transport"]["registered_segments"]
+        assert registered >= 1
+        for step in (4, 5, 6):  # another layout: the pooled segments of the old one are unlinked
+            c.stage({"other": torch.randn(10, 10)}, step=step).wait(10)
     status = d.status()
-    # keep=1: older versions' segments were reused or freed; only live segments stay registered
-    assert status["transport"]["registered_segments"] <= len(list_segments(os.getpid()))
+    assert status["transport"]["registered_segments"] == 0 == status["transport"]["registered_bytes"]
     assert status["leases"] == 0
 
 
@@ -115,8 +132,8 @@ def test_destination_registrations_stay_bounded_and_strided_boxes_read_exact(mak
     with StagingClient(d.endpoint, rank=0, local_world_size=1, world_size=1) as c:
         c.stage({"cube": cube}, step=1).wait(10)
     monkeypatch.setattr(nixl_source, "MAX_REGISTERED_BYTES", 2 * cube.numel() * 4)
+    conn, src, _ = _nixl_source(d.endpoint)
     with Subscriber(d.endpoint, remote=True, transport="nixl") as sub, sub.latest() as snap:
-        src = next(iter(snap._version.sources.values()))
         for offset, shape in (((1, 1, 0), (2, 3, 4)), ((0, 2, 1), (6, 2, 2)), ((5, 0, 0), (1, 5, 4)),
                               ((2, 4, 3), (1, 1, 1))):
             want = cube[tuple(slice(o, o + n) for o, n in zip(offset, shape))]
@@ -125,9 +142,11 @@ def test_destination_registrations_stay_bounded_and_strided_boxes_read_exact(mak
         for out in outs:
             snap.load_into({"cube": out})
             assert torch.equal(out, cube)
-        agent = src.agent
-        assert agent.registered_bytes <= nixl_source.MAX_REGISTERED_BYTES and len(agent.registered) <= 2
-        assert all(held[2] == 0 for held in agent.registered.values())  # no READ left marked in flight
+        stats = nixl_stats()
+        assert stats["registered_bytes"] <= nixl_source.MAX_REGISTERED_BYTES and stats["registered"] <= 2
+        assert stats["busy"] == stats["in_flight"] == 0  # no READ left marked in flight
+    src.close()
+    conn.close()
 
 
 def test_a_read_nixl_will_not_start_is_retried_as_frames_once_and_counted(make_daemon):
@@ -135,13 +154,16 @@ def test_a_read_nixl_will_not_start_is_retried_as_frames_once_and_counted(make_d
     w = torch.randn(40, 8)
     with StagingClient(d.endpoint, rank=0, local_world_size=1, world_size=1) as c:
         c.stage({"w": w}, step=1).wait(10)
-    with Subscriber(d.endpoint, remote=True, transport="nixl") as sub, sub.latest() as snap:
-        src = next(iter(snap._version.sources.values()))
-        assert isinstance(src, NixlSource)
-        src.remote = "no-such-agent"  # NIXL refuses to start a READ from an agent it never loaded
-        before = nixl_source.STATS["nixl_retried_as_frames"]
-        assert torch.equal(snap["w"], w)
-        assert nixl_source.STATS["nixl_retried_as_frames"] == before + 1
+    conn, src, reply = _nixl_source(d.endpoint)
+    g = src.grant  # a grant for memory the daemon never registered: NIXL refuses to start the READ
+    off = NixlSource(src.agent, src.remote, NixlInfoReply(agent=g.agent, metadata=g.metadata, addr=g.addr + (1 << 40),
+                                                          size=g.size, device=g.device),
+                     src.frames, reply.tensors, 10)
+    before = dict(nixl_source.STATS)
+    assert torch.equal(off.fetch("w", Box((0, 0), (40, 8))).wait(), w)
+    assert _moved(before) == {"nixl": 0, "frames": w.numel() * 4, "nixl_retried_as_frames": 1}
+    src.close()
+    conn.close()
 
 
 def test_two_nodes_uneven_shards_read_bit_exact_over_nixl(ucx):
@@ -150,13 +172,15 @@ def test_two_nodes_uneven_shards_read_bit_exact_over_nixl(ucx):
         run_ranks(multi_node_stage, 4, [1, 2], nodes=cluster.nodes)
         expected = {f"model.{k}": v for k, v in scaled(full_tensors(), 2).items()}
         for endpoint in cluster.endpoints:  # this process is on neither node
+            before = dict(nixl_source.STATS)
             with Subscriber(endpoint, transport="nixl") as sub, sub.latest() as snap:
-                assert _kinds(snap) == {"node-0": "NixlSource", "node-1": "NixlSource"}
                 assert all(torch.equal(snap[k], v) for k, v in expected.items())
                 for name, dim in (("model.fsdp_uneven", 0), ("model.two_d", 1)):
                     for rank in range(3):
                         want = torch.chunk(expected[name], 3, dim)[rank]
                         assert torch.equal(snap.get(name, shard=(dim, rank, 3)), want), (name, rank)
+            moved = _moved(before)  # every byte over NIXL, from both nodes (this process is on neither)
+            assert moved["nixl"] > 0 and moved["frames"] == 0
         for endpoint in cluster.endpoints:
             status = daemon_status(endpoint)
             assert status["transport"]["mode"] == "nixl" and status["transport"]["grants"] >= 1
@@ -171,9 +195,14 @@ def test_nixl_on_one_node_only_reads_the_other_as_frames():
     with cluster:
         run_ranks(multi_node_stage, 4, [1], nodes=cluster.nodes)
         expected = {f"model.{k}": v for k, v in scaled(full_tensors(), 1).items()}
+        grants = daemon_status(cluster.endpoints[0])["transport"]["grants"]
+        before = dict(nixl_source.STATS)
         with Subscriber(cluster.endpoints[1]) as sub, sub.latest() as snap:
-            assert _kinds(snap) == {"node-0": "NixlSource", "node-1": "FramesSource"}
             assert all(torch.equal(snap[k], v) for k, v in expected.items())
+        moved = _moved(before)  # node-0's regions over NIXL (granted), node-1's as frames
+        assert moved["nixl"] > 0 and moved["frames"] > 0 and moved["nixl_retried_as_frames"] == 0
+        assert daemon_status(cluster.endpoints[0])["transport"]["grants"] == grants + 1
+        assert daemon_status(cluster.endpoints[1])["transport"] == {"mode": "frames"}
 
 
 READER = """
@@ -215,16 +244,151 @@ def test_a_node_that_stops_mid_read_gives_node_down_within_the_timeout(monkeypat
     monkeypatch.setenv("UCX_TLS", "tcp")  # over cma a stopped process's memory stays readable: tcp needs its side
     with SimulatedCluster(2, args=LIMIT + NIXL) as cluster:
         run_ranks(multi_node_stage, 4, [1], nodes=cluster.nodes)
+        before = nixl_stats()
         sub = Subscriber(cluster.endpoints[0], transport="nixl", timeout=5)
         snap = sub.latest()
-        assert _kinds(snap) == {"node-0": "NixlSource", "node-1": "NixlSource"}
         os.kill(cluster.daemons[1].pid, signal.SIGSTOP)  # node-1 hangs with the version leased
         try:
             with pytest.raises(NodeDown) as info:
                 for name in snap:
                     snap[name]  # node-1's regions: its READs never complete
             assert info.value.node == "node-1" and info.value.code == ErrorCode.NODE_DOWN
+            # the READ that timed out may still land: its destination is kept (dropped, not freed)
+            assert nixl_stats()["dropped"] >= 1
         finally:
             os.kill(cluster.daemons[1].pid, signal.SIGCONT)
-        snap.release()
+        snap.release()  # waits for the READs still in flight (node-0's too) before the leases go
+        assert _settled(nixl_stats(), before)
         sub.close()
+
+
+def _settled(stats: dict, before: dict) -> bool:
+    """No READ in flight or dropped, no cached destination busy, one-read registrations as before."""
+    return stats["in_flight"] == stats["dropped"] == stats["busy"] == 0 and stats["once"] == before["once"]
+
+
+def test_reads_stopped_early_end_before_their_lease_is_released(make_daemon):
+    d = make_daemon(transport="nixl")
+    tensors = {f"t{i}": torch.randn(1 << 18) for i in range(12)}  # 1 MiB each: several READs in flight
+    with StagingClient(d.endpoint, rank=0, local_world_size=1, world_size=1) as c:
+        c.stage(tensors, step=1).wait(10)
+    before = nixl_stats()
+    with Subscriber(d.endpoint, remote=True, transport="nixl") as sub:
+        for _ in range(3):
+            with sub.latest() as snap:
+                for name, t in snap.items():
+                    assert torch.equal(t, tensors[name])
+                    break  # the next tensors' READs were started
+            assert _settled(nixl_stats(), before)
+    # a stream into destinations (cached registrations), closed after its first tensor
+    reader = JobReader(d.endpoint, 10, remote=True, transport="nixl")
+    try:
+        outs = {k: torch.empty_like(v) for k, v in tensors.items()}
+        version = reader.acquire(None)
+        stream = version.stream(list(outs), outs)
+        name, t = next(stream)
+        assert t is outs[name] and torch.equal(t, tensors[name])
+        stream.close()
+        version.close()
+        stats = nixl_stats()
+        assert _settled(stats, before) and stats["registered"] >= 1  # kept (cached), none busy: the cap holds
+    finally:
+        reader.close()
+
+
+def test_load_into_destinations_of_another_dtype_is_cast_never_raw_bytes(make_daemon, monkeypatch):
+    d = make_daemon(transport="nixl")
+    w, v, big = torch.randn(64, 32), torch.randn(64, 32), torch.randn(512, 512)
+    with StagingClient(d.endpoint, rank=0, local_world_size=1, world_size=1) as c:
+        c.stage({"w": w, "v": v, "big": big}, step=1).wait(10)
+    flat = torch.zeros(3 * w.numel(), dtype=torch.bfloat16)  # parameters side by side in one buffer (vLLM, FSDP)
+    out_w, guard = flat[:w.numel()].view(64, 32), flat[w.numel():]
+    own = torch.zeros(512, 512, dtype=torch.bfloat16)  # a storage of its own, read in several parts
+    monkeypatch.setattr(NixlSource, "max_read_bytes", 256 << 10)
+    before = dict(nixl_source.STATS)
+    with Subscriber(d.endpoint, remote=True, transport="nixl") as sub, sub.latest() as snap:
+        snap.load_into({"w": out_w, "big": own})
+    assert torch.equal(out_w, w.to(torch.bfloat16)) and bool((guard == 0).all())
+    assert torch.equal(own, big.to(torch.bfloat16))
+    assert nixl_source.STATS["nixl"] > before.get("nixl", 0)
+    assert nixl_source.STATS["frames"] == before.get("frames", 0)  # all of it over NIXL, none retried
+    assert nixl_source.STATS["nixl_retried_as_frames"] == before.get("nixl_retried_as_frames", 0)
+
+
+NO_AGENT_READER = """
+import sys, torch
+from stager.client import Subscriber
+from stager.client.readers.sources import STATS
+from stager.protocol import StagerError
+with Subscriber(sys.argv[1], remote=True) as sub:  # transport="auto"
+    for _ in range(2):
+        with sub.latest() as snap:
+            assert torch.equal(snap["w"], torch.arange(64.0).view(8, 8))
+print("auto", STATS["frames"], STATS["nixl"], flush=True)
+with Subscriber(sys.argv[1], remote=True, transport="nixl") as sub:
+    try:
+        sub.latest()
+    except StagerError as exc:
+        print("nixl", exc.code.name, exc.message, flush=True)
+"""
+
+
+def test_auto_reads_frames_when_this_process_cannot_make_its_nixl_agent(make_daemon, tmp_path):
+    d = make_daemon(transport="nixl")
+    with StagingClient(d.endpoint, rank=0, local_world_size=1, world_size=1) as c:
+        c.stage({"w": torch.arange(64.0).view(8, 8)}, step=1).wait(10)
+    # NIXL importable, but no plugin where it looks for them: its agent cannot be made in the reader
+    env = dict(os.environ, NIXL_PLUGIN_DIR=str(tmp_path))
+    done = subprocess.run([sys.executable, "-c", NO_AGENT_READER, d.endpoint], env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[0] == f"auto {2 * 64 * 4} 0"  # both leases read as frames
+    assert lines[1].startswith("nixl UNSUPPORTED transport='nixl' but this reader cannot use NIXL")
+    assert done.stderr.count("NIXL reads are off in this process") == 1  # said once per process
+    assert d.status()["transport"]["grants"] == 1  # asked once: the process remembers it cannot READ
+
+
+def test_the_full_assembler_inside_a_nixl_daemon_reads_frames_and_registers_nothing():
+    # a second agent in the daemon would register (pin) each freshly mapped segment it assembles into,
+    # held after unlink by its registration cache, outside --memory-limit
+    with SimulatedCluster(2, args=LIMIT + NIXL + ("--assemble-full",)) as cluster:
+        run_ranks(multi_node_stage, 4, [1], nodes=cluster.nodes)
+        for endpoint in cluster.endpoints:
+            wait_until(lambda: 1 in daemon_status(endpoint).get("assembly", {}).get("assembled", []), timeout=60)
+        node0, node1 = (daemon_status(endpoint)["transport"] for endpoint in cluster.endpoints)
+        # node-0 is read by node-1's assembler alone; node-1 by node-0's, and by rank 0's reader (on node-0)
+        assert node0["mode"] == "nixl" and node0["grants"] == 0 == node0["registered_segments"]
+        assert node1["grants"] <= 1
+
+
+def test_subscribers_in_threads_share_the_process_agent_and_read_bit_exact(make_daemon):
+    # one agent per process serves every Subscriber: its calls come from many threads at once
+    import threading
+
+    d = make_daemon(transport="nixl")
+    tensors = {f"t{i}": torch.randn(256, 64) for i in range(8)}
+    with StagingClient(d.endpoint, rank=0, local_world_size=1, world_size=1) as c:
+        c.stage(tensors, step=1).wait(10)
+    errors = []
+
+    def read():
+        try:
+            with Subscriber(d.endpoint, remote=True, transport="nixl") as sub:
+                for _ in range(10):
+                    outs = {k: torch.empty(256, 64, dtype=torch.bfloat16) for k in tensors}
+                    with sub.latest() as snap:
+                        snap.load_into(outs)
+                        assert all(torch.equal(snap[k], v) for k, v in tensors.items())
+                    assert all(torch.equal(outs[k], v.to(torch.bfloat16)) for k, v in tensors.items())
+        except BaseException as exc:  # noqa: BLE001 (reported by the test's thread)
+            errors.append(exc)
+
+    threads = [threading.Thread(target=read) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert not any(t.is_alive() for t in threads) and errors == []
+    stats = nixl_stats()
+    assert stats["busy"] == stats["in_flight"] == stats["dropped"] == 0

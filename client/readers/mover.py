@@ -60,11 +60,25 @@ Failed = Callable[[str, StagerError, str], StagerError]  # (node, error, fqn) ->
 def move(wants: Iterable[Want], sources: Mapping[str, ByteSource], failed: Failed
          ) -> Iterator[tuple[Want, torch.Tensor]]:
     """``(want, tensor)`` for each of ``wants``, in order. A source's error is raised as
-    ``failed(node, error, fqn)`` (a multi-node reader names the node that did not answer)."""
+    ``failed(node, error, fqn)`` (a multi-node reader names the node that did not answer).
+    Stopped early (closed, or a source failed), the fetches still in flight are dropped
+    (:meth:`.sources.Fetch.drop`): a transfer that may still land keeps its destination."""
+    flight: dict[str, deque[tuple[Fetch, _Landing]]] = {node: deque() for node in sources}
+    try:
+        yield from _move(wants, sources, failed, flight)
+    finally:
+        for fetches in flight.values():
+            for fetch, _ in fetches:
+                drop = getattr(fetch, "drop", None)  # optional: a fetch holding nothing needs none
+                if drop is not None:
+                    drop()
+
+
+def _move(wants: Iterable[Want], sources: Mapping[str, ByteSource], failed: Failed,
+          flight: dict[str, deque[tuple[Fetch, _Landing]]]) -> Iterator[tuple[Want, torch.Tensor]]:
     pending = iter(wants)
     landing: deque[_Landing] = deque()
     queue: deque[tuple[_Landing, str, Box, tuple[int, ...]]] = deque()  # parts to fetch, in order
-    flight: dict[str, deque[tuple[Fetch, _Landing]]] = {node: deque() for node in sources}
     more = True
     while True:
         while True:  # start what the sources have room for, in order: a full source holds back the parts behind
@@ -135,6 +149,7 @@ def _start(want: Want, sources: Mapping[str, ByteSource], queue: deque, failed: 
     tensor's own bytes: what a daemon reads to cast a part is bounded as an uncast part is)."""
     if want.cast is not None and not all(getattr(sources[r.node], "casts", False) for r in want.reads):
         want.cast = None  # a source that moves only the tensor's dtype: the reader casts, as before
+        # (a destination given in the reader's dtype is still passed: every source casts into ``out``)
     lnd = _Landing(want)
     parts = []
     for read in want.reads:

@@ -10,7 +10,10 @@ by READ into the reader's memory, the daemon's CPU not involved (UCX's tcp trans
   registered once, by its storage (cached, bounded by count and bytes, the storage kept alive
   while registered so its address is never reused under a registration: an RDMA registration
   pins the pages it was made on); a fetch with no destination gets a new
-  tensor registered for that read only; a strided destination is read into such a tensor, then copied.
+  tensor registered for that read only; a destination the READ cannot land in as it is (strided,
+  of another dtype than the staged one, or another shape) is filled from such a tensor by ``copy_``
+  (cast there): a READ writes the staged dtype's raw bytes, so it only ever targets memory of that
+  dtype and size.
 - Boxes: a box whose bytes are one span of the block is one descriptor; a strided box is one
   descriptor per contiguous run, up to :data:`MAX_RUNS` (more: that box comes as frames).
 - Several READs are in flight (:attr:`NixlSource.max_in_flight`); :meth:`_NixlFetch.wait` polls
@@ -18,9 +21,13 @@ by READ into the reader's memory, the daemon's CPU not involved (UCX's tcp trans
   fails (ERR, or NIXL refusing to start it) is retried once as frames, logged and counted
   (:data:`.sources.STATS`: bytes by transport in this process).
 
-The lease keeps the segment from being reused while it is read; a read that timed out may still
-land later in its destination (UCX cannot cancel a posted READ), so a destination of a failed
-fetch is garbage until rewritten.
+The lease keeps the segment from being reused while it is read. UCX cannot cancel a posted READ:
+a read nobody waits for any more (timed out, the mover stopped early, another node failed) is
+*dropped*: its destination stays alive and registered until NIXL says the READ ended (checked on
+every fetch and at close), never freed under it; :meth:`NixlSource.close` (before the lease is
+released) waits for its reads still in flight, up to the reader's timeout. A destination of a
+failed or dropped fetch is garbage until rewritten. :func:`nixl_stats` shows this process's
+registrations, reads in flight and dropped reads.
 """
 
 from __future__ import annotations
@@ -50,6 +57,7 @@ MAX_REGISTERED_BYTES = 1 << 30  # ... and their bytes: a registration keeps its 
 READ_BYTES = 64 << 20  # per READ: several in flight keep the link busy, each bounded
 IN_FLIGHT = 2 * WINDOW
 _refused: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # conn -> session that refused NIXL
+_unusable: dict[int, str] = {}  # pid -> why this process cannot make its NIXL agent (said once; frames after)
 
 
 class _Agent:
@@ -66,6 +74,8 @@ class _Agent:
         self.lock = threading.Lock()
         self.registered: collections.OrderedDict = collections.OrderedDict()  # (ptr, nbytes) -> (descs, storage)
         self.registered_bytes = 0
+        self.once = 0  # registrations of one read each, alive
+        self.in_flight = 0  # READs started and not known to have ended
 
     @classmethod
     def get(cls) -> _Agent:
@@ -111,7 +121,15 @@ class _Agent:
                 held[2] -= 1
 
     def register_once(self, t: torch.Tensor):
-        return self.agent.register_memory([(t.data_ptr(), t.numel() * t.element_size(), 0, "")], "DRAM")
+        descs = self.agent.register_memory([(t.data_ptr(), t.numel() * t.element_size(), 0, "")], "DRAM")
+        with self.lock:
+            self.once += 1
+        return descs
+
+    def deregister_once(self, descs) -> None:
+        with self.lock:
+            self.once -= 1
+        self.deregister(descs)
 
     def deregister(self, descs) -> None:
         try:
@@ -131,6 +149,8 @@ def open_nixl(conn, lease: int, tensors: tuple[TensorLayout, ...], timeout: floa
         return None
     if not required and conn.session is not None and _refused.get(conn) == conn.session:
         return None  # this daemon session said no already: no request per lease
+    if os.getpid() in _unusable:
+        return _agent(required)  # this process cannot make its agent: None (or why not), no request
     try:
         reply = conn.request(NixlInfo(lease=lease), timeout)
     except StagerError as exc:
@@ -144,8 +164,50 @@ def open_nixl(conn, lease: int, tensors: tuple[TensorLayout, ...], timeout: floa
         return None
     if not isinstance(reply, NixlInfoReply):
         raise StagerError(ErrorCode.BAD_MESSAGE, f"unexpected {reply.TYPE} reply to nixl_info")
-    agent = _Agent.get()
-    return NixlSource(agent, agent.load(reply), reply, FramesSource(conn, lease, tensors, timeout), tensors, timeout)
+    agent = _agent(required)  # made once a daemon serves NIXL (importing NIXL takes seconds, its agent a thread)
+    if agent is None:
+        return None
+    try:
+        remote = agent.load(reply)
+    except StagerError as exc:
+        if required:
+            raise
+        log.warning("NIXL reads from %s are off (reading as frames): %s", conn.endpoint, exc.message)
+        _refused[conn] = conn.session
+        return None
+    return NixlSource(agent, remote, reply, FramesSource(conn, lease, tensors, timeout), tensors, timeout)
+
+
+def _agent(required: bool) -> _Agent | None:
+    """This process's agent; None (``required``: UNSUPPORTED) when it cannot be made here (no UCX
+    plugin, UCX failing to load): "auto" then reads frames, said once per process, not tried again."""
+    why = _unusable.get(os.getpid())
+    if why is None:
+        try:
+            return _Agent.get()
+        except StagerError as exc:
+            why = _unusable[os.getpid()] = exc.message
+            if not required:
+                log.warning("NIXL reads are off in this process (reading as frames): %s", why)
+    if required:
+        raise StagerError(ErrorCode.UNSUPPORTED, f"transport='nixl' but this reader cannot use NIXL: {why}")
+    return None
+
+
+def nixl_stats() -> dict[str, int]:
+    """This process's NIXL reads: ``registered`` destination storages cached (and their
+    ``registered_bytes``), ``busy`` those a READ is landing in, ``once`` registrations of one read
+    each still alive, ``in_flight`` READs not known to have ended, ``dropped`` those nobody waits
+    for any more (their destinations kept until they end). All 0 before the first NIXL read."""
+    agent = _Agent._current
+    with _dropped_lock:
+        dropped = len(_dropped)
+    if agent is None or agent.pid != os.getpid():
+        return {"registered": 0, "registered_bytes": 0, "busy": 0, "once": 0, "in_flight": 0, "dropped": dropped}
+    with agent.lock:
+        return {"registered": len(agent.registered), "registered_bytes": agent.registered_bytes,
+                "busy": sum(1 for held in agent.registered.values() if held[2] > 0), "once": agent.once,
+                "in_flight": agent.in_flight, "dropped": dropped}
 
 
 REMOTE_OPENERS["nixl"] = open_nixl
@@ -161,11 +223,13 @@ class NixlSource:
                  tensors: tuple[TensorLayout, ...], timeout: float):
         self.agent, self.remote, self.grant, self.frames, self.timeout = agent, remote, grant, frames, timeout
         self._blocks = _Blocks(tensors)
+        self._pending: set[_NixlFetch] = set()  # READs of this source not known to have ended
 
     def map(self, fqn: str, box: Box) -> None:
         return None
 
     def fetch(self, fqn: str, box: Box, out: torch.Tensor | None = None):
+        _sweep()
         t, block, inner = self._blocks.find(fqn, box)  # typed errors: PARTIAL, BAD_VALUE, UNKNOWN_LEASE
         itemsize = t.torch_dtype.itemsize
         runs = _runs(block.box.shape, inner, box.shape)
@@ -176,7 +240,9 @@ class NixlSource:
         if block.byte_offset + block.box.numel * itemsize > self.grant.size:
             raise StagerError(ErrorCode.BAD_MESSAGE, f"{fqn}: block at byte {block.byte_offset} lies outside the "
                                                      f"{self.grant.size} bytes the daemon granted")
-        direct = out is not None and out.is_contiguous() and out.device.type == "cpu"
+        # a READ writes the staged dtype's bytes: straight into ``out`` only when it is exactly that memory
+        direct = (out is not None and out.dtype == t.torch_dtype and tuple(out.shape) == tuple(box.shape)
+                  and out.is_contiguous() and out.device.type == "cpu")
         dest = out if direct else torch.empty(box.shape, dtype=t.torch_dtype)
         once = key = None
         try:
@@ -193,7 +259,7 @@ class NixlSource:
             state = a.transfer(handle)
         except Exception as exc:  # NIXL refused to start it (its own error types): frames, once
             if once is not None:
-                self.agent.deregister(once)
+                self.agent.deregister_once(once)
             if key is not None:
                 self.agent.done(key)
             return self._retry(fqn, box, out, f"could not start: {exc}")
@@ -209,6 +275,17 @@ class NixlSource:
         return False
 
     def close(self) -> None:
+        """Wait (up to the reader's timeout) for this source's READs still in flight, then drop what
+        has not ended (kept alive and registered until it does): the lease is released after this."""
+        deadline = time.monotonic() + self.timeout
+        for fetch in list(self._pending):
+            while not fetch.poll() and time.monotonic() < deadline:
+                time.sleep(1e-3)
+            fetch.drop()
+        _sweep()
+        if self._pending:
+            log.warning("%d NIXL reads from %s did not end within %gs of closing; their destinations stay "
+                        "registered until they do", len(self._pending), self.grant.agent, self.timeout)
         self._blocks.meta = None
         self.frames.close()
 
@@ -220,35 +297,66 @@ class _NixlFetch:
         self.src, self.fqn, self.box, self.out, self.dest = src, fqn, box, out, dest
         self.once, self.handle, self.state, self.nbytes = once, handle, state, nbytes
         self.started = time.monotonic()
+        self.ended = False
+        self._lock = threading.Lock()
+        src._pending.add(self)
+        with src.agent.lock:
+            src.agent.in_flight += 1
+
+    def poll(self) -> bool:
+        """Whether the READ ended; once it has, its handle is released and its destination let go
+        (a cached one idle again, a one-read registration ended)."""
+        with self._lock:
+            if self.ended:
+                return True
+            if self.state == "PROC":
+                try:
+                    self.state = self.src.agent.agent.check_xfer_state(self.handle)
+                except Exception:  # NIXL's own error types: the transfer is gone
+                    self.state = "ERR"
+                if self.state == "PROC":
+                    return False
+            self.ended = True
+        agent = self.src.agent
+        _release(agent.agent, self.handle)
+        if isinstance(self.once, tuple):  # a cached destination: idle again
+            agent.done(self.once)
+        else:
+            agent.deregister_once(self.once)
+        with agent.lock:
+            agent.in_flight -= 1
+        self.src._pending.discard(self)
+        return True
+
+    def drop(self) -> None:
+        """Nobody will wait for this read: let it go now if it ended, else keep it (its destination
+        alive and registered) among the dropped reads until it does (swept on every fetch)."""
+        if not self.poll():
+            with _dropped_lock:
+                if self not in _dropped:
+                    _dropped.append(self)
 
     def wait(self) -> torch.Tensor:
-        src, agent = self.src, self.src.agent.agent
+        src = self.src
         deadline = self.started + src.timeout
         pause = 0.0
         for spins in itertools.count():
-            if self.state != "PROC":
+            if self.poll():
                 break
             if time.monotonic() > deadline:
-                # the READ may still land: its destination and registration stay until NIXL says it ended
-                _abandon(src.agent, self.handle, self.dest, self.once)
+                self.drop()  # the READ may still land: its destination and registration stay until it ended
                 raise StagerError(ErrorCode.TIMEOUT, f"{self.fqn}: a NIXL read from {src.grant.agent} did not "
                                                      f"complete within {src.timeout:g}s (the node is down, or its "
                                                      "fabric unreachable)")
             if spins > 100:  # spin briefly (small reads finish in microseconds), then back off to 1 ms
                 pause = min(1e-3, pause * 2 or 1e-5)
                 time.sleep(pause)
-            self.state = agent.check_xfer_state(self.handle)
-        _release(agent, self.handle)
-        if isinstance(self.once, tuple):  # a cached destination: idle again
-            src.agent.done(self.once)
-        else:
-            src.agent.deregister(self.once)
         if self.state != "DONE":
             return src._retry(self.fqn, self.box, self.out, "failed").wait()
         STATS["nixl"] += self.nbytes
         if self.out is None or self.dest is self.out:
             return self.dest
-        return self.out.copy_(self.dest)
+        return self.out.copy_(self.dest)  # a temporary of the staged dtype: cast into the caller's
 
 
 def _release(agent, handle) -> None:
@@ -258,23 +366,19 @@ def _release(agent, handle) -> None:
         log.debug("NIXL transfer handle release failed: %s", exc)
 
 
-_abandoned: list = []  # (agent, handle, destination, registration) of READs that timed out
+_dropped: list[_NixlFetch] = []  # READs nobody waits for that had not ended: kept (with their destinations)
+_dropped_lock = threading.Lock()
 
 
-def _abandon(agent: _Agent, handle, dest: torch.Tensor, once) -> None:
-    _abandoned.append((agent, handle, dest, once))
-    for held in list(_abandoned):
-        try:
-            ended = held[0].agent.check_xfer_state(held[1]) != "PROC"
-        except Exception:
-            ended = True
-        if ended:
-            _abandoned.remove(held)
-            _release(held[0].agent, held[1])
-            if isinstance(held[3], tuple):
-                held[0].done(held[3])
-            else:
-                held[0].deregister(held[3])
+def _sweep() -> None:
+    """Let go of the dropped READs that ended since."""
+    with _dropped_lock:
+        held = list(_dropped)
+    ended = [fetch for fetch in held if fetch.poll()]
+    if ended:
+        with _dropped_lock:
+            for fetch in ended:
+                _dropped.remove(fetch)
 
 
 def _runs(shape: tuple[int, ...], at: tuple[int, ...], sizes: tuple[int, ...]

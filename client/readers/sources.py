@@ -35,7 +35,9 @@ WINDOW = 4  # Read requests in flight per node
 
 
 class Fetch(Protocol):
-    """A region on its way: :meth:`wait` gives it (``out`` when one was given)."""
+    """A region on its way: :meth:`wait` gives it (``out`` when one was given). A fetch that holds
+    memory a transfer may still write (NIXL) also has ``drop()``: the caller will not wait for it
+    (the mover stopped early), the fetch keeps its destination until the transfer ended."""
 
     def wait(self) -> torch.Tensor: ...
 
@@ -59,9 +61,11 @@ class ByteSource(Protocol):
         ...
 
     def fetch(self, fqn: str, box: Box, out: torch.Tensor | None = None) -> Fetch:
-        """Start moving the box into ``out`` (a tensor of the box's shape and the tensor's dtype;
-        None: into a tensor of the source's choosing). Raises StagerError: PARTIAL when the node
-        does not hold the box, BAD_VALUE when it does not fit the tensor, UNKNOWN_LEASE once closed."""
+        """Start moving the box into ``out`` (a tensor of the box's shape, of any dtype: the box is
+        cast into it as ``out.copy_`` would, never its raw bytes written into memory of another
+        dtype; None: into a tensor of the source's choosing, in the tensor's dtype). Raises
+        StagerError: PARTIAL when the node does not hold the box, BAD_VALUE when it does not fit
+        the tensor, UNKNOWN_LEASE once closed."""
         ...
 
     def shares(self, t: torch.Tensor) -> bool:

@@ -9,6 +9,14 @@ Registering at grant rather than at creation keeps segment creation as it is: th
 pages in in parallel, and an RDMA registration (which pins pages) never touches a segment no
 remote reader reads.
 
+The registration runs on the socket loop, inside the first grant of a segment (later grants of it
+reuse it). Measured with NIXL 1.5.1 on this host without RDMA (UCX cma / tcp: nothing is pinned),
+registering a 1 GiB segment takes ~5 us, deregistering ~2 us (min of 3; /tmp script in the
+issue-26 review report). With an RDMA NIC UCX pins the pages (``ibv_reg_mr``): a cost that grows
+with the segment's size, not measured here; where multi-GB first grants stall the loop there,
+moving the registration to the segment factory thread (at creation, with ``--transport nixl``)
+is the next step (it needs the factory, in memory.py, to take a hook).
+
 A grant (:class:`~stager.protocol.nixl.NixlInfo`) needs the lease, on this connection: the
 descriptors (the agent's partial metadata for that segment and its address range) go only to a
 peer holding a lease on the version, over the authenticated ZeroMQ channel. The lease keeps the
@@ -39,7 +47,9 @@ class NixlServing:
     def __init__(self, state: DaemonState, directory: PeerDirectory, name: str):
         self.state, self.directory, self.name = state, directory, name
         self.agent = new_agent(name)
-        # registrations end from whichever thread frees a segment (the loop, the segment factory)
+        # registrations end from whichever thread unlinks a segment: the loop (a version freed, the pool
+        # dropped), or the segment factory thread when a new segment takes an old one's pages over
+        # (Segment._take_over unlinks the old one there)
         self._lock = threading.Lock()
         self._registered: dict[str, tuple[object, int, int]] = {}
         self.grants = 0

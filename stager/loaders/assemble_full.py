@@ -2,7 +2,10 @@
 copies each newly complete version, whole, into a segment its daemon provides.
 
 It reads like any consumer (:class:`~stager.client.Subscriber`: its own node's regions through
-shared memory, the others' as frames) and talks to its daemon only through the messages of
+shared memory, the others' as frames, even where the daemons serve NIXL: a NIXL agent here
+would be a second one in the daemon's process, registering (pinning) each freshly mapped segment
+it writes into, its registration cache holding the pages after the segment is unlinked, outside
+``--memory-limit``) and talks to its daemon only through the messages of
 :mod:`stager.protocol.assembly`, on the daemon's private assembler socket: ``assemble_begin``
 (the step it holds a lease on, and its tensors) gets the segment to write, by name, with each
 tensor's offset (or why not), and ``assemble_done`` lets the daemon swap the node's partial
@@ -143,7 +146,7 @@ class Assembler:
             try:
                 if sub is None:
                     sub = Subscriber(self.endpoint, view="native", keep_fp8=True, timeout=self.timeout,
-                                     node=self.node, auth_dir=self.auth_dir)
+                                     node=self.node, auth_dir=self.auth_dir, transport="frames")
                 if channel is None:
                     channel = AssemblerChannel(self.assembly_endpoint)
                     done = self._restarted(channel, done)  # the timeline the steps tried belong to
