@@ -5,5 +5,10 @@ The extension is optional: where it cannot be built (no compiler), stager copies
 
 from setuptools import Extension, setup
 
-setup(ext_modules=[Extension("stager.client.hook._streamcopy", ["client/hook/_streamcopy.c"], optional=True,
-                             extra_compile_args=["-O2"])])
+setup(
+    ext_modules=[
+        Extension(
+            "stager.client.hook._streamcopy", ["client/hook/_streamcopy.c"], optional=True, extra_compile_args=["-O2"]
+        )
+    ]
+)

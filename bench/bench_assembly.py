@@ -25,7 +25,6 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_multinode import full_state  # noqa: E402
-
 from common import curve_keys, machine, write_report  # noqa: E402
 from stager.client.admin import daemon_status  # noqa: E402
 from stager.dev.launch import SimulatedCluster, run_ranks  # noqa: E402
@@ -124,8 +123,11 @@ def main() -> int:
                 assembled: dict[int, float] = {}
                 poller = None
                 if mode == "on":
-                    poller = threading.Thread(target=lambda: assembled.update(_assembled_at(
-                        cluster.endpoints[0], STEPS, time.monotonic() + 600)))
+                    poller = threading.Thread(
+                        target=lambda: assembled.update(
+                            _assembled_at(cluster.endpoints[0], STEPS, time.monotonic() + 600)
+                        )
+                    )
                     poller.start()
                 times = run_ranks(stage_timed, 2, args.size_mib, stamps, nodes=cluster.nodes, timeout=900)
                 report[f"a_stage_s_{mode}"] = [max(r[i] for r in times) for i in range(len(STEPS))]
@@ -133,8 +135,11 @@ def main() -> int:
                     poller.join()
                     lat = []
                     for step, at in sorted(assembled.items()):
-                        sealed = [float(open(os.path.join(stamps, f)).read()) for f in os.listdir(stamps)
-                                  if f.startswith(f"sealed-{step}-")]
+                        sealed = [
+                            float(open(os.path.join(stamps, f)).read())
+                            for f in os.listdir(stamps)
+                            if f.startswith(f"sealed-{step}-")
+                        ]
                         lat.append(at - max(sealed))
                     report["b_complete_to_whole_s"] = lat
                     report["assembled_steps"] = sorted(assembled)
@@ -152,13 +157,17 @@ def main() -> int:
     print(f"{total / MIB:.0f} MiB fp32, 16 tensors, FSDP over 2 simulated nodes (1 rank each), tcp with CURVE")
     print(f"  (a) stage time per step, assembly off  {fmt(report['a_stage_s_off'])} s")
     print(f"                           assembly on   {fmt(report['a_stage_s_on'])} s")
-    print(f"  (b) complete -> whole on node-0        {fmt(report['b_complete_to_whole_s'])} s "
-          f"(steps {report['assembled_steps']})")
+    print(
+        f"  (b) complete -> whole on node-0        {fmt(report['b_complete_to_whole_s'])} s "
+        f"(steps {report['assembled_steps']})"
+    )
     for mode in ("off", "on"):
         runs, anchor = report[f"c_load_into_s_{mode}"], report[f"c_memcpy_s_{mode}"]
         rate = total / statistics.median(runs)
-        print(f"  (c) node-0 reader load_into, assembly {mode:3s} {fmt(runs)} s = {rate / 1e9:.2f} GB/s "
-              f"= {statistics.median(anchor) / statistics.median(runs):.2f}x bare memcpy ({fmt(anchor)} s)")
+        print(
+            f"  (c) node-0 reader load_into, assembly {mode:3s} {fmt(runs)} s = {rate / 1e9:.2f} GB/s "
+            f"= {statistics.median(anchor) / statistics.median(runs):.2f}x bare memcpy ({fmt(anchor)} s)"
+        )
     write_report(args.json, report)
     return 0
 

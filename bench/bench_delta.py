@@ -49,7 +49,7 @@ def corpus(vocab: int, seq: int, batch: int, steps: int, seed: int = 0) -> list[
     tokens = torch.tensor([ids.get(w, 0) for w in words])
     g = torch.Generator().manual_seed(seed)
     starts = torch.randint(0, tokens.numel() - seq - 1, (steps, batch), generator=g)
-    return [torch.stack([tokens[s:s + seq] for s in row.tolist()]) for row in starts]
+    return [torch.stack([tokens[s : s + seq] for s in row.tolist()]) for row in starts]
 
 
 def status_of(endpoint: str, step: int) -> dict | None:
@@ -87,8 +87,13 @@ def alternatives(prev: dict, new: dict) -> dict:
             per = BLOCK // 2
             pad = (-ne.numel()) % per
             blocks += int(torch.nn.functional.pad(ne, (0, pad)).view(-1, per).any(dim=1).sum()) * BLOCK
-    return {"changed_elements": elems, "changed_tensors": tensors, "indices_values_bytes": elems * 6,
-            "whole_changed_tensors_bytes": whole, "changed_4k_blocks_bytes": blocks}
+    return {
+        "changed_elements": elems,
+        "changed_tensors": tensors,
+        "indices_values_bytes": elems * 6,
+        "whole_changed_tensors_bytes": whole,
+        "changed_4k_blocks_bytes": blocks,
+    }
 
 
 def timed(fn) -> float:
@@ -111,26 +116,51 @@ def main() -> int:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.hidden * 11 // 4,
-                      num_hidden_layers=args.layers, num_attention_heads=args.hidden // 64,
-                      num_key_value_heads=args.hidden // 64, max_position_embeddings=args.seq)
+    cfg = LlamaConfig(
+        vocab_size=args.vocab,
+        hidden_size=args.hidden,
+        intermediate_size=args.hidden * 11 // 4,
+        num_hidden_layers=args.layers,
+        num_attention_heads=args.hidden // 64,
+        num_key_value_heads=args.hidden // 64,
+        max_position_embeddings=args.seq,
+    )
     model = LlamaForCausalLM(cfg).float()
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr)
     batches = corpus(args.vocab, args.seq, args.batch, args.steps + 1)
     sd = model.state_dict()
     nbytes = sum(t.numel() * t.element_size() for t in sd.values())
-    report: dict = {**machine(), "model": {"params": sum(t.numel() for t in sd.values()), "fp32_bytes": nbytes,
-                                           "tensors": len(sd), "hidden": args.hidden, "layers": args.layers,
-                                           "vocab": args.vocab}, "lr": args.lr, "steps": []}
-    print(f"model: {report['model']['params'] / 1e6:.1f}M params, {nbytes / 2**20:.0f} MiB fp32, {len(sd)} tensors",
-          file=sys.stderr)
+    report: dict = {
+        **machine(),
+        "model": {
+            "params": sum(t.numel() for t in sd.values()),
+            "fp32_bytes": nbytes,
+            "tensors": len(sd),
+            "hidden": args.hidden,
+            "layers": args.layers,
+            "vocab": args.vocab,
+        },
+        "lr": args.lr,
+        "steps": [],
+    }
+    print(
+        f"model: {report['model']['params'] / 1e6:.1f}M params, {nbytes / 2**20:.0f} MiB fp32, {len(sd)} tensors",
+        file=sys.stderr,
+    )
     limit = ("--memory-limit", str(5 * nbytes), "--keep", "2")
-    with DaemonProcess(args=limit) as a, DaemonProcess(args=(*limit, "--change-maps", "none")) as b, \
-            StagingClient(a.endpoint, strict=True) as ca, StagingClient(b.endpoint, strict=True) as cb, \
-            Subscriber(a.endpoint) as local, Subscriber(a.endpoint, remote=True) as remote:
+    with (
+        DaemonProcess(args=limit) as a,
+        DaemonProcess(args=(*limit, "--change-maps", "none")) as b,
+        StagingClient(a.endpoint, strict=True) as ca,
+        StagingClient(b.endpoint, strict=True) as cb,
+        Subscriber(a.endpoint) as local,
+        Subscriber(a.endpoint, remote=True) as remote,
+    ):
         bf16 = {k: torch.empty(t.shape, dtype=torch.bfloat16) for k, t in sd.items()}
-        readers = {name: ({k: t.clone() for k, t in bf16.items()}, {k: t.clone() for k, t in bf16.items()})
-                   for name in ("local", "remote")}  # (delta params, full params)
+        readers = {
+            name: ({k: t.clone() for k, t in bf16.items()}, {k: t.clone() for k, t in bf16.items()})
+            for name in ("local", "remote")
+        }  # (delta params, full params)
         subs = {"local": local, "remote": remote}
         prev_cast = None
         for step in range(1, args.steps + 2):
@@ -158,16 +188,28 @@ def main() -> int:
                 t0 = time.monotonic()
                 changed = wait_for(lambda: (status_of(a.endpoint, step) or {}).get("changed"))["bf16"]
                 row["map_wait_s"] = round(time.monotonic() - t0, 3)
-                row.update({"elements": changed["elements"], "bytes": changed["bytes"], "tensors": changed["tensors"],
-                            "whole_tensors": changed["whole"], "delta_bytes_est": changed["delta_bytes"],
-                            "full_bytes_bf16": changed["full_bytes"], "map_cpu_s": changed["cpu_s"]})
+                row.update(
+                    {
+                        "elements": changed["elements"],
+                        "bytes": changed["bytes"],
+                        "tensors": changed["tensors"],
+                        "whole_tensors": changed["whole"],
+                        "delta_bytes_est": changed["delta_bytes"],
+                        "full_bytes_bf16": changed["full_bytes"],
+                        "map_cpu_s": changed["cpu_s"],
+                    }
+                )
             prev_cast = cast
             for name, sub in subs.items():
                 delta_dst, full_dst = readers[name]
                 with sub.at(step) as snap:
                     before = read_bytes(a.endpoint)
-                    row[f"{name}_delta_s"] = round(timed(lambda: snap.load_into(delta_dst, since=step - 1)
-                                                         if step > 1 else snap.load_into(delta_dst)), 4)
+                    row[f"{name}_delta_s"] = round(
+                        timed(
+                            lambda: snap.load_into(delta_dst, since=step - 1) if step > 1 else snap.load_into(delta_dst)
+                        ),
+                        4,
+                    )
                     row[f"{name}_delta_moved"] = read_bytes(a.endpoint) - before
                     before = read_bytes(a.endpoint)
                     row[f"{name}_full_s"] = round(timed(lambda: snap.load_into(full_dst)), 4)
@@ -201,15 +243,19 @@ def summarize(report: dict) -> None:
         "stage_ms_no_maps_median": med(r["stage_ms_no_maps"] for r in rows),
     }
     report["summary"] = out
-    print("\nstep | elems % | tensors | whole | idx+val MB | whole-tensors MB | 4K-blocks MB | remote delta MB | "
-          "remote full MB | local delta s | local full s | remote delta s | remote full s | map cpu s | copy ms")
+    print(
+        "\nstep | elems % | tensors | whole | idx+val MB | whole-tensors MB | 4K-blocks MB | remote delta MB | "
+        "remote full MB | local delta s | local full s | remote delta s | remote full s | map cpu s | copy ms"
+    )
     for r in rows:
-        print(f"{r['step']:4d} | {100 * r['elements']:6.2f} | {r['tensors'][0]}/{r['tensors'][1]} | "
-              f"{r['whole_tensors']} | {r['indices_values_bytes'] / 1e6:.2f} | "
-              f"{r['whole_changed_tensors_bytes'] / 1e6:.1f} | {r['changed_4k_blocks_bytes'] / 1e6:.1f} | "
-              f"{r['remote_delta_moved'] / 1e6:.2f} | {r['remote_full_moved'] / 1e6:.1f} | {r['local_delta_s']:.4f} | "
-              f"{r['local_full_s']:.4f} | {r['remote_delta_s']:.4f} | {r['remote_full_s']:.4f} | "
-              f"{r['map_cpu_s']:.3f} | {r['copied_ms_maps']:.0f}")
+        print(
+            f"{r['step']:4d} | {100 * r['elements']:6.2f} | {r['tensors'][0]}/{r['tensors'][1]} | "
+            f"{r['whole_tensors']} | {r['indices_values_bytes'] / 1e6:.2f} | "
+            f"{r['whole_changed_tensors_bytes'] / 1e6:.1f} | {r['changed_4k_blocks_bytes'] / 1e6:.1f} | "
+            f"{r['remote_delta_moved'] / 1e6:.2f} | {r['remote_full_moved'] / 1e6:.1f} | {r['local_delta_s']:.4f} | "
+            f"{r['local_full_s']:.4f} | {r['remote_delta_s']:.4f} | {r['remote_full_s']:.4f} | "
+            f"{r['map_cpu_s']:.3f} | {r['copied_ms_maps']:.0f}"
+        )
     print(out)
 
 

@@ -53,8 +53,9 @@ def quantizer_costs(size_mib: int, repeat: int) -> dict:
         torch.set_num_threads(threads)
         for name, w in (("bf16", bf16), ("fp32", bf16.float())):
             out[f"stager_{name}_{threads}t"] = median_ms(lambda w=w: quantize_block_fp8(w), repeat) * per_100
-            out[f"vllm_reference_{name}_{threads}t"] = median_ms(lambda w=w: vllm_per_block_cast_to_fp8(w),
-                                                                 repeat) * per_100
+            out[f"vllm_reference_{name}_{threads}t"] = (
+                median_ms(lambda w=w: vllm_per_block_cast_to_fp8(w), repeat) * per_100
+            )
         out[f"clone_bf16_{threads}t"] = median_ms(bf16.clone, repeat) * per_100
     return out
 
@@ -69,16 +70,24 @@ def reader_costs(size_mib: int, repeat: int) -> dict:
     sd = {"model.embed_tokens.weight": torch.randn(vocab, hidden).to(torch.bfloat16)}
     for i in range(layers):
         p = f"model.layers.{i}."
-        shapes = {"self_attn.q_proj": (hidden, hidden), "self_attn.k_proj": (256, hidden),
-                  "self_attn.v_proj": (256, hidden), "self_attn.o_proj": (hidden, hidden),
-                  "mlp.gate_proj": (inter, hidden), "mlp.up_proj": (inter, hidden), "mlp.down_proj": (hidden, inter)}
+        shapes = {
+            "self_attn.q_proj": (hidden, hidden),
+            "self_attn.k_proj": (256, hidden),
+            "self_attn.v_proj": (256, hidden),
+            "self_attn.o_proj": (hidden, hidden),
+            "mlp.gate_proj": (inter, hidden),
+            "mlp.up_proj": (inter, hidden),
+            "mlp.down_proj": (hidden, inter),
+        }
         sd.update({p + k + ".weight": torch.randn(s).mul_(0.02).to(torch.bfloat16) for k, s in shapes.items()})
         sd[p + "input_layernorm.weight"] = torch.ones(hidden, dtype=torch.bfloat16)
     total = sum(t.numel() * 2 for t in sd.values())
     info = {"adapter": "identity", "hf_config": {"model_type": "llama"}}
     out = {"layers": layers, "mib_bf16": total / MIB}
-    with tempfile.TemporaryDirectory(prefix="stg", dir="/tmp") as tmp, \
-            DaemonProcess(endpoint=f"ipc://{tmp}/d.sock", args=("--memory-limit", f"{4 * total // MIB + 64}MiB")) as d:
+    with (
+        tempfile.TemporaryDirectory(prefix="stg", dir="/tmp") as tmp,
+        DaemonProcess(endpoint=f"ipc://{tmp}/d.sock", args=("--memory-limit", f"{4 * total // MIB + 64}MiB")) as d,
+    ):
         with StagingClient(d.endpoint, strict=True) as client:
             client.stage(sd, step=1, model_info=info).wait(120)
         del sd
@@ -95,9 +104,9 @@ def disagreement() -> dict:
     try:
         from types import SimpleNamespace
 
+        import transformers
         from transformers.integrations.finegrained_fp8 import Fp8Quantize
         from transformers.utils.quantization_config import FineGrainedFP8Config
-        import transformers
     except ImportError:
         return {"skipped": "transformers is not installed"}
     op = Fp8Quantize(SimpleNamespace(quantization_config=FineGrainedFP8Config()))
@@ -122,10 +131,12 @@ def disagreement() -> dict:
             first_values += (fd.view(torch.uint8) != data.view(torch.uint8)).sum().item()
             first_scales += (fs != scale_inv).sum().item()
             elements, blocks = elements + w.numel(), blocks + scale_inv.numel()
-        out[name] = {"transformers_values_pct": 100 * values / elements,
-                     "transformers_scales_pct": 100 * scales / blocks,
-                     "deepgemm_first_values_pct": 100 * first_values / elements,
-                     "deepgemm_first_scales_pct": 100 * first_scales / blocks}
+        out[name] = {
+            "transformers_values_pct": 100 * values / elements,
+            "transformers_scales_pct": 100 * scales / blocks,
+            "deepgemm_first_values_pct": 100 * first_values / elements,
+            "deepgemm_first_scales_pct": 100 * first_scales / blocks,
+        }
     return out
 
 
@@ -135,8 +146,12 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--json")
     args = parser.parse_args()
-    report = {"machine": machine(), "quantizer": quantizer_costs(args.size_mib, args.repeat),
-              "reader": reader_costs(args.size_mib, args.repeat), "disagreement": disagreement()}
+    report = {
+        "machine": machine(),
+        "quantizer": quantizer_costs(args.size_mib, args.repeat),
+        "reader": reader_costs(args.size_mib, args.repeat),
+        "disagreement": disagreement(),
+    }
     for section, values in report.items():
         print(section, values)
     write_report(args.json, report)

@@ -33,7 +33,6 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_persist import HF_CONFIG, native_state  # noqa: E402
-
 from common import curve_keys, machine, write_report  # noqa: E402
 from stager.dev.launch import DaemonProcess, free_port  # noqa: E402
 
@@ -229,8 +228,10 @@ def main() -> int:
         with DaemonProcess(args=("--memory-limit", str(int(8 * total)), "--keep", "2")) as daemon:
             q = ctx.Queue()
             tp = case == "c_4_tp_subscribers"
-            readers = [ctx.Process(target=_load_loop, args=(daemon.endpoint, 10, q, "native", r if tp else None))
-                       for r in range(n)]
+            readers = [
+                ctx.Process(target=_load_loop, args=(daemon.endpoint, 10, q, "native", r if tp else None))
+                for r in range(n)
+            ]
             for r in readers:
                 r.start()
             for _ in readers:
@@ -253,6 +254,7 @@ def main() -> int:
 
     def staged_ms(c):  # what the trainer waits for: the call, then the copy out of its tensors
         return med(a + b for a, b in zip(c["stage_call_ms"], c["copy_ms"]))
+
     d_time, d_bytes = med(t for t, _ in report["d_sliced"]), report["d_sliced"][0][1]
     d_moved = (report["daemon_read_bytes"] - 3 * b_bytes) / 3  # per sliced run, as the daemon counted
     report["targets"] = {
@@ -266,21 +268,39 @@ def main() -> int:
         "d_sliced_bytes_fraction": {"received": d_bytes / b_bytes, "moved": d_moved / b_bytes},
     }
     print(f"snapshot {total / 2**30:.2f} GiB fp32, {len(sd)} tensors; HF view via llama3 adapter")
-    print(f"  (a) same-host HF load   {', '.join(f'{t:.3f}' for t in warm)} s = {report['a_bytes'] / med(warm) / GB:.1f} GB/s"
-          f" (first three versions, new mappings: {', '.join(f'{t:.3f}' for t in report['a_first_versions_s'])} s"
-          f" -> {first_ratio:.2f}x a later one, target <= 2x)")
-    print(f"      memcpy anchor       {', '.join(f'{t:.3f}' for t in report['a_memcpy_s'])} s -> ratio {a_ratio:.2f}x "
-          f"(target >= 0.7x)")
-    print(f"  (b) tcp reader          {', '.join(f'{t:.2f}' for t, _ in report['b_tcp'])} s = {b_bytes / b_ours / GB:.2f} GB/s")
-    print(f"      raw ZeroMQ          {report['b_raw_zmq_bytes_per_s'] / GB:.2f} GB/s -> ratio {b_ratio:.2f}x (target >= 0.8x)")
-    print(f"  (c) stage() call        none {med(c0['stage_call_ms']):.3f} ms; 4 whole-model readers "
-          f"{med(c4['stage_call_ms']):.3f} ms ({c_ratio:.2f}x); 4 TP-shard readers {med(ctp['stage_call_ms']):.3f} ms "
-          f"({tp_ratio:.2f}x) (target <= 1.1x)")
-    print(f"      call + copy         none {staged_ms(c0):.1f} ms; 4 whole-model readers {staged_ms(c4):.1f} ms "
-          f"({staged_ms(c4) / staged_ms(c0):.2f}x); 4 TP-shard readers {staged_ms(ctp):.1f} ms "
-          f"({staged_ms(ctp) / staged_ms(c0):.2f}x)")
-    print(f"  (d) 1-of-4 TP shards    {d_bytes / 2**20:.0f} MiB received, {d_moved / 2**20:.0f} MiB sent by the daemon "
-          f"({d_moved / b_bytes:.1%} of the view; permuted q/k are fetched whole) in {d_time:.2f} s vs {b_ours:.2f} s for all")
+    print(
+        f"  (a) same-host HF load   {', '.join(f'{t:.3f}' for t in warm)} s = "
+        f"{report['a_bytes'] / med(warm) / GB:.1f} GB/s"
+        f" (first three versions, new mappings: {', '.join(f'{t:.3f}' for t in report['a_first_versions_s'])} s"
+        f" -> {first_ratio:.2f}x a later one, target <= 2x)"
+    )
+    print(
+        f"      memcpy anchor       {', '.join(f'{t:.3f}' for t in report['a_memcpy_s'])} s -> ratio {a_ratio:.2f}x "
+        f"(target >= 0.7x)"
+    )
+    print(
+        f"  (b) tcp reader          {', '.join(f'{t:.2f}' for t, _ in report['b_tcp'])} s = "
+        f"{b_bytes / b_ours / GB:.2f} GB/s"
+    )
+    print(
+        f"      raw ZeroMQ          {report['b_raw_zmq_bytes_per_s'] / GB:.2f} GB/s -> ratio {b_ratio:.2f}x "
+        "(target >= 0.8x)"
+    )
+    print(
+        f"  (c) stage() call        none {med(c0['stage_call_ms']):.3f} ms; 4 whole-model readers "
+        f"{med(c4['stage_call_ms']):.3f} ms ({c_ratio:.2f}x); 4 TP-shard readers {med(ctp['stage_call_ms']):.3f} ms "
+        f"({tp_ratio:.2f}x) (target <= 1.1x)"
+    )
+    print(
+        f"      call + copy         none {staged_ms(c0):.1f} ms; 4 whole-model readers {staged_ms(c4):.1f} ms "
+        f"({staged_ms(c4) / staged_ms(c0):.2f}x); 4 TP-shard readers {staged_ms(ctp):.1f} ms "
+        f"({staged_ms(ctp) / staged_ms(c0):.2f}x)"
+    )
+    print(
+        f"  (d) 1-of-4 TP shards    {d_bytes / 2**20:.0f} MiB received, {d_moved / 2**20:.0f} MiB sent by the daemon "
+        f"({d_moved / b_bytes:.1%} of the view; permuted q/k are fetched whole) in {d_time:.2f} s "
+        f"vs {b_ours:.2f} s for all"
+    )
     write_report(args.json, report)
     return 0
 

@@ -27,7 +27,6 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_live import _raw_zmq  # noqa: E402
-
 from common import curve_keys, machine, write_report  # noqa: E402
 from stager.dev.launch import SimulatedCluster, run_ranks  # noqa: E402
 
@@ -151,8 +150,11 @@ def main() -> int:
                     waiter.join()
                     lat = []
                     for step, seen in got.items():
-                        sealed = [float(open(os.path.join(stamps, f)).read()) for f in os.listdir(stamps)
-                                  if f.startswith(f"sealed-{step}-")]
+                        sealed = [
+                            float(open(os.path.join(stamps, f)).read())
+                            for f in os.listdir(stamps)
+                            if f.startswith(f"sealed-{step}-")
+                        ]
                         lat.append(seen - max(sealed))
                     report[f"c_seal_to_complete_s_{n}"] = lat
                 r = ctx.Process(target=_reader, args=(cluster.endpoints[0], q))
@@ -180,11 +182,15 @@ def main() -> int:
     for n in (1, 2, 3):
         runs = report[f"a_read_{n}"]
         rate = statistics.median(b / t for t, b in runs)
-        print(f"      from {n} node(s)              {rate / 1e9:.3f} GB/s = {rate / raw:.2f}x raw "
-              f"({rate / n / raw:.2f}x per source; runs {', '.join(f'{t:.2f}' for t, _ in runs)} s)")
+        print(
+            f"      from {n} node(s)              {rate / 1e9:.3f} GB/s = {rate / raw:.2f}x raw "
+            f"({rate / n / raw:.2f}x per source; runs {', '.join(f'{t:.2f}' for t, _ in runs)} s)"
+        )
     ours, theirs = report["b_write_dcp_distributed_s"], report["b_dcp_save_s"]
-    print(f"  (b) write-dcp, 1 writer/node     {', '.join(f'{t:.2f}' for t in ours)} s; DCP dcp.save 2 ranks "
-          f"{', '.join(f'{t:.2f}' for t in theirs)} s -> {statistics.median(ours) / statistics.median(theirs):.2f}x")
+    print(
+        f"  (b) write-dcp, 1 writer/node     {', '.join(f'{t:.2f}' for t in ours)} s; DCP dcp.save 2 ranks "
+        f"{', '.join(f'{t:.2f}' for t in theirs)} s -> {statistics.median(ours) / statistics.median(theirs):.2f}x"
+    )
     for n in (2, 3):
         lat = report[f"c_seal_to_complete_s_{n}"]
         print(f"  (c) last seal -> complete, {n} nodes  {', '.join(f'{x * 1e3:.1f}' for x in lat)} ms")

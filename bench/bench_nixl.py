@@ -68,8 +68,11 @@ def main() -> int:
     flags = ("--memory-limit", f"{4 * args.size_mib}MiB", "--keep", "1", "--transport", "nixl")
     with SimulatedCluster(args.nodes, args=flags, auth_dir=keys) as cluster:
         run_ranks(stage_sharded, args.nodes, args.size_mib, [1], None, nodes=cluster.nodes, timeout=600)
-        for name, transport, tls in (("frames_curve", "frames", None), ("nixl_ucx_tcp", "nixl", "tcp"),
-                                     ("nixl_ucx_default", "nixl", None)):
+        for name, transport, tls in (
+            ("frames_curve", "frames", None),
+            ("nixl_ucx_tcp", "nixl", "tcp"),
+            ("nixl_ucx_default", "nixl", None),
+        ):
             print(f"[{time.strftime('%H:%M:%S')}] {name}", file=sys.stderr, flush=True)
             before = sum(daemon_status(e)["cpu_seconds"] for e in cluster.endpoints)
             queue = ctx.Queue()
@@ -79,10 +82,14 @@ def main() -> int:
             p.join()
             daemons_cpu = sum(daemon_status(e)["cpu_seconds"] for e in cluster.endpoints) - before
             wall, cpu, n = min(got["runs"])
-            report[name] = {"gb_per_s": round(n / wall / 1e9, 3), "runs_s": [round(r[0], 3) for r in got["runs"]],
-                            "reader_cpu_s_per_gib": round(cpu / (n / GIB), 3),
-                            "daemons_cpu_s_per_gib": round(daemons_cpu / (3 * n / GIB), 3),
-                            "sources": got["sources"], "retried_as_frames": got["retried"]}
+            report[name] = {
+                "gb_per_s": round(n / wall / 1e9, 3),
+                "runs_s": [round(r[0], 3) for r in got["runs"]],
+                "reader_cpu_s_per_gib": round(cpu / (n / GIB), 3),
+                "daemons_cpu_s_per_gib": round(daemons_cpu / (3 * n / GIB), 3),
+                "sources": got["sources"],
+                "retried_as_frames": got["retried"],
+            }
             print(f"  {report[name]}", file=sys.stderr, flush=True)
     write_report(args.json, report)
     print(report)

@@ -35,27 +35,43 @@ HIDDEN, FFN, VOCAB, HEADS, KV_HEADS = 2048, 5632, 8192, 16, 4
 
 def native_state(size_gib: float) -> dict:
     g = torch.Generator().manual_seed(0)
-    sd = {"tok_embeddings.weight": torch.randn(VOCAB, HIDDEN, generator=g), "norm.weight": torch.ones(HIDDEN),
-          "output.weight": torch.randn(VOCAB, HIDDEN, generator=g)}
+    sd = {
+        "tok_embeddings.weight": torch.randn(VOCAB, HIDDEN, generator=g),
+        "norm.weight": torch.ones(HIDDEN),
+        "output.weight": torch.randn(VOCAB, HIDDEN, generator=g),
+    }
     kv = HIDDEN // HEADS * KV_HEADS
     layer = 0
     while sum(t.numel() * 4 for t in sd.values()) < size_gib * 2**30:
         p = f"layers.{layer}."
-        sd.update({p + "attention.wq.weight": torch.randn(HIDDEN, HIDDEN, generator=g),
-                   p + "attention.wk.weight": torch.randn(kv, HIDDEN, generator=g),
-                   p + "attention.wv.weight": torch.randn(kv, HIDDEN, generator=g),
-                   p + "attention.wo.weight": torch.randn(HIDDEN, HIDDEN, generator=g),
-                   p + "feed_forward.w1.weight": torch.randn(FFN, HIDDEN, generator=g),
-                   p + "feed_forward.w2.weight": torch.randn(HIDDEN, FFN, generator=g),
-                   p + "feed_forward.w3.weight": torch.randn(FFN, HIDDEN, generator=g),
-                   p + "attention_norm.weight": torch.ones(HIDDEN), p + "ffn_norm.weight": torch.ones(HIDDEN)})
+        sd.update(
+            {
+                p + "attention.wq.weight": torch.randn(HIDDEN, HIDDEN, generator=g),
+                p + "attention.wk.weight": torch.randn(kv, HIDDEN, generator=g),
+                p + "attention.wv.weight": torch.randn(kv, HIDDEN, generator=g),
+                p + "attention.wo.weight": torch.randn(HIDDEN, HIDDEN, generator=g),
+                p + "feed_forward.w1.weight": torch.randn(FFN, HIDDEN, generator=g),
+                p + "feed_forward.w2.weight": torch.randn(HIDDEN, FFN, generator=g),
+                p + "feed_forward.w3.weight": torch.randn(FFN, HIDDEN, generator=g),
+                p + "attention_norm.weight": torch.ones(HIDDEN),
+                p + "ffn_norm.weight": torch.ones(HIDDEN),
+            }
+        )
         layer += 1
     return sd
 
 
-HF_CONFIG = {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidden_size": HIDDEN,
-             "intermediate_size": FFN, "num_attention_heads": HEADS, "num_key_value_heads": KV_HEADS,
-             "vocab_size": VOCAB, "rms_norm_eps": 1e-5, "tie_word_embeddings": False}
+HF_CONFIG = {
+    "model_type": "llama",
+    "architectures": ["LlamaForCausalLM"],
+    "hidden_size": HIDDEN,
+    "intermediate_size": FFN,
+    "num_attention_heads": HEADS,
+    "num_key_value_heads": KV_HEADS,
+    "vocab_size": VOCAB,
+    "rms_norm_eps": 1e-5,
+    "tie_word_embeddings": False,
+}
 
 
 def _rss_anon() -> int:
@@ -132,8 +148,13 @@ def _hf_writer_ranks(rank, world, size_gib, out):
     times = []
     for i in range(2):
         path = os.path.join(out, f"hf-writer-{i}")
-        writer = HuggingFaceStorageWriter(path, fqn_to_index_mapping=mapping, save_distributed=True,
-                                          enable_consolidation=True, thread_count_consolidation=2)
+        writer = HuggingFaceStorageWriter(
+            path,
+            fqn_to_index_mapping=mapping,
+            save_distributed=True,
+            enable_consolidation=True,
+            thread_count_consolidation=2,
+        )
         dist.barrier()
         t0 = time.perf_counter()
         dcp.save(sharded, storage_writer=writer)
@@ -230,27 +251,42 @@ def main() -> int:
         "hf_export_vs_save_file": {"ratio": ratio, "limit": 1.25, "met": ratio <= 1.25},
         "hf_export_vs_fresh_save_file": {"ratio": fresh_ratio, "limit": 1.25, "met": fresh_ratio <= 1.25},
         "hf_export_vs_dcp_hf_writer": {"ratio": hf_ratio, "limit": 0.5, "met": hf_ratio <= 0.5},
-        "hf_peak_extra_memory": {"bytes": report["hf_peak_extra_bytes"], "limit": mem_limit,
-                                 "met": report["hf_peak_extra_bytes"] <= mem_limit},
+        "hf_peak_extra_memory": {
+            "bytes": report["hf_peak_extra_bytes"],
+            "limit": mem_limit,
+            "met": report["hf_peak_extra_bytes"] <= mem_limit,
+        },
         "dcp_daemon_vs_trainers": {"ratio": med(report["dcp_daemon_s"]) / med(report["dcp_trainers_s"])},
     }
     gib = 2**30
-    print(f"snapshot {report['snapshot_bytes'] / gib:.2f} GiB fp32 ({report['tensors']} tensors, largest "
-          f"{report['largest_tensor_bytes'] / 2**20:.0f} MiB) -> bf16 HF export in 500MB shards")
+    print(
+        f"snapshot {report['snapshot_bytes'] / gib:.2f} GiB fp32 ({report['tensors']} tensors, largest "
+        f"{report['largest_tensor_bytes'] / 2**20:.0f} MiB) -> bf16 HF export in 500MB shards"
+    )
     print(f"  (a) stager export-hf        {', '.join(f'{t:.2f}' for t in report['hf_export_s'])} s")
-    print(f"  (b) safetensors save_file   {', '.join(f'{t:.2f}' for t in report['save_file_s'])} s  "
-          f"(pre-converted, same bytes)")
+    print(
+        f"  (b) safetensors save_file   {', '.join(f'{t:.2f}' for t in report['save_file_s'])} s  "
+        f"(pre-converted, same bytes)"
+    )
     print(f"      ratio (a)/(b) medians   {ratio:.2f}x (target <= 1.25x)")
-    print(f"  (b') save_file, fresh proc  {', '.join(f'{t:.2f}' for t in report['save_file_fresh_s'])} s  "
-          f"-> ratio (a)/(b') {fresh_ratio:.2f}x (target <= 1.25x)")
-    print(f"  (e) DCP HuggingFaceStorageWriter, 2 ranks + consolidation  "
-          f"{', '.join(f'{t:.2f}' for t in report['dcp_hf_writer_s'])} s -> ratio (a)/(e) {hf_ratio:.2f}x "
-          "(target <= 0.5x)")
-    print(f"      exporter peak extra mem {report['hf_peak_extra_bytes'] / 2**20:.0f} MiB (target <= "
-          f"{mem_limit / 2**20:.0f} MiB = largest tensor + 10%)")
+    print(
+        f"  (b') save_file, fresh proc  {', '.join(f'{t:.2f}' for t in report['save_file_fresh_s'])} s  "
+        f"-> ratio (a)/(b') {fresh_ratio:.2f}x (target <= 1.25x)"
+    )
+    print(
+        f"  (e) DCP HuggingFaceStorageWriter, 2 ranks + consolidation  "
+        f"{', '.join(f'{t:.2f}' for t in report['dcp_hf_writer_s'])} s -> ratio (a)/(e) {hf_ratio:.2f}x "
+        "(target <= 0.5x)"
+    )
+    print(
+        f"      exporter peak extra mem {report['hf_peak_extra_bytes'] / 2**20:.0f} MiB (target <= "
+        f"{mem_limit / 2**20:.0f} MiB = largest tensor + 10%)"
+    )
     print(f"  (c) DCP write from daemon   {', '.join(f'{t:.2f}' for t in report['dcp_daemon_s'])} s")
-    print(f"  (d) dcp.save from 2 ranks   {', '.join(f'{t:.2f}' for t in report['dcp_trainers_s'])} s  "
-          f"(ratio (c)/(d) {report['targets']['dcp_daemon_vs_trainers']['ratio']:.2f}x)")
+    print(
+        f"  (d) dcp.save from 2 ranks   {', '.join(f'{t:.2f}' for t in report['dcp_trainers_s'])} s  "
+        f"(ratio (c)/(d) {report['targets']['dcp_daemon_vs_trainers']['ratio']:.2f}x)"
+    )
     write_report(args.json, report)
     return 0
 

@@ -61,8 +61,12 @@ def measure(endpoint: str, mode: str, how: str, engine: dict[str, torch.Tensor])
                 snap.load_into(engine)
     wall, cpu = time.perf_counter() - t0, time.process_time() - cpu0
     after = daemon_status(endpoint)
-    return {"wall_s": wall, "reader_cpu_s": cpu, "daemon_cpu_s": after["cpu_seconds"] - before["cpu_seconds"],
-            "served_mib": (after["counters"]["read_bytes"] - before["counters"]["read_bytes"]) / MIB}
+    return {
+        "wall_s": wall,
+        "reader_cpu_s": cpu,
+        "daemon_cpu_s": after["cpu_seconds"] - before["cpu_seconds"],
+        "served_mib": (after["counters"]["read_bytes"] - before["counters"]["read_bytes"]) / MIB,
+    }
 
 
 def run(transport: str, params_m: float, repeat: int) -> dict:
@@ -73,8 +77,11 @@ def run(transport: str, params_m: float, repeat: int) -> dict:
         endpoint = "tcp://127.0.0.1:47831"
     sd = model(params_m)
     nbytes = sum(t.numel() * t.element_size() for t in sd.values())
-    out: dict = {"transport": transport, "params_m": sum(t.numel() for t in sd.values()) / 1e6,
-                 "fp32_mib": nbytes / MIB}
+    out: dict = {
+        "transport": transport,
+        "params_m": sum(t.numel() for t in sd.values()) / 1e6,
+        "fp32_mib": nbytes / MIB,
+    }
     with DaemonProcess(endpoint, args=tuple(args)) as d:
         with StagingClient(d.endpoint, strict=True) as c:
             c.stage(sd, step=1).wait(120)

@@ -12,8 +12,8 @@
     each byte copied once into shared memory), then twice more into the same daemon, the last of
     which reuses the first load's segment (checked); then into a new daemon started with
     ``--preallocate``, timed once its memory is allocated (its load must take it: checked);
-    anchors, each in a fresh process: ``safetensors.torch.load`` of each file's bytes, ``load_file`` (lazy mmap) with every tensor
-    copied out and kept, and DCP's ``HuggingFaceStorageReader`` into preallocated tensors. Page cache
+    anchors, each in a fresh process: ``safetensors.torch.load`` of each file's bytes, ``load_file`` (lazy mmap)
+    with every tensor copied out and kept, and DCP's ``HuggingFaceStorageReader`` into preallocated tensors. Page cache
     warm for all; memory settled before each. Goal: load-hf >= 0.8x safetensors' own read speed.
     Runs before (a), whose page cache drops slow this VM's memory for the rest of the run.
 """
@@ -34,10 +34,9 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_multinode import full_state  # noqa: E402
-
 from common import in_child, load_file_kept, machine, settle_memory, write_report  # noqa: E402
-from stager.dev.launch import DaemonProcess, run_ranks  # noqa: E402
 from stager.client.admin import daemon_status  # noqa: E402
+from stager.dev.launch import DaemonProcess, run_ranks  # noqa: E402
 
 MIB = 1 << 20
 ROUNDS = 3
@@ -48,8 +47,10 @@ def _sharded(size_mib: int, world: int, fill: bool):
     from torch.distributed.tensor import Shard, distribute_tensor
 
     mesh = init_device_mesh("cpu", (world,))
-    return {k: distribute_tensor(v if fill else torch.zeros_like(v), mesh, [Shard(0)])
-            for k, v in full_state(size_mib, 1).items()}
+    return {
+        k: distribute_tensor(v if fill else torch.zeros_like(v), mesh, [Shard(0)])
+        for k, v in full_state(size_mib, 1).items()
+    }
 
 
 def stage_and_save(rank, world, size_mib, ckpt):
@@ -70,6 +71,7 @@ def restore_once(rank, world, size_mib, ckpt, how):
     import torch.distributed as dist
     import torch.distributed.checkpoint as dcp  # imported before timing (~1.7 s here)
     import torch.distributed.tensor._utils  # noqa: F401  (what restore imports lazily, also before timing:
+
     import stager.client.hook.restore  # noqa: F401        after a dropped page cache an import reads the disk)
     from stager.client import StagingClient
 
@@ -117,9 +119,8 @@ def _load_files(files, queue):
 
 def _load_hf_reader(path, queue):
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint import HuggingFaceStorageReader
-
     from safetensors import safe_open
+    from torch.distributed.checkpoint import HuggingFaceStorageReader
 
     template = {}
     for f in sorted(os.listdir(path)):
@@ -173,18 +174,19 @@ def restore_part(args, report: dict, tmp: str) -> None:
             settle_memory()
             report["a_restore_s"].append(max(run_ranks(restore_once, 2, args.size_mib, ckpt, "restore", env=env)))
             settle_memory()
-            report["a_dcp_load_warm_s"].append(max(run_ranks(restore_once, 2, args.size_mib, ckpt, "dcp",
-                                                             env=env)))
+            report["a_dcp_load_warm_s"].append(max(run_ranks(restore_once, 2, args.size_mib, ckpt, "dcp", env=env)))
         for _ in range(ROUNDS):  # then DCP reading the disk
             if drop_page_cache():
-                report["a_dcp_load_cold_s"].append(max(run_ranks(restore_once, 2, args.size_mib, ckpt, "dcp",
-                                                                 env=env)))
+                report["a_dcp_load_cold_s"].append(max(run_ranks(restore_once, 2, args.size_mib, ckpt, "dcp", env=env)))
     shutil.rmtree(ckpt, ignore_errors=True)
 
 
 def load_hf_part(args, report: dict, tmp: str, state: dict) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] (b) load-hf vs load_file vs HuggingFaceStorageReader",
-          file=sys.stderr, flush=True)
+    print(
+        f"[{time.strftime('%H:%M:%S')}] (b) load-hf vs load_file vs HuggingFaceStorageReader",
+        file=sys.stderr,
+        flush=True,
+    )
     from safetensors.torch import save_file
 
     from stager.loaders.load_hf import load_hf
@@ -203,7 +205,7 @@ def load_hf_part(args, report: dict, tmp: str, state: dict) -> None:
     del state
     in_child(_load_files, files)  # the page cache now holds every file
     ours, again, load_file_s, mapped_s, reader_s, prealloc, prealloc_wait = [], [], [], [], [], [], []
-    for i in range(ROUNDS):
+    for _ in range(ROUNDS):
         settle_memory()
         with DaemonProcess(args=("--memory-limit", f"{2 * args.size_mib}MiB")) as daemon:
             t0 = time.perf_counter()
@@ -222,8 +224,9 @@ def load_hf_part(args, report: dict, tmp: str, state: dict) -> None:
         settle_memory()
         # a new daemon started with --preallocate: the load is timed once the memory is there
         started = time.perf_counter()
-        with DaemonProcess(args=("--memory-limit", f"{2 * args.size_mib}MiB",
-                                 "--preallocate", f"{args.size_mib + 64}MiB")) as daemon:
+        with DaemonProcess(
+            args=("--memory-limit", f"{2 * args.size_mib}MiB", "--preallocate", f"{args.size_mib + 64}MiB")
+        ) as daemon:
             while not daemon_status(daemon.endpoint)["memory"]["preallocated"]:
                 time.sleep(0.005)
             prealloc_wait.append(time.perf_counter() - started)
@@ -263,13 +266,19 @@ def print_report(report: dict, total: int) -> None:
     print(f"      load-hf, segment reused   {fmt(again)} s = {total / med(again) / 1e9:.2f} GB/s")
     if report.get("b_load_hf_preallocated_s"):
         pre = report["b_load_hf_preallocated_s"]
-        print(f"      load-hf, new daemon started with --preallocate {fmt(pre)} s = "
-              f"{total / med(pre) / 1e9:.2f} GB/s -> {med(mapped) / med(pre):.2f}x load_file + clones kept "
-              f"(daemon start to memory ready: {fmt(report['b_daemon_start_to_preallocated_s'])} s)")
-    print(f"      safetensors load(bytes)   {fmt(anchor)} s = {total / med(anchor) / 1e9:.2f} GB/s -> load-hf "
-          f"{med(anchor) / med(ours):.2f}x / {med(anchor) / med(again):.2f}x its speed")
-    print(f"      load_file + clones kept   {fmt(mapped)} s = {total / med(mapped) / 1e9:.2f} GB/s -> load-hf "
-          f"{med(mapped) / med(ours):.2f}x / {med(mapped) / med(again):.2f}x its speed")
+        print(
+            f"      load-hf, new daemon started with --preallocate {fmt(pre)} s = "
+            f"{total / med(pre) / 1e9:.2f} GB/s -> {med(mapped) / med(pre):.2f}x load_file + clones kept "
+            f"(daemon start to memory ready: {fmt(report['b_daemon_start_to_preallocated_s'])} s)"
+        )
+    print(
+        f"      safetensors load(bytes)   {fmt(anchor)} s = {total / med(anchor) / 1e9:.2f} GB/s -> load-hf "
+        f"{med(anchor) / med(ours):.2f}x / {med(anchor) / med(again):.2f}x its speed"
+    )
+    print(
+        f"      load_file + clones kept   {fmt(mapped)} s = {total / med(mapped) / 1e9:.2f} GB/s -> load-hf "
+        f"{med(mapped) / med(ours):.2f}x / {med(mapped) / med(again):.2f}x its speed"
+    )
     print(f"      DCP HuggingFaceStorageReader {fmt(reader)} s = {total / med(reader) / 1e9:.2f} GB/s")
 
 

@@ -90,7 +90,7 @@ def mapped_copy(paths: list[str], target: str) -> float:
     m.madvise(MADV_POPULATE_WRITE)
     for i, path in enumerate(paths):
         with open(path, "rb") as f:
-            f.readinto(memoryview(m)[i * stride:i * stride + os.path.getsize(path)])
+            f.readinto(memoryview(m)[i * stride : i * stride + os.path.getsize(path)])
     elapsed = time.perf_counter() - t0
     m.close()
     os.close(fd)
@@ -110,9 +110,18 @@ def fallocate_only(directory: str, size: int) -> float:
 
 def measure(directory: str, paths: list[str]) -> dict:
     size = _stride(paths) * FILES
-    out: dict[str, list[float]] = {k: [] for k in ("fallocate_new", "sendfile1_new", "sendfile2_new",
-                                                   "sendfile1_reused", "sendfile2_reused", "mapped_new",
-                                                   "mapped_reused")}
+    out: dict[str, list[float]] = {
+        k: []
+        for k in (
+            "fallocate_new",
+            "sendfile1_new",
+            "sendfile2_new",
+            "sendfile1_reused",
+            "sendfile2_reused",
+            "mapped_new",
+            "mapped_reused",
+        )
+    }
     for _ in range(ROUNDS):
         settle_memory()
         out["fallocate_new"].append(fallocate_only(directory, size))

@@ -89,9 +89,12 @@ def _small_state(mesh, n: int) -> dict:
     from torch.distributed.tensor import DTensor, Shard
 
     rank = dist.get_rank()
-    return {f"small.{i:05d}": DTensor.from_local(torch.full((SMALL_NUMEL,), float(i * WORLD + rank)), mesh,
-                                                 [Shard(0)], run_check=False)
-            for i in range(n)}
+    return {
+        f"small.{i:05d}": DTensor.from_local(
+            torch.full((SMALL_NUMEL,), float(i * WORLD + rank)), mesh, [Shard(0)], run_check=False
+        )
+        for i in range(n)
+    }
 
 
 def _locals(state: dict) -> list[torch.Tensor]:
@@ -220,15 +223,23 @@ def _anchor_and_ours(client, state: dict, steps: list[int], cfg: dict, status: _
         cpu = after["cpu_seconds"] - before["cpu_seconds"]
         ingested = after["counters"]["ingested_bytes"] - before["counters"]["ingested_bytes"]
         gib = ingested / 2**30
-        sched = (after["schedstat_seconds"] - before["schedstat_seconds"]
-                 if after["schedstat_seconds"] is not None and before["schedstat_seconds"] is not None else None)
+        sched = (
+            after["schedstat_seconds"] - before["schedstat_seconds"]
+            if after["schedstat_seconds"] is not None and before["schedstat_seconds"] is not None
+            else None
+        )
         res["daemon"] = {
-            "cpu_seconds": cpu, "ingested_bytes": ingested, "cpu_seconds_per_gib": cpu / gib if gib else None,
-            "schedstat_seconds": sched, "schedstat_seconds_per_gib": sched / gib if gib and sched is not None else None,
+            "cpu_seconds": cpu,
+            "ingested_bytes": ingested,
+            "cpu_seconds_per_gib": cpu / gib if gib else None,
+            "schedstat_seconds": sched,
+            "schedstat_seconds_per_gib": sched / gib if gib and sched is not None else None,
             "schedstat_steps_seconds": sched_steps,
             "schedstat_steps_seconds_per_gib": sched_steps / gib if gib else None,
-            "memory_used_before": before["memory"]["used"], "memory_used_after": after["memory"]["used"],
-            "pooled_after": after["memory"]["pooled"], "keep": after["keep"],
+            "memory_used_before": before["memory"]["used"],
+            "memory_used_after": after["memory"]["used"],
+            "pooled_after": after["memory"]["pooled"],
+            "keep": after["keep"],
             "sealed_delta": after["counters"]["sealed"] - before["counters"]["sealed"],
             "failed_delta": after["counters"]["failed"] - before["counters"]["failed"],
         }
@@ -240,8 +251,11 @@ def _dcp(state: dict, base: str, label: str, warmup: int, iters: int, busy_ms: f
     from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
     from torch.distributed.checkpoint.state_dict_saver import AsyncSaveResponse
 
-    stager = DefaultStager(StagingOptions(use_pinned_memory=False, use_shared_memory=True,
-                                          use_async_staging=True, use_non_blocking_copy=False))
+    stager = DefaultStager(
+        StagingOptions(
+            use_pinned_memory=False, use_shared_memory=True, use_async_staging=True, use_non_blocking_copy=False
+        )
+    )
     res = {"return_ms": [], "staged_ms": [], "upload_ms": [], "warmup_staged_ms": []}
     try:
         for i in range(warmup + iters):
@@ -290,8 +304,11 @@ def _bench_rank(rank: int, world_size: int, endpoint: str, cfg: dict) -> dict:
 
     def case(label: str, state: dict, describe: str, with_dcp: bool) -> None:
         locs = _locals(state)
-        rec = {"describe": describe, "tensors": len(state),
-               "local_bytes": sum(t.numel() * t.element_size() for t in locs)}
+        rec = {
+            "describe": describe,
+            "tensors": len(state),
+            "local_bytes": sum(t.numel() * t.element_size() for t in locs),
+        }
         t = time.perf_counter()
         rec["ours"] = _anchor_and_ours(client, state, steps, cfg, status)
         if with_dcp:
@@ -319,23 +336,27 @@ def _reduce(per_rank: list[list[float]]) -> dict | None:
     if not per_rank or any(not r for r in per_rank):
         return None
     worst = [max(vals) for vals in zip(*per_rank)]
-    return {"median": statistics.median(worst), "min": min(worst), "max_over_ranks": worst,
-            "per_rank": per_rank}
+    return {"median": statistics.median(worst), "min": min(worst), "max_over_ranks": worst, "per_rank": per_rank}
 
 
 def _summarize(results: list[dict]) -> dict:
     cases = {}
     for label, r0 in results[0]["cases"].items():
         recs = [r["cases"][label] for r in results]
-        c = {"describe": r0["describe"], "tensors": r0["tensors"],
-             "total_bytes": sum(r["local_bytes"] for r in recs), "wall_s": max(r["wall_s"] for r in recs),
-             "bare_copy_verified": all(r["ours"]["verified"] for r in recs),
-             "bare_copy_ms": _reduce([r["ours"]["copy_ms"] for r in recs]),
-             "stage_ms": _reduce([r["ours"]["stage_ms"] for r in recs]),
-             "wait_copied_ms": _reduce([r["ours"]["copied_ms"] for r in recs]),
-             "sealed_ms": _reduce([r["ours"]["sealed_ms"] for r in recs]),
-             "ours_warmup_sealed_ms": _reduce([r["ours"]["warmup_sealed_ms"] for r in recs]),
-             "sealed_nbytes": r0["ours"].get("sealed_nbytes"), "daemon": r0["ours"].get("daemon")}
+        c = {
+            "describe": r0["describe"],
+            "tensors": r0["tensors"],
+            "total_bytes": sum(r["local_bytes"] for r in recs),
+            "wall_s": max(r["wall_s"] for r in recs),
+            "bare_copy_verified": all(r["ours"]["verified"] for r in recs),
+            "bare_copy_ms": _reduce([r["ours"]["copy_ms"] for r in recs]),
+            "stage_ms": _reduce([r["ours"]["stage_ms"] for r in recs]),
+            "wait_copied_ms": _reduce([r["ours"]["copied_ms"] for r in recs]),
+            "sealed_ms": _reduce([r["ours"]["sealed_ms"] for r in recs]),
+            "ours_warmup_sealed_ms": _reduce([r["ours"]["warmup_sealed_ms"] for r in recs]),
+            "sealed_nbytes": r0["ours"].get("sealed_nbytes"),
+            "daemon": r0["ours"].get("daemon"),
+        }
         if "dcp" in r0:
             c["dcp_return_ms"] = _reduce([r["dcp"]["return_ms"] for r in recs])
             c["dcp_staged_ms"] = _reduce([r["dcp"]["staged_ms"] for r in recs])
@@ -344,8 +365,7 @@ def _summarize(results: list[dict]) -> dict:
         if label != "large":
             n = c["tensors"]
             c["per_tensor_overhead_us"] = (c["sealed_ms"]["median"] - c["bare_copy_ms"]["median"]) * 1e3 / n
-            c["per_tensor_overhead_copied_us"] = (
-                c["wait_copied_ms"]["median"] - c["bare_copy_ms"]["median"]) * 1e3 / n
+            c["per_tensor_overhead_copied_us"] = (c["wait_copied_ms"]["median"] - c["bare_copy_ms"]["median"]) * 1e3 / n
         cases[label] = c
     return cases
 
@@ -355,20 +375,35 @@ def _targets(cases: dict, first: dict | None) -> list[dict]:
 
     def add(name, measured, limit, unit):
         if measured is None:
-            out.append({"target": name, "measured": None, "limit": limit, "unit": unit, "ratio": None,
-                        "pass": None})
+            out.append({"target": name, "measured": None, "limit": limit, "unit": unit, "ratio": None, "pass": None})
             return
-        out.append({"target": name, "measured": measured, "limit": limit, "unit": unit,
-                    "ratio": measured / limit, "pass": measured <= limit})
+        out.append(
+            {
+                "target": name,
+                "measured": measured,
+                "limit": limit,
+                "unit": unit,
+                "ratio": measured / limit,
+                "pass": measured <= limit,
+            }
+        )
 
     for label, c in cases.items():
         add(f"stage() returns [{label}]", c["stage_ms"]["median"], STAGE_LIMIT_MS, "ms")
     large = cases["large"]
-    add("wait_copied / bare copy [large]", large["wait_copied_ms"]["median"] / large["bare_copy_ms"]["median"],
-        COPIED_VS_BARE, "x")
+    add(
+        "wait_copied / bare copy [large]",
+        large["wait_copied_ms"]["median"] / large["bare_copy_ms"]["median"],
+        COPIED_VS_BARE,
+        "x",
+    )
     dcp = large.get("dcp_staged_ms")
-    add("sealed / DCP staging_completion [large]",
-        large["sealed_ms"]["median"] / dcp["median"] if dcp else None, SEALED_VS_DCP, "x")
+    add(
+        "sealed / DCP staging_completion [large]",
+        large["sealed_ms"]["median"] / dcp["median"] if dcp else None,
+        SEALED_VS_DCP,
+        "x",
+    )
     for label, c in cases.items():
         if label != "large":
             add(f"per-tensor overhead [{label}]", c["per_tensor_overhead_us"], PER_TENSOR_LIMIT_US, "us")
@@ -384,22 +419,28 @@ def _fmt(stat: dict | None) -> str:
 def _print_report(report: dict) -> None:
     m = report["meta"]
     print(f"stager staging benchmark  {m['date']}  host {m['host']}  {m['cpus']} cpus  torch {m['torch']}")
-    print(f"{m['world_size']} gloo ranks on CPU, {m['threads_per_rank']} intra-op thread(s) per rank, "
-          f"{m['iters']} timed iterations (warm-up: {m['warmup']}, ours {m['ours_warmup']}), "
-          f"{m['busy_ms']:g} ms busy before each; "
-          "max over ranks per iteration, then median / min over iterations")
-    rows = [("(a) bare copy_ of local shards", "bare_copy_ms"),
-            ("(b) DCP async_save returns", "dcp_return_ms"),
-            ("    DCP staging_completion", "dcp_staged_ms"),
-            ("    DCP upload done (info, untimed)", "dcp_upload_ms"),
-            ("(c) stage() returns", "stage_ms"),
-            ("    wait_copied()", "wait_copied_ms"),
-            ("    wait() sealed", "sealed_ms"),
-            ("    warm-up sealed (info)", "ours_warmup_sealed_ms")]
+    print(
+        f"{m['world_size']} gloo ranks on CPU, {m['threads_per_rank']} intra-op thread(s) per rank, "
+        f"{m['iters']} timed iterations (warm-up: {m['warmup']}, ours {m['ours_warmup']}), "
+        f"{m['busy_ms']:g} ms busy before each; "
+        "max over ranks per iteration, then median / min over iterations"
+    )
+    rows = [
+        ("(a) bare copy_ of local shards", "bare_copy_ms"),
+        ("(b) DCP async_save returns", "dcp_return_ms"),
+        ("    DCP staging_completion", "dcp_staged_ms"),
+        ("    DCP upload done (info, untimed)", "dcp_upload_ms"),
+        ("(c) stage() returns", "stage_ms"),
+        ("    wait_copied()", "wait_copied_ms"),
+        ("    wait() sealed", "sealed_ms"),
+        ("    warm-up sealed (info)", "ours_warmup_sealed_ms"),
+    ]
     for label, c in report["cases"].items():
         print()
-        print(f"[{label}] {c['describe']}: {c['tensors']} tensors, {c['total_bytes'] / 2**20:.2f} MiB over all ranks "
-              f"(wall {c['wall_s']:.1f} s)")
+        print(
+            f"[{label}] {c['describe']}: {c['tensors']} tensors, {c['total_bytes'] / 2**20:.2f} MiB over all ranks "
+            f"(wall {c['wall_s']:.1f} s)"
+        )
         print(f"  {'':38s} {'median ms':>12s} {'min ms':>9s}")
         for name, key in rows:
             if key in c and c[key] is not None:
@@ -412,19 +453,27 @@ def _print_report(report: dict) -> None:
         d = c.get("daemon")
         if d:
             per = d["cpu_seconds_per_gib"]
-            print(f"  daemon CPU: {d['cpu_seconds']:.3f} s over {d['ingested_bytes'] / 2**30:.3f} GiB ingested = "
-                  f"{'n/a' if per is None else f'{per:.4f}'} s/GiB (Status, 10 ms ticks)")
+            print(
+                f"  daemon CPU: {d['cpu_seconds']:.3f} s over {d['ingested_bytes'] / 2**30:.3f} GiB ingested = "
+                f"{'n/a' if per is None else f'{per:.4f}'} s/GiB (Status, 10 ms ticks)"
+            )
             if d.get("schedstat_seconds_per_gib") is not None:
-                print(f"  daemon CPU (all threads, /proc schedstat): {d['schedstat_seconds'] * 1e3:.2f} ms = "
-                      f"{d['schedstat_seconds_per_gib'] * 1e3:.3f} ms/GiB over the rounds; during the staged "
-                      f"steps only {d['schedstat_steps_seconds'] * 1e3:.2f} ms = "
-                      f"{d['schedstat_steps_seconds_per_gib'] * 1e3:.3f} ms/GiB")
-            print(f"  daemon shm used "
-                  f"{d['memory_used_before'] / 2**20:.0f} -> {d['memory_used_after'] / 2**20:.0f} MiB, "
-                  f"sealed {d['sealed_delta']}, failed {d['failed_delta']}")
+                print(
+                    f"  daemon CPU (all threads, /proc schedstat): {d['schedstat_seconds'] * 1e3:.2f} ms = "
+                    f"{d['schedstat_seconds_per_gib'] * 1e3:.3f} ms/GiB over the rounds; during the staged "
+                    f"steps only {d['schedstat_steps_seconds'] * 1e3:.2f} ms = "
+                    f"{d['schedstat_steps_seconds_per_gib'] * 1e3:.3f} ms/GiB"
+                )
+            print(
+                f"  daemon shm used "
+                f"{d['memory_used_before'] / 2**20:.0f} -> {d['memory_used_after'] / 2**20:.0f} MiB, "
+                f"sealed {d['sealed_delta']}, failed {d['failed_delta']}"
+            )
         if "per_tensor_overhead_us" in c:
-            print(f"  per-tensor overhead: (sealed - bare) / N = {c['per_tensor_overhead_us']:.2f} us; "
-                  f"(wait_copied - bare) / N = {c['per_tensor_overhead_copied_us']:.2f} us")
+            print(
+                f"  per-tensor overhead: (sealed - bare) / N = {c['per_tensor_overhead_us']:.2f} us; "
+                f"(wait_copied - bare) / N = {c['per_tensor_overhead_copied_us']:.2f} us"
+            )
     if report.get("first_versions"):
         print()
         print("\n".join(first_versions.report_lines(report["first_versions"])))
@@ -434,8 +483,10 @@ def _print_report(report: dict) -> None:
         if t["measured"] is None:
             print(f"  {t['target']:45s} {'-':>12s} {t['limit']:>8g}{t['unit']} {'-':>10s}  n/a")
             continue
-        print(f"  {t['target']:45s} {t['measured']:>10.3f}{t['unit']:<2s} {t['limit']:>7g}{t['unit']:<2s}"
-              f"{t['ratio']:>10.2f}  {'PASS' if t['pass'] else 'MISS'}")
+        print(
+            f"  {t['target']:45s} {t['measured']:>10.3f}{t['unit']:<2s} {t['limit']:>7g}{t['unit']:<2s}"
+            f"{t['ratio']:>10.2f}  {'PASS' if t['pass'] else 'MISS'}"
+        )
     print(f"\ntotal runtime {m['runtime_s']:.1f} s")
 
 
@@ -446,18 +497,34 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, default=2, help="untimed warm-up iterations for (a) and (b) (default 2)")
     p.add_argument("--small", default="1000,10000", help="comma list of small-tensor counts ('' for none)")
     p.add_argument("--skip-dcp", action="store_true", help="do not measure DCP async_save")
-    p.add_argument("--dcp-small-max", type=int, default=1000,
-                   help="measure DCP on small-tensor sets only up to this many tensors (default 1000: DCP takes "
-                        "~0.6 s to stage and ~2 s to write 1000 small tensors here, ~10x that for 10000)")
-    p.add_argument("--threads", type=int, default=1,
-                   help="torch intra-op threads per rank (default 1, as torchrun sets OMP_NUM_THREADS)")
-    p.add_argument("--busy-ms", type=float, default=0.0,
-                   help="ms of compute on the train thread before every timed iteration (default 0); with a "
-                        "busy train thread the client's staging thread tends to win the GIL right after stage()")
+    p.add_argument(
+        "--dcp-small-max",
+        type=int,
+        default=1000,
+        help="measure DCP on small-tensor sets only up to this many tensors (default 1000: DCP takes "
+        "~0.6 s to stage and ~2 s to write 1000 small tensors here, ~10x that for 10000)",
+    )
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch intra-op threads per rank (default 1, as torchrun sets OMP_NUM_THREADS)",
+    )
+    p.add_argument(
+        "--busy-ms",
+        type=float,
+        default=0.0,
+        help="ms of compute on the train thread before every timed iteration (default 0); with a "
+        "busy train thread the client's staging thread tends to win the GIL right after stage()",
+    )
     p.add_argument("--memory-limit", default="8GiB", help="daemon --memory-limit (default 8GiB)")
-    p.add_argument("--first-rounds", type=int, default=2,
-                   help="rounds of first-checkpoint measurements in fresh processes: DCP's first save against "
-                        "stager's first three versions (default 2; 0 to skip)")
+    p.add_argument(
+        "--first-rounds",
+        type=int,
+        default=2,
+        help="rounds of first-checkpoint measurements in fresh processes: DCP's first save against "
+        "stager's first three versions (default 2; 0 to skip)",
+    )
     p.add_argument("--json", metavar="PATH", help="write every figure as JSON to PATH")
     args = p.parse_args(argv)
     if args.iters < 1 or args.warmup < 0:
@@ -469,29 +536,52 @@ def main(argv: list[str] | None = None) -> int:
     first = None
     try:
         if args.first_rounds > 0 and not args.skip_dcp:
-            first = first_versions.measure(args.size_gib, WORLD, args.first_rounds, args.busy_ms,
-                                           args.memory_limit, tmp)
+            first = first_versions.measure(
+                args.size_gib, WORLD, args.first_rounds, args.busy_ms, args.memory_limit, tmp
+            )
         with DaemonProcess(args=("--memory-limit", args.memory_limit)) as daemon:
             keep = int(daemon.info.get("keep", 2))
             # keep + 1 steps create keep + 1 segments (the newest `keep` sealed ones are retained while the
             # next step stages); from then on every step reuses a pooled segment the client has mapped already.
             ours_warmup = max(2, keep + 1)
-            cfg = {"size_gib": args.size_gib, "iters": args.iters, "warmup": args.warmup, "ours_warmup": ours_warmup,
-                   "small": small, "skip_dcp": args.skip_dcp, "dcp_small_max": args.dcp_small_max,
-                   "threads": args.threads, "tmp": tmp, "busy_ms": args.busy_ms}
+            cfg = {
+                "size_gib": args.size_gib,
+                "iters": args.iters,
+                "warmup": args.warmup,
+                "ours_warmup": ours_warmup,
+                "small": small,
+                "skip_dcp": args.skip_dcp,
+                "dcp_small_max": args.dcp_small_max,
+                "threads": args.threads,
+                "tmp": tmp,
+                "busy_ms": args.busy_ms,
+            }
             results = run_ranks(_bench_rank, WORLD, daemon.endpoint, cfg, timeout=900.0)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     report = {
-        "meta": {**machine(), "world_size": WORLD, "threads_per_rank": args.threads,
-                 "size_gib": args.size_gib, "iters": args.iters, "warmup": args.warmup,
-                 "ours_warmup": ours_warmup, "busy_ms": args.busy_ms, "daemon_keep": keep,
-                 "memory_limit": args.memory_limit,
-                 "small": small, "skip_dcp": args.skip_dcp, "argv": sys.argv[1:],
-                 "runtime_s": time.perf_counter() - t_start},
-        "targets_definition": {"stage_ms_max": STAGE_LIMIT_MS, "wait_copied_over_bare_max": COPIED_VS_BARE,
-                               "sealed_over_dcp_staged_max": SEALED_VS_DCP,
-                               "per_tensor_overhead_us_max": PER_TENSOR_LIMIT_US},
+        "meta": {
+            **machine(),
+            "world_size": WORLD,
+            "threads_per_rank": args.threads,
+            "size_gib": args.size_gib,
+            "iters": args.iters,
+            "warmup": args.warmup,
+            "ours_warmup": ours_warmup,
+            "busy_ms": args.busy_ms,
+            "daemon_keep": keep,
+            "memory_limit": args.memory_limit,
+            "small": small,
+            "skip_dcp": args.skip_dcp,
+            "argv": sys.argv[1:],
+            "runtime_s": time.perf_counter() - t_start,
+        },
+        "targets_definition": {
+            "stage_ms_max": STAGE_LIMIT_MS,
+            "wait_copied_over_bare_max": COPIED_VS_BARE,
+            "sealed_over_dcp_staged_max": SEALED_VS_DCP,
+            "per_tensor_overhead_us_max": PER_TENSOR_LIMIT_US,
+        },
     }
     report["cases"] = _summarize(results)
     report["first_versions"] = first

@@ -47,10 +47,22 @@ from common import machine, settle_memory, write_report  # noqa: E402
 
 
 def config(layers: int) -> dict:
-    return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 32000, "hidden_size": 1024,
-            "intermediate_size": 2816, "num_hidden_layers": layers, "num_attention_heads": 16,
-            "num_key_value_heads": 8, "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "max_position_embeddings": 256,
-            "tie_word_embeddings": False, "hidden_act": "silu", "torch_dtype": "float32"}
+    return {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "vocab_size": 32000,
+        "hidden_size": 1024,
+        "intermediate_size": 2816,
+        "num_hidden_layers": layers,
+        "num_attention_heads": 16,
+        "num_key_value_heads": 8,
+        "rms_norm_eps": 1e-5,
+        "rope_theta": 10000.0,
+        "max_position_embeddings": 256,
+        "tie_word_embeddings": False,
+        "hidden_act": "silu",
+        "torch_dtype": "float32",
+    }
 
 
 def hf_weights(c: dict, seed: int) -> dict[str, torch.Tensor]:
@@ -63,11 +75,19 @@ def hf_weights(c: dict, seed: int) -> dict[str, torch.Tensor]:
     out = {"model.embed_tokens.weight": w(c["vocab_size"], h)}
     for n in range(c["num_hidden_layers"]):
         p = f"model.layers.{n}."
-        out.update({p + "self_attn.q_proj.weight": w(h, h), p + "self_attn.k_proj.weight": w(kv, h),
-                    p + "self_attn.v_proj.weight": w(kv, h), p + "self_attn.o_proj.weight": w(h, h),
-                    p + "mlp.gate_proj.weight": w(i, h), p + "mlp.up_proj.weight": w(i, h),
-                    p + "mlp.down_proj.weight": w(h, i), p + "input_layernorm.weight": torch.ones(h),
-                    p + "post_attention_layernorm.weight": torch.ones(h)})
+        out.update(
+            {
+                p + "self_attn.q_proj.weight": w(h, h),
+                p + "self_attn.k_proj.weight": w(kv, h),
+                p + "self_attn.v_proj.weight": w(kv, h),
+                p + "self_attn.o_proj.weight": w(h, h),
+                p + "mlp.gate_proj.weight": w(i, h),
+                p + "mlp.up_proj.weight": w(i, h),
+                p + "mlp.down_proj.weight": w(h, i),
+                p + "input_layernorm.weight": torch.ones(h),
+                p + "post_attention_layernorm.weight": torch.ones(h),
+            }
+        )
     out.update({"model.norm.weight": torch.ones(h), "lm_head.weight": w(c["vocab_size"], h)})
     return out
 
@@ -118,15 +138,16 @@ def main() -> None:
     args = parser.parse_args()
 
     import rl_vllm
-
     from stager.client import StagingClient, Subscriber
     from stager.dev.launch import DaemonProcess
     from stager.integrations.vllm import update
 
     c = config(args.layers)
     report: dict = {"machine": machine(), "layers": args.layers}
-    with tempfile.TemporaryDirectory(prefix="bvllm", dir="/tmp") as tmp, \
-            DaemonProcess(f"ipc://{tmp}/d.sock", args=("--memory-limit", "6GiB", "--keep", "4")) as daemon:
+    with (
+        tempfile.TemporaryDirectory(prefix="bvllm", dir="/tmp") as tmp,
+        DaemonProcess(f"ipc://{tmp}/d.sock", args=("--memory-limit", "6GiB", "--keep", "4")) as daemon,
+    ):
         with StagingClient(daemon.endpoint, strict=True) as client:
             for step in (1, 2):
                 info = {"adapter": "identity", "hf_config": c}
@@ -135,8 +156,11 @@ def main() -> None:
         from vllm import LLM
         from vllm.config import WeightTransferConfig
 
-        llm = LLM(export, weight_transfer_config=WeightTransferConfig(backend="stager"),
-                  **dict(rl_vllm.ENGINE_ARGS, max_model_len=256))
+        llm = LLM(
+            export,
+            weight_transfer_config=WeightTransferConfig(backend="stager"),
+            **dict(rl_vllm.ENGINE_ARGS, max_model_len=256),
+        )
         worker = llm.llm_engine.engine_core.engine_core.model_executor.driver_worker.worker
         torch.set_num_threads(1)
         # connected, warm; this first update goes through vLLM's layerwise reload and proves the direct plan
@@ -200,7 +224,8 @@ def main() -> None:
 
     gb = nbytes / 1e9
     report["summary"] = {
-        "GB": round(gb, 3), "memcpy_GBps": round(gb / report["memcpy_s"], 2),
+        "GB": round(gb, 3),
+        "memcpy_GBps": round(gb / report["memcpy_s"], 2),
         "stager_GBps": round(gb / report["stager_pause_s"], 2),
         "stager_vs_memcpy": ratio("memcpy", "stager_pause"),
         "stager_layerwise_vs_memcpy": ratio("memcpy", "stager_layerwise_pause"),
@@ -208,7 +233,9 @@ def main() -> None:
         "stager_vs_vllm_floor": ratio("vllm_floor", "stager_pause"),
         "stager_vs_disk_warm": ratio("disk_warm", "stager_pause"),
         "stager_vs_disk_cold": ratio("disk_cold", "stager_pause"),
-        "rss_anon_growth_MB": round(rss["RssAnon"] / 1e6, 1), "rss_shmem_growth_MB": round(rss["RssShmem"] / 1e6, 1)}
+        "rss_anon_growth_MB": round(rss["RssAnon"] / 1e6, 1),
+        "rss_shmem_growth_MB": round(rss["RssShmem"] / 1e6, 1),
+    }
     print(report["summary"])
     write_report(args.json, report)
 

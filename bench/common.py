@@ -12,8 +12,13 @@ import torch
 
 def machine() -> dict:
     """Date and machine of a run, recorded with every report (BENCHMARKS.md quotes them)."""
-    return {"date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"), "host": platform.node(),
-            "cpus": os.cpu_count(), "torch": torch.__version__, "python": platform.python_version()}
+    return {
+        "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "host": platform.node(),
+        "cpus": os.cpu_count(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+    }
 
 
 def write_report(path: str | None, report: dict) -> None:
@@ -96,7 +101,9 @@ def in_child(target, *args, timeout: float = 600.0):
                 return results.get(timeout=1.0)
             except queue_mod.Empty:
                 if proc.exitcode is not None:
-                    raise RuntimeError(f"{target.__name__} exited with code {proc.exitcode} without answering")
+                    raise RuntimeError(
+                        f"{target.__name__} exited with code {proc.exitcode} without answering"
+                    ) from None
                 if time.monotonic() > deadline:
                     raise TimeoutError(f"{target.__name__} did not answer within {timeout:.0f}s") from None
     finally:

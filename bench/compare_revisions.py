@@ -44,8 +44,21 @@ SMALL_ARGS = {
 }
 # Report keys that are not measurements of the code under test: the machine header, derived targets, per-rank
 # detail (staging's median over ranks is kept), descriptions.
-SKIP_KEYS = {"date", "host", "cpus", "torch", "python", "meta", "argv", "targets", "targets_definition", "describe",
-             "per_rank", "max_over_ranks", "min"}
+SKIP_KEYS = {
+    "date",
+    "host",
+    "cpus",
+    "torch",
+    "python",
+    "meta",
+    "argv",
+    "targets",
+    "targets_definition",
+    "describe",
+    "per_rank",
+    "max_over_ranks",
+    "min",
+}
 COUNT = re.compile(r"(bytes|tensors|steps|skipped|delta|keep|limit)$")  # sizes and counts, not speed
 RATE = re.compile(r"per_s($|_)|gb_s|throughput")
 
@@ -70,8 +83,12 @@ def _prepare(repo: str, sha: str, path: str, build_tmp: str) -> None:
             os.symlink(os.path.relpath(os.path.join(path, src), os.path.dirname(link)), link)
     if os.path.exists(os.path.join(path, "setup.py")):
         # optional=True in setup.py: a failed build is not an error there, so the probe checks the result
-        subprocess.run([sys.executable, "setup.py", "-q", "build_ext", "--inplace", "--build-temp", build_tmp],
-                       cwd=path, check=True, capture_output=True)
+        subprocess.run(
+            [sys.executable, "setup.py", "-q", "build_ext", "--inplace", "--build-temp", build_tmp],
+            cwd=path,
+            check=True,
+            capture_output=True,
+        )
 
 
 # On PYTHONPATH after the worktree: drops an editable install's import hook from every process (bench, daemons,
@@ -91,18 +108,23 @@ def _probe(path: str) -> dict:
     mods = ["stager", "stager.protocol", "stager.client", "stager.daemon"]
     if os.path.exists(os.path.join(path, "client", "hook", "_streamcopy.c")):
         mods.append("stager.client.hook._streamcopy")
-    code = ("import importlib, json, os, sys; print(json.dumps({m: os.path.realpath(importlib.import_module(m)"
-            ".__file__) for m in sys.argv[1:]} | {'editable hook': [str(f) for f in sys.meta_path "
-            "if 'editable' in str(f)]}))")
-    out = subprocess.run([sys.executable, "-c", code, *mods], cwd=path, env=_env(path), check=True,
-                         capture_output=True, text=True).stdout
+    code = (
+        "import importlib, json, os, sys; print(json.dumps({m: os.path.realpath(importlib.import_module(m)"
+        ".__file__) for m in sys.argv[1:]} | {'editable hook': [str(f) for f in sys.meta_path "
+        "if 'editable' in str(f)]}))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code, *mods], cwd=path, env=_env(path), check=True, capture_output=True, text=True
+    ).stdout
     files = json.loads(out)
     root = os.path.realpath(path) + os.sep
     hook = files.pop("editable hook")
     wrong = {m: f for m, f in files.items() if not f.startswith(root)} | ({"editable hook": hook} if hook else {})
     if wrong:
-        raise SystemExit(f"compare_revisions: in {path} these modules resolve elsewhere: {wrong}; "
-                         "the comparison would mix revisions (is the C extension built? see setup.py)")
+        raise SystemExit(
+            f"compare_revisions: in {path} these modules resolve elsewhere: {wrong}; "
+            "the comparison would mix revisions (is the C extension built? see setup.py)"
+        )
     return files
 
 
@@ -118,8 +140,10 @@ def flatten(obj, name: str = "") -> dict[str, float]:
     elif isinstance(obj, list) and obj:
         if all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in obj):
             out[name] = statistics.median(obj)
-        elif all(isinstance(x, list) and x and all(isinstance(y, (int, float)) for y in x) for x in obj) \
-                and len({len(x) for x in obj}) == 1:
+        elif (
+            all(isinstance(x, list) and x and all(isinstance(y, (int, float)) for y in x) for x in obj)
+            and len({len(x) for x in obj}) == 1
+        ):
             for i, col in enumerate(zip(*obj)):
                 out[f"{name}[{i}]"] = statistics.median(col)
     return out  # deeper structures (per-reader traces) are left out
@@ -149,8 +173,9 @@ def _run_one(path: str, bench: str, args: list[str], out_json: str, log: str, ti
     with open(log, "w") as f:
         # its own process group: a bench that times out (or Ctrl-C here) is ended with its daemons and ranks,
         # which would otherwise live on, orphaned, and load the runs after it
-        proc = subprocess.Popen(cmd, cwd=path, env=_env(path), stdout=f, stderr=subprocess.STDOUT,
-                                start_new_session=True)
+        proc = subprocess.Popen(
+            cmd, cwd=path, env=_env(path), stdout=f, stderr=subprocess.STDOUT, start_new_session=True
+        )
         try:
             rc = proc.wait(timeout)
         except subprocess.TimeoutExpired:
@@ -190,8 +215,17 @@ def compare(runs: dict) -> list[dict]:
                 elif (a["min"] > b["max"]) if higher else (a["max"] < b["min"]):
                     flag = "better"
             ratio = a["median"] / b["median"] if a and b and b["median"] else None
-            rows.append({"bench": bench, "figure": n, "higher_is_better": higher, "before": b, "after": a,
-                         "ratio": ratio, "flag": flag})
+            rows.append(
+                {
+                    "bench": bench,
+                    "figure": n,
+                    "higher_is_better": higher,
+                    "before": b,
+                    "after": a,
+                    "ratio": ratio,
+                    "flag": flag,
+                }
+            )
     return rows
 
 
@@ -213,16 +247,26 @@ def print_table(rows: list[dict], header: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                epilog="default bench arguments (small sizes): " + json.dumps(SMALL_ARGS))
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], epilog="default bench arguments (small sizes): " + json.dumps(SMALL_ARGS)
+    )
     p.add_argument("benches", nargs="+", help="bench names, e.g. bench_live (the file bench/NAME.py)")
     p.add_argument("--before", required=True, help="git revision A (any commit-ish)")
     p.add_argument("--after", required=True, help="git revision B (any commit-ish)")
     p.add_argument("--rounds", type=int, default=3, help="runs of each bench per revision (default 3)")
-    p.add_argument("--order", choices=("abab", "abba"), default="abab",
-                   help="abab: A first in every round; abba: B first in every other round (default abab)")
-    p.add_argument("--args", action="append", default=[], metavar="NAME=ARGS",
-                   help="arguments of bench NAME instead of its small default, e.g. --args 'bench_live=--size-gib 1'")
+    p.add_argument(
+        "--order",
+        choices=("abab", "abba"),
+        default="abab",
+        help="abab: A first in every round; abba: B first in every other round (default abab)",
+    )
+    p.add_argument(
+        "--args",
+        action="append",
+        default=[],
+        metavar="NAME=ARGS",
+        help="arguments of bench NAME instead of its small default, e.g. --args 'bench_live=--size-gib 1'",
+    )
     p.add_argument("--timeout", type=float, default=600.0, help="seconds one bench run may take (default 600)")
     p.add_argument("--json", metavar="PATH", help="also write every run's figures and the table's rows to PATH")
     p.add_argument("--keep", action="store_true", help="keep the temporary worktrees and logs (path printed)")
@@ -260,19 +304,39 @@ def main(argv: list[str] | None = None) -> int:
         for side, path in paths.items():
             _prepare(repo, revs[side]["sha"], path, os.path.join(tmp, "build-" + side))
             revs[side]["modules"] = _probe(path)
-            print(f"{side}: {revs[side]['rev']} = {revs[side]['sha'][:10]}, stager from "
-                  f"{revs[side]['modules']['stager']}", file=sys.stderr)
+            print(
+                f"{side}: {revs[side]['rev']} = {revs[side]['sha'][:10]}, stager from "
+                f"{revs[side]['modules']['stager']}",
+                file=sys.stderr,
+            )
         for rnd in range(a.rounds):
             sides = ["after", "before"] if a.order == "abba" and rnd % 2 else ["before", "after"]
             for bench in a.benches:
                 for side in sides:
                     tag = f"{bench}-{side}-{rnd}"
-                    print(f"[{time.strftime('%H:%M:%S')}] round {rnd + 1}/{a.rounds} {bench} {side} "
-                          f"(load {os.getloadavg()[0]:.2f})", file=sys.stderr, flush=True)
-                    res = _run_one(paths[side], bench, bench_args.get(bench, []), os.path.join(tmp, tag + ".json"),
-                                   os.path.join(tmp, tag + ".log"), a.timeout)
-                    log_runs.append({"bench": bench, "side": side, "round": rnd, "load1": os.getloadavg()[0],
-                                     **(res or {"failed": True})})
+                    print(
+                        f"[{time.strftime('%H:%M:%S')}] round {rnd + 1}/{a.rounds} {bench} {side} "
+                        f"(load {os.getloadavg()[0]:.2f})",
+                        file=sys.stderr,
+                        flush=True,
+                    )
+                    res = _run_one(
+                        paths[side],
+                        bench,
+                        bench_args.get(bench, []),
+                        os.path.join(tmp, tag + ".json"),
+                        os.path.join(tmp, tag + ".log"),
+                        a.timeout,
+                    )
+                    log_runs.append(
+                        {
+                            "bench": bench,
+                            "side": side,
+                            "round": rnd,
+                            "load1": os.getloadavg()[0],
+                            **(res or {"failed": True}),
+                        }
+                    )
                     if res:
                         runs[bench][side].append(res["figures"])
     except KeyboardInterrupt:  # Ctrl-C: the table of the runs done so far is still worth having
@@ -289,20 +353,32 @@ def main(argv: list[str] | None = None) -> int:
             print(f"kept {tmp} (remove with: git worktree remove --force {tmp}/a {tmp}/b)", file=sys.stderr)
     rows = compare(runs)
     failed = sum(1 for r in log_runs if r.get("failed"))
-    header = (f"before {revs['before']['rev']} ({revs['before']['sha'][:10]})  after {revs['after']['rev']} "
-              f"({revs['after']['sha'][:10]})  {a.rounds} rounds{' (INTERRUPTED)' if interrupted else ''}, "
-              f"order {a.order}, {failed} failed runs, "
-              f"{time.monotonic() - t_start:.0f} s; load avg (1/5/15 min) start "
-              f"{'/'.join(f'{x:.2f}' for x in load['start'])}, end {'/'.join(f'{x:.2f}' for x in load['end'])}\n"
-              f"args: {json.dumps({b: shlex.join(bench_args.get(b, [])) for b in a.benches})}\n"
-              "per figure over the rounds; (^) higher is better, else lower; WORSE/better: spreads do not overlap "
-              "(judged with >= 2 runs a side)")
+    header = (
+        f"before {revs['before']['rev']} ({revs['before']['sha'][:10]})  after {revs['after']['rev']} "
+        f"({revs['after']['sha'][:10]})  {a.rounds} rounds{' (INTERRUPTED)' if interrupted else ''}, "
+        f"order {a.order}, {failed} failed runs, "
+        f"{time.monotonic() - t_start:.0f} s; load avg (1/5/15 min) start "
+        f"{'/'.join(f'{x:.2f}' for x in load['start'])}, end {'/'.join(f'{x:.2f}' for x in load['end'])}\n"
+        f"args: {json.dumps({b: shlex.join(bench_args.get(b, [])) for b in a.benches})}\n"
+        "per figure over the rounds; (^) higher is better, else lower; WORSE/better: spreads do not overlap "
+        "(judged with >= 2 runs a side)"
+    )
     print_table(rows, header)
     if a.json:
         with open(a.json, "w") as f:
-            json.dump({"revisions": revs, "rounds": a.rounds, "order": a.order, "load": load,
-                       "args": {b: bench_args.get(b, []) for b in a.benches}, "runs": log_runs, "rows": rows}, f,
-                      indent=1)
+            json.dump(
+                {
+                    "revisions": revs,
+                    "rounds": a.rounds,
+                    "order": a.order,
+                    "load": load,
+                    "args": {b: bench_args.get(b, []) for b in a.benches},
+                    "runs": log_runs,
+                    "rows": rows,
+                },
+                f,
+                indent=1,
+            )
     return 1 if interrupted or failed or any(r["flag"] == "WORSE" for r in rows) else 0
 
 

@@ -41,7 +41,6 @@ def _dcp_rank(rank: int, world_size: int, cfg: dict) -> list[float]:
 
 def _ours_rank(rank: int, world_size: int, endpoint: str, cfg: dict) -> list[float]:
     from bench_staging import _busy
-
     from stager.client import StagingClient
 
     state = _model_state(world_size, cfg["size_gib"])
@@ -75,21 +74,31 @@ def measure(size_gib: float, world_size: int, rounds: int, busy_ms: float, memor
                 ours.append([max(v) for v in zip(*per_rank)])
     first = statistics.median(dcp_first)
     ours_median = [statistics.median(r[i] for r in ours) for i in range(VERSIONS)]
-    return {"rounds": rounds, "busy_ms": busy_ms, "dcp_first_save_ms": dcp_first, "ours_first_versions_ms": ours,
-            "fresh_memory_ms": fresh, "fresh_memory_later_median_ms": statistics.median(t for r in fresh for t in r[1:]),
-            "settle_s": settled,
-            "dcp_first_save_median_ms": first, "ours_first_versions_median_ms": ours_median,
-            "ours_over_dcp_first": [t / first for t in ours_median]}
+    return {
+        "rounds": rounds,
+        "busy_ms": busy_ms,
+        "dcp_first_save_ms": dcp_first,
+        "ours_first_versions_ms": ours,
+        "fresh_memory_ms": fresh,
+        "fresh_memory_later_median_ms": statistics.median(t for r in fresh for t in r[1:]),
+        "settle_s": settled,
+        "dcp_first_save_median_ms": first,
+        "ours_first_versions_median_ms": ours_median,
+        "ours_over_dcp_first": [t / first for t in ours_median],
+    }
 
 
 def report_lines(first: dict) -> list[str]:
-    lines = [f"[first versions] fresh processes, {first['rounds']} rounds alternating the order, "
-             f"{first['busy_ms']:g} ms busy before each step; max over ranks, median over rounds",
-             f"  anchor: a fresh process writes 4 x as many new bytes: after the first, each {first['fresh_memory_later_median_ms']:6.1f} ms "
-             f"(rounds: {'; '.join(', '.join(f'{t:.0f}' for t in r) for r in first['fresh_memory_ms'])}; "
-             f"memory settled {statistics.median(first['settle_s']):.0f} s (median) before each)",
-             f"  DCP first async_save staging_completion   {first['dcp_first_save_median_ms']:10.1f} ms "
-             f"(rounds: {', '.join(f'{t:.0f}' for t in first['dcp_first_save_ms'])})"]
+    lines = [
+        f"[first versions] fresh processes, {first['rounds']} rounds alternating the order, "
+        f"{first['busy_ms']:g} ms busy before each step; max over ranks, median over rounds",
+        f"  anchor: a fresh process writes 4 x as many new bytes: after the first, each "
+        f"{first['fresh_memory_later_median_ms']:6.1f} ms "
+        f"(rounds: {'; '.join(', '.join(f'{t:.0f}' for t in r) for r in first['fresh_memory_ms'])}; "
+        f"memory settled {statistics.median(first['settle_s']):.0f} s (median) before each)",
+        f"  DCP first async_save staging_completion   {first['dcp_first_save_median_ms']:10.1f} ms "
+        f"(rounds: {', '.join(f'{t:.0f}' for t in first['dcp_first_save_ms'])})",
+    ]
     for i, (t, ratio) in enumerate(zip(first["ours_first_versions_median_ms"], first["ours_over_dcp_first"])):
         rounds = ", ".join(f"{r[i]:.0f}" for r in first["ours_first_versions_ms"])
         lines.append(f"  stager version {i + 1} sealed                  {t:10.1f} ms = {ratio:.2f}x (rounds: {rounds})")

@@ -22,4 +22,3 @@ from .readers import Snapshot, Subscriber
 __all__ = ["StagingClient", "StageHandle", "Subscriber", "Snapshot", "StagerError"]
 
 logging.getLogger("stager.client").addFilter(RateLimit())  # a daemon that is down: not one warning per step
-

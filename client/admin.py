@@ -49,8 +49,12 @@ def job_status(endpoint: str | None = None, timeout: float = 5.0) -> dict | None
         nodes: dict[str, dict] = {}
         for n, e in reader.nodes.items():
             if n not in down:
-                nodes[n] = {"endpoint": e, "sealed": states[n].sealed, "staging": states[n].staging,
-                            "failed": states[n].failed}
+                nodes[n] = {
+                    "endpoint": e,
+                    "sealed": states[n].sealed,
+                    "staging": states[n].staging,
+                    "failed": states[n].failed,
+                }
                 continue
             nodes[n] = {"endpoint": e, "down": down[n]}
             if n in remembered:  # not "staging": what it had in flight then is no part of any answer now

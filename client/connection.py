@@ -27,16 +27,27 @@ import math
 import os
 import threading
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
-from stager.protocol.endpoint import host_id, process_start_time, resolve
 from stager.protocol import (
-    Bye, ErrorCode, ErrorReply, Hello, HelloReply, Message, Ping, Pong, ProtocolError, StagerError, Status,
-    StatusReply, decode,
+    Bye,
+    ErrorCode,
+    ErrorReply,
+    Hello,
+    HelloReply,
+    Message,
+    Ping,
+    Pong,
+    ProtocolError,
+    StagerError,
+    Status,
+    StatusReply,
+    decode,
 )
+from stager.protocol.endpoint import host_id, process_start_time, resolve
 
 from . import heartbeat
 from .dealer import CONNECTED, DISCONNECTED, curve_keys_from_env, open_dealer
@@ -55,10 +66,12 @@ def _ms(seconds: float) -> int:
 
 def _owned(method):
     """Run ``method`` holding the connection's lock: the heartbeat thread never sends meanwhile."""
+
     @functools.wraps(method)
     def locked(self, *args, **kwargs):
         with self._lock:
             return method(self, *args, **kwargs)
+
     return locked
 
 
@@ -68,8 +81,17 @@ class Connection:
     ``$STAGER_AUTH_DIR``: a process that is another node's peer than its environment says (the full
     assembler inside a daemon) passes them."""
 
-    def __init__(self, endpoint: str | None, *, role: str, rank: int = 0, local_world_size: int = 1,
-                 world_size: int = 1, node: str | None = None, auth_dir: str | None = None):
+    def __init__(
+        self,
+        endpoint: str | None,
+        *,
+        role: str,
+        rank: int = 0,
+        local_world_size: int = 1,
+        world_size: int = 1,
+        node: str | None = None,
+        auth_dir: str | None = None,
+    ):
         self.endpoint = resolve(endpoint)
         self.role, self.rank = role, rank
         self.local_world_size, self.world_size = local_world_size, world_size
@@ -109,7 +131,10 @@ class Connection:
 
     def _open(self) -> None:
         sock, self._monitor = open_dealer(self._ctx, self.endpoint, self.curve)
-        self.sock, self.connected, self.session, self._may_wait = sock, False, None, True
+        self.sock = sock
+        self.connected = False
+        self.session = None
+        self._may_wait = True
         self._poller = zmq.Poller()
         self._poller.register(sock, zmq.POLLIN)
         self._poller.register(self._monitor, zmq.POLLIN)
@@ -260,8 +285,10 @@ class Connection:
             self._lock.release()
 
     def _unreachable(self) -> str:
-        return (f"the stager daemon at {self.endpoint} is not reachable; start it with `stager serve` "
-                "(or set STAGER_ENDPOINT to where it runs)")
+        return (
+            f"the stager daemon at {self.endpoint} is not reachable; start it with `stager serve` "
+            "(or set STAGER_ENDPOINT to where it runs)"
+        )
 
     @_owned
     def poll(self, timeout_ms: int) -> bool:
@@ -292,7 +319,7 @@ class Connection:
                 return None
 
     @staticmethod
-    def recv_any(conns: "list[Connection]", timeout: float) -> "list[tuple[Connection, Message]]":
+    def recv_any(conns: list[Connection], timeout: float) -> list[tuple[Connection, Message]]:
         """Wait up to ``timeout`` seconds until any of ``conns`` has a message; return what is
         ready now (a subscriber of a multi-node job waits on every node's announcements at once)."""
         with contextlib.ExitStack() as held:
@@ -323,16 +350,22 @@ class Connection:
             return out
 
     @_owned
-    def request(self, msg: Message, timeout: float, *, expect: type[Message] | None = None,
-                ack_timeout: float | None = None) -> Message:
+    def request(
+        self, msg: Message, timeout: float, *, expect: type[Message] | None = None, ack_timeout: float | None = None
+    ) -> Message:
         """Send ``msg`` and return its reply; raise RemoteError for an error reply, BAD_MESSAGE for a
         reply not of type ``expect``, UNAVAILABLE when the connection drops, TIMEOUT after ``timeout``
         (see :meth:`wait_reply` for :attr:`patience` and ``ack_timeout``, by default :attr:`ack_timeout`)."""
         if self.session is None and not isinstance(msg, Hello):
             self.hello(timeout)
         step = getattr(msg, "step", None)
-        return self.wait_reply(self.send(msg), timeout, msg.TYPE if step is None else f"{msg.TYPE} of step {step}",
-                               expect, ack_timeout=ack_timeout)
+        return self.wait_reply(
+            self.send(msg),
+            timeout,
+            msg.TYPE if step is None else f"{msg.TYPE} of step {step}",
+            expect,
+            ack_timeout=ack_timeout,
+        )
 
     @_owned
     def _recv_ready(self) -> Message | None:
@@ -361,8 +394,15 @@ class Connection:
         return msg
 
     @_owned
-    def wait_reply(self, rid: int, timeout: float, what: str, expect: type[Message] | None = None, *,
-                   ack_timeout: float | None = None) -> Message:
+    def wait_reply(
+        self,
+        rid: int,
+        timeout: float,
+        what: str,
+        expect: type[Message] | None = None,
+        *,
+        ack_timeout: float | None = None,
+    ) -> Message:
         """The reply to request ``rid``: other messages go to :attr:`on_unsolicited`, an error reply
         raises RemoteError, a reply not of type ``expect`` raises BAD_MESSAGE.
 
@@ -389,16 +429,19 @@ class Connection:
         ping_id, next_ping = None, start + interval
         while True:
             if rid <= self.lost_upto:
-                raise StagerError(ErrorCode.UNAVAILABLE,
-                                  f"lost the connection to the daemon at {self.endpoint} while waiting for the "
-                                  f"reply to {what}; the daemon stopped or restarted (the next request reconnects)")
+                raise StagerError(
+                    ErrorCode.UNAVAILABLE,
+                    f"lost the connection to the daemon at {self.endpoint} while waiting for the "
+                    f"reply to {what}; the daemon stopped or restarted (the next request reconnects)",
+                )
             now = time.monotonic()
             if now >= deadline or now >= cap:
                 self.reset(silent_since=deadline - (timeout if acked else ack) if now >= deadline else None)
                 if not acked:
                     raise StagerError(ErrorCode.NO_SIGN_OF_LIFE, self._silence_message(what, ack))
-                raise StagerError(ErrorCode.TIMEOUT,
-                                  self._timeout_message(what, timeout, now - start, silent=now >= deadline))
+                raise StagerError(
+                    ErrorCode.TIMEOUT, self._timeout_message(what, timeout, now - start, silent=now >= deadline)
+                )
             if ping_id is None and now >= next_ping:
                 try:
                     ping_id = self.send(Ping())
@@ -423,11 +466,15 @@ class Connection:
             if ping_id is not None and reply.id == ping_id and isinstance(reply, Pong):
                 if self.session is not None and reply.session != self.session:
                     self.session = None
-                    raise StagerError(ErrorCode.UNAVAILABLE, f"the daemon at {self.endpoint} restarted while "
-                                                             f"waiting for the reply to {what}")
+                    raise StagerError(
+                        ErrorCode.UNAVAILABLE,
+                        f"the daemon at {self.endpoint} restarted while waiting for the reply to {what}",
+                    )
                 now = time.monotonic()
                 acked, interval = True, patient  # alive, and past this request: wait as patiently as ever
-                ping_id, next_ping, deadline = None, now + interval, now + timeout
+                ping_id = None
+                next_ping = now + interval
+                deadline = now + timeout
                 continue
             if reply.id != rid:
                 self.on_unsolicited(reply)
@@ -441,19 +488,27 @@ class Connection:
             return reply
 
     def _silence_message(self, what: str, ack: float) -> str:
-        return (f"no sign of life from the daemon at {self.endpoint} within {ack:.1f}s of {what}: no reply, and no "
-                "answer to a ping sent after it; the daemon is stopped (SIGSTOP), hung or gone (see `stager status`)")
+        return (
+            f"no sign of life from the daemon at {self.endpoint} within {ack:.1f}s of {what}: no reply, and no "
+            "answer to a ping sent after it; the daemon is stopped (SIGSTOP), hung or gone (see `stager status`)"
+        )
 
     def _timeout_message(self, what: str, timeout: float, waited: float, *, silent: bool) -> str:
         if not silent:  # alive all along, yet it held the reply past patience
-            return (f"{what}: the daemon at {self.endpoint} kept answering pings but did not answer within "
-                    f"{waited:.0f}s; it is waiting for something else (for a stage: the other ranks of this node "
-                    "to begin the step, or memory; see `stager status`)")
+            return (
+                f"{what}: the daemon at {self.endpoint} kept answering pings but did not answer within "
+                f"{waited:.0f}s; it is waiting for something else (for a stage: the other ranks of this node "
+                "to begin the step, or memory; see `stager status`)"
+            )
         if self.patience > timeout:  # pinged meanwhile: not even pings were answered
-            return (f"no reply to {what} from {self.endpoint}, and no answer to pings, for {timeout:.1f}s (after "
-                    f"{waited:.1f}s of waiting); the daemon is overloaded, hung or gone (see `stager status`)")
-        return (f"no reply to {what} from {self.endpoint} within {timeout:.1f}s; the daemon is "
-                "overloaded, hung or gone (see `stager status`)")
+            return (
+                f"no reply to {what} from {self.endpoint}, and no answer to pings, for {timeout:.1f}s (after "
+                f"{waited:.1f}s of waiting); the daemon is overloaded, hung or gone (see `stager status`)"
+            )
+        return (
+            f"no reply to {what} from {self.endpoint} within {timeout:.1f}s; the daemon is "
+            "overloaded, hung or gone (see `stager status`)"
+        )
 
     @_owned
     def hello(self, timeout: float) -> HelloReply:
@@ -464,9 +519,19 @@ class Connection:
         self._may_wait = False
         if not self.wait_connected(wait):
             raise StagerError(ErrorCode.UNAVAILABLE, self._unreachable())
-        reply = self.request(Hello(role=self.role, rank=self.rank, local_world_size=self.local_world_size,
-                                   world_size=self.world_size, pid=os.getpid(), start_time=self._start_time,
-                                   host_id=self.host_id), timeout, expect=HelloReply)
+        reply = self.request(
+            Hello(
+                role=self.role,
+                rank=self.rank,
+                local_world_size=self.local_world_size,
+                world_size=self.world_size,
+                pid=os.getpid(),
+                start_time=self._start_time,
+                host_id=self.host_id,
+            ),
+            timeout,
+            expect=HelloReply,
+        )
         self.session, self.daemon_host = reply.session, reply.host_id
         self.hellos += 1
         if self.role == "reader" and not self.same_host:

@@ -35,8 +35,10 @@ def curve_keys_from_env(auth_dir: str | None = None) -> dict:
         server_public, _ = load_certificate(os.path.join(auth_dir, "server.key"))
         public, secret = load_certificate(os.path.join(auth_dir, "client.key_secret"))
     except (OSError, ValueError) as exc:
-        raise StagerError(ErrorCode.UNAVAILABLE, f"cannot read CURVE keys from {auth_dir}: {exc}; "
-                                                 "create them with `stager keygen DIR`") from None
+        raise StagerError(
+            ErrorCode.UNAVAILABLE,
+            f"cannot read CURVE keys from {auth_dir}: {exc}; create them with `stager keygen DIR`",
+        ) from None
     return {"curve_serverkey": server_public, "curve_publickey": public, "curve_secretkey": secret}
 
 

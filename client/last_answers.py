@@ -66,8 +66,16 @@ def save(job: str, seen: Seen) -> None:
         path = _path(job)
         tmp = f"{path}.{os.getpid()}.tmp"
         with open(tmp, "w") as f:
-            json.dump({"job": job, "nodes": {n: {"sealed": r.sealed, "staging": r.staging, "failed": r.failed,
-                                                 "at": at} for n, (r, at) in seen.items()}}, f)
+            json.dump(
+                {
+                    "job": job,
+                    "nodes": {
+                        n: {"sealed": r.sealed, "staging": r.staging, "failed": r.failed, "at": at}
+                        for n, (r, at) in seen.items()
+                    },
+                },
+                f,
+            )
         os.replace(tmp, path)
         _forget_old(os.path.dirname(path))
     except (OSError, ValueError, StagerError) as exc:  # StagerError: the runtime directory is not ours

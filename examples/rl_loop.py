@@ -22,15 +22,23 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-CONFIG = {"vocab_size": 128, "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 2,
-          "num_attention_heads": 4, "num_key_value_heads": 2, "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
-          "max_position_embeddings": 64, "tie_word_embeddings": False}
+CONFIG = {
+    "vocab_size": 128,
+    "hidden_size": 64,
+    "intermediate_size": 96,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "rms_norm_eps": 1e-5,
+    "rope_theta": 10000.0,
+    "max_position_embeddings": 64,
+    "tie_word_embeddings": False,
+}
 PROBE = torch.arange(24).remainder(CONFIG["vocab_size"]).view(2, 12)  # the prompt both sides score
 
 
 def trainer(endpoint: str, steps: int, out_dir: str, rollout_ready) -> None:
     from native_llama import NativeLlama
-
     from stager.client import StagingClient
 
     torch.manual_seed(0)

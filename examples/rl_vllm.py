@@ -31,23 +31,57 @@ for _key, _value in ENGINE_ENV.items():
 import torch  # noqa: E402
 
 # head_dim 32: the smallest head size vLLM's CPU attention supports
-CONFIG = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 160, "hidden_size": 128,
-          "intermediate_size": 192, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
-          "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "max_position_embeddings": 512, "tie_word_embeddings": False,
-          "hidden_act": "silu", "torch_dtype": "float32"}
+CONFIG = {
+    "architectures": ["LlamaForCausalLM"],
+    "model_type": "llama",
+    "vocab_size": 160,
+    "hidden_size": 128,
+    "intermediate_size": 192,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "rms_norm_eps": 1e-5,
+    "rope_theta": 10000.0,
+    "max_position_embeddings": 512,
+    "tie_word_embeddings": False,
+    "hidden_act": "silu",
+    "torch_dtype": "float32",
+}
 MODEL_INFO = {"adapter": "llama3", "hf_config": CONFIG}
 # max_model_len 320: room for a prompt of two whole 128-token KV blocks (what vLLM's CPU prefix cache keeps)
-ENGINE_ARGS = {"gpu_memory_utilization": 0.1, "enforce_eager": True, "skip_tokenizer_init": True,
-               "max_model_len": 320, "dtype": "float32"}
+ENGINE_ARGS = {
+    "gpu_memory_utilization": 0.1,
+    "enforce_eager": True,
+    "skip_tokenizer_init": True,
+    "max_model_len": 320,
+    "dtype": "float32",
+}
 PROMPTS = [[3, 14, 15, 92, 65, 35, 89, 79], [2, 71, 82, 81, 82, 84, 59, 4]]
 GROUP, NEW_TOKENS, LOW = 4, 8, 32  # completions per prompt; the reward: the share of tokens below LOW
 
 
 def export_step(endpoint: str, out_dir: str, step: int) -> str:
     """``stager export-hf`` of one sealed step; returns its directory."""
-    done = subprocess.run([sys.executable, "-m", "stager.cli", "export-hf", "--endpoint", endpoint, "--out", out_dir,
-                           "--step", str(step), "--json", "--no-progress"],
-                          capture_output=True, text=True, timeout=300, check=True)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "stager.cli",
+            "export-hf",
+            "--endpoint",
+            endpoint,
+            "--out",
+            out_dir,
+            "--step",
+            str(step),
+            "--json",
+            "--no-progress",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=True,
+    )
     return json.loads(done.stdout.strip().splitlines()[-1])["exported"]
 
 
@@ -128,8 +162,13 @@ def greedy(llm, prompts: list[list[int]] = PROMPTS, max_tokens: int = NEW_TOKENS
     out = []
     for request in llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False):
         c = request.outputs[0]
-        out.append({"tokens": list(c.token_ids), "logprobs": [lp[t].logprob for t, lp in zip(c.token_ids, c.logprobs)],
-                    "versions": sorted({s.version for s in c.weight_versions or []})})
+        out.append(
+            {
+                "tokens": list(c.token_ids),
+                "logprobs": [lp[t].logprob for t, lp in zip(c.token_ids, c.logprobs)],
+                "versions": sorted({s.version for s in c.weight_versions or []}),
+            }
+        )
     return out
 
 
@@ -139,8 +178,10 @@ def reference(model_dir: str, prompts: list[list[int]] = PROMPTS) -> dict:
     checksums: dict[str, str] = {}
     for part in llm.collective_rpc("compute_weight_checksums"):
         checksums.update(part)
-    return {"greedy": [{k: v for k, v in g.items() if k != "versions"} for g in greedy(llm, prompts)],
-            "checksums": checksums}
+    return {
+        "greedy": [{k: v for k, v in g.items() if k != "versions"} for g in greedy(llm, prompts)],
+        "checksums": checksums,
+    }
 
 
 def rollout_batch(llm, seed: int) -> list[dict]:
@@ -156,8 +197,14 @@ def rollout_batch(llm, seed: int) -> list[dict]:
             versions = {int(s.version) for s in spans} if spans else {int(llm.get_weight_version())}
             if len(versions) != 1:
                 raise RuntimeError(f"a completion spans weight versions {sorted(versions)}")
-            out.append({"prompt": list(request.prompt_token_ids), "completion": tokens,
-                        "reward": sum(t < LOW for t in tokens) / len(tokens), "version": versions.pop()})
+            out.append(
+                {
+                    "prompt": list(request.prompt_token_ids),
+                    "completion": tokens,
+                    "reward": sum(t < LOW for t in tokens) / len(tokens),
+                    "version": versions.pop(),
+                }
+            )
     return out
 
 
@@ -168,8 +215,10 @@ def run(steps: int = 4, k: int = 1) -> list[dict]:
     from stager.integrations.vllm import Follower
 
     ctx = mp.get_context("spawn")
-    with DaemonProcess(args=("--memory-limit", "256MiB", "--keep", str(k + 3))) as daemon, \
-            tempfile.TemporaryDirectory(prefix="rl-vllm-") as tmp:
+    with (
+        DaemonProcess(args=("--memory-limit", "256MiB", "--keep", str(k + 3))) as daemon,
+        tempfile.TemporaryDirectory(prefix="rl-vllm-") as tmp,
+    ):
         rollouts = ctx.Queue()
         train = ctx.Process(target=trainer, args=(daemon.endpoint, steps, rollouts, k))
         train.start()
@@ -184,8 +233,12 @@ def run(steps: int = 4, k: int = 1) -> list[dict]:
                     follower.sync(min_step=max(0, batch - 1 - k), timeout=300)
                     rollouts_ = rollout_batch(llm, seed=batch)
                     rollouts.put(rollouts_)
-                    line = {"batch": batch, "weight_version": rollouts_[0]["version"], "newest": follower.newest(),
-                            "reward": sum(r["reward"] for r in rollouts_) / len(rollouts_)}
+                    line = {
+                        "batch": batch,
+                        "weight_version": rollouts_[0]["version"],
+                        "newest": follower.newest(),
+                        "reward": sum(r["reward"] for r in rollouts_) / len(rollouts_),
+                    }
                     lines.append(line)
                     print(json.dumps(line), flush=True)
             train.join(300)

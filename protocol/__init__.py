@@ -15,29 +15,93 @@ import this package, so it sits at the bottom (checked by import-linter in CI).
 1
 """
 
+from .assembly import AssembleBegin, AssembleDone, AssembleReply
 from .dtypes import DTYPES, dtype_from_name, dtype_name
 from .errors import ErrorCode, HFConfigError, NodeDown, ProtocolError, RemoteError, StagerError
 from .frames import PROTOCOL_VERSION, Message, decode
-from .layout import Block, Box, PlanEntry, Placement, ReadItem, TensorLayout
+from .job import JobInfo, JobInfoReply, Join
+from .layout import Block, Box, Placement, PlanEntry, ReadItem, TensorLayout
 from .messages import (
-    Abort, Begin, BeginReply, Bye, Commit, ErrorReply, Hello, HelloReply, Ok, Ping, Pong, Put, Sealed, Status,
+    Abort,
+    Begin,
+    BeginReply,
+    Bye,
+    Commit,
+    ErrorReply,
+    Hello,
+    HelloReply,
+    Ok,
+    Ping,
+    Pong,
+    Put,
+    Sealed,
+    Status,
     StatusReply,
 )
-from .job import JobInfo, JobInfoReply, Join
-from .assembly import AssembleBegin, AssembleDone, AssembleReply
 from .nixl import NixlInfo, NixlInfoReply
 from .reads import (
-    Acquire, AcquireReply, Announce, Changes, ChangesReply, Read, ReadReply, Release, Subscribe, SubscribeReply,
+    Acquire,
+    AcquireReply,
+    Announce,
+    Changes,
+    ChangesReply,
+    Read,
+    ReadReply,
+    Release,
+    Subscribe,
+    SubscribeReply,
 )
 
 __all__ = [
-    "PROTOCOL_VERSION", "DTYPES", "dtype_name", "dtype_from_name", "decode", "Message",
-    "ErrorCode", "StagerError", "ProtocolError", "RemoteError", "NodeDown", "HFConfigError",
-    "Box", "PlanEntry", "Placement", "Block", "TensorLayout", "ReadItem",
-    "Hello", "HelloReply", "Bye", "Begin", "BeginReply", "Put", "Commit", "Sealed", "Abort",
-    "Acquire", "AcquireReply", "Release", "Subscribe", "SubscribeReply", "Announce", "Read", "ReadReply",
-    "Changes", "ChangesReply",
-    "Status", "StatusReply", "Ping", "Pong", "Ok", "ErrorReply", "Join", "JobInfo", "JobInfoReply",
-    "AssembleBegin", "AssembleReply", "AssembleDone",
-    "NixlInfo", "NixlInfoReply",
+    "PROTOCOL_VERSION",
+    "DTYPES",
+    "dtype_name",
+    "dtype_from_name",
+    "decode",
+    "Message",
+    "ErrorCode",
+    "StagerError",
+    "ProtocolError",
+    "RemoteError",
+    "NodeDown",
+    "HFConfigError",
+    "Box",
+    "PlanEntry",
+    "Placement",
+    "Block",
+    "TensorLayout",
+    "ReadItem",
+    "Hello",
+    "HelloReply",
+    "Bye",
+    "Begin",
+    "BeginReply",
+    "Put",
+    "Commit",
+    "Sealed",
+    "Abort",
+    "Acquire",
+    "AcquireReply",
+    "Release",
+    "Subscribe",
+    "SubscribeReply",
+    "Announce",
+    "Read",
+    "ReadReply",
+    "Changes",
+    "ChangesReply",
+    "Status",
+    "StatusReply",
+    "Ping",
+    "Pong",
+    "Ok",
+    "ErrorReply",
+    "Join",
+    "JobInfo",
+    "JobInfoReply",
+    "AssembleBegin",
+    "AssembleReply",
+    "AssembleDone",
+    "NixlInfo",
+    "NixlInfoReply",
 ]

@@ -60,10 +60,16 @@ def offsets_to_wire(offsets) -> list:
 def offsets_from_wire(raw: list) -> tuple[tuple[str, int], ...]:
     out = []
     for item in raw:
-        if not isinstance(item, list) or len(item) != 2 or not isinstance(item[0], str) or type(item[1]) is not int \
-                or item[1] < 0:
-            raise ProtocolError(ErrorCode.BAD_MESSAGE,
-                                f"an offset must be [fqn, byte offset >= 0], not {short_repr(item)}")
+        if (
+            not isinstance(item, list)
+            or len(item) != 2
+            or not isinstance(item[0], str)
+            or type(item[1]) is not int
+            or item[1] < 0
+        ):
+            raise ProtocolError(
+                ErrorCode.BAD_MESSAGE, f"an offset must be [fqn, byte offset >= 0], not {short_repr(item)}"
+            )
         out.append((item[0], item[1]))
     return tuple(out)
 
@@ -100,8 +106,10 @@ class AssembleReply(Message):
     def check(self) -> None:
         nonneg(self, "step", "size")
         if self.reason not in SKIP_REASONS:
-            raise ProtocolError(ErrorCode.BAD_MESSAGE, f"assemble_reply: reason must be one of {SKIP_REASONS}, not "
-                                                       f"{short_repr(self.reason)}")
+            raise ProtocolError(
+                ErrorCode.BAD_MESSAGE,
+                f"assemble_reply: reason must be one of {SKIP_REASONS}, not {short_repr(self.reason)}",
+            )
 
 
 @message("assemble_done")

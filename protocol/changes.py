@@ -31,7 +31,9 @@ from collections.abc import Iterable
 import numpy
 import torch
 
-UNCHANGED, INDICES, WHOLE = "unchanged", "indices", "whole"
+UNCHANGED = "unchanged"
+INDICES = "indices"
+WHOLE = "whole"
 KINDS = (UNCHANGED, INDICES, WHOLE)
 DENSE = 0.25  # above this fraction of changed elements a tensor is read whole (int32 indices + values cost more)
 MAX_INDEXED = 2**31 - 1  # int32 flat indices: larger tensors are read whole when changed
@@ -92,7 +94,7 @@ def changed_indices(prev: torch.Tensor, new: torch.Tensor, dtype: torch.dtype, c
     a, b = prev.reshape(-1), new.reshape(-1)
     found = []
     for start in range(0, a.numel(), chunk):
-        x, y = a[start:start + chunk], b[start:start + chunk]
+        x, y = a[start : start + chunk], b[start : start + chunk]
         if x.dtype != dtype:
             x, y = x.to(dtype), y.to(dtype)
         ne = _bits(x) != _bits(y)
@@ -104,8 +106,7 @@ def changed_indices(prev: torch.Tensor, new: torch.Tensor, dtype: torch.dtype, c
     return torch.cat(found) if found else torch.empty(0, dtype=torch.int64)
 
 
-def diff(prev: torch.Tensor, new: torch.Tensor, dtype: torch.dtype, dense: float = DENSE,
-         chunk: int = CHUNK) -> Change:
+def diff(prev: torch.Tensor, new: torch.Tensor, dtype: torch.dtype, dense: float = DENSE, chunk: int = CHUNK) -> Change:
     """The change map from ``prev`` to ``new`` (same shape and dtype) for a reader of ``dtype``."""
     return encode(changed_indices(prev, new, compare_dtype(new.dtype, dtype), chunk), new.numel(), dense)
 

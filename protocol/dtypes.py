@@ -17,13 +17,26 @@ from .errors import ErrorCode, ProtocolError, short_repr
 
 # (wire name, torch dtype, safetensors code or None). Append only: wire names are part of protocol version 1.
 _TABLE: tuple[tuple[str, torch.dtype, str | None], ...] = (
-    ("f64", torch.float64, "F64"), ("f32", torch.float32, "F32"), ("f16", torch.float16, "F16"),
-    ("bf16", torch.bfloat16, "BF16"), ("f8e4m3", torch.float8_e4m3fn, "F8_E4M3"),
-    ("f8e5m2", torch.float8_e5m2, "F8_E5M2"), ("f8e4m3fnuz", torch.float8_e4m3fnuz, None),
-    ("f8e5m2fnuz", torch.float8_e5m2fnuz, None), ("f8e8m0", torch.float8_e8m0fnu, "F8_E8M0"),
-    ("i64", torch.int64, "I64"), ("i32", torch.int32, "I32"), ("i16", torch.int16, "I16"), ("i8", torch.int8, "I8"),
-    ("u64", torch.uint64, "U64"), ("u32", torch.uint32, "U32"), ("u16", torch.uint16, "U16"), ("u8", torch.uint8, "U8"),
-    ("bool", torch.bool, "BOOL"), ("c64", torch.complex64, None), ("c128", torch.complex128, None),
+    ("f64", torch.float64, "F64"),
+    ("f32", torch.float32, "F32"),
+    ("f16", torch.float16, "F16"),
+    ("bf16", torch.bfloat16, "BF16"),
+    ("f8e4m3", torch.float8_e4m3fn, "F8_E4M3"),
+    ("f8e5m2", torch.float8_e5m2, "F8_E5M2"),
+    ("f8e4m3fnuz", torch.float8_e4m3fnuz, None),
+    ("f8e5m2fnuz", torch.float8_e5m2fnuz, None),
+    ("f8e8m0", torch.float8_e8m0fnu, "F8_E8M0"),
+    ("i64", torch.int64, "I64"),
+    ("i32", torch.int32, "I32"),
+    ("i16", torch.int16, "I16"),
+    ("i8", torch.int8, "I8"),
+    ("u64", torch.uint64, "U64"),
+    ("u32", torch.uint32, "U32"),
+    ("u16", torch.uint16, "U16"),
+    ("u8", torch.uint8, "U8"),
+    ("bool", torch.bool, "BOOL"),
+    ("c64", torch.complex64, None),
+    ("c128", torch.complex128, None),
 )
 DTYPES: dict[str, torch.dtype] = {name: dt for name, dt, _ in _TABLE}
 FLOAT8 = ("f8e4m3", "f8e5m2", "f8e4m3fnuz", "f8e5m2fnuz")  # float8 data that a scale dequantizes
@@ -60,7 +73,7 @@ def itemsize(name: str) -> int:
     return dtype_from_name(name).itemsize
 
 
-def parse_dtype(value: "str | torch.dtype") -> torch.dtype:
+def parse_dtype(value: str | torch.dtype) -> torch.dtype:
     """A dtype given by a user: a torch dtype, its torch name (``"bfloat16"``) or its wire name (``"bf16"``)."""
     if isinstance(value, torch.dtype):
         dtype_name(value)
@@ -73,8 +86,11 @@ def parse_dtype(value: "str | torch.dtype") -> torch.dtype:
 
 def torch_names(*, floating: bool = False) -> list[str]:
     """Torch names of the table's dtypes (only floating, non-float8 ones with ``floating``): for --help."""
-    return [n for n, dt in _BY_TORCH_NAME.items()
-            if not floating or (dt.is_floating_point and dt not in FLOAT8_DTYPES and dt.itemsize > 1)]
+    return [
+        n
+        for n, dt in _BY_TORCH_NAME.items()
+        if not floating or (dt.is_floating_point and dt not in FLOAT8_DTYPES and dt.itemsize > 1)
+    ]
 
 
 def safetensors_code(dtype: torch.dtype) -> str:

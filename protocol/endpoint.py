@@ -48,7 +48,7 @@ def resolve(endpoint: str | None = None) -> str:
 
 
 def ipc_path(endpoint: str) -> str | None:
-    return endpoint[len("ipc://"):] if endpoint.startswith("ipc://") else None
+    return endpoint[len("ipc://") :] if endpoint.startswith("ipc://") else None
 
 
 def is_loopback(endpoint: str) -> bool:
@@ -116,5 +116,5 @@ def process_start_time(pid: int) -> float:
             stat = f.read()
     except FileNotFoundError:
         raise ProcessLookupError(pid) from None
-    fields = stat[stat.rindex(b")") + 2:].split()  # the command name may hold spaces and parentheses
+    fields = stat[stat.rindex(b")") + 2 :].split()  # the command name may hold spaces and parentheses
     return int(fields[19]) / _CLK_TCK  # field 22 of stat(5): starttime, in clock ticks

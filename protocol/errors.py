@@ -75,7 +75,11 @@ class HFConfigError(StagerError):
 
 
 _REPR = reprlib.Repr()
-_REPR.maxlevel, _REPR.maxlist, _REPR.maxdict, _REPR.maxstring, _REPR.maxother = 2, 6, 4, 40, 40
+_REPR.maxlevel = 2
+_REPR.maxlist = 6
+_REPR.maxdict = 4
+_REPR.maxstring = 40
+_REPR.maxother = 40
 
 
 def short_repr(value: object) -> str:

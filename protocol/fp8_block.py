@@ -50,8 +50,10 @@ def scale_shape(shape: tuple[int, ...], block: tuple[int, int]) -> tuple[int, in
 
 def _check(w: torch.Tensor, block: tuple[int, int]) -> tuple[int, int]:
     if w.dim() != 2 or not w.is_floating_point() or w.element_size() < 2:
-        raise StagerError(ErrorCode.BAD_VALUE, f"FP8 block quantization takes a 2-D high-precision weight, not a "
-                                               f"{w.dim()}-D {w.dtype} tensor")
+        raise StagerError(
+            ErrorCode.BAD_VALUE,
+            f"FP8 block quantization takes a 2-D high-precision weight, not a {w.dim()}-D {w.dtype} tensor",
+        )
     if len(block) != 2 or not all(isinstance(b, int) and b >= 1 for b in block):
         raise StagerError(ErrorCode.BAD_VALUE, f"FP8 block size must be two positive integers, not {list(block)}")
     return int(block[0]), int(block[1])
@@ -79,7 +81,7 @@ def quantize_block_fp8(w: torch.Tensor, block: tuple[int, int] = DEFAULT_BLOCK) 
         edge = bottom - top != (r1 - r0) * bm or padded_cols != cols
         if edge:  # an edge block: zeros fill it, as vLLM pads
             padded = torch.zeros(((r1 - r0) * bm, padded_cols), dtype=w.dtype, device=w.device)
-            padded[:bottom - top, :cols] = part
+            padded[: bottom - top, :cols] = part
             part = padded
         view = part.reshape(r1 - r0, bm, grid[1], bn)
         # max |x| as max(max x, -min x): the same value as abs().amax() (both exact), without an |x| copy
@@ -87,15 +89,19 @@ def quantize_block_fp8(w: torch.Tensor, block: tuple[int, int] = DEFAULT_BLOCK) 
         sf = amax.float().clamp(AMAX_FLOOR) / E4M3_MAX
         scaled = view * (1.0 / sf)  # the fp32 product (tensor promotion), as in vLLM
         if edge:
-            data[top:bottom] = scaled.reshape((r1 - r0) * bm, padded_cols)[:bottom - top, :cols]
+            data[top:bottom] = scaled.reshape((r1 - r0) * bm, padded_cols)[: bottom - top, :cols]
         else:  # copy_ casts to e4m3 as .to() does, straight into place
             data[top:bottom].view(scaled.shape).copy_(scaled)
         scale_inv[r0:r1] = sf.reshape(r1 - r0, grid[1])
     return data, scale_inv
 
 
-def dequantize_block_fp8(data: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int] = DEFAULT_BLOCK,
-                         dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def dequantize_block_fp8(
+    data: torch.Tensor,
+    scale_inv: torch.Tensor,
+    block: tuple[int, int] = DEFAULT_BLOCK,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
     """``data * scale_inv`` per block, as ``dtype``: :func:`~stager.protocol.quant.dequantize`, the
     dequantizer load-hf and the readers use (one implementation)."""
     return dequantize(data, scale_inv, QuantSpec("weight_scale_inv", "mul", "f32"), dtype, tuple(block))

@@ -30,7 +30,8 @@ from __future__ import annotations
 import dataclasses
 import types
 import typing
-from typing import Any, Callable, ClassVar, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any, ClassVar
 
 import msgpack
 
@@ -39,7 +40,7 @@ from .errors import ErrorCode, ProtocolError, StagerError, short_repr
 PROTOCOL_VERSION = 1
 MAX_DEPTH = 16  # nesting of msgpack containers accepted in a header (checked before any handler)
 
-_REGISTRY: dict[str, type["Message"]] = {}
+_REGISTRY: dict[str, type[Message]] = {}
 NONE = type(None)
 
 
@@ -77,8 +78,10 @@ class Message:
 
     def body(self) -> dict[str, Any]:
         codecs = self.CODECS
-        return {name: codecs[name].to_wire(getattr(self, name)) if name in codecs else getattr(self, name)
-                for name in self.SCHEMA}
+        return {
+            name: codecs[name].to_wire(getattr(self, name)) if name in codecs else getattr(self, name)
+            for name in self.SCHEMA
+        }
 
     def encode(self) -> list:
         """Frames of this message: the msgpack header, then the out-of-band buffers."""
@@ -108,8 +111,7 @@ def _wire_types(hint: Any) -> tuple[type, ...]:
     """The msgpack types a field of annotation ``hint`` may arrive as (``X | None`` adds None)."""
     origin = typing.get_origin(hint)
     if origin in (typing.Union, types.UnionType):
-        return tuple(t for arg in typing.get_args(hint) for t in (
-            (NONE,) if arg is NONE else _wire_types(arg)))
+        return tuple(t for arg in typing.get_args(hint) for t in ((NONE,) if arg is NONE else _wire_types(arg)))
     wire = _WIRE.get(origin or hint)
     if wire is None:
         raise TypeError(f"annotation {hint!r} has no wire form: give the field a codec")
@@ -126,8 +128,11 @@ def message(kind: str) -> Callable[[type], type]:
         cls.TYPE = kind
         hints = typing.get_type_hints(cls)
         codecs = cls.CODECS
-        cls.SCHEMA = {f.name: codecs[f.name].wire_types() if f.name in codecs else _wire_types(hints[f.name])
-                      for f in dataclasses.fields(cls) if f.name not in ("id", "frames")}
+        cls.SCHEMA = {
+            f.name: codecs[f.name].wire_types() if f.name in codecs else _wire_types(hints[f.name])
+            for f in dataclasses.fields(cls)
+            if f.name not in ("id", "frames")
+        }
         if kind in _REGISTRY:
             raise ValueError(f"message type {kind!r} is registered twice")
         _REGISTRY[kind] = cls

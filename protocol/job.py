@@ -25,14 +25,19 @@ MAX_STEPS = 1024  # steps listed per node in a job_info_reply
 
 def _check_id(what: str, value: object) -> None:
     if not isinstance(value, str) or not 0 < len(value) <= MAX_ID:
-        raise ProtocolError(ErrorCode.BAD_MESSAGE, f"{what} must be a non-empty string of at most {MAX_ID} characters, "
-                                                   f"not {short_repr(value)}")
+        raise ProtocolError(
+            ErrorCode.BAD_MESSAGE,
+            f"{what} must be a non-empty string of at most {MAX_ID} characters, not {short_repr(value)}",
+        )
 
 
 def _check_endpoint(node: object, endpoint: object) -> None:
     if not isinstance(endpoint, str) or not endpoint.startswith(("ipc://", "tcp://")) or len(endpoint) > 1000:
-        raise ProtocolError(ErrorCode.BAD_MESSAGE, f"node {short_repr(node)} needs an endpoint like "
-                                                   f"tcp://host:port or ipc:///path, not {short_repr(endpoint)}")
+        raise ProtocolError(
+            ErrorCode.BAD_MESSAGE,
+            f"node {short_repr(node)} needs an endpoint like "
+            f"tcp://host:port or ipc:///path, not {short_repr(endpoint)}",
+        )
 
 
 def _check_steps(what: str, steps: object) -> None:
@@ -45,8 +50,11 @@ def check_members(where: str, node: str, nodes: object) -> None:
     ``node`` among them."""
     _check_id(f"{where}: node", node)
     if not isinstance(nodes, dict) or not 0 < len(nodes) <= MAX_NODES or node not in nodes:
-        raise ProtocolError(ErrorCode.BAD_MESSAGE, f"{where}: nodes must map 1 to {MAX_NODES} node ids to endpoints, "
-                                                   f"this node ({short_repr(node)}) among them")
+        raise ProtocolError(
+            ErrorCode.BAD_MESSAGE,
+            f"{where}: nodes must map 1 to {MAX_NODES} node ids to endpoints, "
+            f"this node ({short_repr(node)}) among them",
+        )
     for other, endpoint in nodes.items():
         _check_id(f"{where}: a node id", other)
         _check_endpoint(other, endpoint)
@@ -69,10 +77,15 @@ class Join(Message):
         if type(self.world_size) is not int or not 0 < self.world_size <= 1 << 20:
             raise ProtocolError(ErrorCode.BAD_MESSAGE, "join: world_size must be an int in [1, 2**20]")
         if set(self.ranks) != set(self.nodes) or not all(
-                isinstance(r, list) and 0 < len(r) <= self.world_size
-                and all(type(x) is int and 0 <= x < self.world_size for x in r) for r in self.ranks.values()):
-            raise ProtocolError(ErrorCode.BAD_MESSAGE, "join: ranks must give every node of nodes its global ranks "
-                                                       "(ints in [0, world_size))")
+            isinstance(r, list)
+            and 0 < len(r) <= self.world_size
+            and all(type(x) is int and 0 <= x < self.world_size for x in r)
+            for r in self.ranks.values()
+        ):
+            raise ProtocolError(
+                ErrorCode.BAD_MESSAGE,
+                "join: ranks must give every node of nodes its global ranks (ints in [0, world_size))",
+            )
 
 
 @message("job_info")

@@ -19,7 +19,7 @@ import dataclasses
 import functools
 import hashlib
 import math
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 import msgpack
 import torch
@@ -31,8 +31,7 @@ MAX_DIMS = 64  # tensor rank accepted on the wire
 
 
 def _int_tuple(value: object, what: str, code: ErrorCode = ErrorCode.BAD_PLAN) -> tuple[int, ...]:
-    if not isinstance(value, (list, tuple)) or len(value) > MAX_DIMS or not all(
-            type(v) is int for v in value):
+    if not isinstance(value, (list, tuple)) or len(value) > MAX_DIMS or not all(type(v) is int for v in value):
         raise ProtocolError(code, f"{what} must be a list of ints (at most {MAX_DIMS}), got {short_repr(value)}")
     return tuple(value)
 
@@ -48,20 +47,23 @@ class Box:
     def numel(self) -> int:
         return math.prod(self.shape)
 
-    def intersects(self, other: "Box") -> bool:
-        return all(
-            a0 < b0 + bn and b0 < a0 + an
-            for a0, an, b0, bn in zip(self.offset, self.shape, other.offset, other.shape)
-        ) and self.numel > 0 and other.numel > 0
+    def intersects(self, other: Box) -> bool:
+        return (
+            all(
+                a0 < b0 + bn and b0 < a0 + an
+                for a0, an, b0, bn in zip(self.offset, self.shape, other.offset, other.shape)
+            )
+            and self.numel > 0
+            and other.numel > 0
+        )
 
     def within(self, shape: Sequence[int]) -> bool:
         return len(self.offset) == len(shape) and all(
             o >= 0 and n >= 0 and o + n <= s for o, n, s in zip(self.offset, self.shape, shape)
         )
 
-    def contains(self, inner: "Box") -> bool:
-        return all(o <= i and i + n <= o + m
-                   for o, m, i, n in zip(self.offset, self.shape, inner.offset, inner.shape))
+    def contains(self, inner: Box) -> bool:
+        return all(o <= i and i + n <= o + m for o, m, i, n in zip(self.offset, self.shape, inner.offset, inner.shape))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,7 +79,7 @@ class PlanEntry:
         return [self.fqn, self.dtype, list(self.global_shape), list(self.box.offset), list(self.box.shape)]
 
     @classmethod
-    def from_wire(cls, item: object, index: int = 0) -> "PlanEntry":
+    def from_wire(cls, item: object, index: int = 0) -> PlanEntry:
         if not isinstance(item, (list, tuple)) or len(item) != 5:
             raise _bad(f"plan entry {index} must be [fqn, dtype, global_shape, global_offset, local_shape]")
         fqn, dtype, gshape, offset, lshape = item
@@ -92,13 +94,17 @@ class PlanEntry:
         gshape = _int_tuple(gshape, f"{fqn}: global_shape")
         box = Box(_int_tuple(offset, f"{fqn}: global_offset"), _int_tuple(lshape, f"{fqn}: local_shape"))
         if not len(gshape) == len(box.offset) == len(box.shape):
-            raise _bad(f"{fqn}: global_shape, global_offset and local_shape must have one entry per dimension, "
-                       f"got {len(gshape)}, {len(box.offset)} and {len(box.shape)}")
+            raise _bad(
+                f"{fqn}: global_shape, global_offset and local_shape must have one entry per dimension, "
+                f"got {len(gshape)}, {len(box.offset)} and {len(box.shape)}"
+            )
         if any(s < 0 for s in gshape):
             raise _bad(f"{fqn}: negative global shape {list(gshape)}")
         if not box.within(gshape):
-            raise _bad(f"{fqn}: shard at offset {list(box.offset)} with shape {list(box.shape)} lies outside the "
-                       f"global shape {list(gshape)}; check the DTensor's placements and mesh")
+            raise _bad(
+                f"{fqn}: shard at offset {list(box.offset)} with shape {list(box.shape)} lies outside the "
+                f"global shape {list(gshape)}; check the DTensor's placements and mesh"
+            )
         return cls(fqn, dtype, gshape, box)
 
 
@@ -142,7 +148,7 @@ class Placement:
         return [self.block_offset, list(self.block_shape), list(self.inner)]
 
     @classmethod
-    def from_wire(cls, raw: object) -> "Placement":
+    def from_wire(cls, raw: object) -> Placement:
         if not isinstance(raw, list) or len(raw) != 3 or type(raw[0]) is not int or raw[0] < 0:
             raise ProtocolError(ErrorCode.BAD_MESSAGE, "a placement must be [block_offset, block_shape, inner]")
         shape = _int_tuple(raw[1], "placement block_shape", ErrorCode.BAD_MESSAGE)
@@ -206,14 +212,18 @@ class TensorLayout:
 
     @functools.cached_property
     def wire(self) -> list:  # encoded once: a layout is served to every reader of every version
-        return [self.fqn, self.dtype, list(self.shape),
-                [[b.byte_offset, list(b.box.offset), list(b.box.shape)] for b in self.blocks]]
+        return [
+            self.fqn,
+            self.dtype,
+            list(self.shape),
+            [[b.byte_offset, list(b.box.offset), list(b.box.shape)] for b in self.blocks],
+        ]
 
     def to_wire(self) -> list:
         return self.wire
 
     @classmethod
-    def from_wire(cls, raw: object) -> "TensorLayout":
+    def from_wire(cls, raw: object) -> TensorLayout:
         if not isinstance(raw, list) or len(raw) != 4 or not isinstance(raw[0], str) or not isinstance(raw[3], list):
             raise ProtocolError(ErrorCode.BAD_MESSAGE, "a tensor layout must be [fqn, dtype, shape, blocks]")
         fqn, dtype, shape, blocks = raw
@@ -223,8 +233,15 @@ class TensorLayout:
         for b in blocks:
             if not isinstance(b, list) or len(b) != 3 or type(b[0]) is not int:
                 raise ProtocolError(ErrorCode.BAD_MESSAGE, f"{fqn}: a block must be [byte_offset, offset, shape]")
-            parsed.append(Block(b[0], Box(_int_tuple(b[1], f"{fqn}: block offset", ErrorCode.BAD_MESSAGE),
-                                          _int_tuple(b[2], f"{fqn}: block shape", ErrorCode.BAD_MESSAGE))))
+            parsed.append(
+                Block(
+                    b[0],
+                    Box(
+                        _int_tuple(b[1], f"{fqn}: block offset", ErrorCode.BAD_MESSAGE),
+                        _int_tuple(b[2], f"{fqn}: block shape", ErrorCode.BAD_MESSAGE),
+                    ),
+                )
+            )
         return cls(fqn, dtype, shape, tuple(parsed))
 
 
@@ -251,22 +268,32 @@ class ReadItem:
     dtype: str | None = None
 
     def to_wire(self) -> list:
-        box = [self.fqn, None if self.offsets is None else list(self.offsets),
-               None if self.sizes is None else list(self.sizes)]
+        box = [
+            self.fqn,
+            None if self.offsets is None else list(self.offsets),
+            None if self.sizes is None else list(self.sizes),
+        ]
         return box if self.dtype is None else [*box, self.dtype]
 
     @classmethod
-    def from_wire(cls, item: object) -> "ReadItem":
+    def from_wire(cls, item: object) -> ReadItem:
         ok = isinstance(item, list) and len(item) in (3, 4) and isinstance(item[0], str)
         if ok and (item[1] is None) != (item[2] is None):
             ok = False
         if ok and item[1] is not None:
-            ok = (isinstance(item[1], list) and isinstance(item[2], list) and len(item[1]) == len(item[2])
-                  <= MAX_DIMS and all(type(v) is int and v >= 0 for v in item[1] + item[2]))
+            ok = (
+                isinstance(item[1], list)
+                and isinstance(item[2], list)
+                and len(item[1]) == len(item[2]) <= MAX_DIMS
+                and all(type(v) is int and v >= 0 for v in item[1] + item[2])
+            )
         if not ok:
-            raise ProtocolError(ErrorCode.BAD_MESSAGE, f"read: item {short_repr(item)} must be [fqn, offsets, sizes] "
-                                                       "with equal-length lists of ints >= 0, or [fqn, None, None], "
-                                                       "optionally followed by a dtype name")
+            raise ProtocolError(
+                ErrorCode.BAD_MESSAGE,
+                f"read: item {short_repr(item)} must be [fqn, offsets, sizes] "
+                "with equal-length lists of ints >= 0, or [fqn, None, None], "
+                "optionally followed by a dtype name",
+            )
         dtype = item[3] if len(item) == 4 else None
         if dtype is not None:
             dtype_from_name(dtype)  # the closed table: BAD_DTYPE naming the known ones
@@ -282,9 +309,12 @@ def check_read_cast(fqn: str, have: torch.dtype, want: str) -> torch.dtype:
     to = dtype_from_name(want)
     plain = {torch.float64, torch.float32, torch.float16, torch.bfloat16}
     if have not in plain or to not in plain or to.itemsize >= have.itemsize:
-        raise ProtocolError(ErrorCode.BAD_VALUE, f"{fqn[:200]}: cannot read {have} as {to}: the daemon casts only "
-                                                 "float64/float32/float16/bfloat16 tensors to a narrower one of "
-                                                 "these; read it without a dtype and cast it yourself")
+        raise ProtocolError(
+            ErrorCode.BAD_VALUE,
+            f"{fqn[:200]}: cannot read {have} as {to}: the daemon casts only "
+            "float64/float32/float16/bfloat16 tensors to a narrower one of "
+            "these; read it without a dtype and cast it yourself",
+        )
     return to
 
 
@@ -297,10 +327,16 @@ def check_box(fqn: str, shape: tuple[int, ...], offsets, sizes) -> tuple[tuple[i
     if offsets is None:
         return (0,) * len(shape), tuple(shape)
     offsets, sizes = tuple(offsets), tuple(sizes)
-    if len(offsets) != len(shape) or len(sizes) != len(shape) or any(
-            o < 0 or s < 0 or o + s > n for o, s, n in zip(offsets, sizes, shape)):
-        raise ProtocolError(ErrorCode.BAD_VALUE, f"{fqn}: box at {list(offsets)} of size {list(sizes)} does not fit "
-                                                 f"shape {list(shape)}; give one offset and size per dimension")
+    if (
+        len(offsets) != len(shape)
+        or len(sizes) != len(shape)
+        or any(o < 0 or s < 0 or o + s > n for o, s, n in zip(offsets, sizes, shape))
+    ):
+        raise ProtocolError(
+            ErrorCode.BAD_VALUE,
+            f"{fqn}: box at {list(offsets)} of size {list(sizes)} does not fit "
+            f"shape {list(shape)}; give one offset and size per dimension",
+        )
     return offsets, sizes
 
 
@@ -320,8 +356,11 @@ def shard_box(shape: tuple[int, ...], dim: int, rank: int, world: int) -> tuple[
     ((9, 0), (1, 4))
     """
     if not 0 <= dim < len(shape) or not 0 <= rank < world:
-        raise ProtocolError(ErrorCode.BAD_VALUE, f"shard=(dim={dim}, rank={rank}, world={world}) does not fit a "
-                                                 f"tensor of shape {list(shape)}; need 0 <= dim < ndim, 0 <= rank < world")
+        raise ProtocolError(
+            ErrorCode.BAD_VALUE,
+            f"shard=(dim={dim}, rank={rank}, world={world}) does not fit a "
+            f"tensor of shape {list(shape)}; need 0 <= dim < ndim, 0 <= rank < world",
+        )
     chunk = -(-shape[dim] // world)
     start = min(rank * chunk, shape[dim])
     length = min(chunk, shape[dim] - start)

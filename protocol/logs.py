@@ -27,7 +27,9 @@ class RateLimit(logging.Filter):
 
     def __init__(self, burst: int = 5, window: float = 60.0, clock=time.monotonic):
         super().__init__()
-        self.burst, self.window, self._clock = burst, window, clock
+        self.burst = burst
+        self.window = window
+        self._clock = clock
         self._seen: dict[tuple[str, str], list] = {}  # key -> [window start, passed, suppressed]
 
     def filter(self, record: logging.LogRecord) -> bool:
@@ -51,14 +53,15 @@ class RateLimit(logging.Filter):
         return False
 
 
-
 # ---------------------------------------------------------------------- output: text or JSON lines
 
 TEXT_FORMAT = "%(asctime)s %(name)s %(levelname)s %(message)s"
 FIELDS = ("step", "rank", "peer", "code", "endpoint")  # structured fields, where a record has them
 _STEP = re.compile(r"\bstep (\d+)\b")
 _RANK = re.compile(r"\b(?:rank|trainer) (\d+)\b")
-_PEER = re.compile(r"\b(trainer|reader|admin) (\d+)(?: connected)?\W+pid (\d+)")  # "trainer 1 (pid 4242" / "reader 0 pid 7"
+_PEER = re.compile(
+    r"\b(trainer|reader|admin) (\d+)(?: connected)?\W+pid (\d+)"
+)  # "trainer 1 (pid 4242" / "reader 0 pid 7"
 _CODE = re.compile(r"\[([a-z_]+)\] ")  # a StagerError's text: "[memory_limit] ..."
 
 
@@ -88,14 +91,21 @@ class JsonFormatter(logging.Formatter):
 
     >>> rec = logging.makeLogRecord({"name": "stager.daemon", "levelname": "WARNING", "levelno": 30,
     ...                              "msg": "step %d failed: %s", "args": (4, "rank 1 left"), "created": 0})
-    >>> JsonFormatter().format(rec)
-    '{"ts": "1970-01-01T00:00:00.000Z", "level": "WARNING", "logger": "stager.daemon", "msg": "step 4 failed: rank 1 left", "pid": ..., "step": 4, "rank": 1}'
+    >>> line = json.loads(JsonFormatter().format(rec))
+    >>> line["ts"], line["level"], line["logger"], line["msg"], line["step"], line["rank"]
+    ('1970-01-01T00:00:00.000Z', 'WARNING', 'stager.daemon', 'step 4 failed: rank 1 left', 4, 1)
     """
 
     def format(self, record: logging.LogRecord) -> str:
         msg = record.getMessage()
-        out = {"ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.created % 1 * 1000):03d}Z",
-               "level": record.levelname, "logger": record.name, "msg": msg, "pid": record.process}
+        out = {
+            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+            + f".{int(record.created % 1 * 1000):03d}Z",
+            "level": record.levelname,
+            "logger": record.name,
+            "msg": msg,
+            "pid": record.process,
+        }
         named = fields_from_message(msg)
         for field in FIELDS:
             value = getattr(record, field, None)

@@ -14,7 +14,12 @@ import msgpack
 from .errors import ErrorCode, ProtocolError, RemoteError, short_repr
 from .frames import Codec, Message, message, nonneg
 from .layout import (
-    Assignment, PlanEntry, assignment_from_wire, assignment_to_wire, plan_from_wire, plan_to_wire,
+    Assignment,
+    PlanEntry,
+    assignment_from_wire,
+    assignment_to_wire,
+    plan_from_wire,
+    plan_to_wire,
 )
 from .quant import QuantSpec
 
@@ -43,9 +48,13 @@ def check_model_info(info: dict) -> dict:
     """Validate a version's ``model_info`` (both when a rank sends it and when the daemon receives
     it): a map with str keys, at most MAX_MODEL_INFO_DEPTH deep and MAX_MODEL_INFO_BYTES encoded;
     ``adapter`` a short string, ``hf_config`` a map. Raises BAD_VALUE saying what to change."""
+
     def bad(why: str) -> ProtocolError:
-        return ProtocolError(ErrorCode.BAD_VALUE, f"model_info: {why}; stage a small dict of plain values, e.g. "
-                                                  "{'adapter': 'llama3', 'hf_config': {...}}")
+        return ProtocolError(
+            ErrorCode.BAD_VALUE,
+            f"model_info: {why}; stage a small dict of plain values, e.g. "
+            "{'adapter': 'llama3', 'hf_config': {...}}",
+        )
 
     if not isinstance(info, dict) or not all(isinstance(k, str) for k in info):
         raise bad("must be a dict with str keys")
@@ -60,7 +69,9 @@ def check_model_info(info: dict) -> dict:
         if key in info and (not isinstance(info[key], str) or len(info[key]) > limit):
             raise bad(f"{key!r} must be a string of at most {limit} characters, not {short_repr(info[key])}")
     if "hf_config" in info and not isinstance(info["hf_config"], dict):
-        raise bad(f"'hf_config' must be a dict (the HF config itself, never a path), not {short_repr(info['hf_config'])}")
+        raise bad(
+            f"'hf_config' must be a dict (the HF config itself, never a path), not {short_repr(info['hf_config'])}"
+        )
     try:
         size = len(msgpack.packb(info, use_bin_type=True))
     except (TypeError, ValueError, OverflowError) as exc:
@@ -71,6 +82,7 @@ def check_model_info(info: dict) -> dict:
 
 
 MODEL_INFO = Codec(dict, check_model_info, check_model_info, optional=True)
+
 
 @message("hello")
 class Hello(Message):
@@ -86,16 +98,16 @@ class Hello(Message):
 
     def check(self) -> None:
         if self.role not in ("trainer", "reader", "admin"):
-            raise ProtocolError(ErrorCode.BAD_MESSAGE,
-                                f"hello: role must be trainer, reader or admin, not {short_repr(self.role)}")
+            raise ProtocolError(
+                ErrorCode.BAD_MESSAGE, f"hello: role must be trainer, reader or admin, not {short_repr(self.role)}"
+            )
         nonneg(self, "rank", "pid")
         if self.local_world_size > MAX_LOCAL_WORLD or self.world_size > MAX_WORLD:
             raise ProtocolError(
-                ErrorCode.BAD_MESSAGE, f"hello: at most {MAX_LOCAL_WORLD} ranks per node and {MAX_WORLD} in a job")
-        if self.local_world_size < 1 or self.world_size < self.local_world_size:
-            raise ProtocolError(
-                ErrorCode.BAD_MESSAGE, "hello: need 1 <= local_world_size <= world_size"
+                ErrorCode.BAD_MESSAGE, f"hello: at most {MAX_LOCAL_WORLD} ranks per node and {MAX_WORLD} in a job"
             )
+        if self.local_world_size < 1 or self.world_size < self.local_world_size:
+            raise ProtocolError(ErrorCode.BAD_MESSAGE, "hello: need 1 <= local_world_size <= world_size")
         if self.rank >= self.local_world_size:
             raise ProtocolError(
                 ErrorCode.BAD_MESSAGE,

@@ -53,8 +53,10 @@ def new_agent(name: str) -> Any:
         except ImportError:
             continue
     if api is None:
-        raise StagerError(ErrorCode.UNSUPPORTED, "NIXL is not installed here: pip install 'stager[nixl]' "
-                                                 "(nixl-cu12==1.5.1), or use the frames transport")
+        raise StagerError(
+            ErrorCode.UNSUPPORTED,
+            "NIXL is not installed here: pip install 'stager[nixl]' (nixl-cu12==1.5.1), or use the frames transport",
+        )
     nixl_log = logging.getLogger("nixl")
     for handler in list(nixl_log.handlers):
         nixl_log.removeHandler(handler)
@@ -73,14 +75,18 @@ def new_agent(name: str) -> Any:
         try:
             agent = api.nixl_agent(name, config)
         except Exception as exc:  # NIXL's own error types (RuntimeError: no plugins, nixlBackendError, ...)
-            raise StagerError(ErrorCode.UNSUPPORTED, f"NIXL could not make an agent here ({exc}): check "
-                                                     "NIXL_PLUGIN_DIR and UCX_* settings, or use the frames "
-                                                     "transport") from None
+            raise StagerError(
+                ErrorCode.UNSUPPORTED,
+                f"NIXL could not make an agent here ({exc}): check "
+                "NIXL_PLUGIN_DIR and UCX_* settings, or use the frames "
+                "transport",
+            ) from None
         finally:
             api.nixlBind.nixlAgentConfig = base
     if "UCX" not in agent.backends:
-        raise StagerError(ErrorCode.UNSUPPORTED, "NIXL has no UCX backend here (its plugin did not load); use the "
-                                                 "frames transport")
+        raise StagerError(
+            ErrorCode.UNSUPPORTED, "NIXL has no UCX backend here (its plugin did not load); use the frames transport"
+        )
     return agent
 
 
@@ -115,5 +121,7 @@ class NixlInfoReply(Message):
         if not 0 < len(self.agent) <= 200:
             raise ProtocolError(ErrorCode.BAD_MESSAGE, "nixl_info_reply: agent must be 1 to 200 characters")
         if self.addr < 0 or self.size < 0 or self.device < 0 or self.addr + self.size >= 1 << 64:
-            raise ProtocolError(ErrorCode.BAD_MESSAGE, "nixl_info_reply: addr, size and device must be >= 0 and the "
-                                                       "range within 64 bits")
+            raise ProtocolError(
+                ErrorCode.BAD_MESSAGE,
+                "nixl_info_reply: addr, size and device must be >= 0 and the range within 64 bits",
+            )

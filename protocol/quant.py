@@ -45,10 +45,12 @@ class QuantSpec:
     dtype: str
 
     @classmethod
-    def parse(cls, fqn: str, raw: Any) -> "QuantSpec":
+    def parse(cls, fqn: str, raw: Any) -> QuantSpec:
         if not isinstance(raw, dict) or set(raw) != {"scale", "mode", "dtype"}:
             raise _bad(fqn, "quantization metadata must be a map with exactly 'scale', 'mode' and 'dtype'")
-        scale, mode, dtype = raw["scale"], raw["mode"], raw["dtype"]
+        scale = raw["scale"]
+        mode = raw["mode"]
+        dtype = raw["dtype"]
         if not isinstance(scale, str) or scale == fqn:
             raise _bad(fqn, "'scale' must name another tensor")
         if not isinstance(mode, str) or mode not in MODES:
@@ -71,14 +73,20 @@ def scale_blocks(fqn: str, data_shape, scale_shape, block: tuple[int, ...] | Non
     if math.prod(scale_shape) == 1:
         return None
     if len(scale_shape) != len(data_shape):
-        raise _bad(fqn, f"scale shape {list(scale_shape)} does not fit data shape {list(data_shape)}: give one "
-                        "scale, or one per block with the data's rank")
+        raise _bad(
+            fqn,
+            f"scale shape {list(scale_shape)} does not fit data shape {list(data_shape)}: give one "
+            "scale, or one per block with the data's rank",
+        )
     blocks = []
     for i, (d, s) in enumerate(zip(data_shape, scale_shape)):
         size = block[i] if block is not None and i < len(block) else (-(-d // s) if s else 0)
         if s < 1 or size < 1 or -(-d // size) != s:
-            raise _bad(fqn, f"scale shape {list(scale_shape)} does not tile data shape {list(data_shape)}"
-                            + (f" in blocks of {list(block)}" if block is not None else ""))
+            raise _bad(
+                fqn,
+                f"scale shape {list(scale_shape)} does not tile data shape {list(data_shape)}"
+                + (f" in blocks of {list(block)}" if block is not None else ""),
+            )
         blocks.append(size)
     return tuple(blocks)
 
@@ -104,8 +112,13 @@ def check_quant(raw: Any, tensors: dict[str, tuple[str, tuple]]) -> dict[str, Qu
     return specs
 
 
-def dequantize(data: torch.Tensor, scale: torch.Tensor, spec: QuantSpec,
-               dtype: torch.dtype | None = None, block: tuple[int, ...] | None = None) -> torch.Tensor:
+def dequantize(
+    data: torch.Tensor,
+    scale: torch.Tensor,
+    spec: QuantSpec,
+    dtype: torch.dtype | None = None,
+    block: tuple[int, ...] | None = None,
+) -> torch.Tensor:
     """High-precision values of ``data`` (a new tensor of ``dtype``, default ``spec.dtype``);
     ``block``: the block size one scale value covers, when the checkpoint says it."""
     out_dtype = dtype or DTYPES[spec.dtype]

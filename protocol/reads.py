@@ -17,6 +17,7 @@ from .frames import Codec, Message, message, nonneg
 from .layout import ReadItem, TensorLayout, layouts_from_wire, layouts_to_wire
 from .messages import MODEL_INFO, QUANT
 from .quant import QuantSpec
+
 MAX_READ_ITEMS = 1024  # boxes in one Read
 MAX_CHANGE_TENSORS = 1 << 16  # tensors named in one Changes request
 CHANGES_WANT = ("counts", "indices", "values")
@@ -44,8 +45,13 @@ class Read(Message):
     """Bytes of a leased version, one reply frame per :class:`ReadItem` (a box of a tensor, sent
     row-major). Readers on another host use it; same-host readers map the segment instead."""
 
-    CODECS: ClassVar = {"items": Codec(list, lambda items: [i.to_wire() for i in items],
-                                       lambda raw: tuple(ReadItem.from_wire(i) for i in raw[:MAX_READ_ITEMS + 1]))}
+    CODECS: ClassVar = {
+        "items": Codec(
+            list,
+            lambda items: [i.to_wire() for i in items],
+            lambda raw: tuple(ReadItem.from_wire(i) for i in raw[: MAX_READ_ITEMS + 1]),
+        )
+    }
     lease: int = 0
     items: tuple[ReadItem, ...] = ()
 
@@ -74,11 +80,14 @@ class Changes(Message):
     def check(self) -> None:
         nonneg(self, "since", "since_seq")
         if self.want not in CHANGES_WANT:
-            raise ProtocolError(ErrorCode.BAD_MESSAGE, f"changes: want must be one of {list(CHANGES_WANT)}, "
-                                                       f"not {short_repr(self.want)}")
+            raise ProtocolError(
+                ErrorCode.BAD_MESSAGE, f"changes: want must be one of {list(CHANGES_WANT)}, not {short_repr(self.want)}"
+            )
         if len(self.fqns) > MAX_CHANGE_TENSORS or not all(isinstance(f, str) for f in self.fqns):
-            raise ProtocolError(ErrorCode.BAD_MESSAGE, f"changes: fqns must be at most {MAX_CHANGE_TENSORS} "
-                                                       "tensor names (str); ask in batches")
+            raise ProtocolError(
+                ErrorCode.BAD_MESSAGE,
+                f"changes: fqns must be at most {MAX_CHANGE_TENSORS} tensor names (str); ask in batches",
+            )
 
 
 # ------------------------------------------------------------------------------ replies
@@ -90,8 +99,11 @@ class AcquireReply(Message):
     unless the version is partial). ``seq`` counts the versions the daemon sealed (gaps: skipped
     ones); ``quant``: float8 tensors and their scales (``stager.protocol.quant``)."""
 
-    CODECS: ClassVar = {"tensors": Codec(list, layouts_to_wire, layouts_from_wire), "quant": QUANT,
-                        "model_info": MODEL_INFO}
+    CODECS: ClassVar = {
+        "tensors": Codec(list, layouts_to_wire, layouts_from_wire),
+        "quant": QUANT,
+        "model_info": MODEL_INFO,
+    }
     lease: int = 0
     step: int = 0
     seq: int = 0
@@ -150,9 +162,17 @@ class ChangesReply(Message):
 
     def check(self) -> None:
         for t in self.tensors:
-            if not (isinstance(t, list) and len(t) == 3 and isinstance(t[0], str) and t[1] in KINDS
-                    and type(t[2]) is int and t[2] >= 0):
-                raise ProtocolError(ErrorCode.BAD_MESSAGE, "changes_reply: each tensor is [fqn, kind, count], kind "
-                                                           f"one of {list(KINDS)}, not {short_repr(t)}")
+            if not (
+                isinstance(t, list)
+                and len(t) == 3
+                and isinstance(t[0], str)
+                and t[1] in KINDS
+                and type(t[2]) is int
+                and t[2] >= 0
+            ):
+                raise ProtocolError(
+                    ErrorCode.BAD_MESSAGE,
+                    f"changes_reply: each tensor is [fqn, kind, count], kind one of {list(KINDS)}, not {short_repr(t)}",
+                )
         if len(self.frames) > 2:
             raise ProtocolError(ErrorCode.BAD_MESSAGE, "changes_reply: at most two frames (indices, values)")

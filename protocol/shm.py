@@ -15,7 +15,7 @@ import mmap
 import os
 import re
 import warnings
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -76,7 +76,7 @@ def block_view(seg: torch.Tensor, dtype: torch.dtype, byte_offset: int, shape: S
     count = 1
     for n in shape:
         count *= n
-    return seg[byte_offset:byte_offset + count * dtype.itemsize].view(dtype).view(list(shape))
+    return seg[byte_offset : byte_offset + count * dtype.itemsize].view(dtype).view(list(shape))
 
 
 def placement_view(seg: torch.Tensor, dtype: torch.dtype, placement: Placement, shape: Sequence[int]) -> torch.Tensor:
@@ -105,9 +105,11 @@ def prefault(seg: torch.Tensor, start: int, end: int) -> bool:
         if err == errno.EINVAL:
             return False
         if err in (errno.EFAULT, errno.ENOMEM, errno.ENOSPC):
-            raise StagerError(ErrorCode.MEMORY_LIMIT,
-                              f"{SHM_DIR} has no room for {(end - start) / 2**20:.1f} MiB of a snapshot segment; "
-                              f"enlarge {SHM_DIR} (e.g. docker --shm-size) or lower the daemon's --memory-limit")
+            raise StagerError(
+                ErrorCode.MEMORY_LIMIT,
+                f"{SHM_DIR} has no room for {(end - start) / 2**20:.1f} MiB of a snapshot segment; "
+                f"enlarge {SHM_DIR} (e.g. docker --shm-size) or lower the daemon's --memory-limit",
+            )
         raise StagerError(ErrorCode.INTERNAL, f"could not fault in snapshot pages: {os.strerror(err)}")
     return True
 
@@ -122,7 +124,7 @@ def view_bounds(seg: torch.Tensor, view: torch.Tensor) -> tuple[int, int]:
     return start, start + (last + 1) * view.element_size()
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def populate_supported() -> bool:
     """Whether this kernel faults pages in on request (``MADV_POPULATE_WRITE``, Linux >= 5.14).
     Same-host writers share the daemon's kernel, so the daemon can decide for them."""

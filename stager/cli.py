@@ -21,8 +21,10 @@ def _assembler_keys(config) -> str | None:
 
     keys = os.environ.get(AUTH_ENV) or config.auth_dir
     if keys and not os.path.isfile(os.path.join(keys, "client.key_secret")):
-        raise ValueError(f"--assemble-full reads the other nodes as a client, but {keys} holds no client.key_secret; "
-                         f"make the keys with `stager keygen DIR` (or point {AUTH_ENV} at the client keys)")
+        raise ValueError(
+            f"--assemble-full reads the other nodes as a client, but {keys} holds no client.key_secret; "
+            f"make the keys with `stager keygen DIR` (or point {AUTH_ENV} at the client keys)"
+        )
     return keys
 
 
@@ -44,15 +46,24 @@ def _serve(args: argparse.Namespace) -> int:
         assembler = Assembler(daemon.endpoint, daemon.assembly_endpoint, node=daemon.state.host_id, auth_dir=keys)
 
     def ready(d: Daemon) -> None:
-        info = {"endpoint": d.endpoint, "pid": __import__("os").getpid(), "memory_limit": config.memory_limit,
-                "keep": config.keep}
+        info = {
+            "endpoint": d.endpoint,
+            "pid": __import__("os").getpid(),
+            "memory_limit": config.memory_limit,
+            "keep": config.keep,
+        }
         if config.insecure:
             info["insecure"] = True
         if d.metrics_url:
             info["metrics"] = d.metrics_url
-        line = json.dumps(info) if args.json else (
-            f"stager ready: {d.endpoint} (pid {info['pid']}, memory limit {config.memory_limit / 2**30:.2f} GiB, "
-            f"keep {config.keep}){'  INSECURE: no authentication' if config.insecure else ''}")
+        line = (
+            json.dumps(info)
+            if args.json
+            else (
+                f"stager ready: {d.endpoint} (pid {info['pid']}, memory limit {config.memory_limit / 2**30:.2f} GiB, "
+                f"keep {config.keep}){'  INSECURE: no authentication' if config.insecure else ''}"
+            )
+        )
         print(line, flush=True)
 
     if assembler is not None:
@@ -74,6 +85,7 @@ def _status(args: argparse.Namespace) -> int:
 def _run_writer(args: argparse.Namespace, command: str, key: str, write, fields=None, **options) -> int:
     """Shared by export-hf and write-dcp: one version (--step / newest) or --follow until ^C.
     ``fields(path)``: more keys for each --json line (beside ``key``)."""
+
     def printed(path: str) -> None:  # as each is done: a follower runs until ^C
         print(json.dumps({key: path, **(fields(path) if fields else {})}) if args.json else path, flush=True)
 
@@ -85,9 +97,23 @@ def _run_writer(args: argparse.Namespace, command: str, key: str, write, fields=
         print(f"stager {command}: {exc}", file=sys.stderr)
         return 2
     try:
-        return _one_line_failures(command, lambda: write(
-            args.out, endpoint=args.endpoint, step=args.step, follow=args.follow, every=args.every, keep=args.keep,
-            on_written=printed, on_report=metrics.observe, **options)) or 0
+        return (
+            _one_line_failures(
+                command,
+                lambda: write(
+                    args.out,
+                    endpoint=args.endpoint,
+                    step=args.step,
+                    follow=args.follow,
+                    every=args.every,
+                    keep=args.keep,
+                    on_written=printed,
+                    on_report=metrics.observe,
+                    **options,
+                ),
+            )
+            or 0
+        )
     finally:
         metrics.close()
 
@@ -106,8 +132,10 @@ def _one_line_failures(command: str, run) -> int | None:
         from stager.writers.persist import failure_cause
 
         logging.getLogger("stager.cli").debug("stager %s failed", command, exc_info=exc)
-        print(f"stager {command}: {failure_cause(exc)} (unexpected: --log-level DEBUG shows where; please "
-              "report it)", file=sys.stderr)
+        print(
+            f"stager {command}: {failure_cause(exc)} (unexpected: --log-level DEBUG shows where; please report it)",
+            file=sys.stderr,
+        )
         return 1
     return None
 
@@ -117,26 +145,44 @@ def _export_hf(args: argparse.Namespace) -> int:
     a progress bar on stderr when it is a terminal (--no-progress: never)."""
     from stager.writers.export_hf import export_hf
 
-    options = dict(adapter=args.adapter, hf_config=args.hf_config, prefix=args.prefix, dtype=args.dtype,
-                   max_shard_size=args.max_shard_size, quantize=args.quantize)
+    options = dict(
+        adapter=args.adapter,
+        hf_config=args.hf_config,
+        prefix=args.prefix,
+        dtype=args.dtype,
+        max_shard_size=args.max_shard_size,
+        quantize=args.quantize,
+    )
     if args.distributed and (args.recipe_state or args.peft or args.adapter_only):
-        print("stager export-hf: --recipe-state and --peft are written by a single exporter (not --distributed)",
-              file=sys.stderr)
+        print(
+            "stager export-hf: --recipe-state and --peft are written by a single exporter (not --distributed)",
+            file=sys.stderr,
+        )
         return 2
     if args.recipe_state:
         options["recipe_state"] = True
     if args.peft or args.adapter_only:
-        options.update(peft=True, adapter_only=bool(args.adapter_only), base_model=args.adapter_only,
-                       lora_alpha=args.lora_alpha)
+        options.update(
+            peft=True, adapter_only=bool(args.adapter_only), base_model=args.adapter_only, lora_alpha=args.lora_alpha
+        )
     if args.distributed:
         from stager.writers.export_hf_dist import export_hf_distributed
 
-        return _distributed(args, "export-hf", "exported", "on_export", export_hf_distributed,
-                            hf_assets=args.hf_assets, **options)
+        return _distributed(
+            args, "export-hf", "exported", "on_export", export_hf_distributed, hf_assets=args.hf_assets, **options
+        )
     reports: dict[str, dict] = {}
-    return _run_writer(args, "export-hf", "exported", export_hf, fields=lambda path: reports.get(path, {}),
-                       on_export=lambda r: reports.__setitem__(r["exported"], r), hf_assets=args.hf_assets,
-                       progress=False if args.no_progress else None, **options)
+    return _run_writer(
+        args,
+        "export-hf",
+        "exported",
+        export_hf,
+        fields=lambda path: reports.get(path, {}),
+        on_export=lambda r: reports.__setitem__(r["exported"], r),
+        hf_assets=args.hf_assets,
+        progress=False if args.no_progress else None,
+        **options,
+    )
 
 
 def _write_dcp(args: argparse.Namespace) -> int:
@@ -148,8 +194,14 @@ def _write_dcp(args: argparse.Namespace) -> int:
 
         return _distributed(args, "write-dcp", "written", "on_write", write_dcp_distributed)
     reports: dict[str, dict] = {}
-    return _run_writer(args, "write-dcp", "written", write_dcp, fields=lambda path: reports.get(path, {}),
-                       on_write=lambda r: reports.__setitem__(r["written"], r))
+    return _run_writer(
+        args,
+        "write-dcp",
+        "written",
+        write_dcp,
+        fields=lambda path: reports.get(path, {}),
+        on_write=lambda r: reports.__setitem__(r["written"], r),
+    )
 
 
 def _distributed(args: argparse.Namespace, command: str, key: str, callback: str, write, **options) -> int:
@@ -157,13 +209,20 @@ def _distributed(args: argparse.Namespace, command: str, key: str, callback: str
     writer's report (``write(..., callback=...)`` gives it): a single writer's keys, its own share
     of bytes and files, and writer, writers, node, published."""
     if args.follow or args.keep:
-        print(f"stager {command}: --distributed writes one step (--step, default the newest complete one); "
-              "run it again for the next", file=sys.stderr)
+        print(
+            f"stager {command}: --distributed writes one step (--step, default the newest complete one); "
+            "run it again for the next",
+            file=sys.stderr,
+        )
         return 2
     reports: list[dict] = []
     paths: list[str] = []
-    failed = _one_line_failures(command, lambda: paths.append(
-        write(args.out, endpoint=args.endpoint, step=args.step, **{callback: reports.append}, **options)))
+    failed = _one_line_failures(
+        command,
+        lambda: paths.append(
+            write(args.out, endpoint=args.endpoint, step=args.step, **{callback: reports.append}, **options)
+        ),
+    )
     if failed is not None:
         return failed
     report = reports[-1] if reports else {key: paths[-1]}  # a writer that returned without reporting
@@ -177,8 +236,14 @@ def _load(args: argparse.Namespace) -> int:
         if args.command == "load-hf":
             from stager.loaders.load_hf import load_hf
 
-            report = load_hf(args.dir, endpoint=args.endpoint, adapter=args.adapter, step=args.step,
-                             dtype=args.dtype, prefix=args.prefix)
+            report = load_hf(
+                args.dir,
+                endpoint=args.endpoint,
+                adapter=args.adapter,
+                step=args.step,
+                dtype=args.dtype,
+                prefix=args.prefix,
+            )
         elif args.command == "load-dcp":
             from stager.loaders.load_dcp import load_dcp
 
@@ -186,9 +251,19 @@ def _load(args: argparse.Namespace) -> int:
         else:
             from stager.convert import convert
 
-            report = {"written": convert(args.src, args.out, to=args.to, adapter=args.adapter, dtype=args.dtype,
-                                         model_only=args.model_only, prefix=args.prefix, hf_config=args.hf_config,
-                                         max_shard_size=args.max_shard_size)}
+            report = {
+                "written": convert(
+                    args.src,
+                    args.out,
+                    to=args.to,
+                    adapter=args.adapter,
+                    dtype=args.dtype,
+                    model_only=args.model_only,
+                    prefix=args.prefix,
+                    hf_config=args.hf_config,
+                    max_shard_size=args.max_shard_size,
+                )
+            }
     except KeyboardInterrupt:
         return 130
     except (StagerError, ValueError, OSError) as exc:
@@ -199,8 +274,10 @@ def _load(args: argparse.Namespace) -> int:
     elif "written" in report:
         print(report["written"])
     else:
-        print(f"step {report['step']}: {report['tensors']} tensors, {report['nbytes'] / 2**20:.1f} MiB in "
-              f"{report['seconds']:.2f}s")
+        print(
+            f"step {report['step']}: {report['tensors']} tensors, {report['nbytes'] / 2**20:.1f} MiB in "
+            f"{report['seconds']:.2f}s"
+        )
     return 0
 
 
@@ -209,13 +286,22 @@ def _load_arguments(p: argparse.ArgumentParser, *, hf: bool, dcp: bool) -> None:
     from stager.protocol.dtypes import torch_names
 
     if hf:
-        p.add_argument("--adapter", metavar="NAME|module:attr",
-                       help=f"maps HF names to the training ones: {', '.join(sorted(BUILT_IN))}, or module:attr "
-                            "(default identity: HF names kept)")
-        p.add_argument("--prefix", metavar="PREFIX", help="put before every training name, e.g. 'model.' for a "
-                                                          "job that stages {'model': ..., 'optim': ...}")
-        p.add_argument("--dtype", choices=torch_names(floating=True),
-                       help="cast floating tensors (and FP8 dequantization) to this dtype")
+        p.add_argument(
+            "--adapter",
+            metavar="NAME|module:attr",
+            help=f"maps HF names to the training ones: {', '.join(sorted(BUILT_IN))}, or module:attr "
+            "(default identity: HF names kept)",
+        )
+        p.add_argument(
+            "--prefix",
+            metavar="PREFIX",
+            help="put before every training name, e.g. 'model.' for a job that stages {'model': ..., 'optim': ...}",
+        )
+        p.add_argument(
+            "--dtype",
+            choices=torch_names(floating=True),
+            help="cast floating tensors (and FP8 dequantization) to this dtype",
+        )
     if dcp:
         p.add_argument("--model-only", action="store_true", help="leave out the optimizer (optim.*) and train state")
     p.add_argument("--json", action="store_true")
@@ -273,8 +359,10 @@ def _diff(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(report))
     else:
-        print(f"{report['equal']} equal, {len(report['different'])} different, {len(report['shape_mismatch'])} "
-              f"shape mismatches, {len(report['only_a'])} only in A, {len(report['only_b'])} only in B")
+        print(
+            f"{report['equal']} equal, {len(report['different'])} different, {len(report['shape_mismatch'])} "
+            f"shape mismatches, {len(report['only_a'])} only in A, {len(report['only_b'])} only in B"
+        )
         for name, delta in report["different"].items():
             print(f"  different: {name} (max abs diff {delta:.3g})")
         for name, sa, sb in report["shape_mismatch"]:
@@ -335,20 +423,27 @@ def _demo(args: argparse.Namespace) -> int:
     return run_demo(steps=args.steps, stage_every=args.every, json_out=args.json)
 
 
-DISTRIBUTED_JSON = ("With --distributed each writer prints one line, with bytes and files of its own share, plus "
-                    '"writer": its rank, "writers", "node", and "published": true on the one writer that published '
-                    "the directory.")
+DISTRIBUTED_JSON = (
+    "With --distributed each writer prints one line, with bytes and files of its own share, plus "
+    '"writer": its rank, "writers", "node", and "published": true on the one writer that published '
+    "the directory."
+)
 
 
 def _distributed_argument(p: argparse.ArgumentParser, what: str) -> None:
-    p.add_argument("--distributed", action="store_true",
-                   help="one writer per node of a multi-node job, started by torchrun (--nnodes=N --nproc-per-node=1 "
-                        f"--no-python stager ...): {what}")
+    p.add_argument(
+        "--distributed",
+        action="store_true",
+        help="one writer per node of a multi-node job, started by torchrun (--nnodes=N --nproc-per-node=1 "
+        f"--no-python stager ...): {what}",
+    )
 
 
 def _writer_arguments(p: argparse.ArgumentParser, what: str) -> None:
     p.add_argument("--endpoint")
-    p.add_argument("--out", required=True, help=f"directory; each {what} goes to OUT/step-NNNNNNNN, OUT/latest links it")
+    p.add_argument(
+        "--out", required=True, help=f"directory; each {what} goes to OUT/step-NNNNNNNN, OUT/latest links it"
+    )
     when = p.add_mutually_exclusive_group()
     when.add_argument("--step", type=int, help=f"{what} this sealed step (default: the newest)")
     when.add_argument("--follow", action="store_true", help=f"{what} new versions as they are sealed, until ^C")
@@ -362,8 +457,12 @@ def build_parser() -> argparse.ArgumentParser:
     """The ``stager`` command's parser, every subcommand's flags (the tests read ``serve``'s from it)."""
     parser = argparse.ArgumentParser(prog="stager", description="Per-node staging daemon for PyTorch training state.")
     parser.add_argument("--log-level", default="WARNING", help="logging level (default WARNING)")
-    parser.add_argument("--log-format", choices=("text", "json"), default="text",
-                        help="json: one object per line (ts, level, logger, msg, step, rank, peer, code)")
+    parser.add_argument(
+        "--log-format",
+        choices=("text", "json"),
+        default="text",
+        help="json: one object per line (ts, level, logger, msg, step, rank, peer, code)",
+    )
     parser.add_argument("--log-file", help="append logs to this file (reopened on SIGHUP) instead of stderr")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -379,55 +478,88 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--endpoint")
     p.add_argument("--json", action="store_true")
     p.add_argument("--timeout", type=float, default=2.0, help="seconds to wait for the daemon (default 2)")
-    p.add_argument("--watch", type=float, nargs="?", const=2.0, metavar="SECONDS",
-                   help="refresh every SECONDS (default 2) until ^C")
+    p.add_argument(
+        "--watch",
+        type=float,
+        nargs="?",
+        const=2.0,
+        metavar="SECONDS",
+        help="refresh every SECONDS (default 2) until ^C",
+    )
     p.set_defaults(func=_status)
 
     from stager.client.adapters import BUILT_IN
     from stager.client.adapters.fp8_scope import QUANTIZE_CHOICES
     from stager.protocol.dtypes import torch_names
 
-    p = sub.add_parser("export-hf", help="write sealed versions as Hugging Face safetensors checkpoints",
-                       epilog='--json prints one line per export: {"exported": DIR, "step": N, "seconds": S, '
-                              '"bytes": B, "files": F} (seconds: the exporter\'s own time for that export). '
-                              + DISTRIBUTED_JSON)
+    p = sub.add_parser(
+        "export-hf",
+        help="write sealed versions as Hugging Face safetensors checkpoints",
+        epilog='--json prints one line per export: {"exported": DIR, "step": N, "seconds": S, '
+        '"bytes": B, "files": F} (seconds: the exporter\'s own time for that export). ' + DISTRIBUTED_JSON,
+    )
     _writer_arguments(p, "export")
-    p.add_argument("--adapter", metavar="NAME|module:attr",
-                   help=f"built in: {', '.join(sorted(BUILT_IN))}; or module:attr naming a plug-in (torchtitan's "
-                        "StateDictAdapter shape) to import here (default: the built-in name in the staged "
-                        "model_info, else identity; a staged module:attr is refused)")
-    p.add_argument("--hf-config", metavar="PATH",
-                   help="HF config.json (default: the dict in the staged model_info; a staged path is never read)")
-    p.add_argument("--prefix", metavar="PREFIX",
-                   help="only the tensors under PREFIX are the model, e.g. 'model.' for stage({'model': ..., "
-                        "'optim': ...}) (default: the staged model_info's 'prefix', else all)")
+    p.add_argument(
+        "--adapter",
+        metavar="NAME|module:attr",
+        help=f"built in: {', '.join(sorted(BUILT_IN))}; or module:attr naming a plug-in (torchtitan's "
+        "StateDictAdapter shape) to import here (default: the built-in name in the staged "
+        "model_info, else identity; a staged module:attr is refused)",
+    )
+    p.add_argument(
+        "--hf-config",
+        metavar="PATH",
+        help="HF config.json (default: the dict in the staged model_info; a staged path is never read)",
+    )
+    p.add_argument(
+        "--prefix",
+        metavar="PREFIX",
+        help="only the tensors under PREFIX are the model, e.g. 'model.' for stage({'model': ..., "
+        "'optim': ...}) (default: the staged model_info's 'prefix', else all)",
+    )
     p.add_argument("--hf-assets", help="directory whose tokenizer/generation files are copied along")
-    p.add_argument("--recipe-state", action="store_true",
-                   help="also write the optimizer and train state (recipe_state.safetensors + .json) so a run "
-                        "resumes from the export (load-hf brings them back)")
-    p.add_argument("--peft", action="store_true",
-                   help="also write the version's LoRA weights (<module>.lora_a/lora_b.weight) in PEFT format, "
-                        "in the export's adapter/ directory")
-    p.add_argument("--adapter-only", metavar="BASE_MODEL",
-                   help="write only the PEFT adapter (adapter_model.safetensors + adapter_config.json naming "
-                        "BASE_MODEL, a path or hub id)")
+    p.add_argument(
+        "--recipe-state",
+        action="store_true",
+        help="also write the optimizer and train state (recipe_state.safetensors + .json) so a run "
+        "resumes from the export (load-hf brings them back)",
+    )
+    p.add_argument(
+        "--peft",
+        action="store_true",
+        help="also write the version's LoRA weights (<module>.lora_a/lora_b.weight) in PEFT format, "
+        "in the export's adapter/ directory",
+    )
+    p.add_argument(
+        "--adapter-only",
+        metavar="BASE_MODEL",
+        help="write only the PEFT adapter (adapter_model.safetensors + adapter_config.json naming "
+        "BASE_MODEL, a path or hub id)",
+    )
     p.add_argument("--lora-alpha", type=float, help="LoRA alpha (default: the staged model_info['lora']['alpha'])")
-    p.add_argument("--dtype", choices=torch_names(floating=True),
-                   help="cast floating tensors to this dtype (default: as staged)")
+    p.add_argument(
+        "--dtype", choices=torch_names(floating=True), help="cast floating tensors to this dtype (default: as staged)"
+    )
     p.add_argument("--max-shard-size", default="5GB", help="per safetensors file, e.g. 5GB, 500MB, 2GiB (default 5GB)")
-    p.add_argument("--quantize", choices=QUANTIZE_CHOICES,
-                   help="fp8-block: the weights an FP8 checkpoint of the architecture quantizes as e4m3 plus fp32 "
-                        "weight_scale_inv per block (128x128, or the config's quantization_config), with "
-                        "quantization_config in config.json; --dtype is then that of the other tensors")
-    p.add_argument("--no-progress", action="store_true",
-                   help="no progress bar (default: one on stderr when it is a terminal)")
+    p.add_argument(
+        "--quantize",
+        choices=QUANTIZE_CHOICES,
+        help="fp8-block: the weights an FP8 checkpoint of the architecture quantizes as e4m3 plus fp32 "
+        "weight_scale_inv per block (128x128, or the config's quantization_config), with "
+        "quantization_config in config.json; --dtype is then that of the other tensors",
+    )
+    p.add_argument(
+        "--no-progress", action="store_true", help="no progress bar (default: one on stderr when it is a terminal)"
+    )
     _distributed_argument(p, "each writes the files its node holds most of, together one export")
     p.set_defaults(func=_export_hf)
 
-    p = sub.add_parser("write-dcp", help="write sealed versions as resumable DCP checkpoints",
-                       epilog='--json prints one line per checkpoint: {"written": DIR, "step": N, "seconds": S, '
-                              '"bytes": B, "files": F} (bytes: tensor bytes; files: .distcp data files). '
-                              + DISTRIBUTED_JSON)
+    p = sub.add_parser(
+        "write-dcp",
+        help="write sealed versions as resumable DCP checkpoints",
+        epilog='--json prints one line per checkpoint: {"written": DIR, "step": N, "seconds": S, '
+        '"bytes": B, "files": F} (bytes: tensor bytes; files: .distcp data files). ' + DISTRIBUTED_JSON,
+    )
     _writer_arguments(p, "checkpoint")
     _distributed_argument(p, "each writes its node's regions, together one checkpoint")
     p.set_defaults(func=_write_dcp)
@@ -449,8 +581,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out", help="dcp/hf: a directory (the result goes to OUT/step-N); torch: the file to write")
     p.add_argument("--to", required=True, choices=("dcp", "hf", "torch"))
     p.add_argument("--max-shard-size", default="5GB", help="--to hf: per safetensors file (default 5GB)")
-    p.add_argument("--hf-config", metavar="PATH", help="--to hf: config.json (default: the one a stager DCP "
-                                                       "checkpoint recorded, from the HF checkpoint it was loaded from)")
+    p.add_argument(
+        "--hf-config",
+        metavar="PATH",
+        help="--to hf: config.json (default: the one a stager DCP "
+        "checkpoint recorded, from the HF checkpoint it was loaded from)",
+    )
     _load_arguments(p, hf=True, dcp=True)
 
     p = sub.add_parser("verify", help="check an HF or DCP export against its checksum manifest")

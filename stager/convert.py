@@ -20,10 +20,10 @@ from typing import Any
 
 import torch
 
-from stager.writers.persist import exact_storage, fsync_path
 from stager.formats.safe_dcp import METADATA
 from stager.protocol import ErrorCode, StagerError
 from stager.protocol.shm import SHM_DIR
+from stager.writers.persist import exact_storage, fsync_path
 
 FORMATS = ("dcp", "hf", "torch")
 
@@ -34,8 +34,11 @@ def source_format(src: str) -> str:
         return "dcp"
     if glob.glob(os.path.join(src, "*.safetensors")):
         return "hf"
-    raise StagerError(ErrorCode.BAD_VALUE, f"{src}: neither a DCP checkpoint ({METADATA}) nor a Hugging Face one "
-                                           "(*.safetensors); pass a step directory of write-dcp or an HF model dir")
+    raise StagerError(
+        ErrorCode.BAD_VALUE,
+        f"{src}: neither a DCP checkpoint ({METADATA}) nor a Hugging Face one "
+        "(*.safetensors); pass a step directory of write-dcp or an HF model dir",
+    )
 
 
 def _size(src: str) -> int:
@@ -45,8 +48,9 @@ def _size(src: str) -> int:
 def save_torch(snapshot: Any, path: str, *, model_only: bool = False) -> str:
     """One ``torch.save`` file of the version (tensors by native name, plus the train state unless
     ``model_only``): written beside ``path``, fsynced, renamed."""
-    state: dict[str, Any] = {n: exact_storage(t) for n, t in snapshot.items()
-                             if not (model_only and n.startswith("optim."))}
+    state: dict[str, Any] = {
+        n: exact_storage(t) for n, t in snapshot.items() if not (model_only and n.startswith("optim."))
+    }
     if not model_only:
         state.update({k: v for k, v in snapshot.objects.items() if k not in state})
     path = os.path.abspath(path)
@@ -66,9 +70,19 @@ def save_torch(snapshot: Any, path: str, *, model_only: bool = False) -> str:
     return path
 
 
-def convert(src: str, out: str, *, to: str, adapter: str | None = None, dtype: str | None = None,
-            model_only: bool = False, prefix: str | None = None, hf_config: str | None = None,
-            max_shard_size: str = "5GB", step: int | None = None) -> str:
+def convert(
+    src: str,
+    out: str,
+    *,
+    to: str,
+    adapter: str | None = None,
+    dtype: str | None = None,
+    model_only: bool = False,
+    prefix: str | None = None,
+    hf_config: str | None = None,
+    max_shard_size: str = "5GB",
+    step: int | None = None,
+) -> str:
     """Convert the checkpoint directory ``src`` (HF or DCP, told apart by its files) to ``to``;
     returns the path written. ``adapter`` maps HF names (load from HF, export to HF); ``dtype``
     casts floating tensors; ``model_only`` drops the optimizer state and train state."""
@@ -89,8 +103,15 @@ def convert(src: str, out: str, *, to: str, adapter: str | None = None, dtype: s
         if kind == "hf":
             from stager.loaders.load_hf import load_hf
 
-            loaded = load_hf(src, endpoint=daemon.endpoint, adapter=adapter, dtype=dtype, prefix=prefix,
-                             step=step, recipe_state=not model_only)
+            loaded = load_hf(
+                src,
+                endpoint=daemon.endpoint,
+                adapter=adapter,
+                dtype=dtype,
+                prefix=prefix,
+                step=step,
+                recipe_state=not model_only,
+            )
         else:
             from stager.loaders.load_dcp import load_dcp
 
@@ -102,7 +123,16 @@ def convert(src: str, out: str, *, to: str, adapter: str | None = None, dtype: s
         if to == "hf":
             from stager.writers.export_hf import export_hf
 
-            return export_hf(out, endpoint=daemon.endpoint, step=loaded["step"], adapter=adapter, dtype=dtype,
-                             prefix=prefix, hf_config=hf_config, max_shard_size=max_shard_size, progress=False)[0]
+            return export_hf(
+                out,
+                endpoint=daemon.endpoint,
+                step=loaded["step"],
+                adapter=adapter,
+                dtype=dtype,
+                prefix=prefix,
+                hf_config=hf_config,
+                max_shard_size=max_shard_size,
+                progress=False,
+            )[0]
         with Subscriber(daemon.endpoint) as sub, sub.at(loaded["step"]) as snap:
             return save_torch(snap, out, model_only=model_only)

@@ -23,11 +23,12 @@ import typing
 from collections.abc import Callable
 from typing import Any
 
-_HELP, _METAVAR, _PARSE = "help", "metavar", "parse"
+_HELP = "help"
+_METAVAR = "metavar"
+_PARSE = "parse"
 
 
-def setting(default: Any, help: str, *, metavar: str | None = None,
-            parse: Callable[[str], Any] | None = None) -> Any:
+def setting(default: Any, help: str, *, metavar: str | None = None, parse: Callable[[str], Any] | None = None) -> Any:
     """A dataclass field with its flag's ``help`` (argparse's: ``%(default)s`` names the default, ``%%``
     is a percent sign), an optional ``metavar`` and an optional ``parse`` (text -> value; a ValueError
     it raises is shown to the user as it is, so its message should say how to write the value)."""
@@ -57,6 +58,7 @@ def _base_type(annotation: Any) -> Any:
 def _argument_type(parse: Callable[[str], Any]) -> Callable[[str], Any]:
     """``parse`` as an argparse type whose ValueError message reaches the user (argparse would print
     "invalid parse value" instead)."""
+
     def convert(text: str) -> Any:
         try:
             return parse(text)
@@ -87,8 +89,10 @@ def add_flags(parser: argparse.ArgumentParser, cls: type) -> None:
         elif base in (int, float, str):
             options["type"] = base
         else:
-            raise TypeError(f"{cls.__name__}.{field.name}: a {hints[field.name]} has no flag form; "
-                            "give its setting() a parse function")
+            raise TypeError(
+                f"{cls.__name__}.{field.name}: a {hints[field.name]} has no flag form; "
+                "give its setting() a parse function"
+            )
         parser.add_argument(flag_name(field), **options)
 
 

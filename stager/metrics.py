@@ -54,8 +54,10 @@ class MetricsServer:
         try:
             self._httpd, self._thread = prometheus_client.start_http_server(port, addr=host, registry=registry)
         except OSError as exc:
-            raise ValueError(f"cannot serve metrics on {host}:{port}: {exc.strerror or exc}; pass a free port "
-                             "(--metrics [HOST:]PORT)") from None
+            raise ValueError(
+                f"cannot serve metrics on {host}:{port}: {exc.strerror or exc}; pass a free port "
+                "(--metrics [HOST:]PORT)"
+            ) from None
         self.host, self.port = host, self._httpd.server_address[1]
         self.url = f"http://{f'[{host}]' if ':' in host else host}:{self.port}/metrics"
 
@@ -91,14 +93,22 @@ class ConsumerMetrics:
         labels = {"consumer": consumer}
         kw = {"labelnames": ["consumer"], "registry": self.registry}
         self.writes = pc.Counter("stager_consumer_writes", "Versions written", **kw).labels(**labels)
-        self.failures = pc.Counter("stager_consumer_write_failures",
-                                   "Versions that could not be written (skipped)", **kw).labels(**labels)
+        self.failures = pc.Counter(
+            "stager_consumer_write_failures", "Versions that could not be written (skipped)", **kw
+        ).labels(**labels)
         self.bytes = pc.Counter("stager_consumer_bytes_written", "Bytes written to disk", **kw).labels(**labels)
-        self.seconds = pc.Histogram("stager_consumer_write_seconds", "Seconds to write one version (lease to rename)",
-                                    buckets=WRITE_BUCKETS, **kw).labels(**labels)
-        self.last_step = pc.Gauge("stager_consumer_last_step", "Step of the newest version written", **kw).labels(**labels)
-        self.rate = pc.Gauge("stager_consumer_bytes_per_second", "Bytes per second of the newest write",
-                             **kw).labels(**labels)
+        self.seconds = pc.Histogram(
+            "stager_consumer_write_seconds",
+            "Seconds to write one version (lease to rename)",
+            buckets=WRITE_BUCKETS,
+            **kw,
+        ).labels(**labels)
+        self.last_step = pc.Gauge("stager_consumer_last_step", "Step of the newest version written", **kw).labels(
+            **labels
+        )
+        self.rate = pc.Gauge("stager_consumer_bytes_per_second", "Bytes per second of the newest write", **kw).labels(
+            **labels
+        )
         self.last_step.set(-1)
         self.server = MetricsServer(self.registry, listen)
         self.url = self.server.url
@@ -129,7 +139,7 @@ class _NoMetrics:
         pass
 
 
-def consumer_metrics(consumer: str, listen: str | None) -> "ConsumerMetrics | _NoMetrics":
+def consumer_metrics(consumer: str, listen: str | None) -> ConsumerMetrics | _NoMetrics:
     """The writer's metrics when ``listen`` is given (``--metrics``), else an object that records nothing."""
     if not listen:
         return _NoMetrics()

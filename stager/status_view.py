@@ -20,14 +20,19 @@ STATUS_SCHEMA: dict[str, tuple[type | tuple[type, ...], str]] = {
     "endpoint": (str, "the endpoint the daemon serves"),
     "uptime_s": ((int, float), "seconds since the daemon started"),
     "epoch": (int, "the job timeline: a new job (or a restarted one) starts a new epoch"),
-    "versions": (list, "sealed, staging and failed steps: step, state, phase, bytes, tensors, objects, partial, "
-                       "leases, age_s (seconds since sealed / since the first begin), reason (failed)"),
+    "versions": (
+        list,
+        "sealed, staging and failed steps: step, state, phase, bytes, tensors, objects, partial, "
+        "leases, age_s (seconds since sealed / since the first begin), reason (failed)",
+    ),
     "ranks": (dict, "local rank (string) -> {pid, local}: trainer ranks connected"),
     "local_world_size": ((int, type(None)), "ranks the node's job has (null before the first rank connects)"),
     "readers": (int, "reader connections"),
     "subscribers": (int, "readers subscribed to announcements"),
-    "subscriber_lag": (list, "per subscriber: pid, rank, local, seq (of the version it last leased), lag "
-                             "(versions sealed since)"),
+    "subscriber_lag": (
+        list,
+        "per subscriber: pid, rank, local, seq (of the version it last leased), lag (versions sealed since)",
+    ),
     "leases": (int, "leases held"),
     "seq": (int, "versions sealed by this daemon"),
     "keep": (int, "--keep"),
@@ -35,29 +40,43 @@ STATUS_SCHEMA: dict[str, tuple[type | tuple[type, ...], str]] = {
     "memory.limit": (int, "--memory-limit in bytes"),
     "memory.pooled": (int, "bytes of free segments kept for the next steps"),
     "memory.draining": (int, "bytes of segments waiting for remote readers' frames to go out"),
-    "memory.preallocated": (int, "bytes allocated ahead (--preallocate) that no segment has taken yet "
-                                 "(0 while still being allocated)"),
+    "memory.preallocated": (
+        int,
+        "bytes allocated ahead (--preallocate) that no segment has taken yet (0 while still being allocated)",
+    ),
     "retention.policy": (str, "the retention policy, in words"),
     "retention.leased_steps": (list, "steps held by a lease"),
     "retention.waiting_for_memory": (list, "steps waiting for memory (back-pressure)"),
     "reads.bytes_in_flight": (int, "bytes of replies queued for remote readers"),
     "reads.deferred": (int, "remote reads held back (back-pressure)"),
-    "reads.cast_buffers": (int, "bytes of reply buffers for remote reads the daemon casts to the reader's dtype "
-                                "(in flight, or kept up to 5 s for the next read), within --read-cast-memory"),
-    "counters": (dict, "totals since start: sealed, failed, ingested_bytes, read_bytes, requests, errors, "
-                       "announcements_dropped, memory_refusals, evictions, backpressure_waits, read_cast_bytes, "
-                       "read_cast_waits"),
+    "reads.cast_buffers": (
+        int,
+        "bytes of reply buffers for remote reads the daemon casts to the reader's dtype "
+        "(in flight, or kept up to 5 s for the next read), within --read-cast-memory",
+    ),
+    "counters": (
+        dict,
+        "totals since start: sealed, failed, ingested_bytes, read_bytes, requests, errors, "
+        "announcements_dropped, memory_refusals, evictions, backpressure_waits, read_cast_bytes, "
+        "read_cast_waits",
+    ),
     "cpu_seconds": ((int, float), "CPU time the daemon used"),
     "node": (str, "this node's id (--host-id / $STAGER_HOST_ID, else the machine's)"),
-    "job": ((dict, type(None)), "the multi-node job this node joined: job, node, advertise, nodes (id -> endpoint), "
-                                "ranks (id -> global ranks), world_size; null: none"),
+    "job": (
+        (dict, type(None)),
+        "the multi-node job this node joined: job, node, advertise, nodes (id -> endpoint), "
+        "ranks (id -> global ranks), world_size; null: none",
+    ),
 }
-OPTIONAL = {"insecure": "true when tcp is served without authentication", "metrics": "the metrics URL (--metrics)",
-            "job_nodes": "`stager status` only, in a multi-node job: every node's steps, asked of each at once: "
-                         "complete (steps every node sealed; a node that does not answer counts with what it last "
-                         "answered a status on this host), readable (those of them a reader can lease now: every "
-                         "region held by a node that answers), nodes (id -> endpoint, sealed, staging, failed; or "
-                         "down: why, with sealed, failed and last_seen_s as it last answered, when known)"}
+OPTIONAL = {
+    "insecure": "true when tcp is served without authentication",
+    "metrics": "the metrics URL (--metrics)",
+    "job_nodes": "`stager status` only, in a multi-node job: every node's steps, asked of each at once: "
+    "complete (steps every node sealed; a node that does not answer counts with what it last "
+    "answered a status on this host), readable (those of them a reader can lease now: every "
+    "region held by a node that answers), nodes (id -> endpoint, sealed, staging, failed; or "
+    "down: why, with sealed, failed and last_seen_s as it last answered, when known)",
+}
 
 
 def lookup(status: dict, dotted: str):
@@ -116,15 +135,21 @@ def bar(used: int, limit: int, width: int = 20) -> str:
 def render(status: dict) -> str:
     """The human table (pure: the same status gives the same text)."""
     mem, c = status["memory"], status["counters"]
-    lines = [f"daemon pid {status['pid']}  {status.get('state', 'serving')}  up {human_age(status.get('uptime_s'))}  "
-             f"{status.get('endpoint', '')}".rstrip()]
+    lines = [
+        f"daemon pid {status['pid']}  {status.get('state', 'serving')}  up {human_age(status.get('uptime_s'))}  "
+        f"{status.get('endpoint', '')}".rstrip()
+    ]
     if status.get("insecure"):
         lines.append("  INSECURE: this daemon serves tcp without authentication (--insecure-no-auth)")
     pct = 100 * mem["used"] / mem["limit"] if mem["limit"] else 0
-    lines.append(f"memory {bar(mem['used'], mem['limit'])} {pct:3.0f}%  {human_bytes(mem['used'])} / "
-                 f"{human_bytes(mem['limit'])}  pooled {human_bytes(mem.get('pooled', 0))}  keep {status['keep']}")
-    lines.append(f"ranks {len(status['ranks'])}/{status['local_world_size'] or 0}  readers {status['readers']} "
-                 f"({status['subscribers']} subscribed)  leases {status['leases']}")
+    lines.append(
+        f"memory {bar(mem['used'], mem['limit'])} {pct:3.0f}%  {human_bytes(mem['used'])} / "
+        f"{human_bytes(mem['limit'])}  pooled {human_bytes(mem.get('pooled', 0))}  keep {status['keep']}"
+    )
+    lines.append(
+        f"ranks {len(status['ranks'])}/{status['local_world_size'] or 0}  readers {status['readers']} "
+        f"({status['subscribers']} subscribed)  leases {status['leases']}"
+    )
     retention = status["retention"]
     if retention["waiting_for_memory"]:
         lines.append(f"  waiting for memory: steps {retention['waiting_for_memory']}")
@@ -135,30 +160,41 @@ def render(status: dict) -> str:
             lines.append(f"  {v['step']:>8}  failed   {v.get('reason', '')}")
             continue
         flags = "  partial" if v.get("partial") else ""
-        lines.append(f"  {v['step']:>8}  {v['state']:<8} {human_age(v.get('age_s')):>7} {human_bytes(v['bytes']):>10} "
-                     f"{v['tensors']:>7} {v['leases']:>6}{flags}")
+        lines.append(
+            f"  {v['step']:>8}  {v['state']:<8} {human_age(v.get('age_s')):>7} {human_bytes(v['bytes']):>10} "
+            f"{v['tensors']:>7} {v['leases']:>6}{flags}"
+        )
     lag = status.get("subscriber_lag") or []
     if lag:
         lines.append(f"  {'READER PID':>10} {'RANK':>5} {'LAG':>4}")
-        lines.extend(f"  {r['pid']:>10} {r['rank']:>5} {r['lag']:>4}{'' if r.get('local', True) else '  remote'}"
-                     for r in lag)
+        lines.extend(
+            f"  {r['pid']:>10} {r['rank']:>5} {r['lag']:>4}{'' if r.get('local', True) else '  remote'}" for r in lag
+        )
     job = status.get("job_nodes")
     if job:
-        lines.append(f"job {job['job']}  node {job['node']}  complete steps {_steps(job['complete'])}"
-                     + (f"  readable now {_steps(job['readable'])}" if job.get("readable") != job["complete"] else ""))
+        lines.append(
+            f"job {job['job']}  node {job['node']}  complete steps {_steps(job['complete'])}"
+            + (f"  readable now {_steps(job['readable'])}" if job.get("readable") != job["complete"] else "")
+        )
         lines.append(f"  {'NODE':<16} {'SEALED':<18} {'STAGING':<10} {'FAILED':<10} ENDPOINT")
         for node, n in job["nodes"].items():
             if "down" in n and "last_seen_s" in n:  # what it said last, before it went silent
-                lines.append(f"  {node:<16} {_steps(n['sealed']):<18} {'DOWN':<10} {_steps(n['failed']):<10} "
-                             f"{n['endpoint']}  (last seen {human_age(n['last_seen_s'])} ago: {n['down'][:60]})")
+                lines.append(
+                    f"  {node:<16} {_steps(n['sealed']):<18} {'DOWN':<10} {_steps(n['failed']):<10} "
+                    f"{n['endpoint']}  (last seen {human_age(n['last_seen_s'])} ago: {n['down'][:60]})"
+                )
             elif "down" in n:
                 lines.append(f"  {node:<16} DOWN: {n['down'][:60]}  {n['endpoint']}")
             else:
-                lines.append(f"  {node:<16} {_steps(n['sealed']):<18} {_steps(n['staging']):<10} "
-                             f"{_steps(n['failed']):<10} {n['endpoint']}")
-    lines.append(f"sealed {c.get('sealed', 0)}  failed {c.get('failed', 0)}  refused {c.get('memory_refusals', 0)}  "
-                 f"evicted {c.get('evictions', 0)}  waited {c.get('backpressure_waits', 0)}  "
-                 f"ingested {human_bytes(c.get('ingested_bytes', 0))}")
+                lines.append(
+                    f"  {node:<16} {_steps(n['sealed']):<18} {_steps(n['staging']):<10} "
+                    f"{_steps(n['failed']):<10} {n['endpoint']}"
+                )
+    lines.append(
+        f"sealed {c.get('sealed', 0)}  failed {c.get('failed', 0)}  refused {c.get('memory_refusals', 0)}  "
+        f"evicted {c.get('evictions', 0)}  waited {c.get('backpressure_waits', 0)}  "
+        f"ingested {human_bytes(c.get('ingested_bytes', 0))}"
+    )
     return "\n".join(lines)
 
 

@@ -26,7 +26,8 @@ import sys
 import tempfile
 import time
 import zlib
-from typing import Any, Callable, Iterable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
@@ -44,8 +45,11 @@ SPEC: dict[str, tuple[tuple[int, ...], str]] = {
 def _per_rank_spec(rank: int, lws: int) -> dict:
     """Each rank its own tensors (as pipeline stages hold them) plus one replica every rank holds
     (identical boxes: the daemon has the lowest rank write it)."""
-    return {f"r{rank}.w": ((256, 1024), "float32"), f"r{rank}.b": ((4096,), "bfloat16"),
-            "shared.emb": ((512, 64), "float32")}
+    return {
+        f"r{rank}.w": ((256, 1024), "float32"),
+        f"r{rank}.b": ((4096,), "bfloat16"),
+        "shared.emb": ((512, 64), "float32"),
+    }
 
 
 def job_spec(spec_name: str, lws: int) -> dict:
@@ -60,8 +64,12 @@ SPECS: dict[str, Callable[[int, int], dict]] = {
     "default": lambda rank, lws: dict(SPEC),
     "per-rank": _per_rank_spec,
     # a few MiB, so that writing an export takes long enough to be killed in the middle of it
-    "export": lambda rank, lws: {"model.w1": ((1024, 1024), "float32"), "model.w2": ((1024, 768), "bfloat16"),
-                                 "model.norm": ((1024,), "float32"), "model.steps": ((16,), "int64")},
+    "export": lambda rank, lws: {
+        "model.w1": ((1024, 1024), "float32"),
+        "model.w2": ((1024, 768), "bfloat16"),
+        "model.norm": ((1024,), "float32"),
+        "model.steps": ((16,), "int64"),
+    },
 }
 
 
@@ -109,8 +117,10 @@ def compare_tensor(name: str, got, want) -> str | None:
         return None
     bad = (a != b).nonzero()
     first = int(bad[0]) // want.element_size()
-    return (f"{name}: {int(bad.numel())} bytes differ, first at element {first} "
-            f"(got {got.reshape(-1)[first].item()!r}, want {want.reshape(-1)[first].item()!r})")
+    return (
+        f"{name}: {int(bad.numel())} bytes differ, first at element {first} "
+        f"(got {got.reshape(-1)[first].item()!r}, want {want.reshape(-1)[first].item()!r})"
+    )
 
 
 def check_tensors(items: Iterable[tuple[str, Any]], step: int, spec: dict = SPEC) -> list[str]:
@@ -142,15 +152,30 @@ def start_daemon(endpoint: str, log_path: str, args: tuple[str, ...] = (), start
             with open(log_path, "ab") as log:
                 level = os.environ.get("STRESS_DAEMON_LOG_LEVEL", "WARNING")
                 self.proc = subprocess.Popen(
-                    [sys.executable, "-m", "stager.cli", "--log-level", level, "serve", "--json", "--endpoint",
-                     self.endpoint, *self.args],
-                    stdout=subprocess.PIPE, stderr=log, text=True, cwd=REPO)
+                    [
+                        sys.executable,
+                        "-m",
+                        "stager.cli",
+                        "--log-level",
+                        level,
+                        "serve",
+                        "--json",
+                        "--endpoint",
+                        self.endpoint,
+                        *self.args,
+                    ],
+                    stdout=subprocess.PIPE,
+                    stderr=log,
+                    text=True,
+                    cwd=REPO,
+                )
             ready, _, _ = select.select([self.proc.stdout], [], [], self.startup_timeout)
             line = self.proc.stdout.readline() if ready else ""
             if not line:
                 self.stop(signal.SIGKILL)
-                raise RuntimeError(f"stager serve was not ready within {self.startup_timeout:.0f}s; "
-                                   f"log: {tail(log_path)}")
+                raise RuntimeError(
+                    f"stager serve was not ready within {self.startup_timeout:.0f}s; log: {tail(log_path)}"
+                )
             self.info = json.loads(line)
             return self
 
@@ -175,7 +200,7 @@ def log_problems(path: str) -> list[str]:
     problems = []
     for i, line in enumerate(text):
         if line.startswith("Traceback"):
-            last = next((t for t in text[i + 1:] if t and not t.startswith((" ", "\t", "Traceback"))), "?")
+            last = next((t for t in text[i + 1 :] if t and not t.startswith((" ", "\t", "Traceback"))), "?")
             context = text[i - 1] if i else ""
             problems.append(f"daemon log: {context.strip()[:200]} -> {last.strip()[:300]}")
         elif "Fatal Python error" in line or "Segmentation fault" in line:
@@ -228,7 +253,7 @@ class Campaign:
         self.tmp = tempfile.mkdtemp(prefix=f"stg-{name[:6]}-", dir="/tmp")  # ipc paths must stay short
         self.started = time.monotonic()
 
-    def __enter__(self) -> "Campaign":
+    def __enter__(self) -> Campaign:
         self._old_term = signal.signal(signal.SIGTERM, _raise_exit)
         if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
             # started in the background by a shell (`cmd &`): SIGINT is ignored, and children would

@@ -41,11 +41,16 @@ def stage_loop(args) -> int:
         import torch.distributed as dist
 
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(args.master_port))
-        dist.init_process_group("gloo", rank=args.rank, world_size=args.lws,
-                                timeout=datetime.timedelta(seconds=60))
+        dist.init_process_group("gloo", rank=args.rank, world_size=args.lws, timeout=datetime.timedelta(seconds=60))
         tick = torch.zeros(1)
-    client = StagingClient(args.endpoint, rank=args.rank, local_world_size=args.lws, world_size=args.lws,
-                           timeout=args.timeout, seal_timeout=args.timeout * 3)
+    client = StagingClient(
+        args.endpoint,
+        rank=args.rank,
+        local_world_size=args.lws,
+        world_size=args.lws,
+        timeout=args.timeout,
+        seal_timeout=args.timeout * 3,
+    )
     model_info = {"adapter": "identity", "hf_config": {"model_type": "stager-stress", "hidden_size": 8}}
     step, end = args.start, args.start + args.steps
     rng = random.Random(os.getpid())
@@ -66,8 +71,19 @@ def stage_loop(args) -> int:
                 sealed, error = True, None
             except StagerError as exc:
                 copy_s, sealed, error = time.monotonic() - t0, False, f"{exc}"[:300]
-            print(json.dumps({"rank": args.rank, "step": step, "sealed": sealed, "error": error,
-                              "copy_s": round(copy_s, 4), "dt": round(time.monotonic() - t0, 4)}), flush=True)
+            print(
+                json.dumps(
+                    {
+                        "rank": args.rank,
+                        "step": step,
+                        "sealed": sealed,
+                        "error": error,
+                        "copy_s": round(copy_s, 4),
+                        "dt": round(time.monotonic() - t0, 4),
+                    }
+                ),
+                flush=True,
+            )
             step += 1
             if args.pause:
                 time.sleep(args.pause)

@@ -72,8 +72,16 @@ def job_main(endpoint: str, token: str, conn) -> None:
                 if client is None:
                     # the fuzzers keep the daemon busy on purpose (and CI starves it of CPU): an answer
                     # later than the default 1 s ack_timeout is no hung daemon here, and every stage must seal
-                    client = StagingClient(endpoint, rank=0, local_world_size=1, world_size=1, strict=True,
-                                           timeout=30.0, seal_timeout=60.0, ack_timeout=30.0)
+                    client = StagingClient(
+                        endpoint,
+                        rank=0,
+                        local_world_size=1,
+                        world_size=1,
+                        strict=True,
+                        timeout=30.0,
+                        seal_timeout=60.0,
+                        ack_timeout=30.0,
+                    )
                 sd = lib.expected_state(step)
                 sd["meta"] = {"token": token, "step": step}
                 t0 = time.monotonic()
@@ -107,7 +115,7 @@ def reader_main(endpoint: str, token: str, conn) -> None:
             if cmd[0] == "stop":
                 break
             try:
-                with (sub.at(cmd[1]) if cmd[0] == "check" else sub.latest()) as snap:
+                with sub.at(cmd[1]) if cmd[0] == "check" else sub.latest() as snap:
                     if snap.objects.get(TOKEN_KEY) != token:
                         conn.send(("foreign", snap.step, []))
                         continue
@@ -122,8 +130,22 @@ def reader_main(endpoint: str, token: str, conn) -> None:
 # ---------------------------------------------------------------------------------------------- message making
 
 HUGE = [2**63 - 1, -(2**63), 2**64 - 1, 2**62 + 1, -(2**40), 2**53 + 1]
-STRS = ["", "x", "stager-0-1-1", "../../etc/passwd", "w" * 300, "f32", "bf16", "zz", "reader", "admin",
-        "layers.0.w", "\u00e9\u4e2d\U0001f600", "a\x00b", "w" * 20000]
+STRS = [
+    "",
+    "x",
+    "stager-0-1-1",
+    "../../etc/passwd",
+    "w" * 300,
+    "f32",
+    "bf16",
+    "zz",
+    "reader",
+    "admin",
+    "layers.0.w",
+    "\u00e9\u4e2d\U0001f600",
+    "a\x00b",
+    "w" * 20000,
+]
 
 
 def nested(rng: random.Random, depth: int):
@@ -163,8 +185,13 @@ def junk(rng: random.Random, depth: int = 0):
         return {rng.choice([0, -1, 2**63 - 1, b"k", None, 1.5, True]): junk(rng, depth + 1)}
     if kind == 13:
         return nested(rng, rng.choice([3, 15, 16, 17, 40, 200]))
-    return [rng.choice(STRS[:8]), rng.choice(["f32", "bf16", "zz", "f8e4m3", [], {}]),
-            [rng.choice([-1, 0, 3, 2**62])], [rng.choice([-1, 0, 1])], [rng.choice([-1, 0, 2, 2**40])]]
+    return [
+        rng.choice(STRS[:8]),
+        rng.choice(["f32", "bf16", "zz", "f8e4m3", [], {}]),
+        [rng.choice([-1, 0, 3, 2**62])],
+        [rng.choice([-1, 0, 1])],
+        [rng.choice([-1, 0, 2, 2**40])],
+    ]
 
 
 def mutate(rng: random.Random, value, depth: int = 0):
@@ -219,8 +246,11 @@ class Messages:
 
         self.msgpack, self.version = msgpack, PROTOCOL_VERSION
         self.types = message_types()
-        self.requests = sorted(t for t, c in self.types.items()
-                               if not t.endswith("reply") and t not in ("sealed", "ok", "pong", "error", "announce"))
+        self.requests = sorted(
+            t
+            for t, c in self.types.items()
+            if not t.endswith("reply") and t not in ("sealed", "ok", "pong", "error", "announce")
+        )
         self.replies = sorted(set(self.types) - set(self.requests))
         sys.path.insert(0, os.path.join(lib.REPO, "tests"))
         examples: dict[str, list[dict]] = collections.defaultdict(list)
@@ -294,8 +324,22 @@ class Messages:
             if key == "v":
                 header["v"] = rng.choice([0, 2, "1", None, 1.0, True, 2**63 - 1, -1, [1], {"v": 1}])
             elif key == "t":
-                header["t"] = rng.choice([[kind], None, 7, "", "nope", "x" * 1000, {"t": kind}, kind.encode(),
-                                          kind.upper(), kind + " ", [kind, kind], rng.choice(self.replies)])
+                header["t"] = rng.choice(
+                    [
+                        [kind],
+                        None,
+                        7,
+                        "",
+                        "nope",
+                        "x" * 1000,
+                        {"t": kind},
+                        kind.encode(),
+                        kind.upper(),
+                        kind + " ",
+                        [kind, kind],
+                        rng.choice(self.replies),
+                    ]
+                )
             elif key == "id":
                 header["id"] = rng.choice(["1", None, 1.5, True, [1], -5, 2**63 - 1, 2**64 - 1, -(2**63), {}])
             elif key == "b":
@@ -310,7 +354,7 @@ class Messages:
         r = rng.random()
         if r < 0.06:
             what += "+truncated"
-            frame0 = frame0[:rng.randrange(len(frame0))]
+            frame0 = frame0[: rng.randrange(len(frame0))]
         elif r < 0.11:
             what += "+bitflip"
             b = bytearray(frame0)
@@ -367,9 +411,15 @@ class TrainerMoves:
         import psutil
 
         me = psutil.Process()
-        body = {"role": "trainer", "rank": self.rank, "local_world_size": self.lws, "world_size": self.lws,
-                "pid": me.pid if self.local else self.rng.randint(1, 1 << 30), "start_time": _create_time(),
-                "host_id": self.host}
+        body = {
+            "role": "trainer",
+            "rank": self.rank,
+            "local_world_size": self.lws,
+            "world_size": self.lws,
+            "pid": me.pid if self.local else self.rng.randint(1, 1 << 30),
+            "start_time": _create_time(),
+            "host_id": self.host,
+        }
         return [self.msgs.pack(self.msgs.header("hello", rid, body))]
 
     def bye(self, rid: int) -> list[bytes]:
@@ -395,10 +445,14 @@ class TrainerMoves:
         step = rng.choice(recent) if recent and rng.random() < 0.9 else self.step0 + rng.randint(0, 40)
         if r < 0.45:
             wire, digest = rng.choice(self.plans)
-            body = {"step": self.step0 + rng.randint(0, 40) if rng.random() < 0.7 else rng.choice([step, 0, 5]),
-                    "digest": digest, "plan": wire, "full_world": rng.random() < 0.9,
-                    "shm": self.local if rng.random() < 0.9 else not self.local,
-                    "wait_ms": rng.choice([0, 0, 0, 50, 10**9])}
+            body = {
+                "step": self.step0 + rng.randint(0, 40) if rng.random() < 0.7 else rng.choice([step, 0, 5]),
+                "digest": digest,
+                "plan": wire,
+                "full_world": rng.random() < 0.9,
+                "shm": self.local if rng.random() < 0.9 else not self.local,
+                "wait_ms": rng.choice([0, 0, 0, 50, 10**9]),
+            }
             if rng.random() < 0.1:
                 body["plan"] = None  # "you know this digest": plan_required the first time
             elif rng.random() < 0.05:
@@ -432,8 +486,13 @@ class TrainerMoves:
             wire, _ = self.began.get(step, (self.plans[0][0], None))
             quant = {}
             if rng.random() < 0.25 and len(wire) > 1:
-                quant = {wire[0][0]: {"scale": wire[1][0], "mode": rng.choice(["mul", "div", "xor"]),
-                                      "dtype": rng.choice(["f32", "bf16", "f8e4m3", "zz"])}}
+                quant = {
+                    wire[0][0]: {
+                        "scale": wire[1][0],
+                        "mode": rng.choice(["mul", "div", "xor"]),
+                        "dtype": rng.choice(["f32", "bf16", "f8e4m3", "zz"]),
+                    }
+                }
             body = {"step": step, "objects": objects, "model_info": model_info, "quant": quant}
             kind = "commit"
             if step in self.open and rng.random() < 0.9:
@@ -444,11 +503,12 @@ class TrainerMoves:
         else:  # a mutated trainer message
             kind = rng.choice(["begin", "put", "commit", "abort"])
             wire, digest = rng.choice(self.plans)
-            body = {"begin": {"step": step, "digest": digest, "plan": wire, "full_world": True, "shm": True,
-                              "wait_ms": 0},
-                    "put": {"step": step, "regions": [0]},
-                    "commit": {"step": step, "objects": {}, "model_info": None, "quant": {}},
-                    "abort": {"step": step, "reason": ""}}[kind]
+            body = {
+                "begin": {"step": step, "digest": digest, "plan": wire, "full_world": True, "shm": True, "wait_ms": 0},
+                "put": {"step": step, "regions": [0]},
+                "commit": {"step": step, "objects": {}, "model_info": None, "quant": {}},
+                "abort": {"step": step, "reason": ""},
+            }[kind]
             name = rng.choice(list(body))
             body[name] = mutate(rng, body[name])
         try:
@@ -481,8 +541,18 @@ class Control:
 
 
 class Peer(threading.Thread):
-    def __init__(self, index: int, personality: str, endpoint: str, seed: int, ctrl: Control, msgs: Messages,
-                 reply_timeout: float, host: str, trainer_slot: int):
+    def __init__(
+        self,
+        index: int,
+        personality: str,
+        endpoint: str,
+        seed: int,
+        ctrl: Control,
+        msgs: Messages,
+        reply_timeout: float,
+        host: str,
+        trainer_slot: int,
+    ):
         super().__init__(name=f"fuzz-peer-{index}", daemon=True)
         import zmq
 
@@ -531,8 +601,10 @@ class Peer(threading.Thread):
                 continue
             queue = self.waiting.get(reply.id)
             if not queue:
-                self.failures.append(f"peer {self.index}: a {reply.TYPE} reply with id {reply.id} that answers "
-                                     f"nothing in flight: {reply!r}"[:400])
+                self.failures.append(
+                    f"peer {self.index}: a {reply.TYPE} reply with id {reply.id} that answers "
+                    f"nothing in flight: {reply!r}"[:400]
+                )
                 continue
             _, desc, ctx = queue.popleft()
             if not queue:
@@ -573,19 +645,40 @@ class Peer(threading.Thread):
             return frames, desc, {}
         r = rng.random()
         if self.personality == "reader" and r < 0.04:
-            body = {"role": "reader", "rank": 0, "local_world_size": 1, "world_size": 1, "pid": os.getpid(),
-                    "start_time": _create_time(), "host_id": self.host if rng.random() < 0.8 else "elsewhere"}
+            body = {
+                "role": "reader",
+                "rank": 0,
+                "local_world_size": 1,
+                "world_size": 1,
+                "pid": os.getpid(),
+                "start_time": _create_time(),
+                "host_id": self.host if rng.random() < 0.8 else "elsewhere",
+            }
             return [msgs.pack(msgs.header("hello", rid, body))], "hello/reader", {}
         if self.personality == "trainer" and r < 0.04:  # refused: the job holds local rank 0
-            body = {"role": "trainer", "rank": 0, "local_world_size": rng.choice([1, 2]), "world_size": 2,
-                    "pid": os.getpid(), "start_time": _create_time(), "host_id": self.host}
+            body = {
+                "role": "trainer",
+                "rank": 0,
+                "local_world_size": rng.choice([1, 2]),
+                "world_size": 2,
+                "pid": os.getpid(),
+                "start_time": _create_time(),
+                "host_id": self.host,
+            }
             return [msgs.pack(msgs.header("hello", rid, body))], "hello/trainer-conflict", {}
         if self.leases and r < 0.12:
             lease = self.leases.pop(rng.randrange(len(self.leases)))
             if rng.random() < 0.5:
                 return [msgs.pack(msgs.header("release", rid, {"lease": lease}))], "release/own", {}
-            items = rng.choice([[["layers.0.w", None, None]], [["layers.0.w", [1, 0], [2, 48]]],
-                                [["layers.0.b", [999], [1]]], [["nope", None, None]], [["counts", [0], [38]]]])
+            items = rng.choice(
+                [
+                    [["layers.0.w", None, None]],
+                    [["layers.0.w", [1, 0], [2, 48]]],
+                    [["layers.0.b", [999], [1]]],
+                    [["nope", None, None]],
+                    [["counts", [0], [38]]],
+                ]
+            )
             self.leases.append(lease)
             return [msgs.pack(msgs.header("read", rid, {"lease": lease, "items": items}))], "read/own-lease", {}
         if r < 0.2:
@@ -603,8 +696,10 @@ class Peer(threading.Thread):
             if not self.closed.is_set():
                 self.drain(time.monotonic() + self.reply_timeout)
                 rid = next(self.ids)
-                self.send(self.trainer.bye(rid) if self.trainer else
-                          [self.msgs.pack(self.msgs.header("bye", rid, {}))], "bye/window-end")
+                self.send(
+                    self.trainer.bye(rid) if self.trainer else [self.msgs.pack(self.msgs.header("bye", rid, {}))],
+                    "bye/window-end",
+                )
                 self.drain(time.monotonic() + self.reply_timeout)
                 self.trainer = None
                 self.closed.set()
@@ -619,8 +714,15 @@ class Peer(threading.Thread):
     def run(self) -> None:
         try:
             if self.personality == "reader":
-                body = {"role": "reader", "rank": 0, "local_world_size": 1, "world_size": 1, "pid": os.getpid(),
-                        "start_time": _create_time(), "host_id": self.host}
+                body = {
+                    "role": "reader",
+                    "rank": 0,
+                    "local_world_size": 1,
+                    "world_size": 1,
+                    "pid": os.getpid(),
+                    "start_time": _create_time(),
+                    "host_id": self.host,
+                }
                 self.send([self.msgs.pack(self.msgs.header("hello", next(self.ids), body))], "hello/reader")
             while True:
                 if self.personality == "trainer":
@@ -681,18 +783,27 @@ def main(argv=None) -> int:
         f"fuzz: {stats['sent']} messages from {args.peers} peers (seed {args.seed}, {stats['windows']} trainer "
         f"windows), {codes.get('internal', 0)} internal, {codes.get('(unanswered)', 0)} unanswered, "
         f"{stats['staged']} versions staged and {stats['verified']} verified, {codes.get('sealed', 0)} sealed by "
-        f"fuzzers, daemon alive: {'yes' if stats['alive'] else 'NO'}")
+        f"fuzzers, daemon alive: {'yes' if stats['alive'] else 'NO'}"
+    )
 
 
 def run(camp: lib.Campaign, args, deadline: float) -> dict:
     from stager.client.admin import daemon_status
     from stager.protocol.endpoint import host_id
 
-    stats = {"sent": 0, "codes": collections.Counter(), "staged": 0, "verified": 0, "foreign": 0, "alive": False,
-             "windows": 0}
+    stats = {
+        "sent": 0,
+        "codes": collections.Counter(),
+        "staged": 0,
+        "verified": 0,
+        "foreign": 0,
+        "alive": False,
+        "windows": 0,
+    }
     endpoint = f"ipc://{camp.tmp}/d.sock"
-    daemon = camp.daemon(endpoint, ("--memory-limit", "256MiB", "--keep", "4", "--step-timeout", "5",
-                                    "--peer-timeout", "5"))
+    daemon = camp.daemon(
+        endpoint, ("--memory-limit", "256MiB", "--keep", "4", "--step-timeout", "5", "--peer-timeout", "5")
+    )
     token = f"stress-{random.Random(args.seed).getrandbits(64):016x}"
     ctx = mp.get_context("spawn")
     job_conn, job_end = ctx.Pipe()
@@ -761,14 +872,24 @@ def run(camp: lib.Campaign, args, deadline: float) -> dict:
                 ctrl.abort.set()
                 break
             if daemon.proc.poll() is not None:
-                camp.fail(f"the daemon exited with code {daemon.proc.returncode} mid-run; log: "
-                          f"{lib.tail(os.path.join(camp.tmp, 'daemon.log'), 5)}")
+                camp.fail(
+                    f"the daemon exited with code {daemon.proc.returncode} mid-run; log: "
+                    f"{lib.tail(os.path.join(camp.tmp, 'daemon.log'), 5)}"
+                )
                 ctrl.abort.set()
                 break
             if windows_at and ctrl.sent >= windows_at[0]:
                 windows_at.pop(0)
-                trainer_window(camp, ctrl, trainers, window_len, lambda: ask(job_conn, job, ("pause",)),
-                               endpoint, args.reply_timeout, deadline)
+                trainer_window(
+                    camp,
+                    ctrl,
+                    trainers,
+                    window_len,
+                    lambda: ask(job_conn, job, ("pause",)),
+                    endpoint,
+                    args.reply_timeout,
+                    deadline,
+                )
                 stats["windows"] += 1
                 check_latest()
                 stage_and_check()  # the job takes local rank 0 again (a new epoch) ...
@@ -808,8 +929,16 @@ def run(camp: lib.Campaign, args, deadline: float) -> dict:
     return stats
 
 
-def trainer_window(camp, ctrl: Control, trainers: list[Peer], length: int, pause_job, endpoint: str,
-                   reply_timeout: float, deadline: float) -> None:
+def trainer_window(
+    camp,
+    ctrl: Control,
+    trainers: list[Peer],
+    length: int,
+    pause_job,
+    endpoint: str,
+    reply_timeout: float,
+    deadline: float,
+) -> None:
     """The job steps aside; trainer peers register as ranks and fuzz staging; they say bye. Returns
     with ``ctrl.closing`` still set: the caller clears it once the job holds its rank again."""
     from stager.client.admin import daemon_status

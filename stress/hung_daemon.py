@@ -67,9 +67,12 @@ def rank_loop(control: str) -> int:
             if handle.done():
                 pending.remove((record, handle))
                 error = handle.error
-                record.update(t_done=time.monotonic(), sealed=error is None,
-                              code=error.code.value if error is not None else None,
-                              error=str(error)[:300] if error is not None else None)
+                record.update(
+                    t_done=time.monotonic(),
+                    sealed=error is None,
+                    code=error.code.value if error is not None else None,
+                    error=str(error)[:300] if error is not None else None,
+                )
                 out.write(json.dumps(record) + "\n")
         out.flush()
 
@@ -120,9 +123,25 @@ def campaign(camp: lib.Campaign, rounds: int, stopped_steps: int, ack: float) ->
     env = dict(lib.python_env(), STAGER_ENDPOINT=endpoint, STAGER_ACK_TIMEOUT=str(ack))
     with open(os.path.join(camp.tmp, "job.log"), "ab") as log:
         job = subprocess.Popen(
-            [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(RANKS), "--master-addr",
-             "127.0.0.1", "--master-port", str(free_port()), os.path.abspath(__file__), "rank", control],
-            stdout=log, stderr=log, env=env, cwd=lib.REPO)
+            [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--nproc-per-node",
+                str(RANKS),
+                "--master-addr",
+                "127.0.0.1",
+                "--master-port",
+                str(free_port()),
+                os.path.abspath(__file__),
+                "rank",
+                control,
+            ],
+            stdout=log,
+            stderr=log,
+            env=env,
+            cwd=lib.REPO,
+        )
     camp.on_exit(lambda: lib.kill_process(job, signal.SIGTERM, 30))
 
     @camp.on_exit
@@ -137,21 +156,34 @@ def campaign(camp: lib.Campaign, rounds: int, stopped_steps: int, ack: float) ->
     resumed: list[float] = []
     since = 0.0
     for _ in range(rounds):
-        if not wait_for(camp, job, "steps sealed before the stop", lambda: both(
-                3, lambda x: x["sealed"] and x["t"] > since and x["step"] > WARM_UP), 180):
+        if not wait_for(
+            camp,
+            job,
+            "steps sealed before the stop",
+            lambda: both(3, lambda x: x["sealed"] and x["t"] > since and x["step"] > WARM_UP),
+            180,
+        ):
             break
         os.kill(daemon.pid, signal.SIGSTOP)
         stopped = time.monotonic()
-        went_on = wait_for(camp, job, f"{stopped_steps} steps of each rank with the daemon stopped",
-                           lambda: both(stopped_steps, lambda x: x["t"] > stopped), stopped_steps * (ack + 5) + 60)
+        went_on = wait_for(
+            camp,
+            job,
+            f"{stopped_steps} steps of each rank with the daemon stopped",
+            lambda: both(stopped_steps, lambda x: x["t"] > stopped),
+            stopped_steps * (ack + 5) + 60,
+        )
         os.kill(daemon.pid, signal.SIGCONT)
         since = time.monotonic()
         windows.append((stopped, since))
-        if not went_on or not wait_for(camp, job, "a seal after SIGCONT", lambda: both(
-                1, lambda x: x["sealed"] and x["t"] > since), 30):
+        if not went_on or not wait_for(
+            camp, job, "a seal after SIGCONT", lambda: both(1, lambda x: x["sealed"] and x["t"] > since), 30
+        ):
             break
-        resumed.append(max(min(x["t_done"] for x in records(control, r) if x["sealed"] and x["t"] > since)
-                           for r in range(RANKS)) - since)
+        resumed.append(
+            max(min(x["t_done"] for x in records(control, r) if x["sealed"] and x["t"] > since) for r in range(RANKS))
+            - since
+        )
     open(os.path.join(control, "done"), "w").close()
     try:
         rc = job.wait(120)
@@ -192,8 +224,10 @@ def campaign(camp: lib.Campaign, rounds: int, stopped_steps: int, ack: float) ->
             if x["code"] == "timeout":
                 camp.fail(f"rank {r} step {x['step']}: timeout (stall {x['stall']:.1f}s)")
         if by_phase["stopped"] and max(by_phase["stopped"]) > ack + 1.0:
-            camp.fail(f"rank {r}: stage()+wait_copied() stalled {max(by_phase['stopped']):.2f}s with the daemon "
-                      f"stopped (ack timeout {ack}s)")
+            camp.fail(
+                f"rank {r}: stage()+wait_copied() stalled {max(by_phase['stopped']):.2f}s with the daemon "
+                f"stopped (ack timeout {ack}s)"
+            )
         try:
             with open(os.path.join(control, f"rank{r}.stats.json")) as f:
                 stats = json.load(f)
@@ -219,11 +253,13 @@ def campaign(camp: lib.Campaign, rounds: int, stopped_steps: int, ack: float) ->
         return "/".join(f"{1000 * v:.0f}" for v in values) + " ms"
 
     resume = f"{min(resumed):.2f}-{max(resumed):.2f}s" if resumed else "never"
-    return (f"hung-daemon: {RANKS} ranks, {len(windows)} stops of {stopped_steps}+ steps (ack_timeout {ack:g}s), "
-            f"{'/'.join(map(str, steps_total))} steps, skipped {'/'.join(map(str, skipped_total))}; worst "
-            f"stage()+wait_copied() per rank: before {ms(worst['before'])}, stopped {ms(worst['stopped'])}, after "
-            f"SIGCONT {ms(worst['after'])} (warm-up {ms(worst['warm-up'])}); sealing again {resume} after SIGCONT, "
-            f"{time.monotonic() - camp.started:.0f}s")
+    return (
+        f"hung-daemon: {RANKS} ranks, {len(windows)} stops of {stopped_steps}+ steps (ack_timeout {ack:g}s), "
+        f"{'/'.join(map(str, steps_total))} steps, skipped {'/'.join(map(str, skipped_total))}; worst "
+        f"stage()+wait_copied() per rank: before {ms(worst['before'])}, stopped {ms(worst['stopped'])}, after "
+        f"SIGCONT {ms(worst['after'])} (warm-up {ms(worst['warm-up'])}); sealing again {resume} after SIGCONT, "
+        f"{time.monotonic() - camp.started:.0f}s"
+    )
 
 
 def main(argv=None) -> int:

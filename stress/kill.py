@@ -6,7 +6,8 @@
 ``rank``: a 2-rank gloo job (``stress/_workers.py stage``: each rank its own tensors plus one
 replica, known contents; one of them, chosen at random per job, lags each step by up to 20 ms)
 stages back to back; the lagging rank is SIGKILLed just after a step went in flight, so mostly
-mid-step (the summary counts the kills that failed a step in flight), and the rest of the job is torn down as a launcher would. Then: the daemon dropped both ranks and
+mid-step (the summary counts the kills that failed a step in flight), and the rest of the job is
+torn down as a launcher would. Then: the daemon dropped both ranks and
 holds no step in flight; the newest sealed version (the one before the kill) is readable and holds
 exactly its step's bytes; no sealed version went missing; the segments on /dev/shm are exactly the
 memory the daemon accounts for. A new job then resumes from that version (its first step is the
@@ -57,15 +58,49 @@ LATEST_TMP = re.compile(r"\.latest-(\d+)")
 class Rank:
     """A ``_workers.py stage`` subprocess; a thread collects its JSON lines."""
 
-    def __init__(self, camp: lib.Campaign, endpoint: str, rank: int, lws: int, start: int, spec: str,
-                 pause: float = 0.0, timeout: float = 10.0, port: int | None = None, jitter: float = 0.0):
+    def __init__(
+        self,
+        camp: lib.Campaign,
+        endpoint: str,
+        rank: int,
+        lws: int,
+        start: int,
+        spec: str,
+        pause: float = 0.0,
+        timeout: float = 10.0,
+        port: int | None = None,
+        jitter: float = 0.0,
+    ):
         self.rank = rank
         extra = (["--master-port", str(port)] if port else []) + ["--jitter", str(jitter)]
         with open(os.path.join(camp.tmp, f"rank{rank}.log"), "ab") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, WORKER, "stage", "--endpoint", endpoint, "--rank", str(rank), "--lws", str(lws),
-                 "--start", str(start), "--spec", spec, "--pause", str(pause), "--timeout", str(timeout), *extra],
-                stdout=subprocess.PIPE, stderr=log, text=True, env=lib.python_env(), cwd=lib.REPO)
+                [
+                    sys.executable,
+                    WORKER,
+                    "stage",
+                    "--endpoint",
+                    endpoint,
+                    "--rank",
+                    str(rank),
+                    "--lws",
+                    str(lws),
+                    "--start",
+                    str(start),
+                    "--spec",
+                    spec,
+                    "--pause",
+                    str(pause),
+                    "--timeout",
+                    str(timeout),
+                    *extra,
+                ],
+                stdout=subprocess.PIPE,
+                stderr=log,
+                text=True,
+                env=lib.python_env(),
+                cwd=lib.REPO,
+            )
         self.records: list[dict] = []
         self._thread = threading.Thread(target=self._read, daemon=True)
         self._thread.start()
@@ -159,8 +194,10 @@ def campaign_rank(camp: lib.Campaign, rounds: int, rng: random.Random) -> str:
 
     def start_job(first: int, lagging: int) -> list[Rank]:
         port = free_port()  # the lagging rank begins each step up to 20 ms after the other
-        return [Rank(camp, endpoint, r, lws, first, "per-rank", port=port, jitter=0.02 if r == lagging else 0.0)
-                for r in range(lws)]
+        return [
+            Rank(camp, endpoint, r, lws, first, "per-rank", port=port, jitter=0.02 if r == lagging else 0.0)
+            for r in range(lws)
+        ]
 
     start = 1
     victim = rng.randrange(lws)
@@ -181,12 +218,19 @@ def campaign_rank(camp: lib.Campaign, rounds: int, rng: random.Random) -> str:
             camp.fail(f"round {rnd}: the daemon did not drop the killed rank {victim}")
         for r in job:  # the launcher tears the rest of the job down
             r.kill()
-        in_flight = wait_for(lambda: not status(endpoint)["ranks"] and not [
-            v for v in status(endpoint)["versions"] if v["state"] not in ("sealed", "failed")], 15)
+        in_flight = wait_for(
+            lambda: (
+                not status(endpoint)["ranks"]
+                and not [v for v in status(endpoint)["versions"] if v["state"] not in ("sealed", "failed")]
+            ),
+            15,
+        )
         st = status(endpoint)
         if not in_flight:
-            camp.fail(f"round {rnd}: ranks or steps left after the job died: ranks {st['ranks']}, "
-                      f"{[v for v in st['versions'] if v['state'] not in ('sealed', 'failed')]}")
+            camp.fail(
+                f"round {rnd}: ranks or steps left after the job died: ranks {st['ranks']}, "
+                f"{[v for v in st['versions'] if v['state'] not in ('sealed', 'failed')]}"
+            )
         sealed = [v["step"] for v in st["versions"] if v["state"] == "sealed"]
         newest = max(sealed, default=None)
         reported = max((s for r in job for s in r.sealed()), default=None)
@@ -213,9 +257,11 @@ def campaign_rank(camp: lib.Campaign, rounds: int, rng: random.Random) -> str:
         if not first:
             camp.fail(f"round {rnd}: the restarted job did not stage step {start} within 90s")
         elif not all(rec["sealed"] for rec in first):
-            camp.fail(f"round {rnd}: the restarted job's first stage (step {start}, failed in the killed job: "
-                      f"{start in [v['step'] for v in st['versions'] if v['state'] == 'failed']}) did not seal: "
-                      f"{next(rec['error'] for rec in first if not rec['sealed'])}")
+            camp.fail(
+                f"round {rnd}: the restarted job's first stage (step {start}, failed in the killed job: "
+                f"{start in [v['step'] for v in st['versions'] if v['state'] == 'failed']}) did not seal: "
+                f"{next(rec['error'] for rec in first if not rec['sealed'])}"
+            )
         else:
             counts["resumed"] += 1
         if not wait_for(lambda: all(max(r.sealed(), default=0) > start for r in job), 60):
@@ -224,8 +270,10 @@ def campaign_rank(camp: lib.Campaign, rounds: int, rng: random.Random) -> str:
         r.kill()
     wait_for(lambda: not status(endpoint)["ranks"], 15)
     stop_daemon(camp, daemon)
-    return (f"kill rank: {rounds} rounds, {counts['mid']} mid-step, version before the kill intact "
-            f"{counts['intact']}/{rounds}, restarted job's first stage sealed {counts['resumed']}/{rounds}")
+    return (
+        f"kill rank: {rounds} rounds, {counts['mid']} mid-step, version before the kill intact "
+        f"{counts['intact']}/{rounds}, restarted job's first stage sealed {counts['resumed']}/{rounds}"
+    )
 
 
 # ---------------------------------------------------------------------------------------------- daemon
@@ -257,7 +305,9 @@ def campaign_daemon(camp: lib.Campaign, rounds: int, rng: random.Random, preallo
         daemon = camp.daemon(endpoint, args)
         left = lib.daemon_segments(old_pid)
         if left:
-            camp.fail(f"round {rnd}: the new daemon left {len(left)} of the killed one's {len(had)} segments: {left[:2]}")
+            camp.fail(
+                f"round {rnd}: the new daemon left {len(left)} of the killed one's {len(had)} segments: {left[:2]}"
+            )
         else:
             counts["reclaimed"] += 1
         dead = [r.rank for r in job if r.proc.poll() is not None]
@@ -286,9 +336,11 @@ def campaign_daemon(camp: lib.Campaign, rounds: int, rng: random.Random, preallo
     wait_for(lambda: not status(endpoint)["ranks"], 15)
     stop_daemon(camp, daemon)
     name = f"kill daemon (preallocating {preallocate})" if preallocate else "kill daemon"
-    return (f"{name}: {rounds} rounds, segments reclaimed {counts['reclaimed']}/{rounds}, staging resumed "
-            f"{counts['resumed']}/{rounds}, newest version intact {counts['intact']}/{rounds}, longest stage "
-            f"call {max_dt:.2f}s, {len(camp.daemon_pids)} daemons")
+    return (
+        f"{name}: {rounds} rounds, segments reclaimed {counts['reclaimed']}/{rounds}, staging resumed "
+        f"{counts['resumed']}/{rounds}, newest version intact {counts['intact']}/{rounds}, longest stage "
+        f"call {max_dt:.2f}s, {len(camp.daemon_pids)} daemons"
+    )
 
 
 # ---------------------------------------------------------------------------------------------- followers
@@ -305,8 +357,9 @@ def check_out_dir(camp: lib.Campaign, out: str, spec: dict, killed: set[int], ve
         path = os.path.join(out, name)
         if name == "latest":
             if not os.path.islink(path) or not STEP_DIR.fullmatch(os.readlink(path)) or not os.path.isdir(path):
-                camp.fail(f"{where}: latest -> {os.readlink(path) if os.path.islink(path) else '?'} is not a step "
-                          "directory")
+                camp.fail(
+                    f"{where}: latest -> {os.readlink(path) if os.path.islink(path) else '?'} is not a step directory"
+                )
             continue
         match = STEP_DIR.fullmatch(name)
         if match:
@@ -337,8 +390,19 @@ def campaign_follower(camp: lib.Campaign, rounds: int, rng: random.Random, kind:
     spec = lib.job_spec("export", 1)
     job = Rank(camp, endpoint, 0, 1, 1, "export", pause=0.02)
     out = os.path.join(camp.tmp, kind)
-    cmd = [sys.executable, "-m", "stager.cli", kind, "--follow", "--out", out, "--endpoint", endpoint,
-           "--keep", "3" if kind == "export-hf" else "2"] + (["--no-progress"] if kind == "export-hf" else [])
+    cmd = [
+        sys.executable,
+        "-m",
+        "stager.cli",
+        kind,
+        "--follow",
+        "--out",
+        out,
+        "--endpoint",
+        endpoint,
+        "--keep",
+        "3" if kind == "export-hf" else "2",
+    ] + (["--no-progress"] if kind == "export-hf" else [])
     log_path = os.path.join(camp.tmp, "follower.log")
     killed: set[int] = set()
     verified: set = set()
@@ -390,17 +454,27 @@ def campaign_follower(camp: lib.Campaign, rounds: int, rng: random.Random, kind:
     counts["exports"] = check_out_dir(camp, out, spec, killed, verified, "the end")
     newest = max((n for n in os.listdir(out) if STEP_DIR.fullmatch(n)), default=None)
     if newest:
-        cli = subprocess.run([sys.executable, "-m", "stager.cli", "verify", os.path.join(out, newest)],
-                             capture_output=True, text=True, env=lib.python_env(), cwd=lib.REPO, timeout=120)
+        cli = subprocess.run(
+            [sys.executable, "-m", "stager.cli", "verify", os.path.join(out, newest)],
+            capture_output=True,
+            text=True,
+            env=lib.python_env(),
+            cwd=lib.REPO,
+            timeout=120,
+        )
         if cli.returncode != 0:
-            camp.fail(f"stager verify {newest} exited {cli.returncode}: {cli.stdout.strip()} {cli.stderr.strip()[-300:]}")
+            camp.fail(
+                f"stager verify {newest} exited {cli.returncode}: {cli.stdout.strip()} {cli.stderr.strip()[-300:]}"
+            )
     if not wait_for(lambda: status(endpoint)["leases"] == 0, 15):
         camp.fail(f"the daemon still holds {status(endpoint)['leases']} leases of killed followers")
     leftovers = sum(1 for n in os.listdir(out) if PARTIAL.fullmatch(n))
     wait_for(lambda: not status(endpoint)["ranks"], 15)
     stop_daemon(camp, daemon)
-    return (f"kill {kind}: {rounds} rounds, {counts['mid']} mid-write, {len(verified)} complete exports verified, "
-            f"{leftovers} temporaries of killed followers left")
+    return (
+        f"kill {kind}: {rounds} rounds, {counts['mid']} mid-write, {len(verified)} complete exports verified, "
+        f"{leftovers} temporaries of killed followers left"
+    )
 
 
 # ---------------------------------------------------------------------------------------------- main
@@ -437,8 +511,11 @@ def main(argv=None) -> int:
                 line = f"kill {target}: aborted"
         if camp.finish(line):
             failed.append(target)
-    print(f"kill: {len(targets)} targets x {args.rounds} rounds, {len(failed)} failed"
-          f"{' (' + ', '.join(failed) + ')' if failed else ''}: {'FAIL' if failed else 'PASS'}", flush=True)
+    print(
+        f"kill: {len(targets)} targets x {args.rounds} rounds, {len(failed)} failed"
+        f"{' (' + ', '.join(failed) + ')' if failed else ''}: {'FAIL' if failed else 'PASS'}",
+        flush=True,
+    )
     return 1 if failed else 0
 
 

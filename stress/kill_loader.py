@@ -53,8 +53,10 @@ def checkpoint(directory: str, size_mib: int) -> dict:
     tensors, weight_map = {}, {}
     for f in range(FILES):
         fname = f"model-{f + 1:05d}-of-{FILES:05d}.safetensors"
-        part = {f"layers.{f}.w{i}": torch.arange(rows * 1024, dtype=torch.float32).view(rows, 1024) * (f + 1) + i
-                for i in range(PER_FILE)}
+        part = {
+            f"layers.{f}.w{i}": torch.arange(rows * 1024, dtype=torch.float32).view(rows, 1024) * (f + 1) + i
+            for i in range(PER_FILE)
+        }
         save_file(part, os.path.join(directory, fname))
         tensors.update(part)
         weight_map.update({n: fname for n in part})
@@ -65,9 +67,14 @@ def checkpoint(directory: str, size_mib: int) -> dict:
 
 class Loader:
     def __init__(self, src: str, endpoint: str, step: int):
-        self.proc = subprocess.Popen([sys.executable, "-c", LOADER, src, endpoint, str(step)], stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
-                                     env=lib.python_env())
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", LOADER, src, endpoint, str(step)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+            env=lib.python_env(),
+        )
         if self.proc.stdout.readline().strip() != "ready":
             raise RuntimeError(f"the loader did not start (exit {self.proc.wait(30)})")
 
@@ -86,8 +93,9 @@ def check_version_tensors(endpoint: str, step: int, want: dict) -> list[str]:
     try:
         with Subscriber(endpoint, timeout=10.0) as sub, sub.at(step) as snap:
             problems = [] if set(snap) == set(want) else [f"holds {len(set(snap))} tensors, the checkpoint {len(want)}"]
-            return problems + [f"{n} differs from the checkpoint" for n, t in snap.items()
-                               if n in want and not torch.equal(t, want[n])]
+            return problems + [
+                f"{n} differs from the checkpoint" for n, t in snap.items() if n in want and not torch.equal(t, want[n])
+            ]
     except Exception as exc:
         return [f"not readable: {type(exc).__name__}: {exc}"]
 
@@ -152,8 +160,9 @@ def main(argv=None) -> int:
             if step in sealed(endpoint):
                 counts["sealed_before_kill"] += 1
                 problems = check_version_tensors(endpoint, step, want)
-                camp.failures.extend(f"round {rnd}, step {step} (killed after {time.monotonic() - t0:.2f}s): {p}"
-                                     for p in problems)
+                camp.failures.extend(
+                    f"round {rnd}, step {step} (killed after {time.monotonic() - t0:.2f}s): {p}" for p in problems
+                )
             else:
                 counts["killed_before_seal"] += 1
                 if got_far:
@@ -171,7 +180,8 @@ def main(argv=None) -> int:
             f"kill load-hf: {rounds} kills of a {args.size_mib} MiB load (whole load {load_s:.2f}s): "
             f"{counts['killed_before_seal']} before the seal (no version), {counts['sealed_before_kill']} after it "
             f"(intact), segments accounted {counts['accounted']}/{rounds}, {counts['full']} full loads verified, "
-            f"{time.monotonic() - camp.started:.0f}s")
+            f"{time.monotonic() - camp.started:.0f}s"
+        )
 
 
 if __name__ == "__main__":

@@ -62,8 +62,10 @@ def stage_until(rank, world, stop_file):
             break
         step += 1
         full = expected(step)
-        sd = {"rep": distribute_tensor(full["rep"], mesh2, [Replicate(), Shard(0)]),
-              "fsdp": distribute_tensor(full["fsdp"], mesh1, [Shard(0)])}
+        sd = {
+            "rep": distribute_tensor(full["rep"], mesh2, [Replicate(), Shard(0)]),
+            "fsdp": distribute_tensor(full["fsdp"], mesh1, [Shard(0)]),
+        }
         try:
             client.stage(sd, step=step).wait(30)
             sealed += 1
@@ -79,8 +81,11 @@ def main(argv=None) -> int:
     p.add_argument("--rounds", type=int, default=20)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quick", action="store_true", help="3 rounds (CI)")
-    p.add_argument("--assemble-full", action="store_true",
-                   help="both daemons pull every complete version whole (serve --assemble-full) while node-1 is killed")
+    p.add_argument(
+        "--assemble-full",
+        action="store_true",
+        help="both daemons pull every complete version whole (serve --assemble-full) while node-1 is killed",
+    )
     args = p.parse_args(argv)
     rounds = 3 if args.quick else args.rounds
     rng = random.Random(args.seed)
@@ -180,9 +185,11 @@ def main(argv=None) -> int:
         print(line, file=sys.stderr)
     errors = ", ".join(f"{k} {v}" for k, v in sorted(counts.items())) or "none"
     mode = " (assemble-full)" if args.assemble_full else ""
-    print(f"kill-node{mode}: {rounds} kills of node-1's daemon, {recovered} recovered, {verified} versions read and "
-          f"verified, typed read errors: {errors}, slowest failing read {slowest_error:.2f}s, "
-          f"{time.monotonic() - started:.0f}s: {'FAIL' if failures else 'PASS'}")
+    print(
+        f"kill-node{mode}: {rounds} kills of node-1's daemon, {recovered} recovered, {verified} versions read and "
+        f"verified, typed read errors: {errors}, slowest failing read {slowest_error:.2f}s, "
+        f"{time.monotonic() - started:.0f}s: {'FAIL' if failures else 'PASS'}"
+    )
     return 1 if failures else 0
 
 

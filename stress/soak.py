@@ -90,8 +90,14 @@ def soak_rank(rank: int, world_size: int, endpoint: str, seconds: float, interva
         local_shape, offset = compute_local_shape_and_global_offset(shape, mesh, place)
         buf = torch.empty(local_shape, dtype=lib.torch_dtype(dtype))
         stride = torch.empty(shape).stride()
-        tensors[name] = (shape, dtype, tuple(offset), tuple(local_shape), buf,
-                         DTensor.from_local(buf, mesh, place, shape=torch.Size(shape), stride=stride, run_check=False))
+        tensors[name] = (
+            shape,
+            dtype,
+            tuple(offset),
+            tuple(local_shape),
+            buf,
+            DTensor.from_local(buf, mesh, place, shape=torch.Size(shape), stride=stride, run_check=False),
+        )
     client = StagingClient(endpoint, timeout=30.0, seal_timeout=120.0)
     handles, sealed, failed = [], [], []
     flag = torch.zeros(1, dtype=torch.int64)
@@ -227,8 +233,14 @@ class Outputs:
         if not names:
             return None
         path = os.path.join(self.out, names[-1])
-        proc = subprocess.Popen([sys.executable, "-m", "stager.cli", "verify", path], stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, text=True, env=lib.python_env(), cwd=lib.REPO)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "stager.cli", "verify", path],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env=lib.python_env(),
+            cwd=lib.REPO,
+        )
         return proc, path
 
     def cli_verify_end(self, started: tuple | None) -> None:
@@ -242,8 +254,9 @@ class Outputs:
             out, _ = proc.communicate()
         self.cli_runs += 1
         if proc.returncode != 0 and os.path.isdir(path):
-            self.camp.fail(f"stager verify {self.kind}/{os.path.basename(path)} exited {proc.returncode}: "
-                           f"{out.strip()[-400:]}")
+            self.camp.fail(
+                f"stager verify {self.kind}/{os.path.basename(path)} exited {proc.returncode}: {out.strip()[-400:]}"
+            )
 
 
 def cli_verify(checks: dict) -> None:
@@ -279,10 +292,12 @@ def main(argv=None) -> int:
     if stats is None:
         return camp.finish("soak: aborted")
     return camp.finish(
-        f"soak: {args.minutes * 60:.0f} s, {args.ranks} ranks, {stats['sealed']} versions staged ({stats['failed']} failed, "
+        f"soak: {args.minutes * 60:.0f} s, {args.ranks} ranks, {stats['sealed']} versions staged "
+        f"({stats['failed']} failed, "
         f"{stats['lost']} lost, {stats['corrupt']} corrupt), {stats['read']} reads by {args.subscribers} subscribers, "
         f"{stats['exports']} exports and {stats['checkpoints']} checkpoints verified, daemon RSS "
-        f"{lib.mib(stats['rss_start'])} -> {lib.mib(stats['rss_end'])}, shm max {lib.mib(stats['shm_max'])}")
+        f"{lib.mib(stats['rss_start'])} -> {lib.mib(stats['rss_end'])}, shm max {lib.mib(stats['shm_max'])}"
+    )
 
 
 def run(camp: lib.Campaign, args) -> dict:
@@ -294,8 +309,10 @@ def run(camp: lib.Campaign, args) -> dict:
     limit = parse_size(args.memory_limit)
     ctx = mp.get_context("spawn")
     stop, final, results = ctx.Event(), ctx.Value("q", 0), ctx.Queue()
-    subs = [ctx.Process(target=subscriber_main, args=(i, endpoint, stop, final, results), daemon=True)
-            for i in range(args.subscribers)]
+    subs = [
+        ctx.Process(target=subscriber_main, args=(i, endpoint, stop, final, results), daemon=True)
+        for i in range(args.subscribers)
+    ]
     for s in subs:
         s.start()
         camp.on_exit(lambda s=s: lib.kill_process(s))
@@ -304,8 +321,23 @@ def run(camp: lib.Campaign, args) -> dict:
     for kind, extra in (("export-hf", ["--keep", "3", "--no-progress"]), ("write-dcp", ["--keep", "2"])):
         with open(os.path.join(camp.tmp, f"{kind}.log"), "ab") as log:
             followers[kind] = subprocess.Popen(
-                [sys.executable, "-m", "stager.cli", kind, "--follow", "--out", outs[kind], "--endpoint", endpoint,
-                 *extra], stdout=subprocess.DEVNULL, stderr=log, env=lib.python_env(), cwd=lib.REPO)
+                [
+                    sys.executable,
+                    "-m",
+                    "stager.cli",
+                    kind,
+                    "--follow",
+                    "--out",
+                    outs[kind],
+                    "--endpoint",
+                    endpoint,
+                    *extra,
+                ],
+                stdout=subprocess.DEVNULL,
+                stderr=log,
+                env=lib.python_env(),
+                cwd=lib.REPO,
+            )
         camp.on_exit(lambda f=followers[kind]: lib.kill_process(f))
     checks = {kind: Outputs(camp, kind, out) for kind, out in outs.items()}
 
@@ -314,8 +346,7 @@ def run(camp: lib.Campaign, args) -> dict:
 
     def job_thread() -> None:
         try:
-            job["results"] = run_ranks(soak_rank, args.ranks, endpoint, seconds, args.interval,
-                                       timeout=seconds + 600)
+            job["results"] = run_ranks(soak_rank, args.ranks, endpoint, seconds, args.interval, timeout=seconds + 600)
         except BaseException as exc:
             job["error"] = exc
 
@@ -334,8 +365,10 @@ def run(camp: lib.Campaign, args) -> dict:
         for kind, f in followers.items():
             if f.poll() is not None and kind not in job.get("dead", ()):
                 job.setdefault("dead", []).append(kind)
-                camp.fail(f"{kind} --follow exited with code {f.returncode}: "
-                          f"{lib.tail(os.path.join(camp.tmp, f'{kind}.log'), 5)}")
+                camp.fail(
+                    f"{kind} --follow exited with code {f.returncode}: "
+                    f"{lib.tail(os.path.join(camp.tmp, f'{kind}.log'), 5)}"
+                )
         for s in subs:
             if not s.is_alive() and s.exitcode not in (None, 0):
                 camp.fail(f"subscriber process {s.pid} died with code {s.exitcode}")
@@ -350,8 +383,18 @@ def run(camp: lib.Campaign, args) -> dict:
             camp.fail("the job ran 10 minutes past its end")
             break
     runner.join(60)
-    stats = {"sealed": 0, "failed": 0, "lost": 0, "corrupt": 0, "read": 0, "exports": 0, "checkpoints": 0,
-             "rss_start": 0, "rss_end": 0, "shm_max": max((s[2] for s in samples), default=0)}
+    stats = {
+        "sealed": 0,
+        "failed": 0,
+        "lost": 0,
+        "corrupt": 0,
+        "read": 0,
+        "exports": 0,
+        "checkpoints": 0,
+        "rss_start": 0,
+        "rss_end": 0,
+        "shm_max": max((s[2] for s in samples), default=0),
+    }
     if "error" in job or "results" not in job:
         camp.fail(f"the job failed: {job.get('error')!r}"[:2000])
         ranks = []
@@ -389,8 +432,10 @@ def run(camp: lib.Campaign, args) -> dict:
         if phantom and sealed:
             camp.fail(f"subscriber {r['index']} read steps the ranks never sealed: {phantom[:5]}")
         if sealed and (not r["seen"] or max(r["seen"]) < sealed[-1]):
-            camp.fail(f"subscriber {r['index']} stopped at step {max(r['seen'], default=None)}, "
-                      f"the final sealed step is {sealed[-1]}")
+            camp.fail(
+                f"subscriber {r['index']} stopped at step {max(r['seen'], default=None)}, "
+                f"the final sealed step is {sealed[-1]}"
+            )
     lost = [s for s in sealed if newest_read is None or s > newest_read]
     stats["lost"] = len(lost)
     if lost:
@@ -421,15 +466,17 @@ def run(camp: lib.Campaign, args) -> dict:
 
     # memory: RSS flat after warm-up (samples from the first staged version on); shm within the limit
     staging = [s for s in samples if s[2] > 0]
-    usable = staging[len(staging) // 10:]
+    usable = staging[len(staging) // 10 :]
     if len(usable) >= 3:
         third = max(1, len(usable) // 3)
         start = statistics.median(s[1] for s in usable[:third])
         end = statistics.median(s[1] for s in usable[-third:])
         stats["rss_start"], stats["rss_end"] = start, end
         if end > start * 1.10 + (20 << 20):
-            camp.fail(f"daemon RSS grew from {lib.mib(start)} to {lib.mib(end)} (median of the first and last "
-                      "thirds after warm-up)")
+            camp.fail(
+                f"daemon RSS grew from {lib.mib(start)} to {lib.mib(end)} (median of the first and last "
+                "thirds after warm-up)"
+            )
     else:
         camp.fail(f"only {len(samples)} RSS samples")
     if stats["shm_max"] > limit:

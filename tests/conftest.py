@@ -11,8 +11,8 @@ import torch
 import zmq
 
 from stager.daemon import Daemon, DaemonConfig
-from stager.protocol.endpoint import host_id, process_start_time
 from stager.protocol import PROTOCOL_VERSION, ErrorReply, Hello, Message, decode
+from stager.protocol.endpoint import host_id, process_start_time
 
 # A suite started in the background by a non-interactive shell (`bash .ci/run &`) inherits SIGINT
 # and SIGQUIT ignored, and so would every process it starts: the followers that tests stop with
@@ -109,9 +109,17 @@ class RawPeer:
 
     def hello(self, rank=0, local_world_size=1, role="trainer", pid=None):
         pid = pid or os.getpid()
-        return self.request(Hello(role=role, rank=rank, local_world_size=local_world_size,
-                                  world_size=local_world_size, pid=pid,
-                                  start_time=process_start_time(pid), host_id=host_id()))
+        return self.request(
+            Hello(
+                role=role,
+                rank=rank,
+                local_world_size=local_world_size,
+                world_size=local_world_size,
+                pid=pid,
+                start_time=process_start_time(pid),
+                host_id=host_id(),
+            )
+        )
 
     def close(self):
         self.sock.close(0)

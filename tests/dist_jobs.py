@@ -35,13 +35,19 @@ def mixed_layouts(rank, world, endpoint):
     mesh2 = init_device_mesh("cpu", (2, world // 2))
     full = full_tensors()
     placements = {
-        "fsdp_uneven": (mesh1, [Shard(0)]), "tiny": (mesh1, [Shard(0)]),
-        "tp_col": (mesh2, [Replicate(), Shard(1)]), "hsdp": (mesh2, [Replicate(), Shard(0)]),
-        "two_d": (mesh2, [Shard(0), Shard(1)]), "strided": (mesh2, [Shard(0), Shard(0)]),
-        "bf16_rows": (mesh1, [Shard(1)]), "repl": (mesh1, [Replicate()]),
+        "fsdp_uneven": (mesh1, [Shard(0)]),
+        "tiny": (mesh1, [Shard(0)]),
+        "tp_col": (mesh2, [Replicate(), Shard(1)]),
+        "hsdp": (mesh2, [Replicate(), Shard(0)]),
+        "two_d": (mesh2, [Shard(0), Shard(1)]),
+        "strided": (mesh2, [Shard(0), Shard(0)]),
+        "bf16_rows": (mesh1, [Shard(1)]),
+        "repl": (mesh1, [Replicate()]),
     }
-    sd = {"model": {k: distribute_tensor(full[k], *placements[k]) if k in placements else full[k] for k in full},
-          "train": {"step": 1, "names": ["a", "b"], "lr": 0.5}}
+    sd = {
+        "model": {k: distribute_tensor(full[k], *placements[k]) if k in placements else full[k] for k in full},
+        "train": {"step": 1, "names": ["a", "b"], "lr": 0.5},
+    }
     client = StagingClient(endpoint, strict=True)
     h = client.stage(sd, step=1)
     assert h.wait_copied() is True
@@ -51,8 +57,13 @@ def mixed_layouts(rank, world, endpoint):
     full2["fsdp_uneven"] = torch.randn(11, 5, generator=torch.Generator().manual_seed(1))
     full2["new"] = torch.randn(5, 5, generator=torch.Generator().manual_seed(2))
     del full2["tiny"]
-    sd2 = {"model": {k: distribute_tensor(v, mesh1, [Shard(0)]) if k in ("fsdp_uneven", "new") else sd["model"][k]
-                     for k, v in full2.items()}, "train": {"step": 2}}
+    sd2 = {
+        "model": {
+            k: distribute_tensor(v, mesh1, [Shard(0)]) if k in ("fsdp_uneven", "new") else sd["model"][k]
+            for k, v in full2.items()
+        },
+        "train": {"step": 2},
+    }
     second = client.stage(sd2, step=2).wait(60)
     client.close()
     dist.barrier()
@@ -60,8 +71,10 @@ def mixed_layouts(rank, world, endpoint):
     if rank == 0:
         out["status"] = daemon_status(endpoint)
         with Subscriber(endpoint) as sub:
-            for step, expected, objects in ((1, full, {"train.step": 1, "train.names": ["a", "b"], "train.lr": 0.5}),
-                                            (2, full2, {"train.step": 2})):
+            for step, expected, objects in (
+                (1, full, {"train.step": 1, "train.names": ["a", "b"], "train.lr": 0.5}),
+                (2, full2, {"train.step": 2}),
+            ):
                 with sub.at(step) as snap:
                     assert sorted(snap) == sorted(f"model.{k}" for k in expected), sorted(snap)
                     for k, v in expected.items():
@@ -132,10 +145,14 @@ def multi_node_placements(world):
     mesh1 = init_device_mesh("cpu", (world,))
     mesh2 = init_device_mesh("cpu", (2, world // 2))
     return {
-        "fsdp_uneven": (mesh1, [Shard(0)]), "tiny": (mesh1, [Shard(0)]),
-        "tp_col": (mesh2, [Replicate(), Shard(1)]), "hsdp": (mesh2, [Replicate(), Shard(0)]),
-        "two_d": (mesh2, [Shard(0), Shard(1)]), "strided": (mesh2, [Shard(0), Shard(0)]),
-        "bf16_rows": (mesh1, [Shard(1)]), "repl": (mesh1, [Replicate()]),
+        "fsdp_uneven": (mesh1, [Shard(0)]),
+        "tiny": (mesh1, [Shard(0)]),
+        "tp_col": (mesh2, [Replicate(), Shard(1)]),
+        "hsdp": (mesh2, [Replicate(), Shard(0)]),
+        "two_d": (mesh2, [Shard(0), Shard(1)]),
+        "strided": (mesh2, [Shard(0), Shard(0)]),
+        "bf16_rows": (mesh1, [Shard(1)]),
+        "repl": (mesh1, [Replicate()]),
     }
 
 
@@ -155,8 +172,10 @@ def multi_node_stage(rank, world, steps):
     results = []
     for step in steps:
         full = scaled(full_tensors(), step)
-        sd = {"model": {k: distribute_tensor(v, *placements[k]) if k in placements else v for k, v in full.items()},
-              "train": {"step": step}}
+        sd = {
+            "model": {k: distribute_tensor(v, *placements[k]) if k in placements else v for k, v in full.items()},
+            "train": {"step": step},
+        }
         results.append(client.stage(sd, step=step).wait(60))
     client.close()
     dist.barrier()
@@ -173,8 +192,14 @@ def multi_node_stage(rank, world, steps):
     return out
 
 
-LLAMA_CONFIG = {"vocab_size": 96, "hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": 2,
-                "num_attention_heads": 4, "num_key_value_heads": 2}
+LLAMA_CONFIG = {
+    "vocab_size": 96,
+    "hidden_size": 32,
+    "intermediate_size": 48,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+}
 LLAMA_INFO = {"adapter": "llama3", "hf_config": LLAMA_CONFIG}
 
 
@@ -183,11 +208,19 @@ def llama_full(step):
     g = torch.Generator().manual_seed(step)
     shapes = {"tok_embeddings.weight": (96, 32), "norm.weight": (32,), "output.weight": (96, 32)}
     for i in range(2):
-        shapes.update({f"layers.{i}.attention.wq.weight": (32, 32), f"layers.{i}.attention.wk.weight": (16, 32),
-                       f"layers.{i}.attention.wv.weight": (16, 32), f"layers.{i}.attention.wo.weight": (32, 32),
-                       f"layers.{i}.attention_norm.weight": (32,), f"layers.{i}.ffn_norm.weight": (32,),
-                       f"layers.{i}.feed_forward.w1.weight": (48, 32), f"layers.{i}.feed_forward.w2.weight": (32, 48),
-                       f"layers.{i}.feed_forward.w3.weight": (48, 32)})
+        shapes.update(
+            {
+                f"layers.{i}.attention.wq.weight": (32, 32),
+                f"layers.{i}.attention.wk.weight": (16, 32),
+                f"layers.{i}.attention.wv.weight": (16, 32),
+                f"layers.{i}.attention.wo.weight": (32, 32),
+                f"layers.{i}.attention_norm.weight": (32,),
+                f"layers.{i}.ffn_norm.weight": (32,),
+                f"layers.{i}.feed_forward.w1.weight": (48, 32),
+                f"layers.{i}.feed_forward.w2.weight": (32, 48),
+                f"layers.{i}.feed_forward.w3.weight": (48, 32),
+            }
+        )
     return {k: torch.randn(s, generator=g) for k, s in shapes.items()}
 
 
@@ -237,8 +270,10 @@ def stage_replicated(rank, world, steps):
     client = StagingClient(strict=True)
     for step, fsdp in steps:
         full = scaled(full_tensors(), step)
-        sd = {"hsdp": distribute_tensor(full["hsdp"], mesh2, [Replicate(), Shard(0)]),
-              "two": distribute_tensor(full["tp_col"], mesh2, [Replicate(), Shard(1)])}
+        sd = {
+            "hsdp": distribute_tensor(full["hsdp"], mesh2, [Replicate(), Shard(0)]),
+            "two": distribute_tensor(full["tp_col"], mesh2, [Replicate(), Shard(1)]),
+        }
         if fsdp:
             sd["fsdp"] = distribute_tensor(full["fsdp_uneven"], mesh1, [Shard(0)])
         client.stage(sd, step=step).wait(60)
@@ -275,8 +310,10 @@ def load_dcp_sharded(rank, world, path, expected_step):
 
     mesh = init_device_mesh("cpu", (world,))
     expected = {f"model.{k}": v for k, v in scaled(full_tensors(), expected_step).items()}
-    template = {k: distribute_tensor(torch.zeros_like(v), mesh, [Shard(0)]) if v.dim() else torch.zeros_like(v)
-                for k, v in expected.items()}
+    template = {
+        k: distribute_tensor(torch.zeros_like(v), mesh, [Shard(0)]) if v.dim() else torch.zeros_like(v)
+        for k, v in expected.items()
+    }
     template["train.step"] = -1
     dcp.load(template, checkpoint_id=path)
     for k, v in expected.items():
@@ -306,12 +343,17 @@ def _fsdp_mlp(seed, world):
 
 def _train_state(model, opt, train):
     from torch.distributed.checkpoint.state_dict import (
-        StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
+        StateDictOptions,
+        get_model_state_dict,
+        get_optimizer_state_dict,
     )
 
     flat = StateDictOptions(flatten_optimizer_state_dict=True)
-    return {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt, options=flat),
-            "train": train}
+    return {
+        "model": get_model_state_dict(model),
+        "optim": get_optimizer_state_dict(model, opt, options=flat),
+        "train": train,
+    }
 
 
 def _full(sd):
@@ -339,7 +381,9 @@ def stage_fsdp_train_state(rank, world):
 def restore_fsdp_train_state(rank, world):
     """Another model (other seed, other world size) restored from the newest version in place."""
     from torch.distributed.checkpoint.state_dict import (
-        StateDictOptions, set_model_state_dict, set_optimizer_state_dict,
+        StateDictOptions,
+        set_model_state_dict,
+        set_optimizer_state_dict,
     )
 
     from stager.client import StagingClient
@@ -359,7 +403,7 @@ def _batch(step, world, rank):
     g = torch.Generator().manual_seed(1000 + step)
     x, y = torch.randn(12, 16, generator=g), torch.randn(12, 7, generator=g)
     rows = 12 // world
-    return x[rank * rows:(rank + 1) * rows], y[rank * rows:(rank + 1) * rows]
+    return x[rank * rows : (rank + 1) * rows], y[rank * rows : (rank + 1) * rows]
 
 
 def train_with_staging(rank, world, phase, steps, crash_after=None):
@@ -367,7 +411,9 @@ def train_with_staging(rank, world, phase, steps, crash_after=None):
     the newest version first (another init: only the restore makes it equal). With ``crash_after``
     every rank is killed with SIGKILL in the middle of the step after it (its forward done)."""
     from torch.distributed.checkpoint.state_dict import (
-        StateDictOptions, set_model_state_dict, set_optimizer_state_dict,
+        StateDictOptions,
+        set_model_state_dict,
+        set_optimizer_state_dict,
     )
 
     from stager.client import StagingClient
@@ -410,8 +456,9 @@ def restore_model_as_tp(rank, world):
     mesh = init_device_mesh("cpu", (world,))
     torch.manual_seed(77)
     plain = torch.nn.Sequential(torch.nn.Linear(16, 33), torch.nn.ReLU(), torch.nn.Linear(33, 7)).state_dict()
-    sd = {"model": {k: distribute_tensor(v, mesh, [Shard(1) if v.dim() == 2 else Replicate()])
-                    for k, v in plain.items()}}
+    sd = {
+        "model": {k: distribute_tensor(v, mesh, [Shard(1) if v.dim() == 2 else Replicate()]) for k, v in plain.items()}
+    }
     with StagingClient(strict=True) as client:
         step = client.restore(sd)
     return step, {f"model.{k}": v.full_tensor().numpy() for k, v in sd["model"].items()}
@@ -441,8 +488,13 @@ def restore_multi_node(rank, world):
     from stager.client import StagingClient
 
     mesh = init_device_mesh("cpu", (world,))
-    sd = {"model": {k: distribute_tensor(torch.zeros_like(v), mesh, [Shard(0)]) if v.dim() else torch.zeros_like(v)
-                    for k, v in full_tensors().items()}, "train": {"step": -1}}
+    sd = {
+        "model": {
+            k: distribute_tensor(torch.zeros_like(v), mesh, [Shard(0)]) if v.dim() else torch.zeros_like(v)
+            for k, v in full_tensors().items()
+        },
+        "train": {"step": -1},
+    }
     with StagingClient(strict=True) as client:
         step = client.restore(sd)
     full = {k: (v.full_tensor() if hasattr(v, "full_tensor") else v).float().numpy() for k, v in sd["model"].items()}
@@ -472,8 +524,20 @@ def stage_through_a_hung_daemon(rank, world, endpoint, control_dir):
                 sealed = False
             error = s.error or s.handle.error
             code = error.code.value if error is not None else None
-            out.write(json.dumps({"step": s.step, "t": s.t, "stall": s.stall, "copied": s.copied, "sealed": sealed,
-                                  "skipped": code == "no_sign_of_life", "code": code}) + "\n")
+            out.write(
+                json.dumps(
+                    {
+                        "step": s.step,
+                        "t": s.t,
+                        "stall": s.stall,
+                        "copied": s.copied,
+                        "sealed": sealed,
+                        "skipped": code == "no_sign_of_life",
+                        "code": code,
+                    }
+                )
+                + "\n"
+            )
             out.flush()
             time.sleep(0.02)  # the rest of the training step (pacing, not a check)
     stats = client.stats

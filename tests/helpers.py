@@ -8,9 +8,18 @@ import time
 import pytest
 
 # a tiny Llama-family HF config used by the adapter and export tests
-CONFIG = {"vocab_size": 96, "hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": 2,
-          "num_attention_heads": 4, "num_key_value_heads": 2, "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
-          "max_position_embeddings": 64, "tie_word_embeddings": False}
+CONFIG = {
+    "vocab_size": 96,
+    "hidden_size": 32,
+    "intermediate_size": 48,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "rms_norm_eps": 1e-5,
+    "rope_theta": 10000.0,
+    "max_position_embeddings": 64,
+    "tie_word_embeddings": False,
+}
 
 
 class EagerPlugin:  # torchtitan's StateDictAdapter shape, loaded by module:attr
@@ -21,7 +30,7 @@ class EagerPlugin:  # torchtitan's StateDictAdapter shape, loaded by module:attr
         return {self.prefix + k: v for k, v in state_dict.items()}
 
     def from_hf(self, hf_state_dict):
-        return {k[len(self.prefix):]: v for k, v in hf_state_dict.items()}
+        return {k[len(self.prefix) :]: v for k, v in hf_state_dict.items()}
 
 
 def wait_until(predicate, timeout: float = 10.0, interval: float = 0.02):

@@ -19,15 +19,43 @@ pytestmark = pytest.mark.fast  # the fast tier: no daemon process, no torch.dist
 # what each adapter reads of hf_config, listed here independently of the adapters' schemas: a field read but
 # left out of its schema fails test_each_adapter_reads_exactly_the_fields_it_checks
 LLAMA_FIELDS = ("hidden_size", "num_attention_heads", "num_key_value_heads", "head_dim", "tie_word_embeddings")
-DEEPSEEK_FIELDS = ("hidden_size", "num_attention_heads", "n_routed_experts", "moe_intermediate_size", "kv_lora_rank",
-                   "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim", "first_k_dense_replace", "q_lora_rank",
-                   "num_hidden_layers", "rope_interleave", "tie_word_embeddings")
-LLAMA_BASE = {"hidden_size": 32, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 8,
-              "tie_word_embeddings": False}
-DEEPSEEK_BASE = {"hidden_size": 32, "num_attention_heads": 4, "n_routed_experts": 4, "moe_intermediate_size": 16,
-                 "kv_lora_rank": 16, "qk_nope_head_dim": 8, "qk_rope_head_dim": 8, "v_head_dim": 12,
-                 "first_k_dense_replace": 1, "q_lora_rank": 24, "num_hidden_layers": 2, "rope_interleave": True,
-                 "tie_word_embeddings": False}
+DEEPSEEK_FIELDS = (
+    "hidden_size",
+    "num_attention_heads",
+    "n_routed_experts",
+    "moe_intermediate_size",
+    "kv_lora_rank",
+    "qk_nope_head_dim",
+    "qk_rope_head_dim",
+    "v_head_dim",
+    "first_k_dense_replace",
+    "q_lora_rank",
+    "num_hidden_layers",
+    "rope_interleave",
+    "tie_word_embeddings",
+)
+LLAMA_BASE = {
+    "hidden_size": 32,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "head_dim": 8,
+    "tie_word_embeddings": False,
+}
+DEEPSEEK_BASE = {
+    "hidden_size": 32,
+    "num_attention_heads": 4,
+    "n_routed_experts": 4,
+    "moe_intermediate_size": 16,
+    "kv_lora_rank": 16,
+    "qk_nope_head_dim": 8,
+    "qk_rope_head_dim": 8,
+    "v_head_dim": 12,
+    "first_k_dense_replace": 1,
+    "q_lora_rank": 24,
+    "num_hidden_layers": 2,
+    "rope_interleave": True,
+    "tie_word_embeddings": False,
+}
 ADAPTERS = {  # id -> (factory, fields read, a valid config)
     "llama3": (Llama3Adapter, LLAMA_FIELDS, LLAMA_BASE),
     "llama3 halves": (functools.partial(Llama3Adapter, rope_layout="halves"), LLAMA_FIELDS, LLAMA_BASE),
@@ -41,8 +69,11 @@ ABSENT = object()
 
 EDGE_INTS = st.sampled_from([0, -1, 1, 2, 3, 4, 6, 8, 16, MAX_INT, MAX_INT + 1, 2**31, 2**63, -(2**63), 10**30])
 SCALARS = st.none() | st.booleans() | st.integers() | EDGE_INTS | st.floats() | st.text(max_size=6)
-JSON = st.recursive(SCALARS, lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=4), inner,
-                                                                                         max_size=3), max_leaves=6)
+JSON = st.recursive(
+    SCALARS,
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=4), inner, max_size=3),
+    max_leaves=6,
+)
 
 
 def configs(fields, base):
@@ -53,7 +84,8 @@ def configs(fields, base):
     changes = changed.flatmap(lambda names: st.fixed_dictionaries({n: value for n in sorted(names)}))
     extra = st.dictionaries(st.text(max_size=6).filter(lambda k: k not in fields), JSON, max_size=2)
     return st.tuples(changes, extra).map(
-        lambda t: {**t[1], **{k: v for k, v in {**base, **t[0]}.items() if v is not ABSENT}})
+        lambda t: {**t[1], **{k: v for k, v in {**base, **t[0]}.items() if v is not ABSENT}}
+    )
 
 
 def _llama_layout(c, qwen, fused):
@@ -61,15 +93,27 @@ def _llama_layout(c, qwen, fused):
     kv = c.get("num_key_value_heads") or heads
     hd = c.get("head_dim") or h // heads
     p = "layers.0."
-    out = {"tok_embeddings.weight": (VOCAB, h), "norm.weight": (h,), "output.weight": (VOCAB, h),
-           p + "attention.wo.weight": (h, heads * hd), p + "attention_norm.weight": (h,), p + "ffn_norm.weight": (h,),
-           p + "feed_forward.w1.weight": (FFN, h), p + "feed_forward.w2.weight": (h, FFN),
-           p + "feed_forward.w3.weight": (FFN, h)}
+    out = {
+        "tok_embeddings.weight": (VOCAB, h),
+        "norm.weight": (h,),
+        "output.weight": (VOCAB, h),
+        p + "attention.wo.weight": (h, heads * hd),
+        p + "attention_norm.weight": (h,),
+        p + "ffn_norm.weight": (h,),
+        p + "feed_forward.w1.weight": (FFN, h),
+        p + "feed_forward.w2.weight": (h, FFN),
+        p + "feed_forward.w3.weight": (FFN, h),
+    }
     if fused:
         out[p + "attention.qkv_linear.wqkv.weight"] = ((heads + 2 * kv) * hd, h)
     else:
-        out.update({p + "attention.wq.weight": (heads * hd, h), p + "attention.wk.weight": (kv * hd, h),
-                    p + "attention.wv.weight": (kv * hd, h)})
+        out.update(
+            {
+                p + "attention.wq.weight": (heads * hd, h),
+                p + "attention.wk.weight": (kv * hd, h),
+                p + "attention.wv.weight": (kv * hd, h),
+            }
+        )
     if qwen:
         out.update({p + "attention.q_norm.weight": (hd,), p + "attention.k_norm.weight": (hd,)})
     return out
@@ -82,26 +126,57 @@ def _deepseek_layout(c):
     out = {"tok_embeddings.weight": (VOCAB, h), "norm.weight": (h,), "lm_head.weight": (VOCAB, h)}
     for layer in range(min(2, n_layers or 2)):
         p = f"layers.{layer}."
-        out.update({p + "attention_norm.weight": (h,), p + "ffn_norm.weight": (h,),
-                    p + "attention.wkv_a.weight": (kv + rope, h), p + "attention.kv_norm.weight": (kv,),
-                    p + "attention.wkv_b.weight": (heads * (nope + v), kv), p + "attention.wo.weight": (h, heads * v)})
+        out.update(
+            {
+                p + "attention_norm.weight": (h,),
+                p + "ffn_norm.weight": (h,),
+                p + "attention.wkv_a.weight": (kv + rope, h),
+                p + "attention.kv_norm.weight": (kv,),
+                p + "attention.wkv_b.weight": (heads * (nope + v), kv),
+                p + "attention.wo.weight": (h, heads * v),
+            }
+        )
         if q_rank:
-            out.update({p + "attention.wq_a.weight": (q_rank, h), p + "attention.q_norm.weight": (q_rank,),
-                        p + "attention.wq_b.weight": (heads * (nope + rope), q_rank)})
+            out.update(
+                {
+                    p + "attention.wq_a.weight": (q_rank, h),
+                    p + "attention.q_norm.weight": (q_rank,),
+                    p + "attention.wq_b.weight": (heads * (nope + rope), q_rank),
+                }
+            )
         else:
             out[p + "attention.wq.weight"] = (heads * (nope + rope), h)
         if layer < c["first_k_dense_replace"]:
-            out.update({p + "feed_forward.w1.weight": (FFN, h), p + "feed_forward.w2.weight": (h, FFN),
-                        p + "feed_forward.w3.weight": (FFN, h)})
+            out.update(
+                {
+                    p + "feed_forward.w1.weight": (FFN, h),
+                    p + "feed_forward.w2.weight": (h, FFN),
+                    p + "feed_forward.w3.weight": (FFN, h),
+                }
+            )
         else:
             x = p + "moe.routed_experts.inner_experts."
-            out.update({p + "moe.router.gate.weight": (e, h), p + "moe.expert_bias_E": (e,),
-                        x + "w1_EFD": (e, moe, h), x + "w2_EDF": (e, h, moe), x + "w3_EFD": (e, moe, h),
-                        p + "moe.shared_experts.w1.weight": (moe, h), p + "moe.shared_experts.w2.weight": (h, moe),
-                        p + "moe.shared_experts.w3.weight": (moe, h)})
+            out.update(
+                {
+                    p + "moe.router.gate.weight": (e, h),
+                    p + "moe.expert_bias_E": (e,),
+                    x + "w1_EFD": (e, moe, h),
+                    x + "w2_EDF": (e, h, moe),
+                    x + "w3_EFD": (e, moe, h),
+                    p + "moe.shared_experts.w1.weight": (moe, h),
+                    p + "moe.shared_experts.w2.weight": (h, moe),
+                    p + "moe.shared_experts.w3.weight": (moe, h),
+                }
+            )
     if n_layers is not None:  # an MTP layer: model.layers.{num_hidden_layers}
-        out.update({"mtp_layers.0.enorm.weight": (h,), "mtp_layers.0.hnorm.weight": (h,),
-                    "mtp_layers.0.eh_proj.weight": (h, 2 * h), "mtp_layers.0.mtp_norm.weight": (h,)})
+        out.update(
+            {
+                "mtp_layers.0.enorm.weight": (h,),
+                "mtp_layers.0.hnorm.weight": (h,),
+                "mtp_layers.0.eh_proj.weight": (h, 2 * h),
+                "mtp_layers.0.mtp_norm.weight": (h,),
+            }
+        )
     return out
 
 
@@ -209,10 +284,12 @@ def test_the_issue_config_is_refused_naming_the_field():
         Llama3Adapter(bad)
     assert info.value.field == "num_key_value_heads"
     assert "hf_config.num_key_value_heads = [1] (list)" in info.value.message
-    for field, value, expected in [("num_key_value_heads", 3, "a divisor of num_attention_heads (4)"),
-                                   ("head_dim", 7, "an even head dimension"),
-                                   ("tie_word_embeddings", "false", "true or false"),
-                                   ("hidden_size", 10**30, f"an integer from 1 to {MAX_INT}")]:
+    for field, value, expected in [
+        ("num_key_value_heads", 3, "a divisor of num_attention_heads (4)"),
+        ("head_dim", 7, "an even head dimension"),
+        ("tie_word_embeddings", "false", "true or false"),
+        ("hidden_size", 10**30, f"an integer from 1 to {MAX_INT}"),
+    ]:
         with pytest.raises(HFConfigError, match=re.escape(expected)) as info:
             Qwen3Adapter(dict(LLAMA_BASE, **{field: value}))
         assert info.value.field == field

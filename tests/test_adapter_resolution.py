@@ -16,12 +16,20 @@ import torch
 from helpers import CONFIG, EagerPlugin
 from stager.client import StagingClient, Subscriber
 from stager.client.adapters import (
-    BUILT_IN, Adapter, DeepSeekV3Adapter, PerTensorAdapter, hf_items, hf_names, is_per_tensor, load_adapter,
-    resolve_adapter, to_hf_items,
+    BUILT_IN,
+    Adapter,
+    DeepSeekV3Adapter,
+    PerTensorAdapter,
+    hf_items,
+    hf_names,
+    is_per_tensor,
+    load_adapter,
+    resolve_adapter,
+    to_hf_items,
 )
-from stager.writers.export_hf import export_hf, export_snapshot
 from stager.protocol import ErrorCode, StagerError
 from stager.protocol.dtypes import torch_names
+from stager.writers.export_hf import export_hf, export_snapshot
 
 SIDE_EFFECT_MODULE = "stager_test_side_effect_plugin"
 
@@ -35,7 +43,8 @@ def side_effect_plugin(tmp_path, monkeypatch):
         "class Plugin:\n"
         "    def __init__(self, hf_config): pass\n"
         "    def to_hf(self, sd): return dict(sd)\n"
-        "    def from_hf(self, sd): return dict(sd)\n")
+        "    def from_hf(self, sd): return dict(sd)\n"
+    )
     monkeypatch.syspath_prepend(str(tmp_path))
     yield f"{SIDE_EFFECT_MODULE}:Plugin", mark
     sys.modules.pop(SIDE_EFFECT_MODULE, None)
@@ -44,9 +53,17 @@ def side_effect_plugin(tmp_path, monkeypatch):
 def test_the_protocols_tell_whole_dict_from_per_tensor_adapters():
     plugin = EagerPlugin({"prefix": "x."})
     assert isinstance(plugin, Adapter) and not isinstance(plugin, PerTensorAdapter) and not is_per_tensor(plugin)
-    for name, cls in BUILT_IN.items():
-        cfg = {**CONFIG, "n_routed_experts": 2, "moe_intermediate_size": 4, "kv_lora_rank": 4,
-               "qk_nope_head_dim": 4, "qk_rope_head_dim": 4, "v_head_dim": 4, "first_k_dense_replace": 1}
+    for name in BUILT_IN:
+        cfg = {
+            **CONFIG,
+            "n_routed_experts": 2,
+            "moe_intermediate_size": 4,
+            "kv_lora_rank": 4,
+            "qk_nope_head_dim": 4,
+            "qk_rope_head_dim": 4,
+            "v_head_dim": 4,
+            "first_k_dense_replace": 1,
+        }
         assert isinstance(load_adapter(name, cfg), PerTensorAdapter), name
     assert not isinstance(object(), Adapter)
 
@@ -57,13 +74,16 @@ def test_one_function_set_for_both_kinds():
     planned = hf_names(llama, layout)
     assert [(t.name, t.source, t.shape, t.dtype) for t in planned] == [
         ("model.layers.0.self_attn.k_proj.weight", "layers.0.attention.wk.weight", (16, 32), torch.float32),
-        ("model.norm.weight", "norm.weight", (32,), torch.bfloat16)]
+        ("model.norm.weight", "norm.weight", (32,), torch.bfloat16),
+    ]
     assert planned[1].strided == ((32,), (1,), 0)  # a rename is a view: boxes of it are boxes of the source
     assert [n for n, _ in hf_items(llama, "norm.weight", torch.ones(32))] == ["model.norm.weight"]
 
     plugin = EagerPlugin({"prefix": "x."})
     assert [(t.name, t.source, t.shape) for t in hf_names(plugin, layout)] == [
-        ("x.layers.0.attention.wk.weight", "", (16, 32)), ("x.norm.weight", "", (32,))]
+        ("x.layers.0.attention.wk.weight", "", (16, 32)),
+        ("x.norm.weight", "", (32,)),
+    ]
     assert dict(to_hf_items(plugin, [("a", 1), ("b", 2)])) == {"x.a": 1, "x.b": 2}  # the whole dict, once
     with pytest.raises(StagerError, match="converts whole state dicts only"):
         hf_items(plugin, "a", torch.ones(1))
@@ -164,8 +184,13 @@ def test_export_reports_its_own_time_and_bytes(tmp_path):
 
 
 def test_export_hf_help_lists_every_choice():
-    out = subprocess.run([sys.executable, "-m", "stager.cli", "export-hf", "--help"], capture_output=True, text=True,
-                         timeout=60, env={"COLUMNS": "400", "PATH": ""})
+    out = subprocess.run(
+        [sys.executable, "-m", "stager.cli", "export-hf", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={"COLUMNS": "400", "PATH": ""},
+    )
     assert out.returncode == 0, out.stderr
     text = " ".join(out.stdout.split())
     assert "deepseek_v3" in BUILT_IN and DeepSeekV3Adapter is BUILT_IN["deepseek_v3"]

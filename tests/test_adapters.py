@@ -3,14 +3,19 @@
 import pytest
 import torch
 
+from helpers import CONFIG
 from native_llama import NativeLlama
 from stager.client.adapters import (
-    Llama3Adapter, Qwen3Adapter, fill_hf, load_adapter, permute_for_hf_rotary, to_hf_items, unpermute_from_hf_rotary,
+    Llama3Adapter,
+    Qwen3Adapter,
+    fill_hf,
+    load_adapter,
+    permute_for_hf_rotary,
+    to_hf_items,
+    unpermute_from_hf_rotary,
     with_prefix,
 )
 from stager.protocol import StagerError
-
-from helpers import CONFIG
 
 pytestmark = pytest.mark.fast  # the fast tier: no daemon process, no torch.distributed job
 
@@ -33,13 +38,17 @@ def test_rotary_permutation_inverts(heads, rows, cols):
     assert ordered[:head].tolist() == list(range(0, head, 2)) + list(range(1, head, 2))
 
 
-@pytest.mark.parametrize("make,native", [
-    (lambda: Llama3Adapter(CONFIG), dict(qkv_linear=False)),
-    (lambda: Llama3Adapter(CONFIG), dict(qkv_linear=True)),
-    (lambda: Llama3Adapter(CONFIG, rope_layout="halves"), dict(qkv_linear=False)),
-    (lambda: Qwen3Adapter(CONFIG, rope_layout="interleaved"), dict(qkv_linear=False, qwen=True)),
-    (lambda: with_prefix(Llama3Adapter(CONFIG), "model."), dict(qkv_linear=False, prefix="model.")),
-], ids=["llama3", "llama3 qkv_linear", "llama3 halves", "qwen3 interleaved", "prefixed"])
+@pytest.mark.parametrize(
+    "make,native",
+    [
+        (lambda: Llama3Adapter(CONFIG), dict(qkv_linear=False)),
+        (lambda: Llama3Adapter(CONFIG), dict(qkv_linear=True)),
+        (lambda: Llama3Adapter(CONFIG, rope_layout="halves"), dict(qkv_linear=False)),
+        (lambda: Qwen3Adapter(CONFIG, rope_layout="interleaved"), dict(qkv_linear=False, qwen=True)),
+        (lambda: with_prefix(Llama3Adapter(CONFIG), "model."), dict(qkv_linear=False, prefix="model.")),
+    ],
+    ids=["llama3", "llama3 qkv_linear", "llama3 halves", "qwen3 interleaved", "prefixed"],
+)
 def test_filling_existing_tensors_equals_converting(make, native):
     """fill_hf writes what to_hf_items gives, into the caller's tensors (any dtype), and skips the
     names it is not given."""
@@ -111,11 +120,14 @@ def test_tied_embeddings_drop_and_restore_lm_head():
     assert torch.equal(back["output.weight"], emb)
 
 
-@pytest.mark.parametrize("sd,text", [
-    ({"layers.0.attention.wq.weight": torch.zeros(30, 32)}, "contradicts the config"),
-    ({"layers.0.mystery.weight": torch.zeros(2)}, "layers.0.mystery.weight: the llama3 adapter does not know"),
-    ({"frobnicator": torch.zeros(2)}, "frobnicator"),
-])
+@pytest.mark.parametrize(
+    "sd,text",
+    [
+        ({"layers.0.attention.wq.weight": torch.zeros(30, 32)}, "contradicts the config"),
+        ({"layers.0.mystery.weight": torch.zeros(2)}, "layers.0.mystery.weight: the llama3 adapter does not know"),
+        ({"frobnicator": torch.zeros(2)}, "frobnicator"),
+    ],
+)
 def test_unknown_keys_and_bad_shapes_name_the_key(sd, text):
     with pytest.raises(StagerError) as info:
         load_adapter("llama3", CONFIG).to_hf(sd)

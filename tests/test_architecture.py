@@ -33,17 +33,34 @@ def test_import_contracts_hold(tmp_path):
     tree = _installed_layout(tmp_path)
     lint = shutil.which("lint-imports") or os.path.join(os.path.dirname(sys.executable), "lint-imports")
     env = {**os.environ, "PYTHONPATH": str(tree)}
-    result = subprocess.run([lint, str(tree / "pyproject.toml"), "--no-cache"], cwd=tree, env=env,
-                            capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [lint, str(tree / "pyproject.toml"), "--no-cache"],
+        cwd=tree,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "8 kept, 0 broken" in result.stdout, result.stdout
 
 
 def test_every_package_says_what_it_holds_and_may_import():
-    for package in ("stager", "stager/daemon", "stager/formats", "stager/loaders", "stager/writers",
-                    "stager/dev", "client", "client/hook",
-                    "client/readers", "client/adapters", "protocol", "stager/integrations",
-                    "stager/integrations/vllm"):
+    for package in (
+        "stager",
+        "stager/daemon",
+        "stager/formats",
+        "stager/loaders",
+        "stager/writers",
+        "stager/dev",
+        "client",
+        "client/hook",
+        "client/readers",
+        "client/adapters",
+        "protocol",
+        "stager/integrations",
+        "stager/integrations/vllm",
+    ):
         doc = (ROOT / package / "__init__.py").read_text()
         assert doc.lstrip().startswith('"""'), f"{package}/__init__.py has no docstring"
 

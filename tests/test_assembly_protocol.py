@@ -11,9 +11,9 @@ from types import SimpleNamespace
 import msgpack
 import pytest
 import torch
+
 from conftest import InProcessDaemon, RawPeer
 from helpers import wait_until
-
 from stager.client import Subscriber
 from stager.client.connection import Connection
 from stager.client.hook.sender import Sender
@@ -25,8 +25,24 @@ from stager.dev.launch import free_port
 from stager.loaders.assemble_full import AssemblerChannel, segment_targets
 from stager.loaders.ingest import IngestSession
 from stager.protocol import (
-    PROTOCOL_VERSION, Acquire, AssembleBegin, AssembleDone, AssembleReply, Begin, BeginReply, Commit, ErrorCode,
-    ErrorReply, Hello, Ok, ProtocolError, Sealed, StagerError, Status, StatusReply, decode,
+    PROTOCOL_VERSION,
+    Acquire,
+    AssembleBegin,
+    AssembleDone,
+    AssembleReply,
+    Begin,
+    BeginReply,
+    Commit,
+    ErrorCode,
+    ErrorReply,
+    Hello,
+    Ok,
+    ProtocolError,
+    Sealed,
+    StagerError,
+    Status,
+    StatusReply,
+    decode,
 )
 from stager.protocol.endpoint import host_id, process_start_time
 from stager.protocol.layout import Box, PlanEntry, plan_digest
@@ -39,14 +55,18 @@ SPECS = (("w", "f32", (4, 2)),)
 
 
 @pytest.mark.fast
-@pytest.mark.parametrize("specs,text", [
-    ([["w", "f32", [4, 2]], ["w", "f32", [4, 2]]], "appears twice"),
-    ([["w", "complex", [4]]], "w: "),
-    ([["w", "f32", [-1, 2]]], "negative global shape"),
-    ([["w", "f32"]], r"spec 0 must be \[fqn, dtype, shape\]"),
-    ([["", "f32", [1]]], "no tensor name"),
-    ([["w", "f32", [1] * 65]], "at most 64"),
-], ids=["twice", "dtype", "negative", "short", "no name", "too many dims"])
+@pytest.mark.parametrize(
+    "specs,text",
+    [
+        ([["w", "f32", [4, 2]], ["w", "f32", [4, 2]]], "appears twice"),
+        ([["w", "complex", [4]]], "w: "),
+        ([["w", "f32", [-1, 2]]], "negative global shape"),
+        ([["w", "f32"]], r"spec 0 must be \[fqn, dtype, shape\]"),
+        ([["", "f32", [1]]], "no tensor name"),
+        ([["w", "f32", [1] * 65]], "at most 64"),
+    ],
+    ids=["twice", "dtype", "negative", "short", "no name", "too many dims"],
+)
 def test_malformed_specs_are_typed_errors(specs, text):
     header = {"v": PROTOCOL_VERSION, "t": "assemble_begin", "id": 3, "b": {"step": 1, "lease": 1, "specs": specs}}
     with pytest.raises(ProtocolError, match=text) as info:
@@ -55,11 +75,15 @@ def test_malformed_specs_are_typed_errors(specs, text):
 
 
 @pytest.mark.fast
-@pytest.mark.parametrize("body,text", [
-    ({"step": 1, "segment": "", "size": 0, "offsets": [], "reason": "bored", "message": ""}, "reason must be"),
-    ({"step": 1, "segment": "s", "size": -1, "offsets": [], "reason": "", "message": ""}, "size must be >= 0"),
-    ({"step": 1, "segment": "s", "size": 8, "offsets": [["w", -8]], "reason": "", "message": ""}, "an offset must"),
-], ids=["reason", "size", "offset"])
+@pytest.mark.parametrize(
+    "body,text",
+    [
+        ({"step": 1, "segment": "", "size": 0, "offsets": [], "reason": "bored", "message": ""}, "reason must be"),
+        ({"step": 1, "segment": "s", "size": -1, "offsets": [], "reason": "", "message": ""}, "size must be >= 0"),
+        ({"step": 1, "segment": "s", "size": 8, "offsets": [["w", -8]], "reason": "", "message": ""}, "an offset must"),
+    ],
+    ids=["reason", "size", "offset"],
+)
 def test_malformed_replies_are_typed_errors(body, text):
     with pytest.raises(ProtocolError, match=text):
         decode([msgpack.packb({"v": PROTOCOL_VERSION, "t": "assemble_reply", "id": 1, "b": body})])
@@ -122,8 +146,9 @@ def test_assembly_messages_are_refused_on_the_daemons_ipc_endpoint(daemon):
 
 
 def test_assembly_messages_are_refused_over_tcp(short_dir):
-    d = InProcessDaemon(f"tcp://127.0.0.1:{free_port()}", memory_limit=64 << 20, insecure_no_auth=True,
-                        assemble_full=True)
+    d = InProcessDaemon(
+        f"tcp://127.0.0.1:{free_port()}", memory_limit=64 << 20, insecure_no_auth=True, assemble_full=True
+    )
     try:
         refused_on_the_endpoint(d.endpoint)
         assert d.daemon.assembly_endpoint.startswith("ipc://")  # the assembler's socket is never tcp
@@ -133,7 +158,7 @@ def test_assembly_messages_are_refused_over_tcp(short_dir):
 
 def test_the_assembler_socket_is_owner_only_and_gone_with_the_daemon(short_dir):
     d = InProcessDaemon(f"ipc://{short_dir}/d.sock", memory_limit=64 << 20, assemble_full=True)
-    path = d.daemon.assembly_endpoint[len("ipc://"):]
+    path = d.daemon.assembly_endpoint[len("ipc://") :]
     assert os.stat(os.path.dirname(path)).st_mode & 0o077 == 0 and os.stat(path).st_mode & 0o077 == 0
     d.stop()
     assert not os.path.exists(path)
@@ -211,18 +236,41 @@ def test_a_failed_assembly_gives_the_segment_back_and_leaves_the_version_partial
         trainer.close()
 
 
-@pytest.mark.parametrize("frames", [
-    [b"\xc1"],
-    [msgpack.packb({"v": PROTOCOL_VERSION, "t": "assemble_begin", "id": 4, "b": {"step": -1, "lease": 0,
-                                                                               "specs": []}})],
-    [msgpack.packb({"v": PROTOCOL_VERSION, "t": "assemble_begin", "id": 4, "b": {"step": 1, "lease": 1,
-                                                                               "specs": [[1, 2, 3]] * 3}})],
-    [msgpack.packb({"v": PROTOCOL_VERSION, "t": "assemble_done", "id": 4, "b": {"step": 1, "segment": None,
-                                                                              "ok": 1, "reason": ""}})],
-    [msgpack.packb({"v": PROTOCOL_VERSION, "t": "hello", "id": 4, "b": {}})],
-    [msgpack.packb({"v": PROTOCOL_VERSION, "t": "begin", "id": 4, "b": {}})],
-    [b"x" * 100, b"y" * 1000],
-], ids=["garbage", "negative step", "bad specs", "bad done", "hello", "begin", "frames"])
+@pytest.mark.parametrize(
+    "frames",
+    [
+        [b"\xc1"],
+        [
+            msgpack.packb(
+                {"v": PROTOCOL_VERSION, "t": "assemble_begin", "id": 4, "b": {"step": -1, "lease": 0, "specs": []}}
+            )
+        ],
+        [
+            msgpack.packb(
+                {
+                    "v": PROTOCOL_VERSION,
+                    "t": "assemble_begin",
+                    "id": 4,
+                    "b": {"step": 1, "lease": 1, "specs": [[1, 2, 3]] * 3},
+                }
+            )
+        ],
+        [
+            msgpack.packb(
+                {
+                    "v": PROTOCOL_VERSION,
+                    "t": "assemble_done",
+                    "id": 4,
+                    "b": {"step": 1, "segment": None, "ok": 1, "reason": ""},
+                }
+            )
+        ],
+        [msgpack.packb({"v": PROTOCOL_VERSION, "t": "hello", "id": 4, "b": {}})],
+        [msgpack.packb({"v": PROTOCOL_VERSION, "t": "begin", "id": 4, "b": {}})],
+        [b"x" * 100, b"y" * 1000],
+    ],
+    ids=["garbage", "negative step", "bad specs", "bad done", "hello", "begin", "frames"],
+)
 def test_the_daemon_stays_up_on_a_malformed_assembly_message(daemon, frames):
     peer = RawPeer(daemon.daemon.assembly_endpoint)
     peer.send_frames(frames)
@@ -241,8 +289,10 @@ def test_random_assembly_messages_never_take_the_daemon_down(daemon):
     peer = RawPeer(daemon.daemon.assembly_endpoint)
     try:
         with Subscriber(daemon.endpoint) as sub, sub.latest(allow_partial=True) as snap:
-            valid = [AssembleBegin(step=1, lease=snap.lease, specs=SPECS).body(),
-                     AssembleDone(step=1, segment="stager-0-1-s1", ok=True).body()]
+            valid = [
+                AssembleBegin(step=1, lease=snap.lease, specs=SPECS).body(),
+                AssembleDone(step=1, segment="stager-0-1-s1", ok=True).body(),
+            ]
             for i in range(400):
                 cls = rng.choice([AssembleBegin, AssembleDone, AssembleReply, Status])
                 body = dict(rng.choice(valid)) if rng.random() < 0.5 else {}
@@ -283,7 +333,6 @@ def test_a_begin_waiting_for_its_segment_is_answered_when_another_begin_supersed
         trainer.close()
 
 
-
 # ------------------------------------------------------------------ the handlers alone, driven by hand
 # A daemon's loop collects finished segments every few milliseconds, so which of its calls pools the
 # assembly's segment is a race a real daemon cannot be made to lose on purpose; here the test is the
@@ -312,8 +361,7 @@ LARGER = [*TOP_HALF, PlanEntry("v", "f32", (3 << 20,), Box((0,), (3 << 20,)))]  
 def trainer_begin(node, rid: int, step: int, plan) -> None:
     """The trainer's Begin of ``step``, answered now or (its segment being created) at a later tick."""
     h = node.handlers
-    reply = h.handle(b"trainer", Begin(id=rid, step=step, digest=plan_digest(plan), plan=tuple(plan),
-                                       full_world=False))
+    reply = h.handle(b"trainer", Begin(id=rid, step=step, digest=plan_digest(plan), plan=tuple(plan), full_world=False))
     if reply is None:
         wait_until(lambda: h.collect_segments() or any(m.id == rid for _, m in node.trainer.sent))
         reply = next(m for _, m in node.trainer.sent if m.id == rid)
@@ -360,13 +408,16 @@ def a_trainer_step_needs_the_memory(node):
 
 
 @pytest.mark.fast
-@pytest.mark.parametrize("between, answer", [
-    (nothing, "segment"),
-    (a_trainer_begins_a_step, "segment"),
-    (a_trainer_step_needs_the_memory, "no_memory"),
-], ids=["nothing", "a trainer's begin pooled it", "a trainer's step took its memory"])
-def test_a_begin_waiting_for_its_segment_is_answered_at_the_next_tick_whoever_collected_it(by_hand, between,
-                                                                                           answer):
+@pytest.mark.parametrize(
+    "between, answer",
+    [
+        (nothing, "segment"),
+        (a_trainer_begins_a_step, "segment"),
+        (a_trainer_step_needs_the_memory, "no_memory"),
+    ],
+    ids=["nothing", "a trainer's begin pooled it", "a trainer's step took its memory"],
+)
+def test_a_begin_waiting_for_its_segment_is_answered_at_the_next_tick_whoever_collected_it(by_hand, between, answer):
     node, h = by_hand, by_hand.handlers
     specs = (("w", "f32", (4, 2)), ("big", "f32", (2 << 20,)))  # 8 MiB: created in the background
     assert h.handle_assembly(b"assembler", AssembleBegin(id=21, step=1, lease=node.lease, specs=specs)) is None

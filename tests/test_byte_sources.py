@@ -24,11 +24,21 @@ B = torch.tensor([1.5, 2.5, 3.5])
 def _stage_partial(d, raw_peer):
     p = raw_peer(d.endpoint)
     pid = os.getpid()
-    p.request(Hello(role="trainer", rank=0, local_world_size=1, world_size=2, pid=pid,
-                    start_time=process_start_time(pid), host_id=host_id()))
+    p.request(
+        Hello(
+            role="trainer",
+            rank=0,
+            local_world_size=1,
+            world_size=2,
+            pid=pid,
+            start_time=process_start_time(pid),
+            host_id=host_id(),
+        )
+    )
     plan = wire_plan(["w", "f32", [6, 4], [0, 0], [4, 4]], ["b", "f32", [3], [0], [3]])
-    assert p.request(Begin(step=1, digest=plan_digest(plan), plan=plan, shm=False, full_world=False)).TYPE \
-        == "begin_reply"
+    assert (
+        p.request(Begin(step=1, digest=plan_digest(plan), plan=plan, shm=False, full_world=False)).TYPE == "begin_reply"
+    )
     p.request(Put(step=1, regions=[0, 1], frames=[W[:4].numpy().tobytes(), B.numpy().tobytes()]))
     sealed = p.request(Commit(step=1))
     assert isinstance(sealed, Sealed) and sealed.partial
@@ -55,10 +65,21 @@ def source(request):
     daemon = request.getfixturevalue("nixl_partial_daemon" if kind == "nixl" else "partial_daemon")
     conn = Connection(daemon.endpoint, role="reader")
     reply = conn.request(Acquire(), 10)
-    src = open_source(conn, reply.lease, reply.segment, reply.size, reply.tensors, remote=kind != "shared memory",
-                      maps=SegmentMaps(), timeout=10, transport="nixl" if kind == "nixl" else "frames")
-    assert type(src).__name__ == {"shared memory": "SharedMemorySource", "frames": "FramesSource",
-                                  "nixl": "NixlSource"}[kind]
+    src = open_source(
+        conn,
+        reply.lease,
+        reply.segment,
+        reply.size,
+        reply.tensors,
+        remote=kind != "shared memory",
+        maps=SegmentMaps(),
+        timeout=10,
+        transport="nixl" if kind == "nixl" else "frames",
+    )
+    assert (
+        type(src).__name__
+        == {"shared memory": "SharedMemorySource", "frames": "FramesSource", "nixl": "NixlSource"}[kind]
+    )
     yield kind, src
     src.close()
     conn.close()
@@ -69,13 +90,17 @@ def test_every_source_is_a_byte_source(source):
     assert isinstance(src, ByteSource) and src.max_in_flight >= 1 and src.max_read_bytes > 0
 
 
-@pytest.mark.parametrize("fqn,box,expected", [
-    ("w", Box((0, 0), (4, 4)), W[:4]),  # the block this node holds
-    ("w", Box((1, 1), (2, 3)), W[1:3, 1:4]),  # a box inside it
-    ("w", Box((3, 0), (1, 4)), W[3:4]),
-    ("b", Box((0,), (3,)), B),
-    ("b", Box((2,), (1,)), B[2:]),
-], ids=["held block", "inner box", "last row", "whole tensor", "one element"])
+@pytest.mark.parametrize(
+    "fqn,box,expected",
+    [
+        ("w", Box((0, 0), (4, 4)), W[:4]),  # the block this node holds
+        ("w", Box((1, 1), (2, 3)), W[1:3, 1:4]),  # a box inside it
+        ("w", Box((3, 0), (1, 4)), W[3:4]),
+        ("b", Box((0,), (3,)), B),
+        ("b", Box((2,), (1,)), B[2:]),
+    ],
+    ids=["held block", "inner box", "last row", "whole tensor", "one element"],
+)
 def test_fetch_gives_the_box_or_fills_the_destination(source, fqn, box, expected):
     _, src = source
     assert torch.equal(src.fetch(fqn, box).wait(), expected)
@@ -83,21 +108,25 @@ def test_fetch_gives_the_box_or_fills_the_destination(source, fqn, box, expected
     assert src.fetch(fqn, box, out).wait() is out and torch.equal(out, expected)
 
 
-@pytest.mark.parametrize("fqn,box,expected", [
-    ("w", Box((0, 0), (4, 4)), W[:4]),
-    ("w", Box((1, 1), (2, 3)), W[1:3, 1:4]),
-    ("b", Box((0,), (3,)), B),
-], ids=["held block", "inner box", "whole tensor"])
+@pytest.mark.parametrize(
+    "fqn,box,expected",
+    [
+        ("w", Box((0, 0), (4, 4)), W[:4]),
+        ("w", Box((1, 1), (2, 3)), W[1:3, 1:4]),
+        ("b", Box((0,), (3,)), B),
+    ],
+    ids=["held block", "inner box", "whole tensor"],
+)
 def test_a_destination_of_another_dtype_is_cast_into_and_its_neighbours_are_untouched(source, fqn, box, expected):
     # load_into's destinations come in the reader's dtype, often side by side in one flat buffer
     # (vLLM, FSDP): the staged dtype's raw bytes must never be written into them
     _, src = source
     n = box.numel
     flat = torch.zeros(3 * n, dtype=torch.bfloat16)
-    out = flat[n:2 * n].view(box.shape)
+    out = flat[n : 2 * n].view(box.shape)
     assert src.fetch(fqn, box, out).wait() is out
     assert torch.equal(out, expected.to(torch.bfloat16))
-    assert bool((flat[:n] == 0).all()) and bool((flat[2 * n:] == 0).all())  # the neighbours
+    assert bool((flat[:n] == 0).all()) and bool((flat[2 * n :] == 0).all())  # the neighbours
     strided = torch.zeros(box.shape[:-1] + (2 * box.shape[-1],), dtype=torch.float64)[..., ::2]
     assert torch.equal(src.fetch(fqn, box, strided).wait(), expected.to(torch.float64))
 
@@ -111,12 +140,16 @@ def test_map_is_a_view_of_shared_memory_or_nothing(source):
     assert torch.equal(view, W[1:3]) and src.shares(view) and not src.shares(view.clone())
 
 
-@pytest.mark.parametrize("fqn,box,code", [
-    ("w", Box((4, 0), (2, 4)), ErrorCode.PARTIAL),  # held by the other node
-    ("w", Box((2, 0), (4, 4)), ErrorCode.PARTIAL),  # partly held here
-    ("w", Box((0, 0), (7, 4)), ErrorCode.BAD_VALUE),  # larger than the tensor
-    ("b", Box((0, 0), (1, 1)), ErrorCode.BAD_VALUE),  # a dimension too many
-], ids=["other node's rows", "across the nodes", "too large", "wrong rank"])
+@pytest.mark.parametrize(
+    "fqn,box,code",
+    [
+        ("w", Box((4, 0), (2, 4)), ErrorCode.PARTIAL),  # held by the other node
+        ("w", Box((2, 0), (4, 4)), ErrorCode.PARTIAL),  # partly held here
+        ("w", Box((0, 0), (7, 4)), ErrorCode.BAD_VALUE),  # larger than the tensor
+        ("b", Box((0, 0), (1, 1)), ErrorCode.BAD_VALUE),  # a dimension too many
+    ],
+    ids=["other node's rows", "across the nodes", "too large", "wrong rank"],
+)
 def test_boxes_a_node_does_not_hold_get_typed_errors(source, fqn, box, code):
     _, src = source
     with pytest.raises(StagerError) as info:
@@ -199,12 +232,15 @@ def test_the_mover_keeps_each_source_in_its_window_and_gives_boxes_in_order():
     # node a holds rows 0-4 of every tensor, node b rows 5-7; a fetches at most 2 rows at once
     a = TensorSource({k: v for k, v in full.items()}, max_in_flight=2, max_read_bytes=32)
     b = TensorSource({k: v for k, v in full.items()}, max_in_flight=1, max_read_bytes=1 << 20)
-    parts = {"a": sum((_layout(k, (8, 4), ((0, 0), (5, 4))) for k in full), ()),
-             "b": sum((_layout(k, (8, 4), ((5, 0), (3, 4))) for k in full), ())}
+    parts = {
+        "a": sum((_layout(k, (8, 4), ((0, 0), (5, 4))) for k in full), ()),
+        "b": sum((_layout(k, (8, 4), ((5, 0), (3, 4))) for k in full), ()),
+    }
     merged = merge_layouts(parts, ["a", "b"], 1)
     outs = {"t1": torch.empty(8, 4)}
-    wants = [Want(k, Box((0, 0), (8, 4)), torch.float32, plan_box(merged[k], Box((0, 0), (8, 4))), outs.get(k))
-             for k in full]
+    wants = [
+        Want(k, Box((0, 0), (8, 4)), torch.float32, plan_box(merged[k], Box((0, 0), (8, 4))), outs.get(k)) for k in full
+    ]
     got = [(w.fqn, t) for w, t in move(wants, {"a": a, "b": b}, lambda node, exc, fqn: exc)]
     assert [k for k, _ in got] == list(full) and all(torch.equal(t, full[k]) for k, t in got)
     assert dict(got)["t1"] is outs["t1"]  # landed in the destination given
@@ -219,6 +255,12 @@ def test_the_mover_maps_what_it_can_and_names_the_node_that_failed():
     assert got.data_ptr() == t.data_ptr() and local.started == 0  # the mapped memory itself, nothing fetched
     dead = TensorSource({"w": t}, 1, 1 << 20, fails=True)
     with pytest.raises(StagerError, match="node a: gone while reading w"):
-        list(move([Want("w", Box((0, 0), (4, 2)), torch.float32, read)], {"a": dead},
-                  lambda node, exc, fqn: StagerError(ErrorCode.NODE_DOWN, f"node {node}: {exc.message} while reading "
-                                                                          f"{fqn}")))
+        list(
+            move(
+                [Want("w", Box((0, 0), (4, 2)), torch.float32, read)],
+                {"a": dead},
+                lambda node, exc, fqn: StagerError(
+                    ErrorCode.NODE_DOWN, f"node {node}: {exc.message} while reading {fqn}"
+                ),
+            )
+        )

@@ -16,8 +16,12 @@ from stager.protocol.changes import INDICES, UNCHANGED, WHOLE
 def chain(n: int, seed: int = 0) -> list[dict]:
     """``n`` fp32 state dicts: each step moves every element a little (below bf16) and a few a lot."""
     g = torch.Generator().manual_seed(seed)
-    sd = {"w": torch.randn(64, 32, generator=g).bfloat16().float(), "b": torch.randn(40, generator=g),
-          "n": torch.ones(16), "i": torch.arange(8)}
+    sd = {
+        "w": torch.randn(64, 32, generator=g).bfloat16().float(),
+        "b": torch.randn(40, generator=g),
+        "n": torch.ones(16),
+        "i": torch.arange(8),
+    }
     out = [sd]
     for _ in range(n - 1):
         nxt = {k: v.clone() for k, v in sd.items()}
@@ -87,10 +91,23 @@ def test_changes_request_and_unknown_base(make_daemon, raw_peer):
     assert all(k == UNCHANGED for _, k, _ in same.tensors) and not same.frames
     assert error_code(peer.request(Changes(lease=acq.lease + 1, since=4, since_seq=4))) == "unknown_lease"
     assert error_code(peer.request(Changes(lease=acq.lease, since=4, since_seq=4, fqns=["nope"]))) == "bad_value"
-    assert error_code(peer.request_raw("changes", {"lease": acq.lease, "since": 4, "since_seq": 4, "dtype": "zz",
-                                                    "want": "indices", "fqns": []})) == "bad_dtype"
-    assert error_code(peer.request_raw("changes", {"lease": acq.lease, "since": 4, "since_seq": 4, "dtype": "bf16",
-                                                    "want": "all", "fqns": []})) == "bad_message"
+    assert (
+        error_code(
+            peer.request_raw(
+                "changes",
+                {"lease": acq.lease, "since": 4, "since_seq": 4, "dtype": "zz", "want": "indices", "fqns": []},
+            )
+        )
+        == "bad_dtype"
+    )
+    assert (
+        error_code(
+            peer.request_raw(
+                "changes", {"lease": acq.lease, "since": 4, "since_seq": 4, "dtype": "bf16", "want": "all", "fqns": []}
+            )
+        )
+        == "bad_message"
+    )
 
 
 def test_layout_change_makes_the_changed_tensors_whole(make_daemon, raw_peer):

@@ -21,19 +21,23 @@ from stager.protocol.changes import (
 def _bf16_step(n: int, moved: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
     """fp32 values exactly on bf16, every element nudged below half a bf16 ulp, ``moved`` by a full one."""
     prev = torch.linspace(1, 2, n).bfloat16().float()
-    new = prev + 2.0 ** -12  # bf16 ulp at [1, 2) is 2**-7: stays on the same bf16 value
-    new[moved] = (prev[moved].bfloat16() + 2.0 ** -6).float()
+    new = prev + 2.0**-12  # bf16 ulp at [1, 2) is 2**-7: stays on the same bf16 value
+    new[moved] = (prev[moved].bfloat16() + 2.0**-6).float()
     return prev, new
 
 
-@pytest.mark.parametrize("n,moved,dtype,kind,count", [
-    (100, [], torch.bfloat16, UNCHANGED, 0),                       # fp32 moved, bf16 did not
-    (100, [0, 7, 99], torch.bfloat16, INDICES, 3),
-    (100, list(range(25)), torch.bfloat16, INDICES, 25),          # exactly DENSE: still indices
-    (100, list(range(26)), torch.bfloat16, WHOLE, 26),            # over DENSE: whole
-    (100, [], torch.float32, WHOLE, 100),                          # an fp32 reader sees every element move
-    (100, [5], torch.float16, INDICES, 1),
-], ids=["bf16 unchanged", "bf16 sparse", "at threshold", "dense", "fp32 reader", "fp16 reader"])
+@pytest.mark.parametrize(
+    "n,moved,dtype,kind,count",
+    [
+        (100, [], torch.bfloat16, UNCHANGED, 0),  # fp32 moved, bf16 did not
+        (100, [0, 7, 99], torch.bfloat16, INDICES, 3),
+        (100, list(range(25)), torch.bfloat16, INDICES, 25),  # exactly DENSE: still indices
+        (100, list(range(26)), torch.bfloat16, WHOLE, 26),  # over DENSE: whole
+        (100, [], torch.float32, WHOLE, 100),  # an fp32 reader sees every element move
+        (100, [5], torch.float16, INDICES, 1),
+    ],
+    ids=["bf16 unchanged", "bf16 sparse", "at threshold", "dense", "fp32 reader", "fp16 reader"],
+)
 def test_diff_table(n, moved, dtype, kind, count):
     prev, new = _bf16_step(n, moved)
     c = diff(prev, new, dtype)
@@ -44,21 +48,29 @@ def test_diff_table(n, moved, dtype, kind, count):
         assert c.indices is None
 
 
-@pytest.mark.parametrize("a,b,changed", [
-    (0.0, -0.0, True),                          # signed zeros differ bitwise
-    (float("nan"), float("nan"), False),        # the same NaN bits: unchanged
-    (1.0, 1.0 + 2 ** -20, False),               # rounds to the same bf16
-    (float("inf"), 3.0e38, True),               # 3e38 rounds to a finite bf16, inf stays inf
-])
+@pytest.mark.parametrize(
+    "a,b,changed",
+    [
+        (0.0, -0.0, True),  # signed zeros differ bitwise
+        (float("nan"), float("nan"), False),  # the same NaN bits: unchanged
+        (1.0, 1.0 + 2**-20, False),  # rounds to the same bf16
+        (float("inf"), 3.0e38, True),  # 3e38 rounds to a finite bf16, inf stays inf
+    ],
+)
 def test_bitwise_in_the_cast_dtype(a, b, changed):
     prev, new = torch.tensor([a, 1.0]), torch.tensor([b, 1.0])
     assert changed_indices(prev, new, torch.bfloat16).tolist() == ([0] if changed else [])
 
 
-@pytest.mark.parametrize("stored,reader,expected", [
-    (torch.float32, torch.bfloat16, torch.bfloat16), (torch.int64, torch.bfloat16, torch.int64),
-    (torch.bfloat16, torch.bfloat16, torch.bfloat16), (torch.bool, torch.float16, torch.bool),
-])
+@pytest.mark.parametrize(
+    "stored,reader,expected",
+    [
+        (torch.float32, torch.bfloat16, torch.bfloat16),
+        (torch.int64, torch.bfloat16, torch.int64),
+        (torch.bfloat16, torch.bfloat16, torch.bfloat16),
+        (torch.bool, torch.float16, torch.bool),
+    ],
+)
 def test_compare_dtype(stored, reader, expected):
     assert compare_dtype(stored, reader) == expected
 
@@ -79,8 +91,7 @@ def test_chunks_give_the_same_indices():
     g = torch.Generator().manual_seed(0)
     prev = torch.randn(1000, generator=g)
     new = prev + torch.randn(1000, generator=g) * 1e-3
-    assert torch.equal(changed_indices(prev, new, torch.bfloat16, chunk=7),
-                       changed_indices(prev, new, torch.bfloat16))
+    assert torch.equal(changed_indices(prev, new, torch.bfloat16, chunk=7), changed_indices(prev, new, torch.bfloat16))
 
 
 def test_union_of_a_chain_is_exact():

@@ -10,13 +10,18 @@ import sys
 import pytest
 
 from stager.daemon.config import DaemonConfig, parse_size
-from stager.dev.launch import DaemonProcess
 from stager.daemon.segments import list_segments
+from stager.dev.launch import DaemonProcess
 
 
 def stager(*args, env=None, timeout=60):
-    return subprocess.run([sys.executable, "-m", "stager.cli", *args], capture_output=True, text=True,
-                          timeout=timeout, env={**os.environ, **(env or {})})
+    return subprocess.run(
+        [sys.executable, "-m", "stager.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, **(env or {})},
+    )
 
 
 def test_status_fails_fast_without_a_daemon(short_dir):
@@ -29,7 +34,7 @@ def test_serve_status_and_clean_shutdown(short_dir):
     daemon = DaemonProcess(endpoint, args=("--memory-limit", "32MiB", "--keep", "3")).start()
     try:
         assert daemon.info["endpoint"] == endpoint and daemon.info["keep"] == 3
-        sock = endpoint[len("ipc://"):]
+        sock = endpoint[len("ipc://") :]
         assert stat.S_IMODE(os.stat(sock).st_mode) == 0o600  # owner only
         # the default endpoint comes from STAGER_ENDPOINT for every command
         out = stager("status", "--json", env={"STAGER_ENDPOINT": endpoint})
@@ -53,7 +58,7 @@ def test_serve_status_and_clean_shutdown(short_dir):
     finally:
         code = daemon.stop(signal.SIGTERM)
     assert code == 0
-    assert not os.path.exists(endpoint[len("ipc://"):])
+    assert not os.path.exists(endpoint[len("ipc://") :])
     assert list_segments(daemon.pid) == []
 
 
@@ -78,8 +83,9 @@ def test_every_tcp_bind_needs_auth_or_the_explicit_opt_out(tmp_path):
         with pytest.raises(ValueError, match=r"--auth-dir.*--insecure-no-auth"):
             DaemonConfig(endpoint=loopback, memory_limit=1 << 20)
     with pytest.raises(ValueError, match="contradict"):
-        DaemonConfig(endpoint="tcp://127.0.0.1:5555", memory_limit=1 << 20, auth_dir=str(tmp_path),
-                     insecure_no_auth=True)
+        DaemonConfig(
+            endpoint="tcp://127.0.0.1:5555", memory_limit=1 << 20, auth_dir=str(tmp_path), insecure_no_auth=True
+        )
     with pytest.raises(ValueError, match="stager keygen"):  # a directory without keys is named at once
         DaemonConfig(endpoint="tcp://127.0.0.1:5555", memory_limit=1 << 20, auth_dir=str(tmp_path))
     assert not DaemonConfig(memory_limit=1 << 20, insecure_no_auth=True).insecure  # ipc stays owner-only
@@ -96,10 +102,24 @@ def test_insecure_opt_out_warns_and_says_so(short_dir):
     from stager.dev.launch import free_port
 
     endpoint = f"tcp://127.0.0.1:{free_port()}"
-    proc = subprocess.Popen([sys.executable, "-m", "stager.cli", "serve", "--json", "--endpoint", endpoint,
-                             "--memory-limit", "8MiB", "--insecure-no-auth"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={k: v for k, v in os.environ.items() if k != "STAGER_AUTH_DIR"})
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "stager.cli",
+            "serve",
+            "--json",
+            "--endpoint",
+            endpoint,
+            "--memory-limit",
+            "8MiB",
+            "--insecure-no-auth",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={k: v for k, v in os.environ.items() if k != "STAGER_AUTH_DIR"},
+    )
     try:
         ready = json.loads(proc.stdout.readline())
         assert ready["insecure"] is True and ready["endpoint"] == endpoint
@@ -182,12 +202,16 @@ def test_curve_authenticated_tcp(curve_keys, monkeypatch):
             assert torch.equal(snap["w"], torch.ones(5))
 
 
-@pytest.mark.parametrize("command,module,name", [
-    ("write-dcp", "stager.writers.write_dcp_dist", "write_dcp_distributed"),
-    ("export-hf", "stager.writers.export_hf_dist", "export_hf_distributed"),
-])
-def test_a_distributed_writer_fails_in_one_line_and_prints_its_path_without_a_report(command, module, name,
-                                                                                   tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize(
+    "command,module,name",
+    [
+        ("write-dcp", "stager.writers.write_dcp_dist", "write_dcp_distributed"),
+        ("export-hf", "stager.writers.export_hf_dist", "export_hf_distributed"),
+    ],
+)
+def test_a_distributed_writer_fails_in_one_line_and_prints_its_path_without_a_report(
+    command, module, name, tmp_path, monkeypatch, capsys
+):
     """--distributed shares the single writer's failure path: a bug is one line and exit 1, never a
     traceback; a writer that returned without reporting still prints its path (a stand-in writer:
     what is tested is the command's handling of what the writer did)."""

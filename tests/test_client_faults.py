@@ -22,11 +22,11 @@ from helpers import has_ipv6_loopback, wait_until
 from stager.client import StagingClient
 from stager.client.admin import daemon_status
 from stager.client.connection import Connection
-from stager.protocol.endpoint import is_ipv6_endpoint
 from stager.client.hook.handle import StageHandle
 from stager.client.hook.replies import SealTracker
 from stager.dev.launch import free_port
 from stager.protocol import ErrorCode, HelloReply, Ok, Ping, Pong, StagerError, Status, StatusReply, decode
+from stager.protocol.endpoint import is_ipv6_endpoint
 
 TIMEOUT = 30.0  # the client's configured timeout: a fast failure is any code but TIMEOUT
 ARGS = ("--memory-limit", "32MiB", "--step-timeout", "30")
@@ -68,8 +68,10 @@ def test_a_begin_in_flight_fails_fast_when_the_daemon_is_killed_and_the_next_sta
         t0 = time.monotonic()
         first.stop(signal.SIGKILL)
         err = _error(h)
-        print(f"\nbegin in flight: failed {1000 * (time.monotonic() - t0):.0f} ms after kill -9 "
-              f"(timeout {TIMEOUT:.0f} s): {err}")
+        print(
+            f"\nbegin in flight: failed {1000 * (time.monotonic() - t0):.0f} ms after kill -9 "
+            f"(timeout {TIMEOUT:.0f} s): {err}"
+        )
         assert err.code == ErrorCode.UNAVAILABLE and "lost the connection" in err.message, err
         daemons(endpoint)
         with _client(endpoint, 1) as r1:  # staging resumes at the very next step
@@ -110,8 +112,10 @@ def test_a_rank_that_skipped_a_step_across_a_restart_unblocks_the_others(endpoin
         daemons(endpoint)
         t0 = time.monotonic()
         err = _error(r1.stage(_sd(1), step=2))
-        print(f"\nrank 1's step 2 failed {1000 * (time.monotonic() - t0):.0f} ms after its stage "
-              f"(timeout {TIMEOUT:.0f} s, step timeout 30 s): {err}")
+        print(
+            f"\nrank 1's step 2 failed {1000 * (time.monotonic() - t0):.0f} ms after its stage "
+            f"(timeout {TIMEOUT:.0f} s, step timeout 30 s): {err}"
+        )
         assert err.code == ErrorCode.STEP_FAILED and "rank 0 aborted step 2" in err.message, err
         h0, h1 = r0.stage(_sd(0, 3.0), step=3), r1.stage(_sd(1, 3.0), step=3)
         assert h0.wait(60)["step"] == 3 and h1.wait(60)["step"] == 3
@@ -200,13 +204,25 @@ for step in range(1, 100000):
 def test_daemon_restarts_while_two_ranks_stage_every_100ms(endpoint, daemons, short_dir):
     restarts = 4
     stop_file = os.path.join(short_dir, "stop")
-    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), WORLD_SIZE="2",
-               LOCAL_WORLD_SIZE="2", OMP_NUM_THREADS="1")
+    env = dict(
+        os.environ,
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(free_port()),
+        WORLD_SIZE="2",
+        LOCAL_WORLD_SIZE="2",
+        OMP_NUM_THREADS="1",
+    )
     daemon = daemons(endpoint)
     ranks, records = [], {0: [], 1: []}
     for r in range(2):
-        ranks.append(subprocess.Popen([sys.executable, "-c", RANK_LOOP, endpoint, stop_file], stdout=subprocess.PIPE,
-                                      text=True, env=dict(env, RANK=str(r), LOCAL_RANK=str(r))))
+        ranks.append(
+            subprocess.Popen(
+                [sys.executable, "-c", RANK_LOOP, endpoint, stop_file],
+                stdout=subprocess.PIPE,
+                text=True,
+                env=dict(env, RANK=str(r), LOCAL_RANK=str(r)),
+            )
+        )
 
     def read(r):
         for line in ranks[r].stdout:
@@ -225,8 +241,9 @@ def test_daemon_restarts_while_two_ranks_stage_every_100ms(endpoint, daemons, sh
         for _ in range(restarts):
             daemon.stop(signal.SIGKILL)
             killed = time.monotonic()
-            wait_until(lambda: all(any(not x["sealed"] and x["t"] > killed for x in records[r]) for r in range(2)),
-                       timeout=120)
+            wait_until(
+                lambda: all(any(not x["sealed"] and x["t"] > killed for x in records[r]) for r in range(2)), timeout=120
+            )
             daemon = daemons(endpoint)
             ready = time.monotonic()
             wait_until(lambda: sealed_after(ready, 3), timeout=120)  # staging resumed: a few steps, then kill again
@@ -242,10 +259,12 @@ def test_daemon_restarts_while_two_ranks_stage_every_100ms(endpoint, daemons, sh
                 p.wait()
     failed = [x for r in range(2) for x in records[r] if not x["sealed"]]
     codes = sorted({x["code"] for x in failed})
-    print(f"\n{restarts} restarts: {sum(len(v) for v in records.values())} stages, {len(failed)} failed ({codes}); "
-          f"slowest failed stage {max(x['dt'] for x in failed):.2f} s (timeout {TIMEOUT:.0f} s); "
-          f"both ranks sealed again {', '.join(f'{1000 * s:.0f}' for s in resumed)} ms after the daemon was ready; "
-          f"slowest sealed stage {max(x['dt'] for r in range(2) for x in records[r] if x['sealed']):.2f} s")
+    print(
+        f"\n{restarts} restarts: {sum(len(v) for v in records.values())} stages, {len(failed)} failed ({codes}); "
+        f"slowest failed stage {max(x['dt'] for x in failed):.2f} s (timeout {TIMEOUT:.0f} s); "
+        f"both ranks sealed again {', '.join(f'{1000 * s:.0f}' for s in resumed)} ms after the daemon was ready; "
+        f"slowest sealed stage {max(x['dt'] for r in range(2) for x in records[r] if x['sealed']):.2f} s"
+    )
     assert not [x for x in failed if x["code"] == ErrorCode.TIMEOUT.value or "timed out" in x["message"]], failed
     assert len(resumed) == restarts
 
@@ -267,14 +286,18 @@ def test_a_lost_connection_fails_only_the_seals_sent_on_it():
 # ------------------------------------------------------------------ IPv6 endpoints
 
 
-@pytest.mark.parametrize("endpoint,v6", [
-    ("tcp://[::1]:5555", True), ("tcp://[fe80::1%25lo]:5555", True), ("tcp://127.0.0.1:5555", False),
-    ("tcp://localhost:5555", False), ("ipc:///tmp/x.sock", False),
-])
+@pytest.mark.parametrize(
+    "endpoint,v6",
+    [
+        ("tcp://[::1]:5555", True),
+        ("tcp://[fe80::1%25lo]:5555", True),
+        ("tcp://127.0.0.1:5555", False),
+        ("tcp://localhost:5555", False),
+        ("ipc:///tmp/x.sock", False),
+    ],
+)
 def test_ipv6_literals_are_recognised(endpoint, v6):
     assert is_ipv6_endpoint(endpoint) is v6
-
-
 
 
 def test_a_reply_of_another_type_than_the_request_expects_is_a_typed_error(short_dir):
@@ -292,8 +315,10 @@ def test_a_reply_of_another_type_than_the_request_expects_is_a_typed_error(short
         router.send_multipart([identity, *make(decode(frames).id).encode()])
 
     try:
-        replier = threading.Thread(target=lambda: (answer(lambda rid: HelloReply(id=rid, session="s")),
-                                                   answer(lambda rid: Ok(id=rid))), daemon=True)
+        replier = threading.Thread(
+            target=lambda: (answer(lambda rid: HelloReply(id=rid, session="s")), answer(lambda rid: Ok(id=rid))),
+            daemon=True,
+        )
         replier.start()
         with pytest.raises(StagerError) as info:
             conn.request(Status(), 10.0, expect=StatusReply)  # says hello first: answered as it should be

@@ -13,10 +13,27 @@ from stager.flags import add_flags, flag_name, from_flags, setting
 pytestmark = pytest.mark.fast
 
 # every flag `stager serve` has had: README, deploy/ and operators' scripts use these names
-SERVE_FLAGS = {"--endpoint", "--memory-limit", "--preallocate", "--keep", "--step-timeout", "--peer-timeout",
-               "--auth-dir", "--insecure-no-auth", "--json", "--metrics", "--host-id", "--advertise",
-               "--assemble-full", "--drain-timeout", "--transport", "--change-maps", "--change-maps-keep",
-               "--change-maps-memory", "--read-cast-memory"}
+SERVE_FLAGS = {
+    "--endpoint",
+    "--memory-limit",
+    "--preallocate",
+    "--keep",
+    "--step-timeout",
+    "--peer-timeout",
+    "--auth-dir",
+    "--insecure-no-auth",
+    "--json",
+    "--metrics",
+    "--host-id",
+    "--advertise",
+    "--assemble-full",
+    "--drain-timeout",
+    "--transport",
+    "--change-maps",
+    "--change-maps-keep",
+    "--change-maps-memory",
+    "--read-cast-memory",
+}
 CLI_ONLY = {"help", "json"}  # how the command prints, not how the daemon runs
 
 
@@ -46,19 +63,33 @@ def test_every_field_is_a_flag_with_its_default_and_help_and_every_flag_a_field(
     assert "(default 2)" in text and "(default 30)" in text and "50% of available" in text
 
 
-@pytest.mark.parametrize("argv, expected", [
-    ([], {}),
-    (["--keep", "3", "--step-timeout", "5", "--peer-timeout", "7.5", "--drain-timeout", "0"],
-     {"keep": 3, "step_timeout": 5.0, "peer_timeout": 7.5, "drain_timeout": 0.0}),
-    (["--preallocate", "1MiB", "--memory-limit", "0.5GiB", "--read-cast-memory", "96MiB"],
-     {"preallocate": 1 << 20, "memory_limit": 1 << 29, "read_cast_memory": 96 << 20}),
-    (["--insecure-no-auth", "--assemble-full", "--host-id", "n1", "--metrics", "9108"],
-     {"insecure_no_auth": True, "assemble_full": True, "host_id": "n1", "metrics": "9108"}),
-    (["--endpoint", "ipc:///tmp/x.sock", "--advertise", "tcp://node3:7555"],
-     {"endpoint": "ipc:///tmp/x.sock", "advertise": "tcp://node3:7555"}),
-    (["--change-maps", "bfloat16,float16", "--change-maps-keep", "8", "--change-maps-memory", "1MiB"],
-     {"change_maps": "bfloat16,float16", "change_maps_keep": 8, "change_maps_memory": 1 << 20}),
-], ids=["defaults", "numbers", "sizes", "switches and text", "endpoints", "change maps"])
+@pytest.mark.parametrize(
+    "argv, expected",
+    [
+        ([], {}),
+        (
+            ["--keep", "3", "--step-timeout", "5", "--peer-timeout", "7.5", "--drain-timeout", "0"],
+            {"keep": 3, "step_timeout": 5.0, "peer_timeout": 7.5, "drain_timeout": 0.0},
+        ),
+        (
+            ["--preallocate", "1MiB", "--memory-limit", "0.5GiB", "--read-cast-memory", "96MiB"],
+            {"preallocate": 1 << 20, "memory_limit": 1 << 29, "read_cast_memory": 96 << 20},
+        ),
+        (
+            ["--insecure-no-auth", "--assemble-full", "--host-id", "n1", "--metrics", "9108"],
+            {"insecure_no_auth": True, "assemble_full": True, "host_id": "n1", "metrics": "9108"},
+        ),
+        (
+            ["--endpoint", "ipc:///tmp/x.sock", "--advertise", "tcp://node3:7555"],
+            {"endpoint": "ipc:///tmp/x.sock", "advertise": "tcp://node3:7555"},
+        ),
+        (
+            ["--change-maps", "bfloat16,float16", "--change-maps-keep", "8", "--change-maps-memory", "1MiB"],
+            {"change_maps": "bfloat16,float16", "change_maps_keep": 8, "change_maps_memory": 1 << 20},
+        ),
+    ],
+    ids=["defaults", "numbers", "sizes", "switches and text", "endpoints", "change maps"],
+)
 def test_flags_build_the_same_config_as_the_constructor(argv, expected):
     expected = {"memory_limit": 64 << 20, **expected}  # fixed: the default depends on the free memory now
     args = build_parser().parse_args(["serve", "--memory-limit", "64MiB", *argv])
@@ -77,7 +108,9 @@ def test_bad_values_are_refused_by_the_parser_with_how_to_write_them(capsys):
 
 def test_change_map_dtypes_are_checked():
     assert DaemonConfig(memory_limit=1 << 20, change_maps="bfloat16, float16").change_map_dtypes() == (
-        torch.bfloat16, torch.float16)
+        torch.bfloat16,
+        torch.float16,
+    )
     assert DaemonConfig(memory_limit=1 << 20, change_maps="none").change_map_dtypes() == ()
     with pytest.raises(ValueError, match="change_maps: dtype 'bf17'.*write e.g. bfloat16"):
         DaemonConfig(memory_limit=1 << 20, change_maps="bf17")
@@ -103,8 +136,9 @@ def toy(*argv: str) -> Toy:
 
 def test_each_type_form_has_its_flag():
     assert toy() == Toy()
-    assert toy("--count", "4", "--ratio", "0.25", "--name", "y", "--size", "2KiB", "--quiet", "--no-color") == \
-        Toy(count=4, ratio=0.25, name="y", size=2048, quiet=True, color=False)
+    assert toy("--count", "4", "--ratio", "0.25", "--name", "y", "--size", "2KiB", "--quiet", "--no-color") == Toy(
+        count=4, ratio=0.25, name="y", size=2048, quiet=True, color=False
+    )
 
 
 def test_a_field_without_help_or_a_flag_form_is_refused_naming_it():

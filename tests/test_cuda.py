@@ -14,8 +14,11 @@ def test_cuda_tensors_stage_bit_exact_and_train_stream_orders_after_copy(make_da
 
     d = make_daemon(memory_limit=1 << 30)
     torch.cuda.init()
-    sd = {"w": torch.randn(4096, 1024, device="cuda"), "b": torch.randn(1024, device="cuda").bfloat16(),
-          "cpu": torch.arange(7)}
+    sd = {
+        "w": torch.randn(4096, 1024, device="cuda"),
+        "b": torch.randn(1024, device="cuda").bfloat16(),
+        "cpu": torch.arange(7),
+    }
     with StagingClient(d.endpoint, rank=0, local_world_size=1, world_size=1, strict=True) as client:
         for step in range(1, 4):
             expected = {k: v.cpu().clone() for k, v in sd.items()}
@@ -33,15 +36,16 @@ def test_cuda_tensors_stage_bit_exact_and_train_stream_orders_after_copy(make_da
 
 
 def test_restore_fills_device_tensors_through_the_pinned_path(make_daemon, monkeypatch):
-    from stager.client.hook import restore as restore_mod
     from stager.client import StagingClient
+    from stager.client.hook import restore as restore_mod
 
     d = make_daemon(memory_limit=1 << 30)
     staged = {"w": torch.randn(3000, 1024), "b": torch.randn(1024).bfloat16(), "odd": torch.randn(5, 7).t()}
     copies = []
     real = restore_mod.PinnedUpload.copy
-    monkeypatch.setattr(restore_mod.PinnedUpload, "copy", lambda self, dst, src: copies.append(dst.shape) or
-                        real(self, dst, src))
+    monkeypatch.setattr(
+        restore_mod.PinnedUpload, "copy", lambda self, dst, src: copies.append(dst.shape) or real(self, dst, src)
+    )
     with StagingClient(d.endpoint, rank=0, local_world_size=1, world_size=1, strict=True) as client:
         client.stage(staged, step=1).wait(30)
         sd = {k: torch.zeros(v.shape, dtype=v.dtype, device="cuda") for k, v in staged.items()}

@@ -10,12 +10,27 @@ import torch
 from conftest import error_code, wire_plan
 from helpers import wait_until
 from stager.client import StagingClient, Subscriber
-from stager.protocol.layout import plan_digest
-from stager.protocol import (
-    PROTOCOL_VERSION, Abort, Acquire, Begin, Bye, BeginReply, Commit, ErrorCode, ErrorReply, HelloReply, Ping, Pong, Put,
-    Release, Sealed, Status, StagerError,
-)
 from stager.daemon.segments import list_segments
+from stager.protocol import (
+    PROTOCOL_VERSION,
+    Abort,
+    Acquire,
+    Begin,
+    BeginReply,
+    Bye,
+    Commit,
+    ErrorCode,
+    ErrorReply,
+    HelloReply,
+    Ping,
+    Pong,
+    Put,
+    Release,
+    Sealed,
+    StagerError,
+    Status,
+)
+from stager.protocol.layout import plan_digest
 
 
 def begin(step, plan, **kw):
@@ -46,8 +61,11 @@ MALFORMED = [
     [b"\xc1\xc1"],
     [msgpack.packb({"v": PROTOCOL_VERSION, "t": "begin", "id": 1, "b": {"step": "x"}})],
     [msgpack.packb({"v": 0, "t": "ping", "id": 1, "b": {}})],
-    [msgpack.packb({"v": PROTOCOL_VERSION, "t": "hello_reply", "id": 1, "b": {"session": "", "host_id": "",
-                                                                             "daemon_pid": 1}})],
+    [
+        msgpack.packb(
+            {"v": PROTOCOL_VERSION, "t": "hello_reply", "id": 1, "b": {"session": "", "host_id": "", "daemon_pid": 1}}
+        )
+    ],
     [msgpack.packb({"v": PROTOCOL_VERSION, "t": "nope", "id": 1, "b": {}})],
 ]
 
@@ -85,19 +103,23 @@ def test_inconsistent_plans_fail_the_step_for_every_rank(make_daemon, raw_peer):
     assert any(v["state"] == "failed" and v["step"] == 1 for v in status["versions"])
 
 
-@pytest.mark.parametrize("plan,code,text", [
-    ([["w", "f32", [4], [0], [2]]], ErrorCode.BAD_PLAN, "cover 2 of 4"),
-    ([["w", "f32", [4], [3], [2]]], ErrorCode.BAD_PLAN, "outside the global shape"),
-    ([["w", "f32", [4], [0]]], ErrorCode.BAD_PLAN, "must be [fqn"),
-    ("garbage", ErrorCode.BAD_MESSAGE, "field 'plan' must be list"),
-])
+@pytest.mark.parametrize(
+    "plan,code,text",
+    [
+        ([["w", "f32", [4], [0], [2]]], ErrorCode.BAD_PLAN, "cover 2 of 4"),
+        ([["w", "f32", [4], [3], [2]]], ErrorCode.BAD_PLAN, "outside the global shape"),
+        ([["w", "f32", [4], [0]]], ErrorCode.BAD_PLAN, "must be [fqn"),
+        ("garbage", ErrorCode.BAD_MESSAGE, "field 'plan' must be list"),
+    ],
+)
 def test_bad_plan_from_single_rank(make_daemon, raw_peer, plan, code, text):
     d = make_daemon()
     p = raw_peer(d.endpoint)
     p.hello()
     digest = hashlib.blake2b(msgpack.packb(plan), digest_size=16).hexdigest()  # what plan_digest computes
-    reply = p.request_raw("begin", {"step": 1, "digest": digest, "plan": plan, "full_world": True, "shm": True,
-                                    "wait_ms": 0})
+    reply = p.request_raw(
+        "begin", {"step": 1, "digest": digest, "plan": plan, "full_world": True, "shm": True, "wait_ms": 0}
+    )
     assert error_code(reply) == code.value and text in reply.message
 
 
@@ -185,8 +207,10 @@ def test_backpressure_waits_for_a_lease(make_daemon):
     size = 1 << 20
     d = make_daemon(keep=1, memory_limit=2 * size + 4096)
     sd = {"w": torch.zeros(size // 4)}
-    with Subscriber(d.endpoint) as sub, \
-            StagingClient(d.endpoint, rank=0, local_world_size=1, world_size=1, backpressure_timeout=5.0) as c:
+    with (
+        Subscriber(d.endpoint) as sub,
+        StagingClient(d.endpoint, rank=0, local_world_size=1, world_size=1, backpressure_timeout=5.0) as c,
+    ):
         c.stage(sd, step=1).wait(10)
         a = sub.latest()
         c.stage(sd, step=2).wait(10)
@@ -209,8 +233,13 @@ def test_snapshot_larger_than_limit_is_refused(make_daemon):
 
 def test_frames_transport_and_readonly_reader(make_daemon):
     d = make_daemon()
-    sd = {"a": torch.randn(33, 7), "b": torch.arange(10, dtype=torch.int64), "t": torch.randn(6, 4).t(),
-          "f8": torch.randn(5).to(torch.float8_e4m3fn), "flag": torch.tensor(True)}
+    sd = {
+        "a": torch.randn(33, 7),
+        "b": torch.arange(10, dtype=torch.int64),
+        "t": torch.randn(6, 4).t(),
+        "f8": torch.randn(5).to(torch.float8_e4m3fn),
+        "flag": torch.tensor(True),
+    }
     with StagingClient(d.endpoint, rank=0, local_world_size=1, world_size=1, transport="frames") as c:
         assert c.stage(sd, step=1).wait(10)["tensors"] == 5
     with Subscriber(d.endpoint) as sub, sub.latest() as snap:
@@ -226,7 +255,12 @@ def test_non_tensor_leaves_and_model_info(make_daemon):
         bad = c.stage({"w": torch.ones(3), "x": {1, 2}}, step=8)
         assert bad.wait_copied() is False and "cannot be staged" in str(bad.error)
     with Subscriber(d.endpoint) as sub, sub.latest() as snap:
-        assert snap.objects == {"train.step": 7, "train.name": "run", "train.hist": [1, 2.5, None], "train.raw": b"\x01"}
+        assert snap.objects == {
+            "train.step": 7,
+            "train.name": "run",
+            "train.hist": [1, 2.5, None],
+            "train.raw": b"\x01",
+        }
         assert snap.model_info == {"adapter": "llama3", "hf_config": {"n_heads": 4}}
 
 
@@ -302,8 +336,12 @@ def test_caps_on_steps_in_flight_and_leases(make_daemon, raw_peer):
     p = raw_peer(d.endpoint)
     p.hello()
     for step in range(1, 9):
-        assert isinstance(p.request(begin(step, W4, shm=False) if step == 1 else
-                                    Begin(step=step, digest=W4_DIGEST, plan=None, shm=False)), BeginReply)
+        assert isinstance(
+            p.request(
+                begin(step, W4, shm=False) if step == 1 else Begin(step=step, digest=W4_DIGEST, plan=None, shm=False)
+            ),
+            BeginReply,
+        )
     reply = p.request(Begin(step=9, digest=W4_DIGEST, plan=None, shm=False))
     assert error_code(reply) == ErrorCode.MEMORY_LIMIT.value and "still staging" in reply.message
     p.request(Put(step=8, regions=[0], frames=[bytes(16)]))

@@ -5,9 +5,9 @@ import os
 
 import torch
 import zmq
+
 from conftest import error_code
 from helpers import wait_until
-
 from stager.client import StagingClient, Subscriber
 from stager.daemon import reading, segments
 from stager.protocol import Acquire, ErrorCode, Read, ReadItem, ReadReply, Release, StagerError

@@ -16,15 +16,29 @@ from helpers import wait_until
 from stager.client import StagingClient, Subscriber
 from stager.client.adapters import load_adapter
 
-CONFIG = {"vocab_size": 96, "hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": 1,
-          "num_attention_heads": 4, "num_key_value_heads": 2}
+CONFIG = {
+    "vocab_size": 96,
+    "hidden_size": 32,
+    "intermediate_size": 48,
+    "num_hidden_layers": 1,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+}
 INFO = {"adapter": "llama3", "hf_config": CONFIG}
-SHAPES = {"tok_embeddings.weight": (96, 32), "layers.0.attention.wq.weight": (32, 32),
-          "layers.0.attention.wk.weight": (16, 32), "layers.0.attention.wv.weight": (16, 32),
-          "layers.0.attention.wo.weight": (32, 32), "layers.0.attention_norm.weight": (32,),
-          "layers.0.ffn_norm.weight": (32,), "layers.0.feed_forward.w1.weight": (48, 32),
-          "layers.0.feed_forward.w2.weight": (32, 48), "layers.0.feed_forward.w3.weight": (48, 32),
-          "norm.weight": (32,), "output.weight": (96, 32)}
+SHAPES = {
+    "tok_embeddings.weight": (96, 32),
+    "layers.0.attention.wq.weight": (32, 32),
+    "layers.0.attention.wk.weight": (16, 32),
+    "layers.0.attention.wv.weight": (16, 32),
+    "layers.0.attention.wo.weight": (32, 32),
+    "layers.0.attention_norm.weight": (32,),
+    "layers.0.ffn_norm.weight": (32,),
+    "layers.0.feed_forward.w1.weight": (48, 32),
+    "layers.0.feed_forward.w2.weight": (32, 48),
+    "layers.0.feed_forward.w3.weight": (48, 32),
+    "norm.weight": (32,),
+    "output.weight": (96, 32),
+}
 
 
 def first(seed=0) -> dict:
@@ -146,13 +160,17 @@ def test_random_chains_are_bit_exact(data):
     seed = data.draw(st.integers(0, 2**16), label="seed")
     g = torch.Generator().manual_seed(seed)
     tmp = tempfile.mkdtemp(prefix="stg", dir="/tmp")
-    d = InProcessDaemon(f"ipc://{tmp}/d.sock", memory_limit=64 << 20, step_timeout=10.0, keep=keep,
-                        change_maps_keep=maps_keep)
+    d = InProcessDaemon(
+        f"ipc://{tmp}/d.sock", memory_limit=64 << 20, step_timeout=10.0, keep=keep, change_maps_keep=maps_keep
+    )
     try:
         sd = dict(first(seed), h=torch.randn(24, 24, generator=g).bfloat16())  # staged in the reader's dtype
         readers = {False: ({}, None), True: ({}, None)}  # remote -> (dst, step it holds)
-        with StagingClient(d.endpoint, strict=True) as c, Subscriber(d.endpoint) as local, \
-                Subscriber(d.endpoint, remote=True) as remote:
+        with (
+            StagingClient(d.endpoint, strict=True) as c,
+            Subscriber(d.endpoint) as local,
+            Subscriber(d.endpoint, remote=True) as remote,
+        ):
             subs = {False: local, True: remote}
             for step in range(1, steps + 1):
                 kind = data.draw(st.sampled_from(["sparse", "sparse", "dense", "same", "reshape"]), label="kind")
@@ -184,20 +202,37 @@ def test_random_chains_are_bit_exact(data):
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-@pytest.mark.parametrize("tensors,frames,why", [
-    ([["w", "indices", 1]], [torch.tensor([9], dtype=torch.int32), torch.ones(1, dtype=torch.bfloat16)], "fit"),
-    ([["w", "indices", 1]], [torch.tensor([-1], dtype=torch.int32), torch.ones(1, dtype=torch.bfloat16)], "negative"),
-    ([["w", "indices", 2]], [torch.tensor([0, 1], dtype=torch.int32), torch.ones(1, dtype=torch.bfloat16)], "short"),
-    ([["v", "unchanged", 0]], [], "names 'v'"),
-], ids=["out of range", "negative", "values short", "another tensor"])
+@pytest.mark.parametrize(
+    "tensors,frames,why",
+    [
+        ([["w", "indices", 1]], [torch.tensor([9], dtype=torch.int32), torch.ones(1, dtype=torch.bfloat16)], "fit"),
+        (
+            [["w", "indices", 1]],
+            [torch.tensor([-1], dtype=torch.int32), torch.ones(1, dtype=torch.bfloat16)],
+            "negative",
+        ),
+        (
+            [["w", "indices", 2]],
+            [torch.tensor([0, 1], dtype=torch.int32), torch.ones(1, dtype=torch.bfloat16)],
+            "short",
+        ),
+        ([["v", "unchanged", 0]], [], "names 'v'"),
+    ],
+    ids=["out of range", "negative", "values short", "another tensor"],
+)
 def test_a_bad_changes_reply_is_a_typed_error_and_writes_nothing(tensors, frames, why):
     from stager.client.readers.delta import _apply
     from stager.protocol import ChangesReply, StagerError
 
     dst = torch.zeros(4, dtype=torch.bfloat16)
-    reply = ChangesReply(step=2, since=1, tensors=tensors, frames=[f.numpy().tobytes() if f.dtype != torch.bfloat16
-                                                                   else f.view(torch.int16).numpy().tobytes()
-                                                                   for f in frames])
+    reply = ChangesReply(
+        step=2,
+        since=1,
+        tensors=tensors,
+        frames=[
+            f.numpy().tobytes() if f.dtype != torch.bfloat16 else f.view(torch.int16).numpy().tobytes() for f in frames
+        ],
+    )
     with pytest.raises(StagerError, match=why):
         _apply(None, [("w", "w", dst)], reply, torch.bfloat16, False)
     assert not dst.any()

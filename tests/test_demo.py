@@ -12,8 +12,12 @@ CONSUMERS = ("trainer", "subscriber", "export_hf", "write_dcp")
 
 @pytest.fixture(scope="module")
 def demo():
-    proc = subprocess.run([sys.executable, "-m", "stager.cli", "demo", "--steps", "4", "--every", "2", "--json"],
-                          capture_output=True, text=True, timeout=240)
+    proc = subprocess.run(
+        [sys.executable, "-m", "stager.cli", "demo", "--steps", "4", "--every", "2", "--json"],
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
     lines = proc.stdout.strip().splitlines()
     assert len(lines) == 1, proc.stdout + proc.stderr  # --json prints one object, nothing else on stdout
     return proc, json.loads(lines[0])

@@ -52,7 +52,7 @@ def parse_cli(argv: list[str]) -> argparse.Namespace:
 def stager_argv(command: list[str]) -> list[str]:
     """The arguments after the `stager` executable in a command line."""
     index = next(i for i, word in enumerate(command) if os.path.basename(word) == "stager")
-    return command[index + 1:]
+    return command[index + 1 :]
 
 
 # ---------------------------------------------------------------------------------------------- systemd
@@ -74,15 +74,20 @@ def systemd_verify(text: str, tmp_path: pathlib.Path, user: bool) -> subprocess.
     unit.write_text(text.replace("/opt/stager/bin/stager", STAGER_BIN).replace("%h/.venv/bin/stager", STAGER_BIN))
     runtime = tmp_path / "run"
     runtime.mkdir(exist_ok=True)
-    return subprocess.run(["systemd-analyze", *(["--user"] if user else []), "verify", "--man=no", str(unit)],
-                          capture_output=True, text=True, timeout=120,
-                          env={**os.environ, "XDG_RUNTIME_DIR": str(runtime), "SYSTEMD_LOG_LEVEL": "notice"})
+    return subprocess.run(
+        ["systemd-analyze", *(["--user"] if user else []), "verify", "--man=no", str(unit)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "XDG_RUNTIME_DIR": str(runtime), "SYSTEMD_LOG_LEVEL": "notice"},
+    )
 
 
 def assert_verified(result: subprocess.CompletedProcess) -> None:
     # systemd-analyze reports unknown keys and bad values on stderr and still exits 0: any output fails
-    assert result.returncode == 0 and not result.stderr.strip() and not result.stdout.strip(), \
+    assert result.returncode == 0 and not result.stderr.strip() and not result.stdout.strip(), (
         result.stdout + result.stderr
+    )
 
 
 needs_systemd = pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze not installed")
@@ -95,8 +100,14 @@ def test_systemd_units_verify(variant, tmp_path):
 
 
 @needs_systemd
-@pytest.mark.parametrize("breakage", [("KillSignal=", "KilSignal="), ("Restart=on-failure", "Restart=sometimes"),
-                                      ("TimeoutStopSec=90", "TimeoutStopSec=ninety")])
+@pytest.mark.parametrize(
+    "breakage",
+    [
+        ("KillSignal=", "KilSignal="),
+        ("Restart=on-failure", "Restart=sometimes"),
+        ("TimeoutStopSec=90", "TimeoutStopSec=ninety"),
+    ],
+)
 def test_systemd_verify_catches_a_broken_unit(breakage, tmp_path):
     text = UNITS["system"].read_text()
     assert breakage[0] in text
@@ -142,8 +153,15 @@ def test_reclaim_unlinks_what_a_killed_daemon_left(short_dir):
 # ------------------------------------------------------------------------------------------- kubernetes
 
 MODELS = {("v1", "Secret"): "V1Secret", ("apps/v1", "DaemonSet"): "V1DaemonSet", ("v1", "Pod"): "V1Pod"}
-_PRIMITIVE = {"str": (str,), "int": (int,), "bool": (bool,), "float": (int, float), "object": (object,),
-              "datetime": (str,), "date": (str,)}
+_PRIMITIVE = {
+    "str": (str,),
+    "int": (int,),
+    "bool": (bool,),
+    "float": (int, float),
+    "object": (object,),
+    "datetime": (str,),
+    "date": (str,),
+}
 
 
 def strict_check(data, type_name: str, path: str = "$") -> None:
@@ -193,8 +211,10 @@ def validate(doc: dict):
 
 def manifests() -> dict[str, list[dict]]:
     yaml = pytest.importorskip("yaml")
-    return {p.name: [d for d in yaml.safe_load_all(p.read_text()) if d]
-            for p in sorted((DEPLOY / "kubernetes").glob("*.yaml"))}
+    return {
+        p.name: [d for d in yaml.safe_load_all(p.read_text()) if d]
+        for p in sorted((DEPLOY / "kubernetes").glob("*.yaml"))
+    }
 
 
 def pod_specs() -> dict[str, dict]:
@@ -232,14 +252,17 @@ def test_kubernetes_manifests_are_valid_api_objects():
     assert {"training-pod.yaml", "reader-pod.yaml", "single-pod.yaml"} <= {n for n, _ in kinds}
 
 
-@pytest.mark.parametrize("path, wrong", [
-    (("spec", "template", "spec"), {"hostPid": True}),  # misspelled (hostPID)
-    (("spec", "template", "spec", "containers", 0), {"readinesProbe": {}}),
-    (("spec", "template", "spec", "volumes", 0, "hostPath"), {"tpye": "Directory"}),
-    (("spec", "template", "spec", "containers", 0, "resources"), {"request": {"memory": "1Gi"}}),
-    (("spec", "template", "spec"), {"hostNetwork": "yes"}),  # wrong type
-    (("spec",), {"replicas": 3}),  # a Deployment's field on a DaemonSet
-])
+@pytest.mark.parametrize(
+    "path, wrong",
+    [
+        (("spec", "template", "spec"), {"hostPid": True}),  # misspelled (hostPID)
+        (("spec", "template", "spec", "containers", 0), {"readinesProbe": {}}),
+        (("spec", "template", "spec", "volumes", 0, "hostPath"), {"tpye": "Directory"}),
+        (("spec", "template", "spec", "containers", 0, "resources"), {"request": {"memory": "1Gi"}}),
+        (("spec", "template", "spec"), {"hostNetwork": "yes"}),  # wrong type
+        (("spec",), {"replicas": 3}),  # a Deployment's field on a DaemonSet
+    ],
+)
 def test_strict_validation_refuses_a_misspelled_field(path, wrong):
     pytest.importorskip("kubernetes")
     import copy
@@ -262,8 +285,9 @@ def test_kubernetes_pods_share_the_daemons_memory_pids_and_identity():
         spec = specs[name]
         assert spec["hostPID"] is True and spec["hostNetwork"] is True, name  # pids and host identity
         shm = [v for v in spec["volumes"] if v.get("hostPath", {}).get("path") == "/dev/shm"]
-        assert shm and all({"name": shm[0]["name"], "mountPath": "/dev/shm"} in c["volumeMounts"]
-                           for c in containers(spec)), name
+        assert shm and all(
+            {"name": shm[0]["name"], "mountPath": "/dev/shm"} in c["volumeMounts"] for c in containers(spec)
+        ), name
         endpoint = {e["name"]: e.get("value") for c in containers(spec) for e in c.get("env", [])}["STAGER_ENDPOINT"]
         assert endpoint == "tcp://$(NODE_IP):7555", name
     single = specs["single-pod.yaml"]
@@ -346,7 +370,7 @@ def test_sbatch_stager_commands_parse():
     lines += re.findall(r'exec "\$2" ([^\'\n]+)', text)
     assert len(lines) >= 5  # serve (ipc; tcp with keys), status, write-dcp, export-hf
     for line in lines:
-        argv = [re.sub(r'\$\{?(\w+)(:-([^}]*))?\}?', lambda m: m.group(3) or "1", w) for w in shlex.split(line)]
+        argv = [re.sub(r"\$\{?(\w+)(:-([^}]*))?\}?", lambda m: m.group(3) or "1", w) for w in shlex.split(line)]
         parse_cli([a for a in argv if a != ">/dev/null"])
 
 
@@ -397,11 +421,21 @@ def test_sbatch_runs_and_tears_down_on_success_and_failure(code, tmp_path, short
     bin_dir.mkdir()
     _fake_slurm(bin_dir)
     (tmp_path / "train.py").write_text(TRAIN.format(code=code))
-    env = {**os.environ, "PATH": f"{bin_dir}:{os.path.dirname(STAGER_BIN)}:{os.environ['PATH']}",
-           "SLURM_JOB_ID": "4242", "SLURM_JOB_NUM_NODES": "1", "SLURM_JOB_NODELIST": "localhost",
-           "TRAIN_SCRIPT": str(tmp_path / "train.py"), "CKPT_DIR": str(tmp_path / "ckpt"),
-           "STAGER_RUN_DIR": f"{short_dir}/run", "STAGER_MEMORY_LIMIT": "16MiB", "DCP_EVERY": "1", "HF_EVERY": "1",
-           "PID_FILE": str(tmp_path / "daemon.pid"), "STAGER_READY_TIMEOUT": "60"}
+    env = {
+        **os.environ,
+        "PATH": f"{bin_dir}:{os.path.dirname(STAGER_BIN)}:{os.environ['PATH']}",
+        "SLURM_JOB_ID": "4242",
+        "SLURM_JOB_NUM_NODES": "1",
+        "SLURM_JOB_NODELIST": "localhost",
+        "TRAIN_SCRIPT": str(tmp_path / "train.py"),
+        "CKPT_DIR": str(tmp_path / "ckpt"),
+        "STAGER_RUN_DIR": f"{short_dir}/run",
+        "STAGER_MEMORY_LIMIT": "16MiB",
+        "DCP_EVERY": "1",
+        "HF_EVERY": "1",
+        "PID_FILE": str(tmp_path / "daemon.pid"),
+        "STAGER_READY_TIMEOUT": "60",
+    }
     out = subprocess.run(["bash", str(SBATCH)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=280)
     assert out.returncode == code, out.stdout + out.stderr
     daemon_pid = int((tmp_path / "daemon.pid").read_text())
@@ -435,13 +469,15 @@ def test_dockerfile_rules():
     ins = dockerfile_instructions()
     words = [w for w, _ in ins]
     assert ins[0] == ("ARG", "BASE=python:3.11-slim-bookworm") and ins[1] == ("FROM", "${BASE}")  # CPU default
-    assert "TORCH_INDEX" in DOCKERFILE.read_text() and re.search(r'"torch==\$\{TORCH_VERSION\}"', DOCKERFILE.read_text())
+    assert "TORCH_INDEX" in DOCKERFILE.read_text() and re.search(
+        r'"torch==\$\{TORCH_VERSION\}"', DOCKERFILE.read_text()
+    )
     user_at = max(i for i, w in enumerate(words) if w == "USER")
     assert ins[user_at][1] not in ("root", "0") and all(w != "RUN" for w in words[user_at:])  # non-root at run time
     assert json.loads(dict(ins)["ENTRYPOINT"]) == ["stager"]  # exec form: signals reach stager, not a shell
     assert json.loads(dict(ins)["CMD"]) == ["serve"] and dict(ins)["STOPSIGNAL"] == "SIGTERM"
     health = dict(ins)["HEALTHCHECK"]
-    assert parse_cli(json.loads(health[health.index("CMD") + 3:])[1:]).command == "status"
+    assert parse_cli(json.loads(health[health.index("CMD") + 3 :])[1:]).command == "status"
     notes = DOCKERFILE.read_text()
     assert all(flag in notes for flag in ("--ipc=", "--pid=host", "--shm-size"))
     assert "[metrics]" in notes  # the image can serve --metrics

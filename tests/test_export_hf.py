@@ -8,10 +8,10 @@ import sys
 import pytest
 import torch
 
+from helpers import CONFIG, lazy_importorskip
 from native_llama import NativeLlama
 from stager.client import StagingClient
 from stager.writers.export_hf import export_hf
-from helpers import CONFIG, lazy_importorskip
 
 transformers = lazy_importorskip("transformers")
 
@@ -27,8 +27,9 @@ def staged_llama(make_daemon):
     torch.manual_seed(0)
     native = NativeLlama(CONFIG).eval()
     with StagingClient(d.endpoint, rank=0, local_world_size=1, world_size=1, strict=True) as client:
-        client.stage({**native.state_dict()}, step=7,
-                     model_info={"adapter": "llama3", "hf_config": hf_config_dict()}).wait(30)
+        client.stage(
+            {**native.state_dict()}, step=7, model_info={"adapter": "llama3", "hf_config": hf_config_dict()}
+        ).wait(30)
     return d, native
 
 
@@ -57,9 +58,26 @@ def test_dtype_assets_keep_and_cli(staged_llama, tmp_path):
     assets.mkdir()
     (assets / "tokenizer.json").write_text("{}")
     (assets / "model.safetensors").write_text("not copied")
-    out = subprocess.run([sys.executable, "-m", "stager.cli", "export-hf", "--endpoint", d.endpoint, "--out",
-                          str(tmp_path / "hf"), "--dtype", "bfloat16", "--hf-assets", str(assets), "--json"],
-                         capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "stager.cli",
+            "export-hf",
+            "--endpoint",
+            d.endpoint,
+            "--out",
+            str(tmp_path / "hf"),
+            "--dtype",
+            "bfloat16",
+            "--hf-assets",
+            str(assets),
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode == 0, out.stderr
     path = json.loads(out.stdout)["exported"]
     from safetensors.torch import load_file

@@ -16,20 +16,43 @@ from stager.client.adapters import load_adapter
 from stager.client.admin import daemon_status
 from stager.writers.export_hf import export_snapshot
 
-DEEPSEEK = {"vocab_size": 64, "hidden_size": 32, "moe_intermediate_size": 16, "intermediate_size": 48,
-            "num_hidden_layers": 2, "first_k_dense_replace": 1, "num_attention_heads": 4, "n_routed_experts": 8,
-            "q_lora_rank": 0, "kv_lora_rank": 16, "qk_nope_head_dim": 8, "qk_rope_head_dim": 8, "v_head_dim": 12}
+DEEPSEEK = {
+    "vocab_size": 64,
+    "hidden_size": 32,
+    "moe_intermediate_size": 16,
+    "intermediate_size": 48,
+    "num_hidden_layers": 2,
+    "first_k_dense_replace": 1,
+    "num_attention_heads": 4,
+    "n_routed_experts": 8,
+    "q_lora_rank": 0,
+    "kv_lora_rank": 16,
+    "qk_nope_head_dim": 8,
+    "qk_rope_head_dim": 8,
+    "v_head_dim": 12,
+}
 
 
 def llama_sd() -> dict:
     g = torch.Generator().manual_seed(0)
-    h, kv = CONFIG["hidden_size"], CONFIG["hidden_size"] // CONFIG["num_attention_heads"] * CONFIG["num_key_value_heads"]
-    shapes = {"tok_embeddings.weight": (96, h), "layers.0.attention.wq.weight": (h, h),
-              "layers.0.attention.wk.weight": (kv, h), "layers.0.attention.wv.weight": (kv, h),
-              "layers.0.attention.wo.weight": (h, h), "layers.0.attention_norm.weight": (h,),
-              "layers.0.ffn_norm.weight": (h,), "layers.0.feed_forward.w1.weight": (48, h),
-              "layers.0.feed_forward.w2.weight": (h, 48), "layers.0.feed_forward.w3.weight": (48, h),
-              "norm.weight": (h,), "output.weight": (96, h)}
+    h, kv = (
+        CONFIG["hidden_size"],
+        CONFIG["hidden_size"] // CONFIG["num_attention_heads"] * CONFIG["num_key_value_heads"],
+    )
+    shapes = {
+        "tok_embeddings.weight": (96, h),
+        "layers.0.attention.wq.weight": (h, h),
+        "layers.0.attention.wk.weight": (kv, h),
+        "layers.0.attention.wv.weight": (kv, h),
+        "layers.0.attention.wo.weight": (h, h),
+        "layers.0.attention_norm.weight": (h,),
+        "layers.0.ffn_norm.weight": (h,),
+        "layers.0.feed_forward.w1.weight": (48, h),
+        "layers.0.feed_forward.w2.weight": (h, 48),
+        "layers.0.feed_forward.w3.weight": (48, h),
+        "norm.weight": (h,),
+        "output.weight": (96, h),
+    }
     return {k: torch.randn(s, generator=g) for k, s in shapes.items()}
 
 
@@ -42,17 +65,32 @@ def deepseek_sd() -> dict:
     shapes = {"tok_embeddings.weight": (64, h), "norm.weight": (h,), "output.weight": (64, h)}
     for layer in range(2):
         p = f"layers.{layer}."
-        shapes.update({p + "attention_norm.weight": (h,), p + "ffn_norm.weight": (h,),
-                       p + "attention.wq.weight": (q_rows, h),
-                       p + "attention.wkv_a.weight": (c["kv_lora_rank"] + r, h),
-                       p + "attention.kv_norm.weight": (c["kv_lora_rank"],),
-                       p + "attention.wkv_b.weight": (c["num_attention_heads"] * (c["qk_nope_head_dim"] +
-                                                                                  c["v_head_dim"]), c["kv_lora_rank"]),
-                       p + "attention.wo.weight": (h, c["num_attention_heads"] * c["v_head_dim"])})
-    shapes.update({"layers.0.feed_forward.w1.weight": (48, h), "layers.0.feed_forward.w2.weight": (h, 48),
-                   "layers.0.feed_forward.w3.weight": (48, h), "layers.1.moe.router.gate.weight": (e, h),
-                   "layers.1.moe.expert_bias": (e,), "layers.1.moe.experts.w1": (e, m, h),
-                   "layers.1.moe.experts.w2": (e, h, m), "layers.1.moe.experts.w3": (e, m, h)})
+        shapes.update(
+            {
+                p + "attention_norm.weight": (h,),
+                p + "ffn_norm.weight": (h,),
+                p + "attention.wq.weight": (q_rows, h),
+                p + "attention.wkv_a.weight": (c["kv_lora_rank"] + r, h),
+                p + "attention.kv_norm.weight": (c["kv_lora_rank"],),
+                p + "attention.wkv_b.weight": (
+                    c["num_attention_heads"] * (c["qk_nope_head_dim"] + c["v_head_dim"]),
+                    c["kv_lora_rank"],
+                ),
+                p + "attention.wo.weight": (h, c["num_attention_heads"] * c["v_head_dim"]),
+            }
+        )
+    shapes.update(
+        {
+            "layers.0.feed_forward.w1.weight": (48, h),
+            "layers.0.feed_forward.w2.weight": (h, 48),
+            "layers.0.feed_forward.w3.weight": (48, h),
+            "layers.1.moe.router.gate.weight": (e, h),
+            "layers.1.moe.expert_bias": (e,),
+            "layers.1.moe.experts.w1": (e, m, h),
+            "layers.1.moe.experts.w2": (e, h, m),
+            "layers.1.moe.experts.w3": (e, m, h),
+        }
+    )
     return {k: torch.randn(s, generator=g) for k, s in shapes.items()}
 
 
@@ -93,8 +131,12 @@ def test_cli_json_line_has_the_export_time(make_daemon, tmp_path):
     d = make_daemon()
     with StagingClient(d.endpoint, strict=True) as c:
         c.stage(llama_sd(), step=2, model_info={"adapter": "llama3", "hf_config": CONFIG}).wait(10)
-    out = subprocess.run([sys.executable, "-m", "stager.cli", "export-hf", "--endpoint", d.endpoint, "--out",
-                          str(tmp_path), "--json"], capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-m", "stager.cli", "export-hf", "--endpoint", d.endpoint, "--out", str(tmp_path), "--json"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode == 0, out.stderr
     (line,) = out.stdout.splitlines()
     record = json.loads(line)

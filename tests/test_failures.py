@@ -14,11 +14,11 @@ from conftest import error_code, wire_plan
 from helpers import wait_until
 from stager.client import StagingClient, Subscriber
 from stager.client.admin import daemon_status
-from stager.dev.launch import DaemonProcess
-from stager.protocol.layout import plan_digest
-from stager.protocol import Begin, BeginReply, Commit, ErrorCode, StagerError
-from stager.protocol.shm import SHM_DIR
 from stager.daemon.segments import list_segments
+from stager.dev.launch import DaemonProcess
+from stager.protocol import Begin, BeginReply, Commit, ErrorCode, StagerError
+from stager.protocol.layout import plan_digest
+from stager.protocol.shm import SHM_DIR
 
 HERE = os.path.dirname(__file__)
 
@@ -30,8 +30,14 @@ def status_of(endpoint):
 def test_rank_killed_mid_step_fails_only_that_step():
     width = 1 << 16
     with DaemonProcess(args=("--memory-limit", "64MiB", "--keep", "2")) as daemon:
-        rank1 = subprocess.Popen([sys.executable, "-c", f"import sys; sys.path.insert(0, {HERE!r}); import dist_jobs; "
-                                  f"dist_jobs.die_mid_step({daemon.endpoint!r}, 1, {width})"])
+        rank1 = subprocess.Popen(
+            [
+                sys.executable,
+                "-c",
+                f"import sys; sys.path.insert(0, {HERE!r}); import dist_jobs; "
+                f"dist_jobs.die_mid_step({daemon.endpoint!r}, 1, {width})",
+            ]
+        )
         try:
             w0 = torch.full((width,), 0.0)
             with StagingClient(daemon.endpoint, rank=0, local_world_size=2, world_size=2, strict=True) as client:
@@ -62,8 +68,10 @@ def test_reader_killed_holding_a_lease_releases_it(make_daemon):
     d = make_daemon()
     with StagingClient(d.endpoint, rank=0, local_world_size=1, world_size=1) as c:
         c.stage({"w": torch.ones(16)}, step=1).wait(10)
-    code = (f"from stager.client import Subscriber; import os, signal; s = Subscriber({d.endpoint!r}); "
-            "snap = s.latest(); print(snap.step, flush=True); os.kill(os.getpid(), signal.SIGKILL)")
+    code = (
+        f"from stager.client import Subscriber; import os, signal; s = Subscriber({d.endpoint!r}); "
+        "snap = s.latest(); print(snap.step, flush=True); os.kill(os.getpid(), signal.SIGKILL)"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.stdout.strip() == "1"
     wait_until(lambda: d.status()["leases"] == 0)

@@ -8,12 +8,24 @@ pytestmark = pytest.mark.fast  # the fast tier: no daemon process, no torch.dist
 
 
 def test_nested_and_flat_keys():
-    sd = {"model": {"a.w": torch.ones(2), "b": {"w": torch.zeros(1)}}, "step": 5, "lrs": [0.1, 0.2],
-          "extra": {"name": "x", "blob": b"\x00", "none": None, "ok": True}, "empty": {}}
+    sd = {
+        "model": {"a.w": torch.ones(2), "b": {"w": torch.zeros(1)}},
+        "step": 5,
+        "lrs": [0.1, 0.2],
+        "extra": {"name": "x", "blob": b"\x00", "none": None, "ok": True},
+        "empty": {},
+    }
     tensors, objects = flatten_state_dict(sd)
     assert sorted(tensors) == ["model.a.w", "model.b.w"]
-    assert objects == {"step": 5, "lrs": [0.1, 0.2], "extra.name": "x", "extra.blob": b"\x00",
-                       "extra.none": None, "extra.ok": True, "empty": {}}
+    assert objects == {
+        "step": 5,
+        "lrs": [0.1, 0.2],
+        "extra.name": "x",
+        "extra.blob": b"\x00",
+        "extra.none": None,
+        "extra.ok": True,
+        "empty": {},
+    }
 
 
 def test_optimizer_int_keys():
@@ -21,14 +33,17 @@ def test_optimizer_int_keys():
     assert list(tensors) == ["state.0.exp_avg"]
 
 
-@pytest.mark.parametrize("sd,text", [
-    ({"a": {"b": torch.ones(1)}, "a.b": torch.ones(1)}, "same dotted name"),
-    ({"x": [torch.ones(1)]}, "tensors inside lists"),
-    ({"x": object()}, "type object cannot be staged"),
-    ({"x": 1 << 70}, "does not fit 64 bits"),
-    ({("t",): torch.ones(1)}, "keys must be str"),
-    ([1, 2], "must be a mapping"),
-])
+@pytest.mark.parametrize(
+    "sd,text",
+    [
+        ({"a": {"b": torch.ones(1)}, "a.b": torch.ones(1)}, "same dotted name"),
+        ({"x": [torch.ones(1)]}, "tensors inside lists"),
+        ({"x": object()}, "type object cannot be staged"),
+        ({"x": 1 << 70}, "does not fit 64 bits"),
+        ({("t",): torch.ones(1)}, "keys must be str"),
+        ([1, 2], "must be a mapping"),
+    ],
+)
 def test_bad_leaves_name_the_key(sd, text):
     with pytest.raises(StagerError) as info:
         flatten_state_dict(sd)
@@ -64,18 +79,21 @@ def test_write_spans_cover_exactly_the_rank_rows():
     from stager.client.hook.writer import write_spans
     from stager.protocol.layout import assignment_from_wire, plan_from_wire
 
-    plan = plan_from_wire([["w", "f32", [8, 4], [4, 0], [4, 4]], ["b", "f32", [8], [0], [8]],
-                           ["t", "f32", [4, 6], [0, 3], [4, 3]]])
+    plan = plan_from_wire(
+        [["w", "f32", [8, 4], [4, 0], [4, 4]], ["b", "f32", [8], [0], [8]], ["t", "f32", [4, 6], [0, 3], [4, 3]]]
+    )
     assignment = assignment_from_wire([[0, [8, 4], [4, 0]], None, [8192, [4, 6], [0, 3]]])
     assert write_spans(plan, assignment) == [(64, 128), (8192 + 12, 8192 + 96)]
 
 
-@pytest.mark.parametrize("dst_off,src_off,n", [(0, 0, 1 << 20), (3, 5, (1 << 20) + 7), (61, 0, 300), (0, 1, 255), (7, 9, 0)])
+@pytest.mark.parametrize(
+    "dst_off,src_off,n", [(0, 0, 1 << 20), (3, 5, (1 << 20) + 7), (61, 0, 300), (0, 1, 255), (7, 9, 0)]
+)
 def test_bulk_copy_any_alignment(dst_off, src_off, n):
     from stager.client.hook.copier import _bulk_copy
 
     src = torch.randint(0, 255, (n + 64,), dtype=torch.uint8)
     dst = torch.zeros(n + 64, dtype=torch.uint8)
     _bulk_copy(dst.data_ptr() + dst_off, src.data_ptr() + src_off, n)
-    assert torch.equal(dst[dst_off:dst_off + n], src[src_off:src_off + n])
-    assert not dst[:dst_off].any() and not dst[dst_off + n:].any()  # nothing written outside
+    assert torch.equal(dst[dst_off : dst_off + n], src[src_off : src_off + n])
+    assert not dst[:dst_off].any() and not dst[dst_off + n :].any()  # nothing written outside

@@ -11,16 +11,18 @@ import threading
 
 import pytest
 import torch
+
 from helpers import CONFIG, wait_until
 from native_llama import NativeLlama
-
 from stager.client import StagingClient, Subscriber
-from stager.writers.persist import for_each_version, step_dirname, step_of_dirname
 from stager.protocol import HFConfigError
+from stager.writers.persist import for_each_version, step_dirname, step_of_dirname
 
 # the issue's model_info: passes staging's validation, then every HF consumer tripped over it
-BAD_INFO = {"adapter": "llama3", "hf_config": {"hidden_size": 64, "num_attention_heads": 4,
-                                               "num_key_value_heads": [1], "head_dim": {"x": None}}}
+BAD_INFO = {
+    "adapter": "llama3",
+    "hf_config": {"hidden_size": 64, "num_attention_heads": 4, "num_key_value_heads": [1], "head_dim": {"x": None}},
+}
 GOOD_INFO = {"adapter": "llama3", "hf_config": dict(CONFIG, model_type="llama")}
 
 
@@ -52,9 +54,23 @@ def test_export_hf_follow_survives_a_bad_hf_config_and_exports_the_next_version(
     out, log_file, out_file = str(tmp_path / "hf"), str(tmp_path / "follower.log"), str(tmp_path / "stdout")
     _stage(d.endpoint, 1, BAD_INFO, {"w": torch.ones(4)})
     with open(out_file, "w") as stdout:
-        proc = subprocess.Popen(_cli("--log-file", log_file, "export-hf", "--endpoint", d.endpoint, "--out", out,
-                                     "--follow", "--json", "--no-progress"),
-                                stdout=stdout, stderr=subprocess.PIPE, text=True)
+        proc = subprocess.Popen(
+            _cli(
+                "--log-file",
+                log_file,
+                "export-hf",
+                "--endpoint",
+                d.endpoint,
+                "--out",
+                out,
+                "--follow",
+                "--json",
+                "--no-progress",
+            ),
+            stdout=stdout,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
     try:
         # the follower leases the newest version (step 1) first: it fails, is logged, and the follower waits on
         wait_until(lambda: "step 1" in _read(log_file) or proc.poll() is not None, timeout=60)
@@ -72,14 +88,19 @@ def test_export_hf_follow_survives_a_bad_hf_config_and_exports_the_next_version(
     assert len(failed) == 1, _read(log_file)
     assert "num_key_value_heads" in failed[0] and "hf_config" in failed[0]
     assert [os.path.basename(json.loads(line)["exported"]) for line in _read(out_file).splitlines()] == [
-        step_dirname(2)]
+        step_dirname(2)
+    ]
 
 
 def test_one_shot_export_of_a_bad_hf_config_is_one_typed_line(make_daemon, tmp_path):
     d = make_daemon()
     _stage(d.endpoint, 1, BAD_INFO, {"w": torch.ones(4)})
-    proc = subprocess.run(_cli("export-hf", "--endpoint", d.endpoint, "--out", str(tmp_path / "hf"), "--step", "1"),
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        _cli("export-hf", "--endpoint", d.endpoint, "--out", str(tmp_path / "hf"), "--step", "1"),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode != 0
     assert "Traceback" not in proc.stderr
     lines = proc.stderr.strip().splitlines()
@@ -100,8 +121,15 @@ def test_hf_reader_gets_the_typed_error_then_reads_the_next_version(make_daemon)
             assert snap.step == 2 and "model.layers.0.self_attn.k_proj.weight" in snap.keys()
 
 
-@pytest.mark.parametrize("exc", [TypeError("int() argument must be ..., not 'list'"), KeyError("head_dim"),
-                                 OSError(28, "No space left on device"), RuntimeError("view size is not compatible")])
+@pytest.mark.parametrize(
+    "exc",
+    [
+        TypeError("int() argument must be ..., not 'list'"),
+        KeyError("head_dim"),
+        OSError(28, "No space left on device"),
+        RuntimeError("view size is not compatible"),
+    ],
+)
 def test_a_follower_survives_any_failure_of_one_version(make_daemon, tmp_path, caplog, exc):
     """for_each_version is every follower's loop (export-hf, write-dcp, the demo's): any exception from
     one version is one log line and one failure report, then the next version is written."""
@@ -116,8 +144,12 @@ def test_a_follower_survives_any_failure_of_one_version(make_daemon, tmp_path, c
         return os.path.join(out, step_dirname(snap.step))
 
     _stage(d.endpoint, 1, None, {"w": torch.ones(4)})
-    follower = threading.Thread(target=lambda: result.update(paths=for_each_version(
-        write, out, endpoint=d.endpoint, follow=True, max_writes=1, on_report=reports.append)), daemon=True)
+    follower = threading.Thread(
+        target=lambda: result.update(
+            paths=for_each_version(write, out, endpoint=d.endpoint, follow=True, max_writes=1, on_report=reports.append)
+        ),
+        daemon=True,
+    )
     with caplog.at_level(logging.INFO, logger="stager.writers.persist"):
         follower.start()
         wait_until(lambda: reports or not follower.is_alive(), timeout=60)

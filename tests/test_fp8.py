@@ -60,13 +60,16 @@ def test_fsdp2_float8_training_weights_are_staged_in_high_precision():
 FP8 = torch.float8_e4m3fn
 
 
-@pytest.mark.parametrize("data_shape,scale_shape,mode", [
-    ((4, 6), (), "div"),            # torchao: one scale, hp = data / scale
-    ((4, 6), (1,), "mul"),
-    ((4, 6), (4, 1), "mul"),        # per row
-    ((300, 200), (3, 2), "mul"),    # 128 x 128 blocks (DeepSeek-V3), ragged last block
-    ((5,), (5,), "div"),
-])
+@pytest.mark.parametrize(
+    "data_shape,scale_shape,mode",
+    [
+        ((4, 6), (), "div"),  # torchao: one scale, hp = data / scale
+        ((4, 6), (1,), "mul"),
+        ((4, 6), (4, 1), "mul"),  # per row
+        ((300, 200), (3, 2), "mul"),  # 128 x 128 blocks (DeepSeek-V3), ragged last block
+        ((5,), (5,), "div"),
+    ],
+)
 def test_dequantize_matches_a_reference_loop(data_shape, scale_shape, mode):
     data = torch.randn(data_shape).to(FP8)
     scale = torch.rand(scale_shape) + 0.5
@@ -84,15 +87,18 @@ def test_dequantize_matches_a_reference_loop(data_shape, scale_shape, mode):
 GOOD = {"w": ("f8e4m3", (4, 6)), "s": ("f32", (4, 1)), "b": ("bf16", (4,))}
 
 
-@pytest.mark.parametrize("raw,text", [
-    ({"w": {"scale": "s", "mode": "mul"}}, "exactly 'scale', 'mode' and 'dtype'"),
-    ({"w": {"scale": "s", "mode": "pow", "dtype": "f32"}}, "mode must be one of"),
-    ({"w": {"scale": "s", "mode": "mul", "dtype": "f8e4m3"}}, "high-precision dtype"),
-    ({"w": {"scale": "gone", "mode": "mul", "dtype": "f32"}}, "not in the staged state dict"),
-    ({"b": {"scale": "s", "mode": "mul", "dtype": "f32"}}, "only float8 data"),
-    ({"w": {"scale": "w", "mode": "mul", "dtype": "f32"}}, "must name another tensor"),
-    ({"w": {"scale": "b", "mode": "mul", "dtype": "f32"}}, "does not fit data shape"),
-])
+@pytest.mark.parametrize(
+    "raw,text",
+    [
+        ({"w": {"scale": "s", "mode": "mul"}}, "exactly 'scale', 'mode' and 'dtype'"),
+        ({"w": {"scale": "s", "mode": "pow", "dtype": "f32"}}, "mode must be one of"),
+        ({"w": {"scale": "s", "mode": "mul", "dtype": "f8e4m3"}}, "high-precision dtype"),
+        ({"w": {"scale": "gone", "mode": "mul", "dtype": "f32"}}, "not in the staged state dict"),
+        ({"b": {"scale": "s", "mode": "mul", "dtype": "f32"}}, "only float8 data"),
+        ({"w": {"scale": "w", "mode": "mul", "dtype": "f32"}}, "must name another tensor"),
+        ({"w": {"scale": "b", "mode": "mul", "dtype": "f32"}}, "does not fit data shape"),
+    ],
+)
 def test_bad_quantization_metadata_names_the_tensor(raw, text):
     with pytest.raises(StagerError) as info:
         check_quant(raw, GOOD)

@@ -14,32 +14,43 @@ from helpers import lazy_importorskip, vllm_per_block_cast_to_fp8
 from native_llama import NativeLlama
 from stager.client import StagingClient, Subscriber
 from stager.client.adapters.fp8_scope import llama_fp8_weight
-from stager.writers.export_hf import export_hf, plan_export, write_files
 from stager.formats.hf_checkpoint import read_header
 from stager.protocol import ErrorCode, StagerError
 from stager.protocol.fp8_block import E4M3, dequantize_block_fp8
+from stager.writers.export_hf import export_hf, plan_export, write_files
 
 transformers = lazy_importorskip("transformers")
 
 # a tiny Llama whose quantized weights have partial 128 x 128 edge blocks (q [160, 160], k [80, 160], ...)
-PARTIAL = {"vocab_size": 96, "hidden_size": 160, "intermediate_size": 200, "num_hidden_layers": 2,
-           "num_attention_heads": 4, "num_key_value_heads": 2, "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
-           "max_position_embeddings": 64, "tie_word_embeddings": False}
+PARTIAL = {
+    "vocab_size": 96,
+    "hidden_size": 160,
+    "intermediate_size": 200,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "rms_norm_eps": 1e-5,
+    "rope_theta": 10000.0,
+    "max_position_embeddings": 64,
+    "tie_word_embeddings": False,
+}
 # one whose quantized dimensions are all multiples of 128 (what transformers can load: see below)
 WHOLE = {**PARTIAL, "hidden_size": 256, "intermediate_size": 384}
 
 
 def hf_config(c: dict) -> dict:
-    return transformers.LlamaConfig(**{k: v for k, v in c.items() if k != "rope_theta"},
-                                    rope_theta=c["rope_theta"]).to_dict()
+    return transformers.LlamaConfig(
+        **{k: v for k, v in c.items() if k != "rope_theta"}, rope_theta=c["rope_theta"]
+    ).to_dict()
 
 
 def stage(endpoint: str, c: dict, info: dict | None = None, step: int = 1) -> NativeLlama:
     torch.manual_seed(0)
     native = NativeLlama(c).eval()
     with StagingClient(endpoint, rank=0, local_world_size=1, world_size=1, strict=True) as client:
-        client.stage(native.state_dict(), step=step,
-                     model_info={"adapter": "llama3", "hf_config": hf_config(c), **(info or {})}).wait(30)
+        client.stage(
+            native.state_dict(), step=step, model_info={"adapter": "llama3", "hf_config": hf_config(c), **(info or {})}
+        ).wait(30)
     return native
 
 
@@ -59,8 +70,10 @@ def test_a_reader_gets_vllms_block_quantization_of_the_weights_fp8_checkpoints_q
     plain = hf_view(d.endpoint)
     quantized = [n for n in plain if llama_fp8_weight(n)]
     assert len(quantized) == 14  # 7 projections x 2 layers; embeddings, norms and lm_head stay as they are
-    with Subscriber(d.endpoint, view="hf", quantize="fp8-block", dtype=torch.bfloat16, remote=remote) as sub, \
-            sub.latest() as snap:
+    with (
+        Subscriber(d.endpoint, view="hf", quantize="fp8-block", dtype=torch.bfloat16, remote=remote) as sub,
+        sub.latest() as snap,
+    ):
         names = list(snap)
         assert snap.fp8 == {n: n + "_scale_inv" for n in quantized} and snap.fp8_block == (128, 128)
         assert [n for n in names if not n.endswith("_scale_inv")] == list(plain)
@@ -83,8 +96,7 @@ def test_a_reader_gets_vllms_block_quantization_of_the_weights_fp8_checkpoints_q
         assert snap.load_into(few) == ["model.layers.1.self_attn.k_proj.weight_scale_inv", "model.norm.weight"]
         with pytest.raises(StagerError, match=r"holds shape \[80, 160\] \(FP8 block-quantized\)"):
             snap.load_into({k: torch.empty(160, 80, dtype=E4M3)})
-    with Subscriber(d.endpoint, view="hf", quantize="fp8-block", names=[k + "_scale_inv"]) as sub, \
-            sub.latest() as snap:
+    with Subscriber(d.endpoint, view="hf", quantize="fp8-block", names=[k + "_scale_inv"]) as sub, sub.latest() as snap:
         assert list(snap) == [k + "_scale_inv"] and same(snap[k + "_scale_inv"], got[k + "_scale_inv"])
 
 
@@ -96,8 +108,11 @@ def test_load_into_refuses_a_destination_of_another_dtype_than_e4m3_weights_and_
     k = "model.layers.1.self_attn.k_proj.weight"
     with Subscriber(d.endpoint, view="hf", quantize="fp8-block", dtype=torch.bfloat16) as sub, sub.latest() as snap:
         norm = torch.full(snap.meta("model.norm.weight")[0], 7.0, dtype=torch.bfloat16)
-        for name, dtype, wrong in ((k, E4M3, torch.bfloat16), (k + "_scale_inv", torch.float32, torch.bfloat16),
-                                   (k + "_scale_inv", torch.float32, E4M3)):
+        for name, dtype, wrong in (
+            (k, E4M3, torch.bfloat16),
+            (k + "_scale_inv", torch.float32, torch.bfloat16),
+            (k + "_scale_inv", torch.float32, E4M3),
+        ):
             dst = torch.full(snap.meta(name)[0], 7.0, dtype=wrong)
             with pytest.raises(StagerError) as info:
                 snap.load_into({"model.norm.weight": norm, name: dst})
@@ -119,8 +134,11 @@ def test_fp8_read_options_are_checked_and_a_version_without_a_known_layout_is_a_
     with pytest.raises(ValueError, match="would cast without scales"):
         Subscriber(d.endpoint, view="hf", dtype=torch.float8_e4m3fn)
     with StagingClient(d.endpoint, strict=True) as client:
-        client.stage({"transformer.h.0.mlp.c_fc.weight": torch.ones(4, 4)}, step=1,
-                     model_info={"adapter": "identity", "hf_config": {"model_type": "gpt2"}}).wait(30)
+        client.stage(
+            {"transformer.h.0.mlp.c_fc.weight": torch.ones(4, 4)},
+            step=1,
+            model_info={"adapter": "identity", "hf_config": {"model_type": "gpt2"}},
+        ).wait(30)
     with Subscriber(d.endpoint, view="hf", quantize="fp8-block") as sub:
         with pytest.raises(StagerError) as info:
             sub.latest()
@@ -135,15 +153,35 @@ def test_fp8_export_loads_in_transformers_with_logits_within_e4m3s_error_of_the_
     d = make_daemon()
     native = stage(d.endpoint, WHOLE)
     plain = hf_view(d.endpoint)
-    out = subprocess.run([sys.executable, "-m", "stager.cli", "export-hf", "--endpoint", d.endpoint, "--out",
-                          str(tmp_path / "fp8"), "--dtype", "bfloat16", "--quantize", "fp8-block", "--json"],
-                         capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "stager.cli",
+            "export-hf",
+            "--endpoint",
+            d.endpoint,
+            "--out",
+            str(tmp_path / "fp8"),
+            "--dtype",
+            "bfloat16",
+            "--quantize",
+            "fp8-block",
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode == 0, out.stderr
     fp8 = json.loads(out.stdout)["exported"]
     (bf16,) = export_hf(str(tmp_path / "bf16"), endpoint=d.endpoint, dtype="bfloat16")
     config = json.load(open(os.path.join(fp8, "config.json")))
-    assert config["quantization_config"] == {"quant_method": "fp8", "activation_scheme": "dynamic",
-                                             "weight_block_size": [128, 128]}
+    assert config["quantization_config"] == {
+        "quant_method": "fp8",
+        "activation_scheme": "dynamic",
+        "weight_block_size": [128, 128],
+    }
     assert config["torch_dtype"] == "bfloat16"
     written = load_file(os.path.join(fp8, "model.safetensors"))
     with Subscriber(d.endpoint, view="hf", quantize="fp8-block", dtype=torch.bfloat16) as sub, sub.latest() as snap:
@@ -157,8 +195,11 @@ def test_fp8_export_loads_in_transformers_with_logits_within_e4m3s_error_of_the_
     reference = transformers.AutoModelForCausalLM.from_pretrained(bf16).eval()
     loaded = model.state_dict()
     for name in plain:  # transformers reads our scales as we mean them: its weights are ours dequantized
-        want = dequantize_block_fp8(written[name], written[name + "_scale_inv"], dtype=torch.bfloat16) \
-            if llama_fp8_weight(name) else written[name]
+        want = (
+            dequantize_block_fp8(written[name], written[name + "_scale_inv"], dtype=torch.bfloat16)
+            if llama_fp8_weight(name)
+            else written[name]
+        )
         assert same(loaded[name], want), name
     tokens = torch.randint(0, WHOLE["vocab_size"], (2, 16))
     with torch.no_grad():
@@ -167,7 +208,7 @@ def test_fp8_export_loads_in_transformers_with_logits_within_e4m3s_error_of_the_
     # errors of random sign average out in each dot product, so the logits move by less than that, relative to
     # their norm (measured: ~1.3%, against ~0.5% for the bf16 export's from the fp32 model's own logits)
     error = ((got - want).norm() / want.norm()).item()
-    assert 0 < error < 2.0 ** -4, error
+    assert 0 < error < 2.0**-4, error
     assert ((want - exact).norm() / exact.norm()).item() < error
 
 
@@ -182,8 +223,7 @@ def test_partial_block_fp8_export_loads_back_with_load_hf_and_verifies(make_daem
     assert written["model.layers.0.self_attn.k_proj.weight_scale_inv"].shape == (1, 2)
 
     def stager(*args):
-        return subprocess.run([sys.executable, "-m", "stager.cli", *args], capture_output=True, text=True,
-                              timeout=120)
+        return subprocess.run([sys.executable, "-m", "stager.cli", *args], capture_output=True, text=True, timeout=120)
 
     out = stager("load-hf", path, "--endpoint", loaded.endpoint, "--adapter", "llama3", "--dtype", "float32")
     assert out.returncode == 0, out.stderr
@@ -215,16 +255,20 @@ def test_a_scale_in_another_file_than_its_weight_is_quantized_by_its_own_writer(
         name = "model.layers.0.mlp.up_proj.weight_scale_inv"
         (f,) = [f for f, indices in enumerate(ep.files) if ep.tensors[indices[0]].name == name]
         assert write_files(snap, ep, [f], str(tmp_path), {}) == {name: ep.names[f]}
-    assert same(load_file(str(tmp_path / ep.names[f]))[name],
-                vllm_per_block_cast_to_fp8(plain["model.layers.0.mlp.up_proj.weight"])[1])
+    assert same(
+        load_file(str(tmp_path / ep.names[f]))[name],
+        vllm_per_block_cast_to_fp8(plain["model.layers.0.mlp.up_proj.weight"])[1],
+    )
 
 
 def test_an_export_that_is_not_quantized_drops_a_staged_fp8_quantization_config(make_daemon, tmp_path):
     """A version loaded from an FP8 checkpoint carries its config.json: exported dequantized, its
     quantization_config would make transformers (on GPU) and vLLM read bf16 weights as e4m3."""
     d = make_daemon()
-    config = {**hf_config(PARTIAL), "quantization_config": {"quant_method": "fp8", "activation_scheme": "dynamic",
-                                                            "weight_block_size": [128, 128]}}
+    config = {
+        **hf_config(PARTIAL),
+        "quantization_config": {"quant_method": "fp8", "activation_scheme": "dynamic", "weight_block_size": [128, 128]},
+    }
     stage(d.endpoint, PARTIAL, {"hf_config": config})
     (path,) = export_hf(str(tmp_path / "plain"), endpoint=d.endpoint, dtype="bfloat16")
     assert "quantization_config" not in json.load(open(os.path.join(path, "config.json")))
@@ -242,10 +286,15 @@ def test_a_whole_dict_plugin_adapter_is_quantized_by_the_configs_model_type(make
     with StagingClient(d.endpoint, strict=True) as client:
         client.stage(sd, step=1).wait(30)
     config = {"prefix": "", "model_type": "llama"}  # EagerPlugin prefixes names with hf_config["prefix"]
-    with Subscriber(d.endpoint, view="hf", adapter="helpers:EagerPlugin", hf_config=config,
-                    quantize="fp8-block") as sub, sub.latest() as snap:
-        assert list(snap) == ["model.layers.0.mlp.up_proj.weight", "model.layers.0.mlp.up_proj.weight_scale_inv",
-                              "model.norm.weight"]
+    with (
+        Subscriber(d.endpoint, view="hf", adapter="helpers:EagerPlugin", hf_config=config, quantize="fp8-block") as sub,
+        sub.latest() as snap,
+    ):
+        assert list(snap) == [
+            "model.layers.0.mlp.up_proj.weight",
+            "model.layers.0.mlp.up_proj.weight_scale_inv",
+            "model.norm.weight",
+        ]
         data, scale_inv = vllm_per_block_cast_to_fp8(sd["model.layers.0.mlp.up_proj.weight"])
         assert same(snap["model.layers.0.mlp.up_proj.weight"], data)
         assert same(snap["model.layers.0.mlp.up_proj.weight_scale_inv"], scale_inv)

@@ -9,8 +9,11 @@ from stager.client import StagingClient, Subscriber
 from stager.protocol import PROTOCOL_VERSION
 from stager.protocol.frames import message_types
 
-REQUESTS = [cls for cls in message_types().values() if not cls.TYPE.endswith("reply")
-            and cls.TYPE not in ("sealed", "ok", "pong", "error")]
+REQUESTS = [
+    cls
+    for cls in message_types().values()
+    if not cls.TYPE.endswith("reply") and cls.TYPE not in ("sealed", "ok", "pong", "error")
+]
 
 
 def junk(rng: random.Random, depth: int = 0):
@@ -36,8 +39,16 @@ def junk(rng: random.Random, depth: int = 0):
         return [junk(rng, depth + 1) for _ in range(rng.randint(0, 4))]
     if kind == "dict":
         return {str(i): junk(rng, depth + 1) for i in range(rng.randint(0, 3))}
-    return [[junk(rng, 2), rng.choice(["f32", "bf16", "zz"]), [rng.randint(-1, 8)],
-             [rng.randint(-1, 8)], [rng.randint(-1, 8)]] for _ in range(rng.randint(0, 3))]
+    return [
+        [
+            junk(rng, 2),
+            rng.choice(["f32", "bf16", "zz"]),
+            [rng.randint(-1, 8)],
+            [rng.randint(-1, 8)],
+            [rng.randint(-1, 8)],
+        ]
+        for _ in range(rng.randint(0, 3))
+    ]
 
 
 def test_random_requests_never_take_the_daemon_down(make_daemon, raw_peer):
@@ -56,8 +67,12 @@ def test_random_requests_never_take_the_daemon_down(make_daemon, raw_peer):
             for name in cls.SCHEMA:
                 if rng.random() < 0.6:
                     body[name] = getattr(proto, name) if rng.random() < 0.5 else body.get(name)
-        header = {"v": PROTOCOL_VERSION if rng.random() < 0.95 else rng.randint(0, 3), "t": cls.TYPE,
-                  "id": i + 1, "b": body}
+        header = {
+            "v": PROTOCOL_VERSION if rng.random() < 0.95 else rng.randint(0, 3),
+            "t": cls.TYPE,
+            "id": i + 1,
+            "b": body,
+        }
         frames = [msgpack.packb(header, use_bin_type=True)]
         frames += [rng.randbytes(rng.choice([0, 3, 16, 64])) for _ in range(rng.choice([0, 0, 1, 2]))]
         peer.send_frames(frames)

@@ -18,11 +18,22 @@ from stager.client.hook.replies import SEAL_PING_S, SealTracker
 from stager.client.hook.sender import PLAN_ACK_S_PER_ENTRY, Sender
 from stager.client.hook.writer import SegmentWriter
 from stager.protocol import (
-    Begin, BeginReply, Commit, ErrorCode, ErrorReply, HelloReply, Ok, Ping, Pong, Put, RemoteError, Sealed,
+    Begin,
+    BeginReply,
+    Commit,
+    ErrorCode,
+    ErrorReply,
+    HelloReply,
+    Ok,
+    Ping,
+    Pong,
+    Put,
+    RemoteError,
+    Sealed,
     StagerError,
 )
 from stager.protocol.dtypes import dtype_from_name
-from stager.protocol.layout import Box, PlanEntry, Placement
+from stager.protocol.layout import Box, Placement, PlanEntry
 from stager.protocol.quant import QuantSpec
 from stager.protocol.shm import SHM_DIR, placement_view
 
@@ -34,6 +45,7 @@ def entry(fqn, dtype, gshape, offset, lshape) -> PlanEntry:
 
 
 # ---------------------------------------------------------------------------------------- Planner
+
 
 def test_planner_builds_a_typed_plan():
     w, b = torch.ones(2, 3), torch.zeros(4, dtype=torch.bfloat16)
@@ -68,14 +80,18 @@ def test_planner_digest_is_stable_and_computed_once(monkeypatch):
 BASE = {"w": torch.ones(3, 2), "b": torch.ones(2)}
 
 
-@pytest.mark.parametrize("changed", [
-    {"w": torch.ones(4, 2), "b": torch.ones(2)},  # a shape
-    {"w": torch.ones(2, 3), "b": torch.ones(2)},  # same numel, other shape
-    {"w": torch.ones(3, 2, dtype=torch.float16), "b": torch.ones(2)},  # a dtype
-    {"w": torch.ones(3, 2), "bias": torch.ones(2)},  # a name
-    {"w": torch.ones(3, 2)},  # a tensor fewer
-    {"w": torch.ones(3, 2), "b": torch.ones(2), "c": torch.ones(1)},  # a tensor more
-], ids=["shape", "reshape", "dtype", "name", "fewer", "more"])
+@pytest.mark.parametrize(
+    "changed",
+    [
+        {"w": torch.ones(4, 2), "b": torch.ones(2)},  # a shape
+        {"w": torch.ones(2, 3), "b": torch.ones(2)},  # same numel, other shape
+        {"w": torch.ones(3, 2, dtype=torch.float16), "b": torch.ones(2)},  # a dtype
+        {"w": torch.ones(3, 2), "bias": torch.ones(2)},  # a name
+        {"w": torch.ones(3, 2)},  # a tensor fewer
+        {"w": torch.ones(3, 2), "b": torch.ones(2), "c": torch.ones(1)},  # a tensor more
+    ],
+    ids=["shape", "reshape", "dtype", "name", "fewer", "more"],
+)
 def test_planner_digest_changes_with_the_layout(changed):
     planner = Planner()
     before = planner.plan(BASE).digest
@@ -92,29 +108,41 @@ def test_planner_refuses_bad_leaves():
 
 # ------------------------------------------------------------------------------------ write_spans
 
-@pytest.mark.parametrize("plan,assignment,spans", [
-    # rows 4..7 of an (8, 4) f32 block at 0: bytes 64..128
-    ([entry("w", "f32", (8, 4), (4, 0), (4, 4))], [Placement(0, (8, 4), (4, 0))], [(64, 128)]),
-    # a replica another rank writes: nothing
-    ([entry("b", "f32", (8,), (0,), (8,))], [None], []),
-    # a column shard covers the rows it crosses, first to last element
-    ([entry("t", "f32", (4, 6), (0, 3), (4, 3))], [Placement(8192, (4, 6), (0, 3))], [(8192 + 12, 8192 + 96)]),
-    # itemsize comes from the dtype
-    ([entry("h", "bf16", (10,), (0,), (10,))], [Placement(100, (10,), (0,))], [(100, 120)]),
-    # an empty shard is skipped
-    ([entry("e", "f32", (0, 4), (0, 0), (0, 4))], [Placement(0, (0, 4), (0, 0))], []),
-    # two blocks less than a page apart merge, also out of order
-    ([entry("a", "f32", (16,), (0,), (16,)), entry("c", "f32", (16,), (0,), (16,))],
-     [Placement(4000, (16,), (0,)), Placement(0, (16,), (0,))], [(0, 4064)]),
-    # more than a page apart: separate
-    ([entry("a", "f32", (16,), (0,), (16,)), entry("c", "f32", (16,), (0,), (16,))],
-     [Placement(0, (16,), (0,)), Placement(64 + 4097, (16,), (0,))], [(0, 64), (4161, 4225)]),
-], ids=["rows", "replica", "columns", "bf16", "empty", "merge", "apart"])
+
+@pytest.mark.parametrize(
+    "plan,assignment,spans",
+    [
+        # rows 4..7 of an (8, 4) f32 block at 0: bytes 64..128
+        ([entry("w", "f32", (8, 4), (4, 0), (4, 4))], [Placement(0, (8, 4), (4, 0))], [(64, 128)]),
+        # a replica another rank writes: nothing
+        ([entry("b", "f32", (8,), (0,), (8,))], [None], []),
+        # a column shard covers the rows it crosses, first to last element
+        ([entry("t", "f32", (4, 6), (0, 3), (4, 3))], [Placement(8192, (4, 6), (0, 3))], [(8192 + 12, 8192 + 96)]),
+        # itemsize comes from the dtype
+        ([entry("h", "bf16", (10,), (0,), (10,))], [Placement(100, (10,), (0,))], [(100, 120)]),
+        # an empty shard is skipped
+        ([entry("e", "f32", (0, 4), (0, 0), (0, 4))], [Placement(0, (0, 4), (0, 0))], []),
+        # two blocks less than a page apart merge, also out of order
+        (
+            [entry("a", "f32", (16,), (0,), (16,)), entry("c", "f32", (16,), (0,), (16,))],
+            [Placement(4000, (16,), (0,)), Placement(0, (16,), (0,))],
+            [(0, 4064)],
+        ),
+        # more than a page apart: separate
+        (
+            [entry("a", "f32", (16,), (0,), (16,)), entry("c", "f32", (16,), (0,), (16,))],
+            [Placement(0, (16,), (0,)), Placement(64 + 4097, (16,), (0,))],
+            [(0, 64), (4161, 4225)],
+        ),
+    ],
+    ids=["rows", "replica", "columns", "bf16", "empty", "merge", "apart"],
+)
 def test_write_spans(plan, assignment, spans):
     assert writer_mod.write_spans(plan, assignment) == spans
 
 
 # ---------------------------------------------------------------------------------- SegmentWriter
+
 
 @pytest.fixture
 def segment_names():
@@ -138,14 +166,18 @@ def segment_names():
 
 
 def _reply(segment, size, layout="L1", live=()):
-    return BeginReply(step=1, segment=segment, size=size, layout=layout, assignment=None,
-                      live_segments=[segment, *live])
+    return BeginReply(
+        step=1, segment=segment, size=size, layout=layout, assignment=None, live_segments=[segment, *live]
+    )
 
 
 def test_writer_copies_each_shard_to_its_placement(segment_names):
     seg = segment_names(4096)
-    plan = [entry("w", "f32", (4, 4), (2, 0), (2, 4)), entry("b", "f32", (3,), (0,), (3,)),
-            entry("c", "f32", (2, 6), (0, 2), (2, 2))]
+    plan = [
+        entry("w", "f32", (4, 4), (2, 0), (2, 4)),
+        entry("b", "f32", (3,), (0,), (3,)),
+        entry("c", "f32", (2, 6), (0, 2), (2, 2)),
+    ]
     assignment = [Placement(0, (4, 4), (2, 0)), None, Placement(1024, (2, 6), (0, 2))]
     locals_ = [torch.arange(8.0).view(2, 4), torch.ones(3), torch.full((2, 2), 5.0)]
     writer = SegmentWriter(CopyEngine())
@@ -225,6 +257,7 @@ def test_a_partly_prefaulted_segment_is_finished_when_its_step_comes(segment_nam
 
 # ----------------------------------------------------------------------------------------- Sender
 
+
 class FakeConn:
     """The parts of Connection the sender and the tracker use, scripted by the test."""
 
@@ -280,9 +313,15 @@ def _sender(conn, transport="auto"):
     return Sender(conn, full_world=True, timeout=1.0, wait_ms=0, transport=transport)
 
 
-@pytest.mark.parametrize("transport,same_host,shm", [
-    ("auto", True, True), ("auto", False, False), ("shm", False, True), ("frames", True, False),
-])
+@pytest.mark.parametrize(
+    "transport,same_host,shm",
+    [
+        ("auto", True, True),
+        ("auto", False, False),
+        ("shm", False, True),
+        ("frames", True, False),
+    ],
+)
 def test_sender_chooses_the_transport(transport, same_host, shm):
     conn = FakeConn()
     conn.session, conn.same_host = None, same_host
@@ -301,11 +340,14 @@ def test_begin_sends_the_plan_once_per_session():
     assert conn.acks == [1.0 + len(PLAN) * PLAN_ACK_S_PER_ENTRY, 1.0]
 
 
-@pytest.mark.parametrize("first,hellos", [
-    (RemoteError(ErrorCode.PLAN_REQUIRED, "resend"), 0),
-    (RemoteError(ErrorCode.NOT_REGISTERED, "who?"), 1),
-    (RemoteError(ErrorCode.SESSION_EXPIRED, "silent too long"), 1),  # the daemon dropped a stopped rank
-])
+@pytest.mark.parametrize(
+    "first,hellos",
+    [
+        (RemoteError(ErrorCode.PLAN_REQUIRED, "resend"), 0),
+        (RemoteError(ErrorCode.NOT_REGISTERED, "who?"), 1),
+        (RemoteError(ErrorCode.SESSION_EXPIRED, "silent too long"), 1),  # the daemon dropped a stopped rank
+    ],
+)
 def test_begin_retries_once_with_the_plan(first, hellos):
     conn = FakeConn([BeginReply(layout="L"), first, BeginReply(layout="L")])
     sender = _sender(conn)
@@ -315,11 +357,17 @@ def test_begin_retries_once_with_the_plan(first, hellos):
     assert conn.hellos == hellos
 
 
-@pytest.mark.parametrize("replies,code", [
-    ([RemoteError(ErrorCode.PLAN_REQUIRED, "x"), RemoteError(ErrorCode.PLAN_REQUIRED, "x")], ErrorCode.PLAN_REQUIRED),
-    ([RemoteError(ErrorCode.BAD_PLAN, "no")], ErrorCode.BAD_PLAN),
-    ([Ok()], ErrorCode.BAD_MESSAGE),
-])
+@pytest.mark.parametrize(
+    "replies,code",
+    [
+        (
+            [RemoteError(ErrorCode.PLAN_REQUIRED, "x"), RemoteError(ErrorCode.PLAN_REQUIRED, "x")],
+            ErrorCode.PLAN_REQUIRED,
+        ),
+        ([RemoteError(ErrorCode.BAD_PLAN, "no")], ErrorCode.BAD_PLAN),
+        ([Ok()], ErrorCode.BAD_MESSAGE),
+    ],
+)
 def test_begin_failures(replies, code):
     with pytest.raises(StagerError) as info:
         _sender(FakeConn(replies)).begin(1, PLAN, "d1", True)
@@ -379,6 +427,7 @@ def test_commit_and_abort():
 
 # ------------------------------------------------------------------------------------ SealTracker
 
+
 def _tracked(seal_timeout=10.0, now=100.0):
     conn = FakeConn()
     tracker = SealTracker(conn, seal_timeout)
@@ -401,11 +450,14 @@ def test_sealed_reply_completes_the_handle():
     assert tracker.pending == {} and not tracker.awaiting
 
 
-@pytest.mark.parametrize("reply,code", [
-    (ErrorReply(id=41, code=ErrorCode.STEP_FAILED.value, message="rank 1 died"), ErrorCode.STEP_FAILED),
-    (ErrorReply(id=41, code=ErrorCode.MEMORY_LIMIT.value, message="full"), ErrorCode.MEMORY_LIMIT),
-    (Ok(id=41), ErrorCode.BAD_MESSAGE),
-])
+@pytest.mark.parametrize(
+    "reply,code",
+    [
+        (ErrorReply(id=41, code=ErrorCode.STEP_FAILED.value, message="rank 1 died"), ErrorCode.STEP_FAILED),
+        (ErrorReply(id=41, code=ErrorCode.MEMORY_LIMIT.value, message="full"), ErrorCode.MEMORY_LIMIT),
+        (Ok(id=41), ErrorCode.BAD_MESSAGE),
+    ],
+)
 def test_error_replies_fail_the_handle(reply, code):
     _, tracker, handle = _tracked()
     tracker.on_reply(reply)
@@ -459,11 +511,14 @@ def test_pong_with_a_new_session_fails_pending(session, lost):
         assert _error(handle).code == ErrorCode.UNAVAILABLE and conn.session is None
 
 
-@pytest.mark.parametrize("pending,times,pings", [
-    (True, [100.0, 100.0 + SEAL_PING_S / 2, 100.0 + SEAL_PING_S * 1.5], 2),  # every second while a seal is due
-    (False, [100.0, 101.5, 104.0], 1),  # idle: every keepalive_s
-    (False, [100.0, 105.5, 111.0], 3),
-])
+@pytest.mark.parametrize(
+    "pending,times,pings",
+    [
+        (True, [100.0, 100.0 + SEAL_PING_S / 2, 100.0 + SEAL_PING_S * 1.5], 2),  # every second while a seal is due
+        (False, [100.0, 101.5, 104.0], 1),  # idle: every keepalive_s
+        (False, [100.0, 105.5, 111.0], 3),
+    ],
+)
 def test_ping_schedule(pending, times, pings):
     conn = FakeConn()
     tracker = SealTracker(conn, 300.0)

@@ -19,9 +19,9 @@ import time
 import pytest
 import torch
 import zmq
+
 from dist_jobs import stage_through_a_hung_daemon
 from helpers import wait_until
-
 from stager.client import StagingClient, Subscriber
 from stager.client.admin import daemon_status
 from stager.client.connection import Connection
@@ -39,8 +39,9 @@ def daemons(daemon_processes):
 
 
 def _client(endpoint, rank=0, local_world_size=1, **kw):
-    return StagingClient(endpoint, rank=rank, local_world_size=local_world_size, world_size=local_world_size,
-                         timeout=TIMEOUT, **kw)
+    return StagingClient(
+        endpoint, rank=rank, local_world_size=local_world_size, world_size=local_world_size, timeout=TIMEOUT, **kw
+    )
 
 
 class Router:
@@ -238,8 +239,7 @@ def _records(control_dir, rank) -> list[dict]:
         return []
 
 
-def test_a_two_rank_job_trains_through_a_stopped_daemon_and_stages_again_after_sigcont(endpoint, daemons,
-                                                                                        short_dir):
+def test_a_two_rank_job_trains_through_a_stopped_daemon_and_stages_again_after_sigcont(endpoint, daemons, short_dir):
     d = daemons(endpoint, "--memory-limit", "32MiB")
     control = os.path.join(short_dir, "job")
     os.mkdir(control)
@@ -280,8 +280,10 @@ def test_a_two_rank_job_trains_through_a_stopped_daemon_and_stages_again_after_s
         assert all(x["code"] == ErrorCode.NO_SIGN_OF_LIFE.value for x in skipped), skipped
         assert not [x for x in mine if x["code"] == ErrorCode.TIMEOUT.value], mine  # none waited the timeout out
         during = max(x["stall"] for x in mine if stopped < x["t"] < resumed)
-        print(f"\nrank {r}: {len(mine)} steps, {len(skipped)} skipped; worst stage()+wait_copied() while stopped "
-              f"{1000 * during:.0f} ms")
+        print(
+            f"\nrank {r}: {len(mine)} steps, {len(skipped)} skipped; worst stage()+wait_copied() while stopped "
+            f"{1000 * during:.0f} ms"
+        )
     # a step one rank skipped is sealed by none: nothing half-done is visible
     skipped_steps = {x["step"] for r in range(2) for x in records[r] if x["skipped"]}
     assert not [x for r in range(2) for x in records[r] if x["sealed"] and x["step"] in skipped_steps]

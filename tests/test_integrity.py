@@ -80,7 +80,9 @@ def _plain_dcp(path, state=None):
 
     from stager.formats.integrity import entry, write_manifest
 
-    state = state if state is not None else {"w": torch.arange(12.0).view(3, 4), "b": torch.ones(5, dtype=torch.bfloat16)}
+    state = (
+        state if state is not None else {"w": torch.arange(12.0).view(3, 4), "b": torch.ones(5, dtype=torch.bfloat16)}
+    )
     dcp.save(state, storage_writer=dcp.FileSystemWriter(str(path)), no_dist=True)
     write_manifest(str(path), 1, "dcp", {k: entry(v) for k, v in state.items() if isinstance(v, torch.Tensor)})
     return str(path)
@@ -135,13 +137,17 @@ def _data_file(d):
     return os.path.join(d, next(f for f in os.listdir(d) if f.endswith(".distcp")))
 
 
-@pytest.mark.parametrize("damage,culprit,words", [
-    (lambda d: _truncate(os.path.join(d, ".metadata"), 40), ".metadata", "not readable DCP metadata"),
-    (lambda d: _garbage(os.path.join(d, ".metadata")), ".metadata", "not readable DCP metadata"),
-    (lambda d: os.unlink(_data_file(d)), ".distcp", "is missing"),
-    (lambda d: _truncate(_data_file(d), 100), ".distcp", "is truncated"),
-    (lambda d: _garbage(_data_file(d)), ".distcp", "cannot be read"),
-], ids=["metadata-truncated", "metadata-garbage", "distcp-missing", "distcp-truncated", "distcp-garbage"])
+@pytest.mark.parametrize(
+    "damage,culprit,words",
+    [
+        (lambda d: _truncate(os.path.join(d, ".metadata"), 40), ".metadata", "not readable DCP metadata"),
+        (lambda d: _garbage(os.path.join(d, ".metadata")), ".metadata", "not readable DCP metadata"),
+        (lambda d: os.unlink(_data_file(d)), ".distcp", "is missing"),
+        (lambda d: _truncate(_data_file(d), 100), ".distcp", "is truncated"),
+        (lambda d: _garbage(_data_file(d)), ".distcp", "cannot be read"),
+    ],
+    ids=["metadata-truncated", "metadata-garbage", "distcp-missing", "distcp-truncated", "distcp-garbage"],
+)
 def test_damaged_dcp_is_one_line_naming_the_file(tmp_path, capsys, damage, culprit, words):
     from stager.cli import main
 

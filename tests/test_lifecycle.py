@@ -19,16 +19,19 @@ from stager.protocol import Acquire, Begin, BeginReply, Commit, ErrorCode, Error
 from stager.protocol.layout import plan_digest
 
 
-@pytest.mark.parametrize("phase, msg, in_flight, refused", [
-    (SERVING, Begin(step=5), set(), False),
-    (DRAINING, Begin(step=5), set(), True),  # a new stage
-    (DRAINING, Begin(step=5), {5}, False),  # another rank's begin of the step in flight
-    (DRAINING, Begin(step=6), {5}, True),
-    (DRAINING, Commit(step=5), {5}, False),
-    (DRAINING, Acquire(), set(), False),  # readers are served until the daemon exits
-    (DRAINING, Ping(), set(), False),
-    (STOPPING, Begin(step=1), set(), True),
-])
+@pytest.mark.parametrize(
+    "phase, msg, in_flight, refused",
+    [
+        (SERVING, Begin(step=5), set(), False),
+        (DRAINING, Begin(step=5), set(), True),  # a new stage
+        (DRAINING, Begin(step=5), {5}, False),  # another rank's begin of the step in flight
+        (DRAINING, Begin(step=6), {5}, True),
+        (DRAINING, Commit(step=5), {5}, False),
+        (DRAINING, Acquire(), set(), False),  # readers are served until the daemon exits
+        (DRAINING, Ping(), set(), False),
+        (STOPPING, Begin(step=1), set(), True),
+    ],
+)
 def test_refusal(phase, msg, in_flight, refused):
     err = refusal(phase, msg, in_flight)
     assert (err is not None) == refused
@@ -43,15 +46,18 @@ class Clock:
         return self.now
 
 
-@pytest.mark.parametrize("signals, advance, in_flight, phase, exits", [
-    ([], 0, 0, SERVING, False),
-    (["SIGTERM"], 0, 0, DRAINING, True),  # nothing in flight: exit at once
-    (["SIGTERM"], 0, 2, DRAINING, False),  # steps in flight: wait for them
-    (["SIGTERM"], 29.9, 1, DRAINING, False),
-    (["SIGTERM"], 30.0, 1, DRAINING, True),  # drain timeout
-    (["SIGTERM", "SIGTERM"], 0, 1, STOPPING, True),  # a second signal: now
-    (["now"], 0, 1, STOPPING, True),  # Daemon.stop()
-])
+@pytest.mark.parametrize(
+    "signals, advance, in_flight, phase, exits",
+    [
+        ([], 0, 0, SERVING, False),
+        (["SIGTERM"], 0, 0, DRAINING, True),  # nothing in flight: exit at once
+        (["SIGTERM"], 0, 2, DRAINING, False),  # steps in flight: wait for them
+        (["SIGTERM"], 29.9, 1, DRAINING, False),
+        (["SIGTERM"], 30.0, 1, DRAINING, True),  # drain timeout
+        (["SIGTERM", "SIGTERM"], 0, 1, STOPPING, True),  # a second signal: now
+        (["now"], 0, 1, STOPPING, True),  # Daemon.stop()
+    ],
+)
 def test_lifecycle_phases(signals, advance, in_flight, phase, exits):
     clock = Clock()
     life = Lifecycle(drain_timeout=30.0, clock=clock)
@@ -97,7 +103,7 @@ def test_sigterm_drains_the_step_in_flight_and_refuses_new_ones(short_dir, raw_p
     finally:
         code = daemon.stop(signal.SIGKILL)
     assert code == 0
-    assert list_segments(daemon.pid) == [] and not os.path.exists(endpoint[len("ipc://"):])
+    assert list_segments(daemon.pid) == [] and not os.path.exists(endpoint[len("ipc://") :])
 
 
 def _daemon_with_a_stuck_step(endpoint: str, raw_peer, drain_timeout: str) -> DaemonProcess:
@@ -142,9 +148,26 @@ def test_sighup_reopens_the_log_file_and_logs_are_json_lines(short_dir, tmp_path
     log_file = tmp_path / "stager.log"
     endpoint = f"ipc://{short_dir}/hup.sock"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "stager.cli", "--log-level", "INFO", "--log-format", "json", "--log-file",
-         str(log_file), "serve", "--json", "--endpoint", endpoint, "--memory-limit", "16MiB"],
-        stdout=subprocess.PIPE, text=True)
+        [
+            sys.executable,
+            "-m",
+            "stager.cli",
+            "--log-level",
+            "INFO",
+            "--log-format",
+            "json",
+            "--log-file",
+            str(log_file),
+            "serve",
+            "--json",
+            "--endpoint",
+            endpoint,
+            "--memory-limit",
+            "16MiB",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         json.loads(proc.stdout.readline())  # ready
         import torch
@@ -174,13 +197,16 @@ def test_sighup_reopens_the_log_file_and_logs_are_json_lines(short_dir, tmp_path
 def test_second_daemon_names_the_running_one(short_dir):
     endpoint = f"ipc://{short_dir}/busy.sock"
     with DaemonProcess(endpoint, args=("--memory-limit", "8MiB")) as first:
-        second = subprocess.run([sys.executable, "-m", "stager.cli", "serve", "--endpoint", endpoint,
-                                 "--memory-limit", "8MiB"], capture_output=True, text=True, timeout=60)
+        second = subprocess.run(
+            [sys.executable, "-m", "stager.cli", "serve", "--endpoint", endpoint, "--memory-limit", "8MiB"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         assert second.returncode == 2
         assert f"another stager daemon (pid {first.pid}) already serves {endpoint}" in second.stderr
         assert second.stderr.count("\n") == 1  # one line, no traceback
         assert daemon_status(endpoint)["pid"] == first.pid  # the first keeps serving
-
 
 
 def test_a_resource_that_fails_to_close_does_not_keep_the_others(short_dir, caplog):
@@ -207,14 +233,17 @@ def test_a_resource_that_fails_to_close_does_not_keep_the_others(short_dir, capl
     Resources.open(config, lambda: f"stager-test-res-{os.getpid()}-{next(names)}").close()  # the lock is free
 
 
-@pytest.mark.parametrize("msg, fields", [
-    ("sealed step 12 (1.0 MiB, 3 tensors)", {"step": 12}),
-    ("trainer 1 (pid 4242) dropped: process exited", {"rank": 1, "peer": "trainer 1 pid 4242"}),
-    ("reader 0 connected (pid 77, local)", {"peer": "reader 0 pid 77"}),
-    ("step 4 failed: rank 2 (pid 9) left during step 4: said bye", {"step": 4, "rank": 2}),
-    ("request failed: [memory_limit] staging needs 1.0 MiB", {"code": "memory_limit"}),
-    ("layout L1: 291 tensors", {}),
-])
+@pytest.mark.parametrize(
+    "msg, fields",
+    [
+        ("sealed step 12 (1.0 MiB, 3 tensors)", {"step": 12}),
+        ("trainer 1 (pid 4242) dropped: process exited", {"rank": 1, "peer": "trainer 1 pid 4242"}),
+        ("reader 0 connected (pid 77, local)", {"peer": "reader 0 pid 77"}),
+        ("step 4 failed: rank 2 (pid 9) left during step 4: said bye", {"step": 4, "rank": 2}),
+        ("request failed: [memory_limit] staging needs 1.0 MiB", {"code": "memory_limit"}),
+        ("layout L1: 291 tensors", {}),
+    ],
+)
 def test_fields_from_message(msg, fields):
     from stager.protocol.logs import fields_from_message
 
@@ -230,11 +259,22 @@ def test_json_formatter_prefers_extra_and_keeps_tracebacks():
         raise RuntimeError("boom")
     except RuntimeError:
         record = logging.getLogger("stager.t").makeRecord(
-            "stager.t", logging.ERROR, __file__, 1, "step %d: %s", (5, "bad"), sys.exc_info(),
-            extra={"step": 6, "peer": "trainer 0 pid 1", "code": "internal"})
+            "stager.t",
+            logging.ERROR,
+            __file__,
+            1,
+            "step %d: %s",
+            (5, "bad"),
+            sys.exc_info(),
+            extra={"step": 6, "peer": "trainer 0 pid 1", "code": "internal"},
+        )
     out = json.loads(JsonFormatter().format(record))
     assert (out["step"], out["peer"], out["code"], out["level"]) == (6, "trainer 0 pid 1", "internal", "ERROR")
-    assert out["msg"] == "step 5: bad" and "RuntimeError: boom" in out["exc"] and "\n" not in JsonFormatter().format(record)
+    assert (
+        out["msg"] == "step 5: bad"
+        and "RuntimeError: boom" in out["exc"]
+        and "\n" not in JsonFormatter().format(record)
+    )
 
 
 def test_sighup_reopens_a_followers_log_file_and_does_not_kill_it(short_dir, tmp_path):
@@ -246,9 +286,25 @@ def test_sighup_reopens_a_followers_log_file_and_does_not_kill_it(short_dir, tmp
     log_file = tmp_path / "writer.log"
     with DaemonProcess(f"ipc://{short_dir}/hupw.sock", args=("--memory-limit", "16MiB")) as d:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "stager.cli", "--log-level", "DEBUG", "--log-file", str(log_file), "write-dcp",
-             "--endpoint", d.endpoint, "--out", str(tmp_path / "dcp"), "--follow", "--json"],
-            stdout=subprocess.PIPE, text=True)
+            [
+                sys.executable,
+                "-m",
+                "stager.cli",
+                "--log-level",
+                "DEBUG",
+                "--log-file",
+                str(log_file),
+                "write-dcp",
+                "--endpoint",
+                d.endpoint,
+                "--out",
+                str(tmp_path / "dcp"),
+                "--follow",
+                "--json",
+            ],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
         try:
             with StagingClient(d.endpoint, rank=0, local_world_size=1, world_size=1) as c:
                 c.stage({"w": torch.ones(8)}, step=1).wait(10)

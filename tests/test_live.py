@@ -4,27 +4,41 @@ import threading
 
 import pytest
 import torch
+
 from conftest import error_code
 from helpers import EagerPlugin
-
-from stager.client.adapters import load_adapter
 from stager.client import StagingClient, Subscriber
+from stager.client.adapters import load_adapter
 from stager.client.readers import sources
 from stager.protocol import Acquire, ErrorCode, Read, ReadItem, StagerError, Subscribe, SubscribeReply
 
-CONFIG = {"vocab_size": 96, "hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": 1,
-          "num_attention_heads": 4, "num_key_value_heads": 2}
+CONFIG = {
+    "vocab_size": 96,
+    "hidden_size": 32,
+    "intermediate_size": 48,
+    "num_hidden_layers": 1,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+}
 INFO = {"adapter": "llama3", "hf_config": CONFIG}
 
 
 def llama_sd(step: float) -> dict:
     g = torch.Generator().manual_seed(int(step))
-    shapes = {"tok_embeddings.weight": (96, 32), "layers.0.attention.wq.weight": (32, 32),
-              "layers.0.attention.wk.weight": (16, 32), "layers.0.attention.wv.weight": (16, 32),
-              "layers.0.attention.wo.weight": (32, 32), "layers.0.attention_norm.weight": (32,),
-              "layers.0.ffn_norm.weight": (32,), "layers.0.feed_forward.w1.weight": (48, 32),
-              "layers.0.feed_forward.w2.weight": (32, 48), "layers.0.feed_forward.w3.weight": (48, 32),
-              "norm.weight": (32,), "output.weight": (96, 32)}
+    shapes = {
+        "tok_embeddings.weight": (96, 32),
+        "layers.0.attention.wq.weight": (32, 32),
+        "layers.0.attention.wk.weight": (16, 32),
+        "layers.0.attention.wv.weight": (16, 32),
+        "layers.0.attention.wo.weight": (32, 32),
+        "layers.0.attention_norm.weight": (32,),
+        "layers.0.ffn_norm.weight": (32,),
+        "layers.0.feed_forward.w1.weight": (48, 32),
+        "layers.0.feed_forward.w2.weight": (32, 48),
+        "layers.0.feed_forward.w3.weight": (48, 32),
+        "norm.weight": (32,),
+        "output.weight": (96, 32),
+    }
     return {k: torch.randn(s, generator=g) for k, s in shapes.items()}
 
 
@@ -56,11 +70,14 @@ def test_hf_view_cast_names_and_items(make_daemon, remote):
 
 
 @pytest.mark.parametrize("remote", [False, True], ids=["shared memory", "frames"])
-@pytest.mark.parametrize("view,name", [
-    ("native", "layers.0.feed_forward.w1.weight"),
-    ("hf", "model.layers.0.mlp.down_proj.weight"),     # a rename: sliced in place
-    ("hf", "model.layers.0.self_attn.q_proj.weight"),  # rotary-permuted: sliced after the permutation
-])
+@pytest.mark.parametrize(
+    "view,name",
+    [
+        ("native", "layers.0.feed_forward.w1.weight"),
+        ("hf", "model.layers.0.mlp.down_proj.weight"),  # a rename: sliced in place
+        ("hf", "model.layers.0.self_attn.q_proj.weight"),  # rotary-permuted: sliced after the permutation
+    ],
+)
 def test_sliced_reads_match_chunks_of_the_view(make_daemon, remote, view, name):
     d = make_daemon()
     stage(d.endpoint, [1])
@@ -188,11 +205,14 @@ def test_leased_versions_are_never_freed_and_a_full_budget_refuses(make_daemon):
     assert [v["step"] for v in d.status()["versions"] if v["state"] == "sealed"] == [5]
 
 
-@pytest.mark.parametrize("items,code", [
-    ([["nope", None, None]], "bad_value"),
-    ([["w", [0, 0], [5, 1]]], "bad_value"),
-    ([["w", [0], [1]]], "bad_value"),
-])
+@pytest.mark.parametrize(
+    "items,code",
+    [
+        ([["nope", None, None]], "bad_value"),
+        ([["w", [0, 0], [5, 1]]], "bad_value"),
+        ([["w", [0], [1]]], "bad_value"),
+    ],
+)
 def test_bad_reads_get_typed_errors(make_daemon, raw_peer, items, code):
     d = make_daemon()
     stage(d.endpoint, [1], lambda s: {"w": torch.zeros(4, 4)}, None)
@@ -216,8 +236,9 @@ def test_hf_view_through_a_plug_in_adapter(make_daemon):
         assert torch.equal(snap.get("x.norm.weight", shard=(0, 1, 2)), sd["norm.weight"][16:])
 
 
-@pytest.mark.parametrize("view,remote", [("hf", False), ("hf", True), ("native", False)],
-                         ids=["hf shared memory", "hf frames", "native"])
+@pytest.mark.parametrize(
+    "view,remote", [("hf", False), ("hf", True), ("native", False)], ids=["hf shared memory", "hf frames", "native"]
+)
 def test_load_into_fills_existing_tensors_in_place(make_daemon, view, remote):
     d = make_daemon()
     stage(d.endpoint, [1])
@@ -252,7 +273,9 @@ def test_load_into_through_a_whole_dict_plug_in(make_daemon):
     dst = {"x.norm.weight": torch.zeros(32), "x.output.weight": torch.zeros(96, 32)}
     with Subscriber(d.endpoint, view="hf", adapter=EagerPlugin({"prefix": "x."})) as sub, sub.latest() as snap:
         assert snap.load_into(dst) == ["x.norm.weight", "x.output.weight"]
-    assert torch.equal(dst["x.norm.weight"], sd["norm.weight"]) and torch.equal(dst["x.output.weight"], sd["output.weight"])
+    assert torch.equal(dst["x.norm.weight"], sd["norm.weight"]) and torch.equal(
+        dst["x.output.weight"], sd["output.weight"]
+    )
 
 
 @pytest.mark.parametrize("remote", [False, True], ids=["shared memory", "frames"])

@@ -19,27 +19,41 @@ from stager.loaders.load_dcp import load_dcp
 from stager.loaders.load_hf import load_hf
 from stager.protocol import ErrorCode
 
-CONFIG = {"vocab_size": 96, "hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": 2,
-          "num_attention_heads": 4, "num_key_value_heads": 2, "torch_dtype": "float32"}
+CONFIG = {
+    "vocab_size": 96,
+    "hidden_size": 32,
+    "intermediate_size": 48,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "torch_dtype": "float32",
+}
 
 
 def hf_llama(seed=0):
     """A Llama-family state dict in HF names (what transformers saves), deterministic."""
     g = torch.Generator().manual_seed(seed)
     h, i, kv = 32, 48, 16
-    sd = {"model.embed_tokens.weight": torch.randn(96, h, generator=g), "model.norm.weight": torch.rand(h, generator=g),
-          "lm_head.weight": torch.randn(96, h, generator=g)}
+    sd = {
+        "model.embed_tokens.weight": torch.randn(96, h, generator=g),
+        "model.norm.weight": torch.rand(h, generator=g),
+        "lm_head.weight": torch.randn(96, h, generator=g),
+    }
     for n in range(2):
         p = f"model.layers.{n}."
-        sd.update({p + "self_attn.q_proj.weight": torch.randn(h, h, generator=g),
-                   p + "self_attn.k_proj.weight": torch.randn(kv, h, generator=g),
-                   p + "self_attn.v_proj.weight": torch.randn(kv, h, generator=g),
-                   p + "self_attn.o_proj.weight": torch.randn(h, h, generator=g),
-                   p + "mlp.gate_proj.weight": torch.randn(i, h, generator=g),
-                   p + "mlp.up_proj.weight": torch.randn(i, h, generator=g),
-                   p + "mlp.down_proj.weight": torch.randn(h, i, generator=g),
-                   p + "input_layernorm.weight": torch.rand(h, generator=g),
-                   p + "post_attention_layernorm.weight": torch.rand(h, generator=g)})
+        sd.update(
+            {
+                p + "self_attn.q_proj.weight": torch.randn(h, h, generator=g),
+                p + "self_attn.k_proj.weight": torch.randn(kv, h, generator=g),
+                p + "self_attn.v_proj.weight": torch.randn(kv, h, generator=g),
+                p + "self_attn.o_proj.weight": torch.randn(h, h, generator=g),
+                p + "mlp.gate_proj.weight": torch.randn(i, h, generator=g),
+                p + "mlp.up_proj.weight": torch.randn(i, h, generator=g),
+                p + "mlp.down_proj.weight": torch.randn(h, i, generator=g),
+                p + "input_layernorm.weight": torch.rand(h, generator=g),
+                p + "post_attention_layernorm.weight": torch.rand(h, generator=g),
+            }
+        )
     return sd
 
 
@@ -68,8 +82,25 @@ def test_load_hf_through_the_adapter_then_ranks_restore_from_it(make_daemon, tmp
     d = make_daemon()
     hf = hf_llama()
     src = save_sharded(hf, str(tmp_path / "hf"))
-    out = subprocess.run([sys.executable, "-m", "stager.cli", "load-hf", src, "--adapter", "llama3", "--step", "5",
-                          "--endpoint", d.endpoint, "--json"], capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "stager.cli",
+            "load-hf",
+            src,
+            "--adapter",
+            "llama3",
+            "--step",
+            "5",
+            "--endpoint",
+            d.endpoint,
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode == 0, out.stderr
     report = json.loads(out.stdout)
     assert report["step"] == 5 and report["tensors"] == len(hf) and report["files"] == 3
@@ -120,9 +151,9 @@ def block_quantize(w, block=128):
     q = torch.empty(w.shape, dtype=torch.float8_e4m3fn)
     for r in range(rows):
         for c in range(cols):
-            tile = w[r * block:(r + 1) * block, c * block:(c + 1) * block]
+            tile = w[r * block : (r + 1) * block, c * block : (c + 1) * block]
             scale[r, c] = tile.abs().max().clamp(min=1e-12) / 448.0
-            q[r * block:(r + 1) * block, c * block:(c + 1) * block] = (tile / scale[r, c]).to(torch.float8_e4m3fn)
+            q[r * block : (r + 1) * block, c * block : (c + 1) * block] = (tile / scale[r, c]).to(torch.float8_e4m3fn)
     return q, scale
 
 
@@ -132,8 +163,9 @@ def test_fp8_block_quantized_checkpoint_dequantizes_to_the_training_dtype(make_d
     q, scale = block_quantize(w)
     src = tmp_path / "fp8"
     src.mkdir()
-    save_file({"proj.weight": q, "proj.weight_scale_inv": scale, "norm.weight": torch.ones(7)},
-              str(src / "model.safetensors"))
+    save_file(
+        {"proj.weight": q, "proj.weight_scale_inv": scale, "norm.weight": torch.ones(7)}, str(src / "model.safetensors")
+    )
     report = load_hf(str(src), endpoint=d.endpoint, dtype="float32")
     assert report["quantized"] == 1
     reference = q.float() * scale.repeat_interleave(128, 0)[:300].repeat_interleave(128, 1)[:, :200]
@@ -145,14 +177,19 @@ def test_fp8_block_quantized_checkpoint_dequantizes_to_the_training_dtype(make_d
         assert ((got - w).abs() <= step * 32).all()  # within e4m3's rounding (3 mantissa bits) of each block
 
 
-@pytest.mark.parametrize("damage,text", [
-    ("truncate", r"model-00002-of-00003.safetensors: tensor '.*': ends at byte \d+ but the file holds \d+"),
-    ("missing file", r"model-00003-of-00003.safetensors: tensor '.*': is missing"),
-    ("garbage header", r"model-00001-of-00003.safetensors: has a header that is not JSON"),
-    ("unknown name", r"tensor 'model.layers.0.mlp.frobnicator.weight': the llama3 adapter cannot map it"),
-], ids=["truncated file", "index names a missing file", "corrupt header", "name the adapter does not know"])
-def test_a_damaged_checkpoint_is_a_typed_error_naming_file_and_tensor_and_leaves_no_version(make_daemon, tmp_path,
-                                                                                            damage, text):
+@pytest.mark.parametrize(
+    "damage,text",
+    [
+        ("truncate", r"model-00002-of-00003.safetensors: tensor '.*': ends at byte \d+ but the file holds \d+"),
+        ("missing file", r"model-00003-of-00003.safetensors: tensor '.*': is missing"),
+        ("garbage header", r"model-00001-of-00003.safetensors: has a header that is not JSON"),
+        ("unknown name", r"tensor 'model.layers.0.mlp.frobnicator.weight': the llama3 adapter cannot map it"),
+    ],
+    ids=["truncated file", "index names a missing file", "corrupt header", "name the adapter does not know"],
+)
+def test_a_damaged_checkpoint_is_a_typed_error_naming_file_and_tensor_and_leaves_no_version(
+    make_daemon, tmp_path, damage, text
+):
     d = make_daemon()
     hf = hf_llama()
     if damage == "unknown name":
@@ -179,8 +216,11 @@ def test_load_dcp_of_write_dcp_and_of_plain_dcp_save_with_the_train_state(make_d
     from stager.writers.write_dcp import write_dcp
 
     d = make_daemon()
-    state = {"model": {"w": torch.randn(6, 4), "b": torch.randn(3).bfloat16()},
-             "optim": {"w.exp_avg": torch.randn(6, 4)}, "train": {"step": 12, "data": {"position": 999}}}
+    state = {
+        "model": {"w": torch.randn(6, 4), "b": torch.randn(3).bfloat16()},
+        "optim": {"w.exp_avg": torch.randn(6, 4)},
+        "train": {"step": 12, "data": {"position": 999}},
+    }
     with StagingClient(d.endpoint, rank=0, local_world_size=1, world_size=1, strict=True) as client:
         client.stage(state, step=12).wait(10)
     path = write_dcp(str(tmp_path / "dcp"), endpoint=d.endpoint)[0]
@@ -212,8 +252,12 @@ def test_convert_hf_to_dcp_to_hf_and_to_one_torch_save_file(tmp_path):
     native = load_adapter("llama3", CONFIG).from_hf(dict(hf))
 
     def cli(*args):
-        out = subprocess.run([sys.executable, "-m", "stager.cli", "convert", *args, "--json"], capture_output=True,
-                             text=True, timeout=300)
+        out = subprocess.run(
+            [sys.executable, "-m", "stager.cli", "convert", *args, "--json"],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         assert out.returncode == 0, out.stderr
         return json.loads(out.stdout)["written"]
 
@@ -241,17 +285,23 @@ def test_an_hf_export_with_recipe_state_resumes_model_optimizer_and_train_state(
     d = make_daemon()
     with StagingClient(d.endpoint, rank=0, local_world_size=1, world_size=1, strict=True) as client:
         client.stage(state, step=40, model_info={"adapter": "llama3", "hf_config": CONFIG, "prefix": "model."}).wait(10)
-    path = export_hf(str(tmp_path / "hf"), endpoint=d.endpoint, recipe_state=True, max_shard_size="40KB",
-                     progress=False)[0]
+    path = export_hf(
+        str(tmp_path / "hf"), endpoint=d.endpoint, recipe_state=True, max_shard_size="40KB", progress=False
+    )[0]
     files = sorted(os.listdir(path))
-    assert "recipe_state.safetensors" in files and "recipe_state.json" in files and "model.safetensors.index.json" in files
+    assert (
+        "recipe_state.safetensors" in files and "recipe_state.json" in files and "model.safetensors.index.json" in files
+    )
     assert sorted(load_file(os.path.join(path, "recipe_state.safetensors"))) == sorted(f"optim.{k}" for k in optim)
     assert verify(path)["ok"]  # the recipe state is in the manifest too
     d2 = make_daemon()
     report = load_hf(path, endpoint=d2.endpoint, adapter="llama3", prefix="model.")
     assert report["step"] == 40
-    target = {"model": {k: torch.zeros_like(v) for k, v in native.items()},
-              "optim": {k: torch.zeros_like(v) for k, v in optim.items()}, "train": {"step": 0, "data": {}}}
+    target = {
+        "model": {k: torch.zeros_like(v) for k, v in native.items()},
+        "optim": {k: torch.zeros_like(v) for k, v in optim.items()},
+        "train": {"step": 0, "data": {}},
+    }
     with StagingClient(d2.endpoint, rank=0, local_world_size=1, world_size=1) as client:
         assert client.restore(target) == 40
     assert all(torch.equal(target["model"][k], v) for k, v in native.items())
@@ -337,8 +387,9 @@ def segment_file():
     os.unlink(segment_path(name))
 
 
-def test_segment_file_copies_and_falls_back_to_a_buffer_where_the_source_cannot_splice(segment_file, tmp_path,
-                                                                                     monkeypatch):
+def test_segment_file_copies_and_falls_back_to_a_buffer_where_the_source_cannot_splice(
+    segment_file, tmp_path, monkeypatch
+):
     import errno
 
     from stager.loaders.ingest import SegmentRange
@@ -399,14 +450,19 @@ def test_convert_to_torch_writes_each_byte_once_and_loaded_tensors_carry_nothing
     with StagingClient(d.endpoint, rank=0, local_world_size=1, world_size=1, strict=True) as client:
         client.stage({"model": model, "optim": optim, "train": {"step": 5}}, step=5).wait(10)
     ckpt = write_dcp(str(tmp_path / "dcp"), endpoint=d.endpoint)[0]
-    out = subprocess.run([sys.executable, "-m", "stager.cli", "convert", ckpt, str(tmp_path / "all.pt"), "--to",
-                          "torch", "--json"], capture_output=True, text=True, timeout=300)
+    out = subprocess.run(
+        [sys.executable, "-m", "stager.cli", "convert", ckpt, str(tmp_path / "all.pt"), "--to", "torch", "--json"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert out.returncode == 0, out.stderr
     path = json.loads(out.stdout)["written"]
     tensor_bytes = sum(t.numel() * t.element_size() for t in [*model.values(), *optim.values()])
     # torch.save's zip entries and pickle: well under 1 KiB per tensor
     assert os.path.getsize(path) <= 1.05 * tensor_bytes + 1024 * (len(model) + len(optim)), (
-        f"{os.path.getsize(path)} bytes for {tensor_bytes} bytes of tensors")
+        f"{os.path.getsize(path)} bytes for {tensor_bytes} bytes of tensors"
+    )
     loaded = torch.load(path, weights_only=True)
     assert loaded["train.step"] == 5
     expected = {**{f"model.{k}": v for k, v in model.items()}, **{f"optim.{k}": v for k, v in optim.items()}}

@@ -11,14 +11,12 @@ import urllib.request
 
 import pytest
 import torch
-
-from helpers import wait_until
-
 from prometheus_client.parser import text_string_to_metric_families  # the test extra has stager[metrics]
 
+from helpers import wait_until
 from stager.client import StagingClient, Subscriber
 from stager.client.connection import Connection
-from stager.daemon.recorder import LatencyHistogram, Recorder, build_snapshot, families
+from stager.daemon.recorder import LatencyHistogram, build_snapshot, families
 from stager.metrics import ConsumerMetrics, parse_listen
 from stager.protocol import Acquire, Release
 
@@ -28,8 +26,11 @@ def scrape(url: str) -> dict:
     with urllib.request.urlopen(url, timeout=10) as response:
         assert response.status == 200
         text = response.read().decode()
-    return {(s.name, frozenset(s.labels.items())): s.value
-            for family in text_string_to_metric_families(text) for s in family.samples}
+    return {
+        (s.name, frozenset(s.labels.items())): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
 
 
 def value(samples: dict, name: str, **labels) -> float:
@@ -38,24 +39,29 @@ def value(samples: dict, name: str, **labels) -> float:
 
 def scrape_until(url: str, predicate, timeout: float = 10.0) -> dict:
     """Scrape until ``predicate(samples)`` holds (the loop publishes once per tick); the samples then."""
+
     def attempt():
         samples = scrape(url)
         try:
             return samples if predicate(samples) else None
         except KeyError:
             return None
+
     return wait_until(attempt, timeout=timeout)
 
 
-@pytest.mark.parametrize("text, expected", [
-    ("9108", ("127.0.0.1", 9108)),  # loopback unless told otherwise
-    (":9108", ("127.0.0.1", 9108)),
-    ("0", ("127.0.0.1", 0)),
-    ("0.0.0.0:9108", ("0.0.0.0", 9108)),
-    ("node17:9108", ("node17", 9108)),
-    ("[::1]:9108", ("::1", 9108)),
-    ("[fd00::17]:80", ("fd00::17", 80)),
-])
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("9108", ("127.0.0.1", 9108)),  # loopback unless told otherwise
+        (":9108", ("127.0.0.1", 9108)),
+        ("0", ("127.0.0.1", 0)),
+        ("0.0.0.0:9108", ("0.0.0.0", 9108)),
+        ("node17:9108", ("node17", 9108)),
+        ("[::1]:9108", ("::1", 9108)),
+        ("[fd00::17]:80", ("fd00::17", 80)),
+    ],
+)
 def test_parse_listen(text, expected):
     assert parse_listen(text) == expected
 
@@ -66,12 +72,15 @@ def test_parse_listen_refuses(text):
         parse_listen(text)
 
 
-@pytest.mark.parametrize("observed, expected", [
-    ([], {"0.005": 0, "+Inf": 0}),
-    ([0.001], {"0.005": 1, "0.1": 1, "+Inf": 1}),
-    ([0.005], {"0.005": 1}),  # a bound is inclusive (le)
-    ([0.2, 3.0, 500.0], {"0.1": 0, "0.25": 1, "5.0": 2, "120.0": 2, "+Inf": 3}),
-])
+@pytest.mark.parametrize(
+    "observed, expected",
+    [
+        ([], {"0.005": 0, "+Inf": 0}),
+        ([0.001], {"0.005": 1, "0.1": 1, "+Inf": 1}),
+        ([0.005], {"0.005": 1}),  # a bound is inclusive (le)
+        ([0.2, 3.0, 500.0], {"0.1": 0, "0.25": 1, "5.0": 2, "120.0": 2, "+Inf": 3}),
+    ],
+)
 def test_latency_histogram_buckets_are_cumulative(observed, expected):
     h = LatencyHistogram()
     for s in observed:
@@ -83,16 +92,31 @@ def test_latency_histogram_buckets_are_cumulative(observed, expected):
 
 
 def _status(**over):
-    status = {"counters": {"sealed": 3, "failed": 1, "memory_refusals": 2, "ingested_bytes": 1000, "read_bytes": 7,
-                           "nixl_granted_bytes": 8, "evictions": 4, "backpressure_waits": 5, "errors": 6,
-                           "requests": 9,
-                           "announcements_dropped": 0},
-              "memory": {"used": 300, "limit": 1000}, "versions": [{"step": 4, "state": "sealed"},
-                                                                  {"step": 6, "state": "sealed"},
-                                                                  {"step": 7, "state": "staging"}],
-              "retention": {"waiting_for_memory": [7]}, "leases": 2, "ranks": {"0": {}, "1": {}}, "readers": 3,
-              "subscribers": 1, "subscriber_lag": [{"pid": 11, "rank": 0, "lag": 2}], "state": "serving",
-              "uptime_s": 1.5}
+    status = {
+        "counters": {
+            "sealed": 3,
+            "failed": 1,
+            "memory_refusals": 2,
+            "ingested_bytes": 1000,
+            "read_bytes": 7,
+            "nixl_granted_bytes": 8,
+            "evictions": 4,
+            "backpressure_waits": 5,
+            "errors": 6,
+            "requests": 9,
+            "announcements_dropped": 0,
+        },
+        "memory": {"used": 300, "limit": 1000},
+        "versions": [{"step": 4, "state": "sealed"}, {"step": 6, "state": "sealed"}, {"step": 7, "state": "staging"}],
+        "retention": {"waiting_for_memory": [7]},
+        "leases": 2,
+        "ranks": {"0": {}, "1": {}},
+        "readers": 3,
+        "subscribers": 1,
+        "subscriber_lag": [{"pid": 11, "rank": 0, "lag": 2}],
+        "state": "serving",
+        "uptime_s": 1.5,
+    }
     status.update(over)
     return status
 
@@ -102,29 +126,32 @@ class _Rec:  # what build_snapshot reads of a Recorder
     ingested_frames, served_shm, refused_draining = 400, 50, 1
 
 
-@pytest.mark.parametrize("name, labels, expected", [
-    ("stager_versions_sealed", {}, 3),
-    ("stager_versions_failed", {}, 1),
-    ("stager_versions_refused", {"reason": "memory_limit"}, 2),
-    ("stager_versions_refused", {"reason": "shutting_down"}, 1),
-    ("stager_ingested_bytes", {"transport": "shm"}, 600),
-    ("stager_ingested_bytes", {"transport": "frames"}, 400),
-    ("stager_served_bytes", {"transport": "shm"}, 50),
-    ("stager_served_bytes", {"transport": "frames"}, 7),
-    ("stager_served_bytes", {"transport": "nixl"}, 8),
-    ("stager_memory_used_bytes", {}, 300),
-    ("stager_memory_limit_bytes", {}, 1000),
-    ("stager_evictions", {}, 4),
-    ("stager_backpressure_waits", {}, 5),
-    ("stager_steps_waiting_for_memory", {}, 1),
-    ("stager_leases", {}, 2),
-    ("stager_connected_ranks", {}, 2),
-    ("stager_connected_readers", {}, 3),
-    ("stager_subscriber_lag_versions", {"pid": "11", "rank": "0"}, 2),
-    ("stager_newest_sealed_step", {}, 6),
-    ("stager_versions_held", {}, 2),
-    ("stager_draining", {}, 0),
-])
+@pytest.mark.parametrize(
+    "name, labels, expected",
+    [
+        ("stager_versions_sealed", {}, 3),
+        ("stager_versions_failed", {}, 1),
+        ("stager_versions_refused", {"reason": "memory_limit"}, 2),
+        ("stager_versions_refused", {"reason": "shutting_down"}, 1),
+        ("stager_ingested_bytes", {"transport": "shm"}, 600),
+        ("stager_ingested_bytes", {"transport": "frames"}, 400),
+        ("stager_served_bytes", {"transport": "shm"}, 50),
+        ("stager_served_bytes", {"transport": "frames"}, 7),
+        ("stager_served_bytes", {"transport": "nixl"}, 8),
+        ("stager_memory_used_bytes", {}, 300),
+        ("stager_memory_limit_bytes", {}, 1000),
+        ("stager_evictions", {}, 4),
+        ("stager_backpressure_waits", {}, 5),
+        ("stager_steps_waiting_for_memory", {}, 1),
+        ("stager_leases", {}, 2),
+        ("stager_connected_ranks", {}, 2),
+        ("stager_connected_readers", {}, 3),
+        ("stager_subscriber_lag_versions", {"pid": "11", "rank": "0"}, 2),
+        ("stager_newest_sealed_step", {}, 6),
+        ("stager_versions_held", {}, 2),
+        ("stager_draining", {}, 0),
+    ],
+)
 def test_snapshot_from_status(name, labels, expected):
     snapshot = build_snapshot(_status(), _Rec())
     by_name = {m[1]: m for m in snapshot}
@@ -142,8 +169,11 @@ def test_daemon_metrics_scraped(make_daemon):
     assert url.startswith("http://127.0.0.1:") and url.endswith("/metrics")  # loopback by default
     w = torch.arange(4096, dtype=torch.float32)  # 16 KiB
     nbytes = w.numel() * w.element_size()
-    with StagingClient(d.endpoint, rank=0, local_world_size=1, world_size=1) as c, \
-            Subscriber(d.endpoint) as sub, Subscriber(d.endpoint, remote=True) as far:
+    with (
+        StagingClient(d.endpoint, rank=0, local_world_size=1, world_size=1) as c,
+        Subscriber(d.endpoint) as sub,
+        Subscriber(d.endpoint, remote=True) as far,
+    ):
         c.stage({"w": w}, step=1).wait(10)
         with sub.wait_for_newer(None, timeout=10) as snap:  # subscribes, leases step 1 (shm)
             assert snap.step == 1
@@ -188,8 +218,9 @@ def test_subscriber_lag_counts_versions_not_read(make_daemon):
             c.stage({"w": w}, step=step).wait(10)
         lag = wait_until(lambda: d.status()["subscriber_lag"])
         assert lag == [{"pid": os.getpid(), "rank": 0, "local": True, "seq": 1, "lag": 3}]
-        samples = scrape_until(d.daemon.metrics_url,
-                               lambda s: value(s, "stager_subscriber_lag_versions", pid=os.getpid(), rank=0) == 3)
+        samples = scrape_until(
+            d.daemon.metrics_url, lambda s: value(s, "stager_subscriber_lag_versions", pid=os.getpid(), rank=0) == 3
+        )
         assert value(samples, "stager_subscribers") == 1
         sub.latest().release()
         assert wait_until(lambda: d.status()["subscriber_lag"])[0]["lag"] == 0
@@ -198,8 +229,10 @@ def test_subscriber_lag_counts_versions_not_read(make_daemon):
 def test_backpressure_and_refusal_counted(make_daemon):
     w = torch.ones(1 << 18)  # 1 MiB
     d = make_daemon(metrics="0", keep=1, memory_limit=int(2.5 * (1 << 20)))
-    with StagingClient(d.endpoint, rank=0, local_world_size=1, world_size=1, backpressure_timeout=0.3) as c, \
-            Subscriber(d.endpoint) as sub:
+    with (
+        StagingClient(d.endpoint, rank=0, local_world_size=1, world_size=1, backpressure_timeout=0.3) as c,
+        Subscriber(d.endpoint) as sub,
+    ):
         c.stage({"w": w}, step=1).wait(10)
         with sub.latest():  # step 1 leased: it stays, so step 3 finds no room
             c.stage({"w": w}, step=2).wait(10)
@@ -273,10 +306,27 @@ def test_serve_and_follower_metrics_from_the_cli(short_dir, tmp_path):
     try:
         assert daemon.info["metrics"].startswith("http://127.0.0.1:")
         follower = subprocess.Popen(
-            [sys.executable, "-m", "stager.cli", "export-hf", "--endpoint", endpoint, "--out", str(tmp_path),
-             "--follow", "--adapter", "identity", "--metrics", f"127.0.0.1:{port}", "--json"],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-            env={**os.environ, "STAGER_ENDPOINT": endpoint})
+            [
+                sys.executable,
+                "-m",
+                "stager.cli",
+                "export-hf",
+                "--endpoint",
+                endpoint,
+                "--out",
+                str(tmp_path),
+                "--follow",
+                "--adapter",
+                "identity",
+                "--metrics",
+                f"127.0.0.1:{port}",
+                "--json",
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env={**os.environ, "STAGER_ENDPOINT": endpoint},
+        )
         url = f"http://127.0.0.1:{port}/metrics"
 
         def follower_up():
@@ -290,13 +340,17 @@ def test_serve_and_follower_metrics_from_the_cli(short_dir, tmp_path):
         cfg = {"model_type": "llama"}
         with StagingClient(endpoint, rank=0, local_world_size=1, world_size=1) as c:
             for step in (1, 2):
-                c.stage({"w": torch.ones(512)}, step=step, model_info={"adapter": "identity", "hf_config": cfg}).wait(10)
-        samples = scrape_until(url, lambda s: value(s, "stager_consumer_last_step", consumer="export-hf") == 2,
-                               timeout=60)
+                c.stage({"w": torch.ones(512)}, step=step, model_info={"adapter": "identity", "hf_config": cfg}).wait(
+                    10
+                )
+        samples = scrape_until(
+            url, lambda s: value(s, "stager_consumer_last_step", consumer="export-hf") == 2, timeout=60
+        )
         assert value(samples, "stager_consumer_writes_total", consumer="export-hf") >= 1
         # the daemon publishes a snapshot once per tick (0.2 s): it may lag the follower's own metrics
-        served = scrape_until(daemon.info["metrics"], lambda s: value(s, "stager_versions_sealed_total") == 2,
-                              timeout=60)
+        served = scrape_until(
+            daemon.info["metrics"], lambda s: value(s, "stager_versions_sealed_total") == 2, timeout=60
+        )
         assert value(served, "stager_connected_readers") >= 1
     finally:
         if follower is not None:
@@ -308,18 +362,23 @@ def test_serve_and_follower_metrics_from_the_cli(short_dir, tmp_path):
 
 
 # prometheus-client is the optional extra stager[metrics]: without it, --metrics says how to get it
-WITHOUT_PROMETHEUS = ("import sys; sys.modules['prometheus_client'] = None; from stager.cli import main; "
-                      "sys.exit(main(sys.argv[1:]))")
+WITHOUT_PROMETHEUS = (
+    "import sys; sys.modules['prometheus_client'] = None; from stager.cli import main; sys.exit(main(sys.argv[1:]))"
+)
 
 
-@pytest.mark.parametrize("command", [["serve", "--memory-limit", "8MiB", "--metrics", "0"],
-                                     ["write-dcp", "--out", "OUT", "--follow", "--metrics", "0"]])
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["serve", "--memory-limit", "8MiB", "--metrics", "0"],
+        ["write-dcp", "--out", "OUT", "--follow", "--metrics", "0"],
+    ],
+)
 def test_metrics_without_prometheus_client_names_the_extra(command, short_dir, tmp_path):
     argv = [w.replace("OUT", str(tmp_path)) for w in command]
     if command[0] == "serve":
         argv += ["--endpoint", f"ipc://{short_dir}/nometrics.sock"]
-    out = subprocess.run([sys.executable, "-c", WITHOUT_PROMETHEUS, *argv], capture_output=True, text=True,
-                         timeout=60)
+    out = subprocess.run([sys.executable, "-c", WITHOUT_PROMETHEUS, *argv], capture_output=True, text=True, timeout=60)
     assert out.returncode == 2, out.stdout + out.stderr
     assert "--metrics needs the prometheus-client package: pip install 'stager[metrics]'" in out.stderr
     assert "Traceback" not in out.stderr

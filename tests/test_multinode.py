@@ -11,17 +11,23 @@ import threading
 
 import pytest
 import torch
+
 from dist_jobs import (
-    LLAMA_CONFIG, full_tensors, llama_full, multi_node_stage, restore_multi_node, scaled, stage_fsdp_llama,
+    LLAMA_CONFIG,
+    full_tensors,
+    llama_full,
+    multi_node_stage,
+    restore_multi_node,
+    scaled,
+    stage_fsdp_llama,
     stage_replicated,
 )
 from helpers import wait_until
-
 from stager.client import Subscriber
 from stager.client.adapters import load_adapter
 from stager.client.admin import daemon_status
 from stager.dev.launch import DaemonProcess, SimulatedCluster, run_ranks
-from stager.protocol import ErrorCode, NodeDown, StagerError
+from stager.protocol import ErrorCode, NodeDown
 
 LIMIT = ("--memory-limit", "64MiB")
 
@@ -35,9 +41,13 @@ def test_two_nodes_fsdp_hsdp_tp_every_reader_sees_whole_versions(tmp_path):
         for endpoint in cluster.endpoints:
             status = daemon_status(endpoint)
             assert status["job"]["job"] == results[0]["job"] and sorted(status["job"]["nodes"]) == ["node-0", "node-1"]
-        out = subprocess.run([sys.executable, "-m", "stager.cli", "status", "--json", "--endpoint",
-                              cluster.endpoints[1]], capture_output=True, text=True, check=True,
-                             env={**os.environ, "XDG_RUNTIME_DIR": str(tmp_path)}).stdout
+        out = subprocess.run(
+            [sys.executable, "-m", "stager.cli", "status", "--json", "--endpoint", cluster.endpoints[1]],
+            capture_output=True,
+            text=True,
+            check=True,
+            env={**os.environ, "XDG_RUNTIME_DIR": str(tmp_path)},
+        ).stdout
         nodes = json.loads(out)["job_nodes"]
         assert nodes["complete"] == nodes["readable"] == [1, 2] and nodes["node"] == "node-1"
         assert {n: v["sealed"] for n, v in nodes["nodes"].items()} == {"node-0": [1, 2], "node-1": [1, 2]}
@@ -116,8 +126,9 @@ def test_three_nodes_uneven_fsdp_hf_view_and_export_from_any_daemon(tmp_path):
             params = {k: torch.empty_like(v) for k, v in hf.items()}
             snap.load_into(params)
             assert all(torch.equal(params[k], v) for k, v in hf.items())
-        exports = [export_hf(str(tmp_path / f"hf{i}"), endpoint=cluster.endpoints[i], progress=False)[0]
-                   for i in (0, 2)]
+        exports = [
+            export_hf(str(tmp_path / f"hf{i}"), endpoint=cluster.endpoints[i], progress=False)[0] for i in (0, 2)
+        ]
     files = sorted(f for f in os.listdir(exports[0]) if f.endswith(".safetensors"))
     assert files and files == sorted(f for f in os.listdir(exports[1]) if f.endswith(".safetensors"))
     for f in files:  # the same bytes whichever daemon the exporter was pointed at
@@ -129,9 +140,14 @@ def test_three_nodes_uneven_fsdp_hf_view_and_export_from_any_daemon(tmp_path):
 
 def test_a_dead_node_gives_a_typed_error_and_replicas_stay_readable(tmp_path):
     def status(runtime):  # `stager status --json`, remembering the nodes' answers in its own runtime directory
-        out = subprocess.run([sys.executable, "-m", "stager.cli", "status", "--json", "--endpoint",
-                              cluster.endpoints[0]], capture_output=True, text=True, check=True, timeout=120,
-                             env={**os.environ, "XDG_RUNTIME_DIR": str(runtime)}).stdout
+        out = subprocess.run(
+            [sys.executable, "-m", "stager.cli", "status", "--json", "--endpoint", cluster.endpoints[0]],
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=120,
+            env={**os.environ, "XDG_RUNTIME_DIR": str(runtime)},
+        ).stdout
         return json.loads(out)["job_nodes"]
 
     (tmp_path / "seen").mkdir()
@@ -195,8 +211,8 @@ def test_a_restarted_node_daemon_rejoins_and_the_next_step_completes(tmp_path):
 
 def test_one_dcp_writer_per_node_writes_one_checkpoint_dcp_loads_at_any_world_size(tmp_path):
     import torch.distributed.checkpoint as dcp
-    from dist_jobs import dcp_node_writer, load_dcp_sharded
 
+    from dist_jobs import dcp_node_writer, load_dcp_sharded
     from stager.formats.integrity import verify
 
     with SimulatedCluster(2, args=LIMIT) as cluster:
@@ -206,8 +222,12 @@ def test_one_dcp_writer_per_node_writes_one_checkpoint_dcp_loads_at_any_world_si
         after = [daemon_status(e)["counters"]["read_bytes"] for e in cluster.endpoints]
     paths = [r["written"] for r in reports]
     assert paths[0] == paths[1] == str(tmp_path / "dcp" / "step-00000002")
-    check_writer_reports(reports, 2, sum(t.numel() * t.element_size() for t in full_tensors().values()),
-                         len([f for f in os.listdir(paths[0]) if f.endswith(".distcp")]))
+    check_writer_reports(
+        reports,
+        2,
+        sum(t.numel() * t.element_size() for t in full_tensors().values()),
+        len([f for f in os.listdir(paths[0]) if f.endswith(".distcp")]),
+    )
     assert after == before  # each writer read its own node's memory only: no tensor byte crossed nodes
     assert verify(paths[0])["ok"]
     expected = {f"model.{k}": v for k, v in scaled(full_tensors(), 2).items()}
@@ -219,21 +239,25 @@ def test_one_dcp_writer_per_node_writes_one_checkpoint_dcp_loads_at_any_world_si
 
 def test_one_hf_exporter_per_node_writes_the_single_exporters_bytes(tmp_path):
     from dist_jobs import hf_node_exporter
-
     from stager.writers.export_hf import export_hf
 
     with SimulatedCluster(2, args=LIMIT) as cluster:
         run_ranks(stage_fsdp_llama, 4, [5], nodes=cluster.nodes)
-        single = export_hf(str(tmp_path / "one"), endpoint=cluster.endpoints[0], max_shard_size="20KB",
-                           progress=False)[0]
+        single = export_hf(str(tmp_path / "one"), endpoint=cluster.endpoints[0], max_shard_size="20KB", progress=False)[
+            0
+        ]
         before = [daemon_status(e)["counters"]["read_bytes"] for e in cluster.endpoints]
         reports = run_ranks(hf_node_exporter, 2, str(tmp_path / "two"), "20KB", nodes=cluster.nodes)
         sent = [daemon_status(e)["counters"]["read_bytes"] - b for e, b in zip(cluster.endpoints, before)]
     paths = [r["exported"] for r in reports]
     assert paths[0] == paths[1] and os.path.basename(paths[0]) == "step-00000005"
     names = sorted(os.listdir(single))
-    check_writer_reports(reports, 5, sum(t.numel() * t.element_size() for t in llama_full(5).values()),
-                         len([n for n in names if n.endswith(".safetensors")]))
+    check_writer_reports(
+        reports,
+        5,
+        sum(t.numel() * t.element_size() for t in llama_full(5).values()),
+        len([n for n in names if n.endswith(".safetensors")]),
+    )
     assert names == sorted(os.listdir(paths[0])) and len([n for n in names if n.endswith(".safetensors")]) > 2
     for name in names:  # every file, the index, config and manifest: the single exporter's bytes
         with open(os.path.join(single, name), "rb") as a, open(os.path.join(paths[0], name), "rb") as b:

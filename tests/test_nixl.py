@@ -45,8 +45,17 @@ def _nixl_source(endpoint: str):
     """A lease on the newest version and the NIXL source of it: (connection, source, lease reply)."""
     conn = Connection(endpoint, role="reader")
     reply = conn.request(Acquire(), 10)
-    src = open_source(conn, reply.lease, reply.segment, reply.size, reply.tensors, remote=True, maps=SegmentMaps(),
-                      timeout=10, transport="nixl")
+    src = open_source(
+        conn,
+        reply.lease,
+        reply.segment,
+        reply.size,
+        reply.tensors,
+        remote=True,
+        maps=SegmentMaps(),
+        timeout=10,
+        transport="nixl",
+    )
     assert isinstance(src, NixlSource)
     return conn, src, reply
 
@@ -96,8 +105,12 @@ def test_a_lease_is_needed_for_descriptors_and_a_frames_daemon_refuses(make_daem
 
 def test_remote_reads_on_one_daemon_are_bit_exact_and_registrations_end_with_their_segments(make_daemon):
     d = make_daemon(transport="nixl", keep=1)
-    tensors = {"w": torch.randn(300, 70), "h": torch.arange(1000, dtype=torch.int64),
-               "b": torch.randn(5, 3, 4).to(torch.bfloat16), "s": torch.tensor(2.5)}
+    tensors = {
+        "w": torch.randn(300, 70),
+        "h": torch.arange(1000, dtype=torch.int64),
+        "b": torch.randn(5, 3, 4).to(torch.bfloat16),
+        "s": torch.tensor(2.5),
+    }
     with StagingClient(d.endpoint, rank=0, local_world_size=1, world_size=1) as c:
         for step in (1, 2, 3):
             c.stage({k: v + step for k, v in tensors.items()}, step=step).wait(10)
@@ -134,8 +147,12 @@ def test_destination_registrations_stay_bounded_and_strided_boxes_read_exact(mak
     monkeypatch.setattr(nixl_source, "MAX_REGISTERED_BYTES", 2 * cube.numel() * 4)
     conn, src, _ = _nixl_source(d.endpoint)
     with Subscriber(d.endpoint, remote=True, transport="nixl") as sub, sub.latest() as snap:
-        for offset, shape in (((1, 1, 0), (2, 3, 4)), ((0, 2, 1), (6, 2, 2)), ((5, 0, 0), (1, 5, 4)),
-                              ((2, 4, 3), (1, 1, 1))):
+        for offset, shape in (
+            ((1, 1, 0), (2, 3, 4)),
+            ((0, 2, 1), (6, 2, 2)),
+            ((5, 0, 0), (1, 5, 4)),
+            ((2, 4, 3), (1, 1, 1)),
+        ):
             want = cube[tuple(slice(o, o + n) for o, n in zip(offset, shape))]
             assert torch.equal(src.fetch("cube", Box(offset, shape)).wait(), want), offset
         outs = [torch.empty(6, 5, 4) for _ in range(5)]  # each a storage of its own, registered once
@@ -156,9 +173,14 @@ def test_a_read_nixl_will_not_start_is_retried_as_frames_once_and_counted(make_d
         c.stage({"w": w}, step=1).wait(10)
     conn, src, reply = _nixl_source(d.endpoint)
     g = src.grant  # a grant for memory the daemon never registered: NIXL refuses to start the READ
-    off = NixlSource(src.agent, src.remote, NixlInfoReply(agent=g.agent, metadata=g.metadata, addr=g.addr + (1 << 40),
-                                                          size=g.size, device=g.device),
-                     src.frames, reply.tensors, 10)
+    off = NixlSource(
+        src.agent,
+        src.remote,
+        NixlInfoReply(agent=g.agent, metadata=g.metadata, addr=g.addr + (1 << 40), size=g.size, device=g.device),
+        src.frames,
+        reply.tensors,
+        10,
+    )
     before = dict(nixl_source.STATS)
     assert torch.equal(off.fetch("w", Box((0, 0), (40, 8))).wait(), w)
     assert _moved(before) == {"nixl": 0, "frames": w.numel() * 4, "nixl_retried_as_frames": 1}
@@ -188,8 +210,10 @@ def test_two_nodes_uneven_shards_read_bit_exact_over_nixl(ucx):
 
 
 def test_nixl_on_one_node_only_reads_the_other_as_frames():
-    nodes = [DaemonProcess(args=LIMIT + NIXL, env={"STAGER_HOST_ID": "node-0"}),
-             DaemonProcess(args=LIMIT, env={"STAGER_HOST_ID": "node-1"})]
+    nodes = [
+        DaemonProcess(args=LIMIT + NIXL, env={"STAGER_HOST_ID": "node-0"}),
+        DaemonProcess(args=LIMIT, env={"STAGER_HOST_ID": "node-1"}),
+    ]
     cluster = SimulatedCluster(0)
     cluster.daemons = nodes
     with cluster:
@@ -302,7 +326,7 @@ def test_load_into_destinations_of_another_dtype_is_cast_never_raw_bytes(make_da
     with StagingClient(d.endpoint, rank=0, local_world_size=1, world_size=1) as c:
         c.stage({"w": w, "v": v, "big": big}, step=1).wait(10)
     flat = torch.zeros(3 * w.numel(), dtype=torch.bfloat16)  # parameters side by side in one buffer (vLLM, FSDP)
-    out_w, guard = flat[:w.numel()].view(64, 32), flat[w.numel():]
+    out_w, guard = flat[: w.numel()].view(64, 32), flat[w.numel() :]
     own = torch.zeros(512, 512, dtype=torch.bfloat16)  # a storage of its own, read in several parts
     monkeypatch.setattr(NixlSource, "max_read_bytes", 256 << 10)
     before = dict(nixl_source.STATS)
@@ -339,8 +363,9 @@ def test_auto_reads_frames_when_this_process_cannot_make_its_nixl_agent(make_dae
         c.stage({"w": torch.arange(64.0).view(8, 8)}, step=1).wait(10)
     # NIXL importable, but no plugin where it looks for them: its agent cannot be made in the reader
     env = dict(os.environ, NIXL_PLUGIN_DIR=str(tmp_path))
-    done = subprocess.run([sys.executable, "-c", NO_AGENT_READER, d.endpoint], env=env, capture_output=True,
-                          text=True, timeout=120)
+    done = subprocess.run(
+        [sys.executable, "-c", NO_AGENT_READER, d.endpoint], env=env, capture_output=True, text=True, timeout=120
+    )
     assert done.returncode == 0, done.stderr
     lines = done.stdout.splitlines()
     assert lines[0] == f"auto {2 * 64 * 4} 0"  # both leases read as frames

@@ -8,8 +8,8 @@ import sys
 import threading
 
 import torch
-from helpers import wait_until
 
+from helpers import wait_until
 from stager.client import StagingClient
 from stager.writers.persist import prune, step_dirname, step_of_dirname
 from stager.writers.write_dcp import write_dcp
@@ -34,8 +34,12 @@ def test_write_dcp_follows_every_and_keeps(make_daemon, tmp_path):
     d = make_daemon()
     out = str(tmp_path / "dcp")
     result = {}
-    follower = threading.Thread(target=lambda: result.update(
-        paths=write_dcp(out, endpoint=d.endpoint, follow=True, every=2, keep=2, max_writes=3)), daemon=True)
+    follower = threading.Thread(
+        target=lambda: result.update(
+            paths=write_dcp(out, endpoint=d.endpoint, follow=True, every=2, keep=2, max_writes=3)
+        ),
+        daemon=True,
+    )
     follower.start()
     with StagingClient(d.endpoint, rank=0, local_world_size=1, world_size=1, strict=True) as client:
         for step, written_after in ((1, 1), (2, None), (3, 3), (4, None), (5, 5)):
@@ -52,14 +56,31 @@ def test_write_dcp_follows_every_and_keeps(make_daemon, tmp_path):
 def test_export_hf_cli_follows_until_interrupted(make_daemon, tmp_path):
     d = make_daemon()
     out = str(tmp_path / "hf")
-    cmd = [sys.executable, "-m", "stager.cli", "export-hf", "--endpoint", d.endpoint, "--out", out, "--follow",
-           "--every", "1", "--keep", "1", "--adapter", "identity", "--json"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "stager.cli",
+        "export-hf",
+        "--endpoint",
+        d.endpoint,
+        "--out",
+        out,
+        "--follow",
+        "--every",
+        "1",
+        "--keep",
+        "1",
+        "--adapter",
+        "identity",
+        "--json",
+    ]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         with StagingClient(d.endpoint, rank=0, local_world_size=1, world_size=1, strict=True) as client:
             for step in (10, 11):
-                client.stage({"w": torch.full((4,), float(step))}, step=step,
-                             model_info={"hf_config": {"model_type": "test"}}).wait(30)
+                client.stage(
+                    {"w": torch.full((4,), float(step))}, step=step, model_info={"hf_config": {"model_type": "test"}}
+                ).wait(30)
                 wait_until(lambda s=step: s in _steps_in(out), timeout=60)
         wait_until(lambda: _steps_in(out) == [11], timeout=60)  # --keep 1
     finally:
@@ -78,16 +99,24 @@ def test_a_follower_that_cannot_write_one_version_goes_on_to_the_next(make_daemo
     out = str(tmp_path / "hf")
     with StagingClient(d.endpoint, rank=0, local_world_size=1, world_size=1, strict=True) as client:
         # step 1 names an adapter no exporter has: that export fails, the follower logs it and waits on
-        client.stage({"w": torch.ones(4)}, step=1, model_info={"adapter": "no_such_adapter",
-                                                               "hf_config": {"model_type": "test"}}).wait(30)
+        client.stage(
+            {"w": torch.ones(4)}, step=1, model_info={"adapter": "no_such_adapter", "hf_config": {"model_type": "test"}}
+        ).wait(30)
         result = {}
-        follower = threading.Thread(target=lambda: result.update(paths=export_hf(
-            out, endpoint=d.endpoint, follow=True, max_exports=1, progress=False)), daemon=True)
+        follower = threading.Thread(
+            target=lambda: result.update(
+                paths=export_hf(out, endpoint=d.endpoint, follow=True, max_exports=1, progress=False)
+            ),
+            daemon=True,
+        )
         follower.start()
         with caplog.at_level("ERROR", logger="stager.writers.persist"):
             wait_until(lambda: "step 1 was not written" in caplog.text)
-        client.stage({"w": torch.full((4,), 2.0)}, step=2,
-                     model_info={"adapter": "identity", "hf_config": {"model_type": "test"}}).wait(30)
+        client.stage(
+            {"w": torch.full((4,), 2.0)},
+            step=2,
+            model_info={"adapter": "identity", "hf_config": {"model_type": "test"}},
+        ).wait(30)
     follower.join(60)
     assert not follower.is_alive() and [os.path.basename(p) for p in result["paths"]] == [step_dirname(2)]
 
@@ -104,7 +133,7 @@ def test_exact_storage_is_the_same_memory_keeps_it_mapped_and_carries_nothing_of
     alive = weakref.ref(mapping)
     segment = torch.frombuffer(mapping, dtype=torch.uint8)
     del mapping
-    view = segment[4096:4096 + 64 * 4].view(torch.float32).view(8, 8)
+    view = segment[4096 : 4096 + 64 * 4].view(torch.float32).view(8, 8)
     view.copy_(torch.arange(64.0).view(8, 8))
     out = exact_storage(view)
     assert out.data_ptr() == view.data_ptr() and out.untyped_storage().nbytes() == 64 * 4  # no copy, no more

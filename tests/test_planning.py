@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from stager.daemon.planning import ALIGN, build_layout
-from stager.protocol.layout import Box, Placement, PlanEntry, plan_from_wire
 from stager.protocol import ErrorCode, ProtocolError
+from stager.protocol.layout import Box, Placement, PlanEntry, plan_from_wire
 
 pytestmark = pytest.mark.fast  # the fast tier: no daemon process, no torch.distributed job
 
@@ -18,20 +18,50 @@ def E(fqn, shape, offset, local, dtype="f32"):
 
 # name, plans {rank: [entries]}, full_world, expected {rank: [writes? per entry]}, partial
 GOOD = [
-    ("fsdp uneven 5 rows", {0: [E("w", (5, 3), (0, 0), (3, 3))], 1: [E("w", (5, 3), (3, 0), (2, 3))]},
-     True, {0: [True], 1: [True]}, False),
-    ("tp shard dim 1", {0: [E("w", (4, 6), (0, 0), (4, 3))], 1: [E("w", (4, 6), (0, 3), (4, 3))]},
-     True, {0: [True], 1: [True]}, False),
-    ("replicated: lowest rank writes", {0: [E("b", (4,), (0,), (4,))], 1: [E("b", (4,), (0,), (4,))]},
-     True, {0: [True], 1: [False]}, False),
-    ("hsdp replicate x shard", {r: [E("w", (4, 2), ((r % 2) * 2, 0), (2, 2))] for r in range(4)},
-     True, {0: [True], 1: [True], 2: [False], 3: [False]}, False),
-    ("pipeline: tensors on different ranks", {0: [E("a", (2,), (0,), (2,))], 1: [E("b", (3,), (0,), (3,))]},
-     True, {0: [True], 1: [True]}, False),
+    (
+        "fsdp uneven 5 rows",
+        {0: [E("w", (5, 3), (0, 0), (3, 3))], 1: [E("w", (5, 3), (3, 0), (2, 3))]},
+        True,
+        {0: [True], 1: [True]},
+        False,
+    ),
+    (
+        "tp shard dim 1",
+        {0: [E("w", (4, 6), (0, 0), (4, 3))], 1: [E("w", (4, 6), (0, 3), (4, 3))]},
+        True,
+        {0: [True], 1: [True]},
+        False,
+    ),
+    (
+        "replicated: lowest rank writes",
+        {0: [E("b", (4,), (0,), (4,))], 1: [E("b", (4,), (0,), (4,))]},
+        True,
+        {0: [True], 1: [False]},
+        False,
+    ),
+    (
+        "hsdp replicate x shard",
+        {r: [E("w", (4, 2), ((r % 2) * 2, 0), (2, 2))] for r in range(4)},
+        True,
+        {0: [True], 1: [True], 2: [False], 3: [False]},
+        False,
+    ),
+    (
+        "pipeline: tensors on different ranks",
+        {0: [E("a", (2,), (0,), (2,))], 1: [E("b", (3,), (0,), (3,))]},
+        True,
+        {0: [True], 1: [True]},
+        False,
+    ),
     ("scalar", {0: [E("s", (), (), ())], 1: [E("s", (), (), ())]}, True, {0: [True], 1: [False]}, False),
     ("empty tensor", {0: [E("e", (0, 4), (0, 0), (0, 4))]}, True, {0: [False]}, False),
-    ("multi-node: half held", {0: [E("w", (8, 2), (0, 0), (2, 2))], 1: [E("w", (8, 2), (2, 0), (2, 2))]},
-     False, {0: [True], 1: [True]}, True),
+    (
+        "multi-node: half held",
+        {0: [E("w", (8, 2), (0, 0), (2, 2))], 1: [E("w", (8, 2), (2, 0), (2, 2))]},
+        False,
+        {0: [True], 1: [True]},
+        True,
+    ),
 ]
 
 
@@ -48,8 +78,10 @@ def test_layouts(name, plans, full, writes, partial):
 
 
 def test_offsets_place_shards_in_the_full_tensor():
-    plans = {0: [E("a", (3,), (0,), (3,)), E("w", (4, 6), (0, 0), (4, 3))],
-             1: [E("a", (3,), (0,), (3,)), E("w", (4, 6), (0, 3), (4, 3))]}
+    plans = {
+        0: [E("a", (3,), (0,), (3,)), E("w", (4, 6), (0, 0), (4, 3))],
+        1: [E("a", (3,), (0,), (3,)), E("w", (4, 6), (0, 3), (4, 3))],
+    }
     layout = build_layout(plans)
     a, w = layout.tensors
     assert a.complete and w.complete
@@ -69,7 +101,11 @@ BAD = [
     ("overlap", {0: [E("w", (4,), (0,), (3,))], 1: [E("w", (4,), (2,), (2,))]}, "overlap"),
     ("gap", {0: [E("w", (5,), (0,), (2,))], 1: [E("w", (5,), (3,), (2,))]}, "cover 4 of 5"),
     ("dtype mismatch", {0: [E("w", (4,), (0,), (2,))], 1: [E("w", (4,), (2,), (2,), "bf16")]}, "agree on dtype"),
-    ("shape mismatch", {0: [E("w", (4,), (0,), (2,))], 1: [E("w", (6,), (2,), (2,))]}, "agree on dtype and global shape"),
+    (
+        "shape mismatch",
+        {0: [E("w", (4,), (0,), (2,))], 1: [E("w", (6,), (2,), (2,))]},
+        "agree on dtype and global shape",
+    ),
 ]
 
 
@@ -114,14 +150,17 @@ def test_shard_boxes_are_torch_chunks(shape, dim, world):
         assert torch.equal(box, expected)
 
 
-@pytest.mark.parametrize("shape,offsets,sizes,contiguous", [
-    ((4, 3), (1, 0), (2, 3), True),
-    ((4, 3), (2, 1), (1, 2), True),    # part of one row
-    ((4, 3), (0, 1), (2, 2), False),
-    ((2, 4, 3), (1, 1, 0), (1, 2, 3), True),
-    ((2, 4, 3), (0, 1, 0), (2, 1, 3), False),
-    ((5,), (2,), (0,), True),
-])
+@pytest.mark.parametrize(
+    "shape,offsets,sizes,contiguous",
+    [
+        ((4, 3), (1, 0), (2, 3), True),
+        ((4, 3), (2, 1), (1, 2), True),  # part of one row
+        ((4, 3), (0, 1), (2, 2), False),
+        ((2, 4, 3), (1, 1, 0), (1, 2, 3), True),
+        ((2, 4, 3), (0, 1, 0), (2, 1, 3), False),
+        ((5,), (2,), (0,), True),
+    ],
+)
 def test_contiguous_spans(shape, offsets, sizes, contiguous):
     from stager.protocol.layout import contiguous_span
 
@@ -132,17 +171,20 @@ def test_contiguous_spans(shape, offsets, sizes, contiguous):
     span = contiguous_span(shape, offsets, sizes)
     assert (span is not None) == contiguous
     if span is not None and box.numel():
-        assert torch.equal(full.view(-1)[span[0]:span[0] + span[1]], box.reshape(-1))
+        assert torch.equal(full.view(-1)[span[0] : span[0] + span[1]], box.reshape(-1))
 
 
-@pytest.mark.parametrize("view", [
-    lambda t: t,
-    lambda t: t.transpose(0, 2),
-    lambda t: t[2],                   # one expert of a grouped [E, out, in] tensor
-    lambda t: t[1].t(),
-    lambda t: t.permute(2, 0, 1),
-    lambda t: t[:, 1:3],
-])
+@pytest.mark.parametrize(
+    "view",
+    [
+        lambda t: t,
+        lambda t: t.transpose(0, 2),
+        lambda t: t[2],  # one expert of a grouped [E, out, in] tensor
+        lambda t: t[1].t(),
+        lambda t: t.permute(2, 0, 1),
+        lambda t: t[:, 1:3],
+    ],
+)
 def test_boxes_of_strided_views_map_to_native_boxes(view):
     from stager.client.readers.views import arrange, native_box
 

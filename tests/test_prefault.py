@@ -6,8 +6,8 @@ import os
 
 import pytest
 import torch
-from conftest import error_code, wire_plan
 
+from conftest import error_code, wire_plan
 from stager.client import StagingClient
 from stager.client.hook import writer as writer_mod
 from stager.daemon import segments, steps
@@ -51,12 +51,15 @@ def test_prefault_allocates_exactly_the_pages_asked_for(shm_file):
     assert prefault(view, 5, 5) is True  # nothing to do
 
 
-@pytest.mark.parametrize("shape,index,bounds", [
-    ((4, 8), (slice(None), slice(None)), (0, 128)),       # the whole block
-    ((4, 8), (slice(1, 3), slice(None)), (32, 96)),       # rows 1-2
-    ((4, 8), (slice(1, 3), slice(2, 4)), (40, 80)),       # a box: first to last byte
-    ((4, 8), (slice(2, 2), slice(None)), (0, 0)),         # empty: no address
-])
+@pytest.mark.parametrize(
+    "shape,index,bounds",
+    [
+        ((4, 8), (slice(None), slice(None)), (0, 128)),  # the whole block
+        ((4, 8), (slice(1, 3), slice(None)), (32, 96)),  # rows 1-2
+        ((4, 8), (slice(1, 3), slice(2, 4)), (40, 80)),  # a box: first to last byte
+        ((4, 8), (slice(2, 2), slice(None)), (0, 0)),  # empty: no address
+    ],
+)
 def test_view_bounds(shape, index, bounds):
     seg = torch.zeros(256, dtype=torch.uint8)
     view = seg[:128].view(torch.float32).view(shape)[index]

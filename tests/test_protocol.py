@@ -9,7 +9,15 @@ import pytest
 import torch
 
 from stager.protocol import (
-    DTYPES, PROTOCOL_VERSION, Commit, ErrorCode, ProtocolError, StagerError, decode, dtype_from_name, dtype_name,
+    DTYPES,
+    PROTOCOL_VERSION,
+    Commit,
+    ErrorCode,
+    ProtocolError,
+    StagerError,
+    decode,
+    dtype_from_name,
+    dtype_name,
 )
 
 pytestmark = pytest.mark.fast  # the fast tier: no daemon process, no torch.distributed job
@@ -33,15 +41,60 @@ BAD = [
     (_header(b={}), ErrorCode.BAD_MESSAGE, "missing field 'step'"),
     (_header(b={"step": "1"}), ErrorCode.BAD_MESSAGE, "field 'step' must be int"),
     (_header(b={"step": True}), ErrorCode.BAD_MESSAGE, "field 'step' must be int"),
-    (_header(t="begin", b={"step": -1, "digest": "", "plan": None, "full_world": True, "shm": True, "wait_ms": 0}),
-     ErrorCode.BAD_MESSAGE, "step must be >= 0"),
-    (_header(t="hello", b={"role": "root", "rank": 0, "local_world_size": 1, "world_size": 1, "pid": 1,
-                           "start_time": 0.0, "host_id": ""}), ErrorCode.BAD_MESSAGE, "role must be"),
-    (_header(t="hello", b={"role": "trainer", "rank": 3, "local_world_size": 2, "world_size": 2, "pid": 1,
-                           "start_time": 0.0, "host_id": ""}), ErrorCode.BAD_MESSAGE, "out of range"),
+    (
+        _header(t="begin", b={"step": -1, "digest": "", "plan": None, "full_world": True, "shm": True, "wait_ms": 0}),
+        ErrorCode.BAD_MESSAGE,
+        "step must be >= 0",
+    ),
+    (
+        _header(
+            t="hello",
+            b={
+                "role": "root",
+                "rank": 0,
+                "local_world_size": 1,
+                "world_size": 1,
+                "pid": 1,
+                "start_time": 0.0,
+                "host_id": "",
+            },
+        ),
+        ErrorCode.BAD_MESSAGE,
+        "role must be",
+    ),
+    (
+        _header(
+            t="hello",
+            b={
+                "role": "trainer",
+                "rank": 3,
+                "local_world_size": 2,
+                "world_size": 2,
+                "pid": 1,
+                "start_time": 0.0,
+                "host_id": "",
+            },
+        ),
+        ErrorCode.BAD_MESSAGE,
+        "out of range",
+    ),
     (_header(t="put", b={"step": 1, "regions": [0, 1]}), ErrorCode.BAD_MESSAGE, "one int region index per data frame"),
-    (_header(t="hello", b={"role": "trainer", "rank": 0, "local_world_size": 10**9, "world_size": 10**9, "pid": 1,
-                           "start_time": 0.0, "host_id": ""}), ErrorCode.BAD_MESSAGE, "ranks per node"),
+    (
+        _header(
+            t="hello",
+            b={
+                "role": "trainer",
+                "rank": 0,
+                "local_world_size": 10**9,
+                "world_size": 10**9,
+                "pid": 1,
+                "start_time": 0.0,
+                "host_id": "",
+            },
+        ),
+        ErrorCode.BAD_MESSAGE,
+        "ranks per node",
+    ),
 ]
 
 
@@ -58,8 +111,19 @@ def test_malformed_is_typed_error(frames, code, text):
 
 
 def test_dtype_table_is_closed_and_covers_training_dtypes():
-    for dt in (torch.float32, torch.bfloat16, torch.float16, torch.float64, torch.float8_e4m3fn,
-               torch.float8_e5m2, torch.int64, torch.int32, torch.int8, torch.uint8, torch.bool):
+    for dt in (
+        torch.float32,
+        torch.bfloat16,
+        torch.float16,
+        torch.float64,
+        torch.float8_e4m3fn,
+        torch.float8_e5m2,
+        torch.int64,
+        torch.int32,
+        torch.int8,
+        torch.uint8,
+        torch.bool,
+    ):
         assert dtype_from_name(dtype_name(dt)) is dt
     with pytest.raises(ProtocolError) as info:
         dtype_from_name("torch.float32")
@@ -82,8 +146,12 @@ def test_no_pickle_in_the_code():
     root = pathlib.Path(__file__).resolve().parents[1]
     pattern = re.compile(r"\bimport pickle\b|\bcloudpickle\b|send_pyobj|recv_pyobj|torch\.load\(")
     restricted = root / "stager" / "formats" / "safe_dcp.py"
-    offenders = [str(p) for d in ("stager", "client", "protocol") for p in (root / d).rglob("*.py")
-                 if pattern.search(p.read_text()) and p != restricted]
+    offenders = [
+        str(p)
+        for d in ("stager", "client", "protocol")
+        for p in (root / d).rglob("*.py")
+        if pattern.search(p.read_text()) and p != restricted
+    ]
     assert offenders == []
     text = restricted.read_text()
     assert "def find_class(" in text and "zmq" not in text and "pickle.load(" not in text
@@ -96,19 +164,26 @@ def _deep(depth):
     return value
 
 
-@pytest.mark.parametrize("info,text", [
-    (["adapter"], "field 'model_info' must be dict"),
-    ({"adapter": ["x"]}, "'adapter' must be a string"),
-    ({"adapter": "a" * 500}, "'adapter' must be a string"),
-    ({"hf_config": "/etc/passwd"}, "never a path"),
-    ({"hf_config": [1, 2]}, "'hf_config' must be a dict"),
-    ({"hf_config": _deep(12)}, "nested deeper"),
-    ({"blob": "x" * (70 << 10)}, "bytes encoded"),
-    ({1: "x"}, "str keys"),
-])
+@pytest.mark.parametrize(
+    "info,text",
+    [
+        (["adapter"], "field 'model_info' must be dict"),
+        ({"adapter": ["x"]}, "'adapter' must be a string"),
+        ({"adapter": "a" * 500}, "'adapter' must be a string"),
+        ({"hf_config": "/etc/passwd"}, "never a path"),
+        ({"hf_config": [1, 2]}, "'hf_config' must be a dict"),
+        ({"hf_config": _deep(12)}, "nested deeper"),
+        ({"blob": "x" * (70 << 10)}, "bytes encoded"),
+        ({1: "x"}, "str keys"),
+    ],
+)
 def test_model_info_is_validated_on_both_sides(info, text):
-    header = {"v": PROTOCOL_VERSION, "t": "commit", "id": 9,
-              "b": {"step": 1, "objects": {}, "model_info": info, "quant": {}}}
+    header = {
+        "v": PROTOCOL_VERSION,
+        "t": "commit",
+        "id": 9,
+        "b": {"step": 1, "objects": {}, "model_info": info, "quant": {}},
+    }
     with pytest.raises(ProtocolError) as info_:
         decode([msgpack.packb(header)])
     assert text in info_.value.message and info_.value.request_id == 9
@@ -117,17 +192,42 @@ def test_model_info_is_validated_on_both_sides(info, text):
             Commit(step=1, model_info=info).encode()
 
 
-@pytest.mark.parametrize("header", [
-    {"v": PROTOCOL_VERSION, "t": ["begin"], "id": 3, "b": {}},  # unhashable type header
-    {"v": [1], "t": "begin", "id": 3, "b": {}},
-    {"v": PROTOCOL_VERSION, "t": "commit", "id": 3,
-     "b": {"step": 1, "objects": {}, "model_info": None, "quant": {"w": {"scale": "s", "mode": ["mul"], "dtype": "bf16"}}}},
-    {"v": PROTOCOL_VERSION, "t": "commit", "id": 3,
-     "b": {"step": 1, "objects": {}, "model_info": None, "quant": {"w": {"scale": "s", "mode": "mul", "dtype": [1]}}}},
-    {"v": PROTOCOL_VERSION, "t": "read", "id": 3, "b": {"lease": 1, "items": [_deep(40)]}},
-    {"v": PROTOCOL_VERSION, "t": "commit", "id": 3, "b": {"step": 1, "objects": _deep(30), "model_info": None,
-                                                          "quant": {}}},
-])
+@pytest.mark.parametrize(
+    "header",
+    [
+        {"v": PROTOCOL_VERSION, "t": ["begin"], "id": 3, "b": {}},  # unhashable type header
+        {"v": [1], "t": "begin", "id": 3, "b": {}},
+        {
+            "v": PROTOCOL_VERSION,
+            "t": "commit",
+            "id": 3,
+            "b": {
+                "step": 1,
+                "objects": {},
+                "model_info": None,
+                "quant": {"w": {"scale": "s", "mode": ["mul"], "dtype": "bf16"}},
+            },
+        },
+        {
+            "v": PROTOCOL_VERSION,
+            "t": "commit",
+            "id": 3,
+            "b": {
+                "step": 1,
+                "objects": {},
+                "model_info": None,
+                "quant": {"w": {"scale": "s", "mode": "mul", "dtype": [1]}},
+            },
+        },
+        {"v": PROTOCOL_VERSION, "t": "read", "id": 3, "b": {"lease": 1, "items": [_deep(40)]}},
+        {
+            "v": PROTOCOL_VERSION,
+            "t": "commit",
+            "id": 3,
+            "b": {"step": 1, "objects": _deep(30), "model_info": None, "quant": {}},
+        },
+    ],
+)
 def test_hostile_headers_are_typed_errors_with_their_request_id(header):
     with pytest.raises(ProtocolError) as info:
         decode([msgpack.packb(header)])

@@ -9,10 +9,10 @@ counter shows the bytes that crossed. Same-host readers still map the segment.
 import pytest
 import torch
 import zmq
+
 from conftest import RawPeer
 from dist_jobs import LLAMA_CONFIG, llama_full, stage_fsdp_llama
 from helpers import wait_until
-
 from stager.client import StagingClient, Subscriber
 from stager.client.adapters import load_adapter
 from stager.client.admin import daemon_status
@@ -20,11 +20,24 @@ from stager.client.readers import sources
 from stager.daemon import read_cast, reading
 from stager.dev.launch import SimulatedCluster, run_ranks
 from stager.protocol import (
-    Acquire, AcquireReply, ErrorCode, ErrorReply, ProtocolError, Read, ReadItem, ReadReply, decode,
+    Acquire,
+    ErrorCode,
+    ErrorReply,
+    ProtocolError,
+    Read,
+    ReadItem,
+    ReadReply,
+    decode,
 )
 
-CONFIG = {"vocab_size": 96, "hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": 1,
-          "num_attention_heads": 4, "num_key_value_heads": 2}
+CONFIG = {
+    "vocab_size": 96,
+    "hidden_size": 32,
+    "intermediate_size": 48,
+    "num_hidden_layers": 1,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+}
 INFO = {"adapter": "llama3", "hf_config": CONFIG}
 NARROW = [torch.bfloat16, torch.float16]
 MIB = 1 << 20
@@ -35,27 +48,57 @@ def awkward(shape, seed, dtype=torch.float32) -> torch.Tensor:
     denormals, exact ties between two bf16/fp16 neighbours, values past fp16's range."""
     g = torch.Generator().manual_seed(seed)
     t = torch.randn(shape, generator=g, dtype=torch.float64) * torch.exp2(
-        torch.randint(-140, 100, shape, generator=g).double())
+        torch.randint(-140, 100, shape, generator=g).double()
+    )
     flat = t.view(-1)
-    specials = [float("nan"), float("inf"), float("-inf"), -0.0, 0.0, 1e-40, -3e-45, 1.0 + 2 ** -8,
-                1.0 + 3 * 2 ** -8, 2049.0, 65520.0, 70000.0, -1e5, 6e-8, 2.0 ** -24 * 1.5]
-    flat[:len(specials)] = torch.tensor(specials, dtype=torch.float64)
+    specials = [
+        float("nan"),
+        float("inf"),
+        float("-inf"),
+        -0.0,
+        0.0,
+        1e-40,
+        -3e-45,
+        1.0 + 2**-8,
+        1.0 + 3 * 2**-8,
+        2049.0,
+        65520.0,
+        70000.0,
+        -1e5,
+        6e-8,
+        2.0**-24 * 1.5,
+    ]
+    flat[: len(specials)] = torch.tensor(specials, dtype=torch.float64)
     return t.to(dtype)
 
 
 def native_sd(step: int) -> dict:
-    return {"a": awkward((64, 48), step), "b": awkward((301,), step + 1), "c.weight": awkward((17, 5, 6), step + 2),
-            "d64": awkward((40, 8), step + 3, torch.float64), "ints": torch.arange(12).view(3, 4),
-            "half": torch.randn(8, 8).to(torch.bfloat16), "empty": torch.zeros(0, 4)}
+    return {
+        "a": awkward((64, 48), step),
+        "b": awkward((301,), step + 1),
+        "c.weight": awkward((17, 5, 6), step + 2),
+        "d64": awkward((40, 8), step + 3, torch.float64),
+        "ints": torch.arange(12).view(3, 4),
+        "half": torch.randn(8, 8).to(torch.bfloat16),
+        "empty": torch.zeros(0, 4),
+    }
 
 
 def llama_sd(step: int) -> dict:
-    shapes = {"tok_embeddings.weight": (96, 32), "layers.0.attention.wq.weight": (32, 32),
-              "layers.0.attention.wk.weight": (16, 32), "layers.0.attention.wv.weight": (16, 32),
-              "layers.0.attention.wo.weight": (32, 32), "layers.0.attention_norm.weight": (32,),
-              "layers.0.ffn_norm.weight": (32,), "layers.0.feed_forward.w1.weight": (48, 32),
-              "layers.0.feed_forward.w2.weight": (32, 48), "layers.0.feed_forward.w3.weight": (48, 32),
-              "norm.weight": (32,), "output.weight": (96, 32)}
+    shapes = {
+        "tok_embeddings.weight": (96, 32),
+        "layers.0.attention.wq.weight": (32, 32),
+        "layers.0.attention.wk.weight": (16, 32),
+        "layers.0.attention.wv.weight": (16, 32),
+        "layers.0.attention.wo.weight": (32, 32),
+        "layers.0.attention_norm.weight": (32,),
+        "layers.0.ffn_norm.weight": (32,),
+        "layers.0.feed_forward.w1.weight": (48, 32),
+        "layers.0.feed_forward.w2.weight": (32, 48),
+        "layers.0.feed_forward.w3.weight": (48, 32),
+        "norm.weight": (32,),
+        "output.weight": (96, 32),
+    }
     return {k: awkward(s, step * 31 + i) for i, (k, s) in enumerate(shapes.items())}
 
 
@@ -73,14 +116,16 @@ def same(a: torch.Tensor, b: torch.Tensor) -> bool:
     """Bit for bit (NaN payloads and -0.0 included)."""
     if a.dtype != b.dtype or a.shape != b.shape:
         return False
-    return a.numel() == 0 or bytes(a.contiguous().view(torch.uint8).view(-1).numpy()) == \
-        bytes(b.contiguous().view(torch.uint8).view(-1).numpy())
+    return a.numel() == 0 or bytes(a.contiguous().view(torch.uint8).view(-1).numpy()) == bytes(
+        b.contiguous().view(torch.uint8).view(-1).numpy()
+    )
 
 
 def wire_bytes(tensors, dtype) -> int:
     """Bytes a remote read of ``tensors`` should move: narrowed floats in ``dtype``, the rest as staged."""
-    return sum(t.numel() * (dtype.itemsize if t.dtype in (torch.float32, torch.float64) else t.element_size())
-               for t in tensors)
+    return sum(
+        t.numel() * (dtype.itemsize if t.dtype in (torch.float32, torch.float64) else t.element_size()) for t in tensors
+    )
 
 
 def served(endpoints) -> int:
@@ -95,11 +140,15 @@ def test_read_item_dtype_is_a_fourth_element_only_when_given():
     assert ReadItem("w", (1, 0), (2, 2), "bf16").to_wire() == ["w", [1, 0], [2, 2], "bf16"]
     msg = Read(id=42, lease=3, items=(ReadItem("w", dtype="f16"), ReadItem("w", (1, 0), (2, 2))))
     assert bytes(msg.encode()[0]).hex() == (  # pinned: the wire form of a cast read
-        "84a17601a174a472656164a269642aa16282a56c6561736503a56974656d739294a177c0c0a366313693a177920100920202")
+        "84a17601a174a472656164a269642aa16282a56c6561736503a56974656d739294a177c0c0a366313693a177920100920202"
+    )
     back = decode(msg.encode())
     assert back.items == msg.items and back.items[0].dtype == "f16" and back.items[1].dtype is None
-    for bad, code in ((["w", None, None, "float32"], ErrorCode.BAD_DTYPE), (["w", None, None, 7], ErrorCode.BAD_DTYPE),
-                      (["w", None, None, "bf16", 1], ErrorCode.BAD_MESSAGE)):
+    for bad, code in (
+        (["w", None, None, "float32"], ErrorCode.BAD_DTYPE),
+        (["w", None, None, 7], ErrorCode.BAD_DTYPE),
+        (["w", None, None, "bf16", 1], ErrorCode.BAD_MESSAGE),
+    ):
         with pytest.raises(ProtocolError) as info:
             ReadItem.from_wire(bad)
         assert info.value.code == code
@@ -113,8 +162,14 @@ def test_the_daemon_refuses_casts_it_cannot_make_exactly_and_keeps_serving(make_
     try:
         peer.hello(role="reader")
         lease = peer.request(Acquire()).lease
-        for fqn, dtype in (("ints", "bf16"), ("half", "f32"), ("a", "f32"), ("a", "f8e4m3"), ("b", "i32"),
-                           ("half", "f16")):
+        for fqn, dtype in (
+            ("ints", "bf16"),
+            ("half", "f32"),
+            ("a", "f32"),
+            ("a", "f8e4m3"),
+            ("b", "i32"),
+            ("half", "f16"),
+        ):
             reply = peer.request(Read(lease=lease, items=(ReadItem(fqn, dtype=dtype),)))
             assert isinstance(reply, ErrorReply) and reply.code == ErrorCode.BAD_VALUE.value, (fqn, dtype)
             assert "cast it yourself" in reply.message
@@ -151,8 +206,9 @@ def test_remote_native_reads_come_cast_by_the_daemon_bit_exact(make_daemon, dtyp
             assert same(snap["a"], expected["a"]) and same(snap["d64"], expected["d64"])
             part = snap.get("c.weight", shard=(0, 1, 3))
             assert same(part, torch.chunk(expected["c.weight"], 3, 0)[1])
-            assert served([d.endpoint]) - before == wire_bytes([sd["a"], sd["d64"], torch.chunk(sd["c.weight"], 3)[1]],
-                                                               dtype)
+            assert served([d.endpoint]) - before == wire_bytes(
+                [sd["a"], sd["d64"], torch.chunk(sd["c.weight"], 3)[1]], dtype
+            )
             # load_into: destinations in the reader's dtype get its bytes; wider ones get the staged bytes
             dst = {k: torch.full_like(v, 3) for k, v in expected.items()}
             dst["b"] = torch.zeros(301, dtype=torch.float64)
@@ -238,8 +294,10 @@ def test_a_plug_in_adapter_gets_the_staged_bytes_its_arithmetic_needs(make_daemo
     sd = {"a": awkward((64, 48), 3), "b": awkward((301,), 4)}
     stage(d.endpoint, sd)
     expected = {"hf." + k: (v / 3).to(torch.bfloat16) for k, v in sd.items()}
-    with Subscriber(d.endpoint, view="hf", adapter=Thirds(), dtype=torch.bfloat16, remote=True) as sub, \
-            sub.latest() as snap:
+    with (
+        Subscriber(d.endpoint, view="hf", adapter=Thirds(), dtype=torch.bfloat16, remote=True) as sub,
+        sub.latest() as snap,
+    ):
         before = served([d.endpoint])
         got = dict(snap.items())
         assert served([d.endpoint]) - before == wire_bytes(sd.values(), torch.float32)  # fp32, as staged
@@ -279,8 +337,9 @@ def test_a_reader_of_a_two_node_job_gets_each_nodes_bytes_in_its_dtype(monkeypat
             assert all(same(got[k], v.to(torch.bfloat16)) for k, v in hf.items())
 
 
-def test_cast_replies_count_as_bytes_in_flight_and_their_buffers_are_reused_then_freed(make_daemon, raw_peer,
-                                                                                         monkeypatch):
+def test_cast_replies_count_as_bytes_in_flight_and_their_buffers_are_reused_then_freed(
+    make_daemon, raw_peer, monkeypatch
+):
     monkeypatch.setattr(reading, "MAX_READ_IN_FLIGHT", 32 * MIB)
     monkeypatch.setattr(read_cast, "IDLE_S", 0.5)
     d = make_daemon(memory_limit=128 * MIB)
@@ -300,8 +359,9 @@ def test_cast_replies_count_as_bytes_in_flight_and_their_buffers_are_reused_then
     expected = w.to(torch.bfloat16)
     for i in range(8):  # reading the replies lets the held-back reads through, in order, their buffers reused
         reply = peer.recv(timeout=30)
-        assert reply.id == 100 + i and same(torch.frombuffer(bytearray(reply.frames[0]), dtype=torch.bfloat16),
-                                            expected)
+        assert reply.id == 100 + i and same(
+            torch.frombuffer(bytearray(reply.frames[0]), dtype=torch.bfloat16), expected
+        )
         assert d.status()["reads"]["cast_buffers"] <= 48 * MIB
     assert d.status()["counters"]["read_cast_bytes"] == 8 * n * 2
     wait_until(lambda: d.status()["reads"] == {"bytes_in_flight": 0, "deferred": 0, "cast_buffers": 0}, timeout=30)
@@ -324,16 +384,18 @@ def test_remote_readers_casting_at_once_stay_within_read_cast_memory_in_turn(mak
             peer.sock.send_multipart(Read(id=500 + i, lease=lease, items=(ReadItem("w", dtype="bf16"),)).encode())
         readers.append(peer)
     # every read answered or held back (each reader's own 80 MiB are far below its 512 MiB in flight)
-    status = wait_until(lambda: (s := d.status())["counters"]["read_cast_bytes"] // (n * 2) + s["reads"]["deferred"]
-                        == 4 * reads and s)
+    status = wait_until(
+        lambda: (s := d.status())["counters"]["read_cast_bytes"] // (n * 2) + s["reads"]["deferred"] == 4 * reads and s
+    )
     assert status["reads"]["cast_buffers"] <= limit, status["reads"]  # unbounded, nearly all 320 MiB were held
     assert status["reads"]["deferred"] > 0 and status["counters"]["read_cast_waits"] > 0  # later ones queue behind
     expected = w.to(torch.bfloat16)
     for i in range(reads):  # receiving replies frees their buffers: the waiting reads go, in turn
         for peer in readers:
             reply = peer.recv(timeout=30)
-            assert reply.id == 500 + i and same(torch.frombuffer(bytearray(reply.frames[0]), dtype=torch.bfloat16),
-                                                expected)
+            assert reply.id == 500 + i and same(
+                torch.frombuffer(bytearray(reply.frames[0]), dtype=torch.bfloat16), expected
+            )
             assert d.status()["reads"]["cast_buffers"] <= limit
     assert d.status()["counters"]["read_cast_bytes"] == 4 * reads * n * 2
 

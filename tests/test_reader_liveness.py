@@ -17,9 +17,9 @@ import time
 
 import pytest
 import torch
+
 from dist_jobs import full_tensors, multi_node_stage, scaled
 from helpers import wait_until
-
 from stager.client import StagingClient
 from stager.client.admin import daemon_status
 from stager.dev.launch import SimulatedCluster, run_ranks
@@ -104,9 +104,12 @@ def test_a_silent_remote_reader_keeps_its_leases_and_a_killed_one_loses_them(nod
         def held() -> bool:  # every daemon lists the reader's lease and subscription
             return all((s := daemon_status(e))["leases"] == 1 and s["subscribers"] == 1 for e in cluster.endpoints)
 
-        reader = subprocess.Popen([sys.executable, "-c", READER, cluster.endpoints[0], str(SILENT)],
-                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                  env={**os.environ, "STAGER_HOST_ID": "reader-host"})  # on no daemon's host
+        reader = subprocess.Popen(
+            [sys.executable, "-c", READER, cluster.endpoints[0], str(SILENT)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            env={**os.environ, "STAGER_HOST_ID": "reader-host"},
+        )  # on no daemon's host
         try:
             lines = _Lines(reader)
             assert lines.next(120) == {"leased": step}
@@ -119,10 +122,15 @@ def test_a_silent_remote_reader_keeps_its_leases_and_a_killed_one_loses_them(nod
             killed = time.monotonic()
             reader.kill()
             reader.wait()
-            wait_until(lambda: all(daemon_status(e)["leases"] == 0 for e in cluster.endpoints),
-                       timeout=PEER_TIMEOUT + 15, interval=0.05)
-            print(f"kill -9 of the reader: leases on {nodes} daemon(s) freed {time.monotonic() - killed:.2f}s "
-                  f"later (--peer-timeout {PEER_TIMEOUT}s)")
+            wait_until(
+                lambda: all(daemon_status(e)["leases"] == 0 for e in cluster.endpoints),
+                timeout=PEER_TIMEOUT + 15,
+                interval=0.05,
+            )
+            print(
+                f"kill -9 of the reader: leases on {nodes} daemon(s) freed {time.monotonic() - killed:.2f}s "
+                f"later (--peer-timeout {PEER_TIMEOUT}s)"
+            )
             assert all(daemon_status(e)["subscribers"] == 0 for e in cluster.endpoints)
         finally:
             if reader.poll() is None:
@@ -186,8 +194,12 @@ sub.close()
 
 
 def _reader(script, *args):
-    return subprocess.Popen([sys.executable, "-c", script, *args], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                            env={**os.environ, "STAGER_HOST_ID": "reader-host"})  # on no daemon's host
+    return subprocess.Popen(
+        [sys.executable, "-c", script, *args],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        env={**os.environ, "STAGER_HOST_ID": "reader-host"},
+    )  # on no daemon's host
 
 
 def _finish(reader):

@@ -2,11 +2,14 @@
 
 import pytest
 import torch
+
 from dist_jobs import (
-    restore_fsdp_train_state, restore_model_as_tp, restore_with_one_bad_rank, stage_fsdp_train_state,
+    restore_fsdp_train_state,
+    restore_model_as_tp,
+    restore_with_one_bad_rank,
+    stage_fsdp_train_state,
     train_with_staging,
 )
-
 from stager.client import StagingClient
 from stager.dev.launch import DaemonProcess, run_ranks
 from stager.protocol import ErrorCode, StagerError
@@ -27,12 +30,22 @@ def test_fsdp2_model_and_optimizer_restore_at_another_world_size_and_placement()
         assert [k for k, v in staged.items() if not (after[k] == v).all()] == []
 
 
-@pytest.mark.parametrize("target,text", [
-    ({"w": torch.zeros(4, 5), "b": torch.zeros(3)}, r"w: step 1 holds float32\[4, 4\], the model has float32\[4, 5\]"),
-    ({"w": torch.zeros(4, 4, dtype=torch.bfloat16), "b": torch.zeros(3)}, r"w: step 1 holds float32\[4, 4\], the "
-                                                                           r"model has bfloat16\[4, 4\]"),
-    ({"w": torch.zeros(4, 4), "b": torch.zeros(3), "extra": torch.zeros(1)}, "extra: not in step 1"),
-], ids=["shape", "dtype", "unknown name"])
+@pytest.mark.parametrize(
+    "target,text",
+    [
+        (
+            {"w": torch.zeros(4, 5), "b": torch.zeros(3)},
+            r"w: step 1 holds float32\[4, 4\], the model has float32\[4, 5\]",
+        ),
+        (
+            {"w": torch.zeros(4, 4, dtype=torch.bfloat16), "b": torch.zeros(3)},
+            r"w: step 1 holds float32\[4, 4\], the "
+            r"model has bfloat16\[4, 4\]",
+        ),
+        ({"w": torch.zeros(4, 4), "b": torch.zeros(3), "extra": torch.zeros(1)}, "extra: not in step 1"),
+    ],
+    ids=["shape", "dtype", "unknown name"],
+)
 def test_a_mismatch_names_the_tensor_and_writes_nothing(make_daemon, target, text):
     d = make_daemon()
     with StagingClient(d.endpoint, strict=True) as client:

@@ -13,8 +13,12 @@ pytestmark = pytest.mark.fast  # the fast tier: no daemon process, no torch.dist
 
 
 def tensors():
-    return [("a", torch.arange(12, dtype=torch.float32).reshape(3, 4)), ("b", torch.ones(0, 5, dtype=torch.bfloat16)),
-            ("c", torch.arange(300_000, dtype=torch.int64)), ("d", torch.full((7,), -1.5, dtype=torch.float16))]
+    return [
+        ("a", torch.arange(12, dtype=torch.float32).reshape(3, 4)),
+        ("b", torch.ones(0, 5, dtype=torch.bfloat16)),
+        ("c", torch.arange(300_000, dtype=torch.int64)),
+        ("d", torch.full((7,), -1.5, dtype=torch.float16)),
+    ]
 
 
 def specs(items):
@@ -38,13 +42,16 @@ def _raising():
     raise RuntimeError("the reader lost its daemon")
 
 
-@pytest.mark.parametrize("produce, error, match", [
-    (lambda: iter([("a", torch.zeros(3, 4)), ("x", torch.zeros(2))]), ValueError, "produced .* planned b"),
-    (lambda: iter([("a", torch.zeros(3, 5))]), ValueError, r"a: produced \(3, 5\)"),
-    (lambda: iter([("a", torch.zeros(3, 4, dtype=torch.float64))]), ValueError, "torch.float64"),
-    (lambda: iter([("a", torch.zeros(3, 4))]), ValueError, "fewer tensors produced than planned"),
-    (_raising, RuntimeError, "lost its daemon"),
-])
+@pytest.mark.parametrize(
+    "produce, error, match",
+    [
+        (lambda: iter([("a", torch.zeros(3, 4)), ("x", torch.zeros(2))]), ValueError, "produced .* planned b"),
+        (lambda: iter([("a", torch.zeros(3, 5))]), ValueError, r"a: produced \(3, 5\)"),
+        (lambda: iter([("a", torch.zeros(3, 4, dtype=torch.float64))]), ValueError, "torch.float64"),
+        (lambda: iter([("a", torch.zeros(3, 4))]), ValueError, "fewer tensors produced than planned"),
+        (_raising, RuntimeError, "lost its daemon"),
+    ],
+)
 def test_a_bad_producer_fails_the_write_with_its_error(tmp_path, produce, error, match):
     planned = [("a", (3, 4), torch.float32), ("b", (2,), torch.float32)]
     with pytest.raises(error, match=match):

@@ -3,8 +3,8 @@
 import threading
 
 import pytest
-from helpers import wait_until
 
+from helpers import wait_until
 from stager.daemon.memory import PENDING, SegmentBudget
 from stager.protocol import ErrorCode, StagerError
 

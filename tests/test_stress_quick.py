@@ -47,8 +47,9 @@ def campaigns(request, tmp_path_factory):
         for name in selected(request.session):
             script, *args = CAMPAIGNS[name]
             with open(logs / f"{name}.out", "w") as out:  # a file, not a pipe: nobody reads it until the end
-                proc = subprocess.Popen([sys.executable, os.path.join(STRESS, script), *args],
-                                        stdout=out, stderr=subprocess.STDOUT)
+                proc = subprocess.Popen(
+                    [sys.executable, os.path.join(STRESS, script), *args], stdout=out, stderr=subprocess.STDOUT
+                )
             proc.output = logs / f"{name}.out"
             procs[name] = proc
         yield procs

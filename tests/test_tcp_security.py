@@ -45,7 +45,8 @@ def curve_peer(endpoint, keys, client_secret=None, ipv6=False, curve=True):
     if curve:
         sock.curve_serverkey = load_certificate(os.path.join(keys, "server.key"))[0]
         sock.curve_publickey, sock.curve_secretkey = load_certificate(
-            client_secret or os.path.join(keys, "client.key_secret"))
+            client_secret or os.path.join(keys, "client.key_secret")
+        )
     sock.connect(endpoint)
     return RawPeer(endpoint, sock=sock)
 
@@ -110,8 +111,6 @@ def test_a_reader_given_an_auth_dir_uses_it_and_leaves_the_environment_alone(tcp
     with Subscriber(d.endpoint, timeout=5, auth_dir=keys) as sub, sub.latest() as snap:
         assert torch.equal(snap["w"], torch.arange(6.0))
     assert "STAGER_AUTH_DIR" not in os.environ
-
-
 
 
 needs_ipv6 = pytest.mark.skipif(not has_ipv6_loopback(), reason="this host has no IPv6 loopback (::1)")

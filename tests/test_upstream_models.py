@@ -42,6 +42,7 @@ SEQ = 128  # a full 128-token block, whatever the attention backend
 
 # ---- torchtitan models ---------------------------------------------------------------------------
 
+
 def titan_config(module, flavor: str = "debugmodel", **kwargs):
     """torchtitan's model config for ``flavor``, with the CPU attention backend on every layer."""
     cfg = module.model_registry(flavor, **kwargs).model
@@ -95,9 +96,15 @@ def llama3_gqa_config(n_kv_heads: int = 4, layers: int = 3):
     for layer in cfg.layers:
         a = layer.attention
         layer.attention = make_gqa_config(
-            dim=a.dim, n_heads=a.n_heads, n_kv_heads=n_kv_heads, fuse_qkv=True, rope=a.rope,
+            dim=a.dim,
+            n_heads=a.n_heads,
+            n_kv_heads=n_kv_heads,
+            fuse_qkv=True,
+            rope=a.rope,
             wqkv_param_init={"weight": functools.partial(torch.nn.init.trunc_normal_, std=0.02)},
-            wo_param_init=a.wo.param_init, inner_attention=ScaledDotProductAttention.Config())
+            wo_param_init=a.wo.param_init,
+            inner_attention=ScaledDotProductAttention.Config(),
+        )
     return cfg
 
 
@@ -116,6 +123,7 @@ def fp32_experts():
 
 # ---- the HF configs of the same models -----------------------------------------------------------
 
+
 def _rope(cfg):
     return cfg.layers[0].attention.rope
 
@@ -126,13 +134,24 @@ def llama3_hf_config(cfg) -> dict:
     attn, rope = cfg.layers[0].attention, _rope(cfg)
     assert rope.scaling == "llama"
     return transformers.LlamaConfig(
-        vocab_size=cfg.vocab_size, hidden_size=cfg.dim, num_hidden_layers=len(cfg.layers),
-        intermediate_size=cfg.layers[0].feed_forward.w1.out_features, num_attention_heads=attn.n_heads,
-        num_key_value_heads=attn.n_kv_heads or attn.n_heads, rms_norm_eps=cfg.norm.eps,
-        max_position_embeddings=rope.max_seq_len, tie_word_embeddings=cfg.enable_weight_tying,
-        rope_parameters={"rope_type": "llama3", "rope_theta": rope.theta, "factor": rope.scaling_factor,
-                         "low_freq_factor": rope.low_freq_factor, "high_freq_factor": rope.high_freq_factor,
-                         "original_max_position_embeddings": rope.original_max_position_embeddings}).to_dict()
+        vocab_size=cfg.vocab_size,
+        hidden_size=cfg.dim,
+        num_hidden_layers=len(cfg.layers),
+        intermediate_size=cfg.layers[0].feed_forward.w1.out_features,
+        num_attention_heads=attn.n_heads,
+        num_key_value_heads=attn.n_kv_heads or attn.n_heads,
+        rms_norm_eps=cfg.norm.eps,
+        max_position_embeddings=rope.max_seq_len,
+        tie_word_embeddings=cfg.enable_weight_tying,
+        rope_parameters={
+            "rope_type": "llama3",
+            "rope_theta": rope.theta,
+            "factor": rope.scaling_factor,
+            "low_freq_factor": rope.low_freq_factor,
+            "high_freq_factor": rope.high_freq_factor,
+            "original_max_position_embeddings": rope.original_max_position_embeddings,
+        },
+    ).to_dict()
 
 
 def qwen3_hf_config(cfg) -> dict:
@@ -141,11 +160,18 @@ def qwen3_hf_config(cfg) -> dict:
     attn, rope = cfg.layers[0].attention, _rope(cfg)
     assert rope.scaling == "none" and attn.qk_norm.eps == cfg.norm.eps
     return transformers.Qwen3Config(
-        vocab_size=cfg.vocab_size, hidden_size=cfg.dim, num_hidden_layers=len(cfg.layers),
-        intermediate_size=cfg.layers[0].feed_forward.w1.out_features, num_attention_heads=attn.n_heads,
-        num_key_value_heads=attn.n_kv_heads, head_dim=attn.head_dim, rms_norm_eps=cfg.norm.eps,
-        max_position_embeddings=rope.max_seq_len, tie_word_embeddings=cfg.enable_weight_tying,
-        rope_parameters={"rope_type": "default", "rope_theta": rope.theta}).to_dict()
+        vocab_size=cfg.vocab_size,
+        hidden_size=cfg.dim,
+        num_hidden_layers=len(cfg.layers),
+        intermediate_size=cfg.layers[0].feed_forward.w1.out_features,
+        num_attention_heads=attn.n_heads,
+        num_key_value_heads=attn.n_kv_heads,
+        head_dim=attn.head_dim,
+        rms_norm_eps=cfg.norm.eps,
+        max_position_embeddings=rope.max_seq_len,
+        tie_word_embeddings=cfg.enable_weight_tying,
+        rope_parameters={"rope_type": "default", "rope_theta": rope.theta},
+    ).to_dict()
 
 
 def deepseek_v3_hf_config(cfg, **extra) -> dict:
@@ -159,31 +185,55 @@ def deepseek_v3_hf_config(cfg, **extra) -> dict:
     assert dense == list(range(len(dense))) and rope.scaling == "yarn"
     mscale = attn.mscale  # torchtitan folds it into the softmax scale: transformers' mscale_all_dim
     return transformers.DeepseekV3Config(
-        vocab_size=cfg.vocab_size, hidden_size=cfg.dim, num_hidden_layers=len(layers),
-        intermediate_size=layers[0].feed_forward.w1.out_features, moe_intermediate_size=experts.hidden_dim,
-        num_attention_heads=attn.n_heads, num_key_value_heads=attn.n_heads,
-        n_shared_experts=moe.shared_experts.w1.out_features // experts.hidden_dim, n_routed_experts=moe.num_experts,
-        num_experts_per_tok=router.top_k, n_group=router.num_expert_groups or 1,
-        topk_group=router.num_limited_groups or 1, norm_topk_prob=router.route_norm,
-        routed_scaling_factor=router.route_scale, first_k_dense_replace=len(dense),
-        q_lora_rank=attn.q_lora_rank or None, kv_lora_rank=attn.kv_lora_rank, qk_nope_head_dim=attn.qk_nope_head_dim,
-        qk_rope_head_dim=attn.qk_rope_head_dim, v_head_dim=attn.v_head_dim, rms_norm_eps=cfg.norm.eps,
+        vocab_size=cfg.vocab_size,
+        hidden_size=cfg.dim,
+        num_hidden_layers=len(layers),
+        intermediate_size=layers[0].feed_forward.w1.out_features,
+        moe_intermediate_size=experts.hidden_dim,
+        num_attention_heads=attn.n_heads,
+        num_key_value_heads=attn.n_heads,
+        n_shared_experts=moe.shared_experts.w1.out_features // experts.hidden_dim,
+        n_routed_experts=moe.num_experts,
+        num_experts_per_tok=router.top_k,
+        n_group=router.num_expert_groups or 1,
+        topk_group=router.num_limited_groups or 1,
+        norm_topk_prob=router.route_norm,
+        routed_scaling_factor=router.route_scale,
+        first_k_dense_replace=len(dense),
+        q_lora_rank=attn.q_lora_rank or None,
+        kv_lora_rank=attn.kv_lora_rank,
+        qk_nope_head_dim=attn.qk_nope_head_dim,
+        qk_rope_head_dim=attn.qk_rope_head_dim,
+        v_head_dim=attn.v_head_dim,
+        rms_norm_eps=cfg.norm.eps,
         max_position_embeddings=int(rope.original_seq_len * rope.rope_factor),  # as DeepSeek-V3's own config
-        tie_word_embeddings=cfg.enable_weight_tying, num_nextn_predict_layers=len(getattr(cfg, "mtp_layers", [])),
-        rope_parameters={"rope_type": "yarn", "rope_theta": rope.theta, "factor": rope.rope_factor,
-                         "beta_fast": rope.beta_fast, "beta_slow": rope.beta_slow, "mscale": mscale,
-                         "mscale_all_dim": mscale, "original_max_position_embeddings": rope.original_seq_len},
-        **extra).to_dict()
+        tie_word_embeddings=cfg.enable_weight_tying,
+        num_nextn_predict_layers=len(getattr(cfg, "mtp_layers", [])),
+        rope_parameters={
+            "rope_type": "yarn",
+            "rope_theta": rope.theta,
+            "factor": rope.rope_factor,
+            "beta_fast": rope.beta_fast,
+            "beta_slow": rope.beta_slow,
+            "mscale": mscale,
+            "mscale_all_dim": mscale,
+            "original_max_position_embeddings": rope.original_seq_len,
+        },
+        **extra,
+    ).to_dict()
 
 
 HF_CONFIG = {"llama3": llama3_hf_config, "qwen3": qwen3_hf_config, "deepseek_v3": deepseek_v3_hf_config}
-TITAN_ADAPTER = {"llama3": lazy_import("torchtitan.models.llama3", "Llama3StateDictAdapter"),
-                 "qwen3": lazy_import("torchtitan.models.qwen3", "Qwen3StateDictAdapter"),
-                 "deepseek_v3": lazy_import("torchtitan.models.deepseek_v3", "DeepSeekV3StateDictAdapter")}
+TITAN_ADAPTER = {
+    "llama3": lazy_import("torchtitan.models.llama3", "Llama3StateDictAdapter"),
+    "qwen3": lazy_import("torchtitan.models.qwen3", "Qwen3StateDictAdapter"),
+    "deepseek_v3": lazy_import("torchtitan.models.deepseek_v3", "DeepSeekV3StateDictAdapter"),
+}
 HF_MODEL = {"llama3": "LlamaForCausalLM", "qwen3": "Qwen3ForCausalLM", "deepseek_v3": "DeepseekV3ForCausalLM"}
 
 
 # ---- comparisons ---------------------------------------------------------------------------------
+
 
 def assert_same_tensors(got: dict, want: dict):
     assert sorted(got) == sorted(want)
@@ -202,8 +252,10 @@ def fuse_experts(hf_sd: dict) -> dict:
         else:
             out[k] = v
     for prefix in {p for p, _ in per}:
+
         def stack(proj):
             return torch.stack([per[prefix, proj][e] for e in sorted(per[prefix, proj])])
+
         out[f"{prefix}.gate_up_proj"] = torch.cat([stack("gate_proj"), stack("up_proj")], 1)
         out[f"{prefix}.down_proj"] = stack("down_proj")
     return out
@@ -263,14 +315,21 @@ def test_deepseek_v3_real_names_are_the_ones_the_issue_saw():
     cfg = titan_config(deepseek_v3)
     with torch.device("meta"):
         names = set(cfg.build().state_dict())
-    for key in ("lm_head.weight", "layers.1.moe.expert_bias_E", "layers.1.moe.routed_experts.inner_experts.w1_EFD",
-                "layers.1.moe.routed_experts.inner_experts.w2_EDF", "layers.1.moe.routed_experts.inner_experts.w3_EFD"):
+    for key in (
+        "lm_head.weight",
+        "layers.1.moe.expert_bias_E",
+        "layers.1.moe.routed_experts.inner_experts.w1_EFD",
+        "layers.1.moe.routed_experts.inner_experts.w2_EDF",
+        "layers.1.moe.routed_experts.inner_experts.w3_EFD",
+    ):
         assert key in names
     adapter = load_adapter("deepseek_v3", deepseek_v3_hf_config(cfg))
     w2 = torch.empty(8, 256, 256, device="meta")
     got = adapter.to_hf_items("layers.1.moe.routed_experts.inner_experts.w2_EDF", w2)
-    assert [k for k, _ in got][:2] == ["model.layers.1.mlp.experts.0.down_proj.weight",
-                                       "model.layers.1.mlp.experts.1.down_proj.weight"]
+    assert [k for k, _ in got][:2] == [
+        "model.layers.1.mlp.experts.0.down_proj.weight",
+        "model.layers.1.mlp.experts.1.down_proj.weight",
+    ]
     bias = torch.zeros(8)
     got = adapter.to_hf_items("layers.1.moe.expert_bias_E", bias)
     assert got == [("model.layers.1.mlp.gate.e_score_correction_bias", bias)]
@@ -291,6 +350,7 @@ def test_fused_qkv_parameter_splits_as_torchtitans_state_dict(case):
 
 # ---- (b) the same logits in transformers -----------------------------------------------------------
 
+
 @pytest.mark.parametrize("case", ["llama3", "llama3 gqa", "qwen3"])
 def test_dense_models_give_torchtitans_logits_in_transformers(case):
     name, make_config = CASES[case]
@@ -302,8 +362,11 @@ def test_dense_models_give_torchtitans_logits_in_transformers(case):
     assert_same_logits(hf, titan, cfg.vocab_size)
 
 
-@pytest.mark.parametrize("q_lora_rank,rope_interleave", [(0, True), (96, True), (96, False)],
-                         ids=["plain wq", "q lora", "q lora, rotate_half rope"])
+@pytest.mark.parametrize(
+    "q_lora_rank,rope_interleave",
+    [(0, True), (96, True), (96, False)],
+    ids=["plain wq", "q lora", "q lora, rotate_half rope"],
+)
 def test_deepseek_v3_gives_torchtitans_logits_in_transformers(q_lora_rank, rope_interleave):
     cfg = dsv3_sigmoid_config(q_lora_rank=q_lora_rank)
     titan = build(cfg)
@@ -317,6 +380,7 @@ def test_deepseek_v3_gives_torchtitans_logits_in_transformers(q_lora_rank, rope_
 
 
 # ---- end to end: FSDP2 ranks -> daemon -> export_hf -> from_pretrained -----------------------------
+
 
 def stage_fsdp2_deepseek(rank, world, endpoint, hf_cfg):
     """One rank: the torchtitan DeepSeek-V3 under FSDP2 (each block, then the root, as torchtitan
@@ -343,15 +407,16 @@ def stage_fsdp2_deepseek(rank, world, endpoint, hf_cfg):
 def test_fsdp2_deepseek_v3_staged_exports_and_loads_with_from_pretrained(tmp_path):
     import transformers
 
-    from stager.writers.export_hf import export_hf
     from stager.dev.launch import DaemonProcess, run_ranks
+    from stager.writers.export_hf import export_hf
 
     cfg = dsv3_sigmoid_config()
     hf_cfg = deepseek_v3_hf_config(cfg)
     with DaemonProcess(args=("--memory-limit", "256MiB")) as daemon:
         sharded = run_ranks(stage_fsdp2_deepseek, 2, daemon.endpoint, hf_cfg, timeout=120)
-        (path,) = export_hf(str(tmp_path), endpoint=daemon.endpoint, adapter="deepseek_v3", hf_config=hf_cfg,
-                            max_shard_size="20MB")
+        (path,) = export_hf(
+            str(tmp_path), endpoint=daemon.endpoint, adapter="deepseek_v3", hf_config=hf_cfg, max_shard_size="20MB"
+        )
     assert "layers.1.moe.routed_experts.inner_experts.w1_EFD" in sharded[0]
     hf, info = transformers.AutoModelForCausalLM.from_pretrained(path, output_loading_info=True)
     assert type(hf).__name__ == "DeepseekV3ForCausalLM"
@@ -361,6 +426,7 @@ def test_fsdp2_deepseek_v3_staged_exports_and_loads_with_from_pretrained(tmp_pat
 
 # ---- the way back in: a transformers checkpoint -> load-hf -> restore into torchtitan ---------------
 
+
 @pytest.mark.parametrize("case", ["llama3 gqa", "deepseek_v3"])
 def test_a_transformers_checkpoint_loads_and_restores_into_torchtitan_with_its_logits(case, tmp_path):
     """save_pretrained (sharded safetensors; DeepSeek-V3's experts fused in memory, per expert on disk)
@@ -369,8 +435,8 @@ def test_a_transformers_checkpoint_loads_and_restores_into_torchtitan_with_its_l
     import transformers
 
     from stager.client import StagingClient
-    from stager.loaders.load_hf import load_hf
     from stager.dev.launch import DaemonProcess
+    from stager.loaders.load_hf import load_hf
 
     name, make_config = {"llama3 gqa": CASES["llama3 gqa"], "deepseek_v3": ("deepseek_v3", dsv3_sigmoid_config)}[case]
     cfg = make_config()

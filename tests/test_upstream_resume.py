@@ -15,17 +15,22 @@ import re
 from pathlib import Path
 
 import pytest
-import upstream_jobs
 
+import upstream_jobs
 from stager.dev.launch import DaemonProcess, run_ranks
 
 ROOT = Path(__file__).resolve().parents[1]
 
 # what upstream_jobs.train calls, as the README's code shows it
-README_CALLS = ('"model": model.state_dict()', '"optim": get_optimizer_state_dict(model, optimizer, options=flat)',
-                "handle.wait_copied()", "step = client.restore(sd)", 'model.load_state_dict(sd["model"])',
-                'set_optimizer_state_dict(model, optimizer, sd["optim"], options=flat)',
-                'start = sd["train"]["step"] + 1')
+README_CALLS = (
+    '"model": model.state_dict()',
+    '"optim": get_optimizer_state_dict(model, optimizer, options=flat)',
+    "handle.wait_copied()",
+    "step = client.restore(sd)",
+    'model.load_state_dict(sd["model"])',
+    'set_optimizer_state_dict(model, optimizer, sd["optim"], options=flat)',
+    'start = sd["train"]["step"] + 1',
+)
 
 
 def test_the_readme_shows_the_calls_the_torchtitan_jobs_make():

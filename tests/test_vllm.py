@@ -24,14 +24,20 @@ pytest.importorskip("vllm", reason="vLLM is not installed in this venv (.ci/run 
 
 import multiprocessing as mp  # noqa: E402
 
-import rl_vllm  # noqa: E402  (examples/: the tiny model, the trainer, engine arguments)
-from helpers import wait_until  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
+import rl_vllm  # noqa: E402  (examples/: the tiny model, the trainer, engine arguments)
+from helpers import wait_until  # noqa: E402
 from stager.client import StagingClient  # noqa: E402
 from stager.dev.launch import DaemonProcess  # noqa: E402
 from stager.integrations.vllm import (  # noqa: E402
-    EngineIncomplete, Follower, UpdateIncomplete, UpdateRefused, VerifyFailed, WeightMismatch, update,
+    EngineIncomplete,
+    Follower,
+    UpdateIncomplete,
+    UpdateRefused,
+    VerifyFailed,
+    WeightMismatch,
+    update,
 )
 from stager.protocol import ErrorCode, StagerError  # noqa: E402
 
@@ -67,9 +73,15 @@ class World:
 
 
 def fresh_engine_reference(model_dir: str) -> dict:
-    code = (f"import json, rl_vllm; print('REF' + json.dumps(rl_vllm.reference({model_dir!r}, {PROMPTS!r})))")
-    done = subprocess.run([sys.executable, "-c", code], cwd=EXAMPLES, capture_output=True, text=True, timeout=600,
-                          env={**os.environ, "PYTHONPATH": EXAMPLES})
+    code = f"import json, rl_vllm; print('REF' + json.dumps(rl_vllm.reference({model_dir!r}, {PROMPTS!r})))"
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=EXAMPLES,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "PYTHONPATH": EXAMPLES},
+    )
     lines = [line for line in done.stdout.splitlines() if line.startswith("REF")]
     assert done.returncode == 0 and lines, done.stderr[-3000:]
     return json.loads(lines[-1][3:])
@@ -107,8 +119,10 @@ def assert_at_reference(llm, ref: dict, version: str) -> None:
 
 
 def test_importing_stager_never_imports_vllm():
-    code = ("import sys, stager, stager.client, stager.integrations.vllm, stager.integrations.vllm.plugin; "
-            "print('vllm' in sys.modules)")
+    code = (
+        "import sys, stager, stager.client, stager.integrations.vllm, stager.integrations.vllm.plugin; "
+        "print('vllm' in sys.modules)"
+    )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.stdout.strip() == "False", done.stderr
 
@@ -116,8 +130,9 @@ def test_importing_stager_never_imports_vllm():
 def test_the_backend_is_registered_by_the_entry_point():
     from importlib.metadata import entry_points
 
-    assert [e.value for e in entry_points(group="vllm.general_plugins") if e.name == "stager"] == \
-        ["stager.integrations.vllm.plugin:register"]
+    assert [e.value for e in entry_points(group="vllm.general_plugins") if e.name == "stager"] == [
+        "stager.integrations.vllm.plugin:register"
+    ]
 
 
 def test_init_info_auth_dir_serves_the_engine_s_reader_only(world, tmp_path, monkeypatch):
@@ -174,8 +189,9 @@ def test_updates_after_the_first_write_the_serving_tensors_directly(world):
     names = [n for n in world.hf_weights() if n != "model.layers.1.self_attn.k_proj.weight"]
     update(world.llm, 0, endpoint=world.endpoint, init_info={"endpoint": world.endpoint, "names": names})
     assert engine.last_update["path"] == "layerwise" and "come in part" in engine.last_update["why_layerwise"]
-    update(world.llm, 3, endpoint=world.endpoint, init_info={"endpoint": world.endpoint},
-           verify=world.ref3["checksums"])
+    update(
+        world.llm, 3, endpoint=world.endpoint, init_info={"endpoint": world.endpoint}, verify=world.ref3["checksums"]
+    )
     assert engine.last_update["path"] == "direct"
     assert_at_reference(world.llm, world.ref3, "3")
 
@@ -199,8 +215,11 @@ def test_refused_updates_leave_the_engine_serving_its_version(world, short_dir):
         with StagingClient(other.endpoint, strict=True) as client:
             for step, sd in ((10, bad_shape), (11, missing), (12, unknown)):
                 client.stage(sd, step=step, model_info={"adapter": "identity"}).wait(60)
-        cases = [(10, "model.norm.weight: the version holds shape [64]"), (11, "lacks 'lm_head.weight'"),
-                 (12, "no tensor 'model.layers.0.mlp.extra.weight'")]
+        cases = [
+            (10, "model.norm.weight: the version holds shape [64]"),
+            (11, "lacks 'lm_head.weight'"),
+            (12, "no tensor 'model.layers.0.mlp.extra.weight'"),
+        ]
         for step, said in cases:
             with pytest.raises(UpdateRefused) as info:
                 update(world.llm, step, endpoint=other.endpoint, init_info={"endpoint": other.endpoint})
@@ -237,13 +256,19 @@ def test_a_partial_update_is_caught_by_verification_and_the_engine_refuses(world
     update(world.llm, 0, endpoint=world.endpoint, init_info={"endpoint": world.endpoint})
     names = [n for n in world.hf_weights() if n != "model.norm.weight"]  # a deliberately skipped norm update
     with pytest.raises(WeightMismatch) as info:
-        update(world.llm, 3, endpoint=world.endpoint, init_info={"endpoint": world.endpoint, "names": names},
-               verify=world.ref3["checksums"])
+        update(
+            world.llm,
+            3,
+            endpoint=world.endpoint,
+            init_info={"endpoint": world.endpoint, "names": names},
+            verify=world.ref3["checksums"],
+        )
     assert any(t.endswith("model.norm.weight") for t in info.value.tensors), info.value.tensors
     with pytest.raises(EngineIncomplete):
         outputs(world.llm)
-    update(world.llm, 3, endpoint=world.endpoint, init_info={"endpoint": world.endpoint},
-           verify=world.ref3["checksums"])
+    update(
+        world.llm, 3, endpoint=world.endpoint, init_info={"endpoint": world.endpoint}, verify=world.ref3["checksums"]
+    )
     assert_at_reference(world.llm, world.ref3, "3")
 
 
@@ -309,8 +334,12 @@ def remote_update_killed_at(world, root: str, name: str, step: int):
                 victim.stop(signal.SIGKILL)
 
         world.engine().on_tensor = kill
-        update(world.llm, step, endpoint=victim.endpoint,
-               init_info={"endpoint": victim.endpoint, "remote": True, "timeout": 3})
+        update(
+            world.llm,
+            step,
+            endpoint=victim.endpoint,
+            init_info={"endpoint": victim.endpoint, "remote": True, "timeout": 3},
+        )
     finally:
         world.engine().on_tensor = None
         victim.stop(signal.SIGKILL)
@@ -334,8 +363,7 @@ def test_remote_daemon_killed_mid_update_the_engine_refuses_until_a_complete_upd
         outputs(world.llm)
     with DaemonProcess(f"ipc://{short_dir}/w.sock", args=("--memory-limit", "64MiB")) as again:
         stage_hf(again.endpoint, [9], world.hf_weights())
-        assert update(world.llm, 9, endpoint=again.endpoint,
-                      init_info={"endpoint": again.endpoint, "remote": True}).ok
+        assert update(world.llm, 9, endpoint=again.endpoint, init_info={"endpoint": again.endpoint, "remote": True}).ok
         assert world.engine().last_update["path"] == "direct"
         assert_at_reference(world.llm, world.ref3, "9")
     update(world.llm, 3, endpoint=world.endpoint, init_info={"endpoint": world.endpoint})
@@ -360,8 +388,12 @@ def test_follower_keeps_the_engine_within_k_steps(world, short_dir):
 
 def test_the_rl_example_keeps_every_rollout_within_k_steps():
     k, steps = 1, 3
-    done = subprocess.run([sys.executable, os.path.join(EXAMPLES, "rl_vllm.py"), "--steps", str(steps), "--k", str(k)],
-                          capture_output=True, text=True, timeout=900)
+    done = subprocess.run(
+        [sys.executable, os.path.join(EXAMPLES, "rl_vllm.py"), "--steps", str(steps), "--k", str(k)],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     lines = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
     assert [line["batch"] for line in lines] == list(range(1, steps + 1))
@@ -379,14 +411,26 @@ def start_server(model_dir: str, log_path: str):
     port = free_port()
     env = {k: v for k, v in os.environ.items() if k != "VLLM_ENABLE_V1_MULTIPROCESSING"}
     env["VLLM_SERVER_DEV_MODE"] = "1"  # vLLM serves its weight-transfer routes only then
-    args = ["--model", model_dir, "--host", "127.0.0.1", "--port", str(port),
-            "--weight-transfer-config", json.dumps({"backend": "stager"})]
+    args = [
+        "--model",
+        model_dir,
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--weight-transfer-config",
+        json.dumps({"backend": "stager"}),
+    ]
     for key, value in rl_vllm.ENGINE_ARGS.items():
         flag = "--" + key.replace("_", "-")
         args += [flag] if value is True else [flag, str(value)]
     log = open(log_path, "w")
-    proc = subprocess.Popen([sys.executable, "-m", "vllm.entrypoints.openai.api_server", *args], stdout=log,
-                            stderr=subprocess.STDOUT, env=env)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "vllm.entrypoints.openai.api_server", *args],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env=env,
+    )
     base = f"http://127.0.0.1:{port}"
 
     def healthy():
@@ -409,8 +453,9 @@ def get(url: str):
 def test_a_server_is_moved_through_its_http_routes(world, short_dir):
     proc, base = start_server(world.step0, os.path.join(world.root, "server.log"))
     try:
-        result = update(base, 3, endpoint=world.endpoint, init_info={"endpoint": world.endpoint},
-                        verify=world.ref3["checksums"])  # vLLM's weight_checker digests equal the fresh engine's
+        result = update(
+            base, 3, endpoint=world.endpoint, init_info={"endpoint": world.endpoint}, verify=world.ref3["checksums"]
+        )  # vLLM's weight_checker digests equal the fresh engine's
         assert result.ok and result.engines[0].weight_version == "3" == get(f"{base}/weight_info")["weight_version"]
         assert {"pause", "start", "update", "finish", "reset", "resume"} <= set(result.engines[0].seconds)
         assert get(f"{base}/is_paused") == {"is_paused": False}

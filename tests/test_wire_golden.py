@@ -7,10 +7,10 @@ regenerate the table below; if not, undo the change.
 """
 
 import pytest
-from wire_examples import EXAMPLES
 
 from stager.protocol import PROTOCOL_VERSION, decode
 from stager.protocol.frames import message_types
+from wire_examples import EXAMPLES
 
 pytestmark = pytest.mark.fast  # the fast tier: no daemon process, no torch.distributed job
 
@@ -62,7 +62,8 @@ def test_golden_bytes(msg):
     got = bytes(msg.encode()[0]).hex()
     assert PROTOCOL_VERSION == 1 and got == GOLDEN[msg.TYPE], (
         f"the wire encoding of {msg.TYPE!r} changed: bump PROTOCOL_VERSION (protocol/frames.py) and "
-        f"regenerate GOLDEN in {__file__}, or undo the change. Now: {got}")
+        f"regenerate GOLDEN in {__file__}, or undo the change. Now: {got}"
+    )
 
 
 @pytest.mark.parametrize("msg", EXAMPLES, ids=lambda m: m.TYPE)

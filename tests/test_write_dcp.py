@@ -11,10 +11,10 @@ from stager.dev.launch import DaemonProcess, run_ranks
 
 
 def fsdp_stage_then_load_as_tp(rank, world, endpoint, out_dir):
+    import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import Shard, distribute_tensor
-    import torch.distributed.checkpoint as dcp
 
     from stager.client import StagingClient
     from stager.dev.demo import sharded_model
@@ -25,21 +25,33 @@ def fsdp_stage_then_load_as_tp(rank, world, endpoint, out_dir):
     model(torch.randint(0, 64, (4, 6))).square().mean().backward()
     optim.step()
     flat = StateDictOptions(flatten_optimizer_state_dict=True)
-    state = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, optim, options=flat),
-             "train": {"step": 3, "data_seed": 11}}
+    state = {
+        "model": get_model_state_dict(model),
+        "optim": get_optimizer_state_dict(model, optim, options=flat),
+        "train": {"step": 3, "data_seed": 11},
+    }
     with StagingClient(endpoint, strict=True) as client:
         client.stage(state, step=3).wait(60)
     full_opts = StateDictOptions(full_state_dict=True, flatten_optimizer_state_dict=True)
-    expected = {"model": get_model_state_dict(model, options=full_opts),
-                "optim": get_optimizer_state_dict(model, optim, options=full_opts)}
+    expected = {
+        "model": get_model_state_dict(model, options=full_opts),
+        "optim": get_optimizer_state_dict(model, optim, options=full_opts),
+    }
     if rank == 0:
         (path,) = write_dcp(out_dir, endpoint=endpoint)
     torch.distributed.barrier()
     path = os.path.join(out_dir, "step-00000003")
     # another parallelism: 2-D tensors column-sharded (TP Shard(1)), vectors row-sharded
-    template = {part: {k: distribute_tensor(torch.zeros_like(v), mesh, [Shard(1) if v.dim() == 2 else Shard(0)])
-                       if v.dim() else torch.zeros_like(v) for k, v in sd.items() if isinstance(v, torch.Tensor)}
-                for part, sd in expected.items()}
+    template = {
+        part: {
+            k: distribute_tensor(torch.zeros_like(v), mesh, [Shard(1) if v.dim() == 2 else Shard(0)])
+            if v.dim()
+            else torch.zeros_like(v)
+            for k, v in sd.items()
+            if isinstance(v, torch.Tensor)
+        }
+        for part, sd in expected.items()
+    }
     template["train"] = {"step": 0, "data_seed": 0}
     dcp.load(template, checkpoint_id=path)
     for part, sd in expected.items():
@@ -50,8 +62,10 @@ def fsdp_stage_then_load_as_tp(rank, world, endpoint, out_dir):
                 assert torch.equal(got, v), f"{part}.{k}"
     assert template["train"] == {"step": 3, "data_seed": 11}
     if rank == 0:  # tensors cannot be returned through the result queue (shared by fd, gone at exit)
-        torch.save({f"{part}.{k}": v for part, sd in expected.items() for k, v in sd.items()
-                    if isinstance(v, torch.Tensor)}, os.path.join(out_dir, "..", "expected.pt"))
+        torch.save(
+            {f"{part}.{k}": v for part, sd in expected.items() for k, v in sd.items() if isinstance(v, torch.Tensor)},
+            os.path.join(out_dir, "..", "expected.pt"),
+        )
     return True
 
 
@@ -63,9 +77,24 @@ def test_dcp_from_2_rank_fsdp2_loads_into_tp_and_into_one_process(tmp_path):
     with DaemonProcess(args=("--memory-limit", "64MiB")) as daemon:
         assert run_ranks(fsdp_stage_then_load_as_tp, 2, daemon.endpoint, out) == [True, True]
         expected = torch.load(str(tmp_path / "expected.pt"), weights_only=True)
-        listing = subprocess.run([sys.executable, "-m", "stager.cli", "write-dcp", "--endpoint", daemon.endpoint,
-                                  "--out", str(tmp_path / "cli"), "--step", "3", "--json"],
-                                 capture_output=True, text=True, timeout=120)
+        listing = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "stager.cli",
+                "write-dcp",
+                "--endpoint",
+                daemon.endpoint,
+                "--out",
+                str(tmp_path / "cli"),
+                "--step",
+                "3",
+                "--json",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         assert listing.returncode == 0, listing.stderr
         report = json.loads(listing.stdout)  # the keys README and --help promise
         assert report["written"].endswith("step-00000003") and report["step"] == 3 and report["seconds"] >= 0

@@ -20,7 +20,7 @@ def titan_config(name: str):
     from torchtitan.models.common.attention import ScaledDotProductAttention
 
     cfg = {"llama3": llama3, "deepseek_v3": deepseek_v3}[name].model_registry("debugmodel").model
-    cfg.layers = cfg.layers[:LAYERS[name]]
+    cfg.layers = cfg.layers[: LAYERS[name]]
     for layer in cfg.layers:
         layer.attention.inner_attention = ScaledDotProductAttention.Config()
     return cfg
@@ -32,16 +32,28 @@ def hf_config(name: str, cfg) -> dict:
     attn = cfg.layers[0].attention
     if name == "llama3":
         qkv = attn.qkv_linear
-        return {"hidden_size": cfg.dim, "num_attention_heads": qkv.n_heads, "num_key_value_heads": qkv.n_kv_heads,
-                "num_hidden_layers": len(cfg.layers), "vocab_size": cfg.vocab_size,
-                "tie_word_embeddings": cfg.enable_weight_tying}
+        return {
+            "hidden_size": cfg.dim,
+            "num_attention_heads": qkv.n_heads,
+            "num_key_value_heads": qkv.n_kv_heads,
+            "num_hidden_layers": len(cfg.layers),
+            "vocab_size": cfg.vocab_size,
+            "tie_word_embeddings": cfg.enable_weight_tying,
+        }
     moe = next(layer.moe for layer in cfg.layers if layer.moe is not None)
-    return {"hidden_size": cfg.dim, "num_attention_heads": attn.n_heads, "n_routed_experts": moe.num_experts,
-            "moe_intermediate_size": moe.routed_experts.inner_experts.hidden_dim, "kv_lora_rank": attn.kv_lora_rank,
-            "qk_nope_head_dim": attn.qk_nope_head_dim, "qk_rope_head_dim": attn.qk_rope_head_dim,
-            "v_head_dim": attn.v_head_dim, "num_hidden_layers": len(cfg.layers),
-            "first_k_dense_replace": sum(layer.moe is None for layer in cfg.layers),
-            "tie_word_embeddings": cfg.enable_weight_tying}
+    return {
+        "hidden_size": cfg.dim,
+        "num_attention_heads": attn.n_heads,
+        "n_routed_experts": moe.num_experts,
+        "moe_intermediate_size": moe.routed_experts.inner_experts.hidden_dim,
+        "kv_lora_rank": attn.kv_lora_rank,
+        "qk_nope_head_dim": attn.qk_nope_head_dim,
+        "qk_rope_head_dim": attn.qk_rope_head_dim,
+        "v_head_dim": attn.v_head_dim,
+        "num_hidden_layers": len(cfg.layers),
+        "first_k_dense_replace": sum(layer.moe is None for layer in cfg.layers),
+        "tie_word_embeddings": cfg.enable_weight_tying,
+    }
 
 
 def _fsdp2(cfg, seed: int, world: int):
@@ -83,7 +95,7 @@ def _digest(state: dict) -> dict:
 def _loss(model, cfg, step: int, rank: int, world: int) -> torch.Tensor:
     """Step ``step``'s global batch (one sequence per rank), this rank's row; next-token loss."""
     g = torch.Generator().manual_seed(1000 + step)
-    tokens = torch.randint(0, cfg.vocab_size, (world, SEQ + 1), generator=g)[rank:rank + 1]
+    tokens = torch.randint(0, cfg.vocab_size, (world, SEQ + 1), generator=g)[rank : rank + 1]
     logits = model(tokens[:, :-1])
     return torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), tokens[:, 1:].flatten())
 
@@ -98,8 +110,9 @@ def _hf_view_mismatches(name: str, cfg, model, step: int) -> list[str]:
     full = {k: _full(v) for k, v in model.state_dict().items()}
     if dist.get_rank() != 0:
         return []
-    titan_adapter = {"llama3": llama3.Llama3StateDictAdapter,
-                     "deepseek_v3": deepseek_v3.DeepSeekV3StateDictAdapter}[name](cfg, None)
+    titan_adapter = {"llama3": llama3.Llama3StateDictAdapter, "deepseek_v3": deepseek_v3.DeepSeekV3StateDictAdapter}[
+        name
+    ](cfg, None)
     want = titan_adapter.to_hf(dict(full))
     with Subscriber(view="hf") as sub, sub.latest() as snap:
         assert snap.step == step
@@ -113,7 +126,9 @@ def train(rank: int, world: int, name: str, phase: str) -> dict:
     1..STAGED_UNTIL as the README's loop does; "resume": another seed, then the README's restore of the
     newest version (only the restore makes it equal), and training from the step after it."""
     from torch.distributed.checkpoint.state_dict import (
-        StateDictOptions, get_optimizer_state_dict, set_optimizer_state_dict,
+        StateDictOptions,
+        get_optimizer_state_dict,
+        set_optimizer_state_dict,
     )
     from torchtitan.components.optimizer.utils import init_optim_state
 
@@ -130,17 +145,23 @@ def train(rank: int, world: int, name: str, phase: str) -> dict:
     if phase == "resume":
         init_optim_state(optimizer)  # torchtitan's: the optimizer state exists before it is filled (as for DCP)
         # -- the README's restore --
-        sd = {"model": model.state_dict(),
-              "optim": get_optimizer_state_dict(model, optimizer, options=flat),
-              "train": {"step": 0}}
+        sd = {
+            "model": model.state_dict(),
+            "optim": get_optimizer_state_dict(model, optimizer, options=flat),
+            "train": {"step": 0},
+        }
         step = client.restore(sd)
         model.load_state_dict(sd["model"])
         set_optimizer_state_dict(model, optimizer, sd["optim"], options=flat)
         start = sd["train"]["step"] + 1
         # --
         out["restored_step"] = step
-        out["restored"] = _digest({"model": model.state_dict(),  # read back from the live model and optimizer
-                                   "optim": get_optimizer_state_dict(model, optimizer, options=flat)})
+        out["restored"] = _digest(
+            {
+                "model": model.state_dict(),  # read back from the live model and optimizer
+                "optim": get_optimizer_state_dict(model, optimizer, options=flat),
+            }
+        )
     handle = None
     for step in range(start, STEPS + 1):
         loss = _loss(model, cfg, step, rank, world)
@@ -151,21 +172,28 @@ def train(rank: int, world: int, name: str, phase: str) -> dict:
         optimizer.step()
         optimizer.zero_grad()
         if phase == "fresh" and step <= STAGED_UNTIL:
-            handle = client.stage({"model": model.state_dict(),
-                                   "optim": get_optimizer_state_dict(model, optimizer, options=flat),
-                                   "train": {"step": step}}, step=step,
-                                  model_info=info)
+            handle = client.stage(
+                {
+                    "model": model.state_dict(),
+                    "optim": get_optimizer_state_dict(model, optimizer, options=flat),
+                    "train": {"step": step},
+                },
+                step=step,
+                model_info=info,
+            )
         # --
         total = loss.detach().clone()
         dist.all_reduce(total)
         out["losses"][step] = (total / world).item()
         if phase == "fresh" and step == STAGED_UNTIL:
             handle.wait(120)  # sealed: what a restore of the newest version must give back
-            out["staged"] = _digest({"model": model.state_dict(),
-                                     "optim": get_optimizer_state_dict(model, optimizer, options=flat)})
+            out["staged"] = _digest(
+                {"model": model.state_dict(), "optim": get_optimizer_state_dict(model, optimizer, options=flat)}
+            )
             out["hf_mismatches"] = _hf_view_mismatches(name, cfg, model, step)
             out["names"] = sorted(model.state_dict())
-    out["final"] = _digest({"model": model.state_dict(),
-                            "optim": get_optimizer_state_dict(model, optimizer, options=flat)})
+    out["final"] = _digest(
+        {"model": model.state_dict(), "optim": get_optimizer_state_dict(model, optimizer, options=flat)}
+    )
     client.close()
     return out

@@ -24,23 +24,61 @@ from typing import Any, Literal, NamedTuple
 import torch  # noqa: F401  (the doctest above)
 
 from .base import (
-    Adapter, HFTensor, IdentityAdapter, PerTensorAdapter, adapter_error, check_adapter, fill_hf, hf_items,
-    hf_names, is_lora, is_per_tensor, permute_for_hf_rotary, to_hf_items, unpermute_from_hf_rotary, with_prefix,
+    Adapter,
+    HFTensor,
+    IdentityAdapter,
+    PerTensorAdapter,
+    adapter_error,
+    check_adapter,
+    fill_hf,
+    hf_items,
+    hf_names,
+    is_lora,
+    is_per_tensor,
+    permute_for_hf_rotary,
+    to_hf_items,
+    unpermute_from_hf_rotary,
+    with_prefix,
 )
 from .deepseek import DeepSeekV3Adapter
 from .llama import Llama3Adapter, Qwen3Adapter
 
-BUILT_IN = {"identity": IdentityAdapter, "llama3": Llama3Adapter, "qwen3": Qwen3Adapter,
-            "deepseek_v3": DeepSeekV3Adapter}
+BUILT_IN = {
+    "identity": IdentityAdapter,
+    "llama3": Llama3Adapter,
+    "qwen3": Qwen3Adapter,
+    "deepseek_v3": DeepSeekV3Adapter,
+}
 
 Origin = Literal["consumer", "staged"]
 CONSUMER: Origin = "consumer"  # given by the reader/exporter itself (argument, command line)
 STAGED: Origin = "staged"  # read from the staged version's model_info (written by the trainer)
 
-__all__ = ["Adapter", "BUILT_IN", "CONSUMER", "DeepSeekV3Adapter", "HFTensor", "IdentityAdapter", "Llama3Adapter",
-           "PerTensorAdapter", "Qwen3Adapter", "Resolved", "STAGED", "check_adapter", "fill_hf", "hf_items", "hf_names",
-           "is_lora", "is_per_tensor", "load_adapter", "permute_for_hf_rotary", "resolve_adapter", "to_hf_items",
-           "unpermute_from_hf_rotary", "with_prefix"]
+__all__ = [
+    "Adapter",
+    "BUILT_IN",
+    "CONSUMER",
+    "DeepSeekV3Adapter",
+    "HFTensor",
+    "IdentityAdapter",
+    "Llama3Adapter",
+    "PerTensorAdapter",
+    "Qwen3Adapter",
+    "Resolved",
+    "STAGED",
+    "check_adapter",
+    "fill_hf",
+    "hf_items",
+    "hf_names",
+    "is_lora",
+    "is_per_tensor",
+    "load_adapter",
+    "permute_for_hf_rotary",
+    "resolve_adapter",
+    "to_hf_items",
+    "unpermute_from_hf_rotary",
+    "with_prefix",
+]
 
 
 class Resolved(NamedTuple):
@@ -65,17 +103,22 @@ def load_adapter(spec: str, hf_config: dict | None = None, *, origin: Origin = C
     'IdentityAdapter'
     """
     if not isinstance(spec, str):
-        raise adapter_error(f"adapter spec must be a name, not {type(spec).__name__}; built in: "
-                            f"{', '.join(sorted(BUILT_IN))}, or 'package.module:attr'")
+        raise adapter_error(
+            f"adapter spec must be a name, not {type(spec).__name__}; built in: "
+            f"{', '.join(sorted(BUILT_IN))}, or 'package.module:attr'"
+        )
     if spec in BUILT_IN:
         return BUILT_IN[spec](hf_config or {})
     if ":" not in spec:
-        raise adapter_error(f"unknown adapter {spec!r}; built in: {', '.join(sorted(BUILT_IN))}, "
-                            "or 'package.module:attr'")
+        raise adapter_error(
+            f"unknown adapter {spec!r}; built in: {', '.join(sorted(BUILT_IN))}, or 'package.module:attr'"
+        )
     if origin != CONSUMER:
-        raise adapter_error(f"the staged model_info names adapter {spec!r}: plug-in adapters (module:attr) are "
-                            "loaded only when the consumer names them; pass --adapter module:attr (or adapter=... "
-                            f"to Subscriber / export_hf), or stage a built-in name ({', '.join(sorted(BUILT_IN))})")
+        raise adapter_error(
+            f"the staged model_info names adapter {spec!r}: plug-in adapters (module:attr) are "
+            "loaded only when the consumer names them; pass --adapter module:attr (or adapter=... "
+            f"to Subscriber / export_hf), or stage a built-in name ({', '.join(sorted(BUILT_IN))})"
+        )
     module_name, attr = spec.split(":", 1)
     try:
         factory = getattr(importlib.import_module(module_name), attr)
@@ -85,8 +128,15 @@ def load_adapter(spec: str, hf_config: dict | None = None, *, origin: Origin = C
     return check_adapter(adapter, spec)
 
 
-def resolve_adapter(spec: str | Any | None, hf_config: dict | str | None, model_info: dict | None, *,
-                    default: str = "identity", require_config: bool = False, prefix: str | None = None) -> Resolved:
+def resolve_adapter(
+    spec: str | Any | None,
+    hf_config: dict | str | None,
+    model_info: dict | None,
+    *,
+    default: str = "identity",
+    require_config: bool = False,
+    prefix: str | None = None,
+) -> Resolved:
     """The adapter a consumer (a Subscriber's HF view, an HF exporter) uses for one version.
 
     ``spec`` and ``hf_config`` are the consumer's own (arguments, command line): they win.
@@ -106,12 +156,16 @@ def resolve_adapter(spec: str | Any | None, hf_config: dict | str | None, model_
     info = model_info if isinstance(model_info, dict) else {}
     config = _consumer_config(hf_config) if hf_config is not None else _staged_config(info.get("hf_config"))
     if config is None and require_config:
-        raise adapter_error("no HF config: pass hf_config (a dict or a config.json path; --hf-config PATH), or "
-                            "stage with model_info={'hf_config': {...}}")
+        raise adapter_error(
+            "no HF config: pass hf_config (a dict or a config.json path; --hf-config PATH), or "
+            "stage with model_info={'hf_config': {...}}"
+        )
     if prefix is None:
         prefix = info.get("prefix") if isinstance(info.get("prefix"), str) else None
     if spec is not None:
-        adapter = load_adapter(spec, config, origin=CONSUMER) if isinstance(spec, str) else check_adapter(spec, "adapter")
+        adapter = (
+            load_adapter(spec, config, origin=CONSUMER) if isinstance(spec, str) else check_adapter(spec, "adapter")
+        )
         return Resolved(with_prefix(adapter, prefix), config, CONSUMER)
     staged = info.get("adapter")
     if staged is None:
@@ -128,8 +182,9 @@ def _consumer_config(hf_config: dict | str) -> dict:
         with open(hf_config) as f:
             config = json.load(f)
     except (OSError, ValueError) as exc:
-        raise adapter_error(f"cannot read hf_config {hf_config!r}: {exc}; "
-                            "pass an HF config.json path or a dict") from None
+        raise adapter_error(
+            f"cannot read hf_config {hf_config!r}: {exc}; pass an HF config.json path or a dict"
+        ) from None
     if not isinstance(config, dict):
         raise adapter_error(f"{hf_config}: an HF config.json holds a JSON object, not {type(config).__name__}")
     return config
@@ -138,7 +193,9 @@ def _consumer_config(hf_config: dict | str) -> dict:
 def _staged_config(hf_config: Any) -> dict | None:
     if hf_config is None or isinstance(hf_config, dict):
         return hf_config
-    raise adapter_error(f"the staged model_info gives hf_config as {type(hf_config).__name__} "
-                        f"({str(hf_config)[:80]!r}); only a dict is read from staged data (a path is never opened): "
-                        "stage model_info={'hf_config': {...}}, or pass --hf-config PATH (or hf_config=...) "
-                        "on the consumer side")
+    raise adapter_error(
+        f"the staged model_info gives hf_config as {type(hf_config).__name__} "
+        f"({str(hf_config)[:80]!r}); only a dict is read from staged data (a path is never opened): "
+        "stage model_info={'hf_config': {...}}, or pass --hf-config PATH (or hf_config=...) "
+        "on the consumer side"
+    )

@@ -24,7 +24,8 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from typing import Any, Iterable, Iterator, Protocol, runtime_checkable
+from collections.abc import Iterable, Iterator
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 
@@ -32,9 +33,22 @@ from stager.protocol import ErrorCode, StagerError
 
 from .config import Schema, check_config
 
-__all__ = ["Adapter", "HFTensor", "IdentityAdapter", "PerTensorAdapter", "adapter_error", "check_adapter",
-           "fill_hf", "hf_items", "hf_names", "is_lora", "is_per_tensor", "permute_for_hf_rotary", "to_hf_items",
-           "unpermute_from_hf_rotary"]
+__all__ = [
+    "Adapter",
+    "HFTensor",
+    "IdentityAdapter",
+    "PerTensorAdapter",
+    "adapter_error",
+    "check_adapter",
+    "fill_hf",
+    "hf_items",
+    "hf_names",
+    "is_lora",
+    "is_per_tensor",
+    "permute_for_hf_rotary",
+    "to_hf_items",
+    "unpermute_from_hf_rotary",
+]
 
 # LoRA weights beside a linear layer's weight, as torchtune names them: no base model tensor of any
 # adapter, so HF views and exports leave them out (PEFT export: stager/writers/export_peft.py)
@@ -74,8 +88,10 @@ def adapter_error(message: str) -> StagerError:
 def check_adapter(adapter: Any, what: str) -> Adapter:
     """``adapter`` if it satisfies :class:`Adapter`, else BAD_VALUE naming ``what`` it came from."""
     if not isinstance(adapter, Adapter):
-        raise adapter_error(f"{what} ({type(adapter).__name__}) has no to_hf/from_hf: an adapter must offer both "
-                            "(torchtitan's StateDictAdapter shape); to_hf_items(name, tensor) is optional")
+        raise adapter_error(
+            f"{what} ({type(adapter).__name__}) has no to_hf/from_hf: an adapter must offer both "
+            "(torchtitan's StateDictAdapter shape); to_hf_items(name, tensor) is optional"
+        )
     return adapter
 
 
@@ -99,8 +115,10 @@ def hf_items(adapter: PerTensorAdapter, name: str, tensor: torch.Tensor) -> list
     """``[(hf name, tensor)]`` for one native tensor. Only per-tensor adapters convert one tensor
     on its own; a whole-dict adapter goes through :func:`to_hf_items` with the whole dict."""
     if not is_per_tensor(adapter):
-        raise adapter_error(f"{type(adapter).__name__} converts whole state dicts only (no to_hf_items): "
-                            f"convert {name!r} with the others through to_hf_items(adapter, items)")
+        raise adapter_error(
+            f"{type(adapter).__name__} converts whole state dicts only (no to_hf_items): "
+            f"convert {name!r} with the others through to_hf_items(adapter, items)"
+        )
     return list(adapter.to_hf_items(name, tensor))
 
 
@@ -160,8 +178,10 @@ def hf_names(adapter: Any, tensors: Iterable[tuple[str, torch.dtype, tuple[int, 
     seen: dict[str, str] = {}
     for t in out:
         if t.name in seen:
-            raise adapter_error(f"the adapter maps {seen[t.name] or 'a tensor'} and {t.source or 'another'} to the "
-                                f"same HF name {t.name!r}: check the adapter (or its hf_config)")
+            raise adapter_error(
+                f"the adapter maps {seen[t.name] or 'a tensor'} and {t.source or 'another'} to the "
+                f"same HF name {t.name!r}: check the adapter (or its hf_config)"
+            )
         seen[t.name] = t.source
     return out
 
@@ -222,12 +242,12 @@ class _PrefixedPerTensor(Prefixed):
     def to_hf_items(self, name: str, tensor: Any) -> list[tuple[str, Any]]:
         if not name.startswith(self.prefix):
             return []
-        return list(self.adapter.to_hf_items(name[len(self.prefix):], tensor))
+        return list(self.adapter.to_hf_items(name[len(self.prefix) :], tensor))
 
     def to_hf_into(self, name: str, tensor: torch.Tensor, out: dict[str, torch.Tensor]) -> list[str]:
         if not name.startswith(self.prefix):
             return []
-        return fill_hf(self.adapter, name[len(self.prefix):], tensor, out)
+        return fill_hf(self.adapter, name[len(self.prefix) :], tensor, out)
 
 
 def with_prefix(adapter: Any, prefix: str | None) -> Any:
@@ -246,8 +266,10 @@ def permute_for_hf_rotary(w: torch.Tensor, n_heads: int, *, out: torch.Tensor | 
     if out is None:
         return pairs.reshape(rows, cols)
     if tuple(out.shape) != (rows, cols) or not out.is_contiguous():
-        raise adapter_error(f"the rotary permutation writes a contiguous {[rows, cols]} tensor, not a "
-                            f"{'non-contiguous ' if not out.is_contiguous() else ''}{list(out.shape)} one")
+        raise adapter_error(
+            f"the rotary permutation writes a contiguous {[rows, cols]} tensor, not a "
+            f"{'non-contiguous ' if not out.is_contiguous() else ''}{list(out.shape)} one"
+        )
     out.view(pairs.shape).copy_(pairs)
     return out
 

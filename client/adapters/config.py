@@ -26,15 +26,27 @@ from stager.protocol import HFConfigError
 from stager.protocol.errors import short_repr
 from stager.protocol.fp8_block import DEFAULT_BLOCK
 
-__all__ = ["DEEPSEEK_V3", "FIX", "FP8_QUANTIZATION", "Field", "LLAMA3", "LOAD_HF", "MAX_INT", "Rule", "Schema",
-           "check_config"]
+__all__ = [
+    "DEEPSEEK_V3",
+    "FIX",
+    "FP8_QUANTIZATION",
+    "Field",
+    "LLAMA3",
+    "LOAD_HF",
+    "MAX_INT",
+    "Rule",
+    "Schema",
+    "check_config",
+]
 
 # far above any real model's sizes (hidden 16384, experts 384, layers 128), and low enough that no
 # loop over a size (experts in from_hf) or product of sizes (a tensor's numel) can run away
 MAX_INT = 1 << 24
-FIX = ("fix the HF config where it comes from: the trainer's model_info['hf_config'], or pass the model's "
-       "config.json on the consumer side (--hf-config PATH, or hf_config=... to Subscriber / export_hf; load-hf "
-       "reads the checkpoint's own)")
+FIX = (
+    "fix the HF config where it comes from: the trainer's model_info['hf_config'], or pass the model's "
+    "config.json on the consumer side (--hf-config PATH, or hf_config=... to Subscriber / export_hf; load-hf "
+    "reads the checkpoint's own)"
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,8 +69,12 @@ class Field:
         return type(value) is self.kind
 
     def expected(self) -> str:
-        text = {int: f"an integer from {self.low} to {MAX_INT}", bool: "true or false", dict: "a JSON object",
-                list: f"a non-empty list of integers from 1 to {MAX_INT}"}[self.kind]
+        text = {
+            int: f"an integer from {self.low} to {MAX_INT}",
+            bool: "true or false",
+            dict: "a JSON object",
+            list: f"a non-empty list of integers from 1 to {MAX_INT}",
+        }[self.kind]
         return text if self.required else f"{text}, or null/absent ({self.absent or 'the default'})"
 
 
@@ -99,13 +115,15 @@ def check_config(owner: str, schema: Schema, config: Any, fix: str = FIX) -> dic
     if config is None:
         config = {}
     if not isinstance(config, dict):
-        raise HFConfigError("", f"{owner} reads hf_config as a JSON object, not {type(config).__name__} "
-                                f"({short_repr(config)}); {fix}")
+        raise HFConfigError(
+            "", f"{owner} reads hf_config as a JSON object, not {type(config).__name__} ({short_repr(config)}); {fix}"
+        )
     missing = [name for name, f in schema.fields.items() if f.required and _lookup(config, name) is None]
     if missing:
         kinds = sorted({"integers" if schema.fields[m].kind is int else schema.fields[m].expected() for m in missing})
-        raise HFConfigError(missing[0], f"{owner} needs hf_config with {', '.join(missing)} ({', '.join(kinds)}); "
-                                        f"{fix}")
+        raise HFConfigError(
+            missing[0], f"{owner} needs hf_config with {', '.join(missing)} ({', '.join(kinds)}); {fix}"
+        )
     values: dict[str, Any] = {}
     for name, f in schema.fields.items():
         value = _lookup(config, name)
@@ -134,17 +152,34 @@ LLAMA3 = Schema(  # Llama 3 and Qwen3 (client/adapters/llama.py)
         "tie_word_embeddings": Field(bool, default=False, absent="false"),
     },
     rules=(
-        Rule("num_key_value_heads", lambda v: not v["num_key_value_heads"]
-             or v["num_attention_heads"] % v["num_key_value_heads"] == 0,
-             lambda v: f"a divisor of num_attention_heads ({v['num_attention_heads']}): each key/value head serves "
-                       "as many query heads as the others"),
-        Rule("hidden_size", lambda v: bool(v["head_dim"]) or v["hidden_size"] % v["num_attention_heads"] == 0,
-             lambda v: f"a multiple of num_attention_heads ({v['num_attention_heads']}) when head_dim is not given "
-                       "(or give head_dim)"),
-        Rule("head_dim", lambda v: _head_dim(v) % 2 == 0,
-             lambda v: "an even head dimension (rotary embeddings turn pairs of dimensions)"
-                       + ("" if v["head_dim"] else f"; without head_dim it is hidden_size / num_attention_heads = "
-                                                    f"{_head_dim(v)}")),
+        Rule(
+            "num_key_value_heads",
+            lambda v: not v["num_key_value_heads"] or v["num_attention_heads"] % v["num_key_value_heads"] == 0,
+            lambda v: (
+                f"a divisor of num_attention_heads ({v['num_attention_heads']}): each key/value head serves "
+                "as many query heads as the others"
+            ),
+        ),
+        Rule(
+            "hidden_size",
+            lambda v: bool(v["head_dim"]) or v["hidden_size"] % v["num_attention_heads"] == 0,
+            lambda v: (
+                f"a multiple of num_attention_heads ({v['num_attention_heads']}) when head_dim is not given "
+                "(or give head_dim)"
+            ),
+        ),
+        Rule(
+            "head_dim",
+            lambda v: _head_dim(v) % 2 == 0,
+            lambda v: (
+                "an even head dimension (rotary embeddings turn pairs of dimensions)"
+                + (
+                    ""
+                    if v["head_dim"]
+                    else f"; without head_dim it is hidden_size / num_attention_heads = {_head_dim(v)}"
+                )
+            ),
+        ),
     ),
 )
 
@@ -165,8 +200,11 @@ DEEPSEEK_V3 = Schema(  # client/adapters/deepseek.py
         "tie_word_embeddings": Field(bool, default=False, absent="false"),
     },
     rules=(
-        Rule("qk_rope_head_dim", lambda v: v["qk_rope_head_dim"] % 2 == 0,
-             lambda v: "an even number (rotary embeddings turn pairs of dimensions)"),
+        Rule(
+            "qk_rope_head_dim",
+            lambda v: v["qk_rope_head_dim"] % 2 == 0,
+            lambda v: "an even number (rotary embeddings turn pairs of dimensions)",
+        ),
     ),
 )
 
@@ -176,8 +214,8 @@ FP8_QUANTIZATION = Schema(
     fields={
         "quantization_config": Field(dict, absent="not quantized"),
         "quantization_config.weight_block_size": Field(
-            list, absent=f"load-hf tells it from the scales' shapes; a new FP8 quantization uses "
-                         f"{list(DEFAULT_BLOCK)}"),
+            list, absent=f"load-hf tells it from the scales' shapes; a new FP8 quantization uses {list(DEFAULT_BLOCK)}"
+        ),
     },
 )
 LOAD_HF = FP8_QUANTIZATION

@@ -89,13 +89,21 @@ class DeepSeekV3Adapter:
         "mtp_norm.weight": "shared_head.norm.weight",
     }
     MTP_ONLY = ("enorm.weight", "hnorm.weight", "eh_proj.weight", "mtp_norm.weight")
-    TOP_KEYS = {"tok_embeddings.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight",
-                "lm_head.weight": "lm_head.weight", "output.weight": "lm_head.weight"}
+    TOP_KEYS = {
+        "tok_embeddings.weight": "model.embed_tokens.weight",
+        "norm.weight": "model.norm.weight",
+        "lm_head.weight": "lm_head.weight",
+        "output.weight": "lm_head.weight",
+    }
     # native grouped-expert suffix -> (projection, naming)
-    EXPERTS = {"moe.routed_experts.inner_experts.w1_EFD": ("w1", CURRENT),
-               "moe.routed_experts.inner_experts.w2_EDF": ("w2", CURRENT),
-               "moe.routed_experts.inner_experts.w3_EFD": ("w3", CURRENT),
-               "moe.experts.w1": ("w1", LEGACY), "moe.experts.w2": ("w2", LEGACY), "moe.experts.w3": ("w3", LEGACY)}
+    EXPERTS = {
+        "moe.routed_experts.inner_experts.w1_EFD": ("w1", CURRENT),
+        "moe.routed_experts.inner_experts.w2_EDF": ("w2", CURRENT),
+        "moe.routed_experts.inner_experts.w3_EFD": ("w3", CURRENT),
+        "moe.experts.w1": ("w1", LEGACY),
+        "moe.experts.w2": ("w2", LEGACY),
+        "moe.experts.w3": ("w3", LEGACY),
+    }
     HF_PROJ = {"w1": "gate_proj", "w2": "down_proj", "w3": "up_proj"}
     DROPPED = ("moe.tokens_per_expert_E", "moe.tokens_per_expert")
     _LAYER = re.compile(r"^(layers|mtp_layers)\.(\d+)\.(.+)$")
@@ -106,10 +114,14 @@ class DeepSeekV3Adapter:
         if expert_layout not in (None, "out_in", "in_out"):
             raise ValueError("expert_layout must be None (from the shapes), 'out_in' or 'in_out'")
         c = check_config(f"the {self.NAME} adapter", self.CONFIG, hf_config)  # before any tensor is read
-        self.dim, self.heads, self.n_experts = c["hidden_size"], c["num_attention_heads"], c["n_routed_experts"]
+        self.dim = c["hidden_size"]
+        self.heads = c["num_attention_heads"]
+        self.n_experts = c["n_routed_experts"]
         self.moe_dim, self.kv_rank = c["moe_intermediate_size"], c["kv_lora_rank"]
         self.first_moe = c["first_k_dense_replace"]  # layers before it are dense (feed_forward), the rest MoE
-        self.nope, self.rope, self.v_dim = c["qk_nope_head_dim"], c["qk_rope_head_dim"], c["v_head_dim"]
+        self.nope = c["qk_nope_head_dim"]
+        self.rope = c["qk_rope_head_dim"]
+        self.v_dim = c["v_head_dim"]
         self.q_rank = c["q_lora_rank"]
         self.n_layers = c["num_hidden_layers"]
         self.permute_rope = not c["rope_interleave"]
@@ -117,17 +129,29 @@ class DeepSeekV3Adapter:
         self.expert_layout = expert_layout
         q_rows, h = self.heads * (self.nope + self.rope), self.dim
         # expected shapes: a contradiction fails here, naming the key, not later inside transformers
-        self.shapes = {"attention.wkv_a.weight": (self.kv_rank + self.rope, h),
-                       "attention.kv_norm.weight": (self.kv_rank,),
-                       "attention.wkv_b.weight": (self.heads * (self.nope + self.v_dim), self.kv_rank),
-                       "attention.wo.weight": (h, self.heads * self.v_dim), "attention_norm.weight": (h,),
-                       "ffn_norm.weight": (h,), "moe.router.gate.weight": (self.n_experts, h),
-                       "moe.expert_bias_E": (self.n_experts,), "moe.expert_bias": (self.n_experts,),
-                       "enorm.weight": (h,), "hnorm.weight": (h,), "mtp_norm.weight": (h,),
-                       "eh_proj.weight": (h, 2 * h)}
+        self.shapes = {
+            "attention.wkv_a.weight": (self.kv_rank + self.rope, h),
+            "attention.kv_norm.weight": (self.kv_rank,),
+            "attention.wkv_b.weight": (self.heads * (self.nope + self.v_dim), self.kv_rank),
+            "attention.wo.weight": (h, self.heads * self.v_dim),
+            "attention_norm.weight": (h,),
+            "ffn_norm.weight": (h,),
+            "moe.router.gate.weight": (self.n_experts, h),
+            "moe.expert_bias_E": (self.n_experts,),
+            "moe.expert_bias": (self.n_experts,),
+            "enorm.weight": (h,),
+            "hnorm.weight": (h,),
+            "mtp_norm.weight": (h,),
+            "eh_proj.weight": (h, 2 * h),
+        }
         if self.q_rank:
-            self.shapes.update({"attention.wq_a.weight": (self.q_rank, h), "attention.q_norm.weight": (self.q_rank,),
-                                "attention.wq_b.weight": (q_rows, self.q_rank)})
+            self.shapes.update(
+                {
+                    "attention.wq_a.weight": (self.q_rank, h),
+                    "attention.q_norm.weight": (self.q_rank,),
+                    "attention.wq_b.weight": (q_rows, self.q_rank),
+                }
+            )
         else:
             self.shapes["attention.wq.weight"] = (q_rows, h)
         self._from_hf_layer: dict[str, str] = {}
@@ -153,12 +177,16 @@ class DeepSeekV3Adapter:
     def _hf_layer(self, name: str, kind: str, index: int) -> int:
         if kind == "layers":
             if self.n_layers is not None and index >= self.n_layers:
-                raise adapter_error(f"{name}: layer {index} contradicts the config (num_hidden_layers={self.n_layers}; "
-                                    "MTP layers are mtp_layers.N)")
+                raise adapter_error(
+                    f"{name}: layer {index} contradicts the config (num_hidden_layers={self.n_layers}; "
+                    "MTP layers are mtp_layers.N)"
+                )
             return index
         if self.n_layers is None:
-            raise adapter_error(f"{name}: an MTP layer is exported as model.layers.{{num_hidden_layers + N}}: "
-                                "pass hf_config with num_hidden_layers")
+            raise adapter_error(
+                f"{name}: an MTP layer is exported as model.layers.{{num_hidden_layers + N}}: "
+                "pass hf_config with num_hidden_layers"
+            )
         return self.n_layers + index
 
     def _native_layer(self, layer: int) -> str:
@@ -169,11 +197,15 @@ class DeepSeekV3Adapter:
     def _check(self, name: str, layer: int, suffix: str, tensor: torch.Tensor) -> None:
         moe = suffix.startswith("moe.")
         if moe != (layer >= self.first_moe) and (moe or suffix.startswith("feed_forward.")):
-            raise adapter_error(f"{name}: layer {layer} is {'dense' if moe else 'MoE'} by the config "
-                                f"(first_k_dense_replace={self.first_moe}): this key contradicts the config")
+            raise adapter_error(
+                f"{name}: layer {layer} is {'dense' if moe else 'MoE'} by the config "
+                f"(first_k_dense_replace={self.first_moe}): this key contradicts the config"
+            )
         if suffix in self.MTP_ONLY and (self.n_layers is None or layer < self.n_layers):
-            raise adapter_error(f"{name}: {suffix} belongs to an MTP layer (model.layers.{{num_hidden_layers + N}}, "
-                                f"num_hidden_layers={self.n_layers}): this key contradicts the config")
+            raise adapter_error(
+                f"{name}: {suffix} belongs to an MTP layer (model.layers.{{num_hidden_layers + N}}, "
+                f"num_hidden_layers={self.n_layers}): this key contradicts the config"
+            )
         if suffix.startswith("attention.wq") or suffix == "attention.q_norm.weight":
             if suffix not in self.shapes:  # wq with a q LoRA, or wq_a/wq_b without: HF has no such weight
                 raise self._contradicts(name, tensor.shape, f"q_lora_rank={self.q_rank}")
@@ -183,8 +215,11 @@ class DeepSeekV3Adapter:
 
     def _rope_rows(self, suffix: str, w: torch.Tensor, inverse: bool) -> torch.Tensor:
         """Interleaved-pair rope rows <-> rotate_half order, for HF configs with rope_interleave false."""
-        if not self.permute_rope or suffix not in ("attention.wq.weight", "attention.wq_b.weight",
-                                                   "attention.wkv_a.weight"):
+        if not self.permute_rope or suffix not in (
+            "attention.wq.weight",
+            "attention.wq_b.weight",
+            "attention.wkv_a.weight",
+        ):
             return w
         heads, lead = (1, self.kv_rank) if suffix == "attention.wkv_a.weight" else (self.heads, self.nope)
         per_head = w.reshape(heads, lead + self.rope, -1)  # rows per head: nope (or kv latent) rows, then rope rows
@@ -199,14 +234,24 @@ class DeepSeekV3Adapter:
         out_in = self._out_in_shape(proj)
         if naming == CURRENT:  # the name says [E, out, in]
             if tuple(w.shape) != out_in:
-                raise self._contradicts(name, w.shape, f"expected {list(out_in)} from n_routed_experts, "
-                                                       "moe_intermediate_size and hidden_size")
+                raise self._contradicts(
+                    name,
+                    w.shape,
+                    f"expected {list(out_in)} from n_routed_experts, moe_intermediate_size and hidden_size",
+                )
             return "out_in"
-        fits = [lay for lay, shape in (("out_in", out_in), ("in_out", (out_in[0], out_in[2], out_in[1])))
-                if tuple(w.shape) == shape]
+        fits = [
+            lay
+            for lay, shape in (("out_in", out_in), ("in_out", (out_in[0], out_in[2], out_in[1])))
+            if tuple(w.shape) == shape
+        ]
         if not fits:
-            raise self._contradicts(name, w.shape, f"expected {list(out_in)} from n_routed_experts, "
-                                                   "moe_intermediate_size and hidden_size (or its transpose)")
+            raise self._contradicts(
+                name,
+                w.shape,
+                f"expected {list(out_in)} from n_routed_experts, "
+                "moe_intermediate_size and hidden_size (or its transpose)",
+            )
         if self.expert_layout in fits:
             return self.expert_layout
         if self.expert_layout is None:  # square experts fit both: torchtitan's layout
@@ -235,8 +280,10 @@ class DeepSeekV3Adapter:
             if self._expert_layout_of(name, tensor, proj, naming) == "in_out":
                 tensor = tensor.transpose(1, 2)  # HF experts are nn.Linear weights: [out, in]
             self._seen_experts = naming
-            return [(f"model.layers.{layer}.mlp.experts.{e}.{self.HF_PROJ[proj]}.weight", w)
-                    for e, w in enumerate(tensor.unbind(0))]
+            return [
+                (f"model.layers.{layer}.mlp.experts.{e}.{self.HF_PROJ[proj]}.weight", w)
+                for e, w in enumerate(tensor.unbind(0))
+            ]
         self._seen_layer[hf] = suffix
         return [(f"model.layers.{layer}.{hf}", self._rope_rows(suffix, tensor, inverse=False))]
 
@@ -255,8 +302,9 @@ class DeepSeekV3Adapter:
             if match:
                 layer, e, proj = match.groups()
                 if int(e) >= self.n_experts:
-                    raise adapter_error(f"{name}: expert {e} contradicts the config "
-                                        f"(n_routed_experts={self.n_experts})")
+                    raise adapter_error(
+                        f"{name}: expert {e} contradicts the config (n_routed_experts={self.n_experts})"
+                    )
                 experts.setdefault((layer, proj), {})[int(e)] = tensor
                 continue
             match = self._HF_LAYER.match(name)
@@ -277,8 +325,10 @@ class DeepSeekV3Adapter:
         for (layer, proj), per_expert in experts.items():
             absent = [e for e in range(self.n_experts) if e not in per_expert]
             if absent:
-                raise adapter_error(f"model.layers.{layer}.mlp.experts.{absent[0]}.{proj}.weight is missing: "
-                                    f"from_hf needs all {self.n_experts} experts to rebuild the grouped tensor")
+                raise adapter_error(
+                    f"model.layers.{layer}.mlp.experts.{absent[0]}.{proj}.weight is missing: "
+                    f"from_hf needs all {self.n_experts} experts to rebuild the grouped tensor"
+                )
             want = (self.dim, self.moe_dim) if proj == "down_proj" else (self.moe_dim, self.dim)
             for e, w in per_expert.items():
                 name = f"model.layers.{layer}.mlp.experts.{e}.{proj}.weight"

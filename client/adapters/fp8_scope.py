@@ -38,8 +38,10 @@ _LLAMA = re.compile(r"^model\.layers\.\d+\.(self_attn\.[qkvo]_proj|mlp\.(gate|up
 # (kv_a_proj_with_mqa is [576, 7168]: a partial edge block), dense MLPs, shared and routed experts are e4m3;
 # q_a/kv_a layernorms, the router mlp.gate and its e_score_correction_bias, the MTP layer's enorm/hnorm/eh_proj
 # and shared_head, embeddings and lm_head are bf16
-_DEEPSEEK_V3 = re.compile(r"^model\.layers\.\d+\.(self_attn\.(q_proj|q_a_proj|q_b_proj|kv_a_proj_with_mqa|kv_b_proj|"
-                          r"o_proj)|mlp\.((shared_experts|experts\.\d+)\.)?(gate|up|down)_proj)\.weight$")
+_DEEPSEEK_V3 = re.compile(
+    r"^model\.layers\.\d+\.(self_attn\.(q_proj|q_a_proj|q_b_proj|kv_a_proj_with_mqa|kv_b_proj|"
+    r"o_proj)|mlp\.((shared_experts|experts\.\d+)\.)?(gate|up|down)_proj)\.weight$"
+)
 
 
 def llama_fp8_weight(name: str) -> bool:
@@ -55,7 +57,10 @@ def deepseek_v3_fp8_weight(name: str) -> bool:
 # built-in adapter name -> its HF architecture's rule; an identity or plug-in adapter is told by the HF
 # config's model_type (the names are already HF's)
 ARCHITECTURES: dict[str, Callable[[str], bool]] = {
-    "llama3": llama_fp8_weight, "qwen3": llama_fp8_weight, "deepseek_v3": deepseek_v3_fp8_weight}
+    "llama3": llama_fp8_weight,
+    "qwen3": llama_fp8_weight,
+    "deepseek_v3": deepseek_v3_fp8_weight,
+}
 MODEL_TYPES = {"llama": "llama3", "mistral": "llama3", "qwen2": "qwen3", "qwen3": "qwen3", "deepseek_v3": "deepseek_v3"}
 
 # modules_to_not_convert is peer-sent data (the staged hf_config): bounded, and matched as literal names, never
@@ -102,8 +107,11 @@ class Fp8Scope:
 
     def quantization_config(self) -> dict:
         """The ``quantization_config`` of config.json: what transformers' FineGrainedFP8Config and vLLM read."""
-        config: dict[str, Any] = {"quant_method": "fp8", "activation_scheme": "dynamic",
-                                  "weight_block_size": list(self.block)}
+        config: dict[str, Any] = {
+            "quant_method": "fp8",
+            "activation_scheme": "dynamic",
+            "weight_block_size": list(self.block),
+        }
         if self.skip:
             # an explicit list replaces transformers' default skips (lm_head): keep lm_head out of FP8Linear
             config["modules_to_not_convert"] = list(self.skip) + ([] if "lm_head" in self.skip else ["lm_head"])
@@ -123,10 +131,12 @@ def _architecture(adapter: Any, config: dict) -> str:
     model_type = config.get("model_type")
     if isinstance(model_type, str) and model_type in MODEL_TYPES:
         return MODEL_TYPES[model_type]
-    raise adapter_error(f"FP8 block quantization needs to know which weights the architecture's FP8 checkpoints "
-                        f"quantize: the adapter is {name or type(inner).__name__} and the HF config's model_type is "
-                        f"{short_repr(model_type)}; use a built-in adapter ({', '.join(sorted(ARCHITECTURES))}) or "
-                        f"an HF config whose model_type is one of {', '.join(sorted(MODEL_TYPES))}")
+    raise adapter_error(
+        f"FP8 block quantization needs to know which weights the architecture's FP8 checkpoints "
+        f"quantize: the adapter is {name or type(inner).__name__} and the HF config's model_type is "
+        f"{short_repr(model_type)}; use a built-in adapter ({', '.join(sorted(ARCHITECTURES))}) or "
+        f"an HF config whose model_type is one of {', '.join(sorted(MODEL_TYPES))}"
+    )
 
 
 def _skip_modules(quant: dict) -> tuple[str, ...]:
@@ -134,17 +144,26 @@ def _skip_modules(quant: dict) -> tuple[str, ...]:
     value = quant.get("modules_to_not_convert")
     if value is None:
         return ()
-    if not isinstance(value, list) or len(value) > MAX_SKIP or \
-            not all(isinstance(p, str) and 0 < len(p) <= MAX_SKIP_CHARS for p in value):
-        raise HFConfigError(field, f"hf_config.{field} = {short_repr(value)}: FP8 quantization expects a list of "
-                                   f"module names (at most {MAX_SKIP}, strings of 1 to {MAX_SKIP_CHARS} "
-                                   "characters), or null")
+    if (
+        not isinstance(value, list)
+        or len(value) > MAX_SKIP
+        or not all(isinstance(p, str) and 0 < len(p) <= MAX_SKIP_CHARS for p in value)
+    ):
+        raise HFConfigError(
+            field,
+            f"hf_config.{field} = {short_repr(value)}: FP8 quantization expects a list of "
+            f"module names (at most {MAX_SKIP}, strings of 1 to {MAX_SKIP_CHARS} "
+            "characters), or null",
+        )
     for entry in value:
         if not _MODULE_NAME.fullmatch(entry):
-            raise HFConfigError(field, f"hf_config.{field} holds {short_repr(entry)}: stager matches these entries as "
-                                       "literal module names (a prefix up to a '.', or a suffix), not as regexes; "
-                                       "list the modules by their dotted names (letters, digits and '_' between "
-                                       "single dots, no dot at either end), e.g. 'model.layers.0.mlp' or 'lm_head'")
+            raise HFConfigError(
+                field,
+                f"hf_config.{field} holds {short_repr(entry)}: stager matches these entries as "
+                "literal module names (a prefix up to a '.', or a suffix), not as regexes; "
+                "list the modules by their dotted names (letters, digits and '_' between "
+                "single dots, no dot at either end), e.g. 'model.layers.0.mlp' or 'lm_head'",
+            )
     return tuple(dict.fromkeys(value))
 
 
@@ -162,7 +181,9 @@ def fp8_scope(adapter: Any, hf_config: dict | None) -> Fp8Scope:
     values = check_config("FP8 block quantization", FP8_QUANTIZATION, config)
     block = values["quantization_config.weight_block_size"] or list(DEFAULT_BLOCK)
     if len(block) != 2:
-        raise HFConfigError("quantization_config.weight_block_size",
-                            f"hf_config.quantization_config.weight_block_size = {short_repr(block)}: FP8 block "
-                            f"quantization expects two integers (rows, columns), e.g. {list(DEFAULT_BLOCK)}")
+        raise HFConfigError(
+            "quantization_config.weight_block_size",
+            f"hf_config.quantization_config.weight_block_size = {short_repr(block)}: FP8 block "
+            f"quantization expects two integers (rows, columns), e.g. {list(DEFAULT_BLOCK)}",
+        )
     return Fp8Scope(architecture, (block[0], block[1]), _skip_modules(quant))

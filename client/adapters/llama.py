@@ -52,8 +52,12 @@ class Llama3Adapter:
         "feed_forward.w3.weight": "mlp.up_proj.weight",
     }
     FUSED_QKV = "attention.qkv_linear.wqkv.weight"  # torchtitan's FusedQKVLinear parameter: [n_kv, q/kv + 2, hd, in]
-    TOP_KEYS = {"tok_embeddings.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight",
-                "lm_head.weight": "lm_head.weight", "output.weight": "lm_head.weight"}
+    TOP_KEYS = {
+        "tok_embeddings.weight": "model.embed_tokens.weight",
+        "norm.weight": "model.norm.weight",
+        "lm_head.weight": "lm_head.weight",
+        "output.weight": "lm_head.weight",
+    }
     NOT_WRITTEN: tuple[str, ...] = ()  # accepted by to_hf, written by from_hf only when to_hf saw them
     NAME = "llama3"
     CONFIG = LLAMA3  # the hf_config fields read, and what they accept
@@ -63,8 +67,10 @@ class Llama3Adapter:
 
     def __init__(self, hf_config: dict, *, native_form: str | None = None, rope_layout: str | None = None):
         if native_form not in (None, *_FORMS):
-            raise ValueError("native_form must be None (the names to_hf saw), 'qkv_linear' (torchtitan 0.3.0: "
-                             "attention.qkv_linear.wq, lm_head) or 'legacy' (attention.wq, output)")
+            raise ValueError(
+                "native_form must be None (the names to_hf saw), 'qkv_linear' (torchtitan 0.3.0: "
+                "attention.qkv_linear.wq, lm_head) or 'legacy' (attention.wq, output)"
+            )
         rope_layout = rope_layout or self.ROPE_LAYOUT
         if rope_layout not in _ROPE_LAYOUTS:
             raise ValueError("rope_layout must be 'interleaved' (Meta-style pairs, permuted for HF) or 'halves'")
@@ -83,8 +89,11 @@ class Llama3Adapter:
         for native, hf in self.LAYER_KEYS.items():
             if native not in drop:
                 self._from_hf_layer.setdefault(hf, native)
-        self._from_hf_top = {"model.embed_tokens.weight": "tok_embeddings.weight", "model.norm.weight": "norm.weight",
-                             "lm_head.weight": "output.weight" if legacy else "lm_head.weight"}
+        self._from_hf_top = {
+            "model.embed_tokens.weight": "tok_embeddings.weight",
+            "model.norm.weight": "norm.weight",
+            "lm_head.weight": "output.weight" if legacy else "lm_head.weight",
+        }
         # what to_hf saw (native_form None): HF name -> native name, so from_hf writes the same names back
         self._seen_layer: dict[str, str] = {}
         self._seen_top: dict[str, str] = {}
@@ -104,23 +113,28 @@ class Llama3Adapter:
 
     def _check_rows(self, name: str, tensor: torch.Tensor, heads: int) -> None:
         if tensor.dim() != 2 or tensor.shape[0] != heads * self.head_dim:
-            raise adapter_error(f"{name}: shape {list(tensor.shape)} contradicts the config ({heads} heads x head_dim "
-                                f"{self.head_dim} = {heads * self.head_dim} rows); check hf_config")
+            raise adapter_error(
+                f"{name}: shape {list(tensor.shape)} contradicts the config ({heads} heads x head_dim "
+                f"{self.head_dim} = {heads * self.head_dim} rows); check hf_config"
+            )
 
     def _split_fused_qkv(self, name: str, w: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
         """torchtitan's FusedQKVLinear ``wqkv`` ([n_kv, q heads per kv + 2, head_dim, in] rows) -> wq, wk, wv,
         as its state-dict hook splits it."""
         if self.n_heads % self.n_kv_heads:
-            raise adapter_error(f"{name}: a fused wqkv needs num_attention_heads ({self.n_heads}) divisible by "
-                                f"num_key_value_heads ({self.n_kv_heads})")
+            raise adapter_error(
+                f"{name}: a fused wqkv needs num_attention_heads ({self.n_heads}) divisible by "
+                f"num_key_value_heads ({self.n_kv_heads})"
+            )
         per_kv = self.n_heads // self.n_kv_heads
         self._check_rows(name, w, self.n_kv_heads * (per_kv + 2))
         grouped = w.view(self.n_kv_heads, per_kv + 2, self.head_dim, w.shape[1])
         parts = {"wq": grouped[:, :per_kv], "wk": grouped[:, per_kv], "wv": grouped[:, per_kv + 1]}
         return [(f"attention.qkv_linear.{k}.weight", p.reshape(-1, w.shape[1])) for k, p in parts.items()]
 
-    def _layer_item(self, layer: str, suffix: str, tensor: torch.Tensor, name: str
-                    ) -> tuple[str, torch.Tensor, int | None]:
+    def _layer_item(
+        self, layer: str, suffix: str, tensor: torch.Tensor, name: str
+    ) -> tuple[str, torch.Tensor, int | None]:
         hf = self._lookup(self.LAYER_KEYS, suffix, name)
         heads = self._rotary_heads(suffix)
         if heads is not None:
@@ -144,8 +158,9 @@ class Llama3Adapter:
         return [(hf, tensor, None)]
 
     def to_hf_items(self, name: str, tensor: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
-        return [(hf, t if heads is None else permute_for_hf_rotary(t, heads))
-                for hf, t, heads in self._items(name, tensor)]
+        return [
+            (hf, t if heads is None else permute_for_hf_rotary(t, heads)) for hf, t, heads in self._items(name, tensor)
+        ]
 
     def to_hf_into(self, name: str, tensor: torch.Tensor, out: dict[str, torch.Tensor]) -> list[str]:
         """:func:`~stager.client.adapters.fill_hf` for this adapter: permuted rows are written

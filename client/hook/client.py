@@ -25,7 +25,8 @@ import os
 import threading
 import time
 import weakref
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 
@@ -61,7 +62,9 @@ class _QueuedStage:
     __slots__ = ("state_dict", "step", "model_info", "handle", "start_event", "submitted")
 
     def __init__(self, state_dict, step, model_info, handle, start_event):
-        self.state_dict, self.step, self.model_info = state_dict, step, model_info
+        self.state_dict = state_dict
+        self.step = step
+        self.model_info = model_info
         self.handle, self.start_event = handle, start_event
         self.submitted = time.monotonic()
 
@@ -79,15 +82,19 @@ def _ack_timeout(value: float | None) -> float:
         except ValueError:
             value = math.nan
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0 or math.isinf(value):
-        raise ValueError(f"{source}: the seconds a stage may wait for a sign of life from the daemon must be a "
-                         f"positive number (default {ACK_TIMEOUT_S}), not {value!r}")
+        raise ValueError(
+            f"{source}: the seconds a stage may wait for a sign of life from the daemon must be a "
+            f"positive number (default {ACK_TIMEOUT_S}), not {value!r}"
+        )
     return float(value)
 
 
 def _rank_info(rank, local_world_size, world_size) -> tuple[int, int, int]:
     import torch.distributed as dist
 
-    g_rank, g_world = (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
+    g_rank, g_world = (
+        (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
+    )
     world_size = world_size or int(os.environ.get("WORLD_SIZE", g_world))
     local_world_size = local_world_size or int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
     if rank is None:
@@ -127,22 +134,39 @@ class StagingClient:
     {'step': 1, 'nbytes': 16, 'tensors': 1, 'partial': False}
     """
 
-    def __init__(self, endpoint: str | None = None, *, rank: int | None = None, local_world_size: int | None = None,
-                 world_size: int | None = None, strict: bool = False, timeout: float = 10.0,
-                 seal_timeout: float = 300.0, backpressure_timeout: float = 0.0, transport: str = "auto",
-                 job: str | bool | None = None, ack_timeout: float | None = None):
+    def __init__(
+        self,
+        endpoint: str | None = None,
+        *,
+        rank: int | None = None,
+        local_world_size: int | None = None,
+        world_size: int | None = None,
+        strict: bool = False,
+        timeout: float = 10.0,
+        seal_timeout: float = 300.0,
+        backpressure_timeout: float = 0.0,
+        transport: str = "auto",
+        job: str | bool | None = None,
+        ack_timeout: float | None = None,
+    ):
         if transport not in ("auto", "shm", "frames"):
             raise ValueError(f"transport must be auto, shm or frames, not {transport!r}")
         ack_timeout = _ack_timeout(ack_timeout)
         rank, local_world_size, world_size = _rank_info(rank, local_world_size, world_size)
-        self.rank, self.strict, self._timeout = rank, strict, timeout
-        conn = Connection(endpoint, role="trainer", rank=rank, local_world_size=local_world_size,
-                          world_size=world_size)
+        self.rank = rank
+        self.strict = strict
+        self._timeout = timeout
+        conn = Connection(endpoint, role="trainer", rank=rank, local_world_size=local_world_size, world_size=world_size)
         self.job = self._join(conn, job, world_size > local_world_size, timeout)  # before the worker owns conn
         self._worker = _Worker(
             conn,
-            full_world=world_size == local_world_size, timeout=timeout, seal_timeout=seal_timeout,
-            wait_ms=int(backpressure_timeout * 1000), transport=transport, ack_timeout=ack_timeout)
+            full_world=world_size == local_world_size,
+            timeout=timeout,
+            seal_timeout=seal_timeout,
+            wait_ms=int(backpressure_timeout * 1000),
+            transport=transport,
+            ack_timeout=ack_timeout,
+        )
         self.endpoint = self._worker.conn.endpoint
         self._lock = threading.Lock()
         self._thread = threading.Thread(target=self._worker.run, name=f"stager-client-{rank}", daemon=True)
@@ -155,9 +179,11 @@ class StagingClient:
         if job is False or not spans_nodes:
             return None
         if not (dist.is_available() and dist.is_initialized()):
-            log.warning("this job spans nodes (WORLD_SIZE > LOCAL_WORLD_SIZE) but torch.distributed is not "
-                        "initialized: not joining the nodes' daemons into one job (each node's versions stay "
-                        "partial); construct StagingClient after init_process_group, or pass job=False")
+            log.warning(
+                "this job spans nodes (WORLD_SIZE > LOCAL_WORLD_SIZE) but torch.distributed is not "
+                "initialized: not joining the nodes' daemons into one job (each node's versions stay "
+                "partial); construct StagingClient after init_process_group, or pass job=False"
+            )
             return None
         from .job_join import join_job
 
@@ -237,7 +263,7 @@ class StagingClient:
             self._finalizer.detach()
             _Worker.shutdown(self._worker, self._thread, timeout)
 
-    def __enter__(self) -> "StagingClient":
+    def __enter__(self) -> StagingClient:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -254,8 +280,17 @@ class _Worker:
     Nothing here is touched by the train thread except :meth:`submit` and ``copier.device``.
     """
 
-    def __init__(self, conn: Connection, *, full_world: bool, timeout: float, seal_timeout: float, wait_ms: int,
-                 transport: str, ack_timeout: float = ACK_TIMEOUT_S):
+    def __init__(
+        self,
+        conn: Connection,
+        *,
+        full_world: bool,
+        timeout: float,
+        seal_timeout: float,
+        wait_ms: int,
+        transport: str,
+        ack_timeout: float = ACK_TIMEOUT_S,
+    ):
         self.conn = conn
         self.queued: collections.deque = collections.deque()
         # Waking the worker with an Event keeps the GIL in stage(): a socket send would release
@@ -293,7 +328,7 @@ class _Worker:
         self._wake.set()
 
     @staticmethod
-    def shutdown(worker: "_Worker", thread: threading.Thread, timeout: float) -> None:
+    def shutdown(worker: _Worker, thread: threading.Thread, timeout: float) -> None:
         worker.drain_timeout = timeout
         worker.closing.set()
         worker._wake.set()
@@ -376,8 +411,13 @@ class _Worker:
             rid = self.sender.commit(stage.step, plan.objects, stage.model_info, plan.quant)
             self.replies.add(rid, handle, time.monotonic())
         except Exception as exc:
-            error = exc if isinstance(exc, StagerError) else StagerError(
-                ErrorCode.INTERNAL, f"staging step {stage.step} failed: {exc.__class__.__name__}: {exc}")
+            error = (
+                exc
+                if isinstance(exc, StagerError)
+                else StagerError(
+                    ErrorCode.INTERNAL, f"staging step {stage.step} failed: {exc.__class__.__name__}: {exc}"
+                )
+            )
             if not isinstance(exc, StagerError):
                 log.exception("staging step %d failed", stage.step)
             if began and not isinstance(exc, RemoteError):  # a remote error: the daemon dropped the step itself
@@ -404,19 +444,27 @@ class _Worker:
             grace = max(0.0, min(HELLO_WAIT_S, left)) if self._grace else 0.0
             self._grace = False
             if not conn.await_life(grace):
-                raise StagerError(ErrorCode.NO_SIGN_OF_LIFE, (
-                    f"no sign of life from the daemon at {conn.endpoint} for "
-                    f"{time.monotonic() - conn.silent_since:.1f}s: it is stopped (SIGSTOP), hung or gone "
-                    "(see `stager status`)"))
+                raise StagerError(
+                    ErrorCode.NO_SIGN_OF_LIFE,
+                    (
+                        f"no sign of life from the daemon at {conn.endpoint} for "
+                        f"{time.monotonic() - conn.silent_since:.1f}s: it is stopped (SIGSTOP), hung or gone "
+                        "(see `stager status`)"
+                    ),
+                )
         self._grace = True
 
     def _skip(self, handle: StageHandle, error: StagerError) -> None:
         """The step is not staged: the daemon showed no sign of life. Said once per silence."""
         self.stats["skipped"] += 1
         self.skipping += 1
-        error = StagerError(ErrorCode.NO_SIGN_OF_LIFE, (
-            f"step {handle.step} skipped for staging: {error.message}; training goes on and the next stage() tries "
-            f"again (a daemon only slower than this: StagingClient(ack_timeout=...) or {ACK_TIMEOUT_ENV})"))
+        error = StagerError(
+            ErrorCode.NO_SIGN_OF_LIFE,
+            (
+                f"step {handle.step} skipped for staging: {error.message}; training goes on and the next stage() tries "
+                f"again (a daemon only slower than this: StagingClient(ack_timeout=...) or {ACK_TIMEOUT_ENV})"
+            ),
+        )
         if self.skipping == 1:
             log.warning("%s [said once until the daemon answers again]", error.message)
         else:  # the same silence: the first warning said it
@@ -425,8 +473,12 @@ class _Worker:
 
     def _resumed(self, step: int) -> None:
         if self.skipping:
-            log.warning("the daemon at %s answers again: staging resumed at step %d, after %d steps skipped",
-                        self.conn.endpoint, step, self.skipping)
+            log.warning(
+                "the daemon at %s answers again: staging resumed at step %d, after %d steps skipped",
+                self.conn.endpoint,
+                step,
+                self.skipping,
+            )
             self.skipping = 0
 
     def _settle_abort(self) -> None:

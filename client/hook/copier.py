@@ -26,10 +26,17 @@ except ImportError:  # built without a C compiler: glibc's memcpy (ctypes drops 
     _bulk_copy.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t]
 BULK_BYTES = 1 << 20  # below this, one foreach call for all tensors beats a call per tensor
 
+
 def _raw_copyable(dst: torch.Tensor, src: torch.Tensor) -> bool:
     """True when src's bytes are exactly dst's bytes: plain, dense, same dtype, no lazy conj/neg."""
-    return (dst.dtype == src.dtype and dst.is_contiguous() and src.is_contiguous()
-            and not src.is_conj() and not src.is_neg() and src.device.type == "cpu")
+    return (
+        dst.dtype == src.dtype
+        and dst.is_contiguous()
+        and src.is_contiguous()
+        and not src.is_conj()
+        and not src.is_neg()
+        and src.device.type == "cpu"
+    )
 
 
 def host_copy(dsts: list[torch.Tensor], srcs: list[torch.Tensor]) -> None:
@@ -87,7 +94,9 @@ class CopyEngine:
 
     def copy(self, pairs: list[tuple[torch.Tensor, torch.Tensor]], start_event) -> list:
         """Copy every ``(dst, src)``; returns the CUDA events that complete with the device copies."""
-        host_dst, host_src, by_device = [], [], {}
+        host_dst = []
+        host_src = []
+        by_device = {}
         for dst, src in pairs:
             if src.is_cuda:
                 by_device.setdefault(src.device.index, []).append((dst, src))

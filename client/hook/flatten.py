@@ -9,7 +9,8 @@ and small dicts of those: they travel as msgpack, never pickle.
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 
@@ -44,7 +45,8 @@ def _check_object(key: str, value: Any, depth: int = 0) -> Any:
     if isinstance(value, torch.Tensor):
         raise _bad(key, "tensors inside lists cannot be staged; put each tensor under its own key")
     raise _bad(
-        key, f"values of type {type(value).__name__} cannot be staged; use int, float, str, bool, None, "
+        key,
+        f"values of type {type(value).__name__} cannot be staged; use int, float, str, bool, None, "
         "bytes, or lists and dicts of those (no pickle crosses the wire)",
     )
 
@@ -113,7 +115,11 @@ def split_float8(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tens
             if t.dtype in FLOAT8_DTYPES:
                 for suffix in COMPANION_SCALES:
                     scale = tensors.get(fqn + suffix)
-                    if isinstance(scale, torch.Tensor) and scale.is_floating_point() and scale.dtype not in FLOAT8_DTYPES:
+                    if (
+                        isinstance(scale, torch.Tensor)
+                        and scale.is_floating_point()
+                        and scale.dtype not in FLOAT8_DTYPES
+                    ):
                         quant[fqn] = QuantSpec(fqn + suffix, "mul", "bf16")
                         break
             continue
@@ -121,8 +127,9 @@ def split_float8(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tens
             out = dict(tensors)
         data, scale, orig = parts
         if isinstance(t, DTensor):
-            data = DTensor.from_local(data, t.device_mesh, t.placements, run_check=False, shape=t.shape,
-                                      stride=t.stride())
+            data = DTensor.from_local(
+                data, t.device_mesh, t.placements, run_check=False, shape=t.shape, stride=t.stride()
+            )
         name = fqn + SCALE_SUFFIX
         if name in tensors:
             raise _bad(fqn, f"cannot stage its scale as {name!r}: that name is taken")
@@ -214,7 +221,9 @@ class LayoutCache:
                     entry = boxes[key] = _entry(fqn, dtype_name(tensor.dtype), gshape, offset, lshape)
                 local = unwrap(fqn, tensor._local_tensor)
                 if local.shape != entry.box.shape:
-                    raise StagerError(ErrorCode.BAD_VALUE, f"{fqn}: local shard shape changed under the same placements")
+                    raise StagerError(
+                        ErrorCode.BAD_VALUE, f"{fqn}: local shard shape changed under the same placements"
+                    )
             else:
                 local = unwrap(fqn, tensor)
                 shape = tuple(local.shape)

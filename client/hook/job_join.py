@@ -33,7 +33,8 @@ def merge_members(records: list[dict]) -> tuple[dict[str, str], dict[str, list[i
     the job's nodes (id -> endpoint, in order of their lowest rank) and ranks per node. Two
     daemons claiming one node id is a misconfiguration, reported with how to fix it.
 
-    >>> merge_members([{"node": "a", "endpoint": "ipc://a", "rank": 0}, {"node": "b", "endpoint": "ipc://b", "rank": 1}])
+    >>> merge_members([{"node": "a", "endpoint": "ipc://a", "rank": 0},
+    ...                {"node": "b", "endpoint": "ipc://b", "rank": 1}])
     ({'a': 'ipc://a', 'b': 'ipc://b'}, {'a': [0], 'b': [1]})
     """
     nodes: dict[str, str] = {}
@@ -41,9 +42,12 @@ def merge_members(records: list[dict]) -> tuple[dict[str, str], dict[str, list[i
     for record in sorted((r for r in records if r), key=lambda r: r["rank"]):
         node, endpoint = record["node"], record["endpoint"]
         if nodes.setdefault(node, endpoint) != endpoint:
-            raise StagerError(ErrorCode.BAD_VALUE, f"two daemons ({nodes[node]} and {endpoint}) say they are node "
-                                                   f"{node!r}; give each node's daemon its own id (STAGER_HOST_ID or "
-                                                   "`stager serve --host-id`) when several run on one machine")
+            raise StagerError(
+                ErrorCode.BAD_VALUE,
+                f"two daemons ({nodes[node]} and {endpoint}) say they are node "
+                f"{node!r}; give each node's daemon its own id (STAGER_HOST_ID or "
+                "`stager serve --host-id`) when several run on one machine",
+            )
         ranks.setdefault(node, []).append(record["rank"])
     return nodes, ranks
 
@@ -72,10 +76,10 @@ def all_gather_bytes(data: bytes) -> list[bytes]:
     dist.all_gather(sizes, size, group=group)
     longest = max(int(s) for s in sizes)
     mine = torch.zeros(longest, dtype=torch.uint8)
-    mine[:len(data)] = torch.frombuffer(bytearray(data), dtype=torch.uint8) if data else mine[:0]
+    mine[: len(data)] = torch.frombuffer(bytearray(data), dtype=torch.uint8) if data else mine[:0]
     out = [torch.zeros(longest, dtype=torch.uint8) for _ in range(world)]
     dist.all_gather(out, mine, group=group)
-    return [bytes(t[:int(n)].numpy()) for t, n in zip(out, sizes)]
+    return [bytes(t[: int(n)].numpy()) for t, n in zip(out, sizes)]
 
 
 def join_job(conn: Connection, *, job: str | None, timeout: float) -> Join:
@@ -87,8 +91,7 @@ def join_job(conn: Connection, *, job: str | None, timeout: float) -> Join:
     record, error = {}, None
     try:
         info = conn.request(JobInfo(), timeout, expect=JobInfoReply)
-        record = {"node": info.node, "endpoint": info.endpoint, "rank": dist.get_rank(),
-                  "token": secrets.token_hex(8)}
+        record = {"node": info.node, "endpoint": info.endpoint, "rank": dist.get_rank(), "token": secrets.token_hex(8)}
     except StagerError as exc:
         error = exc  # still take part in the exchange: the other ranks must not wait for this one
     records = [msgpack.unpackb(b) if b else {} for b in all_gather_bytes(msgpack.packb(record) if record else b"")]
@@ -96,8 +99,11 @@ def join_job(conn: Connection, *, job: str | None, timeout: float) -> Join:
         raise error
     missing = [rank for rank, r in enumerate(records) if not r]
     if missing:  # every rank sees the same records: all of them give up, none joins a job with a hole
-        raise StagerError(ErrorCode.UNAVAILABLE, f"ranks {missing[:16]} could not reach their daemons; the job was "
-                                                 "not joined (each node's versions stay partial)")
+        raise StagerError(
+            ErrorCode.UNAVAILABLE,
+            f"ranks {missing[:16]} could not reach their daemons; the job was "
+            "not joined (each node's versions stay partial)",
+        )
     nodes, ranks = merge_members(records)
     job_id = job or os.environ.get(JOB_ENV) or records[0]["token"]
     msg = Join(job=job_id, node=record["node"], nodes=nodes, ranks=ranks, world_size=dist.get_world_size())

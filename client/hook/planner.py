@@ -10,7 +10,8 @@ no segment, so it can be tested on plain tensors alone.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 

@@ -54,8 +54,9 @@ class SealTracker:
         if entry is not None:
             handle = entry[0]
             if isinstance(reply, Sealed):
-                handle.seal({"step": reply.step, "nbytes": reply.nbytes, "tensors": reply.tensors,
-                             "partial": reply.partial})
+                handle.seal(
+                    {"step": reply.step, "nbytes": reply.nbytes, "tensors": reply.tensors, "partial": reply.partial}
+                )
             elif isinstance(reply, ErrorReply):
                 report(handle, reply.to_exception())
             else:
@@ -79,8 +80,13 @@ class SealTracker:
             self.ping_id = None
         for rid in [rid for rid in self.pending if rid <= upto]:
             handle = self.pending.pop(rid)[0]
-            report(handle, StagerError(ErrorCode.UNAVAILABLE, f"step {handle.step}: lost the connection to the "
-                                                              "daemon before the step was sealed"))
+            report(
+                handle,
+                StagerError(
+                    ErrorCode.UNAVAILABLE,
+                    f"step {handle.step}: lost the connection to the daemon before the step was sealed",
+                ),
+            )
 
     def check_connection(self) -> None:
         """Read the socket monitor; a disconnect while seals are due fails them (the daemon is gone)."""
@@ -96,13 +102,20 @@ class SealTracker:
             for rid, (handle, _, gen) in list(self.pending.items()):
                 if gen != self.generation:
                     del self.pending[rid]
-                    report(handle, StagerError(ErrorCode.UNAVAILABLE, f"step {handle.step}: the connection "
-                                               "to the daemon was reset before the step was sealed"))
+                    report(
+                        handle,
+                        StagerError(
+                            ErrorCode.UNAVAILABLE,
+                            f"step {handle.step}: the connection to the daemon was reset before the step was sealed",
+                        ),
+                    )
         for rid, (handle, deadline, _) in list(self.pending.items()):
             if now >= deadline:
                 del self.pending[rid]
-                report(handle, StagerError(ErrorCode.TIMEOUT, f"step {handle.step} not sealed within "
-                                           f"{self.seal_timeout:.0f}s"))
+                report(
+                    handle,
+                    StagerError(ErrorCode.TIMEOUT, f"step {handle.step} not sealed within {self.seal_timeout:.0f}s"),
+                )
         # ping every second while a seal is due (a restarted daemon shows a new session), and every
         # keepalive_s when idle so a daemon on another host does not take this rank for dead
         interval = SEAL_PING_S if self.pending else keepalive_s

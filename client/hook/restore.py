@@ -18,7 +18,8 @@ overlapping.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping, MutableMapping
+from collections.abc import Callable, Mapping, MutableMapping
+from typing import Any
 
 import msgpack
 import torch
@@ -40,17 +41,21 @@ def restore_plan(snapshot: Any, tensors: Mapping[str, torch.Tensor]) -> list[tup
     plan = []
     missing = [fqn for fqn in tensors if fqn not in snapshot]
     if missing:
-        raise _bad(f"{missing[0]}{f' (and {len(missing) - 1} more)' if len(missing) > 1 else ''}: not in step "
-                   f"{snapshot.step}, which holds {len(snapshot)} tensors (e.g. {', '.join(list(snapshot)[:3])}); "
-                   "restore from a version of this model and state-dict layout")
+        raise _bad(
+            f"{missing[0]}{f' (and {len(missing) - 1} more)' if len(missing) > 1 else ''}: not in step "
+            f"{snapshot.step}, which holds {len(snapshot)} tensors (e.g. {', '.join(list(snapshot)[:3])}); "
+            "restore from a version of this model and state-dict layout"
+        )
     for fqn, tensor in tensors.items():
         shape, dtype = snapshot.meta(fqn)
         local, gshape, offset, lshape = local_box(tensor)
         local = unwrap(fqn, local)  # float8 training wrappers: the high-precision weight inside
         if tuple(gshape) != tuple(shape) or local.dtype != dtype:
-            raise _bad(f"{fqn}: step {snapshot.step} holds {str(dtype).removeprefix('torch.')}{list(shape)}, "
-                       f"the model has {str(local.dtype).removeprefix('torch.')}{list(gshape)}; restore into the "
-                       "model the version was staged from (or convert the version)")
+            raise _bad(
+                f"{fqn}: step {snapshot.step} holds {str(dtype).removeprefix('torch.')}{list(shape)}, "
+                f"the model has {str(local.dtype).removeprefix('torch.')}{list(gshape)}; restore into the "
+                "model the version was staged from (or convert the version)"
+            )
         plan.append((fqn, local, tuple(offset), tuple(lshape)))
     return plan
 
@@ -65,7 +70,9 @@ def _set_objects(state_dict: MutableMapping, objects: Mapping[str, Any]) -> None
     {'train': {'step': 7, 'data': {'pos': 3}}, 'model': {}}
     """
     for fqn, value in objects.items():
-        node, parts, i = state_dict, fqn.split("."), 0
+        node = state_dict
+        parts = fqn.split(".")
+        i = 0
         while i < len(parts):
             j = next((j for j in range(len(parts), i, -1) if ".".join(parts[i:j]) in node), None)
             if j is None:  # not in the state dict: created only inside a mapping the caller gave
@@ -112,8 +119,10 @@ def _agree(error: StagerError | None, doing: str, value: Any = None) -> list[Any
     if failed:
         rank, (code, message) = failed[0]
         known = {c.value for c in ErrorCode}
-        raise StagerError(ErrorCode(code) if code in known else ErrorCode.UNAVAILABLE,
-                          f"rank {rank} failed while {doing}, so no rank restored: {message}")
+        raise StagerError(
+            ErrorCode(code) if code in known else ErrorCode.UNAVAILABLE,
+            f"rank {rank} failed while {doing}, so no rank restored: {message}",
+        )
     return [v for v, _ in answers]
 
 
@@ -140,9 +149,9 @@ class PinnedUpload:
             i, n = self.next, min(chunk, data.numel() - start)
             if self.events[i] is not None:
                 self.events[i].synchronize()  # its previous DMA is done: the buffer may be refilled
-            self.buffers[i][:n].copy_(data[start:start + n])
+            self.buffers[i][:n].copy_(data[start : start + n])
             with torch.cuda.stream(self.stream):
-                out[start:start + n].copy_(self.buffers[i][:n], non_blocking=True)
+                out[start : start + n].copy_(self.buffers[i][:n], non_blocking=True)
                 self.events[i] = torch.cuda.Event()
                 self.events[i].record(self.stream)
             self.next ^= 1
@@ -175,7 +184,10 @@ def restore_state_dict(state_dict: MutableMapping, subscriber: Callable[[], Any]
     torch.distributed every rank restores rank 0's newest) read through the reader
     ``subscriber()`` opens (closed here); returns the step restored. A collective: every rank
     calls it. See :meth:`stager.client.StagingClient.restore`."""
-    snap, plan, error, sub = None, None, None, None
+    snap = None
+    plan = None
+    error = None
+    sub = None
     try:
         try:
             tensors = flatten_state_dict(state_dict, objects=False)[0]

@@ -13,7 +13,15 @@ import ctypes
 import math
 
 from stager.protocol import (
-    Abort, Begin, BeginReply, Commit, ErrorCode, Ok, Put, RemoteError, StagerError,
+    Abort,
+    Begin,
+    BeginReply,
+    Commit,
+    ErrorCode,
+    Ok,
+    Put,
+    RemoteError,
+    StagerError,
 )
 from stager.protocol.layout import PlanEntry
 
@@ -32,7 +40,9 @@ class Sender:
     """Talks the staging requests of one rank over ``conn`` (the worker thread's connection)."""
 
     def __init__(self, conn: Connection, *, full_world: bool, timeout: float, wait_ms: int, transport: str):
-        self.conn, self.full_world, self.timeout = conn, full_world, timeout
+        self.conn = conn
+        self.full_world = full_world
+        self.timeout = timeout
         self.wait_ms, self.transport = wait_ms, transport
         self.plans_sent: set[tuple[str, str]] = set()  # (daemon session, digest) the daemon knows
         self.assignments: dict[tuple[str, str], list] = {}  # (session, layout) -> placements per entry
@@ -51,8 +61,14 @@ class Sender:
         for attempt in range(2):
             sent_key = (self.conn.session, digest)
             with_plan = sent_key not in self.plans_sent or attempt > 0
-            msg = Begin(step=step, digest=digest, plan=tuple(plan) if with_plan else None,
-                        full_world=self.full_world, shm=shm, wait_ms=self.wait_ms)
+            msg = Begin(
+                step=step,
+                digest=digest,
+                plan=tuple(plan) if with_plan else None,
+                full_world=self.full_world,
+                shm=shm,
+                wait_ms=self.wait_ms,
+            )
             ack = self.conn.ack_timeout
             if with_plan and ack is not None:
                 ack += len(plan) * PLAN_ACK_S_PER_ENTRY
@@ -86,7 +102,9 @@ class Sender:
     def put(self, step: int, assignment: list, locals_: list, batch_bytes: int) -> None:
         """Send this rank's regions as frames (a daemon on another host), in batches of about
         ``batch_bytes``: that bounds the memory held on both sides."""
-        batch_idx, batch_frames, size = [], [], 0
+        batch_idx = []
+        batch_frames = []
+        size = 0
         keep_alive: list = []
         for index, (where, local) in enumerate(zip(assignment, locals_)):
             if where is None:
@@ -101,7 +119,10 @@ class Sender:
             size += nbytes
             if size >= batch_bytes:
                 self._send_put(step, batch_idx, batch_frames, keep_alive)
-                batch_idx, batch_frames, size, keep_alive = [], [], 0, []
+                batch_idx = []
+                batch_frames = []
+                size = 0
+                keep_alive = []
         if batch_idx:
             self._send_put(step, batch_idx, batch_frames, keep_alive)
 

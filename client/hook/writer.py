@@ -70,8 +70,11 @@ class SegmentWriter:
             self.spans_layout, self.spans = reply.layout, write_spans(plan, assignment)
             self.unfaulted.clear()
         deadline = now + PREFAULT_GIVE_UP_S
-        self.upcoming = {n: self.upcoming.get(n, (reply.size, deadline)) for n in reply.live_segments
-                         if n != reply.segment and self.unfaulted.get(n) != []}
+        self.upcoming = {
+            n: self.upcoming.get(n, (reply.size, deadline))
+            for n in reply.live_segments
+            if n != reply.segment and self.unfaulted.get(n) != []
+        }
         key = (reply.segment, reply.layout)
         cached = self.dst_cache.get(key)
         if cached is not None:

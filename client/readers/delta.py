@@ -64,8 +64,9 @@ def note_loaded(snap: Any, out: Mapping[str, torch.Tensor], names: list[str]) ->
         return
     for name in names:
         t = out[name]
-        _LEDGER[id(t)] = _Held(weakref.ref(t, _dropper(id(t))), t._version, snap.step, snap.seq, session, snap.view,
-                               name)
+        _LEDGER[id(t)] = _Held(
+            weakref.ref(t, _dropper(id(t))), t._version, snap.step, snap.seq, session, snap.view, name
+        )
     if len(_LEDGER) > 1 << 20:  # tensors dropped without their weakref firing (never expected): bound it
         for key in [k for k, h in _LEDGER.items() if h.ref() is None]:
             del _LEDGER[key]
@@ -84,8 +85,9 @@ def held(t: torch.Tensor, view: str, name: str) -> _Held | None:
     return rec
 
 
-def load_changes(snap: Any, entries: Mapping[str, ViewEntry], out: Mapping[str, torch.Tensor],
-                 since: int | None) -> set[str]:
+def load_changes(
+    snap: Any, entries: Mapping[str, ViewEntry], out: Mapping[str, torch.Tensor], since: int | None
+) -> set[str]:
     """Bring what it can of ``out`` (``{name: tensor}``, shapes checked) from step ``since`` to the
     snapshot's step by change maps; returns the names done (the caller reads the rest in full).
     Every tensor of ``out`` is forgotten by the ledger first: until the load succeeds, it proves nothing."""
@@ -99,9 +101,17 @@ def load_changes(snap: Any, entries: Mapping[str, ViewEntry], out: Mapping[str, 
     for (dtype, seq, mapped), members in groups.items():
         for batch in _batches(members, dtype, mapped):
             try:
-                reply = conn.request(Changes(lease=lease, since=since, since_seq=seq, dtype=dtype_name(dtype),
-                                             want="indices" if mapped else "values",
-                                             fqns=[fqn for _, fqn, _ in batch]), timeout)
+                reply = conn.request(
+                    Changes(
+                        lease=lease,
+                        since=since,
+                        since_seq=seq,
+                        dtype=dtype_name(dtype),
+                        want="indices" if mapped else "values",
+                        fqns=[fqn for _, fqn, _ in batch],
+                    ),
+                    timeout,
+                )
             except StagerError as exc:
                 if exc.code != ErrorCode.UNKNOWN_BASE:
                     raise
@@ -152,7 +162,9 @@ def _delta_source(snap: Any, entry: ViewEntry) -> str | None:
 def _batches(members: list, dtype: torch.dtype, mapped: bool) -> list[list]:
     """Tensors per request, so that a reply is at most BATCH_BYTES even if every map is at its densest."""
     per = 4 + (0 if mapped else dtype.itemsize)
-    out, cur, size = [], [], 0
+    out = []
+    cur = []
+    size = 0
     for item in members:
         need = math.ceil(math.prod(item[2].shape) * DENSE) * per
         if cur and size + need > BATCH_BYTES:
@@ -173,17 +185,18 @@ def _apply(version: Any, batch: list, reply: ChangesReply, dtype: torch.dtype, m
         if got != fqn:
             raise StagerError(ErrorCode.BAD_MESSAGE, f"changes reply names {got!r} where {fqn!r} was asked")
         if kind == INDICES:
-            idx = indices[at:at + count]
+            idx = indices[at : at + count]
             if idx.numel() != count or (not mapped and (values is None or values.numel() < at + count)):
                 raise StagerError(ErrorCode.BAD_MESSAGE, f"{fqn}: changes reply is short of its {count} elements")
             if count and int(idx[0]) < 0:  # ascending: the first is the least (indexing would wrap a negative)
                 raise StagerError(ErrorCode.BAD_MESSAGE, f"{fqn}: changes reply holds a negative index")
             try:  # indices out of range are refused by the indexing itself (IndexError), before any write
-                vals = gather(version.mapped(fqn), idx, dst.dtype) if mapped else values[at:at + count]
+                vals = gather(version.mapped(fqn), idx, dst.dtype) if mapped else values[at : at + count]
                 apply(dst, idx, vals)
             except (IndexError, RuntimeError) as exc:
-                raise StagerError(ErrorCode.BAD_MESSAGE,
-                                  f"{fqn}: changes reply does not fit the tensor ({exc})") from None
+                raise StagerError(
+                    ErrorCode.BAD_MESSAGE, f"{fqn}: changes reply does not fit the tensor ({exc})"
+                ) from None
             at += count
         elif kind != "unchanged":
             continue  # whole: read in full by the caller

@@ -33,8 +33,10 @@ def check_quantize(quantize: str | None, view: str, dtype: torch.dtype | None, k
     """A Subscriber's ``quantize`` against its other options (ValueError, as for a wrong ``view``)."""
     if quantize is None:
         if dtype in FLOAT8_DTYPES:  # a plain cast has no scale: values past 448 would be NaN, small ones zero
-            raise ValueError(f"dtype {dtype} would cast without scales: ask for quantize='fp8-block' (e4m3 weights "
-                             "plus weight_scale_inv, view='hf'), or keep_fp8=True for float8 data as staged")
+            raise ValueError(
+                f"dtype {dtype} would cast without scales: ask for quantize='fp8-block' (e4m3 weights "
+                "plus weight_scale_inv, view='hf'), or keep_fp8=True for float8 data as staged"
+            )
         return
     if quantize not in QUANTIZE_CHOICES:
         raise ValueError(f"quantize must be one of {QUANTIZE_CHOICES} or None, not {quantize!r}")
@@ -43,8 +45,10 @@ def check_quantize(quantize: str | None, view: str, dtype: torch.dtype | None, k
     if keep_fp8:
         raise ValueError("quantize='fp8-block' and keep_fp8=True both choose how float8 data is served: pass one")
     if dtype in FLOAT8_DTYPES:
-        raise ValueError(f"dtype {dtype} with quantize='fp8-block': dtype is that of the tensors left in high "
-                         "precision (norms, embeddings), e.g. torch.bfloat16")
+        raise ValueError(
+            f"dtype {dtype} with quantize='fp8-block': dtype is that of the tensors left in high "
+            "precision (norms, embeddings), e.g. torch.bfloat16"
+        )
 
 
 def fp8_entries(entries: dict[str, ViewEntry], scope: Fp8Scope) -> tuple[dict[str, ViewEntry], dict[str, str]]:
@@ -57,10 +61,13 @@ def fp8_entries(entries: dict[str, ViewEntry], scope: Fp8Scope) -> tuple[dict[st
         if scope.eligible(name, e.shape, e.dtype):
             scale = scale_name(name)
             if scale in entries:
-                raise StagerError(ErrorCode.BAD_VALUE, f"{name}: the version already holds a tensor named {scale}, "
-                                                       "which its FP8 scales would replace; rename that tensor, or "
-                                                       "keep the module in high precision (quantization_config."
-                                                       "modules_to_not_convert)")
+                raise StagerError(
+                    ErrorCode.BAD_VALUE,
+                    f"{name}: the version already holds a tensor named {scale}, "
+                    "which its FP8 scales would replace; rename that tensor, or "
+                    "keep the module in high precision (quantization_config."
+                    "modules_to_not_convert)",
+                )
             out[name] = ViewEntry(name, e.source, e.shape, E4M3, None)
             out[scale] = ViewEntry(scale, e.source, scale_shape(e.shape, scope.block), torch.float32, None)
             quantized[name] = scale
@@ -73,8 +80,16 @@ class Fp8Snapshot(Snapshot):
     """A :class:`Snapshot` whose in-scope weights are read FP8 block-quantized. ``fp8``: ``{weight name:
     scale name}``; ``fp8_block``: the rows and columns one scale covers."""
 
-    def __init__(self, subscriber: Any, version: LeasedVersion, entries: dict[str, ViewEntry], adapter: Any,
-                 wanted: set[str] | None, hf_config: dict | None, cache: dict):
+    def __init__(
+        self,
+        subscriber: Any,
+        version: LeasedVersion,
+        entries: dict[str, ViewEntry],
+        adapter: Any,
+        wanted: set[str] | None,
+        hf_config: dict | None,
+        cache: dict,
+    ):
         if adapter is None:
             raise StagerError(ErrorCode.BAD_VALUE, "quantize='fp8-block' reads HF names: pass view='hf'")
         scope = fp8_scope(adapter, hf_config)
@@ -91,8 +106,9 @@ class Fp8Snapshot(Snapshot):
         # a weight quantized to e4m3 is rounded once, from the staged precision: never fetched cast
         return None if fqn in self._fp8_sources else super()._wire_cast(fqn, to)
 
-    def _convert(self, fqn: str, t: torch.Tensor, only: str | None = None,
-                 wanted: Any = None) -> Iterator[tuple[str, torch.Tensor]]:
+    def _convert(
+        self, fqn: str, t: torch.Tensor, only: str | None = None, wanted: Any = None
+    ) -> Iterator[tuple[str, torch.Tensor]]:
         wanted = self._entries if wanted is None else wanted
         for name, out in hf_items(self._adapter, fqn, t):
             yield from self._quantized(name, out, lambda n: n in wanted and (only is None or n == only))
@@ -124,14 +140,20 @@ class Fp8Snapshot(Snapshot):
             entry, dst = self._entry(name), out[name]
             if not isinstance(dst, torch.Tensor) or tuple(dst.shape) != tuple(entry.shape):
                 what = list(dst.shape) if isinstance(dst, torch.Tensor) else type(dst).__name__
-                raise StagerError(ErrorCode.BAD_VALUE, f"{name}: step {self.step} holds shape {list(entry.shape)} "
-                                                       f"(FP8 block-quantized), the tensor to load it into is {what}")
+                raise StagerError(
+                    ErrorCode.BAD_VALUE,
+                    f"{name}: step {self.step} holds shape {list(entry.shape)} "
+                    f"(FP8 block-quantized), the tensor to load it into is {what}",
+                )
             if dst.dtype != entry.dtype:
                 what = "its FP8 block scales" if name in scales else "an FP8 block-quantized weight"
-                raise StagerError(ErrorCode.BAD_VALUE, f"{name}: step {self.step} holds {what} as {entry.dtype}, the "
-                                                       f"tensor to load it into is {dst.dtype}; load it into a "
-                                                       f"{entry.dtype} tensor (an engine's FP8 parameter), or read "
-                                                       "without quantize='fp8-block' for high-precision weights")
+                raise StagerError(
+                    ErrorCode.BAD_VALUE,
+                    f"{name}: step {self.step} holds {what} as {entry.dtype}, the "
+                    f"tensor to load it into is {dst.dtype}; load it into a "
+                    f"{entry.dtype} tensor (an engine's FP8 parameter), or read "
+                    "without quantize='fp8-block' for high-precision weights",
+                )
         plain = {n: t for n, t in out.items() if n not in self.fp8 and n not in scales}
         written = set(super().load_into(plain)) if plain else set()
         for name, t in self.items(quantized):
@@ -142,6 +164,9 @@ class Fp8Snapshot(Snapshot):
     def _eager_hf(self) -> dict[str, torch.Tensor]:
         if self._eager is None:  # a whole-dict adapter: converted once, quantized as it comes
             native = {f: self._native(f) for f in self._version.merged if f not in self._scales()}
-            self._eager = {n: x for name, t in to_hf_items(self._adapter, native.items())
-                           for n, x in self._quantized(name, t, lambda n: True)}
+            self._eager = {
+                n: x
+                for name, t in to_hf_items(self._adapter, native.items())
+                for n, x in self._quantized(name, t, lambda n: True)
+            }
         return self._eager

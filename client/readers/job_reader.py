@@ -52,14 +52,29 @@ class JobReader:
     reader has it and the node's daemon serves it, else frames; ``"nixl"`` NIXL or an error;
     ``"frames"`` always frames (:func:`.sources.open_source`)."""
 
-    def __init__(self, endpoint: str | None, timeout: float, *, remote: bool | None = None, role: str = "reader",
-                 node: str | None = None, auth_dir: str | None = None, transport: str = "auto"):
+    def __init__(
+        self,
+        endpoint: str | None,
+        timeout: float,
+        *,
+        remote: bool | None = None,
+        role: str = "reader",
+        node: str | None = None,
+        auth_dir: str | None = None,
+        transport: str = "auto",
+    ):
         if transport not in TRANSPORTS:
             raise ValueError(f"transport must be one of {', '.join(TRANSPORTS)}, not {transport!r}")
         self._identity = {"node": node, "auth_dir": auth_dir}  # every connection's, the same
         self.primary = Connection(endpoint, role=role, **self._identity)
-        self.timeout, self.remote, self.role, self.transport = timeout, remote, role, transport
-        self.job, self.node, self.nodes = "", "", {}  # the membership: unknown until the daemon is asked
+        self.timeout = timeout
+        self.remote = remote
+        self.role = role
+        self.transport = transport
+        # the membership: unknown until the daemon is asked
+        self.job = ""
+        self.node = ""
+        self.nodes = {}
         self.conns: dict[str, Connection] = {}
         self.newest: dict[str, tuple[int, int]] = {}  # node -> (seq, step) of its newest announcement
         self.last: dict[str, JobInfoReply] = {}  # node -> its last answer: a node that went silent counts with it
@@ -111,7 +126,9 @@ class JobReader:
         self.up.clear()
         self._subscribed.clear()
         self.last = {n: r for n, r in self.last.items() if n in nodes}
-        self.job, self.node, self.nodes = info.job, info.node, nodes
+        self.job = info.job
+        self.node = info.node
+        self.nodes = nodes
 
     @property
     def multi(self) -> bool:
@@ -121,15 +138,21 @@ class JobReader:
         """The error a reader sees: in a job of several nodes, a node that does not answer is named."""
         if isinstance(exc, NodeDown) or exc.code not in DOWN or not self.multi:
             return exc
-        return NodeDown(node, f"node {node} ({self.nodes[node]}) of job {self.job} did not answer while {doing}: "
-                              f"{exc.message}. Its daemon died, hangs or is unreachable; a version it holds part "
-                              "of cannot be read until it is back (or from nodes holding replicas)")
+        return NodeDown(
+            node,
+            f"node {node} ({self.nodes[node]}) of job {self.job} did not answer while {doing}: "
+            f"{exc.message}. Its daemon died, hangs or is unreachable; a version it holds part "
+            "of cannot be read until it is back (or from nodes holding replicas)",
+        )
 
-    def _ask_all(self, make: Callable[[str], Any], what: str, nodes: Iterable[str], expect=None
-                 ) -> tuple[dict[str, Any], dict[str, StagerError]]:
+    def _ask_all(
+        self, make: Callable[[str], Any], what: str, nodes: Iterable[str], expect=None
+    ) -> tuple[dict[str, Any], dict[str, StagerError]]:
         """Send ``make(node)`` to every node in ``nodes`` first, then collect the replies:
         ``(replies, errors)`` by node."""
-        sent, errors, replies = {}, {}, {}
+        sent = {}
+        errors = {}
+        replies = {}
         for node in nodes:
             conn = self.conns[node]
             try:
@@ -151,14 +174,20 @@ class JobReader:
         for node, reply in list(replies.items()):
             if reply.node != node:  # e.g. an ipc path that names another daemon on this host
                 del replies[node]
-                errors[node] = StagerError(ErrorCode.UNAVAILABLE, f"{self.nodes[node]} answered as node "
-                                                                  f"{reply.node!r}, not {node!r}: ipc endpoints are "
-                                                                  "per host; serve tcp and --advertise it")
+                errors[node] = StagerError(
+                    ErrorCode.UNAVAILABLE,
+                    f"{self.nodes[node]} answered as node "
+                    f"{reply.node!r}, not {node!r}: ipc endpoints are "
+                    "per host; serve tcp and --advertise it",
+                )
         moved = {n: r.job for n, r in replies.items() if r.job != self.job}
         if moved:
-            raise MembershipChanged(ErrorCode.NO_VERSION, f"nodes {sorted(moved)} now belong to job "
-                                                          f"{next(iter(moved.values()))!r}, not {self.job!r}: "
-                                                          "the job changed; ask again")
+            raise MembershipChanged(
+                ErrorCode.NO_VERSION,
+                f"nodes {sorted(moved)} now belong to job "
+                f"{next(iter(moved.values()))!r}, not {self.job!r}: "
+                "the job changed; ask again",
+            )
         down = {}
         for node, exc in errors.items():
             if exc.code not in DOWN and node == self.node:
@@ -198,26 +227,35 @@ class JobReader:
                 version.close()
                 if first:  # the daemon may have joined a job since it was asked: ask again
                     raise MembershipChanged(ErrorCode.PARTIAL, f"step {version.step} is partial")
-                raise StagerError(ErrorCode.PARTIAL, f"step {version.step} holds only part of some tensors (the job "
-                                                     "spans nodes); pass allow_partial=True and read them with "
-                                                     "Snapshot.regions()")
+                raise StagerError(
+                    ErrorCode.PARTIAL,
+                    f"step {version.step} holds only part of some tensors (the job "
+                    "spans nodes); pass allow_partial=True and read them with "
+                    "Snapshot.regions()",
+                )
             return version
         states, down = self.states()
         if self.node in down:
-            raise self.node_failed(self.node, StagerError(ErrorCode.UNAVAILABLE, down[self.node]),
-                                   "asked for its steps")
+            raise self.node_failed(
+                self.node, StagerError(ErrorCode.UNAVAILABLE, down[self.node]), "asked for its steps"
+            )
         complete, kinds = self.known_complete(states)
         if step is not None:
             if step not in complete:
-                raise StagerError(ErrorCode.NO_VERSION, f"step {step} of job {self.job} is not complete: "
-                                                        f"{incomplete_reason(step, kinds, down)}")
+                raise StagerError(
+                    ErrorCode.NO_VERSION,
+                    f"step {step} of job {self.job} is not complete: {incomplete_reason(step, kinds, down)}",
+                )
             candidates = [step]
         else:
-            candidates = complete[::-1][:ATTEMPTS + len(down) * ATTEMPTS]
+            candidates = complete[::-1][: ATTEMPTS + len(down) * ATTEMPTS]
             if not candidates:
                 newest = max((s for r in states.values() for s in r.sealed), default=None)
-                why = "" if newest is None else f" (newest step anywhere: {newest}: " \
-                                                f"{incomplete_reason(newest, kinds, down)})"
+                why = (
+                    ""
+                    if newest is None
+                    else f" (newest step anywhere: {newest}: {incomplete_reason(newest, kinds, down)})"
+                )
                 raise StagerError(ErrorCode.NO_VERSION, f"no step of job {self.job} is sealed on every node yet{why}")
         first_error: StagerError | None = None
         for s in candidates:
@@ -250,8 +288,9 @@ class JobReader:
         """Nodes to read from, nearest first: on the reader's own host, then its daemon, then the rest."""
         return sorted(nodes, key=lambda n: (not self.conns[n].same_host, n != self.node, list(self.nodes).index(n)))
 
-    def _lease(self, step: int | None, nodes: list[str], down: dict[str, str], *, holes: bool,
-               read: bool = True) -> LeasedVersion:
+    def _lease(
+        self, step: int | None, nodes: list[str], down: dict[str, str], *, holes: bool, read: bool = True
+    ) -> LeasedVersion:
         """Lease ``step`` on ``nodes`` (``down``: those known not to answer, added to here) and merge
         their layouts (``holes``: a tensor they do not cover is incomplete, not an error)."""
         what = "acquire" if step is None else f"acquire of step {step}"
@@ -263,23 +302,36 @@ class JobReader:
                     raise exc
                 down[node] = exc.message
             if self.node in down:
-                raise self.node_failed(self.node, StagerError(ErrorCode.UNAVAILABLE, down[self.node]),
-                                       f"leasing {step}")
+                raise self.node_failed(
+                    self.node, StagerError(ErrorCode.UNAVAILABLE, down[self.node]), f"leasing {step}"
+                )
             parts = {n: replies[n].tensors for n in replies}
             try:
                 merged = merge_layouts(parts, self._order(list(replies)), replies[self.node].step, holes=holes)
             except StagerError as exc:
                 if exc.code == ErrorCode.PARTIAL and down:
                     node = next(iter(down))
-                    raise NodeDown(node, f"step {step} of job {self.job} needs a node that does not answer ("
-                                         f"{', '.join(f'node {n}: {why}' for n, why in down.items())}); "
-                                         f"{exc.message}") from None
+                    raise NodeDown(
+                        node,
+                        f"step {step} of job {self.job} needs a node that does not answer ("
+                        f"{', '.join(f'node {n}: {why}' for n, why in down.items())}); "
+                        f"{exc.message}",
+                    ) from None
                 raise
             sources = {}
             for n, r in replies.items() if read else ():
                 try:
-                    sources[n] = open_source(self.conns[n], r.lease, r.segment, r.size, r.tensors, remote=self.remote,
-                                             maps=self.maps, timeout=self.timeout, transport=self.transport)
+                    sources[n] = open_source(
+                        self.conns[n],
+                        r.lease,
+                        r.segment,
+                        r.size,
+                        r.tensors,
+                        remote=self.remote,
+                        maps=self.maps,
+                        timeout=self.timeout,
+                        transport=self.transport,
+                    )
                 except StagerError as exc:
                     raise self.node_failed(n, exc, f"opening step {r.step}") from None
         except BaseException:
@@ -292,8 +344,9 @@ class JobReader:
                     objects.setdefault(k, v)
                 quant.update(replies[node].quant)
         primary = replies[self.node]
-        version = LeasedVersion(self, primary.step, primary.seq, primary.lease, objects, primary.model_info, quant,
-                                merged, sources, leases)
+        version = LeasedVersion(
+            self, primary.step, primary.seq, primary.lease, objects, primary.model_info, quant, merged, sources, leases
+        )
         self.open[id(version)] = version
         return version
 

@@ -46,7 +46,10 @@ class _Landing:
     __slots__ = ("want", "left", "result", "whole")
 
     def __init__(self, want: Want):
-        self.want, self.left, self.result, self.whole = want, 0, want.out, False
+        self.want = want
+        self.left = 0
+        self.result = want.out
+        self.whole = False
 
     def dest(self, box: Box, at: tuple[int, ...]) -> torch.Tensor:
         if self.result is None:
@@ -57,8 +60,9 @@ class _Landing:
 Failed = Callable[[str, StagerError, str], StagerError]  # (node, error, fqn) -> the error to raise
 
 
-def move(wants: Iterable[Want], sources: Mapping[str, ByteSource], failed: Failed
-         ) -> Iterator[tuple[Want, torch.Tensor]]:
+def move(
+    wants: Iterable[Want], sources: Mapping[str, ByteSource], failed: Failed
+) -> Iterator[tuple[Want, torch.Tensor]]:
     """``(want, tensor)`` for each of ``wants``, in order. A source's error is raised as
     ``failed(node, error, fqn)`` (a multi-node reader names the node that did not answer).
     Stopped early (closed, or a source failed), the fetches still in flight are dropped
@@ -74,8 +78,12 @@ def move(wants: Iterable[Want], sources: Mapping[str, ByteSource], failed: Faile
                     drop()
 
 
-def _move(wants: Iterable[Want], sources: Mapping[str, ByteSource], failed: Failed,
-          flight: dict[str, deque[tuple[Fetch, _Landing]]]) -> Iterator[tuple[Want, torch.Tensor]]:
+def _move(
+    wants: Iterable[Want],
+    sources: Mapping[str, ByteSource],
+    failed: Failed,
+    flight: dict[str, deque[tuple[Fetch, _Landing]]],
+) -> Iterator[tuple[Want, torch.Tensor]]:
     pending = iter(wants)
     landing: deque[_Landing] = deque()
     queue: deque[tuple[_Landing, str, Box, tuple[int, ...]]] = deque()  # parts to fetch, in order
@@ -103,8 +111,7 @@ def _move(wants: Iterable[Want], sources: Mapping[str, ByteSource], failed: Fail
             landing.append(_start(want, sources, queue, failed))
         while landing and landing[0].left == 0:
             lnd = landing.popleft()
-            yield lnd.want, lnd.dest(lnd.want.box, (0,) * len(lnd.want.box.shape)) if lnd.result is None \
-                else lnd.result
+            yield lnd.want, lnd.dest(lnd.want.box, (0,) * len(lnd.want.box.shape)) if lnd.result is None else lnd.result
         if not landing:
             if not more:
                 return
@@ -112,8 +119,9 @@ def _move(wants: Iterable[Want], sources: Mapping[str, ByteSource], failed: Fail
         head = landing[0]  # fetches start in order: on every source holding a part of it, its parts come first
         node = next((n for n, f in flight.items() if f and f[0][1] is head), None)
         if node is None:
-            raise StagerError(ErrorCode.INTERNAL, f"{head.want.fqn}: a part was never started (a byte source "
-                                                  "with max_in_flight < 1?)")
+            raise StagerError(
+                ErrorCode.INTERNAL, f"{head.want.fqn}: a part was never started (a byte source with max_in_flight < 1?)"
+            )
         fetch, lnd = flight[node].popleft()
         try:
             t = fetch.wait()

@@ -89,8 +89,9 @@ class _Agent:
         try:
             return self.agent.add_remote_agent(reply.metadata)
         except Exception as exc:  # NIXL's own error types
-            raise StagerError(ErrorCode.BAD_MESSAGE, f"NIXL could not load the metadata of agent {reply.agent}: "
-                                                     f"{exc}") from None
+            raise StagerError(
+                ErrorCode.BAD_MESSAGE, f"NIXL could not load the metadata of agent {reply.agent}: {exc}"
+            ) from None
 
     def register(self, t: torch.Tensor) -> tuple[int, int]:
         """Register ``t``'s storage (once) and mark it busy until :meth:`done` with the key returned;
@@ -138,14 +139,17 @@ class _Agent:
             log.debug("NIXL deregistration failed: %s", exc)
 
 
-def open_nixl(conn, lease: int, tensors: tuple[TensorLayout, ...], timeout: float, *,
-              required: bool) -> NixlSource | None:
+def open_nixl(
+    conn, lease: int, tensors: tuple[TensorLayout, ...], timeout: float, *, required: bool
+) -> NixlSource | None:
     """A NixlSource for ``lease`` on ``conn``'s daemon, or None when NIXL is not installed here or
     the daemon does not serve it (``required``: a typed UNSUPPORTED error instead)."""
     if not nixl_installed():
         if required:
-            raise StagerError(ErrorCode.UNSUPPORTED, "transport='nixl' but NIXL is not installed in this reader's "
-                                                     "environment: pip install 'stager[nixl]'")
+            raise StagerError(
+                ErrorCode.UNSUPPORTED,
+                "transport='nixl' but NIXL is not installed in this reader's environment: pip install 'stager[nixl]'",
+            )
         return None
     if not required and conn.session is not None and _refused.get(conn) == conn.session:
         return None  # this daemon session said no already: no request per lease
@@ -157,8 +161,9 @@ def open_nixl(conn, lease: int, tensors: tuple[TensorLayout, ...], timeout: floa
         if exc.code not in (ErrorCode.UNSUPPORTED, ErrorCode.UNKNOWN_TYPE, ErrorCode.BAD_VALUE):
             raise
         if required:
-            raise StagerError(ErrorCode.UNSUPPORTED, f"transport='nixl' but {conn.endpoint} does not serve NIXL: "
-                                                     f"{exc.message}") from None
+            raise StagerError(
+                ErrorCode.UNSUPPORTED, f"transport='nixl' but {conn.endpoint} does not serve NIXL: {exc.message}"
+            ) from None
         if exc.code != ErrorCode.BAD_VALUE:  # (BAD_VALUE: this version only, e.g. no bytes on that node)
             _refused[conn] = conn.session
         return None
@@ -205,9 +210,14 @@ def nixl_stats() -> dict[str, int]:
     if agent is None or agent.pid != os.getpid():
         return {"registered": 0, "registered_bytes": 0, "busy": 0, "once": 0, "in_flight": 0, "dropped": dropped}
     with agent.lock:
-        return {"registered": len(agent.registered), "registered_bytes": agent.registered_bytes,
-                "busy": sum(1 for held in agent.registered.values() if held[2] > 0), "once": agent.once,
-                "in_flight": agent.in_flight, "dropped": dropped}
+        return {
+            "registered": len(agent.registered),
+            "registered_bytes": agent.registered_bytes,
+            "busy": sum(1 for held in agent.registered.values() if held[2] > 0),
+            "once": agent.once,
+            "in_flight": agent.in_flight,
+            "dropped": dropped,
+        }
 
 
 REMOTE_OPENERS["nixl"] = open_nixl
@@ -219,9 +229,20 @@ class NixlSource:
     max_in_flight = IN_FLIGHT
     max_read_bytes = READ_BYTES
 
-    def __init__(self, agent: _Agent, remote: str, grant: NixlInfoReply, frames: FramesSource,
-                 tensors: tuple[TensorLayout, ...], timeout: float):
-        self.agent, self.remote, self.grant, self.frames, self.timeout = agent, remote, grant, frames, timeout
+    def __init__(
+        self,
+        agent: _Agent,
+        remote: str,
+        grant: NixlInfoReply,
+        frames: FramesSource,
+        tensors: tuple[TensorLayout, ...],
+        timeout: float,
+    ):
+        self.agent = agent
+        self.remote = remote
+        self.grant = grant
+        self.frames = frames
+        self.timeout = timeout
         self._blocks = _Blocks(tensors)
         self._pending: set[_NixlFetch] = set()  # READs of this source not known to have ended
 
@@ -238,11 +259,18 @@ class NixlSource:
         base = self.grant.addr + block.byte_offset
         length = runs[1] * itemsize
         if block.byte_offset + block.box.numel * itemsize > self.grant.size:
-            raise StagerError(ErrorCode.BAD_MESSAGE, f"{fqn}: block at byte {block.byte_offset} lies outside the "
-                                                     f"{self.grant.size} bytes the daemon granted")
+            raise StagerError(
+                ErrorCode.BAD_MESSAGE,
+                f"{fqn}: block at byte {block.byte_offset} lies outside the {self.grant.size} bytes the daemon granted",
+            )
         # a READ writes the staged dtype's bytes: straight into ``out`` only when it is exactly that memory
-        direct = (out is not None and out.dtype == t.torch_dtype and tuple(out.shape) == tuple(box.shape)
-                  and out.is_contiguous() and out.device.type == "cpu")
+        direct = (
+            out is not None
+            and out.dtype == t.torch_dtype
+            and tuple(out.shape) == tuple(box.shape)
+            and out.is_contiguous()
+            and out.device.type == "cpu"
+        )
         dest = out if direct else torch.empty(box.shape, dtype=t.torch_dtype)
         once = key = None
         try:
@@ -254,8 +282,9 @@ class NixlSource:
             local = [(ptr + i * length, length, 0) for i in range(len(runs[0]))]
             remote = [(base + start * itemsize, length, self.grant.device) for start in runs[0]]
             a = self.agent.agent
-            handle = a.initialize_xfer("READ", a.get_xfer_descs(local, "DRAM"), a.get_xfer_descs(remote, "DRAM"),
-                                       self.remote)
+            handle = a.initialize_xfer(
+                "READ", a.get_xfer_descs(local, "DRAM"), a.get_xfer_descs(remote, "DRAM"), self.remote
+            )
             state = a.transfer(handle)
         except Exception as exc:  # NIXL refused to start it (its own error types): frames, once
             if once is not None:
@@ -263,8 +292,9 @@ class NixlSource:
             if key is not None:
                 self.agent.done(key)
             return self._retry(fqn, box, out, f"could not start: {exc}")
-        return _NixlFetch(self, fqn, box, out, dest, once if once is not None else key, handle, state,
-                          length * len(runs[0]))
+        return _NixlFetch(
+            self, fqn, box, out, dest, once if once is not None else key, handle, state, length * len(runs[0])
+        )
 
     def _retry(self, fqn: str, box: Box, out: torch.Tensor | None, why: str):
         STATS["nixl_retried_as_frames"] += 1
@@ -284,18 +314,31 @@ class NixlSource:
             fetch.drop()
         _sweep()
         if self._pending:
-            log.warning("%d NIXL reads from %s did not end within %gs of closing; their destinations stay "
-                        "registered until they do", len(self._pending), self.grant.agent, self.timeout)
+            log.warning(
+                "%d NIXL reads from %s did not end within %gs of closing; their destinations stay "
+                "registered until they do",
+                len(self._pending),
+                self.grant.agent,
+                self.timeout,
+            )
         self._blocks.meta = None
         self.frames.close()
 
 
 class _NixlFetch:
-    def __init__(self, src: NixlSource, fqn: str, box: Box, out, dest: torch.Tensor, once, handle, state: str,
-                 nbytes: int):
+    def __init__(
+        self, src: NixlSource, fqn: str, box: Box, out, dest: torch.Tensor, once, handle, state: str, nbytes: int
+    ):
         # once: the registration of this read alone (deregistered when it ends), or a cached one's key
-        self.src, self.fqn, self.box, self.out, self.dest = src, fqn, box, out, dest
-        self.once, self.handle, self.state, self.nbytes = once, handle, state, nbytes
+        self.src = src
+        self.fqn = fqn
+        self.box = box
+        self.out = out
+        self.dest = dest
+        self.once = once
+        self.handle = handle
+        self.state = state
+        self.nbytes = nbytes
         self.started = time.monotonic()
         self.ended = False
         self._lock = threading.Lock()
@@ -345,9 +388,12 @@ class _NixlFetch:
                 break
             if time.monotonic() > deadline:
                 self.drop()  # the READ may still land: its destination and registration stay until it ended
-                raise StagerError(ErrorCode.TIMEOUT, f"{self.fqn}: a NIXL read from {src.grant.agent} did not "
-                                                     f"complete within {src.timeout:g}s (the node is down, or its "
-                                                     "fabric unreachable)")
+                raise StagerError(
+                    ErrorCode.TIMEOUT,
+                    f"{self.fqn}: a NIXL read from {src.grant.agent} did not "
+                    f"complete within {src.timeout:g}s (the node is down, or its "
+                    "fabric unreachable)",
+                )
             if spins > 100:  # spin briefly (small reads finish in microseconds), then back off to 1 ms
                 pause = min(1e-3, pause * 2 or 1e-5)
                 time.sleep(pause)
@@ -381,8 +427,7 @@ def _sweep() -> None:
                 _dropped.remove(fetch)
 
 
-def _runs(shape: tuple[int, ...], at: tuple[int, ...], sizes: tuple[int, ...]
-          ) -> tuple[list[int], int] | None:
+def _runs(shape: tuple[int, ...], at: tuple[int, ...], sizes: tuple[int, ...]) -> tuple[list[int], int] | None:
     """The contiguous runs of box ``(at, sizes)`` in a row-major block of ``shape``: their start
     elements (in order) and common length, or None when there are more than MAX_RUNS."""
     span = contiguous_span(shape, at, sizes)
@@ -395,7 +440,7 @@ def _runs(shape: tuple[int, ...], at: tuple[int, ...], sizes: tuple[int, ...]
     count = math.prod(sizes[:k])
     if count > MAX_RUNS:
         return None
-    strides = [math.prod(shape[i + 1:]) for i in range(len(shape))]
+    strides = [math.prod(shape[i + 1 :]) for i in range(len(shape))]
     starts = torch.zeros((), dtype=torch.int64)
     for i in range(k):
         starts = starts.unsqueeze(-1) + (torch.arange(sizes[i], dtype=torch.int64) + at[i]) * strides[i]

@@ -63,8 +63,9 @@ class Read:
     at: tuple[int, ...]
 
 
-def merge_layouts(parts: dict[str, tuple[TensorLayout, ...]], prefer: list[str], step: int, *,
-                  holes: bool = False) -> dict[str, MergedTensor]:
+def merge_layouts(
+    parts: dict[str, tuple[TensorLayout, ...]], prefer: list[str], step: int, *, holes: bool = False
+) -> dict[str, MergedTensor]:
     """``{fqn: MergedTensor}`` from each node's layout of ``step`` (``parts``: node -> tensors,
     in node order), regions read from nodes in ``prefer`` order. Raises PARTIAL naming the tensor
     when the nodes' regions do not cover it (``holes``: mark it incomplete instead), BAD_PLAN when
@@ -86,24 +87,29 @@ def merge_layouts(parts: dict[str, tuple[TensorLayout, ...]], prefer: list[str],
         block = t.blocks[0]
         if len(holders) == 1 and t.complete and block.box.numel:  # one node holds it whole: nothing to merge
             nearest = node if prefer and prefer[0] == node else None
-            out[fqn] = MergedTensor(fqn, t.dtype, t.shape, (Region(block.box, ((node, block),)),), nearest, True, t,
-                                    block.box)
+            out[fqn] = MergedTensor(
+                fqn, t.dtype, t.shape, (Region(block.box, ((node, block),)),), nearest, True, t, block.box
+            )
         else:
             out[fqn] = _merge(fqn, holders, prefer, rank, step, holes)
     return out
 
 
-def _merge(fqn: str, holders: list[tuple[str, TensorLayout]], prefer: list[str], rank: dict[str, int], step: int,
-           holes: bool) -> MergedTensor:
+def _merge(
+    fqn: str, holders: list[tuple[str, TensorLayout]], prefer: list[str], rank: dict[str, int], step: int, holes: bool
+) -> MergedTensor:
     """One tensor as several nodes (or one node's several blocks) hold it."""
     first_node, first = holders[0]
     boxes: list[tuple[Box, str, Block]] = []
     whole_layout = None
     for node, t in holders:
         if (first.dtype, first.shape) != (t.dtype, t.shape):
-            raise StagerError(ErrorCode.BAD_PLAN, f"step {step}: {fqn} is {first.dtype}{list(first.shape)} on node "
-                                                  f"{first_node} but {t.dtype}{list(t.shape)} on node {node}; the "
-                                                  "nodes staged different models under one step")
+            raise StagerError(
+                ErrorCode.BAD_PLAN,
+                f"step {step}: {fqn} is {first.dtype}{list(first.shape)} on node "
+                f"{first_node} but {t.dtype}{list(t.shape)} on node {node}; the "
+                "nodes staged different models under one step",
+            )
         if whole_layout is None and t.complete:
             whole_layout = t
         boxes.extend((b.box, node, b) for b in t.blocks if b.box.numel)
@@ -113,8 +119,9 @@ def _merge(fqn: str, holders: list[tuple[str, TensorLayout]], prefer: list[str],
     return MergedTensor(fqn, first.dtype, first.shape, regions, nearest, covered, whole_layout, whole)
 
 
-def _cover(fqn: str, shape: tuple[int, ...], boxes: list[tuple[Box, str, Block]], rank: dict[str, int],
-           step: int, holes: bool) -> tuple[tuple[Region, ...], bool]:
+def _cover(
+    fqn: str, shape: tuple[int, ...], boxes: list[tuple[Box, str, Block]], rank: dict[str, int], step: int, holes: bool
+) -> tuple[tuple[Region, ...], bool]:
     """Disjoint regions covering ``shape``, the same whatever the reader's preference (per-node
     writers plan from them): the smallest boxes first; a box equal to a kept one is another holder
     of it; one that contains kept ones (a node holding the tensor whole, ``serve --assemble-full``)
@@ -130,17 +137,23 @@ def _cover(fqn: str, shape: tuple[int, ...], boxes: list[tuple[Box, str, Block]]
             continue
         for kbox, _ in hits:
             if not box.contains(kbox):
-                raise StagerError(ErrorCode.BAD_PLAN, f"step {step}: {fqn}: a region at {list(box.offset)} of shape "
-                                                      f"{list(box.shape)} on node {node} partly overlaps one at "
-                                                      f"{list(kbox.offset)} of shape {list(kbox.shape)}; the nodes' "
-                                                      "shards do not tile the tensor")
+                raise StagerError(
+                    ErrorCode.BAD_PLAN,
+                    f"step {step}: {fqn}: a region at {list(box.offset)} of shape "
+                    f"{list(box.shape)} on node {node} partly overlaps one at "
+                    f"{list(kbox.offset)} of shape {list(kbox.shape)}; the nodes' "
+                    "shards do not tile the tensor",
+                )
         for _, holders in hits:
             holders.append((node, block))
         kept += [(piece, [(node, block)]) for piece in subtract(box, [kbox for kbox, _ in hits])]
     total, covered = math.prod(shape), sum(b.numel for b, _ in kept)
     if covered != total and not holes:
-        raise StagerError(ErrorCode.PARTIAL, f"step {step}: the nodes that answered hold {covered} of {total} "
-                                             f"elements of {fqn} {list(shape)}; a node holding the rest is missing")
+        raise StagerError(
+            ErrorCode.PARTIAL,
+            f"step {step}: the nodes that answered hold {covered} of {total} "
+            f"elements of {fqn} {list(shape)}; a node holding the rest is missing",
+        )
     regions = [Region(box, tuple(sorted(h, key=lambda nb: rank.get(nb[0], len(rank))))) for box, h in kept]
     return tuple(sorted(regions, key=lambda r: r.box.offset)), covered == total
 
@@ -178,14 +191,18 @@ def split_rows(box: Box, itemsize: int, limit: int) -> list[Box]:
     if nbytes <= limit or not box.shape or box.shape[0] <= 1:
         return [box]
     rows = max(1, limit // (nbytes // box.shape[0]))
-    return [Box((box.offset[0] + start, *box.offset[1:]), (min(rows, box.shape[0] - start), *box.shape[1:]))
-            for start in range(0, box.shape[0], rows)]
+    return [
+        Box((box.offset[0] + start, *box.offset[1:]), (min(rows, box.shape[0] - start), *box.shape[1:]))
+        for start in range(0, box.shape[0], rows)
+    ]
 
 
 def placement(merged: dict[str, MergedTensor]) -> dict[str, list[tuple[tuple[int, ...], tuple[int, ...], list[str]]]]:
     """Per tensor its regions ``(offset, shape, [nodes holding it])``: what per-node writers plan from."""
-    return {fqn: [(r.box.offset, r.box.shape, sorted(n for n, _ in r.holders)) for r in m.regions]
-            for fqn, m in merged.items()}
+    return {
+        fqn: [(r.box.offset, r.box.shape, sorted(n for n, _ in r.holders)) for r in m.regions]
+        for fqn, m in merged.items()
+    }
 
 
 def subtract(box: Box, holes: list[Box]) -> list[Box]:
@@ -207,10 +224,14 @@ def subtract(box: Box, holes: list[Box]) -> list[Box]:
             for d in range(len(size)):
                 lo, hi = cut.offset[d], cut.offset[d] + cut.shape[d]
                 if lo > offset[d]:  # the slab below the hole in dimension d
-                    out.append(Box(tuple(offset), tuple(size[:d] + [lo - offset[d]] + size[d + 1:])))
+                    out.append(Box(tuple(offset), tuple(size[:d] + [lo - offset[d]] + size[d + 1 :])))
                 if hi < offset[d] + size[d]:  # and above it
-                    out.append(Box(tuple(offset[:d] + [hi] + offset[d + 1:]),
-                                   tuple(size[:d] + [offset[d] + size[d] - hi] + size[d + 1:])))
+                    out.append(
+                        Box(
+                            tuple(offset[:d] + [hi] + offset[d + 1 :]),
+                            tuple(size[:d] + [offset[d] + size[d] - hi] + size[d + 1 :]),
+                        )
+                    )
                 offset[d], size[d] = lo, hi - lo  # narrow to the hole and go on with the next dimension
         pieces = out
     return pieces

@@ -39,13 +39,28 @@ class Snapshot(Mapping):
     """
 
     # ``subscriber`` is the Subscriber that leased it (not imported here: it imports this module)
-    def __init__(self, subscriber: Any, version: LeasedVersion, entries: dict[str, ViewEntry],
-                 adapter: Any, wanted: set[str] | None):
-        self._subscriber, self._version, self._adapter = subscriber, version, adapter
-        self.lease, self.step, self.seq, self.skipped = version.lease, version.step, version.seq, 0
-        self.objects, self.model_info, self.partial = version.objects, version.model_info, version.partial
+    def __init__(
+        self,
+        subscriber: Any,
+        version: LeasedVersion,
+        entries: dict[str, ViewEntry],
+        adapter: Any,
+        wanted: set[str] | None,
+    ):
+        self._subscriber = subscriber
+        self._version = version
+        self._adapter = adapter
+        self.lease = version.lease
+        self.step = version.step
+        self.seq = version.seq
+        self.skipped = 0
+        self.objects = version.objects
+        self.model_info = version.model_info
+        self.partial = version.partial
         self.quant: dict[str, QuantSpec] = dict(version.quant)
-        self.view, self._dtype, self._keep_fp8 = subscriber.view, subscriber.dtype, subscriber.keep_fp8
+        self.view = subscriber.view
+        self._dtype = subscriber.dtype
+        self._keep_fp8 = subscriber.keep_fp8
         self._entries = {n: e for n, e in entries.items() if wanted is None or n in wanted}
         self._eager: dict[str, torch.Tensor] | None = None
         self._released = False
@@ -66,8 +81,10 @@ class Snapshot(Mapping):
     def __len__(self) -> int:
         return len(self._entries)
 
-    def items(self, names: Iterable[str] | None = None  # type: ignore[override]
-              ) -> Iterator[tuple[str, torch.Tensor]]:
+    def items(
+        self,
+        names: Iterable[str] | None = None,  # type: ignore[override]
+    ) -> Iterator[tuple[str, torch.Tensor]]:
         """``(name, tensor)`` pairs in staging order, each native tensor read and converted once:
         what an inference engine's ``load_weights(iterable)`` takes. ``names``: only these (names
         of the view; the others' bytes are not fetched), still in staging order."""
@@ -106,9 +123,12 @@ class Snapshot(Mapping):
             entry = entries[name] = self._entry(name)
             if not isinstance(dst, torch.Tensor) or tuple(dst.shape) != tuple(entry.shape) or not dst.is_contiguous():
                 what = list(dst.shape) if isinstance(dst, torch.Tensor) else type(dst).__name__
-                raise StagerError(ErrorCode.BAD_VALUE, f"{name}: step {self.step} holds shape {list(entry.shape)}, "
-                                                       f"the tensor to load it into is {what}: pass a contiguous "
-                                                       "tensor of the staged shape (or read it with get())")
+                raise StagerError(
+                    ErrorCode.BAD_VALUE,
+                    f"{name}: step {self.step} holds shape {list(entry.shape)}, "
+                    f"the tensor to load it into is {what}: pass a contiguous "
+                    "tensor of the staged shape (or read it with get())",
+                )
         patched = delta.load_changes(self, entries, out, since)  # the ledger forgets out's tensors until done
         for name in patched:
             del entries[name]
@@ -131,8 +151,12 @@ class Snapshot(Mapping):
             # each node's parts): no temporary
             version = self._version
             casts = {n: targets[n].dtype for n in entries if self._wire_cast(n, targets[n].dtype)}
-            into = {n: targets[n] for n, e in entries.items() if (n not in self.quant or self._keep_fp8)
-                    and (targets[n].dtype == DTYPES[version.merged[n].dtype] or n in casts)}
+            into = {
+                n: targets[n]
+                for n, e in entries.items()
+                if (n not in self.quant or self._keep_fp8)
+                and (targets[n].dtype == DTYPES[version.merged[n].dtype] or n in casts)
+            }
             order = {n: i for i, n in enumerate(self._entries)}
             for name, _ in version.stream(sorted(into, key=order.__getitem__), into, casts):
                 written.add(name)
@@ -145,16 +169,18 @@ class Snapshot(Mapping):
                 written.update(fill_hf(self._adapter, fqn, t, targets))
         return written
 
-    def _natives(self, entries: Mapping[str, ViewEntry], casts: Mapping[str, torch.dtype] | None = None
-                 ) -> Iterator[tuple[str, torch.Tensor]]:
+    def _natives(
+        self, entries: Mapping[str, ViewEntry], casts: Mapping[str, torch.dtype] | None = None
+    ) -> Iterator[tuple[str, torch.Tensor]]:
         """``(fqn, tensor)`` of each native tensor behind ``entries``, in staging order, read once
         (dequantized unless keep_fp8); ``casts``: native tensors fetched in the dtype they are turned into."""
         order = {n: i for i, n in enumerate(self._entries)}
         wanted = sorted(entries, key=order.__getitem__)
         sources = list(dict.fromkeys(entries[n].source for n in wanted))
         # scales first (they are small): each float8 tensor is then dequantized as it arrives
-        scale_names = list(dict.fromkeys(self.quant[s].scale for s in sources
-                                         if s in self.quant and not self._keep_fp8))
+        scale_names = list(
+            dict.fromkeys(self.quant[s].scale for s in sources if s in self.quant and not self._keep_fp8)
+        )
         scales: dict[str, torch.Tensor] = {}
         for i, (fqn, raw) in enumerate(self._version.stream(scale_names + sources, casts=casts)):
             if i < len(scale_names):
@@ -173,12 +199,17 @@ class Snapshot(Mapping):
         else:
             offsets, sizes = check_box(name, entry.shape, offsets, sizes)
         version = self._version
-        if entry.source and entry.strided is not None and entry.source not in self.quant \
-                and version.mapped(entry.source) is None:  # fetched: only the box's bytes
+        if (
+            entry.source
+            and entry.strided is not None
+            and entry.source not in self.quant
+            and version.mapped(entry.source) is None
+        ):  # fetched: only the box's bytes
             mapped = native_box(version.merged[entry.source].shape, entry.strided, offsets, sizes)
             if mapped is not None:
-                block = version.read(entry.source, Box(mapped[0], mapped[1]),
-                                     cast=self._wire_cast(entry.source, self._dtype))
+                block = version.read(
+                    entry.source, Box(mapped[0], mapped[1]), cast=self._wire_cast(entry.source, self._dtype)
+                )
                 return self._cast(arrange(block, mapped[2], sizes))
         return narrow_box(self[name], offsets, sizes)
 
@@ -220,11 +251,14 @@ class Snapshot(Mapping):
         try:
             return self._entries[name]
         except KeyError:
-            raise KeyError(f"{name!r} is not in step {self.step}'s {self.view} view"
-                           + (" (or not among the subscriber's names)" if self._subscriber.names else "")) from None
+            raise KeyError(
+                f"{name!r} is not in step {self.step}'s {self.view} view"
+                + (" (or not among the subscriber's names)" if self._subscriber.names else "")
+            ) from None
 
-    def _native(self, fqn: str, raw: torch.Tensor | None = None, scales: dict | None = None,
-                cast: torch.dtype | None = None) -> torch.Tensor:
+    def _native(
+        self, fqn: str, raw: torch.Tensor | None = None, scales: dict | None = None, cast: torch.dtype | None = None
+    ) -> torch.Tensor:
         t = raw if raw is not None else self._version.read(fqn, cast=cast)
         spec = self.quant.get(fqn)
         if spec is not None and not self._keep_fp8:
@@ -233,8 +267,9 @@ class Snapshot(Mapping):
             t = dequantize(t, scale, spec, self._dtype)
         return t
 
-    def _convert(self, fqn: str, t: torch.Tensor, only: str | None = None,
-                 wanted: Any = None) -> Iterator[tuple[str, torch.Tensor]]:
+    def _convert(
+        self, fqn: str, t: torch.Tensor, only: str | None = None, wanted: Any = None
+    ) -> Iterator[tuple[str, torch.Tensor]]:
         """The view's tensors of native tensor ``fqn`` (``t``: as :meth:`_native` gives it)."""
         items = [(fqn, t)] if self._adapter is None else hf_items(self._adapter, fqn, t)
         wanted = self._entries if wanted is None else wanted
@@ -257,8 +292,9 @@ class Snapshot(Mapping):
             return None
         return to if narrows(self._version.merged[fqn].dtype, to) else None
 
-    def _target_casts(self, entries: Mapping[str, ViewEntry], targets: Mapping[str, torch.Tensor]
-                      ) -> dict[str, torch.dtype]:
+    def _target_casts(
+        self, entries: Mapping[str, ViewEntry], targets: Mapping[str, torch.Tensor]
+    ) -> dict[str, torch.dtype]:
         """Per native tensor, the dtype to fetch it in for :meth:`load_into`: that of every
         destination it fills, when they agree and :meth:`_wire_cast` allows it."""
         wanted: dict[str, set[torch.dtype]] = {}
@@ -298,8 +334,9 @@ class Snapshot(Mapping):
         return f"Snapshot(step={self.step}, view={self.view!r}, tensors={len(self._entries)}, partial={self.partial})"
 
 
-def view_entries(tensors: tuple[TensorLayout, ...], quant: dict[str, QuantSpec], adapter: Any, keep_fp8: bool,
-                 index_cache: dict) -> dict[str, ViewEntry]:
+def view_entries(
+    tensors: tuple[TensorLayout, ...], quant: dict[str, QuantSpec], adapter: Any, keep_fp8: bool, index_cache: dict
+) -> dict[str, ViewEntry]:
     """The names a reader sees: whole native tensors minus the scales dequantization consumes, or
     their HF names (cached per layout: the adapter runs on meta tensors once per layout)."""
     hidden = set() if keep_fp8 else {spec.scale for spec in quant.values()}
@@ -310,8 +347,9 @@ def view_entries(tensors: tuple[TensorLayout, ...], quant: dict[str, QuantSpec],
         shown = DTYPES[quant[t.fqn].dtype] if t.fqn in quant and not keep_fp8 else t.torch_dtype
         native.append((t.fqn, shown, t.shape))
     if adapter is None:
-        return {fqn: ViewEntry(fqn, fqn, shape, dt, (shape, _contiguous_strides(shape), 0))
-                for fqn, dt, shape in native}
+        return {
+            fqn: ViewEntry(fqn, fqn, shape, dt, (shape, _contiguous_strides(shape), 0)) for fqn, dt, shape in native
+        }
     key = (id(adapter), tuple(native))
     entries = index_cache.get(key)
     if entries is None:

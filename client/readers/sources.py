@@ -97,8 +97,10 @@ class _Blocks:
             raise StagerError(ErrorCode.UNKNOWN_LEASE, f"{fqn}: the version was released; read before releasing")
         t = self.meta[fqn]
         if not box.within(t.shape):
-            raise StagerError(ErrorCode.BAD_VALUE, f"{fqn}: box at {list(box.offset)} of size {list(box.shape)} does "
-                                                   f"not fit shape {list(t.shape)}")
+            raise StagerError(
+                ErrorCode.BAD_VALUE,
+                f"{fqn}: box at {list(box.offset)} of size {list(box.shape)} does not fit shape {list(t.shape)}",
+            )
         return t
 
     def find(self, fqn: str, box: Box) -> tuple[TensorLayout, Block, tuple[int, ...]]:
@@ -106,8 +108,10 @@ class _Blocks:
         t = self.layout(fqn, box)
         held = t.block_holding(box)
         if held is None:
-            raise StagerError(ErrorCode.PARTIAL, f"{fqn}: this node does not hold box offset {list(box.offset)} "
-                                                 f"shape {list(box.shape)}")
+            raise StagerError(
+                ErrorCode.PARTIAL,
+                f"{fqn}: this node does not hold box offset {list(box.offset)} shape {list(box.shape)}",
+            )
         return t, held[0], held[1]
 
 
@@ -153,7 +157,9 @@ class FramesSource:
     casts = True
 
     def __init__(self, conn, lease: int, tensors: tuple[TensorLayout, ...], timeout: float):
-        self.conn, self.lease, self.timeout = conn, lease, timeout
+        self.conn = conn
+        self.lease = lease
+        self.timeout = timeout
         self._blocks = _Blocks(tensors)
 
     @property
@@ -166,8 +172,10 @@ class FramesSource:
     def fetch(self, fqn: str, box: Box, out: torch.Tensor | None = None, dtype: torch.dtype | None = None) -> Fetch:
         t = self._blocks.layout(fqn, box)  # the daemon checks that this node holds it (PARTIAL otherwise)
         if self.conn.sock is None:  # the reader closed it: disconnected, or the node left the job
-            raise StagerError(ErrorCode.UNAVAILABLE, f"{fqn}: the connection to {self.conn.endpoint} is closed; "
-                                                     "lease the version again")
+            raise StagerError(
+                ErrorCode.UNAVAILABLE,
+                f"{fqn}: the connection to {self.conn.endpoint} is closed; lease the version again",
+            )
         wire = t.torch_dtype if dtype is None or dtype == t.torch_dtype else dtype
         item = ReadItem(fqn, box.offset, box.shape, None if wire is t.torch_dtype else dtype_name(wire))
         rid = self.conn.send(Read(lease=self.lease, items=(item,)))
@@ -181,9 +189,14 @@ class FramesSource:
 
 
 class _FrameFetch:
-    def __init__(self, source: FramesSource, rid: int, dtype: torch.dtype, shape: tuple[int, ...],
-                 out: torch.Tensor | None):
-        self.source, self.rid, self.dtype, self.shape, self.out = source, rid, dtype, shape, out
+    def __init__(
+        self, source: FramesSource, rid: int, dtype: torch.dtype, shape: tuple[int, ...], out: torch.Tensor | None
+    ):
+        self.source = source
+        self.rid = rid
+        self.dtype = dtype
+        self.shape = shape
+        self.out = out
 
     def wait(self) -> torch.Tensor:
         src = self.source
@@ -218,8 +231,18 @@ TRANSPORTS = ("auto", "nixl", "frames")
 REMOTE_OPENERS: dict = {}
 
 
-def open_source(conn, lease: int, segment: str, size: int, tensors: tuple[TensorLayout, ...], *,
-                remote: bool | None, maps: SegmentMaps, timeout: float, transport: str = "auto") -> ByteSource:
+def open_source(
+    conn,
+    lease: int,
+    segment: str,
+    size: int,
+    tensors: tuple[TensorLayout, ...],
+    *,
+    remote: bool | None,
+    maps: SegmentMaps,
+    timeout: float,
+    transport: str = "auto",
+) -> ByteSource:
     """The source of one node's lease: its segment mapped when the reader runs on the daemon's host
     and sees the segment (unless ``remote``), else NIXL READs where ``transport`` allows them and
     both sides have NIXL (``"nixl"``: required, UNSUPPORTED otherwise), else frames over ``conn``."""

@@ -52,25 +52,42 @@ class Subscriber:
     ...     engine.load_weights(snap.items())
     """
 
-    def __init__(self, endpoint: str | None = None, *, view: str = "native", dtype: torch.dtype | str | None = None,
-                 names: Iterable[str] | None = None, adapter: str | Any | None = None,
-                 hf_config: dict | None = None, prefix: str | None = None, keep_fp8: bool = False,
-                 remote: bool | None = None, timeout: float = 10.0, quantize: str | None = None,
-                 node: str | None = None, auth_dir: str | None = None, transport: str = "auto"):
+    def __init__(
+        self,
+        endpoint: str | None = None,
+        *,
+        view: str = "native",
+        dtype: torch.dtype | str | None = None,
+        names: Iterable[str] | None = None,
+        adapter: str | Any | None = None,
+        hf_config: dict | None = None,
+        prefix: str | None = None,
+        keep_fp8: bool = False,
+        remote: bool | None = None,
+        timeout: float = 10.0,
+        quantize: str | None = None,
+        node: str | None = None,
+        auth_dir: str | None = None,
+        transport: str = "auto",
+    ):
         if view not in ("native", "hf"):
             raise ValueError(f"view must be 'native' or 'hf', not {view!r}")
         if dtype is not None:
             dtype = parse_dtype(dtype)
         check_quantize(quantize, view, dtype, keep_fp8)
         self.quantize = quantize
-        self.view, self.dtype, self.keep_fp8, self.timeout = view, dtype, keep_fp8, timeout
+        self.view = view
+        self.dtype = dtype
+        self.keep_fp8 = keep_fp8
+        self.timeout = timeout
         self.names = set(names) if names is not None else None
-        self._adapter_spec, self._hf_config, self._prefix = adapter, hf_config, prefix
+        self._adapter_spec = adapter
+        self._hf_config = hf_config
+        self._prefix = prefix
         self._adapters: dict = {}
         self._view_config: dict | None = None
         self._index_cache: dict = {}
-        self._reader = JobReader(endpoint, timeout, remote=remote, node=node, auth_dir=auth_dir,
-                                 transport=transport)
+        self._reader = JobReader(endpoint, timeout, remote=remote, node=node, auth_dir=auth_dir, transport=transport)
         # the finalizer holds the job reader, never this subscriber: an unclosed one is collected, then disconnected
         self._finalizer = weakref.finalize(self, self._reader.close)
 
@@ -84,8 +101,9 @@ class Subscriber:
         """Lease the sealed version of ``step``."""
         return self._acquire(step, allow_partial)
 
-    def wait_for_newer(self, step: int | None, timeout: float | None = None, *,
-                       allow_partial: bool = False) -> Snapshot:
+    def wait_for_newer(
+        self, step: int | None, timeout: float | None = None, *, allow_partial: bool = False
+    ) -> Snapshot:
         """Lease the newest version once one newer than ``step`` (None: any) is sealed; waits for
         the daemon's announcement, raising TIMEOUT after ``timeout`` seconds (None: forever). In a
         multi-node job: once every node announced a newer step, and one is complete."""
@@ -110,10 +128,14 @@ class Subscriber:
             left = None if deadline is None else deadline - time.monotonic()
             if left is not None and left <= 0:
                 if reader.multi:
-                    raise StagerError(ErrorCode.TIMEOUT, f"no version newer than step {floor} was completed by every "
-                                                         f"node of job {reader.job} within {timeout:.1f}s")
-                raise StagerError(ErrorCode.TIMEOUT, f"no version newer than step {step} was sealed within "
-                                                     f"{timeout:.1f}s")
+                    raise StagerError(
+                        ErrorCode.TIMEOUT,
+                        f"no version newer than step {floor} was completed by every "
+                        f"node of job {reader.job} within {timeout:.1f}s",
+                    )
+                raise StagerError(
+                    ErrorCode.TIMEOUT, f"no version newer than step {step} was sealed within {timeout:.1f}s"
+                )
             reader.wait(1.0 if left is None else min(left, 1.0))
 
     @property
@@ -162,10 +184,14 @@ class Subscriber:
         from ..adapters import resolve_adapter
 
         info = model_info if isinstance(model_info, dict) else {}
-        spec = self._adapter_spec if isinstance(self._adapter_spec, str) or self._adapter_spec is None \
+        spec = (
+            self._adapter_spec
+            if isinstance(self._adapter_spec, str) or self._adapter_spec is None
             else id(self._adapter_spec)
-        key = repr((spec, self._hf_config, self._prefix, info.get("adapter"), info.get("hf_config"),
-                    info.get("prefix")))
+        )
+        key = repr(
+            (spec, self._hf_config, self._prefix, info.get("adapter"), info.get("hf_config"), info.get("prefix"))
+        )
         if key not in self._adapters:
             resolved = resolve_adapter(self._adapter_spec, self._hf_config, info, prefix=self._prefix)
             self._adapters.clear()
@@ -178,8 +204,11 @@ class Subscriber:
         try:
             adapter = self._adapter(version.model_info)
             if self.keep_fp8 and version.quant and adapter is not None and not isinstance(adapter, IdentityAdapter):
-                raise StagerError(ErrorCode.BAD_VALUE, "keep_fp8=True with view='hf' cannot rename or permute float8 "
-                                                       "scales; read view='native', or let the subscriber dequantize")
+                raise StagerError(
+                    ErrorCode.BAD_VALUE,
+                    "keep_fp8=True with view='hf' cannot rename or permute float8 "
+                    "scales; read view='native', or let the subscriber dequantize",
+                )
             entries = view_entries(version.layouts(), version.quant, adapter, self.keep_fp8, self._index_cache)
             if self.quantize is None:
                 return Snapshot(self, version, entries, adapter, self.names)

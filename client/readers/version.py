@@ -26,12 +26,29 @@ class LeasedVersion:
     """Step ``step`` leased on every node holding part of it (``leases``: node -> (connection, lease id)).
     ``lease``, ``seq``, ``model_info``: the reader's own daemon's; ``objects``: the first node's."""
 
-    def __init__(self, reader: Any, step: int, seq: int, lease: int, objects: dict, model_info: dict | None,
-                 quant: dict[str, QuantSpec], merged: dict[str, MergedTensor], sources: dict[str, ByteSource],
-                 leases: dict[str, tuple[Any, int]]):
+    def __init__(
+        self,
+        reader: Any,
+        step: int,
+        seq: int,
+        lease: int,
+        objects: dict,
+        model_info: dict | None,
+        quant: dict[str, QuantSpec],
+        merged: dict[str, MergedTensor],
+        sources: dict[str, ByteSource],
+        leases: dict[str, tuple[Any, int]],
+    ):
         self._reader = reader  # the JobReader: releases the leases, names a node that does not answer
-        self.step, self.seq, self.lease, self.objects, self.model_info = step, seq, lease, objects, model_info
-        self.quant, self.merged, self.sources, self.leases = quant, merged, sources, leases
+        self.step = step
+        self.seq = seq
+        self.lease = lease
+        self.objects = objects
+        self.model_info = model_info
+        self.quant = quant
+        self.merged = merged
+        self.sources = sources
+        self.leases = leases
         self.partial = not all(m.complete for m in merged.values())
         self.members = len(reader.nodes)
         self._mapped: dict[str, torch.Tensor | None] = {}  # fqn -> the whole tensor mapped (None: it is not)
@@ -40,8 +57,9 @@ class LeasedVersion:
         """Each tensor's layout as the reader's view sees it (whole, or the regions of a partial one)."""
         return tuple(m.layout() for m in self.merged.values())
 
-    def read(self, fqn: str, box: Box | None = None, out: torch.Tensor | None = None,
-             cast: torch.dtype | None = None) -> torch.Tensor:
+    def read(
+        self, fqn: str, box: Box | None = None, out: torch.Tensor | None = None, cast: torch.dtype | None = None
+    ) -> torch.Tensor:
         """Box ``box`` (None: all) of ``fqn``: a view of mapped memory when one mapped block holds it
         (and no ``out`` is given), else the bytes fetched (into ``out`` when given). ``cast``: the
         dtype the caller turns it into; fetched bytes come in it (cast by their daemon), mapped ones
@@ -53,8 +71,12 @@ class LeasedVersion:
         m = self.merged[fqn]
         return read_one(self._want(m, m.box if box is None else box, out, cast), self.sources, self._failed)
 
-    def stream(self, fqns: Iterable[str], outs: Mapping[str, torch.Tensor] | None = None,
-               casts: Mapping[str, torch.dtype] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+    def stream(
+        self,
+        fqns: Iterable[str],
+        outs: Mapping[str, torch.Tensor] | None = None,
+        casts: Mapping[str, torch.dtype] | None = None,
+    ) -> Iterator[tuple[str, torch.Tensor]]:
         """Whole tensors in order (into ``outs[fqn]`` where given), the next ones' requests in flight;
         ``casts[fqn]``: as :meth:`read`'s ``cast``."""
         outs, casts = outs or {}, casts or {}
@@ -62,8 +84,10 @@ class LeasedVersion:
         for fqn in fqns:  # mapped tensors at once; from the first that is not on, all through the mover
             view = self.mapped(fqn)
             if view is None:
-                wants = (self._want(self.merged[f], self.merged[f].box, outs.get(f), casts.get(f))
-                         for f in chain([fqn], fqns))
+                wants = (
+                    self._want(self.merged[f], self.merged[f].box, outs.get(f), casts.get(f))
+                    for f in chain([fqn], fqns)
+                )
                 yield from ((w.fqn, t) for w, t in move(wants, self.sources, self._failed))
                 return
             out = outs.get(fqn)

@@ -37,8 +37,9 @@ def hf_index(adapter: Any, tensors: list[tuple[str, torch.dtype, tuple[int, ...]
     return {t.name: ViewEntry(t.name, t.source, t.shape, t.dtype, t.strided) for t in hf_names(adapter, tensors)}
 
 
-def native_box(native_shape: tuple[int, ...], strided: tuple, offsets: tuple[int, ...],
-               sizes: tuple[int, ...]) -> tuple[tuple[int, ...], tuple[int, ...], list[int]] | None:
+def native_box(
+    native_shape: tuple[int, ...], strided: tuple, offsets: tuple[int, ...], sizes: tuple[int, ...]
+) -> tuple[tuple[int, ...], tuple[int, ...], list[int]] | None:
     """The box of the (contiguous) native tensor that holds box ``(offsets, sizes)`` of a strided
     view of it, and the native dimension each view dimension runs along (-1: size 1). None when
     the view does not map dimension to dimension (then read the whole tensor).

@@ -68,10 +68,19 @@ class ChangeMaps:
     """Owns change maps: computes them off the loop after each seal, keeps them bounded, answers
     :class:`Changes`. ``dtypes``: the reader dtypes to compute in (empty: off)."""
 
-    def __init__(self, state: DaemonState, directory: PeerDirectory, *, dtypes: tuple[torch.dtype, ...],
-                 keep: int, max_bytes: int):
+    def __init__(
+        self,
+        state: DaemonState,
+        directory: PeerDirectory,
+        *,
+        dtypes: tuple[torch.dtype, ...],
+        keep: int,
+        max_bytes: int,
+    ):
         self.state, self.directory = state, directory
-        self.dtypes, self.keep, self.max_bytes = dtypes, keep, max_bytes
+        self.dtypes = dtypes
+        self.keep = keep
+        self.max_bytes = max_bytes
         self.records: OrderedDict[Key, _Record] = OrderedDict()
         self.nbytes = 0
         self.cpu_s = 0.0  # the worker's CPU time, all versions together
@@ -103,8 +112,7 @@ class ChangeMaps:
             if not t.complete or len(t.blocks) != 1:
                 continue  # a part of a tensor held by several nodes: read whole (no map)
             p = old.get(t.fqn)
-            same = (p is not None and p.complete and len(p.blocks) == 1 and p.shape == t.shape
-                    and p.dtype == t.dtype)
+            same = p is not None and p.complete and len(p.blocks) == 1 and p.shape == t.shape and p.dtype == t.dtype
             pairs.append((t.fqn, _view(prev, p) if same else None, _view(v, t)))
         job = _Job((v.step, v.seq), (prev.step, prev.seq), self.dtypes, pairs, [])
         for w in (prev, v):
@@ -202,7 +210,9 @@ class ChangeMaps:
     def _compute(job: _Job) -> None:
         start = time.thread_time()
         for dtype in job.dtypes:
-            maps, seen, sizes = {}, {}, {}
+            maps = {}
+            seen = {}
+            sizes = {}
             for fqn, prev, new in job.pairs:
                 if job.cancel.is_set():
                     return
@@ -225,8 +235,9 @@ class ChangeMaps:
     def on_changes(self, identity: bytes, msg: Changes) -> ChangesReply:
         peer = self.directory.get(identity)
         if msg.lease not in peer.leases:
-            raise StagerError(ErrorCode.UNKNOWN_LEASE, f"lease {msg.lease} is not held by this connection; "
-                                                       "acquire the version first")
+            raise StagerError(
+                ErrorCode.UNKNOWN_LEASE, f"lease {msg.lease} is not held by this connection; acquire the version first"
+            )
         v = self.state.leases[msg.lease][1]
         dtype = dtype_from_name(msg.dtype)
         by_name = {t.fqn: t for t in v.layout.tensors}
@@ -236,7 +247,9 @@ class ChangeMaps:
             raise StagerError(ErrorCode.BAD_VALUE, f"{missing[0][:200]}: no such tensor in step {v.step}")
         chain = self._chain(v, (msg.since, msg.since_seq), msg.dtype)
         reply = ChangesReply(step=v.step, since=msg.since, dtype=msg.dtype)
-        indices, values, total = [], [], 0
+        indices = []
+        values = []
+        total = 0
         for fqn in fqns:
             t = by_name[fqn]
             numel = math.prod(t.shape)
@@ -249,12 +262,16 @@ class ChangeMaps:
                     values.append(gather(_view(v, t), c.indices, compare_dtype(t.torch_dtype, dtype)))
                     total += c.count * values[-1].dtype.itemsize
                 if total > MAX_REPLY_BYTES:
-                    raise StagerError(ErrorCode.BAD_VALUE, f"the changes of {len(reply.tensors)} tensors are over "
-                                                           f"{MAX_REPLY_BYTES >> 20} MiB; ask for fewer tensors")
+                    raise StagerError(
+                        ErrorCode.BAD_VALUE,
+                        f"the changes of {len(reply.tensors)} tensors are over "
+                        f"{MAX_REPLY_BYTES >> 20} MiB; ask for fewer tensors",
+                    )
         self.state.counters["read_bytes"] += total  # bytes served to readers, as Read counts them
         if msg.want != "counts":
-            reply.frames = [_bytes(indices, torch.int32)] + ([_bytes(values, torch.uint8)] if values or
-                                                              msg.want == "values" else [])
+            reply.frames = [_bytes(indices, torch.int32)] + (
+                [_bytes(values, torch.uint8)] if values or msg.want == "values" else []
+            )
         return reply
 
     def _chain(self, v: Version, since: Key, dtype: str) -> list[dict[str, Change]]:
@@ -263,12 +280,17 @@ class ChangeMaps:
         while at != since:
             rec = self.records.get(at)
             if rec is None or dtype not in rec.maps or at[1] <= since[1]:
-                why = ("is still being computed" if at == (v.step, v.seq) and rec is None and self.pending()
-                       else f"is not held (dtypes {[dtype_name(d) for d in self.dtypes]}, "
-                            f"{len(self.records)} maps kept)")
-                raise StagerError(ErrorCode.UNKNOWN_BASE, f"no change map from step {since[0]} (seq {since[1]}) to "
-                                                          f"step {v.step} in {dtype}: the map of step {at[0]} {why}; "
-                                                          "read the version in full")
+                why = (
+                    "is still being computed"
+                    if at == (v.step, v.seq) and rec is None and self.pending()
+                    else f"is not held (dtypes {[dtype_name(d) for d in self.dtypes]}, {len(self.records)} maps kept)"
+                )
+                raise StagerError(
+                    ErrorCode.UNKNOWN_BASE,
+                    f"no change map from step {since[0]} (seq {since[1]}) to "
+                    f"step {v.step} in {dtype}: the map of step {at[0]} {why}; "
+                    "read the version in full",
+                )
             chain.append(rec.maps[dtype])
             at = rec.base
         return chain
@@ -278,9 +300,16 @@ class ChangeMaps:
             return bool(self._queue or self._running or self._done)
 
     def status(self) -> dict:
-        return {"dtypes": [dtype_name(d) for d in self.dtypes], "kept": len(self.records), "bytes": self.nbytes,
-                "max_bytes": self.max_bytes, "keep": self.keep, "cpu_s": round(self.cpu_s, 4),
-                "skipped": self.skipped, "pending": self.pending()}
+        return {
+            "dtypes": [dtype_name(d) for d in self.dtypes],
+            "kept": len(self.records),
+            "bytes": self.nbytes,
+            "max_bytes": self.max_bytes,
+            "keep": self.keep,
+            "cpu_s": round(self.cpu_s, 4),
+            "skipped": self.skipped,
+            "pending": self.pending(),
+        }
 
 
 def _view(v: Version, t) -> torch.Tensor:
@@ -302,9 +331,16 @@ def _summary(base: int, maps: dict[str, Change], sizes: dict[str, int]) -> dict:
     numel = sum(c.numel for c in maps.values())
     full = sum(c.numel * sizes[f] for f, c in maps.items())
     changed = sum(c.count * sizes[f] for f, c in maps.items())
-    delta = sum(c.count * (4 + sizes[f]) if c.kind == INDICES else c.numel * sizes[f] if c.kind == WHOLE else 0
-                for f, c in maps.items())
-    return {"since": base, "elements": round(sum(c.count for c in maps.values()) / numel, 6) if numel else 0.0,
-            "bytes": round(changed / full, 6) if full else 0.0,
-            "tensors": [sum(c.kind != UNCHANGED for c in maps.values()), len(maps)],
-            "whole": sum(c.kind == WHOLE for c in maps.values()), "delta_bytes": delta, "full_bytes": full}
+    delta = sum(
+        c.count * (4 + sizes[f]) if c.kind == INDICES else c.numel * sizes[f] if c.kind == WHOLE else 0
+        for f, c in maps.items()
+    )
+    return {
+        "since": base,
+        "elements": round(sum(c.count for c in maps.values()) / numel, 6) if numel else 0.0,
+        "bytes": round(changed / full, 6) if full else 0.0,
+        "tensors": [sum(c.kind != UNCHANGED for c in maps.values()), len(maps)],
+        "whole": sum(c.kind == WHOLE for c in maps.values()),
+        "delta_bytes": delta,
+        "full_bytes": full,
+    }

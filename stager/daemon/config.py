@@ -16,8 +16,22 @@ from stager.protocol.endpoint import is_loopback, resolve
 from stager.protocol.nixl import nixl_installed
 
 DEFAULT_MEMORY_FRACTION = 0.5
-_UNITS = {"": 1, "b": 1, "k": 1 << 10, "kb": 1 << 10, "kib": 1 << 10, "m": 1 << 20, "mb": 1 << 20,
-          "mib": 1 << 20, "g": 1 << 30, "gb": 1 << 30, "gib": 1 << 30, "t": 1 << 40, "tb": 1 << 40, "tib": 1 << 40}
+_UNITS = {
+    "": 1,
+    "b": 1,
+    "k": 1 << 10,
+    "kb": 1 << 10,
+    "kib": 1 << 10,
+    "m": 1 << 20,
+    "mb": 1 << 20,
+    "mib": 1 << 20,
+    "g": 1 << 30,
+    "gb": 1 << 30,
+    "gib": 1 << 30,
+    "t": 1 << 40,
+    "tb": 1 << 40,
+    "tib": 1 << 40,
+}
 
 
 def parse_size(text: str | int) -> int:
@@ -57,16 +71,23 @@ class DaemonConfig:
     """
 
     endpoint: str | None = setting(
-        None, "ipc:///path or tcp://host:port (default $STAGER_ENDPOINT or a per-user ipc socket)")
+        None, "ipc:///path or tcp://host:port (default $STAGER_ENDPOINT or a per-user ipc socket)"
+    )
     """ZeroMQ endpoint to bind; None: ``$STAGER_ENDPOINT``, else the ipc socket in the runtime dir."""
 
     memory_limit: int | None = setting(
-        None, f"shared memory for snapshots, e.g. 16GiB or 40%% (default {DEFAULT_MEMORY_FRACTION * 100:g}%% of "
-              "available)", parse=parse_size)
+        None,
+        f"shared memory for snapshots, e.g. 16GiB or 40%% (default {DEFAULT_MEMORY_FRACTION * 100:g}%% of available)",
+        parse=parse_size,
+    )
     """Bytes of shared memory for snapshots (sealed, in flight and pooled); None: half of available RAM."""
 
-    preallocate: int = setting(0, "shared memory to allocate at start, within --memory-limit, e.g. 8GiB: the first "
-                                  "snapshot is written into pages already there (default none)", parse=parse_size)
+    preallocate: int = setting(
+        0,
+        "shared memory to allocate at start, within --memory-limit, e.g. 8GiB: the first "
+        "snapshot is written into pages already there (default none)",
+        parse=parse_size,
+    )
     """Bytes of shared memory to allocate when the daemon starts, in the background, counted
     against ``memory_limit``: the first new segment that fits takes these pages instead of
     allocating its own, so the first snapshot (a ``load-hf``, a trainer's first step) is written
@@ -79,7 +100,8 @@ class DaemonConfig:
     """Seconds from a step's first begin until every rank must have committed, else it fails."""
 
     peer_timeout: float = setting(
-        30.0, "seconds of silence after which a peer on another host counts as gone (default %(default)g)")
+        30.0, "seconds of silence after which a peer on another host counts as gone (default %(default)g)"
+    )
     """Seconds of silence after which a peer on another host is considered dead."""
 
     auth_dir: str | None = setting(None, "CURVE keys directory (`stager keygen`), required for every tcp bind")
@@ -87,41 +109,53 @@ class DaemonConfig:
     ``authorized/*.key``, made by ``stager keygen`` (deploy/README.md)."""
 
     insecure_no_auth: bool = setting(
-        False, "serve a loopback tcp endpoint WITHOUT authentication: any local user can read snapshots and stage "
-               "(throwaway setups only; the daemon warns and reports \"insecure\": true)")
+        False,
+        "serve a loopback tcp endpoint WITHOUT authentication: any local user can read snapshots and stage "
+        '(throwaway setups only; the daemon warns and reports "insecure": true)',
+    )
     """Serve a loopback tcp endpoint without authentication: every local user can then read status and
     snapshots and stage. For throwaway setups only; the daemon warns, and says ``"insecure": true``."""
 
     metrics: str | None = setting(
-        None, "serve Prometheus metrics over HTTP (HOST default 127.0.0.1; off by default)", metavar="[HOST:]PORT")
+        None, "serve Prometheus metrics over HTTP (HOST default 127.0.0.1; off by default)", metavar="[HOST:]PORT"
+    )
     """``[HOST:]PORT`` to serve Prometheus metrics on (HOST defaults to 127.0.0.1); None: no metrics."""
 
     drain_timeout: float = setting(
-        30.0, "on SIGTERM, seconds to let steps in flight seal before exiting (default %(default)g)")
+        30.0, "on SIGTERM, seconds to let steps in flight seal before exiting (default %(default)g)"
+    )
     """Seconds a SIGTERM waits for the steps in flight to seal before the daemon exits anyway."""
 
     host_id: str | None = setting(
-        None, "this node's identity (default $STAGER_HOST_ID, else the machine's); give each simulated node on "
-              "one host its own, and set STAGER_HOST_ID for its ranks")
+        None,
+        "this node's identity (default $STAGER_HOST_ID, else the machine's); give each simulated node on "
+        "one host its own, and set STAGER_HOST_ID for its ranks",
+    )
     """This node's identity; None: ``$STAGER_HOST_ID``, else the machine's. Daemons (and their
     clients) with different ids never share memory: give each simulated node on one host its own."""
 
     advertise: str | None = setting(
-        None, "endpoint other nodes of a job reach this daemon at (default: --endpoint)", metavar="ENDPOINT")
+        None, "endpoint other nodes of a job reach this daemon at (default: --endpoint)", metavar="ENDPOINT"
+    )
     """The endpoint the other nodes of a job (and their readers) reach this daemon at; None: the
     bound endpoint. Set it when binding a wildcard (``tcp://0.0.0.0:7555`` -> ``tcp://node3:7555``)."""
 
     assemble_full: bool = setting(
-        False, "multi-node jobs: pull each complete version whole onto this node in the background (free memory "
-               "only), so readers here read all of it zero-copy")
+        False,
+        "multi-node jobs: pull each complete version whole onto this node in the background (free memory "
+        "only), so readers here read all of it zero-copy",
+    )
     """Multi-node jobs: after each version is complete on every node, pull the other nodes' regions
     into this node in the background, so readers here read the whole version zero-copy. Uses only
     memory free under ``memory_limit`` (a version is left partial otherwise); the trainer never waits
     for it. Other nodes are reached with ``$STAGER_AUTH_DIR`` (default: ``auth_dir``) keys."""
 
     read_cast_memory: int | None = setting(
-        None, "heap memory, beyond --memory-limit, for remote reads the daemon casts to the reader's dtype, e.g. "
-              "512MiB: reads past it wait (default 1/8 of --memory-limit, 64MiB to 1GiB)", parse=parse_size)
+        None,
+        "heap memory, beyond --memory-limit, for remote reads the daemon casts to the reader's dtype, e.g. "
+        "512MiB: reads past it wait (default 1/8 of --memory-limit, 64MiB to 1GiB)",
+        parse=parse_size,
+    )
     """Bytes of reply buffers for remote reads cast to the reader's dtype (``ReadItem.dtype``), in
     flight and kept for reuse, all readers together. They are the daemon's heap, not shared memory,
     so they are not within ``memory_limit``: this bounds them. A cast read that would go past it
@@ -130,9 +164,13 @@ class DaemonConfig:
     ``memory_limit``, at least 64 MiB and at most 1 GiB."""
 
     transport: str = setting(
-        "frames", "how readers on other hosts get bytes: frames (ZeroMQ, CURVE-encrypted on tcp) or nixl (one-sided "
-                  "UCX/RDMA reads, NOT authenticated or encrypted: only on a fabric that is the trust boundary; "
-                  "needs stager[nixl]; default %(default)s)", metavar="{frames,nixl}", parse=parse_transport)
+        "frames",
+        "how readers on other hosts get bytes: frames (ZeroMQ, CURVE-encrypted on tcp) or nixl (one-sided "
+        "UCX/RDMA reads, NOT authenticated or encrypted: only on a fabric that is the trust boundary; "
+        "needs stager[nixl]; default %(default)s)",
+        metavar="{frames,nixl}",
+        parse=parse_transport,
+    )
     """How readers on other hosts get bytes. ``frames``: Read requests over the ZeroMQ connection
     (encrypted with CURVE on tcp). ``nixl``: a reader holding a lease may also ask for the version's
     NIXL descriptors and read the segment one-sidedly over UCX (RDMA where there is, else tcp);
@@ -140,8 +178,11 @@ class DaemonConfig:
     itself the trust boundary (README.md, "Multi-node jobs"). Control stays on ZeroMQ + CURVE."""
 
     change_maps: str = setting(
-        "bfloat16", "reader dtypes to record what changed in after each seal, comma-separated (e.g. "
-                    "bfloat16,float16), or none (default %(default)s)", metavar="DTYPES")
+        "bfloat16",
+        "reader dtypes to record what changed in after each seal, comma-separated (e.g. "
+        "bfloat16,float16), or none (default %(default)s)",
+        metavar="DTYPES",
+    )
     """Reader dtypes in which the daemon records, after each seal and on its own thread, which elements
     changed against the previous version (so readers move only those: ``load_into(since=N)``). A
     reader of another dtype reads in full. ``none``: no change maps."""
@@ -151,8 +192,10 @@ class DaemonConfig:
     is still brought up to date from them)."""
 
     change_maps_memory: int | None = setting(
-        None, "memory for change maps, apart from --memory-limit, e.g. 2GiB (default an eighth of --memory-limit)",
-        parse=parse_size)
+        None,
+        "memory for change maps, apart from --memory-limit, e.g. 2GiB (default an eighth of --memory-limit)",
+        parse=parse_size,
+    )
     """Bytes the kept change maps (int32 indices: 4 bytes per changed element) may hold, the oldest
     going first; None: an eighth of ``memory_limit`` (a map of a step changing 2% of a bf16 model is 4%
     of the model's bf16 bytes)."""
@@ -167,8 +210,10 @@ class DaemonConfig:
             parse_listen(self.metrics)  # a ValueError naming the flag, before anything is bound
         parse_transport(self.transport)
         if self.transport == "nixl" and not nixl_installed():
-            raise ValueError("--transport nixl needs NIXL in the daemon's environment: pip install 'stager[nixl]' "
-                             "(nixl-cu12==1.5.1), or serve with --transport frames")
+            raise ValueError(
+                "--transport nixl needs NIXL in the daemon's environment: pip install 'stager[nixl]' "
+                "(nixl-cu12==1.5.1), or serve with --transport frames"
+            )
         if self.drain_timeout < 0:
             raise ValueError("drain_timeout must be >= 0")
         if self.memory_limit is None:
@@ -176,8 +221,9 @@ class DaemonConfig:
         if self.memory_limit <= 0:
             raise ValueError("memory_limit must be positive")
         if not 0 <= self.preallocate <= self.memory_limit:
-            raise ValueError(f"preallocate must be between 0 and memory_limit ({self.memory_limit} bytes), "
-                             f"not {self.preallocate}")
+            raise ValueError(
+                f"preallocate must be between 0 and memory_limit ({self.memory_limit} bytes), not {self.preallocate}"
+            )
         if self.read_cast_memory is None:
             self.read_cast_memory = min(max(self.memory_limit // 8, 64 << 20), 1 << 30)
         if self.read_cast_memory <= 0:
@@ -198,20 +244,27 @@ class DaemonConfig:
                 raise ValueError(
                     f"{self.endpoint} is not a loopback address: binding it without authentication would let "
                     "anyone on the network read the model. Pass --auth-dir with CURVE keys made by "
-                    "`stager keygen DIR` (deploy/README.md)")
+                    "`stager keygen DIR` (deploy/README.md)"
+                )
             if not self.insecure_no_auth:
                 raise ValueError(
                     f"{self.endpoint} is a tcp endpoint: without authentication every user of this host could read "
                     "the model's snapshots and stage steps. Pass --auth-dir with CURVE keys made by "
                     "`stager keygen DIR` (clients set STAGER_AUTH_DIR), use the default ipc endpoint (owner-only), "
-                    "or, for a throwaway setup, --insecure-no-auth")
+                    "or, for a throwaway setup, --insecure-no-auth"
+                )
         if self.auth_dir:
             self.auth_dir = os.path.abspath(self.auth_dir)
-            missing = [name for name in ("server.key_secret", "authorized")
-                       if not os.path.exists(os.path.join(self.auth_dir, name))]
+            missing = [
+                name
+                for name in ("server.key_secret", "authorized")
+                if not os.path.exists(os.path.join(self.auth_dir, name))
+            ]
             if missing:
-                raise ValueError(f"--auth-dir {self.auth_dir} lacks {' and '.join(missing)}; create the keys with "
-                                 f"`stager keygen {self.auth_dir}`")
+                raise ValueError(
+                    f"--auth-dir {self.auth_dir} lacks {' and '.join(missing)}; create the keys with "
+                    f"`stager keygen {self.auth_dir}`"
+                )
 
     def change_map_dtypes(self) -> tuple[torch.dtype, ...]:
         """The dtypes of ``change_maps`` (empty for none)."""

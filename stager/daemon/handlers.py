@@ -24,11 +24,30 @@ assembly messages are served.
 from __future__ import annotations
 
 import time
-from typing import Callable
+from collections.abc import Callable
 
 from stager.protocol import (
-    Abort, Acquire, AssembleBegin, AssembleDone, Begin, Bye, Changes, Commit, ErrorCode, Hello, Message, Ping,
-    Pong, ProtocolError, Put, Read, Release, StagerError, Status, StatusReply, Subscribe,
+    Abort,
+    Acquire,
+    AssembleBegin,
+    AssembleDone,
+    Begin,
+    Bye,
+    Changes,
+    Commit,
+    ErrorCode,
+    Hello,
+    Message,
+    Ping,
+    Pong,
+    ProtocolError,
+    Put,
+    Read,
+    Release,
+    StagerError,
+    Status,
+    StatusReply,
+    Subscribe,
 )
 from stager.protocol.job import JobInfo, Join
 from stager.protocol.nixl import NixlInfo
@@ -48,38 +67,71 @@ from .whole_versions import FullAssembly
 class Handlers:
     """Everything the socket loop calls: :meth:`handle` per request, :meth:`housekeep` per tick."""
 
-    def __init__(self, state: DaemonState, budget: SegmentBudget, outbox: Outbox, *, advertise: str,
-                 loop_status: Callable[[], LoopStatus], assembly_outbox: Outbox | None = None,
-                 transport: str = "frames", change_dtypes: tuple = (), change_keep: int = 64,
-                 change_bytes: int = 64 << 20, read_cast_memory: int = 1 << 30):
+    def __init__(
+        self,
+        state: DaemonState,
+        budget: SegmentBudget,
+        outbox: Outbox,
+        *,
+        advertise: str,
+        loop_status: Callable[[], LoopStatus],
+        assembly_outbox: Outbox | None = None,
+        transport: str = "frames",
+        change_dtypes: tuple = (),
+        change_keep: int = 64,
+        change_bytes: int = 64 << 20,
+        read_cast_memory: int = 1 << 30,
+    ):
         self.state, self._loop_status = state, loop_status
         self.directory = PeerDirectory(state)
         self.changes = ChangeMaps(state, self.directory, dtypes=change_dtypes, keep=change_keep, max_bytes=change_bytes)
         self.memory = Retention(state, budget, yield_pins=self.changes.yield_pins)
         self.subscriptions = Subscriptions(state, self.directory, outbox)
         self.steps = Steps(state, self.directory, self.memory, outbox, announce=self._sealed)
-        self.reading = Reading(state, self.directory, self.memory, outbox, memory_freed=self.steps.retry_waiting,
-                               cast_limit=read_cast_memory)
+        self.reading = Reading(
+            state,
+            self.directory,
+            self.memory,
+            outbox,
+            memory_freed=self.steps.retry_waiting,
+            cast_limit=read_cast_memory,
+        )
         self.peers = Peers(state, self.directory, end_lease=self.reading.end_lease, fail_step=self.steps.fail)
         self.job = JobMembership(state, advertise)
         # serve --assemble-full: the daemon's half; the assembler (a consumer) talks to it on its own socket
-        self.assembly = (FullAssembly(state, self.memory, self.subscriptions.announce, assembly_outbox)
-                         if assembly_outbox is not None else None)
-        self.nixl = (NixlServing(state, self.directory, agent_name(state.host_id, state.session))
-                     if transport == "nixl" else None)
+        self.assembly = (
+            FullAssembly(state, self.memory, self.subscriptions.announce, assembly_outbox)
+            if assembly_outbox is not None
+            else None
+        )
+        self.nixl = (
+            NixlServing(state, self.directory, agent_name(state.host_id, state.session))
+            if transport == "nixl"
+            else None
+        )
         self.routes: dict[type, Callable[[bytes, Message], Message | None]] = {
-            Hello: self.peers.on_hello, Bye: self.peers.on_bye,
-            Begin: self.steps.on_begin, Put: self.steps.on_put, Commit: self.steps.on_commit,
+            Hello: self.peers.on_hello,
+            Bye: self.peers.on_bye,
+            Begin: self.steps.on_begin,
+            Put: self.steps.on_put,
+            Commit: self.steps.on_commit,
             Abort: self.steps.on_abort,
-            Acquire: self.reading.on_acquire, Release: self.reading.on_release,
-            Subscribe: self.subscriptions.on_subscribe, Read: self.reading.on_read, Changes: self.changes.on_changes,
-            Status: self.on_status, Ping: self.on_ping,
-            Join: self.job.on_join, JobInfo: self.job.on_job_info,
-            AssembleBegin: self.refuse_assembly, AssembleDone: self.refuse_assembly,
+            Acquire: self.reading.on_acquire,
+            Release: self.reading.on_release,
+            Subscribe: self.subscriptions.on_subscribe,
+            Read: self.reading.on_read,
+            Changes: self.changes.on_changes,
+            Status: self.on_status,
+            Ping: self.on_ping,
+            Join: self.job.on_join,
+            JobInfo: self.job.on_job_info,
+            AssembleBegin: self.refuse_assembly,
+            AssembleDone: self.refuse_assembly,
             NixlInfo: self.nixl.on_info if self.nixl is not None else refuse_nixl,
         }
         self.assembly_routes: dict[type, Callable[[bytes, Message], Message | None]] = {
-            Status: self.on_status, Ping: self.on_ping,
+            Status: self.on_status,
+            Ping: self.on_ping,
         }
         if self.assembly is not None:
             self.assembly_routes.update({AssembleBegin: self.assembly.on_begin, AssembleDone: self.assembly.on_done})
@@ -95,15 +147,21 @@ class Handlers:
         """A request on the private assembler socket: the assembly messages, status and ping only."""
         handler = self.assembly_routes.get(type(msg))
         if handler is None:
-            raise ProtocolError(ErrorCode.UNKNOWN_TYPE, f"{msg.TYPE} is not served on the assembler socket (only "
-                                                        f"{sorted(t.TYPE for t in self.assembly_routes)}); send it "
-                                                        "to the daemon's endpoint")
+            raise ProtocolError(
+                ErrorCode.UNKNOWN_TYPE,
+                f"{msg.TYPE} is not served on the assembler socket (only "
+                f"{sorted(t.TYPE for t in self.assembly_routes)}); send it "
+                "to the daemon's endpoint",
+            )
         return handler(identity, msg)
 
     def refuse_assembly(self, identity: bytes, msg: Message) -> Message:
-        raise StagerError(ErrorCode.FORBIDDEN, f"{msg.TYPE} is accepted only from this node's assembler, on the "
-                                               "daemon's private assembler socket, never on its endpoint; run "
-                                               "`stager serve --assemble-full`, which starts the assembler")
+        raise StagerError(
+            ErrorCode.FORBIDDEN,
+            f"{msg.TYPE} is accepted only from this node's assembler, on the "
+            "daemon's private assembler socket, never on its endpoint; run "
+            "`stager serve --assemble-full`, which starts the assembler",
+        )
 
     def _sealed(self, v) -> None:
         self.changes.on_sealed(v, self.memory.unpinned)  # pins v and its predecessor before retention runs
@@ -143,12 +201,19 @@ class Handlers:
     def status(self) -> dict:
         """`stager status`: each part's piece, composed in one place."""
         return compose(
-            loop=self._loop_status(), shared=self.state.status(), versions=self.steps.versions(time.monotonic()),
-            peers=self.peers.status(), reading=self.reading.status(), memory=self.memory.budget.status(),
-            retention=self.memory.status(), subscribers=self.subscriptions.status(), job=self.job.status(),
+            loop=self._loop_status(),
+            shared=self.state.status(),
+            versions=self.steps.versions(time.monotonic()),
+            peers=self.peers.status(),
+            reading=self.reading.status(),
+            memory=self.memory.budget.status(),
+            retention=self.memory.status(),
+            subscribers=self.subscriptions.status(),
+            job=self.job.status(),
             assembly=self.assembly.status() if self.assembly is not None else None,
             transport=self.nixl.status() if self.nixl is not None else {"mode": "frames"},
-            changes=self.changes.status())
+            changes=self.changes.status(),
+        )
 
     def close(self) -> None:
         """Fail the steps in flight (the segments go with the daemon's resources)."""

@@ -24,7 +24,9 @@ from collections.abc import Container
 
 from stager.protocol import Begin, ErrorCode, Message, StagerError
 
-SERVING, DRAINING, STOPPING = "serving", "draining", "stopping"
+SERVING = "serving"
+DRAINING = "draining"
+STOPPING = "stopping"
 
 
 def refusal(phase: str, msg: Message, in_flight: Container[int]) -> StagerError | None:
@@ -36,9 +38,11 @@ def refusal(phase: str, msg: Message, in_flight: Container[int]) -> StagerError 
     """
     if phase == SERVING or not isinstance(msg, Begin) or msg.step in in_flight:
         return None
-    return StagerError(ErrorCode.UNAVAILABLE,
-                       f"the daemon is shutting down (pid {os.getpid()}): step {msg.step} was not "
-                       "staged; staging resumes once a daemon serves this endpoint again")
+    return StagerError(
+        ErrorCode.UNAVAILABLE,
+        f"the daemon is shutting down (pid {os.getpid()}): step {msg.step} was not "
+        "staged; staging resumes once a daemon serves this endpoint again",
+    )
 
 
 class Lifecycle:
@@ -68,9 +72,11 @@ class Lifecycle:
         return False
 
     def drain_message(self, endpoint: str) -> str:
-        return (f"the daemon at {endpoint} (pid {os.getpid()}) is shutting down ({self.reason}): it "
-                "finishes the steps in flight, refuses new stages, then exits; leases end then, subscribe again "
-                "once a daemon serves this endpoint")
+        return (
+            f"the daemon at {endpoint} (pid {os.getpid()}) is shutting down ({self.reason}): it "
+            "finishes the steps in flight, refuses new stages, then exits; leases end then, subscribe again "
+            "once a daemon serves this endpoint"
+        )
 
     def install_signals(self) -> bool:
         """SIGTERM/SIGINT drain (twice: stop), SIGHUP asks for a log reopen; main thread only."""

@@ -47,11 +47,17 @@ class JobMembership:
         state = self.state
         peer = state.peers.get(identity)
         if peer is None or peer.role != "trainer":
-            raise StagerError(ErrorCode.BAD_VALUE, "join: only a training rank (role trainer) may say which job "
-                                                   "this node belongs to; connect with StagingClient")
+            raise StagerError(
+                ErrorCode.BAD_VALUE,
+                "join: only a training rank (role trainer) may say which job "
+                "this node belongs to; connect with StagingClient",
+            )
         if msg.node != state.host_id:
-            raise StagerError(ErrorCode.BAD_VALUE, f"join: this daemon is node {state.host_id!r}, not {msg.node!r}; "
-                                                   "ask the daemon for its node id (JobInfo) before joining")
+            raise StagerError(
+                ErrorCode.BAD_VALUE,
+                f"join: this daemon is node {state.host_id!r}, not {msg.node!r}; "
+                "ask the daemon for its node id (JobInfo) before joining",
+            )
         new = Membership(msg.job, dict(msg.nodes), {n: list(r) for n, r in msg.ranks.items()}, msg.world_size)
         self.jobs[state.epoch] = msg.job
         if new != self.current:
@@ -67,15 +73,24 @@ class JobMembership:
         # of the same job before it restarted (same job id, an earlier epoch) are
         epochs = {e for e, job in self.jobs.items() if m is not None and job == m.job} | {state.epoch}
         return JobInfoReply(
-            job=m.job if m else "", node=state.host_id, endpoint=self.advertise,
+            job=m.job if m else "",
+            node=state.host_id,
+            endpoint=self.advertise,
             nodes=dict(m.nodes) if m and msg.members else {state.host_id: self.advertise},
             sealed=[s for s, v in state.sealed.items() if v.epoch in epochs][-MAX_STEPS:],
             staging=sorted(s for s, v in state.staging.items() if v.epoch == state.epoch)[-MAX_STEPS:],
-            failed=list(state.failed)[-MAX_STEPS:])
+            failed=list(state.failed)[-MAX_STEPS:],
+        )
 
     def status(self) -> JobStatus | None:
         m = self.current
         if m is None:
             return None
-        return {"job": m.job, "node": self.state.host_id, "advertise": self.advertise, "nodes": dict(m.nodes),
-                "ranks": dict(m.ranks), "world_size": m.world_size}
+        return {
+            "job": m.job,
+            "node": self.state.host_id,
+            "advertise": self.advertise,
+            "nodes": dict(m.nodes),
+            "ranks": dict(m.ranks),
+            "world_size": m.world_size,
+        }

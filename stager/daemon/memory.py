@@ -17,7 +17,7 @@ import queue
 import threading
 import time
 from collections import OrderedDict
-from typing import Callable
+from collections.abc import Callable
 
 from stager.protocol import ErrorCode, StagerError
 
@@ -30,7 +30,8 @@ log = logging.getLogger("stager.daemon")
 RETENTION_POLICY = (
     "keep the newest --keep sealed versions; a leased version is never freed while leased; when a new "
     "step needs memory, drop unleased versions oldest first (never the newest), then make the step wait "
-    "up to the trainer's backpressure_timeout, then refuse it with MEMORY_LIMIT")
+    "up to the trainer's backpressure_timeout, then refuse it with MEMORY_LIMIT"
+)
 
 
 PENDING = object()  # take(): a segment is being created; try again when collect() finished one
@@ -157,8 +158,10 @@ class SegmentBudget:
         ``block_for`` (only at shutdown), wait until none of that layout (or any, for ``"*"``) is pending."""
         finished = 0
         while self.pending or self._reserve_pending is not None:
-            waiting = block_for is not None and (any(block_for in ("*", lid) for lid, _ in self.pending.values())
-                                                 or (block_for == "*" and self._reserve_pending is not None))
+            waiting = block_for is not None and (
+                any(block_for in ("*", lid) for lid, _ in self.pending.values())
+                or (block_for == "*" and self._reserve_pending is not None)
+            )
             try:
                 name, result = self._done.get(timeout=timeout) if waiting else self._done.get_nowait()
             except queue.Empty:
@@ -171,8 +174,10 @@ class SegmentBudget:
             if isinstance(result, Exception):
                 self.used -= size
                 if not isinstance(result, StagerError):
-                    result = StagerError(ErrorCode.MEMORY_LIMIT, f"could not create a shared-memory segment of "
-                                                                 f"{size >> 20} MiB: {result}")
+                    result = StagerError(
+                        ErrorCode.MEMORY_LIMIT,
+                        f"could not create a shared-memory segment of {size >> 20} MiB: {result}",
+                    )
                 if layout_id not in self.failures:  # said once per layout, not once per retry
                     log.warning("could not create segment %s: %s", name, result.message)
                 self.failures[layout_id] = result
@@ -189,7 +194,7 @@ class SegmentBudget:
             finished += 1
         return finished
 
-    def _preallocated(self, result: "Segment | Exception") -> None:
+    def _preallocated(self, result: Segment | Exception) -> None:
         name, size = self._reserve_pending
         self._reserve_pending = None
         if isinstance(result, Exception):
@@ -201,7 +206,7 @@ class SegmentBudget:
 
     # -------------------------------------------------------------- taking and giving back
 
-    def take(self, layout_id: str, size: int) -> "Segment | None | object":
+    def take(self, layout_id: str, size: int) -> Segment | None | object:
         """A pooled segment of ``layout_id``; else :data:`PENDING` after asking the background thread
         for one (the caller waits, the daemon keeps serving); None when over budget."""
         self.collect()
@@ -248,7 +253,7 @@ class SegmentBudget:
         else:
             self.destroy(seg)
 
-    def request_spare(self, layout_id: str, size: int) -> "Segment | object | bool":
+    def request_spare(self, layout_id: str, size: int) -> Segment | object | bool:
         """For background work (full assembly, at most one segment at a time): a pooled segment of
         ``layout_id``; else :data:`PENDING` after asking the background thread for one (counted as
         used from now on; :meth:`collect` pools it, the next call takes it); False when only
@@ -295,13 +300,17 @@ class SegmentBudget:
     def live(self, layout_id: str) -> list[str]:
         """Names of the layout's segments: pooled, in use, and still being created."""
         return [name for name, (owner, _) in self.owner.items() if owner == layout_id] + [
-            name for name, (owner, _) in self.pending.items() if owner == layout_id]
+            name for name, (owner, _) in self.pending.items() if owner == layout_id
+        ]
 
     def status(self) -> MemoryStatus:
-        return {"used": self.used, "limit": self.limit,
-                "pooled": sum(s.size for segs in self.pool.values() for s in segs),
-                "draining": sum(s.size for s in self.draining),
-                "preallocated": self.reserve.size if self.reserve is not None else 0}
+        return {
+            "used": self.used,
+            "limit": self.limit,
+            "pooled": sum(s.size for segs in self.pool.values() for s in segs),
+            "draining": sum(s.size for s in self.draining),
+            "preallocated": self.reserve.size if self.reserve is not None else 0,
+        }
 
     def close(self) -> None:
         """Unlink every segment (daemon shutdown), waiting for those being created."""
@@ -318,14 +327,14 @@ class SegmentBudget:
         self.draining.clear()
 
 
-def evictable(sealed: "OrderedDict[int, Version]", keep: int) -> list[Version]:
+def evictable(sealed: OrderedDict[int, Version], keep: int) -> list[Version]:
     """Sealed versions retention would drop now: beyond the newest ``keep``, unleased, oldest first."""
     steps = list(sealed)
     extra = steps[:-keep] if len(steps) > keep else []
     return [sealed[s] for s in extra if not leased(sealed[s])]
 
 
-def reclaim_candidates(sealed: "OrderedDict[int, Version]") -> list[Version]:
+def reclaim_candidates(sealed: OrderedDict[int, Version]) -> list[Version]:
     """Unleased sealed versions that may go to make room, oldest first, never the newest."""
     steps = list(sealed)[:-1]
     return [sealed[s] for s in steps if not leased(sealed[s])]
@@ -345,8 +354,9 @@ class Retention:
     lets waiting steps retry (``Steps.retry_waiting``, handed to the read side at construction).
     """
 
-    def __init__(self, state, budget: SegmentBudget, *,
-                 yield_pins: Callable[[Callable, set | None], bool] = lambda _, __: False):
+    def __init__(
+        self, state, budget: SegmentBudget, *, yield_pins: Callable[[Callable, set | None], bool] = lambda _, __: False
+    ):
         self.state, self.budget = state, budget
         self._yield_pins = yield_pins  # drops background pins (change maps) when only they hold memory back
 
@@ -393,9 +403,14 @@ class Retention:
         state = self.state
         for v in evictable(state.sealed, state.keep):
             self.evict(v)
-        in_use = {v.record.id for v in (*state.sealed.values(), *state.staging.values(), *state.orphans)
-                  if v.record is not None}
-        self.budget.drop_pool(except_layout=self.budget.current_layout, keep_layouts=in_use | {self.budget.spare_layout})
+        in_use = {
+            v.record.id
+            for v in (*state.sealed.values(), *state.staging.values(), *state.orphans)
+            if v.record is not None
+        }
+        self.budget.drop_pool(
+            except_layout=self.budget.current_layout, keep_layouts=in_use | {self.budget.spare_layout}
+        )
 
     def collect(self) -> bool:
         """Called while segments are being created: True when some finished (waiting steps may take them)."""

@@ -45,7 +45,9 @@ class NixlServing:
     """The daemon's NIXL agent and what it registered: segment name -> (registration, addr, size)."""
 
     def __init__(self, state: DaemonState, directory: PeerDirectory, name: str):
-        self.state, self.directory, self.name = state, directory, name
+        self.state = state
+        self.directory = directory
+        self.name = name
         self.agent = new_agent(name)
         # registrations end from whichever thread unlinks a segment: the loop (a version freed, the pool
         # dropped), or the segment factory thread when a new segment takes an old one's pages over
@@ -58,13 +60,18 @@ class NixlServing:
     def on_info(self, identity: bytes, msg: NixlInfo) -> Message:
         peer = self.directory.get(identity)
         if msg.lease not in peer.leases:
-            raise StagerError(ErrorCode.UNKNOWN_LEASE, f"lease {msg.lease} is not held by this connection; acquire "
-                                                       "the version first (descriptors go only to a lease holder)")
+            raise StagerError(
+                ErrorCode.UNKNOWN_LEASE,
+                f"lease {msg.lease} is not held by this connection; acquire "
+                "the version first (descriptors go only to a lease holder)",
+            )
         v = self.state.leases[msg.lease][1]
         seg = v.segment
         if seg.size == 0:
-            raise StagerError(ErrorCode.BAD_VALUE, f"step {v.step} holds no bytes on this node: nothing to read "
-                                                   "over NIXL (read it as frames)")
+            raise StagerError(
+                ErrorCode.BAD_VALUE,
+                f"step {v.step} holds no bytes on this node: nothing to read over NIXL (read it as frames)",
+            )
         descs, addr, size = self.register(seg)
         metadata = self.agent.get_partial_agent_metadata(descs, True)
         self.grants += 1
@@ -97,8 +104,13 @@ class NixlServing:
     def status(self) -> dict:
         with self._lock:
             regs = list(self._registered.values())
-        return {"mode": "nixl", "agent": self.name, "registered_segments": len(regs),
-                "registered_bytes": sum(r[2] for r in regs), "grants": self.grants}
+        return {
+            "mode": "nixl",
+            "agent": self.name,
+            "registered_segments": len(regs),
+            "registered_bytes": sum(r[2] for r in regs),
+            "grants": self.grants,
+        }
 
     def close(self) -> None:
         for name in list(self._registered):
@@ -107,9 +119,12 @@ class NixlServing:
 
 def refuse_nixl(identity: bytes, msg: NixlInfo) -> Message:
     """The handler of a daemon serving frames only."""
-    raise StagerError(ErrorCode.UNSUPPORTED, "this daemon serves bytes as frames only (--transport frames): start "
-                                             "it with --transport nixl to allow NIXL reads, or read with "
-                                             "transport='frames'")
+    raise StagerError(
+        ErrorCode.UNSUPPORTED,
+        "this daemon serves bytes as frames only (--transport frames): start "
+        "it with --transport nixl to allow NIXL reads, or read with "
+        "transport='frames'",
+    )
 
 
 def agent_name(host: str, session: str) -> str:

@@ -47,8 +47,11 @@ class SocketOutbox:
             self.sock.send_multipart([identity, *parts], flags=zmq.NOBLOCK, copy=False)
             return trackers
         except zmq.Again:  # announcements to a reader that lags are expected to drop: not worth a warning
-            log.log(logging.DEBUG if msg.id == 0 else logging.WARNING, "dropped a %s message: the peer is not reading",
-                    msg.TYPE)
+            log.log(
+                logging.DEBUG if msg.id == 0 else logging.WARNING,
+                "dropped a %s message: the peer is not reading",
+                msg.TYPE,
+            )
         except zmq.ZMQError as exc:  # EHOSTUNREACH: the peer left
             log.debug("dropped a %s message: %s", msg.TYPE, exc)
         except ProtocolError as exc:  # a reply that cannot be encoded (e.g. odd model_info): say so

@@ -19,7 +19,7 @@ import logging
 import os
 import time
 from collections import OrderedDict
-from typing import Callable
+from collections.abc import Callable
 
 import psutil
 
@@ -56,7 +56,9 @@ class PeerDirectory:
                 "this connection has not said hello (or the daemon restarted); send Hello first",
             )
         if role and peer.role != role:
-            raise StagerError(ErrorCode.BAD_MESSAGE, f"only {role} connections may send this; this one is a {peer.role}")
+            raise StagerError(
+                ErrorCode.BAD_MESSAGE, f"only {role} connections may send this; this one is a {peer.role}"
+            )
         return peer
 
     def seen(self, identity: bytes) -> None:
@@ -81,9 +83,18 @@ class Peers:
     Built after the parts that hold what a peer leaves behind: ``end_lease`` ends one of its leases
     (reading), ``fail_step`` fails a step a departed rank had not committed (steps)."""
 
-    def __init__(self, state: DaemonState, directory: PeerDirectory, *, end_lease: Callable[[int], None],
-                 fail_step: Callable[[Version, str], None]):
-        self.state, self.directory, self._end_lease, self._fail_step = state, directory, end_lease, fail_step
+    def __init__(
+        self,
+        state: DaemonState,
+        directory: PeerDirectory,
+        *,
+        end_lease: Callable[[int], None],
+        fail_step: Callable[[Version, str], None],
+    ):
+        self.state = state
+        self.directory = directory
+        self._end_lease = end_lease
+        self._fail_step = fail_step
         self._next_liveness = 0.0
         # when check_liveness last ran: a long gap is a stall (also before the first tick: a daemon
         # stopped within its first 0.2 s)
@@ -110,8 +121,17 @@ class Peers:
         if msg.role == "trainer":
             self._claim_rank(identity, msg)
         self.directory.renewed(identity)
-        state.peers[identity] = Peer(identity, msg.role, msg.rank, msg.pid, float(msg.start_time), msg.host_id,
-                                     local, time.monotonic(), leases=existing.leases if existing else set())
+        state.peers[identity] = Peer(
+            identity,
+            msg.role,
+            msg.rank,
+            msg.pid,
+            float(msg.start_time),
+            msg.host_id,
+            local,
+            time.monotonic(),
+            leases=existing.leases if existing else set(),
+        )
         log.info("%s %d connected (pid %d, %s)", msg.role, msg.rank, msg.pid, "local" if local else "remote")
         return HelloReply(session=state.session, host_id=state.host_id, daemon_pid=os.getpid())
 
@@ -123,7 +143,8 @@ class Peers:
             del state.ranks[msg.rank]  # defensive: a slot whose peer is gone is free
         if old is not None:
             same_process = (old.host_id, old.pid) == (msg.host_id, msg.pid) and abs(
-                old.start_time - msg.start_time) < 0.05
+                old.start_time - msg.start_time
+            ) < 0.05
             if self.alive(old) and not same_process:
                 raise StagerError(
                     ErrorCode.RANK_CONFLICT,
@@ -192,25 +213,37 @@ class Peers:
         for peer in remote:
             peer.last_seen = max(peer.last_seen, now)
         if remote:  # a warning where it mattered: without this, they would have been dropped
-            log.log(logging.WARNING if gap > self.state.peer_timeout else logging.DEBUG,
-                    "the daemon did not run for %.1fs (stopped, or starved of CPU); the %d peer(s) on other "
-                    "hosts get a full --peer-timeout (%gs) from now to be heard", gap, len(remote),
-                    self.state.peer_timeout)
+            log.log(
+                logging.WARNING if gap > self.state.peer_timeout else logging.DEBUG,
+                "the daemon did not run for %.1fs (stopped, or starved of CPU); the %d peer(s) on other "
+                "hosts get a full --peer-timeout (%gs) from now to be heard",
+                gap,
+                len(remote),
+                self.state.peer_timeout,
+            )
 
     def _remember_expired(self, peer: Peer, silent: float) -> None:
         """Why ``peer``'s session ends, for its next request."""
-        what = f"{len(peer.leases)} lease(s)" + (" and its subscription" if peer.identity in self.state.subscribers
-                                                 else "")
-        self.directory.expire(peer.identity, (
-            f"the daemon ended this connection's session after {silent:.1f}s without a message from it "
-            f"(--peer-timeout {self.state.peer_timeout:g}s), and with it {what}. Clients on another host send "
-            "heartbeats in the background, so the process was stopped or cut off from the daemon (SIGSTOP, a "
-            "debugger, the network) for that long; raise the daemon's --peer-timeout if such pauses are expected. "
-            "The next request registers anew: acquire the version again (and subscribe)"))
+        what = f"{len(peer.leases)} lease(s)" + (
+            " and its subscription" if peer.identity in self.state.subscribers else ""
+        )
+        self.directory.expire(
+            peer.identity,
+            (
+                f"the daemon ended this connection's session after {silent:.1f}s without a message from it "
+                f"(--peer-timeout {self.state.peer_timeout:g}s), and with it {what}. Clients on another host send "
+                "heartbeats in the background, so the process was stopped or cut off from the daemon (SIGSTOP, a "
+                "debugger, the network) for that long; raise the daemon's --peer-timeout if such pauses are expected. "
+                "The next request registers anew: acquire the version again (and subscribe)"
+            ),
+        )
 
     def status(self) -> PeersStatus:
         state = self.state
-        return {"ranks": {str(p.rank): {"pid": p.pid, "local": p.local}
-                          for p in state.peers.values() if p.role == "trainer"},
-                "local_world_size": state.local_world_size,
-                "readers": sum(1 for p in state.peers.values() if p.role == "reader")}
+        return {
+            "ranks": {
+                str(p.rank): {"pid": p.pid, "local": p.local} for p in state.peers.values() if p.role == "trainer"
+            },
+            "local_world_size": state.local_world_size,
+            "readers": sum(1 for p in state.peers.values() if p.role == "reader"),
+        }

@@ -14,11 +14,11 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Iterable
+from collections.abc import Iterable
 
 from stager.protocol import ErrorCode, ProtocolError
 from stager.protocol.dtypes import dtype_from_name
-from stager.protocol.layout import Assignment, Block, Box, PlanEntry, Placement, TensorLayout
+from stager.protocol.layout import Assignment, Block, Box, Placement, PlanEntry, TensorLayout
 
 ALIGN = 64  # byte alignment of every block in a segment (cache line; fine for any dtype)
 
@@ -37,8 +37,9 @@ class NodeLayout:
 
     def held_regions(self) -> dict[str, list]:
         """For partial layouts: ``{fqn: [[offset, shape], ...]}`` of the tensors held only in part."""
-        return {t.fqn: [[list(b.box.offset), list(b.box.shape)] for b in t.blocks]
-                for t in self.tensors if not t.complete}
+        return {
+            t.fqn: [[list(b.box.offset), list(b.box.shape)] for b in t.blocks] for t in self.tensors if not t.complete
+        }
 
 
 def _bad(message: str) -> ProtocolError:
@@ -87,7 +88,7 @@ def build_layout(plans: dict[int, tuple[PlanEntry, ...]], *, full_world: bool = 
                 writers[entry.box] = rank
         distinct = list(writers)
         for i, a in enumerate(distinct):
-            for b in distinct[i + 1:]:
+            for b in distinct[i + 1 :]:
                 if a.intersects(b):
                     raise _bad(
                         f"{fqn}: rank {writers[a]} holds offset {list(a.offset)} shape {list(a.shape)} and rank "

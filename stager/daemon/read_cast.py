@@ -75,7 +75,9 @@ class CastBuffers:
         (the smallest) as long as the reply stays within what :meth:`room_for` allowed."""
         self.reclaim()
         footprints = [self.footprint(n) for n in sizes]
-        busy, rest, taken = self.busy(), sum(footprints), 0
+        busy = self.busy()
+        rest = sum(footprints)
+        taken = 0
         room = max(rest, self.limit - busy)  # what this reply's buffers may hold together
         out = []
         for nbytes, size in zip(sizes, footprints):
@@ -122,8 +124,9 @@ class CastBuffers:
         return self.busy() + sum(len(b) for b, _ in self._idle)
 
 
-def cast_box(segment: torch.Tensor, t, block, offsets: tuple[int, ...], sizes: tuple[int, ...],
-             to: torch.dtype, out: memoryview) -> memoryview:
+def cast_box(
+    segment: torch.Tensor, t, block, offsets: tuple[int, ...], sizes: tuple[int, ...], to: torch.dtype, out: memoryview
+) -> memoryview:
     """Write the box ``(offsets, sizes)`` of ``block`` (offsets inside the block) of tensor ``t`` in
     ``segment``, cast to ``to``, row-major, into ``out`` (of its size); returns ``out``."""
     if not math.prod(sizes):
@@ -135,5 +138,5 @@ def cast_box(segment: torch.Tensor, t, block, offsets: tuple[int, ...], sizes: t
         return out
     flat = src.reshape(-1)
     for start in range(0, flat.numel(), PIECE):
-        dst[start:start + PIECE].copy_(flat[start:start + PIECE])
+        dst[start : start + PIECE].copy_(flat[start : start + PIECE])
     return out

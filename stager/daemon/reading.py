@@ -12,13 +12,24 @@ from __future__ import annotations
 
 import math
 from collections import deque
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
 from stager.protocol import (
-    Acquire, AcquireReply, Announce, ErrorCode, ErrorReply, Message, Ok, Read, ReadReply, Release, StagerError,
-    Subscribe, SubscribeReply,
+    Acquire,
+    AcquireReply,
+    Announce,
+    ErrorCode,
+    ErrorReply,
+    Message,
+    Ok,
+    Read,
+    ReadReply,
+    Release,
+    StagerError,
+    Subscribe,
+    SubscribeReply,
 )
 from stager.protocol.layout import Box, check_box, check_read_cast, contiguous_span, narrow_box
 from stager.protocol.shm import block_view
@@ -40,7 +51,9 @@ class Subscriptions:
     """Owns subscriptions: who is pushed an Announce per sealed version."""
 
     def __init__(self, state: DaemonState, directory: PeerDirectory, outbox: Outbox):
-        self.state, self.directory, self.outbox = state, directory, outbox
+        self.state = state
+        self.directory = directory
+        self.outbox = outbox
 
     def on_subscribe(self, identity: bytes, msg: Subscribe) -> Message:
         self.directory.get(identity)
@@ -52,8 +65,14 @@ class Subscriptions:
         state = self.state
         if not state.subscribers:
             return
-        msg = Announce(step=v.step, seq=v.seq, tensors=len(v.layout.tensors), nbytes=v.layout.nbytes,
-                       model_info=v.model_info, partial=v.layout.partial)
+        msg = Announce(
+            step=v.step,
+            seq=v.seq,
+            tensors=len(v.layout.tensors),
+            nbytes=v.layout.nbytes,
+            model_info=v.model_info,
+            partial=v.layout.partial,
+        )
         for identity in list(state.subscribers):
             if not self.outbox.send(identity, msg):
                 state.counters["announcements_dropped"] += 1
@@ -66,9 +85,20 @@ class Reading:
     """Owns leases, and answers remote readers' byte requests. ``memory_freed`` is called when a
     lease ends and retention ran (steps waiting for memory may go on)."""
 
-    def __init__(self, state: DaemonState, directory: PeerDirectory, memory: Retention, outbox: Outbox, *,
-                 memory_freed: Callable[[], None], cast_limit: int = 1 << 30):
-        self.state, self.directory, self.memory, self.outbox = state, directory, memory, outbox
+    def __init__(
+        self,
+        state: DaemonState,
+        directory: PeerDirectory,
+        memory: Retention,
+        outbox: Outbox,
+        *,
+        memory_freed: Callable[[], None],
+        cast_limit: int = 1 << 30,
+    ):
+        self.state = state
+        self.directory = directory
+        self.memory = memory
+        self.outbox = outbox
         self._memory_freed = memory_freed
         self.cast_buffers = CastBuffers(cast_limit)  # --read-cast-memory: all readers' cast replies together
         self._cast_turns: deque[bytes] = deque()  # readers whose cast reads wait for buffer room, first first
@@ -86,18 +116,30 @@ class Reading:
             v = state.sealed.get(msg.step)
             if v is None:
                 raise StagerError(
-                    ErrorCode.NO_VERSION, f"step {msg.step} is not held; sealed steps: {list(state.sealed)[-32:]}")
+                    ErrorCode.NO_VERSION, f"step {msg.step} is not held; sealed steps: {list(state.sealed)[-32:]}"
+                )
         if len(peer.leases) >= MAX_LEASES_PER_PEER:
-            raise StagerError(ErrorCode.MEMORY_LIMIT, f"this connection holds {len(peer.leases)} leases; release "
-                                                      "snapshots (Snapshot.release()) before acquiring more")
+            raise StagerError(
+                ErrorCode.MEMORY_LIMIT,
+                f"this connection holds {len(peer.leases)} leases; release "
+                "snapshots (Snapshot.release()) before acquiring more",
+            )
         lease = next(state.lease_ids)
         state.leases[lease] = (identity, v)
         v.leases.add(lease)
         peer.leases.add(lease)
         return AcquireReply(
-            lease=lease, step=v.step, seq=v.seq, segment=v.segment.name, size=v.segment.size,
-            tensors=v.layout.tensors, objects=v.objects, model_info=v.model_info, quant=v.quant,
-            partial=v.layout.partial)
+            lease=lease,
+            step=v.step,
+            seq=v.seq,
+            segment=v.segment.name,
+            size=v.segment.size,
+            tensors=v.layout.tensors,
+            objects=v.objects,
+            model_info=v.model_info,
+            quant=v.quant,
+            partial=v.layout.partial,
+        )
 
     def on_read(self, identity: bytes, msg: Read) -> Message | None:
         """Reply with one frame per item. Contiguous boxes are frames pointing into the segment
@@ -109,13 +151,18 @@ class Reading:
         if peer.deferred_reads and not resumed:
             return self._defer(peer, msg)  # behind earlier held-back reads: keep the order
         if msg.lease not in peer.leases:
-            raise StagerError(ErrorCode.UNKNOWN_LEASE, f"lease {msg.lease} is not held by this connection; "
-                                                       "acquire the version first")
+            raise StagerError(
+                ErrorCode.UNKNOWN_LEASE, f"lease {msg.lease} is not held by this connection; acquire the version first"
+            )
         v = self.state.leases[msg.lease][1]
         by_name = v.record.by_name
         if not by_name:
             by_name.update((t.fqn, t) for t in v.layout.tensors)
-        total, cast, scanned, boxes = 0, 0, 0, []  # reply bytes, of them cast, segment bytes read
+        # reply bytes, of them cast, segment bytes read
+        total = 0
+        cast = 0
+        scanned = 0
+        boxes = []
         for item in msg.items:
             t = by_name.get(item.fqn)
             if t is None:
@@ -123,18 +170,24 @@ class Reading:
             offsets, sizes = check_box(t.fqn, t.shape, item.offsets, item.sizes)
             held = t.block_holding(Box(offsets, sizes))
             if held is None:
-                raise StagerError(ErrorCode.PARTIAL, f"{t.fqn}: this node holds only part of it, not all of box "
-                                                     f"offset {list(offsets)} sizes {list(sizes)}; read each part "
-                                                     "from the node holding it (JobInfo names them)")
+                raise StagerError(
+                    ErrorCode.PARTIAL,
+                    f"{t.fqn}: this node holds only part of it, not all of box "
+                    f"offset {list(offsets)} sizes {list(sizes)}; read each part "
+                    "from the node holding it (JobInfo names them)",
+                )
             to = None if item.dtype is None else check_read_cast(t.fqn, t.torch_dtype, item.dtype)
             nbytes = math.prod(sizes) * (to or t.torch_dtype).itemsize
             total, cast = total + nbytes, cast + (nbytes if to is not None else 0)
             # casts only narrow: the bytes read from the segment bound both the reply and the loop's work
             scanned += math.prod(sizes) * t.torch_dtype.itemsize
             if scanned > MAX_READ_BYTES:
-                raise StagerError(ErrorCode.BAD_VALUE, f"read of {scanned >> 20} MiB is over the "
-                                                       f"{MAX_READ_BYTES >> 20} MiB a reply may carry; read fewer or "
-                                                       "smaller boxes")
+                raise StagerError(
+                    ErrorCode.BAD_VALUE,
+                    f"read of {scanned >> 20} MiB is over the "
+                    f"{MAX_READ_BYTES >> 20} MiB a reply may carry; read fewer or "
+                    "smaller boxes",
+                )
             boxes.append((t, held[0], held[1], sizes, to))
         queued = peer.read_bytes_in_flight()
         if queued and queued + total > MAX_READ_IN_FLIGHT:
@@ -189,12 +242,15 @@ class Reading:
 
     def _defer(self, peer, msg: Read) -> None:
         if len(peer.deferred_reads) >= MAX_DEFERRED_READS:
-            raise StagerError(ErrorCode.MEMORY_LIMIT, f"{len(peer.deferred_reads)} reads are waiting while "
-                                                      f"{peer.read_bytes_in_flight() >> 20} MiB of replies are unread "
-                                                      f"(and {self.cast_buffers.busy() >> 20} MiB of cast replies to "
-                                                      "all readers are in flight, --read-cast-memory "
-                                                      f"{self.cast_buffers.limit >> 20} MiB); receive replies "
-                                                      "before sending more reads")
+            raise StagerError(
+                ErrorCode.MEMORY_LIMIT,
+                f"{len(peer.deferred_reads)} reads are waiting while "
+                f"{peer.read_bytes_in_flight() >> 20} MiB of replies are unread "
+                f"(and {self.cast_buffers.busy() >> 20} MiB of cast replies to "
+                "all readers are in flight, --read-cast-memory "
+                f"{self.cast_buffers.limit >> 20} MiB); receive replies "
+                "before sending more reads",
+            )
         peer.deferred_reads.append(msg)
         return None
 
@@ -223,7 +279,7 @@ class Reading:
         base, shape = block.byte_offset, block.box.shape
         span = contiguous_span(shape, offsets, sizes)
         if span is not None:  # zero-copy: the frame points into the segment
-            return v.segment.buffer()[base + span[0] * itemsize:base + (span[0] + span[1]) * itemsize]
+            return v.segment.buffer()[base + span[0] * itemsize : base + (span[0] + span[1]) * itemsize]
         src = narrow_box(block_view(v.segment.as_bytes(), t.torch_dtype, base, shape), offsets, sizes)
         gathered = bytearray(math.prod(sizes) * itemsize)
         torch.frombuffer(gathered, dtype=torch.uint8).view(t.torch_dtype).view(sizes).copy_(src)
@@ -253,7 +309,11 @@ class Reading:
 
     def status(self) -> ReadingStatus:
         peers = self.state.peers.values()
-        return {"reads": {"bytes_in_flight": sum(p.read_bytes_in_flight() for p in peers),
-                          "deferred": sum(len(p.deferred_reads) for p in peers),
-                          "cast_buffers": self.cast_buffers.nbytes()},
-                "leases": len(self.state.leases)}
+        return {
+            "reads": {
+                "bytes_in_flight": sum(p.read_bytes_in_flight() for p in peers),
+                "deferred": sum(len(p.deferred_reads) for p in peers),
+                "cast_buffers": self.cast_buffers.nbytes(),
+            },
+            "leases": len(self.state.leases),
+        }

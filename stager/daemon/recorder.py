@@ -16,7 +16,16 @@ import bisect
 import math
 
 from stager.protocol import (
-    Acquire, AcquireReply, Message, NixlInfo, Ok, Put, Read, Sealed, Subscribe, SubscribeReply,
+    Acquire,
+    AcquireReply,
+    Message,
+    NixlInfo,
+    Ok,
+    Put,
+    Read,
+    Sealed,
+    Subscribe,
+    SubscribeReply,
 )
 
 # stage-to-sealed latency: the first Begin of a step to its seal
@@ -102,8 +111,9 @@ class Recorder:
             if peer is None:
                 continue
             seq = self.last_seq.get(identity, state.seq)
-            out.append({"pid": peer.pid, "rank": peer.rank, "local": peer.local, "seq": seq,
-                        "lag": max(0, state.seq - seq)})
+            out.append(
+                {"pid": peer.pid, "rank": peer.rank, "local": peer.local, "seq": seq, "lag": max(0, state.seq - seq)}
+            )
         return sorted(out, key=lambda r: (r["pid"], r["rank"]))
 
     def publish(self, status: dict) -> None:
@@ -122,46 +132,119 @@ def build_snapshot(status: dict, rec: Recorder) -> tuple:
     sealed = [v for v in status["versions"] if v["state"] == "sealed"]
     return (
         ("counter", "stager_versions_sealed", "Versions sealed", (), (((), c.get("sealed", 0)),)),
-        ("counter", "stager_versions_failed", "Steps that failed (a rank died, aborted, timed out, bad data)", (),
-         (((), c.get("failed", 0)),)),
-        ("counter", "stager_versions_refused", "Stages refused, by reason", ("reason",),
-         ((("memory_limit",), c.get("memory_refusals", 0)), (("shutting_down",), rec.refused_draining))),
-        ("histogram", "stager_stage_to_sealed_seconds", "Seconds from a step's first begin to its seal", (),
-         (((), rec.latency.buckets(), rec.latency.sum),)),
-        ("counter", "stager_ingested_bytes", "Tensor bytes staged into the daemon's memory, by transport",
-         ("transport",), ((("shm",), max(0, ingested - rec.ingested_frames)), (("frames",), rec.ingested_frames))),
-        ("counter", "stager_served_bytes", "Bytes served to readers, by transport (shm: size of each version "
-         "leased and read zero-copy by a same-host reader, counted when the lease ends; frames: bytes sent to "
-         "remote readers; nixl: this node's bytes of each version granted to a NIXL reader, counted at the grant: "
-         "its one-sided reads are invisible here)", ("transport",),
-         ((("shm",), rec.served_shm), (("frames",), c.get("read_bytes", 0)),
-          (("nixl",), c.get("nixl_granted_bytes", 0)))),
-        ("gauge", "stager_memory_used_bytes", "Shared memory held by segments (sealed, in flight, pooled)", (),
-         (((), mem["used"]),)),
+        (
+            "counter",
+            "stager_versions_failed",
+            "Steps that failed (a rank died, aborted, timed out, bad data)",
+            (),
+            (((), c.get("failed", 0)),),
+        ),
+        (
+            "counter",
+            "stager_versions_refused",
+            "Stages refused, by reason",
+            ("reason",),
+            ((("memory_limit",), c.get("memory_refusals", 0)), (("shutting_down",), rec.refused_draining)),
+        ),
+        (
+            "histogram",
+            "stager_stage_to_sealed_seconds",
+            "Seconds from a step's first begin to its seal",
+            (),
+            (((), rec.latency.buckets(), rec.latency.sum),),
+        ),
+        (
+            "counter",
+            "stager_ingested_bytes",
+            "Tensor bytes staged into the daemon's memory, by transport",
+            ("transport",),
+            ((("shm",), max(0, ingested - rec.ingested_frames)), (("frames",), rec.ingested_frames)),
+        ),
+        (
+            "counter",
+            "stager_served_bytes",
+            "Bytes served to readers, by transport (shm: size of each version "
+            "leased and read zero-copy by a same-host reader, counted when the lease ends; frames: bytes sent to "
+            "remote readers; nixl: this node's bytes of each version granted to a NIXL reader, counted at the grant: "
+            "its one-sided reads are invisible here)",
+            ("transport",),
+            (
+                (("shm",), rec.served_shm),
+                (("frames",), c.get("read_bytes", 0)),
+                (("nixl",), c.get("nixl_granted_bytes", 0)),
+            ),
+        ),
+        (
+            "gauge",
+            "stager_memory_used_bytes",
+            "Shared memory held by segments (sealed, in flight, pooled)",
+            (),
+            (((), mem["used"]),),
+        ),
         ("gauge", "stager_memory_limit_bytes", "--memory-limit", (), (((), mem["limit"]),)),
-        ("counter", "stager_evictions", "Sealed versions dropped to make room or past --keep", (),
-         (((), c.get("evictions", 0)),)),
-        ("counter", "stager_backpressure_waits", "Steps that had to wait for memory", (),
-         (((), c.get("backpressure_waits", 0)),)),
-        ("gauge", "stager_steps_waiting_for_memory", "Steps waiting for memory now", (),
-         (((), len(status["retention"]["waiting_for_memory"])),)),
+        (
+            "counter",
+            "stager_evictions",
+            "Sealed versions dropped to make room or past --keep",
+            (),
+            (((), c.get("evictions", 0)),),
+        ),
+        (
+            "counter",
+            "stager_backpressure_waits",
+            "Steps that had to wait for memory",
+            (),
+            (((), c.get("backpressure_waits", 0)),),
+        ),
+        (
+            "gauge",
+            "stager_steps_waiting_for_memory",
+            "Steps waiting for memory now",
+            (),
+            (((), len(status["retention"]["waiting_for_memory"])),),
+        ),
         ("gauge", "stager_leases", "Leases held by readers", (), (((), status["leases"]),)),
         ("gauge", "stager_connected_ranks", "Trainer ranks connected", (), (((), len(status["ranks"])),)),
         ("gauge", "stager_connected_readers", "Readers connected", (), (((), status["readers"]),)),
         ("gauge", "stager_subscribers", "Readers subscribed to announcements", (), (((), status["subscribers"]),)),
-        ("gauge", "stager_subscriber_lag_versions", "Versions sealed since a subscriber last leased one",
-         ("pid", "rank"), tuple(((str(r["pid"]), str(r["rank"])), r["lag"]) for r in status.get("subscriber_lag", ()))),
-        ("counter", "stager_announcements_dropped", "Announcements a slow subscriber did not take", (),
-         (((), c.get("announcements_dropped", 0)),)),
+        (
+            "gauge",
+            "stager_subscriber_lag_versions",
+            "Versions sealed since a subscriber last leased one",
+            ("pid", "rank"),
+            tuple(((str(r["pid"]), str(r["rank"])), r["lag"]) for r in status.get("subscriber_lag", ())),
+        ),
+        (
+            "counter",
+            "stager_announcements_dropped",
+            "Announcements a slow subscriber did not take",
+            (),
+            (((), c.get("announcements_dropped", 0)),),
+        ),
         ("gauge", "stager_versions_held", "Sealed versions held", (), (((), len(sealed)),)),
-        ("gauge", "stager_newest_sealed_step", "Step of the newest sealed version (-1: none)", (),
-         (((), max((v["step"] for v in sealed), default=-1)),)),
-        ("gauge", "stager_draining", "1 while the daemon drains before exiting (SIGTERM)", (),
-         (((), 1 if status.get("state") == "draining" else 0),)),
+        (
+            "gauge",
+            "stager_newest_sealed_step",
+            "Step of the newest sealed version (-1: none)",
+            (),
+            (((), max((v["step"] for v in sealed), default=-1)),),
+        ),
+        (
+            "gauge",
+            "stager_draining",
+            "1 while the daemon drains before exiting (SIGTERM)",
+            (),
+            (((), 1 if status.get("state") == "draining" else 0),),
+        ),
         ("counter", "stager_request_errors", "Requests answered with an error", (), (((), c.get("errors", 0)),)),
         ("counter", "stager_requests", "Requests received", (), (((), c.get("requests", 0)),)),
-        ("gauge", "stager_uptime_seconds", "Seconds since the daemon started", (),
-         (((), status.get("uptime_s", 0.0)),)),
+        (
+            "gauge",
+            "stager_uptime_seconds",
+            "Seconds since the daemon started",
+            (),
+            (((), status.get("uptime_s", 0.0)),),
+        ),
     )
 
 

@@ -60,9 +60,14 @@ class Resources:
             reclaim_stale()
             shm_total = shm_total_bytes()
             if config.memory_limit > shm_total:
-                log.warning("--memory-limit is %.1f GiB but %s holds only %.1f GiB: steps past that are refused with "
-                            "memory_limit; enlarge %s (docker --shm-size, a larger tmpfs) or lower --memory-limit",
-                            config.memory_limit / 2**30, SHM_DIR, shm_total / 2**30, SHM_DIR)
+                log.warning(
+                    "--memory-limit is %.1f GiB but %s holds only %.1f GiB: steps past that are refused with "
+                    "memory_limit; enlarge %s (docker --shm-size, a larger tmpfs) or lower --memory-limit",
+                    config.memory_limit / 2**30,
+                    SHM_DIR,
+                    shm_total / 2**30,
+                    SHM_DIR,
+                )
             res.budget = SegmentBudget(config.memory_limit, Segment, new_segment_name)
             res.ctx = zmq.Context()
             res.sock = res.ctx.socket(zmq.ROUTER)
@@ -103,9 +108,11 @@ class Resources:
             try:
                 self.sock.bind(self.endpoint)
             except zmq.ZMQError as exc:
-                raise StagerError(ErrorCode.UNAVAILABLE,
-                                  f"cannot bind {self.endpoint}: {exc.strerror}; pass a free port on an address of "
-                                  "this host (IPv6 in brackets: tcp://[::1]:PORT)") from None
+                raise StagerError(
+                    ErrorCode.UNAVAILABLE,
+                    f"cannot bind {self.endpoint}: {exc.strerror}; pass a free port on an address of "
+                    "this host (IPv6 in brackets: tcp://[::1]:PORT)",
+                ) from None
             self.endpoint = self.sock.getsockopt_string(zmq.LAST_ENDPOINT)  # resolves port 0 / '*'
 
     def _bind_assembly(self) -> None:
@@ -116,8 +123,10 @@ class Resources:
         digest = hashlib.sha1(self.endpoint.encode()).hexdigest()[:16]
         path = os.path.join(runtime_dir(), f"assembler-{digest}.sock")
         if len(path.encode()) > 100:  # sun_path: 108 bytes, with room to spare
-            raise StagerError(ErrorCode.UNAVAILABLE, f"the assembler socket path {path} is too long for ipc; point "
-                                                     "XDG_RUNTIME_DIR at a short directory")
+            raise StagerError(
+                ErrorCode.UNAVAILABLE,
+                f"the assembler socket path {path} is too long for ipc; point XDG_RUNTIME_DIR at a short directory",
+            )
         _unlink(path)
         sock = self.assembly_sock = self.ctx.socket(zmq.ROUTER)
         sock.setsockopt(zmq.LINGER, 0)
@@ -171,6 +180,7 @@ def _unlink(path: str) -> None:
     except FileNotFoundError:
         pass
 
+
 def take_lock(endpoint: str) -> int | None:
     """An exclusive lock on ``endpoint`` (its fd, holding this pid), or :class:`DaemonBusy`."""
     if endpoint.startswith("tcp://") and endpoint.endswith(":0"):
@@ -203,11 +213,17 @@ def start_authenticator(ctx: zmq.Context, sock: zmq.Socket, auth_dir: str):
             raise ValueError("it holds no secret key")
         mode = os.stat(key_file).st_mode & 0o777
     except (OSError, ValueError) as exc:
-        raise StagerError(ErrorCode.UNAVAILABLE, f"cannot read the server's CURVE key {key_file} ({exc}); "
-                                                 f"create the keys with `stager keygen {auth_dir}`") from None
+        raise StagerError(
+            ErrorCode.UNAVAILABLE,
+            f"cannot read the server's CURVE key {key_file} ({exc}); create the keys with `stager keygen {auth_dir}`",
+        ) from None
     if mode & 0o077:
-        log.warning("%s is readable by other users (mode %o): anyone who reads it can impersonate this daemon; "
-                    "chmod 600 it (or recreate the keys with `stager keygen`)", key_file, mode)
+        log.warning(
+            "%s is readable by other users (mode %o): anyone who reads it can impersonate this daemon; "
+            "chmod 600 it (or recreate the keys with `stager keygen`)",
+            key_file,
+            mode,
+        )
     auth = ThreadAuthenticator(ctx)
     auth.start()
     try:
@@ -215,5 +231,7 @@ def start_authenticator(ctx: zmq.Context, sock: zmq.Socket, auth_dir: str):
     except BaseException:
         auth.stop()
         raise
-    sock.curve_secretkey, sock.curve_publickey, sock.curve_server = secret, public, True
+    sock.curve_secretkey = secret
+    sock.curve_publickey = public
+    sock.curve_server = True
     return auth

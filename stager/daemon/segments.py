@@ -17,7 +17,7 @@ import logging
 import mmap
 import os
 import threading
-from typing import Callable
+from collections.abc import Callable
 
 import psutil
 import torch
@@ -33,7 +33,7 @@ class Segment:
     """A shared-memory file the daemon owns. The daemon itself maps it only when it must write
     (bytes from another host) or send (remote readers); same-host ranks write through their own mappings."""
 
-    def __init__(self, name: str, size: int, *, pages_from: "Segment | None" = None):
+    def __init__(self, name: str, size: int, *, pages_from: Segment | None = None):
         """Creates the file (and may reserve its memory: a while); with ``pages_from`` (a
         preallocated segment at least ``size`` large) takes over that file and its pages instead."""
         self.name, self.size = name, size
@@ -47,8 +47,9 @@ class Segment:
                 self._take_over(pages_from)
                 return
             except OSError as exc:  # both names are gone: create the segment as if there were none
-                log.warning("could not take over preallocated segment %s (%s); creating %s anew",
-                            pages_from.name, exc, name)
+                log.warning(
+                    "could not take over preallocated segment %s (%s); creating %s anew", pages_from.name, exc, name
+                )
         free = shm_free_bytes()
         if size > free:
             raise StagerError(
@@ -71,7 +72,7 @@ class Segment:
         os.close(fd)
 
     @classmethod
-    def preallocated(cls, name: str, size: int, stop: threading.Event | None = None) -> "Segment":
+    def preallocated(cls, name: str, size: int, stop: threading.Event | None = None) -> Segment:
         """A segment whose ``size`` bytes of memory are allocated now (``posix_fallocate``, a GiB at
         a time, until ``stop`` is set): a later segment takes its pages over (``pages_from``)."""
         seg = cls(name, 0)
@@ -83,14 +84,15 @@ class Segment:
                 os.posix_fallocate(fd, offset, min(PREALLOCATE_CHUNK, size - offset))
         except OSError as exc:
             seg.unlink()
-            raise StagerError(ErrorCode.MEMORY_LIMIT,
-                              f"could not preallocate {size >> 20} MiB in {SHM_DIR}: {exc.strerror}") from None
+            raise StagerError(
+                ErrorCode.MEMORY_LIMIT, f"could not preallocate {size >> 20} MiB in {SHM_DIR}: {exc.strerror}"
+            ) from None
         finally:
             os.close(fd)
         seg.size = size
         return seg
 
-    def _take_over(self, old: "Segment") -> None:
+    def _take_over(self, old: Segment) -> None:
         if old.size < self.size:
             raise ValueError(f"segment {old.name} has {old.size} bytes, fewer than the {self.size} needed")
         path = segment_path(self.name)
@@ -155,8 +157,9 @@ def list_segments(pid: int | None = None) -> list[str]:
     """This user's stager segments (of daemon ``pid`` when given); used by status and tests."""
     uid = os.getuid()
     owners = ((name, segment_owner(name)) for name in os.listdir(SHM_DIR))
-    return sorted(name for name, owner in owners
-                  if owner is not None and owner[0] == uid and (pid is None or owner[1] == pid))
+    return sorted(
+        name for name, owner in owners if owner is not None and owner[0] == uid and (pid is None or owner[1] == pid)
+    )
 
 
 def reclaim_stale() -> int:

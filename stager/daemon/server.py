@@ -20,12 +20,11 @@ import os
 import secrets
 import time
 import weakref
-from typing import Callable
+from collections.abc import Callable
 
 import zmq
 
-from stager.protocol import ErrorCode, ErrorReply, Message, ProtocolError, StagerError, decode
-from stager.protocol import logs
+from stager.protocol import ErrorCode, ErrorReply, Message, ProtocolError, StagerError, decode, logs
 from stager.protocol.endpoint import host_id
 from stager.protocol.shm import segment_name
 
@@ -47,16 +46,31 @@ _MAX_FRAMES = 1 << 16
 class LoopReport:
     """The loop's piece of status: what only the socket loop and its process know."""
 
-    def __init__(self, lifecycle: Lifecycle, recorder: Recorder, *, endpoint: str, started: float,
-                 metrics_url: str | None, insecure: bool):
+    def __init__(
+        self,
+        lifecycle: Lifecycle,
+        recorder: Recorder,
+        *,
+        endpoint: str,
+        started: float,
+        metrics_url: str | None,
+        insecure: bool,
+    ):
         self.lifecycle, self.recorder = lifecycle, recorder
-        self.endpoint, self.started, self.metrics_url, self.insecure = endpoint, started, metrics_url, insecure
+        self.endpoint = endpoint
+        self.started = started
+        self.metrics_url = metrics_url
+        self.insecure = insecure
 
     def status(self) -> LoopOptions:
         out: LoopOptions = {
-            "pid": os.getpid(), "cpu_seconds": time.process_time(),  # ns resolution; psutil's ticks are 10 ms
-            "state": self.lifecycle.phase, "endpoint": self.endpoint,
-            "uptime_s": round(time.monotonic() - self.started, 3), "subscriber_lag": self.recorder.subscriber_lag()}
+            "pid": os.getpid(),
+            "cpu_seconds": time.process_time(),  # ns resolution; psutil's ticks are 10 ms
+            "state": self.lifecycle.phase,
+            "endpoint": self.endpoint,
+            "uptime_s": round(time.monotonic() - self.started, 3),
+            "subscriber_lag": self.recorder.subscriber_lag(),
+        }
         if self.metrics_url is not None:
             out["metrics"] = self.metrics_url
         if self.insecure:  # `stager status --json` says so too
@@ -80,15 +94,24 @@ class Daemon:
         self.lifecycle = Lifecycle(config.drain_timeout)
         # built in dependency order: resources, the shared state, what observes it, then the handlers
         self.resources = res = Resources.open(config, self._segment_name)
-        self.endpoint, self.budget, self.sock = res.endpoint, res.budget, res.sock
+        self.endpoint = res.endpoint
+        self.budget = res.budget
+        self.sock = res.sock
         if config.insecure:
-            log.warning("serving %s WITHOUT AUTHENTICATION (--insecure-no-auth): every user of this host can read "
-                        "status and snapshots and stage steps; use --auth-dir with `stager keygen` keys or the "
-                        "default ipc endpoint", self.endpoint)
+            log.warning(
+                "serving %s WITHOUT AUTHENTICATION (--insecure-no-auth): every user of this host can read "
+                "status and snapshots and stage steps; use --auth-dir with `stager keygen` keys or the "
+                "default ipc endpoint",
+                self.endpoint,
+            )
         try:
-            self.state = DaemonState(keep=config.keep, step_timeout=config.step_timeout,
-                                     peer_timeout=config.peer_timeout, host_id=config.host_id or host_id(),
-                                     session=self.session)
+            self.state = DaemonState(
+                keep=config.keep,
+                step_timeout=config.step_timeout,
+                peer_timeout=config.peer_timeout,
+                host_id=config.host_id or host_id(),
+                session=self.session,
+            )
             self.recorder = Recorder(self.state)
             if config.metrics:
                 from .recorder import serve_metrics
@@ -97,16 +120,33 @@ class Daemon:
             self.metrics = res.metrics  # the metrics HTTP server (--metrics), else None
             self.outbox = SocketOutbox(res.sock, on_sent=self.recorder.on_sent)
             # --assemble-full: the assembler's own socket (its replies never mix with the endpoint's peers)
-            self.assembly_outbox = (SocketOutbox(res.assembly_sock, on_sent=lambda identity, msg: None)
-                                    if res.assembly_sock is not None else None)
+            self.assembly_outbox = (
+                SocketOutbox(res.assembly_sock, on_sent=lambda identity, msg: None)
+                if res.assembly_sock is not None
+                else None
+            )
             self.assembly_endpoint = res.assembly_endpoint  # handed to the assembler (`stager serve` starts it)
-            loop = LoopReport(self.lifecycle, self.recorder, endpoint=self.endpoint, started=self.started,
-                              metrics_url=self.metrics_url, insecure=config.insecure)
-            self.handlers = Handlers(self.state, self.budget, self.outbox, advertise=config.advertise or self.endpoint,
-                                     loop_status=loop.status, assembly_outbox=self.assembly_outbox,
-                                     transport=config.transport, change_dtypes=config.change_map_dtypes(),
-                                     change_keep=config.change_maps_keep, change_bytes=config.change_maps_memory,
-                                     read_cast_memory=config.read_cast_memory)
+            loop = LoopReport(
+                self.lifecycle,
+                self.recorder,
+                endpoint=self.endpoint,
+                started=self.started,
+                metrics_url=self.metrics_url,
+                insecure=config.insecure,
+            )
+            self.handlers = Handlers(
+                self.state,
+                self.budget,
+                self.outbox,
+                advertise=config.advertise or self.endpoint,
+                loop_status=loop.status,
+                assembly_outbox=self.assembly_outbox,
+                transport=config.transport,
+                change_dtypes=config.change_map_dtypes(),
+                change_keep=config.change_maps_keep,
+                change_bytes=config.change_maps_memory,
+                read_cast_memory=config.read_cast_memory,
+            )
             if self.metrics is not None:
                 self.recorder.publish(self.handlers.status())
         except BaseException:
@@ -130,11 +170,23 @@ class Daemon:
     def _on_assembly_frames(self, frames: list) -> None:
         """A request on the private assembler socket (never refused while draining: an assembly under
         way must still be able to give its segment back)."""
-        self._serve_request(frames, self.handlers.handle_assembly, self.assembly_outbox, lambda identity: "assembler",
-                            refuse_draining=False)
+        self._serve_request(
+            frames,
+            self.handlers.handle_assembly,
+            self.assembly_outbox,
+            lambda identity: "assembler",
+            refuse_draining=False,
+        )
 
-    def _serve_request(self, frames: list, handle: Callable[[bytes, Message], Message | None], outbox: SocketOutbox,
-                       peer_name: Callable[[bytes], str | None], *, refuse_draining: bool) -> None:
+    def _serve_request(
+        self,
+        frames: list,
+        handle: Callable[[bytes, Message], Message | None],
+        outbox: SocketOutbox,
+        peer_name: Callable[[bytes], str | None],
+        *,
+        refuse_draining: bool,
+    ) -> None:
         identity = frames[0].bytes
         rid = 0
         self.state.counters["requests"] += 1  # every request, also those refused before a handler
@@ -157,9 +209,11 @@ class Daemon:
         except Exception as exc:  # a bug must cost one request, never the daemon
             self.state.counters["errors"] += 1
             log.exception("internal error while handling a request")
-            reply = ErrorReply(code=ErrorCode.INTERNAL.value,
-                               message=f"internal error ({exc.__class__.__name__}: {exc}); the daemon keeps "
-                                       "serving, please report this with the daemon log")
+            reply = ErrorReply(
+                code=ErrorCode.INTERNAL.value,
+                message=f"internal error ({exc.__class__.__name__}: {exc}); the daemon keeps "
+                "serving, please report this with the daemon log",
+            )
         if reply is not None:
             reply.id = rid
             outbox.send(identity, reply)
@@ -186,8 +240,13 @@ class Daemon:
             life.announced = True
             state = self.state
             # a drain is the normal way out (systemd, Kubernetes, Slurm all stop with SIGTERM): info, not a warning
-            log.info("draining (%s): %d steps in flight %s, new stages are refused; exiting within %.0fs",
-                        life.reason, len(state.staging), sorted(state.staging), life.drain_timeout)
+            log.info(
+                "draining (%s): %d steps in flight %s, new stages are refused; exiting within %.0fs",
+                life.reason,
+                len(state.staging),
+                sorted(state.staging),
+                life.drain_timeout,
+            )
             notice = ErrorReply(id=0, code=ErrorCode.UNAVAILABLE.value, message=life.drain_message(self.endpoint))
             for identity, peer in list(state.peers.items()):
                 if peer.role == "reader" or identity in state.subscribers:
@@ -234,8 +293,11 @@ class Daemon:
                         self._on_assembly_frames(frames)
                 if self.budget.creating:
                     self.handlers.collect_segments()
-                if time.monotonic() >= next_housekeeping or self.lifecycle.reopen_requested or (
-                        self.lifecycle.phase == DRAINING and not self.lifecycle.announced):
+                if (
+                    time.monotonic() >= next_housekeeping
+                    or self.lifecycle.reopen_requested
+                    or (self.lifecycle.phase == DRAINING and not self.lifecycle.announced)
+                ):
                     try:
                         self.handlers.housekeep()
                     except Exception:

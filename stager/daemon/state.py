@@ -11,7 +11,8 @@ from __future__ import annotations
 import dataclasses
 import itertools
 from collections import OrderedDict
-from typing import Iterator, Protocol
+from collections.abc import Iterator
+from typing import Protocol
 
 from stager.protocol import Message
 
@@ -55,9 +56,24 @@ class DaemonState:
     leases: dict[int, tuple[bytes, Version]] = dataclasses.field(default_factory=dict)
     subscribers: set[bytes] = dataclasses.field(default_factory=set)
     seq: int = 0  # versions sealed by this daemon: announcements carry it, gaps show skips
-    counters: dict[str, int] = dataclasses.field(default_factory=lambda: dict.fromkeys(
-        ("sealed", "failed", "ingested_bytes", "requests", "errors", "read_bytes", "announcements_dropped",
-         "memory_refusals", "evictions", "backpressure_waits", "read_cast_bytes"), 0))
+    counters: dict[str, int] = dataclasses.field(
+        default_factory=lambda: dict.fromkeys(
+            (
+                "sealed",
+                "failed",
+                "ingested_bytes",
+                "requests",
+                "errors",
+                "read_bytes",
+                "announcements_dropped",
+                "memory_refusals",
+                "evictions",
+                "backpressure_waits",
+                "read_cast_bytes",
+            ),
+            0,
+        )
+    )
     lease_ids: Iterator[int] = dataclasses.field(default_factory=lambda: itertools.count(1))
     layout_ids: Iterator[int] = dataclasses.field(default_factory=lambda: itertools.count(1))
 
@@ -65,8 +81,15 @@ class DaemonState:
         return self.sealed[next(reversed(self.sealed))] if self.sealed else None
 
     def status(self) -> SharedStatus:
-        return {"session": self.session, "epoch": self.epoch, "keep": self.keep, "peer_timeout": self.peer_timeout,
-                "node": self.host_id, "seq": self.seq, "counters": dict(self.counters)}
+        return {
+            "session": self.session,
+            "epoch": self.epoch,
+            "keep": self.keep,
+            "peer_timeout": self.peer_timeout,
+            "node": self.host_id,
+            "seq": self.seq,
+            "counters": dict(self.counters),
+        }
 
     def remember_failure(self, step: int, reason: str) -> None:
         self.failed[step] = reason

@@ -113,9 +113,21 @@ class AssemblyStatus(TypedDict):
     assembled: list[int]
 
 
-def compose(*, loop: LoopStatus, shared: SharedStatus, versions: list, peers: PeersStatus, reading: ReadingStatus,
-            memory: MemoryStatus, retention: RetentionStatus, subscribers: int, job: JobStatus | None,
-            assembly: AssemblyStatus | None, transport: dict | None = None, changes: dict | None = None) -> dict:
+def compose(
+    *,
+    loop: LoopStatus,
+    shared: SharedStatus,
+    versions: list,
+    peers: PeersStatus,
+    reading: ReadingStatus,
+    memory: MemoryStatus,
+    retention: RetentionStatus,
+    subscribers: int,
+    job: JobStatus | None,
+    assembly: AssemblyStatus | None,
+    transport: dict | None = None,
+    changes: dict | None = None,
+) -> dict:
     """The status object `stager status --json` prints, from each part's piece (pure: no part is
     asked anything here). ``versions``: :class:`VersionDetails` and :class:`FailedStep` entries."""
     status = {

@@ -12,12 +12,23 @@ from __future__ import annotations
 import logging
 import time
 from collections import OrderedDict
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
 from stager.protocol import (
-    Abort, Begin, BeginReply, Commit, ErrorCode, ErrorReply, Message, Ok, ProtocolError, Put, Sealed, StagerError,
+    Abort,
+    Begin,
+    BeginReply,
+    Commit,
+    ErrorCode,
+    ErrorReply,
+    Message,
+    Ok,
+    ProtocolError,
+    Put,
+    Sealed,
+    StagerError,
 )
 from stager.protocol.dtypes import dtype_from_name
 from stager.protocol.layout import PlanEntry, plan_digest
@@ -42,9 +53,19 @@ class Steps:
     """Owns the steps in flight: begins, puts, commits, aborts, sealing, failure and timeouts.
     ``announce`` tells subscribers about each version it seals."""
 
-    def __init__(self, state: DaemonState, directory: PeerDirectory, memory: Retention, outbox: Outbox, *,
-                 announce: Callable[[Version], None]):
-        self.state, self.directory, self.memory, self.outbox = state, directory, memory, outbox
+    def __init__(
+        self,
+        state: DaemonState,
+        directory: PeerDirectory,
+        memory: Retention,
+        outbox: Outbox,
+        *,
+        announce: Callable[[Version], None],
+    ):
+        self.state = state
+        self.directory = directory
+        self.memory = memory
+        self.outbox = outbox
         self._announce = announce
         # rank -> (epoch, step) of its latest begin or abort: a rank stages steps in increasing order
         self.positions: dict[int, tuple[int, int]] = {}
@@ -57,8 +78,11 @@ class Steps:
         rank, step = peer.rank, msg.step
         if msg.plan is not None:
             if plan_digest(msg.plan) != msg.digest:
-                raise StagerError(ErrorCode.BAD_PLAN, f"rank {rank}: the plan does not match its digest "
-                                                      f"{msg.digest[:12]}; digest = blake2b-128 of the msgpack plan")
+                raise StagerError(
+                    ErrorCode.BAD_PLAN,
+                    f"rank {rank}: the plan does not match its digest "
+                    f"{msg.digest[:12]}; digest = blake2b-128 of the msgpack plan",
+                )
             self._remember_plan(rank, msg.digest, msg.plan)
         elif (rank, msg.digest) not in state.plans:
             raise StagerError(
@@ -80,8 +104,10 @@ class Steps:
         past = self._ranks_past(step, {rank, *(v.digests if v is not None else ())})
         if past:
             who = f"rank {past[0]}" if len(past) == 1 else f"ranks {past}"
-            reason = (f"{who} went past step {step} without beginning it (its stage of step {step} failed before "
-                      "reaching the daemon, e.g. across a daemon restart)")
+            reason = (
+                f"{who} went past step {step} without beginning it (its stage of step {step} failed before "
+                "reaching the daemon, e.g. across a daemon restart)"
+            )
             if v is not None:
                 self.fail(v, reason)
             raise StagerError(ErrorCode.STEP_FAILED, f"step {step} failed: {reason}")
@@ -89,7 +115,8 @@ class Steps:
             raise StagerError(
                 ErrorCode.MEMORY_LIMIT,
                 f"{len(state.staging)} steps are still staging ({sorted(state.staging)}); wait for earlier stages "
-                "(handle.wait()) before staging more, or find the rank that does not commit")
+                "(handle.wait()) before staging more, or find the rank that does not commit",
+            )
         self._retire_abandoned(step)
         if v is None:
             v = state.staging[step] = Version(step, state.epoch, full_world=msg.full_world)
@@ -118,7 +145,9 @@ class Steps:
             data = frame.buffer if hasattr(frame, "buffer") else memoryview(frame)
             want = entry.box.numel * dtype_from_name(entry.dtype).itemsize
             if data.nbytes != want:
-                raise StagerError(ErrorCode.BAD_MESSAGE, f"{entry.fqn}: got {data.nbytes} bytes, the shard holds {want}")
+                raise StagerError(
+                    ErrorCode.BAD_MESSAGE, f"{entry.fqn}: got {data.nbytes} bytes, the shard holds {want}"
+                )
             checked.append((index, entry, data))
         seg_bytes = v.segment.as_bytes()
         writes = []
@@ -159,8 +188,9 @@ class Steps:
         lowest = v.objects_rank is None or rank < v.objects_rank  # the lowest rank's train state wins
         if msg.quant and lowest:
             try:
-                check_quant({f: s.wire() for f, s in msg.quant.items()},
-                            {t.fqn: (t.dtype, t.shape) for t in v.layout.tensors})
+                check_quant(
+                    {f: s.wire() for f, s in msg.quant.items()}, {t.fqn: (t.dtype, t.shape) for t in v.layout.tensors}
+                )
             except StagerError as exc:
                 self.fail(v, f"rank {rank}: {exc.message}", exc.code)
                 raise
@@ -199,8 +229,11 @@ class Steps:
         self.positions[rank] = (self.state.epoch, step)
         for v in list(self.state.staging.values()):
             if v.step < step and rank not in v.digests:
-                self.fail(v, f"rank {rank} {what} step {step} without beginning step {v.step} (its stage of step "
-                             f"{v.step} failed before reaching the daemon, e.g. across a daemon restart)")
+                self.fail(
+                    v,
+                    f"rank {rank} {what} step {step} without beginning step {v.step} (its stage of step "
+                    f"{v.step} failed before reaching the daemon, e.g. across a daemon restart)",
+                )
 
     def _ranks_past(self, step: int, began) -> list[int]:
         """Ranks of this job whose latest begin or abort is for a step at or after ``step`` and
@@ -259,9 +292,12 @@ class Steps:
         if v.record is None:
             record = state.current
             expected = set(range(state.local_world_size or 0))
-            reusable = (record is not None and set(record.digests) == expected
-                        and record.full_world == v.full_world
-                        and all(record.digests.get(r) == d for r, d in v.digests.items()))
+            reusable = (
+                record is not None
+                and set(record.digests) == expected
+                and record.full_world == v.full_world
+                and all(record.digests.get(r) == d for r, d in v.digests.items())
+            )
             if not reusable:
                 if len(v.digests) < len(expected):
                     return False  # a new layout needs every rank's plan
@@ -277,8 +313,12 @@ class Steps:
     def _digests_agree(self, v: Version) -> bool:
         for r, d in v.digests.items():
             if v.record.digests.get(r) != d:
-                self.fail(v, f"rank {r} changed its state-dict layout at step {v.step} while other ranks did "
-                             "not; every rank must stage the same keys and shapes", ErrorCode.BAD_PLAN)
+                self.fail(
+                    v,
+                    f"rank {r} changed its state-dict layout at step {v.step} while other ranks did "
+                    "not; every rank must stage the same keys and shapes",
+                    ErrorCode.BAD_PLAN,
+                )
                 return False
         return True
 
@@ -318,9 +358,18 @@ class Steps:
             send_assignment = peer is not None and record.id not in peer.layouts_sent
             if send_assignment:
                 peer.layouts_sent.add(record.id)
-            self.outbox.send(pending.peer, BeginReply(
-                id=pending.rid, step=v.step, segment=v.segment.name, size=v.segment.size, layout=record.id,
-                assignment=record.layout.assignments[rank] if send_assignment else None, live_segments=live))
+            self.outbox.send(
+                pending.peer,
+                BeginReply(
+                    id=pending.rid,
+                    step=v.step,
+                    segment=v.segment.name,
+                    size=v.segment.size,
+                    layout=record.id,
+                    assignment=record.layout.assignments[rank] if send_assignment else None,
+                    live_segments=live,
+                ),
+            )
         v.waiting_begin.clear()
 
     def _layout_for(self, v: Version) -> LayoutRecord:
@@ -334,8 +383,13 @@ class Steps:
             while len(state.layouts) >= LAYOUTS_KEPT:
                 state.layouts.pop(next(iter(state.layouts)))
             state.layouts[key] = record
-            log.info("layout %s: %d tensors, %.1f MiB%s", record.id, len(layout.tensors), layout.size / 2**20,
-                     " (partial)" if layout.partial else "")
+            log.info(
+                "layout %s: %d tensors, %.1f MiB%s",
+                record.id,
+                len(layout.tensors),
+                layout.size / 2**20,
+                " (partial)" if layout.partial else "",
+            )
         return record
 
     def _seal(self, v: Version) -> None:
@@ -390,24 +444,35 @@ class Steps:
         now = time.monotonic()
         for v in list(state.staging.values()):
             if now - v.started > state.step_timeout:
-                expected = (set(v.record.digests) if v.record
-                            else set(range(state.local_world_size or 0)) | set(state.ranks) | set(v.digests))
+                expected = (
+                    set(v.record.digests)
+                    if v.record
+                    else set(range(state.local_world_size or 0)) | set(state.ranks) | set(v.digests)
+                )
                 never = sorted(expected - set(v.digests))[:32]
-                missing = (f"ranks {never} never began it" if never else
-                           f"ranks {sorted(expected - v.committed)[:32]} did not commit")
-                self.fail(v, f"step {v.step} timed out after {state.step_timeout:.0f}s in phase {v.phase.value}: "
-                             f"{missing} (began: {sorted(v.digests)[:32]}); a rank is stuck, gone or slower than "
-                             "--step-timeout")
+                missing = (
+                    f"ranks {never} never began it"
+                    if never
+                    else f"ranks {sorted(expected - v.committed)[:32]} did not commit"
+                )
+                self.fail(
+                    v,
+                    f"step {v.step} timed out after {state.step_timeout:.0f}s in phase {v.phase.value}: "
+                    f"{missing} (began: {sorted(v.digests)[:32]}); a rank is stuck, gone or slower than "
+                    "--step-timeout",
+                )
             elif v.phase is Phase.ALLOCATING:
                 self.advance(v)
 
     def versions(self, now: float) -> list[VersionDetails | FailedStep]:
         """Status: the sealed versions, the steps in flight and the steps that failed."""
         state = self.state
-        return ([v.summary(now) for v in state.sealed.values()] + [v.summary(now) for v in state.staging.values()]
-                + [{"step": s, "state": "failed", "reason": r} for s, r in state.failed.items()])
+        return (
+            [v.summary(now) for v in state.sealed.values()]
+            + [v.summary(now) for v in state.staging.values()]
+            + [{"step": s, "state": "failed", "reason": r} for s, r in state.failed.items()]
+        )
 
     def close(self) -> None:
         for v in list(self.state.staging.values()):
             self.fail(v, "the daemon is shutting down")
-

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from typing import Callable
+from collections.abc import Callable
 
 from stager.protocol import ErrorCode, ErrorReply, Message, Ok, StagerError
 from stager.protocol.assembly import AssembleBegin, AssembleDone, AssembleReply, Spec
@@ -84,7 +84,10 @@ class FullAssembly:
     on the socket loop's thread; one assembly is under way at a time (a node has one assembler)."""
 
     def __init__(self, state: DaemonState, memory: Retention, announce: Callable[[Version], None], outbox: Outbox):
-        self.state, self.memory, self._announce, self.outbox = state, memory, announce, outbox
+        self.state = state
+        self.memory = memory
+        self._announce = announce
+        self.outbox = outbox
         self.records: dict[tuple, LayoutRecord] = {}  # specs -> whole layout (one per model: segments pool)
         self.current: InFlight | None = None
         memory.budget.spare_rotation = state.keep + 1
@@ -97,13 +100,19 @@ class FullAssembly:
         self._abandon()  # one at a time: an assembler that begins again is done with the last one
         step, held = msg.step, self.state.leases.get(msg.lease)
         if held is None or held[1].step != step:
-            raise StagerError(ErrorCode.UNKNOWN_LEASE,
-                              f"assemble_begin: lease {msg.lease} is not a lease on step {step} held on this node; "
-                              "lease the version on this node's daemon first and name the lease it gave")
+            raise StagerError(
+                ErrorCode.UNKNOWN_LEASE,
+                f"assemble_begin: lease {msg.lease} is not a lease on step {step} held on this node; "
+                "lease the version on this node's daemon first and name the lease it gave",
+            )
         v = held[1]
         if self.state.sealed.get(step) is not v or v.epoch != self.state.epoch or v.assembled or not v.layout.partial:
-            return skip(step, "not_partial", f"step {step} is not a partial version sealed on this node in the "
-                                             "current timeline (evicted, rolled back, or assembled already)")
+            return skip(
+                step,
+                "not_partial",
+                f"step {step} is not a partial version sealed on this node in the "
+                "current timeline (evicted, rolled back, or assembled already)",
+            )
         why = mismatch({t.fqn: (t.dtype, t.shape) for t in v.layout.tensors}, list(msg.specs))
         if why is not None:
             self.state.counters["assembly_failed"] += 1
@@ -121,7 +130,9 @@ class FullAssembly:
     def _segment(self) -> AssembleReply | None:
         """The current assembly's segment, if the budget has one now (None: being created)."""
         cur = self.current
-        record, step, budget = cur.record, cur.version.step, self.memory.budget
+        record = cur.record
+        step = cur.version.step
+        budget = self.memory.budget
         try:
             got = budget.request_spare(record.id, record.layout.size)
         except StagerError as exc:  # creating it failed (/dev/shm full): this version stays partial
@@ -131,10 +142,16 @@ class FullAssembly:
         if not isinstance(got, Segment):
             self.current = None
             self.state.counters["assembly_skipped"] += 1
-            why = got.message if isinstance(got, StagerError) else (
-                f"{budget.used >> 20} of {budget.limit >> 20} MiB in use, the trainer's next segments kept free")
-            return skip(step, "no_memory", f"step {step}: no free memory for the whole version "
-                                           f"({record.layout.size >> 20} MiB; {why})")
+            why = (
+                got.message
+                if isinstance(got, StagerError)
+                else (f"{budget.used >> 20} of {budget.limit >> 20} MiB in use, the trainer's next segments kept free")
+            )
+            return skip(
+                step,
+                "no_memory",
+                f"step {step}: no free memory for the whole version ({record.layout.size >> 20} MiB; {why})",
+            )
         cur.segment = got
         offsets = tuple((t.fqn, t.blocks[0].byte_offset) for t in record.layout.tensors)
         return AssembleReply(step=step, segment=got.name, size=record.layout.size, offsets=offsets)
@@ -157,9 +174,12 @@ class FullAssembly:
     def on_done(self, identity: bytes, msg: AssembleDone) -> Message:
         cur = self.current
         if cur is None or cur.segment is None or cur.segment.name != msg.segment or cur.version.step != msg.step:
-            raise StagerError(ErrorCode.UNKNOWN_STEP, f"assemble_done: segment {msg.segment!r} of step {msg.step} is "
-                                                      "not the one this daemon gave for the assembly under way; send "
-                                                      "assemble_begin first and report the segment it answered")
+            raise StagerError(
+                ErrorCode.UNKNOWN_STEP,
+                f"assemble_done: segment {msg.segment!r} of step {msg.step} is "
+                "not the one this daemon gave for the assembly under way; send "
+                "assemble_begin first and report the segment it answered",
+            )
         self.current = None
         if not msg.ok:
             log.info("full assembly of step %d failed: %s", msg.step, msg.reason or "no reason given")
@@ -173,9 +193,14 @@ class FullAssembly:
         if cur.segment is not None:
             self.memory.budget.give_back(cur.segment, reuse=True)
         else:  # its begin still waits for a segment: answered, never left hanging
-            self.outbox.send(cur.asker.peer, ErrorReply(
-                id=cur.asker.rid, code=ErrorCode.STEP_FAILED.value,
-                message=f"assemble_begin of step {cur.version.step} was superseded by another assemble_begin"))
+            self.outbox.send(
+                cur.asker.peer,
+                ErrorReply(
+                    id=cur.asker.rid,
+                    code=ErrorCode.STEP_FAILED.value,
+                    message=f"assemble_begin of step {cur.version.step} was superseded by another assemble_begin",
+                ),
+            )
 
     def finish(self, v: Version, record: LayoutRecord, seg: Segment, ok: bool) -> bool:
         """Swap ``v``, the partial version the assembly began from, for the whole one in ``seg``
@@ -187,9 +212,22 @@ class FullAssembly:
             if not ok:
                 self.state.counters["assembly_failed"] += 1
             return False
-        whole = Version(step, v.epoch, started=v.started, phase=Phase.SEALED, record=record, segment=seg,
-                        full_world=False, objects=v.objects, objects_rank=v.objects_rank, model_info=v.model_info,
-                        quant=dict(v.quant), seq=v.seq, sealed_at=v.sealed_at, assembled=True)
+        whole = Version(
+            step,
+            v.epoch,
+            started=v.started,
+            phase=Phase.SEALED,
+            record=record,
+            segment=seg,
+            full_world=False,
+            objects=v.objects,
+            objects_rank=v.objects_rank,
+            model_info=v.model_info,
+            quant=dict(v.quant),
+            seq=v.seq,
+            sealed_at=v.sealed_at,
+            assembled=True,
+        )
         self.state.sealed[step] = whole
         if v.leases:
             self.state.orphans.add(v)  # its readers keep it until they release it

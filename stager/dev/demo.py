@@ -37,7 +37,8 @@ import statistics
 import tempfile
 import threading
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -79,8 +80,9 @@ def sharded_model(world_size: int) -> tuple[TinyModel, torch.optim.Optimizer]:
 # ---------------------------------------------------------------------------------------------- trainer
 
 
-def _train_rank(rank: int, world_size: int, endpoint: str, steps: int, every: int, out_dir: str,
-                rollout_ready: Any) -> dict:
+def _train_rank(
+    rank: int, world_size: int, endpoint: str, steps: int, every: int, out_dir: str, rollout_ready: Any
+) -> dict:
     import torch.nn.functional as F
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
     from torch.distributed.tensor import DTensor
@@ -97,7 +99,11 @@ def _train_rank(rank: int, world_size: int, endpoint: str, steps: int, every: in
     gen = torch.Generator().manual_seed(1 + rank)
     if not rollout_ready.wait(120):  # an RL job starts training once its inference side is up
         raise RuntimeError("the rollout process did not start within 120 s")
-    stage_ms, blocked_ms, sealed_ms, nbytes, staged = [], [], [], [], []
+    stage_ms = []
+    blocked_ms = []
+    sealed_ms = []
+    nbytes = []
+    staged = []
     waiters: list[threading.Thread] = []
 
     def until_sealed(handle, t0: float) -> None:
@@ -124,8 +130,11 @@ def _train_rank(rank: int, world_size: int, endpoint: str, steps: int, every: in
             train = {"step": step, "loss": loss.item()}
             # the README's calls: model.state_dict() (FSDP2's DTensor shards; what torchtitan's checkpointer
             # takes, and what works on its fused-QKV models where get_model_state_dict raises)
-            state = {"model": model.state_dict(),
-                     "optim": get_optimizer_state_dict(model, optim, options=flat), "train": train}
+            state = {
+                "model": model.state_dict(),
+                "optim": get_optimizer_state_dict(model, optim, options=flat),
+                "train": train,
+            }
             t0 = time.perf_counter()
             handle = client.stage(state, step=step, model_info=info)
             stage_ms.append((time.perf_counter() - t0) * 1e3)
@@ -133,19 +142,23 @@ def _train_rank(rank: int, world_size: int, endpoint: str, steps: int, every: in
             waiters.append(threading.Thread(target=until_sealed, args=(handle, t0), daemon=True))
             waiters[-1].start()
             # the reference the readers are checked against: the unsharded state at this step (a collective)
-            expected = {"model": {k: v.full_tensor() if isinstance(v, DTensor) else v
-                                  for k, v in state["model"].items()},
-                        "optim": get_optimizer_state_dict(model, optim, options=full), "train": train}
+            expected = {
+                "model": {k: v.full_tensor() if isinstance(v, DTensor) else v for k, v in state["model"].items()},
+                "optim": get_optimizer_state_dict(model, optim, options=full),
+                "train": train,
+            }
             if rank == 0:
                 tensors, objects = flatten_state_dict(expected)
-                save_file({k: v.clone() for k, v in tensors.items()}, os.path.join(out_dir, f"expected-{step:08d}"),
-                          metadata={"objects": json.dumps(objects)})
+                save_file(
+                    {k: v.clone() for k, v in tensors.items()},
+                    os.path.join(out_dir, f"expected-{step:08d}"),
+                    metadata={"objects": json.dumps(objects)},
+                )
         if handle is not None:
             handle.wait(60)
         for waiter in waiters:
             waiter.join(60)
-    return {"staged": staged, "stage_ms": stage_ms, "blocked_ms": blocked_ms, "sealed_ms": sealed_ms,
-            "nbytes": nbytes}
+    return {"staged": staged, "stage_ms": stage_ms, "blocked_ms": blocked_ms, "sealed_ms": sealed_ms, "nbytes": nbytes}
 
 
 # ---------------------------------------------------------------------------------------------- readers
@@ -164,8 +177,15 @@ def _rollout(endpoint: str, out_dir: str, final_step: int, ready: Any) -> None:
                 t0 = time.perf_counter()
                 weights = {name: tensor.clone() for name, tensor in snap.items()}  # load_weights(snap.items())
                 ms = (time.perf_counter() - t0) * 1e3
-                records.append({"step": snap.step, "skipped": snap.skipped, "tensors": len(weights), "ms": ms,
-                                "bytes": sum(t.numel() * t.element_size() for t in weights.values())})
+                records.append(
+                    {
+                        "step": snap.step,
+                        "skipped": snap.skipped,
+                        "tensors": len(weights),
+                        "ms": ms,
+                        "bytes": sum(t.numel() * t.element_size() for t in weights.values()),
+                    }
+                )
                 save_file(weights, os.path.join(out_dir, f"rollout-{snap.step:08d}"))  # for the check
                 step = snap.step
                 snap.release()
@@ -187,7 +207,10 @@ class _Follower(threading.Thread):
 
     def __init__(self, name: str, write: Callable[[Any, str], str], out_dir: str, endpoint: str, final_step: int):
         super().__init__(name=name, daemon=True)
-        self.write, self.out_dir, self.endpoint, self.final_step = write, out_dir, endpoint, final_step
+        self.write = write
+        self.out_dir = out_dir
+        self.endpoint = endpoint
+        self.final_step = final_step
         self.records: list[dict] = []
         self.error: str | None = None
 
@@ -203,8 +226,9 @@ class _Follower(threading.Thread):
             except BaseException as exc:  # stop following: the demo reports it as a failed check
                 self.error = f"step {snap.step}: {type(exc).__name__}: {exc}"
                 raise _Finished from exc
-            self.records.append({"step": snap.step, "ms": (time.perf_counter() - t0) * 1e3, "path": path,
-                                 "bytes": tree_bytes(path)})
+            self.records.append(
+                {"step": snap.step, "ms": (time.perf_counter() - t0) * 1e3, "path": path, "bytes": tree_bytes(path)}
+            )
             if snap.step >= self.final_step:
                 raise _Finished
             return path
@@ -235,8 +259,12 @@ def _check_rollout(records: list[dict], tmp: str, expected_hf: Callable[[int], d
             bad[r["step"]] = diff[:5]
     ok = bool(records) and not bad
     steps = [r["step"] for r in records]
-    return {"ok": ok, "detail": f"HF view of steps {steps} == llama3(trainer model) bit for bit" if ok else
-            f"steps seen {steps}; mismatched {bad}"}
+    return {
+        "ok": ok,
+        "detail": f"HF view of steps {steps} == llama3(trainer model) bit for bit"
+        if ok
+        else f"steps seen {steps}; mismatched {bad}",
+    }
 
 
 def _check_export(records: list[dict], out: str, expected_hf: Callable[[int], dict], hf_config: dict) -> dict:
@@ -260,8 +288,12 @@ def _check_export(records: list[dict], out: str, expected_hf: Callable[[int], di
     latest = os.path.realpath(os.path.join(out, "latest"))
     ok = bool(records) and not bad and latest == os.path.realpath(records[-1]["path"])
     steps = [r["step"] for r in records]
-    return {"ok": ok, "detail": f"safetensors of steps {steps} == llama3(trainer model), config.json, manifest" if ok
-            else f"exported {steps}; mismatched {bad}; latest -> {latest}"}
+    return {
+        "ok": ok,
+        "detail": f"safetensors of steps {steps} == llama3(trainer model), config.json, manifest"
+        if ok
+        else f"exported {steps}; mismatched {bad}; latest -> {latest}",
+    }
 
 
 def _check_dcp(records: list[dict], expected: Callable[[int], tuple[dict, dict]]) -> dict:
@@ -280,8 +312,13 @@ def _check_dcp(records: list[dict], expected: Callable[[int], tuple[dict, dict]]
     ok = bool(records) and not bad
     steps = [r["step"] for r in records]
     n = len(expected(records[-1]["step"])[0]) if records else 0
-    return {"ok": ok, "detail": f"steps {steps} load with dcp.load(no_dist=True) in 1 process: {n} model + optimizer "
-            f"tensors and train state == trainer" if ok else f"written {steps}; mismatched {bad}"}
+    return {
+        "ok": ok,
+        "detail": f"steps {steps} load with dcp.load(no_dist=True) in 1 process: {n} model + optimizer "
+        f"tensors and train state == trainer"
+        if ok
+        else f"written {steps}; mismatched {bad}",
+    }
 
 
 def _median(values: list[float]) -> float | None:
@@ -295,9 +332,9 @@ def _run(steps: int, every: int, tmp: str) -> dict:
     import multiprocessing as mp
 
     from stager.client.adapters import load_adapter
+    from stager.dev.tiny_llama import HF_CONFIG
     from stager.writers.export_hf import export_snapshot
     from stager.writers.write_dcp import write_snapshot_dcp
-    from stager.dev.tiny_llama import HF_CONFIG
 
     ctx = mp.get_context("spawn")
     hf_dir, dcp_dir = os.path.join(tmp, "hf"), os.path.join(tmp, "dcp")
@@ -307,8 +344,10 @@ def _run(steps: int, every: int, tmp: str) -> dict:
         rollout = ctx.Process(target=_rollout, args=(daemon.endpoint, tmp, steps, ready), daemon=True)
         rollout.start()
         export_one = functools.partial(export_snapshot, progress=False)  # `export-hf --follow`'s
-        followers = [_Follower("export-hf", export_one, hf_dir, daemon.endpoint, steps),
-                     _Follower("write-dcp", write_snapshot_dcp, dcp_dir, daemon.endpoint, steps)]
+        followers = [
+            _Follower("export-hf", export_one, hf_dir, daemon.endpoint, steps),
+            _Follower("write-dcp", write_snapshot_dcp, dcp_dir, daemon.endpoint, steps),
+        ]
         for follower in followers:
             follower.start()
         wait = 5.0
@@ -342,7 +381,7 @@ def _run(steps: int, every: int, tmp: str) -> dict:
 
     def expected_hf(step: int) -> dict:
         tensors = expected(step)[0]
-        return llama3.to_hf({k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")})
+        return llama3.to_hf({k[len("model.") :]: v for k, v in tensors.items() if k.startswith("model.")})
 
     rollout_records = []
     if os.path.exists(os.path.join(tmp, "rollout.json")):
@@ -352,37 +391,63 @@ def _run(steps: int, every: int, tmp: str) -> dict:
     r0 = ranks[0]
     staged_ok = all(r["staged"] == r0["staged"] and len(r["sealed_ms"]) == len(r["staged"]) for r in ranks)
     checks = {
-        "trainer": {"ok": staged_ok and bool(r0["staged"]) and r0["staged"][-1] == steps,
-                    "detail": f"2 ranks staged and sealed steps {r0['staged']}"},
-        "subscriber": _check_rollout(rollout_records, tmp, expected_hf) if rollout.exitcode == 0 else
-        {"ok": False, "detail": f"rollout process exit code {rollout.exitcode}"},
-        "export_hf": _check_export(export.records, hf_dir, expected_hf, HF_CONFIG) if not export.error else
-        {"ok": False, "detail": export.error},
-        "write_dcp": _check_dcp(writer.records, expected) if not writer.error else
-        {"ok": False, "detail": writer.error},
-        "cleanup": {"ok": exit_code == 0 and not leftover,
-                    "detail": f"daemon stopped (exit {exit_code}), {len(leftover)} segments left in /dev/shm"},
+        "trainer": {
+            "ok": staged_ok and bool(r0["staged"]) and r0["staged"][-1] == steps,
+            "detail": f"2 ranks staged and sealed steps {r0['staged']}",
+        },
+        "subscriber": _check_rollout(rollout_records, tmp, expected_hf)
+        if rollout.exitcode == 0
+        else {"ok": False, "detail": f"rollout process exit code {rollout.exitcode}"},
+        "export_hf": _check_export(export.records, hf_dir, expected_hf, HF_CONFIG)
+        if not export.error
+        else {"ok": False, "detail": export.error},
+        "write_dcp": _check_dcp(writer.records, expected)
+        if not writer.error
+        else {"ok": False, "detail": writer.error},
+        "cleanup": {
+            "ok": exit_code == 0 and not leftover,
+            "detail": f"daemon stopped (exit {exit_code}), {len(leftover)} segments left in /dev/shm",
+        },
     }
     total = sum(r0["nbytes"])
     consumers = {
-        "trainer": {"versions": len(r0["staged"]), "steps": r0["staged"], "bytes": total,
-                    "median_ms": _median([m for r in ranks for m in r["sealed_ms"]]),
-                    "stage_call_median_ms": _median([m for r in ranks for m in r["stage_ms"]]),
-                    "wait_copied_median_ms": _median([m for r in ranks for m in r["blocked_ms"]])},
-        "subscriber": {"versions": len(rollout_records), "steps": [r["step"] for r in rollout_records],
-                       "skipped": sum(r["skipped"] for r in rollout_records),
-                       "bytes": sum(r["bytes"] for r in rollout_records),
-                       "median_ms": _median([r["ms"] for r in rollout_records])},
-        "export_hf": {"versions": len(export.records), "steps": [r["step"] for r in export.records],
-                      "bytes": sum(r["bytes"] for r in export.records),
-                      "median_ms": _median([r["ms"] for r in export.records])},
-        "write_dcp": {"versions": len(writer.records), "steps": [r["step"] for r in writer.records],
-                      "bytes": sum(r["bytes"] for r in writer.records),
-                      "median_ms": _median([r["ms"] for r in writer.records])},
+        "trainer": {
+            "versions": len(r0["staged"]),
+            "steps": r0["staged"],
+            "bytes": total,
+            "median_ms": _median([m for r in ranks for m in r["sealed_ms"]]),
+            "stage_call_median_ms": _median([m for r in ranks for m in r["stage_ms"]]),
+            "wait_copied_median_ms": _median([m for r in ranks for m in r["blocked_ms"]]),
+        },
+        "subscriber": {
+            "versions": len(rollout_records),
+            "steps": [r["step"] for r in rollout_records],
+            "skipped": sum(r["skipped"] for r in rollout_records),
+            "bytes": sum(r["bytes"] for r in rollout_records),
+            "median_ms": _median([r["ms"] for r in rollout_records]),
+        },
+        "export_hf": {
+            "versions": len(export.records),
+            "steps": [r["step"] for r in export.records],
+            "bytes": sum(r["bytes"] for r in export.records),
+            "median_ms": _median([r["ms"] for r in export.records]),
+        },
+        "write_dcp": {
+            "versions": len(writer.records),
+            "steps": [r["step"] for r in writer.records],
+            "bytes": sum(r["bytes"] for r in writer.records),
+            "median_ms": _median([r["ms"] for r in writer.records]),
+        },
     }
-    return {"ok": all(c["ok"] for c in checks.values()), "steps": steps, "every": every,
-            "model": "tiny torchtitan-style Llama 3 (2 layers, hidden 64), FSDP2 over 2 gloo ranks, AdamW",
-            "seconds": round(wall, 2), "consumers": consumers, "checks": checks}
+    return {
+        "ok": all(c["ok"] for c in checks.values()),
+        "steps": steps,
+        "every": every,
+        "model": "tiny torchtitan-style Llama 3 (2 layers, hidden 64), FSDP2 over 2 gloo ranks, AdamW",
+        "seconds": round(wall, 2),
+        "consumers": consumers,
+        "checks": checks,
+    }
 
 
 def _size(n: int) -> str:
@@ -394,18 +459,28 @@ def _print_table(s: dict) -> None:
     t = c["trainer"]
     print(f"stager demo: {s['model']}; {s['steps']} steps, staged every {s['every']} ({s['seconds']:.1f} s)")
     print(f"  {'consumer':<17}{'versions':>8}{'bytes':>12}{'median ms/version':>19}")
-    rows = [("trainer staging", t, f"  stage() to sealed; stage() returned in {t['stage_call_median_ms']} ms, "
-                                   f"wait_copied blocked {t['wait_copied_median_ms']} ms"),
-            ("subscriber (hf)", c["subscriber"], f"  {c['subscriber']['skipped']} skipped"),
-            ("export-hf", c["export_hf"], ""), ("write-dcp", c["write_dcp"], "")]
+    rows = [
+        (
+            "trainer staging",
+            t,
+            f"  stage() to sealed; stage() returned in {t['stage_call_median_ms']} ms, "
+            f"wait_copied blocked {t['wait_copied_median_ms']} ms",
+        ),
+        ("subscriber (hf)", c["subscriber"], f"  {c['subscriber']['skipped']} skipped"),
+        ("export-hf", c["export_hf"], ""),
+        ("write-dcp", c["write_dcp"], ""),
+    ]
     for label, row, note in rows:
         ms = "-" if row["median_ms"] is None else f"{row['median_ms']:.1f}"
         print(f"  {label:<17}{row['versions']:>8}{_size(row['bytes']):>12}{ms:>19}{note}")
     print("  checks")
     for name, check in s["checks"].items():
         print(f"    {'ok' if check['ok'] else 'FAILED':<7}{name.replace('_', '-'):<12}{check['detail']}")
-    print("ok: every reader's output matches the trainer's state bit for bit: yes" if s["ok"] else
-          "FAILED: " + ", ".join(k for k, v in s["checks"].items() if not v["ok"]))
+    print(
+        "ok: every reader's output matches the trainer's state bit for bit: yes"
+        if s["ok"]
+        else "FAILED: " + ", ".join(k for k, v in s["checks"].items() if not v["ok"])
+    )
 
 
 def run_demo(steps: int = 6, stage_every: int = 2, json_out: bool = False) -> int:

@@ -13,7 +13,8 @@ import sys
 import tempfile
 import time
 import traceback
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 
 def free_port() -> int:
@@ -25,8 +26,14 @@ def free_port() -> int:
 class DaemonProcess:
     """``stager serve`` in a subprocess on a private ipc endpoint; ``with DaemonProcess() as d: d.endpoint``."""
 
-    def __init__(self, endpoint: str | None = None, *, args: tuple[str, ...] = (), startup_timeout: float = 60.0,
-                 env: dict | None = None):
+    def __init__(
+        self,
+        endpoint: str | None = None,
+        *,
+        args: tuple[str, ...] = (),
+        startup_timeout: float = 60.0,
+        env: dict | None = None,
+    ):
         self._tmp = None
         self.env = env
         if endpoint is None:
@@ -38,10 +45,14 @@ class DaemonProcess:
         self.proc: subprocess.Popen | None = None
         self.info: dict = {}
 
-    def start(self) -> "DaemonProcess":
+    def start(self) -> DaemonProcess:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "stager.cli", "serve", "--json", "--endpoint", self.endpoint, *self.args],
-            stdout=subprocess.PIPE, stderr=None, text=True, env={**os.environ, **self.env} if self.env else None)
+            stdout=subprocess.PIPE,
+            stderr=None,
+            text=True,
+            env={**os.environ, **self.env} if self.env else None,
+        )
         ready, _, _ = select.select([self.proc.stdout], [], [], self.startup_timeout)
         line = self.proc.stdout.readline() if ready else ""
         if not line:
@@ -70,7 +81,7 @@ class DaemonProcess:
             if self._tmp:
                 shutil.rmtree(self._tmp, ignore_errors=True)
 
-    def __enter__(self) -> "DaemonProcess":
+    def __enter__(self) -> DaemonProcess:
         return self.start()
 
     def __exit__(self, *exc) -> None:
@@ -90,20 +101,28 @@ class SimulatedCluster:
         # with auth_dir (`stager keygen` keys): tcp endpoints with CURVE, as across real nodes
         self.auth_dir = auth_dir
         extra = ("--auth-dir", auth_dir) if auth_dir else ()
-        self.daemons = [DaemonProcess(f"tcp://127.0.0.1:{free_port()}" if auth_dir else None, args=args + extra,
-                                      env={"STAGER_HOST_ID": f"node-{i}"}) for i in range(n)]
+        self.daemons = [
+            DaemonProcess(
+                f"tcp://127.0.0.1:{free_port()}" if auth_dir else None,
+                args=args + extra,
+                env={"STAGER_HOST_ID": f"node-{i}"},
+            )
+            for i in range(n)
+        ]
 
     @property
     def nodes(self) -> list[dict]:
         """Per node, the environment its ranks get: its host id and its daemon's endpoint."""
         keys = {"STAGER_AUTH_DIR": self.auth_dir} if self.auth_dir else {}
-        return [{"STAGER_HOST_ID": d.env["STAGER_HOST_ID"], "STAGER_ENDPOINT": d.endpoint, **keys} for d in self.daemons]
+        return [
+            {"STAGER_HOST_ID": d.env["STAGER_HOST_ID"], "STAGER_ENDPOINT": d.endpoint, **keys} for d in self.daemons
+        ]
 
     @property
     def endpoints(self) -> list[str]:
         return [d.endpoint for d in self.daemons]
 
-    def __enter__(self) -> "SimulatedCluster":
+    def __enter__(self) -> SimulatedCluster:
         try:
             for d in self.daemons:
                 d.start()
@@ -127,14 +146,20 @@ def _rank_env(rank: int, world_size: int, env: dict, nodes: list[dict] | None) -
     per_node = world_size // len(nodes)
     if per_node * len(nodes) != world_size:
         raise ValueError(f"{world_size} ranks do not split evenly over {len(nodes)} nodes")
-    return {**env, **{k: str(v) for k, v in nodes[rank // per_node].items()}, "LOCAL_RANK": str(rank % per_node),
-            "LOCAL_WORLD_SIZE": str(per_node), "GROUP_RANK": str(rank // per_node)}
+    return {
+        **env,
+        **{k: str(v) for k, v in nodes[rank // per_node].items()},
+        "LOCAL_RANK": str(rank % per_node),
+        "LOCAL_WORLD_SIZE": str(per_node),
+        "GROUP_RANK": str(rank // per_node),
+    }
 
 
 def _rank_main(target, rank, world_size, port, args, queue, env) -> None:
     os.environ.update(env)
-    os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(rank),
-                       "WORLD_SIZE": str(world_size)})
+    os.environ.update(
+        {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(rank), "WORLD_SIZE": str(world_size)}
+    )
     import torch.distributed as dist
 
     try:
@@ -148,8 +173,14 @@ def _rank_main(target, rank, world_size, port, args, queue, env) -> None:
             dist.destroy_process_group()
 
 
-def run_ranks(target: Callable[..., Any], world_size: int, *args: Any, timeout: float = 240.0,
-              env: dict | None = None, nodes: list[dict] | None = None) -> list[Any]:
+def run_ranks(
+    target: Callable[..., Any],
+    world_size: int,
+    *args: Any,
+    timeout: float = 240.0,
+    env: dict | None = None,
+    nodes: list[dict] | None = None,
+) -> list[Any]:
     """Run ``target(rank, world_size, *args)`` in ``world_size`` spawned gloo processes; return the results by rank.
 
     ``target`` must be importable (a module-level function). A rank that raises fails the whole call.
@@ -162,9 +193,14 @@ def run_ranks(target: Callable[..., Any], world_size: int, *args: Any, timeout: 
     queue = ctx.Queue()
     port = free_port()
     env = {k: str(v) for k, v in (env or {}).items()}
-    procs = [ctx.Process(target=_rank_main, args=(target, r, world_size, port, args, queue,
-                                                  _rank_env(r, world_size, env, nodes)), daemon=True)
-             for r in range(world_size)]
+    procs = [
+        ctx.Process(
+            target=_rank_main,
+            args=(target, r, world_size, port, args, queue, _rank_env(r, world_size, env, nodes)),
+            daemon=True,
+        )
+        for r in range(world_size)
+    ]
     for p in procs:
         p.start()
     results: dict[int, Any] = {}
@@ -174,13 +210,15 @@ def run_ranks(target: Callable[..., Any], world_size: int, *args: Any, timeout: 
         while len(results) + len(errors) < world_size:
             left = deadline - time.monotonic()
             if left <= 0:
-                raise TimeoutError(f"ranks {sorted(set(range(world_size)) - set(results))} did not finish in {timeout}s")
+                raise TimeoutError(
+                    f"ranks {sorted(set(range(world_size)) - set(results))} did not finish in {timeout}s"
+                )
             try:
                 rank, state, value = queue.get(timeout=min(left, 1.0))
             except Exception:
                 dead = [p for p in procs if p.exitcode not in (None, 0)]
                 if dead and len(results) + len(errors) < world_size:
-                    raise RuntimeError(f"a rank exited with code {dead[0].exitcode} without reporting")
+                    raise RuntimeError(f"a rank exited with code {dead[0].exitcode} without reporting") from None
                 continue
             if state == "ok":
                 results[rank] = value

@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
 import torch.distributed as dist
@@ -33,8 +33,9 @@ class LockstepStep:
     error: StagerError | None = None
 
 
-def lockstep_stages(client: StagingClient, state_dict: dict, tensor: torch.Tensor, control_dir: str, *,
-                    copy_timeout: float = 120.0) -> Iterator[LockstepStep]:
+def lockstep_stages(
+    client: StagingClient, state_dict: dict, tensor: torch.Tensor, control_dir: str, *, copy_timeout: float = 120.0
+) -> Iterator[LockstepStep]:
     """Stage ``state_dict`` every step until ``control_dir/done`` exists, ``tensor`` (one of its
     tensors) filled with the step number first; yields each step once its copy returned."""
     flag = torch.zeros(1)

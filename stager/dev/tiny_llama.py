@@ -14,10 +14,20 @@ import torch.nn.functional as F
 
 # Odd vocabulary on purpose: FSDP2 over 2 ranks shards the embedding and the output 66 + 65 rows.
 HF_CONFIG = {
-    "architectures": ["LlamaForCausalLM"], "model_type": "llama",
-    "vocab_size": 131, "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 2,
-    "num_attention_heads": 4, "num_key_value_heads": 2, "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
-    "max_position_embeddings": 64, "tie_word_embeddings": False, "hidden_act": "silu", "torch_dtype": "float32",
+    "architectures": ["LlamaForCausalLM"],
+    "model_type": "llama",
+    "vocab_size": 131,
+    "hidden_size": 64,
+    "intermediate_size": 96,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "rms_norm_eps": 1e-5,
+    "rope_theta": 10000.0,
+    "max_position_embeddings": 64,
+    "tie_word_embeddings": False,
+    "hidden_act": "silu",
+    "torch_dtype": "float32",
 }
 
 

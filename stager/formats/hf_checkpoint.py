@@ -96,16 +96,20 @@ def read_header(path: str) -> dict[str, StoredTensor]:
                 raise CheckpointError(path, f"is {size} bytes: too short for a safetensors header (truncated?)")
             (length,) = struct.unpack("<Q", raw)
             if length > MAX_HEADER_BYTES or 8 + length > size:
-                raise CheckpointError(path, f"claims a {length}-byte header but the file holds {size} bytes: "
-                                            "it is truncated or not a safetensors file")
+                raise CheckpointError(
+                    path,
+                    f"claims a {length}-byte header but the file holds {size} bytes: "
+                    "it is truncated or not a safetensors file",
+                )
             header = f.read(length)
     except OSError as exc:
         raise CheckpointError(path, f"cannot be read ({exc.strerror or exc})") from None
     try:
         meta = json.loads(header)
     except (ValueError, UnicodeDecodeError) as exc:
-        raise CheckpointError(path, f"has a header that is not JSON ({exc}): not a safetensors file, or damaged") \
-            from None
+        raise CheckpointError(
+            path, f"has a header that is not JSON ({exc}): not a safetensors file, or damaged"
+        ) from None
     if not isinstance(meta, dict):
         raise CheckpointError(path, "has a header that is not a JSON object: not a safetensors file")
     base = 8 + length
@@ -120,20 +124,30 @@ def read_header(path: str) -> dict[str, StoredTensor]:
 def _stored(path: str, name: str, info, base: int, size: int) -> StoredTensor:
     if not isinstance(info, dict):
         raise CheckpointError(path, "has no dtype/shape/data_offsets entry in the header", name)
-    code, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+    code = info.get("dtype")
+    shape = info.get("shape")
+    offsets = info.get("data_offsets")
     dtype = ST_DTYPES.get(code) if isinstance(code, str) else None
     if dtype is None:
-        raise CheckpointError(path, f"has dtype {code!r}, not one stager can hold ({', '.join(sorted(ST_DTYPES))})",
-                              name)
+        raise CheckpointError(
+            path, f"has dtype {code!r}, not one stager can hold ({', '.join(sorted(ST_DTYPES))})", name
+        )
     if not isinstance(shape, list) or not all(type(s) is int and s >= 0 for s in shape) or len(shape) > 64:
         raise CheckpointError(path, f"has a malformed shape {str(shape)[:80]}", name)
-    if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int for o in offsets)
-            and 0 <= offsets[0] <= offsets[1]):
+    if not (
+        isinstance(offsets, list)
+        and len(offsets) == 2
+        and all(type(o) is int for o in offsets)
+        and 0 <= offsets[0] <= offsets[1]
+    ):
         raise CheckpointError(path, f"has malformed data_offsets {str(offsets)[:80]}", name)
     nbytes = math.prod(shape) * dtype.itemsize
     if offsets[1] - offsets[0] != nbytes:
-        raise CheckpointError(path, f"holds {offsets[1] - offsets[0]} bytes but shape {shape} of {code} needs "
-                                    f"{nbytes}: the header is damaged", name)
+        raise CheckpointError(
+            path,
+            f"holds {offsets[1] - offsets[0]} bytes but shape {shape} of {code} needs {nbytes}: the header is damaged",
+            name,
+        )
     start, end = base + offsets[0], base + offsets[1]
     if end > size:
         raise CheckpointError(path, f"ends at byte {end} but the file holds {size}: the file is truncated", name)
@@ -180,16 +194,23 @@ def open_checkpoint(directory: str) -> HFCheckpoint:
         path = os.path.join(directory, rel)
         for name, t in read_header(path).items():
             if mapped is not None and mapped.get(name) != rel:
-                raise CheckpointError(path, f"is not mapped to this file by {INDEX}"
-                                      + (f" (it names {mapped[name]})" if name in mapped else ""), name)
+                raise CheckpointError(
+                    path,
+                    f"is not mapped to this file by {INDEX}"
+                    + (f" (it names {mapped[name]})" if name in mapped else ""),
+                    name,
+                )
             if name in tensors:
                 raise CheckpointError(path, f"is also in {tensors[name].path}", name)
             tensors[name] = t
     if mapped is not None:
         absent = [n for n in mapped if n not in tensors]
         if absent:
-            raise CheckpointError(os.path.join(directory, mapped[absent[0]]), f"is not in this file, although "
-                                                                             f"{INDEX} maps it here", absent[0])
+            raise CheckpointError(
+                os.path.join(directory, mapped[absent[0]]),
+                f"is not in this file, although {INDEX} maps it here",
+                absent[0],
+            )
     config_path = os.path.join(directory, "config.json")
     config = read_json(config_path) if os.path.exists(config_path) else None
     if config is not None and not isinstance(config, dict):
@@ -215,8 +236,11 @@ def read_into(t: StoredTensor, dst: torch.Tensor, fd: int) -> None:
         except OSError as exc:
             raise CheckpointError(t.path, f"cannot be read ({exc.strerror or exc})", t.name) from None
         if got <= 0:
-            raise CheckpointError(t.path, f"ends {nbytes - done} bytes short of the tensor's end: the file was "
-                                          "truncated while loading", t.name)
+            raise CheckpointError(
+                t.path,
+                f"ends {nbytes - done} bytes short of the tensor's end: the file was truncated while loading",
+                t.name,
+            )
         done += got
 
 

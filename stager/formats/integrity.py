@@ -12,12 +12,17 @@ import glob
 import json
 import os
 import zlib
-from typing import Any, Iterator, Mapping
+from collections.abc import Iterator, Mapping
+from typing import Any
 
 import torch
 
 from stager.formats.safe_dcp import (  # noqa: F401  (UnsafeCheckpoint: raised through read_tensors)
-    METADATA, DamagedCheckpoint, UnsafeCheckpoint, quiet_single_process_dcp, read_dcp_tensors,
+    METADATA,
+    DamagedCheckpoint,
+    UnsafeCheckpoint,
+    quiet_single_process_dcp,
+    read_dcp_tensors,
 )
 from stager.formats.safetensors_io import tensor_bytes
 from stager.protocol import ErrorCode, StagerError
@@ -76,8 +81,14 @@ def json_objects(objects: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
-def write_manifest(directory: str, step: int, kind: str, entries: Mapping[str, dict],
-                   objects: Mapping[str, Any] | None = None, model_info: Mapping[str, Any] | None = None) -> None:
+def write_manifest(
+    directory: str,
+    step: int,
+    kind: str,
+    entries: Mapping[str, dict],
+    objects: Mapping[str, Any] | None = None,
+    model_info: Mapping[str, Any] | None = None,
+) -> None:
     """``objects`` and ``model_info`` (the train state, the adapter and HF config) go along as far as
     JSON holds them: ``load-dcp`` brings them back without unpickling anything."""
     manifest = {"step": step, "format": kind, "tensors": dict(entries)}
@@ -120,8 +131,13 @@ def verify(path: str) -> dict:
         with open(os.path.join(path, MANIFEST)) as f:
             manifest = json.load(f)["tensors"]
     except (OSError, ValueError, KeyError) as exc:
-        raise StagerError(ErrorCode.BAD_VALUE, f"{path}: no readable {MANIFEST} ({exc}); export it with stager") from None
-    seen, mismatched, unexpected, error = set(), [], [], None
+        raise StagerError(
+            ErrorCode.BAD_VALUE, f"{path}: no readable {MANIFEST} ({exc}); export it with stager"
+        ) from None
+    seen = set()
+    mismatched = []
+    unexpected = []
+    error = None
     try:
         for name, tensor in read_tensors(path):
             want = manifest.get(name)
@@ -135,12 +151,19 @@ def verify(path: str) -> dict:
         error = exc.message[:300]
     except (StagerError, KeyboardInterrupt, SystemExit):
         raise
-    except BaseException as exc:  # a damaged file is corrupt, not a crash (DCP's CheckpointException is a BaseException)
+    except (
+        BaseException
+    ) as exc:  # a damaged file is corrupt, not a crash (DCP's CheckpointException is a BaseException)
         lines = [line for line in str(exc).splitlines() if line.strip()]
         error = (lines[-1] if lines else exc.__class__.__name__)[:300]  # DCP wraps the cause's traceback
     missing = sorted(set(manifest) - seen)
-    report = {"ok": not (mismatched or missing or unexpected or error), "checked": len(seen),
-              "mismatched": sorted(mismatched), "missing": missing, "unexpected": sorted(unexpected)}
+    report = {
+        "ok": not (mismatched or missing or unexpected or error),
+        "checked": len(seen),
+        "mismatched": sorted(mismatched),
+        "missing": missing,
+        "unexpected": sorted(unexpected),
+    }
     if error:
         report["error"] = error
     return report
@@ -150,8 +173,13 @@ def diff(a: Mapping[str, torch.Tensor] | Iterator, b: Mapping[str, torch.Tensor]
     """Per-tensor comparison: names only in one side, shape/dtype mismatches, max abs difference."""
     a = dict(a.items() if hasattr(a, "items") else a)
     b = dict(b.items() if hasattr(b, "items") else b)
-    report: dict[str, Any] = {"only_a": sorted(set(a) - set(b)), "only_b": sorted(set(b) - set(a)),
-                              "shape_mismatch": [], "different": {}, "equal": 0}
+    report: dict[str, Any] = {
+        "only_a": sorted(set(a) - set(b)),
+        "only_b": sorted(set(b) - set(a)),
+        "shape_mismatch": [],
+        "different": {},
+        "equal": 0,
+    }
     for name in sorted(set(a) & set(b)):
         x, y = a[name], b[name]
         if x.shape != y.shape:

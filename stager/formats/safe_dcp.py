@@ -15,8 +15,8 @@ from __future__ import annotations
 import dataclasses
 import io
 import os
-import warnings
 import pickle  # only through _MetadataUnpickler, which admits DCP's metadata classes and nothing else
+import warnings
 from typing import Any
 
 import torch
@@ -29,9 +29,18 @@ _MAX_METADATA_BYTES = 1 << 30
 
 _DCP_METADATA = "torch.distributed.checkpoint.metadata"
 _ALLOWED: dict[str, frozenset[str]] = {
-    _DCP_METADATA: frozenset({"Metadata", "MetadataIndex", "StorageMeta", "TensorProperties",
-                              "TensorStorageMetadata", "BytesStorageMetadata", "ChunkStorageMetadata",
-                              "_MEM_FORMAT_ENCODING"}),
+    _DCP_METADATA: frozenset(
+        {
+            "Metadata",
+            "MetadataIndex",
+            "StorageMeta",
+            "TensorProperties",
+            "TensorStorageMetadata",
+            "BytesStorageMetadata",
+            "ChunkStorageMetadata",
+            "_MEM_FORMAT_ENCODING",
+        }
+    ),
     "torch.distributed.checkpoint.filesystem": frozenset({"_StorageInfo"}),
     "torch.serialization": frozenset({"_get_layout"}),  # looks a torch.layout up by name
     "pathlib": frozenset({"PosixPath", "PurePosixPath", "WindowsPath", "PureWindowsPath"}),  # checkpoint_id
@@ -43,9 +52,12 @@ _ALLOWED: dict[str, frozenset[str]] = {
 def quiet_single_process_dcp() -> None:
     """torch warns on every single-process DCP save/load, even with ``no_dist=True``; stager's writer
     and verifier are one process on purpose. Filter exactly that message (process-wide, idempotent)."""
-    warnings.filterwarnings("ignore", category=UserWarning,
-                            message=r"torch\.distributed is (disabled, )?unavailable or uninitialized, assuming the "
-                                    r"intent is to (save|load) in a single process")
+    warnings.filterwarnings(
+        "ignore",
+        category=UserWarning,
+        message=r"torch\.distributed is (disabled, )?unavailable or uninitialized, assuming the "
+        r"intent is to (save|load) in a single process",
+    )
 
 
 class UnsafeCheckpoint(StagerError):
@@ -54,10 +66,12 @@ class UnsafeCheckpoint(StagerError):
 
     def __init__(self, path: str, global_name: str):
         self.path, self.global_name = path, global_name
-        super().__init__(ErrorCode.BAD_VALUE,
-                         f"{path} refers to {global_name}, which is not part of DCP checkpoint metadata: refusing to "
-                         "unpickle it (it could run code). Only read checkpoints you trust, and re-export this one "
-                         "with `stager write-dcp` or torch.distributed.checkpoint.save")
+        super().__init__(
+            ErrorCode.BAD_VALUE,
+            f"{path} refers to {global_name}, which is not part of DCP checkpoint metadata: refusing to "
+            "unpickle it (it could run code). Only read checkpoints you trust, and re-export this one "
+            "with `stager write-dcp` or torch.distributed.checkpoint.save",
+        )
 
 
 class DamagedCheckpoint(StagerError):
@@ -65,8 +79,10 @@ class DamagedCheckpoint(StagerError):
 
     def __init__(self, path: str, problem: str):
         self.path = path
-        super().__init__(ErrorCode.BAD_VALUE, f"{path}: {problem}; the checkpoint is damaged or incomplete: "
-                                              "copy it again or re-export the step")
+        super().__init__(
+            ErrorCode.BAD_VALUE,
+            f"{path}: {problem}; the checkpoint is damaged or incomplete: copy it again or re-export the step",
+        )
 
 
 class _MetadataUnpickler(pickle.Unpickler):
@@ -107,21 +123,36 @@ def load_metadata(directory: str):
         raise DamagedCheckpoint(path, "is nested too deeply to be DCP metadata") from None
     except Exception as exc:  # truncated or garbage: EOFError, UnpicklingError, ValueError, ...
         raise DamagedCheckpoint(path, f"is not readable DCP metadata ({exc.__class__.__name__}: {exc})"[:400]) from None
-    if not isinstance(metadata, Metadata) or not isinstance(metadata.state_dict_metadata, dict) \
-            or not isinstance(metadata.storage_data, dict):
+    if (
+        not isinstance(metadata, Metadata)
+        or not isinstance(metadata.state_dict_metadata, dict)
+        or not isinstance(metadata.storage_data, dict)
+    ):
         raise DamagedCheckpoint(path, f"holds a {type(metadata).__name__}, not DCP Metadata")
     for name, md in metadata.state_dict_metadata.items():
         if isinstance(md, TensorStorageMetadata) and not (
-                isinstance(md.size, torch.Size) and isinstance(getattr(md.properties, "dtype", None), torch.dtype)):
+            isinstance(md.size, torch.Size) and isinstance(getattr(md.properties, "dtype", None), torch.dtype)
+        ):
             raise DamagedCheckpoint(path, f"describes tensor {name!r} without a valid shape and dtype")
     needed: dict[str, int] = {}
     for info in metadata.storage_data.values():
         rel = getattr(info, "relative_path", None)
-        if not isinstance(info, _StorageInfo) or not isinstance(rel, str) or not rel or rel != os.path.basename(rel) \
-                or rel in (".", "..") or not isinstance(info.offset, int) or not isinstance(info.length, int) \
-                or info.offset < 0 or info.length < 0:
-            raise DamagedCheckpoint(path, f"names data outside the checkpoint directory or a bad byte range "
-                                          f"({getattr(info, 'relative_path', info)!r})"[:300])
+        if (
+            not isinstance(info, _StorageInfo)
+            or not isinstance(rel, str)
+            or not rel
+            or rel != os.path.basename(rel)
+            or rel in (".", "..")
+            or not isinstance(info.offset, int)
+            or not isinstance(info.length, int)
+            or info.offset < 0
+            or info.length < 0
+        ):
+            raise DamagedCheckpoint(
+                path,
+                f"names data outside the checkpoint directory or a bad byte range "
+                f"({getattr(info, 'relative_path', info)!r})"[:300],
+            )
         needed[rel] = max(needed.get(rel, 0), info.offset + info.length)
     for rel, end in sorted(needed.items()):
         file = os.path.join(directory, rel)
@@ -166,7 +197,8 @@ def _reader_class():
                 except Exception as exc:
                     self.failure = DamagedCheckpoint(
                         os.path.join(self.directory, rel),
-                        f"cannot be read ({exc.__class__.__name__}: {_last_line(exc)})"[:400])
+                        f"cannot be read ({exc.__class__.__name__}: {_last_line(exc)})"[:400],
+                    )
                     raise self.failure from None
             done: Future = Future()
             done.set_result(None)
@@ -187,12 +219,15 @@ def read_dcp_tensors(directory: str) -> dict[str, torch.Tensor]:
 
     reader = safe_reader(directory)
     try:
-        state = {name: torch.empty(md.size, dtype=md.properties.dtype)
-                 for name, md in reader.metadata.state_dict_metadata.items()
-                 if isinstance(md, TensorStorageMetadata)}
+        state = {
+            name: torch.empty(md.size, dtype=md.properties.dtype)
+            for name, md in reader.metadata.state_dict_metadata.items()
+            if isinstance(md, TensorStorageMetadata)
+        }
     except (RuntimeError, ValueError, TypeError) as exc:  # e.g. a size too large to allocate
-        raise DamagedCheckpoint(os.path.join(directory, METADATA), f"describes tensors that cannot be made ({exc})"
-                                [:400]) from None
+        raise DamagedCheckpoint(
+            os.path.join(directory, METADATA), f"describes tensors that cannot be made ({exc})"[:400]
+        ) from None
     if not state:
         return {}
     load_into(reader, state)
@@ -217,5 +252,6 @@ def load_into(reader, state: dict[str, torch.Tensor]) -> None:
     except BaseException as exc:  # DCP wraps failures in CheckpointException, a BaseException
         if reader.failure is not None:
             raise reader.failure from None
-        raise DamagedCheckpoint(reader.directory, f"DCP could not load it ({exc.__class__.__name__}: "
-                                                  f"{_last_line(exc)})"[:400]) from None
+        raise DamagedCheckpoint(
+            reader.directory, f"DCP could not load it ({exc.__class__.__name__}: {_last_line(exc)})"[:400]
+        ) from None

@@ -20,8 +20,8 @@ import json
 import os
 import struct
 import zlib
+from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Callable, Iterable
 
 import torch
 
@@ -45,9 +45,14 @@ def tensor_bytes(t: torch.Tensor) -> memoryview:
     return memoryview((ctypes.c_char * n).from_address(t.data_ptr())).cast("B")
 
 
-def write_safetensors(path: str, specs: list[tuple[str, tuple, torch.dtype]],
-                      produce: Callable[[], Iterable[tuple[str, torch.Tensor]]], metadata: dict | None = None,
-                      on_bytes: Callable[[int], None] | None = None, checksums: dict | None = None) -> int:
+def write_safetensors(
+    path: str,
+    specs: list[tuple[str, tuple, torch.dtype]],
+    produce: Callable[[], Iterable[tuple[str, torch.Tensor]]],
+    metadata: dict | None = None,
+    on_bytes: Callable[[int], None] | None = None,
+    checksums: dict | None = None,
+) -> int:
     """Write ``path`` with the tensors named in ``specs`` (name, shape, dtype), pulling them one at a
     time from ``produce()`` in the same order; fsyncs before returning the file's size.
     ``checksums``: filled with each tensor's crc32 (hex) of the bytes as written.
@@ -77,8 +82,10 @@ def write_safetensors(path: str, specs: list[tuple[str, tuple, torch.dtype]],
         for name, tensor in produce():
             want_name, want_shape, want_dtype = next(expected)
             if name != want_name or tuple(tensor.shape) != tuple(want_shape) or tensor.dtype != want_dtype:
-                raise ValueError(f"{name}: produced {tuple(tensor.shape)} {tensor.dtype}, planned "
-                                 f"{want_name} {tuple(want_shape)} {want_dtype}")
+                raise ValueError(
+                    f"{name}: produced {tuple(tensor.shape)} {tensor.dtype}, planned "
+                    f"{want_name} {tuple(want_shape)} {want_dtype}"
+                )
             tensor = tensor.contiguous()
             data = tensor_bytes(tensor)
             if in_flight is not None:
@@ -102,7 +109,9 @@ class _FileWriter:
     """Writes tensor bytes (on the helper thread) and starts writeback every ``WRITEBACK_BYTES``."""
 
     def __init__(self, f, written: int):
-        self.f, self.written, self.flushed = f, written, 0
+        self.f = f
+        self.written = written
+        self.flushed = 0
 
     def write(self, data: memoryview, _keepalive: torch.Tensor) -> None:
         self.f.write(data)

@@ -39,8 +39,18 @@ import zmq
 
 from stager.client import Subscriber
 from stager.protocol import (
-    AssembleBegin, AssembleDone, AssembleReply, ErrorCode, ErrorReply, Message, Ok, ProtocolError, StagerError, Status,
-    StatusReply, decode,
+    AssembleBegin,
+    AssembleDone,
+    AssembleReply,
+    ErrorCode,
+    ErrorReply,
+    Message,
+    Ok,
+    ProtocolError,
+    StagerError,
+    Status,
+    StatusReply,
+    decode,
 )
 from stager.protocol.dtypes import dtype_from_name, dtype_name
 from stager.protocol.shm import block_view, map_segment, prefault, segment_path
@@ -67,8 +77,11 @@ class AssemblerChannel:
         while True:
             left = deadline - time.monotonic()
             if left <= 0 or not self.sock.poll(int(left * 1000) + 1):
-                raise StagerError(ErrorCode.TIMEOUT, f"the daemon did not answer {msg.TYPE} on its assembler socket "
-                                                     f"{self.endpoint} within {timeout:.0f}s")
+                raise StagerError(
+                    ErrorCode.TIMEOUT,
+                    f"the daemon did not answer {msg.TYPE} on its assembler socket "
+                    f"{self.endpoint} within {timeout:.0f}s",
+                )
             reply = decode(self.sock.recv_multipart())
             if reply.id != msg.id:
                 continue  # the answer to a request given up on before
@@ -90,8 +103,10 @@ def segment_targets(reply: AssembleReply, specs) -> dict:
     not this user's."""
     offsets = dict(reply.offsets)
     if len(offsets) != len(reply.offsets) or set(offsets) != {fqn for fqn, _, _ in specs}:
-        raise StagerError(ErrorCode.BAD_MESSAGE, f"the daemon's offsets for step {reply.step} do not name each tensor "
-                                                 "once; restart the daemon")
+        raise StagerError(
+            ErrorCode.BAD_MESSAGE,
+            f"the daemon's offsets for step {reply.step} do not name each tensor once; restart the daemon",
+        )
     places = []
     for fqn, dt, shape in specs:
         dtype = dtype_from_name(dt)
@@ -99,14 +114,19 @@ def segment_targets(reply: AssembleReply, specs) -> dict:
         for n in shape:
             nbytes *= n
         if offsets[fqn] + nbytes > reply.size:
-            raise StagerError(ErrorCode.BAD_MESSAGE, f"the daemon placed {fqn} ({nbytes} bytes at {offsets[fqn]}) "
-                                                     f"outside its segment of {reply.size} bytes; restart the daemon")
+            raise StagerError(
+                ErrorCode.BAD_MESSAGE,
+                f"the daemon placed {fqn} ({nbytes} bytes at {offsets[fqn]}) "
+                f"outside its segment of {reply.size} bytes; restart the daemon",
+            )
         places.append((fqn, dtype, offsets[fqn], shape))
     try:
         st = os.stat(segment_path(reply.segment), follow_symlinks=False)
     except FileNotFoundError:
-        raise StagerError(ErrorCode.STEP_FAILED, f"segment {reply.segment} is gone: the daemon took it back (it "
-                                                 "restarted, or another assembly began)") from None
+        raise StagerError(
+            ErrorCode.STEP_FAILED,
+            f"segment {reply.segment} is gone: the daemon took it back (it restarted, or another assembly began)",
+        ) from None
     if st.st_uid != os.getuid():
         raise StagerError(ErrorCode.BAD_MESSAGE, f"segment {reply.segment} is not this user's; restart the daemon")
     data = map_segment(reply.segment, reply.size, writable=True)
@@ -123,9 +143,13 @@ class Assembler:
     >>> a.start(); daemon.serve(); a.close()  # doctest: +SKIP
     """
 
-    def __init__(self, endpoint: str, assembly_endpoint: str, *, node: str | None, auth_dir: str | None,
-                 timeout: float = 30.0):
-        self.endpoint, self.assembly_endpoint, self.node, self.auth_dir = endpoint, assembly_endpoint, node, auth_dir
+    def __init__(
+        self, endpoint: str, assembly_endpoint: str, *, node: str | None, auth_dir: str | None, timeout: float = 30.0
+    ):
+        self.endpoint = endpoint
+        self.assembly_endpoint = assembly_endpoint
+        self.node = node
+        self.auth_dir = auth_dir
         self.timeout = timeout
         self._epoch: int | None = None  # the daemon's timeline the steps tried are of
         self._stop = threading.Event()
@@ -145,8 +169,15 @@ class Assembler:
         while not self._stop.is_set():
             try:
                 if sub is None:
-                    sub = Subscriber(self.endpoint, view="native", keep_fp8=True, timeout=self.timeout,
-                                     node=self.node, auth_dir=self.auth_dir, transport="frames")
+                    sub = Subscriber(
+                        self.endpoint,
+                        view="native",
+                        keep_fp8=True,
+                        timeout=self.timeout,
+                        node=self.node,
+                        auth_dir=self.auth_dir,
+                        transport="frames",
+                    )
                 if channel is None:
                     channel = AssemblerChannel(self.assembly_endpoint)
                     done = self._restarted(channel, done)  # the timeline the steps tried belong to
@@ -189,8 +220,9 @@ class Assembler:
 
     def _assemble(self, channel: AssemblerChannel, snap) -> None:
         specs = tuple((name, dtype_name(dt), tuple(shape)) for name, dt, shape in snap.specs())
-        reply = channel.request(AssembleBegin(step=snap.step, lease=snap.lease, specs=specs), BEGIN_TIMEOUT_S,
-                                AssembleReply)
+        reply = channel.request(
+            AssembleBegin(step=snap.step, lease=snap.lease, specs=specs), BEGIN_TIMEOUT_S, AssembleReply
+        )
         if reply.reason:
             log.debug("full assembly of step %d skipped (%s): %s", snap.step, reply.reason, reply.message)
             return
@@ -203,7 +235,8 @@ class Assembler:
             raise
         finally:
             try:  # the segment goes back to the daemon (or becomes the step's whole version) either way
-                channel.request(AssembleDone(step=snap.step, segment=reply.segment, ok=ok, reason=why[:2000]),
-                                self.timeout, Ok)
+                channel.request(
+                    AssembleDone(step=snap.step, segment=reply.segment, ok=ok, reason=why[:2000]), self.timeout, Ok
+                )
             except StagerError as exc:
                 log.info("full assembly of step %d: the daemon did not take the segment back: %s", snap.step, exc)

@@ -82,8 +82,11 @@ class SegmentFile:
         st = os.fstat(first)
         if not stat.S_ISREG(st.st_mode) or st.st_uid != os.getuid() or st.st_size < size:
             os.close(first)
-            raise StagerError(ErrorCode.BAD_MESSAGE, f"{self.path} is not a segment of this user of {size} bytes: "
-                                                     "the daemon named a file it does not own; restart it")
+            raise StagerError(
+                ErrorCode.BAD_MESSAGE,
+                f"{self.path} is not a segment of this user of {size} bytes: "
+                "the daemon named a file it does not own; restart it",
+            )
         self._identity = (st.st_dev, st.st_ino)
         self._fds = [first]
         self._local.fd = first
@@ -92,9 +95,12 @@ class SegmentFile:
         try:
             return os.open(self.path, os.O_WRONLY | os.O_NOFOLLOW)
         except OSError as exc:
-            raise StagerError(ErrorCode.STEP_FAILED, f"the daemon's segment {self.path} cannot be opened "
-                                                     f"({exc.strerror}): the daemon has failed the step (see "
-                                                     "`stager status`); load again") from None
+            raise StagerError(
+                ErrorCode.STEP_FAILED,
+                f"the daemon's segment {self.path} cannot be opened "
+                f"({exc.strerror}): the daemon has failed the step (see "
+                "`stager status`); load again",
+            ) from None
 
     def _fd(self) -> int:
         fd = getattr(self._local, "fd", None)
@@ -103,8 +109,10 @@ class SegmentFile:
             st = os.fstat(fd)
             if (st.st_dev, st.st_ino) != self._identity:
                 os.close(fd)
-                raise StagerError(ErrorCode.STEP_FAILED, f"{self.path} is another file than the step's segment: "
-                                                         "the daemon has failed the step; load again")
+                raise StagerError(
+                    ErrorCode.STEP_FAILED,
+                    f"{self.path} is another file than the step's segment: the daemon has failed the step; load again",
+                )
             with self._lock:
                 self._fds.append(fd)
             self._local.fd = fd
@@ -137,7 +145,7 @@ class SegmentFile:
         view = memoryview(buf)
         done = 0
         while done < dst.nbytes:
-            got = os.preadv(src_fd, [view[:min(len(buf), dst.nbytes - done)]], src_offset + done)
+            got = os.preadv(src_fd, [view[: min(len(buf), dst.nbytes - done)]], src_offset + done)
             if got <= 0:
                 break
             self._pwrite_all(view[:got], dst.offset + done)
@@ -147,8 +155,11 @@ class SegmentFile:
     def write(self, t: torch.Tensor, dst: SegmentRange) -> None:
         """Write tensor ``t`` (same dtype and shape as ``dst``) into ``dst``."""
         if t.dtype != dst.dtype or tuple(t.shape) != dst.shape:
-            raise StagerError(ErrorCode.INTERNAL, f"a {t.dtype} tensor of shape {list(t.shape)} written where a "
-                                                  f"{dst.dtype} tensor of shape {list(dst.shape)} goes")
+            raise StagerError(
+                ErrorCode.INTERNAL,
+                f"a {t.dtype} tensor of shape {list(t.shape)} written where a "
+                f"{dst.dtype} tensor of shape {list(dst.shape)} goes",
+            )
         t = t.resolve_conj().resolve_neg().contiguous()  # the bytes of the values, as copy_ would write them
         done, base = 0, t.data_ptr()
         while done < dst.nbytes:
@@ -169,9 +180,12 @@ class SegmentFile:
 
     def _write_failure(self, exc: OSError) -> StagerError:
         if exc.errno in _WRITE_ERRNOS:
-            return StagerError(ErrorCode.MEMORY_LIMIT, f"{SHM_DIR} has no room for the segment's pages "
-                                                       f"({exc.strerror}): enlarge it (e.g. docker --shm-size) or "
-                                                       "free memory, then load again")
+            return StagerError(
+                ErrorCode.MEMORY_LIMIT,
+                f"{SHM_DIR} has no room for the segment's pages "
+                f"({exc.strerror}): enlarge it (e.g. docker --shm-size) or "
+                "free memory, then load again",
+            )
         return StagerError(ErrorCode.INTERNAL, f"writing the daemon's segment {self.path} failed: {exc}")
 
     def leave_open(self) -> None:
@@ -200,13 +214,21 @@ class IngestSession:
         backpressure_timeout: seconds the daemon may hold the begin waiting for memory.
     """
 
-    def __init__(self, endpoint: str | None = None, *, step: int = 0, timeout: float = 30.0,
-                 seal_timeout: float = 300.0, backpressure_timeout: float = 0.0):
+    def __init__(
+        self,
+        endpoint: str | None = None,
+        *,
+        step: int = 0,
+        timeout: float = 30.0,
+        seal_timeout: float = 300.0,
+        backpressure_timeout: float = 0.0,
+    ):
         self.step = step
         self.conn = Connection(endpoint, role="trainer", rank=0, local_world_size=1, world_size=1)
         self.endpoint = self.conn.endpoint
-        self.sender = Sender(self.conn, full_world=True, timeout=timeout, wait_ms=int(backpressure_timeout * 1000),
-                             transport="auto")
+        self.sender = Sender(
+            self.conn, full_world=True, timeout=timeout, wait_ms=int(backpressure_timeout * 1000), transport="auto"
+        )
         self.seal_timeout = seal_timeout
         self.writer = SegmentWriter(CopyEngine())
         self._began = False
@@ -214,8 +236,9 @@ class IngestSession:
         self._frames: tuple[list, list] | None = None  # (assignment, buffers) when the daemon is on another host
         self.segment_file: SegmentFile | None = None  # begin(mapped=False) on the daemon's host
 
-    def begin(self, tensors: dict[str, tuple[torch.dtype, tuple[int, ...]]], *,
-              mapped: bool = True) -> dict[str, torch.Tensor | SegmentRange]:
+    def begin(
+        self, tensors: dict[str, tuple[torch.dtype, tuple[int, ...]]], *, mapped: bool = True
+    ) -> dict[str, torch.Tensor | SegmentRange]:
         """Begin the step with ``{name: (dtype, shape)}``; returns ``{name: destination}``: views of
         the daemon's segment (same host), else buffers of this process sent at commit. With
         ``mapped=False`` a destination on the daemon's host is a :class:`SegmentRange` of
@@ -248,8 +271,9 @@ class IngestSession:
             raise StagerError(ErrorCode.INTERNAL, f"the daemon placed {entry.name!r} outside its segment")
         return SegmentRange(where.block_offset, nbytes, dtype, shape)
 
-    def commit(self, *, objects: dict[str, Any] | None = None, model_info: dict | None = None,
-               quant: dict | None = None) -> dict:
+    def commit(
+        self, *, objects: dict[str, Any] | None = None, model_info: dict | None = None, quant: dict | None = None
+    ) -> dict:
         """Commit and wait for the seal; returns ``{"step", "nbytes", "tensors", "partial"}``."""
         if self._frames is not None:
             assignment, buffers = self._frames
@@ -271,7 +295,7 @@ class IngestSession:
         self.writer.close()
         self.conn.close()
 
-    def __enter__(self) -> "IngestSession":
+    def __enter__(self) -> IngestSession:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
@@ -285,7 +309,10 @@ class IngestSession:
 def no_trainer_hint(exc: StagerError) -> StagerError:
     """A RANK_CONFLICT on hello means a training job is connected: say what to do instead."""
     if exc.code == ErrorCode.RANK_CONFLICT:
-        return StagerError(ErrorCode.RANK_CONFLICT, f"{exc.message}; a checkpoint is loaded as a one-rank job: load "
-                                                    "it while no trainer is connected, or into its own daemon "
-                                                    "(--endpoint)")
+        return StagerError(
+            ErrorCode.RANK_CONFLICT,
+            f"{exc.message}; a checkpoint is loaded as a one-rank job: load "
+            "it while no trainer is connected, or into its own daemon "
+            "(--endpoint)",
+        )
     return exc

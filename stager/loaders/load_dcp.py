@@ -6,7 +6,8 @@ planned from the metadata, the step is begun as a one-rank staging session
 (:class:`~.ingest.IngestSession`), and DCP's own reader loads every tensor straight into the
 daemon's shared memory: each file byte is read once, into its place. Non-tensor items are pickles
 and are never unpickled; the train state of a checkpoint written by ``stager write-dcp`` comes
-back from its manifest (JSON), with the adapter, HF config and prefix it was staged with. Any failure aborts the step: no version is left behind.
+back from its manifest (JSON), with the adapter, HF config and prefix it was staged with. Any failure
+aborts the step: no version is left behind.
 
 >>> load_dcp("/ckpt/dcp/step-00001000")  # doctest: +SKIP
 {'step': 1000, 'nbytes': 536870912, 'tensors': 18, 'partial': False, 'seconds': 0.41, 'objects': 2}
@@ -20,11 +21,11 @@ import os
 import time
 from typing import Any
 
+from stager.formats.integrity import MANIFEST
+from stager.formats.safe_dcp import METADATA, DamagedCheckpoint, load_into, safe_reader
 from stager.protocol import ErrorCode, StagerError
 
 from .ingest import IngestSession, no_trainer_hint
-from stager.formats.integrity import MANIFEST
-from stager.formats.safe_dcp import METADATA, DamagedCheckpoint, load_into, safe_reader
 
 log = logging.getLogger("stager.loaders")
 
@@ -51,8 +52,15 @@ def keep_tensor(name: str, model_only: bool) -> bool:
     return not (model_only and name.startswith("optim."))
 
 
-def load_dcp(directory: str, *, endpoint: str | None = None, step: int | None = None, model_only: bool = False,
-             timeout: float = 30.0, backpressure_timeout: float = 0.0) -> dict:
+def load_dcp(
+    directory: str,
+    *,
+    endpoint: str | None = None,
+    step: int | None = None,
+    model_only: bool = False,
+    timeout: float = 30.0,
+    backpressure_timeout: float = 0.0,
+) -> dict:
     """Load the DCP checkpoint in ``directory`` into the daemon as sealed version ``step``
     (default: the step in stager's manifest, else 0). Returns ``{"step", "nbytes", "tensors",
     "partial", "seconds", "objects", "skipped"}`` (``skipped``: non-tensor items not loaded).
@@ -63,12 +71,17 @@ def load_dcp(directory: str, *, endpoint: str | None = None, step: int | None = 
     started = time.monotonic()
     directory = os.path.abspath(directory)
     if not os.path.isfile(os.path.join(directory, METADATA)):
-        raise DamagedCheckpoint(directory, f"holds no {METADATA}: not a DCP checkpoint (a step directory of "
-                                           "write-dcp, e.g. /ckpt/dcp/step-00001000)")
+        raise DamagedCheckpoint(
+            directory,
+            f"holds no {METADATA}: not a DCP checkpoint (a step directory of write-dcp, e.g. /ckpt/dcp/step-00001000)",
+        )
     reader = safe_reader(directory)
     items = reader.metadata.state_dict_metadata
-    tensors = {name: (md.properties.dtype, tuple(md.size)) for name, md in items.items()
-               if isinstance(md, TensorStorageMetadata) and keep_tensor(name, model_only)}
+    tensors = {
+        name: (md.properties.dtype, tuple(md.size))
+        for name, md in items.items()
+        if isinstance(md, TensorStorageMetadata) and keep_tensor(name, model_only)
+    }
     if not tensors:
         raise DamagedCheckpoint(directory, "holds no tensors to load")
     manifest = _manifest(directory)

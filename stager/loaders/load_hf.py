@@ -38,14 +38,21 @@ import torch
 from stager.client.adapters import BUILT_IN, load_adapter, with_prefix
 from stager.client.adapters.config import LOAD_HF, check_config
 from stager.client.hook.flatten import COMPANION_SCALES
+from stager.formats.hf_checkpoint import (
+    RECIPE,
+    CheckpointError,
+    HFCheckpoint,
+    StoredTensor,
+    open_checkpoint,
+    read_header,
+    read_into,
+    read_json,
+    read_tensor,
+)
 from stager.protocol import ErrorCode, StagerError, dtype_name
 from stager.protocol.dtypes import FLOAT8_DTYPES, parse_dtype
 from stager.protocol.quant import QuantSpec, dequantize, scale_blocks
 
-from stager.formats.hf_checkpoint import (
-    RECIPE, CheckpointError, HFCheckpoint, StoredTensor, open_checkpoint, read_header, read_into, read_json,
-    read_tensor,
-)
 from .ingest import IngestSession, SegmentFile, SegmentRange, no_trainer_hint
 
 log = logging.getLogger("stager.loaders")
@@ -78,11 +85,15 @@ def weight_block_size(config: dict | None, data_shape=(), scale_shape=()) -> tup
     ((128, 128), None)
     """
     block = check_config("load-hf", LOAD_HF, config, fix="fix the checkpoint's config.json")[
-        "quantization_config.weight_block_size"]
+        "quantization_config.weight_block_size"
+    ]
     if block is not None:
         return tuple(block)
-    if scale_shape and len(scale_shape) == len(data_shape) and \
-            all(-(-d // HF_FP8_BLOCK) == s for d, s in zip(data_shape, scale_shape)):
+    if (
+        scale_shape
+        and len(scale_shape) == len(data_shape)
+        and all(-(-d // HF_FP8_BLOCK) == s for d, s in zip(data_shape, scale_shape))
+    ):
         return (HF_FP8_BLOCK,) * len(data_shape)
     return None
 
@@ -180,8 +191,11 @@ def _adapter_failure(group: dict[str, Source], adapter: Any, exc: Exception) -> 
     first = next(iter(group.values())).stored
     message = exc.message if isinstance(exc, StagerError) else f"{exc.__class__.__name__}: {exc}"
     name = first.name if len(group) == 1 else group_key(first.name)
-    return CheckpointError(first.path, f"the {getattr(adapter, 'NAME', type(adapter).__name__)} adapter cannot map "
-                                       f"it ({message})"[:600], name)
+    return CheckpointError(
+        first.path,
+        f"the {getattr(adapter, 'NAME', type(adapter).__name__)} adapter cannot map it ({message})"[:600],
+        name,
+    )
 
 
 def plan_load(ckpt: HFCheckpoint, adapter: Any, *, cast: torch.dtype | None = None) -> LoadPlan:
@@ -206,8 +220,11 @@ def plan_load(ckpt: HFCheckpoint, adapter: Any, *, cast: torch.dtype | None = No
             if not isinstance(t, torch.Tensor):
                 raise _adapter_failure(members, adapter, TypeError(f"from_hf gave {type(t).__name__} for {native}"))
             if native in natives:
-                raise CheckpointError(members[next(iter(members))].stored.path,
-                                      f"maps to native {native!r}, as {origin[native]} does", next(iter(members)))
+                raise CheckpointError(
+                    members[next(iter(members))].stored.path,
+                    f"maps to native {native!r}, as {origin[native]} does",
+                    next(iter(members)),
+                )
             natives[native] = (t.dtype, tuple(t.shape))
             origin[native] = next(iter(members))
             src = members.get(hf) if hf is not None else None
@@ -253,19 +270,24 @@ def _copy_direct(src: StoredTensor, dst: torch.Tensor | SegmentRange, fds: dict,
         read_into(src, dst, fds[src.path])
         return
     if src.dtype != dst.dtype or src.nbytes != dst.nbytes:
-        raise CheckpointError(src.path, f"cannot be read into a {dst.dtype} tensor of shape {list(dst.shape)}",
-                              src.name)
+        raise CheckpointError(
+            src.path, f"cannot be read into a {dst.dtype} tensor of shape {list(dst.shape)}", src.name
+        )
     try:
         got = seg.copy_from(fds[src.path], src.start, dst)
     except OSError as exc:
         raise CheckpointError(src.path, f"cannot be read ({exc.strerror or exc})", src.name) from None
     if got < dst.nbytes:
-        raise CheckpointError(src.path, f"ends {dst.nbytes - got} bytes short of the tensor's end: the file was "
-                                        "truncated while loading", src.name)
+        raise CheckpointError(
+            src.path,
+            f"ends {dst.nbytes - got} bytes short of the tensor's end: the file was truncated while loading",
+            src.name,
+        )
 
 
-def _fill_group(group: Group, adapter: Any, plan: LoadPlan, dsts: dict, fds: dict, budget: _Budget,
-                seg: SegmentFile | None = None) -> None:
+def _fill_group(
+    group: Group, adapter: Any, plan: LoadPlan, dsts: dict, fds: dict, budget: _Budget, seg: SegmentFile | None = None
+) -> None:
     for native, hf in group.direct.items():
         _copy_direct(group.sources[hf].stored, dsts[native], fds, seg)
     if not group.computed:
@@ -284,8 +306,11 @@ def _fill_group(group: Group, adapter: Any, plan: LoadPlan, dsts: dict, fds: dic
             dtype, shape = plan.natives[native]
             if t is None or tuple(t.shape) != shape or t.dtype != dtype:
                 first = next(iter(group.sources.values())).stored
-                raise CheckpointError(first.path, f"the adapter gave {native!r} other names, shapes or dtypes for "
-                                                  "real tensors than for meta tensors", first.name)
+                raise CheckpointError(
+                    first.path,
+                    f"the adapter gave {native!r} other names, shapes or dtypes for real tensors than for meta tensors",
+                    first.name,
+                )
             if isinstance(dsts[native], SegmentRange):
                 seg.write(t, dsts[native])
             else:
@@ -308,12 +333,21 @@ def _interleave_by_file(groups: list[Group]) -> list[Group]:
     return out
 
 
-def fill(plan: LoadPlan, adapter: Any, dsts: dict[str, torch.Tensor | SegmentRange], *, threads: int,
-         memory_budget: int = MEMORY_BUDGET, segment_file: SegmentFile | None = None) -> None:
+def fill(
+    plan: LoadPlan,
+    adapter: Any,
+    dsts: dict[str, torch.Tensor | SegmentRange],
+    *,
+    threads: int,
+    memory_budget: int = MEMORY_BUDGET,
+    segment_file: SegmentFile | None = None,
+) -> None:
     """Write every native tensor of ``plan`` into ``dsts``: tensors (e.g. the daemon's segment
     views, or buffers) or ranges of ``segment_file``."""
-    paths = sorted({s.stored.path for g in plan.groups for s in g.sources.values()}
-                   | {s.scale.path for g in plan.groups for s in g.sources.values() if s.scale is not None})
+    paths = sorted(
+        {s.stored.path for g in plan.groups for s in g.sources.values()}
+        | {s.scale.path for g in plan.groups for s in g.sources.values() if s.scale is not None}
+    )
     fds: dict[str, int] = {}
     budget = _Budget(memory_budget)
     futures: list[concurrent.futures.Future] = []
@@ -358,7 +392,7 @@ def add_recipe_state(ckpt: HFCheckpoint, plan: LoadPlan) -> dict:
         return {}
     meta = read_json(meta_path)
     if not isinstance(meta, dict) or not isinstance(meta.get("objects", {}), dict):
-        raise CheckpointError(meta_path, "is not a recipe state ({\"step\": N, \"objects\": {...}})")
+        raise CheckpointError(meta_path, 'is not a recipe state ({"step": N, "objects": {...}})')
     if os.path.exists(path):
         for name, t in read_header(path).items():
             if name in plan.natives:
@@ -377,10 +411,20 @@ def resolve(adapter: str | Any | None, config: dict | None, prefix: str | None) 
     return with_prefix(obj, prefix), name
 
 
-def load_hf(directory: str, *, endpoint: str | None = None, adapter: str | Any | None = None, step: int | None = None,
-            dtype: str | torch.dtype | None = None, prefix: str | None = None, threads: int | None = None,
-            memory_budget: int = MEMORY_BUDGET, timeout: float = 30.0, backpressure_timeout: float = 0.0,
-            recipe_state: bool = True) -> dict:
+def load_hf(
+    directory: str,
+    *,
+    endpoint: str | None = None,
+    adapter: str | Any | None = None,
+    step: int | None = None,
+    dtype: str | torch.dtype | None = None,
+    prefix: str | None = None,
+    threads: int | None = None,
+    memory_budget: int = MEMORY_BUDGET,
+    timeout: float = 30.0,
+    backpressure_timeout: float = 0.0,
+    recipe_state: bool = True,
+) -> dict:
     """Load the HF checkpoint in ``directory`` into the daemon as sealed version ``step``.
 
     ``adapter``: built-in name (``llama3``, ``qwen3``, ``deepseek_v3``, default ``identity``: HF
@@ -404,8 +448,9 @@ def load_hf(directory: str, *, endpoint: str | None = None, adapter: str | Any |
     recipe = add_recipe_state(ckpt, plan) if recipe_state else {}
     if step is None:
         step = recipe["step"] if type(recipe.get("step")) is int else 0
-    model_info: dict[str, Any] = {"source": {"format": "hf", "path": ckpt.directory, "files": len(ckpt.files),
-                                             "quantized": plan.quantized}}
+    model_info: dict[str, Any] = {
+        "source": {"format": "hf", "path": ckpt.directory, "files": len(ckpt.files), "quantized": plan.quantized}
+    }
     if adapter_name is not None:
         model_info["adapter"] = adapter_name
     if ckpt.config is not None:
@@ -424,6 +469,12 @@ def load_hf(directory: str, *, endpoint: str | None = None, adapter: str | Any |
     except StagerError as exc:
         raise no_trainer_hint(exc) from None
     seconds = time.monotonic() - started
-    log.info("loaded %s as step %d: %d tensors, %.2f GiB in %.2fs", ckpt.directory, sealed["step"],
-             sealed["tensors"], sealed["nbytes"] / 2**30, seconds)
+    log.info(
+        "loaded %s as step %d: %d tensors, %.2f GiB in %.2fs",
+        ckpt.directory,
+        sealed["step"],
+        sealed["tensors"],
+        sealed["nbytes"] / 2**30,
+        seconds,
+    )
     return {**sealed, "seconds": round(seconds, 3), "files": len(ckpt.files), "quantized": plan.quantized}

@@ -21,7 +21,8 @@ import re
 import shutil
 import sys
 import time
-from typing import Any, Callable, Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import torch
 from tqdm import tqdm
@@ -29,13 +30,13 @@ from tqdm import tqdm
 from stager.client.adapters import HFTensor, hf_items, hf_names, is_lora, is_per_tensor, resolve_adapter, to_hf_items
 from stager.client.adapters.fp8_scope import QUANTIZE_CHOICES, fp8_scope, scale_name
 from stager.client.readers.snapshot import Snapshot
+from stager.formats.integrity import MANIFEST, entry, spec_entry, write_manifest
+from stager.formats.safetensors_io import write_safetensors
 from stager.protocol import ErrorCode, StagerError
 from stager.protocol.dtypes import parse_dtype
 from stager.protocol.fp8_block import E4M3, quantize_block_fp8, scale_shape
 from stager.writers.export_peft import write_peft
-from stager.formats.integrity import MANIFEST, entry, spec_entry, write_manifest
 from stager.writers.persist import for_each_version, step_directory, step_path
-from stager.formats.safetensors_io import write_safetensors
 
 log = logging.getLogger("stager.export")
 RECIPE_TENSORS, RECIPE_JSON = "recipe_state.safetensors", "recipe_state.json"
@@ -102,9 +103,12 @@ def _hf_tensors(snapshot: Any, adapter: Any, plan: list[HFTensor]) -> Iterator[t
         while p.name not in pending:
             item = next(converted, None)
             if item is None:
-                raise StagerError(ErrorCode.BAD_VALUE, f"{p.name}: planned (from meta tensors) but the adapter did not "
-                                                       "produce it from the data; the adapter must give the same names "
-                                                       "for meta and real tensors")
+                raise StagerError(
+                    ErrorCode.BAD_VALUE,
+                    f"{p.name}: planned (from meta tensors) but the adapter did not "
+                    "produce it from the data; the adapter must give the same names "
+                    "for meta and real tensors",
+                )
             if item[0] in planned:  # an exporter of some files only: the others' tensors are dropped
                 pending[item[0]] = item[1]
             item = None  # held only in pending: a tensor is freed as soon as it is written
@@ -150,9 +154,16 @@ class ExportPlan:
     block: tuple[int, int] | None = None  # FP8: the rows and columns one scale covers (None: not quantized)
 
 
-def plan_export(snapshot: Any, *, adapter: str | Any | None = None, hf_config: dict | str | None = None,
-                dtype: str | torch.dtype | None = None, max_shard_size: str | int = "5GB",
-                prefix: str | None = None, quantize: str | None = None) -> ExportPlan:
+def plan_export(
+    snapshot: Any,
+    *,
+    adapter: str | Any | None = None,
+    hf_config: dict | str | None = None,
+    dtype: str | torch.dtype | None = None,
+    max_shard_size: str | int = "5GB",
+    prefix: str | None = None,
+    quantize: str | None = None,
+) -> ExportPlan:
     """The export of ``snapshot`` planned from its layout on meta tensors: no data touched. ``quantize``:
     ``"fp8-block"`` plans the weights an FP8 checkpoint of the architecture quantizes as e4m3 plus their
     ``weight_scale_inv`` right after them (:mod:`stager.client.adapters.fp8_scope`)."""
@@ -179,16 +190,23 @@ def plan_export(snapshot: Any, *, adapter: str | Any | None = None, hf_config: d
         plan, want = _plan_fp8(plan, want, scope, quant)
     sizes = [torch.Size(p.shape).numel() * dt.itemsize for p, dt in zip(plan, want)]
     files = plan_shards(sizes, max_bytes)
-    names = ["model.safetensors"] if len(files) == 1 else \
-        [f"model-{n:05d}-of-{len(files):05d}.safetensors" for n in range(1, len(files) + 1)]
+    names = (
+        ["model.safetensors"]
+        if len(files) == 1
+        else [f"model-{n:05d}-of-{len(files):05d}.safetensors" for n in range(1, len(files) + 1)]
+    )
     return ExportPlan(adapter_obj, config, cast, plan, want, sizes, files, names, quant, block)
 
 
-def _plan_fp8(plan: list[HFTensor], want: list[torch.dtype], scope, quant: dict[str, str]
-              ) -> tuple[list[HFTensor], list[torch.dtype]]:
+def _plan_fp8(
+    plan: list[HFTensor], want: list[torch.dtype], scope, quant: dict[str, str]
+) -> tuple[list[HFTensor], list[torch.dtype]]:
     """``plan`` with each weight ``scope`` quantizes as e4m3 and its fp32 scales right after it (so a file
     holds both, and the exporter keeps one tensor's quantization at a time); ``quant`` gets their names."""
-    out, dtypes, partial = [], [], []  # partial: (name, shape) of weights with edge blocks
+    # partial: (name, shape) of weights with edge blocks
+    out = []
+    dtypes = []
+    partial = []
     for p, dt in zip(plan, want):
         if not scope.eligible(p.name, p.shape, p.dtype):
             out.append(p)
@@ -201,13 +219,24 @@ def _plan_fp8(plan: list[HFTensor], want: list[torch.dtype], scope, quant: dict[
         if p.shape[0] % scope.block[0] or p.shape[1] % scope.block[1]:
             partial.append((p.name, list(p.shape)))
     if partial:  # vLLM and DeepSeek's loaders read them; transformers tells the block from the scale grid
-        log.warning("%d FP8 weights (e.g. %s %s) have partial %s blocks: vLLM and stager load-hf read them, "
-                    "transformers (5.23) refuses or misreads them", len(partial), *partial[0], list(scope.block))
+        log.warning(
+            "%d FP8 weights (e.g. %s %s) have partial %s blocks: vLLM and stager load-hf read them, "
+            "transformers (5.23) refuses or misreads them",
+            len(partial),
+            *partial[0],
+            list(scope.block),
+        )
     return out, dtypes
 
 
-def write_files(snapshot: Any, ep: ExportPlan, which: list[int], tmp: str, manifest: dict,
-                on_bytes: Callable[[int], None] = lambda n: None) -> dict[str, str]:
+def write_files(
+    snapshot: Any,
+    ep: ExportPlan,
+    which: list[int],
+    tmp: str,
+    manifest: dict,
+    on_bytes: Callable[[int], None] = lambda n: None,
+) -> dict[str, str]:
     """Write the planned files ``which`` (indices into ``ep.files``) into ``tmp``, each native
     tensor read once; their manifest entries go to ``manifest``. Returns their weight map."""
     tensors = _export_tensors(snapshot, ep, [i for f in which for i in ep.files[f]])
@@ -224,14 +253,16 @@ def write_files(snapshot: Any, ep: ExportPlan, which: list[int], tmp: str, manif
                 yield hf_name, tensor
                 manifest[hf_name] = entry(tensor, crcs.pop(hf_name))  # resumed once it is written
 
-        write_safetensors(os.path.join(tmp, ep.names[f]), specs, produce, {"format": "pt"}, on_bytes=on_bytes,
-                          checksums=crcs)
+        write_safetensors(
+            os.path.join(tmp, ep.names[f]), specs, produce, {"format": "pt"}, on_bytes=on_bytes, checksums=crcs
+        )
         weight_map.update({spec[0]: ep.names[f] for spec in specs})
     return weight_map
 
 
-def write_recipe_state(snapshot: Any, ep: ExportPlan, tmp: str, prefix: str | None, manifest: dict,
-                       skip_lora: bool = False) -> int:
+def write_recipe_state(
+    snapshot: Any, ep: ExportPlan, tmp: str, prefix: str | None, manifest: dict, skip_lora: bool = False
+) -> int:
     """The training state beside the weights, so a run resumes from this HF checkpoint (torchtune's
     recipe state, without pickle): every staged tensor the export does not carry (the optimizer's),
     under its native name, in ``recipe_state.safetensors``, and the step and non-tensor state in
@@ -243,30 +274,44 @@ def write_recipe_state(snapshot: Any, ep: ExportPlan, tmp: str, prefix: str | No
     if "" in exported:  # a whole-dict adapter says nothing per tensor: the model is what is under the prefix
         prefix = prefix if prefix is not None else (getattr(snapshot, "model_info", None) or {}).get("prefix")
         exported = {n for n, _, _ in _layout(snapshot) if prefix is None or n.startswith(prefix)}
-    rest = [(n, tuple(shape), dt) for n, dt, shape in _layout(snapshot)
-            if n not in exported and not (skip_lora and is_lora(n))]
+    rest = [
+        (n, tuple(shape), dt)
+        for n, dt, shape in _layout(snapshot)
+        if n not in exported and not (skip_lora and is_lora(n))
+    ]
     if rest:
         names = [n for n, _, _ in rest]
         items = snapshot.items(names) if isinstance(snapshot, Snapshot) else ((n, snapshot[n]) for n in names)
         crcs: dict[str, str] = {}
-        write_safetensors(os.path.join(tmp, RECIPE_TENSORS), rest,
-                          lambda: ((n, t.contiguous()) for n, t in items), {"format": "pt"}, checksums=crcs)
+        write_safetensors(
+            os.path.join(tmp, RECIPE_TENSORS),
+            rest,
+            lambda: ((n, t.contiguous()) for n, t in items),
+            {"format": "pt"},
+            checksums=crcs,
+        )
         manifest.update({n: spec_entry(dt, shape, crcs[n]) for n, shape, dt in rest})
-    _write_json(os.path.join(tmp, RECIPE_JSON), {"step": snapshot.step,
-                                                 "objects": json_objects(getattr(snapshot, "objects", {}) or {})})
+    _write_json(
+        os.path.join(tmp, RECIPE_JSON),
+        {"step": snapshot.step, "objects": json_objects(getattr(snapshot, "objects", {}) or {})},
+    )
     return len(rest)
 
 
-def finish_export(tmp: str, ep: ExportPlan, step: int, weight_map: dict, manifest: dict,
-                  hf_assets: str | None) -> None:
+def finish_export(tmp: str, ep: ExportPlan, step: int, weight_map: dict, manifest: dict, hf_assets: str | None) -> None:
     """What is written once every file is: the index (sharded), config.json, assets, manifest."""
     missing = [t.name for t in ep.tensors if t.name not in weight_map]
     if missing:  # never publish an export with a hole (e.g. writers that planned apart)
-        raise StagerError(ErrorCode.INTERNAL, f"{len(missing)} planned tensors were not written (e.g. {missing[0]}); "
-                                              "nothing was published, please report this")
+        raise StagerError(
+            ErrorCode.INTERNAL,
+            f"{len(missing)} planned tensors were not written (e.g. {missing[0]}); "
+            "nothing was published, please report this",
+        )
     if len(ep.files) > 1:
-        _write_json(os.path.join(tmp, "model.safetensors.index.json"),
-                    {"metadata": {"total_size": sum(ep.sizes)}, "weight_map": weight_map})
+        _write_json(
+            os.path.join(tmp, "model.safetensors.index.json"),
+            {"metadata": {"total_size": sum(ep.sizes)}, "weight_map": weight_map},
+        )
     config = dict(ep.config)
     if ep.cast is not None:
         config["torch_dtype"] = str(ep.cast).removeprefix("torch.")
@@ -279,13 +324,25 @@ def finish_export(tmp: str, ep: ExportPlan, step: int, weight_map: dict, manifes
     write_manifest(tmp, step, "hf", manifest)
 
 
-def export_snapshot(snapshot: Any, out_dir: str, *, adapter: str | Any | None = None,
-                    hf_config: dict | str | None = None, hf_assets: str | None = None,
-                    dtype: str | torch.dtype | None = None, max_shard_size: str | int = "5GB",
-                    progress: bool | None = None, on_export: Callable[[dict], None] | None = None,
-                    prefix: str | None = None, recipe_state: bool = False, peft: bool = False,
-                    adapter_only: bool = False, lora_alpha: float | None = None, base_model: str | None = None,
-                    quantize: str | None = None) -> str:
+def export_snapshot(
+    snapshot: Any,
+    out_dir: str,
+    *,
+    adapter: str | Any | None = None,
+    hf_config: dict | str | None = None,
+    hf_assets: str | None = None,
+    dtype: str | torch.dtype | None = None,
+    max_shard_size: str | int = "5GB",
+    progress: bool | None = None,
+    on_export: Callable[[dict], None] | None = None,
+    prefix: str | None = None,
+    recipe_state: bool = False,
+    peft: bool = False,
+    adapter_only: bool = False,
+    lora_alpha: float | None = None,
+    base_model: str | None = None,
+    quantize: str | None = None,
+) -> str:
     """Write one snapshot to ``out_dir/step-N``: a leased :class:`~stager.client.Snapshot` (native
     view) or any mapping name -> tensor with ``step`` and ``model_info``.
 
@@ -312,23 +369,49 @@ def export_snapshot(snapshot: Any, out_dir: str, *, adapter: str | Any | None = 
     """
     started = time.monotonic()
     if adapter_only and os.path.exists(os.path.join(step_path(out_dir, snapshot.step), "config.json")):
-        raise StagerError(ErrorCode.BAD_VALUE, f"{step_path(out_dir, snapshot.step)} is a full export: an adapter-only "
-                                               "export would replace it; give the adapter its own --out")
-    ep = plan_export(snapshot, adapter=adapter, hf_config=hf_config, dtype=dtype, max_shard_size=max_shard_size,
-                     prefix=prefix, quantize=quantize)
+        raise StagerError(
+            ErrorCode.BAD_VALUE,
+            f"{step_path(out_dir, snapshot.step)} is a full export: an adapter-only "
+            "export would replace it; give the adapter its own --out",
+        )
+    ep = plan_export(
+        snapshot,
+        adapter=adapter,
+        hf_config=hf_config,
+        dtype=dtype,
+        max_shard_size=max_shard_size,
+        prefix=prefix,
+        quantize=quantize,
+    )
     manifest: dict[str, dict] = {}
     show = sys.stderr.isatty() if progress is None else progress
-    with tqdm(total=sum(ep.sizes), desc=f"export step {snapshot.step}", unit="B", unit_scale=True,
-              unit_divisor=1024, disable=not show, file=sys.stderr, leave=False) as bar, \
-            step_directory(out_dir, snapshot.step) as tmp:
+    with (
+        tqdm(
+            total=sum(ep.sizes),
+            desc=f"export step {snapshot.step}",
+            unit="B",
+            unit_scale=True,
+            unit_divisor=1024,
+            disable=not show,
+            file=sys.stderr,
+            leave=False,
+        ) as bar,
+        step_directory(out_dir, snapshot.step) as tmp,
+    ):
         if peft or adapter_only:
             names = [n for n, _, _ in _layout(snapshot)]
             if adapter_only:
                 write_peft(snapshot, names, ep.adapter, tmp, alpha=lora_alpha, base=base_model, manifest=manifest)
             else:  # a subdirectory: from_pretrained of the export itself gives the base model, not base + LoRA
                 os.makedirs(os.path.join(tmp, PEFT_DIR))
-                write_peft(snapshot, names, ep.adapter, os.path.join(tmp, PEFT_DIR), alpha=lora_alpha,
-                           base=step_path(os.path.abspath(out_dir), snapshot.step))
+                write_peft(
+                    snapshot,
+                    names,
+                    ep.adapter,
+                    os.path.join(tmp, PEFT_DIR),
+                    alpha=lora_alpha,
+                    base=step_path(os.path.abspath(out_dir), snapshot.step),
+                )
         if adapter_only:
             write_manifest(tmp, snapshot.step, "peft", manifest)
         else:
@@ -339,11 +422,25 @@ def export_snapshot(snapshot: Any, out_dir: str, *, adapter: str | Any | None = 
     final = step_path(out_dir, snapshot.step)
     seconds = time.monotonic() - started
     total = sum(ep.sizes)
-    log.info("exported step %d to %s in %.2fs (%d files, %.2f GiB, %.2f GB/s)", snapshot.step, final, seconds,
-             len(ep.files), total / 2**30, total / 1e9 / max(seconds, 1e-9))
+    log.info(
+        "exported step %d to %s in %.2fs (%d files, %.2f GiB, %.2f GB/s)",
+        snapshot.step,
+        final,
+        seconds,
+        len(ep.files),
+        total / 2**30,
+        total / 1e9 / max(seconds, 1e-9),
+    )
     if on_export is not None:
-        on_export({"exported": final, "step": snapshot.step, "seconds": round(seconds, 3), "bytes": total,
-                   "files": len(ep.files)})
+        on_export(
+            {
+                "exported": final,
+                "step": snapshot.step,
+                "seconds": round(seconds, 3),
+                "bytes": total,
+                "files": len(ep.files),
+            }
+        )
     return final
 
 
@@ -352,14 +449,32 @@ def _write_json(path: str, obj: dict) -> None:
         json.dump(obj, f, indent=2, sort_keys=True)
 
 
-def export_hf(out_dir: str, *, endpoint: str | None = None, step: int | None = None, follow: bool = False,
-              every: int = 1, keep: int | None = None, max_exports: int | None = None,
-              on_written: Callable[[str], None] | None = None, on_report: Callable[[dict], None] | None = None,
-              **options: Any) -> list[str]:
+def export_hf(
+    out_dir: str,
+    *,
+    endpoint: str | None = None,
+    step: int | None = None,
+    follow: bool = False,
+    every: int = 1,
+    keep: int | None = None,
+    max_exports: int | None = None,
+    on_written: Callable[[str], None] | None = None,
+    on_report: Callable[[dict], None] | None = None,
+    **options: Any,
+) -> list[str]:
     """Export the version ``step`` (default: the newest) or, with ``follow``, each new version at
     least ``every`` steps after the last export (woken by the daemon's announcements), until
     interrupted (or ``max_exports``); the ``keep`` newest exports are kept. ``options``: adapter,
     hf_config, hf_assets, dtype, max_shard_size, progress, on_export (see :func:`export_snapshot`)."""
-    return for_each_version(lambda snap: export_snapshot(snap, out_dir, **options), out_dir, endpoint=endpoint,
-                            step=step, follow=follow, every=every, keep=keep, max_writes=max_exports,
-                            on_written=on_written, on_report=on_report)
+    return for_each_version(
+        lambda snap: export_snapshot(snap, out_dir, **options),
+        out_dir,
+        endpoint=endpoint,
+        step=step,
+        follow=follow,
+        every=every,
+        keep=keep,
+        max_writes=max_exports,
+        on_written=on_written,
+        on_report=on_report,
+    )

@@ -13,7 +13,8 @@ from __future__ import annotations
 import logging
 import math
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from stager.writers.export_hf import ExportPlan, finish_export, plan_export, write_files
 from stager.writers.node_writers import NodeWriters, gather
@@ -21,8 +22,9 @@ from stager.writers.node_writers import NodeWriters, gather
 log = logging.getLogger("stager.writers.persist")
 
 
-def assign_files(ep: ExportPlan, placement: dict[str, list[tuple[tuple, tuple, list[str]]]],
-                 writers: list[str]) -> list[str]:
+def assign_files(
+    ep: ExportPlan, placement: dict[str, list[tuple[tuple, tuple, list[str]]]], writers: list[str]
+) -> list[str]:
     """The writer node of each planned file: the one holding the most of its bytes (ties: the
     earlier writer). An HF tensor counts as its native source's regions, scaled to its size;
     one a whole-dict adapter made (no source known) counts for the first writer.
@@ -50,9 +52,15 @@ def assign_files(ep: ExportPlan, placement: dict[str, list[tuple[tuple, tuple, l
     return owners
 
 
-def export_hf_distributed(out_dir: str, *, endpoint: str | None = None, step: int | None = None,
-                          hf_assets: str | None = None, on_export: Callable[[dict], None] | None = None,
-                          **options: Any) -> str:
+def export_hf_distributed(
+    out_dir: str,
+    *,
+    endpoint: str | None = None,
+    step: int | None = None,
+    hf_assets: str | None = None,
+    on_export: Callable[[dict], None] | None = None,
+    **options: Any,
+) -> str:
     """Export version ``step`` (default: the newest complete one) of the job, this process writing
     the files its node holds most of; a collective over the exporters. ``options``: adapter,
     hf_config, dtype, max_shard_size, prefix (see :func:`~stager.writers.export_hf.plan_export`).
@@ -70,10 +78,24 @@ def export_hf_distributed(out_dir: str, *, endpoint: str | None = None, step: in
         merged_map = {k: v for part in parts for k, v in part[0].items()}
         merged_manifest = {k: v for part in parts for k, v in part[1].items()}
         path = w.publish(lambda: finish_export(w.tmp, ep, w.step, merged_map, merged_manifest, hf_assets))
-    log.info("exported step %d to %s (exporter %d of %d: %d of %d files)", w.step, path, w.rank, len(w.nodes),
-             len(mine), len(owners))
+    log.info(
+        "exported step %d to %s (exporter %d of %d: %d of %d files)",
+        w.step,
+        path,
+        w.rank,
+        len(w.nodes),
+        len(mine),
+        len(owners),
+    )
     if on_export is not None:
-        on_export({"exported": path, "step": w.step, "seconds": round(time.monotonic() - started, 3),
-                   "bytes": sum(ep.sizes[i] for f in mine for i in ep.files[f]), "files": len(mine),
-                   **w.identity()})
+        on_export(
+            {
+                "exported": path,
+                "step": w.step,
+                "seconds": round(time.monotonic() - started, 3),
+                "bytes": sum(ep.sizes[i] for f in mine for i in ep.files[f]),
+                "files": len(mine),
+                **w.identity(),
+            }
+        )
     return path

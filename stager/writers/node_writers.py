@@ -14,12 +14,13 @@ from __future__ import annotations
 import datetime
 import os
 import shutil
-from typing import Any, Callable, TypeVar
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import msgpack
 
-from stager.writers.persist import fsync_tree, publish_step, remove_stale_temporaries, step_dirname
 from stager.protocol import ErrorCode, StagerError
+from stager.writers.persist import fsync_tree, publish_step, remove_stale_temporaries, step_dirname
 
 T = TypeVar("T")
 WRITERS_TIMEOUT = datetime.timedelta(minutes=10)  # a writer that vanished fails the others' collectives
@@ -31,9 +32,12 @@ def init_writers(command: str) -> None:
 
     if not dist.is_initialized():
         if "MASTER_ADDR" not in os.environ or "WORLD_SIZE" not in os.environ:
-            raise StagerError(ErrorCode.BAD_VALUE, f"{command} --distributed runs one writer per node as ranks of a "
-                                                   f"process group: start it with torchrun (--nproc-per-node=1 "
-                                                   f"--no-python stager {command} --distributed ...)")
+            raise StagerError(
+                ErrorCode.BAD_VALUE,
+                f"{command} --distributed runs one writer per node as ranks of a "
+                f"process group: start it with torchrun (--nproc-per-node=1 "
+                f"--no-python stager {command} --distributed ...)",
+            )
         dist.init_process_group("gloo", timeout=WRITERS_TIMEOUT)
 
 
@@ -53,7 +57,10 @@ class NodeWriters:
     none is left waiting in a collective."""
 
     def __init__(self, command: str, out_dir: str, endpoint: str | None, step: int | None):
-        self.command, self.out_dir, self.endpoint, self.requested = command, out_dir, endpoint, step
+        self.command = command
+        self.out_dir = out_dir
+        self.endpoint = endpoint
+        self.requested = step
         self.nodes: list[str] = []
         self.snap = None
 
@@ -75,7 +82,7 @@ class NodeWriters:
             raise StagerError(ErrorCode.UNAVAILABLE, f"{where} failed {what}: {message}")
         return result  # type: ignore[return-value]
 
-    def __enter__(self) -> "NodeWriters":
+    def __enter__(self) -> NodeWriters:
         import torch.distributed as dist
 
         from stager.client import Subscriber
@@ -89,9 +96,12 @@ class NodeWriters:
             self.nodes = gather(self.node)
             jobs = gather(job["job"] if job else "")
             if not all(self.nodes) or len(set(self.nodes)) != len(self.nodes) or len(set(jobs)) != 1:
-                raise StagerError(ErrorCode.BAD_VALUE, f"the writers' daemons are nodes {self.nodes} of jobs {jobs}: "
-                                                       "run one writer per node of one multi-node job, each pointed "
-                                                       "at its node's daemon")
+                raise StagerError(
+                    ErrorCode.BAD_VALUE,
+                    f"the writers' daemons are nodes {self.nodes} of jobs {jobs}: "
+                    "run one writer per node of one multi-node job, each pointed "
+                    "at its node's daemon",
+                )
             # the first writer picks the step and keeps its lease until every writer holds one
             first = self.together("leasing the step", self._lease_first)
             step = gather(first.step if first is not None else None)[0]

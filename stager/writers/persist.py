@@ -15,7 +15,8 @@ import re
 import shutil
 import time
 import warnings
-from typing import Any, Callable, Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import torch
 
@@ -132,7 +133,8 @@ _TEMPORARY = re.compile(r"\.step-\d{8,}\.(?:partial|old|pruned)-(\d+)|\.latest-(
 
 def remove_stale_temporaries(out_dir: str) -> list[str]:
     """Remove the temporaries (``.step-N.partial-<pid>``, ``.step-N.old-<pid>``, ``.step-N.pruned-<pid>``,
-    ``.latest-<pid>``) of writers that were killed mid-write: only those whose pid is dead on this host, never a live writer's. Returns
+    ``.latest-<pid>``) of writers that were killed mid-write: only those whose pid is dead on this host,
+    never a live writer's. Returns
     the names removed. (Writers on other hosts sharing ``out_dir`` have pids this host cannot see:
     give each host its own output directory.)"""
     import psutil
@@ -190,10 +192,19 @@ def failure_cause(exc: BaseException) -> str:
     return " ".join(text.split()) or type(exc).__name__
 
 
-def for_each_version(write: Callable[[Any], str], out_dir: str, *, endpoint: str | None = None,
-                     step: int | None = None, follow: bool = False, every: int = 1, keep: int | None = None,
-                     max_writes: int | None = None, on_written: Callable[[str], None] | None = None,
-                     on_report: Callable[[dict], None] | None = None) -> list[str]:
+def for_each_version(
+    write: Callable[[Any], str],
+    out_dir: str,
+    *,
+    endpoint: str | None = None,
+    step: int | None = None,
+    follow: bool = False,
+    every: int = 1,
+    keep: int | None = None,
+    max_writes: int | None = None,
+    on_written: Callable[[str], None] | None = None,
+    on_report: Callable[[dict], None] | None = None,
+) -> list[str]:
     """Lease the version ``step`` (default: the newest) and ``write`` it; or, with ``follow``, each
     new version at least ``every`` steps after the last one written, woken by the daemon's
     announcements (no polling), until interrupted or ``max_writes`` were written. The ``keep``
@@ -230,8 +241,12 @@ def for_each_version(write: Callable[[Any], str], out_dir: str, *, endpoint: str
                 except Exception as exc:  # whatever one version did (^C and exit still stop the follower)
                     cause = failure_cause(exc)
                     # one line at the default level; the traceback only when debugging
-                    log.error("step %d was not written: %s; waiting for the next version", snap.step, cause,
-                              exc_info=exc if log.isEnabledFor(logging.DEBUG) else None)
+                    log.error(
+                        "step %d was not written: %s; waiting for the next version",
+                        snap.step,
+                        cause,
+                        exc_info=exc if log.isEnabledFor(logging.DEBUG) else None,
+                    )
                     report({"step": snap.step, "error": cause, "seconds": time.monotonic() - started})
                     continue
                 report({"step": snap.step, "path": written[-1], "seconds": time.monotonic() - started})

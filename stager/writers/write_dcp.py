@@ -14,7 +14,8 @@ from __future__ import annotations
 import logging
 import os
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -35,8 +36,11 @@ def write_snapshot_dcp(snapshot: Any, out_dir: str, on_write: Callable[[dict], N
     from torch.distributed.checkpoint.api import CheckpointException
 
     if getattr(snapshot, "partial", False):
-        raise StagerError(ErrorCode.PARTIAL, f"step {snapshot.step} holds only this node's part of some tensors; "
-                                             "a DCP checkpoint of a multi-node job needs every node's part")
+        raise StagerError(
+            ErrorCode.PARTIAL,
+            f"step {snapshot.step} holds only this node's part of some tensors; "
+            "a DCP checkpoint of a multi-node job needs every node's part",
+        )
     started = time.monotonic()
     # zero-copy views of the daemon's memory, each over exactly its own bytes (DCP would clone it)
     state: dict[str, Any] = {name: exact_storage(t) for name, t in snapshot.items()}
@@ -54,16 +58,30 @@ def write_snapshot_dcp(snapshot: Any, out_dir: str, on_write: Callable[[dict], N
             causes = [cause for cause, _ in exc.failures.values()]
             if any(isinstance(c, KeyboardInterrupt) for c in causes):
                 raise KeyboardInterrupt from None
-            raise StagerError(ErrorCode.INTERNAL if not causes else ErrorCode.BAD_VALUE,
-                              f"DCP could not save step {snapshot.step}: {causes[0] if causes else exc}") from None
-        write_manifest(tmp, snapshot.step, "dcp", {name: entry(t) for name, t in snapshot.items()},
-                       snapshot.objects, snapshot.model_info)
+            raise StagerError(
+                ErrorCode.INTERNAL if not causes else ErrorCode.BAD_VALUE,
+                f"DCP could not save step {snapshot.step}: {causes[0] if causes else exc}",
+            ) from None
+        write_manifest(
+            tmp,
+            snapshot.step,
+            "dcp",
+            {name: entry(t) for name, t in snapshot.items()},
+            snapshot.objects,
+            snapshot.model_info,
+        )
     final = step_path(out_dir, snapshot.step)
     log.info("wrote DCP checkpoint of step %d to %s", snapshot.step, final)
     if on_write is not None:
-        on_write({"written": final, "step": snapshot.step, "seconds": round(time.monotonic() - started, 3),
-                  "bytes": sum(t.numel() * t.element_size() for t in state.values() if isinstance(t, torch.Tensor)),
-                  "files": data_files(metadata)})
+        on_write(
+            {
+                "written": final,
+                "step": snapshot.step,
+                "seconds": round(time.monotonic() - started, 3),
+                "bytes": sum(t.numel() * t.element_size() for t in state.values() if isinstance(t, torch.Tensor)),
+                "files": data_files(metadata),
+            }
+        )
     return final
 
 
@@ -73,13 +91,31 @@ def data_files(metadata: Any, items: Any = None) -> int:
     return len({storage[i].relative_path for i in (storage if items is None else items)})
 
 
-def write_dcp(out_dir: str, *, endpoint: str | None = None, step: int | None = None, follow: bool = False,
-              every: int = 1, keep: int | None = None, max_writes: int | None = None,
-              on_written: Callable[[str], None] | None = None, on_report: Callable[[dict], None] | None = None,
-              on_write: Callable[[dict], None] | None = None) -> list[str]:
+def write_dcp(
+    out_dir: str,
+    *,
+    endpoint: str | None = None,
+    step: int | None = None,
+    follow: bool = False,
+    every: int = 1,
+    keep: int | None = None,
+    max_writes: int | None = None,
+    on_written: Callable[[str], None] | None = None,
+    on_report: Callable[[dict], None] | None = None,
+    on_write: Callable[[dict], None] | None = None,
+) -> list[str]:
     """Write the version ``step`` (default: the newest), or with ``follow`` each new version at
     least ``every`` steps apart; the ``keep`` newest checkpoints stay. ``on_write``: see
     :func:`write_snapshot_dcp`."""
-    return for_each_version(lambda snap: write_snapshot_dcp(snap, out_dir, on_write), out_dir, endpoint=endpoint,
-                            step=step, follow=follow, every=every, keep=keep, max_writes=max_writes,
-                            on_written=on_written, on_report=on_report)
+    return for_each_version(
+        lambda snap: write_snapshot_dcp(snap, out_dir, on_write),
+        out_dir,
+        endpoint=endpoint,
+        step=step,
+        follow=follow,
+        every=every,
+        keep=keep,
+        max_writes=max_writes,
+        on_written=on_written,
+        on_report=on_report,
+    )

@@ -15,21 +15,23 @@ import io
 import logging
 import time
 import zlib
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
 from stager.formats.integrity import checksum, write_manifest
+from stager.protocol import ErrorCode, StagerError
 from stager.writers.node_writers import NodeWriters, gather
 from stager.writers.persist import exact_storage
 from stager.writers.write_dcp import data_files
-from stager.protocol import ErrorCode, StagerError
 
 log = logging.getLogger("stager.writers.persist")
 
 
-def assign_regions(placement: dict[str, list[tuple[tuple, tuple, list[str]]]], writers: list[str]
-                   ) -> dict[str, list[tuple[str, tuple, tuple]]]:
+def assign_regions(
+    placement: dict[str, list[tuple[tuple, tuple, list[str]]]], writers: list[str]
+) -> dict[str, list[tuple[str, tuple, tuple]]]:
     """``{writer node: [(fqn, offset, shape)]}``: each region written once, by a node that holds
     it (replicas spread over their holders by a hash of the region), so no byte crosses nodes.
     Pure and deterministic: every writer computes the same assignment.
@@ -42,16 +44,18 @@ def assign_regions(placement: dict[str, list[tuple[tuple, tuple, list[str]]]], w
         for offset, shape, holders in regions:
             candidates = [h for h in holders if h in out]
             if not candidates:
-                raise StagerError(ErrorCode.BAD_VALUE, f"{fqn} at {list(offset)} is held only by nodes "
-                                                       f"{holders} and none of them runs a writer: run one "
-                                                       "write-dcp --distributed per node of the job")
+                raise StagerError(
+                    ErrorCode.BAD_VALUE,
+                    f"{fqn} at {list(offset)} is held only by nodes "
+                    f"{holders} and none of them runs a writer: run one "
+                    "write-dcp --distributed per node of the job",
+                )
             pick = zlib.crc32(f"{fqn}@{list(offset)}".encode()) % len(candidates)
             out[candidates[pick]].append((fqn, tuple(offset), tuple(shape)))
     return out
 
 
-def _planner(regions: dict[tuple[str, tuple], torch.Tensor], shapes: dict[str, torch.Size],
-             objects: dict[str, Any]):
+def _planner(regions: dict[tuple[str, tuple], torch.Tensor], shapes: dict[str, torch.Size], objects: dict[str, Any]):
     """A DCP SavePlanner whose local plan is this writer's regions (plus, on the coordinator, the
     non-tensor values); everything global (merging, validation, metadata) is DCP's own."""
     from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
@@ -60,11 +64,18 @@ def _planner(regions: dict[tuple[str, tuple], torch.Tensor], shapes: dict[str, t
 
     class RegionSavePlanner(DefaultSavePlanner):
         def create_local_plan(self) -> SavePlan:
-            items = [WriteItem(index=MetadataIndex(fqn, torch.Size(offset)), type=WriteItemType.SHARD,
-                               tensor_data=TensorWriteData(
-                                   chunk=ChunkStorageMetadata(offsets=torch.Size(offset), sizes=t.shape),
-                                   properties=TensorProperties.create_from_tensor(t), size=shapes[fqn]))
-                     for (fqn, offset), t in regions.items()]
+            items = [
+                WriteItem(
+                    index=MetadataIndex(fqn, torch.Size(offset)),
+                    type=WriteItemType.SHARD,
+                    tensor_data=TensorWriteData(
+                        chunk=ChunkStorageMetadata(offsets=torch.Size(offset), sizes=t.shape),
+                        properties=TensorProperties.create_from_tensor(t),
+                        size=shapes[fqn],
+                    ),
+                )
+                for (fqn, offset), t in regions.items()
+            ]
             if self.is_coordinator:
                 items += [WriteItem(index=MetadataIndex(name), type=WriteItemType.BYTE_IO) for name in objects]
             self.plan = SavePlan(items)
@@ -80,8 +91,13 @@ def _planner(regions: dict[tuple[str, tuple], torch.Tensor], shapes: dict[str, t
     return RegionSavePlanner(flatten_state_dict=False, flatten_sharded_tensors=False)
 
 
-def write_dcp_distributed(out_dir: str, *, endpoint: str | None = None, step: int | None = None,
-                          on_write: Callable[[dict], None] | None = None) -> str:
+def write_dcp_distributed(
+    out_dir: str,
+    *,
+    endpoint: str | None = None,
+    step: int | None = None,
+    on_write: Callable[[dict], None] | None = None,
+) -> str:
     """Write version ``step`` (default: the newest complete one) of the job as one DCP checkpoint,
     this process writing its node's regions; a collective over the writers. Returns the path.
     ``on_write`` gets what a single writer reports (``written``, ``step``, ``seconds``, and ``bytes``
@@ -98,8 +114,9 @@ def write_dcp_distributed(out_dir: str, *, endpoint: str | None = None, step: in
 
         def read_regions() -> dict:
             mine = assign_regions(placement, w.nodes)[w.node]
-            return {(fqn, offset): exact_storage(snap.get(fqn, offsets=offset, sizes=shape))
-                    for fqn, offset, shape in mine}
+            return {
+                (fqn, offset): exact_storage(snap.get(fqn, offsets=offset, sizes=shape)) for fqn, offset, shape in mine
+            }
 
         regions = w.together("reading its regions", read_regions)
         planner = _planner(regions, shapes, dict(snap.objects) if w.rank == 0 else {})
@@ -111,9 +128,16 @@ def write_dcp_distributed(out_dir: str, *, endpoint: str | None = None, step: in
     if on_write is not None:
         written = [MetadataIndex(fqn, offset) for fqn, offset in regions]
         written += [MetadataIndex(name) for name in (snap.objects if w.rank == 0 else ())]
-        on_write({"written": path, "step": w.step, "seconds": round(time.monotonic() - started, 3),
-                  "bytes": sum(t.numel() * t.element_size() for t in regions.values()),
-                  "files": data_files(metadata, written), **w.identity()})
+        on_write(
+            {
+                "written": path,
+                "step": w.step,
+                "seconds": round(time.monotonic() - started, 3),
+                "bytes": sum(t.numel() * t.element_size() for t in regions.values()),
+                "files": data_files(metadata, written),
+                **w.identity(),
+            }
+        )
     return path
 
 
@@ -137,7 +161,8 @@ def _manifest(tmp: str, step: int, chunks: list, meta: dict, snap) -> None:
     entries: dict[str, dict] = {}
     for fqn, offset, shape, crc in sorted(chunks):
         full_shape, dtype = meta[fqn]
-        e = entries.setdefault(fqn, {"dtype": str(dtype).removeprefix("torch."), "shape": list(full_shape),
-                                     "chunks": []})
+        e = entries.setdefault(
+            fqn, {"dtype": str(dtype).removeprefix("torch."), "shape": list(full_shape), "chunks": []}
+        )
         e["chunks"].append({"offset": offset, "shape": shape, "crc32": crc})
     write_manifest(tmp, step, "dcp", entries, snap.objects, snap.model_info)

@@ -12,5 +12,15 @@ without it. May import :mod:`stager.protocol`, :mod:`stager.client` and :mod:`st
 from .driver import EngineResult, Follower, UpdateResult, update, weight_checksums
 from .errors import EngineIncomplete, UpdateIncomplete, UpdateRefused, VerifyFailed, WeightMismatch
 
-__all__ = ["EngineIncomplete", "EngineResult", "Follower", "UpdateIncomplete", "UpdateRefused", "UpdateResult",
-           "VerifyFailed", "WeightMismatch", "update", "weight_checksums"]
+__all__ = [
+    "EngineIncomplete",
+    "EngineResult",
+    "Follower",
+    "UpdateIncomplete",
+    "UpdateRefused",
+    "UpdateResult",
+    "VerifyFailed",
+    "WeightMismatch",
+    "update",
+    "weight_checksums",
+]

@@ -26,7 +26,8 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from typing import Any, Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
 
 import torch
 from vllm.model_executor.layers.linear import UnquantizedLinearMethod
@@ -39,12 +40,20 @@ log = logging.getLogger("stager.integrations.vllm")
 
 # loaders that copy the checkpoint tensor (whole, a row range of a merged layer, the first rows of a
 # padded vocabulary) and do nothing else: what makes the engine's tensor the loaded tensor
-COPY_LOADERS = {"default_weight_loader", "ColumnParallelLinear.weight_loader", "RowParallelLinear.weight_loader",
-                "ReplicatedLinear.weight_loader", "MergedColumnParallelLinear.weight_loader",
-                "QKVParallelLinear.weight_loader", "VocabParallelEmbedding.weight_loader",
-                # the v2 loaders, for an unquantized ModelWeightParameter (checked): a row range, then a copy
-                "ColumnParallelLinear.weight_loader_v2", "RowParallelLinear.weight_loader_v2",
-                "MergedColumnParallelLinear.weight_loader_v2", "QKVParallelLinear.weight_loader_v2"}
+COPY_LOADERS = {
+    "default_weight_loader",
+    "ColumnParallelLinear.weight_loader",
+    "RowParallelLinear.weight_loader",
+    "ReplicatedLinear.weight_loader",
+    "MergedColumnParallelLinear.weight_loader",
+    "QKVParallelLinear.weight_loader",
+    "VocabParallelEmbedding.weight_loader",
+    # the v2 loaders, for an unquantized ModelWeightParameter (checked): a row range, then a copy
+    "ColumnParallelLinear.weight_loader_v2",
+    "RowParallelLinear.weight_loader_v2",
+    "MergedColumnParallelLinear.weight_loader_v2",
+    "QKVParallelLinear.weight_loader_v2",
+}
 PLAIN = (torch.nn.Parameter, ModelWeightParameter)  # exact classes: loaded as the tensor is
 REPACKED = (UnquantizedLinearMethod, UnquantizedEmbeddingMethod)  # exact classes: no quantized subclass
 
@@ -102,8 +111,7 @@ def _loader_name(module: torch.nn.Module, param: str) -> str:
     return getattr(getattr(loader, "__func__", loader), "__qualname__", repr(loader))
 
 
-def _resolve(model: torch.nn.Module, modules: dict[str, torch.nn.Module], name: str,
-             shape: tuple[int, ...]) -> Target:
+def _resolve(model: torch.nn.Module, modules: dict[str, torch.nn.Module], name: str, shape: tuple[int, ...]) -> Target:
     """The target of checkpoint tensor ``name``, by vLLM's own naming (same name, or packed)."""
     mod_name, _, param = name.rpartition(".")
     shard, shard_count = 0, 1
@@ -113,7 +121,9 @@ def _resolve(model: torch.nn.Module, modules: dict[str, torch.nn.Module], name: 
         parent, _, leaf = mod_name.rpartition(".")
         for merged, parts in packed.items():
             if leaf in parts and f"{parent}.{merged}" in modules:
-                module, shard, shard_count = modules[f"{parent}.{merged}"], parts.index(leaf), len(parts)
+                module = modules[f"{parent}.{merged}"]
+                shard = parts.index(leaf)
+                shard_count = len(parts)
                 break
         else:
             raise NotProvable(f"{name}: no parameter of that name, nor a packed layer holding it")
@@ -133,8 +143,11 @@ def _resolve(model: torch.nn.Module, modules: dict[str, torch.nn.Module], name: 
         row = sum(sizes[:shard])
     packed = tensor.numel() == 0 and isinstance(getattr(module, "quant_method", None), UnquantizedLinearMethod)
     if not packed:
-        fits = tuple(tensor.shape[1:]) == tuple(shape[1:]) and tensor.shape[0] >= row + rows if shape \
+        fits = (
+            tuple(tensor.shape[1:]) == tuple(shape[1:]) and tensor.shape[0] >= row + rows
+            if shape
             else tensor.numel() == 1
+        )
         if not fits or not tensor.is_contiguous():
             raise NotProvable(f"{name}: the engine's tensor is {list(tensor.shape)}, the checkpoint's {list(shape)}")
     return Target(module, param, row, rows, packed, tuple(shape), tensor.dtype)
@@ -145,9 +158,10 @@ def _whole(tensors: list[torch.Tensor]) -> torch.Tensor:
     storage (the daemon's segment), else one copy."""
     first = tensors[0]
     rows = sum(t.shape[0] for t in tensors)
-    adjacent = all(t.is_contiguous() and t.dtype == first.dtype and t.device == first.device for t in tensors) and \
-        all(b.untyped_storage().data_ptr() == first.untyped_storage().data_ptr()
-            and b.data_ptr() == a.data_ptr() + a.nbytes for a, b in zip(tensors, tensors[1:]))
+    adjacent = all(t.is_contiguous() and t.dtype == first.dtype and t.device == first.device for t in tensors) and all(
+        b.untyped_storage().data_ptr() == first.untyped_storage().data_ptr() and b.data_ptr() == a.data_ptr() + a.nbytes
+        for a, b in zip(tensors, tensors[1:])
+    )
     if adjacent:
         return first.as_strided((rows, *first.shape[1:]), first.stride())
     return torch.cat(tensors)
@@ -168,6 +182,7 @@ def _repack_on_first_use(module: torch.nn.Module) -> None:
     in ``weight``; vLLM also packs it for a GEMM it serves only as a tied LM head), made from that
     weight by vLLM's own function when the GEMM is first called: exact, and never paid when unused
     (0.42 s for a 32000 x 1024 fp32 embedding here, ten times its copy)."""
+
     def first_use(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         module.quant_method.process_weights_after_loading(module)  # sets module.cpu_linear from module.weight
         return module.cpu_linear(x, weight, bias)
@@ -176,8 +191,11 @@ def _repack_on_first_use(module: torch.nn.Module) -> None:
 
 
 def _needs_repack(module: torch.nn.Module) -> bool:
-    return current_platform.is_cpu() and type(getattr(module, "quant_method", None)) in REPACKED \
+    return (
+        current_platform.is_cpu()
+        and type(getattr(module, "quant_method", None)) in REPACKED
         and hasattr(module, "cpu_linear")
+    )
 
 
 def _owners(model: torch.nn.Module, tensor: torch.Tensor) -> list[torch.nn.Module]:
@@ -185,8 +203,12 @@ def _owners(model: torch.nn.Module, tensor: torch.Tensor) -> list[torch.nn.Modul
     return [m for m in model.modules() if any(p is tensor for p in m._parameters.values())]
 
 
-def build(model: torch.nn.Module, items: Callable[[list[str]], Iterator[tuple[str, torch.Tensor]]],
-          groups: list[list[str]], specs: list[tuple[str, Any, tuple[int, ...]]]) -> tuple[Plan | None, str]:
+def build(
+    model: torch.nn.Module,
+    items: Callable[[list[str]], Iterator[tuple[str, torch.Tensor]]],
+    groups: list[list[str]],
+    specs: list[tuple[str, Any, tuple[int, ...]]],
+) -> tuple[Plan | None, str]:
     """The plan of ``model`` proven against the version it serves (just loaded by the layerwise
     reload), read again through ``items``; (None, why) when any tensor is unproven."""
     modules = dict(model.named_modules())
@@ -207,8 +229,11 @@ def build(model: torch.nn.Module, items: Callable[[list[str]], Iterator[tuple[st
                 for name, tensor in got.items():
                     t = targets[name]
                     if not t.packed:
-                        held = getattr(t.module, t.param).data.narrow(0, t.row, t.rows) if tensor.dim() \
+                        held = (
+                            getattr(t.module, t.param).data.narrow(0, t.row, t.rows)
+                            if tensor.dim()
                             else getattr(t.module, t.param).data
+                        )
                         if held.dtype != tensor.dtype or not torch.equal(held, tensor.to(held.device)):
                             raise NotProvable(f"{name}: the engine's tensor differs from the version it loaded")
                 for names in shards.values():
@@ -217,8 +242,11 @@ def build(model: torch.nn.Module, items: Callable[[list[str]], Iterator[tuple[st
     except NotProvable as exc:
         log.info("stager: updates use vLLM's layerwise reload: %s", exc)
         return None, str(exc)
-    log.info("stager: updates write the engine's tensors directly (%d tensors, %d packed layers proven)",
-             len(targets), len(shards))
+    log.info(
+        "stager: updates write the engine's tensors directly (%d tensors, %d packed layers proven)",
+        len(targets),
+        len(shards),
+    )
     return plan, ""
 
 
@@ -248,7 +276,9 @@ class Writer:
     tensor changed (a failure afterwards leaves two versions)."""
 
     def __init__(self, model: torch.nn.Module, plan: Plan):
-        self.model, self.plan, self.written = model, plan, False
+        self.model = model
+        self.plan = plan
+        self.written = False
         self._pending: dict[str, torch.Tensor] = {}
         self._owners: dict[int, list[torch.nn.Module]] = {}
 
@@ -291,8 +321,9 @@ class Writer:
         return self._owners[id(tensor)]
 
 
-def check(plan: Plan, items: Callable[[list[str]], Iterator[tuple[str, torch.Tensor]]],
-          groups: list[list[str]]) -> list[str]:
+def check(
+    plan: Plan, items: Callable[[list[str]], Iterator[tuple[str, torch.Tensor]]], groups: list[list[str]]
+) -> list[str]:
     """The checkpoint tensors whose engine copy differs from what ``items`` delivers (the version,
     read again): a copied parameter byte for byte, a packed layer by its outputs on a fixed input
     against the layer rebuilt from the version (bit for bit: the same kernel on the same bytes)."""

@@ -17,8 +17,9 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
+from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Mapping
+from typing import Any
 
 from stager.client import Subscriber
 from stager.protocol import ErrorCode, StagerError
@@ -52,9 +53,17 @@ class UpdateResult:
         return all(e.error is None for e in self.engines)
 
 
-def update(engines: Any, step: int | str = "latest", *, endpoint: str | None = None,
-           init_info: Mapping[str, Any] | None = None, verify: Mapping[str, str] | bool | None = None,
-           pause_mode: str = "keep", timeout: float = 300.0, raise_errors: bool = True) -> UpdateResult:
+def update(
+    engines: Any,
+    step: int | str = "latest",
+    *,
+    endpoint: str | None = None,
+    init_info: Mapping[str, Any] | None = None,
+    verify: Mapping[str, str] | bool | None = None,
+    pause_mode: str = "keep",
+    timeout: float = 300.0,
+    raise_errors: bool = True,
+) -> UpdateResult:
     """Move ``engines`` (an ``LLM``, a base URL, or a list of them) to ``step`` (or the newest).
 
     ``endpoint``: the daemon the driver pins the step on (default: ``$STAGER_ENDPOINT``).
@@ -69,13 +78,12 @@ def update(engines: Any, step: int | str = "latest", *, endpoint: str | None = N
     tried, with ``.result`` set; ``raise_errors=False`` returns it in the result instead. A step
     the driver's daemon does not hold raises its error (``no_version``) before any engine is touched.
     """
-    handles = [handle(e, timeout, pause_mode)
-               for e in (engines if isinstance(engines, (list, tuple)) else [engines])]
+    handles = [handle(e, timeout, pause_mode) for e in (engines if isinstance(engines, (list, tuple)) else [engines])]
     info = dict(init_info) if init_info is not None else {}
     if init_info is not None and endpoint is not None:
         info.setdefault("endpoint", endpoint)
     with Subscriber(endpoint, remote=True, names=(), timeout=min(timeout, 30.0)) as pin:
-        with (pin.latest() if step == "latest" else pin.at(int(step))) as snap:  # held while engines read
+        with pin.latest() if step == "latest" else pin.at(int(step)) as snap:  # held while engines read
             target = snap.step
             http = [h for h in handles if h.concurrent]
             results: dict[int, EngineResult] = {}
@@ -166,12 +174,22 @@ class Follower:
     are at. Other keyword arguments go to :func:`update`.
     """
 
-    def __init__(self, engines: Any, k: int = 1, *, endpoint: str | None = None, timeout: float = 60.0,
-                 init_info: Mapping[str, Any] | None = None, **update_kwargs: Any):
+    def __init__(
+        self,
+        engines: Any,
+        k: int = 1,
+        *,
+        endpoint: str | None = None,
+        timeout: float = 60.0,
+        init_info: Mapping[str, Any] | None = None,
+        **update_kwargs: Any,
+    ):
         if k < 0:
             raise ValueError("k must be >= 0 (0: always the newest version)")
         self.engines = engines if isinstance(engines, (list, tuple)) else [engines]
-        self.k, self.endpoint, self.step = k, endpoint, None
+        self.k = k
+        self.endpoint = endpoint
+        self.step = None
         self.updates: list[UpdateResult] = []
         self._kwargs = dict(update_kwargs, endpoint=endpoint)
         self._init_info = init_info  # sent with the first update only
@@ -214,9 +232,8 @@ class Follower:
     def close(self) -> None:
         self._sub.close()
 
-    def __enter__(self) -> "Follower":
+    def __enter__(self) -> Follower:
         return self
 
     def __exit__(self, *exc) -> None:
         self.close()
-

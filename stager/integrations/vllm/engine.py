@@ -16,12 +16,14 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from typing import Any, Callable, Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import torch
-
 from vllm.distributed.weight_transfer.base import (
-    WeightTransferEngine, WeightTransferInitInfo, WeightTransferUpdateInfo,
+    WeightTransferEngine,
+    WeightTransferInitInfo,
+    WeightTransferUpdateInfo,
 )
 
 from stager.client import Subscriber
@@ -105,16 +107,27 @@ class StagerWeightTransferEngine(WeightTransferEngine[StagerInitInfo, StagerUpda
     def init_transfer_engine(self, init_info: StagerInitInfo) -> None:
         self.shutdown()
         self._only = set(init_info.names) if init_info.names else None
-        self._sub = Subscriber(init_info.endpoint, view="hf", dtype=self.model_config.dtype,
-                               adapter=init_info.adapter, hf_config=init_info.hf_config, prefix=init_info.prefix,
-                               names=init_info.names, remote=init_info.remote, timeout=float(init_info.timeout),
-                               quantize=init_info.quantize,
-                               auth_dir=init_info.auth_dir)  # this subscriber's keys: the process env stays as is
+        self._sub = Subscriber(
+            init_info.endpoint,
+            view="hf",
+            dtype=self.model_config.dtype,
+            adapter=init_info.adapter,
+            hf_config=init_info.hf_config,
+            prefix=init_info.prefix,
+            names=init_info.names,
+            remote=init_info.remote,
+            timeout=float(init_info.timeout),
+            quantize=init_info.quantize,
+            auth_dir=init_info.auth_dir,
+        )  # this subscriber's keys: the process env stays as is
 
     def start_weight_update(self) -> None:
         if self._sub is None:
-            raise StagerError(ErrorCode.NOT_REGISTERED, "the stager weight transfer engine is not initialized: call "
-                                                        "init_weight_transfer_engine({'init_info': {...}}) first")
+            raise StagerError(
+                ErrorCode.NOT_REGISTERED,
+                "the stager weight transfer engine is not initialized: call "
+                "init_weight_transfer_engine({'init_info': {...}}) first",
+            )
         self._end_session()
         # the model is left alone until an update's checks pass (update_weights)
         self._session = {"step": None, "snap": None, "layers": None, "tensors": 0, "bytes": 0, "t0": time.monotonic()}
@@ -123,15 +136,21 @@ class StagerWeightTransferEngine(WeightTransferEngine[StagerInitInfo, StagerUpda
         try:
             return StagerInitInfo(**init_dict)
         except (TypeError, ValueError) as exc:  # a typed error saying which field, not a bare ValueError
-            raise StagerError(ErrorCode.BAD_VALUE, f"stager init_info: {exc}; fields: "
-                                                   f"{', '.join(f.name for f in dataclasses.fields(StagerInitInfo))}")
+            raise StagerError(
+                ErrorCode.BAD_VALUE,
+                f"stager init_info: {exc}; fields: {', '.join(f.name for f in dataclasses.fields(StagerInitInfo))}",
+            ) from None
 
     def parse_update_info(self, update_dict: dict[str, Any]) -> StagerUpdateInfo:
         try:
             return StagerUpdateInfo(**update_dict)
         except (TypeError, ValueError) as exc:
-            raise UpdateRefused(ErrorCode.BAD_VALUE, update_dict.get("step") if isinstance(update_dict, dict) else None,
-                                self.step, f"update_info: {exc}; give {{'step': N}} or {{'step': 'latest'}}")
+            raise UpdateRefused(
+                ErrorCode.BAD_VALUE,
+                update_dict.get("step") if isinstance(update_dict, dict) else None,
+                self.step,
+                f"update_info: {exc}; give {{'step': N}} or {{'step': 'latest'}}",
+            ) from None
 
     def update_weights(self, update_info: dict[str, Any]) -> None:
         self.receive_weights(self.parse_update_info(update_info))
@@ -141,24 +160,37 @@ class StagerWeightTransferEngine(WeightTransferEngine[StagerInitInfo, StagerUpda
     def receive_weights(self, update_info: StagerUpdateInfo) -> None:
         session = self._session
         if session is None:
-            raise UpdateRefused(ErrorCode.BAD_VALUE, update_info.step, self.step,
-                                "no update was started: call start_weight_update first")
+            raise UpdateRefused(
+                ErrorCode.BAD_VALUE,
+                update_info.step,
+                self.step,
+                "no update was started: call start_weight_update first",
+            )
         if session["snap"] is not None:  # one version per update: a second would mix two
             first = session["step"]
             self._session = None  # vLLM ends the update when this raises: complete the first version now
             self._complete(session)
-            raise UpdateRefused(ErrorCode.BAD_VALUE, update_info.step, self.step,
-                                f"one version per update: this update had loaded step {first}, which is now "
-                                "finished (set the weight version with LLM.update_weight_version); start another "
-                                f"update for step {update_info.step}")
+            raise UpdateRefused(
+                ErrorCode.BAD_VALUE,
+                update_info.step,
+                self.step,
+                f"one version per update: this update had loaded step {first}, which is now "
+                "finished (set the weight version with LLM.update_weight_version); start another "
+                f"update for step {update_info.step}",
+            )
         step: int | str = update_info.step
         try:
             snap = self._lease(step)
             step = snap.step
             session.update(step=step, snap=snap, verify=update_info.verify)
             plan.check_names(step, snap.specs(), self._expected_shapes(), self.step, self._only)
-            why = (f"no direct plan: {self._unproven}" if self._direct is None else "direct updates are off"
-                   if not self.direct else self._direct.covers(snap.specs()))
+            why = (
+                f"no direct plan: {self._unproven}"
+                if self._direct is None
+                else "direct updates are off"
+                if not self.direct
+                else self._direct.covers(snap.specs())
+            )
             if why is None:
                 session["direct"] = direct.Writer(self.model, self._direct)
                 self._load_direct(snap, session)
@@ -168,9 +200,11 @@ class StagerWeightTransferEngine(WeightTransferEngine[StagerInitInfo, StagerUpda
                 self._load(snap, session)
                 unloaded = [] if self._only is not None else reload.unloaded_layers(session["layers"])
                 if unloaded:  # finishing would keep these layers' old weights beside the new ones
-                    raise StagerError(ErrorCode.BAD_VALUE,
-                                      f"{len(unloaded)} layers ({', '.join(sorted(set(unloaded)))}) received no "
-                                      "weight from the version: stage the whole model, or check the adapter and prefix")
+                    raise StagerError(
+                        ErrorCode.BAD_VALUE,
+                        f"{len(unloaded)} layers ({', '.join(sorted(set(unloaded)))}) received no "
+                        "weight from the version: stage the whole model, or check the adapter and prefix",
+                    )
         except BaseException as exc:
             self._fail(exc, step)
             raise self._typed(exc, step) from exc
@@ -201,11 +235,22 @@ class StagerWeightTransferEngine(WeightTransferEngine[StagerInitInfo, StagerUpda
         if self._only is None:
             self._expected = {name: tuple(shape) for name, _, shape in specs}
         seconds = time.monotonic() - session["t0"]
-        self.last_update = {"step": step, "tensors": session["tensors"], "bytes": session["bytes"],
-                            "seconds": seconds, "path": "layerwise" if session.get("direct") is None else "direct",
-                            "why_layerwise": session.get("why"), "verified": session.get("verified", False)}
-        log.info("stager: weights at step %d (%d tensors, %.1f MB, %.3f s)", step, session["tensors"],
-                 session["bytes"] / 1e6, seconds)
+        self.last_update = {
+            "step": step,
+            "tensors": session["tensors"],
+            "bytes": session["bytes"],
+            "seconds": seconds,
+            "path": "layerwise" if session.get("direct") is None else "direct",
+            "why_layerwise": session.get("why"),
+            "verified": session.get("verified", False),
+        }
+        log.info(
+            "stager: weights at step %d (%d tensors, %.1f MB, %.3f s)",
+            step,
+            session["tensors"],
+            session["bytes"] / 1e6,
+            seconds,
+        )
 
     def shutdown(self) -> None:
         self._end_session()
@@ -286,9 +331,14 @@ class StagerWeightTransferEngine(WeightTransferEngine[StagerInitInfo, StagerUpda
             if self.on_loaded is not None:
                 self.on_loaded(self.model)
             if self._direct is None:
-                raise VerifyFailed(step, self.step, [], f"step {step} cannot be verified: where vLLM keeps each tensor "
-                                                        f"is not proven ({self._unproven}); verify against a reference "
-                                                        "engine instead (update(..., verify=weight_checksums(ref)))")
+                raise VerifyFailed(
+                    step,
+                    self.step,
+                    [],
+                    f"step {step} cannot be verified: where vLLM keeps each tensor "
+                    f"is not proven ({self._unproven}); verify against a reference "
+                    "engine instead (update(..., verify=weight_checksums(ref)))",
+                )
             bad = direct.check(self._direct, snap.items, plan.layer_groups(name for name, _, _ in snap.specs()))
             if bad:
                 raise VerifyFailed(step, self.step, bad)
@@ -309,9 +359,14 @@ class StagerWeightTransferEngine(WeightTransferEngine[StagerInitInfo, StagerUpda
             reload.restore(self.model)
         if processed:
             self.incomplete = step
-        log.warning("stager: update to step %s failed (%s): %s", step,
-                    "incomplete: refusing to serve until a complete update" if processed
-                    else f"still at {'the checkpoint' if self.step is None else f'step {self.step}'}", exc)
+        log.warning(
+            "stager: update to step %s failed (%s): %s",
+            step,
+            "incomplete: refusing to serve until a complete update"
+            if processed
+            else f"still at {'the checkpoint' if self.step is None else f'step {self.step}'}",
+            exc,
+        )
         if session.get("snap") is not None:
             session["snap"].release()
         self._session = None

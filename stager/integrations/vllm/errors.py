@@ -22,9 +22,11 @@ import re
 from stager.protocol import ErrorCode, StagerError
 
 _REFUSED = re.compile(r"update to step (-?\d+|latest) refused; the engine still serves (step -?\d+|its checkpoint)")
-_INCOMPLETE = re.compile(r"update to step (-?\d+|latest) incomplete; the engine served (step -?\d+|its checkpoint) "
-                         r"before, now holds weights of two versions and refuses to serve until an update to a "
-                         r"complete version succeeds")
+_INCOMPLETE = re.compile(
+    r"update to step (-?\d+|latest) incomplete; the engine served (step -?\d+|its checkpoint) "
+    r"before, now holds weights of two versions and refuses to serve until an update to a "
+    r"complete version succeeds"
+)
 _CODE = re.compile(r"\[([a-z_]+)\]")
 
 
@@ -36,9 +38,14 @@ class UpdateRefused(StagerError):
     """An update refused before any weight changed: the engine still serves ``previous``."""
 
     def __init__(self, code: ErrorCode | str, step: int | str | None, previous: int | None, problem: str):
-        self.step, self.previous, self.problem = step, previous, problem
-        super().__init__(code, f"update to step {step if step is not None else 'latest'} refused; the engine still "
-                               f"serves {_previous(previous)}: {problem}")
+        self.step = step
+        self.previous = previous
+        self.problem = problem
+        super().__init__(
+            code,
+            f"update to step {step if step is not None else 'latest'} refused; the engine still "
+            f"serves {_previous(previous)}: {problem}",
+        )
 
 
 class UpdateIncomplete(StagerError):
@@ -46,10 +53,15 @@ class UpdateIncomplete(StagerError):
     complete update (``previous`` is the step it served before)."""
 
     def __init__(self, code: ErrorCode | str, step: int | str | None, previous: int | None, problem: str):
-        self.step, self.previous, self.problem = step, previous, problem
-        super().__init__(code, f"update to step {step} incomplete; the engine served {_previous(previous)} before, "
-                               "now holds weights of two versions and refuses to serve until an update to a complete "
-                               f"version succeeds: {problem}")
+        self.step = step
+        self.previous = previous
+        self.problem = problem
+        super().__init__(
+            code,
+            f"update to step {step} incomplete; the engine served {_previous(previous)} before, "
+            "now holds weights of two versions and refuses to serve until an update to a complete "
+            f"version succeeds: {problem}",
+        )
 
 
 class VerifyFailed(UpdateIncomplete):
@@ -59,9 +71,16 @@ class VerifyFailed(UpdateIncomplete):
     def __init__(self, step: int, previous: int | None, tensors: list[str], problem: str | None = None):
         self.tensors = list(tensors)
         shown = ", ".join(self.tensors[:5]) + (f" (and {len(self.tensors) - 5} more)" if len(self.tensors) > 5 else "")
-        super().__init__(ErrorCode.BAD_VALUE, step, previous, problem or (
-            f"verification: the engine's {shown} differ from what stager delivered for step {step}; "
-            "update again (a loader or kernel changed them, or memory was overwritten)"))
+        super().__init__(
+            ErrorCode.BAD_VALUE,
+            step,
+            previous,
+            problem
+            or (
+                f"verification: the engine's {shown} differ from what stager delivered for step {step}; "
+                "update again (a loader or kernel changed them, or memory was overwritten)"
+            ),
+        )
 
 
 class EngineIncomplete(StagerError):
@@ -70,30 +89,41 @@ class EngineIncomplete(StagerError):
 
     def __init__(self, engine: str, cause: StagerError):
         self.engine, self.cause = engine, cause
-        super().__init__(ErrorCode.UNAVAILABLE, f"{engine} does not serve until an update to a complete version "
-                                                f"succeeds (stager.integrations.vllm.update); its last update failed: "
-                                                f"{cause}")
+        super().__init__(
+            ErrorCode.UNAVAILABLE,
+            f"{engine} does not serve until an update to a complete version "
+            f"succeeds (stager.integrations.vllm.update); its last update failed: "
+            f"{cause}",
+        )
 
 
 class WeightMismatch(StagerError):
     """Verification found engine weights that differ from the reference: ``tensors`` names them."""
 
     def __init__(self, engine: str, step: int | None, tensors: list[str]):
-        self.engine, self.step, self.tensors = engine, step, list(tensors)
+        self.engine = engine
+        self.step = step
+        self.tensors = list(tensors)
         shown = ", ".join(self.tensors[:5]) + (f" (and {len(self.tensors) - 5} more)" if len(self.tensors) > 5 else "")
-        super().__init__(ErrorCode.BAD_VALUE, f"{engine} at step {step}: weights differ from the reference in {shown}; "
-                                              "the update did not load them as the version holds them")
+        super().__init__(
+            ErrorCode.BAD_VALUE,
+            f"{engine} at step {step}: weights differ from the reference in {shown}; "
+            "the update did not load them as the version holds them",
+        )
 
 
 def classify(text: str, fallback_step: int | str | None = None) -> StagerError:
     """The typed error of a message that crossed a process or HTTP boundary as text."""
     code_match = _CODE.search(text)
-    code = code_match.group(1) if code_match and code_match.group(1) in ErrorCode._value2member_map_ \
+    code = (
+        code_match.group(1)
+        if code_match and code_match.group(1) in ErrorCode._value2member_map_
         else ErrorCode.INTERNAL
+    )
     for pattern, cls in ((_REFUSED, UpdateRefused), (_INCOMPLETE, UpdateIncomplete)):
         m = pattern.search(text)
         if m is not None:
             step = int(m.group(1)) if m.group(1) != "latest" else "latest"
             prev = None if m.group(2) == "its checkpoint" else int(m.group(2).split()[1])
-            return cls(code, step, prev, text[m.end():].lstrip(": ").strip()[:2000])
+            return cls(code, step, prev, text[m.end() :].lstrip(": ").strip()[:2000])
     return StagerError(code, text.strip()[:2000] or f"the engine failed the update to step {fallback_step}")

@@ -91,21 +91,27 @@ class HTTPHandle:
 
     def __init__(self, base_url: str, timeout: float = 300.0, pause_mode: str = "keep"):
         self.base = base_url.rstrip("/")
-        self.name, self.timeout, self.pause_mode = self.base, timeout, pause_mode
+        self.name = self.base
+        self.timeout = timeout
+        self.pause_mode = pause_mode
 
     def request(self, method: str, path: str, body: dict | None = None, query: dict | None = None) -> Any:
         url = f"{self.base}/{path}" + (f"?{urllib.parse.urlencode(query)}" if query else "")
         data = json.dumps(body).encode() if body is not None else None
-        req = urllib.request.Request(url, data=data, method=method,
-                                     headers={"Content-Type": "application/json"} if data is not None else {})
+        req = urllib.request.Request(
+            url, data=data, method=method, headers={"Content-Type": "application/json"} if data is not None else {}
+        )
         try:
             with urllib.request.urlopen(req, timeout=self.timeout) as resp:
                 raw = resp.read()
         except urllib.error.HTTPError as exc:
             text = exc.read().decode(errors="replace")
             if exc.code == 404:
-                raise StagerError(ErrorCode.UNAVAILABLE, f"{url}: 404; start the server with VLLM_SERVER_DEV_MODE=1 "
-                                                         "(vLLM serves its weight-transfer routes only then)") from None
+                raise StagerError(
+                    ErrorCode.UNAVAILABLE,
+                    f"{url}: 404; start the server with VLLM_SERVER_DEV_MODE=1 "
+                    "(vLLM serves its weight-transfer routes only then)",
+                ) from None
             raise classify(f"{url}: HTTP {exc.code}: {_detail(text)}") from None
         except (urllib.error.URLError, OSError) as exc:
             raise StagerError(ErrorCode.UNAVAILABLE, f"{url}: {exc}; is the vLLM server up?") from None
@@ -166,10 +172,15 @@ def handle(engine: Any, timeout: float = 300.0, pause_mode: str = "keep") -> LLM
         return engine
     if isinstance(engine, str):
         if not engine.startswith(("http://", "https://")):
-            raise StagerError(ErrorCode.BAD_VALUE, f"engine {engine!r}: give a server's base URL "
-                                                   "(http://host:8000) or a vllm.LLM object")
+            raise StagerError(
+                ErrorCode.BAD_VALUE,
+                f"engine {engine!r}: give a server's base URL (http://host:8000) or a vllm.LLM object",
+            )
         return HTTPHandle(engine, timeout, pause_mode)
     if not hasattr(engine, "update_weights") or not hasattr(engine, "init_weight_transfer_engine"):
-        raise StagerError(ErrorCode.BAD_VALUE, f"engine {type(engine).__name__}: give a vllm.LLM (0.32 or newer: "
-                                               "it has update_weights) or a server's base URL")
+        raise StagerError(
+            ErrorCode.BAD_VALUE,
+            f"engine {type(engine).__name__}: give a vllm.LLM (0.32 or newer: "
+            "it has update_weights) or a server's base URL",
+        )
     return LLMHandle(engine)

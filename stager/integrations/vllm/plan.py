@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import os
 import re
-from typing import Iterable, Mapping
+from collections.abc import Iterable, Mapping
 
 from stager.protocol import ErrorCode
 
@@ -43,9 +43,13 @@ def checkpoint_shapes(model_path: str | None) -> dict[str, tuple[int, ...]] | No
     return {name: tuple(t.shape) for name, t in ckpt.tensors.items() if not IGNORED.search(name)}
 
 
-def check_names(step: int, specs: Iterable[tuple[str, object, tuple[int, ...]]],
-                expected: Mapping[str, tuple[int, ...]] | None, previous: int | None,
-                only: set[str] | None = None) -> None:
+def check_names(
+    step: int,
+    specs: Iterable[tuple[str, object, tuple[int, ...]]],
+    expected: Mapping[str, tuple[int, ...]] | None,
+    previous: int | None,
+    only: set[str] | None = None,
+) -> None:
     """Refuse (:class:`UpdateRefused`) a version whose HF names or shapes differ from ``expected``
     (None: nothing known yet, nothing checked). ``only``: the update covers just these names."""
     if expected is None:
@@ -54,20 +58,33 @@ def check_names(step: int, specs: Iterable[tuple[str, object, tuple[int, ...]]],
     want = {n: s for n, s in expected.items() if only is None or n in only}
     unknown = sorted(set(got) - set(want))
     if unknown:
-        raise UpdateRefused(ErrorCode.BAD_VALUE, step, previous,
-                            f"the model has no tensor {unknown[0]!r}" + _more(unknown)
-                            + "; check the adapter and prefix (init_info adapter=..., prefix=...) or the model")
+        raise UpdateRefused(
+            ErrorCode.BAD_VALUE,
+            step,
+            previous,
+            f"the model has no tensor {unknown[0]!r}"
+            + _more(unknown)
+            + "; check the adapter and prefix (init_info adapter=..., prefix=...) or the model",
+        )
     for name in sorted(got):
         if got[name] != want[name]:
-            raise UpdateRefused(ErrorCode.BAD_VALUE, step, previous,
-                                f"{name}: the version holds shape {list(got[name])}, the model expects "
-                                f"{list(want[name])}; the trainer's model and the engine's differ (hf_config?)")
+            raise UpdateRefused(
+                ErrorCode.BAD_VALUE,
+                step,
+                previous,
+                f"{name}: the version holds shape {list(got[name])}, the model expects "
+                f"{list(want[name])}; the trainer's model and the engine's differ (hf_config?)",
+            )
     missing = sorted(set(want) - set(got))
     if missing:
-        raise UpdateRefused(ErrorCode.BAD_VALUE, step, previous,
-                            f"the version lacks {missing[0]!r}" + _more(missing) + ", which the model loads: "
-                            "updating the rest would leave old weights beside new ones; stage the whole model, or "
-                            "name the tensors to update with init_info names=[...]")
+        raise UpdateRefused(
+            ErrorCode.BAD_VALUE,
+            step,
+            previous,
+            f"the version lacks {missing[0]!r}" + _more(missing) + ", which the model loads: "
+            "updating the rest would leave old weights beside new ones; stage the whole model, or "
+            "name the tensors to update with init_info names=[...]",
+        )
 
 
 def _more(names: list[str]) -> str:

@@ -13,7 +13,6 @@ helpers of that module: checked by the real-engine tests).
 from __future__ import annotations
 
 import torch
-
 from vllm.model_executor.model_loader import reload as _reload
 from vllm.model_executor.model_loader.reload import layerwise as _layerwise
 
@@ -36,8 +35,13 @@ def unloaded_layers(layers: list[torch.nn.Module]) -> list[str]:
     out = []
     for m in layers:
         info = _layerwise.get_layerwise_info(m)
-        if info.can_load() and info.load_numel <= 0 and (info.load_numel_total or 0) > 0 \
-                and info.kernel_tensors is not None and info.kernel_tensors[0]:
+        if (
+            info.can_load()
+            and info.load_numel <= 0
+            and (info.load_numel_total or 0) > 0
+            and info.kernel_tensors is not None
+            and info.kernel_tensors[0]
+        ):
             out.append(type(m).__name__)
     return out
 
