@@ -21,6 +21,22 @@ CONFIG = {
     "tie_word_embeddings": False,
 }
 
+# the torchtitan names and shapes of a one-layer Llama of the readers' tests (llama3 adapter, hidden 32, vocab 96)
+ONE_LAYER_LLAMA = {
+    "tok_embeddings.weight": (96, 32),
+    "layers.0.attention.wq.weight": (32, 32),
+    "layers.0.attention.wk.weight": (16, 32),
+    "layers.0.attention.wv.weight": (16, 32),
+    "layers.0.attention.wo.weight": (32, 32),
+    "layers.0.attention_norm.weight": (32,),
+    "layers.0.ffn_norm.weight": (32,),
+    "layers.0.feed_forward.w1.weight": (48, 32),
+    "layers.0.feed_forward.w2.weight": (32, 48),
+    "layers.0.feed_forward.w3.weight": (48, 32),
+    "norm.weight": (32,),
+    "output.weight": (96, 32),
+}
+
 
 class EagerPlugin:  # torchtitan's StateDictAdapter shape, loaded by module:attr
     def __init__(self, hf_config):

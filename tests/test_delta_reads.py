@@ -12,7 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from conftest import InProcessDaemon
-from helpers import wait_until
+from helpers import ONE_LAYER_LLAMA, wait_until
 from stager.client import StagingClient, Subscriber
 from stager.client.adapters import load_adapter
 
@@ -25,20 +25,7 @@ CONFIG = {
     "num_key_value_heads": 2,
 }
 INFO = {"adapter": "llama3", "hf_config": CONFIG}
-SHAPES = {
-    "tok_embeddings.weight": (96, 32),
-    "layers.0.attention.wq.weight": (32, 32),
-    "layers.0.attention.wk.weight": (16, 32),
-    "layers.0.attention.wv.weight": (16, 32),
-    "layers.0.attention.wo.weight": (32, 32),
-    "layers.0.attention_norm.weight": (32,),
-    "layers.0.ffn_norm.weight": (32,),
-    "layers.0.feed_forward.w1.weight": (48, 32),
-    "layers.0.feed_forward.w2.weight": (32, 48),
-    "layers.0.feed_forward.w3.weight": (48, 32),
-    "norm.weight": (32,),
-    "output.weight": (96, 32),
-}
+SHAPES = ONE_LAYER_LLAMA
 
 
 def first(seed=0) -> dict:

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from conftest import error_code
-from helpers import EagerPlugin
+from helpers import ONE_LAYER_LLAMA, EagerPlugin
 from stager.client import StagingClient, Subscriber
 from stager.client.adapters import load_adapter
 from stager.client.readers import sources
@@ -25,20 +25,7 @@ INFO = {"adapter": "llama3", "hf_config": CONFIG}
 
 def llama_sd(step: float) -> dict:
     g = torch.Generator().manual_seed(int(step))
-    shapes = {
-        "tok_embeddings.weight": (96, 32),
-        "layers.0.attention.wq.weight": (32, 32),
-        "layers.0.attention.wk.weight": (16, 32),
-        "layers.0.attention.wv.weight": (16, 32),
-        "layers.0.attention.wo.weight": (32, 32),
-        "layers.0.attention_norm.weight": (32,),
-        "layers.0.ffn_norm.weight": (32,),
-        "layers.0.feed_forward.w1.weight": (48, 32),
-        "layers.0.feed_forward.w2.weight": (32, 48),
-        "layers.0.feed_forward.w3.weight": (48, 32),
-        "norm.weight": (32,),
-        "output.weight": (96, 32),
-    }
+    shapes = ONE_LAYER_LLAMA
     return {k: torch.randn(s, generator=g) for k, s in shapes.items()}
 
 

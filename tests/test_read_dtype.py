@@ -12,7 +12,7 @@ import zmq
 
 from conftest import RawPeer
 from dist_jobs import LLAMA_CONFIG, llama_full, stage_fsdp_llama
-from helpers import wait_until
+from helpers import ONE_LAYER_LLAMA, wait_until
 from stager.client import StagingClient, Subscriber
 from stager.client.adapters import load_adapter
 from stager.client.admin import daemon_status
@@ -85,20 +85,7 @@ def native_sd(step: int) -> dict:
 
 
 def llama_sd(step: int) -> dict:
-    shapes = {
-        "tok_embeddings.weight": (96, 32),
-        "layers.0.attention.wq.weight": (32, 32),
-        "layers.0.attention.wk.weight": (16, 32),
-        "layers.0.attention.wv.weight": (16, 32),
-        "layers.0.attention.wo.weight": (32, 32),
-        "layers.0.attention_norm.weight": (32,),
-        "layers.0.ffn_norm.weight": (32,),
-        "layers.0.feed_forward.w1.weight": (48, 32),
-        "layers.0.feed_forward.w2.weight": (32, 48),
-        "layers.0.feed_forward.w3.weight": (48, 32),
-        "norm.weight": (32,),
-        "output.weight": (96, 32),
-    }
+    shapes = ONE_LAYER_LLAMA
     return {k: awkward(s, step * 31 + i) for i, (k, s) in enumerate(shapes.items())}
 
 
