@@ -149,7 +149,7 @@ def main() -> int:
     )
     limit = ("--memory-limit", str(5 * nbytes), "--keep", "2")
     with (
-        DaemonProcess(args=limit) as a,
+        DaemonProcess(args=(*limit, "--change-maps", "bfloat16")) as a,
         DaemonProcess(args=(*limit, "--change-maps", "none")) as b,
         StagingClient(a.endpoint, strict=True) as ca,
         StagingClient(b.endpoint, strict=True) as cb,

@@ -51,7 +51,7 @@ def changed(d, step):
 
 
 def test_status_shows_what_changed_in_the_readers_dtype(make_daemon):
-    d = make_daemon()
+    d = make_daemon(change_maps="bfloat16")
     sds = chain(3)
     stage_all(d, sds)
     entry = wait_until(lambda: changed(d, 3))["bf16"]
@@ -66,7 +66,7 @@ def test_status_shows_what_changed_in_the_readers_dtype(make_daemon):
 
 
 def test_changes_request_and_unknown_base(make_daemon, raw_peer):
-    d = make_daemon(keep=1, change_maps_keep=2)
+    d = make_daemon(keep=1, change_maps="bfloat16", change_maps_keep=2)
     sds = chain(5)
     stage_all(d, sds, settle=True)
     wait_until(lambda: changed(d, 5))
@@ -111,7 +111,7 @@ def test_changes_request_and_unknown_base(make_daemon, raw_peer):
 
 
 def test_layout_change_makes_the_changed_tensors_whole(make_daemon, raw_peer):
-    d = make_daemon()
+    d = make_daemon(change_maps="bfloat16")
     sds = chain(2)
     stage_all(d, [sds[0], dict(sds[1], b=torch.randn(41))])
     entry = wait_until(lambda: changed(d, 2))["bf16"]
@@ -138,7 +138,7 @@ def test_a_staging_step_takes_memory_a_change_map_pinned(make_daemon):
     its pins stay): each next step needs the pinned previous version's segment, and gets it at
     once (the map is dropped), with no back-pressure wait allowed."""
     big = {"w": torch.zeros(1 << 20)}  # 4 MiB
-    d = make_daemon(keep=1, memory_limit=(8 << 20) + (1 << 16))
+    d = make_daemon(keep=1, memory_limit=(8 << 20) + (1 << 16), change_maps="bfloat16")
     maps = d.daemon.handlers.changes
     release, entered = threading.Event(), threading.Event()
     compute = maps._compute

@@ -66,7 +66,7 @@ def changed(d, step):
 
 @pytest.mark.parametrize("remote", [False, True], ids=["shared memory", "frames"])
 def test_delta_moves_only_what_changed_and_equals_a_full_read(make_daemon, remote):
-    d = make_daemon()
+    d = make_daemon(change_maps="bfloat16")
     g = torch.Generator().manual_seed(1)
     sds = [first()]
     sds.append(rl_step(sds[0], g))
@@ -92,7 +92,7 @@ def test_delta_moves_only_what_changed_and_equals_a_full_read(make_daemon, remot
 
 
 def test_hf_view_renames_take_deltas_and_permuted_tensors_are_read_whole(make_daemon):
-    d = make_daemon()
+    d = make_daemon(change_maps="bfloat16")
     g = torch.Generator().manual_seed(2)
     sds = [first(), None]
     sds[1] = rl_step(sds[0], g)
@@ -113,7 +113,7 @@ def test_hf_view_renames_take_deltas_and_permuted_tensors_are_read_whole(make_da
 def test_unprovable_tensors_are_read_in_full(make_daemon):
     """A tensor written since its load, one loaded under another name, and a base that is not what
     the tensors hold: each is read in full, and the result is still the full read's."""
-    d = make_daemon()
+    d = make_daemon(change_maps="bfloat16")
     g = torch.Generator().manual_seed(3)
     sds = [first()]
     for _ in range(2):
@@ -148,7 +148,12 @@ def test_random_chains_are_bit_exact(data):
     g = torch.Generator().manual_seed(seed)
     tmp = tempfile.mkdtemp(prefix="stg", dir="/tmp")
     d = InProcessDaemon(
-        f"ipc://{tmp}/d.sock", memory_limit=64 << 20, step_timeout=10.0, keep=keep, change_maps_keep=maps_keep
+        f"ipc://{tmp}/d.sock",
+        memory_limit=64 << 20,
+        step_timeout=10.0,
+        keep=keep,
+        change_maps="bfloat16",
+        change_maps_keep=maps_keep,
     )
     try:
         sd = dict(first(seed), h=torch.randn(24, 24, generator=g).bfloat16())  # staged in the reader's dtype
