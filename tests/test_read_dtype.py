@@ -380,8 +380,7 @@ def test_remote_readers_casting_at_once_stay_within_read_cast_memory_in_turn(mak
     assert status["reads"]["deferred"] > 0 and status["counters"]["read_cast_waits"] > 0  # later ones queue behind
     expected = w.to(torch.bfloat16)
     # receiving replies frees their buffers and the waiting reads go, in turn. Every reader receives at once, as
-    # readers do: which reader's replies hold the buffers depends on the order the daemon took the reads, and a
-    # test that waited on one reader while another's unread replies held the whole cap would wait forever
+    # readers do: which reader's replies hold the buffers depends on the order the daemon took the reads
     got = {id(peer): 0 for peer in readers}
     deadline = time.monotonic() + 120
     while min(got.values()) < reads:
@@ -395,6 +394,32 @@ def test_remote_readers_casting_at_once_stay_within_read_cast_memory_in_turn(mak
                 got[id(peer)] += 1
         assert d.status()["reads"]["cast_buffers"] <= limit
     assert d.status()["counters"]["read_cast_bytes"] == 4 * reads * n * 2
+
+
+def test_a_reader_that_stops_receiving_keeps_only_its_share_of_read_cast_memory(make_daemon, raw_peer):
+    d = make_daemon(memory_limit=128 * MIB)  # --read-cast-memory 64 MiB
+    n = 32 * MIB // 4
+    w = torch.arange(n, dtype=torch.float32) * 0.7
+    stage(d.endpoint, {"w": w})
+    stalled = raw_peer(d.endpoint)
+    stalled.sock.setsockopt(zmq.RCVHWM, 1)  # its replies stay in the daemon (cast buffers in flight): never read
+    stalled.sock.setsockopt(zmq.RCVBUF, 64 << 10)
+    stalled.hello(role="reader")
+    lease = stalled.request(Acquire()).lease
+    for i in range(8):  # 16 MiB of bf16 each, far below its 512 MiB of replies in flight
+        stalled.sock.send_multipart(Read(id=100 + i, lease=lease, items=(ReadItem("w", dtype="bf16"),)).encode())
+    status = wait_until(lambda: (s := d.status())["reads"]["deferred"] and s)
+    assert status["reads"]["cast_buffers"] <= 32 * MIB  # its share: half the cap while it is the only one
+    reader = raw_peer(d.endpoint)
+    reader.hello(role="reader")
+    lease = reader.request(Acquire()).lease
+    expected = w.to(torch.bfloat16)
+    for i in range(3):  # every read completes while the other reader's replies stay unread
+        reader.sock.send_multipart(Read(id=200 + i, lease=lease, items=(ReadItem("w", dtype="bf16"),)).encode())
+        reply = reader.recv(timeout=60)
+        got = torch.frombuffer(bytearray(reply.frames[0]), dtype=torch.bfloat16)
+        assert reply.id == 200 + i and same(got, expected)
+        assert d.status()["reads"]["cast_buffers"] <= 64 * MIB
 
 
 class Tracker:  # what CastBuffers reads of zmq's MessageTracker

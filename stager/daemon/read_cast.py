@@ -50,16 +50,20 @@ class CastBuffers:
     def __init__(self, limit: int = 1 << 30) -> None:
         self.limit = limit
         self._idle: list[tuple[bytearray, float]] = []  # (buffer, when it became idle)
-        self._busy: list[tuple[bytearray, object]] = []  # (buffer, its frame's tracker)
+        self._busy: list[tuple[bytearray, object, object]] = []  # (buffer, its frame's tracker, its reader)
 
     @staticmethod
     def footprint(nbytes: int) -> int:
         """Bytes a buffer for a cast of ``nbytes`` holds (small ones exactly, others in whole GRAINs)."""
         return nbytes if nbytes < SMALL else -(-nbytes // GRAIN) * GRAIN
 
-    def busy(self) -> int:
-        """Bytes of buffers whose frames ZeroMQ still holds."""
-        return sum(len(b) for b, _ in self._busy)
+    def busy(self, owner: object = None) -> int:
+        """Bytes of buffers whose frames ZeroMQ still holds (``owner``: only those of that reader)."""
+        return sum(len(b) for b, _, o in self._busy if owner is None or o == owner)
+
+    def owners(self) -> set:
+        """The readers (connections) with buffers in flight."""
+        return {o for _, _, o in self._busy}
 
     def room_for(self, footprint: int) -> bool:
         """Whether a reply needing ``footprint`` bytes of buffers may be cast now: with those in flight,
@@ -68,6 +72,21 @@ class CastBuffers:
         self.reclaim()
         busy = self.busy()
         return not busy or busy + footprint <= self.limit
+
+    def share(self, readers: int) -> int:
+        """The bytes one reader's cast replies may hold in flight while ``readers`` readers cast (those with
+        buffers in flight or reads waiting for room, the asking one included): the limit over one more than
+        them, so a reader that stops receiving its replies keeps at most that share, and another (a newcomer
+        too) always finds room beside it. A reader with none in flight may send one reply of any size that fits
+        the limit beside all the others' (:meth:`within_share`): the floor."""
+        return self.limit // (max(readers, 1) + 1)
+
+    def within_share(self, owner: object, footprint: int, readers: int) -> bool:
+        """Whether reader ``owner`` may have a reply needing ``footprint`` bytes more in flight (its own share;
+        the limit over all readers is :meth:`room_for`'s)."""
+        self.reclaim()
+        own = self.busy(owner)
+        return not own or own + footprint <= self.share(readers)
 
     def take(self, sizes: list[int]) -> list[tuple[memoryview, bytearray]]:
         """A writable buffer per cast item of one reply (``sizes`` bytes each) and the buffer behind it;
@@ -92,10 +111,11 @@ class CastBuffers:
             out.append((memoryview(buf)[:nbytes], buf))
         return out
 
-    def sent(self, buf: bytearray, tracker: object | None) -> None:
-        """``buf`` is a frame ZeroMQ holds until ``tracker`` is done (None: the reply was dropped)."""
+    def sent(self, buf: bytearray, tracker: object | None, owner: object = None) -> None:
+        """``buf`` is a frame ZeroMQ holds until ``tracker`` is done (None: the reply was dropped), sent to
+        reader ``owner`` (its connection: what :meth:`busy` counts per reader)."""
         if tracker is not None:
-            self._busy.append((buf, tracker))
+            self._busy.append((buf, tracker, owner))
         elif len(buf) >= SMALL:
             self._idle.append((buf, time.monotonic()))
 
@@ -103,10 +123,10 @@ class CastBuffers:
         """Buffers whose frames left become idle (small ones are dropped); idle ones unused for IDLE_S,
         or past IDLE_MAX or the limit (newest kept), are freed (every tick)."""
         now = time.monotonic()
-        done = [(b, t) for b, t in self._busy if t.done]  # type: ignore[attr-defined]
+        done = [b for b, t, _ in self._busy if t.done]  # type: ignore[attr-defined]
         if done:
-            self._busy = [(b, t) for b, t in self._busy if not t.done]  # type: ignore[attr-defined]
-            self._idle += [(b, now) for b, _ in done if len(b) >= SMALL]
+            self._busy = [e for e in self._busy if not e[1].done]  # type: ignore[attr-defined]
+            self._idle += [(b, now) for b in done if len(b) >= SMALL]
         self._idle = [(b, at) for b, at in self._idle if now - at < IDLE_S]
         self._trim_idle(min(IDLE_MAX, self.limit - self.busy()))
 

@@ -212,7 +212,7 @@ class Reading:
             reply.frames.append(cast_box(v.segment.as_bytes(), t, block, offsets, sizes, to, out))
         trackers = self.outbox.send_tracked(identity, reply)
         for i, buf in pooled.items():
-            self.cast_buffers.sent(buf, None if trackers is None else trackers[i])
+            self.cast_buffers.sent(buf, None if trackers is None else trackers[i], identity)
         if trackers is not None:
             v.segment.inflight.extend(trackers)
             peer.reads_in_flight.append((trackers, total))
@@ -221,14 +221,23 @@ class Reading:
         return None
 
     def _cast_turn(self, identity: bytes, sizes: list[int], resumed: bool) -> bool:
-        """Whether a cast reply of ``sizes`` may be made for this reader now: its buffers fit beside
-        those in flight within ``--read-cast-memory``, and it passes no reader that waited for that
+        """Whether a cast reply of ``sizes`` may be made for this reader now: its own cast replies in
+        flight stay within its fair share of ``--read-cast-memory`` (:meth:`CastBuffers.share`), its
+        buffers fit beside all readers' within the limit, and it passes no reader that waited for that
         room (waiting reads are resumed in turn, :meth:`resume_deferred`, and none after one that did
         not fit: a large reply is not starved by smaller ones). Else the reader queues for its turn
-        and the caller defers the read."""
+        (or, past its share, waits for its own replies to drain) and the caller defers the read."""
         turns = self._cast_turns
         while turns and not getattr(self.state.peers.get(turns[0]), "deferred_reads", None):
             turns.popleft()  # gone, or nothing left waiting
+        buffers = self.cast_buffers
+        readers = len(buffers.owners() | set(turns) | {identity})
+        if not buffers.within_share(identity, sum(map(buffers.footprint, sizes)), readers):
+            # past its fair share: it waits for its own replies to go out, and holds no turn meanwhile (a
+            # reader that stopped receiving would otherwise keep every other reader's cast reads waiting)
+            if identity in turns:
+                turns.remove(identity)
+            return False
         in_turn = not turns or (resumed and not self._cast_blocked)
         fits = in_turn and self.cast_buffers.room_for(sum(map(self.cast_buffers.footprint, sizes)))
         if in_turn and not fits:
