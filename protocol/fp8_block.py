@@ -59,16 +59,22 @@ def _check(w: torch.Tensor, block: tuple[int, int]) -> tuple[int, int]:
     return int(block[0]), int(block[1])
 
 
-def quantize_block_fp8(w: torch.Tensor, block: tuple[int, int] = DEFAULT_BLOCK) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_block_fp8(
+    w: torch.Tensor, block: tuple[int, int] = DEFAULT_BLOCK, out: tuple[torch.Tensor, torch.Tensor] | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``(data, scale_inv)``: ``w`` ([rows, cols], any high-precision float dtype) as ``float8_e4m3fn`` of the
     same shape and one fp32 scale per ``block`` (``[ceil(rows / b0), ceil(cols / b1)]``), so that
     ``data * scale_inv`` (per block) approximates ``w``. Equal, bit for bit, to vLLM's ``per_block_cast_to_fp8``
-    of ``w`` (module doc), computed one block row at a time (same operations on the same values, less memory)."""
+    of ``w`` (module doc), computed one block row at a time (same operations on the same values, less memory).
+    ``out``: ``(data, scale_inv)`` tensors of those shapes and dtypes to write (the daemon's reply buffers)."""
     bm, bn = _check(w, block)
     rows, cols = w.shape
     grid = scale_shape((rows, cols), (bm, bn))
-    data = torch.empty((rows, cols), dtype=E4M3, device=w.device)
-    scale_inv = torch.empty(grid, dtype=torch.float32, device=w.device)
+    if out is None:
+        data = torch.empty((rows, cols), dtype=E4M3, device=w.device)
+        scale_inv = torch.empty(grid, dtype=torch.float32, device=w.device)
+    else:
+        data, scale_inv = out
     if w.numel() == 0:
         scale_inv.fill_(AMAX_FLOOR / E4M3_MAX)
         return data, scale_inv

@@ -28,6 +28,9 @@ from .dtypes import dtype_from_name
 from .errors import ErrorCode, ProtocolError, short_repr
 
 MAX_DIMS = 64  # tensor rank accepted on the wire
+FP8_READ = "f8e4m3"  # the dtype an FP8 block-quantized read (ReadItem.block) names
+MAX_FP8_BLOCK = 1 << 16  # rows or columns one FP8 scale may cover
+MAX_FP8_WORK = 64 << 20  # bytes of fp32 temporaries a daemon's FP8 read may need per row of blocks
 
 
 def _int_tuple(value: object, what: str, code: ErrorCode = ErrorCode.BAD_PLAN) -> tuple[int, ...]:
@@ -260,12 +263,19 @@ class ReadItem:
     """One box of a leased tensor a remote reader asks for; ``offsets``/``sizes`` None: all of it.
     ``dtype`` (a wire name, None: the tensor's own): the bytes cast to it where they are, before the
     wire (float tensors to a narrower float: :func:`check_read_cast`). Sent as a fourth element only
-    when given, so an item without one encodes as before."""
+    when given, so an item without one encodes as before.
+
+    ``block`` ``(rows, cols)``, with ``dtype`` ``"f8e4m3"``: the box FP8 block-quantized where it is
+    (:func:`stager.protocol.fp8_block.quantize_block_fp8`, one fp32 scale per block of the box, which
+    starts on a block and ends on one or at the tensor's edge: :func:`check_read_fp8`); its frame holds
+    the scales (row-major ``[ceil(rows / b0), ceil(cols / b1)]`` fp32) then the e4m3 box. Sent as a fifth
+    element: a daemon that predates it refuses the item (BAD_MESSAGE), and the reader quantizes itself."""
 
     fqn: str
     offsets: tuple[int, ...] | None = None
     sizes: tuple[int, ...] | None = None
     dtype: str | None = None
+    block: tuple[int, int] | None = None
 
     def to_wire(self) -> list:
         box = [
@@ -273,11 +283,20 @@ class ReadItem:
             None if self.offsets is None else list(self.offsets),
             None if self.sizes is None else list(self.sizes),
         ]
+        if self.block is not None:
+            return [*box, self.dtype, list(self.block)]
         return box if self.dtype is None else [*box, self.dtype]
 
     @classmethod
     def from_wire(cls, item: object) -> ReadItem:
-        ok = isinstance(item, list) and len(item) in (3, 4) and isinstance(item[0], str)
+        ok = isinstance(item, list) and len(item) in (3, 4, 5) and isinstance(item[0], str)
+        if ok and len(item) == 5:  # FP8: the dtype is e4m3, the block two sizes
+            ok = (
+                item[3] == FP8_READ
+                and isinstance(item[4], list)
+                and len(item[4]) == 2
+                and all(type(b) is int and 0 < b <= MAX_FP8_BLOCK for b in item[4])
+            )
         if ok and (item[1] is None) != (item[2] is None):
             ok = False
         if ok and item[1] is not None:
@@ -292,14 +311,48 @@ class ReadItem:
                 ErrorCode.BAD_MESSAGE,
                 f"read: item {short_repr(item)} must be [fqn, offsets, sizes] "
                 "with equal-length lists of ints >= 0, or [fqn, None, None], "
-                "optionally followed by a dtype name",
+                f"optionally followed by a dtype name, or by {FP8_READ!r} and an FP8 "
+                f"block [rows, cols] of 1 to {MAX_FP8_BLOCK}",
             )
-        dtype = item[3] if len(item) == 4 else None
+        dtype = item[3] if len(item) >= 4 else None
         if dtype is not None:
             dtype_from_name(dtype)  # the closed table: BAD_DTYPE naming the known ones
+        block = (item[4][0], item[4][1]) if len(item) == 5 else None
         if item[1] is None:
-            return cls(item[0], dtype=dtype)
-        return cls(item[0], tuple(item[1]), tuple(item[2]), dtype)
+            return cls(item[0], dtype=dtype, block=block)
+        return cls(item[0], tuple(item[1]), tuple(item[2]), dtype, block)
+
+
+def check_read_fp8(
+    fqn: str, have: torch.dtype, shape: tuple[int, ...], offsets: tuple[int, ...], sizes: tuple[int, ...], block
+) -> None:
+    """A read of box ``(offsets, sizes)`` of ``fqn`` FP8 block-quantized in blocks of ``block``: a 2-D
+    float16/bfloat16/float32/float64 tensor, the box on whole blocks (it starts on one, and ends on
+    one or at the tensor's edge: each block's scale covers what a whole-tensor quantization's does).
+    BAD_VALUE otherwise."""
+    plain = {torch.float64, torch.float32, torch.float16, torch.bfloat16}
+    if have not in plain or len(shape) != 2:
+        raise ProtocolError(
+            ErrorCode.BAD_VALUE,
+            f"{fqn[:200]}: cannot read a {len(shape)}-D {have} tensor FP8 block-quantized: the daemon "
+            "quantizes 2-D float64/float32/float16/bfloat16 weights; read it without a block",
+        )
+    work = block[0] * -(-sizes[1] // block[1]) * block[1] * 4  # fp32 temporaries of one row of blocks
+    if work > MAX_FP8_WORK:
+        raise ProtocolError(
+            ErrorCode.BAD_VALUE,
+            f"{fqn[:200]}: one row of {list(block)} blocks of a box {sizes[1]} columns wide needs "
+            f"{work >> 20} MiB of fp32 temporaries, over the {MAX_FP8_WORK >> 20} MiB the daemon allows: "
+            "read fewer columns per box, or a smaller block",
+        )
+    for o, s, n, b in zip(offsets, sizes, shape, block):
+        if o % b or (s % b and o + s != n):
+            raise ProtocolError(
+                ErrorCode.BAD_VALUE,
+                f"{fqn[:200]}: box at {list(offsets)} of size {list(sizes)} does not lie on whole "
+                f"{list(block)} blocks of shape {list(shape)}: start it on a block and end it on one "
+                "or at the tensor's edge",
+            )
 
 
 def check_read_cast(fqn: str, have: torch.dtype, want: str) -> torch.dtype:

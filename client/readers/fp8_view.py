@@ -6,15 +6,17 @@ with ``quantization="fp8"`` and block scales.
 The quantizer is :func:`stager.protocol.fp8_block.quantize_block_fp8` (vLLM's ``per_block_cast_to_fp8``,
 bit for bit), applied by the reader to the HF tensor as the adapter gives it, before the subscriber's
 ``dtype`` cast: fp32 master weights are rounded once, to e4m3, not to bf16 first. ``export-hf --quantize
-fp8-block`` writes the same bytes. Each reader quantizes what it reads (0.12-0.27 s per 100 MiB of bf16 on
-one core here, against 11-17 ms for a bf16 ``load_into``: bench/bench_fp8.py); a version quantized once in
-the daemon and shared by its readers would be the daemon's per-dtype cache (issue 25, item 5).
+fp8-block`` writes the same bytes. A reader on the daemon's host quantizes what it maps (0.12-0.27 s per
+100 MiB of bf16 on one core here, against 11-17 ms for a bf16 ``load_into``: bench/bench_fp8.py). A remote
+reader asks the daemon to quantize each weight the adapter only renames (``LeasedVersion.read_fp8``,
+per request: :mod:`stager.daemon.read_fp8`), so e4m3 and scales cross the wire, the same bytes; weights the
+adapter computes from (the rotary permutation of q and k) are read as staged and quantized here, after it.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -27,6 +29,21 @@ from ..adapters.fp8_scope import QUANTIZE_CHOICES, Fp8Scope, fp8_scope, scale_na
 from .snapshot import Snapshot
 from .version import LeasedVersion
 from .views import ViewEntry
+
+
+class Quantized(NamedTuple):
+    """A weight FP8 block-quantized by its daemon (what :meth:`Fp8Snapshot._native` gives for it)."""
+
+    data: torch.Tensor
+    scale_inv: torch.Tensor
+
+
+def renamed(entry: ViewEntry, native_shape: tuple[int, ...]) -> bool:
+    """Whether the view's tensor ``entry`` is its whole native tensor renamed (same shape, same order)."""
+    if entry.strided is None or tuple(entry.shape) != tuple(native_shape) or len(native_shape) != 2:
+        return False
+    shape, stride, offset = entry.strided
+    return tuple(shape) == tuple(native_shape) and tuple(stride) == (native_shape[1], 1) and offset == 0
 
 
 def check_quantize(quantize: str | None, view: str, dtype: torch.dtype | None, keep_fp8: bool) -> None:
@@ -101,6 +118,46 @@ class Fp8Snapshot(Snapshot):
         self.fp8_block = scope.block
         self.fp8 = {w: s for w, s in cached[2].items() if w in self._entries or s in self._entries}
         self._fp8_sources = {cached[1][w].source for w in cached[2]}
+        # native tensor -> its quantized weight, where the weight is the native tensor renamed: its daemon
+        # may quantize it (read_fp8), the same bytes as quantizing it here
+        self._renamed = {
+            cached[1][w].source: w
+            for w in self.fp8
+            if entries[w].source
+            and renamed(entries[w], version.merged[entries[w].source].shape)
+            and entries[w].source not in self.quant
+        }
+
+    def _native(
+        self, fqn: str, raw: torch.Tensor | None = None, scales: dict | None = None, cast: torch.dtype | None = None
+    ) -> Any:
+        if raw is None and fqn in self._renamed:  # quantized by its daemon when remote: e4m3 and scales cross
+            quantized = self._version.read_fp8(fqn, self.fp8_block)
+            if quantized is not None:
+                return Quantized(*quantized)
+        return super()._native(fqn, raw, scales, cast)
+
+    def _natives(
+        self, entries: Mapping[str, ViewEntry], casts: Mapping[str, torch.dtype] | None = None
+    ) -> Iterator[tuple[str, Any]]:
+        """:meth:`Snapshot._natives`; renamed weights come from :meth:`_native` (the daemon quantizes them
+        when it can), in staging order between runs of the others, which are streamed."""
+        order = {n: i for i, n in enumerate(self._entries)}
+        run: dict[str, ViewEntry] = {}
+        done = set()  # a weight's source, read once for the weight and its scales
+        for name in sorted(entries, key=order.__getitem__):
+            source = entries[name].source
+            if source not in self._renamed:
+                run[name] = entries[name]
+                continue
+            if run:
+                yield from super()._natives(run, casts)
+                run = {}
+            if source not in done:
+                done.add(source)
+                yield source, self._native(source)
+        if run:
+            yield from super()._natives(run, casts)
 
     def _wire_cast(self, fqn: str, to: torch.dtype | None) -> torch.dtype | None:
         # a weight quantized to e4m3 is rounded once, from the staged precision: never fetched cast
@@ -110,8 +167,15 @@ class Fp8Snapshot(Snapshot):
         self, fqn: str, t: torch.Tensor, only: str | None = None, wanted: Any = None
     ) -> Iterator[tuple[str, torch.Tensor]]:
         wanted = self._entries if wanted is None else wanted
+        keep = lambda n: n in wanted and (only is None or n == only)  # noqa: E731
+        if isinstance(t, Quantized):  # a renamed weight, quantized by its daemon
+            name = self._renamed[fqn]
+            for n, x in ((name, t.data), (self.fp8[name], t.scale_inv)):
+                if keep(n):
+                    yield n, x
+            return
         for name, out in hf_items(self._adapter, fqn, t):
-            yield from self._quantized(name, out, lambda n: n in wanted and (only is None or n == only))
+            yield from self._quantized(name, out, keep)
 
     def _quantized(self, name: str, t: torch.Tensor, keep) -> Iterator[tuple[str, torch.Tensor]]:
         """``name``'s tensors in this view that ``keep`` accepts: e4m3 data and scales, or the cast tensor."""

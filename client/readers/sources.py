@@ -24,7 +24,8 @@ import torch
 
 from stager.protocol import Block, Box, ErrorCode, Read, ReadItem, ReadReply, StagerError, TensorLayout
 from stager.protocol.dtypes import dtype_name
-from stager.protocol.layout import narrow_box
+from stager.protocol.fp8_block import E4M3, scale_shape
+from stager.protocol.layout import FP8_READ, narrow_box
 from stager.protocol.shm import SHM_DIR, block_view, map_segment
 
 # bytes remote sources moved in this process, by transport ("frames", "nixl"), and NIXL reads retried as
@@ -155,6 +156,7 @@ class FramesSource:
 
     max_in_flight = WINDOW
     casts = True
+    quantizes = True  # fetch_fp8: the daemon quantizes (False once a daemon that predates it refused)
 
     def __init__(self, conn, lease: int, tensors: tuple[TensorLayout, ...], timeout: float):
         self.conn = conn
@@ -181,11 +183,44 @@ class FramesSource:
         rid = self.conn.send(Read(lease=self.lease, items=(item,)))
         return _FrameFetch(self, rid, wire, box.shape, out)
 
+    def fetch_fp8(self, fqn: str, box: Box, block: tuple[int, int]) -> _Fp8Fetch:
+        """Start moving the box FP8 block-quantized by the daemon (``ReadItem.block``): :meth:`_Fp8Fetch.wait`
+        gives ``(e4m3 data, fp32 scale_inv)``, the bytes :func:`~stager.protocol.fp8_block.quantize_block_fp8`
+        of the box gives. The box lies on whole blocks (starts on one, ends on one or at the edge)."""
+        self._blocks.layout(fqn, box)
+        if self.conn.sock is None:
+            raise StagerError(
+                ErrorCode.UNAVAILABLE,
+                f"{fqn}: the connection to {self.conn.endpoint} is closed; lease the version again",
+            )
+        item = ReadItem(fqn, box.offset, box.shape, FP8_READ, tuple(block))
+        return _Fp8Fetch(self, self.conn.send(Read(lease=self.lease, items=(item,))), box.shape, block)
+
     def shares(self, t: torch.Tensor) -> bool:
         return False
 
     def close(self) -> None:
         self._blocks.meta = None
+
+
+class _Fp8Fetch:
+    def __init__(self, source: FramesSource, rid: int, shape: tuple[int, ...], block: tuple[int, int]):
+        self.source, self.rid, self.shape, self.block = source, rid, shape, block
+
+    def wait(self) -> tuple[torch.Tensor, torch.Tensor]:
+        src = self.source
+        frame = src.conn.wait_reply(self.rid, src.timeout, "read", ReadReply).frames[0]
+        buffer = frame.buffer if hasattr(frame, "buffer") else memoryview(frame)
+        grid = scale_shape(self.shape, self.block)
+        split = 4 * grid[0] * grid[1]
+        if buffer.nbytes != split + self.shape[0] * self.shape[1]:
+            raise StagerError(
+                ErrorCode.BAD_MESSAGE,
+                f"an FP8 read of a {list(self.shape)} box came back as {buffer.nbytes} bytes, not its scales and "
+                "e4m3 data: the daemon does not serve FP8 reads as this reader does; upgrade it",
+            )
+        STATS["frames"] += buffer.nbytes
+        return _tensor(buffer[split:], E4M3, self.shape), _tensor(buffer[:split], torch.float32, grid)
 
 
 class _FrameFetch:

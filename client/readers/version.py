@@ -7,14 +7,16 @@ the same way for both. Built by :class:`~.job_reader.JobReader`, the only thing 
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Iterable, Iterator, Mapping
 from itertools import chain
 from typing import Any
 
 import torch
 
-from stager.protocol import Box, StagerError, TensorLayout
+from stager.protocol import Box, ErrorCode, StagerError, TensorLayout
 from stager.protocol.dtypes import dtype_from_name
+from stager.protocol.fp8_block import E4M3, scale_shape
 from stager.protocol.quant import QuantSpec
 
 from .mover import Want, move, read_one
@@ -92,6 +94,63 @@ class LeasedVersion:
                 return
             out = outs.get(fqn)
             yield fqn, view if out is None else out.copy_(view)
+
+    def read_fp8(self, fqn: str, block: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """``(e4m3 data, fp32 scale_inv)`` of the whole of ``fqn`` FP8 block-quantized by the daemon that
+        holds it (:meth:`.sources.FramesSource.fetch_fp8`, in row ranges on whole blocks, a few in flight):
+        e4m3 and scales cross the wire, not the staged bytes. None where that cannot be: the tensor is
+        mapped (quantized here, reading costs no wire), split across nodes, its source has no daemon that
+        quantizes, or the daemon refused (one that predates FP8 reads: its source is not asked again);
+        then the caller reads and quantizes it itself, as :func:`~stager.protocol.fp8_block.quantize_block_fp8`
+        does here: the same bytes."""
+        m = self.merged[fqn]
+        if not m.complete or len(m.shape) != 2 or self.mapped(fqn) is not None:
+            return None
+        reads = plan_box(m, m.box)
+        src = self.sources[reads[0].node] if len(reads) == 1 else None
+        if src is None or not getattr(src, "quantizes", False):
+            return None
+        rows, cols = m.shape
+        row_bytes = max(1, cols * dtype_from_name(m.dtype).itemsize)  # staged bytes: what bounds the daemon's work
+        per = max(block[0], src.max_read_bytes // row_bytes // block[0] * block[0])
+        data: torch.Tensor | None = torch.empty((rows, cols), dtype=E4M3)
+        scale_inv = torch.empty(scale_shape((rows, cols), block), dtype=torch.float32)
+        boxes = [Box((r, 0), (min(per, rows - r), cols)) for r in range(0, rows, per)]
+        if len(boxes) == 1:  # one frame: its tensors are the result (no copy)
+            data = scale_inv = None  # type: ignore[assignment]
+        pending = iter(boxes)
+        flight: deque = deque()
+        refused = None
+        while True:
+            while refused is None and len(flight) < src.max_in_flight:
+                box = next(pending, None)
+                if box is None:
+                    break
+                try:
+                    flight.append((box, src.fetch_fp8(fqn, box, block)))
+                except StagerError as exc:
+                    raise self._failed(reads[0].node, exc, fqn) from None
+            if not flight:
+                break
+            box, fetch = flight.popleft()
+            try:
+                part, scales = fetch.wait()
+            except StagerError as exc:  # the others in flight are still waited for: their replies come
+                if exc.code not in (ErrorCode.BAD_MESSAGE, ErrorCode.BAD_DTYPE, ErrorCode.BAD_VALUE):
+                    raise self._failed(reads[0].node, exc, fqn) from None
+                refused = exc
+                continue
+            if data is None:
+                data, scale_inv = part, scales
+                continue
+            r0 = box.offset[0]
+            data[r0 : r0 + box.shape[0]] = part
+            scale_inv[r0 // block[0] : r0 // block[0] + scales.shape[0]] = scales
+        if refused is None and data is not None:
+            return data, scale_inv
+        if refused.code != ErrorCode.BAD_VALUE:  # a daemon that predates FP8 reads: not asked again
+            src.quantizes = False
+        return None
 
     def mapped(self, fqn: str) -> torch.Tensor | None:
         """The whole of ``fqn`` as a view of mapped memory (one node near the reader holds it whole), else None."""

@@ -31,12 +31,13 @@ from stager.protocol import (
     Subscribe,
     SubscribeReply,
 )
-from stager.protocol.layout import Box, check_box, check_read_cast, contiguous_span, narrow_box
+from stager.protocol.layout import Box, check_box, check_read_cast, check_read_fp8, contiguous_span, narrow_box
 from stager.protocol.shm import block_view
 
 from .memory import Retention
 from .peers import PeerDirectory
 from .read_cast import CastBuffers, cast_box
+from .read_fp8 import fp8_nbytes, quantize_box
 from .state import DaemonState, Outbox
 from .status import ReadingStatus
 from .versions import Version
@@ -45,6 +46,11 @@ MAX_LEASES_PER_PEER = 64
 MAX_READ_BYTES = 256 << 20  # per Read reply: readers split larger tensors into row ranges
 MAX_READ_IN_FLIGHT = 512 << 20  # reply bytes queued for one reader before its next reads wait
 MAX_DEFERRED_READS = 64  # reads one reader may have waiting; more are refused
+
+
+def _reply_bytes(sizes: tuple[int, ...], to) -> int:
+    """Bytes of a cast box's frame: ``to`` a dtype, or an FP8 block (scales and e4m3 data)."""
+    return fp8_nbytes(sizes, to) if isinstance(to, tuple) else math.prod(sizes) * to.itemsize
 
 
 class Subscriptions:
@@ -176,8 +182,13 @@ class Reading:
                     f"offset {list(offsets)} sizes {list(sizes)}; read each part "
                     "from the node holding it (JobInfo names them)",
                 )
-            to = None if item.dtype is None else check_read_cast(t.fqn, t.torch_dtype, item.dtype)
-            nbytes = math.prod(sizes) * (to or t.torch_dtype).itemsize
+            if item.block is not None:  # FP8 block-quantized: scales and e4m3 data in one frame
+                check_read_fp8(t.fqn, t.torch_dtype, t.shape, offsets, sizes, item.block)
+                to = item.block
+                nbytes = fp8_nbytes(sizes, item.block)
+            else:
+                to = None if item.dtype is None else check_read_cast(t.fqn, t.torch_dtype, item.dtype)
+                nbytes = math.prod(sizes) * (to or t.torch_dtype).itemsize
             total, cast = total + nbytes, cast + (nbytes if to is not None else 0)
             # casts only narrow: the bytes read from the segment bound both the reply and the loop's work
             scanned += math.prod(sizes) * t.torch_dtype.itemsize
@@ -192,7 +203,7 @@ class Reading:
         queued = peer.read_bytes_in_flight()
         if queued and queued + total > MAX_READ_IN_FLIGHT:
             return None if resumed else self._defer(peer, msg)
-        cast_sizes = [math.prod(sizes) * to.itemsize for *_, sizes, to in boxes if to is not None]
+        cast_sizes = [_reply_bytes(sizes, to) for *_, sizes, to in boxes if to is not None]
         if cast_sizes and not self._cast_turn(identity, cast_sizes, resumed):
             if resumed:
                 return None
@@ -209,7 +220,8 @@ class Reading:
                 reply.frames.append(self._box_bytes(v, t, block, offsets, sizes))
                 continue
             out, pooled[len(reply.frames)] = next(buffers)
-            reply.frames.append(cast_box(v.segment.as_bytes(), t, block, offsets, sizes, to, out))
+            fill = quantize_box if isinstance(to, tuple) else cast_box
+            reply.frames.append(fill(v.segment.as_bytes(), t, block, offsets, sizes, to, out))
         trackers = self.outbox.send_tracked(identity, reply)
         for i, buf in pooled.items():
             self.cast_buffers.sent(buf, None if trackers is None else trackers[i], identity)

@@ -1,0 +1,185 @@
+"""FP8 quantized where the bytes are (issue 25, item 5): a remote reader of ``quantize="fp8-block"`` receives
+e4m3 weights and fp32 scales quantized by the daemon, bit for bit what it would have quantized itself
+(:func:`stager.protocol.fp8_block.quantize_block_fp8`, vLLM's ``per_block_cast_to_fp8``): partial edge
+blocks, all-zero blocks, NaN and inf included. A daemon that predates FP8 reads refuses them (BAD_MESSAGE)
+and the reader quantizes the staged bytes itself, as before.
+"""
+
+import math
+
+import pytest
+import torch
+
+from helpers import lazy_importorskip
+from native_llama import NativeLlama
+from stager.client import StagingClient, Subscriber
+from stager.client.adapters.fp8_scope import llama_fp8_weight
+from stager.client.admin import daemon_status
+from stager.client.readers import sources
+from stager.protocol import Acquire, ErrorCode, ErrorReply, ProtocolError, Read, ReadItem, ReadReply
+from stager.protocol.fp8_block import E4M3, quantize_block_fp8, scale_shape
+
+transformers = lazy_importorskip("transformers")
+
+# q [160, 160], k/v [80, 160], gate/up [200, 160], down [160, 200]: partial 128 x 128 edge blocks everywhere
+CONFIG = {
+    "vocab_size": 96,
+    "hidden_size": 160,
+    "intermediate_size": 200,
+    "num_hidden_layers": 1,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "rms_norm_eps": 1e-5,
+    "max_position_embeddings": 64,
+    "rope_theta": 10000.0,
+    "tie_word_embeddings": False,
+}
+# the projections the llama3 adapter only renames (q and k are permuted for HF's rotary order: the reader
+# quantizes those itself, after the permutation)
+RENAMED = ("v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def native_sd() -> dict[str, torch.Tensor]:
+    torch.manual_seed(0)
+    sd = {k: v.detach().clone() for k, v in NativeLlama(CONFIG).state_dict().items()}
+    w1 = sd["layers.0.feed_forward.w1.weight"]  # gate [200, 160]
+    w1[:128, :128] = 0.0  # an all-zero block
+    w1[130, 3] = 0.0 * -1.0  # -0.0 in a partial block
+    w3 = sd["layers.0.feed_forward.w3.weight"]  # up [200, 160]
+    w3[5, 140] = float("nan")  # NaN in a partial column block
+    w3[150, 7] = float("inf")  # inf in a partial row block
+    sd["layers.0.feed_forward.w2.weight"][:, 128:] *= 1e-30  # tiny values: the 1e-4 amax floor
+    sd["layers.0.attention.wv.weight"][7, 9] = float("-inf")
+    return sd
+
+
+def stage(endpoint: str, sd: dict) -> None:
+    c = {k: v for k, v in CONFIG.items() if k != "rope_theta"}
+    hf = transformers.LlamaConfig(**c, rope_theta=CONFIG["rope_theta"]).to_dict()
+    with StagingClient(endpoint, strict=True) as client:
+        client.stage(sd, step=1, model_info={"adapter": "llama3", "hf_config": hf}).wait(30)
+
+
+def same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Bit for bit (NaN payloads and -0.0 included)."""
+    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(a.view(torch.uint8), b.view(torch.uint8))
+
+
+def served(endpoint: str) -> int:
+    return daemon_status(endpoint)["counters"]["read_bytes"]
+
+
+def read(endpoint: str, remote: bool) -> tuple[dict, dict, int]:
+    """The FP8 view by items() and by load_into(), and the bytes the daemon sent meanwhile."""
+    before = served(endpoint)
+    with (
+        Subscriber(endpoint, view="hf", quantize="fp8-block", dtype=torch.bfloat16, remote=remote) as sub,
+        sub.latest() as snap,
+    ):
+        got = {k: v.clone() for k, v in snap.items()}
+        engine = {k: torch.empty_like(v) for k, v in got.items()}
+        snap.load_into(engine)
+        single = {n: snap[n].clone() for n in got if "up_proj" in n}  # one weight and its scales, by name
+    return got, {**engine, **{"by name " + k: v for k, v in single.items()}}, served(endpoint) - before
+
+
+def expected_bytes(view: dict, sd: dict) -> int:
+    """What a remote read of the view moves twice (items, then load_into) plus the single reads: renamed
+    weights as e4m3 + scales, q/k as staged fp32 (quantized by the reader), the rest cast to bf16."""
+    total = 0
+    for name, t in view.items():
+        if name.endswith("_scale_inv"):
+            continue
+        if llama_fp8_weight(name) and name.split(".")[-2] in RENAMED:
+            total += t.numel() + 4 * math.prod(scale_shape(tuple(t.shape), (128, 128)))
+        elif llama_fp8_weight(name):
+            total += t.numel() * 4
+        else:
+            total += t.numel() * 2
+    up = next(t for n, t in view.items() if n.endswith("up_proj.weight"))
+    return 2 * total + 2 * (up.numel() + 4 * math.prod(scale_shape(tuple(up.shape), (128, 128))))
+
+
+def test_a_remote_fp8_read_is_quantized_by_the_daemon_bit_for_bit_and_moves_e4m3_and_scales(make_daemon, monkeypatch):
+    d = make_daemon()
+    sd = native_sd()
+    stage(d.endpoint, sd)
+    local, local_engine, mapped = read(d.endpoint, remote=False)
+    assert mapped == 0  # the same host maps the segment and quantizes: no wire
+    monkeypatch.setattr(sources, "CHUNK_BYTES", 128 * 160 * 4)  # 128 fp32 rows per request: several per weight
+    remote, remote_engine, moved = read(d.endpoint, remote=True)
+    assert list(remote) == list(local) and all(same(remote[k], v) for k, v in local.items())
+    assert all(same(remote_engine[k], v) for k, v in local_engine.items())
+    up = local["model.layers.0.mlp.up_proj.weight"]
+    assert up.dtype == E4M3 and same(up, quantize_block_fp8(sd["layers.0.feed_forward.w3.weight"])[0])
+    gate_scales = local["model.layers.0.mlp.gate_proj.weight_scale_inv"]
+    assert gate_scales[0, 0].item() == pytest.approx(1e-4 / 448)  # the all-zero block
+    assert moved == expected_bytes(local, sd)  # e4m3 + scales: a quarter of the fp32 bytes, and a bit
+
+
+def test_a_daemon_that_predates_fp8_reads_refuses_them_and_the_reader_quantizes_itself(make_daemon, monkeypatch):
+    d = make_daemon()
+    sd = native_sd()
+    stage(d.endpoint, sd)
+    local, local_engine, _ = read(d.endpoint, remote=False)
+    plain = ReadItem.from_wire.__func__
+
+    def old(cls, item):  # the daemon's decoding before FP8 reads: three or four elements
+        if isinstance(item, list) and len(item) == 5:
+            raise ProtocolError(ErrorCode.BAD_MESSAGE, "read: item must be [fqn, offsets, sizes] ...")
+        return plain(cls, item)
+
+    monkeypatch.setattr(ReadItem, "from_wire", classmethod(old))
+    remote, remote_engine, moved = read(d.endpoint, remote=True)
+    assert all(same(remote[k], v) for k, v in local.items())
+    assert all(same(remote_engine[k], v) for k, v in local_engine.items())
+    staged = sum(
+        t.numel() * (4 if llama_fp8_weight(n) else 2) for n, t in local.items() if not n.endswith("_scale_inv")
+    )
+    up = local["model.layers.0.mlp.up_proj.weight"].numel() * 4
+    assert moved == 2 * staged + 2 * up  # every weight as staged: quantized by the reader, as before
+
+
+def test_fp8_reads_on_the_wire_box_by_box(make_daemon, raw_peer):
+    d = make_daemon()
+    w = torch.randn(300, 200) * 3
+    w[128:256, 128:] = 0.0
+    stage(d.endpoint, {"w": w, "b": torch.randn(300), "i": torch.arange(6).view(2, 3)})
+    peer = raw_peer(d.endpoint)
+    peer.hello(role="reader")
+    lease = peer.request(Acquire()).lease
+    assert ReadItem("w", (128, 0), (172, 200), "f8e4m3", (128, 128)).to_wire() == [
+        "w",
+        [128, 0],
+        [172, 200],
+        "f8e4m3",
+        [128, 128],
+    ]
+    data, scales = quantize_block_fp8(w)
+    for offsets, sizes in (((0, 0), (300, 200)), ((128, 0), (172, 200)), ((128, 128), (128, 72)), ((0, 0), (0, 200))):
+        reply = peer.request(Read(lease=lease, items=(ReadItem("w", offsets, sizes, "f8e4m3", (128, 128)),)))
+        assert isinstance(reply, ReadReply), reply
+        frame = bytes(reply.frames[0])
+        grid = scale_shape(sizes, (128, 128))
+        split = 4 * math.prod(grid)
+        assert len(frame) == split + math.prod(sizes)
+        if not frame:  # an empty box: no scales, no data
+            continue
+        r, c = offsets[0] // 128, offsets[1] // 128
+        got_scales = torch.frombuffer(bytearray(frame[:split]), dtype=torch.float32).view(grid)
+        assert same(got_scales, scales[r : r + grid[0], c : c + grid[1]].contiguous())
+        got = torch.frombuffer(bytearray(frame[split:]), dtype=torch.uint8).view(E4M3).view(sizes)
+        box = data[offsets[0] : offsets[0] + sizes[0], offsets[1] : offsets[1] + sizes[1]].contiguous()
+        assert same(got, box)
+    for item, code in (
+        (ReadItem("w", (1, 0), (128, 200), "f8e4m3", (128, 128)), ErrorCode.BAD_VALUE),  # not on a block
+        (ReadItem("w", (0, 0), (100, 200), "f8e4m3", (128, 128)), ErrorCode.BAD_VALUE),  # ends inside one
+        (ReadItem("b", None, None, "f8e4m3", (128, 128)), ErrorCode.BAD_VALUE),  # 1-D
+        (ReadItem("i", None, None, "f8e4m3", (1, 1)), ErrorCode.BAD_VALUE),  # integers
+        (ReadItem("w", None, None, "f8e4m3", (65536, 65536)), ErrorCode.BAD_VALUE),  # 16 GiB of padding
+        (ReadItem("w", None, None, "bf16", (128, 128)), ErrorCode.BAD_MESSAGE),  # an FP8 block names e4m3
+        (ReadItem("w", None, None, "f8e4m3", (0, 128)), ErrorCode.BAD_MESSAGE),
+    ):
+        reply = peer.request(Read(lease=lease, items=(item,)))
+        assert isinstance(reply, ErrorReply) and reply.code == code.value, (item, reply)
+    assert peer.request(Acquire()).lease  # the daemon serves on
