@@ -18,6 +18,9 @@ A daemon without that chain (maps off, not kept, another session, a layout chang
   with all its checkpoint tensors (a layer fed in part would be built with garbage in the rest); the
   layers fed nothing get their serving tensors back untouched.
 
+Verification (``verify=True``) still compares every tensor with M: what a delta did not write is right
+only if the engine held N, which is the one thing a delta cannot check for itself.
+
 vLLM's own sparse path, ``load_checkpoint_weight_patches`` (NaN-masked ``copy_`` through
 ``model.load_weights``), is not used: on the CPU backend its loads into packed linears fail (they keep
 no weight), and for the rest it builds a full NaN tensor per patched tensor (bench/bench_vllm.py

@@ -8,7 +8,8 @@ whole update, checks its names and shapes against the model before touching it
 (:mod:`.plan`), then feeds ``model.load_weights`` one decoder layer at a time through vLLM's
 layerwise reload. On the daemon's host the tensors are views of its shared memory (nothing is
 copied before the loader's own copy, unless the engine's dtype differs); elsewhere they arrive
-as frames. The lease is held until ``finish_weight_update``. Failure states: :mod:`.errors`.
+as frames. The lease is held until ``finish_weight_update``. Failure states: :mod:`.errors`. An
+engine at a step the daemon keeps change maps from moves only what changed (:mod:`.delta`).
 """
 
 from __future__ import annotations
