@@ -23,6 +23,13 @@ median of ``--repeat`` runs:
   segment, read in place, not a copy).
 
 vLLM's ``ipc`` backend needs CUDA IPC and ``nccl`` needs NCCL: neither runs on CPU.
+
+``--delta FRAC``: instead, delta updates (the daemon keeps change maps in the engine's dtype): step 2
+is step 1 with FRAC of the elements of every tensor but the norms changed (what an RL step does to
+bf16 weights: ~2%); the engine at step 1 is moved to step 2 in full and by delta, on the direct path
+and through vLLM's layerwise reload, on the daemon's host and as frames, back to back per repetition
+(wall and this process's CPU time: the engine's worker runs here); and vLLM's own sparse path
+(``load_checkpoint_weight_patches``) against stager's scatter for the parameters it can patch on CPU.
 """
 
 from __future__ import annotations
@@ -135,7 +142,10 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=8)
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--json", default=None)
+    parser.add_argument("--delta", type=float, default=None, help="measure delta updates at this changed fraction")
     args = parser.parse_args()
+    if args.delta is not None:
+        return delta_main(args)
 
     import rl_vllm
     from stager.client import StagingClient, Subscriber
@@ -238,6 +248,148 @@ def main() -> None:
     }
     print(report["summary"])
     write_report(args.json, report)
+
+
+def sparse_step(weights: dict[str, torch.Tensor], frac: float, seed: int) -> dict[str, torch.Tensor]:
+    """``weights`` with ``frac`` of each tensor's elements moved (norms left alone, as RL steps leave them in bf16)."""
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for name, t in weights.items():
+        if name.endswith("norm.weight"):
+            out[name] = t
+            continue
+        t = t.clone()
+        flat = t.view(-1)
+        idx = torch.randint(0, flat.numel(), (max(1, int(frac * flat.numel())),), generator=g)
+        flat[idx] += 0.01
+        out[name] = t
+    return out
+
+
+def delta_main(args) -> None:
+    import rl_vllm
+    from stager.client import StagingClient
+    from stager.client.admin import daemon_status
+    from stager.dev.launch import DaemonProcess
+    from stager.integrations.vllm import update
+
+    c = config(args.layers)
+    report: dict = {"machine": machine(), "layers": args.layers, "frac": args.delta}
+    maps = ("--change-maps", "float32")
+    with (
+        tempfile.TemporaryDirectory(prefix="bvllm", dir="/tmp") as tmp,
+        DaemonProcess(f"ipc://{tmp}/d.sock", args=("--memory-limit", "6GiB", "--keep", "4", *maps)) as daemon,
+    ):
+        w1 = hf_weights(c, 1)
+        w2 = sparse_step(w1, args.delta, 2)
+        info = {"adapter": "identity", "hf_config": c}
+        with StagingClient(daemon.endpoint, strict=True) as client:
+            for step, sd in ((1, w1), (2, w2)):
+                client.stage(sd, step=step, model_info=info).wait(600)
+        export = rl_vllm.export_step(daemon.endpoint, f"{tmp}/hf", 1)
+        while not next(v for v in daemon_status(daemon.endpoint)["versions"] if v["step"] == 2).get("changed"):
+            time.sleep(0.1)  # the map of step 2 is being made
+        report["changed"] = next(v for v in daemon_status(daemon.endpoint)["versions"] if v["step"] == 2)["changed"]
+        from vllm import LLM
+        from vllm.config import WeightTransferConfig
+
+        llm = LLM(
+            export,
+            weight_transfer_config=WeightTransferConfig(backend="stager"),
+            **dict(rl_vllm.ENGINE_ARGS, max_model_len=256),
+        )
+        worker = llm.llm_engine.engine_core.engine_core.model_executor.driver_worker.worker
+        torch.set_num_threads(1)
+        update(llm, 1, endpoint=daemon.endpoint, init_info={"endpoint": daemon.endpoint})  # proves the direct plan
+        engine = worker.weight_transfer_engine
+
+        def timed(use_delta: bool, direct: bool = True, remote: bool = False) -> dict:
+            update(llm, 1, endpoint=daemon.endpoint, init_info={"endpoint": daemon.endpoint, "remote": remote})
+            engine.delta, engine.direct = use_delta, direct
+            read0, cpu0 = daemon_status(daemon.endpoint)["counters"]["read_bytes"], time.process_time()
+            try:
+                seconds = update(llm, 2, endpoint=daemon.endpoint).engines[0].seconds
+            finally:
+                engine.delta, engine.direct = True, True
+            last = engine.last_update
+            assert (last["delta"] is not None) == use_delta and last["path"] == ("direct" if direct else "layerwise")
+            return {
+                "pause_s": seconds["start"] + seconds["update"] + seconds["finish"],
+                "cpu_s": time.process_time() - cpu0,
+                "engine_bytes": last["bytes"],
+                "wire_bytes": daemon_status(daemon.endpoint)["counters"]["read_bytes"] - read0,
+                "tensors": last["tensors"],
+            }
+
+        cases = {
+            "full": (False, True, False),
+            "delta": (True, True, False),
+            "full_layerwise": (False, False, False),
+            "delta_layerwise": (True, False, False),
+            "full_remote": (False, True, True),
+            "delta_remote": (True, True, True),
+        }
+        runs = []
+        for _ in range(args.repeat):
+            run = {name: timed(*how) for name, how in cases.items()}
+            run["patch"] = patch_paths(worker.model_runner.model, w1, w2)
+            runs.append(run)
+            print(run, flush=True)
+        engine.shutdown()
+    report["runs"] = runs
+    med = {k: {m: statistics.median(r[k][m] for r in runs) for m in runs[0][k]} for k in runs[0]}
+    report["median"] = med
+    report["summary"] = {
+        "full_over_delta_pause": round(med["full"]["pause_s"] / med["delta"]["pause_s"], 2),
+        "full_over_delta_cpu": round(med["full"]["cpu_s"] / med["delta"]["cpu_s"], 2),
+        "layerwise_full_over_delta_pause": round(
+            med["full_layerwise"]["pause_s"] / med["delta_layerwise"]["pause_s"], 2
+        ),
+        "remote_full_over_delta_pause": round(med["full_remote"]["pause_s"] / med["delta_remote"]["pause_s"], 2),
+        "remote_wire_bytes_full_delta": [med["full_remote"]["wire_bytes"], med["delta_remote"]["wire_bytes"]],
+        "vllm_patches_over_stager_scatter": round(med["patch"]["vllm_s"] / med["patch"]["stager_s"], 2),
+    }
+    print(report["summary"])
+    write_report(args.json, report)
+
+
+def patch_paths(model, w1: dict, w2: dict) -> dict:
+    """vLLM's ``load_checkpoint_weight_patches`` against stager's scatter (:func:`stager.protocol.changes.apply`)
+    for the tensors vLLM keeps as the checkpoint holds them (embedding, LM head, norms): the same patches,
+    into the same parameters; and whether vLLM's path takes a packed linear on CPU."""
+    from vllm.model_executor.model_loader.checkpoint_weight_patch import (
+        CheckpointWeightPatch,
+        load_checkpoint_weight_patches,
+    )
+
+    from stager.protocol.changes import apply, changed_indices
+
+    names = [n for n in w2 if "embed" in n or "lm_head" in n or n.endswith("norm.weight")]
+    patches = []
+    for n in names:
+        idx = changed_indices(w1[n], w2[n], torch.float32)
+        patches.append(CheckpointWeightPatch(n, tuple(w2[n].shape), torch.float32, w2[n].view(-1)[idx], idx))
+    params = dict(model.named_parameters())
+    cpu0, t = time.process_time(), time.perf_counter()
+    load_checkpoint_weight_patches(model, patches)
+    out = {"vllm_s": time.perf_counter() - t, "vllm_cpu_s": time.process_time() - cpu0}
+    for n in names:
+        assert torch.equal(params[n].data[: w2[n].shape[0]], w2[n]), n
+    cpu0, t = time.process_time(), time.perf_counter()
+    with torch.no_grad():
+        for n, p in zip(names, patches):
+            apply(params[n].data.narrow(0, 0, w2[n].shape[0]), p.indices.to(torch.int32), p.values)
+    out.update(stager_s=time.perf_counter() - t, stager_cpu_s=time.process_time() - cpu0)
+    n = "model.layers.0.mlp.down_proj.weight"
+    idx = changed_indices(w1[n], w2[n], torch.float32)
+    try:
+        load_checkpoint_weight_patches(
+            model, [CheckpointWeightPatch(n, tuple(w2[n].shape), torch.float32, w2[n].view(-1)[idx], idx)]
+        )
+        out["vllm_packed"] = "applied"
+    except Exception as exc:  # recorded: what vLLM's sparse path does with a linear the CPU backend packed
+        out["vllm_packed"] = f"{type(exc).__name__}: {exc}"[:200]
+    return out
 
 
 if __name__ == "__main__":

@@ -36,6 +36,8 @@ from vllm.model_executor.model_loader.reload import layerwise as _layerwise
 from vllm.model_executor.parameter import ModelWeightParameter
 from vllm.platforms import current_platform
 
+from stager.protocol.changes import apply
+
 log = logging.getLogger("stager.integrations.vllm")
 
 # loaders that copy the checkpoint tensor (whole, a row range of a merged layer, the first rows of a
@@ -280,28 +282,39 @@ class Writer:
         self.plan = plan
         self.written = False
         self._pending: dict[str, torch.Tensor] = {}
+        self._patches: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self._owners: dict[int, list[torch.nn.Module]] = {}
 
-    def add(self, group: dict[str, torch.Tensor]) -> None:
+    def add(self, group: dict[str, torch.Tensor], patches: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None):
+        """Write the previous group, then hold this one: whole tensors, and ``patches`` (a delta
+        update, :mod:`.delta`): ``{name: (flat indices, values)}`` of copied parameters."""
         self.flush()
         self._pending = group
+        self._patches = patches or {}
 
     def flush(self) -> None:
         group, self._pending = self._pending, {}
-        if not group:
+        patches, self._patches = self._patches, {}
+        if not group and not patches:
             return
         repack: dict[int, torch.nn.Module] = {}
         with torch.no_grad():
-            for name, tensor in group.items():
+            for name, tensor in [*group.items(), *patches.items()]:
                 t = self.plan.targets[name]
-                if tensor.dtype != t.dtype:  # the subscriber reads in the engine's dtype: never reached
-                    raise RuntimeError(f"{name}: {tensor.dtype} read for an engine tensor of {t.dtype}")
+                patch = tensor if isinstance(tensor, tuple) else None
+                dtype = patch[1].dtype if patch is not None else tensor.dtype
+                if dtype != t.dtype:  # the subscriber reads in the engine's dtype: never reached
+                    raise RuntimeError(f"{name}: {dtype} read for an engine tensor of {t.dtype}")
                 if t.packed:
                     continue
                 dst = getattr(t.module, t.param)
                 self.written = True
                 # a padded vocabulary's extra rows stay as the vocab loader left them (zeros)
-                (dst.data.narrow(0, t.row, t.rows) if tensor.dim() else dst.data).copy_(tensor)
+                region = dst.data.narrow(0, t.row, t.rows) if len(t.shape) else dst.data
+                if patch is None:
+                    region.copy_(tensor)
+                else:  # the changed elements only; the region is contiguous (whole rows of a contiguous tensor)
+                    apply(region, *patch)
                 for owner in self._owners_of(dst):  # a packed copy made from this weight (the LM head's GEMM)
                     if getattr(owner, "weight", None) is dst and _needs_repack(owner):
                         repack[id(owner)] = owner

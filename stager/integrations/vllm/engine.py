@@ -8,7 +8,8 @@ whole update, checks its names and shapes against the model before touching it
 (:mod:`.plan`), then feeds ``model.load_weights`` one decoder layer at a time through vLLM's
 layerwise reload. On the daemon's host the tensors are views of its shared memory (nothing is
 copied before the loader's own copy, unless the engine's dtype differs); elsewhere they arrive
-as frames. The lease is held until ``finish_weight_update``. Failure states: :mod:`.errors`.
+as frames. The lease is held until ``finish_weight_update``. Failure states: :mod:`.errors`. An
+engine at a step the daemon keeps change maps from moves only what changed (:mod:`.delta`).
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from vllm.distributed.weight_transfer.base import (
 from stager.client import Subscriber
 from stager.protocol import ErrorCode, StagerError
 
-from . import direct, plan, reload
+from . import delta, direct, plan, reload
 from .errors import UpdateIncomplete, UpdateRefused, VerifyFailed
 from .init_info import check_init_info
 
@@ -101,12 +102,16 @@ class StagerWeightTransferEngine(WeightTransferEngine[StagerInitInfo, StagerUpda
         self.last_update: dict[str, Any] = {}
         self._direct: direct.Plan | None = None  # proven after the first complete layerwise update (.direct)
         self.direct = True  # False: every update through vLLM's layerwise reload
+        self._base: delta.Base | None = None  # the version the weights hold whole, as a change map's start
+        self._quantize: str | None = None
+        self.delta = True  # False: every update reads its version in full (no change maps asked)
 
     # ------------------------------------------------------------------ vLLM's lifecycle
 
     def init_transfer_engine(self, init_info: StagerInitInfo) -> None:
         self.shutdown()
         self._only = set(init_info.names) if init_info.names else None
+        self._quantize = init_info.quantize
         self._sub = Subscriber(
             init_info.endpoint,
             view="hf",
@@ -191,14 +196,23 @@ class StagerWeightTransferEngine(WeightTransferEngine[StagerInitInfo, StagerUpda
                 if not self.direct
                 else self._direct.covers(snap.specs())
             )
+            found, session["why_full"] = self._find_delta(snap)
+            session["delta"] = found
             if why is None:
                 session["direct"] = direct.Writer(self.model, self._direct)
-                self._load_direct(snap, session)
+                self._load_direct(snap, session, found)
             else:
                 session["why"] = why
+                names = None
+                if found is not None:  # only the layers that changed: the others keep their serving tensors
+                    names = delta.changed_layers(self.model, found, [n for n, _, _ in snap.specs()])
                 session["layers"] = reload.start(self.model)
-                self._load(snap, session)
-                unloaded = [] if self._only is not None else reload.unloaded_layers(session["layers"])
+                self._load(snap, session, names)
+                if found is not None:
+                    reload.keep_unloaded(self.model)
+                unloaded = (
+                    [] if self._only is not None or found is not None else reload.unloaded_layers(session["layers"])
+                )
                 if unloaded:  # finishing would keep these layers' old weights beside the new ones
                     raise StagerError(
                         ErrorCode.BAD_VALUE,
@@ -230,6 +244,9 @@ class StagerWeightTransferEngine(WeightTransferEngine[StagerInitInfo, StagerUpda
                 raise self._typed(exc, step) from exc
             self._maybe_prove(session)
         specs = session["snap"].specs()
+        # a change map may start here only if every tensor of the engine now holds this version
+        whole = self._only is None and self._quantize is None
+        self._base = delta.base(session["snap"], self.model_config.dtype) if whole else None
         session["snap"].release()  # the loader's buffers are gone: the lease may end
         self.step, self.incomplete = step, None
         if self._only is None:
@@ -242,6 +259,9 @@ class StagerWeightTransferEngine(WeightTransferEngine[StagerInitInfo, StagerUpda
             "seconds": seconds,
             "path": "layerwise" if session.get("direct") is None else "direct",
             "why_layerwise": session.get("why"),
+            "delta": None if session.get("delta") is None else session["delta"].stats(),
+            "why_full": session.get("why_full"),
+            "skipped": session.get("skipped", 0),
             "verified": session.get("verified", False),
         }
         log.info(
@@ -272,10 +292,21 @@ class StagerWeightTransferEngine(WeightTransferEngine[StagerInitInfo, StagerUpda
             self._expected = plan.checkpoint_shapes(self._expected_from)
         return self._expected
 
-    def _load(self, snap, session: dict) -> None:
+    def _find_delta(self, snap) -> tuple[delta.Delta | None, str | None]:
+        """The changes since the version the engine holds (:mod:`.delta`), or (None, why it reads in full)."""
+        if not self.delta:
+            return None, "delta updates are off"
+        if self._only is not None or self._quantize is not None:
+            return None, "init_info names or quantize: only whole updates in the engine's dtype take deltas"
+        if self.incomplete is not None:
+            return None, f"the last update (step {self.incomplete}) was incomplete"
+        return delta.find(snap, self._base, [name for name, _, _ in snap.specs()])
+
+    def _load(self, snap, session: dict, names: list[str] | None = None) -> None:
         from vllm.model_executor.model_loader.mtp_validation import disable_mtp_completeness_check
 
-        names = [name for name, _, _ in snap.specs()]
+        names = [name for name, _, _ in snap.specs()] if names is None else names
+        session["skipped"] = len(snap.specs()) - len(names)
 
         def weights() -> Iterator[tuple[str, torch.Tensor]]:
             for group in plan.layer_groups(names):  # one decoder layer at a time: what the reload buffers
@@ -289,18 +320,30 @@ class StagerWeightTransferEngine(WeightTransferEngine[StagerInitInfo, StagerUpda
         with disable_mtp_completeness_check(), torch.no_grad():
             self.model.load_weights(weights())
 
-    def _load_direct(self, snap, session: dict) -> None:
-        """Write the version into the serving tensors (.direct), one decoder layer at a time."""
+    def _load_direct(self, snap, session: dict, found: delta.Delta | None = None) -> None:
+        """Write the version into the serving tensors (.direct), one decoder layer at a time; with
+        ``found``, only what changed (:mod:`.delta`)."""
         writer = session["direct"]
         for group in plan.layer_groups(name for name, _, _ in snap.specs()):
+            patches: dict = {}
+            if found is not None:
+                work = delta.direct_work(self._direct, found, group)
+                patches, more = delta.patches(snap, self._base, work.patch)
+                group = [n for n in group if n in set(work.whole) | set(more)]
+                session["skipped"] = session.get("skipped", 0) + work.skipped
+                for name, (_, values) in patches.items():
+                    session["tensors"] += 1
+                    session["bytes"] += values.numel() * values.element_size()
+                    if self.on_tensor is not None:
+                        self.on_tensor(name)
             got = {}
-            for name, tensor in snap.items(group):
+            for name, tensor in snap.items(group) if group else ():
                 session["tensors"] += 1
                 session["bytes"] += tensor.numel() * tensor.element_size()
                 if self.on_tensor is not None:
                     self.on_tensor(name)
                 got[name] = tensor
-            writer.add(got)  # writes the group before: a failed read of this one leaves it unwritten
+            writer.add(got, patches)  # writes the group before: a failed read of this one leaves it unwritten
         writer.flush()
 
     def _prove(self, snap) -> None:
@@ -339,6 +382,8 @@ class StagerWeightTransferEngine(WeightTransferEngine[StagerInitInfo, StagerUpda
                     f"is not proven ({self._unproven}); verify against a reference "
                     "engine instead (update(..., verify=weight_checksums(ref)))",
                 )
+            # every tensor, after a delta update too: what it did not write is right only if the engine
+            # held its base, which is what a delta assumes and what this check is there to catch
             bad = direct.check(self._direct, snap.items, plan.layer_groups(name for name, _, _ in snap.specs()))
             if bad:
                 raise VerifyFailed(step, self.step, bad)
@@ -359,6 +404,7 @@ class StagerWeightTransferEngine(WeightTransferEngine[StagerInitInfo, StagerUpda
             reload.restore(self.model)
         if processed:
             self.incomplete = step
+            self._base = None
         log.warning(
             "stager: update to step %s failed (%s): %s",
             step,

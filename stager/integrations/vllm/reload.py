@@ -61,5 +61,27 @@ def restore(model: torch.nn.Module) -> None:
     _layerwise.LOADING_LAYERS.clear()
 
 
+def keep_unloaded(model: torch.nn.Module) -> int:
+    """Before finishing a reload that was fed only the layers that changed (a delta update): every
+    other layer with weights gets its serving tensors back as they were (finishing would warn of each
+    as failed to load); attention layers are left to the finish, which processes them as always.
+    Returns how many layers were put back."""
+    from vllm.model_executor.layers.attention import is_deferred_attention_layer
+
+    kept = 0
+    for layer in model.modules():
+        info = _layerwise.get_layerwise_info(layer)
+        if (
+            info.can_load()
+            and info.load_numel <= 0
+            and info.kernel_tensors is not None
+            and not is_deferred_attention_layer(layer)
+        ):
+            _layerwise._place_kernel_tensors(layer, info)
+            info.reset()
+            kept += 1
+    return kept
+
+
 def finish(model: torch.nn.Module, model_config) -> None:
     _reload.finalize_layerwise_reload(model, model_config)
