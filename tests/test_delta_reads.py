@@ -213,8 +213,8 @@ def test_random_chains_are_bit_exact(data):
     ids=["out of range", "negative", "values short", "another tensor"],
 )
 def test_a_bad_changes_reply_is_a_typed_error_and_writes_nothing(tensors, frames, why):
-    from stager.client.readers.delta import _apply
-    from stager.protocol import ChangesReply, StagerError
+    from stager.client.readers.delta import _apply, _Plan
+    from stager.protocol import Box, ChangesReply, StagerError
 
     dst = torch.zeros(4, dtype=torch.bfloat16)
     reply = ChangesReply(
@@ -226,5 +226,5 @@ def test_a_bad_changes_reply_is_a_typed_error_and_writes_nothing(tensors, frames
         ],
     )
     with pytest.raises(StagerError, match=why):
-        _apply(None, [("w", "w", dst)], reply, torch.bfloat16, False)
+        _apply(None, "n", [_Plan("w", "w", dst, {"n": [Box((0,), (4,))]}, {})], reply, torch.bfloat16, False)
     assert not dst.any()
