@@ -19,7 +19,7 @@ another process, written through ``.data`` or numpy, or a node whose daemon rest
 dtype (per block of the node's layout) and the node compares them with N's, which it recorded
 with its maps; a mismatch reads that tensor's boxes from the node whole. ``verify_base=True``
 checksums even what the ledger proves (the ledger does not see writes that bypass the counter).
-Checksums cost ~1 s of one CPU core per GiB of destination (zlib's crc32; ``checksum``).
+Checksums cost ~0.3 s of one CPU core per GiB of destination (zlib 1.2.13's crc32 here; ``checksum``).
 """
 
 from __future__ import annotations

@@ -112,7 +112,7 @@ class Snapshot(Mapping):
         shared memory, from elsewhere only they and their indices cross the wire). That ``out``
         holds N is proven by an earlier ``load_into`` of this process (torch's version counter),
         else (loaded from disk, by another process; or always, with ``verify_base=True``) by
-        checksums of ``out`` compared with N's, which the daemon keeps with its maps (~1 s of CPU
+        checksums of ``out`` compared with N's, which the daemon keeps with its maps (~0.3 s of CPU
         per GiB; ``verify_base=False``: never). Tensors not proven, and those a daemon has no map
         for, are read in full: the result is always that of a full read.
 

@@ -68,6 +68,7 @@ class _Job:
     cancel: threading.Event = dataclasses.field(default_factory=threading.Event)
     maps: dict = dataclasses.field(default_factory=dict)  # dtype wire name -> {fqn: Change}
     sums: dict = dataclasses.field(default_factory=dict)  # dtype wire name -> {fqn: (crc32 of base, of new)}
+    known: dict = dataclasses.field(default_factory=dict)  # the previous job's sums (its new is our base): reused
     stats: dict = dataclasses.field(default_factory=dict)  # dtype wire name -> status entry
     cpu_s: float = 0.0
 
@@ -108,6 +109,7 @@ class ChangeMaps:
         self._done: deque[_Job] = deque()
         self._closed = False
         self._thread: threading.Thread | None = None
+        self._newest: tuple[Key, dict] | None = None  # the worker's last job's checksums (worker thread only)
 
     # ------------------------------------------------------------------ loop side
 
@@ -218,7 +220,11 @@ class ChangeMaps:
                     return
                 job = self._running = self._queue.popleft()
             try:
+                if self._newest is not None and self._newest[0] == job.base:
+                    job.known = self._newest[1]
                 self._compute(job)
+                if not job.cancel.is_set():
+                    self._newest = (job.key, job.sums)
             except Exception:  # a bug costs one map (readers read in full), never the daemon
                 log.exception("change map of step %d failed", job.key[0])
                 job.cancel.set()
@@ -229,6 +235,7 @@ class ChangeMaps:
     @staticmethod
     def _compute(job: _Job) -> None:
         start = time.thread_time()
+        known = job.known
         for dtype in job.dtypes:
             maps = {}
             sums = {}
@@ -243,7 +250,8 @@ class ChangeMaps:
                     maps[fqn] = whole(new.numel())
                     continue
                 if (fqn, cast) not in seen:
-                    crc = [0, 0]  # both versions' checksums, from the cast bytes diff compares anyway
+                    # both versions' checksums, from the cast bytes diff compares anyway (the base's: known)
+                    crc = [known.get(dtype_name(dtype), {}).get(fqn, (None, None))[1], 0]
                     seen[fqn, cast] = diff(prev, new, dtype, sums=crc), tuple(crc)
                 maps[fqn], sums[fqn] = seen[fqn, cast]
             job.maps[dtype_name(dtype)] = maps
