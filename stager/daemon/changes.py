@@ -11,7 +11,10 @@ map is never recorded: a reader then reads in full.
 Maps outlive the versions' data (they are small: int32 indices of what changed), bounded by a
 count and by bytes of their own, so a reader at step N is brought to M by the union of the maps
 N->...->M with values from M, even after N's segment is gone. A :class:`Changes` request answers
-from them (or ``unknown_base``: the chain is broken, the reader reads in full).
+from them (or ``unknown_base``: the chain is broken, the reader reads in full). Each map also
+records both versions' crc32 in its dtype (from the cast bytes it compares; the base's is the
+previous map's), so a reader whose copy of N no ledger vouches for proves it by checksums. In a job
+spanning nodes each daemon maps its own blocks, and answers for the boxes a reader reads from it.
 """
 
 from __future__ import annotations
