@@ -72,6 +72,9 @@ class Message:
     SCHEMA: ClassVar[dict[str, tuple[type, ...]]] = {}
     # field name -> codec between the typed value and the wire form
     CODECS: ClassVar[dict[str, Codec]] = {}
+    # fields added after a message first shipped: left out of the body while empty (an older peer's
+    # bytes stay the same) and their default when absent (an older peer's message still parses)
+    OPTIONAL: ClassVar[frozenset[str]] = frozenset()
 
     id: int = 0
     frames: list = dataclasses.field(default_factory=list, repr=False)
@@ -81,6 +84,7 @@ class Message:
         return {
             name: codecs[name].to_wire(getattr(self, name)) if name in codecs else getattr(self, name)
             for name in self.SCHEMA
+            if name not in self.OPTIONAL or getattr(self, name) not in (None, [], {})
         }
 
     def encode(self) -> list:
@@ -211,6 +215,8 @@ def _build(cls: type[Message], rid: int, body: dict, frames: Sequence) -> Messag
     kwargs: dict[str, Any] = {}
     for name, wire in cls.SCHEMA.items():
         if name not in body:
+            if name in cls.OPTIONAL:
+                continue  # a peer that predates the field: its default
             raise ProtocolError(ErrorCode.BAD_MESSAGE, f"{cls.TYPE}: missing field {name!r}")
         value = body[name]
         # bool is an int subclass: only accept it where bool is named explicitly

@@ -68,17 +68,42 @@ class Changes(Message):
     unchanged, changed element indices, or whole (``stager.protocol.changes``). ``want``: "counts"
     (kinds and counts only), "indices" (plus one frame of int32 indices, a reader that maps the
     segment gathers the values itself) or "values" (plus one frame of the changed values, gathered
-    by the daemon in ``dtype``: what crosses the wire to a reader on another host)."""
+    by the daemon in ``dtype``: what crosses the wire to a reader on another host).
 
+    Optional (left out while empty; older peers neither send nor read them): ``boxes``, one entry
+    per tensor of ``fqns``: the boxes ``[offset, shape]`` the reader reads from this node (a job
+    spanning nodes, or replicas read elsewhere), so only changes inside them come back, as flat
+    indices of the whole tensor; an empty entry: all the node holds. ``sums``, one entry per
+    tensor: None (the reader proved it holds ``since`` itself), or the crc32 of the reader's copy
+    in ``dtype``, one per block of this node's layout of the tensor, in its order; a tensor whose
+    sums are not those of ``since`` is answered ``whole``. ``since_seq`` 0: the reader does not
+    know it (its copy came from elsewhere): the newest ``since`` in the chain, proven by ``sums``."""
+
+    OPTIONAL: ClassVar = frozenset({"boxes", "sums"})
     lease: int = 0
     since: int = 0
     since_seq: int = 0
     dtype: str = "bf16"
     want: str = "indices"
     fqns: list = dataclasses.field(default_factory=list)
+    boxes: list = dataclasses.field(default_factory=list)
+    sums: list = dataclasses.field(default_factory=list)
 
     def check(self) -> None:
         nonneg(self, "since", "since_seq")
+        for name, ok in (("boxes", _boxes_ok), ("sums", _sums_ok)):
+            value = getattr(self, name)
+            if value and (len(value) != len(self.fqns) or not all(ok(v) for v in value)):
+                raise ProtocolError(
+                    ErrorCode.BAD_MESSAGE,
+                    f"changes: {name} must be empty or one entry per tensor of fqns "
+                    + (
+                        "(a list of [offset, shape] int lists of one length)"
+                        if name == "boxes"
+                        else "(None or a list of crc32 ints)"
+                    )
+                    + f", not {short_repr(value)}",
+                )
         if self.want not in CHANGES_WANT:
             raise ProtocolError(
                 ErrorCode.BAD_MESSAGE, f"changes: want must be one of {list(CHANGES_WANT)}, not {short_repr(self.want)}"
@@ -88,6 +113,24 @@ class Changes(Message):
                 ErrorCode.BAD_MESSAGE,
                 f"changes: fqns must be at most {MAX_CHANGE_TENSORS} tensor names (str); ask in batches",
             )
+
+
+def _boxes_ok(entry) -> bool:
+    return (
+        isinstance(entry, list)
+        and len(entry) <= MAX_READ_ITEMS
+        and all(
+            isinstance(b, list)
+            and len(b) == 2
+            and all(isinstance(x, list) and len(x) == len(b[0]) for x in b)
+            and all(type(n) is int and n >= 0 for x in b for n in x)
+            for b in entry
+        )
+    )
+
+
+def _sums_ok(entry) -> bool:
+    return entry is None or (isinstance(entry, list) and all(type(n) is int and 0 <= n < 1 << 32 for n in entry))
 
 
 # ------------------------------------------------------------------------------ replies

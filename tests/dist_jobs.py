@@ -543,3 +543,54 @@ def stage_through_a_hung_daemon(rank, world, endpoint, control_dir):
     stats = client.stats
     client.close()
     return {"stats": stats, "steps": steps}
+
+
+def rl_chain(n, seed=7):
+    """``n`` full states of :func:`llama_full`'s model as an RL run makes them: every fp32 element
+    moves a little (mostly below bf16's precision), 2% of them past a bf16 ulp; norms stay."""
+    g = torch.Generator().manual_seed(seed)
+    sd = llama_full(1)
+    out = [sd]
+    for _ in range(n - 1):
+        nxt = {}
+        for k, v in sd.items():
+            t = v.clone()
+            if not k.endswith("norm.weight"):
+                t += torch.randn(t.shape, generator=g) * 1e-6
+                t[torch.rand(t.shape, generator=g) < 0.02] += 0.05
+            nxt[k] = t
+        out.append(nxt)
+        sd = nxt
+    return out
+
+
+def stage_rl_chain(rank, world, steps, signal_dir=None, pause_after=1):
+    """FSDP (Shard(0) over every rank of every node) of :func:`rl_chain`'s states, step s staging
+    state s-1. With ``signal_dir``: after ``pause_after`` steps, say so (file ``staged-<rank>``) and
+    wait for the file ``go`` there (the test restarts a node's daemon meanwhile); the first step
+    after it may fail (a training loop skips it), the later ones must seal."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    from stager.client import StagingClient
+    from stager.protocol import StagerError
+
+    mesh = init_device_mesh("cpu", (world,))
+    chain = rl_chain(max(steps))
+    client = StagingClient(strict=True, timeout=30)
+    sealed = []
+    for i, step in enumerate(steps):
+        if signal_dir and i == pause_after:
+            open(os.path.join(signal_dir, f"staged-{rank}"), "w").close()
+            while not os.path.exists(os.path.join(signal_dir, "go")):
+                time.sleep(0.05)  # waiting for the test's signal, not a proof of anything
+        sd = {k: distribute_tensor(v, mesh, [Shard(0)]) for k, v in chain[step - 1].items()}
+        try:
+            sealed.append(client.stage(sd, step=step).wait(60))
+        except StagerError as exc:
+            if not signal_dir or i != pause_after:
+                raise
+            sealed.append({"step": step, "error": str(exc)})
+    client.close()
+    dist.barrier()
+    return sealed

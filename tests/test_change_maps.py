@@ -161,3 +161,45 @@ def test_a_staging_step_takes_memory_a_change_map_pinned(make_daemon):
     status = d.status()
     assert status["counters"]["memory_refusals"] == 0 and status["counters"]["sealed"] == 5
     assert status["changes"]["skipped"] >= 1
+
+
+def test_changes_inside_boxes_and_a_base_proven_by_checksums(make_daemon, raw_peer):
+    """``boxes``: only the changes inside them, as flat indices of the whole tensor (what a reader
+    reading part of a tensor from this node asks). ``sums``: the crc32 of the reader's copy in the
+    map's dtype; step 2's prove a base named by its step alone (``since_seq`` 0), others make the
+    tensor whole, as does a base named by its step alone without them."""
+    from stager.protocol.changes import checksum
+
+    d = make_daemon(change_maps="bfloat16")
+    sds = chain(3)
+    stage_all(d, sds, settle=True)
+    wait_until(lambda: changed(d, 3))
+    peer = raw_peer(d.endpoint)
+    peer.hello(role="reader")
+    acq = peer.request(Acquire())
+    w = [sd["w"].bfloat16() for sd in sds]
+    flat = (w[2] != w[1]).view(-1).nonzero().view(-1)
+    rows = flat[(flat >= 8 * 32) & (flat < 24 * 32)]  # rows 8 to 23
+    assert 0 < rows.numel() < flat.numel()
+    box = [[8, 0], [16, 32]]
+    reply = peer.request(Changes(lease=acq.lease, since=2, since_seq=2, want="values", fqns=["w"], boxes=[[box]]))
+    idx = torch.frombuffer(bytearray(reply.frames[0]), dtype=torch.int32)
+    vals = torch.frombuffer(bytearray(reply.frames[1]), dtype=torch.bfloat16)
+    assert reply.tensors == [["w", INDICES, rows.numel()]]
+    assert torch.equal(idx.long(), rows) and torch.equal(vals, w[2].view(-1)[rows])
+
+    def kinds(seq, sums=None):
+        got = peer.request(
+            Changes(lease=acq.lease, since=2, since_seq=seq, want="counts", fqns=["w", "n"], sums=sums or [])
+        )
+        return [k for _, k, _ in got.tensors]
+
+    right = [[checksum(w[1])], [checksum(sds[1]["n"].bfloat16())]]
+    assert kinds(0, right) == [INDICES, UNCHANGED]
+    assert kinds(2, right) == [INDICES, UNCHANGED]
+    assert kinds(0, [[right[0][0] ^ 1], right[1]]) == [WHOLE, UNCHANGED]  # w is not step 2's
+    assert kinds(0, [None, right[1]]) == [WHOLE, UNCHANGED]  # unproven: no seq, no checksum
+    assert kinds(0) == [WHOLE, WHOLE]
+    assert kinds(2) == [INDICES, UNCHANGED]  # a seq the reader got from its own load: as before
+    bad = Changes(lease=acq.lease, since=2, since_seq=2, fqns=["w"], boxes=[[[[60, 0], [8, 32]]]])
+    assert error_code(peer.request(bad)) == "bad_value"

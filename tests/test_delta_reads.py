@@ -213,8 +213,8 @@ def test_random_chains_are_bit_exact(data):
     ids=["out of range", "negative", "values short", "another tensor"],
 )
 def test_a_bad_changes_reply_is_a_typed_error_and_writes_nothing(tensors, frames, why):
-    from stager.client.readers.delta import _apply
-    from stager.protocol import ChangesReply, StagerError
+    from stager.client.readers.delta import _apply, _Plan
+    from stager.protocol import Box, ChangesReply, StagerError
 
     dst = torch.zeros(4, dtype=torch.bfloat16)
     reply = ChangesReply(
@@ -226,5 +226,72 @@ def test_a_bad_changes_reply_is_a_typed_error_and_writes_nothing(tensors, frames
         ],
     )
     with pytest.raises(StagerError, match=why):
-        _apply(None, [("w", "w", dst)], reply, torch.bfloat16, False)
+        _apply(None, "n", [_Plan("w", "w", dst, {"n": [Box((0,), (4,))]}, {})], reply, torch.bfloat16, False)
     assert not dst.any()
+
+
+def test_a_base_loaded_from_an_export_is_proven_by_checksums(make_daemon, tmp_path):
+    """A reader whose tensors hold step 1 because it loaded `export-hf`'s files (not through
+    load_into: nothing in this process proves them) gets a delta: the daemon checks the crc32 of its
+    copies against step 1's, kept with the maps. The permuted q/k are read whole, as ever."""
+    import os
+
+    from safetensors.torch import load_file
+
+    from stager.writers.export_hf import export_hf
+
+    d = make_daemon(change_maps="bfloat16")
+    g = torch.Generator().manual_seed(4)
+    sds = [first()]
+    sds.append(rl_step(sds[0], g))
+    adapter = load_adapter("llama3", CONFIG)
+    with StagingClient(d.endpoint, strict=True) as c:
+        c.stage(sds[0], step=1, model_info=INFO).wait(10)
+        path = export_hf(str(tmp_path / "hf"), endpoint=d.endpoint, step=1, progress=False)[0]
+        c.stage(sds[1], step=2, model_info=INFO).wait(10)
+    wait_until(lambda: changed(d, 2))
+    files = [os.path.join(path, f) for f in os.listdir(path) if f.endswith(".safetensors")]
+    dst = {k: v.bfloat16() for f in files for k, v in load_file(f).items()}  # as an engine loads a checkpoint
+    permuted = {k for k in dst if k.endswith(("q_proj.weight", "k_proj.weight"))}
+    hf = [{k: v.bfloat16() for k, v in adapter.to_hf(sd).items()} for sd in sds]
+    delta = sum(int((hf[1][k] != hf[0][k]).sum()) * (4 + 2) for k in dst if k not in permuted)
+    with Subscriber(d.endpoint, view="hf", remote=True) as sub:
+        before = read_bytes(d)
+        with sub.at(2) as snap:
+            snap.load_into(dst, since=1)
+        moved = read_bytes(d) - before
+        expected = full(sub, 2, dst)
+    assert all(torch.equal(dst[k], expected[k]) for k in dst)
+    assert 0 < delta and moved == delta + sum(dst[k].numel() * 2 for k in permuted)
+
+
+@pytest.mark.parametrize("remote", [False, True], ids=["shared memory", "frames"])
+def test_writes_the_version_counter_misses_are_caught_by_verify_base(make_daemon, remote):
+    """Tensors written where torch's version counter does not see it (a numpy view, ``.data``)
+    still look proven by the ledger; ``verify_base=True`` checksums them: those two are read
+    whole, the others take the delta, and the result is the full read's."""
+    d = make_daemon(change_maps="bfloat16")
+    g = torch.Generator().manual_seed(5)
+    sds = [first()]
+    sds.append(rl_step(sds[0], g))
+    dst = {k: torch.empty(s, dtype=torch.bfloat16) for k, s in SHAPES.items()}
+    with StagingClient(d.endpoint, strict=True) as c, Subscriber(d.endpoint, remote=remote) as sub:
+        c.stage(sds[0], step=1).wait(10)
+        with sub.latest() as snap:
+            snap.load_into(dst)
+        c.stage(sds[1], step=2).wait(10)
+        wait_until(lambda: changed(d, 2))
+        counters = {k: t._version for k, t in dst.items()}
+        dst["output.weight"].view(torch.int16).numpy()[0, 0] ^= 0x40  # under torch's feet
+        dst["tok_embeddings.weight"].data[3, 3] = 1000.0
+        assert {k: t._version for k, t in dst.items()} == counters  # the ledger cannot tell
+        touched = ("output.weight", "tok_embeddings.weight")
+        before = read_bytes(d)
+        with sub.latest() as snap:
+            snap.load_into(dst, since=1, verify_base=True)
+        moved = read_bytes(d) - before
+        expected = full(sub, 2, dst)
+    assert all(torch.equal(dst[k], expected[k]) for k in SHAPES)
+    per = 4 if not remote else 4 + 2
+    delta = sum(int((sds[1][k].bfloat16() != sds[0][k].bfloat16()).sum()) * per for k in SHAPES if k not in touched)
+    assert 0 < delta and moved == delta + (sum(dst[k].numel() * 2 for k in touched) if remote else 0)

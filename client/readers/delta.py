@@ -1,18 +1,25 @@
-"""Delta reads: bring tensors a reader loaded from step N up to the leased step M, moving only what changed.
+"""Delta reads: bring tensors a reader holds at step N up to the leased step M, moving only what changed.
 
-``Snapshot.load_into(out, since=N)`` asks the daemon for the change map N->M in each destination's
-dtype (:class:`~stager.protocol.Changes`; the daemon keeps the union of its per-version maps) and
-writes only the changed elements: on the daemon's host it gathers them from the mapped segment
-itself (index_select, cast as a copy casts); from another host the daemon gathers them in the
-reader's dtype and only indices plus values cross the wire. Tensors the map says are dense, new or
-reshaped are read whole, as are those it cannot vouch for.
+``Snapshot.load_into(out, since=N)`` plans each tensor's reads as a full read would
+(:func:`.planner.plan_box`: which node serves which box; one node for a single daemon's version)
+and asks each node for the change map N->M of the boxes it serves, in the destination's dtype
+(:class:`~stager.protocol.Changes`; every daemon keeps maps of its own blocks, the union over the
+chain). Only the changed elements are written: from a node on the reader's host they are gathered
+from its mapped segment (index_select, cast as a copy casts); from another host the node gathers
+them in the reader's dtype and only indices plus values cross the wire. A box a node cannot give
+changes for (a dense or reshaped tensor, no map for N: restarted, maps dropped, layout changed) is
+read whole from that node through the mover; a tensor no node can is left to the caller's full read.
 
-The reader must prove it holds N: this module keeps a process-wide ledger of what each
-destination tensor was last loaded with (step, the daemon's seq and session, view and name) and
-the tensor's version counter just after (``Tensor._version``, which every in-place write bumps,
-through any view). A tensor written since, loaded from another step, another daemon session or
-under another name is read in full. Writes that bypass the counter (``.data``, raw pointers,
-another process) are not seen: do not pass ``since`` for tensors written that way.
+The reader must prove it holds N, per node. By default through this module's process-wide ledger
+of what each destination tensor was last loaded with (step, each node's seq and daemon session,
+view and name) and the tensor's version counter just after (``Tensor._version``, which every
+in-place write bumps, through any view). Where the ledger cannot (a tensor loaded from disk, by
+another process, written through ``.data`` or numpy, or a node whose daemon restarted since) and
+``verify_base`` is not False, by checksums: the reader sends the crc32 of its copy in the map's
+dtype (per block of the node's layout) and the node compares them with N's, which it recorded
+with its maps; a mismatch reads that tensor's boxes from the node whole. ``verify_base=True``
+checksums even what the ledger proves (the ledger does not see writes that bypass the counter).
+Checksums cost ~0.3 s of one CPU core per GiB of destination (zlib 1.2.13's crc32 here; ``checksum``).
 """
 
 from __future__ import annotations
@@ -22,16 +29,20 @@ import logging
 import math
 import warnings
 import weakref
+from collections import deque
 from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
 
-from stager.protocol import Changes, ChangesReply, ErrorCode, StagerError
-from stager.protocol.changes import DENSE, INDICES, WHOLE, apply, gather
-from stager.protocol.dtypes import DTYPES, FLOAT8_DTYPES, dtype_name
-from stager.protocol.reads import MAX_CHANGE_TENSORS
+from stager.protocol import Box, Changes, ChangesReply, ErrorCode, StagerError
+from stager.protocol.changes import DENSE, INDICES, UNCHANGED, apply, checksum, gather, inside, unravel
+from stager.protocol.dtypes import DTYPES, FLOAT8_DTYPES, dtype_from_name, dtype_name
+from stager.protocol.layout import narrow_box
 
+from .mover import Want, move
+from .planner import Read, plan_box
+from .sources import SharedMemorySource
 from .views import ViewEntry
 
 log = logging.getLogger("stager.client")
@@ -43,13 +54,29 @@ class _Held:
     ref: weakref.ref
     version: int  # the tensor's version counter right after the load
     step: int
-    seq: int
-    session: str
     view: str
     name: str
+    bases: dict  # node -> (its daemon's seq of the step, its session)
 
 
 _LEDGER: dict[int, _Held] = {}  # id(tensor) -> what it holds
+
+
+@dataclasses.dataclass
+class _Plan:
+    """One destination tensor: the boxes each node serves of it, and the base's proof per node:
+    (seq of N there, 0: unknown; the crc32 of the destination per block of the node, or None)."""
+
+    name: str
+    fqn: str
+    dst: torch.Tensor
+    boxes: dict[str, list[Box]]
+    proofs: dict[str, tuple[int, list[int] | None]]
+    whole: list[tuple[str, Box]] = dataclasses.field(default_factory=list)  # (node, box) to read whole
+
+    @property
+    def dst_box(self) -> Box:
+        return Box((0,) * self.dst.dim(), tuple(self.dst.shape))
 
 
 def forget(tensors: Iterable[torch.Tensor]) -> None:
@@ -60,14 +87,17 @@ def forget(tensors: Iterable[torch.Tensor]) -> None:
 
 def note_loaded(snap: Any, out: Mapping[str, torch.Tensor], names: list[str]) -> None:
     """``out[name]`` now holds ``name`` of the snapshot's step (after a successful load)."""
-    session = _session(snap)
-    if session is None:
+    version = snap._version
+    bases = {
+        node: (version.seqs.get(node, snap.seq), conn.session)
+        for node, (conn, _) in version.leases.items()
+        if conn.session is not None
+    }
+    if not bases:
         return
     for name in names:
         t = out[name]
-        _LEDGER[id(t)] = _Held(
-            weakref.ref(t, _dropper(id(t))), t._version, snap.step, snap.seq, session, snap.view, name
-        )
+        _LEDGER[id(t)] = _Held(weakref.ref(t, _dropper(id(t))), t._version, snap.step, snap.view, name, bases)
     if len(_LEDGER) > 1 << 20:  # tensors dropped without their weakref firing (never expected): bound it
         for key in [k for k, h in _LEDGER.items() if h.ref() is None]:
             del _LEDGER[key]
@@ -87,61 +117,146 @@ def held(t: torch.Tensor, view: str, name: str) -> _Held | None:
 
 
 def load_changes(
-    snap: Any, entries: Mapping[str, ViewEntry], out: Mapping[str, torch.Tensor], since: int | None
+    snap: Any,
+    entries: Mapping[str, ViewEntry],
+    out: Mapping[str, torch.Tensor],
+    since: int | None,
+    verify_base: bool | None = None,
 ) -> set[str]:
     """Bring what it can of ``out`` (``{name: tensor}``, shapes checked) from step ``since`` to the
     snapshot's step by change maps; returns the names done (the caller reads the rest in full).
     Every tensor of ``out`` is forgotten by the ledger first: until the load succeeds, it proves nothing."""
-    groups = _provable(snap, entries, out, since) if since is not None else {}
-    forget(out[name] for name in entries)
-    done: set[str] = set()
-    if not groups:
-        return done
-    conn, lease = next(iter(snap._version.leases.values()))
-    timeout = snap._version._reader.timeout
-    for (dtype, seq, mapped), members in groups.items():
-        for batch in _batches(members, dtype, mapped):
-            try:
-                reply = conn.request(
-                    Changes(
-                        lease=lease,
-                        since=since,
-                        since_seq=seq,
-                        dtype=dtype_name(dtype),
-                        want="indices" if mapped else "values",
-                        fqns=[fqn for _, fqn, _ in batch],
-                    ),
-                    timeout,
-                )
-            except StagerError as exc:
-                if exc.code != ErrorCode.UNKNOWN_BASE:
-                    raise
-                log.debug("delta read of step %d from %d: %s", snap.step, since, exc.message)
-                break  # this group is read in full
-            if not isinstance(reply, ChangesReply) or len(reply.tensors) != len(batch):
-                raise StagerError(ErrorCode.BAD_MESSAGE, f"unexpected {reply.TYPE} reply to changes")
-            done.update(_apply(snap._version, batch, reply, dtype, mapped))
-    return done
-
-
-def _provable(snap: Any, entries: Mapping[str, ViewEntry], out: Mapping[str, torch.Tensor], since: int) -> dict:
-    """The tensors of ``out`` proven to hold step ``since``, grouped by (dtype, seq of since, same host)."""
+    plans = _plan(snap, entries, out, since, verify_base) if since is not None else []
+    forget(out[name] for name in entries)  # after the checksums: they are of the base
+    if not plans:
+        return set()
     version = snap._version
-    session = _session(snap)
-    if session is None or version.members != 1:
-        return {}  # multi-node versions: each node's map would be needed (read in full for now)
-    groups: dict[tuple, list[tuple[str, str, torch.Tensor]]] = {}
+    _ask(version, plans, since)
+    return _finish(snap, plans)
+
+
+def _plan(
+    snap: Any, entries: Mapping[str, ViewEntry], out: Mapping[str, torch.Tensor], since: int, verify: bool | None
+) -> list[_Plan]:
+    """The tensors of ``out`` a delta can bring up: their reads per node and the base's proofs."""
+    version = snap._version
+    plans = []
     for name, entry in entries.items():
-        dst = out[name]
         fqn = _delta_source(snap, entry)
         if fqn is None:
             continue
-        rec = held(dst, snap.view, name)
-        if rec is None or rec.step != since or rec.session != session:
-            continue
-        mapped = version.mapped(fqn) is not None
-        groups.setdefault((dst.dtype, rec.seq, mapped), []).append((name, fqn, dst))
-    return groups
+        dst, m = out[name], version.merged[fqn]
+        boxes: dict[str, list[Box]] = {}
+        for read in plan_box(m, m.box):
+            boxes.setdefault(read.node, []).append(read.box)
+        rec = _LEDGER.get(id(dst))
+        if rec is not None and (rec.ref() is not dst or (rec.step, rec.view, rec.name) != (since, snap.view, name)):
+            rec = None  # another tensor's, another step's: nothing known of this one's base
+        proven = verify is not True and rec is not None and rec.version == dst._version
+        proofs = {}
+        for node in boxes:
+            base = rec.bases.get(node) if rec is not None else None
+            seq = base[0] if base is not None and base[1] == version.leases[node][0].session else 0
+            layout = version.parts.get(node, {}).get(fqn)
+            if proven and seq:
+                proofs[node] = (seq, None)
+            elif verify is not False and layout is not None:  # the checksums of what dst holds now
+                proofs[node] = (seq, [checksum(narrow_box(dst, b.box.offset, b.box.shape)) for b in layout.blocks])
+        plan = _Plan(name, fqn, dst, boxes, proofs)
+        plan.whole = [(n, b) for n, bs in boxes.items() if n not in proofs for b in bs]
+        if len(plan.whole) < sum(len(bs) for bs in boxes.values()):
+            plans.append(plan)
+    return plans
+
+
+def _ask(version: Any, plans: list[_Plan], since: int) -> None:
+    """Ask every node for the changes of the boxes it serves (one request in flight per node, every
+    node at once) and write them; what a node cannot give goes to each plan's ``whole``."""
+    groups: dict[tuple, list[_Plan]] = {}
+    for plan in plans:
+        for node, (seq, _) in plan.proofs.items():
+            mapped = isinstance(version.sources[node], SharedMemorySource)
+            groups.setdefault((node, plan.dst.dtype, seq, mapped), []).append(plan)
+    queues: dict[str, deque] = {}
+    for key, members in groups.items():
+        for batch in _batches(members, key[0], key[1], key[3]):
+            queues.setdefault(key[0], deque()).append((key, batch))
+    broken: set[tuple] = set()  # groups whose base the node does not know: the rest of them is read whole
+    timeout = version._reader.timeout
+    while any(queues.values()):
+        sent = []
+        for node, queue in queues.items():
+            if queue:
+                key, batch = queue.popleft()
+                if key in broken:
+                    _read_whole(node, batch)
+                    continue
+                conn, lease = version.leases[node]
+                try:
+                    sent.append((key, batch, conn.send(_request(lease, since, key, node, batch))))
+                except StagerError as exc:
+                    raise version._failed(node, exc, batch[0].fqn) from None
+        for key, batch, rid in sent:
+            node, dtype, _, mapped = key
+            try:
+                reply = version.leases[node][0].wait_reply(rid, timeout, "changes", ChangesReply)
+            except StagerError as exc:
+                if exc.code != ErrorCode.UNKNOWN_BASE:
+                    raise version._failed(node, exc, batch[0].fqn) from None
+                log.debug("delta read of step %d from %d on node %s: %s", version.step, since, node, exc.message)
+                broken.add(key)
+                _read_whole(node, batch)
+                continue
+            if len(reply.tensors) != len(batch):
+                raise StagerError(ErrorCode.BAD_MESSAGE, f"unexpected {reply.TYPE} reply to changes")
+            _apply(version, node, batch, reply, dtype, mapped)
+
+
+def _request(lease: int, since: int, key: tuple, node: str, batch: list[_Plan]) -> Changes:
+    _, dtype, seq, mapped = key
+    msg = Changes(
+        lease=lease,
+        since=since,
+        since_seq=seq,
+        dtype=dtype_name(dtype),
+        want="indices" if mapped else "values",
+        fqns=[p.fqn for p in batch],
+    )
+    boxes = [
+        [] if p.boxes[node] == [p.dst_box] else [[list(b.offset), list(b.shape)] for b in p.boxes[node]] for p in batch
+    ]
+    if any(boxes):  # only where a node serves part of a tensor: a one-node reader's request is as before
+        msg.boxes = boxes
+    sums = [p.proofs[node][1] for p in batch]
+    if any(s is not None for s in sums):
+        msg.sums = sums
+    return msg
+
+
+def _read_whole(node: str, batch: list[_Plan]) -> None:
+    for plan in batch:
+        plan.whole.extend((node, b) for b in plan.boxes[node])
+
+
+def _finish(snap: Any, plans: list[_Plan]) -> set[str]:
+    """Read whole the boxes no change map covered (of tensors not read whole by the caller); the names done."""
+    version = snap._version
+    done: set[str] = set()
+    wants, into = [], []
+    for plan in plans:
+        if len(plan.whole) == sum(len(bs) for bs in plan.boxes.values()):
+            continue  # no node gave changes: the caller reads it whole, in one piece
+        m = version.merged[plan.fqn]
+        cast = snap._wire_cast(plan.fqn, plan.dst.dtype)
+        for node, box in plan.whole:
+            wants.append(
+                Want(plan.fqn, box, dtype_from_name(m.dtype), [Read(node, box, (0,) * len(box.shape))], None, cast)
+            )
+            into.append(narrow_box(plan.dst, box.offset, box.shape))
+        done.add(plan.name)
+    for dst, (_, t) in zip(into, move(wants, version.sources, version._failed)):
+        dst.copy_(t)
+    return done
 
 
 def _delta_source(snap: Any, entry: ViewEntry) -> str | None:
@@ -160,29 +275,31 @@ def _delta_source(snap: Any, entry: ViewEntry) -> str | None:
     return fqn
 
 
-def _batches(members: list, dtype: torch.dtype, mapped: bool) -> list[list]:
+def _batches(members: list[_Plan], node: str, dtype: torch.dtype, mapped: bool) -> list[list[_Plan]]:
     """Tensors per request, so that a reply is at most BATCH_BYTES even if every map is at its densest."""
     per = 4 + (0 if mapped else dtype.itemsize)
     out = []
-    cur = []
+    cur: list[_Plan] = []
     size = 0
-    for item in members:
-        need = math.ceil(math.prod(item[2].shape) * DENSE) * per
+    for plan in members:
+        need = math.ceil(sum(b.numel for b in plan.boxes[node]) * DENSE) * per
         if cur and size + need > BATCH_BYTES:
             out.append(cur)
             cur, size = [], 0
-        cur.append(item)
+        cur.append(plan)
         size += need
     return out + ([cur] if cur else [])
 
 
-def _apply(version: Any, batch: list, reply: ChangesReply, dtype: torch.dtype, mapped: bool) -> set[str]:
-    """Write the changed elements of each tensor of ``batch``; returns the names done (not the whole ones)."""
+def _apply(version: Any, node: str, batch: list[_Plan], reply: ChangesReply, dtype: torch.dtype, mapped: bool) -> None:
+    """Write the changed elements of each tensor of ``batch`` from ``node``; a tensor the node
+    answers ``whole`` (too dense, reshaped, unproven base) has its boxes there read whole."""
     frames = reply.frames
     indices = _frame(frames[0], torch.int32) if frames else torch.empty(0, dtype=torch.int32)
     values = _frame(frames[1], dtype) if len(frames) > 1 else None
-    at, done = 0, set()
-    for (name, fqn, dst), (got, kind, count) in zip(batch, reply.tensors):
+    at = 0
+    for plan, (got, kind, count) in zip(batch, reply.tensors):
+        fqn, dst = plan.fqn, plan.dst
         if got != fqn:
             raise StagerError(ErrorCode.BAD_MESSAGE, f"changes reply names {got!r} where {fqn!r} was asked")
         if kind == INDICES:
@@ -192,17 +309,35 @@ def _apply(version: Any, batch: list, reply: ChangesReply, dtype: torch.dtype, m
             if count and int(idx[0]) < 0:  # ascending: the first is the least (indexing would wrap a negative)
                 raise StagerError(ErrorCode.BAD_MESSAGE, f"{fqn}: changes reply holds a negative index")
             try:  # indices out of range are refused by the indexing itself (IndexError), before any write
-                vals = gather(version.mapped(fqn), idx, dst.dtype) if mapped else values[at : at + count]
+                if count and int(idx[-1]) >= dst.numel():
+                    raise IndexError(f"index {int(idx[-1])} is out of range for {dst.numel()} elements")
+                vals = _gathered(version, node, plan, idx, dst) if mapped else values[at : at + count]
                 apply(dst, idx, vals)
             except (IndexError, RuntimeError) as exc:
                 raise StagerError(
                     ErrorCode.BAD_MESSAGE, f"{fqn}: changes reply does not fit the tensor ({exc})"
                 ) from None
             at += count
-        elif kind != "unchanged":
-            continue  # whole: read in full by the caller
-        done.add(name)
-    return done
+        elif kind != UNCHANGED:  # whole: read from this node in full
+            plan.whole.extend((node, b) for b in plan.boxes[node])
+
+
+def _gathered(version: Any, node: str, plan: _Plan, idx: torch.Tensor, dst: torch.Tensor) -> torch.Tensor:
+    """The values at flat ``idx`` of the boxes ``node`` serves of the tensor, from its mapped segment."""
+    src, boxes = version.sources[node], plan.boxes[node]
+    if boxes == [plan.dst_box]:
+        return gather(src.map(plan.fqn, boxes[0]), idx, dst.dtype)
+    coords = unravel(idx, dst.shape)
+    out = torch.empty(idx.numel(), dtype=dst.dtype)
+    seen = torch.zeros(idx.numel(), dtype=torch.bool)
+    for box in boxes:
+        hit = inside(coords, box.offset, box.shape)
+        local = coords[hit] - torch.tensor(box.offset, dtype=torch.int64)
+        out[hit] = src.map(plan.fqn, box)[tuple(local.unbind(1))].to(dst.dtype)
+        seen |= hit
+    if not bool(seen.all()):
+        raise IndexError("an index lies outside the boxes asked of this node")
+    return out
 
 
 def _frame(frame: Any, dtype: torch.dtype) -> torch.Tensor:
@@ -212,131 +347,6 @@ def _frame(frame: Any, dtype: torch.dtype) -> torch.Tensor:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # read-only frames: only read here
         return torch.frombuffer(buf, dtype=torch.uint8).view(dtype)
-
-
-@dataclasses.dataclass
-class TensorChange:
-    """What changed in one tensor of a view since a base (:func:`changes_since`): ``kind`` unchanged,
-    indices or whole (:mod:`stager.protocol.changes`), ``count`` elements; for ``indices`` asked with
-    values, the int32 flat ``indices`` and the new ``values`` in the asked dtype."""
-
-    kind: str
-    count: int
-    indices: torch.Tensor | None = None
-    values: torch.Tensor | None = None
-
-
-def base_of(snap: Any) -> tuple[int, int, str] | None:
-    """``(step, seq, daemon session)`` naming the snapshot's version as a later base of
-    :func:`changes_since` (a step number may be staged again, a seq in one daemon session never);
-    None for versions no change map can start from (several nodes, or no connection)."""
-    session = _session(snap)
-    if session is None or snap._version.members != 1:
-        return None
-    return snap.step, snap.seq, session
-
-
-def changes_since(
-    snap: Any, names: list[str], base: tuple[int, int, str], dtype: torch.dtype, values: bool
-) -> dict[str, TensorChange] | None:
-    """Per view name of ``names``, what changed since ``base`` (from :func:`base_of`) for a reader of
-    ``dtype``: for a caller that holds the base in tensors it tracks itself (an inference engine),
-    not through :meth:`Snapshot.load_into`'s ledger. ``values``: also the changed elements' indices
-    and values (gathered from shared memory on the daemon's host; from elsewhere only they and their
-    indices cross the wire) for names seen through a rename; those seen through a transform (a
-    permutation) get their kind only, as do all with ``values`` false. A tensor no map holds is
-    ``whole``. None when the daemon has no map from ``base`` (read in full)."""
-    now = base_of(snap)
-    if now is None or now[2] != base[2]:
-        return None  # another daemon session: its seqs say nothing of the base's
-    version = snap._version
-    out: dict[str, TensorChange] = {}
-    exact: dict[str, list[str]] = {}  # source fqn -> names it gives element for element
-    counted: dict[str, list[str]] = {}
-    for name in names:
-        entry = snap._entry(name)
-        source = entry.source
-        if not source or source in snap.quant or source not in version.merged or not version.merged[source].complete:
-            numel = math.prod(entry.shape)
-            out[name] = TensorChange(WHOLE, numel)
-            continue
-        direct = values and _delta_source(snap, entry) is not None
-        (exact if direct else counted).setdefault(source, []).append(name)
-    conn, lease = next(iter(version.leases.values()))
-    timeout = version._reader.timeout
-    asks = [(False, list(counted))] if counted else []
-    asks += [(True, batch) for batch in _fqn_batches(version, list(exact), dtype)]
-    for want_values, fqns in asks:
-        mapped = want_values and all(version.mapped(f) is not None for f in fqns)
-        want = "counts" if not want_values else "indices" if mapped else "values"
-        for at in range(0, len(fqns), MAX_CHANGE_TENSORS):
-            part = fqns[at : at + MAX_CHANGE_TENSORS]
-            try:
-                reply = conn.request(
-                    Changes(
-                        lease=lease, since=base[0], since_seq=base[1], dtype=dtype_name(dtype), want=want, fqns=part
-                    ),
-                    timeout,
-                )
-            except StagerError as exc:
-                if exc.code != ErrorCode.UNKNOWN_BASE:
-                    raise
-                log.debug("changes of step %d since %d: %s", snap.step, base[0], exc.message)
-                return None
-            if not isinstance(reply, ChangesReply) or len(reply.tensors) != len(part):
-                raise StagerError(ErrorCode.BAD_MESSAGE, f"unexpected {reply.TYPE} reply to changes")
-            found = _parse(version, part, reply, dtype, want)
-            for fqn, change in found.items():
-                for name in (exact if want_values else counted)[fqn]:
-                    out[name] = change
-    return out
-
-
-def _fqn_batches(version: Any, fqns: list[str], dtype: torch.dtype) -> list[list[str]]:
-    """``fqns`` in requests whose replies stay under BATCH_BYTES at the densest maps."""
-    per = 4 + dtype.itemsize
-    out: list[list[str]] = []
-    cur: list[str] = []
-    size = 0
-    for fqn in fqns:
-        need = math.ceil(math.prod(version.merged[fqn].shape) * DENSE) * per
-        if cur and size + need > BATCH_BYTES:
-            out.append(cur)
-            cur, size = [], 0
-        cur.append(fqn)
-        size += need
-    return out + ([cur] if cur else [])
-
-
-def _parse(version: Any, fqns: list[str], reply: ChangesReply, dtype: torch.dtype, want: str) -> dict:
-    """``{fqn: TensorChange}`` of a reply, each index range checked (a bad reply is a typed error)."""
-    frames = reply.frames
-    indices = _frame(frames[0], torch.int32) if want != "counts" and frames else torch.empty(0, dtype=torch.int32)
-    values = _frame(frames[1], dtype) if want == "values" and len(frames) > 1 else None
-    at, out = 0, {}
-    for fqn, (got, kind, count) in zip(fqns, reply.tensors):
-        if got != fqn:
-            raise StagerError(ErrorCode.BAD_MESSAGE, f"changes reply names {got!r} where {fqn!r} was asked")
-        if kind != INDICES or want == "counts":
-            out[fqn] = TensorChange(kind, count)
-            continue
-        idx = indices[at : at + count]
-        numel = math.prod(version.merged[fqn].shape)
-        short = idx.numel() != count or (want == "values" and (values is None or values.numel() < at + count))
-        if short or (count and (int(idx[0]) < 0 or int(idx.max()) >= numel)):
-            raise StagerError(ErrorCode.BAD_MESSAGE, f"{fqn}: changes reply does not fit its {numel} elements")
-        vals = gather(version.mapped(fqn), idx, dtype) if want == "indices" else values[at : at + count]
-        out[fqn] = TensorChange(kind, count, idx, vals)
-        at += count
-    return out
-
-
-def _session(snap: Any) -> str | None:
-    leases = snap._version.leases
-    if len(leases) != 1:
-        return None
-    conn, _ = next(iter(leases.values()))
-    return conn.session
 
 
 def _strides(shape: tuple[int, ...]) -> tuple[int, ...]:

@@ -345,7 +345,18 @@ class JobReader:
                 quant.update(replies[node].quant)
         primary = replies[self.node]
         version = LeasedVersion(
-            self, primary.step, primary.seq, primary.lease, objects, primary.model_info, quant, merged, sources, leases
+            self,
+            primary.step,
+            primary.seq,
+            primary.lease,
+            objects,
+            primary.model_info,
+            quant,
+            merged,
+            sources,
+            leases,
+            {n: r.seq for n, r in replies.items()},
+            {n: r.tensors for n, r in replies.items()},
         )
         self.open[id(version)] = version
         return version

@@ -97,7 +97,9 @@ class Snapshot(Mapping):
         for fqn, t in self._natives(entries, casts):
             yield from self._convert(fqn, t, wanted=entries)
 
-    def load_into(self, out: Mapping[str, torch.Tensor], *, since: int | None = None) -> list[str]:
+    def load_into(
+        self, out: Mapping[str, torch.Tensor], *, since: int | None = None, verify_base: bool | None = None
+    ) -> list[str]:
         """Copy tensors of this version into existing ones, ``out = {name in this view: tensor}``
         (an inference engine's parameters, a model's ``state_dict()``), casting to each one's dtype;
         returns the names written, in staging order. Shapes are checked before any byte is read.
@@ -105,11 +107,14 @@ class Snapshot(Mapping):
         permutation) write straight into ``out``, so a new reader's first version costs what a
         later one does.
 
-        ``since=N``: ``out`` holds step N, loaded by an earlier ``load_into`` of this process: only
-        the elements that changed since are moved (:mod:`.delta`: the daemon's change maps; on
-        its host they are gathered from shared memory, from elsewhere only they and their indices
-        cross the wire). Tensors it cannot prove hold N (written since, loaded otherwise), and those
-        the daemon has no map for, are read in full: the result is always that of a full read.
+        ``since=N``: ``out`` holds step N: only the elements that changed since are moved
+        (:mod:`.delta`: the change maps of each node's daemon; on its host they are gathered from
+        shared memory, from elsewhere only they and their indices cross the wire). That ``out``
+        holds N is proven by an earlier ``load_into`` of this process (torch's version counter),
+        else (loaded from disk, by another process; or always, with ``verify_base=True``) by
+        checksums of ``out`` compared with N's, which the daemon keeps with its maps (~0.3 s of CPU
+        per GiB; ``verify_base=False``: never). Tensors not proven, and those a daemon has no map
+        for, are read in full: the result is always that of a full read.
 
         >>> params = dict(model.named_parameters())                  # doctest: +SKIP
         >>> with Subscriber(view="hf").latest() as snap, torch.no_grad():
@@ -129,7 +134,9 @@ class Snapshot(Mapping):
                     f"the tensor to load it into is {what}: pass a contiguous "
                     "tensor of the staged shape (or read it with get())",
                 )
-        patched = delta.load_changes(self, entries, out, since)  # the ledger forgets out's tensors until done
+        patched = delta.load_changes(
+            self, entries, out, since, verify_base
+        )  # the ledger forgets out's tensors until done
         for name in patched:
             del entries[name]
         written = self._load_whole(out, entries) | patched

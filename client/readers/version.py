@@ -40,6 +40,8 @@ class LeasedVersion:
         merged: dict[str, MergedTensor],
         sources: dict[str, ByteSource],
         leases: dict[str, tuple[Any, int]],
+        seqs: dict[str, int] | None = None,
+        parts: dict[str, tuple[TensorLayout, ...]] | None = None,
     ):
         self._reader = reader  # the JobReader: releases the leases, names a node that does not answer
         self.step = step
@@ -51,6 +53,9 @@ class LeasedVersion:
         self.merged = merged
         self.sources = sources
         self.leases = leases
+        self.seqs = seqs or {}  # node -> that daemon's seq of this step (delta reads name their base by it)
+        # node -> {fqn: its layout on that node}: the blocks whose checksums prove a delta read's base
+        self.parts = {n: {t.fqn: t for t in tensors} for n, tensors in (parts or {}).items()}
         self.partial = not all(m.complete for m in merged.values())
         self.members = len(reader.nodes)
         self._mapped: dict[str, torch.Tensor | None] = {}  # fqn -> the whole tensor mapped (None: it is not)

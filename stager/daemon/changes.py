@@ -11,7 +11,10 @@ map is never recorded: a reader then reads in full.
 Maps outlive the versions' data (they are small: int32 indices of what changed), bounded by a
 count and by bytes of their own, so a reader at step N is brought to M by the union of the maps
 N->...->M with values from M, even after N's segment is gone. A :class:`Changes` request answers
-from them (or ``unknown_base``: the chain is broken, the reader reads in full).
+from them (or ``unknown_base``: the chain is broken, the reader reads in full). Each map also
+records both versions' crc32 in its dtype (from the cast bytes it compares; the base's is the
+previous map's), so a reader whose copy of N no ledger vouches for proves it by checksums. In a job
+spanning nodes each daemon maps its own blocks, and answers for the boxes a reader reads from it.
 """
 
 from __future__ import annotations
@@ -28,7 +31,18 @@ from collections.abc import Callable
 import torch
 
 from stager.protocol import ErrorCode, StagerError
-from stager.protocol.changes import INDICES, UNCHANGED, WHOLE, Change, compare_dtype, diff, gather, union, whole
+from stager.protocol.changes import (
+    INDICES,
+    UNCHANGED,
+    WHOLE,
+    Change,
+    compare_dtype,
+    diff,
+    gather,
+    regional,
+    union,
+    whole,
+)
 from stager.protocol.dtypes import dtype_from_name, dtype_name
 from stager.protocol.reads import Changes, ChangesReply
 from stager.protocol.shm import block_view
@@ -42,6 +56,9 @@ MAX_QUEUED = 4  # maps waiting for the thread; older ones are dropped (their ver
 MAX_REPLY_BYTES = 256 << 20  # indices and values in one reply: readers ask for fewer tensors at a time
 
 Key = tuple[int, int]  # (step, seq): a step number may be staged again by a restarted job, a seq never
+# maps are keyed by fqn for a tensor the node holds whole in one block, else by (fqn, block index): a
+# job spanning nodes, where each node maps its own blocks (compared with the same blocks of the
+# previous version of the same layout) and a reader asks each node for the boxes it reads there
 
 
 @dataclasses.dataclass(eq=False)
@@ -53,6 +70,8 @@ class _Job:
     pins: list  # (version, pin id)
     cancel: threading.Event = dataclasses.field(default_factory=threading.Event)
     maps: dict = dataclasses.field(default_factory=dict)  # dtype wire name -> {fqn: Change}
+    sums: dict = dataclasses.field(default_factory=dict)  # dtype wire name -> {fqn: (crc32 of base, of new)}
+    known: dict = dataclasses.field(default_factory=dict)  # the previous job's sums (its new is our base): reused
     stats: dict = dataclasses.field(default_factory=dict)  # dtype wire name -> status entry
     cpu_s: float = 0.0
 
@@ -62,6 +81,7 @@ class _Record:
     base: Key
     maps: dict[str, dict[str, Change]]
     nbytes: int
+    sums: dict[str, dict] = dataclasses.field(default_factory=dict)  # as _Job's: the base's outlive its data
 
 
 class ChangeMaps:
@@ -92,6 +112,7 @@ class ChangeMaps:
         self._done: deque[_Job] = deque()
         self._closed = False
         self._thread: threading.Thread | None = None
+        self._newest: tuple[Key, dict] | None = None  # the worker's last job's checksums (worker thread only)
 
     # ------------------------------------------------------------------ loop side
 
@@ -109,11 +130,15 @@ class ChangeMaps:
         old = {t.fqn: t for t in prev.layout.tensors}
         pairs = []
         for t in v.layout.tensors:
-            if not t.complete or len(t.blocks) != 1:
-                continue  # a part of a tensor held by several nodes: read whole (no map)
             p = old.get(t.fqn)
-            same = p is not None and p.complete and len(p.blocks) == 1 and p.shape == t.shape and p.dtype == t.dtype
-            pairs.append((t.fqn, _view(prev, p) if same else None, _view(v, t)))
+            if t.complete and len(t.blocks) == 1:
+                same = p is not None and p.complete and len(p.blocks) == 1 and (p.shape, p.dtype) == (t.shape, t.dtype)
+                pairs.append((t.fqn, _view(prev, p) if same else None, _view(v, t)))
+                continue
+            # this node's part of a tensor of a job spanning nodes: a map per block
+            same = p is not None and (p.shape, p.dtype) == (t.shape, t.dtype) and _boxes(p) == _boxes(t)
+            for i, block in enumerate(t.blocks):
+                pairs.append(((t.fqn, i), _view(prev, p, p.blocks[i]) if same else None, _view(v, t, block)))
         job = _Job((v.step, v.seq), (prev.step, prev.seq), self.dtypes, pairs, [])
         for w in (prev, v):
             pin = next(self._pin_ids)
@@ -169,7 +194,7 @@ class ChangeMaps:
 
     def _record(self, job: _Job) -> None:
         nbytes = sum(c.nbytes for m in job.maps.values() for c in m.values())
-        self.records[job.key] = _Record(job.base, job.maps, nbytes)
+        self.records[job.key] = _Record(job.base, job.maps, nbytes, job.sums)
         self.nbytes += nbytes
         self.cpu_s += job.cpu_s
         while self.records and (len(self.records) > self.keep or self.nbytes > self.max_bytes):
@@ -198,7 +223,11 @@ class ChangeMaps:
                     return
                 job = self._running = self._queue.popleft()
             try:
+                if self._newest is not None and self._newest[0] == job.base:
+                    job.known = self._newest[1]
                 self._compute(job)
+                if not job.cancel.is_set():
+                    self._newest = (job.key, job.sums)
             except Exception:  # a bug costs one map (readers read in full), never the daemon
                 log.exception("change map of step %d failed", job.key[0])
                 job.cancel.set()
@@ -209,8 +238,10 @@ class ChangeMaps:
     @staticmethod
     def _compute(job: _Job) -> None:
         start = time.thread_time()
+        known = job.known
         for dtype in job.dtypes:
             maps = {}
+            sums = {}
             seen = {}
             sizes = {}
             for fqn, prev, new in job.pairs:
@@ -222,9 +253,12 @@ class ChangeMaps:
                     maps[fqn] = whole(new.numel())
                     continue
                 if (fqn, cast) not in seen:
-                    seen[fqn, cast] = diff(prev, new, dtype)
-                maps[fqn] = seen[fqn, cast]
+                    # both versions' checksums, from the cast bytes diff compares anyway (the base's: known)
+                    crc = [known.get(dtype_name(dtype), {}).get(fqn, (None, None))[1], 0]
+                    seen[fqn, cast] = diff(prev, new, dtype, sums=crc), tuple(crc)
+                maps[fqn], sums[fqn] = seen[fqn, cast]
             job.maps[dtype_name(dtype)] = maps
+            job.sums[dtype_name(dtype)] = sums
             job.stats[dtype_name(dtype)] = _summary(job.base[0], maps, sizes)
         job.cpu_s = time.thread_time() - start
         for entry in job.stats.values():
@@ -245,21 +279,26 @@ class ChangeMaps:
         missing = [f for f in fqns if f not in by_name]
         if missing:
             raise StagerError(ErrorCode.BAD_VALUE, f"{missing[0][:200]}: no such tensor in step {v.step}")
-        chain = self._chain(v, (msg.since, msg.since_seq), msg.dtype)
+        records = self._chain(v, (msg.since, msg.since_seq), msg.dtype)
+        chain = [r.maps[msg.dtype] for r in records]
+        base = self._base_sums(v, records, msg.dtype) if msg.sums else {}
         reply = ChangesReply(step=v.step, since=msg.since, dtype=msg.dtype)
         indices = []
         values = []
         total = 0
-        for fqn in fqns:
+        for i, fqn in enumerate(fqns):
             t = by_name[fqn]
-            numel = math.prod(t.shape)
-            c = union([m.get(fqn) or whole(numel) for m in chain], numel) if chain else Change(UNCHANGED, 0, numel)
+            c, picked = self._tensor(
+                v, t, chain, _asked(t, msg.boxes[i]) if msg.boxes else None, msg.sums[i] if msg.sums else None, base
+            )
+            if msg.since_seq == 0 and (not msg.sums or msg.sums[i] is None):
+                c = whole(c.numel)  # a base named by its step alone is proven by checksums only
             reply.tensors.append([fqn, c.kind, c.count])
             if c.kind == INDICES and msg.want != "counts":
                 indices.append(c.indices)
                 total += c.count * 4
                 if msg.want == "values":
-                    values.append(gather(_view(v, t), c.indices, compare_dtype(t.torch_dtype, dtype)))
+                    values.append(picked(compare_dtype(t.torch_dtype, dtype)))
                     total += c.count * values[-1].dtype.itemsize
                 if total > MAX_REPLY_BYTES:
                     raise StagerError(
@@ -274,10 +313,45 @@ class ChangeMaps:
             )
         return reply
 
-    def _chain(self, v: Version, since: Key, dtype: str) -> list[dict[str, Change]]:
-        """The maps from ``since`` to ``v``, newest first (empty: ``v`` is ``since``)."""
+    @staticmethod
+    def _tensor(v: Version, t, chain: list, boxes: list | None, sums: list | None, base: dict) -> tuple:
+        """Tensor ``t``'s change over ``chain`` inside ``boxes`` (None: all this node holds), in flat
+        indices of the whole tensor, and a function gathering its values in a dtype. ``sums``: the
+        reader's checksums of its copy of the base, one per block: not the base's, it is read whole."""
+        numel = math.prod(t.shape)
+        one = t.complete and len(t.blocks) == 1
+        keys = [t.fqn] if one else [(t.fqn, i) for i in range(len(t.blocks))]
+        if sums is not None and (len(sums) != len(keys) or any(base.get(k) != s for k, s in zip(keys, sums))):
+            return whole(numel), None
+
+        def link(key, n: int) -> Change:
+            return union([m.get(key) or whole(n) for m in chain], n) if chain else Change(UNCHANGED, 0, n)
+
+        if one and boxes is None:  # the tensor whole, in one block: its map as it is
+            c = link(t.fqn, numel)
+            return c, lambda dtype: gather(_view(v, t), c.indices, dtype)
+        blocks = [((b.box.offset, b.box.shape), link(k, b.box.numel)) for k, b in zip(keys, t.blocks)]
+        c, parts, order = regional(blocks, t.shape, boxes)
+
+        def picked(dtype: torch.dtype) -> torch.Tensor:
+            vals = [gather(_view(v, t, t.blocks[j]), local, dtype) for j, local in parts]
+            out = torch.cat(vals) if vals else torch.empty(0, dtype=dtype)
+            return out if order is None else out[order]
+
+        return c, picked
+
+    def _base_sums(self, v: Version, records: list[_Record], dtype: str) -> dict:
+        """Each tensor's (or block's) checksum in ``dtype`` of the base of ``records``' chain to ``v``."""
+        if records:
+            return {k: s[0] for k, s in records[-1].sums.get(dtype, {}).items()}
+        rec = self.records.get((v.step, v.seq))  # the reader claims ``v`` itself
+        return {k: s[1] for k, s in rec.sums.get(dtype, {}).items()} if rec is not None else {}
+
+    def _chain(self, v: Version, since: Key, dtype: str) -> list[_Record]:
+        """The records from ``since`` to ``v``, newest first (empty: ``v`` is ``since``); ``since``'s
+        seq 0: the newest version of that step in the chain."""
         at, chain = (v.step, v.seq), []
-        while at != since:
+        while at != since and not (since[1] == 0 and at[0] == since[0]):
             rec = self.records.get(at)
             if rec is None or dtype not in rec.maps or at[1] <= since[1]:
                 why = (
@@ -291,7 +365,7 @@ class ChangeMaps:
                     f"step {v.step} in {dtype}: the map of step {at[0]} {why}; "
                     "read the version in full",
                 )
-            chain.append(rec.maps[dtype])
+            chain.append(rec)
             at = rec.base
         return chain
 
@@ -312,9 +386,28 @@ class ChangeMaps:
         }
 
 
-def _view(v: Version, t) -> torch.Tensor:
-    block = t.blocks[0]
+def _view(v: Version, t, block=None) -> torch.Tensor:
+    block = t.blocks[0] if block is None else block
     return block_view(v.segment.as_bytes(), t.torch_dtype, block.byte_offset, block.box.shape)
+
+
+def _boxes(t) -> list:
+    return [b.box for b in t.blocks]
+
+
+def _asked(t, entry: list) -> list | None:
+    """The boxes of a Changes request's entry for ``t`` as (offset, shape); None: all the node holds."""
+    if not entry:
+        return None
+    out = []
+    for offset, shape in entry:
+        if len(offset) != len(t.shape) or any(o + n > d for o, n, d in zip(offset, shape, t.shape)):
+            raise StagerError(
+                ErrorCode.BAD_VALUE,
+                f"{t.fqn}: box at {offset} of shape {shape} does not fit its shape {list(t.shape)}",
+            )
+        out.append((tuple(offset), tuple(shape)))
+    return out
 
 
 def _bytes(parts: list[torch.Tensor], dtype: torch.dtype) -> bytes:
@@ -328,6 +421,10 @@ def _summary(base: int, maps: dict[str, Change], sizes: dict[str, int]) -> dict:
     """A version's status entry for one reader dtype: what changed since step ``base``. ``bytes``:
     the changed elements' share of the version's bytes in that dtype; ``delta_bytes``: what a delta
     read moves (indices and values, plus the tensors read whole), against ``full_bytes``."""
+    per = {}  # a tensor mapped per block (a job spanning nodes) counts once
+    for f, c in maps.items():
+        name = f if isinstance(f, str) else f[0]
+        per[name] = max(per.get(name, UNCHANGED), c.kind, key=(UNCHANGED, INDICES, WHOLE).index)
     numel = sum(c.numel for c in maps.values())
     full = sum(c.numel * sizes[f] for f, c in maps.items())
     changed = sum(c.count * sizes[f] for f, c in maps.items())
@@ -339,8 +436,8 @@ def _summary(base: int, maps: dict[str, Change], sizes: dict[str, int]) -> dict:
         "since": base,
         "elements": round(sum(c.count for c in maps.values()) / numel, 6) if numel else 0.0,
         "bytes": round(changed / full, 6) if full else 0.0,
-        "tensors": [sum(c.kind != UNCHANGED for c in maps.values()), len(maps)],
-        "whole": sum(c.kind == WHOLE for c in maps.values()),
+        "tensors": [sum(k != UNCHANGED for k in per.values()), len(per)],
+        "whole": sum(k == WHOLE for k in per.values()),
         "delta_bytes": delta,
         "full_bytes": full,
     }

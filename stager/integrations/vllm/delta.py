@@ -34,7 +34,7 @@ from collections.abc import Iterable
 
 import torch
 
-from stager.client.readers.delta import TensorChange, base_of, changes_since
+from stager.client.readers.engine_changes import TensorChange, base_of, changes_since
 from stager.protocol.changes import INDICES, UNCHANGED
 
 from . import plan as _plan
