@@ -1,7 +1,7 @@
 """One client connection to the daemon: request/reply with timeouts over a DEALER socket.
 
 Not thread-safe: each thread that talks to the daemon owns its own Connection. A socket
-monitor tracks whether the daemon is reachable: a request to a daemon that is down fails at
+monitor tracks whether the daemon is reachable (:mod:`.reachability`): a request to a daemon that is down fails at
 once instead of waiting out its timeout, and a request whose connection drops while it waits
 for its reply fails (UNAVAILABLE) as soon as the monitor reports the disconnect. After a
 timeout the socket is rebuilt (queued messages to a dead daemon are dropped, never delivered
@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import functools
 import itertools
 import logging
 import math
@@ -30,7 +29,6 @@ import time
 from collections.abc import Callable
 
 import zmq
-from zmq.utils.monitor import recv_monitor_message
 
 from stager.protocol import (
     Bye,
@@ -50,13 +48,12 @@ from stager.protocol import (
 from stager.protocol.endpoint import host_id, process_start_time, resolve
 
 from . import heartbeat
-from .dealer import CONNECTED, DISCONNECTED, curve_keys_from_env, open_dealer
+from .dealer import curve_keys_from_env, open_dealer
+from .reachability import HELLO_WAIT_S, Reachability, owned
 
 log = logging.getLogger("stager.client")
-HELLO_WAIT_S = 0.5  # a fresh or just-lost connection: how long a hello waits for the socket to connect
 PING_INTERVAL_S = 1.0  # while a patient request waits: ping this often (at most a quarter of its timeout)
 NO_SESSION = (ErrorCode.NOT_REGISTERED.value, ErrorCode.SESSION_EXPIRED.value)  # the next request says hello
-REPROBE_S = 5.0  # a silent daemon's unanswered ping is sent again after this long (few pile up in a hung one)
 
 
 def _ms(seconds: float) -> int:
@@ -64,22 +61,11 @@ def _ms(seconds: float) -> int:
     return max(0, math.ceil(seconds * 1000)) if seconds != math.inf else -1
 
 
-def _owned(method):
-    """Run ``method`` holding the connection's lock: the heartbeat thread never sends meanwhile."""
-
-    @functools.wraps(method)
-    def locked(self, *args, **kwargs):
-        with self._lock:
-            return method(self, *args, **kwargs)
-
-    return locked
-
-
-class Connection:
-    """A DEALER connection with hello, request(), and reachability tracking. ``node`` (this process's
-    host id) and ``auth_dir`` (CURVE client keys) default to ``$STAGER_HOST_ID`` / the machine's and
-    ``$STAGER_AUTH_DIR``: a process that is another node's peer than its environment says (the full
-    assembler inside a daemon) passes them."""
+class Connection(Reachability):
+    """A DEALER connection with hello, request(), and reachability tracking (its base,
+    :class:`~.reachability.Reachability`). ``node`` (this process's host id) and ``auth_dir`` (CURVE
+    client keys) default to ``$STAGER_HOST_ID`` / the machine's and ``$STAGER_AUTH_DIR``: a process
+    that is another node's peer than its environment says (the full assembler inside a daemon) passes them."""
 
     def __init__(
         self,
@@ -103,23 +89,14 @@ class Connection:
         self._ctx = zmq.Context.instance()
         self.sock: zmq.Socket | None = None
         self._monitor: zmq.Socket | None = None
-        self.connected = False
         self.session: str | None = None  # daemon session after hello; None: hello needed
-        # a hello waits (HELLO_WAIT_S) for the socket to connect once per fresh socket or lost
-        # connection, then trusts the monitor: a daemon that stays down never stalls every step
-        self._may_wait = True
+        self._init_reachability()
         self.generation = 0
-        self._last_id = 0  # the newest request id sent
-        self.lost_upto = 0  # requests with ids up to this one went out on a connection since lost
         # seconds a request may wait for its reply while the daemon answers pings (0: its timeout only)
         self.patience = 0.0
         # seconds a request may wait for its first sign of life: its reply, or the answer to a ping
         # sent after it (None: its timeout); see wait_reply
         self.ack_timeout: float | None = None
-        # when the daemon went silent (a wait ended in silence); None once anything arrives from it
-        self.silent_since: float | None = None
-        self._probed: float | None = None  # when a ping went out on this connection while the daemon is silent
-        self.on_lost: Callable[[int], None] = lambda upto: None  # a connection dropped: requests <= upto are lost
         self.daemon_host: str | None = None
         self.rejoin: Message | None = None  # a multi-node job's Join, said again after every hello
         self.host_id = node or host_id()
@@ -140,7 +117,7 @@ class Connection:
         self._poller.register(self._monitor, zmq.POLLIN)
         self.generation += 1  # requests sent on an earlier socket can never be answered
 
-    @_owned
+    @owned
     def reset(self, *, silent_since: float | None = None) -> None:
         """Drop the socket and everything queued on it; the next request says hello again.
         ``silent_since``: because the daemon has not answered since then (see :attr:`silent_since`)."""
@@ -150,49 +127,7 @@ class Connection:
         self.close()
         self._open()
 
-    @_owned
-    def probe(self) -> None:
-        """While the daemon is silent, ping it (without waiting): whatever it sends back ends the
-        silence (:meth:`_recv_ready`). A ping waits in the daemon's queue until the daemon answers,
-        so one per connection does, sent again only every REPROBE_S: pings do not pile up in a hung
-        daemon. Nothing to do until the socket has connected; a connection alone is no sign of life
-        (a hung daemon's I/O thread still completes it)."""
-        now = time.monotonic()
-        if self.silent_since is None or (self._probed is not None and now - self._probed < REPROBE_S):
-            return
-        if not self.poll_monitor(0):
-            return
-        try:
-            self.send(Ping())
-            self._probed = now
-        except StagerError:
-            pass
-
-    @_owned
-    def await_life(self, timeout: float) -> bool:
-        """True once the daemon, silent since :attr:`silent_since`, has sent anything; waits up to
-        ``timeout`` seconds: for the socket to connect, then for the answer to a ping. What arrives
-        meanwhile goes to :attr:`on_unsolicited`."""
-        deadline = time.monotonic() + timeout
-        while self.silent_since is not None:
-            now = time.monotonic()
-            if now >= deadline:
-                return False
-            if not self.poll_monitor(0):
-                self.wait_connected(deadline - now)
-                continue
-            self.probe()
-            try:
-                if self.sock.poll(max(1, int(min(deadline - now, 0.05) * 1000))):
-                    msg = self._recv_ready()
-                    if msg is not None:
-                        self.on_unsolicited(msg)
-            except zmq.ZMQError as exc:
-                if exc.errno != errno.EINTR:
-                    raise
-        return True
-
-    @_owned
+    @owned
     def close(self) -> None:
         """Say bye (so the daemon ends this peer's leases at once) and close the socket."""
         heartbeat.HEARTBEATS.discard(self)
@@ -217,36 +152,9 @@ class Connection:
             self.sock.close(linger=0)
             self.sock = self._monitor = None
 
-    @_owned
-    def poll_monitor(self, timeout_ms: int = 0) -> bool:
-        """Update :attr:`connected` from monitor events; returns it. A connection that drops loses
-        every request sent on it: :attr:`lost_upto` and :attr:`on_lost` say which."""
-        while self._monitor.poll(timeout_ms):
-            event = recv_monitor_message(self._monitor)["event"]
-            if event & CONNECTED:
-                self.connected, self._probed = True, None  # a new connection: earlier pings are gone
-            elif event & DISCONNECTED:
-                was_connected = self.connected  # else a failed connect attempt: nothing was sent
-                self.connected, self.session = False, None
-                if was_connected:
-                    self.lost_upto, self._may_wait = self._last_id, True
-                    self.on_lost(self.lost_upto)
-            timeout_ms = 0
-        return self.connected
-
-    @_owned
-    def wait_connected(self, timeout: float) -> bool:
-        deadline = time.monotonic() + timeout
-        while not self.poll_monitor(0):
-            left = deadline - time.monotonic()
-            if left <= 0:
-                return False
-            self.poll_monitor(int(min(left, 0.05) * 1000) + 1)
-        return True
-
     # ------------------------------------------------------------------ messages
 
-    @_owned
+    @owned
     def send(self, msg: Message) -> int:
         # read the monitor first: a disconnect reported from here on concerns this request
         self.poll_monitor(0)
@@ -284,13 +192,7 @@ class Connection:
         finally:
             self._lock.release()
 
-    def _unreachable(self) -> str:
-        return (
-            f"the stager daemon at {self.endpoint} is not reachable; start it with `stager serve` "
-            "(or set STAGER_ENDPOINT to where it runs)"
-        )
-
-    @_owned
+    @owned
     def poll(self, timeout_ms: int) -> bool:
         """Wait up to ``timeout_ms`` for something to read (True), under the lock as every use of the socket."""
         try:
@@ -300,7 +202,7 @@ class Connection:
                 raise
             return False
 
-    @_owned
+    @owned
     def recv(self, timeout: float) -> Message | None:
         end = time.monotonic() + max(timeout, 0)
         while True:
@@ -349,7 +251,7 @@ class Connection:
                         out.append((conn, msg))
             return out
 
-    @_owned
+    @owned
     def request(
         self, msg: Message, timeout: float, *, expect: type[Message] | None = None, ack_timeout: float | None = None
     ) -> Message:
@@ -367,7 +269,7 @@ class Connection:
             ack_timeout=ack_timeout,
         )
 
-    @_owned
+    @owned
     def _recv_ready(self) -> Message | None:
         """One message from the socket, which poll said is readable (None: undecodable, EINTR, or
         the answer to a heartbeat)."""
@@ -393,7 +295,7 @@ class Connection:
             self.session = None
         return msg
 
-    @_owned
+    @owned
     def wait_reply(
         self,
         rid: int,
@@ -510,7 +412,7 @@ class Connection:
             "overloaded, hung or gone (see `stager status`)"
         )
 
-    @_owned
+    @owned
     def hello(self, timeout: float) -> HelloReply:
         # The first hello on a fresh socket, or the first after the connection was lost, waits
         # briefly for the socket to (re)connect; later ones trust the monitor: a daemon known to

@@ -159,6 +159,8 @@ class ChangeMaps:
     def collect(self, unpinned: Callable[[Version], None]) -> bool:
         """Record finished maps and drop their pins (``unpinned`` per version no longer pinned);
         True when a pin was dropped (steps waiting for memory may go on)."""
+        if not self._done:  # every tick, maps off by default: no lock, no list (a map done meanwhile: next tick)
+            return False
         with self._lock:
             done, self._done = list(self._done), deque()
         for job in done:

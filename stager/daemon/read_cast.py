@@ -122,6 +122,8 @@ class CastBuffers:
     def reclaim(self) -> None:
         """Buffers whose frames left become idle (small ones are dropped); idle ones unused for IDLE_S,
         or past IDLE_MAX or the limit (newest kept), are freed (every tick)."""
+        if not self._busy and not self._idle:  # the usual tick: no cast reply since the buffers were freed
+            return
         now = time.monotonic()
         done = [b for b, t, _ in self._busy if t.done]  # type: ignore[attr-defined]
         if done:
