@@ -242,15 +242,17 @@ def open_source(
     maps: SegmentMaps,
     timeout: float,
     transport: str = "auto",
+    nixl_agent=None,
 ) -> ByteSource:
     """The source of one node's lease: its segment mapped when the reader runs on the daemon's host
     and sees the segment (unless ``remote``), else NIXL READs where ``transport`` allows them and
-    both sides have NIXL (``"nixl"``: required, UNSUPPORTED otherwise), else frames over ``conn``."""
+    both sides have NIXL (``"nixl"``: required, UNSUPPORTED otherwise), else frames over ``conn``.
+    ``nixl_agent``: the :class:`~.nixl_source.HeldAgent` to READ with, instead of this process's own."""
     if remote is None:
         remote = not (conn.same_host and os.path.exists(os.path.join(SHM_DIR, segment)))
     if remote:
         if transport != "frames":
-            src = REMOTE_OPENERS["nixl"](conn, lease, tensors, timeout, required=transport == "nixl")
+            src = REMOTE_OPENERS["nixl"](conn, lease, tensors, timeout, required=transport == "nixl", agent=nixl_agent)
             if src is not None:
                 return src
         return FramesSource(conn, lease, tensors, timeout)
