@@ -10,12 +10,16 @@ by READ into the reader's memory, the daemon's CPU not involved (UCX's tcp trans
   registered once, by its storage (cached, bounded by count and bytes, the storage kept alive
   while registered so its address is never reused under a registration: an RDMA registration
   pins the pages it was made on); a fetch with no destination gets a new
-  tensor registered for that read only; a destination the READ cannot land in as it is (strided,
-  of another dtype than the staged one, or another shape) is filled from such a tensor by ``copy_``
+  tensor registered for that read only; a destination the READ cannot land in as it is (of
+  another dtype than the staged one, or another shape) is filled from such a tensor by ``copy_``
   (cast there): a READ writes the staged dtype's raw bytes, so it only ever targets memory of that
   dtype and size.
-- Boxes: a box whose bytes are one span of the block is one descriptor; a strided box is one
-  descriptor per contiguous run, up to :data:`MAX_RUNS` (more: that box comes as frames).
+- Boxes: a box whose bytes are one span of the block (and of the destination) is one descriptor; a
+  strided box or destination is one descriptor per run contiguous on both sides, up to
+  :data:`MAX_RUNS` (more: read into a dense temporary, or as frames).
+- A :class:`HeldAgent` READs with an agent another part of the process runs (the daemon's, for its
+  full assembler) into memory that part registered, and registers nothing itself: a destination
+  outside that memory comes as frames.
 - Several READs are in flight (:attr:`NixlSource.max_in_flight`); :meth:`_NixlFetch.wait` polls
   the transfer until the reader's timeout, then raises TIMEOUT (never a hang). A transfer that
   fails (ERR, or NIXL refusing to start it) is retried once as frames, logged and counted
@@ -35,7 +39,6 @@ from __future__ import annotations
 import collections
 import itertools
 import logging
-import math
 import os
 import threading
 import time
@@ -48,10 +51,10 @@ import torch
 from stager.protocol import Box, ErrorCode, NixlInfo, NixlInfoReply, StagerError, TensorLayout
 from stager.protocol.nixl import new_agent, nixl_installed
 
+from .nixl_runs import dense_strides, paired_runs
 from .sources import REMOTE_OPENERS, STATS, WINDOW, FramesSource, _Blocks
 
 log = logging.getLogger("stager.client")
-MAX_RUNS = 4096  # descriptors of one strided box; beyond, the box comes as frames
 MAX_REGISTERED = 256  # destination storages kept registered (least recently used dropped first) ...
 MAX_REGISTERED_BYTES = 1 << 30  # ... and their bytes: a registration keeps its storage alive (memory stays bounded)
 READ_BYTES = 64 << 20  # per READ: several in flight keep the link busy, each bounded
@@ -328,10 +331,10 @@ class NixlSource:
             and out.device.type == "cpu"
             and all(st > 0 or n == 1 for st, n in zip(out.stride(), out.shape))
         )
-        runs = _runs(block.box.shape, inner, box.shape, out.stride()) if direct else None
+        runs = paired_runs(block.box.shape, inner, box.shape, out.stride()) if direct else None
         if runs is None:
             direct = False
-            runs = _runs(block.box.shape, inner, box.shape, _dense_strides(box.shape))
+            runs = paired_runs(block.box.shape, inner, box.shape, dense_strides(box.shape))
             if runs is None:
                 return self.frames.fetch(fqn, box, out)
         dest = out if direct else torch.empty(box.shape, dtype=t.torch_dtype)
@@ -499,40 +502,3 @@ def _sweep() -> None:
         with _dropped_lock:
             for fetch in ended:
                 _dropped.remove(fetch)
-
-
-def _runs(
-    shape: tuple[int, ...], at: tuple[int, ...], sizes: tuple[int, ...], dest_strides: tuple[int, ...]
-) -> tuple[list[int], list[int], int] | None:
-    """The contiguous runs of box ``(at, sizes)`` in a row-major block of ``shape`` paired with
-    those of a destination of ``sizes`` with element strides ``dest_strides``: (the runs' start
-    elements in the block, their start elements in the destination, in the same order, and their
-    common length), or None when there are more than MAX_RUNS."""
-    block_strides = tuple(math.prod(shape[i + 1 :]) for i in range(len(shape)))
-    k = max(_whole_from(block_strides, sizes), _whole_from(dest_strides, sizes))  # dims k.. are one run on both
-    if math.prod(sizes[:k]) > MAX_RUNS:
-        return None
-    first = sum(a * st for a, st in zip(at, block_strides))
-    return _starts(block_strides, sizes, k, first), _starts(dest_strides, sizes, k, 0), math.prod(sizes[k:])
-
-
-def _whole_from(strides: tuple[int, ...], sizes: tuple[int, ...]) -> int:
-    """The first dimension from which the box's elements (of ``sizes``, laid out with ``strides``)
-    are one contiguous run of memory."""
-    k, expect = len(sizes), 1
-    while k > 0 and (sizes[k - 1] == 1 or strides[k - 1] == expect):
-        expect *= sizes[k - 1]
-        k -= 1
-    return k
-
-
-def _starts(strides: tuple[int, ...], sizes: tuple[int, ...], k: int, first: int) -> list[int]:
-    """The start elements of the runs over dimensions ``:k`` (row-major order of the box)."""
-    starts = torch.zeros((), dtype=torch.int64)
-    for i in range(k):
-        starts = starts.unsqueeze(-1) + torch.arange(sizes[i], dtype=torch.int64) * strides[i]
-    return (starts.reshape(-1) + first).tolist()
-
-
-def _dense_strides(sizes: tuple[int, ...]) -> tuple[int, ...]:
-    return tuple(math.prod(sizes[i + 1 :]) for i in range(len(sizes)))

@@ -2,10 +2,16 @@
 copies each newly complete version, whole, into a segment its daemon provides.
 
 It reads like any consumer (:class:`~stager.client.Subscriber`: its own node's regions through
-shared memory, the others' as frames, even where the daemons serve NIXL: a NIXL agent here
-would be a second one in the daemon's process, registering (pinning) each freshly mapped segment
-it writes into, its registration cache holding the pages after the segment is unlinked, outside
-``--memory-limit``) and talks to its daemon only through the messages of
+shared memory, the others' as frames, or, where its daemon serves ``--transport nixl``, over NIXL
+from each node whose daemon serves it, through its own daemon's agent: the daemon hands the
+assembler its :class:`~stager.daemon.nixl_agent.SegmentRegistry` when it is built, every segment
+the daemon creates is registered with that agent at creation, and the READs land straight in the
+daemon's registered mapping of the segment it gave. No second agent in the daemon's process, no
+registration of the assembler's own: a second agent would register (pin) each segment it writes
+into, its registration cache holding the pages after the segment is unlinked, outside
+``--memory-limit``. A READ that fails is retried once as frames; one that does not end fails the
+assembly (the next version is tried), and the daemon reuses that segment only once every READ into
+it ended) and talks to its daemon only through the messages of
 :mod:`stager.protocol.assembly`, on the daemon's private assembler socket: ``assemble_begin``
 (the step it holds a lease on, and its tensors) gets the segment to write, by name, with each
 tensor's offset (or why not), and ``assemble_done`` lets the daemon swap the node's partial
