@@ -203,9 +203,7 @@ def open_nixl(
     """A NixlSource for ``lease`` on ``conn``'s daemon, or None when NIXL is not installed here or
     the daemon does not serve it (``required``: a typed UNSUPPORTED error instead). ``agent``: READ
     with that agent (another part's, see :class:`HeldAgent`) instead of this process's own."""
-    if agent is not None:
-        pass  # NIXL runs in this process already
-    elif not nixl_installed():
+    if agent is None and not nixl_installed():  # (an agent given: NIXL runs in this process already)
         if required:
             raise StagerError(
                 ErrorCode.UNSUPPORTED,

@@ -27,8 +27,9 @@ from stager.protocol.dtypes import dtype_name
 from stager.protocol.layout import narrow_box
 from stager.protocol.shm import SHM_DIR, block_view, map_segment
 
-# bytes remote sources moved in this process, by transport ("frames", "nixl"), and NIXL reads retried as
-# frames ("nixl_retried_as_frames"): the reader's side of `stager status`'s bytes by transport
+# bytes remote sources moved in this process, by transport ("frames", "nixl"), NIXL reads retried as
+# frames ("nixl_retried_as_frames"), and boxes a held agent could not READ into ("nixl_unregistered_as_frames":
+# a destination outside the memory its owner registered): the reader's side of `stager status`'s bytes by transport
 STATS: collections.Counter = collections.Counter()
 CHUNK_BYTES = 64 << 20  # per Read request: big enough to stream at socket speed, small enough to bound memory
 WINDOW = 4  # Read requests in flight per node
