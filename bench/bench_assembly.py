@@ -1,6 +1,7 @@
 """Full assembly per node (``serve --assemble-full``) on one host: 2 simulated nodes, tcp with CURVE between them.
 
     python bench/bench_assembly.py [--size-mib 256] [--json PATH]
+    python bench/bench_assembly.py --transports [--size-mib 64] [--json PATH]
 
 For the same FSDP job (ranks on both nodes), with and without ``--assemble-full``, in one run:
 (a) the trainer's stage time (``stage(...).wait()``) per step: assembly must not slow it;
@@ -8,6 +9,12 @@ For the same FSDP job (ranks on both nodes), with and without ``--assemble-full`
 (c) a reader on node-0 loading the whole version into its own tensors (``Snapshot.load_into``):
     half over tcp without assembly, all from node-0's shared memory with it;
     anchor: a bare memcpy of the same bytes in the same process.
+
+``--transports``: the daemons' CPU time for the same job with assembly off, assembly over CURVE
+frames, and assembly over NIXL (``--transport nixl``, ``UCX_TLS=tcp``: the path hosts without RDMA
+take); per GiB pulled across nodes (each assembled version: the half the other node holds), the
+staging alone (assembly off) subtracted. CPU time, not wall time: on a loaded machine it still
+compares the transports.
 """
 
 from __future__ import annotations
@@ -31,6 +38,7 @@ from stager.dev.launch import SimulatedCluster, run_ranks  # noqa: E402
 from stager.protocol import StagerError  # noqa: E402
 
 MIB = 1 << 20
+GIB = 1 << 30
 STEPS = [1, 2, 3, 4]
 
 
@@ -98,12 +106,74 @@ def _assembled_at(endpoint: str, steps, deadline: float) -> dict[int, float]:
     return seen
 
 
+def _cpu(endpoints) -> float:
+    return sum(daemon_status(e)["cpu_seconds"] for e in endpoints)
+
+
+def compare_transports(size_mib: int, keys: str, tmp: str, total: int) -> dict:
+    """Daemon CPU seconds per GiB pulled across nodes: assembly over frames against over NIXL."""
+    os.environ["UCX_TLS"] = "tcp"  # the daemons inherit it
+    out: dict = {}
+    try:
+        for mode in ("off", "frames", "nixl"):
+            print(f"[{time.strftime('%H:%M:%S')}] assembly {mode}", file=sys.stderr, flush=True)
+            extra = () if mode == "off" else ("--assemble-full", "--transport", mode)
+            stamps = os.path.join(tmp, f"stamps-t-{mode}")
+            os.makedirs(stamps)
+            serve = ("--memory-limit", f"{6 * size_mib}MiB", "--keep", "2", *extra)
+            with SimulatedCluster(2, args=serve, auth_dir=keys) as cluster:
+                before = _cpu(cluster.endpoints)
+                run_ranks(stage_timed, 2, size_mib, stamps, nodes=cluster.nodes, timeout=900)
+                deadline = time.monotonic() + 600
+                while mode != "off" and time.monotonic() < deadline:  # until the last step is whole on both nodes
+                    if all(STEPS[-1] in daemon_status(e)["assembly"]["assembled"] for e in cluster.endpoints):
+                        break
+                    time.sleep(0.05)
+                statuses = [daemon_status(e) for e in cluster.endpoints]
+                out[mode] = {
+                    "daemons_cpu_s": _cpu(cluster.endpoints) - before,
+                    "assembled": sum(s["counters"].get("assembled", 0) for s in statuses),
+                    "frames_served_bytes": sum(s["counters"]["read_bytes"] for s in statuses),
+                    "nixl_assembled_bytes": sum(s["transport"].get("assembled_over_nixl_bytes", 0) for s in statuses),
+                }
+    finally:
+        os.environ.pop("UCX_TLS", None)
+    for mode in ("frames", "nixl"):
+        row = out[mode]
+        pulled = row["assembled"] * total / 2  # each assembled version: the other node's half
+        row["pulled_bytes"] = pulled
+        row["cpu_s_per_gib_pulled"] = (row["daemons_cpu_s"] - out["off"]["daemons_cpu_s"]) / (pulled / GIB or 1)
+    return out
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size-mib", type=int, default=256)
+    parser.add_argument("--transports", action="store_true", help="assembly over frames against over NIXL")
     parser.add_argument("--json")
     args = parser.parse_args()
     ctx = mp.get_context("spawn")
+    if args.transports:
+        tmp = tempfile.mkdtemp(prefix="stager-bench-asm-")
+        report = machine()
+        try:
+            total = sum(t.numel() * 4 for t in full_state(args.size_mib, 1).values())
+            report.update(bytes=total, transports=compare_transports(args.size_mib, curve_keys(tmp), tmp, total))
+        finally:
+            os.environ.pop("STAGER_AUTH_DIR", None)
+            shutil.rmtree(tmp, ignore_errors=True)
+        off = report["transports"]["off"]["daemons_cpu_s"]
+        print(f"{total / MIB:.0f} MiB fp32 x {len(STEPS)} steps, 2 simulated nodes, tcp with CURVE, UCX_TLS=tcp")
+        print(f"  daemons' CPU, assembly off: {off:.2f} s")
+        for mode in ("frames", "nixl"):
+            r = report["transports"][mode]
+            print(
+                f"  assembly over {mode:6s}: {r['daemons_cpu_s']:.2f} s, {r['assembled']} versions assembled, "
+                f"{r['pulled_bytes'] / MIB:.0f} MiB pulled ({r['frames_served_bytes'] / MIB:.0f} MiB as frames, "
+                f"{r['nixl_assembled_bytes'] / MIB:.0f} MiB over NIXL): {r['cpu_s_per_gib_pulled']:.2f} CPU-s/GiB"
+            )
+        write_report(args.json, report)
+        return 0
     report: dict = machine()
     tmp = tempfile.mkdtemp(prefix="stager-bench-asm-")
     keys = curve_keys(tmp)

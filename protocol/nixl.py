@@ -1,7 +1,7 @@
 """Cross-node bytes over NIXL (UCX): the control messages that hand a leased version's memory to a reader.
 
 With ``stager serve --transport nixl`` a daemon runs one NIXL agent and registers each segment
-with it (once, on the first grant: see :mod:`stager.daemon.nixl_agent`). A reader on another
+with it (once, when the daemon creates it: see :mod:`stager.daemon.nixl_agent`). A reader on another
 host that holds a lease on a version asks for it with :class:`NixlInfo` over the authenticated
 ZeroMQ channel and gets, in :class:`NixlInfoReply`, the daemon's agent metadata restricted to
 that version's segment (NIXL's own binary form, loaded by the reader's agent) and the segment's

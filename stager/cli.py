@@ -43,7 +43,9 @@ def _serve(args: argparse.Namespace) -> int:
     if config.assemble_full:  # a consumer in this process (why: stager/loaders/assemble_full.py)
         from stager.loaders.assemble_full import Assembler
 
-        assembler = Assembler(daemon.endpoint, daemon.assembly_endpoint, node=daemon.state.host_id, auth_dir=keys)
+        assembler = Assembler(
+            daemon.endpoint, daemon.assembly_endpoint, node=daemon.state.host_id, auth_dir=keys, nixl=daemon.nixl
+        )
 
     def ready(d: Daemon) -> None:
         info = {

@@ -264,3 +264,27 @@ def test_the_mover_maps_what_it_can_and_names_the_node_that_failed():
                 ),
             )
         )
+
+
+@pytest.mark.fast
+def test_nixl_runs_pair_a_boxs_elements_with_their_places_in_a_strided_destination():
+    """A READ's descriptors: each run contiguous in the staged block and in the destination (dense,
+    or a view of a larger tensor, as the assembler's segment is), together the whole box."""
+    from stager.client.readers.nixl_runs import paired_runs
+
+    block = torch.arange(5 * 6 * 7).view(5, 6, 7)
+    cases = [((1, 2, 3), (2, 3, 4)), ((0, 0, 0), (5, 6, 7)), ((2, 0, 0), (3, 6, 7)), ((0, 1, 0), (5, 2, 7))]
+    cases += [((4, 5, 6), (1, 1, 1)), ((1, 0, 2), (3, 1, 5))]
+    for at, sizes in cases:
+        box = block[tuple(slice(a, a + n) for a, n in zip(at, sizes))]
+        big = torch.full((9, 8, 10), -1)
+        for store, dest in ((None, torch.full(sizes, -1)), (big, big[1 : 1 + sizes[0], 2 : 2 + sizes[1], 3:])):
+            dest = dest[..., : sizes[2]]
+            flat = (dest if store is None else store).view(-1)
+            remote, local, length = paired_runs(block.shape, at, sizes, dest.stride())
+            assert len(remote) == len(local) and length * len(remote) == box.numel()
+            for r, loc in zip(remote, local):
+                at_dest = dest.storage_offset() + loc
+                flat[at_dest : at_dest + length] = block.view(-1)[r : r + length]
+            assert torch.equal(dest, box), (at, sizes, store is None)
+    assert paired_runs((8192, 2), (0, 0), (8192, 1), (1, 1)) is None  # more runs than MAX_RUNS

@@ -79,7 +79,7 @@ def test_a_lease_is_needed_for_descriptors_and_a_frames_daemon_refuses(make_daem
         other.request(NixlInfo(lease=lease), 5)
     assert info.value.code == ErrorCode.UNKNOWN_LEASE
     status = d.status()
-    assert status["transport"]["mode"] == "nixl" and status["transport"]["registered_segments"] == 1
+    assert status["transport"]["mode"] == "nixl" and status["transport"]["registered_bytes"] == status["memory"]["used"]
     assert status["counters"]["nixl_granted_bytes"] == w.numel() * 4
     conn.request(Release(lease=lease), 5)
     plain = Connection(frames_only.endpoint, role="reader")
@@ -101,6 +101,32 @@ def test_a_lease_is_needed_for_descriptors_and_a_frames_daemon_refuses(make_daem
         assert info.value.code == ErrorCode.UNSUPPORTED and "does not serve NIXL" in info.value.message
     with pytest.raises(ValueError, match="transport must be one of"):
         Subscriber(frames_only.endpoint, transport="rdma")
+
+
+def test_segments_are_registered_at_creation_off_the_loop_and_pooled_ones_stay_registered(make_daemon):
+    d = make_daemon(transport="nixl", keep=1)
+    w = torch.randn(128, 64)
+    with StagingClient(d.endpoint, rank=0, local_world_size=1, world_size=1) as c:
+        c.stage({"w": w}, step=1).wait(10)
+        status = d.status()
+        transport = status["transport"]
+        # registered before any grant, each segment by the thread that created it (never the socket loop)
+        assert transport["grants"] == 0 and transport["registered_segments"] >= 1
+        assert transport["registered_bytes"] == status["memory"]["used"]
+        assert transport["registrations"] == {"stager-segments": transport["registered_segments"]}
+        for step in (2, 3):  # the rotation (keep + 1 segments) fills up
+            c.stage({"w": w + step}, step=step).wait(10)
+        made = d.status()["transport"]["registrations"]
+        for step in range(4, 9):  # pooled segments reused, each version read over NIXL (a grant each)
+            c.stage({"w": w + step}, step=step).wait(10)
+            with Subscriber(d.endpoint, remote=True, transport="nixl") as sub, sub.latest() as snap:
+                assert torch.equal(snap["w"], w + step)
+        status = d.status()
+        transport = status["transport"]
+        assert transport["grants"] == 5
+        assert transport["registrations"] == made  # one registration per segment, kept while it is pooled
+        assert transport["registered_segments"] == sum(made.values())  # none was freed
+        assert transport["registered_bytes"] == status["memory"]["used"] and transport["registration_failures"] == 0
 
 
 def test_remote_reads_on_one_daemon_are_bit_exact_and_registrations_end_with_their_segments(make_daemon):
@@ -135,7 +161,8 @@ def test_remote_reads_on_one_daemon_are_bit_exact_and_registrations_end_with_the
         for step in (4, 5, 6):  # another layout: the pooled segments of the old one are unlinked
             c.stage({"other": torch.randn(10, 10)}, step=step).wait(10)
     status = d.status()
-    assert status["transport"]["registered_segments"] == 0 == status["transport"]["registered_bytes"]
+    # the old layout's segments are gone, their registrations with them: what stays registered is the new one's
+    assert status["transport"]["registered_bytes"] == status["memory"]["used"] < tensors["w"].numel() * 4
     assert status["leases"] == 0
 
 
@@ -372,19 +399,6 @@ def test_auto_reads_frames_when_this_process_cannot_make_its_nixl_agent(make_dae
     assert lines[1].startswith("nixl UNSUPPORTED transport='nixl' but this reader cannot use NIXL")
     assert done.stderr.count("NIXL reads are off in this process") == 1  # said once per process
     assert d.status()["transport"]["grants"] == 1  # asked once: the process remembers it cannot READ
-
-
-def test_the_full_assembler_inside_a_nixl_daemon_reads_frames_and_registers_nothing():
-    # a second agent in the daemon would register (pin) each freshly mapped segment it assembles into,
-    # held after unlink by its registration cache, outside --memory-limit
-    with SimulatedCluster(2, args=LIMIT + NIXL + ("--assemble-full",)) as cluster:
-        run_ranks(multi_node_stage, 4, [1], nodes=cluster.nodes)
-        for endpoint in cluster.endpoints:
-            wait_until(lambda: 1 in daemon_status(endpoint).get("assembly", {}).get("assembled", []), timeout=60)
-        node0, node1 = (daemon_status(endpoint)["transport"] for endpoint in cluster.endpoints)
-        # node-0 is read by node-1's assembler alone; node-1 by node-0's, and by rank 0's reader (on node-0)
-        assert node0["mode"] == "nixl" and node0["grants"] == 0 == node0["registered_segments"]
-        assert node1["grants"] <= 1
 
 
 def test_subscribers_in_threads_share_the_process_agent_and_read_bit_exact(make_daemon):

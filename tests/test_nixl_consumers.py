@@ -1,11 +1,14 @@
 """The consumers that read across nodes, over NIXL: the distributed writers (`export-hf --distributed`,
-`write-dcp --distributed`, one per node) and a restarted job's restore. Two simulated nodes on one
+`write-dcp --distributed`, one per node), a restarted job's restore, and full assembly (`serve
+--assemble-full`, the assembler reading through its daemon's own agent). Two simulated nodes on one
 host (own host ids) whose daemons serve ``--transport nixl``, under UCX's default transports (cma)
 and ``UCX_TLS=tcp`` (the path two hosts without RDMA take). Each rank process reports its own
 bytes by transport (``sources.STATS``): the other node's regions must have come over NIXL, none as
 frames, and the daemons served no frame. Skipped where NIXL is not installed."""
 
 import os
+import signal
+import threading
 
 import pytest
 import torch
@@ -19,11 +22,13 @@ from dist_jobs import (
     scaled,
     stage_fsdp_llama,
 )
+from helpers import wait_until
 from stager.client import Subscriber
 from stager.client.adapters import load_adapter
 from stager.client.admin import daemon_status
-from stager.client.readers.nixl_source import nixl_installed
-from stager.dev.launch import SimulatedCluster, run_ranks
+from stager.client.readers.nixl_source import NixlSource, nixl_installed
+from stager.daemon.segments import list_segments
+from stager.dev.launch import DaemonProcess, SimulatedCluster, run_ranks
 
 pytestmark = pytest.mark.skipif(not nixl_installed(), reason="NIXL is not installed (pip install nixl-cu12==1.5.1)")
 ARGS = ("--memory-limit", "256MiB", "--transport", "nixl")
@@ -197,3 +202,110 @@ def test_a_restore_across_nodes_reads_the_other_nodes_shards_over_nixl_bit_exact
         assert step == 2 and train == {"step": 2}
         assert [k for k, v in expected.items() if not (torch.from_numpy(full[k]) == v.float()).all()] == []
         assert moved["nixl"] > 0 and moved["frames"] == moved["nixl_retried_as_frames"] == 0, moved
+
+
+# ---------------------------------------------------------------- full assembly (serve --assemble-full)
+
+
+def _assembled(endpoint: str, step: int) -> bool:
+    return step in daemon_status(endpoint).get("assembly", {}).get("assembled", [])
+
+
+def _read_whole_here(endpoint: str, node: str, step: int) -> None:
+    """A reader on ``node`` reads ``step`` whole from that node's memory alone, bit-exact."""
+    expected = {f"model.{k}": v for k, v in scaled(full_tensors(), step).items()}
+    with Subscriber(endpoint, node=node) as sub, sub.at(step) as snap:
+        assert sorted(snap) == sorted(expected)
+        for k, v in expected.items():
+            t = snap[k]
+            assert torch.equal(t, v) and snap.is_zero_copy(t), k
+
+
+def test_full_assembly_reads_the_other_nodes_half_through_the_daemons_own_agent_bit_exact(ucx):
+    with SimulatedCluster(2, args=ARGS + ("--assemble-full",)) as cluster:
+        run_ranks(multi_node_stage, 4, [1], env=JOB, nodes=cluster.nodes)
+        for endpoint in cluster.endpoints:
+            wait_until(lambda: _assembled(endpoint, 1), timeout=120)
+        served = _frames_served(cluster)
+        before = [daemon_status(e)["transport"] for e in cluster.endpoints]
+        run_ranks(multi_node_stage, 4, [2], env=JOB, nodes=cluster.nodes)
+        for endpoint in cluster.endpoints:  # each node pulls the other's half of step 2 over NIXL
+            wait_until(lambda: _assembled(endpoint, 2), timeout=120)
+        assert _frames_served(cluster) == served == [0, 0]  # no frame served: not to the assemblers, not to rank 0
+        for endpoint, old in zip(cluster.endpoints, before):
+            status = daemon_status(endpoint)
+            transport = status["transport"]
+            # READ into this daemon's own segment by its assembler (the daemon's agent), the other node granted it
+            assert transport["assembled_over_nixl_bytes"] > old["assembled_over_nixl_bytes"] > 0
+            assert transport["grants"] > old["grants"]
+            # every segment (the assembler's included) registered once, at creation, by the segment factory
+            assert set(transport["registrations"]) == {"stager-segments"}
+            assert transport["registration_failures"] == 0
+            assert transport["registered_bytes"] == status["memory"]["used"] <= status["memory"]["limit"]
+            assert status["counters"]["assembly_failed"] == 0
+        for i, endpoint in enumerate(cluster.endpoints):
+            _read_whole_here(endpoint, f"node-{i}", 2)
+
+        # kill -9 of a daemon whose assembler reads over NIXL (the next version just staged): nothing stays behind
+        run_ranks(multi_node_stage, 4, [3], env=JOB, nodes=cluster.nodes)
+        old = cluster.daemons[0]
+        old.stop(signal.SIGKILL)
+        assert list_segments(old.pid)  # left by the kill, reclaimed by the next daemon on the node
+        cluster.daemons[0] = DaemonProcess(old.endpoint, args=old.args, env=old.env).start()
+        assert list_segments(old.pid) == []
+        assert _assembled(cluster.endpoints[1], 2)  # the other node's whole versions are untouched
+
+
+def test_a_node_stopped_mid_assembly_fails_that_version_only_and_its_segment_waits_for_the_late_read(
+    make_daemon, monkeypatch
+):
+    """node-0's daemon and its assembler in this process (the assembler driven here, with a short
+    timeout); node-1 a process, SIGSTOPped just before the assembler's first READ from it: over tcp
+    the READ cannot complete, the assembly fails (the version stays partial) and the segment is not
+    reused while that READ may still land; after SIGCONT the next version is assembled whole."""
+    from stager.loaders.assemble_full import Assembler
+
+    monkeypatch.setenv("UCX_TLS", "tcp")  # over cma a stopped process's memory stays readable
+    node0 = make_daemon(transport="nixl", assemble_full=True, host_id="node-0", memory_limit=256 << 20)
+    with DaemonProcess(args=ARGS, env={"STAGER_HOST_ID": "node-1"}) as node1:
+        nodes = [
+            {"STAGER_HOST_ID": "node-0", "STAGER_ENDPOINT": node0.endpoint},
+            {"STAGER_HOST_ID": "node-1", "STAGER_ENDPOINT": node1.endpoint},
+        ]
+        run_ranks(multi_node_stage, 4, [1], env=JOB, nodes=nodes)
+        stopped = threading.Event()
+        fetch = NixlSource.fetch
+
+        def stop_node1_first(self, fqn, box, out=None):
+            if threading.current_thread().name == "stager-assembler" and not stopped.is_set():
+                stopped.set()
+                os.kill(node1.pid, signal.SIGSTOP)
+            return fetch(self, fqn, box, out)
+
+        monkeypatch.setattr(NixlSource, "fetch", stop_node1_first)
+        daemon = node0.daemon
+        assembler = Assembler(
+            node0.endpoint, daemon.assembly_endpoint, node="node-0", auth_dir=None, timeout=3.0, nixl=daemon.nixl
+        )
+        assembler.start()
+        try:
+            wait_until(stopped.is_set, timeout=60)
+            try:
+                status = wait_until(lambda: (s := node0.status())["counters"]["assembly_failed"] == 1 and s, timeout=60)
+                # nothing half-done: step 1 stays partial here; its segment is held back while a READ may land
+                assert status["assembly"]["assembled"] == []
+                assert next(v for v in status["versions"] if v["step"] == 1)["partial"]
+                assert status["memory"]["draining"] > 0
+            finally:
+                os.kill(node1.pid, signal.SIGCONT)
+            wait_until(lambda: node0.status()["memory"]["draining"] == 0, timeout=60)  # the READ ended: reusable
+            run_ranks(multi_node_stage, 4, [2], env=JOB, nodes=nodes)
+            wait_until(lambda: _assembled(node0.endpoint, 2), timeout=120)
+            status = node0.status()
+            assert status["assembly"]["assembled"] == [2] and status["counters"]["assembly_failed"] == 1
+            assert status["transport"]["assembled_over_nixl_bytes"] > 0
+            # a READ that timed out is not retried as frames (the node is down): node-1 never served one
+            assert daemon_status(node1.endpoint)["counters"]["read_bytes"] == 0
+            _read_whole_here(node0.endpoint, "node-0", 2)
+        finally:
+            assembler.close()

@@ -50,7 +50,8 @@ class JobReader:
     ``node``, ``auth_dir``: this reader's host id and CURVE keys (see :class:`Connection`).
     ``transport``: how bytes from another host (or ``remote``) come: ``"auto"`` NIXL where this
     reader has it and the node's daemon serves it, else frames; ``"nixl"`` NIXL or an error;
-    ``"frames"`` always frames (:func:`.sources.open_source`)."""
+    ``"frames"`` always frames (:func:`.sources.open_source`). ``nixl_agent``: READ with that
+    :class:`~.nixl_source.HeldAgent` (the daemon's, for its full assembler) instead of this process's own."""
 
     def __init__(
         self,
@@ -62,6 +63,7 @@ class JobReader:
         node: str | None = None,
         auth_dir: str | None = None,
         transport: str = "auto",
+        nixl_agent=None,
     ):
         if transport not in TRANSPORTS:
             raise ValueError(f"transport must be one of {', '.join(TRANSPORTS)}, not {transport!r}")
@@ -71,6 +73,7 @@ class JobReader:
         self.remote = remote
         self.role = role
         self.transport = transport
+        self.nixl_agent = nixl_agent
         # the membership: unknown until the daemon is asked
         self.job = ""
         self.node = ""
@@ -331,6 +334,7 @@ class JobReader:
                         maps=self.maps,
                         timeout=self.timeout,
                         transport=self.transport,
+                        nixl_agent=self.nixl_agent,
                     )
                 except StagerError as exc:
                     raise self.node_failed(n, exc, f"opening step {r.step}") from None

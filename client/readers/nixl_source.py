@@ -10,12 +10,16 @@ by READ into the reader's memory, the daemon's CPU not involved (UCX's tcp trans
   registered once, by its storage (cached, bounded by count and bytes, the storage kept alive
   while registered so its address is never reused under a registration: an RDMA registration
   pins the pages it was made on); a fetch with no destination gets a new
-  tensor registered for that read only; a destination the READ cannot land in as it is (strided,
-  of another dtype than the staged one, or another shape) is filled from such a tensor by ``copy_``
+  tensor registered for that read only; a destination the READ cannot land in as it is (of
+  another dtype than the staged one, or another shape) is filled from such a tensor by ``copy_``
   (cast there): a READ writes the staged dtype's raw bytes, so it only ever targets memory of that
   dtype and size.
-- Boxes: a box whose bytes are one span of the block is one descriptor; a strided box is one
-  descriptor per contiguous run, up to :data:`MAX_RUNS` (more: that box comes as frames).
+- Boxes: a box whose bytes are one span of the block (and of the destination) is one descriptor; a
+  strided box or destination is one descriptor per run contiguous on both sides, up to
+  :data:`MAX_RUNS` (more: read into a dense temporary, or as frames).
+- A :class:`HeldAgent` READs with an agent another part of the process runs (the daemon's, for its
+  full assembler) into memory that part registered, and registers nothing itself: a destination
+  outside that memory comes as frames.
 - Several READs are in flight (:attr:`NixlSource.max_in_flight`); :meth:`_NixlFetch.wait` polls
   the transfer until the reader's timeout, then raises TIMEOUT (never a hang). A transfer that
   fails (ERR, or NIXL refusing to start it) is retried once as frames, logged and counted
@@ -35,23 +39,22 @@ from __future__ import annotations
 import collections
 import itertools
 import logging
-import math
 import os
 import threading
 import time
 import uuid
 import weakref
+from typing import Any, Protocol
 
 import torch
 
 from stager.protocol import Box, ErrorCode, NixlInfo, NixlInfoReply, StagerError, TensorLayout
-from stager.protocol.layout import contiguous_span
 from stager.protocol.nixl import new_agent, nixl_installed
 
+from .nixl_runs import dense_strides, paired_runs
 from .sources import REMOTE_OPENERS, STATS, WINDOW, FramesSource, _Blocks
 
 log = logging.getLogger("stager.client")
-MAX_RUNS = 4096  # descriptors of one strided box; beyond, the box comes as frames
 MAX_REGISTERED = 256  # destination storages kept registered (least recently used dropped first) ...
 MAX_REGISTERED_BYTES = 1 << 30  # ... and their bytes: a registration keeps its storage alive (memory stays bounded)
 READ_BYTES = 64 << 20  # per READ: several in flight keep the link busy, each bounded
@@ -115,7 +118,7 @@ class _Agent:
                     self.deregister(self.registered.pop(old)[0])
         return key
 
-    def done(self, key: tuple[int, int]) -> None:
+    def done(self, key: tuple[int, int], landed: int = 0) -> None:
         with self.lock:
             held = self.registered.get(key)
             if held is not None:
@@ -139,12 +142,68 @@ class _Agent:
             log.debug("NIXL deregistration failed: %s", exc)
 
 
+class RegisteredMemory(Protocol):
+    """Memory another part of this process registered with the NIXL agent it runs: the daemon's
+    segments, for its full assembler (:class:`stager.daemon.nixl_agent.SegmentRegistry`)."""
+
+    name: str
+    agent: Any  # the NIXL agent (thread-safe: NIXL's STRICT sync mode)
+
+    def hold(self, ptr: int, nbytes: int) -> bool:
+        """Whether the range lies in registered memory; if so a READ lands there until :meth:`release`."""
+        ...
+
+    def release(self, ptr: int, nbytes: int, landed: int) -> None: ...
+
+    def mapping(self, name: str) -> torch.Tensor | None:
+        """The registered mapping of segment ``name`` (where READs may land), or None."""
+        ...
+
+
+class HeldAgent:
+    """A reader's NIXL agent owned by another part of its process (:class:`RegisteredMemory`): READs
+    land only in memory that part registered, this registers none (a destination outside it comes
+    as frames). The daemon's full assembler reads through its daemon's agent so: no second agent in
+    the daemon's process, no registration (pinning) outside ``--memory-limit``."""
+
+    def __init__(self, memory: RegisteredMemory):
+        self.memory = memory
+        self.name = memory.name
+        self.agent = memory.agent
+        self.lock = threading.Lock()
+        self.in_flight = 0
+
+    load = _Agent.load
+
+    def register(self, t: torch.Tensor) -> tuple[int, int] | None:
+        """The key of ``t``'s memory when it lies in registered memory (held until :meth:`done`), else None."""
+        extent = sum((n - 1) * st for n, st in zip(t.shape, t.stride())) + 1
+        key = (t.data_ptr(), extent * t.element_size())
+        return key if self.memory.hold(*key) else None
+
+    def done(self, key: tuple[int, int], landed: int = 0) -> None:
+        self.memory.release(key[0], key[1], landed)
+
+    def register_once(self, t: torch.Tensor) -> None:
+        return None  # never registers: the caller reads that box as frames
+
+    def deregister_once(self, descs) -> None:
+        return None
+
+
 def open_nixl(
-    conn, lease: int, tensors: tuple[TensorLayout, ...], timeout: float, *, required: bool
+    conn,
+    lease: int,
+    tensors: tuple[TensorLayout, ...],
+    timeout: float,
+    *,
+    required: bool,
+    agent: HeldAgent | None = None,
 ) -> NixlSource | None:
     """A NixlSource for ``lease`` on ``conn``'s daemon, or None when NIXL is not installed here or
-    the daemon does not serve it (``required``: a typed UNSUPPORTED error instead)."""
-    if not nixl_installed():
+    the daemon does not serve it (``required``: a typed UNSUPPORTED error instead). ``agent``: READ
+    with that agent (another part's, see :class:`HeldAgent`) instead of this process's own."""
+    if agent is None and not nixl_installed():  # (an agent given: NIXL runs in this process already)
         if required:
             raise StagerError(
                 ErrorCode.UNSUPPORTED,
@@ -153,7 +212,7 @@ def open_nixl(
         return None
     if not required and conn.session is not None and _refused.get(conn) == conn.session:
         return None  # this daemon session said no already: no request per lease
-    if os.getpid() in _unusable:
+    if agent is None and os.getpid() in _unusable:
         return _agent(required)  # this process cannot make its agent: None (or why not), no request
     try:
         reply = conn.request(NixlInfo(lease=lease), timeout)
@@ -169,7 +228,8 @@ def open_nixl(
         return None
     if not isinstance(reply, NixlInfoReply):
         raise StagerError(ErrorCode.BAD_MESSAGE, f"unexpected {reply.TYPE} reply to nixl_info")
-    agent = _agent(required)  # made once a daemon serves NIXL (importing NIXL takes seconds, its agent a thread)
+    if agent is None:  # made once a daemon serves NIXL (importing NIXL takes seconds, its agent a thread)
+        agent = _agent(required)
     if agent is None:
         return None
     try:
@@ -231,7 +291,7 @@ class NixlSource:
 
     def __init__(
         self,
-        agent: _Agent,
+        agent: _Agent | HeldAgent,
         remote: str,
         grant: NixlInfoReply,
         frames: FramesSource,
@@ -253,34 +313,44 @@ class NixlSource:
         _sweep()
         t, block, inner = self._blocks.find(fqn, box)  # typed errors: PARTIAL, BAD_VALUE, UNKNOWN_LEASE
         itemsize = t.torch_dtype.itemsize
-        runs = _runs(block.box.shape, inner, box.shape)
-        if runs is None or not box.numel:
+        if not box.numel:
             return self.frames.fetch(fqn, box, out)
-        base = self.grant.addr + block.byte_offset
-        length = runs[1] * itemsize
         if block.byte_offset + block.box.numel * itemsize > self.grant.size:
             raise StagerError(
                 ErrorCode.BAD_MESSAGE,
                 f"{fqn}: block at byte {block.byte_offset} lies outside the {self.grant.size} bytes the daemon granted",
             )
-        # a READ writes the staged dtype's bytes: straight into ``out`` only when it is exactly that memory
+        # a READ writes the staged dtype's bytes: straight into ``out`` only when it is memory of that dtype and
+        # shape (strided: one descriptor per contiguous run of both sides)
         direct = (
             out is not None
             and out.dtype == t.torch_dtype
             and tuple(out.shape) == tuple(box.shape)
-            and out.is_contiguous()
             and out.device.type == "cpu"
+            and all(st > 0 or n == 1 for st, n in zip(out.stride(), out.shape))
         )
+        runs = paired_runs(block.box.shape, inner, box.shape, out.stride()) if direct else None
+        if runs is None:
+            direct = False
+            runs = paired_runs(block.box.shape, inner, box.shape, dense_strides(box.shape))
+            if runs is None:
+                return self.frames.fetch(fqn, box, out)
         dest = out if direct else torch.empty(box.shape, dtype=t.torch_dtype)
+        remote_starts, local_starts, run = runs
+        base = self.grant.addr + block.byte_offset
+        length = run * itemsize
         once = key = None
         try:
             if direct:
                 key = self.agent.register(dest)
             else:
                 once = self.agent.register_once(dest)
+            if key is None and once is None:  # memory this agent cannot READ into (a held agent's): frames
+                STATS["nixl_unregistered_as_frames"] += 1
+                return self.frames.fetch(fqn, box, out)
             ptr = dest.data_ptr()
-            local = [(ptr + i * length, length, 0) for i in range(len(runs[0]))]
-            remote = [(base + start * itemsize, length, self.grant.device) for start in runs[0]]
+            local = [(ptr + start * itemsize, length, 0) for start in local_starts]
+            remote = [(base + start * itemsize, length, self.grant.device) for start in remote_starts]
             a = self.agent.agent
             handle = a.initialize_xfer(
                 "READ", a.get_xfer_descs(local, "DRAM"), a.get_xfer_descs(remote, "DRAM"), self.remote
@@ -290,10 +360,10 @@ class NixlSource:
             if once is not None:
                 self.agent.deregister_once(once)
             if key is not None:
-                self.agent.done(key)
+                self.agent.done(key, 0)
             return self._retry(fqn, box, out, f"could not start: {exc}")
         return _NixlFetch(
-            self, fqn, box, out, dest, once if once is not None else key, handle, state, length * len(runs[0])
+            self, fqn, box, out, dest, once if once is not None else key, handle, state, length * len(remote_starts)
         )
 
     def _retry(self, fqn: str, box: Box, out: torch.Tensor | None, why: str):
@@ -362,8 +432,8 @@ class _NixlFetch:
             self.ended = True
         agent = self.src.agent
         _release(agent.agent, self.handle)
-        if isinstance(self.once, tuple):  # a cached destination: idle again
-            agent.done(self.once)
+        if isinstance(self.once, tuple):  # a cached (or held) destination: idle again
+            agent.done(self.once, self.nbytes if self.state == "DONE" else 0)
         else:
             agent.deregister_once(self.once)
         with agent.lock:
@@ -416,6 +486,11 @@ _dropped: list[_NixlFetch] = []  # READs nobody waits for that had not ended: ke
 _dropped_lock = threading.Lock()
 
 
+def sweep() -> None:
+    """Let go of the dropped READs that ended since (every fetch does it too)."""
+    _sweep()
+
+
 def _sweep() -> None:
     """Let go of the dropped READs that ended since."""
     with _dropped_lock:
@@ -425,24 +500,3 @@ def _sweep() -> None:
         with _dropped_lock:
             for fetch in ended:
                 _dropped.remove(fetch)
-
-
-def _runs(shape: tuple[int, ...], at: tuple[int, ...], sizes: tuple[int, ...]) -> tuple[list[int], int] | None:
-    """The contiguous runs of box ``(at, sizes)`` in a row-major block of ``shape``: their start
-    elements (in order) and common length, or None when there are more than MAX_RUNS."""
-    span = contiguous_span(shape, at, sizes)
-    if span is not None:
-        return [span[0]], span[1]
-    # the innermost dims the box covers whole, with the next one, make one run
-    k = len(shape) - 1
-    while k > 0 and sizes[k] == shape[k] and at[k] == 0:
-        k -= 1
-    count = math.prod(sizes[:k])
-    if count > MAX_RUNS:
-        return None
-    strides = [math.prod(shape[i + 1 :]) for i in range(len(shape))]
-    starts = torch.zeros((), dtype=torch.int64)
-    for i in range(k):
-        starts = starts.unsqueeze(-1) + (torch.arange(sizes[i], dtype=torch.int64) + at[i]) * strides[i]
-    first = sum(at[i] * strides[i] for i in range(k, len(shape)))
-    return (starts.reshape(-1) + first).tolist(), math.prod(sizes[k:])

@@ -28,8 +28,9 @@ from stager.protocol.fp8_block import E4M3, scale_shape
 from stager.protocol.layout import FP8_READ, narrow_box
 from stager.protocol.shm import SHM_DIR, block_view, map_segment
 
-# bytes remote sources moved in this process, by transport ("frames", "nixl"), and NIXL reads retried as
-# frames ("nixl_retried_as_frames"): the reader's side of `stager status`'s bytes by transport
+# bytes remote sources moved in this process, by transport ("frames", "nixl"), NIXL reads retried as
+# frames ("nixl_retried_as_frames"), and boxes a held agent could not READ into ("nixl_unregistered_as_frames":
+# a destination outside the memory its owner registered): the reader's side of `stager status`'s bytes by transport
 STATS: collections.Counter = collections.Counter()
 CHUNK_BYTES = 64 << 20  # per Read request: big enough to stream at socket speed, small enough to bound memory
 WINDOW = 4  # Read requests in flight per node
@@ -277,15 +278,17 @@ def open_source(
     maps: SegmentMaps,
     timeout: float,
     transport: str = "auto",
+    nixl_agent=None,
 ) -> ByteSource:
     """The source of one node's lease: its segment mapped when the reader runs on the daemon's host
     and sees the segment (unless ``remote``), else NIXL READs where ``transport`` allows them and
-    both sides have NIXL (``"nixl"``: required, UNSUPPORTED otherwise), else frames over ``conn``."""
+    both sides have NIXL (``"nixl"``: required, UNSUPPORTED otherwise), else frames over ``conn``.
+    ``nixl_agent``: the :class:`~.nixl_source.HeldAgent` to READ with, instead of this process's own."""
     if remote is None:
         remote = not (conn.same_host and os.path.exists(os.path.join(SHM_DIR, segment)))
     if remote:
         if transport != "frames":
-            src = REMOTE_OPENERS["nixl"](conn, lease, tensors, timeout, required=transport == "nixl")
+            src = REMOTE_OPENERS["nixl"](conn, lease, tensors, timeout, required=transport == "nixl", agent=nixl_agent)
             if src is not None:
                 return src
         return FramesSource(conn, lease, tensors, timeout)

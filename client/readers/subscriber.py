@@ -45,7 +45,9 @@ class Subscriber:
     keys, where they are not ``$STAGER_HOST_ID`` / the machine's and ``$STAGER_AUTH_DIR``.
     ``transport``: how bytes from another host come: ``"auto"`` over NIXL where this
     process has it and the daemon serves it (``stager serve --transport nixl``), else as frames;
-    ``"nixl"``: NIXL or an UNSUPPORTED error; ``"frames"``: always frames.
+    ``"nixl"``: NIXL or an UNSUPPORTED error; ``"frames"``: always frames. ``nixl_agent``: a
+    :class:`~stager.client.readers.nixl_source.HeldAgent` to READ with (the daemon's own, for its
+    full assembler; destinations must lie in memory registered with it) instead of this process's.
 
     >>> sub = Subscriber(view="hf", dtype=torch.bfloat16)  # doctest: +SKIP
     >>> for snap in sub:                                    # every new version, skipping stale ones
@@ -69,6 +71,7 @@ class Subscriber:
         node: str | None = None,
         auth_dir: str | None = None,
         transport: str = "auto",
+        nixl_agent=None,
     ):
         if view not in ("native", "hf"):
             raise ValueError(f"view must be 'native' or 'hf', not {view!r}")
@@ -87,7 +90,9 @@ class Subscriber:
         self._adapters: dict = {}
         self._view_config: dict | None = None
         self._index_cache: dict = {}
-        self._reader = JobReader(endpoint, timeout, remote=remote, node=node, auth_dir=auth_dir, transport=transport)
+        self._reader = JobReader(
+            endpoint, timeout, remote=remote, node=node, auth_dir=auth_dir, transport=transport, nixl_agent=nixl_agent
+        )
         # the finalizer holds the job reader, never this subscriber: an unclosed one is collected, then disconnected
         self._finalizer = weakref.finalize(self, self._reader.close)
 

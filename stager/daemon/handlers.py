@@ -55,7 +55,7 @@ from stager.protocol.nixl import NixlInfo
 from .changes import ChangeMaps
 from .membership import JobMembership
 from .memory import Retention, SegmentBudget
-from .nixl_agent import NixlServing, agent_name, refuse_nixl
+from .nixl_agent import NixlServing, SegmentRegistry, refuse_nixl
 from .peers import PeerDirectory, Peers
 from .reading import Reading, Subscriptions
 from .state import DaemonState, Outbox
@@ -76,7 +76,7 @@ class Handlers:
         advertise: str,
         loop_status: Callable[[], LoopStatus],
         assembly_outbox: Outbox | None = None,
-        transport: str = "frames",
+        nixl: SegmentRegistry | None = None,
         change_dtypes: tuple = (),
         change_keep: int = 64,
         change_bytes: int = 64 << 20,
@@ -104,11 +104,8 @@ class Handlers:
             if assembly_outbox is not None
             else None
         )
-        self.nixl = (
-            NixlServing(state, self.directory, agent_name(state.host_id, state.session))
-            if transport == "nixl"
-            else None
-        )
+        # --transport nixl: the agent (a resource, built before the budget whose factory registers each segment)
+        self.nixl = NixlServing(state, self.directory, nixl) if nixl is not None else None
         self.routes: dict[type, Callable[[bytes, Message], Message | None]] = {
             Hello: self.peers.on_hello,
             Bye: self.peers.on_bye,
@@ -219,5 +216,3 @@ class Handlers:
         """Fail the steps in flight (the segments go with the daemon's resources)."""
         self.changes.close()
         self.steps.close()
-        if self.nixl is not None:
-            self.nixl.close()

@@ -18,12 +18,16 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from stager.protocol import ErrorCode, StagerError
 
 from .segments import Segment
 from .status import MemoryStatus, RetentionStatus
 from .versions import Version
+
+if TYPE_CHECKING:
+    from .nixl_agent import SegmentRegistry
 
 log = logging.getLogger("stager.daemon")
 
@@ -48,11 +52,18 @@ class SegmentBudget:
     ``preallocate`` allocates memory ahead on the same thread (``--preallocate``): the first new
     segment that fits takes over its pages, the rest of it is given back then. It counts against
     the limit, and is given back first when a step needs the memory.
+
+    ``registry`` (``--transport nixl``: :class:`~stager.daemon.nixl_agent.SegmentRegistry`): the
+    same thread registers each segment it creates with the daemon's NIXL agent before handing it
+    over, so a grant on the socket loop only looks the registration up.
     """
 
-    def __init__(self, limit: int, make: type[Segment], new_name: Callable[[], str]):
+    def __init__(
+        self, limit: int, make: type[Segment], new_name: Callable[[], str], registry: SegmentRegistry | None = None
+    ):
         self.limit = limit
         self._make, self._new_name = make, new_name
+        self._registry = registry
         self.used = 0
         self.current_layout: str | None = None  # pooled segments of other layouts are dropped
         # full assembly (serve --assemble-full) pools its own layout's segments too, never at the
@@ -98,6 +109,8 @@ class SegmentBudget:
                     seg = self._make(name, size, pages_from=pages_from)
                 else:
                     seg = self._make(name, size)
+                if self._registry is not None and pages_from != "preallocate":  # a reserve is registered once used
+                    self._registry.register(seg)
                 log.debug("created %s (%.0f MiB) in %.0f ms", name, size / 2**20, (time.monotonic() - started) * 1e3)
                 self._done.put((name, seg))
             except Exception as exc:  # reported by collect(); the budget is given back there

@@ -1,6 +1,7 @@
 """What the daemon holds from the operating system, and gives back however it ends.
 
-:class:`Resources` takes them in order (the endpoint's lock, the segment budget, the ZeroMQ
+:class:`Resources` takes them in order (the endpoint's lock, the NIXL agent with ``--transport nixl``
+(the segment factory registers each new segment with it), the segment budget, the ZeroMQ
 context and socket, the CURVE authenticator, the bound endpoint, the private assembler socket with
 ``--assemble-full``; the metrics server once the daemon starts it) and :meth:`Resources.close` gives back whatever was
 taken: after a failed start, on :meth:`~stager.daemon.server.Daemon.close`, or at interpreter exit.
@@ -24,6 +25,7 @@ from stager.protocol.shm import SHM_DIR
 
 from .config import DaemonConfig
 from .memory import SegmentBudget
+from .nixl_agent import SegmentRegistry
 from .segments import Segment, reclaim_stale, shm_total_bytes
 
 log = logging.getLogger("stager.daemon")
@@ -40,6 +42,7 @@ class Resources:
     def __init__(self, endpoint: str):
         self.endpoint = endpoint  # the bound one after open() (a tcp port 0 or '*' resolved)
         self.lock_fd: int | None = None
+        self.nixl: SegmentRegistry | None = None  # --transport nixl: the daemon's agent and its registrations
         self.budget: SegmentBudget | None = None
         self.ctx: zmq.Context | None = None
         self.sock: zmq.Socket | None = None
@@ -52,8 +55,9 @@ class Resources:
         self.metrics = None  # the metrics HTTP server (--metrics), started by the daemon
 
     @classmethod
-    def open(cls, config: DaemonConfig, new_segment_name: Callable[[], str]) -> Resources:
-        """Take every resource a daemon serving ``config`` needs; on failure give back those taken and raise."""
+    def open(cls, config: DaemonConfig, new_segment_name: Callable[[], str], nixl_name: str = "") -> Resources:
+        """Take every resource a daemon serving ``config`` needs; on failure give back those taken and raise.
+        ``nixl_name``: the NIXL agent's name (``--transport nixl``)."""
         res = cls(config.endpoint)
         try:
             res.lock_fd = take_lock(config.endpoint)
@@ -68,7 +72,9 @@ class Resources:
                     shm_total / 2**30,
                     SHM_DIR,
                 )
-            res.budget = SegmentBudget(config.memory_limit, Segment, new_segment_name)
+            if config.transport == "nixl":  # before the budget: its factory registers each segment it creates
+                res.nixl = SegmentRegistry(nixl_name)
+            res.budget = SegmentBudget(config.memory_limit, Segment, new_segment_name, res.nixl)
             res.ctx = zmq.Context()
             res.sock = res.ctx.socket(zmq.ROUTER)
             res.sock.setsockopt(zmq.LINGER, 0)
@@ -145,6 +151,7 @@ class Resources:
         back whatever happened to the others (a failure is logged): a metrics server that fails to
         stop must not leave the socket bound, the lock taken or the segments mapped."""
         budget, self.budget = self.budget, None
+        nixl, self.nixl = self.nixl, None
         assembly_sock, self.assembly_sock = self.assembly_sock, None
         assembly_path, self._assembly_path = self._assembly_path, None
         metrics, self.metrics = self.metrics, None
@@ -154,6 +161,7 @@ class Resources:
         sock_path, self.sock_path = self.sock_path, None
         lock_fd, self.lock_fd = self.lock_fd, None
         _release("the segments", budget and budget.close)
+        _release("the NIXL agent's registrations", nixl and nixl.close)  # after the segments: none left
         _release("the assembler socket", assembly_sock and assembly_sock.close)
         _release("the assembler socket's file", assembly_path and functools.partial(_unlink, assembly_path))
         _release("the metrics server", metrics and metrics.close)

@@ -40,6 +40,9 @@ class Segment:
         self._map: mmap.mmap | None = None
         self._tensor: torch.Tensor | None = None
         self.inflight: list = []  # zmq MessageTrackers of frames sent from this segment, not yet sent
+        # NIXL READs landing in it (the full assembler's, counted by the NIXL registry under its lock): a
+        # failed assembly's segment is not reused before they ended
+        self.landing = 0
         self.on_unlink: list[Callable[[], None]] = []  # e.g. NIXL's deregistration: before the mapping goes
         path = segment_path(name)
         if pages_from is not None:
@@ -128,9 +131,9 @@ class Segment:
         return memoryview(self._map)
 
     def busy(self) -> bool:
-        """True while frames queued in ZeroMQ still point into this segment."""
+        """True while frames queued in ZeroMQ still point into this segment, or NIXL READs land in it."""
         self.inflight = [t for t in self.inflight if not t.done]
-        return bool(self.inflight)
+        return bool(self.inflight) or self.landing > 0
 
     def unlink(self) -> None:
         hooks, self.on_unlink = self.on_unlink, []

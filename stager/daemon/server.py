@@ -31,6 +31,7 @@ from stager.protocol.shm import segment_name
 from .config import DaemonConfig
 from .handlers import Handlers
 from .lifecycle import DRAINING, Lifecycle, refusal
+from .nixl_agent import agent_name
 from .outbox import SocketOutbox
 from .recorder import Recorder
 from .resources import Resources
@@ -93,9 +94,11 @@ class Daemon:
         self.started = time.monotonic()
         self.lifecycle = Lifecycle(config.drain_timeout)
         # built in dependency order: resources, the shared state, what observes it, then the handlers
-        self.resources = res = Resources.open(config, self._segment_name)
+        nixl_name = agent_name(config.host_id or host_id(), self.session)
+        self.resources = res = Resources.open(config, self._segment_name, nixl_name)
         self.endpoint = res.endpoint
         self.budget = res.budget
+        self.nixl = res.nixl  # --transport nixl: the agent, handed to the full assembler (`stager serve` starts it)
         self.sock = res.sock
         if config.insecure:
             log.warning(
@@ -141,7 +144,7 @@ class Daemon:
                 advertise=config.advertise or self.endpoint,
                 loop_status=loop.status,
                 assembly_outbox=self.assembly_outbox,
-                transport=config.transport,
+                nixl=res.nixl,
                 change_dtypes=config.change_map_dtypes(),
                 change_keep=config.change_maps_keep,
                 change_bytes=config.change_maps_memory,

@@ -14,9 +14,10 @@ Two halves, speaking the protocol of :mod:`stager.protocol.assembly`:
   release it (an orphan, as after a rollback).
 - :class:`~stager.loaders.assemble_full.Assembler` is a consumer: it reads each newly complete
   version of the job like any reader (its own node's regions through shared memory, the others'
-  as frames) straight into the segment it was given, mapped by name. It reaches the daemon only
-  through those messages, on the daemon's private assembler socket; the daemon never imports it,
-  never waits for it, and never runs its code on the loop.
+  as frames, or over NIXL through the daemon's own agent with ``--transport nixl``) straight into
+  the segment it was given (mapped by name, or the daemon's registered mapping of it for NIXL).
+  It reaches the daemon only through those messages, on the daemon's private assembler socket;
+  the daemon never imports it, never waits for it, and never runs its code on the loop.
 """
 
 from __future__ import annotations

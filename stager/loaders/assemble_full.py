@@ -2,10 +2,16 @@
 copies each newly complete version, whole, into a segment its daemon provides.
 
 It reads like any consumer (:class:`~stager.client.Subscriber`: its own node's regions through
-shared memory, the others' as frames, even where the daemons serve NIXL: a NIXL agent here
-would be a second one in the daemon's process, registering (pinning) each freshly mapped segment
-it writes into, its registration cache holding the pages after the segment is unlinked, outside
-``--memory-limit``) and talks to its daemon only through the messages of
+shared memory, the others' as frames, or, where its daemon serves ``--transport nixl``, over NIXL
+from each node whose daemon serves it, through its own daemon's agent: the daemon hands the
+assembler its :class:`~stager.daemon.nixl_agent.SegmentRegistry` when it is built, every segment
+the daemon creates is registered with that agent at creation, and the READs land straight in the
+daemon's registered mapping of the segment it gave. No second agent in the daemon's process, no
+registration of the assembler's own: a second agent would register (pin) each segment it writes
+into, its registration cache holding the pages after the segment is unlinked, outside
+``--memory-limit``. A READ that fails is retried once as frames; one that does not end fails the
+assembly (the next version is tried), and the daemon reuses that segment only once every READ into
+it ended) and talks to its daemon only through the messages of
 :mod:`stager.protocol.assembly`, on the daemon's private assembler socket: ``assemble_begin``
 (the step it holds a lease on, and its tensors) gets the segment to write, by name, with each
 tensor's offset (or why not), and ``assemble_done`` lets the daemon swap the node's partial
@@ -35,9 +41,11 @@ import os
 import threading
 import time
 
+import torch
 import zmq
 
 from stager.client import Subscriber
+from stager.client.readers.nixl_source import HeldAgent, RegisteredMemory, sweep
 from stager.protocol import (
     AssembleBegin,
     AssembleDone,
@@ -95,12 +103,13 @@ class AssemblerChannel:
         self.sock.close()
 
 
-def segment_targets(reply: AssembleReply, specs) -> dict:
+def segment_targets(reply: AssembleReply, specs, mapped: torch.Tensor | None = None) -> dict:
     """Views of the daemon's segment named in ``reply``, one per tensor of ``specs`` (fqn, dtype
     name, shape), at the offsets the daemon gave; the segment's pages faulted in first, so a full
     /dev/shm is a MEMORY_LIMIT error here, never a SIGBUS mid-copy. Refuses a reply whose
     offsets do not name every tensor once, or lie outside the segment, and a segment file that is
-    not this user's."""
+    not this user's. ``mapped``: the daemon's own mapping of the segment (registered with its NIXL
+    agent: READs land there), else the segment is mapped here by name."""
     offsets = dict(reply.offsets)
     if len(offsets) != len(reply.offsets) or set(offsets) != {fqn for fqn, _, _ in specs}:
         raise StagerError(
@@ -129,7 +138,10 @@ def segment_targets(reply: AssembleReply, specs) -> dict:
         ) from None
     if st.st_uid != os.getuid():
         raise StagerError(ErrorCode.BAD_MESSAGE, f"segment {reply.segment} is not this user's; restart the daemon")
-    data = map_segment(reply.segment, reply.size, writable=True)
+    if mapped is not None and mapped.numel() >= reply.size:
+        data = mapped[: reply.size]
+    else:
+        data = map_segment(reply.segment, reply.size, writable=True)
     prefault(data, 0, reply.size)
     return {fqn: block_view(data, dtype, offset, shape) for fqn, dtype, offset, shape in places}
 
@@ -139,14 +151,27 @@ class Assembler:
     gives. ``endpoint``: the daemon's (read as any reader does, with CURVE keys ``auth_dir`` for
     tcp); ``assembly_endpoint``: its private assembler socket; ``node``: the node's host id.
 
+    ``nixl`` (the daemon serves ``--transport nixl``): the daemon's agent and its registered segments
+    (:class:`~stager.daemon.nixl_agent.SegmentRegistry`): the other nodes' regions are READ with it,
+    straight into the segment, where their daemons serve NIXL (frames otherwise, and for a READ that
+    fails, once).
+
     >>> a = Assembler(daemon.endpoint, daemon.assembly_endpoint, node="node-0", auth_dir=None)  # doctest: +SKIP
     >>> a.start(); daemon.serve(); a.close()  # doctest: +SKIP
     """
 
     def __init__(
-        self, endpoint: str, assembly_endpoint: str, *, node: str | None, auth_dir: str | None, timeout: float = 30.0
+        self,
+        endpoint: str,
+        assembly_endpoint: str,
+        *,
+        node: str | None,
+        auth_dir: str | None,
+        timeout: float = 30.0,
+        nixl: RegisteredMemory | None = None,
     ):
         self.endpoint = endpoint
+        self.nixl = nixl
         self.assembly_endpoint = assembly_endpoint
         self.node = node
         self.auth_dir = auth_dir
@@ -176,11 +201,14 @@ class Assembler:
                         timeout=self.timeout,
                         node=self.node,
                         auth_dir=self.auth_dir,
-                        transport="frames",
+                        transport="auto" if self.nixl is not None else "frames",
+                        nixl_agent=HeldAgent(self.nixl) if self.nixl is not None else None,
                     )
                 if channel is None:
                     channel = AssemblerChannel(self.assembly_endpoint)
                     done = self._restarted(channel, done)  # the timeline the steps tried belong to
+                if self.nixl is not None:
+                    sweep()  # READs of a failed assembly that ended since: their segment may be reused
                 # (a partial version makes the subscriber ask its daemon for the job again, so a
                 # job joined after the assembler started is found)
                 snap = sub.wait_for_newer(done, timeout=1.0)
@@ -228,7 +256,8 @@ class Assembler:
             return
         ok, why = False, ""
         try:
-            snap.load_into(segment_targets(reply, specs))  # the mapping goes with the views, before done
+            mapped = self.nixl.mapping(reply.segment) if self.nixl is not None else None
+            snap.load_into(segment_targets(reply, specs, mapped))  # the mapping goes with the views, before done
             ok = True
         except BaseException as exc:
             why = f"{type(exc).__name__}: {exc}"
