@@ -26,7 +26,7 @@ Each tensor's map is one of:
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import numpy
 import torch
@@ -104,6 +104,76 @@ def changed_indices(prev: torch.Tensor, new: torch.Tensor, dtype: torch.dtype, c
         if idx.numel():
             found.append(idx + start)
     return torch.cat(found) if found else torch.empty(0, dtype=torch.int64)
+
+
+def diff_spans(
+    prev: torch.Tensor,
+    new: torch.Tensor,
+    spans: list[tuple[int, int]],
+    dtype: torch.dtype,
+    dense: float = DENSE,
+    chunk: int = CHUNK,
+    cancel: Callable[[], bool] | None = None,
+) -> list[Change] | None:
+    """The change maps of several tensors at once, one per span: ``prev`` and ``new`` are the same
+    flat region (1-D, one stored dtype) of two versions, ``spans`` the ``(start, numel)`` of each
+    tensor in it, ascending and disjoint; elements between spans (alignment padding) are ignored.
+
+    One cast-and-compare pass per chunk of the region, not one per tensor: a thousand small
+    tensors cost what one tensor of their total size does (per-tensor Python only where something
+    changed), and a chunk whose bits are all equal is not cast at all (frozen weights, norms).
+    ``cancel``: asked between chunks; True stops the work (returns None)."""
+    if prev.shape != new.shape or prev.dtype != new.dtype or prev.dim() != 1:
+        raise ValueError(f"cannot compare {prev.dtype} {list(prev.shape)} with {new.dtype} {list(new.shape)}")
+    if not spans:
+        return []
+    cast = compare_dtype(new.dtype, dtype)
+    starts = torch.tensor([s for s, _ in spans], dtype=torch.int64)
+    ends = starts + torch.tensor([n for _, n in spans], dtype=torch.int64)
+    counts = [0] * len(spans)
+    parts: list[list[torch.Tensor] | None] = [[] for _ in spans]  # None: whole (too dense to index)
+    for lo in range(spans[0][0], int(ends[-1]), chunk):
+        if cancel is not None and cancel():
+            return None
+        x, y = prev[lo : lo + chunk], new[lo : lo + chunk]
+        if torch.equal(_bits(x), _bits(y)):
+            continue  # same bits: same cast, nothing to find
+        if x.dtype != cast:
+            x, y = x.to(cast), y.to(cast)
+        ne = _bits(x) != _bits(y)
+        if ne.dim() > 1:  # complex: either half
+            ne = ne.any(dim=-1)
+        pos = ne.nonzero().view(-1) + lo
+        if not pos.numel():
+            continue
+        owner = torch.searchsorted(starts, pos, right=True) - 1
+        inside = pos < ends[owner]
+        if not bool(inside.all()):  # padding between tensors
+            pos, owner = pos[inside], owner[inside]
+        if not pos.numel():
+            continue
+        ids, sizes = torch.unique_consecutive(owner, return_counts=True)
+        local = pos - starts[owner]
+        for i, piece in zip(ids.tolist(), local.split(sizes.tolist())):
+            counts[i] += piece.numel()
+            got = parts[i]
+            if got is None:
+                continue
+            numel = spans[i][1]
+            if counts[i] > dense * numel or numel > MAX_INDEXED:
+                parts[i] = None
+            else:
+                got.append(piece.to(torch.int32))
+    out = []
+    for (_, numel), count, got in zip(spans, counts, parts):
+        if got is None:
+            out.append(Change(WHOLE, count, numel))
+        else:
+            out.append(encode(torch.cat(got) if len(got) > 1 else got[0] if got else _NONE, numel, dense))
+    return out
+
+
+_NONE = torch.empty(0, dtype=torch.int32)
 
 
 def diff(prev: torch.Tensor, new: torch.Tensor, dtype: torch.dtype, dense: float = DENSE, chunk: int = CHUNK) -> Change:

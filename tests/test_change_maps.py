@@ -161,3 +161,28 @@ def test_a_staging_step_takes_memory_a_change_map_pinned(make_daemon):
     status = d.status()
     assert status["counters"]["memory_refusals"] == 0 and status["counters"]["sealed"] == 5
     assert status["changes"]["skipped"] >= 1
+
+
+def test_a_map_made_but_not_yet_collected_is_kept_when_a_step_takes_its_memory(make_daemon):
+    """keep=1 and memory for two versions: step 3 needs the segment of step 1, which the map of
+    step 2 pinned. That map is already made, only not collected by the loop yet (collection held
+    off here): the step takes the segment and the map is recorded, not thrown away."""
+    big = {"w": torch.zeros(1 << 20)}  # 4 MiB
+    d = make_daemon(keep=1, memory_limit=(8 << 20) + (1 << 16), change_maps="bfloat16")
+    handlers, maps = d.daemon.handlers, d.daemon.handlers.changes
+    collect = handlers.collect_changes
+    handlers.collect_changes = lambda: None
+    try:
+        with StagingClient(d.endpoint, strict=True, backpressure_timeout=0) as c:
+            for step in (1, 2):
+                big["w"][step] = step
+                c.stage(big, step=step).wait(10)
+            wait_until(lambda: len(maps._done))  # made, not collected
+            big["w"][3] = 3
+            c.stage(big, step=3).wait(10)
+    finally:
+        handlers.collect_changes = collect
+    status = d.status()
+    assert status["counters"]["memory_refusals"] == 0 and status["counters"]["sealed"] == 3
+    assert [step for step, _ in maps.records][:1] == [2]
+    assert status["changes"]["skipped"] == 0

@@ -2,6 +2,8 @@
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from stager.protocol.changes import (
     DENSE,
@@ -13,6 +15,7 @@ from stager.protocol.changes import (
     changed_indices,
     compare_dtype,
     diff,
+    diff_spans,
     gather,
     union,
 )
@@ -121,3 +124,41 @@ def test_union_becomes_whole_when_dense():
 def test_shapes_must_match():
     with pytest.raises(ValueError, match="cannot compare"):
         changed_indices(torch.zeros(3), torch.zeros(4), torch.bfloat16)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    sizes=st.lists(st.tuples(st.integers(0, 300), st.sampled_from([0, 0, 3, 17])), min_size=1, max_size=8),
+    dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.int64, torch.complex64, torch.bool]),
+    moved=st.sampled_from([0, 1, 5, 50, 10_000]),
+    step=st.sampled_from([1e-6, 0.5]),
+    chunk=st.sampled_from([7, 64, 1 << 22]),
+    seed=st.integers(0, 2**16),
+)
+def test_diff_spans_is_diff_per_tensor(sizes, dtype, moved, step, chunk, seed):
+    """Tensors compared together over one region (padding between them, chunks across their
+    boundaries) get the maps each gets alone."""
+    g = torch.Generator().manual_seed(seed)
+    spans, at = [], 2
+    for numel, pad in sizes:
+        spans.append((at, numel))
+        at += numel + pad
+    a = torch.randn(at + 3, generator=g)
+    a = a > 0 if dtype == torch.bool else (a * 4).long() if dtype == torch.int64 else a.to(dtype)
+    b = a.clone()
+    idx = torch.randint(0, at + 3, (moved,), generator=g)
+    if dtype == torch.bool:
+        b[idx] = ~b[idx]
+    else:
+        b[idx] += 1 if dtype == torch.int64 else step
+    got = diff_spans(a, b, spans, torch.bfloat16, chunk=chunk)
+    for (start, numel), c in zip(spans, got):
+        ref = diff(a[start : start + numel], b[start : start + numel], torch.bfloat16)
+        assert (c.kind, c.count, c.numel) == (ref.kind, ref.count, ref.numel)
+        if ref.kind == INDICES:
+            assert c.indices.dtype == torch.int32 and torch.equal(c.indices, ref.indices)
+
+
+def test_diff_spans_stops_when_cancelled():
+    a = torch.zeros(100)
+    assert diff_spans(a, a + 1, [(0, 100)], torch.bfloat16, chunk=10, cancel=lambda: True) is None

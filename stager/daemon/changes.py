@@ -28,7 +28,17 @@ from collections.abc import Callable
 import torch
 
 from stager.protocol import ErrorCode, StagerError
-from stager.protocol.changes import INDICES, UNCHANGED, WHOLE, Change, compare_dtype, diff, gather, union, whole
+from stager.protocol.changes import (
+    INDICES,
+    UNCHANGED,
+    WHOLE,
+    Change,
+    compare_dtype,
+    diff_spans,
+    gather,
+    union,
+    whole,
+)
 from stager.protocol.dtypes import dtype_from_name, dtype_name
 from stager.protocol.reads import Changes, ChangesReply
 from stager.protocol.shm import block_view
@@ -40,6 +50,7 @@ from .versions import Version
 log = logging.getLogger("stager.daemon")
 MAX_QUEUED = 4  # maps waiting for the thread; older ones are dropped (their versions' pins with them)
 MAX_REPLY_BYTES = 256 << 20  # indices and values in one reply: readers ask for fewer tensors at a time
+GAP = 1 << 16  # bytes between two tensors that one compared region may span (alignment padding is far less)
 
 Key = tuple[int, int]  # (step, seq): a step number may be staged again by a restarted job, a seq never
 
@@ -49,7 +60,8 @@ class _Job:
     key: Key
     base: Key
     dtypes: tuple[torch.dtype, ...]
-    pairs: list  # (fqn, prev view or None, new view)
+    runs: list  # _Run: tensors compared together, one flat region of each version
+    fresh: list  # (fqn, numel, stored dtype): new, reshaped or retyped since prev: read whole
     pins: list  # (version, pin id)
     cancel: threading.Event = dataclasses.field(default_factory=threading.Event)
     maps: dict = dataclasses.field(default_factory=dict)  # dtype wire name -> {fqn: Change}
@@ -106,15 +118,8 @@ class ChangeMaps:
         prev = self.state.sealed[steps[-2]]
         if prev.epoch != v.epoch or prev.segment is None:
             return
-        old = {t.fqn: t for t in prev.layout.tensors}
-        pairs = []
-        for t in v.layout.tensors:
-            if not t.complete or len(t.blocks) != 1:
-                continue  # a part of a tensor held by several nodes: read whole (no map)
-            p = old.get(t.fqn)
-            same = p is not None and p.complete and len(p.blocks) == 1 and p.shape == t.shape and p.dtype == t.dtype
-            pairs.append((t.fqn, _view(prev, p) if same else None, _view(v, t)))
-        job = _Job((v.step, v.seq), (prev.step, prev.seq), self.dtypes, pairs, [])
+        runs, fresh = _runs(prev, v)
+        job = _Job((v.step, v.seq), (prev.step, prev.seq), self.dtypes, runs, fresh, [])
         for w in (prev, v):
             pin = next(self._pin_ids)
             w.leases.add(pin)
@@ -144,14 +149,23 @@ class ChangeMaps:
 
     def yield_pins(self, unpinned: Callable[[Version], None], versions: set | None = None) -> bool:
         """A step needs memory: drop the pins of ``versions`` (None: all) now; the maps being computed
-        from them are not recorded. True if any pin was dropped."""
+        from them are not recorded (those already made are: the loop had not collected them yet).
+        True if any pin was dropped."""
         with self._lock:
             jobs = [*self._queue, *([self._running] if self._running else []), *self._done]
             jobs = [j for j in jobs if versions is None or any(v in versions for v, _ in j.pins)]
+            done = [j for j in jobs if j in self._done]
             for job in jobs:
                 if job in self._queue:
                     self._queue.remove(job)
+                if job in self._done:
+                    self._done.remove(job)
         dropped = False
+        for job in done:
+            jobs.remove(job)
+            dropped |= self._unpin(job, unpinned)
+            if not job.cancel.is_set():
+                self._record(job)
         for job in jobs:
             if not job.cancel.is_set():
                 job.cancel.set()
@@ -209,21 +223,23 @@ class ChangeMaps:
     @staticmethod
     def _compute(job: _Job) -> None:
         start = time.thread_time()
+        seen: dict = {}  # (run, compared dtype) -> its maps: integer tensors have one for every reader dtype
         for dtype in job.dtypes:
             maps = {}
-            seen = {}
             sizes = {}
-            for fqn, prev, new in job.pairs:
-                if job.cancel.is_set():
-                    return
-                cast = compare_dtype(new.dtype, dtype)  # integer tensors: one map for every reader dtype
-                sizes[fqn] = cast.itemsize
-                if prev is None:
-                    maps[fqn] = whole(new.numel())
-                    continue
-                if (fqn, cast) not in seen:
-                    seen[fqn, cast] = diff(prev, new, dtype)
-                maps[fqn] = seen[fqn, cast]
+            for fqn, numel, stored in job.fresh:
+                maps[fqn] = whole(numel) if numel else Change(UNCHANGED, 0, 0)
+                sizes[fqn] = compare_dtype(stored, dtype).itemsize
+            for i, run in enumerate(job.runs):
+                cast = compare_dtype(run.dtype, dtype)
+                if (i, cast) not in seen:
+                    got = diff_spans(run.prev, run.new, run.spans, dtype, cancel=job.cancel.is_set)
+                    if got is None:
+                        return  # cancelled: a step took the memory
+                    seen[i, cast] = got
+                for fqn, change in zip(run.fqns, seen[i, cast]):
+                    maps[fqn] = change
+                    sizes[fqn] = cast.itemsize
             job.maps[dtype_name(dtype)] = maps
             job.stats[dtype_name(dtype)] = _summary(job.base[0], maps, sizes)
         job.cpu_s = time.thread_time() - start
@@ -295,6 +311,16 @@ class ChangeMaps:
             at = rec.base
         return chain
 
+    @property
+    def working(self) -> bool:
+        """Maps queued, being made or made and not yet collected (no lock: a hint for the loop's poll)."""
+        return bool(self._queue or self._running is not None or self._done)
+
+    @property
+    def finished(self) -> bool:
+        """Maps made that :meth:`collect` has not recorded yet (no lock: a hint for the loop)."""
+        return bool(self._done)
+
     def pending(self) -> bool:
         with self._lock:
             return bool(self._queue or self._running or self._done)
@@ -310,6 +336,61 @@ class ChangeMaps:
             "skipped": self.skipped,
             "pending": self.pending(),
         }
+
+
+@dataclasses.dataclass(eq=False)
+class _Run:
+    """Tensors of one stored dtype compared in one pass: ``prev`` and ``new`` are the same flat
+    region of the two versions' segments, ``spans`` each tensor's (start, numel) in it."""
+
+    dtype: torch.dtype
+    fqns: list
+    spans: list
+    prev: torch.Tensor | None = None
+    new: torch.Tensor | None = None
+
+
+def _runs(prev: Version, v: Version) -> tuple[list[_Run], list]:
+    """The tensors of ``v`` that ``prev`` holds too (same shape and dtype), grouped into runs that
+    one flat view of each segment covers: same dtype, laid out in the same order at the same
+    distances in both (as one layout always is), at most GAP bytes apart. Besides, the tensors
+    that are new or changed shape or dtype: (fqn, numel, dtype), read whole."""
+    old = {t.fqn: t for t in prev.layout.tensors}
+    fresh, items = [], []
+    for t in v.layout.tensors:
+        if not t.complete or len(t.blocks) != 1:
+            continue  # a part of a tensor held by several nodes: read whole (no map)
+        p = old.get(t.fqn)
+        same = p is not None and p.complete and len(p.blocks) == 1 and p.shape == t.shape and p.dtype == t.dtype
+        if not same:
+            fresh.append((t.fqn, math.prod(t.shape), t.torch_dtype))
+        elif math.prod(t.shape):  # empty tensors never change (no map: unchanged)
+            items.append((t.blocks[0].byte_offset, p.blocks[0].byte_offset - t.blocks[0].byte_offset, t))
+        else:
+            fresh.append((t.fqn, 0, t.torch_dtype))  # nothing to move: unchanged
+    runs: list[_Run] = []
+    base = end = shift = 0
+    for off, moved, t in sorted(items, key=lambda item: item[0]):
+        dtype, numel = t.torch_dtype, math.prod(t.shape)
+        run = runs[-1] if runs else None
+        if run is None or run.dtype != dtype or moved != shift or not end <= off <= end + GAP:
+            if run is not None:
+                _seal_run(run, prev, v, base, end, shift)
+            run = _Run(dtype, [], [])
+            runs.append(run)
+            base, shift = off, moved
+        run.fqns.append(t.fqn)
+        run.spans.append(((off - base) // dtype.itemsize, numel))
+        end = off + numel * dtype.itemsize
+    if runs:
+        _seal_run(runs[-1], prev, v, base, end, shift)
+    return runs, fresh
+
+
+def _seal_run(run: _Run, prev: Version, v: Version, base: int, end: int, shift: int) -> None:
+    count = (end - base) // run.dtype.itemsize
+    run.new = block_view(v.segment.as_bytes(), run.dtype, base, (count,))
+    run.prev = block_view(prev.segment.as_bytes(), run.dtype, base + shift, (count,))
 
 
 def _view(v: Version, t) -> torch.Tensor:
