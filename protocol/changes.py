@@ -25,6 +25,7 @@ Each tensor's map is one of:
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 from collections.abc import Callable, Iterable
 
@@ -38,6 +39,7 @@ KINDS = (UNCHANGED, INDICES, WHOLE)
 DENSE = 0.25  # above this fraction of changed elements a tensor is read whole (int32 indices + values cost more)
 MAX_INDEXED = 2**31 - 1  # int32 flat indices: larger tensors are read whole when changed
 CHUNK = 1 << 22  # elements cast and compared at a time: bounds the temporaries to a few tens of MiB
+SPAN_CHUNK = 1 << 18  # the same for regions of many tensors (diff_spans): the temporaries stay in cache
 _INT_OF_SIZE = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
@@ -112,7 +114,7 @@ def diff_spans(
     spans: list[tuple[int, int]],
     dtype: torch.dtype,
     dense: float = DENSE,
-    chunk: int = CHUNK,
+    chunk: int = SPAN_CHUNK,
     cancel: Callable[[], bool] | None = None,
 ) -> list[Change] | None:
     """The change maps of several tensors at once, one per span: ``prev`` and ``new`` are the same
@@ -122,14 +124,17 @@ def diff_spans(
     One cast-and-compare pass per chunk of the region, not one per tensor: a thousand small
     tensors cost what one tensor of their total size does (per-tensor Python only where something
     changed), and a chunk whose bits are all equal is not cast at all (frozen weights, norms).
+    Chunks are small enough to stay in cache through the casts and the compare; numpy compares
+    and finds the changed positions (its nonzero is ~2x torch's here).
     ``cancel``: asked between chunks; True stops the work (returns None)."""
     if prev.shape != new.shape or prev.dtype != new.dtype or prev.dim() != 1:
         raise ValueError(f"cannot compare {prev.dtype} {list(prev.shape)} with {new.dtype} {list(new.shape)}")
     if not spans:
         return []
     cast = compare_dtype(new.dtype, dtype)
-    starts = torch.tensor([s for s, _ in spans], dtype=torch.int64)
-    ends = starts + torch.tensor([n for _, n in spans], dtype=torch.int64)
+    firsts = [s for s, _ in spans]
+    starts = numpy.array(firsts, dtype=numpy.int64)
+    ends = starts + numpy.array([n for _, n in spans], dtype=numpy.int64)
     counts = [0] * len(spans)
     parts: list[list[torch.Tensor] | None] = [[] for _ in spans]  # None: whole (too dense to index)
     for lo in range(spans[0][0], int(ends[-1]), chunk):
@@ -140,22 +145,27 @@ def diff_spans(
             continue  # same bits: same cast, nothing to find
         if x.dtype != cast:
             x, y = x.to(cast), y.to(cast)
-        ne = _bits(x) != _bits(y)
-        if ne.dim() > 1:  # complex: either half
-            ne = ne.any(dim=-1)
-        pos = ne.nonzero().view(-1) + lo
-        if not pos.numel():
+        ne = _bits(x).numpy() != _bits(y).numpy()
+        if ne.ndim > 1:  # complex: either half
+            ne = ne.any(axis=-1)
+        pos = numpy.flatnonzero(ne)
+        if not pos.size:
             continue
-        owner = torch.searchsorted(starts, pos, right=True) - 1
-        inside = pos < ends[owner]
-        if not bool(inside.all()):  # padding between tensors
-            pos, owner = pos[inside], owner[inside]
-        if not pos.numel():
-            continue
-        ids, sizes = torch.unique_consecutive(owner, return_counts=True)
-        local = pos - starts[owner]
-        for i, piece in zip(ids.tolist(), local.split(sizes.tolist())):
-            counts[i] += piece.numel()
+        pos += lo
+        first = bisect.bisect_right(firsts, lo) - 1
+        if first + 1 == len(spans) or firsts[first + 1] >= lo + chunk:  # one tensor (or its tail padding)
+            pos = pos[: numpy.searchsorted(pos, ends[first])] - firsts[first]
+            found = [(first, pos)] if pos.size else []
+        else:
+            owner = numpy.searchsorted(starts, pos, side="right") - 1
+            inside = pos < ends[owner]
+            if not inside.all():  # padding between tensors
+                pos, owner = pos[inside], owner[inside]
+            local = pos - starts[owner]
+            cuts = numpy.flatnonzero(owner[1:] != owner[:-1]) + 1
+            found = zip(owner[numpy.concatenate(([0], cuts))].tolist(), numpy.split(local, cuts)) if pos.size else []
+        for i, piece in found:
+            counts[i] += piece.size
             got = parts[i]
             if got is None:
                 continue
@@ -163,7 +173,7 @@ def diff_spans(
             if counts[i] > dense * numel or numel > MAX_INDEXED:
                 parts[i] = None
             else:
-                got.append(piece.to(torch.int32))
+                got.append(torch.from_numpy(piece.astype(numpy.int32)))
     out = []
     for (_, numel), count, got in zip(spans, counts, parts):
         if got is None:

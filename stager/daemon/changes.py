@@ -20,6 +20,7 @@ import dataclasses
 import itertools
 import logging
 import math
+import os
 import threading
 import time
 from collections import OrderedDict, deque
@@ -50,6 +51,7 @@ from .versions import Version
 log = logging.getLogger("stager.daemon")
 MAX_QUEUED = 4  # maps waiting for the thread; older ones are dropped (their versions' pins with them)
 MAX_REPLY_BYTES = 256 << 20  # indices and values in one reply: readers ask for fewer tensors at a time
+NICE = 10  # the map thread's niceness above the daemon's (Linux threads have their own)
 GAP = 1 << 16  # bytes between two tensors that one compared region may span (alignment padding is far less)
 
 Key = tuple[int, int]  # (step, seq): a step number may be staged again by a restarted job, a seq never
@@ -204,6 +206,11 @@ class ChangeMaps:
     # ------------------------------------------------------------------ worker
 
     def _work(self) -> None:
+        try:  # below the loop and the trainer's ranks: a map waits for idle CPU, never they for it
+            tid = threading.get_native_id()
+            os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + NICE))
+        except (AttributeError, OSError):  # not Linux (per-thread nice), or not allowed: as it is
+            pass
         while True:
             with self._lock:
                 while not self._queue and not self._closed:
