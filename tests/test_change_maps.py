@@ -53,7 +53,7 @@ def changed(d, step):
 def test_status_shows_what_changed_in_the_readers_dtype(make_daemon):
     d = make_daemon(change_maps="bfloat16")
     sds = chain(3)
-    stage_all(d, sds)
+    stage_all(d, sds, settle=True)  # a map still being made when its base is dropped is dropped too
     entry = wait_until(lambda: changed(d, 3))["bf16"]
     w = (sds[2]["w"].bfloat16() != sds[1]["w"].bfloat16()).sum().item()
     numel = 64 * 32 + 40 + 16 + 8
@@ -186,3 +186,35 @@ def test_a_map_made_but_not_yet_collected_is_kept_when_a_step_takes_its_memory(m
     assert status["counters"]["memory_refusals"] == 0 and status["counters"]["sealed"] == 3
     assert [step for step, _ in maps.records][:1] == [2]
     assert status["changes"]["skipped"] == 0
+
+
+def test_an_evicted_version_goes_to_the_pool_at_once_while_its_map_is_still_being_made(make_daemon):
+    """keep=2: a map has from its version's seal to the next one (both versions are kept anyway).
+    When retention drops the older version and its map is still being made (held here), the map
+    is dropped and the segment pooled at once, as without maps: the next step reuses it."""
+    big = {"w": torch.zeros(1 << 20)}  # 4 MiB
+    d = make_daemon(keep=2, memory_limit=64 << 20, change_maps="bfloat16")
+    maps = d.daemon.handlers.changes
+    release, entered = threading.Event(), threading.Event()
+    compute = maps._compute
+
+    def held(job):
+        entered.set()
+        release.wait(30)
+        compute(job)
+
+    maps._compute = held
+    try:
+        with StagingClient(d.endpoint, strict=True) as c:
+            for step in (1, 2):
+                big["w"][step] = step
+                c.stage(big, step=step).wait(10)
+            assert entered.wait(10)  # the map of step 2 reads steps 1 and 2
+            big["w"][3] = 3
+            c.stage(big, step=3).wait(10)  # retention drops step 1
+            status = d.status()
+    finally:
+        release.set()
+    assert [v["step"] for v in status["versions"]] == [2, 3]
+    assert status["memory"]["pooled"] >= 4 << 20  # step 1's segment, free for step 4
+    assert status["changes"]["skipped"] == 1

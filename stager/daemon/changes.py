@@ -45,6 +45,7 @@ from stager.protocol.reads import Changes, ChangesReply
 from stager.protocol.shm import block_view
 
 from .peers import PeerDirectory
+from .planning import NodeLayout
 from .state import DaemonState
 from .versions import Version
 
@@ -62,8 +63,8 @@ class _Job:
     key: Key
     base: Key
     dtypes: tuple[torch.dtype, ...]
-    runs: list  # _Run: tensors compared together, one flat region of each version
-    fresh: list  # (fqn, numel, stored dtype): new, reshaped or retyped since prev: read whole
+    layouts: tuple  # (prev's, v's): what the worker groups into runs (_runs), off the loop
+    segments: tuple  # (prev's, v's) mapped bytes: held here, they stay mapped while the worker reads them
     pins: list  # (version, pin id)
     cancel: threading.Event = dataclasses.field(default_factory=threading.Event)
     maps: dict = dataclasses.field(default_factory=dict)  # dtype wire name -> {fqn: Change}
@@ -120,8 +121,8 @@ class ChangeMaps:
         prev = self.state.sealed[steps[-2]]
         if prev.epoch != v.epoch or prev.segment is None:
             return
-        runs, fresh = _runs(prev, v)
-        job = _Job((v.step, v.seq), (prev.step, prev.seq), self.dtypes, runs, fresh, [])
+        layouts, segments = (prev.layout, v.layout), (prev.segment.as_bytes(), v.segment.as_bytes())
+        job = _Job((v.step, v.seq), (prev.step, prev.seq), self.dtypes, layouts, segments, [])
         for w in (prev, v):
             pin = next(self._pin_ids)
             w.leases.add(pin)
@@ -231,13 +232,14 @@ class ChangeMaps:
     def _compute(job: _Job) -> None:
         start = time.thread_time()
         seen: dict = {}  # (run, compared dtype) -> its maps: integer tensors have one for every reader dtype
+        runs, fresh = _runs(*job.layouts, *job.segments)
         for dtype in job.dtypes:
             maps = {}
             sizes = {}
-            for fqn, numel, stored in job.fresh:
+            for fqn, numel, stored in fresh:
                 maps[fqn] = whole(numel) if numel else Change(UNCHANGED, 0, 0)
                 sizes[fqn] = compare_dtype(stored, dtype).itemsize
-            for i, run in enumerate(job.runs):
+            for i, run in enumerate(runs):
                 cast = compare_dtype(run.dtype, dtype)
                 if (i, cast) not in seen:
                     got = diff_spans(run.prev, run.new, run.spans, dtype, cancel=job.cancel.is_set)
@@ -270,32 +272,58 @@ class ChangeMaps:
             raise StagerError(ErrorCode.BAD_VALUE, f"{missing[0][:200]}: no such tensor in step {v.step}")
         chain = self._chain(v, (msg.since, msg.since_seq), msg.dtype)
         reply = ChangesReply(step=v.step, since=msg.since, dtype=msg.dtype)
-        indices = []
-        values = []
+        picked = []  # (tensor layout, indices, the dtype its values go in)
         total = 0
         for fqn in fqns:
             t = by_name[fqn]
             numel = math.prod(t.shape)
             c = union([m.get(fqn) or whole(numel) for m in chain], numel) if chain else Change(UNCHANGED, 0, numel)
-            reply.tensors.append([fqn, c.kind, c.count])
             if c.kind == INDICES and msg.want != "counts":
-                indices.append(c.indices)
-                total += c.count * 4
-                if msg.want == "values":
-                    values.append(gather(_view(v, t), c.indices, compare_dtype(t.torch_dtype, dtype)))
-                    total += c.count * values[-1].dtype.itemsize
-                if total > MAX_REPLY_BYTES:
-                    raise StagerError(
-                        ErrorCode.BAD_VALUE,
-                        f"the changes of {len(reply.tensors)} tensors are over "
-                        f"{MAX_REPLY_BYTES >> 20} MiB; ask for fewer tensors",
-                    )
+                cast = compare_dtype(t.torch_dtype, dtype)
+                need = c.count * (4 + (cast.itemsize if msg.want == "values" else 0))
+                if need > MAX_REPLY_BYTES:
+                    c = Change(WHOLE, c.count, numel)  # more than a reply holds: a full read of it is as cheap
+                elif total + need > MAX_REPLY_BYTES:
+                    break  # the reply answers the tensors before this one; the reader asks again for the rest
+                else:
+                    total += need
+                    picked.append((t, c.indices, cast))
+            reply.tensors.append([fqn, c.kind, c.count])
         self.state.counters["read_bytes"] += total  # bytes served to readers, as Read counts them
         if msg.want != "counts":
-            reply.frames = [_bytes(indices, torch.int32)] + (
-                [_bytes(values, torch.uint8)] if values or msg.want == "values" else []
-            )
+            indices = [idx for _, idx, _ in picked]
+            reply.frames = [_frame(torch.cat(indices) if len(indices) > 1 else indices[0] if indices else None)]
+            if msg.want == "values":
+                reply.frames.append(_frame(self._values(v, picked)))
         return reply
+
+    @staticmethod
+    def _values(v: Version, picked: list) -> torch.Tensor | None:
+        """The values of ``picked`` (layout, indices, dtype) in one flat tensor: gathered straight into
+        one buffer per stored dtype (bits, through numpy's take), then cast once per dtype pair."""
+        if not picked:
+            return None
+        out = torch.empty(sum(idx.numel() for _, idx, _ in picked), dtype=picked[0][2])
+        stored = torch.empty(0, dtype=torch.uint8)
+        at = 0
+        runs = itertools.groupby(picked, key=lambda p: (p[0].torch_dtype, p[2]))
+        for (src_dtype, cast), group in ((key, list(g)) for key, g in runs):
+            count = sum(idx.numel() for _, idx, _ in group)
+            if src_dtype == cast:
+                bits = out[at : at + count]  # no cast: straight into the reply
+            else:
+                if stored.numel() < count * src_dtype.itemsize:
+                    stored = torch.empty(count * src_dtype.itemsize, dtype=torch.uint8)
+                bits = stored[: count * src_dtype.itemsize].view(src_dtype)
+            pos = 0
+            for t, idx, _ in group:
+                n = idx.numel()
+                gather(_view(v, t), idx, src_dtype, out=bits[pos : pos + n])
+                pos += n
+            if src_dtype != cast:
+                out[at : at + count] = bits  # the cast, as a reader's copy would
+            at += count
+        return out
 
     def _chain(self, v: Version, since: Key, dtype: str) -> list[dict[str, Change]]:
         """The maps from ``since`` to ``v``, newest first (empty: ``v`` is ``since``)."""
@@ -357,14 +385,16 @@ class _Run:
     new: torch.Tensor | None = None
 
 
-def _runs(prev: Version, v: Version) -> tuple[list[_Run], list]:
-    """The tensors of ``v`` that ``prev`` holds too (same shape and dtype), grouped into runs that
+def _runs(
+    prev: NodeLayout, new: NodeLayout, prev_bytes: torch.Tensor, new_bytes: torch.Tensor
+) -> tuple[list[_Run], list]:
+    """The tensors of ``new`` that ``prev`` holds too (same shape and dtype), grouped into runs that
     one flat view of each segment covers: same dtype, laid out in the same order at the same
     distances in both (as one layout always is), at most GAP bytes apart. Besides, the tensors
     that are new or changed shape or dtype: (fqn, numel, dtype), read whole."""
-    old = {t.fqn: t for t in prev.layout.tensors}
+    old = {t.fqn: t for t in prev.tensors}
     fresh, items = [], []
-    for t in v.layout.tensors:
+    for t in new.tensors:
         if not t.complete or len(t.blocks) != 1:
             continue  # a part of a tensor held by several nodes: read whole (no map)
         p = old.get(t.fqn)
@@ -382,7 +412,7 @@ def _runs(prev: Version, v: Version) -> tuple[list[_Run], list]:
         run = runs[-1] if runs else None
         if run is None or run.dtype != dtype or moved != shift or not end <= off <= end + GAP:
             if run is not None:
-                _seal_run(run, prev, v, base, end, shift)
+                _seal_run(run, prev_bytes, new_bytes, base, end, shift)
             run = _Run(dtype, [], [])
             runs.append(run)
             base, shift = off, moved
@@ -390,14 +420,14 @@ def _runs(prev: Version, v: Version) -> tuple[list[_Run], list]:
         run.spans.append(((off - base) // dtype.itemsize, numel))
         end = off + numel * dtype.itemsize
     if runs:
-        _seal_run(runs[-1], prev, v, base, end, shift)
+        _seal_run(runs[-1], prev_bytes, new_bytes, base, end, shift)
     return runs, fresh
 
 
-def _seal_run(run: _Run, prev: Version, v: Version, base: int, end: int, shift: int) -> None:
+def _seal_run(run: _Run, prev_bytes: torch.Tensor, new_bytes: torch.Tensor, base: int, end: int, shift: int) -> None:
     count = (end - base) // run.dtype.itemsize
-    run.new = block_view(v.segment.as_bytes(), run.dtype, base, (count,))
-    run.prev = block_view(prev.segment.as_bytes(), run.dtype, base + shift, (count,))
+    run.new = block_view(new_bytes, run.dtype, base, (count,))
+    run.prev = block_view(prev_bytes, run.dtype, base + shift, (count,))
 
 
 def _view(v: Version, t) -> torch.Tensor:
@@ -405,11 +435,11 @@ def _view(v: Version, t) -> torch.Tensor:
     return block_view(v.segment.as_bytes(), t.torch_dtype, block.byte_offset, block.box.shape)
 
 
-def _bytes(parts: list[torch.Tensor], dtype: torch.dtype) -> bytes:
-    if not parts:
+def _frame(flat: torch.Tensor | None) -> memoryview | bytes:
+    """A reply frame of ``flat``'s bytes, without a copy (ZeroMQ holds the buffer until it is sent)."""
+    if flat is None or not flat.numel():
         return b""
-    flat = torch.cat([p.reshape(-1).view(torch.uint8) if dtype == torch.uint8 else p.reshape(-1) for p in parts])
-    return flat.numpy().tobytes()
+    return memoryview(flat.view(torch.uint8).numpy())
 
 
 def _summary(base: int, maps: dict[str, Change], sizes: dict[str, int]) -> dict:
