@@ -230,6 +230,30 @@ def gather(src: torch.Tensor, indices: torch.Tensor, dtype: torch.dtype) -> torc
     return flat.index_select(0, indices).to(dtype)
 
 
+def gather_many(
+    base: torch.Tensor, offsets: list[int], counts: list[int], indices: torch.Tensor, out: torch.Tensor
+) -> torch.Tensor:
+    """The values of several tensors of one flat region in one take: tensor i starts at element
+    ``offsets[i]`` of ``base`` (1-D, the tensors' stored dtype) and its flat indices are the next
+    ``counts[i]`` of ``indices`` (int32, in range: the caller's own maps, not checked); they are
+    cast into ``out`` (1-D, the reader's dtype) as a copy would. One numpy take for them all, not
+    one call per tensor: the per-tensor Python of a request is what a small delta's time is."""
+    if base.device.type != "cpu" or not _numpy_ok(base.dtype):
+        at = 0
+        for offset, count in zip(offsets, counts):
+            where = indices[at : at + count].long() + offset
+            out[at : at + count] = base.index_select(0, where)
+            at += count
+        return out
+    where = indices.numpy().astype(numpy.int64)
+    where += numpy.repeat(numpy.asarray(offsets, dtype=numpy.int64), counts)
+    if out.dtype == base.dtype:  # "clip" takes straight into out ("raise" would buffer: a copy more)
+        _ints(base).take(where, out=_ints(out), mode="clip")
+    else:
+        out.copy_(torch.from_numpy(_ints(base).take(where, mode="clip")).view(base.dtype))  # bits, then the cast
+    return out
+
+
 def _numpy_ok(dtype: torch.dtype) -> bool:
     return not dtype.is_complex and dtype.itemsize in _INT_OF_SIZE
 

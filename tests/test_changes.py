@@ -17,6 +17,7 @@ from stager.protocol.changes import (
     diff,
     diff_spans,
     gather,
+    gather_many,
     union,
 )
 
@@ -162,3 +163,19 @@ def test_diff_spans_is_diff_per_tensor(sizes, dtype, moved, step, chunk, seed):
 def test_diff_spans_stops_when_cancelled():
     a = torch.zeros(100)
     assert diff_spans(a, a + 1, [(0, 100)], torch.bfloat16, chunk=10, cancel=lambda: True) is None
+
+
+@pytest.mark.parametrize(
+    "stored, reader",
+    [(torch.float32, torch.bfloat16), (torch.bfloat16, torch.bfloat16), (torch.complex64, torch.complex64)],
+)
+def test_gather_many_is_gather_per_tensor(stored, reader):
+    """One take over a region for several tensors gives what a gather per tensor gives."""
+    g = torch.Generator().manual_seed(7)
+    region = torch.randn(1000, generator=g).to(stored)
+    tensors = [(0, 100), (128, 300), (600, 7), (700, 300)]  # (offset, numel): padding between them
+    picked = [torch.randperm(n, generator=g)[: n // 3].sort().values.to(torch.int32) for _, n in tensors]
+    out = torch.empty(sum(p.numel() for p in picked), dtype=reader)
+    gather_many(region, [o for o, _ in tensors], [p.numel() for p in picked], torch.cat(picked), out)
+    expected = torch.cat([gather(region[o : o + n], p, reader) for (o, n), p in zip(tensors, picked)])
+    assert torch.equal(out.view(-1), expected)

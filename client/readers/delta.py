@@ -18,6 +18,7 @@ another process) are not seen: do not pass ``since`` for tensors written that wa
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import math
 import warnings
@@ -28,13 +29,15 @@ from typing import Any
 import torch
 
 from stager.protocol import Changes, ChangesReply, ErrorCode, StagerError
-from stager.protocol.changes import DENSE, INDICES, apply, gather
+from stager.protocol.changes import INDICES, apply, gather
 from stager.protocol.dtypes import DTYPES, FLOAT8_DTYPES, dtype_name
+from stager.protocol.reads import MAX_CHANGE_TENSORS
 
 from .views import ViewEntry
 
 log = logging.getLogger("stager.client")
-BATCH_BYTES = 64 << 20  # the most one Changes reply may carry (indices plus values, at the densest maps)
+PIPELINE = 4  # Changes requests in flight per delta read: the daemon gathers one while the reader applies another
+MIN_BATCH = 1 << 23  # elements per request at least: a small model's delta is one request (each costs ~1 ms)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,28 +102,48 @@ def load_changes(
     conn, lease = next(iter(snap._version.leases.values()))
     timeout = snap._version._reader.timeout
     for (dtype, seq, mapped), members in groups.items():
-        for batch in _batches(members, dtype, mapped):
-            try:
-                reply = conn.request(
-                    Changes(
-                        lease=lease,
-                        since=since,
-                        since_seq=seq,
-                        dtype=dtype_name(dtype),
-                        want="indices" if mapped else "values",
-                        fqns=[fqn for _, fqn, _ in batch],
-                    ),
-                    timeout,
-                )
-            except StagerError as exc:
-                if exc.code != ErrorCode.UNKNOWN_BASE:
-                    raise
-                log.debug("delta read of step %d from %d: %s", snap.step, since, exc.message)
-                break  # this group is read in full
-            if not isinstance(reply, ChangesReply) or len(reply.tensors) != len(batch):
-                raise StagerError(ErrorCode.BAD_MESSAGE, f"unexpected {reply.TYPE} reply to changes")
+        ask = functools.partial(
+            Changes,
+            lease=lease,
+            since=since,
+            since_seq=seq,
+            dtype=dtype_name(dtype),
+            want="indices" if mapped else "values",
+        )
+
+        def applied(batch: list, reply: ChangesReply, dtype: torch.dtype = dtype, mapped: bool = mapped) -> None:
             done.update(_apply(snap._version, batch, reply, dtype, mapped))
+
+        while members:
+            members = _exchange(conn, ask, _batches(members), timeout, applied)
+            if members is None:
+                log.debug("delta read of step %d from %d: the daemon has no change map", snap.step, since)
+                break  # the rest of this group is read in full
     return done
+
+
+def _exchange(conn: Any, ask: Any, batches: list[list], timeout: float, applied: Any) -> list | None:
+    """Send one Changes request per batch at once, then take the replies in order, each applied
+    (``applied(batch, reply)``) as it comes: the daemon gathers the next batch meanwhile. A reply
+    answers a prefix of its batch (the rest would pass its size bound): returns the tensors left,
+    to ask for again; None when the daemon has no map from the reader's step (UNKNOWN_BASE)."""
+    rids = [(conn.send(ask(fqns=[fqn for _, fqn, _ in batch])), batch) for batch in batches]
+    rest, failed = [], False
+    for rid, batch in rids:
+        try:
+            reply = conn.wait_reply(rid, timeout, "changes", ChangesReply)
+        except StagerError as exc:
+            if exc.code != ErrorCode.UNKNOWN_BASE:
+                raise
+            failed = True  # the other replies are taken still: none is left on the connection
+            continue
+        n = len(reply.tensors)
+        if not 0 < n <= len(batch):
+            raise StagerError(ErrorCode.BAD_MESSAGE, f"changes reply answers {n} of {len(batch)} tensors")
+        if not failed:
+            applied(batch[:n], reply)
+            rest.extend(batch[n:])
+    return None if failed else rest
 
 
 def _provable(snap: Any, entries: Mapping[str, ViewEntry], out: Mapping[str, torch.Tensor], since: int) -> dict:
@@ -159,19 +182,20 @@ def _delta_source(snap: Any, entry: ViewEntry) -> str | None:
     return fqn
 
 
-def _batches(members: list, dtype: torch.dtype, mapped: bool) -> list[list]:
-    """Tensors per request, so that a reply is at most BATCH_BYTES even if every map is at its densest."""
-    per = 4 + (0 if mapped else dtype.itemsize)
-    out = []
-    cur = []
-    size = 0
+def _batches(members: list) -> list[list]:
+    """Tensors per request: up to PIPELINE requests of about equal element counts (none below
+    MIN_BATCH elements unless it is the last), so that the first reply comes early and the daemon
+    gathers the next while this process applies one. Their size is bounded by the daemon, whose
+    reply answers a prefix of the tensors asked for when they would not fit."""
+    total = sum(math.prod(item[2].shape) for item in members)
+    target = max(math.ceil(total / PIPELINE), MIN_BATCH)
+    out, cur, size = [], [], 0
     for item in members:
-        need = math.ceil(math.prod(item[2].shape) * DENSE) * per
-        if cur and size + need > BATCH_BYTES:
+        cur.append(item)
+        size += math.prod(item[2].shape)
+        if size >= target or len(cur) == MAX_CHANGE_TENSORS:
             out.append(cur)
             cur, size = [], 0
-        cur.append(item)
-        size += need
     return out + ([cur] if cur else [])
 
 

@@ -36,7 +36,7 @@ from stager.protocol.changes import (
     Change,
     compare_dtype,
     diff_spans,
-    gather,
+    gather_many,
     union,
     whole,
 )
@@ -292,38 +292,11 @@ class ChangeMaps:
         self.state.counters["read_bytes"] += total  # bytes served to readers, as Read counts them
         if msg.want != "counts":
             indices = [idx for _, idx, _ in picked]
-            reply.frames = [_frame(torch.cat(indices) if len(indices) > 1 else indices[0] if indices else None)]
+            indices = torch.cat(indices) if len(indices) > 1 else indices[0] if indices else None
+            reply.frames = [_frame(indices)]
             if msg.want == "values":
-                reply.frames.append(_frame(self._values(v, picked)))
+                reply.frames.append(_frame(_values(v, picked, indices)))
         return reply
-
-    @staticmethod
-    def _values(v: Version, picked: list) -> torch.Tensor | None:
-        """The values of ``picked`` (layout, indices, dtype) in one flat tensor: gathered straight into
-        one buffer per stored dtype (bits, through numpy's take), then cast once per dtype pair."""
-        if not picked:
-            return None
-        out = torch.empty(sum(idx.numel() for _, idx, _ in picked), dtype=picked[0][2])
-        stored = torch.empty(0, dtype=torch.uint8)
-        at = 0
-        runs = itertools.groupby(picked, key=lambda p: (p[0].torch_dtype, p[2]))
-        for (src_dtype, cast), group in ((key, list(g)) for key, g in runs):
-            count = sum(idx.numel() for _, idx, _ in group)
-            if src_dtype == cast:
-                bits = out[at : at + count]  # no cast: straight into the reply
-            else:
-                if stored.numel() < count * src_dtype.itemsize:
-                    stored = torch.empty(count * src_dtype.itemsize, dtype=torch.uint8)
-                bits = stored[: count * src_dtype.itemsize].view(src_dtype)
-            pos = 0
-            for t, idx, _ in group:
-                n = idx.numel()
-                gather(_view(v, t), idx, src_dtype, out=bits[pos : pos + n])
-                pos += n
-            if src_dtype != cast:
-                out[at : at + count] = bits  # the cast, as a reader's copy would
-            at += count
-        return out
 
     def _chain(self, v: Version, since: Key, dtype: str) -> list[dict[str, Change]]:
         """The maps from ``since`` to ``v``, newest first (empty: ``v`` is ``since``)."""
@@ -430,9 +403,26 @@ def _seal_run(run: _Run, prev_bytes: torch.Tensor, new_bytes: torch.Tensor, base
     run.prev = block_view(prev_bytes, run.dtype, base + shift, (count,))
 
 
-def _view(v: Version, t) -> torch.Tensor:
-    block = t.blocks[0]
-    return block_view(v.segment.as_bytes(), t.torch_dtype, block.byte_offset, block.box.shape)
+def _values(v: Version, picked: list, indices: torch.Tensor | None) -> torch.Tensor | None:
+    """The values of ``picked`` (layout, indices, the dtype they go in), one after the other as bytes,
+    at ``indices`` (theirs, concatenated): per run of one stored dtype and one cast, one take over
+    the whole segment and one cast (:func:`gather_many`)."""
+    if not picked:
+        return None
+    out = torch.empty(sum(idx.numel() * cast.itemsize for _, idx, cast in picked), dtype=torch.uint8)
+    seg = v.segment.as_bytes()
+    at = byte = 0
+    for (stored, cast), run in itertools.groupby(picked, key=lambda p: (p[0].torch_dtype, p[2])):
+        run = list(run)
+        counts = [idx.numel() for _, idx, _ in run]
+        count = sum(counts)
+        base = seg[: seg.numel() // stored.itemsize * stored.itemsize].view(stored)
+        offsets = [t.blocks[0].byte_offset // stored.itemsize for t, _, _ in run]
+        dst = out[byte : byte + count * cast.itemsize].view(cast)
+        gather_many(base, offsets, counts, indices[at : at + count], dst)
+        at += count
+        byte += count * cast.itemsize
+    return out
 
 
 def _frame(flat: torch.Tensor | None) -> memoryview | bytes:
