@@ -218,3 +218,21 @@ def test_an_evicted_version_goes_to_the_pool_at_once_while_its_map_is_still_bein
     assert [v["step"] for v in status["versions"]] == [2, 3]
     assert status["memory"]["pooled"] >= 4 << 20  # step 1's segment, free for step 4
     assert status["changes"]["skipped"] == 1
+
+
+def test_a_map_that_cannot_be_made_before_the_next_step_is_not_begun(make_daemon):
+    """Steps come faster than maps are made (the estimate of a map's time set high here): the map
+    is not begun, it is counted as skipped, and its pins end; a reader of that step reads in full."""
+    d = make_daemon(change_maps="bfloat16")
+    maps = d.daemon.handlers.changes
+    sds = chain(3)
+    with StagingClient(d.endpoint, strict=True) as c:
+        for step in (1, 2):
+            c.stage(sds[step - 1], step=step).wait(10)
+        wait_until(lambda: changed(d, 2))
+        maps._took = 1e9
+        c.stage(sds[2], step=3).wait(10)
+        wait_until(lambda: d.status()["changes"]["skipped"] == 1 and not maps.working)
+    assert changed(d, 2) is not None and changed(d, 3) is None
+    assert [step for step, _ in maps.records] == [2]
+    assert all(not v.leases for v in d.daemon.state.sealed.values())  # no pin left

@@ -1,12 +1,17 @@
 """Change maps: what changed in each sealed version against the one before, per reader dtype.
 
 After a version seals, the socket loop hands the pair (the new version, the previous sealed one of
-the same epoch) to one background thread, which casts both to each configured reader dtype and
-compares them bitwise (:mod:`stager.protocol.changes`); the trainer never waits for it and the
-loop never computes. While the thread reads them, both versions are pinned (a negative id in
-their lease set), so retention does not hand their segments to a new step; when a step needs
-memory that only a pin holds, the pin is dropped at once (:meth:`ChangeMaps.yield_pins`) and that
-map is never recorded: a reader then reads in full.
+the same epoch) to one background thread (niced below the loop), which casts both to each
+configured reader dtype and compares them bitwise, one pass per region of same-dtype tensors
+(:func:`~stager.protocol.changes.diff_spans`: a thousand small tensors cost what one of their
+size does); the trainer never waits for it and the loop never computes. While the thread reads
+them, both versions are pinned (a negative id in their lease set). The pins never keep memory
+from a step: with ``--keep`` >= 2 a map has until its base is dropped by retention (both versions
+are kept anyway until the next seal), and one not made by then is dropped and the segment pooled
+at once, as without maps; with ``--keep 1`` the pin holds until a step needs the memory
+(:meth:`ChangeMaps.yield_pins`). A dropped map is counted (``skipped``) and its readers read in
+full; a map already made is recorded, never dropped. The loop collects maps as soon as they are
+made (readers wait for them, and their pins end then).
 
 Maps outlive the versions' data (they are small: int32 indices of what changed), bounded by a
 count and by bytes of their own, so a reader at step N is brought to M by the union of the maps
@@ -67,6 +72,8 @@ class _Job:
     segments: tuple  # (prev's, v's) mapped bytes: held here, they stay mapped while the worker reads them
     pins: list  # (version, pin id)
     cancel: threading.Event = dataclasses.field(default_factory=threading.Event)
+    sealed_at: float = 0.0  # time.monotonic() of v's seal
+    late: bool = False  # not begun: it would not be made before its base goes (counted as skipped)
     maps: dict = dataclasses.field(default_factory=dict)  # dtype wire name -> {fqn: Change}
     stats: dict = dataclasses.field(default_factory=dict)  # dtype wire name -> status entry
     cpu_s: float = 0.0
@@ -107,6 +114,9 @@ class ChangeMaps:
         self._done: deque[_Job] = deque()
         self._closed = False
         self._thread: threading.Thread | None = None
+        self._last_seal: float | None = None
+        self._interval = math.inf  # seconds between seals (moving average): the time a map has
+        self._took = 0.0  # seconds a map takes (moving average; a cancelled one's time is a floor)
 
     # ------------------------------------------------------------------ loop side
 
@@ -123,6 +133,11 @@ class ChangeMaps:
             return
         layouts, segments = (prev.layout, v.layout), (prev.segment.as_bytes(), v.segment.as_bytes())
         job = _Job((v.step, v.seq), (prev.step, prev.seq), self.dtypes, layouts, segments, [])
+        job.sealed_at = time.monotonic()
+        if self._last_seal is not None:
+            gap = job.sealed_at - self._last_seal
+            self._interval = gap if math.isinf(self._interval) else (self._interval + gap) / 2
+        self._last_seal = job.sealed_at
         for w in (prev, v):
             pin = next(self._pin_ids)
             w.leases.add(pin)
@@ -148,6 +163,7 @@ class ChangeMaps:
             self._unpin(job, unpinned)
             if not job.cancel.is_set():
                 self._record(job)
+            self.skipped += job.late
         return bool(done)
 
     def yield_pins(self, unpinned: Callable[[Version], None], versions: set | None = None) -> bool:
@@ -169,6 +185,7 @@ class ChangeMaps:
             dropped |= self._unpin(job, unpinned)
             if not job.cancel.is_set():
                 self._record(job)
+            self.skipped += job.late
         for job in jobs:
             if not job.cancel.is_set():
                 job.cancel.set()
@@ -212,6 +229,9 @@ class ChangeMaps:
             os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + NICE))
         except (AttributeError, OSError):  # not Linux (per-thread nice), or not allowed: as it is
             pass
+        # one core: OpenMP's setting is per thread, so the loop's own torch work keeps its threads; a
+        # map on the pool woke its threads, which then spin-wait, for ~5 ms of CPU per step here
+        torch.set_num_threads(1)
         while True:
             with self._lock:
                 while not self._queue and not self._closed:
@@ -219,11 +239,24 @@ class ChangeMaps:
                 if self._closed:
                     return
                 job = self._running = self._queue.popleft()
-            try:
-                self._compute(job)
-            except Exception:  # a bug costs one map (readers read in full), never the daemon
-                log.exception("change map of step %d failed", job.key[0])
+            began = time.monotonic()
+            if self._took and began - job.sealed_at + self._took > self._interval:
+                # steps come faster than maps are made: this one would be dropped unfinished when its
+                # base goes (at the next seal), so it is not begun; the CPU goes to one that can finish
+                job.late = True
                 job.cancel.set()
+                self._took /= 2  # and the estimate decays: steps may slow down, or maps get faster
+            else:
+                try:
+                    self._compute(job)
+                except Exception:  # a bug costs one map (readers read in full), never the daemon
+                    log.exception("change map of step %d failed", job.key[0])
+                    job.cancel.set()
+                took = time.monotonic() - began
+                if job.cancel.is_set():  # dropped unfinished: it takes at least that long
+                    self._took = max(self._took, took)
+                else:
+                    self._took = took if not self._took else (self._took + took) / 2
             with self._lock:
                 self._running = None
                 self._done.append(job)
