@@ -113,7 +113,7 @@ def test_hf_view_renames_take_deltas_and_permuted_tensors_are_read_whole(make_da
 @pytest.mark.parametrize("remote", [False, True], ids=["shared memory", "frames"])
 def test_changes_over_the_reply_bound_are_asked_again_or_read_whole(make_daemon, monkeypatch, remote):
     """A reply holds at most MAX_REPLY_BYTES (made tiny here): the daemon answers the tensors that
-    fit and the reader asks again for the rest; a tensor whose own changes pass the bound is
+    fit and the reader asks again for the rest; a tensor whose own changes pass MAX_TENSOR_BYTES is
     answered whole and read in full, never refused. The result is still the full read's."""
     import stager.daemon.changes as daemon_changes
 
@@ -127,6 +127,7 @@ def test_changes_over_the_reply_bound_are_asked_again_or_read_whole(make_daemon,
     bound = counts[biggest] * per - 1  # every tensor but the most changed one fits, a few per reply
     assert sum(counts.values()) * per > 2 * bound
     monkeypatch.setattr(daemon_changes, "MAX_REPLY_BYTES", bound)
+    monkeypatch.setattr(daemon_changes, "MAX_TENSOR_BYTES", bound)
     dst = {k: torch.empty(s, dtype=torch.bfloat16) for k, s in SHAPES.items()}
     with StagingClient(d.endpoint, strict=True) as c, Subscriber(d.endpoint, remote=remote) as sub:
         c.stage(sds[0], step=1).wait(10)

@@ -56,8 +56,12 @@ from .versions import Version
 
 log = logging.getLogger("stager.daemon")
 MAX_QUEUED = 4  # maps waiting for the thread; older ones are dropped (their versions' pins with them)
-MAX_REPLY_BYTES = 256 << 20  # indices and values in one reply: readers ask for fewer tensors at a time
+# a reply answers the tensors asked for up to this many bytes of indices and values (at least one
+# tensor; the reader asks again for the rest): with a reader's 4 requests in flight, ~256 MiB queued
+MAX_REPLY_BYTES = 64 << 20
+MAX_TENSOR_BYTES = 256 << 20  # one tensor's changes over this: answered whole (a full read of it)
 NICE = 10  # the map thread's niceness above the daemon's (Linux threads have their own)
+LATE = 2.0  # a map not begun when it would end this many step intervals after its seal (both are estimates)
 GAP = 1 << 16  # bytes between two tensors that one compared region may span (alignment padding is far less)
 
 Key = tuple[int, int]  # (step, seq): a step number may be staged again by a restarted job, a seq never
@@ -240,7 +244,7 @@ class ChangeMaps:
                     return
                 job = self._running = self._queue.popleft()
             began = time.monotonic()
-            if self._took and began - job.sealed_at + self._took > self._interval:
+            if self._took and began - job.sealed_at + self._took > LATE * self._interval:
                 # steps come faster than maps are made: this one would be dropped unfinished when its
                 # base goes (at the next seal), so it is not begun; the CPU goes to one that can finish
                 job.late = True
@@ -314,9 +318,9 @@ class ChangeMaps:
             if c.kind == INDICES and msg.want != "counts":
                 cast = compare_dtype(t.torch_dtype, dtype)
                 need = c.count * (4 + (cast.itemsize if msg.want == "values" else 0))
-                if need > MAX_REPLY_BYTES:
+                if need > MAX_TENSOR_BYTES:
                     c = Change(WHOLE, c.count, numel)  # more than a reply holds: a full read of it is as cheap
-                elif total + need > MAX_REPLY_BYTES:
+                elif picked and total + need > MAX_REPLY_BYTES:
                     break  # the reply answers the tensors before this one; the reader asks again for the rest
                 else:
                     total += need
