@@ -102,6 +102,20 @@ def timed(fn) -> float:
     return time.perf_counter() - t0
 
 
+def cpu_s(pid: int) -> float:
+    """CPU seconds (user + system) of process ``pid`` so far, from /proc: load does not inflate it."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def measured(fn, daemon_pid: int) -> tuple[float, float, float]:
+    """Wall seconds, this process's CPU seconds and the daemon's CPU seconds of ``fn()``."""
+    d0, c0 = cpu_s(daemon_pid), time.process_time()
+    wall = timed(fn)
+    return wall, time.process_time() - c0, cpu_s(daemon_pid) - d0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--hidden", type=int, default=512)
@@ -203,17 +217,17 @@ def main() -> int:
             for name, sub in subs.items():
                 delta_dst, full_dst = readers[name]
                 with sub.at(step) as snap:
-                    before = read_bytes(a.endpoint)
-                    row[f"{name}_delta_s"] = round(
-                        timed(
-                            lambda: snap.load_into(delta_dst, since=step - 1) if step > 1 else snap.load_into(delta_dst)
-                        ),
-                        4,
-                    )
-                    row[f"{name}_delta_moved"] = read_bytes(a.endpoint) - before
-                    before = read_bytes(a.endpoint)
-                    row[f"{name}_full_s"] = round(timed(lambda: snap.load_into(full_dst)), 4)
-                    row[f"{name}_full_moved"] = read_bytes(a.endpoint) - before
+                    reads = {
+                        "delta": lambda: snap.load_into(delta_dst, since=step - 1 if step > 1 else None),
+                        "full": lambda: snap.load_into(full_dst),
+                    }
+                    for kind, read in reads.items():
+                        before = read_bytes(a.endpoint)
+                        wall, cpu, daemon_cpu = measured(read, a.pid)
+                        row[f"{name}_{kind}_moved"] = read_bytes(a.endpoint) - before
+                        row[f"{name}_{kind}_s"] = round(wall, 4)
+                        row[f"{name}_{kind}_cpu_s"] = round(cpu, 4)  # the reader's (this process's)
+                        row[f"{name}_{kind}_daemon_cpu_s"] = round(daemon_cpu, 4)
                 exact = all(torch.equal(delta_dst[k], full_dst[k]) for k in sd)
                 row[f"{name}_exact"] = exact
                 if not exact:
@@ -236,6 +250,12 @@ def summarize(report: dict) -> None:
         "remote_delta_vs_changed_data": med(r["remote_delta_moved"] / max(1, r["indices_values_bytes"]) for r in rows),
         "remote_full_over_delta_time": med(r["remote_full_s"] / r["remote_delta_s"] for r in rows),
         "local_full_over_delta_time": med(r["local_full_s"] / r["local_delta_s"] for r in rows),
+        "remote_delta_cpu_s_median": {
+            side: med(r[f"remote_delta_{side}"] for r in rows) for side in ("cpu_s", "daemon_cpu_s")
+        },
+        "remote_full_cpu_s_median": {
+            side: med(r[f"remote_full_{side}"] for r in rows) for side in ("cpu_s", "daemon_cpu_s")
+        },
         "map_cpu_s_median": med(r["map_cpu_s"] for r in rows),
         "copied_ms_maps_median": med(r["copied_ms_maps"] for r in rows),
         "copied_ms_no_maps_median": med(r["copied_ms_no_maps"] for r in rows),

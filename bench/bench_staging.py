@@ -525,6 +525,11 @@ def main(argv: list[str] | None = None) -> int:
         help="rounds of first-checkpoint measurements in fresh processes: DCP's first save against "
         "stager's first three versions (default 2; 0 to skip)",
     )
+    p.add_argument(
+        "--change-maps",
+        help="daemon --change-maps (default: the daemon's); run with bfloat16 and none back to back to see "
+        "what change maps cost a step",
+    )
     p.add_argument("--json", metavar="PATH", help="write every figure as JSON to PATH")
     args = p.parse_args(argv)
     if args.iters < 1 or args.warmup < 0:
@@ -539,7 +544,8 @@ def main(argv: list[str] | None = None) -> int:
             first = first_versions.measure(
                 args.size_gib, WORLD, args.first_rounds, args.busy_ms, args.memory_limit, tmp
             )
-        with DaemonProcess(args=("--memory-limit", args.memory_limit)) as daemon:
+        maps = ("--change-maps", args.change_maps) if args.change_maps else ()
+        with DaemonProcess(args=("--memory-limit", args.memory_limit, *maps)) as daemon:
             keep = int(daemon.info.get("keep", 2))
             # keep + 1 steps create keep + 1 segments (the newest `keep` sealed ones are retained while the
             # next step stages); from then on every step reuses a pooled segment the client has mapped already.
@@ -571,6 +577,7 @@ def main(argv: list[str] | None = None) -> int:
             "busy_ms": args.busy_ms,
             "daemon_keep": keep,
             "memory_limit": args.memory_limit,
+            "change_maps": args.change_maps,
             "small": small,
             "skip_dcp": args.skip_dcp,
             "argv": sys.argv[1:],

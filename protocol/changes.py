@@ -25,10 +25,11 @@ Each tensor's map is one of:
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import math
 import zlib
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import numpy
 import torch
@@ -40,6 +41,7 @@ KINDS = (UNCHANGED, INDICES, WHOLE)
 DENSE = 0.25  # above this fraction of changed elements a tensor is read whole (int32 indices + values cost more)
 MAX_INDEXED = 2**31 - 1  # int32 flat indices: larger tensors are read whole when changed
 CHUNK = 1 << 22  # elements cast and compared at a time: bounds the temporaries to a few tens of MiB
+SPAN_CHUNK = 1 << 18  # the same for regions of many tensors (diff_spans): the temporaries stay in cache
 _INT_OF_SIZE = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
@@ -118,6 +120,110 @@ def changed_indices(
         if idx.numel():
             found.append(idx + start)
     return torch.cat(found) if found else torch.empty(0, dtype=torch.int64)
+
+
+def diff_spans(
+    prev: torch.Tensor,
+    new: torch.Tensor,
+    spans: list[tuple[int, int]],
+    dtype: torch.dtype,
+    dense: float = DENSE,
+    chunk: int = SPAN_CHUNK,
+    cancel: Callable[[], bool] | None = None,
+    sums: list[list] | None = None,
+) -> list[Change] | None:
+    """The change maps of several tensors at once, one per span: ``prev`` and ``new`` are the same
+    flat region (1-D, one stored dtype) of two versions, ``spans`` the ``(start, numel)`` of each
+    tensor in it, ascending and disjoint; elements between spans (alignment padding) are ignored.
+
+    One cast-and-compare pass per chunk of the region, not one per tensor: a thousand small
+    tensors cost what one tensor of their total size does (per-tensor Python only where something
+    changed), and a chunk whose bits are all equal is not cast at all (frozen weights, norms).
+    Chunks are small enough to stay in cache through the casts and the compare; numpy compares
+    and finds the changed positions (its nonzero is ~2x torch's here).
+    ``cancel``: asked between chunks; True stops the work (returns None). ``sums``: one
+    ``[base's crc32 or None, 0]`` per span, set as :func:`changed_indices` sets its own, from the
+    same cast chunks (a chunk of equal bits is then cast once, for both)."""
+    if prev.shape != new.shape or prev.dtype != new.dtype or prev.dim() != 1:
+        raise ValueError(f"cannot compare {prev.dtype} {list(prev.shape)} with {new.dtype} {list(new.shape)}")
+    if not spans:
+        return []
+    cast = compare_dtype(new.dtype, dtype)
+    firsts = [s for s, _ in spans]
+    starts = numpy.array(firsts, dtype=numpy.int64)
+    ends = starts + numpy.array([n for _, n in spans], dtype=numpy.int64)
+    counts = [0] * len(spans)
+    parts: list[list[torch.Tensor] | None] = [[] for _ in spans]  # None: whole (too dense to index)
+    own = [s[0] is None for s in sums] if sums is not None else None
+    for i, mine in enumerate(own or ()):
+        if mine:
+            sums[i][0] = 0
+    for lo in range(spans[0][0], int(ends[-1]), chunk):
+        if cancel is not None and cancel():
+            return None
+        x, y = prev[lo : lo + chunk], new[lo : lo + chunk]
+        if torch.equal(_bits(x), _bits(y)):
+            if sums is not None:  # same bits: same cast, one for both checksums
+                _crcs(sums, own, spans, bisect.bisect_right(firsts, lo) - 1, lo, None, y.to(cast))
+            continue  # nothing to find
+        if x.dtype != cast:
+            x, y = x.to(cast), y.to(cast)
+        if sums is not None:
+            _crcs(sums, own, spans, bisect.bisect_right(firsts, lo) - 1, lo, x, y)
+        ne = _bits(x).numpy() != _bits(y).numpy()
+        if ne.ndim > 1:  # complex: either half
+            ne = ne.any(axis=-1)
+        pos = numpy.flatnonzero(ne)
+        if not pos.size:
+            continue
+        pos += lo
+        first = bisect.bisect_right(firsts, lo) - 1
+        if first + 1 == len(spans) or firsts[first + 1] >= lo + chunk:  # one tensor (or its tail padding)
+            pos = pos[: numpy.searchsorted(pos, ends[first])] - firsts[first]
+            found = [(first, pos)] if pos.size else []
+        else:
+            owner = numpy.searchsorted(starts, pos, side="right") - 1
+            inside = pos < ends[owner]
+            if not inside.all():  # padding between tensors
+                pos, owner = pos[inside], owner[inside]
+            local = pos - starts[owner]
+            cuts = numpy.flatnonzero(owner[1:] != owner[:-1]) + 1
+            found = zip(owner[numpy.concatenate(([0], cuts))].tolist(), numpy.split(local, cuts)) if pos.size else []
+        for i, piece in found:
+            counts[i] += piece.size
+            got = parts[i]
+            if got is None:
+                continue
+            numel = spans[i][1]
+            if counts[i] > dense * numel or numel > MAX_INDEXED:
+                parts[i] = None
+            else:
+                got.append(torch.from_numpy(piece.astype(numpy.int32)))
+    out = []
+    for (_, numel), count, got in zip(spans, counts, parts):
+        if got is None:
+            out.append(Change(WHOLE, count, numel))
+        else:
+            out.append(encode(torch.cat(got) if len(got) > 1 else got[0] if got else _NONE, numel, dense))
+    return out
+
+
+_NONE = torch.empty(0, dtype=torch.int32)
+
+
+def _crcs(sums: list, own: list, spans: list, first: int, lo: int, x: torch.Tensor | None, y: torch.Tensor) -> None:
+    """Feed the part of each span inside the chunk at ``lo`` (``y``: new's, ``x``: the base's, None:
+    the same bytes) to its checksums; ``first``: the span holding ``lo`` (-1: padding before it)."""
+    hi = lo + y.shape[0]
+    i = max(first, 0)
+    while i < len(spans) and spans[i][0] < hi:
+        a, b = max(spans[i][0], lo) - lo, min(spans[i][0] + spans[i][1], hi) - lo
+        if a < b:
+            new = _raw(y[a:b])
+            sums[i][1] = zlib.crc32(new, sums[i][1])
+            if own[i]:
+                sums[i][0] = zlib.crc32(new if x is None else _raw(x[a:b]), sums[i][0])
+        i += 1
 
 
 def diff(
@@ -210,6 +316,30 @@ def gather(src: torch.Tensor, indices: torch.Tensor, dtype: torch.dtype) -> torc
         picked = torch.from_numpy(_ints(flat).take(indices.numpy())).view(flat.dtype)  # bits, then the cast
         return picked.to(dtype)
     return flat.index_select(0, indices).to(dtype)
+
+
+def gather_many(
+    base: torch.Tensor, offsets: list[int], counts: list[int], indices: torch.Tensor, out: torch.Tensor
+) -> torch.Tensor:
+    """The values of several tensors of one flat region in one take: tensor i starts at element
+    ``offsets[i]`` of ``base`` (1-D, the tensors' stored dtype) and its flat indices are the next
+    ``counts[i]`` of ``indices`` (int32, in range: the caller's own maps, not checked); they are
+    cast into ``out`` (1-D, the reader's dtype) as a copy would. One numpy take for them all, not
+    one call per tensor: the per-tensor Python of a request is what a small delta's time is."""
+    if base.device.type != "cpu" or not _numpy_ok(base.dtype):
+        at = 0
+        for offset, count in zip(offsets, counts):
+            where = indices[at : at + count].long() + offset
+            out[at : at + count] = base.index_select(0, where)
+            at += count
+        return out
+    where = indices.numpy().astype(numpy.int64)
+    where += numpy.repeat(numpy.asarray(offsets, dtype=numpy.int64), counts)
+    if out.dtype == base.dtype:  # "clip" takes straight into out ("raise" would buffer: a copy more)
+        _ints(base).take(where, out=_ints(out), mode="clip")
+    else:
+        out.copy_(torch.from_numpy(_ints(base).take(where, mode="clip")).view(base.dtype))  # bits, then the cast
+    return out
 
 
 def _numpy_ok(dtype: torch.dtype) -> bool:

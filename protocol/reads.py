@@ -196,7 +196,10 @@ class ReadReply(Message):
 class ChangesReply(Message):
     """Per tensor ``[fqn, kind, count]`` (kind: unchanged, indices or whole), in request order; for
     ``want`` indices or values, frame 0 holds the int32 indices of the ``indices`` tensors, one after
-    the other, and for values frame 1 their values in ``dtype``, in the same order."""
+    the other, and for values frame 1 their values in ``dtype``, in the same order. It may answer
+    only the first tensors asked for (at least one): the rest would pass the daemon's bound on a
+    reply's bytes, and the reader asks again for them. A tensor whose own changes pass it is
+    answered ``whole``."""
 
     step: int = 0
     since: int = 0

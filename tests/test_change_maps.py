@@ -53,7 +53,7 @@ def changed(d, step):
 def test_status_shows_what_changed_in_the_readers_dtype(make_daemon):
     d = make_daemon(change_maps="bfloat16")
     sds = chain(3)
-    stage_all(d, sds)
+    stage_all(d, sds, settle=True)  # a map still being made when its base is dropped is dropped too
     entry = wait_until(lambda: changed(d, 3))["bf16"]
     w = (sds[2]["w"].bfloat16() != sds[1]["w"].bfloat16()).sum().item()
     numel = 64 * 32 + 40 + 16 + 8
@@ -203,3 +203,78 @@ def test_changes_inside_boxes_and_a_base_proven_by_checksums(make_daemon, raw_pe
     assert kinds(2) == [INDICES, UNCHANGED]  # a seq the reader got from its own load: as before
     bad = Changes(lease=acq.lease, since=2, since_seq=2, fqns=["w"], boxes=[[[[60, 0], [8, 32]]]])
     assert error_code(peer.request(bad)) == "bad_value"
+
+
+def test_a_map_made_but_not_yet_collected_is_kept_when_a_step_takes_its_memory(make_daemon):
+    """keep=1 and memory for two versions: step 3 needs the segment of step 1, which the map of
+    step 2 pinned. That map is already made, only not collected by the loop yet (collection held
+    off here): the step takes the segment and the map is recorded, not thrown away."""
+    big = {"w": torch.zeros(1 << 20)}  # 4 MiB
+    d = make_daemon(keep=1, memory_limit=(8 << 20) + (1 << 16), change_maps="bfloat16")
+    handlers, maps = d.daemon.handlers, d.daemon.handlers.changes
+    collect = handlers.collect_changes
+    handlers.collect_changes = lambda: None
+    try:
+        with StagingClient(d.endpoint, strict=True, backpressure_timeout=0) as c:
+            for step in (1, 2):
+                big["w"][step] = step
+                c.stage(big, step=step).wait(10)
+            wait_until(lambda: len(maps._done))  # made, not collected
+            big["w"][3] = 3
+            c.stage(big, step=3).wait(10)
+    finally:
+        handlers.collect_changes = collect
+    status = d.status()
+    assert status["counters"]["memory_refusals"] == 0 and status["counters"]["sealed"] == 3
+    assert [step for step, _ in maps.records][:1] == [2]
+    assert status["changes"]["skipped"] == 0
+
+
+def test_an_evicted_version_goes_to_the_pool_at_once_while_its_map_is_still_being_made(make_daemon):
+    """keep=2: a map has from its version's seal to the next one (both versions are kept anyway).
+    When retention drops the older version and its map is still being made (held here), the map
+    is dropped and the segment pooled at once, as without maps: the next step reuses it."""
+    big = {"w": torch.zeros(1 << 20)}  # 4 MiB
+    d = make_daemon(keep=2, memory_limit=64 << 20, change_maps="bfloat16")
+    maps = d.daemon.handlers.changes
+    release, entered = threading.Event(), threading.Event()
+    compute = maps._compute
+
+    def held(job):
+        entered.set()
+        release.wait(30)
+        compute(job)
+
+    maps._compute = held
+    try:
+        with StagingClient(d.endpoint, strict=True) as c:
+            for step in (1, 2):
+                big["w"][step] = step
+                c.stage(big, step=step).wait(10)
+            assert entered.wait(10)  # the map of step 2 reads steps 1 and 2
+            big["w"][3] = 3
+            c.stage(big, step=3).wait(10)  # retention drops step 1
+            status = d.status()
+    finally:
+        release.set()
+    assert [v["step"] for v in status["versions"]] == [2, 3]
+    assert status["memory"]["pooled"] >= 4 << 20  # step 1's segment, free for step 4
+    assert status["changes"]["skipped"] == 1
+
+
+def test_a_map_that_cannot_be_made_before_the_next_step_is_not_begun(make_daemon):
+    """Steps come faster than maps are made (the estimate of a map's time set high here): the map
+    is not begun, it is counted as skipped, and its pins end; a reader of that step reads in full."""
+    d = make_daemon(change_maps="bfloat16")
+    maps = d.daemon.handlers.changes
+    sds = chain(3)
+    with StagingClient(d.endpoint, strict=True) as c:
+        for step in (1, 2):
+            c.stage(sds[step - 1], step=step).wait(10)
+        wait_until(lambda: changed(d, 2))
+        maps._took = 1e9
+        c.stage(sds[2], step=3).wait(10)
+        wait_until(lambda: d.status()["changes"]["skipped"] == 1 and not maps.working)
+    assert changed(d, 2) is not None and changed(d, 3) is None
+    assert [step for step, _ in maps.records] == [2]
+    assert all(not v.leases for v in d.daemon.state.sealed.values())  # no pin left

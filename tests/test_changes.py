@@ -2,6 +2,8 @@
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from stager.protocol.changes import (
     DENSE,
@@ -11,9 +13,12 @@ from stager.protocol.changes import (
     Change,
     apply,
     changed_indices,
+    checksum,
     compare_dtype,
     diff,
+    diff_spans,
     gather,
+    gather_many,
     union,
 )
 
@@ -121,3 +126,61 @@ def test_union_becomes_whole_when_dense():
 def test_shapes_must_match():
     with pytest.raises(ValueError, match="cannot compare"):
         changed_indices(torch.zeros(3), torch.zeros(4), torch.bfloat16)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    sizes=st.lists(st.tuples(st.integers(0, 300), st.sampled_from([0, 0, 3, 17])), min_size=1, max_size=8),
+    dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.int64, torch.complex64, torch.bool]),
+    moved=st.sampled_from([0, 1, 5, 50, 10_000]),
+    step=st.sampled_from([1e-6, 0.5]),
+    chunk=st.sampled_from([7, 64, 1 << 22]),
+    seed=st.integers(0, 2**16),
+)
+def test_diff_spans_is_diff_per_tensor(sizes, dtype, moved, step, chunk, seed):
+    """Tensors compared together over one region (padding between them, chunks across their
+    boundaries) get the maps each gets alone."""
+    g = torch.Generator().manual_seed(seed)
+    spans, at = [], 2
+    for numel, pad in sizes:
+        spans.append((at, numel))
+        at += numel + pad
+    a = torch.randn(at + 3, generator=g)
+    a = a > 0 if dtype == torch.bool else (a * 4).long() if dtype == torch.int64 else a.to(dtype)
+    b = a.clone()
+    idx = torch.randint(0, at + 3, (moved,), generator=g)
+    if dtype == torch.bool:
+        b[idx] = ~b[idx]
+    else:
+        b[idx] += 1 if dtype == torch.int64 else step
+    sums = [[None, 0] for _ in spans]
+    got = diff_spans(a, b, spans, torch.bfloat16, chunk=chunk, sums=sums)
+    cast = compare_dtype(dtype, torch.bfloat16)
+    for (start, numel), c, crc in zip(spans, got, sums):
+        x, y = a[start : start + numel].to(cast), b[start : start + numel].to(cast)
+        assert crc == [checksum(x), checksum(y)]  # the checksums come from the same pass
+        ref = diff(a[start : start + numel], b[start : start + numel], torch.bfloat16)
+        assert (c.kind, c.count, c.numel) == (ref.kind, ref.count, ref.numel)
+        if ref.kind == INDICES:
+            assert c.indices.dtype == torch.int32 and torch.equal(c.indices, ref.indices)
+
+
+def test_diff_spans_stops_when_cancelled():
+    a = torch.zeros(100)
+    assert diff_spans(a, a + 1, [(0, 100)], torch.bfloat16, chunk=10, cancel=lambda: True) is None
+
+
+@pytest.mark.parametrize(
+    "stored, reader",
+    [(torch.float32, torch.bfloat16), (torch.bfloat16, torch.bfloat16), (torch.complex64, torch.complex64)],
+)
+def test_gather_many_is_gather_per_tensor(stored, reader):
+    """One take over a region for several tensors gives what a gather per tensor gives."""
+    g = torch.Generator().manual_seed(7)
+    region = torch.randn(1000, generator=g).to(stored)
+    tensors = [(0, 100), (128, 300), (600, 7), (700, 300)]  # (offset, numel): padding between them
+    picked = [torch.randperm(n, generator=g)[: n // 3].sort().values.to(torch.int32) for _, n in tensors]
+    out = torch.empty(sum(p.numel() for p in picked), dtype=reader)
+    gather_many(region, [o for o, _ in tensors], [p.numel() for p in picked], torch.cat(picked), out)
+    expected = torch.cat([gather(region[o : o + n], p, reader) for (o, n), p in zip(tensors, picked)])
+    assert torch.equal(out.view(-1), expected)

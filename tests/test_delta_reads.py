@@ -110,6 +110,41 @@ def test_hf_view_renames_take_deltas_and_permuted_tensors_are_read_whole(make_da
     assert all(torch.equal(dst[k], expected[k]) for k in dst)
 
 
+@pytest.mark.parametrize("remote", [False, True], ids=["shared memory", "frames"])
+def test_changes_over_the_reply_bound_are_asked_again_or_read_whole(make_daemon, monkeypatch, remote):
+    """A reply holds at most MAX_REPLY_BYTES (made tiny here): the daemon answers the tensors that
+    fit and the reader asks again for the rest; a tensor whose own changes pass MAX_TENSOR_BYTES is
+    answered whole and read in full, never refused. The result is still the full read's."""
+    import stager.daemon.changes as daemon_changes
+
+    d = make_daemon(change_maps="bfloat16")
+    g = torch.Generator().manual_seed(5)
+    sds = [first()]
+    sds.append(rl_step(sds[0], g))
+    per = 4 + (2 if remote else 0)
+    counts = {k: int((sds[1][k].bfloat16() != sds[0][k].bfloat16()).sum()) for k in SHAPES}
+    biggest = max(counts, key=counts.get)
+    bound = counts[biggest] * per - 1  # every tensor but the most changed one fits, a few per reply
+    assert sum(counts.values()) * per > 2 * bound
+    monkeypatch.setattr(daemon_changes, "MAX_REPLY_BYTES", bound)
+    monkeypatch.setattr(daemon_changes, "MAX_TENSOR_BYTES", bound)
+    dst = {k: torch.empty(s, dtype=torch.bfloat16) for k, s in SHAPES.items()}
+    with StagingClient(d.endpoint, strict=True) as c, Subscriber(d.endpoint, remote=remote) as sub:
+        c.stage(sds[0], step=1).wait(10)
+        with sub.latest() as snap:
+            snap.load_into(dst)
+        c.stage(sds[1], step=2).wait(10)
+        wait_until(lambda: changed(d, 2))
+        before = read_bytes(d)
+        with sub.latest() as snap:
+            assert snap.load_into(dst, since=1) == list(SHAPES)
+        moved = read_bytes(d) - before
+        expected = full(sub, 2, dst)
+    assert all(torch.equal(dst[k], expected[k]) for k in SHAPES)
+    whole = dst[biggest].numel() * (2 if remote else 0)  # read in full (shared memory: copied, not served)
+    assert moved == (sum(counts.values()) - counts[biggest]) * per + whole
+
+
 def test_unprovable_tensors_are_read_in_full(make_daemon):
     """A tensor written since its load, one loaded under another name, and a base that is not what
     the tensors hold: each is read in full, and the result is still the full read's."""

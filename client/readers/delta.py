@@ -36,9 +36,10 @@ from typing import Any
 import torch
 
 from stager.protocol import Box, Changes, ChangesReply, ErrorCode, StagerError
-from stager.protocol.changes import DENSE, INDICES, UNCHANGED, apply, checksum, gather, inside, unravel
+from stager.protocol.changes import INDICES, UNCHANGED, apply, checksum, gather, inside, unravel
 from stager.protocol.dtypes import DTYPES, FLOAT8_DTYPES, dtype_from_name, dtype_name
 from stager.protocol.layout import narrow_box
+from stager.protocol.reads import MAX_CHANGE_TENSORS
 
 from .mover import Want, move
 from .planner import Read, plan_box
@@ -46,7 +47,9 @@ from .sources import SharedMemorySource
 from .views import ViewEntry
 
 log = logging.getLogger("stager.client")
-BATCH_BYTES = 64 << 20  # the most one Changes reply may carry (indices plus values, at the densest maps)
+PIPELINE = 4  # Changes requests in flight per delta read: the daemon gathers one while the reader applies another
+MIN_BATCH = 1 << 23  # elements per request at least: a small model's delta is one request (each costs ~1 ms)
+BATCH_BYTES = 64 << 20  # the most one Changes reply carries (the daemon's bound: it answers a prefix)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -170,8 +173,10 @@ def _plan(
 
 
 def _ask(version: Any, plans: list[_Plan], since: int) -> None:
-    """Ask every node for the changes of the boxes it serves (one request in flight per node, every
-    node at once) and write them; what a node cannot give goes to each plan's ``whole``."""
+    """Ask every node for the changes of the boxes it serves (up to PIPELINE requests in flight per
+    node, every node at once) and write them; what a node cannot give goes to each plan's ``whole``.
+    A reply answers a prefix of its batch (the rest would pass the node's reply bound): the rest is
+    asked for again."""
     groups: dict[tuple, list[_Plan]] = {}
     for plan in plans:
         for node, (seq, _) in plan.proofs.items():
@@ -179,14 +184,15 @@ def _ask(version: Any, plans: list[_Plan], since: int) -> None:
             groups.setdefault((node, plan.dst.dtype, seq, mapped), []).append(plan)
     queues: dict[str, deque] = {}
     for key, members in groups.items():
-        for batch in _batches(members, key[0], key[1], key[3]):
+        for batch in _batches(members, key[0]):
             queues.setdefault(key[0], deque()).append((key, batch))
     broken: set[tuple] = set()  # groups whose base the node does not know: the rest of them is read whole
     timeout = version._reader.timeout
     while any(queues.values()):
         sent = []
         for node, queue in queues.items():
-            if queue:
+            window = 0
+            while queue and window < PIPELINE:
                 key, batch = queue.popleft()
                 if key in broken:
                     _read_whole(node, batch)
@@ -196,7 +202,8 @@ def _ask(version: Any, plans: list[_Plan], since: int) -> None:
                     sent.append((key, batch, conn.send(_request(lease, since, key, node, batch))))
                 except StagerError as exc:
                     raise version._failed(node, exc, batch[0].fqn) from None
-        for key, batch, rid in sent:
+                window += 1
+        for key, batch, rid in sent:  # every reply is taken, even after a failure: none is left on a connection
             node, dtype, _, mapped = key
             try:
                 reply = version.leases[node][0].wait_reply(rid, timeout, "changes", ChangesReply)
@@ -207,9 +214,12 @@ def _ask(version: Any, plans: list[_Plan], since: int) -> None:
                 broken.add(key)
                 _read_whole(node, batch)
                 continue
-            if len(reply.tensors) != len(batch):
-                raise StagerError(ErrorCode.BAD_MESSAGE, f"unexpected {reply.TYPE} reply to changes")
-            _apply(version, node, batch, reply, dtype, mapped)
+            n = len(reply.tensors)
+            if not 0 < n <= len(batch):
+                raise StagerError(ErrorCode.BAD_MESSAGE, f"changes reply answers {n} of {len(batch)} tensors")
+            _apply(version, node, batch[:n], reply, dtype, mapped)
+            if n < len(batch):
+                queues[node].appendleft((key, batch[n:]))
 
 
 def _request(lease: int, since: int, key: tuple, node: str, batch: list[_Plan]) -> Changes:
@@ -275,19 +285,20 @@ def _delta_source(snap: Any, entry: ViewEntry) -> str | None:
     return fqn
 
 
-def _batches(members: list[_Plan], node: str, dtype: torch.dtype, mapped: bool) -> list[list[_Plan]]:
-    """Tensors per request, so that a reply is at most BATCH_BYTES even if every map is at its densest."""
-    per = 4 + (0 if mapped else dtype.itemsize)
-    out = []
-    cur: list[_Plan] = []
-    size = 0
-    for plan in members:
-        need = math.ceil(sum(b.numel for b in plan.boxes[node]) * DENSE) * per
-        if cur and size + need > BATCH_BYTES:
+def _batches(members: list[_Plan], node: str) -> list[list[_Plan]]:
+    """Tensors per request to ``node``: up to PIPELINE requests of about equal element counts (none
+    below MIN_BATCH elements unless it is the last), so that the first reply comes early and the
+    daemon gathers the next while this process applies one. Their size is bounded by the daemon,
+    whose reply answers a prefix of the tensors asked for when they would not fit."""
+    sizes = [sum(b.numel for b in plan.boxes[node]) for plan in members]
+    target = max(math.ceil(sum(sizes) / PIPELINE), MIN_BATCH)
+    out, cur, size = [], [], 0
+    for plan, n in zip(members, sizes):
+        cur.append(plan)
+        size += n
+        if size >= target or len(cur) == MAX_CHANGE_TENSORS:
             out.append(cur)
             cur, size = [], 0
-        cur.append(plan)
-        size += need
     return out + ([cur] if cur else [])
 
 

@@ -1,12 +1,17 @@
 """Change maps: what changed in each sealed version against the one before, per reader dtype.
 
 After a version seals, the socket loop hands the pair (the new version, the previous sealed one of
-the same epoch) to one background thread, which casts both to each configured reader dtype and
-compares them bitwise (:mod:`stager.protocol.changes`); the trainer never waits for it and the
-loop never computes. While the thread reads them, both versions are pinned (a negative id in
-their lease set), so retention does not hand their segments to a new step; when a step needs
-memory that only a pin holds, the pin is dropped at once (:meth:`ChangeMaps.yield_pins`) and that
-map is never recorded: a reader then reads in full.
+the same epoch) to one background thread (niced below the loop), which casts both to each
+configured reader dtype and compares them bitwise, one pass per region of same-dtype tensors
+(:func:`~stager.protocol.changes.diff_spans`: a thousand small tensors cost what one of their
+size does); the trainer never waits for it and the loop never computes. While the thread reads
+them, both versions are pinned (a negative id in their lease set). The pins never keep memory
+from a step: with ``--keep`` >= 2 a map has until its base is dropped by retention (both versions
+are kept anyway until the next seal), and one not made by then is dropped and the segment pooled
+at once, as without maps; with ``--keep 1`` the pin holds until a step needs the memory
+(:meth:`ChangeMaps.yield_pins`). A dropped map is counted (``skipped``) and its readers read in
+full; a map already made is recorded, never dropped. The loop collects maps as soon as they are
+made (readers wait for them, and their pins end then).
 
 Maps outlive the versions' data (they are small: int32 indices of what changed), bounded by a
 count and by bytes of their own, so a reader at step N is brought to M by the union of the maps
@@ -23,6 +28,7 @@ import dataclasses
 import itertools
 import logging
 import math
+import os
 import threading
 import time
 from collections import OrderedDict, deque
@@ -37,23 +43,27 @@ from stager.protocol.changes import (
     WHOLE,
     Change,
     compare_dtype,
-    diff,
-    gather,
+    diff_spans,
     regional,
     union,
     whole,
 )
 from stager.protocol.dtypes import dtype_from_name, dtype_name
 from stager.protocol.reads import Changes, ChangesReply
-from stager.protocol.shm import block_view
 
+from . import change_runs
 from .peers import PeerDirectory
 from .state import DaemonState
 from .versions import Version
 
 log = logging.getLogger("stager.daemon")
 MAX_QUEUED = 4  # maps waiting for the thread; older ones are dropped (their versions' pins with them)
-MAX_REPLY_BYTES = 256 << 20  # indices and values in one reply: readers ask for fewer tensors at a time
+# a reply answers the tensors asked for up to this many bytes of indices and values (at least one
+# tensor; the reader asks again for the rest): with a reader's 4 requests in flight, ~256 MiB queued
+MAX_REPLY_BYTES = 64 << 20
+MAX_TENSOR_BYTES = 256 << 20  # one tensor's changes over this: answered whole (a full read of it)
+NICE = 10  # the map thread's niceness above the daemon's (Linux threads have their own)
+LATE = 2.0  # a map not begun when it would end this many step intervals after its seal (both are estimates)
 
 Key = tuple[int, int]  # (step, seq): a step number may be staged again by a restarted job, a seq never
 # maps are keyed by fqn for a tensor the node holds whole in one block, else by (fqn, block index): a
@@ -66,9 +76,12 @@ class _Job:
     key: Key
     base: Key
     dtypes: tuple[torch.dtype, ...]
-    pairs: list  # (fqn, prev view or None, new view)
+    layouts: tuple  # (prev's, v's): what the worker groups into runs (change_runs.runs), off the loop
+    segments: tuple  # (prev's, v's) mapped bytes: held here, they stay mapped while the worker reads them
     pins: list  # (version, pin id)
     cancel: threading.Event = dataclasses.field(default_factory=threading.Event)
+    sealed_at: float = 0.0  # time.monotonic() of v's seal
+    late: bool = False  # not begun: it would not be made before its base goes (counted as skipped)
     maps: dict = dataclasses.field(default_factory=dict)  # dtype wire name -> {fqn: Change}
     sums: dict = dataclasses.field(default_factory=dict)  # dtype wire name -> {fqn: (crc32 of base, of new)}
     known: dict = dataclasses.field(default_factory=dict)  # the previous job's sums (its new is our base): reused
@@ -113,6 +126,9 @@ class ChangeMaps:
         self._closed = False
         self._thread: threading.Thread | None = None
         self._newest: tuple[Key, dict] | None = None  # the worker's last job's checksums (worker thread only)
+        self._last_seal: float | None = None
+        self._interval = math.inf  # seconds between seals (moving average): the time a map has
+        self._took = 0.0  # seconds a map takes (moving average; a cancelled one's time is a floor)
 
     # ------------------------------------------------------------------ loop side
 
@@ -127,19 +143,13 @@ class ChangeMaps:
         prev = self.state.sealed[steps[-2]]
         if prev.epoch != v.epoch or prev.segment is None:
             return
-        old = {t.fqn: t for t in prev.layout.tensors}
-        pairs = []
-        for t in v.layout.tensors:
-            p = old.get(t.fqn)
-            if t.complete and len(t.blocks) == 1:
-                same = p is not None and p.complete and len(p.blocks) == 1 and (p.shape, p.dtype) == (t.shape, t.dtype)
-                pairs.append((t.fqn, _view(prev, p) if same else None, _view(v, t)))
-                continue
-            # this node's part of a tensor of a job spanning nodes: a map per block
-            same = p is not None and (p.shape, p.dtype) == (t.shape, t.dtype) and _boxes(p) == _boxes(t)
-            for i, block in enumerate(t.blocks):
-                pairs.append(((t.fqn, i), _view(prev, p, p.blocks[i]) if same else None, _view(v, t, block)))
-        job = _Job((v.step, v.seq), (prev.step, prev.seq), self.dtypes, pairs, [])
+        layouts, segments = (prev.layout, v.layout), (prev.segment.as_bytes(), v.segment.as_bytes())
+        job = _Job((v.step, v.seq), (prev.step, prev.seq), self.dtypes, layouts, segments, [])
+        job.sealed_at = time.monotonic()
+        if self._last_seal is not None:
+            gap = job.sealed_at - self._last_seal
+            self._interval = gap if math.isinf(self._interval) else (self._interval + gap) / 2
+        self._last_seal = job.sealed_at
         for w in (prev, v):
             pin = next(self._pin_ids)
             w.leases.add(pin)
@@ -167,18 +177,29 @@ class ChangeMaps:
             self._unpin(job, unpinned)
             if not job.cancel.is_set():
                 self._record(job)
+            self.skipped += job.late
         return bool(done)
 
     def yield_pins(self, unpinned: Callable[[Version], None], versions: set | None = None) -> bool:
         """A step needs memory: drop the pins of ``versions`` (None: all) now; the maps being computed
-        from them are not recorded. True if any pin was dropped."""
+        from them are not recorded (those already made are: the loop had not collected them yet).
+        True if any pin was dropped."""
         with self._lock:
             jobs = [*self._queue, *([self._running] if self._running else []), *self._done]
             jobs = [j for j in jobs if versions is None or any(v in versions for v, _ in j.pins)]
+            done = [j for j in jobs if j in self._done]
             for job in jobs:
                 if job in self._queue:
                     self._queue.remove(job)
+                if job in self._done:
+                    self._done.remove(job)
         dropped = False
+        for job in done:
+            jobs.remove(job)
+            dropped |= self._unpin(job, unpinned)
+            if not job.cancel.is_set():
+                self._record(job)
+            self.skipped += job.late
         for job in jobs:
             if not job.cancel.is_set():
                 job.cancel.set()
@@ -217,6 +238,14 @@ class ChangeMaps:
     # ------------------------------------------------------------------ worker
 
     def _work(self) -> None:
+        try:  # below the loop and the trainer's ranks: a map waits for idle CPU, never they for it
+            tid = threading.get_native_id()
+            os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + NICE))
+        except (AttributeError, OSError):  # not Linux (per-thread nice), or not allowed: as it is
+            pass
+        # one core: OpenMP's setting is per thread, so the loop's own torch work keeps its threads; a
+        # map on the pool woke its threads, which then spin-wait, for ~5 ms of CPU per step here
+        torch.set_num_threads(1)
         while True:
             with self._lock:
                 while not self._queue and not self._closed:
@@ -224,15 +253,28 @@ class ChangeMaps:
                 if self._closed:
                     return
                 job = self._running = self._queue.popleft()
-            try:
-                if self._newest is not None and self._newest[0] == job.base:
-                    job.known = self._newest[1]
-                self._compute(job)
-                if not job.cancel.is_set():
-                    self._newest = (job.key, job.sums)
-            except Exception:  # a bug costs one map (readers read in full), never the daemon
-                log.exception("change map of step %d failed", job.key[0])
+            began = time.monotonic()
+            if self._took and began - job.sealed_at + self._took > LATE * self._interval:
+                # steps come faster than maps are made: this one would be dropped unfinished when its
+                # base goes (at the next seal), so it is not begun; the CPU goes to one that can finish
+                job.late = True
                 job.cancel.set()
+                self._took /= 2  # and the estimate decays: steps may slow down, or maps get faster
+            else:
+                try:
+                    if self._newest is not None and self._newest[0] == job.base:
+                        job.known = self._newest[1]
+                    self._compute(job)
+                    if not job.cancel.is_set():
+                        self._newest = (job.key, job.sums)
+                except Exception:  # a bug costs one map (readers read in full), never the daemon
+                    log.exception("change map of step %d failed", job.key[0])
+                    job.cancel.set()
+                took = time.monotonic() - began
+                if job.cancel.is_set():  # dropped unfinished: it takes at least that long
+                    self._took = max(self._took, took)
+                else:
+                    self._took = took if not self._took else (self._took + took) / 2
             with self._lock:
                 self._running = None
                 self._done.append(job)
@@ -240,25 +282,28 @@ class ChangeMaps:
     @staticmethod
     def _compute(job: _Job) -> None:
         start = time.thread_time()
-        known = job.known
+        seen: dict = {}  # (run, compared dtype) -> its maps and sums: integer tensors have one for every reader dtype
+        runs, fresh = change_runs.runs(*job.layouts, *job.segments)
         for dtype in job.dtypes:
-            maps = {}
-            sums = {}
-            seen = {}
-            sizes = {}
-            for fqn, prev, new in job.pairs:
-                if job.cancel.is_set():
-                    return
-                cast = compare_dtype(new.dtype, dtype)  # integer tensors: one map for every reader dtype
-                sizes[fqn] = cast.itemsize
-                if prev is None:
-                    maps[fqn] = whole(new.numel())
-                    continue
-                if (fqn, cast) not in seen:
-                    # both versions' checksums, from the cast bytes diff compares anyway (the base's: known)
-                    crc = [known.get(dtype_name(dtype), {}).get(fqn, (None, None))[1], 0]
-                    seen[fqn, cast] = diff(prev, new, dtype, sums=crc), tuple(crc)
-                maps[fqn], sums[fqn] = seen[fqn, cast]
+            name = dtype_name(dtype)
+            known = job.known.get(name, {})
+            maps, sums, sizes = {}, {}, {}
+            for key, numel, stored in fresh:
+                maps[key] = whole(numel) if numel else Change(UNCHANGED, 0, 0)
+                sizes[key] = compare_dtype(stored, dtype).itemsize
+            for i, run in enumerate(runs):
+                cast = compare_dtype(run.dtype, dtype)
+                if (i, cast) not in seen:
+                    # both versions' checksums, from the cast chunks compared anyway (the base's: known)
+                    crcs = [[known.get(key, (None, None))[1], 0] for key in run.fqns]
+                    got = diff_spans(run.prev, run.new, run.spans, dtype, cancel=job.cancel.is_set, sums=crcs)
+                    if got is None:
+                        return  # cancelled: a step took the memory
+                    seen[i, cast] = got, [tuple(c) for c in crcs]
+                for key, change, crc in zip(run.fqns, *seen[i, cast]):
+                    maps[key] = change
+                    sums[key] = crc
+                    sizes[key] = cast.itemsize
             job.maps[dtype_name(dtype)] = maps
             job.sums[dtype_name(dtype)] = sums
             job.stats[dtype_name(dtype)] = _summary(job.base[0], maps, sizes)
@@ -285,41 +330,42 @@ class ChangeMaps:
         chain = [r.maps[msg.dtype] for r in records]
         base = self._base_sums(v, records, msg.dtype) if msg.sums else {}
         reply = ChangesReply(step=v.step, since=msg.since, dtype=msg.dtype)
-        indices = []
-        values = []
+        picked = []  # (tensor layout, indices, the dtype its values go in, where they are: see _tensor)
         total = 0
         for i, fqn in enumerate(fqns):
             t = by_name[fqn]
-            c, picked = self._tensor(
+            c, src = self._tensor(
                 v, t, chain, _asked(t, msg.boxes[i]) if msg.boxes else None, msg.sums[i] if msg.sums else None, base
             )
             if msg.since_seq == 0 and (not msg.sums or msg.sums[i] is None):
                 c = whole(c.numel)  # a base named by its step alone is proven by checksums only
-            reply.tensors.append([fqn, c.kind, c.count])
             if c.kind == INDICES and msg.want != "counts":
-                indices.append(c.indices)
-                total += c.count * 4
-                if msg.want == "values":
-                    values.append(picked(compare_dtype(t.torch_dtype, dtype)))
-                    total += c.count * values[-1].dtype.itemsize
-                if total > MAX_REPLY_BYTES:
-                    raise StagerError(
-                        ErrorCode.BAD_VALUE,
-                        f"the changes of {len(reply.tensors)} tensors are over "
-                        f"{MAX_REPLY_BYTES >> 20} MiB; ask for fewer tensors",
-                    )
+                cast = compare_dtype(t.torch_dtype, dtype)
+                need = c.count * (4 + (cast.itemsize if msg.want == "values" else 0))
+                if need > MAX_TENSOR_BYTES:
+                    c = Change(WHOLE, c.count, c.numel)  # more than a reply holds: a full read of it is as cheap
+                elif picked and total + need > MAX_REPLY_BYTES:
+                    break  # the reply answers the tensors before this one; the reader asks again for the rest
+                else:
+                    total += need
+                    picked.append((t, c.indices, cast, src))
+            reply.tensors.append([fqn, c.kind, c.count])
         self.state.counters["read_bytes"] += total  # bytes served to readers, as Read counts them
         if msg.want != "counts":
-            reply.frames = [_bytes(indices, torch.int32)] + (
-                [_bytes(values, torch.uint8)] if values or msg.want == "values" else []
-            )
+            indices = [idx for _, idx, _, _ in picked]
+            indices = torch.cat(indices) if len(indices) > 1 else indices[0] if indices else None
+            reply.frames = [change_runs.frame(indices)]
+            if msg.want == "values":
+                reply.frames.append(change_runs.frame(change_runs.values(v, picked, indices)))
         return reply
 
     @staticmethod
     def _tensor(v: Version, t, chain: list, boxes: list | None, sums: list | None, base: dict) -> tuple:
         """Tensor ``t``'s change over ``chain`` inside ``boxes`` (None: all this node holds), in flat
-        indices of the whole tensor, and a function gathering its values in a dtype. ``sums``: the
-        reader's checksums of its copy of the base, one per block: not the base's, it is read whole."""
+        indices of the whole tensor, and where its values are in the segment: None (its indices, in
+        its one block), else ``(offsets, counts, positions)`` as :func:`gather_many` takes them.
+        ``sums``: the reader's checksums of its copy of the base, one per block: not the base's, it is
+        read whole."""
         numel = math.prod(t.shape)
         one = t.complete and len(t.blocks) == 1
         keys = [t.fqn] if one else [(t.fqn, i) for i in range(len(t.blocks))]
@@ -330,17 +376,18 @@ class ChangeMaps:
             return union([m.get(key) or whole(n) for m in chain], n) if chain else Change(UNCHANGED, 0, n)
 
         if one and boxes is None:  # the tensor whole, in one block: its map as it is
-            c = link(t.fqn, numel)
-            return c, lambda dtype: gather(_view(v, t), c.indices, dtype)
+            return link(t.fqn, numel), None
         blocks = [((b.box.offset, b.box.shape), link(k, b.box.numel)) for k, b in zip(keys, t.blocks)]
         c, parts, order = regional(blocks, t.shape, boxes)
-
-        def picked(dtype: torch.dtype) -> torch.Tensor:
-            vals = [gather(_view(v, t, t.blocks[j]), local, dtype) for j, local in parts]
-            out = torch.cat(vals) if vals else torch.empty(0, dtype=dtype)
-            return out if order is None else out[order]
-
-        return c, picked
+        size = t.torch_dtype.itemsize
+        offsets = [t.blocks[j].byte_offset // size for j, _ in parts]
+        counts = [local.numel() for _, local in parts]
+        if order is None:
+            local = torch.cat([x.to(torch.int64) for _, x in parts]) if parts else torch.empty(0, dtype=torch.int64)
+            return c, (offsets, counts, local)
+        # several blocks' changes interleave in the tensor's flat order: positions in the segment, in that order
+        at = torch.cat([x.to(torch.int64) + off for (_, x), off in zip(parts, offsets)])[order]
+        return c, ([0], [at.numel()], at)
 
     def _base_sums(self, v: Version, records: list[_Record], dtype: str) -> dict:
         """Each tensor's (or block's) checksum in ``dtype`` of the base of ``records``' chain to ``v``."""
@@ -371,6 +418,16 @@ class ChangeMaps:
             at = rec.base
         return chain
 
+    @property
+    def working(self) -> bool:
+        """Maps queued, being made or made and not yet collected (no lock: a hint for the loop's poll)."""
+        return bool(self._queue or self._running is not None or self._done)
+
+    @property
+    def finished(self) -> bool:
+        """Maps made that :meth:`collect` has not recorded yet (no lock: a hint for the loop)."""
+        return bool(self._done)
+
     def pending(self) -> bool:
         with self._lock:
             return bool(self._queue or self._running or self._done)
@@ -388,15 +445,6 @@ class ChangeMaps:
         }
 
 
-def _view(v: Version, t, block=None) -> torch.Tensor:
-    block = t.blocks[0] if block is None else block
-    return block_view(v.segment.as_bytes(), t.torch_dtype, block.byte_offset, block.box.shape)
-
-
-def _boxes(t) -> list:
-    return [b.box for b in t.blocks]
-
-
 def _asked(t, entry: list) -> list | None:
     """The boxes of a Changes request's entry for ``t`` as (offset, shape); None: all the node holds."""
     if not entry:
@@ -410,13 +458,6 @@ def _asked(t, entry: list) -> list | None:
             )
         out.append((tuple(offset), tuple(shape)))
     return out
-
-
-def _bytes(parts: list[torch.Tensor], dtype: torch.dtype) -> bytes:
-    if not parts:
-        return b""
-    flat = torch.cat([p.reshape(-1).view(torch.uint8) if dtype == torch.uint8 else p.reshape(-1) for p in parts])
-    return flat.numpy().tobytes()
 
 
 def _summary(base: int, maps: dict[str, Change], sizes: dict[str, int]) -> dict:

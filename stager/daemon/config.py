@@ -178,17 +178,18 @@ class DaemonConfig:
     itself the trust boundary (README.md, "Multi-node jobs"). Control stays on ZeroMQ + CURVE."""
 
     change_maps: str = setting(
-        "none",
+        "bfloat16",
         "reader dtypes to record what changed in after each seal, comma-separated (e.g. bfloat16 for RL "
         "readers' delta reads, or bfloat16,float16), or none (default %(default)s)",
         metavar="DTYPES",
     )
     """Reader dtypes in which the daemon records, after each seal and on its own thread, which elements
     changed against the previous version (so readers move only those: ``load_into(since=N)``). A
-    reader of another dtype reads in full. ``none`` (the default): no change maps. Off by default
-    because a map costs daemon CPU (about 0.1 s per 58M elements here) and pins the previous version
-    until it is made, so that version's segment is not pooled for the next step: on a 2-core machine
-    that slowed small steps' copies 1.5-3x (BENCHMARKS.md). Turn it on for RL delta reads."""
+    reader of another dtype reads in full. ``none``: no change maps. On by default: a map is made on
+    one niced thread (about 1.5 ns of CPU per element compared, one pass per region of same-dtype
+    tensors), never holds a segment the pool needs (a map not made before its base is dropped is
+    dropped, and one that cannot be is not begun: counted as ``skipped``), and the trainer never
+    waits for it (BENCHMARKS.md)."""
 
     change_maps_keep: int = setting(64, "versions whose change maps are kept, beyond --keep (default %(default)s)")
     """Versions whose change maps are kept (maps outlive the versions' data: a reader at an evicted step

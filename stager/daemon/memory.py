@@ -405,6 +405,11 @@ class Retention:
         self.state.sealed.pop(v.step, None)
         if v.leases:  # pinned by the change-map thread: its segment goes when the thread is done with it
             self.state.orphans.add(v)
+            if self.state.keep > 1 and not leased(v):
+                # its map had since its successor's seal, while both were kept anyway: one still being
+                # made now is dropped (one made is recorded), and the segment is pooled as without maps.
+                # With keep=1 a map could never be made that way: the pin holds until a step needs it.
+                self._yield_pins(self.unpinned, {v})
         else:
             self.free(v, reuse=True)
         self.state.counters["evictions"] += 1

@@ -272,7 +272,9 @@ class Daemon:
         try:
             while not self.lifecycle.should_exit(len(self.state.staging)):
                 timeout_ms = max(0, int((next_housekeeping - time.monotonic()) * 1000))
-                if self.budget.creating:  # a step may be waiting for a segment being created
+                if self.budget.creating or self.handlers.changes.working:
+                    # a step may be waiting for a segment being created; a change map's pins hold a
+                    # segment back from the pool, and its readers wait for it: collect it when made
                     timeout_ms = min(timeout_ms, 5)
                 try:
                     events = dict(poller.poll(timeout_ms))
@@ -296,6 +298,8 @@ class Daemon:
                         self._on_assembly_frames(frames)
                 if self.budget.creating:
                     self.handlers.collect_segments()
+                if self.handlers.changes.finished:
+                    self.handlers.collect_changes()
                 if (
                     time.monotonic() >= next_housekeeping
                     or self.lifecycle.reopen_requested
