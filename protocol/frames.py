@@ -84,7 +84,7 @@ class Message:
         return {
             name: codecs[name].to_wire(getattr(self, name)) if name in codecs else getattr(self, name)
             for name in self.SCHEMA
-            if name not in self.OPTIONAL or getattr(self, name) not in (None, [], {})
+            if name not in self.OPTIONAL or not _empty(getattr(self, name))
         }
 
     def encode(self) -> list:
@@ -120,6 +120,11 @@ def _wire_types(hint: Any) -> tuple[type, ...]:
     if wire is None:
         raise TypeError(f"annotation {hint!r} has no wire form: give the field a codec")
     return wire
+
+
+def _empty(value: Any) -> bool:
+    """An optional field left out of the body: its empty default (a False flag is one; a 0 is not)."""
+    return value is None or value is False or (isinstance(value, (list, dict)) and not value)
 
 
 def message(kind: str) -> Callable[[type], type]:

@@ -199,12 +199,19 @@ class ChangesReply(Message):
     the other, and for values frame 1 their values in ``dtype``, in the same order. It may answer
     only the first tensors asked for (at least one): the rest would pass the daemon's bound on a
     reply's bytes, and the reader asks again for them. A tensor whose own changes pass it is
-    answered ``whole``."""
+    answered ``whole``.
 
+    Optional: ``checked`` (true): the daemon compared the ``sums`` of the request with the base's
+    (a tensor whose sums differ is ``whole``). A daemon that predates ``sums`` drops them unread and
+    answers without it: its deltas hold only for a base it knows by ``since_seq``, so a reader that
+    proved its base by checksums reads those tensors whole."""
+
+    OPTIONAL: ClassVar = frozenset({"checked"})
     step: int = 0
     since: int = 0
     dtype: str = "bf16"
     tensors: list = dataclasses.field(default_factory=list)
+    checked: bool = False
 
     def check(self) -> None:
         for t in self.tensors:

@@ -293,3 +293,25 @@ def test_optional_fields_are_left_out_while_empty_and_default_when_absent():
     new = Changes(lease=1, since=1, fqns=["w", "v"], boxes=[[[[0, 4], [2, 4]]], []], sums=[[7, 9], None])
     back = decode(new.encode())
     assert (back.boxes, back.sums) == (new.boxes, new.sums)
+
+
+def test_changes_reply_says_when_it_checked_the_sums():
+    """``checked``: optional, left out while false (a reply to a request without sums encodes as
+    before), false when absent (an older daemon's reply), true round-trips."""
+    from stager.protocol import ChangesReply
+
+    assert "checked" not in ChangesReply(step=2, tensors=[["w", "unchanged", 0]]).body()
+    old = decode(
+        [
+            msgpack.packb(
+                {
+                    "v": PROTOCOL_VERSION,
+                    "t": "changes_reply",
+                    "id": 3,
+                    "b": {"step": 2, "since": 1, "dtype": "bf16", "tensors": []},
+                }
+            )
+        ]
+    )
+    assert isinstance(old, ChangesReply) and old.checked is False
+    assert decode(ChangesReply(step=2, checked=True).encode()).checked is True

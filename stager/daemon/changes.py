@@ -329,7 +329,7 @@ class ChangeMaps:
         records = self._chain(v, (msg.since, msg.since_seq), msg.dtype)
         chain = [r.maps[msg.dtype] for r in records]
         base = self._base_sums(v, records, msg.dtype) if msg.sums else {}
-        reply = ChangesReply(step=v.step, since=msg.since, dtype=msg.dtype)
+        reply = ChangesReply(step=v.step, since=msg.since, dtype=msg.dtype, checked=bool(msg.sums))
         picked = []  # (tensor layout, indices, the dtype its values go in, where they are: see _tensor)
         total = 0
         for i, fqn in enumerate(fqns):
