@@ -20,6 +20,7 @@ from .quant import QuantSpec
 
 MAX_READ_ITEMS = 1024  # boxes in one Read
 MAX_CHANGE_TENSORS = 1 << 16  # tensors named in one Changes request
+MAX_CHANGE_BOXES = 1 << 14  # boxes in one Changes request, all tensors together (each costs the daemon's loop)
 CHANGES_WANT = ("counts", "indices", "values")
 
 
@@ -112,6 +113,12 @@ class Changes(Message):
             raise ProtocolError(
                 ErrorCode.BAD_MESSAGE,
                 f"changes: fqns must be at most {MAX_CHANGE_TENSORS} tensor names (str); ask in batches",
+            )
+        if len(set(self.fqns)) != len(self.fqns):
+            raise ProtocolError(ErrorCode.BAD_MESSAGE, "changes: fqns names a tensor twice; name each once")
+        if sum(len(entry) for entry in self.boxes) > MAX_CHANGE_BOXES:
+            raise ProtocolError(
+                ErrorCode.BAD_MESSAGE, f"changes: more than {MAX_CHANGE_BOXES} boxes in all; ask in batches"
             )
 
 

@@ -1,5 +1,8 @@
 """Change maps as pure functions: what changed, bitwise in the reader's dtype, and its encoding."""
 
+import math
+
+import numpy
 import pytest
 import torch
 from hypothesis import given, settings
@@ -19,7 +22,9 @@ from stager.protocol.changes import (
     diff_spans,
     gather,
     gather_many,
+    regional,
     union,
+    whole,
 )
 
 
@@ -184,3 +189,78 @@ def test_gather_many_is_gather_per_tensor(stored, reader):
     gather_many(region, [o for o, _ in tensors], [p.numel() for p in picked], torch.cat(picked), out)
     expected = torch.cat([gather(region[o : o + n], p, reader) for (o, n), p in zip(tensors, picked)])
     assert torch.equal(out.view(-1), expected)
+
+
+def _regional_reference(blocks, shape, boxes):
+    """What regional answers, the slow way: every changed element's coordinates, kept when inside a box."""
+    flat, asked = [], 0
+    for (offset, bshape), c in blocks:
+        for box in boxes:
+            lo = [max(o, b) for o, b in zip(offset, box[0])]
+            hi = [min(o + s, b + n) for o, s, b, n in zip(offset, bshape, box[0], box[1])]
+            asked += math.prod(max(0, h - lo_) for lo_, h in zip(lo, hi))
+        if c.kind != INDICES:
+            continue
+        for i in c.indices.tolist():
+            at = [int(x) + o for x, o in zip(numpy.unravel_index(i, bshape), offset)]
+            if any(all(b <= x < b + n for x, b, n in zip(at, *box)) for box in boxes):
+                flat.append(int(numpy.ravel_multi_index(at, shape)))
+    return sorted(flat), asked
+
+
+@settings(max_examples=80, deadline=None)
+@given(
+    split=st.integers(1, 5),
+    cols=st.sampled_from([None, 3]),
+    boxes=st.lists(
+        st.tuples(st.integers(0, 5), st.integers(1, 6), st.integers(0, 7), st.integers(1, 8)), min_size=1, max_size=4
+    ),
+    seed=st.integers(0, 2**16),
+)
+def test_regional_keeps_what_lies_in_the_boxes_once(split, cols, boxes, seed):
+    """Blocks of a (6, 8) tensor (row blocks, or row and column blocks), possibly overlapping boxes:
+    the changes inside any box, once each, in flat indices of the tensor; the count asked is the
+    boxes' elements the blocks hold, whichever block decides the answer."""
+    shape = (6, 8)
+    g = torch.Generator().manual_seed(seed)
+    rows = [(0, split), (split, 6 - split)] if split < 6 else [(0, 6)]
+    widths = [(0, cols), (cols, 8 - cols)] if cols else [(0, 8)]
+    blocks = []
+    for r0, rn in rows:
+        for c0, cn in widths:
+            numel = rn * cn
+            idx = torch.randperm(numel, generator=g)[: numel // 5].sort().values.to(torch.int32)
+            blocks.append((((r0, c0), (rn, cn)), Change(INDICES, idx.numel(), numel, idx)))
+    boxes = [((r, c), (min(rn, 6 - r), min(cn, 8 - c))) for r, rn, c, cn in boxes if r < 6]
+    if not boxes:
+        return
+    c, parts, order = regional(blocks, shape, boxes, dense=1.0)
+    want, asked = _regional_reference(blocks, shape, boxes)
+    assert c.numel == asked
+    got = c.indices.tolist() if c.kind == INDICES else []
+    assert got == want and len(set(got)) == len(got)
+    if c.kind == INDICES:  # the parts gather the same elements, in the order given
+        local = torch.cat([p for _, p in parts])
+        assert local.numel() == len(want)
+    blocks[0] = (blocks[0][0], whole(blocks[0][1].numel))  # the first block decides: the rest still counts
+    c = regional(blocks, shape, boxes, dense=1.0)[0]
+    if any(_overlap_any(blocks[0][0], b) for b in boxes):
+        assert c.kind == WHOLE and c.numel == asked  # every box counted, not only up to the whole block
+
+
+def _overlap_any(block, box):
+    return all(max(o, b) < min(o + s, b + n) for o, s, b, n in zip(*block, *box))
+
+
+def test_regional_answers_whole_when_the_changes_the_boxes_may_hold_pass_the_limit():
+    """The bound is counted from each box's range of indices before any box is looked at: many boxes
+    over a big, much changed tensor cost the searchsorted per box, not a pass over its changes each."""
+    shape = (4096, 4096)
+    n = shape[0] * shape[1]
+    idx = torch.arange(0, n, 5, dtype=torch.int32)
+    blocks = [(((0, 0), shape), Change(INDICES, idx.numel(), n, idx))]
+    boxes = [((0, 0), shape)] * 64
+    c, parts, _ = regional(blocks, shape, boxes, limit=1 << 22)
+    assert c.kind == WHOLE and parts == []
+    c, parts, _ = regional(blocks, shape, [((0, 0), (8, 4096))], limit=1 << 22)
+    assert c.kind == INDICES and c.count == 8 * 4096 // 5 + 1

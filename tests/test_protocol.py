@@ -88,6 +88,12 @@ BAD = [
     (_header(t="changes", b={**CHANGES, "boxes": [[], []]}), ErrorCode.BAD_MESSAGE, "boxes must be empty"),
     (_header(t="changes", b={**CHANGES, "sums": [[1 << 32]]}), ErrorCode.BAD_MESSAGE, "sums must be empty"),
     (_header(t="changes", b={**CHANGES, "sums": ["ab"]}), ErrorCode.BAD_MESSAGE, "sums must be empty"),
+    (_header(t="changes", b={**CHANGES, "fqns": ["w"] * 3}), ErrorCode.BAD_MESSAGE, "names a tensor twice"),
+    (
+        _header(t="changes", b={**CHANGES, "fqns": [f"t{i}" for i in range(17)], "boxes": [[[[0], [1]]] * 1024] * 17}),
+        ErrorCode.BAD_MESSAGE,
+        "boxes in all",
+    ),
     (
         _header(
             t="hello",

@@ -39,7 +39,7 @@ from stager.protocol import Box, Changes, ChangesReply, ErrorCode, StagerError
 from stager.protocol.changes import INDICES, UNCHANGED, apply, checksum, gather, inside, unravel
 from stager.protocol.dtypes import DTYPES, FLOAT8_DTYPES, dtype_from_name, dtype_name
 from stager.protocol.layout import narrow_box
-from stager.protocol.reads import MAX_CHANGE_TENSORS
+from stager.protocol.reads import MAX_CHANGE_BOXES, MAX_CHANGE_TENSORS
 
 from .mover import Want, move
 from .planner import Read, plan_box
@@ -292,13 +292,18 @@ def _batches(members: list[_Plan], node: str) -> list[list[_Plan]]:
     whose reply answers a prefix of the tensors asked for when they would not fit."""
     sizes = [sum(b.numel for b in plan.boxes[node]) for plan in members]
     target = max(math.ceil(sum(sizes) / PIPELINE), MIN_BATCH)
-    out, cur, size = [], [], 0
+    out, cur, size, boxes = [], [], 0, 0
     for plan, n in zip(members, sizes):
+        more = len(plan.boxes[node])
+        if cur and boxes + more > MAX_CHANGE_BOXES:
+            out.append(cur)
+            cur, size, boxes = [], 0, 0
         cur.append(plan)
         size += n
+        boxes += more
         if size >= target or len(cur) == MAX_CHANGE_TENSORS:
             out.append(cur)
-            cur, size = [], 0
+            cur, size, boxes = [], 0, 0
     return out + ([cur] if cur else [])
 
 

@@ -378,7 +378,7 @@ class ChangeMaps:
         if one and boxes is None:  # the tensor whole, in one block: its map as it is
             return link(t.fqn, numel), None
         blocks = [((b.box.offset, b.box.shape), link(k, b.box.numel)) for k, b in zip(keys, t.blocks)]
-        c, parts, order = regional(blocks, t.shape, boxes)
+        c, parts, order = regional(blocks, t.shape, boxes, limit=MAX_TENSOR_BYTES // 4)
         size = t.torch_dtype.itemsize
         offsets = [t.blocks[j].byte_offset // size for j, _ in parts]
         counts = [local.numel() for _, local in parts]
@@ -446,7 +446,8 @@ class ChangeMaps:
 
 
 def _asked(t, entry: list) -> list | None:
-    """The boxes of a Changes request's entry for ``t`` as (offset, shape); None: all the node holds."""
+    """The boxes of a Changes request's entry for ``t`` as (offset, shape); None: all the node holds.
+    Each must lie in the tensor."""
     if not entry:
         return None
     out = []
@@ -456,7 +457,8 @@ def _asked(t, entry: list) -> list | None:
                 ErrorCode.BAD_VALUE,
                 f"{t.fqn}: box at {offset} of shape {shape} does not fit its shape {list(t.shape)}",
             )
-        out.append((tuple(offset), tuple(shape)))
+        box = (tuple(offset), tuple(shape))
+        out.append(box)
     return out
 
 
