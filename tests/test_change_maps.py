@@ -9,7 +9,7 @@ import torch
 from conftest import error_code
 from helpers import wait_until
 from stager.client import StagingClient
-from stager.protocol import Acquire, Changes, ChangesReply
+from stager.protocol import Acquire, Changes, ChangesReply, ErrorCode, StagerError
 from stager.protocol.changes import INDICES, UNCHANGED, WHOLE
 
 
@@ -278,3 +278,19 @@ def test_a_map_that_cannot_be_made_before_the_next_step_is_not_begun(make_daemon
     assert changed(d, 2) is not None and changed(d, 3) is None
     assert [step for step, _ in maps.records] == [2]
     assert all(not v.leases for v in d.daemon.state.sealed.values())  # no pin left
+
+
+def test_a_box_this_node_does_not_hold_is_partial_not_unchanged():
+    """A node holding rows 0-3 of an (8, 4) tensor, asked for rows 2-7 or 4-7: it cannot say what
+    changed there (PARTIAL, as a Read of them is), rather than answering "unchanged" for rows it lacks."""
+    from types import SimpleNamespace
+
+    from stager.daemon.changes import _asked
+    from stager.protocol import Box
+
+    t = SimpleNamespace(fqn="w", shape=(8, 4), blocks=[SimpleNamespace(box=Box((0, 0), (4, 4)))])
+    assert _asked(t, [[[0, 0], [4, 4]], [[1, 1], [2, 2]]]) == [((0, 0), (4, 4)), ((1, 1), (2, 2))]
+    for box in ([[2, 0], [6, 4]], [[4, 0], [4, 4]]):
+        with pytest.raises(StagerError) as err:
+            _asked(t, [box])
+        assert err.value.code == ErrorCode.PARTIAL and "holds only part" in err.value.message

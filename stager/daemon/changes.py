@@ -43,6 +43,7 @@ from stager.protocol.changes import (
     WHOLE,
     Change,
     compare_dtype,
+    covers,
     diff_spans,
     regional,
     union,
@@ -447,10 +448,12 @@ class ChangeMaps:
 
 def _asked(t, entry: list) -> list | None:
     """The boxes of a Changes request's entry for ``t`` as (offset, shape); None: all the node holds.
-    Each must lie in the tensor."""
+    Each must lie in the tensor and be held by this node's blocks: a box held elsewhere is not
+    "unchanged" here (PARTIAL, as a Read of it is)."""
     if not entry:
         return None
     out = []
+    held = [(b.box.offset, b.box.shape) for b in t.blocks]
     for offset, shape in entry:
         if len(offset) != len(t.shape) or any(o + n > d for o, n, d in zip(offset, shape, t.shape)):
             raise StagerError(
@@ -458,6 +461,12 @@ def _asked(t, entry: list) -> list | None:
                 f"{t.fqn}: box at {offset} of shape {shape} does not fit its shape {list(t.shape)}",
             )
         box = (tuple(offset), tuple(shape))
+        if not covers(held, box):
+            raise StagerError(
+                ErrorCode.PARTIAL,
+                f"{t.fqn}: this node holds only part of it, not all of the box at {offset} of shape "
+                f"{shape}; ask each node for the boxes it holds (JobInfo names them)",
+            )
         out.append(box)
     return out
 
