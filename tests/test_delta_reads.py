@@ -244,8 +244,19 @@ def test_random_chains_are_bit_exact(data):
             "short",
         ),
         ([["v", "unchanged", 0]], [], "names 'v'"),
+        (
+            [["w", "indices", 3]],
+            [torch.tensor([1, -3, 3], dtype=torch.int32), torch.ones(3, dtype=torch.bfloat16)],
+            "negative",
+        ),
+        (
+            [["w", "indices", 3]],
+            [torch.tensor([1, 99, 3], dtype=torch.int32), torch.ones(3, dtype=torch.bfloat16)],
+            "fit",
+        ),
+        ([["w", "indices", 1]], [torch.tensor([1], dtype=torch.int32).view(torch.uint8)[:3]], "not whole"),
     ],
-    ids=["out of range", "negative", "values short", "another tensor"],
+    ids=["out of range", "negative", "values short", "another tensor", "negative inside", "over inside", "torn frame"],
 )
 def test_a_bad_changes_reply_is_a_typed_error_and_writes_nothing(tensors, frames, why):
     from stager.client.readers.delta import _apply, _Plan
@@ -262,6 +273,26 @@ def test_a_bad_changes_reply_is_a_typed_error_and_writes_nothing(tensors, frames
     )
     with pytest.raises(StagerError, match=why):
         _apply(None, "n", [_Plan("w", "w", dst, {"n": [Box((0,), (4,))]}, {})], reply, torch.bfloat16, False)
+    assert not dst.any()
+
+
+def test_a_changes_reply_outside_the_boxes_asked_of_a_node_writes_nothing():
+    """A node serving rows 0-1 of a (4, 2) tensor (a job spanning nodes) answers an index in row 3:
+    the values path checks every index against the boxes asked before any write."""
+    from stager.client.readers.delta import _apply, _Plan
+    from stager.protocol import Box, ChangesReply, StagerError
+
+    dst = torch.zeros(4, 2, dtype=torch.bfloat16)
+    idx, vals = torch.tensor([1, 6], dtype=torch.int32), torch.ones(2, dtype=torch.bfloat16)
+    reply = ChangesReply(
+        step=2,
+        since=1,
+        tensors=[["w", "indices", 2]],
+        frames=[idx.numpy().tobytes(), vals.view(torch.int16).numpy().tobytes()],
+    )
+    plan = _Plan("w", "w", dst, {"n": [Box((0, 0), (2, 2))]}, {})
+    with pytest.raises(StagerError, match="outside the boxes"):
+        _apply(None, "n", [plan], reply, torch.bfloat16, False)
     assert not dst.any()
 
 

@@ -26,8 +26,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
-import warnings
 import weakref
 from collections import deque
 from collections.abc import Iterable, Mapping
@@ -37,19 +35,16 @@ import torch
 
 from stager.protocol import Box, Changes, ChangesReply, ErrorCode, StagerError
 from stager.protocol.changes import INDICES, UNCHANGED, apply, checksum, gather, inside, unravel
-from stager.protocol.dtypes import DTYPES, FLOAT8_DTYPES, dtype_from_name, dtype_name
+from stager.protocol.dtypes import dtype_from_name, dtype_name
 from stager.protocol.layout import narrow_box
-from stager.protocol.reads import MAX_CHANGE_BOXES, MAX_CHANGE_TENSORS
 
+from .change_replies import PIPELINE, batches, delta_source, parse
 from .mover import Want, move
 from .planner import Read, plan_box
 from .sources import SharedMemorySource
 from .views import ViewEntry
 
 log = logging.getLogger("stager.client")
-PIPELINE = 4  # Changes requests in flight per delta read: the daemon gathers one while the reader applies another
-MIN_BATCH = 1 << 23  # elements per request at least: a small model's delta is one request (each costs ~1 ms)
-BATCH_BYTES = 64 << 20  # the most one Changes reply carries (the daemon's bound: it answers a prefix)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -145,7 +140,7 @@ def _plan(
     version = snap._version
     plans = []
     for name, entry in entries.items():
-        fqn = _delta_source(snap, entry)
+        fqn = delta_source(snap, entry)
         if fqn is None:
             continue
         dst, m = out[name], version.merged[fqn]
@@ -184,8 +179,10 @@ def _ask(version: Any, plans: list[_Plan], since: int) -> None:
             groups.setdefault((node, plan.dst.dtype, seq, mapped), []).append(plan)
     queues: dict[str, deque] = {}
     for key, members in groups.items():
-        for batch in _batches(members, key[0]):
-            queues.setdefault(key[0], deque()).append((key, batch))
+        node = key[0]
+        sizes = [sum(b.numel for b in plan.boxes[node]) for plan in members]
+        for batch in batches(members, sizes, [len(plan.boxes[node]) for plan in members]):
+            queues.setdefault(node, deque()).append((key, batch))
     broken: set[tuple] = set()  # groups whose base the node does not know: the rest of them is read whole
     timeout = version._reader.timeout
     while any(queues.values()):
@@ -214,10 +211,7 @@ def _ask(version: Any, plans: list[_Plan], since: int) -> None:
                 broken.add(key)
                 _read_whole(node, batch)
                 continue
-            n = len(reply.tensors)
-            if not 0 < n <= len(batch):
-                raise StagerError(ErrorCode.BAD_MESSAGE, f"changes reply answers {n} of {len(batch)} tensors")
-            _apply(version, node, batch[:n], reply, dtype, mapped)
+            n = _apply(version, node, batch, reply, dtype, mapped)
             if n < len(batch):
                 queues[node].appendleft((key, batch[n:]))
 
@@ -269,78 +263,24 @@ def _finish(snap: Any, plans: list[_Plan]) -> set[str]:
     return done
 
 
-def _delta_source(snap: Any, entry: ViewEntry) -> str | None:
-    """The native tensor whose change map holds for ``entry`` element for element, or None (read in full):
-    floating data that is not float8, seen through no transform (an HF rename is fine, a permutation is not)."""
-    fqn = entry.source
-    if not fqn or fqn in snap.quant or fqn not in snap._version.merged:
-        return None
-    m = snap._version.merged[fqn]
-    stored = DTYPES[m.dtype]
-    if not stored.is_floating_point or stored in FLOAT8_DTYPES or not m.complete:
-        return None
-    shape = tuple(m.shape)
-    if entry.shape != shape or entry.strided != (shape, _strides(shape), 0):
-        return None
-    return fqn
-
-
-def _batches(members: list[_Plan], node: str) -> list[list[_Plan]]:
-    """Tensors per request to ``node``: up to PIPELINE requests of about equal element counts (none
-    below MIN_BATCH elements unless it is the last), so that the first reply comes early and the
-    daemon gathers the next while this process applies one. Their size is bounded by the daemon,
-    whose reply answers a prefix of the tensors asked for when they would not fit."""
-    sizes = [sum(b.numel for b in plan.boxes[node]) for plan in members]
-    target = max(math.ceil(sum(sizes) / PIPELINE), MIN_BATCH)
-    out, cur, size, boxes = [], [], 0, 0
-    for plan, n in zip(members, sizes):
-        more = len(plan.boxes[node])
-        if cur and boxes + more > MAX_CHANGE_BOXES:
-            out.append(cur)
-            cur, size, boxes = [], 0, 0
-        cur.append(plan)
-        size += n
-        boxes += more
-        if size >= target or len(cur) == MAX_CHANGE_TENSORS:
-            out.append(cur)
-            cur, size, boxes = [], 0, 0
-    return out + ([cur] if cur else [])
-
-
-def _apply(version: Any, node: str, batch: list[_Plan], reply: ChangesReply, dtype: torch.dtype, mapped: bool) -> None:
-    """Write the changed elements of each tensor of ``batch`` from ``node``; a tensor the node
-    answers ``whole`` (too dense, reshaped, unproven base) has its boxes there read whole."""
-    frames = reply.frames
-    indices = _frame(frames[0], torch.int32) if frames else torch.empty(0, dtype=torch.int32)
-    values = _frame(frames[1], dtype) if len(frames) > 1 else None
-    at = 0
-    for plan, (got, kind, count) in zip(batch, reply.tensors):
-        fqn, dst = plan.fqn, plan.dst
-        if got != fqn:
-            raise StagerError(ErrorCode.BAD_MESSAGE, f"changes reply names {got!r} where {fqn!r} was asked")
+def _apply(version: Any, node: str, batch: list[_Plan], reply: ChangesReply, dtype: torch.dtype, mapped: bool) -> int:
+    """Write the changed elements of the tensors of ``batch`` the reply answers (a prefix; their
+    count returned) from ``node``, all of it checked first (:func:`.change_replies.parse`); a tensor
+    the node answers ``whole`` (too dense, reshaped, unproven base) has its boxes there read whole."""
+    boxes = [None if p.boxes[node] == [p.dst_box] else [(b.offset, b.shape) for b in p.boxes[node]] for p in batch]
+    want = "indices" if mapped else "values"
+    answers = parse(reply, [p.fqn for p in batch], [tuple(p.dst.shape) for p in batch], dtype, want, boxes)
+    for plan, answer in zip(batch, answers):
         if plan.proofs.get(node, (0, None))[1] is not None and not reply.checked:
             # a daemon that predates sums dropped them unread: its delta holds only for the base its
             # seq names, which this copy may not be (written since): read whole
             plan.whole.extend((node, b) for b in plan.boxes[node])
-            at += count if kind == INDICES else 0
-        elif kind == INDICES:
-            idx = indices[at : at + count]
-            if idx.numel() != count or (not mapped and (values is None or values.numel() < at + count)):
-                raise StagerError(ErrorCode.BAD_MESSAGE, f"{fqn}: changes reply is short of its {count} elements")
-            if count and int(idx[0]) < 0:  # ascending: the first is the least (indexing would wrap a negative)
-                raise StagerError(ErrorCode.BAD_MESSAGE, f"{fqn}: changes reply holds a negative index")
-            try:  # indices out of range are refused by the indexing itself (IndexError), before any write
-                if count and int(idx[-1]) >= dst.numel():
-                    raise IndexError(f"index {int(idx[-1])} is out of range for {dst.numel()} elements")
-                vals = _gathered(version, node, plan, idx, dst) if mapped else values[at : at + count]
-                apply(dst, idx, vals)
-            except (IndexError, RuntimeError) as exc:
-                raise StagerError(
-                    ErrorCode.BAD_MESSAGE, f"{fqn}: changes reply does not fit the tensor ({exc})"
-                ) from None
-            at += count
-        elif kind != UNCHANGED:  # whole: read from this node in full
+        elif answer.kind == INDICES:
+            vals = _gathered(version, node, plan, answer.indices, plan.dst) if mapped else answer.values
+            apply(plan.dst, answer.indices, vals)
+        elif answer.kind != UNCHANGED:  # whole: read from this node in full
             plan.whole.extend((node, b) for b in plan.boxes[node])
+    return len(answers)
 
 
 def _gathered(version: Any, node: str, plan: _Plan, idx: torch.Tensor, dst: torch.Tensor) -> torch.Tensor:
@@ -357,22 +297,5 @@ def _gathered(version: Any, node: str, plan: _Plan, idx: torch.Tensor, dst: torc
         out[hit] = src.map(plan.fqn, box)[tuple(local.unbind(1))].to(dst.dtype)
         seen |= hit
     if not bool(seen.all()):
-        raise IndexError("an index lies outside the boxes asked of this node")
+        raise StagerError(ErrorCode.BAD_MESSAGE, f"{plan.fqn}: changes reply holds an index outside the boxes asked")
     return out
-
-
-def _frame(frame: Any, dtype: torch.dtype) -> torch.Tensor:
-    buf = frame.buffer if hasattr(frame, "buffer") else memoryview(frame)
-    if not buf.nbytes:
-        return torch.empty(0, dtype=dtype)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # read-only frames: only read here
-        return torch.frombuffer(buf, dtype=torch.uint8).view(dtype)
-
-
-def _strides(shape: tuple[int, ...]) -> tuple[int, ...]:
-    out, acc = [], 1
-    for n in reversed(shape):
-        out.append(acc)
-        acc *= n
-    return tuple(reversed(out))

@@ -18,11 +18,10 @@ from typing import Any
 import torch
 
 from stager.protocol import Changes, ChangesReply, ErrorCode, StagerError
-from stager.protocol.changes import DENSE, INDICES, WHOLE, gather
+from stager.protocol.changes import INDICES, WHOLE, gather
 from stager.protocol.dtypes import dtype_name
-from stager.protocol.reads import MAX_CHANGE_TENSORS
 
-from .delta import BATCH_BYTES, _delta_source, _frame
+from .change_replies import batches, delta_source, parse, session
 
 log = logging.getLogger("stager.client")
 
@@ -43,10 +42,10 @@ def base_of(snap: Any) -> tuple[int, int, str] | None:
     """``(step, seq, daemon session)`` naming the snapshot's version as a later base of
     :func:`changes_since` (a step number may be staged again, a seq in one daemon session never);
     None for versions no change map can start from (several nodes, or no connection)."""
-    session = _session(snap)
-    if session is None or snap._version.members != 1:
+    held = session(snap)
+    if held is None or snap._version.members != 1:
         return None
-    return snap.step, snap.seq, session
+    return snap.step, snap.seq, held
 
 
 def changes_since(
@@ -73,80 +72,39 @@ def changes_since(
             numel = math.prod(entry.shape)
             out[name] = TensorChange(WHOLE, numel)
             continue
-        direct = values and _delta_source(snap, entry) is not None
+        direct = values and delta_source(snap, entry) is not None
         (exact if direct else counted).setdefault(source, []).append(name)
     conn, lease = next(iter(version.leases.values()))
     timeout = version._reader.timeout
-    asks = [(False, list(counted))] if counted else []
-    asks += [(True, batch) for batch in _fqn_batches(version, list(exact), dtype)]
-    for want_values, fqns in asks:
+    for want_values, names_of in ((False, counted), (True, exact)):
+        fqns = list(names_of)
+        if not fqns:
+            continue
         mapped = want_values and all(version.mapped(f) is not None for f in fqns)
         want = "counts" if not want_values else "indices" if mapped else "values"
-        for at in range(0, len(fqns), MAX_CHANGE_TENSORS):
-            part = fqns[at : at + MAX_CHANGE_TENSORS]
+        shapes = {f: tuple(version.merged[f].shape) for f in fqns}
+        queue = batches(fqns, [math.prod(shapes[f]) for f in fqns])
+        while queue:
+            part = queue.pop(0)
+            ask = Changes(lease=lease, since=base[0], since_seq=base[1], dtype=dtype_name(dtype), want=want, fqns=part)
             try:
-                reply = conn.request(
-                    Changes(
-                        lease=lease, since=base[0], since_seq=base[1], dtype=dtype_name(dtype), want=want, fqns=part
-                    ),
-                    timeout,
-                )
+                reply = conn.request(ask, timeout)
             except StagerError as exc:
                 if exc.code != ErrorCode.UNKNOWN_BASE:
                     raise
                 log.debug("changes of step %d since %d: %s", snap.step, base[0], exc.message)
                 return None
-            if not isinstance(reply, ChangesReply) or len(reply.tensors) != len(part):
+            if not isinstance(reply, ChangesReply):
                 raise StagerError(ErrorCode.BAD_MESSAGE, f"unexpected {reply.TYPE} reply to changes")
-            found = _parse(version, part, reply, dtype, want)
-            for fqn, change in found.items():
-                for name in (exact if want_values else counted)[fqn]:
+            answers = parse(reply, part, [shapes[f] for f in part], dtype, want)
+            if len(answers) < len(part):  # a prefix: the rest would pass the daemon's reply bound
+                queue.insert(0, part[len(answers) :])
+            for fqn, a in zip(part, answers):
+                if a.kind == INDICES and a.indices is not None:
+                    vals = gather(version.mapped(fqn), a.indices, dtype) if want == "indices" else a.values
+                    change = TensorChange(a.kind, a.count, a.indices, vals)
+                else:
+                    change = TensorChange(a.kind, a.count)
+                for name in names_of[fqn]:
                     out[name] = change
     return out
-
-
-def _fqn_batches(version: Any, fqns: list[str], dtype: torch.dtype) -> list[list[str]]:
-    """``fqns`` in requests whose replies stay under BATCH_BYTES at the densest maps."""
-    per = 4 + dtype.itemsize
-    out: list[list[str]] = []
-    cur: list[str] = []
-    size = 0
-    for fqn in fqns:
-        need = math.ceil(math.prod(version.merged[fqn].shape) * DENSE) * per
-        if cur and size + need > BATCH_BYTES:
-            out.append(cur)
-            cur, size = [], 0
-        cur.append(fqn)
-        size += need
-    return out + ([cur] if cur else [])
-
-
-def _parse(version: Any, fqns: list[str], reply: ChangesReply, dtype: torch.dtype, want: str) -> dict:
-    """``{fqn: TensorChange}`` of a reply, each index range checked (a bad reply is a typed error)."""
-    frames = reply.frames
-    indices = _frame(frames[0], torch.int32) if want != "counts" and frames else torch.empty(0, dtype=torch.int32)
-    values = _frame(frames[1], dtype) if want == "values" and len(frames) > 1 else None
-    at, out = 0, {}
-    for fqn, (got, kind, count) in zip(fqns, reply.tensors):
-        if got != fqn:
-            raise StagerError(ErrorCode.BAD_MESSAGE, f"changes reply names {got!r} where {fqn!r} was asked")
-        if kind != INDICES or want == "counts":
-            out[fqn] = TensorChange(kind, count)
-            continue
-        idx = indices[at : at + count]
-        numel = math.prod(version.merged[fqn].shape)
-        short = idx.numel() != count or (want == "values" and (values is None or values.numel() < at + count))
-        if short or (count and (int(idx[0]) < 0 or int(idx.max()) >= numel)):
-            raise StagerError(ErrorCode.BAD_MESSAGE, f"{fqn}: changes reply does not fit its {numel} elements")
-        vals = gather(version.mapped(fqn), idx, dtype) if want == "indices" else values[at : at + count]
-        out[fqn] = TensorChange(kind, count, idx, vals)
-        at += count
-    return out
-
-
-def _session(snap: Any) -> str | None:
-    leases = snap._version.leases
-    if len(leases) != 1:
-        return None
-    conn, _ = next(iter(leases.values()))
-    return conn.session
