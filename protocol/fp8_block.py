@@ -79,7 +79,8 @@ def quantize_block_fp8(
         scale_inv.fill_(AMAX_FLOOR / E4M3_MAX)
         return data, scale_inv
     padded_cols = grid[1] * bn
-    step = max(1, CHUNK_BYTES // (bm * padded_cols * 4))
+    # the product is fp32, float64 for a float64 weight (tensor promotion): its bytes bound a step's temporaries
+    step = max(1, CHUNK_BYTES // (bm * padded_cols * max(4, w.element_size())))
     for r0 in range(0, grid[0], step):
         r1 = min(grid[0], r0 + step)
         top, bottom = r0 * bm, min(rows, r1 * bm)

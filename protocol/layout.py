@@ -30,7 +30,14 @@ from .errors import ErrorCode, ProtocolError, short_repr
 MAX_DIMS = 64  # tensor rank accepted on the wire
 FP8_READ = "f8e4m3"  # the dtype an FP8 block-quantized read (ReadItem.block) names
 MAX_FP8_BLOCK = 1 << 16  # rows or columns one FP8 scale may cover
-MAX_FP8_WORK = 64 << 20  # bytes of fp32 temporaries a daemon's FP8 read may need per row of blocks
+MAX_FP8_WORK = 64 << 20  # bytes of temporaries a daemon's FP8 read may need per row of blocks
+# rows and columns one FP8 scale covers at least: a scale (4 bytes) per 256 elements or fewer keeps the reply
+# near one byte per element (blocks of [1, 1] made it five) and the quantizer's per-block work amortized. The
+# real formats (DeepSeek-V3, Qwen3-FP8) use [128, 128]; a reader wanting a smaller block quantizes itself
+MIN_FP8_BLOCK = 16
+# elements, padded to whole blocks, one FP8 read may quantize: ~65 ms of the daemon's loop here for bf16 (2.05
+# CPU s per GiB, read_fp8.py), a 32 MiB bf16 box; readers ask ~8 MiB replies (client/readers/version.py)
+MAX_FP8_READ_ELEMENTS = 1 << 24
 
 
 def _int_tuple(value: object, what: str, code: ErrorCode = ErrorCode.BAD_PLAN) -> tuple[int, ...]:
@@ -323,13 +330,20 @@ class ReadItem:
         return cls(item[0], tuple(item[1]), tuple(item[2]), dtype, block)
 
 
+def fp8_padded(sizes: tuple[int, ...], block) -> int:
+    """Elements an FP8 read of a 2-D box of ``sizes`` quantizes: the box padded to whole blocks (what the
+    quantizer's work and temporaries grow with)."""
+    return -(-sizes[0] // block[0]) * block[0] * -(-sizes[1] // block[1]) * block[1]
+
+
 def check_read_fp8(
     fqn: str, have: torch.dtype, shape: tuple[int, ...], offsets: tuple[int, ...], sizes: tuple[int, ...], block
 ) -> None:
     """A read of box ``(offsets, sizes)`` of ``fqn`` FP8 block-quantized in blocks of ``block``: a 2-D
     float16/bfloat16/float32/float64 tensor, the box on whole blocks (it starts on one, and ends on
-    one or at the tensor's edge: each block's scale covers what a whole-tensor quantization's does).
-    BAD_VALUE otherwise."""
+    one or at the tensor's edge: each block's scale covers what a whole-tensor quantization's does), blocks
+    of at least MIN_FP8_BLOCK rows and columns, the loop's work bounded (per row of blocks, MAX_FP8_WORK
+    bytes of temporaries; per read, MAX_FP8_READ_ELEMENTS). BAD_VALUE otherwise."""
     plain = {torch.float64, torch.float32, torch.float16, torch.bfloat16}
     if have not in plain or len(shape) != 2:
         raise ProtocolError(
@@ -337,13 +351,30 @@ def check_read_fp8(
             f"{fqn[:200]}: cannot read a {len(shape)}-D {have} tensor FP8 block-quantized: the daemon "
             "quantizes 2-D float64/float32/float16/bfloat16 weights; read it without a block",
         )
-    work = block[0] * -(-sizes[1] // block[1]) * block[1] * 4  # fp32 temporaries of one row of blocks
+    if min(block) < MIN_FP8_BLOCK:
+        raise ProtocolError(
+            ErrorCode.BAD_VALUE,
+            f"{fqn[:200]}: FP8 blocks of {list(block)} are below the {MIN_FP8_BLOCK} rows and columns the daemon "
+            "quantizes in (a scale per element or few would make the reply larger than the weight): use a block of "
+            f"at least [{MIN_FP8_BLOCK}, {MIN_FP8_BLOCK}] (the FP8 checkpoints use [128, 128]), or quantize on read",
+        )
+    # temporaries per element of a row of blocks: the zero-padded copy of an edge block (the source dtype) and
+    # the scaled product, promoted to float64 for a float64 weight (fp32 otherwise)
+    work = block[0] * -(-sizes[1] // block[1]) * block[1] * (have.itemsize + max(4, have.itemsize))
     if work > MAX_FP8_WORK:
         raise ProtocolError(
             ErrorCode.BAD_VALUE,
             f"{fqn[:200]}: one row of {list(block)} blocks of a box {sizes[1]} columns wide needs "
-            f"{work >> 20} MiB of fp32 temporaries, over the {MAX_FP8_WORK >> 20} MiB the daemon allows: "
+            f"{work >> 20} MiB of temporaries, over the {MAX_FP8_WORK >> 20} MiB the daemon allows: "
             "read fewer columns per box, or a smaller block",
+        )
+    padded = fp8_padded(sizes, block)
+    if padded > MAX_FP8_READ_ELEMENTS:
+        raise ProtocolError(
+            ErrorCode.BAD_VALUE,
+            f"{fqn[:200]}: an FP8 read of a {list(sizes)} box in {list(block)} blocks quantizes {padded} elements "
+            f"(padded to whole blocks), over the {MAX_FP8_READ_ELEMENTS} one read may: split the read into smaller "
+            "boxes (fewer rows each)",
         )
     for o, s, n, b in zip(offsets, sizes, shape, block):
         if o % b or (s % b and o + s != n):

@@ -18,6 +18,7 @@ from stager.client.admin import daemon_status
 from stager.client.readers import sources
 from stager.protocol import Acquire, ErrorCode, ErrorReply, ProtocolError, Read, ReadItem, ReadReply
 from stager.protocol.fp8_block import E4M3, quantize_block_fp8, scale_shape
+from stager.protocol.layout import check_read_fp8
 
 transformers = lazy_importorskip("transformers")
 
@@ -183,3 +184,48 @@ def test_fp8_reads_on_the_wire_box_by_box(make_daemon, raw_peer):
         reply = peer.request(Read(lease=lease, items=(item,)))
         assert isinstance(reply, ErrorReply) and reply.code == code.value, (item, reply)
     assert peer.request(Acquire()).lease  # the daemon serves on
+
+
+def test_fp8_reads_are_bounded_by_their_real_reply_size_and_the_daemons_work(make_daemon, raw_peer):
+    d = make_daemon(read_cast_memory=4 << 20)  # one cast or FP8 reply may take half of it: 2 MiB
+    w = torch.randn(2048, 2048)  # its FP8 reply: 4 MiB of e4m3 plus scales
+    narrow = torch.randn(300, 200)
+    wide = torch.randn(128, 100, dtype=torch.float64)
+    stage(d.endpoint, {"w": w, "n": narrow, "d": wide})
+    peer = raw_peer(d.endpoint)
+    peer.hello(role="reader")
+    lease = peer.request(Acquire()).lease
+    for item, says in (
+        # a scale per element: five bytes of reply per element (a 256 MiB bf16 box made a 640 MiB buffer)
+        (ReadItem("w", (0, 0), (256, 128), "f8e4m3", (1, 1)), "at least [16, 16]"),
+        # over what one reply may hold of the cast buffers, whatever else is in flight: the reader splits
+        (ReadItem("w", None, None, "f8e4m3", (128, 128)), "split the read into smaller boxes"),
+        (ReadItem("w", None, None, "bf16"), "split the read into smaller boxes"),
+        # a 300 x 200 box padded to 304 x 65536: the quantizer's work is the padded box's
+        (ReadItem("n", None, None, "f8e4m3", (16, 65536)), "split the read into smaller boxes"),
+        # float64: the padded copy and the float64 product, 16 bytes per element (128 MiB), not fp32's 4
+        (ReadItem("d", None, None, "f8e4m3", (128, 65536)), "MiB of temporaries"),
+    ):
+        reply = peer.request(Read(lease=lease, items=(item,)))
+        assert isinstance(reply, ErrorReply) and reply.code == ErrorCode.BAD_VALUE.value, (item, reply)
+        assert says in reply.message, reply.message
+    data, scales = quantize_block_fp8(w)
+    reply = peer.request(Read(lease=lease, items=(ReadItem("w", (0, 0), (512, 2048), "f8e4m3", (128, 128)),)))
+    assert isinstance(reply, ReadReply), reply  # a quarter of it: 1 MiB and its scales, served
+    frame = bytes(reply.frames[0])
+    assert same(torch.frombuffer(bytearray(frame[:256]), dtype=torch.float32).view(4, 16), scales[:4].contiguous())
+    assert same(torch.frombuffer(bytearray(frame[256:]), dtype=torch.uint8).view(E4M3).view(512, 2048), data[:512])
+    reply = peer.request(Read(lease=lease, items=(ReadItem("d", None, None, "f8e4m3", (128, 128)),)))
+    assert isinstance(reply, ReadReply) and len(reply.frames[0]) == 4 + 128 * 100  # float64 in 128 x 128: served
+
+
+@pytest.mark.fast
+def test_check_read_fp8_counts_the_float64_product_and_the_padding():
+    check_read_fp8("w", torch.float32, (128, 100), (0, 0), (128, 100), (128, 65536))  # 64 MiB: at the bound
+    with pytest.raises(ProtocolError, match="128 MiB of temporaries"):
+        check_read_fp8("w", torch.float64, (128, 100), (0, 0), (128, 100), (128, 65536))
+    with pytest.raises(ProtocolError, match="at least"):
+        check_read_fp8("w", torch.bfloat16, (4096, 4096), (0, 0), (4096, 4096), (128, 8))
+    with pytest.raises(ProtocolError, match="split the read"):  # 16 Mi elements and one more row of blocks
+        check_read_fp8("w", torch.bfloat16, (4096 + 128, 4096), (0, 0), (4096 + 128, 4096), (128, 128))
+    check_read_fp8("w", torch.bfloat16, (4096, 4096), (0, 0), (4096, 4096), (128, 128))

@@ -427,15 +427,19 @@ class Tracker:  # what CastBuffers reads of zmq's MessageTracker
 
 
 @pytest.mark.fast
-def test_cast_buffers_hold_at_most_their_limit_and_serve_one_larger_reply_alone():
+def test_cast_buffers_hold_at_most_their_limit_and_one_reply_at_most_half_of_it():
     buffers = read_cast.CastBuffers(limit=8 * MIB)
-    assert buffers.room_for(12 * MIB)  # none in flight: a reply larger than the limit goes alone, never refused
-    [(_, big)] = buffers.take([12 * MIB])
+    assert buffers.max_reply() == 4 * MIB and not buffers.within_share(b"a", 5 * MIB, 1)  # refused by the reader
+    assert buffers.within_share(b"a", 4 * MIB, 3) and buffers.room_for(4 * MIB)  # the floor: one, up to half
+    [(_, big)] = buffers.take([4 * MIB])
     first = Tracker()
-    buffers.sent(big, first)
-    assert not buffers.room_for(1 * MIB)  # the next waits until it went out
+    buffers.sent(big, first, b"a")
+    assert not buffers.within_share(b"a", 1 * MIB, 3)  # past its share of three readers'
+    assert buffers.within_share(b"b", 4 * MIB, 2) and buffers.room_for(4 * MIB)  # another finds room beside it
+    assert not buffers.room_for(4 * MIB + 1)
     first.done = True
-    assert buffers.room_for(8 * MIB) and buffers.nbytes() == 0  # gone out: past the limit, not kept idle
+    assert buffers.room_for(8 * MIB) and buffers.nbytes() == 4 * MIB  # gone out: idle, kept for the next reply
+    buffers._trim_idle(0)
     trackers = [Tracker(), Tracker()]
     for (view, buf), tracker in zip(buffers.take([3 * MIB - 5, 3 * MIB]), trackers):
         assert len(view) in (3 * MIB - 5, 3 * MIB) and len(buf) == 3 * MIB
@@ -449,3 +453,68 @@ def test_cast_buffers_hold_at_most_their_limit_and_serve_one_larger_reply_alone(
     buffers.sent(reused, None)  # the reply was dropped: idle again at once
     [(_, fresh)] = buffers.take([5 * MIB])  # 3 in flight + 5: the idle 3 MiB is freed to make room
     assert len(fresh) == 5 * MIB and buffers.nbytes() == 3 * MIB
+
+
+@pytest.mark.fast
+def test_one_reader_keeps_a_window_of_the_replies_readers_ask_in_flight():
+    buffers = read_cast.CastBuffers(limit=64 * MIB)  # the smallest default --read-cast-memory
+    reply = buffers.footprint(sources.CAST_CHUNK_BYTES)
+    trackers = []
+    while buffers.within_share(b"a", reply, 1) and buffers.room_for(reply):
+        [(_, buf)] = buffers.take([sources.CAST_CHUNK_BYTES])
+        trackers.append(Tracker())
+        buffers.sent(buf, trackers[-1], b"a")
+    assert len(trackers) == sources.WINDOW  # the reader's whole window, not one reply at a time
+
+
+def test_a_reader_that_stops_receiving_the_largest_reply_keeps_no_other_reader_waiting(make_daemon, raw_peer):
+    limit = 16 * MIB
+    d = make_daemon(read_cast_memory=limit)
+    w = torch.arange(4096 * 2048, dtype=torch.float32).view(4096, 2048) * 0.3  # 32 MiB: 16 MiB as bf16
+    stage(d.endpoint, {"w": w})
+    stalled = raw_peer(d.endpoint)
+    stalled.sock.setsockopt(zmq.RCVHWM, 1)  # its replies stay in the daemon (cast buffers in flight): never read
+    stalled.sock.setsockopt(zmq.RCVBUF, 64 << 10)
+    stalled.hello(role="reader")
+    lease = stalled.request(Acquire()).lease
+    # all of it (a reply of the whole limit), then half of it (the largest reply allowed), then more behind
+    boxes = [((0, 0), (4096, 2048)), ((0, 0), (2048, 2048)), ((2048, 0), (2048, 2048)), ((0, 0), (1024, 2048))]
+    for i, (offsets, sizes) in enumerate(boxes):
+        item = ReadItem("w", offsets, sizes, "bf16")
+        stalled.sock.send_multipart(Read(id=100 + i, lease=lease, items=(item,)).encode())
+    wait_until(lambda: d.status()["reads"]["deferred"])  # its first reply is in flight, the later ones wait
+    reader = raw_peer(d.endpoint)
+    reader.hello(role="reader")
+    lease = reader.request(Acquire()).lease
+    expected = w.to(torch.bfloat16)
+    for i in range(4):  # 4 MiB replies: every one completes while the stalled reader's stays unread
+        rows = slice(i * 1024, (i + 1) * 1024)
+        item = ReadItem("w", (i * 1024, 0), (1024, 2048), "bf16")
+        reader.sock.send_multipart(Read(id=200 + i, lease=lease, items=(item,)).encode())
+        reply = reader.recv(timeout=60)
+        assert isinstance(reply, ReadReply) and reply.id == 200 + i, reply
+        got = torch.frombuffer(bytearray(reply.frames[0]), dtype=torch.bfloat16).view(1024, 2048)
+        assert same(got, expected[rows])
+        assert d.status()["reads"]["cast_buffers"] <= limit
+    first = stalled.recv(timeout=60)  # a reply of the whole limit is refused: the reader splits the read
+    assert isinstance(first, ErrorReply) and first.id == 100 and first.code == ErrorCode.BAD_VALUE.value, first
+    assert "split the read into smaller boxes" in first.message
+
+
+def test_a_remote_reader_asks_cast_replies_several_of_which_fit_its_share(make_daemon, monkeypatch):
+    d = make_daemon(memory_limit=128 * MIB)  # --read-cast-memory 64 MiB: half of it for a reader alone
+    w = torch.randn(4096, 2048)  # 32 MiB: 16 MiB as bf16
+    stage(d.endpoint, {"w": w})
+    asked = []
+    fetch = sources.FramesSource.fetch
+
+    def recorded(self, fqn, box, out=None, dtype=None):
+        asked.append(box.numel * (dtype or torch.float32).itemsize)
+        return fetch(self, fqn, box, out, dtype)
+
+    monkeypatch.setattr(sources.FramesSource, "fetch", recorded)
+    with Subscriber(d.endpoint, dtype=torch.bfloat16, remote=True) as sub:
+        got = sub.get_many(["w"])["w"]
+    assert same(got, w.to(torch.bfloat16))
+    assert sum(asked) == 16 * MIB and max(asked) <= sources.CAST_CHUNK_BYTES  # was one 16 MiB reply
+    assert sources.WINDOW * sources.CAST_CHUNK_BYTES <= 64 * MIB // 2

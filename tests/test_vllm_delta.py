@@ -209,3 +209,41 @@ def test_a_daemon_without_change_maps_gives_a_full_update(world, short_dir):
         update(world.llm, 21, endpoint=other.endpoint)
         assert LLMHandle(world.llm).checksums() == checksums
     update(world.llm, 10, endpoint=world.endpoint, init_info={"endpoint": world.endpoint})
+
+
+def test_weights_changed_without_the_backend_are_not_a_deltas_base(world):
+    engine = world.engine()
+    world.reference(11)
+    update(world.llm, 10, endpoint=world.endpoint, init_info={})
+    rl_vllm.greedy(world.llm, PROMPTS)  # serving leaves the parameters as they are: the next update is a delta
+    assert update(world.llm, 11, endpoint=world.endpoint).ok and engine.last_update["delta"]["since"] == 10
+    update(world.llm, 10, endpoint=world.endpoint)
+    with torch.no_grad():  # another writer (vLLM's reload_weights in kernel format copies so): seen by torch
+        engine.model.model.norm.weight.copy_(engine.model.model.norm.weight * 2)
+    assert update(world.llm, 11, endpoint=world.endpoint).ok
+    assert engine.last_update["delta"] is None and "replaced or written" in engine.last_update["why_full"]
+    at_reference(world, 11)
+    # memory rewritten under a parameter (vLLM's sleep(level=2) and wake_up, its loaders' .data.copy_) is not
+    # seen: forget_base (or update info {"full": true}) says so
+    update(world.llm, 10, endpoint=world.endpoint)
+    engine.model.model.norm.weight.data.mul_(2)
+    engine.forget_base()
+    assert update(world.llm, 11, endpoint=world.endpoint).ok and engine.last_update["delta"] is None
+    at_reference(world, 11)
+    assert engine.parse_update_info({"step": 11, "full": True}).full
+    with pytest.raises(Exception, match="full must be true or false"):
+        engine.parse_update_info({"step": 11, "full": "yes"})
+
+
+def test_a_new_init_or_shutdown_forgets_the_base(world):
+    engine = world.engine()
+    update(world.llm, 10, endpoint=world.endpoint, init_info={})
+    assert engine._base is not None and engine._base.step == 10
+    # another adapter, prefix or daemon: the step numbers it reads are not the ones the weights hold
+    engine.init_transfer_engine(engine.parse_init_info({"endpoint": world.endpoint}))
+    assert engine._base is None
+    update(world.llm, 11, endpoint=world.endpoint)
+    assert engine.last_update["delta"] is None and "not one complete version" in engine.last_update["why_full"]
+    engine.shutdown()
+    assert engine._base is None
+    update(world.llm, 10, endpoint=world.endpoint, init_info={})

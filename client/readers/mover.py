@@ -172,7 +172,10 @@ def _start(want: Want, sources: Mapping[str, ByteSource], queue: deque, failed: 
             else:
                 lnd.dest(read.box, read.at).copy_(view)
             continue
-        for piece in split_rows(read.box, want.dtype.itemsize, src.max_read_bytes):
+        most = src.max_read_bytes
+        if want.cast not in (None, want.dtype) and getattr(src, "max_cast_bytes", None):  # cast: its bytes bound it
+            most = min(most, src.max_cast_bytes * want.dtype.itemsize // want.cast.itemsize)
+        for piece in split_rows(read.box, want.dtype.itemsize, most):
             at = tuple(a + p - r for a, p, r in zip(read.at, piece.offset, read.box.offset))
             parts.append((lnd, read.node, piece, at))
     lnd.left = len(parts)

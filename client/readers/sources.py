@@ -34,6 +34,9 @@ from stager.protocol.shm import SHM_DIR, block_view, map_segment
 STATS: collections.Counter = collections.Counter()
 CHUNK_BYTES = 64 << 20  # per Read request: big enough to stream at socket speed, small enough to bound memory
 WINDOW = 4  # Read requests in flight per node
+# reply bytes per Read the daemon casts or FP8-quantizes: its cast buffers (--read-cast-memory, 64 MiB at least by
+# default) hold half their limit per reader alone, and never one reply over half: WINDOW of these fit that share
+CAST_CHUNK_BYTES = 8 << 20
 
 
 class Fetch(Protocol):
@@ -168,6 +171,11 @@ class FramesSource:
     @property
     def max_read_bytes(self) -> int:
         return CHUNK_BYTES  # read at each use: tests lower it to make many requests
+
+    @property
+    def max_cast_bytes(self) -> int:
+        """The largest reply one cast or FP8 read asks of the daemon (its reply buffers bound them)."""
+        return min(CHUNK_BYTES, CAST_CHUNK_BYTES)
 
     def map(self, fqn: str, box: Box) -> None:
         return None

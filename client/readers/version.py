@@ -17,6 +17,7 @@ import torch
 from stager.protocol import Box, ErrorCode, StagerError, TensorLayout
 from stager.protocol.dtypes import dtype_from_name
 from stager.protocol.fp8_block import E4M3, scale_shape
+from stager.protocol.layout import MAX_FP8_READ_ELEMENTS, MIN_FP8_BLOCK
 from stager.protocol.quant import QuantSpec
 
 from .mover import Want, move, read_one
@@ -115,9 +116,19 @@ class LeasedVersion:
         src = self.sources[reads[0].node] if len(reads) == 1 else None
         if src is None or not getattr(src, "quantizes", False):
             return None
+        if min(block) < MIN_FP8_BLOCK:  # the daemon refuses such blocks: quantized here
+            return None
         rows, cols = m.shape
         row_bytes = max(1, cols * dtype_from_name(m.dtype).itemsize)  # staged bytes: what bounds the daemon's work
-        per = max(block[0], src.max_read_bytes // row_bytes // block[0] * block[0])
+        grid_cols = -(-cols // block[1])
+        # rows of blocks per request: the staged bytes, the reply (e4m3 and scales) within what the daemon's cast
+        # buffers serve several of at once, the elements it quantizes per read (padded) within its bound
+        per = min(
+            src.max_read_bytes // (row_bytes * block[0]),
+            getattr(src, "max_cast_bytes", src.max_read_bytes) // max(1, block[0] * cols + 4 * grid_cols),
+            MAX_FP8_READ_ELEMENTS // max(1, block[0] * grid_cols * block[1]),
+        )
+        per = max(1, per) * block[0]
         data: torch.Tensor | None = torch.empty((rows, cols), dtype=E4M3)
         scale_inv = torch.empty(scale_shape((rows, cols), block), dtype=torch.float32)
         boxes = [Box((r, 0), (min(per, rows - r), cols)) for r in range(0, rows, per)]

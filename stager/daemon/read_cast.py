@@ -65,20 +65,25 @@ class CastBuffers:
         """The readers (connections) with buffers in flight."""
         return {o for _, _, o in self._busy}
 
+    def max_reply(self) -> int:
+        """The largest footprint one reply may need: half the limit. A larger read is refused (the reader
+        splits it), so a reader that stops receiving a reply of the largest size still leaves room for
+        another's reply of any allowed size (the caller refuses, :meth:`room_for` does not check)."""
+        return self.limit // 2
+
     def room_for(self, footprint: int) -> bool:
         """Whether a reply needing ``footprint`` bytes of buffers may be cast now: with those in flight,
-        within the limit. One reply always may when none is in flight, whatever its size (a read is
-        never refused for it, only made to wait)."""
+        within the limit (a read that does not fit is made to wait, never refused for it)."""
         self.reclaim()
-        busy = self.busy()
-        return not busy or busy + footprint <= self.limit
+        return self.busy() + footprint <= self.limit
 
     def share(self, readers: int) -> int:
         """The bytes one reader's cast replies may hold in flight while ``readers`` readers cast (those with
         buffers in flight or reads waiting for room, the asking one included): the limit over one more than
         them, so a reader that stops receiving its replies keeps at most that share, and another (a newcomer
-        too) always finds room beside it. A reader with none in flight may send one reply of any size that fits
-        the limit beside all the others' (:meth:`within_share`): the floor."""
+        too) always finds room beside it. A reader alone keeps half the limit: a window of several replies
+        of the size readers ask (client/readers/sources.py, CAST_CHUNK_BYTES). A reader with none in flight
+        may send one reply up to :meth:`max_reply` (:meth:`within_share`): the floor."""
         return self.limit // (max(readers, 1) + 1)
 
     def within_share(self, owner: object, footprint: int, readers: int) -> bool:
@@ -86,7 +91,9 @@ class CastBuffers:
         the limit over all readers is :meth:`room_for`'s)."""
         self.reclaim()
         own = self.busy(owner)
-        return not own or own + footprint <= self.share(readers)
+        if not own:  # the floor: one reply, at most half the limit, so a stalled one never fills it alone
+            return footprint <= self.max_reply()
+        return own + footprint <= self.share(readers)
 
     def take(self, sizes: list[int]) -> list[tuple[memoryview, bytearray]]:
         """A writable buffer per cast item of one reply (``sizes`` bytes each) and the buffer behind it;

@@ -46,6 +46,7 @@ MAX_LEASES_PER_PEER = 64
 MAX_READ_BYTES = 256 << 20  # per Read reply: readers split larger tensors into row ranges
 MAX_READ_IN_FLIGHT = 512 << 20  # reply bytes queued for one reader before its next reads wait
 MAX_DEFERRED_READS = 64  # reads one reader may have waiting; more are refused
+MIB = 1 << 20
 
 
 def _reply_bytes(sizes: tuple[int, ...], to) -> int:
@@ -200,10 +201,11 @@ class Reading:
                     "smaller boxes",
                 )
             boxes.append((t, held[0], held[1], sizes, to))
+        cast_sizes = [_reply_bytes(sizes, to) for *_, sizes, to in boxes if to is not None]
+        self._check_reply(total, sum(map(self.cast_buffers.footprint, cast_sizes)))
         queued = peer.read_bytes_in_flight()
         if queued and queued + total > MAX_READ_IN_FLIGHT:
             return None if resumed else self._defer(peer, msg)
-        cast_sizes = [_reply_bytes(sizes, to) for *_, sizes, to in boxes if to is not None]
         if cast_sizes and not self._cast_turn(identity, cast_sizes, resumed):
             if resumed:
                 return None
@@ -231,6 +233,21 @@ class Reading:
             self.state.counters["read_bytes"] += total
             self.state.counters["read_cast_bytes"] += cast
         return None
+
+    def _check_reply(self, total: int, footprint: int) -> None:
+        """Refuse a reply that could never be sent within the bounds, by its real size (an FP8 reply is
+        e4m3 plus scales, a cast one the narrower dtype's bytes): over MAX_READ_IN_FLIGHT, or needing
+        more cast buffers than one reply may hold (:meth:`CastBuffers.max_reply`, so that a reader that
+        stops receiving it leaves room for the others). BAD_VALUE: the reader splits the read."""
+        most = self.cast_buffers.max_reply()
+        if footprint > most or total > MAX_READ_IN_FLIGHT:
+            raise StagerError(
+                ErrorCode.BAD_VALUE,
+                f"a reply of {total / MIB:.1f} MiB ({footprint / MIB:.1f} MiB of cast buffers: cast or FP8-quantized) "
+                f"is over the {most / MIB:.1f} MiB of cast buffers one reply may take (half of --read-cast-memory "
+                f"{self.cast_buffers.limit / MIB:.1f} MiB) or the {MAX_READ_IN_FLIGHT >> 20} MiB a reader may have "
+                "in flight: split the read into smaller boxes",
+            )
 
     def _cast_turn(self, identity: bytes, sizes: list[int], resumed: bool) -> bool:
         """Whether a cast reply of ``sizes`` may be made for this reader now: its own cast replies in

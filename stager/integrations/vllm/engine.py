@@ -69,16 +69,21 @@ class StagerInitInfo(WeightTransferInitInfo):
 class StagerUpdateInfo(WeightTransferUpdateInfo):
     """``update_info``: ``step``, a sealed step or ``"latest"`` (resolved and pinned here; a
     driver updating several engines resolves it once and passes the number to each). ``verify``:
-    check the engine's tensors against the version once loaded (a mismatch: :class:`.errors.VerifyFailed`)."""
+    check the engine's tensors against the version once loaded (a mismatch: :class:`.errors.VerifyFailed`).
+    ``full``: read the version in full, not as a delta from the step the engine held (after its weights
+    changed without this backend: :meth:`StagerWeightTransferEngine.forget_base`)."""
 
     step: int | str = "latest"
     verify: bool = False  # after the update, compare the engine's tensors with the version (.direct.check)
+    full: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.step, bool) or not (isinstance(self.step, int) or self.step == "latest"):
             raise ValueError(f"update_info step must be a step number or 'latest', not {self.step!r}")
         if not isinstance(self.verify, bool):
             raise ValueError(f"update_info verify must be true or false, not {self.verify!r}")
+        if not isinstance(self.full, bool):
+            raise ValueError(f"update_info full must be true or false, not {self.full!r}")
 
 
 class StagerWeightTransferEngine(WeightTransferEngine[StagerInitInfo, StagerUpdateInfo]):
@@ -103,6 +108,7 @@ class StagerWeightTransferEngine(WeightTransferEngine[StagerInitInfo, StagerUpda
         self._direct: direct.Plan | None = None  # proven after the first complete layerwise update (.direct)
         self.direct = True  # False: every update through vLLM's layerwise reload
         self._base: delta.Base | None = None  # the version the weights hold whole, as a change map's start
+        self._base_params: tuple | None = None  # the parameters' identity when the base was loaded (_identity)
         self._quantize: str | None = None
         self.delta = True  # False: every update reads its version in full (no change maps asked)
 
@@ -184,6 +190,8 @@ class StagerWeightTransferEngine(WeightTransferEngine[StagerInitInfo, StagerUpda
                 f"update for step {update_info.step}",
             )
         step: int | str = update_info.step
+        if update_info.full:
+            self.forget_base()
         try:
             snap = self._lease(step)
             step = snap.step
@@ -247,6 +255,7 @@ class StagerWeightTransferEngine(WeightTransferEngine[StagerInitInfo, StagerUpda
         # a change map may start here only if every tensor of the engine now holds this version
         whole = self._only is None and self._quantize is None
         self._base = delta.base(session["snap"], self.model_config.dtype) if whole else None
+        self._base_params = _identity(self.model) if self._base is not None else None
         session["snap"].release()  # the loader's buffers are gone: the lease may end
         self.step, self.incomplete = step, None
         if self._only is None:
@@ -277,6 +286,17 @@ class StagerWeightTransferEngine(WeightTransferEngine[StagerInitInfo, StagerUpda
         if self._sub is not None:
             self._sub.close()
             self._sub = None
+        self.forget_base()  # a re-init may read another daemon, adapter or prefix: its steps are not this base
+
+    def forget_base(self) -> None:
+        """Read the next update in full, not as a delta from the step the engine held. Call it (on every
+        worker: ``llm.collective_rpc``, or update info ``{"full": true}``) once the weights changed without
+        this backend: vLLM's ``sleep(level=2)`` then ``wake_up`` (the weights' memory is discarded, mapped
+        again at the same addresses, unwritten), ``reload_weights``, another weight-transfer backend. A
+        parameter replaced or written through its own version counter is noticed (:func:`_identity`);
+        memory rewritten under a parameter (``.data.copy_``, which vLLM's loaders use) is not."""
+        self._base = None
+        self._base_params = None
 
     # ------------------------------------------------------------------ internals
 
@@ -300,6 +320,10 @@ class StagerWeightTransferEngine(WeightTransferEngine[StagerInitInfo, StagerUpda
             return None, "init_info names or quantize: only whole updates in the engine's dtype take deltas"
         if self.incomplete is not None:
             return None, f"the last update (step {self.incomplete}) was incomplete"
+        if self._base is not None and _identity(self.model) != self._base_params:
+            held = self._base.step
+            self.forget_base()
+            return None, f"the engine's parameters were replaced or written since step {held} was loaded"
         return delta.find(snap, self._base, [name for name, _, _ in snap.specs()])
 
     def _load(self, snap, session: dict, names: list[str] | None = None) -> None:
@@ -442,3 +466,17 @@ class StagerWeightTransferEngine(WeightTransferEngine[StagerInitInfo, StagerUpda
         if session.get("layers") is not None:
             reload.restore(self.model)
         session["snap"].release()
+
+
+def _identity(model: torch.nn.Module) -> tuple:
+    """What a delta's base assumes of the model's parameters: the same objects, in the same memory, not written
+    since (their version counters; inference tensors have none). Taken as the base is recorded, compared
+    before a delta: cheap (no byte read), blind to memory rewritten without torch knowing (forget_base)."""
+    out = []
+    for name, p in model.named_parameters():
+        try:
+            version = p._version
+        except RuntimeError:  # an inference tensor: no version counter
+            version = None
+        out.append((name, id(p), p.data_ptr(), version))
+    return tuple(out)
