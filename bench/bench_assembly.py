@@ -92,9 +92,11 @@ def _node0_reader(endpoint: str, queue) -> None:
 
 
 def _assembled_at(endpoint: str, steps, deadline: float) -> dict[int, float]:
-    """Poll node-0's status: when each step became whole there (a benchmark's clock, not a test's proof)."""
+    """Poll node-0's status: when each step became whole there (a benchmark's clock, not a test's proof). Ends
+    at the last step: a step the assembler passed over because a newer one was complete first is never whole
+    (the newest complete version wins), so waiting for every step would wait out the deadline."""
     seen: dict[int, float] = {}
-    while time.monotonic() < deadline and len(seen) < len(steps):
+    while time.monotonic() < deadline and max(steps) not in seen:
         try:
             status = daemon_status(endpoint)
         except StagerError:  # not reachable yet (a CURVE handshake under load): ask again

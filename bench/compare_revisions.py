@@ -14,7 +14,8 @@ numeric figure of a bench's JSON report is compared: a list of repeated measurem
 of [seconds, bytes] pairs as one figure per position; sizes, counts, targets and figures equal in every run are
 left out. Per figure: median before and after over the rounds, their ratio and the spread (min-max) of each; a
 figure whose every run after is worse than every run before (the spreads do not overlap) is flagged WORSE.
-Lower is better unless the name says a rate (``per_s``).
+Lower is better unless the name says a rate (``per_s``). ``--bench-from REV`` runs the bench scripts of REV on
+both sides (the measuring code held fixed), where a bench itself was fixed between the revisions.
 """
 
 from __future__ import annotations
@@ -167,6 +168,15 @@ def _end_group(proc: subprocess.Popen) -> None:
     proc.wait()
 
 
+def _use_benches_of(repo: str, rev: str, path: str) -> None:
+    """Replace the worktree's bench/ scripts with those of ``rev`` (the measuring code, not the code measured)."""
+    listing = _git(repo, "ls-tree", "--name-only", rev, "bench/")
+    for name in listing.splitlines():
+        if name.endswith(".py"):
+            with open(os.path.join(path, name), "w") as f:
+                f.write(_git(repo, "show", f"{rev}:{name}") + "\n")
+
+
 def _run_one(path: str, bench: str, args: list[str], out_json: str, log: str, timeout: float) -> dict | None:
     cmd = [sys.executable, os.path.join("bench", bench + ".py"), *args, "--json", out_json]
     t0 = time.monotonic()
@@ -270,6 +280,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--timeout", type=float, default=600.0, help="seconds one bench run may take (default 600)")
     p.add_argument("--json", metavar="PATH", help="also write every run's figures and the table's rows to PATH")
     p.add_argument("--keep", action="store_true", help="keep the temporary worktrees and logs (path printed)")
+    p.add_argument(
+        "--bench-from",
+        metavar="REV",
+        help="run the bench/ scripts of REV on both sides (the same measuring code against each revision's "
+        "package; for a bench whose own code changed, e.g. a fixed poller), instead of each revision's own",
+    )
     a = p.parse_args(argv)
     if a.rounds < 1:
         p.error("--rounds must be >= 1")
@@ -303,6 +319,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for side, path in paths.items():
             _prepare(repo, revs[side]["sha"], path, os.path.join(tmp, "build-" + side))
+            if a.bench_from:
+                _use_benches_of(repo, a.bench_from, path)
             revs[side]["modules"] = _probe(path)
             print(
                 f"{side}: {revs[side]['rev']} = {revs[side]['sha'][:10]}, stager from "

@@ -15,6 +15,7 @@ parses bytes a reader sent with NIXL's C++ parser.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import logging
 import os
@@ -33,8 +34,10 @@ PROGRESS_DELAY_US = 100
 _NEW_AGENT_LOCK = threading.Lock()
 
 
+@functools.cache
 def nixl_installed() -> bool:
-    """Whether NIXL can be imported, without importing it (that takes seconds)."""
+    """Whether NIXL can be imported, without importing it (that takes seconds). Searched once per process: a
+    reader asks at every lease, per node, and each search stats every sys.path entry for each name."""
     return any(importlib.util.find_spec(m) is not None for m in MODULES)
 
 

@@ -186,6 +186,23 @@ def test_a_partial_version_reads_its_regions_from_either_source(partial_daemon, 
             assert offset == (0,) and torch.equal(whole, B)
 
 
+@pytest.mark.parametrize("remote", [False, True], ids=["shared memory", "frames"])
+def test_a_lease_does_not_search_sys_path_for_nixl(partial_daemon, remote, monkeypatch):
+    """Whether NIXL is installed is searched for once per process, not at every lease per node: each search
+    stats every sys.path entry, which a multi-node reader's every acquire paid per node."""
+    import importlib.util
+
+    with Subscriber(partial_daemon.endpoint, remote=remote) as sub:
+        sub.latest(allow_partial=True).release()  # the first lease of the process may search
+        searched = []
+        real = importlib.util.find_spec
+        monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: searched.append(name) or real(name, *a))
+        for _ in range(3):
+            with sub.latest(allow_partial=True) as snap:
+                assert torch.equal(snap["b"], B)
+    assert searched == []
+
+
 class TensorSource:
     """The smallest ByteSource: in-process tensors, each fetch done when waited for. Records how
     many fetches were outstanding at once and checks they are waited for in the order started."""

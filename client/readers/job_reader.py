@@ -371,15 +371,26 @@ class JobReader:
             self._release(version.leases)
 
     def _release(self, leases: dict[str, tuple[Connection, int]]) -> None:
+        """Every Release sent before any reply is waited for: one round trip for all nodes, as leasing (one per
+        node in turn made a reader's release, and a dead node's timeout, add up with the node count)."""
+        sent = []
         for conn, lease in leases.values():
             if conn.sock is None:
                 continue  # closed (no longer a member): its daemon ended the lease on bye
             # the reader's own daemon gets the reader's patience; another node that died must not hold it up
             mine = conn is self.primary
+            timeout = self.timeout if mine else min(self.timeout, 2.0)
             try:
-                conn.request(Release(lease=lease), self.timeout if mine else min(self.timeout, 2.0))
-            except StagerError as exc:  # a closed or dead connection: the daemon ends its leases itself
-                log.log(logging.WARNING if mine else logging.DEBUG, "release of lease %d failed: %s", lease, exc)
+                if conn.session is None:
+                    conn.hello(timeout)
+                sent.append((conn, lease, timeout, conn.send(Release(lease=lease))))
+            except StagerError as exc:
+                _release_failed(mine, lease, exc)
+        for conn, lease, timeout, rid in sent:
+            try:
+                conn.wait_reply(rid, timeout, "release")
+            except StagerError as exc:
+                _release_failed(conn is self.primary, lease, exc)
 
     # ------------------------------------------------------------------ announcements
 
@@ -441,3 +452,8 @@ class JobReader:
                 conn.close()
         self.conns = {}
         self.primary.close()
+
+
+def _release_failed(mine: bool, lease: int, exc: StagerError) -> None:
+    # a closed or dead connection: the daemon ends its leases itself
+    log.log(logging.WARNING if mine else logging.DEBUG, "release of lease %d failed: %s", lease, exc)
