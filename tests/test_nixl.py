@@ -15,7 +15,7 @@ from helpers import wait_until
 from stager.client import StagingClient, Subscriber
 from stager.client.admin import daemon_status
 from stager.client.connection import Connection
-from stager.client.readers import nixl_source
+from stager.client.readers import nixl_agents, nixl_source
 from stager.client.readers.job_reader import JobReader
 from stager.client.readers.nixl_source import NixlSource, nixl_installed, nixl_stats
 from stager.client.readers.sources import SegmentMaps, open_source
@@ -171,7 +171,7 @@ def test_destination_registrations_stay_bounded_and_strided_boxes_read_exact(mak
     cube = torch.randn(6, 5, 4)
     with StagingClient(d.endpoint, rank=0, local_world_size=1, world_size=1) as c:
         c.stage({"cube": cube}, step=1).wait(10)
-    monkeypatch.setattr(nixl_source, "MAX_REGISTERED_BYTES", 2 * cube.numel() * 4)
+    monkeypatch.setattr(nixl_agents, "MAX_REGISTERED_BYTES", 2 * cube.numel() * 4)
     conn, src, _ = _nixl_source(d.endpoint)
     with Subscriber(d.endpoint, remote=True, transport="nixl") as sub, sub.latest() as snap:
         for offset, shape in (
@@ -187,7 +187,7 @@ def test_destination_registrations_stay_bounded_and_strided_boxes_read_exact(mak
             snap.load_into({"cube": out})
             assert torch.equal(out, cube)
         stats = nixl_stats()
-        assert stats["registered_bytes"] <= nixl_source.MAX_REGISTERED_BYTES and stats["registered"] <= 2
+        assert stats["registered_bytes"] <= nixl_agents.MAX_REGISTERED_BYTES and stats["registered"] <= 2
         assert stats["busy"] == stats["in_flight"] == 0  # no READ left marked in flight
     src.close()
     conn.close()

@@ -95,11 +95,13 @@ def stage(endpoint: str, weights: dict) -> None:
 def world():
     root = tempfile.mkdtemp(prefix="stgd", dir="/tmp")  # ipc paths must stay short
     w = World(root)
-    wait_until(lambda: all(v.get("changed") for v in w.status()["versions"] if v["step"] > 10), 60)
-    yield w
-    w.engine().shutdown()
-    w.daemon.stop()
-    subprocess.run(["rm", "-rf", root])
+    try:  # a setup that fails (maps not made in time) must not leave its daemon running
+        wait_until(lambda: all(v.get("changed") for v in w.status()["versions"] if v["step"] > 10), 60)
+        yield w
+        w.engine().shutdown()
+    finally:
+        w.daemon.stop()
+        subprocess.run(["rm", "-rf", root])
 
 
 def read_bytes(world) -> int:

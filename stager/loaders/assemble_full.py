@@ -45,7 +45,8 @@ import torch
 import zmq
 
 from stager.client import Subscriber
-from stager.client.readers.nixl_source import HeldAgent, RegisteredMemory, sweep
+from stager.client.readers.nixl_agents import HeldAgent, RegisteredMemory
+from stager.client.readers.nixl_source import sweep
 from stager.protocol import (
     AssembleBegin,
     AssembleDone,
