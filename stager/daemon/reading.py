@@ -238,9 +238,11 @@ class Reading:
         """Refuse a reply that could never be sent within the bounds, by its real size (an FP8 reply is
         e4m3 plus scales, a cast one the narrower dtype's bytes): over MAX_READ_IN_FLIGHT, or needing
         more cast buffers than one reply may hold (:meth:`CastBuffers.max_reply`, so that a reader that
-        stops receiving it leaves room for the others). BAD_VALUE: the reader splits the read."""
+        stops receiving it leaves room for the others). BAD_VALUE: the reader splits the read. A reply of
+        the staged bytes only is bounded by MAX_READ_BYTES already, and goes alone when nothing else of
+        its reader is in flight (deferred otherwise), as before casts."""
         most = self.cast_buffers.max_reply()
-        if footprint > most or total > MAX_READ_IN_FLIGHT:
+        if footprint > most or (footprint and total > MAX_READ_IN_FLIGHT):
             raise StagerError(
                 ErrorCode.BAD_VALUE,
                 f"a reply of {total / MIB:.1f} MiB ({footprint / MIB:.1f} MiB of cast buffers: cast or FP8-quantized) "
