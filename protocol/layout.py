@@ -472,3 +472,8 @@ def contiguous_span(shape: tuple[int, ...], offsets: tuple[int, ...], sizes: tup
         start += offsets[d] * stride
         stride *= shape[d]
     return start, count
+
+
+def dense_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
+    """Element strides of a contiguous (row-major) tensor of ``shape``."""
+    return tuple(math.prod(shape[i + 1 :]) for i in range(len(shape)))

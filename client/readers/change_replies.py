@@ -20,6 +20,7 @@ import torch
 from stager.protocol import ChangesReply, ErrorCode, StagerError
 from stager.protocol.changes import INDICES, KINDS
 from stager.protocol.dtypes import DTYPES, FLOAT8_DTYPES
+from stager.protocol.layout import dense_strides
 from stager.protocol.reads import MAX_CHANGE_BOXES, MAX_CHANGE_TENSORS
 
 from .views import ViewEntry
@@ -50,7 +51,7 @@ def delta_source(snap: Any, entry: ViewEntry) -> str | None:
     if not stored.is_floating_point or stored in FLOAT8_DTYPES or not m.complete:
         return None
     shape = tuple(m.shape)
-    if entry.shape != shape or entry.strided != (shape, _strides(shape), 0):
+    if entry.shape != shape or entry.strided != (shape, dense_strides(shape), 0):
         return None
     return fqn
 
@@ -165,11 +166,3 @@ def frame_tensor(frame: Any, dtype: torch.dtype) -> torch.Tensor:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # read-only frames: only read here
         return torch.frombuffer(buf, dtype=torch.uint8).view(dtype)
-
-
-def _strides(shape: tuple[int, ...]) -> tuple[int, ...]:
-    out, acc = [], 1
-    for n in reversed(shape):
-        out.append(acc)
-        acc *= n
-    return tuple(reversed(out))

@@ -88,14 +88,12 @@ def changes_since(
             part = queue.pop(0)
             ask = Changes(lease=lease, since=base[0], since_seq=base[1], dtype=dtype_name(dtype), want=want, fqns=part)
             try:
-                reply = conn.request(ask, timeout)
+                reply = conn.request(ask, timeout, expect=ChangesReply)
             except StagerError as exc:
                 if exc.code != ErrorCode.UNKNOWN_BASE:
                     raise
                 log.debug("changes of step %d since %d: %s", snap.step, base[0], exc.message)
                 return None
-            if not isinstance(reply, ChangesReply):
-                raise StagerError(ErrorCode.BAD_MESSAGE, f"unexpected {reply.TYPE} reply to changes")
             answers = parse(reply, part, [shapes[f] for f in part], dtype, want)
             if len(answers) < len(part):  # a prefix: the rest would pass the daemon's reply bound
                 queue.insert(0, part[len(answers) :])

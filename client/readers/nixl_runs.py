@@ -46,7 +46,3 @@ def _starts(strides: tuple[int, ...], sizes: tuple[int, ...], k: int, first: int
     for i in range(k):
         starts = starts.unsqueeze(-1) + torch.arange(sizes[i], dtype=torch.int64) * strides[i]
     return (starts.reshape(-1) + first).tolist()
-
-
-def dense_strides(sizes: tuple[int, ...]) -> tuple[int, ...]:
-    return tuple(math.prod(sizes[i + 1 :]) for i in range(len(sizes)))

@@ -46,10 +46,11 @@ import weakref
 import torch
 
 from stager.protocol import Box, ErrorCode, NixlInfo, NixlInfoReply, StagerError, TensorLayout
+from stager.protocol.layout import dense_strides
 from stager.protocol.nixl import nixl_installed
 
 from .nixl_agents import HeldAgent, _Agent
-from .nixl_runs import dense_strides, paired_runs
+from .nixl_runs import paired_runs
 from .sources import REMOTE_OPENERS, STATS, WINDOW, FramesSource, _Blocks
 
 log = logging.getLogger("stager.client")
@@ -83,7 +84,7 @@ def open_nixl(
     if agent is None and os.getpid() in _unusable:
         return _agent(required)  # this process cannot make its agent: None (or why not), no request
     try:
-        reply = conn.request(NixlInfo(lease=lease), timeout)
+        reply = conn.request(NixlInfo(lease=lease), timeout, expect=NixlInfoReply)
     except StagerError as exc:
         if exc.code not in (ErrorCode.UNSUPPORTED, ErrorCode.UNKNOWN_TYPE, ErrorCode.BAD_VALUE):
             raise
@@ -94,8 +95,6 @@ def open_nixl(
         if exc.code != ErrorCode.BAD_VALUE:  # (BAD_VALUE: this version only, e.g. no bytes on that node)
             _refused[conn] = conn.session
         return None
-    if not isinstance(reply, NixlInfoReply):
-        raise StagerError(ErrorCode.BAD_MESSAGE, f"unexpected {reply.TYPE} reply to nixl_info")
     if agent is None:  # made once a daemon serves NIXL (importing NIXL takes seconds, its agent a thread)
         agent = _agent(required)
     if agent is None:

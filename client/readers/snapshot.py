@@ -14,7 +14,7 @@ import torch
 
 from stager.protocol import Box, ErrorCode, StagerError, TensorLayout
 from stager.protocol.dtypes import DTYPES
-from stager.protocol.layout import check_box, narrow_box, shard_box
+from stager.protocol.layout import check_box, dense_strides, narrow_box, shard_box
 from stager.protocol.quant import QuantSpec, dequantize
 
 from ..adapters import fill_hf, hf_items, is_lora, to_hf_items
@@ -354,9 +354,7 @@ def view_entries(
         shown = DTYPES[quant[t.fqn].dtype] if t.fqn in quant and not keep_fp8 else t.torch_dtype
         native.append((t.fqn, shown, t.shape))
     if adapter is None:
-        return {
-            fqn: ViewEntry(fqn, fqn, shape, dt, (shape, _contiguous_strides(shape), 0)) for fqn, dt, shape in native
-        }
+        return {fqn: ViewEntry(fqn, fqn, shape, dt, (shape, dense_strides(shape), 0)) for fqn, dt, shape in native}
     key = (id(adapter), tuple(native))
     entries = index_cache.get(key)
     if entries is None:
@@ -366,11 +364,3 @@ def view_entries(
             index_cache.clear()
         entries = index_cache[key] = hf_index(adapter, native)
     return entries
-
-
-def _contiguous_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
-    strides, acc = [], 1
-    for n in reversed(shape):
-        strides.insert(0, acc)
-        acc *= n
-    return tuple(strides)
