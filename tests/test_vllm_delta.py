@@ -62,7 +62,7 @@ class World:
         self.weights = {10: load_file(os.path.join(self.step0, "model.safetensors"))}
         for step in (11, 12, 13):
             self.weights[step] = changed(self.weights[step - 1], step)
-        stage(self.endpoint, self.weights)
+        stage(self.endpoint, self.weights, maps_after=10)
         self.llm = rl_vllm.make_engine(self.step0)
         self.full: dict[int, tuple] = {}
 
@@ -85,10 +85,19 @@ class World:
         return self.full[step]
 
 
-def stage(endpoint: str, weights: dict) -> None:
+def stage(endpoint: str, weights: dict, maps_after: int | None = None) -> None:
+    """Stage ``weights`` in order; with ``maps_after``, each step above it waits for its change map before the
+    next is staged (a map that cannot be made before the next step comes is skipped by design, and a loaded
+    machine would skip these)."""
     with StagingClient(endpoint, strict=True) as client:
         for step, sd in weights.items():
             client.stage(sd, step=step, model_info={"adapter": "identity"}).wait(60)
+            if maps_after is not None and step > maps_after:
+                wait_until(lambda: any(v["step"] == step and v.get("changed") for v in _versions(endpoint)), 60)
+
+
+def _versions(endpoint: str) -> list:
+    return daemon_status(endpoint)["versions"]
 
 
 @pytest.fixture(scope="module")
