@@ -431,3 +431,19 @@ def test_subscribers_in_threads_share_the_process_agent_and_read_bit_exact(make_
     assert not any(t.is_alive() for t in threads) and errors == []
     stats = nixl_stats()
     assert stats["busy"] == stats["in_flight"] == stats["dropped"] == 0
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="device-memory destinations need a CUDA GPU")
+def test_cuda_destinations_are_registered_as_device_memory_and_read_into_directly(make_daemon):
+    d = make_daemon(transport="nixl")
+    w = torch.randn(512, 256)
+    with StagingClient(d.endpoint, rank=0, local_world_size=1, world_size=1) as c:
+        c.stage({"w": w, "b": w.to(torch.bfloat16)}, step=1).wait(10)
+    before = dict(nixl_source.STATS)
+    out = {"w": torch.empty(512, 256, device="cuda"), "b": torch.empty(512, 256, dtype=torch.bfloat16, device="cuda")}
+    with Subscriber(d.endpoint, remote=True, transport="nixl") as sub, sub.latest() as snap:
+        snap.load_into(out)
+    assert torch.equal(out["w"].cpu(), w) and torch.equal(out["b"].cpu(), w.to(torch.bfloat16))
+    into_device = nixl_source.STATS["nixl_into_device"] - before.get("nixl_into_device", 0)
+    assert into_device == w.numel() * 4 + w.numel() * 2  # every byte READ into device memory, none via the host
+    assert _moved(before)["frames"] == 0

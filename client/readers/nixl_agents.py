@@ -17,6 +17,16 @@ from stager.protocol import ErrorCode, NixlInfoReply, StagerError
 from stager.protocol.nixl import new_agent
 
 log = logging.getLogger("stager.client")
+
+
+def memory_kind(t: torch.Tensor) -> tuple[str, int]:
+    """NIXL's memory type and device id of ``t``'s memory: ``("DRAM", 0)`` for host memory, ``("VRAM", index)``
+    for a CUDA tensor (a READ then lands in device memory directly: GPUDirect RDMA, or UCX's cuda_copy)."""
+    if t.device.type == "cuda":
+        return "VRAM", t.device.index if t.device.index is not None else torch.cuda.current_device()
+    return "DRAM", 0
+
+
 MAX_REGISTERED = 256  # destination storages kept registered (least recently used dropped first) ...
 MAX_REGISTERED_BYTES = 1 << 30  # ... and their bytes: a registration keeps its storage alive (memory stays bounded)
 
@@ -65,7 +75,8 @@ class _Agent:
                 self.registered.move_to_end(key)
                 held[2] += 1
                 return key
-            descs = self.agent.register_memory([(key[0], key[1], 0, "")], "DRAM")
+            kind, device = memory_kind(t)
+            descs = self.agent.register_memory([(key[0], key[1], device, "")], kind)
             self.registered[key] = [descs, storage, 1]
             self.registered_bytes += key[1]
             for old in list(self.registered):  # oldest first; never one a READ is landing in
@@ -83,7 +94,8 @@ class _Agent:
                 held[2] -= 1
 
     def register_once(self, t: torch.Tensor):
-        descs = self.agent.register_memory([(t.data_ptr(), t.numel() * t.element_size(), 0, "")], "DRAM")
+        kind, device = memory_kind(t)
+        descs = self.agent.register_memory([(t.data_ptr(), t.numel() * t.element_size(), device, "")], kind)
         with self.lock:
             self.once += 1
         return descs
@@ -135,6 +147,8 @@ class HeldAgent:
 
     def register(self, t: torch.Tensor) -> tuple[int, int] | None:
         """The key of ``t``'s memory when it lies in registered memory (held until :meth:`done`), else None."""
+        if t.device.type != "cpu":  # the memory it holds is the daemon's segments, host memory
+            return None
         extent = sum((n - 1) * st for n, st in zip(t.shape, t.stride())) + 1
         key = (t.data_ptr(), extent * t.element_size())
         return key if self.memory.hold(*key) else None

@@ -6,14 +6,15 @@ ZeroMQ connection: the reader sends :class:`~stager.protocol.nixl.NixlInfo` for 
 gets the daemon's agent metadata for that segment and its address range; every byte then moves
 by READ into the reader's memory, the daemon's CPU not involved (UCX's tcp transport excepted).
 
-- Destinations: a tensor the caller fills (``load_into``, restore, an assembler's buffer) is
-  registered once, by its storage (cached, bounded by count and bytes, the storage kept alive
-  while registered so its address is never reused under a registration: an RDMA registration
-  pins the pages it was made on); a fetch with no destination gets a new
-  tensor registered for that read only; a destination the READ cannot land in as it is (of
-  another dtype than the staged one, or another shape) is filled from such a tensor by ``copy_``
-  (cast there): a READ writes the staged dtype's raw bytes, so it only ever targets memory of that
-  dtype and size.
+- Destinations: a tensor the caller fills (``load_into``, restore, an assembler's buffer; on a CUDA
+  machine an engine's GPU tensors, registered as NIXL ``VRAM`` so the bytes land in device memory
+  with no host copy: counted as ``nixl_into_device``) is registered once, by its storage (cached,
+  bounded by count and bytes, the storage kept alive while registered so its address is never
+  reused under a registration: an RDMA registration pins the pages it was made on); a fetch with no
+  destination gets a new tensor registered for that read only; a destination the READ cannot land
+  in as it is (of another dtype than the staged one, or another shape) is filled from such a tensor
+  by ``copy_`` (cast there): a READ writes the staged dtype's raw bytes, so it only ever targets
+  memory of that dtype and size.
 - Boxes: a box whose bytes are one span of the block (and of the destination) is one descriptor; a
   strided box or destination is one descriptor per run contiguous on both sides, up to
   :data:`MAX_RUNS` (more: read into a dense temporary, or as frames).
@@ -49,7 +50,7 @@ from stager.protocol import Box, ErrorCode, NixlInfo, NixlInfoReply, StagerError
 from stager.protocol.layout import dense_strides
 from stager.protocol.nixl import nixl_installed
 
-from .nixl_agents import HeldAgent, _Agent
+from .nixl_agents import HeldAgent, _Agent, memory_kind
 from .nixl_runs import paired_runs
 from .sources import REMOTE_OPENERS, STATS, WINDOW, FramesSource, _Blocks
 
@@ -193,7 +194,7 @@ class NixlSource:
             out is not None
             and out.dtype == t.torch_dtype
             and tuple(out.shape) == tuple(box.shape)
-            and out.device.type == "cpu"
+            and out.device.type in ("cpu", "cuda")
             and all(st > 0 or n == 1 for st, n in zip(out.stride(), out.shape))
         )
         runs = paired_runs(block.box.shape, inner, box.shape, out.stride()) if direct else None
@@ -216,11 +217,12 @@ class NixlSource:
                 STATS["nixl_unregistered_as_frames"] += 1
                 return self.frames.fetch(fqn, box, out)
             ptr = dest.data_ptr()
-            local = [(ptr + start * itemsize, length, 0) for start in local_starts]
+            kind, device = memory_kind(dest)
+            local = [(ptr + start * itemsize, length, device) for start in local_starts]
             remote = [(base + start * itemsize, length, self.grant.device) for start in remote_starts]
             a = self.agent.agent
             handle = a.initialize_xfer(
-                "READ", a.get_xfer_descs(local, "DRAM"), a.get_xfer_descs(remote, "DRAM"), self.remote
+                "READ", a.get_xfer_descs(local, kind), a.get_xfer_descs(remote, "DRAM"), self.remote
             )
             state = a.transfer(handle)
         except Exception as exc:  # NIXL refused to start it (its own error types): frames, once
@@ -337,6 +339,8 @@ class _NixlFetch:
         if self.state != "DONE":
             return src._retry(self.fqn, self.box, self.out, "failed").wait()
         STATS["nixl"] += self.nbytes
+        if self.dest.device.type == "cuda":
+            STATS["nixl_into_device"] += self.nbytes
         if self.out is None or self.dest is self.out:
             return self.dest
         return self.out.copy_(self.dest)  # a temporary of the staged dtype: cast into the caller's
