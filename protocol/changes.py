@@ -239,14 +239,15 @@ def diff(
     return encode(changed_indices(prev, new, compare_dtype(new.dtype, dtype), chunk, sums), new.numel(), dense)
 
 
-def checksum(t: torch.Tensor) -> int:
+def checksum(t: torch.Tensor, crc: int = 0) -> int:
     """crc32 of a tensor's bytes, row-major (the checksum stager's manifests use, as an int): what
     proves a reader's copy of a version it did not load itself. On CPU, ~0.3 s of one core per GiB
-    with zlib's crc32 (a copy first for a non-contiguous or device tensor)."""
+    with zlib's crc32 (a copy first for a non-contiguous or device tensor). ``crc``: the crc32 of the
+    bytes before these (a checksum taken in parts)."""
     t = t.detach()
     if t.device.type != "cpu":
         t = t.cpu()
-    return zlib.crc32(_raw(t.contiguous()))
+    return zlib.crc32(_raw(t.contiguous()), crc)
 
 
 def _raw(t: torch.Tensor) -> numpy.ndarray:
