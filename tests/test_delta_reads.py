@@ -122,6 +122,39 @@ def test_hf_view_renamed_and_permuted_tensors_take_deltas(make_daemon, remote):
 
 
 @pytest.mark.parametrize("remote", [False, True], ids=["shared memory", "frames"])
+def test_engine_changes_of_permuted_tensors_are_in_hf_rows(make_daemon, remote):
+    """What an engine tracking its own base is given (``changes_since``, the vLLM backend's in-place
+    patch): q/k through the rotary permutation come with indices and values too, the indices in HF
+    rows; written into step 1's HF tensors they give step 2's, bit for bit."""
+    from stager.client.readers.engine_changes import base_of, changes_since
+    from stager.protocol.changes import INDICES, UNCHANGED, apply
+
+    d = make_daemon(change_maps="bfloat16")
+    g = torch.Generator().manual_seed(6)
+    sds = [first()]
+    sds.append(rl_step(sds[0], g))
+    adapter = load_adapter("llama3", CONFIG)
+    hf = [{k: v.bfloat16() for k, v in adapter.to_hf(sd).items()} for sd in sds]
+    with StagingClient(d.endpoint, strict=True) as c, Subscriber(d.endpoint, view="hf", remote=remote) as sub:
+        c.stage(sds[0], step=1, model_info=INFO).wait(10)
+        with sub.latest() as snap:
+            base = base_of(snap)
+        c.stage(sds[1], step=2, model_info=INFO).wait(10)
+        wait_until(lambda: changed(d, 2))
+        with sub.latest() as snap:
+            got = changes_since(snap, list(hf[0]), base, torch.bfloat16, values=True)
+    permuted = [k for k in hf[0] if k.endswith(("q_proj.weight", "k_proj.weight"))]
+    assert len(permuted) == 2 and all(got[k].kind == INDICES and got[k].values is not None for k in permuted)
+    for k, change in got.items():
+        held = hf[0][k].clone()
+        if change.kind == INDICES:
+            apply(held, change.indices, change.values)
+        else:
+            assert change.kind == UNCHANGED, k
+        assert torch.equal(held, hf[1][k]), k
+
+
+@pytest.mark.parametrize("remote", [False, True], ids=["shared memory", "frames"])
 def test_changes_over_the_reply_bound_are_asked_again_or_read_whole(make_daemon, monkeypatch, remote):
     """A reply holds at most MAX_REPLY_BYTES (made tiny here): the daemon answers the tensors that
     fit and the reader asks again for the rest; a tensor whose own changes pass MAX_TENSOR_BYTES is
