@@ -334,7 +334,9 @@ def hf_flat_indices(indices: torch.Tensor, rows: torch.Tensor, cols: int) -> tor
     """
     if rows.dim() != 1 or cols < 1 or rows.numel() * cols > torch.iinfo(indices.dtype).max + 1:
         raise adapter_error(f"a row order of {list(rows.shape)} rows of {cols} columns cannot map these indices")
-    at = indices.to(torch.int64)
-    row = at.div(cols, rounding_mode="floor")
-    # rows[row]: an IndexError for a row past the order (the caller checked the indices' range first)
-    return (rows[row] * cols + (at - row * cols)).to(indices.dtype)
+    # in the indices' own dtype (every flat index of the tensor fits it, checked above): int32 arithmetic is
+    # several times faster here than int64 (5-13 ns of one core per index: bench/bench_permuted_delta.py)
+    order = rows.to(indices.dtype)
+    row = indices.div(cols, rounding_mode="floor")
+    # order[row]: an IndexError for a row past the order (the caller checked the indices' range first)
+    return order[row] * cols + (indices - row * cols)
