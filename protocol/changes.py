@@ -297,8 +297,9 @@ def union(changes: Iterable[Change], numel: int, dense: float = DENSE) -> Change
 
 
 def apply(dst: torch.Tensor, indices: torch.Tensor, values: torch.Tensor) -> None:
-    """Write ``values`` (any dtype: cast to ``dst``'s as a copy would) at flat ``indices`` (ascending,
-    non-negative) of contiguous ``dst``, on any device (indices and values go there first)."""
+    """Write ``values`` (any dtype: cast to ``dst``'s as a copy would) at flat ``indices`` (non-negative,
+    each once; ascending as maps give them, or in any order: mapped through an adapter's row order) of
+    contiguous ``dst``, on any device (indices and values go there first)."""
     values = values.to(device=dst.device, dtype=dst.dtype)
     flat = dst.detach().view(-1)
     if flat.device.type == "cpu" and _numpy_ok(flat.dtype):
