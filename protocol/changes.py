@@ -239,14 +239,15 @@ def diff(
     return encode(changed_indices(prev, new, compare_dtype(new.dtype, dtype), chunk, sums), new.numel(), dense)
 
 
-def checksum(t: torch.Tensor) -> int:
+def checksum(t: torch.Tensor, crc: int = 0) -> int:
     """crc32 of a tensor's bytes, row-major (the checksum stager's manifests use, as an int): what
     proves a reader's copy of a version it did not load itself. On CPU, ~0.3 s of one core per GiB
-    with zlib's crc32 (a copy first for a non-contiguous or device tensor)."""
+    with zlib's crc32 (a copy first for a non-contiguous or device tensor). ``crc``: the crc32 of the
+    bytes before these (a checksum taken in parts)."""
     t = t.detach()
     if t.device.type != "cpu":
         t = t.cpu()
-    return zlib.crc32(_raw(t.contiguous()))
+    return zlib.crc32(_raw(t.contiguous()), crc)
 
 
 def _raw(t: torch.Tensor) -> numpy.ndarray:
@@ -296,8 +297,9 @@ def union(changes: Iterable[Change], numel: int, dense: float = DENSE) -> Change
 
 
 def apply(dst: torch.Tensor, indices: torch.Tensor, values: torch.Tensor) -> None:
-    """Write ``values`` (any dtype: cast to ``dst``'s as a copy would) at flat ``indices`` (ascending,
-    non-negative) of contiguous ``dst``, on any device (indices and values go there first)."""
+    """Write ``values`` (any dtype: cast to ``dst``'s as a copy would) at flat ``indices`` (non-negative,
+    each once; ascending as maps give them, or in any order: mapped through an adapter's row order) of
+    contiguous ``dst``, on any device (indices and values go there first)."""
     values = values.to(device=dst.device, dtype=dst.dtype)
     flat = dst.detach().view(-1)
     if flat.device.type == "cpu" and _numpy_ok(flat.dtype):

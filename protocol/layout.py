@@ -276,13 +276,20 @@ class ReadItem:
     (:func:`stager.protocol.fp8_block.quantize_block_fp8`, one fp32 scale per block of the box, which
     starts on a block and ends on one or at the tensor's edge: :func:`check_read_fp8`); its frame holds
     the scales (row-major ``[ceil(rows / b0), ceil(cols / b1)]`` fp32) then the e4m3 box. Sent as a fifth
-    element: a daemon that predates it refuses the item (BAD_MESSAGE), and the reader quantizes itself."""
+    element: a daemon that predates it refuses the item (BAD_MESSAGE), and the reader quantizes itself.
+
+    ``rows`` (only with a ``block``): the box is of the tensor with its rows reordered (an HF view's rotary
+    permutation of q and k), row ``i`` of the box being row ``rows[i]`` of the tensor; ``offsets``/``sizes``
+    place the box in that reordered tensor (same shape), so its blocks are the reordered tensor's. The daemon
+    gathers those rows, then quantizes (:func:`check_read_rows`). Sent as a sixth element: a daemon that
+    predates it refuses the item (BAD_MESSAGE), and the reader quantizes itself."""
 
     fqn: str
     offsets: tuple[int, ...] | None = None
     sizes: tuple[int, ...] | None = None
     dtype: str | None = None
     block: tuple[int, int] | None = None
+    rows: tuple[int, ...] | None = None
 
     def to_wire(self) -> list:
         box = [
@@ -290,20 +297,24 @@ class ReadItem:
             None if self.offsets is None else list(self.offsets),
             None if self.sizes is None else list(self.sizes),
         ]
+        if self.rows is not None:
+            return [*box, self.dtype, list(self.block or ()), list(self.rows)]
         if self.block is not None:
             return [*box, self.dtype, list(self.block)]
         return box if self.dtype is None else [*box, self.dtype]
 
     @classmethod
     def from_wire(cls, item: object) -> ReadItem:
-        ok = isinstance(item, list) and len(item) in (3, 4, 5) and isinstance(item[0], str)
-        if ok and len(item) == 5:  # FP8: the dtype is e4m3, the block two sizes
+        ok = isinstance(item, list) and len(item) in (3, 4, 5, 6) and isinstance(item[0], str)
+        if ok and len(item) >= 5:  # FP8: the dtype is e4m3, the block two sizes
             ok = (
                 item[3] == FP8_READ
                 and isinstance(item[4], list)
                 and len(item[4]) == 2
                 and all(type(b) is int and 0 < b <= MAX_FP8_BLOCK for b in item[4])
             )
+        if ok and len(item) == 6:  # the rows gathered: ints >= 0 (their count and range: check_read_rows)
+            ok = isinstance(item[5], list) and all(type(r) is int and r >= 0 for r in item[5])
         if ok and (item[1] is None) != (item[2] is None):
             ok = False
         if ok and item[1] is not None:
@@ -319,15 +330,16 @@ class ReadItem:
                 f"read: item {short_repr(item)} must be [fqn, offsets, sizes] "
                 "with equal-length lists of ints >= 0, or [fqn, None, None], "
                 f"optionally followed by a dtype name, or by {FP8_READ!r} and an FP8 "
-                f"block [rows, cols] of 1 to {MAX_FP8_BLOCK}",
+                f"block [rows, cols] of 1 to {MAX_FP8_BLOCK} (and optionally the box's rows, ints >= 0)",
             )
         dtype = item[3] if len(item) >= 4 else None
         if dtype is not None:
             dtype_from_name(dtype)  # the closed table: BAD_DTYPE naming the known ones
-        block = (item[4][0], item[4][1]) if len(item) == 5 else None
+        block = (item[4][0], item[4][1]) if len(item) >= 5 else None
+        rows = tuple(item[5]) if len(item) == 6 else None
         if item[1] is None:
-            return cls(item[0], dtype=dtype, block=block)
-        return cls(item[0], tuple(item[1]), tuple(item[2]), dtype, block)
+            return cls(item[0], dtype=dtype, block=block, rows=rows)
+        return cls(item[0], tuple(item[1]), tuple(item[2]), dtype, block, rows)
 
 
 def fp8_padded(sizes: tuple[int, ...], block) -> int:
@@ -384,6 +396,23 @@ def check_read_fp8(
                 f"{list(block)} blocks of shape {list(shape)}: start it on a block and end it on one "
                 "or at the tensor's edge",
             )
+
+
+def check_read_rows(
+    fqn: str, shape: tuple[int, ...], offsets: tuple[int, ...], sizes: tuple[int, ...], rows: tuple[int, ...]
+) -> Box:
+    """An FP8 read's ``rows`` (:class:`ReadItem`): one per row of the box, each a row of the tensor. Returns
+    the box of the tensor the rows lie in, the box's columns (what the node must hold in one block).
+    BAD_VALUE otherwise."""
+    if len(rows) != sizes[0] or (rows and max(rows) >= shape[0]):
+        raise ProtocolError(
+            ErrorCode.BAD_VALUE,
+            f"{fqn[:200]}: an FP8 read of {sizes[0]} rows names {len(rows)} rows of the tensor's {shape[0]}"
+            + (f", up to row {max(rows)}" if rows else "")
+            + ": name one row of the tensor, each below its row count, per row of the box",
+        )
+    first = min(rows) if rows else 0
+    return Box((first, *offsets[1:]), ((max(rows) + 1 - first) if rows else 0, *sizes[1:]))
 
 
 def check_read_cast(fqn: str, have: torch.dtype, want: str) -> torch.dtype:

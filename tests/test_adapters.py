@@ -152,3 +152,45 @@ def test_errors_name_the_adapter():
         load_adapter("qwen3", cfg).to_hf({"layers.0.moe.router.gate.weight": torch.zeros(2, 2)})
     with pytest.raises(StagerError, match="contradicts the config"):
         load_adapter("qwen3", cfg).to_hf({"layers.0.attention.q_norm.weight": torch.zeros(6)})
+
+
+# rows, heads, cols, staged flat indices -> HF flat indices (rotary_rows: per head of hd rows, the pairs
+# (2p, 2p + 1) go to rows p and hd / 2 + p)
+ROW_MAP_TABLE = [
+    (4, 1, 1, [0, 1, 2, 3], [0, 2, 1, 3]),  # one head of 4 rows, one column: rows 1 and 2 swap
+    (8, 2, 1, [1, 4, 5, 7], [2, 4, 6, 7]),  # two heads: the second head's rows keep their offset
+    (4, 1, 3, [0, 5, 6, 11], [0, 8, 3, 11]),  # columns unchanged: (1, 2) -> (2, 2), (2, 0) -> (1, 0)
+    (8, 1, 2, [2, 3, 14, 15], [8, 9, 14, 15]),  # one head of 8: row 1 -> 4 (both columns), 7 -> 7
+    (8, 1, 2, [4, 6, 8, 10, 12], [2, 10, 4, 12, 6]),  # rows 2 -> 1, 3 -> 5, 4 -> 2, 5 -> 6, 6 -> 3
+    (4, 2, 5, [], []),  # nothing changed
+]
+
+
+@pytest.mark.parametrize("rows,heads,cols,staged,hf", ROW_MAP_TABLE)
+@pytest.mark.parametrize("dtype", [torch.int32, torch.int64])
+def test_hf_flat_indices_maps_a_staged_row_to_its_hf_row(rows, heads, cols, staged, hf, dtype):
+    from stager.client.adapters import hf_flat_indices, rotary_rows
+
+    got = hf_flat_indices(torch.tensor(staged, dtype=dtype), rotary_rows(rows, heads), cols)
+    assert got.dtype == dtype and got.tolist() == hf
+
+
+@pytest.mark.parametrize("suffix,heads", [("attention.wq.weight", 4), ("attention.qkv_linear.wk.weight", 2)])
+def test_the_row_order_is_the_adapters_own_permutation(suffix, heads):
+    """Every element of q/k: the HF tensor at the mapped index is the staged element (the row order is
+    taken from permute_for_hf_rotary itself); a fused wqkv's parts and unpermuted layouts give none."""
+    from stager.client.adapters import hf_flat_indices, hf_names, hf_row_orders, load_adapter
+
+    config = {"hidden_size": 32, "num_attention_heads": 4, "num_key_value_heads": 2}
+    adapter = load_adapter("llama3", config)
+    w = torch.randn(heads * 8, 32)
+    ((hf_name, hf),) = adapter.to_hf_items(f"layers.0.{suffix}", w)
+    (order,) = hf_row_orders(adapter, f"layers.0.{suffix}", w.to("meta")).values()
+    every = torch.arange(w.numel(), dtype=torch.int32)
+    assert torch.equal(hf.reshape(-1)[hf_flat_indices(every, order, 32).long()], w.reshape(-1))
+    (entry,) = hf_names(adapter, [(f"layers.0.{suffix}", torch.float32, tuple(w.shape))])
+    assert entry.name == hf_name and torch.equal(entry.rows, order)
+    fused = [("layers.0.attention.qkv_linear.wqkv.weight", torch.float32, (64, 32))]
+    assert all(t.rows is None for t in hf_names(adapter, fused))
+    halves = load_adapter("qwen3", dict(config, head_dim=8))
+    assert hf_row_orders(halves, f"layers.0.{suffix}", w.to("meta")) == {}

@@ -10,9 +10,10 @@ import threading
 
 import torch
 
-from dist_jobs import rl_chain, stage_rl_chain
+from dist_jobs import LLAMA_CONFIG, rl_chain, stage_rl_chain
 from helpers import wait_until
 from stager.client import Subscriber
+from stager.client.adapters import load_adapter
 from stager.client.admin import daemon_status
 from stager.dev.launch import DaemonProcess, SimulatedCluster, run_ranks
 from stager.protocol.changes import DENSE
@@ -72,20 +73,24 @@ def test_multi_node_delta_reads_move_only_each_nodes_changes(monkeypatch):
     """A chain of sparse RL steps staged FSDP over two nodes; readers on neither node (frames from
     both) and on node-0 (its memory mapped, node-1's frames) skip a version, and one last reader
     holds copies the ledger knows nothing of (proven by checksums): each node serves exactly the
-    changes of the boxes read from it, and every result equals a full read."""
+    changes of the boxes read from it, and every result equals a full read. The HF view (the llama3
+    adapter: q/k through the rotary permutation) moves exactly what the native one does."""
     steps = [1, 2, 3, 4, 5, 6]
     chain = rl_chain(len(steps))
+    adapter = load_adapter("llama3", LLAMA_CONFIG)
     with SimulatedCluster(2, args=ARGS) as cluster:
         run_ranks(stage_rl_chain, 4, steps, nodes=cluster.nodes)
         for endpoint in cluster.endpoints:  # each node maps its own blocks (a partial version each)
             wait_until(lambda: mapped_on(endpoint, steps[1:]), timeout=60)
             assert all(v["partial"] for v in daemon_status(endpoint)["versions"])
         total = sum(v.numel() * 2 for v in chain[0].values())
-        for mapped in (set(), {"node-0"}):
+        for mapped, view in ((set(), "native"), (set(), "hf"), ({"node-0"}, "native"), ({"node-0"}, "hf")):
             if mapped:
                 monkeypatch.setenv("STAGER_HOST_ID", "node-0")  # a reader beside node-0's ranks
-            with Subscriber(cluster.endpoints[1]) as sub:
-                dst = {k: torch.empty(v.shape, dtype=torch.bfloat16) for k, v in chain[0].items()}
+            how = {"view": "hf", "adapter": "llama3", "hf_config": LLAMA_CONFIG} if view == "hf" else {}
+            state = (lambda sd: adapter.to_hf(bf16(sd))) if view == "hf" else bf16
+            with Subscriber(cluster.endpoints[1], **how) as sub:
+                dst = {k: torch.empty(v.shape, dtype=torch.bfloat16) for k, v in state(chain[0]).items()}
                 held = None
                 for step in (1, 2, 4, 5):  # step 3 skipped: the union of the maps 2->3->4
                     before = served(cluster)
@@ -93,7 +98,7 @@ def test_multi_node_delta_reads_move_only_each_nodes_changes(monkeypatch):
                         assert sorted(snap.load_into(dst, since=held)) == sorted(dst)
                         regions = snap.placement()
                     moved = served(cluster) - before
-                    assert all(torch.equal(dst[k], v) for k, v in bf16(chain[step - 1]).items()), (step, mapped)
+                    assert all(torch.equal(dst[k], v) for k, v in state(chain[step - 1]).items()), (step, mapped)
                     expected = full(sub, step, dst)
                     assert all(torch.equal(dst[k], expected[k]) for k in dst)
                     if held is not None:
@@ -107,7 +112,7 @@ def test_multi_node_delta_reads_move_only_each_nodes_changes(monkeypatch):
                 with sub.at(6) as snap:
                     snap.load_into(copies, since=5)
                 moved = served(cluster) - before
-                assert all(torch.equal(copies[k], v) for k, v in bf16(chain[5]).items())
+                assert all(torch.equal(copies[k], v) for k, v in state(chain[5]).items())
                 assert moved == expected_moved(chain[4:6], regions, mapped)
 
 

@@ -91,23 +91,67 @@ def test_delta_moves_only_what_changed_and_equals_a_full_read(make_daemon, remot
         assert moved == n_changed * 4
 
 
-def test_hf_view_renames_take_deltas_and_permuted_tensors_are_read_whole(make_daemon):
+@pytest.mark.parametrize("remote", [False, True], ids=["shared memory", "frames"])
+def test_hf_view_renamed_and_permuted_tensors_take_deltas(make_daemon, remote):
+    """Through the llama3 adapter: renamed tensors and the rotary-permuted q/k alike move only their
+    changed elements (the maps are of the staged rows; the reader maps them to HF rows), bit-exact."""
     d = make_daemon(change_maps="bfloat16")
     g = torch.Generator().manual_seed(2)
     sds = [first(), None]
     sds[1] = rl_step(sds[0], g)
-    hf = load_adapter("llama3", CONFIG).to_hf(sds[0])
-    dst = {n: torch.empty(t.shape, dtype=torch.bfloat16) for n, t in hf.items()}
-    with StagingClient(d.endpoint, strict=True) as c, Subscriber(d.endpoint, view="hf", remote=True) as sub:
+    adapter = load_adapter("llama3", CONFIG)
+    hf = [{k: v.bfloat16() for k, v in adapter.to_hf(sd).items()} for sd in sds]
+    dst = {n: torch.empty(t.shape, dtype=torch.bfloat16) for n, t in hf[0].items()}
+    permuted = {k for k in dst if k.endswith(("q_proj.weight", "k_proj.weight"))}
+    with StagingClient(d.endpoint, strict=True) as c, Subscriber(d.endpoint, view="hf", remote=remote) as sub:
         c.stage(sds[0], step=1, model_info=INFO).wait(10)
         with sub.latest() as snap:
             snap.load_into(dst)
         c.stage(sds[1], step=2, model_info=INFO).wait(10)
         wait_until(lambda: changed(d, 2))
+        before = read_bytes(d)
         with sub.latest() as snap:
-            snap.load_into(dst, since=1)
+            assert set(snap.load_into(dst, since=1)) == set(dst)
+        moved = read_bytes(d) - before
         expected = full(sub, 2, dst)
     assert all(torch.equal(dst[k], expected[k]) for k in dst)
+    assert all(torch.equal(dst[k], hf[1][k]) for k in permuted)
+    counts = {k: int((hf[1][k] != hf[0][k]).sum()) for k in dst}
+    assert all(counts[k] for k in permuted)
+    assert moved == sum(counts.values()) * (4 + 2 if remote else 4)  # q/k: their changes only, not whole
+
+
+@pytest.mark.parametrize("remote", [False, True], ids=["shared memory", "frames"])
+def test_engine_changes_of_permuted_tensors_are_in_hf_rows(make_daemon, remote):
+    """What an engine tracking its own base is given (``changes_since``, the vLLM backend's in-place
+    patch): q/k through the rotary permutation come with indices and values too, the indices in HF
+    rows; written into step 1's HF tensors they give step 2's, bit for bit."""
+    from stager.client.readers.engine_changes import base_of, changes_since
+    from stager.protocol.changes import INDICES, UNCHANGED, apply
+
+    d = make_daemon(change_maps="bfloat16")
+    g = torch.Generator().manual_seed(6)
+    sds = [first()]
+    sds.append(rl_step(sds[0], g))
+    adapter = load_adapter("llama3", CONFIG)
+    hf = [{k: v.bfloat16() for k, v in adapter.to_hf(sd).items()} for sd in sds]
+    with StagingClient(d.endpoint, strict=True) as c, Subscriber(d.endpoint, view="hf", remote=remote) as sub:
+        c.stage(sds[0], step=1, model_info=INFO).wait(10)
+        with sub.latest() as snap:
+            base = base_of(snap)
+        c.stage(sds[1], step=2, model_info=INFO).wait(10)
+        wait_until(lambda: changed(d, 2))
+        with sub.latest() as snap:
+            got = changes_since(snap, list(hf[0]), base, torch.bfloat16, values=True)
+    permuted = [k for k in hf[0] if k.endswith(("q_proj.weight", "k_proj.weight"))]
+    assert len(permuted) == 2 and all(got[k].kind == INDICES and got[k].values is not None for k in permuted)
+    for k, change in got.items():
+        held = hf[0][k].clone()
+        if change.kind == INDICES:
+            apply(held, change.indices, change.values)
+        else:
+            assert change.kind == UNCHANGED, k
+        assert torch.equal(held, hf[1][k]), k
 
 
 @pytest.mark.parametrize("remote", [False, True], ids=["shared memory", "frames"])
@@ -171,11 +215,13 @@ def test_unprovable_tensors_are_read_in_full(make_daemon):
         assert all(torch.equal(dst[k], full(sub, 3, dst)[k]) for k in SHAPES)
 
 
+@pytest.mark.parametrize("view", ["native", "hf"])
 @settings(max_examples=6, deadline=None, suppress_health_check=list(HealthCheck))
 @given(st.data())
-def test_random_chains_are_bit_exact(data):
+def test_random_chains_are_bit_exact(view, data):
     """Random chains: sparse and dense steps, a layout change, readers on both paths skipping versions
-    at random, small --keep (bases evicted) and few kept maps (chains broken)."""
+    at random, small --keep (bases evicted) and few kept maps (chains broken). ``hf``: a model staged
+    with the llama3 adapter read by HF names, its q/k through the rotary permutation."""
     keep = data.draw(st.integers(1, 3), label="keep")
     maps_keep = data.draw(st.integers(1, 6), label="change_maps_keep")
     steps = data.draw(st.integers(3, 7), label="steps")
@@ -192,11 +238,14 @@ def test_random_chains_are_bit_exact(data):
     )
     try:
         sd = dict(first(seed), h=torch.randn(24, 24, generator=g).bfloat16())  # staged in the reader's dtype
+        info, how = None, {}
+        if view == "hf":  # the adapter knows no "h"
+            sd, info, how = first(seed), INFO, {"view": "hf"}
         readers = {False: ({}, None), True: ({}, None)}  # remote -> (dst, step it holds)
         with (
             StagingClient(d.endpoint, strict=True) as c,
-            Subscriber(d.endpoint) as local,
-            Subscriber(d.endpoint, remote=True) as remote,
+            Subscriber(d.endpoint, **how) as local,
+            Subscriber(d.endpoint, remote=True, **how) as remote,
         ):
             subs = {False: local, True: remote}
             for step in range(1, steps + 1):
@@ -208,7 +257,7 @@ def test_random_chains_are_bit_exact(data):
                         sd = rl_step(sd, g, frac=0.5)
                     elif kind == "reshape":
                         sd = dict(sd, **{"norm.weight": torch.randn(32 + step, generator=g)})
-                c.stage(sd, step=step).wait(10)
+                c.stage(sd, step=step, model_info=info).wait(10)
                 if data.draw(st.booleans(), label="settle"):
                     wait_until(lambda: changed(d, step) or step == 1)
                 for is_remote, sub in subs.items():
@@ -299,7 +348,9 @@ def test_a_changes_reply_outside_the_boxes_asked_of_a_node_writes_nothing():
 def test_a_base_loaded_from_an_export_is_proven_by_checksums(make_daemon, tmp_path):
     """A reader whose tensors hold step 1 because it loaded `export-hf`'s files (not through
     load_into: nothing in this process proves them) gets a delta: the daemon checks the crc32 of its
-    copies against step 1's, kept with the maps. The permuted q/k are read whole, as ever."""
+    copies against step 1's, kept with the maps. The permuted q/k too: their checksums are taken
+    through the adapter's row order (the staged layout the daemon's are of). A q whose copy is not
+    step 1's fails its checksum and is read whole."""
     import os
 
     from safetensors.torch import load_file
@@ -319,8 +370,10 @@ def test_a_base_loaded_from_an_export_is_proven_by_checksums(make_daemon, tmp_pa
     files = [os.path.join(path, f) for f in os.listdir(path) if f.endswith(".safetensors")]
     dst = {k: v.bfloat16() for f in files for k, v in load_file(f).items()}  # as an engine loads a checkpoint
     permuted = {k for k in dst if k.endswith(("q_proj.weight", "k_proj.weight"))}
+    wrong = "model.layers.0.self_attn.q_proj.weight"
+    dst[wrong].view(-1)[-1] += 1  # not step 1's any more: its checksum proves nothing
     hf = [{k: v.bfloat16() for k, v in adapter.to_hf(sd).items()} for sd in sds]
-    delta = sum(int((hf[1][k] != hf[0][k]).sum()) * (4 + 2) for k in dst if k not in permuted)
+    delta = sum(int((hf[1][k] != hf[0][k]).sum()) * (4 + 2) for k in dst if k != wrong)
     with Subscriber(d.endpoint, view="hf", remote=True) as sub:
         before = read_bytes(d)
         with sub.at(2) as snap:
@@ -328,7 +381,8 @@ def test_a_base_loaded_from_an_export_is_proven_by_checksums(make_daemon, tmp_pa
         moved = read_bytes(d) - before
         expected = full(sub, 2, dst)
     assert all(torch.equal(dst[k], expected[k]) for k in dst)
-    assert 0 < delta and moved == delta + sum(dst[k].numel() * 2 for k in permuted)
+    assert len(permuted) == 2 and all(int((hf[1][k] != hf[0][k]).sum()) for k in permuted)
+    assert 0 < delta and moved == delta + dst[wrong].numel() * 2
 
 
 @pytest.mark.parametrize("remote", [False, True], ids=["shared memory", "frames"])

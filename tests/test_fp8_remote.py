@@ -13,6 +13,7 @@ import torch
 from helpers import lazy_importorskip
 from native_llama import NativeLlama
 from stager.client import StagingClient, Subscriber
+from stager.client.adapters import load_adapter
 from stager.client.adapters.fp8_scope import llama_fp8_weight
 from stager.client.admin import daemon_status
 from stager.client.readers import sources
@@ -35,9 +36,10 @@ CONFIG = {
     "rope_theta": 10000.0,
     "tie_word_embeddings": False,
 }
-# the projections the llama3 adapter only renames (q and k are permuted for HF's rotary order: the reader
-# quantizes those itself, after the permutation)
+# the projections the llama3 adapter only renames; q and k have their rows permuted for HF's rotary order:
+# the daemon gathers their rows in HF order, then quantizes (all of them cross the wire as e4m3 and scales)
 RENAMED = ("v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+PERMUTED = ("q_proj", "k_proj")
 
 
 def native_sd() -> dict[str, torch.Tensor]:
@@ -84,14 +86,15 @@ def read(endpoint: str, remote: bool) -> tuple[dict, dict, int]:
     return got, {**engine, **{"by name " + k: v for k, v in single.items()}}, served(endpoint) - before
 
 
-def expected_bytes(view: dict, sd: dict) -> int:
-    """What a remote read of the view moves twice (items, then load_into) plus the single reads: renamed
-    weights as e4m3 + scales, q/k as staged fp32 (quantized by the reader), the rest cast to bf16."""
+def expected_bytes(view: dict, sd: dict, by_daemon=RENAMED + PERMUTED) -> int:
+    """What a remote read of the view moves twice (items, then load_into) plus the single reads: the
+    weights of ``by_daemon`` as e4m3 + scales, other weights as staged fp32 (quantized by the reader), the
+    rest cast to bf16."""
     total = 0
     for name, t in view.items():
         if name.endswith("_scale_inv"):
             continue
-        if llama_fp8_weight(name) and name.split(".")[-2] in RENAMED:
+        if llama_fp8_weight(name) and name.split(".")[-2] in by_daemon:
             total += t.numel() + 4 * math.prod(scale_shape(tuple(t.shape), (128, 128)))
         elif llama_fp8_weight(name):
             total += t.numel() * 4
@@ -116,6 +119,14 @@ def test_a_remote_fp8_read_is_quantized_by_the_daemon_bit_for_bit_and_moves_e4m3
     gate_scales = local["model.layers.0.mlp.gate_proj.weight_scale_inv"]
     assert gate_scales[0, 0].item() == pytest.approx(1e-4 / 448)  # the all-zero block
     assert moved == expected_bytes(local, sd)  # e4m3 + scales: a quarter of the fp32 bytes, and a bit
+    adapter = load_adapter("llama3", CONFIG)
+    for native, hf in (("attention.wq", "self_attn.q_proj"), ("attention.wk", "self_attn.k_proj")):
+        # the HF tensor's 128-row blocks mix heads: quantized after the permutation, as the reference does it
+        ((_, w),) = adapter.to_hf_items(f"layers.0.{native}.weight", sd[f"layers.0.{native}.weight"])
+        data, scales = quantize_block_fp8(w)
+        assert same(remote[f"model.layers.0.{hf}.weight"], data)
+        assert same(remote[f"model.layers.0.{hf}.weight_scale_inv"], scales)
+        assert not same(data, quantize_block_fp8(sd[f"layers.0.{native}.weight"])[0])  # the order matters
 
 
 def test_a_daemon_that_predates_fp8_reads_refuses_them_and_the_reader_quantizes_itself(make_daemon, monkeypatch):
@@ -126,7 +137,7 @@ def test_a_daemon_that_predates_fp8_reads_refuses_them_and_the_reader_quantizes_
     plain = ReadItem.from_wire.__func__
 
     def old(cls, item):  # the daemon's decoding before FP8 reads: three or four elements
-        if isinstance(item, list) and len(item) == 5:
+        if isinstance(item, list) and len(item) >= 5:
             raise ProtocolError(ErrorCode.BAD_MESSAGE, "read: item must be [fqn, offsets, sizes] ...")
         return plain(cls, item)
 
@@ -139,6 +150,29 @@ def test_a_daemon_that_predates_fp8_reads_refuses_them_and_the_reader_quantizes_
     )
     up = local["model.layers.0.mlp.up_proj.weight"].numel() * 4
     assert moved == 2 * staged + 2 * up  # every weight as staged: quantized by the reader, as before
+
+
+def test_a_daemon_that_predates_fp8_row_gathers_quantizes_the_renamed_weights_and_the_reader_q_k(
+    make_daemon, monkeypatch
+):
+    """A daemon that serves FP8 reads but predates their rows (a six-element item: BAD_MESSAGE): the
+    reader quantizes q and k itself, and still asks the daemon for the renamed weights."""
+    d = make_daemon()
+    sd = native_sd()
+    stage(d.endpoint, sd)
+    local, local_engine, _ = read(d.endpoint, remote=False)
+    plain = ReadItem.from_wire.__func__
+
+    def old(cls, item):  # the daemon's decoding with FP8 reads, before rows: up to five elements
+        if isinstance(item, list) and len(item) == 6:
+            raise ProtocolError(ErrorCode.BAD_MESSAGE, "read: item must be [fqn, offsets, sizes] ...")
+        return plain(cls, item)
+
+    monkeypatch.setattr(ReadItem, "from_wire", classmethod(old))
+    remote, remote_engine, moved = read(d.endpoint, remote=True)
+    assert all(same(remote[k], v) for k, v in local.items())
+    assert all(same(remote_engine[k], v) for k, v in local_engine.items())
+    assert moved == expected_bytes(local, sd, by_daemon=RENAMED)
 
 
 def test_fp8_reads_on_the_wire_box_by_box(make_daemon, raw_peer):
@@ -180,6 +214,56 @@ def test_fp8_reads_on_the_wire_box_by_box(make_daemon, raw_peer):
         (ReadItem("w", None, None, "f8e4m3", (65536, 65536)), ErrorCode.BAD_VALUE),  # 16 GiB of padding
         (ReadItem("w", None, None, "bf16", (128, 128)), ErrorCode.BAD_MESSAGE),  # an FP8 block names e4m3
         (ReadItem("w", None, None, "f8e4m3", (0, 128)), ErrorCode.BAD_MESSAGE),
+    ):
+        reply = peer.request(Read(lease=lease, items=(item,)))
+        assert isinstance(reply, ErrorReply) and reply.code == code.value, (item, reply)
+    assert peer.request(Acquire()).lease  # the daemon serves on
+
+
+@pytest.mark.parametrize("gather", [16 << 20, 1], ids=["one gather", "a row of blocks per gather"])
+def test_fp8_reads_of_reordered_rows_on_the_wire(make_daemon, raw_peer, monkeypatch, gather):
+    """``ReadItem.rows``: the daemon gathers the rows in the order named, then quantizes the box of the
+    reordered tensor (its blocks, its edge), bit for bit the reference on that tensor, however many rows
+    it gathers at a time; rows that do not fit are typed errors, and the daemon serves on."""
+    from stager.daemon import read_fp8
+
+    monkeypatch.setattr(read_fp8, "CHUNK_BYTES", gather)
+    d = make_daemon()
+    w = torch.randn(300, 200) * 3
+    stage(d.endpoint, {"w": w})
+    peer = raw_peer(d.endpoint)
+    peer.hello(role="reader")
+    lease = peer.request(Acquire()).lease
+    assert ReadItem("w", (0, 0), (2, 200), "f8e4m3", (128, 128), (2, 0)).to_wire() == [
+        "w",
+        [0, 0],
+        [2, 200],
+        "f8e4m3",
+        [128, 128],
+        [2, 0],
+    ]
+    order = torch.randperm(300, generator=torch.Generator().manual_seed(3))  # reordered row i = w's row order[i]
+    data, scales = quantize_block_fp8(w[order])
+    for offsets, sizes in (((0, 0), (300, 200)), ((128, 0), (172, 200)), ((128, 128), (128, 72)), ((0, 0), (0, 200))):
+        rows = tuple(order[offsets[0] : offsets[0] + sizes[0]].tolist())
+        reply = peer.request(Read(lease=lease, items=(ReadItem("w", offsets, sizes, "f8e4m3", (128, 128), rows),)))
+        assert isinstance(reply, ReadReply), reply
+        frame = bytes(reply.frames[0])
+        grid = scale_shape(sizes, (128, 128))
+        split = 4 * math.prod(grid)
+        assert len(frame) == split + math.prod(sizes)
+        if not frame:
+            continue
+        r, c = offsets[0] // 128, offsets[1] // 128
+        got_scales = torch.frombuffer(bytearray(frame[:split]), dtype=torch.float32).view(grid)
+        assert same(got_scales, scales[r : r + grid[0], c : c + grid[1]].contiguous())
+        got = torch.frombuffer(bytearray(frame[split:]), dtype=torch.uint8).view(E4M3).view(sizes)
+        assert same(got, data[offsets[0] : offsets[0] + sizes[0], offsets[1] : offsets[1] + sizes[1]].contiguous())
+    for item, code in (
+        (ReadItem("w", (0, 0), (128, 200), "f8e4m3", (128, 128), tuple(range(127))), ErrorCode.BAD_VALUE),  # short
+        (ReadItem("w", (0, 0), (128, 200), "f8e4m3", (128, 128), (300,) * 128), ErrorCode.BAD_VALUE),  # past the end
+        (ReadItem("w", (0, 0), (128, 200), "f8e4m3", (128, 128), (-1,) * 128), ErrorCode.BAD_MESSAGE),  # negative
+        (ReadItem("w", (1, 0), (128, 200), "f8e4m3", (128, 128), tuple(range(128))), ErrorCode.BAD_VALUE),  # off-block
     ):
         reply = peer.request(Read(lease=lease, items=(item,)))
         assert isinstance(reply, ErrorReply) and reply.code == code.value, (item, reply)

@@ -23,6 +23,7 @@ per tensor when it can, else the whole dict once).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
 from collections.abc import Iterable, Iterator
 from typing import Any, Protocol, runtime_checkable
@@ -41,11 +42,14 @@ __all__ = [
     "adapter_error",
     "check_adapter",
     "fill_hf",
+    "hf_flat_indices",
     "hf_items",
     "hf_names",
+    "hf_row_orders",
     "is_lora",
     "is_per_tensor",
     "permute_for_hf_rotary",
+    "rotary_rows",
     "to_hf_items",
     "unpermute_from_hf_rotary",
 ]
@@ -109,6 +113,9 @@ class HFTensor:
     shape: tuple[int, ...]
     dtype: torch.dtype
     strided: tuple | None  # (shape, stride, storage offset) when a strided view of the whole source
+    # the whole source with its rows reordered (the rotary permutation): the HF row of each source row
+    # (:func:`hf_row_orders`; int64, shared: read only), else None
+    rows: torch.Tensor | None = dataclasses.field(default=None, compare=False)
 
 
 def hf_items(adapter: PerTensorAdapter, name: str, tensor: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
@@ -170,8 +177,10 @@ def hf_names(adapter: Any, tensors: Iterable[tuple[str, torch.dtype, tuple[int, 
     out: list[HFTensor] = []
     if is_per_tensor(adapter):
         for name, meta in metas.items():
+            orders = hf_row_orders(adapter, name, meta)
             for hf_name, t in adapter.to_hf_items(name, meta):
-                out.append(HFTensor(hf_name, name, tuple(t.shape), t.dtype, _strided(meta, t)))
+                rows = orders.get(hf_name) if tuple(t.shape) == tuple(meta.shape) else None
+                out.append(HFTensor(hf_name, name, tuple(t.shape), t.dtype, _strided(meta, t), rows))
     else:  # a whole-dict adapter: names, shapes and dtypes only
         for hf_name, t in check_adapter(adapter, "the adapter").to_hf(metas).items():
             out.append(HFTensor(hf_name, "", tuple(t.shape), t.dtype, None))
@@ -249,6 +258,11 @@ class _PrefixedPerTensor(Prefixed):
             return []
         return fill_hf(self.adapter, name[len(self.prefix) :], tensor, out)
 
+    def hf_row_orders(self, name: str, tensor: torch.Tensor) -> dict[str, torch.Tensor]:
+        if not name.startswith(self.prefix):
+            return {}
+        return hf_row_orders(self.adapter, name[len(self.prefix) :], tensor)
+
 
 def with_prefix(adapter: Any, prefix: str | None) -> Any:
     """``adapter`` applied to the names under ``prefix`` only (see :class:`Prefixed`); as is when
@@ -278,3 +292,51 @@ def unpermute_from_hf_rotary(w: torch.Tensor, n_heads: int) -> torch.Tensor:
     """The inverse of :func:`permute_for_hf_rotary`."""
     rows, cols = w.shape
     return w.view(n_heads, 2, rows // n_heads // 2, cols).transpose(1, 2).reshape(rows, cols)
+
+
+@functools.lru_cache(maxsize=64)
+def rotary_rows(rows: int, n_heads: int) -> torch.Tensor:
+    """The HF row of each staged row under :func:`permute_for_hf_rotary` (int64 ``[rows]``), taken from
+    that function itself run on row numbers, so the two never disagree. Cached per shape and shared by
+    every layer: read only.
+
+    >>> rotary_rows(8, 2).tolist()  # per head of 4 rows: pairs (0, 1), (2, 3) -> halves (0, 2), (1, 3)
+    [0, 2, 1, 3, 4, 6, 5, 7]
+    """
+    held = permute_for_hf_rotary(torch.arange(rows).view(rows, 1), n_heads).view(-1)  # HF row h holds staged held[h]
+    out = torch.empty_like(held)
+    out[held] = torch.arange(rows)
+    return out
+
+
+def hf_row_orders(adapter: Any, name: str, tensor: torch.Tensor) -> dict[str, torch.Tensor]:
+    """``{hf name: the HF row of each row of native tensor name}`` for the HF tensors an adapter makes
+    by reordering the rows of the whole native tensor (the rotary permutation of q and k), from its
+    optional ``hf_row_orders(name, tensor)`` (meta tensors do); ``{}`` for an adapter without one. A
+    change map of the native tensor then holds for the HF one through :func:`hf_flat_indices`.
+
+    >>> from stager.client.adapters import load_adapter
+    >>> a = load_adapter("llama3", {"hidden_size": 8, "num_attention_heads": 2, "num_key_value_heads": 1})
+    >>> hf_row_orders(a, "layers.0.attention.wk.weight", torch.empty(4, 8, device="meta"))
+    {'model.layers.0.self_attn.k_proj.weight': tensor([0, 2, 1, 3])}
+    """
+    orders = getattr(adapter, "hf_row_orders", None)
+    return dict(orders(name, tensor)) if orders is not None else {}
+
+
+def hf_flat_indices(indices: torch.Tensor, rows: torch.Tensor, cols: int) -> torch.Tensor:
+    """Flat indices of a staged ``[len(rows), cols]`` tensor as the same elements' flat indices in the HF
+    tensor whose row ``rows[r]`` is staged row ``r`` (the column is unchanged); same dtype as ``indices``
+    (int32 or int64), not sorted. Pure: what a change map of the staged tensor is for the HF one.
+
+    >>> hf_flat_indices(torch.tensor([0, 5, 6], dtype=torch.int32), torch.tensor([0, 2, 1, 3]), 3).tolist()
+    [0, 8, 3]
+    """
+    if rows.dim() != 1 or cols < 1 or rows.numel() * cols > torch.iinfo(indices.dtype).max + 1:
+        raise adapter_error(f"a row order of {list(rows.shape)} rows of {cols} columns cannot map these indices")
+    # in the indices' own dtype (every flat index of the tensor fits it, checked above): int32 arithmetic is
+    # several times faster here than int64 (5-13 ns of one core per index: bench/bench_permuted_delta.py)
+    order = rows.to(indices.dtype)
+    row = indices.div(cols, rounding_mode="floor")
+    # order[row]: an IndexError for a row past the order (the caller checked the indices' range first)
+    return order[row] * cols + (indices - row * cols)

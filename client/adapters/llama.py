@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from .base import adapter_error, permute_for_hf_rotary, unpermute_from_hf_rotary
+from .base import adapter_error, permute_for_hf_rotary, rotary_rows, unpermute_from_hf_rotary
 from .config import LLAMA3, check_config
 
 _FORMS = ("legacy", "qkv_linear")
@@ -161,6 +161,15 @@ class Llama3Adapter:
         return [
             (hf, t if heads is None else permute_for_hf_rotary(t, heads)) for hf, t, heads in self._items(name, tensor)
         ]
+
+    def hf_row_orders(self, name: str, tensor: torch.Tensor) -> dict[str, torch.Tensor]:
+        """:func:`~stager.client.adapters.base.hf_row_orders`: q and k (not split out of a fused wqkv),
+        when their rotary rows are permuted; the row order is :func:`rotary_rows`, the permutation's own."""
+        return {
+            hf: rotary_rows(t.shape[0], heads)
+            for hf, t, heads in self._items(name, tensor)
+            if heads is not None and t is tensor
+        }
 
     def to_hf_into(self, name: str, tensor: torch.Tensor, out: dict[str, torch.Tensor]) -> list[str]:
         """:func:`~stager.client.adapters.fill_hf` for this adapter: permuted rows are written

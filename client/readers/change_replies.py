@@ -23,6 +23,7 @@ from stager.protocol.dtypes import DTYPES, FLOAT8_DTYPES
 from stager.protocol.layout import dense_strides
 from stager.protocol.reads import MAX_CHANGE_BOXES, MAX_CHANGE_TENSORS
 
+from ..adapters import hf_flat_indices
 from .views import ViewEntry
 
 PIPELINE = 4  # Changes requests in flight per node: the daemon gathers one while the reader applies another
@@ -42,7 +43,8 @@ class Answer:
 
 def delta_source(snap: Any, entry: ViewEntry) -> str | None:
     """The native tensor whose change map holds for ``entry`` element for element, or None (read in full):
-    floating data that is not float8, seen through no transform (an HF rename is fine, a permutation is not)."""
+    floating data that is not float8, seen through a rename or a reordering of its rows (``entry.rows``:
+    the rotary permutation; its indices are mapped with :func:`hf_indices`), no other transform."""
     fqn = entry.source
     if not fqn or fqn in snap.quant or fqn not in snap._version.merged:
         return None
@@ -51,9 +53,21 @@ def delta_source(snap: Any, entry: ViewEntry) -> str | None:
     if not stored.is_floating_point or stored in FLOAT8_DTYPES or not m.complete:
         return None
     shape = tuple(m.shape)
-    if entry.shape != shape or entry.strided != (shape, dense_strides(shape), 0):
+    if entry.shape != shape:
+        return None
+    if entry.rows is not None:
+        return fqn if len(shape) >= 1 and entry.rows.shape == (shape[0],) else None
+    if entry.strided != (shape, dense_strides(shape), 0):
         return None
     return fqn
+
+
+def hf_indices(entry: ViewEntry, indices: torch.Tensor) -> torch.Tensor:
+    """Flat indices of ``entry``'s native tensor (a change map's, checked in range) as the view's: the
+    same for a rename, through the adapter's row order for a permuted tensor (not ascending then)."""
+    if entry.rows is None:
+        return indices
+    return hf_flat_indices(indices, entry.rows, math.prod(entry.shape[1:]))
 
 
 def session(snap: Any) -> str | None:

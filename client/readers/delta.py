@@ -6,9 +6,12 @@ and asks each node for the change map N->M of the boxes it serves, in the destin
 (:class:`~stager.protocol.Changes`; every daemon keeps maps of its own blocks, the union over the
 chain). Only the changed elements are written: from a node on the reader's host they are gathered
 from its mapped segment (index_select, cast as a copy casts); from another host the node gathers
-them in the reader's dtype and only indices plus values cross the wire. A box a node cannot give
-changes for (a dense or reshaped tensor, no map for N: restarted, maps dropped, layout changed) is
-read whole from that node through the mover; a tensor no node can is left to the caller's full read.
+them in the reader's dtype and only indices plus values cross the wire. Maps, boxes and checksums
+are the staged tensor's: a tensor the adapter reorders the rows of (the rotary permutation of q and
+k) has its indices, whole boxes and checksummed rows mapped through the adapter's row order here.
+A box a node cannot give changes for (a dense or reshaped tensor, no map for N: restarted, maps
+dropped, layout changed) is read whole from that node through the mover; a tensor no node can is
+left to the caller's full read.
 
 The reader must prove it holds N, per node. By default through this module's process-wide ledger
 of what each destination tensor was last loaded with (step, each node's seq and daemon session,
@@ -26,6 +29,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import weakref
 from collections import deque
 from collections.abc import Iterable, Mapping
@@ -38,6 +42,7 @@ from stager.protocol.changes import INDICES, UNCHANGED, apply, checksum, gather,
 from stager.protocol.dtypes import dtype_from_name, dtype_name
 from stager.protocol.layout import narrow_box
 
+from ..adapters import hf_flat_indices
 from .change_replies import PIPELINE, batches, delta_source, parse
 from .mover import Want, move
 from .planner import Read, plan_box
@@ -58,6 +63,7 @@ class _Held:
 
 
 _LEDGER: dict[int, _Held] = {}  # id(tensor) -> what it holds
+SUM_BYTES = 4 << 20  # rows of a permuted copy gathered per checksum step: bounded memory, few Python calls
 
 
 @dataclasses.dataclass
@@ -71,6 +77,9 @@ class _Plan:
     boxes: dict[str, list[Box]]
     proofs: dict[str, tuple[int, list[int] | None]]
     whole: list[tuple[str, Box]] = dataclasses.field(default_factory=list)  # (node, box) to read whole
+    # the adapter's row order (the rotary permutation): native row r is dst's row rows[r]; None: the same rows.
+    # Boxes, maps and checksums are the native tensor's; indices and rows are mapped where dst is written
+    rows: torch.Tensor | None = None
 
     @property
     def dst_box(self) -> Box:
@@ -159,8 +168,8 @@ def _plan(
             if proven and seq:
                 proofs[node] = (seq, None)
             elif verify is not False and layout is not None:  # the checksums of what dst holds now
-                proofs[node] = (seq, [checksum(narrow_box(dst, b.box.offset, b.box.shape)) for b in layout.blocks])
-        plan = _Plan(name, fqn, dst, boxes, proofs)
+                proofs[node] = (seq, [_box_sum(dst, b.box, entry.rows) for b in layout.blocks])
+        plan = _Plan(name, fqn, dst, boxes, proofs, rows=entry.rows)
         plan.whole = [(n, b) for n, bs in boxes.items() if n not in proofs for b in bs]
         if len(plan.whole) < sum(len(bs) for bs in boxes.values()):
             plans.append(plan)
@@ -256,11 +265,37 @@ def _finish(snap: Any, plans: list[_Plan]) -> set[str]:
             wants.append(
                 Want(plan.fqn, box, dtype_from_name(m.dtype), [Read(node, box, (0,) * len(box.shape))], None, cast)
             )
-            into.append(narrow_box(plan.dst, box.offset, box.shape))
+            into.append((plan, box))
         done.add(plan.name)
-    for dst, (_, t) in zip(into, move(wants, version.sources, version._failed)):
-        dst.copy_(t)
+    for (plan, box), (_, t) in zip(into, move(wants, version.sources, version._failed)):
+        _put(plan, box, t)
     return done
+
+
+def _put(plan: _Plan, box: Box, t: torch.Tensor) -> None:
+    """Write box ``box`` of the native tensor (``t``, read whole) where ``plan.dst`` holds it."""
+    if plan.rows is None:
+        narrow_box(plan.dst, box.offset, box.shape).copy_(t)
+        return
+    rows = plan.rows[box.offset[0] : box.offset[0] + box.shape[0]].to(plan.dst.device)
+    shape = tuple(plan.dst.shape)
+    cols = narrow_box(plan.dst, (0, *box.offset[1:]), (shape[0], *box.shape[1:]))
+    cols[rows] = t.to(device=plan.dst.device, dtype=plan.dst.dtype)
+
+
+def _box_sum(dst: torch.Tensor, box: Box, rows: torch.Tensor | None) -> int:
+    """The crc32 of box ``box`` of the native tensor as ``dst`` holds it, in the native layout (what the
+    daemon's checksums are of): through the row order ``rows`` (native row r is dst's row rows[r]) a few
+    MiB of rows at a time, so a permuted copy is proven as a renamed one is, with no copy of the tensor."""
+    if rows is None:
+        return checksum(narrow_box(dst, box.offset, box.shape))
+    inner = (0, *box.offset[1:]), box.shape[1:]
+    per = max(1, SUM_BYTES // max(1, dst[0].numel() * dst.element_size()))
+    crc, first, end = 0, box.offset[0], box.offset[0] + box.shape[0]
+    for r in range(first, end, per):
+        part = dst.index_select(0, rows[r : min(end, r + per)].to(dst.device))
+        crc = checksum(narrow_box(part, inner[0], (part.shape[0], *inner[1])), crc)
+    return crc
 
 
 def _apply(version: Any, node: str, batch: list[_Plan], reply: ChangesReply, dtype: torch.dtype, mapped: bool) -> int:
@@ -277,10 +312,16 @@ def _apply(version: Any, node: str, batch: list[_Plan], reply: ChangesReply, dty
             plan.whole.extend((node, b) for b in plan.boxes[node])
         elif answer.kind == INDICES:
             vals = _gathered(version, node, plan, answer.indices, plan.dst) if mapped else answer.values
-            apply(plan.dst, answer.indices, vals)
+            idx = answer.indices if plan.rows is None else hf_flat_indices(answer.indices, plan.rows, _cols(plan.dst))
+            apply(plan.dst, idx, vals)
         elif answer.kind != UNCHANGED:  # whole: read from this node in full
             plan.whole.extend((node, b) for b in plan.boxes[node])
     return len(answers)
+
+
+def _cols(t: torch.Tensor) -> int:
+    """Elements per row (1 for a 1-D tensor)."""
+    return math.prod(t.shape[1:])
 
 
 def _gathered(version: Any, node: str, plan: _Plan, idx: torch.Tensor, dst: torch.Tensor) -> torch.Tensor:

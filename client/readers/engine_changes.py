@@ -21,7 +21,7 @@ from stager.protocol import Changes, ChangesReply, ErrorCode, StagerError
 from stager.protocol.changes import INDICES, WHOLE, gather
 from stager.protocol.dtypes import dtype_name
 
-from .change_replies import batches, delta_source, parse, session
+from .change_replies import batches, delta_source, hf_indices, parse, session
 
 log = logging.getLogger("stager.client")
 
@@ -55,9 +55,10 @@ def changes_since(
     ``dtype``: for a caller that holds the base in tensors it tracks itself (an inference engine),
     not through :meth:`Snapshot.load_into`'s ledger. ``values``: also the changed elements' indices
     and values (gathered from shared memory on the daemon's host; from elsewhere only they and their
-    indices cross the wire) for names seen through a rename; those seen through a transform (a
-    permutation) get their kind only, as do all with ``values`` false. A tensor no map holds is
-    ``whole``. None when the daemon has no map from ``base`` (read in full)."""
+    indices cross the wire) for names seen through a rename or the adapter's row order (the rotary
+    permutation: indices mapped to the view's rows, :func:`.change_replies.hf_indices`); those seen
+    through another transform get their kind only, as do all with ``values`` false. A tensor no map
+    holds is ``whole``. None when the daemon has no map from ``base`` (read in full)."""
     now = base_of(snap)
     if now is None or now[2] != base[2]:
         return None  # another daemon session: its seqs say nothing of the base's
@@ -100,9 +101,9 @@ def changes_since(
             for fqn, a in zip(part, answers):
                 if a.kind == INDICES and a.indices is not None:
                     vals = gather(version.mapped(fqn), a.indices, dtype) if want == "indices" else a.values
-                    change = TensorChange(a.kind, a.count, a.indices, vals)
-                else:
-                    change = TensorChange(a.kind, a.count)
+                    for name in names_of[fqn]:
+                        out[name] = TensorChange(a.kind, a.count, hf_indices(snap._entry(name), a.indices), vals)
+                    continue
                 for name in names_of[fqn]:
-                    out[name] = change
+                    out[name] = TensorChange(a.kind, a.count)
     return out

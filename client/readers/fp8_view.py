@@ -8,9 +8,10 @@ bit for bit), applied by the reader to the HF tensor as the adapter gives it, be
 ``dtype`` cast: fp32 master weights are rounded once, to e4m3, not to bf16 first. ``export-hf --quantize
 fp8-block`` writes the same bytes. A reader on the daemon's host quantizes what it maps (0.12-0.27 s per
 100 MiB of bf16 on one core here, against 11-17 ms for a bf16 ``load_into``: bench/bench_fp8.py). A remote
-reader asks the daemon to quantize each weight the adapter only renames (``LeasedVersion.read_fp8``,
-per request: :mod:`stager.daemon.read_fp8`), so e4m3 and scales cross the wire, the same bytes; weights the
-adapter computes from (the rotary permutation of q and k) are read as staged and quantized here, after it.
+reader asks the daemon to quantize each weight the adapter only renames or reorders the rows of
+(``LeasedVersion.read_fp8``, per request: :mod:`stager.daemon.read_fp8`; for the rotary permutation of q and
+k the daemon gathers the rows in HF order first, so its blocks are the HF tensor's), so e4m3 and scales cross
+the wire, the same bytes; weights the adapter computes otherwise are read as staged and quantized here.
 """
 
 from __future__ import annotations
@@ -39,8 +40,13 @@ class Quantized(NamedTuple):
 
 
 def renamed(entry: ViewEntry, native_shape: tuple[int, ...]) -> bool:
-    """Whether the view's tensor ``entry`` is its whole native tensor renamed (same shape, same order)."""
-    if entry.strided is None or tuple(entry.shape) != tuple(native_shape) or len(native_shape) != 2:
+    """Whether the view's tensor ``entry`` is its whole native tensor renamed (same shape, same order) or
+    with its rows reordered (``entry.rows``: the rotary permutation; the daemon gathers them first)."""
+    if tuple(entry.shape) != tuple(native_shape) or len(native_shape) != 2:
+        return False
+    if entry.rows is not None:
+        return tuple(entry.rows.shape) == (native_shape[0],)
+    if entry.strided is None:
         return False
     shape, stride, offset = entry.strided
     return tuple(shape) == tuple(native_shape) and tuple(stride) == (native_shape[1], 1) and offset == 0
@@ -127,12 +133,13 @@ class Fp8Snapshot(Snapshot):
             and renamed(entries[w], version.merged[entries[w].source].shape)
             and entries[w].source not in self.quant
         }
+        self._rows = {fqn: entries[w].rows for fqn, w in self._renamed.items() if entries[w].rows is not None}
 
     def _native(
         self, fqn: str, raw: torch.Tensor | None = None, scales: dict | None = None, cast: torch.dtype | None = None
     ) -> Any:
         if raw is None and fqn in self._renamed:  # quantized by its daemon when remote: e4m3 and scales cross
-            quantized = self._version.read_fp8(fqn, self.fp8_block)
+            quantized = self._version.read_fp8(fqn, self.fp8_block, self._rows.get(fqn))
             if quantized is not None:
                 return Quantized(*quantized)
         return super()._native(fqn, raw, scales, cast)

@@ -161,6 +161,7 @@ class FramesSource:
     max_in_flight = WINDOW
     casts = True
     quantizes = True  # fetch_fp8: the daemon quantizes (False once a daemon that predates it refused)
+    gathers = True  # fetch_fp8 with rows: it gathers reordered rows first (False once one that predates it refused)
 
     def __init__(self, conn, lease: int, tensors: tuple[TensorLayout, ...], timeout: float):
         self.conn = conn
@@ -192,17 +193,18 @@ class FramesSource:
         rid = self.conn.send(Read(lease=self.lease, items=(item,)))
         return _FrameFetch(self, rid, wire, box.shape, out)
 
-    def fetch_fp8(self, fqn: str, box: Box, block: tuple[int, int]) -> _Fp8Fetch:
+    def fetch_fp8(self, fqn: str, box: Box, block: tuple[int, int], rows: tuple[int, ...] | None = None) -> _Fp8Fetch:
         """Start moving the box FP8 block-quantized by the daemon (``ReadItem.block``): :meth:`_Fp8Fetch.wait`
         gives ``(e4m3 data, fp32 scale_inv)``, the bytes :func:`~stager.protocol.fp8_block.quantize_block_fp8`
-        of the box gives. The box lies on whole blocks (starts on one, ends on one or at the edge)."""
-        self._blocks.layout(fqn, box)
+        of the box gives. The box lies on whole blocks (starts on one, ends on one or at the edge). ``rows``:
+        the box is of the tensor with its rows reordered, row i of it being row ``rows[i]`` (``ReadItem.rows``)."""
+        self._blocks.layout(fqn, box)  # the reordered tensor has the tensor's shape
         if self.conn.sock is None:
             raise StagerError(
                 ErrorCode.UNAVAILABLE,
                 f"{fqn}: the connection to {self.conn.endpoint} is closed; lease the version again",
             )
-        item = ReadItem(fqn, box.offset, box.shape, FP8_READ, tuple(block))
+        item = ReadItem(fqn, box.offset, box.shape, FP8_READ, tuple(block), rows)
         return _Fp8Fetch(self, self.conn.send(Read(lease=self.lease, items=(item,))), box.shape, block)
 
     def shares(self, t: torch.Tensor) -> bool:

@@ -101,14 +101,18 @@ class LeasedVersion:
             out = outs.get(fqn)
             yield fqn, view if out is None else out.copy_(view)
 
-    def read_fp8(self, fqn: str, block: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor] | None:
+    def read_fp8(
+        self, fqn: str, block: tuple[int, int], rows: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
         """``(e4m3 data, fp32 scale_inv)`` of the whole of ``fqn`` FP8 block-quantized by the daemon that
         holds it (:meth:`.sources.FramesSource.fetch_fp8`, in row ranges on whole blocks, a few in flight):
         e4m3 and scales cross the wire, not the staged bytes. None where that cannot be: the tensor is
         mapped (quantized here, reading costs no wire), split across nodes, its source has no daemon that
         quantizes, or the daemon refused (one that predates FP8 reads: its source is not asked again);
         then the caller reads and quantizes it itself, as :func:`~stager.protocol.fp8_block.quantize_block_fp8`
-        does here: the same bytes."""
+        does here: the same bytes. ``rows``: the tensor is quantized with its rows reordered, row ``rows[r]``
+        being its row r (an adapter's row order: the rotary permutation of q and k), blocks of the reordered
+        rows: the daemon gathers them in that order first (``ReadItem.rows``)."""
         m = self.merged[fqn]
         if not m.complete or len(m.shape) != 2 or self.mapped(fqn) is not None:
             return None
@@ -116,6 +120,12 @@ class LeasedVersion:
         src = self.sources[reads[0].node] if len(reads) == 1 else None
         if src is None or not getattr(src, "quantizes", False):
             return None
+        held = None  # the tensor's row each row of the reordered one holds
+        if rows is not None:
+            if not getattr(src, "gathers", False) or tuple(rows.shape) != (m.shape[0],):
+                return None
+            held = torch.empty_like(rows)
+            held[rows] = torch.arange(rows.numel())
         if min(block) < MIN_FP8_BLOCK:  # the daemon refuses such blocks: quantized here
             return None
         rows, cols = m.shape
@@ -142,8 +152,9 @@ class LeasedVersion:
                 box = next(pending, None)
                 if box is None:
                     break
+                order = None if held is None else tuple(held[box.offset[0] : box.offset[0] + box.shape[0]].tolist())
                 try:
-                    flight.append((box, src.fetch_fp8(fqn, box, block)))
+                    flight.append((box, src.fetch_fp8(fqn, box, block, order)))
                 except StagerError as exc:
                     raise self._failed(reads[0].node, exc, fqn) from None
             if not flight:
@@ -164,8 +175,11 @@ class LeasedVersion:
             scale_inv[r0 // block[0] : r0 // block[0] + scales.shape[0]] = scales
         if refused is None and data is not None:
             return data, scale_inv
-        if refused.code != ErrorCode.BAD_VALUE:  # a daemon that predates FP8 reads: not asked again
-            src.quantizes = False
+        if refused.code != ErrorCode.BAD_VALUE:  # a daemon that predates FP8 reads (or rows): not asked again
+            if held is not None:
+                src.gathers = False
+            else:
+                src.quantizes = False
         return None
 
     def mapped(self, fqn: str) -> torch.Tensor | None:

@@ -23,6 +23,9 @@ class ViewEntry:
     shape: tuple[int, ...]
     dtype: torch.dtype  # of the tensor before any requested cast
     strided: tuple | None  # (shape, stride, storage offset) when a strided view of the whole source
+    # the whole source with its rows reordered (the adapter's rotary permutation): the HF row of each
+    # source row (:func:`~stager.client.adapters.base.hf_row_orders`), else None
+    rows: torch.Tensor | None = dataclasses.field(default=None, compare=False)
 
 
 def hf_index(adapter: Any, tensors: list[tuple[str, torch.dtype, tuple[int, ...]]]) -> dict[str, ViewEntry]:
@@ -34,7 +37,9 @@ def hf_index(adapter: Any, tensors: list[tuple[str, torch.dtype, tuple[int, ...]
     >>> hf_index(IdentityAdapter(), [("w", torch.float32, (2, 3))])["w"].strided
     ((2, 3), (3, 1), 0)
     """
-    return {t.name: ViewEntry(t.name, t.source, t.shape, t.dtype, t.strided) for t in hf_names(adapter, tensors)}
+    return {
+        t.name: ViewEntry(t.name, t.source, t.shape, t.dtype, t.strided, t.rows) for t in hf_names(adapter, tensors)
+    }
 
 
 def native_box(

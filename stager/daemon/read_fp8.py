@@ -28,7 +28,7 @@ import math
 
 import torch
 
-from stager.protocol.fp8_block import E4M3, quantize_block_fp8, scale_shape
+from stager.protocol.fp8_block import CHUNK_BYTES, E4M3, quantize_block_fp8, scale_shape
 from stager.protocol.layout import narrow_box
 from stager.protocol.shm import block_view
 
@@ -39,15 +39,38 @@ def fp8_nbytes(sizes: tuple[int, ...], block: tuple[int, int]) -> int:
 
 
 def quantize_box(
-    segment: torch.Tensor, t, held, offsets: tuple[int, ...], sizes: tuple[int, ...], block, out: memoryview
+    segment: torch.Tensor,
+    t,
+    held,
+    offsets: tuple[int, ...],
+    sizes: tuple[int, ...],
+    block,
+    out: memoryview,
+    rows: tuple[int, ...] | None = None,
 ) -> memoryview:
     """Write box ``(offsets, sizes)`` of ``held`` (a block of tensor ``t`` in ``segment``; offsets inside
-    it), FP8 block-quantized in ``block``\\ s, into ``out`` (of :func:`fp8_nbytes`): returns ``out``."""
+    it), FP8 block-quantized in ``block``\\ s, into ``out`` (of :func:`fp8_nbytes`): returns ``out``.
+    ``rows``: the box's rows are these rows of the block, in this order (``offsets[0]`` unused): an HF
+    view's rotary permutation, whose blocks are of the reordered rows. They are gathered a few MiB at a
+    time, on whole rows of blocks (each quantized as a whole-box quantization does it: the same bytes)."""
     grid = scale_shape(sizes, block)
     split = 4 * math.prod(grid)
     raw = torch.frombuffer(out, dtype=torch.uint8) if len(out) else torch.empty(0, dtype=torch.uint8)
     scale_inv = raw[:split].view(torch.float32).view(grid)
     data = raw[split:].view(E4M3).view(sizes)
-    src = narrow_box(block_view(segment, t.torch_dtype, held.byte_offset, held.box.shape), offsets, sizes)
-    quantize_block_fp8(src, tuple(block), out=(data, scale_inv))
+    whole = block_view(segment, t.torch_dtype, held.byte_offset, held.box.shape)
+    if rows is None:
+        quantize_block_fp8(narrow_box(whole, offsets, sizes), tuple(block), out=(data, scale_inv))
+        return out
+    cols = whole.narrow(1, offsets[1], sizes[1])
+    order = torch.tensor(rows, dtype=torch.int64)
+    # rows of blocks per gather: CHUNK_BYTES of staged bytes, one row of blocks at least (check_read_fp8
+    # bounds that by MAX_FP8_WORK)
+    per = max(1, CHUNK_BYTES // max(1, block[0] * sizes[1] * whole.element_size())) * block[0]
+    for r in range(0, sizes[0], per):
+        n = min(per, sizes[0] - r)
+        part = cols.index_select(0, order[r : r + n])
+        quantize_block_fp8(
+            part, tuple(block), out=(data[r : r + n], scale_inv[r // block[0] : -(-(r + n) // block[0])])
+        )
     return out

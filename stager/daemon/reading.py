@@ -31,7 +31,15 @@ from stager.protocol import (
     Subscribe,
     SubscribeReply,
 )
-from stager.protocol.layout import Box, check_box, check_read_cast, check_read_fp8, contiguous_span, narrow_box
+from stager.protocol.layout import (
+    Box,
+    check_box,
+    check_read_cast,
+    check_read_fp8,
+    check_read_rows,
+    contiguous_span,
+    narrow_box,
+)
 from stager.protocol.shm import block_view
 
 from .memory import Retention
@@ -175,7 +183,11 @@ class Reading:
             if t is None:
                 raise StagerError(ErrorCode.BAD_VALUE, f"{item.fqn[:200]}: no such tensor in step {v.step}")
             offsets, sizes = check_box(t.fqn, t.shape, item.offsets, item.sizes)
-            held = t.block_holding(Box(offsets, sizes))
+            rows = item.rows
+            if rows is not None:  # a box of the tensor with its rows reordered: the rows' span must be held
+                held = t.block_holding(check_read_rows(t.fqn, t.shape, offsets, sizes, rows))
+            else:
+                held = t.block_holding(Box(offsets, sizes))
             if held is None:
                 raise StagerError(
                     ErrorCode.PARTIAL,
@@ -200,8 +212,10 @@ class Reading:
                     f"{MAX_READ_BYTES >> 20} MiB a reply may carry; read fewer or "
                     "smaller boxes",
                 )
-            boxes.append((t, held[0], held[1], sizes, to))
-        cast_sizes = [_reply_bytes(sizes, to) for *_, sizes, to in boxes if to is not None]
+            if rows is not None:  # the rows inside the block
+                rows = tuple(r - held[0].box.offset[0] for r in rows)
+            boxes.append((t, held[0], held[1], sizes, to, rows))
+        cast_sizes = [_reply_bytes(sizes, to) for *_, sizes, to, _ in boxes if to is not None]
         self._check_reply(total, sum(map(self.cast_buffers.footprint, cast_sizes)))
         queued = peer.read_bytes_in_flight()
         if queued and queued + total > MAX_READ_IN_FLIGHT:
@@ -217,11 +231,14 @@ class Reading:
         reply = ReadReply(id=msg.id, count=len(boxes))
         buffers = iter(self.cast_buffers.take(cast_sizes) if cast_sizes else ())
         pooled = {}  # frame index -> the buffer behind it
-        for t, block, offsets, sizes, to in boxes:
+        for t, block, offsets, sizes, to, rows in boxes:
             if to is None:
                 reply.frames.append(self._box_bytes(v, t, block, offsets, sizes))
                 continue
             out, pooled[len(reply.frames)] = next(buffers)
+            if rows is not None:
+                reply.frames.append(quantize_box(v.segment.as_bytes(), t, block, offsets, sizes, to, out, rows))
+                continue
             fill = quantize_box if isinstance(to, tuple) else cast_box
             reply.frames.append(fill(v.segment.as_bytes(), t, block, offsets, sizes, to, out))
         trackers = self.outbox.send_tracked(identity, reply)

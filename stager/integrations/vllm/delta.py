@@ -10,8 +10,8 @@ A daemon without that chain (maps off, not kept, another session, a layout chang
 - tensors that did not change are not read at all;
 - on the direct path (:mod:`.direct`), a copied parameter (norm, embedding, an unpacked weight) gets
   its changed elements written in place: their values gathered from the daemon's shared memory on
-  its host, or indices plus values as frames from another; a tensor seen through a transform (the
-  llama3 adapter's rotary permutation) or one the map calls dense is read whole;
+  its host, or indices plus values as frames from another (through the llama3 adapter's rotary
+  permutation too: the indices are mapped to the HF rows); one the map calls dense is read whole;
 - a linear the CPU backend packs (no ``layer.weight`` kept: nothing to patch) is rebuilt only if one
   of its shards changed, from M's tensors (zero-copy views on the daemon's host);
 - on vLLM's layerwise reload (the direct plan not proven), only the layers that changed are fed, each
@@ -122,7 +122,8 @@ def direct_work(direct: Plan, delta: Delta, group: list[str]) -> Work:
 
 def patches(snap, held: Base, names: list[str]) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], list[str]]:
     """``{name: (indices, values)}`` for ``names`` (copied parameters the map gives indices for), and
-    the names that came without them (seen through a transform, or changed since the first request):
+    the names that came without them (seen through a transform other than a rename or a row order,
+    or changed since the first request):
     read those whole."""
     if not names:
         return {}, []
