@@ -269,19 +269,19 @@ def layouts_from_wire(raw: object) -> tuple[TensorLayout, ...]:
 class ReadItem:
     """One box of a leased tensor a remote reader asks for; ``offsets``/``sizes`` None: all of it.
     ``dtype`` (a wire name, None: the tensor's own): the bytes cast to it where they are, before the
-    wire (float tensors to a narrower float: :func:`check_read_cast`). Sent as a fourth element only
+    wire (float tensors to a narrower float: :func:`~.read_checks.check_read_cast`). Sent as a fourth element only
     when given, so an item without one encodes as before.
 
     ``block`` ``(rows, cols)``, with ``dtype`` ``"f8e4m3"``: the box FP8 block-quantized where it is
     (:func:`stager.protocol.fp8_block.quantize_block_fp8`, one fp32 scale per block of the box, which
-    starts on a block and ends on one or at the tensor's edge: :func:`check_read_fp8`); its frame holds
+    starts on a block and ends on one or at the tensor's edge: :func:`~.read_checks.check_read_fp8`); its frame holds
     the scales (row-major ``[ceil(rows / b0), ceil(cols / b1)]`` fp32) then the e4m3 box. Sent as a fifth
     element: a daemon that predates it refuses the item (BAD_MESSAGE), and the reader quantizes itself.
 
     ``rows`` (only with a ``block``): the box is of the tensor with its rows reordered (an HF view's rotary
     permutation of q and k), row ``i`` of the box being row ``rows[i]`` of the tensor; ``offsets``/``sizes``
     place the box in that reordered tensor (same shape), so its blocks are the reordered tensor's. The daemon
-    gathers those rows, then quantizes (:func:`check_read_rows`). Sent as a sixth element: a daemon that
+    gathers those rows, then quantizes (:func:`~.read_checks.check_read_rows`). Sent as a sixth element: a daemon that
     predates it refuses the item (BAD_MESSAGE), and the reader quantizes itself."""
 
     fqn: str
@@ -340,95 +340,6 @@ class ReadItem:
         if item[1] is None:
             return cls(item[0], dtype=dtype, block=block, rows=rows)
         return cls(item[0], tuple(item[1]), tuple(item[2]), dtype, block, rows)
-
-
-def fp8_padded(sizes: tuple[int, ...], block) -> int:
-    """Elements an FP8 read of a 2-D box of ``sizes`` quantizes: the box padded to whole blocks (what the
-    quantizer's work and temporaries grow with)."""
-    return -(-sizes[0] // block[0]) * block[0] * -(-sizes[1] // block[1]) * block[1]
-
-
-def check_read_fp8(
-    fqn: str, have: torch.dtype, shape: tuple[int, ...], offsets: tuple[int, ...], sizes: tuple[int, ...], block
-) -> None:
-    """A read of box ``(offsets, sizes)`` of ``fqn`` FP8 block-quantized in blocks of ``block``: a 2-D
-    float16/bfloat16/float32/float64 tensor, the box on whole blocks (it starts on one, and ends on
-    one or at the tensor's edge: each block's scale covers what a whole-tensor quantization's does), blocks
-    of at least MIN_FP8_BLOCK rows and columns, the loop's work bounded (per row of blocks, MAX_FP8_WORK
-    bytes of temporaries; per read, MAX_FP8_READ_ELEMENTS). BAD_VALUE otherwise."""
-    plain = {torch.float64, torch.float32, torch.float16, torch.bfloat16}
-    if have not in plain or len(shape) != 2:
-        raise ProtocolError(
-            ErrorCode.BAD_VALUE,
-            f"{fqn[:200]}: cannot read a {len(shape)}-D {have} tensor FP8 block-quantized: the daemon "
-            "quantizes 2-D float64/float32/float16/bfloat16 weights; read it without a block",
-        )
-    if min(block) < MIN_FP8_BLOCK:
-        raise ProtocolError(
-            ErrorCode.BAD_VALUE,
-            f"{fqn[:200]}: FP8 blocks of {list(block)} are below the {MIN_FP8_BLOCK} rows and columns the daemon "
-            "quantizes in (a scale per element or few would make the reply larger than the weight): use a block of "
-            f"at least [{MIN_FP8_BLOCK}, {MIN_FP8_BLOCK}] (the FP8 checkpoints use [128, 128]), or quantize on read",
-        )
-    # temporaries per element of a row of blocks: the zero-padded copy of an edge block (the source dtype) and
-    # the scaled product, promoted to float64 for a float64 weight (fp32 otherwise)
-    work = block[0] * -(-sizes[1] // block[1]) * block[1] * (have.itemsize + max(4, have.itemsize))
-    if work > MAX_FP8_WORK:
-        raise ProtocolError(
-            ErrorCode.BAD_VALUE,
-            f"{fqn[:200]}: one row of {list(block)} blocks of a box {sizes[1]} columns wide needs "
-            f"{work >> 20} MiB of temporaries, over the {MAX_FP8_WORK >> 20} MiB the daemon allows: "
-            "read fewer columns per box, or a smaller block",
-        )
-    padded = fp8_padded(sizes, block)
-    if padded > MAX_FP8_READ_ELEMENTS:
-        raise ProtocolError(
-            ErrorCode.BAD_VALUE,
-            f"{fqn[:200]}: an FP8 read of a {list(sizes)} box in {list(block)} blocks quantizes {padded} elements "
-            f"(padded to whole blocks), over the {MAX_FP8_READ_ELEMENTS} one read may: split the read into smaller "
-            "boxes (fewer rows each)",
-        )
-    for o, s, n, b in zip(offsets, sizes, shape, block):
-        if o % b or (s % b and o + s != n):
-            raise ProtocolError(
-                ErrorCode.BAD_VALUE,
-                f"{fqn[:200]}: box at {list(offsets)} of size {list(sizes)} does not lie on whole "
-                f"{list(block)} blocks of shape {list(shape)}: start it on a block and end it on one "
-                "or at the tensor's edge",
-            )
-
-
-def check_read_rows(
-    fqn: str, shape: tuple[int, ...], offsets: tuple[int, ...], sizes: tuple[int, ...], rows: tuple[int, ...]
-) -> Box:
-    """An FP8 read's ``rows`` (:class:`ReadItem`): one per row of the box, each a row of the tensor. Returns
-    the box of the tensor the rows lie in, the box's columns (what the node must hold in one block).
-    BAD_VALUE otherwise."""
-    if len(rows) != sizes[0] or (rows and max(rows) >= shape[0]):
-        raise ProtocolError(
-            ErrorCode.BAD_VALUE,
-            f"{fqn[:200]}: an FP8 read of {sizes[0]} rows names {len(rows)} rows of the tensor's {shape[0]}"
-            + (f", up to row {max(rows)}" if rows else "")
-            + ": name one row of the tensor, each below its row count, per row of the box",
-        )
-    first = min(rows) if rows else 0
-    return Box((first, *offsets[1:]), ((max(rows) + 1 - first) if rows else 0, *sizes[1:]))
-
-
-def check_read_cast(fqn: str, have: torch.dtype, want: str) -> torch.dtype:
-    """The dtype a read of ``fqn`` (of dtype ``have``) asks its bytes in, by wire name: only a plain
-    floating tensor cast to a narrower plain floating dtype (what saves bytes and is exactly what the
-    reader's own ``.to()`` would give); float8 data needs its scale first. BAD_VALUE otherwise."""
-    to = dtype_from_name(want)
-    plain = {torch.float64, torch.float32, torch.float16, torch.bfloat16}
-    if have not in plain or to not in plain or to.itemsize >= have.itemsize:
-        raise ProtocolError(
-            ErrorCode.BAD_VALUE,
-            f"{fqn[:200]}: cannot read {have} as {to}: the daemon casts only "
-            "float64/float32/float16/bfloat16 tensors to a narrower one of "
-            "these; read it without a dtype and cast it yourself",
-        )
-    return to
 
 
 # ----------------------------------------------------------------------------- box arithmetic

@@ -19,7 +19,7 @@ from stager.client.admin import daemon_status
 from stager.client.readers import sources
 from stager.protocol import Acquire, ErrorCode, ErrorReply, ProtocolError, Read, ReadItem, ReadReply
 from stager.protocol.fp8_block import E4M3, quantize_block_fp8, scale_shape
-from stager.protocol.layout import check_read_fp8
+from stager.protocol.read_checks import check_read_fp8
 
 transformers = lazy_importorskip("transformers")
 

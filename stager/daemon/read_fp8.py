@@ -5,7 +5,7 @@ A :class:`~stager.protocol.ReadItem` with a ``block`` is answered with its box q
 ``export-hf --quantize fp8-block`` use: the same bytes as a read-then-quantize), into a reply buffer of
 :class:`~.read_cast.CastBuffers`, per request, as a cast read is: within ``--read-cast-memory`` and each
 reader's share of it. One frame: the fp32 scales first (aligned for a float view), then the e4m3 box.
-Each read is bounded (:func:`~stager.protocol.layout.check_read_fp8`): blocks of 16 x 16 or more, so the reply
+Each read is bounded (:func:`~stager.protocol.read_checks.check_read_fp8`): blocks of 16 x 16 or more, so the reply
 stays near a byte per element; at most MAX_FP8_READ_ELEMENTS (16 Mi) elements padded to whole blocks, 0.062 CPU s
 of the loop here for bf16 in 128 x 128 blocks (time.process_time around quantize_block_fp8 of a [2048, 8192]
 bf16 weight, one thread, best of three; a [1, 1]-block 256 MiB read took 2.4 s); the reply, by its real

@@ -31,15 +31,8 @@ from stager.protocol import (
     Subscribe,
     SubscribeReply,
 )
-from stager.protocol.layout import (
-    Box,
-    check_box,
-    check_read_cast,
-    check_read_fp8,
-    check_read_rows,
-    contiguous_span,
-    narrow_box,
-)
+from stager.protocol.layout import Box, check_box, contiguous_span, narrow_box
+from stager.protocol.read_checks import check_read_cast, check_read_fp8, check_read_rows
 from stager.protocol.shm import block_view
 
 from .memory import Retention
