@@ -24,9 +24,12 @@ What runs:
 
 Failures (exit 1; the first few printed above the summary line):
 
-- any reply with code ``internal``; any request without a reply within ``--reply-timeout``
-  (deferred replies, begin and commit, come at the latest at the daemon's step timeout); a reply
-  that does not decode, or answers nothing this peer asked (duplicate);
+- any reply with code ``internal``; any request without a reply within ``--reply-timeout``, plus
+  the daemon's step timeout for a request it may defer (begin, commit: held back until the step's
+  partners, memory or segment allow, and answered at the latest at the step timeout after the
+  daemon read it); a reply that does not decode, or answers nothing this peer asked (duplicate).
+  A reply that comes after its request was counted unanswered is named with it, and how late it
+  came (a daemon starved of CPU answers late, one that lost the request never does).
 - a stage of the real job that fails (the fuzzers cannot hold its rank: any failure is a bug);
 - a reader mismatch, or a version the job sealed that the reader cannot lease while it is the newest;
 - the daemon crashing, exiting non-zero on SIGTERM, a traceback in its log, or segments left in
@@ -50,6 +53,12 @@ import _stresslib as lib  # noqa: E402
 JOB_STEP0 = 1_000_000  # the real job's steps; fuzz-trainer steps live far above (1 << 40) or are junk
 FUZZ_STEP0 = 1 << 40
 IN_FLIGHT = 4  # requests in flight per peer
+STEP_TIMEOUT = 5.0  # the daemon's --step-timeout
+# requests the daemon may hold back (Steps.on_begin, Steps.on_commit) until, at the latest, the step
+# timeout after it read them, checked once per housekeeping tick: their replies may take that much
+# longer than the others'. Without it, a deferred request was the first to run past --reply-timeout
+# when the daemon was starved of CPU (RELIABILITY.md, known issues: the fuzz run at cf5dd60).
+DEFERRED = ("begin", "commit")
 TOKEN_KEY = "meta.token"
 
 
@@ -552,21 +561,31 @@ class Peer(threading.Thread):
         reply_timeout: float,
         host: str,
         trainer_slot: int,
+        deferral: float | None = None,
     ):
+        """``deferral``: how much longer than ``reply_timeout`` a deferred request (:data:`DEFERRED`)
+        may wait for its reply (default: the daemon's step timeout and a housekeeping tick)."""
         super().__init__(name=f"fuzz-peer-{index}", daemon=True)
         import zmq
+
+        from stager.daemon.server import HOUSEKEEPING_S
 
         self.index, self.personality, self.ctrl, self.msgs = index, personality, ctrl, msgs
         self.rng = random.Random(seed * 7919 + index)
         self.reply_timeout, self.host, self.trainer_slot = reply_timeout, host, trainer_slot
+        self.deferral = STEP_TIMEOUT + HOUSEKEEPING_S if deferral is None else deferral
         self.sock = zmq.Context.instance().socket(zmq.DEALER)
         self.sock.setsockopt(zmq.LINGER, 0)
         self.sock.setsockopt(zmq.RCVHWM, 0)
         self.sock.connect(endpoint)
         self.zmq = zmq
         self.ids = iter(range(1, 1 << 62))
+        # rid -> (sent at, deadline, desc, ctx) of each request in flight with that reply id, oldest first
         self.waiting: dict[int, collections.deque] = collections.defaultdict(collections.deque)
         self.n_waiting = 0
+        # rid -> (sent at, desc, index in failures) of requests counted unanswered: a late reply is named with them
+        self.overdue: dict[int, collections.deque] = collections.defaultdict(collections.deque)
+        self.slowest: dict[str, tuple[float, str]] = {}  # "deferred" / "immediate" -> (seconds, desc) of answers
         self.codes: collections.Counter = collections.Counter()
         self.failures: list[str] = []
         self.leases: list[int] = []
@@ -581,8 +600,13 @@ class Peer(threading.Thread):
         rid = self.msgs.expected_id(frames[0], len(frames))
         self.sock.send_multipart(frames, copy=len(frames) > 1000 or sum(map(len, frames)) < 65536)
         self.sent += 1
-        self.waiting[rid].append((time.monotonic() + self.reply_timeout, desc, ctx or {}))
+        now = time.monotonic()
+        self.waiting[rid].append((now, now + self.allowance(desc), desc, ctx or {}))
         self.n_waiting += 1
+
+    def allowance(self, desc: str) -> float:
+        """Seconds the request ``desc`` ("kind/how") may wait for its reply."""
+        return self.reply_timeout + (self.deferral if desc.split("/", 1)[0] in DEFERRED else 0.0)
 
     def pump(self, timeout_ms: int) -> None:
         """Take the replies that arrived (waiting up to ``timeout_ms`` for the first); expire the overdue."""
@@ -600,16 +624,23 @@ class Peer(threading.Thread):
                 self.codes["(announce)"] += 1
                 continue
             queue = self.waiting.get(reply.id)
+            if not queue and self.overdue.get(reply.id):
+                self._late(reply)
+                continue
             if not queue:
                 self.failures.append(
                     f"peer {self.index}: a {reply.TYPE} reply with id {reply.id} that answers "
                     f"nothing in flight: {reply!r}"[:400]
                 )
                 continue
-            _, desc, ctx = queue.popleft()
+            sent_at, _, desc, ctx = queue.popleft()
             if not queue:
                 del self.waiting[reply.id]
             self.n_waiting -= 1
+            kind = "deferred" if desc.split("/", 1)[0] in DEFERRED else "immediate"
+            took = time.monotonic() - sent_at
+            if took > self.slowest.get(kind, (-1.0, ""))[0]:
+                self.slowest[kind] = (took, desc)
             code = getattr(reply, "code", None) if reply.TYPE == "error" else reply.TYPE
             self.codes[code] += 1
             if code == "internal":
@@ -621,13 +652,25 @@ class Peer(threading.Thread):
         now = time.monotonic()
         for rid in list(self.waiting):
             queue = self.waiting[rid]
-            while queue and queue[0][0] < now:
-                _, desc, _ = queue.popleft()
+            for entry in [e for e in queue if e[1] < now]:
+                sent_at, _, desc, _ = entry
+                queue.remove(entry)
                 self.n_waiting -= 1
                 self.codes["(unanswered)"] += 1
-                self.failures.append(f"peer {self.index}: no reply within {self.reply_timeout:.0f}s to {desc}")
+                self.overdue[rid].append((sent_at, desc, len(self.failures)))
+                self.failures.append(f"peer {self.index}: no reply within {self.allowance(desc):.0f}s to {desc}")
             if not queue:
                 del self.waiting[rid]
+
+    def _late(self, reply) -> None:
+        """``reply`` answers a request already counted unanswered: say how late it came, in that failure."""
+        queue = self.overdue[reply.id]
+        sent_at, desc, index = queue.popleft()
+        if not queue:
+            del self.overdue[reply.id]
+        what = f"{reply.code}: {reply.message}" if reply.TYPE == "error" else reply.TYPE
+        self.codes["(late)"] += 1
+        self.failures[index] += f" (answered after {time.monotonic() - sent_at:.1f}s: {what})"[:400]
 
     def drain(self, deadline: float) -> None:
         while self.n_waiting and time.monotonic() < deadline:
@@ -694,13 +737,13 @@ class Peer(threading.Thread):
         ctrl = self.ctrl
         if ctrl.closing.is_set():
             if not self.closed.is_set():
-                self.drain(time.monotonic() + self.reply_timeout)
+                self.drain(time.monotonic() + self.reply_timeout + self.deferral)
                 rid = next(self.ids)
                 self.send(
                     self.trainer.bye(rid) if self.trainer else [self.msgs.pack(self.msgs.header("bye", rid, {}))],
                     "bye/window-end",
                 )
-                self.drain(time.monotonic() + self.reply_timeout)
+                self.drain(time.monotonic() + self.reply_timeout + self.deferral)
                 self.trainer = None
                 self.closed.set()
             return
@@ -739,10 +782,10 @@ class Peer(threading.Thread):
                 frames, desc, ctx = self.next_message(rid)
                 self.send(frames, desc, ctx)
                 self.pump(0)
-            self.drain(time.monotonic() + self.reply_timeout)
+            self.drain(time.monotonic() + self.reply_timeout + self.deferral)
             rid = next(self.ids)  # leave: the daemon ends this peer's leases and registration
             self.send([self.msgs.pack(self.msgs.header("bye", rid, {}))], "bye/end")
-            self.drain(time.monotonic() + self.reply_timeout)
+            self.drain(time.monotonic() + self.reply_timeout + self.deferral)
         except Exception as exc:
             import traceback
 
@@ -779,6 +822,8 @@ def main(argv=None) -> int:
         stats = run(camp, args, time.monotonic() + limit)
     codes = stats["codes"]
     print("  replies: " + ", ".join(f"{k}={v}" for k, v in sorted(codes.items(), key=lambda kv: -kv[1])))
+    slowest = stats["slowest"]  # how close the daemon came to the reply timeout (deferred: plus the step timeout)
+    print("  slowest answers: " + ", ".join(f"{k} {s:.1f}s ({desc})" for k, (s, desc) in sorted(slowest.items())))
     return camp.finish(
         f"fuzz: {stats['sent']} messages from {args.peers} peers (seed {args.seed}, {stats['windows']} trainer "
         f"windows), {codes.get('internal', 0)} internal, {codes.get('(unanswered)', 0)} unanswered, "
@@ -799,10 +844,12 @@ def run(camp: lib.Campaign, args, deadline: float) -> dict:
         "foreign": 0,
         "alive": False,
         "windows": 0,
+        "slowest": {},
     }
     endpoint = f"ipc://{camp.tmp}/d.sock"
     daemon = camp.daemon(
-        endpoint, ("--memory-limit", "256MiB", "--keep", "4", "--step-timeout", "5", "--peer-timeout", "5")
+        endpoint,
+        ("--memory-limit", "256MiB", "--keep", "4", "--step-timeout", f"{STEP_TIMEOUT:g}", "--peer-timeout", "5"),
     )
     token = f"stress-{random.Random(args.seed).getrandbits(64):016x}"
     ctx = mp.get_context("spawn")
@@ -910,6 +957,9 @@ def run(camp: lib.Campaign, args, deadline: float) -> dict:
         for peer in peers:
             stats["sent"] += peer.sent
             stats["codes"].update(peer.codes)
+            for kind, (took, desc) in peer.slowest.items():
+                if took > stats["slowest"].get(kind, (-1.0, ""))[0]:
+                    stats["slowest"][kind] = (took, desc)
             for f in peer.failures:
                 camp.fail(f)
         for conn in (job_conn, reader_conn):
