@@ -271,7 +271,7 @@ def test_a_daemon_stopped_longer_than_the_peer_timeout_keeps_its_remote_readers(
     thread was stopped too), and whether the daemon reads it before its first housekeeping is a
     race; here the reader's process is stopped with the daemon and continued only once the daemon
     has run several housekeeping ticks after resuming, which makes that race's losing side certain."""
-    peer_timeout, stopped = 1.5, 4.5
+    peer_timeout, stopped = 3.0, 7.0
     monkeypatch.setenv("STAGER_AUTH_DIR", keys)  # CURVE over tcp, as across real hosts
     args = ("--memory-limit", "64MiB", "--peer-timeout", str(peer_timeout))
     with SimulatedCluster(1, args=args, auth_dir=keys) as cluster:
@@ -308,4 +308,36 @@ def test_a_daemon_stopped_longer_than_the_peer_timeout_keeps_its_remote_readers(
             assert lines.next(60) == {"read": expected}  # bit for bit, on the same lease
             assert reader.wait(60) == 0
         finally:
+            _finish(reader)
+
+
+def test_a_silent_remote_reader_is_dropped_although_the_daemon_stalls_again_and_again(keys, monkeypatch):
+    """Stalls of the daemon longer than a tick (a loaded host) do not count as a remote reader's silence, but
+    the time the daemon ran does: a reader silent for good is dropped although the stalls come more often than
+    --peer-timeout (each stall restarted its silence before, so it held its lease for as long as they came)."""
+    peer_timeout = 3.0
+    monkeypatch.setenv("STAGER_AUTH_DIR", keys)
+    args = ("--memory-limit", "64MiB", "--peer-timeout", str(peer_timeout))
+    with SimulatedCluster(1, args=args, auth_dir=keys) as cluster:
+        daemon, endpoint = cluster.daemons[0], cluster.endpoints[0]
+        monkeypatch.setenv("STAGER_HOST_ID", "node-0")
+        with StagingClient(endpoint, rank=0, local_world_size=1, world_size=1, strict=True) as c:
+            c.stage({"model": scaled(full_tensors(), 3)}, step=3).wait(60)
+        monkeypatch.delenv("STAGER_HOST_ID")
+        reader = _reader(LEASED_READER, endpoint)
+        try:
+            assert _Lines(reader).next(120) == {"leased": 3}
+            os.kill(reader.pid, signal.SIGSTOP)  # silent from now on
+            deadline = time.monotonic() + 120
+            while daemon_status(endpoint)["leases"]:
+                assert time.monotonic() < deadline, "a silent reader kept its lease through the daemon's stalls"
+                os.kill(daemon.pid, signal.SIGSTOP)  # a stall of 1.5 s, then 0.5 s of running: the condition
+                try:
+                    time.sleep(1.5)
+                finally:
+                    os.kill(daemon.pid, signal.SIGCONT)
+                time.sleep(0.5)
+            assert daemon_status(endpoint)["subscribers"] == 0
+        finally:
+            os.kill(reader.pid, signal.SIGCONT)
             _finish(reader)

@@ -35,6 +35,19 @@ LIVENESS_INTERVAL_S = 1.0  # reading /proc for every peer: once a second is plen
 EXPIRED_KEPT = 1024  # connections dropped for silence, remembered to tell them why (ROUTER ids never repeat)
 # a gap this long between liveness checks (ticks come every 0.2 s) means the daemon itself stalled
 STALL_S = 1.0
+TICK_S = 0.2  # the interval liveness checks are expected at (server.HOUSEKEEPING_S)
+
+
+def last_seen_after_stall(last_seen: float, now: float, gap: float) -> float:
+    """A remote peer's ``last_seen`` once the loop comes back from a stall of ``gap`` seconds: the stall does not
+    count as its silence (its heartbeats of that time may still be queued), the time the loop ran does. Restarting
+    the silence at every stall instead let a silent peer outlive ``--peer-timeout`` many times over on a loaded host,
+    where gaps over STALL_S come every few seconds.
+
+    >>> last_seen_after_stall(100.0, 130.0, 26.0)  # heard 30 s ago, 26 s of it stalled: 4.2 s of silence
+    125.8
+    """
+    return min(now, last_seen + max(0.0, gap - TICK_S))
 
 
 class PeerDirectory:
@@ -190,7 +203,8 @@ class Peers:
     def check_liveness(self) -> None:
         now = time.monotonic()
         last, self._last_check = self._last_check, now
-        if now - last > STALL_S:
+        stalled = now - last > STALL_S
+        if stalled:  # and no peer on another host is dropped before the loop has read what came meanwhile
             self._forgive_stall(now, now - last)
         # /proc is read for same-host peers once a second; a peer on another host costs a clock
         # comparison, so it is checked every tick: gone within --peer-timeout plus a tick
@@ -198,7 +212,7 @@ class Peers:
         if local:
             self._next_liveness = now + LIVENESS_INTERVAL_S
         for peer in list(self.state.peers.values()):
-            if (peer.local and not local) or self.alive(peer):
+            if (peer.local and not local) or (not peer.local and stalled) or self.alive(peer):
                 continue
             if peer.local:
                 self.drop(peer, "process exited")
@@ -208,15 +222,15 @@ class Peers:
 
     def _forgive_stall(self, now: float, gap: float) -> None:
         """The loop did not check for ``gap`` seconds: it (or the whole process) was stalled. A remote
-        peer's heartbeats of that time may not have been read yet, so its silence restarts now."""
+        peer's heartbeats of that time may not have been read yet: the stall is not counted as its silence."""
         remote = [p for p in self.state.peers.values() if not p.local]
         for peer in remote:
-            peer.last_seen = max(peer.last_seen, now)
+            peer.last_seen = last_seen_after_stall(peer.last_seen, now, gap)
         if remote:  # a warning where it mattered: without this, they would have been dropped
             log.log(
                 logging.WARNING if gap > self.state.peer_timeout else logging.DEBUG,
-                "the daemon did not run for %.1fs (stopped, or starved of CPU); the %d peer(s) on other "
-                "hosts get a full --peer-timeout (%gs) from now to be heard",
+                "the daemon did not run for %.1fs (stopped, or starved of CPU); that time does not count "
+                "toward the silence of the %d peer(s) on other hosts (--peer-timeout %gs)",
                 gap,
                 len(remote),
                 self.state.peer_timeout,
