@@ -13,6 +13,8 @@ at once, as without maps; with ``--keep 1`` the pin holds until a step needs the
 full; a map already made is recorded, never dropped. The loop collects maps as soon as they are
 made (readers wait for them, and their pins end then).
 
+Map work yields to staging: it never runs while a step is in flight (:mod:`.change_gate`).
+
 Maps outlive the versions' data (they are small: int32 indices of what changed), bounded by a
 count and by bytes of their own, so a reader at step N is brought to M by the union of the maps
 N->...->M with values from M, even after N's segment is gone. A :class:`Changes` request answers
@@ -53,6 +55,7 @@ from stager.protocol.dtypes import dtype_from_name, dtype_name
 from stager.protocol.reads import Changes, ChangesReply
 
 from . import change_runs
+from .change_gate import Gate
 from .peers import PeerDirectory
 from .state import DaemonState
 from .versions import Version
@@ -130,6 +133,8 @@ class ChangeMaps:
         self._last_seal: float | None = None
         self._interval = math.inf  # seconds between seals (moving average): the time a map has
         self._took = 0.0  # seconds a map takes (moving average; a cancelled one's time is a floor)
+        self.gate = Gate()  # closed while steps are in flight: Steps tells it (gate.hold)
+        self.regions = 0  # compare passes made (a region of one dtype, in one reader dtype), all maps
 
     # ------------------------------------------------------------------ loop side
 
@@ -206,6 +211,8 @@ class ChangeMaps:
                 job.cancel.set()
                 self.skipped += 1
             dropped |= self._unpin(job, unpinned)
+        if jobs:
+            self.gate.wake()  # a map waiting for a step in flight ends now (its pins are gone already)
         return dropped
 
     @staticmethod
@@ -233,6 +240,7 @@ class ChangeMaps:
             for job in self._queue:
                 job.cancel.set()
             self._lock.notify()
+        self.gate.wake()
         if self._thread is not None:
             self._thread.join(30.0)
 
@@ -251,8 +259,13 @@ class ChangeMaps:
             with self._lock:
                 while not self._queue and not self._closed:
                     self._lock.wait()
+            # a map is not begun while steps are in flight (the late check below then sees the wait)
+            self.gate.wait(lambda: self._closed or not self._queue)
+            with self._lock:
                 if self._closed:
                     return
+                if not self._queue or self.gate.held:  # dropped meanwhile, or the next step began already
+                    continue
                 job = self._running = self._queue.popleft()
             began = time.monotonic()
             if self._took and began - job.sealed_at + self._took > LATE * self._interval:
@@ -271,7 +284,7 @@ class ChangeMaps:
                 except Exception:  # a bug costs one map (readers read in full), never the daemon
                     log.exception("change map of step %d failed", job.key[0])
                     job.cancel.set()
-                took = time.monotonic() - began
+                took = time.monotonic() - began  # the pauses for steps in flight too: what a map takes here
                 if job.cancel.is_set():  # dropped unfinished: it takes at least that long
                     self._took = max(self._took, took)
                 else:
@@ -280,11 +293,17 @@ class ChangeMaps:
                 self._running = None
                 self._done.append(job)
 
-    @staticmethod
-    def _compute(job: _Job) -> None:
+    def _compute(self, job: _Job) -> None:
         start = time.thread_time()
         seen: dict = {}  # (run, compared dtype) -> its maps and sums: integer tensors have one for every reader dtype
-        runs, fresh = change_runs.runs(*job.layouts, *job.segments)
+
+        def pause() -> bool:  # between regions and chunks: wait while steps are in flight; True: dropped
+            self.gate.wait(lambda: job.cancel.is_set() or self._closed)
+            return job.cancel.is_set() or self._closed
+
+        runs, fresh = change_runs.runs(*job.layouts, *job.segments, pause=pause)
+        if runs is None:
+            return  # dropped while it waited
         for dtype in job.dtypes:
             name = dtype_name(dtype)
             known = job.known.get(name, {})
@@ -297,14 +316,17 @@ class ChangeMaps:
                 if (i, cast) not in seen:
                     # both versions' checksums, from the cast chunks compared anyway (the base's: known)
                     crcs = [[known.get(key, (None, None))[1], 0] for key in run.fqns]
-                    got = diff_spans(run.prev, run.new, run.spans, dtype, cancel=job.cancel.is_set, sums=crcs)
+                    got = diff_spans(run.prev, run.new, run.spans, dtype, cancel=pause, sums=crcs)
                     if got is None:
-                        return  # cancelled: a step took the memory
+                        return  # cancelled: a step took the memory, or its base was dropped meanwhile
+                    self.regions += 1
                     seen[i, cast] = got, [tuple(c) for c in crcs]
                 for key, change, crc in zip(run.fqns, *seen[i, cast]):
                     maps[key] = change
                     sums[key] = crc
                     sizes[key] = cast.itemsize
+            if pause():
+                return
             job.maps[dtype_name(dtype)] = maps
             job.sums[dtype_name(dtype)] = sums
             job.stats[dtype_name(dtype)] = _summary(job.base[0], maps, sizes)
@@ -421,8 +443,9 @@ class ChangeMaps:
 
     @property
     def working(self) -> bool:
-        """Maps queued, being made or made and not yet collected (no lock: a hint for the loop's poll)."""
-        return bool(self._queue or self._running is not None or self._done)
+        """Maps made and not yet collected, or queued or being made while no step is in flight (no lock:
+        a hint for the loop's poll; while steps are in flight none can be made)."""
+        return bool(self._done or (not self.gate.held and (self._queue or self._running is not None)))
 
     @property
     def finished(self) -> bool:
@@ -443,6 +466,9 @@ class ChangeMaps:
             "cpu_s": round(self.cpu_s, 4),
             "skipped": self.skipped,
             "pending": self.pending(),
+            "regions": self.regions,
+            "yields": self.gate.yields,
+            "yielding": self.gate.waiting,
         }
 
 
