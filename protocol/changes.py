@@ -144,7 +144,8 @@ def diff_spans(
     Chunks are small enough to stay in cache through the casts and the compare; numpy compares
     and finds the changed positions (its nonzero is ~2x torch's here).
     A chunk holds at most ``chunk`` elements and the starts of at most ``group`` tensors, so that
-    ``cancel``, asked between chunks, is asked often; True stops the work (returns None). ``sums``: one
+    ``cancel``, asked between chunks (and every ``group`` tensors of the maps' encoding), is asked
+    often; True stops the work (returns None). ``sums``: one
     ``[base's crc32 or None, 0]`` per span, set as :func:`changed_indices` sets its own, from the
     same cast chunks (a chunk of equal bits is then cast once, for both)."""
     if prev.shape != new.shape or prev.dtype != new.dtype or prev.dim() != 1:
@@ -203,7 +204,9 @@ def diff_spans(
             else:
                 got.append(torch.from_numpy(piece.astype(numpy.int32)))
     out = []
-    for (_, numel), count, got in zip(spans, counts, parts):
+    for i, ((_, numel), count, got) in enumerate(zip(spans, counts, parts)):
+        if cancel is not None and i % group == group - 1 and cancel():  # ~1 us a tensor: asked as often
+            return None
         if got is None:
             out.append(Change(WHOLE, count, numel))
         else:

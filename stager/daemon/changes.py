@@ -325,11 +325,10 @@ class ChangeMaps:
                     maps[key] = change
                     sums[key] = crc
                     sizes[key] = cast.itemsize
-            if pause():
+            stats = _summary(job.base[0], maps, sizes, pause)
+            if stats is None:
                 return
-            job.maps[dtype_name(dtype)] = maps
-            job.sums[dtype_name(dtype)] = sums
-            job.stats[dtype_name(dtype)] = _summary(job.base[0], maps, sizes)
+            job.maps[name], job.sums[name], job.stats[name] = maps, sums, stats
         job.cpu_s = time.thread_time() - start
         for entry in job.stats.values():
             entry["cpu_s"] = round(job.cpu_s, 4)
@@ -497,27 +496,35 @@ def _asked(t, entry: list) -> list | None:
     return out
 
 
-def _summary(base: int, maps: dict[str, Change], sizes: dict[str, int]) -> dict:
+def _summary(base: int, maps: dict[str, Change], sizes: dict[str, int], pause=lambda: False) -> dict | None:
     """A version's status entry for one reader dtype: what changed since step ``base``. ``bytes``:
     the changed elements' share of the version's bytes in that dtype; ``delta_bytes``: what a delta
-    read moves (indices and values, plus the tensors read whole), against ``full_bytes``."""
+    read moves (indices and values, plus the tensors read whole), against ``full_bytes``. One pass,
+    ``pause`` asked every 1024 tensors (None: it said stop)."""
     per = {}  # a tensor mapped per block (a job spanning nodes) counts once
-    for f, c in maps.items():
+    numel = count = full = changed = delta = 0
+    for i, (f, c) in enumerate(maps.items()):
+        if i % 1024 == 1023 and pause():
+            return None
         name = f if isinstance(f, str) else f[0]
-        per[name] = max(per.get(name, UNCHANGED), c.kind, key=(UNCHANGED, INDICES, WHOLE).index)
-    numel = sum(c.numel for c in maps.values())
-    full = sum(c.numel * sizes[f] for f, c in maps.items())
-    changed = sum(c.count * sizes[f] for f, c in maps.items())
-    delta = sum(
-        c.count * (4 + sizes[f]) if c.kind == INDICES else c.numel * sizes[f] if c.kind == WHOLE else 0
-        for f, c in maps.items()
-    )
+        was = per.get(name)
+        if was is None or _RANK[c.kind] > _RANK[was]:
+            per[name] = c.kind
+        size = sizes[f]
+        numel += c.numel
+        count += c.count
+        full += c.numel * size
+        changed += c.count * size
+        delta += c.count * (4 + size) if c.kind == INDICES else c.numel * size if c.kind == WHOLE else 0
     return {
         "since": base,
-        "elements": round(sum(c.count for c in maps.values()) / numel, 6) if numel else 0.0,
+        "elements": round(count / numel, 6) if numel else 0.0,
         "bytes": round(changed / full, 6) if full else 0.0,
         "tensors": [sum(k != UNCHANGED for k in per.values()), len(per)],
         "whole": sum(k == WHOLE for k in per.values()),
         "delta_bytes": delta,
         "full_bytes": full,
     }
+
+
+_RANK = {UNCHANGED: 0, INDICES: 1, WHOLE: 2}
