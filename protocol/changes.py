@@ -42,6 +42,7 @@ DENSE = 0.25  # above this fraction of changed elements a tensor is read whole (
 MAX_INDEXED = 2**31 - 1  # int32 flat indices: larger tensors are read whole when changed
 CHUNK = 1 << 22  # elements cast and compared at a time: bounds the temporaries to a few tens of MiB
 SPAN_CHUNK = 1 << 18  # the same for regions of many tensors (diff_spans): the temporaries stay in cache
+SPAN_GROUP = 128  # tensors beginning in one chunk of diff_spans at most: bounds its per-tensor Python (~1 ms)
 _INT_OF_SIZE = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
@@ -131,6 +132,7 @@ def diff_spans(
     chunk: int = SPAN_CHUNK,
     cancel: Callable[[], bool] | None = None,
     sums: list[list] | None = None,
+    group: int = SPAN_GROUP,
 ) -> list[Change] | None:
     """The change maps of several tensors at once, one per span: ``prev`` and ``new`` are the same
     flat region (1-D, one stored dtype) of two versions, ``spans`` the ``(start, numel)`` of each
@@ -141,7 +143,9 @@ def diff_spans(
     changed), and a chunk whose bits are all equal is not cast at all (frozen weights, norms).
     Chunks are small enough to stay in cache through the casts and the compare; numpy compares
     and finds the changed positions (its nonzero is ~2x torch's here).
-    ``cancel``: asked between chunks; True stops the work (returns None). ``sums``: one
+    A chunk holds at most ``chunk`` elements and the starts of at most ``group`` tensors, so that
+    ``cancel``, asked between chunks (and every ``group`` tensors of the maps' encoding), is asked
+    often; True stops the work (returns None). ``sums``: one
     ``[base's crc32 or None, 0]`` per span, set as :func:`changed_indices` sets its own, from the
     same cast chunks (a chunk of equal bits is then cast once, for both)."""
     if prev.shape != new.shape or prev.dtype != new.dtype or prev.dim() != 1:
@@ -158,10 +162,10 @@ def diff_spans(
     for i, mine in enumerate(own or ()):
         if mine:
             sums[i][0] = 0
-    for lo in range(spans[0][0], int(ends[-1]), chunk):
+    for lo, hi in _chunks(firsts, spans[0][0], int(ends[-1]), chunk, group):
         if cancel is not None and cancel():
             return None
-        x, y = prev[lo : lo + chunk], new[lo : lo + chunk]
+        x, y = prev[lo:hi], new[lo:hi]
         if torch.equal(_bits(x), _bits(y)):
             if sums is not None:  # same bits: same cast, one for both checksums
                 _crcs(sums, own, spans, bisect.bisect_right(firsts, lo) - 1, lo, None, y.to(cast))
@@ -178,7 +182,7 @@ def diff_spans(
             continue
         pos += lo
         first = bisect.bisect_right(firsts, lo) - 1
-        if first + 1 == len(spans) or firsts[first + 1] >= lo + chunk:  # one tensor (or its tail padding)
+        if first + 1 == len(spans) or firsts[first + 1] >= hi:  # one tensor (or its tail padding)
             pos = pos[: numpy.searchsorted(pos, ends[first])] - firsts[first]
             found = [(first, pos)] if pos.size else []
         else:
@@ -200,7 +204,9 @@ def diff_spans(
             else:
                 got.append(torch.from_numpy(piece.astype(numpy.int32)))
     out = []
-    for (_, numel), count, got in zip(spans, counts, parts):
+    for i, ((_, numel), count, got) in enumerate(zip(spans, counts, parts)):
+        if cancel is not None and i % group == group - 1 and cancel():  # ~1 us a tensor: asked as often
+            return None
         if got is None:
             out.append(Change(WHOLE, count, numel))
         else:
@@ -209,6 +215,18 @@ def diff_spans(
 
 
 _NONE = torch.empty(0, dtype=torch.int32)
+
+
+def _chunks(firsts: list[int], lo: int, stop: int, chunk: int, group: int) -> Iterable[tuple[int, int]]:
+    """The ``[lo, hi)`` of each chunk of :func:`diff_spans`: at most ``chunk`` elements, and at most
+    ``group`` tensors (of ascending starts ``firsts``) beginning in it."""
+    while lo < stop:
+        hi = min(lo + chunk, stop)
+        j = bisect.bisect_left(firsts, lo) + group
+        if j < len(firsts) and lo < firsts[j] < hi:  # empty tensors share a start: never an empty chunk
+            hi = firsts[j]
+        yield lo, hi
+        lo = hi
 
 
 def _crcs(sums: list, own: list, spans: list, first: int, lo: int, x: torch.Tensor | None, y: torch.Tensor) -> None:

@@ -6,11 +6,25 @@ import threading
 import pytest
 import torch
 
-from conftest import error_code
+from conftest import error_code, wire_plan
 from helpers import wait_until
 from stager.client import StagingClient
-from stager.protocol import Acquire, Changes, ChangesReply, ErrorCode, StagerError
+from stager.protocol import (
+    Abort,
+    Acquire,
+    Begin,
+    BeginReply,
+    Changes,
+    ChangesReply,
+    Commit,
+    ErrorCode,
+    Ok,
+    Put,
+    Sealed,
+    StagerError,
+)
 from stager.protocol.changes import INDICES, UNCHANGED, WHOLE
+from stager.protocol.layout import plan_digest
 
 
 def chain(n: int, seed: int = 0) -> list[dict]:
@@ -294,3 +308,104 @@ def test_a_box_this_node_does_not_hold_is_partial_not_unchanged():
         with pytest.raises(StagerError) as err:
             _asked(t, [box])
         assert err.value.code == ErrorCode.PARTIAL and "holds only part" in err.value.message
+
+
+class HandStaged:
+    """A one-rank trainer driven message by message (a raw peer), so that a test decides when a
+    step is in flight: begun and not yet committed. Two tensors of two dtypes: two compared regions."""
+
+    PLAN = wire_plan(["w", "f32", [4096], [0], [4096]], ["h", "bf16", [512], [0], [512]])
+
+    def __init__(self, peer):
+        self.peer = peer
+        peer.hello()
+
+    def begin(self, step):
+        reply = self.peer.request(Begin(step=step, digest=plan_digest(self.PLAN), plan=self.PLAN, full_world=True))
+        assert isinstance(reply, BeginReply), reply
+
+    def commit(self, step):
+        w = torch.full((4096,), float(step))
+        w[:step] = -1.0  # a few elements change per step (indices), the rest too (whole: the map is made either way)
+        h = torch.full((512,), float(step), dtype=torch.bfloat16)
+        frames = [w.numpy().tobytes(), h.view(torch.int16).numpy().tobytes()]
+        assert isinstance(self.peer.request(Put(step=step, regions=[0, 1], frames=frames)), Ok)
+        assert isinstance(self.peer.request(Commit(step=step)), Sealed)
+
+    def stage(self, step):
+        self.begin(step)
+        self.commit(step)
+
+
+def maps_waiting_or_made(d, step):
+    """Status once the map of ``step`` waits for a step in flight (or, were it not to wait, was made)."""
+    status = d.status()
+    return status if status["changes"].get("yielding") or changed(d, step) is not None else None
+
+
+def maps_settled(d):
+    """The change maps' status once none is queued, being made or uncollected."""
+    status = d.status()["changes"]
+    return status if not status["pending"] else None
+
+
+def sealed_while_the_next_is_in_flight(d, raw_peer):
+    """Step 1 staged, then step 3 begun before step 2 seals: the map of step 2 (the daemon's first,
+    never judged late) is due while a step is in flight. Returns the trainer and the daemon's status
+    once the map waits (or, were it not to wait, was made)."""
+    trainer = HandStaged(raw_peer(d.endpoint))
+    trainer.stage(1)
+    trainer.begin(2)
+    trainer.begin(3)  # in flight from here
+    trainer.commit(2)
+    return trainer, wait_until(lambda: maps_waiting_or_made(d, 2))
+
+
+@pytest.mark.parametrize("end", ["seal", "failure"])
+def test_a_map_waits_while_a_step_is_in_flight_and_is_made_once_it_ends(make_daemon, raw_peer, end):
+    """Map work yields to staging: step 2 seals while step 3 is in flight (begun, not committed), so
+    its map waits, with no region compared, until step 3 seals or fails; then it is made (keep=3:
+    step 1, its base, is still kept after step 3 seals)."""
+    d = make_daemon(keep=3, change_maps="bfloat16")
+    trainer, status = sealed_while_the_next_is_in_flight(d, raw_peer)
+    assert changed(d, 2) is None, "a change map was made while a step was in flight"
+    assert status["changes"]["regions"] == 0 and status["changes"]["pending"]
+    assert status["changes"]["yields"] == 1 and status["changes"]["yielding"]
+    if end == "seal":
+        trainer.commit(3)
+    else:
+        assert isinstance(trainer.peer.request(Abort(step=3, reason="test: a step that fails")), Ok)
+    assert wait_until(lambda: changed(d, 2))["bf16"]["since"] == 1
+    status = wait_until(lambda: maps_settled(d))
+    # the two regions of step 2's map (and those of step 3's, unless it was judged late: not begun)
+    assert status["regions"] >= 2 and not status["yielding"]
+
+
+def test_a_map_being_made_stops_when_a_step_begins_and_goes_on_after_it(make_daemon, raw_peer):
+    """The map of step 2 has begun (held at its start here) when step 3 begins: it stops at its next
+    region (status: yielding, no region compared yet) and goes on once step 3 sealed."""
+    d = make_daemon(keep=3, change_maps="bfloat16")
+    maps = d.daemon.handlers.changes
+    release, entered = threading.Event(), threading.Event()
+    compute = maps._compute
+
+    def held(job):
+        entered.set()
+        release.wait(30)
+        compute(job)
+
+    maps._compute = held
+    trainer = HandStaged(raw_peer(d.endpoint))
+    try:
+        trainer.stage(1)
+        trainer.stage(2)
+        assert entered.wait(10)  # the map of step 2 has begun
+        trainer.begin(3)
+    finally:
+        release.set()
+    status = wait_until(lambda: maps_waiting_or_made(d, 2))
+    assert changed(d, 2) is None, "a change map went on while a step was in flight"
+    assert status["changes"]["regions"] == 0 and status["changes"]["yields"] == 1
+    trainer.commit(3)
+    assert wait_until(lambda: changed(d, 2))["bf16"]["since"] == 1
+    assert d.status()["changes"]["regions"] >= 2

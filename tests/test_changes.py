@@ -140,11 +140,12 @@ def test_shapes_must_match():
     moved=st.sampled_from([0, 1, 5, 50, 10_000]),
     step=st.sampled_from([1e-6, 0.5]),
     chunk=st.sampled_from([7, 64, 1 << 22]),
+    group=st.sampled_from([1, 2, 128]),
     seed=st.integers(0, 2**16),
 )
-def test_diff_spans_is_diff_per_tensor(sizes, dtype, moved, step, chunk, seed):
+def test_diff_spans_is_diff_per_tensor(sizes, dtype, moved, step, chunk, group, seed):
     """Tensors compared together over one region (padding between them, chunks across their
-    boundaries) get the maps each gets alone."""
+    boundaries, chunks cut at a count of tensors beginning in them) get the maps each gets alone."""
     g = torch.Generator().manual_seed(seed)
     spans, at = [], 2
     for numel, pad in sizes:
@@ -159,7 +160,7 @@ def test_diff_spans_is_diff_per_tensor(sizes, dtype, moved, step, chunk, seed):
     else:
         b[idx] += 1 if dtype == torch.int64 else step
     sums = [[None, 0] for _ in spans]
-    got = diff_spans(a, b, spans, torch.bfloat16, chunk=chunk, sums=sums)
+    got = diff_spans(a, b, spans, torch.bfloat16, chunk=chunk, sums=sums, group=group)
     cast = compare_dtype(dtype, torch.bfloat16)
     for (start, numel), c, crc in zip(spans, got, sums):
         x, y = a[start : start + numel].to(cast), b[start : start + numel].to(cast)

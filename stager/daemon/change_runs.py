@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+from collections.abc import Callable
 
 import torch
 
@@ -17,6 +18,7 @@ from .planning import NodeLayout
 from .versions import Version
 
 GAP = 1 << 16  # bytes between two tensors that one compared region may span (alignment padding is far less)
+PAUSE_EVERY = 256  # tensors looked at between two calls of runs()' pause (~0.5 ms of Python here)
 
 
 def boxes_of(t) -> list:
@@ -36,15 +38,23 @@ class Run:
 
 
 def runs(
-    prev: NodeLayout, new: NodeLayout, prev_bytes: torch.Tensor, new_bytes: torch.Tensor
-) -> tuple[list[Run], list]:
+    prev: NodeLayout,
+    new: NodeLayout,
+    prev_bytes: torch.Tensor,
+    new_bytes: torch.Tensor,
+    pause: Callable[[], bool] | None = None,
+) -> tuple[list[Run] | None, list]:
     """The tensors of ``new`` that ``prev`` holds too (same shape and dtype), grouped into runs that
     one flat view of each segment covers: same dtype, laid out in the same order at the same
     distances in both (as one layout always is), at most GAP bytes apart. Besides, the tensors
-    that are new or changed shape or dtype: (fqn, numel, dtype), read whole."""
+    that are new or changed shape or dtype: (fqn, numel, dtype), read whole. ``pause``: called
+    every PAUSE_EVERY tensors (the map thread waits there while a step is in flight); True stops
+    the work (runs None)."""
     old = {t.fqn: t for t in prev.tensors}
     fresh, items = [], []
-    for t in new.tensors:
+    for n, t in enumerate(new.tensors):
+        if pause is not None and n % PAUSE_EVERY == 0 and pause():
+            return None, fresh
         p = old.get(t.fqn)
         if t.complete and len(t.blocks) == 1:  # keyed by its name
             same = p is not None and p.complete and len(p.blocks) == 1 and p.shape == t.shape and p.dtype == t.dtype
@@ -62,7 +72,9 @@ def runs(
                 fresh.append((key, 0, t.torch_dtype))  # nothing to move: unchanged
     runs: list[Run] = []
     base = end = shift = 0
-    for off, moved, key, numel, dtype in sorted(items, key=lambda item: item[0]):
+    for n, (off, moved, key, numel, dtype) in enumerate(sorted(items, key=lambda item: item[0])):
+        if pause is not None and n % PAUSE_EVERY == PAUSE_EVERY - 1 and pause():
+            return None, fresh
         run = runs[-1] if runs else None
         if run is None or run.dtype != dtype or moved != shift or not end <= off <= end + GAP:
             if run is not None:

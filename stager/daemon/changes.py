@@ -13,6 +13,8 @@ at once, as without maps; with ``--keep 1`` the pin holds until a step needs the
 full; a map already made is recorded, never dropped. The loop collects maps as soon as they are
 made (readers wait for them, and their pins end then).
 
+Map work yields to staging: it never runs while a step is in flight (:mod:`.change_gate`).
+
 Maps outlive the versions' data (they are small: int32 indices of what changed), bounded by a
 count and by bytes of their own, so a reader at step N is brought to M by the union of the maps
 N->...->M with values from M, even after N's segment is gone. A :class:`Changes` request answers
@@ -53,6 +55,7 @@ from stager.protocol.dtypes import dtype_from_name, dtype_name
 from stager.protocol.reads import Changes, ChangesReply
 
 from . import change_runs
+from .change_gate import Gate
 from .peers import PeerDirectory
 from .state import DaemonState
 from .versions import Version
@@ -130,6 +133,8 @@ class ChangeMaps:
         self._last_seal: float | None = None
         self._interval = math.inf  # seconds between seals (moving average): the time a map has
         self._took = 0.0  # seconds a map takes (moving average; a cancelled one's time is a floor)
+        self.gate = Gate()  # closed while steps are in flight: Steps tells it (gate.hold)
+        self.regions = 0  # compare passes made (a region of one dtype, in one reader dtype), all maps
 
     # ------------------------------------------------------------------ loop side
 
@@ -206,6 +211,8 @@ class ChangeMaps:
                 job.cancel.set()
                 self.skipped += 1
             dropped |= self._unpin(job, unpinned)
+        if jobs:
+            self.gate.wake()  # a map waiting for a step in flight ends now (its pins are gone already)
         return dropped
 
     @staticmethod
@@ -233,6 +240,7 @@ class ChangeMaps:
             for job in self._queue:
                 job.cancel.set()
             self._lock.notify()
+        self.gate.wake()
         if self._thread is not None:
             self._thread.join(30.0)
 
@@ -251,8 +259,13 @@ class ChangeMaps:
             with self._lock:
                 while not self._queue and not self._closed:
                     self._lock.wait()
+            # a map is not begun while steps are in flight (the late check below then sees the wait)
+            self.gate.wait(lambda: self._closed or not self._queue)
+            with self._lock:
                 if self._closed:
                     return
+                if not self._queue or self.gate.held:  # dropped meanwhile, or the next step began already
+                    continue
                 job = self._running = self._queue.popleft()
             began = time.monotonic()
             if self._took and began - job.sealed_at + self._took > LATE * self._interval:
@@ -271,7 +284,7 @@ class ChangeMaps:
                 except Exception:  # a bug costs one map (readers read in full), never the daemon
                     log.exception("change map of step %d failed", job.key[0])
                     job.cancel.set()
-                took = time.monotonic() - began
+                took = time.monotonic() - began  # the pauses for steps in flight too: what a map takes here
                 if job.cancel.is_set():  # dropped unfinished: it takes at least that long
                     self._took = max(self._took, took)
                 else:
@@ -280,11 +293,17 @@ class ChangeMaps:
                 self._running = None
                 self._done.append(job)
 
-    @staticmethod
-    def _compute(job: _Job) -> None:
+    def _compute(self, job: _Job) -> None:
         start = time.thread_time()
         seen: dict = {}  # (run, compared dtype) -> its maps and sums: integer tensors have one for every reader dtype
-        runs, fresh = change_runs.runs(*job.layouts, *job.segments)
+
+        def pause() -> bool:  # between regions and chunks: wait while steps are in flight; True: dropped
+            self.gate.wait(lambda: job.cancel.is_set() or self._closed)
+            return job.cancel.is_set() or self._closed
+
+        runs, fresh = change_runs.runs(*job.layouts, *job.segments, pause=pause)
+        if runs is None:
+            return  # dropped while it waited
         for dtype in job.dtypes:
             name = dtype_name(dtype)
             known = job.known.get(name, {})
@@ -297,17 +316,19 @@ class ChangeMaps:
                 if (i, cast) not in seen:
                     # both versions' checksums, from the cast chunks compared anyway (the base's: known)
                     crcs = [[known.get(key, (None, None))[1], 0] for key in run.fqns]
-                    got = diff_spans(run.prev, run.new, run.spans, dtype, cancel=job.cancel.is_set, sums=crcs)
+                    got = diff_spans(run.prev, run.new, run.spans, dtype, cancel=pause, sums=crcs)
                     if got is None:
-                        return  # cancelled: a step took the memory
+                        return  # cancelled: a step took the memory, or its base was dropped meanwhile
+                    self.regions += 1
                     seen[i, cast] = got, [tuple(c) for c in crcs]
                 for key, change, crc in zip(run.fqns, *seen[i, cast]):
                     maps[key] = change
                     sums[key] = crc
                     sizes[key] = cast.itemsize
-            job.maps[dtype_name(dtype)] = maps
-            job.sums[dtype_name(dtype)] = sums
-            job.stats[dtype_name(dtype)] = _summary(job.base[0], maps, sizes)
+            stats = _summary(job.base[0], maps, sizes, pause)
+            if stats is None:
+                return
+            job.maps[name], job.sums[name], job.stats[name] = maps, sums, stats
         job.cpu_s = time.thread_time() - start
         for entry in job.stats.values():
             entry["cpu_s"] = round(job.cpu_s, 4)
@@ -421,8 +442,9 @@ class ChangeMaps:
 
     @property
     def working(self) -> bool:
-        """Maps queued, being made or made and not yet collected (no lock: a hint for the loop's poll)."""
-        return bool(self._queue or self._running is not None or self._done)
+        """Maps made and not yet collected, or queued or being made while no step is in flight (no lock:
+        a hint for the loop's poll; while steps are in flight none can be made)."""
+        return bool(self._done or (not self.gate.held and (self._queue or self._running is not None)))
 
     @property
     def finished(self) -> bool:
@@ -443,6 +465,9 @@ class ChangeMaps:
             "cpu_s": round(self.cpu_s, 4),
             "skipped": self.skipped,
             "pending": self.pending(),
+            "regions": self.regions,
+            "yields": self.gate.yields,
+            "yielding": self.gate.waiting,
         }
 
 
@@ -471,27 +496,35 @@ def _asked(t, entry: list) -> list | None:
     return out
 
 
-def _summary(base: int, maps: dict[str, Change], sizes: dict[str, int]) -> dict:
+def _summary(base: int, maps: dict[str, Change], sizes: dict[str, int], pause=lambda: False) -> dict | None:
     """A version's status entry for one reader dtype: what changed since step ``base``. ``bytes``:
     the changed elements' share of the version's bytes in that dtype; ``delta_bytes``: what a delta
-    read moves (indices and values, plus the tensors read whole), against ``full_bytes``."""
+    read moves (indices and values, plus the tensors read whole), against ``full_bytes``. One pass,
+    ``pause`` asked every 1024 tensors (None: it said stop)."""
     per = {}  # a tensor mapped per block (a job spanning nodes) counts once
-    for f, c in maps.items():
+    numel = count = full = changed = delta = 0
+    for i, (f, c) in enumerate(maps.items()):
+        if i % 1024 == 1023 and pause():
+            return None
         name = f if isinstance(f, str) else f[0]
-        per[name] = max(per.get(name, UNCHANGED), c.kind, key=(UNCHANGED, INDICES, WHOLE).index)
-    numel = sum(c.numel for c in maps.values())
-    full = sum(c.numel * sizes[f] for f, c in maps.items())
-    changed = sum(c.count * sizes[f] for f, c in maps.items())
-    delta = sum(
-        c.count * (4 + sizes[f]) if c.kind == INDICES else c.numel * sizes[f] if c.kind == WHOLE else 0
-        for f, c in maps.items()
-    )
+        was = per.get(name)
+        if was is None or _RANK[c.kind] > _RANK[was]:
+            per[name] = c.kind
+        size = sizes[f]
+        numel += c.numel
+        count += c.count
+        full += c.numel * size
+        changed += c.count * size
+        delta += c.count * (4 + size) if c.kind == INDICES else c.numel * size if c.kind == WHOLE else 0
     return {
         "since": base,
-        "elements": round(sum(c.count for c in maps.values()) / numel, 6) if numel else 0.0,
+        "elements": round(count / numel, 6) if numel else 0.0,
         "bytes": round(changed / full, 6) if full else 0.0,
         "tensors": [sum(k != UNCHANGED for k in per.values()), len(per)],
         "whole": sum(k == WHOLE for k in per.values()),
         "delta_bytes": delta,
         "full_bytes": full,
     }
+
+
+_RANK = {UNCHANGED: 0, INDICES: 1, WHOLE: 2}

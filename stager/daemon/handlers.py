@@ -6,7 +6,7 @@
     ChangeMaps      what changed per sealed version, computed on its own thread
     Retention       budget and retention (never calls back: see below) <- change maps' pins yield to staging
     Subscriptions   who is told about each sealed version
-    Steps           staging and sealing             <- announce
+    Steps           staging and sealing             <- announce; tells change maps when steps are in flight
     Reading         leases and remote reads         <- steps' retry when a lease end freed memory
     Peers           registration and liveness       <- reading's end_lease, steps' fail for departures
     JobMembership   the multi-node job
@@ -87,7 +87,9 @@ class Handlers:
         self.changes = ChangeMaps(state, self.directory, dtypes=change_dtypes, keep=change_keep, max_bytes=change_bytes)
         self.memory = Retention(state, budget, yield_pins=self.changes.yield_pins)
         self.subscriptions = Subscriptions(state, self.directory, outbox)
-        self.steps = Steps(state, self.directory, self.memory, outbox, announce=self._sealed)
+        self.steps = Steps(
+            state, self.directory, self.memory, outbox, announce=self._sealed, in_flight=self.changes.gate.hold
+        )
         self.reading = Reading(
             state,
             self.directory,

@@ -61,12 +61,15 @@ class Steps:
         outbox: Outbox,
         *,
         announce: Callable[[Version], None],
+        in_flight: Callable[[bool], None] = lambda busy: None,
     ):
         self.state = state
         self.directory = directory
         self.memory = memory
         self.outbox = outbox
         self._announce = announce
+        # told whether any step is in flight, each time that changes: change maps wait while one is
+        self._in_flight_changed = in_flight
         # rank -> (epoch, step) of its latest begin or abort: a rank stages steps in increasing order
         self.positions: dict[int, tuple[int, int]] = {}
 
@@ -120,6 +123,7 @@ class Steps:
         self._retire_abandoned(step)
         if v is None:
             v = state.staging[step] = Version(step, state.epoch, full_world=msg.full_world)
+            self._in_flight_changed(True)
         v.digests[rank] = msg.digest
         v.entries[rank] = state.plans[(rank, msg.digest)]
         if msg.shm:
@@ -396,6 +400,7 @@ class Steps:
         state = self.state
         v.phase, v.sealed_at = Phase.SEALED, time.monotonic()
         del state.staging[v.step]
+        self._in_flight_changed(bool(state.staging))
         state.sealed[v.step] = v
         if any(s > v.step for s in state.sealed):  # steps sealed out of order: keep step order
             state.sealed = OrderedDict(sorted(state.sealed.items()))
@@ -419,6 +424,7 @@ class Steps:
             return
         v.phase, v.reason = Phase.FAILED, reason
         state.staging.pop(v.step, None)
+        self._in_flight_changed(bool(state.staging))
         state.remember_failure(v.step, reason)
         state.counters["failed"] += 1
         err = ErrorReply(code=code.value, message=reason)
