@@ -14,6 +14,7 @@ the loop publishes a metrics snapshot every tick for the HTTP thread (:mod:`~sta
 
 from __future__ import annotations
 
+import errno
 import itertools
 import logging
 import os
@@ -279,7 +280,7 @@ class Daemon:
                 try:
                     events = dict(poller.poll(timeout_ms))
                 except zmq.ZMQError as exc:  # EINTR from a signal: loop and check _stop
-                    if exc.errno != zmq.EINTR:
+                    if exc.errno != errno.EINTR:
                         raise
                     continue
                 if self.sock in events:
