@@ -38,16 +38,17 @@ STALL_S = 1.0
 TICK_S = 0.2  # the interval liveness checks are expected at (server.HOUSEKEEPING_S)
 
 
-def last_seen_after_stall(last_seen: float, now: float, gap: float) -> float:
-    """A remote peer's ``last_seen`` once the loop comes back from a stall of ``gap`` seconds: the stall does not
-    count as its silence (its heartbeats of that time may still be queued), the time the loop ran does. Restarting
-    the silence at every stall instead let a silent peer outlive ``--peer-timeout`` many times over on a loaded host,
-    where gaps over STALL_S come every few seconds.
+def last_seen_after_stall(last_seen: float, now: float, off_cpu: float) -> float:
+    """A remote peer's ``last_seen`` once the loop comes back from ``off_cpu`` seconds of not running (stopped, or
+    starved of CPU) between two liveness checks: that time does not count as its silence (its heartbeats of that
+    time may still be queued), the time the loop ran does (busy or idle, it read what came). Restarting the silence
+    at every stall instead let a silent peer outlive ``--peer-timeout`` many times over on a loaded host, where
+    gaps over STALL_S come every few seconds.
 
-    >>> last_seen_after_stall(100.0, 130.0, 26.0)  # heard 30 s ago, 26 s of it stalled: 4.2 s of silence
+    >>> last_seen_after_stall(100.0, 130.0, 26.0)  # heard 30 s ago, 26 s of it stopped: 4.2 s of silence
     125.8
     """
-    return min(now, last_seen + max(0.0, gap - TICK_S))
+    return min(now, last_seen + max(0.0, off_cpu - TICK_S))
 
 
 class PeerDirectory:
@@ -112,6 +113,8 @@ class Peers:
         # when check_liveness last ran: a long gap is a stall (also before the first tick: a daemon
         # stopped within its first 0.2 s)
         self._last_check = time.monotonic()
+        self._last_ran: float | None = None  # the loop thread's CPU time at its last check (None: none yet)
+        self._spared = False  # whether the last check spared remote peers (one right after a stall)
 
     def alive(self, peer: Peer) -> bool:
         if not peer.local:
@@ -201,18 +204,24 @@ class Peers:
         log.info("%s %d (pid %d) dropped: %s", peer.role, peer.rank, peer.pid, reason)
 
     def check_liveness(self) -> None:
-        now = time.monotonic()
+        now, ran = time.monotonic(), time.thread_time()
         last, self._last_check = self._last_check, now
-        stalled = now - last > STALL_S
-        if stalled:  # and no peer on another host is dropped before the loop has read what came meanwhile
-            self._forgive_stall(now, now - last)
+        ran_before, self._last_ran = (ran if self._last_ran is None else self._last_ran), ran
+        # the loop's time off the CPU since the last check, not its time busy (a long burst of requests read what
+        # came meanwhile): a stall. No peer on another host is dropped in the check right after one, before the
+        # loop read what came meanwhile, but only one check in a row is so spared (stalls may come at every check)
+        off_cpu = (now - last) - (ran - ran_before)
+        spared = off_cpu > STALL_S and not self._spared
+        self._spared = spared
+        if off_cpu > STALL_S:
+            self._forgive_stall(now, off_cpu)
         # /proc is read for same-host peers once a second; a peer on another host costs a clock
         # comparison, so it is checked every tick: gone within --peer-timeout plus a tick
         local = now >= self._next_liveness
         if local:
             self._next_liveness = now + LIVENESS_INTERVAL_S
         for peer in list(self.state.peers.values()):
-            if (peer.local and not local) or (not peer.local and stalled) or self.alive(peer):
+            if (peer.local and not local) or (not peer.local and spared) or self.alive(peer):
                 continue
             if peer.local:
                 self.drop(peer, "process exited")
@@ -221,7 +230,7 @@ class Peers:
             self.drop(peer, f"silent for {now - peer.last_seen:.1f}s (--peer-timeout {self.state.peer_timeout:g}s)")
 
     def _forgive_stall(self, now: float, gap: float) -> None:
-        """The loop did not check for ``gap`` seconds: it (or the whole process) was stalled. A remote
+        """The loop did not run for ``gap`` seconds: it (or the whole process) was stalled. A remote
         peer's heartbeats of that time may not have been read yet: the stall is not counted as its silence."""
         remote = [p for p in self.state.peers.values() if not p.local]
         for peer in remote:
