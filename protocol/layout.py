@@ -38,6 +38,7 @@ MIN_FP8_BLOCK = 16
 # elements, padded to whole blocks, one FP8 read may quantize: ~65 ms of the daemon's loop here for bf16 (2.05
 # CPU s per GiB, read_fp8.py), a 32 MiB bf16 box; readers ask ~8 MiB replies (client/readers/version.py)
 MAX_FP8_READ_ELEMENTS = 1 << 24
+MAX_FP8_READ_ROWS = MAX_FP8_READ_ELEMENTS // MIN_FP8_BLOCK  # rows one FP8 read may gather (each at least a block wide)
 
 
 def _int_tuple(value: object, what: str, code: ErrorCode = ErrorCode.BAD_PLAN) -> tuple[int, ...]:
@@ -314,7 +315,12 @@ class ReadItem:
                 and all(type(b) is int and 0 < b <= MAX_FP8_BLOCK for b in item[4])
             )
         if ok and len(item) == 6:  # the rows gathered: ints >= 0 (their count and range: check_read_rows)
-            ok = isinstance(item[5], list) and all(type(r) is int and r >= 0 for r in item[5])
+            # the count first: never walk a list longer than an FP8 read's rows can be
+            ok = (
+                isinstance(item[5], list)
+                and len(item[5]) <= MAX_FP8_READ_ROWS
+                and all(type(r) is int and r >= 0 for r in item[5])
+            )
         if ok and (item[1] is None) != (item[2] is None):
             ok = False
         if ok and item[1] is not None:

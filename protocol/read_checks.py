@@ -73,6 +73,12 @@ def check_read_rows(
     """An FP8 read's ``rows`` (:class:`ReadItem`): one per row of the box, each a row of the tensor. Returns
     the box of the tensor the rows lie in, the box's columns (what the node must hold in one block).
     BAD_VALUE otherwise."""
+    if len(shape) != 2:
+        raise ProtocolError(
+            ErrorCode.BAD_VALUE,
+            f"{fqn[:200]}: rows are gathered only for an FP8 read of a 2-D tensor, this one is {len(shape)}-D: "
+            "read it without rows",
+        )
     if len(rows) != sizes[0] or (rows and max(rows) >= shape[0]):
         raise ProtocolError(
             ErrorCode.BAD_VALUE,

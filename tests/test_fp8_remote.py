@@ -230,7 +230,7 @@ def test_fp8_reads_of_reordered_rows_on_the_wire(make_daemon, raw_peer, monkeypa
     monkeypatch.setattr(read_fp8, "CHUNK_BYTES", gather)
     d = make_daemon()
     w = torch.randn(300, 200) * 3
-    stage(d.endpoint, {"w": w})
+    stage(d.endpoint, {"w": w, "s": torch.tensor(2.0), "v": torch.randn(300)})
     peer = raw_peer(d.endpoint)
     peer.hello(role="reader")
     lease = peer.request(Acquire()).lease
@@ -264,6 +264,10 @@ def test_fp8_reads_of_reordered_rows_on_the_wire(make_daemon, raw_peer, monkeypa
         (ReadItem("w", (0, 0), (128, 200), "f8e4m3", (128, 128), (300,) * 128), ErrorCode.BAD_VALUE),  # past the end
         (ReadItem("w", (0, 0), (128, 200), "f8e4m3", (128, 128), (-1,) * 128), ErrorCode.BAD_MESSAGE),  # negative
         (ReadItem("w", (1, 0), (128, 200), "f8e4m3", (128, 128), tuple(range(128))), ErrorCode.BAD_VALUE),  # off-block
+        (ReadItem("s", None, None, "f8e4m3", (128, 128), ()), ErrorCode.BAD_VALUE),  # 0-D: no rows to gather
+        (ReadItem("v", (0,), (128,), "f8e4m3", (128, 128), tuple(range(128))), ErrorCode.BAD_VALUE),  # 1-D
+        # more rows than any FP8 read may gather: refused before the list is walked
+        (ReadItem("w", (0, 0), (1 << 20, 200), "f8e4m3", (128, 128), (0,) * ((1 << 20) + 1)), ErrorCode.BAD_MESSAGE),
     ):
         reply = peer.request(Read(lease=lease, items=(item,)))
         assert isinstance(reply, ErrorReply) and reply.code == code.value, (item, reply)
