@@ -47,6 +47,7 @@ class _Agent:
         self.registered_bytes = 0
         self.once = 0  # registrations of one read each, alive
         self.in_flight = 0  # READs started and not known to have ended
+        self.no_vram = False  # NIXL refused to register device memory once: READ into host memory, then copy
 
     @classmethod
     def get(cls) -> _Agent:
@@ -142,6 +143,7 @@ class HeldAgent:
         self.agent = memory.agent
         self.lock = threading.Lock()
         self.in_flight = 0
+        self.no_vram = True  # READs land only in the daemon's segments, host memory
 
     load = _Agent.load
 

@@ -14,7 +14,9 @@ by READ into the reader's memory, the daemon's CPU not involved (UCX's tcp trans
   destination gets a new tensor registered for that read only; a destination the READ cannot land
   in as it is (of another dtype than the staged one, or another shape) is filled from such a tensor
   by ``copy_`` (cast there): a READ writes the staged dtype's raw bytes, so it only ever targets
-  memory of that dtype and size.
+  memory of that dtype and size. A READ into device memory waits first for the current CUDA stream (it writes
+  outside every stream). Not run here (no GPU): device memory that an allocator remaps under the same address
+  while its storage lives (vLLM's sleep mode with its cumem allocator) would keep a stale registration.
 - Boxes: a box whose bytes are one span of the block (and of the destination) is one descriptor; a
   strided box or destination is one descriptor per run contiguous on both sides, up to
   :data:`MAX_RUNS` (more: read into a dense temporary, or as frames).
@@ -194,7 +196,7 @@ class NixlSource:
             out is not None
             and out.dtype == t.torch_dtype
             and tuple(out.shape) == tuple(box.shape)
-            and out.device.type in ("cpu", "cuda")
+            and (out.device.type == "cpu" or (out.device.type == "cuda" and not self.agent.no_vram))
             and all(st > 0 or n == 1 for st, n in zip(out.stride(), out.shape))
         )
         runs = paired_runs(block.box.shape, inner, box.shape, out.stride()) if direct else None
@@ -208,11 +210,22 @@ class NixlSource:
         base = self.grant.addr + block.byte_offset
         length = run * itemsize
         once = key = None
-        try:
-            if direct:
+        if direct and dest.device.type == "cuda":
+            try:
                 key = self.agent.register(dest)
-            else:
+            except Exception as exc:  # NIXL's own types: UCX without CUDA, no GPUDirect. Host memory from now on
+                self.agent.no_vram = True
+                log.warning("NIXL cannot register device memory (%s): reading into host memory, then copying", exc)
+                return self.fetch(fqn, box, out)
+        try:
+            if not direct:
                 once = self.agent.register_once(dest)
+            elif key is None:
+                key = self.agent.register(dest)
+            elif dest.device.type == "cuda":
+                # the READ writes outside every CUDA stream: what the stream still has queued on ``dest`` (a kernel
+                # reading the old weights, the allocator's previous owner of the block) must be done first
+                torch.cuda.current_stream(dest.device).synchronize()
             if key is None and once is None:  # memory this agent cannot READ into (a held agent's): frames
                 STATS["nixl_unregistered_as_frames"] += 1
                 return self.frames.fetch(fqn, box, out)
