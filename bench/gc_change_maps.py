@@ -13,6 +13,7 @@ made), then stops the daemon, which reports:
 
 - per generation: collections, their CPU ms (the collecting thread's ``time.thread_time``: load on
   the machine does not distort it), the largest one, and per 100 staged steps;
+- the map thread's CPU time per map made (``changes.cpu_s``);
 - GC-tracked objects: all of them after a ``gc.collect()`` (and those frozen at start-up, which no
   collection walks), and those each kept map holds (reached from the map's record through tracked
   objects only; types, modules and functions not followed).
@@ -86,6 +87,8 @@ def _objects_report(maps) -> dict:
     gc.collect()
     per_map = [_tracked_from(r) for r in maps.records.values()]
     return {
+        "map_cpu_s": maps.cpu_s,  # the map thread's CPU time, the maps recorded (made) together
+        "skipped": maps.skipped,
         "tracked_objects": len(gc.get_objects()),  # the frozen ones aside
         "frozen": gc.get_freeze_count(),
         "kept_maps": len(per_map),
@@ -207,6 +210,9 @@ def _print(report: dict, steps: int) -> None:
         f"{report.get('kept_maps')} kept maps, "
         f"{per.get('min')}..{per.get('max')} (mean {per.get('mean')}) each"
     )
+    made = steps - 1 - report.get("skipped", 0)
+    if made > 0 and report.get("map_cpu_s"):
+        print(f"maps: {made} made, {report['map_cpu_s'] * 1e3 / made:.2f} ms of the map thread's CPU each")
     start = report["start_up"]
     print("start-up: " + ", ".join(f"gen {g} {c['count']} ({c['cpu_ms']:.1f} ms CPU)" for g, c in start.items()))
     for g, c in sorted(report["collections"].items()):

@@ -21,7 +21,7 @@ from stager.protocol.dtypes import dtype_from_name, dtype_name
 from stager.protocol.reads import Changes, ChangesReply
 
 from . import change_runs
-from .change_table import Key, Record
+from .change_table import Key, Reading, Record
 from .peers import PeerDirectory
 from .state import DaemonState
 from .versions import Version
@@ -57,7 +57,7 @@ def answer(maps: ChangeMaps, identity: bytes, msg: Changes) -> ChangesReply:
     if missing:
         raise StagerError(ErrorCode.BAD_VALUE, f"{missing[0][:200]}: no such tensor in step {v.step}")
     records = _chain(maps, v, (msg.since, msg.since_seq), msg.dtype)
-    chain = [r.maps[msg.dtype] for r in records]
+    chain = [Reading(r.maps[msg.dtype]) for r in records]
     base = _base_sums(maps, v, records, msg.dtype) if msg.sums else None
     reply = ChangesReply(step=v.step, since=msg.since, dtype=msg.dtype, checked=bool(msg.sums))
     picked = []  # (tensor layout, indices, the dtype its values go in, where they are: see _tensor)

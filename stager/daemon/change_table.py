@@ -21,6 +21,7 @@ import torch
 from stager.protocol.changes import INDICES, KINDS, UNCHANGED, WHOLE, Change
 
 _CODE = {kind: code for code, kind in enumerate(KINDS)}  # KINDS' order ranks them: unchanged < indices < whole
+_UNCHANGED, _WHOLE = _CODE[UNCHANGED], _CODE[WHOLE]
 NO_SUM = -1  # a row without checksums (a tensor read whole: new, or changed shape or dtype); a crc32 is >= 0
 Key = tuple[int, int]  # a version's (step, seq): a step number may be staged again by a restarted job, a seq never
 
@@ -69,16 +70,6 @@ class Table:
     def __contains__(self, key) -> bool:
         return key in self.keys.rows
 
-    def get(self, key) -> Change | None:
-        """``key``'s change (None: not in this map); its indices are a view of the table's."""
-        row = self.keys.rows.get(key)
-        if row is None:
-            return None
-        kind, count, numel = KINDS[self.kinds[row]], int(self.counts[row]), int(self.numels[row])
-        if kind != INDICES:
-            return Change(kind, count, numel)
-        return Change(kind, count, numel, torch.from_numpy(self.indices[self.starts[row] : self.starts[row + 1]]))
-
     def sum(self, key, which: int) -> int | None:
         """``key``'s checksum of the base (``which`` 0) or of the version (1); None: none recorded."""
         row = self.keys.rows.get(key)
@@ -108,6 +99,36 @@ class Table:
             "delta_bytes": delta,
             "full_bytes": full,
         }
+
+
+class Reading:
+    """A table read by one request: its columns as Python lists (one conversion each, then a key
+    costs list lookups, not numpy scalars) and one unchanged :class:`Change` per numel (immutable,
+    shared): ~0.3 us a key instead of ~1.2. Made per request, never kept (lists are GC-tracked)."""
+
+    __slots__ = ("table", "kinds", "counts", "numels", "starts", "_unchanged")
+
+    def __init__(self, table: Table):
+        self.table = table
+        self.kinds, self.counts = table.kinds.tolist(), table.counts.tolist()
+        self.numels, self.starts = table.numels.tolist(), table.starts.tolist()
+        self._unchanged: dict[int, Change] = {}
+
+    def get(self, key) -> Change | None:
+        """``key``'s change (None: not in the table); its indices are a view of the table's."""
+        row = self.table.keys.rows.get(key)
+        if row is None:
+            return None
+        kind, numel = self.kinds[row], self.numels[row]
+        if kind == _UNCHANGED:
+            got = self._unchanged.get(numel)
+            if got is None:
+                got = self._unchanged[numel] = Change(UNCHANGED, 0, numel)
+            return got
+        if kind == _WHOLE:
+            return Change(WHOLE, self.counts[row], numel)
+        indices = torch.from_numpy(self.table.indices[self.starts[row] : self.starts[row + 1]])  # a view
+        return Change(INDICES, self.counts[row], numel, indices)
 
 
 @dataclasses.dataclass(slots=True)
