@@ -5,7 +5,7 @@ As per-tensor :class:`~stager.protocol.changes.Change` objects and index tensors
 tensors held ~1200 GC-tracked objects: the kept maps grew the heap by ~80k objects, set off a full
 collection every ~30 maps and made each one walk them (~100 ms of CPU holding the GIL, the loop
 answering no Begin meanwhile). A :class:`Table` holds the same in numpy arrays (which the GC does
-not track): its kinds, counts, sizes, checksums and all its changed indices, one array each, so
+not track): its kinds, counts, numels, checksums and all its changed indices, one array each, so
 that a map costs the GC a handful of objects whatever its tensor count (bench/gc_change_maps.py).
 Rows are found by key through :class:`Keys`, shared by the maps of one layout.
 """
@@ -66,9 +66,6 @@ class Table:
     def nbytes(self) -> int:
         """Memory the map holds (its arrays; the keys are shared)."""
         return sum(a.nbytes for a in (self.kinds, self.counts, self.numels, self.starts, self.indices, self.sums))
-
-    def __contains__(self, key) -> bool:
-        return key in self.keys.rows
 
     def sum(self, key, which: int) -> int | None:
         """``key``'s checksum of the base (``which`` 0) or of the version (1); None: none recorded."""
