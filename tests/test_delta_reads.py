@@ -159,7 +159,7 @@ def test_changes_over_the_reply_bound_are_asked_again_or_read_whole(make_daemon,
     """A reply holds at most MAX_REPLY_BYTES (made tiny here): the daemon answers the tensors that
     fit and the reader asks again for the rest; a tensor whose own changes pass MAX_TENSOR_BYTES is
     answered whole and read in full, never refused. The result is still the full read's."""
-    import stager.daemon.changes as daemon_changes
+    import stager.daemon.change_replies as daemon_changes
 
     d = make_daemon(change_maps="bfloat16")
     g = torch.Generator().manual_seed(5)

@@ -15,13 +15,14 @@ made (readers wait for them, and their pins end then).
 
 Map work yields to staging: it never runs while a step is in flight (:mod:`.change_gate`).
 
-Maps outlive the versions' data (they are small: int32 indices of what changed), bounded by a
-count and by bytes of their own, so a reader at step N is brought to M by the union of the maps
-N->...->M with values from M, even after N's segment is gone. A :class:`Changes` request answers
-from them (or ``unknown_base``: the chain is broken, the reader reads in full). Each map also
-records both versions' crc32 in its dtype (from the cast bytes it compares; the base's is the
-previous map's), so a reader whose copy of N no ledger vouches for proves it by checksums. In a job
-spanning nodes each daemon maps its own blocks, and answers for the boxes a reader reads from it.
+Maps outlive the versions' data (they are small: int32 indices of what changed, in a few arrays
+per map: :mod:`.change_table`), bounded by a count and by bytes of their own, so a reader at step N
+is brought to M by the union of the maps N->...->M with values from M, even after N's segment is
+gone. A :class:`Changes` request answers from them (:mod:`.change_replies`; or ``unknown_base``: the
+chain is broken, the reader reads in full). Each map also records both versions' crc32 in its dtype
+(from the cast bytes it compares; the base's is the previous map's), so a reader whose copy of N no
+ledger vouches for proves it by checksums. In a job spanning nodes each daemon maps its own blocks,
+and answers for the boxes a reader reads from it.
 """
 
 from __future__ import annotations
@@ -38,38 +39,22 @@ from collections.abc import Callable
 
 import torch
 
-from stager.protocol import ErrorCode, StagerError
-from stager.protocol.changes import (
-    INDICES,
-    UNCHANGED,
-    WHOLE,
-    Change,
-    compare_dtype,
-    covers,
-    diff_spans,
-    regional,
-    union,
-    whole,
-)
-from stager.protocol.dtypes import dtype_from_name, dtype_name
+from stager.protocol.changes import UNCHANGED, Change, compare_dtype, diff_spans, whole
+from stager.protocol.dtypes import dtype_name
 from stager.protocol.reads import Changes, ChangesReply
 
-from . import change_runs
+from . import change_replies, change_runs
 from .change_gate import Gate
+from .change_table import Key, Keys, Record, Table
 from .peers import PeerDirectory
 from .state import DaemonState
 from .versions import Version
 
 log = logging.getLogger("stager.daemon")
 MAX_QUEUED = 4  # maps waiting for the thread; older ones are dropped (their versions' pins with them)
-# a reply answers the tensors asked for up to this many bytes of indices and values (at least one
-# tensor; the reader asks again for the rest): with a reader's 4 requests in flight, ~256 MiB queued
-MAX_REPLY_BYTES = 64 << 20
-MAX_TENSOR_BYTES = 256 << 20  # one tensor's changes over this: answered whole (a full read of it)
 NICE = 10  # the map thread's niceness above the daemon's (Linux threads have their own)
 LATE = 2.0  # a map not begun when it would end this many step intervals after its seal (both are estimates)
 
-Key = tuple[int, int]  # (step, seq): a step number may be staged again by a restarted job, a seq never
 # maps are keyed by fqn for a tensor the node holds whole in one block, else by (fqn, block index): a
 # job spanning nodes, where each node maps its own blocks (compared with the same blocks of the
 # previous version of the same layout) and a reader asks each node for the boxes it reads there
@@ -86,19 +71,11 @@ class _Job:
     cancel: threading.Event = dataclasses.field(default_factory=threading.Event)
     sealed_at: float = 0.0  # time.monotonic() of v's seal
     late: bool = False  # not begun: it would not be made before its base goes (counted as skipped)
-    maps: dict = dataclasses.field(default_factory=dict)  # dtype wire name -> {fqn: Change}
-    sums: dict = dataclasses.field(default_factory=dict)  # dtype wire name -> {fqn: (crc32 of base, of new)}
-    known: dict = dataclasses.field(default_factory=dict)  # the previous job's sums (its new is our base): reused
+    # dtype wire name -> its map, with each tensor's (or block's) crc32 of the base and of the new version
+    maps: dict[str, Table] = dataclasses.field(default_factory=dict)
+    known: dict = dataclasses.field(default_factory=dict)  # the previous job's maps (its new is our base): sums reused
     stats: dict = dataclasses.field(default_factory=dict)  # dtype wire name -> status entry
     cpu_s: float = 0.0
-
-
-@dataclasses.dataclass
-class _Record:
-    base: Key
-    maps: dict[str, dict[str, Change]]
-    nbytes: int
-    sums: dict[str, dict] = dataclasses.field(default_factory=dict)  # as _Job's: the base's outlive its data
 
 
 class ChangeMaps:
@@ -118,7 +95,7 @@ class ChangeMaps:
         self.dtypes = dtypes
         self.keep = keep
         self.max_bytes = max_bytes
-        self.records: OrderedDict[Key, _Record] = OrderedDict()
+        self.records: OrderedDict[Key, Record] = OrderedDict()
         self.nbytes = 0
         self.cpu_s = 0.0  # the worker's CPU time, all versions together
         self.skipped = 0  # versions whose map was dropped (memory needed, or superseded before it began)
@@ -129,7 +106,8 @@ class ChangeMaps:
         self._done: deque[_Job] = deque()
         self._closed = False
         self._thread: threading.Thread | None = None
-        self._newest: tuple[Key, dict] | None = None  # the worker's last job's checksums (worker thread only)
+        self._newest: tuple[Key, dict] | None = None  # the worker's last job's maps, for its checksums (worker thread)
+        self._keys: Keys | None = None  # the last map's keys: shared by the next maps of the same layout (worker)
         self._last_seal: float | None = None
         self._interval = math.inf  # seconds between seals (moving average): the time a map has
         self._took = 0.0  # seconds a map takes (moving average; a cancelled one's time is a floor)
@@ -224,8 +202,8 @@ class ChangeMaps:
         return bool(pins)
 
     def _record(self, job: _Job) -> None:
-        nbytes = sum(c.nbytes for m in job.maps.values() for c in m.values())
-        self.records[job.key] = _Record(job.base, job.maps, nbytes, job.sums)
+        nbytes = sum(m.nbytes for m in job.maps.values())
+        self.records[job.key] = Record(job.base, job.maps, nbytes)
         self.nbytes += nbytes
         self.cpu_s += job.cpu_s
         while self.records and (len(self.records) > self.keep or self.nbytes > self.max_bytes):
@@ -280,7 +258,7 @@ class ChangeMaps:
                         job.known = self._newest[1]
                     self._compute(job)
                     if not job.cancel.is_set():
-                        self._newest = (job.key, job.sums)
+                        self._newest = (job.key, job.maps)
                 except Exception:  # a bug costs one map (readers read in full), never the daemon
                     log.exception("change map of step %d failed", job.key[0])
                     job.cancel.set()
@@ -306,29 +284,34 @@ class ChangeMaps:
             return  # dropped while it waited
         for dtype in job.dtypes:
             name = dtype_name(dtype)
-            known = job.known.get(name, {})
-            maps, sums, sizes = {}, {}, {}
+            known = job.known.get(name)
+            keys, changes, sums, sizes = [], [], [], []  # per row of the map (a tensor, or a block of one)
             for key, numel, stored in fresh:
-                maps[key] = whole(numel) if numel else Change(UNCHANGED, 0, 0)
-                sizes[key] = compare_dtype(stored, dtype).itemsize
+                keys.append(key)
+                changes.append(whole(numel) if numel else Change(UNCHANGED, 0, 0))
+                sums.append(None)
+                sizes.append(compare_dtype(stored, dtype).itemsize)
             for i, run in enumerate(runs):
                 cast = compare_dtype(run.dtype, dtype)
                 if (i, cast) not in seen:
                     # both versions' checksums, from the cast chunks compared anyway (the base's: known)
-                    crcs = [[known.get(key, (None, None))[1], 0] for key in run.fqns]
+                    crcs = [[known.sum(key, 1) if known is not None else None, 0] for key in run.fqns]
                     got = diff_spans(run.prev, run.new, run.spans, dtype, cancel=pause, sums=crcs)
                     if got is None:
                         return  # cancelled: a step took the memory, or its base was dropped meanwhile
                     self.regions += 1
                     seen[i, cast] = got, [tuple(c) for c in crcs]
-                for key, change, crc in zip(run.fqns, *seen[i, cast]):
-                    maps[key] = change
-                    sums[key] = crc
-                    sizes[key] = cast.itemsize
-            stats = _summary(job.base[0], maps, sizes, pause)
-            if stats is None:
+                got, crcs = seen[i, cast]
+                keys += run.fqns
+                changes += got
+                sums += crcs
+                sizes += [cast.itemsize] * len(got)
+            if pause():
                 return
-            job.maps[name], job.sums[name], job.stats[name] = maps, sums, stats
+            if self._keys is None or self._keys.order != tuple(keys):
+                self._keys = Keys(keys)  # a new layout (else the maps of one layout share their keys)
+            table = Table(self._keys, changes, sums)  # the per-tensor objects above go with this call
+            job.maps[name], job.stats[name] = table, table.summary(job.base[0], sizes)
         job.cpu_s = time.thread_time() - start
         for entry in job.stats.values():
             entry["cpu_s"] = round(job.cpu_s, 4)
@@ -336,109 +319,9 @@ class ChangeMaps:
     # ------------------------------------------------------------------ requests
 
     def on_changes(self, identity: bytes, msg: Changes) -> ChangesReply:
-        peer = self.directory.get(identity)
-        if msg.lease not in peer.leases:
-            raise StagerError(
-                ErrorCode.UNKNOWN_LEASE, f"lease {msg.lease} is not held by this connection; acquire the version first"
-            )
-        v = self.state.leases[msg.lease][1]
-        dtype = dtype_from_name(msg.dtype)
-        by_name = {t.fqn: t for t in v.layout.tensors}
-        fqns = msg.fqns or [t.fqn for t in v.layout.tensors if t.complete]
-        missing = [f for f in fqns if f not in by_name]
-        if missing:
-            raise StagerError(ErrorCode.BAD_VALUE, f"{missing[0][:200]}: no such tensor in step {v.step}")
-        records = self._chain(v, (msg.since, msg.since_seq), msg.dtype)
-        chain = [r.maps[msg.dtype] for r in records]
-        base = self._base_sums(v, records, msg.dtype) if msg.sums else {}
-        reply = ChangesReply(step=v.step, since=msg.since, dtype=msg.dtype, checked=bool(msg.sums))
-        picked = []  # (tensor layout, indices, the dtype its values go in, where they are: see _tensor)
-        total = 0
-        for i, fqn in enumerate(fqns):
-            t = by_name[fqn]
-            c, src = self._tensor(
-                v, t, chain, _asked(t, msg.boxes[i]) if msg.boxes else None, msg.sums[i] if msg.sums else None, base
-            )
-            if msg.since_seq == 0 and (not msg.sums or msg.sums[i] is None):
-                c = whole(c.numel)  # a base named by its step alone is proven by checksums only
-            if c.kind == INDICES and msg.want != "counts":
-                cast = compare_dtype(t.torch_dtype, dtype)
-                need = c.count * (4 + (cast.itemsize if msg.want == "values" else 0))
-                if need > MAX_TENSOR_BYTES:
-                    c = Change(WHOLE, c.count, c.numel)  # more than a reply holds: a full read of it is as cheap
-                elif picked and total + need > MAX_REPLY_BYTES:
-                    break  # the reply answers the tensors before this one; the reader asks again for the rest
-                else:
-                    total += need
-                    picked.append((t, c.indices, cast, src))
-            reply.tensors.append([fqn, c.kind, c.count])
-        self.state.counters["read_bytes"] += total  # bytes served to readers, as Read counts them
-        if msg.want != "counts":
-            indices = [idx for _, idx, _, _ in picked]
-            indices = torch.cat(indices) if len(indices) > 1 else indices[0] if indices else None
-            reply.frames = [change_runs.frame(indices)]
-            if msg.want == "values":
-                reply.frames.append(change_runs.frame(change_runs.values(v, picked, indices)))
-        return reply
+        return change_replies.answer(self, identity, msg)
 
-    @staticmethod
-    def _tensor(v: Version, t, chain: list, boxes: list | None, sums: list | None, base: dict) -> tuple:
-        """Tensor ``t``'s change over ``chain`` inside ``boxes`` (None: all this node holds), in flat
-        indices of the whole tensor, and where its values are in the segment: None (its indices, in
-        its one block), else ``(offsets, counts, positions)`` as :func:`gather_many` takes them.
-        ``sums``: the reader's checksums of its copy of the base, one per block: not the base's, it is
-        read whole."""
-        numel = math.prod(t.shape)
-        one = t.complete and len(t.blocks) == 1
-        keys = [t.fqn] if one else [(t.fqn, i) for i in range(len(t.blocks))]
-        if sums is not None and (len(sums) != len(keys) or any(base.get(k) != s for k, s in zip(keys, sums))):
-            return whole(numel), None
-
-        def link(key, n: int) -> Change:
-            return union([m.get(key) or whole(n) for m in chain], n) if chain else Change(UNCHANGED, 0, n)
-
-        if one and boxes is None:  # the tensor whole, in one block: its map as it is
-            return link(t.fqn, numel), None
-        blocks = [((b.box.offset, b.box.shape), link(k, b.box.numel)) for k, b in zip(keys, t.blocks)]
-        c, parts, order = regional(blocks, t.shape, boxes, limit=MAX_TENSOR_BYTES // 4)
-        size = t.torch_dtype.itemsize
-        offsets = [t.blocks[j].byte_offset // size for j, _ in parts]
-        counts = [local.numel() for _, local in parts]
-        if order is None:
-            local = torch.cat([x.to(torch.int64) for _, x in parts]) if parts else torch.empty(0, dtype=torch.int64)
-            return c, (offsets, counts, local)
-        # several blocks' changes interleave in the tensor's flat order: positions in the segment, in that order
-        at = torch.cat([x.to(torch.int64) + off for (_, x), off in zip(parts, offsets)])[order]
-        return c, ([0], [at.numel()], at)
-
-    def _base_sums(self, v: Version, records: list[_Record], dtype: str) -> dict:
-        """Each tensor's (or block's) checksum in ``dtype`` of the base of ``records``' chain to ``v``."""
-        if records:
-            return {k: s[0] for k, s in records[-1].sums.get(dtype, {}).items()}
-        rec = self.records.get((v.step, v.seq))  # the reader claims ``v`` itself
-        return {k: s[1] for k, s in rec.sums.get(dtype, {}).items()} if rec is not None else {}
-
-    def _chain(self, v: Version, since: Key, dtype: str) -> list[_Record]:
-        """The records from ``since`` to ``v``, newest first (empty: ``v`` is ``since``); ``since``'s
-        seq 0: the newest version of that step in the chain."""
-        at, chain = (v.step, v.seq), []
-        while at != since and not (since[1] == 0 and at[0] == since[0]):
-            rec = self.records.get(at)
-            if rec is None or dtype not in rec.maps or at[1] <= since[1]:
-                why = (
-                    "is still being computed"
-                    if at == (v.step, v.seq) and rec is None and self.pending()
-                    else f"is not held (dtypes {[dtype_name(d) for d in self.dtypes]}, {len(self.records)} maps kept)"
-                )
-                raise StagerError(
-                    ErrorCode.UNKNOWN_BASE,
-                    f"no change map from step {since[0]} (seq {since[1]}) to "
-                    f"step {v.step} in {dtype}: the map of step {at[0]} {why}; "
-                    "read the version in full",
-                )
-            chain.append(rec)
-            at = rec.base
-        return chain
+    # ------------------------------------------------------------------ state
 
     @property
     def working(self) -> bool:
@@ -469,62 +352,3 @@ class ChangeMaps:
             "yields": self.gate.yields,
             "yielding": self.gate.waiting,
         }
-
-
-def _asked(t, entry: list) -> list | None:
-    """The boxes of a Changes request's entry for ``t`` as (offset, shape); None: all the node holds.
-    Each must lie in the tensor and be held by this node's blocks: a box held elsewhere is not
-    "unchanged" here (PARTIAL, as a Read of it is)."""
-    if not entry:
-        return None
-    out = []
-    held = [(b.box.offset, b.box.shape) for b in t.blocks]
-    for offset, shape in entry:
-        if len(offset) != len(t.shape) or any(o + n > d for o, n, d in zip(offset, shape, t.shape)):
-            raise StagerError(
-                ErrorCode.BAD_VALUE,
-                f"{t.fqn}: box at {offset} of shape {shape} does not fit its shape {list(t.shape)}",
-            )
-        box = (tuple(offset), tuple(shape))
-        if not covers(held, box):
-            raise StagerError(
-                ErrorCode.PARTIAL,
-                f"{t.fqn}: this node holds only part of it, not all of the box at {offset} of shape "
-                f"{shape}; ask each node for the boxes it holds (JobInfo names them)",
-            )
-        out.append(box)
-    return out
-
-
-def _summary(base: int, maps: dict[str, Change], sizes: dict[str, int], pause=lambda: False) -> dict | None:
-    """A version's status entry for one reader dtype: what changed since step ``base``. ``bytes``:
-    the changed elements' share of the version's bytes in that dtype; ``delta_bytes``: what a delta
-    read moves (indices and values, plus the tensors read whole), against ``full_bytes``. One pass,
-    ``pause`` asked every 1024 tensors (None: it said stop)."""
-    per = {}  # a tensor mapped per block (a job spanning nodes) counts once
-    numel = count = full = changed = delta = 0
-    for i, (f, c) in enumerate(maps.items()):
-        if i % 1024 == 1023 and pause():
-            return None
-        name = f if isinstance(f, str) else f[0]
-        was = per.get(name)
-        if was is None or _RANK[c.kind] > _RANK[was]:
-            per[name] = c.kind
-        size = sizes[f]
-        numel += c.numel
-        count += c.count
-        full += c.numel * size
-        changed += c.count * size
-        delta += c.count * (4 + size) if c.kind == INDICES else c.numel * size if c.kind == WHOLE else 0
-    return {
-        "since": base,
-        "elements": round(count / numel, 6) if numel else 0.0,
-        "bytes": round(changed / full, 6) if full else 0.0,
-        "tensors": [sum(k != UNCHANGED for k in per.values()), len(per)],
-        "whole": sum(k == WHOLE for k in per.values()),
-        "delta_bytes": delta,
-        "full_bytes": full,
-    }
-
-
-_RANK = {UNCHANGED: 0, INDICES: 1, WHOLE: 2}
