@@ -11,6 +11,7 @@ import torch
 from conftest import error_code, wire_plan
 from helpers import wait_until
 from stager.client import StagingClient
+from stager.daemon import change_gate
 from stager.protocol import (
     Abort,
     Acquire,
@@ -363,8 +364,14 @@ def sealed_while_the_next_is_in_flight(d, raw_peer):
     return trainer, wait_until(lambda: maps_waiting_or_made(d, 2))
 
 
+@pytest.fixture
+def long_hold(monkeypatch):
+    """Steps in flight hold map work back however long they are (the tests' steps wait for the test)."""
+    monkeypatch.setattr(change_gate, "MAX_HOLD_S", 600.0)
+
+
 @pytest.mark.parametrize("end", ["seal", "failure"])
-def test_a_map_waits_while_a_step_is_in_flight_and_is_made_once_it_ends(make_daemon, raw_peer, end):
+def test_a_map_waits_while_a_step_is_in_flight_and_is_made_once_it_ends(make_daemon, raw_peer, end, long_hold):
     """Map work yields to staging: step 2 seals while step 3 is in flight (begun, not committed), so
     its map waits, with no region compared, until step 3 seals or fails; then it is made (keep=3:
     step 1, its base, is still kept after step 3 seals)."""
@@ -383,7 +390,23 @@ def test_a_map_waits_while_a_step_is_in_flight_and_is_made_once_it_ends(make_dae
     assert status["regions"] >= 2 and not status["yielding"]
 
 
-def test_a_map_being_made_stops_when_a_step_begins_and_goes_on_after_it(make_daemon, raw_peer):
+def test_steps_in_flight_without_a_break_hold_map_work_back_only_so_long(make_daemon, raw_peer, monkeypatch):
+    """A trainer that always has a step in flight (step 3 begun before step 2 sealed, and kept in flight)
+    still gets its maps: past MAX_HOLD_S of steps in flight without a break, map work goes on beside them."""
+    monkeypatch.setattr(change_gate, "MAX_HOLD_S", 0.5)
+    d = make_daemon(keep=3, change_maps="bfloat16")
+    trainer = HandStaged(raw_peer(d.endpoint))
+    trainer.stage(1)
+    trainer.begin(2)
+    trainer.begin(3)  # in flight from here until the end of the test
+    trainer.commit(2)
+    assert wait_until(lambda: changed(d, 2))["bf16"]["since"] == 1  # made while step 3 is in flight
+    status = d.status()["changes"]
+    assert status["overridden"] == 1 and status["regions"] >= 2
+    trainer.commit(3)  # sealed: step 3 was in flight all along
+
+
+def test_a_map_being_made_stops_when_a_step_begins_and_goes_on_after_it(make_daemon, raw_peer, long_hold):
     """The map of step 2 has begun (held at its start here) when step 3 begins: it stops at its next
     region (status: yielding, no region compared yet) and goes on once step 3 sealed."""
     d = make_daemon(keep=3, change_maps="bfloat16")

@@ -70,6 +70,7 @@ class _Job:
     pins: list  # (version, pin id)
     cancel: threading.Event = dataclasses.field(default_factory=threading.Event)
     sealed_at: float = 0.0  # time.monotonic() of v's seal
+    waited: float = 0.0  # seconds its map work waited for steps in flight (not counted as what a map takes)
     late: bool = False  # not begun: it would not be made before its base goes (counted as skipped)
     # dtype wire name -> its map, with each tensor's (or block's) crc32 of the base and of the new version
     maps: dict[str, Table] = dataclasses.field(default_factory=dict)
@@ -242,7 +243,7 @@ class ChangeMaps:
             with self._lock:
                 if self._closed:
                     return
-                if not self._queue or self.gate.held:  # dropped meanwhile, or the next step began already
+                if not self._queue or self.gate.closed():  # dropped meanwhile, or the next step began already
                     continue
                 job = self._running = self._queue.popleft()
             began = time.monotonic()
@@ -262,7 +263,7 @@ class ChangeMaps:
                 except Exception:  # a bug costs one map (readers read in full), never the daemon
                     log.exception("change map of step %d failed", job.key[0])
                     job.cancel.set()
-                took = time.monotonic() - began  # the pauses for steps in flight too: what a map takes here
+                took = time.monotonic() - began - job.waited  # its own time, not its pauses for steps in flight
                 if job.cancel.is_set():  # dropped unfinished: it takes at least that long
                     self._took = max(self._took, took)
                 else:
@@ -276,8 +277,10 @@ class ChangeMaps:
         seen: dict = {}  # (run, compared dtype) -> its maps and sums: integer tensors have one for every reader dtype
 
         def pause() -> bool:  # between regions and chunks: wait while steps are in flight; True: dropped
-            self.gate.wait(lambda: job.cancel.is_set() or self._closed)
-            return job.cancel.is_set() or self._closed
+            job.waited += self.gate.wait(lambda: job.cancel.is_set() or self._closed)
+            if self._closed:  # the daemon closes: this map is not finished, and never recorded
+                job.cancel.set()
+            return job.cancel.is_set()
 
         runs, fresh = change_runs.runs(*job.layouts, *job.segments, pause=pause)
         if runs is None:
@@ -325,9 +328,9 @@ class ChangeMaps:
 
     @property
     def working(self) -> bool:
-        """Maps made and not yet collected, or queued or being made while no step is in flight (no lock:
-        a hint for the loop's poll; while steps are in flight none can be made)."""
-        return bool(self._done or (not self.gate.held and (self._queue or self._running is not None)))
+        """Maps made and not yet collected, or queued or being made while map work may run (no lock: a hint
+        for the loop's poll; while the gate is closed for steps in flight none can be made)."""
+        return bool(self._done or (not self.gate.closed() and (self._queue or self._running is not None)))
 
     @property
     def finished(self) -> bool:
@@ -350,5 +353,6 @@ class ChangeMaps:
             "pending": self.pending(),
             "regions": self.regions,
             "yields": self.gate.yields,
+            "overridden": self.gate.overridden,
             "yielding": self.gate.waiting,
         }
