@@ -3,7 +3,7 @@
 No vLLM here: the loaders are written as vLLM 0.32's are (a column-parallel linear narrows dim 0 by
 its rank, a row-parallel one dim 1, a norm copies the whole tensor), and run as its layerwise reload
 runs them: once on a meta parameter under a copy-counting dispatch mode, then again on the real one.
-The real engine, tensor parallel size 2 over frames: examples/vllm_tp_slices.py (not in CI).
+The real engine, tensor parallel size 2 over frames: examples/vllm_tp.py (not in CI).
 """
 
 import pytest
