@@ -120,7 +120,7 @@ class StagerWeightTransferEngine(WeightTransferEngine[StagerInitInfo, StagerUpda
         self.shutdown()
         self._only = set(init_info.names) if init_info.names else None
         self._quantize = init_info.quantize
-        self.slices = tp_slices.Slices(*_tp_rank_size())
+        self.slices = tp_slices.Slices(*tp_slices.worker_rank_size())
         self.slices.enabled = init_info.quantize is None  # fp8 blocks: each loader's narrow is not watched
         self._sub = Subscriber(
             init_info.endpoint,
@@ -490,13 +490,3 @@ def _identity(model: torch.nn.Module) -> tuple:
             version = None
         out.append((name, id(p), p.data_ptr(), version))
     return tuple(out)
-
-
-def _tp_rank_size() -> tuple[int, int]:
-    """This worker's tensor-parallel rank and size ((0, 1) outside vLLM's distributed setup)."""
-    from vllm.distributed import get_tensor_model_parallel_rank, get_tensor_model_parallel_world_size
-
-    try:
-        return get_tensor_model_parallel_rank(), get_tensor_model_parallel_world_size()
-    except (AssertionError, RuntimeError):  # no model-parallel group: one worker holds whole tensors
-        return 0, 1

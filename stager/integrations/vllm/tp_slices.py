@@ -18,7 +18,8 @@ of a ``torch.empty`` of the whole shape (pages outside it are never written) and
 that, again as a probe that expects the learned narrow: anything else first fills the rest of the
 tensor from the version (a whole read), then runs, and the name is whole from then on. Learned
 slices are keyed by (name, shape, dtype, tp rank, tp size) and dropped with :meth:`Slices.forget`
-(re-init, shutdown, ``forget_base``). Needs torch only: tests/test_vllm_tp_slices.py.
+(re-init, shutdown, ``forget_base``). Needs torch only (vLLM: :func:`worker_rank_size`);
+tests/test_vllm_tp_slices.py.
 """
 
 from __future__ import annotations
@@ -226,6 +227,16 @@ def _probes(args: tuple, kwargs: dict) -> list[Probe]:
         elif isinstance(a, (list, tuple)):
             out.extend(x for x in a if isinstance(x, Probe))
     return out
+
+
+def worker_rank_size() -> tuple[int, int]:
+    """This vLLM worker's tensor-parallel rank and size ((0, 1) outside vLLM's distributed setup)."""
+    from vllm.distributed import get_tensor_model_parallel_rank, get_tensor_model_parallel_world_size
+
+    try:
+        return get_tensor_model_parallel_rank(), get_tensor_model_parallel_world_size()
+    except (AssertionError, RuntimeError):  # no model-parallel group: one worker holds whole tensors
+        return 0, 1
 
 
 class Slices:
