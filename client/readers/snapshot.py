@@ -206,12 +206,7 @@ class Snapshot(Mapping):
         else:
             offsets, sizes = check_box(name, entry.shape, offsets, sizes)
         version = self._version
-        if (
-            entry.source
-            and entry.strided is not None
-            and entry.source not in self.quant
-            and version.mapped(entry.source) is None
-        ):  # fetched: only the box's bytes
+        if self.fetches_box(name):  # fetched: only the box's bytes
             mapped = native_box(version.merged[entry.source].shape, entry.strided, offsets, sizes)
             if mapped is not None:
                 block = version.read(
@@ -219,6 +214,19 @@ class Snapshot(Mapping):
                 )
                 return self._cast(arrange(block, mapped[2], sizes))
         return narrow_box(self[name], offsets, sizes)
+
+    def fetches_box(self, name: str) -> bool:
+        """Whether :meth:`get` of a box of ``name`` fetches only that box: its bytes are not mapped on
+        this host (another host's daemon, or ``remote``) and the view is a strided view of the staged
+        tensor, not dequantized. Otherwise ``get`` narrows the tensor as :meth:`__getitem__` gives it:
+        on the daemon's host a view of its memory (no byte is copied), else read whole."""
+        entry = self._entry(name)
+        return bool(
+            entry.source
+            and entry.strided is not None
+            and entry.source not in self.quant
+            and self._version.mapped(entry.source) is None
+        )
 
     def meta(self, name: str) -> tuple[tuple[int, ...], torch.dtype]:
         """``(shape, dtype)`` of ``name`` in this view (before the subscriber's cast), from the

@@ -8,8 +8,9 @@ whole update, checks its names and shapes against the model before touching it
 (:mod:`.plan`), then feeds ``model.load_weights`` one decoder layer at a time through vLLM's
 layerwise reload. On the daemon's host the tensors are views of its shared memory (nothing is
 copied before the loader's own copy, unless the engine's dtype differs); elsewhere they arrive
-as frames. The lease is held until ``finish_weight_update``. Failure states: :mod:`.errors`. An
-engine at a step the daemon keeps change maps from moves only what changed (:mod:`.delta`).
+as frames (a tensor-parallel rank's: only its slice, once learned, :mod:`.tp_slices`). The lease
+is held until ``finish_weight_update``. Failure states: :mod:`.errors`. An engine at a step the
+daemon keeps change maps from moves only what changed (:mod:`.delta`).
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from vllm.distributed.weight_transfer.base import (
 from stager.client import Subscriber
 from stager.protocol import ErrorCode, StagerError
 
-from . import delta, direct, plan, reload
+from . import delta, direct, plan, reload, tp_slices
 from .errors import UpdateIncomplete, UpdateRefused, VerifyFailed
 from .init_info import check_init_info
 
@@ -111,6 +112,7 @@ class StagerWeightTransferEngine(WeightTransferEngine[StagerInitInfo, StagerUpda
         self._base_params: tuple | None = None  # the parameters' identity when the base was loaded (_identity)
         self._quantize: str | None = None
         self.delta = True  # False: every update reads its version in full (no change maps asked)
+        self.slices = tp_slices.Slices()  # a tensor-parallel rank's learned slices (.tp_slices)
 
     # ------------------------------------------------------------------ vLLM's lifecycle
 
@@ -118,6 +120,8 @@ class StagerWeightTransferEngine(WeightTransferEngine[StagerInitInfo, StagerUpda
         self.shutdown()
         self._only = set(init_info.names) if init_info.names else None
         self._quantize = init_info.quantize
+        self.slices = tp_slices.Slices(*tp_slices.worker_rank_size())
+        self.slices.enabled = init_info.quantize is None  # fp8 blocks: each loader's narrow is not watched
         self._sub = Subscriber(
             init_info.endpoint,
             view="hf",
@@ -246,6 +250,7 @@ class StagerWeightTransferEngine(WeightTransferEngine[StagerInitInfo, StagerUpda
         if session.get("direct") is None and not session.get("finished"):
             try:
                 reload.finish(self.model, self.model_config)
+                session["sliced"] = self.slices.end(ok=True)  # the loaders ran; the lease still holds
             except BaseException as exc:
                 self._session = session
                 self._fail(exc, step, processed=True)
@@ -271,6 +276,7 @@ class StagerWeightTransferEngine(WeightTransferEngine[StagerInitInfo, StagerUpda
             "delta": None if session.get("delta") is None else session["delta"].stats(),
             "why_full": session.get("why_full"),
             "skipped": session.get("skipped", 0),
+            "sliced": session.get("sliced", 0),
             "verified": session.get("verified", False),
         }
         log.info(
@@ -297,6 +303,7 @@ class StagerWeightTransferEngine(WeightTransferEngine[StagerInitInfo, StagerUpda
         memory rewritten under a parameter (``.data.copy_``, which vLLM's loaders use) is not."""
         self._base = None
         self._base_params = None
+        self.slices.forget()
 
     # ------------------------------------------------------------------ internals
 
@@ -334,9 +341,9 @@ class StagerWeightTransferEngine(WeightTransferEngine[StagerInitInfo, StagerUpda
 
         def weights() -> Iterator[tuple[str, torch.Tensor]]:
             for group in plan.layer_groups(names):  # one decoder layer at a time: what the reload buffers
-                for name, tensor in snap.items(group):
+                for name, tensor, nbytes in self.slices.items(snap, group):  # a TP rank's slices (.tp_slices)
                     session["tensors"] += 1
-                    session["bytes"] += tensor.numel() * tensor.element_size()
+                    session["bytes"] += nbytes
                     if self.on_tensor is not None:
                         self.on_tensor(name)
                     yield name, tensor
@@ -393,6 +400,7 @@ class StagerWeightTransferEngine(WeightTransferEngine[StagerInitInfo, StagerUpda
         try:
             if session.get("direct") is None:
                 reload.finish(self.model, self.model_config)
+                session["sliced"] = self.slices.end(ok=True)
                 session["finished"] = True
                 self._maybe_prove(session)
             if self.on_loaded is not None:
@@ -419,6 +427,7 @@ class StagerWeightTransferEngine(WeightTransferEngine[StagerInitInfo, StagerUpda
     def _fail(self, exc: BaseException, step: int, processed: bool = False) -> None:
         """After a failed update: the model back in a servable shape, the incomplete state recorded."""
         session = self._session or {}
+        self.slices.end(ok=False)  # what this update saw is not learned
         layers = session.get("layers")
         if layers is not None and not processed:
             processed = reload.processed_layers(layers) > 0
@@ -465,6 +474,7 @@ class StagerWeightTransferEngine(WeightTransferEngine[StagerInitInfo, StagerUpda
             return
         if session.get("layers") is not None:
             reload.restore(self.model)
+        self.slices.end(ok=False)
         session["snap"].release()
 
 
