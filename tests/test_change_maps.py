@@ -67,6 +67,21 @@ def changed(d, step):
     return None
 
 
+def hold_maps(d) -> tuple[threading.Event, threading.Event]:
+    """Each map of in-process daemon ``d`` waits at its start (``entered`` set) until ``release`` is set."""
+    maps = d.daemon.handlers.changes
+    release, entered = threading.Event(), threading.Event()
+    compute = maps._compute
+
+    def held(job):
+        entered.set()
+        release.wait(30)
+        compute(job)
+
+    maps._compute = held
+    return release, entered
+
+
 def test_status_shows_what_changed_in_the_readers_dtype(make_daemon):
     d = make_daemon(change_maps="bfloat16")
     sds = chain(3)
@@ -156,16 +171,7 @@ def test_a_staging_step_takes_memory_a_change_map_pinned(make_daemon):
     once (the map is dropped), with no back-pressure wait allowed."""
     big = {"w": torch.zeros(1 << 20)}  # 4 MiB
     d = make_daemon(keep=1, memory_limit=(8 << 20) + (1 << 16), change_maps="bfloat16")
-    maps = d.daemon.handlers.changes
-    release, entered = threading.Event(), threading.Event()
-    compute = maps._compute
-
-    def held(job):
-        entered.set()
-        release.wait(30)
-        compute(job)
-
-    maps._compute = held
+    release, entered = hold_maps(d)
     try:
         with StagingClient(d.endpoint, strict=True, backpressure_timeout=0) as c:
             for step in range(1, 6):
@@ -253,16 +259,7 @@ def test_an_evicted_version_goes_to_the_pool_at_once_while_its_map_is_still_bein
     is dropped and the segment pooled at once, as without maps: the next step reuses it."""
     big = {"w": torch.zeros(1 << 20)}  # 4 MiB
     d = make_daemon(keep=2, memory_limit=64 << 20, change_maps="bfloat16")
-    maps = d.daemon.handlers.changes
-    release, entered = threading.Event(), threading.Event()
-    compute = maps._compute
-
-    def held(job):
-        entered.set()
-        release.wait(30)
-        compute(job)
-
-    maps._compute = held
+    release, entered = hold_maps(d)
     try:
         with StagingClient(d.endpoint, strict=True) as c:
             for step in (1, 2):
@@ -410,16 +407,7 @@ def test_a_map_being_made_stops_when_a_step_begins_and_goes_on_after_it(make_dae
     """The map of step 2 has begun (held at its start here) when step 3 begins: it stops at its next
     region (status: yielding, no region compared yet) and goes on once step 3 sealed."""
     d = make_daemon(keep=3, change_maps="bfloat16")
-    maps = d.daemon.handlers.changes
-    release, entered = threading.Event(), threading.Event()
-    compute = maps._compute
-
-    def held(job):
-        entered.set()
-        release.wait(30)
-        compute(job)
-
-    maps._compute = held
+    release, entered = hold_maps(d)
     trainer = HandStaged(raw_peer(d.endpoint))
     try:
         trainer.stage(1)
