@@ -16,6 +16,10 @@ import traceback
 from collections.abc import Callable
 from typing import Any
 
+# once a rank failed, the others get this long to report: they may wait for it in a collective (gloo's own timeout
+# is 30 minutes), and what the failed one said is the answer, not a timeout
+FAILED_RANK_GRACE_S = 30.0
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -205,14 +209,16 @@ def run_ranks(
         p.start()
     results: dict[int, Any] = {}
     errors = []
+    failed: set[int] = set()
     deadline = time.monotonic() + timeout
     try:
         while len(results) + len(errors) < world_size:
             left = deadline - time.monotonic()
             if left <= 0:
-                raise TimeoutError(
-                    f"ranks {sorted(set(range(world_size)) - set(results))} did not finish in {timeout}s"
-                )
+                silent = sorted(set(range(world_size)) - set(results) - failed)
+                if errors:  # the ones that failed say why; the others wait for them in a collective
+                    raise RuntimeError("\n".join(errors) + f"\nranks {silent} did not report (waiting for those)")
+                raise TimeoutError(f"ranks {silent} did not finish in {timeout}s")
             try:
                 rank, state, value = queue.get(timeout=min(left, 1.0))
             except Exception:
@@ -224,6 +230,8 @@ def run_ranks(
                 results[rank] = value
             else:
                 errors.append(f"rank {rank}:\n{value}")
+                failed.add(rank)
+                deadline = min(deadline, time.monotonic() + FAILED_RANK_GRACE_S)  # the rest may wait for it forever
     finally:
         for p in procs:
             p.join(5)
