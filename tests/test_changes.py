@@ -8,6 +8,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from stager.protocol.change_regions import regional
 from stager.protocol.changes import (
     DENSE,
     INDICES,
@@ -22,7 +23,6 @@ from stager.protocol.changes import (
     diff_spans,
     gather,
     gather_many,
-    regional,
     union,
     whole,
 )

@@ -16,7 +16,8 @@ from typing import Protocol
 import torch
 
 from stager.protocol import ErrorCode, StagerError
-from stager.protocol.changes import INDICES, UNCHANGED, WHOLE, Change, compare_dtype, covers, regional, union, whole
+from stager.protocol.change_regions import covers, regional
+from stager.protocol.changes import INDICES, UNCHANGED, WHOLE, Change, compare_dtype, union, whole
 from stager.protocol.dtypes import dtype_from_name, dtype_name
 from stager.protocol.reads import Changes, ChangesReply
 
