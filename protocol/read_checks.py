@@ -79,15 +79,15 @@ def check_read_rows(
             f"{fqn[:200]}: rows are gathered only for an FP8 read of a 2-D tensor, this one is {len(shape)}-D: "
             "read it without rows",
         )
-    if len(rows) != sizes[0] or (rows and max(rows) >= shape[0]):
+    first, last = (min(rows), max(rows)) if rows else (0, -1)
+    if len(rows) != sizes[0] or last >= shape[0]:
         raise ProtocolError(
             ErrorCode.BAD_VALUE,
             f"{fqn[:200]}: an FP8 read of {sizes[0]} rows names {len(rows)} rows of the tensor's {shape[0]}"
-            + (f", up to row {max(rows)}" if rows else "")
+            + (f", up to row {last}" if rows else "")
             + ": name one row of the tensor, each below its row count, per row of the box",
         )
-    first = min(rows) if rows else 0
-    return Box((first, *offsets[1:]), ((max(rows) + 1 - first) if rows else 0, *sizes[1:]))
+    return Box((first, *offsets[1:]), (last + 1 - first, *sizes[1:]))
 
 
 def check_read_cast(fqn: str, have: torch.dtype, want: str) -> torch.dtype:

@@ -20,7 +20,6 @@ import torch
 from stager.protocol import ChangesReply, ErrorCode, StagerError
 from stager.protocol.changes import INDICES, KINDS
 from stager.protocol.dtypes import DTYPES, FLOAT8_DTYPES
-from stager.protocol.layout import dense_strides
 from stager.protocol.reads import MAX_CHANGE_BOXES, MAX_CHANGE_TENSORS
 
 from ..adapters import hf_flat_indices
@@ -52,22 +51,20 @@ def delta_source(snap: Any, entry: ViewEntry) -> str | None:
     stored = DTYPES[m.dtype]
     if not stored.is_floating_point or stored in FLOAT8_DTYPES or not m.complete:
         return None
-    shape = tuple(m.shape)
-    if entry.shape != shape:
-        return None
-    if entry.rows is not None:
-        return fqn if len(shape) >= 1 and entry.rows.shape == (shape[0],) else None
-    if entry.strided != (shape, dense_strides(shape), 0):
-        return None
-    return fqn
+    return fqn if entry.whole_native(tuple(m.shape)) else None
 
 
 def hf_indices(entry: ViewEntry, indices: torch.Tensor) -> torch.Tensor:
     """Flat indices of ``entry``'s native tensor (a change map's, checked in range) as the view's: the
     same for a rename, through the adapter's row order for a permuted tensor (not ascending then)."""
-    if entry.rows is None:
+    return view_indices(indices, entry.rows, entry.shape)
+
+
+def view_indices(indices: torch.Tensor, rows: torch.Tensor | None, shape: Sequence[int]) -> torch.Tensor:
+    """:func:`hf_indices` for a tensor of ``shape`` whose rows are reordered by ``rows`` (None: not reordered)."""
+    if rows is None:
         return indices
-    return hf_flat_indices(indices, entry.rows, math.prod(entry.shape[1:]))
+    return hf_flat_indices(indices, rows, math.prod(shape[1:]))
 
 
 def session(snap: Any) -> str | None:

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 import weakref
 from collections import deque
 from collections.abc import Iterable, Mapping
@@ -42,8 +41,7 @@ from stager.protocol.changes import INDICES, UNCHANGED, apply, checksum, gather,
 from stager.protocol.dtypes import dtype_from_name, dtype_name
 from stager.protocol.layout import narrow_box
 
-from ..adapters import hf_flat_indices
-from .change_replies import PIPELINE, batches, delta_source, parse
+from .change_replies import PIPELINE, batches, delta_source, parse, view_indices
 from .mover import Want, move
 from .planner import Read, plan_box
 from .sources import SharedMemorySource
@@ -277,10 +275,15 @@ def _put(plan: _Plan, box: Box, t: torch.Tensor) -> None:
     if plan.rows is None:
         narrow_box(plan.dst, box.offset, box.shape).copy_(t)
         return
-    rows = plan.rows[box.offset[0] : box.offset[0] + box.shape[0]].to(plan.dst.device)
-    shape = tuple(plan.dst.shape)
-    cols = narrow_box(plan.dst, (0, *box.offset[1:]), (shape[0], *box.shape[1:]))
+    cols, rows = _native_rows(plan.dst, box, plan.rows)
     cols[rows] = t.to(device=plan.dst.device, dtype=plan.dst.dtype)
+
+
+def _native_rows(dst: torch.Tensor, box: Box, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``dst``'s columns of native box ``box`` (all its rows), and the rows of ``dst`` that hold the box's
+    native rows, in order (native row r is dst's row rows[r])."""
+    cols = narrow_box(dst, (0, *box.offset[1:]), (dst.shape[0], *box.shape[1:]))
+    return cols, rows[box.offset[0] : box.offset[0] + box.shape[0]].to(dst.device)
 
 
 def _box_sum(dst: torch.Tensor, box: Box, rows: torch.Tensor | None) -> int:
@@ -289,12 +292,11 @@ def _box_sum(dst: torch.Tensor, box: Box, rows: torch.Tensor | None) -> int:
     MiB of rows at a time, so a permuted copy is proven as a renamed one is, with no copy of the tensor."""
     if rows is None:
         return checksum(narrow_box(dst, box.offset, box.shape))
-    inner = (0, *box.offset[1:]), box.shape[1:]
-    per = max(1, SUM_BYTES // max(1, dst[0].numel() * dst.element_size()))
-    crc, first, end = 0, box.offset[0], box.offset[0] + box.shape[0]
-    for r in range(first, end, per):
-        part = dst.index_select(0, rows[r : min(end, r + per)].to(dst.device))
-        crc = checksum(narrow_box(part, inner[0], (part.shape[0], *inner[1])), crc)
+    cols, order = _native_rows(dst, box, rows)
+    per = max(1, SUM_BYTES // max(1, cols[0].numel() * cols.element_size()))
+    crc = 0
+    for r in range(0, order.numel(), per):  # only the box's columns are gathered, the bytes in native order
+        crc = checksum(cols.index_select(0, order[r : r + per]), crc)
     return crc
 
 
@@ -312,16 +314,10 @@ def _apply(version: Any, node: str, batch: list[_Plan], reply: ChangesReply, dty
             plan.whole.extend((node, b) for b in plan.boxes[node])
         elif answer.kind == INDICES:
             vals = _gathered(version, node, plan, answer.indices, plan.dst) if mapped else answer.values
-            idx = answer.indices if plan.rows is None else hf_flat_indices(answer.indices, plan.rows, _cols(plan.dst))
-            apply(plan.dst, idx, vals)
+            apply(plan.dst, view_indices(answer.indices, plan.rows, plan.dst.shape), vals)
         elif answer.kind != UNCHANGED:  # whole: read from this node in full
             plan.whole.extend((node, b) for b in plan.boxes[node])
     return len(answers)
-
-
-def _cols(t: torch.Tensor) -> int:
-    """Elements per row (1 for a 1-D tensor)."""
-    return math.prod(t.shape[1:])
 
 
 def _gathered(version: Any, node: str, plan: _Plan, idx: torch.Tensor, dst: torch.Tensor) -> torch.Tensor:

@@ -42,14 +42,7 @@ class Quantized(NamedTuple):
 def renamed(entry: ViewEntry, native_shape: tuple[int, ...]) -> bool:
     """Whether the view's tensor ``entry`` is its whole native tensor renamed (same shape, same order) or
     with its rows reordered (``entry.rows``: the rotary permutation; the daemon gathers them first)."""
-    if tuple(entry.shape) != tuple(native_shape) or len(native_shape) != 2:
-        return False
-    if entry.rows is not None:
-        return tuple(entry.rows.shape) == (native_shape[0],)
-    if entry.strided is None:
-        return False
-    shape, stride, offset = entry.strided
-    return tuple(shape) == tuple(native_shape) and tuple(stride) == (native_shape[1], 1) and offset == 0
+    return len(native_shape) == 2 and entry.whole_native(native_shape)
 
 
 def check_quantize(quantize: str | None, view: str, dtype: torch.dtype | None, keep_fp8: bool) -> None:

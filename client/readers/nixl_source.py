@@ -210,7 +210,7 @@ class NixlSource:
         base = self.grant.addr + block.byte_offset
         length = run * itemsize
         once = key = None
-        if direct and dest.device.type == "cuda":
+        if direct and dest.device.type == "cuda":  # device memory: registered here, with a fallback of its own
             try:
                 key = self.agent.register(dest)
             except Exception as exc:  # NIXL's own types: UCX without CUDA, no GPUDirect. Host memory from now on
@@ -220,9 +220,9 @@ class NixlSource:
         try:
             if not direct:
                 once = self.agent.register_once(dest)
-            elif key is None:
+            elif key is None:  # host memory
                 key = self.agent.register(dest)
-            elif dest.device.type == "cuda":
+            if direct and dest.device.type == "cuda":
                 # the READ writes outside every CUDA stream: what the stream still has queued on ``dest`` (a kernel
                 # reading the old weights, the allocator's previous owner of the block) must be done first
                 torch.cuda.current_stream(dest.device).synchronize()

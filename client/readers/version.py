@@ -124,8 +124,7 @@ class LeasedVersion:
         if rows is not None:
             if not getattr(src, "gathers", False) or tuple(rows.shape) != (m.shape[0],):
                 return None
-            held = torch.empty_like(rows)
-            held[rows] = torch.arange(rows.numel())
+            held = torch.argsort(rows)  # the inverse permutation
         if min(block) < MIN_FP8_BLOCK:  # the daemon refuses such blocks: quantized here
             return None
         rows, cols = m.shape

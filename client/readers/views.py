@@ -13,6 +13,8 @@ from typing import Any
 
 import torch
 
+from stager.protocol.layout import dense_strides
+
 from ..adapters import hf_names
 
 
@@ -26,6 +28,19 @@ class ViewEntry:
     # the whole source with its rows reordered (the adapter's rotary permutation): the HF row of each
     # source row (:func:`~stager.client.adapters.base.hf_row_orders`), else None
     rows: torch.Tensor | None = dataclasses.field(default=None, compare=False)
+
+    def whole_native(self, native_shape: tuple[int, ...]) -> bool:
+        """Whether this is its whole native tensor (of ``native_shape``) renamed, or with its rows reordered
+        (``rows``): element for element the native tensor's, up to the row order."""
+        shape = tuple(native_shape)
+        if tuple(self.shape) != shape:
+            return False
+        if self.rows is not None:
+            return len(shape) >= 1 and tuple(self.rows.shape) == (shape[0],)
+        if self.strided is None:
+            return False
+        strided_shape, stride, offset = self.strided
+        return tuple(strided_shape) == shape and tuple(stride) == dense_strides(shape) and offset == 0
 
 
 def hf_index(adapter: Any, tensors: list[tuple[str, torch.dtype, tuple[int, ...]]]) -> dict[str, ViewEntry]:

@@ -50,9 +50,10 @@ def quantize_box(
 ) -> memoryview:
     """Write box ``(offsets, sizes)`` of ``held`` (a block of tensor ``t`` in ``segment``; offsets inside
     it), FP8 block-quantized in ``block``\\ s, into ``out`` (of :func:`fp8_nbytes`): returns ``out``.
-    ``rows``: the box's rows are these rows of the block, in this order (``offsets[0]`` unused): an HF
-    view's rotary permutation, whose blocks are of the reordered rows. They are gathered a few MiB at a
-    time, on whole rows of blocks (each quantized as a whole-box quantization does it: the same bytes)."""
+    ``rows``: the box's rows are these rows of the tensor (``held`` holds them all), in this order
+    (``offsets[0]`` unused): an HF view's rotary permutation, whose blocks are of the reordered rows. They
+    are gathered a few MiB at a time, on whole rows of blocks (each quantized as a whole-box quantization
+    does it: the same bytes)."""
     grid = scale_shape(sizes, block)
     split = 4 * math.prod(grid)
     raw = torch.frombuffer(out, dtype=torch.uint8) if len(out) else torch.empty(0, dtype=torch.uint8)
@@ -63,7 +64,7 @@ def quantize_box(
         quantize_block_fp8(narrow_box(whole, offsets, sizes), tuple(block), out=(data, scale_inv))
         return out
     cols = whole.narrow(1, offsets[1], sizes[1])
-    order = torch.tensor(rows, dtype=torch.int64)
+    order = torch.tensor(rows, dtype=torch.int64) - held.box.offset[0]  # tensor rows -> rows of the block
     # rows of blocks per gather: CHUNK_BYTES of staged bytes, one row of blocks at least (check_read_fp8
     # bounds that by MAX_FP8_WORK)
     per = max(1, CHUNK_BYTES // max(1, block[0] * sizes[1] * whole.element_size())) * block[0]

@@ -205,8 +205,6 @@ class Reading:
                     f"{MAX_READ_BYTES >> 20} MiB a reply may carry; read fewer or "
                     "smaller boxes",
                 )
-            if rows is not None:  # the rows inside the block
-                rows = tuple(r - held[0].box.offset[0] for r in rows)
             boxes.append((t, held[0], held[1], sizes, to, rows))
         cast_sizes = [_reply_bytes(sizes, to) for *_, sizes, to, _ in boxes if to is not None]
         self._check_reply(total, sum(map(self.cast_buffers.footprint, cast_sizes)))
@@ -229,11 +227,10 @@ class Reading:
                 reply.frames.append(self._box_bytes(v, t, block, offsets, sizes))
                 continue
             out, pooled[len(reply.frames)] = next(buffers)
-            if rows is not None:
+            if isinstance(to, tuple):  # FP8 block-quantized (rows: only with a block)
                 reply.frames.append(quantize_box(v.segment.as_bytes(), t, block, offsets, sizes, to, out, rows))
-                continue
-            fill = quantize_box if isinstance(to, tuple) else cast_box
-            reply.frames.append(fill(v.segment.as_bytes(), t, block, offsets, sizes, to, out))
+            else:
+                reply.frames.append(cast_box(v.segment.as_bytes(), t, block, offsets, sizes, to, out))
         trackers = self.outbox.send_tracked(identity, reply)
         for i, buf in pooled.items():
             self.cast_buffers.sent(buf, None if trackers is None else trackers[i], identity)
