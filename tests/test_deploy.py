@@ -23,7 +23,10 @@ from stager.daemon.segments import list_segments
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
-STAGER_BIN = shutil.which("stager") or os.path.join(os.path.dirname(sys.executable), "stager")
+# the entry point of the environment under test (beside its interpreter), not whichever `stager` PATH finds first:
+# a venv's python run without activating the venv would find another installation's, or a shim with no stager
+_BESIDE = os.path.join(os.path.dirname(sys.executable), "stager")
+STAGER_BIN = _BESIDE if os.path.exists(_BESIDE) else (shutil.which("stager") or _BESIDE)
 
 
 class _Parsed(Exception):
